@@ -589,13 +589,22 @@ impl Config {
             return Ok(Config::default());
         }
         serde_yaml_ng::from_str(text).map_err(|e| {
-            let line = e.location().map(|l| l.line());
+            let mut line = e.location().map(|l| l.line());
             // serde_yaml appends " at line L column C"; the line is already in front.
             let message = e.to_string();
             let message = match message.find(" at line ") {
                 Some(i) => message[..i].to_string(),
                 None => message,
             };
+            // Our own value errors (`bad duration "5 seconds"`) carry no useful position:
+            // find the quoted value in the text instead.
+            if let Some(value) = message
+                .split('"')
+                .nth(1)
+                .filter(|_| message.starts_with("bad "))
+            {
+                line = line_of(text, value).or(line);
+            }
             Error {
                 file: file.to_string(),
                 line,
