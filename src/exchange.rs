@@ -46,17 +46,12 @@ impl Parser {
     pub fn feed(&mut self, input: &[u8]) -> Status {
         let magic = MAGIC.to_be_bytes();
         for (i, b) in input.iter().enumerate() {
-            if self.seen < 4 {
-                if *b != magic[self.seen] {
-                    return Status::NotPresent;
-                }
+            if self.seen < 4 && *b != magic[self.seen] {
+                return Status::NotPresent;
             }
             self.seen += 1;
             if self.seen == 8 {
-                return Status::Done {
-                    peer: NodeMetadata::default(),
-                    consumed: i + 1,
-                };
+                return Status::Done { peer: NodeMetadata::default(), consumed: i + 1 };
             }
         }
         Status::NeedMore

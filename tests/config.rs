@@ -25,16 +25,12 @@ clusters:
 /// Run the binary; return (exit code, stderr).
 fn ringside(args: &[&str]) -> (i32, String) {
     let out = Command::new(common::bin()).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Write `yaml` to a temp file and run `validate` on it.
 fn validate(name: &str, yaml: &str) -> (i32, String, String) {
-    let path =
-        std::env::temp_dir().join(format!("ringside-cfg-{}-{name}.yaml", std::process::id()));
+    let path = std::env::temp_dir().join(format!("ringside-cfg-{}-{name}.yaml", std::process::id()));
     std::fs::write(&path, yaml).unwrap();
     let p = path.display().to_string();
     let (code, err) = ringside(&["validate", "--config", &p]);
@@ -61,41 +57,23 @@ fn a_good_config_validates() {
 
 #[test]
 fn the_spec_example_names_what_is_not_implemented_yet() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/spec-example.yaml"
-    ))
-    .unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/spec-example.yaml"))
+        .unwrap();
     let (code, err, _) = validate("spec", &text);
     assert_usage_error(code, &err, &["not implemented yet"]);
 }
 
 /// (name, how to break GOOD, fragments the error must contain; `FILE` stands for the path)
 const BAD: &[(&str, &str, &str, &[&str])] = &[
-    (
-        "unknown-top-key",
-        "workers: 1",
-        "wokers: 1",
-        &["FILE:2:", "unknown field `wokers`"],
-    ),
+    ("unknown-top-key", "workers: 1", "wokers: 1", &["FILE:2:", "unknown field `wokers`"]),
     (
         "unknown-listener-key",
         "    peer_exchange: always",
         "    peer_exchange: always\n    colour: red",
         &["FILE:9:", "unknown field `colour`"],
     ),
-    (
-        "bad-address",
-        "listen: 127.0.0.1:15001",
-        "listen: 127.0.0.1",
-        &["FILE:6:", "invalid socket address"],
-    ),
-    (
-        "bad-endpoint-address",
-        "127.0.0.1:27017",
-        "localhost:27017",
-        &["FILE:14:", "invalid socket address"],
-    ),
+    ("bad-address", "listen: 127.0.0.1:15001", "listen: 127.0.0.1", &["FILE:6:", "invalid socket address"]),
+    ("bad-endpoint-address", "127.0.0.1:27017", "localhost:27017", &["FILE:14:", "invalid socket address"]),
     (
         "bad-duration",
         "workers: 1",
@@ -156,12 +134,7 @@ const BAD: &[(&str, &str, &str, &[&str])] = &[
         "    tcp_routes: [{cluster: mongodb, subset: v9, weight: 5}]\n",
         &["cluster mongodb has no subset \"v9\""],
     ),
-    (
-        "zero-workers",
-        "workers: 1",
-        "workers: 0",
-        &["FILE:2:", "workers: must be at least 1"],
-    ),
+    ("zero-workers", "workers: 1", "workers: 0", &["FILE:2:", "workers: must be at least 1"]),
     ("yaml-syntax", "listeners:", "listeners: [", &["FILE:"]),
 ];
 
@@ -181,24 +154,14 @@ fn duplicate_listener_names_and_addresses_are_errors() {
     let two = |second: &str| GOOD.replace("clusters:", &format!("  - {second}\nclusters:"));
     let (code, err, path) = validate(
         "dup-name",
-        &two(
-            "{name: outbound-mongodb, listen: 127.0.0.1:15002, direction: outbound, cluster: mongodb}",
-        ),
+        &two("{name: outbound-mongodb, listen: 127.0.0.1:15002, direction: outbound, cluster: mongodb}"),
     );
-    assert_usage_error(
-        code,
-        &err,
-        &[&path, "listener outbound-mongodb: duplicate listener name"],
-    );
+    assert_usage_error(code, &err, &[&path, "listener outbound-mongodb: duplicate listener name"]);
     let (code, err, _) = validate(
         "dup-addr",
         &two("{name: other, listen: 127.0.0.1:15001, direction: outbound, cluster: mongodb}"),
     );
-    assert_usage_error(
-        code,
-        &err,
-        &["listener other: listen 127.0.0.1:15001: address already used"],
-    );
+    assert_usage_error(code, &err, &["listener other: listen 127.0.0.1:15001: address already used"]);
 }
 
 #[test]
@@ -210,24 +173,9 @@ fn a_missing_config_file_is_named() {
 #[test]
 fn bad_flags_get_one_line_and_exit_64() {
     let cases: &[(&[&str], &str)] = &[
-        (
-            &["run", "--listen", "127.0.0.1:1"],
-            "--upstream is required",
-        ),
-        (
-            &[
-                "run",
-                "--listen",
-                "127.0.0.1:1",
-                "--upstream",
-                "127.0.0.1:2",
-            ],
-            "--direction is required",
-        ),
-        (
-            &["run", "--listen", "nowhere", "--upstream", "127.0.0.1:2"],
-            "invalid value 'nowhere'",
-        ),
+        (&["run", "--listen", "127.0.0.1:1"], "--upstream is required"),
+        (&["run", "--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2"], "--direction is required"),
+        (&["run", "--listen", "nowhere", "--upstream", "127.0.0.1:2"], "invalid value 'nowhere'"),
         (
             &[
                 "run",
@@ -270,20 +218,11 @@ fn bad_flags_get_one_line_and_exit_64() {
 
 #[test]
 fn flags_override_the_file() {
-    let path =
-        std::env::temp_dir().join(format!("ringside-cfg-{}-override.yaml", std::process::id()));
+    let path = std::env::temp_dir().join(format!("ringside-cfg-{}-override.yaml", std::process::id()));
     std::fs::write(&path, GOOD).unwrap();
     let p = path.display().to_string();
     // The file's single listener gets the flag's direction; a bad flag value still fails.
-    let (code, err) = ringside(&[
-        "validate",
-        "--config",
-        &p,
-        "--direction",
-        "inbound",
-        "--workers",
-        "3",
-    ]);
+    let (code, err) = ringside(&["validate", "--config", &p, "--direction", "inbound", "--workers", "3"]);
     assert_eq!(code, 0, "{err}");
     let (code, err) = ringside(&["validate", "--config", &p, "--idle-timeout", "0s"]);
     assert_usage_error(code, &err, &["limits.idle_timeout: must be positive"]);
@@ -291,10 +230,7 @@ fn flags_override_the_file() {
 
 #[test]
 fn version_prints_the_crate_version() {
-    let out = Command::new(common::bin())
-        .arg("--version")
-        .output()
-        .unwrap();
+    let out = Command::new(common::bin()).arg("--version").output().unwrap();
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

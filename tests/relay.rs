@@ -64,9 +64,7 @@ fn echo_through(addr: std::net::SocketAddr, payload: Vec<u8>, seed: u64) -> (Vec
     (sent, got)
 }
 
-fn random_payloads_of_any_size_and_chunking_arrive_byte_exact_on_200_concurrent_connections(
-    driver: &str,
-) {
+fn random_payloads_of_any_size_and_chunking_arrive_byte_exact_on_200_concurrent_connections(driver: &str) {
     let rs = plain(echo_server(), driver, &[]);
     let mut rng = Rng(0x5EED);
     let mut sizes: Vec<usize> = (0..190)
@@ -95,9 +93,7 @@ fn random_payloads_of_any_size_and_chunking_arrive_byte_exact_on_200_concurrent_
         t.join().unwrap();
     }
 }
-with_both_drivers!(
-    random_payloads_of_any_size_and_chunking_arrive_byte_exact_on_200_concurrent_connections
-);
+with_both_drivers!(random_payloads_of_any_size_and_chunking_arrive_byte_exact_on_200_concurrent_connections);
 
 fn half_close_is_forwarded_and_the_other_direction_keeps_flowing(driver: &str) {
     let (upstream, conns) = manual_server();
@@ -120,14 +116,10 @@ fn a_reset_from_the_upstream_resets_the_client(driver: &str) {
     let mut client = connect(rs.listen);
     client.write_all(b"x").unwrap();
     let server = next_conn(&conns);
-    socket2::SockRef::from(&server)
-        .set_linger(Some(std::time::Duration::ZERO))
-        .unwrap();
+    socket2::SockRef::from(&server).set_linger(Some(std::time::Duration::ZERO)).unwrap();
     drop(server); // RST
     let mut buf = [0u8; 16];
-    let err = client
-        .read(&mut buf)
-        .expect_err("the client must see the reset, not EOF");
+    let err = client.read(&mut buf).expect_err("the client must see the reset, not EOF");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
 }
 with_both_drivers!(a_reset_from_the_upstream_resets_the_client);
@@ -139,14 +131,10 @@ fn a_reset_from_the_client_resets_the_upstream(driver: &str) {
     client.write_all(b"x").unwrap();
     let mut server = next_conn(&conns);
     assert_eq!(read_exact(&mut server, 1), b"x");
-    socket2::SockRef::from(&client)
-        .set_linger(Some(std::time::Duration::ZERO))
-        .unwrap();
+    socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO)).unwrap();
     drop(client);
     let mut buf = [0u8; 16];
-    let err = server
-        .read(&mut buf)
-        .expect_err("the upstream must see the reset, not EOF");
+    let err = server.read(&mut buf).expect_err("the upstream must see the reset, not EOF");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
 }
 with_both_drivers!(a_reset_from_the_client_resets_the_upstream);
@@ -159,11 +147,7 @@ fn an_upstream_that_refuses_closes_the_client_and_counts_uf(driver: &str) {
     let mut buf = Vec::new();
     let _ = client.read_to_end(&mut buf); // EOF (or reset): the downstream is closed
     assert!(buf.is_empty());
-    rs.wait_for_value(
-        "istio_tcp_connections_closed_total",
-        &[("response_flags", "UF")],
-        1.0,
-    );
+    rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
 }
 with_both_drivers!(an_upstream_that_refuses_closes_the_client_and_counts_uf);
 
@@ -187,11 +171,7 @@ fn an_upstream_that_never_answers_hits_the_connect_timeout(driver: &str) {
     let mut buf = Vec::new();
     let _ = client.read_to_end(&mut buf);
     assert!(buf.is_empty());
-    rs.wait_for_value(
-        "istio_tcp_connections_closed_total",
-        &[("response_flags", "UF")],
-        1.0,
-    );
+    rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
     drop(blackhole);
 }
 with_both_drivers!(an_upstream_that_never_answers_hits_the_connect_timeout);
@@ -223,15 +203,8 @@ fn connections_over_the_limit_are_accepted_and_closed_at_once(driver: &str) {
     let _ = third.write_all(b"hi");
     let mut buf = Vec::new();
     let _ = third.read_to_end(&mut buf);
-    assert!(
-        buf.is_empty(),
-        "the third connection must be closed without relaying"
-    );
-    rs.wait_for_value(
-        "istio_tcp_connections_opened_total",
-        &[("response_flags", "UO")],
-        1.0,
-    );
+    assert!(buf.is_empty(), "the third connection must be closed without relaying");
+    rs.wait_for_value("istio_tcp_connections_opened_total", &[("response_flags", "UO")], 1.0);
     // The first two still work.
     for s in &mut live {
         s.write_all(b"again").unwrap();
@@ -290,9 +263,5 @@ fn the_driver_in_use_is_logged_once() {
     rs.signal("TERM");
     assert!(rs.wait_exit().success());
     let lines = rs.stderr_lines();
-    assert_eq!(
-        lines.iter().filter(|l| l.contains("driver epoll")).count(),
-        1,
-        "{lines:?}"
-    );
+    assert_eq!(lines.iter().filter(|l| l.contains("driver epoll")).count(), 1, "{lines:?}");
 }

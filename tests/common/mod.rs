@@ -13,10 +13,7 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A free loopback port (bound and released; the race with other tests is negligible).
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 /// Poll `f` until it returns Some, or panic after `DEADLINE`.
@@ -68,17 +65,10 @@ impl Ringside {
 
     /// Run with a config file (written by the test) plus extra flags; `listen` is its first listener.
     pub fn spawn_config(config: &str, listen: SocketAddr, extra: &[&str]) -> Ringside {
-        let path = std::env::temp_dir().join(format!(
-            "ringside-test-{}-{}.yaml",
-            std::process::id(),
-            listen.port()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("ringside-test-{}-{}.yaml", std::process::id(), listen.port()));
         std::fs::write(&path, config).unwrap();
-        let mut args = vec![
-            "run".to_string(),
-            "--config".into(),
-            path.display().to_string(),
-        ];
+        let mut args = vec!["run".to_string(), "--config".into(), path.display().to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn_args(listen, args)
     }
@@ -105,10 +95,7 @@ impl Ringside {
         }
         let mut child = Command::new(bin())
             .args(&args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -122,19 +109,10 @@ impl Ringside {
                 let _ = tx.send(l.to_string());
             }
         });
-        let mut rs = Ringside {
-            child: Some(child),
-            listen,
-            admin,
-            metrics,
-            stderr: rx,
-        };
+        let mut rs = Ringside { child: Some(child), listen, admin, metrics, stderr: rx };
         wait_for("ringside /ready", || {
             if let Some(status) = rs.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "ringside exited early with {status}: {:?}",
-                    rs.stderr_lines()
-                );
+                panic!("ringside exited early with {status}: {:?}", rs.stderr_lines());
             }
             (http(rs.admin, "GET", "/ready").map(|(code, _)| code) == Some(200)).then_some(())
         });
@@ -168,13 +146,7 @@ impl Ringside {
     /// Send a signal to the process.
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().unwrap().id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-s", sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        assert!(Command::new("kill").args(["-s", sig, &pid]).status().unwrap().success());
     }
 
     /// Wait for the process to exit (bounded).
@@ -204,18 +176,11 @@ impl Drop for Ringside {
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let code = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
 }
 
@@ -245,10 +210,7 @@ pub fn sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter_map(parse_line)
         .filter(|(n, ls, _)| {
-            n == metric
-                && labels
-                    .iter()
-                    .all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+            n == metric && labels.iter().all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
         })
         .map(|(_, _, v)| v)
         .sum()
