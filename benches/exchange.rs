@@ -9,11 +9,8 @@ use ringside::exchange::{Parser, Status, encode};
 const MAX_PREAMBLE: usize = 64 * 1024;
 
 fn golden_preamble() -> Vec<u8> {
-    std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/preamble_golden_client.bin"
-    ))
-    .expect("tests/data/preamble_golden_client.bin")
+    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/preamble_golden_client.bin"))
+        .expect("tests/data/preamble_golden_client.bin")
 }
 
 fn parse(chunks: &[&[u8]], buffer: Vec<u8>) -> Vec<u8> {

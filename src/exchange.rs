@@ -141,20 +141,13 @@ pub fn encode(node: &NodeMetadata) -> Vec<u8> {
             fields.insert(key.to_owned(), string_value(value));
         }
     }
-    let labels = node
-        .labels
-        .iter()
-        .map(|(key, value)| (key.clone(), string_value(value)))
-        .collect();
+    let labels = node.labels.iter().map(|(key, value)| (key.clone(), string_value(value))).collect();
     fields.insert("LABELS".to_owned(), struct_value(Struct { fields: labels }));
 
     let mut top = BTreeMap::new();
     top.insert(METADATA_KEY.to_owned(), struct_value(Struct { fields }));
     top.insert(METADATA_ID_KEY.to_owned(), string_value(&node.id));
-    let any = Any {
-        type_url: STRUCT_TYPE_URL.to_owned(),
-        value: Struct { fields: top }.encode_to_vec(),
-    };
+    let any = Any { type_url: STRUCT_TYPE_URL.to_owned(), value: Struct { fields: top }.encode_to_vec() };
 
     let payload_len = any.encoded_len();
     let mut preamble = Vec::with_capacity(HEADER_LEN.saturating_add(payload_len));
@@ -178,10 +171,8 @@ pub fn decode_payload(payload: &[u8]) -> Result<NodeMetadata, Invalid> {
     }
     let mut top = Struct::decode(any.value.as_slice()).map_err(|_| Invalid::Undecodable)?;
 
-    let mut node = NodeMetadata {
-        id: take_string(&mut top.fields, METADATA_ID_KEY),
-        ..NodeMetadata::default()
-    };
+    let mut node =
+        NodeMetadata { id: take_string(&mut top.fields, METADATA_ID_KEY), ..NodeMetadata::default() };
     let mut fields = match top.fields.remove(METADATA_KEY).and_then(|value| value.kind) {
         None => return Ok(node),
         Some(Kind::StructValue(fields)) => fields.fields,
@@ -241,12 +232,7 @@ impl Parser {
     /// Reuse a payload buffer from the worker's pool (cleared, capacity kept).
     pub fn with_buffer(max_preamble: usize, mut buffer: Vec<u8>) -> Self {
         buffer.clear();
-        Self {
-            state: State::Magic { matched: 0 },
-            max_preamble,
-            buffer,
-            begun: false,
-        }
+        Self { state: State::Magic { matched: 0 }, max_preamble, buffer, begun: false }
     }
 
     /// Feed bytes never fed before, any size (including 1 byte at a time).
@@ -259,11 +245,7 @@ impl Parser {
                     // (as Istio's filter does): a non-mesh client that sends 1-3 bytes and waits
                     // must get NotPresent as soon as a byte differs, not stall (SPEC §2).
                     let expected = MAGIC_BYTES.get(matched..).unwrap_or_default();
-                    let common = expected
-                        .iter()
-                        .zip(rest)
-                        .take_while(|(want, got)| want == got)
-                        .count();
+                    let common = expected.iter().zip(rest).take_while(|(want, got)| want == got).count();
                     if common > 0 {
                         self.begun = true;
                     }
@@ -282,10 +264,7 @@ impl Parser {
                     // From here on the stream is committed to being a preamble.
                     self.state = State::Length { read: 0, length: 0 };
                 }
-                State::Length {
-                    mut read,
-                    mut length,
-                } => {
+                State::Length { mut read, mut length } => {
                     while read < 4 {
                         let Some((&byte, tail)) = rest.split_first() else {
                             self.state = State::Length { read, length };
@@ -297,18 +276,12 @@ impl Parser {
                     }
                     // Refuse before buffering anything: the peer's length never sizes an
                     // allocation beyond max_preamble.
-                    let Some(length_usize) = usize::try_from(length)
-                        .ok()
-                        .filter(|&length| length <= self.max_preamble)
+                    let Some(length_usize) =
+                        usize::try_from(length).ok().filter(|&length| length <= self.max_preamble)
                     else {
-                        return self.fail(Invalid::TooLarge {
-                            length,
-                            max: self.max_preamble,
-                        });
+                        return self.fail(Invalid::TooLarge { length, max: self.max_preamble });
                     };
-                    self.state = State::Payload {
-                        length: length_usize,
-                    };
+                    self.state = State::Payload { length: length_usize };
                     if let Some(payload) = rest.get(..length_usize) {
                         // Whole payload in this input: decode in place, no copy.
                         return self.finish(decode_payload(payload), input, rest, length_usize);
@@ -406,15 +379,11 @@ fn quote(type_url: &str) -> String {
 }
 
 fn string_value(value: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(value.to_owned())),
-    }
+    Value { kind: Some(Kind::StringValue(value.to_owned())) }
 }
 
 fn struct_value(value: Struct) -> Value {
-    Value {
-        kind: Some(Kind::StructValue(value)),
-    }
+    Value { kind: Some(Kind::StructValue(value)) }
 }
 
 #[cfg(test)]
@@ -495,10 +464,7 @@ mod tests {
         let mut parser = Parser::new(64 * 1024);
         let (last, head) = preamble.split_last().unwrap();
         for byte in head {
-            assert!(matches!(
-                parser.feed(std::slice::from_ref(byte)),
-                Status::NeedMore
-            ));
+            assert!(matches!(parser.feed(std::slice::from_ref(byte)), Status::NeedMore));
         }
         match parser.feed(&[*last, b'x']) {
             Status::Done { peer, consumed } => {
@@ -522,10 +488,7 @@ mod tests {
 
     #[test]
     fn the_writer_sends_optional_fields_only_when_non_empty() {
-        let node = NodeMetadata {
-            id: "id".into(),
-            ..NodeMetadata::default()
-        };
+        let node = NodeMetadata { id: "id".into(), ..NodeMetadata::default() };
         let payload = &encode(&node)[HEADER_LEN..];
         let any = Any::decode(payload).unwrap();
         let top = Struct::decode(any.value.as_slice()).unwrap();
@@ -533,97 +496,54 @@ mod tests {
             panic!("metadata is not a struct");
         };
         let keys: Vec<&str> = fields.fields.keys().map(String::as_str).collect();
-        assert_eq!(
-            keys,
-            [
-                "CLUSTER_ID",
-                "LABELS",
-                "NAME",
-                "NAMESPACE",
-                "OWNER",
-                "WORKLOAD_NAME"
-            ]
-        );
+        assert_eq!(keys, ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"]);
     }
 
     #[test]
     fn unknown_keys_are_ignored_and_non_string_values_are_absent() {
         let mut fields = BTreeMap::new();
-        fields.insert(
-            "NAME".to_owned(),
-            Value {
-                kind: Some(Kind::NumberValue(1.0)),
-            },
-        );
+        fields.insert("NAME".to_owned(), Value { kind: Some(Kind::NumberValue(1.0)) });
         fields.insert("NAMESPACE".to_owned(), string_value("default"));
-        fields.insert(
-            "PLATFORM_METADATA".to_owned(),
-            struct_value(Struct::default()),
-        );
+        fields.insert("PLATFORM_METADATA".to_owned(), struct_value(Struct::default()));
         let mut labels = BTreeMap::new();
         labels.insert("app".to_owned(), string_value("ratings"));
-        labels.insert(
-            "replicas".to_owned(),
-            Value {
-                kind: Some(Kind::BoolValue(true)),
-            },
-        );
+        labels.insert("replicas".to_owned(), Value { kind: Some(Kind::BoolValue(true)) });
         fields.insert("LABELS".to_owned(), struct_value(Struct { fields: labels }));
         let mut top = BTreeMap::new();
         top.insert(METADATA_KEY.to_owned(), struct_value(Struct { fields }));
-        top.insert(
-            METADATA_ID_KEY.to_owned(),
-            Value {
-                kind: Some(Kind::NullValue(0)),
-            },
-        );
-        let payload = Any {
-            type_url: STRUCT_TYPE_URL.to_owned(),
-            value: Struct { fields: top }.encode_to_vec(),
-        }
-        .encode_to_vec();
+        top.insert(METADATA_ID_KEY.to_owned(), Value { kind: Some(Kind::NullValue(0)) });
+        let payload =
+            Any { type_url: STRUCT_TYPE_URL.to_owned(), value: Struct { fields: top }.encode_to_vec() }
+                .encode_to_vec();
 
         let node = decode_payload(&payload).unwrap();
 
-        let mut expected = NodeMetadata {
-            namespace: "default".into(),
-            ..NodeMetadata::default()
-        };
+        let mut expected = NodeMetadata { namespace: "default".into(), ..NodeMetadata::default() };
         expected.labels.insert("app".into(), "ratings".into());
         assert_eq!(node, expected);
     }
 
     #[test]
     fn a_payload_that_is_not_an_any_of_a_struct_is_invalid() {
-        let wrong_url = Any {
-            type_url: "type.googleapis.com/google.protobuf.StringValue".into(),
-            value: Vec::new(),
-        }
-        .encode_to_vec();
+        let wrong_url =
+            Any { type_url: "type.googleapis.com/google.protobuf.StringValue".into(), value: Vec::new() }
+                .encode_to_vec();
         assert_eq!(
             decode_payload(&wrong_url),
-            Err(Invalid::WrongTypeUrl(
-                "type.googleapis.com/google.protobuf.StringValue".into()
-            ))
+            Err(Invalid::WrongTypeUrl("type.googleapis.com/google.protobuf.StringValue".into()))
         );
         assert_eq!(decode_payload(&[0xFF, 0xFF]), Err(Invalid::Undecodable));
         let mut top = BTreeMap::new();
         top.insert(METADATA_KEY.to_owned(), string_value("not a struct"));
-        let not_a_struct = Any {
-            type_url: STRUCT_TYPE_URL.into(),
-            value: Struct { fields: top }.encode_to_vec(),
-        }
-        .encode_to_vec();
+        let not_a_struct =
+            Any { type_url: STRUCT_TYPE_URL.into(), value: Struct { fields: top }.encode_to_vec() }
+                .encode_to_vec();
         assert_eq!(decode_payload(&not_a_struct), Err(Invalid::NotAStruct));
     }
 
     #[test]
     fn a_long_type_url_is_quoted_short() {
-        let payload = Any {
-            type_url: "é".repeat(1000),
-            value: Vec::new(),
-        }
-        .encode_to_vec();
+        let payload = Any { type_url: "é".repeat(1000), value: Vec::new() }.encode_to_vec();
         let Err(Invalid::WrongTypeUrl(quoted)) = decode_payload(&payload) else {
             panic!("expected WrongTypeUrl");
         };
@@ -635,16 +555,10 @@ mod tests {
         let preamble = encode(&golden_client());
         let length = preamble.len() - HEADER_LEN;
         let mut parser = Parser::with_buffer(64 * 1024, b"stale".to_vec());
-        assert!(matches!(
-            parser.feed(&preamble[..HEADER_LEN + 1]),
-            Status::NeedMore
-        ));
+        assert!(matches!(parser.feed(&preamble[..HEADER_LEN + 1]), Status::NeedMore));
         assert_eq!(parser.buffer.len(), 1);
         assert!(parser.buffer.capacity() >= length && parser.buffer.capacity() < 2 * length);
-        assert!(matches!(
-            parser.feed(&preamble[HEADER_LEN + 1..]),
-            Status::Done { .. }
-        ));
+        assert!(matches!(parser.feed(&preamble[HEADER_LEN + 1..]), Status::Done { .. }));
         let buffer = parser.into_buffer();
         assert!(buffer.is_empty() && buffer.capacity() >= length);
     }

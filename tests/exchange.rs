@@ -79,35 +79,22 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn node_metadata() -> impl Strategy<Value = NodeMetadata> {
-    (
-        vec(text(), 9),
-        btree_map("[a-z0-9./-]{0,20}", "\\PC{0,20}", 0..8),
-    )
-        .prop_map(|(texts, labels)| {
-            let [
-                id,
-                name,
-                namespace,
-                owner,
-                workload_name,
-                cluster_id,
-                mesh_id,
-                service_account,
-                istio_version,
-            ] = <[String; 9]>::try_from(texts).unwrap();
-            NodeMetadata {
-                id,
-                name,
-                namespace,
-                owner,
-                workload_name,
-                cluster_id,
-                mesh_id,
-                service_account,
-                istio_version,
-                labels,
-            }
-        })
+    (vec(text(), 9), btree_map("[a-z0-9./-]{0,20}", "\\PC{0,20}", 0..8)).prop_map(|(texts, labels)| {
+        let [id, name, namespace, owner, workload_name, cluster_id, mesh_id, service_account, istio_version] =
+            <[String; 9]>::try_from(texts).unwrap();
+        NodeMetadata {
+            id,
+            name,
+            namespace,
+            owner,
+            workload_name,
+            cluster_id,
+            mesh_id,
+            service_account,
+            istio_version,
+            labels,
+        }
+    })
 }
 
 fn ratings() -> NodeMetadata {
@@ -268,27 +255,17 @@ fn an_empty_read_needs_more() {
 fn a_payload_that_does_not_decode_is_invalid() {
     let mut parser = Parser::new(MAX_PREAMBLE);
     let bytes = [&MAGIC_BYTES[..], &3u32.to_be_bytes(), b"\xff\xff\xff"].concat();
-    assert!(matches!(
-        parser.feed(&bytes),
-        Status::Invalid(Invalid::Undecodable)
-    ));
+    assert!(matches!(parser.feed(&bytes), Status::Invalid(Invalid::Undecodable)));
 }
 
 #[test]
 fn feeding_a_finished_parser_is_invalid_never_a_panic() {
     let preamble = encode(&ratings());
-    let finished = [
-        &preamble[..],
-        b"\x00abc",
-        b"\x3D\x23\x04\x67\xff\xff\xff\xff",
-    ];
+    let finished = [&preamble[..], b"\x00abc", b"\x3D\x23\x04\x67\xff\xff\xff\xff"];
     for bytes in finished {
         let mut parser = Parser::new(MAX_PREAMBLE);
         assert!(!matches!(parser.feed(bytes), Status::NeedMore));
-        assert!(matches!(
-            parser.feed(b"more"),
-            Status::Invalid(Invalid::Finished)
-        ));
+        assert!(matches!(parser.feed(b"more"), Status::Invalid(Invalid::Finished)));
     }
 }
 
@@ -333,9 +310,7 @@ fn twenty_thousand_random_streams_never_panic_and_never_consume_more_than_they_w
             1 => bytes.splice(0..0, MAGIC_BYTES).for_each(drop),
             2 => {
                 let length = (bytes.len() as u32).to_be_bytes();
-                bytes
-                    .splice(0..0, [MAGIC_BYTES, length].concat())
-                    .for_each(drop);
+                bytes.splice(0..0, [MAGIC_BYTES, length].concat()).for_each(drop);
             }
             _ => {
                 bytes = valid.clone();
@@ -365,10 +340,7 @@ fn twenty_thousand_random_streams_never_panic_and_never_consume_more_than_they_w
             }
         };
         if finished {
-            assert!(matches!(
-                parser.feed(rest),
-                Status::Invalid(Invalid::Finished)
-            ));
+            assert!(matches!(parser.feed(rest), Status::Invalid(Invalid::Finished)));
         }
     }
 }

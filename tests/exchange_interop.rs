@@ -154,26 +154,22 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn node_metadata() -> impl Strategy<Value = NodeMetadata> {
-    (
-        vec(text(), 9),
-        btree_map("[a-z0-9./-]{1,20}", "\\PC{0,20}", 0..8),
-    )
-        .prop_map(|(texts, labels)| {
-            let mut texts = texts.into_iter();
-            let mut next = || texts.next().unwrap();
-            NodeMetadata {
-                id: next(),
-                name: next(),
-                namespace: next(),
-                owner: next(),
-                workload_name: next(),
-                cluster_id: next(),
-                mesh_id: next(),
-                service_account: next(),
-                istio_version: next(),
-                labels,
-            }
-        })
+    (vec(text(), 9), btree_map("[a-z0-9./-]{1,20}", "\\PC{0,20}", 0..8)).prop_map(|(texts, labels)| {
+        let mut texts = texts.into_iter();
+        let mut next = || texts.next().unwrap();
+        NodeMetadata {
+            id: next(),
+            name: next(),
+            namespace: next(),
+            owner: next(),
+            workload_name: next(),
+            cluster_id: next(),
+            mesh_id: next(),
+            service_account: next(),
+            istio_version: next(),
+            labels,
+        }
+    })
 }
 
 proptest! {

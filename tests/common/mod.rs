@@ -184,8 +184,11 @@ pub fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)>
     Some((code, body))
 }
 
+/// One exposition line: name, labels in order, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
 /// Parse one exposition line `name{k="v",...} value`.
-pub fn parse_line(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
+pub fn parse_line(line: &str) -> Option<Sample> {
     if line.starts_with('#') || line.is_empty() {
         return None;
     }
