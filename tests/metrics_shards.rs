@@ -104,8 +104,9 @@ fn a_scrape_during_folding_never_blocks_or_panics_and_counters_only_grow() {
         std::thread::spawn(move || {
             let mut last = [0f64; 4];
             let mut scrapes = 0;
-            // Bounded: stops when the writers are done, or after 10,000 scrapes.
-            while !done.load(Ordering::Acquire) && scrapes < 10_000 {
+            // At least one scrape; bounded: stops when the writers are done, or after 10,000.
+            loop {
+                let finished = done.load(Ordering::Acquire);
                 let scrape = exposition::parse(&render(&shards, "uring"));
                 for (name, last) in [OPENED, CLOSED, RECEIVED, SENT].iter().zip(&mut last) {
                     let total: f64 = scrape.family(name).iter().map(|s| s.value).sum();
@@ -113,6 +114,9 @@ fn a_scrape_during_folding_never_blocks_or_panics_and_counters_only_grow() {
                     *last = total;
                 }
                 scrapes += 1;
+                if finished || scrapes >= 10_000 {
+                    break;
+                }
             }
             scrapes
         })
