@@ -37,17 +37,10 @@ fn peer_node() -> NodeMetadata {
 }
 
 fn service() -> ServiceInfo {
-    ServiceInfo {
-        host: "ratings.default.svc.cluster.local".into(),
-        namespace: "default".into(),
-    }
+    ServiceInfo { host: "ratings.default.svc.cluster.local".into(), namespace: "default".into() }
 }
 
-fn conn<'a>(
-    local: &'a NodeMetadata,
-    peer: &'a NodeMetadata,
-    service: &'a ServiceInfo,
-) -> ConnLabels<'a> {
+fn conn<'a>(local: &'a NodeMetadata, peer: &'a NodeMetadata, service: &'a ServiceInfo) -> ConnLabels<'a> {
     ConnLabels {
         reporter: Reporter::Source,
         local,
@@ -70,25 +63,14 @@ fn bench(c: &mut Criterion) {
 
     let (mut writer, _shard) = ShardWriter::new(0, LabelBudget::new(100_000));
     let id = writer.intern(labels(0));
-    let delta = Delta {
-        opened: 0,
-        closed: 1,
-        received_bytes: 6,
-        sent_bytes: 12,
-    };
-    g.bench_function("fold_one_delta", |b| {
-        b.iter(|| writer.fold(black_box(id), black_box(delta)))
-    });
+    let delta = Delta { opened: 0, closed: 1, received_bytes: 6, sent_bytes: 12 };
+    g.bench_function("fold_one_delta", |b| b.iter(|| writer.fold(black_box(id), black_box(delta))));
 
     let existing = labels(0);
-    g.bench_function("intern_existing_label_set", |b| {
-        b.iter(|| writer.intern(black_box(existing.clone())))
-    });
+    g.bench_function("intern_existing_label_set", |b| b.iter(|| writer.intern(black_box(existing.clone()))));
 
     let (local, peer, svc) = (local_node(1), peer_node(), service());
-    g.bench_function("label_set_build", |b| {
-        b.iter(|| label_set(black_box(&conn(&local, &peer, &svc))))
-    });
+    g.bench_function("label_set_build", |b| b.iter(|| label_set(black_box(&conn(&local, &peer, &svc)))));
 
     let budget = LabelBudget::new(100_000);
     let shards: Vec<_> = (0..2)

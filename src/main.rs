@@ -16,10 +16,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let cli = Cli::try_parse();
+    // The demo prints its own story; proxy logs would interleave with it.
+    let level = if matches!(&cli, Ok(Cli { command: Command::Demo(_) })) { "warn" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_target(false)
         .init();
-    let cli = match Cli::try_parse() {
+    let cli = match cli {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;

@@ -85,10 +85,7 @@ impl Reporter {
 
 /// Looks a label up, treating an empty value as absent.
 fn label<'a>(labels: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
-    labels
-        .get(key)
-        .map(String::as_str)
-        .filter(|v| !v.is_empty())
+    labels.get(key).map(String::as_str).filter(|v| !v.is_empty())
 }
 
 fn non_empty(s: &str) -> Option<&str> {
@@ -235,12 +232,8 @@ fn local_side<'a>(node: &'a NodeMetadata, principal: Option<&'a str>) -> Side<'a
         canonical_revision: local_canonical_revision(node),
         namespace: non_empty(&node.namespace).unwrap_or(UNKNOWN),
         principal: principal.and_then(non_empty).unwrap_or(UNKNOWN),
-        app: label(labels, "app")
-            .or_else(|| label(labels, K8S_NAME))
-            .unwrap_or(UNKNOWN),
-        version: label(labels, "version")
-            .or_else(|| label(labels, K8S_VERSION))
-            .unwrap_or(UNKNOWN),
+        app: label(labels, "app").or_else(|| label(labels, K8S_NAME)).unwrap_or(UNKNOWN),
+        version: label(labels, "version").or_else(|| label(labels, K8S_VERSION)).unwrap_or(UNKNOWN),
         // Istio's proxy reports its own cluster as `Kubernetes` when CLUSTER_ID is unset.
         cluster: non_empty(&node.cluster_id).unwrap_or("Kubernetes"),
     }
@@ -265,12 +258,8 @@ fn peer_side<'a>(
             .or_else(|| field(|n| &n.namespace))
             .unwrap_or(UNKNOWN),
         principal: principal.unwrap_or(UNKNOWN),
-        app: lookup(K8S_NAME)
-            .or_else(|| lookup("app"))
-            .unwrap_or(UNKNOWN),
-        version: lookup(K8S_VERSION)
-            .or_else(|| lookup("version"))
-            .unwrap_or(UNKNOWN),
+        app: lookup(K8S_NAME).or_else(|| lookup("app")).unwrap_or(UNKNOWN),
+        version: lookup(K8S_VERSION).or_else(|| lookup("version")).unwrap_or(UNKNOWN),
         cluster: field(|n| &n.cluster_id).unwrap_or(UNKNOWN),
     }
 }
@@ -297,11 +286,7 @@ pub fn label_set(c: &ConnLabels) -> LabelSet {
         Reporter::Source => {
             let namespace = non_empty(&c.service.namespace)
                 .or_else(|| host.and_then(host_namespace))
-                .unwrap_or(if peer.namespace == UNKNOWN {
-                    UNKNOWN
-                } else {
-                    peer.namespace
-                });
+                .unwrap_or(if peer.namespace == UNKNOWN { UNKNOWN } else { peer.namespace });
             let service = host.unwrap_or(UNKNOWN);
             let name = host_name.unwrap_or(UNKNOWN);
             (local, peer, service, name, namespace, UNKNOWN)
@@ -409,18 +394,13 @@ pub struct LabelBudget {
 impl LabelBudget {
     /// A budget of `max_label_sets` series across all workers.
     pub fn new(max_label_sets: usize) -> Arc<Self> {
-        Arc::new(LabelBudget {
-            max: max_label_sets,
-            used: AtomicUsize::new(0),
-        })
+        Arc::new(LabelBudget { max: max_label_sets, used: AtomicUsize::new(0) })
     }
 
     /// Takes one unit; false once the budget is spent.
     fn try_take(&self) -> bool {
         self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                (used < self.max).then_some(used + 1)
-            })
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| (used < self.max).then_some(used + 1))
             .is_ok()
     }
 
@@ -438,10 +418,7 @@ impl LabelBudget {
 /// A single writer's add: a relaxed load and store, never a read-modify-write (SPEC §1, §3).
 fn add(cell: &AtomicU64, n: u64) {
     if n != 0 {
-        cell.store(
-            cell.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
+        cell.store(cell.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
 }
 
@@ -628,9 +605,7 @@ impl ShardWriter {
         }
         // Two slots beyond the budget are reserved for the overflow series; `push` only fails
         // past capacity, which the budget keeps at least two short of.
-        let id = self
-            .push(LabelSet::overflow(reporter))
-            .unwrap_or(SeriesId(0));
+        let id = self.push(LabelSet::overflow(reporter)).unwrap_or(SeriesId(0));
         if let Some(o) = self.overflow.get_mut(slot) {
             *o = Some(id);
         }
@@ -661,10 +636,7 @@ impl ShardWriter {
 
     /// Sets the number of connections open on this worker.
     pub fn set_active_connections(&self, n: u64) {
-        self.shard
-            .process
-            .active_connections
-            .store(n, Ordering::Relaxed);
+        self.shard.process.active_connections.store(n, Ordering::Relaxed);
     }
 
     /// Counts one exchange outcome.
@@ -733,10 +705,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     let describe_gauge = |name: &'static str, help: &'static str| {
         recorder.describe_gauge(KeyName::from_const_str(name), None, help.into());
     };
-    describe_gauge(
-        "ringside_connections_active",
-        "Connections currently open, per worker.",
-    );
+    describe_gauge("ringside_connections_active", "Connections currently open, per worker.");
     describe_counter(
         "ringside_exchange_total",
         "Peer exchanges by outcome, like Istio's metadata_exchange stats.",
@@ -768,20 +737,12 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         listener = listener.wrapping_add(shard.listener_overflowed());
     }
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
-        let labels = vec![static_label(
-            "outcome",
-            SharedString::const_str(outcome.as_str()),
-        )];
+        let labels = vec![static_label("outcome", SharedString::const_str(outcome.as_str()))];
         register_counter(&recorder, "ringside_exchange_total", labels, *sum);
     }
     let overflow_name = "ringside_label_sets_overflowed_total";
     register_counter(&recorder, overflow_name, vec![], overflowed);
-    register_counter(
-        &recorder,
-        "ringside_listener_overflowed_total",
-        vec![],
-        listener,
-    );
+    register_counter(&recorder, "ringside_listener_overflowed_total", vec![], listener);
     let driver = vec![static_label("driver", driver.to_owned())];
     register_gauge(&recorder, "ringside_driver_info", driver, 1.0);
     let version = vec![static_label("version", env!("CARGO_PKG_VERSION"))];
@@ -795,10 +756,7 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn node(workload: &str, ns: &str, cluster: &str, l: &[(&str, &str)]) -> NodeMetadata {
@@ -861,10 +819,7 @@ mod tests {
     fn local_canonical_service_is_canonical_name_else_k8s_name_else_app_else_workload() {
         let full = [(CANONICAL_NAME, "canon"), (K8S_NAME, "k8s"), ("app", "app")];
         let cs = |l: &[(&str, &str)], w: &str| {
-            local_src(&node(w, "", "", l))
-                .get("source_canonical_service")
-                .unwrap()
-                .to_owned()
+            local_src(&node(w, "", "", l)).get("source_canonical_service").unwrap().to_owned()
         };
         assert_eq!(cs(&full, "wl"), "canon");
         assert_eq!(cs(&full[1..], "wl"), "k8s");
@@ -877,16 +832,9 @@ mod tests {
 
     #[test]
     fn local_canonical_revision_is_canonical_revision_else_k8s_version_else_version_else_latest() {
-        let full = [
-            (CANONICAL_REVISION, "rev"),
-            (K8S_VERSION, "k8sv"),
-            ("version", "v1"),
-        ];
+        let full = [(CANONICAL_REVISION, "rev"), (K8S_VERSION, "k8sv"), ("version", "v1")];
         let cr = |l: &[(&str, &str)]| {
-            local_src(&node("wl", "", "", l))
-                .get("source_canonical_revision")
-                .unwrap()
-                .to_owned()
+            local_src(&node("wl", "", "", l)).get("source_canonical_revision").unwrap().to_owned()
         };
         assert_eq!(cr(&full), "rev");
         assert_eq!(cr(&full[1..]), "k8sv");
@@ -896,17 +844,7 @@ mod tests {
 
     #[test]
     fn local_app_is_app_else_k8s_name_and_version_is_version_else_k8s_version() {
-        let both = node(
-            "",
-            "",
-            "",
-            &[
-                ("app", "a"),
-                (K8S_NAME, "kn"),
-                ("version", "v"),
-                (K8S_VERSION, "kv"),
-            ],
-        );
+        let both = node("", "", "", &[("app", "a"), (K8S_NAME, "kn"), ("version", "v"), (K8S_VERSION, "kv")]);
         let s = local_src(&both);
         assert_eq!(s.get("source_app"), Some("a"));
         assert_eq!(s.get("source_version"), Some("v"));
@@ -934,17 +872,7 @@ mod tests {
 
     #[test]
     fn peer_app_is_k8s_name_else_app_and_version_is_k8s_version_else_version() {
-        let both = node(
-            "",
-            "",
-            "",
-            &[
-                ("app", "a"),
-                (K8S_NAME, "kn"),
-                ("version", "v"),
-                (K8S_VERSION, "kv"),
-            ],
-        );
+        let both = node("", "", "", &[("app", "a"), (K8S_NAME, "kn"), ("version", "v"), (K8S_VERSION, "kv")]);
         let s = peer_dst(&both);
         assert_eq!(s.get("destination_app"), Some("kn"));
         assert_eq!(s.get("destination_version"), Some("kv"));
@@ -959,22 +887,12 @@ mod tests {
 
     #[test]
     fn peer_canonical_labels_come_only_from_the_canonical_keys_else_unknown_and_latest() {
-        let canon = node(
-            "wl",
-            "",
-            "",
-            &[(CANONICAL_NAME, "cn"), (CANONICAL_REVISION, "cr")],
-        );
+        let canon = node("wl", "", "", &[(CANONICAL_NAME, "cn"), (CANONICAL_REVISION, "cr")]);
         let s = peer_dst(&canon);
         assert_eq!(s.get("destination_canonical_service"), Some("cn"));
         assert_eq!(s.get("destination_canonical_revision"), Some("cr"));
         // No local-style fallback to app/version/workload for a peer.
-        let other = node(
-            "wl",
-            "",
-            "",
-            &[("app", "a"), ("version", "v"), (K8S_NAME, "k")],
-        );
+        let other = node("wl", "", "", &[("app", "a"), ("version", "v"), (K8S_NAME, "k")]);
         let s = peer_dst(&other);
         assert_eq!(s.get("destination_canonical_service"), Some("unknown"));
         assert_eq!(s.get("destination_canonical_revision"), Some("latest"));
@@ -1001,35 +919,20 @@ mod tests {
         c.peer_principal = Some("spiffe://cluster.local/ns/cert-ns/sa/client");
         let set = label_set(&c);
         assert_eq!(set.get("source_workload_namespace"), Some("cert-ns"));
-        assert_eq!(
-            set.get("source_principal"),
-            Some("spiffe://cluster.local/ns/cert-ns/sa/client")
-        );
+        assert_eq!(set.get("source_principal"), Some("spiffe://cluster.local/ns/cert-ns/sa/client"));
         c.peer_principal = None;
-        assert_eq!(
-            label_set(&c).get("source_workload_namespace"),
-            Some("meta-ns")
-        );
+        assert_eq!(label_set(&c).get("source_workload_namespace"), Some("meta-ns"));
         // Without exchange, the certificate still names the namespace.
         c.peer = None;
         c.peer_principal = Some("spiffe://td/ns/only-cert/sa/x");
-        assert_eq!(
-            label_set(&c).get("source_workload_namespace"),
-            Some("only-cert")
-        );
+        assert_eq!(label_set(&c).get("source_workload_namespace"), Some("only-cert"));
         c.peer_principal = Some("spiffe://td/weird");
-        assert_eq!(
-            label_set(&c).get("source_workload_namespace"),
-            Some("unknown")
-        );
+        assert_eq!(label_set(&c).get("source_workload_namespace"), Some("unknown"));
     }
 
     #[test]
     fn principal_namespace_parses_only_spiffe_ns_segments() {
-        assert_eq!(
-            principal_namespace("spiffe://cluster.local/ns/default/sa/x"),
-            Some("default")
-        );
+        assert_eq!(principal_namespace("spiffe://cluster.local/ns/default/sa/x"), Some("default"));
         assert_eq!(principal_namespace("spiffe://td/ns//sa/x"), None);
         assert_eq!(principal_namespace("spiffe://ns/sa/x"), None);
         assert_eq!(principal_namespace("https://td/ns/a/sa/x"), None);
@@ -1038,28 +941,18 @@ mod tests {
 
     #[test]
     fn principals_are_the_certificates_else_unknown_and_follow_the_reporter() {
-        let (l, p, s) = (
-            NodeMetadata::default(),
-            NodeMetadata::default(),
-            no_service(),
-        );
+        let (l, p, s) = (NodeMetadata::default(), NodeMetadata::default(), no_service());
         let mut c = conn(Reporter::Source, &l, Some(&p), &s);
         c.local_principal = Some("spiffe://td/ns/a/sa/me");
         c.peer_principal = Some("spiffe://td/ns/b/sa/you");
         c.mutual_tls = true;
         let set = label_set(&c);
         assert_eq!(set.get("source_principal"), Some("spiffe://td/ns/a/sa/me"));
-        assert_eq!(
-            set.get("destination_principal"),
-            Some("spiffe://td/ns/b/sa/you")
-        );
+        assert_eq!(set.get("destination_principal"), Some("spiffe://td/ns/b/sa/you"));
         c.reporter = Reporter::Destination;
         let set = label_set(&c);
         assert_eq!(set.get("source_principal"), Some("spiffe://td/ns/b/sa/you"));
-        assert_eq!(
-            set.get("destination_principal"),
-            Some("spiffe://td/ns/a/sa/me")
-        );
+        assert_eq!(set.get("destination_principal"), Some("spiffe://td/ns/a/sa/me"));
         c.local_principal = None;
         c.peer_principal = Some("");
         let set = label_set(&c);
@@ -1072,21 +965,12 @@ mod tests {
         let (l, s) = (NodeMetadata::default(), no_service());
         let mut c = conn(Reporter::Destination, &l, None, &s);
         c.mutual_tls = true;
-        assert_eq!(
-            label_set(&c).get("connection_security_policy"),
-            Some("mutual_tls")
-        );
+        assert_eq!(label_set(&c).get("connection_security_policy"), Some("mutual_tls"));
         c.mutual_tls = false;
-        assert_eq!(
-            label_set(&c).get("connection_security_policy"),
-            Some("none")
-        );
+        assert_eq!(label_set(&c).get("connection_security_policy"), Some("none"));
         c.reporter = Reporter::Source;
         c.mutual_tls = true;
-        assert_eq!(
-            label_set(&c).get("connection_security_policy"),
-            Some("unknown")
-        );
+        assert_eq!(label_set(&c).get("connection_security_policy"), Some("unknown"));
     }
 
     #[test]
@@ -1111,29 +995,17 @@ mod tests {
     #[test]
     fn reporter_source_destination_service_is_the_host_its_first_label_and_service_namespace() {
         let (l, p) = (NodeMetadata::default(), node("", "peer-ns", "", &[]));
-        let svc = ServiceInfo {
-            host: "server.default.svc.cluster.local".into(),
-            namespace: "svc-ns".into(),
-        };
+        let svc = ServiceInfo { host: "server.default.svc.cluster.local".into(), namespace: "svc-ns".into() };
         let set = label_set(&conn(Reporter::Source, &l, Some(&p), &svc));
-        assert_eq!(
-            set.get("destination_service"),
-            Some("server.default.svc.cluster.local")
-        );
+        assert_eq!(set.get("destination_service"), Some("server.default.svc.cluster.local"));
         assert_eq!(set.get("destination_service_name"), Some("server"));
         assert_eq!(set.get("destination_service_namespace"), Some("svc-ns"));
         // No service namespace: NS of NAME.NS.svc.DOMAIN.
-        let svc = ServiceInfo {
-            host: "server.default.svc.cluster.local".into(),
-            namespace: String::new(),
-        };
+        let svc = ServiceInfo { host: "server.default.svc.cluster.local".into(), namespace: String::new() };
         let set = label_set(&conn(Reporter::Source, &l, Some(&p), &svc));
         assert_eq!(set.get("destination_service_namespace"), Some("default"));
         // Not a Kubernetes host: the peer's namespace.
-        let svc = ServiceInfo {
-            host: "db.example.com".into(),
-            namespace: String::new(),
-        };
+        let svc = ServiceInfo { host: "db.example.com".into(), namespace: String::new() };
         let set = label_set(&conn(Reporter::Source, &l, Some(&p), &svc));
         assert_eq!(set.get("destination_service_name"), Some("db"));
         assert_eq!(set.get("destination_service_namespace"), Some("peer-ns"));
@@ -1149,15 +1021,9 @@ mod tests {
     fn reporter_destination_service_is_the_inbound_host_else_local_canonical_service() {
         let local = node("wl", "local-ns", "", &[("app", "ratings")]);
         let p = node("", "peer-ns", "", &[]);
-        let svc = ServiceInfo {
-            host: "server.default.svc.cluster.local".into(),
-            namespace: "svc-ns".into(),
-        };
+        let svc = ServiceInfo { host: "server.default.svc.cluster.local".into(), namespace: "svc-ns".into() };
         let set = label_set(&conn(Reporter::Destination, &local, Some(&p), &svc));
-        assert_eq!(
-            set.get("destination_service"),
-            Some("server.default.svc.cluster.local")
-        );
+        assert_eq!(set.get("destination_service"), Some("server.default.svc.cluster.local"));
         assert_eq!(set.get("destination_service_name"), Some("server"));
         // Always the local namespace inbound, whatever the service or peer say.
         assert_eq!(set.get("destination_service_namespace"), Some("local-ns"));
@@ -1165,12 +1031,7 @@ mod tests {
         let set = label_set(&conn(Reporter::Destination, &local, Some(&p), &s));
         assert_eq!(set.get("destination_service"), Some("ratings"));
         assert_eq!(set.get("destination_service_name"), Some("ratings"));
-        let set = label_set(&conn(
-            Reporter::Destination,
-            &NodeMetadata::default(),
-            None,
-            &s,
-        ));
+        let set = label_set(&conn(Reporter::Destination, &NodeMetadata::default(), None, &s));
         assert_eq!(set.get("destination_service"), Some("unknown"));
         assert_eq!(set.get("destination_service_namespace"), Some("unknown"));
     }
@@ -1213,34 +1074,18 @@ mod tests {
     fn with_canonical_labels_fills_absent_canonical_name_and_revision_from_local_fallbacks() {
         let n = with_canonical_labels(node("wl", "", "", &[("app", "a"), ("version", "v1")]));
         assert_eq!(n.labels.get(CANONICAL_NAME).map(String::as_str), Some("a"));
-        assert_eq!(
-            n.labels.get(CANONICAL_REVISION).map(String::as_str),
-            Some("v1")
-        );
+        assert_eq!(n.labels.get(CANONICAL_REVISION).map(String::as_str), Some("v1"));
         let n = with_canonical_labels(node("wl", "", "", &[]));
         assert_eq!(n.labels.get(CANONICAL_NAME).map(String::as_str), Some("wl"));
-        assert_eq!(
-            n.labels.get(CANONICAL_REVISION).map(String::as_str),
-            Some("latest")
-        );
+        assert_eq!(n.labels.get(CANONICAL_REVISION).map(String::as_str), Some("latest"));
         let n = with_canonical_labels(node(
             "wl",
             "",
             "",
-            &[
-                (CANONICAL_NAME, "keep"),
-                (CANONICAL_REVISION, "r"),
-                ("app", "a"),
-            ],
+            &[(CANONICAL_NAME, "keep"), (CANONICAL_REVISION, "r"), ("app", "a")],
         ));
-        assert_eq!(
-            n.labels.get(CANONICAL_NAME).map(String::as_str),
-            Some("keep")
-        );
-        assert_eq!(
-            n.labels.get(CANONICAL_REVISION).map(String::as_str),
-            Some("r")
-        );
+        assert_eq!(n.labels.get(CANONICAL_NAME).map(String::as_str), Some("keep"));
+        assert_eq!(n.labels.get(CANONICAL_REVISION).map(String::as_str), Some("r"));
         let n = with_canonical_labels(NodeMetadata::default());
         assert_eq!(n.labels.get(CANONICAL_NAME), None);
         // What the peer reads from the filled preamble equals what the local side reports.
@@ -1248,14 +1093,8 @@ mod tests {
         let filled = with_canonical_labels(local.clone());
         let l = local_src(&local);
         let p = peer_dst(&filled);
-        assert_eq!(
-            l.get("source_canonical_service"),
-            p.get("destination_canonical_service")
-        );
-        assert_eq!(
-            l.get("source_canonical_revision"),
-            p.get("destination_canonical_revision")
-        );
+        assert_eq!(l.get("source_canonical_service"), p.get("destination_canonical_service"));
+        assert_eq!(l.get("source_canonical_revision"), p.get("destination_canonical_revision"));
     }
 
     proptest::proptest! {
@@ -1289,24 +1128,8 @@ mod tests {
         let b = w.intern(distinct(2));
         assert_ne!(a, b);
         assert_eq!(w.intern(distinct(1)), a);
-        w.fold(
-            a,
-            Delta {
-                opened: 1,
-                closed: 0,
-                received_bytes: 6,
-                sent_bytes: 12,
-            },
-        );
-        w.fold(
-            a,
-            Delta {
-                opened: 0,
-                closed: 1,
-                received_bytes: 1,
-                sent_bytes: 0,
-            },
-        );
+        w.fold(a, Delta { opened: 1, closed: 0, received_bytes: 6, sent_bytes: 12 });
+        w.fold(a, Delta { opened: 0, closed: 1, received_bytes: 1, sent_bytes: 0 });
         let series: Vec<_> = shard.series().collect();
         assert_eq!(series.len(), 2);
         assert_eq!(series[0].0, &distinct(1));
@@ -1338,13 +1161,7 @@ mod tests {
         let b = w.intern(dst);
         assert_ne!(a, b);
         let series: Vec<_> = shard.series().map(|(l, _)| l.clone()).collect();
-        assert_eq!(
-            series,
-            [
-                LabelSet::overflow(Reporter::Source),
-                LabelSet::overflow(Reporter::Destination)
-            ]
-        );
+        assert_eq!(series, [LabelSet::overflow(Reporter::Source), LabelSet::overflow(Reporter::Destination)]);
         assert_eq!(series[1].get("reporter"), Some("destination"));
         assert!(series[1].values()[1..].iter().all(|v| &**v == "overflow"));
         assert_eq!(shard.label_sets_overflowed(), 2);
@@ -1371,17 +1188,11 @@ mod tests {
             "ringside_label_sets_overflowed_total 0",
             "ringside_listener_overflowed_total 1",
             "ringside_driver_info{driver=\"epoll\"} 1",
-            &format!(
-                "ringside_build_info{{version=\"{}\"}} 1",
-                env!("CARGO_PKG_VERSION")
-            ),
+            &format!("ringside_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
             "# TYPE ringside_exchange_total counter",
             "# TYPE ringside_connections_active gauge",
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "missing {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
     }
 
@@ -1392,22 +1203,11 @@ mod tests {
         let s = no_service();
         let set = label_set(&conn(Reporter::Source, &local, None, &s));
         let id = w.intern(set);
-        w.fold(
-            id,
-            Delta {
-                opened: 2,
-                closed: 1,
-                received_bytes: 5,
-                sent_bytes: 9,
-            },
-        );
+        w.fold(id, Delta { opened: 2, closed: 1, received_bytes: 5, sent_bytes: 9 });
         let text = render(&[shard], "uring");
         assert!(!text.contains("# HELP istio_"));
         assert!(!text.contains("_total_total"));
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("istio_tcp_sent_bytes_total{"))
-            .unwrap();
+        let line = text.lines().find(|l| l.starts_with("istio_tcp_sent_bytes_total{")).unwrap();
         assert!(line.ends_with("} 9"), "{line}");
         let names: Vec<&str> = line
             .split(['{', ','])
@@ -1417,9 +1217,6 @@ mod tests {
             .collect();
         assert_eq!(names, LABEL_NAMES);
         assert!(line.contains(r#"source_workload="a\"b\\c\nd""#), "{line}");
-        assert!(
-            text.lines()
-                .any(|l| l == "# TYPE istio_tcp_connections_opened_total counter")
-        );
+        assert!(text.lines().any(|l| l == "# TYPE istio_tcp_connections_opened_total counter"));
     }
 }

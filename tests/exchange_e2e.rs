@@ -97,7 +97,11 @@ fn metadata_arrives_both_ways_and_the_stream_is_byte_exact_through_two_sidecars(
     // Each side names the other, learned from the exchange only.
     let out = client.wait_for_value(
         "istio_tcp_connections_closed_total",
-        &[("reporter", "source"), ("destination_workload", "mongodb-v1"), ("destination_cluster", "server-cluster")],
+        &[
+            ("reporter", "source"),
+            ("destination_workload", "mongodb-v1"),
+            ("destination_cluster", "server-cluster"),
+        ],
         1.0,
     );
     assert_eq!(sum(&out, "istio_tcp_received_bytes_total", &[("destination_app", "mongodb")]), bytes);
@@ -115,7 +119,8 @@ fn metadata_arrives_both_ways_and_the_stream_is_byte_exact_through_two_sidecars(
 fn a_google_protobuf_peer_is_answered_with_a_preamble_it_decodes() {
     let (upstream, conns) = manual_server();
     let server = inbound(upstream, &[]);
-    let golden = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/preamble_golden_client.bin")).unwrap();
+    let golden =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/preamble_golden_client.bin")).unwrap();
     let mut c = connect(server.listen);
     let mut first = golden.clone();
     first.extend_from_slice(b"app-bytes");
@@ -134,7 +139,11 @@ fn a_google_protobuf_peer_is_answered_with_a_preamble_it_decodes() {
     up.write_all(b"reply").unwrap();
     assert_eq!(read_exact(&mut c, 5), b"reply");
     drop(c);
-    server.wait_for_value("istio_tcp_connections_opened_total", &[("source_workload", "productpage-v1")], 1.0);
+    server.wait_for_value(
+        "istio_tcp_connections_opened_total",
+        &[("source_workload", "productpage-v1")],
+        1.0,
+    );
 }
 
 #[test]
@@ -190,7 +199,11 @@ fn a_server_first_application_works_through_both_sidecars() {
     c.write_all(b"LOGIN").unwrap();
     assert_eq!(read_exact(&mut c, 5), b"LOGIN");
     drop(c);
-    client.wait_for_value("istio_tcp_connections_closed_total", &[("destination_workload", "mongodb-v1")], 1.0);
+    client.wait_for_value(
+        "istio_tcp_connections_closed_total",
+        &[("destination_workload", "mongodb-v1")],
+        1.0,
+    );
 }
 
 #[test]

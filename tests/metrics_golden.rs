@@ -190,8 +190,7 @@ struct LabelPair {
 }
 
 fn expected_family(rel: &str) -> MetricFamily {
-    serde_yaml_ng::from_str(&fill(&read_golden(rel), &plain_vars()))
-        .unwrap_or_else(|e| panic!("{rel}: {e}"))
+    serde_yaml_ng::from_str(&fill(&read_golden(rel), &plain_vars())).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 // ---- the replay ------------------------------------------------------------------------------
@@ -236,23 +235,9 @@ fn replay(reporter: Reporter) -> String {
             mutual_tls: true,
         });
         let id = writer.intern(labels);
-        writer.fold(
-            id,
-            Delta {
-                opened: 1,
-                ..Delta::default()
-            },
-        );
+        writer.fold(id, Delta { opened: 1, ..Delta::default() });
         // Close: the final byte deltas and closed.
-        writer.fold(
-            id,
-            Delta {
-                opened: 0,
-                closed: 1,
-                received_bytes: 6,
-                sent_bytes: 12,
-            },
-        );
+        writer.fold(id, Delta { opened: 0, closed: 1, received_bytes: 6, sent_bytes: 12 });
     }
     render(&[shard], "epoll")
 }
@@ -272,16 +257,10 @@ fn assert_exact_stat(scrape: &str, rel: &str) {
     let actual = parsed.family(&expected.name);
     assert_eq!(actual.len(), expected.metric.len(), "{rel}: series count");
     for (want, got) in expected.metric.iter().zip(actual) {
-        let want_labels: Vec<(&str, &str)> = want
-            .label
-            .iter()
-            .map(|l| (l.name.as_str(), l.value.as_str()))
-            .collect();
-        let got_labels: Vec<(&str, &str)> = got
-            .labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let want_labels: Vec<(&str, &str)> =
+            want.label.iter().map(|l| (l.name.as_str(), l.value.as_str())).collect();
+        let got_labels: Vec<(&str, &str)> =
+            got.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         assert_eq!(got_labels, want_labels, "{rel}: labels");
         assert_eq!(got.value, want.counter.value, "{rel}: value");
     }
@@ -331,24 +310,15 @@ fn without_exchange_the_server_reports_the_peer_unknown_but_its_namespace_from_t
             peer_principal: Some(CLIENT_PRINCIPAL),
             mutual_tls: true,
         }));
-        writer.fold(
-            id,
-            Delta {
-                opened: 1,
-                closed: 1,
-                ..Delta::default()
-            },
-        );
+        writer.fold(id, Delta { opened: 1, closed: 1, ..Delta::default() });
     }
-    assert_exact_stat(
-        &render(&[shard], "epoll"),
-        "metric/tcp_server_connection_open_without_mx.yaml.tmpl",
-    );
+    assert_exact_stat(&render(&[shard], "epoll"), "metric/tcp_server_connection_open_without_mx.yaml.tmpl");
 }
 
 #[test]
 fn the_template_filler_takes_else_branches_for_unset_vars_and_the_if_branch_for_true() {
-    let t = "a:\n{{- if eq .Vars.X \"true\" }}\n  x: 1\n{{- else }}\n  x: 2\n{{- end }}\nb: \"{{ .Vars.Y }}\"";
+    let t =
+        "a:\n{{- if eq .Vars.X \"true\" }}\n  x: 1\n{{- else }}\n  x: 2\n{{- end }}\nb: \"{{ .Vars.Y }}\"";
     assert_eq!(fill(t, &HashMap::new()), "a:\n  x: 2\nb: \"\"");
     let vars = HashMap::from([("X", "true"), ("Y", "y")]);
     assert_eq!(fill(t, &vars), "a:\n  x: 1\nb: \"y\"");

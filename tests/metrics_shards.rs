@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ringside::exchange::NodeMetadata;
 use ringside::metrics::{
-    ConnLabels, Delta, ExchangeOutcome, LabelBudget, LabelSet, Reporter, ServiceInfo, Shard,
-    ShardWriter, label_set, render,
+    ConnLabels, Delta, ExchangeOutcome, LabelBudget, LabelSet, Reporter, ServiceInfo, Shard, ShardWriter,
+    label_set, render,
 };
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
@@ -27,14 +27,9 @@ fn labels(reporter: Reporter, i: usize) -> LabelSet {
         namespace: "default".into(),
         ..Default::default()
     };
-    let peer = NodeMetadata {
-        workload_name: "peer".into(),
-        ..Default::default()
-    };
-    let service = ServiceInfo {
-        host: "server.default.svc.cluster.local".into(),
-        namespace: "default".into(),
-    };
+    let peer = NodeMetadata { workload_name: "peer".into(), ..Default::default() };
+    let service =
+        ServiceInfo { host: "server.default.svc.cluster.local".into(), namespace: "default".into() };
     label_set(&ConnLabels {
         reporter,
         local: &local,
@@ -52,12 +47,7 @@ fn workload(i: usize) -> String {
     format!("workload-{i}")
 }
 
-const CONN: Delta = Delta {
-    opened: 1,
-    closed: 1,
-    received_bytes: 6,
-    sent_bytes: 12,
-};
+const CONN: Delta = Delta { opened: 1, closed: 1, received_bytes: 6, sent_bytes: 12 };
 
 #[test]
 fn rendering_sums_every_workers_shard_per_label_set_exactly() {
@@ -80,11 +70,7 @@ fn rendering_sums_every_workers_shard_per_label_set_exactly() {
     let scrape = exposition::parse(&render(&shards, "uring"));
     let one = [("source_workload", workload(7))];
     let one: Vec<(&str, &str)> = one.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    assert_eq!(
-        scrape.family(OPENED).len(),
-        1,
-        "one series across both workers"
-    );
+    assert_eq!(scrape.family(OPENED).len(), 1, "one series across both workers");
     assert_eq!(scrape.value(OPENED, &one), Some(20_000.0));
     assert_eq!(scrape.value(CLOSED, &one), Some(20_000.0));
     assert_eq!(scrape.value(RECEIVED, &one), Some(120_000.0));
@@ -95,9 +81,8 @@ fn rendering_sums_every_workers_shard_per_label_set_exactly() {
 fn a_scrape_during_folding_never_blocks_or_panics_and_counters_only_grow() {
     const FOLDS: u64 = 20_000;
     let budget = LabelBudget::new(1000);
-    let (writers, shards): (Vec<ShardWriter>, Vec<Arc<Shard>>) = (0..2)
-        .map(|worker| ShardWriter::new(worker, Arc::clone(&budget)))
-        .unzip();
+    let (writers, shards): (Vec<ShardWriter>, Vec<Arc<Shard>>) =
+        (0..2).map(|worker| ShardWriter::new(worker, Arc::clone(&budget))).unzip();
     let done = Arc::new(AtomicBool::new(false));
     let scraper = {
         let (shards, done) = (shards.clone(), Arc::clone(&done));
@@ -146,8 +131,7 @@ fn a_scrape_during_folding_never_blocks_or_panics_and_counters_only_grow() {
 }
 
 #[test]
-fn beyond_the_label_set_budget_connections_fold_into_one_overflow_series_and_memory_stays_bounded()
-{
+fn beyond_the_label_set_budget_connections_fold_into_one_overflow_series_and_memory_stays_bounded() {
     let budget = LabelBudget::new(100);
     let (mut writer, shard) = ShardWriter::new(0, Arc::clone(&budget));
     let capacity = shard.capacity();
@@ -160,26 +144,16 @@ fn beyond_the_label_set_budget_connections_fold_into_one_overflow_series_and_mem
 
     let scrape = exposition::parse(&render(&[Arc::clone(&shard)], "uring"));
     assert_eq!(scrape.family(OPENED).len(), 101);
-    assert_eq!(
-        scrape.value("ringside_label_sets_overflowed_total", &[]),
-        Some(900.0)
-    );
+    assert_eq!(scrape.value("ringside_label_sets_overflowed_total", &[]), Some(900.0));
     let overflow = [("reporter", "source"), ("source_workload", "overflow")];
     assert_eq!(scrape.value(OPENED, &overflow), Some(900.0));
     assert_eq!(scrape.value(SENT, &overflow), Some(900.0 * 12.0));
     let w0 = workload(0);
     assert_eq!(scrape.value(OPENED, &[("source_workload", &w0)]), Some(1.0));
-    let overflow_series = scrape
-        .family(OPENED)
-        .into_iter()
-        .find(|s| s.labels.iter().any(|(_, v)| v == "overflow"))
-        .unwrap();
+    let overflow_series =
+        scrape.family(OPENED).into_iter().find(|s| s.labels.iter().any(|(_, v)| v == "overflow")).unwrap();
     for (k, v) in &overflow_series.labels {
-        let want = if k == "reporter" {
-            "source"
-        } else {
-            "overflow"
-        };
+        let want = if k == "reporter" { "source" } else { "overflow" };
         assert_eq!(v, want, "{k}");
     }
 
@@ -202,11 +176,7 @@ fn the_budget_is_shared_by_all_workers() {
         w0.intern(labels(Reporter::Source, i));
         w1.intern(labels(Reporter::Source, 1000 + i));
     }
-    assert_eq!(
-        s0.len() + s1.len(),
-        100 + 2,
-        "100 series + one overflow per worker"
-    );
+    assert_eq!(s0.len() + s1.len(), 100 + 2, "100 series + one overflow per worker");
     assert_eq!(s0.label_sets_overflowed() + s1.label_sets_overflowed(), 100);
 }
 
@@ -238,36 +208,18 @@ fn promtool_accepts_the_render_and_only_istios_own_counters_lack_help() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool must be installed (Debian package `prometheus`)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // promtool exits 1 when the exposition does not parse and 3 when it parses but has lint
     // findings. Istio's counters carry no HELP line by design (its golden data has none, and
     // Istio's ExactStat compares the HELP field), so `no help text` for them, and nothing else,
     // is the expected lint.
     let problems: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
-    let istio_no_help = |l: &&str| {
-        [OPENED, CLOSED, RECEIVED, SENT]
-            .iter()
-            .any(|n| *l == format!("{n} no help text"))
-    };
-    assert!(
-        problems.iter().all(istio_no_help),
-        "promtool found problems:\n{report}\n--- input ---\n{text}"
-    );
+    let istio_no_help =
+        |l: &&str| [OPENED, CLOSED, RECEIVED, SENT].iter().any(|n| *l == format!("{n} no help text"));
+    assert!(problems.iter().all(istio_no_help), "promtool found problems:\n{report}\n--- input ---\n{text}");
     assert_eq!(problems.len(), 4, "{report}");
     let code = out.status.code();
-    assert!(
-        code == Some(0) || code == Some(3),
-        "promtool exit {code:?}:\n{report}"
-    );
+    assert!(code == Some(0) || code == Some(3), "promtool exit {code:?}:\n{report}");
 }

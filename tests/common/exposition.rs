@@ -35,11 +35,7 @@ impl Exposition {
         let matches: Vec<&Sample> = self
             .family(name)
             .into_iter()
-            .filter(|s| {
-                labels
-                    .iter()
-                    .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
-            })
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v)))
             .collect();
         assert!(matches.len() <= 1, "{name} {labels:?} matches {matches:?}");
         matches.first().map(|s| s.value)
@@ -55,18 +51,12 @@ pub fn parse(text: &str) -> Exposition {
         }
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
-            assert!(
-                out.helps.insert(name.into(), help.into()).is_none(),
-                "second HELP for {name}"
-            );
+            assert!(out.helps.insert(name.into(), help.into()).is_none(), "second HELP for {name}");
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, ty) = rest.split_once(' ').expect("TYPE without a type");
-            assert!(
-                out.types.insert(name.into(), ty.into()).is_none(),
-                "second TYPE for {name}"
-            );
+            assert!(out.types.insert(name.into(), ty.into()).is_none(), "second TYPE for {name}");
             continue;
         }
         assert!(!line.starts_with('#'), "unexpected comment {line:?}");
@@ -76,15 +66,10 @@ pub fn parse(text: &str) -> Exposition {
 }
 
 fn parse_sample(line: &str) -> Sample {
-    let name_end = line
-        .find(['{', ' '])
-        .unwrap_or_else(|| panic!("no value in {line:?}"));
+    let name_end = line.find(['{', ' ']).unwrap_or_else(|| panic!("no value in {line:?}"));
     let name = &line[..name_end];
     assert!(
-        !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
         "bad metric name in {line:?}"
     );
     let mut labels = Vec::new();
@@ -106,10 +91,7 @@ fn parse_sample(line: &str) -> Sample {
             assert_eq!(chars.next(), Some('"'), "label {key} unquoted in {line:?}");
             let mut value = String::new();
             loop {
-                match chars
-                    .next()
-                    .unwrap_or_else(|| panic!("open quote in {line:?}"))
-                {
+                match chars.next().unwrap_or_else(|| panic!("open quote in {line:?}")) {
                     '"' => break,
                     '\\' => match chars.next() {
                         Some('\\') => value.push('\\'),
@@ -129,16 +111,8 @@ fn parse_sample(line: &str) -> Sample {
         }
     }
     let rest: String = chars.collect();
-    let value = rest
-        .strip_prefix(' ')
-        .unwrap_or_else(|| panic!("no space before the value in {line:?}"));
+    let value = rest.strip_prefix(' ').unwrap_or_else(|| panic!("no space before the value in {line:?}"));
     assert!(!value.contains(' '), "timestamp or junk in {line:?}");
-    let value: f64 = value
-        .parse()
-        .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-    Sample {
-        name: name.into(),
-        labels,
-        value,
-    }
+    let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+    Sample { name: name.into(), labels, value }
 }
