@@ -170,10 +170,12 @@ fn print_table(text: &str) {
         h.push("value".into());
         h
     }];
-    for (name, labels, value) in text.lines().filter_map(parse_line) {
-        if !name.starts_with("istio_tcp_") {
-            continue;
-        }
+    let mut samples: Vec<Sample> =
+        text.lines().filter_map(parse_line).filter(|s| s.0.starts_with("istio_tcp_")).collect();
+    // The exporter's order is a hash order; sort as a console would: source side first, then
+    // by metric and labels.
+    samples.sort_by(|a, b| (&b.1[..1], a.0, &a.1).cmp(&(&a.1[..1], b.0, &b.1)));
+    for (name, labels, value) in samples {
         let mut row = vec![name.to_string()];
         for c in columns {
             row.push(labels.iter().find(|(k, _)| *k == c).map_or("", |(_, v)| v).to_string());
