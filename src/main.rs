@@ -1,1 +1,112 @@
-fn main() {}
+//! The `ringside` binary: parse flags, run, print one-line errors, exit 64 for bad usage or
+//! config and 1 for runtime failures.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use clap::Parser;
+use ringside::admin::{self, Role};
+use ringside::cli::{Cli, Command};
+use ringside::config::Config;
+use ringside::{demo, worker};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                print!("{e}");
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("bad usage")
+                .trim_start_matches("error: ");
+            eprintln!("ringside: {first}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match cli.command {
+        Command::Validate(args) => match args.into_config() {
+            Ok(_) => {
+                println!("ringside: config ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage(e),
+        },
+        Command::Run(args) => match args.into_config() {
+            Ok(cfg) => run(cfg),
+            Err(e) => usage(e),
+        },
+        Command::Demo(args) => match demo::run(args.connections) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ringside: demo: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn usage(e: ringside::config::Error) -> ExitCode {
+    eprintln!("ringside: config: {e}");
+    ExitCode::from(EX_USAGE)
+}
+
+fn run(cfg: Config) -> ExitCode {
+    match serve(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringside: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(cfg: Config) -> anyhow::Result<()> {
+    let proxy = worker::start(cfg)?;
+    let shared = proxy.shared.clone();
+    let c = &shared.config;
+    for (role, bind) in [
+        (Role::Admin, c.admin.listen),
+        (Role::Metrics, c.metrics.listen),
+        (Role::Health, c.health.listen),
+    ] {
+        if let Some(addr) = bind.0 {
+            let bound = admin::spawn(role, addr, shared.clone()).map_err(|e| {
+                anyhow::anyhow!("{role:?} listener: bind {addr}: {e}").context("start")
+            })?;
+            log::info!("{} listener on {bound}", format!("{role:?}").to_lowercase());
+        }
+    }
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    let on_signal = shared.clone();
+    std::thread::Builder::new()
+        .name("ringside-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!(
+                    "signal {sig}: draining for {}",
+                    on_signal.config.drain_timeout
+                );
+                on_signal.draining.store(true, Ordering::Release);
+            }
+        })?;
+    proxy.join();
+    log::info!("drained; exiting");
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Admin, metrics and health listeners (SPEC §3, §5): a tiny blocking HTTP/1.1 server on its
+//! own thread, off the data path. Requests are bounded in size and time.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::metrics::CONTENT_TYPE;
+use crate::worker::Shared;
+
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `/ready`, `/stats/prometheus`, `/config_dump`, `/drain`.
+    Admin,
+    /// `/stats/prometheus` only.
+    Metrics,
+    /// `/healthz/ready` only.
+    Health,
+}
+
+/// Bind `addr` and serve `role` on a background thread; returns the bound address.
+pub fn spawn(role: Role, addr: SocketAddr, shared: Arc<Shared>) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name(format!("ringside-{role:?}").to_lowercase())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = handle(role, stream, &shared) {
+                    log::debug!("{role:?} request: {e}");
+                }
+            }
+        })?;
+    Ok(bound)
+}
+
+fn handle(role: Role, mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 || head.len() + n > 16 * 1024 {
+            return respond(&mut stream, 400, "text/plain", "bad request\n");
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, kind, body) = route(role, method, path, shared);
+    respond(&mut stream, status, kind, &body)
+}
+
+fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'static str, String) {
+    let ready = || {
+        if shared.ready() {
+            (200, "text/plain", "LIVE\n".to_string())
+        } else {
+            (503, "text/plain", "DRAINING\n".to_string())
+        }
+    };
+    match (role, method, path) {
+        (Role::Admin | Role::Metrics, "GET", "/stats/prometheus") => {
+            (200, CONTENT_TYPE, shared.render())
+        }
+        (Role::Admin, "GET", "/ready") | (Role::Health, "GET", "/healthz/ready") => ready(),
+        (Role::Admin, "GET", "/config_dump") => {
+            match serde_json::to_string_pretty(&shared.config) {
+                Ok(json) => (200, "application/json", json + "\n"),
+                Err(e) => (500, "text/plain", format!("{e}\n")),
+            }
+        }
+        (Role::Admin, "POST", "/drain" | "/drain_listeners?graceful" | "/drain_listeners") => {
+            shared.draining.store(true, Ordering::Release);
+            log::info!("drain requested over admin");
+            (200, "text/plain", "OK\n".to_string())
+        }
+        _ => (404, "text/plain", "not found\n".to_string()),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: u16, kind: &str, body: &str) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}

@@ -1,0 +1,308 @@
+//! Command-line flags (SPEC §4) and how they override the YAML file. No I/O beyond reading
+//! the config file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::de::{DeserializeOwned, IntoDeserializer};
+
+use crate::config::{self, Bind, Cluster, Config, Dur, Endpoint, Listener, Size};
+
+/// ringside: an L4 sidecar proxy with Istio's peer exchange and TCP metrics.
+#[derive(Debug, Parser)]
+#[command(name = "ringside", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Check a configuration and exit.
+    Validate(RunArgs),
+    /// Run the built-in two-sidecar demo and print the TCP metrics.
+    Demo(DemoArgs),
+}
+
+/// Flags of `ringside demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Connections to drive through the two sidecars.
+    #[arg(long, default_value_t = 10)]
+    pub connections: usize,
+}
+
+/// Flags of `ringside run` and `ringside validate`; they override the file.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// YAML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Listener address (flags describe one listener and one cluster).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Upstream endpoint of the listener's cluster (repeatable).
+    #[arg(long)]
+    pub upstream: Vec<SocketAddr>,
+    /// outbound (reporter=source) or inbound (reporter=destination).
+    #[arg(long, value_parser = parse_enum::<config::Direction>)]
+    pub direction: Option<config::Direction>,
+    /// alpn | always | off.
+    #[arg(long, value_parser = parse_enum::<config::PeerExchange>)]
+    pub peer_exchange: Option<config::PeerExchange>,
+    /// Service host of the cluster, e.g. mongodb.default.svc.cluster.local.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Node id.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Workload name.
+    #[arg(long)]
+    pub workload_name: Option<String>,
+    /// Namespace.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Pod label KEY=VALUE (repeatable).
+    #[arg(long)]
+    pub label: Vec<String>,
+    /// Cluster id.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// Service account.
+    #[arg(long)]
+    pub service_account: Option<String>,
+    /// Mesh id.
+    #[arg(long)]
+    pub mesh_id: Option<String>,
+    /// Metrics listener address or `off`.
+    #[arg(long)]
+    pub metrics: Option<Bind>,
+    /// Admin listener address or `off`.
+    #[arg(long)]
+    pub admin: Option<Bind>,
+    /// Health listener address or `off`.
+    #[arg(long)]
+    pub health: Option<Bind>,
+    /// How often live connections report.
+    #[arg(long)]
+    pub tcp_reporting_duration: Option<Dur>,
+    /// Cap on distinct label sets.
+    #[arg(long)]
+    pub max_label_sets: Option<usize>,
+    /// Worker threads.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// auto | uring | epoll.
+    #[arg(long, value_parser = parse_enum::<config::Driver>)]
+    pub driver: Option<config::Driver>,
+    /// Drain time on SIGTERM.
+    #[arg(long)]
+    pub drain_timeout: Option<Dur>,
+    /// Upstream connect timeout (every listener).
+    #[arg(long)]
+    pub connect_timeout: Option<Dur>,
+    /// Idle timeout (every listener).
+    #[arg(long)]
+    pub idle_timeout: Option<Dur>,
+    /// Max connections per listener (every listener).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Max preamble size (every listener).
+    #[arg(long)]
+    pub max_preamble: Option<Size>,
+    /// Exchange timeout (every listener).
+    #[arg(long)]
+    pub exchange_timeout: Option<Dur>,
+    /// Sniff timeout (every listener).
+    #[arg(long)]
+    pub sniff_timeout: Option<Dur>,
+}
+
+fn parse_enum<T: DeserializeOwned>(s: &str) -> Result<T, String> {
+    let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> = s.into_deserializer();
+    T::deserialize(de).map_err(|e| e.to_string())
+}
+
+impl RunArgs {
+    /// The effective, validated configuration: the file (if any) with the flags on top.
+    pub fn into_config(self) -> Result<Config, config::Error> {
+        let (mut cfg, file, text) = match &self.config {
+            Some(path) => {
+                let file = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|e| config::Error {
+                    file: file.clone(),
+                    line: None,
+                    message: format!("cannot read: {e}"),
+                })?;
+                (Config::parse(&text, &file)?, file, text)
+            }
+            None => (Config::default(), String::new(), String::new()),
+        };
+        self.apply(&mut cfg)?;
+        cfg.validate(&file, &text)?;
+        Ok(cfg)
+    }
+
+    fn apply(self, cfg: &mut Config) -> Result<(), config::Error> {
+        self.apply_listener(cfg)?;
+        let n = &mut cfg.node;
+        set(&mut n.id, self.node_id);
+        set(&mut n.workload_name, self.workload_name);
+        set(&mut n.namespace, self.namespace);
+        set(&mut n.cluster_id, self.cluster_id);
+        set(&mut n.service_account, self.service_account);
+        set(&mut n.mesh_id, self.mesh_id);
+        for l in &self.label {
+            let (k, v) = l
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| config::Error::msg(format!("--label {l:?}: want KEY=VALUE")))?;
+            n.labels.insert(k.to_string(), v.to_string());
+        }
+        if let Some(w) = self.workers {
+            cfg.workers = Some(w);
+        }
+        if let Some(d) = self.driver {
+            cfg.driver = d;
+        }
+        if let Some(d) = self.drain_timeout {
+            cfg.drain_timeout = d;
+        }
+        if let Some(b) = self.metrics {
+            cfg.metrics.listen = b;
+        }
+        if let Some(d) = self.tcp_reporting_duration {
+            cfg.metrics.tcp_reporting_duration = d;
+        }
+        if let Some(m) = self.max_label_sets {
+            cfg.metrics.max_label_sets = m;
+        }
+        if let Some(b) = self.admin {
+            cfg.admin.listen = b;
+        }
+        if let Some(b) = self.health {
+            cfg.health.listen = b;
+        }
+        for l in &mut cfg.listeners {
+            let lim = &mut l.limits;
+            if let Some(d) = self.connect_timeout {
+                lim.connect_timeout = d;
+            }
+            if let Some(d) = self.idle_timeout {
+                lim.idle_timeout = d;
+            }
+            if let Some(m) = self.max_connections {
+                lim.max_connections = m;
+            }
+            if let Some(s) = self.max_preamble {
+                lim.max_preamble = s;
+            }
+            if let Some(d) = self.exchange_timeout {
+                lim.exchange_timeout = d;
+            }
+            if let Some(d) = self.sniff_timeout {
+                lim.sniff_timeout = d;
+            }
+        }
+        Ok(())
+    }
+
+    /// `--listen/--upstream/--direction/--peer-exchange/--service` describe one listener and
+    /// its cluster; with a file they override the file's only listener.
+    fn apply_listener(&self, cfg: &mut Config) -> Result<(), config::Error> {
+        let any = self.listen.is_some()
+            || !self.upstream.is_empty()
+            || self.direction.is_some()
+            || self.peer_exchange.is_some()
+            || self.service.is_some();
+        if !any {
+            return Ok(());
+        }
+        if cfg.listeners.len() > 1 {
+            return Err(config::Error::msg(
+                "--listen/--upstream/--direction/--peer-exchange/--service need a config with at most one listener",
+            ));
+        }
+        if cfg.listeners.is_empty() {
+            let listen = self
+                .listen
+                .ok_or_else(|| config::Error::msg("--listen is required without --config"))?;
+            if self.upstream.is_empty() {
+                return Err(config::Error::msg(
+                    "--upstream is required without --config",
+                ));
+            }
+            let direction = self
+                .direction
+                .ok_or_else(|| config::Error::msg("--direction is required without --config"))?;
+            cfg.listeners.push(Listener {
+                name: "main".into(),
+                listen,
+                direction,
+                peer_exchange: config::PeerExchange::default(),
+                cluster: Some("upstream".into()),
+                tcp_routes: None,
+                service: None,
+                capture: config::Capture::None,
+                limits: config::Limits::default(),
+                tls: None,
+            });
+            cfg.clusters.push(Cluster {
+                name: "upstream".into(),
+                service: None,
+                service_namespace: None,
+                load_balancer: config::LoadBalancer::RoundRobin,
+                endpoints: vec![],
+                subsets: vec![],
+                tls: None,
+            });
+        }
+        let l = &mut cfg.listeners[0];
+        if let Some(a) = self.listen {
+            l.listen = a;
+        }
+        if let Some(d) = self.direction {
+            l.direction = d;
+        }
+        if let Some(p) = self.peer_exchange {
+            l.peer_exchange = p;
+        }
+        if !self.upstream.is_empty() || self.service.is_some() {
+            let name = l.cluster.clone().ok_or_else(|| {
+                config::Error::msg("--upstream/--service need the listener to route to one cluster")
+            })?;
+            let Some(c) = cfg.clusters.iter_mut().find(|c| c.name == name) else {
+                return Err(config::Error::msg(format!(
+                    "listener {}: cluster {name:?} is not defined",
+                    l.name
+                )));
+            };
+            if !self.upstream.is_empty() {
+                c.endpoints = self
+                    .upstream
+                    .iter()
+                    .map(|a| Endpoint {
+                        address: *a,
+                        labels: BTreeMap::new(),
+                    })
+                    .collect();
+            }
+            if let Some(s) = &self.service {
+                c.service = Some(s.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set(field: &mut String, value: Option<String>) {
+    if let Some(v) = value {
+        *field = v;
+    }
+}

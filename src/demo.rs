@@ -1,0 +1,215 @@
+//! `ringside demo`: two sidecars in one process (ratings-v2 outbound → mongodb-v1 inbound, as
+//! in Istio's TCP metrics task), a built-in TCP service, bounded traffic, and the resulting
+//! istio_tcp_* series printed like a Prometheus console table.
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::config::{
+    Bind, Cluster, Config, Direction, Endpoint, Listener, LoadBalancer, Node, PeerExchange,
+};
+use crate::worker::{self, Proxy};
+
+/// Run the demo with `connections` request/response connections.
+pub fn run(connections: usize) -> Result<(), Box<dyn Error>> {
+    let service = spawn_hello_service()?;
+    println!("tcp service (answers each line L with \"hello L\") on {service}");
+    let inbound = worker::start(sidecar(
+        node("mongodb-v1", &[("app", "mongodb"), ("version", "v1")]),
+        Direction::Inbound,
+        service,
+    ))?;
+    let inbound_addr = inbound.shared.config.listeners[0].listen;
+    println!("sidecar mongodb-v1 (inbound, reporter=destination) on {inbound_addr}");
+    let outbound = worker::start(sidecar(
+        node("ratings-v2", &[("app", "ratings"), ("version", "v2")]),
+        Direction::Outbound,
+        inbound_addr,
+    ))?;
+    let outbound_addr = outbound.shared.config.listeners[0].listen;
+    println!("sidecar ratings-v2 (outbound, reporter=source) on {outbound_addr}");
+
+    for i in 0..connections {
+        let mut s = TcpStream::connect(outbound_addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"world\n")?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        if line != "hello world\n" {
+            return Err(format!("connection {i}: got {line:?}, want \"hello world\\n\"").into());
+        }
+    }
+    println!(
+        "{connections} connections: each sent \"world\\n\" (6 bytes) and got \"hello world\\n\" (12 bytes)\n"
+    );
+
+    // Closing is counted when each sidecar sees the close; wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let closed = |p: &Proxy| total(&p.shared.render(), "istio_tcp_connections_closed_total");
+    while (closed(&outbound) < connections as f64 || closed(&inbound) < connections as f64)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut text = outbound.shared.render();
+    text.push_str(&inbound.shared.render());
+    print_table(&text);
+    for p in [&outbound, &inbound] {
+        p.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+    outbound.join();
+    inbound.join();
+    Ok(())
+}
+
+fn node(workload: &str, labels: &[(&str, &str)]) -> Node {
+    Node {
+        workload_name: workload.into(),
+        namespace: "default".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Node::default()
+    }
+}
+
+fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
+    let service = "mongodb.default.svc.cluster.local".to_string();
+    let mut cfg = Config {
+        node,
+        workers: Some(1),
+        listeners: vec![Listener {
+            name: format!("{direction:?}").to_lowercase(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            direction,
+            peer_exchange: PeerExchange::Always,
+            cluster: Some("mongodb".into()),
+            tcp_routes: None,
+            service: None,
+            capture: Default::default(),
+            limits: Default::default(),
+            tls: None,
+        }],
+        clusters: vec![Cluster {
+            name: "mongodb".into(),
+            service: Some(service),
+            service_namespace: None,
+            load_balancer: LoadBalancer::RoundRobin,
+            endpoints: vec![Endpoint {
+                address: upstream,
+                labels: BTreeMap::new(),
+            }],
+            subsets: vec![],
+            tls: None,
+        }],
+        ..Config::default()
+    };
+    cfg.metrics.listen = Bind(None);
+    cfg.admin.listen = Bind(None);
+    cfg.health.listen = Bind(None);
+    cfg.validate("demo", "").expect("the demo config is valid");
+    cfg
+}
+
+fn spawn_hello_service() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(match s.try_clone() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                });
+                let mut w = s;
+                let mut line = String::new();
+                while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                    if w.write_all(format!("hello {line}").as_bytes()).is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+                let _ = reader.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Parse one exposition line `name{k="v",...} value`.
+fn parse_line(line: &str) -> Option<(&str, Vec<(&str, &str)>, f64)> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let value = value.parse().ok()?;
+    let Some((name, rest)) = series.split_once('{') else {
+        return Some((series, vec![], value));
+    };
+    let labels = rest
+        .trim_end_matches('}')
+        .split("\",")
+        .filter_map(|kv| {
+            kv.split_once("=\"")
+                .map(|(k, v)| (k, v.trim_end_matches('"')))
+        })
+        .collect();
+    Some((name, labels, value))
+}
+
+fn total(text: &str, metric: &str) -> f64 {
+    text.lines()
+        .filter_map(parse_line)
+        .filter(|(n, _, _)| *n == metric)
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+fn print_table(text: &str) {
+    let columns = [
+        "reporter",
+        "source_workload",
+        "source_version",
+        "destination_workload",
+        "destination_version",
+        "destination_service",
+        "response_flags",
+    ];
+    let mut rows = vec![{
+        let mut h = vec!["metric".to_string()];
+        h.extend(columns.iter().map(|c| c.to_string()));
+        h.push("value".into());
+        h
+    }];
+    for (name, labels, value) in text.lines().filter_map(parse_line) {
+        if !name.starts_with("istio_tcp_") {
+            continue;
+        }
+        let mut row = vec![name.to_string()];
+        for c in columns {
+            row.push(
+                labels
+                    .iter()
+                    .find(|(k, _)| *k == c)
+                    .map_or("", |(_, v)| v)
+                    .to_string(),
+            );
+        }
+        row.push(value.to_string());
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+}

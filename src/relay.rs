@@ -1,0 +1,532 @@
+//! One connection's life: route, connect upstream, run the peer exchange, copy both halves,
+//! propagate half-close and reset, and count it (SPEC §1, §2).
+//!
+//! Reads wait for readiness before taking a buffer from the pool, so an idle connection
+//! holds no buffer; a read that filled the whole buffer reads again at once (bulk flow).
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
+use monoio::net::TcpStream;
+
+use crate::config::{Direction, Listener, PeerExchange};
+use crate::exchange::{NodeMetadata, Parser, Status};
+use crate::metrics::{self, ConnLabels, ExchangeOutcome, ServiceInfo};
+use crate::worker::{Conn, WorkerCtx, reporter};
+
+/// Why a connection ended early; each maps to Envoy's response flag where it has one.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No route to a cluster (`NR`).
+    #[error("no route")]
+    NoRoute,
+    /// Every endpoint refused or timed out (`UF`).
+    #[error("upstream connect failed: {0}")]
+    Connect(io::Error),
+    /// The peer's preamble was broken (too large or undecodable).
+    #[error("broken preamble: {0}")]
+    Preamble(crate::exchange::Invalid),
+    /// A preamble begun was not finished within exchange_timeout.
+    #[error("exchange timeout")]
+    ExchangeTimeout,
+    /// A socket error; the other side is reset.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    fn response_flags(&self) -> &'static str {
+        match self {
+            Error::NoRoute => "NR",
+            Error::Connect(_) => "UF",
+            _ => "-",
+        }
+    }
+}
+
+/// Over the listener's connection limit: accept and close at once, counted with `UO`.
+pub fn over_limit(ctx: &WorkerCtx, li: usize, down: TcpStream) {
+    let conn = ctx.open(li);
+    settle(ctx, &conn, None, "UO");
+    ctx.close(&conn);
+    drop(down);
+}
+
+/// Serve one accepted connection to its end.
+pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
+    let conn = ctx.open(li);
+    let result = monoio::select! {
+        r = relay(&ctx, li, &conn, down) => r,
+        _ = conn.cancel.wait() => Ok(()),
+    };
+    match &result {
+        Err(e) => {
+            log::debug!("listener {}: {e}", ctx.shared.config.listeners[li].name);
+            settle(&ctx, &conn, None, e.response_flags());
+        }
+        Ok(()) => settle(&ctx, &conn, None, "-"),
+    }
+    if let Some((c, Some(e))) = conn.upstream.get() {
+        ctx.router.disconnected(c, e);
+    }
+    ctx.close(&conn);
+    ctx.shared.live[li].fetch_sub(1, Ordering::AcqRel);
+}
+
+async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> Result<(), Error> {
+    let listener = &ctx.shared.config.listeners[li];
+    let mut up = connect(ctx, li, conn, listener).await?;
+    let _ = down.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    let peer = match (listener.peer_exchange, listener.direction) {
+        (PeerExchange::Always, Direction::Outbound) => {
+            exchange_outbound(ctx, listener, conn, &mut down, &mut up).await
+        }
+        (PeerExchange::Always, Direction::Inbound) => {
+            exchange_inbound(ctx, listener, conn, &mut down, &mut up).await
+        }
+        (PeerExchange::Alpn, _) => {
+            // Plaintext has no ALPN, so Istio's filter does not exchange (alpn_protocol_not_found).
+            ctx.metrics
+                .borrow()
+                .count_exchange(ExchangeOutcome::AlpnProtocolNotFound);
+            Ok(None)
+        }
+        (PeerExchange::Off, _) => Ok(None),
+    };
+    let peer = match peer {
+        Ok(p) => p,
+        Err(e) => {
+            reset(down);
+            reset(up);
+            return Err(e);
+        }
+    };
+    settle(ctx, conn, peer.as_ref(), "-");
+    copy_both(ctx, conn, down, up).await
+}
+
+/// Route and connect, trying the other endpoints when one refuses or times out.
+async fn connect(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+) -> Result<TcpStream, Error> {
+    let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
+    conn.upstream.set(Some((target.cluster, None)));
+    let endpoints = &ctx.router.clusters[target.cluster].endpoints;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no endpoints");
+    for e in ctx.router.candidates(target) {
+        let addr = endpoints[e].address;
+        match monoio::time::timeout(
+            listener.limits.connect_timeout.0,
+            TcpStream::connect_addr(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => {
+                conn.upstream.set(Some((target.cluster, Some(e))));
+                ctx.router.connected(target.cluster, e);
+                return Ok(s);
+            }
+            Ok(Err(err)) => last = err,
+            Err(_) => {
+                last = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect {addr}: timed out"),
+                )
+            }
+        }
+    }
+    Err(Error::Connect(last))
+}
+
+/// Label the connection and count it as opened, once (later calls do nothing).
+fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &str) {
+    if conn.series.get().is_some() {
+        return;
+    }
+    let listener = &ctx.shared.config.listeners[conn.listener];
+    let unknown = ServiceInfo::default();
+    let (service, endpoint_labels) = match conn.upstream.get() {
+        Some((c, e)) => {
+            let cluster = &ctx.router.clusters[c];
+            (&cluster.service, e.map(|e| &cluster.endpoints[e].labels))
+        }
+        None => (&unknown, None),
+    };
+    let labels = metrics::label_set(&ConnLabels {
+        reporter: reporter(listener.direction),
+        local: &ctx.node,
+        peer,
+        endpoint_labels: if listener.direction == Direction::Outbound {
+            endpoint_labels
+        } else {
+            None
+        },
+        service,
+        response_flags,
+        local_principal: None,
+        peer_principal: None,
+        mutual_tls: false,
+    });
+    let id = ctx.intern(labels);
+    ctx.settle(conn, id);
+}
+
+/// Outbound `always`: write our preamble first, relay the client's bytes meanwhile, and
+/// strip the upstream's preamble from the response direction.
+async fn exchange_outbound(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: &mut TcpStream,
+    up: &mut TcpStream,
+) -> Result<Option<NodeMetadata>, Error> {
+    let mut buf = ctx.pool.take();
+    buf.extend_from_slice(&ctx.preamble);
+    let (res, buf) = up.write_all(buf).await;
+    ctx.pool.put(buf);
+    res?;
+    let limits = &listener.limits;
+    let mut parser = Parser::with_buffer(limits.max_preamble.0, Vec::new());
+    let start = Instant::now();
+    let mut begun_at: Option<Instant> = None;
+    let mut down_open = true;
+    loop {
+        let deadline = begun_at.unwrap_or(start) + limits.exchange_timeout.0;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        monoio::select! {
+            r = up.readable(false) => {
+                r?;
+                let (n, mut buf) = read(ctx, up).await?;
+                if n == 0 {
+                    // The upstream half-closed during the exchange: peer unknown, relay the FIN.
+                    ctx.pool.put(buf);
+                    let _ = down.shutdown().await;
+                    count(ctx, ExchangeOutcome::HeaderNotFound);
+                    return Ok(None);
+                }
+                match parser.feed(&buf) {
+                    Status::NeedMore => {
+                        ctx.pool.put(buf);
+                        begun_at.get_or_insert_with(Instant::now);
+                    }
+                    Status::Done { peer, consumed } => {
+                        buf.drain(..consumed.min(buf.len()));
+                        forward(ctx, conn, down, buf, false).await?;
+                        count(ctx, ExchangeOutcome::MetadataAdded);
+                        return Ok(Some(peer));
+                    }
+                    Status::NotPresent => {
+                        forward_held(ctx, conn, down, parser.held_prefix(), false).await?;
+                        forward(ctx, conn, down, buf, false).await?;
+                        count(ctx, ExchangeOutcome::InitialHeaderNotFound);
+                        return Ok(None);
+                    }
+                    Status::Invalid(e) => {
+                        ctx.pool.put(buf);
+                        count(ctx, ExchangeOutcome::Invalid);
+                        return Err(Error::Preamble(e));
+                    }
+                }
+            }
+            r = down.readable(false), if down_open => {
+                r?;
+                let (n, buf) = read(ctx, down).await?;
+                if n == 0 {
+                    ctx.pool.put(buf);
+                    let _ = up.shutdown().await;
+                    down_open = false;
+                } else {
+                    forward(ctx, conn, up, buf, true).await?;
+                }
+            }
+            _ = monoio::time::sleep(wait) => {
+                if begun_at.is_some() {
+                    count(ctx, ExchangeOutcome::Timeout);
+                    return Err(Error::ExchangeTimeout);
+                }
+                // The upstream said nothing at all: not a mesh peer that answers; stop waiting.
+                count(ctx, ExchangeOutcome::InitialHeaderNotFound);
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Inbound `always`: sniff the client's first bytes; answer a valid preamble with ours; pass
+/// a non-mesh client through untouched. Upstream bytes wait (in the kernel) until the client
+/// is settled, at most sniff_timeout when the client has sent nothing yet.
+async fn exchange_inbound(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: &mut TcpStream,
+    up: &mut TcpStream,
+) -> Result<Option<NodeMetadata>, Error> {
+    let limits = &listener.limits;
+    let mut parser = Parser::with_buffer(limits.max_preamble.0, Vec::new());
+    let mut begun_at: Option<Instant> = None;
+    let mut upstream_spoke_at: Option<Instant> = None;
+    loop {
+        let deadline = match (begun_at, upstream_spoke_at) {
+            (Some(t), _) => Some(t + limits.exchange_timeout.0),
+            (None, Some(t)) => Some(t + limits.sniff_timeout.0),
+            (None, None) => None,
+        };
+        let wait = deadline.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        monoio::select! {
+            r = down.readable(false) => {
+                r?;
+                let (n, mut buf) = read(ctx, down).await?;
+                if n == 0 {
+                    ctx.pool.put(buf);
+                    let _ = up.shutdown().await;
+                    count(ctx, ExchangeOutcome::HeaderNotFound);
+                    return Ok(None);
+                }
+                match parser.feed(&buf) {
+                    Status::NeedMore => {
+                        ctx.pool.put(buf);
+                        begun_at.get_or_insert_with(Instant::now);
+                    }
+                    Status::Done { peer, consumed } => {
+                        let mut ours = ctx.pool.take();
+                        ours.extend_from_slice(&ctx.preamble);
+                        let (res, ours) = down.write_all(ours).await;
+                        ctx.pool.put(ours);
+                        res?;
+                        buf.drain(..consumed.min(buf.len()));
+                        forward(ctx, conn, up, buf, true).await?;
+                        count(ctx, ExchangeOutcome::MetadataAdded);
+                        return Ok(Some(peer));
+                    }
+                    Status::NotPresent => {
+                        forward_held(ctx, conn, up, parser.held_prefix(), true).await?;
+                        forward(ctx, conn, up, buf, true).await?;
+                        count(ctx, ExchangeOutcome::InitialHeaderNotFound);
+                        return Ok(None);
+                    }
+                    Status::Invalid(e) => {
+                        ctx.pool.put(buf);
+                        count(ctx, ExchangeOutcome::Invalid);
+                        return Err(Error::Preamble(e));
+                    }
+                }
+            }
+            r = up.readable(false), if upstream_spoke_at.is_none() => {
+                r?;
+                upstream_spoke_at = Some(Instant::now());
+            }
+            _ = monoio::time::sleep(wait), if deadline.is_some() => {
+                if begun_at.is_some() {
+                    count(ctx, ExchangeOutcome::Timeout);
+                    return Err(Error::ExchangeTimeout);
+                }
+                // Server-first application: the client sent nothing, so it is not a mesh peer.
+                count(ctx, ExchangeOutcome::InitialHeaderNotFound);
+                return Ok(None);
+            }
+        }
+    }
+}
+
+fn count(ctx: &WorkerCtx, outcome: ExchangeOutcome) {
+    ctx.metrics.borrow().count_exchange(outcome);
+}
+
+async fn read(ctx: &WorkerCtx, s: &mut TcpStream) -> io::Result<(usize, Vec<u8>)> {
+    let (res, buf) = s.read(ctx.pool.take()).await;
+    match res {
+        Ok(n) => Ok((n, buf)),
+        Err(e) => {
+            ctx.pool.put(buf);
+            Err(e)
+        }
+    }
+}
+
+/// Write application bytes read during the exchange, counting them by direction.
+async fn forward(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    to: &mut TcpStream,
+    buf: Vec<u8>,
+    request: bool,
+) -> io::Result<()> {
+    let n = buf.len() as u64;
+    if n == 0 {
+        ctx.pool.put(buf);
+        return Ok(());
+    }
+    let (res, buf) = to.write_all(buf).await;
+    ctx.pool.put(buf);
+    res?;
+    let counter = if request {
+        &conn.received_bytes
+    } else {
+        &conn.sent_bytes
+    };
+    counter.set(counter.get() + n);
+    conn.last_active.set(ctx.now.get());
+    Ok(())
+}
+
+/// The 1-3 magic bytes a non-mesh peer happened to start with, absorbed before the mismatch.
+async fn forward_held(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    to: &mut TcpStream,
+    held: &[u8],
+    request: bool,
+) -> io::Result<()> {
+    if held.is_empty() {
+        return Ok(());
+    }
+    let mut buf = ctx.pool.take();
+    buf.extend_from_slice(held);
+    forward(ctx, conn, to, buf, request).await
+}
+
+/// Copy both directions until both ended; on an error in either, reset both sides.
+async fn copy_both(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    down: TcpStream,
+    up: TcpStream,
+) -> Result<(), Error> {
+    let (mut down_r, mut down_w) = down.into_split();
+    let (mut up_r, mut up_w) = up.into_split();
+    let result = {
+        let request = pin!(pump(ctx, conn, &mut down_r, &mut up_w, true));
+        let response = pin!(pump(ctx, conn, &mut up_r, &mut down_w, false));
+        both(request, response).await
+    };
+    if let Err(e) = result {
+        if let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
+            reset(d);
+            reset(u);
+        }
+        return Err(Error::Io(e));
+    }
+    Ok(())
+}
+
+/// Run two futures to completion, or stop at the first error.
+async fn both<A, B>(mut a: std::pin::Pin<&mut A>, mut b: std::pin::Pin<&mut B>) -> io::Result<()>
+where
+    A: Future<Output = io::Result<()>>,
+    B: Future<Output = io::Result<()>>,
+{
+    let (mut a_done, mut b_done) = (false, false);
+    poll_fn(|cx| {
+        if !a_done {
+            if let Poll::Ready(r) = a.as_mut().poll(cx) {
+                r?;
+                a_done = true;
+            }
+        }
+        if !b_done {
+            if let Poll::Ready(r) = b.as_mut().poll(cx) {
+                r?;
+                b_done = true;
+            }
+        }
+        if a_done && b_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// One direction: read (after readiness, so an idle connection holds no buffer), write all,
+/// count; on EOF shut the other side's write half (half-close).
+async fn pump(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    from: &mut OwnedReadHalf<TcpStream>,
+    to: &mut OwnedWriteHalf<TcpStream>,
+    request: bool,
+) -> io::Result<()> {
+    let counter = if request {
+        &conn.received_bytes
+    } else {
+        &conn.sent_bytes
+    };
+    let mut full = false;
+    loop {
+        if !full {
+            readable(from).await?;
+        }
+        let (res, buf) = from.read(ctx.pool.take()).await;
+        let n = match res {
+            Ok(n) => n,
+            Err(e) => {
+                ctx.pool.put(buf);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            ctx.pool.put(buf);
+            return to.shutdown().await;
+        }
+        // A full buffer means more is probably queued: read again without waiting.
+        full = n == buf.capacity();
+        counter.set(counter.get() + n as u64);
+        conn.last_active.set(ctx.now.get());
+        let (res, buf) = to.write_all(buf).await;
+        ctx.pool.put(buf);
+        res?;
+    }
+}
+
+/// Wait until the read half's socket is readable.
+#[allow(unsafe_code)]
+async fn readable(half: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
+    // SAFETY: monoio's split halves share the stream through an UnsafeCell; `readable` takes
+    // `&self` and only submits a poll on the fd, the same shared access monoio's own
+    // `peer_addr` on a half performs. The write half never moves or drops the stream while
+    // this half is alive (it is behind the same Rc).
+    let stream: &TcpStream = unsafe { &*half.0.get() };
+    stream.readable(true).await
+}
+
+/// Close with RST (SO_LINGER 0), so the peer sees the reset the other side sent us.
+fn reset(s: TcpStream) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+    set_linger_zero(fd);
+    drop(s);
+}
+
+#[allow(unsafe_code)]
+fn set_linger_zero(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is a live socket owned by the caller for the duration of this call, and
+    // `linger` is a valid, correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}

@@ -1,0 +1,594 @@
+//! Workers: driver choice, core pinning, one SO_REUSEPORT socket per listener per worker,
+//! the per-worker buffer pool, the connection table and the one timer tick per worker that
+//! folds metrics, enforces idle timeouts and drives the drain.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpListener;
+
+use crate::config::{self, Config, Direction};
+use crate::exchange::{self, NodeMetadata};
+use crate::metrics::{self, Delta, LabelBudget, SeriesId, Shard, ShardWriter};
+use crate::relay;
+use crate::routing::Router;
+
+/// Size of one relay buffer. Large enough that a bulk transfer needs few syscalls, small
+/// enough that thousands of active transfers fit in memory.
+pub const BUFFER_SIZE: usize = 64 * 1024;
+/// Buffers kept in a worker's pool when idle; beyond this they are freed.
+const POOL_KEEP: usize = 256;
+/// The worker tick: clock, drain checks and idle timeouts run at this period.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A runtime failure while starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener socket could not be bound.
+    #[error("listener {name}: bind {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--driver uring` but io_uring cannot be set up.
+    #[error("driver uring: io_uring is unavailable: {0}")]
+    Uring(std::io::Error),
+    /// A worker thread could not start.
+    #[error("worker {0}: {1}")]
+    Spawn(usize, std::io::Error),
+}
+
+/// The event-loop driver that runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverKind {
+    /// io_uring.
+    Uring,
+    /// epoll (monoio's legacy driver).
+    Epoll,
+}
+
+impl DriverKind {
+    /// Name as shown in logs and `ringside_driver_info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Uring => "uring",
+            DriverKind::Epoll => "epoll",
+        }
+    }
+}
+
+/// Pick the driver: `auto` tries io_uring (it fails under seccomp or
+/// `kernel.io_uring_disabled`) and falls back to epoll.
+pub fn choose_driver(wanted: config::Driver) -> Result<DriverKind, Error> {
+    let probe = || {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(8)
+            .build()
+            .map(drop)
+    };
+    match wanted {
+        config::Driver::Epoll => Ok(DriverKind::Epoll),
+        config::Driver::Uring => probe().map(|_| DriverKind::Uring).map_err(Error::Uring),
+        config::Driver::Auto => match probe() {
+            Ok(()) => Ok(DriverKind::Uring),
+            Err(e) => {
+                log::warn!("io_uring unavailable ({e}); falling back to epoll");
+                Ok(DriverKind::Epoll)
+            }
+        },
+    }
+}
+
+/// State shared by all workers and the admin threads; touched per accept/close at most.
+pub struct Shared {
+    /// The effective configuration.
+    pub config: Config,
+    /// Set by SIGTERM/SIGINT or POST /drain.
+    pub draining: AtomicBool,
+    /// Workers that have bound their listeners and started.
+    pub workers_started: AtomicUsize,
+    /// Worker count.
+    pub workers: usize,
+    /// Live connections per listener, across workers (max_connections).
+    pub live: Vec<AtomicUsize>,
+    /// Each worker's metrics shard, for rendering.
+    pub shards: Vec<Arc<Shard>>,
+    /// Driver that runs.
+    pub driver: DriverKind,
+}
+
+impl Shared {
+    /// True once every listener is bound on every worker and we are not draining.
+    pub fn ready(&self) -> bool {
+        self.workers_started.load(Ordering::Acquire) == self.workers
+            && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// Prometheus text of every shard.
+    pub fn render(&self) -> String {
+        metrics::render(&self.shards, self.driver.name())
+    }
+}
+
+/// A running proxy: its shared state and worker threads.
+pub struct Proxy {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Wait until every worker has drained and exited.
+    pub fn join(self) {
+        for t in self.threads {
+            // A worker that panicked already aborted the process (panic = abort in release).
+            let _ = t.join();
+        }
+    }
+}
+
+/// Bind every listener once per worker and start the workers.
+pub fn start(config: Config) -> Result<Proxy, Error> {
+    let driver = choose_driver(config.driver)?;
+    let workers = config
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut sockets: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let mut addr = l.listen;
+        for per_worker in sockets.iter_mut() {
+            let s = bind_reuseport(addr).map_err(|source| Error::Bind {
+                name: l.name.clone(),
+                addr,
+                source,
+            })?;
+            // Port 0 means "any": the first worker's port is then shared by the rest.
+            addr = s.local_addr().unwrap_or(addr);
+            per_worker.push(s);
+        }
+        bound.push(addr);
+    }
+    let budget = LabelBudget::new(config.metrics.max_label_sets);
+    let mut writers = Vec::new();
+    let mut shards = Vec::new();
+    for w in 0..workers {
+        let (writer, shard) = ShardWriter::new(w, budget.clone());
+        writers.push(writer);
+        shards.push(shard);
+    }
+    let mut effective = config;
+    for (l, addr) in effective.listeners.iter_mut().zip(&bound) {
+        l.listen = *addr;
+    }
+    let shared = Arc::new(Shared {
+        live: effective
+            .listeners
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect(),
+        config: effective,
+        draining: AtomicBool::new(false),
+        workers_started: AtomicUsize::new(0),
+        workers,
+        shards,
+        driver,
+    });
+    log::info!("driver {} with {workers} workers", driver.name());
+    for l in &shared.config.listeners {
+        log::info!(
+            "listener {} bound on {} ({:?}, peer_exchange {:?})",
+            l.name,
+            l.listen,
+            l.direction,
+            l.peer_exchange
+        );
+    }
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut threads = Vec::new();
+    for (index, (listeners, writer)) in sockets.into_iter().zip(writers).enumerate() {
+        let shared = shared.clone();
+        let core = if cores.is_empty() {
+            None
+        } else {
+            cores.get(index % cores.len()).copied()
+        };
+        let t = std::thread::Builder::new()
+            .name(format!("ringside-w{index}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                run_worker(index, shared, listeners, writer)
+            })
+            .map_err(|e| Error::Spawn(index, e))?;
+        threads.push(t);
+    }
+    Ok(Proxy { shared, threads })
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+fn run_worker(
+    index: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<std::net::TcpListener>,
+    writer: ShardWriter,
+) {
+    let entries = 1024;
+    let result = match shared.driver {
+        DriverKind::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(entries)
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(worker_main(index, shared.clone(), listeners, writer))),
+        DriverKind::Epoll => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map(|mut rt| rt.block_on(worker_main(index, shared.clone(), listeners, writer))),
+    };
+    if let Err(e) = result {
+        log::error!(
+            "worker {index}: cannot start the {} runtime: {e}",
+            shared.driver.name()
+        );
+        std::process::exit(1);
+    }
+}
+
+/// Everything one worker's connections share. Single-threaded: `Cell`/`RefCell`, no atomics.
+pub struct WorkerCtx {
+    /// Worker index.
+    pub index: usize,
+    /// Shared state (config, drain flag, listener counts).
+    pub shared: Arc<Shared>,
+    /// This worker's routing table.
+    pub router: Router,
+    /// Buffer pool.
+    pub pool: BufferPool,
+    /// This worker's metrics shard writer.
+    pub metrics: RefCell<ShardWriter>,
+    /// The local node (canonical labels filled) and its encoded preamble.
+    pub node: NodeMetadata,
+    /// The preamble we write, encoded once.
+    pub preamble: Vec<u8>,
+    /// Coarse clock, advanced by the tick; read per read instead of a syscall.
+    pub now: Cell<Instant>,
+    conns: RefCell<Vec<Option<Rc<Conn>>>>,
+    free: RefCell<Vec<usize>>,
+    active: Cell<u64>,
+}
+
+/// One connection's counters and control, shared by its task and the worker tick.
+pub struct Conn {
+    /// Listener index.
+    pub listener: usize,
+    /// Application bytes downstream→upstream.
+    pub received_bytes: Cell<u64>,
+    /// Application bytes upstream→downstream.
+    pub sent_bytes: Cell<u64>,
+    reported: Cell<(u64, u64)>,
+    /// The series it counts into, once its peer settled.
+    pub series: Cell<Option<SeriesId>>,
+    /// Last time a byte moved either way.
+    pub last_active: Cell<Instant>,
+    /// Fired by the tick (idle timeout, drain deadline); the connection then closes.
+    pub cancel: Signal,
+    /// Cluster and endpoint it was routed to (for labels), once known.
+    pub upstream: Cell<Option<(usize, Option<usize>)>>,
+    slot: Cell<usize>,
+}
+
+impl Conn {
+    /// Fold the bytes not yet reported (and `extra` opened/closed) into the shard.
+    fn report(&self, writer: &ShardWriter, mut d: Delta) {
+        let Some(id) = self.series.get() else { return };
+        let (r, s) = self.reported.get();
+        d.received_bytes = self.received_bytes.get() - r;
+        d.sent_bytes = self.sent_bytes.get() - s;
+        if d != Delta::default() {
+            writer.fold(id, d);
+        }
+        self.reported
+            .set((self.received_bytes.get(), self.sent_bytes.get()));
+    }
+}
+
+impl WorkerCtx {
+    /// Register a new connection.
+    pub fn open(&self, listener: usize) -> Rc<Conn> {
+        let conn = Rc::new(Conn {
+            listener,
+            received_bytes: Cell::new(0),
+            sent_bytes: Cell::new(0),
+            reported: Cell::new((0, 0)),
+            series: Cell::new(None),
+            last_active: Cell::new(self.now.get()),
+            cancel: Signal::default(),
+            upstream: Cell::new(None),
+            slot: Cell::new(0),
+        });
+        let mut conns = self.conns.borrow_mut();
+        let slot = match self.free.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                conns.push(None);
+                conns.len() - 1
+            }
+        };
+        conn.slot.set(slot);
+        conns[slot] = Some(conn.clone());
+        self.active.set(self.active.get() + 1);
+        self.metrics
+            .borrow()
+            .set_active_connections(self.active.get());
+        conn
+    }
+
+    /// The connection's peer is settled: count it as opened under `series`.
+    pub fn settle(&self, conn: &Conn, series: SeriesId) {
+        if conn.series.get().is_some() {
+            return;
+        }
+        conn.series.set(Some(series));
+        conn.report(
+            &self.metrics.borrow(),
+            Delta {
+                opened: 1,
+                ..Delta::default()
+            },
+        );
+    }
+
+    /// The connection ended: fold its last bytes and count it closed.
+    pub fn close(&self, conn: &Conn) {
+        conn.report(
+            &self.metrics.borrow(),
+            Delta {
+                closed: 1,
+                ..Delta::default()
+            },
+        );
+        let slot = conn.slot.get();
+        if let Some(entry) = self.conns.borrow_mut().get_mut(slot) {
+            *entry = None;
+            self.free.borrow_mut().push(slot);
+        }
+        self.active.set(self.active.get().saturating_sub(1));
+        self.metrics
+            .borrow()
+            .set_active_connections(self.active.get());
+    }
+
+    /// Intern a label set in this worker's shard.
+    pub fn intern(&self, labels: metrics::LabelSet) -> SeriesId {
+        self.metrics.borrow_mut().intern(labels)
+    }
+
+    fn for_each_conn(&self, mut f: impl FnMut(&Conn)) {
+        for c in self.conns.borrow().iter().flatten() {
+            f(c);
+        }
+    }
+}
+
+async fn worker_main(
+    index: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<std::net::TcpListener>,
+    writer: ShardWriter,
+) {
+    let node = metrics::with_canonical_labels(node_metadata(&shared.config.node));
+    let ctx = Rc::new(WorkerCtx {
+        index,
+        router: Router::new(&shared.config, 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
+        pool: BufferPool::default(),
+        metrics: RefCell::new(writer),
+        preamble: exchange::encode(&node),
+        node,
+        now: Cell::new(Instant::now()),
+        conns: RefCell::new(Vec::new()),
+        free: RefCell::new(Vec::new()),
+        active: Cell::new(0),
+        shared: shared.clone(),
+    });
+    let stop_accepting = Rc::new(Signal::default());
+    for (li, std_listener) in listeners.into_iter().enumerate() {
+        match TcpListener::from_std(std_listener) {
+            Ok(l) => {
+                monoio::spawn(accept_loop(ctx.clone(), li, l, stop_accepting.clone()));
+            }
+            Err(e) => {
+                log::error!("worker {index}: listener {li}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    shared.workers_started.fetch_add(1, Ordering::AcqRel);
+
+    let reporting = shared.config.metrics.tcp_reporting_duration.0;
+    let mut next_report = Instant::now() + reporting;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut ticker = monoio::time::interval(TICK);
+    loop {
+        ticker.tick().await;
+        let now = Instant::now();
+        ctx.now.set(now);
+        if now >= next_report {
+            next_report = now + reporting;
+            let w = ctx.metrics.borrow();
+            ctx.for_each_conn(|c| c.report(&w, Delta::default()));
+        }
+        ctx.for_each_conn(|c| {
+            let idle = shared
+                .config
+                .listeners
+                .get(c.listener)
+                .map_or(Duration::MAX, |l| l.limits.idle_timeout.0);
+            if now.duration_since(c.last_active.get()) >= idle {
+                c.cancel.fire();
+            }
+        });
+        if drain_deadline.is_none() && shared.draining.load(Ordering::Acquire) {
+            stop_accepting.fire();
+            drain_deadline = Some(now + shared.config.drain_timeout.0);
+        }
+        if let Some(deadline) = drain_deadline {
+            if ctx.active.get() == 0 {
+                break;
+            }
+            if now >= deadline {
+                ctx.for_each_conn(|c| c.cancel.fire());
+            }
+        }
+    }
+}
+
+async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop: Rc<Signal>) {
+    let limit = ctx.shared.config.listeners[li].limits.max_connections;
+    loop {
+        let accepted = monoio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait() => return,
+        };
+        let (down, _peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning (as mini-redis does).
+                log::warn!(
+                    "listener {}: accept: {e}",
+                    ctx.shared.config.listeners[li].name
+                );
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let live = &ctx.shared.live[li];
+        if live.fetch_add(1, Ordering::AcqRel) >= limit {
+            live.fetch_sub(1, Ordering::AcqRel);
+            relay::over_limit(&ctx, li, down);
+            continue;
+        }
+        monoio::spawn(relay::serve(ctx.clone(), li, down));
+    }
+}
+
+/// The node identity written into the preamble, from the config.
+pub fn node_metadata(n: &config::Node) -> NodeMetadata {
+    let owner = if n.workload_name.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "kubernetes://apis/apps/v1/namespaces/{}/deployments/{}",
+            n.namespace, n.workload_name
+        )
+    };
+    NodeMetadata {
+        id: n.id.clone(),
+        name: n.workload_name.clone(),
+        namespace: n.namespace.clone(),
+        owner,
+        workload_name: n.workload_name.clone(),
+        cluster_id: n.cluster_id.clone(),
+        mesh_id: n.mesh_id.clone(),
+        service_account: n.service_account.clone(),
+        istio_version: n.istio_version.clone(),
+        labels: n.labels.clone(),
+    }
+}
+
+/// Reporter of a listener direction.
+pub fn reporter(d: Direction) -> metrics::Reporter {
+    match d {
+        Direction::Outbound => metrics::Reporter::Source,
+        Direction::Inbound => metrics::Reporter::Destination,
+    }
+}
+
+/// Per-worker relay buffers: taken after a socket is readable, given back after the write,
+/// so an idle connection holds none.
+#[derive(Default)]
+pub struct BufferPool {
+    free: RefCell<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// An empty buffer with `BUFFER_SIZE` capacity.
+    pub fn take(&self) -> Vec<u8> {
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
+    }
+
+    /// Give a buffer back (cleared); buffers of another size are dropped.
+    pub fn put(&self, mut buf: Vec<u8>) {
+        let mut free = self.free.borrow_mut();
+        if buf.capacity() == BUFFER_SIZE && free.len() < POOL_KEEP {
+            buf.clear();
+            free.push(buf);
+        }
+    }
+}
+
+/// A one-shot, single-thread signal with one waiter at a time.
+#[derive(Default)]
+pub struct Signal {
+    fired: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Signal {
+    /// Fire it, waking the waiter.
+    pub fn fire(&self) {
+        self.fired.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Whether it fired.
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Resolves once fired.
+    pub fn wait(&self) -> SignalWait<'_> {
+        SignalWait(self)
+    }
+}
+
+/// Future of `Signal::wait`.
+pub struct SignalWait<'a>(&'a Signal);
+
+impl Future for SignalWait<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.fired.get() {
+            return Poll::Ready(());
+        }
+        self.0.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
