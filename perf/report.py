@@ -30,6 +30,8 @@ def summarize(meta, records):
                                          "bulk_ticks": 0, "bulk_bytes": 0, "conn_ticks": 0, "conns": 0})
         res = r["result"]
         t["errors"] += res.get("errors", 0)
+        if r.get("others_pct") is not None:
+            t["others_pct"] = max(t.get("others_pct", 0), r["others_pct"])
         if res["test"] == "bulk":
             t["bulk"][res["streams"]] = res["gbit_per_s"]
             t["bulk_ticks"] += r["cpu_ticks"]
@@ -89,10 +91,17 @@ def markdown(meta, s):
     for key in sorted(k for k in meta if k.startswith("skipped_")):
         w(f"- **{key[8:]} skipped**: {meta[key]}")
     w("")
+    w("## Neighbours\n")
+    w("Other people build and test on this machine. Before each measurement the script waits "
+      "(bounded) for both cores to be mostly idle; the last column of the table below is the "
+      "highest share of the proxy core that other processes used during any one of that target's "
+      "measurements (for direct, which has no proxy, any use of that core). Throughput and "
+      "latency of a row with a high share are the proxy's share of a contended core, not its "
+      "speed; CPU per GB, CPU per connection and RSS are much less affected.\n")
     w("## Absolute numbers\n")
     head = ([f"{n}-stream Gbit/s" for n in streams] + [f"conn/s C={top_c}"] +
             ["p50 µs", "p99 µs", "p99.9 µs", "added p99 µs", "RSS KiB/idle conn",
-             "CPU s/GB", "CPU ms/1k conn", "errors"])
+             "CPU s/GB", "CPU ms/1k conn", "errors", "others on proxy core %"])
     w("| target | " + " | ".join(head) + " |")
     w("|---" * (len(head) + 1) + "|")
     for name, t in s.items():
@@ -100,7 +109,7 @@ def markdown(meta, s):
         row += [fmt(t["connrate"].get(top_c), 0)]
         row += [fmt(t.get("p50")), fmt(t.get("p99")), fmt(t.get("p999")), fmt(t["added_p99"]),
                 fmt(t["rss_kib_per_conn"], 2), fmt(t["cpu_s_per_gb"], 3),
-                fmt(t["cpu_ms_per_1k"], 1), str(t["errors"])]
+                fmt(t["cpu_ms_per_1k"], 1), str(t["errors"]), fmt(t.get("others_pct"), 0)]
         w(f"| {name} | " + " | ".join(row) + " |")
     w("")
     w(f"Connection rate at every concurrency ({meta['conn_seconds']} s each, {meta['msg_size']} B "
@@ -183,7 +192,7 @@ def markdown(meta, s):
 - CPU: utime+stime of all proxy processes (nginx: master+worker; ringside-2: both sidecars)
   from /proc/PID/stat, before and after each test; CPU/GB over all bulk runs, CPU/1k connections
   over all connection-rate runs. Tick is 1/{meta['clk_tck']} s.
-- Priority of every measured process (proxies, load generator, backend): {meta["priority"]}.
+- Priority of every measured process (proxies, load generator, backend): {meta['priority']}.
 - HAProxy: `mode tcp`, `option splice-auto` (what a user tuning L4 would enable), `nbthread 1`.
   nginx: `stream {{ server {{ listen; proxy_pass; }} }}` with default `proxy_buffer_size`,
   `worker_processes 1`. ringside: `--workers 1 --admin off --health off`, `--metrics off` except
