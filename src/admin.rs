@@ -25,15 +25,13 @@ pub enum Role {
 pub fn spawn(role: Role, addr: SocketAddr, shared: Arc<Shared>) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name(format!("ringside-{role:?}").to_lowercase())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = handle(role, stream, &shared) {
-                    log::debug!("{role:?} request: {e}");
-                }
+    std::thread::Builder::new().name(format!("ringside-{role:?}").to_lowercase()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if let Err(e) = handle(role, stream, &shared) {
+                log::debug!("{role:?} request: {e}");
             }
-        })?;
+        }
+    })?;
     Ok(bound)
 }
 
@@ -66,16 +64,12 @@ fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'stati
         }
     };
     match (role, method, path) {
-        (Role::Admin | Role::Metrics, "GET", "/stats/prometheus") => {
-            (200, CONTENT_TYPE, shared.render())
-        }
+        (Role::Admin | Role::Metrics, "GET", "/stats/prometheus") => (200, CONTENT_TYPE, shared.render()),
         (Role::Admin, "GET", "/ready") | (Role::Health, "GET", "/healthz/ready") => ready(),
-        (Role::Admin, "GET", "/config_dump") => {
-            match serde_json::to_string_pretty(&shared.config) {
-                Ok(json) => (200, "application/json", json + "\n"),
-                Err(e) => (500, "text/plain", format!("{e}\n")),
-            }
-        }
+        (Role::Admin, "GET", "/config_dump") => match serde_json::to_string_pretty(&shared.config) {
+            Ok(json) => (200, "application/json", json + "\n"),
+            Err(e) => (500, "text/plain", format!("{e}\n")),
+        },
         (Role::Admin, "POST", "/drain" | "/drain_listeners?graceful" | "/drain_listeners") => {
             shared.draining.store(true, Ordering::Release);
             log::info!("drain requested over admin");

@@ -230,13 +230,10 @@ impl RunArgs {
             ));
         }
         if cfg.listeners.is_empty() {
-            let listen = self
-                .listen
-                .ok_or_else(|| config::Error::msg("--listen is required without --config"))?;
+            let listen =
+                self.listen.ok_or_else(|| config::Error::msg("--listen is required without --config"))?;
             if self.upstream.is_empty() {
-                return Err(config::Error::msg(
-                    "--upstream is required without --config",
-                ));
+                return Err(config::Error::msg("--upstream is required without --config"));
             }
             let direction = self
                 .direction
@@ -284,14 +281,8 @@ impl RunArgs {
                 )));
             };
             if !self.upstream.is_empty() {
-                c.endpoints = self
-                    .upstream
-                    .iter()
-                    .map(|a| Endpoint {
-                        address: *a,
-                        labels: BTreeMap::new(),
-                    })
-                    .collect();
+                c.endpoints =
+                    self.upstream.iter().map(|a| Endpoint { address: *a, labels: BTreeMap::new() }).collect();
             }
             if let Some(s) = &self.service {
                 c.service = Some(s.clone());

@@ -33,11 +33,7 @@ fn location(file: &str, line: &Option<usize>) -> String {
 impl Error {
     /// An error in flags or in an unnamed source.
     pub fn msg(message: impl Into<String>) -> Self {
-        Error {
-            file: String::new(),
-            line: None,
-            message: message.into(),
-        }
+        Error { file: String::new(), line: None, message: message.into() }
     }
 }
 
@@ -169,9 +165,7 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin {
-            listen: default_admin_listen(),
-        }
+        Admin { listen: default_admin_listen() }
     }
 }
 
@@ -186,9 +180,7 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Health {
-            listen: default_health_listen(),
-        }
+        Health { listen: default_health_listen() }
     }
 }
 
@@ -417,9 +409,7 @@ impl std::str::FromStr for Bind {
         if s == "off" {
             return Ok(Bind(None));
         }
-        s.parse()
-            .map(|a| Bind(Some(a)))
-            .map_err(|_| format!("bad address {s:?} (want IP:PORT or off)"))
+        s.parse().map(|a| Bind(Some(a))).map_err(|_| format!("bad address {s:?} (want IP:PORT or off)"))
     }
 }
 
@@ -466,9 +456,9 @@ impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
         match ms {
-            _ if ms % 3_600_000 == 0 && ms > 0 => write!(f, "{}h", ms / 3_600_000),
-            _ if ms % 60_000 == 0 && ms > 0 => write!(f, "{}m", ms / 60_000),
-            _ if ms % 1000 == 0 => write!(f, "{}s", ms / 1000),
+            _ if ms.is_multiple_of(3_600_000) && ms > 0 => write!(f, "{}h", ms / 3_600_000),
+            _ if ms.is_multiple_of(60_000) && ms > 0 => write!(f, "{}m", ms / 60_000),
+            _ if ms.is_multiple_of(1000) => write!(f, "{}s", ms / 1000),
             _ => write!(f, "{ms}ms"),
         }
     }
@@ -517,9 +507,7 @@ impl<'de> Deserialize<'de> for Size {
             S(String),
         }
         match Raw::deserialize(d)? {
-            Raw::N(n) => usize::try_from(n)
-                .map(Size)
-                .map_err(serde::de::Error::custom),
+            Raw::N(n) => usize::try_from(n).map(Size).map_err(serde::de::Error::custom),
             Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
@@ -589,18 +577,19 @@ impl Config {
             return Ok(Config::default());
         }
         serde_yaml_ng::from_str(text).map_err(|e| {
-            let line = e.location().map(|l| l.line());
+            let mut line = e.location().map(|l| l.line());
             // serde_yaml appends " at line L column C"; the line is already in front.
             let message = e.to_string();
             let message = match message.find(" at line ") {
                 Some(i) => message[..i].to_string(),
                 None => message,
             };
-            Error {
-                file: file.to_string(),
-                line,
-                message,
+            // Our own value errors (`bad duration "5 seconds"`) carry no useful position:
+            // find the quoted value in the text instead.
+            if let Some(value) = message.split('"').nth(1).filter(|_| message.starts_with("bad ")) {
+                line = line_of(text, value).or(line);
             }
+            Error { file: file.to_string(), line, message }
         })
     }
 
@@ -624,10 +613,7 @@ impl Config {
             ));
         }
         if self.listeners.is_empty() {
-            return Err(at(
-                "listeners",
-                "listeners: at least one listener is needed".into(),
-            ));
+            return Err(at("listeners", "listeners: at least one listener is needed".into()));
         }
         let mut cluster_names = BTreeSet::new();
         for c in &self.clusters {
@@ -640,10 +626,7 @@ impl Config {
             if c.endpoints.is_empty() {
                 return Err(at(
                     &format!("name: {}", c.name),
-                    format!(
-                        "cluster {}: endpoints: at least one endpoint is needed",
-                        c.name
-                    ),
+                    format!("cluster {}: endpoints: at least one endpoint is needed", c.name),
                 ));
             }
             let mut subsets = BTreeSet::new();
@@ -656,21 +639,13 @@ impl Config {
                 }
             }
             if c.tls.is_some() {
-                return Err(at(
-                    "tls:",
-                    format!("cluster {}: tls: mTLS is not implemented yet", c.name),
-                ));
+                return Err(at("tls:", format!("cluster {}: tls: mTLS is not implemented yet", c.name)));
             }
         }
         let mut names = BTreeSet::new();
         let mut binds = BTreeSet::new();
         for l in &self.listeners {
-            let here = |m: String| {
-                at(
-                    &format!("name: {}", l.name),
-                    format!("listener {}: {m}", l.name),
-                )
-            };
+            let here = |m: String| at(&format!("name: {}", l.name), format!("listener {}: {m}", l.name));
             if l.name.is_empty() {
                 return Err(at("listeners", "listeners: a listener needs a name".into()));
             }
@@ -678,34 +653,25 @@ impl Config {
                 return Err(here("duplicate listener name".into()));
             }
             if !binds.insert(l.listen) || (l.listen.port() != 0 && self.is_service_port(l.listen)) {
-                return Err(here(format!(
-                    "listen {}: address already used by another listener",
-                    l.listen
-                )));
+                return Err(here(format!("listen {}: address already used by another listener", l.listen)));
             }
-            let targets = [
-                l.cluster.is_some(),
-                l.tcp_routes.is_some(),
-                l.service.is_some(),
-            ];
+            let targets = [l.cluster.is_some(), l.tcp_routes.is_some(), l.service.is_some()];
             match targets.iter().filter(|t| **t).count() {
                 0 if l.capture == Capture::None => {
                     return Err(here("needs one of cluster, tcp_routes, service".into()));
                 }
                 0 | 1 => {}
                 _ => {
-                    return Err(here(
-                        "cluster, tcp_routes and service are mutually exclusive".into(),
-                    ));
+                    return Err(here("cluster, tcp_routes and service are mutually exclusive".into()));
                 }
             }
-            if let Some(c) = &l.cluster {
-                if !cluster_names.contains(c.as_str()) {
-                    return Err(at(
-                        &format!("cluster: {c}"),
-                        format!("listener {}: cluster {c:?} is not defined", l.name),
-                    ));
-                }
+            if let Some(c) = &l.cluster
+                && !cluster_names.contains(c.as_str())
+            {
+                return Err(at(
+                    &format!("cluster: {c}"),
+                    format!("listener {}: cluster {c:?} is not defined", l.name),
+                ));
             }
             if let Some(routes) = &l.tcp_routes {
                 if routes.is_empty() {
@@ -726,34 +692,23 @@ impl Config {
                             ),
                         ));
                     };
-                    if let Some(s) = &r.subset {
-                        if !cluster.subsets.iter().any(|x| &x.name == s) {
-                            return Err(here(format!(
-                                "tcp_routes: cluster {} has no subset {s:?}",
-                                r.cluster
-                            )));
-                        }
+                    if let Some(s) = &r.subset
+                        && !cluster.subsets.iter().any(|x| &x.name == s)
+                    {
+                        return Err(here(format!("tcp_routes: cluster {} has no subset {s:?}", r.cluster)));
                     }
                 }
                 if total == 0 {
                     return Err(here("tcp_routes: weights add up to zero".into()));
                 }
             }
-            if let Some(host) = &l.service {
-                if !self
-                    .clusters
-                    .iter()
-                    .any(|c| c.service.as_deref() == Some(host.as_str()))
-                {
-                    return Err(here(format!(
-                        "service {host:?}: no cluster has this service host"
-                    )));
-                }
+            if let Some(host) = &l.service
+                && !self.clusters.iter().any(|c| c.service.as_deref() == Some(host.as_str()))
+            {
+                return Err(here(format!("service {host:?}: no cluster has this service host")));
             }
             if l.capture != Capture::None {
-                return Err(here(
-                    "capture: transparent capture is not implemented yet".into(),
-                ));
+                return Err(here("capture: transparent capture is not implemented yet".into()));
             }
             if l.tls.is_some() {
                 return Err(here("tls: mTLS is not implemented yet".into()));
@@ -775,12 +730,7 @@ impl Config {
     }
 
     fn is_service_port(&self, a: SocketAddr) -> bool {
-        [
-            self.metrics.listen.0,
-            self.admin.listen.0,
-            self.health.listen.0,
-        ]
-        .contains(&Some(a))
+        [self.metrics.listen.0, self.admin.listen.0, self.health.listen.0].contains(&Some(a))
     }
 
     fn fill_node_defaults(&mut self) {
@@ -812,10 +762,7 @@ mod tests {
 
     #[test]
     fn durations_accept_ms_s_m_h() {
-        assert_eq!(
-            "500ms".parse::<Dur>().unwrap().0,
-            Duration::from_millis(500)
-        );
+        assert_eq!("500ms".parse::<Dur>().unwrap().0, Duration::from_millis(500));
         assert_eq!("15s".parse::<Dur>().unwrap().0, Duration::from_secs(15));
         assert_eq!("1m".parse::<Dur>().unwrap().0, Duration::from_secs(60));
         assert_eq!("1h".parse::<Dur>().unwrap().0, Duration::from_secs(3600));
@@ -838,10 +785,7 @@ mod tests {
         let text = include_str!("../tests/data/spec-example.yaml");
         let mut cfg = Config::parse(text, "spec-example.yaml").unwrap();
         assert_eq!(cfg.listeners.len(), 3);
-        assert_eq!(
-            cfg.listeners[0].limits.sniff_timeout.0,
-            Duration::from_millis(20)
-        );
+        assert_eq!(cfg.listeners[0].limits.sniff_timeout.0, Duration::from_millis(20));
         let err = cfg.validate("spec-example.yaml", text).unwrap_err();
         assert!(err.message.contains("not implemented yet"), "{err}");
     }

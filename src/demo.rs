@@ -8,9 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::config::{
-    Bind, Cluster, Config, Direction, Endpoint, Listener, LoadBalancer, Node, PeerExchange,
-};
+use crate::config::{Bind, Cluster, Config, Direction, Endpoint, Listener, LoadBalancer, Node, PeerExchange};
 use crate::worker::{self, Proxy};
 
 /// Run the demo with `connections` request/response connections.
@@ -58,9 +56,7 @@ pub fn run(connections: usize) -> Result<(), Box<dyn Error>> {
     text.push_str(&inbound.shared.render());
     print_table(&text);
     for p in [&outbound, &inbound] {
-        p.shared
-            .draining
-            .store(true, std::sync::atomic::Ordering::Release);
+        p.shared.draining.store(true, std::sync::atomic::Ordering::Release);
     }
     outbound.join();
     inbound.join();
@@ -71,10 +67,7 @@ fn node(workload: &str, labels: &[(&str, &str)]) -> Node {
     Node {
         workload_name: workload.into(),
         namespace: "default".into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         ..Node::default()
     }
 }
@@ -101,10 +94,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             service: Some(service),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
-            endpoints: vec![Endpoint {
-                address: upstream,
-                labels: BTreeMap::new(),
-            }],
+            endpoints: vec![Endpoint { address: upstream, labels: BTreeMap::new() }],
             subsets: vec![],
             tls: None,
         }],
@@ -142,8 +132,11 @@ fn spawn_hello_service() -> std::io::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// One exposition line: name, labels, value.
+type Sample<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
+
 /// Parse one exposition line `name{k="v",...} value`.
-fn parse_line(line: &str) -> Option<(&str, Vec<(&str, &str)>, f64)> {
+fn parse_line(line: &str) -> Option<Sample<'_>> {
     let (series, value) = line.rsplit_once(' ')?;
     let value = value.parse().ok()?;
     let Some((name, rest)) = series.split_once('{') else {
@@ -152,20 +145,13 @@ fn parse_line(line: &str) -> Option<(&str, Vec<(&str, &str)>, f64)> {
     let labels = rest
         .trim_end_matches('}')
         .split("\",")
-        .filter_map(|kv| {
-            kv.split_once("=\"")
-                .map(|(k, v)| (k, v.trim_end_matches('"')))
-        })
+        .filter_map(|kv| kv.split_once("=\"").map(|(k, v)| (k, v.trim_end_matches('"'))))
         .collect();
     Some((name, labels, value))
 }
 
 fn total(text: &str, metric: &str) -> f64 {
-    text.lines()
-        .filter_map(parse_line)
-        .filter(|(n, _, _)| *n == metric)
-        .map(|(_, _, v)| v)
-        .sum()
+    text.lines().filter_map(parse_line).filter(|(n, _, _)| *n == metric).map(|(_, _, v)| v).sum()
 }
 
 fn print_table(text: &str) {
@@ -190,26 +176,15 @@ fn print_table(text: &str) {
         }
         let mut row = vec![name.to_string()];
         for c in columns {
-            row.push(
-                labels
-                    .iter()
-                    .find(|(k, _)| *k == c)
-                    .map_or("", |(_, v)| v)
-                    .to_string(),
-            );
+            row.push(labels.iter().find(|(k, _)| *k == c).map_or("", |(_, v)| v).to_string());
         }
         row.push(value.to_string());
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     for r in &rows {
-        let cells: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", cells.join("  ").trim_end());
     }
 }

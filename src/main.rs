@@ -28,11 +28,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("bad usage")
-                .trim_start_matches("error: ");
+            let first = text.lines().next().unwrap_or("bad usage").trim_start_matches("error: ");
             eprintln!("ringside: {first}");
             return ExitCode::from(EX_USAGE);
         }
@@ -78,34 +74,24 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     let proxy = worker::start(cfg)?;
     let shared = proxy.shared.clone();
     let c = &shared.config;
-    for (role, bind) in [
-        (Role::Admin, c.admin.listen),
-        (Role::Metrics, c.metrics.listen),
-        (Role::Health, c.health.listen),
-    ] {
+    for (role, bind) in
+        [(Role::Admin, c.admin.listen), (Role::Metrics, c.metrics.listen), (Role::Health, c.health.listen)]
+    {
         if let Some(addr) = bind.0 {
-            let bound = admin::spawn(role, addr, shared.clone()).map_err(|e| {
-                anyhow::anyhow!("{role:?} listener: bind {addr}: {e}").context("start")
-            })?;
+            let bound = admin::spawn(role, addr, shared.clone())
+                .map_err(|e| anyhow::anyhow!("{role:?} listener: bind {addr}: {e}").context("start"))?;
             log::info!("{} listener on {bound}", format!("{role:?}").to_lowercase());
         }
     }
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
     let on_signal = shared.clone();
-    std::thread::Builder::new()
-        .name("ringside-signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!(
-                    "signal {sig}: draining for {}",
-                    on_signal.config.drain_timeout
-                );
-                on_signal.draining.store(true, Ordering::Release);
-            }
-        })?;
+    std::thread::Builder::new().name("ringside-signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            log::info!("signal {sig}: draining for {}", on_signal.config.drain_timeout);
+            on_signal.draining.store(true, Ordering::Release);
+        }
+    })?;
     proxy.join();
     log::info!("drained; exiting");
     Ok(())

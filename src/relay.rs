@@ -95,9 +95,7 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> 
         }
         (PeerExchange::Alpn, _) => {
             // Plaintext has no ALPN, so Istio's filter does not exchange (alpn_protocol_not_found).
-            ctx.metrics
-                .borrow()
-                .count_exchange(ExchangeOutcome::AlpnProtocolNotFound);
+            ctx.metrics.borrow().count_exchange(ExchangeOutcome::AlpnProtocolNotFound);
             Ok(None)
         }
         (PeerExchange::Off, _) => Ok(None),
@@ -115,36 +113,21 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> 
 }
 
 /// Route and connect, trying the other endpoints when one refuses or times out.
-async fn connect(
-    ctx: &WorkerCtx,
-    li: usize,
-    conn: &Conn,
-    listener: &Listener,
-) -> Result<TcpStream, Error> {
+async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
     let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
     conn.upstream.set(Some((target.cluster, None)));
     let endpoints = &ctx.router.clusters[target.cluster].endpoints;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no endpoints");
     for e in ctx.router.candidates(target) {
         let addr = endpoints[e].address;
-        match monoio::time::timeout(
-            listener.limits.connect_timeout.0,
-            TcpStream::connect_addr(addr),
-        )
-        .await
-        {
+        match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr)).await {
             Ok(Ok(s)) => {
                 conn.upstream.set(Some((target.cluster, Some(e))));
                 ctx.router.connected(target.cluster, e);
                 return Ok(s);
             }
             Ok(Err(err)) => last = err,
-            Err(_) => {
-                last = io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect {addr}: timed out"),
-                )
-            }
+            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("connect {addr}: timed out")),
         }
     }
     Err(Error::Connect(last))
@@ -168,11 +151,7 @@ fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_fl
         reporter: reporter(listener.direction),
         local: &ctx.node,
         peer,
-        endpoint_labels: if listener.direction == Direction::Outbound {
-            endpoint_labels
-        } else {
-            None
-        },
+        endpoint_labels: if listener.direction == Direction::Outbound { endpoint_labels } else { None },
         service,
         response_flags,
         local_principal: None,
@@ -284,9 +263,7 @@ async fn exchange_inbound(
             (None, Some(t)) => Some(t + limits.sniff_timeout.0),
             (None, None) => None,
         };
-        let wait = deadline.map_or(Duration::ZERO, |d| {
-            d.saturating_duration_since(Instant::now())
-        });
+        let wait = deadline.map_or(Duration::ZERO, |d| d.saturating_duration_since(Instant::now()));
         monoio::select! {
             r = down.readable(false) => {
                 r?;
@@ -374,11 +351,7 @@ async fn forward(
     let (res, buf) = to.write_all(buf).await;
     ctx.pool.put(buf);
     res?;
-    let counter = if request {
-        &conn.received_bytes
-    } else {
-        &conn.sent_bytes
-    };
+    let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
     counter.set(counter.get() + n);
     conn.last_active.set(ctx.now.get());
     Ok(())
@@ -401,12 +374,7 @@ async fn forward_held(
 }
 
 /// Copy both directions until both ended; on an error in either, reset both sides.
-async fn copy_both(
-    ctx: &WorkerCtx,
-    conn: &Conn,
-    down: TcpStream,
-    up: TcpStream,
-) -> Result<(), Error> {
+async fn copy_both(ctx: &WorkerCtx, conn: &Conn, down: TcpStream, up: TcpStream) -> Result<(), Error> {
     let (mut down_r, mut down_w) = down.into_split();
     let (mut up_r, mut up_w) = up.into_split();
     let result = {
@@ -432,23 +400,15 @@ where
 {
     let (mut a_done, mut b_done) = (false, false);
     poll_fn(|cx| {
-        if !a_done {
-            if let Poll::Ready(r) = a.as_mut().poll(cx) {
-                r?;
-                a_done = true;
-            }
+        if !a_done && let Poll::Ready(r) = a.as_mut().poll(cx) {
+            r?;
+            a_done = true;
         }
-        if !b_done {
-            if let Poll::Ready(r) = b.as_mut().poll(cx) {
-                r?;
-                b_done = true;
-            }
+        if !b_done && let Poll::Ready(r) = b.as_mut().poll(cx) {
+            r?;
+            b_done = true;
         }
-        if a_done && b_done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
+        if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
     })
     .await
 }
@@ -462,11 +422,7 @@ async fn pump(
     to: &mut OwnedWriteHalf<TcpStream>,
     request: bool,
 ) -> io::Result<()> {
-    let counter = if request {
-        &conn.received_bytes
-    } else {
-        &conn.sent_bytes
-    };
+    let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
     let mut full = false;
     loop {
         if !full {
@@ -514,10 +470,7 @@ fn reset(s: TcpStream) {
 
 #[allow(unsafe_code)]
 fn set_linger_zero(fd: std::os::fd::RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: `fd` is a live socket owned by the caller for the duration of this call, and
     // `linger` is a valid, correctly sized option value.
     unsafe {

@@ -50,10 +50,7 @@ pub struct ClusterState {
 #[derive(Debug)]
 enum Route {
     One(Target),
-    Weighted {
-        targets: Vec<(Target, u64)>,
-        total: u64,
-    },
+    Weighted { targets: Vec<(Target, u64)>, total: u64 },
 }
 
 /// Per-worker routing table.
@@ -73,10 +70,8 @@ impl Router {
             .iter()
             .map(|c| {
                 let host = c.service.clone().unwrap_or_default();
-                let namespace = c
-                    .service_namespace
-                    .clone()
-                    .unwrap_or_else(|| namespace_of_host(&host).to_string());
+                let namespace =
+                    c.service_namespace.clone().unwrap_or_else(|| namespace_of_host(&host).to_string());
                 let endpoints: Vec<EndpointState> = c
                     .endpoints
                     .iter()
@@ -91,11 +86,7 @@ impl Router {
                     .iter()
                     .map(|s| Pool {
                         members: (0..endpoints.len())
-                            .filter(|&i| {
-                                s.labels
-                                    .iter()
-                                    .all(|(k, v)| endpoints[i].labels.get(k) == Some(v))
-                            })
+                            .filter(|&i| s.labels.iter().all(|(k, v)| endpoints[i].labels.get(k) == Some(v)))
                             .collect(),
                         load_balancer: s.load_balancer.unwrap_or(c.load_balancer),
                         next: Cell::new(0),
@@ -127,10 +118,7 @@ impl Router {
                         .map(|r| {
                             let cluster = index(&r.cluster);
                             let subset = r.subset.as_ref().and_then(|s| {
-                                cfg.clusters[cluster]
-                                    .subsets
-                                    .iter()
-                                    .position(|x| &x.name == s)
+                                cfg.clusters[cluster].subsets.iter().position(|x| &x.name == s)
                             });
                             total += r.weight as u64;
                             (Target { cluster, subset }, total)
@@ -138,27 +126,14 @@ impl Router {
                         .collect();
                     Route::Weighted { targets, total }
                 } else if let Some(host) = &l.service {
-                    let cluster = clusters
-                        .iter()
-                        .position(|c| &c.service.host == host)
-                        .unwrap_or(0);
-                    Route::One(Target {
-                        cluster,
-                        subset: None,
-                    })
+                    let cluster = clusters.iter().position(|c| &c.service.host == host).unwrap_or(0);
+                    Route::One(Target { cluster, subset: None })
                 } else {
-                    Route::One(Target {
-                        cluster: l.cluster.as_deref().map(index).unwrap_or(0),
-                        subset: None,
-                    })
+                    Route::One(Target { cluster: l.cluster.as_deref().map(index).unwrap_or(0), subset: None })
                 }
             })
             .collect();
-        Router {
-            routes,
-            clusters,
-            rng: Cell::new(seed | 1),
-        }
+        Router { routes, clusters, rng: Cell::new(seed | 1) }
     }
 
     /// The cluster (and subset) for a new connection on `listener`.
@@ -176,10 +151,7 @@ impl Router {
     /// the others in turn (a refused endpoint is skipped for this connection).
     pub fn candidates(&self, target: Target) -> impl Iterator<Item = usize> + '_ {
         let cluster = &self.clusters[target.cluster];
-        let pool = target
-            .subset
-            .and_then(|s| cluster.subsets.get(s))
-            .unwrap_or(&cluster.all);
+        let pool = target.subset.and_then(|s| cluster.subsets.get(s)).unwrap_or(&cluster.all);
         let n = pool.members.len();
         let start = if n == 0 {
             0
@@ -291,10 +263,9 @@ clusters:
 
     #[test]
     fn least_connection_prefers_the_endpoint_with_fewest_live_connections() {
-        let yaml = BASE.replace("load_balancer: least_connection", "").replace(
-            "endpoints:\n",
-            "load_balancer: least_connection\n    endpoints:\n",
-        );
+        let yaml = BASE
+            .replace("load_balancer: least_connection", "")
+            .replace("endpoints:\n", "load_balancer: least_connection\n    endpoints:\n");
         let r = Router::new(&cfg(&yaml), 7);
         let t = r.route(0).unwrap();
         r.connected(0, 0);

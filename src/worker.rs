@@ -72,12 +72,7 @@ impl DriverKind {
 /// Pick the driver: `auto` tries io_uring (it fails under seccomp or
 /// `kernel.io_uring_disabled`) and falls back to epoll.
 pub fn choose_driver(wanted: config::Driver) -> Result<DriverKind, Error> {
-    let probe = || {
-        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .with_entries(8)
-            .build()
-            .map(drop)
-    };
+    let probe = || monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(8).build().map(drop);
     match wanted {
         config::Driver::Epoll => Ok(DriverKind::Epoll),
         config::Driver::Uring => probe().map(|_| DriverKind::Uring).map_err(Error::Uring),
@@ -112,8 +107,7 @@ pub struct Shared {
 impl Shared {
     /// True once every listener is bound on every worker and we are not draining.
     pub fn ready(&self) -> bool {
-        self.workers_started.load(Ordering::Acquire) == self.workers
-            && !self.draining.load(Ordering::Acquire)
+        self.workers_started.load(Ordering::Acquire) == self.workers && !self.draining.load(Ordering::Acquire)
     }
 
     /// Prometheus text of every shard.
@@ -142,19 +136,15 @@ impl Proxy {
 /// Bind every listener once per worker and start the workers.
 pub fn start(config: Config) -> Result<Proxy, Error> {
     let driver = choose_driver(config.driver)?;
-    let workers = config
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers =
+        config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut sockets: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for l in &config.listeners {
         let mut addr = l.listen;
         for per_worker in sockets.iter_mut() {
-            let s = bind_reuseport(addr).map_err(|source| Error::Bind {
-                name: l.name.clone(),
-                addr,
-                source,
-            })?;
+            let s =
+                bind_reuseport(addr).map_err(|source| Error::Bind { name: l.name.clone(), addr, source })?;
             // Port 0 means "any": the first worker's port is then shared by the rest.
             addr = s.local_addr().unwrap_or(addr);
             per_worker.push(s);
@@ -174,11 +164,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         l.listen = *addr;
     }
     let shared = Arc::new(Shared {
-        live: effective
-            .listeners
-            .iter()
-            .map(|_| AtomicUsize::new(0))
-            .collect(),
+        live: effective.listeners.iter().map(|_| AtomicUsize::new(0)).collect(),
         config: effective,
         draining: AtomicBool::new(false),
         workers_started: AtomicUsize::new(0),
@@ -200,11 +186,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
     let mut threads = Vec::new();
     for (index, (listeners, writer)) in sockets.into_iter().zip(writers).enumerate() {
         let shared = shared.clone();
-        let core = if cores.is_empty() {
-            None
-        } else {
-            cores.get(index % cores.len()).copied()
-        };
+        let core = if cores.is_empty() { None } else { cores.get(index % cores.len()).copied() };
         let t = std::thread::Builder::new()
             .name(format!("ringside-w{index}"))
             .spawn(move || {
@@ -230,12 +212,7 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-fn run_worker(
-    index: usize,
-    shared: Arc<Shared>,
-    listeners: Vec<std::net::TcpListener>,
-    writer: ShardWriter,
-) {
+fn run_worker(index: usize, shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>, writer: ShardWriter) {
     let entries = 1024;
     let result = match shared.driver {
         DriverKind::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
@@ -249,10 +226,7 @@ fn run_worker(
             .map(|mut rt| rt.block_on(worker_main(index, shared.clone(), listeners, writer))),
     };
     if let Err(e) = result {
-        log::error!(
-            "worker {index}: cannot start the {} runtime: {e}",
-            shared.driver.name()
-        );
+        log::error!("worker {index}: cannot start the {} runtime: {e}", shared.driver.name());
         std::process::exit(1);
     }
 }
@@ -310,8 +284,7 @@ impl Conn {
         if d != Delta::default() {
             writer.fold(id, d);
         }
-        self.reported
-            .set((self.received_bytes.get(), self.sent_bytes.get()));
+        self.reported.set((self.received_bytes.get(), self.sent_bytes.get()));
     }
 }
 
@@ -340,9 +313,7 @@ impl WorkerCtx {
         conn.slot.set(slot);
         conns[slot] = Some(conn.clone());
         self.active.set(self.active.get() + 1);
-        self.metrics
-            .borrow()
-            .set_active_connections(self.active.get());
+        self.metrics.borrow().set_active_connections(self.active.get());
         conn
     }
 
@@ -352,33 +323,19 @@ impl WorkerCtx {
             return;
         }
         conn.series.set(Some(series));
-        conn.report(
-            &self.metrics.borrow(),
-            Delta {
-                opened: 1,
-                ..Delta::default()
-            },
-        );
+        conn.report(&self.metrics.borrow(), Delta { opened: 1, ..Delta::default() });
     }
 
     /// The connection ended: fold its last bytes and count it closed.
     pub fn close(&self, conn: &Conn) {
-        conn.report(
-            &self.metrics.borrow(),
-            Delta {
-                closed: 1,
-                ..Delta::default()
-            },
-        );
+        conn.report(&self.metrics.borrow(), Delta { closed: 1, ..Delta::default() });
         let slot = conn.slot.get();
         if let Some(entry) = self.conns.borrow_mut().get_mut(slot) {
             *entry = None;
             self.free.borrow_mut().push(slot);
         }
         self.active.set(self.active.get().saturating_sub(1));
-        self.metrics
-            .borrow()
-            .set_active_connections(self.active.get());
+        self.metrics.borrow().set_active_connections(self.active.get());
     }
 
     /// Intern a label set in this worker's shard.
@@ -441,11 +398,8 @@ async fn worker_main(
             ctx.for_each_conn(|c| c.report(&w, Delta::default()));
         }
         ctx.for_each_conn(|c| {
-            let idle = shared
-                .config
-                .listeners
-                .get(c.listener)
-                .map_or(Duration::MAX, |l| l.limits.idle_timeout.0);
+            let idle =
+                shared.config.listeners.get(c.listener).map_or(Duration::MAX, |l| l.limits.idle_timeout.0);
             if now.duration_since(c.last_active.get()) >= idle {
                 c.cancel.fire();
             }
@@ -476,10 +430,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop:
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning (as mini-redis does).
-                log::warn!(
-                    "listener {}: accept: {e}",
-                    ctx.shared.config.listeners[li].name
-                );
+                log::warn!("listener {}: accept: {e}", ctx.shared.config.listeners[li].name);
                 monoio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -499,10 +450,7 @@ pub fn node_metadata(n: &config::Node) -> NodeMetadata {
     let owner = if n.workload_name.is_empty() {
         String::new()
     } else {
-        format!(
-            "kubernetes://apis/apps/v1/namespaces/{}/deployments/{}",
-            n.namespace, n.workload_name
-        )
+        format!("kubernetes://apis/apps/v1/namespaces/{}/deployments/{}", n.namespace, n.workload_name)
     };
     NodeMetadata {
         id: n.id.clone(),
@@ -536,10 +484,7 @@ pub struct BufferPool {
 impl BufferPool {
     /// An empty buffer with `BUFFER_SIZE` capacity.
     pub fn take(&self) -> Vec<u8> {
-        self.free
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
+        self.free.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
     }
 
     /// Give a buffer back (cleared); buffers of another size are dropped.

@@ -1,0 +1,316 @@
+//! Shared test code: spawn the real binary on free ports, backends, scrapes, deadlines.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A generous bound for anything that should happen "at once" on a loaded 2-core CI box.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A free loopback port (bound and released; the race with other tests is negligible).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Poll `f` until it returns Some, or panic after `DEADLINE`.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `ringside` process.
+pub struct Ringside {
+    child: Option<Child>,
+    /// The first listener's address.
+    pub listen: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Metrics address, when enabled.
+    pub metrics: Option<SocketAddr>,
+    /// stderr lines, collected by a thread.
+    stderr: mpsc::Receiver<String>,
+}
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ringside")
+}
+
+impl Ringside {
+    /// `ringside run --listen FREE --upstream UPSTREAM --direction D ... extra`, waiting for /ready.
+    pub fn spawn(upstream: SocketAddr, direction: &str, extra: &[&str]) -> Ringside {
+        let listen = free_addr();
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--listen".into(),
+            listen.to_string(),
+            "--upstream".into(),
+            upstream.to_string(),
+            "--direction".into(),
+            direction.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn_args(listen, args)
+    }
+
+    /// Run with a config file (written by the test) plus extra flags; `listen` is its first listener.
+    pub fn spawn_config(config: &str, listen: SocketAddr, extra: &[&str]) -> Ringside {
+        let path =
+            std::env::temp_dir().join(format!("ringside-test-{}-{}.yaml", std::process::id(), listen.port()));
+        std::fs::write(&path, config).unwrap();
+        let mut args = vec!["run".to_string(), "--config".into(), path.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn_args(listen, args)
+    }
+
+    fn spawn_args(listen: SocketAddr, mut args: Vec<String>) -> Ringside {
+        let admin = free_addr();
+        let has = |args: &Vec<String>, flag: &str| args.iter().any(|a| a == flag);
+        if !has(&args, "--admin") {
+            args.extend(["--admin".into(), admin.to_string()]);
+        }
+        let metrics = if has(&args, "--metrics") {
+            let i = args.iter().position(|a| a == "--metrics").unwrap();
+            args[i + 1].parse().ok()
+        } else {
+            let m = free_addr();
+            args.extend(["--metrics".into(), m.to_string()]);
+            Some(m)
+        };
+        if !has(&args, "--health") {
+            args.extend(["--health".into(), "off".into()]);
+        }
+        if !has(&args, "--workers") {
+            args.extend(["--workers".into(), "2".into()]);
+        }
+        let mut child = Command::new(bin())
+            .args(&args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringside");
+        let (tx, rx) = mpsc::channel();
+        let mut err = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            for l in s.lines() {
+                let _ = tx.send(l.to_string());
+            }
+        });
+        let mut rs = Ringside { child: Some(child), listen, admin, metrics, stderr: rx };
+        wait_for("ringside /ready", || {
+            if let Some(status) = rs.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("ringside exited early with {status}: {:?}", rs.stderr_lines());
+            }
+            (http(rs.admin, "GET", "/ready").map(|(code, _)| code) == Some(200)).then_some(())
+        });
+        rs
+    }
+
+    /// GET /stats/prometheus from the metrics listener.
+    pub fn scrape(&self) -> String {
+        let addr = self.metrics.unwrap_or(self.admin);
+        let (code, body) = http(addr, "GET", "/stats/prometheus").expect("scrape");
+        assert_eq!(code, 200);
+        body
+    }
+
+    /// Wait until `metric` with all `labels` has `value`, and return the scrape.
+    pub fn wait_for_value(&self, metric: &str, labels: &[(&str, &str)], value: f64) -> String {
+        let start = Instant::now();
+        loop {
+            let last = self.scrape();
+            if sum(&last, metric, labels) == value {
+                return last;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {metric}{labels:?} = {value}; last scrape:\n{last}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args(["-s", sig, &pid]).status().unwrap().success());
+    }
+
+    /// Wait for the process to exit (bounded).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let status = wait_for("ringside to exit", || child.try_wait().unwrap());
+        self.child = None;
+        status
+    }
+
+    /// stderr lines so far (complete only after exit).
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for Ringside {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 request; returns status and body.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// One exposition line: name, labels in order, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// Parse one exposition line `name{k="v",...} value`.
+pub fn parse_line(line: &str) -> Option<Sample> {
+    if line.starts_with('#') || line.is_empty() {
+        return None;
+    }
+    let (series, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let Some((name, rest)) = series.split_once('{') else {
+        return Some((series.to_string(), vec![], value));
+    };
+    let mut labels = Vec::new();
+    let mut rest = rest.strip_suffix('}')?;
+    while !rest.is_empty() {
+        let (k, v) = rest.split_once("=\"")?;
+        let end = v.find('"')?;
+        labels.push((k.to_string(), v[..end].to_string()));
+        rest = v[end + 1..].trim_start_matches(',');
+    }
+    Some((name.to_string(), labels, value))
+}
+
+/// Sum of every series of `metric` whose labels include all of `labels`.
+pub fn sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(parse_line)
+        .filter(|(n, ls, _)| {
+            n == metric && labels.iter().all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+/// A backend that echoes every byte and half-closes after the client does.
+pub fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if w.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that hands each accepted server-side socket to the test.
+pub fn manual_server() -> (SocketAddr, mpsc::Receiver<TcpStream>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            if tx.send(s).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// Accept the next upstream connection (bounded).
+pub fn next_conn(rx: &mpsc::Receiver<TcpStream>) -> TcpStream {
+    let s = rx.recv_timeout(DEADLINE).expect("an upstream connection");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+/// Connect to `addr` with a read timeout set.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+/// Read until EOF.
+pub fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).unwrap();
+    v
+}
+
+/// Read exactly `n` bytes.
+pub fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    s.read_exact(&mut v).unwrap();
+    v
+}
+
+/// A small deterministic PRNG (xorshift) for payloads and chunkings.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [lo, hi].
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo + 1) as u64) as usize
+    }
+    /// `n` pseudo-random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        while v.len() < n {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+}

@@ -1,0 +1,267 @@
+//! SPEC §1 data path, through the real binary on loopback, with both drivers.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::thread;
+
+use common::*;
+
+/// Run a test body once per driver.
+macro_rules! with_both_drivers {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn uring() {
+                super::$name("uring");
+            }
+            #[test]
+            fn epoll() {
+                super::$name("epoll");
+            }
+        }
+    };
+}
+
+fn plain(upstream: std::net::SocketAddr, driver: &str, extra: &[&str]) -> Ringside {
+    let mut args = vec!["--peer-exchange", "off", "--driver", driver];
+    args.extend_from_slice(extra);
+    Ringside::spawn(upstream, "outbound", &args)
+}
+
+/// Send `payload` in random chunks while reading the echo in random chunks; return the echo.
+fn echo_through(addr: std::net::SocketAddr, payload: Vec<u8>, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut s = connect(addr);
+    let mut w = s.try_clone().unwrap();
+    let sent = payload.clone();
+    let writer = thread::spawn(move || {
+        let mut rng = Rng(seed | 1);
+        let mut off = 0;
+        while off < payload.len() {
+            let n = match rng.next() % 4 {
+                0 => rng.range(1, 16),
+                1 => rng.range(1, 1500),
+                _ => rng.range(1, 256 * 1024),
+            }
+            .min(payload.len() - off);
+            w.write_all(&payload[off..off + n]).unwrap();
+            off += n;
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut rng = Rng(seed.rotate_left(7) | 1);
+    let mut got = Vec::with_capacity(sent.len());
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let want = rng.range(1, buf.len());
+        match s.read(&mut buf[..want]).unwrap() {
+            0 => break,
+            n => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    writer.join().unwrap();
+    (sent, got)
+}
+
+fn random_payloads_of_any_size_and_chunking_arrive_byte_exact_on_200_concurrent_connections(driver: &str) {
+    let rs = plain(echo_server(), driver, &[]);
+    let mut rng = Rng(0x5EED);
+    let mut sizes: Vec<usize> = (0..190)
+        .map(|_| {
+            let max = 1usize << rng.range(0, 18);
+            rng.range(1, max)
+        })
+        .collect();
+    sizes.extend((0..9).map(|_| rng.range(1 << 20, 8 << 20)));
+    sizes.push(64 << 20);
+    let threads: Vec<_> = sizes
+        .into_iter()
+        .enumerate()
+        .map(|(i, size)| {
+            let addr = rs.listen;
+            let seed = rng.next();
+            thread::spawn(move || {
+                let payload = Rng(seed | 1).bytes(size);
+                let (sent, got) = echo_through(addr, payload, seed);
+                assert_eq!(got.len(), sent.len(), "connection {i}: length");
+                assert!(got == sent, "connection {i}: {size} bytes differ");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+with_both_drivers!(random_payloads_of_any_size_and_chunking_arrive_byte_exact_on_200_concurrent_connections);
+
+fn half_close_is_forwarded_and_the_other_direction_keeps_flowing(driver: &str) {
+    let (upstream, conns) = manual_server();
+    let rs = plain(upstream, driver, &[]);
+    let mut client = connect(rs.listen);
+    let mut server = next_conn(&conns);
+    client.write_all(b"ping").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut server), b"ping"); // the FIN arrived
+    let big = Rng(3).bytes(3 << 20);
+    server.write_all(&big).unwrap(); // still open this way
+    server.shutdown(Shutdown::Write).unwrap();
+    assert!(read_to_end(&mut client) == big);
+}
+with_both_drivers!(half_close_is_forwarded_and_the_other_direction_keeps_flowing);
+
+fn a_reset_from_the_upstream_resets_the_client(driver: &str) {
+    let (upstream, conns) = manual_server();
+    let rs = plain(upstream, driver, &[]);
+    let mut client = connect(rs.listen);
+    client.write_all(b"x").unwrap();
+    let server = next_conn(&conns);
+    socket2::SockRef::from(&server).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    drop(server); // RST
+    let mut buf = [0u8; 16];
+    let err = client.read(&mut buf).expect_err("the client must see the reset, not EOF");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+}
+with_both_drivers!(a_reset_from_the_upstream_resets_the_client);
+
+fn a_reset_from_the_client_resets_the_upstream(driver: &str) {
+    let (upstream, conns) = manual_server();
+    let rs = plain(upstream, driver, &[]);
+    let mut client = connect(rs.listen);
+    client.write_all(b"x").unwrap();
+    let mut server = next_conn(&conns);
+    assert_eq!(read_exact(&mut server, 1), b"x");
+    socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    drop(client);
+    let mut buf = [0u8; 16];
+    let err = server.read(&mut buf).expect_err("the upstream must see the reset, not EOF");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+}
+with_both_drivers!(a_reset_from_the_client_resets_the_upstream);
+
+fn an_upstream_that_refuses_closes_the_client_and_counts_uf(driver: &str) {
+    let refused = free_addr(); // nothing listens here
+    let rs = plain(refused, driver, &[]);
+    let mut client = connect(rs.listen);
+    let _ = client.write_all(b"hello");
+    let mut buf = Vec::new();
+    let _ = client.read_to_end(&mut buf); // EOF (or reset): the downstream is closed
+    assert!(buf.is_empty());
+    rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
+}
+with_both_drivers!(an_upstream_that_refuses_closes_the_client_and_counts_uf);
+
+fn an_upstream_that_never_answers_hits_the_connect_timeout(driver: &str) {
+    // A listener whose accept queue is full drops further SYNs: the connect hangs.
+    let blackhole = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&free_addr().into()).unwrap();
+        s.listen(0).unwrap();
+        s
+    };
+    let addr = blackhole.local_addr().unwrap().as_socket().unwrap();
+    let fill: Vec<_> = (0..4)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)).ok()
+        })
+        .collect();
+    assert!(!fill.is_empty());
+    let rs = plain(addr, driver, &["--connect-timeout", "300ms"]);
+    let mut client = connect(rs.listen);
+    let mut buf = Vec::new();
+    let _ = client.read_to_end(&mut buf);
+    assert!(buf.is_empty());
+    rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
+    drop(blackhole);
+}
+with_both_drivers!(an_upstream_that_never_answers_hits_the_connect_timeout);
+
+fn an_idle_connection_is_closed_after_the_idle_timeout(driver: &str) {
+    let (upstream, conns) = manual_server();
+    let rs = plain(upstream, driver, &["--idle-timeout", "500ms"]);
+    let mut client = connect(rs.listen);
+    let mut server = next_conn(&conns);
+    client.write_all(b"a").unwrap();
+    assert_eq!(read_exact(&mut server, 1), b"a");
+    // Nothing moves now: both sides must be closed by the proxy.
+    let mut buf = Vec::new();
+    let _ = client.read_to_end(&mut buf);
+    let _ = server.read_to_end(&mut buf);
+    assert!(buf.is_empty());
+    rs.wait_for_value("istio_tcp_connections_closed_total", &[], 1.0);
+}
+with_both_drivers!(an_idle_connection_is_closed_after_the_idle_timeout);
+
+fn connections_over_the_limit_are_accepted_and_closed_at_once(driver: &str) {
+    let rs = plain(echo_server(), driver, &["--max-connections", "2"]);
+    let mut live: Vec<_> = (0..2).map(|_| connect(rs.listen)).collect();
+    for s in &mut live {
+        s.write_all(b"hi").unwrap();
+        assert_eq!(read_exact(s, 2), b"hi");
+    }
+    let mut third = connect(rs.listen);
+    let _ = third.write_all(b"hi");
+    let mut buf = Vec::new();
+    let _ = third.read_to_end(&mut buf);
+    assert!(buf.is_empty(), "the third connection must be closed without relaying");
+    rs.wait_for_value("istio_tcp_connections_opened_total", &[("response_flags", "UO")], 1.0);
+    // The first two still work.
+    for s in &mut live {
+        s.write_all(b"again").unwrap();
+        assert_eq!(read_exact(s, 5), b"again");
+    }
+}
+with_both_drivers!(connections_over_the_limit_are_accepted_and_closed_at_once);
+
+fn sigterm_lets_live_transfers_finish_then_exits_zero(driver: &str) {
+    let (upstream, conns) = manual_server();
+    let mut rs = plain(upstream, driver, &["--drain-timeout", "10s"]);
+    // Pair each client with its upstream connection, one at a time.
+    let (mut clients, mut servers): (Vec<_>, Vec<_>) = (0..4)
+        .map(|_| {
+            let mut c = connect(rs.listen);
+            c.write_all(b"go").unwrap();
+            let mut s = next_conn(&conns);
+            assert_eq!(read_exact(&mut s, 2), b"go");
+            (c, s)
+        })
+        .unzip();
+    rs.signal("TERM");
+    wait_for("/ready to turn 503", || {
+        (http(rs.admin, "GET", "/ready").map(|r| r.0) == Some(503)).then_some(())
+    });
+    // In-flight transfers in both directions still complete, every byte.
+    let payload = Rng(9).bytes(4 << 20);
+    let writers: Vec<_> = servers
+        .drain(..)
+        .map(|mut s| {
+            let p = payload.clone();
+            thread::spawn(move || {
+                s.write_all(&p).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                read_to_end(&mut s)
+            })
+        })
+        .collect();
+    for c in &mut clients {
+        c.write_all(b"tail").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert!(read_to_end(c) == payload);
+    }
+    for w in writers {
+        assert_eq!(w.join().unwrap(), b"tail");
+    }
+    drop(clients);
+    let status = rs.wait_exit();
+    assert!(status.success(), "exit status {status}");
+}
+with_both_drivers!(sigterm_lets_live_transfers_finish_then_exits_zero);
+
+#[test]
+fn the_driver_in_use_is_logged_once() {
+    let mut rs = plain(echo_server(), "epoll", &[]);
+    rs.signal("TERM");
+    assert!(rs.wait_exit().success());
+    let lines = rs.stderr_lines();
+    assert_eq!(lines.iter().filter(|l| l.contains("driver epoll")).count(), 1, "{lines:?}");
+}
