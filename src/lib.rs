@@ -1,8 +1,8 @@
 //! ringside: a thread-per-core io_uring L4 sidecar proxy that speaks Istio's
 //! `istio-peer-exchange` and exports Istio's TCP metrics.
 //!
-//! `unsafe` is denied everywhere; the two spots that need it (a readiness wait on a split
-//! socket half, SO_LINGER for reset propagation) are in `relay` and say why.
+//! `unsafe` is denied everywhere but `socket`, which wraps the few syscalls monoio does not
+//! offer (readiness on split halves, SO_LINGER reset, splice) and says why each is sound.
 #![deny(unsafe_code)]
 
 pub mod admin; // /ready, /stats/prometheus, /config_dump, /drain, /healthz/ready
@@ -13,4 +13,5 @@ pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No 
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count
 pub mod routing; // clusters, subsets, load balancing, weighted routes
+pub mod socket; // readiness on split halves, reset, splice: the only unsafe
 pub mod worker; // driver choice, core pinning, per-worker listeners, buffer pool, ticks

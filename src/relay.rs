@@ -20,6 +20,7 @@ use monoio::net::TcpStream;
 use crate::config::{Direction, Listener, PeerExchange};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::{self, ConnLabels, ExchangeOutcome, ServiceInfo};
+use crate::socket;
 use crate::worker::{Conn, WorkerCtx, reporter};
 
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
@@ -103,8 +104,8 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> 
     let peer = match peer {
         Ok(p) => p,
         Err(e) => {
-            reset(down);
-            reset(up);
+            socket::reset(down);
+            socket::reset(up);
             return Err(e);
         }
     };
@@ -384,8 +385,8 @@ async fn copy_both(ctx: &WorkerCtx, conn: &Conn, down: TcpStream, up: TcpStream)
     };
     if let Err(e) = result {
         if let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
-            reset(d);
-            reset(u);
+            socket::reset(d);
+            socket::reset(u);
         }
         return Err(Error::Io(e));
     }
@@ -414,7 +415,8 @@ where
 }
 
 /// One direction: read (after readiness, so an idle connection holds no buffer), write all,
-/// count; on EOF shut the other side's write half (half-close).
+/// count; on EOF shut the other side's write half (half-close). A read that fills the whole
+/// buffer marks a bulk flow: the rest of it moves by splice(2), without copying through us.
 async fn pump(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -423,11 +425,8 @@ async fn pump(
     request: bool,
 ) -> io::Result<()> {
     let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
-    let mut full = false;
     loop {
-        if !full {
-            readable(from).await?;
-        }
+        socket::readable(from).await?;
         let (res, buf) = from.read(ctx.pool.take()).await;
         let n = match res {
             Ok(n) => n,
@@ -440,46 +439,49 @@ async fn pump(
             ctx.pool.put(buf);
             return to.shutdown().await;
         }
-        // A full buffer means more is probably queued: read again without waiting.
-        full = n == buf.capacity();
+        let bulk = n == buf.capacity();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let (res, buf) = to.write_all(buf).await;
         ctx.pool.put(buf);
         res?;
+        if bulk && ctx.splice {
+            return splice_pump(ctx, conn, from, to, counter).await;
+        }
     }
 }
 
-/// Wait until the read half's socket is readable.
-#[allow(unsafe_code)]
-async fn readable(half: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
-    // SAFETY: monoio's split halves share the stream through an UnsafeCell; `readable` takes
-    // `&self` and only submits a poll on the fd, the same shared access monoio's own
-    // `peer_addr` on a half performs. The write half never moves or drops the stream while
-    // this half is alive (it is behind the same Rc).
-    let stream: &TcpStream = unsafe { &*half.0.get() };
-    stream.readable(true).await
-}
-
-/// Close with RST (SO_LINGER 0), so the peer sees the reset the other side sent us.
-fn reset(s: TcpStream) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
-    set_linger_zero(fd);
-    drop(s);
-}
-
-#[allow(unsafe_code)]
-fn set_linger_zero(fd: std::os::fd::RawFd) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: `fd` is a live socket owned by the caller for the duration of this call, and
-    // `linger` is a valid, correctly sized option value.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
+/// The zero-copy rest of a bulk direction: socket → pipe → socket inside the kernel, with
+/// non-blocking splices and readiness waits, so the worker never blocks.
+async fn splice_pump(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    from: &mut OwnedReadHalf<TcpStream>,
+    to: &mut OwnedWriteHalf<TcpStream>,
+    counter: &std::cell::Cell<u64>,
+) -> io::Result<()> {
+    let pipe = socket::Pipe::new()?;
+    socket::set_nonblocking_read(from)?;
+    socket::set_nonblocking_write(to)?;
+    loop {
+        let n = match socket::splice_in(from, &pipe, socket::PIPE_SIZE) {
+            Ok(0) => return to.shutdown().await,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                socket::readable(from).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        counter.set(counter.get() + n as u64);
+        conn.last_active.set(ctx.now.get());
+        let mut left = n;
+        while left > 0 {
+            match socket::splice_out(&pipe, to, left) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket::writable(to).await?,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }

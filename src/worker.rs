@@ -247,6 +247,8 @@ pub struct WorkerCtx {
     pub node: NodeMetadata,
     /// The preamble we write, encoded once.
     pub preamble: Vec<u8>,
+    /// Whether bulk flows switch to splice(2).
+    pub splice: bool,
     /// Coarse clock, advanced by the tick; read per read instead of a syscall.
     pub now: Cell<Instant>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
@@ -364,6 +366,7 @@ async fn worker_main(
         metrics: RefCell::new(writer),
         preamble: exchange::encode(&node),
         node,
+        splice: std::env::var_os("RINGSIDE_SPLICE").is_none_or(|v| v != "0"),
         now: Cell::new(Instant::now()),
         conns: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),

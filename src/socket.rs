@@ -1,0 +1,116 @@
+//! Socket operations monoio does not offer: readiness waits on split halves, reset on close
+//! (SO_LINGER 0), and a zero-copy splice(2) pump through a pipe. All of the crate's `unsafe`
+//! lives here, each block with the reason it holds.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
+use monoio::net::TcpStream;
+
+/// Kernel pipe capacity for splicing: one splice moves up to this many bytes.
+pub const PIPE_SIZE: usize = 256 * 1024;
+
+fn stream_of_read(half: &OwnedReadHalf<TcpStream>) -> &TcpStream {
+    // SAFETY: monoio's split halves share the stream through an `Rc<UnsafeCell<_>>`; we only
+    // take a shared reference for `&self` methods (readiness, raw fd), the same shared access
+    // monoio's own `peer_addr` on a half performs. The stream lives as long as the half.
+    unsafe { &*half.0.get() }
+}
+
+fn stream_of_write(half: &OwnedWriteHalf<TcpStream>) -> &TcpStream {
+    // SAFETY: as in `stream_of_read`.
+    unsafe { &*half.0.get() }
+}
+
+/// Wait until the read half's socket has data (or EOF/error) without taking a buffer.
+pub async fn readable(half: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
+    // relaxed=false: on the epoll driver a relaxed wait may report stale readiness, which
+    // would make an idle connection take a buffer and park a read with it.
+    stream_of_read(half).readable(false).await
+}
+
+/// Wait until the write half's socket has room.
+pub async fn writable(half: &OwnedWriteHalf<TcpStream>) -> io::Result<()> {
+    stream_of_write(half).writable(false).await
+}
+
+/// Close with RST (SO_LINGER 0), so the peer sees the reset the other side sent us.
+pub fn reset(s: TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: the fd is a live socket owned by `s` for the duration of the call, and
+    // `linger` is a valid, correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+/// A non-blocking pipe used to move bytes socket → pipe → socket inside the kernel.
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    /// A new pipe sized `PIPE_SIZE` (best effort: the kernel may cap it).
+    pub fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both fds are fresh and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; failure only leaves the default size.
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        Ok(Pipe { read, write })
+    }
+}
+
+/// Make the half's socket non-blocking so a splice can never block the worker (sockets
+/// accepted by the io_uring driver are blocking, which io_uring itself does not mind).
+pub fn set_nonblocking_read(half: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
+    set_nonblocking(stream_of_read(half).as_raw_fd())
+}
+
+/// As `set_nonblocking_read`, for the write half.
+pub fn set_nonblocking_write(half: &OwnedWriteHalf<TcpStream>) -> io::Result<()> {
+    set_nonblocking(stream_of_write(half).as_raw_fd())
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a live fd owned by the caller; no pointers involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Move up to `len` bytes from the read half's socket into the pipe. `Ok(0)` is EOF;
+/// `WouldBlock` means wait for `readable`.
+pub fn splice_in(from: &OwnedReadHalf<TcpStream>, pipe: &Pipe, len: usize) -> io::Result<usize> {
+    splice(stream_of_read(from).as_raw_fd(), pipe.write.as_raw_fd(), len)
+}
+
+/// Move up to `len` bytes from the pipe into the write half's socket. `WouldBlock` means
+/// wait for `writable`.
+pub fn splice_out(pipe: &Pipe, to: &OwnedWriteHalf<TcpStream>, len: usize) -> io::Result<usize> {
+    splice(pipe.read.as_raw_fd(), stream_of_write(to).as_raw_fd(), len)
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    // SAFETY: both fds are live for the call; null offsets are valid for pipes and sockets.
+    let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
