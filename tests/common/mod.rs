@@ -157,7 +157,10 @@ impl Ringside {
             if done(&last) {
                 return last;
             }
-            assert!(start.elapsed() < deadline, "timed out ({deadline:?}) waiting for {what}; last scrape:\n{last}");
+            assert!(
+                start.elapsed() < deadline,
+                "timed out ({deadline:?}) waiting for {what}; last scrape:\n{last}"
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -227,7 +230,8 @@ impl Response {
 pub fn http_response(addr: SocketAddr, method: &str, path: &str) -> Option<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));

@@ -30,8 +30,7 @@ pub fn check_metrics(text: &str) -> Vec<String> {
     // findings. Istio's counters carry no HELP line by design (its golden data has none, and
     // Istio's ExactStat compares the HELP field), so `no help text` for them, and nothing else,
     // is the expected lint.
-    let problems: Vec<String> =
-        report.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
+    let problems: Vec<String> = report.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
     let istio_no_help = |l: &String| ISTIO_TCP.iter().any(|n| *l == format!("{n} no help text"));
     assert!(problems.iter().all(istio_no_help), "promtool found problems:\n{report}\n--- input ---\n{text}");
     let code = out.status.code();
