@@ -434,9 +434,12 @@ struct Cells {
 
 impl Cells {
     fn load(&self) -> [u64; 4] {
+        // Acquire pairs with `fold`'s Release of `closed`: a scrape that sees a close sees the
+        // bytes folded with it (SPEC §3: exact final byte counts right after a close).
+        let closed = self.closed.load(Ordering::Acquire);
         [
             self.opened.load(Ordering::Relaxed),
-            self.closed.load(Ordering::Relaxed),
+            closed,
             self.received_bytes.load(Ordering::Relaxed),
             self.sent_bytes.load(Ordering::Relaxed),
         ]
@@ -628,9 +631,12 @@ impl ShardWriter {
         debug_assert!((id.0 as usize) < self.shard.len.load(Ordering::Relaxed));
         if let Some(c) = self.shard.cells(id.0 as usize) {
             add(&c.opened, d.opened);
-            add(&c.closed, d.closed);
             add(&c.received_bytes, d.received_bytes);
             add(&c.sent_bytes, d.sent_bytes);
+            // Last and Release (a plain store, still no read-modify-write): see `Cells::load`.
+            if d.closed != 0 {
+                c.closed.store(c.closed.load(Ordering::Relaxed).wrapping_add(d.closed), Ordering::Release);
+            }
         }
     }
 

@@ -56,6 +56,12 @@ impl Error {
 /// Over the listener's connection limit: accept and close at once, counted with `UO`.
 pub fn over_limit(ctx: &WorkerCtx, li: usize, down: TcpStream) {
     let conn = ctx.open(li);
+    // Label it with the cluster it would have gone to (no endpoint), so destination_service is
+    // the listener's service, as for UF.
+    if let Some(target) = ctx.router.route(li) {
+        conn.upstream.set(Some((target.cluster, None)));
+    }
+    ctx.metrics.borrow().count_listener_overflow();
     settle(ctx, &conn, None, "UO");
     ctx.close(&conn);
     drop(down);

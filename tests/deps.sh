@@ -3,7 +3,7 @@
 # real Prometheus server) and Google's protobuf for Python (the independent wire peer).
 set -euo pipefail
 need_apt=()
-command -v promtool >/dev/null || need_apt+=(prometheus)
+{ command -v promtool && command -v prometheus; } >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

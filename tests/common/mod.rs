@@ -65,8 +65,14 @@ impl Ringside {
 
     /// Run with a config file (written by the test) plus extra flags; `listen` is its first listener.
     pub fn spawn_config(config: &str, listen: SocketAddr, extra: &[&str]) -> Ringside {
-        let path =
-            std::env::temp_dir().join(format!("ringside-test-{}-{}.yaml", std::process::id(), listen.port()));
+        // Unique per spawn: two sidecars of one test may share a (port 0) listen address.
+        static SPAWNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SPAWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "ringside-test-{}-{}-{n}.yaml",
+            std::process::id(),
+            listen.port()
+        ));
         std::fs::write(&path, config).unwrap();
         let mut args = vec!["run".to_string(), "--config".into(), path.display().to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -143,6 +149,27 @@ impl Ringside {
         }
     }
 
+    /// Scrape until `done` holds for a scrape, and return that scrape; panic after `deadline`.
+    pub fn wait_for_scrape(&self, what: &str, deadline: Duration, done: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let last = self.scrape();
+            if done(&last) {
+                return last;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "timed out ({deadline:?}) waiting for {what}; last scrape:\n{last}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
     /// Send a signal to the process.
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().unwrap().id().to_string();
@@ -174,14 +201,75 @@ impl Drop for Ringside {
 
 /// One HTTP/1.1 request; returns status and body.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    http_response(addr, method, path).map(|r| (r.status, r.body))
+}
+
+/// An HTTP response: status, headers in order, body (de-chunked).
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header names (as sent) and values.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: String,
+}
+
+impl Response {
+    /// The value of header `name` (case-insensitive), if exactly one was sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let mut values = self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
+        let first = values.next()?;
+        assert!(values.next().is_none(), "header {name} sent twice: {:?}", self.headers);
+        Some(&first.1)
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`, read to EOF; None if the server is not there
+/// or the answer is not HTTP.
+pub fn http_response(addr: SocketAddr, method: &str, path: &str) -> Option<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    let code = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((code, body))
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut r = Response { status, headers, body: body.to_string() };
+    if r.header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+        r.body = dechunk(&r.body)?;
+    }
+    Some(r)
+}
+
+/// Decodes a chunked HTTP/1.1 body.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+/// `s` percent-encoded for a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// One exposition line: name, labels in order, value.
