@@ -21,9 +21,9 @@ use crate::metrics::{self, Delta, LabelBudget, SeriesId, Shard, ShardWriter};
 use crate::relay;
 use crate::routing::Router;
 
-/// Size of one relay buffer. Large enough that a bulk transfer needs few syscalls, small
-/// enough that thousands of active transfers fit in memory.
-pub const BUFFER_SIZE: usize = 64 * 1024;
+/// Size of one relay buffer. Small messages fit in one; a read that fills it marks a bulk
+/// flow, which then moves by splice(2) without a buffer (see `relay::pump`).
+pub const BUFFER_SIZE: usize = 16 * 1024;
 /// Buffers kept in a worker's pool when idle; beyond this they are freed.
 const POOL_KEEP: usize = 256;
 /// The worker tick: clock, drain checks and idle timeouts run at this period.
