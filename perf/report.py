@@ -144,6 +144,23 @@ def markdown(meta, s):
                 w(f"| {rs} / {other} | " + " | ".join(row) + " |")
         w("")
 
+    features = [("metrics on (scraped every 1 s) / off", "ringside-1-metrics", "ringside-1"),
+                ("exchange on / off, two sidecars", "ringside-2", "ringside-2-off")]
+    if any(a in s and b in s for _, a, b in features):
+        w("## Cost of features (same run)\n")
+        w("| feature | 1-stream Gbit/s | conn/s C=" + str(top_c) + " | CPU/GB | CPU/1k conn |")
+        w("|---|---|---|---|---|")
+        for name, a, b in features:
+            if a in s and b in s:
+                ta, tb = s[a], s[b]
+                w(f"| {name} | {fmt(ratio(ta['bulk'].get(1), tb['bulk'].get(1)), 3)} | "
+                  f"{fmt(ratio(ta['connrate'].get(top_c), tb['connrate'].get(top_c)), 3)} | "
+                  f"{fmt(ratio(ta['cpu_s_per_gb'], tb['cpu_s_per_gb']), 3)} | "
+                  f"{fmt(ratio(ta['cpu_ms_per_1k'], tb['cpu_ms_per_1k']), 3)} |")
+        w("\nRatios of the feature-on row to the feature-off row: 1.0 means free. Throughput and "
+          "connection rate are capped by the load core when both rows saturate it; the CPU "
+          "columns are then the honest cost.\n")
+
     w("## Targets\n")
     checked = [n for n in RINGSIDE_1 if n in s]
     if not checked or "haproxy" not in s or "direct" not in s:

@@ -154,7 +154,7 @@ async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -
 
 /// Label the connection and count it as opened, once (later calls do nothing).
 fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &str) {
-    if conn.series.get().is_some() {
+    if conn.series.get().is_some() || !ctx.istio_metrics {
         return;
     }
     let listener = &ctx.shared.config.listeners[conn.listener];

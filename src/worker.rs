@@ -251,6 +251,9 @@ pub struct WorkerCtx {
     pub preamble: Vec<u8>,
     /// Whether bulk flows switch to splice(2).
     pub splice: bool,
+    /// Whether istio_tcp_* series are counted at all: not when neither a metrics nor an
+    /// admin listener could ever serve them (`--metrics off --admin off`).
+    pub istio_metrics: bool,
     /// Coarse clock, advanced by the tick; read per read instead of a syscall.
     pub now: Cell<Instant>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
@@ -369,6 +372,7 @@ async fn worker_main(
         preamble: exchange::encode(&node),
         node,
         splice: std::env::var_os("RINGSIDE_SPLICE").is_none_or(|v| v != "0"),
+        istio_metrics: shared.config.metrics.listen.0.is_some() || shared.config.admin.listen.0.is_some(),
         now: Cell::new(Instant::now()),
         conns: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),
