@@ -10,7 +10,7 @@ use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
 /// Kernel pipe capacity for splicing: one splice moves up to this many bytes.
-pub const PIPE_SIZE: usize = 256 * 1024;
+pub const PIPE_SIZE: usize = 1024 * 1024;
 
 fn stream_of_read(half: &OwnedReadHalf<TcpStream>) -> &TcpStream {
     // SAFETY: monoio's split halves share the stream through an `Rc<UnsafeCell<_>>`; we only
