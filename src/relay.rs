@@ -190,11 +190,7 @@ async fn exchange_outbound(
     down: &mut TcpStream,
     up: &mut TcpStream,
 ) -> Result<Option<NodeMetadata>, Error> {
-    let mut buf = ctx.pool.take();
-    buf.extend_from_slice(&ctx.preamble);
-    let (res, buf) = up.write_all(buf).await;
-    ctx.pool.put(buf);
-    res?;
+    write_preamble(ctx, up).await?;
     let limits = &listener.limits;
     let mut parser = Parser::with_buffer(limits.max_preamble.0, Vec::new());
     let start = Instant::now();
@@ -206,7 +202,7 @@ async fn exchange_outbound(
         monoio::select! {
             r = up.readable(false) => {
                 r?;
-                let (n, mut buf) = read(ctx, up).await?;
+                let (n, buf) = read(ctx, up).await?;
                 if n == 0 {
                     // The upstream half-closed during the exchange: peer unknown, relay the FIN.
                     ctx.pool.put(buf);
@@ -214,28 +210,11 @@ async fn exchange_outbound(
                     count(ctx, ExchangeOutcome::HeaderNotFound);
                     return Ok(None);
                 }
-                match parser.feed(&buf) {
-                    Status::NeedMore => {
-                        ctx.pool.put(buf);
+                match feed(ctx, conn, &mut parser, buf, down, false, None).await? {
+                    Verdict::Pending => {
                         begun_at.get_or_insert_with(Instant::now);
                     }
-                    Status::Done { peer, consumed } => {
-                        buf.drain(..consumed.min(buf.len()));
-                        forward(ctx, conn, down, buf, false).await?;
-                        count(ctx, ExchangeOutcome::MetadataAdded);
-                        return Ok(Some(peer));
-                    }
-                    Status::NotPresent => {
-                        forward_held(ctx, conn, down, parser.held_prefix(), false).await?;
-                        forward(ctx, conn, down, buf, false).await?;
-                        count(ctx, ExchangeOutcome::InitialHeaderNotFound);
-                        return Ok(None);
-                    }
-                    Status::Invalid(e) => {
-                        ctx.pool.put(buf);
-                        count(ctx, ExchangeOutcome::Invalid);
-                        return Err(Error::Preamble(e));
-                    }
+                    Verdict::Settled(peer) => return Ok(peer),
                 }
             }
             r = down.readable(false), if down_open => {
@@ -286,40 +265,19 @@ async fn exchange_inbound(
         monoio::select! {
             r = down.readable(false) => {
                 r?;
-                let (n, mut buf) = read(ctx, down).await?;
+                let (n, buf) = read(ctx, down).await?;
                 if n == 0 {
+                    // The client half-closed during the exchange: peer unknown, relay the FIN.
                     ctx.pool.put(buf);
                     let _ = up.shutdown().await;
                     count(ctx, ExchangeOutcome::HeaderNotFound);
                     return Ok(None);
                 }
-                match parser.feed(&buf) {
-                    Status::NeedMore => {
-                        ctx.pool.put(buf);
+                match feed(ctx, conn, &mut parser, buf, up, true, Some(down)).await? {
+                    Verdict::Pending => {
                         begun_at.get_or_insert_with(Instant::now);
                     }
-                    Status::Done { peer, consumed } => {
-                        let mut ours = ctx.pool.take();
-                        ours.extend_from_slice(&ctx.preamble);
-                        let (res, ours) = down.write_all(ours).await;
-                        ctx.pool.put(ours);
-                        res?;
-                        buf.drain(..consumed.min(buf.len()));
-                        forward(ctx, conn, up, buf, true).await?;
-                        count(ctx, ExchangeOutcome::MetadataAdded);
-                        return Ok(Some(peer));
-                    }
-                    Status::NotPresent => {
-                        forward_held(ctx, conn, up, parser.held_prefix(), true).await?;
-                        forward(ctx, conn, up, buf, true).await?;
-                        count(ctx, ExchangeOutcome::InitialHeaderNotFound);
-                        return Ok(None);
-                    }
-                    Status::Invalid(e) => {
-                        ctx.pool.put(buf);
-                        count(ctx, ExchangeOutcome::Invalid);
-                        return Err(Error::Preamble(e));
-                    }
+                    Verdict::Settled(peer) => return Ok(peer),
                 }
             }
             r = up.readable(false), if upstream_spoke_at.is_none() => {
@@ -337,6 +295,66 @@ async fn exchange_inbound(
             }
         }
     }
+}
+
+/// What the bytes read so far from the preamble side mean.
+// Lives for one await inside the (boxed) connection-setup future; boxing the peer would only
+// add an allocation per exchange.
+#[allow(clippy::large_enum_variant)]
+enum Verdict {
+    /// A preamble has begun (or nothing decisive yet): read more.
+    Pending,
+    /// The exchange is over: the peer, or `None` for a non-mesh peer.
+    Settled(Option<NodeMetadata>),
+}
+
+/// Feed one read from the side that carries the peer's preamble. On a verdict, forward the
+/// application bytes to `to` (`request`: downstream→upstream), after answering with our own
+/// preamble on `answer` (inbound). A broken preamble is an error: the caller resets both.
+async fn feed(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    parser: &mut Parser,
+    mut buf: Vec<u8>,
+    to: &mut TcpStream,
+    request: bool,
+    answer: Option<&mut TcpStream>,
+) -> Result<Verdict, Error> {
+    match parser.feed(&buf) {
+        Status::NeedMore => {
+            ctx.pool.put(buf);
+            Ok(Verdict::Pending)
+        }
+        Status::Done { peer, consumed } => {
+            if let Some(answer) = answer {
+                write_preamble(ctx, answer).await?;
+            }
+            buf.drain(..consumed.min(buf.len()));
+            forward(ctx, conn, to, buf, request).await?;
+            count(ctx, ExchangeOutcome::MetadataAdded);
+            Ok(Verdict::Settled(Some(peer)))
+        }
+        Status::NotPresent => {
+            forward_held(ctx, conn, to, parser.held_prefix(), request).await?;
+            forward(ctx, conn, to, buf, request).await?;
+            count(ctx, ExchangeOutcome::InitialHeaderNotFound);
+            Ok(Verdict::Settled(None))
+        }
+        Status::Invalid(e) => {
+            ctx.pool.put(buf);
+            count(ctx, ExchangeOutcome::Invalid);
+            Err(Error::Preamble(e))
+        }
+    }
+}
+
+/// Write our encoded preamble (copied into a pool buffer: monoio writes owned buffers).
+async fn write_preamble(ctx: &WorkerCtx, to: &mut TcpStream) -> io::Result<()> {
+    let mut buf = ctx.pool.take();
+    buf.extend_from_slice(&ctx.preamble);
+    let (res, buf) = to.write_all(buf).await;
+    ctx.pool.put(buf);
+    res.map(drop)
 }
 
 fn count(ctx: &WorkerCtx, outcome: ExchangeOutcome) {
