@@ -108,11 +108,19 @@ async fn open(
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
     let peer = match (listener.peer_exchange, listener.direction) {
-        (PeerExchange::Always, Direction::Outbound) => {
-            exchange_outbound(ctx, listener, conn, &mut down, &mut up).await
-        }
-        (PeerExchange::Always, Direction::Inbound) => {
-            exchange_inbound(ctx, listener, conn, &mut down, &mut up).await
+        (PeerExchange::Always, direction) => {
+            // A preamble split across reads is gathered in a pool buffer (copied once).
+            let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
+            let peer = match direction {
+                Direction::Outbound => {
+                    exchange_outbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
+                }
+                Direction::Inbound => {
+                    exchange_inbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
+                }
+            };
+            ctx.pool.put(parser.into_buffer());
+            peer
         }
         (PeerExchange::Alpn, _) => {
             // Plaintext has no ALPN, so Istio's filter does not exchange (alpn_protocol_not_found).
@@ -187,12 +195,12 @@ async fn exchange_outbound(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
+    parser: &mut Parser,
     down: &mut TcpStream,
     up: &mut TcpStream,
 ) -> Result<Option<NodeMetadata>, Error> {
     write_preamble(ctx, up).await?;
     let limits = &listener.limits;
-    let mut parser = Parser::with_buffer(limits.max_preamble.0, Vec::new());
     let start = Instant::now();
     let mut begun_at: Option<Instant> = None;
     let mut down_open = true;
@@ -210,7 +218,7 @@ async fn exchange_outbound(
                     count(ctx, ExchangeOutcome::HeaderNotFound);
                     return Ok(None);
                 }
-                match feed(ctx, conn, &mut parser, buf, down, false, None).await? {
+                match feed(ctx, conn, parser, buf, down, false, None).await? {
                     Verdict::Pending => {
                         begun_at.get_or_insert_with(Instant::now);
                     }
@@ -248,11 +256,11 @@ async fn exchange_inbound(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
+    parser: &mut Parser,
     down: &mut TcpStream,
     up: &mut TcpStream,
 ) -> Result<Option<NodeMetadata>, Error> {
     let limits = &listener.limits;
-    let mut parser = Parser::with_buffer(limits.max_preamble.0, Vec::new());
     let mut begun_at: Option<Instant> = None;
     let mut upstream_spoke_at: Option<Instant> = None;
     loop {
@@ -273,7 +281,7 @@ async fn exchange_inbound(
                     count(ctx, ExchangeOutcome::HeaderNotFound);
                     return Ok(None);
                 }
-                match feed(ctx, conn, &mut parser, buf, up, true, Some(down)).await? {
+                match feed(ctx, conn, parser, buf, up, true, Some(down)).await? {
                     Verdict::Pending => {
                         begun_at.get_or_insert_with(Instant::now);
                     }
