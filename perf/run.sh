@@ -204,9 +204,11 @@ measure_idle() {
   done
 }
 
+# RS_METRICS=0 runs ringside with RINGSIDE_ISTIO_METRICS=0: no istio_tcp_* counting at all,
+# the baseline the "metrics on" row is compared with.
 ringside_start() {  # listen upstream direction peer_exchange driver [extra flags...]
   local listen=$1 upstream=$2 direction=$3 exchange=$4 driver=$5; shift 5
-  spawn_on "$PROXY_CORE" "$RINGSIDE" run --listen "127.0.0.1:$listen" \
+  spawn_on "$PROXY_CORE" env RINGSIDE_ISTIO_METRICS="${RS_METRICS:-1}" "$RINGSIDE" run --listen "127.0.0.1:$listen" \
     --upstream "127.0.0.1:$upstream" --direction "$direction" --peer-exchange "$exchange" \
     --driver "$driver" --workers 1 --admin off --health off "$@" 2>>"$WORK/ringside.log"
   wait_port "$listen" "$LAST_PID" || return 1
@@ -283,11 +285,11 @@ start_target() {
   FRONT=$FRONT_PORT
   case $1 in
     direct) FRONT=$BACKEND_PORT ;;
-    ringside-1) ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off uring --metrics off ;;
-    ringside-1-epoll) ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off epoll --metrics off ;;
-    # ringside-1 above counts no istio_tcp_* series at all (no metrics or admin listener can
-    # serve them); this one counts them and is scraped every second meanwhile, as Prometheus
-    # would (15 s is the usual interval): the difference is the whole cost of metrics.
+    ringside-1) RS_METRICS=0 ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off uring --metrics off ;;
+    ringside-1-epoll) RS_METRICS=0 ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off epoll --metrics off ;;
+    # ringside-1 above counts no istio_tcp_* series at all (RINGSIDE_ISTIO_METRICS=0); this
+    # one counts them and is scraped every second meanwhile, as Prometheus would (15 s is the
+    # usual interval): the difference is the whole cost of metrics.
     ringside-1-metrics)
       ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off uring --metrics "127.0.0.1:$METRICS_PORT" &&
         scrape_loop "$METRICS_PORT" ;;

@@ -251,8 +251,8 @@ pub struct WorkerCtx {
     pub preamble: Vec<u8>,
     /// Whether bulk flows switch to splice(2).
     pub splice: bool,
-    /// Whether istio_tcp_* series are counted at all: not when neither a metrics nor an
-    /// admin listener could ever serve them (`--metrics off --admin off`).
+    /// Whether istio_tcp_* series are counted at all. Always, except under
+    /// `RINGSIDE_ISTIO_METRICS=0`, which exists to measure what metrics cost (perf/run.sh).
     pub istio_metrics: bool,
     /// Coarse clock, advanced by the tick; read per read instead of a syscall.
     pub now: Cell<Instant>,
@@ -372,7 +372,7 @@ async fn worker_main(
         preamble: exchange::encode(&node),
         node,
         splice: std::env::var_os("RINGSIDE_SPLICE").is_none_or(|v| v != "0"),
-        istio_metrics: shared.config.metrics.listen.0.is_some() || shared.config.admin.listen.0.is_some(),
+        istio_metrics: std::env::var_os("RINGSIDE_ISTIO_METRICS").is_none_or(|v| v != "0"),
         now: Cell::new(Instant::now()),
         conns: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),

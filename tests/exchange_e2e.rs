@@ -292,7 +292,8 @@ fn an_outbound_sidecar_passes_a_non_mesh_upstream_through() {
 fn a_preamble_split_across_many_reads_is_reassembled_and_stripped() {
     let (upstream, conns) = manual_server();
     let server = inbound(upstream, &[]);
-    let golden = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/preamble_golden_client.bin")).unwrap();
+    let golden =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/preamble_golden_client.bin")).unwrap();
     let mut c = connect(server.listen);
     c.set_nodelay(true).unwrap();
     // Small chunks with pauses, so the proxy sees them as separate reads.
@@ -305,5 +306,9 @@ fn a_preamble_split_across_many_reads_is_reassembled_and_stripped() {
     let mut up = next_conn(&conns);
     assert_eq!(read_exact(&mut up, 5), b"after");
     drop(c);
-    server.wait_for_value("istio_tcp_connections_opened_total", &[("source_workload", "productpage-v1")], 1.0);
+    server.wait_for_value(
+        "istio_tcp_connections_opened_total",
+        &[("source_workload", "productpage-v1")],
+        1.0,
+    );
 }
