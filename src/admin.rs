@@ -4,11 +4,14 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::metrics::CONTENT_TYPE;
 use crate::worker::Shared;
+
+/// Requests served at once per listener; more are closed unanswered.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// Which routes a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,10 +28,26 @@ pub enum Role {
 pub fn spawn(role: Role, addr: SocketAddr, shared: Arc<Shared>) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
-    std::thread::Builder::new().name(format!("ringside-{role:?}").to_lowercase()).spawn(move || {
+    let name = format!("ringside-{role:?}").to_lowercase();
+    std::thread::Builder::new().name(name.clone()).spawn(move || {
+        // A thread per request, at most MAX_IN_FLIGHT at once: a slow client holds only its
+        // own thread (for at most the 2 s read timeout), never the next probe or scrape.
+        let in_flight = Arc::new(AtomicUsize::new(0));
         for stream in listener.incoming().flatten() {
-            if let Err(e) = handle(role, stream, &shared) {
-                log::debug!("{role:?} request: {e}");
+            if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                continue; // dropped: the client sees a reset or EOF and retries
+            }
+            let (shared, done) = (shared.clone(), in_flight.clone());
+            let spawned = std::thread::Builder::new().name(name.clone()).spawn(move || {
+                if let Err(e) = handle(role, stream, &shared) {
+                    log::debug!("{role:?} request: {e}");
+                }
+                done.fetch_sub(1, Ordering::AcqRel);
+            });
+            if let Err(e) = spawned {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                log::warn!("{role:?} listener: cannot start a request thread: {e}");
             }
         }
     })?;

@@ -463,3 +463,15 @@ fn beyond_max_label_sets_new_label_sets_fold_into_one_overflow_series_and_are_co
     assert_eq!(counters(&s, &[("source_workload", "overflow")]), some([7, 7, 28, 28]));
     assert_eq!(value(&s, "ringside_label_sets_overflowed_total", &[]), Some(7.0));
 }
+
+#[test]
+fn silent_clients_on_the_admin_listener_do_not_hold_up_a_readiness_probe() {
+    let rs = plain(echo_server(), &[]);
+    // Five clients connect and say nothing; each is read with a 2 s timeout.
+    let silent: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(rs.admin).unwrap()).collect();
+    let asked = std::time::Instant::now();
+    assert_eq!(http(rs.admin, "GET", "/ready").map(|r| r.0), Some(200));
+    // Served one by one, the probe would wait behind them for 10 s.
+    assert!(asked.elapsed() < std::time::Duration::from_secs(1), "probe took {:?}", asked.elapsed());
+    drop(silent);
+}
