@@ -5,10 +5,13 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::metrics::CONTENT_TYPE;
 use crate::worker::Shared;
+
+/// Time a client has to send its whole request head.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Requests served at once per listener; more are closed unanswered.
 const MAX_IN_FLIGHT: usize = 16;
@@ -55,11 +58,17 @@ pub fn spawn(role: Role, addr: SocketAddr, shared: Arc<Shared>) -> io::Result<So
 }
 
 fn handle(role: Role, mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    // The whole request head must arrive within REQUEST_TIMEOUT, however it is dripped.
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request head too slow"));
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 || head.len() + n > 16 * 1024 {
             return respond(&mut stream, 400, "text/plain", "bad request\n");
@@ -90,8 +99,10 @@ fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'stati
             Err(e) => (500, "text/plain", format!("{e}\n")),
         },
         (Role::Admin, "POST", "/drain" | "/drain_listeners?graceful" | "/drain_listeners") => {
+            // As Envoy's drain_listeners: stop accepting and fail readiness, but keep serving
+            // live connections and metrics until SIGTERM ends the process.
             shared.draining.store(true, Ordering::Release);
-            log::info!("drain requested over admin");
+            log::info!("drain requested over admin: listeners stop accepting");
             (200, "text/plain", "OK\n".to_string())
         }
         _ => (404, "text/plain", "not found\n".to_string()),

@@ -612,8 +612,29 @@ impl Config {
                 "metrics.tcp_reporting_duration: must be positive".into(),
             ));
         }
+        if self.metrics.max_label_sets == 0 || self.metrics.max_label_sets > MAX_LABEL_SETS {
+            return Err(at(
+                "max_label_sets",
+                format!("metrics.max_label_sets: must be between 1 and {MAX_LABEL_SETS}"),
+            ));
+        }
         if self.listeners.is_empty() {
             return Err(at("listeners", "listeners: at least one listener is needed".into()));
+        }
+        // The metrics, admin and health listeners must not collide with each other.
+        let services = [
+            ("metrics", self.metrics.listen.0),
+            ("admin", self.admin.listen.0),
+            ("health", self.health.listen.0),
+        ];
+        for (i, (a_name, a)) in services.iter().enumerate() {
+            for (b_name, b) in &services[i + 1..] {
+                if let (Some(a), Some(b)) = (a, b)
+                    && overlaps(*a, *b)
+                {
+                    return Err(at("listen", format!("{b_name}.listen {b}: overlaps {a_name}.listen {a}")));
+                }
+            }
         }
         let mut cluster_names = BTreeSet::new();
         for c in &self.clusters {
@@ -643,7 +664,7 @@ impl Config {
             }
         }
         let mut names = BTreeSet::new();
-        let mut binds = BTreeSet::new();
+        let mut binds: Vec<SocketAddr> = Vec::new();
         for l in &self.listeners {
             let here = |m: String| at(&format!("name: {}", l.name), format!("listener {}: {m}", l.name));
             if l.name.is_empty() {
@@ -652,9 +673,14 @@ impl Config {
             if !names.insert(l.name.as_str()) {
                 return Err(here("duplicate listener name".into()));
             }
-            if !binds.insert(l.listen) || (l.listen.port() != 0 && self.is_service_port(l.listen)) {
-                return Err(here(format!("listen {}: address already used by another listener", l.listen)));
+            let taken = binds.iter().chain(services.iter().filter_map(|(_, a)| a.as_ref()));
+            if let Some(other) = taken.into_iter().find(|b| overlaps(l.listen, **b)) {
+                return Err(here(format!(
+                    "listen {}: address already used by another listener ({other})",
+                    l.listen
+                )));
             }
+            binds.push(l.listen);
             let targets = [l.cluster.is_some(), l.tcp_routes.is_some(), l.service.is_some()];
             match targets.iter().filter(|t| **t).count() {
                 0 if l.capture == Capture::None => {
@@ -729,10 +755,6 @@ impl Config {
         Ok(())
     }
 
-    fn is_service_port(&self, a: SocketAddr) -> bool {
-        [self.metrics.listen.0, self.admin.listen.0, self.health.listen.0].contains(&Some(a))
-    }
-
     fn fill_node_defaults(&mut self) {
         let n = &mut self.node;
         if n.namespace.is_empty() {
@@ -749,6 +771,17 @@ impl Config {
             );
         }
     }
+}
+
+/// Upper bound for `metrics.max_label_sets`: each worker reserves its shard index up front.
+pub const MAX_LABEL_SETS: usize = 1_000_000;
+
+/// Whether two listen addresses would fight over one port: same port (not 0) and the same
+/// IP, or either one the wildcard.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// 1-based line of the first line containing `needle`, if any.

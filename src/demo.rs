@@ -56,7 +56,7 @@ pub fn run(connections: usize) -> Result<(), Box<dyn Error>> {
     text.push_str(&inbound.shared.render());
     print_table(&text);
     for p in [&outbound, &inbound] {
-        p.shared.draining.store(true, std::sync::atomic::Ordering::Release);
+        p.shared.terminate();
     }
     outbound.join();
     inbound.join();
@@ -174,7 +174,7 @@ fn print_table(text: &str) {
         text.lines().filter_map(parse_line).filter(|s| s.0.starts_with("istio_tcp_")).collect();
     // The exporter's order is a hash order; sort as a console would: source side first, then
     // by metric and labels.
-    samples.sort_by(|a, b| (&b.1[..1], a.0, &a.1).cmp(&(&a.1[..1], b.0, &b.1)));
+    samples.sort_by(|a, b| (b.1.first(), a.0, &a.1).cmp(&(a.1.first(), b.0, &b.1)));
     for (name, labels, value) in samples {
         let mut row = vec![name.to_string()];
         for c in columns {

@@ -2,7 +2,6 @@
 //! config and 1 for runtime failures.
 
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use ringside::admin::{self, Role};
@@ -81,8 +80,9 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
         [(Role::Admin, c.admin.listen), (Role::Metrics, c.metrics.listen), (Role::Health, c.health.listen)]
     {
         if let Some(addr) = bind.0 {
-            let bound = admin::spawn(role, addr, shared.clone())
-                .map_err(|e| anyhow::anyhow!("{role:?} listener: bind {addr}: {e}").context("start"))?;
+            let bound = admin::spawn(role, addr, shared.clone()).map_err(|e| {
+                anyhow::anyhow!("{} listener: bind {addr}: {e}", format!("{role:?}").to_lowercase())
+            })?;
             log::info!("{} listener on {bound}", format!("{role:?}").to_lowercase());
         }
     }
@@ -92,7 +92,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     std::thread::Builder::new().name("ringside-signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
             log::info!("signal {sig}: draining for {}", on_signal.config.drain_timeout);
-            on_signal.draining.store(true, Ordering::Release);
+            on_signal.terminate();
         }
     })?;
     proxy.join();

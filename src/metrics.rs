@@ -343,12 +343,19 @@ pub struct Delta {
 /// `timeout`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExchangeOutcome {
+    /// TLS negotiated ALPN `istio-peer-exchange` (Istio: alpn_protocol_found).
     AlpnProtocolFound,
+    /// No such ALPN, so no exchange in mode `alpn` (Istio: alpn_protocol_not_found).
     AlpnProtocolNotFound,
+    /// The first bytes were not the magic: a non-mesh peer (Istio: initial_header_not_found).
     InitialHeaderNotFound,
+    /// The peer closed or went silent before any preamble (Istio: header_not_found).
     HeaderNotFound,
+    /// A preamble was read and its metadata kept (Istio: metadata_added).
     MetadataAdded,
+    /// A broken preamble: too large or undecodable; the connection was closed.
     Invalid,
+    /// A preamble begun but not finished within exchange_timeout; the connection was closed.
     Timeout,
 }
 
@@ -576,11 +583,6 @@ impl ShardWriter {
             exhausted: false,
         };
         (writer, shard)
-    }
-
-    /// The shard this writer fills.
-    pub fn shard(&self) -> &Arc<Shard> {
-        &self.shard
     }
 
     /// The series of `labels`, created on first sight. Beyond the [`LabelBudget`] (or this

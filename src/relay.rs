@@ -70,10 +70,7 @@ pub fn over_limit(ctx: &WorkerCtx, li: usize, down: TcpStream) {
 /// Serve one accepted connection to its end.
 pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
     let conn = ctx.open(li);
-    let result = monoio::select! {
-        r = relay(&ctx, li, &conn, down) => r,
-        _ = conn.cancel.wait() => Ok(()),
-    };
+    let result = relay(&ctx, li, &conn, down).await;
     match &result {
         Err(e) => {
             log::debug!("listener {}: {e}", ctx.shared.config.listeners[li].name);
@@ -91,7 +88,13 @@ pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
 async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
     // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
     // that an idle, established connection should not carry for the rest of its life.
-    let (down, up, peer) = Box::pin(open(ctx, li, conn, down)).await?;
+    let setup = Box::pin(open(ctx, li, conn, down));
+    // Cancelled while connecting or exchanging: nothing was relayed yet; dropping the
+    // sockets closes them.
+    let (down, up, peer) = monoio::select! {
+        r = setup => r?,
+        _ = conn.cancel.wait() => return Ok(()),
+    };
     settle(ctx, conn, peer.as_ref(), "-");
     copy_both(ctx, conn, down, up).await
 }
@@ -212,8 +215,10 @@ async fn exchange_outbound(
                 r?;
                 let (n, buf) = read(ctx, up).await?;
                 if n == 0 {
-                    // The upstream half-closed during the exchange: peer unknown, relay the FIN.
+                    // The upstream half-closed during the exchange: peer unknown; the 1-3 magic
+                    // bytes it may have sent were application data; relay them and the FIN.
                     ctx.pool.put(buf);
+                    forward_held(ctx, conn, down, parser.held_prefix(), false).await?;
                     let _ = down.shutdown().await;
                     count(ctx, ExchangeOutcome::HeaderNotFound);
                     return Ok(None);
@@ -275,8 +280,10 @@ async fn exchange_inbound(
                 r?;
                 let (n, buf) = read(ctx, down).await?;
                 if n == 0 {
-                    // The client half-closed during the exchange: peer unknown, relay the FIN.
+                    // The client half-closed during the exchange: peer unknown; the 1-3 magic
+                    // bytes it may have sent were application data; relay them and the FIN.
                     ctx.pool.put(buf);
+                    forward_held(ctx, conn, up, parser.held_prefix(), true).await?;
                     let _ = up.shutdown().await;
                     count(ctx, ExchangeOutcome::HeaderNotFound);
                     return Ok(None);
@@ -418,32 +425,39 @@ async fn forward_held(
     forward(ctx, conn, to, buf, request).await
 }
 
-/// Copy both directions until both ended; on an error in either, reset both sides.
+/// Copy both directions until both ended; on an error in either, reset both sides. Fired
+/// by the tick, `conn.cancel` ends it too: gracefully (FIN) after an idle timeout, with a
+/// reset at the drain deadline, so a peer never mistakes a cut-off transfer for a whole one.
 async fn copy_both(ctx: &WorkerCtx, conn: &Conn, down: TcpStream, up: TcpStream) -> Result<(), Error> {
     let (mut down_r, mut down_w) = down.into_split();
     let (mut up_r, mut up_w) = up.into_split();
     let result = {
         let request = pin!(pump(ctx, conn, &mut down_r, &mut up_w, true));
         let response = pin!(pump(ctx, conn, &mut up_r, &mut down_w, false));
-        both(request, response).await
+        both(request, response, conn).await
     };
-    if let Err(e) = result {
-        if let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
-            socket::reset(d);
-            socket::reset(u);
-        }
-        return Err(Error::Io(e));
+    let reset = match &result {
+        Ok(()) => false,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => false, // idle: nothing in flight
+        Err(_) => true,
+    };
+    if reset && let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
+        socket::reset(d);
+        socket::reset(u);
     }
-    Ok(())
+    // Otherwise dropping the write halves shuts them (FIN) and closes.
+    result.map_err(Error::Io)
 }
 
-/// Run two futures to completion, or stop at the first error.
-async fn both<A, B>(mut a: std::pin::Pin<&mut A>, mut b: std::pin::Pin<&mut B>) -> io::Result<()>
+/// Run both directions to completion; stop at the first error, or when the connection is
+/// cancelled (idle timeout: `TimedOut`; drain deadline: `ConnectionAborted`).
+async fn both<A, B>(mut a: std::pin::Pin<&mut A>, mut b: std::pin::Pin<&mut B>, conn: &Conn) -> io::Result<()>
 where
     A: Future<Output = io::Result<()>>,
     B: Future<Output = io::Result<()>>,
 {
     let (mut a_done, mut b_done) = (false, false);
+    let mut cancel = pin!(conn.cancel.wait());
     poll_fn(|cx| {
         if !a_done && let Poll::Ready(r) = a.as_mut().poll(cx) {
             r?;
@@ -453,9 +467,29 @@ where
             r?;
             b_done = true;
         }
-        if a_done && b_done { Poll::Ready(Ok(())) } else { Poll::Pending }
+        if a_done && b_done {
+            return Poll::Ready(Ok(()));
+        }
+        if cancel.as_mut().poll(cx).is_ready() {
+            let (kind, why) = if conn.idle_expired.get() {
+                (io::ErrorKind::TimedOut, "idle timeout")
+            } else {
+                (io::ErrorKind::ConnectionAborted, "drain deadline")
+            };
+            return Poll::Ready(Err(io::Error::new(kind, why)));
+        }
+        Poll::Pending
     })
     .await
+}
+
+/// Shut the write half (half-close). The peer may already have closed the socket entirely,
+/// after a FIN we relayed during the exchange: `ENOTCONN` then means "already done".
+async fn shutdown_write(to: &mut OwnedWriteHalf<TcpStream>) -> io::Result<()> {
+    match to.shutdown().await {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        r => r,
+    }
 }
 
 /// One direction: read (after readiness, so an idle connection holds no buffer), write all,
@@ -469,6 +503,7 @@ async fn pump(
     request: bool,
 ) -> io::Result<()> {
     let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
+    let mut splice = ctx.splice;
     loop {
         socket::readable(from).await?;
         let (res, buf) = from.read(ctx.pool.take()).await;
@@ -481,7 +516,7 @@ async fn pump(
         };
         if n == 0 {
             ctx.pool.put(buf);
-            return to.shutdown().await;
+            return shutdown_write(to).await;
         }
         let bulk = n == buf.capacity();
         counter.set(counter.get() + n as u64);
@@ -489,8 +524,15 @@ async fn pump(
         let (res, buf) = to.write_all(buf).await;
         ctx.pool.put(buf);
         res?;
-        if bulk && ctx.splice {
-            return splice_pump(ctx, conn, from, to, counter).await;
+        if bulk && splice {
+            match socket::Pipe::for_halves(from, to) {
+                Ok(pipe) => return splice_pump(ctx, conn, from, to, counter, pipe).await,
+                Err(e) => {
+                    // Out of fds or pipe memory: keep copying; this connection is healthy.
+                    log::debug!("splice unavailable, copying instead: {e}");
+                    splice = false;
+                }
+            }
         }
     }
 }
@@ -503,13 +545,11 @@ async fn splice_pump(
     from: &mut OwnedReadHalf<TcpStream>,
     to: &mut OwnedWriteHalf<TcpStream>,
     counter: &std::cell::Cell<u64>,
+    pipe: socket::Pipe,
 ) -> io::Result<()> {
-    let pipe = socket::Pipe::new()?;
-    socket::set_nonblocking_read(from)?;
-    socket::set_nonblocking_write(to)?;
     loop {
         let n = match socket::splice_in(from, &pipe, socket::PIPE_SIZE) {
-            Ok(0) => return to.shutdown().await,
+            Ok(0) => return shutdown_write(to).await,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 socket::readable(from).await?;

@@ -70,8 +70,8 @@ impl Router {
             .iter()
             .map(|c| {
                 let host = c.service.clone().unwrap_or_default();
-                let namespace =
-                    c.service_namespace.clone().unwrap_or_else(|| namespace_of_host(&host).to_string());
+                // Empty: metrics derives it from a `NAME.NS.svc.*` host, or falls back further.
+                let namespace = c.service_namespace.clone().unwrap_or_default();
                 let endpoints: Vec<EndpointState> = c
                     .endpoints
                     .iter()
@@ -120,7 +120,8 @@ impl Router {
                             let subset = r.subset.as_ref().and_then(|s| {
                                 cfg.clusters[cluster].subsets.iter().position(|x| &x.name == s)
                             });
-                            total += r.weight as u64;
+                            // Saturating, as validate() sums them: huge weights must not wrap.
+                            total = total.saturating_add(r.weight as u64);
                             (Target { cluster, subset }, total)
                         })
                         .collect();
@@ -200,15 +201,6 @@ impl Router {
     }
 }
 
-/// NS of a host `NAME.NS.svc.DOMAIN`, else "".
-pub fn namespace_of_host(host: &str) -> &str {
-    let mut parts = host.split('.');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(_), Some(ns), Some("svc")) => ns,
-        _ => "",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,9 +266,14 @@ clusters:
     }
 
     #[test]
-    fn service_namespace_comes_from_the_host() {
-        let r = Router::new(&cfg(BASE), 1);
-        assert_eq!(r.clusters[0].service.namespace, "prod");
-        assert_eq!(namespace_of_host("ratings"), "");
+    fn weights_near_the_integer_limit_do_not_overflow() {
+        let max = i64::MAX;
+        let yaml = BASE
+            .replace("weight: 80}", &format!("weight: {max}}}"))
+            .replace("weight: 20}", &format!("weight: {max}}}"));
+        let r = Router::new(&cfg(&yaml), 3);
+        for _ in 0..100 {
+            assert!(r.route(1).is_some());
+        }
     }
 }

@@ -13,9 +13,11 @@ use monoio::net::TcpStream;
 pub const PIPE_SIZE: usize = 1024 * 1024;
 
 fn stream_of_read(half: &OwnedReadHalf<TcpStream>) -> &TcpStream {
-    // SAFETY: monoio's split halves share the stream through an `Rc<UnsafeCell<_>>`; we only
-    // take a shared reference for `&self` methods (readiness, raw fd), the same shared access
-    // monoio's own `peer_addr` on a half performs. The stream lives as long as the half.
+    // SAFETY: monoio (0.2.4, pinned in Cargo.lock) shares a split stream through an
+    // `Rc<UnsafeCell<_>>` and takes `&mut` to it only while *creating* a read or write op:
+    // the op future then owns a cloned `SharedFd`, not a reference. This worker is one
+    // thread, so no `&mut` is live while we hold this shared reference for a `&self` call
+    // (readiness, raw fd). The stream lives as long as the half.
     unsafe { &*half.0.get() }
 }
 
@@ -41,14 +43,17 @@ pub fn reset(s: TcpStream) {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: the fd is a live socket owned by `s` for the duration of the call, and
     // `linger` is a valid, correctly sized option value.
-    unsafe {
+    let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             (&linger as *const libc::linger).cast(),
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
+        )
+    };
+    if rc < 0 {
+        log::debug!("SO_LINGER: {}; closing with FIN instead of RST", io::Error::last_os_error());
     }
     drop(s);
 }
@@ -61,7 +66,7 @@ pub struct Pipe {
 
 impl Pipe {
     /// A new pipe sized `PIPE_SIZE` (best effort: the kernel may cap it).
-    pub fn new() -> io::Result<Pipe> {
+    fn new() -> io::Result<Pipe> {
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -73,17 +78,17 @@ impl Pipe {
         unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
         Ok(Pipe { read, write })
     }
-}
 
-/// Make the half's socket non-blocking so a splice can never block the worker (sockets
-/// accepted by the io_uring driver are blocking, which io_uring itself does not mind).
-pub fn set_nonblocking_read(half: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
-    set_nonblocking(stream_of_read(half).as_raw_fd())
-}
-
-/// As `set_nonblocking_read`, for the write half.
-pub fn set_nonblocking_write(half: &OwnedWriteHalf<TcpStream>) -> io::Result<()> {
-    set_nonblocking(stream_of_write(half).as_raw_fd())
+    /// A pipe for splicing `from` → `to`, with both sockets made non-blocking so a splice
+    /// can never block the worker (sockets accepted by the io_uring driver are blocking,
+    /// which io_uring itself does not mind; O_NONBLOCK on the shared file description does
+    /// not change how io_uring completes the other direction's operations).
+    pub fn for_halves(from: &OwnedReadHalf<TcpStream>, to: &OwnedWriteHalf<TcpStream>) -> io::Result<Pipe> {
+        let pipe = Pipe::new()?;
+        set_nonblocking(stream_of_read(from).as_raw_fd())?;
+        set_nonblocking(stream_of_write(to).as_raw_fd())?;
+        Ok(pipe)
+    }
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -90,8 +90,10 @@ pub fn choose_driver(wanted: config::Driver) -> Result<DriverKind, Error> {
 pub struct Shared {
     /// The effective configuration.
     pub config: Config,
-    /// Set by SIGTERM/SIGINT or POST /drain.
+    /// Set by POST /drain and by SIGTERM/SIGINT: stop accepting, /ready answers 503.
     pub draining: AtomicBool,
+    /// Set by SIGTERM/SIGINT: exit once idle, or at `drain_timeout` (live connections reset).
+    pub terminating: AtomicBool,
     /// Workers that have bound their listeners and started.
     pub workers_started: AtomicUsize,
     /// Worker count.
@@ -102,9 +104,19 @@ pub struct Shared {
     pub shards: Vec<Arc<Shard>>,
     /// Driver that runs.
     pub driver: DriverKind,
+    /// Bulk flows switch to splice(2) (`RINGSIDE_SPLICE=0` turns it off, for benchmarks).
+    pub splice: bool,
+    /// istio_tcp_* series are counted (`RINGSIDE_ISTIO_METRICS=0` turns it off, for benchmarks).
+    pub istio_metrics: bool,
 }
 
 impl Shared {
+    /// Stop accepting and exit once idle or at the drain deadline (SIGTERM, SIGINT).
+    pub fn terminate(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.terminating.store(true, Ordering::Release);
+    }
+
     /// True once every listener is bound on every worker and we are not draining.
     pub fn ready(&self) -> bool {
         self.workers_started.load(Ordering::Acquire) == self.workers && !self.draining.load(Ordering::Acquire)
@@ -167,10 +179,13 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         live: effective.listeners.iter().map(|_| AtomicUsize::new(0)).collect(),
         config: effective,
         draining: AtomicBool::new(false),
+        terminating: AtomicBool::new(false),
         workers_started: AtomicUsize::new(0),
         workers,
         shards,
         driver,
+        splice: benchmark_switch("RINGSIDE_SPLICE", "bulk flows are copied, not spliced"),
+        istio_metrics: benchmark_switch("RINGSIDE_ISTIO_METRICS", "istio_tcp_* metrics are not counted"),
     });
     log::info!("driver {} with {workers} workers", driver.name());
     for l in &shared.config.listeners {
@@ -199,6 +214,16 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         threads.push(t);
     }
     Ok(Proxy { shared, threads })
+}
+
+/// A switch that exists only to measure what a feature costs: on unless the variable is "0",
+/// and loud when off.
+fn benchmark_switch(var: &str, off: &str) -> bool {
+    let on = std::env::var_os(var).is_none_or(|v| v != "0");
+    if !on {
+        log::warn!("{var}=0: {off} (a benchmarking switch)");
+    }
+    on
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -276,6 +301,8 @@ pub struct Conn {
     pub last_active: Cell<Instant>,
     /// Fired by the tick (idle timeout, drain deadline); the connection then closes.
     pub cancel: Signal,
+    /// Why `cancel` fired: the idle timeout (close gracefully) rather than the drain deadline.
+    pub idle_expired: Cell<bool>,
     /// Cluster and endpoint it was routed to (for labels), once known.
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
     slot: Cell<usize>,
@@ -306,6 +333,7 @@ impl WorkerCtx {
             series: Cell::new(None),
             last_active: Cell::new(self.now.get()),
             cancel: Signal::default(),
+            idle_expired: Cell::new(false),
             upstream: Cell::new(None),
             slot: Cell::new(0),
         });
@@ -371,19 +399,22 @@ async fn worker_main(
         metrics: RefCell::new(writer),
         preamble: exchange::encode(&node),
         node,
-        splice: std::env::var_os("RINGSIDE_SPLICE").is_none_or(|v| v != "0"),
-        istio_metrics: std::env::var_os("RINGSIDE_ISTIO_METRICS").is_none_or(|v| v != "0"),
+        splice: shared.splice,
+        istio_metrics: shared.istio_metrics,
         now: Cell::new(Instant::now()),
         conns: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),
         active: Cell::new(0),
         shared: shared.clone(),
     });
-    let stop_accepting = Rc::new(Signal::default());
+    // One signal per accept loop: a Signal wakes a single waiter.
+    let mut stop_accepting = Vec::new();
     for (li, std_listener) in listeners.into_iter().enumerate() {
         match TcpListener::from_std(std_listener) {
             Ok(l) => {
-                monoio::spawn(accept_loop(ctx.clone(), li, l, stop_accepting.clone()));
+                let stop = Rc::new(Signal::default());
+                stop_accepting.push(stop.clone());
+                monoio::spawn(accept_loop(ctx.clone(), li, l, stop));
             }
             Err(e) => {
                 log::error!("worker {index}: listener {li}: {e}");
@@ -409,12 +440,15 @@ async fn worker_main(
         ctx.for_each_conn(|c| {
             let idle =
                 shared.config.listeners.get(c.listener).map_or(Duration::MAX, |l| l.limits.idle_timeout.0);
-            if now.duration_since(c.last_active.get()) >= idle {
+            if now.duration_since(c.last_active.get()) >= idle && !c.cancel.fired() {
+                c.idle_expired.set(true);
                 c.cancel.fire();
             }
         });
-        if drain_deadline.is_none() && shared.draining.load(Ordering::Acquire) {
-            stop_accepting.fire();
+        if shared.draining.load(Ordering::Acquire) {
+            stop_accepting.iter().for_each(|s| s.fire());
+        }
+        if drain_deadline.is_none() && shared.terminating.load(Ordering::Acquire) {
             drain_deadline = Some(now + shared.config.drain_timeout.0);
         }
         if let Some(deadline) = drain_deadline {

@@ -136,6 +136,12 @@ const BAD: &[(&str, &str, &str, &[&str])] = &[
     ),
     ("zero-workers", "workers: 1", "workers: 0", &["FILE:2:", "workers: must be at least 1"]),
     ("yaml-syntax", "listeners:", "listeners: [", &["FILE:"]),
+    (
+        "huge-label-budget",
+        "metrics: {listen: 127.0.0.1:0}",
+        "metrics: {listen: 127.0.0.1:0, max_label_sets: 18446744073709551615}",
+        &["FILE:3:", "metrics.max_label_sets: must be between 1 and 1000000"],
+    ),
 ];
 
 #[test]
@@ -162,6 +168,20 @@ fn duplicate_listener_names_and_addresses_are_errors() {
         &two("{name: other, listen: 127.0.0.1:15001, direction: outbound, cluster: mongodb}"),
     );
     assert_usage_error(code, &err, &["listener other: listen 127.0.0.1:15001: address already used"]);
+}
+
+#[test]
+fn listeners_that_would_share_a_port_are_errors_even_through_the_wildcard_address() {
+    let (_, _, path) = validate("overlap", GOOD);
+    let (code, err) = ringside(&["validate", "--config", &path, "--metrics", "0.0.0.0:15001"]);
+    assert_usage_error(
+        code,
+        &err,
+        &["listener outbound-mongodb: listen 127.0.0.1:15001: address already used", "0.0.0.0:15001"],
+    );
+    let (code, err) =
+        ringside(&["validate", "--config", &path, "--admin", "127.0.0.1:15555", "--health", "0.0.0.0:15555"]);
+    assert_usage_error(code, &err, &["health.listen 0.0.0.0:15555: overlaps admin.listen 127.0.0.1:15555"]);
 }
 
 #[test]

@@ -224,13 +224,9 @@ fn an_oversized_preamble_closes_only_that_connection_and_never_reaches_the_upstr
     bad.extend_from_slice(&(1u32 << 20).to_be_bytes());
     bad.extend_from_slice(b"not protobuf at all");
     c.write_all(&bad).unwrap();
-    let mut got = Vec::new();
-    let _ = c.read_to_end(&mut got);
-    assert!(got.is_empty());
+    assert_closed_empty(&mut c, "c");
     let mut up = next_conn(&conns);
-    let mut leaked = Vec::new();
-    let _ = up.read_to_end(&mut leaked);
-    assert!(leaked.is_empty(), "broken preamble bytes must not reach the application");
+    assert_closed_empty(&mut up, "up");
     server.wait_for_value("istio_tcp_connections_closed_total", &[("source_workload", "unknown")], 1.0);
     // The worker is fine: the next connection relays.
     let mut ok = connect(server.listen);
@@ -248,13 +244,9 @@ fn an_undecodable_preamble_closes_the_connection() {
     bad.extend_from_slice(&5u32.to_be_bytes());
     bad.extend_from_slice(&[0xff; 5]);
     c.write_all(&bad).unwrap();
-    let mut got = Vec::new();
-    let _ = c.read_to_end(&mut got);
-    assert!(got.is_empty());
+    assert_closed_empty(&mut c, "c");
     let mut up = next_conn(&conns);
-    let mut leaked = Vec::new();
-    let _ = up.read_to_end(&mut leaked);
-    assert!(leaked.is_empty());
+    assert_closed_empty(&mut up, "up");
     server.wait_for_value("ringside_exchange_total", &[("outcome", "invalid")], 1.0);
 }
 
@@ -267,9 +259,7 @@ fn a_preamble_dripped_slower_than_the_exchange_timeout_closes_the_connection_and
     other.write_all(b"meanwhile").unwrap();
     other.shutdown(Shutdown::Write).unwrap();
     assert_eq!(read_to_end(&mut other), b"meanwhile");
-    let mut got = Vec::new();
-    let _ = slow.read_to_end(&mut got); // closed by the proxy
-    assert!(got.is_empty());
+    assert_closed_empty(&mut slow, "slow");
     server.wait_for_value("ringside_exchange_total", &[("outcome", "timeout")], 1.0);
 }
 
@@ -311,4 +301,15 @@ fn a_preamble_split_across_many_reads_is_reassembled_and_stripped() {
         &[("source_workload", "productpage-v1")],
         1.0,
     );
+}
+
+#[test]
+fn a_non_mesh_client_that_sends_a_magic_prefix_and_half_closes_gets_those_bytes_delivered() {
+    let server = inbound(echo_server(), &[]);
+    for prefix in [&MAGIC[..1], &MAGIC[..2], &MAGIC[..3]] {
+        let mut c = connect(server.listen);
+        c.write_all(prefix).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_to_end(&mut c), prefix, "the held magic bytes are application data");
+    }
 }

@@ -111,7 +111,7 @@ fn relayed_round_trips_allocate_nothing(driver: ringside::config::Driver) {
     // allocation would show as thousands.
     assert!(allocated < 100, "{allocated} allocations during 5,000 relayed round trips");
     s.shutdown(Shutdown::Both).unwrap();
-    p.shared.draining.store(true, Ordering::Release);
+    p.shared.terminate();
     p.join();
 }
 

@@ -144,9 +144,7 @@ fn an_upstream_that_refuses_closes_the_client_and_counts_uf(driver: &str) {
     let rs = plain(refused, driver, &[]);
     let mut client = connect(rs.listen);
     let _ = client.write_all(b"hello");
-    let mut buf = Vec::new();
-    let _ = client.read_to_end(&mut buf); // EOF (or reset): the downstream is closed
-    assert!(buf.is_empty());
+    assert_closed_empty(&mut client, "client");
     rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
 }
 with_both_drivers!(an_upstream_that_refuses_closes_the_client_and_counts_uf);
@@ -168,9 +166,7 @@ fn an_upstream_that_never_answers_hits_the_connect_timeout(driver: &str) {
     assert!(!fill.is_empty());
     let rs = plain(addr, driver, &["--connect-timeout", "300ms"]);
     let mut client = connect(rs.listen);
-    let mut buf = Vec::new();
-    let _ = client.read_to_end(&mut buf);
-    assert!(buf.is_empty());
+    assert_closed_empty(&mut client, "client");
     rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
     drop(blackhole);
 }
@@ -183,11 +179,10 @@ fn an_idle_connection_is_closed_after_the_idle_timeout(driver: &str) {
     let mut server = next_conn(&conns);
     client.write_all(b"a").unwrap();
     assert_eq!(read_exact(&mut server, 1), b"a");
-    // Nothing moves now: both sides must be closed by the proxy.
-    let mut buf = Vec::new();
-    let _ = client.read_to_end(&mut buf);
-    let _ = server.read_to_end(&mut buf);
-    assert!(buf.is_empty());
+    // Nothing moves now: the proxy closes both sides, gracefully (EOF, not a reset: nothing
+    // was in flight).
+    assert_eq!(read_to_end(&mut client), b"");
+    assert_eq!(read_to_end(&mut server), b"");
     rs.wait_for_value("istio_tcp_connections_closed_total", &[], 1.0);
 }
 with_both_drivers!(an_idle_connection_is_closed_after_the_idle_timeout);
@@ -201,9 +196,7 @@ fn connections_over_the_limit_are_accepted_and_closed_at_once(driver: &str) {
     }
     let mut third = connect(rs.listen);
     let _ = third.write_all(b"hi");
-    let mut buf = Vec::new();
-    let _ = third.read_to_end(&mut buf);
-    assert!(buf.is_empty(), "the third connection must be closed without relaying");
+    assert_closed_empty(&mut third, "third");
     rs.wait_for_value("istio_tcp_connections_opened_total", &[("response_flags", "UO")], 1.0);
     // The first two still work.
     for s in &mut live {
@@ -265,3 +258,46 @@ fn the_driver_in_use_is_logged_once() {
     let lines = rs.stderr_lines();
     assert_eq!(lines.iter().filter(|l| l.contains("driver epoll")).count(), 1, "{lines:?}");
 }
+
+fn a_half_close_during_the_exchange_is_relayed_and_the_response_ends_with_eof_not_a_reset(driver: &str) {
+    // Outbound `always` to a plain server: the client sends and half-closes at once, so its
+    // FIN is relayed while the proxy still waits for the upstream's first bytes.
+    let (upstream, conns) = manual_server();
+    let rs = Ringside::spawn(upstream, "outbound", &["--peer-exchange", "always", "--driver", driver]);
+    for _ in 0..20 {
+        let mut client = connect(rs.listen);
+        client.write_all(b"request").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut server = next_conn(&conns);
+        let mut got = read_to_end(&mut server); // our preamble, the request, then the FIN
+        assert!(got.ends_with(b"request"));
+        got.clear();
+        server.write_all(b"response").unwrap();
+        drop(server); // close fully
+        assert_eq!(read_to_end(&mut client), b"response"); // EOF, never ECONNRESET
+    }
+}
+with_both_drivers!(a_half_close_during_the_exchange_is_relayed_and_the_response_ends_with_eof_not_a_reset);
+
+fn sigterm_stops_every_listener_of_a_worker(driver: &str) {
+    let upstream = echo_server();
+    let (a, b) = (free_addr(), free_addr());
+    let config = format!(
+        "workers: 1\nlisteners:\n  - {{name: a, listen: '{a}', direction: outbound, peer_exchange: off, cluster: up}}\n  - {{name: b, listen: '{b}', direction: outbound, peer_exchange: off, cluster: up}}\nclusters:\n  - {{name: up, endpoints: [{{address: '{upstream}'}}]}}\n"
+    );
+    let mut rs =
+        Ringside::spawn_config(&config, a, &["--driver", driver, "--drain-timeout", "30s", "--workers", "1"]);
+    let mut live = connect(a); // keeps the process draining
+    live.write_all(b"x").unwrap();
+    assert_eq!(read_exact(&mut live, 1), b"x");
+    rs.signal("TERM");
+    for addr in [a, b] {
+        wait_for("every listener to stop accepting", || {
+            std::net::TcpStream::connect(addr).is_err().then_some(())
+        });
+    }
+    live.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_end(&mut live), b"");
+    assert!(rs.wait_exit().success());
+}
+with_both_drivers!(sigterm_stops_every_listener_of_a_worker);

@@ -402,3 +402,15 @@ impl Rng {
         v
     }
 }
+
+/// Assert that the proxy closed `s` (EOF or reset) without sending anything; a read timeout
+/// (the proxy left it open) fails.
+pub fn assert_closed_empty(s: &mut TcpStream, what: &str) {
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected the proxy to close the connection, got {e}"),
+    }
+    assert!(got.is_empty(), "{what}: {} unexpected bytes", got.len());
+}
