@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -560,17 +559,6 @@ fn default_sniff_timeout() -> Dur {
 }
 
 impl Config {
-    /// Read and parse a YAML file (not yet validated).
-    pub fn load(path: &Path) -> Result<Config, Error> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error {
-            file: file.clone(),
-            line: None,
-            message: format!("cannot read: {e}"),
-        })?;
-        Config::parse(&text, &file)
-    }
-
     /// Parse YAML text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, Error> {
         if text.trim().is_empty() {
