@@ -301,3 +301,20 @@ fn sigterm_stops_every_listener_of_a_worker(driver: &str) {
     assert!(rs.wait_exit().success());
 }
 with_both_drivers!(sigterm_stops_every_listener_of_a_worker);
+
+fn connections_still_open_at_the_drain_deadline_are_reset_and_the_process_exits_zero(driver: &str) {
+    let (upstream, conns) = manual_server();
+    let mut rs = plain(upstream, driver, &["--drain-timeout", "500ms"]);
+    let mut client = connect(rs.listen);
+    client.write_all(b"x").unwrap();
+    let mut server = next_conn(&conns);
+    assert_eq!(read_exact(&mut server, 1), b"x");
+    rs.signal("TERM");
+    // Neither side closes: at the deadline both are reset, never a clean EOF that would make
+    // a cut-off transfer look complete.
+    let mut buf = [0u8; 8];
+    assert_eq!(client.read(&mut buf).map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+    assert_eq!(server.read(&mut buf).map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+    assert!(rs.wait_exit().success());
+}
+with_both_drivers!(connections_still_open_at_the_drain_deadline_are_reset_and_the_process_exits_zero);
