@@ -39,7 +39,7 @@ const MAX_QUOTED_TYPE_URL: usize = 128;
 static MAGIC_BYTES: [u8; 4] = MAGIC.to_be_bytes();
 
 /// Node metadata of one side. Empty string = absent (the reader requires none of the fields).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NodeMetadata {
     /// Node id, sent as `x-envoy-peer-metadata-id`.
     pub id: String,

@@ -617,6 +617,12 @@ impl ShardWriter {
         id
     }
 
+    /// Whether `id` is an overflow series (callers must not cache it: every connection that
+    /// lands there is counted by `intern`).
+    pub fn is_overflow(&self, id: SeriesId) -> bool {
+        self.overflow.contains(&Some(id))
+    }
+
     /// Appends a series and publishes it; None past the shard's capacity.
     fn push(&mut self, labels: LabelSet) -> Option<SeriesId> {
         let i = self.shard.len.load(Ordering::Relaxed);

@@ -5,6 +5,7 @@
 //! holds no buffer; a read that filled the whole buffer reads again at once (bulk flow).
 
 use std::future::{Future, poll_fn};
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::pin::pin;
 use std::rc::Rc;
@@ -164,10 +165,58 @@ async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -
 }
 
 /// Label the connection and count it as opened, once (later calls do nothing).
-fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &str) {
+fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &'static str) {
     if conn.series.get().is_some() || !ctx.istio_metrics {
         return;
     }
+    // Everything the labels depend on besides the fixed local node. (With mTLS, the
+    // principals join the key.)
+    let (listener, upstream) = (conn.listener, conn.upstream.get());
+    let hash = {
+        let mut h = std::hash::DefaultHasher::new();
+        (listener, upstream, response_flags, peer).hash(&mut h);
+        h.finish()
+    };
+    let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
+        let same = known.listener == listener
+            && known.upstream == upstream
+            && known.response_flags == response_flags
+            && known.peer.as_ref() == peer;
+        same.then_some(*id)
+    });
+    if let Some(id) = cached {
+        ctx.settle(conn, id);
+        return;
+    }
+    let id = ctx.intern(labels(ctx, conn, peer, response_flags));
+    let mut cache = ctx.series_cache.borrow_mut();
+    if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
+        let key = SettleKey { listener, upstream, response_flags, peer: peer.cloned() };
+        cache.insert(hash, (key, id));
+    }
+    drop(cache);
+    ctx.settle(conn, id);
+}
+
+/// Label inputs of a settled connection, to reuse its series for the next such connection
+/// without rebuilding 23 label values (two dozen allocations).
+pub struct SettleKey {
+    listener: usize,
+    upstream: Option<(usize, Option<usize>)>,
+    response_flags: &'static str,
+    peer: Option<NodeMetadata>,
+}
+
+/// Entries per worker; beyond it, label sets are built per connection (still correct).
+const SERIES_CACHE_MAX: usize = 4096;
+
+/// The 23 label values of a connection (SPEC §3).
+fn labels(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    peer: Option<&NodeMetadata>,
+    response_flags: &str,
+) -> metrics::LabelSet {
     let listener = &ctx.shared.config.listeners[conn.listener];
     let unknown = ServiceInfo::default();
     let (service, endpoint_labels) = match conn.upstream.get() {
@@ -177,7 +226,7 @@ fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_fl
         }
         None => (&unknown, None),
     };
-    let labels = metrics::label_set(&ConnLabels {
+    metrics::label_set(&ConnLabels {
         reporter: reporter(listener.direction),
         local: &ctx.node,
         peer,
@@ -187,9 +236,7 @@ fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_fl
         local_principal: None,
         peer_principal: None,
         mutual_tls: false,
-    });
-    let id = ctx.intern(labels);
-    ctx.settle(conn, id);
+    })
 }
 
 /// Outbound `always`: write our preamble first, relay the client's bytes meanwhile, and

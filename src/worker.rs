@@ -281,6 +281,8 @@ pub struct WorkerCtx {
     pub istio_metrics: bool,
     /// Coarse clock, advanced by the tick; read per read instead of a syscall.
     pub now: Cell<Instant>,
+    /// Series of recently settled label inputs (see `relay::settle`).
+    pub series_cache: RefCell<std::collections::HashMap<u64, (relay::SettleKey, SeriesId)>>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
     free: RefCell<Vec<usize>>,
     active: Cell<u64>,
@@ -402,6 +404,7 @@ async fn worker_main(
         splice: shared.splice,
         istio_metrics: shared.istio_metrics,
         now: Cell::new(Instant::now()),
+        series_cache: RefCell::new(std::collections::HashMap::new()),
         conns: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),
         active: Cell::new(0),

@@ -35,18 +35,20 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Echoes one connection at a time, allocating nothing per connection (no thread per client).
 fn echo_backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
         let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if s.write_all(&buf[..n]).is_err() {
-                        return;
+        while let Ok((mut s, _)) = l.accept() {
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
                     }
                 }
             }
@@ -111,9 +113,35 @@ fn relayed_round_trips_allocate_nothing(driver: ringside::config::Driver) {
     // allocation would show as thousands.
     assert!(allocated < 100, "{allocated} allocations during 5,000 relayed round trips");
     s.shutdown(Shutdown::Both).unwrap();
+    drop(s);
+
+    // A whole short connection (accept, connect upstream, one round trip, close) allocates a
+    // bounded handful of times: its task, its counters, the sockets' handles. Nothing per
+    // byte and no label-set rebuilding for a peer seen before.
+    let listen = p.shared.config.listeners[0].listen;
+    let one = || {
+        let mut c = TcpStream::connect(listen).unwrap();
+        round_trips(&mut c, 1);
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut rest = [0u8; 1];
+        assert_eq!(c.read(&mut rest).unwrap(), 0); // the proxy relayed the upstream's EOF
+    };
+    for _ in 0..50 {
+        one();
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..500 {
+        one();
+    }
+    let per_connection = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 500.0;
+    eprintln!("{driver:?}: {per_connection:.1} allocations per connection");
+    assert!(per_connection <= MAX_ALLOCATIONS_PER_CONNECTION, "{per_connection} allocations per connection");
     p.shared.terminate();
     p.join();
 }
+
+/// Allocations a relayed connection may make, measured, with a little headroom.
+const MAX_ALLOCATIONS_PER_CONNECTION: f64 = 20.0;
 
 // One test, both drivers in turn: a parallel test would count its own allocations here.
 #[test]

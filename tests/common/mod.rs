@@ -184,8 +184,12 @@ impl Ringside {
         status
     }
 
-    /// stderr lines so far (complete only after exit).
+    /// stderr lines: all of them once `wait_exit` returned (this then waits for the reader
+    /// thread to see the pipe close), else those so far.
     pub fn stderr_lines(&self) -> Vec<String> {
+        if self.child.is_none() {
+            return self.stderr.iter().collect();
+        }
         self.stderr.try_iter().collect()
     }
 }
