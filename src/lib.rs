@@ -4,6 +4,7 @@
 //! `unsafe` is denied everywhere but `socket`, which wraps the few syscalls monoio does not
 //! offer (readiness on split halves, SO_LINGER reset, splice) and says why each is sound.
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod admin; // /ready, /stats/prometheus, /config_dump, /drain, /healthz/ready
 pub mod cli; // flags -> config overrides
