@@ -2,7 +2,8 @@
 //! propagate half-close and reset, and count it (SPEC §1, §2).
 //!
 //! Reads wait for readiness before taking a buffer from the pool, so an idle connection
-//! holds no buffer; a read that filled the whole buffer reads again at once (bulk flow).
+//! holds no buffer; a read that fills the whole buffer marks a bulk flow, which then moves by
+//! splice(2) without passing through user space.
 
 use std::future::{Future, poll_fn};
 use std::hash::{Hash, Hasher};
@@ -90,8 +91,8 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
     // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
     // that an idle, established connection should not carry for the rest of its life.
     let setup = Box::pin(open(ctx, li, conn, down));
-    // Cancelled while connecting or exchanging: nothing was relayed yet; dropping the
-    // sockets closes them.
+    // Cancelled while connecting or exchanging (idle timeout, drain deadline): dropping the
+    // sockets closes them; at most the first bytes of the exchange phase were relayed.
     let (down, up, peer) = monoio::select! {
         r = setup => r?,
         _ = conn.cancel.wait() => return Ok(()),
