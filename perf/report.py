@@ -212,9 +212,12 @@ def markdown(meta, s):
 - Priority of every measured process (proxies, load generator, backend): {meta['priority']}.
 - HAProxy: `mode tcp`, `option splice-auto` (what a user tuning L4 would enable), `nbthread 1`.
   nginx: `stream {{ server {{ listen; proxy_pass; }} }}` with default `proxy_buffer_size`,
-  `worker_processes 1`. ringside: `--workers 1 --admin off --health off`, `--metrics off` except
-  `ringside-1-metrics`; 1 sidecar `--peer-exchange off`, 2 sidecars outbound `always` → inbound
-  `always`; `--driver uring` except `ringside-1-epoll`.
+  `worker_processes 1`. ringside: `--workers 1 --admin off --health off`, `--driver uring`
+  except `ringside-1-epoll`. `ringside-1` and `ringside-1-epoll` run with
+  `RINGSIDE_ISTIO_METRICS=0` (no istio_tcp_* counting at all) and `--metrics off`;
+  `ringside-1-metrics` counts them and is scraped once a second. 1 sidecar `--peer-exchange off`;
+  2 sidecars (metrics on) outbound → inbound, `always` (`ringside-2`) or `off` (`ringside-2-off`).
+  Bulk flows move by splice(2) after the first full 16 KiB read (`RINGSIDE_SPLICE=0` would copy).
 """)
     return "\n".join(lines)
 
