@@ -261,16 +261,7 @@ async fn exchange_outbound(
         monoio::select! {
             r = up.readable(false) => {
                 r?;
-                let (n, buf) = read(ctx, up).await?;
-                if n == 0 {
-                    // The upstream half-closed during the exchange: peer unknown; the 1-3 magic
-                    // bytes it may have sent were application data; relay them and the FIN.
-                    ctx.pool.put(buf);
-                    forward_held(ctx, conn, down, parser.held_prefix(), false).await?;
-                    let _ = down.shutdown().await;
-                    count(ctx, ExchangeOutcome::HeaderNotFound);
-                    return Ok(None);
-                }
+                let (_, buf) = read(ctx, up).await?;
                 match feed(ctx, conn, parser, buf, down, false, None).await? {
                     Verdict::Pending => {
                         begun_at.get_or_insert_with(Instant::now);
@@ -326,16 +317,7 @@ async fn exchange_inbound(
         monoio::select! {
             r = down.readable(false) => {
                 r?;
-                let (n, buf) = read(ctx, down).await?;
-                if n == 0 {
-                    // The client half-closed during the exchange: peer unknown; the 1-3 magic
-                    // bytes it may have sent were application data; relay them and the FIN.
-                    ctx.pool.put(buf);
-                    forward_held(ctx, conn, up, parser.held_prefix(), true).await?;
-                    let _ = up.shutdown().await;
-                    count(ctx, ExchangeOutcome::HeaderNotFound);
-                    return Ok(None);
-                }
+                let (_, buf) = read(ctx, down).await?;
                 match feed(ctx, conn, parser, buf, up, true, Some(down)).await? {
                     Verdict::Pending => {
                         begun_at.get_or_insert_with(Instant::now);
@@ -371,7 +353,7 @@ enum Verdict {
     Settled(Option<NodeMetadata>),
 }
 
-/// Feed one read from the side that carries the peer's preamble. On a verdict, forward the
+/// Feed one read (empty: EOF) from the side that carries the peer's preamble. On a verdict, forward the
 /// application bytes to `to` (`request`: downstream→upstream), after answering with our own
 /// preamble on `answer` (inbound). A broken preamble is an error: the caller resets both.
 async fn feed(
@@ -383,6 +365,15 @@ async fn feed(
     request: bool,
     answer: Option<&mut TcpStream>,
 ) -> Result<Verdict, Error> {
+    if buf.is_empty() {
+        // The peer half-closed during the exchange: peer unknown; the 1-3 magic bytes it may
+        // have sent were application data; relay them, then the FIN.
+        ctx.pool.put(buf);
+        forward_held(ctx, conn, to, parser.held_prefix(), request).await?;
+        let _ = to.shutdown().await;
+        count(ctx, ExchangeOutcome::HeaderNotFound);
+        return Ok(Verdict::Settled(None));
+    }
     match parser.feed(&buf) {
         Status::NeedMore => {
             ctx.pool.put(buf);
