@@ -104,6 +104,9 @@ pub struct RunArgs {
     /// Drain time on SIGTERM.
     #[arg(long)]
     pub drain_timeout: Option<Dur>,
+    /// Busy-poll window after activity, e.g. 50us (0s: off).
+    #[arg(long)]
+    pub busy_poll: Option<Dur>,
     /// Upstream connect timeout (every listener).
     #[arg(long)]
     pub connect_timeout: Option<Dur>,
@@ -173,6 +176,9 @@ impl RunArgs {
         }
         if let Some(d) = self.drain_timeout {
             cfg.drain_timeout = d;
+        }
+        if let Some(d) = self.busy_poll {
+            cfg.busy_poll = d;
         }
         if let Some(b) = self.metrics {
             cfg.metrics.listen = b;

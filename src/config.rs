@@ -52,6 +52,10 @@ pub struct Config {
     /// How long live connections may finish after SIGTERM.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// Keep polling for events this long after the last read instead of sleeping (0s: off),
+    /// like HAProxy's `busy-polling`: trades CPU for the wake-up latency of an idle core.
+    #[serde(default = "default_busy_poll")]
+    pub busy_poll: Dur,
     /// Metrics listener and reporting.
     #[serde(default)]
     pub metrics: Metrics,
@@ -76,6 +80,7 @@ impl Default for Config {
             workers: None,
             driver: Driver::default(),
             drain_timeout: default_drain_timeout(),
+            busy_poll: default_busy_poll(),
             metrics: Metrics::default(),
             admin: Admin::default(),
             health: Health::default(),
@@ -428,37 +433,39 @@ impl Serialize for Bind {
     }
 }
 
-/// A duration written `15s`, `500ms`, `1m` or `1h`.
+/// A duration written `15s`, `500ms`, `50us`, `1m` or `1h`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
 impl std::str::FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("bad duration {s:?} (want e.g. 15s, 500ms, 1m, 1h)");
+        let bad = || format!("bad duration {s:?} (want e.g. 15s, 500ms, 50us, 1m, 1h)");
         let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
         let (num, unit) = s.split_at(split);
         let n: u64 = num.parse().map_err(|_| bad())?;
-        let ms = match unit {
-            "ms" => Some(n),
-            "s" => n.checked_mul(1000),
-            "m" => n.checked_mul(60_000),
-            "h" => n.checked_mul(3_600_000),
+        let us = match unit {
+            "us" => Some(n),
+            "ms" => n.checked_mul(1000),
+            "s" => n.checked_mul(1_000_000),
+            "m" => n.checked_mul(60_000_000),
+            "h" => n.checked_mul(3_600_000_000),
             _ => None,
         }
         .ok_or_else(bad)?;
-        Ok(Dur(Duration::from_millis(ms)))
+        Ok(Dur(Duration::from_micros(us)))
     }
 }
 
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        match ms {
-            _ if ms.is_multiple_of(3_600_000) && ms > 0 => write!(f, "{}h", ms / 3_600_000),
-            _ if ms.is_multiple_of(60_000) && ms > 0 => write!(f, "{}m", ms / 60_000),
-            _ if ms.is_multiple_of(1000) => write!(f, "{}s", ms / 1000),
-            _ => write!(f, "{ms}ms"),
+        let us = self.0.as_micros();
+        match us {
+            _ if us.is_multiple_of(3_600_000_000) && us > 0 => write!(f, "{}h", us / 3_600_000_000),
+            _ if us.is_multiple_of(60_000_000) && us > 0 => write!(f, "{}m", us / 60_000_000),
+            _ if us.is_multiple_of(1_000_000) => write!(f, "{}s", us / 1_000_000),
+            _ if us.is_multiple_of(1000) => write!(f, "{}ms", us / 1000),
+            _ => write!(f, "{us}us"),
         }
     }
 }
@@ -516,6 +523,10 @@ impl Serialize for Size {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(self.0 as u64)
     }
+}
+
+fn default_busy_poll() -> Dur {
+    Dur(Duration::ZERO)
 }
 
 fn default_drain_timeout() -> Dur {
@@ -598,6 +609,12 @@ impl Config {
             return Err(at(
                 "tcp_reporting_duration",
                 "metrics.tcp_reporting_duration: must be positive".into(),
+            ));
+        }
+        if self.busy_poll.0 > MAX_BUSY_POLL {
+            return Err(at(
+                "busy_poll",
+                format!("busy_poll: at most {} (0s turns it off)", Dur(MAX_BUSY_POLL)),
             ));
         }
         if self.metrics.max_label_sets == 0 || self.metrics.max_label_sets > MAX_LABEL_SETS {
@@ -763,6 +780,9 @@ impl Config {
 
 /// Upper bound for `metrics.max_label_sets`: each worker reserves its shard index up front.
 pub const MAX_LABEL_SETS: usize = 1_000_000;
+
+/// Longest busy-poll window: beyond this it is spinning, not bridging a wake-up.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 
 /// Whether two listen addresses would fight over one port: same port (not 0) and the same
 /// IP, or either one the wildcard.

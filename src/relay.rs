@@ -558,6 +558,7 @@ async fn pump(
             return shutdown_write(to).await;
         }
         let bulk = n == buf.capacity();
+        ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let (res, buf) = to.write_all(buf).await;

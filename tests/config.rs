@@ -135,6 +135,13 @@ const BAD: &[(&str, &str, &str, &[&str])] = &[
         &["cluster mongodb has no subset \"v9\""],
     ),
     ("zero-workers", "workers: 1", "workers: 0", &["FILE:2:", "workers: must be at least 1"]),
+    (
+        "busy-poll-too-long",
+        "workers: 1",
+        "workers: 1\nbusy_poll: 20ms",
+        &["FILE:3:", "busy_poll: at most 10ms (0s turns it off)"],
+    ),
+    ("busy-poll-no-unit", "workers: 1", "workers: 1\nbusy_poll: 50", &["FILE:3:", "bad duration \"50\""]),
     ("yaml-syntax", "listeners:", "listeners: [", &["FILE:"]),
     (
         "huge-label-budget",
@@ -227,6 +234,21 @@ fn bad_flags_get_one_line_and_exit_64() {
             ],
             "workers: must be at least 1",
         ),
+        (
+            &[
+                "run",
+                "--listen",
+                "127.0.0.1:1",
+                "--upstream",
+                "127.0.0.1:2",
+                "--direction",
+                "outbound",
+                "--busy-poll",
+                "1h",
+            ],
+            "busy_poll: at most 10ms",
+        ),
+        (&["run", "--busy-poll", "fast"], "bad duration"),
         (&["run", "--bogus"], "unexpected argument '--bogus'"),
         (&["frobnicate"], "unrecognized subcommand"),
     ];

@@ -257,6 +257,13 @@ fn the_driver_in_use_is_logged_once() {
     assert!(rs.wait_exit().success());
     let lines = rs.stderr_lines();
     assert_eq!(lines.iter().filter(|l| l.contains("driver epoll")).count(), 1, "{lines:?}");
+    // io_uring on this kernel (>= 5.19) runs with COOP_TASKRUN, and busy-polling is announced.
+    let mut rs = plain(echo_server(), "uring", &["--busy-poll", "50us"]);
+    rs.signal("TERM");
+    assert!(rs.wait_exit().success());
+    let lines = rs.stderr_lines();
+    let wanted = "driver uring (COOP_TASKRUN) with 2 workers, busy-polling 50us after activity";
+    assert_eq!(lines.iter().filter(|l| l.contains(wanted)).count(), 1, "{lines:?}");
 }
 
 fn a_half_close_during_the_exchange_is_relayed_and_the_response_ends_with_eof_not_a_reset(driver: &str) {
@@ -318,3 +325,48 @@ fn connections_still_open_at_the_drain_deadline_are_reset_and_the_process_exits_
     assert!(rs.wait_exit().success());
 }
 with_both_drivers!(connections_still_open_at_the_drain_deadline_are_reset_and_the_process_exits_zero);
+
+/// utime+stime of a process, from /proc (clock ticks, 1/100 s here and on every Linux we target).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn busy_polling_relays_exactly_keeps_every_task_running_and_stops_when_quiet(driver: &str) {
+    // The longest window allowed, so a poller that starved the relay tasks would show.
+    let rs = plain(echo_server(), driver, &["--busy-poll", "10ms", "--workers", "1"]);
+    let threads: Vec<_> = (0..16u64)
+        .map(|i| {
+            let addr = rs.listen;
+            thread::spawn(move || {
+                let payload = Rng(i + 1).bytes(1 << (i + 4).min(22));
+                let (sent, got) = echo_through(addr, payload, i + 77);
+                assert!(got == sent, "connection {i}: bytes differ");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Sequential round trips: each needs the relay task to run while the poller spins. A
+    // poller that kept the turn to itself would delay every one by the window (>= 10 ms);
+    // 200 of them would take 2 s or more, against a few ms here.
+    let mut s = connect(rs.listen);
+    let start = std::time::Instant::now();
+    for i in 0..200u32 {
+        s.write_all(&i.to_le_bytes()).unwrap();
+        assert_eq!(read_exact(&mut s, 4), i.to_le_bytes());
+    }
+    let took = start.elapsed();
+    assert!(took < std::time::Duration::from_secs(1), "200 round trips took {took:?}: the relay starved");
+    // Quiet now: the window closes and the worker sleeps (a spinning one burns ~100 ticks/s).
+    drop(s);
+    let pid = rs.pid();
+    wait_for("the worker to stop spinning", || {
+        let before = cpu_ticks(pid);
+        thread::sleep(std::time::Duration::from_millis(500));
+        (cpu_ticks(pid) - before <= 5).then_some(())
+    });
+}
+with_both_drivers!(busy_polling_relays_exactly_keeps_every_task_running_and_stops_when_quiet);

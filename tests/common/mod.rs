@@ -125,6 +125,11 @@ impl Ringside {
         rs
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// GET /stats/prometheus from the metrics listener.
     pub fn scrape(&self) -> String {
         let addr = self.metrics.unwrap_or(self.admin);
