@@ -27,7 +27,8 @@ MSG_SIZE=64
 LOAD_CORE=0   # load generator and backend
 PROXY_CORE=1  # every proxy process, so all targets compete for the same single core
 BACKEND_PORT=18100; FRONT_PORT=18101; INNER_PORT=18102; METRICS_PORT=18103; METRICS_PORT2=18104
-TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-2 ringside-2-off haproxy nginx"
+TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-2 ringside-2-off haproxy haproxy-busy nginx"
+BUSY_POLL=100us  # ringside-1-busy's window; HAProxy's busy-polling has none (it spins whenever it runs)
 PYTHON=/usr/bin/python3  # Debian's, where python3-matplotlib installs
 # Others compile on this machine: measured processes (every target alike) get a higher
 # priority when allowed, so a neighbour's rustc perturbs the numbers less. nice does not stop
@@ -215,10 +216,11 @@ ringside_start() {  # listen upstream direction peer_exchange driver [extra flag
   PROXY_PIDS+=("$LAST_PID")
 }
 
-haproxy_start() {
+haproxy_start() {  # [extra global line]
   cat >"$WORK/haproxy.cfg" <<EOF
 global
   nbthread 1
+  ${1:-}
   maxconn $((IDLE_CONNS + 50))
   # HAProxy reserves fds for maxpipes splice pipes (default maxconn/4) up front, which would
   # not fit the fd limit; a bulk test splices at most 8 streams at once.
@@ -287,6 +289,9 @@ start_target() {
     direct) FRONT=$BACKEND_PORT ;;
     ringside-1) RS_METRICS=0 ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off uring --metrics off ;;
     ringside-1-epoll) RS_METRICS=0 ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off epoll --metrics off ;;
+    # Opt-in latency mode, compared with HAProxy's own busy-polling as well as its default.
+    ringside-1-busy)
+      RS_METRICS=0 ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off uring --metrics off --busy-poll "$BUSY_POLL" ;;
     # ringside-1 above counts no istio_tcp_* series at all (RINGSIDE_ISTIO_METRICS=0); this
     # one counts them and is scraped every second meanwhile, as Prometheus would (15 s is the
     # usual interval): the difference is the whole cost of metrics.
@@ -301,6 +306,7 @@ start_target() {
       ringside_start "$INNER_PORT" "$BACKEND_PORT" inbound off uring --metrics "127.0.0.1:$METRICS_PORT2" &&
         ringside_start "$FRONT_PORT" "$INNER_PORT" outbound off uring --metrics "127.0.0.1:$METRICS_PORT" ;;
     haproxy) haproxy_start ;;
+    haproxy-busy) haproxy_start busy-polling ;;
     nginx) nginx_start ;;
   esac
 }
@@ -378,6 +384,7 @@ fi
   echo "conn_seconds=$CONN_SECONDS"
   echo "lat_requests=$LAT_REQUESTS"
   echo "msg_size=$MSG_SIZE"
+  echo "busy_poll=$BUSY_POLL"
   echo "load_core=$LOAD_CORE"
   echo "proxy_core=$PROXY_CORE"
 } >"$WORK/meta.txt"
