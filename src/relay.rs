@@ -597,6 +597,7 @@ async fn splice_pump(
             }
             Err(e) => return Err(e),
         };
+        ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let mut left = n;
