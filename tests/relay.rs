@@ -370,3 +370,35 @@ fn busy_polling_relays_exactly_keeps_every_task_running_and_stops_when_quiet(dri
     });
 }
 with_both_drivers!(busy_polling_relays_exactly_keeps_every_task_running_and_stops_when_quiet);
+
+fn busy_polling_under_constant_traffic_still_fires_timers(driver: &str) {
+    // monoio fires timers only when it parks; a poller that never let it park would keep the
+    // idle timeout (and every other timer) from firing while any connection is busy.
+    let rs =
+        plain(echo_server(), driver, &["--busy-poll", "10ms", "--idle-timeout", "300ms", "--workers", "1"]);
+    let mut idle = connect(rs.listen);
+    idle.write_all(b"i").unwrap();
+    assert_eq!(read_exact(&mut idle, 1), b"i");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (addr, stop) = (rs.listen, stop.clone());
+        thread::spawn(move || {
+            let mut s = connect(addr);
+            let mut trips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && trips < 2_000_000 {
+                s.write_all(b"b").unwrap();
+                assert_eq!(read_exact(&mut s, 1), b"b");
+                trips += 1;
+            }
+            trips
+        })
+    };
+    idle.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 1];
+    let closed = idle.read(&mut buf);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let trips = busy.join().unwrap();
+    assert!(matches!(closed, Ok(0)), "the idle connection was not closed by its timeout: {closed:?}");
+    assert!(trips > 100, "the busy connection barely ran ({trips} round trips)");
+}
+with_both_drivers!(busy_polling_under_constant_traffic_still_fires_timers);
