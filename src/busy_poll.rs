@@ -84,10 +84,10 @@ impl BusyPoll {
                     return Poll::Ready(());
                 }
                 self.parked[0].set(Some(cx.waker().clone()));
-                if now.duration_since(armed) < TIMER_TURN {
-                    if let Some(partner) = self.parked[1].take() {
-                        partner.wake();
-                    }
+                if now.duration_since(armed) < TIMER_TURN
+                    && let Some(partner) = self.parked[1].take()
+                {
+                    partner.wake();
                 }
                 Poll::Pending
             })
@@ -98,10 +98,10 @@ impl BusyPoll {
     async fn partner(&self) {
         poll_fn(|cx| {
             self.parked[1].set(Some(cx.waker().clone()));
-            if self.running.get() {
-                if let Some(lead) = self.parked[0].take() {
-                    lead.wake();
-                }
+            if self.running.get()
+                && let Some(lead) = self.parked[0].take()
+            {
+                lead.wake();
             }
             Poll::<()>::Pending
         })
