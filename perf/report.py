@@ -199,6 +199,33 @@ def markdown(meta, s):
           "with HAProxy's defaults (plus splice-auto); `ringside-1-busy` runs ringside's opt-in "
           "`busy_poll` window, and its last row compares it with HAProxy's `busy-polling`.\n")
 
+    w("## What limits each number\n")
+    w("""Measured separately with `perf record -g` on the proxy, `perf stat` tracepoints and `nstat`
+(commands in perf/README.md); these findings do not change from run to run.
+
+- **CPU per connection** (ringside ≈ HAProxy ≈ nginx, target ≤ 0.6× HAProxy): 95 % of it is
+  the kernel's TCP work, which every proxy does the same way: `nstat` counts 20 segments,
+  2 active opens and 2 TIME_WAITs per proxied connection for ringside and HAProxy alike. Of
+  ringside's ~68 µs: connect ~19 µs (5 of it the ephemeral-port search among TIME_WAIT
+  sockets), the two sends ~15 µs (each runs the receiver's TCP input and wakes the other
+  core), shutdown + close ~17 µs, socket + accept + recv ~7 µs; ringside's own code is under
+  3 %. The io_uring driver used to cost 19 % more than that (an IPI per completion while the
+  worker ran); `IORING_SETUP_COOP_TASKRUN` removed it. Reaching 0.6× would need less TCP
+  work than the protocol requires (no TIME_WAIT, no FIN handshake), which would change what
+  the peers see.
+- **Added latency**: every proxy in the default mode pays two wake-ups of its idle core per
+  round trip (request in, response in), ~30 µs each on this VM. The opt-in `busy_poll`
+  window removes those (`ringside-1-busy`); what remains are the wake-ups of the load core
+  (client and backend), which the direct row does not pay because both sit on one core.
+  HAProxy's `busy-polling` removes the same wake-ups, so like for like the two are even.
+- **1-stream throughput vs direct**: the load core runs both the client and the backend and
+  is ~90 % busy through any proxy (100 % direct); through a proxy it also takes the
+  cross-core wake-ups and socket-lock contention, so it moves fewer bytes. The proxy core is
+  ~60 % busy (splice, no copies), so the proxy is not the limit; a larger (4 MiB) or smaller
+  (256 KiB) pipe made it worse, busy-polling did not help.
+- **Two sidecars** share the one proxy core, so their connection rate is about half of one
+  proxy's; the exchange adds one preamble write and parse each way.
+""")
     w("## Plots\n")
     w("![throughput vs streams](results/throughput.png)\n")
     w("![connection rate vs concurrency](results/connrate.png)\n")
