@@ -1,6 +1,7 @@
 """Draws perf/results/{throughput,connrate}.png from perf/results/raw.jsonl, one line per target."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import matplotlib.pyplot as plt
 
 
 def series(records, test, x_key, y_key):
-    out = {}
+    """Per target, (x, y) points; an x measured several times gets the median of its runs."""
+    runs = {}
     for r in records:
         res = r["result"]
         if res["test"] == test:
-            out.setdefault(r["target"], []).append((res[x_key], res[y_key]))
-    return {t: sorted(points) for t, points in out.items()}
+            runs.setdefault(r["target"], {}).setdefault(res[x_key], []).append(res[y_key])
+    return {t: sorted((x, statistics.median(ys)) for x, ys in by_x.items()) for t, by_x in runs.items()}
 
 
 def draw(path, data, xlabel, ylabel, title, logx):
