@@ -11,9 +11,20 @@ use std::time::{Duration, Instant};
 /// A generous bound for anything that should happen "at once" on a loaded 2-core CI box.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// A free loopback port (bound and released; the race with other tests is negligible).
+/// A free loopback port, bound and released. Taken below the kernel's ephemeral range
+/// (32768-60999 by default): a port 0 bind would hand out one that any test connection's
+/// local end may take before the proxy binds it (seen: "Address already in use" in CI).
+/// Spread by process id, so test binaries running at once start far apart.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(2654435761) % 20000;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 10000 + (base + n * 7) % 22000; // 10000..=31999
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 /// Poll `f` until it returns Some, or panic after `DEADLINE`.
