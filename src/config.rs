@@ -811,6 +811,11 @@ mod tests {
         assert!("s".parse::<Dur>().is_err());
         assert!("1d".parse::<Dur>().is_err());
         assert!("99999999999999999999h".parse::<Dur>().is_err());
+        // Microseconds (busy_poll) parse, and every duration prints in its largest exact unit.
+        assert_eq!("50us".parse::<Dur>().unwrap().0, Duration::from_micros(50));
+        for text in ["50us", "1500us", "250ms", "5s", "2m", "1h", "0s"] {
+            assert_eq!(text.parse::<Dur>().unwrap().to_string(), text);
+        }
     }
 
     #[test]

@@ -18,13 +18,14 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub fn free_addr() -> SocketAddr {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let base = std::process::id().wrapping_mul(2654435761) % 20000;
-    loop {
+    for _ in 0..22000 {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let port = 10000 + (base + n * 7) % 22000; // 10000..=31999
         if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
             return l.local_addr().unwrap();
         }
     }
+    panic!("no free loopback port in 10000-31999");
 }
 
 /// Poll `f` until it returns Some, or panic after `DEADLINE`.
