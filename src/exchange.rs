@@ -427,14 +427,14 @@ mod tests {
 
     fn golden_client() -> NodeMetadata {
         golden(
-            include_str!("../tests/data/client_node_metadata.json.tmpl"),
+            include_str!("../tests/data/istio-golden/client_node_metadata.json.tmpl"),
             "sidecar~10.52.0.34~productpage-v1-84975bc778-pxz2w.default~default.svc.cluster.local",
         )
     }
 
     fn golden_server() -> NodeMetadata {
         golden(
-            include_str!("../tests/data/server_node_metadata.json.tmpl"),
+            include_str!("../tests/data/istio-golden/server_node_metadata.json.tmpl"),
             "sidecar~10.52.0.35~ratings-v1-84975bc778-pxz2w.default~default.svc.cluster.local",
         )
     }

@@ -1,4 +1,4 @@
-//! SPEC §3 against Istio's own golden data (`shared/istio-golden`, copied from istio/proxy): the
+//! SPEC §3 against Istio's own golden data (`tests/data/istio-golden`, copied from istio/proxy): the
 //! TCP metadata exchange test's traffic replayed through `metrics`, rendered, parsed, and
 //! compared with the enforced `metric/tcp_{client,server}_*` files, filled as Istio's
 //! `Params.Fill` fills them for the plain (wds=false, native, no additional labels) run.

@@ -1,4 +1,4 @@
-//! Istio's golden test data (`shared/istio-golden`, copied from istio/proxy) for tests: a filler
+//! Istio's golden test data (`tests/data/istio-golden`, copied from istio/proxy) for tests: a filler
 //! for the subset of Go text/template the files use, the bootstrap node metadata and cluster
 //! services they describe, the enforced metric families, and Istio's `ExactStat` comparison.
 //! Included with `#[path]` next to `common/exposition.rs` (as `crate::exposition`).
@@ -12,7 +12,7 @@ use ringside::metrics::ServiceInfo;
 use serde::Deserialize;
 
 pub fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/istio-golden")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/istio-golden")
 }
 
 pub fn read_golden(rel: &str) -> String {
