@@ -1,5 +1,8 @@
 //! Clusters, subsets, load balancing and weighted TCP routes (SPEC §6), one `Router` per
 //! worker. Pure: no sockets, no clocks; per-worker state lives in `Cell`s (single thread).
+//! `istio` turns Istio's own YAML into the same config.
+
+pub mod istio;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
