@@ -609,17 +609,21 @@ fn destination_rule(
     let mut matched = false;
     for c in cfg.clusters.iter_mut().filter(|c| c.service.as_deref() == Some(host.as_str())) {
         matched = true;
+        let mut taken = Vec::new();
         for s in &subsets {
             if c.subsets.iter().any(|x| x.name == s.name) {
-                reports.push(format!(
-                    "{}: subset {}: cluster {} already has it; not applied",
-                    doc.at(),
-                    s.name,
-                    c.name
-                ));
+                taken.push(s.name.as_str());
             } else {
                 c.subsets.push(s.clone());
             }
+        }
+        if !taken.is_empty() {
+            reports.push(format!(
+                "{}: subsets {}: cluster {} already has them (an earlier rule); not applied",
+                doc.at(),
+                taken.join(", "),
+                c.name
+            ));
         }
         if let Some(lb) = load_balancer {
             c.load_balancer = lb;
