@@ -1062,6 +1062,26 @@ spec:
         );
     }
 
+    proptest::proptest! {
+        /// A valid file cut and spliced anywhere: an error or a config, never a panic, and a
+        /// config that validates builds a router.
+        #[test]
+        fn any_text_gives_an_error_or_a_config_without_panicking(
+            cut in 0usize..2000, splice in 0usize..2000, junk in "[ -~\n]{0,40}",
+        ) {
+            let text = vs("  - match: [{port: 27017}]\n    route: [{destination: {host: mongodb, subset: v1}, weight: 3}]\n");
+            let at = |i: usize| (0..=i.min(text.len())).rev().find(|&j| text.is_char_boundary(j)).unwrap_or(0);
+            let mutated = format!("{}{junk}{}", &text[..at(splice)], &text[at(cut)..]);
+            if let Ok((mut cfg, _)) = load(&[("p.yaml", &mutated)]) {
+                let service = "listeners: [{name: m, listen: 127.0.0.1:27017, direction: outbound, service: mongodb.default.svc.cluster.local}]";
+                cfg.listeners = Config::parse(service, "t").unwrap().listeners;
+                if cfg.validate("p.yaml", &mutated).is_ok() {
+                    crate::routing::Router::new(&cfg, 1);
+                }
+            }
+        }
+    }
+
     fn error(text: &str) -> String {
         load(&[("bad.yaml", text)]).map(|_| ()).unwrap_err().to_string()
     }
