@@ -14,5 +14,5 @@ pub use labels::{
     CANONICAL_NAME, CANONICAL_REVISION, ConnLabels, LABEL_NAMES, LabelSet, OVERFLOW, Reporter, ServiceInfo,
     label_set, principal_namespace, with_canonical_labels,
 };
-pub use render::{CONTENT_TYPE, ISTIO_COUNTERS, render};
+pub use render::{CONTENT_TYPE, ISTIO_COUNTERS, ISTIO_HELP, render};
 pub use shard::{Delta, ExchangeOutcome, LabelBudget, SeriesId, Shard, ShardWriter};

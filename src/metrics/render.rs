@@ -20,6 +20,16 @@ pub const ISTIO_COUNTERS: [&str; 4] = [
     "istio_tcp_sent_bytes_total",
 ];
 
+/// `# HELP` of [`ISTIO_COUNTERS`], in the same order: Istio's own descriptions of its standard
+/// metrics (istio.io, "Istio Standard Metrics"). Envoy writes no HELP line; SPEC §3 asks for one
+/// on every family so that `promtool check metrics` has nothing to report.
+pub const ISTIO_HELP: [&str; 4] = [
+    "Incremented for every opened TCP connection.",
+    "Incremented for every closed TCP connection.",
+    "Size of total bytes received during request in case of a TCP connection.",
+    "Size of total bytes sent during response in case of a TCP connection.",
+];
+
 // Recorder metadata for every series; the Prometheus recorder ignores it.
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
 
@@ -38,8 +48,8 @@ fn static_label(key: &'static str, value: impl Into<SharedString>) -> Label {
 }
 
 /// Sums every shard per label set and renders Prometheus text 0.0.4 through a
-/// `metrics-exporter-prometheus` recorder: the four `istio_tcp_*` counters (no HELP line, as
-/// Istio's proxy) and the `ringside_*` process metrics (with HELP): `ringside_connections_active
+/// `metrics-exporter-prometheus` recorder: the four `istio_tcp_*` counters and the `ringside_*`
+/// process metrics, each family with `# HELP` and `# TYPE`: `ringside_connections_active
 /// {worker}`, `ringside_exchange_total{outcome}`, `ringside_label_sets_overflowed_total`,
 /// `ringside_listener_overflowed_total`, `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
@@ -75,6 +85,9 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     let describe_gauge = |name: &'static str, help: &'static str| {
         recorder.describe_gauge(KeyName::from_const_str(name), None, help.into());
     };
+    for (name, help) in ISTIO_COUNTERS.into_iter().zip(ISTIO_HELP) {
+        describe_counter(name, help);
+    }
     describe_gauge("ringside_connections_active", "Connections currently open, per worker.");
     describe_counter(
         "ringside_exchange_total",
@@ -158,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn render_keeps_label_order_escapes_values_and_writes_no_help_for_istio_counters() {
+    fn render_keeps_label_order_escapes_values_and_writes_help_and_type_for_istio_counters() {
         let (mut w, shard) = ShardWriter::new(0, LabelBudget::new(10));
         let local = node("a\"b\\c\nd", "ns", "", &[]);
         let s = no_service();
@@ -166,7 +179,7 @@ mod tests {
         let id = w.intern(set);
         w.fold(id, Delta { opened: 2, closed: 1, received_bytes: 5, sent_bytes: 9 });
         let text = render(&[shard], "uring");
-        assert!(!text.contains("# HELP istio_"));
+        assert!(text.lines().any(|l| l == format!("# HELP {} {}", ISTIO_COUNTERS[3], ISTIO_HELP[3])));
         assert!(!text.contains("_total_total"));
         let line = text.lines().find(|l| l.starts_with("istio_tcp_sent_bytes_total{")).unwrap();
         assert!(line.ends_with("} 9"), "{line}");
