@@ -10,6 +10,7 @@ pub mod admin; // /ready, /stats/prometheus, /config_dump, /drain, /healthz/read
 pub mod busy_poll; // opt-in: poll instead of sleeping for a window after activity
 pub mod cli; // flags -> config overrides
 pub mod config; // YAML model, defaults, validate(); durations; file:line errors
+pub mod cpus; // workers and pinning from the affinity mask and cgroup CPU quota
 pub mod demo; // the built-in two-sidecar demo
 pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No I/O.
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
