@@ -111,7 +111,7 @@ fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'stati
 
 /// The effective config, plus `cpus`: the workers and pinning chosen and why (SPEC §1).
 fn config_dump(shared: &Shared) -> serde_json::Result<String> {
-    let mut dump = serde_json::to_value(&shared.config)?;
+    let mut dump = serde_json::to_value(&*shared.config)?;
     if let Some(map) = dump.as_object_mut() {
         map.insert("cpus".into(), serde_json::to_value(&shared.cpus)?);
     }
