@@ -28,7 +28,10 @@ fn tool(program: &str, args: &[&str]) -> (bool, String) {
 
 /// `ringside validate` on a config text; returns its one-line answer on failure.
 fn ringside_validate(name: &str, yaml: &str) {
-    let path = std::env::temp_dir().join(format!("ringside-deploy-{}-{name}", std::process::id()));
+    // Unique per call: tests run in parallel and two of them validate a file of the same name.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("ringside-deploy-{}-{n}-{name}", std::process::id()));
     std::fs::write(&path, yaml).unwrap();
     let (ok, text) = tool(env!("CARGO_BIN_EXE_ringside"), &["validate", "--config", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
