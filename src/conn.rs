@@ -277,7 +277,6 @@ fn labels(
         reporter: listener.direction.into(),
         local: &ctx.node,
         peer: peer.or(endpoint),
-        endpoint_labels: None,
         service,
         response_flags,
         local_principal: None,
