@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use crate::config::{Cluster, Config, Endpoint, LoadBalancer, ServiceRoute, Subset, TcpRoute};
+use crate::config::{Cluster, ClusterTls, Config, Endpoint, LoadBalancer, ServiceRoute, Subset, TcpRoute};
 
 /// A broken Istio document: where it is and why it cannot be applied.
 #[derive(Debug, thiserror::Error)]
@@ -606,6 +606,7 @@ fn destination_rule(
             ));
         }
     }
+    let workload_tls = cfg.clusters.iter().find_map(|c| c.tls.clone());
     let mut matched = false;
     for c in cfg.clusters.iter_mut().filter(|c| c.service.as_deref() == Some(host.as_str())) {
         matched = true;
@@ -630,10 +631,14 @@ fn destination_rule(
         }
         match tls_mode {
             None | Some("UNSET") => {}
-            Some("ISTIO_MUTUAL") => match &mut c.tls {
-                Some(tls) => tls.mode = "istio_mutual".into(),
-                None => reports.push(format!(
-                    "{}: tls mode ISTIO_MUTUAL: cluster {} has no certificates (no tls: block in the config); its connections stay plaintext",
+            // A cluster's `tls:` is ISTIO_MUTUAL (SPEC §7); one without gets the workload's
+            // certificates from another cluster's `tls:` (a pod has one workload certificate),
+            // without subject_alt_names to check (the rule names none).
+            Some("ISTIO_MUTUAL") => match (&c.tls, &workload_tls) {
+                (Some(_), _) => {}
+                (None, Some(tls)) => c.tls = Some(ClusterTls { subject_alt_names: Vec::new(), ..tls.clone() }),
+                (None, None) => reports.push(format!(
+                    "{}: tls mode ISTIO_MUTUAL: cluster {} has no certificates (no cluster in the config has a tls: block); its connections stay plaintext",
                     doc.at(),
                     c.name
                 )),
@@ -1080,6 +1085,33 @@ spec:
                 }
             }
         }
+    }
+
+    #[test]
+    fn istio_mutual_gives_a_service_entry_cluster_the_workload_certificates_of_the_config() {
+        let mtls = include_str!("../../tests/data/istio/bookinfo/destination-rule-all-mtls.yaml");
+        let ratings = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  ports: [{number: 9080, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1}]
+";
+        let mut cfg = Config::parse(
+            "clusters: [{name: db, endpoints: [{address: 127.0.0.1:1}], tls: {mode: istio_mutual, cert_chain: c.pem, private_key: k.pem, root_cert: r.pem, subject_alt_names: [spiffe://cluster.local/ns/default/sa/db]}}]",
+            "t",
+        )
+        .unwrap();
+        let sources =
+            [Source { file: "mtls.yaml", text: mtls }, Source { file: "ratings.yaml", text: ratings }];
+        let reports = apply(&mut cfg, &sources).unwrap();
+        assert!(!reports.iter().any(|r| r.contains("ISTIO_MUTUAL")), "{reports:#?}");
+        let tls = cfg.clusters[1].tls.as_ref().expect("ISTIO_MUTUAL applied");
+        assert_eq!((tls.cert_chain.as_str(), tls.root_cert.as_str()), ("c.pem", "r.pem"));
+        assert!(tls.subject_alt_names.is_empty());
     }
 
     fn error(text: &str) -> String {
