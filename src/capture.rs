@@ -13,6 +13,7 @@ use std::time::Duration;
 use monoio::net::TcpStream;
 
 use crate::config::{Capture, Listener};
+use crate::routing::{Router, Target};
 use crate::socket;
 
 /// Source address of inbound-capture upstream connections: Istio's
@@ -69,14 +70,9 @@ pub fn is_own_listener(dst: SocketAddr, listeners: &[Listener]) -> bool {
 
 /// Connect to `dst` from `src` (port chosen by the kernel at connect time), waiting at most
 /// `timeout`. monoio's connect cannot bind first, so the socket is made here and handed to
-/// the runtime; `nonblocking` keeps O_NONBLOCK for the epoll driver, which needs it (io_uring
-/// sockets stay blocking, as monoio makes them).
-pub async fn connect_from(
-    src: IpAddr,
-    dst: SocketAddr,
-    timeout: Duration,
-    nonblocking: bool,
-) -> io::Result<TcpStream> {
+/// the runtime; it stays O_NONBLOCK for the epoll driver, which needs it, and is made
+/// blocking again for io_uring, as monoio makes its own sockets.
+pub async fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(dst), Type::STREAM.cloexec(), None)?;
     // The port is picked at connect(), per destination: binding first must not spend one of
@@ -99,10 +95,47 @@ pub async fn connect_from(
     if let Some(e) = sock.take_error()? {
         return Err(e);
     }
-    if !nonblocking {
+    if !monoio::utils::is_legacy() {
         sock.set_nonblocking(false)?;
     }
     Ok(stream)
+}
+
+/// What a capture listener does with a connection, by its original destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The proxy's own listener: refuse (a loop).
+    Refuse,
+    /// Outbound, a cluster matched: route there.
+    Cluster(Target),
+    /// Outbound, nothing matched: relay to the original destination itself.
+    Passthrough(SocketAddr),
+    /// Inbound: relay to the application on the original destination, from 127.0.0.6.
+    Local(SocketAddr),
+}
+
+/// Decide where a captured connection goes (SPEC §8). `original` is what SO_ORIGINAL_DST
+/// said; when the kernel has no record (a client dialled the capture port directly, no NAT
+/// happened), the connection's local address stands in, which is a capture listener and so
+/// refused, as Envoy falls back to the local address and Istio black-holes it.
+pub fn decide(
+    mode: Capture,
+    original: io::Result<SocketAddr>,
+    local: SocketAddr,
+    listeners: &[Listener],
+    router: &Router,
+) -> Decision {
+    let dst = original.unwrap_or(local);
+    if is_own_listener(dst, listeners) {
+        return Decision::Refuse;
+    }
+    match mode {
+        Capture::Inbound => Decision::Local(dst),
+        _ => match router.route_original_dst(dst) {
+            Some(t) => Decision::Cluster(t),
+            None => Decision::Passthrough(dst),
+        },
+    }
 }
 
 /// Which ports or CIDRs a rule set captures: all (`*`), a list, or none (empty).

@@ -320,6 +320,7 @@ impl RunArgs {
                 service: None,
                 service_namespace: None,
                 load_balancer: config::LoadBalancer::RoundRobin,
+                addresses: Vec::new(),
                 endpoints: vec![],
                 subsets: vec![],
                 tls: None,

@@ -94,6 +94,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             service: Some(service),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
+            addresses: Vec::new(),
             endpoints: vec![Endpoint { address: upstream, labels: BTreeMap::new() }],
             subsets: vec![],
             tls: None,

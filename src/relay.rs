@@ -18,10 +18,12 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use crate::config::{Direction, Listener, PeerExchange};
-use crate::conn::{Conn, WorkerCtx, settle};
+use crate::capture::{self, Decision};
+use crate::config::{Capture, Direction, Listener, PeerExchange};
+use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
+use crate::routing::Target;
 use crate::socket;
 
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
@@ -39,6 +41,10 @@ pub enum Error {
     /// A preamble begun was not finished within exchange_timeout.
     #[error("exchange timeout")]
     ExchangeTimeout,
+    /// A captured connection's original destination was the proxy's own listener (`UH`,
+    /// as Istio's BlackHoleCluster has no hosts).
+    #[error("captured connection to the proxy's own listener refused (loop)")]
+    Loop,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -49,6 +55,7 @@ impl Error {
         match self {
             Error::NoRoute => "NR",
             Error::Connect(_) => "UF",
+            Error::Loop => "UH",
             _ => "-",
         }
     }
@@ -108,7 +115,10 @@ async fn open(
     mut down: TcpStream,
 ) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
     let listener = &ctx.config.listeners[li];
-    let mut up = connect(ctx, li, conn, listener).await?;
+    let mut up = match listener.capture {
+        Capture::None => connect(ctx, li, conn, listener, None).await?,
+        _ => connect_captured(ctx, li, conn, listener, &down).await?,
+    };
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
     let peer = match (listener.peer_exchange, listener.direction) {
@@ -143,9 +153,57 @@ async fn open(
     }
 }
 
-/// Route and connect, trying the other endpoints when one refuses or times out.
-async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
-    let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
+/// A captured connection: where its original destination says (SPEC §8), read once here.
+async fn connect_captured(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    let local = down.local_addr()?;
+    let original = capture::original_dst(down);
+    let timeout = listener.limits.connect_timeout.0;
+    match capture::decide(listener.capture, original, local, &ctx.config.listeners, &ctx.router) {
+        Decision::Refuse => {
+            conn.captured.set(Some(Captured::BlackHole));
+            Err(Error::Loop)
+        }
+        Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,
+        Decision::Passthrough(dst) => {
+            conn.captured.set(Some(Captured::Passthrough(dst)));
+            match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
+                Ok(r) => r.map_err(Error::Connect),
+                Err(_) => Err(Error::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect {dst}: timed out"),
+                ))),
+            }
+        }
+        Decision::Local(dst) => {
+            // The listener's cluster (if any) only names destination_service.
+            if let Some(t) = ctx.router.route(li) {
+                conn.upstream.set(Some((t.cluster, None)));
+            }
+            let from = std::net::IpAddr::V4(capture::INBOUND_SOURCE);
+            capture::connect_from(from, dst, timeout).await.map_err(Error::Connect)
+        }
+    }
+}
+
+/// Route (unless `target` is given) and connect, trying the other endpoints when one
+/// refuses or times out.
+async fn connect(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    target: Option<Target>,
+) -> Result<TcpStream, Error> {
+    let target = match target {
+        Some(t) => t,
+        None => ctx.router.route(li).ok_or(Error::NoRoute)?,
+    };
     conn.upstream.set(Some((target.cluster, None)));
     let endpoints = &ctx.router.clusters[target.cluster].endpoints;
     let mut last = io::Error::new(io::ErrorKind::NotFound, "no endpoints");

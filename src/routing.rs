@@ -2,10 +2,10 @@
 //! worker. Pure: no sockets, no clocks; per-worker state lives in `Cell`s (single thread).
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
-use crate::config::{Config, LoadBalancer};
+use crate::config::{Capture, Config, LoadBalancer};
 use crate::metrics::ServiceInfo;
 
 /// A cluster (optionally a subset) a connection was routed to.
@@ -51,6 +51,7 @@ pub struct ClusterState {
 enum Route {
     One(Target),
     Weighted { targets: Vec<(Target, u64)>, total: u64 },
+    Captured,
 }
 
 /// Per-worker routing table.
@@ -60,6 +61,25 @@ pub struct Router {
     /// Clusters by index.
     pub clusters: Vec<ClusterState>,
     rng: Cell<u64>,
+    /// Cluster by the addresses an outbound capture matches (SPEC §8).
+    by_address: HashMap<SocketAddr, usize>,
+}
+
+/// Which cluster a captured connection's original destination belongs to: a cluster's
+/// service addresses first, then its endpoints; the first cluster in config order wins.
+fn address_index(cfg: &Config) -> HashMap<SocketAddr, usize> {
+    let mut index = HashMap::new();
+    for (i, c) in cfg.clusters.iter().enumerate() {
+        for a in &c.addresses {
+            index.entry(*a).or_insert(i);
+        }
+    }
+    for (i, c) in cfg.clusters.iter().enumerate() {
+        for e in &c.endpoints {
+            index.entry(e.address).or_insert(i);
+        }
+    }
+    index
 }
 
 impl Router {
@@ -126,6 +146,9 @@ impl Router {
                         })
                         .collect();
                     Route::Weighted { targets, total }
+                } else if l.capture != Capture::None && l.cluster.is_none() && l.service.is_none() {
+                    // Routed per connection by its original destination (SPEC §8).
+                    Route::Captured
                 } else if let Some(host) = &l.service {
                     let cluster = clusters.iter().position(|c| &c.service.host == host).unwrap_or(0);
                     Route::One(Target { cluster, subset: None })
@@ -134,7 +157,13 @@ impl Router {
                 }
             })
             .collect();
-        Router { routes, clusters, rng: Cell::new(seed | 1) }
+        Router { routes, clusters, rng: Cell::new(seed | 1), by_address: address_index(cfg) }
+    }
+
+    /// The cluster for an outbound-captured connection to `dst`, whose service addresses or
+    /// endpoints include it; `None` means passthrough to `dst` itself (SPEC §8).
+    pub fn route_original_dst(&self, dst: SocketAddr) -> Option<Target> {
+        self.by_address.get(&dst).map(|&cluster| Target { cluster, subset: None })
     }
 
     /// The cluster (and subset) for a new connection on `listener`.
@@ -145,6 +174,7 @@ impl Router {
                 let x = self.random() % (*total).max(1);
                 targets.iter().find(|(_, upto)| x < *upto).map(|(t, _)| *t)
             }
+            Route::Captured => None,
         }
     }
 
@@ -263,6 +293,20 @@ clusters:
         r.connected(0, 0);
         r.connected(0, 1);
         assert_eq!(r.candidates(t).next(), Some(2));
+    }
+
+    #[test]
+    fn an_original_destination_matches_service_addresses_then_endpoints() {
+        let yaml = format!(
+            "{BASE}  - name: vip\n    addresses: [10.96.0.1:27017, 127.0.0.1:11]\n    endpoints: [{{address: 127.0.0.1:20}}]\n"
+        );
+        let r = Router::new(&cfg(&yaml), 7);
+        let at = |s: &str| r.route_original_dst(s.parse().unwrap()).map(|t| t.cluster);
+        assert_eq!(at("10.96.0.1:27017"), Some(1));
+        assert_eq!(at("127.0.0.1:11"), Some(1), "a service address wins over another cluster's endpoint");
+        assert_eq!(at("127.0.0.1:10"), Some(0));
+        assert_eq!(at("127.0.0.1:20"), Some(1));
+        assert_eq!(at("10.96.0.1:80"), None, "another port: passthrough");
     }
 
     #[test]
