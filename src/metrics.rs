@@ -488,6 +488,7 @@ struct ProcessCells {
     active_connections: AtomicU64,
     label_sets_overflowed: AtomicU64,
     listener_overflowed: AtomicU64,
+    capture_loops_refused: AtomicU64,
     exchange: [AtomicU64; 7],
 }
 
@@ -549,6 +550,12 @@ impl Shard {
     /// Connections refused by a listener's connection limit on this worker.
     pub fn listener_overflowed(&self) -> u64 {
         self.process.listener_overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Captured connections refused on this worker because their original destination was
+    /// the proxy's own listener (SPEC §8).
+    pub fn capture_loops_refused(&self) -> u64 {
+        self.process.capture_loops_refused.load(Ordering::Relaxed)
     }
 
     /// Exchanges that ended with `outcome` on this worker.
@@ -672,6 +679,11 @@ impl ShardWriter {
     pub fn count_listener_overflow(&self) {
         add(&self.shard.process.listener_overflowed, 1);
     }
+
+    /// Counts one captured connection refused as a loop (SPEC §8).
+    pub fn count_capture_loop(&self) {
+        add(&self.shard.process.capture_loops_refused, 1);
+    }
 }
 
 // Recorder metadata for every series; the Prometheus recorder ignores it.
@@ -695,7 +707,8 @@ fn static_label(key: &'static str, value: impl Into<SharedString>) -> Label {
 /// `metrics-exporter-prometheus` recorder: the four `istio_tcp_*` counters (no HELP line, as
 /// Istio's proxy) and the `ringside_*` process metrics (with HELP): `ringside_connections_active
 /// {worker}`, `ringside_exchange_total{outcome}`, `ringside_label_sets_overflowed_total`,
-/// `ringside_listener_overflowed_total`, `ringside_driver_info{driver}` and
+/// `ringside_listener_overflowed_total`, `ringside_capture_loops_refused_total`,
+/// `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
 pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     let mut totals: HashMap<&LabelSet, [u64; 4]> = HashMap::new();
@@ -742,11 +755,15 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         "ringside_listener_overflowed_total",
         "Connections closed at once because a listener was at its connection limit.",
     );
+    describe_counter(
+        "ringside_capture_loops_refused_total",
+        "Captured connections refused because their original destination was the proxy's own listener.",
+    );
     describe_gauge("ringside_driver_info", "I/O driver in use.");
     describe_gauge("ringside_build_info", "ringside build.");
 
     let mut exchanges = [0u64; 7];
-    let (mut overflowed, mut listener) = (0u64, 0u64);
+    let (mut overflowed, mut listener, mut loops) = (0u64, 0u64, 0u64);
     for shard in shards {
         register_gauge(
             &recorder,
@@ -759,6 +776,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         }
         overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
         listener = listener.wrapping_add(shard.listener_overflowed());
+        loops = loops.wrapping_add(shard.capture_loops_refused());
     }
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
         let labels = vec![static_label("outcome", SharedString::const_str(outcome.as_str()))];
@@ -767,6 +785,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     let overflow_name = "ringside_label_sets_overflowed_total";
     register_counter(&recorder, overflow_name, vec![], overflowed);
     register_counter(&recorder, "ringside_listener_overflowed_total", vec![], listener);
+    register_counter(&recorder, "ringside_capture_loops_refused_total", vec![], loops);
     let driver = vec![static_label("driver", driver.to_owned())];
     register_gauge(&recorder, "ringside_driver_info", driver, 1.0);
     let version = vec![static_label("version", env!("CARGO_PKG_VERSION"))];

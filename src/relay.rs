@@ -167,6 +167,7 @@ async fn connect_captured(
     match capture::decide(listener.capture, original, local, &ctx.config.listeners, &ctx.router) {
         Decision::Refuse => {
             conn.captured.set(Some(Captured::BlackHole));
+            ctx.metrics.borrow().count_capture_loop();
             Err(Error::Loop)
         }
         Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,

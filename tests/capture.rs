@@ -200,12 +200,14 @@ fn a_captured_connection_to_the_proxys_own_port_is_refused_and_counted_not_relay
         1.0,
         "{text}"
     );
+    assert_eq!(counter(&text, "ringside_capture_loops_refused_total", &[]), 1.0, "{text}");
     // Dialled directly (no NAT: the original destination is the listener itself): refused too.
     let mut s = connect_in(&pods.a, &format!("{A_IP}:15001")).unwrap();
     s.set_read_timeout(Some(common::DEADLINE)).unwrap();
     assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)));
     a.wait_for_scrape("the second refused connection", |t| {
         counter(t, "istio_tcp_connections_closed_total", &refused) == 2.0
+            && counter(t, "ringside_capture_loops_refused_total", &[]) == 2.0
     });
 }
 

@@ -18,7 +18,6 @@ pub fn unavailable(test: &str) -> Option<String> {
     let why = probe()?;
     let line = format!("SKIP {test}: {why}");
     eprintln!("{line}");
-    println!("{line}");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
         let _ = writeln!(f, "{line}");
