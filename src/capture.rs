@@ -68,6 +68,26 @@ pub fn is_own_listener(dst: SocketAddr, listeners: &[Listener]) -> bool {
     })
 }
 
+/// A start-up line for a config with capture listeners: the rules must exclude this
+/// process's uid (or gid), or its own upstream connections would be captured again. Warns
+/// when the uid is not Istio's 1337, the `ringside iptables` default.
+pub fn startup_note(listeners: &[Listener]) -> Option<(log::Level, String)> {
+    use std::os::unix::fs::MetadataExt;
+    if listeners.iter().all(|l| l.capture == Capture::None) {
+        return None;
+    }
+    let me = std::fs::metadata("/proc/self").ok()?;
+    let (uid, gid) = (me.uid(), me.gid());
+    let level = if uid == PROXY_ID { log::Level::Info } else { log::Level::Warn };
+    Some((
+        level,
+        format!(
+            "capture: running as uid {uid} gid {gid}; the capture rules must exclude it \
+             (`ringside iptables --apply --proxy-uid {uid}`), or upstream connections loop"
+        ),
+    ))
+}
+
 /// Connect to `dst` from `src` (port chosen by the kernel at connect time), waiting at most
 /// `timeout`. monoio's connect cannot bind first, so the socket is made here and handed to
 /// the runtime; it stays O_NONBLOCK for the epoll driver, which needs it, and is made

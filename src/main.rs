@@ -100,6 +100,9 @@ fn run(cfg: Config) -> ExitCode {
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
+    if let Some((level, note)) = capture::startup_note(&cfg.listeners) {
+        log::log!(level, "{note}");
+    }
     let proxy = worker::start(cfg)?;
     let shared = proxy.shared.clone();
     let c = &shared.config;

@@ -121,7 +121,13 @@ async fn open(
     };
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
-    let peer = match (listener.peer_exchange, listener.direction) {
+    // A passthrough destination is not known to be a mesh peer: writing a preamble to it
+    // would put bytes in front of its protocol (Istio's PassthroughCluster has no exchange).
+    let mode = match conn.captured.get() {
+        Some(Captured::Passthrough(_)) => PeerExchange::Off,
+        _ => listener.peer_exchange,
+    };
+    let peer = match (mode, listener.direction) {
         (PeerExchange::Always, direction) => {
             // A preamble split across reads is gathered in a pool buffer (copied once).
             let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());

@@ -149,10 +149,14 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
         ("reporter", "source"),
         ("destination_service", "10.77.0.2:7070"),
         ("destination_service_name", "PassthroughCluster"),
-        ("destination_workload", "ratings-v1"),
+        ("destination_workload", "unknown"), // no preamble is written to an unknown destination
     ];
     a.wait_for_scrape("passthrough close", |t| {
         counter(t, "istio_tcp_connections_closed_total", &pass) == 1.0
+    });
+    let plain_client = [("reporter", "destination"), ("source_workload", "unknown")];
+    b.wait_for_scrape("passthrough at B, as a plain client", |t| {
+        counter(t, "istio_tcp_connections_closed_total", &plain_client) == 1.0
     });
 
     // An excluded inbound port: pod B's rules leave it alone, so the server sees pod A.
@@ -165,9 +169,8 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
     let s = connect_in(&pods.a, &format!("{B_IP2}:7070")).unwrap();
     assert_eq!(echo_through(s, &data), data);
     assert_eq!(plain.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "127.0.0.6");
-    let direct = [("reporter", "destination"), ("source_workload", "unknown")];
     b.wait_for_scrape("the uncaptured-outbound connection at B", |t| {
-        counter(t, "istio_tcp_connections_closed_total", &direct) == 1.0
+        counter(t, "istio_tcp_connections_closed_total", &plain_client) == 2.0
     });
     let text = a.scrape();
     assert_eq!(

@@ -253,5 +253,10 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The log stays for a failed test to be read; the config never does.
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("ringside-{}.yaml", self.ns)));
+        if !thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
