@@ -21,6 +21,17 @@ use crate::socket;
 /// so the proxy's own connection to the application is never captured again.
 pub const INBOUND_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 
+/// IPv6 twin of [`INBOUND_SOURCE`]: Istio's `InboundPassthroughBindIpv6`.
+pub const INBOUND_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// The source address of an inbound-capture connection to `dst`.
+pub fn inbound_source(dst: SocketAddr) -> IpAddr {
+    match dst {
+        SocketAddr::V4(_) => IpAddr::V4(INBOUND_SOURCE),
+        SocketAddr::V6(_) => IpAddr::V6(INBOUND_SOURCE_V6),
+    }
+}
+
 /// Istio's outbound capture port (`ISTIO_REDIRECT` target).
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Istio's inbound capture port (`ISTIO_IN_REDIRECT` target).
@@ -556,6 +567,37 @@ iptables -t nat -A ISTIO_OUTPUT -j ISTIO_REDIRECT
         assert!(parse_list::<u16>("70000").is_err());
         assert_eq!(parse_select::<u16>("*"), Ok(Select::All));
         assert_eq!(parse_select::<u16>(""), Ok(Select::Only(vec![])));
+    }
+
+    #[test]
+    fn captured_connections_go_to_a_matching_cluster_else_through_and_never_to_the_proxy() {
+        let yaml = "
+listeners:
+  - {name: out, listen: 0.0.0.0:15001, direction: outbound, capture: outbound}
+  - {name: in, listen: 0.0.0.0:15006, direction: inbound, capture: inbound}
+clusters: [{name: c, addresses: [10.96.0.1:80], endpoints: [{address: 10.1.0.9:8080}]}]
+";
+        let c = crate::config::Config::parse(yaml, "t.yaml").unwrap();
+        let router = Router::new(&c, 1);
+        let local: SocketAddr = "10.1.0.5:15001".parse().unwrap();
+        let decide = |mode, dst: &str| decide(mode, Ok(dst.parse().unwrap()), local, &c.listeners, &router);
+        let to_c = Decision::Cluster(Target { cluster: 0, subset: None });
+        assert_eq!(decide(Capture::Outbound, "10.96.0.1:80"), to_c);
+        assert_eq!(decide(Capture::Outbound, "10.1.0.9:8080"), to_c);
+        assert_eq!(
+            decide(Capture::Outbound, "10.1.0.9:80"),
+            Decision::Passthrough("10.1.0.9:80".parse().unwrap())
+        );
+        assert_eq!(
+            decide(Capture::Inbound, "10.1.0.5:9080"),
+            Decision::Local("10.1.0.5:9080".parse().unwrap())
+        );
+        assert_eq!(decide(Capture::Outbound, "10.9.9.9:15006"), Decision::Refuse);
+        assert_eq!(decide(Capture::Inbound, "10.1.0.5:15001"), Decision::Refuse);
+        let none = Err(io::Error::from(io::ErrorKind::NotFound));
+        assert_eq!(super::decide(Capture::Outbound, none, local, &c.listeners, &router), Decision::Refuse);
+        assert_eq!(inbound_source("[fd00::5]:9080".parse().unwrap()).to_string(), "::6");
+        assert_eq!(inbound_source("10.1.0.5:9080".parse().unwrap()).to_string(), "127.0.0.6");
     }
 
     #[test]

@@ -192,8 +192,7 @@ async fn connect_captured(
             if let Some(t) = ctx.router.route(li) {
                 conn.upstream.set(Some((t.cluster, None)));
             }
-            let from = std::net::IpAddr::V4(capture::INBOUND_SOURCE);
-            capture::connect_from(from, dst, timeout).await.map_err(Error::Connect)
+            capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)
         }
     }
 }
