@@ -18,10 +18,12 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use crate::config::{Direction, Listener, PeerExchange};
-use crate::conn::{Conn, WorkerCtx, settle};
+use crate::capture::{self, Decision};
+use crate::config::{Capture, Direction, Listener, PeerExchange};
+use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
+use crate::routing::Target;
 use crate::socket;
 
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
@@ -42,6 +44,10 @@ pub enum Error {
     /// A preamble begun was not finished within exchange_timeout.
     #[error("exchange timeout")]
     ExchangeTimeout,
+    /// A captured connection's original destination was the proxy's own listener (`UH`,
+    /// as Istio's BlackHoleCluster has no hosts).
+    #[error("captured connection to the proxy's own listener refused (loop)")]
+    Loop,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -52,6 +58,7 @@ impl Error {
         match self {
             Error::NoRoute => "NR",
             Error::Connect(_) => "UF",
+            Error::Loop => "UH",
             Error::NoHealthyUpstream => "UH",
             _ => "-",
         }
@@ -112,10 +119,19 @@ async fn open(
     mut down: TcpStream,
 ) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
     let listener = &ctx.config.listeners[li];
-    let mut up = connect(ctx, li, conn, listener).await?;
+    let mut up = match listener.capture {
+        Capture::None => connect(ctx, li, conn, listener, None).await?,
+        _ => connect_captured(ctx, li, conn, listener, &down).await?,
+    };
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
-    let peer = match (listener.peer_exchange, listener.direction) {
+    // A passthrough destination is not known to be a mesh peer: writing a preamble to it
+    // would put bytes in front of its protocol (Istio's PassthroughCluster has no exchange).
+    let mode = match conn.captured.get() {
+        Some(Captured::Passthrough(_)) => PeerExchange::Off,
+        _ => listener.peer_exchange,
+    };
+    let peer = match (mode, listener.direction) {
         (PeerExchange::Always, direction) => {
             // A preamble split across reads is gathered in a pool buffer (copied once).
             let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
@@ -147,10 +163,58 @@ async fn open(
     }
 }
 
-/// Route and connect, trying the other endpoints when one refuses or times out; a failed
-/// endpoint is ejected for a while (SPEC §6), so the next connections do not wait on it.
-async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
-    let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
+/// A captured connection: where its original destination says (SPEC §8), read once here.
+async fn connect_captured(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    let local = down.local_addr()?;
+    let original = capture::original_dst(down);
+    let timeout = listener.limits.connect_timeout.0;
+    match capture::decide(listener.capture, original, local, &ctx.config.listeners, &ctx.router) {
+        Decision::Refuse => {
+            conn.captured.set(Some(Captured::BlackHole));
+            ctx.metrics.borrow().count_capture_loop();
+            Err(Error::Loop)
+        }
+        Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,
+        Decision::Passthrough(dst) => {
+            conn.captured.set(Some(Captured::Passthrough(dst)));
+            match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
+                Ok(r) => r.map_err(Error::Connect),
+                Err(_) => Err(Error::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect {dst}: timed out"),
+                ))),
+            }
+        }
+        Decision::Local(dst) => {
+            // The listener's cluster (if any) only names destination_service.
+            if let Some(t) = ctx.router.route(li) {
+                conn.upstream.set(Some((t.cluster, None)));
+            }
+            capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)
+        }
+    }
+}
+
+/// Route (unless `target` is given) and connect, trying the other endpoints when one
+/// refuses or times out; a failed endpoint is ejected for a while (SPEC §6), so the next
+/// connections do not wait on it.
+async fn connect(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    target: Option<Target>,
+) -> Result<TcpStream, Error> {
+    let target = match target {
+        Some(t) => t,
+        None => ctx.router.route(li).ok_or(Error::NoRoute)?,
+    };
     conn.upstream.set(Some((target.cluster, None)));
     let cluster = &ctx.router.clusters[target.cluster];
     let now = Instant::now();
