@@ -223,7 +223,7 @@ fn route(
         "/stats/prometheus" => (200, CONTENT_TYPE, shared.render()),
         "/ready" | "/healthz/ready" if shared.ready() => (200, "text/plain", "LIVE\n".to_string()),
         "/ready" | "/healthz/ready" => (503, "text/plain", "DRAINING\n".to_string()),
-        "/config_dump" => match serde_json::to_string_pretty(&shared.config) {
+        "/config_dump" => match serde_json::to_string_pretty(&*shared.config) {
             Ok(json) => (200, "application/json", json + "\n"),
             Err(e) => (500, "text/plain", format!("{e}\n")),
         },
