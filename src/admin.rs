@@ -52,10 +52,10 @@ pub fn spawn(role: Role, addr: SocketAddr, shared: Arc<Shared>) -> io::Result<So
     Ok(bound)
 }
 
-/// A request thread still running: a handle on its socket (to cut it) and a token whose
-/// count tells whether the thread has finished.
+/// A request thread still running: a handle on its socket (to cut it; none when even that
+/// descriptor could not be had) and a token whose count tells whether the thread finished.
 struct InFlight {
-    stream: TcpStream,
+    stream: Option<TcpStream>,
     alive: Arc<()>,
 }
 
@@ -86,9 +86,12 @@ fn accept_loop(role: Role, name: &str, listener: &TcpListener, shared: &Arc<Shar
         {
             // Its read or write fails at once and its thread ends; the newcomer (often a
             // probe whose request is already here) is served.
-            let _ = oldest.stream.shutdown(Shutdown::Both);
+            if let Some(s) = oldest.stream {
+                let _ = s.shutdown(Shutdown::Both);
+            }
         }
-        let Ok(handle) = stream.try_clone() else { continue };
+        // Out of descriptors, the request is still served, only not cuttable.
+        let handle = stream.try_clone().ok();
         let alive = Arc::new(());
         let (token, shared) = (alive.clone(), shared.clone());
         let spawned = std::thread::Builder::new().name(name.to_string()).stack_size(STACK).spawn(move || {
