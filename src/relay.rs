@@ -86,42 +86,72 @@ pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
     ctx.live[li].fetch_sub(1, Ordering::AcqRel);
 }
 
-async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
-    // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
-    // that an idle, established connection should not carry for the rest of its life.
-    let setup = Box::pin(open(ctx, li, conn, down));
-    // Cancelled while connecting or exchanging (idle timeout, drain deadline): dropping the
-    // sockets closes them; at most the first bytes of the exchange phase were relayed.
-    let (down, up, peer) = monoio::select! {
-        r = setup => r?,
-        _ = conn.cancel.wait() => return Ok(()),
-    };
-    settle(ctx, conn, peer.as_ref(), "-");
-    copy_both(ctx, conn, down, up).await
-}
-
-/// Connect upstream and run the peer exchange; on a broken exchange reset both sides.
-async fn open(
-    ctx: &WorkerCtx,
-    li: usize,
-    conn: &Conn,
-    mut down: TcpStream,
-) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
+async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> Result<(), Error> {
     let listener = &ctx.config.listeners[li];
-    let mut up = connect(ctx, li, conn, listener).await?;
+    // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
+    // that an idle, established connection should not carry for the rest of its life. Both
+    // borrow the sockets rather than own them, so a cancel (idle timeout, drain deadline)
+    // leaves them here to be closed the way the cancel asks.
+    let connected = monoio::select! {
+        r = Box::pin(connect(ctx, li, conn, listener)) => Some(r?),
+        _ = conn.cancel.wait() => None,
+    };
+    let Some(mut up) = connected else {
+        cut(conn, down, None);
+        return Ok(());
+    };
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
-    let peer = match (listener.peer_exchange, listener.direction) {
+    let exchanged = monoio::select! {
+        r = Box::pin(exchange(ctx, listener, conn, &mut down, &mut up)) => Some(r),
+        _ = conn.cancel.wait() => None,
+    };
+    match exchanged {
+        Some(Ok(peer)) => {
+            settle(ctx, conn, peer.as_ref(), "-");
+            copy_both(ctx, conn, down, up).await
+        }
+        Some(Err(e)) => {
+            // A broken exchange: reset both sides.
+            socket::reset(down);
+            socket::reset(up);
+            Err(e)
+        }
+        None => {
+            cut(conn, down, Some(up));
+            Ok(())
+        }
+    }
+}
+
+/// Close a connection cancelled before it was relaying: gracefully after an idle timeout, with
+/// a reset at the drain deadline (as `copy_both` does), so a peer never mistakes a cut-off
+/// exchange for a finished one.
+fn cut(conn: &Conn, down: TcpStream, up: Option<TcpStream>) {
+    if conn.idle_expired.get() {
+        return; // dropping closes with FIN
+    }
+    socket::reset(down);
+    if let Some(up) = up {
+        socket::reset(up);
+    }
+}
+
+/// Run the peer exchange the listener asks for; the peer, if it is a mesh peer.
+async fn exchange(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: &mut TcpStream,
+    up: &mut TcpStream,
+) -> Result<Option<NodeMetadata>, Error> {
+    match (listener.peer_exchange, listener.direction) {
         (PeerExchange::Always, direction) => {
             // A preamble split across reads is gathered in a pool buffer (copied once).
             let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
             let peer = match direction {
-                Direction::Outbound => {
-                    exchange_outbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
-                }
-                Direction::Inbound => {
-                    exchange_inbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
-                }
+                Direction::Outbound => exchange_outbound(ctx, listener, conn, &mut parser, down, up).await,
+                Direction::Inbound => exchange_inbound(ctx, listener, conn, &mut parser, down, up).await,
             };
             ctx.pool.put(parser.into_buffer());
             peer
@@ -132,14 +162,6 @@ async fn open(
             Ok(None)
         }
         (PeerExchange::Off, _) => Ok(None),
-    };
-    match peer {
-        Ok(p) => Ok((down, up, p)),
-        Err(e) => {
-            socket::reset(down);
-            socket::reset(up);
-            Err(e)
-        }
     }
 }
 
