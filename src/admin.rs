@@ -226,7 +226,7 @@ fn route(
         "/stats/prometheus" => (200, CONTENT_TYPE, shared.render()),
         "/ready" | "/healthz/ready" if shared.ready() => (200, "text/plain", "LIVE\n".to_string()),
         "/ready" | "/healthz/ready" => (503, "text/plain", "DRAINING\n".to_string()),
-        "/config_dump" => match serde_json::to_string_pretty(&*shared.config) {
+        "/config_dump" => match config_dump(shared) {
             Ok(json) => (200, "application/json", json + "\n"),
             Err(e) => (500, "text/plain", format!("{e}\n")),
         },
@@ -239,6 +239,15 @@ fn route(
         }
     };
     (status, kind, body, None)
+}
+
+/// The effective config, plus `cpus`: the workers and pinning chosen and why (SPEC §1).
+fn config_dump(shared: &Shared) -> serde_json::Result<String> {
+    let mut dump = serde_json::to_value(&*shared.config)?;
+    if let Some(map) = dump.as_object_mut() {
+        map.insert("cpus".into(), serde_json::to_value(&shared.cpus)?);
+    }
+    serde_json::to_string_pretty(&dump)
 }
 
 /// Write a whole response; `allow` is the Allow header a 405 must carry (RFC 9110 §15.5.6).

@@ -98,6 +98,9 @@ pub struct RunArgs {
     /// Worker threads.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// auto | always | never: pin workers to CPUs of the affinity mask.
+    #[arg(long, value_parser = parse_enum::<config::Pin>)]
+    pub pin: Option<config::Pin>,
     /// auto | uring | epoll.
     #[arg(long, value_parser = parse_enum::<config::Driver>)]
     pub driver: Option<config::Driver>,
@@ -170,6 +173,9 @@ impl RunArgs {
         }
         if let Some(w) = self.workers {
             cfg.workers = Some(w);
+        }
+        if let Some(p) = self.pin {
+            cfg.pin = p;
         }
         if let Some(d) = self.driver {
             cfg.driver = d;

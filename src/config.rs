@@ -43,9 +43,12 @@ pub struct Config {
     /// The local node's identity.
     #[serde(default)]
     pub node: Node,
-    /// Worker threads; default one per online CPU.
+    /// Worker threads; default the CPUs this process may use (`cpus::plan`, SPEC §1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// Whether workers are pinned to CPUs of the affinity mask (SPEC §1).
+    #[serde(default)]
+    pub pin: Pin,
     /// Event-loop driver.
     #[serde(default)]
     pub driver: Driver,
@@ -78,6 +81,7 @@ impl Default for Config {
         Config {
             node: Node::default(),
             workers: None,
+            pin: Pin::default(),
             driver: Driver::default(),
             drain_timeout: default_drain_timeout(),
             busy_poll: default_busy_poll(),
@@ -155,6 +159,19 @@ pub enum Driver {
     Uring,
     /// epoll (monoio's legacy driver) only.
     Epoll,
+}
+
+/// Whether worker i is pinned to the i-th CPU of the process's affinity mask (SPEC §1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pin {
+    /// Only when the mask holds exactly `workers` CPUs (CPUs given to this process alone).
+    #[default]
+    Auto,
+    /// Always, wrapping around the mask when there are more workers than CPUs.
+    Always,
+    /// Never: the kernel schedules the workers.
+    Never,
 }
 
 /// `metrics:` section.
