@@ -19,6 +19,8 @@ command -v python3 >/dev/null || need_apt+=(python3)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
 command -v curl >/dev/null || need_apt+=(curl)
+# tests/limits.rs lowers a running ringside's descriptor limit with util-linux's prlimit.
+command -v prlimit >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi
