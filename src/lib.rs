@@ -17,6 +17,6 @@ pub mod demo; // the built-in two-sidecar demo
 pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No I/O.
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count
-pub mod routing; // clusters, subsets, load balancing, weighted routes
+pub mod routing; // clusters, subsets, load balancing, weighted routes; routing::istio reads Istio YAML
 pub mod socket; // readiness on split halves, reset, splice: the only unsafe
 pub mod worker; // driver choice, core pinning, per-worker listeners, accept loops, ticks

@@ -28,9 +28,9 @@ fn tool(program: &str, args: &[&str]) -> (bool, String) {
 
 /// `ringside validate` on a config text; returns its one-line answer on failure.
 fn ringside_validate(name: &str, yaml: &str) {
-    // Unique per call: tests run in parallel and may validate configs of the same name.
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Unique per call: tests run in parallel and two of them validate a file of the same name.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("ringside-deploy-{}-{n}-{name}", std::process::id()));
     std::fs::write(&path, yaml).unwrap();
     let (ok, text) = tool(env!("CARGO_BIN_EXE_ringside"), &["validate", "--config", path.to_str().unwrap()]);
