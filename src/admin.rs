@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::backoff::{self, Backoff};
@@ -52,16 +52,11 @@ pub fn spawn(role: Role, addr: SocketAddr, shared: Arc<Shared>) -> io::Result<So
     Ok(bound)
 }
 
-/// A request thread still running: a handle on its socket (to cut it; none when even that
-/// descriptor could not be had) and a token whose count tells whether the thread finished.
-struct InFlight {
-    stream: Option<TcpStream>,
-    alive: Arc<()>,
-}
-
 fn accept_loop(role: Role, name: &str, listener: &TcpListener, shared: &Arc<Shared>) {
     let mut backoff = Backoff::default();
-    let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(MAX_IN_FLIGHT);
+    // The requests being served, oldest first. Weak: a finished request's socket closes when
+    // its thread drops it, and its entry is then dead.
+    let mut in_flight: VecDeque<Weak<TcpStream>> = VecDeque::with_capacity(MAX_IN_FLIGHT);
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -80,28 +75,23 @@ fn accept_loop(role: Role, name: &str, listener: &TcpListener, shared: &Arc<Shar
             }
         };
         // A thread per request: a slow client holds only its own thread, for REQUEST_TIMEOUT.
-        in_flight.retain(|r| Arc::strong_count(&r.alive) > 1);
+        in_flight.retain(|r| r.strong_count() > 0);
         if in_flight.len() >= MAX_IN_FLIGHT
-            && let Some(oldest) = in_flight.pop_front()
+            && let Some(oldest) = in_flight.pop_front().and_then(|r| r.upgrade())
         {
             // Its read or write fails at once and its thread ends; the newcomer (often a
             // probe whose request is already here) is served.
-            if let Some(s) = oldest.stream {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            let _ = oldest.shutdown(Shutdown::Both);
         }
-        // Out of descriptors, the request is still served, only not cuttable.
-        let handle = stream.try_clone().ok();
-        let alive = Arc::new(());
-        let (token, shared) = (alive.clone(), shared.clone());
+        let stream = Arc::new(stream);
+        let (handle, shared) = (Arc::downgrade(&stream), shared.clone());
         let spawned = std::thread::Builder::new().name(name.to_string()).stack_size(STACK).spawn(move || {
-            if let Err(e) = handle_request(role, stream, &shared) {
+            if let Err(e) = handle_request(role, &stream, &shared) {
                 log::debug!("{role:?} request: {e}");
             }
-            drop(token);
         });
         match spawned {
-            Ok(_) => in_flight.push_back(InFlight { stream: handle, alive }),
+            Ok(_) => in_flight.push_back(handle),
             Err(e) => log::warn!("{role:?} listener: cannot start a request thread: {e}"),
         }
     }
@@ -119,7 +109,7 @@ enum Head {
     TooSlow,
 }
 
-fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
+fn read_head(mut stream: &TcpStream) -> io::Result<Head> {
     // The whole head must arrive within REQUEST_TIMEOUT, however it is dripped.
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut head = Vec::with_capacity(1024);
@@ -150,19 +140,19 @@ fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
     }
 }
 
-fn handle_request(role: Role, mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
+fn handle_request(role: Role, stream: &TcpStream, shared: &Shared) -> io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let head = match read_head(&mut stream)? {
+    let head = match read_head(stream)? {
         Head::Complete(head) => head,
         Head::Closed => return Ok(()),
-        Head::TooLarge => return refuse(&mut stream, 431, "request head over 16 KiB\n"),
-        Head::TooSlow => return refuse(&mut stream, 408, "request head not received in time\n"),
+        Head::TooLarge => return refuse(stream, 431, "request head over 16 KiB\n"),
+        Head::TooSlow => return refuse(stream, 408, "request head not received in time\n"),
     };
     let Some((method, path)) = request_line(&head) else {
-        return refuse(&mut stream, 400, "malformed request line\n");
+        return refuse(stream, 400, "malformed request line\n");
     };
     let (status, kind, body, allow) = route(role, method, path, shared);
-    respond(&mut stream, status, kind, allow, &body)?;
+    respond(stream, status, kind, allow, &body)?;
     let _ = stream.shutdown(Shutdown::Write);
     Ok(())
 }
@@ -183,7 +173,7 @@ fn request_line(head: &[u8]) -> Option<(&str, &str)> {
 
 /// Answer an error, then read and discard what the client still sends (bounded), so our
 /// close does not reset the connection before the client has read the answer.
-fn refuse(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()> {
+fn refuse(mut stream: &TcpStream, status: u16, body: &str) -> io::Result<()> {
     respond(stream, status, "text/plain", None, body)?;
     stream.shutdown(Shutdown::Write)?;
     let deadline = Instant::now() + LINGER;
@@ -252,7 +242,7 @@ fn config_dump(shared: &Shared) -> serde_json::Result<String> {
 
 /// Write a whole response; `allow` is the Allow header a 405 must carry (RFC 9110 §15.5.6).
 fn respond(
-    stream: &mut TcpStream,
+    mut stream: &TcpStream,
     status: u16,
     kind: &str,
     allow: Option<&str>,

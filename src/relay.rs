@@ -18,6 +18,7 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use crate::backoff;
 use crate::config::{Direction, Listener, PeerExchange};
 use crate::conn::{Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
@@ -189,6 +190,9 @@ async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -
                     ctx.router.connected(target.cluster, e);
                     return Ok(s);
                 }
+                // Out of descriptors or memory here, not the endpoint's fault: no ejection,
+                // no other endpoint (it would fail alike), no log line per connection. UF.
+                Ok(Err(err)) if backoff::is_resource_error(&err) => return Err(Error::Connect(err)),
                 Ok(Err(err)) => err,
                 Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
             };
