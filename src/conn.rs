@@ -41,6 +41,8 @@ pub struct WorkerCtx {
     pub router: Router,
     /// Buffer pool.
     pub pool: BufferPool,
+    /// Splice pipes, borrowed by a bulk flow for one burst.
+    pub pipes: crate::socket::PipePool,
     /// This worker's metrics shard writer.
     pub metrics: RefCell<ShardWriter>,
     /// The local node (canonical labels filled) and its encoded preamble.
@@ -124,6 +126,7 @@ impl WorkerCtx {
             // Per-worker seeds, so workers do not pick the same random endpoints in step.
             router: Router::new(&config, 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
             pool: BufferPool::default(),
+            pipes: Default::default(),
             metrics: RefCell::new(writer),
             preamble: crate::exchange::encode(&node),
             node,

@@ -91,7 +91,36 @@ impl Ringside {
         Self::spawn_args(listen, args)
     }
 
-    fn spawn_args(listen: SocketAddr, mut args: Vec<String>) -> Ringside {
+    /// As `spawn`, with the binary run through `wrapper` (e.g. `setpriv --reuid 1337 --`).
+    pub fn spawn_wrapped(
+        wrapper: &[&str],
+        upstream: SocketAddr,
+        direction: &str,
+        extra: &[&str],
+    ) -> Ringside {
+        let listen = free_addr();
+        let mut args: Vec<String> = wrapper[1..].iter().map(|s| s.to_string()).collect();
+        args.push(bin().into());
+        for a in [
+            "run",
+            "--listen",
+            &listen.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+            "--direction",
+            direction,
+        ] {
+            args.push(a.into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn_program(wrapper[0], listen, args)
+    }
+
+    fn spawn_args(listen: SocketAddr, args: Vec<String>) -> Ringside {
+        Self::spawn_program(bin(), listen, args)
+    }
+
+    fn spawn_program(program: &str, listen: SocketAddr, mut args: Vec<String>) -> Ringside {
         let admin = free_addr();
         let has = |args: &Vec<String>, flag: &str| args.iter().any(|a| a == flag);
         if !has(&args, "--admin") {
@@ -111,7 +140,7 @@ impl Ringside {
         if !has(&args, "--workers") {
             args.extend(["--workers".into(), "2".into()]);
         }
-        let mut child = Command::new(bin())
+        let mut child = Command::new(program)
             .args(&args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
