@@ -286,8 +286,8 @@ fn labels(
     })
 }
 
-/// Per-worker relay buffers: taken after a socket is readable, given back after the write,
-/// so an idle connection holds none.
+/// Per-worker relay buffers: taken for a read that does not wait, given back after the
+/// write, so an idle connection holds none.
 #[derive(Default)]
 pub struct BufferPool {
     free: RefCell<Vec<Vec<u8>>>,

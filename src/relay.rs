@@ -1,9 +1,10 @@
 //! One connection's life: route, connect upstream, run the peer exchange, copy both halves,
 //! propagate half-close and reset, and count it (SPEC §1, §2).
 //!
-//! Reads wait for readiness before taking a buffer from the pool, so an idle connection
-//! holds no buffer; a read that fills the whole buffer marks a bulk flow, which then moves by
-//! splice(2) without passing through user space.
+//! A read takes a buffer from the pool only for one non-blocking recv(2), and waits for
+//! readiness without a buffer once a read would block, so an idle connection holds no buffer;
+//! a read that fills the whole buffer marks a bulk flow, which then moves by splice(2) without
+//! passing through user space.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -455,10 +456,12 @@ async fn shutdown_write(to: &mut OwnedWriteHalf<TcpStream>) -> io::Result<()> {
     }
 }
 
-/// One direction: read (after readiness, so an idle connection holds no buffer), write all,
-/// count; on EOF shut the other side's write half (half-close). A read that fills the whole
-/// buffer marks a bulk flow: from then on each burst moves by splice(2) through a pipe
-/// borrowed from the worker's pool for the burst, without copying through us.
+/// One direction: read, write all, count; on EOF shut the other side's write half
+/// (half-close). A read is one non-blocking recv(2) into a pool buffer, taken only for the
+/// call: readiness is awaited (one ring operation, no buffer) only once a read would block,
+/// so an idle connection holds no buffer and a read costs no ring operation of its own. A
+/// read that fills the whole buffer marks a bulk flow: from then on each burst moves by
+/// splice(2) through a pipe borrowed from the worker's pool for the burst.
 async fn pump(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -469,8 +472,13 @@ async fn pump(
     let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
     let mut splice = ctx.splice;
     let mut bulk = false;
+    // A client usually sent its first bytes while we connected upstream: try at once. The
+    // upstream speaks when asked, so its side starts by waiting.
+    let mut ready = request;
     loop {
-        socket::readable(from).await?;
+        if !ready {
+            socket::readable(from).await?;
+        }
         if bulk
             && splice
             && let Some(pipe) = ctx.pipes.take(ctx.now.get())
@@ -478,6 +486,7 @@ async fn pump(
             match splice_burst(ctx, conn, from, to, counter, &pipe).await? {
                 Burst::Quiet => {
                     pipe.release();
+                    ready = false;
                     continue;
                 }
                 Burst::Eof => {
@@ -491,19 +500,28 @@ async fn pump(
                 }
             }
         }
-        let (res, buf) = from.read(ctx.pool.take()).await;
-        let n = match res {
+        let mut buf = ctx.pool.take();
+        let n = match socket::recv(from, &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 ctx.pool.put(buf);
-                return Err(e);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        ready = false;
+                        continue;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
             }
         };
         if n == 0 {
             ctx.pool.put(buf);
             return shutdown_write(to).await;
         }
-        if n == buf.capacity() && splice && !bulk {
+        // A full read: more is probably waiting, so read again at once.
+        ready = n == buf.capacity();
+        if ready && splice && !bulk {
             bulk = true;
             if let Err(e) = socket::nonblocking(from, to) {
                 log::debug!("splice unavailable, copying instead: {e}");

@@ -47,6 +47,27 @@ pub async fn readable(half: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
     stream_of_read(half).readable(false).await
 }
 
+/// Read what the socket holds into `buf`'s spare capacity without waiting (MSG_DONTWAIT):
+/// one recv(2), no ring operation. `WouldBlock` means wait for `readable`; `Ok(0)` is EOF.
+pub fn recv(half: &OwnedReadHalf<TcpStream>, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the fd is the half's live socket; `spare` is writable memory of `spare.len()`
+    // bytes owned by `buf`, and only the `n` bytes recv(2) reports written are marked
+    // initialised below.
+    let n = unsafe {
+        libc::recv(
+            stream_of_read(half).as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// Wait until the write half's socket has room.
 pub async fn writable(half: &OwnedWriteHalf<TcpStream>) -> io::Result<()> {
     stream_of_write(half).writable(false).await
