@@ -1,7 +1,6 @@
 //! Command-line flags (SPEC §4) and how they override the YAML file. No I/O beyond reading
-//! the config file.
+//! the config file and the `--istio` files.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -9,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::de::{DeserializeOwned, IntoDeserializer};
 
 use crate::config::{self, Bind, Cluster, Config, Dur, Endpoint, Listener, Size};
+use crate::routing;
 
 /// ringside: an L4 sidecar proxy with Istio's peer exchange and TCP metrics.
 #[derive(Debug, Parser)]
@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// YAML configuration file.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Istio networking YAML: a file, or a directory whose *.yaml/*.yml files are read
+    /// (repeatable; SPEC §6).
+    #[arg(long)]
+    pub istio: Vec<PathBuf>,
     /// Listener address (flags describe one listener and one cluster).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -98,6 +102,9 @@ pub struct RunArgs {
     /// Worker threads.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// auto | always | never: pin workers to CPUs of the affinity mask.
+    #[arg(long, value_parser = parse_enum::<config::Pin>)]
+    pub pin: Option<config::Pin>,
     /// auto | uring | epoll.
     #[arg(long, value_parser = parse_enum::<config::Driver>)]
     pub driver: Option<config::Driver>,
@@ -133,8 +140,11 @@ fn parse_enum<T: DeserializeOwned>(s: &str) -> Result<T, String> {
 }
 
 impl RunArgs {
-    /// The effective, validated configuration: the file (if any) with the flags on top.
-    pub fn into_config(self) -> Result<Config, config::Error> {
+    /// The effective, validated configuration: the file (if any) with the flags on top, then
+    /// the `--istio` documents. What the Istio documents say that is not applied, and valid
+    /// config that will not serve (a `service:` host with no route), is logged, one line each.
+    pub fn into_config(mut self) -> Result<Config, config::Error> {
+        let istio = std::mem::take(&mut self.istio);
         let (mut cfg, file, text) = match &self.config {
             Some(path) => {
                 let file = path.display().to_string();
@@ -148,7 +158,23 @@ impl RunArgs {
             None => (Config::default(), String::new(), String::new()),
         };
         self.apply(&mut cfg)?;
+        let reports = match istio.is_empty() {
+            true => Vec::new(),
+            false => {
+                let files = read_istio(&istio)?;
+                let sources: Vec<routing::istio::Source> =
+                    files.iter().map(|(file, text)| routing::istio::Source { file, text }).collect();
+                routing::istio::apply(&mut cfg, &sources)?
+            }
+        };
         cfg.validate(&file, &text)?;
+        // Only once the whole config is good, so a bad one prints its one error line alone.
+        for r in reports {
+            log::warn!("istio: {r}");
+        }
+        for w in cfg.warnings() {
+            log::warn!("{w}");
+        }
         Ok(cfg)
     }
 
@@ -170,6 +196,9 @@ impl RunArgs {
         }
         if let Some(w) = self.workers {
             cfg.workers = Some(w);
+        }
+        if let Some(p) = self.pin {
+            cfg.pin = p;
         }
         if let Some(d) = self.driver {
             cfg.driver = d;
@@ -264,6 +293,8 @@ impl RunArgs {
                 endpoints: vec![],
                 subsets: vec![],
                 tls: None,
+                service_port: None,
+                source: None,
             });
         }
         let l = &mut cfg.listeners[0];
@@ -287,8 +318,7 @@ impl RunArgs {
                 )));
             };
             if !self.upstream.is_empty() {
-                c.endpoints =
-                    self.upstream.iter().map(|a| Endpoint { address: *a, labels: BTreeMap::new() }).collect();
+                c.endpoints = self.upstream.iter().map(|a| Endpoint::at(*a)).collect();
             }
             if let Some(s) = &self.service {
                 c.service = Some(s.clone());
@@ -296,6 +326,40 @@ impl RunArgs {
         }
         Ok(())
     }
+}
+
+/// The `--istio` files in order: a file as given; a directory's `*.yaml`/`*.yml` files by name.
+fn read_istio(paths: &[PathBuf]) -> Result<Vec<(String, String)>, config::Error> {
+    let unreadable = |path: &std::path::Path, e: std::io::Error| config::Error {
+        file: path.display().to_string(),
+        line: None,
+        message: format!("--istio: cannot read: {e}"),
+    };
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| unreadable(path, e))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                log::warn!("--istio {}: no *.yaml or *.yml files", path.display());
+            }
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    files
+        .into_iter()
+        .map(|p| {
+            std::fs::read_to_string(&p)
+                .map(|text| (p.display().to_string(), text))
+                .map_err(|e| unreadable(&p, e))
+        })
+        .collect()
 }
 
 fn set(field: &mut String, value: Option<String>) {

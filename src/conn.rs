@@ -266,18 +266,21 @@ fn labels(
 ) -> metrics::LabelSet {
     let listener = &ctx.config.listeners[conn.listener];
     let unknown = ServiceInfo::default();
-    let (service, endpoint_labels) = match conn.upstream.get() {
+    let (service, endpoint) = match conn.upstream.get() {
         Some((c, e)) => {
             let cluster = &ctx.router.clusters[c];
-            (&cluster.service, e.map(|e| &cluster.endpoints[e].labels))
+            (&cluster.service, e.map(|e| &cluster.endpoints[e].identity))
         }
         None => (&unknown, None),
     };
+    // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
+    // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
+    let endpoint = endpoint.filter(|_| listener.direction == Direction::Outbound);
     metrics::label_set(&ConnLabels {
         reporter: listener.direction.into(),
         local: &ctx.node,
-        peer,
-        endpoint_labels: if listener.direction == Direction::Outbound { endpoint_labels } else { None },
+        peer: peer.or(endpoint),
+        endpoint_labels: None,
         service,
         response_flags,
         local_principal: None,

@@ -31,9 +31,12 @@ pub enum Error {
     /// No route to a cluster (`NR`).
     #[error("no route")]
     NoRoute,
-    /// Every endpoint refused or timed out (`UF`).
+    /// Every endpoint tried refused or timed out (`UF`).
     #[error("upstream connect failed: {0}")]
     Connect(io::Error),
+    /// No endpoint, or every one ejected and still down when tried again (`UH`).
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
     /// The peer's preamble was broken (too large or undecodable).
     #[error("broken preamble: {0}")]
     Preamble(crate::exchange::Invalid),
@@ -50,6 +53,7 @@ impl Error {
         match self {
             Error::NoRoute => "NR",
             Error::Connect(_) => "UF",
+            Error::NoHealthyUpstream => "UH",
             _ => "-",
         }
     }
@@ -144,25 +148,43 @@ async fn open(
     }
 }
 
-/// Route and connect, trying the other endpoints when one refuses or times out.
+/// Route and connect, trying the other endpoints when one refuses or times out; a failed
+/// endpoint is ejected for a while (SPEC §6), so the next connections do not wait on it.
 async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
     let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
     conn.upstream.set(Some((target.cluster, None)));
-    let endpoints = &ctx.router.clusters[target.cluster].endpoints;
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no endpoints");
-    for e in ctx.router.candidates(target) {
-        let addr = endpoints[e].address;
-        match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr)).await {
-            Ok(Ok(s)) => {
-                conn.upstream.set(Some((target.cluster, Some(e))));
-                ctx.router.connected(target.cluster, e);
-                return Ok(s);
-            }
-            Ok(Err(err)) => last = err,
-            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("connect {addr}: timed out")),
-        }
+    let cluster = &ctx.router.clusters[target.cluster];
+    let now = Instant::now();
+    let healthy = ctx.router.healthy(target, now);
+    let mut last = None;
+    for e in ctx.router.candidates(target, now) {
+        let addr = cluster.endpoints[e].address;
+        let err =
+            match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    conn.upstream.set(Some((target.cluster, Some(e))));
+                    ctx.router.connected(target.cluster, e);
+                    return Ok(s);
+                }
+                Ok(Err(err)) => err,
+                Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            };
+        // One line per failure; ejection bounds them to about one per endpoint and back-off.
+        let (ejection, failures) = ctx.router.failed(target.cluster, e, Instant::now());
+        log::warn!(
+            "cluster {}: endpoint {addr}: connect: {err}; ejected for {}s ({failures} failure(s) in a row)",
+            cluster.name,
+            ejection.as_secs()
+        );
+        last = Some(err);
     }
-    Err(Error::Connect(last))
+    // No endpoint at all, or every one was ejected and is still down: no healthy upstream.
+    match last {
+        Some(err) if healthy => Err(Error::Connect(err)),
+        _ => Err(Error::NoHealthyUpstream),
+    }
 }
 
 /// Outbound `always`: write our preamble first, relay the client's bytes meanwhile, and
