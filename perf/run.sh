@@ -466,17 +466,23 @@ many_streams() {  # target [env assignments...]
   stop_target
 }
 
+# Run time of all the proxy's threads in ns (schedstat): finer than clock ticks.
+cpu_ns() {
+  local total=0 t ns
+  for t in /proc/"${PROXY_PIDS[0]}"/task/*; do read -r ns _ <"$t/schedstat"; total=$((total + ns)); done
+  echo "$total"
+}
+
 # Shared-nothing: proxy CPU per connection with 2 workers against 1, on the same offered work
-# (a fixed count of short connections at C=64). 1 worker runs on the proxy core; 2 workers are
-# pinned one per core (pin auto). The load generator floats over both cores and the backend
-# stays on the load core, so with 2 workers one of them shares a core with the load; only the
-# proxy's own CPU time (utime+stime) is counted, divided by the connections it served.
-# Alternating runs, three of each; the report takes medians.
+# (a fixed count of short connections at C=64), alternating runs, three of each. Two layouts
+# for 2 workers: both on the proxy core, as the 1-worker run (only the worker count differs),
+# and one per core (pin auto), where one worker shares core 0 with the backend and the
+# unpinned load generator. Only the proxy's own CPU time is counted, over connections served.
 workers_cost() {
-  local w r cores out c0 c1
-  for r in 1 2 3; do
-    for w in 1 2; do
-      cores=$PROXY_CORE; ((w == 2)) && cores=0,1
+  local run cfg w cores out c0 c1
+  for run in 1 2 3; do
+    for cfg in "1 $PROXY_CORE" "2 $PROXY_CORE" "2 0,1"; do
+      read -r w cores <<<"$cfg"
       PROXY_PIDS=(); FRONT=$FRONT_PORT
       spawn_on "$cores" env RINGSIDE_ISTIO_METRICS=0 "$RINGSIDE" run --listen "127.0.0.1:$FRONT_PORT" \
         --upstream "127.0.0.1:$BACKEND_PORT" --direction outbound --peer-exchange off --driver uring \
@@ -484,13 +490,13 @@ workers_cost() {
       wait_port "$FRONT_PORT" "$LAST_PID" || { log "workers $w: did not start"; stop_target; return 0; }
       PROXY_PIDS+=("$LAST_PID")
       wait_quiet
-      c0=$(cpu_ticks)
+      c0=$(cpu_ns)
       out=$(timeout 120 "${PRIO[@]}" "$LOADGEN" connrate --target "127.0.0.1:$FRONT" --concurrency 64 \
         --seconds 60 --max "$WORKER_CONNS" --size "$MSG_SIZE")
-      c1=$(cpu_ticks)
-      printf '{"target":"ringside-workers-%s","cpu_ticks":%s,"cores":"%s","result":%s}\n' \
-        "$w" $((c1 - c0)) "$cores" "$out" >>"$WORK/workers.jsonl"
-      echo "  workers $w: $out ticks $((c1 - c0))" >&2
+      c1=$(cpu_ns)
+      printf '{"workers":%s,"cores":"%s","cpu_ns":%s,"result":%s}\n' "$w" "$cores" $((c1 - c0)) "$out" \
+        >>"$WORK/workers.jsonl"
+      echo "  workers $w on cores $cores: $out cpu $(((c1 - c0) / 1000000)) ms" >&2
       stop_target
     done
   done
