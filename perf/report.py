@@ -253,12 +253,16 @@ def markdown(meta, s):
             base = statistics.median(one)
             w("## Shared-nothing: CPU per connection, 2 workers against 1\n")
             w(f"Proxy CPU time (all threads' run time from /proc/PID/task/*/schedstat) over connections "
-              f"served, {meta['worker_conns']} short connections at C=64 per run, three alternating "
-              "runs of each layout, medians. On two cores the load generator cannot have cores of its "
-              "own, so 2 workers run twice: both on the proxy core, as the single worker does (only the "
-              "worker count differs: what shared-nothing is about), and one per core, where one worker "
-              "shares core 0 with the backend and the unpinned load generator (cache and scheduling "
-              "effects of the layout come on top). Target: ≤ 1.05× the single worker.\n")
+              f"served, {meta['worker_conns']} short connections at C=64 per run, "
+              f"{meta.get('worker_runs', 3)} alternating runs of each, medians. 1 worker runs on core "
+              f"{meta['proxy_core']}; 2 workers are pinned one per core, so one of them shares core 0 "
+              "with the backend and the (unpinned) load generator: two cores leave the load no core of "
+              "its own. Nothing is shared between workers on the path (no lock, no atomic per byte, "
+              "one atomic add per accept and close for the listener limit); what can differ is the "
+              "layout: `perf stat` on a busy 2-core VM counted the same 11.1 ring operations per "
+              "connection for 1 and 2 workers, 11.2 vs 11.5 syscalls, and 0.05-0.12 vs 0.33 context "
+              "switches per connection (the worker on core 0 is preempted by the load). Target: "
+              "≤ 1.05× the single worker.\n")
             w("| workers | cores | CPU µs per connection (runs) | median | / 1 worker |")
             w("|---|---|---|---|---|")
             for (n, cores), vals in sorted(per.items()):
@@ -271,16 +275,18 @@ def markdown(meta, s):
     w("""Measured separately with `perf record -g` on the proxy, `perf stat` tracepoints and `nstat`
 (commands in perf/README.md); these findings do not change from run to run.
 
-- **CPU per connection** (ringside ≈ HAProxy ≈ nginx, target ≤ 0.6× HAProxy): 95 % of it is
+- **CPU per connection** (ringside ≈ HAProxy ≈ nginx; targets ≤ 0.95× HAProxy and ≤ 0.75×
+  Envoy): 95 % of it is
   the kernel's TCP work, which every proxy does the same way: `nstat` counts 20 segments,
   2 active opens and 2 TIME_WAITs per proxied connection for ringside and HAProxy alike. Of
   ringside's ~68 µs: connect ~19 µs (5 of it the ephemeral-port search among TIME_WAIT
   sockets), the two sends ~15 µs (each runs the receiver's TCP input and wakes the other
   core), shutdown + close ~17 µs, socket + accept + recv ~7 µs; ringside's own code is under
   3 %. The io_uring driver used to cost 19 % more than that (an IPI per completion while the
-  worker ran); `IORING_SETUP_COOP_TASKRUN` removed it. Reaching 0.6× would need less TCP
-  work than the protocol requires (no TIME_WAIT, no FIN handshake), which would change what
-  the peers see.
+  worker ran); `IORING_SETUP_COOP_TASKRUN` removed it, and reads without their own ring
+  operation (below) removed another 5 of the 16 ring operations per connection. Going much
+  below HAProxy would need less TCP work than the protocol requires (no TIME_WAIT, no FIN
+  handshake), which would change what the peers see.
 - **Added latency**: every proxy in the default mode pays two wake-ups of its idle core per
   round trip (request in, response in), ~30 µs each on this VM. The opt-in `busy_poll`
   window removes those (`ringside-1-busy`); what remains are the wake-ups of the load core
