@@ -1,9 +1,10 @@
 //! One connection's life: route, connect upstream, run the peer exchange, copy both halves,
 //! propagate half-close and reset, and count it (SPEC §1, §2).
 //!
-//! Reads wait for readiness before taking a buffer from the pool, so an idle connection
-//! holds no buffer; a read that fills the whole buffer marks a bulk flow, which then moves by
-//! splice(2) without passing through user space.
+//! A read takes a buffer from the pool only for one non-blocking recv(2), and waits for
+//! readiness without a buffer once a read would block, so an idle connection holds no buffer;
+//! a read that fills the whole buffer marks a bulk flow, which then moves by splice(2) without
+//! passing through user space.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -579,9 +580,12 @@ async fn shutdown_write(to: &mut OwnedWriteHalf<TcpStream>) -> io::Result<()> {
     }
 }
 
-/// One direction: read (after readiness, so an idle connection holds no buffer), write all,
-/// count; on EOF shut the other side's write half (half-close). A read that fills the whole
-/// buffer marks a bulk flow: the rest of it moves by splice(2), without copying through us.
+/// One direction: read, write all, count; on EOF shut the other side's write half
+/// (half-close). A read is one non-blocking recv(2) into a pool buffer, taken only for the
+/// call: readiness is awaited (one ring operation, no buffer) only once a read would block,
+/// so an idle connection holds no buffer and a read costs no ring operation of its own. A
+/// read that fills the whole buffer marks a bulk flow: from then on each burst moves by
+/// splice(2) through a pipe borrowed from the worker's pool for the burst.
 async fn pump(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -591,70 +595,150 @@ async fn pump(
 ) -> io::Result<()> {
     let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
     let mut splice = ctx.splice;
+    let mut bulk = false;
+    // A client usually sent its first bytes while we connected upstream: try at once. The
+    // upstream speaks when asked, so its side starts by waiting.
+    let mut ready = request;
     loop {
-        socket::readable(from).await?;
-        let (res, buf) = from.read(ctx.pool.take()).await;
-        let n = match res {
+        if !ready {
+            socket::readable(from).await?;
+        }
+        if bulk
+            && splice
+            && let Some(pipe) = ctx.pipes.take(ctx.now.get())
+        {
+            match splice_burst(ctx, conn, from, to, counter, &pipe).await? {
+                Burst::Quiet => {
+                    pipe.release();
+                    ready = false;
+                    continue;
+                }
+                Burst::Eof => {
+                    pipe.release();
+                    return shutdown_write(to).await;
+                }
+                Burst::Unsupported { error, left } => {
+                    log::debug!("splice failed, copying instead: {error}");
+                    splice = false;
+                    copy_out_of_pipe(ctx, &pipe, to, left).await?;
+                }
+            }
+        }
+        let mut buf = ctx.pool.take();
+        let n = match socket::recv(from, &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 ctx.pool.put(buf);
-                return Err(e);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        ready = false;
+                        continue;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
             }
         };
         if n == 0 {
             ctx.pool.put(buf);
             return shutdown_write(to).await;
         }
-        let bulk = n == buf.capacity();
+        // A full read: more is probably waiting, so read again at once.
+        ready = n == buf.capacity();
+        if ready && splice && !bulk {
+            bulk = true;
+            if let Err(e) = socket::nonblocking(from, to) {
+                log::debug!("splice unavailable, copying instead: {e}");
+                splice = false;
+            }
+        }
         ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let (res, buf) = to.write_all(buf).await;
         ctx.pool.put(buf);
         res?;
-        if bulk && splice {
-            match socket::Pipe::for_halves(from, to) {
-                Ok(pipe) => return splice_pump(ctx, conn, from, to, counter, pipe).await,
-                Err(e) => {
-                    // Out of fds or pipe memory: keep copying; this connection is healthy.
-                    log::debug!("splice unavailable, copying instead: {e}");
-                    splice = false;
-                }
-            }
-        }
     }
 }
 
-/// The zero-copy rest of a bulk direction: socket → pipe → socket inside the kernel, with
-/// non-blocking splices and readiness waits, so the worker never blocks.
-async fn splice_pump(
+/// How a splice burst ended.
+enum Burst {
+    /// Nothing more to read for now; the pipe is empty and goes back to the pool.
+    Quiet,
+    /// The sender half-closed; the pipe is empty.
+    Eof,
+    /// splice(2) itself failed, not the connection; `left` bytes are still in the pipe.
+    Unsupported { error: io::Error, left: usize },
+}
+
+/// Errors that are the connection's (a reset, a closed peer), not splice's: they end the
+/// connection as a copy would. Any other splice error makes the flow copy instead.
+fn connection_error(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset
+            | ConnectionAborted
+            | BrokenPipe
+            | NotConnected
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
+    )
+}
+
+/// Socket → pipe → socket inside the kernel until the socket has nothing more to read, with
+/// non-blocking splices and writability waits, so the worker never blocks.
+async fn splice_burst(
     ctx: &WorkerCtx,
     conn: &Conn,
     from: &mut OwnedReadHalf<TcpStream>,
     to: &mut OwnedWriteHalf<TcpStream>,
     counter: &std::cell::Cell<u64>,
-    pipe: socket::Pipe,
-) -> io::Result<()> {
+    pipe: &socket::Lease<'_>,
+) -> io::Result<Burst> {
     loop {
-        let n = match socket::splice_in(from, &pipe, socket::PIPE_SIZE) {
-            Ok(0) => return shutdown_write(to).await,
+        let n = match socket::splice_in(from, pipe) {
+            Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                socket::readable(from).await?;
-                continue;
-            }
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Quiet),
+            Err(e) if connection_error(&e) => return Err(e),
+            Err(error) => return Ok(Burst::Unsupported { error, left: 0 }),
         };
         ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let mut left = n;
         while left > 0 {
-            match socket::splice_out(&pipe, to, left) {
+            match socket::splice_out(pipe, to, left) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket::writable(to).await?,
-                Err(e) => return Err(e),
+                Err(e) if connection_error(&e) => return Err(e),
+                Err(error) => return Ok(Burst::Unsupported { error, left }),
             }
         }
     }
+}
+
+/// After a failed splice: write what is still in the pipe by copying it through buffers.
+async fn copy_out_of_pipe(
+    ctx: &WorkerCtx,
+    pipe: &socket::Lease<'_>,
+    to: &mut OwnedWriteHalf<TcpStream>,
+    mut left: usize,
+) -> io::Result<()> {
+    while left > 0 {
+        let mut buf = ctx.pool.take();
+        match socket::drain_pipe(pipe, &mut buf) {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            r => {
+                ctx.pool.put(buf);
+                return r.and(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        let (res, buf) = to.write_all(buf).await;
+        ctx.pool.put(buf);
+        res?;
+    }
+    Ok(())
 }
