@@ -175,6 +175,16 @@ impl LabelSet {
         LabelSet(values.into())
     }
 
+    /// This set with label `name` set to `value`: for a value Istio's rules do not derive
+    /// from a service host, as destination_service_name `PassthroughCluster` (SPEC §8).
+    pub fn with(&self, name: &str, value: &str) -> LabelSet {
+        let mut values = self.0.to_vec();
+        if let Some(v) = LABEL_NAMES.iter().position(|n| *n == name).and_then(|i| values.get_mut(i)) {
+            *v = Arc::from(value);
+        }
+        LabelSet(values.into())
+    }
+
     fn from_values(values: [&str; 23]) -> LabelSet {
         let values: Vec<Arc<str>> = values.iter().map(|v| Arc::from(*v)).collect();
         LabelSet(values.into())

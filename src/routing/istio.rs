@@ -149,7 +149,7 @@ fn why_unsupported(key: &str) -> &'static str {
         }
         "portLevelSettings" => "not honoured: the rule's settings apply to every port",
         "workloadSelector" => "not supported: the rule applies to this proxy",
-        "location" | "addresses" => "not used: ringside routes by its listeners",
+        "location" => "not used: ringside routes by its listeners",
         _ => "not supported, ignored",
     }
 }
@@ -308,6 +308,9 @@ struct ServiceEntry {
     resolution: Option<String>,
     #[serde(default)]
     endpoints: Vec<WorkloadEntry>,
+    /// Virtual IPs clients dial: an outbound capture routes `address:port` here (SPEC §8).
+    #[serde(default)]
+    addresses: Vec<String>,
     #[serde(default)]
     workload_selector: Option<WorkloadSelector>,
     #[serde(flatten)]
@@ -470,6 +473,21 @@ fn service_entry<'a>(
             }
         }
     }
+    // Single addresses only: a CIDR would need a prefix match the capture lookup does not do.
+    let vips: Vec<IpAddr> = se
+        .addresses
+        .iter()
+        .filter_map(|a| {
+            let ip = a.strip_suffix("/32").or_else(|| a.strip_suffix("/128")).unwrap_or(a).parse().ok();
+            if ip.is_none() {
+                reports.push(format!(
+                    "{}: spec.addresses {a}: only single IP addresses are supported; skipped",
+                    doc.at()
+                ));
+            }
+            ip
+        })
+        .collect();
     for (i, sp) in se.ports.iter().enumerate() {
         let number = port(doc, &format!("spec.ports[{i}]"), sp.number)?;
         doc.unsupported(&format!("spec.ports[{i}]."), &sp.other, reports);
@@ -524,6 +542,7 @@ fn service_entry<'a>(
                 service_namespace: Some(doc.namespace.clone()),
                 service_port: Some(number),
                 load_balancer: LoadBalancer::default(),
+                addresses: vips.iter().map(|ip| SocketAddr::new(*ip, number)).collect(),
                 endpoints,
                 subsets: Vec::new(),
                 tls: None,
@@ -1141,6 +1160,22 @@ spec:
         let tls = cfg.clusters[1].tls.as_ref().expect("ISTIO_MUTUAL applied");
         assert_eq!((tls.cert_chain.as_str(), tls.root_cert.as_str()), ("c.pem", "r.pem"));
         assert!(tls.subject_alt_names.is_empty());
+    }
+
+    #[test]
+    fn service_entry_addresses_are_the_clusters_capture_addresses_per_port() {
+        let se = MONGO.replace(
+            "  resolution: STATIC",
+            "  resolution: STATIC\n  addresses: [240.0.0.7, 240.0.0.8/32, 240.1.0.0/16]",
+        );
+        let (cfg, reports) = load(&[("se.yaml", &se)]).unwrap();
+        let want: Vec<SocketAddr> =
+            vec!["240.0.0.7:27017".parse().unwrap(), "240.0.0.8:27017".parse().unwrap()];
+        assert_eq!(cfg.clusters[0].addresses, want);
+        assert!(
+            reports.iter().any(|r| r.contains("spec.addresses 240.1.0.0/16: only single IP")),
+            "{reports:#?}"
+        );
     }
 
     fn error(text: &str) -> String {
