@@ -37,6 +37,7 @@ clusters: {clusters}
 const RATINGS: &str = "
   - name: ratings
     service: ratings.default.svc.cluster.local
+    addresses: [10.96.0.10:9080]
     endpoints: [{address: 10.77.0.2:9080, labels: {app: ratings, version: v1}}]";
 
 /// `ringside iptables ARGS` inside `ns` (as root, as Istio's init container runs).
@@ -54,14 +55,20 @@ fn apply(ns: &str, args: &[&str]) {
 }
 
 /// Two pods, each with capture rules and a sidecar (A: productpage, knows the ratings
-/// cluster; B: ratings). Returned in drop order: sidecars first, then the namespaces.
-fn mesh(a_rules: &[&str], b_rules: &[&str]) -> (Sidecar, Sidecar, Pods) {
+/// cluster; B: ratings). Fields drop in order: the sidecars stop before the namespaces go.
+struct Mesh {
+    a: Sidecar,
+    b: Sidecar,
+    pods: Pods,
+}
+
+fn mesh(a_rules: &[&str], b_rules: &[&str]) -> Mesh {
     let pods = Pods::new();
     apply(&pods.a, a_rules);
     apply(&pods.b, b_rules);
     let a = Sidecar::spawn(&pods.a, &sidecar_yaml("productpage-v1", "productpage", RATINGS));
     let b = Sidecar::spawn(&pods.b, &sidecar_yaml("ratings-v1", "ratings", "[]"));
-    (a, b, pods)
+    Mesh { a, b, pods }
 }
 
 /// Write `data`, half-close, read everything back (writing on its own thread, so a large
@@ -89,7 +96,7 @@ fn an_unmodified_client_is_relayed_byte_exact_through_both_sidecars_with_exchang
     if unavailable("capture::two_pods_byte_exact").is_some() {
         return;
     }
-    let (a, b, pods) = mesh(&[], &[]);
+    let Mesh { a, b, pods } = &mesh(&[], &[]);
     let seen = echo_server_in(&pods.b, &format!("{B_IP}:9080"));
 
     let data = Rng(18).bytes(1 << 20);
@@ -128,6 +135,13 @@ fn an_unmodified_client_is_relayed_byte_exact_through_both_sidecars_with_exchang
     assert_eq!(counter(&text, "istio_tcp_received_bytes_total", &dst), n, "{text}");
     assert_eq!(counter(&text, "istio_tcp_sent_bytes_total", &dst), n, "{text}");
     assert_eq!(counter(&text, "ringside_exchange_total", &[("outcome", "metadata_added")]), 1.0, "{text}");
+
+    // The service's address (a ClusterIP no interface holds) reaches the same cluster.
+    let client = connect_in(&pods.a, "10.96.0.10:9080").expect("connect to the service address");
+    assert_eq!(echo_through(client, b"via the ClusterIP"), b"via the ClusterIP");
+    a.wait_for_scrape("the second source-side close", |t| {
+        counter(t, "istio_tcp_connections_closed_total", &src) == 2.0
+    });
 }
 
 #[test]
@@ -135,8 +149,8 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
     if unavailable("capture::passthrough_and_exclusions").is_some() {
         return;
     }
-    let (a, b, pods) =
-        mesh(&["--exclude-cidrs", &format!("{B_IP2}/32")], &["--exclude-ports", "15090,15021,15020,7071"]);
+    let Mesh { a, b, pods } =
+        &mesh(&["--exclude-cidrs", &format!("{B_IP2}/32")], &["--exclude-ports", "15090,15021,15020,7071"]);
     let plain = echo_server_in(&pods.b, "0.0.0.0:7070");
     let excluded_port = echo_server_in(&pods.b, "0.0.0.0:7071");
     let data = b"no cluster for this one".to_vec();
@@ -185,7 +199,7 @@ fn a_captured_connection_to_the_proxys_own_port_is_refused_and_counted_not_relay
     if unavailable("capture::loop_refused").is_some() {
         return;
     }
-    let (a, _b, pods) = mesh(&[], &[]);
+    let Mesh { a, pods, .. } = &mesh(&[], &[]);
     // Captured outbound with original destination port 15001: relaying it would reach a
     // capture listener again (Istio black-holes it).
     let mut s = connect_in(&pods.a, &format!("{B_IP}:15001")).unwrap();

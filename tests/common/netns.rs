@@ -120,6 +120,9 @@ impl Pods {
                 exec(ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
             }
             exec(ns, &["ip", "link", "set", dev, "up"]);
+            // A default route, as a pod has: a service address (a ClusterIP that no interface
+            // holds) must be routable for the connect to reach the nat table at all.
+            exec(ns, &["ip", "route", "add", "default", "dev", dev]);
         }
         pods
     }
