@@ -40,15 +40,18 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const PROXY_ID: u32 = 1337;
 
 /// The destination a redirected connection had before iptables' REDIRECT rewrote it
-/// (SO_ORIGINAL_DST, or IP6T_SO_ORIGINAL_DST on an IPv6 socket): read once, at accept.
-pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
+/// (SO_ORIGINAL_DST, or IP6T_SO_ORIGINAL_DST on an IPv6 socket): read once, at accept, by
+/// one getsockopt on an IPv4 listener (`listen` is the listener's address).
+pub fn original_dst(s: &TcpStream, listen: SocketAddr) -> io::Result<SocketAddr> {
     let fd = socket::borrow_fd(s);
     let sock = socket2::SockRef::from(&fd);
-    let local = s.local_addr()?;
-    let v4 = match local {
+    let v4 = match listen {
         SocketAddr::V4(_) => true,
         // A dual-stack listener sees IPv4 clients as v4-mapped; their NAT entry is IPv4's.
-        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+        SocketAddr::V6(_) => match s.local_addr()? {
+            SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+            SocketAddr::V4(_) => true,
+        },
     };
     let original = if v4 { sock.original_dst_v4()? } else { sock.original_dst_v6()? };
     let addr = original.as_socket().ok_or_else(|| {
@@ -105,12 +108,12 @@ pub fn startup_note(listeners: &[Listener]) -> Option<(log::Level, String)> {
 /// blocking again for io_uring, as monoio makes its own sockets.
 pub async fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM.cloexec(), None)?;
+    // Non-blocking from the start, so connect() returns at once (EINPROGRESS).
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM.cloexec().nonblocking(), None)?;
     // The port is picked at connect(), per destination: binding first must not spend one of
     // the source address's ports per connection (as Envoy's upstream bind does).
     socket::bind_address_no_port(&s)?;
     s.bind(&SocketAddr::new(src, 0).into())?;
-    s.set_nonblocking(true)?;
     match s.connect(&dst.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -145,18 +148,11 @@ pub enum Decision {
     Local(SocketAddr),
 }
 
-/// Decide where a captured connection goes (SPEC §8). `original` is what SO_ORIGINAL_DST
-/// said; when the kernel has no record (a client dialled the capture port directly, no NAT
-/// happened), the connection's local address stands in, which is a capture listener and so
-/// refused, as Envoy falls back to the local address and Istio black-holes it.
-pub fn decide(
-    mode: Capture,
-    original: io::Result<SocketAddr>,
-    local: SocketAddr,
-    listeners: &[Listener],
-    router: &Router,
-) -> Decision {
-    let dst = original.unwrap_or(local);
+/// Decide where a captured connection to `dst` goes (SPEC §8): its original destination, or,
+/// when the kernel has no record of one (a client dialled the capture port directly, no NAT
+/// happened), its local address, which is a capture listener and so refused, as Envoy falls
+/// back to the local address and Istio black-holes it.
+pub fn decide(mode: Capture, dst: SocketAddr, listeners: &[Listener], router: &Router) -> Decision {
     if is_own_listener(dst, listeners) {
         return Decision::Refuse;
     }
@@ -579,8 +575,7 @@ clusters: [{name: c, addresses: [10.96.0.1:80], endpoints: [{address: 10.1.0.9:8
 ";
         let c = crate::config::Config::parse(yaml, "t.yaml").unwrap();
         let router = Router::new(&c, 1);
-        let local: SocketAddr = "10.1.0.5:15001".parse().unwrap();
-        let decide = |mode, dst: &str| decide(mode, Ok(dst.parse().unwrap()), local, &c.listeners, &router);
+        let decide = |mode, dst: &str| decide(mode, dst.parse().unwrap(), &c.listeners, &router);
         let to_c = Decision::Cluster(Target { cluster: 0, subset: None });
         assert_eq!(decide(Capture::Outbound, "10.96.0.1:80"), to_c);
         assert_eq!(decide(Capture::Outbound, "10.1.0.9:8080"), to_c);
@@ -594,8 +589,8 @@ clusters: [{name: c, addresses: [10.96.0.1:80], endpoints: [{address: 10.1.0.9:8
         );
         assert_eq!(decide(Capture::Outbound, "10.9.9.9:15006"), Decision::Refuse);
         assert_eq!(decide(Capture::Inbound, "10.1.0.5:15001"), Decision::Refuse);
-        let none = Err(io::Error::from(io::ErrorKind::NotFound));
-        assert_eq!(super::decide(Capture::Outbound, none, local, &c.listeners, &router), Decision::Refuse);
+        // No NAT record: the local address (the capture listener) stands in.
+        assert_eq!(decide(Capture::Outbound, "10.1.0.5:15001"), Decision::Refuse);
         assert_eq!(inbound_source("[fd00::5]:9080".parse().unwrap()).to_string(), "::6");
         assert_eq!(inbound_source("10.1.0.5:9080".parse().unwrap()).to_string(), "127.0.0.6");
     }

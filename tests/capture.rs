@@ -16,13 +16,14 @@ use common::{Rng, bin, sum};
 use netns::{A_IP, B_IP, B_IP2, Pods, Sidecar, connect_in, echo_server_in, exec, iptables_save, unavailable};
 
 /// A sidecar with Istio's two capture listeners; `clusters` is YAML for its `clusters:` key.
-fn sidecar_yaml(workload: &str, app: &str, clusters: &str) -> String {
+fn sidecar_yaml(workload: &str, app: &str, clusters: &str, driver: &str) -> String {
     format!(
         "node:
   workload_name: {workload}
   namespace: default
   labels: {{app: {app}, version: v1}}
 workers: 1
+driver: {driver}
 metrics: {{listen: 127.0.0.1:15090}}
 admin: {{listen: 127.0.0.1:15000}}
 health: {{listen: 'off'}}
@@ -62,12 +63,14 @@ struct Mesh {
     pods: Pods,
 }
 
-fn mesh(a_rules: &[&str], b_rules: &[&str]) -> Mesh {
+/// `b_driver`: pod B's sidecar (the inbound side, which binds before connecting) runs on
+/// `epoll` in one test and io_uring in the others, so both drivers' sockets are covered.
+fn mesh(a_rules: &[&str], b_rules: &[&str], b_driver: &str) -> Mesh {
     let pods = Pods::new();
     apply(&pods.a, a_rules);
     apply(&pods.b, b_rules);
-    let a = Sidecar::spawn(&pods.a, &sidecar_yaml("productpage-v1", "productpage", RATINGS));
-    let b = Sidecar::spawn(&pods.b, &sidecar_yaml("ratings-v1", "ratings", "[]"));
+    let a = Sidecar::spawn(&pods.a, &sidecar_yaml("productpage-v1", "productpage", RATINGS, "auto"));
+    let b = Sidecar::spawn(&pods.b, &sidecar_yaml("ratings-v1", "ratings", "[]", b_driver));
     Mesh { a, b, pods }
 }
 
@@ -96,7 +99,7 @@ fn an_unmodified_client_is_relayed_byte_exact_through_both_sidecars_with_exchang
     if unavailable("capture::two_pods_byte_exact").is_some() {
         return;
     }
-    let Mesh { a, b, pods } = &mesh(&[], &[]);
+    let Mesh { a, b, pods } = &mesh(&[], &[], "epoll");
     let seen = echo_server_in(&pods.b, &format!("{B_IP}:9080"));
 
     let data = Rng(18).bytes(1 << 20);
@@ -149,8 +152,11 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
     if unavailable("capture::passthrough_and_exclusions").is_some() {
         return;
     }
-    let Mesh { a, b, pods } =
-        &mesh(&["--exclude-cidrs", &format!("{B_IP2}/32")], &["--exclude-ports", "15090,15021,15020,7071"]);
+    let Mesh { a, b, pods } = &mesh(
+        &["--exclude-cidrs", &format!("{B_IP2}/32")],
+        &["--exclude-ports", "15090,15021,15020,7071"],
+        "auto",
+    );
     let plain = echo_server_in(&pods.b, "0.0.0.0:7070");
     let excluded_port = echo_server_in(&pods.b, "0.0.0.0:7071");
     let data = b"no cluster for this one".to_vec();
@@ -199,7 +205,7 @@ fn a_captured_connection_to_the_proxys_own_port_is_refused_and_counted_not_relay
     if unavailable("capture::loop_refused").is_some() {
         return;
     }
-    let Mesh { a, pods, .. } = &mesh(&[], &[]);
+    let Mesh { a, pods, .. } = &mesh(&[], &[], "auto");
     // Captured outbound with original destination port 15001: relaying it would reach a
     // capture listener again (Istio black-holes it).
     let mut s = connect_in(&pods.a, &format!("{B_IP}:15001")).unwrap();
