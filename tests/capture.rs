@@ -13,7 +13,9 @@ use std::net::{Shutdown, SocketAddr};
 use std::process::Command;
 
 use common::{Rng, bin, sum};
-use netns::{A_IP, B_IP, B_IP2, Pods, Sidecar, connect_in, echo_server_in, exec, iptables_save, unavailable};
+use netns::{
+    A_IP, B_IP, B_IP2, B_IP6, Pods, Sidecar, connect_in, echo_server_in, exec, iptables_save, unavailable,
+};
 
 /// A sidecar with Istio's two capture listeners; `clusters` is YAML for its `clusters:` key.
 fn sidecar_yaml(workload: &str, app: &str, clusters: &str, driver: &str) -> String {
@@ -285,6 +287,70 @@ fn print_changes_nothing_apply_is_all_or_nothing_and_clean_restores_iptables_sav
         assert!(err.starts_with("ringside: "), "{err}");
     }
     assert_eq!(iptables_save(ns), with_chain);
+}
+
+#[test]
+fn a_dual_stack_capture_listener_reads_ipv6_and_v4_mapped_original_destinations() {
+    if unavailable("capture::ipv6_original_destination").is_some() {
+        return;
+    }
+    let pods = Pods::new();
+    pods.add_ipv6();
+    // `ringside iptables` writes IPv4 rules only; these hand-written ones redirect both
+    // families' outbound TCP to one [::]:15001 listener, the proxy's own traffic excepted.
+    for tables in ["iptables", "ip6tables"] {
+        exec(
+            &pods.a,
+            &[
+                tables,
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                "1337",
+                "-j",
+                "RETURN",
+            ],
+        );
+        exec(&pods.a, &[tables, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-o", "lo", "-j", "RETURN"]);
+        exec(
+            &pods.a,
+            &[tables, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"],
+        );
+    }
+    let yaml = "node: {workload_name: client, namespace: default}
+workers: 1
+metrics: {listen: 127.0.0.1:15090}
+admin: {listen: 127.0.0.1:15000}
+health: {listen: 'off'}
+listeners:
+  - {name: virtual-outbound, listen: '[::]:15001', direction: outbound, peer_exchange: off, capture: outbound}
+clusters: []
+";
+    let a = Sidecar::spawn(&pods.a, yaml);
+    let seen = echo_server_in(&pods.b, "[::]:7070");
+
+    let s = connect_in(&pods.a, &format!("[{B_IP6}]:7070")).expect("IPv6 connect");
+    assert_eq!(echo_through(s, b"over IPv6"), b"over IPv6");
+    let s = connect_in(&pods.a, &format!("{B_IP}:7070")).expect("IPv4 connect");
+    assert_eq!(echo_through(s, b"over IPv4"), b"over IPv4");
+    let peers: Vec<String> =
+        (0..2).map(|_| seen.recv_timeout(common::DEADLINE).unwrap().ip().to_string()).collect();
+    assert_eq!(
+        peers,
+        ["fd00:77::1", "::ffff:10.77.0.1"],
+        "relayed by the sidecar to the original destinations"
+    );
+
+    for dst in ["[fd00:77::2]:7070", "10.77.0.2:7070"] {
+        let labels = [("destination_service", dst), ("destination_service_name", "PassthroughCluster")];
+        a.wait_for_scrape(dst, |t| counter(t, "istio_tcp_connections_closed_total", &labels) == 1.0);
+    }
 }
 
 #[test]

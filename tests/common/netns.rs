@@ -43,6 +43,7 @@ fn probe() -> Option<String> {
         ("ip", &["-V"][..]),
         ("iptables", &["--version"]),
         ("iptables-save", &["--version"]),
+        ("ip6tables", &["--version"]),
         ("setpriv", &["--version"]),
     ] {
         if !ok(cmd, args) {
@@ -90,6 +91,8 @@ pub struct Pods {
     pub a: String,
     /// Namespace name of pod B.
     pub b: String,
+    /// Interface names of the veth pair (in A, in B).
+    veth: (String, String),
 }
 
 /// Pod A's address.
@@ -105,12 +108,13 @@ impl Pods {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
-        let pods = Pods { a: format!("rs-a-{id}"), b: format!("rs-b-{id}") };
-        run(&["ip", "netns", "add", &pods.a]);
-        run(&["ip", "netns", "add", &pods.b]);
         // Interface names are per namespace, but the pair is created in ours first: unique.
         let (va, vb) = (format!("rsa{id}"), format!("rsb{id}"));
-        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+        let veth = (va[..va.len().min(15)].to_string(), vb[..vb.len().min(15)].to_string());
+        let pods = Pods { a: format!("rs-a-{id}"), b: format!("rs-b-{id}"), veth };
+        run(&["ip", "netns", "add", &pods.a]);
+        run(&["ip", "netns", "add", &pods.b]);
+        let (va, vb) = (pods.veth.0.as_str(), pods.veth.1.as_str());
         run(&[
             "ip", "link", "add", va, "netns", &pods.a, "type", "veth", "peer", "name", vb, "netns", &pods.b,
         ]);
@@ -127,6 +131,20 @@ impl Pods {
         pods
     }
 }
+
+impl Pods {
+    /// Add `fd00:77::1/64` to A and `fd00:77::2/64` to B (no duplicate address detection, so
+    /// they are usable at once).
+    pub fn add_ipv6(&self) {
+        exec(&self.a, &["ip", "-6", "addr", "add", &format!("{A_IP6}/64"), "dev", &self.veth.0, "nodad"]);
+        exec(&self.b, &["ip", "-6", "addr", "add", &format!("{B_IP6}/64"), "dev", &self.veth.1, "nodad"]);
+    }
+}
+
+/// Pod A's IPv6 address (after [`Pods::add_ipv6`]).
+pub const A_IP6: &str = "fd00:77::1";
+/// Pod B's IPv6 address.
+pub const B_IP6: &str = "fd00:77::2";
 
 impl Drop for Pods {
     fn drop(&mut self) {
