@@ -289,68 +289,74 @@ fn print_changes_nothing_apply_is_all_or_nothing_and_clean_restores_iptables_sav
     assert_eq!(iptables_save(ns), with_chain);
 }
 
+/// Istio's two capture listeners on `[::]`, which take IPv4 (v4-mapped) and IPv6 alike.
+fn dual_stack_yaml(workload: &str, clusters: &str) -> String {
+    format!(
+        "node: {{workload_name: {workload}, namespace: default, labels: {{app: {workload}}}}}
+workers: 1
+metrics: {{listen: 127.0.0.1:15090}}
+admin: {{listen: 127.0.0.1:15000}}
+health: {{listen: 'off'}}
+listeners:
+  - {{name: virtual-outbound, listen: '[::]:15001', direction: outbound, peer_exchange: always, capture: outbound}}
+  - {{name: virtual-inbound, listen: '[::]:15006', direction: inbound, peer_exchange: always, capture: inbound}}
+clusters: {clusters}
+"
+    )
+}
+
 #[test]
-fn a_dual_stack_capture_listener_reads_ipv6_and_v4_mapped_original_destinations() {
-    if unavailable("capture::ipv6_original_destination").is_some() {
+fn ipv6_is_captured_both_ways_with_ipv6_rules_and_clean_removes_them() {
+    if unavailable("capture::ipv6_both_ways").is_some() {
         return;
     }
     let pods = Pods::new();
     pods.add_ipv6();
-    // `ringside iptables` writes IPv4 rules only; these hand-written ones redirect both
-    // families' outbound TCP to one [::]:15001 listener, the proxy's own traffic excepted.
-    for tables in ["iptables", "ip6tables"] {
-        exec(
-            &pods.a,
-            &[
-                tables,
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-m",
-                "owner",
-                "--uid-owner",
-                "1337",
-                "-j",
-                "RETURN",
-            ],
-        );
-        exec(&pods.a, &[tables, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-o", "lo", "-j", "RETURN"]);
-        exec(
-            &pods.a,
-            &[tables, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "REDIRECT", "--to-ports", "15001"],
-        );
-    }
-    let yaml = "node: {workload_name: client, namespace: default}
-workers: 1
-metrics: {listen: 127.0.0.1:15090}
-admin: {listen: 127.0.0.1:15000}
-health: {listen: 'off'}
-listeners:
-  - {name: virtual-outbound, listen: '[::]:15001', direction: outbound, peer_exchange: off, capture: outbound}
-clusters: []
-";
-    let a = Sidecar::spawn(&pods.a, yaml);
+    let saved = |ns: &str| {
+        let v6: Vec<String> = exec(ns, &["ip6tables-save"])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+            .collect();
+        (iptables_save(ns), v6, exec(ns, &["ip", "-6", "addr", "show", "dev", "lo"]))
+    };
+    // Rules that were there before ours: kept. (They also make the nat tables exist, which
+    // the nft backend creates only with a first rule.)
+    exec(&pods.b, &["iptables", "-t", "nat", "-A", "OUTPUT", "-d", "10.9.9.9/32", "-j", "RETURN"]);
+    exec(&pods.b, &["ip6tables", "-t", "nat", "-A", "OUTPUT", "-d", "fd00:9::9/128", "-j", "RETURN"]);
+    let before = saved(&pods.b);
+    apply(&pods.a, &["--ipv6"]);
+    apply(&pods.b, &["--ipv6"]);
+    let clusters =
+        "[{name: web, service: web.default.svc.cluster.local, endpoints: [{address: '[fd00:77::2]:7070'}]}]";
+    let a = Sidecar::spawn(&pods.a, &dual_stack_yaml("client", clusters));
+    let b = Sidecar::spawn(&pods.b, &dual_stack_yaml("web", "[]"));
     let seen = echo_server_in(&pods.b, "[::]:7070");
 
+    // IPv6 (IP6T_SO_ORIGINAL_DST on both sides): A routes to the cluster, B relays from ::6.
     let s = connect_in(&pods.a, &format!("[{B_IP6}]:7070")).expect("IPv6 connect");
     assert_eq!(echo_through(s, b"over IPv6"), b"over IPv6");
+    assert_eq!(seen.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "::6");
+    // IPv4 through the same dual-stack listeners: passthrough at A, 127.0.0.6 at B.
     let s = connect_in(&pods.a, &format!("{B_IP}:7070")).expect("IPv4 connect");
     assert_eq!(echo_through(s, b"over IPv4"), b"over IPv4");
-    let peers: Vec<String> =
-        (0..2).map(|_| seen.recv_timeout(common::DEADLINE).unwrap().ip().to_string()).collect();
-    assert_eq!(
-        peers,
-        ["fd00:77::1", "::ffff:10.77.0.1"],
-        "relayed by the sidecar to the original destinations"
-    );
+    assert_eq!(seen.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "::ffff:127.0.0.6");
 
-    for dst in ["[fd00:77::2]:7070", "10.77.0.2:7070"] {
-        let labels = [("destination_service", dst), ("destination_service_name", "PassthroughCluster")];
-        a.wait_for_scrape(dst, |t| counter(t, "istio_tcp_connections_closed_total", &labels) == 1.0);
-    }
+    let v6 = [("destination_service", "web.default.svc.cluster.local"), ("destination_workload", "web")];
+    a.wait_for_scrape("the IPv6 connection", |t| {
+        counter(t, "istio_tcp_connections_closed_total", &v6) == 1.0
+    });
+    let v4 = [("destination_service", "10.77.0.2:7070"), ("destination_service_name", "PassthroughCluster")];
+    a.wait_for_scrape("the IPv4 connection", |t| {
+        counter(t, "istio_tcp_connections_closed_total", &v4) == 1.0
+    });
+    let inbound = [("reporter", "destination"), ("destination_workload", "web")];
+    b.wait_for_scrape("both at B", |t| counter(t, "istio_tcp_connections_closed_total", &inbound) == 2.0);
+
+    drop((a, b));
+    let (code, _, err) = iptables(&pods.b, &["--clean", "--ipv6"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(saved(&pods.b), before, "--clean --ipv6 restores both tables and lo");
 }
 
 #[test]
