@@ -925,7 +925,8 @@ impl Config {
             .iter()
             .filter_map(|l| {
                 let host = l.service.as_deref()?;
-                let routed = self.service_routes.iter().any(|r| r.host == host)
+                let port = l.listen.port();
+                let routed = self.service_routes.iter().any(|r| r.host == host && r.match_port.is_none_or(|p| p == port))
                     || self.clusters.iter().any(|c| c.service.as_deref() == Some(host));
                 (!routed).then(|| {
                     format!(
