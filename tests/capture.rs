@@ -360,6 +360,16 @@ fn ipv6_is_captured_both_ways_with_ipv6_rules_and_clean_removes_them() {
 }
 
 #[test]
+fn without_iptables_apply_fails_in_one_line_with_exit_1() {
+    // No namespace needed: nothing can be changed when the tool is not there.
+    let out = Command::new(bin()).args(["iptables", "--apply"]).env("PATH", "/nonexistent").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("ringside: iptables: iptables: "), "{err}");
+}
+
+#[test]
 fn capture_rules_are_printed_without_privileges() {
     // Pure: no namespace needed, so this one always runs.
     let out =
