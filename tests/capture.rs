@@ -140,6 +140,11 @@ fn an_unmodified_client_is_relayed_byte_exact_through_both_sidecars_with_exchang
     assert_eq!(counter(&text, "istio_tcp_received_bytes_total", &dst), n, "{text}");
     assert_eq!(counter(&text, "istio_tcp_sent_bytes_total", &dst), n, "{text}");
     assert_eq!(counter(&text, "ringside_exchange_total", &[("outcome", "metadata_added")]), 1.0, "{text}");
+    assert_eq!(
+        counter(&text, "ringside_driver_info", &[("driver", "epoll")]),
+        1.0,
+        "B binds before connect on epoll"
+    );
 
     // The service's address (a ClusterIP no interface holds) reaches the same cluster.
     let client = connect_in(&pods.a, "10.96.0.10:9080").expect("connect to the service address");
