@@ -15,7 +15,9 @@ use crate::common::{DEADLINE, bin, http, wait_for};
 /// None. The reason is also appended to `target/test-skips.txt`, which tests/run.sh prints,
 /// so a skip is never mistaken for a pass.
 pub fn unavailable(test: &str) -> Option<String> {
-    let why = probe()?;
+    // Probed once per test process: tests run in parallel and must not race on the probe.
+    static PROBE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let why = PROBE.get_or_init(probe).clone()?;
     let line = format!("SKIP {test}: {why}");
     eprintln!("{line}");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
