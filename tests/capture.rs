@@ -205,6 +205,15 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
         2.0,
         "A captured the passthrough and the excluded-port connection only:\n{text}"
     );
+
+    // Nothing listens on the original port: B's connection from 127.0.0.6 is refused, the
+    // client is closed, and B counts it with `UF`, as for any failed upstream.
+    let mut s = connect_in(&pods.a, &format!("{B_IP}:7072")).unwrap();
+    s.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "closed, nothing relayed");
+    let refused = [("reporter", "destination"), ("response_flags", "UF")];
+    b.wait_for_scrape("UF at B", |t| counter(t, "istio_tcp_connections_closed_total", &refused) == 1.0);
 }
 
 #[test]
