@@ -1,7 +1,7 @@
 //! Transparent capture (SPEC §8): a redirected connection's original destination, where it
 //! goes (a cluster, passthrough, the local application, or refused as a loop), and the
-//! upstream connection an inbound capture makes from 127.0.0.6. The rules that redirect a
-//! pod's TCP here are `iptables`.
+//! upstream connection an inbound capture makes from 127.0.0.6. `iptables` writes the rules
+//! that redirect a pod's TCP here.
 
 pub mod iptables;
 
