@@ -96,6 +96,29 @@ impl Ringside {
         Self::spawn_args(listen, args)
     }
 
+    /// As `spawn`, with the binary run through `wrapper` (e.g. `setpriv --reuid 1337 --`).
+    pub fn spawn_wrapped(
+        wrapper: &[&str],
+        upstream: SocketAddr,
+        direction: &str,
+        extra: &[&str],
+    ) -> Ringside {
+        let listen = free_addr();
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(bin());
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--listen".into(),
+            listen.to_string(),
+            "--upstream".into(),
+            upstream.to_string(),
+            "--direction".into(),
+            direction.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn_in(cmd, listen, args)
+    }
+
     fn spawn_args(listen: SocketAddr, args: Vec<String>) -> Ringside {
         Self::spawn_in(Command::new(bin()), listen, args)
     }
