@@ -24,15 +24,17 @@ for f in "$data"/spec-example.yaml "$data"/istio/*.yaml "$data"/istio/bookinfo/*
   { printf '\000'; cat "$f"; } >"corpus/config/seed-istio-$name"
 done
 
+# An explicit --target keeps the coverage flags off build scripts and proc macros.
+host=$(rustc +"$toolchain" -vV | sed -n 's/^host: //p')
 if cargo +"$toolchain" fuzz --version >/dev/null 2>&1; then
-  build() { cargo +"$toolchain" fuzz build --sanitizer none -O "$1" >&2; echo "target/x86_64-unknown-linux-gnu/release/$1"; }
+  build() { cargo +"$toolchain" fuzz build --sanitizer none -O "$1" >&2; echo "target/$host/release/$1"; }
 else
   build() {
     RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks" \
-      cargo +"$toolchain" build --release --bin "$1" >&2
-    echo "target/release/$1"
+      cargo +"$toolchain" build --release --target "$host" --bin "$1" >&2
+    echo "target/$host/release/$1"
   }
 fi
 
