@@ -9,6 +9,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -84,7 +85,20 @@ pub struct Conn {
     pub idle_expired: Cell<bool>,
     /// Cluster and endpoint it was routed to (for labels), once known.
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
+    /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
+    pub captured: Cell<Option<Captured>>,
     slot: Cell<usize>,
+}
+
+/// Where an outbound-captured connection went when no cluster matched its original
+/// destination, named as Istio's catch-all clusters are (SPEC §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Captured {
+    /// Relayed to the original destination as it was: `PassthroughCluster`.
+    Passthrough(SocketAddr),
+    /// Refused: the original destination was the proxy's own listener (a loop):
+    /// `BlackHoleCluster`.
+    BlackHole,
 }
 
 impl Conn {
@@ -160,6 +174,7 @@ impl WorkerCtx {
             cancel: Signal::default(),
             idle_expired: Cell::new(false),
             upstream: Cell::new(None),
+            captured: Cell::new(None),
             slot: Cell::new(0),
         });
         let mut conns = self.conns.borrow_mut();
@@ -218,15 +233,16 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     }
     // Everything the labels depend on besides the fixed local node. (With mTLS, the
     // principals join the key.)
-    let (listener, upstream) = (conn.listener, conn.upstream.get());
+    let (listener, upstream, captured) = (conn.listener, conn.upstream.get(), conn.captured.get());
     let hash = {
         let mut h = std::hash::DefaultHasher::new();
-        (listener, upstream, response_flags, peer).hash(&mut h);
+        (listener, upstream, captured, response_flags, peer).hash(&mut h);
         h.finish()
     };
     let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
         let same = known.listener == listener
             && known.upstream == upstream
+            && known.captured == captured
             && known.response_flags == response_flags
             && known.peer.as_ref() == peer;
         same.then_some(*id)
@@ -238,7 +254,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     let id = ctx.intern(labels(ctx, conn, peer, response_flags));
     let mut cache = ctx.series_cache.borrow_mut();
     if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
-        let key = SettleKey { listener, upstream, response_flags, peer: peer.cloned() };
+        let key = SettleKey { listener, upstream, captured, response_flags, peer: peer.cloned() };
         cache.insert(hash, (key, id));
     }
     drop(cache);
@@ -250,6 +266,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
 pub struct SettleKey {
     listener: usize,
     upstream: Option<(usize, Option<usize>)>,
+    captured: Option<Captured>,
     response_flags: &'static str,
     peer: Option<NodeMetadata>,
 }
@@ -265,7 +282,17 @@ fn labels(
     response_flags: &str,
 ) -> metrics::LabelSet {
     let listener = &ctx.config.listeners[conn.listener];
-    let unknown = ServiceInfo::default();
+    // Istio's catch-all clusters: destination_service is the original `IP:port` for a
+    // passthrough (where Istio says `unknown`), the cluster's name for the black hole.
+    let special = match conn.captured.get() {
+        Some(Captured::Passthrough(dst)) => Some((dst.to_string(), "PassthroughCluster")),
+        Some(Captured::BlackHole) => Some(("BlackHoleCluster".to_string(), "BlackHoleCluster")),
+        None => None,
+    };
+    let unknown = ServiceInfo {
+        host: special.as_ref().map(|(host, _)| host.clone()).unwrap_or_default(),
+        ..ServiceInfo::default()
+    };
     let (service, endpoint) = match conn.upstream.get() {
         Some((c, e)) => {
             let cluster = &ctx.router.clusters[c];
@@ -276,17 +303,20 @@ fn labels(
     // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
     // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
     let endpoint = endpoint.filter(|_| listener.direction == Direction::Outbound);
-    metrics::label_set(&ConnLabels {
+    let set = metrics::label_set(&ConnLabels {
         reporter: listener.direction.into(),
         local: &ctx.node,
         peer: peer.or(endpoint),
-        endpoint_labels: None,
         service,
         response_flags,
         local_principal: None,
         peer_principal: None,
         mutual_tls: false,
-    })
+    });
+    match special {
+        Some((_, name)) => set.with("destination_service_name", name),
+        None => set,
+    }
 }
 
 /// Per-worker relay buffers: taken for a read that does not wait, given back after the

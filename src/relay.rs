@@ -19,10 +19,13 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use crate::config::{Direction, Listener, PeerExchange};
-use crate::conn::{Conn, WorkerCtx, settle};
+use crate::backoff;
+use crate::capture::{self, Decision};
+use crate::config::{Capture, Direction, Listener, PeerExchange};
+use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
+use crate::routing::Target;
 use crate::socket;
 
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
@@ -43,6 +46,10 @@ pub enum Error {
     /// A preamble begun was not finished within exchange_timeout.
     #[error("exchange timeout")]
     ExchangeTimeout,
+    /// A captured connection's original destination was the proxy's own listener (`UH`,
+    /// as Istio's BlackHoleCluster has no hosts).
+    #[error("captured connection to the proxy's own listener refused (loop)")]
+    Loop,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -53,6 +60,7 @@ impl Error {
         match self {
             Error::NoRoute => "NR",
             Error::Connect(_) => "UF",
+            Error::Loop => "UH",
             Error::NoHealthyUpstream => "UH",
             _ => "-",
         }
@@ -91,42 +99,78 @@ pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
     ctx.live[li].fetch_sub(1, Ordering::AcqRel);
 }
 
-async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
-    // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
-    // that an idle, established connection should not carry for the rest of its life.
-    let setup = Box::pin(open(ctx, li, conn, down));
-    // Cancelled while connecting or exchanging (idle timeout, drain deadline): dropping the
-    // sockets closes them; at most the first bytes of the exchange phase were relayed.
-    let (down, up, peer) = monoio::select! {
-        r = setup => r?,
-        _ = conn.cancel.wait() => return Ok(()),
-    };
-    settle(ctx, conn, peer.as_ref(), "-");
-    copy_both(ctx, conn, down, up).await
-}
-
-/// Connect upstream and run the peer exchange; on a broken exchange reset both sides.
-async fn open(
-    ctx: &WorkerCtx,
-    li: usize,
-    conn: &Conn,
-    mut down: TcpStream,
-) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
+async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> Result<(), Error> {
     let listener = &ctx.config.listeners[li];
-    let mut up = connect(ctx, li, conn, listener).await?;
+    // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
+    // that an idle, established connection should not carry for the rest of its life. Both
+    // borrow the sockets rather than own them, so a cancel (idle timeout, drain deadline)
+    // leaves them here to be closed the way the cancel asks.
+    let connected = monoio::select! {
+        r = Box::pin(connect_any(ctx, li, conn, listener, &down)) => Some(r?),
+        _ = conn.cancel.wait() => None,
+    };
+    let Some(mut up) = connected else {
+        cut(conn, down, None);
+        return Ok(());
+    };
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
-    let peer = match (listener.peer_exchange, listener.direction) {
+    let exchanged = monoio::select! {
+        r = Box::pin(exchange(ctx, listener, conn, &mut down, &mut up)) => Some(r),
+        _ = conn.cancel.wait() => None,
+    };
+    match exchanged {
+        Some(Ok(peer)) => {
+            settle(ctx, conn, peer.as_ref(), "-");
+            copy_both(ctx, conn, down, up).await
+        }
+        Some(Err(e)) => {
+            // A broken exchange: reset both sides.
+            socket::reset(down);
+            socket::reset(up);
+            Err(e)
+        }
+        None => {
+            cut(conn, down, Some(up));
+            Ok(())
+        }
+    }
+}
+
+/// Close a connection cancelled before it was relaying: gracefully after an idle timeout, with
+/// a reset at the drain deadline (as `copy_both` does), so a peer never mistakes a cut-off
+/// exchange for a finished one.
+fn cut(conn: &Conn, down: TcpStream, up: Option<TcpStream>) {
+    if conn.idle_expired.get() {
+        return; // dropping closes with FIN
+    }
+    socket::reset(down);
+    if let Some(up) = up {
+        socket::reset(up);
+    }
+}
+
+/// Run the peer exchange the listener asks for; the peer, if it is a mesh peer.
+async fn exchange(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: &mut TcpStream,
+    up: &mut TcpStream,
+) -> Result<Option<NodeMetadata>, Error> {
+    // A passthrough destination is not known to be a mesh peer: writing a preamble to it
+    // would put bytes in front of its protocol (Istio's PassthroughCluster has no exchange).
+    let mode = match conn.captured.get() {
+        Some(Captured::Passthrough(_)) => PeerExchange::Off,
+        _ => listener.peer_exchange,
+    };
+    match (mode, listener.direction) {
         (PeerExchange::Always, direction) => {
             // A preamble split across reads is gathered in a pool buffer (copied once).
             let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
             let peer = match direction {
-                Direction::Outbound => {
-                    exchange_outbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
-                }
-                Direction::Inbound => {
-                    exchange_inbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
-                }
+                Direction::Outbound => exchange_outbound(ctx, listener, conn, &mut parser, down, up).await,
+                Direction::Inbound => exchange_inbound(ctx, listener, conn, &mut parser, down, up).await,
             };
             ctx.pool.put(parser.into_buffer());
             peer
@@ -137,21 +181,76 @@ async fn open(
             Ok(None)
         }
         (PeerExchange::Off, _) => Ok(None),
-    };
-    match peer {
-        Ok(p) => Ok((down, up, p)),
-        Err(e) => {
-            socket::reset(down);
-            socket::reset(up);
-            Err(e)
+    }
+}
+
+/// Connect as the listener says: by its route, or by the original destination of a captured
+/// connection.
+async fn connect_any(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    match listener.capture {
+        Capture::None => connect(ctx, li, conn, listener, None).await,
+        _ => connect_captured(ctx, li, conn, listener, down).await,
+    }
+}
+
+/// A captured connection: where its original destination says (SPEC §8), read once here.
+async fn connect_captured(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    let local = down.local_addr()?;
+    let original = capture::original_dst(down);
+    let timeout = listener.limits.connect_timeout.0;
+    match capture::decide(listener.capture, original, local, &ctx.config.listeners, &ctx.router) {
+        Decision::Refuse => {
+            conn.captured.set(Some(Captured::BlackHole));
+            ctx.metrics.borrow().count_capture_loop();
+            Err(Error::Loop)
+        }
+        Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,
+        Decision::Passthrough(dst) => {
+            conn.captured.set(Some(Captured::Passthrough(dst)));
+            match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
+                Ok(r) => r.map_err(Error::Connect),
+                Err(_) => Err(Error::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect {dst}: timed out"),
+                ))),
+            }
+        }
+        Decision::Local(dst) => {
+            // The listener's cluster (if any) only names destination_service.
+            if let Some(t) = ctx.router.route(li) {
+                conn.upstream.set(Some((t.cluster, None)));
+            }
+            capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)
         }
     }
 }
 
-/// Route and connect, trying the other endpoints when one refuses or times out; a failed
-/// endpoint is ejected for a while (SPEC §6), so the next connections do not wait on it.
-async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
-    let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
+/// Route (unless `target` is given) and connect, trying the other endpoints when one
+/// refuses or times out; a failed endpoint is ejected for a while (SPEC §6), so the next
+/// connections do not wait on it.
+async fn connect(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    target: Option<Target>,
+) -> Result<TcpStream, Error> {
+    let target = match target {
+        Some(t) => t,
+        None => ctx.router.route(li).ok_or(Error::NoRoute)?,
+    };
     conn.upstream.set(Some((target.cluster, None)));
     let cluster = &ctx.router.clusters[target.cluster];
     let now = Instant::now();
@@ -168,6 +267,9 @@ async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -
                     ctx.router.connected(target.cluster, e);
                     return Ok(s);
                 }
+                // Out of descriptors or memory here, not the endpoint's fault: no ejection,
+                // no other endpoint (it would fail alike), no log line per connection. UF.
+                Ok(Err(err)) if backoff::is_resource_error(&err) => return Err(Error::Connect(err)),
                 Ok(Err(err)) => err,
                 Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
             };
