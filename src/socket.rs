@@ -252,8 +252,8 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Move up to `len` bytes from the read half's socket into the pipe. `Ok(0)` is EOF;
-/// `WouldBlock` means wait for `readable`.
+/// Move what the read half's socket holds into the (empty) pipe, up to its size. `Ok(0)` is
+/// EOF; `WouldBlock` means nothing to read now.
 pub fn splice_in(from: &OwnedReadHalf<TcpStream>, lease: &Lease<'_>) -> io::Result<usize> {
     let pipe = lease.pipe();
     splice(stream_of_read(from).as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)
