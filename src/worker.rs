@@ -336,6 +336,7 @@ async fn worker_main(
         ticker.tick().await;
         let now = Instant::now();
         ctx.now.set(now);
+        ctx.pipes.trim(now);
         if now >= next_report {
             next_report = now + reporting;
             let w = ctx.metrics.borrow();
