@@ -2,7 +2,8 @@
 //! fallbacks, and the 23 values of one series ([`LabelSet`], built by [`label_set`]).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::{Arc, OnceLock};
 
 use crate::exchange::NodeMetadata;
 
@@ -141,24 +142,45 @@ pub struct ConnLabels<'a> {
 }
 
 /// The 23 label values of one series, in [`LABEL_NAMES`] order; cheap to clone.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct LabelSet(Arc<[Arc<str>]>);
+///
+/// Carries the hash of its values, computed once when built: a scrape and the intern table look
+/// label sets up by it without hashing ~700 bytes again. The hash is keyed per process, so peers
+/// that choose label values cannot choose colliding hashes.
+#[derive(Clone, Debug)]
+pub struct LabelSet {
+    values: Arc<[Arc<str>]>,
+    hash: u64,
+}
+
+impl PartialEq for LabelSet {
+    fn eq(&self, other: &LabelSet) -> bool {
+        self.hash == other.hash && self.values == other.values
+    }
+}
+
+impl Eq for LabelSet {}
+
+impl Hash for LabelSet {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
 
 impl LabelSet {
     /// The value of label `name`, if it is one of [`LABEL_NAMES`].
     pub fn get(&self, name: &str) -> Option<&str> {
         let i = LABEL_NAMES.iter().position(|n| *n == name)?;
-        self.0.get(i).map(|v| &**v)
+        self.values.get(i).map(|v| &**v)
     }
 
     /// All 23 values, in [`LABEL_NAMES`] order.
     pub fn values(&self) -> &[Arc<str>] {
-        &self.0
+        &self.values
     }
 
     /// The reporter this set was built for.
     pub fn reporter(&self) -> Reporter {
-        match self.0.first().map(|v| &**v) {
+        match self.values.first().map(|v| &**v) {
             Some("destination") => Reporter::Destination,
             _ => Reporter::Source,
         }
@@ -172,12 +194,18 @@ impl LabelSet {
             .enumerate()
             .map(|(i, _)| Arc::from(if i == 0 { reporter.as_str() } else { OVERFLOW }))
             .collect();
-        LabelSet(values.into())
+        LabelSet::new(values.into())
     }
 
     fn from_values(values: [&str; 23]) -> LabelSet {
         let values: Vec<Arc<str>> = values.iter().map(|v| Arc::from(*v)).collect();
-        LabelSet(values.into())
+        LabelSet::new(values.into())
+    }
+
+    fn new(values: Arc<[Arc<str>]>) -> LabelSet {
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        let hash = KEYS.get_or_init(RandomState::new).hash_one(&*values);
+        LabelSet { values, hash }
     }
 }
 
