@@ -2,7 +2,6 @@
 //! in Istio's TCP metrics task), a built-in TCP service, bounded traffic, and the resulting
 //! istio_tcp_* series printed like a Prometheus console table.
 
-use std::collections::BTreeMap;
 use std::error::Error;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -94,9 +93,12 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             service: Some(service),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
-            endpoints: vec![Endpoint { address: upstream, labels: BTreeMap::new() }],
+            addresses: Vec::new(),
+            endpoints: vec![Endpoint::at(upstream)],
             subsets: vec![],
             tls: None,
+            service_port: None,
+            source: None,
         }],
         ..Config::default()
     };
@@ -172,8 +174,7 @@ fn print_table(text: &str) {
     }];
     let mut samples: Vec<Sample> =
         text.lines().filter_map(parse_line).filter(|s| s.0.starts_with("istio_tcp_")).collect();
-    // The exporter's order is a hash order; sort as a console would: source side first, then
-    // by metric and labels.
+    // Sort as a console would: source side first, then by metric and labels.
     samples.sort_by(|a, b| (b.1.first(), a.0, &a.1).cmp(&(a.1.first(), b.0, &b.1)));
     for (name, labels, value) in samples {
         let mut row = vec![name.to_string()];

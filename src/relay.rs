@@ -1,12 +1,12 @@
 //! One connection's life: route, connect upstream, run the peer exchange, copy both halves,
 //! propagate half-close and reset, and count it (SPEC §1, §2).
 //!
-//! Reads wait for readiness before taking a buffer from the pool, so an idle connection
-//! holds no buffer; a read that fills the whole buffer marks a bulk flow, which then moves by
-//! splice(2) without passing through user space.
+//! A read takes a buffer from the pool only for one non-blocking recv(2), and waits for
+//! readiness without a buffer once a read would block, so an idle connection holds no buffer;
+//! a read that fills the whole buffer marks a bulk flow, which then moves by splice(2) without
+//! passing through user space.
 
 use std::future::{Future, poll_fn};
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::pin::pin;
 use std::rc::Rc;
@@ -19,11 +19,14 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use crate::config::{Direction, Listener, PeerExchange};
+use crate::backoff;
+use crate::capture::{self, Decision};
+use crate::config::{Capture, Direction, Listener, PeerExchange};
+use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
-use crate::metrics::{self, ConnLabels, ExchangeOutcome, ServiceInfo};
+use crate::metrics::ExchangeOutcome;
+use crate::routing::Target;
 use crate::socket;
-use crate::worker::{Conn, WorkerCtx, reporter};
 
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +34,22 @@ pub enum Error {
     /// No route to a cluster (`NR`).
     #[error("no route")]
     NoRoute,
-    /// Every endpoint refused or timed out (`UF`).
+    /// Every endpoint tried refused or timed out (`UF`).
     #[error("upstream connect failed: {0}")]
     Connect(io::Error),
+    /// No endpoint, or every one ejected and still down when tried again (`UH`).
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
     /// The peer's preamble was broken (too large or undecodable).
     #[error("broken preamble: {0}")]
     Preamble(crate::exchange::Invalid),
     /// A preamble begun was not finished within exchange_timeout.
     #[error("exchange timeout")]
     ExchangeTimeout,
+    /// A captured connection's original destination was the proxy's own listener (`UH`,
+    /// as Istio's BlackHoleCluster has no hosts).
+    #[error("captured connection to the proxy's own listener refused (loop)")]
+    Loop,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -50,6 +60,8 @@ impl Error {
         match self {
             Error::NoRoute => "NR",
             Error::Connect(_) => "UF",
+            Error::Loop => "UH",
+            Error::NoHealthyUpstream => "UH",
             _ => "-",
         }
     }
@@ -75,7 +87,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
     let result = relay(&ctx, li, &conn, down).await;
     match &result {
         Err(e) => {
-            log::debug!("listener {}: {e}", ctx.shared.config.listeners[li].name);
+            log::debug!("listener {}: {e}", ctx.config.listeners[li].name);
             settle(&ctx, &conn, None, e.response_flags());
         }
         Ok(()) => settle(&ctx, &conn, None, "-"),
@@ -84,45 +96,81 @@ pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
         ctx.router.disconnected(c, e);
     }
     ctx.close(&conn);
-    ctx.shared.live[li].fetch_sub(1, Ordering::AcqRel);
+    ctx.live[li].fetch_sub(1, Ordering::AcqRel);
 }
 
-async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
+async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> Result<(), Error> {
+    let listener = &ctx.config.listeners[li];
     // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
-    // that an idle, established connection should not carry for the rest of its life.
-    let setup = Box::pin(open(ctx, li, conn, down));
-    // Cancelled while connecting or exchanging (idle timeout, drain deadline): dropping the
-    // sockets closes them; at most the first bytes of the exchange phase were relayed.
-    let (down, up, peer) = monoio::select! {
-        r = setup => r?,
-        _ = conn.cancel.wait() => return Ok(()),
+    // that an idle, established connection should not carry for the rest of its life. Both
+    // borrow the sockets rather than own them, so a cancel (idle timeout, drain deadline)
+    // leaves them here to be closed the way the cancel asks.
+    let connected = monoio::select! {
+        r = Box::pin(connect_any(ctx, li, conn, listener, &down)) => Some(r?),
+        _ = conn.cancel.wait() => None,
     };
-    settle(ctx, conn, peer.as_ref(), "-");
-    copy_both(ctx, conn, down, up).await
-}
-
-/// Connect upstream and run the peer exchange; on a broken exchange reset both sides.
-async fn open(
-    ctx: &WorkerCtx,
-    li: usize,
-    conn: &Conn,
-    mut down: TcpStream,
-) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
-    let listener = &ctx.shared.config.listeners[li];
-    let mut up = connect(ctx, li, conn, listener).await?;
+    let Some(mut up) = connected else {
+        cut(conn, down, None);
+        return Ok(());
+    };
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
-    let peer = match (listener.peer_exchange, listener.direction) {
+    let exchanged = monoio::select! {
+        r = Box::pin(exchange(ctx, listener, conn, &mut down, &mut up)) => Some(r),
+        _ = conn.cancel.wait() => None,
+    };
+    match exchanged {
+        Some(Ok(peer)) => {
+            settle(ctx, conn, peer.as_ref(), "-");
+            copy_both(ctx, conn, down, up).await
+        }
+        Some(Err(e)) => {
+            // A broken exchange: reset both sides.
+            socket::reset(down);
+            socket::reset(up);
+            Err(e)
+        }
+        None => {
+            cut(conn, down, Some(up));
+            Ok(())
+        }
+    }
+}
+
+/// Close a connection cancelled before it was relaying: gracefully after an idle timeout, with
+/// a reset at the drain deadline (as `copy_both` does), so a peer never mistakes a cut-off
+/// exchange for a finished one.
+fn cut(conn: &Conn, down: TcpStream, up: Option<TcpStream>) {
+    if conn.idle_expired.get() {
+        return; // dropping closes with FIN
+    }
+    socket::reset(down);
+    if let Some(up) = up {
+        socket::reset(up);
+    }
+}
+
+/// Run the peer exchange the listener asks for; the peer, if it is a mesh peer.
+async fn exchange(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: &mut TcpStream,
+    up: &mut TcpStream,
+) -> Result<Option<NodeMetadata>, Error> {
+    // A passthrough destination is not known to be a mesh peer: writing a preamble to it
+    // would put bytes in front of its protocol (Istio's PassthroughCluster has no exchange).
+    let mode = match conn.captured.get() {
+        Some(Captured::Passthrough(_)) => PeerExchange::Off,
+        _ => listener.peer_exchange,
+    };
+    match (mode, listener.direction) {
         (PeerExchange::Always, direction) => {
             // A preamble split across reads is gathered in a pool buffer (copied once).
             let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
             let peer = match direction {
-                Direction::Outbound => {
-                    exchange_outbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
-                }
-                Direction::Inbound => {
-                    exchange_inbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
-                }
+                Direction::Outbound => exchange_outbound(ctx, listener, conn, &mut parser, down, up).await,
+                Direction::Inbound => exchange_inbound(ctx, listener, conn, &mut parser, down, up).await,
             };
             ctx.pool.put(parser.into_buffer());
             peer
@@ -133,111 +181,112 @@ async fn open(
             Ok(None)
         }
         (PeerExchange::Off, _) => Ok(None),
-    };
-    match peer {
-        Ok(p) => Ok((down, up, p)),
-        Err(e) => {
-            socket::reset(down);
-            socket::reset(up);
-            Err(e)
-        }
     }
 }
 
-/// Route and connect, trying the other endpoints when one refuses or times out.
-async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
-    let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
-    conn.upstream.set(Some((target.cluster, None)));
-    let endpoints = &ctx.router.clusters[target.cluster].endpoints;
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no endpoints");
-    for e in ctx.router.candidates(target) {
-        let addr = endpoints[e].address;
-        match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr)).await {
-            Ok(Ok(s)) => {
-                conn.upstream.set(Some((target.cluster, Some(e))));
-                ctx.router.connected(target.cluster, e);
-                return Ok(s);
-            }
-            Ok(Err(err)) => last = err,
-            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("connect {addr}: timed out")),
-        }
-    }
-    Err(Error::Connect(last))
-}
-
-/// Label the connection and count it as opened, once (later calls do nothing).
-fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &'static str) {
-    if conn.series.get().is_some() || !ctx.istio_metrics {
-        return;
-    }
-    // Everything the labels depend on besides the fixed local node. (With mTLS, the
-    // principals join the key.)
-    let (listener, upstream) = (conn.listener, conn.upstream.get());
-    let hash = {
-        let mut h = std::hash::DefaultHasher::new();
-        (listener, upstream, response_flags, peer).hash(&mut h);
-        h.finish()
-    };
-    let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
-        let same = known.listener == listener
-            && known.upstream == upstream
-            && known.response_flags == response_flags
-            && known.peer.as_ref() == peer;
-        same.then_some(*id)
-    });
-    if let Some(id) = cached {
-        ctx.settle(conn, id);
-        return;
-    }
-    let id = ctx.intern(labels(ctx, conn, peer, response_flags));
-    let mut cache = ctx.series_cache.borrow_mut();
-    if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
-        let key = SettleKey { listener, upstream, response_flags, peer: peer.cloned() };
-        cache.insert(hash, (key, id));
-    }
-    drop(cache);
-    ctx.settle(conn, id);
-}
-
-/// Label inputs of a settled connection, to reuse its series for the next such connection
-/// without rebuilding 23 label values (two dozen allocations).
-pub struct SettleKey {
-    listener: usize,
-    upstream: Option<(usize, Option<usize>)>,
-    response_flags: &'static str,
-    peer: Option<NodeMetadata>,
-}
-
-/// Entries per worker; beyond it, label sets are built per connection (still correct).
-const SERIES_CACHE_MAX: usize = 4096;
-
-/// The 23 label values of a connection (SPEC §3).
-fn labels(
+/// Connect as the listener says: by its route, or by the original destination of a captured
+/// connection.
+async fn connect_any(
     ctx: &WorkerCtx,
+    li: usize,
     conn: &Conn,
-    peer: Option<&NodeMetadata>,
-    response_flags: &str,
-) -> metrics::LabelSet {
-    let listener = &ctx.shared.config.listeners[conn.listener];
-    let unknown = ServiceInfo::default();
-    let (service, endpoint_labels) = match conn.upstream.get() {
-        Some((c, e)) => {
-            let cluster = &ctx.router.clusters[c];
-            (&cluster.service, e.map(|e| &cluster.endpoints[e].labels))
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    match listener.capture {
+        Capture::None => connect(ctx, li, conn, listener, None).await,
+        _ => connect_captured(ctx, li, conn, listener, down).await,
+    }
+}
+
+/// A captured connection: where its original destination says (SPEC §8), read once here.
+async fn connect_captured(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    let local = down.local_addr()?;
+    let original = capture::original_dst(down);
+    let timeout = listener.limits.connect_timeout.0;
+    match capture::decide(listener.capture, original, local, &ctx.config.listeners, &ctx.router) {
+        Decision::Refuse => {
+            conn.captured.set(Some(Captured::BlackHole));
+            ctx.metrics.borrow().count_capture_loop();
+            Err(Error::Loop)
         }
-        None => (&unknown, None),
+        Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,
+        Decision::Passthrough(dst) => {
+            conn.captured.set(Some(Captured::Passthrough(dst)));
+            match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
+                Ok(r) => r.map_err(Error::Connect),
+                Err(_) => Err(Error::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect {dst}: timed out"),
+                ))),
+            }
+        }
+        Decision::Local(dst) => {
+            // The listener's cluster (if any) only names destination_service.
+            if let Some(t) = ctx.router.route(li) {
+                conn.upstream.set(Some((t.cluster, None)));
+            }
+            capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)
+        }
+    }
+}
+
+/// Route (unless `target` is given) and connect, trying the other endpoints when one
+/// refuses or times out; a failed endpoint is ejected for a while (SPEC §6), so the next
+/// connections do not wait on it.
+async fn connect(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    target: Option<Target>,
+) -> Result<TcpStream, Error> {
+    let target = match target {
+        Some(t) => t,
+        None => ctx.router.route(li).ok_or(Error::NoRoute)?,
     };
-    metrics::label_set(&ConnLabels {
-        reporter: reporter(listener.direction),
-        local: &ctx.node,
-        peer,
-        endpoint_labels: if listener.direction == Direction::Outbound { endpoint_labels } else { None },
-        service,
-        response_flags,
-        local_principal: None,
-        peer_principal: None,
-        mutual_tls: false,
-    })
+    conn.upstream.set(Some((target.cluster, None)));
+    let cluster = &ctx.router.clusters[target.cluster];
+    let now = Instant::now();
+    let healthy = ctx.router.healthy(target, now);
+    let mut last = None;
+    for e in ctx.router.candidates(target, now) {
+        let addr = cluster.endpoints[e].address;
+        let err =
+            match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    conn.upstream.set(Some((target.cluster, Some(e))));
+                    ctx.router.connected(target.cluster, e);
+                    return Ok(s);
+                }
+                // Out of descriptors or memory here, not the endpoint's fault: no ejection,
+                // no other endpoint (it would fail alike), no log line per connection. UF.
+                Ok(Err(err)) if backoff::is_resource_error(&err) => return Err(Error::Connect(err)),
+                Ok(Err(err)) => err,
+                Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            };
+        // One line per failure; ejection bounds them to about one per endpoint and back-off.
+        let (ejection, failures) = ctx.router.failed(target.cluster, e, Instant::now());
+        log::warn!(
+            "cluster {}: endpoint {addr}: connect: {err}; ejected for {}s ({failures} failure(s) in a row)",
+            cluster.name,
+            ejection.as_secs()
+        );
+        last = Some(err);
+    }
+    // No endpoint at all, or every one was ejected and is still down: no healthy upstream.
+    match last {
+        Some(err) if healthy => Err(Error::Connect(err)),
+        _ => Err(Error::NoHealthyUpstream),
+    }
 }
 
 /// Outbound `always`: write our preamble first, relay the client's bytes meanwhile, and
@@ -531,9 +580,12 @@ async fn shutdown_write(to: &mut OwnedWriteHalf<TcpStream>) -> io::Result<()> {
     }
 }
 
-/// One direction: read (after readiness, so an idle connection holds no buffer), write all,
-/// count; on EOF shut the other side's write half (half-close). A read that fills the whole
-/// buffer marks a bulk flow: the rest of it moves by splice(2), without copying through us.
+/// One direction: read, write all, count; on EOF shut the other side's write half
+/// (half-close). A read is one non-blocking recv(2) into a pool buffer, taken only for the
+/// call: readiness is awaited (one ring operation, no buffer) only once a read would block,
+/// so an idle connection holds no buffer and a read costs no ring operation of its own. A
+/// read that fills the whole buffer marks a bulk flow: from then on each burst moves by
+/// splice(2) through a pipe borrowed from the worker's pool for the burst.
 async fn pump(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -543,70 +595,150 @@ async fn pump(
 ) -> io::Result<()> {
     let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
     let mut splice = ctx.splice;
+    let mut bulk = false;
+    // A client usually sent its first bytes while we connected upstream: try at once. The
+    // upstream speaks when asked, so its side starts by waiting.
+    let mut ready = request;
     loop {
-        socket::readable(from).await?;
-        let (res, buf) = from.read(ctx.pool.take()).await;
-        let n = match res {
+        if !ready {
+            socket::readable(from).await?;
+        }
+        if bulk
+            && splice
+            && let Some(pipe) = ctx.pipes.take(ctx.now.get())
+        {
+            match splice_burst(ctx, conn, from, to, counter, &pipe).await? {
+                Burst::Quiet => {
+                    pipe.release();
+                    ready = false;
+                    continue;
+                }
+                Burst::Eof => {
+                    pipe.release();
+                    return shutdown_write(to).await;
+                }
+                Burst::Unsupported { error, left } => {
+                    log::debug!("splice failed, copying instead: {error}");
+                    splice = false;
+                    copy_out_of_pipe(ctx, &pipe, to, left).await?;
+                }
+            }
+        }
+        let mut buf = ctx.pool.take();
+        let n = match socket::recv(from, &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 ctx.pool.put(buf);
-                return Err(e);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        ready = false;
+                        continue;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
             }
         };
         if n == 0 {
             ctx.pool.put(buf);
             return shutdown_write(to).await;
         }
-        let bulk = n == buf.capacity();
+        // A full read: more is probably waiting, so read again at once.
+        ready = n == buf.capacity();
+        if ready && splice && !bulk {
+            bulk = true;
+            if let Err(e) = socket::nonblocking(from, to) {
+                log::debug!("splice unavailable, copying instead: {e}");
+                splice = false;
+            }
+        }
         ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let (res, buf) = to.write_all(buf).await;
         ctx.pool.put(buf);
         res?;
-        if bulk && splice {
-            match socket::Pipe::for_halves(from, to) {
-                Ok(pipe) => return splice_pump(ctx, conn, from, to, counter, pipe).await,
-                Err(e) => {
-                    // Out of fds or pipe memory: keep copying; this connection is healthy.
-                    log::debug!("splice unavailable, copying instead: {e}");
-                    splice = false;
-                }
-            }
-        }
     }
 }
 
-/// The zero-copy rest of a bulk direction: socket → pipe → socket inside the kernel, with
-/// non-blocking splices and readiness waits, so the worker never blocks.
-async fn splice_pump(
+/// How a splice burst ended.
+enum Burst {
+    /// Nothing more to read for now; the pipe is empty and goes back to the pool.
+    Quiet,
+    /// The sender half-closed; the pipe is empty.
+    Eof,
+    /// splice(2) itself failed, not the connection; `left` bytes are still in the pipe.
+    Unsupported { error: io::Error, left: usize },
+}
+
+/// Errors that are the connection's (a reset, a closed peer), not splice's: they end the
+/// connection as a copy would. Any other splice error makes the flow copy instead.
+fn connection_error(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset
+            | ConnectionAborted
+            | BrokenPipe
+            | NotConnected
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
+    )
+}
+
+/// Socket → pipe → socket inside the kernel until the socket has nothing more to read, with
+/// non-blocking splices and writability waits, so the worker never blocks.
+async fn splice_burst(
     ctx: &WorkerCtx,
     conn: &Conn,
     from: &mut OwnedReadHalf<TcpStream>,
     to: &mut OwnedWriteHalf<TcpStream>,
     counter: &std::cell::Cell<u64>,
-    pipe: socket::Pipe,
-) -> io::Result<()> {
+    pipe: &socket::Lease<'_>,
+) -> io::Result<Burst> {
     loop {
-        let n = match socket::splice_in(from, &pipe, socket::PIPE_SIZE) {
-            Ok(0) => return shutdown_write(to).await,
+        let n = match socket::splice_in(from, pipe) {
+            Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                socket::readable(from).await?;
-                continue;
-            }
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Quiet),
+            Err(e) if connection_error(&e) => return Err(e),
+            Err(error) => return Ok(Burst::Unsupported { error, left: 0 }),
         };
         ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let mut left = n;
         while left > 0 {
-            match socket::splice_out(&pipe, to, left) {
+            match socket::splice_out(pipe, to, left) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket::writable(to).await?,
-                Err(e) => return Err(e),
+                Err(e) if connection_error(&e) => return Err(e),
+                Err(error) => return Ok(Burst::Unsupported { error, left }),
             }
         }
     }
+}
+
+/// After a failed splice: write what is still in the pipe by copying it through buffers.
+async fn copy_out_of_pipe(
+    ctx: &WorkerCtx,
+    pipe: &socket::Lease<'_>,
+    to: &mut OwnedWriteHalf<TcpStream>,
+    mut left: usize,
+) -> io::Result<()> {
+    while left > 0 {
+        let mut buf = ctx.pool.take();
+        match socket::drain_pipe(pipe, &mut buf) {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            r => {
+                ctx.pool.put(buf);
+                return r.and(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        let (res, buf) = to.write_all(buf).await;
+        ctx.pool.put(buf);
+        res?;
+    }
+    Ok(())
 }

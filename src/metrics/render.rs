@@ -33,6 +33,8 @@ const EXCHANGE_HELP: &str = "Peer exchanges by outcome, like Istio's metadata_ex
 const OVERFLOWED_HELP: &str =
     "Connections whose label set exceeded the label set budget and was folded into the overflow series.";
 const LISTENER_HELP: &str = "Connections closed at once because a listener was at its connection limit.";
+const LOOPS_HELP: &str =
+    "Captured connections refused because their original destination was the proxy's own listener.";
 const DRIVER_HELP: &str = "I/O driver in use.";
 const BUILD_HELP: &str = "ringside build.";
 
@@ -40,7 +42,8 @@ const BUILD_HELP: &str = "ringside build.";
 /// counters and the `ringside_*` process metrics, each family with `# HELP` and `# TYPE`:
 /// `ringside_connections_active{worker}`, `ringside_exchange_total{outcome}`,
 /// `ringside_label_sets_overflowed_total`, `ringside_listener_overflowed_total`,
-/// `ringside_driver_info{driver}` and `ringside_build_info{version}`.
+/// `ringside_capture_loops_refused_total`, `ringside_driver_info{driver}` and
+/// `ringside_build_info{version}`.
 ///
 /// Written directly, in the layout `metrics-exporter-prometheus` 0.18 wrote (which ringside used
 /// before, README "Decisions"): counter families, then gauge families, each followed by a blank
@@ -85,13 +88,14 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     }
 
     let mut exchanges = [0u64; 7];
-    let (mut overflowed, mut listener) = (0u64, 0u64);
+    let (mut overflowed, mut listener, mut loops) = (0u64, 0u64, 0u64);
     for shard in shards {
         for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
             *sum = sum.wrapping_add(shard.exchanges(outcome));
         }
         overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
         listener = listener.wrapping_add(shard.listener_overflowed());
+        loops = loops.wrapping_add(shard.capture_loops_refused());
     }
     header(&mut out, "ringside_exchange_total", EXCHANGE_HELP, "counter");
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
@@ -104,6 +108,9 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     out.push('\n');
     header(&mut out, "ringside_listener_overflowed_total", LISTENER_HELP, "counter");
     sample(&mut out, "ringside_listener_overflowed_total", None, listener);
+    out.push('\n');
+    header(&mut out, "ringside_capture_loops_refused_total", LOOPS_HELP, "counter");
+    sample(&mut out, "ringside_capture_loops_refused_total", None, loops);
     out.push('\n');
 
     if !shards.is_empty() {
@@ -336,7 +343,7 @@ mod tests {
         let text = render(&[shard], "epoll");
         assert!(!text.contains("istio_"), "{text}");
         assert!(text.starts_with("# HELP ringside_exchange_total "), "{text}");
-        assert_eq!(text.matches("\n\n").count(), 6, "{text}");
+        assert_eq!(text.matches("\n\n").count(), 7, "{text}");
         assert!(text.ends_with("} 1\n\n"), "{text}");
         let two = render(&[], "epoll");
         assert!(!two.contains("ringside_connections_active"), "{two}");
