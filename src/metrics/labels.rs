@@ -258,24 +258,70 @@ fn local_side<'a>(node: &'a NodeMetadata, principal: Option<&'a str>) -> Side<'a
     }
 }
 
-/// The peer's side, read exactly as Istio's proxy reads peer metadata (SPEC §3): `node` is the
-/// exchanged metadata, or the chosen endpoint's workload without exchange.
+/// What Istio's rules read from a peer's metadata (SPEC §3 "Peer"), fallbacks applied; `None`
+/// is unknown. Two peers with equal `PeerLabels` get equal labels whatever else differs (node
+/// id, pod name, owner, ...): a cache of label sets keys on this. Borrowed, built without
+/// allocating.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerLabels<'a> {
+    /// WORKLOAD_NAME.
+    pub workload: Option<&'a str>,
+    /// NAMESPACE (a peer certificate's SPIFFE namespace wins over it, see [`label_set`]).
+    pub namespace: Option<&'a str>,
+    /// CLUSTER_ID.
+    pub cluster: Option<&'a str>,
+    /// LABELS `service.istio.io/canonical-name` only.
+    pub canonical_service: Option<&'a str>,
+    /// LABELS `service.istio.io/canonical-revision` only.
+    pub canonical_revision: Option<&'a str>,
+    /// LABELS `app.kubernetes.io/name`, else `app`.
+    pub app: Option<&'a str>,
+    /// LABELS `app.kubernetes.io/version`, else `version`.
+    pub version: Option<&'a str>,
+}
+
+impl<'a> PeerLabels<'a> {
+    /// Reads `node` exactly as Istio's proxy reads peer metadata.
+    pub fn of(node: &'a NodeMetadata) -> PeerLabels<'a> {
+        let lookup = |key: &str| label(&node.labels, key);
+        PeerLabels {
+            workload: non_empty(&node.workload_name),
+            namespace: non_empty(&node.namespace),
+            cluster: non_empty(&node.cluster_id),
+            canonical_service: lookup(CANONICAL_NAME),
+            canonical_revision: lookup(CANONICAL_REVISION),
+            app: lookup(K8S_NAME).or_else(|| lookup("app")),
+            version: lookup(K8S_VERSION).or_else(|| lookup("version")),
+        }
+    }
+
+    /// The seven fields, in declaration order.
+    pub fn fields(&self) -> [Option<&'a str>; 7] {
+        [
+            self.workload,
+            self.namespace,
+            self.cluster,
+            self.canonical_service,
+            self.canonical_revision,
+            self.app,
+            self.version,
+        ]
+    }
+}
+
+/// The peer's side (SPEC §3): its [`PeerLabels`], the namespace from its certificate first.
 fn peer_side<'a>(node: Option<&'a NodeMetadata>, principal: Option<&'a str>) -> Side<'a> {
     let principal = principal.and_then(non_empty);
-    let lookup = |key: &str| node.and_then(|n| label(&n.labels, key));
-    let field = |f: fn(&'a NodeMetadata) -> &'a str| node.map(f).and_then(non_empty);
+    let peer = node.map(PeerLabels::of).unwrap_or_default();
     Side {
-        workload: field(|n| &n.workload_name).unwrap_or(UNKNOWN),
-        canonical_service: lookup(CANONICAL_NAME).unwrap_or(UNKNOWN),
-        canonical_revision: lookup(CANONICAL_REVISION).unwrap_or(LATEST),
-        namespace: principal
-            .and_then(principal_namespace)
-            .or_else(|| field(|n| &n.namespace))
-            .unwrap_or(UNKNOWN),
+        workload: peer.workload.unwrap_or(UNKNOWN),
+        canonical_service: peer.canonical_service.unwrap_or(UNKNOWN),
+        canonical_revision: peer.canonical_revision.unwrap_or(LATEST),
+        namespace: principal.and_then(principal_namespace).or(peer.namespace).unwrap_or(UNKNOWN),
         principal: principal.unwrap_or(UNKNOWN),
-        app: lookup(K8S_NAME).or_else(|| lookup("app")).unwrap_or(UNKNOWN),
-        version: lookup(K8S_VERSION).or_else(|| lookup("version")).unwrap_or(UNKNOWN),
-        cluster: field(|n| &n.cluster_id).unwrap_or(UNKNOWN),
+        app: peer.app.unwrap_or(UNKNOWN),
+        version: peer.version.unwrap_or(UNKNOWN),
+        cluster: peer.cluster.unwrap_or(UNKNOWN),
     }
 }
 
