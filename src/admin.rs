@@ -94,7 +94,7 @@ fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'stati
     match (role, method, path) {
         (Role::Admin | Role::Metrics, "GET", "/stats/prometheus") => (200, CONTENT_TYPE, shared.render()),
         (Role::Admin, "GET", "/ready") | (Role::Health, "GET", "/healthz/ready") => ready(),
-        (Role::Admin, "GET", "/config_dump") => match serde_json::to_string_pretty(&shared.config) {
+        (Role::Admin, "GET", "/config_dump") => match serde_json::to_string_pretty(&*shared.config) {
             Ok(json) => (200, "application/json", json + "\n"),
             Err(e) => (500, "text/plain", format!("{e}\n")),
         },

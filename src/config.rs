@@ -120,6 +120,30 @@ pub struct Node {
     pub istio_version: String,
 }
 
+impl From<&Node> for crate::exchange::NodeMetadata {
+    /// The identity written into the preamble; OWNER is the workload's Deployment, as
+    /// Istio's injector writes it (SPEC §2).
+    fn from(n: &Node) -> Self {
+        let owner = if n.workload_name.is_empty() {
+            String::new()
+        } else {
+            format!("kubernetes://apis/apps/v1/namespaces/{}/deployments/{}", n.namespace, n.workload_name)
+        };
+        crate::exchange::NodeMetadata {
+            id: n.id.clone(),
+            name: n.workload_name.clone(),
+            namespace: n.namespace.clone(),
+            owner,
+            workload_name: n.workload_name.clone(),
+            cluster_id: n.cluster_id.clone(),
+            mesh_id: n.mesh_id.clone(),
+            service_account: n.service_account.clone(),
+            istio_version: n.istio_version.clone(),
+            labels: n.labels.clone(),
+        }
+    }
+}
+
 /// Which event-loop driver the workers run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -196,6 +220,16 @@ pub enum Direction {
     Outbound,
     /// reporter=destination.
     Inbound,
+}
+
+impl From<Direction> for crate::metrics::Reporter {
+    /// Outbound listeners report as the source, inbound ones as the destination (SPEC §3).
+    fn from(d: Direction) -> Self {
+        match d {
+            Direction::Outbound => crate::metrics::Reporter::Source,
+            Direction::Inbound => crate::metrics::Reporter::Destination,
+        }
+    }
 }
 
 /// When the peer exchange runs on a listener (SPEC §2).

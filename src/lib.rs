@@ -10,6 +10,7 @@ pub mod admin; // /ready, /stats/prometheus, /config_dump, /drain, /healthz/read
 pub mod busy_poll; // opt-in: poll instead of sleeping for a window after activity
 pub mod cli; // flags -> config overrides
 pub mod config; // YAML model, defaults, validate(); durations; file:line errors
+pub mod conn; // a connection's context: worker state, counters, settling into labels
 pub mod demo; // the built-in two-sidecar demo
 pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No I/O.
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
@@ -17,4 +18,4 @@ pub mod relay; // one connection: connect, exchange, copy both halves, close, co
 pub mod routing; // clusters, subsets, load balancing, weighted routes
 pub mod socket; // readiness on split halves, reset, splice: the only unsafe
 pub mod tls; // rustls configs, SPIFFE checks, reload; the monoio adaptor (SPEC §7)
-pub mod worker; // driver choice, core pinning, per-worker listeners, buffer pool, ticks
+pub mod worker; // driver choice, core pinning, per-worker listeners, accept loops, ticks

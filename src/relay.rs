@@ -6,7 +6,6 @@
 //! splice(2) without passing through user space.
 
 use std::future::{Future, poll_fn};
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::pin::pin;
 use std::rc::Rc;
@@ -20,10 +19,10 @@ use monoio::io::{
 use monoio::net::TcpStream;
 
 use crate::config::{Direction, Listener, PeerExchange};
+use crate::conn::{Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
-use crate::metrics::{self, ConnLabels, ExchangeOutcome, ServiceInfo};
+use crate::metrics::ExchangeOutcome;
 use crate::socket;
-use crate::worker::{Conn, WorkerCtx, reporter};
 
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +74,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
     let result = relay(&ctx, li, &conn, down).await;
     match &result {
         Err(e) => {
-            log::debug!("listener {}: {e}", ctx.shared.config.listeners[li].name);
+            log::debug!("listener {}: {e}", ctx.config.listeners[li].name);
             settle(&ctx, &conn, None, e.response_flags());
         }
         Ok(()) => settle(&ctx, &conn, None, "-"),
@@ -84,7 +83,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
         ctx.router.disconnected(c, e);
     }
     ctx.close(&conn);
-    ctx.shared.live[li].fetch_sub(1, Ordering::AcqRel);
+    ctx.live[li].fetch_sub(1, Ordering::AcqRel);
 }
 
 async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
@@ -108,7 +107,7 @@ async fn open(
     conn: &Conn,
     mut down: TcpStream,
 ) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
-    let listener = &ctx.shared.config.listeners[li];
+    let listener = &ctx.config.listeners[li];
     let mut up = connect(ctx, li, conn, listener).await?;
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
@@ -163,81 +162,6 @@ async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -
         }
     }
     Err(Error::Connect(last))
-}
-
-/// Label the connection and count it as opened, once (later calls do nothing).
-fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &'static str) {
-    if conn.series.get().is_some() || !ctx.istio_metrics {
-        return;
-    }
-    // Everything the labels depend on besides the fixed local node. (With mTLS, the
-    // principals join the key.)
-    let (listener, upstream) = (conn.listener, conn.upstream.get());
-    let hash = {
-        let mut h = std::hash::DefaultHasher::new();
-        (listener, upstream, response_flags, peer).hash(&mut h);
-        h.finish()
-    };
-    let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
-        let same = known.listener == listener
-            && known.upstream == upstream
-            && known.response_flags == response_flags
-            && known.peer.as_ref() == peer;
-        same.then_some(*id)
-    });
-    if let Some(id) = cached {
-        ctx.settle(conn, id);
-        return;
-    }
-    let id = ctx.intern(labels(ctx, conn, peer, response_flags));
-    let mut cache = ctx.series_cache.borrow_mut();
-    if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
-        let key = SettleKey { listener, upstream, response_flags, peer: peer.cloned() };
-        cache.insert(hash, (key, id));
-    }
-    drop(cache);
-    ctx.settle(conn, id);
-}
-
-/// Label inputs of a settled connection, to reuse its series for the next such connection
-/// without rebuilding 23 label values (two dozen allocations).
-pub struct SettleKey {
-    listener: usize,
-    upstream: Option<(usize, Option<usize>)>,
-    response_flags: &'static str,
-    peer: Option<NodeMetadata>,
-}
-
-/// Entries per worker; beyond it, label sets are built per connection (still correct).
-const SERIES_CACHE_MAX: usize = 4096;
-
-/// The 23 label values of a connection (SPEC §3).
-fn labels(
-    ctx: &WorkerCtx,
-    conn: &Conn,
-    peer: Option<&NodeMetadata>,
-    response_flags: &str,
-) -> metrics::LabelSet {
-    let listener = &ctx.shared.config.listeners[conn.listener];
-    let unknown = ServiceInfo::default();
-    let (service, endpoint_labels) = match conn.upstream.get() {
-        Some((c, e)) => {
-            let cluster = &ctx.router.clusters[c];
-            (&cluster.service, e.map(|e| &cluster.endpoints[e].labels))
-        }
-        None => (&unknown, None),
-    };
-    metrics::label_set(&ConnLabels {
-        reporter: reporter(listener.direction),
-        local: &ctx.node,
-        peer,
-        endpoint_labels: if listener.direction == Direction::Outbound { endpoint_labels } else { None },
-        service,
-        response_flags,
-        local_principal: None,
-        peer_principal: None,
-        mutual_tls: false,
-    })
 }
 
 /// Outbound `always`: write our preamble first, relay the client's bytes meanwhile, and

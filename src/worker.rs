@@ -1,32 +1,21 @@
-//! Workers: driver choice, core pinning, one SO_REUSEPORT socket per listener per worker,
-//! the per-worker buffer pool, the connection table and the one timer tick per worker that
-//! folds metrics, enforces idle timeouts and drives the drain.
+//! Workers: driver choice, core pinning, one SO_REUSEPORT socket per listener per worker, the
+//! accept loops, and the one timer tick per worker that folds metrics, enforces idle timeouts
+//! and drives the drain. A connection's own context lives in `conn`, its I/O in `relay`.
 
-use std::cell::{Cell, RefCell};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpListener;
 
-use crate::busy_poll::BusyPoll;
-use crate::config::{self, Config, Direction};
-use crate::exchange::{self, NodeMetadata};
-use crate::metrics::{self, Delta, LabelBudget, SeriesId, Shard, ShardWriter};
+use crate::config::{self, Config};
+use crate::conn::{Flags, Signal, WorkerCtx};
+use crate::metrics::{self, Delta, LabelBudget, Shard, ShardWriter};
 use crate::relay;
-use crate::routing::Router;
 
-/// Size of one relay buffer. Small messages fit in one; a read that fills it marks a bulk
-/// flow, which then moves by splice(2) without a buffer (see `relay::pump`).
-pub const BUFFER_SIZE: usize = 16 * 1024;
-/// Buffers kept in a worker's pool when idle; beyond this they are freed.
-const POOL_KEEP: usize = 256;
 /// The worker tick: clock, drain checks and idle timeouts run at this period.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -110,7 +99,7 @@ fn uring_builder(coop: bool) -> io_uring::Builder {
 /// State shared by all workers and the admin threads; touched per accept/close at most.
 pub struct Shared {
     /// The effective configuration.
-    pub config: Config,
+    pub config: Arc<Config>,
     /// Set by POST /drain and by SIGTERM/SIGINT: stop accepting, /ready answers 503.
     pub draining: AtomicBool,
     /// Set by SIGTERM/SIGINT: exit once idle, or at `drain_timeout` (live connections reset).
@@ -120,7 +109,7 @@ pub struct Shared {
     /// Worker count.
     pub workers: usize,
     /// Live connections per listener, across workers (max_connections).
-    pub live: Vec<AtomicUsize>,
+    pub live: Arc<[AtomicUsize]>,
     /// Each worker's metrics shard, for rendering.
     pub shards: Vec<Arc<Shard>>,
     /// Driver that runs.
@@ -198,7 +187,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
     }
     let shared = Arc::new(Shared {
         live: effective.listeners.iter().map(|_| AtomicUsize::new(0)).collect(),
-        config: effective,
+        config: Arc::new(effective),
         draining: AtomicBool::new(false),
         terminating: AtomicBool::new(false),
         workers_started: AtomicUsize::new(0),
@@ -289,161 +278,19 @@ fn run_worker(index: usize, shared: Arc<Shared>, listeners: Vec<std::net::TcpLis
     }
 }
 
-/// Everything one worker's connections share. Single-threaded: `Cell`/`RefCell`, no atomics.
-pub struct WorkerCtx {
-    /// Worker index.
-    pub index: usize,
-    /// Shared state (config, drain flag, listener counts).
-    pub shared: Arc<Shared>,
-    /// This worker's routing table.
-    pub router: Router,
-    /// Buffer pool.
-    pub pool: BufferPool,
-    /// This worker's metrics shard writer.
-    pub metrics: RefCell<ShardWriter>,
-    /// The local node (canonical labels filled) and its encoded preamble.
-    pub node: NodeMetadata,
-    /// The preamble we write, encoded once.
-    pub preamble: Vec<u8>,
-    /// Whether bulk flows switch to splice(2).
-    pub splice: bool,
-    /// Whether istio_tcp_* series are counted at all. Always, except under
-    /// `RINGSIDE_ISTIO_METRICS=0`, which exists to measure what metrics cost (perf/run.sh).
-    pub istio_metrics: bool,
-    /// Coarse clock, advanced by the tick; read per read instead of a syscall.
-    pub now: Cell<Instant>,
-    /// Series of recently settled label inputs (see `relay::settle`).
-    pub series_cache: RefCell<std::collections::HashMap<u64, (relay::SettleKey, SeriesId)>>,
-    /// Bounded busy-polling after activity (off unless configured).
-    pub busy: Rc<BusyPoll>,
-    conns: RefCell<Vec<Option<Rc<Conn>>>>,
-    free: RefCell<Vec<usize>>,
-    active: Cell<u64>,
-}
-
-/// One connection's counters and control, shared by its task and the worker tick.
-pub struct Conn {
-    /// Listener index.
-    pub listener: usize,
-    /// Application bytes downstream→upstream.
-    pub received_bytes: Cell<u64>,
-    /// Application bytes upstream→downstream.
-    pub sent_bytes: Cell<u64>,
-    reported: Cell<(u64, u64)>,
-    /// The series it counts into, once its peer settled.
-    pub series: Cell<Option<SeriesId>>,
-    /// Last time a byte moved either way.
-    pub last_active: Cell<Instant>,
-    /// Fired by the tick (idle timeout, drain deadline); the connection then closes.
-    pub cancel: Signal,
-    /// Why `cancel` fired: the idle timeout (close gracefully) rather than the drain deadline.
-    pub idle_expired: Cell<bool>,
-    /// Cluster and endpoint it was routed to (for labels), once known.
-    pub upstream: Cell<Option<(usize, Option<usize>)>>,
-    slot: Cell<usize>,
-}
-
-impl Conn {
-    /// Fold the bytes not yet reported (and `extra` opened/closed) into the shard.
-    fn report(&self, writer: &ShardWriter, mut d: Delta) {
-        let Some(id) = self.series.get() else { return };
-        let (r, s) = self.reported.get();
-        d.received_bytes = self.received_bytes.get() - r;
-        d.sent_bytes = self.sent_bytes.get() - s;
-        if d != Delta::default() {
-            writer.fold(id, d);
-        }
-        self.reported.set((self.received_bytes.get(), self.sent_bytes.get()));
-    }
-}
-
-impl WorkerCtx {
-    /// Register a new connection.
-    pub fn open(&self, listener: usize) -> Rc<Conn> {
-        let conn = Rc::new(Conn {
-            listener,
-            received_bytes: Cell::new(0),
-            sent_bytes: Cell::new(0),
-            reported: Cell::new((0, 0)),
-            series: Cell::new(None),
-            last_active: Cell::new(self.now.get()),
-            cancel: Signal::default(),
-            idle_expired: Cell::new(false),
-            upstream: Cell::new(None),
-            slot: Cell::new(0),
-        });
-        let mut conns = self.conns.borrow_mut();
-        let slot = match self.free.borrow_mut().pop() {
-            Some(i) => i,
-            None => {
-                conns.push(None);
-                conns.len() - 1
-            }
-        };
-        conn.slot.set(slot);
-        conns[slot] = Some(conn.clone());
-        self.active.set(self.active.get() + 1);
-        self.metrics.borrow().set_active_connections(self.active.get());
-        conn
-    }
-
-    /// The connection's peer is settled: count it as opened under `series`.
-    pub fn settle(&self, conn: &Conn, series: SeriesId) {
-        if conn.series.get().is_some() {
-            return;
-        }
-        conn.series.set(Some(series));
-        conn.report(&self.metrics.borrow(), Delta { opened: 1, ..Delta::default() });
-    }
-
-    /// The connection ended: fold its last bytes and count it closed.
-    pub fn close(&self, conn: &Conn) {
-        conn.report(&self.metrics.borrow(), Delta { closed: 1, ..Delta::default() });
-        let slot = conn.slot.get();
-        if let Some(entry) = self.conns.borrow_mut().get_mut(slot) {
-            *entry = None;
-            self.free.borrow_mut().push(slot);
-        }
-        self.active.set(self.active.get().saturating_sub(1));
-        self.metrics.borrow().set_active_connections(self.active.get());
-    }
-
-    /// Intern a label set in this worker's shard.
-    pub fn intern(&self, labels: metrics::LabelSet) -> SeriesId {
-        self.metrics.borrow_mut().intern(labels)
-    }
-
-    fn for_each_conn(&self, mut f: impl FnMut(&Conn)) {
-        for c in self.conns.borrow().iter().flatten() {
-            f(c);
-        }
-    }
-}
-
 async fn worker_main(
     index: usize,
     shared: Arc<Shared>,
     listeners: Vec<std::net::TcpListener>,
     writer: ShardWriter,
 ) {
-    let node = metrics::with_canonical_labels(node_metadata(&shared.config.node));
-    let ctx = Rc::new(WorkerCtx {
+    let ctx = Rc::new(WorkerCtx::new(
         index,
-        router: Router::new(&shared.config, 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
-        pool: BufferPool::default(),
-        metrics: RefCell::new(writer),
-        preamble: exchange::encode(&node),
-        node,
-        splice: shared.splice,
-        istio_metrics: shared.istio_metrics,
-        now: Cell::new(Instant::now()),
-        series_cache: RefCell::new(std::collections::HashMap::new()),
-        busy: Rc::new(BusyPoll::default()),
-        conns: RefCell::new(Vec::new()),
-        free: RefCell::new(Vec::new()),
-        active: Cell::new(0),
-        shared: shared.clone(),
-    });
+        shared.config.clone(),
+        shared.live.clone(),
+        writer,
+        Flags { splice: shared.splice, istio_metrics: shared.istio_metrics },
+    ));
     if !shared.config.busy_poll.0.is_zero() {
         ctx.busy.start(shared.config.busy_poll.0);
     }
@@ -492,7 +339,7 @@ async fn worker_main(
             drain_deadline = Some(now + shared.config.drain_timeout.0);
         }
         if let Some(deadline) = drain_deadline {
-            if ctx.active.get() == 0 {
+            if ctx.active() == 0 {
                 break;
             }
             if now >= deadline {
@@ -503,7 +350,7 @@ async fn worker_main(
 }
 
 async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop: Rc<Signal>) {
-    let limit = ctx.shared.config.listeners[li].limits.max_connections;
+    let limit = ctx.config.listeners[li].limits.max_connections;
     loop {
         let accepted = monoio::select! {
             a = listener.accept() => a,
@@ -513,12 +360,12 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop:
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning (as mini-redis does).
-                log::warn!("listener {}: accept: {e}", ctx.shared.config.listeners[li].name);
+                log::warn!("listener {}: accept: {e}", ctx.config.listeners[li].name);
                 monoio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
-        let live = &ctx.shared.live[li];
+        let live = &ctx.live[li];
         if live.fetch_add(1, Ordering::AcqRel) >= limit {
             live.fetch_sub(1, Ordering::AcqRel);
             relay::over_limit(&ctx, li, down);
@@ -526,98 +373,5 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop:
         }
         ctx.busy.note();
         monoio::spawn(relay::serve(ctx.clone(), li, down));
-    }
-}
-
-/// The node identity written into the preamble, from the config.
-pub fn node_metadata(n: &config::Node) -> NodeMetadata {
-    let owner = if n.workload_name.is_empty() {
-        String::new()
-    } else {
-        format!("kubernetes://apis/apps/v1/namespaces/{}/deployments/{}", n.namespace, n.workload_name)
-    };
-    NodeMetadata {
-        id: n.id.clone(),
-        name: n.workload_name.clone(),
-        namespace: n.namespace.clone(),
-        owner,
-        workload_name: n.workload_name.clone(),
-        cluster_id: n.cluster_id.clone(),
-        mesh_id: n.mesh_id.clone(),
-        service_account: n.service_account.clone(),
-        istio_version: n.istio_version.clone(),
-        labels: n.labels.clone(),
-    }
-}
-
-/// Reporter of a listener direction.
-pub fn reporter(d: Direction) -> metrics::Reporter {
-    match d {
-        Direction::Outbound => metrics::Reporter::Source,
-        Direction::Inbound => metrics::Reporter::Destination,
-    }
-}
-
-/// Per-worker relay buffers: taken after a socket is readable, given back after the write,
-/// so an idle connection holds none.
-#[derive(Default)]
-pub struct BufferPool {
-    free: RefCell<Vec<Vec<u8>>>,
-}
-
-impl BufferPool {
-    /// An empty buffer with `BUFFER_SIZE` capacity.
-    pub fn take(&self) -> Vec<u8> {
-        self.free.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
-    }
-
-    /// Give a buffer back (cleared); buffers of another size are dropped.
-    pub fn put(&self, mut buf: Vec<u8>) {
-        let mut free = self.free.borrow_mut();
-        if buf.capacity() == BUFFER_SIZE && free.len() < POOL_KEEP {
-            buf.clear();
-            free.push(buf);
-        }
-    }
-}
-
-/// A one-shot, single-thread signal with one waiter at a time.
-#[derive(Default)]
-pub struct Signal {
-    fired: Cell<bool>,
-    waker: Cell<Option<Waker>>,
-}
-
-impl Signal {
-    /// Fire it, waking the waiter.
-    pub fn fire(&self) {
-        self.fired.set(true);
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
-    }
-
-    /// Whether it fired.
-    pub fn fired(&self) -> bool {
-        self.fired.get()
-    }
-
-    /// Resolves once fired.
-    pub fn wait(&self) -> SignalWait<'_> {
-        SignalWait(self)
-    }
-}
-
-/// Future of `Signal::wait`.
-pub struct SignalWait<'a>(&'a Signal);
-
-impl Future for SignalWait<'_> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.fired.get() {
-            return Poll::Ready(());
-        }
-        self.0.waker.set(Some(cx.waker().clone()));
-        Poll::Pending
     }
 }

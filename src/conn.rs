@@ -1,0 +1,348 @@
+//! A connection's context on its worker: the worker's shared per-thread state (`WorkerCtx`:
+//! config, router, buffer pool, metrics shard writer, series cache), one connection's counters
+//! and control (`Conn`), and how a connection settles into its label set (SPEC §3).
+//!
+//! Below both `worker` (threads, accepting, the tick) and `relay` (one connection's I/O): it
+//! imports neither. Single-threaded: `Cell`/`RefCell`, no locks, no atomics per byte.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use crate::busy_poll::BusyPoll;
+use crate::config::{Config, Direction};
+use crate::exchange::NodeMetadata;
+use crate::metrics::{self, ConnLabels, Delta, SeriesId, ServiceInfo, ShardWriter};
+use crate::routing::Router;
+
+/// Size of one relay buffer. Small messages fit in one; a read that fills it marks a bulk
+/// flow, which then moves by splice(2) without a buffer (see `relay::pump`).
+pub const BUFFER_SIZE: usize = 16 * 1024;
+/// Buffers kept in a worker's pool when idle; beyond this they are freed.
+const POOL_KEEP: usize = 256;
+
+/// Everything one worker's connections share. Single-threaded: `Cell`/`RefCell`, no atomics.
+pub struct WorkerCtx {
+    /// Worker index.
+    pub index: usize,
+    /// The configuration this worker serves (read-only).
+    pub config: Arc<Config>,
+    /// Live connections per listener, across workers (`max_connections`): one atomic add per
+    /// accept and one subtract per close.
+    pub live: Arc<[AtomicUsize]>,
+    /// This worker's routing table.
+    pub router: Router,
+    /// Buffer pool.
+    pub pool: BufferPool,
+    /// This worker's metrics shard writer.
+    pub metrics: RefCell<ShardWriter>,
+    /// The local node (canonical labels filled) and its encoded preamble.
+    pub node: NodeMetadata,
+    /// The preamble we write, encoded once.
+    pub preamble: Vec<u8>,
+    /// Whether bulk flows switch to splice(2).
+    pub splice: bool,
+    /// Whether istio_tcp_* series are counted at all. Always, except under
+    /// `RINGSIDE_ISTIO_METRICS=0`, which exists to measure what metrics cost (perf/run.sh).
+    pub istio_metrics: bool,
+    /// Coarse clock, advanced by the tick; read per read instead of a syscall.
+    pub now: Cell<Instant>,
+    /// Series of recently settled label inputs (see `settle`).
+    pub series_cache: RefCell<HashMap<u64, (SettleKey, SeriesId)>>,
+    /// Bounded busy-polling after activity (off unless configured).
+    pub busy: Rc<BusyPoll>,
+    conns: RefCell<Vec<Option<Rc<Conn>>>>,
+    free: RefCell<Vec<usize>>,
+    active: Cell<u64>,
+}
+
+/// One connection's counters and control, shared by its task and the worker tick.
+pub struct Conn {
+    /// Listener index.
+    pub listener: usize,
+    /// Application bytes downstream→upstream.
+    pub received_bytes: Cell<u64>,
+    /// Application bytes upstream→downstream.
+    pub sent_bytes: Cell<u64>,
+    reported: Cell<(u64, u64)>,
+    /// The series it counts into, once its peer settled.
+    pub series: Cell<Option<SeriesId>>,
+    /// Last time a byte moved either way.
+    pub last_active: Cell<Instant>,
+    /// Fired by the tick (idle timeout, drain deadline); the connection then closes.
+    pub cancel: Signal,
+    /// Why `cancel` fired: the idle timeout (close gracefully) rather than the drain deadline.
+    pub idle_expired: Cell<bool>,
+    /// Cluster and endpoint it was routed to (for labels), once known.
+    pub upstream: Cell<Option<(usize, Option<usize>)>>,
+    slot: Cell<usize>,
+}
+
+impl Conn {
+    /// Fold the bytes not yet reported (and `extra` opened/closed) into the shard.
+    pub fn report(&self, writer: &ShardWriter, mut d: Delta) {
+        let Some(id) = self.series.get() else { return };
+        let (r, s) = self.reported.get();
+        d.received_bytes = self.received_bytes.get() - r;
+        d.sent_bytes = self.sent_bytes.get() - s;
+        if d != Delta::default() {
+            writer.fold(id, d);
+        }
+        self.reported.set((self.received_bytes.get(), self.sent_bytes.get()));
+    }
+}
+
+/// Benchmark switches copied from the process-wide state (see `worker::Shared`).
+#[derive(Clone, Copy, Debug)]
+pub struct Flags {
+    /// Bulk flows switch to splice(2).
+    pub splice: bool,
+    /// istio_tcp_* series are counted.
+    pub istio_metrics: bool,
+}
+
+impl WorkerCtx {
+    /// A worker's context: its router, pool and shard writer, and the local node with its
+    /// canonical labels filled in and its preamble encoded once.
+    pub fn new(
+        index: usize,
+        config: Arc<Config>,
+        live: Arc<[AtomicUsize]>,
+        writer: ShardWriter,
+        flags: Flags,
+    ) -> WorkerCtx {
+        let node = metrics::with_canonical_labels(NodeMetadata::from(&config.node));
+        WorkerCtx {
+            index,
+            // Per-worker seeds, so workers do not pick the same random endpoints in step.
+            router: Router::new(&config, 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
+            pool: BufferPool::default(),
+            metrics: RefCell::new(writer),
+            preamble: crate::exchange::encode(&node),
+            node,
+            splice: flags.splice,
+            istio_metrics: flags.istio_metrics,
+            now: Cell::new(Instant::now()),
+            series_cache: RefCell::new(HashMap::new()),
+            busy: Rc::new(BusyPoll::default()),
+            conns: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            active: Cell::new(0),
+            config,
+            live,
+        }
+    }
+
+    /// Live connections on this worker.
+    pub fn active(&self) -> u64 {
+        self.active.get()
+    }
+
+    /// Register a new connection.
+    pub fn open(&self, listener: usize) -> Rc<Conn> {
+        let conn = Rc::new(Conn {
+            listener,
+            received_bytes: Cell::new(0),
+            sent_bytes: Cell::new(0),
+            reported: Cell::new((0, 0)),
+            series: Cell::new(None),
+            last_active: Cell::new(self.now.get()),
+            cancel: Signal::default(),
+            idle_expired: Cell::new(false),
+            upstream: Cell::new(None),
+            slot: Cell::new(0),
+        });
+        let mut conns = self.conns.borrow_mut();
+        let slot = match self.free.borrow_mut().pop() {
+            Some(i) => i,
+            None => {
+                conns.push(None);
+                conns.len() - 1
+            }
+        };
+        conn.slot.set(slot);
+        conns[slot] = Some(conn.clone());
+        self.active.set(self.active.get() + 1);
+        self.metrics.borrow().set_active_connections(self.active.get());
+        conn
+    }
+
+    /// The connection's peer is settled: count it as opened under `series`.
+    pub fn settle(&self, conn: &Conn, series: SeriesId) {
+        if conn.series.get().is_some() {
+            return;
+        }
+        conn.series.set(Some(series));
+        conn.report(&self.metrics.borrow(), Delta { opened: 1, ..Delta::default() });
+    }
+
+    /// The connection ended: fold its last bytes and count it closed.
+    pub fn close(&self, conn: &Conn) {
+        conn.report(&self.metrics.borrow(), Delta { closed: 1, ..Delta::default() });
+        let slot = conn.slot.get();
+        if let Some(entry) = self.conns.borrow_mut().get_mut(slot) {
+            *entry = None;
+            self.free.borrow_mut().push(slot);
+        }
+        self.active.set(self.active.get().saturating_sub(1));
+        self.metrics.borrow().set_active_connections(self.active.get());
+    }
+
+    /// Intern a label set in this worker's shard.
+    pub fn intern(&self, labels: metrics::LabelSet) -> SeriesId {
+        self.metrics.borrow_mut().intern(labels)
+    }
+
+    /// Run `f` on every live connection of this worker.
+    pub fn for_each_conn(&self, mut f: impl FnMut(&Conn)) {
+        for c in self.conns.borrow().iter().flatten() {
+            f(c);
+        }
+    }
+}
+
+/// Label the connection and count it as opened, once (later calls do nothing).
+pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &'static str) {
+    if conn.series.get().is_some() || !ctx.istio_metrics {
+        return;
+    }
+    // Everything the labels depend on besides the fixed local node. (With mTLS, the
+    // principals join the key.)
+    let (listener, upstream) = (conn.listener, conn.upstream.get());
+    let hash = {
+        let mut h = std::hash::DefaultHasher::new();
+        (listener, upstream, response_flags, peer).hash(&mut h);
+        h.finish()
+    };
+    let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
+        let same = known.listener == listener
+            && known.upstream == upstream
+            && known.response_flags == response_flags
+            && known.peer.as_ref() == peer;
+        same.then_some(*id)
+    });
+    if let Some(id) = cached {
+        ctx.settle(conn, id);
+        return;
+    }
+    let id = ctx.intern(labels(ctx, conn, peer, response_flags));
+    let mut cache = ctx.series_cache.borrow_mut();
+    if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
+        let key = SettleKey { listener, upstream, response_flags, peer: peer.cloned() };
+        cache.insert(hash, (key, id));
+    }
+    drop(cache);
+    ctx.settle(conn, id);
+}
+
+/// Label inputs of a settled connection, to reuse its series for the next such connection
+/// without rebuilding 23 label values (two dozen allocations).
+pub struct SettleKey {
+    listener: usize,
+    upstream: Option<(usize, Option<usize>)>,
+    response_flags: &'static str,
+    peer: Option<NodeMetadata>,
+}
+
+/// Entries per worker; beyond it, label sets are built per connection (still correct).
+const SERIES_CACHE_MAX: usize = 4096;
+
+/// The 23 label values of a connection (SPEC §3).
+fn labels(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    peer: Option<&NodeMetadata>,
+    response_flags: &str,
+) -> metrics::LabelSet {
+    let listener = &ctx.config.listeners[conn.listener];
+    let unknown = ServiceInfo::default();
+    let (service, endpoint_labels) = match conn.upstream.get() {
+        Some((c, e)) => {
+            let cluster = &ctx.router.clusters[c];
+            (&cluster.service, e.map(|e| &cluster.endpoints[e].labels))
+        }
+        None => (&unknown, None),
+    };
+    metrics::label_set(&ConnLabels {
+        reporter: listener.direction.into(),
+        local: &ctx.node,
+        peer,
+        endpoint_labels: if listener.direction == Direction::Outbound { endpoint_labels } else { None },
+        service,
+        response_flags,
+        local_principal: None,
+        peer_principal: None,
+        mutual_tls: false,
+    })
+}
+
+/// Per-worker relay buffers: taken after a socket is readable, given back after the write,
+/// so an idle connection holds none.
+#[derive(Default)]
+pub struct BufferPool {
+    free: RefCell<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// An empty buffer with `BUFFER_SIZE` capacity.
+    pub fn take(&self) -> Vec<u8> {
+        self.free.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
+    }
+
+    /// Give a buffer back (cleared); buffers of another size are dropped.
+    pub fn put(&self, mut buf: Vec<u8>) {
+        let mut free = self.free.borrow_mut();
+        if buf.capacity() == BUFFER_SIZE && free.len() < POOL_KEEP {
+            buf.clear();
+            free.push(buf);
+        }
+    }
+}
+
+/// A one-shot, single-thread signal with one waiter at a time.
+#[derive(Default)]
+pub struct Signal {
+    fired: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Signal {
+    /// Fire it, waking the waiter.
+    pub fn fire(&self) {
+        self.fired.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Whether it fired.
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Resolves once fired.
+    pub fn wait(&self) -> SignalWait<'_> {
+        SignalWait(self)
+    }
+}
+
+/// Future of `Signal::wait`.
+pub struct SignalWait<'a>(&'a Signal);
+
+impl Future for SignalWait<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.fired.get() {
+            return Poll::Ready(());
+        }
+        self.0.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
