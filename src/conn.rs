@@ -58,6 +58,8 @@ pub struct WorkerCtx {
     pub series_cache: RefCell<HashMap<u64, (SettleKey, SeriesId)>>,
     /// Bounded busy-polling after activity (off unless configured).
     pub busy: Rc<BusyPoll>,
+    /// TLS configs per listener and cluster, replaced by the reload thread (SPEC §7).
+    pub tls: Arc<crate::tls::Certs>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
     free: RefCell<Vec<usize>>,
     active: Cell<u64>,
@@ -82,7 +84,20 @@ pub struct Conn {
     pub idle_expired: Cell<bool>,
     /// Cluster and endpoint it was routed to (for labels), once known.
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
+    /// mTLS identities, once the handshake is done (principals and security policy labels).
+    pub security: RefCell<Security>,
     slot: Cell<usize>,
+}
+
+/// What mTLS tells the labels (SPEC §3): both principals and whether the peer was verified.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Security {
+    /// `spiffe://...` of our own certificate.
+    pub local_principal: Option<Arc<str>>,
+    /// `spiffe://...` of the peer's certificate.
+    pub peer_principal: Option<Box<str>>,
+    /// The connection is mutual TLS (connection_security_policy, reporter=destination).
+    pub mutual_tls: bool,
 }
 
 impl Conn {
@@ -117,6 +132,7 @@ impl WorkerCtx {
         live: Arc<[AtomicUsize]>,
         writer: ShardWriter,
         flags: Flags,
+        tls: Arc<crate::tls::Certs>,
     ) -> WorkerCtx {
         let node = metrics::with_canonical_labels(NodeMetadata::from(&config.node));
         WorkerCtx {
@@ -132,6 +148,7 @@ impl WorkerCtx {
             now: Cell::new(Instant::now()),
             series_cache: RefCell::new(HashMap::new()),
             busy: Rc::new(BusyPoll::default()),
+            tls,
             conns: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             active: Cell::new(0),
@@ -157,6 +174,7 @@ impl WorkerCtx {
             cancel: Signal::default(),
             idle_expired: Cell::new(false),
             upstream: Cell::new(None),
+            security: RefCell::new(Security::default()),
             slot: Cell::new(0),
         });
         let mut conns = self.conns.borrow_mut();
@@ -213,29 +231,31 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     if conn.series.get().is_some() || !ctx.istio_metrics {
         return;
     }
-    // Everything the labels depend on besides the fixed local node. (With mTLS, the
-    // principals join the key.)
+    // Everything the labels depend on besides the fixed local node.
     let (listener, upstream) = (conn.listener, conn.upstream.get());
+    let security = conn.security.borrow();
     let hash = {
         let mut h = std::hash::DefaultHasher::new();
-        (listener, upstream, response_flags, peer).hash(&mut h);
+        (listener, upstream, response_flags, peer, &*security).hash(&mut h);
         h.finish()
     };
     let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
         let same = known.listener == listener
             && known.upstream == upstream
             && known.response_flags == response_flags
-            && known.peer.as_ref() == peer;
+            && known.peer.as_ref() == peer
+            && known.security == *security;
         same.then_some(*id)
     });
     if let Some(id) = cached {
         ctx.settle(conn, id);
         return;
     }
-    let id = ctx.intern(labels(ctx, conn, peer, response_flags));
+    let id = ctx.intern(labels(ctx, conn, peer, response_flags, &security));
     let mut cache = ctx.series_cache.borrow_mut();
     if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
-        let key = SettleKey { listener, upstream, response_flags, peer: peer.cloned() };
+        let key =
+            SettleKey { listener, upstream, response_flags, peer: peer.cloned(), security: security.clone() };
         cache.insert(hash, (key, id));
     }
     drop(cache);
@@ -249,6 +269,7 @@ pub struct SettleKey {
     upstream: Option<(usize, Option<usize>)>,
     response_flags: &'static str,
     peer: Option<NodeMetadata>,
+    security: Security,
 }
 
 /// Entries per worker; beyond it, label sets are built per connection (still correct).
@@ -260,6 +281,7 @@ fn labels(
     conn: &Conn,
     peer: Option<&NodeMetadata>,
     response_flags: &str,
+    security: &Security,
 ) -> metrics::LabelSet {
     let listener = &ctx.config.listeners[conn.listener];
     let unknown = ServiceInfo::default();
@@ -277,9 +299,9 @@ fn labels(
         endpoint_labels: if listener.direction == Direction::Outbound { endpoint_labels } else { None },
         service,
         response_flags,
-        local_principal: None,
-        peer_principal: None,
-        mutual_tls: false,
+        local_principal: security.local_principal.as_deref(),
+        peer_principal: security.peer_principal.as_deref(),
+        mutual_tls: security.mutual_tls,
     })
 }
 

@@ -67,7 +67,11 @@ fn run(cfg: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringside: {e:#}");
-            ExitCode::from(1)
+            // A certificate file that does not load is bad config, like a bad key (SPEC §4).
+            match e.downcast_ref::<worker::Error>() {
+                Some(worker::Error::Tls(_)) => ExitCode::from(EX_USAGE),
+                _ => ExitCode::from(1),
+            }
         }
     }
 }

@@ -339,6 +339,43 @@ pub struct Delta {
     pub sent_bytes: u64,
 }
 
+/// Why an inbound TLS handshake was refused (`ringside_tls_refused_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsRefused {
+    /// The client spoke something other than TLS (plaintext against `strict`).
+    NotTls,
+    /// The client presented no certificate.
+    NoClientCertificate,
+    /// The client's certificate did not verify against the mesh root (other CA, expired).
+    BadCertificate,
+    /// The handshake did not finish within connect_timeout.
+    Timeout,
+    /// Anything else (no common cipher or ALPN, a peer alert, a socket error).
+    Other,
+}
+
+impl TlsRefused {
+    /// Every reason, in the order they are rendered.
+    pub const ALL: [TlsRefused; 5] = [
+        TlsRefused::NotTls,
+        TlsRefused::NoClientCertificate,
+        TlsRefused::BadCertificate,
+        TlsRefused::Timeout,
+        TlsRefused::Other,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsRefused::NotTls => "not_tls",
+            TlsRefused::NoClientCertificate => "no_client_certificate",
+            TlsRefused::BadCertificate => "bad_certificate",
+            TlsRefused::Timeout => "timeout",
+            TlsRefused::Other => "other",
+        }
+    }
+}
+
 /// Outcome of one peer exchange, like Istio's `metadata_exchange` stats (plus ours: `invalid`,
 /// `timeout`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -479,6 +516,7 @@ struct ProcessCells {
     label_sets_overflowed: AtomicU64,
     listener_overflowed: AtomicU64,
     exchange: [AtomicU64; 7],
+    tls_refused: [AtomicU64; 5],
 }
 
 /// Read side of one worker's counters, shared with the scraper: per-series cells and process
@@ -539,6 +577,11 @@ impl Shard {
     /// Connections refused by a listener's connection limit on this worker.
     pub fn listener_overflowed(&self) -> u64 {
         self.process.listener_overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Inbound TLS handshakes refused for `reason` on this worker.
+    pub fn tls_refused(&self, reason: TlsRefused) -> u64 {
+        self.process.tls_refused[reason as usize].load(Ordering::Relaxed)
     }
 
     /// Exchanges that ended with `outcome` on this worker.
@@ -653,6 +696,11 @@ impl ShardWriter {
         self.shard.process.active_connections.store(n, Ordering::Relaxed);
     }
 
+    /// Counts one inbound TLS handshake refused (SPEC §7 strict: closed, never relayed).
+    pub fn count_tls_refused(&self, reason: TlsRefused) {
+        add(&self.shard.process.tls_refused[reason as usize], 1);
+    }
+
     /// Counts one exchange outcome.
     pub fn count_exchange(&self, outcome: ExchangeOutcome) {
         add(&self.shard.process.exchange[outcome.index()], 1);
@@ -732,10 +780,15 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         "ringside_listener_overflowed_total",
         "Connections closed at once because a listener was at its connection limit.",
     );
+    describe_counter(
+        "ringside_tls_refused_total",
+        "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.",
+    );
     describe_gauge("ringside_driver_info", "I/O driver in use.");
     describe_gauge("ringside_build_info", "ringside build.");
 
     let mut exchanges = [0u64; 7];
+    let mut refused = [0u64; 5];
     let (mut overflowed, mut listener) = (0u64, 0u64);
     for shard in shards {
         register_gauge(
@@ -747,12 +800,19 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
             *sum = sum.wrapping_add(shard.exchanges(outcome));
         }
+        for (sum, reason) in refused.iter_mut().zip(TlsRefused::ALL) {
+            *sum = sum.wrapping_add(shard.tls_refused(reason));
+        }
         overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
         listener = listener.wrapping_add(shard.listener_overflowed());
     }
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
         let labels = vec![static_label("outcome", SharedString::const_str(outcome.as_str()))];
         register_counter(&recorder, "ringside_exchange_total", labels, *sum);
+    }
+    for (sum, reason) in refused.iter().zip(TlsRefused::ALL) {
+        let labels = vec![static_label("reason", SharedString::const_str(reason.as_str()))];
+        register_counter(&recorder, "ringside_tls_refused_total", labels, *sum);
     }
     let overflow_name = "ringside_label_sets_overflowed_total";
     register_counter(&recorder, overflow_name, vec![], overflowed);

@@ -24,6 +24,8 @@ use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
 use crate::socket;
 
+mod mtls;
+
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,6 +41,10 @@ pub enum Error {
     /// A preamble begun was not finished within exchange_timeout.
     #[error("exchange timeout")]
     ExchangeTimeout,
+    /// An inbound mTLS handshake was refused (counted in `ringside_tls_refused_total`, not
+    /// as an istio_tcp connection: no peer, no application byte).
+    #[error("tls handshake refused")]
+    Refused,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -73,6 +79,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
     let conn = ctx.open(li);
     let result = relay(&ctx, li, &conn, down).await;
     match &result {
+        Err(Error::Refused) => {}
         Err(e) => {
             log::debug!("listener {}: {e}", ctx.config.listeners[li].name);
             settle(&ctx, &conn, None, e.response_flags());
@@ -92,23 +99,49 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
     let setup = Box::pin(open(ctx, li, conn, down));
     // Cancelled while connecting or exchanging (idle timeout, drain deadline): dropping the
     // sockets closes them; at most the first bytes of the exchange phase were relayed.
-    let (down, up, peer) = monoio::select! {
+    let (pair, peer) = monoio::select! {
         r = setup => r?,
         _ = conn.cancel.wait() => return Ok(()),
     };
     settle(ctx, conn, peer.as_ref(), "-");
-    copy_both(ctx, conn, down, up).await
+    match pair {
+        Pair::Plain(down, up) => copy_both(ctx, conn, down, up).await,
+        Pair::Tls(pair) => mtls::copy(ctx, conn, pair).await,
+    }
 }
 
-/// Connect upstream and run the peer exchange; on a broken exchange reset both sides.
+/// A set-up connection: both sockets plaintext, or one of them TLS (SPEC §7).
+enum Pair {
+    Plain(TcpStream, TcpStream),
+    Tls(mtls::TlsPair),
+}
+
+/// Connect upstream and run the peer exchange; on a broken exchange reset both sides. With
+/// mTLS (an inbound listener's or the chosen cluster's `tls`), `mtls` takes over.
 async fn open(
     ctx: &WorkerCtx,
     li: usize,
     conn: &Conn,
-    mut down: TcpStream,
-) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
+    down: TcpStream,
+) -> Result<(Pair, Option<NodeMetadata>), Error> {
     let listener = &ctx.config.listeners[li];
+    let mut down = match &ctx.tls.listeners[li] {
+        Some(slot) => match mtls::accept(ctx, conn, listener, slot, down).await? {
+            mtls::Accepted::Plain(down) => down,
+            mtls::Accepted::Tls(tls) => {
+                let (pair, peer) = mtls::open_inbound(ctx, li, conn, tls).await?;
+                return Ok((Pair::Tls(pair), peer));
+            }
+        },
+        None => down,
+    };
     let mut up = connect(ctx, li, conn, listener).await?;
+    if let Some((c, _)) = conn.upstream.get()
+        && let Some(Some(slot)) = ctx.tls.clusters.get(c)
+    {
+        let (pair, peer) = mtls::open_outbound(ctx, listener, conn, down, up, slot).await?;
+        return Ok((Pair::Tls(pair), peer));
+    }
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
     let peer = match (listener.peer_exchange, listener.direction) {
@@ -134,7 +167,7 @@ async fn open(
         (PeerExchange::Off, _) => Ok(None),
     };
     match peer {
-        Ok(p) => Ok((down, up, p)),
+        Ok(p) => Ok((Pair::Plain(down, up), p)),
         Err(e) => {
             socket::reset(down);
             socket::reset(up);

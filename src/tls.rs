@@ -115,6 +115,56 @@ impl Slot {
     }
 }
 
+/// Every listener's and cluster's TLS slot, by index (`None`: plaintext).
+#[derive(Default)]
+pub struct Certs {
+    /// Per listener (server side).
+    pub listeners: Vec<Option<Arc<Slot>>>,
+    /// Per cluster (client side).
+    pub clusters: Vec<Option<Arc<Slot>>>,
+}
+
+impl Certs {
+    /// Load every configured certificate set; a file that fails is a config error naming it.
+    pub fn load(config: &crate::config::Config) -> Result<Certs, Error> {
+        let files = |cert_chain: &str, private_key: &str, root_cert: &str| Files {
+            cert_chain: cert_chain.into(),
+            private_key: private_key.into(),
+            root_cert: root_cert.into(),
+        };
+        let mut certs = Certs::default();
+        for l in &config.listeners {
+            let slot = match &l.tls {
+                Some(t) => Some(Arc::new(Slot::new(
+                    files(&t.cert_chain, &t.private_key, &t.root_cert),
+                    Role::Server,
+                )?)),
+                None => None,
+            };
+            certs.listeners.push(slot);
+        }
+        for c in &config.clusters {
+            let slot = match &c.tls {
+                Some(t) => {
+                    let role = Role::Client {
+                        subject_alt_names: t.subject_alt_names.clone(),
+                        server_name: c.service.clone(),
+                    };
+                    Some(Arc::new(Slot::new(files(&t.cert_chain, &t.private_key, &t.root_cert), role)?))
+                }
+                None => None,
+            };
+            certs.clusters.push(slot);
+        }
+        Ok(certs)
+    }
+
+    /// All slots, for the reload thread.
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.listeners.iter().chain(&self.clusters).flatten().cloned().collect()
+    }
+}
+
 /// The crypto provider (aws-lc-rs: README Decisions has the measurement).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
