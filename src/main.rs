@@ -37,10 +37,17 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Validate(args) => match args.into_config() {
-            Ok(_) => {
-                println!("ringside: config ok");
-                ExitCode::SUCCESS
-            }
+            // The certificate files are part of the config: load them as `run` would.
+            Ok(cfg) => match ringside::tls::Certs::load(&cfg) {
+                Ok(_) => {
+                    println!("ringside: config ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringside: tls: {e}");
+                    ExitCode::from(EX_USAGE)
+                }
+            },
             Err(e) => usage(e),
         },
         Command::Run(args) => match args.into_config() {

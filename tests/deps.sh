@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, only when missing: Debian's prometheus (promtool and a
-# real Prometheus server) and Google's protobuf for Python (the independent wire peer).
+# real Prometheus server), Google's protobuf for Python (the independent wire peer), and the
+# openssl command line (an independent TLS peer and key converter for tests/tls.rs).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 updated=0
@@ -12,6 +13,7 @@ need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi

@@ -22,6 +22,9 @@ use crate::socket;
 use crate::tls::Slot;
 use crate::tls::stream::{Fill, TlsStream};
 
+/// Shortest wait for a permissive client's first bytes (see `accept`).
+const PERMISSIVE_SNIFF_MIN: Duration = Duration::from_secs(1);
+
 /// A set-up connection with one TLS side.
 pub(super) struct TlsPair {
     plain: TcpStream,
@@ -48,7 +51,12 @@ pub(super) async fn accept(
     down: TcpStream,
 ) -> Result<Accepted, Error> {
     let permissive = listener.tls.as_ref().is_some_and(|t| t.mode == ListenerTlsMode::Permissive);
-    if permissive && !sniff_client_hello(&down, listener.limits.sniff_timeout.0).await? {
+    // A TLS client's ClientHello follows its connect at once, but building one (key shares)
+    // under load can take longer than the exchange's 20 ms sniff window: wait at least 1 s
+    // before deciding a silent client is plaintext. A plaintext server-first protocol behind
+    // `permissive` therefore greets after up to 1 s (Istio asks such ports to be declared).
+    let window = listener.limits.sniff_timeout.0.max(PERMISSIVE_SNIFF_MIN);
+    if permissive && !sniff_client_hello(&down, window).await? {
         return Ok(Accepted::Plain(down));
     }
     let config = slot.current();
