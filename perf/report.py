@@ -153,7 +153,9 @@ def markdown(meta, s):
         w("")
 
     features = [("metrics on (scraped every 1 s) / off", "ringside-1-metrics", "ringside-1"),
-                ("exchange on / off, two sidecars", "ringside-2", "ringside-2-off")]
+                ("exchange on / off, two sidecars", "ringside-2", "ringside-2-off"),
+                ("3-way weighted route over subsets / one cluster (target conn/s ≥ 0.95)",
+                 "ringside-1-split", "ringside-1")]
     if any(a in s and b in s for _, a, b in features):
         w("## Cost of features (same run)\n")
         w("| feature | 1-stream Gbit/s | conn/s C=" + str(top_c) + " | CPU/GB | CPU/1k conn |")
@@ -261,6 +263,10 @@ def markdown(meta, s):
   `ringside-1-metrics` counts them and is scraped once a second. 1 sidecar `--peer-exchange off`;
   2 sidecars (metrics on) outbound → inbound, `always` (`ringside-2`) or `off` (`ringside-2-off`).
   Bulk flows move by splice(2) after the first full 16 KiB read (`RINGSIDE_SPLICE=0` would copy).
+- `ringside-1-split` is `ringside-1` (same settings, as a config file) routing by `tcp_routes`:
+  weights 50/30/20 over three subsets of one cluster whose three endpoints are the same
+  backend, so the per-connection routing (weighted pick, subset, round robin, ejection
+  check) is the only difference from `ringside-1`'s single cluster.
 - Busy-polling rows: `ringside-1-busy` is `ringside-1` plus `--busy-poll {meta.get('busy_poll', '?')}`
   (after a read, keep polling instead of sleeping for that long); `haproxy-busy` is `haproxy`
   plus `busy-polling` in `global` (it never sleeps, idle or not). Both trade CPU for the

@@ -27,7 +27,10 @@ MSG_SIZE=64
 LOAD_CORE=0   # load generator and backend
 PROXY_CORE=1  # every proxy process, so all targets compete for the same single core
 BACKEND_PORT=18100; FRONT_PORT=18101; INNER_PORT=18102; METRICS_PORT=18103; METRICS_PORT2=18104
-TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-2 ringside-2-off haproxy haproxy-busy nginx"
+TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-1-split ringside-2 ringside-2-off haproxy haproxy-busy nginx"
+# PERF_TARGETS="ringside-1 ringside-1-split" measures only those (a quick look at one feature;
+# the rows that need the others then say "not evaluated").
+TARGETS=${PERF_TARGETS:-$TARGETS}
 BUSY_POLL=100us  # ringside-1-busy's window; HAProxy's busy-polling has none (it spins whenever it runs)
 PYTHON=/usr/bin/python3  # Debian's, where python3-matplotlib installs
 # Others compile on this machine: measured processes (every target alike) get a higher
@@ -216,6 +219,42 @@ ringside_start() {  # listen upstream direction peer_exchange driver [extra flag
   PROXY_PIDS+=("$LAST_PID")
 }
 
+# ringside-1 with a 3-way weighted route over subsets of one cluster (SPEC §6: tcp_routes, as
+# a VirtualService splitting by version), the three endpoints all being the one backend: what
+# routing adds per connection is then the only difference from ringside-1's single cluster.
+ringside_split_start() {
+  cat >"$WORK/split.yaml" <<EOF
+workers: 1
+driver: uring
+metrics: {listen: "off"}
+admin: {listen: "off"}
+health: {listen: "off"}
+listeners:
+  - name: split
+    listen: 127.0.0.1:$FRONT_PORT
+    direction: outbound
+    peer_exchange: "off"
+    tcp_routes:
+      - {cluster: echo, subset: v1, weight: 50}
+      - {cluster: echo, subset: v2, weight: 30}
+      - {cluster: echo, subset: v3, weight: 20}
+clusters:
+  - name: echo
+    service: echo.default.svc.cluster.local
+    endpoints:
+      - {address: 127.0.0.1:$BACKEND_PORT, labels: {version: v1}}
+      - {address: 127.0.0.1:$BACKEND_PORT, labels: {version: v2}}
+      - {address: 127.0.0.1:$BACKEND_PORT, labels: {version: v3}}
+    subsets:
+      - {name: v1, labels: {version: v1}}
+      - {name: v2, labels: {version: v2}}
+      - {name: v3, labels: {version: v3}}
+EOF
+  spawn_on "$PROXY_CORE" env RINGSIDE_ISTIO_METRICS=0 "$RINGSIDE" run --config "$WORK/split.yaml" 2>>"$WORK/ringside.log"
+  wait_port "$FRONT_PORT" "$LAST_PID" || return 1
+  PROXY_PIDS+=("$LAST_PID")
+}
+
 haproxy_start() {  # [extra global line]
   cat >"$WORK/haproxy.cfg" <<EOF
 global
@@ -292,6 +331,7 @@ start_target() {
     # Opt-in latency mode, compared with HAProxy's own busy-polling as well as its default.
     ringside-1-busy)
       RS_METRICS=0 ringside_start "$FRONT_PORT" "$BACKEND_PORT" outbound off uring --metrics off --busy-poll "$BUSY_POLL" ;;
+    ringside-1-split) ringside_split_start ;;
     # ringside-1 above counts no istio_tcp_* series at all (RINGSIDE_ISTIO_METRICS=0); this
     # one counts them and is scraped every second meanwhile, as Prometheus would (15 s is the
     # usual interval): the difference is the whole cost of metrics.

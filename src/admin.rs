@@ -94,7 +94,7 @@ fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'stati
     match (role, method, path) {
         (Role::Admin | Role::Metrics, "GET", "/stats/prometheus") => (200, CONTENT_TYPE, shared.render()),
         (Role::Admin, "GET", "/ready") | (Role::Health, "GET", "/healthz/ready") => ready(),
-        (Role::Admin, "GET", "/config_dump") => match serde_json::to_string_pretty(&*shared.config) {
+        (Role::Admin, "GET", "/config_dump") => match config_dump(shared) {
             Ok(json) => (200, "application/json", json + "\n"),
             Err(e) => (500, "text/plain", format!("{e}\n")),
         },
@@ -107,6 +107,15 @@ fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'stati
         }
         _ => (404, "text/plain", "not found\n".to_string()),
     }
+}
+
+/// The effective config, plus `cpus`: the workers and pinning chosen and why (SPEC §1).
+fn config_dump(shared: &Shared) -> serde_json::Result<String> {
+    let mut dump = serde_json::to_value(&*shared.config)?;
+    if let Some(map) = dump.as_object_mut() {
+        map.insert("cpus".into(), serde_json::to_value(&shared.cpus)?);
+    }
+    serde_json::to_string_pretty(&dump)
 }
 
 fn respond(stream: &mut TcpStream, status: u16, kind: &str, body: &str) -> io::Result<()> {

@@ -1,14 +1,15 @@
 //! Command-line flags (SPEC §4) and how they override the YAML file. No I/O beyond reading
-//! the config file.
+//! the config file and the `--istio` files.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use serde::de::{DeserializeOwned, IntoDeserializer};
 
+use crate::capture;
 use crate::config::{self, Bind, Cluster, Config, Dur, Endpoint, Listener, Size};
+use crate::routing;
 
 /// ringside: an L4 sidecar proxy with Istio's peer exchange and TCP metrics.
 #[derive(Debug, Parser)]
@@ -28,6 +29,64 @@ pub enum Command {
     Validate(RunArgs),
     /// Run the built-in two-sidecar demo and print the TCP metrics.
     Demo(DemoArgs),
+    /// Print, add or remove the transparent-capture iptables rules of this network
+    /// namespace (SPEC §8), as Istio's init container does.
+    Iptables(IptablesArgs),
+}
+
+/// Flags of `ringside iptables`: exactly one action, and what to capture.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["print", "apply", "clean"])))]
+pub struct IptablesArgs {
+    /// Write the rules, one `iptables` command per line; change nothing.
+    #[arg(long)]
+    pub print: bool,
+    /// Add the rules (all or, on a failure, none).
+    #[arg(long)]
+    pub apply: bool,
+    /// Remove what --apply added.
+    #[arg(long)]
+    pub clean: bool,
+    /// The proxy's uid, whose own connections are never captured.
+    #[arg(long, default_value_t = capture::PROXY_ID)]
+    pub proxy_uid: u32,
+    /// The proxy's gid, likewise (optional).
+    #[arg(long)]
+    pub proxy_gid: Option<u32>,
+    /// Inbound destination ports to capture: `*` or a comma-separated list (empty: none).
+    #[arg(long, default_value = "*", value_parser = capture::parse_select::<u16>)]
+    pub include_ports: capture::Select<u16>,
+    /// Inbound destination ports never captured (with --include-ports '*').
+    #[arg(long, default_value = "15090,15021,15020", value_parser = capture::parse_list::<u16>)]
+    pub exclude_ports: capture::List<u16>,
+    /// Outbound destination IPv4 CIDRs to capture: `*` or a comma-separated list (empty: none).
+    #[arg(long, default_value = "*", value_parser = capture::parse_select::<capture::Cidr>)]
+    pub include_cidrs: capture::Select<capture::Cidr>,
+    /// Outbound destination IPv4 CIDRs never captured.
+    #[arg(long, default_value = "", value_parser = capture::parse_list::<capture::Cidr>)]
+    pub exclude_cidrs: capture::List<capture::Cidr>,
+    /// Port of the outbound capture listener.
+    #[arg(long, default_value_t = capture::OUTBOUND_PORT)]
+    pub outbound_port: u16,
+    /// Port of the inbound capture listener.
+    #[arg(long, default_value_t = capture::INBOUND_PORT)]
+    pub inbound_port: u16,
+}
+
+impl IptablesArgs {
+    /// What to capture, from the flags.
+    pub fn options(&self) -> capture::Options {
+        capture::Options {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            proxy_uid: Some(self.proxy_uid),
+            proxy_gid: self.proxy_gid,
+            include_ports: self.include_ports.clone(),
+            exclude_ports: self.exclude_ports.0.clone(),
+            include_cidrs: self.include_cidrs.clone(),
+            exclude_cidrs: self.exclude_cidrs.0.clone(),
+        }
+    }
 }
 
 /// Flags of `ringside demo`.
@@ -44,6 +103,10 @@ pub struct RunArgs {
     /// YAML configuration file.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Istio networking YAML: a file, or a directory whose *.yaml/*.yml files are read
+    /// (repeatable; SPEC §6).
+    #[arg(long)]
+    pub istio: Vec<PathBuf>,
     /// Listener address (flags describe one listener and one cluster).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -98,6 +161,9 @@ pub struct RunArgs {
     /// Worker threads.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// auto | always | never: pin workers to CPUs of the affinity mask.
+    #[arg(long, value_parser = parse_enum::<config::Pin>)]
+    pub pin: Option<config::Pin>,
     /// auto | uring | epoll.
     #[arg(long, value_parser = parse_enum::<config::Driver>)]
     pub driver: Option<config::Driver>,
@@ -133,8 +199,11 @@ fn parse_enum<T: DeserializeOwned>(s: &str) -> Result<T, String> {
 }
 
 impl RunArgs {
-    /// The effective, validated configuration: the file (if any) with the flags on top.
-    pub fn into_config(self) -> Result<Config, config::Error> {
+    /// The effective, validated configuration: the file (if any) with the flags on top, then
+    /// the `--istio` documents. What the Istio documents say that is not applied, and valid
+    /// config that will not serve (a `service:` host with no route), is logged, one line each.
+    pub fn into_config(mut self) -> Result<Config, config::Error> {
+        let istio = std::mem::take(&mut self.istio);
         let (mut cfg, file, text) = match &self.config {
             Some(path) => {
                 let file = path.display().to_string();
@@ -148,7 +217,23 @@ impl RunArgs {
             None => (Config::default(), String::new(), String::new()),
         };
         self.apply(&mut cfg)?;
+        let reports = match istio.is_empty() {
+            true => Vec::new(),
+            false => {
+                let files = read_istio(&istio)?;
+                let sources: Vec<routing::istio::Source> =
+                    files.iter().map(|(file, text)| routing::istio::Source { file, text }).collect();
+                routing::istio::apply(&mut cfg, &sources)?
+            }
+        };
         cfg.validate(&file, &text)?;
+        // Only once the whole config is good, so a bad one prints its one error line alone.
+        for r in reports {
+            log::warn!("istio: {r}");
+        }
+        for w in cfg.warnings() {
+            log::warn!("{w}");
+        }
         Ok(cfg)
     }
 
@@ -170,6 +255,9 @@ impl RunArgs {
         }
         if let Some(w) = self.workers {
             cfg.workers = Some(w);
+        }
+        if let Some(p) = self.pin {
+            cfg.pin = p;
         }
         if let Some(d) = self.driver {
             cfg.driver = d;
@@ -261,9 +349,12 @@ impl RunArgs {
                 service: None,
                 service_namespace: None,
                 load_balancer: config::LoadBalancer::RoundRobin,
+                addresses: Vec::new(),
                 endpoints: vec![],
                 subsets: vec![],
                 tls: None,
+                service_port: None,
+                source: None,
             });
         }
         let l = &mut cfg.listeners[0];
@@ -287,8 +378,7 @@ impl RunArgs {
                 )));
             };
             if !self.upstream.is_empty() {
-                c.endpoints =
-                    self.upstream.iter().map(|a| Endpoint { address: *a, labels: BTreeMap::new() }).collect();
+                c.endpoints = self.upstream.iter().map(|a| Endpoint::at(*a)).collect();
             }
             if let Some(s) = &self.service {
                 c.service = Some(s.clone());
@@ -296,6 +386,40 @@ impl RunArgs {
         }
         Ok(())
     }
+}
+
+/// The `--istio` files in order: a file as given; a directory's `*.yaml`/`*.yml` files by name.
+fn read_istio(paths: &[PathBuf]) -> Result<Vec<(String, String)>, config::Error> {
+    let unreadable = |path: &std::path::Path, e: std::io::Error| config::Error {
+        file: path.display().to_string(),
+        line: None,
+        message: format!("--istio: cannot read: {e}"),
+    };
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| unreadable(path, e))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                log::warn!("--istio {}: no *.yaml or *.yml files", path.display());
+            }
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    files
+        .into_iter()
+        .map(|p| {
+            std::fs::read_to_string(&p)
+                .map(|text| (p.display().to_string(), text))
+                .map_err(|e| unreadable(&p, e))
+        })
+        .collect()
 }
 
 fn set(field: &mut String, value: Option<String>) {

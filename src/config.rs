@@ -43,9 +43,12 @@ pub struct Config {
     /// The local node's identity.
     #[serde(default)]
     pub node: Node,
-    /// Worker threads; default one per online CPU.
+    /// Worker threads; default the CPUs this process may use (`cpus::plan`, SPEC §1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    /// Whether workers are pinned to CPUs of the affinity mask (SPEC §1).
+    #[serde(default)]
+    pub pin: Pin,
     /// Event-loop driver.
     #[serde(default)]
     pub driver: Driver,
@@ -71,6 +74,10 @@ pub struct Config {
     /// Upstream clusters.
     #[serde(default)]
     pub clusters: Vec<Cluster>,
+    /// Weighted routes for `service:` listeners by host and port, as VirtualService `tcp:`
+    /// routes (SPEC §6); `--istio` fills it from VirtualServices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_routes: Vec<ServiceRoute>,
 }
 
 impl Default for Config {
@@ -78,6 +85,7 @@ impl Default for Config {
         Config {
             node: Node::default(),
             workers: None,
+            pin: Pin::default(),
             driver: Driver::default(),
             drain_timeout: default_drain_timeout(),
             busy_poll: default_busy_poll(),
@@ -86,6 +94,7 @@ impl Default for Config {
             health: Health::default(),
             listeners: Vec::new(),
             clusters: Vec::new(),
+            service_routes: Vec::new(),
         }
     }
 }
@@ -155,6 +164,19 @@ pub enum Driver {
     Uring,
     /// epoll (monoio's legacy driver) only.
     Epoll,
+}
+
+/// Whether worker i is pinned to the i-th CPU of the process's affinity mask (SPEC §1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pin {
+    /// Only when the mask holds exactly `workers` CPUs (CPUs given to this process alone).
+    #[default]
+    Auto,
+    /// Always, wrapping around the mask when there are more workers than CPUs.
+    Always,
+    /// Never: the kernel schedules the workers.
+    Never,
 }
 
 /// `metrics:` section.
@@ -305,6 +327,24 @@ pub struct TcpRoute {
     pub weight: i64,
 }
 
+/// The tcp routes of a host, as one VirtualService `tcp:` route with one `match.port`: a
+/// `service:` listener for `host` whose port is `match_port` (or any port, when absent)
+/// routes by `tcp_routes`. The first matching entry wins, in order.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRoute {
+    /// Service host, e.g. `mongodb.default.svc.cluster.local`.
+    pub host: String,
+    /// The listener port this route applies to; any port when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_port: Option<u16>,
+    /// Weighted destinations.
+    pub tcp_routes: Vec<TcpRoute>,
+    /// Where it came from (`FILE: document N (VirtualService/NAME)`), for `--istio` routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
 /// Per-listener limits (SPEC §1).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -387,9 +427,18 @@ pub struct Cluster {
     /// Service namespace; derived from a `*.NS.svc.*` host when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_namespace: Option<String>,
+    /// The service port it serves (a ServiceEntry port): a `service:` listener on this port,
+    /// and a VirtualService destination `port.number`, pick it among the host's clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_port: Option<u16>,
     /// Load balancer for the whole cluster.
     #[serde(default)]
     pub load_balancer: LoadBalancer,
+    /// Service addresses clients dial (`IP:port`), as a Kubernetes ClusterIP or a
+    /// ServiceEntry's addresses and ports: an outbound capture routes a connection whose
+    /// original destination is one of them (or one of the endpoints) here (SPEC §8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
     /// Endpoints.
     pub endpoints: Vec<Endpoint>,
     /// Label-selected subsets.
@@ -398,6 +447,11 @@ pub struct Cluster {
     /// Client-side TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClusterTls>,
+    /// Where it came from (`FILE: document N (ServiceEntry/NAME)`), for `--istio` clusters.
+    /// Such a cluster may have no endpoints (a selector matching no WorkloadEntry): its
+    /// connections then fail with `UH`, as in Istio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Load-balancing policy.
@@ -422,6 +476,29 @@ pub struct Endpoint {
     /// Labels for subsets and for peer labels when there was no exchange.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Workload name (a WorkloadEntry's name): destination_workload and the last canonical
+    /// fallback when there was no exchange (SPEC §3).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload_name: String,
+    /// Namespace of that workload (destination_workload_namespace without exchange).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    /// Its Kubernetes service account.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account: String,
+}
+
+impl Endpoint {
+    /// An endpoint with only an address.
+    pub fn at(address: SocketAddr) -> Endpoint {
+        Endpoint {
+            address,
+            labels: BTreeMap::new(),
+            workload_name: String::new(),
+            namespace: String::new(),
+            service_account: String::new(),
+        }
+    }
 }
 
 /// A named subset of a cluster's endpoints.
@@ -701,7 +778,7 @@ impl Config {
                     format!("clusters: duplicate cluster name {:?}", c.name),
                 ));
             }
-            if c.endpoints.is_empty() {
+            if c.endpoints.is_empty() && c.source.is_none() {
                 return Err(at(
                     &format!("name: {}", c.name),
                     format!("cluster {}: endpoints: at least one endpoint is needed", c.name),
@@ -754,41 +831,38 @@ impl Config {
                 ));
             }
             if let Some(routes) = &l.tcp_routes {
-                if routes.is_empty() {
-                    return Err(here("tcp_routes: at least one route is needed".into()));
-                }
-                let mut total: i64 = 0;
-                for r in routes {
-                    if r.weight < 0 {
-                        return Err(here(format!("tcp_routes: negative weight {}", r.weight)));
-                    }
-                    total = total.saturating_add(r.weight);
-                    let Some(cluster) = self.clusters.iter().find(|c| c.name == r.cluster) else {
-                        return Err(at(
-                            &format!("cluster: {}", r.cluster),
-                            format!(
-                                "listener {}: tcp_routes: cluster {:?} is not defined",
-                                l.name, r.cluster
-                            ),
-                        ));
-                    };
-                    if let Some(s) = &r.subset
-                        && !cluster.subsets.iter().any(|x| &x.name == s)
-                    {
-                        return Err(here(format!("tcp_routes: cluster {} has no subset {s:?}", r.cluster)));
-                    }
-                }
-                if total == 0 {
-                    return Err(here("tcp_routes: weights add up to zero".into()));
-                }
+                let needle = format!("name: {}", l.name);
+                self.check_routes(
+                    routes,
+                    &|n: &str, m| at(if n.is_empty() { &needle } else { n }, m),
+                    &format!("listener {}", l.name),
+                )?;
             }
-            if let Some(host) = &l.service
-                && !self.clusters.iter().any(|c| c.service.as_deref() == Some(host.as_str()))
-            {
-                return Err(here(format!("service {host:?}: no cluster has this service host")));
-            }
-            if l.capture != Capture::None {
-                return Err(here("capture: transparent capture is not implemented yet".into()));
+            match (l.capture, l.direction) {
+                (Capture::None, _) => {}
+                (Capture::Outbound, Direction::Outbound) if targets.iter().any(|t| *t) => {
+                    return Err(here(
+                        "capture: outbound routes by each connection's original destination; \
+                         remove cluster, tcp_routes and service"
+                            .into(),
+                    ));
+                }
+                (Capture::Inbound, Direction::Inbound) if l.tcp_routes.is_some() => {
+                    return Err(here(
+                        "capture: inbound relays to the original destination port; tcp_routes \
+                         cannot apply (cluster or service only name destination_service)"
+                            .into(),
+                    ));
+                }
+                (Capture::Outbound, Direction::Outbound) | (Capture::Inbound, Direction::Inbound) => {}
+                (c, d) => {
+                    return Err(here(format!(
+                        "capture: {} needs direction: {} (not {})",
+                        format!("{c:?}").to_lowercase(),
+                        format!("{c:?}").to_lowercase(),
+                        format!("{d:?}").to_lowercase()
+                    )));
+                }
             }
             if l.limits.max_connections == 0 {
                 return Err(here("limits.max_connections: must be at least 1".into()));
@@ -803,7 +877,77 @@ impl Config {
                 }
             }
         }
+        for r in &self.service_routes {
+            let what = match &r.source {
+                Some(source) => format!("{source}: service route {}", r.host),
+                None => format!("service route {}", r.host),
+            };
+            if r.host.is_empty() {
+                return Err(at("service_routes", "service_routes: a route needs a host".into()));
+            }
+            let needle = format!("host: {}", r.host);
+            self.check_routes(
+                &r.tcp_routes,
+                &|n: &str, m| at(if n.is_empty() { &needle } else { n }, m),
+                &what,
+            )?;
+        }
         Ok(())
+    }
+
+    /// Weighted destinations: at least one, every cluster and subset defined, no negative
+    /// weight, not all zero (SPEC §6).
+    fn check_routes(
+        &self,
+        routes: &[TcpRoute],
+        at: &dyn Fn(&str, String) -> Error,
+        what: &str,
+    ) -> Result<(), Error> {
+        if routes.is_empty() {
+            return Err(at("", format!("{what}: tcp_routes: at least one route is needed")));
+        }
+        let mut total: i64 = 0;
+        for r in routes {
+            if r.weight < 0 {
+                return Err(at("", format!("{what}: tcp_routes: negative weight {}", r.weight)));
+            }
+            total = total.saturating_add(r.weight);
+            let Some(cluster) = self.clusters.iter().find(|c| c.name == r.cluster) else {
+                return Err(at(
+                    &format!("cluster: {}", r.cluster),
+                    format!("{what}: tcp_routes: cluster {:?} is not defined", r.cluster),
+                ));
+            };
+            if let Some(s) = &r.subset
+                && !cluster.subsets.iter().any(|x| &x.name == s)
+            {
+                return Err(at("", format!("{what}: tcp_routes: cluster {} has no subset {s:?}", r.cluster)));
+            }
+        }
+        if total == 0 {
+            return Err(at("", format!("{what}: tcp_routes: weights add up to zero")));
+        }
+        Ok(())
+    }
+
+    /// Valid config that will not serve as the user may expect, one line each: a `service:`
+    /// listener whose host has no cluster or route yet (its connections close with `NR`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .filter_map(|l| {
+                let host = l.service.as_deref()?;
+                let port = l.listen.port();
+                let routed = self.service_routes.iter().any(|r| r.host == host && r.match_port.is_none_or(|p| p == port))
+                    || self.clusters.iter().any(|c| c.service.as_deref() == Some(host));
+                (!routed).then(|| {
+                    format!(
+                        "listener {}: service {host}: no cluster or route yet; its connections close at once (response_flags NR)",
+                        l.name
+                    )
+                })
+            })
+            .collect()
     }
 
     fn fill_node_defaults(&mut self) {

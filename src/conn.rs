@@ -9,6 +9,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -86,6 +87,8 @@ pub struct Conn {
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
     /// mTLS identities, once the handshake is done (principals and security policy labels).
     pub security: RefCell<Security>,
+    /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
+    pub captured: Cell<Option<Captured>>,
     slot: Cell<usize>,
 }
 
@@ -98,6 +101,17 @@ pub struct Security {
     pub peer_principal: Option<Box<str>>,
     /// The connection is mutual TLS (connection_security_policy, reporter=destination).
     pub mutual_tls: bool,
+}
+
+/// Where an outbound-captured connection went when no cluster matched its original
+/// destination, named as Istio's catch-all clusters are (SPEC §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Captured {
+    /// Relayed to the original destination as it was: `PassthroughCluster`.
+    Passthrough(SocketAddr),
+    /// Refused: the original destination was the proxy's own listener (a loop):
+    /// `BlackHoleCluster`.
+    BlackHole,
 }
 
 impl Conn {
@@ -175,6 +189,7 @@ impl WorkerCtx {
             idle_expired: Cell::new(false),
             upstream: Cell::new(None),
             security: RefCell::new(Security::default()),
+            captured: Cell::new(None),
             slot: Cell::new(0),
         });
         let mut conns = self.conns.borrow_mut();
@@ -232,16 +247,17 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
         return;
     }
     // Everything the labels depend on besides the fixed local node.
-    let (listener, upstream) = (conn.listener, conn.upstream.get());
+    let (listener, upstream, captured) = (conn.listener, conn.upstream.get(), conn.captured.get());
     let security = conn.security.borrow();
     let hash = {
         let mut h = std::hash::DefaultHasher::new();
-        (listener, upstream, response_flags, peer, &*security).hash(&mut h);
+        (listener, upstream, captured, response_flags, peer, &*security).hash(&mut h);
         h.finish()
     };
     let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
         let same = known.listener == listener
             && known.upstream == upstream
+            && known.captured == captured
             && known.response_flags == response_flags
             && known.peer.as_ref() == peer
             && known.security == *security;
@@ -254,8 +270,14 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     let id = ctx.intern(labels(ctx, conn, peer, response_flags, &security));
     let mut cache = ctx.series_cache.borrow_mut();
     if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
-        let key =
-            SettleKey { listener, upstream, response_flags, peer: peer.cloned(), security: security.clone() };
+        let key = SettleKey {
+            listener,
+            upstream,
+            captured,
+            response_flags,
+            peer: peer.cloned(),
+            security: security.clone(),
+        };
         cache.insert(hash, (key, id));
     }
     drop(cache);
@@ -267,6 +289,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
 pub struct SettleKey {
     listener: usize,
     upstream: Option<(usize, Option<usize>)>,
+    captured: Option<Captured>,
     response_flags: &'static str,
     peer: Option<NodeMetadata>,
     security: Security,
@@ -284,25 +307,41 @@ fn labels(
     security: &Security,
 ) -> metrics::LabelSet {
     let listener = &ctx.config.listeners[conn.listener];
-    let unknown = ServiceInfo::default();
-    let (service, endpoint_labels) = match conn.upstream.get() {
+    // Istio's catch-all clusters: destination_service is the original `IP:port` for a
+    // passthrough (where Istio says `unknown`), the cluster's name for the black hole.
+    let special = match conn.captured.get() {
+        Some(Captured::Passthrough(dst)) => Some((dst.to_string(), "PassthroughCluster")),
+        Some(Captured::BlackHole) => Some(("BlackHoleCluster".to_string(), "BlackHoleCluster")),
+        None => None,
+    };
+    let unknown = ServiceInfo {
+        host: special.as_ref().map(|(host, _)| host.clone()).unwrap_or_default(),
+        ..ServiceInfo::default()
+    };
+    let (service, endpoint) = match conn.upstream.get() {
         Some((c, e)) => {
             let cluster = &ctx.router.clusters[c];
-            (&cluster.service, e.map(|e| &cluster.endpoints[e].labels))
+            (&cluster.service, e.map(|e| &cluster.endpoints[e].identity))
         }
         None => (&unknown, None),
     };
-    metrics::label_set(&ConnLabels {
+    // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
+    // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
+    let endpoint = endpoint.filter(|_| listener.direction == Direction::Outbound);
+    let set = metrics::label_set(&ConnLabels {
         reporter: listener.direction.into(),
         local: &ctx.node,
-        peer,
-        endpoint_labels: if listener.direction == Direction::Outbound { endpoint_labels } else { None },
+        peer: peer.or(endpoint),
         service,
         response_flags,
         local_principal: security.local_principal.as_deref(),
         peer_principal: security.peer_principal.as_deref(),
         mutual_tls: security.mutual_tls,
-    })
+    });
+    match special {
+        Some((_, name)) => set.with("destination_service_name", name),
+        None => set,
+    }
 }
 
 /// Per-worker relay buffers: taken after a socket is readable, given back after the write,

@@ -2,7 +2,6 @@
 //! in Istio's TCP metrics task), a built-in TCP service, bounded traffic, and the resulting
 //! istio_tcp_* series printed like a Prometheus console table.
 
-use std::collections::BTreeMap;
 use std::error::Error;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -94,9 +93,12 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             service: Some(service),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
-            endpoints: vec![Endpoint { address: upstream, labels: BTreeMap::new() }],
+            addresses: Vec::new(),
+            endpoints: vec![Endpoint::at(upstream)],
             subsets: vec![],
             tls: None,
+            service_port: None,
+            source: None,
         }],
         ..Config::default()
     };

@@ -8,14 +8,16 @@
 
 pub mod admin; // /ready, /stats/prometheus, /config_dump, /drain, /healthz/ready
 pub mod busy_poll; // opt-in: poll instead of sleeping for a window after activity
+pub mod capture; // original destination, inbound bind to 127.0.0.6, iptables rules (§8)
 pub mod cli; // flags -> config overrides
 pub mod config; // YAML model, defaults, validate(); durations; file:line errors
 pub mod conn; // a connection's context: worker state, counters, settling into labels
+pub mod cpus; // workers and pinning from the affinity mask and cgroup CPU quota
 pub mod demo; // the built-in two-sidecar demo
 pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No I/O.
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count
-pub mod routing; // clusters, subsets, load balancing, weighted routes
+pub mod routing; // clusters, subsets, load balancing, weighted routes; routing::istio reads Istio YAML
 pub mod socket; // readiness on split halves, reset, splice: the only unsafe
 pub mod tls; // rustls configs, SPIFFE checks, reload; the monoio adaptor (SPEC §7)
 pub mod worker; // driver choice, core pinning, per-worker listeners, accept loops, ticks

@@ -18,10 +18,12 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use crate::config::{Direction, Listener, PeerExchange};
-use crate::conn::{Conn, WorkerCtx, settle};
+use crate::capture::{self, Decision};
+use crate::config::{Capture, Direction, Listener, PeerExchange};
+use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
+use crate::routing::Target;
 use crate::socket;
 
 mod mtls;
@@ -32,9 +34,12 @@ pub enum Error {
     /// No route to a cluster (`NR`).
     #[error("no route")]
     NoRoute,
-    /// Every endpoint refused or timed out (`UF`).
+    /// Every endpoint tried refused or timed out (`UF`).
     #[error("upstream connect failed: {0}")]
     Connect(io::Error),
+    /// No endpoint, or every one ejected and still down when tried again (`UH`).
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
     /// The peer's preamble was broken (too large or undecodable).
     #[error("broken preamble: {0}")]
     Preamble(crate::exchange::Invalid),
@@ -45,6 +50,10 @@ pub enum Error {
     /// as an istio_tcp connection: no peer, no application byte).
     #[error("tls handshake refused")]
     Refused,
+    /// A captured connection's original destination was the proxy's own listener (`UH`,
+    /// as Istio's BlackHoleCluster has no hosts).
+    #[error("captured connection to the proxy's own listener refused (loop)")]
+    Loop,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -55,6 +64,8 @@ impl Error {
         match self {
             Error::NoRoute => "NR",
             Error::Connect(_) => "UF",
+            Error::Loop => "UH",
+            Error::NoHealthyUpstream => "UH",
             _ => "-",
         }
     }
@@ -135,7 +146,10 @@ async fn open(
         },
         None => down,
     };
-    let mut up = connect(ctx, li, conn, listener).await?;
+    let mut up = match listener.capture {
+        Capture::None => connect(ctx, li, conn, listener, None).await?,
+        _ => connect_captured(ctx, li, conn, listener, &down).await?,
+    };
     if let Some((c, _)) = conn.upstream.get()
         && let Some(Some(slot)) = ctx.tls.clusters.get(c)
     {
@@ -144,7 +158,13 @@ async fn open(
     }
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
-    let peer = match (listener.peer_exchange, listener.direction) {
+    // A passthrough destination is not known to be a mesh peer: writing a preamble to it
+    // would put bytes in front of its protocol (Istio's PassthroughCluster has no exchange).
+    let mode = match conn.captured.get() {
+        Some(Captured::Passthrough(_)) => PeerExchange::Off,
+        _ => listener.peer_exchange,
+    };
+    let peer = match (mode, listener.direction) {
         (PeerExchange::Always, direction) => {
             // A preamble split across reads is gathered in a pool buffer (copied once).
             let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
@@ -176,25 +196,91 @@ async fn open(
     }
 }
 
-/// Route and connect, trying the other endpoints when one refuses or times out.
-async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
-    let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
-    conn.upstream.set(Some((target.cluster, None)));
-    let endpoints = &ctx.router.clusters[target.cluster].endpoints;
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no endpoints");
-    for e in ctx.router.candidates(target) {
-        let addr = endpoints[e].address;
-        match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr)).await {
-            Ok(Ok(s)) => {
-                conn.upstream.set(Some((target.cluster, Some(e))));
-                ctx.router.connected(target.cluster, e);
-                return Ok(s);
+/// A captured connection: where its original destination says (SPEC §8), read once here.
+async fn connect_captured(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    let local = down.local_addr()?;
+    let original = capture::original_dst(down);
+    let timeout = listener.limits.connect_timeout.0;
+    match capture::decide(listener.capture, original, local, &ctx.config.listeners, &ctx.router) {
+        Decision::Refuse => {
+            conn.captured.set(Some(Captured::BlackHole));
+            ctx.metrics.borrow().count_capture_loop();
+            Err(Error::Loop)
+        }
+        Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,
+        Decision::Passthrough(dst) => {
+            conn.captured.set(Some(Captured::Passthrough(dst)));
+            match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
+                Ok(r) => r.map_err(Error::Connect),
+                Err(_) => Err(Error::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect {dst}: timed out"),
+                ))),
             }
-            Ok(Err(err)) => last = err,
-            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("connect {addr}: timed out")),
+        }
+        Decision::Local(dst) => {
+            // The listener's cluster (if any) only names destination_service.
+            if let Some(t) = ctx.router.route(li) {
+                conn.upstream.set(Some((t.cluster, None)));
+            }
+            capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)
         }
     }
-    Err(Error::Connect(last))
+}
+
+/// Route (unless `target` is given) and connect, trying the other endpoints when one
+/// refuses or times out; a failed endpoint is ejected for a while (SPEC §6), so the next
+/// connections do not wait on it.
+async fn connect(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    target: Option<Target>,
+) -> Result<TcpStream, Error> {
+    let target = match target {
+        Some(t) => t,
+        None => ctx.router.route(li).ok_or(Error::NoRoute)?,
+    };
+    conn.upstream.set(Some((target.cluster, None)));
+    let cluster = &ctx.router.clusters[target.cluster];
+    let now = Instant::now();
+    let healthy = ctx.router.healthy(target, now);
+    let mut last = None;
+    for e in ctx.router.candidates(target, now) {
+        let addr = cluster.endpoints[e].address;
+        let err =
+            match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    conn.upstream.set(Some((target.cluster, Some(e))));
+                    ctx.router.connected(target.cluster, e);
+                    return Ok(s);
+                }
+                Ok(Err(err)) => err,
+                Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            };
+        // One line per failure; ejection bounds them to about one per endpoint and back-off.
+        let (ejection, failures) = ctx.router.failed(target.cluster, e, Instant::now());
+        log::warn!(
+            "cluster {}: endpoint {addr}: connect: {err}; ejected for {}s ({failures} failure(s) in a row)",
+            cluster.name,
+            ejection.as_secs()
+        );
+        last = Some(err);
+    }
+    // No endpoint at all, or every one was ejected and is still down: no healthy upstream.
+    match last {
+        Some(err) if healthy => Err(Error::Connect(err)),
+        _ => Err(Error::NoHealthyUpstream),
+    }
 }
 
 /// Outbound `always`: write our preamble first, relay the client's bytes meanwhile, and

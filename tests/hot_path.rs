@@ -78,9 +78,12 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             service: Some("backend.default.svc.cluster.local".into()),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
-            endpoints: vec![Endpoint { address: upstream, labels: Default::default() }],
+            addresses: Vec::new(),
+            endpoints: vec![Endpoint::at(upstream)],
             subsets: vec![],
             tls: None,
+            service_port: None,
+            source: None,
         }],
         ..Config::default()
     };

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
-use super::{Error, Verdict, connect, count, feed};
-use crate::config::{Listener, ListenerTlsMode, PeerExchange};
+use super::{Error, Verdict, connect, connect_captured, count, feed};
+use crate::config::{Capture, Listener, ListenerTlsMode, PeerExchange};
 use crate::conn::{Conn, Security, WorkerCtx};
 use crate::exchange::{NodeMetadata, Parser};
 use crate::metrics::{ExchangeOutcome, TlsRefused};
@@ -138,7 +138,10 @@ pub(super) async fn open_inbound(
     tls: TlsStream,
 ) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
     let listener = &ctx.config.listeners[li];
-    let up = connect(ctx, li, conn, listener).await?;
+    let up = match listener.capture {
+        Capture::None => connect(ctx, li, conn, listener, None).await?,
+        _ => connect_captured(ctx, li, conn, listener, tls.tcp()).await?,
+    };
     let _ = up.set_nodelay(true);
     finish(ctx, listener, conn, TlsPair { plain: up, tls, tls_is_down: true }).await
 }

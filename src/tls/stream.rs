@@ -94,6 +94,11 @@ impl TlsStream {
         self.conn.borrow().peer_certificates().and_then(|c| c.first()).and_then(super::spiffe_id)
     }
 
+    /// The socket underneath (its addresses, its original destination when captured).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
     /// The socket, to reset it (a reset stays a reset).
     pub fn into_tcp(self) -> TcpStream {
         self.tcp

@@ -1,21 +1,10 @@
-//! Istio TCP metrics (SPEC §3): label sets with Istio's canonical fallbacks, per-worker shards of
-//! per-label-set counters, and rendering in Prometheus text format 0.0.4.
-//!
-//! Pure: no I/O, no runtime, no clocks, no threads, no locks. A worker owns one [`ShardWriter`]
-//! (single writer, relaxed load + store, no read-modify-write); the scraper reads every worker's
-//! [`Shard`] through an `Arc` and never blocks a writer.
+//! Istio's label rules (SPEC §3): the reporter, the local and peer sides with Istio's canonical
+//! fallbacks, and the 23 values of one series ([`LabelSet`], built by [`label_set`]).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-
-use metrics::{Key, KeyName, Label, Level, Metadata, Recorder, SharedString};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::exchange::NodeMetadata;
-
-/// `Content-Type` of [`render`]'s output.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// Label names of every Istio TCP series, in the order Istio's proxy emits them (SPEC §3).
 pub const LABEL_NAMES: [&str; 23] = [
@@ -44,17 +33,9 @@ pub const LABEL_NAMES: [&str; 23] = [
     "connection_security_policy",
 ];
 
-/// Counter names, in [`Delta`] field order (opened, closed, received, sent).
-pub const ISTIO_COUNTERS: [&str; 4] = [
-    "istio_tcp_connections_opened_total",
-    "istio_tcp_connections_closed_total",
-    "istio_tcp_received_bytes_total",
-    "istio_tcp_sent_bytes_total",
-];
-
 const UNKNOWN: &str = "unknown";
 const LATEST: &str = "latest";
-/// Value of every label but `reporter` on the overflow series of a full [`LabelBudget`].
+/// Value of every label but `reporter` on the overflow series of a full [`LabelBudget`](super::LabelBudget).
 pub const OVERFLOW: &str = "overflow";
 
 /// Pod label Istio's injector reads (and writes into the preamble) for the canonical service.
@@ -143,10 +124,10 @@ pub struct ConnLabels<'a> {
     pub reporter: Reporter,
     /// This sidecar's node (see [`with_canonical_labels`]).
     pub local: &'a NodeMetadata,
-    /// The peer's metadata from the exchange.
+    /// The peer's metadata: from the exchange, else (reporter=source) the chosen endpoint's
+    /// workload as Istio's control plane describes it, its canonical labels filled by
+    /// [`with_canonical_labels`] (SPEC §3 "Peer from the chosen endpoint").
     pub peer: Option<&'a NodeMetadata>,
-    /// reporter=source fallback when there was no exchange: the chosen endpoint's labels.
-    pub endpoint_labels: Option<&'a BTreeMap<String, String>>,
     /// The service of the connection's cluster.
     pub service: &'a ServiceInfo,
     /// `-` or Envoy's flags (`UF`, `UO`, `NR`, `UH`); empty means `-`.
@@ -183,7 +164,7 @@ impl LabelSet {
         }
     }
 
-    /// The series every label set beyond the [`LabelBudget`] is folded into: the same
+    /// The series every label set beyond the [`LabelBudget`](super::LabelBudget) is folded into: the same
     /// `reporter`, every other label `overflow`.
     pub fn overflow(reporter: Reporter) -> LabelSet {
         let values: Vec<Arc<str>> = LABEL_NAMES
@@ -191,6 +172,16 @@ impl LabelSet {
             .enumerate()
             .map(|(i, _)| Arc::from(if i == 0 { reporter.as_str() } else { OVERFLOW }))
             .collect();
+        LabelSet(values.into())
+    }
+
+    /// This set with label `name` set to `value`: for a value Istio's rules do not derive
+    /// from a service host, as destination_service_name `PassthroughCluster` (SPEC §8).
+    pub fn with(&self, name: &str, value: &str) -> LabelSet {
+        let mut values = self.0.to_vec();
+        if let Some(v) = LABEL_NAMES.iter().position(|n| *n == name).and_then(|i| values.get_mut(i)) {
+            *v = Arc::from(value);
+        }
         LabelSet(values.into())
     }
 
@@ -240,14 +231,10 @@ fn local_side<'a>(node: &'a NodeMetadata, principal: Option<&'a str>) -> Side<'a
 }
 
 /// The peer's side, read exactly as Istio's proxy reads peer metadata (SPEC §3): `node` is the
-/// exchanged metadata, `labels` its LABELS (or the chosen endpoint's labels without exchange).
-fn peer_side<'a>(
-    node: Option<&'a NodeMetadata>,
-    labels: Option<&'a BTreeMap<String, String>>,
-    principal: Option<&'a str>,
-) -> Side<'a> {
+/// exchanged metadata, or the chosen endpoint's workload without exchange.
+fn peer_side<'a>(node: Option<&'a NodeMetadata>, principal: Option<&'a str>) -> Side<'a> {
     let principal = principal.and_then(non_empty);
-    let lookup = |key: &str| labels.and_then(|l| label(l, key));
+    let lookup = |key: &str| node.and_then(|n| label(&n.labels, key));
     let field = |f: fn(&'a NodeMetadata) -> &'a str| node.map(f).and_then(non_empty);
     Side {
         workload: field(|n| &n.workload_name).unwrap_or(UNKNOWN),
@@ -274,12 +261,7 @@ fn host_namespace(host: &str) -> Option<&str> {
 /// Builds a connection's 23 label values by the rules of SPEC §3.
 pub fn label_set(c: &ConnLabels) -> LabelSet {
     let local = local_side(c.local, c.local_principal);
-    let peer_labels = match (c.peer, c.reporter) {
-        (Some(peer), _) => Some(&peer.labels),
-        (None, Reporter::Source) => c.endpoint_labels,
-        (None, Reporter::Destination) => None,
-    };
-    let peer = peer_side(c.peer, peer_labels, c.peer_principal);
+    let peer = peer_side(c.peer, c.peer_principal);
     let host = non_empty(&c.service.host);
     let host_name = host.and_then(|h| h.split('.').next()).and_then(non_empty);
     let (source, destination, service, service_name, service_namespace, policy) = match c.reporter {
@@ -326,514 +308,15 @@ pub fn label_set(c: &ConnLabels) -> LabelSet {
     ])
 }
 
-/// Plain per-connection deltas folded on the tick and at close.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Delta {
-    /// Connections opened (0 or 1 per connection, counted when its peer settles).
-    pub opened: u64,
-    /// Connections closed (0 or 1 per connection, counted at close).
-    pub closed: u64,
-    /// Application bytes downstream→upstream since the last fold.
-    pub received_bytes: u64,
-    /// Application bytes upstream→downstream since the last fold.
-    pub sent_bytes: u64,
-}
-
-/// Why an inbound TLS handshake was refused (`ringside_tls_refused_total{reason}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TlsRefused {
-    /// The client spoke something other than TLS (plaintext against `strict`).
-    NotTls,
-    /// The client presented no certificate.
-    NoClientCertificate,
-    /// The client's certificate did not verify against the mesh root (other CA, expired).
-    BadCertificate,
-    /// The handshake did not finish within connect_timeout.
-    Timeout,
-    /// Anything else (no common cipher or ALPN, a peer alert, a socket error).
-    Other,
-}
-
-impl TlsRefused {
-    /// Every reason, in the order they are rendered.
-    pub const ALL: [TlsRefused; 5] = [
-        TlsRefused::NotTls,
-        TlsRefused::NoClientCertificate,
-        TlsRefused::BadCertificate,
-        TlsRefused::Timeout,
-        TlsRefused::Other,
-    ];
-
-    /// The `reason` label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsRefused::NotTls => "not_tls",
-            TlsRefused::NoClientCertificate => "no_client_certificate",
-            TlsRefused::BadCertificate => "bad_certificate",
-            TlsRefused::Timeout => "timeout",
-            TlsRefused::Other => "other",
-        }
-    }
-}
-
-/// Outcome of one peer exchange, like Istio's `metadata_exchange` stats (plus ours: `invalid`,
-/// `timeout`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExchangeOutcome {
-    /// TLS negotiated ALPN `istio-peer-exchange` (Istio: alpn_protocol_found).
-    AlpnProtocolFound,
-    /// No such ALPN, so no exchange in mode `alpn` (Istio: alpn_protocol_not_found).
-    AlpnProtocolNotFound,
-    /// The first bytes were not the magic: a non-mesh peer (Istio: initial_header_not_found).
-    InitialHeaderNotFound,
-    /// The peer closed or went silent before any preamble (Istio: header_not_found).
-    HeaderNotFound,
-    /// A preamble was read and its metadata kept (Istio: metadata_added).
-    MetadataAdded,
-    /// A broken preamble: too large or undecodable; the connection was closed.
-    Invalid,
-    /// A preamble begun but not finished within exchange_timeout; the connection was closed.
-    Timeout,
-}
-
-impl ExchangeOutcome {
-    /// Every outcome, in the order they are rendered.
-    pub const ALL: [ExchangeOutcome; 7] = [
-        ExchangeOutcome::AlpnProtocolFound,
-        ExchangeOutcome::AlpnProtocolNotFound,
-        ExchangeOutcome::InitialHeaderNotFound,
-        ExchangeOutcome::HeaderNotFound,
-        ExchangeOutcome::MetadataAdded,
-        ExchangeOutcome::Invalid,
-        ExchangeOutcome::Timeout,
-    ];
-
-    /// The `outcome` label value: Istio's metadata_exchange stat name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExchangeOutcome::AlpnProtocolFound => "alpn_protocol_found",
-            ExchangeOutcome::AlpnProtocolNotFound => "alpn_protocol_not_found",
-            ExchangeOutcome::InitialHeaderNotFound => "initial_header_not_found",
-            ExchangeOutcome::HeaderNotFound => "header_not_found",
-            ExchangeOutcome::MetadataAdded => "metadata_added",
-            ExchangeOutcome::Invalid => "invalid",
-            ExchangeOutcome::Timeout => "timeout",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Cap on distinct label sets, shared by all workers. It counts series: a label set interned on
-/// two workers takes two units, so the total number of cells (and their memory) is bounded by
-/// `max_label_sets` plus two overflow series per worker.
-#[derive(Debug)]
-pub struct LabelBudget {
-    max: usize,
-    used: AtomicUsize,
-}
-
-impl LabelBudget {
-    /// A budget of `max_label_sets` series across all workers.
-    pub fn new(max_label_sets: usize) -> Arc<Self> {
-        Arc::new(LabelBudget { max: max_label_sets, used: AtomicUsize::new(0) })
-    }
-
-    /// Takes one unit; false once the budget is spent.
-    fn try_take(&self) -> bool {
-        self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| (used < self.max).then_some(used + 1))
-            .is_ok()
-    }
-
-    /// Series interned so far, across workers.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    /// The cap.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-}
-
-/// A single writer's add: a relaxed load and store, never a read-modify-write (SPEC §1, §3).
-fn add(cell: &AtomicU64, n: u64) {
-    if n != 0 {
-        cell.store(cell.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-    }
-}
-
-/// One series' counters, alone on a cache line so neighbouring series never share one.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-struct Cells {
-    opened: AtomicU64,
-    closed: AtomicU64,
-    received_bytes: AtomicU64,
-    sent_bytes: AtomicU64,
-}
-
-impl Cells {
-    fn load(&self) -> [u64; 4] {
-        // Acquire pairs with `fold`'s Release of `closed`: a scrape that sees a close sees the
-        // bytes folded with it (SPEC §3: exact final byte counts right after a close).
-        let closed = self.closed.load(Ordering::Acquire);
-        [
-            self.opened.load(Ordering::Relaxed),
-            closed,
-            self.received_bytes.load(Ordering::Relaxed),
-            self.sent_bytes.load(Ordering::Relaxed),
-        ]
-    }
-}
-
-/// Series per lazily allocated chunk: an idle worker holds no cells at all.
-const CHUNK: usize = 256;
-
-#[derive(Debug)]
-struct Chunk {
-    cells: Box<[Cells]>,
-    labels: Box<[OnceLock<LabelSet>]>,
-}
-
-impl Chunk {
-    fn new() -> Chunk {
-        Chunk {
-            cells: (0..CHUNK).map(|_| Cells::default()).collect(),
-            labels: (0..CHUNK).map(|_| OnceLock::new()).collect(),
-        }
-    }
-}
-
-/// Process counters of one worker, on their own cache line.
-#[derive(Debug, Default)]
-#[repr(align(64))]
-struct ProcessCells {
-    active_connections: AtomicU64,
-    label_sets_overflowed: AtomicU64,
-    listener_overflowed: AtomicU64,
-    exchange: [AtomicU64; 7],
-    tls_refused: [AtomicU64; 5],
-}
-
-/// Read side of one worker's counters, shared with the scraper: per-series cells and process
-/// counters. Readers never block the writer.
-#[derive(Debug)]
-pub struct Shard {
-    worker: usize,
-    /// Series published to readers (Release by the writer after the series' labels are set).
-    len: AtomicUsize,
-    chunks: Box<[OnceLock<Chunk>]>,
-    process: ProcessCells,
-}
-
-impl Shard {
-    /// Index of the worker that writes this shard.
-    pub fn worker(&self) -> usize {
-        self.worker
-    }
-
-    /// Number of series (cells) this shard holds.
-    pub fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire)
-    }
-
-    /// Whether the shard holds no series yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The most series this shard can ever hold.
-    pub fn capacity(&self) -> usize {
-        self.chunks.len() * CHUNK
-    }
-
-    fn cells(&self, i: usize) -> Option<&Cells> {
-        self.chunks.get(i / CHUNK)?.get()?.cells.get(i % CHUNK)
-    }
-
-    /// Every published series with its current values (opened, closed, received, sent).
-    pub fn series(&self) -> impl Iterator<Item = (&LabelSet, [u64; 4])> + '_ {
-        (0..self.len()).filter_map(move |i| {
-            let chunk = self.chunks.get(i / CHUNK)?.get()?;
-            let labels = chunk.labels.get(i % CHUNK)?.get()?;
-            Some((labels, chunk.cells.get(i % CHUNK)?.load()))
-        })
-    }
-
-    /// Connections currently open on this worker.
-    pub fn active_connections(&self) -> u64 {
-        self.process.active_connections.load(Ordering::Relaxed)
-    }
-
-    /// Label sets folded into the overflow series since start.
-    pub fn label_sets_overflowed(&self) -> u64 {
-        self.process.label_sets_overflowed.load(Ordering::Relaxed)
-    }
-
-    /// Connections refused by a listener's connection limit on this worker.
-    pub fn listener_overflowed(&self) -> u64 {
-        self.process.listener_overflowed.load(Ordering::Relaxed)
-    }
-
-    /// Inbound TLS handshakes refused for `reason` on this worker.
-    pub fn tls_refused(&self, reason: TlsRefused) -> u64 {
-        self.process.tls_refused[reason as usize].load(Ordering::Relaxed)
-    }
-
-    /// Exchanges that ended with `outcome` on this worker.
-    pub fn exchanges(&self, outcome: ExchangeOutcome) -> u64 {
-        self.process.exchange[outcome.index()].load(Ordering::Relaxed)
-    }
-}
-
-/// Handle to one series of a [`ShardWriter`]; only meaningful to the writer that interned it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SeriesId(u32);
-
-/// Write side of one worker's counters, owned by that worker's thread.
-#[derive(Debug)]
-pub struct ShardWriter {
-    shard: Arc<Shard>,
-    budget: Arc<LabelBudget>,
-    ids: HashMap<LabelSet, SeriesId>,
-    /// The overflow series per reporter (Source, Destination), interned on first use.
-    overflow: [Option<SeriesId>; 2],
-    /// Set once the shared budget refused a unit: it never frees, so stop touching it.
-    exhausted: bool,
-}
-
-impl ShardWriter {
-    /// A writer for worker `worker` and the shard the scraper reads.
-    pub fn new(worker: usize, budget: Arc<LabelBudget>) -> (ShardWriter, Arc<Shard>) {
-        // Room for the whole budget plus the two overflow series.
-        let capacity = budget.max.saturating_add(2);
-        let chunks = capacity.div_ceil(CHUNK);
-        let shard = Arc::new(Shard {
-            worker,
-            len: AtomicUsize::new(0),
-            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
-            process: ProcessCells::default(),
-        });
-        let writer = ShardWriter {
-            shard: Arc::clone(&shard),
-            budget,
-            ids: HashMap::new(),
-            overflow: [None, None],
-            exhausted: false,
-        };
-        (writer, shard)
-    }
-
-    /// The series of `labels`, created on first sight. Beyond the [`LabelBudget`] (or this
-    /// shard's capacity) the label set is not kept: it maps to the overflow series (same
-    /// `reporter`, every other label `overflow`) and counts `ringside_label_sets_overflowed_total`
-    /// once per call, i.e. once per connection whose labels were lost.
-    pub fn intern(&mut self, labels: LabelSet) -> SeriesId {
-        if let Some(id) = self.ids.get(&labels) {
-            return *id;
-        }
-        if !self.exhausted && self.budget.try_take() {
-            if let Some(id) = self.push(labels.clone()) {
-                self.ids.insert(labels, id);
-                return id;
-            }
-        } else {
-            self.exhausted = true;
-        }
-        let p = &self.shard.process;
-        add(&p.label_sets_overflowed, 1);
-        let reporter = labels.reporter();
-        let slot = reporter as usize;
-        if let Some(id) = self.overflow.get(slot).copied().flatten() {
-            return id;
-        }
-        // Two slots beyond the budget are reserved for the overflow series; `push` only fails
-        // past capacity, which the budget keeps at least two short of.
-        let id = self.push(LabelSet::overflow(reporter)).unwrap_or(SeriesId(0));
-        if let Some(o) = self.overflow.get_mut(slot) {
-            *o = Some(id);
-        }
-        id
-    }
-
-    /// Whether `id` is an overflow series (callers must not cache it: every connection that
-    /// lands there is counted by `intern`).
-    pub fn is_overflow(&self, id: SeriesId) -> bool {
-        self.overflow.contains(&Some(id))
-    }
-
-    /// Appends a series and publishes it; None past the shard's capacity.
-    fn push(&mut self, labels: LabelSet) -> Option<SeriesId> {
-        let i = self.shard.len.load(Ordering::Relaxed);
-        let id = u32::try_from(i).ok()?;
-        let chunk = self.shard.chunks.get(i / CHUNK)?.get_or_init(Chunk::new);
-        chunk.labels.get(i % CHUNK)?.set(labels).ok()?;
-        // Release: a reader that sees the new length sees the series' labels and zeroed cells.
-        self.shard.len.store(i + 1, Ordering::Release);
-        Some(SeriesId(id))
-    }
-
-    /// Adds a connection's deltas to series `id`.
-    pub fn fold(&self, id: SeriesId, d: Delta) {
-        debug_assert!((id.0 as usize) < self.shard.len.load(Ordering::Relaxed));
-        if let Some(c) = self.shard.cells(id.0 as usize) {
-            add(&c.opened, d.opened);
-            add(&c.received_bytes, d.received_bytes);
-            add(&c.sent_bytes, d.sent_bytes);
-            // Last and Release (a plain store, still no read-modify-write): see `Cells::load`.
-            if d.closed != 0 {
-                c.closed.store(c.closed.load(Ordering::Relaxed).wrapping_add(d.closed), Ordering::Release);
-            }
-        }
-    }
-
-    /// Sets the number of connections open on this worker.
-    pub fn set_active_connections(&self, n: u64) {
-        self.shard.process.active_connections.store(n, Ordering::Relaxed);
-    }
-
-    /// Counts one inbound TLS handshake refused (SPEC §7 strict: closed, never relayed).
-    pub fn count_tls_refused(&self, reason: TlsRefused) {
-        add(&self.shard.process.tls_refused[reason as usize], 1);
-    }
-
-    /// Counts one exchange outcome.
-    pub fn count_exchange(&self, outcome: ExchangeOutcome) {
-        add(&self.shard.process.exchange[outcome.index()], 1);
-    }
-
-    /// Counts one connection refused by a listener's connection limit.
-    pub fn count_listener_overflow(&self) {
-        add(&self.shard.process.listener_overflowed, 1);
-    }
-}
-
-// Recorder metadata for every series; the Prometheus recorder ignores it.
-static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
-
-fn register_counter(recorder: &PrometheusRecorder, name: &'static str, labels: Vec<Label>, v: u64) {
-    let key = Key::from_parts(name, labels);
-    recorder.register_counter(&key, &METADATA).absolute(v);
-}
-
-fn register_gauge(recorder: &PrometheusRecorder, name: &'static str, labels: Vec<Label>, v: f64) {
-    let key = Key::from_parts(name, labels);
-    recorder.register_gauge(&key, &METADATA).set(v);
-}
-
-fn static_label(key: &'static str, value: impl Into<SharedString>) -> Label {
-    Label::new(SharedString::const_str(key), value)
-}
-
-/// Sums every shard per label set and renders Prometheus text 0.0.4 through a
-/// `metrics-exporter-prometheus` recorder: the four `istio_tcp_*` counters (no HELP line, as
-/// Istio's proxy) and the `ringside_*` process metrics (with HELP): `ringside_connections_active
-/// {worker}`, `ringside_exchange_total{outcome}`, `ringside_label_sets_overflowed_total`,
-/// `ringside_listener_overflowed_total`, `ringside_driver_info{driver}` and
-/// `ringside_build_info{version}`.
-pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
-    let mut totals: HashMap<&LabelSet, [u64; 4]> = HashMap::new();
-    for shard in shards {
-        for (labels, values) in shard.series() {
-            let sum = totals.entry(labels).or_default();
-            for (s, v) in sum.iter_mut().zip(values) {
-                *s = s.wrapping_add(v);
-            }
-        }
-    }
-
-    // A recorder per scrape: not installed globally, holds exactly the series of this render.
-    // The builder adds no `_total` suffix (recommended naming is off) and no unit suffix, and
-    // keeps labels in insertion order.
-    let recorder = PrometheusBuilder::new().build_recorder();
-    for (labels, values) in &totals {
-        let keyed: Vec<Label> = LABEL_NAMES
-            .iter()
-            .zip(labels.values())
-            .map(|(k, v)| static_label(k, SharedString::from_shared(Arc::clone(v))))
-            .collect();
-        for (name, v) in ISTIO_COUNTERS.iter().zip(values) {
-            register_counter(&recorder, name, keyed.clone(), *v);
-        }
-    }
-
-    let describe_counter = |name: &'static str, help: &'static str| {
-        recorder.describe_counter(KeyName::from_const_str(name), None, help.into());
-    };
-    let describe_gauge = |name: &'static str, help: &'static str| {
-        recorder.describe_gauge(KeyName::from_const_str(name), None, help.into());
-    };
-    describe_gauge("ringside_connections_active", "Connections currently open, per worker.");
-    describe_counter(
-        "ringside_exchange_total",
-        "Peer exchanges by outcome, like Istio's metadata_exchange stats.",
-    );
-    describe_counter(
-        "ringside_label_sets_overflowed_total",
-        "Connections whose label set exceeded the label set budget and was folded into the overflow series.",
-    );
-    describe_counter(
-        "ringside_listener_overflowed_total",
-        "Connections closed at once because a listener was at its connection limit.",
-    );
-    describe_counter(
-        "ringside_tls_refused_total",
-        "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.",
-    );
-    describe_gauge("ringside_driver_info", "I/O driver in use.");
-    describe_gauge("ringside_build_info", "ringside build.");
-
-    let mut exchanges = [0u64; 7];
-    let mut refused = [0u64; 5];
-    let (mut overflowed, mut listener) = (0u64, 0u64);
-    for shard in shards {
-        register_gauge(
-            &recorder,
-            "ringside_connections_active",
-            vec![static_label("worker", shard.worker.to_string())],
-            shard.active_connections() as f64,
-        );
-        for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
-            *sum = sum.wrapping_add(shard.exchanges(outcome));
-        }
-        for (sum, reason) in refused.iter_mut().zip(TlsRefused::ALL) {
-            *sum = sum.wrapping_add(shard.tls_refused(reason));
-        }
-        overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
-        listener = listener.wrapping_add(shard.listener_overflowed());
-    }
-    for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
-        let labels = vec![static_label("outcome", SharedString::const_str(outcome.as_str()))];
-        register_counter(&recorder, "ringside_exchange_total", labels, *sum);
-    }
-    for (sum, reason) in refused.iter().zip(TlsRefused::ALL) {
-        let labels = vec![static_label("reason", SharedString::const_str(reason.as_str()))];
-        register_counter(&recorder, "ringside_tls_refused_total", labels, *sum);
-    }
-    let overflow_name = "ringside_label_sets_overflowed_total";
-    register_counter(&recorder, overflow_name, vec![], overflowed);
-    register_counter(&recorder, "ringside_listener_overflowed_total", vec![], listener);
-    let driver = vec![static_label("driver", driver.to_owned())];
-    register_gauge(&recorder, "ringside_driver_info", driver, 1.0);
-    let version = vec![static_label("version", env!("CARGO_PKG_VERSION"))];
-    register_gauge(&recorder, "ringside_build_info", version, 1.0);
-
-    recorder.handle().render()
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pub(crate) fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn node(workload: &str, ns: &str, cluster: &str, l: &[(&str, &str)]) -> NodeMetadata {
+    pub(crate) fn node(workload: &str, ns: &str, cluster: &str, l: &[(&str, &str)]) -> NodeMetadata {
         NodeMetadata {
             workload_name: workload.into(),
             namespace: ns.into(),
@@ -843,7 +326,7 @@ mod tests {
         }
     }
 
-    fn conn<'a>(
+    pub(crate) fn conn<'a>(
         reporter: Reporter,
         local: &'a NodeMetadata,
         peer: Option<&'a NodeMetadata>,
@@ -853,7 +336,6 @@ mod tests {
             reporter,
             local,
             peer,
-            endpoint_labels: None,
             service,
             response_flags: "-",
             local_principal: None,
@@ -862,7 +344,7 @@ mod tests {
         }
     }
 
-    fn no_service() -> ServiceInfo {
+    pub(crate) fn no_service() -> ServiceInfo {
         ServiceInfo::default()
     }
 
@@ -1111,25 +593,40 @@ mod tests {
     }
 
     #[test]
-    fn without_exchange_reporter_source_reads_the_endpoint_labels_as_a_peer() {
+    fn the_chosen_endpoint_is_the_peer_with_istiods_canonical_fallbacks() {
         let (l, s) = (NodeMetadata::default(), no_service());
-        let ep = labels(&[("app", "a"), ("version", "v2"), (CANONICAL_NAME, "cn")]);
-        let mut c = conn(Reporter::Source, &l, None, &s);
-        c.endpoint_labels = Some(&ep);
-        let set = label_set(&c);
+        // As routing builds an endpoint's peer: a WorkloadEntry's name, namespace and labels.
+        let endpoint = |workload: &str, pairs: &[(&str, &str)]| {
+            with_canonical_labels(NodeMetadata {
+                workload_name: workload.into(),
+                namespace: "db".into(),
+                labels: labels(pairs),
+                ..NodeMetadata::default()
+            })
+        };
+        let ep = endpoint("mongodb-v1", &[("app", "a"), ("version", "v2")]);
+        let set = label_set(&conn(Reporter::Source, &l, Some(&ep), &s));
         assert_eq!(set.get("destination_app"), Some("a"));
         assert_eq!(set.get("destination_version"), Some("v2"));
+        assert_eq!(set.get("destination_canonical_service"), Some("a"));
+        assert_eq!(set.get("destination_canonical_revision"), Some("v2"));
+        assert_eq!(set.get("destination_workload"), Some("mongodb-v1"));
+        assert_eq!(set.get("destination_workload_namespace"), Some("db"));
+        assert_eq!(set.get("destination_service_namespace"), Some("db"));
+        // Without a name label, the workload name; an explicit canonical name wins.
+        let ep = endpoint("mongodb-v2", &[("version", "v2")]);
+        let set = label_set(&conn(Reporter::Source, &l, Some(&ep), &s));
+        assert_eq!(set.get("destination_canonical_service"), Some("mongodb-v2"));
+        assert_eq!(set.get("destination_app"), Some("unknown"));
+        let ep = endpoint("w", &[("app", "a"), (K8S_NAME, "k"), (CANONICAL_NAME, "cn")]);
+        let set = label_set(&conn(Reporter::Source, &l, Some(&ep), &s));
         assert_eq!(set.get("destination_canonical_service"), Some("cn"));
+        assert_eq!(set.get("destination_app"), Some("k"));
+        // Nothing known: unknown and latest.
+        let ep = endpoint("", &[]);
+        let set = label_set(&conn(Reporter::Source, &l, Some(&ep), &s));
+        assert_eq!(set.get("destination_canonical_service"), Some("unknown"));
         assert_eq!(set.get("destination_canonical_revision"), Some("latest"));
-        assert_eq!(set.get("destination_workload"), Some("unknown"));
-        // The exchange wins over endpoint labels.
-        let p = node("", "", "", &[("app", "from-peer")]);
-        c.peer = Some(&p);
-        assert_eq!(label_set(&c).get("destination_app"), Some("from-peer"));
-        // Inbound has no endpoint: the peer is unknown.
-        c.peer = None;
-        c.reporter = Reporter::Destination;
-        assert_eq!(label_set(&c).get("source_app"), Some("unknown"));
     }
 
     #[test]
@@ -1187,110 +684,5 @@ mod tests {
             proptest::prop_assert_eq!(set.values().len(), 23);
             proptest::prop_assert!(set.values().iter().all(|v| !v.is_empty()));
         }
-    }
-
-    fn distinct(i: usize) -> LabelSet {
-        let local = node(&format!("wl-{i}"), "ns", "", &[]);
-        let s = no_service();
-        label_set(&conn(Reporter::Source, &local, None, &s))
-    }
-
-    #[test]
-    fn fold_adds_deltas_and_intern_returns_the_same_series_for_the_same_labels() {
-        let (mut w, shard) = ShardWriter::new(3, LabelBudget::new(10));
-        let a = w.intern(distinct(1));
-        let b = w.intern(distinct(2));
-        assert_ne!(a, b);
-        assert_eq!(w.intern(distinct(1)), a);
-        w.fold(a, Delta { opened: 1, closed: 0, received_bytes: 6, sent_bytes: 12 });
-        w.fold(a, Delta { opened: 0, closed: 1, received_bytes: 1, sent_bytes: 0 });
-        let series: Vec<_> = shard.series().collect();
-        assert_eq!(series.len(), 2);
-        assert_eq!(series[0].0, &distinct(1));
-        assert_eq!(series[0].1, [1, 1, 7, 12]);
-        assert_eq!(series[1].1, [0, 0, 0, 0]);
-        assert_eq!(shard.worker(), 3);
-    }
-
-    #[test]
-    fn an_idle_shard_allocates_no_cells() {
-        let (_w, shard) = ShardWriter::new(0, LabelBudget::new(100_000));
-        assert!(shard.is_empty());
-        assert!(shard.chunks.iter().all(|c| c.get().is_none()));
-        assert!(shard.capacity() >= 100_002);
-    }
-
-    #[test]
-    fn each_series_cells_sit_on_their_own_cache_line() {
-        assert_eq!(std::mem::align_of::<Cells>(), 64);
-        assert_eq!(std::mem::size_of::<Cells>(), 64);
-    }
-
-    #[test]
-    fn overflow_series_keeps_the_reporter_and_sets_every_other_label_to_overflow() {
-        let (mut w, shard) = ShardWriter::new(0, LabelBudget::new(0));
-        let (l, s) = (NodeMetadata::default(), no_service());
-        let dst = label_set(&conn(Reporter::Destination, &l, None, &s));
-        let a = w.intern(distinct(1));
-        let b = w.intern(dst);
-        assert_ne!(a, b);
-        let series: Vec<_> = shard.series().map(|(l, _)| l.clone()).collect();
-        assert_eq!(series, [LabelSet::overflow(Reporter::Source), LabelSet::overflow(Reporter::Destination)]);
-        assert_eq!(series[1].get("reporter"), Some("destination"));
-        assert!(series[1].values()[1..].iter().all(|v| &**v == "overflow"));
-        assert_eq!(shard.label_sets_overflowed(), 2);
-    }
-
-    #[test]
-    fn process_counters_are_per_worker_and_rendered() {
-        let budget = LabelBudget::new(10);
-        let (w0, s0) = ShardWriter::new(0, Arc::clone(&budget));
-        let (w1, s1) = ShardWriter::new(1, budget);
-        w0.set_active_connections(3);
-        w1.set_active_connections(4);
-        w0.count_exchange(ExchangeOutcome::MetadataAdded);
-        w1.count_exchange(ExchangeOutcome::MetadataAdded);
-        w1.count_exchange(ExchangeOutcome::Timeout);
-        w1.count_listener_overflow();
-        let text = render(&[s0, s1], "epoll");
-        for line in [
-            "ringside_connections_active{worker=\"0\"} 3",
-            "ringside_connections_active{worker=\"1\"} 4",
-            "ringside_exchange_total{outcome=\"metadata_added\"} 2",
-            "ringside_exchange_total{outcome=\"timeout\"} 1",
-            "ringside_exchange_total{outcome=\"header_not_found\"} 0",
-            "ringside_label_sets_overflowed_total 0",
-            "ringside_listener_overflowed_total 1",
-            "ringside_driver_info{driver=\"epoll\"} 1",
-            &format!("ringside_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION")),
-            "# TYPE ringside_exchange_total counter",
-            "# TYPE ringside_connections_active gauge",
-        ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
-        }
-    }
-
-    #[test]
-    fn render_keeps_label_order_escapes_values_and_writes_no_help_for_istio_counters() {
-        let (mut w, shard) = ShardWriter::new(0, LabelBudget::new(10));
-        let local = node("a\"b\\c\nd", "ns", "", &[]);
-        let s = no_service();
-        let set = label_set(&conn(Reporter::Source, &local, None, &s));
-        let id = w.intern(set);
-        w.fold(id, Delta { opened: 2, closed: 1, received_bytes: 5, sent_bytes: 9 });
-        let text = render(&[shard], "uring");
-        assert!(!text.contains("# HELP istio_"));
-        assert!(!text.contains("_total_total"));
-        let line = text.lines().find(|l| l.starts_with("istio_tcp_sent_bytes_total{")).unwrap();
-        assert!(line.ends_with("} 9"), "{line}");
-        let names: Vec<&str> = line
-            .split(['{', ','])
-            .skip(1)
-            .filter_map(|kv| kv.split_once("=\"").map(|(k, _)| k))
-            .filter(|k| LABEL_NAMES.contains(k))
-            .collect();
-        assert_eq!(names, LABEL_NAMES);
-        assert!(line.contains(r#"source_workload="a\"b\\c\nd""#), "{line}");
-        assert!(text.lines().any(|l| l == "# TYPE istio_tcp_connections_opened_total counter"));
     }
 }

@@ -1,0 +1,335 @@
+//! SPEC §6 and §3: Istio's own YAML (`--istio`), routing by VirtualService tcp routes per
+//! `match.port`, identities of the chosen endpoint, no route (`NR`), and outlier ejection.
+//! Real binary, real sockets; the Bookinfo files are Istio's own, unchanged.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+
+use common::{DEADLINE, Ringside, sum, wait_for};
+
+const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio");
+
+/// Run the binary; return (exit code, stderr).
+fn ringside(args: &[&str]) -> (i32, String) {
+    let out = Command::new(common::bin()).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A fresh directory under the system temp dir.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringside-istio-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Copy `tests/data/istio/local` and the ratings-v2 config into a temp dir, moving every
+/// `127.0.10.` address to `127.0.<net>.`, so tests running at once do not share addresses.
+fn local_copy(name: &str, net: u8) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let local = dir.join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    let moved = |text: String| text.replace("127.0.10.", &format!("127.0.{net}."));
+    for entry in std::fs::read_dir(Path::new(DATA).join("local")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(local.join(path.file_name().unwrap()), moved(text)).unwrap();
+    }
+    let config = dir.join("ringside.yaml");
+    let text = std::fs::read_to_string(Path::new(DATA).join("ringside-ratings-v2.yaml")).unwrap();
+    std::fs::write(&config, moved(text)).unwrap();
+    (config, local)
+}
+
+/// A backend that writes `tag` on every connection, then echoes until EOF.
+fn tag_server(addr: SocketAddr, tag: &'static str) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let _ = s.write_all(tag.as_bytes());
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Connect through the proxy and return the tag of the backend that answered, after a
+/// round trip of `ping`.
+fn reached(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut tag = [0u8; 2];
+    s.read_exact(&mut tag).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping");
+    String::from_utf8_lossy(&tag).into_owned()
+}
+
+#[test]
+fn bookinfo_files_and_local_entries_validate_and_report_what_is_not_applied() {
+    let bookinfo = format!("{DATA}/bookinfo");
+    let local = format!("{DATA}/local");
+    let config = format!("{DATA}/ringside-ratings-v2.yaml");
+    let (code, err) = ringside(&["validate", "--config", &config, "--istio", &bookinfo, "--istio", &local]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let has = |fragment: &str| lines.iter().filter(|l| l.contains(fragment)).count();
+    // Kubernetes objects in the same directory: skipped, one line each.
+    assert_eq!(has("not an Istio networking document; skipped"), 4, "{err}");
+    assert_eq!(has("bookinfo-db.yaml: document 2 (Deployment/mongodb-v1"), 1, "{err}");
+    // Bookinfo's HTTP routes are reported, one line per VirtualService.
+    assert_eq!(
+        has(
+            "virtual-service-ratings-db.yaml: document 2 (VirtualService/ratings): spec.http: HTTP routes are not applied"
+        ),
+        1,
+        "{err}"
+    );
+    assert_eq!(has("spec.http"), 2, "{err}");
+    // ISTIO_MUTUAL without certificates is said clearly.
+    assert_eq!(
+        has(
+            "destination-rule-all-mtls.yaml: document 3 (DestinationRule/ratings): tls mode ISTIO_MUTUAL: cluster outbound|9080||ratings.default.svc.cluster.local has no certificates"
+        ),
+        1,
+        "{err}"
+    );
+    // Hosts no ServiceEntry serves are named, not silently dropped.
+    assert_eq!(
+        has("host reviews.default.svc.cluster.local: no ServiceEntry or cluster serves it"),
+        2,
+        "{err}"
+    );
+    // Either file alone, as a FILE argument, loads too.
+    for file in
+        ["destination-rule-all.yaml", "destination-rule-all-mtls.yaml", "virtual-service-ratings-db.yaml"]
+    {
+        let path = format!("{bookinfo}/{file}");
+        let (code, err) = ringside(&["validate", "--config", &config, "--istio", &path, "--istio", &local]);
+        assert_eq!(code, 0, "{file}: {err}");
+    }
+}
+
+#[test]
+fn connections_reach_only_the_subset_the_virtual_service_names_per_match_port() {
+    let (config, local) = local_copy("subsets", 11);
+    tag_server("127.0.11.1:27017".parse().unwrap(), "v1");
+    tag_server("127.0.11.2:27017".parse().unwrap(), "v2");
+    let bookinfo = format!("{DATA}/bookinfo");
+    let listen: SocketAddr = "127.0.11.100:27017".parse().unwrap();
+    let config = std::fs::read_to_string(&config).unwrap();
+    let rs =
+        Ringside::spawn_config(&config, listen, &["--istio", &bookinfo, "--istio", local.to_str().unwrap()]);
+    for _ in 0..6 {
+        assert_eq!(reached(listen), "v1");
+        assert_eq!(reached("127.0.11.100:27018".parse().unwrap()), "v2");
+    }
+    // /config_dump shows the clusters and routes the documents made.
+    let (code, dump) = common::http(rs.admin, "GET", "/config_dump").unwrap();
+    assert_eq!(code, 200);
+    assert!(dump.contains("\"name\": \"outbound|27017||mongodb.default.svc.cluster.local\""), "{dump}");
+    assert!(dump.contains("\"match_port\": 27018"), "{dump}");
+    assert!(dump.contains("\"workload_name\": \"mongodb-v1\""), "{dump}");
+
+    // Without an exchange, the peer is the WorkloadEntry (SPEC §3).
+    let v1 = [
+        ("reporter", "source"),
+        ("source_workload", "ratings-v2"),
+        ("destination_service", "mongodb.default.svc.cluster.local"),
+        ("destination_service_name", "mongodb"),
+        ("destination_service_namespace", "default"),
+        ("destination_workload", "mongodb-v1"),
+        ("destination_workload_namespace", "default"),
+        ("destination_app", "mongodb"),
+        ("destination_version", "v1"),
+        ("destination_canonical_service", "mongodb"),
+        ("destination_canonical_revision", "v1"),
+        ("response_flags", "-"),
+    ];
+    let scrape = rs.wait_for_value("istio_tcp_connections_closed_total", &v1, 6.0);
+    // No app label: the canonical service falls back to the workload name, as istiod's.
+    let v2 = [
+        ("destination_service", "mongodb.default.svc.cluster.local"),
+        ("destination_workload", "mongodb-v2"),
+        ("destination_app", "unknown"),
+        ("destination_version", "v2"),
+        ("destination_canonical_service", "mongodb-v2"),
+        ("destination_canonical_revision", "v2"),
+    ];
+    assert_eq!(sum(&scrape, "istio_tcp_connections_opened_total", &v2), 6.0, "{scrape}");
+    assert_eq!(sum(&scrape, "istio_tcp_received_bytes_total", &v1), 24.0, "{scrape}");
+}
+
+/// Write `docs` as one file in a fresh directory; return (config path, istio dir).
+fn broken(name: &str, docs: &str) -> (String, String) {
+    let dir = temp_dir(name);
+    std::fs::write(dir.join("bad.yaml"), format!("{}\n---\n{docs}", MONGO_ENTRY)).unwrap();
+    let config = dir.join("ringside.yaml");
+    std::fs::write(
+        &config,
+        "listeners: [{name: m, listen: 127.0.0.1:1, direction: outbound, service: mongodb.default.svc.cluster.local}]\nmetrics: {listen: 127.0.0.1:0}\nadmin: {listen: 127.0.0.1:0}\nhealth: {listen: off}\n",
+    )
+    .unwrap();
+    (config.display().to_string(), dir.display().to_string())
+}
+
+const MONGO_ENTRY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: mongodb}
+spec:
+  hosts: [mongodb.default.svc.cluster.local]
+  ports: [{number: 27017, name: mongo}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mongodb}
+spec: {host: mongodb, subsets: [{name: v1, labels: {version: v1}}]}";
+
+#[test]
+fn malformed_istio_documents_exit_64_with_one_line_naming_file_document_and_reason() {
+    let cases = [
+        (
+            "syntax",
+            "apiVersion: networking.istio.io/v1\nkind: [VirtualService\n",
+            "bad.yaml:",
+            "document 3: did not find expected",
+        ),
+        (
+            "nohost",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db}\nspec: {hosts: [mongodb], tcp: [{route: [{destination: {subset: v1}}]}]}\n",
+            "bad.yaml: document 3 (VirtualService/db): ",
+            "spec.tcp[0].route[0].destination: no host",
+        ),
+        (
+            "subset",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db}\nspec: {hosts: [mongodb], tcp: [{route: [{destination: {host: mongodb, subset: v7}}]}]}\n",
+            "bad.yaml: document 3 (VirtualService/db): ",
+            "subset \"v7\": no DestinationRule for host mongodb.default.svc.cluster.local defines it",
+        ),
+        (
+            "zero",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db}\nspec: {hosts: [mongodb], tcp: [{route: [{destination: {host: mongodb, subset: v1}, weight: 0}, {destination: {host: mongodb}, weight: 0}]}]}\n",
+            "bad.yaml: document 3 (VirtualService/db): ",
+            "spec.tcp[0].route: weights add up to zero",
+        ),
+    ];
+    for (name, doc, place, reason) in cases {
+        let (config, dir) = broken(name, doc);
+        for command in ["validate", "run"] {
+            let (code, err) = ringside(&[command, "--config", &config, "--istio", &dir]);
+            assert_eq!(code, 64, "{name} {command}: {err}");
+            let lines: Vec<&str> = err.lines().collect();
+            assert_eq!(lines.len(), 1, "{name} {command}: one line: {err}");
+            assert!(lines[0].starts_with("ringside: config: "), "{err}");
+            assert!(lines[0].contains(place) && lines[0].contains(reason), "{name} {command}: {err}");
+            assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+        }
+    }
+}
+
+#[test]
+fn a_service_host_without_cluster_or_route_is_valid_and_its_connections_close_with_nr() {
+    let listen = common::free_addr();
+    let config = format!(
+        "workers: 1\nlisteners: [{{name: later, listen: {listen}, direction: outbound, service: reviews.default.svc.cluster.local}}]\n"
+    );
+    let path = temp_dir("nr").join("ringside.yaml");
+    std::fs::write(&path, &config).unwrap();
+    let (code, err) = ringside(&["validate", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("listener later: service reviews.default.svc.cluster.local: no cluster or route yet"),
+        "{err}"
+    );
+
+    let rs = Ringside::spawn_config(&config, listen, &[]);
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(listen).unwrap();
+        common::assert_closed_empty(&mut s, "a connection with no route");
+    }
+    rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "NR")], 3.0);
+    let scrape = rs.scrape();
+    assert_eq!(
+        sum(&scrape, "istio_tcp_connections_opened_total", &[("response_flags", "NR")]),
+        3.0,
+        "{scrape}"
+    );
+}
+
+/// Native config: one cluster with a refusing endpoint (nothing listens) before a good one.
+fn ejection_config(listen: SocketAddr, refusing: SocketAddr, good: Option<SocketAddr>) -> String {
+    let good = good.map(|g| format!(", {{address: {g}}}")).unwrap_or_default();
+    format!(
+        "listeners: [{{name: db, listen: {listen}, direction: outbound, cluster: db}}]\nclusters: [{{name: db, service: db.default.svc.cluster.local, endpoints: [{{address: {refusing}}}{good}]}}]\n"
+    )
+}
+
+#[test]
+fn a_refusing_endpoint_is_ejected_the_connection_retried_and_it_is_tried_again_later() {
+    let (listen, refusing, good) = ("127.0.12.100:27017", "127.0.12.1:27017", "127.0.12.2:27017");
+    let [listen, refusing, good]: [SocketAddr; 3] = [listen, refusing, good].map(|a| a.parse().unwrap());
+    tag_server(good, "ok");
+    // One worker: each worker ejects on its own, and the count below assumes one view.
+    let mut rs =
+        Ringside::spawn_config(&ejection_config(listen, refusing, Some(good)), listen, &["--workers", "1"]);
+    // Round robin would send every other connection to the refusing endpoint; each is
+    // retried on the good one, so none fails.
+    for _ in 0..10 {
+        assert_eq!(reached(listen), "ok");
+    }
+    // Once it listens, it gets connections again: after its back-off (1 s, 2 s, ...).
+    tag_server(refusing, "up");
+    wait_for("the ejected endpoint to be tried again", || (reached(listen) == "up").then_some(()));
+    let scrape = rs.wait_for_scrape("every connection closed", DEADLINE, |s| {
+        sum(s, "istio_tcp_connections_closed_total", &[]) == sum(s, "istio_tcp_connections_opened_total", &[])
+    });
+    assert_eq!(
+        sum(&scrape, "istio_tcp_connections_closed_total", &[("response_flags", "UF")]),
+        0.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sum(&scrape, "istio_tcp_connections_closed_total", &[("response_flags", "UH")]),
+        0.0,
+        "{scrape}"
+    );
+    rs.signal("TERM");
+    rs.wait_exit();
+    // Without ejection, 5 of the first 10 connections would have tried it first.
+    let failures =
+        rs.stderr_lines().iter().filter(|l| l.contains(&format!("endpoint {refusing}: connect"))).count();
+    assert!((1..5).contains(&failures), "{failures} connect failures logged");
+}
+
+#[test]
+fn with_every_endpoint_ejected_connections_fail_with_uh() {
+    let listen: SocketAddr = "127.0.13.100:27017".parse().unwrap();
+    let refusing: SocketAddr = "127.0.13.1:27017".parse().unwrap();
+    let rs = Ringside::spawn_config(&ejection_config(listen, refusing, None), listen, &["--workers", "1"]);
+    // The first tries it (UF) and ejects it; the next, within its back-off, find none up.
+    let mut s = TcpStream::connect(listen).unwrap();
+    common::assert_closed_empty(&mut s, "the first connection");
+    rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
+    wait_for("a connection closed with UH", || {
+        let mut s = TcpStream::connect(listen).unwrap();
+        common::assert_closed_empty(&mut s, "a connection with no healthy upstream");
+        (sum(&rs.scrape(), "istio_tcp_connections_closed_total", &[("response_flags", "UH")]) >= 1.0)
+            .then_some(())
+    });
+}
