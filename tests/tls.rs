@@ -479,3 +479,109 @@ fn a_bad_certificate_path_at_start_up_is_a_one_line_config_error() {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].contains("/nonexistent/cert-chain.pem"), "{err}");
 }
+
+/// `openssl s_server` requiring a client certificate from the mesh root, offering `alpn`;
+/// returns its port and everything it received (its stdout), gathered by a thread.
+fn openssl_server(
+    certs: &Certs,
+    alpn: &str,
+) -> (SocketAddr, std::process::Child, std::sync::mpsc::Receiver<Vec<u8>>) {
+    let addr = free_addr();
+    let mut child = Command::new("openssl")
+        .args(["s_server", "-quiet", "-accept", &addr.to_string(), "-cert"])
+        .arg(certs.path("cert-chain.pem"))
+        .arg("-key")
+        .arg(certs.path("key.pem"))
+        .arg("-CAfile")
+        .arg(certs.path("root-cert.pem"))
+        .args(["-Verify", "1", "-alpn", alpn])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl (tests/deps.sh installs it)");
+    let (tx, got) = std::sync::mpsc::channel();
+    let mut out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    wait_for("openssl s_server to listen", || std::net::TcpStream::connect(addr).ok().map(drop));
+    (addr, child, got)
+}
+
+const MAGIC: [u8; 4] = [0x3D, 0x23, 0x04, 0x67];
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn outbound_to_openssl_s_server_writes_the_preamble_only_when_it_chose_istio_peer_exchange() {
+    let ca = Ca::new("mesh");
+    let server_certs = Certs::new("ratings", &ca, RATINGS);
+    for (alpn, preamble) in [("istio", false), ("istio-peer-exchange", true)] {
+        let (addr, mut child, got) = openssl_server(&server_certs, alpn);
+        let client = outbound(&Certs::new("productpage", &ca, PRODUCTPAGE), &[RATINGS], addr);
+        let mut c = connect(client.listen);
+        c.write_all(b"application bytes\n").unwrap();
+        let mut received = Vec::new();
+        wait_for("s_server to receive the application bytes", || {
+            received.extend(got.try_iter().flatten());
+            contains(&received, b"application bytes\n").then_some(())
+        });
+        assert_eq!(contains(&received, &MAGIC), preamble, "ALPN {alpn}: {received:?}");
+        if !preamble {
+            assert!(received.ends_with(b"application bytes\n") && !contains(&received, &MAGIC));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // The principal of s_server's certificate labels the connection (reporter=source).
+        drop(c);
+        client.wait_for_value(
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "source"), ("destination_principal", RATINGS), ("source_principal", PRODUCTPAGE)],
+            1.0,
+        );
+    }
+}
+
+#[test]
+fn openssl_s_client_with_a_mesh_certificate_reaches_the_application_through_strict() {
+    let ca = Ca::new("mesh");
+    let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
+    let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &server.listen.to_string(), "-cert"])
+        .arg(certs.path("cert-chain.pem"))
+        .arg("-key")
+        .arg(certs.path("key.pem"))
+        .arg("-CAfile")
+        .arg(certs.path("root-cert.pem"))
+        .args(["-alpn", "istio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl");
+    child.stdin.as_mut().unwrap().write_all(b"hello from openssl\n").unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut got = vec![0u8; 19];
+    out.read_exact(&mut got).unwrap();
+    assert_eq!(got, b"hello from openssl\n");
+    let _ = child.kill();
+    let _ = child.wait();
+    server.wait_for_value(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", PRODUCTPAGE),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+        1.0,
+    );
+}
