@@ -120,19 +120,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-/// Non-blocking `recv`/`send` on a whole stream, for rustls' `read_tls`/`write_tls` and for
-/// relaying decrypted bytes straight from rustls' buffer: the TLS side of a connection runs
-/// on readiness plus these calls, so bytes are not copied through an extra owned buffer.
+/// Non-blocking `send` on a whole stream, for rustls' `write_tls` and for relaying decrypted
+/// bytes straight from rustls' buffer: the TLS side of a connection runs on readiness plus
+/// non-blocking calls, so bytes are not copied through an extra owned buffer.
 pub struct NonBlocking<'a>(pub &'a TcpStream);
-
-impl io::Read for NonBlocking<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes and the fd is live for the call.
-        let n =
-            unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-    }
-}
 
 impl io::Write for NonBlocking<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {

@@ -3,9 +3,9 @@
 //! only when ALPN resolved to `istio-peer-exchange`), and the copy loop between a plaintext
 //! socket and a TLS one. The rustls side lives in `crate::tls`; this file only moves bytes.
 //!
-//! Bulk over TLS cannot splice (no kTLS here): ciphertext goes socket → rustls' buffer,
-//! plaintext rustls' buffer → socket with non-blocking calls after readiness, and the other
-//! way through one pool buffer (rustls encrypts from it into a record).
+//! Bulk over TLS cannot splice (no kTLS here): ciphertext goes socket → pool buffer →
+//! rustls, plaintext rustls' buffer → socket with non-blocking calls after readiness, and the
+//! other way through one pool buffer (rustls encrypts from it into a record).
 
 use std::io;
 use std::pin::pin;
@@ -62,17 +62,18 @@ pub(super) async fn accept(
     let config = slot.current();
     let Some(server) = config.server.clone() else { return Err(Error::Refused) };
     let tls = TlsStream::server(down, server)?;
-    let reason = match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake()).await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => {
-            log::debug!("listener {}: tls handshake refused: {e}", listener.name);
-            Some(refused_reason(&e))
-        }
-        Err(_) => {
-            log::debug!("listener {}: tls handshake timed out", listener.name);
-            Some(TlsRefused::Timeout)
-        }
-    };
+    let reason =
+        match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake(&ctx.pool)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                log::debug!("listener {}: tls handshake refused: {e}", listener.name);
+                Some(refused_reason(&e))
+            }
+            Err(_) => {
+                log::debug!("listener {}: tls handshake timed out", listener.name);
+                Some(TlsRefused::Timeout)
+            }
+        };
     if let Some(reason) = reason {
         ctx.metrics.borrow().count_tls_refused(reason);
         return Err(Error::Refused);
@@ -160,7 +161,7 @@ pub(super) async fn open_outbound(
     let ip = up.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
     let _ = up.set_nodelay(true);
     let tls = TlsStream::client(up, &config, ip).map_err(Error::Connect)?;
-    match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake()).await {
+    match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake(&ctx.pool)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(Error::Connect(e)),
         Err(_) => {
@@ -228,7 +229,7 @@ async fn exchange(
             (None, Some(t)) if request => t + limits.sniff_timeout.0,
             _ => start + limits.exchange_timeout.0,
         };
-        let fill = tls.try_fill()?;
+        let fill = tls.try_fill(&ctx.pool)?;
         if fill != Fill::WouldBlock {
             let mut buf = ctx.pool.take();
             if fill == Fill::Data {
@@ -368,7 +369,7 @@ async fn tls_to_plain(
     request: bool,
 ) -> io::Result<()> {
     loop {
-        if tls.fill().await? == Fill::Eof {
+        if tls.fill(&ctx.pool).await? == Fill::Eof {
             return socket::shutdown_write(plain);
         }
         match tls.send_to(plain) {
