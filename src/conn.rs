@@ -42,6 +42,8 @@ pub struct WorkerCtx {
     pub router: Router,
     /// Buffer pool.
     pub pool: BufferPool,
+    /// Splice pipes, borrowed by a bulk flow for one burst.
+    pub pipes: crate::socket::PipePool,
     /// This worker's metrics shard writer.
     pub metrics: RefCell<ShardWriter>,
     /// The local node (canonical labels filled) and its encoded preamble.
@@ -154,6 +156,7 @@ impl WorkerCtx {
             // Per-worker seeds, so workers do not pick the same random endpoints in step.
             router: Router::new(&config, 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
             pool: BufferPool::default(),
+            pipes: Default::default(),
             metrics: RefCell::new(writer),
             preamble: crate::exchange::encode(&node),
             node,
@@ -344,8 +347,8 @@ fn labels(
     }
 }
 
-/// Per-worker relay buffers: taken after a socket is readable, given back after the write,
-/// so an idle connection holds none.
+/// Per-worker relay buffers: taken for a read that does not wait, given back after the
+/// write, so an idle connection holds none.
 #[derive(Default)]
 pub struct BufferPool {
     free: RefCell<Vec<Vec<u8>>>,

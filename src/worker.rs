@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use monoio::net::TcpListener;
 
+use crate::backoff::{self, Backoff};
 use crate::config::{self, Config};
 use crate::conn::{Flags, Signal, WorkerCtx};
 use crate::cpus;
@@ -384,6 +385,7 @@ async fn worker_main(
 
 async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop: Rc<Signal>) {
     let limit = ctx.config.listeners[li].limits.max_connections;
+    let mut backoff = Backoff::default();
     loop {
         let accepted = monoio::select! {
             a = listener.accept() => a,
@@ -391,10 +393,26 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop:
         };
         let (down, _peer) = match accepted {
             Ok(x) => x,
+            Err(e) if backoff::is_resource_error(&e) => {
+                // Out of descriptors or memory (SPEC §1): the connection stays queued, so
+                // retrying at once would fail again and spin. Pause accepting (live
+                // connections keep being served), with one log line per interval.
+                let p = backoff.failed(Instant::now());
+                if let Some(n) = p.log {
+                    let name = &ctx.config.listeners[li].name;
+                    log::warn!(
+                        "listener {name}: accept: {e} ({n} times); pausing accepts up to {:?}",
+                        p.pause
+                    );
+                }
+                monoio::select! {
+                    _ = monoio::time::sleep(p.pause) => continue,
+                    _ = stop.wait() => return,
+                }
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning (as mini-redis does).
-                log::warn!("listener {}: accept: {e}", ctx.config.listeners[li].name);
-                monoio::time::sleep(Duration::from_millis(10)).await;
+                // The client gave up while queued (ECONNABORTED) and the like: its own problem.
+                log::debug!("listener {}: accept: {e}", ctx.config.listeners[li].name);
                 continue;
             }
         };

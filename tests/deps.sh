@@ -25,6 +25,8 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
 command -v curl >/dev/null || need_apt+=(curl)
+# tests/limits.rs lowers a running ringside's descriptor limit with util-linux's prlimit.
+command -v prlimit >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi

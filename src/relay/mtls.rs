@@ -15,7 +15,7 @@ use monoio::net::TcpStream;
 
 use super::{Error, Verdict, connect, connect_captured, count, feed};
 use crate::config::{Capture, Listener, ListenerTlsMode, PeerExchange};
-use crate::conn::{Conn, Security, WorkerCtx};
+use crate::conn::{Conn, Security, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser};
 use crate::metrics::{ExchangeOutcome, TlsRefused};
 use crate::socket;
@@ -26,7 +26,7 @@ use crate::tls::stream::{Fill, TlsStream};
 const PERMISSIVE_SNIFF_MIN: Duration = Duration::from_secs(1);
 
 /// A set-up connection with one TLS side.
-pub(super) struct TlsPair {
+struct TlsPair {
     plain: TcpStream,
     tls: TlsStream,
     /// The TLS side is the downstream (inbound listener), else the upstream (outbound).
@@ -34,7 +34,7 @@ pub(super) struct TlsPair {
 }
 
 /// What an inbound TLS listener accepted.
-pub(super) enum Accepted {
+enum Accepted {
     /// `permissive` and the client spoke plaintext: relay it as any plaintext connection.
     Plain(TcpStream),
     /// A verified mTLS client.
@@ -43,7 +43,7 @@ pub(super) enum Accepted {
 
 /// The inbound handshake: sniff in `permissive`, then require a client certificate signed
 /// by the mesh root. A refused client is closed and counted, nothing of it relayed.
-pub(super) async fn accept(
+async fn accept(
     ctx: &WorkerCtx,
     conn: &Conn,
     listener: &Listener,
@@ -131,8 +131,56 @@ async fn sniff_client_hello(down: &TcpStream, sniff_timeout: Duration) -> Result
     }
 }
 
+/// An inbound mTLS listener's connection: the handshake (after the sniff, in `permissive`),
+/// then connect, exchange and copy. `Some(socket)`: a plaintext client in `permissive`, for
+/// the caller to relay as plaintext. A cancel (idle timeout, drain deadline) before the copy
+/// closes the sockets; nothing of the connection was relayed yet but the exchange's first
+/// bytes.
+pub(super) async fn serve_inbound(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    slot: &Slot,
+    down: TcpStream,
+) -> Result<Option<TcpStream>, Error> {
+    let listener = &ctx.config.listeners[li];
+    // Boxed, as the plaintext setup is: its timers should not stay with the connection.
+    let accepted = monoio::select! {
+        r = Box::pin(accept(ctx, conn, listener, slot, down)) => r?,
+        _ = conn.cancel.wait() => return Ok(None),
+    };
+    let tls = match accepted {
+        Accepted::Plain(down) => return Ok(Some(down)),
+        Accepted::Tls(tls) => tls,
+    };
+    let (pair, peer) = monoio::select! {
+        r = Box::pin(open_inbound(ctx, li, conn, tls)) => r?,
+        _ = conn.cancel.wait() => return Ok(None),
+    };
+    settle(ctx, conn, peer.as_ref(), "-");
+    copy(ctx, conn, pair).await?;
+    Ok(None)
+}
+
+/// An outbound connection to an mTLS cluster, once connected: handshake, exchange, copy.
+pub(super) async fn serve_outbound(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: TcpStream,
+    up: TcpStream,
+    slot: &Slot,
+) -> Result<(), Error> {
+    let (pair, peer) = monoio::select! {
+        r = Box::pin(open_outbound(ctx, listener, conn, down, up, slot)) => r?,
+        _ = conn.cancel.wait() => return Ok(()),
+    };
+    settle(ctx, conn, peer.as_ref(), "-");
+    copy(ctx, conn, pair).await
+}
+
 /// Inbound after the handshake: connect upstream, run the exchange when ALPN says so.
-pub(super) async fn open_inbound(
+async fn open_inbound(
     ctx: &WorkerCtx,
     li: usize,
     conn: &Conn,
@@ -149,7 +197,7 @@ pub(super) async fn open_inbound(
 
 /// Outbound: TLS client to the upstream with the cluster's config, then the exchange when
 /// the server chose `istio-peer-exchange`. A failed handshake is an upstream failure (`UF`).
-pub(super) async fn open_outbound(
+async fn open_outbound(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
@@ -310,7 +358,7 @@ fn count_bytes(ctx: &WorkerCtx, conn: &Conn, n: usize, request: bool) {
 /// Copy both directions until both ended; an error on either resets both sides, as for
 /// plaintext (a reset stays a reset). Half-close: close_notify + FIN one way, the other
 /// direction keeps flowing.
-pub(super) async fn copy(ctx: &WorkerCtx, conn: &Conn, pair: TlsPair) -> Result<(), Error> {
+async fn copy(ctx: &WorkerCtx, conn: &Conn, pair: TlsPair) -> Result<(), Error> {
     let TlsPair { plain, tls, tls_is_down } = pair;
     let result = {
         let to_tls = pin!(plain_to_tls(ctx, conn, &plain, &tls, !tls_is_down));
