@@ -585,3 +585,29 @@ fn openssl_s_client_with_a_mesh_certificate_reaches_the_application_through_stri
         1.0,
     );
 }
+
+#[test]
+fn a_bulk_upload_through_mtls_arrives_whole_whatever_the_record_boundaries() {
+    // Ciphertext received 16 KiB at a time straddles records; rustls takes no more while
+    // 16 KiB of plaintext wait, so the rest must wait too, not fail the connection.
+    let ca = Ca::new("mesh");
+    let (app, conns) = manual_server();
+    let (client, _server) = mesh(&ca, "strict", app);
+    let payload = Rng(11).bytes(48 * 1024 * 1024 + 5);
+    let mut c = connect(client.listen);
+    let mut w = c.try_clone().unwrap();
+    let data = payload.clone();
+    let writer = std::thread::spawn(move || {
+        for chunk in data.chunks(256 * 1024) {
+            w.write_all(chunk).unwrap();
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut s = next_conn(&conns);
+    let got = read_to_end(&mut s);
+    writer.join().unwrap();
+    assert!(got == payload, "{} bytes arrived of {}", got.len(), payload.len());
+    s.write_all(b"ok").unwrap();
+    drop(s);
+    assert_eq!(read_to_end(&mut c), b"ok");
+}

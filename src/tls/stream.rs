@@ -35,6 +35,9 @@ pub struct TlsStream {
     tcp: TcpStream,
     // Boxed: rustls' state is ~1.3 KiB, and the stream moves through the setup futures.
     conn: RefCell<Box<rustls::Connection>>,
+    /// Ciphertext received but not yet taken by rustls (a pool buffer and where its rest
+    /// starts): only while decrypted bytes wait for the other socket.
+    pending: RefCell<Option<(Vec<u8>, usize)>>,
 }
 
 fn tls_err(e: rustls::Error) -> io::Error {
@@ -50,13 +53,13 @@ impl TlsStream {
         };
         let name = config.server_name.clone().unwrap_or(ServerName::IpAddress(ip.into()));
         let conn = rustls::ClientConnection::new(client, name).map_err(tls_err)?;
-        Ok(TlsStream { tcp, conn: RefCell::new(Box::new(conn.into())) })
+        Ok(TlsStream { tcp, conn: RefCell::new(Box::new(conn.into())), pending: RefCell::new(None) })
     }
 
     /// A server connection with `config`.
     pub fn server(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<TlsStream> {
         let conn = rustls::ServerConnection::new(config).map_err(tls_err)?;
-        Ok(TlsStream { tcp, conn: RefCell::new(Box::new(conn.into())) })
+        Ok(TlsStream { tcp, conn: RefCell::new(Box::new(conn.into())), pending: RefCell::new(None) })
     }
 
     /// Run the handshake to its end (the caller bounds it with a timeout).
@@ -112,28 +115,55 @@ impl TlsStream {
 
     /// Read ciphertext without blocking and decrypt it; `Ok(0)` is EOF.
     ///
-    /// One `recv` of up to a pool buffer (16 KiB, a whole record) and then rustls takes it
-    /// from memory: handed the socket, rustls reads at most 4 KiB per call, four syscalls
-    /// per record instead of one copy. The buffer goes back at once (idle: none held). Called
-    /// only when rustls holds no undelivered plaintext, so its 16 KiB plaintext limit cannot
-    /// refuse part of one buffer of ciphertext.
+    /// One `recv` of up to a pool buffer (16 KiB) and then rustls takes it from memory: handed
+    /// the socket, rustls reads at most 4 KiB per call, four syscalls per record instead of
+    /// one copy. rustls refuses more ciphertext while 16 KiB of plaintext wait, so feeding
+    /// stops once a record is decrypted and the rest waits in `pending` until the plaintext
+    /// is delivered; otherwise the buffer goes back at once (an idle connection holds none).
     fn read_tls(&self, pool: &BufferPool) -> io::Result<usize> {
-        let mut buf = pool.take();
-        let r = self.read_tls_via(&mut buf);
-        pool.put(buf);
-        r
+        let (mut buf, at) = match self.pending.borrow_mut().take() {
+            Some(p) => p,
+            None => {
+                let mut buf = pool.take();
+                if let Err(e) = socket::recv_spare(&self.tcp, &mut buf) {
+                    pool.put(buf);
+                    return Err(e);
+                }
+                (buf, 0)
+            }
+        };
+        let n = buf.len() - at;
+        match self.feed(&buf, at) {
+            Ok(Some(at)) => {
+                *self.pending.borrow_mut() = Some((buf, at));
+                Ok(n)
+            }
+            Ok(None) => {
+                buf.clear();
+                pool.put(buf);
+                Ok(n)
+            }
+            Err(e) => {
+                pool.put(buf);
+                Err(e)
+            }
+        }
     }
 
-    fn read_tls_via(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        let n = socket::recv_spare(&self.tcp, buf)?;
+    /// Hand `buf[at..]` to rustls (empty: EOF) until it is all taken (`None`) or decrypted
+    /// bytes wait to be delivered (`Some(where the rest starts)`).
+    fn feed(&self, buf: &[u8], mut at: usize) -> io::Result<Option<usize>> {
         let mut c = self.conn.borrow_mut();
-        let mut rest = buf.as_slice();
-        // An empty slice reads as EOF, which rustls records too.
         loop {
+            let mut rest = buf.get(at..).unwrap_or_default();
             let taken = c.read_tls(&mut rest)?;
             c.process_new_packets().map_err(tls_err)?;
-            if rest.is_empty() || taken == 0 {
-                return Ok(n);
+            at += taken;
+            if at >= buf.len() || taken == 0 {
+                return Ok(None);
+            }
+            if c.reader().fill_buf().is_ok_and(|b| !b.is_empty()) {
+                return Ok(Some(at));
             }
         }
     }
