@@ -611,3 +611,69 @@ fn a_bulk_upload_through_mtls_arrives_whole_whatever_the_record_boundaries() {
     drop(s);
     assert_eq!(read_to_end(&mut c), b"ok");
 }
+
+/// ratings' inbound sidecar on `listen` (a ServiceEntry endpoint address), strict mTLS.
+fn inbound_at(listen: SocketAddr, certs: &Certs, app: SocketAddr) -> Ringside {
+    let config = format!(
+        "{}listeners:\n  - name: inbound\n    listen: \"{listen}\"\n    direction: inbound\n    peer_exchange: alpn\n    \
+         cluster: local-app\n    tls: {{mode: strict, {}}}\nclusters:\n  - name: local-app\n    \
+         service: ratings.default.svc.cluster.local\n    endpoints: [{{address: \"{app}\"}}]\n",
+        node("ratings-v1", "default", "ratings"),
+        certs.yaml()
+    );
+    Ringside::spawn_config(&config, listen, &[])
+}
+
+#[test]
+fn bookinfo_destination_rule_all_mtls_runs_end_to_end() {
+    // Istio's Bookinfo `destination-rule-all-mtls.yaml` (ratings: ISTIO_MUTUAL) with a
+    // ServiceEntry giving ratings two loopback endpoints, each a ringside inbound sidecar in
+    // strict mode: productpage's sidecar takes its workload certificate from the config's
+    // `tls:` block, as Istio's agent mounts one per pod.
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio");
+    let dir = std::env::temp_dir().join(format!("ringside-tls-bookinfo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let entry = std::fs::read_to_string(format!("{data}/local/ratings.yaml"))
+        .unwrap()
+        .replace("127.0.10.", "127.0.23.");
+    std::fs::write(dir.join("ratings.yaml"), entry).unwrap();
+    let ca = Ca::new("mesh");
+    let ratings = "spiffe://cluster.local/ns/default/sa/bookinfo-ratings";
+    let app = echo_server();
+    let v1 = inbound_at("127.0.23.11:9080".parse().unwrap(), &Certs::new("ratings-v1", &ca, ratings), app);
+    let v2 = inbound_at("127.0.23.12:9080".parse().unwrap(), &Certs::new("ratings-v2", &ca, ratings), app);
+    let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
+    let listen: SocketAddr = "127.0.23.100:9080".parse().unwrap();
+    let config = format!(
+        "{}listeners:\n  - name: ratings\n    listen: \"{listen}\"\n    direction: outbound\n    \
+         service: ratings.default.svc.cluster.local\nclusters:\n  - name: workload-certificate\n    \
+         endpoints: [{{address: \"127.0.0.1:9\"}}]\n    tls: {{mode: istio_mutual, {}}}\n",
+        node("productpage-v1", "default", "productpage"),
+        certs.yaml()
+    );
+    let mtls_rule = format!("{data}/bookinfo/destination-rule-all-mtls.yaml");
+    let client =
+        Ringside::spawn_config(&config, listen, &["--istio", &mtls_rule, "--istio", dir.to_str().unwrap()]);
+    for i in 0..4 {
+        echo_round_trip(listen, format!("rating request {i}").as_bytes());
+    }
+    let source = [
+        ("reporter", "source"),
+        ("source_principal", PRODUCTPAGE),
+        ("destination_principal", ratings),
+        ("destination_workload", "ratings-v1"),
+        ("destination_service", "ratings.default.svc.cluster.local"),
+        ("connection_security_policy", "unknown"),
+    ];
+    client.wait_for_value("istio_tcp_connections_closed_total", &source, 4.0);
+    let destination = [
+        ("reporter", "destination"),
+        ("source_principal", PRODUCTPAGE),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    // Round robin over both endpoints; together they saw the four, all mutual TLS.
+    wait_for("both inbound sidecars to count four mTLS connections", || {
+        let closed = |rs: &Ringside| sum(&rs.scrape(), "istio_tcp_connections_closed_total", &destination);
+        (closed(&v1) + closed(&v2) == 4.0).then_some(())
+    });
+}
