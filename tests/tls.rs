@@ -588,22 +588,37 @@ fn openssl_s_client_with_a_mesh_certificate_reaches_the_application_through_stri
 
 #[test]
 fn a_bulk_upload_through_mtls_arrives_whole_whatever_the_record_boundaries() {
-    // Ciphertext received 16 KiB at a time straddles records; rustls takes no more while
-    // 16 KiB of plaintext wait, so the rest must wait too, not fail the connection.
+    // The outbound sidecar makes one record per read, so paced writes make records of mixed
+    // sizes: a large record's tail followed by small records in one 16 KiB read decrypts to
+    // more than rustls' 16 KiB plaintext limit; the rest must wait, not fail the connection.
     let ca = Ca::new("mesh");
     let (app, conns) = manual_server();
     let (client, _server) = mesh(&ca, "strict", app);
-    let payload = Rng(11).bytes(48 * 1024 * 1024 + 5);
+    let mut rng = Rng(11);
+    let mut payload = Vec::new();
+    let mut pieces = Vec::new();
+    for round in 0..200 {
+        for size in [16 * 1024 + 9000, 1500, 2500, 700, 3000, 1200] {
+            let piece = rng.bytes(size + round);
+            payload.extend_from_slice(&piece);
+            pieces.push(piece);
+        }
+    }
     let mut c = connect(client.listen);
+    c.set_nodelay(true).unwrap();
     let mut w = c.try_clone().unwrap();
-    let data = payload.clone();
     let writer = std::thread::spawn(move || {
-        for chunk in data.chunks(256 * 1024) {
-            w.write_all(chunk).unwrap();
+        for piece in pieces {
+            w.write_all(&piece).unwrap();
+            // Pacing (not synchronisation): lets the sidecar read each write on its own.
+            std::thread::sleep(Duration::from_micros(300));
         }
         w.shutdown(Shutdown::Write).unwrap();
     });
     let mut s = next_conn(&conns);
+    // A slow application: the mixed records pile up in the inbound sidecar's socket, to be
+    // read 16 KiB at a time once the application reads (pacing, not synchronisation).
+    std::thread::sleep(Duration::from_millis(400));
     let got = read_to_end(&mut s);
     writer.join().unwrap();
     assert!(got == payload, "{} bytes arrived of {}", got.len(), payload.len());
