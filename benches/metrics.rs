@@ -111,7 +111,14 @@ clusters:
     config.validate("bench", yaml).expect("bench config");
     let (writer, _shard) = ShardWriter::new(0, LabelBudget::new(100_000));
     let live: Arc<[AtomicUsize]> = Arc::from([AtomicUsize::new(0)]);
-    WorkerCtx::new(0, Arc::new(config), live, writer, Flags { splice: false, istio_metrics: true })
+    WorkerCtx::new(
+        0,
+        Arc::new(config),
+        live,
+        writer,
+        Flags { splice: false, istio_metrics: true },
+        Default::default(),
+    )
 }
 
 /// Pod `pod` of deployment generation `generation` of ratings-v1: node id, pod name and owner

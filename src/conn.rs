@@ -61,6 +61,8 @@ pub struct WorkerCtx {
     pub series_cache: RefCell<SeriesCache>,
     /// Bounded busy-polling after activity (off unless configured).
     pub busy: Rc<BusyPoll>,
+    /// TLS configs per listener and cluster, replaced by the reload thread (SPEC §7).
+    pub tls: Arc<crate::tls::Certs>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
     free: RefCell<Vec<usize>>,
     active: Cell<u64>,
@@ -85,9 +87,22 @@ pub struct Conn {
     pub idle_expired: Cell<bool>,
     /// Cluster and endpoint it was routed to (for labels), once known.
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
+    /// mTLS identities, once the handshake is done (principals and security policy labels).
+    pub security: RefCell<Security>,
     /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
     pub captured: Cell<Option<Captured>>,
     slot: Cell<usize>,
+}
+
+/// What mTLS tells the labels (SPEC §3): both principals and whether the peer was verified.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Security {
+    /// `spiffe://...` of our own certificate.
+    pub local_principal: Option<Arc<str>>,
+    /// `spiffe://...` of the peer's certificate.
+    pub peer_principal: Option<Box<str>>,
+    /// The connection is mutual TLS (connection_security_policy, reporter=destination).
+    pub mutual_tls: bool,
 }
 
 /// Where an outbound-captured connection went when no cluster matched its original
@@ -133,6 +148,7 @@ impl WorkerCtx {
         live: Arc<[AtomicUsize]>,
         writer: ShardWriter,
         flags: Flags,
+        tls: Arc<crate::tls::Certs>,
     ) -> WorkerCtx {
         let node = metrics::with_canonical_labels(NodeMetadata::from(&config.node));
         WorkerCtx {
@@ -149,6 +165,7 @@ impl WorkerCtx {
             now: Cell::new(Instant::now()),
             series_cache: RefCell::new(SeriesCache::default()),
             busy: Rc::new(BusyPoll::default()),
+            tls,
             conns: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             active: Cell::new(0),
@@ -174,6 +191,7 @@ impl WorkerCtx {
             cancel: Signal::default(),
             idle_expired: Cell::new(false),
             upstream: Cell::new(None),
+            security: RefCell::new(Security::default()),
             captured: Cell::new(None),
             slot: Cell::new(0),
         });
@@ -241,16 +259,17 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
         .and_then(|(c, e)| e.map(|e| &c.endpoints[e].identity))
         .filter(|_| listener.direction == Direction::Outbound);
     let peer = peer.or(endpoint);
+    // Held for the whole settle: the principals are borrowed into the cache key.
+    let security = conn.security.borrow();
     let inputs = LabelInputs {
         reporter: listener.direction.into(),
         cluster: conn.upstream.get().map(|(c, _)| c),
         captured: conn.captured.get(),
         response_flags,
         peer: peer.map(PeerLabels::of).unwrap_or_default(),
-        // mTLS (SPEC §7) fills these from the connection's certificates.
-        local_principal: None,
-        peer_principal: None,
-        mutual_tls: false,
+        local_principal: security.local_principal.as_deref(),
+        peer_principal: security.peer_principal.as_deref(),
+        mutual_tls: security.mutual_tls,
     };
     let cached = ctx.series_cache.borrow_mut().get(&inputs);
     if let Some(id) = cached {

@@ -20,4 +20,5 @@ pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. 
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count
 pub mod routing; // clusters, subsets, load balancing, weighted routes; routing::istio reads Istio YAML
 pub mod socket; // readiness on split halves, reset, splice: the only unsafe
+pub mod tls; // rustls configs, SPIFFE checks, reload; the monoio adaptor (SPEC §7)
 pub mod worker; // driver choice, core pinning, per-worker listeners, accept loops, ticks

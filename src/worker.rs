@@ -21,6 +21,10 @@ use crate::relay;
 /// The worker tick: clock, drain checks and idle timeouts run at this period.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How often the side thread looks at the certificate files' metadata (SPEC §7: reloaded
+/// within seconds of a rotation).
+const TLS_RELOAD_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A runtime failure while starting.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +44,12 @@ pub enum Error {
     /// A worker thread could not start.
     #[error("worker {0}: {1}")]
     Spawn(usize, std::io::Error),
+    /// The certificate reload thread could not start.
+    #[error("tls reload thread: {0}")]
+    Reload(std::io::Error),
+    /// A certificate file could not be loaded (a config error: exit 64).
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::Error),
 }
 
 /// The event-loop driver that runs.
@@ -116,6 +126,8 @@ pub struct Shared {
     pub shards: Vec<Arc<Shard>>,
     /// Driver that runs.
     pub driver: DriverKind,
+    /// TLS configs per listener and cluster, reloaded by a side thread.
+    pub tls: Arc<crate::tls::Certs>,
     /// Bulk flows switch to splice(2) (`RINGSIDE_SPLICE=0` turns it off, for benchmarks).
     pub splice: bool,
     /// istio_tcp_* series are counted (`RINGSIDE_ISTIO_METRICS=0` turns it off, for benchmarks).
@@ -161,6 +173,9 @@ impl Proxy {
 
 /// Bind every listener once per worker and start the workers.
 pub fn start(config: Config) -> Result<Proxy, Error> {
+    // Certificates first: a bad file is a config error, reported before anything binds.
+    let tls = Arc::new(crate::tls::Certs::load(&config)?);
+    crate::tls::watch(tls.slots(), TLS_RELOAD_PERIOD).map_err(Error::Reload)?;
     let driver = choose_driver(config.driver)?;
     // Before any thread starts, so the affinity mask read is the process's (SPEC §1).
     let cpus = cpus::plan(&cpus::probe(), config.workers, config.pin);
@@ -200,6 +215,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         workers,
         shards,
         driver,
+        tls,
         splice: benchmark_switch("RINGSIDE_SPLICE", "bulk flows are copied, not spliced"),
         istio_metrics: benchmark_switch("RINGSIDE_ISTIO_METRICS", "istio_tcp_* metrics are not counted"),
         cpus,
@@ -307,6 +323,7 @@ async fn worker_main(
         shared.live.clone(),
         writer,
         Flags { splice: shared.splice, istio_metrics: shared.istio_metrics },
+        shared.tls.clone(),
     ));
     if !shared.config.busy_poll.0.is_zero() {
         ctx.busy.start(shared.config.busy_poll.0);

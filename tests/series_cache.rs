@@ -64,7 +64,14 @@ clusters:
     config.validate("test", yaml).unwrap();
     let (writer, shard) = ShardWriter::new(0, LabelBudget::new(budget));
     let live: Arc<[AtomicUsize]> = Arc::from([AtomicUsize::new(0)]);
-    let ctx = WorkerCtx::new(0, Arc::new(config), live, writer, Flags { splice: false, istio_metrics: true });
+    let ctx = WorkerCtx::new(
+        0,
+        Arc::new(config),
+        live,
+        writer,
+        Flags { splice: false, istio_metrics: true },
+        Default::default(),
+    );
     (ctx, shard)
 }
 
