@@ -355,7 +355,7 @@ mod tests {
         let text = render(&[shard], "epoll");
         assert!(!text.contains("istio_"), "{text}");
         assert!(text.starts_with("# HELP ringside_exchange_total "), "{text}");
-        assert_eq!(text.matches("\n\n").count(), 7, "{text}");
+        assert_eq!(text.matches("\n\n").count(), 8, "{text}");
         assert!(text.ends_with("} 1\n\n"), "{text}");
         let two = render(&[], "epoll");
         assert!(!two.contains("ringside_connections_active"), "{two}");
