@@ -109,11 +109,14 @@ fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'stati
     }
 }
 
-/// The effective config, plus `cpus`: the workers and pinning chosen and why (SPEC §1).
+/// The config served now (static and xDS parts; each xDS resource names its version in
+/// `source`), plus `cpus`: the workers and pinning chosen and why (SPEC §1, §9).
 fn config_dump(shared: &Shared) -> serde_json::Result<String> {
-    let mut dump = serde_json::to_value(&*shared.config)?;
+    let published = shared.published.load();
+    let mut dump = serde_json::to_value(&*published.config)?;
     if let Some(map) = dump.as_object_mut() {
         map.insert("cpus".into(), serde_json::to_value(&shared.cpus)?);
+        map.insert("generation".into(), published.generation.into());
     }
     serde_json::to_string_pretty(&dump)
 }

@@ -1,6 +1,7 @@
 //! A connection's context on its worker: the worker's shared per-thread state (`WorkerCtx`:
-//! config, router, buffer pool, metrics shard writer, series cache), one connection's counters
-//! and control (`Conn`), and how a connection settles into its label set (SPEC §3).
+//! current snapshot, buffer pool, metrics shard writer, series cache), one connection's
+//! counters and control (`Conn`, which keeps the snapshot it was accepted under), and how a
+//! connection settles into its label set (SPEC §3).
 //!
 //! Below both `worker` (threads, accepting, the tick) and `relay` (one connection's I/O): it
 //! imports neither. Single-threaded: `Cell`/`RefCell`, no locks, no atomics per byte.
@@ -11,16 +12,14 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::busy_poll::BusyPoll;
-use crate::config::{Config, Direction};
+use crate::config::Direction;
 use crate::exchange::NodeMetadata;
 use crate::metrics::{self, ConnLabels, Delta, SeriesId, ServiceInfo, ShardWriter};
-use crate::routing::Router;
+use crate::snapshot::{Published, Snapshot};
 
 /// Size of one relay buffer. Small messages fit in one; a read that fills it marks a bulk
 /// flow, which then moves by splice(2) without a buffer (see `relay::pump`).
@@ -32,13 +31,9 @@ const POOL_KEEP: usize = 256;
 pub struct WorkerCtx {
     /// Worker index.
     pub index: usize,
-    /// The configuration this worker serves (read-only).
-    pub config: Arc<Config>,
-    /// Live connections per listener, across workers (`max_connections`): one atomic add per
-    /// accept and one subtract per close.
-    pub live: Arc<[AtomicUsize]>,
-    /// This worker's routing table.
-    pub router: Router,
+    /// The snapshot new connections are accepted under; replaced by the tick when the
+    /// control side publishes a new config (SPEC §9).
+    snapshot: RefCell<Rc<Snapshot>>,
     /// Buffer pool.
     pub pool: BufferPool,
     /// This worker's metrics shard writer.
@@ -65,8 +60,12 @@ pub struct WorkerCtx {
 
 /// One connection's counters and control, shared by its task and the worker tick.
 pub struct Conn {
-    /// Listener index.
+    /// The config and routes it was accepted under, kept for its whole life (SPEC §9).
+    pub snapshot: Rc<Snapshot>,
+    /// Listener index in `snapshot`.
     pub listener: usize,
+    /// The accept loop it came from (a removed listener drains its own connections).
+    pub acceptor: u64,
     /// Application bytes downstream→upstream.
     pub received_bytes: Cell<u64>,
     /// Application bytes upstream→downstream.
@@ -109,20 +108,13 @@ pub struct Flags {
 }
 
 impl WorkerCtx {
-    /// A worker's context: its router, pool and shard writer, and the local node with its
-    /// canonical labels filled in and its preamble encoded once.
-    pub fn new(
-        index: usize,
-        config: Arc<Config>,
-        live: Arc<[AtomicUsize]>,
-        writer: ShardWriter,
-        flags: Flags,
-    ) -> WorkerCtx {
-        let node = metrics::with_canonical_labels(NodeMetadata::from(&config.node));
+    /// A worker's context: its snapshot of `published`, pool and shard writer, and the local
+    /// node with its canonical labels filled in and its preamble encoded once.
+    pub fn new(index: usize, published: &Published, writer: ShardWriter, flags: Flags) -> WorkerCtx {
+        let node = metrics::with_canonical_labels(NodeMetadata::from(&published.config.node));
         WorkerCtx {
             index,
-            // Per-worker seeds, so workers do not pick the same random endpoints in step.
-            router: Router::new(&config, 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
+            snapshot: RefCell::new(Rc::new(Snapshot::new(published, seed(index), None))),
             pool: BufferPool::default(),
             metrics: RefCell::new(writer),
             preamble: crate::exchange::encode(&node),
@@ -135,9 +127,21 @@ impl WorkerCtx {
             conns: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             active: Cell::new(0),
-            config,
-            live,
         }
+    }
+
+    /// The snapshot a connection accepted now gets.
+    pub fn snapshot(&self) -> Rc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Serve `published` to new connections from now on: live connections keep theirs, and
+    /// endpoints that stay keep their load and ejection. Returns the snapshot replaced.
+    pub fn swap(&self, published: &Published) -> Rc<Snapshot> {
+        let next = Rc::new(Snapshot::new(published, seed(self.index), Some(&self.snapshot.borrow())));
+        // Cached series name listeners and endpoints by index, which a new config reorders.
+        self.series_cache.borrow_mut().clear();
+        self.snapshot.replace(next)
     }
 
     /// Live connections on this worker.
@@ -145,10 +149,12 @@ impl WorkerCtx {
         self.active.get()
     }
 
-    /// Register a new connection.
-    pub fn open(&self, listener: usize) -> Rc<Conn> {
+    /// Register a new connection on listener `listener` of `snapshot`.
+    pub fn open(&self, snapshot: Rc<Snapshot>, listener: usize, acceptor: u64) -> Rc<Conn> {
         let conn = Rc::new(Conn {
+            snapshot,
             listener,
+            acceptor,
             received_bytes: Cell::new(0),
             sent_bytes: Cell::new(0),
             reported: Cell::new((0, 0)),
@@ -208,6 +214,11 @@ impl WorkerCtx {
     }
 }
 
+/// Per-worker seeds, so workers do not pick the same random endpoints in step.
+fn seed(index: usize) -> u64 {
+    0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)
+}
+
 /// Label the connection and count it as opened, once (later calls do nothing).
 pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &'static str) {
     if conn.series.get().is_some() || !ctx.istio_metrics {
@@ -215,14 +226,16 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     }
     // Everything the labels depend on besides the fixed local node. (With mTLS, the
     // principals join the key.)
-    let (listener, upstream) = (conn.listener, conn.upstream.get());
+    // Indices are per snapshot: the generation tells them apart.
+    let (generation, listener, upstream) = (conn.snapshot.generation, conn.listener, conn.upstream.get());
     let hash = {
         let mut h = std::hash::DefaultHasher::new();
-        (listener, upstream, response_flags, peer).hash(&mut h);
+        (generation, listener, upstream, response_flags, peer).hash(&mut h);
         h.finish()
     };
     let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
-        let same = known.listener == listener
+        let same = known.generation == generation
+            && known.listener == listener
             && known.upstream == upstream
             && known.response_flags == response_flags
             && known.peer.as_ref() == peer;
@@ -235,7 +248,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     let id = ctx.intern(labels(ctx, conn, peer, response_flags));
     let mut cache = ctx.series_cache.borrow_mut();
     if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
-        let key = SettleKey { listener, upstream, response_flags, peer: peer.cloned() };
+        let key = SettleKey { generation, listener, upstream, response_flags, peer: peer.cloned() };
         cache.insert(hash, (key, id));
     }
     drop(cache);
@@ -245,6 +258,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
 /// Label inputs of a settled connection, to reuse its series for the next such connection
 /// without rebuilding 23 label values (two dozen allocations).
 pub struct SettleKey {
+    generation: u64,
     listener: usize,
     upstream: Option<(usize, Option<usize>)>,
     response_flags: &'static str,
@@ -261,11 +275,12 @@ fn labels(
     peer: Option<&NodeMetadata>,
     response_flags: &str,
 ) -> metrics::LabelSet {
-    let listener = &ctx.config.listeners[conn.listener];
+    let snapshot = &conn.snapshot;
+    let listener = &snapshot.config.listeners[conn.listener];
     let unknown = ServiceInfo::default();
     let (service, endpoint) = match conn.upstream.get() {
         Some((c, e)) => {
-            let cluster = &ctx.router.clusters[c];
+            let cluster = &snapshot.router.clusters[c];
             (&cluster.service, e.map(|e| &cluster.endpoints[e].identity))
         }
         None => (&unknown, None),

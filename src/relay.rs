@@ -22,6 +22,7 @@ use crate::config::{Direction, Listener, PeerExchange};
 use crate::conn::{Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
+use crate::snapshot::Snapshot;
 use crate::socket;
 
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
@@ -59,11 +60,11 @@ impl Error {
 }
 
 /// Over the listener's connection limit: accept and close at once, counted with `UO`.
-pub fn over_limit(ctx: &WorkerCtx, li: usize, down: TcpStream) {
-    let conn = ctx.open(li);
+pub fn over_limit(ctx: &WorkerCtx, snapshot: Rc<Snapshot>, li: usize, acceptor: u64, down: TcpStream) {
+    let conn = ctx.open(snapshot, li, acceptor);
     // Label it with the cluster it would have gone to (no endpoint), so destination_service is
     // the listener's service, as for UF.
-    if let Some(target) = ctx.router.route(li) {
+    if let Some(target) = conn.snapshot.router.route(li) {
         conn.upstream.set(Some((target.cluster, None)));
     }
     ctx.metrics.borrow().count_listener_overflow();
@@ -72,22 +73,22 @@ pub fn over_limit(ctx: &WorkerCtx, li: usize, down: TcpStream) {
     drop(down);
 }
 
-/// Serve one accepted connection to its end.
-pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
-    let conn = ctx.open(li);
+/// Serve one accepted connection to its end, under `snapshot` (listener `li` of it).
+pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, acceptor: u64, down: TcpStream) {
+    let conn = ctx.open(snapshot, li, acceptor);
     let result = relay(&ctx, li, &conn, down).await;
     match &result {
         Err(e) => {
-            log::debug!("listener {}: {e}", ctx.config.listeners[li].name);
+            log::debug!("listener {}: {e}", conn.snapshot.config.listeners[li].name);
             settle(&ctx, &conn, None, e.response_flags());
         }
         Ok(()) => settle(&ctx, &conn, None, "-"),
     }
     if let Some((c, Some(e))) = conn.upstream.get() {
-        ctx.router.disconnected(c, e);
+        conn.snapshot.router.disconnected(c, e);
     }
     ctx.close(&conn);
-    ctx.live[li].fetch_sub(1, Ordering::AcqRel);
+    conn.snapshot.live[li].fetch_sub(1, Ordering::AcqRel);
 }
 
 async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
@@ -111,8 +112,8 @@ async fn open(
     conn: &Conn,
     mut down: TcpStream,
 ) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
-    let listener = &ctx.config.listeners[li];
-    let mut up = connect(ctx, li, conn, listener).await?;
+    let listener = &conn.snapshot.config.listeners[li];
+    let mut up = connect(li, conn, listener).await?;
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
     let peer = match (listener.peer_exchange, listener.direction) {
@@ -149,14 +150,15 @@ async fn open(
 
 /// Route and connect, trying the other endpoints when one refuses or times out; a failed
 /// endpoint is ejected for a while (SPEC §6), so the next connections do not wait on it.
-async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
-    let target = ctx.router.route(li).ok_or(Error::NoRoute)?;
+async fn connect(li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
+    let router = &conn.snapshot.router;
+    let target = router.route(li).ok_or(Error::NoRoute)?;
     conn.upstream.set(Some((target.cluster, None)));
-    let cluster = &ctx.router.clusters[target.cluster];
+    let cluster = &router.clusters[target.cluster];
     let now = Instant::now();
-    let healthy = ctx.router.healthy(target, now);
+    let healthy = router.healthy(target, now);
     let mut last = None;
-    for e in ctx.router.candidates(target, now) {
+    for e in router.candidates(target, now) {
         let addr = cluster.endpoints[e].address;
         let err =
             match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr))
@@ -164,14 +166,14 @@ async fn connect(ctx: &WorkerCtx, li: usize, conn: &Conn, listener: &Listener) -
             {
                 Ok(Ok(s)) => {
                     conn.upstream.set(Some((target.cluster, Some(e))));
-                    ctx.router.connected(target.cluster, e);
+                    router.connected(target.cluster, e);
                     return Ok(s);
                 }
                 Ok(Err(err)) => err,
                 Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
             };
         // One line per failure; ejection bounds them to about one per endpoint and back-off.
-        let (ejection, failures) = ctx.router.failed(target.cluster, e, Instant::now());
+        let (ejection, failures) = router.failed(target.cluster, e, Instant::now());
         log::warn!(
             "cluster {}: endpoint {addr}: connect: {err}; ejected for {}s ({failures} failure(s) in a row)",
             cluster.name,

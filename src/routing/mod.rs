@@ -5,8 +5,9 @@
 pub mod istio;
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, LoadBalancer, TcpRoute};
@@ -41,6 +42,15 @@ pub struct EndpointState {
     /// namespace, labels with the canonical name and revision filled by istiod's fallbacks):
     /// the peer side of the metrics when there was no exchange (SPEC §3).
     pub identity: NodeMetadata,
+    /// Live connections and ejection, shared with the routers of earlier and later
+    /// snapshots in which this endpoint (cluster name and address) also exists, so a config
+    /// update forgets neither (a connection routed by an old snapshot still ends in it).
+    health: Rc<Health>,
+}
+
+/// This worker's view of one endpoint's load and failures.
+#[derive(Debug, Default)]
+struct Health {
     live: Cell<u32>,
     /// Failures in a row (refused or timed out); 0 once a connect succeeds.
     failures: Cell<u32>,
@@ -50,7 +60,7 @@ pub struct EndpointState {
 
 impl EndpointState {
     fn ejected(&self, now: Instant) -> bool {
-        self.ejected_until.get().is_some_and(|until| now < until)
+        self.health.ejected_until.get().is_some_and(|until| now < until)
     }
 }
 
@@ -97,7 +107,25 @@ pub struct Router {
 impl Router {
     /// Build from a validated config; `seed` varies the random choices per worker.
     pub fn new(cfg: &Config, seed: u64) -> Router {
-        let clusters: Vec<ClusterState> = cfg.clusters.iter().map(cluster_state).collect();
+        Router::after(cfg, seed, None)
+    }
+
+    /// Build from a validated config that replaces the one `previous` was built from:
+    /// endpoints that still exist (same cluster name and address) keep their live counts
+    /// and ejection, and the random sequence continues.
+    pub fn after(cfg: &Config, seed: u64, previous: Option<&Router>) -> Router {
+        let mut known: HashMap<(&str, SocketAddr), &Rc<Health>> = HashMap::new();
+        for c in previous.map_or(&[][..], |p| &p.clusters[..]) {
+            for e in &c.endpoints {
+                known.insert((c.name.as_str(), e.address), &e.health);
+            }
+        }
+        let clusters: Vec<ClusterState> = cfg
+            .clusters
+            .iter()
+            .map(|c| cluster_state(c, |address| known.get(&(c.name.as_str(), address)).map(|h| Rc::clone(h))))
+            .collect();
+        let seed = previous.map_or(seed, |p| p.rng.get());
         let index = |name: &str| clusters.iter().position(|c| c.name == name).unwrap_or(0);
         let weighted = |routes: &[TcpRoute]| {
             let mut total = 0u64;
@@ -190,7 +218,7 @@ impl Router {
                     (0..n)
                         .map(|k| (turn + k) % n)
                         .filter(up)
-                        .min_by_key(|&k| cluster.endpoints[pool.members[k]].live.get())
+                        .min_by_key(|&k| cluster.endpoints[pool.members[k]].health.live.get())
                         .unwrap_or(turn % n)
                 }
             }
@@ -214,7 +242,7 @@ impl Router {
     /// A connection to an endpoint was established: count it live (least_connection) and
     /// forget the endpoint's failures.
     pub fn connected(&self, cluster: usize, endpoint: usize) {
-        let e = &self.clusters[cluster].endpoints[endpoint];
+        let e = &self.clusters[cluster].endpoints[endpoint].health;
         e.live.set(e.live.get() + 1);
         e.failures.set(0);
         e.ejected_until.set(None);
@@ -222,7 +250,7 @@ impl Router {
 
     /// A connection to an endpoint ended.
     pub fn disconnected(&self, cluster: usize, endpoint: usize) {
-        let e = &self.clusters[cluster].endpoints[endpoint];
+        let e = &self.clusters[cluster].endpoints[endpoint].health;
         e.live.set(e.live.get().saturating_sub(1));
     }
 
@@ -230,7 +258,7 @@ impl Router {
     /// [`EJECTION_BASE`] doubled per earlier failure in a row, at most [`EJECTION_MAX`].
     /// Returns how long, and the failures in a row.
     pub fn failed(&self, cluster: usize, endpoint: usize, now: Instant) -> (Duration, u32) {
-        let e = &self.clusters[cluster].endpoints[endpoint];
+        let e = &self.clusters[cluster].endpoints[endpoint].health;
         let failures = e.failures.get().saturating_add(1);
         e.failures.set(failures);
         let ejection = ejection_time(failures);
@@ -255,7 +283,10 @@ pub fn ejection_time(failures: u32) -> Duration {
     (EJECTION_BASE * (1u32 << doublings)).min(EJECTION_MAX)
 }
 
-fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
+fn cluster_state(
+    c: &crate::config::Cluster,
+    mut known: impl FnMut(SocketAddr) -> Option<Rc<Health>>,
+) -> ClusterState {
     let host = c.service.clone().unwrap_or_default();
     // Empty: metrics derives it from a `NAME.NS.svc.*` host, or falls back further.
     let namespace = c.service_namespace.clone().unwrap_or_default();
@@ -272,9 +303,7 @@ fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
                 labels: e.labels.clone(),
                 ..NodeMetadata::default()
             }),
-            live: Cell::new(0),
-            failures: Cell::new(0),
-            ejected_until: Cell::new(None),
+            health: known(e.address).unwrap_or_default(),
         })
         .collect();
     let subsets = c
