@@ -117,6 +117,13 @@ fn config_dump(shared: &Shared) -> serde_json::Result<String> {
     if let Some(map) = dump.as_object_mut() {
         map.insert("cpus".into(), serde_json::to_value(&shared.cpus)?);
         map.insert("generation".into(), published.generation.into());
+        if let Some(x) = &shared.xds {
+            let status = serde_json::json!({
+                "connected": x.connected.load(Ordering::Relaxed),
+                "not_served": &**x.reports.load(),
+            });
+            map.insert("xds_status".into(), status);
+        }
     }
     serde_json::to_string_pretty(&dump)
 }

@@ -78,6 +78,17 @@ pub struct Config {
     /// routes (SPEC §6); `--istio` fills it from VirtualServices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_routes: Vec<ServiceRoute>,
+    /// Listeners, clusters and endpoints from an Aggregated Discovery Service (SPEC §9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xds: Option<Xds>,
+}
+
+/// `xds:` section (SPEC §9).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Xds {
+    /// The ADS server: `HOST:PORT` or `unix:PATH`.
+    pub address: String,
 }
 
 impl Default for Config {
@@ -95,6 +106,7 @@ impl Default for Config {
             listeners: Vec::new(),
             clusters: Vec::new(),
             service_routes: Vec::new(),
+            xds: None,
         }
     }
 }
@@ -311,6 +323,21 @@ pub struct Listener {
     /// Server-side TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
+    /// Whether its connections are counted in istio_tcp_* (an xDS listener only when its
+    /// filter chain has `istio.stats`, SPEC §9).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub istio_stats: bool,
+    /// Where it came from (`xds Listener/NAME version V`), for xDS listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A weighted TCP route destination.
@@ -463,6 +490,12 @@ pub struct Endpoint {
     /// Its Kubernetes service account.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub service_account: String,
+    /// Its cluster id (destination_cluster without exchange), from xDS endpoint metadata.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_id: String,
+    /// Relative load-balancing weight, from xDS (`load_balancing_weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 impl Endpoint {
@@ -474,6 +507,8 @@ impl Endpoint {
             workload_name: String::new(),
             namespace: String::new(),
             service_account: String::new(),
+            cluster_id: String::new(),
+            weight: None,
         }
     }
 }
@@ -729,8 +764,12 @@ impl Config {
                 format!("metrics.max_label_sets: must be between 1 and {MAX_LABEL_SETS}"),
             ));
         }
-        if self.listeners.is_empty() {
-            return Err(at("listeners", "listeners: at least one listener is needed".into()));
+        if self.listeners.is_empty() && self.xds.is_none() {
+            return Err(at("listeners", "listeners: at least one listener is needed (or xds:)".into()));
+        }
+        if let Some(x) = &self.xds {
+            crate::config::XdsAddress::parse(&x.address)
+                .map_err(|m| at("address", format!("xds.address: {m}")))?;
         }
         // The metrics, admin and health listeners must not collide with each other.
         let services = [
@@ -923,6 +962,33 @@ impl Config {
                 n.workload_name,
                 ns = n.namespace
             );
+        }
+    }
+}
+
+/// Where the ADS server is (SPEC §9).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XdsAddress {
+    /// `HOST:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(String),
+}
+
+impl XdsAddress {
+    /// Parse `HOST:PORT` or `unix:PATH`.
+    pub fn parse(s: &str) -> Result<XdsAddress, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return match path.is_empty() {
+                true => Err("unix: needs a path".into()),
+                false => Ok(XdsAddress::Unix(path.to_string())),
+            };
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+                Ok(XdsAddress::Tcp(s.to_string()))
+            }
+            _ => Err(format!("{s:?}: expected HOST:PORT or unix:PATH")),
         }
     }
 }

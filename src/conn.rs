@@ -224,6 +224,10 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     if conn.series.get().is_some() || !ctx.istio_metrics {
         return;
     }
+    // An xDS listener without `istio.stats` is not counted (SPEC §9).
+    if !conn.snapshot.config.listeners[conn.listener].istio_stats {
+        return;
+    }
     // Everything the labels depend on besides the fixed local node. (With mTLS, the
     // principals join the key.)
     // Indices are per snapshot: the generation tells them apart.

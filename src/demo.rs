@@ -87,6 +87,8 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             capture: Default::default(),
             limits: Default::default(),
             tls: None,
+            istio_stats: true,
+            source: None,
         }],
         clusters: vec![Cluster {
             name: "mongodb".into(),

@@ -128,6 +128,8 @@ pub struct Shared {
     pub istio_metrics: bool,
     /// Workers and pinning chosen, with the reasons (start-up log, `/config_dump`).
     pub cpus: cpus::Plan,
+    /// What the xDS client did (SPEC §9), when `xds:` is configured.
+    pub xds: Option<Arc<crate::xds::Status>>,
 }
 
 impl Shared {
@@ -137,9 +139,25 @@ impl Shared {
         self.terminating.store(true, Ordering::Release);
     }
 
-    /// True once every listener is bound on every worker and we are not draining.
+    /// True once every listener is bound on every worker, xDS (when configured) has sent
+    /// its first Clusters and Listeners, and we are not draining.
     pub fn ready(&self) -> bool {
-        self.workers_started.load(Ordering::Acquire) == self.workers && !self.draining.load(Ordering::Acquire)
+        self.workers_started.load(Ordering::Acquire) == self.workers
+            && !self.draining.load(Ordering::Acquire)
+            && self.xds.as_ref().is_none_or(|x| x.synced.load(Ordering::Acquire))
+    }
+
+    /// Check that `config` can serve, then publish it: every listener it adds (or moves)
+    /// must bind, as Envoy refuses a listener it cannot bind. `Err` says which and why.
+    pub fn publish_checked(&self, config: Config) -> Result<u64, String> {
+        let current = self.published.load();
+        for l in &config.listeners {
+            let known = current.config.listeners.iter().any(|c| c.name == l.name && c.listen == l.listen);
+            if !known && let Err(e) = bind_reuseport(l.listen) {
+                return Err(format!("Listener/{}: cannot bind {}: {e}", l.name, l.listen));
+            }
+        }
+        Ok(self.publish(config))
     }
 
     /// Serve `config` to new connections: workers pick it up within a tick. Called by one
@@ -151,9 +169,13 @@ impl Shared {
         generation
     }
 
-    /// Prometheus text of every shard.
+    /// Prometheus text of every shard (and the `ringside_xds_*` families with xDS).
     pub fn render(&self) -> String {
-        metrics::render(&self.shards, self.driver.name())
+        let mut text = metrics::render(&self.shards, self.driver.name());
+        if let Some(x) = &self.xds {
+            text.push_str(&x.render());
+        }
+        text
     }
 }
 
@@ -201,6 +223,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         writers.push(writer);
         shards.push(shard);
     }
+    let effective_xds = config.xds.is_some();
     let mut effective = config;
     effective.workers = Some(workers);
     for (l, addr) in effective.listeners.iter_mut().zip(&bound) {
@@ -218,6 +241,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         splice: benchmark_switch("RINGSIDE_SPLICE", "bulk flows are copied, not spliced"),
         istio_metrics: benchmark_switch("RINGSIDE_ISTIO_METRICS", "istio_tcp_* metrics are not counted"),
         cpus,
+        xds: effective_xds.then(|| Arc::new(crate::xds::Status::default())),
     });
     let detail = match driver {
         DriverKind::Uring { coop: true } => " (COOP_TASKRUN)",

@@ -72,6 +72,8 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             capture: Default::default(),
             limits: Default::default(),
             tls: None,
+            istio_stats: true,
+            source: None,
         }],
         clusters: vec![Cluster {
             name: "backend".into(),

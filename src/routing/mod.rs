@@ -300,6 +300,7 @@ fn cluster_state(
                 workload_name: e.workload_name.clone(),
                 namespace: e.namespace.clone(),
                 service_account: e.service_account.clone(),
+                cluster_id: e.cluster_id.clone(),
                 labels: e.labels.clone(),
                 ..NodeMetadata::default()
             }),

@@ -1,0 +1,491 @@
+//! Envoy's xDS resources into ringside's config model (SPEC §9): the TCP part of what istiod
+//! sends a sidecar. Pure: protos in, config pieces out; errors name the resource and why.
+//! What is valid but not served (HTTP filter chains, DNS clusters) is reported, not an error.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use envoy_types::pb::envoy::config::cluster::v3 as cds;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as eds;
+use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
+use prost::Message;
+
+use crate::config::{
+    Capture, Cluster, Config, Direction, Endpoint, Listener, LoadBalancer, PeerExchange, TcpRoute,
+};
+
+/// Type URL of a Listener resource.
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// Type URL of a Cluster resource.
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Type URL of a ClusterLoadAssignment resource.
+pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
+const ISTIO_STATS: &str = "istio.stats";
+const METADATA_EXCHANGE: &str = "istio.metadata_exchange";
+
+/// A resource that cannot be applied: which one and why (the NACK's error_detail).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {reason}")]
+pub struct Error {
+    /// `Listener/NAME`, `Cluster/NAME` or `ClusterLoadAssignment/NAME`.
+    pub resource: String,
+    /// What is wrong, a lowercase fragment.
+    pub reason: String,
+}
+
+fn invalid(kind: &str, name: &str, reason: impl Into<String>) -> Error {
+    Error { resource: format!("{kind}/{name}"), reason: reason.into() }
+}
+
+/// A translated Listener.
+#[derive(Clone, Debug)]
+pub struct XdsListener {
+    /// The listener to bind, or `None` when it serves nothing an L4 proxy can (HTTP only,
+    /// or not bound to a port).
+    pub listener: Option<Listener>,
+    /// Valid config that is not served, one line each (log and `/config_dump`).
+    pub reports: Vec<String>,
+}
+
+/// A translated Cluster.
+#[derive(Clone, Debug)]
+pub struct XdsCluster {
+    /// The cluster; an EDS cluster's endpoints arrive separately.
+    pub cluster: Cluster,
+    /// The ClusterLoadAssignment name an EDS cluster subscribes to.
+    pub eds_name: Option<String>,
+    /// It carries `istio.metadata_exchange` in its `filters` (SPEC §9).
+    pub exchange: bool,
+    /// Valid config that is not served.
+    pub reports: Vec<String>,
+}
+
+/// Decode an `Any` of the expected type.
+pub fn decode<M: Message + Default>(any: &Any, type_url: &str) -> Result<M, String> {
+    if any.type_url != type_url {
+        return Err(format!("resource of type {:?} in a {type_url} response", any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode: {e}"))
+}
+
+fn socket_address(addr: &Option<core::Address>) -> Result<SocketAddr, String> {
+    use core::address::Address as A;
+    use core::socket_address::PortSpecifier;
+    match addr.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(A::SocketAddress(sa)) => {
+            let ip: IpAddr =
+                sa.address.parse().map_err(|_| format!("address {:?} is not an IP address", sa.address))?;
+            let port = match sa.port_specifier {
+                Some(PortSpecifier::PortValue(p)) => {
+                    u16::try_from(p).map_err(|_| format!("port {p} out of range"))?
+                }
+                _ => return Err("address without a port_value".into()),
+            };
+            Ok(SocketAddr::new(ip, port))
+        }
+        Some(A::Pipe(p)) => Err(format!("unsupported address family: pipe {:?}", p.path)),
+        Some(A::EnvoyInternalAddress(_)) => Err("unsupported address family: envoy internal address".into()),
+        None => Err("no address".into()),
+    }
+}
+
+fn traffic_direction(d: i32) -> Direction {
+    match core::TrafficDirection::try_from(d) {
+        Ok(core::TrafficDirection::Inbound) => Direction::Inbound,
+        _ => Direction::Outbound,
+    }
+}
+
+/// A Listener: its address, the filter chain that serves every connection (one without a
+/// match, or whose only match is the listener's own port), its tcp_proxy route, `istio.stats`
+/// and `istio.metadata_exchange`, and `use_original_dst` (capture).
+pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error> {
+    let name = pb.name.as_str();
+    let bad = |reason: String| invalid("Listener", name, reason);
+    if name.is_empty() {
+        return Err(invalid("Listener", "", "a listener needs a name"));
+    }
+    let listen = socket_address(&pb.address).map_err(bad)?;
+    let direction = traffic_direction(pb.traffic_direction);
+    let mut reports = Vec::new();
+    let mut exchange = pb.listener_filters.iter().any(|f| f.name == METADATA_EXCHANGE);
+    let mut chosen: Option<(TcpTarget, bool)> = None;
+    let chains =
+        pb.filter_chains.iter().map(|c| (c, false)).chain(pb.default_filter_chain.iter().map(|c| (c, true)));
+    for (i, (chain, default)) in chains.enumerate() {
+        let what = match (default, chain.name.is_empty()) {
+            (true, _) => "default_filter_chain".to_string(),
+            (false, true) => format!("filter chain {i}"),
+            (false, false) => format!("filter chain {:?}", chain.name),
+        };
+        if chain.filters.iter().any(|f| f.name == HTTP_CONNECTION_MANAGER) {
+            reports.push(format!(
+                "Listener/{name}: {what}: HTTP (http_connection_manager) is not served by an L4 proxy"
+            ));
+            continue;
+        }
+        let Some(proxy) = chain.filters.iter().find(|f| f.name == TCP_PROXY) else {
+            reports.push(format!("Listener/{name}: {what}: no tcp_proxy filter; not served"));
+            continue;
+        };
+        let target = tcp_target(proxy).map_err(|r| bad(format!("{what}: {r}")))?;
+        if let Some(why) = chain.filter_chain_match.as_ref().and_then(|m| unserved_match(m, listen.port())) {
+            reports.push(format!("Listener/{name}: {what}: filter_chain_match on {why} is not served yet"));
+            continue;
+        }
+        let stats = chain.filters.iter().any(|f| f.name == ISTIO_STATS);
+        exchange |= chain.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
+        if chosen.is_none() {
+            chosen = Some((target, stats));
+        } else {
+            reports.push(format!(
+                "Listener/{name}: {what}: a second chain matching every connection; the first serves"
+            ));
+        }
+    }
+    if pb.bind_to_port.is_some_and(|b| !b.value) {
+        reports.push(format!(
+            "Listener/{name}: bind_to_port false: not bound (reached through a capture listener)"
+        ));
+        return Ok(XdsListener { listener: None, reports });
+    }
+    let capture = match (pb.use_original_dst.is_some_and(|b| b.value), direction) {
+        (true, Direction::Inbound) => Capture::Inbound,
+        (true, Direction::Outbound) => Capture::Outbound,
+        _ => Capture::None,
+    };
+    let Some((target, istio_stats)) = chosen else {
+        if capture == Capture::None {
+            return Ok(XdsListener { listener: None, reports });
+        }
+        let listener = base_listener(name, listen, direction, capture, exchange, false, version);
+        return Ok(XdsListener { listener: Some(listener), reports });
+    };
+    let mut listener = base_listener(name, listen, direction, capture, exchange, istio_stats, version);
+    match target {
+        TcpTarget::Cluster(c) => listener.cluster = Some(c),
+        TcpTarget::Weighted(routes) => listener.tcp_routes = Some(routes),
+    }
+    Ok(XdsListener { listener: Some(listener), reports })
+}
+
+fn base_listener(
+    name: &str,
+    listen: SocketAddr,
+    direction: Direction,
+    capture: Capture,
+    exchange: bool,
+    istio_stats: bool,
+    version: &str,
+) -> Listener {
+    Listener {
+        name: name.to_string(),
+        listen,
+        direction,
+        // Istio's exchange runs only inside mTLS with ALPN istio-peer-exchange (SPEC §2).
+        peer_exchange: if exchange { PeerExchange::Alpn } else { PeerExchange::Off },
+        cluster: None,
+        tcp_routes: None,
+        service: None,
+        capture,
+        limits: Default::default(),
+        tls: None,
+        istio_stats,
+        source: Some(format!("xds Listener/{name} version {version}")),
+    }
+}
+
+/// A filter chain match that does not hold for every connection of the listener.
+fn unserved_match(m: &lds::FilterChainMatch, port: u16) -> Option<String> {
+    let mut why = Vec::new();
+    if m.destination_port.is_some_and(|p| p.value != u32::from(port)) {
+        why.push("destination_port");
+    }
+    if !m.prefix_ranges.is_empty() {
+        why.push("prefix_ranges");
+    }
+    if !m.transport_protocol.is_empty() && m.transport_protocol != "raw_buffer" {
+        why.push("transport_protocol");
+    }
+    if !m.application_protocols.is_empty() {
+        why.push("application_protocols");
+    }
+    if !m.server_names.is_empty() {
+        why.push("server_names");
+    }
+    if !m.source_prefix_ranges.is_empty()
+        || !m.source_ports.is_empty()
+        || !m.direct_source_prefix_ranges.is_empty()
+    {
+        why.push("source");
+    }
+    (!why.is_empty()).then(|| why.join(", "))
+}
+
+enum TcpTarget {
+    Cluster(String),
+    Weighted(Vec<TcpRoute>),
+}
+
+fn tcp_target(filter: &lds::Filter) -> Result<TcpTarget, String> {
+    use lds::filter::ConfigType;
+    use tcp_proxy::tcp_proxy::ClusterSpecifier;
+    let any = match &filter.config_type {
+        Some(ConfigType::TypedConfig(any)) => any,
+        _ => return Err("tcp_proxy without typed_config".into()),
+    };
+    let proxy: tcp_proxy::TcpProxy = decode(any, TCP_PROXY_TYPE)?;
+    match proxy.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => Ok(TcpTarget::Cluster(c)),
+        Some(ClusterSpecifier::WeightedClusters(w)) if !w.clusters.is_empty() => {
+            let mut routes = Vec::new();
+            for c in &w.clusters {
+                if c.name.is_empty() {
+                    return Err("tcp_proxy weighted_clusters: a cluster without a name".into());
+                }
+                if c.weight == 0 {
+                    return Err(format!("tcp_proxy weighted_clusters: cluster {}: weight 0", c.name));
+                }
+                routes.push(TcpRoute { cluster: c.name.clone(), subset: None, weight: i64::from(c.weight) });
+            }
+            Ok(TcpTarget::Weighted(routes))
+        }
+        _ => Err("tcp_proxy without a cluster".into()),
+    }
+}
+
+/// A Cluster: type EDS, STATIC or ORIGINAL_DST, `lb_policy`, `istio.services` metadata and
+/// `istio.metadata_exchange` in its `filters`.
+pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
+    use cds::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    let name = pb.name.as_str();
+    let bad = |reason: String| invalid("Cluster", name, reason);
+    if name.is_empty() {
+        return Err(invalid("Cluster", "", "a cluster needs a name"));
+    }
+    let mut reports = Vec::new();
+    let kind = match &pb.cluster_discovery_type {
+        None => DiscoveryType::Static,
+        Some(ClusterDiscoveryType::Type(t)) => {
+            DiscoveryType::try_from(*t).map_err(|_| bad(format!("unknown type {t}")))?
+        }
+        Some(ClusterDiscoveryType::ClusterType(c)) => {
+            reports.push(format!(
+                "Cluster/{name}: custom cluster type {:?}: no endpoints; its connections fail with UH",
+                c.name
+            ));
+            DiscoveryType::Static
+        }
+    };
+    let load_balancer = match LbPolicy::try_from(pb.lb_policy) {
+        Ok(LbPolicy::RoundRobin) => LoadBalancer::RoundRobin,
+        Ok(LbPolicy::LeastRequest) => LoadBalancer::LeastConnection,
+        Ok(LbPolicy::Random) => LoadBalancer::Random,
+        other => {
+            reports.push(format!("Cluster/{name}: lb_policy {other:?} served as ROUND_ROBIN"));
+            LoadBalancer::RoundRobin
+        }
+    };
+    let mut eds_name = None;
+    let endpoints = match kind {
+        DiscoveryType::Static => match &pb.load_assignment {
+            Some(cla) => lb_endpoints(cla).map_err(bad)?,
+            None => Vec::new(),
+        },
+        DiscoveryType::Eds => {
+            let service_name = pb.eds_cluster_config.as_ref().map(|c| c.service_name.as_str()).unwrap_or("");
+            eds_name = Some(if service_name.is_empty() { name } else { service_name }.to_string());
+            Vec::new()
+        }
+        DiscoveryType::OriginalDst => {
+            reports.push(format!(
+                "Cluster/{name}: ORIGINAL_DST: reached only through a capture listener (SPEC §8)"
+            ));
+            Vec::new()
+        }
+        DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
+            reports
+                .push(format!("Cluster/{name}: DNS clusters are not resolved; its connections fail with UH"));
+            Vec::new()
+        }
+    };
+    let services =
+        pb.metadata.as_ref().and_then(|m| m.filter_metadata.get("istio")).and_then(|s| field(s, "services"));
+    let first_service = match services {
+        Some(Kind::ListValue(list)) => list.values.first().and_then(|v| match &v.kind {
+            Some(Kind::StructValue(s)) => Some(s),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let service = first_service.and_then(|s| string(s, "host")).map(str::to_string);
+    let service_namespace = first_service.and_then(|s| string(s, "namespace")).map(str::to_string);
+    if pb
+        .transport_socket_matches
+        .iter()
+        .any(|m| m.r#match.as_ref().and_then(|s| string(s, "tlsMode")) == Some("istio"))
+    {
+        reports.push(format!("Cluster/{name}: tlsMode istio (ISTIO_MUTUAL) needs certificates over SDS, not served yet: plaintext"));
+    }
+    let exchange = pb.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
+    let cluster = Cluster {
+        name: name.to_string(),
+        service,
+        service_namespace,
+        service_port: None,
+        load_balancer,
+        endpoints,
+        subsets: Vec::new(),
+        tls: None,
+        source: Some(format!("xds Cluster/{name} version {version}")),
+    };
+    Ok(XdsCluster { cluster, eds_name, exchange, reports })
+}
+
+fn field<'a>(s: &'a Struct, key: &str) -> Option<&'a Kind> {
+    s.fields.get(key).and_then(|v| v.kind.as_ref())
+}
+
+fn string<'a>(s: &'a Struct, key: &str) -> Option<&'a str> {
+    match field(s, key) {
+        Some(Kind::StringValue(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// A ClusterLoadAssignment's endpoints.
+pub fn load_assignment(cla: &eds::ClusterLoadAssignment) -> Result<Vec<Endpoint>, Error> {
+    lb_endpoints(cla).map_err(|r| invalid("ClusterLoadAssignment", &cla.cluster_name, r))
+}
+
+/// Endpoints with their weights and `istio.workload` metadata
+/// (`name;namespace;canonical-name;canonical-revision;cluster`, as istiod writes it): the
+/// peer's identity when there is no exchange, app and version unknown (SPEC §9).
+fn lb_endpoints(cla: &eds::ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
+    use eds::lb_endpoint::HostIdentifier;
+    let mut out = Vec::new();
+    for locality in &cla.endpoints {
+        for e in &locality.lb_endpoints {
+            let address = match &e.host_identifier {
+                Some(HostIdentifier::Endpoint(ep)) => socket_address(&ep.address)?,
+                _ => return Err("an endpoint without an address".into()),
+            };
+            let weight = match e.load_balancing_weight {
+                Some(w) if w.value == 0 => {
+                    return Err(format!("endpoint {address}: load_balancing_weight 0"));
+                }
+                w => w.map(|w| w.value),
+            };
+            let mut endpoint = Endpoint { weight, ..Endpoint::at(address) };
+            let workload = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("istio"))
+                .and_then(|s| string(s, "workload"));
+            if let Some(w) = workload {
+                let mut parts = w.split(';');
+                let mut next = || parts.next().unwrap_or("").to_string();
+                endpoint.workload_name = next();
+                endpoint.namespace = next();
+                for key in ["service.istio.io/canonical-name", "service.istio.io/canonical-revision"] {
+                    let v = next();
+                    if !v.is_empty() {
+                        endpoint.labels.insert(key.to_string(), v);
+                    }
+                }
+                endpoint.cluster_id = next();
+            }
+            out.push(endpoint);
+        }
+    }
+    Ok(out)
+}
+
+/// The resources last accepted, per type, with their versions.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    /// Listeners by name.
+    pub listeners: BTreeMap<String, XdsListener>,
+    /// Version of the last accepted Listener response.
+    pub listener_version: String,
+    /// Clusters by name.
+    pub clusters: BTreeMap<String, XdsCluster>,
+    /// Version of the last accepted Cluster response.
+    pub cluster_version: String,
+    /// Endpoints by ClusterLoadAssignment name.
+    pub endpoints: BTreeMap<String, Vec<Endpoint>>,
+    /// Version of the last accepted ClusterLoadAssignment response.
+    pub endpoint_version: String,
+}
+
+impl State {
+    /// The ClusterLoadAssignment names to subscribe to.
+    pub fn eds_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.clusters.values().filter_map(|c| c.eds_name.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Valid config that is not served, one line each.
+    pub fn reports(&self) -> impl Iterator<Item = &String> {
+        self.listeners
+            .values()
+            .flat_map(|l| &l.reports)
+            .chain(self.clusters.values().flat_map(|c| &c.reports))
+    }
+
+    /// `base` (the static config) with these resources beside it. A cluster a listener names
+    /// but the control plane has not sent (yet) is there without endpoints (`UH`).
+    pub fn merge(&self, base: &Config) -> Config {
+        let mut cfg = base.clone();
+        for x in self.clusters.values() {
+            let mut c = x.cluster.clone();
+            if let Some(eds) = &x.eds_name {
+                c.endpoints = self.endpoints.get(eds).cloned().unwrap_or_default();
+                c.source = Some(format!(
+                    "{}, ClusterLoadAssignment/{eds} version {}",
+                    c.source.unwrap_or_default(),
+                    self.endpoint_version
+                ));
+            }
+            cfg.clusters.push(c);
+        }
+        for x in self.listeners.values() {
+            let Some(mut l) = x.listener.clone() else { continue };
+            let targets: Vec<String> = match (&l.cluster, &l.tcp_routes) {
+                (Some(c), _) => vec![c.clone()],
+                (None, Some(routes)) => routes.iter().map(|r| r.cluster.clone()).collect(),
+                _ => Vec::new(),
+            };
+            // Outbound, Istio runs the exchange as the cluster's upstream filter.
+            if targets.iter().any(|t| self.clusters.get(t).is_some_and(|c| c.exchange)) {
+                l.peer_exchange = PeerExchange::Alpn;
+            }
+            for t in targets {
+                if !cfg.clusters.iter().any(|c| c.name == t) {
+                    cfg.clusters.push(Cluster {
+                        name: t.clone(),
+                        service: None,
+                        service_namespace: None,
+                        service_port: None,
+                        load_balancer: LoadBalancer::RoundRobin,
+                        endpoints: Vec::new(),
+                        subsets: Vec::new(),
+                        tls: None,
+                        source: Some(format!("xds: named by Listener/{} but not sent (yet)", l.name)),
+                    });
+                }
+            }
+            cfg.listeners.push(l);
+        }
+        cfg
+    }
+}
