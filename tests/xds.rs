@@ -1,0 +1,382 @@
+//! SPEC §9: ringside configured over xDS by an Aggregated Discovery Service (in this test
+//! process: tonic, serving Istio-shaped resources), with the real binary and real sockets:
+//! traffic follows weighted tcp routes, updates reach new connections within a second while
+//! live ones keep their route, EDS-only changes, NACKs keep the last good config, listener
+//! removal, reconnect after the server restarts, the node as Istio's agent sends it, and
+//! metrics labelled from endpoint metadata.
+
+#[path = "common/ads.rs"]
+mod ads;
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ads::{AdsServer, CLUSTER, ENDPOINTS, LISTENER, Snapshot, assignment, eds_cluster, tcp_listener};
+use common::{DEADLINE, Ringside, free_addr, sum, wait_for};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::google::protobuf::value::Kind;
+
+const HOST: &str = "mongodb.default.svc.cluster.local";
+const V1: &str = "outbound|27017|v1|mongodb.default.svc.cluster.local";
+const V2: &str = "outbound|27017|v2|mongodb.default.svc.cluster.local";
+
+/// A backend that writes `tag` on every connection, then echoes until EOF.
+fn tag_server(tag: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let _ = s.write_all(tag.as_bytes());
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connect and read the backend's 2-byte tag; `None` if refused or closed.
+fn tag_of(addr: SocketAddr) -> Option<(String, TcpStream)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut tag = [0u8; 2];
+    s.read_exact(&mut tag).ok()?;
+    Some((String::from_utf8_lossy(&tag).into_owned(), s))
+}
+
+struct Mesh {
+    v1: SocketAddr,
+    v2: SocketAddr,
+    listen: SocketAddr,
+}
+
+impl Mesh {
+    fn new() -> Mesh {
+        Mesh { v1: tag_server("v1"), v2: tag_server("v2"), listen: free_addr() }
+    }
+
+    /// Istio's shape: two subset clusters over EDS, a listener splitting by weight.
+    fn snapshot(&self, version: &str, routes: &[(&str, u32)]) -> Snapshot {
+        Snapshot {
+            version: version.into(),
+            clusters: vec![eds_cluster(V1, HOST, "default"), eds_cluster(V2, HOST, "default")],
+            endpoints: vec![
+                assignment(V1, &[(self.v1, "mongodb-v1;default;mongodb;v1;Kubernetes")]),
+                assignment(V2, &[(self.v2, "mongodb-v2;default;mongodb;v2;Kubernetes")]),
+            ],
+            listeners: vec![tcp_listener(&format!("127.0.0.1_{}", self.listen.port()), self.listen, routes)],
+        }
+    }
+}
+
+const NODE: &str = "node:
+  id: sidecar~127.0.0.1~ratings-v2-7d9f.default~default.svc.cluster.local
+  workload_name: ratings-v2
+  namespace: default
+  labels: {app: ratings, version: v2}
+  cluster_id: Kubernetes
+  mesh_id: cluster.local
+  service_account: bookinfo-ratings-v2
+  istio_version: 1.24.0
+";
+
+/// ringside with only `xds:` and a node: no static listeners.
+fn ringside(server: SocketAddr, extra: &str) -> Ringside {
+    let config = format!("{NODE}drain_timeout: 1s\nxds: {{address: {server}}}\n{extra}");
+    Ringside::spawn_config(&config, server, &["--workers", "2"])
+}
+
+/// The next request of `type_url` whose version is `version` (an ACK or NACK of it).
+fn reply_to(requests: &mpsc::Receiver<DiscoveryRequest>, type_url: &str, version: &str) -> DiscoveryRequest {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = requests
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no reply to {type_url} version {version}"));
+        if r.type_url == type_url
+            && !r.response_nonce.is_empty()
+            && (r.version_info == version || r.error_detail.is_some())
+        {
+            return r;
+        }
+    }
+}
+
+/// Tags of `n` new connections.
+fn split(addr: SocketAddr, n: usize) -> (usize, usize) {
+    let mut counts = (0, 0);
+    for _ in 0..n {
+        let (tag, _) = tag_of(addr).expect("connection through ringside");
+        match tag.as_str() {
+            "v1" => counts.0 += 1,
+            _ => counts.1 += 1,
+        }
+    }
+    counts
+}
+
+/// Wait until a new connection reaches `tag`.
+fn until_tag(addr: SocketAddr, tag: &str) {
+    wait_for(&format!("a new connection to reach {tag}"), || {
+        tag_of(addr).filter(|(t, _)| t == tag).map(|_| ())
+    });
+}
+
+/// Wait until 20 new connections in a row (on every worker) reach `tag`; returns how long
+/// it took until the first of them.
+fn until_all(addr: SocketAddr, tag: &str) -> Duration {
+    let start = Instant::now();
+    let mut run_began = None;
+    let mut run = 0;
+    wait_for(&format!("every new connection to reach {tag}"), || {
+        let t = Instant::now();
+        match tag_of(addr) {
+            Some((got, _)) if got == tag => {
+                run_began.get_or_insert(t);
+                run += 1;
+            }
+            _ => {
+                run_began = None;
+                run = 0;
+            }
+        }
+        (run >= 20).then_some(())
+    });
+    run_began.unwrap_or(start).duration_since(start)
+}
+
+/// Wait for the replies (ACK or NACK) to every type's response of `version`.
+fn replies(requests: &mpsc::Receiver<DiscoveryRequest>, version: &str) -> Vec<DiscoveryRequest> {
+    let mut got: Vec<DiscoveryRequest> = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    while [CLUSTER, ENDPOINTS, LISTENER].iter().any(|t| !got.iter().any(|r| r.type_url == *t)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = requests
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("replies to version {version}: got {got:?}"));
+        if !r.response_nonce.is_empty() && (r.version_info == version || r.error_detail.is_some()) {
+            got.push(r);
+        }
+    }
+    got
+}
+
+#[test]
+fn traffic_follows_the_weighted_tcp_routes_and_metrics_come_from_the_endpoint_metadata() {
+    let mesh = Mesh::new();
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 80), (V2, 20)]), tx);
+    let rs = ringside(server.addr, "");
+    for ack in replies(&requests, "1") {
+        assert!(ack.error_detail.is_none(), "{}: {:?}", ack.type_url, ack.error_detail);
+    }
+    wait_for("the xDS listener to accept", || tag_of(mesh.listen));
+    let n = 300;
+    let (v1, v2) = split(mesh.listen, n);
+    // 80/20 of 300: 240 expected, sigma ~6.9; 5 sigma either way.
+    assert!((205..=275).contains(&v1), "v1 {v1}, v2 {v2}");
+    let total = (n + 1) as f64;
+    let scrape = rs.wait_for_value("istio_tcp_connections_closed_total", &[("reporter", "source")], total);
+    // The peer from `istio.workload` (no exchange: plaintext, alpn): app and version unknown.
+    for (workload, revision) in [("mongodb-v1", "v1"), ("mongodb-v2", "v2")] {
+        let labels = [
+            ("destination_workload", workload),
+            ("destination_workload_namespace", "default"),
+            ("destination_canonical_service", "mongodb"),
+            ("destination_canonical_revision", revision),
+            ("destination_cluster", "Kubernetes"),
+            ("destination_app", "unknown"),
+            ("destination_version", "unknown"),
+            ("destination_service", HOST),
+            ("destination_service_name", "mongodb"),
+            ("destination_service_namespace", "default"),
+            ("source_workload", "ratings-v2"),
+            ("response_flags", "-"),
+        ];
+        assert!(sum(&scrape, "istio_tcp_connections_opened_total", &labels) > 0.0, "{workload}:\n{scrape}");
+    }
+    let v1_seen =
+        sum(&scrape, "istio_tcp_connections_opened_total", &[("destination_workload", "mongodb-v1")]);
+    let v2_seen =
+        sum(&scrape, "istio_tcp_connections_opened_total", &[("destination_workload", "mongodb-v2")]);
+    assert_eq!(v1_seen + v2_seen, total, "{scrape}");
+    assert!(
+        v1_seen == (v1 + 1) as f64 || v2_seen == (v2 + 1) as f64,
+        "the warm-up connection is one of them"
+    );
+    assert_eq!(sum(&scrape, "ringside_xds_connects_total", &[]), 1.0);
+    assert_eq!(sum(&scrape, "ringside_xds_updates_applied_total", &[("type", "Listener")]), 1.0);
+    assert_eq!(sum(&scrape, "ringside_xds_updates_rejected_total", &[]), 0.0);
+}
+
+#[test]
+fn the_node_is_sent_as_istios_agent_sends_it() {
+    let mesh = Mesh::new();
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let _rs = ringside(server.addr, "");
+    let first = requests.recv_timeout(DEADLINE).expect("a request");
+    let node = first.node.expect("node");
+    assert_eq!(node.id, "sidecar~127.0.0.1~ratings-v2-7d9f.default~default.svc.cluster.local");
+    assert_eq!(node.cluster, "ratings-v2.default");
+    let meta = node.metadata.expect("metadata").fields;
+    let string = |k: &str| match meta.get(k).and_then(|v| v.kind.clone()) {
+        Some(Kind::StringValue(s)) => s,
+        other => panic!("{k}: {other:?}"),
+    };
+    for (k, v) in [
+        ("NAMESPACE", "default"),
+        ("NAME", "ratings-v2-7d9f"),
+        ("WORKLOAD_NAME", "ratings-v2"),
+        ("CLUSTER_ID", "Kubernetes"),
+        ("MESH_ID", "cluster.local"),
+        ("ISTIO_VERSION", "1.24.0"),
+        ("SERVICE_ACCOUNT", "bookinfo-ratings-v2"),
+        ("INTERCEPTION_MODE", "REDIRECT"),
+    ] {
+        assert_eq!(string(k), v, "{k}");
+    }
+    let Some(Kind::StructValue(labels)) = meta.get("LABELS").and_then(|v| v.kind.clone()) else {
+        panic!("LABELS")
+    };
+    let label = |k: &str| labels.fields.get(k).and_then(|v| v.kind.clone());
+    assert_eq!(label("app"), Some(Kind::StringValue("ratings".into())));
+    assert_eq!(label("version"), Some(Kind::StringValue("v2".into())));
+    // Clusters and Listeners are wildcard subscriptions.
+    assert!(first.resource_names.is_empty());
+}
+
+#[test]
+fn an_update_reaches_new_connections_within_a_second_while_a_live_connection_keeps_its_route() {
+    let mesh = Mesh::new();
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let rs = ringside(server.addr, "");
+    reply_to(&requests, LISTENER, "1");
+    let (tag, mut live) = wait_for("the xDS listener to accept", || tag_of(mesh.listen));
+    assert_eq!(tag, "v1");
+    server.push(mesh.snapshot("2", &[(V2, 100)]));
+    let ack = reply_to(&requests, LISTENER, "2");
+    assert!(ack.error_detail.is_none());
+    let took = until_all(mesh.listen, "v2");
+    assert!(took < Duration::from_secs(1), "the update took {took:?} to reach every new connection");
+    // The live connection still relays, to v1, and is counted under v1 when it closes.
+    live.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    live.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    // Counted under v1 at close: all v1 connections but the live one are closed, then it too.
+    let v1 = [("destination_workload", "mongodb-v1")];
+    let opened = sum(&rs.scrape(), "istio_tcp_connections_opened_total", &v1);
+    rs.wait_for_value("istio_tcp_connections_closed_total", &v1, opened - 1.0);
+    drop(live);
+    rs.wait_for_value("istio_tcp_connections_closed_total", &v1, opened);
+}
+
+#[test]
+fn an_endpoints_only_change_moves_new_connections() {
+    let mesh = Mesh::new();
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let _rs = ringside(server.addr, "");
+    reply_to(&requests, LISTENER, "1");
+    wait_for("the xDS listener to accept", || tag_of(mesh.listen).filter(|(t, _)| t == "v1"));
+    // Only the v1 subset's endpoints change: to a new backend.
+    let v1b = tag_server("vb");
+    let mut s = mesh.snapshot("2", &[(V1, 100)]);
+    s.endpoints[0] = assignment(V1, &[(v1b, "mongodb-v1b;default;mongodb;v1;Kubernetes")]);
+    server.push(s);
+    let ack = reply_to(&requests, ENDPOINTS, "2");
+    assert!(ack.error_detail.is_none());
+    assert!(ack.resource_names.contains(&V1.to_string()), "{:?}", ack.resource_names);
+    until_tag(mesh.listen, "vb");
+}
+
+#[test]
+fn an_invalid_listener_is_nacked_naming_it_and_the_last_good_config_keeps_serving() {
+    let mesh = Mesh::new();
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let rs = ringside(server.addr, "");
+    reply_to(&requests, LISTENER, "1");
+    wait_for("the xDS listener to accept", || tag_of(mesh.listen));
+    // A weight of 0: invalid (SPEC §9).
+    server.push(mesh.snapshot("2", &[(V2, 0), (V1, 1)]));
+    let nack = reply_to(&requests, LISTENER, "2");
+    let detail = nack.error_detail.expect("a NACK");
+    let name = format!("Listener/127.0.0.1_{}", mesh.listen.port());
+    assert!(detail.message.contains(&name) && detail.message.contains("weight 0"), "{}", detail.message);
+    assert_eq!(nack.version_info, "1", "a NACK names the last good version");
+    // A tcp_proxy without a cluster: invalid too.
+    let mut s = mesh.snapshot("3", &[(V1, 100)]);
+    s.listeners[0] = tcp_listener(&format!("127.0.0.1_{}", mesh.listen.port()), mesh.listen, &[("", 1)]);
+    server.push(s);
+    let nack = reply_to(&requests, LISTENER, "3");
+    assert!(nack.error_detail.expect("a NACK").message.contains("without a cluster"));
+    // Still served by version 1: every connection to v1.
+    assert_eq!(split(mesh.listen, 10), (10, 0));
+    let scrape = rs.scrape();
+    assert_eq!(sum(&scrape, "ringside_xds_updates_rejected_total", &[("type", "Listener")]), 2.0);
+}
+
+#[test]
+fn a_removed_listener_stops_accepting_at_once_and_drains_its_connections() {
+    let mesh = Mesh::new();
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let _rs = ringside(server.addr, "");
+    reply_to(&requests, LISTENER, "1");
+    let (_, mut live) = wait_for("the xDS listener to accept", || tag_of(mesh.listen));
+    let mut s = mesh.snapshot("2", &[(V1, 100)]);
+    s.listeners.clear();
+    server.push(s);
+    reply_to(&requests, LISTENER, "2");
+    let removed = Instant::now();
+    wait_for("the removed listener to refuse", || TcpStream::connect(mesh.listen).is_err().then_some(()));
+    assert!(removed.elapsed() < Duration::from_secs(1), "took {:?}", removed.elapsed());
+    // The live connection keeps working while it drains...
+    live.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    live.read_exact(&mut back).unwrap();
+    // ...and is closed at drain_timeout (1 s).
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+    let drained = removed.elapsed();
+    assert!(drained >= Duration::from_millis(900) && drained < DEADLINE, "closed after {drained:?}");
+}
+
+#[test]
+fn it_reconnects_after_the_server_restarts_and_serves_the_last_good_config_meanwhile() {
+    let mesh = Mesh::new();
+    let (tx, requests) = mpsc::channel();
+    let addr = free_addr();
+    let server = AdsServer::start(addr, mesh.snapshot("1", &[(V1, 100)]), tx.clone());
+    let rs = ringside(server.addr, "");
+    reply_to(&requests, LISTENER, "1");
+    wait_for("the xDS listener to accept", || tag_of(mesh.listen));
+    server.stop();
+    rs.wait_for_value("ringside_xds_connected", &[], 0.0);
+    // The last good config keeps serving.
+    assert_eq!(split(mesh.listen, 5), (5, 0));
+    let server = AdsServer::start(addr, mesh.snapshot("2", &[(V2, 100)]), tx);
+    // The versions held are sent on the new stream, as Envoy does.
+    let hello = wait_for("a request on the new stream", || {
+        requests.recv_timeout(DEADLINE).ok().filter(|r| r.type_url == LISTENER && r.response_nonce.is_empty())
+    });
+    assert_eq!(hello.version_info, "1");
+    reply_to(&requests, LISTENER, "2");
+    until_tag(mesh.listen, "v2");
+    assert_eq!(sum(&rs.scrape(), "ringside_xds_connects_total", &[]), 2.0);
+    drop(server);
+}
