@@ -45,7 +45,6 @@ fn conn<'a>(local: &'a NodeMetadata, peer: &'a NodeMetadata, service: &'a Servic
         reporter: Reporter::Source,
         local,
         peer: Some(peer),
-        endpoint_labels: None,
         service,
         response_flags: "-",
         local_principal: Some("spiffe://cluster.local/ns/default/sa/productpage"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profiles one proxy under one load: CPU per connection (or per GB), where the proxy's time
 # goes (perf record -g: kernel entry points), and TCP segments per connection (nstat).
-# Usage: perf/profile.sh ringside|ringside-epoll|haproxy connrate|bulk [extra ringside flags...]
+# Usage: perf/profile.sh ringside|ringside-epoll|haproxy|envoy connrate|bulk [extra ringside flags...]
 # Proxy on core 1, load generator and echo backend on core 0, as in perf/run.sh. Bounded: one
 # 3 s run. Needs perf (linux-perf), nstat (iproute2), haproxy for the haproxy target.
 set -euo pipefail
@@ -28,6 +28,13 @@ case $target in
     printf 'global\n  nbthread 1\n  maxpipes 64\ndefaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  timeout client 1m\n  timeout server 1m\nfrontend f\n  bind %s\n  default_backend b\nbackend b\n  server s %s\n' \
       "$FRONT" "$BACKEND" >"$WORK/haproxy.cfg"
     taskset -c 1 haproxy -f "$WORK/haproxy.cfg" -db 2>"$WORK/proxy.log" & PROXY=$! ;;
+  envoy)
+    # As perf/run.sh runs it: tcp_proxy, Istio's circuit breakers, one worker thread.
+    ENVOY=$("$HERE/fetch-envoy.sh")
+    printf 'static_resources:\n  listeners:\n  - name: f\n    address: {socket_address: {address: %s, port_value: %s}}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: f\n          cluster: b\n  clusters:\n  - name: b\n    type: STATIC\n    connect_timeout: 5s\n    circuit_breakers: {thresholds: [{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}]}\n    load_assignment: {cluster_name: b, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: %s, port_value: %s}}}}]}]}\n' \
+      "${FRONT%:*}" "${FRONT#*:}" "${BACKEND%:*}" "${BACKEND#*:}" >"$WORK/envoy.yaml"
+    taskset -c 1 "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 --log-level error --disable-hot-restart \
+      2>"$WORK/proxy.log" & PROXY=$! ;;
   *) echo "unknown target $target" >&2; exit 64 ;;
 esac
 PIDS+=("$PROXY")

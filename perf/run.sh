@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command: ringside vs direct loopback, HAProxy and nginx stream, all in one run.
+# One command: ringside vs direct loopback, HAProxy, Envoy and nginx stream, all in one run.
 # Writes perf/RESULTS.md, perf/results/raw.jsonl and the plots. Usage: perf/run.sh [--quick]
 set -euo pipefail
 
@@ -19,15 +19,18 @@ done
 if ((QUICK)); then
   BULK_SECONDS=1; STREAMS="1 4"; CONN_SECONDS=1; CONCURRENCY="1 16 64"; LAT_REQUESTS=10000
   QUIET_WAIT=6   # half-second samples before each measurement
+  MANY_SECONDS=2; WORKER_CONNS=10000; WORKER_RUNS=3
 else
   BULK_SECONDS=3; STREAMS="1 2 4 8"; CONN_SECONDS=2; CONCURRENCY="1 4 16 64"; LAT_REQUESTS=50000
   QUIET_WAIT=20
+  MANY_SECONDS=5; WORKER_CONNS=30000; WORKER_RUNS=5
 fi
+MANY_STREAMS=200  # concurrent bulk streams through one unprivileged sidecar
 MSG_SIZE=64
 LOAD_CORE=0   # load generator and backend
 PROXY_CORE=1  # every proxy process, so all targets compete for the same single core
 BACKEND_PORT=18100; FRONT_PORT=18101; INNER_PORT=18102; METRICS_PORT=18103; METRICS_PORT2=18104
-TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-1-split ringside-2 ringside-2-off haproxy haproxy-busy nginx"
+TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-1-split ringside-2 ringside-2-off haproxy haproxy-busy envoy nginx"
 # PERF_TARGETS="ringside-1 ringside-1-split" measures only those (a quick look at one feature;
 # the rows that need the others then say "not evaluated").
 TARGETS=${PERF_TARGETS:-$TARGETS}
@@ -282,6 +285,45 @@ EOF
   PROXY_PIDS+=("$LAST_PID")
 }
 
+# Envoy as Istio runs it for TCP: a tcp_proxy filter to a static cluster whose circuit
+# breakers are raised to 2^32-1 as istiod sets them (Envoy's own default stops at 1,024
+# connections, which the idle test would hit), default buffers, one worker thread, no admin.
+envoy_start() {
+  [[ -n ${ENVOY:-} ]] || return 1
+  cat >"$WORK/envoy.yaml" <<EOF
+static_resources:
+  listeners:
+  - name: front
+    address: {socket_address: {address: 127.0.0.1, port_value: $FRONT_PORT}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: front
+          cluster: back
+  clusters:
+  - name: back
+    type: STATIC
+    connect_timeout: 5s
+    circuit_breakers:
+      thresholds:
+      - max_connections: 4294967295
+        max_pending_requests: 4294967295
+        max_requests: 4294967295
+        max_retries: 4294967295
+    load_assignment:
+      cluster_name: back
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $BACKEND_PORT}}}
+EOF
+  spawn_on "$PROXY_CORE" "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 --log-level error \
+    --disable-hot-restart 2>>"$WORK/envoy.log"
+  wait_port "$FRONT_PORT" "$LAST_PID" || return 1
+  PROXY_PIDS+=("$LAST_PID")
+}
+
 nginx_start() {
   mkdir -p "$WORK/nginx"
   cat >"$WORK/nginx.conf" <<EOF
@@ -347,6 +389,7 @@ start_target() {
         ringside_start "$FRONT_PORT" "$INNER_PORT" outbound off uring --metrics "127.0.0.1:$METRICS_PORT" ;;
     haproxy) haproxy_start ;;
     haproxy-busy) haproxy_start busy-polling ;;
+    envoy) envoy_start ;;
     nginx) nginx_start ;;
   esac
 }
@@ -390,7 +433,78 @@ run_target() {
   stop_target
 }
 
+# Splice under a sidecar's limits: many bulk streams through ringside running as Istio's
+# sidecar uid (1337, no CAP_SYS_RESOURCE), whose pipes share that uid's page budget
+# (/proc/sys/fs/pipe-user-pages-soft); fds sampled during the run and once it is over.
+many_streams() {  # target [env assignments...]
+  local target=$1; shift
+  local out=$WORK/many.out pid c0 c1 fds0 fds peak=0 i
+  PROXY_PIDS=(); FRONT=$FRONT_PORT
+  spawn_on "$PROXY_CORE" env RINGSIDE_ISTIO_METRICS=0 "$@" setpriv --reuid 1337 --regid 1337 --clear-groups \
+    "$RINGSIDE" run --listen "127.0.0.1:$FRONT_PORT" --upstream "127.0.0.1:$BACKEND_PORT" \
+    --direction outbound --peer-exchange off --driver uring --workers 1 --admin off --health off \
+    --metrics off 2>>"$WORK/ringside.log"
+  wait_port "$FRONT_PORT" "$LAST_PID" || { log "$target: did not start"; stop_target; return 0; }
+  PROXY_PIDS+=("$LAST_PID")
+  log "== $target ($MANY_STREAMS bulk streams, uid 1337)"
+  wait_quiet
+  fds0=$(fd_count); c0=$(cpu_ticks)
+  loadgen bulk --target "127.0.0.1:$FRONT" --streams "$MANY_STREAMS" --seconds "$MANY_SECONDS" >"$out" &
+  pid=$!
+  for ((i = 0; i < 1200; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    fds=$(fd_count); ((fds > peak)) && peak=$fds
+    sleep 0.1
+  done
+  wait "$pid" || true
+  c1=$(cpu_ticks)
+  # The streams closed: what the proxy still holds (pooled pipes) once it has closed them.
+  for ((i = 0; i < 100; i++)); do (($(fd_count) <= fds0 + 16)) && break; sleep 0.1; done
+  printf '{"target":"%s","cpu_ticks":%s,"fds_before":%s,"fds_peak":%s,"fds_after":%s,"result":%s}\n' \
+    "$target" $((c1 - c0)) "$fds0" "$peak" "$(fd_count)" "$(<"$out")" >>"$WORK/many.jsonl"
+  echo "  $(<"$out") fds $fds0 -> peak $peak" >&2
+  stop_target
+}
+
+# Run time of all the proxy's threads in ns (schedstat): finer than clock ticks.
+cpu_ns() {
+  local total=0 t ns
+  for t in /proc/"${PROXY_PIDS[0]}"/task/*; do read -r ns _ <"$t/schedstat"; total=$((total + ns)); done
+  echo "$total"
+}
+
+# Shared-nothing: proxy CPU per connection with 2 workers against 1, on the same offered work
+# (a fixed count of short connections at C=64), alternating runs. 1 worker runs on the proxy
+# core; 2 workers are pinned one per core (pin auto), so one of them shares core 0 with the
+# backend and the unpinned load generator: two cores leave the load no core of its own. Only
+# the proxy's own CPU time is counted, over the connections it served. (2 workers on one core
+# would add a context switch between the two event loops per wake-up: not what is measured.)
+workers_cost() {
+  local run cfg w cores out c0 c1
+  for ((run = 0; run < WORKER_RUNS; run++)); do
+    for cfg in "1 $PROXY_CORE" "2 0,1"; do
+      read -r w cores <<<"$cfg"
+      PROXY_PIDS=(); FRONT=$FRONT_PORT
+      spawn_on "$cores" env RINGSIDE_ISTIO_METRICS=0 "$RINGSIDE" run --listen "127.0.0.1:$FRONT_PORT" \
+        --upstream "127.0.0.1:$BACKEND_PORT" --direction outbound --peer-exchange off --driver uring \
+        --workers "$w" --admin off --health off --metrics off 2>>"$WORK/ringside.log"
+      wait_port "$FRONT_PORT" "$LAST_PID" || { log "workers $w: did not start"; stop_target; return 0; }
+      PROXY_PIDS+=("$LAST_PID")
+      wait_quiet
+      c0=$(cpu_ns)
+      out=$(timeout 120 "${PRIO[@]}" "$LOADGEN" connrate --target "127.0.0.1:$FRONT" --concurrency 64 \
+        --seconds 60 --max "$WORKER_CONNS" --size "$MSG_SIZE")
+      c1=$(cpu_ns)
+      printf '{"workers":%s,"cores":"%s","cpu_ns":%s,"result":%s}\n' "$w" "$cores" $((c1 - c0)) "$out" \
+        >>"$WORK/workers.jsonl"
+      echo "  workers $w on cores $cores: $out cpu $(((c1 - c0) / 1000000)) ms" >&2
+      stop_target
+    done
+  done
+}
+
 install_missing
+ENVOY=$("$HERE/fetch-envoy.sh") || { log "could not fetch Envoy: envoy rows skipped"; ENVOY=; }
 log "building ringside (release) and the load generator"
 (cd "$ROOT" && cargo build --release --quiet)
 cargo build --release --quiet --manifest-path "$HERE/loadgen/Cargo.toml"
@@ -418,6 +532,7 @@ fi
   echo "cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
   echo "haproxy=$(haproxy -v | head -n1)"
   echo "nginx=$(nginx -v 2>&1)"
+  echo "envoy=$([[ -n $ENVOY ]] && "$ENVOY" --version | grep -o 'version: [^ ]*' || echo 'not fetched')"
   echo "ringside=$RINGSIDE_VERSION"
   echo "loadgen=perf/loadgen (monoio $(awk -F'"' '/^name = "monoio"/ {getline; print $2}' "$HERE/loadgen/Cargo.lock")), single thread"
   echo "priority=${PRIO[*]:-default}"
@@ -430,6 +545,11 @@ fi
   echo "busy_poll=$BUSY_POLL"
   echo "load_core=$LOAD_CORE"
   echo "proxy_core=$PROXY_CORE"
+  echo "many_streams=$MANY_STREAMS"
+  echo "many_seconds=$MANY_SECONDS"
+  echo "worker_conns=$WORKER_CONNS"
+  echo "worker_runs=$WORKER_RUNS"
+  echo "pipe_user_pages_soft=$(cat /proc/sys/fs/pipe-user-pages-soft 2>/dev/null || echo n/a)"
 } >"$WORK/meta.txt"
 
 spawn_on "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND_PORT" --seconds 900 >/dev/null
@@ -440,10 +560,23 @@ echo "split_loadgen=taskset -c $LOAD_CORE" >>"$WORK/meta.txt"
 log "core split: load generator + backend on core $LOAD_CORE, proxies on core $PROXY_CORE"
 
 for target in $TARGETS; do run_target "$target"; done
+: >"$WORK/many.jsonl"; : >"$WORK/workers.jsonl"
+# With PERF_TARGETS (a subset), the two ringside-only phases run only when PERF_PHASES=1.
+if [[ ${PERF_PHASES:-$([[ -z ${PERF_TARGETS:-} ]] && echo 1)} == 1 && -n $RINGSIDE_VERSION ]]; then
+  if command -v setpriv >/dev/null && [[ $(id -u) == 0 ]]; then
+    many_streams ringside-uid1337-splice
+    many_streams ringside-uid1337-copy RINGSIDE_SPLICE=0
+  else
+    echo "skipped_many_streams=needs root and setpriv to run ringside as uid 1337" >>"$WORK/meta.txt"
+  fi
+  workers_cost
+fi
 stop_pid "$BACKEND_PID"
 
 mkdir -p "$HERE/results"
 cp "$RAW" "$HERE/results/raw.jsonl"
+cp "$WORK/many.jsonl" "$HERE/results/many.jsonl"
+cp "$WORK/workers.jsonl" "$HERE/results/workers.jsonl"
 cp "$WORK/meta.txt" "$HERE/results/meta.txt"
 "$PYTHON" "$HERE/plot.py" "$HERE/results"
 "$PYTHON" "$HERE/report.py" "$HERE/results" >"$HERE/RESULTS.md"

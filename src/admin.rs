@@ -1,20 +1,34 @@
 //! Admin, metrics and health listeners (SPEC §3, §5): a tiny blocking HTTP/1.1 server on its
 //! own thread, off the data path. Requests are bounded in size and time.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use crate::backoff::{self, Backoff};
 use crate::metrics::CONTENT_TYPE;
 use crate::worker::Shared;
 
-/// Time a client has to send its whole request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a client has to send its whole request head; then it gets 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Requests served at once per listener; more are closed unanswered.
-const MAX_IN_FLIGHT: usize = 16;
+/// Largest request head; beyond it the client gets 431.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Requests served at once per listener. When all are taken, the oldest is cut to make room,
+/// so clients that hold connections open (slowloris) cannot lock a probe out.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// After an error answer, how long and how much we read and discard before closing, so the
+/// client's unread request does not turn our close into a reset that destroys the answer.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 4 << 20;
+
+/// Request threads need little stack: a head buffer on the heap and a rendered page.
+const STACK: usize = 256 * 1024;
 
 /// Which routes a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,81 +46,189 @@ pub fn spawn(role: Role, addr: SocketAddr, shared: Arc<Shared>) -> io::Result<So
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     let name = format!("ringside-{role:?}").to_lowercase();
-    std::thread::Builder::new().name(name.clone()).spawn(move || {
-        // A thread per request, at most MAX_IN_FLIGHT at once: a slow client holds only its
-        // own thread (for at most the 2 s read timeout), never the next probe or scrape.
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        for stream in listener.incoming().flatten() {
-            if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                continue; // dropped: the client sees a reset or EOF and retries
-            }
-            let (shared, done) = (shared.clone(), in_flight.clone());
-            let spawned = std::thread::Builder::new().name(name.clone()).spawn(move || {
-                if let Err(e) = handle(role, stream, &shared) {
-                    log::debug!("{role:?} request: {e}");
-                }
-                done.fetch_sub(1, Ordering::AcqRel);
-            });
-            if let Err(e) = spawned {
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                log::warn!("{role:?} listener: cannot start a request thread: {e}");
-            }
-        }
-    })?;
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || accept_loop(role, &name, &listener, &shared))?;
     Ok(bound)
 }
 
-fn handle(role: Role, mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    // The whole request head must arrive within REQUEST_TIMEOUT, however it is dripped.
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "request head too slow"));
+fn accept_loop(role: Role, name: &str, listener: &TcpListener, shared: &Arc<Shared>) {
+    let mut backoff = Backoff::default();
+    // The requests being served, oldest first. Weak: a finished request's socket closes when
+    // its thread drops it, and its entry is then dead.
+    let mut in_flight: VecDeque<Weak<TcpStream>> = VecDeque::with_capacity(MAX_IN_FLIGHT);
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if backoff::is_resource_error(&e) => {
+                // Retrying at once would spin: the connection stays queued and fails again.
+                let p = backoff.failed(Instant::now());
+                if let Some(n) = p.log {
+                    log::warn!("{role:?} listener: accept: {e} ({n} times); pausing up to {:?}", p.pause);
+                }
+                std::thread::sleep(p.pause);
+                continue;
+            }
+            Err(e) => {
+                log::debug!("{role:?} listener: accept: {e}");
+                continue;
+            }
+        };
+        // A thread per request: a slow client holds only its own thread, for REQUEST_TIMEOUT.
+        in_flight.retain(|r| r.strong_count() > 0);
+        if in_flight.len() >= MAX_IN_FLIGHT
+            && let Some(oldest) = in_flight.pop_front().and_then(|r| r.upgrade())
+        {
+            // Its read or write fails at once and its thread ends; the newcomer (often a
+            // probe whose request is already here) is served.
+            let _ = oldest.shutdown(Shutdown::Both);
         }
-        stream.set_read_timeout(Some(left))?;
-        let n = stream.read(&mut chunk)?;
-        if n == 0 || head.len() + n > 16 * 1024 {
-            return respond(&mut stream, 400, "text/plain", "bad request\n");
+        let stream = Arc::new(stream);
+        let (handle, shared) = (Arc::downgrade(&stream), shared.clone());
+        let spawned = std::thread::Builder::new().name(name.to_string()).stack_size(STACK).spawn(move || {
+            if let Err(e) = handle_request(role, &stream, &shared) {
+                log::debug!("{role:?} request: {e}");
+            }
+        });
+        match spawned {
+            Ok(_) => in_flight.push_back(handle),
+            Err(e) => log::warn!("{role:?} listener: cannot start a request thread: {e}"),
         }
-        head.extend_from_slice(&chunk[..n]);
     }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, kind, body) = route(role, method, path, shared);
-    respond(&mut stream, status, kind, &body)
 }
 
-fn route(role: Role, method: &str, path: &str, shared: &Shared) -> (u16, &'static str, String) {
-    let ready = || {
-        if shared.ready() {
-            (200, "text/plain", "LIVE\n".to_string())
-        } else {
-            (503, "text/plain", "DRAINING\n".to_string())
+/// How reading a request head ended.
+enum Head {
+    /// The whole head, up to and including the blank line.
+    Complete(Vec<u8>),
+    /// The client closed (or was cut) before finishing it.
+    Closed,
+    /// Larger than MAX_HEAD.
+    TooLarge,
+    /// Not finished within REQUEST_TIMEOUT.
+    TooSlow,
+}
+
+fn read_head(mut stream: &TcpStream) -> io::Result<Head> {
+    // The whole head must arrive within REQUEST_TIMEOUT, however it is dripped.
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        // Only the bytes just read (and the 3 before) can complete the blank line.
+        let from = head.len().saturating_sub(chunk.len() + 3);
+        if head.get(from..).is_some_and(|tail| tail.windows(4).any(|w| w == b"\r\n\r\n")) {
+            return Ok(Head::Complete(head));
         }
+        if head.len() > MAX_HEAD {
+            return Ok(Head::TooLarge);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Head::TooSlow);
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(Head::Closed),
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Ok(Head::TooSlow);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn handle_request(role: Role, stream: &TcpStream, shared: &Shared) -> io::Result<()> {
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let head = match read_head(stream)? {
+        Head::Complete(head) => head,
+        Head::Closed => return Ok(()),
+        Head::TooLarge => return refuse(stream, 431, "request head over 16 KiB\n"),
+        Head::TooSlow => return refuse(stream, 408, "request head not received in time\n"),
     };
-    match (role, method, path) {
-        (Role::Admin | Role::Metrics, "GET", "/stats/prometheus") => (200, CONTENT_TYPE, shared.render()),
-        (Role::Admin, "GET", "/ready") | (Role::Health, "GET", "/healthz/ready") => ready(),
-        (Role::Admin, "GET", "/config_dump") => match config_dump(shared) {
+    let Some((method, path)) = request_line(&head) else {
+        return refuse(stream, 400, "malformed request line\n");
+    };
+    let (status, kind, body, allow) = route(role, method, path, shared);
+    respond(stream, status, kind, allow, &body)?;
+    let _ = stream.shutdown(Shutdown::Write);
+    Ok(())
+}
+
+/// `METHOD SP request-target SP HTTP/1.x` (RFC 9112 §3), or None when malformed.
+fn request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line.strip_suffix(b"\r")?).ok()?;
+    let mut parts = line.split(' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    let token = |s: &str| {
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let target_ok = target.starts_with('/') && target.bytes().all(|b| b.is_ascii_graphic());
+    let version_ok = matches!(version, "HTTP/1.0" | "HTTP/1.1");
+    (parts.next().is_none() && token(method) && target_ok && version_ok).then_some((method, target))
+}
+
+/// Answer an error, then read and discard what the client still sends (bounded), so our
+/// close does not reset the connection before the client has read the answer.
+fn refuse(mut stream: &TcpStream, status: u16, body: &str) -> io::Result<()> {
+    respond(stream, status, "text/plain", None, body)?;
+    stream.shutdown(Shutdown::Write)?;
+    let deadline = Instant::now() + LINGER;
+    let (mut chunk, mut discarded) = ([0u8; 4096], 0);
+    while discarded < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => discarded += n,
+        }
+    }
+    Ok(())
+}
+
+/// Status, content type and body for a well-formed request: 404 for a path this role does
+/// not serve, 405 (with the methods it allows) for a known path and another method.
+fn route(
+    role: Role,
+    method: &str,
+    target: &str,
+    shared: &Shared,
+) -> (u16, &'static str, String, Option<&'static str>) {
+    // Queries do not change what we answer (`/drain_listeners?graceful` is Envoy's spelling).
+    let path = target.split('?').next().unwrap_or(target);
+    let allowed = match (role, path) {
+        (Role::Admin | Role::Metrics, "/stats/prometheus")
+        | (Role::Admin, "/ready" | "/config_dump")
+        | (Role::Health, "/healthz/ready") => "GET",
+        (Role::Admin, "/drain" | "/drain_listeners") => "POST",
+        _ => return (404, "text/plain", "not found\n".to_string(), None),
+    };
+    if method != allowed {
+        return (405, "text/plain", "method not allowed\n".to_string(), Some(allowed));
+    }
+    let (status, kind, body) = match path {
+        "/stats/prometheus" => (200, CONTENT_TYPE, shared.render()),
+        "/ready" | "/healthz/ready" if shared.ready() => (200, "text/plain", "LIVE\n".to_string()),
+        "/ready" | "/healthz/ready" => (503, "text/plain", "DRAINING\n".to_string()),
+        "/config_dump" => match config_dump(shared) {
             Ok(json) => (200, "application/json", json + "\n"),
             Err(e) => (500, "text/plain", format!("{e}\n")),
         },
-        (Role::Admin, "POST", "/drain" | "/drain_listeners?graceful" | "/drain_listeners") => {
-            // As Envoy's drain_listeners: stop accepting and fail readiness, but keep serving
-            // live connections and metrics until SIGTERM ends the process.
+        _ => {
+            // /drain, as Envoy's drain_listeners: stop accepting and fail readiness, but keep
+            // serving live connections and metrics until SIGTERM ends the process.
             shared.draining.store(true, Ordering::Release);
             log::info!("drain requested over admin: listeners stop accepting");
             (200, "text/plain", "OK\n".to_string())
         }
-        _ => (404, "text/plain", "not found\n".to_string()),
-    }
+    };
+    (status, kind, body, None)
 }
 
 /// The config served now (static and xDS parts; each xDS resource names its version in
@@ -128,18 +250,29 @@ fn config_dump(shared: &Shared) -> serde_json::Result<String> {
     serde_json::to_string_pretty(&dump)
 }
 
-fn respond(stream: &mut TcpStream, status: u16, kind: &str, body: &str) -> io::Result<()> {
+/// Write a whole response; `allow` is the Allow header a 405 must carry (RFC 9110 §15.5.6).
+fn respond(
+    mut stream: &TcpStream,
+    status: u16,
+    kind: &str,
+    allow: Option<&str>,
+    body: &str,
+) -> io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
-    write!(
-        stream,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let allow = allow.map(|a| format!("Allow: {a}\r\n")).unwrap_or_default();
+    // One write: the head and body leave in as few segments as the size allows.
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    stream.flush()
+    );
+    stream.write_all(response.as_bytes())
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde::de::{DeserializeOwned, IntoDeserializer};
 
+use crate::capture;
 use crate::config::{self, Bind, Cluster, Config, Dur, Endpoint, Listener, Size};
 use crate::routing;
 
@@ -28,6 +29,64 @@ pub enum Command {
     Validate(RunArgs),
     /// Run the built-in two-sidecar demo and print the TCP metrics.
     Demo(DemoArgs),
+    /// Print, add or remove the transparent-capture iptables rules of this network
+    /// namespace (SPEC §8), as Istio's init container does.
+    Iptables(IptablesArgs),
+}
+
+/// Flags of `ringside iptables`: exactly one action, and what to capture.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("action").required(true).args(["print", "apply", "clean"])))]
+pub struct IptablesArgs {
+    /// Write the rules, one `iptables` command per line; change nothing.
+    #[arg(long)]
+    pub print: bool,
+    /// Add the rules (all or, on a failure, none).
+    #[arg(long)]
+    pub apply: bool,
+    /// Remove what --apply added.
+    #[arg(long)]
+    pub clean: bool,
+    /// The proxy's uid, whose own connections are never captured.
+    #[arg(long, default_value_t = capture::PROXY_ID)]
+    pub proxy_uid: u32,
+    /// The proxy's gid, likewise (optional).
+    #[arg(long)]
+    pub proxy_gid: Option<u32>,
+    /// Inbound destination ports to capture: `*` or a comma-separated list (empty: none).
+    #[arg(long, default_value = "*", value_parser = capture::parse_select::<u16>)]
+    pub include_ports: capture::Select<u16>,
+    /// Inbound destination ports never captured (with --include-ports '*').
+    #[arg(long, default_value = "15090,15021,15020", value_parser = capture::parse_list::<u16>)]
+    pub exclude_ports: capture::List<u16>,
+    /// Outbound destination IPv4 CIDRs to capture: `*` or a comma-separated list (empty: none).
+    #[arg(long, default_value = "*", value_parser = capture::parse_select::<capture::Cidr>)]
+    pub include_cidrs: capture::Select<capture::Cidr>,
+    /// Outbound destination IPv4 CIDRs never captured.
+    #[arg(long, default_value = "", value_parser = capture::parse_list::<capture::Cidr>)]
+    pub exclude_cidrs: capture::List<capture::Cidr>,
+    /// Port of the outbound capture listener.
+    #[arg(long, default_value_t = capture::OUTBOUND_PORT)]
+    pub outbound_port: u16,
+    /// Port of the inbound capture listener.
+    #[arg(long, default_value_t = capture::INBOUND_PORT)]
+    pub inbound_port: u16,
+}
+
+impl IptablesArgs {
+    /// What to capture, from the flags.
+    pub fn options(&self) -> capture::Options {
+        capture::Options {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            proxy_uid: Some(self.proxy_uid),
+            proxy_gid: self.proxy_gid,
+            include_ports: self.include_ports.clone(),
+            exclude_ports: self.exclude_ports.0.clone(),
+            include_cidrs: self.include_cidrs.clone(),
+            exclude_cidrs: self.exclude_cidrs.0.clone(),
+        }
+    }
 }
 
 /// Flags of `ringside demo`.
@@ -298,6 +357,7 @@ impl RunArgs {
                 service: None,
                 service_namespace: None,
                 load_balancer: config::LoadBalancer::RoundRobin,
+                addresses: Vec::new(),
                 endpoints: vec![],
                 subsets: vec![],
                 tls: None,

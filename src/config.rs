@@ -443,6 +443,11 @@ pub struct Cluster {
     /// Load balancer for the whole cluster.
     #[serde(default)]
     pub load_balancer: LoadBalancer,
+    /// Service addresses clients dial (`IP:port`), as a Kubernetes ClusterIP or a
+    /// ServiceEntry's addresses and ports: an outbound capture routes a connection whose
+    /// original destination is one of them (or one of the endpoints) here (SPEC §8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
     /// Endpoints.
     pub endpoints: Vec<Endpoint>,
     /// Label-selected subsets.
@@ -857,8 +862,31 @@ impl Config {
                     &format!("listener {}", l.name),
                 )?;
             }
-            if l.capture != Capture::None {
-                return Err(here("capture: transparent capture is not implemented yet".into()));
+            match (l.capture, l.direction) {
+                (Capture::None, _) => {}
+                (Capture::Outbound, Direction::Outbound) if targets.iter().any(|t| *t) => {
+                    return Err(here(
+                        "capture: outbound routes by each connection's original destination; \
+                         remove cluster, tcp_routes and service"
+                            .into(),
+                    ));
+                }
+                (Capture::Inbound, Direction::Inbound) if l.tcp_routes.is_some() => {
+                    return Err(here(
+                        "capture: inbound relays to the original destination port; tcp_routes \
+                         cannot apply (cluster or service only name destination_service)"
+                            .into(),
+                    ));
+                }
+                (Capture::Outbound, Direction::Outbound) | (Capture::Inbound, Direction::Inbound) => {}
+                (c, d) => {
+                    return Err(here(format!(
+                        "capture: {} needs direction: {} (not {})",
+                        format!("{c:?}").to_lowercase(),
+                        format!("{c:?}").to_lowercase(),
+                        format!("{d:?}").to_lowercase()
+                    )));
+                }
             }
             if l.tls.is_some() {
                 return Err(here("tls: mTLS is not implemented yet".into()));
@@ -936,7 +964,8 @@ impl Config {
             .iter()
             .filter_map(|l| {
                 let host = l.service.as_deref()?;
-                let routed = self.service_routes.iter().any(|r| r.host == host)
+                let port = l.listen.port();
+                let routed = self.service_routes.iter().any(|r| r.host == host && r.match_port.is_none_or(|p| p == port))
                     || self.clusters.iter().any(|c| c.service.as_deref() == Some(host));
                 (!routed).then(|| {
                     format!(

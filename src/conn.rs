@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -36,6 +37,8 @@ pub struct WorkerCtx {
     snapshot: RefCell<Rc<Snapshot>>,
     /// Buffer pool.
     pub pool: BufferPool,
+    /// Splice pipes, borrowed by a bulk flow for one burst.
+    pub pipes: crate::socket::PipePool,
     /// This worker's metrics shard writer.
     pub metrics: RefCell<ShardWriter>,
     /// The local node (canonical labels filled) and its encoded preamble.
@@ -81,7 +84,20 @@ pub struct Conn {
     pub idle_expired: Cell<bool>,
     /// Cluster and endpoint it was routed to (for labels), once known.
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
+    /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
+    pub captured: Cell<Option<Captured>>,
     slot: Cell<usize>,
+}
+
+/// Where an outbound-captured connection went when no cluster matched its original
+/// destination, named as Istio's catch-all clusters are (SPEC §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Captured {
+    /// Relayed to the original destination as it was: `PassthroughCluster`.
+    Passthrough(SocketAddr),
+    /// Refused: the original destination was the proxy's own listener (a loop):
+    /// `BlackHoleCluster`.
+    BlackHole,
 }
 
 impl Conn {
@@ -116,6 +132,7 @@ impl WorkerCtx {
             index,
             snapshot: RefCell::new(Rc::new(Snapshot::new(published, seed(index), None))),
             pool: BufferPool::default(),
+            pipes: Default::default(),
             metrics: RefCell::new(writer),
             preamble: crate::exchange::encode(&node),
             node,
@@ -163,6 +180,7 @@ impl WorkerCtx {
             cancel: Signal::default(),
             idle_expired: Cell::new(false),
             upstream: Cell::new(None),
+            captured: Cell::new(None),
             slot: Cell::new(0),
         });
         let mut conns = self.conns.borrow_mut();
@@ -231,16 +249,18 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     // Everything the labels depend on besides the fixed local node. (With mTLS, the
     // principals join the key.)
     // Indices are per snapshot: the generation tells them apart.
-    let (generation, listener, upstream) = (conn.snapshot.generation, conn.listener, conn.upstream.get());
+    let (generation, listener, upstream, captured) =
+        (conn.snapshot.generation, conn.listener, conn.upstream.get(), conn.captured.get());
     let hash = {
         let mut h = std::hash::DefaultHasher::new();
-        (generation, listener, upstream, response_flags, peer).hash(&mut h);
+        (generation, listener, upstream, captured, response_flags, peer).hash(&mut h);
         h.finish()
     };
     let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
         let same = known.generation == generation
             && known.listener == listener
             && known.upstream == upstream
+            && known.captured == captured
             && known.response_flags == response_flags
             && known.peer.as_ref() == peer;
         same.then_some(*id)
@@ -252,7 +272,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     let id = ctx.intern(labels(ctx, conn, peer, response_flags));
     let mut cache = ctx.series_cache.borrow_mut();
     if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
-        let key = SettleKey { generation, listener, upstream, response_flags, peer: peer.cloned() };
+        let key = SettleKey { generation, listener, upstream, captured, response_flags, peer: peer.cloned() };
         cache.insert(hash, (key, id));
     }
     drop(cache);
@@ -265,6 +285,7 @@ pub struct SettleKey {
     generation: u64,
     listener: usize,
     upstream: Option<(usize, Option<usize>)>,
+    captured: Option<Captured>,
     response_flags: &'static str,
     peer: Option<NodeMetadata>,
 }
@@ -281,7 +302,17 @@ fn labels(
 ) -> metrics::LabelSet {
     let snapshot = &conn.snapshot;
     let listener = &snapshot.config.listeners[conn.listener];
-    let unknown = ServiceInfo::default();
+    // Istio's catch-all clusters: destination_service is the original `IP:port` for a
+    // passthrough (where Istio says `unknown`), the cluster's name for the black hole.
+    let special = match conn.captured.get() {
+        Some(Captured::Passthrough(dst)) => Some((dst.to_string(), "PassthroughCluster")),
+        Some(Captured::BlackHole) => Some(("BlackHoleCluster".to_string(), "BlackHoleCluster")),
+        None => None,
+    };
+    let unknown = ServiceInfo {
+        host: special.as_ref().map(|(host, _)| host.clone()).unwrap_or_default(),
+        ..ServiceInfo::default()
+    };
     let (service, endpoint) = match conn.upstream.get() {
         Some((c, e)) => {
             let cluster = &snapshot.router.clusters[c];
@@ -292,21 +323,24 @@ fn labels(
     // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
     // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
     let endpoint = endpoint.filter(|_| listener.direction == Direction::Outbound);
-    metrics::label_set(&ConnLabels {
+    let set = metrics::label_set(&ConnLabels {
         reporter: listener.direction.into(),
         local: &ctx.node,
         peer: peer.or(endpoint),
-        endpoint_labels: None,
         service,
         response_flags,
         local_principal: None,
         peer_principal: None,
         mutual_tls: false,
-    })
+    });
+    match special {
+        Some((_, name)) => set.with("destination_service_name", name),
+        None => set,
+    }
 }
 
-/// Per-worker relay buffers: taken after a socket is readable, given back after the write,
-/// so an idle connection holds none.
+/// Per-worker relay buffers: taken for a read that does not wait, given back after the
+/// write, so an idle connection holds none.
 #[derive(Default)]
 pub struct BufferPool {
     free: RefCell<Vec<Vec<u8>>>,

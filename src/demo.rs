@@ -95,6 +95,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             service: Some(service),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
+            addresses: Vec::new(),
             endpoints: vec![Endpoint::at(upstream)],
             subsets: vec![],
             tls: None,

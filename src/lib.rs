@@ -7,7 +7,9 @@
 #![warn(missing_docs)]
 
 pub mod admin; // /ready, /stats/prometheus, /config_dump, /drain, /healthz/ready
+pub mod backoff; // accept back-off on EMFILE and friends: pause length, log pacing. No I/O.
 pub mod busy_poll; // opt-in: poll instead of sleeping for a window after activity
+pub mod capture; // original destination, inbound bind to 127.0.0.6, iptables rules (§8)
 pub mod cli; // flags -> config overrides
 pub mod config; // YAML model, defaults, validate(); durations; file:line errors
 pub mod conn; // a connection's context: worker state, counters, settling into labels

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ringside::admin::{self, Role};
-use ringside::cli::{Cli, Command};
+use ringside::cli::{Cli, Command, IptablesArgs};
 use ringside::config::Config;
-use ringside::{demo, worker};
+use ringside::{capture, demo, worker};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -30,8 +30,13 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("bad usage").trim_start_matches("error: ");
-            eprintln!("ringside: {first}");
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines.next().unwrap_or("bad usage").trim_start_matches("error: ");
+            // "the following required arguments were not provided:" names them on the next line.
+            match lines.next().filter(|_| first.ends_with(':')) {
+                Some(what) => eprintln!("ringside: {first} {what}"),
+                None => eprintln!("ringside: {first}"),
+            }
             return ExitCode::from(EX_USAGE);
         }
     };
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
             Ok(cfg) => run(cfg),
             Err(e) => usage(e),
         },
+        Command::Iptables(args) => iptables(&args),
         Command::Demo(args) => match demo::run(args.connections) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -54,6 +60,27 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+/// `ringside iptables`: the rules are the same for all three actions, so `--print` shows
+/// exactly what `--apply` adds.
+fn iptables(args: &IptablesArgs) -> ExitCode {
+    let options = args.options();
+    let result = if args.print {
+        capture::rules(&options).iter().for_each(|r| println!("{r}"));
+        Ok(())
+    } else if args.apply {
+        capture::apply(&options).map(|n| log::info!("iptables: {n} rules added"))
+    } else {
+        capture::clean().map(|()| log::info!("iptables: capture rules removed"))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringside: iptables: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -73,6 +100,9 @@ fn run(cfg: Config) -> ExitCode {
 }
 
 fn serve(cfg: Config) -> anyhow::Result<()> {
+    if let Some((level, note)) = capture::startup_note(&cfg.listeners) {
+        log::log!(level, "{note}");
+    }
     let proxy = worker::start(cfg)?;
     let shared = proxy.shared.clone();
     let c = &shared.config;

@@ -1,9 +1,10 @@
 //! One connection's life: route, connect upstream, run the peer exchange, copy both halves,
 //! propagate half-close and reset, and count it (SPEC §1, §2).
 //!
-//! Reads wait for readiness before taking a buffer from the pool, so an idle connection
-//! holds no buffer; a read that fills the whole buffer marks a bulk flow, which then moves by
-//! splice(2) without passing through user space.
+//! A read takes a buffer from the pool only for one non-blocking recv(2), and waits for
+//! readiness without a buffer once a read would block, so an idle connection holds no buffer;
+//! a read that fills the whole buffer marks a bulk flow, which then moves by splice(2) without
+//! passing through user space.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -18,10 +19,13 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
-use crate::config::{Direction, Listener, PeerExchange};
-use crate::conn::{Conn, WorkerCtx, settle};
+use crate::backoff;
+use crate::capture::{self, Decision};
+use crate::config::{Capture, Direction, Listener, PeerExchange};
+use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
+use crate::routing::Target;
 use crate::snapshot::Snapshot;
 use crate::socket;
 
@@ -43,6 +47,10 @@ pub enum Error {
     /// A preamble begun was not finished within exchange_timeout.
     #[error("exchange timeout")]
     ExchangeTimeout,
+    /// A captured connection's original destination was the proxy's own listener (`UH`,
+    /// as Istio's BlackHoleCluster has no hosts).
+    #[error("captured connection to the proxy's own listener refused (loop)")]
+    Loop,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -53,6 +61,7 @@ impl Error {
         match self {
             Error::NoRoute => "NR",
             Error::Connect(_) => "UF",
+            Error::Loop => "UH",
             Error::NoHealthyUpstream => "UH",
             _ => "-",
         }
@@ -73,7 +82,8 @@ pub fn over_limit(ctx: &WorkerCtx, snapshot: Rc<Snapshot>, li: usize, acceptor: 
     drop(down);
 }
 
-/// Serve one accepted connection to its end, under `snapshot` (listener `li` of it).
+/// Serve one accepted connection to its end.
+/// Under `snapshot` (listener `li` of it), which the connection keeps for its life.
 pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, acceptor: u64, down: TcpStream) {
     let conn = ctx.open(snapshot, li, acceptor);
     let result = relay(&ctx, li, &conn, down).await;
@@ -91,42 +101,78 @@ pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, accept
     conn.snapshot.live[li].fetch_sub(1, Ordering::AcqRel);
 }
 
-async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
-    // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
-    // that an idle, established connection should not carry for the rest of its life.
-    let setup = Box::pin(open(ctx, li, conn, down));
-    // Cancelled while connecting or exchanging (idle timeout, drain deadline): dropping the
-    // sockets closes them; at most the first bytes of the exchange phase were relayed.
-    let (down, up, peer) = monoio::select! {
-        r = setup => r?,
-        _ = conn.cancel.wait() => return Ok(()),
-    };
-    settle(ctx, conn, peer.as_ref(), "-");
-    copy_both(ctx, conn, down, up).await
-}
-
-/// Connect upstream and run the peer exchange; on a broken exchange reset both sides.
-async fn open(
-    ctx: &WorkerCtx,
-    li: usize,
-    conn: &Conn,
-    mut down: TcpStream,
-) -> Result<(TcpStream, TcpStream, Option<NodeMetadata>), Error> {
+async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> Result<(), Error> {
     let listener = &conn.snapshot.config.listeners[li];
-    let mut up = connect(li, conn, listener).await?;
+    // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
+    // that an idle, established connection should not carry for the rest of its life. Both
+    // borrow the sockets rather than own them, so a cancel (idle timeout, drain deadline)
+    // leaves them here to be closed the way the cancel asks.
+    let connected = monoio::select! {
+        r = Box::pin(connect_any(ctx, li, conn, listener, &down)) => Some(r?),
+        _ = conn.cancel.wait() => None,
+    };
+    let Some(mut up) = connected else {
+        cut(conn, down, None);
+        return Ok(());
+    };
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
-    let peer = match (listener.peer_exchange, listener.direction) {
+    let exchanged = monoio::select! {
+        r = Box::pin(exchange(ctx, listener, conn, &mut down, &mut up)) => Some(r),
+        _ = conn.cancel.wait() => None,
+    };
+    match exchanged {
+        Some(Ok(peer)) => {
+            settle(ctx, conn, peer.as_ref(), "-");
+            copy_both(ctx, conn, down, up).await
+        }
+        Some(Err(e)) => {
+            // A broken exchange: reset both sides.
+            socket::reset(down);
+            socket::reset(up);
+            Err(e)
+        }
+        None => {
+            cut(conn, down, Some(up));
+            Ok(())
+        }
+    }
+}
+
+/// Close a connection cancelled before it was relaying: gracefully after an idle timeout, with
+/// a reset at the drain deadline (as `copy_both` does), so a peer never mistakes a cut-off
+/// exchange for a finished one.
+fn cut(conn: &Conn, down: TcpStream, up: Option<TcpStream>) {
+    if conn.idle_expired.get() {
+        return; // dropping closes with FIN
+    }
+    socket::reset(down);
+    if let Some(up) = up {
+        socket::reset(up);
+    }
+}
+
+/// Run the peer exchange the listener asks for; the peer, if it is a mesh peer.
+async fn exchange(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: &mut TcpStream,
+    up: &mut TcpStream,
+) -> Result<Option<NodeMetadata>, Error> {
+    // A passthrough destination is not known to be a mesh peer: writing a preamble to it
+    // would put bytes in front of its protocol (Istio's PassthroughCluster has no exchange).
+    let mode = match conn.captured.get() {
+        Some(Captured::Passthrough(_)) => PeerExchange::Off,
+        _ => listener.peer_exchange,
+    };
+    match (mode, listener.direction) {
         (PeerExchange::Always, direction) => {
             // A preamble split across reads is gathered in a pool buffer (copied once).
             let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
             let peer = match direction {
-                Direction::Outbound => {
-                    exchange_outbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
-                }
-                Direction::Inbound => {
-                    exchange_inbound(ctx, listener, conn, &mut parser, &mut down, &mut up).await
-                }
+                Direction::Outbound => exchange_outbound(ctx, listener, conn, &mut parser, down, up).await,
+                Direction::Inbound => exchange_inbound(ctx, listener, conn, &mut parser, down, up).await,
             };
             ctx.pool.put(parser.into_buffer());
             peer
@@ -137,23 +183,83 @@ async fn open(
             Ok(None)
         }
         (PeerExchange::Off, _) => Ok(None),
-    };
-    match peer {
-        Ok(p) => Ok((down, up, p)),
-        Err(e) => {
-            socket::reset(down);
-            socket::reset(up);
-            Err(e)
+    }
+}
+
+/// Connect as the listener says: by its route, or by the original destination of a captured
+/// connection.
+async fn connect_any(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    match listener.capture {
+        Capture::None => connect(li, conn, listener, None).await,
+        _ => connect_captured(ctx, li, conn, listener, down).await,
+    }
+}
+
+/// A captured connection: where its original destination says (SPEC §8), read once here.
+async fn connect_captured(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    down: &TcpStream,
+) -> Result<TcpStream, Error> {
+    let local = down.local_addr()?;
+    let original = capture::original_dst(down);
+    let timeout = listener.limits.connect_timeout.0;
+    match capture::decide(
+        listener.capture,
+        original,
+        local,
+        &conn.snapshot.config.listeners,
+        &conn.snapshot.router,
+    ) {
+        Decision::Refuse => {
+            conn.captured.set(Some(Captured::BlackHole));
+            ctx.metrics.borrow().count_capture_loop();
+            Err(Error::Loop)
+        }
+        Decision::Cluster(target) => connect(li, conn, listener, Some(target)).await,
+        Decision::Passthrough(dst) => {
+            conn.captured.set(Some(Captured::Passthrough(dst)));
+            match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
+                Ok(r) => r.map_err(Error::Connect),
+                Err(_) => Err(Error::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect {dst}: timed out"),
+                ))),
+            }
+        }
+        Decision::Local(dst) => {
+            // The listener's cluster (if any) only names destination_service.
+            if let Some(t) = conn.snapshot.router.route(li) {
+                conn.upstream.set(Some((t.cluster, None)));
+            }
+            capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)
         }
     }
 }
 
-/// Route and connect, trying the other endpoints when one refuses or times out; a failed
-/// endpoint is ejected for a while (SPEC §6), so the next connections do not wait on it.
-async fn connect(li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStream, Error> {
-    let router = &conn.snapshot.router;
-    let target = router.route(li).ok_or(Error::NoRoute)?;
+/// Route (unless `target` is given) and connect, trying the other endpoints when one
+/// refuses or times out; a failed endpoint is ejected for a while (SPEC §6), so the next
+/// connections do not wait on it.
+async fn connect(
+    li: usize,
+    conn: &Conn,
+    listener: &Listener,
+    target: Option<Target>,
+) -> Result<TcpStream, Error> {
+    let target = match target {
+        Some(t) => t,
+        None => conn.snapshot.router.route(li).ok_or(Error::NoRoute)?,
+    };
     conn.upstream.set(Some((target.cluster, None)));
+    let router = &conn.snapshot.router;
     let cluster = &router.clusters[target.cluster];
     let now = Instant::now();
     let healthy = router.healthy(target, now);
@@ -169,6 +275,9 @@ async fn connect(li: usize, conn: &Conn, listener: &Listener) -> Result<TcpStrea
                     router.connected(target.cluster, e);
                     return Ok(s);
                 }
+                // Out of descriptors or memory here, not the endpoint's fault: no ejection,
+                // no other endpoint (it would fail alike), no log line per connection. UF.
+                Ok(Err(err)) if backoff::is_resource_error(&err) => return Err(Error::Connect(err)),
                 Ok(Err(err)) => err,
                 Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
             };
@@ -479,9 +588,12 @@ async fn shutdown_write(to: &mut OwnedWriteHalf<TcpStream>) -> io::Result<()> {
     }
 }
 
-/// One direction: read (after readiness, so an idle connection holds no buffer), write all,
-/// count; on EOF shut the other side's write half (half-close). A read that fills the whole
-/// buffer marks a bulk flow: the rest of it moves by splice(2), without copying through us.
+/// One direction: read, write all, count; on EOF shut the other side's write half
+/// (half-close). A read is one non-blocking recv(2) into a pool buffer, taken only for the
+/// call: readiness is awaited (one ring operation, no buffer) only once a read would block,
+/// so an idle connection holds no buffer and a read costs no ring operation of its own. A
+/// read that fills the whole buffer marks a bulk flow: from then on each burst moves by
+/// splice(2) through a pipe borrowed from the worker's pool for the burst.
 async fn pump(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -491,70 +603,150 @@ async fn pump(
 ) -> io::Result<()> {
     let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
     let mut splice = ctx.splice;
+    let mut bulk = false;
+    // A client usually sent its first bytes while we connected upstream: try at once. The
+    // upstream speaks when asked, so its side starts by waiting.
+    let mut ready = request;
     loop {
-        socket::readable(from).await?;
-        let (res, buf) = from.read(ctx.pool.take()).await;
-        let n = match res {
+        if !ready {
+            socket::readable(from).await?;
+        }
+        if bulk
+            && splice
+            && let Some(pipe) = ctx.pipes.take(ctx.now.get())
+        {
+            match splice_burst(ctx, conn, from, to, counter, &pipe).await? {
+                Burst::Quiet => {
+                    pipe.release();
+                    ready = false;
+                    continue;
+                }
+                Burst::Eof => {
+                    pipe.release();
+                    return shutdown_write(to).await;
+                }
+                Burst::Unsupported { error, left } => {
+                    log::debug!("splice failed, copying instead: {error}");
+                    splice = false;
+                    copy_out_of_pipe(ctx, &pipe, to, left).await?;
+                }
+            }
+        }
+        let mut buf = ctx.pool.take();
+        let n = match socket::recv(from, &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 ctx.pool.put(buf);
-                return Err(e);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        ready = false;
+                        continue;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
             }
         };
         if n == 0 {
             ctx.pool.put(buf);
             return shutdown_write(to).await;
         }
-        let bulk = n == buf.capacity();
+        // A full read: more is probably waiting, so read again at once.
+        ready = n == buf.capacity();
+        if ready && splice && !bulk {
+            bulk = true;
+            if let Err(e) = socket::nonblocking(from, to) {
+                log::debug!("splice unavailable, copying instead: {e}");
+                splice = false;
+            }
+        }
         ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let (res, buf) = to.write_all(buf).await;
         ctx.pool.put(buf);
         res?;
-        if bulk && splice {
-            match socket::Pipe::for_halves(from, to) {
-                Ok(pipe) => return splice_pump(ctx, conn, from, to, counter, pipe).await,
-                Err(e) => {
-                    // Out of fds or pipe memory: keep copying; this connection is healthy.
-                    log::debug!("splice unavailable, copying instead: {e}");
-                    splice = false;
-                }
-            }
-        }
     }
 }
 
-/// The zero-copy rest of a bulk direction: socket → pipe → socket inside the kernel, with
-/// non-blocking splices and readiness waits, so the worker never blocks.
-async fn splice_pump(
+/// How a splice burst ended.
+enum Burst {
+    /// Nothing more to read for now; the pipe is empty and goes back to the pool.
+    Quiet,
+    /// The sender half-closed; the pipe is empty.
+    Eof,
+    /// splice(2) itself failed, not the connection; `left` bytes are still in the pipe.
+    Unsupported { error: io::Error, left: usize },
+}
+
+/// Errors that are the connection's (a reset, a closed peer), not splice's: they end the
+/// connection as a copy would. Any other splice error makes the flow copy instead.
+fn connection_error(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset
+            | ConnectionAborted
+            | BrokenPipe
+            | NotConnected
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
+    )
+}
+
+/// Socket → pipe → socket inside the kernel until the socket has nothing more to read, with
+/// non-blocking splices and writability waits, so the worker never blocks.
+async fn splice_burst(
     ctx: &WorkerCtx,
     conn: &Conn,
     from: &mut OwnedReadHalf<TcpStream>,
     to: &mut OwnedWriteHalf<TcpStream>,
     counter: &std::cell::Cell<u64>,
-    pipe: socket::Pipe,
-) -> io::Result<()> {
+    pipe: &socket::Lease<'_>,
+) -> io::Result<Burst> {
     loop {
-        let n = match socket::splice_in(from, &pipe, socket::PIPE_SIZE) {
-            Ok(0) => return shutdown_write(to).await,
+        let n = match socket::splice_in(from, pipe) {
+            Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                socket::readable(from).await?;
-                continue;
-            }
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Quiet),
+            Err(e) if connection_error(&e) => return Err(e),
+            Err(error) => return Ok(Burst::Unsupported { error, left: 0 }),
         };
         ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
         let mut left = n;
         while left > 0 {
-            match socket::splice_out(&pipe, to, left) {
+            match socket::splice_out(pipe, to, left) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket::writable(to).await?,
-                Err(e) => return Err(e),
+                Err(e) if connection_error(&e) => return Err(e),
+                Err(error) => return Ok(Burst::Unsupported { error, left }),
             }
         }
     }
+}
+
+/// After a failed splice: write what is still in the pipe by copying it through buffers.
+async fn copy_out_of_pipe(
+    ctx: &WorkerCtx,
+    pipe: &socket::Lease<'_>,
+    to: &mut OwnedWriteHalf<TcpStream>,
+    mut left: usize,
+) -> io::Result<()> {
+    while left > 0 {
+        let mut buf = ctx.pool.take();
+        match socket::drain_pipe(pipe, &mut buf) {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            r => {
+                ctx.pool.put(buf);
+                return r.and(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        let (res, buf) = to.write_all(buf).await;
+        ctx.pool.put(buf);
+        res?;
+    }
+    Ok(())
 }

@@ -3,14 +3,28 @@
 //! lives here, each block with the reason it holds.
 #![allow(unsafe_code)]
 
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use monoio::io::{OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 
-/// Kernel pipe capacity for splicing: one splice moves up to this many bytes.
-pub const PIPE_SIZE: usize = 1024 * 1024;
+/// Pipe capacity asked for the first `LARGE_PIPES` pipes of a worker: one splice moves up to
+/// this many bytes (1 MiB measured best for one stream; 256 KiB and 4 MiB were slower).
+const PIPE_SIZE: usize = 1024 * 1024;
+/// Pipes of a worker sized `PIPE_SIZE`; the rest keep the kernel's default (64 KiB), so one
+/// worker's pipes stay a small share of the uid's pipe-page budget that every sidecar on the
+/// node shares (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB by default).
+const LARGE_PIPES: usize = 4;
+/// A pipe smaller than this does not pay: over its uid's soft budget the kernel hands out
+/// 2-page pipes and refuses to grow them; such a flow copies through a 16 KiB buffer instead.
+const MIN_PIPE: usize = 64 * 1024;
+/// Pipes (in use plus idle) one worker may hold: each costs 2 fds and budget pages.
+const MAX_PIPES: usize = 64;
+/// Idle pipes a worker keeps for the next bulk flow; beyond it a returned pipe is closed.
+const KEEP_PIPES: usize = 8;
 
 fn stream_of_read(half: &OwnedReadHalf<TcpStream>) -> &TcpStream {
     // SAFETY: monoio (0.2.4, pinned in Cargo.lock) shares a split stream through an
@@ -31,6 +45,27 @@ pub async fn readable(half: &OwnedReadHalf<TcpStream>) -> io::Result<()> {
     // relaxed=false: on the epoll driver a relaxed wait may report stale readiness, which
     // would make an idle connection take a buffer and park a read with it.
     stream_of_read(half).readable(false).await
+}
+
+/// Read what the socket holds into `buf`'s spare capacity without waiting (MSG_DONTWAIT):
+/// one recv(2), no ring operation. `WouldBlock` means wait for `readable`; `Ok(0)` is EOF.
+pub fn recv(half: &OwnedReadHalf<TcpStream>, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the fd is the half's live socket; `spare` is writable memory of `spare.len()`
+    // bytes owned by `buf`, and only the `n` bytes recv(2) reports written are marked
+    // initialised below.
+    let n = unsafe {
+        libc::recv(
+            stream_of_read(half).as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// Wait until the write half's socket has room.
@@ -58,15 +93,17 @@ pub fn reset(s: TcpStream) {
     drop(s);
 }
 
-/// A non-blocking pipe used to move bytes socket → pipe → socket inside the kernel.
+/// A non-blocking pipe used to move bytes socket → pipe → socket inside the kernel. Always
+/// empty when not in a splice loop (the loop moves out everything it moved in).
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    size: usize,
 }
 
 impl Pipe {
-    /// A new pipe sized `PIPE_SIZE` (best effort: the kernel may cap it).
-    fn new() -> io::Result<Pipe> {
+    /// A new pipe, asked to hold `want` bytes; `size` is what the kernel granted.
+    fn new(want: usize) -> io::Result<Pipe> {
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -74,21 +111,119 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both fds are fresh and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; failure only leaves the default size.
-        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
-        Ok(Pipe { read, write })
+        let fd = write.as_raw_fd();
+        // SAFETY: F_SETPIPE_SZ/F_GETPIPE_SZ on a pipe fd we own. Growing fails (EPERM) past the
+        // uid's soft page budget without CAP_SYS_RESOURCE; the pipe then keeps what it has.
+        let size = unsafe {
+            if want > MIN_PIPE {
+                libc::fcntl(fd, libc::F_SETPIPE_SZ, want as libc::c_int);
+            }
+            libc::fcntl(fd, libc::F_GETPIPE_SZ)
+        };
+        let size = usize::try_from(size).map_err(|_| io::Error::last_os_error())?;
+        Ok(Pipe { read, write, size })
+    }
+}
+
+/// A worker's splice pipes. A bulk flow takes one while bytes move and gives it back once it
+/// goes quiet, so a connection holds no pipe (2 fds, budget pages) between bursts; pipes that
+/// come out too small under the uid's budget are closed and the flow copies instead.
+#[derive(Default)]
+pub struct PipePool {
+    free: RefCell<Vec<Pipe>>,
+    /// Pipes in use or idle in `free`, for `MAX_PIPES`.
+    held: Cell<usize>,
+    /// Large pipes held (`LARGE_PIPES`).
+    large: Cell<usize>,
+    /// Until when a new pipe is not tried after the kernel gave one too small.
+    starved_until: Cell<Option<Instant>>,
+}
+
+impl PipePool {
+    /// An empty pipe for a bulk flow, or `None` when this worker holds its share or the uid's
+    /// budget is spent (the flow copies meanwhile). `now` is the worker's coarse clock.
+    pub fn take(&self, now: Instant) -> Option<Lease<'_>> {
+        let pooled = self.free.borrow_mut().pop();
+        if let Some(pipe) = pooled {
+            return Some(Lease { pool: self, pipe: Some(pipe) });
+        }
+        if self.held.get() >= MAX_PIPES || self.starved_until.get().is_some_and(|t| now < t) {
+            return None;
+        }
+        let want = if self.large.get() < LARGE_PIPES { PIPE_SIZE } else { MIN_PIPE };
+        match Pipe::new(want) {
+            Ok(pipe) if pipe.size >= MIN_PIPE => {
+                self.held.set(self.held.get() + 1);
+                if pipe.size >= PIPE_SIZE {
+                    self.large.set(self.large.get() + 1);
+                }
+                Some(Lease { pool: self, pipe: Some(pipe) })
+            }
+            // Too small to pay, or out of fds: copy, and do not retry for a second.
+            r => {
+                if let Err(e) = r {
+                    log::debug!("no splice pipe, copying instead: {e}");
+                }
+                self.starved_until.set(Some(now + Duration::from_secs(1)));
+                None
+            }
+        }
     }
 
-    /// A pipe for splicing `from` → `to`, with both sockets made non-blocking so a splice
-    /// can never block the worker (sockets accepted by the io_uring driver are blocking,
-    /// which io_uring itself does not mind; O_NONBLOCK on the shared file description does
-    /// not change how io_uring completes the other direction's operations).
-    pub fn for_halves(from: &OwnedReadHalf<TcpStream>, to: &OwnedWriteHalf<TcpStream>) -> io::Result<Pipe> {
-        let pipe = Pipe::new()?;
-        set_nonblocking(stream_of_read(from).as_raw_fd())?;
-        set_nonblocking(stream_of_write(to).as_raw_fd())?;
-        Ok(pipe)
+    fn put(&self, pipe: Pipe) {
+        let mut free = self.free.borrow_mut();
+        if free.len() < KEEP_PIPES {
+            free.push(pipe);
+        } else {
+            drop(free);
+            self.close(pipe);
+        }
     }
+
+    fn close(&self, pipe: Pipe) {
+        self.held.set(self.held.get().saturating_sub(1));
+        if pipe.size >= PIPE_SIZE {
+            self.large.set(self.large.get().saturating_sub(1));
+        }
+    }
+}
+
+/// A pipe taken from a worker's pool. `release` gives it back empty; dropped otherwise (the
+/// connection ended mid-splice, or a splice failed), it may hold bytes and is closed.
+pub struct Lease<'a> {
+    pool: &'a PipePool,
+    pipe: Option<Pipe>,
+}
+
+impl Lease<'_> {
+    /// Give the (empty) pipe back to the pool.
+    pub fn release(mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            self.pool.put(pipe);
+        }
+    }
+
+    fn pipe(&self) -> &Pipe {
+        // Only `release` and `drop` take it, and both consume the lease.
+        self.pipe.as_ref().expect("lease holds its pipe until released")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            self.pool.close(pipe);
+        }
+    }
+}
+
+/// Make both sockets of a direction non-blocking, so a splice can never block the worker
+/// (sockets accepted by the io_uring driver are blocking, which io_uring itself does not mind;
+/// O_NONBLOCK on the shared file description does not change how io_uring completes the other
+/// direction's operations).
+pub fn nonblocking(from: &OwnedReadHalf<TcpStream>, to: &OwnedWriteHalf<TcpStream>) -> io::Result<()> {
+    set_nonblocking(stream_of_read(from).as_raw_fd())?;
+    set_nonblocking(stream_of_write(to).as_raw_fd())
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -103,14 +238,28 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 
 /// Move up to `len` bytes from the read half's socket into the pipe. `Ok(0)` is EOF;
 /// `WouldBlock` means wait for `readable`.
-pub fn splice_in(from: &OwnedReadHalf<TcpStream>, pipe: &Pipe, len: usize) -> io::Result<usize> {
-    splice(stream_of_read(from).as_raw_fd(), pipe.write.as_raw_fd(), len)
+pub fn splice_in(from: &OwnedReadHalf<TcpStream>, lease: &Lease<'_>) -> io::Result<usize> {
+    let pipe = lease.pipe();
+    splice(stream_of_read(from).as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)
 }
 
 /// Move up to `len` bytes from the pipe into the write half's socket. `WouldBlock` means
 /// wait for `writable`.
-pub fn splice_out(pipe: &Pipe, to: &OwnedWriteHalf<TcpStream>, len: usize) -> io::Result<usize> {
-    splice(pipe.read.as_raw_fd(), stream_of_write(to).as_raw_fd(), len)
+pub fn splice_out(lease: &Lease<'_>, to: &OwnedWriteHalf<TcpStream>, len: usize) -> io::Result<usize> {
+    splice(lease.pipe().read.as_raw_fd(), stream_of_write(to).as_raw_fd(), len)
+}
+
+/// Read up to `buf`'s spare capacity out of the pipe (to copy what a failed splice left in it).
+pub fn drain_pipe(lease: &Lease<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let pipe = lease.pipe();
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the pipe fd is live; `spare` is writable memory of `spare.len()` bytes owned by
+    // `buf`, and only the `n` bytes read(2) reports written are marked initialised below.
+    let n = unsafe { libc::read(pipe.read.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -118,4 +267,29 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both fds are live for the call; null offsets are valid for pipes and sockets.
     let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) };
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// A borrowed fd of a monoio stream, for socket options monoio does not wrap
+/// (SO_ORIGINAL_DST, SO_ERROR) through `socket2::SockRef`.
+pub fn borrow_fd(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the fd is owned by `s` and stays open while `s` is borrowed, which the
+    // returned `BorrowedFd` cannot outlive.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(s.as_raw_fd()) }
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: a socket bound to an address with port 0 gets its port at
+/// connect(), per destination, instead of holding one of the address's ports for itself.
+pub fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `s` is a live socket for the call, and `on` is a correctly sized int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use monoio::net::TcpListener;
 
+use crate::backoff::{self, Backoff};
 use crate::config::{self, Config};
 use crate::conn::{Flags, Signal, WorkerCtx};
 use crate::cpus;
@@ -495,6 +496,7 @@ async fn worker_main(
 async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, id: u64, listener: TcpListener, stop: Rc<Signal>) {
     // The listener's index in the current snapshot, looked up again only when it changes.
     let mut index: Option<(u64, usize)> = None;
+    let mut backoff = Backoff::default();
     loop {
         let accepted = monoio::select! {
             a = listener.accept() => a,
@@ -502,10 +504,25 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, id: u64, listener: TcpLis
         };
         let (down, _peer) = match accepted {
             Ok(x) => x,
+            Err(e) if backoff::is_resource_error(&e) => {
+                // Out of descriptors or memory (SPEC §1): the connection stays queued, so
+                // retrying at once would fail again and spin. Pause accepting (live
+                // connections keep being served), with one log line per interval.
+                let p = backoff.failed(Instant::now());
+                if let Some(n) = p.log {
+                    log::warn!(
+                        "listener {name}: accept: {e} ({n} times); pausing accepts up to {:?}",
+                        p.pause
+                    );
+                }
+                monoio::select! {
+                    _ = monoio::time::sleep(p.pause) => continue,
+                    _ = stop.wait() => return,
+                }
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning (as mini-redis does).
-                log::warn!("listener {name}: accept: {e}");
-                monoio::time::sleep(Duration::from_millis(10)).await;
+                // The client gave up while queued (ECONNABORTED) and the like: its own problem.
+                log::debug!("listener {name}: accept: {e}");
                 continue;
             }
         };

@@ -56,6 +56,13 @@ fn a_good_config_validates() {
 }
 
 #[test]
+fn a_capture_listener_needs_no_cluster() {
+    let yaml = GOOD.replace("    cluster: mongodb\n", "    capture: outbound\n");
+    let (code, err, _) = validate("capture", &yaml);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn the_spec_example_names_what_is_not_implemented_yet() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/spec-example.yaml"))
         .unwrap();
@@ -148,6 +155,18 @@ const BAD: &[(&str, &str, &str, &[&str])] = &[
         "metrics: {listen: 127.0.0.1:0}",
         "metrics: {listen: 127.0.0.1:0, max_label_sets: 18446744073709551615}",
         &["FILE:3:", "metrics.max_label_sets: must be between 1 and 1000000"],
+    ),
+    (
+        "capture-outbound-with-a-cluster",
+        "    cluster: mongodb",
+        "    cluster: mongodb\n    capture: outbound",
+        &["FILE:5:", "routes by each connection's original destination"],
+    ),
+    (
+        "capture-against-direction",
+        "    peer_exchange: always",
+        "    peer_exchange: always\n    capture: inbound",
+        &["FILE:5:", "capture: inbound needs direction: inbound"],
     ),
 ];
 

@@ -15,10 +15,16 @@ need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3)
+# Transparent capture (tests/capture.rs): network namespaces and Debian's iptables (nft backend).
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v iptables >/dev/null || need_apt+=(iptables)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
 # docker/native-demo.sh (tests/native_demo.rs): a real Redis server and its clients.
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
 command -v curl >/dev/null || need_apt+=(curl)
+# tests/limits.rs lowers a running ringside's descriptor limit with util-linux's prlimit.
+command -v prlimit >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi

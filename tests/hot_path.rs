@@ -80,6 +80,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             service: Some("backend.default.svc.cluster.local".into()),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
+            addresses: Vec::new(),
             endpoints: vec![Endpoint::at(upstream)],
             subsets: vec![],
             tls: None,

@@ -42,7 +42,7 @@ fn local_copy(name: &str, net: u8) -> (PathBuf, PathBuf) {
     }
     let config = dir.join("ringside.yaml");
     let text = std::fs::read_to_string(Path::new(DATA).join("ringside-ratings-v2.yaml")).unwrap();
-    std::fs::write(&config, moved(text) + "workers: 1\n").unwrap();
+    std::fs::write(&config, moved(text)).unwrap();
     (config, local)
 }
 
@@ -276,7 +276,7 @@ fn a_service_host_without_cluster_or_route_is_valid_and_its_connections_close_wi
 fn ejection_config(listen: SocketAddr, refusing: SocketAddr, good: Option<SocketAddr>) -> String {
     let good = good.map(|g| format!(", {{address: {g}}}")).unwrap_or_default();
     format!(
-        "workers: 1\nlisteners: [{{name: db, listen: {listen}, direction: outbound, cluster: db}}]\nclusters: [{{name: db, service: db.default.svc.cluster.local, endpoints: [{{address: {refusing}}}{good}]}}]\n"
+        "listeners: [{{name: db, listen: {listen}, direction: outbound, cluster: db}}]\nclusters: [{{name: db, service: db.default.svc.cluster.local, endpoints: [{{address: {refusing}}}{good}]}}]\n"
     )
 }
 
@@ -285,7 +285,9 @@ fn a_refusing_endpoint_is_ejected_the_connection_retried_and_it_is_tried_again_l
     let (listen, refusing, good) = ("127.0.12.100:27017", "127.0.12.1:27017", "127.0.12.2:27017");
     let [listen, refusing, good]: [SocketAddr; 3] = [listen, refusing, good].map(|a| a.parse().unwrap());
     tag_server(good, "ok");
-    let mut rs = Ringside::spawn_config(&ejection_config(listen, refusing, Some(good)), listen, &[]);
+    // One worker: each worker ejects on its own, and the count below assumes one view.
+    let mut rs =
+        Ringside::spawn_config(&ejection_config(listen, refusing, Some(good)), listen, &["--workers", "1"]);
     // Round robin would send every other connection to the refusing endpoint; each is
     // retried on the good one, so none fails.
     for _ in 0..10 {
@@ -319,7 +321,7 @@ fn a_refusing_endpoint_is_ejected_the_connection_retried_and_it_is_tried_again_l
 fn with_every_endpoint_ejected_connections_fail_with_uh() {
     let listen: SocketAddr = "127.0.13.100:27017".parse().unwrap();
     let refusing: SocketAddr = "127.0.13.1:27017".parse().unwrap();
-    let rs = Ringside::spawn_config(&ejection_config(listen, refusing, None), listen, &[]);
+    let rs = Ringside::spawn_config(&ejection_config(listen, refusing, None), listen, &["--workers", "1"]);
     // The first tries it (UF) and ejects it; the next, within its back-off, find none up.
     let mut s = TcpStream::connect(listen).unwrap();
     common::assert_closed_empty(&mut s, "the first connection");

@@ -46,7 +46,6 @@ fn labels(reporter: Reporter, workload: &str, flags: &str) -> ringside::metrics:
         reporter,
         local: &local,
         peer: Some(&peer),
-        endpoint_labels: None,
         service: &service,
         response_flags: flags,
         local_principal: Some("spiffe://cluster.local/ns/default/sa/productpage"),

@@ -34,7 +34,6 @@ fn labels(reporter: Reporter, i: usize) -> LabelSet {
         reporter,
         local: &local,
         peer: Some(&peer),
-        endpoint_labels: None,
         service: &service,
         response_flags: "-",
         local_principal: None,

@@ -257,13 +257,18 @@ fn the_driver_in_use_is_logged_once() {
     assert!(rs.wait_exit().success());
     let lines = rs.stderr_lines();
     assert_eq!(lines.iter().filter(|l| l.contains("driver epoll")).count(), 1, "{lines:?}");
-    // io_uring on this kernel (>= 5.19) runs with COOP_TASKRUN, and busy-polling is announced.
+    // io_uring runs with COOP_TASKRUN where the kernel takes it (5.19+) and says so either
+    // way, as a ring set up here with the flag tells; busy-polling is announced.
     let mut rs = plain(echo_server(), "uring", &["--busy-poll", "50us"]);
     rs.signal("TERM");
     assert!(rs.wait_exit().success());
     let lines = rs.stderr_lines();
-    let wanted = "driver uring (COOP_TASKRUN) with 2 workers, busy-polling 50us after activity";
-    assert_eq!(lines.iter().filter(|l| l.contains(wanted)).count(), 1, "{lines:?}");
+    let coop = match io_uring::IoUring::<io_uring::squeue::Entry>::builder().setup_coop_taskrun().build(8) {
+        Ok(_) => "(COOP_TASKRUN)",
+        Err(_) => "(COOP_TASKRUN unsupported by this kernel)",
+    };
+    let wanted = format!("driver uring {coop} with 2 workers, busy-polling 50us after activity");
+    assert_eq!(lines.iter().filter(|l| l.contains(&wanted)).count(), 1, "{lines:?}");
 }
 
 fn a_half_close_during_the_exchange_is_relayed_and_the_response_ends_with_eof_not_a_reset(driver: &str) {
@@ -350,16 +355,19 @@ fn busy_polling_relays_exactly_keeps_every_task_running_and_stops_when_quiet(dri
         t.join().unwrap();
     }
     // Sequential round trips: each needs the relay task to run while the poller spins. A
-    // poller that kept the turn to itself would delay every one by the window (>= 10 ms);
-    // 200 of them would take 2 s or more, against a few ms here.
+    // poller that kept the turn to itself would delay every one by the window (10 ms); count
+    // those that took that long. A slow or loaded machine delays some, not the majority; a
+    // starving poller delays all. (Each read also has the generous DEADLINE.)
     let mut s = connect(rs.listen);
-    let start = std::time::Instant::now();
+    let window = std::time::Duration::from_millis(10);
+    let mut delayed = 0;
     for i in 0..200u32 {
+        let start = std::time::Instant::now();
         s.write_all(&i.to_le_bytes()).unwrap();
         assert_eq!(read_exact(&mut s, 4), i.to_le_bytes());
+        delayed += usize::from(start.elapsed() >= window);
     }
-    let took = start.elapsed();
-    assert!(took < std::time::Duration::from_secs(1), "200 round trips took {took:?}: the relay starved");
+    assert!(delayed < 100, "{delayed} of 200 round trips waited a whole busy-poll window: the relay starved");
     // Quiet now: the window closes and the worker sleeps (a spinning one burns ~100 ticks/s).
     drop(s);
     let pid = rs.pid();

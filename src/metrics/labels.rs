@@ -124,10 +124,10 @@ pub struct ConnLabels<'a> {
     pub reporter: Reporter,
     /// This sidecar's node (see [`with_canonical_labels`]).
     pub local: &'a NodeMetadata,
-    /// The peer's metadata from the exchange.
+    /// The peer's metadata: from the exchange, else (reporter=source) the chosen endpoint's
+    /// workload as Istio's control plane describes it, its canonical labels filled by
+    /// [`with_canonical_labels`] (SPEC §3 "Peer from the chosen endpoint").
     pub peer: Option<&'a NodeMetadata>,
-    /// reporter=source fallback when there was no exchange: the chosen endpoint's labels.
-    pub endpoint_labels: Option<&'a BTreeMap<String, String>>,
     /// The service of the connection's cluster.
     pub service: &'a ServiceInfo,
     /// `-` or Envoy's flags (`UF`, `UO`, `NR`, `UH`); empty means `-`.
@@ -172,6 +172,16 @@ impl LabelSet {
             .enumerate()
             .map(|(i, _)| Arc::from(if i == 0 { reporter.as_str() } else { OVERFLOW }))
             .collect();
+        LabelSet(values.into())
+    }
+
+    /// This set with label `name` set to `value`: for a value Istio's rules do not derive
+    /// from a service host, as destination_service_name `PassthroughCluster` (SPEC §8).
+    pub fn with(&self, name: &str, value: &str) -> LabelSet {
+        let mut values = self.0.to_vec();
+        if let Some(v) = LABEL_NAMES.iter().position(|n| *n == name).and_then(|i| values.get_mut(i)) {
+            *v = Arc::from(value);
+        }
         LabelSet(values.into())
     }
 
@@ -221,14 +231,10 @@ fn local_side<'a>(node: &'a NodeMetadata, principal: Option<&'a str>) -> Side<'a
 }
 
 /// The peer's side, read exactly as Istio's proxy reads peer metadata (SPEC §3): `node` is the
-/// exchanged metadata, `labels` its LABELS (or the chosen endpoint's labels without exchange).
-fn peer_side<'a>(
-    node: Option<&'a NodeMetadata>,
-    labels: Option<&'a BTreeMap<String, String>>,
-    principal: Option<&'a str>,
-) -> Side<'a> {
+/// exchanged metadata, or the chosen endpoint's workload without exchange.
+fn peer_side<'a>(node: Option<&'a NodeMetadata>, principal: Option<&'a str>) -> Side<'a> {
     let principal = principal.and_then(non_empty);
-    let lookup = |key: &str| labels.and_then(|l| label(l, key));
+    let lookup = |key: &str| node.and_then(|n| label(&n.labels, key));
     let field = |f: fn(&'a NodeMetadata) -> &'a str| node.map(f).and_then(non_empty);
     Side {
         workload: field(|n| &n.workload_name).unwrap_or(UNKNOWN),
@@ -255,12 +261,7 @@ fn host_namespace(host: &str) -> Option<&str> {
 /// Builds a connection's 23 label values by the rules of SPEC §3.
 pub fn label_set(c: &ConnLabels) -> LabelSet {
     let local = local_side(c.local, c.local_principal);
-    let peer_labels = match (c.peer, c.reporter) {
-        (Some(peer), _) => Some(&peer.labels),
-        (None, Reporter::Source) => c.endpoint_labels,
-        (None, Reporter::Destination) => None,
-    };
-    let peer = peer_side(c.peer, peer_labels, c.peer_principal);
+    let peer = peer_side(c.peer, c.peer_principal);
     let host = non_empty(&c.service.host);
     let host_name = host.and_then(|h| h.split('.').next()).and_then(non_empty);
     let (source, destination, service, service_name, service_namespace, policy) = match c.reporter {
@@ -335,7 +336,6 @@ pub(super) mod tests {
             reporter,
             local,
             peer,
-            endpoint_labels: None,
             service,
             response_flags: "-",
             local_principal: None,
@@ -593,25 +593,40 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn without_exchange_reporter_source_reads_the_endpoint_labels_as_a_peer() {
+    fn the_chosen_endpoint_is_the_peer_with_istiods_canonical_fallbacks() {
         let (l, s) = (NodeMetadata::default(), no_service());
-        let ep = labels(&[("app", "a"), ("version", "v2"), (CANONICAL_NAME, "cn")]);
-        let mut c = conn(Reporter::Source, &l, None, &s);
-        c.endpoint_labels = Some(&ep);
-        let set = label_set(&c);
+        // As routing builds an endpoint's peer: a WorkloadEntry's name, namespace and labels.
+        let endpoint = |workload: &str, pairs: &[(&str, &str)]| {
+            with_canonical_labels(NodeMetadata {
+                workload_name: workload.into(),
+                namespace: "db".into(),
+                labels: labels(pairs),
+                ..NodeMetadata::default()
+            })
+        };
+        let ep = endpoint("mongodb-v1", &[("app", "a"), ("version", "v2")]);
+        let set = label_set(&conn(Reporter::Source, &l, Some(&ep), &s));
         assert_eq!(set.get("destination_app"), Some("a"));
         assert_eq!(set.get("destination_version"), Some("v2"));
+        assert_eq!(set.get("destination_canonical_service"), Some("a"));
+        assert_eq!(set.get("destination_canonical_revision"), Some("v2"));
+        assert_eq!(set.get("destination_workload"), Some("mongodb-v1"));
+        assert_eq!(set.get("destination_workload_namespace"), Some("db"));
+        assert_eq!(set.get("destination_service_namespace"), Some("db"));
+        // Without a name label, the workload name; an explicit canonical name wins.
+        let ep = endpoint("mongodb-v2", &[("version", "v2")]);
+        let set = label_set(&conn(Reporter::Source, &l, Some(&ep), &s));
+        assert_eq!(set.get("destination_canonical_service"), Some("mongodb-v2"));
+        assert_eq!(set.get("destination_app"), Some("unknown"));
+        let ep = endpoint("w", &[("app", "a"), (K8S_NAME, "k"), (CANONICAL_NAME, "cn")]);
+        let set = label_set(&conn(Reporter::Source, &l, Some(&ep), &s));
         assert_eq!(set.get("destination_canonical_service"), Some("cn"));
+        assert_eq!(set.get("destination_app"), Some("k"));
+        // Nothing known: unknown and latest.
+        let ep = endpoint("", &[]);
+        let set = label_set(&conn(Reporter::Source, &l, Some(&ep), &s));
+        assert_eq!(set.get("destination_canonical_service"), Some("unknown"));
         assert_eq!(set.get("destination_canonical_revision"), Some("latest"));
-        assert_eq!(set.get("destination_workload"), Some("unknown"));
-        // The exchange wins over endpoint labels.
-        let p = node("", "", "", &[("app", "from-peer")]);
-        c.peer = Some(&p);
-        assert_eq!(label_set(&c).get("destination_app"), Some("from-peer"));
-        // Inbound has no endpoint: the peer is unknown.
-        c.peer = None;
-        c.reporter = Reporter::Destination;
-        assert_eq!(label_set(&c).get("source_app"), Some("unknown"));
     }
 
     #[test]

@@ -51,7 +51,8 @@ fn static_label(key: &'static str, value: impl Into<SharedString>) -> Label {
 /// `metrics-exporter-prometheus` recorder: the four `istio_tcp_*` counters and the `ringside_*`
 /// process metrics, each family with `# HELP` and `# TYPE`: `ringside_connections_active
 /// {worker}`, `ringside_exchange_total{outcome}`, `ringside_label_sets_overflowed_total`,
-/// `ringside_listener_overflowed_total`, `ringside_driver_info{driver}` and
+/// `ringside_listener_overflowed_total`, `ringside_capture_loops_refused_total`,
+/// `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
 pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     let mut totals: HashMap<&LabelSet, [u64; 4]> = HashMap::new();
@@ -101,11 +102,15 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         "ringside_listener_overflowed_total",
         "Connections closed at once because a listener was at its connection limit.",
     );
+    describe_counter(
+        "ringside_capture_loops_refused_total",
+        "Captured connections refused because their original destination was the proxy's own listener.",
+    );
     describe_gauge("ringside_driver_info", "I/O driver in use.");
     describe_gauge("ringside_build_info", "ringside build.");
 
     let mut exchanges = [0u64; 7];
-    let (mut overflowed, mut listener) = (0u64, 0u64);
+    let (mut overflowed, mut listener, mut loops) = (0u64, 0u64, 0u64);
     for shard in shards {
         register_gauge(
             &recorder,
@@ -118,6 +123,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         }
         overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
         listener = listener.wrapping_add(shard.listener_overflowed());
+        loops = loops.wrapping_add(shard.capture_loops_refused());
     }
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
         let labels = vec![static_label("outcome", SharedString::const_str(outcome.as_str()))];
@@ -126,6 +132,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     let overflow_name = "ringside_label_sets_overflowed_total";
     register_counter(&recorder, overflow_name, vec![], overflowed);
     register_counter(&recorder, "ringside_listener_overflowed_total", vec![], listener);
+    register_counter(&recorder, "ringside_capture_loops_refused_total", vec![], loops);
     let driver = vec![static_label("driver", driver.to_owned())];
     register_gauge(&recorder, "ringside_driver_info", driver, 1.0);
     let version = vec![static_label("version", env!("CARGO_PKG_VERSION"))];

@@ -161,6 +161,7 @@ struct ProcessCells {
     active_connections: AtomicU64,
     label_sets_overflowed: AtomicU64,
     listener_overflowed: AtomicU64,
+    capture_loops_refused: AtomicU64,
     exchange: [AtomicU64; 7],
 }
 
@@ -222,6 +223,12 @@ impl Shard {
     /// Connections refused by a listener's connection limit on this worker.
     pub fn listener_overflowed(&self) -> u64 {
         self.process.listener_overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Captured connections refused on this worker because their original destination was
+    /// the proxy's own listener (SPEC §8).
+    pub fn capture_loops_refused(&self) -> u64 {
+        self.process.capture_loops_refused.load(Ordering::Relaxed)
     }
 
     /// Exchanges that ended with `outcome` on this worker.
@@ -344,6 +351,11 @@ impl ShardWriter {
     /// Counts one connection refused by a listener's connection limit.
     pub fn count_listener_overflow(&self) {
         add(&self.shard.process.listener_overflowed, 1);
+    }
+
+    /// Counts one captured connection refused as a loop (SPEC §8).
+    pub fn count_capture_loop(&self) {
+        add(&self.shard.process.capture_loops_refused, 1);
     }
 }
 

@@ -14,7 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use crate::config::{Cluster, Config, Endpoint, LoadBalancer, ServiceRoute, Subset, TcpRoute};
+use crate::config::{Cluster, ClusterTls, Config, Endpoint, LoadBalancer, ServiceRoute, Subset, TcpRoute};
 
 /// A broken Istio document: where it is and why it cannot be applied.
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +149,7 @@ fn why_unsupported(key: &str) -> &'static str {
         }
         "portLevelSettings" => "not honoured: the rule's settings apply to every port",
         "workloadSelector" => "not supported: the rule applies to this proxy",
-        "location" | "addresses" => "not used: ringside routes by its listeners",
+        "location" => "not used: ringside routes by its listeners",
         _ => "not supported, ignored",
     }
 }
@@ -308,6 +308,9 @@ struct ServiceEntry {
     resolution: Option<String>,
     #[serde(default)]
     endpoints: Vec<WorkloadEntry>,
+    /// Virtual IPs clients dial: an outbound capture routes `address:port` here (SPEC §8).
+    #[serde(default)]
+    addresses: Vec<String>,
     #[serde(default)]
     workload_selector: Option<WorkloadSelector>,
     #[serde(flatten)]
@@ -470,6 +473,21 @@ fn service_entry<'a>(
             }
         }
     }
+    // Single addresses only: a CIDR would need a prefix match the capture lookup does not do.
+    let vips: Vec<IpAddr> = se
+        .addresses
+        .iter()
+        .filter_map(|a| {
+            let ip = a.strip_suffix("/32").or_else(|| a.strip_suffix("/128")).unwrap_or(a).parse().ok();
+            if ip.is_none() {
+                reports.push(format!(
+                    "{}: spec.addresses {a}: only single IP addresses are supported; skipped",
+                    doc.at()
+                ));
+            }
+            ip
+        })
+        .collect();
     for (i, sp) in se.ports.iter().enumerate() {
         let number = port(doc, &format!("spec.ports[{i}]"), sp.number)?;
         doc.unsupported(&format!("spec.ports[{i}]."), &sp.other, reports);
@@ -527,6 +545,7 @@ fn service_entry<'a>(
                 service_namespace: Some(doc.namespace.clone()),
                 service_port: Some(number),
                 load_balancer: LoadBalancer::default(),
+                addresses: vips.iter().map(|ip| SocketAddr::new(*ip, number)).collect(),
                 endpoints,
                 subsets: Vec::new(),
                 tls: None,
@@ -609,6 +628,7 @@ fn destination_rule(
             ));
         }
     }
+    let workload_tls = cfg.clusters.iter().find_map(|c| c.tls.clone());
     let mut matched = false;
     for c in cfg.clusters.iter_mut().filter(|c| c.service.as_deref() == Some(host.as_str())) {
         matched = true;
@@ -633,10 +653,14 @@ fn destination_rule(
         }
         match tls_mode {
             None | Some("UNSET") => {}
-            Some("ISTIO_MUTUAL") => match &mut c.tls {
-                Some(tls) => tls.mode = "istio_mutual".into(),
-                None => reports.push(format!(
-                    "{}: tls mode ISTIO_MUTUAL: cluster {} has no certificates (no tls: block in the config); its connections stay plaintext",
+            // A cluster's `tls:` is ISTIO_MUTUAL (SPEC §7); one without gets the workload's
+            // certificates from another cluster's `tls:` (a pod has one workload certificate),
+            // without subject_alt_names to check (the rule names none).
+            Some("ISTIO_MUTUAL") => match (&c.tls, &workload_tls) {
+                (Some(_), _) => {}
+                (None, Some(tls)) => c.tls = Some(ClusterTls { subject_alt_names: Vec::new(), ..tls.clone() }),
+                (None, None) => reports.push(format!(
+                    "{}: tls mode ISTIO_MUTUAL: cluster {} has no certificates (no cluster in the config has a tls: block); its connections stay plaintext",
                     doc.at(),
                     c.name
                 )),
@@ -1061,6 +1085,69 @@ spec:
         let (_, reports) = load(&[("mtls.yaml", mtls), ("ratings.yaml", ratings)]).unwrap();
         assert!(
             reports.iter().any(|r| r.contains("(DestinationRule/ratings): tls mode ISTIO_MUTUAL: cluster outbound|9080||ratings.default.svc.cluster.local has no certificates")),
+            "{reports:#?}"
+        );
+    }
+
+    proptest::proptest! {
+        /// A valid file cut and spliced anywhere: an error or a config, never a panic, and a
+        /// config that validates builds a router.
+        #[test]
+        fn any_text_gives_an_error_or_a_config_without_panicking(
+            cut in 0usize..2000, splice in 0usize..2000, junk in "[ -~\n]{0,40}",
+        ) {
+            let text = vs("  - match: [{port: 27017}]\n    route: [{destination: {host: mongodb, subset: v1}, weight: 3}]\n");
+            let at = |i: usize| (0..=i.min(text.len())).rev().find(|&j| text.is_char_boundary(j)).unwrap_or(0);
+            let mutated = format!("{}{junk}{}", &text[..at(splice)], &text[at(cut)..]);
+            if let Ok((mut cfg, _)) = load(&[("p.yaml", &mutated)]) {
+                let service = "listeners: [{name: m, listen: 127.0.0.1:27017, direction: outbound, service: mongodb.default.svc.cluster.local}]";
+                cfg.listeners = Config::parse(service, "t").unwrap().listeners;
+                if cfg.validate("p.yaml", &mutated).is_ok() {
+                    crate::routing::Router::new(&cfg, 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn istio_mutual_gives_a_service_entry_cluster_the_workload_certificates_of_the_config() {
+        let mtls = include_str!("../../tests/data/istio/bookinfo/destination-rule-all-mtls.yaml");
+        let ratings = "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  ports: [{number: 9080, name: http}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1}]
+";
+        let mut cfg = Config::parse(
+            "clusters: [{name: db, endpoints: [{address: 127.0.0.1:1}], tls: {mode: istio_mutual, cert_chain: c.pem, private_key: k.pem, root_cert: r.pem, subject_alt_names: [spiffe://cluster.local/ns/default/sa/db]}}]",
+            "t",
+        )
+        .unwrap();
+        let sources =
+            [Source { file: "mtls.yaml", text: mtls }, Source { file: "ratings.yaml", text: ratings }];
+        let reports = apply(&mut cfg, &sources).unwrap();
+        assert!(!reports.iter().any(|r| r.contains("ISTIO_MUTUAL")), "{reports:#?}");
+        let tls = cfg.clusters[1].tls.as_ref().expect("ISTIO_MUTUAL applied");
+        assert_eq!((tls.cert_chain.as_str(), tls.root_cert.as_str()), ("c.pem", "r.pem"));
+        assert!(tls.subject_alt_names.is_empty());
+    }
+
+    #[test]
+    fn service_entry_addresses_are_the_clusters_capture_addresses_per_port() {
+        let se = MONGO.replace(
+            "  resolution: STATIC",
+            "  resolution: STATIC\n  addresses: [240.0.0.7, 240.0.0.8/32, 240.1.0.0/16]",
+        );
+        let (cfg, reports) = load(&[("se.yaml", &se)]).unwrap();
+        let want: Vec<SocketAddr> =
+            vec!["240.0.0.7:27017".parse().unwrap(), "240.0.0.8:27017".parse().unwrap()];
+        assert_eq!(cfg.clusters[0].addresses, want);
+        assert!(
+            reports.iter().any(|r| r.contains("spec.addresses 240.1.0.0/16: only single IP")),
             "{reports:#?}"
         );
     }

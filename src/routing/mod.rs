@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, LoadBalancer, TcpRoute};
+use crate::config::{Capture, Config, LoadBalancer, TcpRoute};
 use crate::exchange::NodeMetadata;
 use crate::metrics::{self, ServiceInfo};
 
@@ -93,6 +93,8 @@ enum Route {
     },
     /// A `service:` host with no cluster or route: connections close with `NR` (SPEC §6).
     None,
+    /// A capture listener: routed per connection by its original destination (SPEC §8).
+    Captured,
 }
 
 /// Per-worker routing table.
@@ -102,6 +104,25 @@ pub struct Router {
     /// Clusters by index.
     pub clusters: Vec<ClusterState>,
     rng: Cell<u64>,
+    /// Routes by the addresses an outbound capture matches (SPEC §8).
+    by_address: HashMap<SocketAddr, Route>,
+}
+
+/// Which cluster a captured connection's original destination belongs to: a cluster's
+/// service addresses first, then its endpoints; the first cluster in config order wins.
+fn address_index(cfg: &Config) -> HashMap<SocketAddr, usize> {
+    let mut index = HashMap::new();
+    for (i, c) in cfg.clusters.iter().enumerate() {
+        for a in &c.addresses {
+            index.entry(*a).or_insert(i);
+        }
+    }
+    for (i, c) in cfg.clusters.iter().enumerate() {
+        for e in &c.endpoints {
+            index.entry(e.address).or_insert(i);
+        }
+    }
+    index
 }
 
 impl Router {
@@ -149,7 +170,9 @@ impl Router {
             .listeners
             .iter()
             .map(|l| {
-                if let Some(routes) = &l.tcp_routes {
+                if l.capture != Capture::None && l.cluster.is_none() && l.service.is_none() {
+                    Route::Captured
+                } else if let Some(routes) = &l.tcp_routes {
                     weighted(routes)
                 } else if let Some(host) = &l.service {
                     // As the VirtualService tcp routes for HOST say (the first whose match.port
@@ -177,18 +200,46 @@ impl Router {
                 }
             })
             .collect();
-        Router { routes, clusters, rng: Cell::new(seed | 1) }
+        // An outbound capture's address: the matched cluster's host routes as its
+        // VirtualService tcp routes say for that port, as a `service:` listener's would.
+        let by_address = address_index(cfg)
+            .into_iter()
+            .map(|(addr, c)| {
+                let host = cfg.clusters[c].service.as_deref();
+                let route = cfg
+                    .service_routes
+                    .iter()
+                    .find(|r| Some(r.host.as_str()) == host && r.match_port.is_none_or(|p| p == addr.port()));
+                let route = match route {
+                    Some(r) => weighted(&r.tcp_routes),
+                    None => Route::One(Target { cluster: c, subset: None }),
+                };
+                (addr, route)
+            })
+            .collect();
+        Router { routes, clusters, rng: Cell::new(seed | 1), by_address }
+    }
+
+    /// The cluster (and subset) for an outbound-captured connection to `dst`: a cluster whose
+    /// service addresses or endpoints hold it, through its host's tcp routes for that port;
+    /// `None` means passthrough to `dst` itself (SPEC §8).
+    pub fn route_original_dst(&self, dst: SocketAddr) -> Option<Target> {
+        self.pick(self.by_address.get(&dst)?)
     }
 
     /// The cluster (and subset) for a new connection on `listener`; `None`: no route (`NR`).
     pub fn route(&self, listener: usize) -> Option<Target> {
-        match self.routes.get(listener)? {
+        self.pick(self.routes.get(listener)?)
+    }
+
+    fn pick(&self, route: &Route) -> Option<Target> {
+        match route {
             Route::One(t) => Some(*t),
             Route::Weighted { targets, total } => {
                 let x = self.random() % (*total).max(1);
                 targets.iter().find(|(_, upto)| x < *upto).map(|(t, _)| *t)
             }
-            Route::None => None,
+            Route::None | Route::Captured => None,
         }
     }
 
@@ -477,6 +528,32 @@ clusters:",
         assert_eq!(r.route(2), Some(Target { cluster: 0, subset: Some(1) }));
         assert_eq!(r.route(3), Some(Target { cluster: 0, subset: None }));
         assert_eq!(r.route(4), None);
+    }
+
+    #[test]
+    fn an_original_destination_matches_service_addresses_then_endpoints() {
+        let yaml = format!(
+            "{BASE}  - name: vip\n    addresses: [10.96.0.1:27017, 127.0.0.1:11]\n    endpoints: [{{address: 127.0.0.1:20}}]\n"
+        );
+        let r = Router::new(&cfg(&yaml), 7);
+        let at = |s: &str| r.route_original_dst(s.parse().unwrap()).map(|t| t.cluster);
+        assert_eq!(at("10.96.0.1:27017"), Some(1));
+        assert_eq!(at("127.0.0.1:11"), Some(1), "a service address wins over another cluster's endpoint");
+        assert_eq!(at("127.0.0.1:10"), Some(0));
+        assert_eq!(at("127.0.0.1:20"), Some(1));
+        assert_eq!(at("10.96.0.1:80"), None, "another port: passthrough");
+    }
+
+    #[test]
+    fn an_original_destination_follows_its_hosts_tcp_routes_for_that_port() {
+        let yaml = BASE.replace("clusters:", "service_routes:\n  - {host: mongodb.prod.svc.cluster.local, match_port: 11, tcp_routes: [{cluster: db, subset: v2}]}\nclusters:");
+        let r = Router::new(&cfg(&yaml), 7);
+        let v2 = Some(Target { cluster: 0, subset: Some(1) });
+        assert_eq!(r.route_original_dst("127.0.0.1:11".parse().unwrap()), v2);
+        assert_eq!(
+            r.route_original_dst("127.0.0.1:10".parse().unwrap()),
+            Some(Target { cluster: 0, subset: None })
+        );
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct XdsListener {
     pub listener: Option<Listener>,
     /// Valid config that is not served, one line each (log and `/config_dump`).
     pub reports: Vec<String>,
+    /// A listener not bound to its port (`bind_to_port: false`, istiod's per-service
+    /// outbound listeners): its address and cluster, which an outbound capture listener
+    /// matches by original destination (SPEC §8).
+    pub captured: Option<(SocketAddr, String)>,
 }
 
 /// A translated Cluster.
@@ -151,10 +155,18 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
         }
     }
     if pb.bind_to_port.is_some_and(|b| !b.value) {
-        reports.push(format!(
-            "Listener/{name}: bind_to_port false: not bound (reached through a capture listener)"
-        ));
-        return Ok(XdsListener { listener: None, reports });
+        // Reached through the capture listener by original destination, as in Envoy.
+        let captured = match chosen {
+            Some((TcpTarget::Cluster(c), _)) => Some((listen, c)),
+            Some((TcpTarget::Weighted(_), _)) => {
+                reports.push(format!(
+                    "Listener/{name}: bind_to_port false with weighted_clusters: not served yet through capture"
+                ));
+                None
+            }
+            None => None,
+        };
+        return Ok(XdsListener { listener: None, reports, captured });
     }
     let capture = match (pb.use_original_dst.is_some_and(|b| b.value), direction) {
         (true, Direction::Inbound) => Capture::Inbound,
@@ -163,17 +175,17 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
     };
     let Some((target, istio_stats)) = chosen else {
         if capture == Capture::None {
-            return Ok(XdsListener { listener: None, reports });
+            return Ok(XdsListener { listener: None, reports, captured: None });
         }
         let listener = base_listener(name, listen, direction, capture, exchange, false, version);
-        return Ok(XdsListener { listener: Some(listener), reports });
+        return Ok(XdsListener { listener: Some(listener), reports, captured: None });
     };
     let mut listener = base_listener(name, listen, direction, capture, exchange, istio_stats, version);
     match target {
         TcpTarget::Cluster(c) => listener.cluster = Some(c),
         TcpTarget::Weighted(routes) => listener.tcp_routes = Some(routes),
     }
-    Ok(XdsListener { listener: Some(listener), reports })
+    Ok(XdsListener { listener: Some(listener), reports, captured: None })
 }
 
 fn base_listener(
@@ -340,6 +352,7 @@ pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
         service,
         service_namespace,
         service_port: None,
+        addresses: Vec::new(),
         load_balancer,
         endpoints,
         subsets: Vec::new(),
@@ -459,6 +472,11 @@ impl State {
             cfg.clusters.push(c);
         }
         for x in self.listeners.values() {
+            if let Some((address, cluster)) = &x.captured
+                && let Some(c) = cfg.clusters.iter_mut().find(|c| &c.name == cluster)
+            {
+                c.addresses.push(*address);
+            }
             let Some(mut l) = x.listener.clone() else { continue };
             let targets: Vec<String> = match (&l.cluster, &l.tcp_routes) {
                 (Some(c), _) => vec![c.clone()],
@@ -476,6 +494,7 @@ impl State {
                         service: None,
                         service_namespace: None,
                         service_port: None,
+                        addresses: Vec::new(),
                         load_balancer: LoadBalancer::RoundRobin,
                         endpoints: Vec::new(),
                         subsets: Vec::new(),

@@ -61,6 +61,11 @@ pub fn bin() -> &'static str {
 impl Ringside {
     /// `ringside run --listen FREE --upstream UPSTREAM --direction D ... extra`, waiting for /ready.
     pub fn spawn(upstream: SocketAddr, direction: &str, extra: &[&str]) -> Ringside {
+        Self::spawn_command(Command::new(bin()), upstream, direction, extra)
+    }
+
+    /// As `spawn`, from a prepared `Command` of the binary (e.g. with a `pre_exec` hook).
+    pub fn spawn_command(cmd: Command, upstream: SocketAddr, direction: &str, extra: &[&str]) -> Ringside {
         let listen = free_addr();
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -72,7 +77,7 @@ impl Ringside {
             direction.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn_args(listen, args)
+        Self::spawn_in(cmd, listen, args)
     }
 
     /// Run with a config file (written by the test) plus extra flags; `listen` is its first listener.
@@ -91,7 +96,34 @@ impl Ringside {
         Self::spawn_args(listen, args)
     }
 
-    fn spawn_args(listen: SocketAddr, mut args: Vec<String>) -> Ringside {
+    /// As `spawn`, with the binary run through `wrapper` (e.g. `setpriv --reuid 1337 --`).
+    pub fn spawn_wrapped(
+        wrapper: &[&str],
+        upstream: SocketAddr,
+        direction: &str,
+        extra: &[&str],
+    ) -> Ringside {
+        let listen = free_addr();
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(bin());
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--listen".into(),
+            listen.to_string(),
+            "--upstream".into(),
+            upstream.to_string(),
+            "--direction".into(),
+            direction.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn_in(cmd, listen, args)
+    }
+
+    fn spawn_args(listen: SocketAddr, args: Vec<String>) -> Ringside {
+        Self::spawn_in(Command::new(bin()), listen, args)
+    }
+
+    fn spawn_in(mut cmd: Command, listen: SocketAddr, mut args: Vec<String>) -> Ringside {
         let admin = free_addr();
         let has = |args: &Vec<String>, flag: &str| args.iter().any(|a| a == flag);
         if !has(&args, "--admin") {
@@ -111,7 +143,7 @@ impl Ringside {
         if !has(&args, "--workers") {
             args.extend(["--workers".into(), "2".into()]);
         }
-        let mut child = Command::new(bin())
+        let mut child = cmd
             .args(&args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())

@@ -1,0 +1,262 @@
+//! Network namespaces a test creates and removes: two "pods" joined by a veth pair, threads
+//! that open sockets inside a namespace, and sidecars run inside one as Istio's uid 1337.
+//! Nothing here touches the host's own network: addresses exist only inside the namespaces.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread;
+
+use crate::common::{DEADLINE, bin, http, wait_for};
+
+/// Why namespace tests cannot run here (not root, no `ip`, no `iptables`, no `setpriv`), or
+/// None. The reason is also appended to `target/test-skips.txt`, which tests/run.sh prints,
+/// so a skip is never mistaken for a pass.
+pub fn unavailable(test: &str) -> Option<String> {
+    let why = probe()?;
+    let line = format!("SKIP {test}: {why}");
+    eprintln!("{line}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+    Some(why)
+}
+
+fn probe() -> Option<String> {
+    let ok = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok("id", &["-u"])
+        || String::from_utf8_lossy(&Command::new("id").arg("-u").output().ok()?.stdout).trim() != "0"
+    {
+        return Some("needs root (network namespaces, iptables)".into());
+    }
+    for (cmd, args) in [
+        ("ip", &["-V"][..]),
+        ("iptables", &["--version"]),
+        ("iptables-save", &["--version"]),
+        ("setpriv", &["--version"]),
+    ] {
+        if !ok(cmd, args) {
+            return Some(format!("`{cmd}` is not installed (tests/deps.sh installs iproute2 and iptables)"));
+        }
+    }
+    let probe = format!("rs-probe-{}", std::process::id());
+    if !ok("ip", &["netns", "add", &probe]) {
+        return Some("cannot create a network namespace (`ip netns add` failed: not privileged?)".into());
+    }
+    let nat = ok("ip", &["netns", "exec", &probe, "iptables", "-t", "nat", "-S"]);
+    let _ = ok("ip", &["netns", "del", &probe]);
+    if !nat {
+        return Some("iptables' nat table is not usable in a network namespace".into());
+    }
+    None
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Run a command inside `ns`; returns stdout, panics on failure.
+pub fn exec(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output().expect("spawn ip");
+    assert!(out.status.success(), "ip netns exec {ns} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `iptables-save` of `ns` without its comment lines (they carry the time) and counters.
+pub fn iptables_save(ns: &str) -> String {
+    exec(ns, &["iptables-save"])
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| if l.starts_with(':') { l.split(" [").next().unwrap_or(l) } else { l })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Two namespaces ("pods") joined by a veth pair: `a` has 10.77.0.1/24, `b` has 10.77.0.2/24
+/// and 10.77.0.3/24. Dropping it deletes both (the veth pair goes with them).
+pub struct Pods {
+    /// Namespace name of pod A.
+    pub a: String,
+    /// Namespace name of pod B.
+    pub b: String,
+}
+
+/// Pod A's address.
+pub const A_IP: &str = "10.77.0.1";
+/// Pod B's address.
+pub const B_IP: &str = "10.77.0.2";
+/// Pod B's second address.
+pub const B_IP2: &str = "10.77.0.3";
+
+impl Pods {
+    /// Create the pair, named uniquely for this test process.
+    pub fn new() -> Pods {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let pods = Pods { a: format!("rs-a-{id}"), b: format!("rs-b-{id}") };
+        run(&["ip", "netns", "add", &pods.a]);
+        run(&["ip", "netns", "add", &pods.b]);
+        // Interface names are per namespace, but the pair is created in ours first: unique.
+        let (va, vb) = (format!("rsa{id}"), format!("rsb{id}"));
+        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+        run(&[
+            "ip", "link", "add", va, "netns", &pods.a, "type", "veth", "peer", "name", vb, "netns", &pods.b,
+        ]);
+        for (ns, dev, ips) in [(&pods.a, va, &[A_IP][..]), (&pods.b, vb, &[B_IP, B_IP2])] {
+            exec(ns, &["ip", "link", "set", "lo", "up"]);
+            for ip in ips {
+                exec(ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
+            }
+            exec(ns, &["ip", "link", "set", dev, "up"]);
+        }
+        pods
+    }
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Run `f` on a thread that has entered `ns`: the sockets it opens live there.
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|s| {
+        s.spawn(|| {
+            enter(ns);
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+fn enter(ns: &str) {
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a valid namespace fd changes only this thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+}
+
+/// An echo server in `ns` on `addr` (serving forever on detached threads); each accepted
+/// connection's peer address is sent on the channel, so a test can see who connected.
+pub fn echo_server_in(ns: &str, addr: &str) -> mpsc::Receiver<SocketAddr> {
+    let listener = in_ns(ns, || TcpListener::bind(addr).expect("bind echo server"));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = tx.send(s.peer_addr().expect("peer"));
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    rx
+}
+
+/// Connect from inside `ns` (as root: not the proxy's uid, so capture applies).
+pub fn connect_in(ns: &str, addr: &str) -> std::io::Result<TcpStream> {
+    let addr: SocketAddr = addr.parse().expect("address");
+    in_ns(ns, || TcpStream::connect_timeout(&addr, DEADLINE))
+}
+
+/// A ringside running inside a namespace as uid/gid 1337 (Istio's istio-proxy user).
+pub struct Sidecar {
+    child: Child,
+    ns: String,
+    /// Its admin address inside the namespace.
+    pub admin: SocketAddr,
+    /// Its log file.
+    pub log: String,
+}
+
+impl Sidecar {
+    /// Start `ringside run --config` with `yaml` in `ns`, waiting for /ready.
+    pub fn spawn(ns: &str, yaml: &str) -> Sidecar {
+        let path = std::env::temp_dir().join(format!("ringside-{ns}.yaml"));
+        std::fs::write(&path, yaml).expect("write config");
+        let log = std::env::temp_dir().join(format!("ringside-{ns}.log")).display().to_string();
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", bin()])
+            .args(["run", "--config", &path.display().to_string()])
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn ringside");
+        let mut sc = Sidecar { child, ns: ns.to_string(), admin: "127.0.0.1:15000".parse().unwrap(), log };
+        wait_for("sidecar /ready", || {
+            if let Some(status) = sc.child.try_wait().expect("wait") {
+                panic!(
+                    "sidecar in {ns} exited with {status}: {}",
+                    std::fs::read_to_string(&sc.log).unwrap_or_default()
+                );
+            }
+            let admin = sc.admin;
+            (in_ns(&sc.ns, move || http(admin, "GET", "/ready")).map(|(c, _)| c) == Some(200)).then_some(())
+        });
+        sc
+    }
+
+    /// GET /stats/prometheus (from inside its namespace).
+    pub fn scrape(&self) -> String {
+        let admin = self.admin;
+        in_ns(&self.ns, move || http(admin, "GET", "/stats/prometheus")).expect("scrape").1
+    }
+
+    /// Scrape until `done` holds; panic with the last scrape and the log after the deadline.
+    pub fn wait_for_scrape(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let last = self.scrape();
+            if done(&last) {
+                return last;
+            }
+            if start.elapsed() > DEADLINE {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("timed out waiting for {what} in {}; last scrape:\n{last}\nlog:\n{log}", self.ns);
+            }
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The log stays for a failed test to be read; the config never does.
+        let _ = std::fs::remove_file(std::env::temp_dir().join(format!("ringside-{}.yaml", self.ns)));
+        if !thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
