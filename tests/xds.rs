@@ -221,6 +221,16 @@ fn traffic_follows_the_weighted_tcp_routes_and_metrics_come_from_the_endpoint_me
         "the warm-up connection is one of them"
     );
     assert_eq!(sum(&scrape, "ringside_xds_connects_total", &[]), 1.0);
+    // /config_dump shows the xDS-derived config with each resource's version, and what is
+    // valid but not served.
+    let (_, dump) = common::http(rs.admin, "GET", "/config_dump").unwrap();
+    let port = mesh.listen.port();
+    assert!(dump.contains(&format!("\"source\": \"xds Listener/127.0.0.1_{port} version 1\"")), "{dump}");
+    assert!(
+        dump.contains(&format!("xds Cluster/{V1} version 1, ClusterLoadAssignment/{V1} version 1")),
+        "{dump}"
+    );
+    assert!(dump.contains("tlsMode istio (ISTIO_MUTUAL)"), "{dump}");
     assert_eq!(sum(&scrape, "ringside_xds_updates_applied_total", &[("type", "Listener")]), 1.0);
     assert_eq!(sum(&scrape, "ringside_xds_updates_rejected_total", &[]), 0.0);
 }

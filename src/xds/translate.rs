@@ -508,3 +508,215 @@ impl State {
         cfg
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{ListValue, UInt32Value, Value};
+
+    fn addr(a: &str) -> Option<core::Address> {
+        let sa: SocketAddr = a.parse().unwrap();
+        Some(core::Address {
+            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                address: sa.ip().to_string(),
+                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(sa.port()))),
+                ..Default::default()
+            })),
+        })
+    }
+
+    fn any<M: Message>(type_url: &str, m: &M) -> Any {
+        Any { type_url: type_url.into(), value: m.encode_to_vec() }
+    }
+
+    fn filter(name: &str, any: Any) -> lds::Filter {
+        lds::Filter { name: name.into(), config_type: Some(lds::filter::ConfigType::TypedConfig(any)) }
+    }
+
+    fn proxy(spec: Option<tcp_proxy::tcp_proxy::ClusterSpecifier>) -> lds::Filter {
+        let p = tcp_proxy::TcpProxy { cluster_specifier: spec, ..Default::default() };
+        filter(TCP_PROXY, any(TCP_PROXY_TYPE, &p))
+    }
+
+    fn to(cluster: &str) -> lds::Filter {
+        proxy(Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(cluster.into())))
+    }
+
+    fn listener_with(chains: Vec<lds::FilterChain>) -> lds::Listener {
+        lds::Listener {
+            name: "l".into(),
+            address: addr("127.0.0.1:27017"),
+            traffic_direction: core::TrafficDirection::Inbound as i32,
+            filter_chains: chains,
+            ..Default::default()
+        }
+    }
+
+    fn chain(filters: Vec<lds::Filter>) -> lds::FilterChain {
+        lds::FilterChain { filters, ..Default::default() }
+    }
+
+    fn s(v: &str) -> Value {
+        Value { kind: Some(Kind::StringValue(v.into())) }
+    }
+
+    #[test]
+    fn a_tcp_listener_becomes_a_listener_with_stats_exchange_and_direction() {
+        let stats = filter(ISTIO_STATS, Any::default());
+        let mx = filter(METADATA_EXCHANGE, Any::default());
+        let x = listener(&listener_with(vec![chain(vec![mx, stats, to("inbound|27017||")])]), "7").unwrap();
+        let l = x.listener.unwrap();
+        assert_eq!(l.listen, "127.0.0.1:27017".parse().unwrap());
+        assert_eq!(l.direction, Direction::Inbound);
+        assert_eq!(l.peer_exchange, PeerExchange::Alpn);
+        assert!(l.istio_stats);
+        assert_eq!(l.cluster.as_deref(), Some("inbound|27017||"));
+        assert_eq!(l.source.as_deref(), Some("xds Listener/l version 7"));
+        // Without istio.stats, not counted; without the exchange, off.
+        let l = listener(&listener_with(vec![chain(vec![to("c")])]), "1").unwrap().listener.unwrap();
+        assert!(!l.istio_stats);
+        assert_eq!(l.peer_exchange, PeerExchange::Off);
+    }
+
+    #[test]
+    fn weight_zero_no_cluster_and_unknown_address_families_are_invalid_naming_the_listener() {
+        use tcp_proxy::tcp_proxy::{ClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight};
+        let weighted = |w: u32| {
+            let clusters = vec![
+                ClusterWeight { name: "a".into(), weight: 1, ..Default::default() },
+                ClusterWeight { name: "b".into(), weight: w, ..Default::default() },
+            ];
+            proxy(Some(ClusterSpecifier::WeightedClusters(WeightedCluster { clusters })))
+        };
+        let ok = listener(&listener_with(vec![chain(vec![weighted(3)])]), "1").unwrap().listener.unwrap();
+        let routes = ok.tcp_routes.unwrap();
+        assert_eq!(
+            routes.iter().map(|r| (r.cluster.as_str(), r.weight)).collect::<Vec<_>>(),
+            [("a", 1), ("b", 3)]
+        );
+        let e = listener(&listener_with(vec![chain(vec![weighted(0)])]), "1").unwrap_err();
+        assert_eq!(e.resource, "Listener/l");
+        assert!(e.reason.contains("cluster b: weight 0"), "{e}");
+        let e = listener(&listener_with(vec![chain(vec![proxy(None)])]), "1").unwrap_err();
+        assert!(e.reason.contains("without a cluster"), "{e}");
+        let mut pipe = listener_with(vec![chain(vec![to("c")])]);
+        pipe.address = Some(core::Address {
+            address: Some(core::address::Address::Pipe(core::Pipe { path: "/x".into(), mode: 0 })),
+        });
+        let e = listener(&pipe, "1").unwrap_err();
+        assert!(e.reason.contains("unsupported address family"), "{e}");
+    }
+
+    #[test]
+    fn http_chains_and_chains_matching_some_connections_only_are_reported_not_rejected() {
+        let hcm = filter(HTTP_CONNECTION_MANAGER, Any::default());
+        let x = listener(&listener_with(vec![chain(vec![hcm])]), "1").unwrap();
+        assert!(x.listener.is_none());
+        assert!(x.reports[0].contains("HTTP"), "{:?}", x.reports);
+        let mut tls = chain(vec![to("tls")]);
+        tls.filter_chain_match = Some(lds::FilterChainMatch {
+            transport_protocol: "tls".into(),
+            application_protocols: vec!["istio-peer-exchange".into()],
+            ..Default::default()
+        });
+        let mut same_port = chain(vec![to("plain")]);
+        same_port.filter_chain_match = Some(lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 27017 }),
+            ..Default::default()
+        });
+        let x = listener(&listener_with(vec![tls, same_port]), "1").unwrap();
+        assert_eq!(x.listener.unwrap().cluster.as_deref(), Some("plain"));
+        assert!(x.reports[0].contains("transport_protocol, application_protocols"), "{:?}", x.reports);
+    }
+
+    #[test]
+    fn clusters_take_type_lb_policy_services_metadata_and_the_exchange_filter() {
+        use cds::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+        let service = Value {
+            kind: Some(Kind::StructValue(Struct {
+                fields: [
+                    ("host".to_string(), s("mongodb.prod.svc.cluster.local")),
+                    ("namespace".into(), s("prod")),
+                ]
+                .into_iter()
+                .collect(),
+            })),
+        };
+        let mut meta = core::Metadata::default();
+        meta.filter_metadata.insert(
+            "istio".into(),
+            Struct {
+                fields: [(
+                    "services".to_string(),
+                    Value { kind: Some(Kind::ListValue(ListValue { values: vec![service] })) },
+                )]
+                .into_iter()
+                .collect(),
+            },
+        );
+        let pb = cds::Cluster {
+            name: "outbound|27017|v1|mongodb.prod.svc.cluster.local".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            lb_policy: LbPolicy::Random as i32,
+            metadata: Some(meta),
+            filters: vec![cds::Filter { name: METADATA_EXCHANGE.into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let x = cluster(&pb, "3").unwrap();
+        assert_eq!(x.eds_name.as_deref(), Some(pb.name.as_str()), "no service_name: the cluster's name");
+        assert!(x.exchange);
+        assert_eq!(x.cluster.load_balancer, LoadBalancer::Random);
+        assert_eq!(x.cluster.service.as_deref(), Some("mongodb.prod.svc.cluster.local"));
+        assert_eq!(x.cluster.service_namespace.as_deref(), Some("prod"));
+        let lr = cds::Cluster { lb_policy: LbPolicy::LeastRequest as i32, ..pb.clone() };
+        assert_eq!(cluster(&lr, "3").unwrap().cluster.load_balancer, LoadBalancer::LeastConnection);
+        let dns = cds::Cluster {
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32)),
+            ..pb
+        };
+        assert!(cluster(&dns, "3").unwrap().reports[0].contains("DNS"));
+    }
+
+    #[test]
+    fn endpoints_carry_weights_and_the_istio_workload_string() {
+        let mut meta = core::Metadata::default();
+        meta.filter_metadata.insert(
+            "istio".into(),
+            Struct {
+                fields: [("workload".to_string(), s("mongodb-v1;prod;mongodb;v1;east"))]
+                    .into_iter()
+                    .collect(),
+            },
+        );
+        let endpoint = |weight: u32| eds::LbEndpoint {
+            host_identifier: Some(eds::lb_endpoint::HostIdentifier::Endpoint(eds::Endpoint {
+                address: addr("10.0.0.9:27017"),
+                ..Default::default()
+            })),
+            metadata: Some(meta.clone()),
+            load_balancing_weight: Some(UInt32Value { value: weight }),
+            ..Default::default()
+        };
+        let cla = |weight| eds::ClusterLoadAssignment {
+            cluster_name: "c".into(),
+            endpoints: vec![eds::LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint(weight)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = &load_assignment(&cla(5)).unwrap()[0];
+        assert_eq!(e.address, "10.0.0.9:27017".parse().unwrap());
+        assert_eq!(e.weight, Some(5));
+        assert_eq!(
+            (e.workload_name.as_str(), e.namespace.as_str(), e.cluster_id.as_str()),
+            ("mongodb-v1", "prod", "east")
+        );
+        assert_eq!(e.labels["service.istio.io/canonical-name"], "mongodb");
+        assert_eq!(e.labels["service.istio.io/canonical-revision"], "v1");
+        assert!(!e.labels.contains_key("app"), "app and version stay unknown");
+        let err = load_assignment(&cla(0)).unwrap_err();
+        assert_eq!(err.resource, "ClusterLoadAssignment/c");
+        assert!(err.reason.contains("load_balancing_weight 0"), "{err}");
+    }
+}
