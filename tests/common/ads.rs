@@ -340,3 +340,20 @@ pub fn tcp_listener(name: &str, listen: SocketAddr, routes: &[(&str, u32)]) -> l
         ..Default::default()
     }
 }
+
+/// The snapshot without Istio's own extensions (`istio.stats`, `istio.metadata_exchange`,
+/// tlsMode transport socket matches), which an upstream Envoy does not have: the rest is
+/// what istiod sends.
+pub fn without_istio_extensions(mut s: Snapshot) -> Snapshot {
+    for l in &mut s.listeners {
+        l.listener_filters.retain(|f| !f.name.starts_with("istio."));
+        for c in &mut l.filter_chains {
+            c.filters.retain(|f| !f.name.starts_with("istio."));
+        }
+    }
+    for c in &mut s.clusters {
+        c.filters.retain(|f| !f.name.starts_with("istio."));
+        c.transport_socket_matches.clear();
+    }
+    s
+}
