@@ -351,6 +351,7 @@ impl RunArgs {
                 tls: None,
                 istio_stats: true,
                 source: None,
+                filter_chains: Vec::new(),
             });
             cfg.clusters.push(Cluster {
                 name: "upstream".into(),

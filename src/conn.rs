@@ -82,6 +82,8 @@ pub struct Conn {
     pub cancel: Signal,
     /// Why `cancel` fired: the idle timeout (close gracefully) rather than the drain deadline.
     pub idle_expired: Cell<bool>,
+    /// The filter chain of its listener it matched, for listeners with chains (SPEC §9).
+    pub chain: Cell<Option<usize>>,
     /// Cluster and endpoint it was routed to (for labels), once known.
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
     /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
@@ -179,6 +181,7 @@ impl WorkerCtx {
             last_active: Cell::new(self.now.get()),
             cancel: Signal::default(),
             idle_expired: Cell::new(false),
+            chain: Cell::new(None),
             upstream: Cell::new(None),
             captured: Cell::new(None),
             slot: Cell::new(0),
@@ -242,8 +245,13 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     if conn.series.get().is_some() || !ctx.istio_metrics {
         return;
     }
-    // An xDS listener without `istio.stats` is not counted (SPEC §9).
-    if !conn.snapshot.config.listeners[conn.listener].istio_stats {
+    // An xDS listener or chain without `istio.stats` is not counted (SPEC §9).
+    let listener = &conn.snapshot.config.listeners[conn.listener];
+    let stats = match conn.chain.get().and_then(|c| listener.filter_chains.get(c)) {
+        Some(chain) => chain.istio_stats,
+        None => listener.istio_stats,
+    };
+    if !stats {
         return;
     }
     // Everything the labels depend on besides the fixed local node. (With mTLS, the

@@ -89,6 +89,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             tls: None,
             istio_stats: true,
             source: None,
+            filter_chains: Vec::new(),
         }],
         clusters: vec![Cluster {
             name: "mongodb".into(),

@@ -25,7 +25,7 @@ use crate::config::{Capture, Direction, Listener, PeerExchange};
 use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
-use crate::routing::Target;
+use crate::routing::{self, Target};
 use crate::snapshot::Snapshot;
 use crate::socket;
 
@@ -196,6 +196,13 @@ async fn connect_any(
     down: &TcpStream,
 ) -> Result<TcpStream, Error> {
     match listener.capture {
+        Capture::None if !listener.filter_chains.is_empty() => {
+            // The chain its destination matches (SPEC §9); plaintext: raw_buffer, no ALPN.
+            let chain = routing::select_chain(&listener.filter_chains, down.local_addr()?, "raw_buffer", &[]);
+            conn.chain.set(chain);
+            let target = chain.and_then(|c| conn.snapshot.router.route_chain(li, c)).ok_or(Error::NoRoute)?;
+            connect(li, conn, listener, Some(target)).await
+        }
         Capture::None => connect(li, conn, listener, None).await,
         _ => connect_captured(ctx, li, conn, listener, down).await,
     }

@@ -74,6 +74,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             tls: None,
             istio_stats: true,
             source: None,
+            filter_chains: Vec::new(),
         }],
         clusters: vec![Cluster {
             name: "backend".into(),

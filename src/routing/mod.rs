@@ -101,6 +101,8 @@ enum Route {
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
+    /// Routes of each listener's filter chains (SPEC §9).
+    chains: Vec<Vec<Route>>,
     /// Clusters by index.
     pub clusters: Vec<ClusterState>,
     rng: Cell<u64>,
@@ -170,7 +172,9 @@ impl Router {
             .listeners
             .iter()
             .map(|l| {
-                if l.capture != Capture::None && l.cluster.is_none() && l.service.is_none() {
+                if !l.filter_chains.is_empty() && l.capture == Capture::None {
+                    Route::None // routed by the chain each connection matches
+                } else if l.capture != Capture::None && l.cluster.is_none() && l.service.is_none() {
                     Route::Captured
                 } else if let Some(routes) = &l.tcp_routes {
                     weighted(routes)
@@ -200,6 +204,22 @@ impl Router {
                 }
             })
             .collect();
+        let chains = cfg
+            .listeners
+            .iter()
+            .map(|l| {
+                l.filter_chains
+                    .iter()
+                    .map(|c| match (&c.cluster, &c.tcp_routes) {
+                        (Some(name), _) if c.not_served.is_none() => {
+                            Route::One(Target { cluster: index(name), subset: None })
+                        }
+                        (None, Some(routes)) if c.not_served.is_none() => weighted(routes),
+                        _ => Route::None,
+                    })
+                    .collect()
+            })
+            .collect();
         // An outbound capture's address: the matched cluster's host routes as its
         // VirtualService tcp routes say for that port, as a `service:` listener's would.
         let by_address = address_index(cfg)
@@ -217,7 +237,7 @@ impl Router {
                 (addr, route)
             })
             .collect();
-        Router { routes, clusters, rng: Cell::new(seed | 1), by_address }
+        Router { routes, chains, clusters, rng: Cell::new(seed | 1), by_address }
     }
 
     /// The cluster (and subset) for an outbound-captured connection to `dst`: a cluster whose
@@ -230,6 +250,11 @@ impl Router {
     /// The cluster (and subset) for a new connection on `listener`; `None`: no route (`NR`).
     pub fn route(&self, listener: usize) -> Option<Target> {
         self.pick(self.routes.get(listener)?)
+    }
+
+    /// The cluster for a new connection that matched filter chain `chain` of `listener`.
+    pub fn route_chain(&self, listener: usize, chain: usize) -> Option<Target> {
+        self.pick(self.chains.get(listener)?.get(chain)?)
     }
 
     fn pick(&self, route: &Route) -> Option<Target> {
@@ -380,6 +405,42 @@ fn cluster_state(
         endpoints,
         subsets,
     }
+}
+
+/// The filter chain a connection to `dst` takes, as Envoy matches them (SPEC §9): by
+/// destination port, then destination address (longest prefix), then transport protocol,
+/// then application protocols; at each step the most specific chains that match win and the
+/// rest are out (no backtracking); the default chain when none is left. A plaintext
+/// connection is `raw_buffer` with no ALPN.
+pub fn select_chain(
+    chains: &[crate::config::FilterChain],
+    dst: SocketAddr,
+    transport: &str,
+    alpn: &[&str],
+) -> Option<usize> {
+    let all: Vec<usize> = (0..chains.len()).filter(|&i| !chains[i].default).collect();
+    let narrow = |from: Vec<usize>, exact: &dyn Fn(usize) -> bool, any: &dyn Fn(usize) -> bool| {
+        let exact: Vec<usize> = from.iter().copied().filter(|&i| exact(i)).collect();
+        if exact.is_empty() { from.into_iter().filter(|&i| any(i)).collect() } else { exact }
+    };
+    let ports = narrow(all, &|i| chains[i].destination_port == Some(dst.port()), &|i| {
+        chains[i].destination_port.is_none()
+    });
+    let longest =
+        |i: usize| chains[i].prefix_ranges.iter().filter(|r| r.contains(dst.ip())).map(|r| r.len).max();
+    let best = ports.iter().filter_map(|&i| longest(i)).max();
+    let prefixes =
+        narrow(ports, &|i| best.is_some() && longest(i) == best, &|i| chains[i].prefix_ranges.is_empty());
+    let transports =
+        narrow(prefixes, &|i| chains[i].transport_protocol.as_deref() == Some(transport), &|i| {
+            chains[i].transport_protocol.is_none()
+        });
+    let protocols = narrow(
+        transports,
+        &|i| chains[i].application_protocols.iter().any(|p| alpn.contains(&p.as_str())),
+        &|i| chains[i].application_protocols.is_empty(),
+    );
+    protocols.first().copied().or_else(|| chains.iter().position(|c| c.default))
 }
 
 #[cfg(test)]
@@ -554,6 +615,36 @@ clusters:",
             r.route_original_dst("127.0.0.1:10".parse().unwrap()),
             Some(Target { cluster: 0, subset: None })
         );
+    }
+
+    #[test]
+    fn filter_chains_match_port_then_longest_prefix_then_transport_then_alpn_else_the_default() {
+        use crate::config::{Cidr, FilterChain};
+        let chain =
+            |port: Option<u16>, prefixes: &[&str], transport: Option<&str>, alpn: &[&str]| FilterChain {
+                destination_port: port,
+                prefix_ranges: prefixes.iter().map(|p| Cidr::try_from(p.to_string()).unwrap()).collect(),
+                transport_protocol: transport.map(str::to_string),
+                application_protocols: alpn.iter().map(|p| p.to_string()).collect(),
+                ..FilterChain::default()
+            };
+        let chains = vec![
+            chain(Some(9080), &[], Some("tls"), &["istio-peer-exchange"]), // 0: mTLS on 9080
+            chain(Some(9080), &[], Some("raw_buffer"), &[]),               // 1: plaintext on 9080
+            chain(None, &["10.0.0.0/8"], None, &[]),                       // 2
+            chain(None, &["10.1.0.0/16"], None, &[]),                      // 3
+            chain(None, &[], None, &[]),                                   // 4
+            FilterChain { default: true, ..chain(Some(1), &[], None, &[]) }, // 5
+        ];
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(select_chain(&chains, at("10.1.2.3:9080"), "raw_buffer", &[]), Some(1));
+        assert_eq!(select_chain(&chains, at("10.1.2.3:9080"), "tls", &["istio-peer-exchange"]), Some(0));
+        assert_eq!(select_chain(&chains, at("10.1.2.3:80"), "raw_buffer", &[]), Some(3), "longest prefix");
+        assert_eq!(select_chain(&chains, at("10.9.2.3:80"), "raw_buffer", &[]), Some(2));
+        assert_eq!(select_chain(&chains, at("192.168.0.1:80"), "raw_buffer", &[]), Some(4));
+        // Port 9080 chains exist, so the others are out even when those do not match: the default.
+        assert_eq!(select_chain(&chains, at("10.1.2.3:9080"), "tls", &["h2"]), Some(5));
+        assert_eq!(select_chain(&chains[..4], at("192.168.0.1:80"), "raw_buffer", &[]), None);
     }
 
     #[test]

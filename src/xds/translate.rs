@@ -14,7 +14,8 @@ use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
 use prost::Message;
 
 use crate::config::{
-    Capture, Cluster, Config, Direction, Endpoint, Listener, LoadBalancer, PeerExchange, TcpRoute,
+    Capture, Cidr, Cluster, Config, Direction, Endpoint, FilterChain, Listener, LoadBalancer, PeerExchange,
+    TcpRoute,
 };
 
 /// Type URL of a Listener resource.
@@ -107,9 +108,8 @@ fn traffic_direction(d: i32) -> Direction {
     }
 }
 
-/// A Listener: its address, the filter chain that serves every connection (one without a
-/// match, or whose only match is the listener's own port), its tcp_proxy route, `istio.stats`
-/// and `istio.metadata_exchange`, and `use_original_dst` (capture).
+/// A Listener: its address, its filter chains (their `filter_chain_match`, tcp_proxy route,
+/// `istio.stats`), `istio.metadata_exchange`, and `use_original_dst` (capture).
 pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error> {
     let name = pb.name.as_str();
     let bad = |reason: String| invalid("Listener", name, reason);
@@ -120,45 +120,85 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
     let direction = traffic_direction(pb.traffic_direction);
     let mut reports = Vec::new();
     let mut exchange = pb.listener_filters.iter().any(|f| f.name == METADATA_EXCHANGE);
-    let mut chosen: Option<(TcpTarget, bool)> = None;
-    let chains =
+    let mut chains: Vec<FilterChain> = Vec::new();
+    let all =
         pb.filter_chains.iter().map(|c| (c, false)).chain(pb.default_filter_chain.iter().map(|c| (c, true)));
-    for (i, (chain, default)) in chains.enumerate() {
+    for (i, (chain, default)) in all.enumerate() {
         let what = match (default, chain.name.is_empty()) {
             (true, _) => "default_filter_chain".to_string(),
             (false, true) => format!("filter chain {i}"),
             (false, false) => format!("filter chain {:?}", chain.name),
         };
+        let mut fc = FilterChain { name: what.clone(), default, ..FilterChain::default() };
+        if let Some(m) = chain.filter_chain_match.as_ref().filter(|_| !default) {
+            if !m.server_names.is_empty()
+                || !m.source_prefix_ranges.is_empty()
+                || !m.source_ports.is_empty()
+                || !m.direct_source_prefix_ranges.is_empty()
+            {
+                reports.push(format!(
+                    "Listener/{name}: {what}: matches on server names or source: never taken yet"
+                ));
+                continue;
+            }
+            fc.destination_port = match m.destination_port {
+                Some(p) => Some(
+                    u16::try_from(p.value)
+                        .map_err(|_| bad(format!("{what}: destination_port {}", p.value)))?,
+                ),
+                None => None,
+            };
+            for r in &m.prefix_ranges {
+                let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
+                    bad(format!("{what}: prefix_ranges: {:?} is not an IP address", r.address_prefix))
+                })?;
+                let len = r.prefix_len.map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
+                let cidr = Cidr::try_from(format!("{ip}/{len}")).map_err(|e| bad(format!("{what}: {e}")))?;
+                fc.prefix_ranges.push(cidr);
+            }
+            fc.transport_protocol = (!m.transport_protocol.is_empty()).then(|| m.transport_protocol.clone());
+            fc.application_protocols = m.application_protocols.clone();
+            if fc.transport_protocol.as_deref() == Some("tls") || !fc.application_protocols.is_empty() {
+                reports.push(format!(
+                    "Listener/{name}: {what}: takes TLS connections only, which this listener does not terminate yet"
+                ));
+            }
+        }
         if chain.filters.iter().any(|f| f.name == HTTP_CONNECTION_MANAGER) {
-            reports.push(format!(
-                "Listener/{name}: {what}: HTTP (http_connection_manager) is not served by an L4 proxy"
-            ));
+            let why = "HTTP (http_connection_manager) is not served by an L4 proxy";
+            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+            fc.not_served = Some(why.into());
+            chains.push(fc);
             continue;
         }
         let Some(proxy) = chain.filters.iter().find(|f| f.name == TCP_PROXY) else {
-            reports.push(format!("Listener/{name}: {what}: no tcp_proxy filter; not served"));
+            let why = "no tcp_proxy filter";
+            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+            fc.not_served = Some(why.into());
+            chains.push(fc);
             continue;
         };
-        let target = tcp_target(proxy).map_err(|r| bad(format!("{what}: {r}")))?;
-        if let Some(why) = chain.filter_chain_match.as_ref().and_then(|m| unserved_match(m, listen.port())) {
-            reports.push(format!("Listener/{name}: {what}: filter_chain_match on {why} is not served yet"));
-            continue;
+        match tcp_target(proxy).map_err(|r| bad(format!("{what}: {r}")))? {
+            TcpTarget::Cluster(c) => fc.cluster = Some(c),
+            TcpTarget::Weighted(routes) => fc.tcp_routes = Some(routes),
         }
-        let stats = chain.filters.iter().any(|f| f.name == ISTIO_STATS);
+        fc.istio_stats = chain.filters.iter().any(|f| f.name == ISTIO_STATS);
         exchange |= chain.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
-        if chosen.is_none() {
-            chosen = Some((target, stats));
-        } else {
-            reports.push(format!(
-                "Listener/{name}: {what}: a second chain matching every connection; the first serves"
-            ));
-        }
+        chains.push(fc);
     }
+    // A chain that takes every plaintext connection of this listener.
+    let plain = |c: &FilterChain| {
+        c.not_served.is_none()
+            && c.destination_port.is_none_or(|p| p == listen.port())
+            && c.prefix_ranges.is_empty()
+            && c.transport_protocol.as_deref().is_none_or(|t| t == "raw_buffer")
+            && c.application_protocols.is_empty()
+    };
     if pb.bind_to_port.is_some_and(|b| !b.value) {
         // Reached through the capture listener by original destination, as in Envoy.
-        let captured = match chosen {
-            Some((TcpTarget::Cluster(c), _)) => Some((listen, c)),
-            Some((TcpTarget::Weighted(_), _)) => {
+        let captured = match chains.iter().find(|c| plain(c)) {
+            Some(FilterChain { cluster: Some(c), .. }) => Some((listen, c.clone())),
+            Some(_) => {
                 reports.push(format!(
                     "Listener/{name}: bind_to_port false with weighted_clusters: not served yet through capture"
                 ));
@@ -173,17 +213,31 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
         (true, Direction::Outbound) => Capture::Outbound,
         _ => Capture::None,
     };
-    let Some((target, istio_stats)) = chosen else {
-        if capture == Capture::None {
-            return Ok(XdsListener { listener: None, reports, captured: None });
+    let mut listener = base_listener(name, listen, direction, capture, exchange, false, version);
+    if capture != Capture::None {
+        // Routed by original destination (SPEC §8): outbound to the cluster holding it,
+        // inbound to its port on the local host, as istiod's per-port chains say.
+        if !chains.is_empty() {
+            reports.push(format!(
+                "Listener/{name}: filter chains of a capture listener: routed by original destination"
+            ));
         }
-        let listener = base_listener(name, listen, direction, capture, exchange, false, version);
         return Ok(XdsListener { listener: Some(listener), reports, captured: None });
-    };
-    let mut listener = base_listener(name, listen, direction, capture, exchange, istio_stats, version);
-    match target {
-        TcpTarget::Cluster(c) => listener.cluster = Some(c),
-        TcpTarget::Weighted(routes) => listener.tcp_routes = Some(routes),
+    }
+    if chains.iter().all(|c| c.not_served.is_some()) {
+        return Ok(XdsListener { listener: None, reports, captured: None });
+    }
+    match &chains[..] {
+        // One chain for every connection: the plain listener model.
+        [only] if plain(only) => {
+            listener.cluster = only.cluster.clone();
+            listener.tcp_routes = only.tcp_routes.clone();
+            listener.istio_stats = only.istio_stats;
+        }
+        _ => {
+            listener.istio_stats = chains.iter().any(|c| c.istio_stats);
+            listener.filter_chains = chains;
+        }
     }
     Ok(XdsListener { listener: Some(listener), reports, captured: None })
 }
@@ -211,34 +265,8 @@ fn base_listener(
         tls: None,
         istio_stats,
         source: Some(format!("xds Listener/{name} version {version}")),
+        filter_chains: Vec::new(),
     }
-}
-
-/// A filter chain match that does not hold for every connection of the listener.
-fn unserved_match(m: &lds::FilterChainMatch, port: u16) -> Option<String> {
-    let mut why = Vec::new();
-    if m.destination_port.is_some_and(|p| p.value != u32::from(port)) {
-        why.push("destination_port");
-    }
-    if !m.prefix_ranges.is_empty() {
-        why.push("prefix_ranges");
-    }
-    if !m.transport_protocol.is_empty() && m.transport_protocol != "raw_buffer" {
-        why.push("transport_protocol");
-    }
-    if !m.application_protocols.is_empty() {
-        why.push("application_protocols");
-    }
-    if !m.server_names.is_empty() {
-        why.push("server_names");
-    }
-    if !m.source_prefix_ranges.is_empty()
-        || !m.source_ports.is_empty()
-        || !m.direct_source_prefix_ranges.is_empty()
-    {
-        why.push("source");
-    }
-    (!why.is_empty()).then(|| why.join(", "))
 }
 
 enum TcpTarget {
@@ -478,11 +506,13 @@ impl State {
                 c.addresses.push(*address);
             }
             let Some(mut l) = x.listener.clone() else { continue };
-            let targets: Vec<String> = match (&l.cluster, &l.tcp_routes) {
-                (Some(c), _) => vec![c.clone()],
-                (None, Some(routes)) => routes.iter().map(|r| r.cluster.clone()).collect(),
-                _ => Vec::new(),
-            };
+            let mut targets: Vec<String> = Vec::new();
+            let routes = std::iter::once((&l.cluster, &l.tcp_routes))
+                .chain(l.filter_chains.iter().map(|c| (&c.cluster, &c.tcp_routes)));
+            for (cluster, tcp_routes) in routes {
+                targets.extend(cluster.iter().cloned());
+                targets.extend(tcp_routes.iter().flatten().map(|r| r.cluster.clone()));
+            }
             // Outbound, Istio runs the exchange as the cluster's upstream filter.
             if targets.iter().any(|t| self.clusters.get(t).is_some_and(|c| c.exchange)) {
                 l.peer_exchange = PeerExchange::Alpn;
@@ -608,10 +638,10 @@ mod tests {
     }
 
     #[test]
-    fn http_chains_and_chains_matching_some_connections_only_are_reported_not_rejected() {
+    fn http_chains_are_reported_and_chains_keep_their_matches() {
         let hcm = filter(HTTP_CONNECTION_MANAGER, Any::default());
-        let x = listener(&listener_with(vec![chain(vec![hcm])]), "1").unwrap();
-        assert!(x.listener.is_none());
+        let x = listener(&listener_with(vec![chain(vec![hcm.clone()])]), "1").unwrap();
+        assert!(x.listener.is_none(), "an HTTP-only listener is not bound");
         assert!(x.reports[0].contains("HTTP"), "{:?}", x.reports);
         let mut tls = chain(vec![to("tls")]);
         tls.filter_chain_match = Some(lds::FilterChainMatch {
@@ -619,14 +649,35 @@ mod tests {
             application_protocols: vec!["istio-peer-exchange".into()],
             ..Default::default()
         });
+        let mut ten = chain(vec![to("ten"), filter(ISTIO_STATS, Any::default())]);
+        ten.filter_chain_match = Some(lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 27017 }),
+            prefix_ranges: vec![core::CidrRange {
+                address_prefix: "10.0.0.0".into(),
+                prefix_len: Some(UInt32Value { value: 8 }),
+            }],
+            ..Default::default()
+        });
+        let mut pb = listener_with(vec![tls, ten, chain(vec![hcm])]);
+        pb.default_filter_chain = Some(chain(vec![to("fallback")]));
+        let x = listener(&pb, "1").unwrap();
+        let chains = x.listener.unwrap().filter_chains;
+        assert_eq!(chains.len(), 4);
+        assert_eq!(chains[0].transport_protocol.as_deref(), Some("tls"));
+        assert_eq!(String::from(chains[1].prefix_ranges[0]), "10.0.0.0/8");
+        assert_eq!((chains[1].destination_port, chains[1].istio_stats), (Some(27017), true));
+        assert!(chains[2].not_served.is_some(), "the HTTP chain closes its connections");
+        assert!(chains[3].default && chains[3].cluster.as_deref() == Some("fallback"));
+        assert!(x.reports.iter().any(|r| r.contains("TLS connections only")), "{:?}", x.reports);
+        // One chain that takes every connection: the plain model.
         let mut same_port = chain(vec![to("plain")]);
         same_port.filter_chain_match = Some(lds::FilterChainMatch {
             destination_port: Some(UInt32Value { value: 27017 }),
             ..Default::default()
         });
-        let x = listener(&listener_with(vec![tls, same_port]), "1").unwrap();
-        assert_eq!(x.listener.unwrap().cluster.as_deref(), Some("plain"));
-        assert!(x.reports[0].contains("transport_protocol, application_protocols"), "{:?}", x.reports);
+        let l = listener(&listener_with(vec![same_port]), "1").unwrap().listener.unwrap();
+        assert_eq!(l.cluster.as_deref(), Some("plain"));
+        assert!(l.filter_chains.is_empty());
     }
 
     #[test]
