@@ -586,7 +586,7 @@ pub struct Endpoint {
     /// Its cluster id (destination_cluster without exchange), from xDS endpoint metadata.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster_id: String,
-    /// Relative load-balancing weight, from xDS (`load_balancing_weight`).
+    /// Relative load-balancing weight (xDS `load_balancing_weight`); default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
 }
@@ -891,6 +891,12 @@ impl Config {
                 return Err(at(
                     &format!("name: {}", c.name),
                     format!("cluster {}: endpoints: at least one endpoint is needed", c.name),
+                ));
+            }
+            if let Some(e) = c.endpoints.iter().find(|e| e.weight == Some(0)) {
+                return Err(at(
+                    &format!("name: {}", c.name),
+                    format!("cluster {}: endpoint {}: weight must be at least 1", c.name, e.address),
                 ));
             }
             let mut subsets = BTreeSet::new();

@@ -42,6 +42,8 @@ pub struct EndpointState {
     /// namespace, labels with the canonical name and revision filled by istiod's fallbacks):
     /// the peer side of the metrics when there was no exchange (SPEC §3).
     pub identity: NodeMetadata,
+    /// Relative weight (xDS `load_balancing_weight`, else 1).
+    pub weight: u32,
     /// Live connections and ejection, shared with the routers of earlier and later
     /// snapshots in which this endpoint (cluster name and address) also exists, so a config
     /// update forgets neither (a connection routed by an old snapshot still ends in it).
@@ -69,6 +71,65 @@ struct Pool {
     members: Vec<usize>,
     load_balancer: LoadBalancer,
     next: Cell<usize>,
+    /// With unequal endpoint weights: member positions in weighted turn (smooth weighted
+    /// round robin, as nginx's), one full cycle; empty when every weight is equal.
+    rotation: Vec<usize>,
+}
+
+impl Pool {
+    fn new(members: Vec<usize>, load_balancer: LoadBalancer, endpoints: &[EndpointState]) -> Pool {
+        let rotation = rotation(&members.iter().map(|&e| endpoints[e].weight).collect::<Vec<_>>());
+        Pool { members, load_balancer, next: Cell::new(0), rotation }
+    }
+
+    /// How many turns one cycle has.
+    fn turns(&self) -> usize {
+        if self.rotation.is_empty() { self.members.len() } else { self.rotation.len() }
+    }
+
+    /// The member position whose turn `i` is.
+    fn turn(&self, i: usize) -> usize {
+        if self.rotation.is_empty() { i } else { self.rotation[i] }
+    }
+}
+
+/// Longest weighted cycle: beyond it weights are scaled down (kept at least 1).
+const MAX_ROTATION: u64 = 4096;
+
+/// One cycle of smooth weighted round robin over `weights` (member positions), spreading
+/// each member's turns through the cycle; empty when all weights are equal.
+fn rotation(weights: &[u32]) -> Vec<usize> {
+    if weights.windows(2).all(|w| w[0] == w[1]) {
+        return Vec::new();
+    }
+    let gcd = weights.iter().fold(0u64, |g, &w| {
+        let (mut a, mut b) = (g, u64::from(w.max(1)));
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    });
+    let sum: u64 = weights.iter().map(|&w| u64::from(w.max(1)) / gcd).sum();
+    let scaled: Vec<i64> = weights
+        .iter()
+        .map(|&w| {
+            let w = u64::from(w.max(1)) / gcd;
+            let w = if sum > MAX_ROTATION { (w * MAX_ROTATION / sum).max(1) } else { w };
+            w as i64
+        })
+        .collect();
+    let total: i64 = scaled.iter().sum();
+    let mut current = vec![0i64; scaled.len()];
+    (0..total)
+        .map(|_| {
+            for (c, w) in current.iter_mut().zip(&scaled) {
+                *c += w;
+            }
+            let pick = (0..current.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k))).unwrap_or(0);
+            current[pick] -= total;
+            pick
+        })
+        .collect()
 }
 
 /// A cluster as a worker sees it.
@@ -280,13 +341,14 @@ impl Router {
         let start = if n == 0 {
             0
         } else {
+            let turns = pool.turns();
             match pool.load_balancer {
                 LoadBalancer::RoundRobin => {
                     let i = pool.next.get();
-                    pool.next.set((i + 1) % n);
-                    i % n
+                    pool.next.set((i + 1) % turns);
+                    pool.turn(i % turns)
                 }
-                LoadBalancer::Random => (self.random() % n as u64) as usize,
+                LoadBalancer::Random => pool.turn((self.random() % turns as u64) as usize),
                 LoadBalancer::LeastConnection => {
                     // Fewest live connections; ties broken in turn so equal endpoints share load.
                     let turn = pool.next.get();
@@ -294,7 +356,11 @@ impl Router {
                     (0..n)
                         .map(|k| (turn + k) % n)
                         .filter(up)
-                        .min_by_key(|&k| cluster.endpoints[pool.members[k]].health.live.get())
+                        .min_by_key(|&k| {
+                            // Live connections per unit of weight (equal weights: live).
+                            let e = &cluster.endpoints[pool.members[k]];
+                            u64::from(e.health.live.get()) * 1_000_000 / u64::from(e.weight.max(1))
+                        })
                         .unwrap_or(turn % n)
                 }
             }
@@ -381,27 +447,23 @@ fn cluster_state(
                 ..NodeMetadata::default()
             }),
             health: known(e.address).unwrap_or_default(),
+            weight: e.weight.unwrap_or(1).max(1),
         })
         .collect();
     let subsets = c
         .subsets
         .iter()
-        .map(|s| Pool {
-            members: (0..endpoints.len())
+        .map(|s| {
+            let members = (0..endpoints.len())
                 .filter(|&i| s.labels.iter().all(|(k, v)| endpoints[i].labels.get(k) == Some(v)))
-                .collect(),
-            load_balancer: s.load_balancer.unwrap_or(c.load_balancer),
-            next: Cell::new(0),
+                .collect();
+            Pool::new(members, s.load_balancer.unwrap_or(c.load_balancer), &endpoints)
         })
         .collect();
     ClusterState {
         name: c.name.clone(),
         service: ServiceInfo { host, namespace },
-        all: Pool {
-            members: (0..endpoints.len()).collect(),
-            load_balancer: c.load_balancer,
-            next: Cell::new(0),
-        },
+        all: Pool::new((0..endpoints.len()).collect(), c.load_balancer, &endpoints),
         endpoints,
         subsets,
     }
@@ -645,6 +707,27 @@ clusters:",
         // Port 9080 chains exist, so the others are out even when those do not match: the default.
         assert_eq!(select_chain(&chains, at("10.1.2.3:9080"), "tls", &["h2"]), Some(5));
         assert_eq!(select_chain(&chains[..4], at("192.168.0.1:80"), "raw_buffer", &[]), None);
+    }
+
+    #[test]
+    fn endpoint_weights_share_turns_smoothly_and_equal_weights_keep_plain_turns() {
+        assert!(rotation(&[1, 1, 1]).is_empty());
+        assert_eq!(rotation(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(rotation(&[200, 100]), [0, 1, 0]);
+        let huge = rotation(&[u32::MAX, 1]);
+        assert!(huge.len() as u64 <= MAX_ROTATION + 1 && huge.contains(&1));
+        let yaml = BASE.replace(
+            "{address: 127.0.0.1:10, labels: {version: v1}}",
+            "{address: 127.0.0.1:10, labels: {version: v1}, weight: 3}",
+        );
+        let r = Router::new(&cfg(&yaml), 7);
+        let t = r.route(0).unwrap();
+        let firsts: Vec<usize> = (0..10).map(|_| r.candidates(t, now()).next().unwrap()).collect();
+        assert_eq!(firsts.iter().filter(|&&e| e == 0).count(), 6, "{firsts:?}");
+        // The fallback order still holds every endpoint once.
+        let mut all: Vec<usize> = r.candidates(t, now()).collect();
+        all.sort();
+        assert_eq!(all, [0, 1, 2]);
     }
 
     #[test]
