@@ -154,7 +154,7 @@ impl Shared {
         let current = self.published.load();
         for l in &config.listeners {
             let known = current.config.listeners.iter().any(|c| c.name == l.name && c.listen == l.listen);
-            if !known && let Err(e) = bind_reuseport(l.listen) {
+            if !known && let Err(e) = can_bind(l.listen) {
                 return Err(format!("Listener/{}: cannot bind {}: {e}", l.name, l.listen));
             }
         }
@@ -302,9 +302,17 @@ fn benchmark_switch(var: &str, off: &str) -> bool {
     on
 }
 
-/// Bind one SO_REUSEPORT listener socket; also how the control side checks that a listener
-/// it is about to publish can be bound (and what port 0 becomes).
-pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// Whether the workers will be able to bind `addr`: bound (SO_REUSEPORT, as they bind it)
+/// but never listening, so no connection can land in this probe and be dropped.
+fn can_bind(addr: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;

@@ -339,10 +339,18 @@ fn an_invalid_listener_is_nacked_naming_it_and_the_last_good_config_keeps_servin
     server.push(s);
     let nack = reply_to(&requests, LISTENER, "3");
     assert!(nack.error_detail.expect("a NACK").message.contains("without a cluster"));
+    // A listener on an address another process holds: it cannot bind, NACKed as Envoy does.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut s = mesh.snapshot("4", &[(V1, 100)]);
+    s.listeners.push(tcp_listener("taken", taken.local_addr().unwrap(), &[(V2, 100)]));
+    server.push(s);
+    let nack = reply_to(&requests, LISTENER, "4");
+    let detail = nack.error_detail.expect("a NACK").message;
+    assert!(detail.contains("Listener/taken: cannot bind"), "{detail}");
     // Still served by version 1: every connection to v1.
     assert_eq!(split(mesh.listen, 10), (10, 0));
     let scrape = rs.scrape();
-    assert_eq!(sum(&scrape, "ringside_xds_updates_rejected_total", &[("type", "Listener")]), 2.0);
+    assert_eq!(sum(&scrape, "ringside_xds_updates_rejected_total", &[("type", "Listener")]), 3.0);
 }
 
 #[test]
