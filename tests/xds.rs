@@ -622,3 +622,36 @@ fn filter_chains_take_connections_by_destination_and_count_only_with_istio_stats
         0.0
     );
 }
+
+#[test]
+fn a_unix_socket_ads_server_configures_it_as_istios_agent_proxy_would() {
+    let mesh = Mesh::new();
+    let (tx, requests) = mpsc::channel();
+    let path =
+        std::env::temp_dir().join(format!("ringside-xds-{}-{}.sock", std::process::id(), mesh.listen.port()));
+    let server = AdsServer::start_unix(&path, mesh.snapshot("1", &[(V2, 100)]), tx);
+    let config = format!("{NODE}xds: {{address: \"unix:{}\"}}\n", path.display());
+    let _rs = Ringside::spawn_config(&config, mesh.listen, &[]);
+    reply_to(&requests, LISTENER, "1");
+    until_tag(mesh.listen, "v2");
+    drop(server);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_bad_xds_address_is_a_one_line_usage_error() {
+    for (address, why) in [("nope", "expected HOST:PORT or unix:PATH"), ("unix:", "unix: needs a path")] {
+        let out =
+            std::process::Command::new(common::bin()).args(["validate", "--xds", address]).output().unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+    }
+    // With xds: alone, no listener is needed.
+    let out = std::process::Command::new(common::bin())
+        .args(["validate", "--xds", "127.0.0.1:15010"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -49,22 +49,51 @@ pub struct AdsServer {
 impl AdsServer {
     /// Serve `first` on `addr`, sending every request it receives to `requests`.
     pub fn start(addr: SocketAddr, first: Snapshot, requests: mpsc::Sender<DiscoveryRequest>) -> AdsServer {
+        AdsServer::start_on(Bind::Tcp(addr), first, requests)
+    }
+
+    /// Serve on a unix socket at `path`, as Istio's agent serves its XDS proxy.
+    pub fn start_unix(
+        path: &std::path::Path,
+        first: Snapshot,
+        requests: mpsc::Sender<DiscoveryRequest>,
+    ) -> AdsServer {
+        AdsServer::start_on(Bind::Unix(path.to_path_buf()), first, requests)
+    }
+
+    fn start_on(bind: Bind, first: Snapshot, requests: mpsc::Sender<DiscoveryRequest>) -> AdsServer {
+        let addr = match &bind {
+            Bind::Tcp(a) => *a,
+            Bind::Unix(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
         let (snapshot, rx) = watch::channel(Arc::new(first));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-                ready_tx.send(()).unwrap();
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let service = Ads { snapshot: rx, requests };
-                let server = tonic::transport::Server::builder()
-                    .add_service(AggregatedDiscoveryServiceServer::new(service))
-                    .serve_with_incoming(incoming);
-                tokio::select! {
-                    _ = server => {}
-                    _ = stopped => {}
+                let service = AggregatedDiscoveryServiceServer::new(Ads { snapshot: rx, requests });
+                let router = tonic::transport::Server::builder().add_service(service);
+                match bind {
+                    Bind::Tcp(addr) => {
+                        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+                        ready_tx.send(()).unwrap();
+                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                        tokio::select! {
+                            _ = router.serve_with_incoming(incoming) => {}
+                            _ = stopped => {}
+                        }
+                    }
+                    Bind::Unix(path) => {
+                        let _ = std::fs::remove_file(&path);
+                        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+                        ready_tx.send(()).unwrap();
+                        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                        tokio::select! {
+                            _ = router.serve_with_incoming(incoming) => {}
+                            _ = stopped => {}
+                        }
+                    }
                 }
             });
             // Dropping the runtime drops every stream task: clients see their stream end.
@@ -98,6 +127,11 @@ impl Drop for AdsServer {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+enum Bind {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
 }
 
 struct Ads {
