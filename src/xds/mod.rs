@@ -288,7 +288,9 @@ impl Client {
                 self.state = next;
                 self.status.applied[kind].fetch_add(1, Ordering::Relaxed);
                 let reports: Vec<String> = self.state.reports().cloned().collect();
-                for line in &reports {
+                // Once each: a line already reported for an earlier version is not repeated.
+                let before = self.status.reports.load();
+                for line in reports.iter().filter(|l| !before.contains(l)) {
                     log::info!("xds: {line}");
                 }
                 self.status.reports.store(Arc::new(reports));
