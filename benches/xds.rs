@@ -66,8 +66,11 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` probes with --list
     }
-    let pushes = env("PUSHES", 100);
-    let seconds = env("SECONDS", 5);
+    // `cargo bench` passes --bench; under `cargo test --all-targets` this is a short smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let pushes = env("PUSHES", if full { 100 } else { 3 });
+    let seconds = env("SECONDS", if full { 5 } else { 1 });
+    let rounds = if full { 3 } else { 1 };
     let (v1, v2, listen) = (tag_server(b"v1"), tag_server(b"v2"), free_addr());
     let (tx, _requests) = mpsc::channel();
     let server = AdsServer::start(free_addr(), snapshot(1, v1, v2, listen, V1), tx);
@@ -156,12 +159,12 @@ fn main() {
     thread::sleep(Duration::from_millis(500));
     // Alternating rounds, so a change in the machine's load falls on both sides.
     let (mut quiet, mut pushed) = (0.0, 0.0);
-    for _ in 0..3 {
-        quiet += rate(false) / 3.0;
-        pushed += rate(true) / 3.0;
+    for _ in 0..rounds {
+        quiet += rate(false) / rounds as f64;
+        pushed += rate(true) / rounds as f64;
     }
     println!(
-        "connections/s, 3 alternating rounds of {seconds}s, 2 clients: no pushes {quiet:.0}, a push every second {pushed:.0}, ratio {:.3}",
+        "connections/s, {rounds} alternating round(s) of {seconds}s, 2 clients: no pushes {quiet:.0}, a push every second {pushed:.0}, ratio {:.3}",
         pushed / quiet
     );
     let _ = child.kill();
