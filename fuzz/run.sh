@@ -17,22 +17,24 @@ mkdir -p corpus/parser corpus/config artifacts/parser artifacts/config
 # Seeds: the golden preamble; each YAML file whole as a native config (split byte 255) and
 # whole as Istio documents (split byte 0).
 cp "$data/preamble_golden_client.bin" corpus/parser/seed-golden
-for f in "$data"/spec-example.yaml "$data"/istio/*.yaml "$data"/istio/bookinfo/*.yaml; do
+for f in "$data"/spec-example.yaml "$data"/istio/*.yaml "$data"/istio/bookinfo/*.yaml "$data"/istio/local/*.yaml; do
   [ -f "$f" ] || continue
   name=$(basename "$f" .yaml)
   { printf '\377'; cat "$f"; } >"corpus/config/seed-native-$name"
   { printf '\000'; cat "$f"; } >"corpus/config/seed-istio-$name"
 done
 
+# An explicit --target keeps the coverage flags off build scripts and proc macros.
+host=$(rustc +"$toolchain" -vV | sed -n 's/^host: //p')
 if cargo +"$toolchain" fuzz --version >/dev/null 2>&1; then
-  build() { cargo +"$toolchain" fuzz build --sanitizer none -O "$1" >&2; echo "target/x86_64-unknown-linux-gnu/release/$1"; }
+  build() { cargo +"$toolchain" fuzz build --sanitizer none -O "$1" >&2; echo "target/$host/release/$1"; }
 else
   build() {
     RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks" \
-      cargo +"$toolchain" build --release --bin "$1" >&2
-    echo "target/release/$1"
+      cargo +"$toolchain" build --release --target "$host" --bin "$1" >&2
+    echo "target/$host/release/$1"
   }
 fi
 

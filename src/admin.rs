@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -18,9 +18,15 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest request head; beyond it the client gets 431.
 pub const MAX_HEAD: usize = 16 * 1024;
 
-/// Requests served at once per listener. When all are taken, the oldest is cut to make room,
-/// so clients that hold connections open (slowloris) cannot lock a probe out.
+/// Requests served at once per listener. When all are taken, the oldest one still sending its
+/// head after GRACE is cut to make room, so clients that hold connections open (slowloris)
+/// cannot lock a probe out; a request whose head has arrived is left to finish.
 const MAX_IN_FLIGHT: usize = 64;
+/// How long a new connection has to send its head before it may be cut for a newcomer.
+const GRACE: Duration = Duration::from_secs(1);
+/// Beyond MAX_IN_FLIGHT while every request is within its grace: the hard bound, at which the
+/// oldest is cut regardless.
+const HARD_MAX_IN_FLIGHT: usize = 4 * MAX_IN_FLIGHT;
 
 /// After an error answer, how long and how much we read and discard before closing, so the
 /// client's unread request does not turn our close into a reset that destroys the answer.
@@ -56,7 +62,7 @@ fn accept_loop(role: Role, name: &str, listener: &TcpListener, shared: &Arc<Shar
     let mut backoff = Backoff::default();
     // The requests being served, oldest first. Weak: a finished request's socket closes when
     // its thread drops it, and its entry is then dead.
-    let mut in_flight: VecDeque<Weak<TcpStream>> = VecDeque::with_capacity(MAX_IN_FLIGHT);
+    let mut in_flight: VecDeque<(Instant, Weak<Request>)> = VecDeque::with_capacity(MAX_IN_FLIGHT);
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -75,25 +81,49 @@ fn accept_loop(role: Role, name: &str, listener: &TcpListener, shared: &Arc<Shar
             }
         };
         // A thread per request: a slow client holds only its own thread, for REQUEST_TIMEOUT.
-        in_flight.retain(|r| r.strong_count() > 0);
+        in_flight.retain(|(_, r)| r.strong_count() > 0);
         if in_flight.len() >= MAX_IN_FLIGHT
-            && let Some(oldest) = in_flight.pop_front().and_then(|r| r.upgrade())
+            && let Some(victim) = victim(&in_flight, Instant::now())
+            && let Some((_, r)) = in_flight.remove(victim)
+            && let Some(r) = r.upgrade()
         {
             // Its read or write fails at once and its thread ends; the newcomer (often a
             // probe whose request is already here) is served.
-            let _ = oldest.shutdown(Shutdown::Both);
+            let _ = r.stream.shutdown(Shutdown::Both);
         }
-        let stream = Arc::new(stream);
-        let (handle, shared) = (Arc::downgrade(&stream), shared.clone());
+        let request = Arc::new(Request { stream, head_done: AtomicBool::new(false) });
+        let (handle, shared) = (Arc::downgrade(&request), shared.clone());
         let spawned = std::thread::Builder::new().name(name.to_string()).stack_size(STACK).spawn(move || {
-            if let Err(e) = handle_request(role, &stream, &shared) {
+            if let Err(e) = handle_request(role, &request, &shared) {
                 log::debug!("{role:?} request: {e}");
             }
         });
         match spawned {
-            Ok(_) => in_flight.push_back(handle),
+            Ok(_) => in_flight.push_back((Instant::now(), handle)),
             Err(e) => log::warn!("{role:?} listener: cannot start a request thread: {e}"),
         }
+    }
+}
+
+/// One request's socket, shared by its thread and the accept loop (which may cut it).
+struct Request {
+    stream: TcpStream,
+    /// Set once the whole head has arrived: from then on the request is only being answered.
+    head_done: AtomicBool,
+}
+
+/// Which request to cut for a newcomer: the oldest still sending its head after GRACE; at
+/// HARD_MAX_IN_FLIGHT, the oldest still sending its head, else the oldest. None: admit the
+/// newcomer beyond MAX_IN_FLIGHT.
+fn victim(in_flight: &VecDeque<(Instant, Weak<Request>)>, now: Instant) -> Option<usize> {
+    let sending = |r: &Weak<Request>| r.upgrade().is_some_and(|r| !r.head_done.load(Ordering::Acquire));
+    let slow = in_flight.iter().position(|(t, r)| now.saturating_duration_since(*t) >= GRACE && sending(r));
+    match slow {
+        Some(i) => Some(i),
+        None if in_flight.len() >= HARD_MAX_IN_FLIGHT => {
+            Some(in_flight.iter().position(|(_, r)| sending(r)).unwrap_or(0))
+        }
+        None => None,
     }
 }
 
@@ -140,10 +170,14 @@ fn read_head(mut stream: &TcpStream) -> io::Result<Head> {
     }
 }
 
-fn handle_request(role: Role, stream: &TcpStream, shared: &Shared) -> io::Result<()> {
+fn handle_request(role: Role, request: &Request, shared: &Shared) -> io::Result<()> {
+    let stream = &request.stream;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let head = match read_head(stream)? {
-        Head::Complete(head) => head,
+        Head::Complete(head) => {
+            request.head_done.store(true, Ordering::Release);
+            head
+        }
         Head::Closed => return Ok(()),
         Head::TooLarge => return refuse(stream, 431, "request head over 16 KiB\n"),
         Head::TooSlow => return refuse(stream, 408, "request head not received in time\n"),

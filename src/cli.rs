@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use serde::de::{DeserializeOwned, IntoDeserializer};
 
-use crate::capture;
+use crate::capture::iptables;
 use crate::config::{self, Bind, Cluster, Config, Dur, Endpoint, Listener, Size};
 use crate::routing;
 
@@ -48,35 +48,38 @@ pub struct IptablesArgs {
     #[arg(long)]
     pub clean: bool,
     /// The proxy's uid, whose own connections are never captured.
-    #[arg(long, default_value_t = capture::PROXY_ID)]
+    #[arg(long, default_value_t = iptables::PROXY_ID)]
     pub proxy_uid: u32,
     /// The proxy's gid, likewise (optional).
     #[arg(long)]
     pub proxy_gid: Option<u32>,
     /// Inbound destination ports to capture: `*` or a comma-separated list (empty: none).
-    #[arg(long, default_value = "*", value_parser = capture::parse_select::<u16>)]
-    pub include_ports: capture::Select<u16>,
+    #[arg(long, default_value = "*", value_parser = iptables::parse_select::<u16>)]
+    pub include_ports: iptables::Select<u16>,
     /// Inbound destination ports never captured (with --include-ports '*').
-    #[arg(long, default_value = "15090,15021,15020", value_parser = capture::parse_list::<u16>)]
-    pub exclude_ports: capture::List<u16>,
-    /// Outbound destination IPv4 CIDRs to capture: `*` or a comma-separated list (empty: none).
-    #[arg(long, default_value = "*", value_parser = capture::parse_select::<capture::Cidr>)]
-    pub include_cidrs: capture::Select<capture::Cidr>,
-    /// Outbound destination IPv4 CIDRs never captured.
-    #[arg(long, default_value = "", value_parser = capture::parse_list::<capture::Cidr>)]
-    pub exclude_cidrs: capture::List<capture::Cidr>,
+    #[arg(long, default_value = "15090,15021,15020", value_parser = iptables::parse_list::<u16>)]
+    pub exclude_ports: iptables::List<u16>,
+    /// Outbound destination CIDRs to capture: `*` or a comma-separated list (empty: none).
+    #[arg(long, default_value = "*", value_parser = iptables::parse_select::<iptables::Cidr>)]
+    pub include_cidrs: iptables::Select<iptables::Cidr>,
+    /// Outbound destination CIDRs never captured.
+    #[arg(long, default_value = "", value_parser = iptables::parse_list::<iptables::Cidr>)]
+    pub exclude_cidrs: iptables::List<iptables::Cidr>,
     /// Port of the outbound capture listener.
-    #[arg(long, default_value_t = capture::OUTBOUND_PORT)]
+    #[arg(long, default_value_t = iptables::OUTBOUND_PORT)]
     pub outbound_port: u16,
     /// Port of the inbound capture listener.
-    #[arg(long, default_value_t = capture::INBOUND_PORT)]
+    #[arg(long, default_value_t = iptables::INBOUND_PORT)]
     pub inbound_port: u16,
+    /// Also write the IPv6 rules (ip6tables) and put ::6 on lo; with --clean, remove them.
+    #[arg(long)]
+    pub ipv6: bool,
 }
 
 impl IptablesArgs {
     /// What to capture, from the flags.
-    pub fn options(&self) -> capture::Options {
-        capture::Options {
+    pub fn options(&self) -> iptables::Options {
+        iptables::Options {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             proxy_uid: Some(self.proxy_uid),
@@ -85,6 +88,7 @@ impl IptablesArgs {
             exclude_ports: self.exclude_ports.0.clone(),
             include_cidrs: self.include_cidrs.clone(),
             exclude_cidrs: self.exclude_cidrs.0.clone(),
+            ipv6: self.ipv6,
         }
     }
 }

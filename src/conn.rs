@@ -9,7 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::busy_poll::BusyPoll;
 use crate::config::Direction;
 use crate::exchange::NodeMetadata;
-use crate::metrics::{self, ConnLabels, Delta, SeriesId, ServiceInfo, ShardWriter};
+use crate::metrics::{self, ConnLabels, Delta, PeerLabels, Reporter, SeriesId, ServiceInfo, ShardWriter};
 use crate::snapshot::{Published, Snapshot};
 
 /// Size of one relay buffer. Small messages fit in one; a read that fills it marks a bulk
@@ -53,7 +53,7 @@ pub struct WorkerCtx {
     /// Coarse clock, advanced by the tick; read per read instead of a syscall.
     pub now: Cell<Instant>,
     /// Series of recently settled label inputs (see `settle`).
-    pub series_cache: RefCell<HashMap<u64, (SettleKey, SeriesId)>>,
+    pub series_cache: RefCell<SeriesCache>,
     /// Bounded busy-polling after activity (off unless configured).
     pub busy: Rc<BusyPoll>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
@@ -69,6 +69,8 @@ pub struct Conn {
     pub listener: usize,
     /// The accept loop it came from (a removed listener drains its own connections).
     pub acceptor: u64,
+    /// The filter chain of its listener it matched, for listeners with chains (SPEC §9).
+    pub chain: Cell<Option<usize>>,
     /// Application bytes downstream→upstream.
     pub received_bytes: Cell<u64>,
     /// Application bytes upstream→downstream.
@@ -82,8 +84,6 @@ pub struct Conn {
     pub cancel: Signal,
     /// Why `cancel` fired: the idle timeout (close gracefully) rather than the drain deadline.
     pub idle_expired: Cell<bool>,
-    /// The filter chain of its listener it matched, for listeners with chains (SPEC §9).
-    pub chain: Cell<Option<usize>>,
     /// Cluster and endpoint it was routed to (for labels), once known.
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
     /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
@@ -141,7 +141,7 @@ impl WorkerCtx {
             splice: flags.splice,
             istio_metrics: flags.istio_metrics,
             now: Cell::new(Instant::now()),
-            series_cache: RefCell::new(HashMap::new()),
+            series_cache: RefCell::new(SeriesCache::default()),
             busy: Rc::new(BusyPoll::default()),
             conns: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
@@ -156,10 +156,9 @@ impl WorkerCtx {
 
     /// Serve `published` to new connections from now on: live connections keep theirs, and
     /// endpoints that stay keep their load and ejection. Returns the snapshot replaced.
+    /// (Cached series stay valid: their inputs carry the snapshot's generation.)
     pub fn swap(&self, published: &Published) -> Rc<Snapshot> {
         let next = Rc::new(Snapshot::new(published, seed(self.index), Some(&self.snapshot.borrow())));
-        // Cached series name listeners and endpoints by index, which a new config reorders.
-        self.series_cache.borrow_mut().clear();
         self.snapshot.replace(next)
     }
 
@@ -174,6 +173,7 @@ impl WorkerCtx {
             snapshot,
             listener,
             acceptor,
+            chain: Cell::new(None),
             received_bytes: Cell::new(0),
             sent_bytes: Cell::new(0),
             reported: Cell::new((0, 0)),
@@ -181,7 +181,6 @@ impl WorkerCtx {
             last_active: Cell::new(self.now.get()),
             cancel: Signal::default(),
             idle_expired: Cell::new(false),
-            chain: Cell::new(None),
             upstream: Cell::new(None),
             captured: Cell::new(None),
             slot: Cell::new(0),
@@ -240,13 +239,15 @@ fn seed(index: usize) -> u64 {
     0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)
 }
 
-/// Label the connection and count it as opened, once (later calls do nothing).
+/// Label the connection and count it as opened, once (later calls do nothing). A connection
+/// whose label inputs match a recent one's takes that series from the worker's
+/// [`SeriesCache`] without allocating; otherwise its 23 label values are built and interned.
 pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, response_flags: &'static str) {
     if conn.series.get().is_some() || !ctx.istio_metrics {
         return;
     }
-    // An xDS listener or chain without `istio.stats` is not counted (SPEC §9).
     let listener = &conn.snapshot.config.listeners[conn.listener];
+    // An xDS listener or chain without `istio.stats` is not counted (SPEC §9).
     let stats = match conn.chain.get().and_then(|c| listener.filter_chains.get(c)) {
         Some(chain) => chain.istio_stats,
         None => listener.istio_stats,
@@ -254,65 +255,210 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     if !stats {
         return;
     }
-    // Everything the labels depend on besides the fixed local node. (With mTLS, the
-    // principals join the key.)
-    // Indices are per snapshot: the generation tells them apart.
-    let (generation, listener, upstream, captured) =
-        (conn.snapshot.generation, conn.listener, conn.upstream.get(), conn.captured.get());
-    let hash = {
-        let mut h = std::hash::DefaultHasher::new();
-        (generation, listener, upstream, captured, response_flags, peer).hash(&mut h);
-        h.finish()
+    let cluster = conn.upstream.get().map(|(c, e)| (&conn.snapshot.router.clusters[c], e));
+    // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
+    // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
+    let endpoint = cluster
+        .and_then(|(c, e)| e.map(|e| &c.endpoints[e].identity))
+        .filter(|_| listener.direction == Direction::Outbound);
+    let peer = peer.or(endpoint);
+    let inputs = LabelInputs {
+        generation: conn.snapshot.generation,
+        reporter: listener.direction.into(),
+        cluster: conn.upstream.get().map(|(c, _)| c),
+        captured: conn.captured.get(),
+        response_flags,
+        peer: peer.map(PeerLabels::of).unwrap_or_default(),
+        // mTLS (SPEC §7) fills these from the connection's certificates.
+        local_principal: None,
+        peer_principal: None,
+        mutual_tls: false,
     };
-    let cached = ctx.series_cache.borrow().get(&hash).and_then(|(known, id)| {
-        let same = known.generation == generation
-            && known.listener == listener
-            && known.upstream == upstream
-            && known.captured == captured
-            && known.response_flags == response_flags
-            && known.peer.as_ref() == peer;
-        same.then_some(*id)
-    });
+    let cached = ctx.series_cache.borrow_mut().get(&inputs);
     if let Some(id) = cached {
         ctx.settle(conn, id);
         return;
     }
-    let id = ctx.intern(labels(ctx, conn, peer, response_flags));
-    let mut cache = ctx.series_cache.borrow_mut();
-    if cache.len() < SERIES_CACHE_MAX && !ctx.metrics.borrow().is_overflow(id) {
-        let key = SettleKey { generation, listener, upstream, captured, response_flags, peer: peer.cloned() };
-        cache.insert(hash, (key, id));
+    let service = cluster.map(|(c, _)| &c.service);
+    let id = ctx.intern(labels(ctx, &inputs, service, peer));
+    // Overflow series are not cached: `intern` counts every connection that lands there.
+    if !ctx.metrics.borrow().is_overflow(id) {
+        ctx.series_cache.borrow_mut().insert(&inputs, id);
     }
-    drop(cache);
     ctx.settle(conn, id);
 }
 
-/// Label inputs of a settled connection, to reuse its series for the next such connection
-/// without rebuilding 23 label values (two dozen allocations).
-pub struct SettleKey {
-    generation: u64,
-    listener: usize,
-    upstream: Option<(usize, Option<usize>)>,
-    captured: Option<Captured>,
-    response_flags: &'static str,
-    peer: Option<NodeMetadata>,
+/// Everything a connection's labels are built from besides the worker's fixed local node
+/// (SPEC §3), borrowed: what the series cache keys on. Of the peer only what the label rules
+/// read ([`PeerLabels`]): a new pod of a known workload (new node id, pod name, owner) finds
+/// the series of the pods before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LabelInputs<'a> {
+    /// The snapshot's generation: `cluster` is an index into that snapshot's clusters.
+    pub generation: u64,
+    /// From the listener's direction.
+    pub reporter: Reporter,
+    /// The cluster it was routed to (its service), if any.
+    pub cluster: Option<usize>,
+    /// Istio's catch-all cluster it went to, if captured without a cluster (SPEC §8).
+    pub captured: Option<Captured>,
+    /// `-` or Envoy's flags.
+    pub response_flags: &'static str,
+    /// The exchanged peer, else (outbound) the chosen endpoint's workload.
+    pub peer: PeerLabels<'a>,
+    /// The local certificate's SPIFFE id under mTLS.
+    pub local_principal: Option<&'a str>,
+    /// The peer certificate's SPIFFE id under mTLS.
+    pub peer_principal: Option<&'a str>,
+    /// Whether the connection is mutual TLS.
+    pub mutual_tls: bool,
 }
 
-/// Entries per worker; beyond it, label sets are built per connection (still correct).
-const SERIES_CACHE_MAX: usize = 4096;
+/// [`LabelInputs`], owned, as the cache keeps them.
+#[derive(Debug)]
+struct SettleKey {
+    generation: u64,
+    reporter: Reporter,
+    cluster: Option<usize>,
+    captured: Option<Captured>,
+    response_flags: &'static str,
+    peer: [Option<Box<str>>; 7],
+    local_principal: Option<Box<str>>,
+    peer_principal: Option<Box<str>>,
+    mutual_tls: bool,
+}
 
-/// The 23 label values of a connection (SPEC §3).
+impl SettleKey {
+    fn new(i: &LabelInputs<'_>) -> SettleKey {
+        SettleKey {
+            generation: i.generation,
+            reporter: i.reporter,
+            cluster: i.cluster,
+            captured: i.captured,
+            response_flags: i.response_flags,
+            peer: i.peer.fields().map(|f| f.map(Box::from)),
+            local_principal: i.local_principal.map(Box::from),
+            peer_principal: i.peer_principal.map(Box::from),
+            mutual_tls: i.mutual_tls,
+        }
+    }
+
+    fn matches(&self, i: &LabelInputs<'_>) -> bool {
+        self.generation == i.generation
+            && self.reporter == i.reporter
+            && self.cluster == i.cluster
+            && self.captured == i.captured
+            && self.response_flags == i.response_flags
+            && self.peer.iter().zip(i.peer.fields()).all(|(a, b)| a.as_deref() == b)
+            && self.local_principal.as_deref() == i.local_principal
+            && self.peer_principal.as_deref() == i.peer_principal
+            && self.mutual_tls == i.mutual_tls
+    }
+}
+
+/// Entries per generation of a [`SeriesCache`]; the cache holds at most two generations.
+pub const SERIES_CACHE_GENERATION: usize = 2048;
+
+type Generation = HashMap<u64, (Box<SettleKey>, SeriesId)>;
+
+/// A worker's recently settled label inputs and their series, so that a connection like an
+/// earlier one settles without building 23 label values (two dozen allocations). Bounded by
+/// two generations: inserts go to the current one; when it is full it becomes the previous
+/// one and the old previous is dropped; a hit in the previous generation moves to the current
+/// one, so what is still in use survives. Tables are sized once, at the first insert, so a
+/// hit never allocates.
+pub struct SeriesCache {
+    /// Keyed per process, so peers that choose label values cannot choose colliding hashes.
+    keys: RandomState,
+    current: Generation,
+    previous: Generation,
+    hits: u64,
+    misses: u64,
+}
+
+impl Default for SeriesCache {
+    fn default() -> SeriesCache {
+        SeriesCache {
+            keys: RandomState::new(),
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+}
+
+impl SeriesCache {
+    /// The series of `inputs`, if cached.
+    pub fn get(&mut self, inputs: &LabelInputs<'_>) -> Option<SeriesId> {
+        let hash = self.keys.hash_one(inputs);
+        let found = match self.current.get(&hash) {
+            Some((key, id)) if key.matches(inputs) => Some(*id),
+            _ => match self.previous.remove(&hash) {
+                Some((key, id)) if key.matches(inputs) => {
+                    self.put(hash, key, id);
+                    Some(id)
+                }
+                Some(other) => {
+                    self.previous.insert(hash, other);
+                    None
+                }
+                None => None,
+            },
+        };
+        match found {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        found
+    }
+
+    /// Remembers `inputs` → `id`.
+    pub fn insert(&mut self, inputs: &LabelInputs<'_>, id: SeriesId) {
+        if self.current.capacity() == 0 {
+            self.current.reserve(SERIES_CACHE_GENERATION);
+            self.previous.reserve(SERIES_CACHE_GENERATION);
+        }
+        let hash = self.keys.hash_one(inputs);
+        self.put(hash, Box::new(SettleKey::new(inputs)), id);
+    }
+
+    fn put(&mut self, hash: u64, key: Box<SettleKey>, id: SeriesId) {
+        if self.current.len() >= SERIES_CACHE_GENERATION && !self.current.contains_key(&hash) {
+            // Clearing keeps the table's capacity: the next generation allocates nothing.
+            self.previous.clear();
+            std::mem::swap(&mut self.current, &mut self.previous);
+        }
+        self.current.insert(hash, (key, id));
+    }
+
+    /// Entries held (at most two generations).
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Lookups that found their series, and lookups that did not, since start.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (self.hits, self.misses)
+    }
+}
+
+/// The 23 label values of a connection (SPEC §3) from its [`LabelInputs`], the service of its
+/// cluster and its peer (exchanged, else the chosen endpoint's workload).
 fn labels(
     ctx: &WorkerCtx,
-    conn: &Conn,
+    inputs: &LabelInputs<'_>,
+    service: Option<&ServiceInfo>,
     peer: Option<&NodeMetadata>,
-    response_flags: &str,
 ) -> metrics::LabelSet {
-    let snapshot = &conn.snapshot;
-    let listener = &snapshot.config.listeners[conn.listener];
     // Istio's catch-all clusters: destination_service is the original `IP:port` for a
     // passthrough (where Istio says `unknown`), the cluster's name for the black hole.
-    let special = match conn.captured.get() {
+    let special = match inputs.captured {
         Some(Captured::Passthrough(dst)) => Some((dst.to_string(), "PassthroughCluster")),
         Some(Captured::BlackHole) => Some(("BlackHoleCluster".to_string(), "BlackHoleCluster")),
         None => None,
@@ -321,25 +467,15 @@ fn labels(
         host: special.as_ref().map(|(host, _)| host.clone()).unwrap_or_default(),
         ..ServiceInfo::default()
     };
-    let (service, endpoint) = match conn.upstream.get() {
-        Some((c, e)) => {
-            let cluster = &snapshot.router.clusters[c];
-            (&cluster.service, e.map(|e| &cluster.endpoints[e].identity))
-        }
-        None => (&unknown, None),
-    };
-    // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
-    // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
-    let endpoint = endpoint.filter(|_| listener.direction == Direction::Outbound);
     let set = metrics::label_set(&ConnLabels {
-        reporter: listener.direction.into(),
+        reporter: inputs.reporter,
         local: &ctx.node,
-        peer: peer.or(endpoint),
-        service,
-        response_flags,
-        local_principal: None,
-        peer_principal: None,
-        mutual_tls: false,
+        peer,
+        service: service.unwrap_or(&unknown),
+        response_flags: inputs.response_flags,
+        local_principal: inputs.local_principal,
+        peer_principal: inputs.peer_principal,
+        mutual_tls: inputs.mutual_tls,
     });
     match special {
         Some((_, name)) => set.with("destination_service_name", name),

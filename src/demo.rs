@@ -177,8 +177,7 @@ fn print_table(text: &str) {
     }];
     let mut samples: Vec<Sample> =
         text.lines().filter_map(parse_line).filter(|s| s.0.starts_with("istio_tcp_")).collect();
-    // The exporter's order is a hash order; sort as a console would: source side first, then
-    // by metric and labels.
+    // Sort as a console would: source side first, then by metric and labels.
     samples.sort_by(|a, b| (b.1.first(), a.0, &a.1).cmp(&(a.1.first(), b.0, &b.1)));
     for (name, labels, value) in samples {
         let mut row = vec![name.to_string()];

@@ -68,12 +68,12 @@ fn main() -> ExitCode {
 fn iptables(args: &IptablesArgs) -> ExitCode {
     let options = args.options();
     let result = if args.print {
-        capture::rules(&options).iter().for_each(|r| println!("{r}"));
+        capture::iptables::rules(&options).iter().for_each(|r| println!("{r}"));
         Ok(())
     } else if args.apply {
-        capture::apply(&options).map(|n| log::info!("iptables: {n} rules added"))
+        capture::iptables::apply(&options).map(|n| log::info!("iptables: {n} rules added"))
     } else {
-        capture::clean().map(|()| log::info!("iptables: capture rules removed"))
+        capture::iptables::clean(options.ipv6).map(|()| log::info!("iptables: capture rules removed"))
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

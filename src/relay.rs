@@ -216,16 +216,9 @@ async fn connect_captured(
     listener: &Listener,
     down: &TcpStream,
 ) -> Result<TcpStream, Error> {
-    let local = down.local_addr()?;
-    let original = capture::original_dst(down);
+    let dst = capture::original_dst(down, listener.listen).or_else(|_| down.local_addr())?;
     let timeout = listener.limits.connect_timeout.0;
-    match capture::decide(
-        listener.capture,
-        original,
-        local,
-        &conn.snapshot.config.listeners,
-        &conn.snapshot.router,
-    ) {
+    match capture::decide(listener.capture, dst, &conn.snapshot.config.listeners, &conn.snapshot.router) {
         Decision::Refuse => {
             conn.captured.set(Some(Captured::BlackHole));
             ctx.metrics.borrow().count_capture_loop();

@@ -25,6 +25,9 @@ const MIN_PIPE: usize = 64 * 1024;
 const MAX_PIPES: usize = 64;
 /// Idle pipes a worker keeps for the next bulk flow; beyond it a returned pipe is closed.
 const KEEP_PIPES: usize = 8;
+/// A worker whose flows took no pipe for this long closes its idle ones: an idle sidecar
+/// should not hold budget pages (or fds) the node's busy sidecars could use.
+const IDLE_PIPES_KEPT_FOR: Duration = Duration::from_secs(1);
 
 fn stream_of_read(half: &OwnedReadHalf<TcpStream>) -> &TcpStream {
     // SAFETY: monoio (0.2.4, pinned in Cargo.lock) shares a split stream through an
@@ -137,12 +140,15 @@ pub struct PipePool {
     large: Cell<usize>,
     /// Until when a new pipe is not tried after the kernel gave one too small.
     starved_until: Cell<Option<Instant>>,
+    /// When a flow last took a pipe (coarse clock), for `trim`.
+    last_taken: Cell<Option<Instant>>,
 }
 
 impl PipePool {
     /// An empty pipe for a bulk flow, or `None` when this worker holds its share or the uid's
     /// budget is spent (the flow copies meanwhile). `now` is the worker's coarse clock.
     pub fn take(&self, now: Instant) -> Option<Lease<'_>> {
+        self.last_taken.set(Some(now));
         let pooled = self.free.borrow_mut().pop();
         if let Some(pipe) = pooled {
             return Some(Lease { pool: self, pipe: Some(pipe) });
@@ -167,6 +173,16 @@ impl PipePool {
                 self.starved_until.set(Some(now + Duration::from_secs(1)));
                 None
             }
+        }
+    }
+
+    /// Close the idle pipes once no flow has taken one for `IDLE_PIPES_KEPT_FOR` (called by
+    /// the worker tick).
+    pub fn trim(&self, now: Instant) {
+        let quiet = self.last_taken.get().is_none_or(|t| now.duration_since(t) >= IDLE_PIPES_KEPT_FOR);
+        if quiet && !self.free.borrow().is_empty() {
+            let idle = std::mem::take(&mut *self.free.borrow_mut());
+            idle.into_iter().for_each(|p| self.close(p));
         }
     }
 
@@ -236,8 +252,8 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Move up to `len` bytes from the read half's socket into the pipe. `Ok(0)` is EOF;
-/// `WouldBlock` means wait for `readable`.
+/// Move what the read half's socket holds into the (empty) pipe, up to its size. `Ok(0)` is
+/// EOF; `WouldBlock` means nothing to read now.
 pub fn splice_in(from: &OwnedReadHalf<TcpStream>, lease: &Lease<'_>) -> io::Result<usize> {
     let pipe = lease.pipe();
     splice(stream_of_read(from).as_raw_fd(), pipe.write.as_raw_fd(), pipe.size)

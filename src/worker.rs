@@ -453,6 +453,7 @@ async fn worker_main(
         ticker.tick().await;
         let now = Instant::now();
         ctx.now.set(now);
+        ctx.pipes.trim(now);
         let draining = shared.draining.load(Ordering::Acquire);
         // A new config: one pointer load per tick when nothing changed (SPEC §9).
         if !draining {

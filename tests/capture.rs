@@ -13,16 +13,19 @@ use std::net::{Shutdown, SocketAddr};
 use std::process::Command;
 
 use common::{Rng, bin, sum};
-use netns::{A_IP, B_IP, B_IP2, Pods, Sidecar, connect_in, echo_server_in, exec, iptables_save, unavailable};
+use netns::{
+    A_IP, B_IP, B_IP2, B_IP6, Pods, Sidecar, connect_in, echo_server_in, exec, iptables_save, unavailable,
+};
 
 /// A sidecar with Istio's two capture listeners; `clusters` is YAML for its `clusters:` key.
-fn sidecar_yaml(workload: &str, app: &str, clusters: &str) -> String {
+fn sidecar_yaml(workload: &str, app: &str, clusters: &str, driver: &str) -> String {
     format!(
         "node:
   workload_name: {workload}
   namespace: default
   labels: {{app: {app}, version: v1}}
 workers: 1
+driver: {driver}
 metrics: {{listen: 127.0.0.1:15090}}
 admin: {{listen: 127.0.0.1:15000}}
 health: {{listen: 'off'}}
@@ -37,6 +40,7 @@ clusters: {clusters}
 const RATINGS: &str = "
   - name: ratings
     service: ratings.default.svc.cluster.local
+    addresses: [10.96.0.10:9080]
     endpoints: [{address: 10.77.0.2:9080, labels: {app: ratings, version: v1}}]";
 
 /// `ringside iptables ARGS` inside `ns` (as root, as Istio's init container runs).
@@ -54,14 +58,22 @@ fn apply(ns: &str, args: &[&str]) {
 }
 
 /// Two pods, each with capture rules and a sidecar (A: productpage, knows the ratings
-/// cluster; B: ratings). Returned in drop order: sidecars first, then the namespaces.
-fn mesh(a_rules: &[&str], b_rules: &[&str]) -> (Sidecar, Sidecar, Pods) {
+/// cluster; B: ratings). Fields drop in order: the sidecars stop before the namespaces go.
+struct Mesh {
+    a: Sidecar,
+    b: Sidecar,
+    pods: Pods,
+}
+
+/// `b_driver`: pod B's sidecar (the inbound side, which binds before connecting) runs on
+/// `epoll` in one test and io_uring in the others, so both drivers' sockets are covered.
+fn mesh(a_rules: &[&str], b_rules: &[&str], b_driver: &str) -> Mesh {
     let pods = Pods::new();
     apply(&pods.a, a_rules);
     apply(&pods.b, b_rules);
-    let a = Sidecar::spawn(&pods.a, &sidecar_yaml("productpage-v1", "productpage", RATINGS));
-    let b = Sidecar::spawn(&pods.b, &sidecar_yaml("ratings-v1", "ratings", "[]"));
-    (a, b, pods)
+    let a = Sidecar::spawn(&pods.a, &sidecar_yaml("productpage-v1", "productpage", RATINGS, "auto"));
+    let b = Sidecar::spawn(&pods.b, &sidecar_yaml("ratings-v1", "ratings", "[]", b_driver));
+    Mesh { a, b, pods }
 }
 
 /// Write `data`, half-close, read everything back (writing on its own thread, so a large
@@ -89,7 +101,7 @@ fn an_unmodified_client_is_relayed_byte_exact_through_both_sidecars_with_exchang
     if unavailable("capture::two_pods_byte_exact").is_some() {
         return;
     }
-    let (a, b, pods) = mesh(&[], &[]);
+    let Mesh { a, b, pods } = &mesh(&[], &[], "epoll");
     let seen = echo_server_in(&pods.b, &format!("{B_IP}:9080"));
 
     let data = Rng(18).bytes(1 << 20);
@@ -128,6 +140,18 @@ fn an_unmodified_client_is_relayed_byte_exact_through_both_sidecars_with_exchang
     assert_eq!(counter(&text, "istio_tcp_received_bytes_total", &dst), n, "{text}");
     assert_eq!(counter(&text, "istio_tcp_sent_bytes_total", &dst), n, "{text}");
     assert_eq!(counter(&text, "ringside_exchange_total", &[("outcome", "metadata_added")]), 1.0, "{text}");
+    assert_eq!(
+        counter(&text, "ringside_driver_info", &[("driver", "epoll")]),
+        1.0,
+        "B binds before connect on epoll"
+    );
+
+    // The service's address (a ClusterIP no interface holds) reaches the same cluster.
+    let client = connect_in(&pods.a, "10.96.0.10:9080").expect("connect to the service address");
+    assert_eq!(echo_through(client, b"via the ClusterIP"), b"via the ClusterIP");
+    a.wait_for_scrape("the second source-side close", |t| {
+        counter(t, "istio_tcp_connections_closed_total", &src) == 2.0
+    });
 }
 
 #[test]
@@ -135,8 +159,11 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
     if unavailable("capture::passthrough_and_exclusions").is_some() {
         return;
     }
-    let (a, b, pods) =
-        mesh(&["--exclude-cidrs", &format!("{B_IP2}/32")], &["--exclude-ports", "15090,15021,15020,7071"]);
+    let Mesh { a, b, pods } = &mesh(
+        &["--exclude-cidrs", &format!("{B_IP2}/32")],
+        &["--exclude-ports", "15090,15021,15020,7071"],
+        "auto",
+    );
     let plain = echo_server_in(&pods.b, "0.0.0.0:7070");
     let excluded_port = echo_server_in(&pods.b, "0.0.0.0:7071");
     let data = b"no cluster for this one".to_vec();
@@ -178,6 +205,15 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
         2.0,
         "A captured the passthrough and the excluded-port connection only:\n{text}"
     );
+
+    // Nothing listens on the original port: B's connection from 127.0.0.6 is refused, the
+    // client is closed, and B counts it with `UF`, as for any failed upstream.
+    let mut s = connect_in(&pods.a, &format!("{B_IP}:7072")).unwrap();
+    s.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "closed, nothing relayed");
+    let refused = [("reporter", "destination"), ("response_flags", "UF")];
+    b.wait_for_scrape("UF at B", |t| counter(t, "istio_tcp_connections_closed_total", &refused) == 1.0);
 }
 
 #[test]
@@ -185,7 +221,7 @@ fn a_captured_connection_to_the_proxys_own_port_is_refused_and_counted_not_relay
     if unavailable("capture::loop_refused").is_some() {
         return;
     }
-    let (a, _b, pods) = mesh(&[], &[]);
+    let Mesh { a, pods, .. } = &mesh(&[], &[], "auto");
     // Captured outbound with original destination port 15001: relaying it would reach a
     // capture listener again (Istio black-holes it).
     let mut s = connect_in(&pods.a, &format!("{B_IP}:15001")).unwrap();
@@ -265,6 +301,86 @@ fn print_changes_nothing_apply_is_all_or_nothing_and_clean_restores_iptables_sav
         assert!(err.starts_with("ringside: "), "{err}");
     }
     assert_eq!(iptables_save(ns), with_chain);
+}
+
+/// Istio's two capture listeners on `[::]`, which take IPv4 (v4-mapped) and IPv6 alike.
+fn dual_stack_yaml(workload: &str, clusters: &str) -> String {
+    format!(
+        "node: {{workload_name: {workload}, namespace: default, labels: {{app: {workload}}}}}
+workers: 1
+metrics: {{listen: 127.0.0.1:15090}}
+admin: {{listen: 127.0.0.1:15000}}
+health: {{listen: 'off'}}
+listeners:
+  - {{name: virtual-outbound, listen: '[::]:15001', direction: outbound, peer_exchange: always, capture: outbound}}
+  - {{name: virtual-inbound, listen: '[::]:15006', direction: inbound, peer_exchange: always, capture: inbound}}
+clusters: {clusters}
+"
+    )
+}
+
+#[test]
+fn ipv6_is_captured_both_ways_with_ipv6_rules_and_clean_removes_them() {
+    if unavailable("capture::ipv6_both_ways").is_some() {
+        return;
+    }
+    let pods = Pods::new();
+    pods.add_ipv6();
+    let saved = |ns: &str| {
+        let v6: Vec<String> = exec(ns, &["ip6tables-save"])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+            .collect();
+        (iptables_save(ns), v6, exec(ns, &["ip", "-6", "addr", "show", "dev", "lo"]))
+    };
+    // Rules that were there before ours: kept. (They also make the nat tables exist, which
+    // the nft backend creates only with a first rule.)
+    exec(&pods.b, &["iptables", "-t", "nat", "-A", "OUTPUT", "-d", "10.9.9.9/32", "-j", "RETURN"]);
+    exec(&pods.b, &["ip6tables", "-t", "nat", "-A", "OUTPUT", "-d", "fd00:9::9/128", "-j", "RETURN"]);
+    let before = saved(&pods.b);
+    apply(&pods.a, &["--ipv6"]);
+    apply(&pods.b, &["--ipv6"]);
+    let clusters =
+        "[{name: web, service: web.default.svc.cluster.local, endpoints: [{address: '[fd00:77::2]:7070'}]}]";
+    let a = Sidecar::spawn(&pods.a, &dual_stack_yaml("client", clusters));
+    let b = Sidecar::spawn(&pods.b, &dual_stack_yaml("web", "[]"));
+    let seen = echo_server_in(&pods.b, "[::]:7070");
+
+    // IPv6 (IP6T_SO_ORIGINAL_DST on both sides): A routes to the cluster, B relays from ::6.
+    let s = connect_in(&pods.a, &format!("[{B_IP6}]:7070")).expect("IPv6 connect");
+    assert_eq!(echo_through(s, b"over IPv6"), b"over IPv6");
+    assert_eq!(seen.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "::6");
+    // IPv4 through the same dual-stack listeners: passthrough at A, 127.0.0.6 at B.
+    let s = connect_in(&pods.a, &format!("{B_IP}:7070")).expect("IPv4 connect");
+    assert_eq!(echo_through(s, b"over IPv4"), b"over IPv4");
+    assert_eq!(seen.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "::ffff:127.0.0.6");
+
+    let v6 = [("destination_service", "web.default.svc.cluster.local"), ("destination_workload", "web")];
+    a.wait_for_scrape("the IPv6 connection", |t| {
+        counter(t, "istio_tcp_connections_closed_total", &v6) == 1.0
+    });
+    let v4 = [("destination_service", "10.77.0.2:7070"), ("destination_service_name", "PassthroughCluster")];
+    a.wait_for_scrape("the IPv4 connection", |t| {
+        counter(t, "istio_tcp_connections_closed_total", &v4) == 1.0
+    });
+    let inbound = [("reporter", "destination"), ("destination_workload", "web")];
+    b.wait_for_scrape("both at B", |t| counter(t, "istio_tcp_connections_closed_total", &inbound) == 2.0);
+
+    drop((a, b));
+    let (code, _, err) = iptables(&pods.b, &["--clean", "--ipv6"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(saved(&pods.b), before, "--clean --ipv6 restores both tables and lo");
+}
+
+#[test]
+fn without_iptables_apply_fails_in_one_line_with_exit_1() {
+    // No namespace needed: nothing can be changed when the tool is not there.
+    let out = Command::new(bin()).args(["iptables", "--apply"]).env("PATH", "/nonexistent").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("ringside: iptables: iptables: "), "{err}");
 }
 
 #[test]

@@ -139,3 +139,25 @@ fn render_matches_the_pinned_exporter_output_up_to_its_hash_map_order() {
     let now = scrape();
     assert_eq!(canonical(&now), canonical(pinned), "now:\n{now}");
 }
+
+#[test]
+fn render_writes_families_and_series_in_a_fixed_order() {
+    let text = scrape();
+    assert_eq!(text, scrape());
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap_or(""))
+        .collect();
+    let mut want = ringside::metrics::ISTIO_COUNTERS.to_vec();
+    want.extend([
+        "ringside_exchange_total",
+        "ringside_label_sets_overflowed_total",
+        "ringside_listener_overflowed_total",
+        "ringside_capture_loops_refused_total",
+        "ringside_connections_active",
+        "ringside_driver_info",
+        "ringside_build_info",
+    ]);
+    assert_eq!(families, want);
+}

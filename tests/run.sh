@@ -7,8 +7,10 @@ bash tests/deps.sh
 # skipped, not passed, and the run says so at the end.
 skips=target/test-skips.txt
 rm -f "$skips"
-cargo test --all-targets
+status=0
+cargo test --all-targets || status=$?
 if [ -s "$skips" ]; then
   echo "SKIPPED (not passed):" >&2
   sed 's/^/  /' "$skips" >&2
 fi
+exit "$status"

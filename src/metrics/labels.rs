@@ -2,7 +2,8 @@
 //! fallbacks, and the 23 values of one series ([`LabelSet`], built by [`label_set`]).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::{Arc, OnceLock};
 
 use crate::exchange::NodeMetadata;
 
@@ -141,24 +142,45 @@ pub struct ConnLabels<'a> {
 }
 
 /// The 23 label values of one series, in [`LABEL_NAMES`] order; cheap to clone.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct LabelSet(Arc<[Arc<str>]>);
+///
+/// Carries the hash of its values, computed once when built: a scrape and the intern table look
+/// label sets up by it without hashing ~700 bytes again. The hash is keyed per process, so peers
+/// that choose label values cannot choose colliding hashes.
+#[derive(Clone, Debug)]
+pub struct LabelSet {
+    values: Arc<[Arc<str>]>,
+    hash: u64,
+}
+
+impl PartialEq for LabelSet {
+    fn eq(&self, other: &LabelSet) -> bool {
+        self.hash == other.hash && self.values == other.values
+    }
+}
+
+impl Eq for LabelSet {}
+
+impl Hash for LabelSet {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
 
 impl LabelSet {
     /// The value of label `name`, if it is one of [`LABEL_NAMES`].
     pub fn get(&self, name: &str) -> Option<&str> {
         let i = LABEL_NAMES.iter().position(|n| *n == name)?;
-        self.0.get(i).map(|v| &**v)
+        self.values.get(i).map(|v| &**v)
     }
 
     /// All 23 values, in [`LABEL_NAMES`] order.
     pub fn values(&self) -> &[Arc<str>] {
-        &self.0
+        &self.values
     }
 
     /// The reporter this set was built for.
     pub fn reporter(&self) -> Reporter {
-        match self.0.first().map(|v| &**v) {
+        match self.values.first().map(|v| &**v) {
             Some("destination") => Reporter::Destination,
             _ => Reporter::Source,
         }
@@ -172,22 +194,28 @@ impl LabelSet {
             .enumerate()
             .map(|(i, _)| Arc::from(if i == 0 { reporter.as_str() } else { OVERFLOW }))
             .collect();
-        LabelSet(values.into())
+        LabelSet::new(values.into())
     }
 
     /// This set with label `name` set to `value`: for a value Istio's rules do not derive
     /// from a service host, as destination_service_name `PassthroughCluster` (SPEC §8).
     pub fn with(&self, name: &str, value: &str) -> LabelSet {
-        let mut values = self.0.to_vec();
+        let mut values = self.values.to_vec();
         if let Some(v) = LABEL_NAMES.iter().position(|n| *n == name).and_then(|i| values.get_mut(i)) {
             *v = Arc::from(value);
         }
-        LabelSet(values.into())
+        LabelSet::new(values.into())
     }
 
     fn from_values(values: [&str; 23]) -> LabelSet {
         let values: Vec<Arc<str>> = values.iter().map(|v| Arc::from(*v)).collect();
-        LabelSet(values.into())
+        LabelSet::new(values.into())
+    }
+
+    fn new(values: Arc<[Arc<str>]>) -> LabelSet {
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        let hash = KEYS.get_or_init(RandomState::new).hash_one(&*values);
+        LabelSet { values, hash }
     }
 }
 
@@ -230,24 +258,70 @@ fn local_side<'a>(node: &'a NodeMetadata, principal: Option<&'a str>) -> Side<'a
     }
 }
 
-/// The peer's side, read exactly as Istio's proxy reads peer metadata (SPEC §3): `node` is the
-/// exchanged metadata, or the chosen endpoint's workload without exchange.
+/// What Istio's rules read from a peer's metadata (SPEC §3 "Peer"), fallbacks applied; `None`
+/// is unknown. Two peers with equal `PeerLabels` get equal labels whatever else differs (node
+/// id, pod name, owner, ...): a cache of label sets keys on this. Borrowed, built without
+/// allocating.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerLabels<'a> {
+    /// WORKLOAD_NAME.
+    pub workload: Option<&'a str>,
+    /// NAMESPACE (a peer certificate's SPIFFE namespace wins over it, see [`label_set`]).
+    pub namespace: Option<&'a str>,
+    /// CLUSTER_ID.
+    pub cluster: Option<&'a str>,
+    /// LABELS `service.istio.io/canonical-name` only.
+    pub canonical_service: Option<&'a str>,
+    /// LABELS `service.istio.io/canonical-revision` only.
+    pub canonical_revision: Option<&'a str>,
+    /// LABELS `app.kubernetes.io/name`, else `app`.
+    pub app: Option<&'a str>,
+    /// LABELS `app.kubernetes.io/version`, else `version`.
+    pub version: Option<&'a str>,
+}
+
+impl<'a> PeerLabels<'a> {
+    /// Reads `node` exactly as Istio's proxy reads peer metadata.
+    pub fn of(node: &'a NodeMetadata) -> PeerLabels<'a> {
+        let lookup = |key: &str| label(&node.labels, key);
+        PeerLabels {
+            workload: non_empty(&node.workload_name),
+            namespace: non_empty(&node.namespace),
+            cluster: non_empty(&node.cluster_id),
+            canonical_service: lookup(CANONICAL_NAME),
+            canonical_revision: lookup(CANONICAL_REVISION),
+            app: lookup(K8S_NAME).or_else(|| lookup("app")),
+            version: lookup(K8S_VERSION).or_else(|| lookup("version")),
+        }
+    }
+
+    /// The seven fields, in declaration order.
+    pub fn fields(&self) -> [Option<&'a str>; 7] {
+        [
+            self.workload,
+            self.namespace,
+            self.cluster,
+            self.canonical_service,
+            self.canonical_revision,
+            self.app,
+            self.version,
+        ]
+    }
+}
+
+/// The peer's side (SPEC §3): its [`PeerLabels`], the namespace from its certificate first.
 fn peer_side<'a>(node: Option<&'a NodeMetadata>, principal: Option<&'a str>) -> Side<'a> {
     let principal = principal.and_then(non_empty);
-    let lookup = |key: &str| node.and_then(|n| label(&n.labels, key));
-    let field = |f: fn(&'a NodeMetadata) -> &'a str| node.map(f).and_then(non_empty);
+    let peer = node.map(PeerLabels::of).unwrap_or_default();
     Side {
-        workload: field(|n| &n.workload_name).unwrap_or(UNKNOWN),
-        canonical_service: lookup(CANONICAL_NAME).unwrap_or(UNKNOWN),
-        canonical_revision: lookup(CANONICAL_REVISION).unwrap_or(LATEST),
-        namespace: principal
-            .and_then(principal_namespace)
-            .or_else(|| field(|n| &n.namespace))
-            .unwrap_or(UNKNOWN),
+        workload: peer.workload.unwrap_or(UNKNOWN),
+        canonical_service: peer.canonical_service.unwrap_or(UNKNOWN),
+        canonical_revision: peer.canonical_revision.unwrap_or(LATEST),
+        namespace: principal.and_then(principal_namespace).or(peer.namespace).unwrap_or(UNKNOWN),
         principal: principal.unwrap_or(UNKNOWN),
-        app: lookup(K8S_NAME).or_else(|| lookup("app")).unwrap_or(UNKNOWN),
-        version: lookup(K8S_VERSION).or_else(|| lookup("version")).unwrap_or(UNKNOWN),
-        cluster: field(|n| &n.cluster_id).unwrap_or(UNKNOWN),
+        app: peer.app.unwrap_or(UNKNOWN),
+        version: peer.version.unwrap_or(UNKNOWN),
+        cluster: peer.cluster.unwrap_or(UNKNOWN),
     }
 }
 

@@ -11,8 +11,8 @@ pub mod render;
 pub mod shard;
 
 pub use labels::{
-    CANONICAL_NAME, CANONICAL_REVISION, ConnLabels, LABEL_NAMES, LabelSet, OVERFLOW, Reporter, ServiceInfo,
-    label_set, principal_namespace, with_canonical_labels,
+    CANONICAL_NAME, CANONICAL_REVISION, ConnLabels, LABEL_NAMES, LabelSet, OVERFLOW, PeerLabels, Reporter,
+    ServiceInfo, label_set, principal_namespace, with_canonical_labels,
 };
 pub use render::{CONTENT_TYPE, ISTIO_COUNTERS, ISTIO_HELP, render};
 pub use shard::{Delta, ExchangeOutcome, LabelBudget, SeriesId, Shard, ShardWriter};

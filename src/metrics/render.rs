@@ -3,9 +3,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use metrics::{Key, KeyName, Label, Level, Metadata, Recorder, SharedString};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
-
 use super::labels::{LABEL_NAMES, LabelSet};
 use super::shard::{ExchangeOutcome, Shard};
 
@@ -30,94 +27,69 @@ pub const ISTIO_HELP: [&str; 4] = [
     "Size of total bytes sent during response in case of a TCP connection.",
 ];
 
-// Recorder metadata for every series; the Prometheus recorder ignores it.
-static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
+/// `# HELP` of the `ringside_*` families.
+const ACTIVE_HELP: &str = "Connections currently open, per worker.";
+const EXCHANGE_HELP: &str = "Peer exchanges by outcome, like Istio's metadata_exchange stats.";
+const OVERFLOWED_HELP: &str =
+    "Connections whose label set exceeded the label set budget and was folded into the overflow series.";
+const LISTENER_HELP: &str = "Connections closed at once because a listener was at its connection limit.";
+const LOOPS_HELP: &str =
+    "Captured connections refused because their original destination was the proxy's own listener.";
+const DRIVER_HELP: &str = "I/O driver in use.";
+const BUILD_HELP: &str = "ringside build.";
 
-fn register_counter(recorder: &PrometheusRecorder, name: &'static str, labels: Vec<Label>, v: u64) {
-    let key = Key::from_parts(name, labels);
-    recorder.register_counter(&key, &METADATA).absolute(v);
-}
-
-fn register_gauge(recorder: &PrometheusRecorder, name: &'static str, labels: Vec<Label>, v: f64) {
-    let key = Key::from_parts(name, labels);
-    recorder.register_gauge(&key, &METADATA).set(v);
-}
-
-fn static_label(key: &'static str, value: impl Into<SharedString>) -> Label {
-    Label::new(SharedString::const_str(key), value)
-}
-
-/// Sums every shard per label set and renders Prometheus text 0.0.4 through a
-/// `metrics-exporter-prometheus` recorder: the four `istio_tcp_*` counters and the `ringside_*`
-/// process metrics, each family with `# HELP` and `# TYPE`: `ringside_connections_active
-/// {worker}`, `ringside_exchange_total{outcome}`, `ringside_label_sets_overflowed_total`,
-/// `ringside_listener_overflowed_total`, `ringside_capture_loops_refused_total`,
-/// `ringside_driver_info{driver}` and
+/// Sums every shard per label set and renders Prometheus text 0.0.4: the four `istio_tcp_*`
+/// counters and the `ringside_*` process metrics, each family with `# HELP` and `# TYPE`:
+/// `ringside_connections_active{worker}`, `ringside_exchange_total{outcome}`,
+/// `ringside_label_sets_overflowed_total`, `ringside_listener_overflowed_total`,
+/// `ringside_capture_loops_refused_total`, `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
+///
+/// Written directly, in the layout `metrics-exporter-prometheus` 0.18 wrote (which ringside used
+/// before, README "Decisions"): counter families, then gauge families, each followed by a blank
+/// line; labels in [`LABEL_NAMES`] order, values escaped as it escaped them; a family without
+/// series is left out. Unlike the exporter's hash-map order, families and series come in a
+/// fixed order: series in shard order, then the order each shard interned them. Each label set
+/// is escaped once and written four times.
 pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
-    let mut totals: HashMap<&LabelSet, [u64; 4]> = HashMap::new();
-    for shard in shards {
-        for (labels, values) in shard.series() {
-            let sum = totals.entry(labels).or_default();
-            for (s, v) in sum.iter_mut().zip(values) {
-                *s = s.wrapping_add(v);
+    let series = sum_series(shards);
+
+    // Every label set's `{k="v",...}` once, into one buffer.
+    let mut labels = String::new();
+    let mut ends = Vec::with_capacity(series.len());
+    for (set, _) in &series {
+        labels.push('{');
+        for (i, (name, value)) in LABEL_NAMES.iter().zip(set.values()).enumerate() {
+            if i > 0 {
+                labels.push(',');
             }
+            push_label(&mut labels, name, value);
         }
+        labels.push('}');
+        ends.push(labels.len());
     }
 
-    // A recorder per scrape: not installed globally, holds exactly the series of this render.
-    // The builder adds no `_total` suffix (recommended naming is off) and no unit suffix, and
-    // keeps labels in insertion order.
-    let recorder = PrometheusBuilder::new().build_recorder();
-    for (labels, values) in &totals {
-        let keyed: Vec<Label> = LABEL_NAMES
-            .iter()
-            .zip(labels.values())
-            .map(|(k, v)| static_label(k, SharedString::from_shared(Arc::clone(v))))
-            .collect();
-        for (name, v) in ISTIO_COUNTERS.iter().zip(values) {
-            register_counter(&recorder, name, keyed.clone(), *v);
+    let per_series: usize = ISTIO_COUNTERS.iter().map(|n| n.len() + 22).sum();
+    let mut out = String::with_capacity(4 * labels.len() + series.len() * per_series + 4096);
+    if !series.is_empty() {
+        for (c, (name, help)) in ISTIO_COUNTERS.iter().zip(ISTIO_HELP).enumerate() {
+            header(&mut out, name, help, "counter");
+            let mut start = 0;
+            for ((_, values), end) in series.iter().zip(&ends) {
+                out.push_str(name);
+                out.push_str(labels.get(start..*end).unwrap_or_default());
+                out.push(' ');
+                push_u64(&mut out, values.get(c).copied().unwrap_or_default());
+                out.push('\n');
+                start = *end;
+            }
+            out.push('\n');
         }
     }
-
-    let describe_counter = |name: &'static str, help: &'static str| {
-        recorder.describe_counter(KeyName::from_const_str(name), None, help.into());
-    };
-    let describe_gauge = |name: &'static str, help: &'static str| {
-        recorder.describe_gauge(KeyName::from_const_str(name), None, help.into());
-    };
-    for (name, help) in ISTIO_COUNTERS.into_iter().zip(ISTIO_HELP) {
-        describe_counter(name, help);
-    }
-    describe_gauge("ringside_connections_active", "Connections currently open, per worker.");
-    describe_counter(
-        "ringside_exchange_total",
-        "Peer exchanges by outcome, like Istio's metadata_exchange stats.",
-    );
-    describe_counter(
-        "ringside_label_sets_overflowed_total",
-        "Connections whose label set exceeded the label set budget and was folded into the overflow series.",
-    );
-    describe_counter(
-        "ringside_listener_overflowed_total",
-        "Connections closed at once because a listener was at its connection limit.",
-    );
-    describe_counter(
-        "ringside_capture_loops_refused_total",
-        "Captured connections refused because their original destination was the proxy's own listener.",
-    );
-    describe_gauge("ringside_driver_info", "I/O driver in use.");
-    describe_gauge("ringside_build_info", "ringside build.");
 
     let mut exchanges = [0u64; 7];
     let (mut overflowed, mut listener, mut loops) = (0u64, 0u64, 0u64);
     for shard in shards {
-        register_gauge(
-            &recorder,
-            "ringside_connections_active",
-            vec![static_label("worker", shard.worker().to_string())],
-            shard.active_connections() as f64,
-        );
         for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
             *sum = sum.wrapping_add(shard.exchanges(outcome));
         }
@@ -125,20 +97,155 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         listener = listener.wrapping_add(shard.listener_overflowed());
         loops = loops.wrapping_add(shard.capture_loops_refused());
     }
+    header(&mut out, "ringside_exchange_total", EXCHANGE_HELP, "counter");
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
-        let labels = vec![static_label("outcome", SharedString::const_str(outcome.as_str()))];
-        register_counter(&recorder, "ringside_exchange_total", labels, *sum);
+        sample(&mut out, "ringside_exchange_total", Some(("outcome", outcome.as_str())), *sum);
     }
-    let overflow_name = "ringside_label_sets_overflowed_total";
-    register_counter(&recorder, overflow_name, vec![], overflowed);
-    register_counter(&recorder, "ringside_listener_overflowed_total", vec![], listener);
-    register_counter(&recorder, "ringside_capture_loops_refused_total", vec![], loops);
-    let driver = vec![static_label("driver", driver.to_owned())];
-    register_gauge(&recorder, "ringside_driver_info", driver, 1.0);
-    let version = vec![static_label("version", env!("CARGO_PKG_VERSION"))];
-    register_gauge(&recorder, "ringside_build_info", version, 1.0);
+    out.push('\n');
+    let overflowed_name = "ringside_label_sets_overflowed_total";
+    header(&mut out, overflowed_name, OVERFLOWED_HELP, "counter");
+    sample(&mut out, overflowed_name, None, overflowed);
+    out.push('\n');
+    header(&mut out, "ringside_listener_overflowed_total", LISTENER_HELP, "counter");
+    sample(&mut out, "ringside_listener_overflowed_total", None, listener);
+    out.push('\n');
+    header(&mut out, "ringside_capture_loops_refused_total", LOOPS_HELP, "counter");
+    sample(&mut out, "ringside_capture_loops_refused_total", None, loops);
+    out.push('\n');
 
-    recorder.handle().render()
+    if !shards.is_empty() {
+        header(&mut out, "ringside_connections_active", ACTIVE_HELP, "gauge");
+        for shard in shards {
+            let worker = shard.worker().to_string();
+            gauge(&mut out, "ringside_connections_active", ("worker", &worker), shard.active_connections());
+        }
+        out.push('\n');
+    }
+    header(&mut out, "ringside_driver_info", DRIVER_HELP, "gauge");
+    gauge(&mut out, "ringside_driver_info", ("driver", driver), 1);
+    out.push('\n');
+    header(&mut out, "ringside_build_info", BUILD_HELP, "gauge");
+    gauge(&mut out, "ringside_build_info", ("version", env!("CARGO_PKG_VERSION")), 1);
+    out.push('\n');
+    out
+}
+
+/// Every label set of `shards` with its counters summed over the shards, in first-seen order.
+fn sum_series(shards: &[Arc<Shard>]) -> Vec<(&LabelSet, [u64; 4])> {
+    let mut series: Vec<(&LabelSet, [u64; 4])> = Vec::with_capacity(shards.iter().map(|s| s.len()).sum());
+    // A shard holds each label set once, so one shard needs no lookup.
+    if let [shard] = shards {
+        series.extend(shard.series());
+        return series;
+    }
+    let mut index: HashMap<&LabelSet, usize> = HashMap::with_capacity(series.capacity());
+    for shard in shards {
+        for (set, values) in shard.series() {
+            match index.get(set) {
+                Some(&i) => {
+                    if let Some((_, sum)) = series.get_mut(i) {
+                        for (s, v) in sum.iter_mut().zip(values) {
+                            *s = s.wrapping_add(v);
+                        }
+                    }
+                }
+                None => {
+                    index.insert(set, series.len());
+                    series.push((set, values));
+                }
+            }
+        }
+    }
+    series
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    for part in ["# HELP ", name, " ", help, "\n# TYPE ", name, " ", kind, "\n"] {
+        out.push_str(part);
+    }
+}
+
+fn sample(out: &mut String, name: &str, label: Option<(&str, &str)>, value: u64) {
+    out.push_str(name);
+    if let Some((k, v)) = label {
+        out.push('{');
+        push_label(out, k, v);
+        out.push('}');
+    }
+    out.push(' ');
+    push_u64(out, value);
+    out.push('\n');
+}
+
+/// A gauge sample: the exporter kept gauges as `f64` and wrote them with `Display`.
+fn gauge(out: &mut String, name: &str, (k, v): (&str, &str), value: u64) {
+    use std::fmt::Write;
+    out.push_str(name);
+    out.push('{');
+    push_label(out, k, v);
+    let _ = writeln!(out, "}} {}", value as f64);
+}
+
+/// `name="value"`, the value escaped as `metrics-exporter-prometheus` 0.18 escapes it.
+fn push_label(out: &mut String, name: &str, value: &str) {
+    out.push_str(name);
+    out.push_str("=\"");
+    push_escaped(out, value);
+    out.push('"');
+}
+
+/// Escapes a label value exactly as `metrics-exporter-prometheus` 0.18 did (pinned by
+/// tests/data/metrics): a line feed becomes `\n` and a quote `\"`; a backslash followed by a
+/// quote or by another backslash is taken as an escape the value already carries, so `\"` stays
+/// `\"` and `\\` stays `\\`; any other backslash is doubled.
+fn push_escaped(out: &mut String, value: &str) {
+    // Without short-circuit, so that the scan vectorises: most values need no escaping.
+    if !value.bytes().fold(false, |any, b| any | matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(value);
+        return;
+    }
+    let mut pending_backslash = false;
+    for c in value.chars() {
+        match c {
+            // The pending backslash stays pending across a line feed, as in the exporter.
+            '\n' => out.push_str("\\n"),
+            '"' => {
+                pending_backslash = false;
+                out.push_str("\\\"");
+            }
+            '\\' => {
+                if pending_backslash {
+                    out.push_str("\\\\");
+                }
+                pending_backslash = !pending_backslash;
+            }
+            c => {
+                if pending_backslash {
+                    pending_backslash = false;
+                    out.push_str("\\\\");
+                }
+                out.push(c);
+            }
+        }
+    }
+    if pending_backslash {
+        out.push_str("\\\\");
+    }
+}
+
+/// Decimal digits of `v`, without `fmt` machinery (40,000 of them in a large scrape).
+fn push_u64(out: &mut String, mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    while let Some(d) = i.checked_sub(1).and_then(|j| buf.get_mut(j)) {
+        *d = b'0' + (v % 10) as u8;
+        i -= 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(buf.get(i..).unwrap_or_default()).unwrap_or_default());
 }
 
 #[cfg(test)]
@@ -199,5 +306,46 @@ mod tests {
         assert_eq!(names, LABEL_NAMES);
         assert!(line.contains(r#"source_workload="a\"b\\c\nd""#), "{line}");
         assert!(text.lines().any(|l| l == "# TYPE istio_tcp_connections_opened_total counter"));
+    }
+
+    #[test]
+    fn label_values_are_escaped_as_the_exporter_escaped_them() {
+        for (raw, escaped) in [
+            ("plain-é", "plain-é"),
+            ("a\"b", "a\\\"b"),
+            ("a\nb", "a\\nb"),
+            ("a\\b", "a\\\\b"),
+            // A backslash before a quote or a backslash counts as an escape already made.
+            ("a\\\"b", "a\\\"b"),
+            ("a\\\\b", "a\\\\b"),
+            // A pending backslash survives a line feed and is doubled after it.
+            ("a\\\nb", "a\\n\\\\b"),
+            ("a\\", "a\\\\"),
+        ] {
+            let mut out = String::new();
+            push_escaped(&mut out, raw);
+            assert_eq!(out, escaped, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_decimal() {
+        for v in [0, 7, 10, 1_234_567_890, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, v);
+            assert_eq!(out, v.to_string());
+        }
+    }
+
+    #[test]
+    fn a_scrape_without_series_has_no_istio_family_and_a_blank_line_after_every_family() {
+        let (_w, shard) = ShardWriter::new(0, LabelBudget::new(10));
+        let text = render(&[shard], "epoll");
+        assert!(!text.contains("istio_"), "{text}");
+        assert!(text.starts_with("# HELP ringside_exchange_total "), "{text}");
+        assert_eq!(text.matches("\n\n").count(), 7, "{text}");
+        assert!(text.ends_with("} 1\n\n"), "{text}");
+        let two = render(&[], "epoll");
+        assert!(!two.contains("ringside_connections_active"), "{two}");
     }
 }

@@ -778,6 +778,21 @@ fn virtual_service(
         for p in ports {
             let tcp_routes = resolve(cfg, doc, &path, tcp, p, &mut Vec::new())?;
             for host in &hosts {
+                // First match wins (SPEC §6): an earlier route for the host on this port (or
+                // any port) leaves this one unused; say so rather than drop it silently.
+                let earlier = cfg
+                    .service_routes
+                    .iter()
+                    .chain(&routes)
+                    .find(|r| &r.host == host && (r.match_port.is_none() || r.match_port == p));
+                if let Some(earlier) = earlier {
+                    let port = p.map_or("any port".to_string(), |p| format!("port {p}"));
+                    let by = earlier.source.as_deref().unwrap_or("the config file");
+                    reports.push(format!(
+                        "{}: {path} ({host}, {port}): never used, an earlier route matches first ({by})",
+                        doc.at()
+                    ));
+                }
                 routes.push(ServiceRoute {
                     host: host.clone(),
                     match_port: p,
@@ -1010,6 +1025,20 @@ spec:
         .unwrap()
         .listeners;
         cfg.validate("t", "").unwrap();
+    }
+
+    #[test]
+    fn a_route_an_earlier_one_shadows_is_reported() {
+        let text = vs("  - route: [{destination: {host: mongodb, subset: v1}}]
+  - match: [{port: 27017}]
+    route: [{destination: {host: mongodb, subset: v2}}]
+");
+        let (_, reports) = load(&[("vs.yaml", &text)]).unwrap();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(
+            reports[0].contains("spec.tcp[1] (mongodb.default.svc.cluster.local, port 27017): never used, an earlier route matches first (vs.yaml: document 5 (VirtualService/mongodb))"),
+            "{reports:?}"
+        );
     }
 
     #[test]

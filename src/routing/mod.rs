@@ -58,11 +58,17 @@ struct Health {
     failures: Cell<u32>,
     /// Skipped until then.
     ejected_until: Cell<Option<Instant>>,
+    /// When the current ejection began: a failure after `now` is not part of the state at
+    /// `now` (see `candidates`).
+    ejected_at: Cell<Option<Instant>>,
 }
 
 impl EndpointState {
+    /// Ejected as of `now`: an ejection that began later (a failure while this connection was
+    /// trying endpoints) does not count, so each endpoint is a candidate exactly once.
     fn ejected(&self, now: Instant) -> bool {
         self.health.ejected_until.get().is_some_and(|until| now < until)
+            && self.health.ejected_at.get().is_some_and(|at| at <= now)
     }
 }
 
@@ -405,6 +411,7 @@ impl Router {
         e.failures.set(failures);
         let ejection = ejection_time(failures);
         e.ejected_until.set(Some(now + ejection));
+        e.ejected_at.set(Some(now));
         (ejection, failures)
     }
 
@@ -603,6 +610,20 @@ clusters:
         }
         r.connected(0, 0);
         assert_eq!(r.failed(0, 0, later).1, 1);
+    }
+
+    #[test]
+    fn an_endpoint_that_fails_while_a_connection_tries_it_is_not_tried_again_by_that_connection() {
+        let r = Router::new(&cfg(BASE), 7);
+        let t = r.route(0).unwrap();
+        let t0 = now();
+        let mut tried = Vec::new();
+        for e in r.candidates(t, t0) {
+            tried.push(e);
+            r.failed(0, e, t0 + Duration::from_millis(1)); // each fails while being tried
+        }
+        tried.sort();
+        assert_eq!(tried, [0, 1, 2], "each endpoint once");
     }
 
     #[test]

@@ -15,7 +15,9 @@ use crate::common::{DEADLINE, bin, http, wait_for};
 /// None. The reason is also appended to `target/test-skips.txt`, which tests/run.sh prints,
 /// so a skip is never mistaken for a pass.
 pub fn unavailable(test: &str) -> Option<String> {
-    let why = probe()?;
+    // Probed once per test process: tests run in parallel and must not race on the probe.
+    static PROBE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let why = PROBE.get_or_init(probe).clone()?;
     let line = format!("SKIP {test}: {why}");
     eprintln!("{line}");
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
@@ -43,6 +45,7 @@ fn probe() -> Option<String> {
         ("ip", &["-V"][..]),
         ("iptables", &["--version"]),
         ("iptables-save", &["--version"]),
+        ("ip6tables", &["--version"]),
         ("setpriv", &["--version"]),
     ] {
         if !ok(cmd, args) {
@@ -90,6 +93,8 @@ pub struct Pods {
     pub a: String,
     /// Namespace name of pod B.
     pub b: String,
+    /// Interface names of the veth pair (in A, in B).
+    veth: (String, String),
 }
 
 /// Pod A's address.
@@ -105,12 +110,13 @@ impl Pods {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", std::process::id());
-        let pods = Pods { a: format!("rs-a-{id}"), b: format!("rs-b-{id}") };
-        run(&["ip", "netns", "add", &pods.a]);
-        run(&["ip", "netns", "add", &pods.b]);
         // Interface names are per namespace, but the pair is created in ours first: unique.
         let (va, vb) = (format!("rsa{id}"), format!("rsb{id}"));
-        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+        let veth = (va[..va.len().min(15)].to_string(), vb[..vb.len().min(15)].to_string());
+        let pods = Pods { a: format!("rs-a-{id}"), b: format!("rs-b-{id}"), veth };
+        run(&["ip", "netns", "add", &pods.a]);
+        run(&["ip", "netns", "add", &pods.b]);
+        let (va, vb) = (pods.veth.0.as_str(), pods.veth.1.as_str());
         run(&[
             "ip", "link", "add", va, "netns", &pods.a, "type", "veth", "peer", "name", vb, "netns", &pods.b,
         ]);
@@ -120,10 +126,27 @@ impl Pods {
                 exec(ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
             }
             exec(ns, &["ip", "link", "set", dev, "up"]);
+            // A default route, as a pod has: a service address (a ClusterIP that no interface
+            // holds) must be routable for the connect to reach the nat table at all.
+            exec(ns, &["ip", "route", "add", "default", "dev", dev]);
         }
         pods
     }
 }
+
+impl Pods {
+    /// Add `fd00:77::1/64` to A and `fd00:77::2/64` to B (no duplicate address detection, so
+    /// they are usable at once).
+    pub fn add_ipv6(&self) {
+        exec(&self.a, &["ip", "-6", "addr", "add", &format!("{A_IP6}/64"), "dev", &self.veth.0, "nodad"]);
+        exec(&self.b, &["ip", "-6", "addr", "add", &format!("{B_IP6}/64"), "dev", &self.veth.1, "nodad"]);
+    }
+}
+
+/// Pod A's IPv6 address (after [`Pods::add_ipv6`]).
+pub const A_IP6: &str = "fd00:77::1";
+/// Pod B's IPv6 address.
+pub const B_IP6: &str = "fd00:77::2";
 
 impl Drop for Pods {
     fn drop(&mut self) {
