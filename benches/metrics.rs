@@ -110,7 +110,7 @@ clusters:
     let (writer, _shard) = ShardWriter::new(0, LabelBudget::new(100_000));
     WorkerCtx::new(
         0,
-        &ringside::snapshot::Published::first(config),
+        &ringside::snapshot::Published::first(config, Default::default()),
         writer,
         Flags { splice: false, istio_metrics: true },
     )

@@ -155,12 +155,17 @@ def markdown(meta, s):
         if "ringside-1-busy" in s and "haproxy-busy" in s:
             row = [fmt(ratio(get(s["ringside-1-busy"]), get(s["haproxy-busy"])), 2) for _, get, _ in metrics]
             w("| ringside-1-busy / haproxy-busy | " + " | ".join(row) + " |")
+        # mTLS against TLS: two sidecars each, like for like.
+        if "ringside-2-mtls" in s and "haproxy-2-tls" in s:
+            row = [fmt(ratio(get(s["ringside-2-mtls"]), get(s["haproxy-2-tls"])), 2) for _, get, _ in metrics]
+            w("| ringside-2-mtls / haproxy-2-tls | " + " | ".join(row) + " |")
         w("")
 
     features = [("metrics on (scraped every 1 s) / off", "ringside-1-metrics", "ringside-1"),
                 ("exchange on / off, two sidecars", "ringside-2", "ringside-2-off"),
                 ("3-way weighted route over subsets / one cluster (target conn/s ≥ 0.95)",
-                 "ringside-1-split", "ringside-1")]
+                 "ringside-1-split", "ringside-1"),
+                ("mTLS (exchange alpn) / plaintext (exchange always), two sidecars", "ringside-2-mtls", "ringside-2")]
     if any(a in s and b in s for _, a, b in features):
         w("## Cost of features (same run)\n")
         w("| feature | 1-stream Gbit/s | conn/s C=" + str(top_c) + " | CPU/GB | CPU/1k conn |")
@@ -219,6 +224,21 @@ def markdown(meta, s):
           "means the other proxy's added p99 was not positive, so no ratio exists. Every row is "
           "compared with HAProxy's defaults (plus splice-auto) and Envoy's (Istio's circuit breakers); `ringside-1-busy` runs ringside's opt-in "
           "`busy_poll` window, and its last row compares it with HAProxy's `busy-polling`.\n")
+
+    if "ringside-2-mtls" in s and "haproxy-2-tls" in s:
+        m, h = s["ringside-2-mtls"], s["haproxy-2-tls"]
+        w("mTLS targets (two ringside sidecars with mTLS vs two HAProxy with TLS 1.3 between them):\n")
+        w("| target | ringside-2-mtls |")
+        w("|---|---|")
+        for label, v, bound, at_least in [
+                ("1-stream throughput ≥ 1.0× HAProxy TLS", ratio(m["bulk"].get(1), h["bulk"].get(1)), 1.0, True),
+                ("proxy CPU per connection (handshakes included) ≤ 1.0× HAProxy TLS",
+                 ratio(m["cpu_ms_per_1k"], h["cpu_ms_per_1k"]), 1.0, False)]:
+            ok = v is not None and (v >= bound if at_least else v <= bound)
+            w(f"| {label} | {'PASS' if ok else 'FAIL'} ({fmt(v, 2)}) |")
+        w(f"| RSS per idle mTLS connection, both sidecars (KiB; HAProxy: {fmt(h['rss_kib_per_conn'], 2)}) | "
+          f"{fmt(m['rss_kib_per_conn'], 2)} |")
+        w("")
 
     many = jsonl(Path(meta["results_dir"]) / "many.jsonl")
     if many:
@@ -370,6 +390,11 @@ def markdown(meta, s):
   weights 50/30/20 over three subsets of one cluster whose three endpoints are the same
   backend, so the per-connection routing (weighted pick, subset, round robin, ejection
   check) is the only difference from `ringside-1`'s single cluster.
+- mTLS rows: `ringside-2-mtls` is `ringside-2` with ISTIO_MUTUAL between the sidecars
+  (rustls, TLS 1.3, exchange in mode `alpn`, strict inbound, EC P-256 workload certificates
+  with SPIFFE SANs made by openssl); `haproxy-2-tls` is two HAProxy processes with the same
+  certificates on the hop between them (`ssl verify required`, `ssl-min-ver TLSv1.3`, same
+  ALPN, OpenSSL). Bulk over TLS cannot splice (no kTLS), so both copy through user space.
 - Busy-polling rows: `ringside-1-busy` is `ringside-1` plus `--busy-poll {meta.get('busy_poll', '?')}`
   (after a read, keep polling instead of sleeping for that long); `haproxy-busy` is `haproxy`
   plus `busy-polling` in `global` (it never sleeps, idle or not). Both trade CPU for the

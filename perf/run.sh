@@ -30,7 +30,7 @@ MSG_SIZE=64
 LOAD_CORE=0   # load generator and backend
 PROXY_CORE=1  # every proxy process, so all targets compete for the same single core
 BACKEND_PORT=18100; FRONT_PORT=18101; INNER_PORT=18102; METRICS_PORT=18103; METRICS_PORT2=18104
-TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-1-split ringside-2 ringside-2-off haproxy haproxy-busy envoy nginx"
+TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-1-split ringside-2 ringside-2-off ringside-2-mtls haproxy haproxy-busy haproxy-2-tls envoy nginx"
 # PERF_TARGETS="ringside-1 ringside-1-split" measures only those (a quick look at one feature;
 # the rows that need the others then say "not evaluated").
 TARGETS=${PERF_TARGETS:-$TARGETS}
@@ -354,6 +354,107 @@ EOF
   PROXY_PIDS+=("$LAST_PID" $workers)
 }
 
+# Istio-style workload identities for the mTLS rows, made with openssl: an EC P-256 mesh root
+# and two workload certificates with SPIFFE URI SANs; HAProxy gets the same certificates.
+make_certs() {
+  local d=$WORK/certs id
+  mkdir -p "$d"
+  openssl ecparam -name prime256v1 -genkey -noout -out "$d/root-key.pem" 2>/dev/null
+  openssl req -x509 -new -key "$d/root-key.pem" -subj /O=perf-mesh -days 2 -out "$d/root-cert.pem" 2>/dev/null
+  for id in productpage ratings; do
+    openssl ecparam -name prime256v1 -genkey -noout -out "$d/$id-key.pem" 2>/dev/null
+    openssl req -new -key "$d/$id-key.pem" -subj "/O=perf-mesh" -out "$d/$id.csr" 2>/dev/null
+    printf 'subjectAltName=URI:spiffe://cluster.local/ns/default/sa/%s\n' "$id" >"$d/$id.ext"
+    openssl x509 -req -in "$d/$id.csr" -CA "$d/root-cert.pem" -CAkey "$d/root-key.pem" -CAcreateserial \
+      -days 2 -extfile "$d/$id.ext" -out "$d/$id-cert.pem" 2>/dev/null
+    cat "$d/$id-cert.pem" "$d/$id-key.pem" >"$d/$id-haproxy.pem"
+  done
+}
+
+# Two ringside sidecars with mTLS between them (exchange in mode alpn, strict inbound).
+ringside_mtls_start() {
+  local d=$WORK/certs
+  cat >"$WORK/inner.yaml" <<EOF
+node: {workload_name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
+workers: 1
+driver: uring
+admin: {listen: "off"}
+health: {listen: "off"}
+metrics: {listen: "127.0.0.1:$METRICS_PORT2"}
+listeners:
+  - {name: inbound, listen: "127.0.0.1:$INNER_PORT", direction: inbound, peer_exchange: alpn, cluster: app,
+     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem}}
+clusters:
+  - {name: app, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$BACKEND_PORT"}]}
+EOF
+  cat >"$WORK/outer.yaml" <<EOF
+node: {workload_name: productpage-v1, namespace: default, labels: {app: productpage, version: v1}}
+workers: 1
+driver: uring
+admin: {listen: "off"}
+health: {listen: "off"}
+metrics: {listen: "127.0.0.1:$METRICS_PORT"}
+listeners:
+  - {name: outbound, listen: "127.0.0.1:$FRONT_PORT", direction: outbound, peer_exchange: alpn, cluster: ratings}
+clusters:
+  - {name: ratings, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$INNER_PORT"}],
+     tls: {mode: istio_mutual, cert_chain: $d/productpage-cert.pem, private_key: $d/productpage-key.pem,
+           root_cert: $d/root-cert.pem, subject_alt_names: ["spiffe://cluster.local/ns/default/sa/ratings"]}}
+EOF
+  local f port
+  for f in inner:$INNER_PORT outer:$FRONT_PORT; do
+    port=${f#*:}
+    spawn_on "$PROXY_CORE" "$RINGSIDE" run --config "$WORK/${f%%:*}.yaml" 2>>"$WORK/ringside.log"
+    wait_port "$port" "$LAST_PID" || return 1
+    PROXY_PIDS+=("$LAST_PID")
+  done
+}
+
+# The same topology with two HAProxy processes: TLS 1.3 on the hop between them (OpenSSL),
+# client certificates required and verified against the same root, the same ALPN.
+haproxy_tls_start() {
+  local d=$WORK/certs
+  cat >"$WORK/haproxy-inner.cfg" <<EOF
+global
+  nbthread 1
+  maxconn $((IDLE_CONNS + 50))
+  maxpipes 64
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend inner
+  bind 127.0.0.1:$INNER_PORT ssl crt $d/ratings-haproxy.pem ca-file $d/root-cert.pem verify required alpn istio-peer-exchange,istio ssl-min-ver TLSv1.3
+  default_backend app
+backend app
+  server echo 127.0.0.1:$BACKEND_PORT
+EOF
+  cat >"$WORK/haproxy-outer.cfg" <<EOF
+global
+  nbthread 1
+  maxconn $((IDLE_CONNS + 50))
+  maxpipes 64
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend front
+  bind 127.0.0.1:$FRONT_PORT
+  default_backend inner
+backend inner
+  server inner 127.0.0.1:$INNER_PORT ssl crt $d/productpage-haproxy.pem ca-file $d/root-cert.pem verify required alpn istio-peer-exchange,istio ssl-min-ver TLSv1.3
+EOF
+  local f port
+  for f in inner:$INNER_PORT outer:$FRONT_PORT; do
+    port=${f#*:}
+    spawn_on "$PROXY_CORE" haproxy -f "$WORK/haproxy-${f%%:*}.cfg" -db 2>>"$WORK/haproxy.log"
+    wait_port "$port" "$LAST_PID" || return 1
+    PROXY_PIDS+=("$LAST_PID")
+  done
+}
+
 # Scrape a metrics port once a second on the load core, bounded to 10 minutes; stopped with
 # the target (its PID is in PIDS for the final cleanup too).
 scrape_loop() {
@@ -387,6 +488,8 @@ start_target() {
     ringside-2-off)
       ringside_start "$INNER_PORT" "$BACKEND_PORT" inbound off uring --metrics "127.0.0.1:$METRICS_PORT2" &&
         ringside_start "$FRONT_PORT" "$INNER_PORT" outbound off uring --metrics "127.0.0.1:$METRICS_PORT" ;;
+    ringside-2-mtls) ringside_mtls_start ;;
+    haproxy-2-tls) haproxy_tls_start ;;
     haproxy) haproxy_start ;;
     haproxy-busy) haproxy_start busy-polling ;;
     envoy) envoy_start ;;
@@ -505,6 +608,7 @@ workers_cost() {
 
 install_missing
 ENVOY=$("$HERE/fetch-envoy.sh") || { log "could not fetch Envoy: envoy rows skipped"; ENVOY=; }
+make_certs
 log "building ringside (release) and the load generator"
 (cd "$ROOT" && cargo build --release --quiet)
 cargo build --release --quiet --manifest-path "$HERE/loadgen/Cargo.toml"

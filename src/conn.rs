@@ -13,6 +13,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -86,9 +87,22 @@ pub struct Conn {
     pub idle_expired: Cell<bool>,
     /// Cluster and endpoint it was routed to (for labels), once known.
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
+    /// mTLS identities, once the handshake is done (principals and security policy labels).
+    pub security: RefCell<Security>,
     /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
     pub captured: Cell<Option<Captured>>,
     slot: Cell<usize>,
+}
+
+/// What mTLS tells the labels (SPEC §3): both principals and whether the peer was verified.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Security {
+    /// `spiffe://...` of our own certificate.
+    pub local_principal: Option<Arc<str>>,
+    /// `spiffe://...` of the peer's certificate.
+    pub peer_principal: Option<Box<str>>,
+    /// The connection is mutual TLS (connection_security_policy, reporter=destination).
+    pub mutual_tls: bool,
 }
 
 /// Where an outbound-captured connection went when no cluster matched its original
@@ -182,6 +196,7 @@ impl WorkerCtx {
             cancel: Signal::default(),
             idle_expired: Cell::new(false),
             upstream: Cell::new(None),
+            security: RefCell::new(Security::default()),
             captured: Cell::new(None),
             slot: Cell::new(0),
         });
@@ -262,6 +277,8 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
         .and_then(|(c, e)| e.map(|e| &c.endpoints[e].identity))
         .filter(|_| listener.direction == Direction::Outbound);
     let peer = peer.or(endpoint);
+    // Held for the whole settle: the principals are borrowed into the cache key.
+    let security = conn.security.borrow();
     let inputs = LabelInputs {
         generation: conn.snapshot.generation,
         reporter: listener.direction.into(),
@@ -269,10 +286,9 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
         captured: conn.captured.get(),
         response_flags,
         peer: peer.map(PeerLabels::of).unwrap_or_default(),
-        // mTLS (SPEC §7) fills these from the connection's certificates.
-        local_principal: None,
-        peer_principal: None,
-        mutual_tls: false,
+        local_principal: security.local_principal.as_deref(),
+        peer_principal: security.peer_principal.as_deref(),
+        mutual_tls: security.mutual_tls,
     };
     let cached = ctx.series_cache.borrow_mut().get(&inputs);
     if let Some(id) = cached {

@@ -21,5 +21,6 @@ pub mod relay; // one connection: connect, exchange, copy both halves, close, co
 pub mod routing; // clusters, subsets, load balancing, weighted routes; routing::istio reads Istio YAML
 pub mod snapshot; // the listener/cluster/route model as per-worker snapshots swapped between connections
 pub mod socket; // readiness on split halves, reset, splice: the only unsafe
-pub mod worker;
-pub mod xds; // ADS client on its own thread; translate: Envoy protos into the config model // driver choice, core pinning, per-worker listeners, accept loops, ticks
+pub mod tls; // rustls configs, SPIFFE checks, reload; the monoio adaptor (SPEC §7)
+pub mod worker; // driver choice, core pinning, per-worker listeners, accept loops, ticks
+pub mod xds; // ADS client on its own thread; translate: Envoy protos into the config model

@@ -42,10 +42,17 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Validate(args) => match args.into_config() {
-            Ok(_) => {
-                println!("ringside: config ok");
-                ExitCode::SUCCESS
-            }
+            // The certificate files are part of the config: load them as `run` would.
+            Ok(cfg) => match ringside::tls::Certs::load(&cfg) {
+                Ok(_) => {
+                    println!("ringside: config ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringside: tls: {e}");
+                    ExitCode::from(EX_USAGE)
+                }
+            },
             Err(e) => usage(e),
         },
         Command::Run(args) => match args.into_config() {
@@ -94,7 +101,11 @@ fn run(cfg: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringside: {e:#}");
-            ExitCode::from(1)
+            // A certificate file that does not load is bad config, like a bad key (SPEC §4).
+            match e.downcast_ref::<worker::Error>() {
+                Some(worker::Error::Tls(_)) => ExitCode::from(EX_USAGE),
+                _ => ExitCode::from(1),
+            }
         }
     }
 }

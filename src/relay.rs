@@ -29,6 +29,8 @@ use crate::routing::{self, Target};
 use crate::snapshot::Snapshot;
 use crate::socket;
 
+mod mtls;
+
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,6 +53,10 @@ pub enum Error {
     /// as Istio's BlackHoleCluster has no hosts).
     #[error("captured connection to the proxy's own listener refused (loop)")]
     Loop,
+    /// An inbound mTLS handshake was refused (counted in `ringside_tls_refused_total`, not
+    /// as an istio_tcp connection: no peer, no application byte).
+    #[error("tls handshake refused")]
+    Refused,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -88,6 +94,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, accept
     let conn = ctx.open(snapshot, li, acceptor);
     let result = relay(&ctx, li, &conn, down).await;
     match &result {
+        Err(Error::Refused) => {}
         Err(e) => {
             log::debug!("listener {}: {e}", conn.snapshot.config.listeners[li].name);
             settle(&ctx, &conn, None, e.response_flags());
@@ -101,8 +108,18 @@ pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, accept
     conn.snapshot.live[li].fetch_sub(1, Ordering::AcqRel);
 }
 
-async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> Result<(), Error> {
+async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
     let listener = &conn.snapshot.config.listeners[li];
+    // An mTLS listener (SPEC §7) serves the connection in `mtls`, unless `permissive` found a
+    // plaintext client, which continues here. The certificates are the snapshot's, by the
+    // same index as its config.
+    let mut down = match &conn.snapshot.tls.listeners[li] {
+        Some(slot) => match mtls::serve_inbound(ctx, li, conn, slot, down).await? {
+            Some(plain) => plain,
+            None => return Ok(()),
+        },
+        None => down,
+    };
     // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
     // that an idle, established connection should not carry for the rest of its life. Both
     // borrow the sockets rather than own them, so a cancel (idle timeout, drain deadline)
@@ -115,6 +132,12 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, mut down: TcpStream) -> 
         cut(conn, down, None);
         return Ok(());
     };
+    // An mTLS cluster (SPEC §7): the TLS client, the exchange inside it and the copy.
+    if let Some((c, _)) = conn.upstream.get()
+        && let Some(Some(slot)) = conn.snapshot.tls.clusters.get(c)
+    {
+        return mtls::serve_outbound(ctx, listener, conn, down, up, slot).await;
+    }
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
     let exchanged = monoio::select! {

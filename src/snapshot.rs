@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicUsize;
 
 use crate::config::Config;
 use crate::routing::Router;
+use crate::tls::Certs;
 
 /// A configuration as published to the workers.
 #[derive(Debug)]
@@ -21,17 +22,21 @@ pub struct Published {
     /// Live connections per listener (by index) across workers, for `max_connections`: a
     /// listener that stays (same name) keeps its counter across publications.
     pub live: Vec<Arc<AtomicUsize>>,
+    /// TLS certificates per listener and cluster (by index of `config`): the static config's,
+    /// loaded at start-up and carried over by name ([`Certs::rekeyed`]).
+    pub tls: Arc<Certs>,
 }
 
 impl Published {
-    /// The first publication.
-    pub fn first(config: Config) -> Published {
+    /// The first publication, with the certificates loaded for `config`.
+    pub fn first(config: Config, tls: Arc<Certs>) -> Published {
         let live = config.listeners.iter().map(|_| Arc::default()).collect();
-        Published { generation: 1, config: Arc::new(config), live }
+        Published { generation: 1, config: Arc::new(config), live, tls }
     }
 
     /// The publication that replaces this one with `config`.
     pub fn next(&self, config: Config) -> Published {
+        let tls = Arc::new(Certs::rekeyed(&self.tls, &self.config, &config));
         let old: HashMap<&str, &Arc<AtomicUsize>> =
             self.config.listeners.iter().map(|l| l.name.as_str()).zip(&self.live).collect();
         let live = config
@@ -39,7 +44,7 @@ impl Published {
             .iter()
             .map(|l| old.get(l.name.as_str()).map_or_else(Arc::default, |c| Arc::clone(c)))
             .collect();
-        Published { generation: self.generation + 1, config: Arc::new(config), live }
+        Published { generation: self.generation + 1, config: Arc::new(config), live, tls }
     }
 }
 
@@ -54,6 +59,8 @@ pub struct Snapshot {
     pub router: Router,
     /// Live connections per listener across workers (see [`Published::live`]).
     pub live: Vec<Arc<AtomicUsize>>,
+    /// TLS certificates per listener and cluster of `config` (see [`Published::tls`]).
+    pub tls: Arc<Certs>,
 }
 
 impl Snapshot {
@@ -65,6 +72,7 @@ impl Snapshot {
             router: Router::after(&published.config, seed, previous.map(|p| &p.router)),
             config: published.config.clone(),
             live: published.live.clone(),
+            tls: published.tls.clone(),
         }
     }
 
@@ -97,7 +105,7 @@ clusters:
 
     #[test]
     fn a_listener_that_stays_keeps_its_live_counter_and_an_endpoint_that_stays_its_load() {
-        let first = Published::first(cfg(A));
+        let first = Published::first(cfg(A), Default::default());
         first.live[1].fetch_add(3, Ordering::Relaxed);
         let s1 = Snapshot::new(&first, 7, None);
         // Endpoint :10 carries two live connections of the old snapshot.

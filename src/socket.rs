@@ -285,6 +285,59 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
+/// Non-blocking `send` on a whole stream, for rustls' `write_tls` and for relaying decrypted
+/// bytes straight from rustls' buffer: the TLS side of a connection runs on readiness plus
+/// non-blocking calls, so bytes are not copied through an extra owned buffer.
+pub struct NonBlocking<'a>(pub &'a TcpStream);
+
+impl io::Write for NonBlocking<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes and the fd is live for the call.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Receive into the spare capacity of `buf` without blocking; `Ok(0)` is EOF.
+pub fn recv_spare(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the spare capacity is valid for writes of its length; the kernel writes at most
+    // that many bytes and we extend the length by exactly the count it reports.
+    let n = unsafe { libc::recv(s.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: recv initialised the first `n` bytes of the spare capacity (n <= spare.len()).
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// Look at up to `buf.len()` first bytes without consuming them (permissive TLS sniffing).
+pub fn peek(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes and the fd is live for the call.
+    let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// Half-close: send FIN; `ENOTCONN` (the peer already closed entirely) counts as done.
+pub fn shutdown_write(s: &TcpStream) -> io::Result<()> {
+    // SAFETY: shutdown on a live fd; no pointers involved.
+    if unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::NotConnected {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// A borrowed fd of a monoio stream, for socket options monoio does not wrap
 /// (SO_ORIGINAL_DST, SO_ERROR) through `socket2::SockRef`.
 pub fn borrow_fd(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {

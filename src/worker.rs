@@ -25,6 +25,10 @@ use crate::snapshot::{Published, Snapshot};
 /// The worker tick: clock, drain checks, idle timeouts and config updates run at this period.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How often the side thread looks at the certificate files' metadata (SPEC §7: reloaded
+/// within seconds of a rotation).
+const TLS_RELOAD_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A runtime failure while starting.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,6 +48,12 @@ pub enum Error {
     /// A worker thread could not start.
     #[error("worker {0}: {1}")]
     Spawn(usize, std::io::Error),
+    /// The certificate reload thread could not start.
+    #[error("tls reload thread: {0}")]
+    Reload(std::io::Error),
+    /// A certificate file could not be loaded (a config error: exit 64).
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::Error),
 }
 
 /// The event-loop driver that runs.
@@ -152,6 +162,13 @@ impl Shared {
     /// must bind, as Envoy refuses a listener it cannot bind. `Err` says which and why.
     pub fn publish_checked(&self, config: Config) -> Result<u64, String> {
         let current = self.published.load();
+        // Certificates come with the static config only (SDS is not built): a listener or
+        // cluster that asks for TLS without them would serve plaintext, so it is refused.
+        if let Some(what) =
+            crate::tls::Certs::rekeyed(&current.tls, &current.config, &config).missing(&config)
+        {
+            return Err(format!("{what}: TLS needs certificates over SDS, not served yet"));
+        }
         for l in &config.listeners {
             let known = current.config.listeners.iter().any(|c| c.name == l.name && c.listen == l.listen);
             if !known && let Err(e) = can_bind(l.listen) {
@@ -199,6 +216,9 @@ impl Proxy {
 
 /// Bind every listener once per worker and start the workers.
 pub fn start(config: Config) -> Result<Proxy, Error> {
+    // Certificates first: a bad file is a config error, reported before anything binds.
+    let tls = Arc::new(crate::tls::Certs::load(&config)?);
+    crate::tls::watch(tls.slots(), TLS_RELOAD_PERIOD).map_err(Error::Reload)?;
     let driver = choose_driver(config.driver)?;
     // Before any thread starts, so the affinity mask read is the process's (SPEC §1).
     let cpus = cpus::plan(&cpus::probe(), config.workers, config.pin);
@@ -231,7 +251,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         l.listen = *addr;
     }
     let shared = Arc::new(Shared {
-        published: ArcSwap::from_pointee(Published::first(effective.clone())),
+        published: ArcSwap::from_pointee(Published::first(effective.clone(), tls)),
         config: Arc::new(effective),
         draining: AtomicBool::new(false),
         terminating: AtomicBool::new(false),

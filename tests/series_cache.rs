@@ -64,7 +64,7 @@ clusters:
     let (writer, shard) = ShardWriter::new(0, LabelBudget::new(budget));
     let ctx = WorkerCtx::new(
         0,
-        &ringside::snapshot::Published::first(config),
+        &ringside::snapshot::Published::first(config, Default::default()),
         writer,
         Flags { splice: false, istio_metrics: true },
     );

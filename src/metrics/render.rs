@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::labels::{LABEL_NAMES, LabelSet};
-use super::shard::{ExchangeOutcome, Shard};
+use super::shard::{ExchangeOutcome, Shard, TlsRefused};
 
 /// `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -33,6 +33,8 @@ const EXCHANGE_HELP: &str = "Peer exchanges by outcome, like Istio's metadata_ex
 const OVERFLOWED_HELP: &str =
     "Connections whose label set exceeded the label set budget and was folded into the overflow series.";
 const LISTENER_HELP: &str = "Connections closed at once because a listener was at its connection limit.";
+const TLS_REFUSED_HELP: &str =
+    "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.";
 const LOOPS_HELP: &str =
     "Captured connections refused because their original destination was the proxy's own listener.";
 const DRIVER_HELP: &str = "I/O driver in use.";
@@ -42,7 +44,8 @@ const BUILD_HELP: &str = "ringside build.";
 /// counters and the `ringside_*` process metrics, each family with `# HELP` and `# TYPE`:
 /// `ringside_connections_active{worker}`, `ringside_exchange_total{outcome}`,
 /// `ringside_label_sets_overflowed_total`, `ringside_listener_overflowed_total`,
-/// `ringside_capture_loops_refused_total`, `ringside_driver_info{driver}` and
+/// `ringside_capture_loops_refused_total`, `ringside_tls_refused_total{reason}`,
+/// `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
 ///
 /// Written directly, in the layout `metrics-exporter-prometheus` 0.18 wrote (which ringside used
@@ -88,10 +91,14 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     }
 
     let mut exchanges = [0u64; 7];
+    let mut refused = [0u64; 5];
     let (mut overflowed, mut listener, mut loops) = (0u64, 0u64, 0u64);
     for shard in shards {
         for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
             *sum = sum.wrapping_add(shard.exchanges(outcome));
+        }
+        for (sum, reason) in refused.iter_mut().zip(TlsRefused::ALL) {
+            *sum = sum.wrapping_add(shard.tls_refused(reason));
         }
         overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
         listener = listener.wrapping_add(shard.listener_overflowed());
@@ -111,6 +118,11 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     out.push('\n');
     header(&mut out, "ringside_capture_loops_refused_total", LOOPS_HELP, "counter");
     sample(&mut out, "ringside_capture_loops_refused_total", None, loops);
+    out.push('\n');
+    header(&mut out, "ringside_tls_refused_total", TLS_REFUSED_HELP, "counter");
+    for (sum, reason) in refused.iter().zip(TlsRefused::ALL) {
+        sample(&mut out, "ringside_tls_refused_total", Some(("reason", reason.as_str())), *sum);
+    }
     out.push('\n');
 
     if !shards.is_empty() {
@@ -343,7 +355,7 @@ mod tests {
         let text = render(&[shard], "epoll");
         assert!(!text.contains("istio_"), "{text}");
         assert!(text.starts_with("# HELP ringside_exchange_total "), "{text}");
-        assert_eq!(text.matches("\n\n").count(), 7, "{text}");
+        assert_eq!(text.matches("\n\n").count(), 8, "{text}");
         assert!(text.ends_with("} 1\n\n"), "{text}");
         let two = render(&[], "epoll");
         assert!(!two.contains("ringside_connections_active"), "{two}");

@@ -22,6 +22,43 @@ pub struct Delta {
     pub sent_bytes: u64,
 }
 
+/// Why an inbound TLS handshake was refused (`ringside_tls_refused_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsRefused {
+    /// The client spoke something other than TLS (plaintext against `strict`).
+    NotTls,
+    /// The client presented no certificate.
+    NoClientCertificate,
+    /// The client's certificate did not verify against the mesh root (other CA, expired).
+    BadCertificate,
+    /// The handshake did not finish within connect_timeout.
+    Timeout,
+    /// Anything else (no common cipher or ALPN, a peer alert, a socket error).
+    Other,
+}
+
+impl TlsRefused {
+    /// Every reason, in the order they are rendered.
+    pub const ALL: [TlsRefused; 5] = [
+        TlsRefused::NotTls,
+        TlsRefused::NoClientCertificate,
+        TlsRefused::BadCertificate,
+        TlsRefused::Timeout,
+        TlsRefused::Other,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsRefused::NotTls => "not_tls",
+            TlsRefused::NoClientCertificate => "no_client_certificate",
+            TlsRefused::BadCertificate => "bad_certificate",
+            TlsRefused::Timeout => "timeout",
+            TlsRefused::Other => "other",
+        }
+    }
+}
+
 /// Outcome of one peer exchange, like Istio's `metadata_exchange` stats (plus ours: `invalid`,
 /// `timeout`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +200,7 @@ struct ProcessCells {
     listener_overflowed: AtomicU64,
     capture_loops_refused: AtomicU64,
     exchange: [AtomicU64; 7],
+    tls_refused: [AtomicU64; 5],
 }
 
 /// Read side of one worker's counters, shared with the scraper: per-series cells and process
@@ -229,6 +267,11 @@ impl Shard {
     /// the proxy's own listener (SPEC §8).
     pub fn capture_loops_refused(&self) -> u64 {
         self.process.capture_loops_refused.load(Ordering::Relaxed)
+    }
+
+    /// Inbound TLS handshakes refused for `reason` on this worker.
+    pub fn tls_refused(&self, reason: TlsRefused) -> u64 {
+        self.process.tls_refused[reason as usize].load(Ordering::Relaxed)
     }
 
     /// Exchanges that ended with `outcome` on this worker.
@@ -351,6 +394,11 @@ impl ShardWriter {
     /// Counts one connection refused by a listener's connection limit.
     pub fn count_listener_overflow(&self) {
         add(&self.shard.process.listener_overflowed, 1);
+    }
+
+    /// Counts one inbound TLS handshake refused (SPEC §7 strict: closed, never relayed).
+    pub fn count_tls_refused(&self, reason: TlsRefused) {
+        add(&self.shard.process.tls_refused[reason as usize], 1);
     }
 
     /// Counts one captured connection refused as a loop (SPEC §8).

@@ -1,0 +1,429 @@
+//! One connection over mTLS (SPEC §7): the inbound handshake (and, in `permissive`, the
+//! ClientHello sniff), the outbound handshake, the peer exchange inside TLS (mode `alpn`:
+//! only when ALPN resolved to `istio-peer-exchange`), and the copy loop between a plaintext
+//! socket and a TLS one. The rustls side lives in `crate::tls`; this file only moves bytes.
+//!
+//! Bulk over TLS cannot splice (no kTLS here): ciphertext goes socket → pool buffer →
+//! rustls, plaintext rustls' buffer → socket with non-blocking calls after readiness, and the
+//! other way through one pool buffer (rustls encrypts from it into a record).
+
+use std::io;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use super::{Error, Verdict, connect, connect_captured, count, feed};
+use crate::config::{Capture, Listener, ListenerTlsMode, PeerExchange};
+use crate::conn::{Conn, Security, WorkerCtx, settle};
+use crate::exchange::{NodeMetadata, Parser};
+use crate::metrics::{ExchangeOutcome, TlsRefused};
+use crate::socket;
+use crate::tls::Slot;
+use crate::tls::stream::{Fill, TlsStream};
+
+/// Shortest wait for a permissive client's first bytes (see `accept`).
+const PERMISSIVE_SNIFF_MIN: Duration = Duration::from_secs(1);
+
+/// A set-up connection with one TLS side.
+struct TlsPair {
+    plain: TcpStream,
+    tls: TlsStream,
+    /// The TLS side is the downstream (inbound listener), else the upstream (outbound).
+    tls_is_down: bool,
+}
+
+/// What an inbound TLS listener accepted.
+enum Accepted {
+    /// `permissive` and the client spoke plaintext: relay it as any plaintext connection.
+    Plain(TcpStream),
+    /// A verified mTLS client.
+    Tls(TlsStream),
+}
+
+/// The inbound handshake: sniff in `permissive`, then require a client certificate signed
+/// by the mesh root. A refused client is closed and counted, nothing of it relayed.
+async fn accept(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    listener: &Listener,
+    slot: &Slot,
+    down: TcpStream,
+) -> Result<Accepted, Error> {
+    let permissive = listener.tls.as_ref().is_some_and(|t| t.mode == ListenerTlsMode::Permissive);
+    // A TLS client's ClientHello follows its connect at once, but building one (key shares)
+    // under load can take longer than the exchange's 20 ms sniff window: wait at least 1 s
+    // before deciding a silent client is plaintext. A plaintext server-first protocol behind
+    // `permissive` therefore greets after up to 1 s (Istio asks such ports to be declared).
+    let window = listener.limits.sniff_timeout.0.max(PERMISSIVE_SNIFF_MIN);
+    if permissive && !sniff_client_hello(&down, window).await? {
+        return Ok(Accepted::Plain(down));
+    }
+    let config = slot.current();
+    let Some(server) = config.server.clone() else { return Err(Error::Refused) };
+    let tls = TlsStream::server(down, server)?;
+    let reason =
+        match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake(&ctx.pool)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                log::debug!("listener {}: tls handshake refused: {e}", listener.name);
+                Some(refused_reason(&e))
+            }
+            Err(_) => {
+                log::debug!("listener {}: tls handshake timed out", listener.name);
+                Some(TlsRefused::Timeout)
+            }
+        };
+    if let Some(reason) = reason {
+        ctx.metrics.borrow().count_tls_refused(reason);
+        return Err(Error::Refused);
+    }
+    *conn.security.borrow_mut() = Security {
+        local_principal: config.local_principal.clone(),
+        peer_principal: tls.peer_principal().map(Into::into),
+        mutual_tls: true,
+    };
+    Ok(Accepted::Tls(tls))
+}
+
+fn refused_reason(e: &io::Error) -> TlsRefused {
+    use rustls::Error as R;
+    match e.get_ref().and_then(|e| e.downcast_ref::<R>()) {
+        Some(R::NoCertificatesPresented) => TlsRefused::NoClientCertificate,
+        Some(R::InvalidCertificate(_)) => TlsRefused::BadCertificate,
+        Some(
+            R::InvalidMessage(_) | R::InappropriateMessage { .. } | R::InappropriateHandshakeMessage { .. },
+        ) => TlsRefused::NotTls,
+        _ => TlsRefused::Other,
+    }
+}
+
+/// `permissive`: does the client start with a TLS handshake record (0x16 0x03 ..)? Looks
+/// without consuming, so a plaintext client loses nothing; a plaintext client that sends one
+/// byte and waits is told apart at once; one that sends nothing within `sniff_timeout` is
+/// plaintext (a server-first protocol).
+async fn sniff_client_hello(down: &TcpStream, sniff_timeout: Duration) -> Result<bool, Error> {
+    let deadline = Instant::now() + sniff_timeout;
+    let mut head = [0u8; 3];
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if monoio::time::timeout(wait, down.readable(false)).await.is_err() {
+            return Ok(false);
+        }
+        let n = match socket::peek(down, &mut head) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
+        match head.get(..n).unwrap_or_default() {
+            [] => return Ok(false), // EOF: the plaintext path relays it
+            [b, ..] if *b != 0x16 => return Ok(false),
+            [_, v, ..] if *v != 0x03 => return Ok(false),
+            [_, _, _] => return Ok(true),
+            // A TLS header prefix: readiness stays set, so look again after a moment.
+            _ => {
+                if Instant::now() >= deadline {
+                    return Ok(false);
+                }
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+/// An inbound mTLS listener's connection: the handshake (after the sniff, in `permissive`),
+/// then connect, exchange and copy. `Some(socket)`: a plaintext client in `permissive`, for
+/// the caller to relay as plaintext. A cancel (idle timeout, drain deadline) before the copy
+/// closes the sockets; nothing of the connection was relayed yet but the exchange's first
+/// bytes.
+pub(super) async fn serve_inbound(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    slot: &Slot,
+    down: TcpStream,
+) -> Result<Option<TcpStream>, Error> {
+    let listener = &conn.snapshot.config.listeners[li];
+    // Boxed, as the plaintext setup is: its timers should not stay with the connection.
+    let accepted = monoio::select! {
+        r = Box::pin(accept(ctx, conn, listener, slot, down)) => r?,
+        _ = conn.cancel.wait() => return Ok(None),
+    };
+    let tls = match accepted {
+        Accepted::Plain(down) => return Ok(Some(down)),
+        Accepted::Tls(tls) => tls,
+    };
+    let (pair, peer) = monoio::select! {
+        r = Box::pin(open_inbound(ctx, li, conn, tls)) => r?,
+        _ = conn.cancel.wait() => return Ok(None),
+    };
+    settle(ctx, conn, peer.as_ref(), "-");
+    copy(ctx, conn, pair).await?;
+    Ok(None)
+}
+
+/// An outbound connection to an mTLS cluster, once connected: handshake, exchange, copy.
+pub(super) async fn serve_outbound(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: TcpStream,
+    up: TcpStream,
+    slot: &Slot,
+) -> Result<(), Error> {
+    let (pair, peer) = monoio::select! {
+        r = Box::pin(open_outbound(ctx, listener, conn, down, up, slot)) => r?,
+        _ = conn.cancel.wait() => return Ok(()),
+    };
+    settle(ctx, conn, peer.as_ref(), "-");
+    copy(ctx, conn, pair).await
+}
+
+/// Inbound after the handshake: connect upstream, run the exchange when ALPN says so.
+async fn open_inbound(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    tls: TlsStream,
+) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
+    let listener = &conn.snapshot.config.listeners[li];
+    let up = match listener.capture {
+        Capture::None => connect(li, conn, listener, None).await?,
+        _ => connect_captured(ctx, li, conn, listener, tls.tcp()).await?,
+    };
+    let _ = up.set_nodelay(true);
+    finish(ctx, listener, conn, TlsPair { plain: up, tls, tls_is_down: true }).await
+}
+
+/// Outbound: TLS client to the upstream with the cluster's config, then the exchange when
+/// the server chose `istio-peer-exchange`. A failed handshake is an upstream failure (`UF`).
+async fn open_outbound(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: TcpStream,
+    up: TcpStream,
+    slot: &Slot,
+) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
+    let config = slot.current();
+    let ip = up.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    let _ = up.set_nodelay(true);
+    let tls = TlsStream::client(up, &config, ip).map_err(Error::Connect)?;
+    match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake(&ctx.pool)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Connect(e)),
+        Err(_) => {
+            return Err(Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "tls handshake timed out")));
+        }
+    }
+    *conn.security.borrow_mut() = Security {
+        local_principal: config.local_principal.clone(),
+        peer_principal: tls.peer_principal().map(Into::into),
+        mutual_tls: true,
+    };
+    finish(ctx, listener, conn, TlsPair { plain: down, tls, tls_is_down: false }).await
+}
+
+/// The exchange inside TLS, or none; a broken one resets both sides.
+async fn finish(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    mut pair: TlsPair,
+) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
+    if listener.peer_exchange == PeerExchange::Off {
+        return Ok((pair, None));
+    }
+    if !pair.tls.alpn_is_peer_exchange() {
+        count(ctx, ExchangeOutcome::AlpnProtocolNotFound);
+        return Ok((pair, None));
+    }
+    count(ctx, ExchangeOutcome::AlpnProtocolFound);
+    let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
+    let peer = exchange(ctx, listener, conn, &mut parser, &mut pair).await;
+    ctx.pool.put(parser.into_buffer());
+    match peer {
+        Ok(p) => Ok((pair, p)),
+        Err(e) => {
+            socket::reset(pair.plain);
+            socket::reset(pair.tls.into_tcp());
+            Err(e)
+        }
+    }
+}
+
+/// Both sides write their preamble at once after the handshake (SPEC §2, mode `alpn`), then
+/// strip the peer's from the TLS side. Outbound, the client's bytes flow meanwhile; inbound,
+/// an upstream that speaks first (server-first protocol) makes us wait for the client's
+/// preamble at most `sniff_timeout`.
+async fn exchange(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    parser: &mut Parser,
+    pair: &mut TlsPair,
+) -> Result<Option<NodeMetadata>, Error> {
+    let TlsPair { plain, tls, tls_is_down } = pair;
+    let request = *tls_is_down; // bytes from the TLS side go downstream→upstream
+    tls.write_all(&ctx.preamble).await?;
+    let limits = &listener.limits;
+    let start = Instant::now();
+    let mut begun_at: Option<Instant> = None;
+    let mut plain_spoke_at: Option<Instant> = None;
+    let mut plain_open = true;
+    loop {
+        let deadline = match (begun_at, plain_spoke_at) {
+            (Some(t), _) => t + limits.exchange_timeout.0,
+            (None, Some(t)) if request => t + limits.sniff_timeout.0,
+            _ => start + limits.exchange_timeout.0,
+        };
+        let fill = tls.try_fill(&ctx.pool)?;
+        if fill != Fill::WouldBlock {
+            let mut buf = ctx.pool.take();
+            if fill == Fill::Data {
+                tls.take_into(&mut buf);
+            }
+            match feed(ctx, conn, parser, buf, plain, request, None).await? {
+                Verdict::Pending => {
+                    begun_at.get_or_insert_with(Instant::now);
+                }
+                Verdict::Settled(peer) => return Ok(peer),
+            }
+            continue;
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        monoio::select! {
+            r = tls.readable() => r?,
+            r = plain.readable(false), if plain_open && plain_spoke_at.is_none() => {
+                r?;
+                if request {
+                    // Upstream spoke first: it waits in the kernel, at most sniff_timeout.
+                    plain_spoke_at = Some(Instant::now());
+                } else {
+                    // Outbound: the client's bytes go up at once.
+                    plain_open = relay_plain_to_tls(ctx, conn, plain, tls).await?;
+                }
+            }
+            _ = monoio::time::sleep(wait) => {
+                if begun_at.is_some() {
+                    count(ctx, ExchangeOutcome::Timeout);
+                    return Err(Error::ExchangeTimeout);
+                }
+                count(ctx, ExchangeOutcome::InitialHeaderNotFound);
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Move what the plaintext side has now into TLS; false once it reached EOF (then TLS
+/// is half-closed).
+async fn relay_plain_to_tls(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    plain: &TcpStream,
+    tls: &TlsStream,
+) -> io::Result<bool> {
+    let mut buf = ctx.pool.take();
+    let res = socket::recv_spare(plain, &mut buf);
+    let open = match res {
+        Ok(0) => {
+            tls.shutdown().await?;
+            false
+        }
+        Ok(n) => {
+            count_bytes(ctx, conn, n, true);
+            let r = tls.write_all(&buf).await;
+            ctx.pool.put(buf);
+            r?;
+            return Ok(true);
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+        Err(e) => {
+            ctx.pool.put(buf);
+            return Err(e);
+        }
+    };
+    ctx.pool.put(buf);
+    Ok(open)
+}
+
+fn count_bytes(ctx: &WorkerCtx, conn: &Conn, n: usize, request: bool) {
+    let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
+    counter.set(counter.get() + n as u64);
+    conn.last_active.set(ctx.now.get());
+    ctx.busy.note();
+}
+
+/// Copy both directions until both ended; an error on either resets both sides, as for
+/// plaintext (a reset stays a reset). Half-close: close_notify + FIN one way, the other
+/// direction keeps flowing.
+async fn copy(ctx: &WorkerCtx, conn: &Conn, pair: TlsPair) -> Result<(), Error> {
+    let TlsPair { plain, tls, tls_is_down } = pair;
+    let result = {
+        let to_tls = pin!(plain_to_tls(ctx, conn, &plain, &tls, !tls_is_down));
+        let from_tls = pin!(tls_to_plain(ctx, conn, &tls, &plain, tls_is_down));
+        super::both(to_tls, from_tls, conn).await
+    };
+    let reset = match &result {
+        Ok(()) => false,
+        Err(e) => e.kind() != io::ErrorKind::TimedOut,
+    };
+    if reset {
+        socket::reset(plain);
+        socket::reset(tls.into_tcp());
+    }
+    result.map_err(Error::Io)
+}
+
+/// Plaintext → TLS: a pool buffer only between readiness and the encrypting write.
+async fn plain_to_tls(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    plain: &TcpStream,
+    tls: &TlsStream,
+    request: bool,
+) -> io::Result<()> {
+    loop {
+        plain.readable(false).await?;
+        let mut buf = ctx.pool.take();
+        let n = match socket::recv_spare(plain, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                ctx.pool.put(buf);
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            ctx.pool.put(buf);
+            return tls.shutdown().await;
+        }
+        count_bytes(ctx, conn, n, request);
+        let r = tls.write_all(&buf).await;
+        ctx.pool.put(buf);
+        r?;
+    }
+}
+
+/// TLS → plaintext: decrypted bytes go from rustls' buffer straight into the socket.
+async fn tls_to_plain(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    tls: &TlsStream,
+    plain: &TcpStream,
+    request: bool,
+) -> io::Result<()> {
+    loop {
+        if tls.fill(&ctx.pool).await? == Fill::Eof {
+            return socket::shutdown_write(plain);
+        }
+        match tls.send_to(plain) {
+            Ok(n) => count_bytes(ctx, conn, n, request),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => plain.writable(false).await?,
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! Istio `ISTIO_MUTUAL` (SPEC §7): rustls configs built from PEM files, the SPIFFE identity
+//! checks, and the reload of rotated certificates by a side thread. The connection-level
+//! adaptor over monoio lives in `tls/stream.rs`.
+//!
+//! Workers never touch files: they load the current config of a listener or cluster (one
+//! atomic load per new connection) and a side thread replaces it when the files change.
+
+pub mod stream;
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+/// ALPN Istio's sidecars offer for mTLS with the metadata exchange (SPEC §2 mode `alpn`).
+pub const ALPN_PEER_EXCHANGE: &[u8] = b"istio-peer-exchange";
+/// ALPN Istio offers after `istio-peer-exchange`: mTLS without the exchange.
+pub const ALPN_ISTIO: &[u8] = b"istio";
+
+/// A certificate set that could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A PEM file is missing, unreadable or holds nothing usable.
+    #[error("{}: {why}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the certificate, key or roots (e.g. a key that does not match).
+    #[error("{}: {source}", path.display())]
+    Rustls {
+        /// rustls' reason.
+        source: rustls::Error,
+        /// The file it concerns.
+        path: PathBuf,
+    },
+}
+
+/// The three PEM files of a workload identity, as Istio mounts them (`cert-chain.pem`,
+/// `key.pem`, `root-cert.pem`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Files {
+    /// Workload certificate chain, leaf first.
+    pub cert_chain: PathBuf,
+    /// Private key: PKCS#1 (RSA), SEC1 (EC) or PKCS#8.
+    pub private_key: PathBuf,
+    /// Mesh root certificate(s).
+    pub root_cert: PathBuf,
+}
+
+/// Which side of the handshake a config is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Inbound listener: require a client certificate signed by the mesh root.
+    Server,
+    /// Outbound cluster: verify the server against the root and these SPIFFE ids (any
+    /// mesh identity when empty); `server_name` is sent as SNI.
+    Client {
+        /// Expected SPIFFE URI SANs of the upstream.
+        subject_alt_names: Vec<String>,
+        /// SNI: the cluster's service host, or the endpoint's IP (no SNI) without one.
+        server_name: Option<String>,
+    },
+}
+
+/// A built config and the local principal from our own certificate.
+pub struct Configured {
+    /// Set for `Role::Server`.
+    pub server: Option<Arc<ServerConfig>>,
+    /// Set for `Role::Client`.
+    pub client: Option<Arc<ClientConfig>>,
+    /// `spiffe://...` of our own certificate, if it has one (source/destination_principal).
+    pub local_principal: Option<Arc<str>>,
+    /// SNI for the client side.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+/// One listener's or cluster's TLS: where its files are and the config in use now.
+pub struct Slot {
+    /// The PEM files.
+    pub files: Files,
+    /// Server or client.
+    pub role: Role,
+    current: ArcSwap<Configured>,
+}
+
+impl Slot {
+    /// Load the files and build the config; an error names the file.
+    pub fn new(files: Files, role: Role) -> Result<Slot, Error> {
+        let built = build(&files, &role)?;
+        Ok(Slot { files, role, current: ArcSwap::from_pointee(built) })
+    }
+
+    /// The config to use for a new connection (live connections keep the one they had).
+    pub fn current(&self) -> Arc<Configured> {
+        self.current.load_full()
+    }
+
+    /// Load the files again; on success new connections use the result, on failure the
+    /// previous config stays.
+    pub fn reload(&self) -> Result<(), Error> {
+        let built = build(&self.files, &self.role)?;
+        self.current.store(Arc::new(built));
+        Ok(())
+    }
+}
+
+/// Every listener's and cluster's TLS slot, by index (`None`: plaintext).
+#[derive(Default)]
+pub struct Certs {
+    /// Per listener (server side).
+    pub listeners: Vec<Option<Arc<Slot>>>,
+    /// Per cluster (client side).
+    pub clusters: Vec<Option<Arc<Slot>>>,
+}
+
+impl std::fmt::Debug for Certs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = |v: &[Option<Arc<Slot>>]| v.iter().flatten().count();
+        write!(f, "Certs {{ listeners: {}, clusters: {} }}", count(&self.listeners), count(&self.clusters))
+    }
+}
+
+impl Certs {
+    /// Load every configured certificate set; a file that fails is a config error naming it.
+    pub fn load(config: &crate::config::Config) -> Result<Certs, Error> {
+        let files = |cert_chain: &str, private_key: &str, root_cert: &str| Files {
+            cert_chain: cert_chain.into(),
+            private_key: private_key.into(),
+            root_cert: root_cert.into(),
+        };
+        let mut certs = Certs::default();
+        for l in &config.listeners {
+            let slot = match &l.tls {
+                Some(t) => Some(Arc::new(Slot::new(
+                    files(&t.cert_chain, &t.private_key, &t.root_cert),
+                    Role::Server,
+                )?)),
+                None => None,
+            };
+            certs.listeners.push(slot);
+        }
+        for c in &config.clusters {
+            let slot = match &c.tls {
+                Some(t) => {
+                    let role = Role::Client {
+                        subject_alt_names: t.subject_alt_names.clone(),
+                        server_name: c.service.clone(),
+                    };
+                    Some(Arc::new(Slot::new(files(&t.cert_chain, &t.private_key, &t.root_cert), role)?))
+                }
+                None => None,
+            };
+            certs.clusters.push(slot);
+        }
+        Ok(certs)
+    }
+
+    /// The slots of `old` (certificates for `old_config`) re-keyed by name for `config`, so
+    /// an index never points at another listener's or cluster's certificates after a swap. A
+    /// listener or cluster keeps its slot when it keeps its name and still asks for TLS; one
+    /// that newly asks for TLS has none (certificates arrive only with the static config:
+    /// SDS is not built, SPEC §9), which [`Certs::missing`] reports.
+    pub fn rekeyed(old: &Certs, old_config: &crate::config::Config, config: &crate::config::Config) -> Certs {
+        fn by_name<'a>(
+            names: impl Iterator<Item = &'a str>,
+            slots: &'a [Option<Arc<Slot>>],
+        ) -> HashMap<&'a str, &'a Arc<Slot>> {
+            names.zip(slots).filter_map(|(n, s)| Some((n, s.as_ref()?))).collect()
+        }
+        let listeners = by_name(old_config.listeners.iter().map(|l| l.name.as_str()), &old.listeners);
+        let clusters = by_name(old_config.clusters.iter().map(|c| c.name.as_str()), &old.clusters);
+        Certs {
+            listeners: (config.listeners.iter())
+                .map(|l| l.tls.as_ref().and(listeners.get(l.name.as_str())).map(|s| Arc::clone(s)))
+                .collect(),
+            clusters: (config.clusters.iter())
+                .map(|c| c.tls.as_ref().and(clusters.get(c.name.as_str())).map(|s| Arc::clone(s)))
+                .collect(),
+        }
+    }
+
+    /// The first listener or cluster of `config` that asks for TLS but has no certificates
+    /// here, as "Listener/NAME" or "Cluster/NAME".
+    pub fn missing(&self, config: &crate::config::Config) -> Option<String> {
+        let listeners = config.listeners.iter().enumerate();
+        let clusters = config.clusters.iter().enumerate();
+        (listeners.filter(|(i, l)| l.tls.is_some() && self.listeners.get(*i).is_none_or(Option::is_none)))
+            .map(|(_, l)| format!("Listener/{}", l.name))
+            .chain(
+                clusters
+                    .filter(|(i, c)| c.tls.is_some() && self.clusters.get(*i).is_none_or(Option::is_none))
+                    .map(|(_, c)| format!("Cluster/{}", c.name)),
+            )
+            .next()
+    }
+
+    /// All slots, for the reload thread.
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.listeners.iter().chain(&self.clusters).flatten().cloned().collect()
+    }
+}
+
+/// The crypto provider (aws-lc-rs: README Decisions has the measurement).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Build the config of `role` from `files` with the process's provider.
+pub fn build(files: &Files, role: &Role) -> Result<Configured, Error> {
+    build_with(provider(), files, role)
+}
+
+/// Build the config of `role` from `files` with `provider` (benchmarks compare providers).
+pub fn build_with(provider: Arc<CryptoProvider>, files: &Files, role: &Role) -> Result<Configured, Error> {
+    let certs = load_certs(&files.cert_chain)?;
+    let key = load_key(&files.private_key)?;
+    let roots = Arc::new(load_roots(&files.root_cert)?);
+    let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
+    let alpn = vec![ALPN_PEER_EXCHANGE.to_vec(), ALPN_ISTIO.to_vec()];
+    let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
+    let versions = rustls::ALL_VERSIONS;
+    match role {
+        Role::Server => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| Error::File { path: files.root_cert.clone(), why: e.to_string() })?;
+            let mut c = ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(versions)
+                .map_err(key_err)?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs, key)
+                .map_err(key_err)?;
+            c.alpn_protocols = alpn;
+            Ok(Configured { server: Some(Arc::new(c)), client: None, local_principal, server_name: None })
+        }
+        Role::Client { subject_alt_names, server_name } => {
+            let verifier = Arc::new(SpiffeVerifier {
+                roots,
+                subject_alt_names: subject_alt_names.clone(),
+                algs: provider.signature_verification_algorithms,
+            });
+            let mut c = ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(versions)
+                .map_err(key_err)?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_client_auth_cert(certs, key)
+                .map_err(key_err)?;
+            c.alpn_protocols = alpn;
+            let server_name = server_name.as_deref().and_then(|n| ServerName::try_from(n.to_owned()).ok());
+            Ok(Configured { server: None, client: Some(Arc::new(c)), local_principal, server_name })
+        }
+    }
+}
+
+fn file_err(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::File { path: path.to_owned(), why: why.to_string() }
+}
+
+/// Read a PEM certificate chain (leaf first); at least one certificate.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, pem_why(e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, pem_why(e)))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no CERTIFICATE in PEM file"));
+    }
+    Ok(certs)
+}
+
+/// Read a PEM private key: `RSA PRIVATE KEY` (PKCS#1), `EC PRIVATE KEY` (SEC1) or
+/// `PRIVATE KEY` (PKCS#8).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, pem_why(e)))
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(path)? {
+        roots.add(c).map_err(|e| file_err(path, format!("bad root certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// pki-types' PEM errors say "no items found" for an empty file; name the sections we want.
+fn pem_why(e: rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::NoItemsFound => "no usable PEM section (want CERTIFICATE or a PRIVATE KEY)".into(),
+        E::Io(e) => e.to_string(),
+        other => format!("bad PEM: {other:?}"),
+    }
+}
+
+/// The `spiffe://` URI SAN of a certificate (Istio's workload identity), if it has one.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
+        _ => None,
+    })
+}
+
+/// Verifies an upstream as Istio's `ISTIO_MUTUAL` does: the chain against the mesh root, and
+/// instead of a DNS name, the SPIFFE URI SAN against `subject_alt_names` (any when empty).
+#[derive(Debug)]
+struct SpiffeVerifier {
+    roots: Arc<RootCertStore>,
+    subject_alt_names: Vec<String>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        if !self.subject_alt_names.is_empty() {
+            let id = spiffe_id(end_entity);
+            if !id.is_some_and(|id| self.subject_alt_names.contains(&id)) {
+                return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// What identifies a file version: a rename onto the path (the Istio agent, Kubernetes'
+/// `..data` symlink swap) changes the inode, an in-place write the mtime or length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    mtime_ns: i128,
+    len: u64,
+}
+
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Fingerprint {
+        dev: m.dev(),
+        ino: m.ino(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        len: m.len(),
+    })
+}
+
+fn fingerprints(f: &Files) -> [Option<Fingerprint>; 3] {
+    [fingerprint(&f.cert_chain), fingerprint(&f.private_key), fingerprint(&f.root_cert)]
+}
+
+/// Poll every slot's files each `period` on a side thread (never a worker) and reload those
+/// that changed. A failed load logs one line naming the file and keeps the previous config;
+/// it is retried when the files change again.
+pub fn watch(slots: Vec<Arc<Slot>>, period: Duration) -> std::io::Result<()> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let mut seen: Vec<_> = slots.iter().map(|s| fingerprints(&s.files)).collect();
+    std::thread::Builder::new().name("tls-reload".into()).spawn(move || {
+        loop {
+            std::thread::sleep(period);
+            for (slot, seen) in slots.iter().zip(seen.iter_mut()) {
+                let now = fingerprints(&slot.files);
+                if now == *seen {
+                    continue;
+                }
+                *seen = now;
+                match slot.reload() {
+                    Ok(()) => log::info!("tls: reloaded {}", slot.files.cert_chain.display()),
+                    Err(e) => log::warn!("tls: reload failed, previous certificate stays in use: {e}"),
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+
+    struct Ca {
+        cert: rcgen::Certificate,
+        params: CertificateParams,
+        key: KeyPair,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::OrganizationName, name);
+        let key = KeyPair::generate().unwrap();
+        Ca { cert: p.self_signed(&key).unwrap(), params: p, key }
+    }
+
+    fn leaf(ca: &Ca, spiffe: &str, key: KeyPair) -> (String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
+        let issuer = rcgen::Issuer::from_params(&ca.params, &ca.key);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ringside-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn files(dir: &Path, ca: &Ca, id: &str, key: KeyPair) -> Files {
+        let (cert, key) = leaf(ca, id, key);
+        Files {
+            cert_chain: write(dir, "cert-chain.pem", &cert),
+            private_key: write(dir, "key.pem", &key),
+            root_cert: write(dir, "root-cert.pem", &ca.cert.pem()),
+        }
+    }
+
+    const RATINGS: &str = "spiffe://cluster.local/ns/default/sa/ratings";
+
+    #[test]
+    fn local_principal_is_the_spiffe_uri_san_of_our_certificate() {
+        let dir = tmpdir("principal");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let c = build(&f, &Role::Server).unwrap();
+        assert_eq!(c.local_principal.as_deref(), Some(RATINGS));
+        let c = build(&f, &Role::Client { subject_alt_names: vec![], server_name: None }).unwrap();
+        assert_eq!(
+            c.client.unwrap().alpn_protocols,
+            vec![b"istio-peer-exchange".to_vec(), b"istio".to_vec()]
+        );
+    }
+
+    /// Convert a key file with `openssl` (in tests/deps.sh): PKCS#1 and SEC1 are what
+    /// openssl's `-traditional` writes, as older Istio CAs and cert-manager do.
+    fn openssl_convert(kind: &str, path: &Path) -> String {
+        let out = std::process::Command::new("openssl")
+            // `rsa` writes PKCS#8 unless told -traditional; `ec` writes SEC1 by default.
+            .args(if kind == "rsa" { vec!["rsa", "-traditional", "-in"] } else { vec![kind, "-in"] })
+            .arg(path)
+            .output()
+            .expect("openssl (tests/deps.sh installs it)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn rsa_keys_load_in_pkcs1_and_pkcs8() {
+        let dir = tmpdir("rsa");
+        let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let f = files(&dir, &ca("mesh"), RATINGS, key);
+        build(&f, &Role::Server).unwrap(); // PKCS#8, as rcgen writes it
+        let pkcs1 = openssl_convert("rsa", &f.private_key);
+        assert!(pkcs1.contains("BEGIN RSA PRIVATE KEY"), "{pkcs1}");
+        std::fs::write(&f.private_key, pkcs1).unwrap();
+        build(&f, &Role::Server).unwrap();
+    }
+
+    #[test]
+    fn ec_keys_load_in_sec1_and_pkcs8() {
+        let dir = tmpdir("ec");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        build(&f, &Role::Server).unwrap();
+        let sec1 = openssl_convert("ec", &f.private_key);
+        assert!(sec1.contains("BEGIN EC PRIVATE KEY"), "{sec1}");
+        std::fs::write(&f.private_key, sec1).unwrap();
+        build(&f, &Role::Server).unwrap();
+    }
+
+    #[test]
+    fn a_bad_file_is_an_error_naming_it() {
+        let dir = tmpdir("bad");
+        let mut f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        std::fs::write(&f.private_key, "garbage").unwrap();
+        let e = build(&f, &Role::Server).err().unwrap().to_string();
+        assert!(e.starts_with(&f.private_key.display().to_string()), "{e}");
+        f.cert_chain = dir.join("missing.pem");
+        let e = build(&f, &Role::Server).err().unwrap().to_string();
+        assert!(e.contains("missing.pem") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_previous_config() {
+        let dir = tmpdir("reload");
+        let mesh = ca("mesh");
+        let f = files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap());
+        let slot = Slot::new(f.clone(), Role::Server).unwrap();
+        let before = slot.current();
+        std::fs::write(&f.cert_chain, "-----BEGIN CERTIFICATE-----\nAAAA\n").unwrap();
+        assert!(slot.reload().is_err());
+        assert!(Arc::ptr_eq(&before, &slot.current()));
+        let other = "spiffe://cluster.local/ns/prod/sa/reviews";
+        let (cert, key) = leaf(&mesh, other, KeyPair::generate().unwrap());
+        std::fs::write(&f.cert_chain, cert).unwrap();
+        std::fs::write(&f.private_key, key).unwrap();
+        slot.reload().unwrap();
+        assert_eq!(slot.current().local_principal.as_deref(), Some(other));
+    }
+
+    #[test]
+    fn an_atomic_rename_changes_the_fingerprint() {
+        let dir = tmpdir("rename");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let before = fingerprints(&f);
+        let tmp = dir.join("new.pem");
+        std::fs::copy(&f.cert_chain, &tmp).unwrap(); // same bytes, same length
+        std::fs::rename(&tmp, &f.cert_chain).unwrap();
+        assert_ne!(before, fingerprints(&f));
+    }
+}
