@@ -475,6 +475,37 @@ mod tests {
     const RATINGS: &str = "spiffe://cluster.local/ns/default/sa/ratings";
 
     #[test]
+    fn certificates_follow_their_listener_by_name_across_a_config_swap() {
+        let dir = tmpdir("rekey");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let tls = format!(
+            "{{mode: strict, cert_chain: {}, private_key: {}, root_cert: {}}}",
+            f.cert_chain.display(),
+            f.private_key.display(),
+            f.root_cert.display()
+        );
+        let yaml = |listeners: &[&str]| {
+            let mut y = String::from("listeners:\n");
+            for l in listeners {
+                y += &format!("  - {{name: {l}, listen: 127.0.0.1:0, direction: inbound, cluster: app");
+                y += &if l.starts_with("tls") { format!(", tls: {tls}}}\n") } else { "}\n".into() };
+            }
+            y + "clusters:\n  - {name: app, endpoints: [{address: 127.0.0.1:1}]}\n"
+        };
+        let parse = |y: &str| crate::config::Config::parse(y, "t.yaml").unwrap();
+        let first = parse(&yaml(&["plain", "tls-a"]));
+        let certs = Certs::load(&first).unwrap();
+        // tls-a moves from index 1 to 0; tls-b asks for TLS and has no certificates (no SDS).
+        let second = parse(&yaml(&["tls-a", "new", "tls-b"]));
+        let next = Certs::rekeyed(&certs, &first, &second);
+        let (old, new) = (certs.listeners[1].as_ref().unwrap(), next.listeners[0].as_ref().unwrap());
+        assert!(Arc::ptr_eq(old, new), "tls-a keeps its slot at its new index");
+        assert!(next.listeners[1].is_none() && next.listeners[2].is_none());
+        assert_eq!(next.missing(&second).as_deref(), Some("Listener/tls-b"));
+        assert_eq!(certs.missing(&first), None);
+    }
+
+    #[test]
     fn local_principal_is_the_spiffe_uri_san_of_our_certificate() {
         let dir = tmpdir("principal");
         let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
