@@ -5,8 +5,6 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use std::sync::atomic::AtomicUsize;
-
 use criterion::{Criterion, criterion_group, criterion_main};
 use ringside::config::Config;
 use ringside::conn::{Flags, WorkerCtx, settle};
@@ -110,14 +108,11 @@ clusters:
     let mut config = Config::parse(yaml, "bench").expect("bench config");
     config.validate("bench", yaml).expect("bench config");
     let (writer, _shard) = ShardWriter::new(0, LabelBudget::new(100_000));
-    let live: Arc<[AtomicUsize]> = Arc::from([AtomicUsize::new(0)]);
     WorkerCtx::new(
         0,
-        Arc::new(config),
-        live,
+        &ringside::snapshot::Published::first(config, Default::default()),
         writer,
         Flags { splice: false, istio_metrics: true },
-        Default::default(),
     )
 }
 
@@ -142,7 +137,7 @@ fn pod(generation: &str, pod: usize) -> NodeMetadata {
 
 /// One connection: open, routed, settled with `peer`, closed.
 fn connection(ctx: &WorkerCtx, peer: &NodeMetadata) {
-    let conn = ctx.open(0);
+    let conn = ctx.open(ctx.snapshot(), 0, 0);
     conn.upstream.set(Some((0, Some(0))));
     settle(ctx, &conn, Some(black_box(peer)), "-");
     ctx.close(&conn);

@@ -265,11 +265,21 @@ fn route(
     (status, kind, body, None)
 }
 
-/// The effective config, plus `cpus`: the workers and pinning chosen and why (SPEC §1).
+/// The config served now (static and xDS parts; each xDS resource names its version in
+/// `source`), plus `cpus`: the workers and pinning chosen and why (SPEC §1, §9).
 fn config_dump(shared: &Shared) -> serde_json::Result<String> {
-    let mut dump = serde_json::to_value(&*shared.config)?;
+    let published = shared.published.load();
+    let mut dump = serde_json::to_value(&*published.config)?;
     if let Some(map) = dump.as_object_mut() {
         map.insert("cpus".into(), serde_json::to_value(&shared.cpus)?);
+        map.insert("generation".into(), published.generation.into());
+        if let Some(x) = &shared.xds {
+            let status = serde_json::json!({
+                "connected": x.connected.load(Ordering::Relaxed),
+                "not_served": &**x.reports.load(),
+            });
+            map.insert("xds_status".into(), status);
+        }
     }
     serde_json::to_string_pretty(&dump)
 }

@@ -195,6 +195,9 @@ pub struct RunArgs {
     /// Sniff timeout (every listener).
     #[arg(long)]
     pub sniff_timeout: Option<Dur>,
+    /// ADS server, `HOST:PORT` or `unix:PATH` (SPEC §9).
+    #[arg(long)]
+    pub xds: Option<String>,
 }
 
 fn parse_enum<T: DeserializeOwned>(s: &str) -> Result<T, String> {
@@ -256,6 +259,9 @@ impl RunArgs {
                 .filter(|(k, _)| !k.is_empty())
                 .ok_or_else(|| config::Error::msg(format!("--label {l:?}: want KEY=VALUE")))?;
             n.labels.insert(k.to_string(), v.to_string());
+        }
+        if let Some(address) = self.xds {
+            cfg.xds = Some(config::Xds { address });
         }
         if let Some(w) = self.workers {
             cfg.workers = Some(w);
@@ -347,6 +353,9 @@ impl RunArgs {
                 capture: config::Capture::None,
                 limits: config::Limits::default(),
                 tls: None,
+                istio_stats: true,
+                source: None,
+                filter_chains: Vec::new(),
             });
             cfg.clusters.push(Cluster {
                 name: "upstream".into(),

@@ -78,6 +78,17 @@ pub struct Config {
     /// routes (SPEC §6); `--istio` fills it from VirtualServices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub service_routes: Vec<ServiceRoute>,
+    /// Listeners, clusters and endpoints from an Aggregated Discovery Service (SPEC §9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xds: Option<Xds>,
+}
+
+/// `xds:` section (SPEC §9).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Xds {
+    /// The ADS server: `HOST:PORT` or `unix:PATH`.
+    pub address: String,
 }
 
 impl Default for Config {
@@ -95,6 +106,7 @@ impl Default for Config {
             listeners: Vec::new(),
             clusters: Vec::new(),
             service_routes: Vec::new(),
+            xds: None,
         }
     }
 }
@@ -311,6 +323,109 @@ pub struct Listener {
     /// Server-side TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
+    /// Whether its connections are counted in istio_tcp_* (an xDS listener only when its
+    /// filter chain has `istio.stats`, SPEC §9).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub istio_stats: bool,
+    /// Where it came from (`xds Listener/NAME version V`), for xDS listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Filter chains chosen per connection by its destination (an xDS listener's
+    /// `filter_chain_match`, SPEC §9); when present they replace `cluster`/`tcp_routes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filter_chains: Vec<FilterChain>,
+}
+
+/// One filter chain of a listener: which connections it takes, and where they go.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterChain {
+    /// Name (or `filter chain N`), for logs and `/config_dump`.
+    pub name: String,
+    /// Destination port it takes; any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<u16>,
+    /// Destination address ranges it takes (`10.0.0.0/8`); any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix_ranges: Vec<Cidr>,
+    /// `raw_buffer` or `tls`; any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport_protocol: Option<String>,
+    /// ALPN protocols it takes (only over TLS); any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub application_protocols: Vec<String>,
+    /// Route everything to this cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Weighted routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_routes: Option<Vec<TcpRoute>>,
+    /// Whether its connections are counted in istio_tcp_* (`istio.stats`).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub istio_stats: bool,
+    /// Envoy's `default_filter_chain`: taken only when no other chain matches.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub default: bool,
+    /// Why it serves no connection (an HTTP chain): its connections close with `NR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_served: Option<String>,
+}
+
+/// An address range, `ADDR/LEN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    /// Network address.
+    pub addr: std::net::IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len.min(32))).unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.len.min(128))).unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Cidr, String> {
+        let bad = || format!("bad address range {s:?}: want ADDR/LEN");
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        let len: u8 = len.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        format!("{}/{}", c.addr, c.len)
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A weighted TCP route destination.
@@ -486,6 +601,12 @@ pub struct Endpoint {
     /// Its Kubernetes service account.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub service_account: String,
+    /// Its cluster id (destination_cluster without exchange), from xDS endpoint metadata.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_id: String,
+    /// Relative load-balancing weight (xDS `load_balancing_weight`); default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 impl Endpoint {
@@ -497,6 +618,8 @@ impl Endpoint {
             workload_name: String::new(),
             namespace: String::new(),
             service_account: String::new(),
+            cluster_id: String::new(),
+            weight: None,
         }
     }
 }
@@ -752,8 +875,12 @@ impl Config {
                 format!("metrics.max_label_sets: must be between 1 and {MAX_LABEL_SETS}"),
             ));
         }
-        if self.listeners.is_empty() {
-            return Err(at("listeners", "listeners: at least one listener is needed".into()));
+        if self.listeners.is_empty() && self.xds.is_none() {
+            return Err(at("listeners", "listeners: at least one listener is needed (or xds:)".into()));
+        }
+        if let Some(x) = &self.xds {
+            crate::config::XdsAddress::parse(&x.address)
+                .map_err(|m| at("address", format!("xds.address: {m}")))?;
         }
         // The metrics, admin and health listeners must not collide with each other.
         let services = [
@@ -784,6 +911,12 @@ impl Config {
                     format!("cluster {}: endpoints: at least one endpoint is needed", c.name),
                 ));
             }
+            if let Some(e) = c.endpoints.iter().find(|e| e.weight == Some(0)) {
+                return Err(at(
+                    &format!("name: {}", c.name),
+                    format!("cluster {}: endpoint {}: weight must be at least 1", c.name, e.address),
+                ));
+            }
             let mut subsets = BTreeSet::new();
             for s in &c.subsets {
                 if !subsets.insert(s.name.as_str()) {
@@ -812,14 +945,21 @@ impl Config {
                 )));
             }
             binds.push(l.listen);
-            let targets = [l.cluster.is_some(), l.tcp_routes.is_some(), l.service.is_some()];
+            let targets = [
+                l.cluster.is_some(),
+                l.tcp_routes.is_some(),
+                l.service.is_some(),
+                !l.filter_chains.is_empty(),
+            ];
             match targets.iter().filter(|t| **t).count() {
                 0 if l.capture == Capture::None => {
                     return Err(here("needs one of cluster, tcp_routes, service".into()));
                 }
                 0 | 1 => {}
                 _ => {
-                    return Err(here("cluster, tcp_routes and service are mutually exclusive".into()));
+                    return Err(here(
+                        "cluster, tcp_routes, service and filter_chains are mutually exclusive".into(),
+                    ));
                 }
             }
             if let Some(c) = &l.cluster
@@ -829,6 +969,17 @@ impl Config {
                     &format!("cluster: {c}"),
                     format!("listener {}: cluster {c:?} is not defined", l.name),
                 ));
+            }
+            for chain in &l.filter_chains {
+                let what = format!("listener {} {}", l.name, chain.name);
+                if let Some(c) = &chain.cluster
+                    && !cluster_names.contains(c.as_str())
+                {
+                    return Err(at("", format!("{what}: cluster {c:?} is not defined")));
+                }
+                if let Some(routes) = &chain.tcp_routes {
+                    self.check_routes(routes, &|_: &str, m| at("", m), &what)?;
+                }
             }
             if let Some(routes) = &l.tcp_routes {
                 let needle = format!("name: {}", l.name);
@@ -964,6 +1115,33 @@ impl Config {
                 n.workload_name,
                 ns = n.namespace
             );
+        }
+    }
+}
+
+/// Where the ADS server is (SPEC §9).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XdsAddress {
+    /// `HOST:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(String),
+}
+
+impl XdsAddress {
+    /// Parse `HOST:PORT` or `unix:PATH`.
+    pub fn parse(s: &str) -> Result<XdsAddress, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            return match path.is_empty() {
+                true => Err("unix: needs a path".into()),
+                false => Ok(XdsAddress::Unix(path.to_string())),
+            };
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+                Ok(XdsAddress::Tcp(s.to_string()))
+            }
+            _ => Err(format!("{s:?}: expected HOST:PORT or unix:PATH")),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A connection's context on its worker: the worker's shared per-thread state (`WorkerCtx`:
-//! config, router, buffer pool, metrics shard writer, series cache), one connection's counters
-//! and control (`Conn`), and how a connection settles into its label set (SPEC §3).
+//! current snapshot, buffer pool, metrics shard writer, series cache), one connection's
+//! counters and control (`Conn`, which keeps the snapshot it was accepted under), and how a
+//! connection settles into its label set (SPEC §3).
 //!
 //! Below both `worker` (threads, accepting, the tick) and `relay` (one connection's I/O): it
 //! imports neither. Single-threaded: `Cell`/`RefCell`, no locks, no atomics per byte.
@@ -13,15 +14,14 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::busy_poll::BusyPoll;
-use crate::config::{Config, Direction};
+use crate::config::Direction;
 use crate::exchange::NodeMetadata;
 use crate::metrics::{self, ConnLabels, Delta, PeerLabels, Reporter, SeriesId, ServiceInfo, ShardWriter};
-use crate::routing::Router;
+use crate::snapshot::{Published, Snapshot};
 
 /// Size of one relay buffer. Small messages fit in one; a read that fills it marks a bulk
 /// flow, which then moves by splice(2) without a buffer (see `relay::pump`).
@@ -33,13 +33,9 @@ const POOL_KEEP: usize = 256;
 pub struct WorkerCtx {
     /// Worker index.
     pub index: usize,
-    /// The configuration this worker serves (read-only).
-    pub config: Arc<Config>,
-    /// Live connections per listener, across workers (`max_connections`): one atomic add per
-    /// accept and one subtract per close.
-    pub live: Arc<[AtomicUsize]>,
-    /// This worker's routing table.
-    pub router: Router,
+    /// The snapshot new connections are accepted under; replaced by the tick when the
+    /// control side publishes a new config (SPEC §9).
+    snapshot: RefCell<Rc<Snapshot>>,
     /// Buffer pool.
     pub pool: BufferPool,
     /// Splice pipes, borrowed by a bulk flow for one burst.
@@ -61,8 +57,6 @@ pub struct WorkerCtx {
     pub series_cache: RefCell<SeriesCache>,
     /// Bounded busy-polling after activity (off unless configured).
     pub busy: Rc<BusyPoll>,
-    /// TLS configs per listener and cluster, replaced by the reload thread (SPEC §7).
-    pub tls: Arc<crate::tls::Certs>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
     free: RefCell<Vec<usize>>,
     active: Cell<u64>,
@@ -70,8 +64,14 @@ pub struct WorkerCtx {
 
 /// One connection's counters and control, shared by its task and the worker tick.
 pub struct Conn {
-    /// Listener index.
+    /// The config and routes it was accepted under, kept for its whole life (SPEC §9).
+    pub snapshot: Rc<Snapshot>,
+    /// Listener index in `snapshot`.
     pub listener: usize,
+    /// The accept loop it came from (a removed listener drains its own connections).
+    pub acceptor: u64,
+    /// The filter chain of its listener it matched, for listeners with chains (SPEC §9).
+    pub chain: Cell<Option<usize>>,
     /// Application bytes downstream→upstream.
     pub received_bytes: Cell<u64>,
     /// Application bytes upstream→downstream.
@@ -140,21 +140,13 @@ pub struct Flags {
 }
 
 impl WorkerCtx {
-    /// A worker's context: its router, pool and shard writer, and the local node with its
-    /// canonical labels filled in and its preamble encoded once.
-    pub fn new(
-        index: usize,
-        config: Arc<Config>,
-        live: Arc<[AtomicUsize]>,
-        writer: ShardWriter,
-        flags: Flags,
-        tls: Arc<crate::tls::Certs>,
-    ) -> WorkerCtx {
-        let node = metrics::with_canonical_labels(NodeMetadata::from(&config.node));
+    /// A worker's context: its snapshot of `published`, pool and shard writer, and the local
+    /// node with its canonical labels filled in and its preamble encoded once.
+    pub fn new(index: usize, published: &Published, writer: ShardWriter, flags: Flags) -> WorkerCtx {
+        let node = metrics::with_canonical_labels(NodeMetadata::from(&published.config.node));
         WorkerCtx {
             index,
-            // Per-worker seeds, so workers do not pick the same random endpoints in step.
-            router: Router::new(&config, 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
+            snapshot: RefCell::new(Rc::new(Snapshot::new(published, seed(index), None))),
             pool: BufferPool::default(),
             pipes: Default::default(),
             metrics: RefCell::new(writer),
@@ -165,13 +157,23 @@ impl WorkerCtx {
             now: Cell::new(Instant::now()),
             series_cache: RefCell::new(SeriesCache::default()),
             busy: Rc::new(BusyPoll::default()),
-            tls,
             conns: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             active: Cell::new(0),
-            config,
-            live,
         }
+    }
+
+    /// The snapshot a connection accepted now gets.
+    pub fn snapshot(&self) -> Rc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Serve `published` to new connections from now on: live connections keep theirs, and
+    /// endpoints that stay keep their load and ejection. Returns the snapshot replaced.
+    /// (Cached series stay valid: their inputs carry the snapshot's generation.)
+    pub fn swap(&self, published: &Published) -> Rc<Snapshot> {
+        let next = Rc::new(Snapshot::new(published, seed(self.index), Some(&self.snapshot.borrow())));
+        self.snapshot.replace(next)
     }
 
     /// Live connections on this worker.
@@ -179,10 +181,13 @@ impl WorkerCtx {
         self.active.get()
     }
 
-    /// Register a new connection.
-    pub fn open(&self, listener: usize) -> Rc<Conn> {
+    /// Register a new connection on listener `listener` of `snapshot`.
+    pub fn open(&self, snapshot: Rc<Snapshot>, listener: usize, acceptor: u64) -> Rc<Conn> {
         let conn = Rc::new(Conn {
+            snapshot,
             listener,
+            acceptor,
+            chain: Cell::new(None),
             received_bytes: Cell::new(0),
             sent_bytes: Cell::new(0),
             reported: Cell::new((0, 0)),
@@ -244,6 +249,11 @@ impl WorkerCtx {
     }
 }
 
+/// Per-worker seeds, so workers do not pick the same random endpoints in step.
+fn seed(index: usize) -> u64 {
+    0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)
+}
+
 /// Label the connection and count it as opened, once (later calls do nothing). A connection
 /// whose label inputs match a recent one's takes that series from the worker's
 /// [`SeriesCache`] without allocating; otherwise its 23 label values are built and interned.
@@ -251,8 +261,16 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     if conn.series.get().is_some() || !ctx.istio_metrics {
         return;
     }
-    let listener = &ctx.config.listeners[conn.listener];
-    let cluster = conn.upstream.get().map(|(c, e)| (&ctx.router.clusters[c], e));
+    let listener = &conn.snapshot.config.listeners[conn.listener];
+    // An xDS listener or chain without `istio.stats` is not counted (SPEC §9).
+    let stats = match conn.chain.get().and_then(|c| listener.filter_chains.get(c)) {
+        Some(chain) => chain.istio_stats,
+        None => listener.istio_stats,
+    };
+    if !stats {
+        return;
+    }
+    let cluster = conn.upstream.get().map(|(c, e)| (&conn.snapshot.router.clusters[c], e));
     // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
     // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
     let endpoint = cluster
@@ -262,6 +280,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     // Held for the whole settle: the principals are borrowed into the cache key.
     let security = conn.security.borrow();
     let inputs = LabelInputs {
+        generation: conn.snapshot.generation,
         reporter: listener.direction.into(),
         cluster: conn.upstream.get().map(|(c, _)| c),
         captured: conn.captured.get(),
@@ -291,6 +310,8 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
 /// the series of the pods before it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LabelInputs<'a> {
+    /// The snapshot's generation: `cluster` is an index into that snapshot's clusters.
+    pub generation: u64,
     /// From the listener's direction.
     pub reporter: Reporter,
     /// The cluster it was routed to (its service), if any.
@@ -312,6 +333,7 @@ pub struct LabelInputs<'a> {
 /// [`LabelInputs`], owned, as the cache keeps them.
 #[derive(Debug)]
 struct SettleKey {
+    generation: u64,
     reporter: Reporter,
     cluster: Option<usize>,
     captured: Option<Captured>,
@@ -325,6 +347,7 @@ struct SettleKey {
 impl SettleKey {
     fn new(i: &LabelInputs<'_>) -> SettleKey {
         SettleKey {
+            generation: i.generation,
             reporter: i.reporter,
             cluster: i.cluster,
             captured: i.captured,
@@ -337,7 +360,8 @@ impl SettleKey {
     }
 
     fn matches(&self, i: &LabelInputs<'_>) -> bool {
-        self.reporter == i.reporter
+        self.generation == i.generation
+            && self.reporter == i.reporter
             && self.cluster == i.cluster
             && self.captured == i.captured
             && self.response_flags == i.response_flags

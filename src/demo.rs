@@ -87,6 +87,9 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             capture: Default::default(),
             limits: Default::default(),
             tls: None,
+            istio_stats: true,
+            source: None,
+            filter_chains: Vec::new(),
         }],
         clusters: vec![Cluster {
             name: "mongodb".into(),

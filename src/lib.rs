@@ -19,6 +19,8 @@ pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No 
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count
 pub mod routing; // clusters, subsets, load balancing, weighted routes; routing::istio reads Istio YAML
+pub mod snapshot; // the listener/cluster/route model as per-worker snapshots swapped between connections
 pub mod socket; // readiness on split halves, reset, splice: the only unsafe
 pub mod tls; // rustls configs, SPIFFE checks, reload; the monoio adaptor (SPEC §7)
 pub mod worker; // driver choice, core pinning, per-worker listeners, accept loops, ticks
+pub mod xds; // ADS client on its own thread; translate: Envoy protos into the config model

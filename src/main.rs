@@ -127,6 +127,11 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             log::info!("{} listener on {bound}", format!("{role:?}").to_lowercase());
         }
     }
+    if let Some(status) = shared.xds.clone() {
+        let publisher = shared.clone();
+        let apply: ringside::xds::Apply = Box::new(move |cfg| publisher.publish_checked(cfg).map(drop));
+        ringside::xds::spawn((*shared.config).clone(), apply, status)?;
+    }
     let mut signals =
         signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
     let on_signal = shared.clone();

@@ -25,7 +25,8 @@ use crate::config::{Capture, Direction, Listener, PeerExchange};
 use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
-use crate::routing::Target;
+use crate::routing::{self, Target};
+use crate::snapshot::Snapshot;
 use crate::socket;
 
 mod mtls;
@@ -74,11 +75,11 @@ impl Error {
 }
 
 /// Over the listener's connection limit: accept and close at once, counted with `UO`.
-pub fn over_limit(ctx: &WorkerCtx, li: usize, down: TcpStream) {
-    let conn = ctx.open(li);
+pub fn over_limit(ctx: &WorkerCtx, snapshot: Rc<Snapshot>, li: usize, acceptor: u64, down: TcpStream) {
+    let conn = ctx.open(snapshot, li, acceptor);
     // Label it with the cluster it would have gone to (no endpoint), so destination_service is
     // the listener's service, as for UF.
-    if let Some(target) = ctx.router.route(li) {
+    if let Some(target) = conn.snapshot.router.route(li) {
         conn.upstream.set(Some((target.cluster, None)));
     }
     ctx.metrics.borrow().count_listener_overflow();
@@ -88,29 +89,31 @@ pub fn over_limit(ctx: &WorkerCtx, li: usize, down: TcpStream) {
 }
 
 /// Serve one accepted connection to its end.
-pub async fn serve(ctx: Rc<WorkerCtx>, li: usize, down: TcpStream) {
-    let conn = ctx.open(li);
+/// Under `snapshot` (listener `li` of it), which the connection keeps for its life.
+pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, acceptor: u64, down: TcpStream) {
+    let conn = ctx.open(snapshot, li, acceptor);
     let result = relay(&ctx, li, &conn, down).await;
     match &result {
         Err(Error::Refused) => {}
         Err(e) => {
-            log::debug!("listener {}: {e}", ctx.config.listeners[li].name);
+            log::debug!("listener {}: {e}", conn.snapshot.config.listeners[li].name);
             settle(&ctx, &conn, None, e.response_flags());
         }
         Ok(()) => settle(&ctx, &conn, None, "-"),
     }
     if let Some((c, Some(e))) = conn.upstream.get() {
-        ctx.router.disconnected(c, e);
+        conn.snapshot.router.disconnected(c, e);
     }
     ctx.close(&conn);
-    ctx.live[li].fetch_sub(1, Ordering::AcqRel);
+    conn.snapshot.live[li].fetch_sub(1, Ordering::AcqRel);
 }
 
 async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
-    let listener = &ctx.config.listeners[li];
+    let listener = &conn.snapshot.config.listeners[li];
     // An mTLS listener (SPEC §7) serves the connection in `mtls`, unless `permissive` found a
-    // plaintext client, which continues here.
-    let mut down = match &ctx.tls.listeners[li] {
+    // plaintext client, which continues here. The certificates are the snapshot's, by the
+    // same index as its config.
+    let mut down = match &conn.snapshot.tls.listeners[li] {
         Some(slot) => match mtls::serve_inbound(ctx, li, conn, slot, down).await? {
             Some(plain) => plain,
             None => return Ok(()),
@@ -131,7 +134,7 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
     };
     // An mTLS cluster (SPEC §7): the TLS client, the exchange inside it and the copy.
     if let Some((c, _)) = conn.upstream.get()
-        && let Some(Some(slot)) = ctx.tls.clusters.get(c)
+        && let Some(Some(slot)) = conn.snapshot.tls.clusters.get(c)
     {
         return mtls::serve_outbound(ctx, listener, conn, down, up, slot).await;
     }
@@ -216,7 +219,14 @@ async fn connect_any(
     down: &TcpStream,
 ) -> Result<TcpStream, Error> {
     match listener.capture {
-        Capture::None => connect(ctx, li, conn, listener, None).await,
+        Capture::None if !listener.filter_chains.is_empty() => {
+            // The chain its destination matches (SPEC §9); plaintext: raw_buffer, no ALPN.
+            let chain = routing::select_chain(&listener.filter_chains, down.local_addr()?, "raw_buffer", &[]);
+            conn.chain.set(chain);
+            let target = chain.and_then(|c| conn.snapshot.router.route_chain(li, c)).ok_or(Error::NoRoute)?;
+            connect(li, conn, listener, Some(target)).await
+        }
+        Capture::None => connect(li, conn, listener, None).await,
         _ => connect_captured(ctx, li, conn, listener, down).await,
     }
 }
@@ -231,13 +241,13 @@ async fn connect_captured(
 ) -> Result<TcpStream, Error> {
     let dst = capture::original_dst(down, listener.listen).or_else(|_| down.local_addr())?;
     let timeout = listener.limits.connect_timeout.0;
-    match capture::decide(listener.capture, dst, &ctx.config.listeners, &ctx.router) {
+    match capture::decide(listener.capture, dst, &conn.snapshot.config.listeners, &conn.snapshot.router) {
         Decision::Refuse => {
             conn.captured.set(Some(Captured::BlackHole));
             ctx.metrics.borrow().count_capture_loop();
             Err(Error::Loop)
         }
-        Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,
+        Decision::Cluster(target) => connect(li, conn, listener, Some(target)).await,
         Decision::Passthrough(dst) => {
             conn.captured.set(Some(Captured::Passthrough(dst)));
             match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
@@ -250,7 +260,7 @@ async fn connect_captured(
         }
         Decision::Local(dst) => {
             // The listener's cluster (if any) only names destination_service.
-            if let Some(t) = ctx.router.route(li) {
+            if let Some(t) = conn.snapshot.router.route(li) {
                 conn.upstream.set(Some((t.cluster, None)));
             }
             capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)
@@ -262,7 +272,6 @@ async fn connect_captured(
 /// refuses or times out; a failed endpoint is ejected for a while (SPEC §6), so the next
 /// connections do not wait on it.
 async fn connect(
-    ctx: &WorkerCtx,
     li: usize,
     conn: &Conn,
     listener: &Listener,
@@ -270,14 +279,15 @@ async fn connect(
 ) -> Result<TcpStream, Error> {
     let target = match target {
         Some(t) => t,
-        None => ctx.router.route(li).ok_or(Error::NoRoute)?,
+        None => conn.snapshot.router.route(li).ok_or(Error::NoRoute)?,
     };
     conn.upstream.set(Some((target.cluster, None)));
-    let cluster = &ctx.router.clusters[target.cluster];
+    let router = &conn.snapshot.router;
+    let cluster = &router.clusters[target.cluster];
     let now = Instant::now();
-    let healthy = ctx.router.healthy(target, now);
+    let healthy = router.healthy(target, now);
     let mut last = None;
-    for e in ctx.router.candidates(target, now) {
+    for e in router.candidates(target, now) {
         let addr = cluster.endpoints[e].address;
         let err =
             match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr))
@@ -285,7 +295,7 @@ async fn connect(
             {
                 Ok(Ok(s)) => {
                     conn.upstream.set(Some((target.cluster, Some(e))));
-                    ctx.router.connected(target.cluster, e);
+                    router.connected(target.cluster, e);
                     return Ok(s);
                 }
                 // Out of descriptors or memory here, not the endpoint's fault: no ejection,
@@ -295,7 +305,7 @@ async fn connect(
                 Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
             };
         // One line per failure; ejection bounds them to about one per endpoint and back-off.
-        let (ejection, failures) = ctx.router.failed(target.cluster, e, Instant::now());
+        let (ejection, failures) = router.failed(target.cluster, e, Instant::now());
         log::warn!(
             "cluster {}: endpoint {addr}: connect: {err}; ejected for {}s ({failures} failure(s) in a row)",
             cluster.name,

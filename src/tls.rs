@@ -7,6 +7,7 @@
 
 pub mod stream;
 
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,6 +125,13 @@ pub struct Certs {
     pub clusters: Vec<Option<Arc<Slot>>>,
 }
 
+impl std::fmt::Debug for Certs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = |v: &[Option<Arc<Slot>>]| v.iter().flatten().count();
+        write!(f, "Certs {{ listeners: {}, clusters: {} }}", count(&self.listeners), count(&self.clusters))
+    }
+}
+
 impl Certs {
     /// Load every configured certificate set; a file that fails is a config error naming it.
     pub fn load(config: &crate::config::Config) -> Result<Certs, Error> {
@@ -157,6 +165,45 @@ impl Certs {
             certs.clusters.push(slot);
         }
         Ok(certs)
+    }
+
+    /// The slots of `old` (certificates for `old_config`) re-keyed by name for `config`, so
+    /// an index never points at another listener's or cluster's certificates after a swap. A
+    /// listener or cluster keeps its slot when it keeps its name and still asks for TLS; one
+    /// that newly asks for TLS has none (certificates arrive only with the static config:
+    /// SDS is not built, SPEC §9), which [`Certs::missing`] reports.
+    pub fn rekeyed(old: &Certs, old_config: &crate::config::Config, config: &crate::config::Config) -> Certs {
+        fn by_name<'a>(
+            names: impl Iterator<Item = &'a str>,
+            slots: &'a [Option<Arc<Slot>>],
+        ) -> HashMap<&'a str, &'a Arc<Slot>> {
+            names.zip(slots).filter_map(|(n, s)| Some((n, s.as_ref()?))).collect()
+        }
+        let listeners = by_name(old_config.listeners.iter().map(|l| l.name.as_str()), &old.listeners);
+        let clusters = by_name(old_config.clusters.iter().map(|c| c.name.as_str()), &old.clusters);
+        Certs {
+            listeners: (config.listeners.iter())
+                .map(|l| l.tls.as_ref().and(listeners.get(l.name.as_str())).map(|s| Arc::clone(s)))
+                .collect(),
+            clusters: (config.clusters.iter())
+                .map(|c| c.tls.as_ref().and(clusters.get(c.name.as_str())).map(|s| Arc::clone(s)))
+                .collect(),
+        }
+    }
+
+    /// The first listener or cluster of `config` that asks for TLS but has no certificates
+    /// here, as "Listener/NAME" or "Cluster/NAME".
+    pub fn missing(&self, config: &crate::config::Config) -> Option<String> {
+        let listeners = config.listeners.iter().enumerate();
+        let clusters = config.clusters.iter().enumerate();
+        (listeners.filter(|(i, l)| l.tls.is_some() && self.listeners.get(*i).is_none_or(Option::is_none)))
+            .map(|(_, l)| format!("Listener/{}", l.name))
+            .chain(
+                clusters
+                    .filter(|(i, c)| c.tls.is_some() && self.clusters.get(*i).is_none_or(Option::is_none))
+                    .map(|(_, c)| format!("Cluster/{}", c.name)),
+            )
+            .next()
     }
 
     /// All slots, for the reload thread.
@@ -426,6 +473,37 @@ mod tests {
     }
 
     const RATINGS: &str = "spiffe://cluster.local/ns/default/sa/ratings";
+
+    #[test]
+    fn certificates_follow_their_listener_by_name_across_a_config_swap() {
+        let dir = tmpdir("rekey");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let tls = format!(
+            "{{mode: strict, cert_chain: {}, private_key: {}, root_cert: {}}}",
+            f.cert_chain.display(),
+            f.private_key.display(),
+            f.root_cert.display()
+        );
+        let yaml = |listeners: &[&str]| {
+            let mut y = String::from("listeners:\n");
+            for l in listeners {
+                y += &format!("  - {{name: {l}, listen: 127.0.0.1:0, direction: inbound, cluster: app");
+                y += &if l.starts_with("tls") { format!(", tls: {tls}}}\n") } else { "}\n".into() };
+            }
+            y + "clusters:\n  - {name: app, endpoints: [{address: 127.0.0.1:1}]}\n"
+        };
+        let parse = |y: &str| crate::config::Config::parse(y, "t.yaml").unwrap();
+        let first = parse(&yaml(&["plain", "tls-a"]));
+        let certs = Certs::load(&first).unwrap();
+        // tls-a moves from index 1 to 0; tls-b asks for TLS and has no certificates (no SDS).
+        let second = parse(&yaml(&["tls-a", "new", "tls-b"]));
+        let next = Certs::rekeyed(&certs, &first, &second);
+        let (old, new) = (certs.listeners[1].as_ref().unwrap(), next.listeners[0].as_ref().unwrap());
+        assert!(Arc::ptr_eq(old, new), "tls-a keeps its slot at its new index");
+        assert!(next.listeners[1].is_none() && next.listeners[2].is_none());
+        assert_eq!(next.missing(&second).as_deref(), Some("Listener/tls-b"));
+        assert_eq!(certs.missing(&first), None);
+    }
 
     #[test]
     fn local_principal_is_the_spiffe_uri_san_of_our_certificate() {

@@ -1,7 +1,9 @@
 //! Workers: driver choice, core pinning, one SO_REUSEPORT socket per listener per worker, the
-//! accept loops, and the one timer tick per worker that folds metrics, enforces idle timeouts
-//! and drives the drain. A connection's own context lives in `conn`, its I/O in `relay`.
+//! accept loops, and the one timer tick per worker that folds metrics, enforces idle timeouts,
+//! picks up a newly published config (binding added listeners, draining removed ones) and
+//! drives the drain. A connection's own context lives in `conn`, its I/O in `relay`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use monoio::net::TcpListener;
 
 use crate::backoff::{self, Backoff};
@@ -17,8 +20,9 @@ use crate::conn::{Flags, Signal, WorkerCtx};
 use crate::cpus;
 use crate::metrics::{self, Delta, LabelBudget, Shard, ShardWriter};
 use crate::relay;
+use crate::snapshot::{Published, Snapshot};
 
-/// The worker tick: clock, drain checks and idle timeouts run at this period.
+/// The worker tick: clock, drain checks, idle timeouts and config updates run at this period.
 const TICK: Duration = Duration::from_millis(100);
 
 /// How often the side thread looks at the certificate files' metadata (SPEC §7: reloaded
@@ -110,8 +114,13 @@ fn uring_builder(coop: bool) -> io_uring::Builder {
 
 /// State shared by all workers and the admin threads; touched per accept/close at most.
 pub struct Shared {
-    /// The effective configuration.
+    /// The configuration at start, with the bound addresses and worker count filled in:
+    /// process-wide settings (drain, metrics, admin) come from here. Listeners and clusters
+    /// as served now are in `published`.
     pub config: Arc<Config>,
+    /// The listeners, clusters and routes served to new connections (SPEC §9): replaced by
+    /// `publish`, read by each worker once per tick.
+    pub published: ArcSwap<Published>,
     /// Set by POST /drain and by SIGTERM/SIGINT: stop accepting, /ready answers 503.
     pub draining: AtomicBool,
     /// Set by SIGTERM/SIGINT: exit once idle, or at `drain_timeout` (live connections reset).
@@ -120,20 +129,18 @@ pub struct Shared {
     pub workers_started: AtomicUsize,
     /// Worker count.
     pub workers: usize,
-    /// Live connections per listener, across workers (max_connections).
-    pub live: Arc<[AtomicUsize]>,
     /// Each worker's metrics shard, for rendering.
     pub shards: Vec<Arc<Shard>>,
     /// Driver that runs.
     pub driver: DriverKind,
-    /// TLS configs per listener and cluster, reloaded by a side thread.
-    pub tls: Arc<crate::tls::Certs>,
     /// Bulk flows switch to splice(2) (`RINGSIDE_SPLICE=0` turns it off, for benchmarks).
     pub splice: bool,
     /// istio_tcp_* series are counted (`RINGSIDE_ISTIO_METRICS=0` turns it off, for benchmarks).
     pub istio_metrics: bool,
     /// Workers and pinning chosen, with the reasons (start-up log, `/config_dump`).
     pub cpus: cpus::Plan,
+    /// What the xDS client did (SPEC §9), when `xds:` is configured.
+    pub xds: Option<Arc<crate::xds::Status>>,
 }
 
 impl Shared {
@@ -143,14 +150,50 @@ impl Shared {
         self.terminating.store(true, Ordering::Release);
     }
 
-    /// True once every listener is bound on every worker and we are not draining.
+    /// True once every listener is bound on every worker, xDS (when configured) has sent
+    /// its first Clusters and Listeners, and we are not draining.
     pub fn ready(&self) -> bool {
-        self.workers_started.load(Ordering::Acquire) == self.workers && !self.draining.load(Ordering::Acquire)
+        self.workers_started.load(Ordering::Acquire) == self.workers
+            && !self.draining.load(Ordering::Acquire)
+            && self.xds.as_ref().is_none_or(|x| x.synced.load(Ordering::Acquire))
     }
 
-    /// Prometheus text of every shard.
+    /// Check that `config` can serve, then publish it: every listener it adds (or moves)
+    /// must bind, as Envoy refuses a listener it cannot bind. `Err` says which and why.
+    pub fn publish_checked(&self, config: Config) -> Result<u64, String> {
+        let current = self.published.load();
+        // Certificates come with the static config only (SDS is not built): a listener or
+        // cluster that asks for TLS without them would serve plaintext, so it is refused.
+        if let Some(what) =
+            crate::tls::Certs::rekeyed(&current.tls, &current.config, &config).missing(&config)
+        {
+            return Err(format!("{what}: TLS needs certificates over SDS, not served yet"));
+        }
+        for l in &config.listeners {
+            let known = current.config.listeners.iter().any(|c| c.name == l.name && c.listen == l.listen);
+            if !known && let Err(e) = can_bind(l.listen) {
+                return Err(format!("Listener/{}: cannot bind {}: {e}", l.name, l.listen));
+            }
+        }
+        Ok(self.publish(config))
+    }
+
+    /// Serve `config` to new connections: workers pick it up within a tick. Called by one
+    /// thread at a time (the control thread), so a load-then-store is not a lost update.
+    pub fn publish(&self, config: Config) -> u64 {
+        let next = self.published.load().next(config);
+        let generation = next.generation;
+        self.published.store(Arc::new(next));
+        generation
+    }
+
+    /// Prometheus text of every shard (and the `ringside_xds_*` families with xDS).
     pub fn render(&self) -> String {
-        metrics::render(&self.shards, self.driver.name())
+        let mut text = metrics::render(&self.shards, self.driver.name());
+        if let Some(x) = &self.xds {
+            text.push_str(&x.render());
+        }
+        text
     }
 }
 
@@ -180,7 +223,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
     // Before any thread starts, so the affinity mask read is the process's (SPEC §1).
     let cpus = cpus::plan(&cpus::probe(), config.workers, config.pin);
     let workers = cpus.workers;
-    let mut sockets: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut sockets: Vec<Vec<(String, std::net::TcpListener)>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for l in &config.listeners {
         let mut addr = l.listen;
@@ -189,7 +232,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
                 bind_reuseport(addr).map_err(|source| Error::Bind { name: l.name.clone(), addr, source })?;
             // Port 0 means "any": the first worker's port is then shared by the rest.
             addr = s.local_addr().unwrap_or(addr);
-            per_worker.push(s);
+            per_worker.push((l.name.clone(), s));
         }
         bound.push(addr);
     }
@@ -201,13 +244,14 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         writers.push(writer);
         shards.push(shard);
     }
+    let effective_xds = config.xds.is_some();
     let mut effective = config;
     effective.workers = Some(workers);
     for (l, addr) in effective.listeners.iter_mut().zip(&bound) {
         l.listen = *addr;
     }
     let shared = Arc::new(Shared {
-        live: effective.listeners.iter().map(|_| AtomicUsize::new(0)).collect(),
+        published: ArcSwap::from_pointee(Published::first(effective.clone(), tls)),
         config: Arc::new(effective),
         draining: AtomicBool::new(false),
         terminating: AtomicBool::new(false),
@@ -215,10 +259,10 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         workers,
         shards,
         driver,
-        tls,
         splice: benchmark_switch("RINGSIDE_SPLICE", "bulk flows are copied, not spliced"),
         istio_metrics: benchmark_switch("RINGSIDE_ISTIO_METRICS", "istio_tcp_* metrics are not counted"),
         cpus,
+        xds: effective_xds.then(|| Arc::new(crate::xds::Status::default())),
     });
     let detail = match driver {
         DriverKind::Uring { coop: true } => " (COOP_TASKRUN)",
@@ -278,6 +322,16 @@ fn benchmark_switch(var: &str, off: &str) -> bool {
     on
 }
 
+/// Whether the workers will be able to bind `addr`: bound (SO_REUSEPORT, as they bind it)
+/// but never listening, so no connection can land in this probe and be dropped.
+fn can_bind(addr: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())
+}
+
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -291,7 +345,12 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-fn run_worker(index: usize, shared: Arc<Shared>, listeners: Vec<std::net::TcpListener>, writer: ShardWriter) {
+fn run_worker(
+    index: usize,
+    shared: Arc<Shared>,
+    listeners: Vec<(String, std::net::TcpListener)>,
+    writer: ShardWriter,
+) {
     let entries = 1024;
     let result = match shared.driver {
         DriverKind::Uring { coop } => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
@@ -311,37 +370,98 @@ fn run_worker(index: usize, shared: Arc<Shared>, listeners: Vec<std::net::TcpLis
     }
 }
 
+/// One accept loop of this worker: its listener's address, and the signal that stops it.
+struct Acceptor {
+    id: u64,
+    listen: SocketAddr,
+    stop: Rc<Signal>,
+}
+
+/// This worker's accept loops by listener name, and the removed ones still draining.
+struct Acceptors {
+    by_name: HashMap<String, Acceptor>,
+    /// Removed accept loops and when their connections are cut (`drain_timeout` later).
+    draining: Vec<(u64, Instant)>,
+    next_id: u64,
+}
+
+impl Acceptors {
+    fn start(&mut self, ctx: &Rc<WorkerCtx>, name: &str, listen: SocketAddr, socket: std::net::TcpListener) {
+        let listener = match TcpListener::from_std(socket) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("worker {}: listener {name}: {e}", ctx.index);
+                return;
+            }
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        let stop = Rc::new(Signal::default());
+        monoio::spawn(accept_loop(ctx.clone(), name.to_string(), id, listener, stop.clone()));
+        if let Some(old) = self.by_name.insert(name.to_string(), Acceptor { id, listen, stop }) {
+            old.stop.fire();
+        }
+    }
+
+    /// Bring the accept loops in line with `config`: bind added listeners (and those whose
+    /// address changed), stop removed ones at once; their connections drain until `deadline`.
+    fn reconcile(&mut self, ctx: &Rc<WorkerCtx>, config: &Config, deadline: Instant) {
+        let gone: Vec<String> = self
+            .by_name
+            .iter()
+            .filter(|(name, a)| !config.listeners.iter().any(|l| &l.name == *name && l.listen == a.listen))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(a) = self.by_name.remove(&name) {
+                a.stop.fire();
+                self.draining.push((a.id, deadline));
+                if ctx.index == 0 {
+                    log::info!("listener {name} on {} removed: draining its connections", a.listen);
+                }
+            }
+        }
+        for l in &config.listeners {
+            if self.by_name.contains_key(&l.name) {
+                continue;
+            }
+            match bind_reuseport(l.listen) {
+                Ok(socket) => {
+                    self.start(ctx, &l.name, l.listen, socket);
+                    if ctx.index == 0 {
+                        log::info!("listener {} bound on {} ({:?})", l.name, l.listen, l.direction);
+                    }
+                }
+                // The control side bound it before publishing; losing the address since is rare.
+                Err(e) => log::error!("worker {}: listener {}: bind {}: {e}", ctx.index, l.name, l.listen),
+            }
+        }
+    }
+
+    fn stop_all(&self) {
+        self.by_name.values().for_each(|a| a.stop.fire());
+    }
+}
+
 async fn worker_main(
     index: usize,
     shared: Arc<Shared>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(String, std::net::TcpListener)>,
     writer: ShardWriter,
 ) {
     let ctx = Rc::new(WorkerCtx::new(
         index,
-        shared.config.clone(),
-        shared.live.clone(),
+        &shared.published.load(),
         writer,
         Flags { splice: shared.splice, istio_metrics: shared.istio_metrics },
-        shared.tls.clone(),
     ));
     if !shared.config.busy_poll.0.is_zero() {
         ctx.busy.start(shared.config.busy_poll.0);
     }
-    // One signal per accept loop: a Signal wakes a single waiter.
-    let mut stop_accepting = Vec::new();
-    for (li, std_listener) in listeners.into_iter().enumerate() {
-        match TcpListener::from_std(std_listener) {
-            Ok(l) => {
-                let stop = Rc::new(Signal::default());
-                stop_accepting.push(stop.clone());
-                monoio::spawn(accept_loop(ctx.clone(), li, l, stop));
-            }
-            Err(e) => {
-                log::error!("worker {index}: listener {li}: {e}");
-                std::process::exit(1);
-            }
-        }
+    let mut acceptors = Acceptors { by_name: HashMap::new(), draining: Vec::new(), next_id: 0 };
+    for (name, socket) in listeners {
+        let listen = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        acceptors.start(&ctx, &name, listen, socket);
     }
     shared.workers_started.fetch_add(1, Ordering::AcqRel);
 
@@ -354,21 +474,39 @@ async fn worker_main(
         let now = Instant::now();
         ctx.now.set(now);
         ctx.pipes.trim(now);
+        let draining = shared.draining.load(Ordering::Acquire);
+        // A new config: one pointer load per tick when nothing changed (SPEC §9).
+        if !draining {
+            let published = shared.published.load();
+            if published.generation != ctx.snapshot().generation {
+                ctx.swap(&published);
+                acceptors.reconcile(&ctx, &published.config, now + shared.config.drain_timeout.0);
+            }
+        }
         if now >= next_report {
             next_report = now + reporting;
             let w = ctx.metrics.borrow();
             ctx.for_each_conn(|c| c.report(&w, Delta::default()));
         }
+        let cut =
+            |c: &crate::conn::Conn| acceptors.draining.iter().any(|&(id, at)| c.acceptor == id && now >= at);
         ctx.for_each_conn(|c| {
-            let idle =
-                shared.config.listeners.get(c.listener).map_or(Duration::MAX, |l| l.limits.idle_timeout.0);
+            let idle = c
+                .snapshot
+                .config
+                .listeners
+                .get(c.listener)
+                .map_or(Duration::MAX, |l| l.limits.idle_timeout.0);
             if now.duration_since(c.last_active.get()) >= idle && !c.cancel.fired() {
                 c.idle_expired.set(true);
                 c.cancel.fire();
+            } else if !c.cancel.fired() && cut(c) {
+                c.cancel.fire();
             }
         });
-        if shared.draining.load(Ordering::Acquire) {
-            stop_accepting.iter().for_each(|s| s.fire());
+        acceptors.draining.retain(|&(_, at)| now < at);
+        if draining {
+            acceptors.stop_all();
         }
         if drain_deadline.is_none() && shared.terminating.load(Ordering::Acquire) {
             drain_deadline = Some(now + shared.config.drain_timeout.0);
@@ -384,8 +522,9 @@ async fn worker_main(
     }
 }
 
-async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop: Rc<Signal>) {
-    let limit = ctx.config.listeners[li].limits.max_connections;
+async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, id: u64, listener: TcpListener, stop: Rc<Signal>) {
+    // The listener's index in the current snapshot, looked up again only when it changes.
+    let mut index: Option<(u64, usize)> = None;
     let mut backoff = Backoff::default();
     loop {
         let accepted = monoio::select! {
@@ -400,7 +539,6 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop:
                 // connections keep being served), with one log line per interval.
                 let p = backoff.failed(Instant::now());
                 if let Some(n) = p.log {
-                    let name = &ctx.config.listeners[li].name;
                     log::warn!(
                         "listener {name}: accept: {e} ({n} times); pausing accepts up to {:?}",
                         p.pause
@@ -413,17 +551,30 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, li: usize, listener: TcpListener, stop:
             }
             Err(e) => {
                 // The client gave up while queued (ECONNABORTED) and the like: its own problem.
-                log::debug!("listener {}: accept: {e}", ctx.config.listeners[li].name);
+                log::debug!("listener {name}: accept: {e}");
                 continue;
             }
         };
-        let live = &ctx.live[li];
+        let snapshot: Rc<Snapshot> = ctx.snapshot();
+        let li = match index {
+            Some((generation, li)) if generation == snapshot.generation => li,
+            _ => match snapshot.listener(&name) {
+                Some(li) => {
+                    index = Some((snapshot.generation, li));
+                    li
+                }
+                // Removed in the snapshot just swapped in; this loop stops on this tick.
+                None => continue,
+            },
+        };
+        let limit = snapshot.config.listeners[li].limits.max_connections;
+        let live = &snapshot.live[li];
         if live.fetch_add(1, Ordering::AcqRel) >= limit {
             live.fetch_sub(1, Ordering::AcqRel);
-            relay::over_limit(&ctx, li, down);
+            relay::over_limit(&ctx, snapshot, li, id, down);
             continue;
         }
         ctx.busy.note();
-        monoio::spawn(relay::serve(ctx.clone(), li, down));
+        monoio::spawn(relay::serve(ctx.clone(), snapshot, li, id, down));
     }
 }

@@ -72,6 +72,9 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             capture: Default::default(),
             limits: Default::default(),
             tls: None,
+            istio_stats: true,
+            source: None,
+            filter_chains: Vec::new(),
         }],
         clusters: vec![Cluster {
             name: "backend".into(),

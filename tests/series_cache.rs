@@ -9,7 +9,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use ringside::config::Config;
 use ringside::conn::{Captured, Flags, SERIES_CACHE_GENERATION, WorkerCtx, settle};
@@ -63,14 +62,11 @@ clusters:
     let mut config = Config::parse(yaml, "test").unwrap();
     config.validate("test", yaml).unwrap();
     let (writer, shard) = ShardWriter::new(0, LabelBudget::new(budget));
-    let live: Arc<[AtomicUsize]> = Arc::from([AtomicUsize::new(0)]);
     let ctx = WorkerCtx::new(
         0,
-        Arc::new(config),
-        live,
+        &ringside::snapshot::Published::first(config, Default::default()),
         writer,
         Flags { splice: false, istio_metrics: true },
-        Default::default(),
     );
     (ctx, shard)
 }
@@ -96,7 +92,7 @@ fn pod(workload: &str, pod: usize) -> NodeMetadata {
 
 /// Opens a connection, settles it with `peer` and closes it; returns what settling allocated.
 fn connection(ctx: &WorkerCtx, peer: &NodeMetadata) -> u64 {
-    let conn = ctx.open(0);
+    let conn = ctx.open(ctx.snapshot(), 0, 0);
     conn.upstream.set(Some((0, Some(0))));
     let before = allocations();
     settle(ctx, &conn, Some(peer), "-");
@@ -136,7 +132,7 @@ fn what_the_labels_read_still_tells_series_apart() {
         connection(&ctx, p);
     }
     // A flag is part of the key too.
-    let conn = ctx.open(0);
+    let conn = ctx.open(ctx.snapshot(), 0, 0);
     conn.upstream.set(Some((0, Some(0))));
     settle(&ctx, &conn, Some(&v1), "UF");
     ctx.close(&conn);
@@ -182,7 +178,7 @@ fn captured_connections_key_on_their_original_destination() {
     let (ctx, shard) = worker(1000);
     let peer = pod("ratings-v1", 1);
     for dst in ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.1:80"] {
-        let conn = ctx.open(0);
+        let conn = ctx.open(ctx.snapshot(), 0, 0);
         conn.captured.set(Some(Captured::Passthrough(dst.parse().unwrap())));
         settle(&ctx, &conn, Some(&peer), "-");
         ctx.close(&conn);

@@ -143,7 +143,7 @@ pub(super) async fn serve_inbound(
     slot: &Slot,
     down: TcpStream,
 ) -> Result<Option<TcpStream>, Error> {
-    let listener = &ctx.config.listeners[li];
+    let listener = &conn.snapshot.config.listeners[li];
     // Boxed, as the plaintext setup is: its timers should not stay with the connection.
     let accepted = monoio::select! {
         r = Box::pin(accept(ctx, conn, listener, slot, down)) => r?,
@@ -186,9 +186,9 @@ async fn open_inbound(
     conn: &Conn,
     tls: TlsStream,
 ) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
-    let listener = &ctx.config.listeners[li];
+    let listener = &conn.snapshot.config.listeners[li];
     let up = match listener.capture {
-        Capture::None => connect(ctx, li, conn, listener, None).await?,
+        Capture::None => connect(li, conn, listener, None).await?,
         _ => connect_captured(ctx, li, conn, listener, tls.tcp()).await?,
     };
     let _ = up.set_nodelay(true);

@@ -523,11 +523,14 @@ fn service_entry<'a>(
                 let target = we.ports.get(&sp.name).copied().or(sp.target_port).unwrap_or(u32::from(number));
                 let (workload_name, namespace) = workload.unwrap_or(("", &doc.namespace));
                 endpoints.push(Endpoint {
-                    address: SocketAddr::new(ip, port(doc, &format!("endpoint {}", we.address), target)?),
                     labels: we.labels.clone(),
                     workload_name: workload_name.to_string(),
                     namespace: namespace.to_string(),
                     service_account: we.service_account.clone(),
+                    ..Endpoint::at(SocketAddr::new(
+                        ip,
+                        port(doc, &format!("endpoint {}", we.address), target)?,
+                    ))
                 });
             }
             if endpoints.is_empty() {

@@ -7,6 +7,7 @@ pub mod istio;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Capture, Config, LoadBalancer, TcpRoute};
@@ -41,6 +42,17 @@ pub struct EndpointState {
     /// namespace, labels with the canonical name and revision filled by istiod's fallbacks):
     /// the peer side of the metrics when there was no exchange (SPEC §3).
     pub identity: NodeMetadata,
+    /// Relative weight (xDS `load_balancing_weight`, else 1).
+    pub weight: u32,
+    /// Live connections and ejection, shared with the routers of earlier and later
+    /// snapshots in which this endpoint (cluster name and address) also exists, so a config
+    /// update forgets neither (a connection routed by an old snapshot still ends in it).
+    health: Rc<Health>,
+}
+
+/// This worker's view of one endpoint's load and failures.
+#[derive(Debug, Default)]
+struct Health {
     live: Cell<u32>,
     /// Failures in a row (refused or timed out); 0 once a connect succeeds.
     failures: Cell<u32>,
@@ -55,8 +67,8 @@ impl EndpointState {
     /// Ejected as of `now`: an ejection that began later (a failure while this connection was
     /// trying endpoints) does not count, so each endpoint is a candidate exactly once.
     fn ejected(&self, now: Instant) -> bool {
-        self.ejected_until.get().is_some_and(|until| now < until)
-            && self.ejected_at.get().is_some_and(|at| at <= now)
+        self.health.ejected_until.get().is_some_and(|until| now < until)
+            && self.health.ejected_at.get().is_some_and(|at| at <= now)
     }
 }
 
@@ -65,6 +77,65 @@ struct Pool {
     members: Vec<usize>,
     load_balancer: LoadBalancer,
     next: Cell<usize>,
+    /// With unequal endpoint weights: member positions in weighted turn (smooth weighted
+    /// round robin, as nginx's), one full cycle; empty when every weight is equal.
+    rotation: Vec<usize>,
+}
+
+impl Pool {
+    fn new(members: Vec<usize>, load_balancer: LoadBalancer, endpoints: &[EndpointState]) -> Pool {
+        let rotation = rotation(&members.iter().map(|&e| endpoints[e].weight).collect::<Vec<_>>());
+        Pool { members, load_balancer, next: Cell::new(0), rotation }
+    }
+
+    /// How many turns one cycle has.
+    fn turns(&self) -> usize {
+        if self.rotation.is_empty() { self.members.len() } else { self.rotation.len() }
+    }
+
+    /// The member position whose turn `i` is.
+    fn turn(&self, i: usize) -> usize {
+        if self.rotation.is_empty() { i } else { self.rotation[i] }
+    }
+}
+
+/// Longest weighted cycle: beyond it weights are scaled down (kept at least 1).
+const MAX_ROTATION: u64 = 4096;
+
+/// One cycle of smooth weighted round robin over `weights` (member positions), spreading
+/// each member's turns through the cycle; empty when all weights are equal.
+fn rotation(weights: &[u32]) -> Vec<usize> {
+    if weights.windows(2).all(|w| w[0] == w[1]) {
+        return Vec::new();
+    }
+    let gcd = weights.iter().fold(0u64, |g, &w| {
+        let (mut a, mut b) = (g, u64::from(w.max(1)));
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    });
+    let sum: u64 = weights.iter().map(|&w| u64::from(w.max(1)) / gcd).sum();
+    let scaled: Vec<i64> = weights
+        .iter()
+        .map(|&w| {
+            let w = u64::from(w.max(1)) / gcd;
+            let w = if sum > MAX_ROTATION { (w * MAX_ROTATION / sum).max(1) } else { w };
+            w as i64
+        })
+        .collect();
+    let total: i64 = scaled.iter().sum();
+    let mut current = vec![0i64; scaled.len()];
+    (0..total)
+        .map(|_| {
+            for (c, w) in current.iter_mut().zip(&scaled) {
+                *c += w;
+            }
+            let pick = (0..current.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k))).unwrap_or(0);
+            current[pick] -= total;
+            pick
+        })
+        .collect()
 }
 
 /// A cluster as a worker sees it.
@@ -97,6 +168,8 @@ enum Route {
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
+    /// Routes of each listener's filter chains (SPEC §9).
+    chains: Vec<Vec<Route>>,
     /// Clusters by index.
     pub clusters: Vec<ClusterState>,
     rng: Cell<u64>,
@@ -124,7 +197,25 @@ fn address_index(cfg: &Config) -> HashMap<SocketAddr, usize> {
 impl Router {
     /// Build from a validated config; `seed` varies the random choices per worker.
     pub fn new(cfg: &Config, seed: u64) -> Router {
-        let clusters: Vec<ClusterState> = cfg.clusters.iter().map(cluster_state).collect();
+        Router::after(cfg, seed, None)
+    }
+
+    /// Build from a validated config that replaces the one `previous` was built from:
+    /// endpoints that still exist (same cluster name and address) keep their live counts
+    /// and ejection, and the random sequence continues.
+    pub fn after(cfg: &Config, seed: u64, previous: Option<&Router>) -> Router {
+        let mut known: HashMap<(&str, SocketAddr), &Rc<Health>> = HashMap::new();
+        for c in previous.map_or(&[][..], |p| &p.clusters[..]) {
+            for e in &c.endpoints {
+                known.insert((c.name.as_str(), e.address), &e.health);
+            }
+        }
+        let clusters: Vec<ClusterState> = cfg
+            .clusters
+            .iter()
+            .map(|c| cluster_state(c, |address| known.get(&(c.name.as_str(), address)).map(|h| Rc::clone(h))))
+            .collect();
+        let seed = previous.map_or(seed, |p| p.rng.get());
         let index = |name: &str| clusters.iter().position(|c| c.name == name).unwrap_or(0);
         let weighted = |routes: &[TcpRoute]| {
             let mut total = 0u64;
@@ -148,7 +239,9 @@ impl Router {
             .listeners
             .iter()
             .map(|l| {
-                if l.capture != Capture::None && l.cluster.is_none() && l.service.is_none() {
+                if !l.filter_chains.is_empty() && l.capture == Capture::None {
+                    Route::None // routed by the chain each connection matches
+                } else if l.capture != Capture::None && l.cluster.is_none() && l.service.is_none() {
                     Route::Captured
                 } else if let Some(routes) = &l.tcp_routes {
                     weighted(routes)
@@ -178,6 +271,22 @@ impl Router {
                 }
             })
             .collect();
+        let chains = cfg
+            .listeners
+            .iter()
+            .map(|l| {
+                l.filter_chains
+                    .iter()
+                    .map(|c| match (&c.cluster, &c.tcp_routes) {
+                        (Some(name), _) if c.not_served.is_none() => {
+                            Route::One(Target { cluster: index(name), subset: None })
+                        }
+                        (None, Some(routes)) if c.not_served.is_none() => weighted(routes),
+                        _ => Route::None,
+                    })
+                    .collect()
+            })
+            .collect();
         // An outbound capture's address: the matched cluster's host routes as its
         // VirtualService tcp routes say for that port, as a `service:` listener's would.
         let by_address = address_index(cfg)
@@ -195,7 +304,7 @@ impl Router {
                 (addr, route)
             })
             .collect();
-        Router { routes, clusters, rng: Cell::new(seed | 1), by_address }
+        Router { routes, chains, clusters, rng: Cell::new(seed | 1), by_address }
     }
 
     /// The cluster (and subset) for an outbound-captured connection to `dst`: a cluster whose
@@ -208,6 +317,11 @@ impl Router {
     /// The cluster (and subset) for a new connection on `listener`; `None`: no route (`NR`).
     pub fn route(&self, listener: usize) -> Option<Target> {
         self.pick(self.routes.get(listener)?)
+    }
+
+    /// The cluster for a new connection that matched filter chain `chain` of `listener`.
+    pub fn route_chain(&self, listener: usize, chain: usize) -> Option<Target> {
+        self.pick(self.chains.get(listener)?.get(chain)?)
     }
 
     fn pick(&self, route: &Route) -> Option<Target> {
@@ -233,13 +347,14 @@ impl Router {
         let start = if n == 0 {
             0
         } else {
+            let turns = pool.turns();
             match pool.load_balancer {
                 LoadBalancer::RoundRobin => {
                     let i = pool.next.get();
-                    pool.next.set((i + 1) % n);
-                    i % n
+                    pool.next.set((i + 1) % turns);
+                    pool.turn(i % turns)
                 }
-                LoadBalancer::Random => (self.random() % n as u64) as usize,
+                LoadBalancer::Random => pool.turn((self.random() % turns as u64) as usize),
                 LoadBalancer::LeastConnection => {
                     // Fewest live connections; ties broken in turn so equal endpoints share load.
                     let turn = pool.next.get();
@@ -247,7 +362,11 @@ impl Router {
                     (0..n)
                         .map(|k| (turn + k) % n)
                         .filter(up)
-                        .min_by_key(|&k| cluster.endpoints[pool.members[k]].live.get())
+                        .min_by_key(|&k| {
+                            // Live connections per unit of weight (equal weights: live).
+                            let e = &cluster.endpoints[pool.members[k]];
+                            u64::from(e.health.live.get()) * 1_000_000 / u64::from(e.weight.max(1))
+                        })
                         .unwrap_or(turn % n)
                 }
             }
@@ -271,7 +390,7 @@ impl Router {
     /// A connection to an endpoint was established: count it live (least_connection) and
     /// forget the endpoint's failures.
     pub fn connected(&self, cluster: usize, endpoint: usize) {
-        let e = &self.clusters[cluster].endpoints[endpoint];
+        let e = &self.clusters[cluster].endpoints[endpoint].health;
         e.live.set(e.live.get() + 1);
         e.failures.set(0);
         e.ejected_until.set(None);
@@ -279,7 +398,7 @@ impl Router {
 
     /// A connection to an endpoint ended.
     pub fn disconnected(&self, cluster: usize, endpoint: usize) {
-        let e = &self.clusters[cluster].endpoints[endpoint];
+        let e = &self.clusters[cluster].endpoints[endpoint].health;
         e.live.set(e.live.get().saturating_sub(1));
     }
 
@@ -287,7 +406,7 @@ impl Router {
     /// [`EJECTION_BASE`] doubled per earlier failure in a row, at most [`EJECTION_MAX`].
     /// Returns how long, and the failures in a row.
     pub fn failed(&self, cluster: usize, endpoint: usize, now: Instant) -> (Duration, u32) {
-        let e = &self.clusters[cluster].endpoints[endpoint];
+        let e = &self.clusters[cluster].endpoints[endpoint].health;
         let failures = e.failures.get().saturating_add(1);
         e.failures.set(failures);
         let ejection = ejection_time(failures);
@@ -313,7 +432,10 @@ pub fn ejection_time(failures: u32) -> Duration {
     (EJECTION_BASE * (1u32 << doublings)).min(EJECTION_MAX)
 }
 
-fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
+fn cluster_state(
+    c: &crate::config::Cluster,
+    mut known: impl FnMut(SocketAddr) -> Option<Rc<Health>>,
+) -> ClusterState {
     let host = c.service.clone().unwrap_or_default();
     // Empty: metrics derives it from a `NAME.NS.svc.*` host, or falls back further.
     let namespace = c.service_namespace.clone().unwrap_or_default();
@@ -327,37 +449,67 @@ fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
                 workload_name: e.workload_name.clone(),
                 namespace: e.namespace.clone(),
                 service_account: e.service_account.clone(),
+                cluster_id: e.cluster_id.clone(),
                 labels: e.labels.clone(),
                 ..NodeMetadata::default()
             }),
-            live: Cell::new(0),
-            failures: Cell::new(0),
-            ejected_until: Cell::new(None),
-            ejected_at: Cell::new(None),
+            health: known(e.address).unwrap_or_default(),
+            weight: e.weight.unwrap_or(1).max(1),
         })
         .collect();
     let subsets = c
         .subsets
         .iter()
-        .map(|s| Pool {
-            members: (0..endpoints.len())
+        .map(|s| {
+            let members = (0..endpoints.len())
                 .filter(|&i| s.labels.iter().all(|(k, v)| endpoints[i].labels.get(k) == Some(v)))
-                .collect(),
-            load_balancer: s.load_balancer.unwrap_or(c.load_balancer),
-            next: Cell::new(0),
+                .collect();
+            Pool::new(members, s.load_balancer.unwrap_or(c.load_balancer), &endpoints)
         })
         .collect();
     ClusterState {
         name: c.name.clone(),
         service: ServiceInfo { host, namespace },
-        all: Pool {
-            members: (0..endpoints.len()).collect(),
-            load_balancer: c.load_balancer,
-            next: Cell::new(0),
-        },
+        all: Pool::new((0..endpoints.len()).collect(), c.load_balancer, &endpoints),
         endpoints,
         subsets,
     }
+}
+
+/// The filter chain a connection to `dst` takes, as Envoy matches them (SPEC §9): by
+/// destination port, then destination address (longest prefix), then transport protocol,
+/// then application protocols; at each step the most specific chains that match win and the
+/// rest are out (no backtracking); the default chain when none is left. A plaintext
+/// connection is `raw_buffer` with no ALPN.
+pub fn select_chain(
+    chains: &[crate::config::FilterChain],
+    dst: SocketAddr,
+    transport: &str,
+    alpn: &[&str],
+) -> Option<usize> {
+    let all: Vec<usize> = (0..chains.len()).filter(|&i| !chains[i].default).collect();
+    let narrow = |from: Vec<usize>, exact: &dyn Fn(usize) -> bool, any: &dyn Fn(usize) -> bool| {
+        let exact: Vec<usize> = from.iter().copied().filter(|&i| exact(i)).collect();
+        if exact.is_empty() { from.into_iter().filter(|&i| any(i)).collect() } else { exact }
+    };
+    let ports = narrow(all, &|i| chains[i].destination_port == Some(dst.port()), &|i| {
+        chains[i].destination_port.is_none()
+    });
+    let longest =
+        |i: usize| chains[i].prefix_ranges.iter().filter(|r| r.contains(dst.ip())).map(|r| r.len).max();
+    let best = ports.iter().filter_map(|&i| longest(i)).max();
+    let prefixes =
+        narrow(ports, &|i| best.is_some() && longest(i) == best, &|i| chains[i].prefix_ranges.is_empty());
+    let transports =
+        narrow(prefixes, &|i| chains[i].transport_protocol.as_deref() == Some(transport), &|i| {
+            chains[i].transport_protocol.is_none()
+        });
+    let protocols = narrow(
+        transports,
+        &|i| chains[i].application_protocols.iter().any(|p| alpn.contains(&p.as_str())),
+        &|i| chains[i].application_protocols.is_empty(),
+    );
+    protocols.first().copied().or_else(|| chains.iter().position(|c| c.default))
 }
 
 #[cfg(test)]
@@ -546,6 +698,57 @@ clusters:",
             r.route_original_dst("127.0.0.1:10".parse().unwrap()),
             Some(Target { cluster: 0, subset: None })
         );
+    }
+
+    #[test]
+    fn filter_chains_match_port_then_longest_prefix_then_transport_then_alpn_else_the_default() {
+        use crate::config::{Cidr, FilterChain};
+        let chain =
+            |port: Option<u16>, prefixes: &[&str], transport: Option<&str>, alpn: &[&str]| FilterChain {
+                destination_port: port,
+                prefix_ranges: prefixes.iter().map(|p| Cidr::try_from(p.to_string()).unwrap()).collect(),
+                transport_protocol: transport.map(str::to_string),
+                application_protocols: alpn.iter().map(|p| p.to_string()).collect(),
+                ..FilterChain::default()
+            };
+        let chains = vec![
+            chain(Some(9080), &[], Some("tls"), &["istio-peer-exchange"]), // 0: mTLS on 9080
+            chain(Some(9080), &[], Some("raw_buffer"), &[]),               // 1: plaintext on 9080
+            chain(None, &["10.0.0.0/8"], None, &[]),                       // 2
+            chain(None, &["10.1.0.0/16"], None, &[]),                      // 3
+            chain(None, &[], None, &[]),                                   // 4
+            FilterChain { default: true, ..chain(Some(1), &[], None, &[]) }, // 5
+        ];
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(select_chain(&chains, at("10.1.2.3:9080"), "raw_buffer", &[]), Some(1));
+        assert_eq!(select_chain(&chains, at("10.1.2.3:9080"), "tls", &["istio-peer-exchange"]), Some(0));
+        assert_eq!(select_chain(&chains, at("10.1.2.3:80"), "raw_buffer", &[]), Some(3), "longest prefix");
+        assert_eq!(select_chain(&chains, at("10.9.2.3:80"), "raw_buffer", &[]), Some(2));
+        assert_eq!(select_chain(&chains, at("192.168.0.1:80"), "raw_buffer", &[]), Some(4));
+        // Port 9080 chains exist, so the others are out even when those do not match: the default.
+        assert_eq!(select_chain(&chains, at("10.1.2.3:9080"), "tls", &["h2"]), Some(5));
+        assert_eq!(select_chain(&chains[..4], at("192.168.0.1:80"), "raw_buffer", &[]), None);
+    }
+
+    #[test]
+    fn endpoint_weights_share_turns_smoothly_and_equal_weights_keep_plain_turns() {
+        assert!(rotation(&[1, 1, 1]).is_empty());
+        assert_eq!(rotation(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(rotation(&[200, 100]), [0, 1, 0]);
+        let huge = rotation(&[u32::MAX, 1]);
+        assert!(huge.len() as u64 <= MAX_ROTATION + 1 && huge.contains(&1));
+        let yaml = BASE.replace(
+            "{address: 127.0.0.1:10, labels: {version: v1}}",
+            "{address: 127.0.0.1:10, labels: {version: v1}, weight: 3}",
+        );
+        let r = Router::new(&cfg(&yaml), 7);
+        let t = r.route(0).unwrap();
+        let firsts: Vec<usize> = (0..10).map(|_| r.candidates(t, now()).next().unwrap()).collect();
+        assert_eq!(firsts.iter().filter(|&&e| e == 0).count(), 6, "{firsts:?}");
+        // The fallback order still holds every endpoint once.
+        let mut all: Vec<usize> = r.candidates(t, now()).collect();
+        all.sort();
+        assert_eq!(all, [0, 1, 2]);
     }
 
     #[test]

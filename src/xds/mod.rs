@@ -1,0 +1,364 @@
+//! The xDS client (SPEC §9): one Aggregated Discovery Service stream (state of the world) to
+//! istiod or any ADS server, on its own thread with its own current-thread tokio runtime;
+//! never on a worker. It subscribes to Clusters and Listeners (wildcard) and to the EDS
+//! clusters' ClusterLoadAssignments, translates each response (`translate`), merges it
+//! beside the static config, and hands the result to `apply` (which checks and publishes it
+//! to the workers). Applied: ACK (version and nonce); not: NACK with error_detail naming the
+//! resource and why, and the last good config keeps serving, also while the server is away.
+
+pub mod translate;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, XdsAddress};
+use translate::{CLUSTER, ENDPOINTS, LISTENER, State};
+
+/// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between reconnects (Envoy's default for its gRPC mux is 30 s; a sidecar
+/// whose istiod restarted should catch up within seconds).
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Resource types in `ringside_xds_*` metrics.
+const TYPES: [(&str, &str); 3] =
+    [(CLUSTER, "Cluster"), (LISTENER, "Listener"), (ENDPOINTS, "ClusterLoadAssignment")];
+
+/// What the xDS client did, for `ringside_xds_*` metrics, `/ready` and `/config_dump`.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// ADS streams established.
+    pub connects: AtomicU64,
+    /// Responses applied (ACKed), by type (index into Cluster, Listener, ClusterLoadAssignment).
+    pub applied: [AtomicU64; 3],
+    /// Responses rejected (NACKed), by type.
+    pub rejected: [AtomicU64; 3],
+    /// The stream is up.
+    pub connected: AtomicBool,
+    /// Clusters and Listeners have each been applied once (Envoy's initial fetch).
+    pub synced: AtomicBool,
+    /// Valid config that is not served, and the last NACK, one line each.
+    pub reports: ArcSwap<Vec<String>>,
+}
+
+impl Status {
+    /// Prometheus text of the `ringside_xds_*` families.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        };
+        counter(&mut out, "ringside_xds_connects_total", "ADS streams established with the xDS server.");
+        out.push_str(&format!("ringside_xds_connects_total {}\n", self.connects.load(Ordering::Relaxed)));
+        for (name, what, counts) in [
+            (
+                "ringside_xds_updates_applied_total",
+                "xDS responses applied and ACKed, by resource type.",
+                &self.applied,
+            ),
+            (
+                "ringside_xds_updates_rejected_total",
+                "xDS responses rejected and NACKed (the last good config keeps serving), by resource type.",
+                &self.rejected,
+            ),
+        ] {
+            counter(&mut out, name, what);
+            for ((_, kind), n) in TYPES.iter().zip(counts) {
+                out.push_str(&format!("{name}{{type=\"{kind}\"}} {}\n", n.load(Ordering::Relaxed)));
+            }
+        }
+        out.push_str("# HELP ringside_xds_connected Whether the ADS stream is up.\n# TYPE ringside_xds_connected gauge\n");
+        out.push_str(&format!(
+            "ringside_xds_connected {}\n",
+            u8::from(self.connected.load(Ordering::Relaxed))
+        ));
+        out
+    }
+}
+
+/// Checks and publishes a merged config; `Err` says why it cannot serve it (then NACKed).
+pub type Apply = Box<dyn Fn(Config) -> Result<(), String> + Send>;
+
+/// Start the client thread for `base.xds`. `base` is the static config that xDS resources
+/// are merged beside.
+pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result<()> {
+    let Some(xds) = &base.xds else { return Ok(()) };
+    let address = XdsAddress::parse(&xds.address).map_err(std::io::Error::other)?;
+    let node = node(&base);
+    std::thread::Builder::new().name("ringside-xds".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                log::error!("xds: cannot start its runtime: {e}");
+                return;
+            }
+        };
+        let mut client = Client { address, node, base, apply, status, state: State::default() };
+        rt.block_on(client.run());
+    })?;
+    Ok(())
+}
+
+/// The node as Istio's agent sends it (SPEC §9): id, cluster `<workload>.<namespace>`, and
+/// the metadata istiod reads.
+pub fn node(cfg: &Config) -> Node {
+    let n = &cfg.node;
+    let s = |v: &str| Value { kind: Some(Kind::StringValue(v.to_string())) };
+    // The pod name is the third `~` field of a sidecar id (`POD.NAMESPACE`), as the agent
+    // builds it; else the workload name.
+    let pod =
+        n.id.split('~')
+            .nth(2)
+            .and_then(|p| p.strip_suffix(&format!(".{}", n.namespace)))
+            .unwrap_or(&n.workload_name);
+    let labels = Struct { fields: n.labels.iter().map(|(k, v)| (k.clone(), s(v))).collect() };
+    let mut fields: BTreeMap<&str, Value> = BTreeMap::new();
+    fields.insert("NAMESPACE", s(&n.namespace));
+    fields.insert("NAME", s(pod));
+    fields.insert("WORKLOAD_NAME", s(&n.workload_name));
+    fields.insert("LABELS", Value { kind: Some(Kind::StructValue(labels)) });
+    fields.insert("CLUSTER_ID", s(&n.cluster_id));
+    fields.insert("MESH_ID", s(&n.mesh_id));
+    fields.insert("ISTIO_VERSION", s(&n.istio_version));
+    fields.insert("SERVICE_ACCOUNT", s(&n.service_account));
+    fields.insert("INTERCEPTION_MODE", s("REDIRECT"));
+    let owner = crate::exchange::NodeMetadata::from(n).owner;
+    if !owner.is_empty() {
+        fields.insert("OWNER", s(&owner));
+    }
+    Node {
+        id: n.id.clone(),
+        cluster: format!("{}.{}", n.workload_name, n.namespace),
+        metadata: Some(Struct { fields: fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect() }),
+        user_agent_name: "ringside".into(),
+        ..Node::default()
+    }
+}
+
+struct Client {
+    address: XdsAddress,
+    node: Node,
+    base: Config,
+    apply: Apply,
+    status: Arc<Status>,
+    /// The last accepted resources: what serves while the server is away.
+    state: State,
+}
+
+/// Why a stream ended.
+type StreamError = String;
+
+impl Client {
+    async fn run(&mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let (result, got_response) = self.session().await;
+            self.status.connected.store(false, Ordering::Relaxed);
+            if got_response {
+                backoff = BACKOFF_MIN;
+            }
+            match result {
+                Ok(()) => log::warn!("xds: stream to {:?} closed by the server; reconnecting", self.address),
+                Err(e) => log::warn!("xds: {e}; retrying in {} ms", backoff.as_millis()),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn channel(&self) -> Result<tonic::transport::Channel, StreamError> {
+        use tonic::transport::Endpoint;
+        let connect_timeout = Duration::from_secs(5);
+        match &self.address {
+            XdsAddress::Tcp(hostport) => Endpoint::from_shared(format!("http://{hostport}"))
+                .map_err(|e| format!("xds address {hostport}: {e}"))?
+                .connect_timeout(connect_timeout)
+                .connect()
+                .await
+                .map_err(|e| format!("connect {hostport}: {e}")),
+            XdsAddress::Unix(path) => {
+                let path = path.clone();
+                let shown = path.clone();
+                Endpoint::from_static("http://localhost")
+                    .connect_timeout(connect_timeout)
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            let stream = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                        }
+                    }))
+                    .await
+                    .map_err(|e| format!("connect unix:{shown}: {e}"))
+            }
+        }
+    }
+
+    fn request(&self, type_url: &str, version: &str, nonce: &str, error: Option<String>) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.to_string(),
+            node: Some(self.node.clone()),
+            resource_names: if type_url == ENDPOINTS { self.state.eds_names() } else { Vec::new() },
+            type_url: type_url.to_string(),
+            response_nonce: nonce.to_string(),
+            // 3: INVALID_ARGUMENT, as Envoy's NACKs.
+            error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+            ..DiscoveryRequest::default()
+        }
+    }
+
+    /// One ADS stream: subscribe, then apply and ACK (or NACK) every response until it ends.
+    /// Returns whether any response arrived (then the back-off starts over).
+    async fn session(&mut self) -> (Result<(), StreamError>, bool) {
+        let channel = match self.channel().await {
+            Ok(c) => c,
+            Err(e) => return (Err(e), false),
+        };
+        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::unbounded_channel();
+        // On a reconnect, the versions held tell the server what we have (as Envoy does).
+        let _ = tx.send(self.request(CLUSTER, &self.state.cluster_version.clone(), "", None));
+        let _ = tx.send(self.request(LISTENER, &self.state.listener_version.clone(), "", None));
+        if !self.state.eds_names().is_empty() {
+            let _ = tx.send(self.request(ENDPOINTS, &self.state.endpoint_version.clone(), "", None));
+        }
+        let mut stream = match client
+            .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => return (Err(format!("stream: {}", e.message())), false),
+        };
+        self.status.connects.fetch_add(1, Ordering::Relaxed);
+        self.status.connected.store(true, Ordering::Relaxed);
+        log::info!("xds: connected to {:?}", self.address);
+        let mut eds_nonce = String::new();
+        let mut got = false;
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return (Ok(()), got),
+                Err(e) => return (Err(format!("stream: {}", e.message())), got),
+            };
+            got = true;
+            let names_before = self.state.eds_names();
+            let reply = self.handle(&response);
+            if response.type_url == ENDPOINTS {
+                eds_nonce = response.nonce.clone();
+            }
+            let _ = tx.send(reply);
+            // Clusters changed which ClusterLoadAssignments we need: ask for those.
+            let names = self.state.eds_names();
+            if names != names_before {
+                let _ =
+                    tx.send(self.request(ENDPOINTS, &self.state.endpoint_version.clone(), &eds_nonce, None));
+            }
+        }
+    }
+
+    /// Translate, merge, check and apply one response; the ACK or NACK to send.
+    fn handle(&mut self, r: &DiscoveryResponse) -> DiscoveryRequest {
+        let Some(kind) = TYPES.iter().position(|(t, _)| *t == r.type_url) else {
+            // Not subscribed: refuse it, naming the type.
+            return self.request(
+                &r.type_url,
+                "",
+                &r.nonce,
+                Some(format!("type {:?} is not subscribed", r.type_url)),
+            );
+        };
+        let type_name = TYPES[kind].1;
+        match self.candidate(r).and_then(|next| {
+            let mut cfg = next.merge(&self.base);
+            cfg.validate("xds", "").map_err(|e| e.message)?;
+            (self.apply)(cfg)?;
+            Ok(next)
+        }) {
+            Ok(next) => {
+                self.state = next;
+                self.status.applied[kind].fetch_add(1, Ordering::Relaxed);
+                let reports: Vec<String> = self.state.reports().cloned().collect();
+                // Once each: a line already reported for an earlier version is not repeated.
+                let before = self.status.reports.load();
+                for line in reports.iter().filter(|l| !before.contains(l)) {
+                    log::info!("xds: {line}");
+                }
+                self.status.reports.store(Arc::new(reports));
+                if !self.state.cluster_version.is_empty() && !self.state.listener_version.is_empty() {
+                    self.status.synced.store(true, Ordering::Release);
+                }
+                log::info!(
+                    "xds: applied {type_name} version {} ({} resources)",
+                    r.version_info,
+                    r.resources.len()
+                );
+                let version = r.version_info.clone();
+                self.request(&r.type_url, &version, &r.nonce, None)
+            }
+            Err(why) => {
+                self.status.rejected[kind].fetch_add(1, Ordering::Relaxed);
+                log::warn!("xds: rejected {type_name} version {}: {why}", r.version_info);
+                let mut reports: Vec<String> = self.state.reports().cloned().collect();
+                reports.push(format!("last rejected: {type_name} version {}: {why}", r.version_info));
+                self.status.reports.store(Arc::new(reports));
+                let version = match kind {
+                    0 => self.state.cluster_version.clone(),
+                    1 => self.state.listener_version.clone(),
+                    _ => self.state.endpoint_version.clone(),
+                };
+                self.request(&r.type_url, &version, &r.nonce, Some(why))
+            }
+        }
+    }
+
+    /// The state with this response's resources in place of the previous ones of its type.
+    fn candidate(&self, r: &DiscoveryResponse) -> Result<State, String> {
+        let mut next = self.state.clone();
+        let version = r.version_info.as_str();
+        match r.type_url.as_str() {
+            CLUSTER => {
+                next.clusters.clear();
+                for any in &r.resources {
+                    let pb = translate::decode(any, CLUSTER).map_err(|e| format!("Cluster: {e}"))?;
+                    let c = translate::cluster(&pb, version).map_err(|e| e.to_string())?;
+                    next.clusters.insert(c.cluster.name.clone(), c);
+                }
+                next.cluster_version = version.to_string();
+                // Forget the endpoints of clusters that are gone.
+                let names = next.eds_names();
+                next.endpoints.retain(|k, _| names.contains(k));
+            }
+            LISTENER => {
+                next.listeners.clear();
+                for any in &r.resources {
+                    let pb = translate::decode(any, LISTENER).map_err(|e| format!("Listener: {e}"))?;
+                    let l = translate::listener(&pb, version).map_err(|e| e.to_string())?;
+                    next.listeners.insert(pb.name.clone(), l);
+                }
+                next.listener_version = version.to_string();
+            }
+            _ => {
+                // EDS responses may carry only the assignments that changed.
+                for any in &r.resources {
+                    let pb: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
+                        translate::decode(any, ENDPOINTS)
+                            .map_err(|e| format!("ClusterLoadAssignment: {e}"))?;
+                    let endpoints = translate::load_assignment(&pb).map_err(|e| e.to_string())?;
+                    next.endpoints.insert(pb.cluster_name.clone(), endpoints);
+                }
+                next.endpoint_version = version.to_string();
+            }
+        }
+        Ok(next)
+    }
+}

@@ -1,0 +1,773 @@
+//! Envoy's xDS resources into ringside's config model (SPEC §9): the TCP part of what istiod
+//! sends a sidecar. Pure: protos in, config pieces out; errors name the resource and why.
+//! What is valid but not served (HTTP filter chains, DNS clusters) is reported, not an error.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use envoy_types::pb::envoy::config::cluster::v3 as cds;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as eds;
+use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
+use prost::Message;
+
+use crate::config::{
+    Capture, Cidr, Cluster, Config, Direction, Endpoint, FilterChain, Listener, LoadBalancer, PeerExchange,
+    TcpRoute,
+};
+
+/// Type URL of a Listener resource.
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// Type URL of a Cluster resource.
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Type URL of a ClusterLoadAssignment resource.
+pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
+const ISTIO_STATS: &str = "istio.stats";
+const METADATA_EXCHANGE: &str = "istio.metadata_exchange";
+
+/// A resource that cannot be applied: which one and why (the NACK's error_detail).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {reason}")]
+pub struct Error {
+    /// `Listener/NAME`, `Cluster/NAME` or `ClusterLoadAssignment/NAME`.
+    pub resource: String,
+    /// What is wrong, a lowercase fragment.
+    pub reason: String,
+}
+
+fn invalid(kind: &str, name: &str, reason: impl Into<String>) -> Error {
+    Error { resource: format!("{kind}/{name}"), reason: reason.into() }
+}
+
+/// A translated Listener.
+#[derive(Clone, Debug)]
+pub struct XdsListener {
+    /// The listener to bind, or `None` when it serves nothing an L4 proxy can (HTTP only,
+    /// or not bound to a port).
+    pub listener: Option<Listener>,
+    /// Valid config that is not served, one line each (log and `/config_dump`).
+    pub reports: Vec<String>,
+    /// A listener not bound to its port (`bind_to_port: false`, istiod's per-service
+    /// outbound listeners): its address and cluster, which an outbound capture listener
+    /// matches by original destination (SPEC §8).
+    pub captured: Option<(SocketAddr, String)>,
+}
+
+/// A translated Cluster.
+#[derive(Clone, Debug)]
+pub struct XdsCluster {
+    /// The cluster; an EDS cluster's endpoints arrive separately.
+    pub cluster: Cluster,
+    /// The ClusterLoadAssignment name an EDS cluster subscribes to.
+    pub eds_name: Option<String>,
+    /// It carries `istio.metadata_exchange` in its `filters` (SPEC §9).
+    pub exchange: bool,
+    /// Valid config that is not served.
+    pub reports: Vec<String>,
+}
+
+/// Decode an `Any` of the expected type.
+pub fn decode<M: Message + Default>(any: &Any, type_url: &str) -> Result<M, String> {
+    if any.type_url != type_url {
+        return Err(format!("resource of type {:?} in a {type_url} response", any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode: {e}"))
+}
+
+fn socket_address(addr: &Option<core::Address>) -> Result<SocketAddr, String> {
+    use core::address::Address as A;
+    use core::socket_address::PortSpecifier;
+    match addr.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(A::SocketAddress(sa)) => {
+            let ip: IpAddr =
+                sa.address.parse().map_err(|_| format!("address {:?} is not an IP address", sa.address))?;
+            let port = match sa.port_specifier {
+                Some(PortSpecifier::PortValue(p)) => {
+                    u16::try_from(p).map_err(|_| format!("port {p} out of range"))?
+                }
+                _ => return Err("address without a port_value".into()),
+            };
+            Ok(SocketAddr::new(ip, port))
+        }
+        Some(A::Pipe(p)) => Err(format!("unsupported address family: pipe {:?}", p.path)),
+        Some(A::EnvoyInternalAddress(_)) => Err("unsupported address family: envoy internal address".into()),
+        None => Err("no address".into()),
+    }
+}
+
+fn traffic_direction(d: i32) -> Direction {
+    match core::TrafficDirection::try_from(d) {
+        Ok(core::TrafficDirection::Inbound) => Direction::Inbound,
+        _ => Direction::Outbound,
+    }
+}
+
+/// A Listener: its address, its filter chains (their `filter_chain_match`, tcp_proxy route,
+/// `istio.stats`), `istio.metadata_exchange`, and `use_original_dst` (capture).
+pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error> {
+    let name = pb.name.as_str();
+    let bad = |reason: String| invalid("Listener", name, reason);
+    if name.is_empty() {
+        return Err(invalid("Listener", "", "a listener needs a name"));
+    }
+    let listen = socket_address(&pb.address).map_err(bad)?;
+    let direction = traffic_direction(pb.traffic_direction);
+    let mut reports = Vec::new();
+    let mut exchange = pb.listener_filters.iter().any(|f| f.name == METADATA_EXCHANGE);
+    let mut chains: Vec<FilterChain> = Vec::new();
+    let all =
+        pb.filter_chains.iter().map(|c| (c, false)).chain(pb.default_filter_chain.iter().map(|c| (c, true)));
+    for (i, (chain, default)) in all.enumerate() {
+        let what = match (default, chain.name.is_empty()) {
+            (true, _) => "default_filter_chain".to_string(),
+            (false, true) => format!("filter chain {i}"),
+            (false, false) => format!("filter chain {:?}", chain.name),
+        };
+        let mut fc = FilterChain { name: what.clone(), default, ..FilterChain::default() };
+        if let Some(m) = chain.filter_chain_match.as_ref().filter(|_| !default) {
+            if !m.server_names.is_empty()
+                || !m.source_prefix_ranges.is_empty()
+                || !m.source_ports.is_empty()
+                || !m.direct_source_prefix_ranges.is_empty()
+            {
+                reports.push(format!(
+                    "Listener/{name}: {what}: matches on server names or source: never taken yet"
+                ));
+                continue;
+            }
+            fc.destination_port = match m.destination_port {
+                Some(p) => Some(
+                    u16::try_from(p.value)
+                        .map_err(|_| bad(format!("{what}: destination_port {}", p.value)))?,
+                ),
+                None => None,
+            };
+            for r in &m.prefix_ranges {
+                let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
+                    bad(format!("{what}: prefix_ranges: {:?} is not an IP address", r.address_prefix))
+                })?;
+                let len = r.prefix_len.map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
+                let cidr = Cidr::try_from(format!("{ip}/{len}")).map_err(|e| bad(format!("{what}: {e}")))?;
+                fc.prefix_ranges.push(cidr);
+            }
+            fc.transport_protocol = (!m.transport_protocol.is_empty()).then(|| m.transport_protocol.clone());
+            fc.application_protocols = m.application_protocols.clone();
+            if fc.transport_protocol.as_deref() == Some("tls") || !fc.application_protocols.is_empty() {
+                reports.push(format!(
+                    "Listener/{name}: {what}: takes TLS connections only, which this listener does not terminate yet"
+                ));
+            }
+        }
+        if chain.filters.iter().any(|f| f.name == HTTP_CONNECTION_MANAGER) {
+            let why = "HTTP (http_connection_manager) is not served by an L4 proxy";
+            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+            fc.not_served = Some(why.into());
+            chains.push(fc);
+            continue;
+        }
+        let Some(proxy) = chain.filters.iter().find(|f| f.name == TCP_PROXY) else {
+            let why = "no tcp_proxy filter";
+            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+            fc.not_served = Some(why.into());
+            chains.push(fc);
+            continue;
+        };
+        match tcp_target(proxy).map_err(|r| bad(format!("{what}: {r}")))? {
+            TcpTarget::Cluster(c) => fc.cluster = Some(c),
+            TcpTarget::Weighted(routes) => fc.tcp_routes = Some(routes),
+        }
+        fc.istio_stats = chain.filters.iter().any(|f| f.name == ISTIO_STATS);
+        exchange |= chain.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
+        chains.push(fc);
+    }
+    // A chain that takes every plaintext connection of this listener.
+    let plain = |c: &FilterChain| {
+        c.not_served.is_none()
+            && c.destination_port.is_none_or(|p| p == listen.port())
+            && c.prefix_ranges.is_empty()
+            && c.transport_protocol.as_deref().is_none_or(|t| t == "raw_buffer")
+            && c.application_protocols.is_empty()
+    };
+    if pb.bind_to_port.is_some_and(|b| !b.value) {
+        // Reached through the capture listener by original destination, as in Envoy.
+        let captured = match chains.iter().find(|c| plain(c)) {
+            Some(FilterChain { cluster: Some(c), .. }) => Some((listen, c.clone())),
+            Some(_) => {
+                reports.push(format!(
+                    "Listener/{name}: bind_to_port false with weighted_clusters: not served yet through capture"
+                ));
+                None
+            }
+            None => None,
+        };
+        return Ok(XdsListener { listener: None, reports, captured });
+    }
+    let capture = match (pb.use_original_dst.is_some_and(|b| b.value), direction) {
+        (true, Direction::Inbound) => Capture::Inbound,
+        (true, Direction::Outbound) => Capture::Outbound,
+        _ => Capture::None,
+    };
+    let mut listener = base_listener(name, listen, direction, capture, exchange, false, version);
+    if capture != Capture::None {
+        // Routed by original destination (SPEC §8): outbound to the cluster holding it,
+        // inbound to its port on the local host, as istiod's per-port chains say.
+        if !chains.is_empty() {
+            reports.push(format!(
+                "Listener/{name}: filter chains of a capture listener: routed by original destination"
+            ));
+        }
+        return Ok(XdsListener { listener: Some(listener), reports, captured: None });
+    }
+    if chains.iter().all(|c| c.not_served.is_some()) {
+        return Ok(XdsListener { listener: None, reports, captured: None });
+    }
+    match &chains[..] {
+        // One chain for every connection: the plain listener model.
+        [only] if plain(only) => {
+            listener.cluster = only.cluster.clone();
+            listener.tcp_routes = only.tcp_routes.clone();
+            listener.istio_stats = only.istio_stats;
+        }
+        _ => {
+            listener.istio_stats = chains.iter().any(|c| c.istio_stats);
+            listener.filter_chains = chains;
+        }
+    }
+    Ok(XdsListener { listener: Some(listener), reports, captured: None })
+}
+
+fn base_listener(
+    name: &str,
+    listen: SocketAddr,
+    direction: Direction,
+    capture: Capture,
+    exchange: bool,
+    istio_stats: bool,
+    version: &str,
+) -> Listener {
+    Listener {
+        name: name.to_string(),
+        listen,
+        direction,
+        // Istio's exchange runs only inside mTLS with ALPN istio-peer-exchange (SPEC §2).
+        peer_exchange: if exchange { PeerExchange::Alpn } else { PeerExchange::Off },
+        cluster: None,
+        tcp_routes: None,
+        service: None,
+        capture,
+        limits: Default::default(),
+        tls: None,
+        istio_stats,
+        source: Some(format!("xds Listener/{name} version {version}")),
+        filter_chains: Vec::new(),
+    }
+}
+
+enum TcpTarget {
+    Cluster(String),
+    Weighted(Vec<TcpRoute>),
+}
+
+fn tcp_target(filter: &lds::Filter) -> Result<TcpTarget, String> {
+    use lds::filter::ConfigType;
+    use tcp_proxy::tcp_proxy::ClusterSpecifier;
+    let any = match &filter.config_type {
+        Some(ConfigType::TypedConfig(any)) => any,
+        _ => return Err("tcp_proxy without typed_config".into()),
+    };
+    let proxy: tcp_proxy::TcpProxy = decode(any, TCP_PROXY_TYPE)?;
+    match proxy.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => Ok(TcpTarget::Cluster(c)),
+        Some(ClusterSpecifier::WeightedClusters(w)) if !w.clusters.is_empty() => {
+            let mut routes = Vec::new();
+            for c in &w.clusters {
+                if c.name.is_empty() {
+                    return Err("tcp_proxy weighted_clusters: a cluster without a name".into());
+                }
+                if c.weight == 0 {
+                    return Err(format!("tcp_proxy weighted_clusters: cluster {}: weight 0", c.name));
+                }
+                routes.push(TcpRoute { cluster: c.name.clone(), subset: None, weight: i64::from(c.weight) });
+            }
+            Ok(TcpTarget::Weighted(routes))
+        }
+        _ => Err("tcp_proxy without a cluster".into()),
+    }
+}
+
+/// A Cluster: type EDS, STATIC or ORIGINAL_DST, `lb_policy`, `istio.services` metadata and
+/// `istio.metadata_exchange` in its `filters`.
+pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
+    use cds::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    let name = pb.name.as_str();
+    let bad = |reason: String| invalid("Cluster", name, reason);
+    if name.is_empty() {
+        return Err(invalid("Cluster", "", "a cluster needs a name"));
+    }
+    let mut reports = Vec::new();
+    let kind = match &pb.cluster_discovery_type {
+        None => DiscoveryType::Static,
+        Some(ClusterDiscoveryType::Type(t)) => {
+            DiscoveryType::try_from(*t).map_err(|_| bad(format!("unknown type {t}")))?
+        }
+        Some(ClusterDiscoveryType::ClusterType(c)) => {
+            reports.push(format!(
+                "Cluster/{name}: custom cluster type {:?}: no endpoints; its connections fail with UH",
+                c.name
+            ));
+            DiscoveryType::Static
+        }
+    };
+    let load_balancer = match LbPolicy::try_from(pb.lb_policy) {
+        Ok(LbPolicy::RoundRobin) => LoadBalancer::RoundRobin,
+        Ok(LbPolicy::LeastRequest) => LoadBalancer::LeastConnection,
+        Ok(LbPolicy::Random) => LoadBalancer::Random,
+        other => {
+            reports.push(format!("Cluster/{name}: lb_policy {other:?} served as ROUND_ROBIN"));
+            LoadBalancer::RoundRobin
+        }
+    };
+    let mut eds_name = None;
+    let endpoints = match kind {
+        DiscoveryType::Static => match &pb.load_assignment {
+            Some(cla) => lb_endpoints(cla).map_err(bad)?,
+            None => Vec::new(),
+        },
+        DiscoveryType::Eds => {
+            let service_name = pb.eds_cluster_config.as_ref().map(|c| c.service_name.as_str()).unwrap_or("");
+            eds_name = Some(if service_name.is_empty() { name } else { service_name }.to_string());
+            Vec::new()
+        }
+        DiscoveryType::OriginalDst => {
+            reports.push(format!(
+                "Cluster/{name}: ORIGINAL_DST: reached only through a capture listener (SPEC §8)"
+            ));
+            Vec::new()
+        }
+        DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
+            reports
+                .push(format!("Cluster/{name}: DNS clusters are not resolved; its connections fail with UH"));
+            Vec::new()
+        }
+    };
+    let services =
+        pb.metadata.as_ref().and_then(|m| m.filter_metadata.get("istio")).and_then(|s| field(s, "services"));
+    let first_service = match services {
+        Some(Kind::ListValue(list)) => list.values.first().and_then(|v| match &v.kind {
+            Some(Kind::StructValue(s)) => Some(s),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let service = first_service.and_then(|s| string(s, "host")).map(str::to_string);
+    let service_namespace = first_service.and_then(|s| string(s, "namespace")).map(str::to_string);
+    if pb
+        .transport_socket_matches
+        .iter()
+        .any(|m| m.r#match.as_ref().and_then(|s| string(s, "tlsMode")) == Some("istio"))
+    {
+        reports.push(format!("Cluster/{name}: tlsMode istio (ISTIO_MUTUAL) needs certificates over SDS, not served yet: plaintext"));
+    }
+    let exchange = pb.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
+    let cluster = Cluster {
+        name: name.to_string(),
+        service,
+        service_namespace,
+        service_port: None,
+        addresses: Vec::new(),
+        load_balancer,
+        endpoints,
+        subsets: Vec::new(),
+        tls: None,
+        source: Some(format!("xds Cluster/{name} version {version}")),
+    };
+    Ok(XdsCluster { cluster, eds_name, exchange, reports })
+}
+
+fn field<'a>(s: &'a Struct, key: &str) -> Option<&'a Kind> {
+    s.fields.get(key).and_then(|v| v.kind.as_ref())
+}
+
+fn string<'a>(s: &'a Struct, key: &str) -> Option<&'a str> {
+    match field(s, key) {
+        Some(Kind::StringValue(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// A ClusterLoadAssignment's endpoints.
+pub fn load_assignment(cla: &eds::ClusterLoadAssignment) -> Result<Vec<Endpoint>, Error> {
+    lb_endpoints(cla).map_err(|r| invalid("ClusterLoadAssignment", &cla.cluster_name, r))
+}
+
+/// Endpoints with their weights and `istio.workload` metadata
+/// (`name;namespace;canonical-name;canonical-revision;cluster`, as istiod writes it): the
+/// peer's identity when there is no exchange, app and version unknown (SPEC §9).
+fn lb_endpoints(cla: &eds::ClusterLoadAssignment) -> Result<Vec<Endpoint>, String> {
+    use eds::lb_endpoint::HostIdentifier;
+    let mut out = Vec::new();
+    for locality in &cla.endpoints {
+        for e in &locality.lb_endpoints {
+            let address = match &e.host_identifier {
+                Some(HostIdentifier::Endpoint(ep)) => socket_address(&ep.address)?,
+                _ => return Err("an endpoint without an address".into()),
+            };
+            let weight = match e.load_balancing_weight {
+                Some(w) if w.value == 0 => {
+                    return Err(format!("endpoint {address}: load_balancing_weight 0"));
+                }
+                w => w.map(|w| w.value),
+            };
+            let mut endpoint = Endpoint { weight, ..Endpoint::at(address) };
+            let workload = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("istio"))
+                .and_then(|s| string(s, "workload"));
+            if let Some(w) = workload {
+                let mut parts = w.split(';');
+                let mut next = || parts.next().unwrap_or("").to_string();
+                endpoint.workload_name = next();
+                endpoint.namespace = next();
+                for key in ["service.istio.io/canonical-name", "service.istio.io/canonical-revision"] {
+                    let v = next();
+                    if !v.is_empty() {
+                        endpoint.labels.insert(key.to_string(), v);
+                    }
+                }
+                endpoint.cluster_id = next();
+            }
+            out.push(endpoint);
+        }
+    }
+    Ok(out)
+}
+
+/// The resources last accepted, per type, with their versions.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    /// Listeners by name.
+    pub listeners: BTreeMap<String, XdsListener>,
+    /// Version of the last accepted Listener response.
+    pub listener_version: String,
+    /// Clusters by name.
+    pub clusters: BTreeMap<String, XdsCluster>,
+    /// Version of the last accepted Cluster response.
+    pub cluster_version: String,
+    /// Endpoints by ClusterLoadAssignment name.
+    pub endpoints: BTreeMap<String, Vec<Endpoint>>,
+    /// Version of the last accepted ClusterLoadAssignment response.
+    pub endpoint_version: String,
+}
+
+impl State {
+    /// The ClusterLoadAssignment names to subscribe to.
+    pub fn eds_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.clusters.values().filter_map(|c| c.eds_name.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Valid config that is not served, one line each.
+    pub fn reports(&self) -> impl Iterator<Item = &String> {
+        self.listeners
+            .values()
+            .flat_map(|l| &l.reports)
+            .chain(self.clusters.values().flat_map(|c| &c.reports))
+    }
+
+    /// `base` (the static config) with these resources beside it. A cluster a listener names
+    /// but the control plane has not sent (yet) is there without endpoints (`UH`).
+    pub fn merge(&self, base: &Config) -> Config {
+        let mut cfg = base.clone();
+        for x in self.clusters.values() {
+            let mut c = x.cluster.clone();
+            if let Some(eds) = &x.eds_name {
+                c.endpoints = self.endpoints.get(eds).cloned().unwrap_or_default();
+                c.source = Some(format!(
+                    "{}, ClusterLoadAssignment/{eds} version {}",
+                    c.source.unwrap_or_default(),
+                    self.endpoint_version
+                ));
+            }
+            cfg.clusters.push(c);
+        }
+        for x in self.listeners.values() {
+            if let Some((address, cluster)) = &x.captured
+                && let Some(c) = cfg.clusters.iter_mut().find(|c| &c.name == cluster)
+            {
+                c.addresses.push(*address);
+            }
+            let Some(mut l) = x.listener.clone() else { continue };
+            let mut targets: Vec<String> = Vec::new();
+            let routes = std::iter::once((&l.cluster, &l.tcp_routes))
+                .chain(l.filter_chains.iter().map(|c| (&c.cluster, &c.tcp_routes)));
+            for (cluster, tcp_routes) in routes {
+                targets.extend(cluster.iter().cloned());
+                targets.extend(tcp_routes.iter().flatten().map(|r| r.cluster.clone()));
+            }
+            // Outbound, Istio runs the exchange as the cluster's upstream filter.
+            if targets.iter().any(|t| self.clusters.get(t).is_some_and(|c| c.exchange)) {
+                l.peer_exchange = PeerExchange::Alpn;
+            }
+            for t in targets {
+                if !cfg.clusters.iter().any(|c| c.name == t) {
+                    cfg.clusters.push(Cluster {
+                        name: t.clone(),
+                        service: None,
+                        service_namespace: None,
+                        service_port: None,
+                        addresses: Vec::new(),
+                        load_balancer: LoadBalancer::RoundRobin,
+                        endpoints: Vec::new(),
+                        subsets: Vec::new(),
+                        tls: None,
+                        source: Some(format!("xds: named by Listener/{} but not sent (yet)", l.name)),
+                    });
+                }
+            }
+            cfg.listeners.push(l);
+        }
+        cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{ListValue, UInt32Value, Value};
+
+    fn addr(a: &str) -> Option<core::Address> {
+        let sa: SocketAddr = a.parse().unwrap();
+        Some(core::Address {
+            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                address: sa.ip().to_string(),
+                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(sa.port()))),
+                ..Default::default()
+            })),
+        })
+    }
+
+    fn any<M: Message>(type_url: &str, m: &M) -> Any {
+        Any { type_url: type_url.into(), value: m.encode_to_vec() }
+    }
+
+    fn filter(name: &str, any: Any) -> lds::Filter {
+        lds::Filter { name: name.into(), config_type: Some(lds::filter::ConfigType::TypedConfig(any)) }
+    }
+
+    fn proxy(spec: Option<tcp_proxy::tcp_proxy::ClusterSpecifier>) -> lds::Filter {
+        let p = tcp_proxy::TcpProxy { cluster_specifier: spec, ..Default::default() };
+        filter(TCP_PROXY, any(TCP_PROXY_TYPE, &p))
+    }
+
+    fn to(cluster: &str) -> lds::Filter {
+        proxy(Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(cluster.into())))
+    }
+
+    fn listener_with(chains: Vec<lds::FilterChain>) -> lds::Listener {
+        lds::Listener {
+            name: "l".into(),
+            address: addr("127.0.0.1:27017"),
+            traffic_direction: core::TrafficDirection::Inbound as i32,
+            filter_chains: chains,
+            ..Default::default()
+        }
+    }
+
+    fn chain(filters: Vec<lds::Filter>) -> lds::FilterChain {
+        lds::FilterChain { filters, ..Default::default() }
+    }
+
+    fn s(v: &str) -> Value {
+        Value { kind: Some(Kind::StringValue(v.into())) }
+    }
+
+    #[test]
+    fn a_tcp_listener_becomes_a_listener_with_stats_exchange_and_direction() {
+        let stats = filter(ISTIO_STATS, Any::default());
+        let mx = filter(METADATA_EXCHANGE, Any::default());
+        let x = listener(&listener_with(vec![chain(vec![mx, stats, to("inbound|27017||")])]), "7").unwrap();
+        let l = x.listener.unwrap();
+        assert_eq!(l.listen, "127.0.0.1:27017".parse().unwrap());
+        assert_eq!(l.direction, Direction::Inbound);
+        assert_eq!(l.peer_exchange, PeerExchange::Alpn);
+        assert!(l.istio_stats);
+        assert_eq!(l.cluster.as_deref(), Some("inbound|27017||"));
+        assert_eq!(l.source.as_deref(), Some("xds Listener/l version 7"));
+        // Without istio.stats, not counted; without the exchange, off.
+        let l = listener(&listener_with(vec![chain(vec![to("c")])]), "1").unwrap().listener.unwrap();
+        assert!(!l.istio_stats);
+        assert_eq!(l.peer_exchange, PeerExchange::Off);
+    }
+
+    #[test]
+    fn weight_zero_no_cluster_and_unknown_address_families_are_invalid_naming_the_listener() {
+        use tcp_proxy::tcp_proxy::{ClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight};
+        let weighted = |w: u32| {
+            let clusters = vec![
+                ClusterWeight { name: "a".into(), weight: 1, ..Default::default() },
+                ClusterWeight { name: "b".into(), weight: w, ..Default::default() },
+            ];
+            proxy(Some(ClusterSpecifier::WeightedClusters(WeightedCluster { clusters })))
+        };
+        let ok = listener(&listener_with(vec![chain(vec![weighted(3)])]), "1").unwrap().listener.unwrap();
+        let routes = ok.tcp_routes.unwrap();
+        assert_eq!(
+            routes.iter().map(|r| (r.cluster.as_str(), r.weight)).collect::<Vec<_>>(),
+            [("a", 1), ("b", 3)]
+        );
+        let e = listener(&listener_with(vec![chain(vec![weighted(0)])]), "1").unwrap_err();
+        assert_eq!(e.resource, "Listener/l");
+        assert!(e.reason.contains("cluster b: weight 0"), "{e}");
+        let e = listener(&listener_with(vec![chain(vec![proxy(None)])]), "1").unwrap_err();
+        assert!(e.reason.contains("without a cluster"), "{e}");
+        let mut pipe = listener_with(vec![chain(vec![to("c")])]);
+        pipe.address = Some(core::Address {
+            address: Some(core::address::Address::Pipe(core::Pipe { path: "/x".into(), mode: 0 })),
+        });
+        let e = listener(&pipe, "1").unwrap_err();
+        assert!(e.reason.contains("unsupported address family"), "{e}");
+    }
+
+    #[test]
+    fn http_chains_are_reported_and_chains_keep_their_matches() {
+        let hcm = filter(HTTP_CONNECTION_MANAGER, Any::default());
+        let x = listener(&listener_with(vec![chain(vec![hcm.clone()])]), "1").unwrap();
+        assert!(x.listener.is_none(), "an HTTP-only listener is not bound");
+        assert!(x.reports[0].contains("HTTP"), "{:?}", x.reports);
+        let mut tls = chain(vec![to("tls")]);
+        tls.filter_chain_match = Some(lds::FilterChainMatch {
+            transport_protocol: "tls".into(),
+            application_protocols: vec!["istio-peer-exchange".into()],
+            ..Default::default()
+        });
+        let mut ten = chain(vec![to("ten"), filter(ISTIO_STATS, Any::default())]);
+        ten.filter_chain_match = Some(lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 27017 }),
+            prefix_ranges: vec![core::CidrRange {
+                address_prefix: "10.0.0.0".into(),
+                prefix_len: Some(UInt32Value { value: 8 }),
+            }],
+            ..Default::default()
+        });
+        let mut pb = listener_with(vec![tls, ten, chain(vec![hcm])]);
+        pb.default_filter_chain = Some(chain(vec![to("fallback")]));
+        let x = listener(&pb, "1").unwrap();
+        let chains = x.listener.unwrap().filter_chains;
+        assert_eq!(chains.len(), 4);
+        assert_eq!(chains[0].transport_protocol.as_deref(), Some("tls"));
+        assert_eq!(String::from(chains[1].prefix_ranges[0]), "10.0.0.0/8");
+        assert_eq!((chains[1].destination_port, chains[1].istio_stats), (Some(27017), true));
+        assert!(chains[2].not_served.is_some(), "the HTTP chain closes its connections");
+        assert!(chains[3].default && chains[3].cluster.as_deref() == Some("fallback"));
+        assert!(x.reports.iter().any(|r| r.contains("TLS connections only")), "{:?}", x.reports);
+        // One chain that takes every connection: the plain model.
+        let mut same_port = chain(vec![to("plain")]);
+        same_port.filter_chain_match = Some(lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 27017 }),
+            ..Default::default()
+        });
+        let l = listener(&listener_with(vec![same_port]), "1").unwrap().listener.unwrap();
+        assert_eq!(l.cluster.as_deref(), Some("plain"));
+        assert!(l.filter_chains.is_empty());
+    }
+
+    #[test]
+    fn clusters_take_type_lb_policy_services_metadata_and_the_exchange_filter() {
+        use cds::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+        let service = Value {
+            kind: Some(Kind::StructValue(Struct {
+                fields: [
+                    ("host".to_string(), s("mongodb.prod.svc.cluster.local")),
+                    ("namespace".into(), s("prod")),
+                ]
+                .into_iter()
+                .collect(),
+            })),
+        };
+        let mut meta = core::Metadata::default();
+        meta.filter_metadata.insert(
+            "istio".into(),
+            Struct {
+                fields: [(
+                    "services".to_string(),
+                    Value { kind: Some(Kind::ListValue(ListValue { values: vec![service] })) },
+                )]
+                .into_iter()
+                .collect(),
+            },
+        );
+        let pb = cds::Cluster {
+            name: "outbound|27017|v1|mongodb.prod.svc.cluster.local".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            lb_policy: LbPolicy::Random as i32,
+            metadata: Some(meta),
+            filters: vec![cds::Filter { name: METADATA_EXCHANGE.into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let x = cluster(&pb, "3").unwrap();
+        assert_eq!(x.eds_name.as_deref(), Some(pb.name.as_str()), "no service_name: the cluster's name");
+        assert!(x.exchange);
+        assert_eq!(x.cluster.load_balancer, LoadBalancer::Random);
+        assert_eq!(x.cluster.service.as_deref(), Some("mongodb.prod.svc.cluster.local"));
+        assert_eq!(x.cluster.service_namespace.as_deref(), Some("prod"));
+        let lr = cds::Cluster { lb_policy: LbPolicy::LeastRequest as i32, ..pb.clone() };
+        assert_eq!(cluster(&lr, "3").unwrap().cluster.load_balancer, LoadBalancer::LeastConnection);
+        let dns = cds::Cluster {
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32)),
+            ..pb
+        };
+        assert!(cluster(&dns, "3").unwrap().reports[0].contains("DNS"));
+    }
+
+    #[test]
+    fn endpoints_carry_weights_and_the_istio_workload_string() {
+        let mut meta = core::Metadata::default();
+        meta.filter_metadata.insert(
+            "istio".into(),
+            Struct {
+                fields: [("workload".to_string(), s("mongodb-v1;prod;mongodb;v1;east"))]
+                    .into_iter()
+                    .collect(),
+            },
+        );
+        let endpoint = |weight: u32| eds::LbEndpoint {
+            host_identifier: Some(eds::lb_endpoint::HostIdentifier::Endpoint(eds::Endpoint {
+                address: addr("10.0.0.9:27017"),
+                ..Default::default()
+            })),
+            metadata: Some(meta.clone()),
+            load_balancing_weight: Some(UInt32Value { value: weight }),
+            ..Default::default()
+        };
+        let cla = |weight| eds::ClusterLoadAssignment {
+            cluster_name: "c".into(),
+            endpoints: vec![eds::LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint(weight)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = &load_assignment(&cla(5)).unwrap()[0];
+        assert_eq!(e.address, "10.0.0.9:27017".parse().unwrap());
+        assert_eq!(e.weight, Some(5));
+        assert_eq!(
+            (e.workload_name.as_str(), e.namespace.as_str(), e.cluster_id.as_str()),
+            ("mongodb-v1", "prod", "east")
+        );
+        assert_eq!(e.labels["service.istio.io/canonical-name"], "mongodb");
+        assert_eq!(e.labels["service.istio.io/canonical-revision"], "v1");
+        assert!(!e.labels.contains_key("app"), "app and version stay unknown");
+        let err = load_assignment(&cla(0)).unwrap_err();
+        assert_eq!(err.resource, "ClusterLoadAssignment/c");
+        assert!(err.reason.contains("load_balancing_weight 0"), "{err}");
+    }
+}
