@@ -4,6 +4,7 @@
 //! (FIN for an end, RST for a reset), memory stays bounded, and every connection is counted
 //! opened and closed exactly once.
 
+#[macro_use]
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
@@ -13,22 +14,6 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-
-/// Run a test body once per driver.
-macro_rules! with_both_drivers {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn uring() {
-                super::$name("uring");
-            }
-            #[test]
-            fn epoll() {
-                super::$name("epoll");
-            }
-        }
-    };
-}
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const CLOSED: &str = "istio_tcp_connections_closed_total";

@@ -4,6 +4,7 @@
 //! the limit is UF, counted once, and leaks nothing. The limit is lowered on the running
 //! process with util-linux's `prlimit --pid`, so it lands exactly on what the process holds.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -13,22 +14,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Run a test body once per driver.
-macro_rules! with_both_drivers {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn uring() {
-                super::$name("uring");
-            }
-            #[test]
-            fn epoll() {
-                super::$name("epoll");
-            }
-        }
-    };
-}
 
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const CLOSED: &str = "istio_tcp_connections_closed_total";

@@ -1,5 +1,6 @@
 //! SPEC §1 data path, through the real binary on loopback, with both drivers.
 
+#[macro_use]
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
@@ -7,22 +8,6 @@ use std::net::Shutdown;
 use std::thread;
 
 use common::*;
-
-/// Run a test body once per driver.
-macro_rules! with_both_drivers {
-    ($name:ident) => {
-        mod $name {
-            #[test]
-            fn uring() {
-                super::$name("uring");
-            }
-            #[test]
-            fn epoll() {
-                super::$name("epoll");
-            }
-        }
-    };
-}
 
 fn plain(upstream: std::net::SocketAddr, driver: &str, extra: &[&str]) -> Ringside {
     let mut args = vec!["--peer-exchange", "off", "--driver", driver];

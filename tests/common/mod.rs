@@ -1,6 +1,23 @@
 //! Shared test code: spawn the real binary on free ports, backends, scrapes, deadlines.
 #![allow(dead_code)]
 
+/// Run a test body once per driver (`#[macro_use] mod common;` in the test file).
+#[allow(unused_macros)]
+macro_rules! with_both_drivers {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn uring() {
+                super::$name("uring");
+            }
+            #[test]
+            fn epoll() {
+                super::$name("epoll");
+            }
+        }
+    };
+}
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
