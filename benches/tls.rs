@@ -52,9 +52,9 @@ struct Pair {
 
 fn configs(provider: CryptoProvider, server: &Files, client: &Files) -> Pair {
     let provider = Arc::new(provider);
-    let role = Role::Client { subject_alt_names: vec![SERVER_ID.into()], server_name: None };
+    let role = Role::mesh_client(vec![SERVER_ID.into()], None);
     Pair {
-        server: build_with(provider.clone(), server, &Role::Server).unwrap(),
+        server: build_with(provider.clone(), server, &Role::mesh_server()).unwrap(),
         client: build_with(provider, client, &role).unwrap(),
     }
 }

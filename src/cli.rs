@@ -261,7 +261,9 @@ impl RunArgs {
             n.labels.insert(k.to_string(), v.to_string());
         }
         if let Some(address) = self.xds {
-            cfg.xds = Some(config::Xds { address });
+            // The flag sets the address; certificates stay as the file says.
+            let certificates = cfg.xds.take().and_then(|x| x.certificates);
+            cfg.xds = Some(config::Xds { address, certificates });
         }
         if let Some(w) = self.workers {
             cfg.workers = Some(w);

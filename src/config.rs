@@ -89,6 +89,34 @@ pub struct Config {
 pub struct Xds {
     /// The ADS server: `HOST:PORT` or `unix:PATH`.
     pub address: String,
+    /// The workload certificate files that the SDS secrets `default` (certificate and key)
+    /// and `ROOTCA` (mesh root) named in xDS TLS contexts stand for: what Istio's agent
+    /// writes with file-mounted or output certificates (SPEC §7, §9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificateFiles>,
+}
+
+/// The PEM files of a workload identity (`cert-chain.pem`, `key.pem`, `root-cert.pem`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert_chain: String,
+    /// PEM private key.
+    pub private_key: String,
+    /// PEM mesh root.
+    pub root_cert: String,
+}
+
+/// The SDS secret names an xDS TLS context gave (SPEC §9), shown in `/config_dump` beside
+/// the files they resolved to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secrets {
+    /// `tls_certificate_sds_secret_configs[0].name` (Istio: `default`).
+    pub certificate: String,
+    /// `validation_context_sds_secret_config.name` (Istio: `ROOTCA`).
+    pub validation: String,
 }
 
 impl Default for Config {
@@ -369,6 +397,25 @@ pub struct FilterChain {
     /// Why it serves no connection (an HTTP chain): its connections close with `NR`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_served: Option<String>,
+    /// Its DownstreamTlsContext: connections that take it are TLS-terminated (SPEC §7, §9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ChainTls>,
+}
+
+/// A filter chain's TLS server side, from an xDS DownstreamTlsContext.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainTls {
+    /// The SDS secrets it names.
+    pub secrets: Secrets,
+    /// The files they resolved to (`xds.certificates`, or a `file-cert:`/`file-root:` name).
+    pub files: CertificateFiles,
+    /// ALPN the server offers, in preference order (empty: Istio's `istio-peer-exchange`,
+    /// `istio`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+    /// A client certificate signed by the mesh root is required (Istio's mTLS).
+    pub require_client_certificate: bool,
 }
 
 /// An address range, `ADDR/LEN`.
@@ -607,6 +654,10 @@ pub struct Endpoint {
     /// Relative load-balancing weight (xDS `load_balancing_weight`); default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// xDS: its `filter_metadata["envoy.transport_socket_match"]` (Istio: `tlsMode: istio`
+    /// on a workload with a sidecar), which picks its cluster's transport socket.
+    #[serde(default, skip_deserializing, skip_serializing_if = "BTreeMap::is_empty")]
+    pub transport_socket_match: BTreeMap<String, String>,
 }
 
 impl Endpoint {
@@ -620,6 +671,7 @@ impl Endpoint {
             service_account: String::new(),
             cluster_id: String::new(),
             weight: None,
+            transport_socket_match: BTreeMap::new(),
         }
     }
 }
@@ -653,6 +705,73 @@ pub struct ClusterTls {
     /// Expected SPIFFE ids of the upstream.
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// xDS: SPIFFE id prefixes also accepted (Istio's trust domain aliases, `prefix` SAN
+    /// matchers).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_name_prefixes: Vec<String>,
+    /// xDS: the SDS secrets its UpstreamTlsContext named (the files above are what they
+    /// resolved to).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Secrets>,
+    /// xDS: ALPN offered (empty: Istio's `istio-peer-exchange`, `istio`).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+    /// xDS: SNI sent (else the cluster's service host).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// xDS `transport_socket_matches`, in order: an endpoint takes the first whose criteria
+    /// its `envoy.transport_socket_match` metadata hold (Istio: `tlsMode-istio` → TLS,
+    /// `tlsMode-disabled` → plaintext).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_matches: Vec<SocketMatch>,
+    /// xDS: an endpoint no match takes is plaintext (the cluster's own `transport_socket`
+    /// is not TLS). Static config: every endpoint speaks TLS.
+    #[serde(default, skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    pub unmatched_plaintext: bool,
+}
+
+/// One xDS `transport_socket_matches` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketMatch {
+    /// Its name (`tlsMode-istio`).
+    pub name: String,
+    /// Metadata an endpoint must hold (all of them; none: every endpoint).
+    pub criteria: BTreeMap<String, String>,
+    /// TLS (the cluster's context), else plaintext.
+    pub tls: bool,
+}
+
+impl ListenerTls {
+    /// Its three files.
+    pub fn files(&self) -> CertificateFiles {
+        CertificateFiles {
+            cert_chain: self.cert_chain.clone(),
+            private_key: self.private_key.clone(),
+            root_cert: self.root_cert.clone(),
+        }
+    }
+}
+
+impl ClusterTls {
+    /// Its three files.
+    pub fn files(&self) -> CertificateFiles {
+        CertificateFiles {
+            cert_chain: self.cert_chain.clone(),
+            private_key: self.private_key.clone(),
+            root_cert: self.root_cert.clone(),
+        }
+    }
+
+    /// Whether a connection to `endpoint` speaks TLS, as Envoy picks a transport socket per
+    /// endpoint: the first match whose criteria the endpoint's metadata hold, else the
+    /// cluster's own.
+    pub fn applies_to(&self, endpoint: &Endpoint) -> bool {
+        let holds = |m: &&SocketMatch| {
+            m.criteria.iter().all(|(k, v)| endpoint.transport_socket_match.get(k) == Some(v))
+        };
+        self.endpoint_matches.iter().find(holds).map_or(!self.unmatched_plaintext, |m| m.tls)
+    }
 }
 
 /// A listen address, or `off`.

@@ -120,6 +120,39 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
         },
         None => down,
     };
+    // Filter chains (SPEC §9): one is chosen per connection, by its destination and, where a
+    // chain asks for a transport protocol or ALPN (Envoy's tls_inspector), its ClientHello,
+    // peeked. A chain with a DownstreamTlsContext terminates TLS in `mtls`.
+    if listener.capture == Capture::None && !listener.filter_chains.is_empty() {
+        let inspect = listener
+            .filter_chains
+            .iter()
+            .any(|c| c.transport_protocol.as_deref() == Some("tls") || !c.application_protocols.is_empty());
+        let hello = match inspect {
+            false => None,
+            true => monoio::select! {
+                r = Box::pin(mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0)) => r?,
+                _ = conn.cancel.wait() => {
+                    cut(conn, down, None);
+                    return Ok(());
+                }
+            },
+        };
+        let dst = down.local_addr()?;
+        let chain = match &hello {
+            None => routing::select_chain(&listener.filter_chains, dst, "raw_buffer", &[]),
+            Some(alpn) => {
+                let alpn: Vec<&str> = alpn.iter().map(String::as_str).collect();
+                routing::select_chain(&listener.filter_chains, dst, "tls", &alpn)
+            }
+        };
+        conn.chain.set(chain);
+        let slots = conn.snapshot.tls.chains.get(li);
+        if let Some(slot) = chain.and_then(|c| slots?.get(c)?.as_ref()) {
+            mtls::serve_inbound(ctx, li, conn, slot, down).await?;
+            return Ok(());
+        }
+    }
     // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
     // that an idle, established connection should not carry for the rest of its life. Both
     // borrow the sockets rather than own them, so a cancel (idle timeout, drain deadline)
@@ -133,9 +166,7 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
         return Ok(());
     };
     // An mTLS cluster (SPEC §7): the TLS client, the exchange inside it and the copy.
-    if let Some((c, _)) = conn.upstream.get()
-        && let Some(Some(slot)) = conn.snapshot.tls.clusters.get(c)
-    {
+    if let Some(slot) = upstream_tls(conn) {
         return mtls::serve_outbound(ctx, listener, conn, down, up, slot).await;
     }
     // The downstream inherits TCP_NODELAY from its listener socket.
@@ -159,6 +190,19 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
             cut(conn, down, Some(up));
             Ok(())
         }
+    }
+}
+
+/// The TLS client config of the cluster the connection was routed to, when it speaks TLS to
+/// the chosen endpoint (an xDS cluster picks it per endpoint: Istio's `tlsMode-istio`).
+fn upstream_tls(conn: &Conn) -> Option<&crate::tls::Slot> {
+    let (c, e) = conn.upstream.get()?;
+    let slot = conn.snapshot.tls.clusters.get(c)?.as_ref()?;
+    let cluster = conn.snapshot.config.clusters.get(c)?;
+    let tls = cluster.tls.as_ref()?;
+    match e.and_then(|e| cluster.endpoints.get(e)) {
+        Some(endpoint) => tls.applies_to(endpoint).then_some(slot),
+        None => (tls.endpoint_matches.is_empty() && !tls.unmatched_plaintext).then_some(slot),
     }
 }
 
@@ -211,7 +255,7 @@ async fn exchange(
 
 /// Connect as the listener says: by its route, or by the original destination of a captured
 /// connection.
-async fn connect_any(
+pub(crate) async fn connect_any(
     ctx: &WorkerCtx,
     li: usize,
     conn: &Conn,
@@ -220,9 +264,8 @@ async fn connect_any(
 ) -> Result<TcpStream, Error> {
     match listener.capture {
         Capture::None if !listener.filter_chains.is_empty() => {
-            // The chain its destination matches (SPEC §9); plaintext: raw_buffer, no ALPN.
-            let chain = routing::select_chain(&listener.filter_chains, down.local_addr()?, "raw_buffer", &[]);
-            conn.chain.set(chain);
+            // The chain `relay` chose (SPEC §9).
+            let chain = conn.chain.get();
             let target = chain.and_then(|c| conn.snapshot.router.route_chain(li, c)).ok_or(Error::NoRoute)?;
             connect(li, conn, listener, Some(target)).await
         }

@@ -22,8 +22,8 @@ pub struct Published {
     /// Live connections per listener (by index) across workers, for `max_connections`: a
     /// listener that stays (same name) keeps its counter across publications.
     pub live: Vec<Arc<AtomicUsize>>,
-    /// TLS certificates per listener and cluster (by index of `config`): the static config's,
-    /// loaded at start-up and carried over by name ([`Certs::rekeyed`]).
+    /// TLS certificates per listener, filter chain and cluster (by index of `config`), kept
+    /// across publications for the same files ([`Certs::next`]).
     pub tls: Arc<Certs>,
 }
 
@@ -34,9 +34,8 @@ impl Published {
         Published { generation: 1, config: Arc::new(config), live, tls }
     }
 
-    /// The publication that replaces this one with `config`.
-    pub fn next(&self, config: Config) -> Published {
-        let tls = Arc::new(Certs::rekeyed(&self.tls, &self.config, &config));
+    /// The publication that replaces this one with `config` and its certificates.
+    pub fn next(&self, config: Config, tls: Arc<Certs>) -> Published {
         let old: HashMap<&str, &Arc<AtomicUsize>> =
             self.config.listeners.iter().map(|l| l.name.as_str()).zip(&self.live).collect();
         let live = config
@@ -113,7 +112,7 @@ clusters:
         s1.router.connected(0, 0);
         let b = A.replace("  - {name: a, listen: 127.0.0.1:1, direction: outbound, cluster: db}\n", "");
         let b = b.replace("{address: 127.0.0.1:10}, ", "{address: 127.0.0.1:12}, {address: 127.0.0.1:10}, ");
-        let second = first.next(cfg(&b));
+        let second = first.next(cfg(&b), Default::default());
         assert_eq!(second.generation, 2);
         assert_eq!(second.live[0].load(Ordering::Relaxed), 3, "listener b kept its counter");
         let s2 = Snapshot::new(&second, 7, Some(&s1));

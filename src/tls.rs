@@ -5,6 +5,7 @@
 //! Workers never touch files: they load the current config of a listener or cluster (one
 //! atomic load per new connection) and a side thread replaces it when the files change.
 
+pub mod hello;
 pub mod stream;
 
 use std::collections::HashMap;
@@ -49,7 +50,7 @@ pub enum Error {
 
 /// The three PEM files of a workload identity, as Istio mounts them (`cert-chain.pem`,
 /// `key.pem`, `root-cert.pem`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Files {
     /// Workload certificate chain, leaf first.
     pub cert_chain: PathBuf,
@@ -60,18 +61,45 @@ pub struct Files {
 }
 
 /// Which side of the handshake a config is for.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
-    /// Inbound listener: require a client certificate signed by the mesh root.
-    Server,
+    /// Inbound: offer `alpn` (empty: Istio's), and require a client certificate signed by
+    /// the mesh root unless told otherwise (an xDS DownstreamTlsContext may say so).
+    Server {
+        /// ALPN offered, in preference order.
+        alpn: Vec<String>,
+        /// Refuse a client without a certificate (Istio's mTLS always does).
+        require_client_certificate: bool,
+    },
     /// Outbound cluster: verify the server against the root and these SPIFFE ids (any
-    /// mesh identity when empty); `server_name` is sent as SNI.
+    /// mesh identity when both lists are empty); `server_name` is sent as SNI.
     Client {
         /// Expected SPIFFE URI SANs of the upstream.
         subject_alt_names: Vec<String>,
+        /// SPIFFE id prefixes also accepted (xDS `prefix` SAN matchers).
+        subject_alt_name_prefixes: Vec<String>,
         /// SNI: the cluster's service host, or the endpoint's IP (no SNI) without one.
         server_name: Option<String>,
+        /// ALPN offered (empty: Istio's).
+        alpn: Vec<String>,
     },
+}
+
+impl Role {
+    /// An Istio mTLS server: Istio's ALPN, client certificate required.
+    pub fn mesh_server() -> Role {
+        Role::Server { alpn: Vec::new(), require_client_certificate: true }
+    }
+
+    /// An Istio mTLS client expecting one of `subject_alt_names` (any when empty).
+    pub fn mesh_client(subject_alt_names: Vec<String>, server_name: Option<String>) -> Role {
+        Role::Client {
+            subject_alt_names,
+            subject_alt_name_prefixes: Vec::new(),
+            server_name,
+            alpn: Vec::new(),
+        }
+    }
 }
 
 /// A built config and the local principal from our own certificate.
@@ -93,13 +121,17 @@ pub struct Slot {
     /// Server or client.
     pub role: Role,
     current: ArcSwap<Configured>,
+    /// The files' fingerprints when they were last loaded (successfully or not), so the
+    /// reload thread sees a change made at any time after, also to a slot built later.
+    seen: ArcSwap<[Option<Fingerprint>; 3]>,
 }
 
 impl Slot {
     /// Load the files and build the config; an error names the file.
     pub fn new(files: Files, role: Role) -> Result<Slot, Error> {
+        let seen = ArcSwap::from_pointee(fingerprints(&files));
         let built = build(&files, &role)?;
-        Ok(Slot { files, role, current: ArcSwap::from_pointee(built) })
+        Ok(Slot { files, role, current: ArcSwap::from_pointee(built), seen })
     }
 
     /// The config to use for a new connection (live connections keep the one they had).
@@ -110,17 +142,20 @@ impl Slot {
     /// Load the files again; on success new connections use the result, on failure the
     /// previous config stays.
     pub fn reload(&self) -> Result<(), Error> {
+        self.seen.store(Arc::new(fingerprints(&self.files)));
         let built = build(&self.files, &self.role)?;
         self.current.store(Arc::new(built));
         Ok(())
     }
 }
 
-/// Every listener's and cluster's TLS slot, by index (`None`: plaintext).
+/// Every listener's, filter chain's and cluster's TLS slot, by index (`None`: plaintext).
 #[derive(Default)]
 pub struct Certs {
-    /// Per listener (server side).
+    /// Per listener (server side, a static listener's `tls:`).
     pub listeners: Vec<Option<Arc<Slot>>>,
+    /// Per listener, per filter chain (server side, an xDS chain's DownstreamTlsContext).
+    pub chains: Vec<Vec<Option<Arc<Slot>>>>,
     /// Per cluster (client side).
     pub clusters: Vec<Option<Arc<Slot>>>,
 }
@@ -128,87 +163,107 @@ pub struct Certs {
 impl std::fmt::Debug for Certs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let count = |v: &[Option<Arc<Slot>>]| v.iter().flatten().count();
-        write!(f, "Certs {{ listeners: {}, clusters: {} }}", count(&self.listeners), count(&self.clusters))
+        let chains: usize = self.chains.iter().map(|c| count(c)).sum();
+        let (l, c) = (count(&self.listeners), count(&self.clusters));
+        write!(f, "Certs {{ listeners: {l}, chains: {chains}, clusters: {c} }}")
+    }
+}
+
+/// A certificate set a resource asks for could not be loaded: which resource and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct LoadError {
+    /// `Listener/NAME` or `Cluster/NAME` (with the filter chain).
+    pub what: String,
+    /// The file and why.
+    pub source: Error,
+}
+
+fn files(f: &crate::config::CertificateFiles) -> Files {
+    Files {
+        cert_chain: f.cert_chain.clone().into(),
+        private_key: f.private_key.clone().into(),
+        root_cert: f.root_cert.clone().into(),
     }
 }
 
 impl Certs {
     /// Load every configured certificate set; a file that fails is a config error naming it.
-    pub fn load(config: &crate::config::Config) -> Result<Certs, Error> {
-        let files = |cert_chain: &str, private_key: &str, root_cert: &str| Files {
-            cert_chain: cert_chain.into(),
-            private_key: private_key.into(),
-            root_cert: root_cert.into(),
+    pub fn load(config: &crate::config::Config) -> Result<Certs, LoadError> {
+        Certs::next(&Certs::default(), config)
+    }
+
+    /// The slots for `config`: one that `old` holds for the same files and role is kept (a
+    /// listener, chain or cluster that stays keeps its certificates and their reloads);
+    /// others are loaded now (xDS resources that ask for TLS, SPEC §9). Items with the same
+    /// files and role share a slot. A file that fails names the resource that asked.
+    pub fn next(old: &Certs, config: &crate::config::Config) -> Result<Certs, LoadError> {
+        let mut known: HashMap<(Files, Role), Arc<Slot>> = HashMap::new();
+        for s in old.slots() {
+            known.insert((s.files.clone(), s.role.clone()), s);
+        }
+        let mut slot = |what: &dyn Fn() -> String, files: Files, role: Role| {
+            if let Some(s) = known.get(&(files.clone(), role.clone())) {
+                return Ok(Arc::clone(s));
+            }
+            let s = Arc::new(
+                Slot::new(files.clone(), role.clone())
+                    .map_err(|source| LoadError { what: what(), source })?,
+            );
+            known.insert((files, role), Arc::clone(&s));
+            Ok(s)
         };
         let mut certs = Certs::default();
         for l in &config.listeners {
-            let slot = match &l.tls {
-                Some(t) => Some(Arc::new(Slot::new(
-                    files(&t.cert_chain, &t.private_key, &t.root_cert),
-                    Role::Server,
-                )?)),
+            let what = || format!("Listener/{}", l.name);
+            certs.listeners.push(match &l.tls {
+                Some(t) => Some(slot(&what, files(&t.files()), Role::mesh_server())?),
                 None => None,
-            };
-            certs.listeners.push(slot);
+            });
+            let mut chains = Vec::new();
+            for c in &l.filter_chains {
+                let what = || format!("Listener/{}: {}", l.name, c.name);
+                chains.push(match &c.tls {
+                    Some(t) => {
+                        let role = Role::Server {
+                            alpn: t.alpn.clone(),
+                            require_client_certificate: t.require_client_certificate,
+                        };
+                        Some(slot(&what, files(&t.files), role)?)
+                    }
+                    None => None,
+                });
+            }
+            certs.chains.push(chains);
         }
         for c in &config.clusters {
-            let slot = match &c.tls {
+            let what = || format!("Cluster/{}", c.name);
+            certs.clusters.push(match &c.tls {
                 Some(t) => {
                     let role = Role::Client {
                         subject_alt_names: t.subject_alt_names.clone(),
-                        server_name: c.service.clone(),
+                        subject_alt_name_prefixes: t.subject_alt_name_prefixes.clone(),
+                        server_name: t.sni.clone().or_else(|| c.service.clone()),
+                        alpn: t.alpn.clone(),
                     };
-                    Some(Arc::new(Slot::new(files(&t.cert_chain, &t.private_key, &t.root_cert), role)?))
+                    Some(slot(&what, files(&t.files()), role)?)
                 }
                 None => None,
-            };
-            certs.clusters.push(slot);
+            });
         }
         Ok(certs)
     }
 
-    /// The slots of `old` (certificates for `old_config`) re-keyed by name for `config`, so
-    /// an index never points at another listener's or cluster's certificates after a swap. A
-    /// listener or cluster keeps its slot when it keeps its name and still asks for TLS; one
-    /// that newly asks for TLS has none (certificates arrive only with the static config:
-    /// SDS is not built, SPEC §9), which [`Certs::missing`] reports.
-    pub fn rekeyed(old: &Certs, old_config: &crate::config::Config, config: &crate::config::Config) -> Certs {
-        fn by_name<'a>(
-            names: impl Iterator<Item = &'a str>,
-            slots: &'a [Option<Arc<Slot>>],
-        ) -> HashMap<&'a str, &'a Arc<Slot>> {
-            names.zip(slots).filter_map(|(n, s)| Some((n, s.as_ref()?))).collect()
-        }
-        let listeners = by_name(old_config.listeners.iter().map(|l| l.name.as_str()), &old.listeners);
-        let clusters = by_name(old_config.clusters.iter().map(|c| c.name.as_str()), &old.clusters);
-        Certs {
-            listeners: (config.listeners.iter())
-                .map(|l| l.tls.as_ref().and(listeners.get(l.name.as_str())).map(|s| Arc::clone(s)))
-                .collect(),
-            clusters: (config.clusters.iter())
-                .map(|c| c.tls.as_ref().and(clusters.get(c.name.as_str())).map(|s| Arc::clone(s)))
-                .collect(),
-        }
-    }
-
-    /// The first listener or cluster of `config` that asks for TLS but has no certificates
-    /// here, as "Listener/NAME" or "Cluster/NAME".
-    pub fn missing(&self, config: &crate::config::Config) -> Option<String> {
-        let listeners = config.listeners.iter().enumerate();
-        let clusters = config.clusters.iter().enumerate();
-        (listeners.filter(|(i, l)| l.tls.is_some() && self.listeners.get(*i).is_none_or(Option::is_none)))
-            .map(|(_, l)| format!("Listener/{}", l.name))
-            .chain(
-                clusters
-                    .filter(|(i, c)| c.tls.is_some() && self.clusters.get(*i).is_none_or(Option::is_none))
-                    .map(|(_, c)| format!("Cluster/{}", c.name)),
-            )
-            .next()
-    }
-
-    /// All slots, for the reload thread.
+    /// All distinct slots, for the reload thread.
     pub fn slots(&self) -> Vec<Arc<Slot>> {
-        self.listeners.iter().chain(&self.clusters).flatten().cloned().collect()
+        let mut all: Vec<Arc<Slot>> = Vec::new();
+        let every = self.listeners.iter().chain(self.chains.iter().flatten()).chain(&self.clusters);
+        for s in every.flatten() {
+            if !all.iter().any(|a| Arc::ptr_eq(a, s)) {
+                all.push(Arc::clone(s));
+            }
+        }
+        all
     }
 }
 
@@ -228,12 +283,16 @@ pub fn build_with(provider: Arc<CryptoProvider>, files: &Files, role: &Role) -> 
     let key = load_key(&files.private_key)?;
     let roots = Arc::new(load_roots(&files.root_cert)?);
     let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
-    let alpn = vec![ALPN_PEER_EXCHANGE.to_vec(), ALPN_ISTIO.to_vec()];
     let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
     let versions = rustls::ALL_VERSIONS;
     match role {
-        Role::Server => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        Role::Server { alpn, require_client_certificate } => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+            let verifier = match require_client_certificate {
+                true => verifier,
+                false => verifier.allow_unauthenticated(),
+            };
+            let verifier = verifier
                 .build()
                 .map_err(|e| Error::File { path: files.root_cert.clone(), why: e.to_string() })?;
             let mut c = ServerConfig::builder_with_provider(provider)
@@ -242,13 +301,14 @@ pub fn build_with(provider: Arc<CryptoProvider>, files: &Files, role: &Role) -> 
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs, key)
                 .map_err(key_err)?;
-            c.alpn_protocols = alpn;
+            c.alpn_protocols = server_alpn(alpn);
             Ok(Configured { server: Some(Arc::new(c)), client: None, local_principal, server_name: None })
         }
-        Role::Client { subject_alt_names, server_name } => {
+        Role::Client { subject_alt_names, subject_alt_name_prefixes, server_name, alpn } => {
             let verifier = Arc::new(SpiffeVerifier {
                 roots,
                 subject_alt_names: subject_alt_names.clone(),
+                subject_alt_name_prefixes: subject_alt_name_prefixes.clone(),
                 algs: provider.signature_verification_algorithms,
             });
             let mut c = ClientConfig::builder_with_provider(provider)
@@ -258,11 +318,34 @@ pub fn build_with(provider: Arc<CryptoProvider>, files: &Files, role: &Role) -> 
                 .with_custom_certificate_verifier(verifier)
                 .with_client_auth_cert(certs, key)
                 .map_err(key_err)?;
-            c.alpn_protocols = alpn;
+            c.alpn_protocols = match alpn.is_empty() {
+                true => istio_alpn(),
+                false => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            };
             let server_name = server_name.as_deref().and_then(|n| ServerName::try_from(n.to_owned()).ok());
             Ok(Configured { server: None, client: Some(Arc::new(c)), local_principal, server_name })
         }
     }
+}
+
+/// Istio's mesh ALPN: `istio-peer-exchange`, then `istio`.
+fn istio_alpn() -> Vec<Vec<u8>> {
+    vec![ALPN_PEER_EXCHANGE.to_vec(), ALPN_ISTIO.to_vec()]
+}
+
+/// The server's ALPN: as configured (else Istio's), and `istio` last when missing. rustls
+/// fails a handshake whose client offers ALPN the server lacks, where Envoy (BoringSSL)
+/// goes on without one: an Istio client offering only `istio` must still get through
+/// (istiod's TCP inbound list is `istio-peer-exchange`, `h2`, `http/1.1`).
+fn server_alpn(alpn: &[String]) -> Vec<Vec<u8>> {
+    if alpn.is_empty() {
+        return istio_alpn();
+    }
+    let mut out: Vec<Vec<u8>> = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    if !out.iter().any(|p| p == ALPN_ISTIO) {
+        out.push(ALPN_ISTIO.to_vec());
+    }
+    out
 }
 
 fn file_err(path: &Path, why: impl std::fmt::Display) -> Error {
@@ -321,6 +404,7 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
 struct SpiffeVerifier {
     roots: Arc<RootCertStore>,
     subject_alt_names: Vec<String>,
+    subject_alt_name_prefixes: Vec<String>,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -341,9 +425,13 @@ impl ServerCertVerifier for SpiffeVerifier {
             now,
             self.algs.all,
         )?;
-        if !self.subject_alt_names.is_empty() {
+        if !self.subject_alt_names.is_empty() || !self.subject_alt_name_prefixes.is_empty() {
             let id = spiffe_id(end_entity);
-            if !id.is_some_and(|id| self.subject_alt_names.contains(&id)) {
+            let ok = |id: &String| {
+                self.subject_alt_names.contains(id)
+                    || self.subject_alt_name_prefixes.iter().any(|p| id.starts_with(p.as_str()))
+            };
+            if !id.as_ref().is_some_and(ok) {
                 return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
             }
         }
@@ -397,23 +485,23 @@ fn fingerprints(f: &Files) -> [Option<Fingerprint>; 3] {
     [fingerprint(&f.cert_chain), fingerprint(&f.private_key), fingerprint(&f.root_cert)]
 }
 
-/// Poll every slot's files each `period` on a side thread (never a worker) and reload those
-/// that changed. A failed load logs one line naming the file and keeps the previous config;
-/// it is retried when the files change again.
-pub fn watch(slots: Vec<Arc<Slot>>, period: Duration) -> std::io::Result<()> {
-    if slots.is_empty() {
-        return Ok(());
-    }
-    let mut seen: Vec<_> = slots.iter().map(|s| fingerprints(&s.files)).collect();
+/// Poll the files of every slot `slots` returns each `period` on a side thread (never a
+/// worker) and reload those that changed since they were last loaded. A failed load logs
+/// one line naming the file and keeps the previous config; it is retried when the files
+/// change again. `slots` is asked each time, so slots built later (xDS resources) are
+/// watched too; `None` ends the thread.
+pub fn watch(
+    slots: impl Fn() -> Option<Vec<Arc<Slot>>> + Send + 'static,
+    period: Duration,
+) -> std::io::Result<()> {
     std::thread::Builder::new().name("tls-reload".into()).spawn(move || {
         loop {
             std::thread::sleep(period);
-            for (slot, seen) in slots.iter().zip(seen.iter_mut()) {
-                let now = fingerprints(&slot.files);
-                if now == *seen {
+            let Some(slots) = slots() else { return };
+            for slot in slots {
+                if fingerprints(&slot.files) == **slot.seen.load() {
                     continue;
                 }
-                *seen = now;
                 match slot.reload() {
                     Ok(()) => log::info!("tls: reloaded {}", slot.files.cert_chain.display()),
                     Err(e) => log::warn!("tls: reload failed, previous certificate stays in use: {e}"),
@@ -475,43 +563,49 @@ mod tests {
     const RATINGS: &str = "spiffe://cluster.local/ns/default/sa/ratings";
 
     #[test]
-    fn certificates_follow_their_listener_by_name_across_a_config_swap() {
+    fn certificates_follow_their_files_across_a_config_swap_and_new_ones_load_naming_the_resource() {
         let dir = tmpdir("rekey");
         let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
-        let tls = format!(
-            "{{mode: strict, cert_chain: {}, private_key: {}, root_cert: {}}}",
-            f.cert_chain.display(),
-            f.private_key.display(),
-            f.root_cert.display()
-        );
+        let tls = |chain: &Path| {
+            format!(
+                "{{mode: strict, cert_chain: {}, private_key: {}, root_cert: {}}}",
+                chain.display(),
+                f.private_key.display(),
+                f.root_cert.display()
+            )
+        };
         let yaml = |listeners: &[&str]| {
             let mut y = String::from("listeners:\n");
             for l in listeners {
                 y += &format!("  - {{name: {l}, listen: 127.0.0.1:0, direction: inbound, cluster: app");
-                y += &if l.starts_with("tls") { format!(", tls: {tls}}}\n") } else { "}\n".into() };
+                y += &match *l {
+                    "bad" => format!(", tls: {}}}\n", tls(&dir.join("missing.pem"))),
+                    l if l.starts_with("tls") => format!(", tls: {}}}\n", tls(&f.cert_chain)),
+                    _ => "}\n".into(),
+                };
             }
             y + "clusters:\n  - {name: app, endpoints: [{address: 127.0.0.1:1}]}\n"
         };
         let parse = |y: &str| crate::config::Config::parse(y, "t.yaml").unwrap();
-        let first = parse(&yaml(&["plain", "tls-a"]));
-        let certs = Certs::load(&first).unwrap();
-        // tls-a moves from index 1 to 0; tls-b asks for TLS and has no certificates (no SDS).
-        let second = parse(&yaml(&["tls-a", "new", "tls-b"]));
-        let next = Certs::rekeyed(&certs, &first, &second);
-        let (old, new) = (certs.listeners[1].as_ref().unwrap(), next.listeners[0].as_ref().unwrap());
-        assert!(Arc::ptr_eq(old, new), "tls-a keeps its slot at its new index");
-        assert!(next.listeners[1].is_none() && next.listeners[2].is_none());
-        assert_eq!(next.missing(&second).as_deref(), Some("Listener/tls-b"));
-        assert_eq!(certs.missing(&first), None);
+        let certs = Certs::load(&parse(&yaml(&["plain", "tls-a"]))).unwrap();
+        // tls-a moves from index 1 to 0; tls-b asks for the same files: one slot for both.
+        let next = Certs::next(&certs, &parse(&yaml(&["tls-a", "new", "tls-b"]))).unwrap();
+        let old = certs.listeners[1].as_ref().unwrap();
+        assert!(Arc::ptr_eq(old, next.listeners[0].as_ref().unwrap()), "tls-a keeps its slot");
+        assert!(Arc::ptr_eq(old, next.listeners[2].as_ref().unwrap()), "same files, same slot");
+        assert!(next.listeners[1].is_none());
+        assert_eq!(next.slots().len(), 1);
+        let e = Certs::next(&next, &parse(&yaml(&["tls-a", "bad"]))).err().unwrap().to_string();
+        assert!(e.starts_with("Listener/bad: ") && e.contains("missing.pem"), "{e}");
     }
 
     #[test]
     fn local_principal_is_the_spiffe_uri_san_of_our_certificate() {
         let dir = tmpdir("principal");
         let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
-        let c = build(&f, &Role::Server).unwrap();
+        let c = build(&f, &Role::mesh_server()).unwrap();
         assert_eq!(c.local_principal.as_deref(), Some(RATINGS));
-        let c = build(&f, &Role::Client { subject_alt_names: vec![], server_name: None }).unwrap();
+        let c = build(&f, &Role::mesh_client(vec![], None)).unwrap();
         assert_eq!(
             c.client.unwrap().alpn_protocols,
             vec![b"istio-peer-exchange".to_vec(), b"istio".to_vec()]
@@ -536,22 +630,22 @@ mod tests {
         let dir = tmpdir("rsa");
         let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
         let f = files(&dir, &ca("mesh"), RATINGS, key);
-        build(&f, &Role::Server).unwrap(); // PKCS#8, as rcgen writes it
+        build(&f, &Role::mesh_server()).unwrap(); // PKCS#8, as rcgen writes it
         let pkcs1 = openssl_convert("rsa", &f.private_key);
         assert!(pkcs1.contains("BEGIN RSA PRIVATE KEY"), "{pkcs1}");
         std::fs::write(&f.private_key, pkcs1).unwrap();
-        build(&f, &Role::Server).unwrap();
+        build(&f, &Role::mesh_server()).unwrap();
     }
 
     #[test]
     fn ec_keys_load_in_sec1_and_pkcs8() {
         let dir = tmpdir("ec");
         let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
-        build(&f, &Role::Server).unwrap();
+        build(&f, &Role::mesh_server()).unwrap();
         let sec1 = openssl_convert("ec", &f.private_key);
         assert!(sec1.contains("BEGIN EC PRIVATE KEY"), "{sec1}");
         std::fs::write(&f.private_key, sec1).unwrap();
-        build(&f, &Role::Server).unwrap();
+        build(&f, &Role::mesh_server()).unwrap();
     }
 
     #[test]
@@ -559,10 +653,10 @@ mod tests {
         let dir = tmpdir("bad");
         let mut f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
         std::fs::write(&f.private_key, "garbage").unwrap();
-        let e = build(&f, &Role::Server).err().unwrap().to_string();
+        let e = build(&f, &Role::mesh_server()).err().unwrap().to_string();
         assert!(e.starts_with(&f.private_key.display().to_string()), "{e}");
         f.cert_chain = dir.join("missing.pem");
-        let e = build(&f, &Role::Server).err().unwrap().to_string();
+        let e = build(&f, &Role::mesh_server()).err().unwrap().to_string();
         assert!(e.contains("missing.pem") && !e.contains('\n'), "{e}");
     }
 
@@ -571,7 +665,7 @@ mod tests {
         let dir = tmpdir("reload");
         let mesh = ca("mesh");
         let f = files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap());
-        let slot = Slot::new(f.clone(), Role::Server).unwrap();
+        let slot = Slot::new(f.clone(), Role::mesh_server()).unwrap();
         let before = slot.current();
         std::fs::write(&f.cert_chain, "-----BEGIN CERTIFICATE-----\nAAAA\n").unwrap();
         assert!(slot.reload().is_err());

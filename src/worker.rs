@@ -53,7 +53,7 @@ pub enum Error {
     Reload(std::io::Error),
     /// A certificate file could not be loaded (a config error: exit 64).
     #[error("tls: {0}")]
-    Tls(#[from] crate::tls::Error),
+    Tls(#[from] crate::tls::LoadError),
 }
 
 /// The event-loop driver that runs.
@@ -162,26 +162,22 @@ impl Shared {
     /// must bind, as Envoy refuses a listener it cannot bind. `Err` says which and why.
     pub fn publish_checked(&self, config: Config) -> Result<u64, String> {
         let current = self.published.load();
-        // Certificates come with the static config only (SDS is not built): a listener or
-        // cluster that asks for TLS without them would serve plaintext, so it is refused.
-        if let Some(what) =
-            crate::tls::Certs::rekeyed(&current.tls, &current.config, &config).missing(&config)
-        {
-            return Err(format!("{what}: TLS needs certificates over SDS, not served yet"));
-        }
+        // Certificates of new TLS resources are loaded here, on the control thread: one that
+        // fails refuses the config (never plaintext instead), naming the resource and file.
+        let tls = crate::tls::Certs::next(&current.tls, &config).map_err(|e| e.to_string())?;
         for l in &config.listeners {
             let known = current.config.listeners.iter().any(|c| c.name == l.name && c.listen == l.listen);
             if !known && let Err(e) = can_bind(l.listen) {
                 return Err(format!("Listener/{}: cannot bind {}: {e}", l.name, l.listen));
             }
         }
-        Ok(self.publish(config))
+        Ok(self.publish(config, Arc::new(tls)))
     }
 
     /// Serve `config` to new connections: workers pick it up within a tick. Called by one
     /// thread at a time (the control thread), so a load-then-store is not a lost update.
-    pub fn publish(&self, config: Config) -> u64 {
-        let next = self.published.load().next(config);
+    pub fn publish(&self, config: Config, tls: Arc<crate::tls::Certs>) -> u64 {
+        let next = self.published.load().next(config, tls);
         let generation = next.generation;
         self.published.store(Arc::new(next));
         generation
@@ -218,7 +214,7 @@ impl Proxy {
 pub fn start(config: Config) -> Result<Proxy, Error> {
     // Certificates first: a bad file is a config error, reported before anything binds.
     let tls = Arc::new(crate::tls::Certs::load(&config)?);
-    crate::tls::watch(tls.slots(), TLS_RELOAD_PERIOD).map_err(Error::Reload)?;
+    let watch_tls = !tls.slots().is_empty() || config.xds.is_some();
     let driver = choose_driver(config.driver)?;
     // Before any thread starts, so the affinity mask read is the process's (SPEC §1).
     let cpus = cpus::plan(&cpus::probe(), config.workers, config.pin);
@@ -264,6 +260,12 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         cpus,
         xds: effective_xds.then(|| Arc::new(crate::xds::Status::default())),
     });
+    if watch_tls {
+        // Asks for the current publication's slots each time: xDS resources bring new ones.
+        let weak = Arc::downgrade(&shared);
+        let slots = move || weak.upgrade().map(|s| s.published.load().tls.slots());
+        crate::tls::watch(slots, TLS_RELOAD_PERIOD).map_err(Error::Reload)?;
+    }
     let detail = match driver {
         DriverKind::Uring { coop: true } => " (COOP_TASKRUN)",
         DriverKind::Uring { coop: false } => " (COOP_TASKRUN unsupported by this kernel)",

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
-use super::{Error, Verdict, connect, connect_captured, count, feed};
-use crate::config::{Capture, Listener, ListenerTlsMode, PeerExchange};
+use super::{Error, Verdict, connect_any, count, feed};
+use crate::config::{Listener, ListenerTlsMode, PeerExchange};
 use crate::conn::{Conn, Security, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser};
 use crate::metrics::{ExchangeOutcome, TlsRefused};
@@ -23,7 +23,7 @@ use crate::tls::Slot;
 use crate::tls::stream::{Fill, TlsStream};
 
 /// Shortest wait for a permissive client's first bytes (see `accept`).
-const PERMISSIVE_SNIFF_MIN: Duration = Duration::from_secs(1);
+pub(super) const PERMISSIVE_SNIFF_MIN: Duration = Duration::from_secs(1);
 
 /// A set-up connection with one TLS side.
 struct TlsPair {
@@ -131,6 +131,47 @@ async fn sniff_client_hello(down: &TcpStream, sniff_timeout: Duration) -> Result
     }
 }
 
+/// A listener's `tls_inspector` (SPEC §9): the ALPN protocols of the client's ClientHello,
+/// or `None` for a plaintext client, peeked without consuming a byte. A client that sends
+/// nothing within `sniff_timeout` (at least 1 s, as `permissive`), or whose ClientHello does
+/// not complete within it, is plaintext, as Envoy's inspector gives up at its timeout
+/// (istiod sets `continue_on_listener_filters_timeout`). A ClientHello too large for a pool
+/// buffer is TLS with no ALPN seen.
+pub(super) async fn inspect(
+    ctx: &WorkerCtx,
+    down: &TcpStream,
+    sniff_timeout: Duration,
+) -> Result<Option<Vec<String>>, Error> {
+    use crate::tls::hello::{Hello, parse};
+    let deadline = Instant::now() + sniff_timeout.max(PERMISSIVE_SNIFF_MIN);
+    let mut buf = ctx.pool.take();
+    buf.resize(buf.capacity(), 0);
+    let result = loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if monoio::time::timeout(wait, down.readable(false)).await.is_err() {
+            break Ok(None);
+        }
+        let n = match socket::peek(down, &mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => break Err(e.into()),
+        };
+        match parse(buf.get(..n).unwrap_or_default()) {
+            Hello::NotTls => break Ok(None),
+            Hello::Tls(alpn) => break Ok(Some(alpn)),
+            Hello::NeedMore if n == 0 => break Ok(None), // EOF: the plaintext path relays it
+            Hello::NeedMore if n == buf.len() => break Ok(Some(Vec::new())),
+            // Readiness stays set while bytes wait unread: look again after a moment.
+            Hello::NeedMore if Instant::now() < deadline => {
+                monoio::time::sleep(Duration::from_millis(1)).await
+            }
+            Hello::NeedMore => break Ok(None),
+        }
+    };
+    ctx.pool.put(buf);
+    result
+}
+
 /// An inbound mTLS listener's connection: the handshake (after the sniff, in `permissive`),
 /// then connect, exchange and copy. `Some(socket)`: a plaintext client in `permissive`, for
 /// the caller to relay as plaintext. A cancel (idle timeout, drain deadline) before the copy
@@ -187,10 +228,7 @@ async fn open_inbound(
     tls: TlsStream,
 ) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
     let listener = &conn.snapshot.config.listeners[li];
-    let up = match listener.capture {
-        Capture::None => connect(li, conn, listener, None).await?,
-        _ => connect_captured(ctx, li, conn, listener, tls.tcp()).await?,
-    };
+    let up = connect_any(ctx, li, conn, listener, tls.tcp()).await?;
     let _ = up.set_nodelay(true);
     finish(ctx, listener, conn, TlsPair { plain: up, tls, tls_is_down: true }).await
 }

@@ -279,7 +279,7 @@ impl Client {
         };
         let type_name = TYPES[kind].1;
         match self.candidate(r).and_then(|next| {
-            let mut cfg = next.merge(&self.base);
+            let mut cfg = next.merge(&self.base).map_err(|e| e.to_string())?;
             cfg.validate("xds", "").map_err(|e| e.message)?;
             (self.apply)(cfg)?;
             Ok(next)

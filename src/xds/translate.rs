@@ -10,12 +10,13 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::google::protobuf::{Any, Struct, value::Kind};
 use prost::Message;
 
 use crate::config::{
-    Capture, Cidr, Cluster, Config, Direction, Endpoint, FilterChain, Listener, LoadBalancer, PeerExchange,
-    TcpRoute,
+    Capture, CertificateFiles, ChainTls, Cidr, Cluster, ClusterTls, ClusterTlsMode, Config, Direction,
+    Endpoint, FilterChain, Listener, LoadBalancer, PeerExchange, Secrets, SocketMatch, TcpRoute,
 };
 
 /// Type URL of a Listener resource.
@@ -29,6 +30,18 @@ const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 const TCP_PROXY_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
 const ISTIO_STATS: &str = "istio.stats";
+const UPSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+const DOWNSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+const RAW_BUFFER: &str = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+/// Istio agent's SDS secret of the workload certificate and key.
+pub const SECRET_CERTIFICATE: &str = "default";
+/// Istio agent's SDS secret of the mesh root.
+pub const SECRET_ROOT: &str = "ROOTCA";
+/// Istio's SDS name for a certificate and key in files: `file-cert:CERT~KEY`.
+const FILE_CERT: &str = "file-cert:";
+/// Istio's SDS name for a root in a file: `file-root:ROOT`.
+const FILE_ROOT: &str = "file-root:";
 const METADATA_EXCHANGE: &str = "istio.metadata_exchange";
 
 /// A resource that cannot be applied: which one and why (the NACK's error_detail).
@@ -158,12 +171,29 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             }
             fc.transport_protocol = (!m.transport_protocol.is_empty()).then(|| m.transport_protocol.clone());
             fc.application_protocols = m.application_protocols.clone();
-            if fc.transport_protocol.as_deref() == Some("tls") || !fc.application_protocols.is_empty() {
-                reports.push(format!(
-                    "Listener/{name}: {what}: takes TLS connections only, which this listener does not terminate yet"
-                ));
-            }
         }
+        fc.tls = match &chain.transport_socket {
+            Some(ts) => {
+                match transport_socket(ts, DOWNSTREAM_TLS).map_err(|r| bad(format!("{what}: {r}")))? {
+                    Some(any) => {
+                        let ctx: tls::DownstreamTlsContext =
+                            decode(any, DOWNSTREAM_TLS).map_err(|r| bad(format!("{what}: {r}")))?;
+                        let common = tls_context(ctx.common_tls_context.as_ref(), false)
+                            .map_err(|r| bad(format!("{what}: {r}")))?;
+                        Some(ChainTls {
+                            secrets: common.secrets,
+                            files: common.files,
+                            alpn: common.alpn,
+                            require_client_certificate: ctx
+                                .require_client_certificate
+                                .is_some_and(|b| b.value),
+                        })
+                    }
+                    None => None,
+                }
+            }
+            None => None,
+        };
         if chain.filters.iter().any(|f| f.name == HTTP_CONNECTION_MANAGER) {
             let why = "HTTP (http_connection_manager) is not served by an L4 proxy";
             reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
@@ -193,6 +223,7 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             && c.prefix_ranges.is_empty()
             && c.transport_protocol.as_deref().is_none_or(|t| t == "raw_buffer")
             && c.application_protocols.is_empty()
+            && c.tls.is_none()
     };
     if pb.bind_to_port.is_some_and(|b| !b.value) {
         // Reached through the capture listener by original destination, as in Envoy.
@@ -367,13 +398,7 @@ pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
     };
     let service = first_service.and_then(|s| string(s, "host")).map(str::to_string);
     let service_namespace = first_service.and_then(|s| string(s, "namespace")).map(str::to_string);
-    if pb
-        .transport_socket_matches
-        .iter()
-        .any(|m| m.r#match.as_ref().and_then(|s| string(s, "tlsMode")) == Some("istio"))
-    {
-        reports.push(format!("Cluster/{name}: tlsMode istio (ISTIO_MUTUAL) needs certificates over SDS, not served yet: plaintext"));
-    }
+    let tls = cluster_tls(pb).map_err(bad)?;
     let exchange = pb.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
     let cluster = Cluster {
         name: name.to_string(),
@@ -384,10 +409,163 @@ pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
         load_balancer,
         endpoints,
         subsets: Vec::new(),
-        tls: None,
+        tls,
         source: Some(format!("xds Cluster/{name} version {version}")),
     };
     Ok(XdsCluster { cluster, eds_name, exchange, reports })
+}
+
+/// A transport socket's TLS context (`Any` of `tls_type`), `None` for raw_buffer; any other
+/// kind is an error: serving plaintext where TLS was asked is never an option.
+fn transport_socket<'a>(ts: &'a core::TransportSocket, tls_type: &str) -> Result<Option<&'a Any>, String> {
+    use core::transport_socket::ConfigType;
+    match &ts.config_type {
+        Some(ConfigType::TypedConfig(any)) if any.type_url == tls_type => Ok(Some(any)),
+        Some(ConfigType::TypedConfig(any)) if any.type_url == RAW_BUFFER => Ok(None),
+        None if ts.name == "envoy.transport_sockets.raw_buffer" || ts.name == "raw_buffer" => Ok(None),
+        Some(ConfigType::TypedConfig(any)) => {
+            Err(format!("transport socket {:?} of type {:?}: not served", ts.name, any.type_url))
+        }
+        None => Err(format!("transport socket {:?} without typed_config: not served", ts.name)),
+    }
+}
+
+/// What a CommonTlsContext gives: the secrets it names, the files known so far (a
+/// `file-cert:`/`file-root:` name; `default`/`ROOTCA` are resolved by [`State::merge`]),
+/// ALPN and the SAN matchers.
+#[derive(Debug, PartialEq)]
+struct Common {
+    secrets: Secrets,
+    files: CertificateFiles,
+    alpn: Vec<String>,
+    sans: Vec<String>,
+    san_prefixes: Vec<String>,
+}
+
+/// Read the parts of a CommonTlsContext istiod writes for ISTIO_MUTUAL (SPEC §7, §9): the
+/// workload certificate and the root as SDS secrets, the SAN matchers (exact, and prefix for
+/// trust domain aliases), ALPN. What cannot be served as written is an error: certificates
+/// inline or from another SDS secret (there is no SDS client), other SAN matchers, or no
+/// validation at all. `client`: SAN matchers are checked (an upstream's); a server's are
+/// not read (istiod writes none for mesh mTLS).
+fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<Common, String> {
+    use tls::common_tls_context::ValidationContextType as V;
+    let common = common.ok_or("TLS without common_tls_context")?;
+    if !common.tls_certificates.is_empty() {
+        return Err("inline tls_certificates: not served (SDS secrets default and ROOTCA only)".into());
+    }
+    let certificate = match &common.tls_certificate_sds_secret_configs[..] {
+        [one] => one.name.clone(),
+        [] => return Err("no tls_certificate_sds_secret_configs: no certificate to present".into()),
+        _ => return Err("more than one tls_certificate_sds_secret_configs: not served".into()),
+    };
+    let (validation, context) = match &common.validation_context_type {
+        Some(V::CombinedValidationContext(c)) => {
+            let name = c.validation_context_sds_secret_config.as_ref().map(|s| s.name.clone());
+            (
+                name.ok_or("combined_validation_context without validation_context_sds_secret_config")?,
+                c.default_validation_context.as_ref(),
+            )
+        }
+        Some(V::ValidationContextSdsSecretConfig(s)) => (s.name.clone(), None),
+        Some(V::ValidationContext(_)) => {
+            return Err("inline validation_context: not served (SDS secret ROOTCA only)".into());
+        }
+        Some(_) => return Err("validation by certificate provider: not served".into()),
+        None => return Err("no validation context: the peer would not be verified".into()),
+    };
+    let mut files = CertificateFiles::default();
+    if let Some(pair) = certificate.strip_prefix(FILE_CERT) {
+        let (cert, key) = pair
+            .split_once('~')
+            .ok_or_else(|| format!("SDS secret {certificate:?}: want file-cert:CERT~KEY"))?;
+        files.cert_chain = cert.to_string();
+        files.private_key = key.to_string();
+    } else if certificate != SECRET_CERTIFICATE {
+        return Err(format!(
+            "SDS secret {certificate:?}: unknown (served: {SECRET_CERTIFICATE:?}, {FILE_CERT}CERT~KEY)"
+        ));
+    }
+    if let Some(root) = validation.strip_prefix(FILE_ROOT) {
+        files.root_cert = root.to_string();
+    } else if validation != SECRET_ROOT {
+        return Err(format!("SDS secret {validation:?}: unknown (served: {SECRET_ROOT:?}, {FILE_ROOT}ROOT)"));
+    }
+    let (mut sans, mut san_prefixes) = (Vec::new(), Vec::new());
+    if let Some(v) = context.filter(|_| client) {
+        use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern as P;
+        let uri = tls::subject_alt_name_matcher::SanType::Uri as i32;
+        // istiod still writes the deprecated untyped matchers (URI SANs by meaning).
+        #[allow(deprecated)]
+        let untyped = &v.match_subject_alt_names;
+        let typed = v.match_typed_subject_alt_names.iter().map(|m| (m.san_type == uri, m.matcher.as_ref()));
+        for (is_uri, m) in untyped.iter().map(|m| (true, Some(m))).chain(typed) {
+            match m.and_then(|m| m.match_pattern.as_ref().filter(|_| is_uri && !m.ignore_case)) {
+                Some(P::Exact(id)) => sans.push(id.clone()),
+                Some(P::Prefix(p)) => san_prefixes.push(p.clone()),
+                _ => return Err("SAN matcher other than an exact or prefix URI: not served".into()),
+            }
+        }
+    }
+    Ok(Common {
+        secrets: Secrets { certificate, validation },
+        files,
+        alpn: common.alpn_protocols.clone(),
+        sans,
+        san_prefixes,
+    })
+}
+
+/// A cluster's upstream TLS (ISTIO_MUTUAL): its `transport_socket` or its
+/// `transport_socket_matches` (istiod's `tlsMode-istio` with the context, then
+/// `tlsMode-disabled` plaintext for endpoints without a sidecar).
+fn cluster_tls(pb: &cds::Cluster) -> Result<Option<ClusterTls>, String> {
+    let mut context: Option<(Any, String)> = None;
+    let mut take = |ts: &Option<core::TransportSocket>, what: String| -> Result<bool, String> {
+        let Some(ts) = ts else { return Ok(false) };
+        let Some(any) = transport_socket(ts, UPSTREAM_TLS).map_err(|r| format!("{what}: {r}"))? else {
+            return Ok(false);
+        };
+        match &context {
+            Some((seen, first)) if seen != any => {
+                Err(format!("{what}: a TLS context other than {first}'s: not served"))
+            }
+            _ => {
+                context.get_or_insert_with(|| (any.clone(), what));
+                Ok(true)
+            }
+        }
+    };
+    let default_tls = take(&pb.transport_socket, "transport_socket".into())?;
+    let mut matches = Vec::new();
+    for m in &pb.transport_socket_matches {
+        let what = format!("transport_socket_matches {:?}", m.name);
+        let tls = take(&m.transport_socket, what.clone())?;
+        let mut criteria = std::collections::BTreeMap::new();
+        for (k, v) in m.r#match.iter().flat_map(|s| &s.fields) {
+            match &v.kind {
+                Some(Kind::StringValue(v)) => criteria.insert(k.clone(), v.clone()),
+                _ => return Err(format!("{what}: match {k:?} is not a string: not served")),
+            };
+        }
+        matches.push(SocketMatch { name: m.name.clone(), criteria, tls });
+    }
+    let Some((any, what)) = context else { return Ok(None) };
+    let ctx: tls::UpstreamTlsContext = decode(&any, UPSTREAM_TLS).map_err(|r| format!("{what}: {r}"))?;
+    let common = tls_context(ctx.common_tls_context.as_ref(), true).map_err(|r| format!("{what}: {r}"))?;
+    Ok(Some(ClusterTls {
+        mode: ClusterTlsMode::IstioMutual,
+        cert_chain: common.files.cert_chain,
+        private_key: common.files.private_key,
+        root_cert: common.files.root_cert,
+        subject_alt_names: common.sans,
+        subject_alt_name_prefixes: common.san_prefixes,
+        secrets: Some(common.secrets),
+        alpn: common.alpn,
+        sni: (!ctx.sni.is_empty()).then_some(ctx.sni),
+        endpoint_matches: matches,
+        unmatched_plaintext: !default_tls,
+    }))
 }
 
 fn field<'a>(s: &'a Struct, key: &str) -> Option<&'a Kind> {
@@ -425,6 +603,14 @@ fn lb_endpoints(cla: &eds::ClusterLoadAssignment) -> Result<Vec<Endpoint>, Strin
                 w => w.map(|w| w.value),
             };
             let mut endpoint = Endpoint { weight, ..Endpoint::at(address) };
+            // Which of its cluster's transport_socket_matches it takes (istiod: tlsMode).
+            let socket_match =
+                e.metadata.as_ref().and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"));
+            for (k, v) in socket_match.iter().flat_map(|s| &s.fields) {
+                if let Some(Kind::StringValue(v)) = &v.kind {
+                    endpoint.transport_socket_match.insert(k.clone(), v.clone());
+                }
+            }
             let workload = e
                 .metadata
                 .as_ref()
@@ -484,11 +670,22 @@ impl State {
     }
 
     /// `base` (the static config) with these resources beside it. A cluster a listener names
-    /// but the control plane has not sent (yet) is there without endpoints (`UH`).
-    pub fn merge(&self, base: &Config) -> Config {
+    /// but the control plane has not sent (yet) is there without endpoints (`UH`). TLS
+    /// contexts naming the SDS secrets `default`/`ROOTCA` get `base.xds.certificates`' files;
+    /// without those, the resource is an error (never plaintext instead).
+    pub fn merge(&self, base: &Config) -> Result<Config, Error> {
+        let certificates = base.xds.as_ref().and_then(|x| x.certificates.as_ref());
         let mut cfg = base.clone();
         for x in self.clusters.values() {
             let mut c = x.cluster.clone();
+            if let Some(t) = &mut c.tls
+                && let Some(secrets) = &t.secrets
+            {
+                let mut files = t.files();
+                resolve(secrets, &mut files, certificates).map_err(|r| invalid("Cluster", &c.name, r))?;
+                (t.cert_chain, t.private_key, t.root_cert) =
+                    (files.cert_chain, files.private_key, files.root_cert);
+            }
             if let Some(eds) = &x.eds_name {
                 c.endpoints = self.endpoints.get(eds).cloned().unwrap_or_default();
                 c.source = Some(format!(
@@ -506,6 +703,12 @@ impl State {
                 c.addresses.push(*address);
             }
             let Some(mut l) = x.listener.clone() else { continue };
+            for chain in &mut l.filter_chains {
+                if let Some(t) = &mut chain.tls {
+                    resolve(&t.secrets, &mut t.files, certificates)
+                        .map_err(|r| invalid("Listener", &l.name, format!("{}: {r}", chain.name)))?;
+                }
+            }
             let mut targets: Vec<String> = Vec::new();
             let routes = std::iter::once((&l.cluster, &l.tcp_routes))
                 .chain(l.filter_chains.iter().map(|c| (&c.cluster, &c.tcp_routes)));
@@ -535,8 +738,32 @@ impl State {
             }
             cfg.listeners.push(l);
         }
-        cfg
+        Ok(cfg)
     }
+}
+
+/// Fill in the files that the secrets `default` and `ROOTCA` stand for.
+fn resolve(
+    secrets: &Secrets,
+    files: &mut CertificateFiles,
+    certificates: Option<&CertificateFiles>,
+) -> Result<(), String> {
+    let need = |name: &str| {
+        certificates.ok_or_else(|| {
+            format!(
+                "TLS names SDS secret {name:?}, which needs xds.certificates (the workload certificate files; there is no SDS client)"
+            )
+        })
+    };
+    if secrets.certificate == SECRET_CERTIFICATE {
+        let c = need(SECRET_CERTIFICATE)?;
+        files.cert_chain.clone_from(&c.cert_chain);
+        files.private_key.clone_from(&c.private_key);
+    }
+    if secrets.validation == SECRET_ROOT {
+        files.root_cert.clone_from(&need(SECRET_ROOT)?.root_cert);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -668,7 +895,6 @@ mod tests {
         assert_eq!((chains[1].destination_port, chains[1].istio_stats), (Some(27017), true));
         assert!(chains[2].not_served.is_some(), "the HTTP chain closes its connections");
         assert!(chains[3].default && chains[3].cluster.as_deref() == Some("fallback"));
-        assert!(x.reports.iter().any(|r| r.contains("TLS connections only")), "{:?}", x.reports);
         // One chain that takes every connection: the plain model.
         let mut same_port = chain(vec![to("plain")]);
         same_port.filter_chain_match = Some(lds::FilterChainMatch {
@@ -769,5 +995,259 @@ mod tests {
         let err = load_assignment(&cla(0)).unwrap_err();
         assert_eq!(err.resource, "ClusterLoadAssignment/c");
         assert!(err.reason.contains("load_balancing_weight 0"), "{err}");
+    }
+
+    fn sds(name: &str) -> tls::SdsSecretConfig {
+        tls::SdsSecretConfig { name: name.into(), sds_config: None }
+    }
+
+    /// A CommonTlsContext as istiod writes it for ISTIO_MUTUAL.
+    fn common(cert: &str, root: &str, sans: &[&str], alpn: &[&str]) -> tls::CommonTlsContext {
+        use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+        let exact = |s: &&str| StringMatcher {
+            match_pattern: Some(MatchPattern::Exact(s.to_string())),
+            ..Default::default()
+        };
+        #[allow(deprecated)]
+        let validation = tls::CertificateValidationContext {
+            match_subject_alt_names: sans.iter().map(exact).collect(),
+            ..Default::default()
+        };
+        tls::CommonTlsContext {
+            alpn_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+            tls_certificate_sds_secret_configs: vec![sds(cert)],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(validation),
+                        validation_context_sds_secret_config: Some(sds(root)),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn socket(name: &str, any_of: Any) -> Option<core::TransportSocket> {
+        Some(core::TransportSocket {
+            name: name.into(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(any_of)),
+        })
+    }
+
+    const REDIS: &str = "spiffe://cluster.local/ns/default/sa/redis";
+
+    /// An outbound cluster with istiod's `tlsMode-istio` / `tlsMode-disabled` matches.
+    fn istio_mutual(common: tls::CommonTlsContext) -> cds::Cluster {
+        use cds::cluster::{ClusterDiscoveryType, DiscoveryType, TransportSocketMatch};
+        let upstream = tls::UpstreamTlsContext {
+            common_tls_context: Some(common),
+            sni: "outbound_.6379_._.redis.default.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let raw = Any { type_url: RAW_BUFFER.into(), value: Vec::new() };
+        cds::Cluster {
+            name: "outbound|6379||redis.default.svc.cluster.local".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            transport_socket_matches: vec![
+                TransportSocketMatch {
+                    name: "tlsMode-istio".into(),
+                    r#match: Some(Struct {
+                        fields: [("tlsMode".to_string(), s("istio"))].into_iter().collect(),
+                    }),
+                    transport_socket: socket("envoy.transport_sockets.tls", any(UPSTREAM_TLS, &upstream)),
+                },
+                TransportSocketMatch {
+                    name: "tlsMode-disabled".into(),
+                    r#match: Some(Struct::default()),
+                    transport_socket: socket("envoy.transport_sockets.raw_buffer", raw),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn certificates() -> Config {
+        let xds = crate::config::Xds {
+            address: "127.0.0.1:15010".into(),
+            certificates: Some(CertificateFiles {
+                cert_chain: "/etc/certs/cert-chain.pem".into(),
+                private_key: "/etc/certs/key.pem".into(),
+                root_cert: "/etc/certs/root-cert.pem".into(),
+            }),
+        };
+        Config { xds: Some(xds), ..Config::default() }
+    }
+
+    #[test]
+    fn tls_mode_istio_matches_give_istio_mutual_to_endpoints_labelled_istio_and_plaintext_to_the_rest() {
+        let alpn = ["istio-peer-exchange", "istio"];
+        let x = cluster(&istio_mutual(common("default", "ROOTCA", &[REDIS], &alpn)), "1").unwrap();
+        let t = x.cluster.tls.clone().unwrap();
+        assert_eq!(t.secrets, Some(Secrets { certificate: "default".into(), validation: "ROOTCA".into() }));
+        assert_eq!(t.subject_alt_names, [REDIS]);
+        assert_eq!(t.alpn, alpn);
+        assert_eq!(t.sni.as_deref(), Some("outbound_.6379_._.redis.default.svc.cluster.local"));
+        assert!(t.unmatched_plaintext);
+        assert!(x.reports.is_empty(), "{:?}", x.reports);
+        // Endpoints: metadata as istiod writes it for a pod with a sidecar, and one without.
+        let mut meta = core::Metadata::default();
+        meta.filter_metadata.insert(
+            "envoy.transport_socket_match".into(),
+            Struct { fields: [("tlsMode".to_string(), s("istio"))].into_iter().collect() },
+        );
+        let lb = |a: &str, m: Option<core::Metadata>| eds::LbEndpoint {
+            host_identifier: Some(eds::lb_endpoint::HostIdentifier::Endpoint(eds::Endpoint {
+                address: addr(a),
+                ..Default::default()
+            })),
+            metadata: m,
+            ..Default::default()
+        };
+        let cla = eds::ClusterLoadAssignment {
+            cluster_name: x.cluster.name.clone(),
+            endpoints: vec![eds::LocalityLbEndpoints {
+                lb_endpoints: vec![lb("10.0.0.1:6379", Some(meta)), lb("10.0.0.2:6379", None)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let endpoints = load_assignment(&cla).unwrap();
+        assert_eq!(endpoints[0].transport_socket_match["tlsMode"], "istio");
+        assert!(t.applies_to(&endpoints[0]), "tlsMode istio: mTLS");
+        assert!(!t.applies_to(&endpoints[1]), "no tlsMode: tlsMode-disabled, plaintext");
+        // Merged beside a config with xds.certificates: the secrets resolve to those files.
+        let mut state = State::default();
+        state.clusters.insert(x.cluster.name.clone(), x);
+        let cfg = state.merge(&certificates()).unwrap();
+        let t = cfg.clusters[0].tls.as_ref().unwrap();
+        assert_eq!(
+            (t.cert_chain.as_str(), t.private_key.as_str(), t.root_cert.as_str()),
+            ("/etc/certs/cert-chain.pem", "/etc/certs/key.pem", "/etc/certs/root-cert.pem")
+        );
+    }
+
+    #[test]
+    fn tls_without_xds_certificates_is_an_error_naming_the_resource_and_the_secret() {
+        let x = cluster(&istio_mutual(common("default", "ROOTCA", &[], &[])), "1").unwrap();
+        let mut state = State::default();
+        state.clusters.insert(x.cluster.name.clone(), x);
+        let e = state.merge(&Config::default()).unwrap_err();
+        assert_eq!(e.resource, "Cluster/outbound|6379||redis.default.svc.cluster.local");
+        assert!(e.reason.contains("\"default\"") && e.reason.contains("xds.certificates"), "{e}");
+    }
+
+    #[test]
+    fn file_cert_and_file_root_secrets_name_their_files() {
+        let c =
+            common("file-cert:/etc/certs/a.pem~/etc/certs/a.key", "file-root:/etc/certs/root.pem", &[], &[]);
+        let x = cluster(&istio_mutual(c), "1").unwrap();
+        let mut state = State::default();
+        state.clusters.insert(x.cluster.name.clone(), x);
+        let cfg = state.merge(&Config::default()).unwrap();
+        let t = cfg.clusters[0].tls.as_ref().unwrap();
+        assert_eq!(
+            (t.cert_chain.as_str(), t.private_key.as_str(), t.root_cert.as_str()),
+            ("/etc/certs/a.pem", "/etc/certs/a.key", "/etc/certs/root.pem")
+        );
+    }
+
+    #[test]
+    fn contexts_that_cannot_be_served_as_written_are_errors_naming_the_cluster_and_why() {
+        let name = "Cluster/outbound|6379||redis.default.svc.cluster.local";
+        let reason = |c: tls::CommonTlsContext| {
+            let e = cluster(&istio_mutual(c), "1").unwrap_err();
+            assert_eq!(e.resource, name);
+            e.reason
+        };
+        let r = reason(common("kubernetes://redis-cert", "ROOTCA", &[], &[]));
+        assert!(r.contains("SDS secret \"kubernetes://redis-cert\": unknown"), "{r}");
+        let r = reason(common("default", "kubernetes://redis-cacert", &[], &[]));
+        assert!(r.contains("SDS secret \"kubernetes://redis-cacert\": unknown"), "{r}");
+        let mut inline = common("default", "ROOTCA", &[], &[]);
+        inline.tls_certificates = vec![tls::TlsCertificate::default()];
+        assert!(reason(inline).contains("inline tls_certificates"));
+        let mut none = common("default", "ROOTCA", &[], &[]);
+        none.validation_context_type = None;
+        assert!(reason(none).contains("no validation context"));
+        let mut regex = common("default", "ROOTCA", &[], &[]);
+        if let Some(tls::common_tls_context::ValidationContextType::CombinedValidationContext(c)) =
+            &mut regex.validation_context_type
+        {
+            use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+            c.default_validation_context.as_mut().unwrap().match_typed_subject_alt_names =
+                vec![tls::SubjectAltNameMatcher {
+                    san_type: tls::subject_alt_name_matcher::SanType::Dns as i32,
+                    matcher: Some(StringMatcher {
+                        match_pattern: Some(MatchPattern::Exact("redis".into())),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }];
+        }
+        assert!(reason(regex).contains("SAN matcher"));
+        // A transport socket that is neither TLS nor raw_buffer.
+        let mut alts = istio_mutual(common("default", "ROOTCA", &[], &[]));
+        alts.transport_socket_matches[0].transport_socket = socket(
+            "envoy.transport_sockets.alts",
+            Any {
+                type_url: "type.googleapis.com/envoy.extensions.transport_sockets.alts.v3.Alts".into(),
+                value: vec![],
+            },
+        );
+        let e = cluster(&alts, "1").unwrap_err();
+        assert!(
+            e.reason.contains("transport_socket_matches \"tlsMode-istio\"")
+                && e.reason.contains("not served"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_chain_with_a_downstream_tls_context_terminates_tls_with_its_alpn_and_client_certificates() {
+        let downstream = |c: tls::CommonTlsContext| tls::DownstreamTlsContext {
+            common_tls_context: Some(c),
+            require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+            ..Default::default()
+        };
+        let alpn = ["istio-peer-exchange", "h2", "http/1.1"];
+        let mut mtls = chain(vec![to("inbound|6379||")]);
+        mtls.filter_chain_match = Some(lds::FilterChainMatch {
+            transport_protocol: "tls".into(),
+            application_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            ..Default::default()
+        });
+        mtls.transport_socket = socket(
+            "envoy.transport_sockets.tls",
+            any(DOWNSTREAM_TLS, &downstream(common("default", "ROOTCA", &[], &alpn))),
+        );
+        // STRICT: the TLS chain alone is still a chain (never collapsed into plaintext).
+        let x = listener(&listener_with(vec![mtls.clone()]), "1").unwrap();
+        let l = x.listener.unwrap();
+        assert!(l.cluster.is_none());
+        let t = l.filter_chains[0].tls.clone().unwrap();
+        assert_eq!(t.alpn, alpn);
+        assert!(t.require_client_certificate);
+        assert_eq!(t.secrets.certificate, "default");
+        // Resolved on merge; NACKed without certificates, naming the listener and chain.
+        let mut state = State::default();
+        state.listeners.insert("l".into(), listener(&listener_with(vec![mtls.clone()]), "1").unwrap());
+        let cfg = state.merge(&certificates()).unwrap();
+        assert_eq!(
+            cfg.listeners[0].filter_chains[0].tls.as_ref().unwrap().files.root_cert,
+            "/etc/certs/root-cert.pem"
+        );
+        let e = state.merge(&Config::default()).unwrap_err();
+        assert_eq!(e.resource, "Listener/l");
+        assert!(e.reason.contains("filter chain 0") && e.reason.contains("xds.certificates"), "{e}");
+        // An unknown secret in a chain: the listener is invalid.
+        let mut unknown = mtls;
+        unknown.transport_socket = socket(
+            "envoy.transport_sockets.tls",
+            any(DOWNSTREAM_TLS, &downstream(common("spire", "ROOTCA", &[], &[]))),
+        );
+        let e = listener(&listener_with(vec![unknown]), "1").unwrap_err();
+        assert!(e.reason.contains("filter chain 0: SDS secret \"spire\": unknown"), "{e}");
     }
 }
