@@ -6,7 +6,6 @@
 //! machine are indicative; the tick (100 ms) bounds the latency from above.
 
 #[path = "../tests/common/ads.rs"]
-#[allow(dead_code)]
 mod ads;
 
 use std::io::{Read, Write};

@@ -1,6 +1,7 @@
 //! An Aggregated Discovery Service (state of the world) for the xDS tests (SPEC §9): tonic on
 //! its own thread and runtime, serving Istio-shaped resources as istiod writes them, and
 //! recording every request (ACKs, NACKs, the node) for the tests to read.
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -390,4 +392,222 @@ pub fn without_istio_extensions(mut s: Snapshot) -> Snapshot {
         c.transport_socket_matches.clear();
     }
     s
+}
+
+pub const UPSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+pub const DOWNSTREAM_TLS: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+const RAW_BUFFER: &str = "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+
+fn sds(name: &str) -> tls::SdsSecretConfig {
+    // istiod's shape: the agent's SDS server over the `sds-grpc` cluster, ADS-style.
+    let grpc = core::GrpcService {
+        target_specifier: Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(
+            core::grpc_service::EnvoyGrpc { cluster_name: "sds-grpc".into(), ..Default::default() },
+        )),
+        ..Default::default()
+    };
+    tls::SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(core::ConfigSource {
+            config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::ApiConfigSource(
+                core::ApiConfigSource {
+                    api_type: core::api_config_source::ApiType::Grpc as i32,
+                    transport_api_version: core::ApiVersion::V3 as i32,
+                    grpc_services: vec![grpc],
+                    set_node_on_first_message_only: true,
+                    ..Default::default()
+                },
+            )),
+            resource_api_version: core::ApiVersion::V3 as i32,
+            ..Default::default()
+        }),
+    }
+}
+
+/// A CommonTlsContext as istiod writes it for ISTIO_MUTUAL: the workload certificate
+/// (`cert`, Istio: `default`) and root (`root`, Istio: `ROOTCA`) as SDS secrets, exact
+/// SPIFFE SANs, ALPN.
+pub fn common_tls(cert: &str, root: &str, sans: &[&str], alpn: &[&str]) -> tls::CommonTlsContext {
+    use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+    #[allow(deprecated)] // istiod still writes the untyped matchers
+    let validation = tls::CertificateValidationContext {
+        match_subject_alt_names: sans
+            .iter()
+            .map(|s| StringMatcher {
+                match_pattern: Some(MatchPattern::Exact(s.to_string())),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    tls::CommonTlsContext {
+        tls_params: Some(tls::TlsParameters {
+            tls_minimum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv12 as i32,
+            tls_maximum_protocol_version: tls::tls_parameters::TlsProtocol::TlSv13 as i32,
+            ..Default::default()
+        }),
+        alpn_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+        tls_certificate_sds_secret_configs: vec![sds(cert)],
+        validation_context_type: Some(
+            tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                tls::common_tls_context::CombinedCertificateValidationContext {
+                    default_validation_context: Some(validation),
+                    validation_context_sds_secret_config: Some(sds(root)),
+                    ..Default::default()
+                },
+            ),
+        ),
+        ..Default::default()
+    }
+}
+
+fn socket(name: &str, any: Any) -> Option<core::TransportSocket> {
+    Some(core::TransportSocket {
+        name: name.into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(any)),
+    })
+}
+
+fn raw_buffer() -> Option<core::TransportSocket> {
+    socket("envoy.transport_sockets.raw_buffer", Any { type_url: RAW_BUFFER.into(), value: vec![] })
+}
+
+/// `cluster` (from [`eds_cluster`]) with istiod's auto-mTLS transport sockets: `tlsMode-istio`
+/// speaks ISTIO_MUTUAL with `common` and SNI `outbound_.PORT_._.HOST`, `tlsMode-disabled`
+/// plaintext.
+pub fn istio_mutual(mut cluster: cds::Cluster, common: tls::CommonTlsContext) -> cds::Cluster {
+    let mut parts = cluster.name.split('|');
+    let (_, port, subset, host) = (parts.next(), parts.next(), parts.next(), parts.next());
+    let sni = format!("outbound_.{}_.{}_.{}", port.unwrap_or(""), subset.unwrap_or(""), host.unwrap_or(""));
+    let upstream = tls::UpstreamTlsContext { common_tls_context: Some(common), sni, ..Default::default() };
+    cluster.transport_socket_matches[0].transport_socket =
+        socket("envoy.transport_sockets.tls", any(UPSTREAM_TLS, &upstream));
+    cluster.transport_socket_matches[1].transport_socket = raw_buffer();
+    cluster
+}
+
+/// `cla` with endpoint `addr` as istiod writes a workload without a sidecar: no tlsMode.
+pub fn without_sidecar(mut cla: eds::ClusterLoadAssignment, addr: SocketAddr) -> eds::ClusterLoadAssignment {
+    for e in cla.endpoints.iter_mut().flat_map(|l| &mut l.lb_endpoints) {
+        let at = match &e.host_identifier {
+            Some(eds::lb_endpoint::HostIdentifier::Endpoint(ep)) => ep.address.clone(),
+            _ => None,
+        };
+        if at == Some(address(addr))
+            && let Some(m) = &mut e.metadata
+        {
+            m.filter_metadata.remove("envoy.transport_socket_match");
+        }
+    }
+    cla
+}
+
+/// A STATIC cluster with one endpoint, as istiod's `inbound|PORT||` to the local app.
+pub fn static_cluster(name: &str, endpoint: SocketAddr) -> cds::Cluster {
+    cds::Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+            cds::cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(eds::ClusterLoadAssignment {
+            cluster_name: name.to_string(),
+            endpoints: vec![eds::LocalityLbEndpoints {
+                lb_endpoints: vec![eds::LbEndpoint {
+                    host_identifier: Some(eds::lb_endpoint::HostIdentifier::Endpoint(eds::Endpoint {
+                        address: Some(address(endpoint)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An inbound listener shaped as istiod's virtualInbound chains for one TCP port (bound to
+/// `listen` here rather than captured): a `tls_inspector`, a chain for mTLS clients
+/// (transport `tls`, ALPN `istio-peer-exchange`/`istio`, a DownstreamTlsContext requiring a
+/// client certificate, the metadata exchange), and, when `permissive`, a `raw_buffer`
+/// chain for plaintext clients; both count istio_tcp_* and go to `cluster`.
+pub fn virtual_inbound(
+    name: &str,
+    listen: SocketAddr,
+    cluster: &str,
+    tls_ctx: tls::CommonTlsContext,
+    permissive: bool,
+) -> lds::Listener {
+    let filter = |name: &str, any: Any| lds::Filter {
+        name: name.to_string(),
+        config_type: Some(lds::filter::ConfigType::TypedConfig(any)),
+    };
+    let proxy = tcp::TcpProxy {
+        stat_prefix: cluster.to_string(),
+        cluster_specifier: Some(tcp::tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        ..Default::default()
+    };
+    let stats = || {
+        filter(
+            "istio.stats",
+            Any { type_url: "type.googleapis.com/stats.PluginConfig".into(), value: vec![] },
+        )
+    };
+    let tcp_proxy = || {
+        filter(
+            "envoy.filters.network.tcp_proxy",
+            any("type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", &proxy),
+        )
+    };
+    let exchange = filter(
+        "istio.metadata_exchange",
+        Any {
+            type_url: "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange".into(),
+            value: vec![],
+        },
+    );
+    let downstream = tls::DownstreamTlsContext {
+        common_tls_context: Some(tls_ctx),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    let port = Some(UInt32Value { value: u32::from(listen.port()) });
+    let mut chains = vec![lds::FilterChain {
+        name: format!("0.0.0.0_{}", listen.port()),
+        filter_chain_match: Some(lds::FilterChainMatch {
+            destination_port: port,
+            transport_protocol: "tls".into(),
+            application_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            ..Default::default()
+        }),
+        filters: vec![exchange, stats(), tcp_proxy()],
+        transport_socket: socket("envoy.transport_sockets.tls", any(DOWNSTREAM_TLS, &downstream)),
+        ..Default::default()
+    }];
+    if permissive {
+        chains.push(lds::FilterChain {
+            name: format!("0.0.0.0_{}-plaintext", listen.port()),
+            filter_chain_match: Some(lds::FilterChainMatch {
+                destination_port: port,
+                transport_protocol: "raw_buffer".into(),
+                ..Default::default()
+            }),
+            filters: vec![stats(), tcp_proxy()],
+            ..Default::default()
+        });
+    }
+    lds::Listener {
+        name: name.to_string(),
+        address: Some(address(listen)),
+        traffic_direction: core::TrafficDirection::Inbound as i32,
+        listener_filters: vec![lds::ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            ..Default::default()
+        }],
+        filter_chains: chains,
+        ..Default::default()
+    }
 }

@@ -1,0 +1,435 @@
+//! SPEC §7 + §9: Istio mTLS configured over xDS, through the real binary, real sockets and
+//! real TLS peers. An ADS server in the test process serves what istiod writes: outbound EDS
+//! clusters with `tlsMode-istio`/`tlsMode-disabled` transport socket matches naming the
+//! agent's SDS secrets `default` and `ROOTCA`, endpoints with `tlsMode: istio` metadata, and
+//! virtualInbound-shaped listeners with a `tls` chain (DownstreamTlsContext, ALPN
+//! `istio-peer-exchange`/`istio`) beside a `raw_buffer` one. ringside reads the secrets from
+//! the files `xds.certificates` names (Istio's file-mounted certificates).
+
+#[path = "common/ads.rs"]
+mod ads;
+mod common;
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Instant;
+
+use ads::{
+    AdsServer, CLUSTER, LISTENER, Snapshot, assignment, common_tls, eds_cluster, istio_mutual,
+    static_cluster, tcp_listener, virtual_inbound, without_sidecar,
+};
+use common::{DEADLINE, Ringside, assert_closed_empty, echo_server, free_addr, sum, wait_for};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use pki::{Ca, Certs};
+
+const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
+const REDIS: &str = "spiffe://cluster.local/ns/default/sa/redis";
+const HOST: &str = "redis.default.svc.cluster.local";
+const OUTBOUND: &str = "outbound|6379||redis.default.svc.cluster.local";
+const INBOUND: &str = "inbound|6379||";
+const ALPN_OUT: [&str; 2] = ["istio-peer-exchange", "istio"];
+/// istiod's downstream ALPN for TCP with the metadata exchange.
+const ALPN_IN: [&str; 3] = ["istio-peer-exchange", "h2", "http/1.1"];
+
+fn node(workload: &str, app: &str) -> String {
+    format!(
+        "node:\n  workload_name: {workload}\n  namespace: default\n  labels: {{app: {app}, version: v1}}\n  \
+         cluster_id: Kubernetes\n"
+    )
+}
+
+/// ringside configured only by xDS, with the workload certificate files (or none).
+fn sidecar(server: SocketAddr, node: &str, certs: Option<&Certs>) -> Ringside {
+    let certificates = certs.map(|c| format!(", certificates: {{{}}}", c.yaml())).unwrap_or_default();
+    let config = format!("{node}drain_timeout: 1s\nxds: {{address: {server}{certificates}}}\n");
+    Ringside::spawn_config(&config, server, &["--workers", "2"])
+}
+
+/// A backend that writes `tag` on every connection, then echoes until EOF.
+fn tag_server(tag: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let _ = s.write_all(tag.as_bytes());
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connect, send `ping`, read the backend's 2-byte tag and the echo; `None` if closed first.
+fn tag_of(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(b"ping").ok()?;
+    let mut got = [0u8; 6];
+    s.read_exact(&mut got).ok()?;
+    assert_eq!(&got[2..], b"ping", "the echo comes back whole");
+    Some(String::from_utf8_lossy(&got[..2]).into_owned())
+}
+
+/// The next request of `type_url` answering `version` (ACK or NACK).
+fn reply_to(requests: &mpsc::Receiver<DiscoveryRequest>, type_url: &str, version: &str) -> DiscoveryRequest {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = requests
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no reply to {type_url} version {version}"));
+        if r.type_url == type_url
+            && !r.response_nonce.is_empty()
+            && (r.version_info == version || r.error_detail.is_some())
+        {
+            return r;
+        }
+    }
+}
+
+/// redis' inbound sidecar, configured statically (SPEC §7): strict mTLS in front of `app`.
+fn static_inbound(certs: &Certs, app: SocketAddr) -> Ringside {
+    let listen = free_addr();
+    let config = format!(
+        "{}listeners:\n  - name: inbound\n    listen: {listen}\n    direction: inbound\n    peer_exchange: alpn\n    \
+         cluster: app\n    tls: {{mode: strict, {}}}\nclusters:\n  - name: app\n    service: {HOST}\n    \
+         endpoints: [{{address: \"{app}\"}}]\n",
+        node("redis-v1", "redis"),
+        certs.yaml()
+    );
+    Ringside::spawn_config(&config, listen, &[])
+}
+
+/// productpage's outbound view of redis as istiod sends it: the EDS cluster with auto mTLS
+/// expecting `sans`, its endpoints (`plain` without a sidecar), and a listener on `listen`.
+fn outbound_snapshot(
+    version: &str,
+    listen: SocketAddr,
+    sans: &[&str],
+    meshed: SocketAddr,
+    plain: Option<SocketAddr>,
+) -> Snapshot {
+    let workloads: Vec<(SocketAddr, &str)> =
+        std::iter::once((meshed, "redis-v1;default;redis;v1;Kubernetes"))
+            .chain(plain.map(|p| (p, "redis-legacy;default;redis;legacy;Kubernetes")))
+            .collect();
+    let mut cla = assignment(OUTBOUND, &workloads);
+    if let Some(p) = plain {
+        cla = without_sidecar(cla, p);
+    }
+    Snapshot {
+        version: version.into(),
+        clusters: vec![istio_mutual(
+            eds_cluster(OUTBOUND, HOST, "default"),
+            common_tls("default", "ROOTCA", sans, &ALPN_OUT),
+        )],
+        endpoints: vec![cla],
+        listeners: vec![tcp_listener(&format!("0.0.0.0_{}", listen.port()), listen, &[(OUTBOUND, 1)])],
+    }
+}
+
+/// Tags reached over `n` new connections (`--` for one closed before its tag).
+fn tags(addr: SocketAddr, n: usize) -> Vec<String> {
+    (0..n).map(|_| tag_of(addr).unwrap_or_else(|| "--".into())).collect()
+}
+
+#[test]
+fn outbound_istio_mutual_speaks_mtls_to_endpoints_labelled_istio_and_plaintext_to_the_others() {
+    let ca = Ca::new("mesh");
+    let redis = static_inbound(&Certs::new("redis", &ca, REDIS), tag_server("T1"));
+    let legacy = tag_server("P2");
+    let listen = free_addr();
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start(
+        free_addr(),
+        outbound_snapshot("1", listen, &[REDIS], redis.listen, Some(legacy)),
+        tx,
+    );
+    let rs = sidecar(
+        server.addr,
+        &node("productpage-v1", "productpage"),
+        Some(&Certs::new("pp", &ca, PRODUCTPAGE)),
+    );
+    let mut all = vec![wait_for("the xDS listener", || tag_of(listen))];
+    // Least-request over two endpoints: both are reached, each with its transport socket. A
+    // TLS client to the plaintext backend, or plaintext to the strict one, gets no tag.
+    all.extend(tags(listen, 8));
+    let seen: BTreeSet<&str> = all.iter().map(String::as_str).collect();
+    assert_eq!(seen, BTreeSet::from(["P2", "T1"]), "{:?}", rs.stderr_lines());
+    let count = |tag: &str| all.iter().filter(|t| *t == tag).count() as f64;
+    // The mTLS side: the inbound verified our workload certificate and the exchange ran.
+    let destination = [
+        ("reporter", "destination"),
+        ("source_workload", "productpage-v1"),
+        ("source_principal", PRODUCTPAGE),
+        ("destination_principal", REDIS),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let scrape = redis.wait_for_value("istio_tcp_connections_closed_total", &destination, count("T1"));
+    assert_eq!(sum(&scrape, "ringside_exchange_total", &[("outcome", "metadata_added")]), count("T1"));
+    let source =
+        [("reporter", "source"), ("destination_workload", "redis-v1"), ("destination_principal", REDIS)];
+    rs.wait_for_value("istio_tcp_connections_closed_total", &source, count("T1"));
+    // The plaintext endpoint: its workload from istio.workload metadata, no principals.
+    let legacy_labels = [
+        ("reporter", "source"),
+        ("destination_workload", "redis-legacy"),
+        ("destination_principal", "unknown"),
+    ];
+    rs.wait_for_value("istio_tcp_connections_closed_total", &legacy_labels, count("P2"));
+
+    // A wrong SAN: the upstream is refused (UF); the plaintext endpoint is unaffected.
+    server.push(outbound_snapshot(
+        "2",
+        listen,
+        &["spiffe://cluster.local/ns/default/sa/other"],
+        redis.listen,
+        Some(legacy),
+    ));
+    assert!(reply_to(&requests, CLUSTER, "2").error_detail.is_none());
+    wait_for("the new SAN in use", || {
+        let t = tags(listen, 4);
+        (t.contains(&"--".to_string()) && !t.contains(&"T1".to_string())).then_some(())
+    });
+    let after = tags(listen, 8);
+    let seen: BTreeSet<&str> = after.iter().map(String::as_str).collect();
+    assert_eq!(seen, BTreeSet::from(["--", "P2"]));
+    let uf = [("reporter", "source"), ("response_flags", "UF"), ("destination_service", HOST)];
+    let refused = after.iter().filter(|t| *t == "--").count() as f64;
+    assert!(sum(&rs.scrape(), "istio_tcp_connections_opened_total", &uf) >= refused);
+    // /config_dump shows which secrets and which files.
+    let (_, dump) = common::http(rs.admin, "GET", "/config_dump").unwrap();
+    for want in
+        ["\"certificate\": \"default\"", "\"validation\": \"ROOTCA\"", "cert-chain.pem", "\"tlsMode-istio\""]
+    {
+        assert!(dump.contains(want), "{want} in {dump}");
+    }
+}
+
+/// redis' inbound over xDS: a virtualInbound-shaped listener on `listen` to `app`.
+fn inbound_snapshot(version: &str, listen: SocketAddr, app: SocketAddr, permissive: bool) -> Snapshot {
+    Snapshot {
+        version: version.into(),
+        // istiod labels its inbound clusters with the service (`istio.services`) too.
+        clusters: vec![cds_with_service(static_cluster(INBOUND, app))],
+        endpoints: vec![],
+        listeners: vec![virtual_inbound(
+            "virtualInbound",
+            listen,
+            INBOUND,
+            common_tls("default", "ROOTCA", &[], &ALPN_IN),
+            permissive,
+        )],
+    }
+}
+
+fn cds_with_service(
+    mut c: envoy_types::pb::envoy::config::cluster::v3::Cluster,
+) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+    c.metadata = eds_cluster(INBOUND, HOST, "default").metadata;
+    c
+}
+
+/// productpage's outbound sidecar, static (SPEC §7): ISTIO_MUTUAL to `upstream`.
+fn static_outbound(certs: &Certs, upstream: SocketAddr) -> Ringside {
+    let listen = free_addr();
+    let config = format!(
+        "{}listeners:\n  - name: outbound\n    listen: {listen}\n    direction: outbound\n    peer_exchange: alpn\n    \
+         cluster: redis\nclusters:\n  - name: redis\n    service: {HOST}\n    endpoints: [{{address: \"{upstream}\"}}]\n    \
+         tls: {{mode: istio_mutual, {}, subject_alt_names: [\"{REDIS}\"]}}\n",
+        node("productpage-v1", "productpage"),
+        certs.yaml()
+    );
+    Ringside::spawn_config(&config, listen, &[])
+}
+
+#[test]
+fn an_inbound_tls_chain_terminates_mtls_and_permissive_takes_plaintext_on_its_raw_buffer_chain() {
+    let ca = Ca::new("mesh");
+    let listen = free_addr();
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start(free_addr(), inbound_snapshot("1", listen, tag_server("A1"), true), tx);
+    let rs = sidecar(server.addr, &node("redis-v1", "redis"), Some(&Certs::new("redis", &ca, REDIS)));
+    let client = static_outbound(&Certs::new("pp", &ca, PRODUCTPAGE), listen);
+    // mTLS with a mesh certificate: the tls chain, the exchange inside it.
+    assert_eq!(wait_for("mTLS through the tls chain", || tag_of(client.listen)), "A1");
+    let mtls = [
+        ("reporter", "destination"),
+        ("source_workload", "productpage-v1"),
+        ("source_app", "productpage"),
+        ("source_principal", PRODUCTPAGE),
+        ("destination_principal", REDIS),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let scrape = rs.wait_for_value("istio_tcp_connections_closed_total", &mtls, 1.0);
+    assert_eq!(sum(&scrape, "ringside_exchange_total", &[("outcome", "metadata_added")]), 1.0);
+    // The client saw redis' identity from the exchange too.
+    client.wait_for_value(
+        "istio_tcp_connections_closed_total",
+        &[("reporter", "source"), ("destination_workload", "redis-v1"), ("destination_principal", REDIS)],
+        1.0,
+    );
+    // PERMISSIVE: a plaintext client takes the raw_buffer chain, unauthenticated.
+    assert_eq!(tag_of(listen).as_deref(), Some("A1"));
+    let plain = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "none"),
+        ("source_principal", "unknown"),
+    ];
+    rs.wait_for_value("istio_tcp_connections_closed_total", &plain, 1.0);
+
+    // STRICT: only the tls chain. Plaintext finds no chain and is closed (NR); mTLS works.
+    server.push(inbound_snapshot("2", listen, tag_server("A1"), false));
+    assert!(reply_to(&requests, LISTENER, "2").error_detail.is_none());
+    wait_for("plaintext refused", || {
+        let mut s = TcpStream::connect(listen).ok()?;
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(b"ping").ok()?;
+        // Half-closed: under the old config the echo ends too, and the loop tries again.
+        s.shutdown(std::net::Shutdown::Write).ok()?;
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got.is_empty().then_some(())
+    });
+    let mut s = TcpStream::connect(listen).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(b"ping").unwrap();
+    assert_closed_empty(&mut s, "plaintext under STRICT");
+    let nr = [("reporter", "destination"), ("response_flags", "NR")];
+    assert!(sum(&rs.scrape(), "istio_tcp_connections_opened_total", &nr) >= 1.0);
+    assert_eq!(tag_of(client.listen).as_deref(), Some("A1"), "mTLS still served");
+    // A client certificate from another CA is refused by the chain's context.
+    let stranger = static_outbound(&Certs::new("stranger", &Ca::new("other"), PRODUCTPAGE), listen);
+    assert_eq!(tag_of(stranger.listen), None);
+    rs.wait_for_scrape("a refused handshake", DEADLINE, |s| sum(s, "ringside_tls_refused_total", &[]) >= 1.0);
+}
+
+#[test]
+fn a_context_naming_an_unknown_sds_secret_is_nacked_and_the_last_good_config_keeps_serving() {
+    let ca = Ca::new("mesh");
+    let redis = static_inbound(&Certs::new("redis", &ca, REDIS), tag_server("T1"));
+    let listen = free_addr();
+    let (tx, requests) = mpsc::channel();
+    let server =
+        AdsServer::start(free_addr(), outbound_snapshot("1", listen, &[REDIS], redis.listen, None), tx);
+    let rs = sidecar(
+        server.addr,
+        &node("productpage-v1", "productpage"),
+        Some(&Certs::new("pp", &ca, PRODUCTPAGE)),
+    );
+    assert_eq!(wait_for("mTLS over xDS", || tag_of(listen)), "T1");
+    // A DestinationRule with credentialName: istiod names a kubernetes:// secret.
+    let mut bad = outbound_snapshot("2", listen, &[REDIS], redis.listen, None);
+    bad.clusters[0] = istio_mutual(
+        eds_cluster(OUTBOUND, HOST, "default"),
+        common_tls("kubernetes://redis-client", "ROOTCA", &[REDIS], &ALPN_OUT),
+    );
+    server.push(bad);
+    let nack = reply_to(&requests, CLUSTER, "2");
+    let detail = nack.error_detail.expect("a NACK").message;
+    assert!(detail.contains(&format!("Cluster/{OUTBOUND}")), "{detail}");
+    assert!(detail.contains("SDS secret \"kubernetes://redis-client\": unknown"), "{detail}");
+    assert_eq!(nack.version_info, "1", "the NACK carries the last good version");
+    assert_eq!(tag_of(listen).as_deref(), Some("T1"), "the last good config keeps serving");
+    assert_eq!(sum(&rs.scrape(), "ringside_xds_updates_rejected_total", &[("type", "Cluster")]), 1.0);
+
+    // Without xds.certificates, TLS is refused too: NACKed, never served as plaintext.
+    let (tx, requests) = mpsc::channel();
+    let server =
+        AdsServer::start(free_addr(), outbound_snapshot("1", free_addr(), &[REDIS], redis.listen, None), tx);
+    let config = format!("{}xds: {{address: {}}}\n", node("productpage-v1", "productpage"), server.addr);
+    let path = std::env::temp_dir().join(format!("ringside-xds-tls-nocerts-{}.yaml", std::process::id()));
+    std::fs::write(&path, config).unwrap();
+    let _rs = std::process::Command::new(common::bin())
+        .args(["run", "--config", &path.display().to_string(), "--admin", &free_addr().to_string()])
+        .args(["--metrics", "off", "--health", "off", "--workers", "1"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap();
+    let nack = reply_to(&requests, CLUSTER, "1");
+    let detail = nack.error_detail.expect("a NACK").message;
+    assert!(
+        detail.contains(&format!("Cluster/{OUTBOUND}")) && detail.contains("xds.certificates"),
+        "{detail}"
+    );
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The istio_tcp_* series of a scrape, `name{labels} value`, sorted.
+fn series(scrape: &str) -> Vec<String> {
+    let mut out: Vec<String> =
+        scrape.lines().filter(|l| l.starts_with("istio_tcp_")).map(str::to_string).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn two_sidecars_configured_only_by_xds_give_the_static_pairs_istio_tcp_series() {
+    let ca = Ca::new("mesh");
+    let (pp, redis) = (Certs::new("pp", &ca, PRODUCTPAGE), Certs::new("redis", &ca, REDIS));
+    let app = echo_server();
+    let payload = b"0123456789".repeat(1000);
+    let exchange = |client: SocketAddr| {
+        let mut s = TcpStream::connect(client).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(&payload).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, payload);
+    };
+    let done = [("reporter", "destination"), ("connection_security_policy", "mutual_tls")];
+    let settled = |rs: &Ringside, reporter: &str| {
+        rs.wait_for_value("istio_tcp_connections_closed_total", &[("reporter", reporter)], 1.0);
+        rs.wait_for_scrape("bytes folded", DEADLINE, |s| {
+            sum(s, "istio_tcp_received_bytes_total", &[("reporter", reporter)]) == payload.len() as f64
+        })
+    };
+
+    // Static: SPEC §7's two sidecars.
+    let inbound = static_inbound(&redis, app);
+    let outbound = static_outbound(&pp, inbound.listen);
+    exchange(outbound.listen);
+    let static_series = (series(&settled(&outbound, "source")), series(&settled(&inbound, "destination")));
+    inbound.wait_for_value("istio_tcp_connections_closed_total", &done, 1.0);
+
+    // xDS: the same two sidecars, each from its own ADS stream.
+    let (in_listen, out_listen) = (free_addr(), free_addr());
+    let (tx, _requests) = mpsc::channel();
+    let in_server = AdsServer::start(free_addr(), inbound_snapshot("1", in_listen, app, false), tx.clone());
+    let in_rs = sidecar(in_server.addr, &node("redis-v1", "redis"), Some(&redis));
+    // Bound once we cannot bind it: no probe connection, which would be counted.
+    let bound = |a: SocketAddr| TcpListener::bind(a).is_err().then_some(());
+    wait_for("the xDS inbound listener bound", || bound(in_listen));
+    let mut snapshot = outbound_snapshot("1", out_listen, &[REDIS], in_listen, None);
+    // The endpoint's istio.workload is what istiod writes for redis-v1.
+    snapshot.endpoints[0] = assignment(OUTBOUND, &[(in_listen, "redis-v1;default;redis;v1;Kubernetes")]);
+    let out_server = AdsServer::start(free_addr(), snapshot, tx);
+    let out_rs = sidecar(out_server.addr, &node("productpage-v1", "productpage"), Some(&pp));
+    wait_for("the xDS outbound listener bound", || bound(out_listen));
+    exchange(out_listen);
+    let xds_series = (series(&settled(&out_rs, "source")), series(&settled(&in_rs, "destination")));
+    assert_eq!(xds_series.0, static_series.0, "reporter=source");
+    assert_eq!(xds_series.1, static_series.1, "reporter=destination");
+}
