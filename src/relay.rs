@@ -123,7 +123,7 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
     // Filter chains (SPEC §9): one is chosen per connection, by its destination and, where a
     // chain asks for a transport protocol or ALPN (Envoy's tls_inspector), its ClientHello,
     // peeked. A chain with a DownstreamTlsContext terminates TLS in `mtls`.
-    if listener.capture == Capture::None && !listener.filter_chains.is_empty() {
+    if !listener.filter_chains.is_empty() {
         let inspect = listener
             .filter_chains
             .iter()
@@ -138,7 +138,10 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
                 }
             },
         };
-        let dst = down.local_addr()?;
+        let dst = match listener.capture {
+            Capture::None => down.local_addr()?,
+            _ => capture::original_dst(&down, listener.listen).or_else(|_| down.local_addr())?,
+        };
         let chain = match &hello {
             None => routing::select_chain(&listener.filter_chains, dst, "raw_buffer", &[]),
             Some(alpn) => {
@@ -147,6 +150,12 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
             }
         };
         conn.chain.set(chain);
+        // A capture listener routes by original destination, but only what a chain takes
+        // (an HTTP chain's connections too: relayed as TCP).
+        if chain.is_none() && listener.capture != Capture::None {
+            drop(down);
+            return Err(Error::NoRoute);
+        }
         let slots = conn.snapshot.tls.chains.get(li);
         if let Some(slot) = chain.and_then(|c| slots?.get(c)?.as_ref()) {
             mtls::serve_inbound(ctx, li, conn, slot, down).await?;

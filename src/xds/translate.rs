@@ -247,8 +247,18 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
     let mut listener = base_listener(name, listen, direction, capture, exchange, false, version);
     if capture != Capture::None {
         // Routed by original destination (SPEC §8): outbound to the cluster holding it,
-        // inbound to its port on the local host, as istiod's per-port chains say.
-        if !chains.is_empty() {
+        // inbound to its port on the local host, as istiod's per-port chains say. Chains that
+        // look at TLS (istiod's virtualInbound) are kept to choose, per connection, whether
+        // TLS is terminated and whether it is counted; a connection no chain takes is closed.
+        let tls = |c: &FilterChain| {
+            c.tls.is_some()
+                || c.transport_protocol.as_deref() == Some("tls")
+                || !c.application_protocols.is_empty()
+        };
+        if chains.iter().any(tls) {
+            listener.istio_stats = chains.iter().any(|c| c.istio_stats);
+            listener.filter_chains = chains;
+        } else if !chains.is_empty() {
             reports.push(format!(
                 "Listener/{name}: filter chains of a capture listener: routed by original destination"
             ));
@@ -1249,5 +1259,34 @@ mod tests {
         );
         let e = listener(&listener_with(vec![unknown]), "1").unwrap_err();
         assert!(e.reason.contains("filter chain 0: SDS secret \"spire\": unknown"), "{e}");
+    }
+
+    #[test]
+    fn a_capture_listener_keeps_its_tls_chains_and_reports_plain_ones() {
+        let mut mtls = chain(vec![to("inbound|9080||"), filter(ISTIO_STATS, Any::default())]);
+        mtls.filter_chain_match =
+            Some(lds::FilterChainMatch { transport_protocol: "tls".into(), ..Default::default() });
+        let downstream = tls::DownstreamTlsContext {
+            common_tls_context: Some(common("default", "ROOTCA", &[], &[])),
+            ..Default::default()
+        };
+        mtls.transport_socket = socket("envoy.transport_sockets.tls", any(DOWNSTREAM_TLS, &downstream));
+        let mut pb = listener_with(vec![mtls, chain(vec![to("inbound|9080||")])]);
+        pb.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        let x = listener(&pb, "1").unwrap();
+        let l = x.listener.unwrap();
+        assert_eq!(l.capture, Capture::Inbound);
+        assert_eq!(l.filter_chains.len(), 2, "virtualInbound's chains choose TLS per connection");
+        assert!(
+            l.istio_stats
+                && l.filter_chains[0].tls.is_some()
+                && !l.filter_chains[0].tls.as_ref().unwrap().require_client_certificate
+        );
+        assert!(x.reports.is_empty(), "{:?}", x.reports);
+        // Without a TLS chain, as before: routed by original destination, reported.
+        pb.filter_chains.remove(0);
+        let x = listener(&pb, "1").unwrap();
+        assert!(x.listener.unwrap().filter_chains.is_empty());
+        assert!(x.reports[0].contains("routed by original destination"), "{:?}", x.reports);
     }
 }
