@@ -311,8 +311,11 @@ async fn connect_captured(
             }
         }
         Decision::Local(dst) => {
-            // The listener's cluster (if any) only names destination_service.
-            if let Some(t) = conn.snapshot.router.route(li) {
+            // The chain's (else the listener's) cluster, if any, only names
+            // destination_service: istiod's inbound clusters carry the service.
+            let router = &conn.snapshot.router;
+            let named = conn.chain.get().and_then(|c| router.route_chain(li, c)).or_else(|| router.route(li));
+            if let Some(t) = named {
                 conn.upstream.set(Some((t.cluster, None)));
             }
             capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)

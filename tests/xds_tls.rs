@@ -9,6 +9,8 @@
 #[path = "common/ads.rs"]
 mod ads;
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 #[path = "common/pki.rs"]
 mod pki;
 
@@ -228,6 +230,7 @@ fn inbound_snapshot(version: &str, listen: SocketAddr, app: SocketAddr, permissi
         listeners: vec![virtual_inbound(
             "virtualInbound",
             listen,
+            listen.port(),
             INBOUND,
             common_tls("default", "ROOTCA", &[], &ALPN_IN),
             permissive,
@@ -432,4 +435,132 @@ fn two_sidecars_configured_only_by_xds_give_the_static_pairs_istio_tcp_series() 
     let xds_series = (series(&settled(&out_rs, "source")), series(&settled(&in_rs, "destination")));
     assert_eq!(xds_series.0, static_series.0, "reporter=source");
     assert_eq!(xds_series.1, static_series.1, "reporter=destination");
+}
+
+/// `ringside iptables --apply ARGS` in `ns`, as Istio's init container runs it.
+fn capture_rules(ns: &str, args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, common::bin(), "iptables", "--apply"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "iptables --apply in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Write `text` into a fresh temporary YAML file readable by the sidecar's uid 1337.
+fn sidecar_admin_yaml(node: &str, rest: &str) -> String {
+    format!(
+        "{node}workers: 1\nmetrics: {{listen: 127.0.0.1:15090}}\nadmin: {{listen: 127.0.0.1:15000}}\n\
+         health: {{listen: 'off'}}\n{rest}"
+    )
+}
+
+#[test]
+fn a_captured_virtual_inbound_over_xds_terminates_mesh_mtls_and_permissive_passes_plaintext() {
+    use netns::{B_IP, B_IP2, Pods, Sidecar, connect_in, echo_server_in, unavailable};
+    if unavailable("xds_tls::captured_virtual_inbound").is_some() {
+        return;
+    }
+    let ca = Ca::new("mesh");
+    let (pp, redis) = (Certs::new("pp", &ca, PRODUCTPAGE), Certs::new("redis", &ca, REDIS));
+    let pods = Pods::new();
+    // A: outbound capture, except pod B's second address (the plaintext client's way in).
+    capture_rules(&pods.a, &["--exclude-cidrs", &format!("{B_IP2}/32")]);
+    capture_rules(&pods.b, &[]);
+    let _app = echo_server_in(&pods.b, "0.0.0.0:9080");
+    // B: configured only by xDS over a unix socket (as Istio's agent serves it), which the
+    // namespace does not hide; uid 1337 must be able to connect to it.
+    let sock = std::env::temp_dir().join(format!("ringside-xds-tls-{}.sock", std::process::id()));
+    let inbound = |version: &str, permissive: bool| {
+        let listen: SocketAddr = "0.0.0.0:15006".parse().unwrap();
+        let mut l = virtual_inbound(
+            "virtualInbound",
+            listen,
+            9080,
+            "inbound|9080||",
+            common_tls("default", "ROOTCA", &[], &ALPN_IN),
+            permissive,
+        );
+        l.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        Snapshot {
+            version: version.into(),
+            clusters: vec![cds_with_service(static_cluster(
+                "inbound|9080||",
+                "127.0.0.1:9080".parse().unwrap(),
+            ))],
+            endpoints: vec![],
+            listeners: vec![l],
+        }
+    };
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start_unix(&sock, inbound("1", true), tx);
+    std::process::Command::new("chmod").args(["0777", &sock.display().to_string()]).status().unwrap();
+    let b = Sidecar::spawn(
+        &pods.b,
+        &sidecar_admin_yaml(
+            &node("redis-v1", "redis"),
+            &format!("xds: {{address: \"unix:{}\", certificates: {{{}}}}}\n", sock.display(), redis.yaml()),
+        ),
+    );
+    let a = Sidecar::spawn(
+        &pods.a,
+        &sidecar_admin_yaml(
+            &node("productpage-v1", "productpage"),
+            &format!(
+                "listeners:\n  - {{name: virtual-outbound, listen: 0.0.0.0:15001, direction: outbound, \
+                 peer_exchange: alpn, capture: outbound}}\nclusters:\n  - name: redis\n    service: {HOST}\n    \
+                 endpoints: [{{address: \"{B_IP}:9080\"}}]\n    \
+                 tls: {{mode: istio_mutual, {}, subject_alt_names: [\"{REDIS}\"]}}\n",
+                pp.yaml()
+            ),
+        ),
+    );
+    let echo = |to: &str| {
+        let mut s = connect_in(&pods.a, to).ok()?;
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(b"ping").ok()?;
+        s.shutdown(std::net::Shutdown::Write).ok()?;
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        Some(got)
+    };
+    // mTLS: A's capture speaks ISTIO_MUTUAL to B_IP:9080; B's capture takes it to 15006,
+    // where the tls chain (by original destination port 9080 and ALPN) terminates it. (B
+    // binds its xDS listener on its first tick: until then A's upstream connect fails.)
+    let first =
+        wait_for("mTLS through both captures", || echo(&format!("{B_IP}:9080")).filter(|g| !g.is_empty()));
+    assert_eq!(first, b"ping");
+    let mtls = [
+        ("reporter", "destination"),
+        ("source_workload", "productpage-v1"),
+        ("source_principal", PRODUCTPAGE),
+        ("destination_principal", REDIS),
+        ("destination_service", HOST),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let scrape = b.wait_for_scrape("the mTLS connection counted", |t| {
+        sum(t, "istio_tcp_connections_closed_total", &mtls) == 1.0
+    });
+    assert_eq!(sum(&scrape, "ringside_exchange_total", &[("outcome", "metadata_added")]), 1.0);
+    a.wait_for_scrape("the source side", |t| {
+        sum(t, "istio_tcp_connections_closed_total", &[("destination_principal", REDIS)]) == 1.0
+    });
+    // PERMISSIVE: plaintext (not captured in A) takes the raw_buffer chain.
+    assert_eq!(echo(&format!("{B_IP2}:9080")).as_deref(), Some(&b"ping"[..]));
+    let plain = [("reporter", "destination"), ("connection_security_policy", "none")];
+    b.wait_for_scrape("the plaintext connection counted", |t| {
+        sum(t, "istio_tcp_connections_closed_total", &plain) == 1.0
+    });
+    // STRICT: plaintext finds no chain and is closed (NR); mTLS still goes through.
+    server.push(inbound("2", false));
+    assert!(reply_to(&requests, LISTENER, "2").error_detail.is_none());
+    wait_for("plaintext refused", || echo(&format!("{B_IP2}:9080")).filter(|g| g.is_empty()));
+    b.wait_for_scrape("NR counted", |t| {
+        sum(t, "istio_tcp_connections_opened_total", &[("response_flags", "NR")]) >= 1.0
+    });
+    assert_eq!(echo(&format!("{B_IP}:9080")).as_deref(), Some(&b"ping"[..]));
+    drop((a, b));
+    drop(pods);
+    drop(server);
+    let _ = std::fs::remove_file(&sock);
 }

@@ -529,14 +529,16 @@ pub fn static_cluster(name: &str, endpoint: SocketAddr) -> cds::Cluster {
     }
 }
 
-/// An inbound listener shaped as istiod's virtualInbound chains for one TCP port (bound to
-/// `listen` here rather than captured): a `tls_inspector`, a chain for mTLS clients
+/// An inbound listener shaped as istiod's virtualInbound chains for one TCP port `port`
+/// (bound to `listen`; the caller sets `use_original_dst` to capture): a `tls_inspector`, a
+/// chain for mTLS clients
 /// (transport `tls`, ALPN `istio-peer-exchange`/`istio`, a DownstreamTlsContext requiring a
 /// client certificate, the metadata exchange), and, when `permissive`, a `raw_buffer`
 /// chain for plaintext clients; both count istio_tcp_* and go to `cluster`.
 pub fn virtual_inbound(
     name: &str,
     listen: SocketAddr,
+    port: u16,
     cluster: &str,
     tls_ctx: tls::CommonTlsContext,
     permissive: bool,
@@ -574,11 +576,11 @@ pub fn virtual_inbound(
         require_client_certificate: Some(BoolValue { value: true }),
         ..Default::default()
     };
-    let port = Some(UInt32Value { value: u32::from(listen.port()) });
+    let port_match = Some(UInt32Value { value: u32::from(port) });
     let mut chains = vec![lds::FilterChain {
-        name: format!("0.0.0.0_{}", listen.port()),
+        name: format!("0.0.0.0_{port}"),
         filter_chain_match: Some(lds::FilterChainMatch {
-            destination_port: port,
+            destination_port: port_match,
             transport_protocol: "tls".into(),
             application_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
             ..Default::default()
@@ -589,9 +591,9 @@ pub fn virtual_inbound(
     }];
     if permissive {
         chains.push(lds::FilterChain {
-            name: format!("0.0.0.0_{}-plaintext", listen.port()),
+            name: format!("0.0.0.0_{port}-plaintext"),
             filter_chain_match: Some(lds::FilterChainMatch {
-                destination_port: port,
+                destination_port: port_match,
                 transport_protocol: "raw_buffer".into(),
                 ..Default::default()
             }),

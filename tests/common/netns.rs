@@ -2,6 +2,8 @@
 //! that open sockets inside a namespace, and sidecars run inside one as Istio's uid 1337.
 //! Nothing here touches the host's own network: addresses exist only inside the namespaces.
 
+#![allow(dead_code)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
