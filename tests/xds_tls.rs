@@ -9,6 +9,8 @@
 #[path = "common/ads.rs"]
 mod ads;
 mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
 #[path = "common/netns.rs"]
 mod netns;
 #[path = "common/pki.rs"]
@@ -31,6 +33,7 @@ use pki::{Ca, Certs};
 
 const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
 const REDIS: &str = "spiffe://cluster.local/ns/default/sa/redis";
+const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 const HOST: &str = "redis.default.svc.cluster.local";
 const OUTBOUND: &str = "outbound|6379||redis.default.svc.cluster.local";
 const INBOUND: &str = "inbound|6379||";
@@ -139,6 +142,7 @@ fn outbound_snapshot(
         )],
         endpoints: vec![cla],
         listeners: vec![tcp_listener(&format!("0.0.0.0_{}", listen.port()), listen, &[(OUTBOUND, 1)])],
+        secrets: vec![],
     }
 }
 
@@ -235,6 +239,7 @@ fn inbound_snapshot(version: &str, listen: SocketAddr, app: SocketAddr, permissi
             common_tls("default", "ROOTCA", &[], &ALPN_IN),
             permissive,
         )],
+        secrets: vec![],
     }
 }
 
@@ -490,6 +495,7 @@ fn a_captured_virtual_inbound_over_xds_terminates_mesh_mtls_and_permissive_passe
             ))],
             endpoints: vec![],
             listeners: vec![l],
+            secrets: vec![],
         }
     };
     let (tx, requests) = mpsc::channel();
@@ -563,4 +569,103 @@ fn a_captured_virtual_inbound_over_xds_terminates_mesh_mtls_and_permissive_passe
     drop(pods);
     drop(server);
     let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn ringside_and_a_real_envoy_speak_istio_mutual_both_ways_over_xds_with_secrets_verified() {
+    let Some(bin) = envoy::envoy_binary() else {
+        let line = "SKIP ringside_and_a_real_envoy_speak_istio_mutual_both_ways: no Envoy binary (perf/fetch-envoy.sh failed)";
+        eprintln!("{line}");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+        return;
+    };
+    let ca = Ca::new("mesh");
+    let (pp, redis) = (Certs::new("pp", &ca, PRODUCTPAGE), Certs::new("redis", &ca, REDIS));
+    // Envoy: the same virtualInbound chain, its secrets over ADS from this server (as the
+    // agent's SDS would serve them), without Istio's own filters. ALPN `istio` only: an
+    // upstream Envoy has no metadata exchange to answer `istio-peer-exchange` with.
+    let envoy_listen = free_addr();
+    // Envoy's outbound: to a ringside inbound (below), DestinationRule-style ISTIO_MUTUAL.
+    let (envoy_out, ringside_in) = (free_addr(), free_addr());
+    const TO_RINGSIDE: &str = "outbound|9080||reviews.default.svc.cluster.local";
+    let to_ringside = ads::with_upstream_tls(
+        static_cluster(TO_RINGSIDE, ringside_in),
+        // ALPN `istio` only: it cannot answer the exchange that `istio-peer-exchange` asks for.
+        ads::secrets_over_ads(common_tls("default", "ROOTCA", &[REVIEWS], &["istio"])),
+    );
+    let mut theirs = ads::without_istio_extensions(Snapshot {
+        version: "1".into(),
+        clusters: vec![static_cluster(INBOUND, tag_server("E1")), to_ringside],
+        endpoints: vec![],
+        listeners: vec![
+            tcp_listener(&format!("0.0.0.0_{}", envoy_out.port()), envoy_out, &[(TO_RINGSIDE, 1)]),
+            virtual_inbound(
+                "virtualInbound",
+                envoy_listen,
+                envoy_listen.port(),
+                INBOUND,
+                ads::secrets_over_ads(common_tls("default", "ROOTCA", &[], &["istio"])),
+                false,
+            ),
+        ],
+        secrets: vec![],
+    });
+    theirs.secrets =
+        ads::workload_secrets(&redis.p("cert-chain.pem"), &redis.p("key.pem"), &redis.p("root-cert.pem"));
+    let (tx_e, _req_e) = mpsc::channel();
+    let ads_e = AdsServer::start(free_addr(), theirs, tx_e);
+    let envoy = envoy::Envoy::start(&bin, ads_e.addr);
+    // ringside: configured only by xDS, ISTIO_MUTUAL to Envoy's address (tlsMode istio).
+    let listen = free_addr();
+    let (tx, _requests) = mpsc::channel();
+    let server =
+        AdsServer::start(free_addr(), outbound_snapshot("1", listen, &[REDIS], envoy_listen, None), tx);
+    let rs = sidecar(server.addr, &node("productpage-v1", "productpage"), Some(&pp));
+    assert_eq!(wait_for("ringside to Envoy over mTLS", || tag_of(listen)), "E1");
+    // Envoy completed a handshake that required our client certificate; we verified its SAN.
+    let stat = |name: &str| {
+        let (_, body) = common::http(envoy.admin, "GET", "/stats?filter=ssl").unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with("listener.") && l.contains(&format!(".ssl.{name}:")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert!(stat("handshake") >= 1, "Envoy counts the handshake");
+    assert_eq!(stat("no_certificate"), 0);
+    let source =
+        [("reporter", "source"), ("destination_principal", REDIS), ("source_principal", PRODUCTPAGE)];
+    let scrape = rs.wait_for_value("istio_tcp_connections_closed_total", &source, 1.0);
+    assert_eq!(sum(&scrape, "ringside_exchange_total", &[("outcome", "alpn_protocol_not_found")]), 1.0);
+    // A certificate from another CA (trusting the mesh root itself) is refused by Envoy.
+    let stranger = static_outbound(
+        &Certs::with_root("stranger", &Ca::new("other"), PRODUCTPAGE, &ca.pem, false),
+        envoy_listen,
+    );
+    assert_eq!(tag_of(stranger.listen), None);
+    wait_for("Envoy to count the refused certificate", || (stat("fail_verify_error") >= 1).then_some(()));
+
+    // The other way: Envoy's TLS client (BoringSSL's ClientHello, its ALPN) to ringside's
+    // xDS tls chain (STRICT), which verifies Envoy's certificate; Envoy checks our SAN.
+    let (tx_in, _req_in) = mpsc::channel();
+    let ads_in =
+        AdsServer::start(free_addr(), inbound_snapshot("1", ringside_in, tag_server("R1"), false), tx_in);
+    let inbound =
+        sidecar(ads_in.addr, &node("reviews-v1", "reviews"), Some(&Certs::new("reviews", &ca, REVIEWS)));
+    assert_eq!(wait_for("Envoy to ringside over mTLS", || tag_of(envoy_out)), "R1");
+    let destination = [
+        ("reporter", "destination"),
+        ("source_principal", REDIS),
+        ("destination_principal", REVIEWS),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let scrape = inbound.wait_for_value("istio_tcp_connections_closed_total", &destination, 1.0);
+    assert_eq!(
+        sum(&scrape, "ringside_exchange_total", &[("outcome", "alpn_protocol_not_found")]),
+        1.0,
+        "ALPN istio"
+    );
+    drop(envoy);
 }

@@ -30,6 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// What the server serves: one version of every resource.
 #[derive(Clone, Debug, Default)]
@@ -38,6 +39,8 @@ pub struct Snapshot {
     pub clusters: Vec<cds::Cluster>,
     pub endpoints: Vec<eds::ClusterLoadAssignment>,
     pub listeners: Vec<lds::Listener>,
+    /// SDS over ADS (for Envoy; ringside has no SDS client and never asks).
+    pub secrets: Vec<tls::Secret>,
 }
 
 /// A running ADS server; dropping it (or `stop`) closes every stream, as a crashed istiod.
@@ -145,6 +148,7 @@ fn response(s: &Snapshot, type_url: &str, names: &[String], nonce: u64) -> Disco
     let resources: Vec<Any> = match type_url {
         CLUSTER => s.clusters.iter().map(|c| any(CLUSTER, c)).collect(),
         LISTENER => s.listeners.iter().map(|l| any(LISTENER, l)).collect(),
+        SECRET => s.secrets.iter().filter(|c| names.contains(&c.name)).map(|c| any(SECRET, c)).collect(),
         _ => s
             .endpoints
             .iter()
@@ -201,7 +205,7 @@ impl AggregatedDiscoveryService for Ads {
                         }
                         let s = snapshot.borrow_and_update().clone();
                         // istiod's order: clusters, endpoints, listeners.
-                        for t in [CLUSTER, ENDPOINTS, LISTENER] {
+                        for t in [CLUSTER, ENDPOINTS, LISTENER, SECRET] {
                             if let Some(names) = subscribed.get(t) {
                                 nonce += 1;
                                 let _ = tx.send(Ok(response(&s, t, names, nonce))).await;
@@ -531,8 +535,7 @@ pub fn static_cluster(name: &str, endpoint: SocketAddr) -> cds::Cluster {
 
 /// An inbound listener shaped as istiod's virtualInbound chains for one TCP port `port`
 /// (bound to `listen`; the caller sets `use_original_dst` to capture): a `tls_inspector`, a
-/// chain for mTLS clients
-/// (transport `tls`, ALPN `istio-peer-exchange`/`istio`, a DownstreamTlsContext requiring a
+/// chain for mTLS clients (transport `tls`, ALPN `istio-peer-exchange`/`istio`, a DownstreamTlsContext requiring a
 /// client certificate, the metadata exchange), and, when `permissive`, a `raw_buffer`
 /// chain for plaintext clients; both count istio_tcp_* and go to `cluster`.
 pub fn virtual_inbound(
@@ -607,9 +610,74 @@ pub fn virtual_inbound(
         traffic_direction: core::TrafficDirection::Inbound as i32,
         listener_filters: vec![lds::ListenerFilter {
             name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(lds::listener_filter::ConfigType::TypedConfig(Any {
+                type_url:
+                    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+                        .into(),
+                value: vec![],
+            })),
             ..Default::default()
         }],
         filter_chains: chains,
         ..Default::default()
     }
+}
+
+/// `common` with its secrets fetched over ADS (`sds_config: {ads: {}}`), for an Envoy fed by
+/// this server rather than by Istio's agent.
+pub fn secrets_over_ads(mut common: tls::CommonTlsContext) -> tls::CommonTlsContext {
+    let ads = || {
+        Some(core::ConfigSource {
+            config_source_specifier: Some(
+                core::config_source::ConfigSourceSpecifier::Ads(Default::default()),
+            ),
+            resource_api_version: core::ApiVersion::V3 as i32,
+            ..Default::default()
+        })
+    };
+    for s in &mut common.tls_certificate_sds_secret_configs {
+        s.sds_config = ads();
+    }
+    if let Some(tls::common_tls_context::ValidationContextType::CombinedValidationContext(c)) =
+        &mut common.validation_context_type
+        && let Some(s) = &mut c.validation_context_sds_secret_config
+    {
+        s.sds_config = ads();
+    }
+    common
+}
+
+/// The agent's two secrets, `default` (certificate chain and key) and `ROOTCA`, from files.
+pub fn workload_secrets(cert_chain: &str, private_key: &str, root_cert: &str) -> Vec<tls::Secret> {
+    let file = |p: &str| {
+        Some(core::DataSource {
+            specifier: Some(core::data_source::Specifier::Filename(p.to_string())),
+            ..Default::default()
+        })
+    };
+    vec![
+        tls::Secret {
+            name: "default".into(),
+            r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+                certificate_chain: file(cert_chain),
+                private_key: file(private_key),
+                ..Default::default()
+            })),
+        },
+        tls::Secret {
+            name: "ROOTCA".into(),
+            r#type: Some(tls::secret::Type::ValidationContext(tls::CertificateValidationContext {
+                trusted_ca: file(root_cert),
+                ..Default::default()
+            })),
+        },
+    ]
+}
+
+/// `cluster` speaking TLS with `common` to every endpoint (its own `transport_socket`, as
+/// istiod writes for a DestinationRule's explicit ISTIO_MUTUAL).
+pub fn with_upstream_tls(mut cluster: cds::Cluster, common: tls::CommonTlsContext) -> cds::Cluster {
+    let upstream = tls::UpstreamTlsContext { common_tls_context: Some(common), ..Default::default() };
+    cluster.transport_socket = socket("envoy.transport_sockets.tls", any(UPSTREAM_TLS, &upstream));
+    cluster
 }
