@@ -256,14 +256,9 @@ impl Certs {
 
     /// All distinct slots, for the reload thread.
     pub fn slots(&self) -> Vec<Arc<Slot>> {
-        let mut all: Vec<Arc<Slot>> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let every = self.listeners.iter().chain(self.chains.iter().flatten()).chain(&self.clusters);
-        for s in every.flatten() {
-            if !all.iter().any(|a| Arc::ptr_eq(a, s)) {
-                all.push(Arc::clone(s));
-            }
-        }
-        all
+        every.flatten().filter(|s| seen.insert(Arc::as_ptr(s))).cloned().collect()
     }
 }
 
@@ -498,8 +493,12 @@ pub fn watch(
         loop {
             std::thread::sleep(period);
             let Some(slots) = slots() else { return };
-            for slot in slots {
-                if fingerprints(&slot.files) == **slot.seen.load() {
+            // Many slots share one set of files (every xDS cluster's and chain's are the
+            // workload's): look at each set once per round.
+            let mut now: HashMap<&Files, [Option<Fingerprint>; 3]> = HashMap::new();
+            for slot in &slots {
+                let current = *now.entry(&slot.files).or_insert_with(|| fingerprints(&slot.files));
+                if current == **slot.seen.load() {
                     continue;
                 }
                 match slot.reload() {

@@ -613,6 +613,9 @@ fn ringside_and_a_real_envoy_speak_istio_mutual_both_ways_over_xds_with_secrets_
         ],
         secrets: vec![],
     });
+    // Its tls chain takes only the SNI istiod writes for the cluster: ringside must send it.
+    let sni = format!("outbound_.6379_._.{HOST}");
+    theirs.listeners[1].filter_chains[0].filter_chain_match.as_mut().unwrap().server_names = vec![sni];
     theirs.secrets =
         ads::workload_secrets(&redis.p("cert-chain.pem"), &redis.p("key.pem"), &redis.p("root-cert.pem"));
     let (tx_e, _req_e) = mpsc::channel();
@@ -640,12 +643,22 @@ fn ringside_and_a_real_envoy_speak_istio_mutual_both_ways_over_xds_with_secrets_
     let scrape = rs.wait_for_value("istio_tcp_connections_closed_total", &source, 1.0);
     assert_eq!(sum(&scrape, "ringside_exchange_total", &[("outcome", "alpn_protocol_not_found")]), 1.0);
     // A certificate from another CA (trusting the mesh root itself) is refused by Envoy.
-    let stranger = static_outbound(
-        &Certs::with_root("stranger", &Ca::new("other"), PRODUCTPAGE, &ca.pem, false),
-        envoy_listen,
+    // (over xDS too: Envoy's chain wants istiod's SNI)
+    let stranger_listen = free_addr();
+    let (tx_s, _req_s) = mpsc::channel();
+    let ads_s = AdsServer::start(
+        free_addr(),
+        outbound_snapshot("1", stranger_listen, &[REDIS], envoy_listen, None),
+        tx_s,
     );
-    assert_eq!(tag_of(stranger.listen), None);
-    wait_for("Envoy to count the refused certificate", || (stat("fail_verify_error") >= 1).then_some(()));
+    let other = Certs::with_root("stranger", &Ca::new("other"), PRODUCTPAGE, &ca.pem, false);
+    let _stranger = sidecar(ads_s.addr, &node("productpage-v1", "productpage"), Some(&other));
+    wait_for("the stranger's listener bound", || TcpListener::bind(stranger_listen).is_err().then_some(()));
+    // (Tried until Envoy saw it: the stranger's endpoints may reach its workers last.)
+    wait_for("Envoy to refuse the stranger's certificate", || {
+        assert_eq!(tag_of(stranger_listen), None, "never relayed");
+        (stat("fail_verify_error") >= 1).then_some(())
+    });
 
     // The other way: Envoy's TLS client (BoringSSL's ClientHello, its ALPN) to ringside's
     // xDS tls chain (STRICT), which verifies Envoy's certificate; Envoy checks our SAN.
