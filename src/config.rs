@@ -1306,6 +1306,20 @@ mod tests {
     }
 
     #[test]
+    fn xds_certificates_name_the_workload_files_and_xds_only_tls_keys_are_not_static_keys() {
+        let text = "xds:\n  address: 127.0.0.1:15010\n  certificates: {cert_chain: /etc/certs/cert-chain.pem, private_key: /etc/certs/key.pem, root_cert: /etc/certs/root-cert.pem}\n";
+        let mut cfg = Config::parse(text, "x.yaml").unwrap();
+        cfg.validate("x.yaml", text).unwrap();
+        let c = cfg.xds.unwrap().certificates.unwrap();
+        assert_eq!(c.root_cert, "/etc/certs/root-cert.pem");
+        let typo = text.replace("root_cert", "root");
+        assert!(Config::parse(&typo, "x.yaml").is_err(), "unknown keys are errors");
+        // What xDS fills in (secrets, per-endpoint matches) is not written by hand.
+        let sds = "clusters:\n  - name: c\n    endpoints: []\n    tls: {mode: istio_mutual, cert_chain: a, private_key: b, root_cert: c, secrets: {certificate: default, validation: ROOTCA}}\n";
+        assert!(Config::parse(sds, "x.yaml").is_err());
+    }
+
+    #[test]
     fn sizes_accept_kib_mib_and_bytes() {
         assert_eq!("64KiB".parse::<Size>().unwrap().0, 65536);
         assert_eq!("1MiB".parse::<Size>().unwrap().0, 1 << 20);

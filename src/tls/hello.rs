@@ -209,4 +209,27 @@ mod tests {
         assert_eq!(parse(b"\x16\x03\x01\x00\x06\x01\x00\x00\x02\xff\xff"), Hello::Tls(Vec::new()));
         assert_eq!(parse(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"), Hello::Tls(Vec::new()));
     }
+
+    #[test]
+    fn hostile_bytes_never_panic_and_a_tls_header_is_never_taken_for_plaintext() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let hello = client_hello(&["istio"]);
+        for round in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Start from the real ClientHello (so the parser goes deep) and flip bytes in it.
+            let mut bytes = hello[..(x as usize % hello.len())].to_vec();
+            for i in 0..(round % 8) {
+                let at = (x as usize >> (i * 5)) % bytes.len().max(1);
+                if let Some(b) = bytes.get_mut(at) {
+                    *b ^= (x >> (i * 3)) as u8;
+                }
+            }
+            let verdict = parse(&bytes);
+            if bytes.starts_with(&[0x16, 3]) {
+                assert_ne!(verdict, Hello::NotTls, "{bytes:?}");
+            }
+        }
+    }
 }

@@ -1215,6 +1215,103 @@ mod tests {
     }
 
     #[test]
+    fn every_tls_context_shape_that_cannot_be_served_is_an_error_saying_why() {
+        use tls::common_tls_context::{CombinedCertificateValidationContext, ValidationContextType as V};
+        let base = || common("default", "ROOTCA", &[], &[]);
+        let with = |f: &dyn Fn(&mut tls::CommonTlsContext)| {
+            let mut c = base();
+            f(&mut c);
+            c
+        };
+        let cases: Vec<(tls::CommonTlsContext, &str)> = vec![
+            (
+                with(&|c| c.tls_certificate_sds_secret_configs.clear()),
+                "no tls_certificate_sds_secret_configs",
+            ),
+            (with(&|c| c.tls_certificate_sds_secret_configs.push(sds("default"))), "more than one"),
+            (
+                with(&|c| {
+                    c.validation_context_type =
+                        Some(V::CombinedValidationContext(CombinedCertificateValidationContext::default()))
+                }),
+                "without validation_context_sds_secret_config",
+            ),
+            (
+                with(&|c| c.validation_context_type = Some(V::ValidationContext(Default::default()))),
+                "inline validation_context",
+            ),
+            (
+                // Deprecated in Envoy's API, still what an old control plane may send.
+                #[allow(deprecated)]
+                with(&|c| {
+                    c.validation_context_type =
+                        Some(V::ValidationContextCertificateProviderInstance(Default::default()))
+                }),
+                "certificate provider",
+            ),
+            (common("file-cert:/only-one-path", "ROOTCA", &[], &[]), "want file-cert:CERT~KEY"),
+        ];
+        for (c, want) in cases {
+            let e = cluster(&istio_mutual(c), "1").unwrap_err();
+            assert!(e.reason.contains(want), "{want}: {e}");
+        }
+        // No common_tls_context at all.
+        let mut pb = istio_mutual(base());
+        let empty = tls::UpstreamTlsContext::default();
+        pb.transport_socket_matches[0].transport_socket =
+            socket("envoy.transport_sockets.tls", any(UPSTREAM_TLS, &empty));
+        assert!(cluster(&pb, "1").unwrap_err().reason.contains("without common_tls_context"));
+        // Two different TLS contexts among the matches.
+        let mut pb = istio_mutual(base());
+        let other = istio_mutual(common("default", "ROOTCA", &["spiffe://x"], &[]));
+        pb.transport_socket_matches[1].transport_socket =
+            other.transport_socket_matches[0].transport_socket.clone();
+        let e = cluster(&pb, "1").unwrap_err();
+        assert!(e.reason.contains("a TLS context other than"), "{e}");
+        // A match criterion that is not a string.
+        let mut pb = istio_mutual(base());
+        let number = Value { kind: Some(Kind::NumberValue(1.0)) };
+        pb.transport_socket_matches[0].r#match =
+            Some(Struct { fields: [("tlsMode".to_string(), number)].into_iter().collect() });
+        assert!(cluster(&pb, "1").unwrap_err().reason.contains("is not a string"));
+    }
+
+    #[test]
+    fn a_cluster_transport_socket_speaks_tls_to_every_endpoint_and_prefix_sans_are_kept() {
+        use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+        let mut c = common("default", "ROOTCA", &[REDIS], &[]);
+        if let Some(tls::common_tls_context::ValidationContextType::CombinedValidationContext(v)) =
+            &mut c.validation_context_type
+        {
+            v.default_validation_context.as_mut().unwrap().match_typed_subject_alt_names =
+                vec![tls::SubjectAltNameMatcher {
+                    san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                    matcher: Some(StringMatcher {
+                        match_pattern: Some(MatchPattern::Prefix("spiffe://td-alias/".into())),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }];
+        }
+        let mut pb = istio_mutual(c);
+        pb.transport_socket = pb.transport_socket_matches[0].transport_socket.clone();
+        pb.transport_socket_matches.clear();
+        let t = cluster(&pb, "1").unwrap().cluster.tls.unwrap();
+        assert_eq!(
+            (t.subject_alt_names.as_slice(), t.subject_alt_name_prefixes.as_slice()),
+            (&[REDIS.to_string()][..], &["spiffe://td-alias/".to_string()][..])
+        );
+        assert!(!t.unmatched_plaintext && t.endpoint_matches.is_empty());
+        assert!(t.applies_to(&Endpoint::at("10.0.0.1:6379".parse().unwrap())), "no match needed");
+        // No TLS anywhere (istiod's matches without sockets, as an old test server sends): none.
+        let mut plain = istio_mutual(common("default", "ROOTCA", &[], &[]));
+        for m in &mut plain.transport_socket_matches {
+            m.transport_socket = None;
+        }
+        assert!(cluster(&plain, "1").unwrap().cluster.tls.is_none());
+    }
+
+    #[test]
     fn a_chain_with_a_downstream_tls_context_terminates_tls_with_its_alpn_and_client_certificates() {
         let downstream = |c: tls::CommonTlsContext| tls::DownstreamTlsContext {
             common_tls_context: Some(c),
