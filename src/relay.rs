@@ -264,7 +264,7 @@ async fn exchange(
 
 /// Connect as the listener says: by its route, or by the original destination of a captured
 /// connection.
-pub(crate) async fn connect_any(
+async fn connect_any(
     ctx: &WorkerCtx,
     li: usize,
     conn: &Conn,

@@ -23,7 +23,7 @@ use crate::tls::Slot;
 use crate::tls::stream::{Fill, TlsStream};
 
 /// Shortest wait for a permissive client's first bytes (see `accept`).
-pub(super) const PERMISSIVE_SNIFF_MIN: Duration = Duration::from_secs(1);
+const PERMISSIVE_SNIFF_MIN: Duration = Duration::from_secs(1);
 
 /// A set-up connection with one TLS side.
 struct TlsPair {
