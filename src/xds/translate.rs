@@ -530,6 +530,10 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
 /// `transport_socket_matches` (istiod's `tlsMode-istio` with the context, then
 /// `tlsMode-disabled` plaintext for endpoints without a sidecar).
 fn cluster_tls(pb: &cds::Cluster) -> Result<Option<ClusterTls>, String> {
+    if pb.transport_socket_matcher.is_some() {
+        // It could ask for TLS: refused rather than served in plaintext.
+        return Err("transport_socket_matcher: not served (transport_socket_matches are)".into());
+    }
     let mut context: Option<(Any, String)> = None;
     let mut take = |ts: &Option<core::TransportSocket>, what: String| -> Result<bool, String> {
         let Some(ts) = ts else { return Ok(false) };
@@ -1274,6 +1278,10 @@ mod tests {
         pb.transport_socket_matches[0].r#match =
             Some(Struct { fields: [("tlsMode".to_string(), number)].into_iter().collect() });
         assert!(cluster(&pb, "1").unwrap_err().reason.contains("is not a string"));
+        // The newer matcher API, which istiod does not write.
+        let mut pb = istio_mutual(base());
+        pb.transport_socket_matcher = Some(Default::default());
+        assert!(cluster(&pb, "1").unwrap_err().reason.contains("transport_socket_matcher"));
     }
 
     #[test]
