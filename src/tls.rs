@@ -123,15 +123,21 @@ pub struct Slot {
     current: ArcSwap<Configured>,
     /// The files' fingerprints when they were last loaded (successfully or not), so the
     /// reload thread sees a change made at any time after, also to a slot built later.
-    seen: ArcSwap<[Option<Fingerprint>; 3]>,
+    seen: ArcSwap<Fingerprints>,
 }
 
 impl Slot {
     /// Load the files and build the config; an error names the file.
     pub fn new(files: Files, role: Role) -> Result<Slot, Error> {
-        let seen = ArcSwap::from_pointee(fingerprints(&files));
-        let built = build(&files, &role)?;
-        Ok(Slot { files, role, current: ArcSwap::from_pointee(built), seen })
+        let seen = fingerprints(&files);
+        let identity = load(&files)?;
+        Slot::with(files, role, &identity, seen)
+    }
+
+    /// A slot built from `identity`, already read from `files` when they were `seen`.
+    fn with(files: Files, role: Role, identity: &Identity, seen: Fingerprints) -> Result<Slot, Error> {
+        let built = build_from(provider(), &files, identity, &role)?;
+        Ok(Slot { files, role, current: ArcSwap::from_pointee(built), seen: ArcSwap::from_pointee(seen) })
     }
 
     /// The config to use for a new connection (live connections keep the one they had).
@@ -143,7 +149,13 @@ impl Slot {
     /// previous config stays.
     pub fn reload(&self) -> Result<(), Error> {
         self.seen.store(Arc::new(fingerprints(&self.files)));
-        let built = build(&self.files, &self.role)?;
+        self.rebuild(&load(&self.files)?)
+    }
+
+    /// Build again from `identity` (its files, read anew); on failure the previous config
+    /// stays.
+    fn rebuild(&self, identity: &Identity) -> Result<(), Error> {
+        let built = build_from(provider(), &self.files, identity, &self.role)?;
         self.current.store(Arc::new(built));
         Ok(())
     }
@@ -202,14 +214,23 @@ impl Certs {
         for s in old.slots() {
             known.insert((s.files.clone(), s.role.clone()), s);
         }
+        // Files read in this round, each once, with their fingerprints from before the read.
+        let mut read: HashMap<Files, (Arc<Identity>, Fingerprints)> = HashMap::new();
         let mut slot = |what: &dyn Fn() -> String, files: Files, role: Role| {
             if let Some(s) = known.get(&(files.clone(), role.clone())) {
                 return Ok(Arc::clone(s));
             }
-            let s = Arc::new(
-                Slot::new(files.clone(), role.clone())
-                    .map_err(|source| LoadError { what: what(), source })?,
-            );
+            let fail = |source| LoadError { what: what(), source };
+            let (identity, seen) = match read.get(&files) {
+                Some(r) => r.clone(),
+                None => {
+                    let seen = fingerprints(&files);
+                    let r = (Arc::new(load(&files).map_err(fail)?), seen);
+                    read.insert(files.clone(), r.clone());
+                    r
+                }
+            };
+            let s = Arc::new(Slot::with(files.clone(), role.clone(), &identity, seen).map_err(fail)?);
             known.insert((files, role), Arc::clone(&s));
             Ok(s)
         };
@@ -272,11 +293,38 @@ pub fn build(files: &Files, role: &Role) -> Result<Configured, Error> {
     build_with(provider(), files, role)
 }
 
+/// The parsed contents of a certificate set: read once, shared by every config built from
+/// it (an xDS publication's clusters and chains mostly name the same workload files).
+pub struct Identity {
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+}
+
+/// Read and parse `files`; an error names the file.
+pub fn load(files: &Files) -> Result<Identity, Error> {
+    Ok(Identity {
+        certs: load_certs(&files.cert_chain)?,
+        key: load_key(&files.private_key)?,
+        roots: Arc::new(load_roots(&files.root_cert)?),
+    })
+}
+
 /// Build the config of `role` from `files` with `provider` (benchmarks compare providers).
 pub fn build_with(provider: Arc<CryptoProvider>, files: &Files, role: &Role) -> Result<Configured, Error> {
-    let certs = load_certs(&files.cert_chain)?;
-    let key = load_key(&files.private_key)?;
-    let roots = Arc::new(load_roots(&files.root_cert)?);
+    build_from(provider, files, &load(files)?, role)
+}
+
+/// Build the config of `role` from `identity`, read from `files` (named in errors).
+fn build_from(
+    provider: Arc<CryptoProvider>,
+    files: &Files,
+    identity: &Identity,
+    role: &Role,
+) -> Result<Configured, Error> {
+    let certs = identity.certs.clone();
+    let key = identity.key.clone_key();
+    let roots = Arc::clone(&identity.roots);
     let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
     let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
     let versions = rustls::ALL_VERSIONS;
@@ -476,7 +524,10 @@ fn fingerprint(path: &Path) -> Option<Fingerprint> {
     })
 }
 
-fn fingerprints(f: &Files) -> [Option<Fingerprint>; 3] {
+/// The fingerprints of a set's three files.
+type Fingerprints = [Option<Fingerprint>; 3];
+
+fn fingerprints(f: &Files) -> Fingerprints {
     [fingerprint(&f.cert_chain), fingerprint(&f.private_key), fingerprint(&f.root_cert)]
 }
 
@@ -494,16 +545,29 @@ pub fn watch(
             std::thread::sleep(period);
             let Some(slots) = slots() else { return };
             // Many slots share one set of files (every xDS cluster's and chain's are the
-            // workload's): look at each set once per round.
-            let mut now: HashMap<&Files, [Option<Fingerprint>; 3]> = HashMap::new();
+            // workload's): each set is looked at, read and logged once per round.
+            let mut round: HashMap<Files, (Fingerprints, Option<Option<Identity>>)> = HashMap::new();
             for slot in &slots {
-                let current = *now.entry(&slot.files).or_insert_with(|| fingerprints(&slot.files));
-                if current == **slot.seen.load() {
+                let (now, read) =
+                    round.entry(slot.files.clone()).or_insert_with(|| (fingerprints(&slot.files), None));
+                if *now == **slot.seen.load() {
                     continue;
                 }
-                match slot.reload() {
-                    Ok(()) => log::info!("tls: reloaded {}", slot.files.cert_chain.display()),
-                    Err(e) => log::warn!("tls: reload failed, previous certificate stays in use: {e}"),
+                slot.seen.store(Arc::new(*now));
+                let identity = read.get_or_insert_with(|| match load(&slot.files) {
+                    Ok(identity) => {
+                        log::info!("tls: reloaded {}", slot.files.cert_chain.display());
+                        Some(identity)
+                    }
+                    Err(e) => {
+                        log::warn!("tls: reload failed, previous certificate stays in use: {e}");
+                        None
+                    }
+                });
+                if let Some(identity) = identity
+                    && let Err(e) = slot.rebuild(identity)
+                {
+                    log::warn!("tls: reload failed, previous certificate stays in use: {e}");
                 }
             }
         }

@@ -163,11 +163,8 @@ fn outbound_istio_mutual_speaks_mtls_to_endpoints_labelled_istio_and_plaintext_t
         outbound_snapshot("1", listen, &[REDIS], redis.listen, Some(legacy)),
         tx,
     );
-    let rs = sidecar(
-        server.addr,
-        &node("productpage-v1", "productpage"),
-        Some(&Certs::new("pp", &ca, PRODUCTPAGE)),
-    );
+    let pp = Certs::new("pp", &ca, PRODUCTPAGE);
+    let rs = sidecar(server.addr, &node("productpage-v1", "productpage"), Some(&pp));
     let mut all = vec![wait_for("the xDS listener", || tag_of(listen))];
     // Least-request over two endpoints: both are reached, each with its transport socket. A
     // TLS client to the plaintext backend, or plaintext to the strict one, gets no tag.
@@ -195,6 +192,16 @@ fn outbound_istio_mutual_speaks_mtls_to_endpoints_labelled_istio_and_plaintext_t
         ("destination_principal", "unknown"),
     ];
     rs.wait_for_value("istio_tcp_connections_closed_total", &legacy_labels, count("P2"));
+
+    // The agent rotates the workload certificate (atomic renames): new connections present
+    // the new one, as with static certificates (SPEC §7).
+    const ROTATED: &str = "spiffe://cluster.local/ns/default/sa/productpage-rotated";
+    pp.install(&ca, ROTATED, &ca.pem, false);
+    wait_for("the rotated certificate in use", || {
+        let _ = tag_of(listen);
+        let rotated = [("reporter", "destination"), ("source_principal", ROTATED)];
+        (sum(&redis.scrape(), "istio_tcp_connections_opened_total", &rotated) >= 1.0).then_some(())
+    });
 
     // A wrong SAN: the upstream is refused (UF); the plaintext endpoint is unaffected.
     server.push(outbound_snapshot(
