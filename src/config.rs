@@ -397,8 +397,9 @@ pub struct FilterChain {
     /// Why it serves no connection (an HTTP chain): its connections close with `NR`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_served: Option<String>,
-    /// Its DownstreamTlsContext: connections that take it are TLS-terminated (SPEC §7, §9).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// xDS: its DownstreamTlsContext: connections that take it are TLS-terminated (SPEC §7,
+    /// §9).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ChainTls>,
 }
 
