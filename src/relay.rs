@@ -6,6 +6,7 @@
 //! a read that fills the whole buffer marks a bulk flow, which then moves by splice(2) without
 //! passing through user space.
 
+use std::cell::Cell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::pin;
@@ -605,21 +606,27 @@ async fn forward_held(
 async fn copy_both(ctx: &WorkerCtx, conn: &Conn, down: TcpStream, up: TcpStream) -> Result<(), Error> {
     let (mut down_r, mut down_w) = down.into_split();
     let (mut up_r, mut up_w) = up.into_split();
+    let one_ended = Cell::new(false);
     let result = {
-        let request = pin!(pump(ctx, conn, &mut down_r, &mut up_w, true));
-        let response = pin!(pump(ctx, conn, &mut up_r, &mut down_w, false));
+        let request = pin!(pump(ctx, conn, &mut down_r, &mut up_w, true, &one_ended));
+        let response = pin!(pump(ctx, conn, &mut up_r, &mut down_w, false, &one_ended));
         both(request, response, conn).await
     };
-    let reset = match &result {
-        Ok(()) => false,
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => false, // idle: nothing in flight
-        Err(_) => true,
-    };
-    if reset && let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
-        socket::reset(d);
-        socket::reset(u);
+    match &result {
+        // Both sides sent their FIN and read ours: closing the sockets ends them. Reunited,
+        // they close without the shutdown(2) a dropped write half makes (which would fail).
+        Ok(()) => {
+            let _ = (down_r.reunite(down_w), up_r.reunite(up_w));
+        }
+        // Idle: nothing in flight; dropping the write halves shuts them (FIN) and closes.
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+        Err(_) => {
+            if let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
+                socket::reset(d);
+                socket::reset(u);
+            }
+        }
     }
-    // Otherwise dropping the write halves shuts them (FIN) and closes.
     result.map_err(Error::Io)
 }
 
@@ -657,6 +664,17 @@ where
     .await
 }
 
+/// One direction's sender half-closed: pass its FIN on. The first direction to end does so
+/// with shutdown(2); the second leaves it to the close that follows at once in `copy_both`
+/// (a socket with nothing left unread sends a FIN when closed), as HAProxy does: one
+/// shutdown per connection instead of two.
+async fn pass_fin(to: &mut OwnedWriteHalf<TcpStream>, one_ended: &Cell<bool>) -> io::Result<()> {
+    if one_ended.replace(true) {
+        return Ok(());
+    }
+    shutdown_write(to).await
+}
+
 /// Shut the write half (half-close). The peer may already have closed the socket entirely,
 /// after a FIN we relayed during the exchange: `ENOTCONN` then means "already done".
 async fn shutdown_write(to: &mut OwnedWriteHalf<TcpStream>) -> io::Result<()> {
@@ -678,6 +696,7 @@ async fn pump(
     from: &mut OwnedReadHalf<TcpStream>,
     to: &mut OwnedWriteHalf<TcpStream>,
     request: bool,
+    one_ended: &Cell<bool>,
 ) -> io::Result<()> {
     let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
     let mut splice = ctx.splice;
@@ -701,7 +720,7 @@ async fn pump(
                 }
                 Burst::Eof => {
                     pipe.release();
-                    return shutdown_write(to).await;
+                    return pass_fin(to, one_ended).await;
                 }
                 Burst::Unsupported { error, left } => {
                     log::debug!("splice failed, copying instead: {error}");
@@ -727,7 +746,7 @@ async fn pump(
         };
         if n == 0 {
             ctx.pool.put(buf);
-            return shutdown_write(to).await;
+            return pass_fin(to, one_ended).await;
         }
         // A full read: more is probably waiting, so read again at once.
         ready = n == buf.capacity();
@@ -780,7 +799,7 @@ async fn splice_burst(
     conn: &Conn,
     from: &mut OwnedReadHalf<TcpStream>,
     to: &mut OwnedWriteHalf<TcpStream>,
-    counter: &std::cell::Cell<u64>,
+    counter: &Cell<u64>,
     pipe: &socket::Lease<'_>,
 ) -> io::Result<Burst> {
     loop {
