@@ -401,6 +401,10 @@ pub struct FilterChain {
     /// §9).
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ChainTls>,
+    /// xDS: the address of the listener not bound to its port (`bind_to_port: false`) it
+    /// came from: it takes only the captured connections Envoy hands that listener (SPEC §8).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<SocketAddr>,
 }
 
 /// A filter chain's TLS server side, from an xDS DownstreamTlsContext.
@@ -1111,7 +1115,9 @@ impl Config {
             }
             match (l.capture, l.direction) {
                 (Capture::None, _) => {}
-                (Capture::Outbound, Direction::Outbound) if targets.iter().any(|t| *t) => {
+                // Filter chains only say how a connection is counted (and TLS-terminated):
+                // it still goes where its original destination says (SPEC §8, §9).
+                (Capture::Outbound, Direction::Outbound) if targets[..3].iter().any(|t| *t) => {
                     return Err(here(
                         "capture: outbound routes by each connection's original destination; \
                          remove cluster, tcp_routes and service"

@@ -4,6 +4,8 @@
 //! namespaces, each test prints a SKIP line (collected in target/test-skips.txt, which
 //! tests/run.sh prints) and returns: skipped, never passed silently.
 
+#[path = "common/ads.rs"]
+mod ads;
 mod common;
 #[path = "common/netns.rs"]
 mod netns;
@@ -12,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::process::Command;
 
-use common::{Rng, bin, sum};
+use common::{Rng, bin, sum, wait_for};
 use netns::{
     A_IP, B_IP, B_IP2, B_IP6, Pods, Sidecar, connect_in, echo_server_in, exec, iptables_save, unavailable,
 };
@@ -392,4 +394,141 @@ fn capture_rules_are_printed_without_privileges() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("iptables -t nat -A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT\n"), "{text}");
     assert!(text.contains("-m owner --uid-owner 1337 -j RETURN\n"), "{text}");
+}
+
+/// An outbound listener as istiod writes one per TCP service port, not bound to its port:
+/// reached only through virtualOutbound by original destination; with or without `istio.stats`.
+fn service_listener(listen: SocketAddr, cluster: &str, stats: bool) -> ads::lds::Listener {
+    let mut l = ads::tcp_listener(&format!("{}_{}", listen.ip(), listen.port()), listen, &[(cluster, 1)]);
+    l.bind_to_port = Some(ads::BoolValue { value: false });
+    if !stats {
+        l.filter_chains[0].filters.retain(|f| f.name != "istio.stats");
+    }
+    l
+}
+
+/// istiod's virtualOutbound: `use_original_dst` on the capture port, one chain (`istio.stats`,
+/// tcp_proxy to PassthroughCluster).
+fn virtual_outbound() -> ads::lds::Listener {
+    let mut l =
+        ads::tcp_listener("virtualOutbound", "0.0.0.0:15001".parse().unwrap(), &[("PassthroughCluster", 1)]);
+    l.use_original_dst = Some(ads::BoolValue { value: true });
+    l
+}
+
+/// The istio_tcp_* series of a scrape, `name{labels} value`, sorted.
+fn istio_series(scrape: &str) -> Vec<String> {
+    let mut out: Vec<String> =
+        scrape.lines().filter(|l| l.starts_with("istio_tcp_")).map(str::to_string).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_connection_captured_to_a_service_is_counted_as_the_listener_istiod_wrote_for_it_says() {
+    if unavailable("capture::xds_service_listeners").is_some() {
+        return;
+    }
+    const REDIS: &str = "outbound|6379||redis.default.svc.cluster.local";
+    const MONGO: &str = "outbound|27017||mongo.default.svc.cluster.local";
+    let pods = Pods::new();
+    apply(&pods.a, &[]);
+    for port in ["6379", "27017", "8080"] {
+        echo_server_in(&pods.b, &format!("0.0.0.0:{port}"));
+    }
+    let at = |port: u16| SocketAddr::new(B_IP.parse().unwrap(), port);
+    let original_dst = ads::cds::Cluster {
+        name: "PassthroughCluster".into(),
+        cluster_discovery_type: Some(ads::cds::cluster::ClusterDiscoveryType::Type(
+            ads::cds::cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        ..Default::default()
+    };
+    // Plaintext endpoints (no sidecar in B), with the workload istiod writes for them.
+    let endpoints = |cluster: &str, port: u16, workload: &str| {
+        ads::without_sidecar(ads::assignment(cluster, &[(at(port), workload)]), at(port))
+    };
+    let snapshot = ads::Snapshot {
+        version: "1".into(),
+        clusters: vec![
+            ads::eds_cluster(REDIS, "redis.default.svc.cluster.local", "default"),
+            ads::eds_cluster(MONGO, "mongo.default.svc.cluster.local", "default"),
+            original_dst,
+        ],
+        endpoints: vec![
+            endpoints(REDIS, 6379, "redis-v1;default;redis;v1;Kubernetes"),
+            endpoints(MONGO, 27017, "mongo-v1;default;mongo;v1;Kubernetes"),
+        ],
+        listeners: vec![
+            virtual_outbound(),
+            service_listener("10.96.0.20:6379".parse().unwrap(), REDIS, true),
+            service_listener("10.96.0.30:27017".parse().unwrap(), MONGO, false),
+        ],
+        secrets: vec![],
+    };
+    // Over a unix socket, which the namespace does not hide; uid 1337 must reach it.
+    let sock = std::env::temp_dir().join(format!("ringside-capture-xds-{}.sock", std::process::id()));
+    let (tx, _requests) = std::sync::mpsc::channel();
+    let server = ads::AdsServer::start_unix(&sock, snapshot, tx);
+    Command::new("chmod").args(["0777", &sock.display().to_string()]).status().unwrap();
+    let a = Sidecar::spawn(
+        &pods.a,
+        &format!(
+            "node:\n  workload_name: productpage-v1\n  namespace: default\n  \
+             labels: {{app: productpage, version: v1}}\nworkers: 1\nmetrics: {{listen: 127.0.0.1:15090}}\n\
+             admin: {{listen: 127.0.0.1:15000}}\nhealth: {{listen: 'off'}}\nxds: {{address: \"unix:{}\"}}\n",
+            sock.display()
+        ),
+    );
+    // Every resource applied (the endpoints come last) before the first connection.
+    let admin = a.admin;
+    wait_for("the xDS config in place", || {
+        let dump = netns::in_ns(&pods.a, move || common::http(admin, "GET", "/config_dump"))?.1;
+        let all = ["virtualOutbound", &at(6379).to_string(), &at(27017).to_string()];
+        all.iter().all(|s| dump.contains(s)).then_some(())
+    });
+
+    // Mongo's listener has no istio.stats: relayed, not counted. Then redis's, counted.
+    // (The capture listener binds on the worker's next tick: refused until then, uncounted.)
+    let mongo = wait_for("virtualOutbound bound", || connect_in(&pods.a, "10.96.0.30:27017").ok());
+    assert_eq!(echo_through(mongo, b"find"), b"find");
+    let redis = connect_in(&pods.a, "10.96.0.20:6379").expect("connect to redis's ClusterIP");
+    assert_eq!(echo_through(redis, b"PING\r\n"), b"PING\r\n");
+    // No listener has B's port 8080: virtualOutbound's own chain, counted as passthrough.
+    let other = connect_in(&pods.a, &format!("{B_IP}:8080")).expect("connect to B");
+    assert_eq!(echo_through(other, b"hi"), b"hi");
+    let text = a.wait_for_scrape("both counted connections closed", |t| {
+        sum(t, "istio_tcp_connections_closed_total", &[]) == 2.0
+    });
+    let source = "reporter=\"source\",source_workload=\"productpage-v1\",source_canonical_service=\"productpage\",\
+        source_canonical_revision=\"v1\",source_workload_namespace=\"default\",source_principal=\"unknown\",\
+        source_app=\"productpage\",source_version=\"v1\",source_cluster=\"Kubernetes\"";
+    let redis = format!(
+        "{source},destination_workload=\"redis-v1\",destination_workload_namespace=\"default\",\
+         destination_principal=\"unknown\",destination_app=\"unknown\",destination_version=\"unknown\",\
+         destination_service=\"redis.default.svc.cluster.local\",destination_canonical_service=\"redis\",\
+         destination_canonical_revision=\"v1\",destination_service_name=\"redis\",\
+         destination_service_namespace=\"default\",destination_cluster=\"Kubernetes\",request_protocol=\"tcp\",\
+         response_flags=\"-\",connection_security_policy=\"unknown\""
+    );
+    let passthrough = format!(
+        "{source},destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",\
+         destination_principal=\"unknown\",destination_app=\"unknown\",destination_version=\"unknown\",\
+         destination_service=\"{B_IP}:8080\",destination_canonical_service=\"unknown\",\
+         destination_canonical_revision=\"latest\",destination_service_name=\"PassthroughCluster\",\
+         destination_service_namespace=\"unknown\",destination_cluster=\"unknown\",request_protocol=\"tcp\",\
+         response_flags=\"-\",connection_security_policy=\"unknown\""
+    );
+    let mut want = Vec::new();
+    for (labels, sent, received) in [(&redis, 6, 6), (&passthrough, 2, 2)] {
+        want.push(format!("istio_tcp_connections_closed_total{{{labels}}} 1"));
+        want.push(format!("istio_tcp_connections_opened_total{{{labels}}} 1"));
+        want.push(format!("istio_tcp_received_bytes_total{{{labels}}} {received}"));
+        want.push(format!("istio_tcp_sent_bytes_total{{{labels}}} {sent}"));
+    }
+    want.sort();
+    assert_eq!(istio_series(&text), want, "{text}");
+    drop(a);
+    drop(server);
+    let _ = std::fs::remove_file(&sock);
 }

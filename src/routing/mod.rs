@@ -6,7 +6,7 @@ pub mod istio;
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -310,8 +310,14 @@ impl Router {
     /// The cluster (and subset) for an outbound-captured connection to `dst`: a cluster whose
     /// service addresses or endpoints hold it, through its host's tcp routes for that port;
     /// `None` means passthrough to `dst` itself (SPEC §8).
+    /// An address `0.0.0.0:port` (`[::]:port`) holds every `dst` on that port that no exact
+    /// address holds, as Envoy hands a connection to a wildcard listener last.
     pub fn route_original_dst(&self, dst: SocketAddr) -> Option<Target> {
-        self.pick(self.by_address.get(&dst)?)
+        let wildcard = || {
+            let any = if dst.is_ipv4() { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
+            self.by_address.get(&SocketAddr::new(any, dst.port()))
+        };
+        self.pick(self.by_address.get(&dst).or_else(wildcard)?)
     }
 
     /// The cluster (and subset) for a new connection on `listener`; `None`: no route (`NR`).
@@ -481,13 +487,25 @@ fn cluster_state(
 /// then application protocols; at each step the most specific chains that match win and the
 /// rest are out (no backtracking); the default chain when none is left. A plaintext
 /// connection is `raw_buffer` with no ALPN.
+///
+/// Before that, as Envoy hands a captured connection to the listener not bound to its port
+/// whose address is the original destination (`IP:port`, else `0.0.0.0:port`), only the
+/// chains handed off from that listener compete; when there is none, the capture listener's
+/// own (SPEC §8).
 pub fn select_chain(
     chains: &[crate::config::FilterChain],
     dst: SocketAddr,
     transport: &str,
     alpn: &[&str],
 ) -> Option<usize> {
-    let all: Vec<usize> = (0..chains.len()).filter(|&i| !chains[i].default).collect();
+    let wildcard = SocketAddr::new(
+        if dst.is_ipv4() { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) },
+        dst.port(),
+    );
+    let handed = |to: SocketAddr| chains.iter().any(|c| c.handoff == Some(to));
+    let listener = [dst, wildcard].into_iter().find(|a| handed(*a));
+    let group: Vec<usize> = (0..chains.len()).filter(|&i| chains[i].handoff == listener).collect();
+    let all: Vec<usize> = group.iter().copied().filter(|&i| !chains[i].default).collect();
     let narrow = |from: Vec<usize>, exact: &dyn Fn(usize) -> bool, any: &dyn Fn(usize) -> bool| {
         let exact: Vec<usize> = from.iter().copied().filter(|&i| exact(i)).collect();
         if exact.is_empty() { from.into_iter().filter(|&i| any(i)).collect() } else { exact }
@@ -509,7 +527,7 @@ pub fn select_chain(
         &|i| chains[i].application_protocols.iter().any(|p| alpn.contains(&p.as_str())),
         &|i| chains[i].application_protocols.is_empty(),
     );
-    protocols.first().copied().or_else(|| chains.iter().position(|c| c.default))
+    protocols.first().copied().or_else(|| group.into_iter().find(|&i| chains[i].default))
 }
 
 #[cfg(test)]

@@ -67,9 +67,22 @@ pub struct XdsListener {
     /// Valid config that is not served, one line each (log and `/config_dump`).
     pub reports: Vec<String>,
     /// A listener not bound to its port (`bind_to_port: false`, istiod's per-service
-    /// outbound listeners): its address and cluster, which an outbound capture listener
-    /// matches by original destination (SPEC §8).
-    pub captured: Option<(SocketAddr, String)>,
+    /// outbound listeners): what the capture listener of its direction hands it (SPEC §8).
+    pub handoff: Option<Handoff>,
+}
+
+/// A listener not bound to its port, which Envoy hands a captured connection whose original
+/// destination is its address: its chains serve that connection (route, `istio.stats`,
+/// reporter direction), as if they were the capture listener's own.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    /// Its traffic direction: the capture listener of the same direction takes its chains.
+    pub direction: Direction,
+    /// Its chains, each narrowed to the listener's address (port, and IP unless wildcard).
+    pub chains: Vec<FilterChain>,
+    /// The original destinations each cluster is reached at through it: the listener's
+    /// address, or its chains' single-address prefix ranges on its port.
+    pub addresses: Vec<(SocketAddr, String)>,
 }
 
 /// A translated Cluster.
@@ -226,18 +239,11 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             && c.tls.is_none()
     };
     if pb.bind_to_port.is_some_and(|b| !b.value) {
-        // Reached through the capture listener by original destination, as in Envoy.
-        let captured = match chains.iter().find(|c| plain(c)) {
-            Some(FilterChain { cluster: Some(c), .. }) => Some((listen, c.clone())),
-            Some(_) => {
-                reports.push(format!(
-                    "Listener/{name}: bind_to_port false with weighted_clusters: not served yet through capture"
-                ));
-                None
-            }
-            None => None,
-        };
-        return Ok(XdsListener { listener: None, reports, captured });
+        return Ok(XdsListener {
+            listener: None,
+            handoff: Some(handoff(name, listen, direction, chains, &mut reports)),
+            reports,
+        });
     }
     let capture = match (pb.use_original_dst.is_some_and(|b| b.value), direction) {
         (true, Direction::Inbound) => Capture::Inbound,
@@ -247,26 +253,16 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
     let mut listener = base_listener(name, listen, direction, capture, exchange, false, version);
     if capture != Capture::None {
         // Routed by original destination (SPEC §8): outbound to the cluster holding it,
-        // inbound to its port on the local host, as istiod's per-port chains say. Chains that
-        // look at TLS (istiod's virtualInbound) are kept to choose, per connection, whether
-        // TLS is terminated and whether it is counted; a connection no chain takes is closed.
-        let tls = |c: &FilterChain| {
-            c.tls.is_some()
-                || c.transport_protocol.as_deref() == Some("tls")
-                || !c.application_protocols.is_empty()
-        };
-        if chains.iter().any(tls) {
-            listener.istio_stats = chains.iter().any(|c| c.istio_stats);
-            listener.filter_chains = chains;
-        } else if !chains.is_empty() {
-            reports.push(format!(
-                "Listener/{name}: filter chains of a capture listener: routed by original destination"
-            ));
-        }
-        return Ok(XdsListener { listener: Some(listener), reports, captured: None });
+        // inbound to its port on the local host. The chains are kept to choose, per
+        // connection, whether TLS is terminated and whether it is counted: istiod puts
+        // `istio.stats` on each (the passthrough chains too), and Istio reports what the
+        // chain that served the connection says. A connection no chain takes is closed.
+        listener.istio_stats = chains.iter().any(|c| c.istio_stats);
+        listener.filter_chains = chains;
+        return Ok(XdsListener { listener: Some(listener), reports, handoff: None });
     }
     if chains.iter().all(|c| c.not_served.is_some()) {
-        return Ok(XdsListener { listener: None, reports, captured: None });
+        return Ok(XdsListener { listener: None, reports, handoff: None });
     }
     match &chains[..] {
         // One chain for every connection: the plain listener model.
@@ -280,7 +276,48 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             listener.filter_chains = chains;
         }
     }
-    Ok(XdsListener { listener: Some(listener), reports, captured: None })
+    Ok(XdsListener { listener: Some(listener), reports, handoff: None })
+}
+
+/// A `bind_to_port: false` listener's chains, as a capture listener takes them: Envoy hands
+/// it the captured connections to its address (an exact `IP:port` listener before a
+/// `0.0.0.0:port` one, both before the capture listener's own chains, `select_chain`), and
+/// its chain that matches serves them (an HTTP chain's connection is relayed, not counted).
+/// Weighted routes are not taken (an original destination routes to one cluster), reported.
+fn handoff(
+    name: &str,
+    listen: SocketAddr,
+    direction: Direction,
+    chains: Vec<FilterChain>,
+    reports: &mut Vec<String>,
+) -> Handoff {
+    let mut handoff = Handoff { direction, chains: Vec::new(), addresses: Vec::new() };
+    let single = |r: &&Cidr| r.len == if r.addr.is_ipv4() { 32 } else { 128 };
+    for mut c in chains {
+        if c.tcp_routes.is_some() {
+            reports.push(format!(
+                "Listener/{name}: {}: bind_to_port false with weighted_clusters: not served yet through capture",
+                c.name
+            ));
+            continue;
+        }
+        c.name = format!("Listener/{name} {}", c.name);
+        c.handoff = Some(listen);
+        // Where the connection is routed (by original destination): the listener's own
+        // address, or a chain's single-address prefix ranges (istiod's `0.0.0.0_PORT` with
+        // one chain per service address). Its default chain (istiod's goes to the
+        // passthrough) and chains that serve nothing name no address.
+        if let Some(cluster) = c.cluster.clone().filter(|_| !c.default && c.not_served.is_none()) {
+            if c.prefix_ranges.is_empty() {
+                handoff.addresses.push((listen, cluster.clone()));
+            }
+            for r in c.prefix_ranges.iter().filter(single) {
+                handoff.addresses.push((SocketAddr::new(r.addr, listen.port()), cluster.clone()));
+            }
+        }
+        handoff.chains.push(c);
+    }
+    handoff
 }
 
 fn base_listener(
@@ -710,13 +747,34 @@ impl State {
             }
             cfg.clusters.push(c);
         }
-        for x in self.listeners.values() {
-            if let Some((address, cluster)) = &x.captured
-                && let Some(c) = cfg.clusters.iter_mut().find(|c| &c.name == cluster)
-            {
+        let handoffs: Vec<&Handoff> = self.listeners.values().filter_map(|x| x.handoff.as_ref()).collect();
+        for (address, cluster) in handoffs.iter().flat_map(|h| &h.addresses) {
+            if let Some(c) = cfg.clusters.iter_mut().find(|c| &c.name == cluster) {
                 c.addresses.push(*address);
             }
+        }
+        for x in self.listeners.values() {
             let Some(mut l) = x.listener.clone() else { continue };
+            if l.capture != Capture::None {
+                // Handed-off listeners' chains, marked with their listener's address.
+                let mut chains: Vec<FilterChain> = handoffs
+                    .iter()
+                    .filter(|h| h.direction == l.direction)
+                    .flat_map(|h| h.chains.iter().cloned())
+                    .collect();
+                if !chains.is_empty() && l.filter_chains.is_empty() {
+                    // Everything else still goes by original destination, counted as the
+                    // listener says.
+                    chains.push(FilterChain {
+                        name: "original destination".into(),
+                        default: true,
+                        istio_stats: l.istio_stats,
+                        ..FilterChain::default()
+                    });
+                }
+                chains.append(&mut l.filter_chains);
+                l.filter_chains = chains;
+            }
             for chain in &mut l.filter_chains {
                 if let Some(t) = &mut chain.tls {
                     resolve(&t.secrets, &mut t.files, certificates)
@@ -1367,7 +1425,7 @@ mod tests {
     }
 
     #[test]
-    fn a_capture_listener_keeps_its_tls_chains_and_reports_plain_ones() {
+    fn a_capture_listener_keeps_its_chains_to_choose_tls_and_counting_per_connection() {
         let mut mtls = chain(vec![to("inbound|9080||"), filter(ISTIO_STATS, Any::default())]);
         mtls.filter_chain_match =
             Some(lds::FilterChainMatch { transport_protocol: "tls".into(), ..Default::default() });
@@ -1388,10 +1446,130 @@ mod tests {
                 && !l.filter_chains[0].tls.as_ref().unwrap().require_client_certificate
         );
         assert!(x.reports.is_empty(), "{:?}", x.reports);
-        // Without a TLS chain, as before: routed by original destination, reported.
+        // Without a TLS chain (PeerAuthentication DISABLE) the chains still say what is
+        // counted: a chain without istio.stats counts nothing.
         pb.filter_chains.remove(0);
         let x = listener(&pb, "1").unwrap();
-        assert!(x.listener.unwrap().filter_chains.is_empty());
-        assert!(x.reports[0].contains("routed by original destination"), "{:?}", x.reports);
+        let l = x.listener.unwrap();
+        assert_eq!(l.filter_chains.len(), 1);
+        assert!(!l.filter_chains[0].istio_stats && !l.istio_stats);
+        assert!(x.reports.is_empty(), "{:?}", x.reports);
+    }
+
+    fn outbound(name: &str, address: &str, chains: Vec<lds::FilterChain>) -> lds::Listener {
+        lds::Listener {
+            name: name.into(),
+            address: addr(address),
+            traffic_direction: core::TrafficDirection::Outbound as i32,
+            filter_chains: chains,
+            ..Default::default()
+        }
+    }
+
+    fn xds_state(listeners: Vec<lds::Listener>, clusters: &[&str]) -> State {
+        let mut state = State::default();
+        for pb in listeners {
+            state.listeners.insert(pb.name.clone(), listener(&pb, "1").unwrap());
+        }
+        for name in clusters {
+            let pb = cds::Cluster {
+                name: name.to_string(),
+                cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+                    cds::cluster::DiscoveryType::Static as i32,
+                )),
+                ..Default::default()
+            };
+            state.clusters.insert(name.to_string(), cluster(&pb, "1").unwrap());
+        }
+        state
+    }
+
+    #[test]
+    fn a_listener_not_bound_to_its_port_serves_the_connections_captured_to_its_address() {
+        let stats = || filter(ISTIO_STATS, Any::default());
+        let unbound = |mut l: lds::Listener| {
+            l.bind_to_port = Some(envoy_types::pb::google::protobuf::BoolValue { value: false });
+            l
+        };
+        let mongo =
+            unbound(outbound("10.0.0.5_27017", "10.0.0.5:27017", vec![chain(vec![stats(), to("mongo")])]));
+        let redis = unbound(outbound("0.0.0.0_6379", "0.0.0.0:6379", vec![chain(vec![to("redis")])]));
+        // istiod's 0.0.0.0_PORT for services sharing a port: one chain per service address.
+        let mut a = chain(vec![stats(), to("db-a")]);
+        a.filter_chain_match = Some(lds::FilterChainMatch {
+            prefix_ranges: vec![core::CidrRange {
+                address_prefix: "10.0.0.7".into(),
+                prefix_len: Some(UInt32Value { value: 32 }),
+            }],
+            ..Default::default()
+        });
+        let mut shared = unbound(outbound("0.0.0.0_5432", "0.0.0.0:5432", vec![a]));
+        shared.default_filter_chain = Some(chain(vec![stats(), to("PassthroughCluster")]));
+        let mut capture = outbound(
+            "virtualOutbound",
+            "0.0.0.0:15001",
+            vec![chain(vec![stats(), to("PassthroughCluster")])],
+        );
+        capture.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+
+        let x = listener(&mongo, "1").unwrap();
+        assert!(x.listener.is_none() && x.reports.is_empty(), "{:?}", x.reports);
+        let h = x.handoff.unwrap();
+        assert_eq!(h.direction, Direction::Outbound);
+        assert_eq!(h.addresses, vec![("10.0.0.5:27017".parse().unwrap(), "mongo".to_string())]);
+        assert_eq!(h.chains[0].handoff, Some("10.0.0.5:27017".parse().unwrap()));
+        assert!(h.chains[0].istio_stats);
+
+        let state =
+            xds_state(vec![mongo, redis, shared, capture], &["mongo", "redis", "db-a", "PassthroughCluster"]);
+        let cfg = state.merge(&Config::default()).unwrap();
+        let l = cfg.listeners.iter().find(|l| l.name == "virtualOutbound").unwrap();
+        let chains = &l.filter_chains;
+        let served = |dst: &str| {
+            let i = crate::routing::select_chain(chains, dst.parse().unwrap(), "raw_buffer", &[]).unwrap();
+            (chains[i].cluster.as_deref().unwrap(), chains[i].istio_stats)
+        };
+        assert_eq!(served("10.0.0.5:27017"), ("mongo", true));
+        assert_eq!(
+            served("10.9.9.9:6379"),
+            ("redis", false),
+            "a listener without istio.stats counts nothing"
+        );
+        assert_eq!(served("10.0.0.7:5432"), ("db-a", true));
+        assert_eq!(served("10.0.0.8:5432"), ("PassthroughCluster", true));
+        assert_eq!(served("10.0.0.5:27018"), ("PassthroughCluster", true));
+        // An address no listener has (an endpoint's, a port of no service): the capture
+        // listener's own chains, though a handed-off chain names its port.
+        assert_eq!(served("10.1.1.1:27017"), ("PassthroughCluster", true));
+        let own = |dst: &str| {
+            let i = crate::routing::select_chain(chains, dst.parse().unwrap(), "raw_buffer", &[]).unwrap();
+            chains[i].handoff
+        };
+        assert_eq!(own("10.1.1.1:27017"), None);
+        assert_eq!(own("10.0.0.8:5432"), Some("0.0.0.0:5432".parse().unwrap()), "its default chain");
+        let addresses = |name: &str| cfg.clusters.iter().find(|c| c.name == name).unwrap().addresses.clone();
+        assert_eq!(addresses("mongo"), vec!["10.0.0.5:27017".parse().unwrap()]);
+        assert_eq!(addresses("redis"), vec!["0.0.0.0:6379".parse().unwrap()]);
+        assert_eq!(addresses("db-a"), vec!["10.0.0.7:5432".parse().unwrap()]);
+        assert_eq!(addresses("PassthroughCluster"), vec![], "a default chain names no address");
+        let router = crate::routing::Router::new(&cfg, 1);
+        let to = |dst: &str| {
+            router.route_original_dst(dst.parse().unwrap()).map(|t| cfg.clusters[t.cluster].name.as_str())
+        };
+        assert_eq!(to("10.9.9.9:6379"), Some("redis"), "a wildcard address takes its port");
+        assert_eq!(to("10.0.0.8:5432"), None, "passthrough");
+    }
+
+    #[test]
+    fn a_capture_listener_without_chains_still_passes_through_beside_handed_off_ones() {
+        let mut mongo = outbound("10.0.0.5_27017", "10.0.0.5:27017", vec![chain(vec![to("mongo")])]);
+        mongo.bind_to_port = Some(envoy_types::pb::google::protobuf::BoolValue { value: false });
+        let mut capture = outbound("virtualOutbound", "0.0.0.0:15001", vec![]);
+        capture.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        let cfg = xds_state(vec![mongo, capture], &["mongo"]).merge(&Config::default()).unwrap();
+        let chains = &cfg.listeners[0].filter_chains;
+        let i =
+            crate::routing::select_chain(chains, "10.1.1.1:80".parse().unwrap(), "raw_buffer", &[]).unwrap();
+        assert!(chains[i].default && !chains[i].istio_stats);
     }
 }

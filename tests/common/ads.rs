@@ -10,10 +10,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::cluster::v3 as cds;
+pub use envoy_types::pb::envoy::config::cluster::v3 as cds;
 use envoy_types::pb::envoy::config::core::v3 as core;
-use envoy_types::pb::envoy::config::endpoint::v3 as eds;
-use envoy_types::pb::envoy::config::listener::v3 as lds;
+pub use envoy_types::pb::envoy::config::endpoint::v3 as eds;
+pub use envoy_types::pb::envoy::config::listener::v3 as lds;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -22,7 +22,8 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use envoy_types::pb::google::protobuf::{Any, BoolValue, ListValue, Struct, UInt32Value, Value, value::Kind};
+pub use envoy_types::pb::google::protobuf::BoolValue;
+use envoy_types::pb::google::protobuf::{Any, ListValue, Struct, UInt32Value, Value, value::Kind};
 use prost::Message;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
