@@ -222,14 +222,97 @@ fn each_deployment_runs_ringside_as_a_probed_non_root_sidecar_with_its_configmap
     }
     workloads.sort();
     assert_eq!(workloads, ["ratings-v2", "redis-v1"]);
-    // ratings-v2's sidecar dials the Service's fixed ClusterIP; the Service sends it on to the
-    // database sidecar's inbound listener.
+    // ratings-v2's app dials the Service's fixed ClusterIP, which its sidecar's capture knows
+    // the redis cluster by and dials itself; the Service targets redis' own port, which the
+    // database pod's capture takes to its sidecar.
     let ratings = yaml(s(&configmap["data"]["ratings-v2.yaml"]));
     let port = &service["spec"]["ports"][0];
     let cluster_ip = s(&service["spec"]["clusterIP"]);
     let address = format!("{cluster_ip}:{}", port["port"].as_u64().unwrap());
+    assert_eq!(s(&ratings["clusters"][0]["addresses"][0]), address);
     assert_eq!(s(&ratings["clusters"][0]["endpoints"][0]["address"]), address);
-    assert_eq!(port["targetPort"].as_u64(), Some(15006));
-    let redis = yaml(s(&configmap["data"]["redis-v1.yaml"]));
-    assert_eq!(s(&redis["listeners"][0]["listen"]), "0.0.0.0:15006");
+    assert_eq!(port["targetPort"].as_u64(), Some(6379));
+}
+
+/// The capture listeners' ports of a ringside config: (outbound, inbound).
+fn capture_ports(config: &Value) -> (Option<u64>, Option<u64>) {
+    let port = |mode: &str| {
+        config["listeners"].as_sequence()?.iter().find(|l| l["capture"].as_str() == Some(mode)).map(|l| {
+            let listen = s(&l["listen"]);
+            listen.rsplit(':').next().unwrap().parse::<u64>().unwrap()
+        })
+    };
+    (port("outbound"), port("inbound"))
+}
+
+#[test]
+fn each_deployment_has_istios_init_container_whose_rules_send_tcp_to_its_sidecars_capture_listeners() {
+    let docs: Vec<Value> = k8s_files().iter().flat_map(|f| yaml_docs(&read(Path::new(f)))).collect();
+    let configmap = docs.iter().find(|d| d["kind"].as_str() == Some("ConfigMap")).expect("ConfigMap");
+    let mut checked = 0;
+    for d in docs.iter().filter(|d| d["kind"].as_str() == Some("Deployment")) {
+        let name = s(&d["metadata"]["name"]);
+        let spec = &d["spec"]["template"]["spec"];
+        let inits =
+            spec["initContainers"].as_sequence().unwrap_or_else(|| panic!("{name}: no initContainers"));
+        let init = inits.iter().find(|c| c["name"].as_str() == Some("istio-init")).expect("istio-init");
+        // As Istio's injection template writes istio-init (without CNI).
+        let sc = &init["securityContext"];
+        let added: Vec<&str> = sc["capabilities"]["add"].as_sequence().unwrap().iter().map(s).collect();
+        assert_eq!(added, ["NET_ADMIN", "NET_RAW"], "{name}");
+        assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"), "{name}");
+        assert_eq!(sc["runAsUser"].as_u64(), Some(0), "{name}");
+        assert_eq!(sc["runAsNonRoot"].as_bool(), Some(false), "{name}");
+        assert_eq!(sc["privileged"].as_bool(), Some(false), "{name}");
+        let args: Vec<&str> = init["args"].as_sequence().unwrap().iter().map(s).collect();
+        assert_eq!(&args[..2], ["iptables", "--apply"], "{name}");
+
+        // Exactly those arguments, printing instead of applying.
+        let mut print: Vec<&str> = args.clone();
+        print[1] = "--print";
+        let (ok, rules) = tool(env!("CARGO_BIN_EXE_ringside"), &print);
+        assert!(ok, "{name}: ringside {print:?}: {rules}");
+        let has = |rule: &str| rules.lines().any(|l| l == rule);
+        let config = yaml(s(&configmap["data"][s(&spec["volumes"][0]["configMap"]["items"][0]["key"])]));
+        let (outbound, inbound) = capture_ports(&config);
+        let (outbound, inbound) =
+            (outbound.expect("an outbound capture listener"), inbound.expect("an inbound one"));
+        assert!(
+            has(&format!("iptables -t nat -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {outbound}")),
+            "{rules}"
+        );
+        assert!(
+            has(&format!("iptables -t nat -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {inbound}")),
+            "{rules}"
+        );
+        // Every inbound port is captured, but the sidecar's own ports.
+        assert!(has("iptables -t nat -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT"), "{rules}");
+        let sidecar = spec["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"].as_str() == Some("ringside"))
+            .unwrap();
+        let mut own: Vec<u64> = sidecar["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["containerPort"].as_u64())
+            .collect();
+        own.extend([15000, 15020, 15021, 15090]);
+        for port in own {
+            assert!(
+                has(&format!("iptables -t nat -A ISTIO_INBOUND -p tcp --dport {port} -j RETURN")),
+                "{name}: {port} excluded: {rules}"
+            );
+        }
+        // The proxy's own connections (uid and gid 1337, which the sidecar runs as) are never
+        // captured again.
+        assert_eq!(sidecar["securityContext"]["runAsUser"].as_u64(), Some(1337));
+        assert!(has("iptables -t nat -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN"), "{rules}");
+        assert!(has("iptables -t nat -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN"), "{rules}");
+        assert!(has("iptables -t nat -A ISTIO_OUTPUT -j ISTIO_REDIRECT"), "all outbound captured: {rules}");
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
 }
