@@ -11,10 +11,10 @@ mod common;
 mod netns;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Command;
 
-use common::{Rng, bin, sum, wait_for};
+use common::{Rng, bin, echo_back, istio_series, sum, wait_for};
 use netns::{
     A_IP, B_IP, B_IP2, B_IP6, Pods, Sidecar, connect_in, echo_server_in, exec, iptables_save, unavailable,
 };
@@ -78,22 +78,6 @@ fn mesh(a_rules: &[&str], b_rules: &[&str], b_driver: &str) -> Mesh {
     Mesh { a, b, pods }
 }
 
-/// Write `data`, half-close, read everything back (writing on its own thread, so a large
-/// echo cannot deadlock on full buffers).
-fn echo_through(mut s: std::net::TcpStream, data: &[u8]) -> Vec<u8> {
-    s.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let data = data.to_vec();
-    let writer = std::thread::spawn(move || {
-        w.write_all(&data).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).unwrap();
-    writer.join().unwrap();
-    back
-}
-
 fn counter(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     sum(text, metric, labels)
 }
@@ -108,7 +92,7 @@ fn an_unmodified_client_is_relayed_byte_exact_through_both_sidecars_with_exchang
 
     let data = Rng(18).bytes(1 << 20);
     let client = connect_in(&pods.a, &format!("{B_IP}:9080")).expect("connect to the server's real address");
-    assert_eq!(echo_through(client, &data), data, "relayed byte-exact both ways");
+    assert_eq!(echo_back(client, &data), data, "relayed byte-exact both ways");
 
     // Inbound capture connected to the application from 127.0.0.6, so it was not captured again.
     let peer = seen.recv_timeout(common::DEADLINE).unwrap();
@@ -150,7 +134,7 @@ fn an_unmodified_client_is_relayed_byte_exact_through_both_sidecars_with_exchang
 
     // The service's address (a ClusterIP no interface holds) reaches the same cluster.
     let client = connect_in(&pods.a, "10.96.0.10:9080").expect("connect to the service address");
-    assert_eq!(echo_through(client, b"via the ClusterIP"), b"via the ClusterIP");
+    assert_eq!(echo_back(client, b"via the ClusterIP"), b"via the ClusterIP");
     a.wait_for_scrape("the second source-side close", |t| {
         counter(t, "istio_tcp_connections_closed_total", &src) == 2.0
     });
@@ -172,7 +156,7 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
 
     // No cluster has 10.77.0.2:7070: relayed as it was, named PassthroughCluster.
     let s = connect_in(&pods.a, &format!("{B_IP}:7070")).unwrap();
-    assert_eq!(echo_through(s, &data), data);
+    assert_eq!(echo_back(s, &data), data);
     assert_eq!(plain.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "127.0.0.6");
     let pass = [
         ("reporter", "source"),
@@ -190,13 +174,13 @@ fn a_destination_with_no_cluster_goes_passthrough_and_excluded_ports_and_cidrs_a
 
     // An excluded inbound port: pod B's rules leave it alone, so the server sees pod A.
     let s = connect_in(&pods.a, &format!("{B_IP}:7071")).unwrap();
-    drop(echo_through(s, b""));
+    drop(echo_back(s, b""));
     let peer: SocketAddr = excluded_port.recv_timeout(common::DEADLINE).unwrap();
     assert_eq!(peer.ip().to_string(), A_IP, "not captured inbound");
 
     // An excluded CIDR: pod A's rules leave it alone; B still captures it inbound.
     let s = connect_in(&pods.a, &format!("{B_IP2}:7070")).unwrap();
-    assert_eq!(echo_through(s, &data), data);
+    assert_eq!(echo_back(s, &data), data);
     assert_eq!(plain.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "127.0.0.6");
     b.wait_for_scrape("the uncaptured-outbound connection at B", |t| {
         counter(t, "istio_tcp_connections_closed_total", &plain_client) == 2.0
@@ -351,11 +335,11 @@ fn ipv6_is_captured_both_ways_with_ipv6_rules_and_clean_removes_them() {
 
     // IPv6 (IP6T_SO_ORIGINAL_DST on both sides): A routes to the cluster, B relays from ::6.
     let s = connect_in(&pods.a, &format!("[{B_IP6}]:7070")).expect("IPv6 connect");
-    assert_eq!(echo_through(s, b"over IPv6"), b"over IPv6");
+    assert_eq!(echo_back(s, b"over IPv6"), b"over IPv6");
     assert_eq!(seen.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "::6");
     // IPv4 through the same dual-stack listeners: passthrough at A, 127.0.0.6 at B.
     let s = connect_in(&pods.a, &format!("{B_IP}:7070")).expect("IPv4 connect");
-    assert_eq!(echo_through(s, b"over IPv4"), b"over IPv4");
+    assert_eq!(echo_back(s, b"over IPv4"), b"over IPv4");
     assert_eq!(seen.recv_timeout(common::DEADLINE).unwrap().ip().to_string(), "::ffff:127.0.0.6");
 
     let v6 = [("destination_service", "web.default.svc.cluster.local"), ("destination_workload", "web")];
@@ -416,14 +400,6 @@ fn virtual_outbound() -> ads::lds::Listener {
     l
 }
 
-/// The istio_tcp_* series of a scrape, `name{labels} value`, sorted.
-fn istio_series(scrape: &str) -> Vec<String> {
-    let mut out: Vec<String> =
-        scrape.lines().filter(|l| l.starts_with("istio_tcp_")).map(str::to_string).collect();
-    out.sort();
-    out
-}
-
 #[test]
 fn a_connection_captured_to_a_service_is_counted_as_the_listener_istiod_wrote_for_it_says() {
     if unavailable("capture::xds_service_listeners").is_some() {
@@ -466,18 +442,15 @@ fn a_connection_captured_to_a_service_is_counted_as_the_listener_istiod_wrote_fo
         ],
         secrets: vec![],
     };
-    // Over a unix socket, which the namespace does not hide; uid 1337 must reach it.
-    let sock = std::env::temp_dir().join(format!("ringside-capture-xds-{}.sock", std::process::id()));
     let (tx, _requests) = std::sync::mpsc::channel();
-    let server = ads::AdsServer::start_unix(&sock, snapshot, tx);
-    Command::new("chmod").args(["0777", &sock.display().to_string()]).status().unwrap();
+    let server = ads::AdsServer::start_for_sidecar("capture-xds", snapshot, tx);
     let a = Sidecar::spawn(
         &pods.a,
         &format!(
             "node:\n  workload_name: productpage-v1\n  namespace: default\n  \
              labels: {{app: productpage, version: v1}}\nworkers: 1\nmetrics: {{listen: 127.0.0.1:15090}}\n\
-             admin: {{listen: 127.0.0.1:15000}}\nhealth: {{listen: 'off'}}\nxds: {{address: \"unix:{}\"}}\n",
-            sock.display()
+             admin: {{listen: 127.0.0.1:15000}}\nhealth: {{listen: 'off'}}\nxds: {{address: \"{}\"}}\n",
+            server.unix_address()
         ),
     );
     // Every resource applied (the endpoints come last) before the first connection.
@@ -491,12 +464,12 @@ fn a_connection_captured_to_a_service_is_counted_as_the_listener_istiod_wrote_fo
     // Mongo's listener has no istio.stats: relayed, not counted. Then redis's, counted.
     // (The capture listener binds on the worker's next tick: refused until then, uncounted.)
     let mongo = wait_for("virtualOutbound bound", || connect_in(&pods.a, "10.96.0.30:27017").ok());
-    assert_eq!(echo_through(mongo, b"find"), b"find");
+    assert_eq!(echo_back(mongo, b"find"), b"find");
     let redis = connect_in(&pods.a, "10.96.0.20:6379").expect("connect to redis's ClusterIP");
-    assert_eq!(echo_through(redis, b"PING\r\n"), b"PING\r\n");
+    assert_eq!(echo_back(redis, b"PING\r\n"), b"PING\r\n");
     // No listener has B's port 8080: virtualOutbound's own chain, counted as passthrough.
     let other = connect_in(&pods.a, &format!("{B_IP}:8080")).expect("connect to B");
-    assert_eq!(echo_through(other, b"hi"), b"hi");
+    assert_eq!(echo_back(other, b"hi"), b"hi");
     let text = a.wait_for_scrape("both counted connections closed", |t| {
         sum(t, "istio_tcp_connections_closed_total", &[]) == 2.0
     });
@@ -530,5 +503,4 @@ fn a_connection_captured_to_a_service_is_counted_as_the_listener_istiod_wrote_fo
     assert_eq!(istio_series(&text), want, "{text}");
     drop(a);
     drop(server);
-    let _ = std::fs::remove_file(&sock);
 }

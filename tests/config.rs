@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::run_to_end as ringside;
 use std::process::Command;
 
 const GOOD: &str = "\
@@ -21,12 +22,6 @@ clusters:
     endpoints:
       - {address: 127.0.0.1:27017, labels: {version: v1}}
 ";
-
-/// Run the binary; return (exit code, stderr).
-fn ringside(args: &[&str]) -> (i32, String) {
-    let out = Command::new(common::bin()).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 /// Write `yaml` to a temp file and run `validate` on it.
 fn validate(name: &str, yaml: &str) -> (i32, String, String) {

@@ -82,17 +82,7 @@ fn metadata_arrives_both_ways_and_the_stream_is_byte_exact_through_two_sidecars(
     let server = inbound(echo_server(), &[]);
     let client = outbound(server.listen, &[]);
     let payload = Rng(11).bytes(2 << 20);
-    let mut c = connect(client.listen);
-    let w = {
-        let mut c = c.try_clone().unwrap();
-        let p = payload.clone();
-        thread::spawn(move || {
-            c.write_all(&p).unwrap();
-            c.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    assert!(read_to_end(&mut c) == payload);
-    w.join().unwrap();
+    assert!(echo_back(connect(client.listen), &payload) == payload);
     let bytes = payload.len() as f64;
     // Each side names the other, learned from the exchange only.
     let out = client.wait_for_value(

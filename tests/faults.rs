@@ -13,12 +13,8 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
+use common::process::rss_kib;
 use common::*;
-
-const OPENED: &str = "istio_tcp_connections_opened_total";
-const CLOSED: &str = "istio_tcp_connections_closed_total";
-const RECEIVED: &str = "istio_tcp_received_bytes_total";
-const SENT: &str = "istio_tcp_sent_bytes_total";
 
 fn plain(upstream: SocketAddr, driver: &str, extra: &[&str]) -> Ringside {
     let mut args = vec!["--peer-exchange", "off", "--driver", driver];
@@ -42,12 +38,6 @@ fn read_outcome(s: &mut TcpStream) -> Result<Vec<u8>, ErrorKind> {
         Ok(_) => Ok(got),
         Err(e) => Err(e.kind()),
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// Write until the write would block (the path is full), bounded; returns bytes written.

@@ -7,18 +7,11 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::thread;
 
-use common::{DEADLINE, Ringside, sum, wait_for};
+use common::run_to_end as ringside;
+use common::{DEADLINE, Ringside, sum, tag_server_on, wait_for};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio");
-
-/// Run the binary; return (exit code, stderr).
-fn ringside(args: &[&str]) -> (i32, String) {
-    let out = Command::new(common::bin()).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 /// A fresh directory under the system temp dir.
 fn temp_dir(name: &str) -> PathBuf {
@@ -46,23 +39,9 @@ fn local_copy(name: &str, net: u8) -> (PathBuf, PathBuf) {
     (config, local)
 }
 
-/// A backend that writes `tag` on every connection, then echoes until EOF.
+/// A tagging backend on `addr` (`common::tag_server_on`).
 fn tag_server(addr: SocketAddr, tag: &'static str) {
-    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let _ = s.write_all(tag.as_bytes());
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    tag_server_on(TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")), tag);
 }
 
 /// Connect through the proxy and return the tag of the backend that answered, after a

@@ -13,14 +13,8 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::process::{cpu_ticks, fds};
 use common::*;
-
-const OPENED: &str = "istio_tcp_connections_opened_total";
-const CLOSED: &str = "istio_tcp_connections_closed_total";
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
 
 /// The process's descriptor count once it holds still: the admin request thread that answered
 /// the last probe closes its socket just after the client saw the answer.
@@ -40,13 +34,6 @@ fn fd_numbers(pid: u32) -> Vec<usize> {
 fn set_nofile(pid: u32, n: usize) {
     let ok = Command::new("prlimit").args([format!("--pid={pid}"), format!("--nofile={n}:20000")]).status();
     assert!(ok.unwrap().success(), "prlimit --pid {pid} --nofile={n}");
-}
-
-/// utime+stime of a process, from /proc (clock ticks: 1/100 s on every Linux we target).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 fn round_trip(s: &mut TcpStream, what: &[u8]) {

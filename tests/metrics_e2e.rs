@@ -14,18 +14,12 @@ mod promtool;
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::thread;
 use std::time::Duration;
 
 use common::*;
 use mesh::{golden_pair, hello_world};
 use ringside::exchange::{self, NodeMetadata};
 use ringside::metrics::LABEL_NAMES;
-
-const OPENED: &str = "istio_tcp_connections_opened_total";
-const CLOSED: &str = "istio_tcp_connections_closed_total";
-const RECEIVED: &str = "istio_tcp_received_bytes_total";
-const SENT: &str = "istio_tcp_sent_bytes_total";
 
 // ---- arrange ---------------------------------------------------------------------------------
 
@@ -166,18 +160,7 @@ fn a_scrape_right_after_a_connection_closed_shows_its_exact_final_byte_counts() 
     // Default tcp_reporting_duration (15 s): only the close can have reported these bytes.
     let rs = plain(echo_server(), &[]);
     let payload = Rng(3).bytes(100_000);
-    let mut c = connect(rs.listen);
-    let w = {
-        let mut c = c.try_clone().unwrap();
-        let p = payload.clone();
-        thread::spawn(move || {
-            c.write_all(&p).unwrap();
-            c.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    assert!(read_to_end(&mut c) == payload);
-    w.join().unwrap();
-    drop(c);
+    assert!(echo_back(connect(rs.listen), &payload) == payload);
     let s = rs.wait_for_value(CLOSED, &[("reporter", "source")], 1.0);
     assert_eq!(counters(&s, &[("reporter", "source")]), some([1, 1, 100_000, 100_000]));
 }

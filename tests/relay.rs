@@ -7,6 +7,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::thread;
 
+use common::process::cpu_ticks;
 use common::*;
 
 fn plain(upstream: std::net::SocketAddr, driver: &str, extra: &[&str]) -> Ringside {
@@ -315,13 +316,6 @@ fn connections_still_open_at_the_drain_deadline_are_reset_and_the_process_exits_
     assert!(rs.wait_exit().success());
 }
 with_both_drivers!(connections_still_open_at_the_drain_deadline_are_reset_and_the_process_exits_zero);
-
-/// utime+stime of a process, from /proc (clock ticks, 1/100 s here and on every Linux we target).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
 
 fn busy_polling_relays_exactly_keeps_every_task_running_and_stops_when_quiet(driver: &str) {
     // The longest window allowed, so a poller that starved the relay tasks would show.

@@ -12,11 +12,6 @@ use std::thread;
 
 use common::*;
 
-const OPENED: &str = "istio_tcp_connections_opened_total";
-const CLOSED: &str = "istio_tcp_connections_closed_total";
-const RECEIVED: &str = "istio_tcp_received_bytes_total";
-const SENT: &str = "istio_tcp_sent_bytes_total";
-
 #[test]
 fn fifty_thousand_short_connections_through_two_sidecars_are_each_counted_once_with_exact_bytes() {
     let total: u64 = 50_000;

@@ -5,25 +5,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::process::rss_kib;
 use common::*;
-
-const OPENED: &str = "istio_tcp_connections_opened_total";
-const CLOSED: &str = "istio_tcp_connections_closed_total";
-const RECEIVED: &str = "istio_tcp_received_bytes_total";
-const SENT: &str = "istio_tcp_sent_bytes_total";
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 /// Counts of what the clients did, to check the proxies' counters against.
 #[derive(Default)]
@@ -34,17 +24,7 @@ struct Done {
 
 /// One connection: send `payload`, half-close, expect it echoed whole, then EOF.
 fn echo_once(addr: SocketAddr, payload: &[u8], done: &Done) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let sent = payload.to_vec();
-    let writer = thread::spawn(move || {
-        w.write_all(&sent).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut got = Vec::with_capacity(payload.len());
-    s.read_to_end(&mut got).unwrap();
-    writer.join().unwrap();
+    let got = echo_back(TcpStream::connect(addr).unwrap(), payload);
     assert!(got == payload, "echo of {} bytes differs ({} back)", payload.len(), got.len());
     done.connections.fetch_add(1, Relaxed);
     done.bytes.fetch_add(payload.len() as u64, Relaxed);

@@ -62,15 +62,7 @@ fn mesh(ca: &Ca, mode: &str, app: SocketAddr) -> (Ringside, Ringside) {
 
 /// Send `payload` through `addr` to an echo server; read it back whole; close.
 fn echo_round_trip(addr: SocketAddr, payload: &[u8]) {
-    let mut c = connect(addr);
-    let mut w = c.try_clone().unwrap();
-    let data = payload.to_vec();
-    let writer = std::thread::spawn(move || {
-        w.write_all(&data).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let got = read_to_end(&mut c);
-    writer.join().unwrap();
+    let got = echo_back(connect(addr), payload);
     assert!(got == payload, "echo differs: {} bytes back of {}", got.len(), payload.len());
 }
 

@@ -14,11 +14,12 @@ mod envoy;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use ads::{AdsServer, CLUSTER, ENDPOINTS, LISTENER, Snapshot, assignment, eds_cluster, tcp_listener};
-use common::{DEADLINE, Ringside, free_addr, sum, wait_for};
+use ads::{
+    AdsServer, CLUSTER, ENDPOINTS, LISTENER, Snapshot, assignment, eds_cluster, reply_to, tcp_listener,
+};
+use common::{DEADLINE, Ringside, free_addr, sum, tag_server, wait_for};
 use envoy::{Envoy, envoy_binary};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::value::Kind;
@@ -26,27 +27,6 @@ use envoy_types::pb::google::protobuf::value::Kind;
 const HOST: &str = "mongodb.default.svc.cluster.local";
 const V1: &str = "outbound|27017|v1|mongodb.default.svc.cluster.local";
 const V2: &str = "outbound|27017|v2|mongodb.default.svc.cluster.local";
-
-/// A backend that writes `tag` on every connection, then echoes until EOF.
-fn tag_server(tag: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let _ = s.write_all(tag.as_bytes());
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
 
 /// Connect and read the backend's 2-byte tag; `None` if refused or closed.
 fn tag_of(addr: SocketAddr) -> Option<(String, TcpStream)> {
@@ -98,23 +78,6 @@ const NODE: &str = "node:
 fn ringside(server: SocketAddr, extra: &str) -> Ringside {
     let config = format!("{NODE}drain_timeout: 1s\nxds: {{address: {server}}}\n{extra}");
     Ringside::spawn_config(&config, server, &["--workers", "2"])
-}
-
-/// The next request of `type_url` whose version is `version` (an ACK or NACK of it).
-fn reply_to(requests: &mpsc::Receiver<DiscoveryRequest>, type_url: &str, version: &str) -> DiscoveryRequest {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let r = requests
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no reply to {type_url} version {version}"));
-        if r.type_url == type_url
-            && !r.response_nonce.is_empty()
-            && (r.version_info == version || r.error_detail.is_some())
-        {
-            return r;
-        }
-    }
 }
 
 /// Tags of `n` new connections.

@@ -20,15 +20,14 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
-use std::thread;
-use std::time::Instant;
 
 use ads::{
-    AdsServer, CLUSTER, LISTENER, Snapshot, assignment, common_tls, eds_cluster, istio_mutual,
+    AdsServer, CLUSTER, LISTENER, Snapshot, assignment, common_tls, eds_cluster, istio_mutual, reply_to,
     static_cluster, tcp_listener, virtual_inbound, without_sidecar,
 };
-use common::{DEADLINE, Ringside, assert_closed_empty, echo_server, free_addr, sum, wait_for};
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use common::{
+    DEADLINE, Ringside, assert_closed_empty, echo_server, free_addr, istio_series, sum, tag_server, wait_for,
+};
 use pki::{Ca, Certs};
 
 const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
@@ -55,27 +54,6 @@ fn sidecar(server: SocketAddr, node: &str, certs: Option<&Certs>) -> Ringside {
     Ringside::spawn_config(&config, server, &["--workers", "2"])
 }
 
-/// A backend that writes `tag` on every connection, then echoes until EOF.
-fn tag_server(tag: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let _ = s.write_all(tag.as_bytes());
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Connect, send `ping`, read the backend's 2-byte tag and the echo; `None` if closed first.
 fn tag_of(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
@@ -85,23 +63,6 @@ fn tag_of(addr: SocketAddr) -> Option<String> {
     s.read_exact(&mut got).ok()?;
     assert_eq!(&got[2..], b"ping", "the echo comes back whole");
     Some(String::from_utf8_lossy(&got[..2]).into_owned())
-}
-
-/// The next request of `type_url` answering `version` (ACK or NACK).
-fn reply_to(requests: &mpsc::Receiver<DiscoveryRequest>, type_url: &str, version: &str) -> DiscoveryRequest {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let r = requests
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no reply to {type_url} version {version}"));
-        if r.type_url == type_url
-            && !r.response_nonce.is_empty()
-            && (r.version_info == version || r.error_detail.is_some())
-        {
-            return r;
-        }
-    }
 }
 
 /// redis' inbound sidecar, configured statically (SPEC §7): strict mTLS in front of `app`.
@@ -391,13 +352,10 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The istio_tcp_* series of a scrape, `name{labels} value`, sorted; `UH` ones (a connection
-/// before the endpoints arrived) left out.
+/// The istio_tcp_* series of a scrape, sorted; `UH` ones (a connection before the endpoints
+/// arrived) left out.
 fn series(scrape: &str) -> Vec<String> {
-    let relayed = |l: &&str| l.starts_with("istio_tcp_") && !l.contains("response_flags=\"UH\"");
-    let mut out: Vec<String> = scrape.lines().filter(relayed).map(str::to_string).collect();
-    out.sort();
-    out
+    istio_series(scrape).into_iter().filter(|l| !l.contains("response_flags=\"UH\"")).collect()
 }
 
 #[test]
@@ -485,9 +443,7 @@ fn a_captured_virtual_inbound_over_xds_terminates_mesh_mtls_and_permissive_passe
     capture_rules(&pods.a, &["--exclude-cidrs", &format!("{B_IP2}/32")]);
     capture_rules(&pods.b, &[]);
     let _app = echo_server_in(&pods.b, "0.0.0.0:9080");
-    // B: configured only by xDS over a unix socket (as Istio's agent serves it), which the
-    // namespace does not hide; uid 1337 must be able to connect to it.
-    let sock = std::env::temp_dir().join(format!("ringside-xds-tls-{}.sock", std::process::id()));
+    // B: configured only by xDS over a unix socket (as Istio's agent serves it).
     let inbound = |version: &str, permissive: bool| {
         let listen: SocketAddr = "0.0.0.0:15006".parse().unwrap();
         let mut l = virtual_inbound(
@@ -511,13 +467,12 @@ fn a_captured_virtual_inbound_over_xds_terminates_mesh_mtls_and_permissive_passe
         }
     };
     let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start_unix(&sock, inbound("1", true), tx);
-    std::process::Command::new("chmod").args(["0777", &sock.display().to_string()]).status().unwrap();
+    let server = AdsServer::start_for_sidecar("xds-tls", inbound("1", true), tx);
     let b = Sidecar::spawn(
         &pods.b,
         &sidecar_admin_yaml(
             &node("redis-v1", "redis"),
-            &format!("xds: {{address: \"unix:{}\", certificates: {{{}}}}}\n", sock.display(), redis.yaml()),
+            &format!("xds: {{address: \"{}\", certificates: {{{}}}}}\n", server.unix_address(), redis.yaml()),
         ),
     );
     let a = Sidecar::spawn(
@@ -580,7 +535,6 @@ fn a_captured_virtual_inbound_over_xds_terminates_mesh_mtls_and_permissive_passe
     drop((a, b));
     drop(pods);
     drop(server);
-    let _ = std::fs::remove_file(&sock);
 }
 
 #[test]

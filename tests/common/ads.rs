@@ -50,6 +50,8 @@ pub struct AdsServer {
     snapshot: watch::Sender<Arc<Snapshot>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// The socket file `start_for_sidecar` made, removed on drop.
+    sock: Option<std::path::PathBuf>,
 }
 
 impl AdsServer {
@@ -65,6 +67,27 @@ impl AdsServer {
         requests: mpsc::Sender<DiscoveryRequest>,
     ) -> AdsServer {
         AdsServer::start_on(Bind::Unix(path.to_path_buf()), first, requests)
+    }
+
+    /// Serve on a unix socket in the temp dir, named after `name` and this process, that any
+    /// user may connect to: a sidecar in a test's network namespace (which does not hide the
+    /// file system) runs as uid 1337. Its `xds:` address is [`AdsServer::unix_address`].
+    pub fn start_for_sidecar(
+        name: &str,
+        first: Snapshot,
+        requests: mpsc::Sender<DiscoveryRequest>,
+    ) -> AdsServer {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("ringside-{name}-{}.sock", std::process::id()));
+        let mut server = AdsServer::start_unix(&path, first, requests);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        server.sock = Some(path);
+        server
+    }
+
+    /// `unix:PATH` of a server from [`AdsServer::start_for_sidecar`].
+    pub fn unix_address(&self) -> String {
+        format!("unix:{}", self.sock.as_ref().expect("a unix socket server").display())
     }
 
     fn start_on(bind: Bind, first: Snapshot, requests: mpsc::Sender<DiscoveryRequest>) -> AdsServer {
@@ -106,7 +129,7 @@ impl AdsServer {
             rt.shutdown_timeout(Duration::from_millis(100));
         });
         ready_rx.recv_timeout(Duration::from_secs(20)).expect("ADS server bound");
-        AdsServer { addr, snapshot, stop: Some(stop), thread: Some(thread) }
+        AdsServer { addr, snapshot, stop: Some(stop), thread: Some(thread), sock: None }
     }
 
     /// Push a new snapshot to every stream.
@@ -132,6 +155,9 @@ impl AdsServer {
 impl Drop for AdsServer {
     fn drop(&mut self) {
         self.shutdown();
+        if let Some(path) = &self.sock {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -681,4 +707,26 @@ pub fn with_upstream_tls(mut cluster: cds::Cluster, common: tls::CommonTlsContex
     let upstream = tls::UpstreamTlsContext { common_tls_context: Some(common), ..Default::default() };
     cluster.transport_socket = socket("envoy.transport_sockets.tls", any(UPSTREAM_TLS, &upstream));
     cluster
+}
+
+/// The next request of `type_url` whose version is `version` (an ACK or NACK of it), within
+/// 20 s, the tests' `common::DEADLINE` (this file is also built into a bench, without `common`).
+pub fn reply_to(
+    requests: &mpsc::Receiver<DiscoveryRequest>,
+    type_url: &str,
+    version: &str,
+) -> DiscoveryRequest {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let r = requests
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no reply to {type_url} version {version}"));
+        if r.type_url == type_url
+            && !r.response_nonce.is_empty()
+            && (r.version_info == version || r.error_detail.is_some())
+        {
+            return r;
+        }
+    }
 }

@@ -25,6 +25,17 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod process;
+
+/// Istio's TCP metric names (SPEC §3).
+pub const OPENED: &str = "istio_tcp_connections_opened_total";
+/// Connections closed.
+pub const CLOSED: &str = "istio_tcp_connections_closed_total";
+/// Request-direction bytes.
+pub const RECEIVED: &str = "istio_tcp_received_bytes_total";
+/// Response-direction bytes.
+pub const SENT: &str = "istio_tcp_sent_bytes_total";
+
 /// A generous bound for anything that should happen "at once" on a loaded 2-core CI box.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -120,20 +131,9 @@ impl Ringside {
         direction: &str,
         extra: &[&str],
     ) -> Ringside {
-        let listen = free_addr();
         let mut cmd = Command::new(wrapper[0]);
         cmd.args(&wrapper[1..]).arg(bin());
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--listen".into(),
-            listen.to_string(),
-            "--upstream".into(),
-            upstream.to_string(),
-            "--direction".into(),
-            direction.into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn_in(cmd, listen, args)
+        Self::spawn_command(cmd, upstream, direction, extra)
     }
 
     fn spawn_args(listen: SocketAddr, args: Vec<String>) -> Ringside {
@@ -440,6 +440,27 @@ pub fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
     v
 }
 
+/// Run the binary with `args` to completion; (exit code, stderr).
+pub fn run_to_end(args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Write `data` on its own thread (so a large echo cannot deadlock on full buffers),
+/// half-close, and read everything back until EOF (reads time out after `DEADLINE`).
+pub fn echo_back(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let sent = data.to_vec();
+    let writer = thread::spawn(move || {
+        w.write_all(&sent).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let got = read_to_end(&mut s);
+    writer.join().unwrap();
+    got
+}
+
 /// Read exactly `n` bytes.
 pub fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
@@ -483,4 +504,38 @@ pub fn assert_closed_empty(s: &mut TcpStream, what: &str) {
         Err(e) => panic!("{what}: expected the proxy to close the connection, got {e}"),
     }
     assert!(got.is_empty(), "{what}: {} unexpected bytes", got.len());
+}
+
+/// A backend on `listener` that writes `tag` on every connection, then echoes until EOF.
+pub fn tag_server_on(listener: TcpListener, tag: &'static str) {
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let _ = s.write_all(tag.as_bytes());
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A tagging backend ([`tag_server_on`]) on a free loopback port.
+pub fn tag_server(tag: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    tag_server_on(listener, tag);
+    addr
+}
+
+/// The istio_tcp_* series of a scrape, `name{labels} value`, sorted.
+pub fn istio_series(scrape: &str) -> Vec<String> {
+    let mut out: Vec<String> =
+        scrape.lines().filter(|l| l.starts_with("istio_tcp_")).map(str::to_string).collect();
+    out.sort();
+    out
 }
