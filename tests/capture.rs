@@ -1,6 +1,8 @@
 //! SPEC §8 in network namespaces the tests create and remove: two "pods" joined by a veth
 //! pair, each with a ringside sidecar (uid 1337) and the capture rules `ringside iptables
-//! --apply` writes, and an unmodified client and server. Without root, `ip`, `iptables` or
+//! --apply` writes, and an unmodified client and server; some sidecars are configured over
+//! xDS as istiod configures them (virtualOutbound with per-service listeners not bound to
+//! their ports, virtualInbound), for SPEC §9's counting of captured connections. Without root, `ip`, `iptables` or
 //! namespaces, each test prints a SKIP line (collected in target/test-skips.txt, which
 //! tests/run.sh prints) and returns: skipped, never passed silently.
 
@@ -502,5 +504,110 @@ fn a_connection_captured_to_a_service_is_counted_as_the_listener_istiod_wrote_fo
     want.sort();
     assert_eq!(istio_series(&text), want, "{text}");
     drop(a);
+    drop(server);
+}
+
+#[test]
+fn a_captured_inbound_connection_is_counted_as_the_virtual_inbound_chain_that_served_it_says() {
+    if unavailable("capture::xds_virtual_inbound").is_some() {
+        return;
+    }
+    use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+    use envoy_types::pb::google::protobuf::UInt32Value;
+    const HOST: &str = "ratings.default.svc.cluster.local";
+    let pods = Pods::new();
+    apply(&pods.b, &[]);
+    for port in ["9080", "9090", "9091"] {
+        echo_server_in(&pods.b, &format!("0.0.0.0:{port}"));
+    }
+    // istiod's virtualInbound under PeerAuthentication DISABLE: plaintext chains only, one per
+    // service port (9080 with istio.stats, 9091 here without), and the passthrough chain
+    // (istio.stats) for every other port.
+    let chain = |cluster: &str, port: Option<u32>, stats: bool| {
+        let mut c =
+            ads::tcp_listener("x", "0.0.0.0:1".parse().unwrap(), &[(cluster, 1)]).filter_chains.remove(0);
+        if !stats {
+            c.filters.retain(|f| f.name != "istio.stats");
+        }
+        c.filter_chain_match = port.map(|p| ads::lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: p }),
+            ..Default::default()
+        });
+        c
+    };
+    let mut inbound = ads::tcp_listener("virtualInbound", "0.0.0.0:15006".parse().unwrap(), &[("x", 1)]);
+    inbound.traffic_direction = TrafficDirection::Inbound as i32;
+    inbound.use_original_dst = Some(ads::BoolValue { value: true });
+    inbound.filter_chains = vec![
+        chain("inbound|9080||", Some(9080), true),
+        chain("inbound|9091||", Some(9091), false),
+        chain("InboundPassthroughCluster", None, true),
+    ];
+    let local = |name: &str, port: u16| {
+        let mut c = ads::static_cluster(name, SocketAddr::from(([127, 0, 0, 1], port)));
+        c.metadata = ads::eds_cluster(name, HOST, "default").metadata;
+        c
+    };
+    let passthrough = ads::cds::Cluster {
+        name: "InboundPassthroughCluster".into(),
+        cluster_discovery_type: Some(ads::cds::cluster::ClusterDiscoveryType::Type(
+            ads::cds::cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        ..Default::default()
+    };
+    let snapshot = ads::Snapshot {
+        version: "1".into(),
+        clusters: vec![local("inbound|9080||", 9080), local("inbound|9091||", 9091), passthrough],
+        endpoints: vec![],
+        listeners: vec![inbound],
+        secrets: vec![],
+    };
+    let (tx, _requests) = std::sync::mpsc::channel();
+    let server = ads::AdsServer::start_for_sidecar("capture-xds-inbound", snapshot, tx);
+    let b = Sidecar::spawn(
+        &pods.b,
+        &format!(
+            "node:\n  workload_name: ratings-v1\n  namespace: default\n  labels: {{app: ratings, version: v1}}\n\
+             workers: 1\nmetrics: {{listen: 127.0.0.1:15090}}\nadmin: {{listen: 127.0.0.1:15000}}\n\
+             health: {{listen: 'off'}}\nxds: {{address: \"{}\"}}\n",
+            server.unix_address()
+        ),
+    );
+    let admin = b.admin;
+    wait_for("the xDS config in place", || {
+        let dump = netns::in_ns(&pods.b, move || common::http(admin, "GET", "/config_dump"))?.1;
+        ["virtualInbound", "inbound|9091||", "InboundPassthroughCluster"]
+            .iter()
+            .all(|s| dump.contains(s))
+            .then_some(())
+    });
+    // A client in A (no sidecar, no capture): the 9091 chain has no istio.stats.
+    let first = wait_for("virtualInbound bound", || connect_in(&pods.a, &format!("{B_IP}:9091")).ok());
+    assert_eq!(echo_back(first, b"uncounted"), b"uncounted");
+    let service = connect_in(&pods.a, &format!("{B_IP}:9080")).unwrap();
+    assert_eq!(echo_back(service, b"ratings"), b"ratings");
+    let other = connect_in(&pods.a, &format!("{B_IP}:9090")).unwrap();
+    assert_eq!(echo_back(other, b"other"), b"other");
+
+    let text = b.wait_for_scrape("both counted connections closed", |t| {
+        sum(t, "istio_tcp_connections_closed_total", &[]) == 2.0
+    });
+    assert_eq!(sum(&text, "istio_tcp_connections_opened_total", &[]), 2.0, "{text}");
+    let served = [
+        ("reporter", "destination"),
+        ("source_workload", "unknown"),
+        ("destination_workload", "ratings-v1"),
+        ("destination_service", HOST),
+        ("destination_service_name", "ratings"),
+        ("connection_security_policy", "none"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(sum(&text, "istio_tcp_connections_closed_total", &served), 1.0, "{text}");
+    assert_eq!(sum(&text, "istio_tcp_received_bytes_total", &served), 7.0, "{text}");
+    let passthrough =
+        [("reporter", "destination"), ("destination_workload", "ratings-v1"), ("response_flags", "-")];
+    assert_eq!(sum(&text, "istio_tcp_received_bytes_total", &passthrough), 12.0, "7 + 5: {text}");
+    assert_eq!(istio_series(&text).len(), 8, "two label sets, four families: {text}");
+    drop(b);
     drop(server);
 }
