@@ -78,7 +78,7 @@ pub struct XdsListener {
 pub struct Handoff {
     /// Its traffic direction: the capture listener of the same direction takes its chains.
     pub direction: Direction,
-    /// Its chains, each narrowed to the listener's address (port, and IP unless wildcard).
+    /// Its chains, each marked with the listener's address (`FilterChain::handoff`).
     pub chains: Vec<FilterChain>,
     /// The original destinations each cluster is reached at through it: the listener's
     /// address, or its chains' single-address prefix ranges on its port.
