@@ -3,8 +3,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::thread;
 
@@ -161,20 +161,9 @@ fn a_non_mesh_client_passes_through_an_inbound_always_listener_untouched() {
 fn greeting_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut s = s;
-                if s.write_all(b"220 mysql ready\r\n").is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+    serve_each(l, |mut s: TcpStream| {
+        if s.write_all(b"220 mysql ready\r\n").is_ok() {
+            echo_until_eof(s);
         }
     });
     addr

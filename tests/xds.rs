@@ -388,13 +388,10 @@ fn expect_replies(
 #[test]
 fn a_real_envoy_fed_the_same_snapshot_splits_updates_rejects_and_removes_alike() {
     let Some(bin) = envoy_binary() else {
-        // A skip is listed by tests/run.sh, never mistaken for a pass.
-        let line = "SKIP a_real_envoy_fed_the_same_snapshot_splits_updates_rejects_and_removes_alike: no Envoy binary (perf/fetch-envoy.sh failed)";
-        eprintln!("{line}");
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{line}");
-        }
+        common::skip(
+            "a_real_envoy_fed_the_same_snapshot_splits_updates_rejects_and_removes_alike",
+            "no Envoy binary (perf/fetch-envoy.sh failed)",
+        );
         return;
     };
     let ours = Mesh::new();

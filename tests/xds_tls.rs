@@ -540,12 +540,10 @@ fn a_captured_virtual_inbound_over_xds_terminates_mesh_mtls_and_permissive_passe
 #[test]
 fn ringside_and_a_real_envoy_speak_istio_mutual_both_ways_over_xds_with_secrets_verified() {
     let Some(bin) = envoy::envoy_binary() else {
-        let line = "SKIP ringside_and_a_real_envoy_speak_istio_mutual_both_ways: no Envoy binary (perf/fetch-envoy.sh failed)";
-        eprintln!("{line}");
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{line}");
-        }
+        common::skip(
+            "ringside_and_a_real_envoy_speak_istio_mutual_both_ways",
+            "no Envoy binary (perf/fetch-envoy.sh failed)",
+        );
         return;
     };
     let ca = Ca::new("mesh");

@@ -5,12 +5,11 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
-use std::thread;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 
 use ringside::exchange::NodeMetadata;
 
-use crate::common::{Ringside, connect, free_addr, read_exact, read_to_end};
+use crate::common::{Ringside, connect, free_addr, read_exact, read_to_end, serve_each};
 use crate::golden;
 
 /// The service host of Istio's golden clusters (`cluster/tcp_{client,server}.yaml.tmpl`).
@@ -21,19 +20,15 @@ pub const SERVER_SERVICE: &str = "server.default.svc.cluster.local";
 pub fn hello_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                let mut line = String::new();
-                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
-                    if w.write_all(format!("hello {line}").as_bytes()).is_err() {
-                        return;
-                    }
-                    line.clear();
-                }
-            });
+    serve_each(l, |s: TcpStream| {
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if w.write_all(format!("hello {line}").as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
         }
     });
     addr

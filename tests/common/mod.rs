@@ -381,27 +381,37 @@ pub fn sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
 pub fn echo_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
+    serve_each(l, echo_until_eof);
+    addr
+}
+
+/// Serve every connection `listener` accepts with `handle`, each on its own thread (forever,
+/// on detached threads).
+pub fn serve_each<F: Fn(TcpStream) + Send + Clone + 'static>(listener: TcpListener, handle: F) {
     thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let mut w = s;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match r.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if w.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = w.shutdown(Shutdown::Write);
-            });
+        for s in listener.incoming().flatten() {
+            let handle = handle.clone();
+            thread::spawn(move || handle(s));
         }
     });
-    addr
+}
+
+/// Echo what `s` reads until EOF, then half-close; a failed write ends it at once.
+pub fn echo_until_eof(s: TcpStream) {
+    let mut r = s.try_clone().unwrap();
+    let mut w = s;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = w.shutdown(Shutdown::Write);
 }
 
 /// A backend that hands each accepted server-side socket to the test.
@@ -438,6 +448,17 @@ pub fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
     let mut v = Vec::new();
     s.read_to_end(&mut v).unwrap();
     v
+}
+
+/// Report `test` as skipped for `why`: a `SKIP` line on stderr, also appended to
+/// `target/test-skips.txt`, which tests/run.sh prints, so a skip is never mistaken for a pass.
+pub fn skip(test: &str, why: &str) {
+    let line = format!("SKIP {test}: {why}");
+    eprintln!("{line}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
 }
 
 /// Run the binary with `args` to completion; (exit code, stderr).
@@ -508,18 +529,9 @@ pub fn assert_closed_empty(s: &mut TcpStream, what: &str) {
 
 /// A backend on `listener` that writes `tag` on every connection, then echoes until EOF.
 pub fn tag_server_on(listener: TcpListener, tag: &'static str) {
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let _ = s.write_all(tag.as_bytes());
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+    serve_each(listener, move |mut s: TcpStream| {
+        if s.write_all(tag.as_bytes()).is_ok() {
+            echo_until_eof(s);
         }
     });
 }

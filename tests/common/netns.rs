@@ -4,14 +4,13 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 
-use crate::common::{DEADLINE, bin, http, wait_for};
+use crate::common::{DEADLINE, bin, echo_until_eof, http, serve_each, wait_for};
 
 /// Why namespace tests cannot run here (not root, no `ip`, no `iptables`, no `setpriv`), or
 /// None. The reason is also appended to `target/test-skips.txt`, which tests/run.sh prints,
@@ -20,12 +19,7 @@ pub fn unavailable(test: &str) -> Option<String> {
     // Probed once per test process: tests run in parallel and must not race on the probe.
     static PROBE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let why = PROBE.get_or_init(probe).clone()?;
-    let line = format!("SKIP {test}: {why}");
-    eprintln!("{line}");
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{line}");
-    }
+    crate::common::skip(test, &why);
     Some(why)
 }
 
@@ -183,25 +177,9 @@ fn enter(ns: &str) {
 pub fn echo_server_in(ns: &str, addr: &str) -> mpsc::Receiver<SocketAddr> {
     let listener = in_ns(ns, || TcpListener::bind(addr).expect("bind echo server"));
     let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { continue };
-            let _ = tx.send(s.peer_addr().expect("peer"));
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-        }
+    serve_each(listener, move |s: TcpStream| {
+        let _ = tx.send(s.peer_addr().expect("peer"));
+        echo_until_eof(s);
     });
     rx
 }
