@@ -147,8 +147,7 @@ fn replies(requests: &mpsc::Receiver<DiscoveryRequest>, version: &str) -> Vec<Di
 #[test]
 fn traffic_follows_the_weighted_tcp_routes_and_metrics_come_from_the_endpoint_metadata() {
     let mesh = Mesh::new();
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 80), (V2, 20)]), tx);
+    let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 80), (V2, 20)]));
     let rs = ringside(server.addr, "");
     for ack in replies(&requests, "1") {
         assert!(ack.error_detail.is_none(), "{}: {:?}", ack.type_url, ack.error_detail);
@@ -204,8 +203,7 @@ fn traffic_follows_the_weighted_tcp_routes_and_metrics_come_from_the_endpoint_me
 #[test]
 fn the_node_is_sent_as_istios_agent_sends_it() {
     let mesh = Mesh::new();
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 100)]));
     let _rs = ringside(server.addr, "");
     let first = requests.recv_timeout(DEADLINE).expect("a request");
     let node = first.node.expect("node");
@@ -241,8 +239,7 @@ fn the_node_is_sent_as_istios_agent_sends_it() {
 #[test]
 fn an_update_reaches_new_connections_within_a_second_while_a_live_connection_keeps_its_route() {
     let mesh = Mesh::new();
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 100)]));
     let rs = ringside(server.addr, "");
     reply_to(&requests, LISTENER, "1");
     let (tag, mut live) = wait_for("the xDS listener to accept", || tag_of(mesh.listen));
@@ -268,8 +265,7 @@ fn an_update_reaches_new_connections_within_a_second_while_a_live_connection_kee
 #[test]
 fn an_endpoints_only_change_moves_new_connections() {
     let mesh = Mesh::new();
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 100)]));
     let _rs = ringside(server.addr, "");
     reply_to(&requests, LISTENER, "1");
     wait_for("the xDS listener to accept", || tag_of(mesh.listen).filter(|(t, _)| t == "v1"));
@@ -287,8 +283,7 @@ fn an_endpoints_only_change_moves_new_connections() {
 #[test]
 fn an_invalid_listener_is_nacked_naming_it_and_the_last_good_config_keeps_serving() {
     let mesh = Mesh::new();
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 100)]));
     let rs = ringside(server.addr, "");
     reply_to(&requests, LISTENER, "1");
     wait_for("the xDS listener to accept", || tag_of(mesh.listen));
@@ -322,8 +317,7 @@ fn an_invalid_listener_is_nacked_naming_it_and_the_last_good_config_keeps_servin
 #[test]
 fn a_removed_listener_stops_accepting_at_once_and_drains_its_connections() {
     let mesh = Mesh::new();
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(free_addr(), mesh.snapshot("1", &[(V1, 100)]), tx);
+    let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 100)]));
     let _rs = ringside(server.addr, "");
     reply_to(&requests, LISTENER, "1");
     let (_, mut live) = wait_for("the xDS listener to accept", || tag_of(mesh.listen));
@@ -492,8 +486,7 @@ fn filter_chains_take_connections_by_destination_and_count_only_with_istio_stats
     l.filter_chains = vec![v2_chain, http];
     l.default_filter_chain = Some(default);
     s.listeners = vec![l];
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(free_addr(), s, tx);
+    let (server, requests) = AdsServer::serve(s);
     let rs = ringside(server.addr, "");
     for r in replies(&requests, "1") {
         assert!(r.error_detail.is_none(), "{:?}", r.error_detail);

@@ -118,12 +118,8 @@ fn outbound_istio_mutual_speaks_mtls_to_endpoints_labelled_istio_and_plaintext_t
     let redis = static_inbound(&Certs::new("redis", &ca, REDIS), tag_server("T1"));
     let legacy = tag_server("P2");
     let listen = free_addr();
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(
-        free_addr(),
-        outbound_snapshot("1", listen, &[REDIS], redis.listen, Some(legacy)),
-        tx,
-    );
+    let (server, requests) =
+        AdsServer::serve(outbound_snapshot("1", listen, &[REDIS], redis.listen, Some(legacy)));
     let pp = Certs::new("pp", &ca, PRODUCTPAGE);
     let rs = sidecar(server.addr, &node("productpage-v1", "productpage"), Some(&pp));
     let mut all = vec![wait_for("the xDS listener", || tag_of(listen))];
@@ -235,8 +231,7 @@ fn static_outbound(certs: &Certs, upstream: SocketAddr) -> Ringside {
 fn an_inbound_tls_chain_terminates_mtls_and_permissive_takes_plaintext_on_its_raw_buffer_chain() {
     let ca = Ca::new("mesh");
     let listen = free_addr();
-    let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start(free_addr(), inbound_snapshot("1", listen, tag_server("A1"), true), tx);
+    let (server, requests) = AdsServer::serve(inbound_snapshot("1", listen, tag_server("A1"), true));
     let rs = sidecar(server.addr, &node("redis-v1", "redis"), Some(&Certs::new("redis", &ca, REDIS)));
     let client = static_outbound(&Certs::new("pp", &ca, PRODUCTPAGE), listen);
     // mTLS with a mesh certificate: the tls chain, the exchange inside it.
@@ -297,9 +292,7 @@ fn a_context_naming_an_unknown_sds_secret_is_nacked_and_the_last_good_config_kee
     let ca = Ca::new("mesh");
     let redis = static_inbound(&Certs::new("redis", &ca, REDIS), tag_server("T1"));
     let listen = free_addr();
-    let (tx, requests) = mpsc::channel();
-    let server =
-        AdsServer::start(free_addr(), outbound_snapshot("1", listen, &[REDIS], redis.listen, None), tx);
+    let (server, requests) = AdsServer::serve(outbound_snapshot("1", listen, &[REDIS], redis.listen, None));
     let rs = sidecar(
         server.addr,
         &node("productpage-v1", "productpage"),
@@ -322,9 +315,8 @@ fn a_context_naming_an_unknown_sds_secret_is_nacked_and_the_last_good_config_kee
     assert_eq!(sum(&rs.scrape(), "ringside_xds_updates_rejected_total", &[("type", "Cluster")]), 1.0);
 
     // Without xds.certificates, TLS is refused too: NACKed, never served as plaintext.
-    let (tx, requests) = mpsc::channel();
-    let server =
-        AdsServer::start(free_addr(), outbound_snapshot("1", free_addr(), &[REDIS], redis.listen, None), tx);
+    let (server, requests) =
+        AdsServer::serve(outbound_snapshot("1", free_addr(), &[REDIS], redis.listen, None));
     let config = format!("{}xds: {{address: {}}}\n", node("productpage-v1", "productpage"), server.addr);
     let path = std::env::temp_dir().join(format!("ringside-xds-tls-nocerts-{}.yaml", std::process::id()));
     std::fs::write(&path, config).unwrap();
@@ -587,9 +579,7 @@ fn ringside_and_a_real_envoy_speak_istio_mutual_both_ways_over_xds_with_secrets_
     let envoy = envoy::Envoy::start(&bin, ads_e.addr);
     // ringside: configured only by xDS, ISTIO_MUTUAL to Envoy's address (tlsMode istio).
     let listen = free_addr();
-    let (tx, _requests) = mpsc::channel();
-    let server =
-        AdsServer::start(free_addr(), outbound_snapshot("1", listen, &[REDIS], envoy_listen, None), tx);
+    let (server, _requests) = AdsServer::serve(outbound_snapshot("1", listen, &[REDIS], envoy_listen, None));
     let rs = sidecar(server.addr, &node("productpage-v1", "productpage"), Some(&pp));
     assert_eq!(wait_for("ringside to Envoy over mTLS", || tag_of(listen)), "E1");
     // Envoy completed a handshake that required our client certificate; we verified its SAN.

@@ -60,6 +60,13 @@ impl AdsServer {
         AdsServer::start_on(Bind::Tcp(addr), first, requests)
     }
 
+    /// Serve `first` on a free loopback port; the requests it receives arrive on the
+    /// returned channel.
+    pub fn serve(first: Snapshot) -> (AdsServer, mpsc::Receiver<DiscoveryRequest>) {
+        let (tx, requests) = mpsc::channel();
+        (AdsServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), first, tx), requests)
+    }
+
     /// Serve on a unix socket at `path`, as Istio's agent serves its XDS proxy.
     pub fn start_unix(
         path: &std::path::Path,
@@ -91,10 +98,6 @@ impl AdsServer {
     }
 
     fn start_on(bind: Bind, first: Snapshot, requests: mpsc::Sender<DiscoveryRequest>) -> AdsServer {
-        let addr = match &bind {
-            Bind::Tcp(a) => *a,
-            Bind::Unix(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
         let (snapshot, rx) = watch::channel(Arc::new(first));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -106,7 +109,7 @@ impl AdsServer {
                 match bind {
                     Bind::Tcp(addr) => {
                         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-                        ready_tx.send(()).unwrap();
+                        ready_tx.send(listener.local_addr().unwrap()).unwrap();
                         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
                         tokio::select! {
                             _ = router.serve_with_incoming(incoming) => {}
@@ -116,7 +119,7 @@ impl AdsServer {
                     Bind::Unix(path) => {
                         let _ = std::fs::remove_file(&path);
                         let listener = tokio::net::UnixListener::bind(&path).unwrap();
-                        ready_tx.send(()).unwrap();
+                        ready_tx.send(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
                         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
                         tokio::select! {
                             _ = router.serve_with_incoming(incoming) => {}
@@ -128,7 +131,7 @@ impl AdsServer {
             // Dropping the runtime drops every stream task: clients see their stream end.
             rt.shutdown_timeout(Duration::from_millis(100));
         });
-        ready_rx.recv_timeout(Duration::from_secs(20)).expect("ADS server bound");
+        let addr = ready_rx.recv_timeout(Duration::from_secs(20)).expect("ADS server bound");
         AdsServer { addr, snapshot, stop: Some(stop), thread: Some(thread), sock: None }
     }
 
