@@ -16,12 +16,6 @@ use std::time::Duration;
 use common::process::rss_kib;
 use common::*;
 
-fn plain(upstream: SocketAddr, driver: &str, extra: &[&str]) -> Ringside {
-    let mut args = vec!["--peer-exchange", "off", "--driver", driver];
-    args.extend_from_slice(extra);
-    Ringside::spawn(upstream, "outbound", &args)
-}
-
 /// Wait until `n` connections are counted opened and closed, all with `flags`; the scrape.
 fn counted_once(rs: &Ringside, n: f64, flags: &str) -> String {
     let s = rs.wait_for_scrape("every connection counted closed", DEADLINE, |s| {
@@ -85,7 +79,7 @@ fn an_upstream_killed_mid_transfer_ends_the_client_connection_and_it_is_counted_
     let mut upstream = Command::new("python3").args(["-c", &script]).stdout(Stdio::piped()).spawn().unwrap();
     let mut ready = [0u8; 3];
     upstream.stdout.as_mut().unwrap().read_exact(&mut ready).unwrap();
-    let rs = plain(SocketAddr::from(([127, 0, 0, 1], port)), driver, &[]);
+    let rs = plain_relay(SocketAddr::from(([127, 0, 0, 1], port)), driver, &[]);
     let mut client = connect(rs.listen);
     assert_eq!(read_exact(&mut client, 5), b"hello");
     client.write_all(&vec![1u8; 256 * 1024]).unwrap();
@@ -101,7 +95,7 @@ with_both_drivers!(an_upstream_killed_mid_transfer_ends_the_client_connection_an
 
 fn an_upstream_reset_resets_the_client_and_is_counted_once(driver: &str) {
     let (upstream, conns) = manual_server();
-    let rs = plain(upstream, driver, &[]);
+    let rs = plain_relay(upstream, driver, &[]);
     let mut client = connect(rs.listen);
     client.write_all(b"request").unwrap();
     let mut server = next_conn(&conns);
@@ -119,7 +113,7 @@ with_both_drivers!(an_upstream_reset_resets_the_client_and_is_counted_once);
 fn an_upstream_that_never_reads_holds_a_bounded_amount_per_connection(driver: &str) {
     // Upstreams accept and never read; each client pushes until the whole path is full.
     let (upstream, conns) = manual_server();
-    let rs = plain(upstream, driver, &[]);
+    let rs = plain_relay(upstream, driver, &[]);
     let before = rss_kib(rs.pid());
     let n = 16;
     let mut pairs = Vec::new();
@@ -159,7 +153,7 @@ with_both_drivers!(an_upstream_that_never_reads_holds_a_bounded_amount_per_conne
 
 fn a_downstream_that_stops_reading_holds_a_bounded_amount_and_the_upstream_is_closed_after(driver: &str) {
     let (upstream, conns) = manual_server();
-    let rs = plain(upstream, driver, &[]);
+    let rs = plain_relay(upstream, driver, &[]);
     let before = rss_kib(rs.pid());
     let n = 16;
     let mut pairs = Vec::new();
@@ -194,7 +188,7 @@ with_both_drivers!(a_downstream_that_stops_reading_holds_a_bounded_amount_and_th
 
 fn both_peers_half_closing_at_once_each_get_the_others_bytes_then_eof(driver: &str) {
     let (upstream, conns) = manual_server();
-    let rs = plain(upstream, driver, &[]);
+    let rs = plain_relay(upstream, driver, &[]);
     let rounds = 20;
     for i in 0..rounds {
         let mut client = connect(rs.listen);
@@ -248,7 +242,7 @@ fn black_hole() -> (SocketAddr, Vec<TcpStream>) {
 
 fn a_connection_still_connecting_at_the_drain_deadline_is_reset(driver: &str) {
     let (upstream, _fillers) = black_hole();
-    let mut rs = plain(upstream, driver, &["--drain-timeout", "500ms", "--connect-timeout", "60s"]);
+    let mut rs = plain_relay(upstream, driver, &["--drain-timeout", "500ms", "--connect-timeout", "60s"]);
     let mut client = connect(rs.listen);
     client.write_all(b"x").unwrap();
     rs.signal("TERM");

@@ -42,7 +42,7 @@ fn round_trip(s: &mut TcpStream, what: &[u8]) {
 }
 
 fn at_the_descriptor_limit_accepting_pauses_without_spinning_and_resumes_when_descriptors_free(driver: &str) {
-    let mut rs = Ringside::spawn(echo_server(), "outbound", &["--peer-exchange", "off", "--driver", driver]);
+    let mut rs = plain_relay(echo_server(), driver, &[]);
     let pid = rs.pid();
     let mut held: Vec<TcpStream> = (0..10)
         .map(|_| {
@@ -117,7 +117,7 @@ with_both_drivers!(
 );
 
 fn an_upstream_connect_that_hits_the_descriptor_limit_is_uf_counted_once_and_leaks_nothing(driver: &str) {
-    let rs = Ringside::spawn(echo_server(), "outbound", &["--peer-exchange", "off", "--driver", driver]);
+    let rs = plain_relay(echo_server(), driver, &[]);
     let pid = rs.pid();
     let base = settled_fds(pid);
     // One descriptor number left: each client is accepted, and its upstream socket cannot be

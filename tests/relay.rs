@@ -10,12 +10,6 @@ use std::thread;
 use common::process::cpu_ticks;
 use common::*;
 
-fn plain(upstream: std::net::SocketAddr, driver: &str, extra: &[&str]) -> Ringside {
-    let mut args = vec!["--peer-exchange", "off", "--driver", driver];
-    args.extend_from_slice(extra);
-    Ringside::spawn(upstream, "outbound", &args)
-}
-
 /// Send `payload` in random chunks while reading the echo in random chunks; return the echo.
 fn echo_through(addr: std::net::SocketAddr, payload: Vec<u8>, seed: u64) -> (Vec<u8>, Vec<u8>) {
     let mut s = connect(addr);
@@ -51,7 +45,7 @@ fn echo_through(addr: std::net::SocketAddr, payload: Vec<u8>, seed: u64) -> (Vec
 }
 
 fn random_payloads_of_any_size_and_chunking_arrive_byte_exact_on_200_concurrent_connections(driver: &str) {
-    let rs = plain(echo_server(), driver, &[]);
+    let rs = plain_relay(echo_server(), driver, &[]);
     let mut rng = Rng(0x5EED);
     let mut sizes: Vec<usize> = (0..190)
         .map(|_| {
@@ -83,7 +77,7 @@ with_both_drivers!(random_payloads_of_any_size_and_chunking_arrive_byte_exact_on
 
 fn half_close_is_forwarded_and_the_other_direction_keeps_flowing(driver: &str) {
     let (upstream, conns) = manual_server();
-    let rs = plain(upstream, driver, &[]);
+    let rs = plain_relay(upstream, driver, &[]);
     let mut client = connect(rs.listen);
     let mut server = next_conn(&conns);
     client.write_all(b"ping").unwrap();
@@ -98,7 +92,7 @@ with_both_drivers!(half_close_is_forwarded_and_the_other_direction_keeps_flowing
 
 fn a_reset_from_the_upstream_resets_the_client(driver: &str) {
     let (upstream, conns) = manual_server();
-    let rs = plain(upstream, driver, &[]);
+    let rs = plain_relay(upstream, driver, &[]);
     let mut client = connect(rs.listen);
     client.write_all(b"x").unwrap();
     let server = next_conn(&conns);
@@ -112,7 +106,7 @@ with_both_drivers!(a_reset_from_the_upstream_resets_the_client);
 
 fn a_reset_from_the_client_resets_the_upstream(driver: &str) {
     let (upstream, conns) = manual_server();
-    let rs = plain(upstream, driver, &[]);
+    let rs = plain_relay(upstream, driver, &[]);
     let mut client = connect(rs.listen);
     client.write_all(b"x").unwrap();
     let mut server = next_conn(&conns);
@@ -127,7 +121,7 @@ with_both_drivers!(a_reset_from_the_client_resets_the_upstream);
 
 fn an_upstream_that_refuses_closes_the_client_and_counts_uf(driver: &str) {
     let refused = free_addr(); // nothing listens here
-    let rs = plain(refused, driver, &[]);
+    let rs = plain_relay(refused, driver, &[]);
     let mut client = connect(rs.listen);
     let _ = client.write_all(b"hello");
     assert_closed_empty(&mut client, "client");
@@ -150,7 +144,7 @@ fn an_upstream_that_never_answers_hits_the_connect_timeout(driver: &str) {
         })
         .collect();
     assert!(!fill.is_empty());
-    let rs = plain(addr, driver, &["--connect-timeout", "300ms"]);
+    let rs = plain_relay(addr, driver, &["--connect-timeout", "300ms"]);
     let mut client = connect(rs.listen);
     assert_closed_empty(&mut client, "client");
     rs.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
@@ -160,7 +154,7 @@ with_both_drivers!(an_upstream_that_never_answers_hits_the_connect_timeout);
 
 fn an_idle_connection_is_closed_after_the_idle_timeout(driver: &str) {
     let (upstream, conns) = manual_server();
-    let rs = plain(upstream, driver, &["--idle-timeout", "500ms"]);
+    let rs = plain_relay(upstream, driver, &["--idle-timeout", "500ms"]);
     let mut client = connect(rs.listen);
     let mut server = next_conn(&conns);
     client.write_all(b"a").unwrap();
@@ -174,7 +168,7 @@ fn an_idle_connection_is_closed_after_the_idle_timeout(driver: &str) {
 with_both_drivers!(an_idle_connection_is_closed_after_the_idle_timeout);
 
 fn connections_over_the_limit_are_accepted_and_closed_at_once(driver: &str) {
-    let rs = plain(echo_server(), driver, &["--max-connections", "2"]);
+    let rs = plain_relay(echo_server(), driver, &["--max-connections", "2"]);
     let mut live: Vec<_> = (0..2).map(|_| connect(rs.listen)).collect();
     for s in &mut live {
         s.write_all(b"hi").unwrap();
@@ -194,7 +188,7 @@ with_both_drivers!(connections_over_the_limit_are_accepted_and_closed_at_once);
 
 fn sigterm_lets_live_transfers_finish_then_exits_zero(driver: &str) {
     let (upstream, conns) = manual_server();
-    let mut rs = plain(upstream, driver, &["--drain-timeout", "10s"]);
+    let mut rs = plain_relay(upstream, driver, &["--drain-timeout", "10s"]);
     // Pair each client with its upstream connection, one at a time.
     let (mut clients, mut servers): (Vec<_>, Vec<_>) = (0..4)
         .map(|_| {
@@ -238,14 +232,14 @@ with_both_drivers!(sigterm_lets_live_transfers_finish_then_exits_zero);
 
 #[test]
 fn the_driver_in_use_is_logged_once() {
-    let mut rs = plain(echo_server(), "epoll", &[]);
+    let mut rs = plain_relay(echo_server(), "epoll", &[]);
     rs.signal("TERM");
     assert!(rs.wait_exit().success());
     let lines = rs.stderr_lines();
     assert_eq!(lines.iter().filter(|l| l.contains("driver epoll")).count(), 1, "{lines:?}");
     // io_uring runs with COOP_TASKRUN where the kernel takes it (5.19+) and says so either
     // way, as a ring set up here with the flag tells; busy-polling is announced.
-    let mut rs = plain(echo_server(), "uring", &["--busy-poll", "50us"]);
+    let mut rs = plain_relay(echo_server(), "uring", &["--busy-poll", "50us"]);
     rs.signal("TERM");
     assert!(rs.wait_exit().success());
     let lines = rs.stderr_lines();
@@ -302,7 +296,7 @@ with_both_drivers!(sigterm_stops_every_listener_of_a_worker);
 
 fn connections_still_open_at_the_drain_deadline_are_reset_and_the_process_exits_zero(driver: &str) {
     let (upstream, conns) = manual_server();
-    let mut rs = plain(upstream, driver, &["--drain-timeout", "500ms"]);
+    let mut rs = plain_relay(upstream, driver, &["--drain-timeout", "500ms"]);
     let mut client = connect(rs.listen);
     client.write_all(b"x").unwrap();
     let mut server = next_conn(&conns);
@@ -319,7 +313,7 @@ with_both_drivers!(connections_still_open_at_the_drain_deadline_are_reset_and_th
 
 fn busy_polling_relays_exactly_keeps_every_task_running_and_stops_when_quiet(driver: &str) {
     // The longest window allowed, so a poller that starved the relay tasks would show.
-    let rs = plain(echo_server(), driver, &["--busy-poll", "10ms", "--workers", "1"]);
+    let rs = plain_relay(echo_server(), driver, &["--busy-poll", "10ms", "--workers", "1"]);
     let threads: Vec<_> = (0..16u64)
         .map(|i| {
             let addr = rs.listen;
@@ -361,8 +355,11 @@ with_both_drivers!(busy_polling_relays_exactly_keeps_every_task_running_and_stop
 fn busy_polling_under_constant_traffic_still_fires_timers(driver: &str) {
     // monoio fires timers only when it parks; a poller that never let it park would keep the
     // idle timeout (and every other timer) from firing while any connection is busy.
-    let rs =
-        plain(echo_server(), driver, &["--busy-poll", "10ms", "--idle-timeout", "300ms", "--workers", "1"]);
+    let rs = plain_relay(
+        echo_server(),
+        driver,
+        &["--busy-poll", "10ms", "--idle-timeout", "300ms", "--workers", "1"],
+    );
     let mut idle = connect(rs.listen);
     idle.write_all(b"i").unwrap();
     assert_eq!(read_exact(&mut idle, 1), b"i");

@@ -450,6 +450,14 @@ pub fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
     v
 }
 
+/// An outbound ringside on `driver` that relays plain TCP to `upstream` (no peer exchange),
+/// with `extra` flags.
+pub fn plain_relay(upstream: SocketAddr, driver: &str, extra: &[&str]) -> Ringside {
+    let mut args = vec!["--peer-exchange", "off", "--driver", driver];
+    args.extend_from_slice(extra);
+    Ringside::spawn(upstream, "outbound", &args)
+}
+
 /// Report `test` as skipped for `why`: a `SKIP` line on stderr, also appended to
 /// `target/test-skips.txt`, which tests/run.sh prints, so a skip is never mistaken for a pass.
 pub fn skip(test: &str, why: &str) {
