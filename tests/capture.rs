@@ -402,6 +402,34 @@ fn virtual_outbound() -> ads::lds::Listener {
     l
 }
 
+/// A sidecar in `ns` (workload `WORKLOAD-v1`, app `WORKLOAD`) configured only by xDS from
+/// `snapshot`, served on a unix socket; returned once its /config_dump names every one of
+/// `applied` (the endpoints come last), so no connection sees half the config.
+fn xds_sidecar(
+    ns: &str,
+    workload: &str,
+    snapshot: ads::Snapshot,
+    applied: &[String],
+) -> (Sidecar, ads::AdsServer) {
+    let (tx, _requests) = std::sync::mpsc::channel();
+    let server = ads::AdsServer::start_for_sidecar(&format!("capture-{workload}"), snapshot, tx);
+    let sidecar = Sidecar::spawn(
+        ns,
+        &format!(
+            "node:\n  workload_name: {workload}-v1\n  namespace: default\n  \
+             labels: {{app: {workload}, version: v1}}\nworkers: 1\nmetrics: {{listen: 127.0.0.1:15090}}\n\
+             admin: {{listen: 127.0.0.1:15000}}\nhealth: {{listen: 'off'}}\nxds: {{address: \"{}\"}}\n",
+            server.unix_address()
+        ),
+    );
+    let admin = sidecar.admin;
+    wait_for("the xDS config in place", || {
+        let dump = netns::in_ns(ns, move || common::http(admin, "GET", "/config_dump"))?.1;
+        applied.iter().all(|s| dump.contains(s.as_str())).then_some(())
+    });
+    (sidecar, server)
+}
+
 #[test]
 fn a_connection_captured_to_a_service_is_counted_as_the_listener_istiod_wrote_for_it_says() {
     if unavailable("capture::xds_service_listeners").is_some() {
@@ -444,24 +472,8 @@ fn a_connection_captured_to_a_service_is_counted_as_the_listener_istiod_wrote_fo
         ],
         secrets: vec![],
     };
-    let (tx, _requests) = std::sync::mpsc::channel();
-    let server = ads::AdsServer::start_for_sidecar("capture-xds", snapshot, tx);
-    let a = Sidecar::spawn(
-        &pods.a,
-        &format!(
-            "node:\n  workload_name: productpage-v1\n  namespace: default\n  \
-             labels: {{app: productpage, version: v1}}\nworkers: 1\nmetrics: {{listen: 127.0.0.1:15090}}\n\
-             admin: {{listen: 127.0.0.1:15000}}\nhealth: {{listen: 'off'}}\nxds: {{address: \"{}\"}}\n",
-            server.unix_address()
-        ),
-    );
-    // Every resource applied (the endpoints come last) before the first connection.
-    let admin = a.admin;
-    wait_for("the xDS config in place", || {
-        let dump = netns::in_ns(&pods.a, move || common::http(admin, "GET", "/config_dump"))?.1;
-        let all = ["virtualOutbound", &at(6379).to_string(), &at(27017).to_string()];
-        all.iter().all(|s| dump.contains(s)).then_some(())
-    });
+    let applied = ["virtualOutbound".to_string(), at(6379).to_string(), at(27017).to_string()];
+    let (a, server) = xds_sidecar(&pods.a, "productpage", snapshot, &applied);
 
     // Mongo's listener has no istio.stats: relayed, not counted. Then redis's, counted.
     // (The capture listener binds on the worker's next tick: refused until then, uncounted.)
@@ -562,25 +574,8 @@ fn a_captured_inbound_connection_is_counted_as_the_virtual_inbound_chain_that_se
         listeners: vec![inbound],
         secrets: vec![],
     };
-    let (tx, _requests) = std::sync::mpsc::channel();
-    let server = ads::AdsServer::start_for_sidecar("capture-xds-inbound", snapshot, tx);
-    let b = Sidecar::spawn(
-        &pods.b,
-        &format!(
-            "node:\n  workload_name: ratings-v1\n  namespace: default\n  labels: {{app: ratings, version: v1}}\n\
-             workers: 1\nmetrics: {{listen: 127.0.0.1:15090}}\nadmin: {{listen: 127.0.0.1:15000}}\n\
-             health: {{listen: 'off'}}\nxds: {{address: \"{}\"}}\n",
-            server.unix_address()
-        ),
-    );
-    let admin = b.admin;
-    wait_for("the xDS config in place", || {
-        let dump = netns::in_ns(&pods.b, move || common::http(admin, "GET", "/config_dump"))?.1;
-        ["virtualInbound", "inbound|9091||", "InboundPassthroughCluster"]
-            .iter()
-            .all(|s| dump.contains(s))
-            .then_some(())
-    });
+    let applied = ["virtualInbound", "inbound|9091||", "InboundPassthroughCluster"].map(String::from);
+    let (b, server) = xds_sidecar(&pods.b, "ratings", snapshot, &applied);
     // A client in A (no sidecar, no capture): the 9091 chain has no istio.stats.
     let first = wait_for("virtualInbound bound", || connect_in(&pods.a, &format!("{B_IP}:9091")).ok());
     assert_eq!(echo_back(first, b"uncounted"), b"uncounted");
