@@ -110,6 +110,24 @@ pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, accept
 }
 
 async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
+    // Boxed: what comes before the copy (TLS, the chain, connecting, the exchange) holds
+    // timers (monoio's are 640 bytes, cache-aligned) and handshake state that an idle,
+    // established connection should not carry for the rest of its life. Freed once the
+    // connection relays, it leaves the task only the copy's state.
+    match Box::pin(set_up(ctx, li, conn, down)).await? {
+        Some((down, up)) => copy_both(ctx, conn, down, up).await,
+        None => Ok(()),
+    }
+}
+
+/// Everything before the copy: the sockets to copy between once the peer is settled, or
+/// `None` when the connection was served here (mTLS) or closed (cancelled).
+async fn set_up(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    down: TcpStream,
+) -> Result<Option<(TcpStream, TcpStream)>, Error> {
     let listener = &conn.snapshot.config.listeners[li];
     // An mTLS listener (SPEC §7) serves the connection in `mtls`, unless `permissive` found a
     // plaintext client, which continues here. The certificates are the snapshot's, by the
@@ -117,7 +135,7 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
     let mut down = match &conn.snapshot.tls.listeners[li] {
         Some(slot) => match mtls::serve_inbound(ctx, li, conn, slot, down).await? {
             Some(plain) => plain,
-            None => return Ok(()),
+            None => return Ok(None),
         },
         None => down,
     };
@@ -132,10 +150,10 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
         let hello = match inspect {
             false => None,
             true => monoio::select! {
-                r = Box::pin(mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0)) => r?,
+                r = mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0) => r?,
                 _ = conn.cancel.wait() => {
                     cut(conn, down, None);
-                    return Ok(());
+                    return Ok(None);
                 }
             },
         };
@@ -160,35 +178,33 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
         let slots = conn.snapshot.tls.chains.get(li);
         if let Some(slot) = chain.and_then(|c| slots?.get(c)?.as_ref()) {
             mtls::serve_inbound(ctx, li, conn, slot, down).await?;
-            return Ok(());
+            return Ok(None);
         }
     }
-    // Boxed: connecting and the exchange hold timers (monoio's are 640 bytes, cache-aligned)
-    // that an idle, established connection should not carry for the rest of its life. Both
-    // borrow the sockets rather than own them, so a cancel (idle timeout, drain deadline)
-    // leaves them here to be closed the way the cancel asks.
+    // Connecting and the exchange borrow the sockets rather than own them, so a cancel (idle
+    // timeout, drain deadline) leaves them here to be closed the way the cancel asks.
     let connected = monoio::select! {
-        r = Box::pin(connect_any(ctx, li, conn, listener, &down)) => Some(r?),
+        r = connect_any(ctx, li, conn, listener, &down) => Some(r?),
         _ = conn.cancel.wait() => None,
     };
     let Some(mut up) = connected else {
         cut(conn, down, None);
-        return Ok(());
+        return Ok(None);
     };
     // An mTLS cluster (SPEC §7): the TLS client, the exchange inside it and the copy.
     if let Some(slot) = upstream_tls(conn) {
-        return mtls::serve_outbound(ctx, listener, conn, down, up, slot).await;
+        return mtls::serve_outbound(ctx, listener, conn, down, up, slot).await.map(|()| None);
     }
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
     let exchanged = monoio::select! {
-        r = Box::pin(exchange(ctx, listener, conn, &mut down, &mut up)) => Some(r),
+        r = exchange(ctx, listener, conn, &mut down, &mut up) => Some(r),
         _ = conn.cancel.wait() => None,
     };
     match exchanged {
         Some(Ok(peer)) => {
             settle(ctx, conn, peer.as_ref(), "-");
-            copy_both(ctx, conn, down, up).await
+            Ok(Some((down, up)))
         }
         Some(Err(e)) => {
             // A broken exchange: reset both sides.
@@ -198,7 +214,7 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
         }
         None => {
             cut(conn, down, Some(up));
-            Ok(())
+            Ok(None)
         }
     }
 }
@@ -725,7 +741,9 @@ async fn pump(
                 Burst::Unsupported { error, left } => {
                     log::debug!("splice failed, copying instead: {error}");
                     splice = false;
-                    copy_out_of_pipe(ctx, &pipe, to, left).await?;
+                    // Boxed: at most once in a flow's life; inline, its write's state would
+                    // sit in every connection's task.
+                    Box::pin(copy_out_of_pipe(ctx, &pipe, to, left)).await?;
                 }
             }
         }
