@@ -178,7 +178,10 @@ fn outbound_istio_mutual_speaks_mtls_to_endpoints_labelled_istio_and_plaintext_t
     assert_eq!(seen, BTreeSet::from(["--", "P2"]));
     let uf = [("reporter", "source"), ("response_flags", "UF"), ("destination_service", HOST)];
     let refused = after.iter().filter(|t| *t == "--").count() as f64;
-    assert!(sum(&rs.scrape(), "istio_tcp_connections_opened_total", &uf) >= refused);
+    // Counted once the connection's task ends, which can be just after the client saw it close.
+    wait_for("every refused connection counted as UF", || {
+        (sum(&rs.scrape(), "istio_tcp_connections_opened_total", &uf) >= refused).then_some(())
+    });
     // /config_dump shows which secrets and which files.
     let (_, dump) = common::http(rs.admin, "GET", "/config_dump").unwrap();
     for want in
