@@ -18,7 +18,7 @@ trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev
 [[ -x $LOADGEN ]] || cargo build --release --quiet --manifest-path "$HERE/loadgen/Cargo.toml"
 [[ -x $RINGSIDE ]] || (cd "$ROOT" && cargo build --release --quiet)
 
-EVENTS=io_uring:io_uring_submit_req,raw_syscalls:sys_enter,syscalls:sys_enter_poll,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_io_uring_enter
+EVENTS=io_uring:io_uring_submit_req,raw_syscalls:sys_enter,syscalls:sys_enter_poll,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_shutdown
 
 "$LOADGEN" echo-server --listen "$BACKEND" --seconds 300 >/dev/null & PIDS+=($!)
 
@@ -41,12 +41,13 @@ count() {  # driver label per loadgen-args...
   awk -F, -v d="$driver" -v l="$label" -v per="$per" '
     $3 ~ /submit_req/ {r = $1} $3 ~ /raw_syscalls/ {s = $1} $3 ~ /_poll$/ {p = $1}
     $3 ~ /recvfrom/ {rv = $1} $3 ~ /epoll_wait/ {e = $1} $3 ~ /io_uring_enter/ {u = $1}
-    END {printf "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", d, l, r / per, s / per, p / per, rv / per, e / per, u / per}' "$out"
+    $3 ~ /shutdown/ {sd = $1}
+    END {printf "| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", d, l, r / per, s / per, p / per, rv / per, e / per, u / per, sd / per}' "$out"
   rm -f "$out"
 }
 
-echo "| driver | per | io_uring requests | syscalls | poll | recvfrom | epoll_wait | io_uring_enter |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| driver | per | io_uring requests | syscalls | poll | recvfrom | epoll_wait | io_uring_enter | shutdown |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for driver in uring epoll; do
   count "$driver" "round trip" "$TRIPS" latency --connections 1 --requests "$TRIPS" --size 64
   count "$driver" "connection" "$CONNS" connrate --concurrency 1 --seconds 60 --max "$CONNS" --size 64

@@ -307,7 +307,14 @@ def markdown(meta, s):
   ringside's ~68 µs: connect ~19 µs (5 of it the ephemeral-port search among TIME_WAIT
   sockets), the two sends ~15 µs (each runs the receiver's TCP input and wakes the other
   core), shutdown + close ~17 µs, socket + accept + recv ~7 µs; ringside's own code is under
-  3 %. The io_uring driver used to cost 19 % more than that (an IPI per completion while the
+  3 %. One FIN per socket needs one shutdown(2) per connection, not one per direction: the
+  first direction to end half-closes, the second's FIN goes out with the close (nothing is
+  left unread), as HAProxy does; before, the second shutdown and two more that failed (monoio
+  shuts a dropped write half) made 4 per connection. `strace -c` over 1 s of short
+  connections at C=4: 8.3 syscalls per connection for ringside (1 socket, 1 setsockopt, 1
+  shutdown, 4 recvfrom, 1.3 io_uring_enter; accept, connect, sends and closes ride the ring)
+  against 11.4 before and HAProxy's 19.6 (accept4, socket, fcntl, 2 setsockopt, connect,
+  3 epoll_ctl, 2 sendto, 4 recvfrom, 1 shutdown, 2 close, 1 clock_gettime, 0.5 epoll_wait). The io_uring driver used to cost 19 % more than that (an IPI per completion while the
   worker ran); `IORING_SETUP_COOP_TASKRUN` removed it, and reads without their own ring
   operation (below) removed another 5 of the 16 ring operations per connection. Going much
   below HAProxy would need less TCP work than the protocol requires (no TIME_WAIT, no FIN
@@ -320,11 +327,21 @@ def markdown(meta, s):
   window removes those (`ringside-1-busy`); what remains are the wake-ups of the load core
   (client and backend), which the direct row does not pay because both sit on one core.
   HAProxy's `busy-polling` removes the same wake-ups, so like for like the two are even.
-- **1-stream throughput vs direct**: the load core runs both the client and the backend and
-  is ~90 % busy through any proxy (100 % direct); through a proxy it also takes the
-  cross-core wake-ups and socket-lock contention, so it moves fewer bytes. The proxy core is
-  ~60 % busy (splice, no copies), so the proxy is not the limit; a larger (4 MiB) or smaller
-  (256 KiB) pipe made it worse, busy-polling did not help.
+- **1-stream throughput vs direct, HAProxy and Envoy**: the load core runs both the client
+  and the backend and is ~90 % busy through ringside (100 % direct); the proxy core is
+  ~50-60 % busy (splice, no copies), so the proxy is not the limit. Splicing makes the load
+  core's own copies dearer: `perf record -C 0` during 1-stream runs puts the client's
+  `_copy_from_iter` plus the backend's `_copy_to_iter` at 38-40 % of core 0 behind ringside
+  against ~20 % behind Envoy, HAProxy or ringside copying (`RINGSIDE_SPLICE=0`), at the same
+  throughput. A spliced page stays referenced until the backend has read it, so the sender's
+  socket cannot reuse its hot page fragment and writes into cold pages, and the backend reads
+  pages last touched long ago; a copying proxy frees the sender's page at once and hands the
+  backend data still in a neighbouring cache. What splicing saves on the proxy core (CPU per
+  GB 0.45-0.5× HAProxy's and Envoy's) the load core pays back, so here the three move about
+  the same bytes (within ±10 % of each other across runs). Tried (A/B in one run, compilers
+  stopped): pipes of 64 KiB (-15 %), 256 KiB (even), copying through 64 or 256 KiB buffers
+  (-5 %, and 1.4× the proxy CPU per GB), fixed 128-512 KiB socket buffers (even to +10 %,
+  within noise, and they would cap a long-RTT path, so not taken), busy-polling (even).
 - **Kernel operations per read** (`perf/ops.sh`, counted on this kernel; they do not change
   from run to run). A read used to wait for readiness first (a PollAdd on io_uring, a poll(2)
   on epoll) and then read with a pool buffer (a ring Recv), so an idle connection held no
@@ -339,6 +356,11 @@ def markdown(meta, s):
   | io_uring | connection | 16.0 → 11.0 | 12.6 → 14.2 (io_uring_enter 6.6 → 4.2, recvfrom 0 → 4.0) |
   | epoll | round trip | – | 10.5 → 10.5 (poll 4.2, recvfrom 2.1, epoll_wait 2.1) |
   | epoll | connection | – | 33.1 → 32.1 |
+
+  Since a connection's second FIN goes out with its close (one shutdown(2) per connection, see
+  CPU per connection above), `perf/ops.sh` counts per short connection 11.0 io_uring requests
+  and 11.6 syscalls on io_uring (14.2 in the table), 27.6 syscalls on epoll (32.1), shutdown
+  1.00 on both.
 
   On io_uring every read's own ring operation is gone (a round trip's 4 reads and writes now
   take 4 ring operations: 2 PollAdds, 2 Sends) and one event-loop turn per read with it; the
