@@ -103,32 +103,15 @@ fn refused_reason(e: &io::Error) -> TlsRefused {
 /// byte and waits is told apart at once; one that sends nothing within `sniff_timeout` is
 /// plaintext (a server-first protocol).
 async fn sniff_client_hello(down: &TcpStream, sniff_timeout: Duration) -> Result<bool, Error> {
-    let deadline = Instant::now() + sniff_timeout;
     let mut head = [0u8; 3];
-    loop {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        if monoio::time::timeout(wait, down.readable(false)).await.is_err() {
-            return Ok(false);
-        }
-        let n = match socket::peek(down, &mut head) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
-        };
-        match head.get(..n).unwrap_or_default() {
-            [] => return Ok(false), // EOF: the plaintext path relays it
-            [b, ..] if *b != 0x16 => return Ok(false),
-            [_, v, ..] if *v != 0x03 => return Ok(false),
-            [_, _, _] => return Ok(true),
-            // A TLS header prefix: readiness stays set, so look again after a moment.
-            _ => {
-                if Instant::now() >= deadline {
-                    return Ok(false);
-                }
-                monoio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-    }
+    let tls = peek_until(down, &mut head, Instant::now() + sniff_timeout, |bytes, _| match bytes {
+        [b, ..] if *b != 0x16 => Some(false),
+        [_, v, ..] if *v != 0x03 => Some(false),
+        [_, _, _] => Some(true),
+        _ => None, // a TLS header prefix
+    })
+    .await?;
+    Ok(tls == Some(true))
 }
 
 /// A listener's `tls_inspector` (SPEC §9): the ALPN protocols of the client's ClientHello,
@@ -146,30 +129,46 @@ pub(super) async fn inspect(
     let deadline = Instant::now() + sniff_timeout.max(PERMISSIVE_SNIFF_MIN);
     let mut buf = ctx.pool.take();
     buf.resize(buf.capacity(), 0);
-    let result = loop {
+    let hello = peek_until(down, &mut buf, deadline, |bytes, full| match parse(bytes) {
+        Hello::NotTls => Some(None),
+        Hello::Tls(alpn) => Some(Some(alpn)),
+        Hello::NeedMore if full => Some(Some(Vec::new())),
+        Hello::NeedMore => None,
+    })
+    .await;
+    ctx.pool.put(buf);
+    Ok(hello?.flatten())
+}
+
+/// Peek at a client's first bytes into `buf` until `decide` (given what is there and whether
+/// it fills `buf`) returns an answer. `None`: the client sent nothing decisive before
+/// `deadline`, or closed (the plaintext path then relays what it sent).
+async fn peek_until<T>(
+    down: &TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    mut decide: impl FnMut(&[u8], bool) -> Option<T>,
+) -> Result<Option<T>, Error> {
+    loop {
         let wait = deadline.saturating_duration_since(Instant::now());
         if monoio::time::timeout(wait, down.readable(false)).await.is_err() {
-            break Ok(None);
+            return Ok(None);
         }
-        let n = match socket::peek(down, &mut buf) {
+        let n = match socket::peek(down, buf) {
+            Ok(0) => return Ok(None),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => break Err(e.into()),
+            Err(e) => return Err(e.into()),
         };
-        match parse(buf.get(..n).unwrap_or_default()) {
-            Hello::NotTls => break Ok(None),
-            Hello::Tls(alpn) => break Ok(Some(alpn)),
-            Hello::NeedMore if n == 0 => break Ok(None), // EOF: the plaintext path relays it
-            Hello::NeedMore if n == buf.len() => break Ok(Some(Vec::new())),
-            // Readiness stays set while bytes wait unread: look again after a moment.
-            Hello::NeedMore if Instant::now() < deadline => {
-                monoio::time::sleep(Duration::from_millis(1)).await
-            }
-            Hello::NeedMore => break Ok(None),
+        if let Some(answer) = decide(buf.get(..n).unwrap_or_default(), n == buf.len()) {
+            return Ok(Some(answer));
         }
-    };
-    ctx.pool.put(buf);
-    result
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        // Readiness stays set while bytes wait unread: look again after a moment.
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// An inbound mTLS listener's connection: the handshake (after the sniff, in `permissive`),
