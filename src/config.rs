@@ -405,6 +405,10 @@ pub struct FilterChain {
     /// came from: it takes only the captured connections Envoy hands that listener (SPEC §8).
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<SocketAddr>,
+    /// xDS: the tcp_proxy's `max_connect_attempts` (Envoy's default 1); the listener's
+    /// `limits.max_connect_attempts` when absent.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub max_connect_attempts: Option<u32>,
 }
 
 /// A filter chain's TLS server side, from an xDS DownstreamTlsContext.
@@ -535,6 +539,11 @@ pub struct Limits {
     /// upstream has spoken.
     #[serde(default = "default_sniff_timeout")]
     pub sniff_timeout: Dur,
+    /// Endpoints tried per connection before it fails (`UF`), all within one
+    /// `connect_timeout`: a black-holed cluster costs a client one timeout, not one per
+    /// endpoint. xDS chains take theirs from the tcp_proxy (`max_connect_attempts`, default 1).
+    #[serde(default = "default_max_connect_attempts")]
+    pub max_connect_attempts: u32,
 }
 
 impl Default for Limits {
@@ -546,6 +555,7 @@ impl Default for Limits {
             max_preamble: default_max_preamble(),
             exchange_timeout: default_exchange_timeout(),
             sniff_timeout: default_sniff_timeout(),
+            max_connect_attempts: default_max_connect_attempts(),
         }
     }
 }
@@ -943,6 +953,10 @@ fn default_exchange_timeout() -> Dur {
 }
 fn default_sniff_timeout() -> Dur {
     Dur(Duration::from_millis(20))
+}
+
+fn default_max_connect_attempts() -> u32 {
+    3
 }
 
 impl Config {
