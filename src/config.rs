@@ -1158,6 +1158,9 @@ impl Config {
             if l.limits.max_connections == 0 {
                 return Err(here("limits.max_connections: must be at least 1".into()));
             }
+            if l.limits.max_connect_attempts == 0 {
+                return Err(here("limits.max_connect_attempts: must be at least 1".into()));
+            }
             for (key, d) in [
                 ("connect_timeout", l.limits.connect_timeout),
                 ("exchange_timeout", l.limits.exchange_timeout),
