@@ -689,7 +689,11 @@ impl From<Ended> for io::Error {
 
 /// Run both directions to completion; stop at the first error, or when the connection is
 /// cancelled by the tick (idle timeout or drain deadline).
-async fn both<A, B>(mut a: std::pin::Pin<&mut A>, mut b: std::pin::Pin<&mut B>, conn: &Conn) -> Result<(), Ended>
+async fn both<A, B>(
+    mut a: std::pin::Pin<&mut A>,
+    mut b: std::pin::Pin<&mut B>,
+    conn: &Conn,
+) -> Result<(), Ended>
 where
     A: Future<Output = io::Result<()>>,
     B: Future<Output = io::Result<()>>,

@@ -76,8 +76,13 @@ fn a_black_holed_cluster_costs_a_client_one_connect_timeout_not_one_per_endpoint
         netns::exec(&pods.b, &["iptables", "-A", "INPUT", "-p", "tcp", "--dport", &p, "--syn", "-j", "DROP"]);
     }
     let endpoints: Vec<SocketAddr> = ports.clone().map(|p| format!("{B_IP}:{p}").parse().unwrap()).collect();
-    let yaml =
-        one_cluster("127.0.0.1:15001", &endpoints, "connect_timeout: 1s", "127.0.0.1:15000", "127.0.0.1:15090");
+    let yaml = one_cluster(
+        "127.0.0.1:15001",
+        &endpoints,
+        "connect_timeout: 1s",
+        "127.0.0.1:15000",
+        "127.0.0.1:15090",
+    );
     let sidecar = Sidecar::spawn(&pods.a, &yaml);
     let mut c = netns::connect_in(&pods.a, "127.0.0.1:15001").expect("connect to the sidecar");
     let mut buf = Vec::new();

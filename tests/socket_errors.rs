@@ -38,7 +38,11 @@ clusters:
 /// Relay `hello` up and `hi` down through `client` and `upstream`, then cut pod B off the
 /// network and send more: the sidecar's upstream socket dies of exhausted retransmissions.
 /// What the client then reads.
-fn cut_off_while_sending(pods: &Pods, client: &mut TcpStream, upstream: &mut TcpStream) -> std::io::Result<usize> {
+fn cut_off_while_sending(
+    pods: &Pods,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+) -> std::io::Result<usize> {
     client.write_all(b"hello").unwrap();
     assert_eq!(read_exact(upstream, 5), b"hello");
     upstream.write_all(b"hi").unwrap();
@@ -66,7 +70,9 @@ fn pods_with_upstream(test: &str, addr: &str) -> Option<(Pods, TcpListener)> {
 
 #[test]
 fn a_plaintext_upstream_lost_to_exhausted_retransmissions_resets_the_client() {
-    let Some((pods, listener)) = pods_with_upstream("socket_errors::plaintext", "10.77.0.2:7000") else { return };
+    let Some((pods, listener)) = pods_with_upstream("socket_errors::plaintext", "10.77.0.2:7000") else {
+        return;
+    };
     let _sidecar = Sidecar::spawn(
         &pods.a,
         &outbound_yaml("'off'", &format!("{{name: app, endpoints: [{{address: '{B_IP}:7000'}}]}}")),
