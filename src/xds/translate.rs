@@ -1148,6 +1148,7 @@ mod tests {
                 private_key: "/etc/certs/key.pem".into(),
                 root_cert: "/etc/certs/root-cert.pem".into(),
             }),
+            ..crate::config::Xds::default()
         };
         Config { xds: Some(xds), ..Config::default() }
     }
