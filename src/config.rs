@@ -81,6 +81,9 @@ pub struct Config {
     /// Listeners, clusters and endpoints from an Aggregated Discovery Service (SPEC §9).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xds: Option<Xds>,
+    /// Started with Envoy's command line: the arguments, for `/server_info` (SPEC §10).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub command_line: Vec<String>,
 }
 
 /// `xds:` section (SPEC §9).
@@ -157,6 +160,7 @@ impl Default for Config {
             clusters: Vec::new(),
             service_routes: Vec::new(),
             xds: None,
+            command_line: Vec::new(),
         }
     }
 }
