@@ -7,10 +7,12 @@
 #
 # Usage: docker/build-local.sh [podman|docker] [--workloads]
 #   podman|docker   the engine (default: podman)
-#   --workloads     also build `localhost/redis:7-bookworm`, a stand-in for the image that
-#                   docker/k8s/ and compose.yaml name for their workloads, from Debian's
-#                   redis-server, redis-cli, redis-benchmark, sh and sleep (redis-server and
-#                   redis-tools installed here), so the manifests run offline
+#   --workloads     also build stand-ins for the workloads' images, so docker/k8s/ and
+#                   compose.yaml run offline: `localhost/redis:7-bookworm` (for
+#                   redis:7-bookworm) from Debian's redis-server, redis-cli, redis-benchmark,
+#                   sh and sleep (packages redis-server, redis-tools), and
+#                   `localhost/prometheus:debian` (for prom/prometheus, with its layout:
+#                   /bin/prometheus, working directory /prometheus) from Debian's prometheus
 #   RINGSIDE_BIN=path   put this binary in the images instead of building one (the tests
 #                   use their debug build: a release build takes minutes); default:
 #                   `cargo build --release --locked --bin ringside`, target/release/ringside
@@ -100,4 +102,11 @@ if ((workloads)); then
   printf 'FROM scratch\nCOPY redis/ /\nENV PATH=/usr/bin\nWORKDIR /data\nCMD ["redis-server"]\n' \
     >"$stage/Containerfile.redis"
   "$engine" build -f "$stage/Containerfile.redis" -t localhost/redis:7-bookworm "$stage"
+  path=$(command -v prometheus) || die "prometheus is missing (apt-get install prometheus)"
+  copy "$path" "$stage/prometheus" /bin/prometheus
+  mkdir -p "$stage/prometheus/prometheus"
+  printf '%s\n' 'FROM scratch' 'COPY prometheus/ /' 'WORKDIR /prometheus' 'EXPOSE 9090' \
+    'ENTRYPOINT ["/bin/prometheus"]' 'CMD ["--config.file=/etc/prometheus/prometheus.yml"]' \
+    >"$stage/Containerfile.prometheus"
+  "$engine" build -f "$stage/Containerfile.prometheus" -t localhost/prometheus:debian "$stage"
 fi

@@ -3,7 +3,8 @@
 //! does kube-proxy's DNAT for Service redis, and pods that are namespaces of their own. Once
 //! the pods of docker/k8s/ by hand (`podman run`: istio-init, then the application and the
 //! sidecar), with exact istio_tcp_* counts on both reporters and a drain on `podman stop`; once
-//! the manifests themselves (`podman kube play`). podman keeps everything (images, containers,
+//! the manifests themselves (`podman kube play`); once compose.yaml's services as it defines
+//! them (no compose engine: a compose network needs a bridge on the host). podman keeps everything (images, containers,
 //! its config) in a directory of the test's, removed at the end even on failure. Without root,
 //! namespaces or podman, each test prints a SKIP line (never under CI, which installs podman
 //! with tests/deps.sh).
@@ -234,7 +235,7 @@ impl Manifests {
 }
 
 /// GET `path` on `addr` from inside namespace `ns`.
-fn http_in(ns: &str, addr: SocketAddr, path: &'static str) -> Option<(u16, String)> {
+fn http_in(ns: &str, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     in_ns(ns, move || http(addr, "GET", path))
 }
 
@@ -451,6 +452,43 @@ fn the_pods_run_by_hand_capture_both_ways_report_exact_metrics_on_both_reporters
     assert_eq!(podman.inspect(&sidecars[1], "{{.State.ExitCode}}"), "0");
 }
 
+/// Scrape both sidecars until the two reporters agree on at least `at_least` connections
+/// from ratings-v2 to redis-v1, all closed, with the same bytes both ways: ratings' client
+/// runs batches with pauses between, in which both sides have seen the batch end.
+fn wait_for_a_finished_batch(
+    podman: &Podman,
+    node: &str,
+    source: &str,
+    destination: &str,
+    at_least: f64,
+    client: &str,
+) {
+    let src =
+        [("reporter", "source"), ("source_workload", "ratings-v2"), ("destination_workload", "redis-v1")];
+    let dst = [("reporter", "destination"), ("source_workload", "ratings-v2"), ("destination_version", "v1")];
+    let agree = |t_src: &str, t_dst: &str| {
+        let closed = sum(t_src, CLOSED, &src);
+        closed >= at_least
+            && [OPENED, CLOSED].iter().all(|m| sum(t_src, m, &src) == closed && sum(t_dst, m, &dst) == closed)
+            && [RECEIVED, SENT]
+                .iter()
+                .all(|m| sum(t_src, m, &src) == sum(t_dst, m, &dst) && sum(t_src, m, &src) > 0.0)
+    };
+    let start = Instant::now();
+    loop {
+        let (t_src, t_dst) = (scrape(node, source), scrape(node, destination));
+        if agree(&t_src, &t_dst) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the reporters never agreed on a finished batch; source:\n{t_src}\ndestination:\n{t_dst}\nclient logs:\n{}",
+            podman.logs(client)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// docker/k8s/`file` as podman 4.3 can play it (docker/README.md says why): no `ports:` on
 /// containers (podman publishes each on the host, which a given network namespace cannot
 /// do), and restartPolicy OnFailure (podman before 4.6 applies the pod's Always to its init
@@ -524,33 +562,103 @@ fn podman_kube_play_runs_the_manifests_with_istio_init_and_the_sidecar_and_both_
     let (redis_ip, ratings_ip) = (&ips[0], &ips[1]);
 
     // ratings-v2 pings redis, then runs redis-benchmark every 10 s (a batch: the ping, the
-    // benchmark's own connection, 4 for SET, 4 for GET): between two batches, both reporters
-    // have seen the same connections close, with the same bytes.
-    let both = |t_src: &str, t_dst: &str| {
-        let src =
-            [("reporter", "source"), ("source_workload", "ratings-v2"), ("destination_workload", "redis-v1")];
-        let dst =
-            [("reporter", "destination"), ("source_workload", "ratings-v2"), ("destination_version", "v1")];
-        let closed = sum(t_src, CLOSED, &src);
-        closed >= 10.0
-            && [OPENED, CLOSED].iter().all(|m| sum(t_src, m, &src) == closed && sum(t_dst, m, &dst) == closed)
-            && [RECEIVED, SENT]
-                .iter()
-                .all(|m| sum(t_src, m, &src) == sum(t_dst, m, &dst) && sum(t_src, m, &src) > 0.0)
-    };
-    let start = Instant::now();
-    loop {
-        let (src, dst) = (scrape(&node.ns, ratings_ip), scrape(&node.ns, redis_ip));
-        if both(&src, &dst) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "the reporters never agreed on a finished batch; source:\n{src}\ndestination:\n{dst}\nratings logs:\n{}",
-            podman.logs("ratings-v2-pod-0-ratings")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // benchmark's own connection, 4 for SET, 4 for GET).
+    wait_for_a_finished_batch(&podman, &node.ns, ratings_ip, redis_ip, 10.0, "ratings-v2-pod-0-ratings");
     let logs = podman.logs("ratings-v2-pod-0-ratings");
     assert!(logs.contains("PONG") && logs.contains("SET: ") && logs.contains("GET: "), "{logs}");
+}
+
+/// The local image that stands in for compose's `image` (built by build-local.sh --workloads).
+fn stand_in(image: &str) -> &str {
+    if image.starts_with("prom/prometheus:") { "localhost/prometheus:debian" } else { image }
+}
+
+/// Each service of compose.yaml, in its order, as `podman run` with its image (a stand-in
+/// where it names a registry's), command, volumes, and network: its fixed address on `mesh`
+/// (a bridge in the node) or `network_mode: service:NAME` (that service's namespace). Not
+/// done: `ports` (publishing 9090 on the host; the test reaches Prometheus at its mesh
+/// address), `build` (the image is built already), `labels`.
+#[test]
+fn compose_services_run_as_compose_yaml_defines_them_and_prometheus_scrapes_both_reporters() {
+    let compose: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(repo().join("docker/compose.yaml")).unwrap())
+            .unwrap();
+    let Some(podman) = Podman::available("containers::compose", "") else {
+        return;
+    };
+    podman.build_images();
+    // compose's network `mesh`: a bridge with the subnet's first address, as podman and
+    // Docker make it; each service with an address is a pod (a network namespace of its own).
+    let subnet = s(&compose["networks"]["mesh"]["ipam"]["config"][0]["subnet"]).to_string();
+    let (net, prefix) = subnet.split_once('/').unwrap();
+    let gateway = format!("{}.1", net.rsplit_once('.').unwrap().0);
+    let mut node = Node::new();
+    node.bridge(&format!("{gateway}/{prefix}"));
+    let mut pods: Vec<(String, String, String)> = Vec::new(); // service, namespace, address
+    let id = std::process::id();
+    let services = compose["services"].as_mapping().unwrap();
+    for (name, svc) in services {
+        let name = s(name);
+        for dep in Manifests::strings(&svc["depends_on"]) {
+            assert!(
+                podman.output(&["container", "exists", &format!("{dep}-{id}")]).status.success(),
+                "{name} after {dep}"
+            );
+        }
+        let ns = match (svc["networks"]["mesh"]["ipv4_address"].as_str(), svc["network_mode"].as_str()) {
+            (Some(ip), None) => {
+                let ns = node.pod(name);
+                node.join_bridge(&ns, &format!("{ip}/{prefix}"), &gateway);
+                pods.push((name.to_string(), ns.clone(), ip.to_string()));
+                ns
+            }
+            (None, Some(mode)) => {
+                let of = mode.strip_prefix("service:").expect("network_mode service:NAME");
+                pods.iter().find(|p| p.0 == of).expect("the service it shares").1.clone()
+            }
+            other => panic!("{name}: {other:?}"),
+        };
+        let container = format!("{name}-{id}");
+        let network = format!("ns:/run/netns/{ns}");
+        let volumes: Vec<String> = Manifests::strings(&svc["volumes"])
+            .iter()
+            .map(|v| {
+                let local = v.strip_prefix("./").expect("a path relative to docker/");
+                repo().join("docker").join(local).display().to_string()
+            })
+            .collect();
+        let mut args = vec!["run", "-d", "--name", &container, "--network", &network];
+        for v in &volumes {
+            args.extend(["--volume", v]);
+        }
+        args.push(stand_in(s(&svc["image"])));
+        let command = Manifests::strings(&svc["command"]);
+        args.extend(command.iter().map(String::as_str));
+        podman.run(&args);
+    }
+    let address = |svc: &str| pods.iter().find(|p| p.0 == svc).unwrap().2.clone();
+    let (redis, ratings, prometheus) = (address("redis"), address("ratings"), address("prometheus"));
+
+    // ratings' redis-benchmark batches go through both sidecars.
+    wait_for_a_finished_batch(&podman, &node.ns, &ratings, &redis, 9.0, &format!("ratings-{id}"));
+
+    // Prometheus (its job from prometheus.yml) has scraped both reporters.
+    let api: SocketAddr = format!("{prometheus}:9090").parse().unwrap();
+    for reporter in ["source", "destination"] {
+        let query = format!(
+            "istio_tcp_connections_closed_total{{job=\"istio-mesh\",reporter=\"{reporter}\",source_workload=\"ratings-v2\",destination_workload=\"redis-v1\"}}"
+        );
+        let path = format!("/api/v1/query?query={}", common::url_encode(&query));
+        let start = Instant::now();
+        loop {
+            let answer = http_in(&node.ns, api, &path).map(|(_, body)| body).unwrap_or_default();
+            let json: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+            let value = json["data"]["result"][0]["value"][1].as_str().and_then(|v| v.parse::<f64>().ok());
+            if value.is_some_and(|v| v >= 9.0) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "Prometheus never had {query}: {answer}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
 }

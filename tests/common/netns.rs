@@ -323,6 +323,28 @@ impl Node {
         pod_ip
     }
 
+    /// A bridge in the node with `gateway` (`a.b.c.d/n`), to which [`Node::join_bridge`]
+    /// attaches pods as a container network does (compose's network with fixed addresses).
+    pub fn bridge(&self, gateway: &str) {
+        exec(&self.ns, &["ip", "link", "add", "br0", "type", "bridge"]);
+        exec(&self.ns, &["ip", "addr", "add", gateway, "dev", "br0"]);
+        exec(&self.ns, &["ip", "link", "set", "br0", "up"]);
+    }
+
+    /// Attach pod namespace `pod` to the node's bridge with address `addr` (`a.b.c.d/n`),
+    /// loopback up, a default route via the bridge's `gateway` address.
+    pub fn join_bridge(&mut self, pod: &str, addr: &str, gateway: &str) {
+        let i = self.pods.iter().position(|p| p == pod).expect("a pod of this node");
+        let (vn, vp) = (format!("rn{}{i}", self.id), format!("rp{}{i}", self.id));
+        let (vn, vp) = (&vn[..vn.len().min(15)], &vp[..vp.len().min(15)]);
+        run(&["ip", "link", "add", vn, "netns", &self.ns, "type", "veth", "peer", "name", vp, "netns", pod]);
+        exec(&self.ns, &["ip", "link", "set", vn, "master", "br0", "up"]);
+        exec(pod, &["ip", "link", "set", "lo", "up"]);
+        exec(pod, &["ip", "addr", "add", addr, "dev", vp]);
+        exec(pod, &["ip", "link", "set", vp, "up"]);
+        exec(pod, &["ip", "route", "add", "default", "via", gateway]);
+    }
+
     /// kube-proxy's rule for a ClusterIP Service with one endpoint: TCP to `vip:port` from
     /// any pod goes to `pod_ip:target_port`.
     pub fn service(&self, vip: &str, port: u16, pod_ip: &str, target_port: u16) {
