@@ -62,13 +62,12 @@ libraries() {
 # copy FILE ROOT [DEST]: FILE (symlinks followed) to ROOT/DEST (default: its own path),
 # with its libraries at the paths ldd names.
 copy() {
-  local file=$1 root=$2 dest=${3:-$1}
+  local file=$1 root=$2 dest=${3:-$1} libs lib
+  libs=$(libraries "$file")   # an assignment, so a failing ldd stops the script
   install -D -m 0755 "$(readlink -f "$file")" "$root$dest"
-  local lib
-  while read -r lib; do
-    [[ -n $lib && ! -e $root$lib ]] || continue
-    install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
-  done < <(libraries "$file")
+  for lib in $libs; do
+    [[ -e $root$lib ]] || install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+  done
 }
 
 for root in "$stage/sidecar" "$stage/init"; do
