@@ -1,5 +1,6 @@
-//! Network namespaces a test creates and removes: two "pods" joined by a veth pair, threads
-//! that open sockets inside a namespace, and sidecars run inside one as Istio's uid 1337.
+//! Network namespaces a test creates and removes: two "pods" joined by a veth pair, or a
+//! "node" routing between pods (with kube-proxy's DNAT, or a bridge as a container network),
+//! threads that open sockets inside a namespace, and sidecars run inside one as Istio's uid 1337.
 //! Nothing here touches the host's own network: addresses exist only inside the namespaces.
 
 #![allow(dead_code)]
