@@ -211,3 +211,372 @@ fn cidr(c: &CidrRange) -> Result<Cidr, String> {
     // An unset prefix_len is 0, as Envoy reads it.
     Cidr::new(&c.address_prefix, c.prefix_len.as_ref().map_or(0, |l| l.value)).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rbac::{Conn, Decision, Denial, Tls};
+    use envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
+    use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
+    use envoy_types::pb::envoy::r#type::matcher::v3::{
+        FilterStateMatcher, MetadataMatcher, PathMatcher, RegexMatcher, path_matcher,
+    };
+    use envoy_types::pb::envoy::r#type::v3::Int32Range;
+    use envoy_types::pb::google::protobuf::UInt32Value;
+    use string_matcher::MatchPattern;
+
+    const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+    const TEST_NS: &str = "spiffe://cluster.local/ns/test/sa/client";
+    const RULE0: &str = "ns[default]-policy[httpbin]-rule[0]";
+
+    // Builders in the shapes istiod writes: each rule field is an or-set, the fields are and'ed.
+    fn perm(rule: Rule) -> proto::Permission {
+        proto::Permission { rule: Some(rule) }
+    }
+    fn id(identifier: Identifier) -> proto::Principal {
+        proto::Principal { identifier: Some(identifier) }
+    }
+    fn and_rules(rules: Vec<proto::Permission>) -> proto::Permission {
+        perm(Rule::AndRules(proto::permission::Set { rules }))
+    }
+    fn or_rules(rules: Vec<proto::Permission>) -> proto::Permission {
+        perm(Rule::OrRules(proto::permission::Set { rules }))
+    }
+    fn and_ids(ids: Vec<proto::Principal>) -> proto::Principal {
+        id(Identifier::AndIds(proto::principal::Set { ids }))
+    }
+    fn or_ids(ids: Vec<proto::Principal>) -> proto::Principal {
+        id(Identifier::OrIds(proto::principal::Set { ids }))
+    }
+    fn matcher(p: MatchPattern) -> StringMatcher {
+        StringMatcher { match_pattern: Some(p), ignore_case: false }
+    }
+    fn regex(re: &str) -> StringMatcher {
+        matcher(MatchPattern::SafeRegex(RegexMatcher { regex: re.into(), engine_type: None }))
+    }
+    fn authenticated(m: StringMatcher) -> proto::Principal {
+        id(Identifier::Authenticated(proto::principal::Authenticated { principal_name: Some(m) }))
+    }
+    fn peer_principal(m: StringMatcher) -> proto::Principal {
+        id(Identifier::FilterState(FilterStateMatcher {
+            key: PEER_PRINCIPAL_KEY.into(),
+            matcher: Some(filter_state_matcher::Matcher::StringMatch(m)),
+        }))
+    }
+    fn cidr_range(prefix: &str, len: u32) -> CidrRange {
+        CidrRange { address_prefix: prefix.into(), prefix_len: Some(UInt32Value { value: len }) }
+    }
+    fn port(p: u32) -> proto::Permission {
+        perm(Rule::DestinationPort(p))
+    }
+    fn method(m: &str) -> proto::Permission {
+        let exact = matcher(MatchPattern::Exact(m.into()));
+        let specifier = header_matcher::HeaderMatchSpecifier::StringMatch(exact);
+        perm(Rule::Header(HeaderMatcher {
+            name: ":method".into(),
+            header_match_specifier: Some(specifier),
+            ..Default::default()
+        }))
+    }
+    fn path(p: &str) -> proto::Permission {
+        let exact = matcher(MatchPattern::Exact(p.into()));
+        perm(Rule::UrlPath(PathMatcher { rule: Some(path_matcher::Rule::Path(exact)) }))
+    }
+    fn policy(permissions: Vec<proto::Permission>, principals: Vec<proto::Principal>) -> proto::Policy {
+        proto::Policy { permissions, principals, ..Default::default() }
+    }
+    fn rules(action: proto::rbac::Action, policies: Vec<(&str, proto::Policy)>) -> proto::Rbac {
+        proto::Rbac {
+            action: action as i32,
+            policies: policies.into_iter().map(|(n, p)| (n.to_owned(), p)).collect(),
+            ..Default::default()
+        }
+    }
+    fn network(r: proto::Rbac) -> Filter {
+        let m = NetworkRbac { rules: Some(r), stat_prefix: "tcp.".into(), ..Default::default() };
+        network_filter(&Any { type_url: NETWORK_RBAC_TYPE.into(), value: m.encode_to_vec() }).unwrap()
+    }
+    fn http(r: proto::Rbac) -> Filter {
+        let m = HttpRbac { rules: Some(r), ..Default::default() };
+        http_filter(&Any { type_url: HTTP_RBAC_TYPE.into(), value: m.encode_to_vec() }).unwrap()
+    }
+
+    fn conn<'a>(source: &str, port: u16, names: &'a [&'a str]) -> Conn<'a> {
+        Conn {
+            source: format!("{source}:41000").parse().unwrap(),
+            destination: format!("10.244.0.12:{port}").parse().unwrap(),
+            tls: if names.is_empty() { None } else { Some(Tls { sni: None, peer_names: names }) },
+        }
+    }
+
+    #[test]
+    fn an_istiod_allow_policy_grants_its_principals_on_its_ports_and_denies_the_rest() {
+        // AuthorizationPolicy httpbin: ALLOW from principals [cluster.local/ns/default/sa/sleep]
+        // to ports [8000], as istiod writes it for a TCP chain.
+        let allow = rules(
+            proto::rbac::Action::Allow,
+            vec![(
+                RULE0,
+                policy(
+                    vec![and_rules(vec![or_rules(vec![port(8000)])])],
+                    vec![and_ids(vec![or_ids(vec![authenticated(matcher(MatchPattern::Exact(SLEEP.into())))])])],
+                ),
+            )],
+        );
+        let f = network(allow);
+        assert_eq!(f.fail_closed_reason(), None);
+        assert!(f.allows(&conn("10.244.0.5", 8000, &[SLEEP])));
+        assert_eq!(f.evaluate(&conn("10.244.0.5", 8000, &[TEST_NS])), Decision::Deny(Denial::NoPolicy));
+        assert!(!f.allows(&conn("10.244.0.5", 9000, &[SLEEP])), "another port");
+        assert!(!f.allows(&conn("10.244.0.5", 8000, &[])), "plaintext has no principal");
+    }
+
+    #[test]
+    fn an_istiod_deny_policy_with_not_principals_denies_everyone_else() {
+        // DENY when notPrincipals [cluster.local/ns/default/sa/sleep].
+        let deny = rules(
+            proto::rbac::Action::Deny,
+            vec![(
+                "ns[default]-policy[deny-others]-rule[0]",
+                policy(
+                    vec![and_rules(vec![perm(Rule::Any(true))])],
+                    vec![and_ids(vec![id(Identifier::NotId(Box::new(or_ids(vec![authenticated(matcher(
+                        MatchPattern::Exact(SLEEP.into()),
+                    ))]))))])],
+                ),
+            )],
+        );
+        let f = network(deny);
+        assert!(f.allows(&conn("10.244.0.5", 8000, &[SLEEP])));
+        assert_eq!(
+            f.evaluate(&conn("10.244.0.5", 8000, &[TEST_NS])),
+            Decision::Deny(Denial::Policy("ns[default]-policy[deny-others]-rule[0]"))
+        );
+        assert!(!f.allows(&conn("10.244.0.5", 8000, &[])));
+    }
+
+    #[test]
+    fn source_ip_blocks_match_the_downstream_peer_for_all_three_ip_fields() {
+        // ipBlocks -> direct_remote_ip, remoteIpBlocks -> remote_ip, and the old source_ip.
+        #[allow(deprecated)]
+        let source_ip = Identifier::SourceIp(cidr_range("10.1.0.0", 16));
+        for (what, block) in [
+            ("direct_remote_ip", Identifier::DirectRemoteIp(cidr_range("10.1.0.0", 16))),
+            ("remote_ip", Identifier::RemoteIp(cidr_range("10.1.0.0", 16))),
+            ("source_ip", source_ip),
+        ] {
+            let f = network(rules(
+                proto::rbac::Action::Deny,
+                vec![("ns[default]-policy[block]-rule[0]", policy(vec![perm(Rule::Any(true))], vec![id(block)]))],
+            ));
+            assert!(!f.allows(&conn("10.1.200.3", 8000, &[])), "{what}: in the block");
+            assert!(f.allows(&conn("10.2.0.3", 8000, &[])), "{what}: outside the block");
+        }
+        // notIpBlocks on an ALLOW: everything but the block.
+        let f = network(rules(
+            proto::rbac::Action::Allow,
+            vec![(
+                RULE0,
+                policy(
+                    vec![perm(Rule::Any(true))],
+                    vec![id(Identifier::NotId(Box::new(id(Identifier::DirectRemoteIp(cidr_range(
+                        "192.168.0.0",
+                        24,
+                    ))))))],
+                ),
+            )],
+        ));
+        assert!(f.allows(&conn("10.2.0.3", 8000, &[])));
+        assert!(!f.allows(&conn("192.168.0.77", 8000, &[])));
+    }
+
+    #[test]
+    fn namespaces_as_istiod_1_18_writes_them_match_the_peer_principal_filter_state() {
+        let f = network(rules(
+            proto::rbac::Action::Allow,
+            vec![(RULE0, policy(vec![perm(Rule::Any(true))], vec![or_ids(vec![peer_principal(regex(".*/ns/test/.*"))])]))],
+        ));
+        assert!(f.allows(&conn("10.244.0.5", 8000, &[TEST_NS])));
+        assert!(!f.allows(&conn("10.244.0.5", 8000, &[SLEEP])));
+        // Other filter state keys are not seen at L4: stricter, never looser.
+        let other_key = id(Identifier::FilterState(FilterStateMatcher {
+            key: "io.istio.local_principal".into(),
+            matcher: Some(filter_state_matcher::Matcher::StringMatch(regex(".*"))),
+        }));
+        let f = network(rules(proto::rbac::Action::Allow, vec![(RULE0, policy(vec![perm(Rule::Any(true))], vec![other_key]))]));
+        assert!(!f.allows(&conn("10.244.0.5", 8000, &[TEST_NS])));
+    }
+
+    #[test]
+    fn sni_port_ranges_destination_ips_and_ignore_case_translate() {
+        let sni = StringMatcher { match_pattern: Some(MatchPattern::Suffix(".Example.COM".into())), ignore_case: true };
+        let f = network(rules(
+            proto::rbac::Action::Allow,
+            vec![(
+                RULE0,
+                policy(
+                    vec![and_rules(vec![
+                        perm(Rule::RequestedServerName(sni)),
+                        perm(Rule::DestinationPortRange(Int32Range { start: 8000, end: 8100 })),
+                        perm(Rule::DestinationIp(cidr_range("10.244.0.0", 16))),
+                    ])],
+                    vec![perm_any_id()],
+                ),
+            )],
+        ));
+        let with_sni = |sni: &'static str, port: u16| Conn {
+            source: "10.244.0.5:41000".parse().unwrap(),
+            destination: format!("10.244.0.12:{port}").parse().unwrap(),
+            tls: Some(Tls { sni: Some(sni), peer_names: &[] }),
+        };
+        assert!(f.allows(&with_sni("api.example.com", 8000)));
+        assert!(f.allows(&with_sni("api.example.com", 8099)));
+        assert!(!f.allows(&with_sni("api.example.com", 8100)), "the range end is exclusive");
+        assert!(!f.allows(&with_sni("api.example.org", 8000)));
+    }
+
+    fn perm_any_id() -> proto::Principal {
+        id(Identifier::Any(true))
+    }
+
+    #[test]
+    fn an_http_allow_rule_on_methods_and_paths_never_matches_at_l4() {
+        // ALLOW GET /info or POST /data from sleep: the HTTP parts are unseen, nothing is granted.
+        let f = http(rules(
+            proto::rbac::Action::Allow,
+            vec![(
+                RULE0,
+                policy(
+                    vec![
+                        and_rules(vec![or_rules(vec![method("GET")]), or_rules(vec![path("/info")])]),
+                        and_rules(vec![or_rules(vec![method("POST")]), or_rules(vec![path("/data")])]),
+                    ],
+                    vec![and_ids(vec![or_ids(vec![peer_principal(matcher(MatchPattern::Exact(SLEEP.into())))])])],
+                ),
+            )],
+        ));
+        assert_eq!(f.fail_closed_reason(), None);
+        assert_eq!(f.evaluate(&conn("10.244.0.5", 8000, &[SLEEP])), Decision::Deny(Denial::NoPolicy));
+    }
+
+    #[test]
+    fn an_http_deny_rule_on_methods_and_a_principal_matches_on_the_principal() {
+        // DENY POST from ns test: denies every connection from ns test, none from elsewhere.
+        #[allow(deprecated)] // istiod writes JWT claims as `metadata`
+        let jwt = id(Identifier::Metadata(MetadataMatcher { filter: "istio_authn".into(), ..Default::default() }));
+        let f = http(rules(
+            proto::rbac::Action::Deny,
+            vec![(
+                "ns[default]-policy[deny-post]-rule[0]",
+                policy(
+                    vec![and_rules(vec![or_rules(vec![method("POST")])])],
+                    vec![and_ids(vec![or_ids(vec![peer_principal(regex(".*/ns/test/.*"))])])],
+                ),
+            )],
+        ));
+        assert!(!f.allows(&conn("10.244.0.5", 8000, &[TEST_NS])));
+        assert!(f.allows(&conn("10.244.0.5", 8000, &[SLEEP])));
+        // With a request principal (a JWT claim) and'ed in, the principal part is Unknown: deny.
+        let f = http(rules(
+            proto::rbac::Action::Deny,
+            vec![("deny-jwt", policy(vec![port(8000)], vec![and_ids(vec![jwt])]))],
+        ));
+        assert!(!f.allows(&conn("10.244.0.5", 8000, &[SLEEP])));
+        assert!(f.allows(&conn("10.244.0.5", 9000, &[SLEEP])), "the L4 part still has to match");
+    }
+
+    #[test]
+    fn rules_unset_allow_all_and_empty_rules_deny_all() {
+        let unset = NetworkRbac { stat_prefix: "tcp.".into(), ..Default::default() };
+        let any = Any { type_url: NETWORK_RBAC_TYPE.into(), value: unset.encode_to_vec() };
+        assert!(network_filter(&any).unwrap().allows(&conn("10.244.0.5", 8000, &[SLEEP])));
+        // `rules: {}` (istiod's ALLOW whose rules all needed HTTP on a TCP chain).
+        let empty = network(proto::Rbac::default());
+        assert_eq!(empty.evaluate(&conn("10.244.0.5", 8000, &[SLEEP])), Decision::Deny(Denial::NoPolicy));
+        let deny_none = network(rules(proto::rbac::Action::Deny, vec![]));
+        assert!(deny_none.allows(&conn("10.244.0.5", 8000, &[SLEEP])));
+        let http_unset = Any { type_url: HTTP_RBAC_TYPE.into(), value: HttpRbac::default().encode_to_vec() };
+        assert!(http_filter(&http_unset).unwrap().allows(&conn("10.244.0.5", 8000, &[])));
+    }
+
+    #[test]
+    fn the_first_matching_deny_policy_by_name_is_reported() {
+        let f = network(rules(
+            proto::rbac::Action::Deny,
+            vec![("z-last", policy(vec![port(8000)], vec![perm_any_id()])), ("a-first", policy(vec![port(8000)], vec![perm_any_id()]))],
+        ));
+        assert_eq!(f.evaluate(&conn("10.244.0.5", 8000, &[])), Decision::Deny(Denial::Policy("a-first")));
+    }
+
+    #[test]
+    fn shadow_rules_never_deny() {
+        let m = NetworkRbac {
+            shadow_rules: Some(proto::Rbac::default()),
+            shadow_rules_stat_prefix: "istio_dry_run_allow_".into(),
+            ..Default::default()
+        };
+        assert!(from_network(&m).allows(&conn("10.244.0.5", 8000, &[])));
+    }
+
+    /// A rule ringside cannot evaluate: the filter denies everything and names it.
+    fn fails_closed(r: proto::Rbac, reason: &str) {
+        let f = network(r);
+        let why = f.fail_closed_reason().unwrap_or_else(|| panic!("served: {reason}"));
+        assert!(why.contains(reason), "{why:?} should say {reason:?}");
+        assert!(!f.allows(&conn("10.244.0.5", 8000, &[SLEEP])));
+    }
+
+    fn one(permission: proto::Permission, principal: proto::Principal) -> proto::Rbac {
+        rules(proto::rbac::Action::Deny, vec![("p", policy(vec![permission], vec![principal]))])
+    }
+
+    #[test]
+    fn a_rule_ringside_cannot_evaluate_fails_closed_and_says_why() {
+        let any_perm = || perm(Rule::Any(true));
+        let ext = TypedExtensionConfig { name: "envoy.rbac.matchers.upstream_ip_port".into(), typed_config: None };
+        fails_closed(one(perm(Rule::Matcher(ext.clone())), perm_any_id()), "permission matcher");
+        fails_closed(one(any_perm(), id(Identifier::Custom(ext))), "principal custom");
+        fails_closed(one(any_perm(), authenticated(regex("(unclosed"))), "safe_regex \"(unclosed\"");
+        fails_closed(one(any_perm(), authenticated(matcher(MatchPattern::Prefix(String::new())))), "empty prefix");
+        fails_closed(one(any_perm(), authenticated(StringMatcher::default())), "no pattern");
+        fails_closed(one(perm(Rule::Any(false)), perm_any_id()), "any: false");
+        fails_closed(one(and_rules(vec![]), perm_any_id()), "and_rules: empty");
+        fails_closed(one(any_perm(), or_ids(vec![])), "or_ids: empty");
+        fails_closed(one(proto::Permission { rule: None }, perm_any_id()), "without a rule");
+        fails_closed(one(perm(Rule::DestinationIp(cidr_range("10.0.0.0", 40))), perm_any_id()), "10.0.0.0/40");
+        fails_closed(
+            one(perm(Rule::DestinationPortRange(Int32Range { start: 9000, end: 8000 })), perm_any_id()),
+            "destination_port_range",
+        );
+        fails_closed(rules(proto::rbac::Action::Allow, vec![("p", policy(vec![], vec![perm_any_id()]))]), "no permissions");
+        let mut cel = policy(vec![any_perm()], vec![perm_any_id()]);
+        cel.condition = Some(Default::default());
+        fails_closed(rules(proto::rbac::Action::Allow, vec![("p", cel)]), "CEL condition");
+        fails_closed(proto::Rbac { action: 7, ..Default::default() }, "action 7");
+        // The policy is named so a report line points at it.
+        fails_closed(one(perm(Rule::Any(false)), perm_any_id()), "policy \"p\"");
+        // Even a LOG or DENY filter that never denies otherwise: fail closed means closed.
+        let mut log = one(perm(Rule::Any(false)), perm_any_id());
+        log.action = proto::rbac::Action::Log as i32;
+        fails_closed(log, "any: false");
+    }
+
+    #[test]
+    fn the_xds_matcher_api_fails_closed() {
+        let m = NetworkRbac { matcher: Some(Default::default()), ..Default::default() };
+        assert_eq!(from_network(&m).fail_closed_reason(), Some("matcher (xDS matcher API) not evaluated"));
+        let m = HttpRbac { matcher: Some(Default::default()), ..Default::default() };
+        assert!(!from_http(&m).allows(&conn("10.244.0.5", 8000, &[])));
+    }
+
+    #[test]
+    fn another_type_or_undecodable_bytes_are_errors() {
+        let wrong = Any { type_url: HTTP_RBAC_TYPE.into(), value: Vec::new() };
+        assert_eq!(
+            network_filter(&wrong).unwrap_err(),
+            Error::WrongType { found: HTTP_RBAC_TYPE.into(), want: NETWORK_RBAC_TYPE }
+        );
+        let garbage = Any { type_url: NETWORK_RBAC_TYPE.into(), value: vec![0x0a, 0xff] };
+        assert!(matches!(network_filter(&garbage), Err(Error::Decode(_))));
+    }
+}
