@@ -78,32 +78,42 @@ fn chain() -> Vec<Filter> {
     let deny = filter(
         proto::rbac::Action::Deny,
         vec![
-            ("ns[default]-policy[deny-blocked]-rule[0]", proto::Policy {
-                permissions: vec![any()],
-                principals: vec![blocked],
-                ..Default::default()
-            }),
-            ("ns[default]-policy[deny-blocked]-rule[1]", proto::Policy {
-                permissions: vec![any()],
-                principals: vec![and_ids(vec![or_ids(vec![block])])],
-                ..Default::default()
-            }),
+            (
+                "ns[default]-policy[deny-blocked]-rule[0]",
+                proto::Policy { permissions: vec![any()], principals: vec![blocked], ..Default::default() },
+            ),
+            (
+                "ns[default]-policy[deny-blocked]-rule[1]",
+                proto::Policy {
+                    permissions: vec![any()],
+                    principals: vec![and_ids(vec![or_ids(vec![block])])],
+                    ..Default::default()
+                },
+            ),
         ],
     );
     let principals = (0..10).map(|i| peer_principal(MatchPattern::Exact(sa(i)))).collect();
     let allow = filter(
         proto::rbac::Action::Allow,
         vec![
-            ("ns[default]-policy[allow-clients]-rule[0]", proto::Policy {
-                permissions: vec![ports(&[8000, 9080])],
-                principals: vec![and_ids(vec![or_ids(principals)])],
-                ..Default::default()
-            }),
-            ("ns[default]-policy[allow-clients]-rule[1]", proto::Policy {
-                permissions: vec![any()],
-                principals: vec![and_ids(vec![or_ids(vec![peer_principal(regex(".*/ns/monitoring/.*"))])])],
-                ..Default::default()
-            }),
+            (
+                "ns[default]-policy[allow-clients]-rule[0]",
+                proto::Policy {
+                    permissions: vec![ports(&[8000, 9080])],
+                    principals: vec![and_ids(vec![or_ids(principals)])],
+                    ..Default::default()
+                },
+            ),
+            (
+                "ns[default]-policy[allow-clients]-rule[1]",
+                proto::Policy {
+                    permissions: vec![any()],
+                    principals: vec![and_ids(vec![or_ids(vec![peer_principal(regex(
+                        ".*/ns/monitoring/.*",
+                    ))])])],
+                    ..Default::default()
+                },
+            ),
         ],
     );
     vec![deny, allow]
@@ -120,10 +130,26 @@ fn rbac(c: &mut Criterion) {
     let first: &'static str = Box::leak(sa(0).into_boxed_str());
     let cases: [(&str, Conn<'static>, bool); 5] = [
         ("allowed, 1st of 10 principals", conn(Box::leak(Box::new([first])), "10.244.1.7:39000", 8000), true),
-        ("allowed, 10th of 10 principals", conn(Box::leak(Box::new([tenth])), "10.244.1.7:39000", 9080), true),
-        ("allowed, namespace regex", conn(&["spiffe://cluster.local/ns/monitoring/sa/prom"], "10.244.1.7:39000", 15020), true),
-        ("denied, no policy", conn(&["spiffe://cluster.local/ns/default/sa/stranger"], "10.244.1.7:39000", 8000), false),
-        ("denied, deny policy regex", conn(&["spiffe://cluster.local/ns/blocked/sa/x"], "10.244.1.7:39000", 8000), false),
+        (
+            "allowed, 10th of 10 principals",
+            conn(Box::leak(Box::new([tenth])), "10.244.1.7:39000", 9080),
+            true,
+        ),
+        (
+            "allowed, namespace regex",
+            conn(&["spiffe://cluster.local/ns/monitoring/sa/prom"], "10.244.1.7:39000", 15020),
+            true,
+        ),
+        (
+            "denied, no policy",
+            conn(&["spiffe://cluster.local/ns/default/sa/stranger"], "10.244.1.7:39000", 8000),
+            false,
+        ),
+        (
+            "denied, deny policy regex",
+            conn(&["spiffe://cluster.local/ns/blocked/sa/x"], "10.244.1.7:39000", 8000),
+            false,
+        ),
     ];
     let mut g = c.benchmark_group("rbac");
     for (name, conn, allowed) in cases {

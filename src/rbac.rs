@@ -166,17 +166,20 @@ impl StringMatch {
 
     /// Matches values that start with `value` (non-empty, as Envoy validates).
     pub fn prefix(value: &str) -> Result<StringMatch, Invalid> {
-        Self::non_empty("prefix", value).map(|v| StringMatch { pattern: Pattern::Prefix(v), ignore_case: false })
+        Self::non_empty("prefix", value)
+            .map(|v| StringMatch { pattern: Pattern::Prefix(v), ignore_case: false })
     }
 
     /// Matches values that end with `value` (non-empty).
     pub fn suffix(value: &str) -> Result<StringMatch, Invalid> {
-        Self::non_empty("suffix", value).map(|v| StringMatch { pattern: Pattern::Suffix(v), ignore_case: false })
+        Self::non_empty("suffix", value)
+            .map(|v| StringMatch { pattern: Pattern::Suffix(v), ignore_case: false })
     }
 
     /// Matches values that hold `value` (non-empty).
     pub fn contains(value: &str) -> Result<StringMatch, Invalid> {
-        Self::non_empty("contains", value).map(|v| StringMatch { pattern: Pattern::Contains(v), ignore_case: false })
+        Self::non_empty("contains", value)
+            .map(|v| StringMatch { pattern: Pattern::Contains(v), ignore_case: false })
     }
 
     /// Matches values the regex matches as a whole, as Envoy's RE2 `FullMatch` does. The
@@ -210,9 +213,11 @@ impl StringMatch {
         match &self.pattern {
             Pattern::Exact(p) => eq(v, p.as_bytes()),
             Pattern::Prefix(p) => v.get(..p.len()).is_some_and(|head| eq(head, p.as_bytes())),
-            Pattern::Suffix(p) => {
-                v.len().checked_sub(p.len()).and_then(|at| v.get(at..)).is_some_and(|tail| eq(tail, p.as_bytes()))
-            }
+            Pattern::Suffix(p) => v
+                .len()
+                .checked_sub(p.len())
+                .and_then(|at| v.get(at..))
+                .is_some_and(|tail| eq(tail, p.as_bytes())),
             // Patterns are never empty (constructors check), so windows() gets a positive size.
             Pattern::Contains(p) => v.windows(p.len().max(1)).any(|w| eq(w, p.as_bytes())),
             Pattern::Regex(re) => re.is_match(value),
@@ -306,7 +311,9 @@ impl Permission {
             Permission::Or(rules) => any(rules, |r| r.eval(conn)),
             Permission::Not(rule) => rule.eval(conn).not(),
             Permission::DestinationIp(cidr) => Truth::from_bool(cidr.contains(conn.destination.ip())),
-            Permission::DestinationPort(port) => Truth::from_bool(u32::from(conn.destination.port()) == *port),
+            Permission::DestinationPort(port) => {
+                Truth::from_bool(u32::from(conn.destination.port()) == *port)
+            }
             Permission::DestinationPortRange { start, end } => {
                 let port = u32::from(conn.destination.port());
                 Truth::from_bool(*start <= port && port < *end)
@@ -357,7 +364,9 @@ impl Principal {
                 (Some(tls), Some(m)) if tls.peer_names.is_empty() => m.matches(""),
                 (Some(tls), Some(m)) => tls.peer_names.iter().any(|n| m.matches(n)),
             }),
-            Principal::PeerPrincipal(m) => Truth::from_bool(conn.peer_principal().is_some_and(|p| m.matches(p))),
+            Principal::PeerPrincipal(m) => {
+                Truth::from_bool(conn.peer_principal().is_some_and(|p| m.matches(p)))
+            }
             Principal::SourceIp(cidr) => Truth::from_bool(cidr.contains(conn.source.ip())),
             Principal::Unseen(_) => Truth::Unknown,
         }
@@ -606,7 +615,10 @@ mod tests {
         let conn = Conn {
             source: "10.0.0.7:40000".parse().unwrap(),
             destination: "10.0.0.9:8080".parse().unwrap(),
-            tls: Some(Tls { sni: Some("outbound_.8000_._.httpbin.default.svc.cluster.local"), peer_names: &[] }),
+            tls: Some(Tls {
+                sni: Some("outbound_.8000_._.httpbin.default.svc.cluster.local"),
+                peer_names: &[],
+            }),
         };
         let eval = |p: Permission| p.eval(&conn);
         assert_eq!(eval(Permission::Any), Truth::True);
@@ -614,8 +626,16 @@ mod tests {
         assert_eq!(eval(Permission::DestinationPort(80)), Truth::False);
         assert_eq!(eval(Permission::DestinationPort(8080 + 65536)), Truth::False);
         assert_eq!(eval(Permission::DestinationPortRange { start: 8000, end: 8081 }), Truth::True);
-        assert_eq!(eval(Permission::DestinationPortRange { start: 8000, end: 8080 }), Truth::False, "end is exclusive");
-        assert_eq!(eval(Permission::DestinationPortRange { start: 8080, end: 8081 }), Truth::True, "start is inclusive");
+        assert_eq!(
+            eval(Permission::DestinationPortRange { start: 8000, end: 8080 }),
+            Truth::False,
+            "end is exclusive"
+        );
+        assert_eq!(
+            eval(Permission::DestinationPortRange { start: 8080, end: 8081 }),
+            Truth::True,
+            "start is inclusive"
+        );
         assert_eq!(eval(Permission::DestinationIp(Cidr::new("10.0.0.0", 24).unwrap())), Truth::True);
         assert_eq!(eval(Permission::DestinationIp(Cidr::new("10.0.1.0", 24).unwrap())), Truth::False);
         let sni = |m: StringMatch| Permission::RequestedServerName(m);
@@ -637,19 +657,29 @@ mod tests {
         assert_eq!(Principal::Authenticated(None).eval(&conn), Truth::True);
         let peer = |m: StringMatch| Principal::PeerPrincipal(m);
         assert_eq!(peer(StringMatch::exact(SLEEP)).eval(&conn), Truth::True);
-        assert_eq!(peer(StringMatch::exact("sleep.default.svc")).eval(&conn), Truth::False, "only the spiffe id");
+        assert_eq!(
+            peer(StringMatch::exact("sleep.default.svc")).eval(&conn),
+            Truth::False,
+            "only the spiffe id"
+        );
         assert_eq!(Principal::SourceIp(Cidr::new("10.0.0.0", 16).unwrap()).eval(&conn), Truth::True);
         assert_eq!(Principal::SourceIp(Cidr::new("10.1.0.0", 16).unwrap()).eval(&conn), Truth::False);
         assert_eq!(Principal::Any.eval(&conn), Truth::True);
 
         let plaintext = plain("10.0.0.7:40000", "10.0.0.9:8080");
         assert_eq!(Principal::Authenticated(None).eval(&plaintext), Truth::False);
-        assert_eq!(Principal::Authenticated(Some(StringMatch::regex(".*").unwrap())).eval(&plaintext), Truth::False);
+        assert_eq!(
+            Principal::Authenticated(Some(StringMatch::regex(".*").unwrap())).eval(&plaintext),
+            Truth::False
+        );
         assert_eq!(peer(StringMatch::regex(".*").unwrap()).eval(&plaintext), Truth::False);
         // TLS without a client certificate: Envoy matches the empty subject.
         let anonymous = mtls(&[], "10.0.0.9:8080");
         assert_eq!(Principal::Authenticated(None).eval(&anonymous), Truth::True);
-        assert_eq!(Principal::Authenticated(Some(StringMatch::regex(".*").unwrap())).eval(&anonymous), Truth::True);
+        assert_eq!(
+            Principal::Authenticated(Some(StringMatch::regex(".*").unwrap())).eval(&anonymous),
+            Truth::True
+        );
         assert_eq!(principal_exact(SLEEP).eval(&anonymous), Truth::False);
         assert_eq!(peer(StringMatch::regex(".*").unwrap()).eval(&anonymous), Truth::False);
     }
@@ -683,7 +713,10 @@ mod tests {
     fn an_allow_rule_with_l7_conditions_never_matches() {
         // ALLOW GET /info from sleep: the path and method are not seen at L4.
         let get_info = Permission::And(vec![Permission::Unseen("header"), Permission::Unseen("url_path")]);
-        let filter = Filter::new(Action::Allow, vec![policy("allow-get", vec![get_info], vec![principal_exact(SLEEP)])]);
+        let filter = Filter::new(
+            Action::Allow,
+            vec![policy("allow-get", vec![get_info], vec![principal_exact(SLEEP)])],
+        );
         let names = [SLEEP];
         assert_eq!(filter.evaluate(&mtls(&names, "10.0.0.9:8000")), Decision::Deny(Denial::NoPolicy));
         // The same rule on the port alone grants.
@@ -703,7 +736,10 @@ mod tests {
         );
         let sleep = [SLEEP];
         let other = [OTHER];
-        assert_eq!(filter.evaluate(&mtls(&sleep, "10.0.0.9:8000")), Decision::Deny(Denial::Policy("deny-post")));
+        assert_eq!(
+            filter.evaluate(&mtls(&sleep, "10.0.0.9:8000")),
+            Decision::Deny(Denial::Policy("deny-post"))
+        );
         assert_eq!(filter.evaluate(&mtls(&other, "10.0.0.9:8000")), Decision::Allow);
         // An L4 part that does not match still lets the connection through.
         let on_port = Filter::new(
@@ -769,7 +805,11 @@ mod tests {
     fn several_filters_apply_in_order_and_the_first_denial_wins() {
         let deny = Filter::new(
             Action::Deny,
-            vec![policy("deny-test-ns", vec![Permission::Any], vec![Principal::PeerPrincipal(StringMatch::regex(".*/ns/test/.*").unwrap())])],
+            vec![policy(
+                "deny-test-ns",
+                vec![Permission::Any],
+                vec![Principal::PeerPrincipal(StringMatch::regex(".*/ns/test/.*").unwrap())],
+            )],
         );
         let allow = Filter::new(
             Action::Allow,
@@ -779,7 +819,10 @@ mod tests {
         let sleep = [SLEEP];
         let other = [OTHER];
         assert_eq!(evaluate(&chain, &mtls(&sleep, "10.0.0.9:8000")), Decision::Allow);
-        assert_eq!(evaluate(&chain, &mtls(&other, "10.0.0.9:8000")), Decision::Deny(Denial::Policy("deny-test-ns")));
+        assert_eq!(
+            evaluate(&chain, &mtls(&other, "10.0.0.9:8000")),
+            Decision::Deny(Denial::Policy("deny-test-ns"))
+        );
         assert_eq!(
             evaluate(&chain, &plain("10.0.0.7:40000", "10.0.0.9:8000")),
             Decision::Deny(Denial::NoPolicy)

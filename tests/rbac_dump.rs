@@ -32,7 +32,10 @@ use ringside::rbac::{self, Conn, Decision, Denial, Filter, Tls};
 use ringside::xds::rbac::{from_http, from_network};
 use serde_json::{Map, Value};
 
-const DUMP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-xds-dumps/istio-authz-httpbin-sidecar-listeners.json");
+const DUMP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/istio-xds-dumps/istio-authz-httpbin-sidecar-listeners.json"
+);
 const POLICY: &str = "ns[default]-policy[httpbin]-rule[0]";
 const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 const TEST_NS: &str = "spiffe://cluster.local/ns/test/sa/client";
@@ -192,10 +195,13 @@ fn header(v: &Value) -> HeaderMatcher {
         match k.as_str() {
             "name" => {}
             "exact_match" => {
-                let exact = StringMatcher { match_pattern: Some(MatchPattern::Exact(text(v))), ignore_case: false };
+                let exact =
+                    StringMatcher { match_pattern: Some(MatchPattern::Exact(text(v))), ignore_case: false };
                 h.header_match_specifier = Some(header_matcher::HeaderMatchSpecifier::StringMatch(exact));
             }
-            "string_match" => h.header_match_specifier = Some(header_matcher::HeaderMatchSpecifier::StringMatch(string(v))),
+            "string_match" => {
+                h.header_match_specifier = Some(header_matcher::HeaderMatchSpecifier::StringMatch(string(v)))
+            }
             other => panic!("header: unknown field {other}"),
         }
     }
@@ -214,7 +220,9 @@ fn string(v: &Value) -> StringMatcher {
             "prefix" => MatchPattern::Prefix(text(v)),
             "suffix" => MatchPattern::Suffix(text(v)),
             "contains" => MatchPattern::Contains(text(v)),
-            "safe_regex" => MatchPattern::SafeRegex(RegexMatcher { regex: text(&v["regex"]), engine_type: None }),
+            "safe_regex" => {
+                MatchPattern::SafeRegex(RegexMatcher { regex: text(&v["regex"]), engine_type: None })
+            }
             other => panic!("string matcher: unknown field {other}"),
         });
     }
@@ -224,7 +232,9 @@ fn string(v: &Value) -> StringMatcher {
 fn cidr(v: &Value) -> CidrRange {
     CidrRange {
         address_prefix: text(&v["address_prefix"]),
-        prefix_len: v.get("prefix_len").map(|l| UInt32Value { value: l.as_u64().unwrap().try_into().unwrap() }),
+        prefix_len: v
+            .get("prefix_len")
+            .map(|l| UInt32Value { value: l.as_u64().unwrap().try_into().unwrap() }),
     }
 }
 
@@ -239,8 +249,11 @@ fn check_filter_fields(typed: &Value, type_name: &str) -> Option<proto::Rbac> {
     m.get("rules").map(rules)
 }
 
-/// The dump's network and HTTP RBAC filters, translated, with where each sits.
-fn translated(dump: &Value) -> (Vec<(String, Filter)>, Vec<(String, Filter)>) {
+/// Translated filters, each with the JSON path of where it sits in the dump.
+type Located = Vec<(String, Filter)>;
+
+/// The dump's network and HTTP RBAC filters, translated.
+fn translated(dump: &Value) -> (Located, Located) {
     let (mut network, mut http) = (Vec::new(), Vec::new());
     filters(dump, "envoy.filters.network.rbac", String::new(), &mut network);
     filters(dump, "envoy.filters.http.rbac", String::new(), &mut http);
@@ -271,12 +284,17 @@ fn inbound<'a>(names: &'a [&'a str], port: u16) -> Conn<'a> {
 
 #[test]
 fn httpbins_authorization_policy_denies_every_connection_at_l4_because_its_allow_rule_needs_http() {
-    let Some(dump) = dump("httpbins_authorization_policy_denies_every_connection_at_l4_because_its_allow_rule_needs_http")
+    let Some(dump) =
+        dump("httpbins_authorization_policy_denies_every_connection_at_l4_because_its_allow_rule_needs_http")
     else {
         return;
     };
     let (network, http) = translated(&dump);
-    assert_eq!((network.len(), http.len()), (3, 5), "virtualInbound's 3 TCP chains; 4 HTTP chains and main_internal's");
+    assert_eq!(
+        (network.len(), http.len()),
+        (3, 5),
+        "virtualInbound's 3 TCP chains; 4 HTTP chains and main_internal's"
+    );
     let callers: [&[&str]; 4] = [&[SLEEP], &[TEST_NS], &[OTHER], &[]];
     for (at, f) in network.iter().chain(&http) {
         assert_eq!(f.fail_closed_reason(), None, "{at}: every rule in the dump is understood");

@@ -92,11 +92,10 @@ fn compile(rules: &proto::Rbac) -> Result<Filter, String> {
         Err(_) => return Err(format!("action {}: unknown", rules.action)),
     };
     // Envoy keeps policies in a map ordered by name; so does the first DENY match we report.
-    let mut names: Vec<&String> = rules.policies.keys().collect();
-    names.sort();
-    let mut policies = Vec::with_capacity(names.len());
-    for name in names {
-        let p = &rules.policies[name];
+    let mut named: Vec<(&String, &proto::Policy)> = rules.policies.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    let mut policies = Vec::with_capacity(named.len());
+    for (name, p) in named {
         policies.push(policy(name, p).map_err(|e| format!("policy {name:?}: {e}"))?);
     }
     Ok(Filter::new(action, policies))
@@ -144,7 +143,9 @@ fn permission(p: &proto::Permission) -> Result<Permission, String> {
             // In range: both are within 0..=65536 (checked just above).
             Permission::DestinationPortRange { start: r.start.unsigned_abs(), end: r.end.unsigned_abs() }
         }
-        Some(Rule::RequestedServerName(m)) => Permission::RequestedServerName(string(m, "requested_server_name")?),
+        Some(Rule::RequestedServerName(m)) => {
+            Permission::RequestedServerName(string(m, "requested_server_name")?)
+        }
         Some(Rule::Header(_)) => Permission::Unseen("header"),
         Some(Rule::UrlPath(_)) => Permission::Unseen("url_path"),
         Some(Rule::UriTemplate(_)) => Permission::Unseen("uri_template"),
@@ -188,7 +189,9 @@ fn principal(p: &proto::Principal) -> Result<Principal, String> {
         #[allow(deprecated)] // istiod writes request principals and claims as `metadata`
         Some(Identifier::Metadata(_)) => Principal::Unseen("metadata"),
         Some(Identifier::SourcedMetadata(_)) => Principal::Unseen("sourced_metadata"),
-        Some(Identifier::Custom(ext)) => return Err(format!("principal custom {:?}: not evaluated", ext.name)),
+        Some(Identifier::Custom(ext)) => {
+            return Err(format!("principal custom {:?}: not evaluated", ext.name));
+        }
     })
 }
 
@@ -201,7 +204,9 @@ fn string(m: &StringMatcher, what: &str) -> Result<StringMatch, String> {
         Some(MatchPattern::Suffix(v)) => StringMatch::suffix(v),
         Some(MatchPattern::Contains(v)) => StringMatch::contains(v),
         Some(MatchPattern::SafeRegex(r)) => StringMatch::regex(&r.regex),
-        Some(MatchPattern::Custom(ext)) => return Err(format!("{what}: custom matcher {:?} not evaluated", ext.name)),
+        Some(MatchPattern::Custom(ext)) => {
+            return Err(format!("{what}: custom matcher {:?} not evaluated", ext.name));
+        }
     };
     let compiled = compiled.map_err(|e| format!("{what}: {e}"))?;
     Ok(if m.ignore_case { compiled.ignoring_case() } else { compiled })
@@ -319,7 +324,9 @@ mod tests {
                 RULE0,
                 policy(
                     vec![and_rules(vec![or_rules(vec![port(8000)])])],
-                    vec![and_ids(vec![or_ids(vec![authenticated(matcher(MatchPattern::Exact(SLEEP.into())))])])],
+                    vec![and_ids(vec![or_ids(vec![authenticated(matcher(MatchPattern::Exact(
+                        SLEEP.into(),
+                    )))])])],
                 ),
             )],
         );
@@ -340,9 +347,9 @@ mod tests {
                 "ns[default]-policy[deny-others]-rule[0]",
                 policy(
                     vec![and_rules(vec![perm(Rule::Any(true))])],
-                    vec![and_ids(vec![id(Identifier::NotId(Box::new(or_ids(vec![authenticated(matcher(
-                        MatchPattern::Exact(SLEEP.into()),
-                    ))]))))])],
+                    vec![and_ids(vec![id(Identifier::NotId(Box::new(or_ids(vec![authenticated(
+                        matcher(MatchPattern::Exact(SLEEP.into())),
+                    )]))))])],
                 ),
             )],
         );
@@ -367,7 +374,10 @@ mod tests {
         ] {
             let f = network(rules(
                 proto::rbac::Action::Deny,
-                vec![("ns[default]-policy[block]-rule[0]", policy(vec![perm(Rule::Any(true))], vec![id(block)]))],
+                vec![(
+                    "ns[default]-policy[block]-rule[0]",
+                    policy(vec![perm(Rule::Any(true))], vec![id(block)]),
+                )],
             ));
             assert!(!f.allows(&conn("10.1.200.3", 8000, &[])), "{what}: in the block");
             assert!(f.allows(&conn("10.2.0.3", 8000, &[])), "{what}: outside the block");
@@ -394,7 +404,13 @@ mod tests {
     fn namespaces_as_istiod_1_18_writes_them_match_the_peer_principal_filter_state() {
         let f = network(rules(
             proto::rbac::Action::Allow,
-            vec![(RULE0, policy(vec![perm(Rule::Any(true))], vec![or_ids(vec![peer_principal(regex(".*/ns/test/.*"))])]))],
+            vec![(
+                RULE0,
+                policy(
+                    vec![perm(Rule::Any(true))],
+                    vec![or_ids(vec![peer_principal(regex(".*/ns/test/.*"))])],
+                ),
+            )],
         ));
         assert!(f.allows(&conn("10.244.0.5", 8000, &[TEST_NS])));
         assert!(!f.allows(&conn("10.244.0.5", 8000, &[SLEEP])));
@@ -403,13 +419,19 @@ mod tests {
             key: "io.istio.local_principal".into(),
             matcher: Some(filter_state_matcher::Matcher::StringMatch(regex(".*"))),
         }));
-        let f = network(rules(proto::rbac::Action::Allow, vec![(RULE0, policy(vec![perm(Rule::Any(true))], vec![other_key]))]));
+        let f = network(rules(
+            proto::rbac::Action::Allow,
+            vec![(RULE0, policy(vec![perm(Rule::Any(true))], vec![other_key]))],
+        ));
         assert!(!f.allows(&conn("10.244.0.5", 8000, &[TEST_NS])));
     }
 
     #[test]
     fn sni_port_ranges_destination_ips_and_ignore_case_translate() {
-        let sni = StringMatcher { match_pattern: Some(MatchPattern::Suffix(".Example.COM".into())), ignore_case: true };
+        let sni = StringMatcher {
+            match_pattern: Some(MatchPattern::Suffix(".Example.COM".into())),
+            ignore_case: true,
+        };
         let f = network(rules(
             proto::rbac::Action::Allow,
             vec![(
@@ -451,7 +473,9 @@ mod tests {
                         and_rules(vec![or_rules(vec![method("GET")]), or_rules(vec![path("/info")])]),
                         and_rules(vec![or_rules(vec![method("POST")]), or_rules(vec![path("/data")])]),
                     ],
-                    vec![and_ids(vec![or_ids(vec![peer_principal(matcher(MatchPattern::Exact(SLEEP.into())))])])],
+                    vec![and_ids(vec![or_ids(vec![peer_principal(matcher(MatchPattern::Exact(
+                        SLEEP.into(),
+                    )))])])],
                 ),
             )],
         ));
@@ -463,7 +487,8 @@ mod tests {
     fn an_http_deny_rule_on_methods_and_a_principal_matches_on_the_principal() {
         // DENY POST from ns test: denies every connection from ns test, none from elsewhere.
         #[allow(deprecated)] // istiod writes JWT claims as `metadata`
-        let jwt = id(Identifier::Metadata(MetadataMatcher { filter: "istio_authn".into(), ..Default::default() }));
+        let jwt =
+            id(Identifier::Metadata(MetadataMatcher { filter: "istio_authn".into(), ..Default::default() }));
         let f = http(rules(
             proto::rbac::Action::Deny,
             vec![(
@@ -503,7 +528,10 @@ mod tests {
     fn the_first_matching_deny_policy_by_name_is_reported() {
         let f = network(rules(
             proto::rbac::Action::Deny,
-            vec![("z-last", policy(vec![port(8000)], vec![perm_any_id()])), ("a-first", policy(vec![port(8000)], vec![perm_any_id()]))],
+            vec![
+                ("z-last", policy(vec![port(8000)], vec![perm_any_id()])),
+                ("a-first", policy(vec![port(8000)], vec![perm_any_id()])),
+            ],
         ));
         assert_eq!(f.evaluate(&conn("10.244.0.5", 8000, &[])), Decision::Deny(Denial::Policy("a-first")));
     }
@@ -533,22 +561,32 @@ mod tests {
     #[test]
     fn a_rule_ringside_cannot_evaluate_fails_closed_and_says_why() {
         let any_perm = || perm(Rule::Any(true));
-        let ext = TypedExtensionConfig { name: "envoy.rbac.matchers.upstream_ip_port".into(), typed_config: None };
+        let ext =
+            TypedExtensionConfig { name: "envoy.rbac.matchers.upstream_ip_port".into(), typed_config: None };
         fails_closed(one(perm(Rule::Matcher(ext.clone())), perm_any_id()), "permission matcher");
         fails_closed(one(any_perm(), id(Identifier::Custom(ext))), "principal custom");
         fails_closed(one(any_perm(), authenticated(regex("(unclosed"))), "safe_regex \"(unclosed\"");
-        fails_closed(one(any_perm(), authenticated(matcher(MatchPattern::Prefix(String::new())))), "empty prefix");
+        fails_closed(
+            one(any_perm(), authenticated(matcher(MatchPattern::Prefix(String::new())))),
+            "empty prefix",
+        );
         fails_closed(one(any_perm(), authenticated(StringMatcher::default())), "no pattern");
         fails_closed(one(perm(Rule::Any(false)), perm_any_id()), "any: false");
         fails_closed(one(and_rules(vec![]), perm_any_id()), "and_rules: empty");
         fails_closed(one(any_perm(), or_ids(vec![])), "or_ids: empty");
         fails_closed(one(proto::Permission { rule: None }, perm_any_id()), "without a rule");
-        fails_closed(one(perm(Rule::DestinationIp(cidr_range("10.0.0.0", 40))), perm_any_id()), "10.0.0.0/40");
+        fails_closed(
+            one(perm(Rule::DestinationIp(cidr_range("10.0.0.0", 40))), perm_any_id()),
+            "10.0.0.0/40",
+        );
         fails_closed(
             one(perm(Rule::DestinationPortRange(Int32Range { start: 9000, end: 8000 })), perm_any_id()),
             "destination_port_range",
         );
-        fails_closed(rules(proto::rbac::Action::Allow, vec![("p", policy(vec![], vec![perm_any_id()]))]), "no permissions");
+        fails_closed(
+            rules(proto::rbac::Action::Allow, vec![("p", policy(vec![], vec![perm_any_id()]))]),
+            "no permissions",
+        );
         let mut cel = policy(vec![any_perm()], vec![perm_any_id()]);
         cel.condition = Some(Default::default());
         fails_closed(rules(proto::rbac::Action::Allow, vec![("p", cel)]), "CEL condition");
