@@ -6,6 +6,7 @@
 //! to the workers). Applied: ACK (version and nonce); not: NACK with error_detail naming the
 //! resource and why, and the last good config keeps serving, also while the server is away.
 
+pub mod rbac;
 pub mod translate;
 
 use std::collections::BTreeMap;
