@@ -77,47 +77,6 @@ fn istios_tcp_exchange_scenario_reports_exact_counts_and_all_23_labels_in_istio_
             istio_tcp::assert_exact_family(scrape, &expected, &format!("{side:?} {metric}"));
         }
     }
-    // The same, spelled out for one series of each side: exact names, order and values.
-    let line = |scrape: &str, reporter: &str| {
-        let parsed = exposition::parse(scrape);
-        let series = parsed.family(SENT);
-        assert_eq!(series.len(), 1);
-        assert!(series[0].labels.iter().any(|(k, v)| k == "reporter" && v == reporter));
-        series[0].labels.clone()
-    };
-    let source_labels = [
-        ("reporter", "source"),
-        ("source_workload", "productpage-v1"),
-        ("source_canonical_service", "productpage-v1"),
-        ("source_canonical_revision", "version-1"),
-        ("source_workload_namespace", "default"),
-        ("source_principal", "unknown"),
-        ("source_app", "productpage"),
-        ("source_version", "v1"),
-        ("source_cluster", "client-cluster"),
-        ("destination_workload", "ratings-v1"),
-        ("destination_workload_namespace", "default"),
-        ("destination_principal", "unknown"),
-        ("destination_app", "ratings"),
-        ("destination_version", "v1"),
-        ("destination_service", "server.default.svc.cluster.local"),
-        ("destination_canonical_service", "ratings"),
-        ("destination_canonical_revision", "version-1"),
-        ("destination_service_name", "server"),
-        ("destination_service_namespace", "default"),
-        ("destination_cluster", "server-cluster"),
-        ("request_protocol", "tcp"),
-        ("response_flags", "-"),
-        ("connection_security_policy", "unknown"),
-    ];
-    let owned = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    };
-    assert_eq!(line(&source, "source"), owned(&source_labels));
-    let mut destination_labels = source_labels;
-    destination_labels[0].1 = "destination";
-    destination_labels[22].1 = "none";
-    assert_eq!(line(&destination, "destination"), owned(&destination_labels));
 }
 
 // ---- 2. and 3. when bytes are reported ---------------------------------------------------------
