@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ringside::exchange::NodeMetadata;
 use ringside::metrics::ServiceInfo;
@@ -30,11 +30,6 @@ impl Golden {
     /// File `rel` filled as Istio's plain run fills it.
     pub fn filled(&self, rel: &str) -> String {
         fill(&self.read(rel), &plain_vars())
-    }
-
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.0
     }
 }
 

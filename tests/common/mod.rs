@@ -29,7 +29,7 @@ pub mod process;
 mod skip;
 
 #[allow(unused_imports)]
-pub use skip::{shared, shared_root, skip};
+pub use skip::{shared, skip};
 
 /// Istio's TCP metric names (SPEC §3).
 pub const OPENED: &str = "istio_tcp_connections_opened_total";

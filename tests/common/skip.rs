@@ -36,22 +36,14 @@ pub fn skip(test: &str, why: &str) {
 /// The checkout's `../shared/<folder>` (e.g. `istio-golden`, `istio/bookinfo`), or, when it is
 /// not there, `None` after one SKIP line naming the missing folder.
 pub fn shared(folder: &str, test: &str) -> Option<PathBuf> {
-    let dir = shared_root().join(folder);
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")).join(folder);
     if dir.is_dir() {
         return Some(dir);
     }
-    skip(
-        test,
-        &format!(
-            "../shared/{folder} is missing ({}): a conformance replay of files from public \
-             repositories, which live only beside the checkout (CI has them)",
-            dir.display()
-        ),
+    let why = format!(
+        "../shared/{folder} is missing (files from public repositories live only beside the \
+         checkout, never in it; CI has them)"
     );
+    skip(test, &why);
     None
-}
-
-/// `../shared` relative to the checkout (it need not exist).
-pub fn shared_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"))
 }
