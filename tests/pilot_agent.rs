@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::{bin, http, serve_each, skip, wait_for};
+use common::{bin, http, serve_each, shared, wait_for};
 use envoy_types::pb::google::protobuf::value::Kind;
 use netns::{Pods, in_ns};
 
@@ -273,11 +273,7 @@ fn an_option_envoy_does_not_have_is_one_line_and_exit_64() {
 
 /// Istio's own golden bootstraps (`../shared/istio-bootstrap/*_golden.json`), when there.
 fn goldens(test: &str) -> Option<Vec<PathBuf>> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-bootstrap"));
-    if !dir.is_dir() {
-        skip(test, "../shared/istio-bootstrap is not beside the checkout");
-        return None;
-    }
+    let dir = shared("istio-bootstrap", test)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

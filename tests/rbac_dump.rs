@@ -32,25 +32,18 @@ use ringside::rbac::{self, Conn, Decision, Denial, Filter, Tls};
 use ringside::xds::rbac::{from_http, from_network};
 use serde_json::{Map, Value};
 
-const DUMP: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/istio-xds-dumps/istio-authz-httpbin-sidecar-listeners.json"
-);
+const DUMP: &str = "istio-authz-httpbin-sidecar-listeners.json";
 const POLICY: &str = "ns[default]-policy[httpbin]-rule[0]";
 const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 const TEST_NS: &str = "spiffe://cluster.local/ns/test/sa/client";
 const OTHER: &str = "spiffe://cluster.local/ns/default/sa/other";
 
-/// The dump's JSON, or None (a SKIP line) when ../shared is absent outside CI.
+/// The dump's JSON, or None (a SKIP line naming the folder) when ../shared is absent.
 fn dump(test: &str) -> Option<Value> {
-    match std::fs::read_to_string(DUMP) {
-        Ok(text) => Some(serde_json::from_str(&text).expect("the dump is JSON")),
-        Err(e) => {
-            assert!(std::env::var_os("CI").is_none(), "{DUMP}: {e} (CI must have ../shared)");
-            common::skip(test, &format!("{DUMP}: {e}"));
-            None
-        }
-    }
+    let dir = common::shared("istio-xds-dumps", test)?;
+    let text =
+        std::fs::read_to_string(dir.join(DUMP)).expect("the httpbin dump in ../shared/istio-xds-dumps");
+    Some(serde_json::from_str(&text).expect("the dump is JSON"))
 }
 
 /// Every filter named `name` in the dump, with the listener and chain it sits in.
