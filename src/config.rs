@@ -442,6 +442,23 @@ pub struct FilterChain {
     /// ALPN protocols it takes (only over TLS); any when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub application_protocols: Vec<String>,
+    /// TLS server names (SNI) it takes: exact, or `*.suffix`; any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_names: Vec<String>,
+    /// Where the client is: `any` (default), `local` (same IP as the destination, or
+    /// loopback: Envoy's SAME_IP_OR_LOOPBACK) or `external`.
+    #[serde(default, skip_serializing_if = "SourceType::is_any")]
+    pub source_type: SourceType,
+    /// The client's address ranges it takes; any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_prefix_ranges: Vec<Cidr>,
+    /// The client's address ranges it takes, as the socket sees it (Envoy's
+    /// `direct_source_prefix_ranges`: the same as the source at L4); any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub direct_source_prefix_ranges: Vec<Cidr>,
+    /// The client's ports it takes; any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ports: Vec<u16>,
     /// Route everything to this cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
@@ -469,6 +486,25 @@ pub struct FilterChain {
     /// `limits.max_connect_attempts` when absent.
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub max_connect_attempts: Option<u32>,
+}
+
+/// A filter chain's `source_type` match (Envoy's `ConnectionSourceType`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceType {
+    /// Any client.
+    #[default]
+    Any,
+    /// A client on the same IP as the destination, or on loopback.
+    Local,
+    /// Any other client.
+    External,
+}
+
+impl SourceType {
+    fn is_any(&self) -> bool {
+        *self == SourceType::Any
+    }
 }
 
 /// A filter chain's TLS server side, from an xDS DownstreamTlsContext.

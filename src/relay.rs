@@ -26,7 +26,8 @@ use crate::config::{Capture, Direction, Listener, PeerExchange};
 use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
 use crate::metrics::ExchangeOutcome;
-use crate::routing::{self, Target};
+use crate::routing::Target;
+use crate::routing::chains::ConnFacts;
 use crate::snapshot::Snapshot;
 use crate::socket;
 
@@ -143,11 +144,14 @@ async fn set_up(
     // chain asks for a transport protocol or ALPN (Envoy's tls_inspector), its ClientHello,
     // peeked. A chain with a DownstreamTlsContext terminates TLS in `mtls`.
     if !listener.filter_chains.is_empty() {
-        let inspect = listener
-            .filter_chains
-            .iter()
-            .any(|c| c.transport_protocol.as_deref() == Some("tls") || !c.application_protocols.is_empty());
-        let hello = match inspect {
+        let dst = match listener.capture {
+            Capture::None => down.local_addr()?,
+            _ => capture::original_dst(&down, listener.listen).or_else(|_| down.local_addr())?,
+        };
+        let index = conn.snapshot.router.chain_index(li);
+        // Peeked only where the chains competing for this destination differ by what a
+        // ClientHello says: a server-first protocol on a plain TCP port never waits.
+        let hello = match index.is_some_and(|x| x.inspects(dst)) {
             false => None,
             true => monoio::select! {
                 r = mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0) => r?,
@@ -157,17 +161,24 @@ async fn set_up(
                 }
             },
         };
-        let dst = match listener.capture {
-            Capture::None => down.local_addr()?,
-            _ => capture::original_dst(&down, listener.listen).or_else(|_| down.local_addr())?,
+        // The client's address costs a syscall: asked only when a chain matches on it.
+        let source = match index.is_some_and(|x| x.uses_source()) {
+            true => down.peer_addr()?,
+            false => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         };
-        let chain = match &hello {
-            None => routing::select_chain(&listener.filter_chains, dst, "raw_buffer", &[]),
-            Some(alpn) => {
-                let alpn: Vec<&str> = alpn.iter().map(String::as_str).collect();
-                routing::select_chain(&listener.filter_chains, dst, "tls", &alpn)
+        let facts = match &hello {
+            None => {
+                ConnFacts { destination: dst, source, transport: "raw_buffer", server_name: None, alpn: &[] }
             }
+            Some(h) => ConnFacts {
+                destination: dst,
+                source,
+                transport: "tls",
+                server_name: h.server_name.as_deref(),
+                alpn: &h.alpn,
+            },
         };
+        let chain = conn.snapshot.router.select_chain(li, &listener.filter_chains, &facts);
         conn.chain.set(chain);
         // A capture listener routes by original destination, but only what a chain takes
         // (an HTTP chain's connections too: relayed as TCP).

@@ -20,6 +20,7 @@ use crate::exchange::{NodeMetadata, Parser};
 use crate::metrics::{ExchangeOutcome, TlsRefused};
 use crate::socket;
 use crate::tls::Slot;
+use crate::tls::hello::ClientHello;
 use crate::tls::stream::{Fill, TlsStream};
 
 /// Shortest wait for a permissive client's first bytes (see `accept`).
@@ -119,8 +120,8 @@ async fn sniff_client_hello(
     Ok(tls? == Some(true))
 }
 
-/// A listener's `tls_inspector` (SPEC §9): the ALPN protocols of the client's ClientHello,
-/// or `None` for a plaintext client, peeked without consuming a byte. A client that sends
+/// A listener's `tls_inspector` (SPEC §9): what the client's ClientHello offers (server name,
+/// ALPN), or `None` for a plaintext client, peeked without consuming a byte. A client that sends
 /// nothing within `sniff_timeout` (at least 1 s, as `permissive`), or whose ClientHello does
 /// not complete within it, is plaintext, as Envoy's inspector gives up at its timeout
 /// (istiod sets `continue_on_listener_filters_timeout`). A ClientHello too large for a pool
@@ -129,15 +130,15 @@ pub(super) async fn inspect(
     ctx: &WorkerCtx,
     down: &TcpStream,
     sniff_timeout: Duration,
-) -> Result<Option<Vec<String>>, Error> {
+) -> Result<Option<ClientHello>, Error> {
     use crate::tls::hello::{Hello, parse};
     let deadline = Instant::now() + sniff_timeout.max(PERMISSIVE_SNIFF_MIN);
     let mut buf = ctx.pool.take();
     let limit = buf.capacity();
     let hello = peek_until(down, &mut buf, limit, deadline, |bytes, full| match parse(bytes) {
         Hello::NotTls => Some(None),
-        Hello::Tls(alpn) => Some(Some(alpn)),
-        Hello::NeedMore if full => Some(Some(Vec::new())),
+        Hello::Tls(offers) => Some(Some(offers)),
+        Hello::NeedMore if full => Some(Some(ClientHello::default())),
         Hello::NeedMore => None,
     })
     .await;

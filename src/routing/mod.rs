@@ -2,6 +2,7 @@
 //! worker. Pure: no sockets, no clocks; per-worker state lives in `Cell`s (single thread).
 //! `istio` turns Istio's own YAML into the same config.
 
+pub mod chains;
 pub mod istio;
 
 use std::cell::Cell;
@@ -175,6 +176,8 @@ pub struct Router {
     rng: Cell<u64>,
     /// Routes by the addresses an outbound capture matches (SPEC §8).
     by_address: HashMap<SocketAddr, Route>,
+    /// Each listener's filter chains indexed for the per-connection match (SPEC §9).
+    chain_index: Vec<chains::ChainIndex>,
 }
 
 /// Which cluster a captured connection's original destination belongs to: a cluster's
@@ -198,6 +201,23 @@ impl Router {
     /// Build from a validated config; `seed` varies the random choices per worker.
     pub fn new(cfg: &Config, seed: u64) -> Router {
         Router::after(cfg, seed, None)
+    }
+
+    /// The filter chain of listener `li` (whose chains are `chains`) a connection takes
+    /// (SPEC §9): an index lookup, no scan of the listener's other chains.
+    pub fn select_chain(
+        &self,
+        li: usize,
+        chains: &[crate::config::FilterChain],
+        facts: &chains::ConnFacts<'_>,
+    ) -> Option<usize> {
+        self.chain_index.get(li)?.select(chains, facts)
+    }
+
+    /// Listener `li`'s chain index (SPEC §9): whether a connection is peeked, whether its
+    /// source is read.
+    pub fn chain_index(&self, li: usize) -> Option<&chains::ChainIndex> {
+        self.chain_index.get(li)
     }
 
     /// Build from a validated config that replaces the one `previous` was built from:
@@ -271,6 +291,7 @@ impl Router {
                 }
             })
             .collect();
+        let chain_index = cfg.listeners.iter().map(|l| chains::ChainIndex::new(&l.filter_chains)).collect();
         let chains = cfg
             .listeners
             .iter()
@@ -304,7 +325,7 @@ impl Router {
                 (addr, route)
             })
             .collect();
-        Router { routes, chains, clusters, rng: Cell::new(seed | 1), by_address }
+        Router { routes, chains, clusters, rng: Cell::new(seed | 1), by_address, chain_index }
     }
 
     /// The cluster (and subset) for an outbound-captured connection to `dst`: a cluster whose
@@ -495,52 +516,24 @@ fn cluster_state(
     }
 }
 
-/// The filter chain a connection to `dst` takes, as Envoy matches them (SPEC §9): by
-/// destination port, then destination address (longest prefix), then transport protocol,
-/// then application protocols; at each step the most specific chains that match win and the
-/// rest are out (no backtracking); the default chain when none is left. A plaintext
-/// connection is `raw_buffer` with no ALPN.
-///
-/// Before that, as Envoy hands a captured connection to the listener not bound to its port
-/// whose address is the original destination (`IP:port`, else `0.0.0.0:port`), only the
-/// chains handed off from that listener compete; when there is none, the capture listener's
-/// own (SPEC §8).
+/// The filter chain a connection to `dst` takes among `chains` (SPEC §9), for one-off
+/// matches (tests, translation checks): builds the index each call; connections use the one
+/// the router keeps ([`Router::select_chain`]). The source is taken as unknown (`0.0.0.0:0`).
 pub fn select_chain(
     chains: &[crate::config::FilterChain],
     dst: SocketAddr,
     transport: &str,
     alpn: &[&str],
 ) -> Option<usize> {
-    let wildcard = SocketAddr::new(
-        if dst.is_ipv4() { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) },
-        dst.port(),
-    );
-    let handed = |to: SocketAddr| chains.iter().any(|c| c.handoff == Some(to));
-    let listener = [dst, wildcard].into_iter().find(|a| handed(*a));
-    let group: Vec<usize> = (0..chains.len()).filter(|&i| chains[i].handoff == listener).collect();
-    let all: Vec<usize> = group.iter().copied().filter(|&i| !chains[i].default).collect();
-    let narrow = |from: Vec<usize>, exact: &dyn Fn(usize) -> bool, any: &dyn Fn(usize) -> bool| {
-        let exact: Vec<usize> = from.iter().copied().filter(|&i| exact(i)).collect();
-        if exact.is_empty() { from.into_iter().filter(|&i| any(i)).collect() } else { exact }
+    let alpn: Vec<String> = alpn.iter().map(|p| p.to_string()).collect();
+    let facts = chains::ConnFacts {
+        destination: dst,
+        source: SocketAddr::from(([0, 0, 0, 0], 0)),
+        transport,
+        server_name: None,
+        alpn: &alpn,
     };
-    let ports = narrow(all, &|i| chains[i].destination_port == Some(dst.port()), &|i| {
-        chains[i].destination_port.is_none()
-    });
-    let longest =
-        |i: usize| chains[i].prefix_ranges.iter().filter(|r| r.contains(dst.ip())).map(|r| r.len).max();
-    let best = ports.iter().filter_map(|&i| longest(i)).max();
-    let prefixes =
-        narrow(ports, &|i| best.is_some() && longest(i) == best, &|i| chains[i].prefix_ranges.is_empty());
-    let transports =
-        narrow(prefixes, &|i| chains[i].transport_protocol.as_deref() == Some(transport), &|i| {
-            chains[i].transport_protocol.is_none()
-        });
-    let protocols = narrow(
-        transports,
-        &|i| chains[i].application_protocols.iter().any(|p| alpn.contains(&p.as_str())),
-        &|i| chains[i].application_protocols.is_empty(),
-    );
-    protocols.first().copied().or_else(|| group.into_iter().find(|&i| chains[i].default))
+    chains::ChainIndex::new(chains).select(chains, &facts)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! What Envoy's `tls_inspector` reads from a connection's first bytes (SPEC §9): whether it
-//! starts a TLS handshake, and the ALPN protocols its ClientHello offers, so a listener's
-//! filter chain can be chosen by transport protocol and ALPN before any byte is consumed.
+//! starts a TLS handshake, and the server name (SNI) and ALPN protocols its ClientHello
+//! offers, so a listener's filter chain can be chosen by transport protocol, server name and
+//! ALPN before any byte is consumed.
 //! Pure: bytes in, a verdict out; no I/O.
 
 /// What the bytes seen so far say.
@@ -10,9 +11,18 @@ pub enum Hello {
     NotTls,
     /// A TLS handshake record has begun; its ClientHello is not complete yet.
     NeedMore,
-    /// A complete ClientHello and the ALPN protocols it offers (empty: none). A handshake
-    /// that is malformed after its record header is still TLS (the handshake then fails).
-    Tls(Vec<String>),
+    /// A complete ClientHello and what it offers. A handshake that is malformed after its
+    /// record header is still TLS, offering nothing (the handshake then fails).
+    Tls(ClientHello),
+}
+
+/// What a ClientHello offers that chooses a filter chain.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The ALPN protocols, in the client's order (empty: none).
+    pub alpn: Vec<String>,
+    /// The SNI host name, if any.
+    pub server_name: Option<String>,
 }
 
 /// Record content type of a handshake.
@@ -21,6 +31,8 @@ const HANDSHAKE: u8 = 0x16;
 const CLIENT_HELLO: u8 = 1;
 /// Extension type of ALPN (RFC 7301).
 const ALPN: u16 = 16;
+/// Extension type of server_name (RFC 6066).
+const SERVER_NAME: u16 = 0;
 /// Largest record fragment TLS allows (2^14) plus the expansion allowance.
 const MAX_FRAGMENT: usize = (1 << 14) + 2048;
 
@@ -41,18 +53,18 @@ pub fn parse(bytes: &[u8]) -> Hello {
         let Some((header, after)) = rest.split_first_chunk::<5>() else { return Hello::NeedMore };
         let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
         if header[0] != HANDSHAKE || header[1] != 3 || len == 0 || len > MAX_FRAGMENT {
-            return Hello::Tls(Vec::new());
+            return Hello::Tls(ClientHello::default());
         }
         let Some((fragment, after)) = after.split_at_checked(len) else { return Hello::NeedMore };
         message.extend_from_slice(fragment);
         rest = after;
         let Some((head, body)) = message.split_first_chunk::<4>() else { continue };
         if head[0] != CLIENT_HELLO {
-            return Hello::Tls(Vec::new());
+            return Hello::Tls(ClientHello::default());
         }
         let need = usize::from(head[1]) << 16 | usize::from(head[2]) << 8 | usize::from(head[3]);
         if let Some(body) = body.get(..need) {
-            return Hello::Tls(alpn(body).unwrap_or_default());
+            return Hello::Tls(offers(body).unwrap_or_default());
         }
     }
 }
@@ -87,32 +99,40 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The ALPN protocols of a ClientHello body; `None` if it is malformed.
-fn alpn(body: &[u8]) -> Option<Vec<String>> {
+/// What a ClientHello body offers; `None` if it is malformed.
+fn offers(body: &[u8]) -> Option<ClientHello> {
     let mut r = Reader(body);
     r.take(2 + 32)?; // legacy_version, random
     r.vec8()?; // legacy_session_id
     r.vec16()?; // cipher_suites
     r.vec8()?; // legacy_compression_methods
+    let mut hello = ClientHello::default();
     if r.0.is_empty() {
-        return Some(Vec::new()); // no extensions
+        return Some(hello); // no extensions
     }
     let mut extensions = r.vec16()?;
     while !extensions.0.is_empty() {
         let kind = extensions.u16()?;
         let mut data = extensions.vec16()?;
-        if kind != usize::from(ALPN) {
-            continue;
+        if kind == usize::from(ALPN) {
+            let mut list = data.vec16()?;
+            while !list.0.is_empty() {
+                let name = list.vec8()?;
+                hello.alpn.push(String::from_utf8_lossy(name.0).into_owned());
+            }
+        } else if kind == usize::from(SERVER_NAME) {
+            let mut list = data.vec16()?;
+            while !list.0.is_empty() {
+                let name_type = list.u8()?;
+                let name = list.vec16()?;
+                // host_name (0), the only type defined; names compare case-insensitively.
+                if name_type == 0 && hello.server_name.is_none() {
+                    hello.server_name = Some(String::from_utf8_lossy(name.0).to_ascii_lowercase());
+                }
+            }
         }
-        let mut list = data.vec16()?;
-        let mut out = Vec::new();
-        while !list.0.is_empty() {
-            let name = list.vec8()?;
-            out.push(String::from_utf8_lossy(name.0).into_owned());
-        }
-        return Some(out);
     }
-    Some(Vec::new())
+    Some(hello)
 }
 
 #[cfg(test)]
@@ -171,8 +191,16 @@ mod tests {
         out
     }
 
+    /// What rustls' ClientHello offers (its SNI is always `outbound_.6379_._.redis`).
     fn tls(alpn: &[&str]) -> Hello {
-        Hello::Tls(alpn.iter().map(|s| s.to_string()).collect())
+        Hello::Tls(ClientHello {
+            alpn: alpn.iter().map(|s| s.to_string()).collect(),
+            server_name: Some("outbound_.6379_._.redis".into()),
+        })
+    }
+
+    fn nothing() -> Hello {
+        Hello::Tls(ClientHello::default())
     }
 
     #[test]
@@ -182,7 +210,7 @@ mod tests {
         for cut in 0..hello.len() {
             assert_eq!(parse(&hello[..cut]), Hello::NeedMore, "cut at {cut}");
         }
-        assert_eq!(parse(&client_hello(&[])), Hello::Tls(Vec::new()));
+        assert_eq!(parse(&client_hello(&[])), tls(&[]));
     }
 
     #[test]
@@ -204,10 +232,10 @@ mod tests {
         assert_eq!(parse(b"G"), Hello::NotTls);
         assert_eq!(parse(b"\x16\x01"), Hello::NotTls);
         assert_eq!(parse(b"\x16"), Hello::NeedMore);
-        assert_eq!(parse(b"\x16\x03\x01\x00\x00"), Hello::Tls(Vec::new()));
-        // A ClientHello whose lengths run past its end: TLS, no ALPN.
-        assert_eq!(parse(b"\x16\x03\x01\x00\x06\x01\x00\x00\x02\xff\xff"), Hello::Tls(Vec::new()));
-        assert_eq!(parse(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"), Hello::Tls(Vec::new()));
+        assert_eq!(parse(b"\x16\x03\x01\x00\x00"), nothing());
+        // A ClientHello whose lengths run past its end: TLS, offering nothing.
+        assert_eq!(parse(b"\x16\x03\x01\x00\x06\x01\x00\x00\x02\xff\xff"), nothing());
+        assert_eq!(parse(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"), nothing());
     }
 
     #[test]
