@@ -72,7 +72,7 @@ impl Bucket {
     /// The chains that can survive the destination IP step for `ip`, in order: those naming
     /// `ip` as a single address, and the others (host-only chains naming other addresses
     /// can never be the longest match, nor match without ranges).
-    fn candidates<'a>(&'a self, ip: IpAddr) -> (&'a [usize], &'a [usize]) {
+    fn candidates(&self, ip: IpAddr) -> (&[usize], &[usize]) {
         (self.hosts.get(&ip).map_or(&[][..], |v| &v[..]), &self.rest)
     }
     fn push(&mut self, i: usize, c: &FilterChain) {
