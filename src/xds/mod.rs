@@ -1,12 +1,20 @@
 //! The xDS client (SPEC §9): one Aggregated Discovery Service stream (state of the world) to
 //! istiod or any ADS server, on its own thread with its own current-thread tokio runtime;
 //! never on a worker. It subscribes to Clusters and Listeners (wildcard) and to the EDS
-//! clusters' ClusterLoadAssignments, translates each response (`translate`), merges it
-//! beside the static config, and hands the result to `apply` (which checks and publishes it
-//! to the workers). Applied: ACK (version and nonce); not: NACK with error_detail naming the
+//! clusters' ClusterLoadAssignments, translates each response (one module per resource kind:
+//! `listener`, `cluster`, `endpoint`, their TLS contexts in `tls`, shared pieces in `proto`),
+//! merges it beside the static config (`state`), and hands the result to `apply` (which checks
+//! and publishes it to the workers). Applied: ACK (version and nonce); not: NACK with error_detail naming the
 //! resource and why, and the last good config keeps serving, also while the server is away.
 
-pub mod translate;
+pub mod cluster;
+pub mod endpoint;
+#[cfg(test)]
+mod fixtures;
+pub mod listener;
+pub mod proto;
+pub mod state;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +30,8 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, XdsAddress};
-use translate::{CLUSTER, ENDPOINTS, LISTENER, State};
+use proto::{CLUSTER, ENDPOINTS, LISTENER};
+use state::State;
 
 /// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -329,8 +338,8 @@ impl Client {
             CLUSTER => {
                 next.clusters.clear();
                 for any in &r.resources {
-                    let pb = translate::decode(any, CLUSTER).map_err(|e| format!("Cluster: {e}"))?;
-                    let c = translate::cluster(&pb, version).map_err(|e| e.to_string())?;
+                    let pb = proto::decode(any, CLUSTER).map_err(|e| format!("Cluster: {e}"))?;
+                    let c = cluster::cluster(&pb, version).map_err(|e| e.to_string())?;
                     next.clusters.insert(c.cluster.name.clone(), c);
                 }
                 next.cluster_version = version.to_string();
@@ -341,8 +350,8 @@ impl Client {
             LISTENER => {
                 next.listeners.clear();
                 for any in &r.resources {
-                    let pb = translate::decode(any, LISTENER).map_err(|e| format!("Listener: {e}"))?;
-                    let l = translate::listener(&pb, version).map_err(|e| e.to_string())?;
+                    let pb = proto::decode(any, LISTENER).map_err(|e| format!("Listener: {e}"))?;
+                    let l = listener::listener(&pb, version).map_err(|e| e.to_string())?;
                     next.listeners.insert(pb.name.clone(), l);
                 }
                 next.listener_version = version.to_string();
@@ -351,9 +360,8 @@ impl Client {
                 // EDS responses may carry only the assignments that changed.
                 for any in &r.resources {
                     let pb: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
-                        translate::decode(any, ENDPOINTS)
-                            .map_err(|e| format!("ClusterLoadAssignment: {e}"))?;
-                    let endpoints = translate::load_assignment(&pb).map_err(|e| e.to_string())?;
+                        proto::decode(any, ENDPOINTS).map_err(|e| format!("ClusterLoadAssignment: {e}"))?;
+                    let endpoints = endpoint::load_assignment(&pb).map_err(|e| e.to_string())?;
                     next.endpoints.insert(pb.cluster_name.clone(), endpoints);
                 }
                 next.endpoint_version = version.to_string();
