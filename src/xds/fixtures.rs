@@ -11,7 +11,7 @@ use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 use prost::Message;
 
 use super::listener::{TCP_PROXY, TCP_PROXY_TYPE};
-use super::state::State;
+use super::state::{Accepted, State};
 use super::tls::{RAW_BUFFER, UPSTREAM_TLS};
 use crate::config::{CertificateFiles, Config};
 
@@ -155,7 +155,9 @@ pub(super) fn outbound(name: &str, address: &str, chains: Vec<lds::FilterChain>)
 pub(super) fn xds_state(listeners: Vec<lds::Listener>, clusters: &[&str]) -> State {
     let mut state = State::default();
     for pb in listeners {
-        state.listeners.insert(pb.name.clone(), super::listener::listener(&pb, "1").unwrap());
+        state
+            .listeners
+            .insert(pb.name.clone(), Accepted::new("1", super::listener::listener(&pb, "1").unwrap()));
     }
     for name in clusters {
         let pb = cds::Cluster {
@@ -165,7 +167,9 @@ pub(super) fn xds_state(listeners: Vec<lds::Listener>, clusters: &[&str]) -> Sta
             )),
             ..Default::default()
         };
-        state.clusters.insert(name.to_string(), super::cluster::cluster(&pb, "1").unwrap());
+        state
+            .clusters
+            .insert(name.to_string(), Accepted::new("1", super::cluster::cluster(&pb, "1").unwrap()));
     }
     state
 }

@@ -4,6 +4,7 @@
 //! connections). Internal listeners are accepted, not bound. Pure: protos in, config out.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
@@ -11,13 +12,15 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_p
 
 use super::proto::{Error, METADATA_EXCHANGE, decode, invalid, socket_address};
 use super::tls::downstream;
-use crate::config::{Capture, Cidr, Direction, FilterChain, Listener, PeerExchange, TcpRoute};
+use crate::config::{Capture, Cidr, Direction, Dur, FilterChain, Listener, PeerExchange, TcpRoute};
 
 pub(super) const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 pub(super) const TCP_PROXY_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
 const ISTIO_STATS: &str = "istio.stats";
+/// The listener filter that makes a capture listener, as `use_original_dst` does.
+const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
 
 /// A translated Listener.
 #[derive(Clone, Debug)]
@@ -53,19 +56,37 @@ fn traffic_direction(d: i32) -> Direction {
     }
 }
 
-/// A Listener: its address, its filter chains (their `filter_chain_match`, tcp_proxy route,
-/// `istio.stats`), `istio.metadata_exchange`, and `use_original_dst` (capture).
+/// A Listener: its address, its filter chains (their `filter_chain_match`, tcp_proxy route
+/// and settings, `istio.stats`), `istio.metadata_exchange`, and capture (`use_original_dst`
+/// or the `original_dst` listener filter). An internal listener is accepted, not bound.
 pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error> {
+    use core::address::Address as A;
     let name = pb.name.as_str();
     let bad = |reason: String| invalid("Listener", name, reason);
     if name.is_empty() {
         return Err(invalid("Listener", "", "a listener needs a name"));
+    }
+    // Internal listeners (istiod's HBONE `main_internal` and `connect_originate`) take
+    // connections from clusters inside Envoy, never from a socket: nothing to bind, and no
+    // cluster ringside serves reaches them.
+    let address = pb.address.as_ref().and_then(|a| a.address.as_ref());
+    let internal = match address {
+        _ if pb.listener_specifier.is_some() => Some("internal_listener"),
+        None => Some("no address"),
+        Some(A::EnvoyInternalAddress(_)) => Some("an envoy internal address"),
+        Some(A::Pipe(p)) => return Err(bad(format!("unsupported address family: pipe {:?}", p.path))),
+        Some(A::SocketAddress(_)) => None,
+    };
+    if let Some(why) = internal {
+        let line = format!("Listener/{name}: internal listener ({why}): accepted, not bound");
+        return Ok(XdsListener { listener: None, reports: vec![line], handoff: None });
     }
     let listen = socket_address(&pb.address).map_err(bad)?;
     let direction = traffic_direction(pb.traffic_direction);
     let mut reports = Vec::new();
     let mut exchange = pb.listener_filters.iter().any(|f| f.name == METADATA_EXCHANGE);
     let mut chains: Vec<FilterChain> = Vec::new();
+    let mut idle_timeouts: Vec<Duration> = Vec::new();
     let all =
         pb.filter_chains.iter().map(|c| (c, false)).chain(pb.default_filter_chain.iter().map(|c| (c, true)));
     for (i, (chain, default)) in all.enumerate() {
@@ -122,10 +143,13 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             chains.push(fc);
             continue;
         };
-        match tcp_target(proxy).map_err(|r| bad(format!("{what}: {r}")))? {
+        let (target, settings) = tcp_target(proxy).map_err(|r| bad(format!("{what}: {r}")))?;
+        match target {
             TcpTarget::Cluster(c) => fc.cluster = Some(c),
             TcpTarget::Weighted(routes) => fc.tcp_routes = Some(routes),
         }
+        fc.max_connect_attempts = Some(settings.max_connect_attempts);
+        idle_timeouts.push(settings.idle_timeout);
         fc.istio_stats = chain.filters.iter().any(|f| f.name == ISTIO_STATS);
         exchange |= chain.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
         chains.push(fc);
@@ -146,12 +170,29 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             reports,
         });
     }
-    let capture = match (pb.use_original_dst.is_some_and(|b| b.value), direction) {
+    // istiod's virtualInbound takes its original destination from the listener filter,
+    // virtualOutbound from `use_original_dst`: Envoy reads both the same way.
+    let original_dst = pb.use_original_dst.is_some_and(|b| b.value)
+        || pb.listener_filters.iter().any(|f| f.name == ORIGINAL_DST);
+    let capture = match (original_dst, direction) {
         (true, Direction::Inbound) => Capture::Inbound,
         (true, Direction::Outbound) => Capture::Outbound,
         _ => Capture::None,
     };
     let mut listener = base_listener(name, listen, direction, capture, exchange, false, version);
+    // The listener's idle timer serves all its chains: the longest of theirs, so that no
+    // connection is closed before Envoy would close it; a difference is reported.
+    idle_timeouts.sort();
+    idle_timeouts.dedup();
+    if let Some(longest) = idle_timeouts.last() {
+        listener.limits.idle_timeout = Dur(*longest);
+    }
+    if idle_timeouts.len() > 1 {
+        reports.push(format!(
+            "Listener/{name}: chains with different tcp_proxy idle_timeout: all served with the longest, {}",
+            Dur(listener.limits.idle_timeout.0)
+        ));
+    }
     if capture != Capture::None {
         // Routed by original destination (SPEC §8): outbound to the cluster holding it,
         // inbound to its port on the local host. The chains are kept to choose, per
@@ -168,6 +209,9 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
     match &chains[..] {
         // One chain for every connection: the plain listener model.
         [only] if plain(only) => {
+            if let Some(n) = only.max_connect_attempts {
+                listener.limits.max_connect_attempts = n;
+            }
             listener.cluster = only.cluster.clone();
             listener.tcp_routes = only.tcp_routes.clone();
             listener.istio_stats = only.istio_stats;
@@ -253,7 +297,21 @@ enum TcpTarget {
     Weighted(Vec<TcpRoute>),
 }
 
-fn tcp_target(filter: &lds::Filter) -> Result<TcpTarget, String> {
+/// A tcp_proxy's settings that change how a connection is served.
+struct TcpSettings {
+    /// Endpoints tried before the connection fails (Envoy's default 1).
+    max_connect_attempts: u32,
+    /// No bytes either way for this long closes the connection (Envoy's default 1 h).
+    idle_timeout: Duration,
+}
+
+/// Envoy's tcp_proxy idle timeout when unset.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// What `idle_timeout: 0s` (Envoy: disabled) becomes: a year is "never" for a connection,
+/// and unlike `Duration::MAX` it cannot overflow when added to a clock reading.
+const IDLE_TIMEOUT_DISABLED: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn tcp_target(filter: &lds::Filter) -> Result<(TcpTarget, TcpSettings), String> {
     use lds::filter::ConfigType;
     use tcp_proxy::tcp_proxy::ClusterSpecifier;
     let any = match &filter.config_type {
@@ -261,8 +319,22 @@ fn tcp_target(filter: &lds::Filter) -> Result<TcpTarget, String> {
         _ => return Err("tcp_proxy without typed_config".into()),
     };
     let proxy: tcp_proxy::TcpProxy = decode(any, TCP_PROXY_TYPE)?;
-    match proxy.cluster_specifier {
-        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => Ok(TcpTarget::Cluster(c)),
+    let idle_timeout = match proxy.idle_timeout {
+        None => DEFAULT_IDLE_TIMEOUT,
+        Some(d) if d.seconds == 0 && d.nanos == 0 => IDLE_TIMEOUT_DISABLED,
+        Some(d) => match (u64::try_from(d.seconds), u32::try_from(d.nanos)) {
+            (Ok(s), Ok(n)) if n < 1_000_000_000 => Duration::new(s, n).min(IDLE_TIMEOUT_DISABLED),
+            _ => return Err(format!("tcp_proxy idle_timeout {}s {}ns: not a duration", d.seconds, d.nanos)),
+        },
+    };
+    let max_connect_attempts = match proxy.max_connect_attempts {
+        None => 1,
+        Some(n) if n.value == 0 => return Err("tcp_proxy max_connect_attempts 0: at least 1".into()),
+        Some(n) => n.value,
+    };
+    let settings = TcpSettings { max_connect_attempts, idle_timeout };
+    let target = match proxy.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => TcpTarget::Cluster(c),
         Some(ClusterSpecifier::WeightedClusters(w)) if !w.clusters.is_empty() => {
             let mut routes = Vec::new();
             for c in &w.clusters {
@@ -274,10 +346,11 @@ fn tcp_target(filter: &lds::Filter) -> Result<TcpTarget, String> {
                 }
                 routes.push(TcpRoute { cluster: c.name.clone(), subset: None, weight: i64::from(c.weight) });
             }
-            Ok(TcpTarget::Weighted(routes))
+            TcpTarget::Weighted(routes)
         }
-        _ => Err("tcp_proxy without a cluster".into()),
-    }
+        _ => return Err("tcp_proxy without a cluster".into()),
+    };
+    Ok((target, settings))
 }
 
 #[cfg(test)]
@@ -285,7 +358,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::xds::fixtures::*;
-    use crate::xds::state::State;
+    use crate::xds::state::{Accepted, State};
     use crate::xds::tls::DOWNSTREAM_TLS;
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
     use envoy_types::pb::google::protobuf::{Any, UInt32Value};
@@ -407,7 +480,10 @@ mod tests {
         assert_eq!(t.secrets.certificate, "default");
         // Resolved on merge; NACKed without certificates, naming the listener and chain.
         let mut state = State::default();
-        state.listeners.insert("l".into(), listener(&listener_with(vec![mtls.clone()]), "1").unwrap());
+        state.listeners.insert(
+            "l".into(),
+            Accepted::new("1", listener(&listener_with(vec![mtls.clone()]), "1").unwrap()),
+        );
         let cfg = state.merge(&certificates()).unwrap();
         assert_eq!(
             cfg.listeners[0].filter_chains[0].tls.as_ref().unwrap().files.root_cert,
@@ -545,5 +621,86 @@ mod tests {
         let i =
             crate::routing::select_chain(chains, "10.1.1.1:80".parse().unwrap(), "raw_buffer", &[]).unwrap();
         assert!(chains[i].default && !chains[i].istio_stats);
+    }
+
+    #[test]
+    fn internal_listeners_are_accepted_and_not_bound_and_a_pipe_address_is_invalid() {
+        // istiod's HBONE listeners: `connect_originate` without an address, `main_internal`
+        // with `internal_listener` set.
+        let mut no_address = listener_with(vec![chain(vec![to("c")])]);
+        no_address.name = "connect_originate".into();
+        no_address.address = None;
+        let x = listener(&no_address, "1").unwrap();
+        assert!(x.listener.is_none() && x.handoff.is_none());
+        assert_eq!(
+            x.reports,
+            ["Listener/connect_originate: internal listener (no address): accepted, not bound"]
+        );
+        let mut internal = listener_with(vec![chain(vec![to("c")])]);
+        internal.name = "main_internal".into();
+        internal.address = None;
+        internal.listener_specifier =
+            Some(lds::listener::ListenerSpecifier::InternalListener(Default::default()));
+        let x = listener(&internal, "1").unwrap();
+        assert!(x.listener.is_none());
+        assert!(x.reports[0].contains("internal listener (internal_listener)"), "{:?}", x.reports);
+        let mut pipe = listener_with(vec![chain(vec![to("c")])]);
+        pipe.address = Some(core::Address {
+            address: Some(core::address::Address::Pipe(core::Pipe { path: "/x.sock".into(), mode: 0 })),
+        });
+        let e = listener(&pipe, "1").unwrap_err();
+        assert_eq!(
+            (e.resource.as_str(), e.reason.as_str()),
+            ("Listener/l", "unsupported address family: pipe \"/x.sock\"")
+        );
+    }
+
+    #[test]
+    fn the_original_dst_listener_filter_makes_a_capture_listener_as_use_original_dst_does() {
+        let mut pb = listener_with(vec![chain(vec![to("inbound|9080||")])]);
+        assert_eq!(listener(&pb, "1").unwrap().listener.unwrap().capture, Capture::None);
+        pb.listener_filters.push(lds::ListenerFilter {
+            name: "envoy.filters.listener.original_dst".into(),
+            ..Default::default()
+        });
+        let l = listener(&pb, "1").unwrap().listener.unwrap();
+        assert_eq!(l.capture, Capture::Inbound);
+        assert_eq!(l.filter_chains.len(), 1, "the chains choose TLS and counting per connection");
+        pb.traffic_direction = core::TrafficDirection::Outbound as i32;
+        assert_eq!(listener(&pb, "1").unwrap().listener.unwrap().capture, Capture::Outbound);
+    }
+
+    #[test]
+    fn tcp_proxy_max_connect_attempts_and_idle_timeout_take_envoys_defaults_when_unset() {
+        use envoy_types::pb::google::protobuf::Duration as PbDuration;
+        let with = |attempts: Option<u32>, idle: Option<i64>| {
+            let p = tcp_proxy::TcpProxy {
+                cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster("c".into())),
+                max_connect_attempts: attempts.map(|value| UInt32Value { value }),
+                idle_timeout: idle.map(|seconds| PbDuration { seconds, nanos: 0 }),
+                ..Default::default()
+            };
+            filter(TCP_PROXY, any(TCP_PROXY_TYPE, &p))
+        };
+        let plain = |f| listener(&listener_with(vec![chain(vec![f])]), "1").unwrap().listener.unwrap();
+        let l = plain(with(None, None));
+        assert_eq!(l.limits.max_connect_attempts, 1, "Envoy's default: one attempt");
+        assert_eq!(l.limits.idle_timeout.0, Duration::from_secs(3600), "Envoy's default: 1 h");
+        let l = plain(with(Some(3), Some(30)));
+        assert_eq!((l.limits.max_connect_attempts, l.limits.idle_timeout.0), (3, Duration::from_secs(30)));
+        assert_eq!(plain(with(None, Some(0))).limits.idle_timeout.0, IDLE_TIMEOUT_DISABLED, "0s: disabled");
+        // Chains carry their own attempts; the listener's idle timer takes the longest.
+        let mut pb =
+            listener_with(vec![chain(vec![with(Some(2), Some(10))]), chain(vec![with(None, Some(20))])]);
+        pb.filter_chains[0].filter_chain_match =
+            Some(lds::FilterChainMatch { transport_protocol: "tls".into(), ..Default::default() });
+        let x = listener(&pb, "1").unwrap();
+        let l = x.listener.unwrap();
+        let attempts: Vec<_> = l.filter_chains.iter().map(|c| c.max_connect_attempts).collect();
+        assert_eq!(attempts, [Some(2), Some(1)]);
+        assert_eq!(l.limits.idle_timeout.0, Duration::from_secs(20));
+        assert!(x.reports[0].contains("different tcp_proxy idle_timeout"), "{:?}", x.reports);
+        let e = listener(&listener_with(vec![chain(vec![with(Some(0), None)])]), "1").unwrap_err();
+        assert!(e.reason.contains("max_connect_attempts 0"), "{e}");
     }
 }

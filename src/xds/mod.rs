@@ -31,17 +31,13 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, XdsAddress};
 use proto::{CLUSTER, ENDPOINTS, LISTENER};
-use state::State;
+use state::{State, Type};
 
 /// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between reconnects (Envoy's default for its gRPC mux is 30 s; a sidecar
 /// whose istiod restarted should catch up within seconds).
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Resource types in `ringside_xds_*` metrics.
-const TYPES: [(&str, &str); 3] =
-    [(CLUSTER, "Cluster"), (LISTENER, "Listener"), (ENDPOINTS, "ClusterLoadAssignment")];
 
 /// What the xDS client did, for `ringside_xds_*` metrics, `/ready` and `/config_dump`.
 #[derive(Debug, Default)]
@@ -82,8 +78,8 @@ impl Status {
             ),
         ] {
             counter(&mut out, name, what);
-            for ((_, kind), n) in TYPES.iter().zip(counts) {
-                out.push_str(&format!("{name}{{type=\"{kind}\"}} {}\n", n.load(Ordering::Relaxed)));
+            for (t, n) in Type::ALL.iter().zip(counts) {
+                out.push_str(&format!("{name}{{type=\"{}\"}} {}\n", t.name(), n.load(Ordering::Relaxed)));
             }
         }
         out.push_str("# HELP ringside_xds_connected Whether the ADS stream is up.\n# TYPE ringside_xds_connected gauge\n");
@@ -236,10 +232,11 @@ impl Client {
         let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::unbounded_channel();
         // On a reconnect, the versions held tell the server what we have (as Envoy does).
-        let _ = tx.send(self.request(CLUSTER, &self.state.cluster_version.clone(), "", None));
-        let _ = tx.send(self.request(LISTENER, &self.state.listener_version.clone(), "", None));
+        let _ = tx.send(self.request(CLUSTER, &self.state.version(Type::Cluster).to_string(), "", None));
+        let _ = tx.send(self.request(LISTENER, &self.state.version(Type::Listener).to_string(), "", None));
         if !self.state.eds_names().is_empty() {
-            let _ = tx.send(self.request(ENDPOINTS, &self.state.endpoint_version.clone(), "", None));
+            let _ =
+                tx.send(self.request(ENDPOINTS, &self.state.version(Type::Endpoints).to_string(), "", None));
         }
         let mut stream = match client
             .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
@@ -269,104 +266,50 @@ impl Client {
             // Clusters changed which ClusterLoadAssignments we need: ask for those.
             let names = self.state.eds_names();
             if names != names_before {
-                let _ =
-                    tx.send(self.request(ENDPOINTS, &self.state.endpoint_version.clone(), &eds_nonce, None));
+                let _ = tx.send(self.request(
+                    ENDPOINTS,
+                    &self.state.version(Type::Endpoints).to_string(),
+                    &eds_nonce,
+                    None,
+                ));
             }
         }
     }
 
-    /// Translate, merge, check and apply one response; the ACK or NACK to send.
+    /// Apply one response, each resource on its own (`State::update`); the ACK, or the
+    /// NACK naming every resource that was not applied.
     fn handle(&mut self, r: &DiscoveryResponse) -> DiscoveryRequest {
-        let Some(kind) = TYPES.iter().position(|(t, _)| *t == r.type_url) else {
+        let apply = &self.apply;
+        let outcome = self.state.update(r, &self.base, &mut |cfg| apply(cfg));
+        let Some(t) = Type::of(&r.type_url) else {
             // Not subscribed: refuse it, naming the type.
-            return self.request(
-                &r.type_url,
-                "",
-                &r.nonce,
-                Some(format!("type {:?} is not subscribed", r.type_url)),
-            );
+            return self.request(&r.type_url, "", &r.nonce, outcome.error_detail());
         };
-        let type_name = TYPES[kind].1;
-        match self.candidate(r).and_then(|next| {
-            let mut cfg = next.merge(&self.base).map_err(|e| e.to_string())?;
-            cfg.validate("xds", "").map_err(|e| e.message)?;
-            (self.apply)(cfg)?;
-            Ok(next)
-        }) {
-            Ok(next) => {
-                self.state = next;
-                self.status.applied[kind].fetch_add(1, Ordering::Relaxed);
-                let reports: Vec<String> = self.state.reports().cloned().collect();
-                // Once each: a line already reported for an earlier version is not repeated.
-                let before = self.status.reports.load();
-                for line in reports.iter().filter(|l| !before.contains(l)) {
-                    log::info!("xds: {line}");
-                }
-                self.status.reports.store(Arc::new(reports));
-                if !self.state.cluster_version.is_empty() && !self.state.listener_version.is_empty() {
-                    self.status.synced.store(true, Ordering::Release);
-                }
-                log::info!(
-                    "xds: applied {type_name} version {} ({} resources)",
-                    r.version_info,
-                    r.resources.len()
-                );
-                let version = r.version_info.clone();
-                self.request(&r.type_url, &version, &r.nonce, None)
-            }
-            Err(why) => {
-                self.status.rejected[kind].fetch_add(1, Ordering::Relaxed);
-                log::warn!("xds: rejected {type_name} version {}: {why}", r.version_info);
-                let mut reports: Vec<String> = self.state.reports().cloned().collect();
+        let type_name = t.name();
+        let counts = if outcome.rejected.is_empty() { &self.status.applied } else { &self.status.rejected };
+        counts[t as usize].fetch_add(1, Ordering::Relaxed);
+        let mut reports = self.state.reports();
+        match outcome.error_detail() {
+            None => log::info!(
+                "xds: applied {type_name} version {} ({} resources)",
+                r.version_info,
+                r.resources.len()
+            ),
+            Some(why) => {
+                log::warn!("xds: {type_name} version {}: not applied: {why}", r.version_info);
                 reports.push(format!("last rejected: {type_name} version {}: {why}", r.version_info));
-                self.status.reports.store(Arc::new(reports));
-                let version = match kind {
-                    0 => self.state.cluster_version.clone(),
-                    1 => self.state.listener_version.clone(),
-                    _ => self.state.endpoint_version.clone(),
-                };
-                self.request(&r.type_url, &version, &r.nonce, Some(why))
             }
         }
-    }
-
-    /// The state with this response's resources in place of the previous ones of its type.
-    fn candidate(&self, r: &DiscoveryResponse) -> Result<State, String> {
-        let mut next = self.state.clone();
-        let version = r.version_info.as_str();
-        match r.type_url.as_str() {
-            CLUSTER => {
-                next.clusters.clear();
-                for any in &r.resources {
-                    let pb = proto::decode(any, CLUSTER).map_err(|e| format!("Cluster: {e}"))?;
-                    let c = cluster::cluster(&pb, version).map_err(|e| e.to_string())?;
-                    next.clusters.insert(c.cluster.name.clone(), c);
-                }
-                next.cluster_version = version.to_string();
-                // Forget the endpoints of clusters that are gone.
-                let names = next.eds_names();
-                next.endpoints.retain(|k, _| names.contains(k));
-            }
-            LISTENER => {
-                next.listeners.clear();
-                for any in &r.resources {
-                    let pb = proto::decode(any, LISTENER).map_err(|e| format!("Listener: {e}"))?;
-                    let l = listener::listener(&pb, version).map_err(|e| e.to_string())?;
-                    next.listeners.insert(pb.name.clone(), l);
-                }
-                next.listener_version = version.to_string();
-            }
-            _ => {
-                // EDS responses may carry only the assignments that changed.
-                for any in &r.resources {
-                    let pb: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
-                        proto::decode(any, ENDPOINTS).map_err(|e| format!("ClusterLoadAssignment: {e}"))?;
-                    let endpoints = endpoint::load_assignment(&pb).map_err(|e| e.to_string())?;
-                    next.endpoints.insert(pb.cluster_name.clone(), endpoints);
-                }
-                next.endpoint_version = version.to_string();
-            }
+        // Once each: a line already reported for an earlier version is not repeated.
+        let before = self.status.reports.load();
+        for line in reports.iter().filter(|l| !before.contains(l) && !l.starts_with("last rejected")) {
+            log::info!("xds: {line}");
         }
-        Ok(next)
+        self.status.reports.store(Arc::new(reports));
+        if self.state.synced() {
+            self.status.synced.store(true, Ordering::Release);
+        }
+        let version = self.state.version(t).to_string();
+        self.request(&r.type_url, &version, &r.nonce, outcome.error_detail())
     }
 }

@@ -228,7 +228,7 @@ mod tests {
     use crate::xds::cluster::cluster;
     use crate::xds::endpoint::load_assignment;
     use crate::xds::fixtures::*;
-    use crate::xds::state::State;
+    use crate::xds::state::{Accepted, State};
     use envoy_types::pb::envoy::config::endpoint::v3 as eds;
     use envoy_types::pb::google::protobuf::{Struct, Value};
 
@@ -271,7 +271,7 @@ mod tests {
         assert!(!t.applies_to(&endpoints[1]), "no tlsMode: tlsMode-disabled, plaintext");
         // Merged beside a config with xds.certificates: the secrets resolve to those files.
         let mut state = State::default();
-        state.clusters.insert(x.cluster.name.clone(), x);
+        state.clusters.insert(x.cluster.name.clone(), Accepted::new("1", x));
         let cfg = state.merge(&certificates()).unwrap();
         let t = cfg.clusters[0].tls.as_ref().unwrap();
         assert_eq!(
@@ -284,7 +284,7 @@ mod tests {
     fn tls_without_xds_certificates_is_an_error_naming_the_resource_and_the_secret() {
         let x = cluster(&istio_mutual(common("default", "ROOTCA", &[], &[])), "1").unwrap();
         let mut state = State::default();
-        state.clusters.insert(x.cluster.name.clone(), x);
+        state.clusters.insert(x.cluster.name.clone(), Accepted::new("1", x));
         let e = state.merge(&Config::default()).unwrap_err();
         assert_eq!(e.resource, "Cluster/outbound|6379||redis.default.svc.cluster.local");
         assert!(e.reason.contains("\"default\"") && e.reason.contains("xds.certificates"), "{e}");
@@ -296,7 +296,7 @@ mod tests {
             common("file-cert:/etc/certs/a.pem~/etc/certs/a.key", "file-root:/etc/certs/root.pem", &[], &[]);
         let x = cluster(&istio_mutual(c), "1").unwrap();
         let mut state = State::default();
-        state.clusters.insert(x.cluster.name.clone(), x);
+        state.clusters.insert(x.cluster.name.clone(), Accepted::new("1", x));
         let cfg = state.merge(&Config::default()).unwrap();
         let t = cfg.clusters[0].tls.as_ref().unwrap();
         assert_eq!(
