@@ -1,0 +1,233 @@
+//! SPEC §9 against what a real istiod sends: the three Envoy `/config_dump`s of Istio sidecars
+//! in `../shared/istio-xds-dumps/` (Istio 1.15-1.18), their JSON turned into protobuf here
+//! (against the FileDescriptorSet envoy-types ships; Istio-only types carried as opaque
+//! `Any`), served over ADS to the real binary in a network namespace of its own (the dumps
+//! bind 15001 and 15006). Each test asserts exactly which resources are applied and which
+//! NACKed with which reason, that the pod becomes ready, and what virtualInbound serves.
+//! Without the dumps, or without namespaces, each test prints a SKIP line and returns.
+
+#[path = "common/ads.rs"]
+mod ads;
+mod common;
+#[path = "common/netns.rs"]
+mod netns;
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use ads::{AdsServer, CLUSTER, ENDPOINTS, LISTENER, Snapshot, cds, eds, lds};
+use common::wait_for;
+use envoy_types::pb::envoy::admin::v3 as admin;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use netns::{Sidecar, in_ns};
+use pki::{Ca, Certs};
+use prost::Message;
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
+
+const DUMPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-xds-dumps");
+
+/// The dump `file`, or None (after a SKIP line) when `../shared` is absent.
+fn dump_file(test: &str, file: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(DUMPS).join(file);
+    if path.exists() {
+        return Some(path);
+    }
+    common::skip(test, &format!("no {DUMPS} (the real Istio xDS dumps live in ../shared)"));
+    None
+}
+
+/// envoy-types' FileDescriptorSet of every Envoy proto (`src/generated/types.bin` in its
+/// crate directory, found through `cargo metadata`).
+fn envoy_pool() -> DescriptorPool {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata");
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifest = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "envoy-types")
+        .and_then(|p| p["manifest_path"].as_str())
+        .expect("envoy-types in cargo metadata");
+    let bin = PathBuf::from(manifest).parent().unwrap().join("src/generated/types.bin");
+    DescriptorPool::decode(std::fs::read(&bin).unwrap().as_slice()).unwrap()
+}
+
+/// Every `@type` in `json`.
+fn type_urls(json: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match json {
+        serde_json::Value::Object(o) => {
+            if let Some(serde_json::Value::String(t)) = o.get("@type") {
+                out.insert(t.clone());
+            }
+            o.values().for_each(|v| type_urls(v, out));
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| type_urls(v, out)),
+        _ => {}
+    }
+}
+
+/// The resources of one dump, as istiod sent them.
+#[derive(Default)]
+struct Dump {
+    listeners: Vec<lds::Listener>,
+    clusters: Vec<cds::Cluster>,
+    endpoints: Vec<eds::ClusterLoadAssignment>,
+    /// Istio-only types carried as opaque `Any` (an empty message of that name).
+    opaque: BTreeSet<String>,
+}
+
+/// Parse a `/config_dump` (`envoy.admin.v3.ConfigDump` in JSON): types the pool lacks
+/// (Istio's `stats.PluginConfig`, `istio.*`) become empty messages of their name, so their
+/// `Any` keeps its type URL and drops its body (ringside reads those filters by name only).
+/// A listener Envoy rejected (`error_state`) is served as what istiod sent for it.
+fn load(path: &std::path::Path) -> Dump {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut pool = envoy_pool();
+    let mut urls = BTreeSet::new();
+    type_urls(&json, &mut urls);
+    let mut dump = Dump::default();
+    for url in urls {
+        let name = url.rsplit('/').next().unwrap().to_string();
+        if pool.get_message_by_name(&name).is_some() {
+            continue;
+        }
+        let (package, message) = name.rsplit_once('.').unwrap_or(("", &name));
+        let file = prost_types::FileDescriptorProto {
+            name: Some(format!("opaque/{name}.proto")),
+            package: (!package.is_empty()).then(|| package.to_string()),
+            message_type: vec![prost_types::DescriptorProto {
+                name: Some(message.to_string()),
+                ..Default::default()
+            }],
+            syntax: Some("proto3".into()),
+            ..Default::default()
+        };
+        pool.add_file_descriptor_proto(file).unwrap();
+        dump.opaque.insert(name);
+    }
+    let desc = pool.get_message_by_name("envoy.admin.v3.ConfigDump").unwrap();
+    let options = DeserializeOptions::new().deny_unknown_fields(false);
+    let msg = DynamicMessage::deserialize_with_options(desc, json, &options).expect("the dump as a ConfigDump");
+    let config = admin::ConfigDump::decode(msg.encode_to_vec().as_slice()).unwrap();
+    let mut names = BTreeSet::new();
+    for any in &config.configs {
+        match any.type_url.rsplit('/').next().unwrap() {
+            "envoy.admin.v3.ListenersConfigDump" => {
+                let d = admin::ListenersConfigDump::decode(any.value.as_slice()).unwrap();
+                for l in d.dynamic_listeners {
+                    let sent = l
+                        .active_state
+                        .and_then(|s| s.listener)
+                        .or(l.error_state.and_then(|e| e.failed_configuration));
+                    let pb = lds::Listener::decode(sent.expect("a listener").value.as_slice()).unwrap();
+                    // Envoy dumps a rejected listener twice: serve it once.
+                    if names.insert(pb.name.clone()) {
+                        dump.listeners.push(pb);
+                    }
+                }
+            }
+            "envoy.admin.v3.ClustersConfigDump" => {
+                let d = admin::ClustersConfigDump::decode(any.value.as_slice()).unwrap();
+                for c in d.dynamic_active_clusters {
+                    dump.clusters.push(cds::Cluster::decode(c.cluster.unwrap().value.as_slice()).unwrap());
+                }
+            }
+            "envoy.admin.v3.EndpointsConfigDump" => {
+                let d = admin::EndpointsConfigDump::decode(any.value.as_slice()).unwrap();
+                for e in d.dynamic_endpoint_configs {
+                    let cla = e.endpoint_config.unwrap().value;
+                    dump.endpoints.push(eds::ClusterLoadAssignment::decode(cla.as_slice()).unwrap());
+                }
+            }
+            _ => {}
+        }
+    }
+    dump
+}
+
+/// What the sidecar replied to each type of the first push.
+struct Replies {
+    /// Per type URL, the error_detail of its reply (None: ACK).
+    detail: BTreeMap<String, Option<String>>,
+}
+
+/// The first reply (ACK or NACK, with a nonce) to each of `types`.
+fn replies(requests: &mpsc::Receiver<DiscoveryRequest>, types: &[&str]) -> Replies {
+    let mut detail = BTreeMap::new();
+    while detail.len() < types.len() {
+        let r = requests.recv_timeout(common::DEADLINE).expect("a reply to every type");
+        if !r.response_nonce.is_empty() && types.contains(&r.type_url.as_str()) {
+            detail.entry(r.type_url.clone()).or_insert(r.error_detail.map(|e| e.message));
+        }
+    }
+    Replies { detail }
+}
+
+/// Serve `dump` to a ringside in a namespace of its own; the replies to the first
+/// response of each type, its `/config_dump`, and the sidecar (ready).
+fn replay(ns: &str, dump: Snapshot, types: &[&str]) -> (Replies, serde_json::Value, Sidecar, AdsServer) {
+    let ca = Ca::new("mesh");
+    let certs = Certs::new(ns, &ca, "spiffe://cluster.local/ns/default/sa/replay");
+    let (tx, requests) = mpsc::channel();
+    let server = AdsServer::start_for_sidecar(ns, dump, tx);
+    let yaml = format!(
+        "node:\n  workload_name: replay-v1\n  namespace: default\nworkers: 1\n\
+         metrics: {{listen: 127.0.0.1:15090}}\nadmin: {{listen: 127.0.0.1:15000}}\nhealth: {{listen: 'off'}}\n\
+         xds: {{address: \"{}\", certificates: {{{}}}}}\n",
+        server.unix_address(),
+        certs.yaml()
+    );
+    // Sidecar::spawn returns once /ready says 200: every type arrived, the listeners bound.
+    let sidecar = Sidecar::spawn(ns, &yaml);
+    let replies = replies(&requests, types);
+    let admin = sidecar.admin;
+    let dump = in_ns(ns, move || common::http(admin, "GET", "/config_dump")).expect("config_dump").1;
+    (replies, serde_json::from_str(&dump).unwrap(), sidecar, server)
+}
+
+/// A namespace with only loopback up, removed on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new(tag: &str) -> Ns {
+        let name = format!("rs-replay-{tag}-{}", std::process::id());
+        let ok = std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap();
+        assert!(ok.success());
+        netns::exec(&name, &["ip", "link", "set", "lo", "up"]);
+        Ns(name)
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The listeners of `/config_dump` by name: (listen, capture, number of chains).
+fn served_listeners(config: &serde_json::Value) -> BTreeMap<String, (String, String, usize)> {
+    config["config"]["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            (
+                l["name"].as_str().unwrap_or("").to_string(),
+                (
+                    l["listen"].as_str().unwrap_or("").to_string(),
+                    l["capture"].as_str().unwrap_or("none").to_string(),
+                    l["filter_chains"].as_array().map_or(0, Vec::len),
+                ),
+            )
+        })
+        .collect()
+}
