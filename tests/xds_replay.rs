@@ -19,7 +19,6 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 
 use ads::{AdsServer, CLUSTER, ENDPOINTS, LISTENER, Snapshot, cds, eds, lds};
-use common::wait_for;
 use envoy_types::pb::envoy::admin::v3 as admin;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use netns::{Sidecar, in_ns};
@@ -116,7 +115,8 @@ fn load(path: &std::path::Path) -> Dump {
     }
     let desc = pool.get_message_by_name("envoy.admin.v3.ConfigDump").unwrap();
     let options = DeserializeOptions::new().deny_unknown_fields(false);
-    let msg = DynamicMessage::deserialize_with_options(desc, json, &options).expect("the dump as a ConfigDump");
+    let msg =
+        DynamicMessage::deserialize_with_options(desc, json, &options).expect("the dump as a ConfigDump");
     let config = admin::ConfigDump::decode(msg.encode_to_vec().as_slice()).unwrap();
     let mut names = BTreeSet::new();
     for any in &config.configs {
@@ -215,7 +215,7 @@ impl Drop for Ns {
 
 /// The listeners of `/config_dump` by name: (listen, capture, number of chains).
 fn served_listeners(config: &serde_json::Value) -> BTreeMap<String, (String, String, usize)> {
-    config["config"]["listeners"]
+    config["listeners"]
         .as_array()
         .into_iter()
         .flatten()
@@ -230,4 +230,132 @@ fn served_listeners(config: &serde_json::Value) -> BTreeMap<String, (String, Str
             )
         })
         .collect()
+}
+
+fn snapshot(dump: &Dump) -> Snapshot {
+    Snapshot {
+        version: "1".into(),
+        clusters: dump.clusters.clone(),
+        endpoints: dump.endpoints.clone(),
+        listeners: dump.listeners.clone(),
+        secrets: vec![],
+    }
+}
+
+/// The lines of `/config_dump`'s `xds_status.not_served`.
+fn reports(config: &serde_json::Value) -> Vec<String> {
+    let lines = config["xds_status"]["not_served"].as_array().cloned().unwrap_or_default();
+    lines.iter().filter_map(|l| l.as_str().map(String::from)).collect()
+}
+
+/// The bound listeners: istiod's two capture listeners, and nothing else a sidecar binds.
+fn assert_capture_listeners_only(config: &serde_json::Value) -> BTreeMap<String, (String, String, usize)> {
+    let served = served_listeners(config);
+    assert_eq!(served.keys().collect::<Vec<_>>(), ["virtualInbound", "virtualOutbound"], "{served:?}");
+    assert_eq!(
+        (served["virtualInbound"].0.as_str(), served["virtualInbound"].1.as_str()),
+        ("0.0.0.0:15006", "inbound"),
+        "virtualInbound captures through its original_dst listener filter"
+    );
+    assert_eq!(
+        (served["virtualOutbound"].0.as_str(), served["virtualOutbound"].1.as_str()),
+        ("0.0.0.0:15001", "outbound")
+    );
+    served
+}
+
+#[test]
+fn the_real_httpbin_sidecar_listeners_are_all_applied_internal_ones_unbound_and_the_pod_ready() {
+    const TEST: &str = "xds_replay::httpbin";
+    let Some(path) = dump_file(TEST, "istio-authz-httpbin-sidecar-listeners.json") else { return };
+    if netns::unavailable(TEST).is_some() {
+        return;
+    }
+    let dump = load(&path);
+    assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (27, 0, 0));
+    let ns = Ns::new("httpbin");
+    // Ready (Sidecar::spawn waits for /ready) though the dump has no clusters: the Cluster
+    // response arrived, empty.
+    let (replies, config, _sidecar, _server) = replay(&ns.0, snapshot(&dump), &[CLUSTER, LISTENER]);
+    assert_eq!(replies.detail[LISTENER], None, "every listener applied");
+    assert_eq!(replies.detail[CLUSTER], None);
+    let served = assert_capture_listeners_only(&config);
+    // virtualInbound: its 4 TCP and 4 HTTP chains (those close their connections, NR, but
+    // stay in the match). virtualOutbound: its 2 chains and the 34 chains of the 22 outbound
+    // listeners not bound to their port (10 TCP-only, 12 with an HTTP chain beside).
+    assert_eq!((served["virtualInbound"].2, served["virtualOutbound"].2), (8, 2 + 10 + 12 * 2), "{served:?}");
+    let reports = reports(&config);
+    for internal in ["main_internal", "connect_originate"] {
+        let line = format!("Listener/{internal}: internal listener (internal_listener): accepted, not bound");
+        assert!(reports.contains(&line), "{line}: {reports:?}");
+    }
+    assert!(
+        reports
+            .iter()
+            .any(|l| l.starts_with("Listener/connect_terminate: ") && l.contains("http_connection_manager")),
+        "HBONE's connect_terminate is HTTP CONNECT: not bound, reported: {reports:?}"
+    );
+    assert!(
+        !reports.iter().any(|l| l.starts_with("rejected") || l.starts_with("last rejected")),
+        "{reports:?}"
+    );
+}
+
+#[test]
+fn the_real_bookinfo_endpoints_are_all_applied_with_their_workloads() {
+    const TEST: &str = "xds_replay::bookinfo";
+    let Some(path) = dump_file(TEST, "istio-istioctl-bookinfo-sidecar-endpoints.json") else { return };
+    if netns::unavailable(TEST).is_some() {
+        return;
+    }
+    let dump = load(&path);
+    assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (0, 0, 32));
+    // The dump holds endpoints only: an EDS cluster per assignment (built here, as istiod's
+    // outbound clusters are) makes ringside ask for each of them.
+    let mut s = snapshot(&dump);
+    s.clusters = dump
+        .endpoints
+        .iter()
+        .map(|e| ads::eds_cluster(&e.cluster_name, "bookinfo.default.svc.cluster.local", "default"))
+        .collect();
+    let ns = Ns::new("bookinfo");
+    let (replies, config, _sidecar, _server) = replay(&ns.0, s, &[CLUSTER, LISTENER, ENDPOINTS]);
+    assert_eq!(replies.detail[ENDPOINTS], None, "every assignment applied");
+    let clusters = config["clusters"].as_array().unwrap();
+    let endpoints = |name: &str| {
+        let c = clusters.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("{name}"));
+        c["endpoints"].as_array().unwrap().len()
+    };
+    for cla in &dump.endpoints {
+        let want: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+        assert_eq!(endpoints(&cla.cluster_name), want, "{}", cla.cluster_name);
+    }
+    // istio.workload strings become the endpoints' identity (SPEC §9).
+    let dump_text = config.to_string();
+    assert!(dump_text.contains("\"workload_name\":\"reviews-v1\""), "reviews-v1 read from istio.workload");
+}
+
+#[test]
+fn the_real_dsb_sidecar_is_applied_whole_including_the_virtual_inbound_envoy_rejected_for_lua() {
+    const TEST: &str = "xds_replay::dsb";
+    let Some(path) = dump_file(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
+    if netns::unavailable(TEST).is_some() {
+        return;
+    }
+    let dump = load(&path);
+    // 142 dynamic listeners, virtualInbound dumped twice (Envoy rejected it).
+    assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (141, 138, 138));
+    let ns = Ns::new("dsb");
+    let (replies, config, _sidecar, _server) =
+        replay(&ns.0, snapshot(&dump), &[CLUSTER, LISTENER, ENDPOINTS]);
+    // Envoy NACKed virtualInbound for a Lua filter's source; ringside runs no HTTP filter and
+    // does not validate them (SPEC §9): applied.
+    assert_eq!(replies.detail[LISTENER], None);
+    assert_eq!(replies.detail[CLUSTER], None);
+    assert_eq!(replies.detail[ENDPOINTS], None);
+    assert_capture_listeners_only(&config);
+    let clusters = config["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 138, "every dynamic cluster, no stub");
+    let reports = reports(&config);
+    assert!(!reports.iter().any(|l| l.contains("rejected")), "{reports:?}");
 }
