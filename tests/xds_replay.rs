@@ -26,6 +26,9 @@ use pki::{Ca, Certs};
 use prost::Message;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
 
+/// istiod's capture listeners, virtualOutbound and virtualInbound, reached from inside the pod.
+const CAPTURE: [&str; 2] = ["127.0.0.1:15001", "127.0.0.1:15006"];
+
 const DUMPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-xds-dumps");
 
 /// The dump `file`, or None (after a SKIP line) when `../shared` is absent.
@@ -173,8 +176,13 @@ fn replies(requests: &mpsc::Receiver<DiscoveryRequest>, types: &[&str]) -> Repli
 }
 
 /// Serve `dump` to a ringside in a namespace of its own; the replies to the first
-/// response of each type, its `/config_dump`, and the sidecar (ready).
-fn replay(ns: &str, dump: Snapshot, types: &[&str]) -> (Replies, serde_json::Value, Sidecar, AdsServer) {
+/// response of each type, its `/config_dump`, and the sidecar (ready: `bound` accept at once).
+fn replay(
+    ns: &str,
+    dump: Snapshot,
+    types: &[&str],
+    bound: &[&str],
+) -> (Replies, serde_json::Value, Sidecar, AdsServer) {
     let ca = Ca::new("mesh");
     let certs = Certs::new(ns, &ca, "spiffe://cluster.local/ns/default/sa/replay");
     let (tx, requests) = mpsc::channel();
@@ -188,6 +196,9 @@ fn replay(ns: &str, dump: Snapshot, types: &[&str]) -> (Replies, serde_json::Val
     );
     // Sidecar::spawn returns once /ready says 200: every type arrived, the listeners bound.
     let sidecar = Sidecar::spawn(ns, &yaml);
+    for listen in bound {
+        netns::connect_in(ns, listen).unwrap_or_else(|e| panic!("{listen} not bound at /ready: {e}"));
+    }
     let replies = replies(&requests, types);
     let admin = sidecar.admin;
     let dump = in_ns(ns, move || common::http(admin, "GET", "/config_dump")).expect("config_dump").1;
@@ -276,7 +287,7 @@ fn the_real_httpbin_sidecar_listeners_are_all_applied_internal_ones_unbound_and_
     let ns = Ns::new("httpbin");
     // Ready (Sidecar::spawn waits for /ready) though the dump has no clusters: the Cluster
     // response arrived, empty.
-    let (replies, config, _sidecar, _server) = replay(&ns.0, snapshot(&dump), &[CLUSTER, LISTENER]);
+    let (replies, config, _sidecar, _server) = replay(&ns.0, snapshot(&dump), &[CLUSTER, LISTENER], &CAPTURE);
     assert_eq!(replies.detail[LISTENER], None, "every listener applied");
     assert_eq!(replies.detail[CLUSTER], None);
     let served = assert_capture_listeners_only(&config);
@@ -319,7 +330,7 @@ fn the_real_bookinfo_endpoints_are_all_applied_with_their_workloads() {
         .map(|e| ads::eds_cluster(&e.cluster_name, "bookinfo.default.svc.cluster.local", "default"))
         .collect();
     let ns = Ns::new("bookinfo");
-    let (replies, config, _sidecar, _server) = replay(&ns.0, s, &[CLUSTER, LISTENER, ENDPOINTS]);
+    let (replies, config, _sidecar, _server) = replay(&ns.0, s, &[CLUSTER, LISTENER, ENDPOINTS], &[]);
     assert_eq!(replies.detail[ENDPOINTS], None, "every assignment applied");
     let clusters = config["clusters"].as_array().unwrap();
     let endpoints = |name: &str| {
@@ -347,7 +358,7 @@ fn the_real_dsb_sidecar_is_applied_whole_including_the_virtual_inbound_envoy_rej
     assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (141, 138, 138));
     let ns = Ns::new("dsb");
     let (replies, config, _sidecar, _server) =
-        replay(&ns.0, snapshot(&dump), &[CLUSTER, LISTENER, ENDPOINTS]);
+        replay(&ns.0, snapshot(&dump), &[CLUSTER, LISTENER, ENDPOINTS], &CAPTURE);
     // Envoy NACKed virtualInbound for a Lua filter's source; ringside runs no HTTP filter and
     // does not validate them (SPEC §9): applied.
     assert_eq!(replies.detail[LISTENER], None);

@@ -19,6 +19,9 @@ pub(super) const TCP_PROXY_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
 const ISTIO_STATS: &str = "istio.stats";
+/// Network filters a served chain may carry: run (tcp_proxy, `istio.stats`, the exchange), or
+/// never refusing a connection (`istio_authn` only records the peer's identity).
+const RUN_OR_HARMLESS: [&str; 4] = [TCP_PROXY, ISTIO_STATS, METADATA_EXCHANGE, "istio_authn"];
 /// The listener filter that makes a capture listener, as `use_original_dst` does.
 const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
 
@@ -133,6 +136,15 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             let why = "HTTP (http_connection_manager) is not served by an L4 proxy";
             reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
             fc.not_served = Some(why.into());
+            chains.push(fc);
+            continue;
+        }
+        // A network filter ringside does not run may deny (RBAC is Istio's AuthorizationPolicy):
+        // the chain fails closed rather than relay what it would refuse (SPEC §9).
+        if let Some(f) = chain.filters.iter().find(|f| !RUN_OR_HARMLESS.contains(&f.name.as_str())) {
+            let why = format!("network filter {} is not run", f.name);
+            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+            fc.not_served = Some(why);
             chains.push(fc);
             continue;
         }
@@ -702,5 +714,33 @@ mod tests {
         assert!(x.reports[0].contains("different tcp_proxy idle_timeout"), "{:?}", x.reports);
         let e = listener(&listener_with(vec![chain(vec![with(Some(0), None)])]), "1").unwrap_err();
         assert!(e.reason.contains("max_connect_attempts 0"), "{e}");
+    }
+
+    #[test]
+    fn a_chain_with_a_network_filter_ringside_does_not_run_closes_its_connections() {
+        let rbac = filter("envoy.filters.network.rbac", Any::default());
+        let authn = filter("istio_authn", Any::default());
+        let mut pb = listener_with(vec![chain(vec![authn.clone(), rbac, to("inbound|9080||")])]);
+        pb.filter_chains.push(chain(vec![authn, to("inbound|9090||")]));
+        pb.filter_chains[1].filter_chain_match = Some(lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 9090 }),
+            ..Default::default()
+        });
+        let x = listener(&pb, "1").unwrap();
+        let chains = x.listener.unwrap().filter_chains;
+        assert_eq!(
+            chains[0].not_served.as_deref(),
+            Some("network filter envoy.filters.network.rbac is not run")
+        );
+        assert_eq!(
+            (chains[1].not_served.as_deref(), chains[1].cluster.as_deref()),
+            (None, Some("inbound|9090||"))
+        );
+        assert_eq!(
+            x.reports,
+            [
+                "Listener/l: filter chain 0: network filter envoy.filters.network.rbac is not run; its connections close (NR)"
+            ]
+        );
     }
 }

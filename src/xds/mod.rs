@@ -4,8 +4,9 @@
 //! clusters' ClusterLoadAssignments, translates each response (one module per resource kind:
 //! `listener`, `cluster`, `endpoint`, their TLS contexts in `tls`, shared pieces in `proto`),
 //! merges it beside the static config (`state`), and hands the result to `apply` (which checks
-//! and publishes it to the workers). Applied: ACK (version and nonce); not: NACK with error_detail naming the
-//! resource and why, and the last good config keeps serving, also while the server is away.
+//! and publishes it to the workers). Each resource stands alone, as in Envoy: the valid ones
+//! are applied, and a NACK names every invalid one and why while its last good version keeps
+//! serving, also while the server is away.
 
 pub mod cluster;
 pub mod endpoint;
@@ -46,13 +47,17 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Responses applied (ACKed), by type (index into Cluster, Listener, ClusterLoadAssignment).
     pub applied: [AtomicU64; 3],
-    /// Responses rejected (NACKed), by type.
+    /// Responses NACKed, by type: one resource or more not applied (the valid ones are).
     pub rejected: [AtomicU64; 3],
     /// The stream is up.
     pub connected: AtomicBool,
-    /// Clusters and Listeners have each been applied once (Envoy's initial fetch).
+    /// Each type has arrived once, applied or not (Envoy's initial fetch).
     pub synced: AtomicBool,
-    /// Valid config that is not served, and the last NACK, one line each.
+    /// The generation published when it synced: `/ready` waits until every worker has
+    /// bound its listeners.
+    pub ready_generation: AtomicU64,
+    /// Valid config that is not served, the resources rejected, and the last NACK, one line
+    /// each.
     pub reports: ArcSwap<Vec<String>>,
 }
 
@@ -73,7 +78,7 @@ impl Status {
             ),
             (
                 "ringside_xds_updates_rejected_total",
-                "xDS responses rejected and NACKed (the last good config keeps serving), by resource type.",
+                "xDS responses NACKed (each invalid resource keeps its last good version; the valid ones are applied), by resource type.",
                 &self.rejected,
             ),
         ] {
@@ -91,8 +96,9 @@ impl Status {
     }
 }
 
-/// Checks and publishes a merged config; `Err` says why it cannot serve it (then NACKed).
-pub type Apply = Box<dyn Fn(Config) -> Result<(), String> + Send>;
+/// Checks and publishes a merged config, returning the generation published; `Err` says
+/// why it cannot serve it, naming the resource to blame (`Listener/NAME: ...`).
+pub type Apply = Box<dyn Fn(Config) -> Result<u64, String> + Send>;
 
 /// Start the client thread for `base.xds`. `base` is the static config that xDS resources
 /// are merged beside.
@@ -108,7 +114,8 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
                 return;
             }
         };
-        let mut client = Client { address, node, base, apply, status, state: State::default() };
+        let mut client =
+            Client { address, node, base, apply, status, state: State::default(), generation: 0 };
         rt.block_on(client.run());
     })?;
     Ok(())
@@ -158,6 +165,8 @@ struct Client {
     status: Arc<Status>,
     /// The last accepted resources: what serves while the server is away.
     state: State,
+    /// The generation the last `apply` published.
+    generation: u64,
 }
 
 /// Why a stream ended.
@@ -232,11 +241,10 @@ impl Client {
         let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::unbounded_channel();
         // On a reconnect, the versions held tell the server what we have (as Envoy does).
-        let _ = tx.send(self.request(CLUSTER, &self.state.version(Type::Cluster).to_string(), "", None));
-        let _ = tx.send(self.request(LISTENER, &self.state.version(Type::Listener).to_string(), "", None));
+        let _ = tx.send(self.request(CLUSTER, self.state.version(Type::Cluster), "", None));
+        let _ = tx.send(self.request(LISTENER, self.state.version(Type::Listener), "", None));
         if !self.state.eds_names().is_empty() {
-            let _ =
-                tx.send(self.request(ENDPOINTS, &self.state.version(Type::Endpoints).to_string(), "", None));
+            let _ = tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), "", None));
         }
         let mut stream = match client
             .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
@@ -266,12 +274,8 @@ impl Client {
             // Clusters changed which ClusterLoadAssignments we need: ask for those.
             let names = self.state.eds_names();
             if names != names_before {
-                let _ = tx.send(self.request(
-                    ENDPOINTS,
-                    &self.state.version(Type::Endpoints).to_string(),
-                    &eds_nonce,
-                    None,
-                ));
+                let _ =
+                    tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), &eds_nonce, None));
             }
         }
     }
@@ -280,7 +284,8 @@ impl Client {
     /// NACK naming every resource that was not applied.
     fn handle(&mut self, r: &DiscoveryResponse) -> DiscoveryRequest {
         let apply = &self.apply;
-        let outcome = self.state.update(r, &self.base, &mut |cfg| apply(cfg));
+        let generation = &mut self.generation;
+        let outcome = self.state.update(r, &self.base, &mut |cfg| apply(cfg).map(|g| *generation = g));
         let Some(t) = Type::of(&r.type_url) else {
             // Not subscribed: refuse it, naming the type.
             return self.request(&r.type_url, "", &r.nonce, outcome.error_detail());
@@ -306,7 +311,8 @@ impl Client {
             log::info!("xds: {line}");
         }
         self.status.reports.store(Arc::new(reports));
-        if self.state.synced() {
+        if self.state.synced() && !self.status.synced.load(Ordering::Acquire) {
+            self.status.ready_generation.store(self.generation, Ordering::Release);
             self.status.synced.store(true, Ordering::Release);
         }
         let version = self.state.version(t).to_string();
