@@ -248,6 +248,9 @@ fn route(
     }
     let (status, kind, body) = match path {
         "/stats/prometheus" => (200, CONTENT_TYPE, shared.render()),
+        // Under Istio's agent, readiness is the agent's to say (it asks our admin API itself),
+        // as the bootstrap's static listener routes it (SPEC §10).
+        "/healthz/ready" if let Some(agent) = shared.config.health.forward => ask_agent(agent),
         "/ready" | "/healthz/ready" if shared.ready() => (200, "text/plain", "LIVE\n".to_string()),
         "/ready" | "/healthz/ready" => (503, "text/plain", "DRAINING\n".to_string()),
         "/config_dump" => match config_dump(shared) {
@@ -263,6 +266,41 @@ fn route(
         }
     };
     (status, kind, body, None)
+}
+
+/// Time Istio's agent has to answer a forwarded readiness probe (Envoy's static cluster
+/// `agent` has a 250 ms connect timeout; the answer itself is quick).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest agent answer relayed.
+const AGENT_MAX: u64 = 64 * 1024;
+
+/// `GET /healthz/ready` of Istio's agent at `agent`: its status and body, or 503 when it
+/// cannot be asked (Envoy answers an unreachable upstream with 503 too).
+fn ask_agent(agent: SocketAddr) -> (u16, &'static str, String) {
+    let unreachable = |e: io::Error| (503, "text/plain", format!("agent {agent}: {e}\n"));
+    let mut s = match TcpStream::connect_timeout(&agent, AGENT_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => return unreachable(e),
+    };
+    let asked = s
+        .set_read_timeout(Some(AGENT_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(AGENT_TIMEOUT)))
+        .and_then(|()| {
+            s.write_all(
+                format!("GET /healthz/ready HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+        });
+    let mut answer = Vec::new();
+    if let Err(e) = asked.and_then(|()| (&mut s).take(AGENT_MAX).read_to_end(&mut answer)) {
+        return unreachable(e);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
+    match (status, text.split_once("\r\n\r\n")) {
+        (Some(status), Some((_, body))) => (status, "text/plain", body.to_string()),
+        _ => unreachable(io::Error::new(io::ErrorKind::InvalidData, "not an HTTP answer")),
+    }
 }
 
 /// The config served now (static and xDS parts; each xDS resource names its version in

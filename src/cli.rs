@@ -1,5 +1,6 @@
-//! Command-line flags (SPEC §4) and how they override the YAML file. No I/O beyond reading
-//! the config file and the `--istio` files.
+//! Command-line flags (SPEC §4) and how they override the YAML file; Envoy's command line and
+//! bootstrap into the same config (SPEC §10). No I/O beyond reading the config, bootstrap and
+//! `--istio` files.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use serde::de::{DeserializeOwned, IntoDeserializer};
 
 use crate::capture::iptables;
 use crate::config::{self, Bind, Cluster, Config, Dur, Endpoint, Listener, Size};
-use crate::routing;
+use crate::{bootstrap, envoy_cli, routing};
 
 /// ringside: an L4 sidecar proxy with Istio's peer exchange and TCP metrics.
 #[derive(Debug, Parser)]
@@ -107,6 +108,9 @@ pub struct RunArgs {
     /// YAML configuration file.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// An Envoy bootstrap file (JSON or YAML), as Envoy's `-c` (SPEC §10).
+    #[arg(short = 'c', long = "bootstrap", conflicts_with = "config")]
+    pub bootstrap: Option<PathBuf>,
     /// Istio networking YAML: a file, or a directory whose *.yaml/*.yml files are read
     /// (repeatable; SPEC §6).
     #[arg(long)]
@@ -200,6 +204,42 @@ pub struct RunArgs {
     pub xds: Option<String>,
 }
 
+/// The config an Envoy bootstrap asks for: the file at `path` (relative to the working
+/// directory, `/` in Istio's image) with `overlay` (`--config-yaml`) merged over it. What it
+/// holds that ringside does not serve is logged in one line.
+pub fn bootstrap_config(
+    path: Option<&std::path::Path>,
+    overlay: Option<&str>,
+) -> Result<Config, config::Error> {
+    let file = path.map(|p| p.display().to_string()).unwrap_or_else(|| "--config-yaml".into());
+    let error = |message: String| config::Error { file: file.clone(), line: None, message };
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| error(format!("cannot read: {e}")))?,
+        None => "{}".to_string(),
+    };
+    let doc = bootstrap::parse(&text, overlay).map_err(|e| error(e.to_string()))?;
+    let b = bootstrap::to_config(&doc).map_err(|e| error(e.to_string()))?;
+    if !b.ignored.is_empty() {
+        log::warn!("bootstrap: not served by ringside, ignored: {}", b.ignored.join(", "));
+    }
+    Ok(b.config)
+}
+
+/// The validated config of Envoy's command line (SPEC §10): the bootstrap, `--concurrency`
+/// as workers, `--drain-time-s` as the drain time.
+pub fn envoy_config(o: &envoy_cli::Options) -> Result<Config, config::Error> {
+    let path = o.config_path.as_deref().map(std::path::Path::new);
+    let mut cfg = bootstrap_config(path, o.config_yaml.as_deref())?;
+    if o.concurrency.is_some() {
+        cfg.workers = o.concurrency;
+    }
+    if let Some(d) = o.drain_time {
+        cfg.drain_timeout = Dur(d);
+    }
+    cfg.validate(o.config_path.as_deref().unwrap_or("--config-yaml"), "")?;
+    Ok(cfg)
+}
+
 fn parse_enum<T: DeserializeOwned>(s: &str) -> Result<T, String> {
     let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> = s.into_deserializer();
     T::deserialize(de).map_err(|e| e.to_string())
@@ -212,6 +252,14 @@ impl RunArgs {
     pub fn into_config(mut self) -> Result<Config, config::Error> {
         let istio = std::mem::take(&mut self.istio);
         let (mut cfg, file, text) = match &self.config {
+            None if self.bootstrap.is_some() => {
+                let path = self.bootstrap.as_deref();
+                (
+                    bootstrap_config(path, None)?,
+                    path.map(|p| p.display().to_string()).unwrap_or_default(),
+                    String::new(),
+                )
+            }
             Some(path) => {
                 let file = path.display().to_string();
                 let text = std::fs::read_to_string(path).map_err(|e| config::Error {
@@ -263,7 +311,7 @@ impl RunArgs {
         if let Some(address) = self.xds {
             // The flag sets the address; certificates stay as the file says.
             let certificates = cfg.xds.take().and_then(|x| x.certificates);
-            cfg.xds = Some(config::Xds { address, certificates });
+            cfg.xds = Some(config::Xds { address, certificates, ..config::Xds::default() });
         }
         if let Some(w) = self.workers {
             cfg.workers = Some(w);

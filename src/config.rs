@@ -84,7 +84,7 @@ pub struct Config {
 }
 
 /// `xds:` section (SPEC §9).
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Xds {
     /// The ADS server: `HOST:PORT` or `unix:PATH`.
@@ -94,6 +94,28 @@ pub struct Xds {
     /// writes with file-mounted or output certificates (SPEC §7, §9).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificates: Option<CertificateFiles>,
+    /// Started from an Envoy bootstrap: its `node`, sent to the server unchanged (metadata
+    /// with its JSON types) instead of one built from `node:` (SPEC §10).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_node: Option<serde_json::Value>,
+    /// The variant the server is spoken to in (the bootstrap's `ads_config.api_type`).
+    #[serde(default, skip_deserializing)]
+    pub api: XdsApi,
+    /// Started from an Envoy bootstrap: the SDS server (its `sds-grpc` cluster), `HOST:PORT`
+    /// or `unix:PATH`.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub sds: Option<String>,
+}
+
+/// Which of ADS's two variants (SPEC §9).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XdsApi {
+    /// State of the world (`GRPC`).
+    #[default]
+    StateOfTheWorld,
+    /// Incremental (`DELTA_GRPC`).
+    Delta,
 }
 
 /// The PEM files of a workload identity (`cert-chain.pem`, `key.pem`, `root-cert.pem`).
@@ -266,11 +288,16 @@ pub struct Health {
     /// Health address; `off` disables it.
     #[serde(default = "default_health_listen")]
     pub listen: Bind,
+    /// Started from an Istio bootstrap: `/healthz/ready` is asked of Istio's agent at this
+    /// address (its `agent` cluster, 127.0.0.1:15020) and its answer returned, as Envoy's
+    /// static listener routes it (SPEC §10).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<SocketAddr>,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Health { listen: default_health_listen() }
+        Health { listen: default_health_listen(), forward: None }
     }
 }
 
@@ -1157,6 +1184,9 @@ impl Config {
             }
             if l.limits.max_connections == 0 {
                 return Err(here("limits.max_connections: must be at least 1".into()));
+            }
+            if l.limits.max_connect_attempts == 0 {
+                return Err(here("limits.max_connect_attempts: must be at least 1".into()));
             }
             for (key, d) in [
                 ("connect_timeout", l.limits.connect_timeout),

@@ -8,6 +8,7 @@
 
 pub mod admin; // /ready, /stats/prometheus, /config_dump, /drain, /healthz/ready
 pub mod backoff; // accept back-off on EMFILE and friends: pause length, log pacing. No I/O.
+pub mod bootstrap; // Envoy's bootstrap (JSON/YAML) as pilot-agent renders it -> config. No I/O.
 pub mod busy_poll; // opt-in: poll instead of sleeping for a window after activity
 pub mod capture; // original destination, inbound bind to 127.0.0.6, iptables rules (§8)
 pub mod cli; // flags -> config overrides
@@ -15,6 +16,7 @@ pub mod config; // YAML model, defaults, validate(); durations; file:line errors
 pub mod conn; // a connection's context: worker state, counters, settling into labels
 pub mod cpus; // workers and pinning from the affinity mask and cgroup CPU quota
 pub mod demo; // the built-in two-sidecar demo
+pub mod envoy_cli; // Envoy's command line as pilot-agent passes it. No I/O.
 pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No I/O.
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count

@@ -7,7 +7,7 @@ use clap::Parser;
 use ringside::admin::{self, Role};
 use ringside::cli::{Cli, Command, IptablesArgs};
 use ringside::config::Config;
-use ringside::{capture, demo, worker};
+use ringside::{capture, demo, envoy_cli, worker};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -15,6 +15,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if envoy_cli::is_envoy_command_line(&args) {
+        return envoy(&args);
+    }
     let cli = Cli::try_parse();
     // The demo prints its own story; proxy logs would interleave with it.
     let level = if matches!(&cli, Ok(Cli { command: Command::Demo(_) })) { "warn" } else { "info" };
@@ -67,6 +71,33 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+/// `ringside` with Envoy's options, as Istio's pilot-agent starts it (SPEC §10).
+fn envoy(args: &[String]) -> ExitCode {
+    let options = envoy_cli::parse(args);
+    let level = options.as_ref().ok().and_then(|o| o.log_level).unwrap_or("info");
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_target(false)
+        .init();
+    let options = match options {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("ringside: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let cfg = match ringside::cli::envoy_config(&options) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    match options.mode {
+        envoy_cli::Mode::Serve => run(cfg),
+        envoy_cli::Mode::Validate | envoy_cli::Mode::InitOnly => {
+            println!("ringside: bootstrap ok");
+            ExitCode::SUCCESS
+        }
     }
 }
 

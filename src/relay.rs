@@ -340,9 +340,11 @@ async fn connect_captured(
     }
 }
 
-/// Route (unless `target` is given) and connect, trying the other endpoints when one
-/// refuses or times out; a failed endpoint is ejected for a while (SPEC §6), so the next
-/// connections do not wait on it.
+/// Route (unless `target` is given) and connect, trying other endpoints when one refuses or
+/// times out, at most `max_connect_attempts` of them (the chain's tcp_proxy, else the
+/// listener's limit) and all within one `connect_timeout`: a black-holed cluster costs a
+/// client one timeout, not one per endpoint. A failed endpoint is ejected for a while
+/// (SPEC §6), so the next connections do not wait on it.
 async fn connect(
     li: usize,
     conn: &Conn,
@@ -358,36 +360,51 @@ async fn connect(
     let cluster = &router.clusters[target.cluster];
     let now = Instant::now();
     let healthy = router.healthy(target, now);
+    let attempts = conn
+        .chain
+        .get()
+        .and_then(|c| listener.filter_chains.get(c))
+        .and_then(|c| c.max_connect_attempts)
+        .unwrap_or(listener.limits.max_connect_attempts)
+        .max(1);
+    let deadline = now + listener.limits.connect_timeout.0;
     let mut last = None;
-    for e in router.candidates(target, now) {
+    for e in router.candidates(target, now).take(attempts as usize) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
         let addr = cluster.endpoints[e].address;
-        let err =
-            match monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(addr))
-                .await
-            {
-                Ok(Ok(s)) => {
-                    conn.upstream.set(Some((target.cluster, Some(e))));
-                    router.connected(target.cluster, e);
-                    return Ok(s);
-                }
-                // Out of descriptors or memory here, not the endpoint's fault: no ejection,
-                // no other endpoint (it would fail alike), no log line per connection. UF.
-                Ok(Err(err)) if backoff::is_resource_error(&err) => return Err(Error::Connect(err)),
-                Ok(Err(err)) => err,
-                Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
-            };
-        // One line per failure; ejection bounds them to about one per endpoint and back-off.
-        let (ejection, failures) = router.failed(target.cluster, e, Instant::now());
-        log::warn!(
-            "cluster {}: endpoint {addr}: connect: {err}; ejected for {}s ({failures} failure(s) in a row)",
-            cluster.name,
-            ejection.as_secs()
-        );
+        let err = match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
+            Ok(Ok(s)) => {
+                conn.upstream.set(Some((target.cluster, Some(e))));
+                router.connected(target.cluster, e);
+                return Ok(s);
+            }
+            // Out of descriptors or memory here, not the endpoint's fault: no ejection,
+            // no other endpoint (it would fail alike), no log line per connection. UF.
+            Ok(Err(err)) if backoff::is_resource_error(&err) => return Err(Error::Connect(err)),
+            Ok(Err(err)) => err,
+            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+        };
+        // One line when an endpoint is newly ejected, none while it stays ejected (tried as
+        // a last resort): at most one per endpoint per ejection period, however many
+        // connections find it down.
+        let ejection = router.failed(target.cluster, e, Instant::now());
+        if ejection.newly {
+            log::warn!(
+                "cluster {}: endpoint {addr}: connect: {err}; ejected for {}s ({} failure(s) in a row)",
+                cluster.name,
+                ejection.duration.as_secs(),
+                ejection.failures
+            );
+        }
         last = Some(err);
     }
     // No endpoint at all, or every one was ejected and is still down: no healthy upstream.
     match last {
         Some(err) if healthy => Err(Error::Connect(err)),
+        None if healthy => Err(Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "timed out"))),
         _ => Err(Error::NoHealthyUpstream),
     }
 }
@@ -635,20 +652,48 @@ async fn copy_both(ctx: &WorkerCtx, conn: &Conn, down: TcpStream, up: TcpStream)
             let _ = (down_r.reunite(down_w), up_r.reunite(up_w));
         }
         // Idle: nothing in flight; dropping the write halves shuts them (FIN) and closes.
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
-        Err(_) => {
+        Err(Ended::Idle) => {}
+        Err(Ended::Drain | Ended::Reset(_)) => {
             if let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
                 socket::reset(d);
                 socket::reset(u);
             }
         }
     }
-    result.map_err(Error::Io)
+    result.map_err(|e| Error::Io(e.into()))
+}
+
+/// Why a copy stopped before both directions ended, decided where it happened: by the idle
+/// timer (close gracefully), by the drain deadline or a socket error (reset both sides). A
+/// socket's own `ETIMEDOUT` (retransmissions exhausted, the peer host gone) is a reset,
+/// never the idle timeout: a cut-off transfer must not look complete to the other side.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The connection's idle timeout fired.
+    Idle,
+    /// The drain deadline passed with the connection still open.
+    Drain,
+    /// A read or write failed.
+    Reset(io::Error),
+}
+
+impl From<Ended> for io::Error {
+    fn from(e: Ended) -> io::Error {
+        match e {
+            Ended::Idle => io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
+            Ended::Drain => io::Error::new(io::ErrorKind::ConnectionAborted, "drain deadline"),
+            Ended::Reset(e) => e,
+        }
+    }
 }
 
 /// Run both directions to completion; stop at the first error, or when the connection is
-/// cancelled (idle timeout: `TimedOut`; drain deadline: `ConnectionAborted`).
-async fn both<A, B>(mut a: std::pin::Pin<&mut A>, mut b: std::pin::Pin<&mut B>, conn: &Conn) -> io::Result<()>
+/// cancelled by the tick (idle timeout or drain deadline).
+async fn both<A, B>(
+    mut a: std::pin::Pin<&mut A>,
+    mut b: std::pin::Pin<&mut B>,
+    conn: &Conn,
+) -> Result<(), Ended>
 where
     A: Future<Output = io::Result<()>>,
     B: Future<Output = io::Result<()>>,
@@ -657,23 +702,18 @@ where
     let mut cancel = pin!(conn.cancel.wait());
     poll_fn(|cx| {
         if !a_done && let Poll::Ready(r) = a.as_mut().poll(cx) {
-            r?;
+            r.map_err(Ended::Reset)?;
             a_done = true;
         }
         if !b_done && let Poll::Ready(r) = b.as_mut().poll(cx) {
-            r?;
+            r.map_err(Ended::Reset)?;
             b_done = true;
         }
         if a_done && b_done {
             return Poll::Ready(Ok(()));
         }
         if cancel.as_mut().poll(cx).is_ready() {
-            let (kind, why) = if conn.idle_expired.get() {
-                (io::ErrorKind::TimedOut, "idle timeout")
-            } else {
-                (io::ErrorKind::ConnectionAborted, "drain deadline")
-            };
-            return Poll::Ready(Err(io::Error::new(kind, why)));
+            return Poll::Ready(Err(if conn.idle_expired.get() { Ended::Idle } else { Ended::Drain }));
         }
         Poll::Pending
     })

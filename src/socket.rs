@@ -29,8 +29,17 @@ const KEEP_PIPES: usize = 8;
 /// should not hold budget pages (or fds) the node's busy sidecars could use.
 const IDLE_PIPES_KEPT_FOR: Duration = Duration::from_secs(1);
 
+/// The monoio version whose split halves `stream_of_read`/`stream_of_write` were checked
+/// against; Cargo.toml pins exactly it, and a unit test fails when Cargo.lock names another.
+pub const MONOIO_CHECKED: &str = "0.2.4";
+
+// Compile-time half of the check: a split half is still a tuple struct sharing the stream
+// through `Rc<UnsafeCell<_>>` (a change of representation fails the build here).
+const _: fn(&OwnedReadHalf<TcpStream>) -> &std::rc::Rc<std::cell::UnsafeCell<TcpStream>> = |h| &h.0;
+const _: fn(&OwnedWriteHalf<TcpStream>) -> &std::rc::Rc<std::cell::UnsafeCell<TcpStream>> = |h| &h.0;
+
 fn stream_of_read(half: &OwnedReadHalf<TcpStream>) -> &TcpStream {
-    // SAFETY: monoio (0.2.4, pinned in Cargo.lock) shares a split stream through an
+    // SAFETY: monoio (exactly `MONOIO_CHECKED`, pinned in Cargo.toml) shares a split stream through an
     // `Rc<UnsafeCell<_>>` and takes `&mut` to it only while *creating* a read or write op:
     // the op future then owns a cloned `SharedFd`, not a reference. This worker is one
     // thread, so no `&mut` is live while we hold this shared reference for a `&self` call
@@ -361,4 +370,24 @@ pub fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
         )
     };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MONOIO_CHECKED;
+
+    #[test]
+    fn the_monoio_in_cargo_lock_is_the_version_the_unsafe_borrows_were_checked_against() {
+        let lock = include_str!("../Cargo.lock");
+        let version = lock
+            .split("[[package]]")
+            .find(|p| p.contains("\nname = \"monoio\"\n"))
+            .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
+            .and_then(|v| v.strip_suffix('"'));
+        assert_eq!(
+            version,
+            Some(MONOIO_CHECKED),
+            "monoio changed: re-check stream_of_read/stream_of_write against its split halves"
+        );
+    }
 }

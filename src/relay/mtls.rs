@@ -402,15 +402,12 @@ async fn copy(ctx: &WorkerCtx, conn: &Conn, pair: TlsPair) -> Result<(), Error> 
         let from_tls = pin!(tls_to_plain(ctx, conn, &tls, &plain, tls_is_down));
         super::both(to_tls, from_tls, conn).await
     };
-    let reset = match &result {
-        Ok(()) => false,
-        Err(e) => e.kind() != io::ErrorKind::TimedOut,
-    };
-    if reset {
+    // Idle: close gracefully (dropping both sends FIN); anything else resets both sides.
+    if let Err(super::Ended::Drain | super::Ended::Reset(_)) = &result {
         socket::reset(plain);
         socket::reset(tls.into_tcp());
     }
-    result.map_err(Error::Io)
+    result.map_err(|e| Error::Io(e.into()))
 }
 
 /// Plaintext → TLS: a pool buffer only between readiness and the encrypting write.

@@ -410,15 +410,16 @@ impl Router {
 
     /// Connecting to an endpoint was refused or timed out at `now`: eject it for
     /// [`EJECTION_BASE`] doubled per earlier failure in a row, at most [`EJECTION_MAX`].
-    /// Returns how long, and the failures in a row.
-    pub fn failed(&self, cluster: usize, endpoint: usize, now: Instant) -> (Duration, u32) {
-        let e = &self.clusters[cluster].endpoints[endpoint].health;
+    pub fn failed(&self, cluster: usize, endpoint: usize, now: Instant) -> Ejection {
+        let state = &self.clusters[cluster].endpoints[endpoint];
+        let newly = !state.ejected(now);
+        let e = &state.health;
         let failures = e.failures.get().saturating_add(1);
         e.failures.set(failures);
-        let ejection = ejection_time(failures);
-        e.ejected_until.set(Some(now + ejection));
+        let duration = ejection_time(failures);
+        e.ejected_until.set(Some(now + duration));
         e.ejected_at.set(Some(now));
-        (ejection, failures)
+        Ejection { duration, failures, newly }
     }
 
     fn random(&self) -> u64 {
@@ -430,6 +431,18 @@ impl Router {
         self.rng.set(x);
         x
     }
+}
+
+/// What a failed connect did to its endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ejection {
+    /// How long the endpoint is skipped.
+    pub duration: Duration,
+    /// Failures in a row.
+    pub failures: u32,
+    /// It was not ejected before this failure (tried as a last resort, it was): the one
+    /// failure of an ejection period worth a log line.
+    pub newly: bool,
 }
 
 /// The ejection after `failures` failures in a row (≥ 1): 1 s, 2 s, 4 s, ... 30 s.
@@ -612,7 +625,8 @@ clusters:
         let r = Router::new(&cfg(BASE), 7);
         let t = r.route(0).unwrap();
         let t0 = now();
-        assert_eq!(r.failed(0, 0, t0), (Duration::from_secs(1), 1));
+        let first = Ejection { duration: Duration::from_secs(1), failures: 1, newly: true };
+        assert_eq!(r.failed(0, 0, t0), first);
         // Tried last by every pick while ejected.
         for _ in 0..4 {
             assert_eq!(r.candidates(t, t0).last(), Some(0));
@@ -622,12 +636,17 @@ clusters:
         assert_eq!(r.candidates(t, later).next(), Some(2));
         assert_eq!(r.candidates(t, later).next(), Some(0));
         // A second failure in a row doubles it; a success forgets them.
-        assert_eq!(r.failed(0, 0, later), (Duration::from_secs(2), 2));
+        let second = Ejection { duration: Duration::from_secs(2), failures: 2, newly: true };
+        assert_eq!(r.failed(0, 0, later), second);
         for _ in 0..3 {
             assert_eq!(r.candidates(t, later + Duration::from_millis(1999)).last(), Some(0));
         }
+        // Failing again while ejected (tried as a last resort) is not a new ejection: the
+        // caller logs one line per ejection period, not one per connection.
+        let again = r.failed(0, 0, later + Duration::from_millis(10));
+        assert_eq!((again.failures, again.newly), (3, false));
         r.connected(0, 0);
-        assert_eq!(r.failed(0, 0, later).1, 1);
+        assert_eq!(r.failed(0, 0, later).failures, 1);
     }
 
     #[test]

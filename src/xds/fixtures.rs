@@ -138,6 +138,7 @@ pub(super) fn certificates() -> Config {
             private_key: "/etc/certs/key.pem".into(),
             root_cert: "/etc/certs/root-cert.pem".into(),
         }),
+        ..crate::config::Xds::default()
     };
     Config { xds: Some(xds), ..Config::default() }
 }

@@ -121,9 +121,13 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
     Ok(())
 }
 
-/// The node as Istio's agent sends it (SPEC §9): id, cluster `<workload>.<namespace>`, and
-/// the metadata istiod reads.
+/// The node as Istio's agent sends it (SPEC §9): started from a bootstrap, its `node`
+/// unchanged (SPEC §10); else id, cluster `<workload>.<namespace>`, and the metadata istiod
+/// reads.
 pub fn node(cfg: &Config) -> Node {
+    if let Some(json) = cfg.xds.as_ref().and_then(|x| x.bootstrap_node.as_ref()) {
+        return bootstrap_node(json);
+    }
     let n = &cfg.node;
     let s = |v: &str| Value { kind: Some(Kind::StringValue(v.to_string())) };
     // The pod name is the third `~` field of a sidecar id (`POD.NAMESPACE`), as the agent
@@ -155,6 +159,49 @@ pub fn node(cfg: &Config) -> Node {
         user_agent_name: "ringside".into(),
         ..Node::default()
     }
+}
+
+/// A bootstrap's `node` as the protobuf it stands for: id, cluster, locality, and metadata
+/// with its JSON types kept (a number stays a number: istiod reads some as numbers).
+fn bootstrap_node(json: &serde_json::Value) -> Node {
+    use envoy_types::pb::envoy::config::core::v3::Locality;
+    let text =
+        |v: Option<&serde_json::Value>| v.and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+    let locality = json.get("locality").map(|l| Locality {
+        region: text(l.get("region")),
+        zone: text(l.get("zone")),
+        sub_zone: text(l.get("sub_zone")),
+    });
+    let metadata = match json.get("metadata").map(to_value).and_then(|v| v.kind) {
+        Some(Kind::StructValue(s)) => Some(s),
+        _ => None,
+    };
+    Node {
+        id: text(json.get("id")),
+        cluster: text(json.get("cluster")),
+        locality,
+        metadata,
+        user_agent_name: "ringside".into(),
+        ..Node::default()
+    }
+}
+
+/// JSON as a `google.protobuf.Value`, as protobuf's JSON mapping reads it.
+fn to_value(json: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    let kind = match json {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(*b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(a) => Kind::ListValue(envoy_types::pb::google::protobuf::ListValue {
+            values: a.iter().map(to_value).collect(),
+        }),
+        J::Object(o) => {
+            Kind::StructValue(Struct { fields: o.iter().map(|(k, v)| (k.clone(), to_value(v))).collect() })
+        }
+    };
+    Value { kind: Some(kind) }
 }
 
 struct Client {

@@ -1,0 +1,282 @@
+//! SPEC §10: ringside started as Istio's pilot-agent starts Envoy: no subcommand, Envoy's
+//! command line exactly as the agent passes it, a JSON bootstrap in the working directory,
+//! ADS over the `xds-grpc` unix socket, Istio's static listeners 15090 (metrics) and 15021
+//! (`/healthz/ready`, forwarded to the agent on 15020). Each test runs in a network namespace
+//! of its own, so Istio's fixed ports are free. The conformance test starts every golden
+//! bootstrap of Istio's own (`../shared/istio-bootstrap/`).
+
+#[path = "common/ads.rs"]
+mod ads;
+mod common;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::{bin, http, serve_each, skip, wait_for};
+use envoy_types::pb::google::protobuf::value::Kind;
+use netns::{Pods, in_ns};
+
+/// pilot-agent's arguments for a default sidecar (Istio's `pkg/envoy/proxy.go`), after the
+/// binary: the bootstrap path is relative to the working directory, `/` in Istio's image.
+const PILOT_AGENT_ARGS: &[&str] = &[
+    "-c",
+    "etc/istio/proxy/envoy-rev.json",
+    "--drain-time-s",
+    "45",
+    "--drain-strategy",
+    "immediate",
+    "--local-address-ip-version",
+    "v4",
+    "--file-flush-interval-msec",
+    "1000",
+    "--disable-hot-restart",
+    "--allow-unknown-static-fields",
+    "-l",
+    "warning",
+    "--component-log-level",
+    "misc:error",
+    "--skip-deprecated-logs",
+    "--concurrency",
+    "2",
+];
+
+/// A fresh directory standing for the pod's file system root.
+fn pod_root(tag: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("ringside-root-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("etc/istio/proxy")).unwrap();
+    root
+}
+
+/// A static cluster of one socket address, as the bootstrap template writes them.
+fn static_cluster(name: &str, address: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"name": name, "type": "STATIC", "connect_timeout": "0.250s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]}})
+}
+
+/// One of Istio's static HTTP listeners: everything under `prefix` to `cluster`.
+fn static_route_listener(port: u16, prefix: &str, cluster: &str) -> serde_json::Value {
+    serde_json::json!({"name": format!("0.0.0.0_{port}"),
+        "address": {"socket_address": {"protocol": "TCP", "address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "agent", "route_config": {"virtual_hosts": [{"name": "backend", "domains": ["*"],
+                    "routes": [{"match": {"prefix": prefix}, "route": {"cluster": cluster}}]}]}}}]}]})
+}
+
+/// The project's own sidecar bootstrap in the shape the agent renders (its node metadata
+/// keeps JSON types: a number, a list, a map), ADS over `./etc/istio/proxy/XDS`.
+fn bootstrap() -> serde_json::Value {
+    let pipe = |path: &str| serde_json::json!({"pipe": {"path": path}});
+    let socket =
+        |port: u16| serde_json::json!({"socket_address": {"address": "127.0.0.1", "port_value": port}});
+    serde_json::json!({
+        "node": {
+            "id": "sidecar~10.77.0.1~ratings-v2-7d9f.default~default.svc.cluster.local",
+            "cluster": "ratings.default",
+            "locality": {"region": "eu-west", "zone": "eu-west-1a"},
+            "metadata": {"NAMESPACE": "default", "NAME": "ratings-v2-7d9f", "WORKLOAD_NAME": "ratings-v2",
+                "CLUSTER_ID": "Kubernetes", "ISTIO_VERSION": "1.24.0", "ENVOY_STATUS_PORT": 15021,
+                "PILOT_SAN": ["spiffe://cluster.local/ns/istio-system/sa/istiod"],
+                "LABELS": {"app": "ratings", "version": "v2"}}
+        },
+        "admin": {"address": socket(15000)},
+        "stats_config": {"use_all_default_tags": false},
+        "dynamic_resources": {
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]}
+        },
+        "static_resources": {
+            "clusters": [
+                static_cluster("prometheus_stats", socket(15000)),
+                static_cluster("agent", socket(15020)),
+                static_cluster("sds-grpc", pipe("./var/run/secrets/workload-spiffe-uds/socket")),
+                static_cluster("xds-grpc", pipe("./etc/istio/proxy/XDS")),
+            ],
+            "listeners": [
+                static_route_listener(15090, "/stats/prometheus", "prometheus_stats"),
+                static_route_listener(15021, "/healthz/ready", "agent"),
+            ]
+        }
+    })
+}
+
+/// `ringside ARGS` in `ns` with `root` as its working directory.
+fn start_in(ns: &str, root: &Path, args: &[&str], log: &Path) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns, bin()])
+        .args(args)
+        .current_dir(root)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Kill on drop: a failed assertion must not leave the sidecar running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET `path` of `addr` from inside `ns`.
+fn get_in(ns: &str, addr: &str, path: &str) -> Option<(u16, String)> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    in_ns(ns, || http(addr, "GET", path))
+}
+
+/// Istio's agent on 127.0.0.1:15020 in `ns`: `/healthz/ready` answers 200 with a body that
+/// only it writes.
+fn fake_agent(ns: &str) {
+    let listener = in_ns(ns, || TcpListener::bind("127.0.0.1:15020").unwrap());
+    serve_each(listener, |mut s: TcpStream| {
+        let mut head = [0u8; 1024];
+        let n = s.read(&mut head).unwrap_or(0);
+        let ok = String::from_utf8_lossy(&head[..n]).starts_with("GET /healthz/ready ");
+        let (status, body) = if ok { ("200 OK", "ready, says the agent\n") } else { ("404 Not Found", "") };
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+}
+
+#[test]
+fn ringside_runs_unchanged_under_pilot_agents_command_line_and_bootstrap() {
+    if netns::unavailable("pilot_agent::command_line_and_bootstrap").is_some() {
+        return;
+    }
+    let pods = Pods::new();
+    let root = pod_root("agent");
+    std::fs::write(root.join("etc/istio/proxy/envoy-rev.json"), bootstrap().to_string()).unwrap();
+    // istiod (through the agent's XDS proxy): one TCP listener to an echo server.
+    let echo = netns::echo_server_in(&pods.a, "127.0.0.1:9090");
+    let snapshot = ads::Snapshot {
+        version: "1".into(),
+        clusters: vec![ads::static_cluster("echo", "127.0.0.1:9090".parse().unwrap())],
+        listeners: vec![ads::tcp_listener("echo", "127.0.0.1:9000".parse().unwrap(), &[("echo", 1)])],
+        ..ads::Snapshot::default()
+    };
+    let (tx, requests) = std::sync::mpsc::channel();
+    let _xds = ads::AdsServer::start_unix(&root.join("etc/istio/proxy/XDS"), snapshot, tx);
+    fake_agent(&pods.a);
+    let log = root.join("ringside.log");
+    let _rs = Running(start_in(&pods.a, &root, PILOT_AGENT_ARGS, &log));
+
+    wait_for("admin /ready", || (get_in(&pods.a, "127.0.0.1:15000", "/ready")?.0 == 200).then_some(()));
+    // The node went to the server unchanged, with its metadata's types.
+    let first = requests.recv_timeout(common::DEADLINE).expect("a discovery request");
+    let node = first.node.expect("the node on the first request");
+    assert_eq!(node.id, "sidecar~10.77.0.1~ratings-v2-7d9f.default~default.svc.cluster.local");
+    assert_eq!(node.cluster, "ratings.default");
+    assert_eq!(node.locality.map(|l| (l.region, l.zone)), Some(("eu-west".into(), "eu-west-1a".into())));
+    let meta = node.metadata.expect("metadata").fields;
+    assert_eq!(meta["ENVOY_STATUS_PORT"].kind, Some(Kind::NumberValue(15021.0)));
+    assert!(matches!(&meta["PILOT_SAN"].kind, Some(Kind::ListValue(l)) if l.values.len() == 1));
+    assert!(matches!(&meta["LABELS"].kind, Some(Kind::StructValue(s)) if s.fields.len() == 2));
+    // Istio's static listeners: readiness is the agent's answer, metrics are ringside's.
+    assert_eq!(
+        get_in(&pods.a, "127.0.0.1:15021", "/healthz/ready"),
+        Some((200, "ready, says the agent\n".into()))
+    );
+    let (status, scrape) = get_in(&pods.a, "127.0.0.1:15090", "/stats/prometheus").unwrap();
+    assert_eq!(status, 200);
+    assert!(scrape.contains("# TYPE ringside_exchange_total counter"), "{scrape}");
+    // xDS-configured traffic flows, counted with the bootstrap's workload.
+    let mut c = wait_for("the xDS listener bound", || netns::connect_in(&pods.a, "127.0.0.1:9000").ok());
+    c.write_all(b"ping").unwrap();
+    assert_eq!(common::read_exact(&mut c, 4), b"ping");
+    drop(c);
+    let _ = echo.recv_timeout(common::DEADLINE).expect("the echo server saw the connection");
+    wait_for("the connection counted with the bootstrap's workload", || {
+        let s = get_in(&pods.a, "127.0.0.1:15090", "/stats/prometheus")?.1;
+        let labels = [("source_workload", "ratings-v2"), ("source_app", "ratings"), ("source_version", "v2")];
+        (common::sum(&s, common::CLOSED, &labels) == 1.0).then_some(())
+    });
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn an_option_envoy_does_not_have_is_one_line_and_exit_64() {
+    for (args, says) in [
+        (
+            &["-c", "b.json", "--frobnicate"][..],
+            "ringside: unknown option --frobnicate (not an Envoy option)",
+        ),
+        (&["-c", "b.json", "-l", "nonsense"], "ringside: option --log-level: \"nonsense\" is not one of"),
+        (&["-c", "/nonexistent/b.json"], "ringside: config: /nonexistent/b.json: cannot read"),
+    ] {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with(says), "{args:?}: {err}");
+    }
+}
+
+/// Istio's own golden bootstraps (`../shared/istio-bootstrap/*_golden.json`), when there.
+fn goldens(test: &str) -> Option<Vec<PathBuf>> {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-bootstrap"));
+    if !dir.is_dir() {
+        skip(test, "../shared/istio-bootstrap is not beside the checkout");
+        return None;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("_golden.json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    Some(files)
+}
+
+#[test]
+fn every_golden_bootstrap_of_istio_validates_and_starts() {
+    let Some(files) = goldens("pilot_agent::istio_golden_bootstraps") else { return };
+    if netns::unavailable("pilot_agent::istio_golden_bootstraps").is_some() {
+        return;
+    }
+    for golden in files {
+        let out = Command::new(bin()).args(["validate", "-c"]).arg(&golden).output().unwrap();
+        assert!(out.status.success(), "{golden:?}: {}", String::from_utf8_lossy(&out.stderr));
+        // Started as the agent starts it, in a namespace of its own: its admin port (15000,
+        // or the golden's own: `running` has 15005) and Istio's 15090 answer, though its xDS
+        // socket is not there.
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&golden).unwrap()).unwrap();
+        let admin_port =
+            doc.pointer("/admin/address/socket_address/port_value").and_then(|p| p.as_u64()).unwrap();
+        let pods = Pods::new();
+        let root = pod_root("golden");
+        std::fs::copy(&golden, root.join("etc/istio/proxy/envoy-rev.json")).unwrap();
+        let log = root.join("ringside.log");
+        let mut rs = Running(start_in(&pods.a, &root, PILOT_AGENT_ARGS, &log));
+        let admin = format!("127.0.0.1:{admin_port}");
+        wait_for("the golden's admin and metrics listeners", || {
+            if let Ok(Some(status)) = rs.0.try_wait() {
+                panic!("{golden:?}: exited {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            let metrics = get_in(&pods.a, "0.0.0.0:15090", "/stats/prometheus")?;
+            let stats = get_in(&pods.a, &admin, "/stats/prometheus")?;
+            (metrics.0 == 200 && stats.0 == 200).then_some(())
+        });
+        // Not ready: its xDS has not arrived (the agent's socket does not exist here).
+        assert_eq!(get_in(&pods.a, &admin, "/ready").map(|r| r.0), Some(503), "{golden:?}");
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(logged.matches("bootstrap: not served by ringside, ignored:").count(), 1, "{logged}");
+        drop(rs);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
