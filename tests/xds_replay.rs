@@ -370,3 +370,39 @@ fn the_real_dsb_sidecar_is_applied_whole_including_the_virtual_inbound_envoy_rej
     let reports = reports(&config);
     assert!(!reports.iter().any(|l| l.contains("rejected")), "{reports:?}");
 }
+
+/// `ringside iptables --apply` inside `ns` (as root, as Istio's init container runs it).
+fn capture_rules(ns: &str) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, common::bin(), "iptables", "--apply"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "iptables --apply in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn inbound_traffic_captured_to_the_real_dsb_virtual_inbound_reaches_the_app_and_is_counted() {
+    const TEST: &str = "xds_replay::dsb_inbound";
+    let Some(path) = dump_file(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
+    if netns::unavailable(TEST).is_some() {
+        return;
+    }
+    let dump = load(&path);
+    let pods = netns::Pods::new();
+    capture_rules(&pods.b);
+    // A port the pod's service does not declare: virtualInbound's plaintext passthrough chain
+    // (istio_authn, the exchange, istio.stats, tcp_proxy to InboundPassthroughClusterIpv4).
+    let app = netns::echo_server_in(&pods.b, "0.0.0.0:7777");
+    let (_, _, b, _server) = replay(&pods.b, snapshot(&dump), &[CLUSTER, LISTENER, ENDPOINTS], &CAPTURE);
+    let client = netns::connect_in(&pods.a, &format!("{}:7777", netns::B_IP)).expect("connect to B");
+    assert_eq!(common::echo_back(client, b"geo?"), b"geo?");
+    assert!(app.recv_timeout(common::DEADLINE).is_ok(), "the app got the connection");
+    // Counted as the chain says (istio.stats), apart from the probes of the capture ports
+    // (loops, closed as BlackHoleCluster, UH).
+    let served = [("reporter", "destination"), ("response_flags", "-"), ("destination_workload", "replay-v1")];
+    let text = b.wait_for_scrape("the connection counted", |t| {
+        common::sum(t, "istio_tcp_connections_closed_total", &served) == 1.0
+    });
+    assert_eq!(common::sum(&text, "istio_tcp_received_bytes_total", &served), 4.0, "{text}");
+    assert_eq!(common::sum(&text, "istio_tcp_sent_bytes_total", &served), 4.0, "{text}");
+}
