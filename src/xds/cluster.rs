@@ -50,6 +50,9 @@ pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
         Ok(LbPolicy::RoundRobin) => LoadBalancer::RoundRobin,
         Ok(LbPolicy::LeastRequest) => LoadBalancer::LeastConnection,
         Ok(LbPolicy::Random) => LoadBalancer::Random,
+        // An ORIGINAL_DST cluster's own policy (istiod's passthrough clusters): its one host is
+        // the connection's original destination, nothing to balance.
+        Ok(LbPolicy::ClusterProvided) if kind == DiscoveryType::OriginalDst => LoadBalancer::RoundRobin,
         other => {
             reports.push(format!("Cluster/{name}: lb_policy {other:?} served as ROUND_ROBIN"));
             LoadBalancer::RoundRobin
@@ -159,5 +162,31 @@ mod tests {
             ..pb
         };
         assert!(cluster(&dns, "3").unwrap().reports[0].contains("DNS"));
+    }
+
+    #[test]
+    fn an_original_dst_cluster_with_cluster_provided_is_istiods_passthrough_reported_once() {
+        use cds::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+        let pb = cds::Cluster {
+            name: "InboundPassthroughClusterIpv4".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
+            lb_policy: LbPolicy::ClusterProvided as i32,
+            ..Default::default()
+        };
+        let x = cluster(&pb, "1").unwrap();
+        assert_eq!(
+            x.reports,
+            [
+                "Cluster/InboundPassthroughClusterIpv4: ORIGINAL_DST: reached only through a capture listener (SPEC §8)"
+            ]
+        );
+        let eds = cds::Cluster {
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            ..pb
+        };
+        assert!(
+            cluster(&eds, "1").unwrap().reports[0]
+                .contains("lb_policy Ok(ClusterProvided) served as ROUND_ROBIN")
+        );
     }
 }
