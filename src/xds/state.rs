@@ -145,7 +145,9 @@ impl State {
             .chain(self.clusters.values().flat_map(|c| &c.value.reports))
             .cloned();
         let rejected = self.rejected.iter().flatten().map(|e| format!("rejected: {e}"));
-        served.chain(rejected).collect()
+        // Istio names a TLS and a plaintext chain alike: one line for what reads the same.
+        let mut seen = BTreeSet::new();
+        served.chain(rejected).filter(|l| seen.insert(l.clone())).collect()
     }
 
     /// Apply response `r`: each resource on its own, then the merge beside `base` checked
