@@ -96,7 +96,7 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
         let what = match (default, chain.name.is_empty()) {
             (true, _) => "default_filter_chain".to_string(),
             (false, true) => format!("filter chain {i}"),
-            (false, false) => format!("filter chain {:?}", chain.name),
+            (false, false) => format!("filter chain {i} {:?}", chain.name),
         };
         let mut fc = FilterChain { name: what.clone(), default, ..FilterChain::default() };
         if let Some(m) = chain.filter_chain_match.as_ref().filter(|_| !default) {

@@ -145,7 +145,7 @@ impl State {
             .chain(self.clusters.values().flat_map(|c| &c.value.reports))
             .cloned();
         let rejected = self.rejected.iter().flatten().map(|e| format!("rejected: {e}"));
-        // Istio names a TLS and a plaintext chain alike: one line for what reads the same.
+        // One line for what reads the same (a chain is named by its index too).
         let mut seen = BTreeSet::new();
         served.chain(rejected).filter(|l| seen.insert(l.clone())).collect()
     }
