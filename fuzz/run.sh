@@ -17,7 +17,7 @@ mkdir -p corpus/parser corpus/config artifacts/parser artifacts/config
 # Seeds: the golden preamble; each YAML file whole as a native config (split byte 255) and
 # whole as Istio documents (split byte 0).
 cp "$data/preamble_golden_client.bin" corpus/parser/seed-golden
-for f in "$data"/spec-example.yaml "$data"/istio/*.yaml "$data"/istio/bookinfo/*.yaml "$data"/istio/local/*.yaml; do
+for f in "$data"/spec-example.yaml "$data"/istio/*.yaml "$data"/istio/bookinfo-like/*.yaml "$data"/istio/local/*.yaml; do
   [ -f "$f" ] || continue
   name=$(basename "$f" .yaml)
   { printf '\377'; cat "$f"; } >"corpus/config/seed-native-$name"

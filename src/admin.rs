@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+mod envoy;
+
 use crate::backoff::{self, Backoff};
 use crate::metrics::CONTENT_TYPE;
 use crate::worker::Shared;
@@ -170,7 +172,7 @@ fn read_head(mut stream: &TcpStream) -> io::Result<Head> {
     }
 }
 
-fn handle_request(role: Role, request: &Request, shared: &Shared) -> io::Result<()> {
+fn handle_request(role: Role, request: &Request, shared: &Arc<Shared>) -> io::Result<()> {
     let stream = &request.stream;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let head = match read_head(stream)? {
@@ -188,6 +190,12 @@ fn handle_request(role: Role, request: &Request, shared: &Shared) -> io::Result<
     let (status, kind, body, allow) = route(role, method, path, shared);
     respond(stream, status, kind, allow, &body)?;
     let _ = stream.shutdown(Shutdown::Write);
+    if role == Role::Admin && status == 200 && path == "/quitquitquit" {
+        // Envoy's quitquitquit: exit at once once the answer is out. Metrics are scraped, not
+        // flushed at exit (SPEC §10), so nothing counted is lost.
+        log::info!("quitquitquit: exiting");
+        std::process::exit(0);
+    }
     Ok(())
 }
 
@@ -232,15 +240,14 @@ fn route(
     role: Role,
     method: &str,
     target: &str,
-    shared: &Shared,
+    shared: &Arc<Shared>,
 ) -> (u16, &'static str, String, Option<&'static str>) {
-    // Queries do not change what we answer (`/drain_listeners?graceful` is Envoy's spelling).
-    let path = target.split('?').next().unwrap_or(target);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let allowed = match (role, path) {
         (Role::Admin | Role::Metrics, "/stats/prometheus")
-        | (Role::Admin, "/ready" | "/config_dump")
+        | (Role::Admin, "/ready" | "/config_dump" | "/stats" | "/server_info")
         | (Role::Health, "/healthz/ready") => "GET",
-        (Role::Admin, "/drain" | "/drain_listeners") => "POST",
+        (Role::Admin, "/drain" | "/drain_listeners" | "/quitquitquit") => "POST",
         _ => return (404, "text/plain", "not found\n".to_string(), None),
     };
     if method != allowed {
@@ -251,14 +258,25 @@ fn route(
         // Under Istio's agent, readiness is the agent's to say (it asks our admin API itself),
         // as the bootstrap's static listener routes it (SPEC §10).
         "/healthz/ready" if let Some(agent) = shared.config.health.forward => ask_agent(agent),
-        "/ready" | "/healthz/ready" if shared.ready() => (200, "text/plain", "LIVE\n".to_string()),
-        "/ready" | "/healthz/ready" => (503, "text/plain", "DRAINING\n".to_string()),
+        // Envoy's /ready: 200 only when LIVE; else 503 naming the state.
+        "/ready" | "/healthz/ready" => {
+            let state = envoy::server_state(shared);
+            let status = if state == envoy::ServerState::Live && shared.ready() { 200 } else { 503 };
+            (status, "text/plain", format!("{}\n", state.name()))
+        }
+        "/stats" => match envoy::render_stats(&envoy::stats(shared), query) {
+            Ok(text) => (200, "text/plain", text),
+            Err(e) => (400, "text/plain", format!("{e}\n")),
+        },
+        "/server_info" => (200, "application/json", envoy::server_info(shared)),
+        "/drain_listeners" => (200, "text/plain", envoy::drain_listeners(shared, query)),
+        "/quitquitquit" => (200, "text/plain", "OK\n".to_string()),
         "/config_dump" => match config_dump(shared) {
             Ok(json) => (200, "application/json", json + "\n"),
             Err(e) => (500, "text/plain", format!("{e}\n")),
         },
         _ => {
-            // /drain, as Envoy's drain_listeners: stop accepting and fail readiness, but keep
+            // /drain, as Envoy's drain_listeners without flags: stop accepting and fail readiness, but keep
             // serving live connections and metrics until SIGTERM ends the process.
             shared.draining.store(true, Ordering::Release);
             log::info!("drain requested over admin: listeners stop accepting");

@@ -236,6 +236,7 @@ pub fn envoy_config(o: &envoy_cli::Options) -> Result<Config, config::Error> {
     if let Some(d) = o.drain_time {
         cfg.drain_timeout = Dur(d);
     }
+    cfg.command_line.clone_from(&o.given);
     cfg.validate(o.config_path.as_deref().unwrap_or("--config-yaml"), "")?;
     Ok(cfg)
 }

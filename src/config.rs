@@ -81,10 +81,13 @@ pub struct Config {
     /// Listeners, clusters and endpoints from an Aggregated Discovery Service (SPEC §9).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xds: Option<Xds>,
+    /// Started with Envoy's command line: the arguments, for `/server_info` (SPEC §10).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub command_line: Vec<String>,
 }
 
 /// `xds:` section (SPEC §9).
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Xds {
     /// The ADS server: `HOST:PORT` or `unix:PATH`.
@@ -101,10 +104,25 @@ pub struct Xds {
     /// The variant the server is spoken to in (the bootstrap's `ads_config.api_type`).
     #[serde(default, skip_deserializing)]
     pub api: XdsApi,
+    /// HTTP/2 keepalive on the ADS stream: a PING this often (ztunnel's 30 s)...
+    #[serde(default = "default_keepalive_interval")]
+    pub keepalive_interval: Dur,
+    /// ...and the stream given up when its ACK takes longer than this (10 s): a silent dead
+    /// path is noticed and the stream reopened.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout: Dur,
     /// Started from an Envoy bootstrap: the SDS server (its `sds-grpc` cluster), `HOST:PORT`
     /// or `unix:PATH`.
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub sds: Option<String>,
+}
+
+fn default_keepalive_interval() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+fn default_keepalive_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 /// Which of ADS's two variants (SPEC §9).
@@ -116,6 +134,20 @@ pub enum XdsApi {
     StateOfTheWorld,
     /// Incremental (`DELTA_GRPC`).
     Delta,
+}
+
+impl Default for Xds {
+    fn default() -> Self {
+        Xds {
+            address: String::new(),
+            certificates: None,
+            keepalive_interval: default_keepalive_interval(),
+            keepalive_timeout: default_keepalive_timeout(),
+            bootstrap_node: None,
+            api: XdsApi::default(),
+            sds: None,
+        }
+    }
 }
 
 /// The PEM files of a workload identity (`cert-chain.pem`, `key.pem`, `root-cert.pem`).
@@ -157,6 +189,7 @@ impl Default for Config {
             clusters: Vec::new(),
             service_routes: Vec::new(),
             xds: None,
+            command_line: Vec::new(),
         }
     }
 }
@@ -1046,6 +1079,13 @@ impl Config {
         if let Some(x) = &self.xds {
             crate::config::XdsAddress::parse(&x.address)
                 .map_err(|m| at("address", format!("xds.address: {m}")))?;
+            for (key, d) in
+                [("keepalive_interval", x.keepalive_interval), ("keepalive_timeout", x.keepalive_timeout)]
+            {
+                if d.0.is_zero() {
+                    return Err(at(key, format!("xds.{key}: must be positive")));
+                }
+            }
         }
         // The metrics, admin and health listeners must not collide with each other.
         let services = [

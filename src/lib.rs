@@ -19,6 +19,7 @@ pub mod demo; // the built-in two-sidecar demo
 pub mod envoy_cli; // Envoy's command line as pilot-agent passes it. No I/O.
 pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No I/O.
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
+pub mod rbac; // AuthorizationPolicy as Envoy RBAC filters, evaluated per connection at L4. No I/O.
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count
 pub mod routing; // clusters, subsets, load balancing, weighted routes; routing::istio reads Istio YAML
 pub mod snapshot; // the listener/cluster/route model as per-worker snapshots swapped between connections

@@ -327,12 +327,40 @@ pub fn recv_spare(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Look at up to `buf.len()` first bytes without consuming them (permissive TLS sniffing).
-pub fn peek(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+/// Look at the first bytes waiting (at most `limit`, and `buf`'s capacity) without consuming
+/// them, into `buf`, replacing what it held: the listener inspectors' and permissive sniff's
+/// peek. The buffer is never zeroed first (a pool buffer is 16 KiB).
+pub fn peek(s: &TcpStream, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize> {
+    buf.clear();
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(limit);
+    let spare = &mut spare[..len]; // len <= spare.len(): cannot panic
     let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes and the fd is live for the call.
-    let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `buf`, the fd is live
+    // for the call, and only the `n` bytes recv(2) reports written are marked initialised.
+    let n = unsafe { libc::recv(s.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), flags) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(n) };
+    Ok(n)
+}
+
+/// Readiness only once at least `bytes` are waiting (SO_RCVLOWAT; EOF and errors still wake):
+/// an inspector that has seen part of a ClientHello sleeps until more arrives instead of
+/// polling. Both drivers wait through the socket's poll, which honours it.
+pub fn set_receive_low_water(s: &TcpStream, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a live fd with a pointer to a c_int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Half-close: send FIN; `ENOTCONN` (the peer already closed entirely) counts as done.

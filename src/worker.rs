@@ -125,6 +125,14 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Set by SIGTERM/SIGINT: exit once idle, or at `drain_timeout` (live connections reset).
     pub terminating: AtomicBool,
+    /// Envoy's `POST /drain_listeners?inboundonly`: inbound listeners stop accepting;
+    /// outbound ones go on (SPEC §10).
+    pub inbound_drained: AtomicBool,
+    /// A drain was asked for over admin (graceful ones accept until their end): Envoy's
+    /// `server.state` DRAINING from then on.
+    pub drain_announced: AtomicBool,
+    /// When the process started, for Envoy's `server.uptime`.
+    pub started: Instant,
     /// Workers that have bound their listeners and started.
     pub workers_started: AtomicUsize,
     /// Per worker, the generation whose listeners it has bound (SPEC §9's `/ready`: every
@@ -259,6 +267,9 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         config: Arc::new(effective),
         draining: AtomicBool::new(false),
         terminating: AtomicBool::new(false),
+        inbound_drained: AtomicBool::new(false),
+        drain_announced: AtomicBool::new(false),
+        started: Instant::now(),
         workers_started: AtomicUsize::new(0),
         bound_generations: (0..workers).map(|_| AtomicU64::new(0)).collect(),
         workers,
@@ -452,6 +463,15 @@ impl Acceptors {
     fn stop_all(&self) {
         self.by_name.values().for_each(|a| a.stop.fire());
     }
+
+    /// Stop the inbound listeners' accept loops (Envoy's `drain_listeners?inboundonly`).
+    fn stop_inbound(&self, config: &Config) {
+        for l in config.listeners.iter().filter(|l| l.direction == crate::config::Direction::Inbound) {
+            if let Some(a) = self.by_name.get(&l.name) {
+                a.stop.fire();
+            }
+        }
+    }
 }
 
 /// Worker `index` has bound the listeners of `generation`.
@@ -530,6 +550,8 @@ async fn worker_main(
         acceptors.draining.retain(|&(_, at)| now < at);
         if draining {
             acceptors.stop_all();
+        } else if shared.inbound_drained.load(Ordering::Acquire) {
+            acceptors.stop_inbound(&ctx.snapshot().config);
         }
         if drain_deadline.is_none() && shared.terminating.load(Ordering::Acquire) {
             drain_deadline = Some(now + shared.config.drain_timeout.0);

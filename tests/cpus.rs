@@ -116,7 +116,10 @@ fn under_taskset_one_cpu_one_worker_is_pinned_to_it() {
 #[test]
 fn under_taskset_two_cpus_two_workers_are_pinned_one_each() {
     if online_cpus() < 2 {
-        eprintln!("skipped: this machine has one CPU, taskset -c 0,1 cannot run");
+        common::skip(
+            "cpus::two_workers_pinned_one_each",
+            "this machine has one CPU, taskset -c 0,1 cannot run",
+        );
         return;
     }
     let run = Run::start(&["taskset", "-c", "0,1"], &[]);
@@ -131,7 +134,10 @@ fn under_taskset_two_cpus_two_workers_are_pinned_one_each() {
 #[test]
 fn auto_does_not_pin_fewer_workers_than_the_mask_and_never_does_not_pin() {
     if online_cpus() < 2 {
-        eprintln!("skipped: this machine has one CPU, taskset -c 0,1 cannot run");
+        common::skip(
+            "cpus::auto_does_not_pin_fewer_workers",
+            "this machine has one CPU, taskset -c 0,1 cannot run",
+        );
         return;
     }
     let run = Run::start(&["taskset", "-c", "0,1"], &["--workers", "1"]);
@@ -213,7 +219,10 @@ impl Drop for Cgroup {
 #[test]
 fn a_cgroup_cpu_quota_caps_workers_below_the_affinity_mask_and_then_auto_does_not_pin() {
     if online_cpus() < 2 {
-        eprintln!("skipped: this machine has one CPU, a quota cannot cap the mask");
+        common::skip(
+            "cpus::cgroup_quota_caps_workers",
+            "this machine has one CPU, a quota cannot cap the mask",
+        );
         return;
     }
     for (quota_us, want_workers, want_pinned) in [(50_000, 1, vec![]), (150_000, 2, vec![0, 1])] {
@@ -223,7 +232,10 @@ fn a_cgroup_cpu_quota_caps_workers_below_the_affinity_mask_and_then_auto_does_no
                 // Said in the test output and in docs/REFERENCE.md §1: where no cgroup can be
                 // written (an unprivileged run, cgroup v2 without the cpu controller delegated),
                 // the quota is checked by the unit tests over fixture files only.
-                eprintln!("skipped: no child cgroup with a CPU quota can be made here: {why}");
+                common::skip(
+                    "cpus::cgroup_quota_caps_workers",
+                    &format!("no child cgroup with a CPU quota can be made here: {why}"),
+                );
                 return;
             }
         };

@@ -87,6 +87,43 @@ fn the_image_is_multi_stage_from_scratch_runs_as_1337_and_exposes_istios_ports()
     }
 }
 
+/// The non-comment lines of each stage of a Dockerfile: (its FROM line, the rest).
+fn stages(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        match out.last_mut() {
+            Some((_, lines)) if !line.starts_with("FROM ") => lines.push(line.to_string()),
+            _ => out.push((line.to_string(), Vec::new())),
+        }
+    }
+    out
+}
+
+#[test]
+fn the_registry_free_dockerfile_passes_hadolint_and_gives_both_images_the_same_layout() {
+    let (ok, text) = tool("hadolint", &[docker("Dockerfile.local").to_str().unwrap()]);
+    assert!(ok, "hadolint:\n{text}");
+    let registry = stages(&read(&docker("Dockerfile")));
+    let local = stages(&read(&docker("Dockerfile.local")));
+    // What a container sees of each image (user, ports, entry point, command), stage for
+    // stage; the local build copies a staged directory instead of building.
+    let layout = |(from, lines): &(String, Vec<String>)| {
+        let kept: Vec<String> = lines
+            .iter()
+            .filter(|l| ["USER ", "EXPOSE ", "ENTRYPOINT ", "CMD "].iter().any(|k| l.starts_with(k)))
+            .cloned()
+            .collect();
+        (from.ends_with(" AS init"), kept)
+    };
+    let init = |stages: &[(String, Vec<String>)]| {
+        stages.iter().find(|s| s.0.ends_with(" AS init")).map(layout).expect("an init stage")
+    };
+    assert_eq!(init(&local), init(&registry));
+    assert_eq!(layout(local.last().unwrap()), layout(registry.last().unwrap()));
+    assert!(local.iter().all(|(from, _)| from.starts_with("FROM scratch")), "no registry: {local:?}");
+    assert!(local.iter().all(|(_, lines)| !lines.iter().any(|l| l.starts_with("RUN "))), "{local:?}");
+}
+
 #[test]
 fn the_prometheus_config_passes_promtool_and_scrapes_both_sidecars_as_istio_mesh() {
     let path = docker("prometheus.yml");

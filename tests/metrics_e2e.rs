@@ -5,8 +5,8 @@
 mod common;
 #[path = "common/exposition.rs"]
 mod exposition;
-#[path = "common/golden.rs"]
-mod golden;
+#[path = "common/istio_tcp.rs"]
+mod istio_tcp;
 #[path = "common/mesh.rs"]
 mod mesh;
 #[path = "common/promtool.rs"]
@@ -65,69 +65,18 @@ fn istios_tcp_exchange_scenario_reports_exact_counts_and_all_23_labels_in_istio_
     }
     let source = client.wait_for_value(CLOSED, &[("reporter", "source")], 10.0);
     let destination = server.wait_for_value(CLOSED, &[("reporter", "destination")], 10.0);
-    // Istio's golden files describe this traffic over mTLS. Ours is plaintext (peer exchange
-    // `always`), so every principal is `unknown` and connection_security_policy is `none` for
-    // reporter=destination (SPEC §3; it stays `unknown` for reporter=source). Every other label,
-    // the order of all 23, and the values (10, 10, 60, 120) are Istio's.
-    for (scrape, side) in [(&source, "client"), (&destination, "server")] {
-        for family in ["connection_open", "connection_close", "received_bytes", "sent_bytes"] {
-            let rel = format!("metric/tcp_{side}_{family}.yaml.tmpl");
-            let mut expected = golden::expected_family(&rel);
-            for metric in &mut expected.metric {
-                for l in &mut metric.label {
-                    match l.name.as_str() {
-                        "source_principal" | "destination_principal" => l.value = "unknown".into(),
-                        "connection_security_policy" if l.value == "mutual_tls" => l.value = "none".into(),
-                        _ => {}
-                    }
-                }
-                let names: Vec<&str> = metric.label.iter().map(|l| l.name.as_str()).collect();
-                assert_eq!(names, LABEL_NAMES, "{rel}: SPEC §3 label order");
-            }
-            golden::assert_exact_family(scrape, &expected, &rel);
+    // Istio's run is over mTLS. Ours is plaintext (peer exchange `always`), so every principal
+    // is `unknown` and connection_security_policy is `none` for reporter=destination (SPEC §3;
+    // it stays `unknown` for reporter=source). Every other label, the order of all 23, and the
+    // values (10, 10, 60, 120) are Istio's.
+    for (scrape, side) in [(&source, istio_tcp::Side::Client), (&destination, istio_tcp::Side::Server)] {
+        for (metric, _) in istio_tcp::counts() {
+            let expected = istio_tcp::family(metric, side, istio_tcp::Run::Plaintext);
+            let names: Vec<&str> = expected.series[0].0.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(names, LABEL_NAMES, "{metric}: SPEC §3 label order");
+            istio_tcp::assert_exact_family(scrape, &expected, &format!("{side:?} {metric}"));
         }
     }
-    // The same, spelled out for one series of each side: exact names, order and values.
-    let line = |scrape: &str, reporter: &str| {
-        let parsed = exposition::parse(scrape);
-        let series = parsed.family(SENT);
-        assert_eq!(series.len(), 1);
-        assert!(series[0].labels.iter().any(|(k, v)| k == "reporter" && v == reporter));
-        series[0].labels.clone()
-    };
-    let source_labels = [
-        ("reporter", "source"),
-        ("source_workload", "productpage-v1"),
-        ("source_canonical_service", "productpage-v1"),
-        ("source_canonical_revision", "version-1"),
-        ("source_workload_namespace", "default"),
-        ("source_principal", "unknown"),
-        ("source_app", "productpage"),
-        ("source_version", "v1"),
-        ("source_cluster", "client-cluster"),
-        ("destination_workload", "ratings-v1"),
-        ("destination_workload_namespace", "default"),
-        ("destination_principal", "unknown"),
-        ("destination_app", "ratings"),
-        ("destination_version", "v1"),
-        ("destination_service", "server.default.svc.cluster.local"),
-        ("destination_canonical_service", "ratings"),
-        ("destination_canonical_revision", "version-1"),
-        ("destination_service_name", "server"),
-        ("destination_service_namespace", "default"),
-        ("destination_cluster", "server-cluster"),
-        ("request_protocol", "tcp"),
-        ("response_flags", "-"),
-        ("connection_security_policy", "unknown"),
-    ];
-    let owned = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    };
-    assert_eq!(line(&source, "source"), owned(&source_labels));
-    let mut destination_labels = source_labels;
-    destination_labels[0].1 = "destination";
-    destination_labels[22].1 = "none";
-    assert_eq!(line(&destination, "destination"), owned(&destination_labels));
 }
 
 // ---- 2. and 3. when bytes are reported ---------------------------------------------------------

@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::{bin, http, serve_each, skip, wait_for};
+use common::{bin, http, serve_each, shared, wait_for};
 use envoy_types::pb::google::protobuf::value::Kind;
 use netns::{Pods, in_ns};
 
@@ -162,19 +162,39 @@ fn ringside_runs_unchanged_under_pilot_agents_command_line_and_bootstrap() {
     std::fs::write(root.join("etc/istio/proxy/envoy-rev.json"), bootstrap().to_string()).unwrap();
     // istiod (through the agent's XDS proxy): one TCP listener to an echo server.
     let echo = netns::echo_server_in(&pods.a, "127.0.0.1:9090");
+    // An outbound and an inbound listener to it, for drain_listeners?inboundonly.
+    let mut inbound = ads::tcp_listener("echo-in", "127.0.0.1:9001".parse().unwrap(), &[("echo", 1)]);
+    inbound.traffic_direction = 1; // INBOUND
     let snapshot = ads::Snapshot {
         version: "1".into(),
         clusters: vec![ads::static_cluster("echo", "127.0.0.1:9090".parse().unwrap())],
-        listeners: vec![ads::tcp_listener("echo", "127.0.0.1:9000".parse().unwrap(), &[("echo", 1)])],
+        listeners: vec![
+            ads::tcp_listener("echo", "127.0.0.1:9000".parse().unwrap(), &[("echo", 1)]),
+            inbound,
+        ],
         ..ads::Snapshot::default()
     };
     let (tx, requests) = std::sync::mpsc::channel();
     let _xds = ads::AdsServer::start_unix(&root.join("etc/istio/proxy/XDS"), snapshot, tx);
     fake_agent(&pods.a);
     let log = root.join("ringside.log");
-    let _rs = Running(start_in(&pods.a, &root, PILOT_AGENT_ARGS, &log));
+    let mut rs = Running(start_in(&pods.a, &root, PILOT_AGENT_ARGS, &log));
 
-    wait_for("admin /ready", || (get_in(&pods.a, "127.0.0.1:15000", "/ready")?.0 == 200).then_some(()));
+    // Readiness exactly as pilot-agent asks for it (the regex unescaped in the query).
+    wait_for("server.state 0 and workers started", || {
+        let (status, body) = get_in(
+            &pods.a,
+            "127.0.0.1:15000",
+            r"/stats?usedonly&filter=^(server\.state|listener_manager\.workers_started)",
+        )?;
+        (status == 200 && body == "listener_manager.workers_started: 1\nserver.state: 0\n").then_some(())
+    });
+    assert_eq!(get_in(&pods.a, "127.0.0.1:15000", "/ready"), Some((200, "LIVE\n".into())));
+    let info: serde_json::Value =
+        serde_json::from_str(&get_in(&pods.a, "127.0.0.1:15000", "/server_info").unwrap().1).unwrap();
+    assert_eq!(info["state"], "LIVE");
+    assert_eq!(info["command_line_options"]["args"], serde_json::json!(PILOT_AGENT_ARGS));
+    assert_eq!(info["command_line_options"]["concurrency"], 2);
     // The node went to the server unchanged, with its metadata's types.
     let first = requests.recv_timeout(common::DEADLINE).expect("a discovery request");
     let node = first.node.expect("the node on the first request");
@@ -197,6 +217,13 @@ fn ringside_runs_unchanged_under_pilot_agents_command_line_and_bootstrap() {
     let mut c = wait_for("the xDS listener bound", || netns::connect_in(&pods.a, "127.0.0.1:9000").ok());
     c.write_all(b"ping").unwrap();
     assert_eq!(common::read_exact(&mut c, 4), b"ping");
+    // Envoy's per-listener active connections, as pilot-agent's EXIT_ON_ZERO_ACTIVE_CONNECTIONS reads them.
+    let active =
+        get_in(&pods.a, "127.0.0.1:15000", "/stats?usedonly&filter=downstream_cx_active$").unwrap().1;
+    assert_eq!(
+        active,
+        "listener.127.0.0.1_9000.downstream_cx_active: 1\nlistener.127.0.0.1_9001.downstream_cx_active: 0\n"
+    );
     drop(c);
     let _ = echo.recv_timeout(common::DEADLINE).expect("the echo server saw the connection");
     wait_for("the connection counted with the bootstrap's workload", || {
@@ -204,6 +231,25 @@ fn ringside_runs_unchanged_under_pilot_agents_command_line_and_bootstrap() {
         let labels = [("source_workload", "ratings-v2"), ("source_app", "ratings"), ("source_version", "v2")];
         (common::sum(&s, common::CLOSED, &labels) == 1.0).then_some(())
     });
+
+    // pilot-agent's drain: inbound listeners stop accepting, outbound ones go on; the state
+    // is DRAINING, and quitquitquit ends the process at once with status 0.
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    let drained = in_ns(&pods.a, || http(admin, "POST", "/drain_listeners?inboundonly"));
+    assert_eq!(drained.map(|r| r.0), Some(200));
+    wait_for("the inbound listener stops accepting", || {
+        netns::connect_in(&pods.a, "127.0.0.1:9001").is_err().then_some(())
+    });
+    let mut c = netns::connect_in(&pods.a, "127.0.0.1:9000").expect("outbound still accepts");
+    c.write_all(b"pong").unwrap();
+    assert_eq!(common::read_exact(&mut c, 4), b"pong");
+    let state = get_in(&pods.a, "127.0.0.1:15000", r"/stats?filter=^server\.state$").unwrap().1;
+    assert_eq!(state, "server.state: 1\n");
+    assert_eq!(get_in(&pods.a, "127.0.0.1:15000", "/ready").map(|r| r.0), Some(503));
+    let quit = in_ns(&pods.a, || http(admin, "POST", "/quitquitquit"));
+    assert_eq!(quit.map(|r| r.0), Some(200));
+    let status = wait_for("the process to exit", || rs.0.try_wait().unwrap());
+    assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -227,11 +273,7 @@ fn an_option_envoy_does_not_have_is_one_line_and_exit_64() {
 
 /// Istio's own golden bootstraps (`../shared/istio-bootstrap/*_golden.json`), when there.
 fn goldens(test: &str) -> Option<Vec<PathBuf>> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-bootstrap"));
-    if !dir.is_dir() {
-        skip(test, "../shared/istio-bootstrap is not beside the checkout");
-        return None;
-    }
+    let dir = shared("istio-bootstrap", test)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())

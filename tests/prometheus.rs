@@ -5,8 +5,8 @@
 mod common;
 #[path = "common/exposition.rs"]
 mod exposition;
-#[path = "common/golden.rs"]
-mod golden;
+#[path = "common/istio_tcp.rs"]
+mod istio_tcp;
 #[path = "common/mesh.rs"]
 mod mesh;
 

@@ -20,7 +20,7 @@ const BYTES: usize = 2 * 1024 * 1024;
 #[test]
 fn bulk_flows_through_an_unprivileged_sidecar_stay_byte_exact_and_give_their_pipes_back() {
     let Some(setpriv) = unprivileged("1337") else {
-        eprintln!("skipped: needs root and setpriv to run ringside as uid 1337");
+        common::skip("splice::unprivileged_bulk_flows", "needs root and setpriv to run ringside as uid 1337");
         return;
     };
     let rs = sidecar(&setpriv);
@@ -47,7 +47,10 @@ fn bulk_flows_through_an_unprivileged_sidecar_stay_byte_exact_and_give_their_pip
 fn with_the_uids_pipe_budget_spent_bulk_flows_copy_and_stay_byte_exact() {
     // Its own uid, so spending that uid's budget disturbs no other test or sidecar.
     let Some(setpriv) = unprivileged("1338").filter(|_| Path::new("/usr/bin/python3").exists()) else {
-        eprintln!("skipped: needs root, setpriv and /usr/bin/python3 to spend uid 1338's pipe budget");
+        common::skip(
+            "splice::pipe_budget_spent",
+            "needs root, setpriv and /usr/bin/python3 to spend uid 1338's pipe budget",
+        );
         return;
     };
     // Another process of the same uid holds 1 MiB pipes until the kernel refuses to grow one:

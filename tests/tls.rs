@@ -552,24 +552,42 @@ fn inbound_at(listen: SocketAddr, certs: &Certs, app: SocketAddr) -> Ringside {
 
 #[test]
 fn bookinfo_destination_rule_all_mtls_runs_end_to_end() {
-    // Istio's Bookinfo `destination-rule-all-mtls.yaml` (ratings: ISTIO_MUTUAL) with a
-    // ServiceEntry giving ratings two loopback endpoints, each a ringside inbound sidecar in
-    // strict mode: productpage's sidecar takes its workload certificate from the config's
-    // `tls:` block, as Istio's agent mounts one per pod.
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio/bookinfo-like/rules-mtls.yaml");
+    istio_mutual_rules_run_end_to_end(rules, 23);
+}
+
+/// Replays of Istio's own Bookinfo files.
+mod conformance {
+    #[test]
+    fn istios_bookinfo_destination_rule_all_mtls_runs_end_to_end() {
+        let test = "tls::conformance::bookinfo_destination_rule_all_mtls";
+        if let Some(dir) = crate::common::shared("istio/bookinfo", test) {
+            let rules = dir.join("destination-rule-all-mtls.yaml");
+            super::istio_mutual_rules_run_end_to_end(rules.to_str().unwrap(), 24);
+        }
+    }
+}
+
+/// Bookinfo's DestinationRules with `ISTIO_MUTUAL` (file `rules`; ratings among them) and a
+/// ServiceEntry giving ratings two loopback endpoints on `127.0.<net>.*`, each a ringside
+/// inbound sidecar in strict mode: productpage's sidecar takes its workload certificate from
+/// the config's `tls:` block, as Istio's agent mounts one per pod.
+fn istio_mutual_rules_run_end_to_end(rules: &str, net: u8) {
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/istio");
-    let dir = std::env::temp_dir().join(format!("ringside-tls-bookinfo-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ringside-tls-bookinfo-{}-{net}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let entry = std::fs::read_to_string(format!("{data}/local/ratings.yaml"))
         .unwrap()
-        .replace("127.0.10.", "127.0.23.");
+        .replace("127.0.10.", &format!("127.0.{net}."));
     std::fs::write(dir.join("ratings.yaml"), entry).unwrap();
     let ca = Ca::new("mesh");
     let ratings = "spiffe://cluster.local/ns/default/sa/bookinfo-ratings";
     let app = echo_server();
-    let v1 = inbound_at("127.0.23.11:9080".parse().unwrap(), &Certs::new("ratings-v1", &ca, ratings), app);
-    let v2 = inbound_at("127.0.23.12:9080".parse().unwrap(), &Certs::new("ratings-v2", &ca, ratings), app);
+    let at = |host: u8| SocketAddr::from(([127, 0, net, host], 9080));
+    let v1 = inbound_at(at(11), &Certs::new("ratings-v1", &ca, ratings), app);
+    let v2 = inbound_at(at(12), &Certs::new("ratings-v2", &ca, ratings), app);
     let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
-    let listen: SocketAddr = "127.0.23.100:9080".parse().unwrap();
+    let listen = at(100);
     let config = format!(
         "{}listeners:\n  - name: ratings\n    listen: \"{listen}\"\n    direction: outbound\n    \
          service: ratings.default.svc.cluster.local\nclusters:\n  - name: workload-certificate\n    \
@@ -577,9 +595,8 @@ fn bookinfo_destination_rule_all_mtls_runs_end_to_end() {
         node("productpage-v1", "default", "productpage"),
         certs.yaml()
     );
-    let mtls_rule = format!("{data}/bookinfo/destination-rule-all-mtls.yaml");
     let client =
-        Ringside::spawn_config(&config, listen, &["--istio", &mtls_rule, "--istio", dir.to_str().unwrap()]);
+        Ringside::spawn_config(&config, listen, &["--istio", rules, "--istio", dir.to_str().unwrap()]);
     for i in 0..4 {
         echo_round_trip(listen, format!("rating request {i}").as_bytes());
     }

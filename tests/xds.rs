@@ -234,6 +234,60 @@ fn the_node_is_sent_as_istios_agent_sends_it() {
     assert_eq!(label("version"), Some(Kind::StringValue("v2".into())));
     // Clusters and Listeners are wildcard subscriptions.
     assert!(first.resource_names.is_empty());
+    // The node goes on a stream's first request only, as Istio's agent sends it.
+    let later = requests.recv_timeout(DEADLINE).expect("a second request");
+    assert_eq!(later.node, None, "{later:?}");
+}
+
+/// A TCP relay to `to` that forwards both ways until `freeze` is set; then the connections it
+/// holds go silent (open, nothing forwarded), as a dead network path or a stopped istiod
+/// looks. New connections after that are relayed again.
+fn freezable_relay(to: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let freeze = std::sync::Arc::new(AtomicBool::new(false));
+    let frozen = freeze.clone();
+    std::thread::spawn(move || {
+        for down in listener.incoming().flatten() {
+            let Ok(up) = TcpStream::connect(to) else { continue };
+            let born_frozen = frozen.load(Ordering::Acquire);
+            for (mut from, mut into) in [(down.try_clone().unwrap(), up.try_clone().unwrap()), (up, down)] {
+                let frozen = frozen.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        // Frozen: keep reading (so nothing backs up) but forward nothing.
+                        let silent = frozen.load(Ordering::Acquire) && !born_frozen;
+                        if !silent && into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, freeze)
+}
+
+#[test]
+fn a_frozen_xds_peer_is_noticed_by_http2_keepalive_and_the_stream_reopened() {
+    let mesh = Mesh::new();
+    let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 100)]));
+    let (relay, freeze) = freezable_relay(server.addr);
+    let config = format!("{NODE}xds: {{address: {relay}, keepalive_interval: 1s, keepalive_timeout: 1s}}\n");
+    let rs = Ringside::spawn_config(&config, relay, &["--workers", "1"]);
+    reply_to(&requests, LISTENER, "1");
+    wait_for("the xDS listener to accept", || tag_of(mesh.listen));
+    assert_eq!(sum(&rs.scrape(), "ringside_xds_connects_total", &[]), 1.0);
+    freeze.store(true, std::sync::atomic::Ordering::Release);
+    // Unanswered PINGs end the silent stream; the new one goes through the relay again.
+    rs.wait_for_value("ringside_xds_connects_total", &[], 2.0);
+    let hello = wait_for("the first request of the new stream", || {
+        requests.recv_timeout(DEADLINE).ok().filter(|r| r.type_url == CLUSTER && r.response_nonce.is_empty())
+    });
+    assert!(hello.node.is_some(), "the node again on the new stream's first request");
+    assert_eq!(split(mesh.listen, 3), (3, 0), "the last good config served throughout");
 }
 
 #[test]

@@ -29,16 +29,10 @@ use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
 /// istiod's capture listeners, virtualOutbound and virtualInbound, reached from inside the pod.
 const CAPTURE: [&str; 2] = ["127.0.0.1:15001", "127.0.0.1:15006"];
 
-const DUMPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/istio-xds-dumps");
-
-/// The dump `file`, or None (after a SKIP line) when `../shared` is absent.
+/// The dump `file` in `../shared/istio-xds-dumps`, or None (after one SKIP line naming the
+/// folder) when it is absent.
 fn dump_file(test: &str, file: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(DUMPS).join(file);
-    if path.exists() {
-        return Some(path);
-    }
-    common::skip(test, &format!("no {DUMPS} (the real Istio xDS dumps live in ../shared)"));
-    None
+    Some(common::shared("istio-xds-dumps", test)?.join(file))
 }
 
 /// envoy-types' FileDescriptorSet of every Envoy proto (`src/generated/types.bin` in its

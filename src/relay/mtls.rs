@@ -56,7 +56,7 @@ async fn accept(
     // before deciding a silent client is plaintext. A plaintext server-first protocol behind
     // `permissive` therefore greets after up to 1 s (Istio asks such ports to be declared).
     let window = listener.limits.sniff_timeout.0.max(PERMISSIVE_SNIFF_MIN);
-    if permissive && !sniff_client_hello(&down, window).await? {
+    if permissive && !sniff_client_hello(ctx, &down, window).await? {
         return Ok(Accepted::Plain(down));
     }
     let config = slot.current();
@@ -102,16 +102,21 @@ fn refused_reason(e: &io::Error) -> TlsRefused {
 /// without consuming, so a plaintext client loses nothing; a plaintext client that sends one
 /// byte and waits is told apart at once; one that sends nothing within `sniff_timeout` is
 /// plaintext (a server-first protocol).
-async fn sniff_client_hello(down: &TcpStream, sniff_timeout: Duration) -> Result<bool, Error> {
-    let mut head = [0u8; 3];
-    let tls = peek_until(down, &mut head, Instant::now() + sniff_timeout, |bytes, _| match bytes {
+async fn sniff_client_hello(
+    ctx: &WorkerCtx,
+    down: &TcpStream,
+    sniff_timeout: Duration,
+) -> Result<bool, Error> {
+    let mut buf = ctx.pool.take();
+    let tls = peek_until(down, &mut buf, 3, Instant::now() + sniff_timeout, |bytes, _| match bytes {
         [b, ..] if *b != 0x16 => Some(false),
         [_, v, ..] if *v != 0x03 => Some(false),
-        [_, _, _] => Some(true),
+        [_, _, _, ..] => Some(true),
         _ => None, // a TLS header prefix
     })
-    .await?;
-    Ok(tls == Some(true))
+    .await;
+    ctx.pool.put(buf);
+    Ok(tls? == Some(true))
 }
 
 /// A listener's `tls_inspector` (SPEC §9): the ALPN protocols of the client's ClientHello,
@@ -128,8 +133,8 @@ pub(super) async fn inspect(
     use crate::tls::hello::{Hello, parse};
     let deadline = Instant::now() + sniff_timeout.max(PERMISSIVE_SNIFF_MIN);
     let mut buf = ctx.pool.take();
-    buf.resize(buf.capacity(), 0);
-    let hello = peek_until(down, &mut buf, deadline, |bytes, full| match parse(bytes) {
+    let limit = buf.capacity();
+    let hello = peek_until(down, &mut buf, limit, deadline, |bytes, full| match parse(bytes) {
         Hello::NotTls => Some(None),
         Hello::Tls(alpn) => Some(Some(alpn)),
         Hello::NeedMore if full => Some(Some(Vec::new())),
@@ -140,35 +145,48 @@ pub(super) async fn inspect(
     Ok(hello?.flatten())
 }
 
-/// Peek at a client's first bytes into `buf` until `decide` (given what is there and whether
-/// it fills `buf`) returns an answer. `None`: the client sent nothing decisive before
-/// `deadline`, or closed (the plaintext path then relays what it sent).
+/// Peek at a client's first bytes (at most `limit`, within `buf`'s capacity) until `decide`
+/// (given what is there and whether `limit` is reached) returns an answer. `None`: the client
+/// sent nothing decisive before `deadline`, or closed (the plaintext path then relays what it
+/// sent). Between looks the worker sleeps until more bytes than seen have arrived (the
+/// socket's receive low-water mark), so a client that sends a few bytes and stops costs one
+/// wake-up, not one per millisecond.
 async fn peek_until<T>(
     down: &TcpStream,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
+    limit: usize,
     deadline: Instant,
     mut decide: impl FnMut(&[u8], bool) -> Option<T>,
 ) -> Result<Option<T>, Error> {
-    loop {
+    let mut raised = false;
+    let answer = loop {
         let wait = deadline.saturating_duration_since(Instant::now());
         if monoio::time::timeout(wait, down.readable(false)).await.is_err() {
-            return Ok(None);
+            break Ok(None);
         }
-        let n = match socket::peek(down, buf) {
-            Ok(0) => return Ok(None),
+        let n = match socket::peek(down, buf, limit) {
+            Ok(0) => break Ok(None),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => break Err(e.into()),
         };
-        if let Some(answer) = decide(buf.get(..n).unwrap_or_default(), n == buf.len()) {
-            return Ok(Some(answer));
+        if let Some(answer) = decide(buf.get(..n).unwrap_or_default(), n >= limit) {
+            break Ok(Some(answer));
         }
         if Instant::now() >= deadline {
-            return Ok(None);
+            break Ok(None);
         }
-        // Readiness stays set while bytes wait unread: look again after a moment.
-        monoio::time::sleep(Duration::from_millis(1)).await;
+        // Readiness stays set while bytes wait unread: ask to be woken for more than `n`.
+        if let Err(e) = socket::set_receive_low_water(down, n + 1) {
+            break Err(e.into());
+        }
+        raised = true;
+    };
+    if raised {
+        // Back to the default (1) before the relay reads: its reads must not wait for more.
+        socket::set_receive_low_water(down, 1)?;
     }
+    answer
 }
 
 /// An inbound mTLS listener's connection: the handshake (after the sniff, in `permissive`),

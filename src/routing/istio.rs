@@ -1094,9 +1094,9 @@ spec:
 
     #[test]
     fn bookinfo_rules_load_and_report_what_they_cannot_apply() {
-        let all = include_str!("../../tests/data/istio/bookinfo/destination-rule-all.yaml");
-        let mtls = include_str!("../../tests/data/istio/bookinfo/destination-rule-all-mtls.yaml");
-        let vs = include_str!("../../tests/data/istio/bookinfo/virtual-service-ratings-db.yaml");
+        let all = include_str!("../../tests/data/istio/bookinfo-like/rules.yaml");
+        let mtls = include_str!("../../tests/data/istio/bookinfo-like/rules-mtls.yaml");
+        let vs = include_str!("../../tests/data/istio/bookinfo-like/routes-http.yaml");
         let ratings = "
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -1140,7 +1140,7 @@ spec:
 
     #[test]
     fn istio_mutual_gives_a_service_entry_cluster_the_workload_certificates_of_the_config() {
-        let mtls = include_str!("../../tests/data/istio/bookinfo/destination-rule-all-mtls.yaml");
+        let mtls = include_str!("../../tests/data/istio/bookinfo-like/rules-mtls.yaml");
         let ratings = "
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry

@@ -14,6 +14,7 @@ pub mod endpoint;
 mod fixtures;
 pub mod listener;
 pub mod proto;
+pub mod rbac;
 pub mod state;
 pub mod tls;
 
@@ -39,6 +40,21 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between reconnects (Envoy's default for its gRPC mux is 30 s; a sidecar
 /// whose istiod restarted should catch up within seconds).
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A stream that stayed up this long was healthy: the back-off starts over. One response is
+/// not enough (a server that answers once and then fails must not be hammered).
+const HEALTHY_STREAM: Duration = Duration::from_secs(30);
+/// TCP keepalive on a TCP xDS connection, Istio's bootstrap values for `xds-grpc`: probes
+/// after 300 s idle, every 75 s, 9 of them (no effect on a unix socket).
+const TCP_KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(300), Duration::from_secs(75), 9);
+
+/// `backoff` spread over its upper half, so sidecars that lost the same istiod do not
+/// reconnect in step (no RNG crate: the clock's low bits are random enough for this).
+fn jittered(backoff: Duration) -> Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let half = backoff / 2;
+    half + half.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}
 
 /// What the xDS client did, for `ringside_xds_*` metrics, `/ready` and `/config_dump`.
 #[derive(Debug, Default)]
@@ -106,6 +122,7 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
     let Some(xds) = &base.xds else { return Ok(()) };
     let address = XdsAddress::parse(&xds.address).map_err(std::io::Error::other)?;
     let node = node(&base);
+    let keepalive = (xds.keepalive_interval.0, xds.keepalive_timeout.0);
     std::thread::Builder::new().name("ringside-xds".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -115,7 +132,7 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
             }
         };
         let mut client =
-            Client { address, node, base, apply, status, state: State::default(), generation: 0 };
+            Client { address, node, keepalive, base, apply, status, state: State::default(), generation: 0 };
         rt.block_on(client.run());
     })?;
     Ok(())
@@ -207,6 +224,8 @@ fn to_value(json: &serde_json::Value) -> Value {
 struct Client {
     address: XdsAddress,
     node: Node,
+    /// HTTP/2 keepalive: PING interval and how long its ACK may take.
+    keepalive: (Duration, Duration),
     base: Config,
     apply: Apply,
     status: Arc<Status>,
@@ -223,16 +242,18 @@ impl Client {
     async fn run(&mut self) {
         let mut backoff = BACKOFF_MIN;
         loop {
+            let began = tokio::time::Instant::now();
             let (result, got_response) = self.session().await;
             self.status.connected.store(false, Ordering::Relaxed);
-            if got_response {
+            if got_response && began.elapsed() >= HEALTHY_STREAM {
                 backoff = BACKOFF_MIN;
             }
+            let wait = jittered(backoff);
             match result {
                 Ok(()) => log::warn!("xds: stream to {:?} closed by the server; reconnecting", self.address),
-                Err(e) => log::warn!("xds: {e}; retrying in {} ms", backoff.as_millis()),
+                Err(e) => log::warn!("xds: {e}; retrying in {} ms", wait.as_millis()),
             }
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -240,17 +261,29 @@ impl Client {
     async fn channel(&self) -> Result<tonic::transport::Channel, StreamError> {
         use tonic::transport::Endpoint;
         let connect_timeout = Duration::from_secs(5);
+        // HTTP/2 PINGs even while no request is in flight: a frozen peer (a dead path, a
+        // stopped istiod) ends the stream within interval + timeout, and it is reopened.
+        let keepalive = |e: Endpoint| {
+            e.http2_keep_alive_interval(self.keepalive.0)
+                .keep_alive_timeout(self.keepalive.1)
+                .keep_alive_while_idle(true)
+        };
         match &self.address {
-            XdsAddress::Tcp(hostport) => Endpoint::from_shared(format!("http://{hostport}"))
-                .map_err(|e| format!("xds address {hostport}: {e}"))?
-                .connect_timeout(connect_timeout)
-                .connect()
-                .await
-                .map_err(|e| format!("connect {hostport}: {e}")),
+            XdsAddress::Tcp(hostport) => keepalive(
+                Endpoint::from_shared(format!("http://{hostport}"))
+                    .map_err(|e| format!("xds address {hostport}: {e}"))?,
+            )
+            .tcp_keepalive(Some(TCP_KEEPALIVE.0))
+            .tcp_keepalive_interval(Some(TCP_KEEPALIVE.1))
+            .tcp_keepalive_retries(Some(TCP_KEEPALIVE.2))
+            .connect_timeout(connect_timeout)
+            .connect()
+            .await
+            .map_err(|e| format!("connect {hostport}: {e}")),
             XdsAddress::Unix(path) => {
                 let path = path.clone();
                 let shown = path.clone();
-                Endpoint::from_static("http://localhost")
+                keepalive(Endpoint::from_static("http://localhost"))
                     .connect_timeout(connect_timeout)
                     .connect_with_connector(tower::service_fn(move |_| {
                         let path = path.clone();
@@ -268,7 +301,9 @@ impl Client {
     fn request(&self, type_url: &str, version: &str, nonce: &str, error: Option<String>) -> DiscoveryRequest {
         DiscoveryRequest {
             version_info: version.to_string(),
-            node: Some(self.node.clone()),
+            // The node goes on a stream's first request only (`session`), as Istio's agent
+            // sends it (`set_node_on_first_message_only`).
+            node: None,
             resource_names: if type_url == ENDPOINTS { self.state.eds_names() } else { Vec::new() },
             type_url: type_url.to_string(),
             response_nonce: nonce.to_string(),
@@ -288,7 +323,9 @@ impl Client {
         let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::unbounded_channel();
         // On a reconnect, the versions held tell the server what we have (as Envoy does).
-        let _ = tx.send(self.request(CLUSTER, self.state.version(Type::Cluster), "", None));
+        let mut first = self.request(CLUSTER, self.state.version(Type::Cluster), "", None);
+        first.node = Some(self.node.clone());
+        let _ = tx.send(first);
         let _ = tx.send(self.request(LISTENER, self.state.version(Type::Listener), "", None));
         if !self.state.eds_names().is_empty() {
             let _ = tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), "", None));

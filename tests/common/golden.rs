@@ -1,23 +1,36 @@
-//! Istio's golden test data (`tests/data/istio-golden`, copied from istio/proxy) for tests: a filler
-//! for the subset of Go text/template the files use, the bootstrap node metadata and cluster
-//! services they describe, the enforced metric families, and Istio's `ExactStat` comparison.
-//! Included with `#[path]` next to `common/exposition.rs` (as `crate::exposition`).
+//! Conformance: Istio's golden TCP-stats data, read from `../shared/istio-golden` (istio/proxy's
+//! testdata; never copied into this repository): a filler for the subset of Go text/template
+//! the files use, and readers of the bootstrap node metadata, the cluster services and the
+//! enforced metric families they describe, in `common/istio_tcp.rs`'s terms so the two can be
+//! compared. Included with `#[path]` next to `common/istio_tcp.rs` (as `crate::istio_tcp`).
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use ringside::exchange::NodeMetadata;
-use ringside::metrics::{ISTIO_COUNTERS, ISTIO_HELP, ServiceInfo};
+use ringside::metrics::ServiceInfo;
 use serde::Deserialize;
 
-pub fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/istio-golden")
-}
+use crate::istio_tcp::Family;
 
-pub fn read_golden(rel: &str) -> String {
-    let path = golden_dir().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// The folder under `../shared`.
+pub const FOLDER: &str = "istio-golden";
+
+/// Istio's golden files in `dir` (what `shared(FOLDER, ..)` gave).
+pub struct Golden(pub PathBuf);
+
+impl Golden {
+    /// The text of file `rel` (e.g. `metric/tcp_client_connection_open.yaml.tmpl`), unfilled.
+    pub fn read(&self, rel: &str) -> String {
+        let path = self.0.join(rel);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// File `rel` filled as Istio's plain run fills it.
+    pub fn filled(&self, rel: &str) -> String {
+        fill(&self.read(rel), &plain_vars())
+    }
 }
 
 // ---- a filler for the subset of Go text/template these files use ----------------------------
@@ -122,99 +135,81 @@ pub fn plain_vars() -> HashMap<&'static str, &'static str> {
 
 // ---- golden inputs ---------------------------------------------------------------------------
 
-/// A bootstrap `node.metadata` body (fields without the outer braces) as NodeMetadata.
-pub fn node_metadata(rel: &str) -> NodeMetadata {
-    let body = fill(&read_golden(rel), &plain_vars());
-    let json: serde_json::Value =
-        serde_json::from_str(&format!("{{{body}}}")).unwrap_or_else(|e| panic!("{rel}: {e}"));
-    let field = |k: &str| json[k].as_str().unwrap_or_default().to_owned();
-    let labels: BTreeMap<String, String> = json["LABELS"]
-        .as_object()
-        .expect("LABELS")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().expect("string label").to_owned()))
-        .collect();
-    NodeMetadata {
-        id: String::new(),
-        name: field("NAME"),
-        namespace: field("NAMESPACE"),
-        owner: field("OWNER"),
-        workload_name: field("WORKLOAD_NAME"),
-        cluster_id: field("CLUSTER_ID"),
-        mesh_id: field("MESH_ID"),
-        service_account: field("SERVICE_ACCOUNT"),
-        istio_version: field("ISTIO_VERSION"),
-        labels,
+impl Golden {
+    /// A bootstrap `node.metadata` body (fields without the outer braces) as NodeMetadata.
+    pub fn node_metadata(&self, rel: &str) -> NodeMetadata {
+        let body = self.filled(rel);
+        let json: serde_json::Value =
+            serde_json::from_str(&format!("{{{body}}}")).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let field = |k: &str| json[k].as_str().unwrap_or_default().to_owned();
+        let labels: BTreeMap<String, String> = json["LABELS"]
+            .as_object()
+            .expect("LABELS")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string label").to_owned()))
+            .collect();
+        NodeMetadata {
+            id: String::new(),
+            name: field("NAME"),
+            namespace: field("NAMESPACE"),
+            owner: field("OWNER"),
+            workload_name: field("WORKLOAD_NAME"),
+            cluster_id: field("CLUSTER_ID"),
+            mesh_id: field("MESH_ID"),
+            service_account: field("SERVICE_ACCOUNT"),
+            istio_version: field("ISTIO_VERSION"),
+            labels,
+        }
+    }
+
+    /// `istio.services[0]` of a cluster template.
+    pub fn cluster_service(&self, rel: &str) -> ServiceInfo {
+        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&self.filled(rel)).unwrap();
+        let service = &yaml["metadata"]["filter_metadata"]["istio"]["services"][0];
+        ServiceInfo {
+            host: service["host"].as_str().unwrap().to_owned(),
+            namespace: service["namespace"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// A `metric/*.yaml.tmpl` file's family, filled for the plain run.
+    pub fn family(&self, rel: &str) -> Family {
+        let family: MetricFamily =
+            serde_yaml_ng::from_str(&self.filled(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        Family {
+            name: family.name,
+            kind: family.kind.to_lowercase(),
+            series: family
+                .metric
+                .into_iter()
+                .map(|m| (m.label.into_iter().map(|l| (l.name, l.value)).collect(), m.counter.value))
+                .collect(),
+        }
     }
 }
 
-/// `istio.services[0]` of a cluster template.
-pub fn cluster_service(rel: &str) -> ServiceInfo {
-    let yaml: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&fill(&read_golden(rel), &plain_vars())).unwrap();
-    let service = &yaml["metadata"]["filter_metadata"]["istio"]["services"][0];
-    ServiceInfo {
-        host: service["host"].as_str().unwrap().to_owned(),
-        namespace: service["namespace"].as_str().unwrap().to_owned(),
-    }
-}
-
-#[derive(Deserialize, Debug, Clone)]
-pub struct MetricFamily {
-    pub name: String,
+/// Istio's `MetricFamily` YAML (the shape of prometheus' `dto.MetricFamily`).
+#[derive(Deserialize)]
+struct MetricFamily {
+    name: String,
     #[serde(rename = "type")]
-    pub kind: String,
-    pub metric: Vec<Metric>,
+    kind: String,
+    metric: Vec<Metric>,
 }
 
-#[derive(Deserialize, Debug, Clone)]
-pub struct Metric {
-    pub counter: Counter,
-    pub label: Vec<LabelPair>,
+#[derive(Deserialize)]
+struct Metric {
+    counter: Counter,
+    label: Vec<LabelPair>,
 }
 
-#[derive(Deserialize, Debug, Clone)]
-pub struct Counter {
-    pub value: f64,
+#[derive(Deserialize)]
+struct Counter {
+    value: f64,
 }
 
-#[derive(Deserialize, Debug, Clone)]
-pub struct LabelPair {
-    pub name: String,
-    pub value: String,
-}
-
-pub fn expected_family(rel: &str) -> MetricFamily {
-    serde_yaml_ng::from_str(&fill(&read_golden(rel), &plain_vars())).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
-
-/// Checks a scrape as Istio's `ExactStat` does: exactly the listed series of the family, labels in
-/// the listed order with the listed values, the value. ExactStat also compares the HELP field,
-/// empty in Istio's golden data because Envoy writes none; SPEC §3 asks for a HELP line on every
-/// family, so here it must be Istio's own description of the metric instead.
-pub fn assert_exact_stat(scrape: &str, rel: &str) {
-    assert_exact_family(scrape, &expected_family(rel), rel);
-}
-
-/// [`assert_exact_stat`] against an already loaded (and possibly adjusted) family.
-pub fn assert_exact_family(scrape: &str, expected: &MetricFamily, rel: &str) {
-    let parsed = crate::exposition::parse(scrape);
-    assert_eq!(
-        parsed.types.get(&expected.name).map(String::as_str),
-        Some(expected.kind.to_lowercase().as_str()),
-        "{rel}: TYPE of {}",
-        expected.name
-    );
-    let help = ISTIO_COUNTERS.iter().zip(ISTIO_HELP).find(|(n, _)| **n == expected.name).map(|(_, h)| h);
-    assert_eq!(parsed.helps.get(&expected.name).map(String::as_str), help, "{rel}: HELP text");
-    let actual = parsed.family(&expected.name);
-    assert_eq!(actual.len(), expected.metric.len(), "{rel}: series count");
-    for (want, got) in expected.metric.iter().zip(actual) {
-        let want_labels: Vec<(&str, &str)> =
-            want.label.iter().map(|l| (l.name.as_str(), l.value.as_str())).collect();
-        let got_labels: Vec<(&str, &str)> =
-            got.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        assert_eq!(got_labels, want_labels, "{rel}: labels");
-        assert_eq!(got.value, want.counter.value, "{rel}: value");
-    }
+#[derive(Deserialize)]
+struct LabelPair {
+    name: String,
+    value: String,
 }

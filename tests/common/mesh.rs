@@ -1,7 +1,8 @@
 //! Istio's TestTCPMetadataExchange topology through two real ringside sidecars: productpage-v1's
 //! outbound sidecar (reporter=source) to ratings-v1's inbound sidecar (reporter=destination) to
-//! Istio's `hello` TCP server, with the node identities of Istio's golden bootstrap data.
-//! Included with `#[path]` next to `common/mod.rs` (as `crate::common`) and `common/golden.rs`.
+//! Istio's `hello` TCP server, with the node identities of that test, as `common/istio_tcp.rs`
+//! restates them. Included with `#[path]` next to `common/mod.rs` (as `crate::common`) and
+//! `common/istio_tcp.rs`.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -10,10 +11,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use ringside::exchange::NodeMetadata;
 
 use crate::common::{Ringside, connect, free_addr, read_exact, read_to_end, serve_each};
-use crate::golden;
-
-/// The service host of Istio's golden clusters (`cluster/tcp_{client,server}.yaml.tmpl`).
-pub const SERVER_SERVICE: &str = "server.default.svc.cluster.local";
+pub use crate::istio_tcp::SERVER_SERVICE;
 
 /// Istio's `TCPServer{Prefix: "hello"}` (test/envoye2e/driver/tcp.go): answers each line L with
 /// `hello L`.
@@ -34,7 +32,7 @@ pub fn hello_server() -> SocketAddr {
     addr
 }
 
-/// The `node:` section of a config file for a golden bootstrap's node metadata.
+/// The `node:` section of a config file for a workload's node metadata.
 pub fn node_yaml(n: &NodeMetadata) -> String {
     // JSON is YAML: quote every value exactly.
     let q = |s: &str| serde_json::to_string(s).unwrap();
@@ -51,16 +49,20 @@ pub fn node_yaml(n: &NodeMetadata) -> String {
     )
 }
 
-/// A sidecar with the identity of Istio's golden `node_metadata` file, one `always` listener
-/// whose cluster is `server.default.svc.cluster.local` at `upstream`.
-pub fn golden_sidecar(node_file: &str, direction: &str, upstream: SocketAddr, extra: &[&str]) -> Ringside {
-    let node = golden::node_metadata(node_file);
+/// A sidecar with the identity `node`, one `always` listener whose cluster is
+/// `server.default.svc.cluster.local` at `upstream`.
+pub fn golden_sidecar(
+    node: &NodeMetadata,
+    direction: &str,
+    upstream: SocketAddr,
+    extra: &[&str],
+) -> Ringside {
     let listen = free_addr();
     let config = format!(
         "{}listeners:\n  - name: {direction}-server\n    listen: {listen}\n    direction: {direction}\n    \
          peer_exchange: always\n    cluster: server\nclusters:\n  - name: server\n    service: {SERVER_SERVICE}\n    \
          endpoints: [{{address: \"{upstream}\"}}]\n",
-        node_yaml(&node)
+        node_yaml(node)
     );
     Ringside::spawn_config(&config, listen, extra)
 }
@@ -68,8 +70,8 @@ pub fn golden_sidecar(node_file: &str, direction: &str, upstream: SocketAddr, ex
 /// Istio's TestTCPMetadataExchange topology: productpage-v1's outbound sidecar (reporter=source)
 /// to ratings-v1's inbound sidecar (reporter=destination) to a `hello` server.
 pub fn golden_pair(extra: &[&str]) -> (Ringside, Ringside) {
-    let server = golden_sidecar("server_node_metadata.json.tmpl", "inbound", hello_server(), extra);
-    let client = golden_sidecar("client_node_metadata.json.tmpl", "outbound", server.listen, extra);
+    let server = golden_sidecar(&crate::istio_tcp::server_node(), "inbound", hello_server(), extra);
+    let client = golden_sidecar(&crate::istio_tcp::client_node(), "outbound", server.listen, extra);
     (client, server)
 }
 

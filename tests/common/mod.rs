@@ -26,6 +26,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod process;
+mod skip;
+
+#[allow(unused_imports)]
+pub use skip::{shared, skip};
 
 /// Istio's TCP metric names (SPEC §3).
 pub const OPENED: &str = "istio_tcp_connections_opened_total";
@@ -456,17 +460,6 @@ pub fn plain_relay(upstream: SocketAddr, driver: &str, extra: &[&str]) -> Ringsi
     let mut args = vec!["--peer-exchange", "off", "--driver", driver];
     args.extend_from_slice(extra);
     Ringside::spawn(upstream, "outbound", &args)
-}
-
-/// Report `test` as skipped for `why`: a `SKIP` line on stderr, also appended to
-/// `target/test-skips.txt`, which tests/run.sh prints, so a skip is never mistaken for a pass.
-pub fn skip(test: &str, why: &str) {
-    let line = format!("SKIP {test}: {why}");
-    eprintln!("{line}");
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-skips.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{line}");
-    }
 }
 
 /// Run the binary with `args` to completion; (exit code, stderr).

@@ -1,5 +1,6 @@
-//! Network namespaces a test creates and removes: two "pods" joined by a veth pair, threads
-//! that open sockets inside a namespace, and sidecars run inside one as Istio's uid 1337.
+//! Network namespaces a test creates and removes: two "pods" joined by a veth pair, or a
+//! "node" routing between pods (with kube-proxy's DNAT, or a bridge as a container network),
+//! threads that open sockets inside a namespace, and sidecars run inside one as Istio's uid 1337.
 //! Nothing here touches the host's own network: addresses exist only inside the namespaces.
 
 #![allow(dead_code)]
@@ -260,6 +261,121 @@ impl Drop for Sidecar {
         let _ = std::fs::remove_file(std::env::temp_dir().join(format!("ringside-{}.yaml", self.ns)));
         if !thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+/// A node: a namespace that routes between pod namespaces, each joined to it by a veth pair of
+/// its own (as a routed CNI plugin wires pods), with kube-proxy's DNAT for Service addresses.
+/// Pod `i` has `10.78.0.{4i+2}/30` and its default route via the node's `10.78.0.{4i+1}`; no
+/// other test uses 10.78.0.0/24. Dropping it deletes the namespaces it made and the names it
+/// gave (a pod namespace owned by a container lives on until the container goes).
+pub struct Node {
+    /// The node's namespace name.
+    pub ns: String,
+    id: String,
+    /// Pod namespace names to delete (made here, or named by [`Node::attach`]).
+    pods: Vec<String>,
+}
+
+impl Node {
+    /// A node namespace that forwards IPv4, named uniquely for this test process.
+    pub fn new() -> Node {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let id = format!("{}{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let node = Node { ns: format!("rs-node-{id}"), id, pods: Vec::new() };
+        run(&["ip", "netns", "add", &node.ns]);
+        exec(&node.ns, &["ip", "link", "set", "lo", "up"]);
+        exec(&node.ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        node
+    }
+
+    /// A new, empty pod namespace (deleted with the node); plug it in with [`Node::plug`].
+    pub fn pod(&mut self, name: &str) -> String {
+        let ns = format!("rs-{name}-{}", self.id);
+        run(&["ip", "netns", "add", &ns]);
+        self.pods.push(ns.clone());
+        ns
+    }
+
+    /// Name the network namespace of process `pid` (e.g. a pod's infra container) `rs-NAME-ID`,
+    /// so `ip netns` and [`in_ns`] reach it; the name goes with the node.
+    pub fn attach(&mut self, name: &str, pid: u32) -> String {
+        let ns = format!("rs-{name}-{}", self.id);
+        run(&["ip", "netns", "attach", &ns, &pid.to_string()]);
+        self.pods.push(ns.clone());
+        ns
+    }
+
+    /// Wire pod namespace `pod` to the node: the next /30 of 10.78.0.0/24, loopback up, a
+    /// default route via the node. Returns the pod's address.
+    pub fn plug(&mut self, pod: &str) -> String {
+        let i = self.pods.iter().position(|p| p == pod).expect("a pod of this node");
+        let (node_ip, pod_ip) = (format!("10.78.0.{}", 4 * i + 1), format!("10.78.0.{}", 4 * i + 2));
+        let (vn, vp) = (format!("rn{}{i}", self.id), format!("rp{}{i}", self.id));
+        let (vn, vp) = (&vn[..vn.len().min(15)], &vp[..vp.len().min(15)]);
+        run(&["ip", "link", "add", vn, "netns", &self.ns, "type", "veth", "peer", "name", vp, "netns", pod]);
+        exec(&self.ns, &["ip", "addr", "add", &format!("{node_ip}/30"), "dev", vn]);
+        exec(&self.ns, &["ip", "link", "set", vn, "up"]);
+        exec(pod, &["ip", "link", "set", "lo", "up"]);
+        exec(pod, &["ip", "addr", "add", &format!("{pod_ip}/30"), "dev", vp]);
+        exec(pod, &["ip", "link", "set", vp, "up"]);
+        exec(pod, &["ip", "route", "add", "default", "via", &node_ip]);
+        pod_ip
+    }
+
+    /// A bridge in the node with `gateway` (`a.b.c.d/n`), to which [`Node::join_bridge`]
+    /// attaches pods as a container network does (compose's network with fixed addresses).
+    pub fn bridge(&self, gateway: &str) {
+        exec(&self.ns, &["ip", "link", "add", "br0", "type", "bridge"]);
+        exec(&self.ns, &["ip", "addr", "add", gateway, "dev", "br0"]);
+        exec(&self.ns, &["ip", "link", "set", "br0", "up"]);
+    }
+
+    /// Attach pod namespace `pod` to the node's bridge with address `addr` (`a.b.c.d/n`),
+    /// loopback up, a default route via the bridge's `gateway` address.
+    pub fn join_bridge(&mut self, pod: &str, addr: &str, gateway: &str) {
+        let i = self.pods.iter().position(|p| p == pod).expect("a pod of this node");
+        let (vn, vp) = (format!("rn{}{i}", self.id), format!("rp{}{i}", self.id));
+        let (vn, vp) = (&vn[..vn.len().min(15)], &vp[..vp.len().min(15)]);
+        run(&["ip", "link", "add", vn, "netns", &self.ns, "type", "veth", "peer", "name", vp, "netns", pod]);
+        exec(&self.ns, &["ip", "link", "set", vn, "master", "br0", "up"]);
+        exec(pod, &["ip", "link", "set", "lo", "up"]);
+        exec(pod, &["ip", "addr", "add", addr, "dev", vp]);
+        exec(pod, &["ip", "link", "set", vp, "up"]);
+        exec(pod, &["ip", "route", "add", "default", "via", gateway]);
+    }
+
+    /// kube-proxy's rule for a ClusterIP Service with one endpoint: TCP to `vip:port` from
+    /// any pod goes to `pod_ip:target_port`.
+    pub fn service(&self, vip: &str, port: u16, pod_ip: &str, target_port: u16) {
+        exec(
+            &self.ns,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                &format!("{vip}/32"),
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{pod_ip}:{target_port}"),
+            ],
+        );
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for ns in self.pods.iter().chain([&self.ns]) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
 }
