@@ -161,17 +161,22 @@ impl Shared {
         self.terminating.store(true, Ordering::Release);
     }
 
-    /// True once every listener is bound on every worker, xDS (when configured) has sent
-    /// each type once and every worker has bound the listeners applied by then, and we are
-    /// not draining.
+    /// True once every listener is bound on every worker, xDS (when configured) is synced
+    /// ([`Shared::xds_synced`]), and we are not draining.
     pub fn ready(&self) -> bool {
-        let bound =
-            |generation: u64| self.bound_generations.iter().all(|g| g.load(Ordering::Acquire) >= generation);
         self.workers_started.load(Ordering::Acquire) == self.workers
             && !self.draining.load(Ordering::Acquire)
-            && self.xds.as_ref().is_none_or(|x| {
-                x.synced.load(Ordering::Acquire) && bound(x.ready_generation.load(Ordering::Acquire))
-            })
+            && self.xds_synced()
+    }
+
+    /// Without xDS, true; with it, each type has arrived once and every worker has bound the
+    /// listeners applied by then (SPEC §9's `/ready`).
+    pub fn xds_synced(&self) -> bool {
+        let bound =
+            |generation: u64| self.bound_generations.iter().all(|g| g.load(Ordering::Acquire) >= generation);
+        self.xds.as_ref().is_none_or(|x| {
+            x.synced.load(Ordering::Acquire) && bound(x.ready_generation.load(Ordering::Acquire))
+        })
     }
 
     /// Check that `config` can serve, then publish it: every listener it adds (or moves)
