@@ -26,4 +26,4 @@ pub mod snapshot; // the listener/cluster/route model as per-worker snapshots sw
 pub mod socket; // readiness on split halves, reset, splice: the only unsafe
 pub mod tls; // rustls configs, SPIFFE checks, reload; the monoio adaptor (SPEC §7)
 pub mod worker; // driver choice, core pinning, per-worker listeners, accept loops, ticks
-pub mod xds; // ADS client on its own thread; translate: Envoy protos into the config model
+pub mod xds; // ADS client on its own thread; one module per resource kind: Envoy protos into the config model

@@ -160,7 +160,7 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     if let Some(status) = shared.xds.clone() {
         let publisher = shared.clone();
-        let apply: ringside::xds::Apply = Box::new(move |cfg| publisher.publish_checked(cfg).map(drop));
+        let apply: ringside::xds::Apply = Box::new(move |cfg| publisher.publish_checked(cfg));
         ringside::xds::spawn((*shared.config).clone(), apply, status)?;
     }
     let mut signals =

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -135,6 +135,9 @@ pub struct Shared {
     pub started: Instant,
     /// Workers that have bound their listeners and started.
     pub workers_started: AtomicUsize,
+    /// Per worker, the generation whose listeners it has bound (SPEC §9's `/ready`: every
+    /// listener accepted over xDS is bound).
+    pub bound_generations: Vec<AtomicU64>,
     /// Worker count.
     pub workers: usize,
     /// Each worker's metrics shard, for rendering.
@@ -158,12 +161,22 @@ impl Shared {
         self.terminating.store(true, Ordering::Release);
     }
 
-    /// True once every listener is bound on every worker, xDS (when configured) has sent
-    /// its first Clusters and Listeners, and we are not draining.
+    /// True once every listener is bound on every worker, xDS (when configured) is synced
+    /// ([`Shared::xds_synced`]), and we are not draining.
     pub fn ready(&self) -> bool {
         self.workers_started.load(Ordering::Acquire) == self.workers
             && !self.draining.load(Ordering::Acquire)
-            && self.xds.as_ref().is_none_or(|x| x.synced.load(Ordering::Acquire))
+            && self.xds_synced()
+    }
+
+    /// Without xDS, true; with it, each type has arrived once and every worker has bound the
+    /// listeners applied by then (SPEC §9's `/ready`).
+    pub fn xds_synced(&self) -> bool {
+        let bound =
+            |generation: u64| self.bound_generations.iter().all(|g| g.load(Ordering::Acquire) >= generation);
+        self.xds.as_ref().is_none_or(|x| {
+            x.synced.load(Ordering::Acquire) && bound(x.ready_generation.load(Ordering::Acquire))
+        })
     }
 
     /// Check that `config` can serve, then publish it: every listener it adds (or moves)
@@ -263,6 +276,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         drain_announced: AtomicBool::new(false),
         started: Instant::now(),
         workers_started: AtomicUsize::new(0),
+        bound_generations: (0..workers).map(|_| AtomicU64::new(0)).collect(),
         workers,
         shards,
         driver,
@@ -465,6 +479,13 @@ impl Acceptors {
     }
 }
 
+/// Worker `index` has bound the listeners of `generation`.
+fn mark_bound(shared: &Shared, index: usize, generation: u64) {
+    if let Some(g) = shared.bound_generations.get(index) {
+        g.store(generation, Ordering::Release);
+    }
+}
+
 async fn worker_main(
     index: usize,
     shared: Arc<Shared>,
@@ -485,6 +506,10 @@ async fn worker_main(
         let listen = socket.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         acceptors.start(&ctx, &name, listen, socket);
     }
+    // xDS may have published before this worker started: bind what its snapshot holds.
+    let first = ctx.snapshot();
+    acceptors.reconcile(&ctx, &first.config, Instant::now() + shared.config.drain_timeout.0);
+    mark_bound(&shared, index, first.generation);
     shared.workers_started.fetch_add(1, Ordering::AcqRel);
 
     let reporting = shared.config.metrics.tcp_reporting_duration.0;
@@ -503,6 +528,7 @@ async fn worker_main(
             if published.generation != ctx.snapshot().generation {
                 ctx.swap(&published);
                 acceptors.reconcile(&ctx, &published.config, now + shared.config.drain_timeout.0);
+                mark_bound(&shared, ctx.index, published.generation);
             }
         }
         if now >= next_report {

@@ -369,6 +369,50 @@ fn an_invalid_listener_is_nacked_naming_it_and_the_last_good_config_keeps_servin
 }
 
 #[test]
+fn each_resource_stands_alone_the_valid_ones_apply_and_the_nack_names_every_invalid_one() {
+    let mesh = Mesh::new();
+    let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 100)]));
+    let rs = ringside(server.addr, "");
+    reply_to(&requests, LISTENER, "1");
+    until_tag(mesh.listen, "v1");
+    // Version 2: the listener moves to v2 (valid) beside two new invalid ones.
+    let (zero, none) = (free_addr(), free_addr());
+    let mut s = mesh.snapshot("2", &[(V2, 100)]);
+    s.listeners.push(tcp_listener("weight-zero", zero, &[(V2, 0), (V1, 1)]));
+    s.listeners.push(tcp_listener("no-cluster", none, &[("", 1)]));
+    server.push(s);
+    let nack = reply_to(&requests, LISTENER, "2");
+    let detail = nack.error_detail.expect("a NACK").message;
+    assert_eq!(
+        detail,
+        "Listener/weight-zero: filter chain 0: tcp_proxy weighted_clusters: cluster \
+         outbound|27017|v2|mongodb.default.svc.cluster.local: weight 0; \
+         Listener/no-cluster: filter chain 0: tcp_proxy without a cluster",
+        "every invalid resource, in the response's order"
+    );
+    assert_eq!(nack.version_info, "1", "the last version accepted whole, as Envoy");
+    until_all(mesh.listen, "v2");
+    assert!(TcpStream::connect(zero).is_err() && TcpStream::connect(none).is_err(), "never bound");
+    let (config, listener) = (rs.admin, [("type", "Listener")]);
+    let dump = common::http(config, "GET", "/config_dump").expect("config_dump").1;
+    assert!(dump.contains("rejected: Listener/weight-zero: filter chain 0"), "{dump}");
+    let scrape = rs.scrape();
+    assert_eq!(
+        sum(&scrape, "ringside_xds_updates_rejected_total", &listener),
+        1.0,
+        "applied, with rejections"
+    );
+    assert_eq!(sum(&scrape, "ringside_xds_updates_applied_total", &listener), 1.0);
+    // Version 3 fixes both: applied whole, ACKed, all three bound.
+    let mut s = mesh.snapshot("3", &[(V2, 100)]);
+    s.listeners.push(tcp_listener("weight-zero", zero, &[(V2, 1), (V1, 1)]));
+    s.listeners.push(tcp_listener("no-cluster", none, &[(V1, 1)]));
+    server.push(s);
+    assert!(reply_to(&requests, LISTENER, "3").error_detail.is_none());
+    assert_eq!(wait_for("the fixed listener to accept", || tag_of(none)).0, "v1");
+}
+
+#[test]
 fn a_removed_listener_stops_accepting_at_once_and_drains_its_connections() {
     let mesh = Mesh::new();
     let (server, requests) = AdsServer::serve(mesh.snapshot("1", &[(V1, 100)]));

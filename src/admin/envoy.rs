@@ -39,7 +39,7 @@ impl ServerState {
 pub fn server_state(shared: &Shared) -> ServerState {
     let draining = shared.draining.load(Ordering::Acquire) || shared.drain_announced.load(Ordering::Acquire);
     let started = shared.workers_started.load(Ordering::Acquire) == shared.workers;
-    let synced = shared.xds.as_ref().is_none_or(|x| x.synced.load(Ordering::Acquire));
+    let synced = shared.xds_synced();
     match (draining, started && synced) {
         (true, _) => ServerState::Draining,
         (false, true) => ServerState::Live,

@@ -1,13 +1,22 @@
 //! The xDS client (SPEC §9): one Aggregated Discovery Service stream (state of the world) to
 //! istiod or any ADS server, on its own thread with its own current-thread tokio runtime;
 //! never on a worker. It subscribes to Clusters and Listeners (wildcard) and to the EDS
-//! clusters' ClusterLoadAssignments, translates each response (`translate`), merges it
-//! beside the static config, and hands the result to `apply` (which checks and publishes it
-//! to the workers). Applied: ACK (version and nonce); not: NACK with error_detail naming the
-//! resource and why, and the last good config keeps serving, also while the server is away.
+//! clusters' ClusterLoadAssignments, translates each response (one module per resource kind:
+//! `listener`, `cluster`, `endpoint`, their TLS contexts in `tls`, shared pieces in `proto`),
+//! merges it beside the static config (`state`), and hands the result to `apply` (which checks
+//! and publishes it to the workers). Each resource stands alone, as in Envoy: the valid ones
+//! are applied, and a NACK names every invalid one and why while its last good version keeps
+//! serving, also while the server is away.
 
+pub mod cluster;
+pub mod endpoint;
+#[cfg(test)]
+mod fixtures;
+pub mod listener;
+pub mod proto;
 pub mod rbac;
-pub mod translate;
+pub mod state;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +32,8 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, XdsAddress};
-use translate::{CLUSTER, ENDPOINTS, LISTENER, State};
+use proto::{CLUSTER, ENDPOINTS, LISTENER};
+use state::{State, Type};
 
 /// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -46,10 +56,6 @@ fn jittered(backoff: Duration) -> Duration {
     half + half.mul_f64(f64::from(nanos % 1000) / 1000.0)
 }
 
-/// Resource types in `ringside_xds_*` metrics.
-const TYPES: [(&str, &str); 3] =
-    [(CLUSTER, "Cluster"), (LISTENER, "Listener"), (ENDPOINTS, "ClusterLoadAssignment")];
-
 /// What the xDS client did, for `ringside_xds_*` metrics, `/ready` and `/config_dump`.
 #[derive(Debug, Default)]
 pub struct Status {
@@ -57,13 +63,17 @@ pub struct Status {
     pub connects: AtomicU64,
     /// Responses applied (ACKed), by type (index into Cluster, Listener, ClusterLoadAssignment).
     pub applied: [AtomicU64; 3],
-    /// Responses rejected (NACKed), by type.
+    /// Responses NACKed, by type: one resource or more not applied (the valid ones are).
     pub rejected: [AtomicU64; 3],
     /// The stream is up.
     pub connected: AtomicBool,
-    /// Clusters and Listeners have each been applied once (Envoy's initial fetch).
+    /// Each type has arrived once, applied or not (Envoy's initial fetch).
     pub synced: AtomicBool,
-    /// Valid config that is not served, and the last NACK, one line each.
+    /// The generation published when it synced: `/ready` waits until every worker has
+    /// bound its listeners.
+    pub ready_generation: AtomicU64,
+    /// Valid config that is not served, the resources rejected, and the last NACK, one line
+    /// each.
     pub reports: ArcSwap<Vec<String>>,
 }
 
@@ -84,13 +94,13 @@ impl Status {
             ),
             (
                 "ringside_xds_updates_rejected_total",
-                "xDS responses rejected and NACKed (the last good config keeps serving), by resource type.",
+                "xDS responses NACKed (each invalid resource keeps its last good version; the valid ones are applied), by resource type.",
                 &self.rejected,
             ),
         ] {
             counter(&mut out, name, what);
-            for ((_, kind), n) in TYPES.iter().zip(counts) {
-                out.push_str(&format!("{name}{{type=\"{kind}\"}} {}\n", n.load(Ordering::Relaxed)));
+            for (t, n) in Type::ALL.iter().zip(counts) {
+                out.push_str(&format!("{name}{{type=\"{}\"}} {}\n", t.name(), n.load(Ordering::Relaxed)));
             }
         }
         out.push_str("# HELP ringside_xds_connected Whether the ADS stream is up.\n# TYPE ringside_xds_connected gauge\n");
@@ -102,8 +112,9 @@ impl Status {
     }
 }
 
-/// Checks and publishes a merged config; `Err` says why it cannot serve it (then NACKed).
-pub type Apply = Box<dyn Fn(Config) -> Result<(), String> + Send>;
+/// Checks and publishes a merged config, returning the generation published; `Err` says
+/// why it cannot serve it, naming the resource to blame (`Listener/NAME: ...`).
+pub type Apply = Box<dyn Fn(Config) -> Result<u64, String> + Send>;
 
 /// Start the client thread for `base.xds`. `base` is the static config that xDS resources
 /// are merged beside.
@@ -120,7 +131,8 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
                 return;
             }
         };
-        let mut client = Client { address, node, keepalive, base, apply, status, state: State::default() };
+        let mut client =
+            Client { address, node, keepalive, base, apply, status, state: State::default(), generation: 0 };
         rt.block_on(client.run());
     })?;
     Ok(())
@@ -219,6 +231,8 @@ struct Client {
     status: Arc<Status>,
     /// The last accepted resources: what serves while the server is away.
     state: State,
+    /// The generation the last `apply` published.
+    generation: u64,
 }
 
 /// Why a stream ended.
@@ -309,12 +323,12 @@ impl Client {
         let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::unbounded_channel();
         // On a reconnect, the versions held tell the server what we have (as Envoy does).
-        let mut first = self.request(CLUSTER, &self.state.cluster_version.clone(), "", None);
+        let mut first = self.request(CLUSTER, self.state.version(Type::Cluster), "", None);
         first.node = Some(self.node.clone());
         let _ = tx.send(first);
-        let _ = tx.send(self.request(LISTENER, &self.state.listener_version.clone(), "", None));
+        let _ = tx.send(self.request(LISTENER, self.state.version(Type::Listener), "", None));
         if !self.state.eds_names().is_empty() {
-            let _ = tx.send(self.request(ENDPOINTS, &self.state.endpoint_version.clone(), "", None));
+            let _ = tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), "", None));
         }
         let mut stream = match client
             .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
@@ -345,104 +359,47 @@ impl Client {
             let names = self.state.eds_names();
             if names != names_before {
                 let _ =
-                    tx.send(self.request(ENDPOINTS, &self.state.endpoint_version.clone(), &eds_nonce, None));
+                    tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), &eds_nonce, None));
             }
         }
     }
 
-    /// Translate, merge, check and apply one response; the ACK or NACK to send.
+    /// Apply one response, each resource on its own (`State::update`); the ACK, or the
+    /// NACK naming every resource that was not applied.
     fn handle(&mut self, r: &DiscoveryResponse) -> DiscoveryRequest {
-        let Some(kind) = TYPES.iter().position(|(t, _)| *t == r.type_url) else {
+        let apply = &self.apply;
+        let generation = &mut self.generation;
+        let outcome = self.state.update(r, &self.base, &mut |cfg| apply(cfg).map(|g| *generation = g));
+        let Some(t) = Type::of(&r.type_url) else {
             // Not subscribed: refuse it, naming the type.
-            return self.request(
-                &r.type_url,
-                "",
-                &r.nonce,
-                Some(format!("type {:?} is not subscribed", r.type_url)),
-            );
+            return self.request(&r.type_url, "", &r.nonce, outcome.error_detail());
         };
-        let type_name = TYPES[kind].1;
-        match self.candidate(r).and_then(|next| {
-            let mut cfg = next.merge(&self.base).map_err(|e| e.to_string())?;
-            cfg.validate("xds", "").map_err(|e| e.message)?;
-            (self.apply)(cfg)?;
-            Ok(next)
-        }) {
-            Ok(next) => {
-                self.state = next;
-                self.status.applied[kind].fetch_add(1, Ordering::Relaxed);
-                let reports: Vec<String> = self.state.reports().cloned().collect();
-                // Once each: a line already reported for an earlier version is not repeated.
-                let before = self.status.reports.load();
-                for line in reports.iter().filter(|l| !before.contains(l)) {
-                    log::info!("xds: {line}");
-                }
-                self.status.reports.store(Arc::new(reports));
-                if !self.state.cluster_version.is_empty() && !self.state.listener_version.is_empty() {
-                    self.status.synced.store(true, Ordering::Release);
-                }
-                log::info!(
-                    "xds: applied {type_name} version {} ({} resources)",
-                    r.version_info,
-                    r.resources.len()
-                );
-                let version = r.version_info.clone();
-                self.request(&r.type_url, &version, &r.nonce, None)
-            }
-            Err(why) => {
-                self.status.rejected[kind].fetch_add(1, Ordering::Relaxed);
-                log::warn!("xds: rejected {type_name} version {}: {why}", r.version_info);
-                let mut reports: Vec<String> = self.state.reports().cloned().collect();
+        let type_name = t.name();
+        let counts = if outcome.rejected.is_empty() { &self.status.applied } else { &self.status.rejected };
+        counts[t as usize].fetch_add(1, Ordering::Relaxed);
+        let mut reports = self.state.reports();
+        match outcome.error_detail() {
+            None => log::info!(
+                "xds: applied {type_name} version {} ({} resources)",
+                r.version_info,
+                r.resources.len()
+            ),
+            Some(why) => {
+                log::warn!("xds: {type_name} version {}: not applied: {why}", r.version_info);
                 reports.push(format!("last rejected: {type_name} version {}: {why}", r.version_info));
-                self.status.reports.store(Arc::new(reports));
-                let version = match kind {
-                    0 => self.state.cluster_version.clone(),
-                    1 => self.state.listener_version.clone(),
-                    _ => self.state.endpoint_version.clone(),
-                };
-                self.request(&r.type_url, &version, &r.nonce, Some(why))
             }
         }
-    }
-
-    /// The state with this response's resources in place of the previous ones of its type.
-    fn candidate(&self, r: &DiscoveryResponse) -> Result<State, String> {
-        let mut next = self.state.clone();
-        let version = r.version_info.as_str();
-        match r.type_url.as_str() {
-            CLUSTER => {
-                next.clusters.clear();
-                for any in &r.resources {
-                    let pb = translate::decode(any, CLUSTER).map_err(|e| format!("Cluster: {e}"))?;
-                    let c = translate::cluster(&pb, version).map_err(|e| e.to_string())?;
-                    next.clusters.insert(c.cluster.name.clone(), c);
-                }
-                next.cluster_version = version.to_string();
-                // Forget the endpoints of clusters that are gone.
-                let names = next.eds_names();
-                next.endpoints.retain(|k, _| names.contains(k));
-            }
-            LISTENER => {
-                next.listeners.clear();
-                for any in &r.resources {
-                    let pb = translate::decode(any, LISTENER).map_err(|e| format!("Listener: {e}"))?;
-                    let l = translate::listener(&pb, version).map_err(|e| e.to_string())?;
-                    next.listeners.insert(pb.name.clone(), l);
-                }
-                next.listener_version = version.to_string();
-            }
-            _ => {
-                // EDS responses may carry only the assignments that changed.
-                for any in &r.resources {
-                    let pb: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
-                        translate::decode(any, ENDPOINTS)
-                            .map_err(|e| format!("ClusterLoadAssignment: {e}"))?;
-                    let endpoints = translate::load_assignment(&pb).map_err(|e| e.to_string())?;
-                    next.endpoints.insert(pb.cluster_name.clone(), endpoints);
-                }
-                next.endpoint_version = version.to_string();
-            }
+        // Once each: a line already reported for an earlier version is not repeated.
+        let before = self.status.reports.load();
+        for line in reports.iter().filter(|l| !before.contains(l) && !l.starts_with("last rejected")) {
+            log::info!("xds: {line}");
         }
-        Ok(next)
+        self.status.reports.store(Arc::new(reports));
+        if self.state.synced() && !self.status.synced.load(Ordering::Acquire) {
+            self.status.ready_generation.store(self.generation, Ordering::Release);
+            self.status.synced.store(true, Ordering::Release);
+        }
+        let version = self.state.version(t).to_string();
+        self.request(&r.type_url, &version, &r.nonce, outcome.error_detail())
     }
 }

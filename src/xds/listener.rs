@@ -1,0 +1,748 @@
+//! Listener resources into listeners (SPEC §8, §9): address, filter chains and their matches,
+//! tcp_proxy routes, `istio.stats`, the metadata exchange, capture (`use_original_dst` or the
+//! `original_dst` listener filter), and listeners not bound to their port (handed captured
+//! connections). Internal listeners are accepted, not bound. Pure: protos in, config out.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+
+use super::proto::{Error, METADATA_EXCHANGE, decode, invalid, socket_address};
+use super::tls::downstream;
+use crate::config::{Capture, Cidr, Direction, Dur, FilterChain, Listener, PeerExchange, TcpRoute};
+
+pub(super) const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+pub(super) const TCP_PROXY_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
+const ISTIO_STATS: &str = "istio.stats";
+/// Network filters a served chain may carry: run (tcp_proxy, `istio.stats`, the exchange), or
+/// never refusing a connection (`istio_authn` only records the peer's identity).
+const RUN_OR_HARMLESS: [&str; 4] = [TCP_PROXY, ISTIO_STATS, METADATA_EXCHANGE, "istio_authn"];
+/// The listener filter that makes a capture listener, as `use_original_dst` does.
+const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
+
+/// A translated Listener.
+#[derive(Clone, Debug)]
+pub struct XdsListener {
+    /// The listener to bind, or `None` when it serves nothing an L4 proxy can (HTTP only,
+    /// or not bound to a port).
+    pub listener: Option<Listener>,
+    /// Valid config that is not served, one line each (log and `/config_dump`).
+    pub reports: Vec<String>,
+    /// A listener not bound to its port (`bind_to_port: false`, istiod's per-service
+    /// outbound listeners): what the capture listener of its direction hands it (SPEC §8).
+    pub handoff: Option<Handoff>,
+}
+
+/// A listener not bound to its port, which Envoy hands a captured connection whose original
+/// destination is its address: its chains serve that connection (route, `istio.stats`,
+/// reporter direction), as if they were the capture listener's own.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    /// Its traffic direction: the capture listener of the same direction takes its chains.
+    pub direction: Direction,
+    /// Its chains, each marked with the listener's address (`FilterChain::handoff`).
+    pub chains: Vec<FilterChain>,
+    /// The original destinations each cluster is reached at through it: the listener's
+    /// address, or its chains' single-address prefix ranges on its port.
+    pub addresses: Vec<(SocketAddr, String)>,
+}
+
+fn traffic_direction(d: i32) -> Direction {
+    match core::TrafficDirection::try_from(d) {
+        Ok(core::TrafficDirection::Inbound) => Direction::Inbound,
+        _ => Direction::Outbound,
+    }
+}
+
+/// A Listener: its address, its filter chains (their `filter_chain_match`, tcp_proxy route
+/// and settings, `istio.stats`), `istio.metadata_exchange`, and capture (`use_original_dst`
+/// or the `original_dst` listener filter). An internal listener is accepted, not bound.
+pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error> {
+    use core::address::Address as A;
+    let name = pb.name.as_str();
+    let bad = |reason: String| invalid("Listener", name, reason);
+    if name.is_empty() {
+        return Err(invalid("Listener", "", "a listener needs a name"));
+    }
+    // Internal listeners (istiod's HBONE `main_internal` and `connect_originate`) take
+    // connections from clusters inside Envoy, never from a socket: nothing to bind, and no
+    // cluster ringside serves reaches them.
+    let address = pb.address.as_ref().and_then(|a| a.address.as_ref());
+    let internal = match address {
+        _ if pb.listener_specifier.is_some() => Some("internal_listener"),
+        None => Some("no address"),
+        Some(A::EnvoyInternalAddress(_)) => Some("an envoy internal address"),
+        Some(A::Pipe(p)) => return Err(bad(format!("unsupported address family: pipe {:?}", p.path))),
+        Some(A::SocketAddress(_)) => None,
+    };
+    if let Some(why) = internal {
+        let line = format!("Listener/{name}: internal listener ({why}): accepted, not bound");
+        return Ok(XdsListener { listener: None, reports: vec![line], handoff: None });
+    }
+    let listen = socket_address(&pb.address).map_err(bad)?;
+    let direction = traffic_direction(pb.traffic_direction);
+    let mut reports = Vec::new();
+    let mut exchange = pb.listener_filters.iter().any(|f| f.name == METADATA_EXCHANGE);
+    let mut chains: Vec<FilterChain> = Vec::new();
+    let mut idle_timeouts: Vec<Duration> = Vec::new();
+    let all =
+        pb.filter_chains.iter().map(|c| (c, false)).chain(pb.default_filter_chain.iter().map(|c| (c, true)));
+    for (i, (chain, default)) in all.enumerate() {
+        let what = match (default, chain.name.is_empty()) {
+            (true, _) => "default_filter_chain".to_string(),
+            (false, true) => format!("filter chain {i}"),
+            (false, false) => format!("filter chain {i} {:?}", chain.name),
+        };
+        let mut fc = FilterChain { name: what.clone(), default, ..FilterChain::default() };
+        if let Some(m) = chain.filter_chain_match.as_ref().filter(|_| !default) {
+            if !m.server_names.is_empty()
+                || !m.source_prefix_ranges.is_empty()
+                || !m.source_ports.is_empty()
+                || !m.direct_source_prefix_ranges.is_empty()
+            {
+                reports.push(format!(
+                    "Listener/{name}: {what}: matches on server names or source: never taken yet"
+                ));
+                continue;
+            }
+            fc.destination_port = match m.destination_port {
+                Some(p) => Some(
+                    u16::try_from(p.value)
+                        .map_err(|_| bad(format!("{what}: destination_port {}", p.value)))?,
+                ),
+                None => None,
+            };
+            for r in &m.prefix_ranges {
+                let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
+                    bad(format!("{what}: prefix_ranges: {:?} is not an IP address", r.address_prefix))
+                })?;
+                let len = r.prefix_len.map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
+                let cidr = Cidr::try_from(format!("{ip}/{len}")).map_err(|e| bad(format!("{what}: {e}")))?;
+                fc.prefix_ranges.push(cidr);
+            }
+            fc.transport_protocol = (!m.transport_protocol.is_empty()).then(|| m.transport_protocol.clone());
+            fc.application_protocols = m.application_protocols.clone();
+        }
+        fc.tls = match &chain.transport_socket {
+            Some(ts) => downstream(ts).map_err(|r| bad(format!("{what}: {r}")))?,
+            None => None,
+        };
+        if chain.filters.iter().any(|f| f.name == HTTP_CONNECTION_MANAGER) {
+            let why = "HTTP (http_connection_manager) is not served by an L4 proxy";
+            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+            fc.not_served = Some(why.into());
+            chains.push(fc);
+            continue;
+        }
+        // A network filter ringside does not run may deny (RBAC is Istio's AuthorizationPolicy):
+        // the chain is not served, never relayed as if the filter had allowed (SPEC §9).
+        // TODO: a capture listener still relays a not-served chain's connections by original
+        // destination (relay.rs does so for HTTP chains); a deny needs its own mark there.
+        if let Some(f) = chain.filters.iter().find(|f| !RUN_OR_HARMLESS.contains(&f.name.as_str())) {
+            let why = format!("network filter {} is not run", f.name);
+            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+            fc.not_served = Some(why);
+            chains.push(fc);
+            continue;
+        }
+        let Some(proxy) = chain.filters.iter().find(|f| f.name == TCP_PROXY) else {
+            let why = "no tcp_proxy filter";
+            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+            fc.not_served = Some(why.into());
+            chains.push(fc);
+            continue;
+        };
+        let (target, settings) = tcp_target(proxy).map_err(|r| bad(format!("{what}: {r}")))?;
+        match target {
+            TcpTarget::Cluster(c) => fc.cluster = Some(c),
+            TcpTarget::Weighted(routes) => fc.tcp_routes = Some(routes),
+        }
+        fc.max_connect_attempts = Some(settings.max_connect_attempts);
+        idle_timeouts.push(settings.idle_timeout);
+        fc.istio_stats = chain.filters.iter().any(|f| f.name == ISTIO_STATS);
+        exchange |= chain.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
+        chains.push(fc);
+    }
+    // A chain that takes every plaintext connection of this listener.
+    let plain = |c: &FilterChain| {
+        c.not_served.is_none()
+            && c.destination_port.is_none_or(|p| p == listen.port())
+            && c.prefix_ranges.is_empty()
+            && c.transport_protocol.as_deref().is_none_or(|t| t == "raw_buffer")
+            && c.application_protocols.is_empty()
+            && c.tls.is_none()
+    };
+    if pb.bind_to_port.is_some_and(|b| !b.value) {
+        return Ok(XdsListener {
+            listener: None,
+            handoff: Some(handoff(name, listen, direction, chains, &mut reports)),
+            reports,
+        });
+    }
+    // istiod's virtualInbound takes its original destination from the listener filter,
+    // virtualOutbound from `use_original_dst`: Envoy reads both the same way.
+    let original_dst = pb.use_original_dst.is_some_and(|b| b.value)
+        || pb.listener_filters.iter().any(|f| f.name == ORIGINAL_DST);
+    let capture = match (original_dst, direction) {
+        (true, Direction::Inbound) => Capture::Inbound,
+        (true, Direction::Outbound) => Capture::Outbound,
+        _ => Capture::None,
+    };
+    let mut listener = base_listener(name, listen, direction, capture, exchange, false, version);
+    // The listener's idle timer serves all its chains: the longest of theirs, so that no
+    // connection is closed before Envoy would close it; a difference is reported.
+    idle_timeouts.sort();
+    idle_timeouts.dedup();
+    if let Some(longest) = idle_timeouts.last() {
+        listener.limits.idle_timeout = Dur(*longest);
+    }
+    if idle_timeouts.len() > 1 {
+        reports.push(format!(
+            "Listener/{name}: chains with different tcp_proxy idle_timeout: all served with the longest, {}",
+            Dur(listener.limits.idle_timeout.0)
+        ));
+    }
+    if capture != Capture::None {
+        // Routed by original destination (SPEC §8): outbound to the cluster holding it,
+        // inbound to its port on the local host. The chains are kept to choose, per
+        // connection, whether TLS is terminated and whether it is counted: istiod puts
+        // `istio.stats` on each (the passthrough chains too), and Istio reports what the
+        // chain that served the connection says. A connection no chain takes is closed.
+        listener.istio_stats = chains.iter().any(|c| c.istio_stats);
+        listener.filter_chains = chains;
+        return Ok(XdsListener { listener: Some(listener), reports, handoff: None });
+    }
+    if chains.iter().all(|c| c.not_served.is_some()) {
+        return Ok(XdsListener { listener: None, reports, handoff: None });
+    }
+    match &chains[..] {
+        // One chain for every connection: the plain listener model.
+        [only] if plain(only) => {
+            if let Some(n) = only.max_connect_attempts {
+                listener.limits.max_connect_attempts = n;
+            }
+            listener.cluster = only.cluster.clone();
+            listener.tcp_routes = only.tcp_routes.clone();
+            listener.istio_stats = only.istio_stats;
+        }
+        _ => {
+            listener.istio_stats = chains.iter().any(|c| c.istio_stats);
+            listener.filter_chains = chains;
+        }
+    }
+    Ok(XdsListener { listener: Some(listener), reports, handoff: None })
+}
+
+/// A `bind_to_port: false` listener's chains, as a capture listener takes them: Envoy hands
+/// it the captured connections to its address (an exact `IP:port` listener before a
+/// `0.0.0.0:port` one, both before the capture listener's own chains, `select_chain`), and
+/// its chain that matches serves them (an HTTP chain's connection is relayed, not counted).
+/// Weighted routes are not taken (an original destination routes to one cluster), reported.
+fn handoff(
+    name: &str,
+    listen: SocketAddr,
+    direction: Direction,
+    chains: Vec<FilterChain>,
+    reports: &mut Vec<String>,
+) -> Handoff {
+    let mut handoff = Handoff { direction, chains: Vec::new(), addresses: Vec::new() };
+    let single = |r: &&Cidr| r.len == if r.addr.is_ipv4() { 32 } else { 128 };
+    for mut c in chains {
+        if c.tcp_routes.is_some() {
+            reports.push(format!(
+                "Listener/{name}: {}: bind_to_port false with weighted_clusters: not served yet through capture",
+                c.name
+            ));
+            continue;
+        }
+        c.name = format!("Listener/{name} {}", c.name);
+        c.handoff = Some(listen);
+        // Where the connection is routed (by original destination): the listener's own
+        // address, or a chain's single-address prefix ranges (istiod's `0.0.0.0_PORT` with
+        // one chain per service address). Its default chain (istiod's goes to the
+        // passthrough) and chains that serve nothing name no address.
+        if let Some(cluster) = c.cluster.clone().filter(|_| !c.default && c.not_served.is_none()) {
+            if c.prefix_ranges.is_empty() {
+                handoff.addresses.push((listen, cluster.clone()));
+            }
+            for r in c.prefix_ranges.iter().filter(single) {
+                handoff.addresses.push((SocketAddr::new(r.addr, listen.port()), cluster.clone()));
+            }
+        }
+        handoff.chains.push(c);
+    }
+    handoff
+}
+
+fn base_listener(
+    name: &str,
+    listen: SocketAddr,
+    direction: Direction,
+    capture: Capture,
+    exchange: bool,
+    istio_stats: bool,
+    version: &str,
+) -> Listener {
+    Listener {
+        name: name.to_string(),
+        listen,
+        direction,
+        // Istio's exchange runs only inside mTLS with ALPN istio-peer-exchange (SPEC §2).
+        peer_exchange: if exchange { PeerExchange::Alpn } else { PeerExchange::Off },
+        cluster: None,
+        tcp_routes: None,
+        service: None,
+        capture,
+        limits: Default::default(),
+        tls: None,
+        istio_stats,
+        source: Some(format!("xds Listener/{name} version {version}")),
+        filter_chains: Vec::new(),
+    }
+}
+
+enum TcpTarget {
+    Cluster(String),
+    Weighted(Vec<TcpRoute>),
+}
+
+/// A tcp_proxy's settings that change how a connection is served.
+struct TcpSettings {
+    /// Endpoints tried before the connection fails (Envoy's default 1).
+    max_connect_attempts: u32,
+    /// No bytes either way for this long closes the connection (Envoy's default 1 h).
+    idle_timeout: Duration,
+}
+
+/// Envoy's tcp_proxy idle timeout when unset.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// What `idle_timeout: 0s` (Envoy: disabled) becomes: a year is "never" for a connection,
+/// and unlike `Duration::MAX` it cannot overflow when added to a clock reading.
+const IDLE_TIMEOUT_DISABLED: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn tcp_target(filter: &lds::Filter) -> Result<(TcpTarget, TcpSettings), String> {
+    use lds::filter::ConfigType;
+    use tcp_proxy::tcp_proxy::ClusterSpecifier;
+    let any = match &filter.config_type {
+        Some(ConfigType::TypedConfig(any)) => any,
+        _ => return Err("tcp_proxy without typed_config".into()),
+    };
+    let proxy: tcp_proxy::TcpProxy = decode(any, TCP_PROXY_TYPE)?;
+    let idle_timeout = match proxy.idle_timeout {
+        None => DEFAULT_IDLE_TIMEOUT,
+        Some(d) if d.seconds == 0 && d.nanos == 0 => IDLE_TIMEOUT_DISABLED,
+        Some(d) => match (u64::try_from(d.seconds), u32::try_from(d.nanos)) {
+            (Ok(s), Ok(n)) if n < 1_000_000_000 => Duration::new(s, n).min(IDLE_TIMEOUT_DISABLED),
+            _ => return Err(format!("tcp_proxy idle_timeout {}s {}ns: not a duration", d.seconds, d.nanos)),
+        },
+    };
+    let max_connect_attempts = match proxy.max_connect_attempts {
+        None => 1,
+        Some(n) if n.value == 0 => return Err("tcp_proxy max_connect_attempts 0: at least 1".into()),
+        Some(n) => n.value,
+    };
+    let settings = TcpSettings { max_connect_attempts, idle_timeout };
+    let target = match proxy.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => TcpTarget::Cluster(c),
+        Some(ClusterSpecifier::WeightedClusters(w)) if !w.clusters.is_empty() => {
+            let mut routes = Vec::new();
+            for c in &w.clusters {
+                if c.name.is_empty() {
+                    return Err("tcp_proxy weighted_clusters: a cluster without a name".into());
+                }
+                if c.weight == 0 {
+                    return Err(format!("tcp_proxy weighted_clusters: cluster {}: weight 0", c.name));
+                }
+                routes.push(TcpRoute { cluster: c.name.clone(), subset: None, weight: i64::from(c.weight) });
+            }
+            TcpTarget::Weighted(routes)
+        }
+        _ => return Err("tcp_proxy without a cluster".into()),
+    };
+    Ok((target, settings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::xds::fixtures::*;
+    use crate::xds::state::{Accepted, State};
+    use crate::xds::tls::DOWNSTREAM_TLS;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
+    use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+
+    #[test]
+    fn a_tcp_listener_becomes_a_listener_with_stats_exchange_and_direction() {
+        let stats = filter(ISTIO_STATS, Any::default());
+        let mx = filter(METADATA_EXCHANGE, Any::default());
+        let x = listener(&listener_with(vec![chain(vec![mx, stats, to("inbound|27017||")])]), "7").unwrap();
+        let l = x.listener.unwrap();
+        assert_eq!(l.listen, "127.0.0.1:27017".parse().unwrap());
+        assert_eq!(l.direction, Direction::Inbound);
+        assert_eq!(l.peer_exchange, PeerExchange::Alpn);
+        assert!(l.istio_stats);
+        assert_eq!(l.cluster.as_deref(), Some("inbound|27017||"));
+        assert_eq!(l.source.as_deref(), Some("xds Listener/l version 7"));
+        // Without istio.stats, not counted; without the exchange, off.
+        let l = listener(&listener_with(vec![chain(vec![to("c")])]), "1").unwrap().listener.unwrap();
+        assert!(!l.istio_stats);
+        assert_eq!(l.peer_exchange, PeerExchange::Off);
+    }
+
+    #[test]
+    fn weight_zero_no_cluster_and_unknown_address_families_are_invalid_naming_the_listener() {
+        use tcp_proxy::tcp_proxy::{ClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight};
+        let weighted = |w: u32| {
+            let clusters = vec![
+                ClusterWeight { name: "a".into(), weight: 1, ..Default::default() },
+                ClusterWeight { name: "b".into(), weight: w, ..Default::default() },
+            ];
+            proxy(Some(ClusterSpecifier::WeightedClusters(WeightedCluster { clusters })))
+        };
+        let ok = listener(&listener_with(vec![chain(vec![weighted(3)])]), "1").unwrap().listener.unwrap();
+        let routes = ok.tcp_routes.unwrap();
+        assert_eq!(
+            routes.iter().map(|r| (r.cluster.as_str(), r.weight)).collect::<Vec<_>>(),
+            [("a", 1), ("b", 3)]
+        );
+        let e = listener(&listener_with(vec![chain(vec![weighted(0)])]), "1").unwrap_err();
+        assert_eq!(e.resource, "Listener/l");
+        assert!(e.reason.contains("cluster b: weight 0"), "{e}");
+        let e = listener(&listener_with(vec![chain(vec![proxy(None)])]), "1").unwrap_err();
+        assert!(e.reason.contains("without a cluster"), "{e}");
+        let mut pipe = listener_with(vec![chain(vec![to("c")])]);
+        pipe.address = Some(core::Address {
+            address: Some(core::address::Address::Pipe(core::Pipe { path: "/x".into(), mode: 0 })),
+        });
+        let e = listener(&pipe, "1").unwrap_err();
+        assert!(e.reason.contains("unsupported address family"), "{e}");
+    }
+
+    #[test]
+    fn http_chains_are_reported_and_chains_keep_their_matches() {
+        let hcm = filter(HTTP_CONNECTION_MANAGER, Any::default());
+        let x = listener(&listener_with(vec![chain(vec![hcm.clone()])]), "1").unwrap();
+        assert!(x.listener.is_none(), "an HTTP-only listener is not bound");
+        assert!(x.reports[0].contains("HTTP"), "{:?}", x.reports);
+        let mut tls = chain(vec![to("tls")]);
+        tls.filter_chain_match = Some(lds::FilterChainMatch {
+            transport_protocol: "tls".into(),
+            application_protocols: vec!["istio-peer-exchange".into()],
+            ..Default::default()
+        });
+        let mut ten = chain(vec![to("ten"), filter(ISTIO_STATS, Any::default())]);
+        ten.filter_chain_match = Some(lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 27017 }),
+            prefix_ranges: vec![core::CidrRange {
+                address_prefix: "10.0.0.0".into(),
+                prefix_len: Some(UInt32Value { value: 8 }),
+            }],
+            ..Default::default()
+        });
+        let mut pb = listener_with(vec![tls, ten, chain(vec![hcm])]);
+        pb.default_filter_chain = Some(chain(vec![to("fallback")]));
+        let x = listener(&pb, "1").unwrap();
+        let chains = x.listener.unwrap().filter_chains;
+        assert_eq!(chains.len(), 4);
+        assert_eq!(chains[0].transport_protocol.as_deref(), Some("tls"));
+        assert_eq!(String::from(chains[1].prefix_ranges[0]), "10.0.0.0/8");
+        assert_eq!((chains[1].destination_port, chains[1].istio_stats), (Some(27017), true));
+        assert!(chains[2].not_served.is_some(), "the HTTP chain closes its connections");
+        assert!(chains[3].default && chains[3].cluster.as_deref() == Some("fallback"));
+        // One chain that takes every connection: the plain model.
+        let mut same_port = chain(vec![to("plain")]);
+        same_port.filter_chain_match = Some(lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 27017 }),
+            ..Default::default()
+        });
+        let l = listener(&listener_with(vec![same_port]), "1").unwrap().listener.unwrap();
+        assert_eq!(l.cluster.as_deref(), Some("plain"));
+        assert!(l.filter_chains.is_empty());
+    }
+
+    #[test]
+    fn a_chain_with_a_downstream_tls_context_terminates_tls_with_its_alpn_and_client_certificates() {
+        let downstream = |c: tls::CommonTlsContext| tls::DownstreamTlsContext {
+            common_tls_context: Some(c),
+            require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+            ..Default::default()
+        };
+        let alpn = ["istio-peer-exchange", "h2", "http/1.1"];
+        let mut mtls = chain(vec![to("inbound|6379||")]);
+        mtls.filter_chain_match = Some(lds::FilterChainMatch {
+            transport_protocol: "tls".into(),
+            application_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            ..Default::default()
+        });
+        mtls.transport_socket = socket(
+            "envoy.transport_sockets.tls",
+            any(DOWNSTREAM_TLS, &downstream(common("default", "ROOTCA", &[], &alpn))),
+        );
+        // STRICT: the TLS chain alone is still a chain (never collapsed into plaintext).
+        let x = listener(&listener_with(vec![mtls.clone()]), "1").unwrap();
+        let l = x.listener.unwrap();
+        assert!(l.cluster.is_none());
+        let t = l.filter_chains[0].tls.clone().unwrap();
+        assert_eq!(t.alpn, alpn);
+        assert!(t.require_client_certificate);
+        assert_eq!(t.secrets.certificate, "default");
+        // Resolved on merge; NACKed without certificates, naming the listener and chain.
+        let mut state = State::default();
+        state.listeners.insert(
+            "l".into(),
+            Accepted::new("1", listener(&listener_with(vec![mtls.clone()]), "1").unwrap()),
+        );
+        let cfg = state.merge(&certificates()).unwrap();
+        assert_eq!(
+            cfg.listeners[0].filter_chains[0].tls.as_ref().unwrap().files.root_cert,
+            "/etc/certs/root-cert.pem"
+        );
+        let e = state.merge(&Config::default()).unwrap_err();
+        assert_eq!(e.resource, "Listener/l");
+        assert!(e.reason.contains("filter chain 0") && e.reason.contains("xds.certificates"), "{e}");
+        // An unknown secret in a chain: the listener is invalid.
+        let mut unknown = mtls;
+        unknown.transport_socket = socket(
+            "envoy.transport_sockets.tls",
+            any(DOWNSTREAM_TLS, &downstream(common("spire", "ROOTCA", &[], &[]))),
+        );
+        let e = listener(&listener_with(vec![unknown]), "1").unwrap_err();
+        assert!(e.reason.contains("filter chain 0: SDS secret \"spire\": unknown"), "{e}");
+    }
+
+    #[test]
+    fn a_capture_listener_keeps_its_chains_to_choose_tls_and_counting_per_connection() {
+        let mut mtls = chain(vec![to("inbound|9080||"), filter(ISTIO_STATS, Any::default())]);
+        mtls.filter_chain_match =
+            Some(lds::FilterChainMatch { transport_protocol: "tls".into(), ..Default::default() });
+        let downstream = tls::DownstreamTlsContext {
+            common_tls_context: Some(common("default", "ROOTCA", &[], &[])),
+            ..Default::default()
+        };
+        mtls.transport_socket = socket("envoy.transport_sockets.tls", any(DOWNSTREAM_TLS, &downstream));
+        let mut pb = listener_with(vec![mtls, chain(vec![to("inbound|9080||")])]);
+        pb.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        let x = listener(&pb, "1").unwrap();
+        let l = x.listener.unwrap();
+        assert_eq!(l.capture, Capture::Inbound);
+        assert_eq!(l.filter_chains.len(), 2, "virtualInbound's chains choose TLS per connection");
+        assert!(
+            l.istio_stats
+                && l.filter_chains[0].tls.is_some()
+                && !l.filter_chains[0].tls.as_ref().unwrap().require_client_certificate
+        );
+        assert!(x.reports.is_empty(), "{:?}", x.reports);
+        // Without a TLS chain (PeerAuthentication DISABLE) the chains still say what is
+        // counted: a chain without istio.stats counts nothing.
+        pb.filter_chains.remove(0);
+        let x = listener(&pb, "1").unwrap();
+        let l = x.listener.unwrap();
+        assert_eq!(l.filter_chains.len(), 1);
+        assert!(!l.filter_chains[0].istio_stats && !l.istio_stats);
+        assert!(x.reports.is_empty(), "{:?}", x.reports);
+    }
+
+    #[test]
+    fn a_listener_not_bound_to_its_port_serves_the_connections_captured_to_its_address() {
+        let stats = || filter(ISTIO_STATS, Any::default());
+        let unbound = |mut l: lds::Listener| {
+            l.bind_to_port = Some(envoy_types::pb::google::protobuf::BoolValue { value: false });
+            l
+        };
+        let mongo =
+            unbound(outbound("10.0.0.5_27017", "10.0.0.5:27017", vec![chain(vec![stats(), to("mongo")])]));
+        let redis = unbound(outbound("0.0.0.0_6379", "0.0.0.0:6379", vec![chain(vec![to("redis")])]));
+        // istiod's 0.0.0.0_PORT for services sharing a port: one chain per service address.
+        let mut a = chain(vec![stats(), to("db-a")]);
+        a.filter_chain_match = Some(lds::FilterChainMatch {
+            prefix_ranges: vec![core::CidrRange {
+                address_prefix: "10.0.0.7".into(),
+                prefix_len: Some(UInt32Value { value: 32 }),
+            }],
+            ..Default::default()
+        });
+        let mut shared = unbound(outbound("0.0.0.0_5432", "0.0.0.0:5432", vec![a]));
+        shared.default_filter_chain = Some(chain(vec![stats(), to("PassthroughCluster")]));
+        let mut capture = outbound(
+            "virtualOutbound",
+            "0.0.0.0:15001",
+            vec![chain(vec![stats(), to("PassthroughCluster")])],
+        );
+        capture.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+
+        let x = listener(&mongo, "1").unwrap();
+        assert!(x.listener.is_none() && x.reports.is_empty(), "{:?}", x.reports);
+        let h = x.handoff.unwrap();
+        assert_eq!(h.direction, Direction::Outbound);
+        assert_eq!(h.addresses, vec![("10.0.0.5:27017".parse().unwrap(), "mongo".to_string())]);
+        assert_eq!(h.chains[0].handoff, Some("10.0.0.5:27017".parse().unwrap()));
+        assert!(h.chains[0].istio_stats);
+
+        let state =
+            xds_state(vec![mongo, redis, shared, capture], &["mongo", "redis", "db-a", "PassthroughCluster"]);
+        let cfg = state.merge(&Config::default()).unwrap();
+        let l = cfg.listeners.iter().find(|l| l.name == "virtualOutbound").unwrap();
+        let chains = &l.filter_chains;
+        let served = |dst: &str| {
+            let i = crate::routing::select_chain(chains, dst.parse().unwrap(), "raw_buffer", &[]).unwrap();
+            (chains[i].cluster.as_deref().unwrap(), chains[i].istio_stats)
+        };
+        assert_eq!(served("10.0.0.5:27017"), ("mongo", true));
+        assert_eq!(
+            served("10.9.9.9:6379"),
+            ("redis", false),
+            "a listener without istio.stats counts nothing"
+        );
+        assert_eq!(served("10.0.0.7:5432"), ("db-a", true));
+        assert_eq!(served("10.0.0.8:5432"), ("PassthroughCluster", true));
+        assert_eq!(served("10.0.0.5:27018"), ("PassthroughCluster", true));
+        // An address no listener has (an endpoint's, a port of no service): the capture
+        // listener's own chains, though a handed-off chain names its port.
+        assert_eq!(served("10.1.1.1:27017"), ("PassthroughCluster", true));
+        let own = |dst: &str| {
+            let i = crate::routing::select_chain(chains, dst.parse().unwrap(), "raw_buffer", &[]).unwrap();
+            chains[i].handoff
+        };
+        assert_eq!(own("10.1.1.1:27017"), None);
+        assert_eq!(own("10.0.0.8:5432"), Some("0.0.0.0:5432".parse().unwrap()), "its default chain");
+        let addresses = |name: &str| cfg.clusters.iter().find(|c| c.name == name).unwrap().addresses.clone();
+        assert_eq!(addresses("mongo"), vec!["10.0.0.5:27017".parse().unwrap()]);
+        assert_eq!(addresses("redis"), vec!["0.0.0.0:6379".parse().unwrap()]);
+        assert_eq!(addresses("db-a"), vec!["10.0.0.7:5432".parse().unwrap()]);
+        assert_eq!(addresses("PassthroughCluster"), vec![], "a default chain names no address");
+        let router = crate::routing::Router::new(&cfg, 1);
+        let to = |dst: &str| {
+            router.route_original_dst(dst.parse().unwrap()).map(|t| cfg.clusters[t.cluster].name.as_str())
+        };
+        assert_eq!(to("10.9.9.9:6379"), Some("redis"), "a wildcard address takes its port");
+        assert_eq!(to("10.0.0.8:5432"), None, "passthrough");
+    }
+
+    #[test]
+    fn a_capture_listener_without_chains_still_passes_through_beside_handed_off_ones() {
+        let mut mongo = outbound("10.0.0.5_27017", "10.0.0.5:27017", vec![chain(vec![to("mongo")])]);
+        mongo.bind_to_port = Some(envoy_types::pb::google::protobuf::BoolValue { value: false });
+        let mut capture = outbound("virtualOutbound", "0.0.0.0:15001", vec![]);
+        capture.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        let cfg = xds_state(vec![mongo, capture], &["mongo"]).merge(&Config::default()).unwrap();
+        let chains = &cfg.listeners[0].filter_chains;
+        let i =
+            crate::routing::select_chain(chains, "10.1.1.1:80".parse().unwrap(), "raw_buffer", &[]).unwrap();
+        assert!(chains[i].default && !chains[i].istio_stats);
+    }
+
+    #[test]
+    fn internal_listeners_are_accepted_and_not_bound_and_a_pipe_address_is_invalid() {
+        // istiod's HBONE listeners: `connect_originate` without an address, `main_internal`
+        // with `internal_listener` set.
+        let mut no_address = listener_with(vec![chain(vec![to("c")])]);
+        no_address.name = "connect_originate".into();
+        no_address.address = None;
+        let x = listener(&no_address, "1").unwrap();
+        assert!(x.listener.is_none() && x.handoff.is_none());
+        assert_eq!(
+            x.reports,
+            ["Listener/connect_originate: internal listener (no address): accepted, not bound"]
+        );
+        let mut internal = listener_with(vec![chain(vec![to("c")])]);
+        internal.name = "main_internal".into();
+        internal.address = None;
+        internal.listener_specifier =
+            Some(lds::listener::ListenerSpecifier::InternalListener(Default::default()));
+        let x = listener(&internal, "1").unwrap();
+        assert!(x.listener.is_none());
+        assert!(x.reports[0].contains("internal listener (internal_listener)"), "{:?}", x.reports);
+        let mut pipe = listener_with(vec![chain(vec![to("c")])]);
+        pipe.address = Some(core::Address {
+            address: Some(core::address::Address::Pipe(core::Pipe { path: "/x.sock".into(), mode: 0 })),
+        });
+        let e = listener(&pipe, "1").unwrap_err();
+        assert_eq!(
+            (e.resource.as_str(), e.reason.as_str()),
+            ("Listener/l", "unsupported address family: pipe \"/x.sock\"")
+        );
+    }
+
+    #[test]
+    fn the_original_dst_listener_filter_makes_a_capture_listener_as_use_original_dst_does() {
+        let mut pb = listener_with(vec![chain(vec![to("inbound|9080||")])]);
+        assert_eq!(listener(&pb, "1").unwrap().listener.unwrap().capture, Capture::None);
+        pb.listener_filters.push(lds::ListenerFilter {
+            name: "envoy.filters.listener.original_dst".into(),
+            ..Default::default()
+        });
+        let l = listener(&pb, "1").unwrap().listener.unwrap();
+        assert_eq!(l.capture, Capture::Inbound);
+        assert_eq!(l.filter_chains.len(), 1, "the chains choose TLS and counting per connection");
+        pb.traffic_direction = core::TrafficDirection::Outbound as i32;
+        assert_eq!(listener(&pb, "1").unwrap().listener.unwrap().capture, Capture::Outbound);
+    }
+
+    #[test]
+    fn tcp_proxy_max_connect_attempts_and_idle_timeout_take_envoys_defaults_when_unset() {
+        use envoy_types::pb::google::protobuf::Duration as PbDuration;
+        let with = |attempts: Option<u32>, idle: Option<i64>| {
+            let p = tcp_proxy::TcpProxy {
+                cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster("c".into())),
+                max_connect_attempts: attempts.map(|value| UInt32Value { value }),
+                idle_timeout: idle.map(|seconds| PbDuration { seconds, nanos: 0 }),
+                ..Default::default()
+            };
+            filter(TCP_PROXY, any(TCP_PROXY_TYPE, &p))
+        };
+        let plain = |f| listener(&listener_with(vec![chain(vec![f])]), "1").unwrap().listener.unwrap();
+        let l = plain(with(None, None));
+        assert_eq!(l.limits.max_connect_attempts, 1, "Envoy's default: one attempt");
+        assert_eq!(l.limits.idle_timeout.0, Duration::from_secs(3600), "Envoy's default: 1 h");
+        let l = plain(with(Some(3), Some(30)));
+        assert_eq!((l.limits.max_connect_attempts, l.limits.idle_timeout.0), (3, Duration::from_secs(30)));
+        assert_eq!(plain(with(None, Some(0))).limits.idle_timeout.0, IDLE_TIMEOUT_DISABLED, "0s: disabled");
+        // Chains carry their own attempts; the listener's idle timer takes the longest.
+        let mut pb =
+            listener_with(vec![chain(vec![with(Some(2), Some(10))]), chain(vec![with(None, Some(20))])]);
+        pb.filter_chains[0].filter_chain_match =
+            Some(lds::FilterChainMatch { transport_protocol: "tls".into(), ..Default::default() });
+        let x = listener(&pb, "1").unwrap();
+        let l = x.listener.unwrap();
+        let attempts: Vec<_> = l.filter_chains.iter().map(|c| c.max_connect_attempts).collect();
+        assert_eq!(attempts, [Some(2), Some(1)]);
+        assert_eq!(l.limits.idle_timeout.0, Duration::from_secs(20));
+        assert!(x.reports[0].contains("different tcp_proxy idle_timeout"), "{:?}", x.reports);
+        let e = listener(&listener_with(vec![chain(vec![with(Some(0), None)])]), "1").unwrap_err();
+        assert!(e.reason.contains("max_connect_attempts 0"), "{e}");
+    }
+
+    #[test]
+    fn a_chain_with_a_network_filter_ringside_does_not_run_closes_its_connections() {
+        let rbac = filter("envoy.filters.network.rbac", Any::default());
+        let authn = filter("istio_authn", Any::default());
+        let mut pb = listener_with(vec![chain(vec![authn.clone(), rbac, to("inbound|9080||")])]);
+        pb.filter_chains.push(chain(vec![authn, to("inbound|9090||")]));
+        pb.filter_chains[1].filter_chain_match = Some(lds::FilterChainMatch {
+            destination_port: Some(UInt32Value { value: 9090 }),
+            ..Default::default()
+        });
+        let x = listener(&pb, "1").unwrap();
+        let chains = x.listener.unwrap().filter_chains;
+        assert_eq!(
+            chains[0].not_served.as_deref(),
+            Some("network filter envoy.filters.network.rbac is not run")
+        );
+        assert_eq!(
+            (chains[1].not_served.as_deref(), chains[1].cluster.as_deref()),
+            (None, Some("inbound|9090||"))
+        );
+        assert_eq!(
+            x.reports,
+            [
+                "Listener/l: filter chain 0: network filter envoy.filters.network.rbac is not run; its connections close (NR)"
+            ]
+        );
+    }
+}

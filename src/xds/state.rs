@@ -1,0 +1,659 @@
+//! The xDS resources accepted so far and how a response changes them (SPEC §9): **each
+//! resource stands alone, as in Envoy**. Every resource of a response is decoded, translated
+//! and checked on its own; a valid one replaces its previous entry, an invalid one keeps its
+//! previous version (or stays out), and the reply names every invalid one. Then the merge
+//! beside the static config, checked as a whole: a cross-resource problem leaves out the
+//! resources it names, never the whole response. Pure but for the `apply` it is handed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cds;
+use envoy_types::pb::envoy::config::endpoint::v3 as eds;
+use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+
+use super::cluster::{XdsCluster, cluster};
+use super::endpoint::load_assignment;
+use super::listener::{Handoff, XdsListener, listener};
+use super::proto::{CLUSTER, ENDPOINTS, Error, LISTENER, decode, invalid};
+use super::tls::resolve;
+use crate::config::{Capture, Cluster, Config, Endpoint, FilterChain, LoadBalancer, PeerExchange};
+
+/// The resource types ringside subscribes to, in the order of `ringside_xds_*` metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Type {
+    /// `envoy.config.cluster.v3.Cluster` (state of the world).
+    Cluster = 0,
+    /// `envoy.config.listener.v3.Listener` (state of the world).
+    Listener = 1,
+    /// `envoy.config.endpoint.v3.ClusterLoadAssignment` (only the names asked for).
+    Endpoints = 2,
+}
+
+impl Type {
+    /// Every type, in index order.
+    pub const ALL: [Type; 3] = [Type::Cluster, Type::Listener, Type::Endpoints];
+
+    /// The type of a type URL, if subscribed.
+    pub fn of(type_url: &str) -> Option<Type> {
+        match type_url {
+            CLUSTER => Some(Type::Cluster),
+            LISTENER => Some(Type::Listener),
+            ENDPOINTS => Some(Type::Endpoints),
+            _ => None,
+        }
+    }
+
+    /// Its type URL.
+    pub fn url(self) -> &'static str {
+        [CLUSTER, LISTENER, ENDPOINTS][self as usize]
+    }
+
+    /// Its name in resource names (`Cluster/NAME`) and metrics.
+    pub fn name(self) -> &'static str {
+        ["Cluster", "Listener", "ClusterLoadAssignment"][self as usize]
+    }
+}
+
+/// One accepted resource: the version of the response that brought it and its translation,
+/// behind an `Arc` so that a later state shares what did not change.
+#[derive(Debug)]
+pub struct Accepted<T> {
+    /// `version_info` of the response that brought it.
+    pub version: String,
+    /// Its translation.
+    pub value: Arc<T>,
+}
+
+impl<T> Clone for Accepted<T> {
+    fn clone(&self) -> Self {
+        Accepted { version: self.version.clone(), value: Arc::clone(&self.value) }
+    }
+}
+
+impl<T> Accepted<T> {
+    /// `value` brought by a response of `version`.
+    pub fn new(version: &str, value: T) -> Self {
+        Accepted { version: version.to_string(), value: Arc::new(value) }
+    }
+}
+
+/// The resources accepted so far, per type, by name.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    /// Listeners by name.
+    pub listeners: BTreeMap<String, Accepted<XdsListener>>,
+    /// Clusters by name.
+    pub clusters: BTreeMap<String, Accepted<XdsCluster>>,
+    /// Endpoints by ClusterLoadAssignment name.
+    pub endpoints: BTreeMap<String, Accepted<Vec<Endpoint>>>,
+    /// Per type, the version of the last response accepted whole: what an ACK or NACK
+    /// carries (as Envoy), and what a new stream tells the server it has.
+    pub versions: [String; 3],
+    /// Per type, whether a response has arrived (applied or not): Envoy's initial fetch is
+    /// done when each has, and a NACK never blocks readiness.
+    pub arrived: [bool; 3],
+    /// Per type, the resources the last response of that type could not apply, and why.
+    pub rejected: [Vec<Error>; 3],
+}
+
+/// What one response did to the state.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Its resources that were not applied, each with why (empty: an ACK).
+    pub rejected: Vec<Error>,
+}
+
+impl Outcome {
+    /// The NACK's `error_detail`: every rejected resource with its reason, joined.
+    pub fn error_detail(&self) -> Option<String> {
+        (!self.rejected.is_empty())
+            .then(|| self.rejected.iter().map(Error::to_string).collect::<Vec<_>>().join("; "))
+    }
+}
+
+impl State {
+    /// The ClusterLoadAssignment names to subscribe to.
+    pub fn eds_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.clusters.values().filter_map(|c| c.value.eds_name.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The version of `t` an ACK or NACK carries.
+    pub fn version(&self, t: Type) -> &str {
+        &self.versions[t as usize]
+    }
+
+    /// Clusters and Listeners have each arrived once, and the endpoints of EDS clusters if
+    /// there are any (Envoy's initial fetch), applied or not.
+    pub fn synced(&self) -> bool {
+        self.arrived[Type::Cluster as usize]
+            && self.arrived[Type::Listener as usize]
+            && (self.arrived[Type::Endpoints as usize] || self.eds_names().is_empty())
+    }
+
+    /// Valid config that is not served, and the resources rejected, one line each.
+    pub fn reports(&self) -> Vec<String> {
+        let served = self
+            .listeners
+            .values()
+            .flat_map(|l| &l.value.reports)
+            .chain(self.clusters.values().flat_map(|c| &c.value.reports))
+            .cloned();
+        let rejected = self.rejected.iter().flatten().map(|e| format!("rejected: {e}"));
+        // One line for what reads the same (a chain is named by its index too).
+        let mut seen = BTreeSet::new();
+        served.chain(rejected).filter(|l| seen.insert(l.clone())).collect()
+    }
+
+    /// Apply response `r`: each resource on its own, then the merge beside `base` checked
+    /// as a whole and handed to `apply` (which publishes it, or says why it cannot and
+    /// which resource it blames). A resource the whole blames is left out (its previous
+    /// version kept) and the rest tried again. `self` becomes the state that was applied.
+    pub fn update(
+        &mut self,
+        r: &DiscoveryResponse,
+        base: &Config,
+        apply: &mut dyn FnMut(Config) -> Result<(), String>,
+    ) -> Outcome {
+        let Some(t) = Type::of(&r.type_url) else {
+            let why = format!("type {:?} is not subscribed", r.type_url);
+            return Outcome { rejected: vec![Error { resource: r.type_url.clone(), reason: why }] };
+        };
+        let version = r.version_info.as_str();
+        let (mut next, mut rejected) = self.candidate(t, r, base);
+        // The merged whole, checked and applied; what it blames is left out, one at a time.
+        // Each round reverts one changed resource, so this ends.
+        loop {
+            let changed = next.changed_from(self, t);
+            let why = match next.merge(base) {
+                Err(e) => Err(e.to_string()),
+                Ok(mut cfg) => match cfg.validate("xds", "") {
+                    Err(e) => Err(e.message),
+                    Ok(()) => apply(cfg),
+                },
+            };
+            let Err(why) = why else { break };
+            match blamed(&why, t, &changed) {
+                Some(name) => {
+                    next.revert(self, t, &name);
+                    rejected.push(invalid(t.name(), &name, strip_name(&why, t, &name)));
+                }
+                None => {
+                    // Nothing this response changed is named: refuse what it changed.
+                    next = self.clone();
+                    rejected = changed.iter().map(|n| invalid(t.name(), n, why.clone())).collect();
+                    if rejected.is_empty() {
+                        rejected.push(Error { resource: t.name().to_string(), reason: why });
+                    }
+                    break;
+                }
+            }
+        }
+        next.arrived[t as usize] = true;
+        if rejected.is_empty() {
+            next.versions[t as usize] = version.to_string();
+        }
+        next.rejected[t as usize] = rejected.clone();
+        *self = next;
+        Outcome { rejected }
+    }
+
+    /// The state with each valid resource of `r` in place and the others as they were;
+    /// state-of-the-world types lose the names `r` no longer carries. Each resource is
+    /// checked alone beside `base`.
+    fn candidate(&self, t: Type, r: &DiscoveryResponse, base: &Config) -> (State, Vec<Error>) {
+        let mut next = self.clone();
+        let version = r.version_info.as_str();
+        let mut rejected = Vec::new();
+        let mut carried = BTreeSet::new();
+        for (i, any) in r.resources.iter().enumerate() {
+            let unnamed = |e: String| invalid(t.name(), &format!("#{i}"), e);
+            let translated: Result<(String, State), Error> = match t {
+                Type::Listener => decode::<lds::Listener>(any, LISTENER).map_err(unnamed).and_then(|pb| {
+                    let x = listener(&pb, version)?;
+                    let mut alone = State::default();
+                    alone.listeners.insert(pb.name.clone(), Accepted::new(version, x));
+                    Ok((pb.name, alone))
+                }),
+                Type::Cluster => decode::<cds::Cluster>(any, CLUSTER).map_err(unnamed).and_then(|pb| {
+                    let x = cluster(&pb, version)?;
+                    let mut alone = State::default();
+                    alone.clusters.insert(pb.name.clone(), Accepted::new(version, x));
+                    Ok((pb.name, alone))
+                }),
+                Type::Endpoints => {
+                    decode::<eds::ClusterLoadAssignment>(any, ENDPOINTS).map_err(unnamed).and_then(|pb| {
+                        let x = load_assignment(&pb)?;
+                        let mut alone = State::default();
+                        alone.endpoints.insert(pb.cluster_name.clone(), Accepted::new(version, x));
+                        Ok((pb.cluster_name, alone))
+                    })
+                }
+            };
+            let (name, alone) = match translated {
+                Ok(x) => x,
+                Err(e) => {
+                    // Its name still counts as carried: what it replaces is kept, not removed.
+                    if let Some(name) = e.resource.strip_prefix(&format!("{}/", t.name())) {
+                        carried.insert(name.to_string());
+                    }
+                    rejected.push(e);
+                    continue;
+                }
+            };
+            if !carried.insert(name.clone()) {
+                // As Envoy: one response naming a resource twice is ambiguous.
+                rejected.push(invalid(t.name(), &name, "duplicate name in one response"));
+                continue;
+            }
+            // Alone beside the static config: what makes this one resource unservable
+            // (an address the static config holds, a TLS secret without files) is its own.
+            let checked = alone
+                .merge(base)
+                .map_err(|e| e.reason)
+                .and_then(|mut cfg| cfg.validate("xds", "").map_err(|e| strip_name(&e.message, t, &name)));
+            if let Err(why) = checked {
+                rejected.push(invalid(t.name(), &name, why));
+                continue;
+            }
+            next.take(t, &name, alone);
+        }
+        match t {
+            Type::Listener => next.listeners.retain(|n, _| carried.contains(n)),
+            Type::Cluster => {
+                next.clusters.retain(|n, _| carried.contains(n));
+                // Forget the endpoints of clusters that are gone.
+                let names = next.eds_names();
+                next.endpoints.retain(|k, _| names.contains(k));
+            }
+            // EDS responses carry only the assignments asked for, or only those that changed.
+            Type::Endpoints => {}
+        }
+        (next, rejected)
+    }
+
+    /// Take resource `name` of type `t` from `from`.
+    fn take(&mut self, t: Type, name: &str, mut from: State) {
+        if let Some(x) = from.listeners.remove(name).filter(|_| t == Type::Listener) {
+            self.listeners.insert(name.into(), x);
+        }
+        if let Some(x) = from.clusters.remove(name).filter(|_| t == Type::Cluster) {
+            self.clusters.insert(name.into(), x);
+        }
+        if let Some(x) = from.endpoints.remove(name).filter(|_| t == Type::Endpoints) {
+            self.endpoints.insert(name.into(), x);
+        }
+    }
+
+    /// Names of type `t` that are new or changed since `prev`.
+    fn changed_from(&self, prev: &State, t: Type) -> Vec<String> {
+        fn changed<T>(
+            now: &BTreeMap<String, Accepted<T>>,
+            was: &BTreeMap<String, Accepted<T>>,
+        ) -> Vec<String> {
+            now.iter()
+                .filter(|(n, x)| was.get(*n).is_none_or(|w| !Arc::ptr_eq(&w.value, &x.value)))
+                .map(|(n, _)| n.clone())
+                .collect()
+        }
+        match t {
+            Type::Listener => changed(&self.listeners, &prev.listeners),
+            Type::Cluster => changed(&self.clusters, &prev.clusters),
+            Type::Endpoints => changed(&self.endpoints, &prev.endpoints),
+        }
+    }
+
+    /// Resource `name` of type `t` back as it is in `prev` (or gone if it is not there).
+    fn revert(&mut self, prev: &State, t: Type, name: &str) {
+        fn back<T>(now: &mut BTreeMap<String, Accepted<T>>, was: &BTreeMap<String, Accepted<T>>, name: &str) {
+            match was.get(name) {
+                Some(x) => now.insert(name.to_string(), x.clone()),
+                None => now.remove(name),
+            };
+        }
+        match t {
+            Type::Listener => back(&mut self.listeners, &prev.listeners, name),
+            Type::Cluster => back(&mut self.clusters, &prev.clusters, name),
+            Type::Endpoints => back(&mut self.endpoints, &prev.endpoints, name),
+        }
+    }
+}
+
+/// The ways a message names resource `name` of type `t`: `Listener/NAME` (a resource error,
+/// `apply`'s), `listener NAME` and `cluster "NAME"` (`Config::validate`'s).
+fn mentions(t: Type, name: &str) -> Vec<String> {
+    let kinds: &[&str] = match t {
+        Type::Listener => &["listener"],
+        Type::Cluster | Type::Endpoints => &["cluster"],
+    };
+    let mut ways = vec![format!("{}/{name}", t.name()), format!("{name:?}")];
+    ways.extend(kinds.iter().map(|k| format!("{k} {name}")));
+    ways
+}
+
+/// Which of `changed` (names of type `t`) message `why` blames: the longest one it names,
+/// followed by something that cannot continue a name.
+fn blamed(why: &str, t: Type, changed: &[String]) -> Option<String> {
+    let ends_name =
+        |rest: &str| rest.chars().next().is_none_or(|c| c == ':' || c == ' ' || c == ',' || c == ')');
+    changed
+        .iter()
+        .filter(|name| {
+            mentions(t, name)
+                .iter()
+                .any(|way| why.match_indices(way.as_str()).any(|(i, _)| ends_name(&why[i + way.len()..])))
+        })
+        .max_by_key(|name| name.len())
+        .cloned()
+}
+
+/// `why` without a leading naming of the resource (it is named once, by the error).
+fn strip_name(why: &str, t: Type, name: &str) -> String {
+    mentions(t, name)
+        .iter()
+        .find_map(|way| why.strip_prefix(way.as_str()).and_then(|r| r.strip_prefix(": ")))
+        .unwrap_or(why)
+        .to_string()
+}
+
+impl State {
+    /// `base` (the static config) with these resources beside it. A cluster a listener names
+    /// but the control plane has not sent (yet) is there without endpoints (`UH`). TLS
+    /// contexts naming the SDS secrets `default`/`ROOTCA` get `base.xds.certificates`' files;
+    /// without those, the resource is an error (never plaintext instead).
+    pub fn merge(&self, base: &Config) -> Result<Config, Error> {
+        let certificates = base.xds.as_ref().and_then(|x| x.certificates.as_ref());
+        let mut cfg = base.clone();
+        for x in self.clusters.values() {
+            let x = &x.value;
+            let mut c = x.cluster.clone();
+            if let Some(t) = &mut c.tls
+                && let Some(secrets) = &t.secrets
+            {
+                let mut files = t.files();
+                resolve(secrets, &mut files, certificates).map_err(|r| invalid("Cluster", &c.name, r))?;
+                (t.cert_chain, t.private_key, t.root_cert) =
+                    (files.cert_chain, files.private_key, files.root_cert);
+            }
+            if let Some(eds) = &x.eds_name {
+                let assignment = self.endpoints.get(eds);
+                c.endpoints = assignment.map(|e| e.value.to_vec()).unwrap_or_default();
+                c.source = Some(format!(
+                    "{}, ClusterLoadAssignment/{eds} version {}",
+                    c.source.unwrap_or_default(),
+                    assignment.map_or("(none yet)", |e| e.version.as_str())
+                ));
+            }
+            cfg.clusters.push(c);
+        }
+        let handoffs: Vec<&Handoff> =
+            self.listeners.values().filter_map(|x| x.value.handoff.as_ref()).collect();
+        for (address, cluster) in handoffs.iter().flat_map(|h| &h.addresses) {
+            if let Some(c) = cfg.clusters.iter_mut().find(|c| &c.name == cluster) {
+                c.addresses.push(*address);
+            }
+        }
+        for x in self.listeners.values() {
+            let Some(mut l) = x.value.listener.clone() else { continue };
+            if l.capture != Capture::None {
+                // Handed-off listeners' chains, marked with their listener's address.
+                let mut chains: Vec<FilterChain> = handoffs
+                    .iter()
+                    .filter(|h| h.direction == l.direction)
+                    .flat_map(|h| h.chains.iter().cloned())
+                    .collect();
+                if !chains.is_empty() && l.filter_chains.is_empty() {
+                    // Everything else still goes by original destination, counted as the
+                    // listener says.
+                    chains.push(FilterChain {
+                        name: "original destination".into(),
+                        default: true,
+                        istio_stats: l.istio_stats,
+                        ..FilterChain::default()
+                    });
+                }
+                chains.append(&mut l.filter_chains);
+                l.filter_chains = chains;
+            }
+            for chain in &mut l.filter_chains {
+                if let Some(t) = &mut chain.tls {
+                    resolve(&t.secrets, &mut t.files, certificates)
+                        .map_err(|r| invalid("Listener", &l.name, format!("{}: {r}", chain.name)))?;
+                }
+            }
+            let mut targets: Vec<String> = Vec::new();
+            let routes = std::iter::once((&l.cluster, &l.tcp_routes))
+                .chain(l.filter_chains.iter().map(|c| (&c.cluster, &c.tcp_routes)));
+            for (cluster, tcp_routes) in routes {
+                targets.extend(cluster.iter().cloned());
+                targets.extend(tcp_routes.iter().flatten().map(|r| r.cluster.clone()));
+            }
+            // Outbound, Istio runs the exchange as the cluster's upstream filter.
+            if targets.iter().any(|t| self.clusters.get(t).is_some_and(|c| c.value.exchange)) {
+                l.peer_exchange = PeerExchange::Alpn;
+            }
+            for t in targets {
+                if !cfg.clusters.iter().any(|c| c.name == t) {
+                    cfg.clusters.push(Cluster {
+                        name: t.clone(),
+                        service: None,
+                        service_namespace: None,
+                        service_port: None,
+                        addresses: Vec::new(),
+                        load_balancer: LoadBalancer::RoundRobin,
+                        endpoints: Vec::new(),
+                        subsets: Vec::new(),
+                        tls: None,
+                        source: Some(format!("xds: named by Listener/{} but not sent (yet)", l.name)),
+                    });
+                }
+            }
+            cfg.listeners.push(l);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::fixtures::*;
+    use envoy_types::pb::google::protobuf::Any;
+
+    fn response(t: Type, version: &str, resources: Vec<Any>) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: version.into(),
+            resources,
+            type_url: t.url().into(),
+            nonce: version.into(),
+            ..Default::default()
+        }
+    }
+
+    fn listeners(version: &str, ls: &[lds::Listener]) -> DiscoveryResponse {
+        response(Type::Listener, version, ls.iter().map(|l| any(LISTENER, l)).collect())
+    }
+
+    fn tcp(name: &str, address: &str, cluster: Option<&str>) -> lds::Listener {
+        let target = match cluster {
+            Some(c) => to(c),
+            None => proxy(None),
+        };
+        outbound(name, address, vec![chain(vec![target])])
+    }
+
+    fn routes(state: &State) -> Vec<(String, String, Option<String>)> {
+        state
+            .listeners
+            .iter()
+            .map(|(n, x)| {
+                let l = x.value.listener.as_ref().unwrap();
+                (n.clone(), x.version.clone(), l.cluster.clone())
+            })
+            .collect()
+    }
+
+    fn ok(_: Config) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn rejected(o: &Outcome) -> Vec<&str> {
+        o.rejected.iter().map(|e| e.resource.as_str()).collect()
+    }
+
+    #[test]
+    fn valid_resources_apply_and_each_invalid_one_keeps_its_previous_version_named_in_the_nack() {
+        let mut state = State::default();
+        let base = certificates();
+        let first =
+            listeners("1", &[tcp("a", "127.0.0.1:1001", Some("c1")), tcp("b", "127.0.0.1:1002", Some("c1"))]);
+        let o = state.update(&first, &base, &mut ok);
+        assert!(o.error_detail().is_none(), "{:?}", o.rejected);
+        assert_eq!(state.version(Type::Listener), "1");
+        // a changes (valid), b turns invalid (it had a version), n is new and invalid.
+        let second = listeners(
+            "2",
+            &[
+                tcp("a", "127.0.0.1:1001", Some("c2")),
+                tcp("b", "127.0.0.1:1002", None),
+                tcp("n", "127.0.0.1:1003", None),
+            ],
+        );
+        let o = state.update(&second, &base, &mut ok);
+        assert_eq!(rejected(&o), ["Listener/b", "Listener/n"]);
+        assert_eq!(
+            o.error_detail().unwrap(),
+            "Listener/b: filter chain 0: tcp_proxy without a cluster; Listener/n: filter chain 0: tcp_proxy without a cluster"
+        );
+        assert_eq!(
+            routes(&state),
+            [("a".into(), "2".into(), Some("c2".into())), ("b".into(), "1".into(), Some("c1".into()))]
+        );
+        assert_eq!(state.version(Type::Listener), "1", "the last version accepted whole, as Envoy");
+        assert!(
+            state.reports().iter().any(|l| l.starts_with("rejected: Listener/n:")),
+            "{:?}",
+            state.reports()
+        );
+        // A state-of-the-world response without b removes it, invalid or not.
+        let o = state.update(&listeners("3", &[tcp("a", "127.0.0.1:1001", Some("c2"))]), &base, &mut ok);
+        assert!(o.rejected.is_empty());
+        assert_eq!(routes(&state), [("a".into(), "3".into(), Some("c2".into()))]);
+    }
+
+    #[test]
+    fn a_cross_resource_problem_leaves_out_only_the_resource_it_names() {
+        let mut state = State::default();
+        // Each alone is valid; together they claim one address.
+        let r =
+            listeners("1", &[tcp("x", "127.0.0.1:1001", Some("c")), tcp("y", "127.0.0.1:1001", Some("c"))]);
+        let o = state.update(&r, &certificates(), &mut ok);
+        assert_eq!(rejected(&o), ["Listener/y"]);
+        assert!(o.rejected[0].reason.contains("address already used"), "{:?}", o.rejected);
+        assert_eq!(state.listeners.keys().collect::<Vec<_>>(), ["x"]);
+        // What `apply` blames (a listener that cannot bind) is left out the same way.
+        let r = listeners(
+            "2",
+            &[tcp("x", "127.0.0.1:1001", Some("c")), tcp("taken", "127.0.0.1:1009", Some("c"))],
+        );
+        let mut apply = |cfg: Config| match cfg.listeners.iter().any(|l| l.name == "taken") {
+            true => Err("Listener/taken: cannot bind 127.0.0.1:1009: address in use".to_string()),
+            false => Ok(()),
+        };
+        let o = state.update(&r, &certificates(), &mut apply);
+        assert_eq!(o.error_detail().unwrap(), "Listener/taken: cannot bind 127.0.0.1:1009: address in use");
+        assert_eq!(state.listeners.keys().collect::<Vec<_>>(), ["x"]);
+    }
+
+    fn eds_cluster(name: &str) -> cds::Cluster {
+        cds::Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+                cds::cluster::DiscoveryType::Eds as i32,
+            )),
+            ..Default::default()
+        }
+    }
+
+    fn assignment(name: &str, address: &str, weight: u32) -> Any {
+        use envoy_types::pb::google::protobuf::UInt32Value;
+        let cla = eds::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![eds::LocalityLbEndpoints {
+                lb_endpoints: vec![eds::LbEndpoint {
+                    host_identifier: Some(eds::lb_endpoint::HostIdentifier::Endpoint(eds::Endpoint {
+                        address: addr(address),
+                        ..Default::default()
+                    })),
+                    load_balancing_weight: Some(UInt32Value { value: weight }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        any(ENDPOINTS, &cla)
+    }
+
+    #[test]
+    fn eds_responses_touch_only_the_assignments_they_carry_and_a_nack_never_blocks_readiness() {
+        let (mut state, base) = (State::default(), certificates());
+        let clusters = response(
+            Type::Cluster,
+            "1",
+            vec![any(CLUSTER, &eds_cluster("a")), any(CLUSTER, &eds_cluster("b"))],
+        );
+        state.update(&clusters, &base, &mut ok);
+        // Every listener invalid: NACKed, and the type still counts as arrived.
+        let o = state.update(&listeners("1", &[tcp("l", "127.0.0.1:1001", None)]), &base, &mut ok);
+        assert_eq!(rejected(&o), ["Listener/l"]);
+        assert!(!state.synced(), "the EDS clusters' endpoints have not arrived");
+        let both = vec![assignment("a", "10.0.0.1:80", 1), assignment("b", "10.0.0.2:80", 1)];
+        state.update(&response(Type::Endpoints, "1", both), &base, &mut ok);
+        assert!(state.synced());
+        assert_eq!(state.version(Type::Listener), "", "nothing accepted whole yet");
+        // Only a, and invalid: a keeps version 1, b untouched.
+        let o = state.update(
+            &response(Type::Endpoints, "2", vec![assignment("a", "10.0.0.9:80", 0)]),
+            &base,
+            &mut ok,
+        );
+        assert_eq!(rejected(&o), ["ClusterLoadAssignment/a"]);
+        let at = |s: &State, n: &str| {
+            (s.endpoints[n].version.clone(), s.endpoints[n].value[0].address.to_string())
+        };
+        assert_eq!(at(&state, "a"), ("1".into(), "10.0.0.1:80".into()));
+        state.update(
+            &response(Type::Endpoints, "3", vec![assignment("b", "10.0.0.3:80", 1)]),
+            &base,
+            &mut ok,
+        );
+        assert_eq!(
+            (at(&state, "a"), at(&state, "b")),
+            (("1".into(), "10.0.0.1:80".into()), ("3".into(), "10.0.0.3:80".into()))
+        );
+        // A cluster gone takes its endpoints with it.
+        state.update(&response(Type::Cluster, "2", vec![any(CLUSTER, &eds_cluster("b"))]), &base, &mut ok);
+        assert_eq!(state.endpoints.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn a_response_of_one_type_shares_every_other_resource_with_the_state_before() {
+        let (mut state, base) = (State::default(), certificates());
+        state.update(&response(Type::Cluster, "1", vec![any(CLUSTER, &eds_cluster("a"))]), &base, &mut ok);
+        state.update(&listeners("1", &[tcp("l", "127.0.0.1:1001", Some("a"))]), &base, &mut ok);
+        let before = state.clone();
+        state.update(
+            &response(Type::Endpoints, "1", vec![assignment("a", "10.0.0.1:80", 1)]),
+            &base,
+            &mut ok,
+        );
+        assert!(Arc::ptr_eq(&before.listeners["l"].value, &state.listeners["l"].value));
+        assert!(Arc::ptr_eq(&before.clusters["a"].value, &state.clusters["a"].value));
+    }
+}
