@@ -230,19 +230,11 @@ impl std::fmt::Debug for Connection {
 type Step = Result<(), frame::Invalid>;
 
 fn conn_err(reason: Reason, what: &'static str) -> frame::Invalid {
-    frame::Invalid {
-        reason,
-        stream: None,
-        what,
-    }
+    frame::Invalid { reason, stream: None, what }
 }
 
 fn stream_err(stream_id: u32, reason: Reason, what: &'static str) -> frame::Invalid {
-    frame::Invalid {
-        reason,
-        stream: Some(stream_id),
-        what,
-    }
+    frame::Invalid { reason, stream: Some(stream_id), what }
 }
 
 impl Connection {
@@ -264,8 +256,7 @@ impl Connection {
                 max_concurrent_streams: Some(cfg.max_concurrent_streams),
                 initial_window_size: Some(cfg.stream_window.min(MAX_WINDOW)),
                 max_frame_size: Some(
-                    cfg.max_frame_size
-                        .clamp(frame::DEFAULT_MAX_FRAME_SIZE, frame::MAX_MAX_FRAME_SIZE),
+                    cfg.max_frame_size.clamp(frame::DEFAULT_MAX_FRAME_SIZE, frame::MAX_MAX_FRAME_SIZE),
                 ),
                 max_header_list_size: Some(cfg.max_header_list_size),
                 ..Settings::default()
@@ -306,8 +297,9 @@ impl Connection {
     }
 
     /// Feeds bytes read from the peer: decodes every complete frame, queues events and appends
-    /// answers (SETTINGS ACK, PING ACK, WINDOW_UPDATE-free: those wait for `consume`).
-    /// A protocol violation appends GOAWAY, resets every stream (as events) and is returned.
+    /// the answers due (SETTINGS ACK, PING ACK, RST_STREAM for a stream error; WINDOW_UPDATEs
+    /// wait for `consume`). A connection error appends GOAWAY, resets every stream (as events)
+    /// and is returned; the connection is then finished.
     pub fn recv(&mut self, input: &[u8], out: &mut BytesMut) -> Result<(), Error> {
         if self.failed {
             return Err(Error::Closed);
@@ -377,10 +369,7 @@ impl Connection {
         if self.role != Role::Server {
             return Err(Error::WrongRole);
         }
-        let s = self
-            .streams
-            .get_mut(&stream_id)
-            .ok_or(Error::UnknownStream(stream_id))?;
+        let s = self.streams.get_mut(&stream_id).ok_or(Error::UnknownStream(stream_id))?;
         if s.answered {
             return Err(Error::State(stream_id, "already answered"));
         }
@@ -388,13 +377,7 @@ impl Connection {
         let success = (200..300).contains(&status);
         self.scratch.clear();
         headers::encode_response(&mut self.scratch, status, extra);
-        frame::encode_headers(
-            out,
-            stream_id,
-            &self.scratch,
-            !success,
-            self.peer_max_frame_size,
-        );
+        frame::encode_headers(out, stream_id, &self.scratch, !success, self.peer_max_frame_size);
         if !success {
             s.local_closed = true;
             if !s.remote_closed {
@@ -410,12 +393,7 @@ impl Connection {
     /// Sends as much of `data` as the stream and connection windows allow, in DATA frames no
     /// larger than the peer's max frame size; returns how many bytes were taken. When fewer than
     /// offered, keep the rest and wait for [`Event::Writable`].
-    pub fn send_data(
-        &mut self,
-        stream_id: u32,
-        data: &[u8],
-        out: &mut BytesMut,
-    ) -> Result<usize, Error> {
+    pub fn send_data(&mut self, stream_id: u32, data: &[u8], out: &mut BytesMut) -> Result<usize, Error> {
         self.check_alive()?;
         let conn_window = self.send_window;
         let max_frame = self.peer_max_frame_size as usize;
@@ -437,9 +415,7 @@ impl Connection {
         self.streams
             .get(&stream_id)
             .filter(|s| !s.local_closed)
-            .map_or(0, |s| {
-                usize::try_from(s.send_window.min(self.send_window).max(0)).unwrap_or(0)
-            })
+            .map_or(0, |s| usize::try_from(s.send_window.min(self.send_window).max(0)).unwrap_or(0))
     }
 
     /// Half-closes our direction (END_STREAM): the other side's FIN.
@@ -534,10 +510,7 @@ impl Connection {
     }
 
     fn writable_stream(&mut self, stream_id: u32) -> Result<&mut Stream, Error> {
-        let s = self
-            .streams
-            .get_mut(&stream_id)
-            .ok_or(Error::UnknownStream(stream_id))?;
+        let s = self.streams.get_mut(&stream_id).ok_or(Error::UnknownStream(stream_id))?;
         if s.local_closed {
             return Err(Error::State(stream_id, "already finished"));
         }
@@ -550,11 +523,7 @@ impl Connection {
     /// Whether a stream id was never opened (RFC 9113 §5.1 "idle").
     fn is_idle(&self, id: u32) -> bool {
         let ours = (id % 2 == 1) == (self.role == Role::Client);
-        if ours {
-            id >= self.next_local_id
-        } else {
-            id > self.last_peer_id
-        }
+        if ours { id >= self.next_local_id } else { id > self.last_peer_id }
     }
 
     fn credit_stream(cfg: &Config, s: &mut Stream, stream_id: u32, n: u32, out: &mut BytesMut) {
@@ -589,11 +558,7 @@ impl Connection {
     }
 
     fn remove_if_closed(&mut self, stream_id: u32, out: &mut BytesMut) {
-        if self
-            .streams
-            .get(&stream_id)
-            .is_some_and(|s| s.local_closed && s.remote_closed)
-        {
+        if self.streams.get(&stream_id).is_some_and(|s| s.local_closed && s.remote_closed) {
             self.remove(stream_id, out);
         }
     }
@@ -612,12 +577,10 @@ impl Connection {
         frame::encode_goaway(out, self.last_peer_id, reason, what.as_bytes());
         self.failed = true;
         self.partial = None;
-        let mut ids: Vec<u32> = self.streams.keys().copied().collect();
+        let mut ids: Vec<u32> = self.streams.drain().map(|(id, _)| id).collect();
         ids.sort_unstable();
-        for stream_id in ids {
-            self.remove(stream_id, out);
-            self.events.push_back(Event::Reset { stream_id, reason });
-        }
+        (self.local_open, self.peer_open) = (0, 0);
+        self.events.extend(ids.into_iter().map(|stream_id| Event::Reset { stream_id, reason }));
         Error::Protocol { reason, what }
     }
 
@@ -625,63 +588,32 @@ impl Connection {
         if let Some(p) = &self.partial {
             let continues = matches!(&f, Frame::Continuation { stream_id, .. } if *stream_id == p.stream_id);
             if !continues {
-                return Err(conn_err(
-                    Reason::PROTOCOL_ERROR,
-                    "header block interrupted",
-                ));
+                return Err(conn_err(Reason::PROTOCOL_ERROR, "header block interrupted"));
             }
         }
         if !self.got_settings && !matches!(f, Frame::Settings(_)) {
-            return Err(conn_err(
-                Reason::PROTOCOL_ERROR,
-                "first frame not settings",
-            ));
+            return Err(conn_err(Reason::PROTOCOL_ERROR, "first frame not settings"));
         }
         match f {
-            Frame::Data {
-                stream_id,
-                data,
-                end_stream,
-                flow_len,
-            } => self.on_data(stream_id, data, end_stream, flow_len, out),
-            Frame::Headers {
-                stream_id,
-                block,
-                end_stream,
-                end_headers,
-            } => {
+            Frame::Data { stream_id, data, end_stream, flow_len } => {
+                self.on_data(stream_id, data, end_stream, flow_len, out)
+            }
+            Frame::Headers { stream_id, block, end_stream, end_headers } => {
                 if block.len() > self.cfg.max_header_list_size as usize {
-                    return Err(conn_err(
-                        Reason::ENHANCE_YOUR_CALM,
-                        "header block too large",
-                    ));
+                    return Err(conn_err(Reason::ENHANCE_YOUR_CALM, "header block too large"));
                 }
                 if end_headers {
                     return self.on_header_block(stream_id, &block, end_stream, out);
                 }
-                self.partial = Some(Partial {
-                    stream_id,
-                    block: BytesMut::from(&block[..]),
-                    end_stream,
-                });
+                self.partial = Some(Partial { stream_id, block: BytesMut::from(&block[..]), end_stream });
                 Ok(())
             }
-            Frame::Continuation {
-                stream_id,
-                block,
-                end_headers,
-            } => {
+            Frame::Continuation { stream_id, block, end_headers } => {
                 let Some(mut p) = self.partial.take() else {
-                    return Err(conn_err(
-                        Reason::PROTOCOL_ERROR,
-                        "continuation without headers",
-                    ));
+                    return Err(conn_err(Reason::PROTOCOL_ERROR, "continuation without headers"));
                 };
                 if p.block.len() + block.len() > self.cfg.max_header_list_size as usize {
-                    return Err(conn_err(
-                        Reason::ENHANCE_YOUR_CALM,
-                        "header block too large",
-                    ));
+                    return Err(conn_err(Reason::ENHANCE_YOUR_CALM, "header block too large"));
                 }
                 p.block.extend_from_slice(&block);
                 if end_headers {
@@ -693,10 +625,7 @@ impl Connection {
             Frame::Priority { .. } | Frame::Unknown { .. } | Frame::SettingsAck => Ok(()),
             Frame::RstStream { stream_id, reason } => {
                 if self.is_idle(stream_id) {
-                    return Err(conn_err(
-                        Reason::PROTOCOL_ERROR,
-                        "rst_stream on idle stream",
-                    ));
+                    return Err(conn_err(Reason::PROTOCOL_ERROR, "rst_stream on idle stream"));
                 }
                 if self.streams.contains_key(&stream_id) {
                     self.remove(stream_id, out);
@@ -713,11 +642,7 @@ impl Connection {
                 }
                 Ok(())
             }
-            Frame::GoAway {
-                last_stream_id,
-                reason,
-                ..
-            } => {
+            Frame::GoAway { last_stream_id, reason, .. } => {
                 self.goaway_received = true;
                 let mut refused: Vec<u32> = self
                     .streams
@@ -728,25 +653,15 @@ impl Connection {
                 refused.sort_unstable();
                 for stream_id in refused {
                     self.remove(stream_id, out);
-                    self.events.push_back(Event::Reset {
-                        stream_id,
-                        reason: Reason::REFUSED_STREAM,
-                    });
+                    self.events.push_back(Event::Reset { stream_id, reason: Reason::REFUSED_STREAM });
                 }
-                self.events.push_back(Event::GoAway {
-                    last_stream_id,
-                    reason,
-                });
+                self.events.push_back(Event::GoAway { last_stream_id, reason });
                 Ok(())
             }
-            Frame::WindowUpdate {
-                stream_id,
-                increment,
-            } => self.on_window_update(stream_id, increment),
-            Frame::PushPromise { .. } => Err(conn_err(
-                Reason::PROTOCOL_ERROR,
-                "push_promise with push disabled",
-            )),
+            Frame::WindowUpdate { stream_id, increment } => self.on_window_update(stream_id, increment),
+            Frame::PushPromise { .. } => {
+                Err(conn_err(Reason::PROTOCOL_ERROR, "push_promise with push disabled"))
+            }
         }
     }
 
@@ -760,10 +675,7 @@ impl Connection {
     ) -> Step {
         let flow = i64::from(flow_len);
         if flow > self.recv_window {
-            return Err(conn_err(
-                Reason::FLOW_CONTROL_ERROR,
-                "data beyond connection window",
-            ));
+            return Err(conn_err(Reason::FLOW_CONTROL_ERROR, "data beyond connection window"));
         }
         self.recv_window -= flow;
         if self.is_idle(stream_id) {
@@ -778,27 +690,15 @@ impl Connection {
         };
         if s.remote_closed {
             self.credit_connection(flow_len, out);
-            return Err(stream_err(
-                stream_id,
-                Reason::STREAM_CLOSED,
-                "data after end_stream",
-            ));
+            return Err(stream_err(stream_id, Reason::STREAM_CLOSED, "data after end_stream"));
         }
         if role == Role::Client && !s.answered {
             self.credit_connection(flow_len, out);
-            return Err(stream_err(
-                stream_id,
-                Reason::PROTOCOL_ERROR,
-                "data before response",
-            ));
+            return Err(stream_err(stream_id, Reason::PROTOCOL_ERROR, "data before response"));
         }
         if flow > s.recv_window {
             self.credit_connection(flow_len, out);
-            return Err(stream_err(
-                stream_id,
-                Reason::FLOW_CONTROL_ERROR,
-                "data beyond stream window",
-            ));
+            return Err(stream_err(stream_id, Reason::FLOW_CONTROL_ERROR, "data beyond stream window"));
         }
         s.recv_window -= flow;
         // flow_len counts the data and its padding; the caller never sees padding, so its
@@ -838,10 +738,7 @@ impl Connection {
             for (id, st) in self.streams.iter_mut() {
                 st.send_window += delta;
                 if st.send_window > i64::from(MAX_WINDOW) {
-                    return Err(conn_err(
-                        Reason::FLOW_CONTROL_ERROR,
-                        "settings push a window over 2^31-1",
-                    ));
+                    return Err(conn_err(Reason::FLOW_CONTROL_ERROR, "settings push a window over 2^31-1"));
                 }
                 if delta > 0 && st.blocked && st.send_window > 0 && conn_open {
                     st.blocked = false;
@@ -858,10 +755,7 @@ impl Connection {
         if stream_id == 0 {
             self.send_window += i64::from(increment);
             if self.send_window > i64::from(MAX_WINDOW) {
-                return Err(conn_err(
-                    Reason::FLOW_CONTROL_ERROR,
-                    "connection window over 2^31-1",
-                ));
+                return Err(conn_err(Reason::FLOW_CONTROL_ERROR, "connection window over 2^31-1"));
             }
             if self.send_window > 0 {
                 let mut ready: Vec<u32> = Vec::new();
@@ -872,16 +766,12 @@ impl Connection {
                     }
                 }
                 ready.sort_unstable();
-                self.events
-                    .extend(ready.into_iter().map(|stream_id| Event::Writable { stream_id }));
+                self.events.extend(ready.into_iter().map(|stream_id| Event::Writable { stream_id }));
             }
             return Ok(());
         }
         if self.is_idle(stream_id) {
-            return Err(conn_err(
-                Reason::PROTOCOL_ERROR,
-                "window_update on idle stream",
-            ));
+            return Err(conn_err(Reason::PROTOCOL_ERROR, "window_update on idle stream"));
         }
         let conn_open = self.send_window > 0;
         let Some(s) = self.streams.get_mut(&stream_id) else {
@@ -889,11 +779,7 @@ impl Connection {
         };
         s.send_window += i64::from(increment);
         if s.send_window > i64::from(MAX_WINDOW) {
-            return Err(stream_err(
-                stream_id,
-                Reason::FLOW_CONTROL_ERROR,
-                "stream window over 2^31-1",
-            ));
+            return Err(stream_err(stream_id, Reason::FLOW_CONTROL_ERROR, "stream window over 2^31-1"));
         }
         if s.blocked && s.send_window > 0 && conn_open {
             s.blocked = false;
@@ -911,11 +797,7 @@ impl Connection {
     ) -> Step {
         // Decode first, whatever becomes of the stream: the HPACK context is shared by the
         // connection and must see every block (RFC 9113 §4.3).
-        let fields = match headers::decode(
-            &mut self.hpack,
-            block,
-            self.cfg.max_header_list_size as usize,
-        ) {
+        let fields = match headers::decode(&mut self.hpack, block, self.cfg.max_header_list_size as usize) {
             Ok(f) => Ok(f),
             Err(headers::Invalid::Compression(what)) => {
                 return Err(conn_err(Reason::COMPRESSION_ERROR, what));
@@ -947,12 +829,7 @@ impl Connection {
             return refuse(self, out, Reason::REFUSED_STREAM, "draining");
         }
         if self.peer_open >= self.cfg.max_concurrent_streams {
-            return refuse(
-                self,
-                out,
-                Reason::REFUSED_STREAM,
-                "max concurrent streams",
-            );
+            return refuse(self, out, Reason::REFUSED_STREAM, "max concurrent streams");
         }
         let request = fields.and_then(|f| headers::parse_request(&f));
         let request = match request {
@@ -1003,26 +880,16 @@ impl Connection {
             return Ok(());
         };
         if s.remote_closed {
-            return Err(stream_err(
-                stream_id,
-                Reason::STREAM_CLOSED,
-                "headers after end_stream",
-            ));
+            return Err(stream_err(stream_id, Reason::STREAM_CLOSED, "headers after end_stream"));
         }
         if role == Role::Client && !s.answered {
             let response = fields
                 .and_then(|f| headers::parse_response(&f))
-                .map_err(|_| {
-                    stream_err(stream_id, Reason::PROTOCOL_ERROR, "malformed response")
-                })?;
+                .map_err(|_| stream_err(stream_id, Reason::PROTOCOL_ERROR, "malformed response"))?;
             if (100..200).contains(&response.status) {
                 // Interim responses carry nothing for a tunnel; 101 is banned in HTTP/2.
                 if response.status == 101 || end_stream {
-                    return Err(stream_err(
-                        stream_id,
-                        Reason::PROTOCOL_ERROR,
-                        "bad interim response",
-                    ));
+                    return Err(stream_err(stream_id, Reason::PROTOCOL_ERROR, "bad interim response"));
                 }
                 return Ok(());
             }
@@ -1047,11 +914,7 @@ impl Connection {
         } else {
             // Trailers: only as the last frame; their fields mean nothing to a tunnel.
             if !end_stream {
-                return Err(stream_err(
-                    stream_id,
-                    Reason::PROTOCOL_ERROR,
-                    "trailers without end_stream",
-                ));
+                return Err(stream_err(stream_id, Reason::PROTOCOL_ERROR, "trailers without end_stream"));
             }
             s.remote_closed = true;
         }

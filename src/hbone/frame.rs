@@ -130,11 +130,7 @@ pub struct Invalid {
 
 impl Invalid {
     fn connection(reason: Reason, what: &'static str) -> Invalid {
-        Invalid {
-            reason,
-            stream: None,
-            what,
-        }
+        Invalid { reason, stream: None, what }
     }
 }
 
@@ -259,20 +255,12 @@ pub struct Decoder {
 impl Decoder {
     /// A decoder for the server side: expects the client preface first.
     pub fn server(max_frame_size: u32) -> Decoder {
-        Decoder {
-            buf: BytesMut::new(),
-            preface_left: PREFACE.len(),
-            max_frame_size,
-        }
+        Decoder { buf: BytesMut::new(), preface_left: PREFACE.len(), max_frame_size }
     }
 
     /// A decoder for the client side: frames from the first byte.
     pub fn client(max_frame_size: u32) -> Decoder {
-        Decoder {
-            buf: BytesMut::new(),
-            preface_left: 0,
-            max_frame_size,
-        }
+        Decoder { buf: BytesMut::new(), preface_left: 0, max_frame_size }
     }
 
     /// Appends bytes read from the peer.
@@ -292,10 +280,7 @@ impl Decoder {
             let n = self.buf.len().min(self.preface_left);
             let expected = PREFACE.get(done..done + n).unwrap_or_default();
             if self.buf.get(..n) != Some(expected) {
-                return Err(Invalid::connection(
-                    Reason::PROTOCOL_ERROR,
-                    "client preface mismatch",
-                ));
+                return Err(Invalid::connection(Reason::PROTOCOL_ERROR, "client preface mismatch"));
             }
             self.buf.advance(n);
             self.preface_left -= n;
@@ -303,17 +288,14 @@ impl Decoder {
                 return Ok(None);
             }
         }
-        let Some(head) = self.buf.get(..HEADER_LEN) else {
+        let Some(&head) = self.buf.first_chunk::<HEADER_LEN>() else {
             return Ok(None);
         };
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
         let (kind, flags) = (head[3], head[4]);
         let stream_id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & MAX_WINDOW;
         if len > self.max_frame_size {
-            return Err(Invalid::connection(
-                Reason::FRAME_SIZE_ERROR,
-                "frame longer than max frame size",
-            ));
+            return Err(Invalid::connection(Reason::FRAME_SIZE_ERROR, "frame longer than max frame size"));
         }
         // len <= 2^24 - 1, so this cannot overflow a usize.
         let total = HEADER_LEN + len as usize;
@@ -334,18 +316,12 @@ fn strip_padding(flags: u8, mut payload: Bytes) -> Result<Bytes, Invalid> {
         return Ok(payload);
     }
     let Some(&pad) = payload.first() else {
-        return Err(Invalid::connection(
-            Reason::FRAME_SIZE_ERROR,
-            "padded frame without pad length",
-        ));
+        return Err(Invalid::connection(Reason::FRAME_SIZE_ERROR, "padded frame without pad length"));
     };
     payload.advance(1);
     let pad = usize::from(pad);
     if pad > payload.len() {
-        return Err(Invalid::connection(
-            Reason::PROTOCOL_ERROR,
-            "padding longer than payload",
-        ));
+        return Err(Invalid::connection(Reason::PROTOCOL_ERROR, "padding longer than payload"));
     }
     payload.truncate(payload.len() - pad);
     Ok(payload)
@@ -427,24 +403,15 @@ fn parse(kind: u8, flags: u8, stream_id: u32, mut payload: Bytes) -> Result<Fram
         kind::RST_STREAM => {
             need_stream(stream_id, "rst_stream on stream 0")?;
             if len != 4 {
-                return Err(Invalid::connection(
-                    Reason::FRAME_SIZE_ERROR,
-                    "rst_stream length not 4",
-                ));
+                return Err(Invalid::connection(Reason::FRAME_SIZE_ERROR, "rst_stream length not 4"));
             }
-            Ok(Frame::RstStream {
-                stream_id,
-                reason: Reason(be32(&payload)),
-            })
+            Ok(Frame::RstStream { stream_id, reason: Reason(be32(&payload)) })
         }
         kind::SETTINGS => {
             need_connection(stream_id, "settings on a stream")?;
             if flags & flag::ACK != 0 {
                 if len != 0 {
-                    return Err(Invalid::connection(
-                        Reason::FRAME_SIZE_ERROR,
-                        "settings ack with payload",
-                    ));
+                    return Err(Invalid::connection(Reason::FRAME_SIZE_ERROR, "settings ack with payload"));
                 }
                 return Ok(Frame::SettingsAck);
             }
@@ -498,37 +465,24 @@ fn parse(kind: u8, flags: u8, stream_id: u32, mut payload: Bytes) -> Result<Fram
         kind::PUSH_PROMISE => Ok(Frame::PushPromise { stream_id }),
         kind::PING => {
             need_connection(stream_id, "ping on a stream")?;
-            let payload: [u8; 8] = payload[..].try_into().map_err(|_| {
-                Invalid::connection(Reason::FRAME_SIZE_ERROR, "ping length not 8")
-            })?;
-            Ok(Frame::Ping {
-                ack: flags & flag::ACK != 0,
-                payload,
-            })
+            let payload: [u8; 8] = payload[..]
+                .try_into()
+                .map_err(|_| Invalid::connection(Reason::FRAME_SIZE_ERROR, "ping length not 8"))?;
+            Ok(Frame::Ping { ack: flags & flag::ACK != 0, payload })
         }
         kind::GOAWAY => {
             need_connection(stream_id, "goaway on a stream")?;
             if len < 8 {
-                return Err(Invalid::connection(
-                    Reason::FRAME_SIZE_ERROR,
-                    "goaway shorter than 8",
-                ));
+                return Err(Invalid::connection(Reason::FRAME_SIZE_ERROR, "goaway shorter than 8"));
             }
             let last_stream_id = be32(&payload) & MAX_WINDOW;
             let reason = Reason(be32(payload.get(4..).unwrap_or_default()));
             payload.advance(8);
-            Ok(Frame::GoAway {
-                last_stream_id,
-                reason,
-                debug: payload,
-            })
+            Ok(Frame::GoAway { last_stream_id, reason, debug: payload })
         }
         kind::WINDOW_UPDATE => {
             if len != 4 {
-                return Err(Invalid::connection(
-                    Reason::FRAME_SIZE_ERROR,
-                    "window_update length not 4",
-                ));
+                return Err(Invalid::connection(Reason::FRAME_SIZE_ERROR, "window_update length not 4"));
             }
             let increment = be32(&payload) & MAX_WINDOW;
             if increment == 0 {
@@ -538,18 +492,11 @@ fn parse(kind: u8, flags: u8, stream_id: u32, mut payload: Bytes) -> Result<Fram
                     what: "window_update of 0",
                 });
             }
-            Ok(Frame::WindowUpdate {
-                stream_id,
-                increment,
-            })
+            Ok(Frame::WindowUpdate { stream_id, increment })
         }
         kind::CONTINUATION => {
             need_stream(stream_id, "continuation on stream 0")?;
-            Ok(Frame::Continuation {
-                stream_id,
-                block: payload,
-                end_headers: flags & flag::END_HEADERS != 0,
-            })
+            Ok(Frame::Continuation { stream_id, block: payload, end_headers: flags & flag::END_HEADERS != 0 })
         }
         other => Ok(Frame::Unknown { kind: other }),
     }
@@ -592,11 +539,7 @@ pub fn encode_headers(
     encode_header(dst, first.len(), kind::HEADERS, flags, stream_id);
     dst.put_slice(first);
     while let Some(chunk) = rest.next() {
-        let flags = if rest.peek().is_none() {
-            flag::END_HEADERS
-        } else {
-            0
-        };
+        let flags = if rest.peek().is_none() { flag::END_HEADERS } else { 0 };
         encode_header(dst, chunk.len(), kind::CONTINUATION, flags, stream_id);
         dst.put_slice(chunk);
     }
@@ -706,51 +649,21 @@ mod tests {
         let expected = vec![
             Frame::Settings(settings),
             Frame::SettingsAck,
-            Frame::WindowUpdate {
-                stream_id: 0,
-                increment: 16 << 20,
-            },
+            Frame::WindowUpdate { stream_id: 0, increment: 16 << 20 },
             Frame::Headers {
                 stream_id: 1,
                 block: Bytes::from_static(b"0123"),
                 end_stream: false,
                 end_headers: false,
             },
-            Frame::Continuation {
-                stream_id: 1,
-                block: Bytes::from_static(b"4567"),
-                end_headers: false,
-            },
-            Frame::Continuation {
-                stream_id: 1,
-                block: Bytes::from_static(b"89"),
-                end_headers: true,
-            },
-            Frame::Data {
-                stream_id: 1,
-                data: Bytes::from_static(b"hello"),
-                end_stream: false,
-                flow_len: 5,
-            },
-            Frame::Data {
-                stream_id: 1,
-                data: Bytes::new(),
-                end_stream: true,
-                flow_len: 0,
-            },
+            Frame::Continuation { stream_id: 1, block: Bytes::from_static(b"4567"), end_headers: false },
+            Frame::Continuation { stream_id: 1, block: Bytes::from_static(b"89"), end_headers: true },
+            Frame::Data { stream_id: 1, data: Bytes::from_static(b"hello"), end_stream: false, flow_len: 5 },
+            Frame::Data { stream_id: 1, data: Bytes::new(), end_stream: true, flow_len: 0 },
             Frame::Priority { stream_id: 3 },
-            Frame::RstStream {
-                stream_id: 3,
-                reason: Reason::CONNECT_ERROR,
-            },
-            Frame::Ping {
-                ack: false,
-                payload: *b"12345678",
-            },
-            Frame::Ping {
-                ack: true,
-                payload: *b"abcdefgh",
-            },
+            Frame::RstStream { stream_id: 3, reason: Reason::CONNECT_ERROR },
+            Frame::Ping { ack: false, payload: *b"12345678" },
+            Frame::Ping { ack: true, payload: *b"abcdefgh" },
             Frame::GoAway {
                 last_stream_id: 7,
                 reason: Reason::NO_ERROR,
@@ -800,12 +713,7 @@ mod tests {
         let f = one(&[0, 0, 7, 0, 0x8 | 0x1, 0, 0, 0, 1, 3, b'a', b'b', b'c', 0, 0, 0]).unwrap();
         assert_eq!(
             f,
-            Frame::Data {
-                stream_id: 1,
-                data: Bytes::from_static(b"abc"),
-                end_stream: true,
-                flow_len: 7
-            }
+            Frame::Data { stream_id: 1, data: Bytes::from_static(b"abc"), end_stream: true, flow_len: 7 }
         );
         // HEADERS, PADDED | PRIORITY: pad 1, 5 priority bytes, block "x", 1 pad byte.
         let f = one(&[0, 0, 8, 1, 0x8 | 0x20 | 0x4, 0, 0, 0, 3, 1, 0, 0, 0, 1, 9, b'x', 0]).unwrap();
@@ -822,10 +730,7 @@ mod tests {
 
     #[test]
     fn unknown_frame_types_are_ignored() {
-        assert_eq!(
-            one(&[0, 0, 2, 0xfa, 0, 0, 0, 0, 1, 1, 2]).unwrap(),
-            Frame::Unknown { kind: 0xfa }
-        );
+        assert_eq!(one(&[0, 0, 2, 0xfa, 0, 0, 0, 0, 1, 1, 2]).unwrap(), Frame::Unknown { kind: 0xfa });
     }
 
     fn err(bytes: &[u8]) -> (Reason, Option<u32>) {
@@ -850,22 +755,13 @@ mod tests {
         // frame size too small.
         assert_eq!(err(&[0, 0, 0, 4, 0, 0, 0, 0, 1]), (R::PROTOCOL_ERROR, None));
         assert_eq!(err(&[0, 0, 5, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), (R::FRAME_SIZE_ERROR, None));
-        assert_eq!(
-            err(&[0, 0, 6, 4, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]),
-            (R::FRAME_SIZE_ERROR, None)
-        );
+        assert_eq!(err(&[0, 0, 6, 4, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]), (R::FRAME_SIZE_ERROR, None));
         assert_eq!(err(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2]), (R::PROTOCOL_ERROR, None));
-        assert_eq!(
-            err(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0x80, 0, 0, 0]),
-            (R::FLOW_CONTROL_ERROR, None)
-        );
+        assert_eq!(err(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 4, 0x80, 0, 0, 0]), (R::FLOW_CONTROL_ERROR, None));
         assert_eq!(err(&[0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0x10, 0]), (R::PROTOCOL_ERROR, None));
         // PING of 7 bytes, on a stream.
         assert_eq!(err(&[0, 0, 7, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]), (R::FRAME_SIZE_ERROR, None));
-        assert_eq!(
-            err(&[0, 0, 8, 6, 0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8]),
-            (R::PROTOCOL_ERROR, None)
-        );
+        assert_eq!(err(&[0, 0, 8, 6, 0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8]), (R::PROTOCOL_ERROR, None));
         // WINDOW_UPDATE of 0: a connection error on stream 0, a stream error elsewhere.
         assert_eq!(err(&[0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0]), (R::PROTOCOL_ERROR, None));
         assert_eq!(err(&[0, 0, 4, 8, 0, 0, 0, 0, 5, 0, 0, 0, 0]), (R::PROTOCOL_ERROR, Some(5)));
@@ -875,10 +771,7 @@ mod tests {
         assert_eq!(err(&[0, 0, 4, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0]), (R::FRAME_SIZE_ERROR, Some(1)));
         assert_eq!(err(&[0, 0, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), (R::FRAME_SIZE_ERROR, None));
         // HEADERS with PRIORITY depending on itself.
-        assert_eq!(
-            err(&[0, 0, 5, 1, 0x20, 0, 0, 0, 1, 0, 0, 0, 1, 0]),
-            (R::PROTOCOL_ERROR, Some(1))
-        );
+        assert_eq!(err(&[0, 0, 5, 1, 0x20, 0, 0, 0, 1, 0, 0, 0, 1, 0]), (R::PROTOCOL_ERROR, Some(1)));
     }
 
     #[test]

@@ -55,9 +55,7 @@ pub fn decode(
         })
         .map_err(|e| {
             Invalid::Compression(match e {
-                loona_hpack::decoder::DecoderError::HeaderIndexOutOfBounds => {
-                    "index out of bounds"
-                }
+                loona_hpack::decoder::DecoderError::HeaderIndexOutOfBounds => "index out of bounds",
                 loona_hpack::decoder::DecoderError::InvalidMaxDynamicSize => {
                     "table size update over our limit"
                 }
@@ -90,22 +88,13 @@ pub struct Response {
 }
 
 /// Connection-specific fields that make a message malformed (RFC 9113 §8.2.2).
-const CONNECTION_SPECIFIC: [&[u8]; 5] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"transfer-encoding",
-    b"upgrade",
-];
+const CONNECTION_SPECIFIC: [&[u8]; 5] =
+    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"];
 
 /// Checks a regular field's name (lowercase token characters) and value (no NUL, CR, LF,
 /// no leading or trailing whitespace: RFC 9113 §8.2.1), and the connection-specific ban.
 fn check_regular(name: &[u8], value: &[u8]) -> Result<(), Invalid> {
-    let token = |b: &u8| {
-        b.is_ascii_lowercase()
-            || b.is_ascii_digit()
-            || b"!#$%&'*+-.^_`|~".contains(b)
-    };
+    let token = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(b);
     if name.is_empty() || !name.iter().all(token) {
         return Err(Invalid::Malformed("invalid header name"));
     }
@@ -161,10 +150,7 @@ fn pseudo<'a>(p: &[(&[u8], &'a [u8])], name: &[u8]) -> Option<&'a [u8]> {
 /// message (no `:method`, `:scheme`/`:path` on CONNECT, a bad `:authority`, …) resets the stream;
 /// a well-formed request that is not a CONNECT, or a CONNECT without `host:port`, gets 400.
 pub fn parse_request(fields: &Fields) -> Result<Request, Invalid> {
-    let (p, headers) = split(
-        fields,
-        &[b":method", b":scheme", b":authority", b":path", b":protocol"],
-    )?;
+    let (p, headers) = split(fields, &[b":method", b":scheme", b":authority", b":path", b":protocol"])?;
     let method = pseudo(&p, b":method").ok_or(Invalid::Malformed("missing :method"))?;
     let is_connect = method == b"CONNECT";
     if pseudo(&p, b":protocol").is_some() {
@@ -290,9 +276,7 @@ mod tests {
     use super::*;
 
     fn fields(list: &[(&str, &str)]) -> Fields {
-        list.iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect()
+        list.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()
     }
 
     #[test]
@@ -369,10 +353,7 @@ mod tests {
         put_str(&mut block, b"x-big");
         put_str(&mut block, &[b'v'; 4000]);
         block.extend(std::iter::repeat_n(0x80 | 62, 10_000));
-        assert_eq!(
-            decode(&mut decoder(), &block, 65_536),
-            Err(Invalid::TooLarge(65_536))
-        );
+        assert_eq!(decode(&mut decoder(), &block, 65_536), Err(Invalid::TooLarge(65_536)));
     }
 
     #[test]

@@ -23,14 +23,7 @@ impl Pair {
         let mut s_out = BytesMut::new();
         let client = Connection::new(Role::Client, client_cfg, &mut c_out);
         let server = Connection::new(Role::Server, server_cfg, &mut s_out);
-        let mut p = Pair {
-            client,
-            server,
-            c_out,
-            s_out,
-            c_events: Vec::new(),
-            s_events: Vec::new(),
-        };
+        let mut p = Pair { client, server, c_out, s_out, c_events: Vec::new(), s_events: Vec::new() };
         p.pump();
         p
     }
@@ -109,10 +102,7 @@ fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
 
 fn status_of(frames: &[Frame]) -> (u16, bool) {
     for f in frames {
-        if let Frame::Headers {
-            block, end_stream, ..
-        } = f
-        {
+        if let Frame::Headers { block, end_stream, .. } = f {
             let fields = loona_hpack::Decoder::new().decode(block).unwrap();
             let status = std::str::from_utf8(&fields[0].1).unwrap().parse().unwrap();
             return (status, *end_stream);
@@ -124,10 +114,7 @@ fn status_of(frames: &[Frame]) -> (u16, bool) {
 #[test]
 fn a_connect_is_accepted_and_the_200_carries_the_terminators_baggage() {
     let mut p = Pair::default();
-    let id = p
-        .client
-        .open("10.1.2.3:9080", &[("baggage", b"k8s.namespace.name=a")], &mut p.c_out)
-        .unwrap();
+    let id = p.client.open("10.1.2.3:9080", &[("baggage", b"k8s.namespace.name=a")], &mut p.c_out).unwrap();
     p.pump();
     assert_eq!(
         p.s_events,
@@ -137,9 +124,7 @@ fn a_connect_is_accepted_and_the_200_carries_the_terminators_baggage() {
             headers: vec![("baggage".into(), b"k8s.namespace.name=a".to_vec())],
         }]
     );
-    p.server
-        .respond(id, 200, &[("baggage", b"k8s.namespace.name=b")], &mut p.s_out)
-        .unwrap();
+    p.server.respond(id, 200, &[("baggage", b"k8s.namespace.name=b")], &mut p.s_out).unwrap();
     p.pump();
     assert_eq!(
         p.c_events,
@@ -159,13 +144,7 @@ fn a_get_is_answered_400_and_never_reaches_the_caller() {
     frame::encode_headers(&mut req, 1, &block, true, 16_384);
     server.recv(&req, &mut out).unwrap();
     assert_eq!(status_of(&frames_from_server(&out)), (400, true));
-    assert_eq!(
-        server.poll_event(),
-        Some(Event::Refused {
-            stream_id: 1,
-            why: "method not CONNECT"
-        })
-    );
+    assert_eq!(server.poll_event(), Some(Event::Refused { stream_id: 1, why: "method not CONNECT" }));
     assert_eq!(server.active_streams(), 0);
 }
 
@@ -178,10 +157,7 @@ fn a_connect_without_authority_is_answered_400() {
     let frames = frames_from_server(&out);
     assert_eq!(status_of(&frames), (400, true));
     // The client had not finished sending: told to stop.
-    assert!(frames.contains(&Frame::RstStream {
-        stream_id: 1,
-        reason: Reason::NO_ERROR
-    }));
+    assert!(frames.contains(&Frame::RstStream { stream_id: 1, reason: Reason::NO_ERROR }));
 }
 
 #[test]
@@ -193,10 +169,7 @@ fn a_connect_with_a_path_is_reset_as_malformed() {
     server.recv(&req, &mut out).unwrap();
     assert_eq!(
         frames_from_server(&out),
-        vec![Frame::RstStream {
-            stream_id: 1,
-            reason: Reason::PROTOCOL_ERROR
-        }]
+        vec![Frame::RstStream { stream_id: 1, reason: Reason::PROTOCOL_ERROR }]
     );
 }
 
@@ -209,14 +182,7 @@ fn an_error_status_ends_the_stream_for_the_client() {
     p.pump();
     assert_eq!(
         p.c_events,
-        vec![
-            Event::Response {
-                stream_id: id,
-                status: 503,
-                headers: vec![]
-            },
-            Event::End { stream_id: id }
-        ]
+        vec![Event::Response { stream_id: id, status: 503, headers: vec![] }, Event::End { stream_id: id }]
     );
     assert_eq!((p.client.active_streams(), p.server.active_streams()), (0, 0));
 }
@@ -238,10 +204,7 @@ fn windows_are_sized_for_bulk_as_ztunnel() {
                 max_header_list_size: Some(64 << 10),
                 ..Settings::default()
             }),
-            Frame::WindowUpdate {
-                stream_id: 0,
-                increment: (16 << 20) - 65_535
-            },
+            Frame::WindowUpdate { stream_id: 0, increment: (16 << 20) - 65_535 },
         ]
     );
 }
@@ -287,7 +250,13 @@ fn the_connection_window_is_shared_by_streams() {
 fn data_past_the_stream_window_resets_that_stream() {
     let (mut server, mut out) = raw_server();
     let mut req = BytesMut::new();
-    frame::encode_headers(&mut req, 1, &hpack(&[(":method", "CONNECT"), (":authority", "a:1")]), false, 16_384);
+    frame::encode_headers(
+        &mut req,
+        1,
+        &hpack(&[(":method", "CONNECT"), (":authority", "a:1")]),
+        false,
+        16_384,
+    );
     server.recv(&req, &mut out).unwrap();
     let mut bulk = BytesMut::new();
     let chunk = vec![0u8; 16_384];
@@ -299,19 +268,10 @@ fn data_past_the_stream_window_resets_that_stream() {
     server.recv(&bulk, &mut out).unwrap();
     assert_eq!(
         frames_from_server(&out),
-        vec![Frame::RstStream {
-            stream_id: 1,
-            reason: Reason::FLOW_CONTROL_ERROR
-        }]
+        vec![Frame::RstStream { stream_id: 1, reason: Reason::FLOW_CONTROL_ERROR }]
     );
     let events: Vec<Event> = std::iter::from_fn(|| server.poll_event()).collect();
-    assert_eq!(
-        events.last(),
-        Some(&Event::Reset {
-            stream_id: 1,
-            reason: Reason::FLOW_CONTROL_ERROR
-        })
-    );
+    assert_eq!(events.last(), Some(&Event::Reset { stream_id: 1, reason: Reason::FLOW_CONTROL_ERROR }));
 }
 
 #[test]
@@ -340,20 +300,8 @@ fn a_callers_reset_becomes_rst_stream_connect_error_both_ways() {
     p.client.reset(a, &mut p.c_out).unwrap();
     p.server.reset(b, &mut p.s_out).unwrap();
     p.pump();
-    assert_eq!(
-        p.s_events,
-        vec![Event::Reset {
-            stream_id: a,
-            reason: Reason::CONNECT_ERROR
-        }]
-    );
-    assert_eq!(
-        p.c_events,
-        vec![Event::Reset {
-            stream_id: b,
-            reason: Reason::CONNECT_ERROR
-        }]
-    );
+    assert_eq!(p.s_events, vec![Event::Reset { stream_id: a, reason: Reason::CONNECT_ERROR }]);
+    assert_eq!(p.c_events, vec![Event::Reset { stream_id: b, reason: Reason::CONNECT_ERROR }]);
     assert_eq!((p.client.active_streams(), p.server.active_streams()), (0, 0));
 }
 
@@ -361,17 +309,17 @@ fn a_callers_reset_becomes_rst_stream_connect_error_both_ways() {
 fn a_peer_reset_with_no_error_is_still_a_reset_never_a_clean_end() {
     let (mut server, mut out) = raw_server();
     let mut req = BytesMut::new();
-    frame::encode_headers(&mut req, 1, &hpack(&[(":method", "CONNECT"), (":authority", "a:1")]), false, 16_384);
+    frame::encode_headers(
+        &mut req,
+        1,
+        &hpack(&[(":method", "CONNECT"), (":authority", "a:1")]),
+        false,
+        16_384,
+    );
     frame::encode_rst_stream(&mut req, 1, Reason::NO_ERROR);
     server.recv(&req, &mut out).unwrap();
     assert!(matches!(server.poll_event(), Some(Event::Request { .. })));
-    assert_eq!(
-        server.poll_event(),
-        Some(Event::Reset {
-            stream_id: 1,
-            reason: Reason::NO_ERROR
-        })
-    );
+    assert_eq!(server.poll_event(), Some(Event::Reset { stream_id: 1, reason: Reason::NO_ERROR }));
 }
 
 #[test]
@@ -396,14 +344,8 @@ fn goaway_on_drain_keeps_open_streams_and_refuses_new_ones() {
         p.c_events.push(e);
     }
     p.pump();
-    assert!(p.c_events.contains(&Event::GoAway {
-        last_stream_id: id,
-        reason: Reason::NO_ERROR
-    }));
-    assert!(p.c_events.contains(&Event::Reset {
-        stream_id: late,
-        reason: Reason::REFUSED_STREAM
-    }));
+    assert!(p.c_events.contains(&Event::GoAway { last_stream_id: id, reason: Reason::NO_ERROR }));
+    assert!(p.c_events.contains(&Event::Reset { stream_id: late, reason: Reason::REFUSED_STREAM }));
     assert_eq!(p.client.open("10.1.2.3:9080", &[], &mut p.c_out), Err(Error::GoingAway));
     // The stream below last_stream_id still carries data both ways.
     p.client.send_data(id, b"still", &mut p.c_out).unwrap();
@@ -439,11 +381,35 @@ fn the_101st_stream_is_refused_in_both_roles() {
     assert_eq!(server.active_streams(), 100);
     assert_eq!(
         frames_from_server(&out),
-        vec![Frame::RstStream {
-            stream_id: 201,
-            reason: Reason::REFUSED_STREAM
-        }]
+        vec![Frame::RstStream { stream_id: 201, reason: Reason::REFUSED_STREAM }]
     );
+}
+
+#[test]
+fn a_header_block_split_over_continuation_frames_is_one_request() {
+    let (mut server, mut out) = raw_server();
+    let mut req = BytesMut::new();
+    let block = hpack(&[(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("baggage", "a=b")]);
+    // Frames of 4 bytes: HEADERS and several CONTINUATIONs.
+    frame::encode_headers(&mut req, 1, &block, false, 4);
+    server.recv(&req, &mut out).unwrap();
+    assert_eq!(
+        server.poll_event(),
+        Some(Event::Request {
+            stream_id: 1,
+            authority: "10.0.0.1:80".into(),
+            headers: vec![("baggage".into(), b"a=b".to_vec())],
+        })
+    );
+}
+
+#[test]
+fn the_client_honours_the_peers_lower_stream_limit() {
+    let server_cfg = Config { max_concurrent_streams: 2, ..Config::default() };
+    let mut p = Pair::new(Config::default(), server_cfg);
+    p.client.open("10.1.2.3:1", &[], &mut p.c_out).unwrap();
+    p.client.open("10.1.2.3:2", &[], &mut p.c_out).unwrap();
+    assert_eq!(p.client.open("10.1.2.3:3", &[], &mut p.c_out), Err(Error::AtCapacity(2)));
 }
 
 fn connection_error(bytes: &[u8]) -> (Reason, &'static str, Vec<Frame>) {
@@ -463,13 +429,7 @@ fn protocol_violations_end_the_connection_with_goaway_and_the_rfc_code() {
     frame::encode_data(&mut b, 1, b"x", false);
     let (reason, what, frames) = connection_error(&b);
     assert_eq!((reason, what), (Reason::PROTOCOL_ERROR, "data on idle stream"));
-    assert!(matches!(
-        frames.last(),
-        Some(Frame::GoAway {
-            reason: Reason::PROTOCOL_ERROR,
-            ..
-        })
-    ));
+    assert!(matches!(frames.last(), Some(Frame::GoAway { reason: Reason::PROTOCOL_ERROR, .. })));
 
     let mut b = BytesMut::new();
     // HEADERS without END_HEADERS, then a PING where a CONTINUATION must come.
@@ -502,10 +462,7 @@ fn protocol_violations_end_the_connection_with_goaway_and_the_rfc_code() {
     frame::encode_ping(&mut b, false, [0; 8]);
     assert_eq!(
         server.recv(&b, &mut out),
-        Err(Error::Protocol {
-            reason: Reason::PROTOCOL_ERROR,
-            what: "first frame not settings"
-        })
+        Err(Error::Protocol { reason: Reason::PROTOCOL_ERROR, what: "first frame not settings" })
     );
 }
 
@@ -516,13 +473,7 @@ fn a_connection_error_resets_every_open_stream() {
     let mut b = BytesMut::new();
     frame::encode_data(&mut b, 99, b"x", false);
     assert!(p.server.recv(&b, &mut p.s_out).is_err());
-    assert_eq!(
-        p.server.poll_event(),
-        Some(Event::Reset {
-            stream_id: id,
-            reason: Reason::PROTOCOL_ERROR
-        })
-    );
+    assert_eq!(p.server.poll_event(), Some(Event::Reset { stream_id: id, reason: Reason::PROTOCOL_ERROR }));
     assert!(p.server.is_done());
 }
 
