@@ -66,13 +66,7 @@ impl Ours {
         let mut out = BytesMut::new();
         let conn = Connection::new(role, Config::default(), &mut out);
         let (rd, wr) = tokio::io::split(io);
-        Ours {
-            conn,
-            rd,
-            wr,
-            out,
-            rbuf: vec![0; 64 << 10],
-        }
+        Ours { conn, rd, wr, out, rbuf: vec![0; 64 << 10] }
     }
 
     /// One read or write, whichever is ready first; false once the peer closed.
@@ -216,11 +210,7 @@ async fn our_client_tunnels_through_an_h2_server() {
         .open("10.1.2.3:9080", &[("baggage", b"k8s.namespace.name=client-ns")], &mut ours.out)
         .unwrap();
     match ours.event().await {
-        Event::Response {
-            stream_id,
-            status,
-            headers,
-        } => {
+        Event::Response { stream_id, status, headers } => {
             assert_eq!((stream_id, status), (id, 200));
             assert_eq!(headers, vec![("baggage".into(), b"k8s.namespace.name=server-ns".to_vec())]);
         }
@@ -261,9 +251,7 @@ async fn our_client_tunnels_through_an_h2_server() {
                 assert_eq!(&payload, b"ringside");
                 pinged = true;
             }
-            Event::Response {
-                stream_id, status, ..
-            } => {
+            Event::Response { stream_id, status, .. } => {
                 assert_eq!(status, 200);
                 answered += 1;
                 if stream_id == id2 {
@@ -310,21 +298,13 @@ async fn an_h2_client_tunnels_through_our_server() {
         sender.await.unwrap();
 
         // A GET is answered 400 (ztunnel's answer), never reaching the caller.
-        let get = Request::builder()
-            .method(Method::GET)
-            .uri("https://10.1.2.3:9080/")
-            .body(())
-            .unwrap();
+        let get = Request::builder().method(Method::GET).uri("https://10.1.2.3:9080/").body(()).unwrap();
         let (resp, _) = send_request.send_request(get, true).unwrap();
         assert_eq!(resp.await.unwrap().status(), StatusCode::BAD_REQUEST);
 
         // Reset both ways: h2 resets one tunnel, ours resets the other.
         let connect = |port: u16| {
-            Request::builder()
-                .method(Method::CONNECT)
-                .uri(format!("10.1.2.3:{port}"))
-                .body(())
-                .unwrap()
+            Request::builder().method(Method::CONNECT).uri(format!("10.1.2.3:{port}")).body(()).unwrap()
         };
         let (resp, mut tx) = send_request.send_request(connect(1), false).unwrap();
         let _ = resp.await.unwrap();
@@ -338,33 +318,19 @@ async fn an_h2_client_tunnels_through_our_server() {
 
     let mut ours = Ours::new(Role::Server, a);
     let id = match ours.event().await {
-        Event::Request {
-            stream_id,
-            authority,
-            headers,
-        } => {
+        Event::Request { stream_id, authority, headers } => {
             assert_eq!(authority, "10.1.2.3:9080");
             assert_eq!(headers, vec![("baggage".into(), b"k8s.namespace.name=client-ns".to_vec())]);
             stream_id
         }
         other => panic!("expected a request, got {other:?}"),
     };
-    ours.conn
-        .respond(id, 200, &[("baggage", b"k8s.namespace.name=server-ns")], &mut ours.out)
-        .unwrap();
+    ours.conn.respond(id, 200, &[("baggage", b"k8s.namespace.name=server-ns")], &mut ours.out).unwrap();
     let got = ours.bulk(id, &to_h2).await;
     assert_eq!(got, Checksum::of(&from_h2), "bytes from h2");
 
-    assert!(matches!(
-        ours.event().await,
-        Event::Refused {
-            why: "method not CONNECT",
-            ..
-        }
-    ));
-    let Event::Request { stream_id: r1, .. } = ours.event().await else {
-        panic!("expected a request")
-    };
+    assert!(matches!(ours.event().await, Event::Refused { why: "method not CONNECT", .. }));
+    let Event::Request { stream_id: r1, .. } = ours.event().await else { panic!("expected a request") };
     ours.conn.respond(r1, 200, &[], &mut ours.out).unwrap();
     // h2 may write its RST_STREAM for r1 before or after the next HEADERS.
     let (mut r1_reset, mut r2_seen) = (false, false);
