@@ -415,7 +415,7 @@ fn parse(kind: u8, flags: u8, stream_id: u32, mut payload: Bytes) -> Result<Fram
                 }
                 return Ok(Frame::SettingsAck);
             }
-            if len % 6 != 0 {
+            if !len.is_multiple_of(6) {
                 return Err(Invalid::connection(
                     Reason::FRAME_SIZE_ERROR,
                     "settings length not a multiple of 6",

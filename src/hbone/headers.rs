@@ -113,11 +113,11 @@ fn check_regular(name: &[u8], value: &[u8]) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Pseudo-header fields in arrival order, borrowed from the decoded list.
+type Pseudo<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 /// Splits fields into pseudo-headers (checked for order and duplicates) and regular headers.
-fn split<'a>(
-    fields: &'a Fields,
-    allowed: &[&'static [u8]],
-) -> Result<(Vec<(&'a [u8], &'a [u8])>, HeaderList), Invalid> {
+fn split<'a>(fields: &'a Fields, allowed: &[&'static [u8]]) -> Result<(Pseudo<'a>, HeaderList), Invalid> {
     let mut pseudo: Vec<(&[u8], &[u8])> = Vec::new();
     let mut regular = HeaderList::new();
     for (name, value) in fields {
