@@ -517,6 +517,45 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
+    fn random_header_blocks_never_panic_the_hpack_decoder(
+        blocks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..8),
+    ) {
+        // Several blocks through one decoder: the dynamic table carries state between them.
+        let mut dec = super::headers::decoder();
+        for block in &blocks {
+            if let Ok(fields) = super::headers::decode(&mut dec, block, 4096) {
+                let size: usize = fields.iter().map(|(n, v)| n.len() + v.len() + 32).sum();
+                prop_assert!(size <= 4096);
+            }
+        }
+    }
+
+    #[test]
+    fn random_frames_never_panic_the_client(
+        frames in proptest::collection::vec(arb_frame(), 0..24),
+    ) {
+        let mut out = BytesMut::new();
+        let mut client = Connection::new(Role::Client, Config::default(), &mut out);
+        client.open("10.1.2.3:9080", &[], &mut out).unwrap();
+        let mut hello = BytesMut::new();
+        frame::encode_settings(&mut hello, &Settings::default());
+        // The 200: HPACK static index 8, `:status 200`.
+        frame::encode_headers(&mut hello, 1, &[0x88], false, 16_384);
+        client.recv(&hello, &mut out).unwrap();
+        for f in &frames {
+            if client.recv(f, &mut out).is_err() {
+                break;
+            }
+            while let Some(e) = client.poll_event() {
+                if let Event::Data { stream_id, data } = e {
+                    let _ = client.consume(stream_id, data.len(), &mut out);
+                }
+            }
+        }
+        prop_assert!(client.buffered() <= frame::HEADER_LEN + (1 << 20) + (64 << 10));
+    }
+
+    #[test]
     fn random_bytes_never_panic_the_server_and_memory_stays_bounded(
         noise in proptest::collection::vec(any::<u8>(), 0..512),
         split in 0usize..512,
