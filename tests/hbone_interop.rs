@@ -3,7 +3,7 @@
 //! Both roles, over an in-memory duplex pipe: CONNECT and its 200 with `baggage` both ways,
 //! 20 MiB each way at once (more than the 16 MiB connection window, so window credit must flow
 //! back as data is consumed), half-close, RST_STREAM(CONNECT_ERROR) both ways, 400 for a GET,
-//! PING.
+//! PING, GOAWAY on drain.
 
 use std::future::poll_fn;
 
@@ -357,4 +357,64 @@ async fn an_h2_client_tunnels_through_our_server() {
         }
     };
     assert_eq!(got_by_h2, Checksum::of(&to_h2), "bytes to h2");
+}
+
+#[tokio::test]
+async fn an_h2_client_keeps_its_open_tunnel_after_our_goaway_and_opens_no_new_one() {
+    let (a, b) = tokio::io::duplex(64 << 10);
+    let client = tokio::spawn(async move {
+        let (send_request, conn) = h2::client::handshake(b).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut send_request = send_request.ready().await.unwrap();
+        let connect = || Request::builder().method(Method::CONNECT).uri("10.1.2.3:9080").body(()).unwrap();
+        let (resp, mut tx) = send_request.send_request(connect(), false).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        tx.send_data(Bytes::from_static(b"after goaway"), true).unwrap();
+        let mut rx = resp.into_body();
+        let mut body = Vec::new();
+        while let Some(chunk) = rx.data().await {
+            body.extend_from_slice(&chunk.unwrap());
+        }
+        // The GOAWAY came before our END_STREAM: a new tunnel must fail one way or another.
+        let refused = match send_request.ready().await {
+            Err(_) => true,
+            Ok(mut s) => match s.send_request(connect(), false) {
+                Err(_) => true,
+                Ok((resp, _tx)) => resp.await.is_err(),
+            },
+        };
+        (body, refused)
+    });
+
+    let mut ours = Ours::new(Role::Server, a);
+    let Event::Request { stream_id: id, .. } = ours.event().await else { panic!("expected a request") };
+    ours.conn.respond(id, 200, &[], &mut ours.out).unwrap();
+    ours.conn.go_away(&mut ours.out).unwrap();
+    let mut got = Vec::new();
+    loop {
+        match ours.event().await {
+            Event::Data { data, .. } => {
+                got.extend_from_slice(&data);
+                ours.conn.consume(id, data.len(), &mut ours.out).unwrap();
+            }
+            Event::End { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, b"after goaway");
+    ours.conn.send_data(id, b"bye", &mut ours.out).unwrap();
+    ours.conn.finish(id, &mut ours.out).unwrap();
+    assert!(ours.conn.is_done(), "draining and no stream left");
+    let mut client = client;
+    let (body, refused) = loop {
+        tokio::select! {
+            done = &mut client => break done.unwrap(),
+            open = ours.step() => if !open { break client.await.unwrap() },
+        }
+    };
+    assert_eq!(body, b"bye");
+    assert!(refused, "h2 opened a tunnel after GOAWAY");
 }
