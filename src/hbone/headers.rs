@@ -2,7 +2,10 @@
 //! HPACK decoding of what the peer sends, and the request/response checks of RFC 9113 §8.3
 //! and §8.5 with ztunnel's answers.
 //!
-//! Decoding uses `loona-hpack` (complete: Huffman, dynamic table, size updates). Encoding is
+//! Decoding uses `loona-hpack` (complete: Huffman, dynamic table, size updates): the maintained
+//! fork of `hpack`, whose last release is years old; `h2` does not export its HPACK, and
+//! `httlib-hpack` is little used. We bound what it may hold (its table is capped at
+//! [`HEADER_TABLE_SIZE`], blocks at the header list size) and fuzz it (`tests.rs`). Encoding is
 //! ours and never touches the dynamic table: every field is a literal without indexing (or the
 //! static `:status 200`), so the peer's SETTINGS_HEADER_TABLE_SIZE needs no tracking and a
 //! tunnel's handful of headers costs a few bytes more than indexing would. No I/O.
