@@ -18,6 +18,7 @@ pub mod cpus; // workers and pinning from the affinity mask and cgroup CPU quota
 pub mod demo; // the built-in two-sidecar demo
 pub mod envoy_cli; // Envoy's command line as pilot-agent passes it. No I/O.
 pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No I/O.
+pub mod hbone; // HBONE's HTTP/2 CONNECT core: frames, HPACK, connection state. No I/O.
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
 pub mod rbac; // AuthorizationPolicy as Envoy RBAC filters, evaluated per connection at L4. No I/O.
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count
