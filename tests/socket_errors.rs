@@ -35,9 +35,21 @@ clusters:
     )
 }
 
-/// Relay `hello` up and `hi` down through `client` and `upstream`, then cut pod B off the
-/// network and send more: the sidecar's upstream socket dies of exhausted retransmissions.
-/// What the client then reads.
+/// Through the sidecar on 127.0.0.1:15001 in pod A to `listener` in pod B: relay `hello` up
+/// and `hi` down, then cut pod B off the network and send more, so the sidecar's upstream
+/// socket dies of exhausted retransmissions. The client must then read a reset.
+fn assert_a_cut_off_upstream_resets_the_client(pods: &Pods, listener: &TcpListener, what: &str) {
+    let mut client = netns::connect_in(&pods.a, "127.0.0.1:15001").expect("connect to the sidecar");
+    let (mut upstream, _) = listener.accept().unwrap();
+    let got = cut_off_while_sending(pods, &mut client, &mut upstream);
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionReset),
+        "ETIMEDOUT on the {what} upstream must reach the client as a reset, not an end of stream"
+    );
+}
+
+/// What the client reads after the cut (see above).
 fn cut_off_while_sending(
     pods: &Pods,
     client: &mut TcpStream,
@@ -77,14 +89,7 @@ fn a_plaintext_upstream_lost_to_exhausted_retransmissions_resets_the_client() {
         &pods.a,
         &outbound_yaml("'off'", &format!("{{name: app, endpoints: [{{address: '{B_IP}:7000'}}]}}")),
     );
-    let mut client = netns::connect_in(&pods.a, "127.0.0.1:15001").expect("connect to the sidecar");
-    let (mut upstream, _) = listener.accept().unwrap();
-    let got = cut_off_while_sending(&pods, &mut client, &mut upstream);
-    assert_eq!(
-        got.map_err(|e| e.kind()),
-        Err(ErrorKind::ConnectionReset),
-        "ETIMEDOUT upstream must reach the client as a reset, not an end of stream"
-    );
+    assert_a_cut_off_upstream_resets_the_client(&pods, &listener, "plaintext");
 }
 
 #[test]
@@ -123,12 +128,5 @@ clusters:
             ),
         ),
     );
-    let mut client = netns::connect_in(&pods.a, "127.0.0.1:15001").expect("connect to the sidecar");
-    let (mut upstream, _) = listener.accept().unwrap();
-    let got = cut_off_while_sending(&pods, &mut client, &mut upstream);
-    assert_eq!(
-        got.map_err(|e| e.kind()),
-        Err(ErrorKind::ConnectionReset),
-        "ETIMEDOUT on the mTLS upstream must reach the client as a reset, not an end of stream"
-    );
+    assert_a_cut_off_upstream_resets_the_client(&pods, &listener, "mTLS");
 }
