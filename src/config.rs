@@ -244,6 +244,7 @@ impl From<&Node> for crate::exchange::NodeMetadata {
             service_account: n.service_account.clone(),
             istio_version: n.istio_version.clone(),
             labels: n.labels.clone(),
+            overlong_values: 0,
         }
     }
 }

@@ -261,6 +261,9 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     if conn.series.get().is_some() || !ctx.istio_metrics {
         return;
     }
+    if let Some(overlong) = peer.map(|p| p.overlong_values).filter(|&n| n > 0) {
+        ctx.metrics.borrow().count_peer_values_replaced(overlong);
+    }
     let listener = &conn.snapshot.config.listeners[conn.listener];
     // An xDS listener or chain without `istio.stats` is not counted (SPEC §9).
     let stats = match conn.chain.get().and_then(|c| listener.filter_chains.get(c)) {

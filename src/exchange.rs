@@ -61,7 +61,15 @@ pub struct NodeMetadata {
     pub istio_version: String,
     /// Pod labels, `LABELS` (string values only).
     pub labels: BTreeMap<String, String>,
+    /// Read from a peer: how many of its values (and label keys) were longer than
+    /// [`MAX_PEER_VALUE`] and were replaced (values by `unknown`; such labels left out).
+    pub overlong_values: u32,
 }
+
+/// Longest value (and label key) taken from a peer's metadata (SPEC §11): a peer cannot make
+/// every label set it causes cost more than this per value. A longer one is replaced by
+/// `unknown` (a label with a longer key is left out) and counted.
+pub const MAX_PEER_VALUE: usize = 256;
 
 /// Why a peer's preamble is broken; the caller closes the connection (SPEC §2).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -196,7 +204,38 @@ pub fn decode_payload(payload: &[u8]) -> Result<NodeMetadata, Invalid> {
             })
             .collect();
     }
+    bound_values(&mut node);
     Ok(node)
+}
+
+/// Replace every value over [`MAX_PEER_VALUE`] bytes by `unknown`, leave out labels whose key
+/// is over it, and count both (SPEC §11).
+fn bound_values(node: &mut NodeMetadata) {
+    let mut overlong = 0u32;
+    let mut bound = |value: &mut String| {
+        if value.len() > MAX_PEER_VALUE {
+            *value = "unknown".to_owned();
+            overlong = overlong.saturating_add(1);
+        }
+    };
+    for value in [
+        &mut node.id,
+        &mut node.name,
+        &mut node.namespace,
+        &mut node.owner,
+        &mut node.workload_name,
+        &mut node.cluster_id,
+        &mut node.mesh_id,
+        &mut node.service_account,
+        &mut node.istio_version,
+    ] {
+        bound(value);
+    }
+    node.labels.values_mut().for_each(&mut bound);
+    let before = node.labels.len();
+    node.labels.retain(|key, _| key.len() <= MAX_PEER_VALUE);
+    let dropped = u32::try_from(before - node.labels.len()).unwrap_or(u32::MAX);
+    node.overlong_values = overlong.saturating_add(dropped);
 }
 
 /// Where the parser is in the preamble.
@@ -412,6 +451,7 @@ mod tests {
             service_account: app.into(),
             istio_version: "1.27.1".into(),
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            overlong_values: 0,
         }
     }
 
@@ -481,6 +521,24 @@ mod tests {
         };
         let keys: Vec<&str> = fields.fields.keys().map(String::as_str).collect();
         assert_eq!(keys, ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"]);
+    }
+
+    #[test]
+    fn a_peers_overlong_values_are_replaced_and_its_overlong_label_keys_left_out_and_counted() {
+        let long = "x".repeat(MAX_PEER_VALUE + 1);
+        let fit = "y".repeat(MAX_PEER_VALUE);
+        let mut node = client_node();
+        node.workload_name = long.clone();
+        node.namespace = fit.clone();
+        node.labels.insert("app".into(), long.clone());
+        node.labels.insert(long.clone(), "v".into());
+        let got = parse_whole(&encode(&node));
+        assert_eq!(got.workload_name, "unknown");
+        assert_eq!(got.namespace, fit, "exactly the bound is kept");
+        assert_eq!(got.labels.get("app").map(String::as_str), Some("unknown"));
+        assert!(!got.labels.contains_key(&long));
+        assert_eq!(got.overlong_values, 3);
+        assert_eq!(parse_whole(&encode(&client_node())).overlong_values, 0);
     }
 
     #[test]

@@ -93,6 +93,7 @@ fn node_metadata() -> impl Strategy<Value = NodeMetadata> {
             service_account,
             istio_version,
             labels,
+            overlong_values: 0,
         }
     })
 }
@@ -108,6 +109,7 @@ fn ratings() -> NodeMetadata {
         mesh_id: "cluster.local".into(),
         service_account: "bookinfo-ratings-v2".into(),
         istio_version: "1.24.0".into(),
+        overlong_values: 0,
         labels: BTreeMap::from([
             ("app".into(), "ratings".into()),
             ("version".into(), "v2".into()),

@@ -292,3 +292,27 @@ fn a_non_mesh_client_that_sends_a_magic_prefix_and_half_closes_gets_those_bytes_
         assert_eq!(read_to_end(&mut c), prefix, "the held magic bytes are application data");
     }
 }
+
+#[test]
+fn a_peers_overlong_label_values_are_replaced_by_unknown_and_counted() {
+    let (upstream, conns) = manual_server();
+    let server = inbound(upstream, &[]);
+    // A peer whose workload name and app label are each one byte over the 256-byte bound.
+    let long = "w".repeat(257);
+    let peer = ringside::exchange::NodeMetadata {
+        workload_name: long.clone(),
+        namespace: "default".into(),
+        labels: [("app".to_string(), long)].into(),
+        ..Default::default()
+    };
+    let mut c = connect(server.listen);
+    c.write_all(&ringside::exchange::encode(&peer)).unwrap();
+    c.write_all(b"after").unwrap();
+    let _ = read_preamble(&mut c);
+    let mut up = next_conn(&conns);
+    assert_eq!(read_exact(&mut up, 5), b"after");
+    drop(c);
+    let s = server.wait_for_value(OPENED, &[("source_workload", "unknown"), ("source_app", "unknown")], 1.0);
+    assert_eq!(sum(&s, "ringside_peer_values_replaced_total", &[]), 2.0, "{s}");
+    assert!(!s.contains("www"), "no overlong value reaches a label: {s}");
+}

@@ -79,6 +79,7 @@ fn from_json(json: &Value) -> NodeMetadata {
         mesh_id: text("mesh_id"),
         service_account: text("service_account"),
         istio_version: text("istio_version"),
+        overlong_values: 0,
         labels: json["labels"]
             .as_object()
             .unwrap()
@@ -196,6 +197,7 @@ fn node_metadata() -> impl Strategy<Value = NodeMetadata> {
             mesh_id: next(),
             service_account: next(),
             istio_version: next(),
+            overlong_values: 0,
             labels,
         }
     })

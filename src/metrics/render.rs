@@ -37,6 +37,8 @@ const TLS_REFUSED_HELP: &str =
     "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.";
 const LOOPS_HELP: &str =
     "Captured connections refused because their original destination was the proxy's own listener.";
+const REPLACED_HELP: &str =
+    "Values (and label keys) of peers' metadata longer than 256 bytes, replaced by unknown (label keys: left out).";
 const DRIVER_HELP: &str = "I/O driver in use.";
 const BUILD_HELP: &str = "ringside build.";
 
@@ -92,7 +94,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
 
     let mut exchanges = [0u64; 7];
     let mut refused = [0u64; 5];
-    let (mut overflowed, mut listener, mut loops) = (0u64, 0u64, 0u64);
+    let (mut overflowed, mut listener, mut loops, mut replaced) = (0u64, 0u64, 0u64, 0u64);
     for shard in shards {
         for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
             *sum = sum.wrapping_add(shard.exchanges(outcome));
@@ -103,6 +105,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
         listener = listener.wrapping_add(shard.listener_overflowed());
         loops = loops.wrapping_add(shard.capture_loops_refused());
+        replaced = replaced.wrapping_add(shard.peer_values_replaced());
     }
     header(&mut out, "ringside_exchange_total", EXCHANGE_HELP, "counter");
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
@@ -118,6 +121,9 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     out.push('\n');
     header(&mut out, "ringside_capture_loops_refused_total", LOOPS_HELP, "counter");
     sample(&mut out, "ringside_capture_loops_refused_total", None, loops);
+    out.push('\n');
+    header(&mut out, "ringside_peer_values_replaced_total", REPLACED_HELP, "counter");
+    sample(&mut out, "ringside_peer_values_replaced_total", None, replaced);
     out.push('\n');
     header(&mut out, "ringside_tls_refused_total", TLS_REFUSED_HELP, "counter");
     for (sum, reason) in refused.iter().zip(TlsRefused::ALL) {
@@ -355,7 +361,7 @@ mod tests {
         let text = render(&[shard], "epoll");
         assert!(!text.contains("istio_"), "{text}");
         assert!(text.starts_with("# HELP ringside_exchange_total "), "{text}");
-        assert_eq!(text.matches("\n\n").count(), 8, "{text}");
+        assert_eq!(text.matches("\n\n").count(), 9, "{text}");
         assert!(text.ends_with("} 1\n\n"), "{text}");
         let two = render(&[], "epoll");
         assert!(!two.contains("ringside_connections_active"), "{two}");

@@ -199,6 +199,7 @@ struct ProcessCells {
     label_sets_overflowed: AtomicU64,
     listener_overflowed: AtomicU64,
     capture_loops_refused: AtomicU64,
+    peer_values_replaced: AtomicU64,
     exchange: [AtomicU64; 7],
     tls_refused: [AtomicU64; 5],
 }
@@ -256,6 +257,11 @@ impl Shard {
     /// Label sets folded into the overflow series since start.
     pub fn label_sets_overflowed(&self) -> u64 {
         self.process.label_sets_overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Peer metadata values over the bound, replaced (SPEC §11), on this worker.
+    pub fn peer_values_replaced(&self) -> u64 {
+        self.process.peer_values_replaced.load(Ordering::Relaxed)
     }
 
     /// Connections refused by a listener's connection limit on this worker.
@@ -394,6 +400,11 @@ impl ShardWriter {
     /// Counts one connection refused by a listener's connection limit.
     pub fn count_listener_overflow(&self) {
         add(&self.shard.process.listener_overflowed, 1);
+    }
+
+    /// Counts `n` peer metadata values over the bound, replaced (SPEC §11).
+    pub fn count_peer_values_replaced(&self, n: u32) {
+        add(&self.shard.process.peer_values_replaced, u64::from(n));
     }
 
     /// Counts one inbound TLS handshake refused (SPEC §7 strict: closed, never relayed).

@@ -159,6 +159,7 @@ impl Golden {
             service_account: field("SERVICE_ACCOUNT"),
             istio_version: field("ISTIO_VERSION"),
             labels,
+            overlong_values: 0,
         }
     }
 

@@ -38,6 +38,7 @@ fn node(workload: &str, cluster: &str, mesh: &str, account: &str, labels: &[(&st
         service_account: account.into(),
         istio_version: "1.5-dev".into(),
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        overlong_values: 0,
     }
 }
 
