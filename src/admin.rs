@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -254,7 +254,12 @@ fn route(
         return (405, "text/plain", "method not allowed\n".to_string(), Some(allowed));
     }
     let (status, kind, body) = match path {
-        "/stats/prometheus" => (200, CONTENT_TYPE, shared.render()),
+        "/stats/prometheus" => {
+            // At most MAX_RENDERS at once (SPEC §11): scrapers beyond wait their turn, so a
+            // flood of scrapes cannot hold a render's memory per request thread.
+            let _turn = RENDERS.enter();
+            (200, CONTENT_TYPE, shared.render())
+        }
         // Under Istio's agent, readiness is the agent's to say (it asks our admin API itself),
         // as the bootstrap's static listener routes it (SPEC §10).
         "/healthz/ready" if let Some(agent) = shared.config.health.forward => ask_agent(agent),
@@ -284,6 +289,52 @@ fn route(
         }
     };
     (status, kind, body, None)
+}
+
+/// Scrapes rendered at once, across the admin and metrics listeners (SPEC §11).
+const MAX_RENDERS: usize = 2;
+
+/// The process's render gate.
+static RENDERS: Gate = Gate::new(MAX_RENDERS);
+
+/// A counting gate: at most `limit` holders at once; others wait (sleeping briefly between
+/// looks: admin threads only, never a worker). std's Mutex/Condvar are banned here, and a
+/// scrape is rare enough that a 1 ms re-check costs nothing.
+struct Gate {
+    limit: usize,
+    inside: AtomicUsize,
+}
+
+/// One holder of a [`Gate`]; leaving on drop.
+struct Turn<'a>(&'a Gate);
+
+impl Gate {
+    const fn new(limit: usize) -> Gate {
+        Gate { limit, inside: AtomicUsize::new(0) }
+    }
+
+    fn enter(&self) -> Turn<'_> {
+        loop {
+            if let Some(turn) = self.try_enter() {
+                return turn;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A turn if fewer than `limit` hold one.
+    fn try_enter(&self) -> Option<Turn<'_>> {
+        let n = self.inside.load(Ordering::Acquire);
+        let free = n < self.limit
+            && self.inside.compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        free.then(|| Turn(self)) // lazily: a Turn built and dropped would leave the gate
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.inside.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Time Istio's agent has to answer a forwarded readiness probe (Envoy's static cluster
@@ -365,4 +416,27 @@ fn respond(
         body.len()
     );
     stream.write_all(response.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_render_gate_lets_two_in_and_a_third_only_once_one_left() {
+        let gate = Gate::new(2);
+        let first = gate.enter();
+        let _second = gate.enter();
+        assert!(gate.try_enter().is_none(), "a third waits while two render");
+        drop(first);
+        let third = gate.try_enter();
+        assert!(third.is_some());
+        assert!(gate.try_enter().is_none());
+        // A waiter gets in as soon as a turn is given back.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| drop(gate.enter()));
+            drop(third);
+            waiter.join().unwrap();
+        });
+    }
 }

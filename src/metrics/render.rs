@@ -37,8 +37,7 @@ const TLS_REFUSED_HELP: &str =
     "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.";
 const LOOPS_HELP: &str =
     "Captured connections refused because their original destination was the proxy's own listener.";
-const REPLACED_HELP: &str =
-    "Values (and label keys) of peers' metadata longer than 256 bytes, replaced by unknown (label keys: left out).";
+const REPLACED_HELP: &str = "Values (and label keys) of peers' metadata longer than 256 bytes, replaced by unknown (label keys: left out).";
 const DRIVER_HELP: &str = "I/O driver in use.";
 const BUILD_HELP: &str = "ringside build.";
 
