@@ -37,6 +37,8 @@ const TLS_REFUSED_HELP: &str =
     "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.";
 const LOOPS_HELP: &str =
     "Captured connections refused because their original destination was the proxy's own listener.";
+const RBAC_HELP: &str =
+    "Connections closed because their filter chain's RBAC filters denied them; no byte of theirs reached the upstream.";
 const DRIVER_HELP: &str = "I/O driver in use.";
 const BUILD_HELP: &str = "ringside build.";
 
@@ -44,7 +46,8 @@ const BUILD_HELP: &str = "ringside build.";
 /// counters and the `ringside_*` process metrics, each family with `# HELP` and `# TYPE`:
 /// `ringside_connections_active{worker}`, `ringside_exchange_total{outcome}`,
 /// `ringside_label_sets_overflowed_total`, `ringside_listener_overflowed_total`,
-/// `ringside_capture_loops_refused_total`, `ringside_tls_refused_total{reason}`,
+/// `ringside_capture_loops_refused_total`, `ringside_rbac_denied_total`,
+/// `ringside_tls_refused_total{reason}`,
 /// `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
 ///
@@ -92,7 +95,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
 
     let mut exchanges = [0u64; 7];
     let mut refused = [0u64; 5];
-    let (mut overflowed, mut listener, mut loops) = (0u64, 0u64, 0u64);
+    let (mut overflowed, mut listener, mut loops, mut rbac) = (0u64, 0u64, 0u64, 0u64);
     for shard in shards {
         for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
             *sum = sum.wrapping_add(shard.exchanges(outcome));
@@ -103,6 +106,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
         listener = listener.wrapping_add(shard.listener_overflowed());
         loops = loops.wrapping_add(shard.capture_loops_refused());
+        rbac = rbac.wrapping_add(shard.rbac_denied());
     }
     header(&mut out, "ringside_exchange_total", EXCHANGE_HELP, "counter");
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
@@ -118,6 +122,9 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     out.push('\n');
     header(&mut out, "ringside_capture_loops_refused_total", LOOPS_HELP, "counter");
     sample(&mut out, "ringside_capture_loops_refused_total", None, loops);
+    out.push('\n');
+    header(&mut out, "ringside_rbac_denied_total", RBAC_HELP, "counter");
+    sample(&mut out, "ringside_rbac_denied_total", None, rbac);
     out.push('\n');
     header(&mut out, "ringside_tls_refused_total", TLS_REFUSED_HELP, "counter");
     for (sum, reason) in refused.iter().zip(TlsRefused::ALL) {
