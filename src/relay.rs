@@ -188,7 +188,8 @@ async fn set_up(
         // A capture listener routes by original destination, but only what a chain takes and
         // serves (an HTTP chain's connections too: relayed as TCP); a chain that is not served
         // closes its connections (`NR`), in every listener.
-        let served = chain.and_then(|c| listener.filter_chains.get(c)).is_some_and(|c| c.not_served.is_none());
+        let served =
+            chain.and_then(|c| listener.filter_chains.get(c)).is_some_and(|c| c.not_served.is_none());
         if !served && (chain.is_some() || listener.capture != Capture::None) {
             drop(down);
             return Err(Error::NoRoute);

@@ -37,8 +37,7 @@ const TLS_REFUSED_HELP: &str =
     "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.";
 const LOOPS_HELP: &str =
     "Captured connections refused because their original destination was the proxy's own listener.";
-const RBAC_HELP: &str =
-    "Connections closed because their filter chain's RBAC filters denied them; no byte of theirs reached the upstream.";
+const RBAC_HELP: &str = "Connections closed because their filter chain's RBAC filters denied them; no byte of theirs reached the upstream.";
 const DRIVER_HELP: &str = "I/O driver in use.";
 const BUILD_HELP: &str = "ringside build.";
 

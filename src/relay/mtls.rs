@@ -228,7 +228,8 @@ pub(super) async fn serve_inbound(
 /// connection's addresses.
 fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Result<(), Error> {
     let listener = &conn.snapshot.config.listeners[li];
-    let Some(c) = conn.chain.get().filter(|&c| listener.filter_chains.get(c).is_some_and(|f| !f.rbac.is_empty()))
+    let Some(c) =
+        conn.chain.get().filter(|&c| listener.filter_chains.get(c).is_some_and(|f| !f.rbac.is_empty()))
     else {
         return Ok(());
     };

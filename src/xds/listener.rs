@@ -422,7 +422,10 @@ fn route_target(rc: &rds::RouteConfiguration, dst: SocketAddr) -> Result<TcpTarg
             for c in &w.clusters {
                 let weight = c.weight.map_or(0, |w| w.value);
                 if c.name.is_empty() || weight == 0 {
-                    return Err(format!("virtual host {:?}: weighted cluster {:?} weight {weight}", vhost.name, c.name));
+                    return Err(format!(
+                        "virtual host {:?}: weighted cluster {:?} weight {weight}",
+                        vhost.name, c.name
+                    ));
                 }
                 routes.push(TcpRoute { cluster: c.name.clone(), subset: None, weight: i64::from(weight) });
             }
@@ -578,7 +581,10 @@ mod tests {
     }
 
     /// An HTTP connection manager with `http_filters` (name, typed config) and a route.
-    fn manager(http_filters: Vec<(&str, Any)>, route: Option<hcm::http_connection_manager::RouteSpecifier>) -> lds::Filter {
+    fn manager(
+        http_filters: Vec<(&str, Any)>,
+        route: Option<hcm::http_connection_manager::RouteSpecifier>,
+    ) -> lds::Filter {
         let m = hcm::HttpConnectionManager {
             http_filters: http_filters
                 .into_iter()
@@ -602,7 +608,9 @@ mod tests {
     }
 
     /// An inline route table: virtual hosts (domains, routes as (has a header match, cluster)).
-    fn routes(vhosts: Vec<(&[&str], Vec<(bool, &str)>)>) -> Option<hcm::http_connection_manager::RouteSpecifier> {
+    fn routes(
+        vhosts: Vec<(&[&str], Vec<(bool, &str)>)>,
+    ) -> Option<hcm::http_connection_manager::RouteSpecifier> {
         let virtual_hosts = vhosts
             .into_iter()
             .enumerate()
@@ -621,7 +629,9 @@ mod tests {
                             ..Default::default()
                         }),
                         action: Some(rds::route::Action::Route(rds::RouteAction {
-                            cluster_specifier: Some(rds::route_action::ClusterSpecifier::Cluster(cluster.into())),
+                            cluster_specifier: Some(rds::route_action::ClusterSpecifier::Cluster(
+                                cluster.into(),
+                            )),
                             ..Default::default()
                         })),
                         ..Default::default()
@@ -639,7 +649,10 @@ mod tests {
 
     fn network_rbac(rules: Option<envoy_types::pb::envoy::config::rbac::v3::Rbac>) -> Any {
         use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac;
-        any(super::super::rbac::NETWORK_RBAC_TYPE, &Rbac { rules, stat_prefix: "tcp.".into(), ..Default::default() })
+        any(
+            super::super::rbac::NETWORK_RBAC_TYPE,
+            &Rbac { rules, stat_prefix: "tcp.".into(), ..Default::default() },
+        )
     }
 
     fn http_rbac(rules: Option<envoy_types::pb::envoy::config::rbac::v3::Rbac>) -> Any {
@@ -667,7 +680,11 @@ mod tests {
     }
 
     fn conn(source: &str, destination: &str) -> crate::rbac::Conn<'static> {
-        crate::rbac::Conn { source: source.parse().unwrap(), destination: destination.parse().unwrap(), tls: None }
+        crate::rbac::Conn {
+            source: source.parse().unwrap(),
+            destination: destination.parse().unwrap(),
+            tls: None,
+        }
     }
 
     #[test]
@@ -712,8 +729,9 @@ mod tests {
         assert_eq!(x.reports.len(), 1, "{:?}", x.reports);
         assert!(x.reports[0].starts_with("Listener/l: filter chain 0: RBAC fails closed"), "{:?}", x.reports);
         // Not an RBAC config at all: the listener is invalid.
-        let e = listener(&listener_with(vec![chain(vec![filter(NETWORK_RBAC, Any::default()), to("c")])]), "1")
-            .unwrap_err();
+        let e =
+            listener(&listener_with(vec![chain(vec![filter(NETWORK_RBAC, Any::default()), to("c")])]), "1")
+                .unwrap_err();
         assert!(e.reason.contains("rbac: typed_config"), "{e}");
     }
 
