@@ -369,6 +369,13 @@ fn http_chain(f: &lds::Filter, listen: SocketAddr, fc: &mut FilterChain) -> Resu
     if let Some(a) = authorizer {
         return Ok(Http::Closes(format!("HTTP filter {a} can deny and is not run at L4")));
     }
+    // HBONE's `connect_terminate`: the bytes are HTTP/2 CONNECT streams to unwrap, not an
+    // application's to relay.
+    if m.upgrade_configs.iter().any(|u| u.upgrade_type.eq_ignore_ascii_case("CONNECT")) {
+        return Ok(Http::Closes(
+            "http_connection_manager terminating CONNECT (HBONE) is not served at L4".into(),
+        ));
+    }
     let target = match &m.route_specifier {
         Some(RouteSpecifier::RouteConfig(rc)) => route_target(rc, listen),
         Some(RouteSpecifier::Rds(r)) => {
@@ -409,7 +416,13 @@ fn route_target(rc: &rds::RouteConfiguration, dst: SocketAddr) -> Result<TcpTarg
     let route = vhost
         .routes
         .iter()
-        .find(|r| r.r#match.as_ref().is_none_or(|m| m.headers.is_empty() && m.query_parameters.is_empty()))
+        .find(|r| {
+            r.r#match.as_ref().is_none_or(|m| {
+                m.headers.is_empty()
+                    && m.query_parameters.is_empty()
+                    && !matches!(m.path_specifier, Some(rds::route_match::PathSpecifier::ConnectMatcher(_)))
+            })
+        })
         .ok_or_else(|| format!("virtual host {:?}: no route without header or query matches", vhost.name))?;
     let action = match &route.action {
         Some(Action::Route(a)) => a,
