@@ -620,9 +620,12 @@ mod tests {
         }))
     }
 
-    /// An inline route table: virtual hosts (domains, routes as (has a header match, cluster)).
+    /// A virtual host: its domains, its routes as (has a header match, cluster).
+    type VirtualHost<'a> = (&'a [&'a str], Vec<(bool, &'a str)>);
+
+    /// An inline route table.
     fn routes(
-        vhosts: Vec<(&[&str], Vec<(bool, &str)>)>,
+        vhosts: Vec<VirtualHost<'_>>,
     ) -> Option<hcm::http_connection_manager::RouteSpecifier> {
         let virtual_hosts = vhosts
             .into_iter()
@@ -735,8 +738,10 @@ mod tests {
         // Empty rules deny all; a rule ringside cannot evaluate is reported (fail closed).
         let x = listener(&listener_with(vec![chain(vec![deny_all, to("c")])]), "1").unwrap();
         assert!(!x.listener.unwrap().filter_chains[0].rbac[0].allows(&conn("10.0.0.8:1", "127.0.0.1:1")));
-        let mut matcher = envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac::default();
-        matcher.matcher = Some(Default::default());
+        let matcher = envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac {
+            matcher: Some(Default::default()),
+            ..Default::default()
+        };
         let cel = filter(NETWORK_RBAC, any(super::super::rbac::NETWORK_RBAC_TYPE, &matcher));
         let x = listener(&listener_with(vec![chain(vec![cel, to("c")])]), "1").unwrap();
         assert_eq!(x.reports.len(), 1, "{:?}", x.reports);
