@@ -624,9 +624,7 @@ mod tests {
     type VirtualHost<'a> = (&'a [&'a str], Vec<(bool, &'a str)>);
 
     /// An inline route table.
-    fn routes(
-        vhosts: Vec<VirtualHost<'_>>,
-    ) -> Option<hcm::http_connection_manager::RouteSpecifier> {
+    fn routes(vhosts: Vec<VirtualHost<'_>>) -> Option<hcm::http_connection_manager::RouteSpecifier> {
         let virtual_hosts = vhosts
             .into_iter()
             .enumerate()
