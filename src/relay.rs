@@ -1,5 +1,6 @@
-//! One connection's life: route, connect upstream, run the peer exchange, copy both halves,
-//! propagate half-close and reset, and count it (SPEC §1, §2).
+//! One connection's life: route, authorize (the chosen chain's RBAC, SPEC §9), connect
+//! upstream, run the peer exchange, copy both halves, propagate half-close and reset, and count
+//! it (SPEC §1, §2).
 //!
 //! A read takes a buffer from the pool only for one non-blocking recv(2), and waits for
 //! readiness without a buffer once a read would block, so an idle connection holds no buffer;

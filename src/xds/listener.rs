@@ -1,7 +1,9 @@
 //! Listener resources into listeners (SPEC §8, §9): address, filter chains and their matches,
-//! tcp_proxy routes, `istio.stats`, the metadata exchange, capture (`use_original_dst` or the
-//! `original_dst` listener filter), and listeners not bound to their port (handed captured
-//! connections). Internal listeners are accepted, not bound. Pure: protos in, config out.
+//! tcp_proxy routes, `istio.stats`, the metadata exchange, RBAC (network filters, then an HTTP
+//! connection manager's), HTTP chains relayed at L4 by their inline route table, capture
+//! (`use_original_dst` or the `original_dst` listener filter), and listeners not bound to their
+//! port (handed captured connections). Internal listeners are accepted, not bound. Pure:
+//! protos in, config out.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
