@@ -361,10 +361,7 @@ fn http_chain(f: &lds::Filter, listen: SocketAddr, fc: &mut FilterChain) -> Resu
             fc.rbac.push(Arc::new(filter));
         } else if h.name == ISTIO_STATS {
             fc.istio_stats = true;
-        } else if authorizer.is_none()
-            && (HTTP_AUTHORIZERS.contains(&h.name.as_str())
-                || typed.is_some_and(|a| a.type_url.ends_with("ext_authz.v3.ExtAuthz")))
-        {
+        } else if authorizer.is_none() && can_deny(&h.name, &h.config_type) {
             authorizer = Some(h.name.clone());
         }
     }
@@ -391,6 +388,29 @@ fn http_chain(f: &lds::Filter, listen: SocketAddr, fc: &mut FilterChain) -> Resu
         Err(why) => return Ok(Http::Unrouted(why)),
     }
     Ok(Http::Routed)
+}
+
+/// Whether an HTTP filter ringside does not run may deny a request: an authorizer by name or
+/// by type (ext_authz, ext_proc, Lua, Go, Wasm other than Istio's own `istio.*` extensions),
+/// or one whose config comes over ECDS (Istio's WasmPlugins), unknown until it arrives.
+fn can_deny(name: &str, config: &Option<hcm::http_filter::ConfigType>) -> bool {
+    const TYPES: [&str; 5] = [
+        "ext_authz.v3.ExtAuthz",
+        "ext_proc.v3.ExternalProcessor",
+        "lua.v3.Lua",
+        "wasm.v3.Wasm",
+        "golang.v3alpha.Config",
+    ];
+    if HTTP_AUTHORIZERS.contains(&name) {
+        return true;
+    }
+    match config {
+        Some(hcm::http_filter::ConfigType::TypedConfig(any)) => {
+            !name.starts_with("istio.") && TYPES.iter().any(|t| any.type_url.ends_with(t))
+        }
+        Some(hcm::http_filter::ConfigType::ConfigDiscovery(_)) => true,
+        None => false,
+    }
 }
 
 /// How an HTTP chain is served at L4.
@@ -794,6 +814,18 @@ mod tests {
             x.listener.unwrap().filter_chains[0].not_served.as_deref(),
             Some("HTTP filter envoy.filters.http.ext_authz can deny and is not run at L4")
         );
+        // A WasmPlugin (Wasm config under its own name) too; Istio's own Wasm extensions not.
+        let mut wasm = |name: &str| {
+            let any = Any {
+                type_url: "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm".into(),
+                value: vec![],
+            };
+            pb.filter_chains =
+                vec![chain(vec![manager(vec![(name, any)], routes(vec![(&["*"], vec![(false, "c")])]))])];
+            listener(&pb, "1").unwrap().listener.unwrap().filter_chains[0].not_served.clone()
+        };
+        assert!(wasm("extensions.istio.io/wasmplugin/default.authz").is_some());
+        assert_eq!(wasm("istio.metadata_exchange"), None);
     }
 
     #[test]
