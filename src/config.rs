@@ -487,6 +487,11 @@ pub struct FilterChain {
     /// `limits.max_connect_attempts` when absent.
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub max_connect_attempts: Option<u32>,
+    /// xDS: its RBAC filters in chain order (`envoy.filters.network.rbac`, then the HTTP
+    /// connection manager's `envoy.filters.http.rbac`), evaluated once per connection before
+    /// anything is relayed; the first denial closes it (SPEC §9).
+    #[serde(skip)]
+    pub rbac: Vec<std::sync::Arc<crate::rbac::Filter>>,
 }
 
 /// A filter chain's `source_type` match (Envoy's `ConnectionSourceType`).

@@ -1,5 +1,6 @@
-//! One connection's life: route, connect upstream, run the peer exchange, copy both halves,
-//! propagate half-close and reset, and count it (SPEC §1, §2).
+//! One connection's life: route, authorize (the chosen chain's RBAC, SPEC §9), connect
+//! upstream, run the peer exchange, copy both halves, propagate half-close and reset, and count
+//! it (SPEC §1, §2).
 //!
 //! A read takes a buffer from the pool only for one non-blocking recv(2), and waits for
 //! readiness without a buffer once a read would block, so an idle connection holds no buffer;
@@ -59,6 +60,11 @@ pub enum Error {
     /// as an istio_tcp connection: no peer, no application byte).
     #[error("tls handshake refused")]
     Refused,
+    /// The chosen chain's RBAC filters denied the connection (SPEC §9): closed before any
+    /// byte reached an upstream, counted in `ringside_rbac_denied_total`. Envoy's network RBAC
+    /// sets no response flag (only termination details), so neither does ringside.
+    #[error("rbac: denied")]
+    Denied,
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -180,9 +186,12 @@ async fn set_up(
         };
         let chain = conn.snapshot.router.select_chain(li, &listener.filter_chains, &facts);
         conn.chain.set(chain);
-        // A capture listener routes by original destination, but only what a chain takes
-        // (an HTTP chain's connections too: relayed as TCP).
-        if chain.is_none() && listener.capture != Capture::None {
+        // A capture listener routes by original destination, but only what a chain takes and
+        // serves (an HTTP chain's connections too: relayed as TCP); a chain that is not served
+        // closes its connections (`NR`), in every listener.
+        let served =
+            chain.and_then(|c| listener.filter_chains.get(c)).is_some_and(|c| c.not_served.is_none());
+        if !served && (chain.is_some() || listener.capture != Capture::None) {
             drop(down);
             return Err(Error::NoRoute);
         }
@@ -190,6 +199,14 @@ async fn set_up(
         if let Some(slot) = chain.and_then(|c| slots?.get(c)?.as_ref()) {
             mtls::serve_inbound(ctx, li, conn, slot, down).await?;
             return Ok(None);
+        }
+        // A plaintext chain's RBAC, before connecting (a TLS chain's runs after its handshake).
+        if let Some(c) = chain {
+            let source = match facts.source.port() {
+                0 => None,
+                _ => Some(facts.source),
+            };
+            authorize(ctx, li, conn, c, &down, dst, source, None)?;
         }
     }
     // Connecting and the exchange borrow the sockets rather than own them, so a cancel (idle
@@ -228,6 +245,46 @@ async fn set_up(
             Ok(None)
         }
     }
+}
+
+/// The chosen chain's RBAC filters (SPEC §9), evaluated once, before any byte of the
+/// connection reaches an upstream: `Err(Denied)` closes it (dropped: close(2), as Envoy's
+/// network RBAC closes without flushing — a FIN, or a RST when the client's bytes wait
+/// unread). Counted opened and closed in istio_tcp_* as the chain says, destination_service
+/// named by the chain's route, and in `ringside_rbac_denied_total`. Allocates nothing; the
+/// client's address is asked of the socket only when the chain has RBAC filters and the
+/// caller did not have it.
+#[allow(clippy::too_many_arguments)]
+fn authorize(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    chain: usize,
+    down: &TcpStream,
+    destination: std::net::SocketAddr,
+    source: Option<std::net::SocketAddr>,
+    tls: Option<crate::rbac::Tls<'_>>,
+) -> Result<(), Error> {
+    let listener = &conn.snapshot.config.listeners[li];
+    let Some(filters) = listener.filter_chains.get(chain).map(|c| &c.rbac).filter(|f| !f.is_empty()) else {
+        return Ok(());
+    };
+    let source = match source {
+        Some(s) => s,
+        None => down.peer_addr()?,
+    };
+    let rc = crate::rbac::Conn { source, destination, tls };
+    for f in filters {
+        if let crate::rbac::Decision::Deny(why) = f.evaluate(&rc) {
+            log::debug!("listener {}: {source} -> {destination}: {why}", listener.name);
+            ctx.metrics.borrow().count_rbac_denied();
+            if let Some(t) = conn.snapshot.router.route_chain(li, chain) {
+                conn.upstream.set(Some((t.cluster, None)));
+            }
+            return Err(Error::Denied);
+        }
+    }
+    Ok(())
 }
 
 /// The TLS client config of the cluster the connection was routed to, when it speaks TLS to

@@ -155,6 +155,8 @@ fn render_writes_families_and_series_in_a_fixed_order() {
         "ringside_label_sets_overflowed_total",
         "ringside_listener_overflowed_total",
         "ringside_capture_loops_refused_total",
+        "ringside_peer_values_replaced_total",
+        "ringside_rbac_denied_total",
         "ringside_tls_refused_total",
         "ringside_connections_active",
         "ringside_driver_info",

@@ -576,10 +576,26 @@ fn filter_chains_take_connections_by_destination_and_count_only_with_istio_stats
     let mut v2_chain = to_v2;
     v2_chain.filters.retain(|f| f.name != "istio.stats");
     v2_chain.filter_chain_match = Some(only("127.0.0.2"));
-    // 127.0.0.3 is an HTTP chain: closed at once, NR.
+    // 127.0.0.3 is an HTTP chain whose route ringside does not have (RDS not subscribed):
+    // closed at once, NR.
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    let manager = hcm::HttpConnectionManager {
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+            route_config_name: "27017".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
     let mut http = default.clone();
-    http.filters =
-        vec![Filter { name: "envoy.filters.network.http_connection_manager".into(), config_type: None }];
+    http.filters = vec![Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+            ads::any(
+                "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                &manager,
+            ),
+        )),
+    }];
     http.filter_chain_match = Some(only("127.0.0.3"));
     l.filter_chains = vec![v2_chain, http];
     l.default_filter_chain = Some(default);

@@ -38,6 +38,7 @@ const TLS_REFUSED_HELP: &str =
 const LOOPS_HELP: &str =
     "Captured connections refused because their original destination was the proxy's own listener.";
 const REPLACED_HELP: &str = "Values (and label keys) of peers' metadata longer than 256 bytes, replaced by unknown (label keys: left out).";
+const RBAC_HELP: &str = "Connections closed because their filter chain's RBAC filters denied them; no byte of theirs reached the upstream.";
 const DRIVER_HELP: &str = "I/O driver in use.";
 const BUILD_HELP: &str = "ringside build.";
 
@@ -45,7 +46,8 @@ const BUILD_HELP: &str = "ringside build.";
 /// counters and the `ringside_*` process metrics, each family with `# HELP` and `# TYPE`:
 /// `ringside_connections_active{worker}`, `ringside_exchange_total{outcome}`,
 /// `ringside_label_sets_overflowed_total`, `ringside_listener_overflowed_total`,
-/// `ringside_capture_loops_refused_total`, `ringside_tls_refused_total{reason}`,
+/// `ringside_capture_loops_refused_total`, `ringside_rbac_denied_total`,
+/// `ringside_tls_refused_total{reason}`,
 /// `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
 ///
@@ -93,7 +95,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
 
     let mut exchanges = [0u64; 7];
     let mut refused = [0u64; 5];
-    let (mut overflowed, mut listener, mut loops, mut replaced) = (0u64, 0u64, 0u64, 0u64);
+    let (mut overflowed, mut listener, mut loops, mut replaced, mut rbac) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for shard in shards {
         for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
             *sum = sum.wrapping_add(shard.exchanges(outcome));
@@ -105,6 +107,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         listener = listener.wrapping_add(shard.listener_overflowed());
         loops = loops.wrapping_add(shard.capture_loops_refused());
         replaced = replaced.wrapping_add(shard.peer_values_replaced());
+        rbac = rbac.wrapping_add(shard.rbac_denied());
     }
     header(&mut out, "ringside_exchange_total", EXCHANGE_HELP, "counter");
     for (sum, outcome) in exchanges.iter().zip(ExchangeOutcome::ALL) {
@@ -123,6 +126,9 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     out.push('\n');
     header(&mut out, "ringside_peer_values_replaced_total", REPLACED_HELP, "counter");
     sample(&mut out, "ringside_peer_values_replaced_total", None, replaced);
+    out.push('\n');
+    header(&mut out, "ringside_rbac_denied_total", RBAC_HELP, "counter");
+    sample(&mut out, "ringside_rbac_denied_total", None, rbac);
     out.push('\n');
     header(&mut out, "ringside_tls_refused_total", TLS_REFUSED_HELP, "counter");
     for (sum, reason) in refused.iter().zip(TlsRefused::ALL) {
@@ -360,7 +366,7 @@ mod tests {
         let text = render(&[shard], "epoll");
         assert!(!text.contains("istio_"), "{text}");
         assert!(text.starts_with("# HELP ringside_exchange_total "), "{text}");
-        assert_eq!(text.matches("\n\n").count(), 9, "{text}");
+        assert_eq!(text.matches("\n\n").count(), 10, "{text}");
         assert!(text.ends_with("} 1\n\n"), "{text}");
         let two = render(&[], "epoll");
         assert!(!two.contains("ringside_connections_active"), "{two}");

@@ -200,6 +200,7 @@ struct ProcessCells {
     listener_overflowed: AtomicU64,
     capture_loops_refused: AtomicU64,
     peer_values_replaced: AtomicU64,
+    rbac_denied: AtomicU64,
     exchange: [AtomicU64; 7],
     tls_refused: [AtomicU64; 5],
 }
@@ -273,6 +274,11 @@ impl Shard {
     /// the proxy's own listener (SPEC §8).
     pub fn capture_loops_refused(&self) -> u64 {
         self.process.capture_loops_refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed on this worker because a chain's RBAC filters denied them (SPEC §9).
+    pub fn rbac_denied(&self) -> u64 {
+        self.process.rbac_denied.load(Ordering::Relaxed)
     }
 
     /// Inbound TLS handshakes refused for `reason` on this worker.
@@ -415,6 +421,11 @@ impl ShardWriter {
     /// Counts one captured connection refused as a loop (SPEC §8).
     pub fn count_capture_loop(&self) {
         add(&self.shard.process.capture_loops_refused, 1);
+    }
+
+    /// Counts one connection denied by its chain's RBAC filters (SPEC §9: closed, never relayed).
+    pub fn count_rbac_denied(&self) {
+        add(&self.shard.process.rbac_denied, 1);
     }
 }
 

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
-use super::{Error, Verdict, connect_any, count, feed};
-use crate::config::{Listener, ListenerTlsMode, PeerExchange};
+use super::{Error, Verdict, authorize, connect_any, count, feed};
+use crate::capture;
+use crate::config::{Capture, Listener, ListenerTlsMode, PeerExchange};
 use crate::conn::{Conn, Security, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser};
 use crate::metrics::{ExchangeOutcome, TlsRefused};
@@ -212,6 +213,7 @@ pub(super) async fn serve_inbound(
         Accepted::Plain(down) => return Ok(Some(down)),
         Accepted::Tls(tls) => tls,
     };
+    check_rbac(ctx, li, conn, &tls)?;
     let (pair, peer) = monoio::select! {
         r = Box::pin(open_inbound(ctx, li, conn, tls)) => r?,
         _ = conn.cancel.wait() => return Ok(None),
@@ -219,6 +221,33 @@ pub(super) async fn serve_inbound(
     settle(ctx, conn, peer.as_ref(), "-");
     copy(ctx, conn, pair).await?;
     Ok(None)
+}
+
+/// A TLS chain's RBAC (SPEC §9), once the handshake is done: the peer's SPIFFE id as its
+/// principal and the SNI it asked for. Only chains with RBAC filters ask the socket for the
+/// connection's addresses.
+fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Result<(), Error> {
+    let listener = &conn.snapshot.config.listeners[li];
+    let Some(c) =
+        conn.chain.get().filter(|&c| listener.filter_chains.get(c).is_some_and(|f| !f.rbac.is_empty()))
+    else {
+        return Ok(());
+    };
+    let tcp = tls.tcp();
+    let dst = match listener.capture {
+        Capture::None => tcp.local_addr()?,
+        _ => capture::original_dst(tcp, listener.listen).or_else(|_| tcp.local_addr())?,
+    };
+    let security = conn.security.borrow();
+    let principal = security.peer_principal.as_deref();
+    let names: &[&str] = match &principal {
+        Some(p) => std::slice::from_ref(p),
+        None => &[],
+    };
+    tls.with_server_name(|sni| {
+        let t = crate::rbac::Tls { sni, peer_names: names };
+        authorize(ctx, li, conn, c, tcp, dst, None, Some(t))
+    })
 }
 
 /// An outbound connection to an mTLS cluster, once connected: handshake, exchange, copy.

@@ -98,6 +98,14 @@ impl TlsStream {
         self.conn.borrow().peer_certificates().and_then(|c| c.first()).and_then(super::spiffe_id)
     }
 
+    /// Calls `f` with the server name (SNI) the client asked for, on a server connection.
+    pub fn with_server_name<R>(&self, f: impl FnOnce(Option<&str>) -> R) -> R {
+        match &**self.conn.borrow() {
+            rustls::Connection::Server(s) => f(s.server_name()),
+            rustls::Connection::Client(_) => f(None),
+        }
+    }
+
     /// The socket underneath (its addresses, its original destination when captured).
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp

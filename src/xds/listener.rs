@@ -1,16 +1,23 @@
 //! Listener resources into listeners (SPEC §8, §9): address, filter chains and their matches,
-//! tcp_proxy routes, `istio.stats`, the metadata exchange, capture (`use_original_dst` or the
-//! `original_dst` listener filter), and listeners not bound to their port (handed captured
-//! connections). Internal listeners are accepted, not bound. Pure: protos in, config out.
+//! tcp_proxy routes, `istio.stats`, the metadata exchange, RBAC (network filters, then an HTTP
+//! connection manager's), HTTP chains relayed at L4 by their inline route table, capture
+//! (`use_original_dst` or the `original_dst` listener filter), and listeners not bound to their
+//! port (handed captured connections). Internal listeners are accepted, not bound. Pure:
+//! protos in, config out.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::config::route::v3 as rds;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 
+use std::sync::Arc;
+
 use super::proto::{Error, METADATA_EXCHANGE, decode, invalid, socket_address};
+use super::rbac::{HTTP_RBAC, NETWORK_RBAC, http_filter, network_filter};
 use super::tls::downstream;
 use crate::config::{Capture, Cidr, Direction, Dur, FilterChain, Listener, PeerExchange, TcpRoute};
 
@@ -18,10 +25,21 @@ pub(super) const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 pub(super) const TCP_PROXY_TYPE: &str =
     "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
+const HCM_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ISTIO_STATS: &str = "istio.stats";
-/// Network filters a served chain may carry: run (tcp_proxy, `istio.stats`, the exchange), or
-/// never refusing a connection (`istio_authn` only records the peer's identity).
-const RUN_OR_HARMLESS: [&str; 4] = [TCP_PROXY, ISTIO_STATS, METADATA_EXCHANGE, "istio_authn"];
+/// Network filters a served chain may carry: run (tcp_proxy, `istio.stats`, the exchange,
+/// RBAC), or never refusing a connection (`istio_authn` only records the peer's identity).
+const RUN_OR_HARMLESS: [&str; 5] = [TCP_PROXY, ISTIO_STATS, METADATA_EXCHANGE, "istio_authn", NETWORK_RBAC];
+/// HTTP filters that can deny a request on what L4 cannot see and that ringside does not run:
+/// an HTTP chain holding one closes its connections (SPEC §9), never relays them unjudged.
+const HTTP_AUTHORIZERS: [&str; 5] = [
+    "envoy.filters.http.ext_authz",
+    "envoy.filters.http.ext_proc",
+    "envoy.filters.http.lua",
+    "envoy.filters.http.wasm",
+    "envoy.filters.http.golang",
+];
 /// The listener filter that makes a capture listener, as `use_original_dst` does.
 const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
 
@@ -90,6 +108,12 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
     let mut exchange = pb.listener_filters.iter().any(|f| f.name == METADATA_EXCHANGE);
     let mut chains: Vec<FilterChain> = Vec::new();
     let mut idle_timeouts: Vec<Duration> = Vec::new();
+    // istiod's virtualInbound takes its original destination from the listener filter,
+    // virtualOutbound from `use_original_dst`: Envoy reads both the same way.
+    let original_dst = pb.use_original_dst.is_some_and(|b| b.value)
+        || pb.listener_filters.iter().any(|f| f.name == ORIGINAL_DST);
+    let unbound = pb.bind_to_port.is_some_and(|b| !b.value);
+    let by_original_dst = original_dst || unbound;
     let all =
         pb.filter_chains.iter().map(|c| (c, false)).chain(pb.default_filter_chain.iter().map(|c| (c, true)));
     for (i, (chain, default)) in all.enumerate() {
@@ -132,17 +156,37 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             Some(ts) => downstream(ts).map_err(|r| bad(format!("{what}: {r}")))?,
             None => None,
         };
-        if chain.filters.iter().any(|f| f.name == HTTP_CONNECTION_MANAGER) {
-            let why = "HTTP (http_connection_manager) is not served by an L4 proxy";
-            reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
-            fc.not_served = Some(why.into());
+        // RBAC (Istio's AuthorizationPolicy for TCP), in chain order; one that holds a rule
+        // ringside cannot evaluate denies every connection and is reported (fail closed).
+        for f in chain.filters.iter().filter(|f| f.name == NETWORK_RBAC) {
+            let filter = network_filter(typed_config(f).unwrap_or(&EMPTY_ANY))
+                .map_err(|e| bad(format!("{what}: {e}")))?;
+            report_fail_closed(&mut reports, name, &what, &filter);
+            fc.rbac.push(Arc::new(filter));
+        }
+        if let Some(f) = chain.filters.iter().find(|f| f.name == HTTP_CONNECTION_MANAGER) {
+            let network = fc.rbac.len();
+            let http = http_chain(f, listen, &mut fc).map_err(|r| bad(format!("{what}: {r}")))?;
+            for filter in &fc.rbac[network..] {
+                report_fail_closed(&mut reports, name, &what, filter);
+            }
+            // Without a route of its own, a chain of a capture listener (or one handed off to
+            // it) goes by original destination, as its tcp_proxy chains do.
+            let why = match http {
+                Http::Closes(why) => Some(why),
+                Http::Unrouted(_) if by_original_dst => None,
+                Http::Unrouted(why) => Some(why),
+                Http::Routed => None,
+            };
+            if let Some(why) = why {
+                reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
+                fc.not_served = Some(why);
+            }
             chains.push(fc);
             continue;
         }
-        // A network filter ringside does not run may deny (RBAC is Istio's AuthorizationPolicy):
-        // the chain is not served, never relayed as if the filter had allowed (SPEC §9).
-        // TODO: a capture listener still relays a not-served chain's connections by original
-        // destination (relay.rs does so for HTTP chains); a deny needs its own mark there.
+        // A network filter ringside does not run may deny: the chain is not served, never
+        // relayed as if the filter had allowed (SPEC §9).
         if let Some(f) = chain.filters.iter().find(|f| !RUN_OR_HARMLESS.contains(&f.name.as_str())) {
             let why = format!("network filter {} is not run", f.name);
             reports.push(format!("Listener/{name}: {what}: {why}; its connections close (NR)"));
@@ -171,23 +215,20 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
     // A chain that takes every plaintext connection of this listener.
     let plain = |c: &FilterChain| {
         c.not_served.is_none()
+            && c.rbac.is_empty()
             && c.destination_port.is_none_or(|p| p == listen.port())
             && c.prefix_ranges.is_empty()
             && c.transport_protocol.as_deref().is_none_or(|t| t == "raw_buffer")
             && c.application_protocols.is_empty()
             && c.tls.is_none()
     };
-    if pb.bind_to_port.is_some_and(|b| !b.value) {
+    if unbound {
         return Ok(XdsListener {
             listener: None,
             handoff: Some(handoff(name, listen, direction, chains, &mut reports)),
             reports,
         });
     }
-    // istiod's virtualInbound takes its original destination from the listener filter,
-    // virtualOutbound from `use_original_dst`: Envoy reads both the same way.
-    let original_dst = pb.use_original_dst.is_some_and(|b| b.value)
-        || pb.listener_filters.iter().any(|f| f.name == ORIGINAL_DST);
     let capture = match (original_dst, direction) {
         (true, Direction::Inbound) => Capture::Inbound,
         (true, Direction::Outbound) => Capture::Outbound,
@@ -277,6 +318,156 @@ fn handoff(
         handoff.chains.push(c);
     }
     handoff
+}
+
+static EMPTY_ANY: envoy_types::pb::google::protobuf::Any =
+    envoy_types::pb::google::protobuf::Any { type_url: String::new(), value: Vec::new() };
+
+fn typed_config(f: &lds::Filter) -> Option<&envoy_types::pb::google::protobuf::Any> {
+    match &f.config_type {
+        Some(lds::filter::ConfigType::TypedConfig(any)) => Some(any),
+        _ => None,
+    }
+}
+
+fn report_fail_closed(reports: &mut Vec<String>, name: &str, what: &str, filter: &crate::rbac::Filter) {
+    if let Some(why) = filter.fail_closed_reason() {
+        reports.push(format!("Listener/{name}: {what}: RBAC fails closed (every connection denied): {why}"));
+    }
+}
+
+/// An HTTP connection manager relayed at L4 (SPEC §9): its `envoy.filters.http.rbac` filters
+/// join the chain's RBAC, `istio.stats` among its HTTP filters counts it, and an inline
+/// `route_config` names where it goes (the virtual host whose `domains` hold the listener's
+/// `IP:port`, then its `IP`, then `*`; its first route without header or query matches). A
+/// capture listener's chain, or one handed off, goes by original destination instead. `Err`:
+/// the manager's config is invalid (the listener is NACKed).
+fn http_chain(f: &lds::Filter, listen: SocketAddr, fc: &mut FilterChain) -> Result<Http, String> {
+    use hcm::http_connection_manager::RouteSpecifier;
+    use hcm::http_filter::ConfigType;
+    let any = typed_config(f).ok_or("http_connection_manager without typed_config")?;
+    let m: hcm::HttpConnectionManager = decode(any, HCM_TYPE)?;
+    let mut authorizer = None;
+    for h in m.http_filters.iter().filter(|h| !h.disabled) {
+        let typed = match &h.config_type {
+            Some(ConfigType::TypedConfig(any)) => Some(any),
+            _ => None,
+        };
+        if h.name == HTTP_RBAC {
+            let filter = match typed {
+                Some(any) => http_filter(any).map_err(|e| e.to_string())?,
+                None => crate::rbac::Filter::fail_closed("envoy.filters.http.rbac without typed_config"),
+            };
+            fc.rbac.push(Arc::new(filter));
+        } else if h.name == ISTIO_STATS {
+            fc.istio_stats = true;
+        } else if authorizer.is_none() && can_deny(&h.name, &h.config_type) {
+            authorizer = Some(h.name.clone());
+        }
+    }
+    if let Some(a) = authorizer {
+        return Ok(Http::Closes(format!("HTTP filter {a} can deny and is not run at L4")));
+    }
+    // HBONE's `connect_terminate`: the bytes are HTTP/2 CONNECT streams to unwrap, not an
+    // application's to relay.
+    if m.upgrade_configs.iter().any(|u| u.upgrade_type.eq_ignore_ascii_case("CONNECT")) {
+        return Ok(Http::Closes(
+            "http_connection_manager terminating CONNECT (HBONE) is not served at L4".into(),
+        ));
+    }
+    let target = match &m.route_specifier {
+        Some(RouteSpecifier::RouteConfig(rc)) => route_target(rc, listen),
+        Some(RouteSpecifier::Rds(r)) => {
+            Err(format!("RDS route_config_name {:?}: not subscribed yet", r.route_config_name))
+        }
+        _ => Err("http_connection_manager without route_config or RDS".to_string()),
+    };
+    match target {
+        Ok(TcpTarget::Cluster(c)) => fc.cluster = Some(c),
+        Ok(TcpTarget::Weighted(routes)) => fc.tcp_routes = Some(routes),
+        Err(why) => return Ok(Http::Unrouted(why)),
+    }
+    Ok(Http::Routed)
+}
+
+/// Whether an HTTP filter ringside does not run may deny a request: an authorizer by name or
+/// by type (ext_authz, ext_proc, Lua, Go, Wasm other than Istio's own `istio.*` extensions),
+/// or one whose config comes over ECDS (Istio's WasmPlugins), unknown until it arrives.
+fn can_deny(name: &str, config: &Option<hcm::http_filter::ConfigType>) -> bool {
+    const TYPES: [&str; 5] = [
+        "ext_authz.v3.ExtAuthz",
+        "ext_proc.v3.ExternalProcessor",
+        "lua.v3.Lua",
+        "wasm.v3.Wasm",
+        "golang.v3alpha.Config",
+    ];
+    if HTTP_AUTHORIZERS.contains(&name) {
+        return true;
+    }
+    match config {
+        Some(hcm::http_filter::ConfigType::TypedConfig(any)) => {
+            !name.starts_with("istio.") && TYPES.iter().any(|t| any.type_url.ends_with(t))
+        }
+        Some(hcm::http_filter::ConfigType::ConfigDiscovery(_)) => true,
+        None => false,
+    }
+}
+
+/// How an HTTP chain is served at L4.
+enum Http {
+    /// Its route names a cluster or weighted clusters.
+    Routed,
+    /// No route of its own (RDS, no virtual host for the listener's address): served by
+    /// original destination where the listener routes that way, else closed (`NR`).
+    Unrouted(String),
+    /// It holds an authorizer ringside does not run: its connections close (`NR`).
+    Closes(String),
+}
+
+/// The target of a route table for connections to `dst`: the virtual host whose `domains`
+/// hold `IP:port`, then `IP`, then `*`, and its first route that matches on nothing but the
+/// path (headers and query parameters are not seen at L4).
+fn route_target(rc: &rds::RouteConfiguration, dst: SocketAddr) -> Result<TcpTarget, String> {
+    use rds::route::Action;
+    use rds::route_action::ClusterSpecifier;
+    let (ip_port, ip) = (dst.to_string(), dst.ip().to_string());
+    let vhost = [ip_port.as_str(), ip.as_str(), "*"]
+        .iter()
+        .find_map(|d| rc.virtual_hosts.iter().find(|v| v.domains.iter().any(|x| x == d)))
+        .ok_or_else(|| format!("route_config {:?}: no virtual host for {dst}", rc.name))?;
+    let route = vhost
+        .routes
+        .iter()
+        .find(|r| {
+            r.r#match.as_ref().is_none_or(|m| {
+                m.headers.is_empty()
+                    && m.query_parameters.is_empty()
+                    && !matches!(m.path_specifier, Some(rds::route_match::PathSpecifier::ConnectMatcher(_)))
+            })
+        })
+        .ok_or_else(|| format!("virtual host {:?}: no route without header or query matches", vhost.name))?;
+    let action = match &route.action {
+        Some(Action::Route(a)) => a,
+        _ => return Err(format!("virtual host {:?}: its route does not name a cluster", vhost.name)),
+    };
+    match &action.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => Ok(TcpTarget::Cluster(c.clone())),
+        Some(ClusterSpecifier::WeightedClusters(w)) if !w.clusters.is_empty() => {
+            let mut routes = Vec::new();
+            for c in &w.clusters {
+                let weight = c.weight.map_or(0, |w| w.value);
+                if c.name.is_empty() || weight == 0 {
+                    return Err(format!(
+                        "virtual host {:?}: weighted cluster {:?} weight {weight}",
+                        vhost.name, c.name
+                    ));
+                }
+                routes.push(TcpRoute { cluster: c.name.clone(), subset: None, weight: i64::from(weight) });
+            }
+            Ok(TcpTarget::Weighted(routes))
+        }
+        _ => Err(format!("virtual host {:?}: its route names no cluster", vhost.name)),
+    }
 }
 
 fn base_listener(
@@ -424,12 +615,225 @@ mod tests {
         assert!(e.reason.contains("unsupported address family"), "{e}");
     }
 
+    /// An HTTP connection manager with `http_filters` (name, typed config) and a route.
+    fn manager(
+        http_filters: Vec<(&str, Any)>,
+        route: Option<hcm::http_connection_manager::RouteSpecifier>,
+    ) -> lds::Filter {
+        let m = hcm::HttpConnectionManager {
+            http_filters: http_filters
+                .into_iter()
+                .map(|(name, a)| hcm::HttpFilter {
+                    name: name.into(),
+                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(a)),
+                    ..Default::default()
+                })
+                .collect(),
+            route_specifier: route,
+            ..Default::default()
+        };
+        filter(HTTP_CONNECTION_MANAGER, any(HCM_TYPE, &m))
+    }
+
+    fn rds(name: &str) -> Option<hcm::http_connection_manager::RouteSpecifier> {
+        Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+            route_config_name: name.into(),
+            ..Default::default()
+        }))
+    }
+
+    /// A virtual host: its domains, its routes as (has a header match, cluster).
+    type VirtualHost<'a> = (&'a [&'a str], Vec<(bool, &'a str)>);
+
+    /// An inline route table.
+    fn routes(vhosts: Vec<VirtualHost<'_>>) -> Option<hcm::http_connection_manager::RouteSpecifier> {
+        let virtual_hosts = vhosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, (domains, routes))| rds::VirtualHost {
+                name: format!("vh{i}"),
+                domains: domains.iter().map(|d| d.to_string()).collect(),
+                routes: routes
+                    .into_iter()
+                    .map(|(header, cluster)| rds::Route {
+                        r#match: Some(rds::RouteMatch {
+                            headers: if header {
+                                vec![rds::HeaderMatcher { name: "x-canary".into(), ..Default::default() }]
+                            } else {
+                                vec![]
+                            },
+                            ..Default::default()
+                        }),
+                        action: Some(rds::route::Action::Route(rds::RouteAction {
+                            cluster_specifier: Some(rds::route_action::ClusterSpecifier::Cluster(
+                                cluster.into(),
+                            )),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(rds::RouteConfiguration {
+            name: "inline".into(),
+            virtual_hosts,
+            ..Default::default()
+        }))
+    }
+
+    fn network_rbac(rules: Option<envoy_types::pb::envoy::config::rbac::v3::Rbac>) -> Any {
+        use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac;
+        any(
+            super::super::rbac::NETWORK_RBAC_TYPE,
+            &Rbac { rules, stat_prefix: "tcp.".into(), ..Default::default() },
+        )
+    }
+
+    fn http_rbac(rules: Option<envoy_types::pb::envoy::config::rbac::v3::Rbac>) -> Any {
+        use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+        any(super::super::rbac::HTTP_RBAC_TYPE, &Rbac { rules, ..Default::default() })
+    }
+
+    /// An ALLOW (or DENY) rule set with one policy: any permission, the principal `any: true`
+    /// or, with `source`, the source IP block.
+    fn rules(action: i32, source: Option<&str>) -> envoy_types::pb::envoy::config::rbac::v3::Rbac {
+        use envoy_types::pb::envoy::config::rbac::v3 as r;
+        let id = match source {
+            Some(ip) => r::principal::Identifier::DirectRemoteIp(core::CidrRange {
+                address_prefix: ip.into(),
+                prefix_len: Some(UInt32Value { value: 32 }),
+            }),
+            None => r::principal::Identifier::Any(true),
+        };
+        let policy = r::Policy {
+            permissions: vec![r::Permission { rule: Some(r::permission::Rule::Any(true)) }],
+            principals: vec![r::Principal { identifier: Some(id) }],
+            ..Default::default()
+        };
+        r::Rbac { action, policies: [("p".to_string(), policy)].into(), ..Default::default() }
+    }
+
+    fn conn(source: &str, destination: &str) -> crate::rbac::Conn<'static> {
+        crate::rbac::Conn {
+            source: source.parse().unwrap(),
+            destination: destination.parse().unwrap(),
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn a_chains_rbac_filters_are_collected_in_order_network_then_http_and_the_chain_is_served() {
+        use envoy_types::pb::envoy::config::rbac::v3::rbac::Action;
+        let deny_7 = filter(NETWORK_RBAC, network_rbac(Some(rules(Action::Deny as i32, Some("10.0.0.7")))));
+        let deny_all = filter(NETWORK_RBAC, network_rbac(Some(Default::default())));
+        let x = listener(&listener_with(vec![chain(vec![deny_7.clone(), to("c")])]), "1").unwrap();
+        let l = x.listener.unwrap();
+        assert!(x.reports.is_empty(), "{:?}", x.reports);
+        assert!(l.cluster.is_none(), "a chain with RBAC is never collapsed into the plain model");
+        let c = &l.filter_chains[0];
+        assert_eq!((c.not_served.as_deref(), c.cluster.as_deref(), c.rbac.len()), (None, Some("c"), 1));
+        assert!(!c.rbac[0].allows(&conn("10.0.0.7:1", "127.0.0.1:27017")));
+        assert!(c.rbac[0].allows(&conn("10.0.0.8:1", "127.0.0.1:27017")));
+        // Network filters first, then the HTTP manager's, each in its order.
+        let http = manager(
+            vec![
+                (HTTP_RBAC, http_rbac(Some(rules(Action::Allow as i32, None)))),
+                (ISTIO_STATS, Any::default()),
+                (HTTP_RBAC, http_rbac(Some(rules(Action::Deny as i32, Some("10.0.0.9"))))),
+            ],
+            routes(vec![(&["*"], vec![(false, "inbound|8000||")])]),
+        );
+        let x = listener(&listener_with(vec![chain(vec![deny_7, http])]), "1").unwrap();
+        let c = x.listener.unwrap().filter_chains.remove(0);
+        assert_eq!(c.rbac.len(), 3);
+        assert!(c.istio_stats, "istio.stats among the HTTP filters counts the chain");
+        let allowed: Vec<bool> = ["10.0.0.7:1", "10.0.0.8:1", "10.0.0.9:1"]
+            .iter()
+            .map(|s| c.rbac.iter().all(|f| f.allows(&conn(s, "127.0.0.1:27017"))))
+            .collect();
+        assert_eq!(allowed, [false, true, false]);
+        assert!(c.rbac[1].allows(&conn("10.0.0.7:1", "127.0.0.1:27017")), "the HTTP ALLOW is second");
+        // Empty rules deny all; a rule ringside cannot evaluate is reported (fail closed).
+        let x = listener(&listener_with(vec![chain(vec![deny_all, to("c")])]), "1").unwrap();
+        assert!(!x.listener.unwrap().filter_chains[0].rbac[0].allows(&conn("10.0.0.8:1", "127.0.0.1:1")));
+        let matcher = envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac {
+            matcher: Some(Default::default()),
+            ..Default::default()
+        };
+        let cel = filter(NETWORK_RBAC, any(super::super::rbac::NETWORK_RBAC_TYPE, &matcher));
+        let x = listener(&listener_with(vec![chain(vec![cel, to("c")])]), "1").unwrap();
+        assert_eq!(x.reports.len(), 1, "{:?}", x.reports);
+        assert!(x.reports[0].starts_with("Listener/l: filter chain 0: RBAC fails closed"), "{:?}", x.reports);
+        // Not an RBAC config at all: the listener is invalid.
+        let e =
+            listener(&listener_with(vec![chain(vec![filter(NETWORK_RBAC, Any::default()), to("c")])]), "1")
+                .unwrap_err();
+        assert!(e.reason.contains("rbac: typed_config"), "{e}");
+    }
+
+    #[test]
+    fn an_http_chain_takes_the_route_of_the_virtual_host_holding_its_destination() {
+        let plain = |route| {
+            let x = listener(&listener_with(vec![chain(vec![manager(vec![], route)])]), "1").unwrap();
+            (x.listener, x.reports)
+        };
+        // listener_with listens on 127.0.0.1:27017: IP:port before IP before `*`; the first
+        // route without header or query matches.
+        let vhosts = |first: &'static [&'static str]| {
+            routes(vec![
+                (&["*"], vec![(false, "star")]),
+                (first, vec![(true, "canary"), (false, "exact")]),
+                (&["127.0.0.1"], vec![(false, "ip")]),
+            ])
+        };
+        let cluster = |r| plain(r).0.unwrap().cluster;
+        assert_eq!(cluster(vhosts(&["127.0.0.1:27017"])).as_deref(), Some("exact"));
+        assert_eq!(cluster(vhosts(&["example.com"])).as_deref(), Some("ip"));
+        assert_eq!(cluster(routes(vec![(&["*"], vec![(false, "star")])])).as_deref(), Some("star"));
+        // No virtual host for the address, or RDS (not subscribed yet): the chain closes (NR).
+        let (l, reports) = plain(routes(vec![(&["example.com"], vec![(false, "x")])]));
+        assert!(l.is_none() && reports[0].contains("no virtual host for 127.0.0.1:27017"), "{reports:?}");
+        let (l, reports) = plain(rds("27017"));
+        assert!(l.is_none() && reports[0].contains("RDS route_config_name \"27017\""), "{reports:?}");
+        // In a capture listener an unrouted HTTP chain goes by original destination.
+        let mut pb = listener_with(vec![chain(vec![manager(vec![], rds("27017"))])]);
+        pb.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        let x = listener(&pb, "1").unwrap();
+        let c = &x.listener.unwrap().filter_chains[0];
+        assert!(c.not_served.is_none() && c.cluster.is_none() && x.reports.is_empty(), "{:?}", x.reports);
+        // An authorizer ringside cannot run closes the chain, even by original destination.
+        let authz = manager(
+            vec![("envoy.filters.http.ext_authz", Any::default())],
+            routes(vec![(&["*"], vec![(false, "c")])]),
+        );
+        pb.filter_chains = vec![chain(vec![authz])];
+        let x = listener(&pb, "1").unwrap();
+        assert_eq!(
+            x.listener.unwrap().filter_chains[0].not_served.as_deref(),
+            Some("HTTP filter envoy.filters.http.ext_authz can deny and is not run at L4")
+        );
+        // A WasmPlugin (Wasm config under its own name) too; Istio's own Wasm extensions not.
+        let mut wasm = |name: &str| {
+            let any = Any {
+                type_url: "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm".into(),
+                value: vec![],
+            };
+            pb.filter_chains =
+                vec![chain(vec![manager(vec![(name, any)], routes(vec![(&["*"], vec![(false, "c")])]))])];
+            listener(&pb, "1").unwrap().listener.unwrap().filter_chains[0].not_served.clone()
+        };
+        assert!(wasm("extensions.istio.io/wasmplugin/default.authz").is_some());
+        assert_eq!(wasm("istio.metadata_exchange"), None);
+    }
+
     #[test]
     fn http_chains_are_reported_and_chains_keep_their_matches() {
-        let hcm = filter(HTTP_CONNECTION_MANAGER, Any::default());
+        let hcm = manager(vec![], rds("80"));
         let x = listener(&listener_with(vec![chain(vec![hcm.clone()])]), "1").unwrap();
         assert!(x.listener.is_none(), "an HTTP-only listener is not bound");
-        assert!(x.reports[0].contains("HTTP"), "{:?}", x.reports);
+        assert!(x.reports[0].contains("RDS"), "{:?}", x.reports);
         let mut tls = chain(vec![to("tls")]);
         tls.filter_chain_match = Some(lds::FilterChainMatch {
             transport_protocol: "tls".into(),
@@ -720,9 +1124,9 @@ mod tests {
 
     #[test]
     fn a_chain_with_a_network_filter_ringside_does_not_run_closes_its_connections() {
-        let rbac = filter("envoy.filters.network.rbac", Any::default());
+        let redis = filter("envoy.filters.network.redis_proxy", Any::default());
         let authn = filter("istio_authn", Any::default());
-        let mut pb = listener_with(vec![chain(vec![authn.clone(), rbac, to("inbound|9080||")])]);
+        let mut pb = listener_with(vec![chain(vec![authn.clone(), redis, to("inbound|9080||")])]);
         pb.filter_chains.push(chain(vec![authn, to("inbound|9090||")]));
         pb.filter_chains[1].filter_chain_match = Some(lds::FilterChainMatch {
             destination_port: Some(UInt32Value { value: 9090 }),
@@ -732,7 +1136,7 @@ mod tests {
         let chains = x.listener.unwrap().filter_chains;
         assert_eq!(
             chains[0].not_served.as_deref(),
-            Some("network filter envoy.filters.network.rbac is not run")
+            Some("network filter envoy.filters.network.redis_proxy is not run")
         );
         assert_eq!(
             (chains[1].not_served.as_deref(), chains[1].cluster.as_deref()),
@@ -741,7 +1145,7 @@ mod tests {
         assert_eq!(
             x.reports,
             [
-                "Listener/l: filter chain 0: network filter envoy.filters.network.rbac is not run; its connections close (NR)"
+                "Listener/l: filter chain 0: network filter envoy.filters.network.redis_proxy is not run; its connections close (NR)"
             ]
         );
     }
