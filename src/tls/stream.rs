@@ -98,6 +98,15 @@ impl TlsStream {
         self.conn.borrow().peer_certificates().and_then(|c| c.first()).and_then(super::spiffe_id)
     }
 
+    /// After the handshake: whether the session was resumed, and the negotiated suite's
+    /// index in `ringside_tls_handshakes_total` (`crate::tls::suite_index`).
+    pub fn handshake_info(&self) -> (bool, usize) {
+        let c = self.conn.borrow();
+        let resumed = c.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let suite = c.negotiated_cipher_suite().map_or(usize::MAX, |s| super::suite_index(s.suite()));
+        (resumed, suite)
+    }
+
     /// The socket underneath (its addresses, its original destination when captured).
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
