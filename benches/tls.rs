@@ -347,16 +347,25 @@ fn idle_heap() {
     };
     connect(&pair);
     let mut wire = Vec::with_capacity(64 * 1024);
-    for (name, p) in [("full", &full), ("resumed", &pair)] {
+    for (name, p, size) in [
+        ("full", &full, 1024),
+        ("resumed", &pair, 1024),
+        ("after 32 KiB each way", &pair, 32 << 10),
+        ("after 32 KiB each way, trimmed", &pair, 32 << 10),
+    ] {
         let (mut cl, mut sv) = connect(p);
         let mut one_way = |a: &mut Connection, b: &mut Connection| {
-            a.writer().write_all(&[1u8; 1024]).unwrap();
+            a.writer().write_all(&vec![1u8; size]).unwrap();
             transfer(a, b, &mut wire);
-            let mut out = [0u8; 1024];
+            let mut out = vec![0u8; size];
             b.reader().read_exact(&mut out).unwrap();
         };
         one_way(&mut cl, &mut sv);
         one_way(&mut sv, &mut cl);
+        if name.ends_with("trimmed") {
+            ringside::tls::stream::trim(&mut cl);
+            ringside::tls::stream::trim(&mut sv);
+        }
         let before = live();
         drop(sv);
         let server_bytes = before - live();

@@ -8,6 +8,8 @@ mod common;
 mod envoy;
 #[path = "common/pki.rs"]
 mod pki;
+#[path = "common/process.rs"]
+mod process;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -1122,4 +1124,40 @@ fn a_real_envoy_and_ringside_negotiate_aes_128_gcm_and_resume_both_ways() {
     let source =
         [("reporter", "source"), ("source_principal", PRODUCTPAGE), ("destination_principal", reviews)];
     client.wait_for_value("istio_tcp_connections_closed_total", &source, 2.0);
+}
+
+#[test]
+fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
+    // Each connection moves 64 KiB both ways, then stays open and idle. rustls grows its
+    // incoming record buffer to a whole 16 KiB record and shrinks it only when it next reads;
+    // ringside has it shrink as the connection goes back to waiting, so what an idle
+    // connection costs does not depend on what it carried.
+    const CONNS: usize = 300;
+    let ca = Ca::new("mesh");
+    let (client, server) = mesh(&ca, "strict", echo_server());
+    let payload = Rng(5).bytes(64 * 1024);
+    echo_round_trip(client.listen, &payload); // warm: pools, first allocations
+    let before = [process::rss_kib(client.pid()), process::rss_kib(server.pid())];
+    let mut held = Vec::new();
+    for _ in 0..CONNS {
+        let mut c = connect(client.listen);
+        c.write_all(&payload).unwrap();
+        assert!(read_exact(&mut c, payload.len()) == payload);
+        held.push(c);
+    }
+    let after = [process::rss_kib(client.pid()), process::rss_kib(server.pid())];
+    let per_conn: Vec<f64> = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a.saturating_sub(*b)) as f64 * 1024.0 / CONNS as f64)
+        .collect();
+    eprintln!(
+        "RSS per idle connection after 64 KiB each way: outbound {:.0} B, inbound {:.0} B",
+        per_conn[0], per_conn[1]
+    );
+    for (side, bytes) in ["outbound", "inbound"].iter().zip(&per_conn) {
+        // ~16 KB measured, ~32 KB when the record buffer stays grown.
+        assert!(*bytes < 24.0 * 1024.0, "{side} sidecar: {bytes:.0} B per idle connection");
+    }
+    drop(held);
 }
