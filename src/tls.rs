@@ -349,7 +349,9 @@ pub fn suite_index(suite: rustls::CipherSuite) -> usize {
     names.iter().position(|n| *n == name).unwrap_or(names.len() - 1)
 }
 
-/// TLS 1.3 session tickets a client keeps per server name (each resumption uses one up).
+/// Server names a client config keeps sessions for (rustls keeps up to 8 TLS 1.3 tickets
+/// per name; each resumption uses one up and the server sends two more). The cache is a
+/// mutex shared by the config's users, every worker: one lock per outbound handshake.
 const CLIENT_SESSIONS: usize = 256;
 
 /// Build the config of `role` from `files` with the process's provider.

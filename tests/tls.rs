@@ -8,8 +8,6 @@ mod common;
 mod envoy;
 #[path = "common/pki.rs"]
 mod pki;
-#[path = "common/process.rs"]
-mod process;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -1137,7 +1135,7 @@ fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
     let (client, server) = mesh(&ca, "strict", echo_server());
     let payload = Rng(5).bytes(64 * 1024);
     echo_round_trip(client.listen, &payload); // warm: pools, first allocations
-    let before = [process::rss_kib(client.pid()), process::rss_kib(server.pid())];
+    let before = [common::process::rss_kib(client.pid()), common::process::rss_kib(server.pid())];
     let mut held = Vec::new();
     for _ in 0..CONNS {
         let mut c = connect(client.listen);
@@ -1145,7 +1143,7 @@ fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
         assert!(read_exact(&mut c, payload.len()) == payload);
         held.push(c);
     }
-    let after = [process::rss_kib(client.pid()), process::rss_kib(server.pid())];
+    let after = [common::process::rss_kib(client.pid()), common::process::rss_kib(server.pid())];
     let per_conn: Vec<f64> = before
         .iter()
         .zip(after)
