@@ -283,10 +283,76 @@ impl Certs {
     }
 }
 
-/// The crypto provider (aws-lc-rs: README Decisions has the measurement).
+/// The crypto provider: aws-lc-rs with Envoy's (BoringSSL's) cipher suite order (README
+/// Decisions has both measurements).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites = envoy_suite_order(aes_hardware());
+    Arc::new(p)
 }
+
+/// True when the CPU has AES and carry-less multiply instructions (AES-GCM in hardware).
+pub fn aes_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// rustls' suites in the order BoringSSL (Envoy, Istio's sidecars) prefers them: with AES
+/// hardware AES-128-GCM first, then AES-256-GCM, then ChaCha20-Poly1305 (TLS 1.3), and for
+/// TLS 1.2 Envoy's default list, ECDHE-ECDSA before ECDHE-RSA, AES-128-GCM (or ChaCha20,
+/// in the same preference group) before AES-256-GCM. Without AES hardware ChaCha20 comes
+/// first, as in BoringSSL. rustls' own order puts AES-256-GCM first.
+pub fn envoy_suite_order(aes: bool) -> Vec<rustls::SupportedCipherSuite> {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let (tls13, tls12) = match aes {
+        true => (
+            [cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_CHACHA20_POLY1305_SHA256],
+            [
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            ],
+        ),
+        false => (
+            [cs::TLS13_CHACHA20_POLY1305_SHA256, cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384],
+            [
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            ],
+        ),
+    };
+    tls13.into_iter().chain(tls12).collect()
+}
+
+/// The index of a negotiated suite in `ringside_tls_handshakes_total`'s table (the last,
+/// `other`, for a suite it does not name).
+pub fn suite_index(suite: rustls::CipherSuite) -> usize {
+    let names = &crate::metrics::TLS_SUITES;
+    let name = suite.as_str().unwrap_or_default();
+    names.iter().position(|n| *n == name).unwrap_or(names.len() - 1)
+}
+
+/// Server names a client config keeps sessions for (rustls keeps up to 8 TLS 1.3 tickets
+/// per name; each resumption uses one up and the server sends two more). The cache is a
+/// mutex shared by the config's users, every worker: one lock per outbound handshake.
+const CLIENT_SESSIONS: usize = 256;
 
 /// Build the config of `role` from `files` with the process's provider.
 pub fn build(files: &Files, role: &Role) -> Result<Configured, Error> {
@@ -345,6 +411,14 @@ fn build_from(
                 .with_single_cert(certs, key)
                 .map_err(key_err)?;
             c.alpn_protocols = server_alpn(alpn);
+            // Our suite order, not the client's: OpenSSL and Python clients put AES-256-GCM
+            // first; BoringSSL's server picks AES-128-GCM.
+            c.ignore_client_order = true;
+            // Stateless tickets (keys rotated every 6 h by rustls' rotator) rather than the
+            // default stateful cache, a mutex shared by every worker. A rebuilt config (a
+            // rotated certificate or root) has a new ticketer: earlier tickets no longer
+            // resume, so the next handshake is a full one against the new files.
+            c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
             Ok(Configured { server: Some(Arc::new(c)), client: None, local_principal, server_name: None })
         }
         Role::Client { subject_alt_names, subject_alt_name_prefixes, server_name, alpn } => {
@@ -361,6 +435,11 @@ fn build_from(
                 .with_custom_certificate_verifier(verifier)
                 .with_client_auth_cert(certs, key)
                 .map_err(key_err)?;
+            // Sessions are cached in this config, built per cluster TLS context (files and
+            // expected identities, `Certs::next`): rustls does not verify the server again on
+            // resumption, so a session can only come from a handshake whose server passed
+            // this very verifier. A rebuilt config (rotation) starts with an empty cache.
+            c.resumption = rustls::client::Resumption::in_memory_sessions(CLIENT_SESSIONS);
             c.alpn_protocols = match alpn.is_empty() {
                 true => istio_alpn(),
                 false => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
@@ -739,6 +818,89 @@ mod tests {
         std::fs::write(&f.private_key, key).unwrap();
         slot.reload().unwrap();
         assert_eq!(slot.current().local_principal.as_deref(), Some(other));
+    }
+
+    /// Run a handshake in memory between `client` and `server`, then deliver the server's
+    /// post-handshake messages (tickets); returns whether the session was resumed.
+    fn handshake_in_memory(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> bool {
+        let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+        let mut c: rustls::Connection = rustls::ClientConnection::new(client.clone(), name).unwrap().into();
+        let mut s: rustls::Connection = rustls::ServerConnection::new(server.clone()).unwrap().into();
+        let mut wire = Vec::new();
+        let mut pump = |a: &mut rustls::Connection, b: &mut rustls::Connection| {
+            wire.clear();
+            while a.wants_write() {
+                a.write_tls(&mut wire).unwrap();
+            }
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                b.read_tls(&mut rd).unwrap();
+                b.process_new_packets().unwrap();
+            }
+        };
+        while c.is_handshaking() || s.is_handshaking() {
+            pump(&mut c, &mut s);
+            pump(&mut s, &mut c);
+        }
+        pump(&mut s, &mut c);
+        assert_eq!(c.handshake_kind(), s.handshake_kind());
+        c.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
+    #[test]
+    fn the_server_resumes_with_stateless_tickets_whatever_the_number_of_clients() {
+        // rustls' default server cache holds 256 sessions (2 per TLS 1.3 handshake): with
+        // tickets the server keeps nothing, so the first of 300 clients still resumes.
+        let dir = tmpdir("tickets");
+        let mesh = ca("mesh");
+        let server = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), &Role::mesh_server());
+        let server = server.unwrap().server.unwrap();
+        let cdir = tmpdir("tickets-client");
+        let cf = files(
+            &cdir,
+            &mesh,
+            "spiffe://cluster.local/ns/default/sa/productpage",
+            KeyPair::generate().unwrap(),
+        );
+        let role = Role::mesh_client(vec![RATINGS.into()], None);
+        let clients: Vec<_> = (0..300).map(|_| build(&cf, &role).unwrap().client.unwrap()).collect();
+        for c in &clients {
+            assert!(!handshake_in_memory(c, &server), "a first handshake is a full one");
+        }
+        assert!(handshake_in_memory(&clients[0], &server), "the first client's ticket resumes");
+    }
+
+    #[test]
+    fn both_sides_prefer_aes_128_gcm_with_aes_instructions() {
+        let dir = tmpdir("suites");
+        let mesh = ca("mesh");
+        let server = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), &Role::mesh_server());
+        let server = server.unwrap().server.unwrap();
+        let client = build(
+            &files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()),
+            &Role::mesh_client(vec![], None),
+        );
+        let client = client.unwrap().client.unwrap();
+        let first = |suites: &[rustls::SupportedCipherSuite]| suites.first().map(|s| s.suite());
+        let want = match aes_hardware() {
+            true => rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            false => rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        };
+        assert_eq!(first(&client.crypto_provider().cipher_suites), Some(want));
+        assert_eq!(first(&server.crypto_provider().cipher_suites), Some(want));
+        assert!(server.ignore_client_order, "the server's order decides, as BoringSSL's");
+        let tls12 = envoy_suite_order(true).into_iter().find(|s| s.version() == &rustls::version::TLS12);
+        assert_eq!(
+            tls12.map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+        );
+        // Every suite rustls offers by default is still offered, and named in the metric.
+        let ours = envoy_suite_order(true);
+        for s in rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES {
+            assert!(ours.contains(s), "{:?}", s.suite());
+            assert_ne!(suite_index(s.suite()), crate::metrics::TLS_SUITES.len() - 1, "{:?}", s.suite());
+        }
+        assert_eq!(ours.len(), rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES.len());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! and bad certificate files. Certificates are generated at test time with rcgen.
 
 mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
 #[path = "common/pki.rs"]
 mod pki;
 
@@ -397,6 +399,15 @@ fn openssl_server(
     certs: &Certs,
     alpn: &str,
 ) -> (SocketAddr, std::process::Child, std::sync::mpsc::Receiver<Vec<u8>>) {
+    openssl_server_with(certs, alpn, &[])
+}
+
+/// `openssl_server` with more options (a suite restriction).
+fn openssl_server_with(
+    certs: &Certs,
+    alpn: &str,
+    args: &[&str],
+) -> (SocketAddr, std::process::Child, std::sync::mpsc::Receiver<Vec<u8>>) {
     let addr = free_addr();
     let mut child = Command::new("openssl")
         .args(["s_server", "-quiet", "-accept", &addr.to_string(), "-cert"])
@@ -406,6 +417,7 @@ fn openssl_server(
         .arg("-CAfile")
         .arg(certs.path("root-cert.pem"))
         .args(["-Verify", "1", "-alpn", alpn])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -619,4 +631,548 @@ fn istio_mutual_rules_run_end_to_end(rules: &str, net: u8) {
         let closed = |rs: &Ringside| sum(&rs.scrape(), "istio_tcp_connections_closed_total", &destination);
         (closed(&v1) + closed(&v2) == 4.0).then_some(())
     });
+}
+
+// Cipher suites and session resumption (README Decisions).
+
+/// The TLS 1.3 suite ringside prefers on this CPU: BoringSSL's order, AES-128-GCM first with
+/// AES instructions, ChaCha20 first without.
+fn preferred_tls13_suite() -> &'static str {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags: Vec<&str> =
+        cpu.lines().filter(|l| l.starts_with("flags")).flat_map(|l| l.split_whitespace()).collect();
+    match flags.contains(&"aes") && flags.contains(&"pclmulqdq") {
+        true => "TLS13_AES_128_GCM_SHA256",
+        false => "TLS13_CHACHA20_POLY1305_SHA256",
+    }
+}
+
+/// `ringside_tls_handshakes_total` of one sidecar for `labels`.
+fn handshakes(rs: &Ringside, labels: &[(&str, &str)]) -> f64 {
+    sum(&rs.scrape(), "ringside_tls_handshakes_total", labels)
+}
+
+#[test]
+fn a_second_connection_between_two_sidecars_is_resumed_with_aes_128_gcm_and_both_principals() {
+    let ca = Ca::new("mesh");
+    let (client, server) = mesh(&ca, "strict", echo_server());
+    let suite = preferred_tls13_suite();
+    echo_round_trip(client.listen, b"first: a full handshake");
+    echo_round_trip(client.listen, b"second: resumed from the first's ticket");
+    let full = [("handshake", "full"), ("cipher_suite", suite)];
+    let resumed = [("handshake", "resumed"), ("cipher_suite", suite)];
+    client.wait_for_value(
+        "ringside_tls_handshakes_total",
+        &[&full[..], &[("direction", "outbound")]].concat(),
+        1.0,
+    );
+    client.wait_for_value(
+        "ringside_tls_handshakes_total",
+        &[&resumed[..], &[("direction", "outbound")]].concat(),
+        1.0,
+    );
+    server.wait_for_value(
+        "ringside_tls_handshakes_total",
+        &[&full[..], &[("direction", "inbound")]].concat(),
+        1.0,
+    );
+    server.wait_for_value(
+        "ringside_tls_handshakes_total",
+        &[&resumed[..], &[("direction", "inbound")]].concat(),
+        1.0,
+    );
+    // The resumed session still names both peers: from the cached server certificate on the
+    // client, from the ticket's client certificate on the server.
+    let source =
+        [("reporter", "source"), ("source_principal", PRODUCTPAGE), ("destination_principal", RATINGS)];
+    client.wait_for_value("istio_tcp_connections_closed_total", &source, 2.0);
+    let destination = [
+        ("reporter", "destination"),
+        ("source_principal", PRODUCTPAGE),
+        ("destination_principal", RATINGS),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    server.wait_for_value("istio_tcp_connections_closed_total", &destination, 2.0);
+}
+
+#[test]
+fn a_rotated_certificate_on_either_side_forces_a_full_handshake() {
+    let ca = Ca::new("mesh");
+    let server_certs = Certs::new("ratings", &ca, RATINGS);
+    let server = inbound(&server_certs, "strict", "alpn", echo_server());
+    let client_certs = Certs::new("productpage", &ca, PRODUCTPAGE);
+    let client = outbound(&client_certs, &[RATINGS], server.listen);
+    let outbound_full = [("direction", "outbound"), ("handshake", "full")];
+    let inbound_full = [("direction", "inbound"), ("handshake", "full")];
+    echo_round_trip(client.listen, b"full");
+    echo_round_trip(client.listen, b"resumed");
+    client.wait_for_value("ringside_tls_handshakes_total", &[("handshake", "resumed")], 1.0);
+
+    // The client's certificate rotates: its rebuilt config starts with no session. Until the
+    // reload is seen connections resume; once it is, one full handshake, then resumption again.
+    client_certs.install(&ca, PRODUCTPAGE, &ca.pem, false);
+    wait_for("a full handshake after the client's rotation", || {
+        echo_round_trip(client.listen, b"after the client's rotation");
+        (handshakes(&client, &outbound_full) == 2.0).then_some(())
+    });
+    echo_round_trip(client.listen, b"resumed again");
+    client.wait_for_value("ringside_tls_handshakes_total", &outbound_full, 2.0);
+
+    // The server's certificate and root rotate (a new mesh CA): its new ticket keys cannot
+    // open the client's tickets, so the client's next handshake is full and verifies the new
+    // certificate (the client trusts both roots meanwhile, as during an Istio root rotation).
+    let ca2 = Ca::new("mesh-2");
+    let both = format!("{}{}", ca.pem, ca2.pem);
+    client_certs.install(&ca, PRODUCTPAGE, &both, false);
+    wait_for("the client to trust both roots", || {
+        echo_round_trip(client.listen, b"after the client's root update");
+        (handshakes(&client, &outbound_full) == 3.0).then_some(())
+    });
+    let before = handshakes(&server, &inbound_full);
+    server_certs.install(&ca2, RATINGS, &both, false);
+    wait_for("a full handshake after the server's rotation", || {
+        echo_round_trip(client.listen, b"after the server's rotation");
+        (handshakes(&server, &inbound_full) > before).then_some(())
+    });
+    let source =
+        [("reporter", "source"), ("destination_principal", RATINGS), ("source_principal", PRODUCTPAGE)];
+    let closed = sum(&client.scrape(), "istio_tcp_connections_closed_total", &[]);
+    client.wait_for_value("istio_tcp_connections_closed_total", &source, closed);
+}
+
+#[test]
+fn a_session_cached_for_one_expected_identity_never_satisfies_another() {
+    // Two clusters with the same certificate files and the same SNI, one expecting the
+    // server's identity, one another: a session of the first must not let the second skip
+    // its identity check (rustls does not verify again on resumption).
+    let ca = Ca::new("mesh");
+    let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
+    let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
+    let (right, wrong) = (free_addr(), free_addr());
+    let reviews = "spiffe://cluster.local/ns/default/sa/reviews";
+    let cluster = |name: &str, san: &str| {
+        format!(
+            "  - name: {name}\n    service: ratings.ratings-ns.svc.cluster.local\n    endpoints: [{{address: \"{}\"}}]\n    \
+             tls: {{mode: istio_mutual, {}, subject_alt_names: [\"{san}\"]}}\n",
+            server.listen,
+            certs.yaml()
+        )
+    };
+    let config = format!(
+        "{}listeners:\n  - {{name: right, listen: \"{right}\", direction: outbound, peer_exchange: alpn, cluster: right}}\n  \
+         - {{name: wrong, listen: \"{wrong}\", direction: outbound, peer_exchange: alpn, cluster: wrong}}\nclusters:\n{}{}",
+        node("productpage-v1", "default", "productpage"),
+        cluster("right", RATINGS),
+        cluster("wrong", reviews)
+    );
+    let client = Ringside::spawn_config(&config, right, &[]);
+    echo_round_trip(right, b"full");
+    echo_round_trip(right, b"resumed");
+    client.wait_for_value("ringside_tls_handshakes_total", &[("handshake", "resumed")], 1.0);
+    let mut c = connect(wrong);
+    let _ = c.write_all(b"hi");
+    assert_closed_empty(&mut c, "SAN mismatch despite a cached session");
+    client.wait_for_value("istio_tcp_connections_closed_total", &[("response_flags", "UF")], 1.0);
+    assert_eq!(handshakes(&client, &[("handshake", "resumed")]), 1.0);
+}
+
+/// `openssl s_client` with a mesh certificate against `addr`: sends a line, waits for its
+/// echo, then closes stdin (s_client then exits). Returns its stdout (session details).
+fn s_client(addr: SocketAddr, certs: &Certs, args: &[&str]) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), "-cert"])
+        .arg(certs.path("cert-chain.pem"))
+        .arg("-key")
+        .arg(certs.path("key.pem"))
+        .arg("-CAfile")
+        .arg(certs.path("root-cert.pem"))
+        .args(["-alpn", "istio"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl (tests/deps.sh installs it)");
+    let line = b"echo through ringside\n";
+    child.stdin.as_mut().unwrap().write_all(line).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    wait_for("s_client to print the echo", || {
+        got.extend(rx.try_iter().flatten());
+        contains(&got, line).then_some(())
+    });
+    drop(child.stdin.take()); // EOF: s_client closes the connection and exits
+    let _ = child.wait();
+    got.extend(rx.iter().flatten());
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn openssl_s_client_gets_aes_128_gcm_and_resumes_its_session() {
+    let ca = Ca::new("mesh");
+    let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
+    let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
+    let session = certs.path("session.pem");
+    let sess = session.to_str().unwrap();
+    // OpenSSL offers AES-256-GCM first; the server's order (BoringSSL's) decides.
+    let openssl_name = preferred_tls13_suite().replacen("TLS13_", "TLS_", 1);
+    let first = s_client(server.listen, &certs, &["-sess_out", sess]);
+    assert!(
+        first.contains("New, TLSv1.3") && first.contains(&format!("Cipher is {openssl_name}")),
+        "{first}"
+    );
+    let second = s_client(server.listen, &certs, &["-sess_in", sess]);
+    assert!(second.contains("Reused, TLSv1.3"), "{second}");
+    let resumed =
+        [("direction", "inbound"), ("handshake", "resumed"), ("cipher_suite", preferred_tls13_suite())];
+    server.wait_for_value("ringside_tls_handshakes_total", &resumed, 1.0);
+    // The resumed connection is labelled with the client certificate of the first.
+    server.wait_for_value(
+        "istio_tcp_connections_closed_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", PRODUCTPAGE),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+        2.0,
+    );
+}
+
+#[test]
+fn python_ssl_gets_the_servers_preferred_suite() {
+    let ca = Ca::new("mesh");
+    let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
+    let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
+    let script = r#"
+import socket, ssl, sys
+host, port, cert, key, root = sys.argv[1:6]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.load_verify_locations(root)
+ctx.load_cert_chain(cert, key)
+ctx.set_alpn_protocols(["istio"])
+t = ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=10))
+t.sendall(b"x")
+t.recv(1)
+print(t.cipher()[0], flush=True)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &server.listen.ip().to_string(), &server.listen.port().to_string()])
+        .args([certs.p("cert-chain.pem"), certs.p("key.pem"), certs.p("root-cert.pem")])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("python3");
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(got, preferred_tls13_suite().replacen("TLS13_", "TLS_", 1));
+}
+
+/// Every suite ringside offers, as rustls and OpenSSL name it, with the certificate key type
+/// it needs (TLS 1.2 suites are per signature algorithm) and the TLS 1.3 flag.
+const SUITES: [(&str, &str, bool, bool); 9] = [
+    ("TLS13_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256", false, true),
+    ("TLS13_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384", false, true),
+    ("TLS13_CHACHA20_POLY1305_SHA256", "TLS_CHACHA20_POLY1305_SHA256", false, true),
+    ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ECDHE-ECDSA-AES128-GCM-SHA256", false, false),
+    ("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "ECDHE-ECDSA-AES256-GCM-SHA384", false, false),
+    ("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305", false, false),
+    ("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "ECDHE-RSA-AES128-GCM-SHA256", true, false),
+    ("TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "ECDHE-RSA-AES256-GCM-SHA384", true, false),
+    ("TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", "ECDHE-RSA-CHACHA20-POLY1305", true, false),
+];
+
+/// OpenSSL's options restricting a peer to one suite.
+fn only_suite(openssl: &str, tls13: bool) -> Vec<String> {
+    match tls13 {
+        true => vec!["-tls1_3".into(), "-ciphersuites".into(), openssl.into()],
+        false => vec!["-tls1_2".into(), "-cipher".into(), openssl.into()],
+    }
+}
+
+#[test]
+fn every_suite_ringside_offers_interoperates_with_openssl_both_ways() {
+    let ca = Ca::new("mesh");
+    let (ec, rsa) = (Certs::new("ratings-ec", &ca, RATINGS), Certs::new("ratings-rsa", &ca, RATINGS));
+    rsa.install_rsa(&ca, RATINGS);
+    let client_certs = Certs::new("productpage", &ca, PRODUCTPAGE);
+    let servers =
+        [inbound(&ec, "strict", "alpn", echo_server()), inbound(&rsa, "strict", "alpn", echo_server())];
+    for (rustls_name, openssl_name, needs_rsa, tls13) in SUITES {
+        // Inbound: s_client restricted to the suite.
+        let server = &servers[usize::from(needs_rsa)];
+        let opts = only_suite(openssl_name, tls13);
+        let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+        let out = s_client(server.listen, &client_certs, &opts);
+        assert!(out.contains(&format!("Cipher is {openssl_name}")), "{rustls_name}: {out}");
+        server.wait_for_value(
+            "ringside_tls_handshakes_total",
+            &[("direction", "inbound"), ("handshake", "full"), ("cipher_suite", rustls_name)],
+            1.0,
+        );
+
+        // Outbound: s_server restricted to the suite.
+        let server_certs = if needs_rsa { &rsa } else { &ec };
+        let (addr, mut child, got) = openssl_server_with(server_certs, "istio", &opts);
+        let client = outbound(&client_certs, &[RATINGS], addr);
+        let mut c = connect(client.listen);
+        c.write_all(b"application bytes\n").unwrap();
+        let mut received = Vec::new();
+        wait_for("s_server to receive the application bytes", || {
+            received.extend(got.try_iter().flatten());
+            contains(&received, b"application bytes\n").then_some(())
+        });
+        client.wait_for_value(
+            "ringside_tls_handshakes_total",
+            &[("direction", "outbound"), ("cipher_suite", rustls_name)],
+            1.0,
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A real Envoy (BoringSSL) with a static bootstrap: `out13` and `out12` are tcp_proxies to
+/// `ringside_in` over ISTIO_MUTUAL-style TLS (its client certificate, expecting
+/// `ringside_id`), with Istio's TLS 1.2-1.3 (`tls_params` as istiod writes them) and with
+/// Envoy's default for clusters (TLS 1.2 only); `inbound` a listener requiring a mesh client
+/// certificate in front of `app`.
+struct StaticEnvoy {
+    child: std::process::Child,
+    admin: SocketAddr,
+    out13: SocketAddr,
+    out12: SocketAddr,
+    inbound: SocketAddr,
+}
+
+impl StaticEnvoy {
+    fn start(
+        bin: &str,
+        certs: &Certs,
+        ringside_in: SocketAddr,
+        ringside_id: &str,
+        app: SocketAddr,
+    ) -> StaticEnvoy {
+        let (admin, out13, out12, inbound) = (free_addr(), free_addr(), free_addr(), free_addr());
+        let tls_certificates = format!(
+            "[{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]",
+            certs.p("cert-chain.pem"),
+            certs.p("key.pem")
+        );
+        let root = certs.p("root-cert.pem");
+        let tcp_proxy = |prefix: &str, cluster: &str| {
+            format!(
+                "{{name: envoy.filters.network.tcp_proxy, typed_config: {{\"@type\": \
+                 type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {prefix}, \
+                 cluster: {cluster}}}}}"
+            )
+        };
+        let endpoint = |a: SocketAddr| {
+            format!(
+                "endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]",
+                a.ip(),
+                a.port()
+            )
+        };
+        let addr =
+            |a: SocketAddr| format!("{{socket_address: {{address: {}, port_value: {}}}}}", a.ip(), a.port());
+        let listener = |name: &str, at: SocketAddr| {
+            format!(
+                "  - name: {name}\n    address: {}\n    filter_chains: [{{filters: [{}]}}]\n",
+                addr(at),
+                tcp_proxy(name, name)
+            )
+        };
+        let to_ringside = |name: &str, tls_params: &str| {
+            format!(
+                r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment: {{cluster_name: {name}, {ep}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: ratings.ratings-ns.svc.cluster.local
+        common_tls_context:
+          {tls_params}
+          tls_certificates: {tls_certificates}
+          alpn_protocols: [istio]
+          validation_context:
+            trusted_ca: {{filename: {root}}}
+            match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{ringside_id}"}}}}]
+"#,
+                ep = endpoint(ringside_in)
+            )
+        };
+        let bootstrap = format!(
+            r#"admin: {{address: {admin}}}
+static_resources:
+  listeners:
+{out13}{out12}  - name: in
+    address: {inbound}
+    filter_chains:
+    - filters: [{to_app}]
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates: {tls_certificates}
+            alpn_protocols: [istio]
+            validation_context: {{trusted_ca: {{filename: {root}}}}}
+  clusters:
+{cluster13}{cluster12}  - name: app
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment: {{cluster_name: app, {app_ep}}}
+"#,
+            admin = addr(admin),
+            out13 = listener("ringside13", out13),
+            out12 = listener("ringside12", out12),
+            inbound = addr(inbound),
+            to_app = tcp_proxy("in", "app"),
+            cluster13 = to_ringside(
+                "ringside13",
+                "tls_params: {tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3}"
+            ),
+            cluster12 = to_ringside("ringside12", "tls_params: {}"),
+            app_ep = endpoint(app),
+        );
+        let path = certs.path("envoy.yaml");
+        std::fs::write(&path, bootstrap).unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .args(["--concurrency", "1", "--use-dynamic-base-id", "-l", "warning"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(certs.path("envoy.log")).unwrap())
+            .spawn()
+            .expect("spawn envoy");
+        let envoy = StaticEnvoy { child, admin, out13, out12, inbound };
+        wait_for("Envoy's listeners", || {
+            let (_, body) = http(admin, "GET", "/ready")?;
+            (body.trim() == "LIVE").then_some(())
+        });
+        envoy
+    }
+
+    /// The sum of Envoy's stats whose name ends with `suffix`.
+    fn stat(&self, suffix: &str) -> u64 {
+        let (_, body) = http(self.admin, "GET", "/stats").unwrap_or_default();
+        body.lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(name, _)| name.ends_with(suffix))
+            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for StaticEnvoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_real_envoy_and_ringside_negotiate_aes_128_gcm_and_resume_both_ways() {
+    let Some(bin) = envoy::envoy_binary() else {
+        skip("a_real_envoy_and_ringside_negotiate_aes_128_gcm_and_resume_both_ways", "no Envoy binary");
+        return;
+    };
+    let ca = Ca::new("mesh");
+    let reviews = "spiffe://cluster.local/ns/default/sa/reviews";
+    let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "off", echo_server());
+    let envoy =
+        StaticEnvoy::start(&bin, &Certs::new("envoy", &ca, reviews), server.listen, RATINGS, echo_server());
+    let suite = preferred_tls13_suite();
+    let boring = suite.replacen("TLS13_", "TLS_", 1);
+
+    // Envoy's client (BoringSSL) to ringside's server, twice per cluster: TLS 1.3 with
+    // Istio's tls_params, TLS 1.2 with Envoy's default. Envoy resumes its TLS 1.2 session on
+    // the second; its TLS 1.3 client mostly offers no session on its second ClientHello (seen
+    // through a relay: no pre_shared_key extension), on Envoy's side, so only the suite is
+    // checked there.
+    let tls12 = "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256";
+    for (out, cluster, ours, theirs) in [
+        (envoy.out13, "ringside13", suite, boring.as_str()),
+        (envoy.out12, "ringside12", tls12, "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ] {
+        echo_round_trip(out, b"envoy to ringside, full");
+        echo_round_trip(out, b"envoy to ringside, resumed");
+        server.wait_for_value(
+            "ringside_tls_handshakes_total",
+            &[("direction", "inbound"), ("cipher_suite", ours)],
+            2.0,
+        );
+        assert_eq!(envoy.stat(&format!("cluster.{cluster}.ssl.ciphers.{theirs}")), 2, "{cluster}");
+        if ours == tls12 {
+            let labels = [("direction", "inbound"), ("handshake", "resumed"), ("cipher_suite", ours)];
+            server.wait_for_value("ringside_tls_handshakes_total", &labels, 1.0);
+            assert_eq!(envoy.stat(&format!("cluster.{cluster}.ssl.session_reused")), 1, "{cluster}");
+        }
+    }
+    let destination =
+        [("reporter", "destination"), ("source_principal", reviews), ("destination_principal", RATINGS)];
+    server.wait_for_value("istio_tcp_connections_closed_total", &destination, 4.0);
+
+    // ringside's client to Envoy's server, twice: the second resumes with Envoy's ticket.
+    let client = outbound(&Certs::new("productpage", &ca, PRODUCTPAGE), &[reviews], envoy.inbound);
+    echo_round_trip(client.listen, b"ringside to envoy, full");
+    echo_round_trip(client.listen, b"ringside to envoy, resumed");
+    for kind in ["full", "resumed"] {
+        let labels = [("direction", "outbound"), ("handshake", kind), ("cipher_suite", suite)];
+        client.wait_for_value("ringside_tls_handshakes_total", &labels, 1.0);
+    }
+    let listener = format!("{}_{}", envoy.inbound.ip(), envoy.inbound.port());
+    assert_eq!(envoy.stat(&format!("listener.{listener}.ssl.ciphers.{boring}")), 2);
+    assert_eq!(envoy.stat(&format!("listener.{listener}.ssl.session_reused")), 1);
+    let source =
+        [("reporter", "source"), ("source_principal", PRODUCTPAGE), ("destination_principal", reviews)];
+    client.wait_for_value("istio_tcp_connections_closed_total", &source, 2.0);
+}
+
+#[test]
+fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
+    // Each connection moves 64 KiB both ways, then stays open and idle. rustls grows its
+    // incoming record buffer to a whole 16 KiB record and shrinks it only when it next reads;
+    // ringside has it shrink as the connection goes back to waiting, so what an idle
+    // connection costs does not depend on what it carried.
+    const CONNS: usize = 300;
+    let ca = Ca::new("mesh");
+    let (client, server) = mesh(&ca, "strict", echo_server());
+    let payload = Rng(5).bytes(64 * 1024);
+    echo_round_trip(client.listen, &payload); // warm: pools, first allocations
+    let before = [common::process::rss_kib(client.pid()), common::process::rss_kib(server.pid())];
+    let mut held = Vec::new();
+    for _ in 0..CONNS {
+        let mut c = connect(client.listen);
+        c.write_all(&payload).unwrap();
+        assert!(read_exact(&mut c, payload.len()) == payload);
+        held.push(c);
+    }
+    let after = [common::process::rss_kib(client.pid()), common::process::rss_kib(server.pid())];
+    let per_conn: Vec<f64> = before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a.saturating_sub(*b)) as f64 * 1024.0 / CONNS as f64)
+        .collect();
+    eprintln!(
+        "RSS per idle connection after 64 KiB each way: outbound {:.0} B, inbound {:.0} B",
+        per_conn[0], per_conn[1]
+    );
+    for (side, bytes) in ["outbound", "inbound"].iter().zip(&per_conn) {
+        // ~16 KB measured, ~32 KB when the record buffer stays grown.
+        assert!(*bytes < 24.0 * 1024.0, "{side} sidecar: {bytes:.0} B per idle connection");
+    }
+    drop(held);
 }

@@ -15,4 +15,6 @@ pub use labels::{
     ServiceInfo, label_set, principal_namespace, with_canonical_labels,
 };
 pub use render::{CONTENT_TYPE, ISTIO_COUNTERS, ISTIO_HELP, render};
-pub use shard::{Delta, ExchangeOutcome, LabelBudget, SeriesId, Shard, ShardWriter, TlsRefused};
+pub use shard::{
+    Delta, ExchangeOutcome, LabelBudget, SeriesId, Shard, ShardWriter, TLS_SUITES, TlsHandshake, TlsRefused,
+};

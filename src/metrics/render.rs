@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::labels::{LABEL_NAMES, LabelSet};
-use super::shard::{ExchangeOutcome, Shard, TlsRefused};
+use super::shard::{ExchangeOutcome, Shard, TLS_SUITES, TlsHandshake, TlsRefused};
 
 /// `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -35,6 +35,8 @@ const OVERFLOWED_HELP: &str =
 const LISTENER_HELP: &str = "Connections closed at once because a listener was at its connection limit.";
 const TLS_REFUSED_HELP: &str =
     "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.";
+const TLS_HANDSHAKES_HELP: &str =
+    "mTLS handshakes completed, by direction, full or resumed session, and negotiated cipher suite.";
 const LOOPS_HELP: &str =
     "Captured connections refused because their original destination was the proxy's own listener.";
 const REPLACED_HELP: &str = "Values (and label keys) of peers' metadata longer than 256 bytes, replaced by unknown (label keys: left out).";
@@ -46,8 +48,9 @@ const BUILD_HELP: &str = "ringside build.";
 /// counters and the `ringside_*` process metrics, each family with `# HELP` and `# TYPE`:
 /// `ringside_connections_active{worker}`, `ringside_exchange_total{outcome}`,
 /// `ringside_label_sets_overflowed_total`, `ringside_listener_overflowed_total`,
-/// `ringside_capture_loops_refused_total`, `ringside_rbac_denied_total`,
-/// `ringside_tls_refused_total{reason}`,
+/// `ringside_capture_loops_refused_total`, `ringside_peer_values_replaced_total`,
+/// `ringside_rbac_denied_total`, `ringside_tls_refused_total{reason}`,
+/// `ringside_tls_handshakes_total{direction,handshake,cipher_suite}` (only those seen),
 /// `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
 ///
@@ -95,8 +98,12 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
 
     let mut exchanges = [0u64; 7];
     let mut refused = [0u64; 5];
+    let mut handshakes = [0u64; TlsHandshake::CELLS];
     let (mut overflowed, mut listener, mut loops, mut replaced, mut rbac) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for shard in shards {
+        for (i, sum) in handshakes.iter_mut().enumerate() {
+            *sum = sum.wrapping_add(shard.tls_handshakes(i));
+        }
         for (sum, outcome) in exchanges.iter_mut().zip(ExchangeOutcome::ALL) {
             *sum = sum.wrapping_add(shard.exchanges(outcome));
         }
@@ -135,6 +142,25 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         sample(&mut out, "ringside_tls_refused_total", Some(("reason", reason.as_str())), *sum);
     }
     out.push('\n');
+    // Only the combinations seen: 40 mostly-zero series would drown the useful ones.
+    if handshakes.iter().any(|n| *n > 0) {
+        let name = "ringside_tls_handshakes_total";
+        header(&mut out, name, TLS_HANDSHAKES_HELP, "counter");
+        for (i, n) in handshakes.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let h = TlsHandshake::of_index(i);
+            out.push_str(name);
+            out.push('{');
+            push_label(&mut out, "direction", if h.inbound { "inbound" } else { "outbound" });
+            out.push(',');
+            push_label(&mut out, "handshake", if h.resumed { "resumed" } else { "full" });
+            out.push(',');
+            push_label(&mut out, "cipher_suite", TLS_SUITES.get(h.suite).copied().unwrap_or("other"));
+            out.push_str("} ");
+            push_u64(&mut out, *n);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
 
     if !shards.is_empty() {
         header(&mut out, "ringside_connections_active", ACTIVE_HELP, "gauge");

@@ -59,6 +59,49 @@ impl TlsRefused {
     }
 }
 
+/// The cipher suites named in `ringside_tls_handshakes_total{cipher_suite}`: every suite
+/// ringside offers (rustls' names), then `other` for anything else.
+pub const TLS_SUITES: [&str; 10] = [
+    "TLS13_AES_128_GCM_SHA256",
+    "TLS13_AES_256_GCM_SHA384",
+    "TLS13_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    "other",
+];
+
+/// One completed mTLS handshake (`ringside_tls_handshakes_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsHandshake {
+    /// An inbound listener's (server side), else an outbound cluster's (client side).
+    pub inbound: bool,
+    /// The session was resumed (a ticket or session id), no certificate exchanged.
+    pub resumed: bool,
+    /// Index into [`TLS_SUITES`].
+    pub suite: usize,
+}
+
+impl TlsHandshake {
+    /// Cells per shard: direction × full/resumed × suite.
+    pub const CELLS: usize = 2 * 2 * TLS_SUITES.len();
+
+    /// This handshake's cell.
+    pub fn index(self) -> usize {
+        let suite = self.suite.min(TLS_SUITES.len() - 1);
+        (usize::from(self.inbound) * 2 + usize::from(self.resumed)) * TLS_SUITES.len() + suite
+    }
+
+    /// The handshake of cell `index` (the inverse of [`TlsHandshake::index`]).
+    pub fn of_index(index: usize) -> TlsHandshake {
+        let n = TLS_SUITES.len();
+        TlsHandshake { inbound: index / n / 2 == 1, resumed: (index / n) % 2 == 1, suite: index % n }
+    }
+}
+
 /// Outcome of one peer exchange, like Istio's `metadata_exchange` stats (plus ours: `invalid`,
 /// `timeout`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,6 +246,15 @@ struct ProcessCells {
     rbac_denied: AtomicU64,
     exchange: [AtomicU64; 7],
     tls_refused: [AtomicU64; 5],
+    /// By direction × full/resumed, then suite (`TlsHandshake::index`).
+    tls_handshakes: [[AtomicU64; TLS_SUITES.len()]; 4],
+}
+
+impl ProcessCells {
+    fn handshake_cell(&self, index: usize) -> Option<&AtomicU64> {
+        let n = TLS_SUITES.len();
+        self.tls_handshakes.get(index / n)?.get(index % n)
+    }
 }
 
 /// Read side of one worker's counters, shared with the scraper: per-series cells and process
@@ -284,6 +336,11 @@ impl Shard {
     /// Inbound TLS handshakes refused for `reason` on this worker.
     pub fn tls_refused(&self, reason: TlsRefused) -> u64 {
         self.process.tls_refused[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// mTLS handshakes completed on this worker, by [`TlsHandshake::index`].
+    pub fn tls_handshakes(&self, index: usize) -> u64 {
+        self.process.handshake_cell(index).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Exchanges that ended with `outcome` on this worker.
@@ -416,6 +473,13 @@ impl ShardWriter {
     /// Counts one inbound TLS handshake refused (SPEC §7 strict: closed, never relayed).
     pub fn count_tls_refused(&self, reason: TlsRefused) {
         add(&self.shard.process.tls_refused[reason as usize], 1);
+    }
+
+    /// Counts one completed mTLS handshake, full or resumed (README Decisions: resumption).
+    pub fn count_tls_handshake(&self, h: TlsHandshake) {
+        if let Some(cell) = self.shard.process.handshake_cell(h.index()) {
+            add(cell, 1);
+        }
     }
 
     /// Counts one captured connection refused as a loop (SPEC §8).

@@ -18,7 +18,7 @@ use crate::capture;
 use crate::config::{Capture, Listener, ListenerTlsMode, PeerExchange};
 use crate::conn::{Conn, Security, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser};
-use crate::metrics::{ExchangeOutcome, TlsRefused};
+use crate::metrics::{ExchangeOutcome, TlsHandshake, TlsRefused};
 use crate::socket;
 use crate::tls::Slot;
 use crate::tls::hello::ClientHello;
@@ -80,12 +80,21 @@ async fn accept(
         ctx.metrics.borrow().count_tls_refused(reason);
         return Err(Error::Refused);
     }
+    count_handshake(ctx, &tls, true);
+    // Resumed or not, the principal comes from the session's client certificate (rustls
+    // restores the chain a resumed session was established with).
     *conn.security.borrow_mut() = Security {
         local_principal: config.local_principal.clone(),
         peer_principal: tls.peer_principal().map(Into::into),
         mutual_tls: true,
     };
     Ok(Accepted::Tls(tls))
+}
+
+/// Count a completed handshake: direction, full or resumed, suite.
+fn count_handshake(ctx: &WorkerCtx, tls: &TlsStream, inbound: bool) {
+    let (resumed, suite) = tls.handshake_info();
+    ctx.metrics.borrow().count_tls_handshake(TlsHandshake { inbound, resumed, suite });
 }
 
 fn refused_reason(e: &io::Error) -> TlsRefused {
@@ -301,6 +310,7 @@ async fn open_outbound(
             return Err(Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "tls handshake timed out")));
         }
     }
+    count_handshake(ctx, &tls, false);
     *conn.security.borrow_mut() = Security {
         local_principal: config.local_principal.clone(),
         peer_principal: tls.peer_principal().map(Into::into),

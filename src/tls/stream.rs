@@ -30,6 +30,22 @@ pub enum Fill {
     WouldBlock,
 }
 
+/// Let rustls shrink its incoming record buffer, grown to a whole record (up to ~20 KiB)
+/// by the last read, back to its 4 KiB minimum: rustls resizes it only at the start of a read,
+/// so a read from a source that has nothing (`WouldBlock`) does just that. Called when a
+/// connection goes back to waiting for the socket, so an idle connection after bulk holds
+/// 4 KiB there, not a record's worth (README Decisions: idle memory).
+pub fn trim(conn: &mut rustls::Connection) {
+    struct Nothing;
+    impl io::Read for Nothing {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+    // Errors (plaintext waiting, a full buffer) leave the connection as it was.
+    let _ = conn.read_tls(&mut Nothing);
+}
+
 /// One TLS connection, client or server side.
 pub struct TlsStream {
     tcp: TcpStream,
@@ -104,6 +120,15 @@ impl TlsStream {
             rustls::Connection::Server(s) => f(s.server_name()),
             rustls::Connection::Client(_) => f(None),
         }
+    }
+
+    /// After the handshake: whether the session was resumed, and the negotiated suite's
+    /// index in `ringside_tls_handshakes_total` (`crate::tls::suite_index`).
+    pub fn handshake_info(&self) -> (bool, usize) {
+        let c = self.conn.borrow();
+        let resumed = c.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let suite = c.negotiated_cipher_suite().map_or(usize::MAX, |s| super::suite_index(s.suite()));
+        (resumed, suite)
     }
 
     /// The socket underneath (its addresses, its original destination when captured).
@@ -214,7 +239,10 @@ impl TlsStream {
                     // answer; the write side flushes whatever the socket does not take now.
                     let _ = self.flush_now();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Fill::WouldBlock),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    trim(&mut self.conn.borrow_mut());
+                    return Ok(Fill::WouldBlock);
+                }
                 Err(e) => {
                     let _ = self.flush_now();
                     return Err(e);

@@ -26,13 +26,17 @@ impl Ca {
     /// A workload certificate with a SPIFFE URI SAN, as Istio's CA issues; `expired` makes
     /// one whose validity ended yesterday.
     pub fn workload(&self, spiffe: &str, expired: bool) -> (String, String) {
+        self.workload_with(spiffe, expired, KeyPair::generate().unwrap())
+    }
+
+    /// A workload certificate for `key` (an RSA key for the ECDHE-RSA suites).
+    pub fn workload_with(&self, spiffe: &str, expired: bool, key: KeyPair) -> (String, String) {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
         if expired {
             p.not_before = rcgen::date_time_ymd(2020, 1, 1);
             p.not_after = rcgen::date_time_ymd(2021, 1, 1);
         }
-        let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &Issuer::from_params(&self.params, &self.key)).unwrap();
         (cert.pem(), key.serialize_pem())
     }
@@ -61,7 +65,16 @@ impl Certs {
 
     /// Write a new certificate set by atomic renames, as the Istio agent does.
     pub fn install(&self, ca: &Ca, spiffe: &str, root: &str, expired: bool) {
-        let (cert, key) = ca.workload(spiffe, expired);
+        self.install_pem(ca.workload(spiffe, expired), root);
+    }
+
+    /// Replace the workload certificate with one for an RSA key (same root).
+    pub fn install_rsa(&self, ca: &Ca, spiffe: &str) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        self.install_pem(ca.workload_with(spiffe, false, key), &ca.pem);
+    }
+
+    fn install_pem(&self, (cert, key): (String, String), root: &str) {
         for (name, body) in
             [("cert-chain.pem", &cert), ("key.pem", &key), ("root-cert.pem", &root.to_string())]
         {
