@@ -2,11 +2,14 @@
 //! test process) with `xds: {api: delta}`, the real binary and real sockets: the initial sync
 //! and traffic, an incremental EDS change touching only its cluster, `removed_resources`, a
 //! NACK of one bad resource among good ones with readiness kept, `initial_resource_versions`
-//! on a new stream, and unsubscribing from a cluster's assignment when the cluster goes.
+//! on a new stream, and unsubscribing from a cluster's assignment when the cluster goes; and a
+//! real Envoy fed by the same delta server, as the reference.
 
 #[path = "common/ads.rs"]
 mod ads;
 mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -247,4 +250,69 @@ fn a_cluster_gone_unsubscribes_its_assignment() {
     let change = log.request("the EDS subscribe", |r| r.type_url == ENDPOINTS && r.response_nonce.is_empty());
     assert_eq!(change.resource_names_subscribe, ["outbound|27017|v3|mongodb.default.svc.cluster.local"]);
     until_all(mesh.listen, "v1");
+}
+
+#[test]
+fn a_real_envoy_fed_by_the_same_delta_server_applies_rejects_and_removes_alike() {
+    let Some(bin) = envoy::envoy_binary() else {
+        common::skip(
+            "a_real_envoy_fed_by_the_same_delta_server_applies_rejects_and_removes_alike",
+            "no Envoy binary (perf/fetch-envoy.sh failed)",
+        );
+        return;
+    };
+    let ours = Mesh::new();
+    let theirs = Mesh { v1: ours.v1, v2: ours.v2, listen: free_addr() };
+    let envoy_snap = ads::without_istio_extensions;
+    let (ads_r, log_r) = AdsServer::serve_delta(ours.snapshot("1", V1));
+    let (ads_e, log_e) = AdsServer::serve_delta(envoy_snap(theirs.snapshot("1", V1)));
+    let _rs = ringside(ads_r.addr);
+    let _envoy = envoy::Envoy::start_delta(&bin, ads_e.addr);
+    let sides = [("ringside", &ours, &log_r), ("envoy", &theirs, &log_e)];
+    for (who, mesh, log) in sides {
+        initial_acks(log);
+        wait_for(&format!("{who}'s xDS listener"), || tag_of(mesh.listen));
+        until_all(mesh.listen, "v1");
+    }
+    // One assignment changes: only it is sent, both ACK and move.
+    let moved = tag_server("vb");
+    let eds_only = |mesh: &Mesh| {
+        let mut s = mesh.snapshot("2", V1);
+        s.endpoints[0] = assignment(V1, &[(moved, "mongodb-v1b;default;mongodb;v1;Kubernetes")]);
+        s
+    };
+    ads_r.push(eds_only(&ours));
+    ads_e.push(envoy_snap(eds_only(&theirs)));
+    for (who, mesh, log) in sides {
+        let (response, ack) = log.reply(ENDPOINTS);
+        assert_eq!(response.resources.len(), 1, "{who}");
+        assert!(ack.error_detail.is_none(), "{who}: {:?}", ack.error_detail);
+        until_all(mesh.listen, "vb");
+    }
+    // A bad listener beside the good one: both NACK, and keep serving.
+    let bad = |mesh: &Mesh, at: SocketAddr| {
+        let mut s = eds_only(mesh);
+        s.version = "3".into();
+        s.listeners.push(tcp_listener("weight-zero", at, &[(V2, 0), (V1, 1)]));
+        s
+    };
+    ads_r.push(bad(&ours, free_addr()));
+    ads_e.push(envoy_snap(bad(&theirs, free_addr())));
+    for (who, mesh, log) in sides {
+        let (response, nack) = log.reply(LISTENER);
+        assert_eq!(response.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["weight-zero"]);
+        assert!(nack.error_detail.is_some(), "{who} NACKs");
+        until_all(mesh.listen, "vb");
+    }
+    // The listeners removed: both stop accepting.
+    ads_r.push(Snapshot { version: "4".into(), listeners: vec![], ..eds_only(&ours) });
+    ads_e.push(envoy_snap(Snapshot { version: "4".into(), listeners: vec![], ..eds_only(&theirs) }));
+    for (who, mesh, log) in sides {
+        let (response, ack) = log.reply(LISTENER);
+        assert_eq!(response.removed_resources.len(), 2, "{who}: {response:?}");
+        assert!(ack.error_detail.is_none(), "{who}: {:?}", ack.error_detail);
+        wait_for(&format!("{who} to refuse on the removed listener"), || {
+            TcpStream::connect(mesh.listen).is_err().then_some(())
+        });
+    }
 }
