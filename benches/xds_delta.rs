@@ -215,9 +215,9 @@ fn run(api: &str, clusters: u64, pushes: u64) -> Measured {
         let version = i + 2;
         server.push(mesh(clusters, version, listen, backend, i + 1));
         settle(version);
-        if sotw.is_some() {
+        if let Some(requests) = &sotw {
             // The Listener reply comes last in the server's order (clusters, endpoints, listeners).
-            ads::reply_to(sotw.as_ref().unwrap(), ads::LISTENER, &version.to_string());
+            ads::reply_to(requests, ads::LISTENER, &version.to_string());
         }
     }
     let (bytes1, ticks1) = (received.load(Ordering::Relaxed), thread_ticks(pid, "ringside-xds"));

@@ -223,7 +223,9 @@ struct DeltaRecorder {
 
 /// What a delta server received and sent, in order.
 pub struct DeltaLog {
+    /// Every request received (subscriptions, ACKs, NACKs), on every stream.
     pub requests: mpsc::Receiver<DeltaDiscoveryRequest>,
+    /// Every response sent, on every stream.
     pub responses: mpsc::Receiver<DeltaDiscoveryResponse>,
 }
 
@@ -269,6 +271,7 @@ impl DeltaLog {
 /// A snapshot as served, with each resource's version: the snapshot version that last
 /// changed it (istiod's push versions), so that a push sends only what changed.
 pub struct Served {
+    /// What is served.
     pub snapshot: Snapshot,
     /// (type URL, name) -> version.
     versions: HashMap<(&'static str, String), String>,
