@@ -101,8 +101,9 @@ pub struct Xds {
     /// with its JSON types) instead of one built from `node:` (SPEC §10).
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub bootstrap_node: Option<serde_json::Value>,
-    /// The variant the server is spoken to in (the bootstrap's `ads_config.api_type`).
-    #[serde(default, skip_deserializing)]
+    /// The variant the server is spoken to in: `api: state_of_the_world | delta` (a
+    /// bootstrap's `ads_config.api_type` `GRPC` or `DELTA_GRPC`).
+    #[serde(default)]
     pub api: XdsApi,
     /// HTTP/2 keepalive on the ADS stream: a PING this often (ztunnel's 30 s)...
     #[serde(default = "default_keepalive_interval")]
@@ -1436,6 +1437,19 @@ mod tests {
         for text in ["50us", "1500us", "250ms", "5s", "2m", "1h", "0s"] {
             assert_eq!(text.parse::<Dur>().unwrap().to_string(), text);
         }
+    }
+
+    #[test]
+    fn xds_api_is_state_of_the_world_unless_delta_is_asked_for() {
+        let read = |text: &str| Config::parse(text, "t.yaml").map(|c| c.xds.unwrap().api);
+        assert_eq!(read("xds: {address: 127.0.0.1:15010}\n").unwrap(), XdsApi::StateOfTheWorld);
+        assert_eq!(read("xds: {address: 127.0.0.1:15010, api: delta}\n").unwrap(), XdsApi::Delta);
+        assert_eq!(
+            read("xds: {address: 127.0.0.1:15010, api: state_of_the_world}\n").unwrap(),
+            XdsApi::StateOfTheWorld
+        );
+        let err = read("xds: {address: 127.0.0.1:15010, api: incremental}\n").unwrap_err();
+        assert!(err.to_string().contains("api"), "{err}");
     }
 
     #[test]

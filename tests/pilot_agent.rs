@@ -1,6 +1,6 @@
 //! SPEC §10: ringside started as Istio's pilot-agent starts Envoy: no subcommand, Envoy's
 //! command line exactly as the agent passes it, a JSON bootstrap in the working directory,
-//! ADS over the `xds-grpc` unix socket, Istio's static listeners 15090 (metrics) and 15021
+//! delta ADS (`DELTA_GRPC`, Istio's default) over the `xds-grpc` unix socket, Istio's static listeners 15090 (metrics) and 15021
 //! (`/healthz/ready`, forwarded to the agent on 15020). Each test runs in a network namespace
 //! of its own, so Istio's fixed ports are free. The conformance test starts every golden
 //! bootstrap of Istio's own (`../shared/istio-bootstrap/`).
@@ -69,7 +69,8 @@ fn static_route_listener(port: u16, prefix: &str, cluster: &str) -> serde_json::
 }
 
 /// The project's own sidecar bootstrap in the shape the agent renders (its node metadata
-/// keeps JSON types: a number, a list, a map), ADS over `./etc/istio/proxy/XDS`.
+/// keeps JSON types: a number, a list, a map), delta ADS (`DELTA_GRPC`, Istio's default
+/// since 1.22) over `./etc/istio/proxy/XDS`.
 fn bootstrap() -> serde_json::Value {
     let pipe = |path: &str| serde_json::json!({"pipe": {"path": path}});
     let socket =
@@ -89,7 +90,7 @@ fn bootstrap() -> serde_json::Value {
         "dynamic_resources": {
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+            "ads_config": {"api_type": "DELTA_GRPC", "transport_api_version": "V3",
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]}
         },
         "static_resources": {
@@ -174,8 +175,7 @@ fn ringside_runs_unchanged_under_pilot_agents_command_line_and_bootstrap() {
         ],
         ..ads::Snapshot::default()
     };
-    let (tx, requests) = std::sync::mpsc::channel();
-    let _xds = ads::AdsServer::start_unix(&root.join("etc/istio/proxy/XDS"), snapshot, tx);
+    let (_xds, xds_log) = ads::AdsServer::serve_delta_unix(&root.join("etc/istio/proxy/XDS"), snapshot);
     fake_agent(&pods.a);
     let log = root.join("ringside.log");
     let mut rs = Running(start_in(&pods.a, &root, PILOT_AGENT_ARGS, &log));
@@ -195,9 +195,10 @@ fn ringside_runs_unchanged_under_pilot_agents_command_line_and_bootstrap() {
     assert_eq!(info["state"], "LIVE");
     assert_eq!(info["command_line_options"]["args"], serde_json::json!(PILOT_AGENT_ARGS));
     assert_eq!(info["command_line_options"]["concurrency"], 2);
-    // The node went to the server unchanged, with its metadata's types.
-    let first = requests.recv_timeout(common::DEADLINE).expect("a discovery request");
+    // The node went to the server unchanged, with its metadata's types, over delta xDS.
+    let first = xds_log.requests.recv_timeout(common::DEADLINE).expect("a delta discovery request");
     let node = first.node.expect("the node on the first request");
+    assert_eq!(first.type_url, ads::CLUSTER, "delta: Clusters first, wildcard");
     assert_eq!(node.id, "sidecar~10.77.0.1~ratings-v2-7d9f.default~default.svc.cluster.local");
     assert_eq!(node.cluster, "ratings.default");
     assert_eq!(node.locality.map(|l| (l.region, l.zone)), Some(("eu-west".into(), "eu-west-1a".into())));

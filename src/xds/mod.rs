@@ -1,5 +1,5 @@
-//! The xDS client (SPEC §9): one Aggregated Discovery Service stream (state of the world) to
-//! istiod or any ADS server, on its own thread with its own current-thread tokio runtime;
+//! The xDS client (SPEC §9): one Aggregated Discovery Service stream to istiod or any ADS
+//! server, state of the world or delta (`xds.api`, a bootstrap's `api_type: DELTA_GRPC`), on its own thread with its own current-thread tokio runtime;
 //! never on a worker. It subscribes to Clusters and Listeners (wildcard) and to the EDS
 //! clusters' ClusterLoadAssignments, translates each response (one module per resource kind:
 //! `listener`, `cluster`, `endpoint`, their TLS contexts in `tls`, shared pieces in `proto`),
@@ -26,12 +26,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, XdsAddress};
+use crate::config::{Config, XdsAddress, XdsApi};
 use proto::{CLUSTER, ENDPOINTS, LISTENER};
 use state::{State, Type};
 
@@ -123,6 +125,7 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
     let address = XdsAddress::parse(&xds.address).map_err(std::io::Error::other)?;
     let node = node(&base);
     let keepalive = (xds.keepalive_interval.0, xds.keepalive_timeout.0);
+    let api = xds.api;
     std::thread::Builder::new().name("ringside-xds".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -131,8 +134,17 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
                 return;
             }
         };
-        let mut client =
-            Client { address, node, keepalive, base, apply, status, state: State::default(), generation: 0 };
+        let mut client = Client {
+            address,
+            node,
+            keepalive,
+            api,
+            base,
+            apply,
+            status,
+            state: State::default(),
+            generation: 0,
+        };
         rt.block_on(client.run());
     })?;
     Ok(())
@@ -226,6 +238,8 @@ struct Client {
     node: Node,
     /// HTTP/2 keepalive: PING interval and how long its ACK may take.
     keepalive: (Duration, Duration),
+    /// State of the world or delta.
+    api: XdsApi,
     base: Config,
     apply: Apply,
     status: Arc<Status>,
@@ -243,7 +257,10 @@ impl Client {
         let mut backoff = BACKOFF_MIN;
         loop {
             let began = tokio::time::Instant::now();
-            let (result, got_response) = self.session().await;
+            let (result, got_response) = match self.api {
+                XdsApi::StateOfTheWorld => self.session().await,
+                XdsApi::Delta => self.delta_session().await,
+            };
             self.status.connected.store(false, Ordering::Relaxed);
             if got_response && began.elapsed() >= HEALTHY_STREAM {
                 backoff = BACKOFF_MIN;
@@ -349,15 +366,16 @@ impl Client {
                 Err(e) => return (Err(format!("stream: {}", e.message())), got),
             };
             got = true;
-            let names_before = self.state.eds_names();
+            // Only Clusters change which ClusterLoadAssignments are needed.
+            let clusters = response.type_url == CLUSTER;
+            let names_before = if clusters { self.state.eds_names() } else { Vec::new() };
             let reply = self.handle(&response);
             if response.type_url == ENDPOINTS {
                 eds_nonce = response.nonce.clone();
             }
             let _ = tx.send(reply);
             // Clusters changed which ClusterLoadAssignments we need: ask for those.
-            let names = self.state.eds_names();
-            if names != names_before {
+            if clusters && self.state.eds_names() != names_before {
                 let _ =
                     tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), &eds_nonce, None));
             }
@@ -374,32 +392,143 @@ impl Client {
             // Not subscribed: refuse it, naming the type.
             return self.request(&r.type_url, "", &r.nonce, outcome.error_detail());
         };
+        self.record(t, &r.version_info, r.resources.len(), &outcome);
+        let version = self.state.version(t).to_string();
+        self.request(&r.type_url, &version, &r.nonce, outcome.error_detail())
+    }
+
+    /// What a response of type `t` did: counted, logged, reported, and readiness once each
+    /// type has arrived.
+    fn record(&mut self, t: Type, version: &str, resources: usize, outcome: &state::Outcome) {
         let type_name = t.name();
         let counts = if outcome.rejected.is_empty() { &self.status.applied } else { &self.status.rejected };
         counts[t as usize].fetch_add(1, Ordering::Relaxed);
-        let mut reports = self.state.reports();
-        match outcome.error_detail() {
-            None => log::info!(
-                "xds: applied {type_name} version {} ({} resources)",
-                r.version_info,
-                r.resources.len()
-            ),
-            Some(why) => {
-                log::warn!("xds: {type_name} version {}: not applied: {why}", r.version_info);
-                reports.push(format!("last rejected: {type_name} version {}: {why}", r.version_info));
-            }
-        }
-        // Once each: a line already reported for an earlier version is not repeated.
         let before = self.status.reports.load();
-        for line in reports.iter().filter(|l| !before.contains(l) && !l.starts_with("last rejected")) {
-            log::info!("xds: {line}");
+        // Endpoints carry no reports of their own: an EDS response that rejects nothing, after
+        // one that rejected nothing, leaves the lines as they were (no walk of the mesh).
+        let quiet = t == Type::Endpoints
+            && outcome.rejected.is_empty()
+            && !before.iter().any(|l| {
+                l.starts_with("rejected: ClusterLoadAssignment/")
+                    || l.starts_with("last rejected: ClusterLoadAssignment")
+            });
+        match outcome.error_detail() {
+            None => log::info!("xds: applied {type_name} version {version} ({resources} resources)"),
+            Some(why) => log::warn!("xds: {type_name} version {version}: not applied: {why}"),
         }
-        self.status.reports.store(Arc::new(reports));
-        if self.state.synced() && !self.status.synced.load(Ordering::Acquire) {
+        if !quiet {
+            let mut reports = self.state.reports();
+            if let Some(why) = outcome.error_detail() {
+                reports.push(format!("last rejected: {type_name} version {version}: {why}"));
+            }
+            // Once each: a line already reported for an earlier version is not repeated.
+            for line in reports.iter().filter(|l| !before.contains(l) && !l.starts_with("last rejected")) {
+                log::info!("xds: {line}");
+            }
+            self.status.reports.store(Arc::new(reports));
+        }
+        if !self.status.synced.load(Ordering::Acquire) && self.state.synced() {
             self.status.ready_generation.store(self.generation, Ordering::Release);
             self.status.synced.store(true, Ordering::Release);
         }
-        let version = self.state.version(t).to_string();
-        self.request(&r.type_url, &version, &r.nonce, outcome.error_detail())
+    }
+
+    /// A delta request of `t` with the node left out (it goes on a stream's first only).
+    fn delta_request(t: Type, nonce: &str, error: Option<String>) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: t.url().to_string(),
+            response_nonce: nonce.to_string(),
+            // 3: INVALID_ARGUMENT, as Envoy's NACKs.
+            error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+            ..DeltaDiscoveryRequest::default()
+        }
+    }
+
+    /// One delta ADS stream (`DeltaAggregatedResources`): Clusters and Listeners as wildcard
+    /// subscriptions, ClusterLoadAssignments by the EDS clusters' names (subscribed and
+    /// unsubscribed as Clusters change), every resource held announced with its version
+    /// (`initial_resource_versions`) so that the server sends only what changed; then each
+    /// response applied (upserts and `removed_resources`) and ACKed or NACKed by its nonce.
+    /// Returns whether any response arrived.
+    async fn delta_session(&mut self) -> (Result<(), StreamError>, bool) {
+        let channel = match self.channel().await {
+            Ok(c) => c,
+            Err(e) => return (Err(e), false),
+        };
+        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Wildcard: no names on the first request of a type (the legacy wildcard, which
+        // istiod and Envoy's servers read as such).
+        let mut first = Self::delta_request(Type::Cluster, "", None);
+        first.node = Some(self.node.clone());
+        first.initial_resource_versions = self.state.resource_versions(Type::Cluster);
+        let _ = tx.send(first);
+        let mut listeners = Self::delta_request(Type::Listener, "", None);
+        listeners.initial_resource_versions = self.state.resource_versions(Type::Listener);
+        let _ = tx.send(listeners);
+        let mut eds_subscribed: std::collections::BTreeSet<String> =
+            self.state.eds_names().into_iter().collect();
+        if !eds_subscribed.is_empty() {
+            let mut eds = Self::delta_request(Type::Endpoints, "", None);
+            eds.resource_names_subscribe = eds_subscribed.iter().cloned().collect();
+            eds.initial_resource_versions = self.state.resource_versions(Type::Endpoints);
+            let _ = tx.send(eds);
+        }
+        let mut stream = match client
+            .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => return (Err(format!("delta stream: {}", e.message())), false),
+        };
+        self.status.connects.fetch_add(1, Ordering::Relaxed);
+        self.status.connected.store(true, Ordering::Relaxed);
+        log::info!("xds: connected to {:?} (delta)", self.address);
+        let mut got = false;
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return (Ok(()), got),
+                Err(e) => return (Err(format!("delta stream: {}", e.message())), got),
+            };
+            got = true;
+            let _ = tx.send(self.handle_delta(&response));
+            if response.type_url != CLUSTER {
+                continue;
+            }
+            // Clusters changed which ClusterLoadAssignments we need: subscribe to the new
+            // names, unsubscribe from those gone (their endpoints are already forgotten).
+            let names: std::collections::BTreeSet<String> = self.state.eds_names().into_iter().collect();
+            if names != eds_subscribed {
+                let mut change = Self::delta_request(Type::Endpoints, "", None);
+                change.resource_names_subscribe = names.difference(&eds_subscribed).cloned().collect();
+                change.resource_names_unsubscribe = eds_subscribed.difference(&names).cloned().collect();
+                let _ = tx.send(change);
+                eds_subscribed = names;
+            }
+        }
+    }
+
+    /// Apply one delta response, each resource on its own (`State::update_delta`); the ACK
+    /// of its nonce, or the NACK naming every resource that was not applied.
+    fn handle_delta(&mut self, r: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let apply = &self.apply;
+        let generation = &mut self.generation;
+        let outcome = self.state.update_delta(r, &self.base, &mut |cfg| apply(cfg).map(|g| *generation = g));
+        let Some(t) = Type::of(&r.type_url) else {
+            // Not subscribed: refuse it, naming the type.
+            return DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                error_detail: outcome.error_detail().map(|message| RpcStatus {
+                    code: 3,
+                    message,
+                    details: Vec::new(),
+                }),
+                ..DeltaDiscoveryRequest::default()
+            };
+        };
+        self.record(t, &r.system_version_info, r.resources.len() + r.removed_resources.len(), &outcome);
+        Self::delta_request(t, &r.nonce, outcome.error_detail())
     }
 }

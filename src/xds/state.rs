@@ -1,5 +1,6 @@
-//! The xDS resources accepted so far and how a response changes them (SPEC §9): **each
-//! resource stands alone, as in Envoy**. Every resource of a response is decoded, translated
+//! The xDS resources accepted so far and how a response changes them (SPEC §9), for both
+//! variants of ADS: a state-of-the-world response replaces the set, a delta one upserts its
+//! resources and removes `removed_resources`. **Each resource stands alone, as in Envoy**. Every resource of a response is decoded, translated
 //! and checked on its own; a valid one replaces its previous entry, an invalid one keeps its
 //! previous version (or stays out), and the reply names every invalid one. Then the merge
 //! beside the static config, checked as a whole: a cross-resource problem leaves out the
@@ -11,7 +12,8 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::cluster::v3 as cds;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
 
 use super::cluster::{XdsCluster, cluster};
 use super::endpoint::load_assignment;
@@ -113,6 +115,61 @@ impl Outcome {
     }
 }
 
+/// One resource of a response, as [`State::change`] reads it.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming<'a> {
+    /// Its name where the response gives it beside the resource (delta).
+    pub name: Option<&'a str>,
+    /// Its version: the response's `version_info` (state of the world), its own (delta).
+    pub version: &'a str,
+    /// The resource (a delta TTL heartbeat has none).
+    pub any: Option<&'a Any>,
+}
+
+/// How a response changes the resources of its type.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'a> {
+    /// State of the world: Clusters and Listeners carried are the whole set; each
+    /// ClusterLoadAssignment carried replaces its name only.
+    Replace,
+    /// Delta: the resources carried are upserted, `removed` go, the rest stays.
+    Delta {
+        /// `removed_resources`.
+        removed: &'a [String],
+    },
+}
+
+/// What one response changed, to undo it: the previous entries of the names it touched
+/// (absent: the name was not held), never a copy of the whole state.
+#[derive(Default)]
+struct Undo {
+    /// The touched names' previous entries.
+    prev: State,
+    /// Every name touched (upserted or removed).
+    touched: BTreeSet<String>,
+    /// The names upserted and still in effect: what the merge may blame.
+    upserted: Vec<String>,
+}
+
+impl Undo {
+    /// Record `name`'s entry in `state` before it is first changed.
+    fn save(&mut self, state: &State, t: Type, name: &str) {
+        if !self.touched.insert(name.to_string()) {
+            return;
+        }
+        fn keep<T>(to: &mut BTreeMap<String, Accepted<T>>, from: &BTreeMap<String, Accepted<T>>, name: &str) {
+            if let Some(x) = from.get(name) {
+                to.insert(name.to_string(), x.clone());
+            }
+        }
+        match t {
+            Type::Listener => keep(&mut self.prev.listeners, &state.listeners, name),
+            Type::Cluster => keep(&mut self.prev.clusters, &state.clusters, name),
+            Type::Endpoints => keep(&mut self.prev.endpoints, &state.endpoints, name),
+        }
+    }
+}
+
 impl State {
     /// The ClusterLoadAssignment names to subscribe to.
     pub fn eds_names(&self) -> Vec<String> {
@@ -150,27 +207,66 @@ impl State {
         served.chain(rejected).filter(|l| seen.insert(l.clone())).collect()
     }
 
-    /// Apply response `r`: each resource on its own, then the merge beside `base` checked
-    /// as a whole and handed to `apply` (which publishes it, or says why it cannot and
-    /// which resource it blames). A resource the whole blames is left out (its previous
-    /// version kept) and the rest tried again. `self` becomes the state that was applied.
+    /// Apply state-of-the-world response `r`: its resources are the whole set of their type
+    /// (Clusters and Listeners it no longer carries go; ClusterLoadAssignments it carries
+    /// replace those names only). See [`State::change`].
     pub fn update(
         &mut self,
         r: &DiscoveryResponse,
         base: &Config,
         apply: &mut dyn FnMut(Config) -> Result<(), String>,
     ) -> Outcome {
-        let Some(t) = Type::of(&r.type_url) else {
-            let why = format!("type {:?} is not subscribed", r.type_url);
-            return Outcome { rejected: vec![Error { resource: r.type_url.clone(), reason: why }] };
+        let items: Vec<Incoming> = r
+            .resources
+            .iter()
+            .map(|any| Incoming { name: None, version: &r.version_info, any: Some(any) })
+            .collect();
+        self.change(&r.type_url, &r.version_info, &items, Change::Replace, base, apply)
+    }
+
+    /// Apply delta response `r`: its resources are upserted, each with its own version, and
+    /// `removed_resources` go; nothing else is touched. See [`State::change`].
+    pub fn update_delta(
+        &mut self,
+        r: &DeltaDiscoveryResponse,
+        base: &Config,
+        apply: &mut dyn FnMut(Config) -> Result<(), String>,
+    ) -> Outcome {
+        let items: Vec<Incoming> = r
+            .resources
+            .iter()
+            .map(|x| Incoming { name: Some(&x.name), version: &x.version, any: x.resource.as_ref() })
+            .collect();
+        let removed = Change::Delta { removed: &r.removed_resources };
+        self.change(&r.type_url, &r.system_version_info, &items, removed, base, apply)
+    }
+
+    /// Apply `items` of `type_url` as `how` says: each resource on its own, then the merge
+    /// beside `base` checked as a whole and handed to `apply` (which publishes it, or says
+    /// why it cannot and which resource it blames). A resource the whole blames is left out
+    /// (its previous version kept) and the rest tried again. `self` becomes the state that
+    /// was applied. The state is changed in place with an undo record of only the names
+    /// touched: the work before the merge is proportional to the response, not to the
+    /// state (an incremental EDS change costs its one assignment until the merge).
+    pub fn change(
+        &mut self,
+        type_url: &str,
+        version: &str,
+        items: &[Incoming],
+        how: Change,
+        base: &Config,
+        apply: &mut dyn FnMut(Config) -> Result<(), String>,
+    ) -> Outcome {
+        let Some(t) = Type::of(type_url) else {
+            let why = format!("type {type_url:?} is not subscribed");
+            return Outcome { rejected: vec![Error { resource: type_url.to_string(), reason: why }] };
         };
-        let version = r.version_info.as_str();
-        let (mut next, mut rejected) = self.candidate(t, r, base);
+        let mut undo = Undo::default();
+        let mut rejected = self.upsert(t, items, &how, base, &mut undo);
         // The merged whole, checked and applied; what it blames is left out, one at a time.
         // Each round reverts one changed resource, so this ends.
         loop {
-            let changed = next.changed_from(self, t);
-            let why = match next.merge(base) {
+            let why = match self.merge(base) {
                 Err(e) => Err(e.to_string()),
                 Ok(mut cfg) => match cfg.validate("xds", "") {
                     Err(e) => Err(e.message),
@@ -178,15 +274,18 @@ impl State {
                 },
             };
             let Err(why) = why else { break };
-            match blamed(&why, t, &changed) {
+            match blamed(&why, t, &undo.upserted) {
                 Some(name) => {
-                    next.revert(self, t, &name);
+                    self.revert(&undo.prev, t, &name);
+                    undo.upserted.retain(|n| *n != name);
                     rejected.push(invalid(t.name(), &name, strip_name(&why, t, &name)));
                 }
                 None => {
                     // Nothing this response changed is named: refuse what it changed.
-                    next = self.clone();
-                    rejected = changed.iter().map(|n| invalid(t.name(), n, why.clone())).collect();
+                    for name in &undo.touched {
+                        self.revert(&undo.prev, t, name);
+                    }
+                    rejected = undo.upserted.iter().map(|n| invalid(t.name(), n, why.clone())).collect();
                     if rejected.is_empty() {
                         rejected.push(Error { resource: t.name().to_string(), reason: why });
                     }
@@ -194,47 +293,69 @@ impl State {
                 }
             }
         }
-        next.arrived[t as usize] = true;
-        if rejected.is_empty() {
-            next.versions[t as usize] = version.to_string();
+        if t == Type::Cluster {
+            self.forget_orphaned_endpoints(&undo.prev);
         }
-        next.rejected[t as usize] = rejected.clone();
-        *self = next;
+        self.arrived[t as usize] = true;
+        if rejected.is_empty() {
+            self.versions[t as usize] = version.to_string();
+        }
+        self.rejected[t as usize] = rejected.clone();
         Outcome { rejected }
     }
 
-    /// The state with each valid resource of `r` in place and the others as they were;
-    /// state-of-the-world types lose the names `r` no longer carries. Each resource is
-    /// checked alone beside `base`.
-    fn candidate(&self, t: Type, r: &DiscoveryResponse, base: &Config) -> (State, Vec<Error>) {
-        let mut next = self.clone();
-        let version = r.version_info.as_str();
+    /// Each valid resource of `items` in place and the others as they were, then the
+    /// removals `how` says; every name touched is recorded in `undo` first. Each resource
+    /// is checked alone beside `base`. Returns the resources refused.
+    fn upsert(
+        &mut self,
+        t: Type,
+        items: &[Incoming],
+        how: &Change,
+        base: &Config,
+        undo: &mut Undo,
+    ) -> Vec<Error> {
         let mut rejected = Vec::new();
         let mut carried = BTreeSet::new();
-        for (i, any) in r.resources.iter().enumerate() {
-            let unnamed = |e: String| invalid(t.name(), &format!("#{i}"), e);
-            let translated: Result<(String, State), Error> = match t {
-                Type::Listener => decode::<lds::Listener>(any, LISTENER).map_err(unnamed).and_then(|pb| {
-                    let x = listener(&pb, version)?;
-                    let mut alone = State::default();
-                    alone.listeners.insert(pb.name.clone(), Accepted::new(version, x));
-                    Ok((pb.name, alone))
-                }),
-                Type::Cluster => decode::<cds::Cluster>(any, CLUSTER).map_err(unnamed).and_then(|pb| {
-                    let x = cluster(&pb, version)?;
-                    let mut alone = State::default();
-                    alone.clusters.insert(pb.name.clone(), Accepted::new(version, x));
-                    Ok((pb.name, alone))
-                }),
-                Type::Endpoints => {
-                    decode::<eds::ClusterLoadAssignment>(any, ENDPOINTS).map_err(unnamed).and_then(|pb| {
-                        let x = load_assignment(&pb)?;
+        for (i, item) in items.iter().enumerate() {
+            let version = item.version;
+            let label = item.name.map_or_else(|| format!("#{i}"), str::to_string);
+            let unnamed = |e: String| invalid(t.name(), &label, e);
+            let translated: Result<(String, State), Error> = match item.any {
+                // A delta resource without a body (a TTL heartbeat: ringside asks for none).
+                None => Err(unnamed("no resource body".into())),
+                Some(any) => match t {
+                    Type::Listener => {
+                        decode::<lds::Listener>(any, LISTENER).map_err(unnamed).and_then(|pb| {
+                            let x = listener(&pb, version)?;
+                            let mut alone = State::default();
+                            alone.listeners.insert(pb.name.clone(), Accepted::new(version, x));
+                            Ok((pb.name, alone))
+                        })
+                    }
+                    Type::Cluster => decode::<cds::Cluster>(any, CLUSTER).map_err(unnamed).and_then(|pb| {
+                        let x = cluster(&pb, version)?;
                         let mut alone = State::default();
-                        alone.endpoints.insert(pb.cluster_name.clone(), Accepted::new(version, x));
-                        Ok((pb.cluster_name, alone))
-                    })
-                }
+                        alone.clusters.insert(pb.name.clone(), Accepted::new(version, x));
+                        Ok((pb.name, alone))
+                    }),
+                    Type::Endpoints => {
+                        decode::<eds::ClusterLoadAssignment>(any, ENDPOINTS).map_err(unnamed).and_then(|pb| {
+                            let x = load_assignment(&pb)?;
+                            let mut alone = State::default();
+                            alone.endpoints.insert(pb.cluster_name.clone(), Accepted::new(version, x));
+                            Ok((pb.cluster_name, alone))
+                        })
+                    }
+                },
             };
+            let translated = translated.and_then(|(name, alone)| match item.name {
+                // A delta response names each resource twice: both must agree.
+                Some(outer) if outer != name => {
+                    Err(invalid(t.name(), outer, format!("the resource inside is named {name:?}")))
+                }
+                _ => Ok((name, alone)),
+            });
             let (name, alone) = match translated {
                 Ok(x) => x,
                 Err(e) => {
@@ -261,20 +382,70 @@ impl State {
                 rejected.push(invalid(t.name(), &name, why));
                 continue;
             }
-            next.take(t, &name, alone);
+            undo.save(self, t, &name);
+            undo.upserted.push(name.clone());
+            self.take(t, &name, alone);
+        }
+        let gone: Vec<String> = match (how, t) {
+            // EDS responses carry only the assignments asked for, or only those that changed.
+            (Change::Replace, Type::Endpoints) => Vec::new(),
+            (Change::Replace, Type::Listener) => {
+                self.listeners.keys().filter(|n| !carried.contains(*n)).cloned().collect()
+            }
+            (Change::Replace, Type::Cluster) => {
+                self.clusters.keys().filter(|n| !carried.contains(*n)).cloned().collect()
+            }
+            (Change::Delta { removed }, _) => {
+                removed.iter().filter(|n| !carried.contains(*n) && self.holds(t, n)).cloned().collect()
+            }
+        };
+        for name in gone {
+            undo.save(self, t, &name);
+            self.revert(&State::default(), t, &name);
+        }
+        rejected
+    }
+
+    /// Whether resource `name` of type `t` is held.
+    fn holds(&self, t: Type, name: &str) -> bool {
+        match t {
+            Type::Listener => self.listeners.contains_key(name),
+            Type::Cluster => self.clusters.contains_key(name),
+            Type::Endpoints => self.endpoints.contains_key(name),
+        }
+    }
+
+    /// Forget the endpoints of clusters that are gone or no longer ask for them (`prev`
+    /// holds the clusters a response changed, as they were): only those are looked at.
+    fn forget_orphaned_endpoints(&mut self, prev: &State) {
+        let candidates: Vec<&String> = prev
+            .clusters
+            .values()
+            .filter_map(|c| c.value.eds_name.as_ref())
+            .filter(|n| self.endpoints.contains_key(*n))
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let used: BTreeSet<String> = self.eds_names().into_iter().collect();
+        for name in candidates {
+            if !used.contains(name) {
+                self.endpoints.remove(name);
+            }
+        }
+    }
+
+    /// The versions held of type `t`, by name: what a new delta stream tells the server it
+    /// has (`initial_resource_versions`).
+    pub fn resource_versions(&self, t: Type) -> std::collections::HashMap<String, String> {
+        fn of<T>(m: &BTreeMap<String, Accepted<T>>) -> std::collections::HashMap<String, String> {
+            m.iter().map(|(n, x)| (n.clone(), x.version.clone())).collect()
         }
         match t {
-            Type::Listener => next.listeners.retain(|n, _| carried.contains(n)),
-            Type::Cluster => {
-                next.clusters.retain(|n, _| carried.contains(n));
-                // Forget the endpoints of clusters that are gone.
-                let names = next.eds_names();
-                next.endpoints.retain(|k, _| names.contains(k));
-            }
-            // EDS responses carry only the assignments asked for, or only those that changed.
-            Type::Endpoints => {}
+            Type::Listener => of(&self.listeners),
+            Type::Cluster => of(&self.clusters),
+            Type::Endpoints => of(&self.endpoints),
         }
-        (next, rejected)
     }
 
     /// Take resource `name` of type `t` from `from`.
@@ -287,24 +458,6 @@ impl State {
         }
         if let Some(x) = from.endpoints.remove(name).filter(|_| t == Type::Endpoints) {
             self.endpoints.insert(name.into(), x);
-        }
-    }
-
-    /// Names of type `t` that are new or changed since `prev`.
-    fn changed_from(&self, prev: &State, t: Type) -> Vec<String> {
-        fn changed<T>(
-            now: &BTreeMap<String, Accepted<T>>,
-            was: &BTreeMap<String, Accepted<T>>,
-        ) -> Vec<String> {
-            now.iter()
-                .filter(|(n, x)| was.get(*n).is_none_or(|w| !Arc::ptr_eq(&w.value, &x.value)))
-                .map(|(n, _)| n.clone())
-                .collect()
-        }
-        match t {
-            Type::Listener => changed(&self.listeners, &prev.listeners),
-            Type::Cluster => changed(&self.clusters, &prev.clusters),
-            Type::Endpoints => changed(&self.endpoints, &prev.endpoints),
         }
     }
 
@@ -655,5 +808,122 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&before.listeners["l"].value, &state.listeners["l"].value));
         assert!(Arc::ptr_eq(&before.clusters["a"].value, &state.clusters["a"].value));
+    }
+
+    fn delta(t: Type, resources: Vec<(&str, &str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {
+        use envoy_types::pb::envoy::service::discovery::v3::Resource;
+        DeltaDiscoveryResponse {
+            system_version_info: "sys".into(),
+            resources: resources
+                .into_iter()
+                .map(|(name, version, any)| Resource {
+                    name: name.into(),
+                    version: version.into(),
+                    resource: Some(any),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: t.url().into(),
+            removed_resources: removed.iter().map(|n| n.to_string()).collect(),
+            nonce: "n".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_delta_response_upserts_what_it_carries_with_its_own_versions_and_removes_removed_resources() {
+        let (mut state, base) = (State::default(), certificates());
+        fn cl<'a>(n: &'a str, v: &'a str) -> (&'a str, &'a str, Any) {
+            (n, v, any(CLUSTER, &eds_cluster(n)))
+        }
+        let o = state.update_delta(
+            &delta(Type::Cluster, vec![cl("a", "a1"), cl("b", "b1")], &[]),
+            &base,
+            &mut ok,
+        );
+        assert!(o.rejected.is_empty(), "{:?}", o.rejected);
+        let eps = vec![
+            ("a", "ea1", assignment("a", "10.0.0.1:80", 1)),
+            ("b", "eb1", assignment("b", "10.0.0.2:80", 1)),
+        ];
+        state.update_delta(&delta(Type::Endpoints, eps, &[]), &base, &mut ok);
+        fn lis<'a>(n: &'a str, v: &'a str, a: &str) -> (&'a str, &'a str, Any) {
+            (n, v, any(LISTENER, &tcp(n, a, Some("a"))))
+        }
+        state.update_delta(
+            &delta(
+                Type::Listener,
+                vec![lis("x", "x1", "127.0.0.1:1001"), lis("y", "y1", "127.0.0.1:1002")],
+                &[],
+            ),
+            &base,
+            &mut ok,
+        );
+        assert!(state.synced());
+        let before = state.clone();
+        // One assignment changes, one bad one beside it: only a's entry is new.
+        let o = state.update_delta(
+            &delta(
+                Type::Endpoints,
+                vec![
+                    ("a", "ea2", assignment("a", "10.0.0.9:80", 1)),
+                    ("b", "eb2", assignment("b", "10.0.0.8:80", 0)),
+                ],
+                &[],
+            ),
+            &base,
+            &mut ok,
+        );
+        assert_eq!(rejected(&o), ["ClusterLoadAssignment/b"]);
+        assert_eq!(state.endpoints["a"].version, "ea2");
+        assert!(Arc::ptr_eq(&before.endpoints["b"].value, &state.endpoints["b"].value), "b keeps eb1");
+        assert!(Arc::ptr_eq(&before.clusters["a"].value, &state.clusters["a"].value));
+        assert_eq!(
+            state.resource_versions(Type::Endpoints),
+            [("a".to_string(), "ea2".to_string()), ("b".into(), "eb1".into())].into_iter().collect()
+        );
+        // A listener removed by name; the other untouched (a delta response is not the set).
+        let o = state.update_delta(&delta(Type::Listener, vec![], &["y", "never-held"]), &base, &mut ok);
+        assert!(o.rejected.is_empty());
+        assert_eq!(state.listeners.keys().collect::<Vec<_>>(), ["x"]);
+        // A cluster removed takes its endpoints with it; the other cluster's stay.
+        state.update_delta(&delta(Type::Cluster, vec![], &["b"]), &base, &mut ok);
+        assert_eq!(state.endpoints.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(state.eds_names(), ["a"]);
+        // A resource whose outer name disagrees with its own is refused under the outer name.
+        let o = state.update_delta(
+            &delta(Type::Cluster, vec![("c", "c1", any(CLUSTER, &eds_cluster("d")))], &[]),
+            &base,
+            &mut ok,
+        );
+        assert_eq!(rejected(&o), ["Cluster/c"]);
+    }
+
+    #[test]
+    fn what_the_merge_blames_in_a_delta_response_is_undone_alone_and_the_rest_applies() {
+        let (mut state, base) = (State::default(), certificates());
+        fn lis<'a>(n: &'a str, v: &'a str, a: &str) -> (&'a str, &'a str, Any) {
+            (n, v, any(LISTENER, &tcp(n, a, Some("c"))))
+        }
+        state.update_delta(
+            &delta(Type::Listener, vec![lis("x", "x1", "127.0.0.1:1001")], &[]),
+            &base,
+            &mut ok,
+        );
+        let mut apply = |cfg: Config| match cfg.listeners.iter().any(|l| l.name == "taken") {
+            true => Err("Listener/taken: cannot bind 127.0.0.1:1009: address in use".to_string()),
+            false => Ok(()),
+        };
+        let r = delta(
+            Type::Listener,
+            vec![lis("x", "x2", "127.0.0.1:1003"), lis("taken", "t1", "127.0.0.1:1009")],
+            &[],
+        );
+        let o = state.update_delta(&r, &base, &mut apply);
+        assert_eq!(rejected(&o), ["Listener/taken"]);
+        assert_eq!(
+            state.resource_versions(Type::Listener),
+            [("x".to_string(), "x2".to_string())].into_iter().collect()
+        );
     }
 }

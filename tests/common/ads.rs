@@ -1,6 +1,9 @@
-//! An Aggregated Discovery Service (state of the world) for the xDS tests (SPEC §9): tonic on
-//! its own thread and runtime, serving Istio-shaped resources as istiod writes them, and
-//! recording every request (ACKs, NACKs, the node) for the tests to read.
+//! An Aggregated Discovery Service for the xDS tests (SPEC §9), in both variants: state of
+//! the world and delta (`DeltaAggregatedResources`: the whole subscribed set first, then only
+//! the resources that changed and the names removed, each resource versioned by its bytes).
+//! tonic on its own thread and runtime, serving Istio-shaped resources as istiod writes them,
+//! and recording every request (ACKs, NACKs, the node) — and, in delta, every response — for
+//! the tests to read.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,7 +23,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 pub use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::pb::google::protobuf::{Any, ListValue, Struct, UInt32Value, Value, value::Kind};
@@ -47,7 +50,7 @@ pub struct Snapshot {
 /// A running ADS server; dropping it (or `stop`) closes every stream, as a crashed istiod.
 pub struct AdsServer {
     pub addr: SocketAddr,
-    snapshot: watch::Sender<Arc<Snapshot>>,
+    snapshot: watch::Sender<Arc<Served>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     /// The socket file `start_for_sidecar` made, removed on drop.
@@ -97,14 +100,48 @@ impl AdsServer {
         format!("unix:{}", self.sock.as_ref().expect("a unix socket server").display())
     }
 
+    /// Serve `first` over delta xDS on a free loopback port; what it receives and sends
+    /// arrives on the returned [`DeltaLog`].
+    pub fn serve_delta(first: Snapshot) -> (AdsServer, DeltaLog) {
+        AdsServer::start_delta(Bind::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))), first)
+    }
+
+    /// Serve `first` over delta xDS on `addr` (to restart a server on the same address).
+    pub fn serve_delta_at(addr: SocketAddr, first: Snapshot) -> (AdsServer, DeltaLog) {
+        AdsServer::start_delta(Bind::Tcp(addr), first)
+    }
+
+    /// Serve `first` over delta xDS on a unix socket at `path`, as Istio's agent serves its
+    /// XDS proxy by default (`DELTA_GRPC`).
+    pub fn serve_delta_unix(path: &std::path::Path, first: Snapshot) -> (AdsServer, DeltaLog) {
+        AdsServer::start_delta(Bind::Unix(path.to_path_buf()), first)
+    }
+
+    fn start_delta(bind: Bind, first: Snapshot) -> (AdsServer, DeltaLog) {
+        let (requests_tx, requests) = mpsc::channel();
+        let (responses_tx, responses) = mpsc::channel();
+        let (sotw, _) = mpsc::channel();
+        let delta = DeltaRecorder { requests: requests_tx, responses: responses_tx };
+        (AdsServer::start_with(bind, first, sotw, Some(delta)), DeltaLog { requests, responses })
+    }
+
     fn start_on(bind: Bind, first: Snapshot, requests: mpsc::Sender<DiscoveryRequest>) -> AdsServer {
-        let (snapshot, rx) = watch::channel(Arc::new(first));
+        AdsServer::start_with(bind, first, requests, None)
+    }
+
+    fn start_with(
+        bind: Bind,
+        first: Snapshot,
+        requests: mpsc::Sender<DiscoveryRequest>,
+        delta: Option<DeltaRecorder>,
+    ) -> AdsServer {
+        let (snapshot, rx) = watch::channel(Arc::new(Served::next(None, first)));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
-                let service = AggregatedDiscoveryServiceServer::new(Ads { snapshot: rx, requests });
+                let service = AggregatedDiscoveryServiceServer::new(Ads { snapshot: rx, requests, delta });
                 let router = tonic::transport::Server::builder().add_service(service);
                 match bind {
                     Bind::Tcp(addr) => {
@@ -137,7 +174,8 @@ impl AdsServer {
 
     /// Push a new snapshot to every stream.
     pub fn push(&self, s: Snapshot) {
-        self.snapshot.send_replace(Arc::new(s));
+        let prev = self.snapshot.borrow().clone();
+        self.snapshot.send_replace(Arc::new(Served::next(Some(&prev), s)));
     }
 
     /// Stop serving and close every stream.
@@ -170,8 +208,163 @@ enum Bind {
 }
 
 struct Ads {
-    snapshot: watch::Receiver<Arc<Snapshot>>,
+    snapshot: watch::Receiver<Arc<Served>>,
     requests: mpsc::Sender<DiscoveryRequest>,
+    /// Set: delta is served (and state of the world is still, recording nothing).
+    delta: Option<DeltaRecorder>,
+}
+
+/// Where a delta server records what it receives and sends.
+#[derive(Clone)]
+struct DeltaRecorder {
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: mpsc::Sender<DeltaDiscoveryResponse>,
+}
+
+/// What a delta server received and sent, in order.
+pub struct DeltaLog {
+    /// Every request received (subscriptions, ACKs, NACKs), on every stream.
+    pub requests: mpsc::Receiver<DeltaDiscoveryRequest>,
+    /// Every response sent, on every stream.
+    pub responses: mpsc::Receiver<DeltaDiscoveryResponse>,
+}
+
+impl DeltaLog {
+    /// The next response of `type_url` the server sent, within 20 s.
+    pub fn response(&self, type_url: &str) -> DeltaDiscoveryResponse {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let r = self.responses.recv_timeout(left).unwrap_or_else(|_| panic!("no {type_url} response"));
+            if r.type_url == type_url {
+                return r;
+            }
+        }
+    }
+
+    /// The next request matching `what`, within 20 s.
+    pub fn request(
+        &self,
+        describe: &str,
+        what: impl Fn(&DeltaDiscoveryRequest) -> bool,
+    ) -> DeltaDiscoveryRequest {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let r = self.requests.recv_timeout(left).unwrap_or_else(|_| panic!("no request: {describe}"));
+            if what(&r) {
+                return r;
+            }
+        }
+    }
+
+    /// The next response of `type_url` and the client's reply to its nonce (ACK or NACK).
+    pub fn reply(&self, type_url: &str) -> (DeltaDiscoveryResponse, DeltaDiscoveryRequest) {
+        let response = self.response(type_url);
+        let reply = self.request(&format!("the reply to {type_url} nonce {}", response.nonce), |r| {
+            r.response_nonce == response.nonce
+        });
+        (response, reply)
+    }
+}
+
+/// A snapshot as served, with each resource's version: the snapshot version that last
+/// changed it (istiod's push versions), so that a push sends only what changed.
+pub struct Served {
+    /// What is served.
+    pub snapshot: Snapshot,
+    /// (type URL, name) -> version.
+    versions: HashMap<(&'static str, String), String>,
+}
+
+impl Served {
+    /// `s` after `prev`: a resource equal to its previous one keeps its version.
+    fn next(prev: Option<&Served>, s: Snapshot) -> Served {
+        fn keep<M: PartialEq>(
+            versions: &mut HashMap<(&'static str, String), String>,
+            prev: Option<&Served>,
+            t: &'static str,
+            now: &[M],
+            was: fn(&Snapshot) -> &[M],
+            name: fn(&M) -> &str,
+            version: &str,
+        ) {
+            for m in now {
+                let key = (t, name(m).to_string());
+                let same = prev.and_then(|p| {
+                    was(&p.snapshot).iter().find(|x| name(x) == name(m) && *x == m).and(p.versions.get(&key))
+                });
+                versions.insert(key, same.cloned().unwrap_or_else(|| version.to_string()));
+            }
+        }
+        let mut versions = HashMap::new();
+        let v = s.version.as_str();
+        keep(&mut versions, prev, CLUSTER, &s.clusters, |s| &s.clusters, |c| &c.name, v);
+        keep(&mut versions, prev, LISTENER, &s.listeners, |s| &s.listeners, |l| &l.name, v);
+        keep(&mut versions, prev, ENDPOINTS, &s.endpoints, |s| &s.endpoints, |e| &e.cluster_name, v);
+        keep(&mut versions, prev, SECRET, &s.secrets, |s| &s.secrets, |x| &x.name, v);
+        Served { snapshot: s, versions }
+    }
+
+    /// The version of resource `name` of `type_url`.
+    fn version(&self, type_url: &str, name: &str) -> String {
+        self.versions
+            .iter()
+            .find(|((t, n), _)| *t == type_url && n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Every resource of `type_url` in `s`, by name.
+fn resources_of(s: &Snapshot, type_url: &str) -> BTreeMap<String, Any> {
+    match type_url {
+        CLUSTER => s.clusters.iter().map(|c| (c.name.clone(), any(CLUSTER, c))).collect(),
+        LISTENER => s.listeners.iter().map(|l| (l.name.clone(), any(LISTENER, l))).collect(),
+        ENDPOINTS => s.endpoints.iter().map(|c| (c.cluster_name.clone(), any(ENDPOINTS, c))).collect(),
+        SECRET => s.secrets.iter().map(|c| (c.name.clone(), any(SECRET, c))).collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// One type's subscription on a delta stream and the versions the client holds.
+#[derive(Default)]
+struct Subscription {
+    /// Wildcard (Clusters, Listeners), else `names`.
+    wildcard: bool,
+    names: std::collections::BTreeSet<String>,
+    /// What the client holds: name -> version.
+    held: HashMap<String, String>,
+}
+
+impl Subscription {
+    /// The resources that changed since what the client holds, and the names gone; `held`
+    /// becomes the snapshot's.
+    fn diff(&mut self, served: &Served, type_url: &str) -> (Vec<Resource>, Vec<String>) {
+        let now: BTreeMap<String, Any> = resources_of(&served.snapshot, type_url)
+            .into_iter()
+            .filter(|(n, _)| self.wildcard || self.names.contains(n))
+            .collect();
+        let mut changed = Vec::new();
+        for (name, any) in &now {
+            let version = served.version(type_url, name);
+            if self.held.get(name) != Some(&version) {
+                self.held.insert(name.clone(), version.clone());
+                changed.push(Resource {
+                    name: name.clone(),
+                    version,
+                    resource: Some(any.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let mut removed: Vec<String> = self.held.keys().filter(|n| !now.contains_key(*n)).cloned().collect();
+        removed.sort();
+        for n in &removed {
+            self.held.remove(n);
+        }
+        (changed, removed)
+    }
 }
 
 fn response(s: &Snapshot, type_url: &str, names: &[String], nonce: u64) -> DiscoveryResponse {
@@ -224,7 +417,7 @@ impl AggregatedDiscoveryService for Ads {
                         if fresh {
                             nonce += 1;
                             let s = snapshot.borrow().clone();
-                            if tx.send(Ok(response(&s, &r.type_url, &r.resource_names, nonce))).await.is_err() {
+                            if tx.send(Ok(response(&s.snapshot, &r.type_url, &r.resource_names, nonce))).await.is_err() {
                                 break;
                             }
                         }
@@ -238,7 +431,7 @@ impl AggregatedDiscoveryService for Ads {
                         for t in [CLUSTER, ENDPOINTS, LISTENER, SECRET] {
                             if let Some(names) = subscribed.get(t) {
                                 nonce += 1;
-                                let _ = tx.send(Ok(response(&s, t, names, nonce))).await;
+                                let _ = tx.send(Ok(response(&s.snapshot, t, names, nonce))).await;
                             }
                         }
                     }
@@ -250,9 +443,83 @@ impl AggregatedDiscoveryService for Ads {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented("delta xDS"))
+        let Some(record) = self.delta.clone() else {
+            return Err(tonic::Status::unimplemented("delta xDS"));
+        };
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let mut snapshot = self.snapshot.clone();
+        tokio::spawn(async move {
+            let mut nonce = 0u64;
+            let mut subscribed: HashMap<String, Subscription> = HashMap::new();
+            // Send what changed of `type_url`; `always`: even nothing (a new subscription
+            // is answered, as istiod answers it).
+            let mut send =
+                |subscribed: &mut HashMap<String, Subscription>, s: &Served, type_url: &str, always: bool| {
+                    let sub = subscribed.get_mut(type_url)?;
+                    let (resources, removed_resources) = sub.diff(s, type_url);
+                    if resources.is_empty() && removed_resources.is_empty() && !always {
+                        return None;
+                    }
+                    nonce += 1;
+                    let r = DeltaDiscoveryResponse {
+                        system_version_info: s.snapshot.version.clone(),
+                        resources,
+                        type_url: type_url.to_string(),
+                        removed_resources,
+                        nonce: nonce.to_string(),
+                        ..Default::default()
+                    };
+                    let _ = record.responses.send(r.clone());
+                    Some(r)
+                };
+            loop {
+                let out: Vec<DeltaDiscoveryResponse> = tokio::select! {
+                    r = inbound.message() => {
+                        let Ok(Some(r)) = r else { break };
+                        let _ = record.requests.send(r.clone());
+                        let s = snapshot.borrow().clone();
+                        let fresh = !subscribed.contains_key(&r.type_url);
+                        let sub = subscribed.entry(r.type_url.clone()).or_default();
+                        if fresh {
+                            sub.wildcard = r.resource_names_subscribe.is_empty()
+                                || r.resource_names_subscribe.iter().any(|n| n == "*");
+                            sub.held = r.initial_resource_versions.clone();
+                        }
+                        let more = r.resource_names_subscribe.iter().any(|n| n != "*" && !sub.names.contains(n));
+                        sub.names.extend(r.resource_names_subscribe.iter().filter(|n| *n != "*").cloned());
+                        for n in &r.resource_names_unsubscribe {
+                            sub.names.remove(n);
+                            sub.held.remove(n);
+                        }
+                        if fresh || more {
+                            send(&mut subscribed, &s, &r.type_url, fresh).into_iter().collect()
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                    changed = snapshot.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let s = snapshot.borrow_and_update().clone();
+                        // istiod's order: clusters, endpoints, listeners.
+                        [CLUSTER, ENDPOINTS, LISTENER, SECRET]
+                            .iter()
+                            .filter_map(|t| send(&mut subscribed, &s, t, false))
+                            .collect()
+                    }
+                };
+                for r in out {
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 }
 

@@ -27,13 +27,22 @@ impl Envoy {
     /// Start Envoy with the ADS server at `ads` for Clusters, Listeners (and, through the
     /// resources' `sds_config: {ads: {}}`, Secrets).
     pub fn start(bin: &str, ads: SocketAddr) -> Envoy {
+        Envoy::start_api(bin, ads, "GRPC")
+    }
+
+    /// As [`Envoy::start`], speaking delta xDS (`DELTA_GRPC`).
+    pub fn start_delta(bin: &str, ads: SocketAddr) -> Envoy {
+        Envoy::start_api(bin, ads, "DELTA_GRPC")
+    }
+
+    fn start_api(bin: &str, ads: SocketAddr, api_type: &str) -> Envoy {
         let admin = free_addr();
         let bootstrap = format!(
             r#"node: {{id: "sidecar~127.0.0.1~envoy-1.default~default.svc.cluster.local", cluster: envoy.default}}
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    api_type: {api_type}
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
   cds_config: {{ads: {{}}, resource_api_version: V3}}
