@@ -516,10 +516,11 @@ fn cluster_state(
     }
 }
 
-/// The filter chain a connection to `dst` takes among `chains` (SPEC §9), for one-off
-/// matches (tests, translation checks): builds the index each call; connections use the one
-/// the router keeps ([`Router::select_chain`]). The source is taken as unknown (`0.0.0.0:0`).
-pub fn select_chain(
+/// The filter chain a connection to `dst` takes among `chains` (SPEC §9), for the tests'
+/// one-off matches: builds the index each call; connections use the one the router keeps
+/// ([`Router::select_chain`]). The source is taken as unknown (`0.0.0.0:0`).
+#[cfg(test)]
+pub(crate) fn select_chain(
     chains: &[crate::config::FilterChain],
     dst: SocketAddr,
     transport: &str,
