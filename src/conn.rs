@@ -24,7 +24,7 @@ use crate::metrics::{self, ConnLabels, Delta, PeerLabels, Reporter, SeriesId, Se
 use crate::snapshot::{Published, Snapshot};
 
 /// Size of one relay buffer. Small messages fit in one; a read that fills it marks a bulk
-/// flow, which then moves by splice(2) without a buffer (see `relay::pump`).
+/// flow, which then moves by splice(2) without a buffer (see `relay::side::pump`).
 pub const BUFFER_SIZE: usize = 16 * 1024;
 /// Buffers kept in a worker's pool when idle; beyond this they are freed.
 const POOL_KEEP: usize = 256;

@@ -1,24 +1,15 @@
-//! One connection's life: route, authorize (the chosen chain's RBAC, SPEC §9), connect
-//! upstream, run the peer exchange, copy both halves, propagate half-close and reset, and count
-//! it (SPEC §1, §2).
-//!
-//! A read takes a buffer from the pool only for one non-blocking recv(2), and waits for
-//! readiness without a buffer once a read would block, so an idle connection holds no buffer;
-//! a read that fills the whole buffer marks a bulk flow, which then moves by splice(2) without
-//! passing through user space.
+//! One connection's life as one pipeline (SPEC §1, §2, §7, §9): accept → terminate TLS? →
+//! pick a chain → authorize (its RBAC) → route and connect → originate TLS? → peer exchange →
+//! copy both halves (half-close and reset passed on) → settle and count. Each step is written
+//! once over [`side::Side`], which hides what carries a side; the TLS steps are in `mtls`,
+//! the copy loops in `side`.
 
-use std::cell::Cell;
-use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
-};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::backoff;
@@ -30,9 +21,11 @@ use crate::metrics::ExchangeOutcome;
 use crate::routing::Target;
 use crate::routing::chains::ConnFacts;
 use crate::snapshot::Snapshot;
-use crate::socket;
 
 mod mtls;
+mod side;
+
+use side::Side;
 
 /// Why a connection ended early; each maps to Envoy's response flag where it has one.
 #[derive(Debug, thiserror::Error)]
@@ -122,37 +115,40 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
     // established connection should not carry for the rest of its life. Freed once the
     // connection relays, it leaves the task only the copy's state.
     match Box::pin(set_up(ctx, li, conn, down)).await? {
-        Some((down, up)) => copy_both(ctx, conn, down, up).await,
+        Some((down, up)) => side::copy_both(ctx, conn, down, up).await,
         None => Ok(()),
     }
 }
 
-/// Everything before the copy: the sockets to copy between once the peer is settled, or
-/// `None` when the connection was served here (mTLS) or closed (cancelled).
+/// The pipeline up to the copy: terminate TLS? → pick a chain (peeking a ClientHello where
+/// chains differ by it; a chain may terminate TLS) → authorize → connect → originate TLS? →
+/// exchange. The two sides to copy between once the peer is settled (and the connection
+/// counted), or `None` when it was closed here (cancelled).
 async fn set_up(
     ctx: &WorkerCtx,
     li: usize,
     conn: &Conn,
     down: TcpStream,
-) -> Result<Option<(TcpStream, TcpStream)>, Error> {
+) -> Result<Option<(Side, Side)>, Error> {
     let listener = &conn.snapshot.config.listeners[li];
-    // An mTLS listener (SPEC §7) serves the connection in `mtls`, unless `permissive` found a
-    // plaintext client, which continues here. The certificates are the snapshot's, by the
-    // same index as its config.
+    // An mTLS listener (SPEC §7) terminates TLS first, unless `permissive` found a plaintext
+    // client. The certificates are the snapshot's, by the same index as its config.
     let mut down = match &conn.snapshot.tls.listeners[li] {
-        Some(slot) => match mtls::serve_inbound(ctx, li, conn, slot, down).await? {
-            Some(plain) => plain,
+        Some(slot) => match terminate(ctx, conn, listener, slot, down).await? {
+            Some(side) => side,
             None => return Ok(None),
         },
-        None => down,
+        None => Side::Plain(down),
     };
     // Filter chains (SPEC §9): one is chosen per connection, by its destination and, where a
     // chain asks for a transport protocol or ALPN (Envoy's tls_inspector), its ClientHello,
-    // peeked. A chain with a DownstreamTlsContext terminates TLS in `mtls`.
-    if !listener.filter_chains.is_empty() {
+    // peeked. A chain with a DownstreamTlsContext terminates TLS.
+    if let Side::Plain(tcp) = &down
+        && !listener.filter_chains.is_empty()
+    {
         let dst = match listener.capture {
-            Capture::None => down.local_addr()?,
-            _ => capture::original_dst(&down, listener.listen).or_else(|_| down.local_addr())?,
+            Capture::None => tcp.local_addr()?,
+            _ => capture::original_dst(tcp, listener.listen).or_else(|_| tcp.local_addr())?,
         };
         let index = conn.snapshot.router.chain_index(li);
         // Peeked only where the chains competing for this destination differ by what a
@@ -160,7 +156,7 @@ async fn set_up(
         let hello = match index.is_some_and(|x| x.inspects(dst)) {
             false => None,
             true => monoio::select! {
-                r = mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0) => r?,
+                r = mtls::inspect(ctx, tcp, listener.limits.sniff_timeout.0) => r?,
                 _ = conn.cancel.wait() => {
                     cut(conn, down, None);
                     return Ok(None);
@@ -169,7 +165,7 @@ async fn set_up(
         };
         // The client's address costs a syscall: asked only when a chain matches on it.
         let source = match index.is_some_and(|x| x.uses_source()) {
-            true => down.peer_addr()?,
+            true => tcp.peer_addr()?,
             false => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let facts = match &hello {
@@ -197,34 +193,54 @@ async fn set_up(
         }
         let slots = conn.snapshot.tls.chains.get(li);
         if let Some(slot) = chain.and_then(|c| slots?.get(c)?.as_ref()) {
-            mtls::serve_inbound(ctx, li, conn, slot, down).await?;
-            return Ok(None);
-        }
-        // A plaintext chain's RBAC, before connecting (a TLS chain's runs after its handshake).
-        if let Some(c) = chain {
+            let Side::Plain(tcp) = down else { unreachable!("matched as plain above") };
+            down = match terminate(ctx, conn, listener, slot, tcp).await? {
+                Some(side) => side,
+                None => return Ok(None),
+            };
+        } else if let Some(c) = chain {
+            // A plaintext chain's RBAC, before connecting (a TLS chain's runs after its
+            // handshake, below).
             let source = match facts.source.port() {
                 0 => None,
                 _ => Some(facts.source),
             };
-            authorize(ctx, li, conn, c, &down, dst, source, None)?;
+            authorize(ctx, li, conn, c, tcp, dst, source, None)?;
         }
     }
-    // Connecting and the exchange borrow the sockets rather than own them, so a cancel (idle
+    if let Side::Tls(tls) = &down {
+        mtls::check_rbac(ctx, li, conn, tls)?;
+    }
+    // Connecting and the exchange borrow the sides rather than own them, so a cancel (idle
     // timeout, drain deadline) leaves them here to be closed the way the cancel asks.
     let connected = monoio::select! {
-        r = connect_any(ctx, li, conn, listener, &down) => Some(r?),
+        r = connect_any(ctx, li, conn, listener, down.tcp()) => Some(r?),
         _ = conn.cancel.wait() => None,
     };
-    let Some(mut up) = connected else {
+    let Some(up) = connected else {
         cut(conn, down, None);
         return Ok(None);
     };
-    // An mTLS cluster (SPEC §7): the TLS client, the exchange inside it and the copy.
-    if let Some(slot) = upstream_tls(conn) {
-        return mtls::serve_outbound(ctx, listener, conn, down, up, slot).await.map(|()| None);
-    }
     // The downstream inherits TCP_NODELAY from its listener socket.
     let _ = up.set_nodelay(true);
+    // An mTLS cluster (SPEC §7) when the client is plain: originate TLS. (An mTLS
+    // downstream's upstream is the local application: plaintext.)
+    let mut up = match (&down, upstream_tls(conn)) {
+        (Side::Plain(_), Some(slot)) => {
+            let originated = monoio::select! {
+                r = Box::pin(mtls::originate(ctx, listener, conn, up, slot)) => Some(r?),
+                _ = conn.cancel.wait() => None,
+            };
+            match originated {
+                Some(tls) => Side::Tls(tls),
+                None => {
+                    cut(conn, down, None);
+                    return Ok(None);
+                }
+            }
+        }
+        _ => Side::Plain(up),
+    };
     let exchanged = monoio::select! {
         r = exchange(ctx, listener, conn, &mut down, &mut up) => Some(r),
         _ = conn.cancel.wait() => None,
@@ -236,14 +252,29 @@ async fn set_up(
         }
         Some(Err(e)) => {
             // A broken exchange: reset both sides.
-            socket::reset(down);
-            socket::reset(up);
+            down.reset();
+            up.reset();
             Err(e)
         }
         None => {
             cut(conn, down, Some(up));
             Ok(None)
         }
+    }
+}
+
+/// Terminate TLS inbound, or close the connection when cancelled meanwhile. Boxed, as the
+/// rest of the setup: the handshake's timer should not stay with the connection.
+async fn terminate(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    listener: &Listener,
+    slot: &crate::tls::Slot,
+    down: TcpStream,
+) -> Result<Option<Side>, Error> {
+    monoio::select! {
+        r = Box::pin(mtls::terminate(ctx, conn, listener, slot, down)) => r.map(Some),
+        _ = conn.cancel.wait() => Ok(None),
     }
 }
 
@@ -303,18 +334,36 @@ fn upstream_tls(conn: &Conn) -> Option<&crate::tls::Slot> {
 /// Close a connection cancelled before it was relaying: gracefully after an idle timeout, with
 /// a reset at the drain deadline (as `copy_both` does), so a peer never mistakes a cut-off
 /// exchange for a finished one.
-fn cut(conn: &Conn, down: TcpStream, up: Option<TcpStream>) {
+fn cut(conn: &Conn, down: Side, up: Option<Side>) {
     if conn.idle_expired.get() {
         return; // dropping closes with FIN
     }
-    socket::reset(down);
+    down.reset();
     if let Some(up) = up {
-        socket::reset(up);
+        up.reset();
     }
 }
 
-/// Run the peer exchange the listener asks for; the peer, if it is a mesh peer.
+/// Run the peer exchange the listener asks for over these sides; the peer, if it is a mesh
+/// peer. With a TLS side it runs inside TLS, as ALPN says (SPEC §7); between plain sockets
+/// as the listener's mode says (SPEC §2).
 async fn exchange(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    conn: &Conn,
+    down: &mut Side,
+    up: &mut Side,
+) -> Result<Option<NodeMetadata>, Error> {
+    match (down, up) {
+        (Side::Plain(down), Side::Plain(up)) => exchange_plain(ctx, listener, conn, down, up).await,
+        (Side::Tls(tls), Side::Plain(plain)) => mtls::exchange(ctx, listener, conn, plain, tls, true).await,
+        (Side::Plain(plain), Side::Tls(tls)) => mtls::exchange(ctx, listener, conn, plain, tls, false).await,
+        (Side::Tls(_), Side::Tls(_)) => Ok(None),
+    }
+}
+
+/// The exchange between two plain sockets (SPEC §2).
+async fn exchange_plain(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
@@ -699,277 +748,4 @@ async fn forward_held(
     let mut buf = ctx.pool.take();
     buf.extend_from_slice(held);
     forward(ctx, conn, to, buf, request).await
-}
-
-/// Copy both directions until both ended; on an error in either, reset both sides. Fired
-/// by the tick, `conn.cancel` ends it too: gracefully (FIN) after an idle timeout, with a
-/// reset at the drain deadline, so a peer never mistakes a cut-off transfer for a whole one.
-async fn copy_both(ctx: &WorkerCtx, conn: &Conn, down: TcpStream, up: TcpStream) -> Result<(), Error> {
-    let (mut down_r, mut down_w) = down.into_split();
-    let (mut up_r, mut up_w) = up.into_split();
-    let one_ended = Cell::new(false);
-    let result = {
-        let request = pin!(pump(ctx, conn, &mut down_r, &mut up_w, true, &one_ended));
-        let response = pin!(pump(ctx, conn, &mut up_r, &mut down_w, false, &one_ended));
-        both(request, response, conn).await
-    };
-    match &result {
-        // Both sides sent their FIN and read ours: closing the sockets ends them. Reunited,
-        // they close without the shutdown(2) a dropped write half makes (which would fail).
-        Ok(()) => {
-            let _ = (down_r.reunite(down_w), up_r.reunite(up_w));
-        }
-        // Idle: nothing in flight; dropping the write halves shuts them (FIN) and closes.
-        Err(Ended::Idle) => {}
-        Err(Ended::Drain | Ended::Reset(_)) => {
-            if let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
-                socket::reset(d);
-                socket::reset(u);
-            }
-        }
-    }
-    result.map_err(|e| Error::Io(e.into()))
-}
-
-/// Why a copy stopped before both directions ended, decided where it happened: by the idle
-/// timer (close gracefully), by the drain deadline or a socket error (reset both sides). A
-/// socket's own `ETIMEDOUT` (retransmissions exhausted, the peer host gone) is a reset,
-/// never the idle timeout: a cut-off transfer must not look complete to the other side.
-#[derive(Debug)]
-pub(crate) enum Ended {
-    /// The connection's idle timeout fired.
-    Idle,
-    /// The drain deadline passed with the connection still open.
-    Drain,
-    /// A read or write failed.
-    Reset(io::Error),
-}
-
-impl From<Ended> for io::Error {
-    fn from(e: Ended) -> io::Error {
-        match e {
-            Ended::Idle => io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
-            Ended::Drain => io::Error::new(io::ErrorKind::ConnectionAborted, "drain deadline"),
-            Ended::Reset(e) => e,
-        }
-    }
-}
-
-/// Run both directions to completion; stop at the first error, or when the connection is
-/// cancelled by the tick (idle timeout or drain deadline).
-async fn both<A, B>(
-    mut a: std::pin::Pin<&mut A>,
-    mut b: std::pin::Pin<&mut B>,
-    conn: &Conn,
-) -> Result<(), Ended>
-where
-    A: Future<Output = io::Result<()>>,
-    B: Future<Output = io::Result<()>>,
-{
-    let (mut a_done, mut b_done) = (false, false);
-    let mut cancel = pin!(conn.cancel.wait());
-    poll_fn(|cx| {
-        if !a_done && let Poll::Ready(r) = a.as_mut().poll(cx) {
-            r.map_err(Ended::Reset)?;
-            a_done = true;
-        }
-        if !b_done && let Poll::Ready(r) = b.as_mut().poll(cx) {
-            r.map_err(Ended::Reset)?;
-            b_done = true;
-        }
-        if a_done && b_done {
-            return Poll::Ready(Ok(()));
-        }
-        if cancel.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(if conn.idle_expired.get() { Ended::Idle } else { Ended::Drain }));
-        }
-        Poll::Pending
-    })
-    .await
-}
-
-/// One direction's sender half-closed: pass its FIN on. The first direction to end does so
-/// with shutdown(2); the second leaves it to the close that follows at once in `copy_both`
-/// (a socket with nothing left unread sends a FIN when closed), as HAProxy does: one
-/// shutdown per connection instead of two.
-async fn pass_fin(to: &mut OwnedWriteHalf<TcpStream>, one_ended: &Cell<bool>) -> io::Result<()> {
-    if one_ended.replace(true) {
-        return Ok(());
-    }
-    shutdown_write(to).await
-}
-
-/// Shut the write half (half-close). The peer may already have closed the socket entirely,
-/// after a FIN we relayed during the exchange: `ENOTCONN` then means "already done".
-async fn shutdown_write(to: &mut OwnedWriteHalf<TcpStream>) -> io::Result<()> {
-    match to.shutdown().await {
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        r => r,
-    }
-}
-
-/// One direction: read, write all, count; on EOF shut the other side's write half
-/// (half-close). A read is one non-blocking recv(2) into a pool buffer, taken only for the
-/// call: readiness is awaited (one ring operation, no buffer) only once a read would block,
-/// so an idle connection holds no buffer and a read costs no ring operation of its own. A
-/// read that fills the whole buffer marks a bulk flow: from then on each burst moves by
-/// splice(2) through a pipe borrowed from the worker's pool for the burst.
-async fn pump(
-    ctx: &WorkerCtx,
-    conn: &Conn,
-    from: &mut OwnedReadHalf<TcpStream>,
-    to: &mut OwnedWriteHalf<TcpStream>,
-    request: bool,
-    one_ended: &Cell<bool>,
-) -> io::Result<()> {
-    let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
-    let mut splice = ctx.splice;
-    let mut bulk = false;
-    // A client usually sent its first bytes while we connected upstream: try at once. The
-    // upstream speaks when asked, so its side starts by waiting.
-    let mut ready = request;
-    loop {
-        if !ready {
-            socket::readable(from).await?;
-        }
-        if bulk
-            && splice
-            && let Some(pipe) = ctx.pipes.take(ctx.now.get())
-        {
-            match splice_burst(ctx, conn, from, to, counter, &pipe).await? {
-                Burst::Quiet => {
-                    pipe.release();
-                    ready = false;
-                    continue;
-                }
-                Burst::Eof => {
-                    pipe.release();
-                    return pass_fin(to, one_ended).await;
-                }
-                Burst::Unsupported { error, left } => {
-                    log::debug!("splice failed, copying instead: {error}");
-                    splice = false;
-                    // Boxed: at most once in a flow's life; inline, its write's state would
-                    // sit in every connection's task.
-                    Box::pin(copy_out_of_pipe(ctx, &pipe, to, left)).await?;
-                }
-            }
-        }
-        let mut buf = ctx.pool.take();
-        let n = match socket::recv(from, &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                ctx.pool.put(buf);
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        ready = false;
-                        continue;
-                    }
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(e),
-                }
-            }
-        };
-        if n == 0 {
-            ctx.pool.put(buf);
-            return pass_fin(to, one_ended).await;
-        }
-        // A full read: more is probably waiting, so read again at once.
-        ready = n == buf.capacity();
-        if ready && splice && !bulk {
-            bulk = true;
-            if let Err(e) = socket::nonblocking(from, to) {
-                log::debug!("splice unavailable, copying instead: {e}");
-                splice = false;
-            }
-        }
-        ctx.busy.note();
-        counter.set(counter.get() + n as u64);
-        conn.last_active.set(ctx.now.get());
-        let (res, buf) = to.write_all(buf).await;
-        ctx.pool.put(buf);
-        res?;
-    }
-}
-
-/// How a splice burst ended.
-enum Burst {
-    /// Nothing more to read for now; the pipe is empty and goes back to the pool.
-    Quiet,
-    /// The sender half-closed; the pipe is empty.
-    Eof,
-    /// splice(2) itself failed, not the connection; `left` bytes are still in the pipe.
-    Unsupported { error: io::Error, left: usize },
-}
-
-/// Errors that are the connection's (a reset, a closed peer), not splice's: they end the
-/// connection as a copy would. Any other splice error makes the flow copy instead.
-fn connection_error(e: &io::Error) -> bool {
-    use io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionReset
-            | ConnectionAborted
-            | BrokenPipe
-            | NotConnected
-            | TimedOut
-            | HostUnreachable
-            | NetworkUnreachable
-    )
-}
-
-/// Socket → pipe → socket inside the kernel until the socket has nothing more to read, with
-/// non-blocking splices and writability waits, so the worker never blocks.
-async fn splice_burst(
-    ctx: &WorkerCtx,
-    conn: &Conn,
-    from: &mut OwnedReadHalf<TcpStream>,
-    to: &mut OwnedWriteHalf<TcpStream>,
-    counter: &Cell<u64>,
-    pipe: &socket::Lease<'_>,
-) -> io::Result<Burst> {
-    loop {
-        let n = match socket::splice_in(from, pipe) {
-            Ok(0) => return Ok(Burst::Eof),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Quiet),
-            Err(e) if connection_error(&e) => return Err(e),
-            Err(error) => return Ok(Burst::Unsupported { error, left: 0 }),
-        };
-        ctx.busy.note();
-        counter.set(counter.get() + n as u64);
-        conn.last_active.set(ctx.now.get());
-        let mut left = n;
-        while left > 0 {
-            match socket::splice_out(pipe, to, left) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket::writable(to).await?,
-                Err(e) if connection_error(&e) => return Err(e),
-                Err(error) => return Ok(Burst::Unsupported { error, left }),
-            }
-        }
-    }
-}
-
-/// After a failed splice: write what is still in the pipe by copying it through buffers.
-async fn copy_out_of_pipe(
-    ctx: &WorkerCtx,
-    pipe: &socket::Lease<'_>,
-    to: &mut OwnedWriteHalf<TcpStream>,
-    mut left: usize,
-) -> io::Result<()> {
-    while left > 0 {
-        let mut buf = ctx.pool.take();
-        match socket::drain_pipe(pipe, &mut buf) {
-            Ok(n) if n > 0 => left = left.saturating_sub(n),
-            r => {
-                ctx.pool.put(buf);
-                return r.and(Err(io::ErrorKind::UnexpectedEof.into()));
-            }
-        }
-        let (res, buf) = to.write_all(buf).await;
-        ctx.pool.put(buf);
-        res?;
-    }
-    Ok(())
 }

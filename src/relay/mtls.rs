@@ -1,22 +1,19 @@
-//! One connection over mTLS (SPEC §7): the inbound handshake (and, in `permissive`, the
-//! ClientHello sniff), the outbound handshake, the peer exchange inside TLS (mode `alpn`:
-//! only when ALPN resolved to `istio-peer-exchange`), and the copy loop between a plaintext
-//! socket and a TLS one. The rustls side lives in `crate::tls`; this file only moves bytes.
-//!
-//! Bulk over TLS cannot splice (no kTLS here): ciphertext goes socket → pool buffer →
-//! rustls, plaintext rustls' buffer → socket with non-blocking calls after readiness, and the
-//! other way through one pool buffer (rustls encrypts from it into a record).
+//! The pipeline's TLS steps (SPEC §7): terminate inbound (and, in `permissive`, the
+//! ClientHello sniff), a chain's `tls_inspector` peek, originate outbound, and the peer
+//! exchange inside TLS (mode `alpn`: only when ALPN resolved to `istio-peer-exchange`). Each
+//! returns to the pipeline in `relay`; the copy is `relay::side`'s. The rustls side lives in
+//! `crate::tls`.
 
 use std::io;
-use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
 
-use super::{Error, Verdict, authorize, connect_any, count, feed};
+use super::side::Side;
+use super::{Error, Verdict, authorize, count, feed};
 use crate::capture;
 use crate::config::{Capture, Listener, ListenerTlsMode, PeerExchange};
-use crate::conn::{Conn, Security, WorkerCtx, settle};
+use crate::conn::{Conn, Security, WorkerCtx};
 use crate::exchange::{NodeMetadata, Parser};
 use crate::metrics::{ExchangeOutcome, TlsHandshake, TlsRefused};
 use crate::socket;
@@ -27,31 +24,16 @@ use crate::tls::stream::{Fill, TlsStream};
 /// Shortest wait for a permissive client's first bytes (see `accept`).
 const PERMISSIVE_SNIFF_MIN: Duration = Duration::from_secs(1);
 
-/// A set-up connection with one TLS side.
-struct TlsPair {
-    plain: TcpStream,
-    tls: TlsStream,
-    /// The TLS side is the downstream (inbound listener), else the upstream (outbound).
-    tls_is_down: bool,
-}
-
-/// What an inbound TLS listener accepted.
-enum Accepted {
-    /// `permissive` and the client spoke plaintext: relay it as any plaintext connection.
-    Plain(TcpStream),
-    /// A verified mTLS client.
-    Tls(TlsStream),
-}
-
-/// The inbound handshake: sniff in `permissive`, then require a client certificate signed
-/// by the mesh root. A refused client is closed and counted, nothing of it relayed.
-async fn accept(
+/// Terminate TLS inbound: sniff in `permissive` (a plaintext client stays a plain side),
+/// then require a client certificate signed by the mesh root. A refused client is closed and
+/// counted, nothing of it relayed.
+pub(super) async fn terminate(
     ctx: &WorkerCtx,
     conn: &Conn,
     listener: &Listener,
     slot: &Slot,
     down: TcpStream,
-) -> Result<Accepted, Error> {
+) -> Result<Side, Error> {
     let permissive = listener.tls.as_ref().is_some_and(|t| t.mode == ListenerTlsMode::Permissive);
     // A TLS client's ClientHello follows its connect at once, but building one (key shares)
     // under load can take longer than the exchange's 20 ms sniff window: wait at least 1 s
@@ -59,7 +41,7 @@ async fn accept(
     // `permissive` therefore greets after up to 1 s (Istio asks such ports to be declared).
     let window = listener.limits.sniff_timeout.0.max(PERMISSIVE_SNIFF_MIN);
     if permissive && !sniff_client_hello(ctx, &down, window).await? {
-        return Ok(Accepted::Plain(down));
+        return Ok(Side::Plain(down));
     }
     let config = slot.current();
     let Some(server) = config.server.clone() else { return Err(Error::Refused) };
@@ -88,7 +70,7 @@ async fn accept(
         peer_principal: tls.peer_principal().map(Into::into),
         mutual_tls: true,
     };
-    Ok(Accepted::Tls(tls))
+    Ok(Side::Tls(tls))
 }
 
 /// Count a completed handshake: direction, full or resumed, suite.
@@ -200,42 +182,10 @@ async fn peek_until<T>(
     answer
 }
 
-/// An inbound mTLS listener's connection: the handshake (after the sniff, in `permissive`),
-/// then connect, exchange and copy. `Some(socket)`: a plaintext client in `permissive`, for
-/// the caller to relay as plaintext. A cancel (idle timeout, drain deadline) before the copy
-/// closes the sockets; nothing of the connection was relayed yet but the exchange's first
-/// bytes.
-pub(super) async fn serve_inbound(
-    ctx: &WorkerCtx,
-    li: usize,
-    conn: &Conn,
-    slot: &Slot,
-    down: TcpStream,
-) -> Result<Option<TcpStream>, Error> {
-    let listener = &conn.snapshot.config.listeners[li];
-    // Boxed, as the plaintext setup is: its timers should not stay with the connection.
-    let accepted = monoio::select! {
-        r = Box::pin(accept(ctx, conn, listener, slot, down)) => r?,
-        _ = conn.cancel.wait() => return Ok(None),
-    };
-    let tls = match accepted {
-        Accepted::Plain(down) => return Ok(Some(down)),
-        Accepted::Tls(tls) => tls,
-    };
-    check_rbac(ctx, li, conn, &tls)?;
-    let (pair, peer) = monoio::select! {
-        r = Box::pin(open_inbound(ctx, li, conn, tls)) => r?,
-        _ = conn.cancel.wait() => return Ok(None),
-    };
-    settle(ctx, conn, peer.as_ref(), "-");
-    copy(ctx, conn, pair).await?;
-    Ok(None)
-}
-
 /// A TLS chain's RBAC (SPEC §9), once the handshake is done: the peer's SPIFFE id as its
 /// principal and the SNI it asked for. Only chains with RBAC filters ask the socket for the
 /// connection's addresses.
-fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Result<(), Error> {
+pub(super) fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Result<(), Error> {
     let listener = &conn.snapshot.config.listeners[li];
     let Some(c) =
         conn.chain.get().filter(|&c| listener.filter_chains.get(c).is_some_and(|f| !f.rbac.is_empty()))
@@ -259,46 +209,15 @@ fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Resul
     })
 }
 
-/// An outbound connection to an mTLS cluster, once connected: handshake, exchange, copy.
-pub(super) async fn serve_outbound(
+/// Originate TLS to a connected upstream with the cluster's config. A failed handshake is an
+/// upstream failure (`UF`).
+pub(super) async fn originate(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
-    down: TcpStream,
     up: TcpStream,
     slot: &Slot,
-) -> Result<(), Error> {
-    let (pair, peer) = monoio::select! {
-        r = Box::pin(open_outbound(ctx, listener, conn, down, up, slot)) => r?,
-        _ = conn.cancel.wait() => return Ok(()),
-    };
-    settle(ctx, conn, peer.as_ref(), "-");
-    copy(ctx, conn, pair).await
-}
-
-/// Inbound after the handshake: connect upstream, run the exchange when ALPN says so.
-async fn open_inbound(
-    ctx: &WorkerCtx,
-    li: usize,
-    conn: &Conn,
-    tls: TlsStream,
-) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
-    let listener = &conn.snapshot.config.listeners[li];
-    let up = connect_any(ctx, li, conn, listener, tls.tcp()).await?;
-    let _ = up.set_nodelay(true);
-    finish(ctx, listener, conn, TlsPair { plain: up, tls, tls_is_down: true }).await
-}
-
-/// Outbound: TLS client to the upstream with the cluster's config, then the exchange when
-/// the server chose `istio-peer-exchange`. A failed handshake is an upstream failure (`UF`).
-async fn open_outbound(
-    ctx: &WorkerCtx,
-    listener: &Listener,
-    conn: &Conn,
-    down: TcpStream,
-    up: TcpStream,
-    slot: &Slot,
-) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
+) -> Result<TlsStream, Error> {
     let config = slot.current();
     let ip = up.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
     let _ = up.set_nodelay(true);
@@ -316,50 +235,48 @@ async fn open_outbound(
         peer_principal: tls.peer_principal().map(Into::into),
         mutual_tls: true,
     };
-    finish(ctx, listener, conn, TlsPair { plain: down, tls, tls_is_down: false }).await
+    Ok(tls)
 }
 
-/// The exchange inside TLS, or none; a broken one resets both sides.
-async fn finish(
+/// The exchange inside TLS (mode `alpn`: only when ALPN resolved to `istio-peer-exchange`),
+/// or none. `tls_is_down`: the TLS side is the downstream (inbound), else the upstream. A
+/// broken exchange is an error: the caller resets both sides.
+pub(super) async fn exchange(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
-    mut pair: TlsPair,
-) -> Result<(TlsPair, Option<NodeMetadata>), Error> {
+    plain: &mut TcpStream,
+    tls: &TlsStream,
+    tls_is_down: bool,
+) -> Result<Option<NodeMetadata>, Error> {
     if listener.peer_exchange == PeerExchange::Off {
-        return Ok((pair, None));
+        return Ok(None);
     }
-    if !pair.tls.alpn_is_peer_exchange() {
+    if !tls.alpn_is_peer_exchange() {
         count(ctx, ExchangeOutcome::AlpnProtocolNotFound);
-        return Ok((pair, None));
+        return Ok(None);
     }
     count(ctx, ExchangeOutcome::AlpnProtocolFound);
     let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
-    let peer = exchange(ctx, listener, conn, &mut parser, &mut pair).await;
+    let peer = exchange_alpn(ctx, listener, conn, &mut parser, plain, tls, tls_is_down).await;
     ctx.pool.put(parser.into_buffer());
-    match peer {
-        Ok(p) => Ok((pair, p)),
-        Err(e) => {
-            socket::reset(pair.plain);
-            socket::reset(pair.tls.into_tcp());
-            Err(e)
-        }
-    }
+    peer
 }
 
 /// Both sides write their preamble at once after the handshake (SPEC §2, mode `alpn`), then
 /// strip the peer's from the TLS side. Outbound, the client's bytes flow meanwhile; inbound,
 /// an upstream that speaks first (server-first protocol) makes us wait for the client's
 /// preamble at most `sniff_timeout`.
-async fn exchange(
+async fn exchange_alpn(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
     parser: &mut Parser,
-    pair: &mut TlsPair,
+    plain: &mut TcpStream,
+    tls: &TlsStream,
+    tls_is_down: bool,
 ) -> Result<Option<NodeMetadata>, Error> {
-    let TlsPair { plain, tls, tls_is_down } = pair;
-    let request = *tls_is_down; // bytes from the TLS side go downstream→upstream
+    let request = tls_is_down; // bytes from the TLS side go downstream→upstream
     tls.write_all(&ctx.preamble).await?;
     let limits = &listener.limits;
     let start = Instant::now();
@@ -427,7 +344,7 @@ async fn relay_plain_to_tls(
             false
         }
         Ok(n) => {
-            count_bytes(ctx, conn, n, true);
+            super::side::count_bytes(ctx, conn, n, true);
             let r = tls.write_all(&buf).await;
             ctx.pool.put(buf);
             r?;
@@ -441,81 +358,4 @@ async fn relay_plain_to_tls(
     };
     ctx.pool.put(buf);
     Ok(open)
-}
-
-fn count_bytes(ctx: &WorkerCtx, conn: &Conn, n: usize, request: bool) {
-    let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
-    counter.set(counter.get() + n as u64);
-    conn.last_active.set(ctx.now.get());
-    ctx.busy.note();
-}
-
-/// Copy both directions until both ended; an error on either resets both sides, as for
-/// plaintext (a reset stays a reset). Half-close: close_notify + FIN one way, the other
-/// direction keeps flowing.
-async fn copy(ctx: &WorkerCtx, conn: &Conn, pair: TlsPair) -> Result<(), Error> {
-    let TlsPair { plain, tls, tls_is_down } = pair;
-    let result = {
-        let to_tls = pin!(plain_to_tls(ctx, conn, &plain, &tls, !tls_is_down));
-        let from_tls = pin!(tls_to_plain(ctx, conn, &tls, &plain, tls_is_down));
-        super::both(to_tls, from_tls, conn).await
-    };
-    // Idle: close gracefully (dropping both sends FIN); anything else resets both sides.
-    if let Err(super::Ended::Drain | super::Ended::Reset(_)) = &result {
-        socket::reset(plain);
-        socket::reset(tls.into_tcp());
-    }
-    result.map_err(|e| Error::Io(e.into()))
-}
-
-/// Plaintext → TLS: a pool buffer only between readiness and the encrypting write.
-async fn plain_to_tls(
-    ctx: &WorkerCtx,
-    conn: &Conn,
-    plain: &TcpStream,
-    tls: &TlsStream,
-    request: bool,
-) -> io::Result<()> {
-    loop {
-        plain.readable(false).await?;
-        let mut buf = ctx.pool.take();
-        let n = match socket::recv_spare(plain, &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                ctx.pool.put(buf);
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    continue;
-                }
-                return Err(e);
-            }
-        };
-        if n == 0 {
-            ctx.pool.put(buf);
-            return tls.shutdown().await;
-        }
-        count_bytes(ctx, conn, n, request);
-        let r = tls.write_all(&buf).await;
-        ctx.pool.put(buf);
-        r?;
-    }
-}
-
-/// TLS → plaintext: decrypted bytes go from rustls' buffer straight into the socket.
-async fn tls_to_plain(
-    ctx: &WorkerCtx,
-    conn: &Conn,
-    tls: &TlsStream,
-    plain: &TcpStream,
-    request: bool,
-) -> io::Result<()> {
-    loop {
-        if tls.fill(&ctx.pool).await? == Fill::Eof {
-            return socket::shutdown_write(plain);
-        }
-        match tls.send_to(plain) {
-            Ok(n) => count_bytes(ctx, conn, n, request),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => plain.writable(false).await?,
-            Err(e) => return Err(e),
-        }
-    }
 }

@@ -1,0 +1,417 @@
+//! A side of a connection, whatever carries it (plain TCP, TLS; an HBONE stream next), and
+//! the copy between two sides: both directions until both ended, half-close passed on, a reset
+//! kept a reset, idle timeout and drain deadline (SPEC §1). The pipeline in `relay` sets the
+//! sides up; this file only moves bytes and says how the copy ended.
+//!
+//! Each pair of kinds has its fastest loop: plain ↔ plain reads with one non-blocking
+//! recv(2) into a pool buffer and moves bulk flows by splice(2); plain ↔ TLS goes through
+//! rustls (no kTLS here: ciphertext socket → pool buffer → rustls, plaintext from rustls'
+//! buffer straight into the socket, the other way through one pool buffer).
+
+use std::cell::Cell;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::pin;
+use std::task::Poll;
+
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+
+use super::Error;
+use crate::conn::{Conn, WorkerCtx};
+use crate::socket;
+use crate::tls::stream::{Fill, TlsStream};
+
+/// One side of a connection: the downstream client or the upstream, as the pipeline set it
+/// up. The copy and the exchange ask what they need of it; only this file matches on kinds.
+pub(crate) enum Side {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (terminated inbound or originated outbound).
+    Tls(TlsStream),
+}
+
+impl Side {
+    /// The TCP socket underneath (addresses, original destination, readiness).
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Side::Plain(s) => s,
+            Side::Tls(t) => t.tcp(),
+        }
+    }
+
+    /// Close with a TCP reset (a reset stays a reset; a drain deadline cuts).
+    pub(crate) fn reset(self) {
+        match self {
+            Side::Plain(s) => socket::reset(s),
+            Side::Tls(t) => socket::reset(t.into_tcp()),
+        }
+    }
+}
+
+/// Copy both directions until both ended; on an error in either, reset both sides. Fired
+/// by the tick, `conn.cancel` ends it too: gracefully (FIN) after an idle timeout, with a
+/// reset at the drain deadline, so a peer never mistakes a cut-off transfer for a whole one.
+pub(super) async fn copy_both(ctx: &WorkerCtx, conn: &Conn, down: Side, up: Side) -> Result<(), Error> {
+    match (down, up) {
+        (Side::Plain(down), Side::Plain(up)) => copy_plain(ctx, conn, down, up).await,
+        (down, up) => copy_sides(ctx, conn, down, up).await,
+    }
+}
+
+/// Two sides of which at least one is not plain TCP: one loop per direction, chosen by the
+/// pair of kinds. Idle: close gracefully (dropping both sends FIN); anything else resets both.
+async fn copy_sides(ctx: &WorkerCtx, conn: &Conn, down: Side, up: Side) -> Result<(), Error> {
+    let result = {
+        let request = pin!(direction(ctx, conn, &down, &up, true));
+        let response = pin!(direction(ctx, conn, &up, &down, false));
+        both(request, response, conn).await
+    };
+    if let Err(Ended::Drain | Ended::Reset(_)) = &result {
+        down.reset();
+        up.reset();
+    }
+    result.map_err(|e| Error::Io(e.into()))
+}
+
+/// One direction, `from` → `to` (`request`: downstream → upstream, for the byte counters).
+async fn direction(ctx: &WorkerCtx, conn: &Conn, from: &Side, to: &Side, request: bool) -> io::Result<()> {
+    match (from, to) {
+        (Side::Plain(p), Side::Tls(t)) => plain_to_tls(ctx, conn, p, t, request).await,
+        (Side::Tls(t), Side::Plain(p)) => tls_to_plain(ctx, conn, t, p, request).await,
+        // The pipeline never pairs two TLS sides (an mTLS downstream's upstream is the local
+        // application, plaintext) and plain ↔ plain takes `copy_plain`.
+        _ => Err(io::Error::other("no copy between these kinds of sides")),
+    }
+}
+
+/// Plaintext → TLS: a pool buffer only between readiness and the encrypting write.
+async fn plain_to_tls(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    plain: &TcpStream,
+    tls: &TlsStream,
+    request: bool,
+) -> io::Result<()> {
+    loop {
+        plain.readable(false).await?;
+        let mut buf = ctx.pool.take();
+        let n = match socket::recv_spare(plain, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                ctx.pool.put(buf);
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            ctx.pool.put(buf);
+            return tls.shutdown().await;
+        }
+        count_bytes(ctx, conn, n, request);
+        let r = tls.write_all(&buf).await;
+        ctx.pool.put(buf);
+        r?;
+    }
+}
+
+/// TLS → plaintext: decrypted bytes go from rustls' buffer straight into the socket.
+async fn tls_to_plain(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    tls: &TlsStream,
+    plain: &TcpStream,
+    request: bool,
+) -> io::Result<()> {
+    loop {
+        if tls.fill(&ctx.pool).await? == Fill::Eof {
+            return socket::shutdown_write(plain);
+        }
+        match tls.send_to(plain) {
+            Ok(n) => count_bytes(ctx, conn, n, request),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => plain.writable(false).await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Count `n` bytes one way and mark the connection active.
+pub(super) fn count_bytes(ctx: &WorkerCtx, conn: &Conn, n: usize, request: bool) {
+    let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
+    counter.set(counter.get() + n as u64);
+    conn.last_active.set(ctx.now.get());
+    ctx.busy.note();
+}
+
+/// Plain ↔ plain: split both sockets and pump each way (splice for bulk).
+async fn copy_plain(ctx: &WorkerCtx, conn: &Conn, down: TcpStream, up: TcpStream) -> Result<(), Error> {
+    let (mut down_r, mut down_w) = down.into_split();
+    let (mut up_r, mut up_w) = up.into_split();
+    let one_ended = Cell::new(false);
+    let result = {
+        let request = pin!(pump(ctx, conn, &mut down_r, &mut up_w, true, &one_ended));
+        let response = pin!(pump(ctx, conn, &mut up_r, &mut down_w, false, &one_ended));
+        both(request, response, conn).await
+    };
+    match &result {
+        // Both sides sent their FIN and read ours: closing the sockets ends them. Reunited,
+        // they close without the shutdown(2) a dropped write half makes (which would fail).
+        Ok(()) => {
+            let _ = (down_r.reunite(down_w), up_r.reunite(up_w));
+        }
+        // Idle: nothing in flight; dropping the write halves shuts them (FIN) and closes.
+        Err(Ended::Idle) => {}
+        Err(Ended::Drain | Ended::Reset(_)) => {
+            if let (Ok(d), Ok(u)) = (down_r.reunite(down_w), up_r.reunite(up_w)) {
+                socket::reset(d);
+                socket::reset(u);
+            }
+        }
+    }
+    result.map_err(|e| Error::Io(e.into()))
+}
+
+/// Why a copy stopped before both directions ended, decided where it happened: by the idle
+/// timer (close gracefully), by the drain deadline or a socket error (reset both sides). A
+/// socket's own `ETIMEDOUT` (retransmissions exhausted, the peer host gone) is a reset,
+/// never the idle timeout: a cut-off transfer must not look complete to the other side.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// The connection's idle timeout fired.
+    Idle,
+    /// The drain deadline passed with the connection still open.
+    Drain,
+    /// A read or write failed.
+    Reset(io::Error),
+}
+
+impl From<Ended> for io::Error {
+    fn from(e: Ended) -> io::Error {
+        match e {
+            Ended::Idle => io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
+            Ended::Drain => io::Error::new(io::ErrorKind::ConnectionAborted, "drain deadline"),
+            Ended::Reset(e) => e,
+        }
+    }
+}
+
+/// Run both directions to completion; stop at the first error, or when the connection is
+/// cancelled by the tick (idle timeout or drain deadline).
+async fn both<A, B>(
+    mut a: std::pin::Pin<&mut A>,
+    mut b: std::pin::Pin<&mut B>,
+    conn: &Conn,
+) -> Result<(), Ended>
+where
+    A: Future<Output = io::Result<()>>,
+    B: Future<Output = io::Result<()>>,
+{
+    let (mut a_done, mut b_done) = (false, false);
+    let mut cancel = pin!(conn.cancel.wait());
+    poll_fn(|cx| {
+        if !a_done && let Poll::Ready(r) = a.as_mut().poll(cx) {
+            r.map_err(Ended::Reset)?;
+            a_done = true;
+        }
+        if !b_done && let Poll::Ready(r) = b.as_mut().poll(cx) {
+            r.map_err(Ended::Reset)?;
+            b_done = true;
+        }
+        if a_done && b_done {
+            return Poll::Ready(Ok(()));
+        }
+        if cancel.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(if conn.idle_expired.get() { Ended::Idle } else { Ended::Drain }));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// One direction's sender half-closed: pass its FIN on. The first direction to end does so
+/// with shutdown(2); the second leaves it to the close that follows at once in `copy_both`
+/// (a socket with nothing left unread sends a FIN when closed), as HAProxy does: one
+/// shutdown per connection instead of two.
+async fn pass_fin(to: &mut OwnedWriteHalf<TcpStream>, one_ended: &Cell<bool>) -> io::Result<()> {
+    if one_ended.replace(true) {
+        return Ok(());
+    }
+    shutdown_write(to).await
+}
+
+/// Shut the write half (half-close). The peer may already have closed the socket entirely,
+/// after a FIN we relayed during the exchange: `ENOTCONN` then means "already done".
+async fn shutdown_write(to: &mut OwnedWriteHalf<TcpStream>) -> io::Result<()> {
+    match to.shutdown().await {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        r => r,
+    }
+}
+
+/// One direction: read, write all, count; on EOF shut the other side's write half
+/// (half-close). A read is one non-blocking recv(2) into a pool buffer, taken only for the
+/// call: readiness is awaited (one ring operation, no buffer) only once a read would block,
+/// so an idle connection holds no buffer and a read costs no ring operation of its own. A
+/// read that fills the whole buffer marks a bulk flow: from then on each burst moves by
+/// splice(2) through a pipe borrowed from the worker's pool for the burst.
+async fn pump(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    from: &mut OwnedReadHalf<TcpStream>,
+    to: &mut OwnedWriteHalf<TcpStream>,
+    request: bool,
+    one_ended: &Cell<bool>,
+) -> io::Result<()> {
+    let counter = if request { &conn.received_bytes } else { &conn.sent_bytes };
+    let mut splice = ctx.splice;
+    let mut bulk = false;
+    // A client usually sent its first bytes while we connected upstream: try at once. The
+    // upstream speaks when asked, so its side starts by waiting.
+    let mut ready = request;
+    loop {
+        if !ready {
+            socket::readable(from).await?;
+        }
+        if bulk
+            && splice
+            && let Some(pipe) = ctx.pipes.take(ctx.now.get())
+        {
+            match splice_burst(ctx, conn, from, to, counter, &pipe).await? {
+                Burst::Quiet => {
+                    pipe.release();
+                    ready = false;
+                    continue;
+                }
+                Burst::Eof => {
+                    pipe.release();
+                    return pass_fin(to, one_ended).await;
+                }
+                Burst::Unsupported { error, left } => {
+                    log::debug!("splice failed, copying instead: {error}");
+                    splice = false;
+                    // Boxed: at most once in a flow's life; inline, its write's state would
+                    // sit in every connection's task.
+                    Box::pin(copy_out_of_pipe(ctx, &pipe, to, left)).await?;
+                }
+            }
+        }
+        let mut buf = ctx.pool.take();
+        let n = match socket::recv(from, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                ctx.pool.put(buf);
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        ready = false;
+                        continue;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
+        };
+        if n == 0 {
+            ctx.pool.put(buf);
+            return pass_fin(to, one_ended).await;
+        }
+        // A full read: more is probably waiting, so read again at once.
+        ready = n == buf.capacity();
+        if ready && splice && !bulk {
+            bulk = true;
+            if let Err(e) = socket::nonblocking(from, to) {
+                log::debug!("splice unavailable, copying instead: {e}");
+                splice = false;
+            }
+        }
+        ctx.busy.note();
+        counter.set(counter.get() + n as u64);
+        conn.last_active.set(ctx.now.get());
+        let (res, buf) = to.write_all(buf).await;
+        ctx.pool.put(buf);
+        res?;
+    }
+}
+
+/// How a splice burst ended.
+enum Burst {
+    /// Nothing more to read for now; the pipe is empty and goes back to the pool.
+    Quiet,
+    /// The sender half-closed; the pipe is empty.
+    Eof,
+    /// splice(2) itself failed, not the connection; `left` bytes are still in the pipe.
+    Unsupported { error: io::Error, left: usize },
+}
+
+/// Errors that are the connection's (a reset, a closed peer), not splice's: they end the
+/// connection as a copy would. Any other splice error makes the flow copy instead.
+fn connection_error(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset
+            | ConnectionAborted
+            | BrokenPipe
+            | NotConnected
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
+    )
+}
+
+/// Socket → pipe → socket inside the kernel until the socket has nothing more to read, with
+/// non-blocking splices and writability waits, so the worker never blocks.
+async fn splice_burst(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    from: &mut OwnedReadHalf<TcpStream>,
+    to: &mut OwnedWriteHalf<TcpStream>,
+    counter: &Cell<u64>,
+    pipe: &socket::Lease<'_>,
+) -> io::Result<Burst> {
+    loop {
+        let n = match socket::splice_in(from, pipe) {
+            Ok(0) => return Ok(Burst::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Quiet),
+            Err(e) if connection_error(&e) => return Err(e),
+            Err(error) => return Ok(Burst::Unsupported { error, left: 0 }),
+        };
+        ctx.busy.note();
+        counter.set(counter.get() + n as u64);
+        conn.last_active.set(ctx.now.get());
+        let mut left = n;
+        while left > 0 {
+            match socket::splice_out(pipe, to, left) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket::writable(to).await?,
+                Err(e) if connection_error(&e) => return Err(e),
+                Err(error) => return Ok(Burst::Unsupported { error, left }),
+            }
+        }
+    }
+}
+
+/// After a failed splice: write what is still in the pipe by copying it through buffers.
+async fn copy_out_of_pipe(
+    ctx: &WorkerCtx,
+    pipe: &socket::Lease<'_>,
+    to: &mut OwnedWriteHalf<TcpStream>,
+    mut left: usize,
+) -> io::Result<()> {
+    while left > 0 {
+        let mut buf = ctx.pool.take();
+        match socket::drain_pipe(pipe, &mut buf) {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            r => {
+                ctx.pool.put(buf);
+                return r.and(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+        let (res, buf) = to.write_all(buf).await;
+        ctx.pool.put(buf);
+        res?;
+    }
+    Ok(())
+}
