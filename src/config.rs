@@ -424,6 +424,18 @@ pub struct Listener {
     /// `filter_chain_match`, SPEC §9); when present they replace `cluster`/`tcp_routes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filter_chains: Vec<FilterChain>,
+    /// `hbone`: an HBONE terminator (SPEC §12): each HTTP/2 CONNECT stream inside its mTLS is
+    /// relayed to the stream's `:authority`, with no cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<ListenerTunnel>,
+}
+
+/// What tunnel a listener terminates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerTunnel {
+    /// Istio ambient's HBONE: HTTP/2 CONNECT inside mutual TLS 1.3 (SPEC §12).
+    Hbone,
 }
 
 /// One filter chain of a listener: which connections it takes, and where they go.
@@ -1199,7 +1211,20 @@ impl Config {
                 l.service.is_some(),
                 !l.filter_chains.is_empty(),
             ];
+            if l.tunnel.is_some() {
+                // A terminator relays each CONNECT to its `:authority` (SPEC §12).
+                if targets.iter().any(|t| *t) || l.capture != Capture::None {
+                    return Err(here("tunnel: hbone relays to each CONNECT's :authority: no cluster, tcp_routes, service, filter_chains or capture".into()));
+                }
+                if l.direction != Direction::Inbound {
+                    return Err(here("tunnel: hbone needs direction: inbound".into()));
+                }
+                if l.tls.as_ref().map(|t| t.mode) != Some(ListenerTlsMode::Strict) {
+                    return Err(here("tunnel: hbone needs tls: {mode: strict, ...}".into()));
+                }
+            }
             match targets.iter().filter(|t| **t).count() {
+                0 if l.capture == Capture::None && l.tunnel.is_some() => {}
                 0 if l.capture == Capture::None => {
                     return Err(here("needs one of cluster, tcp_routes, service".into()));
                 }
@@ -1436,6 +1461,30 @@ mod tests {
         assert_eq!("50us".parse::<Dur>().unwrap().0, Duration::from_micros(50));
         for text in ["50us", "1500us", "250ms", "5s", "2m", "1h", "0s"] {
             assert_eq!(text.parse::<Dur>().unwrap().to_string(), text);
+        }
+    }
+
+    #[test]
+    fn an_hbone_terminator_is_inbound_strict_mtls_with_no_cluster() {
+        let tls = "tls: {mode: strict, cert_chain: c, private_key: k, root_cert: r}";
+        let read = |l: &str| {
+            let text = format!(
+                "listeners:
+  - {{name: hbone, listen: 127.0.0.1:15008, {l}}}
+"
+            );
+            let mut c = Config::parse(&text, "t.yaml")?;
+            c.validate("t.yaml", &text).map(|()| c)
+        };
+        let ok = read(&format!("direction: inbound, tunnel: hbone, {tls}")).unwrap();
+        assert_eq!(ok.listeners[0].tunnel, Some(ListenerTunnel::Hbone));
+        for (bad, why) in [
+            (format!("direction: outbound, tunnel: hbone, {tls}"), "direction: inbound"),
+            ("direction: inbound, tunnel: hbone".to_string(), "mode: strict"),
+            (format!("direction: inbound, tunnel: hbone, cluster: x, {tls}"), "no cluster"),
+        ] {
+            let e = read(&bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 

@@ -22,6 +22,7 @@ use crate::routing::Target;
 use crate::routing::chains::ConnFacts;
 use crate::snapshot::Snapshot;
 
+mod hbone;
 mod mtls;
 mod side;
 
@@ -58,6 +59,10 @@ pub enum Error {
     /// sets no response flag (only termination details), so neither does ringside.
     #[error("rbac: denied")]
     Denied,
+    /// An HBONE CONNECT was answered with a refusal (400) before anything was relayed: not
+    /// an istio_tcp connection.
+    #[error("hbone: {0}")]
+    BadRequest(&'static str),
     /// A socket error; the other side is reset.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -92,21 +97,123 @@ pub fn over_limit(ctx: &WorkerCtx, snapshot: Rc<Snapshot>, li: usize, acceptor: 
 /// Serve one accepted connection to its end.
 /// Under `snapshot` (listener `li` of it), which the connection keeps for its life.
 pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, acceptor: u64, down: TcpStream) {
+    // An HBONE terminator's connection carries many: each CONNECT stream is served by
+    // `serve_stream` (SPEC §12).
+    if snapshot.config.listeners[li].tunnel.is_some() {
+        let live = Rc::clone(&snapshot);
+        let _ = hbone::serve_carrier(ctx, snapshot, li, acceptor, down).await;
+        live.live[li].fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
     let conn = ctx.open(snapshot, li, acceptor);
     let result = relay(&ctx, li, &conn, down).await;
+    end(&ctx, li, &conn, result);
+    conn.snapshot.live[li].fetch_sub(1, Ordering::AcqRel);
+}
+
+/// One CONNECT stream of an HBONE terminator (SPEC §12), counted as one connection: check
+/// its `:authority`, connect to it, answer (200 only once connected), copy, count.
+pub(crate) async fn serve_stream(
+    ctx: Rc<WorkerCtx>,
+    snapshot: Rc<Snapshot>,
+    li: usize,
+    acceptor: u64,
+    req: hbone::Request,
+) {
+    let conn = ctx.open(snapshot, li, acceptor);
+    *conn.security.borrow_mut() = req.security.clone();
+    let result = match Box::pin(set_up_stream(&ctx, li, &conn, req)).await {
+        Ok(Some((down, up))) => side::copy_both(&ctx, &conn, down, up).await,
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    end(&ctx, li, &conn, result);
+}
+
+/// A terminator's stream up to the copy (ztunnel's rules, SPEC §12): the `:authority` must be
+/// `IP:port` with the IP the carrier arrived on and a port that is not one of the proxy's
+/// own (else 400); connect to it, then `200` with our baggage (503 when refused). The peer's
+/// labels come from its baggage.
+async fn set_up_stream(
+    ctx: &WorkerCtx,
+    li: usize,
+    conn: &Conn,
+    req: hbone::Request,
+) -> Result<Option<(Side, Side)>, Error> {
+    let listener = &conn.snapshot.config.listeners[li];
+    let hbone::Request { tunnel, authority, headers, local, .. } = req;
+    let target = match check_authority(&authority, local, &conn.snapshot.config) {
+        Ok(t) => t,
+        Err(why) => {
+            log::debug!("listener {}: hbone: CONNECT {authority}: {why}", listener.name);
+            tunnel.respond(400, &[])?;
+            return Err(Error::BadRequest(why));
+        }
+    };
+    let connected = monoio::select! {
+        r = monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(target)) => Some(r),
+        _ = conn.cancel.wait() => None,
+    };
+    let up = match connected {
+        Some(Ok(Ok(up))) => up,
+        Some(Ok(Err(e))) => {
+            tunnel.respond(503, &[])?;
+            return Err(Error::Connect(e));
+        }
+        Some(Err(_)) => {
+            tunnel.respond(503, &[])?;
+            return Err(Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+        }
+        None => {
+            cut(conn, Side::Tunnel(tunnel), None);
+            return Ok(None);
+        }
+    };
+    let _ = up.set_nodelay(true);
+    let ours = crate::hbone::baggage::encode(&ctx.node);
+    tunnel.respond(200, &[("baggage", ours.as_bytes())])?;
+    let peer = crate::hbone::baggage::decode(
+        headers.iter().filter(|(name, _)| name == "baggage").map(|(_, value)| value.as_slice()),
+    );
+    settle(ctx, conn, Some(&peer), "-");
+    Ok(Some((Side::Tunnel(tunnel), Side::Plain(up))))
+}
+
+/// Where a terminator's CONNECT may go: `IP:port`, the IP the carrier arrived on, and not a
+/// port of the proxy's own (its listeners, admin, metrics, health): a client must not reach
+/// the proxy itself through the tunnel (ztunnel answers 400).
+fn check_authority(
+    authority: &str,
+    local: std::net::SocketAddr,
+    config: &crate::config::Config,
+) -> Result<std::net::SocketAddr, &'static str> {
+    let target: std::net::SocketAddr = authority.parse().map_err(|_| ":authority is not IP:port")?;
+    if target.ip() != local.ip() {
+        return Err(":authority is not the address the connection arrived on");
+    }
+    let services = [config.admin.listen.0, config.metrics.listen.0, config.health.listen.0];
+    let own =
+        config.listeners.iter().map(|l| l.listen.port()).chain(services.iter().flatten().map(|a| a.port()));
+    if own.into_iter().any(|p| p == target.port()) {
+        return Err(":authority is one of the proxy's own ports");
+    }
+    Ok(target)
+}
+
+/// Settle and close a served connection: count it as the result says, free its endpoint.
+fn end(ctx: &WorkerCtx, li: usize, conn: &Conn, result: Result<(), Error>) {
     match &result {
-        Err(Error::Refused) => {}
+        Err(Error::Refused | Error::BadRequest(_)) => {}
         Err(e) => {
             log::debug!("listener {}: {e}", conn.snapshot.config.listeners[li].name);
-            settle(&ctx, &conn, None, e.response_flags());
+            settle(ctx, conn, None, e.response_flags());
         }
-        Ok(()) => settle(&ctx, &conn, None, "-"),
+        Ok(()) => settle(ctx, conn, None, "-"),
     }
     if let Some((c, Some(e))) = conn.upstream.get() {
         conn.snapshot.router.disconnected(c, e);
     }
-    ctx.close(&conn);
-    conn.snapshot.live[li].fetch_sub(1, Ordering::AcqRel);
+    ctx.close(conn);
 }
 
 async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
@@ -358,7 +465,8 @@ async fn exchange(
         (Side::Plain(down), Side::Plain(up)) => exchange_plain(ctx, listener, conn, down, up).await,
         (Side::Tls(tls), Side::Plain(plain)) => mtls::exchange(ctx, listener, conn, plain, tls, true).await,
         (Side::Plain(plain), Side::Tls(tls)) => mtls::exchange(ctx, listener, conn, plain, tls, false).await,
-        (Side::Tls(_), Side::Tls(_)) => Ok(None),
+        // HBONE's peer metadata rides in `baggage`, read where the stream is set up.
+        _ => Ok(None),
     }
 }
 

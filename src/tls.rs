@@ -238,6 +238,12 @@ impl Certs {
         for l in &config.listeners {
             let what = || format!("Listener/{}", l.name);
             certs.listeners.push(match &l.tls {
+                // An HBONE terminator speaks HTTP/2 only (SPEC §12); the handshake's version
+                // and ALPN are checked again once done (`relay::hbone`).
+                Some(t) if l.tunnel.is_some() => {
+                    let role = Role::Server { alpn: vec!["h2".into()], require_client_certificate: true };
+                    Some(slot(&what, files(&t.files()), role)?)
+                }
                 Some(t) => Some(slot(&what, files(&t.files()), Role::mesh_server())?),
                 None => None,
             });

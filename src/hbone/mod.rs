@@ -27,6 +27,7 @@
 //! - config `tunnel: hbone` / `tunnel: {protocol: hbone, port}`, `baggage` both ways (ztunnel's
 //!   keys) and istio_tcp_* metrics with peer labels from it.
 
+pub mod baggage;
 pub mod conn;
 pub mod frame;
 pub mod headers;

@@ -43,6 +43,19 @@ pub(super) async fn terminate(
     if permissive && !sniff_client_hello(ctx, &down, window).await? {
         return Ok(Side::Plain(down));
     }
+    let (tls, security) = handshake(ctx, listener, slot, down).await?;
+    *conn.security.borrow_mut() = security;
+    Ok(Side::Tls(tls))
+}
+
+/// The server handshake: a client certificate signed by the mesh root is required. A refused
+/// client is counted in `ringside_tls_refused_total`. The principals for istio_tcp_*.
+pub(super) async fn handshake(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    slot: &Slot,
+    down: TcpStream,
+) -> Result<(TlsStream, Security), Error> {
     let config = slot.current();
     let Some(server) = config.server.clone() else { return Err(Error::Refused) };
     let tls = TlsStream::server(down, server)?;
@@ -65,12 +78,12 @@ pub(super) async fn terminate(
     count_handshake(ctx, &tls, true);
     // Resumed or not, the principal comes from the session's client certificate (rustls
     // restores the chain a resumed session was established with).
-    *conn.security.borrow_mut() = Security {
+    let security = Security {
         local_principal: config.local_principal.clone(),
         peer_principal: tls.peer_principal().map(Into::into),
         mutual_tls: true,
     };
-    Ok(Side::Tls(tls))
+    Ok((tls, security))
 }
 
 /// Count a completed handshake: direction, full or resumed, suite.

@@ -18,6 +18,7 @@ use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHal
 use monoio::net::TcpStream;
 
 use super::Error;
+use super::hbone::{Received, Tunnel};
 use crate::conn::{Conn, WorkerCtx};
 use crate::socket;
 use crate::tls::stream::{Fill, TlsStream};
@@ -29,6 +30,8 @@ pub(crate) enum Side {
     Plain(TcpStream),
     /// TLS over TCP (terminated inbound or originated outbound).
     Tls(TlsStream),
+    /// One HBONE stream (HTTP/2 CONNECT inside mTLS, SPEC §12).
+    Tunnel(Tunnel),
 }
 
 impl Side {
@@ -37,6 +40,7 @@ impl Side {
         match self {
             Side::Plain(s) => s,
             Side::Tls(t) => t.tcp(),
+            Side::Tunnel(t) => t.tcp(),
         }
     }
 
@@ -45,6 +49,7 @@ impl Side {
         match self {
             Side::Plain(s) => socket::reset(s),
             Side::Tls(t) => socket::reset(t.into_tcp()),
+            Side::Tunnel(t) => t.reset(),
         }
     }
 }
@@ -79,8 +84,10 @@ async fn direction(ctx: &WorkerCtx, conn: &Conn, from: &Side, to: &Side, request
     match (from, to) {
         (Side::Plain(p), Side::Tls(t)) => plain_to_tls(ctx, conn, p, t, request).await,
         (Side::Tls(t), Side::Plain(p)) => tls_to_plain(ctx, conn, t, p, request).await,
-        // The pipeline never pairs two TLS sides (an mTLS downstream's upstream is the local
-        // application, plaintext) and plain ↔ plain takes `copy_plain`.
+        (Side::Plain(p), Side::Tunnel(t)) => plain_to_tunnel(ctx, conn, p, t, request).await,
+        (Side::Tunnel(t), Side::Plain(p)) => tunnel_to_plain(ctx, conn, t, p, request).await,
+        // The pipeline never pairs two encrypted sides (a terminated downstream's upstream is
+        // the local application, plaintext) and plain ↔ plain takes `copy_plain`.
         _ => Err(io::Error::other("no copy between these kinds of sides")),
     }
 }
@@ -133,6 +140,72 @@ async fn tls_to_plain(
             Ok(n) => count_bytes(ctx, conn, n, request),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => plain.writable(false).await?,
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Plaintext → HBONE stream: a pool buffer only between readiness and the framing copy into
+/// the carrier's output (DATA frames as the peer's windows allow); EOF is END_STREAM.
+async fn plain_to_tunnel(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    plain: &TcpStream,
+    tunnel: &Tunnel,
+    request: bool,
+) -> io::Result<()> {
+    loop {
+        plain.readable(false).await?;
+        let mut buf = ctx.pool.take();
+        let n = match socket::recv_spare(plain, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                ctx.pool.put(buf);
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            ctx.pool.put(buf);
+            return tunnel.finish();
+        }
+        count_bytes(ctx, conn, n, request);
+        let r = tunnel.send(&buf).await;
+        ctx.pool.put(buf);
+        r?;
+    }
+}
+
+/// HBONE stream → plaintext: DATA goes from the carrier's read buffer straight into the
+/// socket; window credit goes back as it is written. END_STREAM is a FIN, RST_STREAM an error
+/// (the copy then resets the socket).
+async fn tunnel_to_plain(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    tunnel: &Tunnel,
+    plain: &TcpStream,
+    request: bool,
+) -> io::Result<()> {
+    use std::io::Write;
+    loop {
+        let mut data = match tunnel.recv().await {
+            Received::Data(data) => data,
+            Received::End => return socket::shutdown_write(plain),
+            Received::Reset => {
+                return Err(io::Error::new(io::ErrorKind::ConnectionReset, "hbone stream reset"));
+            }
+        };
+        while !data.is_empty() {
+            match socket::NonBlocking(plain).write(&data) {
+                Ok(n) => {
+                    bytes::Buf::advance(&mut data, n);
+                    tunnel.consume(n);
+                    count_bytes(ctx, conn, n, request);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => plain.writable(false).await?,
+                Err(e) => return Err(e),
+            }
         }
     }
 }

@@ -109,6 +109,16 @@ impl TlsStream {
         self.conn.borrow().alpn_protocol() == Some(ALPN_PEER_EXCHANGE)
     }
 
+    /// True when ALPN resolved to `protocol`.
+    pub fn alpn_is(&self, protocol: &[u8]) -> bool {
+        self.conn.borrow().alpn_protocol() == Some(protocol)
+    }
+
+    /// True when the handshake negotiated TLS 1.3.
+    pub fn is_tls13(&self) -> bool {
+        self.conn.borrow().protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+    }
+
     /// The peer certificate's SPIFFE id (its principal), if it has one.
     pub fn peer_principal(&self) -> Option<String> {
         self.conn.borrow().peer_certificates().and_then(|c| c.first()).and_then(super::spiffe_id)

@@ -494,6 +494,7 @@ fn base_listener(
         istio_stats,
         source: Some(format!("xds Listener/{name} version {version}")),
         filter_chains: Vec::new(),
+        tunnel: None,
     }
 }
 

@@ -1,0 +1,255 @@
+//! SPEC §12 through the real binary: ringside as an HBONE terminator (a listener with
+//! `tunnel: hbone`), driven by an independent HTTP/2 client (the `h2` crate, as ztunnel uses,
+//! over tokio-rustls): CONNECT relayed byte-exact both ways with half-close, resets both ways,
+//! ztunnel's refusals (400 for non-CONNECT, a foreign `:authority` or one of the proxy's own
+//! ports, 503 when the upstream refuses, nothing relayed), TLS refusals (rogue CA, ALPN
+//! without `h2`), and istio_tcp_* labelled from the client's `baggage` and certificate.
+
+mod common;
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use pki::{Ca, Certs};
+use ringside::tls::{Files, Role};
+use rustls::pki_types::ServerName;
+
+const SERVER: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
+const CLIENT: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
+/// ztunnel's keys, as a reviews workload's ztunnel sends them.
+const BAGGAGE: &str = "k8s.cluster.name=Kubernetes,k8s.namespace.name=bookinfo,k8s.deployment.name=reviews-v1,\
+                       service.name=reviews,service.version=v1";
+
+/// A terminator on a free loopback port, with the server certificate of `ca`.
+fn terminator(ca: &Ca) -> (Ringside, SocketAddr) {
+    let certs = Certs::new("hbone-server", ca, SERVER);
+    let listen = free_addr();
+    let config = format!(
+        "node:\n  workload_name: productpage-v1\n  namespace: default\n  labels: {{app: productpage, version: v1}}\n  \
+         cluster_id: Kubernetes\nlisteners:\n  - {{name: hbone, listen: \"{listen}\", direction: inbound, tunnel: hbone, \
+         tls: {{mode: strict, {}}}}}\n",
+        certs.yaml()
+    );
+    (Ringside::spawn_config(&config, listen, &[]), listen)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// A client TLS config with `certs`, checking the server's SPIFFE id, offering `alpn`.
+fn client_tls(certs: &Certs, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
+    let files = Files {
+        cert_chain: certs.path("cert-chain.pem"),
+        private_key: certs.path("key.pem"),
+        root_cert: certs.path("root-cert.pem"),
+    };
+    let role = Role::Client {
+        subject_alt_names: vec![SERVER.into()],
+        subject_alt_name_prefixes: Vec::new(),
+        server_name: None,
+        alpn: vec!["h2".into()],
+    };
+    let built = ringside::tls::build_with(ringside::tls::provider(), &files, &role).unwrap();
+    let mut config = (*built.client.unwrap()).clone();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Arc::new(config)
+}
+
+/// An HTTP/2 client over mTLS to the terminator; `Err` when TLS or HTTP/2 setup failed.
+async fn h2_client(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<h2::client::SendRequest<Bytes>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::IpAddress(addr.ip().into());
+    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.map_err(|e| e.to_string())
+}
+
+/// A CONNECT to `authority` with our baggage; the response and the stream to send on.
+async fn connect(
+    client: &mut h2::client::SendRequest<Bytes>,
+    authority: &str,
+) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .header("baggage", BAGGAGE)
+        .body(())
+        .unwrap();
+    let (resp, send) = client.send_request(req, false)?;
+    let resp = tokio::time::timeout(DEADLINE, resp).await.expect("a response in time")?;
+    Ok((resp, send))
+}
+
+/// Read a stream's body to its END_STREAM (or error), giving window credit back.
+async fn read_body(body: &mut h2::RecvStream) -> Result<Vec<u8>, h2::Error> {
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(DEADLINE, body.data()).await.expect("data in time") {
+        let chunk = chunk?;
+        got.extend_from_slice(&chunk);
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(got)
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+}
+
+#[test]
+fn a_connect_stream_is_relayed_to_its_authority_byte_exact_both_ways_with_half_close_and_counted_from_baggage()
+ {
+    let ca = Ca::new("mesh");
+    let (rs, listen) = terminator(&ca);
+    let echo = echo_server();
+    let certs = Certs::new("hbone-client", &ca, CLIENT);
+    let sent = payload(6 << 20); // more than a stream's 4 MiB window
+    let (status, baggage, got) = runtime().block_on(async {
+        let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
+        let (resp, mut send) = connect(&mut client, &echo.to_string()).await.unwrap();
+        let status = resp.status();
+        let baggage = resp.headers().get("baggage").map(|v| v.to_str().unwrap().to_string());
+        let mut body = resp.into_body();
+        // Half-close after the bytes: the echo server sees EOF, echoes all and closes.
+        send.send_data(Bytes::from(sent.clone()), true).unwrap();
+        (status, baggage, read_body(&mut body).await.unwrap())
+    });
+    assert_eq!(status, StatusCode::OK);
+    let baggage = baggage.expect("baggage on the 200");
+    assert!(
+        baggage.contains("k8s.namespace.name=default")
+            && baggage.contains("k8s.deployment.name=productpage-v1"),
+        "{baggage}"
+    );
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "echoed bytes differ");
+    let labels = [
+        ("reporter", "destination"),
+        ("source_workload", "reviews-v1"),
+        ("source_workload_namespace", "bookinfo"),
+        ("source_canonical_service", "reviews"),
+        ("source_principal", CLIENT),
+        ("destination_principal", SERVER),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    rs.wait_for_value(CLOSED, &labels, 1.0);
+    let text = rs.scrape();
+    assert_eq!(sum(&text, OPENED, &labels), 1.0, "{text}");
+    assert_eq!(sum(&text, RECEIVED, &labels), sent.len() as f64, "{text}");
+    assert_eq!(sum(&text, SENT, &labels), sent.len() as f64, "{text}");
+}
+
+#[test]
+fn the_answer_is_200_only_after_the_upstream_connected_else_503_and_a_non_connect_gets_400() {
+    let ca = Ca::new("mesh");
+    let (_rs, listen) = terminator(&ca);
+    let certs = Certs::new("hbone-client", &ca, CLIENT);
+    // A port with nothing listening: refused.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    runtime().block_on(async {
+        let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
+        let (resp, _send) = connect(&mut client, &closed.to_string()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let get = Request::builder().method(Method::GET).uri(format!("http://{closed}/")).body(()).unwrap();
+        let (resp, _send) = client.send_request(get, true).unwrap();
+        let resp = tokio::time::timeout(DEADLINE, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    });
+}
+
+#[test]
+fn a_foreign_authority_or_one_of_the_proxys_own_ports_gets_400_and_nothing_reaches_any_backend() {
+    let ca = Ca::new("mesh");
+    let (_rs, listen) = terminator(&ca);
+    let certs = Certs::new("hbone-client", &ca, CLIENT);
+    // A backend on another loopback address than the one the carrier arrives on.
+    let foreign = TcpListener::bind("127.0.0.2:0").unwrap();
+    foreign.set_nonblocking(true).unwrap();
+    let foreign_addr = foreign.local_addr().unwrap();
+    runtime().block_on(async {
+        let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
+        for authority in [foreign_addr.to_string(), listen.to_string(), "backend.local:80".into()] {
+            let (resp, _send) = connect(&mut client, &authority).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{authority}");
+        }
+    });
+    assert!(foreign.accept().is_err(), "a refused CONNECT reached a backend");
+}
+
+#[test]
+fn a_tcp_reset_becomes_rst_stream_connect_error_and_an_rst_stream_becomes_a_tcp_reset() {
+    let ca = Ca::new("mesh");
+    let (_rs, listen) = terminator(&ca);
+    let certs = Certs::new("hbone-client", &ca, CLIENT);
+    let (backend, conns) = manual_server();
+    runtime().block_on(async {
+        let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
+        // Upstream resets: the client's stream is reset with CONNECT_ERROR, never ended cleanly.
+        let (resp, _send) = connect(&mut client, &backend.to_string()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let up = next_conn(&conns);
+        socket2::SockRef::from(&up).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(up);
+        let err = read_body(&mut resp.into_body()).await.expect_err("a reset, not a clean end");
+        assert_eq!(err.reason(), Some(h2::Reason::CONNECT_ERROR), "{err}");
+        // The client resets its stream: the upstream socket sees a TCP reset.
+        let (resp, mut send) = connect(&mut client, &backend.to_string()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut up = next_conn(&conns);
+        send.send_data(Bytes::from_static(b"ping"), false).unwrap();
+        let mut four = [0u8; 4];
+        tokio::task::block_in_place(|| up.read_exact(&mut four)).ok();
+        assert_eq!(&four, b"ping");
+        send.send_reset(h2::Reason::CANCEL);
+        let mut rest = Vec::new();
+        let err = tokio::task::block_in_place(|| up.read_to_end(&mut rest)).expect_err("a reset, not EOF");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        let _ = up.write_all(b"x");
+    });
+}
+
+#[test]
+fn a_client_of_another_ca_or_without_alpn_h2_is_refused() {
+    let ca = Ca::new("mesh");
+    let (rs, listen) = terminator(&ca);
+    let echo = echo_server();
+    let rogue = Ca::new("rogue");
+    let rogue_certs = Certs::with_root("hbone-rogue", &rogue, CLIENT, &ca.pem, false);
+    let certs = Certs::new("hbone-client", &ca, CLIENT);
+    runtime().block_on(async {
+        for (what, tls) in [
+            ("rogue CA", client_tls(&rogue_certs, &["h2"])),
+            ("ALPN istio only", client_tls(&certs, &["istio"])),
+            ("no ALPN", client_tls(&certs, &[])),
+        ] {
+            let refused = match h2_client(listen, tls).await {
+                Err(_) => true,
+                Ok(mut client) => connect(&mut client, &echo.to_string()).await.is_err(),
+            };
+            assert!(refused, "{what}: accepted");
+        }
+    });
+    let text =
+        rs.wait_for_scrape("three refusals", DEADLINE, |t| sum(t, "ringside_tls_refused_total", &[]) >= 3.0);
+    assert_eq!(sum(&text, OPENED, &[]), 0.0, "{text}");
+}
