@@ -420,6 +420,7 @@ impl RunArgs {
                 tls: None,
                 service_port: None,
                 source: None,
+                tunnel: None,
             });
         }
         let l = &mut cfg.listeners[0];

@@ -744,6 +744,33 @@ pub struct Cluster {
     /// connections then fail with `UH`, as in Istio.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Reach the endpoints through an HBONE tunnel (SPEC §12): a connection to `IP:port`
+    /// dials `IP:tunnel.port` (mTLS with `tls`) and sends `CONNECT IP:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<ClusterTunnel>,
+}
+
+/// A cluster's tunnel: the protocol and the port it listens on at each endpoint's address.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTunnel {
+    /// `hbone`.
+    pub protocol: TunnelProtocol,
+    /// The tunnel port at each endpoint's address; Istio's 15008 by default.
+    #[serde(default = "default_hbone_port")]
+    pub port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    15008
+}
+
+/// A tunnel protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TunnelProtocol {
+    /// Istio ambient's HBONE (SPEC §12).
+    Hbone,
 }
 
 /// Load-balancing policy.
@@ -1175,6 +1202,12 @@ impl Config {
                 return Err(at(
                     &format!("name: {}", c.name),
                     format!("cluster {}: endpoint {}: weight must be at least 1", c.name, e.address),
+                ));
+            }
+            if c.tunnel.is_some() && c.tls.is_none() {
+                return Err(at(
+                    &format!("name: {}", c.name),
+                    format!("cluster {}: tunnel: hbone needs tls: {{mode: istio_mutual, ...}}", c.name),
                 ));
             }
             let mut subsets = BTreeSet::new();

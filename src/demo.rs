@@ -103,6 +103,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             tls: None,
             service_port: None,
             source: None,
+            tunnel: None,
         }],
         ..Config::default()
     };

@@ -216,7 +216,7 @@ fn end(ctx: &WorkerCtx, li: usize, conn: &Conn, result: Result<(), Error>) {
     ctx.close(conn);
 }
 
-async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
+async fn relay(ctx: &Rc<WorkerCtx>, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
     // Boxed: what comes before the copy (TLS, the chain, connecting, the exchange) holds
     // timers (monoio's are 640 bytes, cache-aligned) and handshake state that an idle,
     // established connection should not carry for the rest of its life. Freed once the
@@ -232,7 +232,7 @@ async fn relay(ctx: &WorkerCtx, li: usize, conn: &Conn, down: TcpStream) -> Resu
 /// exchange. The two sides to copy between once the peer is settled (and the connection
 /// counted), or `None` when it was closed here (cancelled).
 async fn set_up(
-    ctx: &WorkerCtx,
+    ctx: &Rc<WorkerCtx>,
     li: usize,
     conn: &Conn,
     down: TcpStream,
@@ -329,11 +329,14 @@ async fn set_up(
         return Ok(None);
     };
     // The downstream inherits TCP_NODELAY from its listener socket.
-    let _ = up.set_nodelay(true);
+    if let Side::Plain(up) = &up {
+        let _ = up.set_nodelay(true);
+    }
     // An mTLS cluster (SPEC §7) when the client is plain: originate TLS. (An mTLS
-    // downstream's upstream is the local application: plaintext.)
-    let mut up = match (&down, upstream_tls(conn)) {
-        (Side::Plain(_), Some(slot)) => {
+    // downstream's upstream is the local application: plaintext; a tunnel's TLS is its
+    // carrier's.)
+    let mut up = match (up, &down, upstream_tls(conn)) {
+        (Side::Plain(up), Side::Plain(_), Some(slot)) => {
             let originated = monoio::select! {
                 r = Box::pin(mtls::originate(ctx, listener, conn, up, slot)) => Some(r?),
                 _ = conn.cancel.wait() => None,
@@ -346,7 +349,7 @@ async fn set_up(
                 }
             }
         }
-        _ => Side::Plain(up),
+        (up, _, _) => up,
     };
     let exchanged = monoio::select! {
         r = exchange(ctx, listener, conn, &mut down, &mut up) => Some(r),
@@ -465,7 +468,8 @@ async fn exchange(
         (Side::Plain(down), Side::Plain(up)) => exchange_plain(ctx, listener, conn, down, up).await,
         (Side::Tls(tls), Side::Plain(plain)) => mtls::exchange(ctx, listener, conn, plain, tls, true).await,
         (Side::Plain(plain), Side::Tls(tls)) => mtls::exchange(ctx, listener, conn, plain, tls, false).await,
-        // HBONE's peer metadata rides in `baggage`, read where the stream is set up.
+        // HBONE's peer metadata rides in `baggage`: the terminator's, on its 200 (SPEC §12).
+        (Side::Plain(_), Side::Tunnel(tunnel)) => Ok(tunnel.take_peer()),
         _ => Ok(None),
     }
 }
@@ -507,32 +511,32 @@ async fn exchange_plain(
 /// Connect as the listener says: by its route, or by the original destination of a captured
 /// connection.
 async fn connect_any(
-    ctx: &WorkerCtx,
+    ctx: &Rc<WorkerCtx>,
     li: usize,
     conn: &Conn,
     listener: &Listener,
     down: &TcpStream,
-) -> Result<TcpStream, Error> {
+) -> Result<Side, Error> {
     match listener.capture {
         Capture::None if !listener.filter_chains.is_empty() => {
             // The chain `relay` chose (SPEC §9).
             let chain = conn.chain.get();
             let target = chain.and_then(|c| conn.snapshot.router.route_chain(li, c)).ok_or(Error::NoRoute)?;
-            connect(li, conn, listener, Some(target)).await
+            connect(ctx, li, conn, listener, Some(target)).await
         }
-        Capture::None => connect(li, conn, listener, None).await,
+        Capture::None => connect(ctx, li, conn, listener, None).await,
         _ => connect_captured(ctx, li, conn, listener, down).await,
     }
 }
 
 /// A captured connection: where its original destination says (SPEC §8), read once here.
 async fn connect_captured(
-    ctx: &WorkerCtx,
+    ctx: &Rc<WorkerCtx>,
     li: usize,
     conn: &Conn,
     listener: &Listener,
     down: &TcpStream,
-) -> Result<TcpStream, Error> {
+) -> Result<Side, Error> {
     let dst = capture::original_dst(down, listener.listen).or_else(|_| down.local_addr())?;
     let timeout = listener.limits.connect_timeout.0;
     match capture::decide(listener.capture, dst, &conn.snapshot.config.listeners, &conn.snapshot.router) {
@@ -541,11 +545,11 @@ async fn connect_captured(
             ctx.metrics.borrow().count_capture_loop();
             Err(Error::Loop)
         }
-        Decision::Cluster(target) => connect(li, conn, listener, Some(target)).await,
+        Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,
         Decision::Passthrough(dst) => {
             conn.captured.set(Some(Captured::Passthrough(dst)));
             match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
-                Ok(r) => r.map_err(Error::Connect),
+                Ok(r) => r.map(Side::Plain).map_err(Error::Connect),
                 Err(_) => Err(Error::Connect(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("connect {dst}: timed out"),
@@ -560,7 +564,8 @@ async fn connect_captured(
             if let Some(t) = named {
                 conn.upstream.set(Some((t.cluster, None)));
             }
-            capture::connect_from(capture::inbound_source(dst), dst, timeout).await.map_err(Error::Connect)
+            let up = capture::connect_from(capture::inbound_source(dst), dst, timeout).await;
+            up.map(Side::Plain).map_err(Error::Connect)
         }
     }
 }
@@ -571,11 +576,12 @@ async fn connect_captured(
 /// client one timeout, not one per endpoint. A failed endpoint is ejected for a while
 /// (SPEC §6), so the next connections do not wait on it.
 async fn connect(
+    ctx: &Rc<WorkerCtx>,
     li: usize,
     conn: &Conn,
     listener: &Listener,
     target: Option<Target>,
-) -> Result<TcpStream, Error> {
+) -> Result<Side, Error> {
     let target = match target {
         Some(t) => t,
         None => conn.snapshot.router.route(li).ok_or(Error::NoRoute)?,
@@ -600,7 +606,7 @@ async fn connect(
             break;
         }
         let addr = cluster.endpoints[e].address;
-        let err = match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
+        let err = match monoio::time::timeout(left, dial(ctx, conn, target.cluster, addr)).await {
             Ok(Ok(s)) => {
                 conn.upstream.set(Some((target.cluster, Some(e))));
                 router.connected(target.cluster, e);
@@ -631,6 +637,27 @@ async fn connect(
         Some(err) if healthy => Err(Error::Connect(err)),
         None if healthy => Err(Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "timed out"))),
         _ => Err(Error::NoHealthyUpstream),
+    }
+}
+
+/// Open the connection to one endpoint: a TCP connect, or for a tunnelled cluster (SPEC §12)
+/// an HBONE stream to it over a pooled mTLS connection to the endpoint's tunnel port.
+async fn dial(
+    ctx: &Rc<WorkerCtx>,
+    conn: &Conn,
+    cluster: usize,
+    addr: std::net::SocketAddr,
+) -> io::Result<Side> {
+    let tunnel = conn.snapshot.config.clusters.get(cluster).and_then(|c| c.tunnel.as_ref());
+    let slot = conn.snapshot.tls.clusters.get(cluster).and_then(Option::as_ref);
+    match (tunnel, slot) {
+        (Some(t), Some(slot)) => {
+            let via = std::net::SocketAddr::new(addr.ip(), t.port);
+            let (tunnel, security) = hbone::open(ctx, slot, via, addr).await?;
+            *conn.security.borrow_mut() = security;
+            Ok(Side::Tunnel(tunnel))
+        }
+        _ => TcpStream::connect_addr(addr).await.map(Side::Plain),
     }
 }
 

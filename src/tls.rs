@@ -271,7 +271,11 @@ impl Certs {
                         subject_alt_names: t.subject_alt_names.clone(),
                         subject_alt_name_prefixes: t.subject_alt_name_prefixes.clone(),
                         server_name: t.sni.clone().or_else(|| c.service.clone()),
-                        alpn: t.alpn.clone(),
+                        // An HBONE tunnel speaks HTTP/2 only (SPEC §12).
+                        alpn: match c.tunnel {
+                            Some(_) => vec!["h2".into()],
+                            None => t.alpn.clone(),
+                        },
                     };
                     Some(slot(&what, files(&t.files()), role)?)
                 }

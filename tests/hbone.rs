@@ -83,7 +83,7 @@ async fn h2_client(
 }
 
 /// A CONNECT to `authority` with our baggage; the response and the stream to send on.
-async fn connect(
+async fn connect_stream(
     client: &mut h2::client::SendRequest<Bytes>,
     authority: &str,
 ) -> Result<(http::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
@@ -123,7 +123,7 @@ fn a_connect_stream_is_relayed_to_its_authority_byte_exact_both_ways_with_half_c
     let sent = payload(6 << 20); // more than a stream's 4 MiB window
     let (status, baggage, got) = runtime().block_on(async {
         let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
-        let (resp, mut send) = connect(&mut client, &echo.to_string()).await.unwrap();
+        let (resp, mut send) = connect_stream(&mut client, &echo.to_string()).await.unwrap();
         let status = resp.status();
         let baggage = resp.headers().get("baggage").map(|v| v.to_str().unwrap().to_string());
         let mut body = resp.into_body();
@@ -168,7 +168,7 @@ fn the_answer_is_200_only_after_the_upstream_connected_else_503_and_a_non_connec
     };
     runtime().block_on(async {
         let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
-        let (resp, _send) = connect(&mut client, &closed.to_string()).await.unwrap();
+        let (resp, _send) = connect_stream(&mut client, &closed.to_string()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         let get = Request::builder().method(Method::GET).uri(format!("http://{closed}/")).body(()).unwrap();
         let (resp, _send) = client.send_request(get, true).unwrap();
@@ -189,7 +189,7 @@ fn a_foreign_authority_or_one_of_the_proxys_own_ports_gets_400_and_nothing_reach
     runtime().block_on(async {
         let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
         for authority in [foreign_addr.to_string(), listen.to_string(), "backend.local:80".into()] {
-            let (resp, _send) = connect(&mut client, &authority).await.unwrap();
+            let (resp, _send) = connect_stream(&mut client, &authority).await.unwrap();
             assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{authority}");
         }
     });
@@ -205,7 +205,7 @@ fn a_tcp_reset_becomes_rst_stream_connect_error_and_an_rst_stream_becomes_a_tcp_
     runtime().block_on(async {
         let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
         // Upstream resets: the client's stream is reset with CONNECT_ERROR, never ended cleanly.
-        let (resp, _send) = connect(&mut client, &backend.to_string()).await.unwrap();
+        let (resp, _send) = connect_stream(&mut client, &backend.to_string()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let up = next_conn(&conns);
         socket2::SockRef::from(&up).set_linger(Some(std::time::Duration::ZERO)).unwrap();
@@ -213,7 +213,7 @@ fn a_tcp_reset_becomes_rst_stream_connect_error_and_an_rst_stream_becomes_a_tcp_
         let err = read_body(&mut resp.into_body()).await.expect_err("a reset, not a clean end");
         assert_eq!(err.reason(), Some(h2::Reason::CONNECT_ERROR), "{err}");
         // The client resets its stream: the upstream socket sees a TCP reset.
-        let (resp, mut send) = connect(&mut client, &backend.to_string()).await.unwrap();
+        let (resp, mut send) = connect_stream(&mut client, &backend.to_string()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let mut up = next_conn(&conns);
         send.send_data(Bytes::from_static(b"ping"), false).unwrap();
@@ -244,7 +244,7 @@ fn a_client_of_another_ca_or_without_alpn_h2_is_refused() {
         ] {
             let refused = match h2_client(listen, tls).await {
                 Err(_) => true,
-                Ok(mut client) => connect(&mut client, &echo.to_string()).await.is_err(),
+                Ok(mut client) => connect_stream(&mut client, &echo.to_string()).await.is_err(),
             };
             assert!(refused, "{what}: accepted");
         }
@@ -252,4 +252,86 @@ fn a_client_of_another_ca_or_without_alpn_h2_is_refused() {
     let text =
         rs.wait_for_scrape("three refusals", DEADLINE, |t| sum(t, "ringside_tls_refused_total", &[]) >= 3.0);
     assert_eq!(sum(&text, OPENED, &[]), 0.0, "{text}");
+}
+
+/// An originator: an outbound listener whose cluster reaches `app` through the HBONE
+/// terminator at `terminator` (its tunnel port), with `certs`, expecting the server's SAN.
+fn originator(ca: &Ca, terminator: SocketAddr, app: SocketAddr) -> (Ringside, SocketAddr) {
+    let certs = Certs::new("hbone-origin", ca, CLIENT);
+    let listen = free_addr();
+    let config = format!(
+        "workers: 1\nnode:\n  workload_name: reviews-v1\n  namespace: bookinfo\n  labels: {{app: reviews, version: v1}}\n  \
+         cluster_id: Kubernetes\nlisteners:\n  - {{name: outbound, listen: \"{listen}\", direction: outbound, \
+         peer_exchange: off, cluster: productpage}}\nclusters:\n  - name: productpage\n    \
+         service: productpage.default.svc.cluster.local\n    endpoints: [{{address: \"{app}\"}}]\n    \
+         tunnel: {{protocol: hbone, port: {}}}\n    tls: {{mode: istio_mutual, {}, subject_alt_names: [\"{SERVER}\"]}}\n",
+        terminator.port(),
+        certs.yaml()
+    );
+    (Ringside::spawn_config(&config, listen, &[]), listen)
+}
+
+#[test]
+fn ringside_to_ringside_over_hbone_both_reporters_name_each_other_from_baggage() {
+    let ca = Ca::new("mesh");
+    let (server, terminator_addr) = terminator(&ca);
+    let echo = echo_server();
+    let (client, listen) = originator(&ca, terminator_addr, echo);
+    let mut s = connect(listen);
+    let sent = payload(3 << 20);
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            w.write_all(&sent).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap(); // END_STREAM, then the echo's FIN
+        })
+    };
+    let got = read_to_end(&mut s);
+    writer.join().unwrap();
+    assert!(got == sent, "echoed {} bytes of {}", got.len(), sent.len());
+    let source = [
+        ("reporter", "source"),
+        ("source_workload", "reviews-v1"),
+        ("destination_workload", "productpage-v1"),
+        ("destination_workload_namespace", "default"),
+        ("destination_canonical_service", "productpage"),
+        ("destination_service", "productpage.default.svc.cluster.local"),
+        ("destination_principal", SERVER),
+    ];
+    client.wait_for_value(CLOSED, &source, 1.0);
+    assert_eq!(sum(&client.scrape(), SENT, &source), sent.len() as f64);
+    let destination = [
+        ("reporter", "destination"),
+        ("source_workload", "reviews-v1"),
+        ("source_workload_namespace", "bookinfo"),
+        ("source_canonical_service", "reviews"),
+        ("source_principal", CLIENT),
+        ("destination_workload", "productpage-v1"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    server.wait_for_value(CLOSED, &destination, 1.0);
+    assert_eq!(sum(&server.scrape(), RECEIVED, &destination), sent.len() as f64);
+}
+
+#[test]
+fn connections_to_one_destination_share_pooled_tunnels_of_at_most_100_streams() {
+    let ca = Ca::new("mesh");
+    let (server, terminator_addr) = terminator(&ca);
+    let echo = echo_server();
+    let (_client, listen) = originator(&ca, terminator_addr, echo);
+    // 150 connections open at once (each waits for its echo): two carriers, 100 + 50.
+    let mut conns: Vec<_> = (0..150).map(|_| connect(listen)).collect();
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("hello {i:03}").as_bytes()).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut got = [0u8; 9];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, format!("hello {i:03}").as_bytes());
+    }
+    let text =
+        server.wait_for_scrape("150 tunnelled connections", DEADLINE, |t| sum(t, OPENED, &[]) >= 150.0);
+    let handshakes = sum(&text, "ringside_tls_handshakes_total", &[("direction", "inbound")]);
+    assert_eq!(handshakes, 2.0, "{text}");
 }

@@ -88,6 +88,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             tls: None,
             service_port: None,
             source: None,
+            tunnel: None,
         }],
         ..Config::default()
     };

@@ -18,25 +18,48 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use monoio::net::TcpStream;
 
 use super::Error;
 use crate::conn::{Security, WorkerCtx};
+use crate::exchange::NodeMetadata;
 use crate::hbone::conn::{Config, Connection, Event, Role};
 use crate::hbone::headers::HeaderList;
 use crate::metrics::TlsRefused;
 use crate::snapshot::Snapshot;
+use crate::tls::Slot;
 use crate::tls::stream::{Fill, TlsStream};
 
 /// ALPN of HBONE (SPEC §12): HTTP/2 only.
 const ALPN_H2: &[u8] = b"h2";
 
+/// A PING this often on every carrier (ztunnel's keepalive interval).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A carrier whose PING is not answered within this is closed (ztunnel's keepalive timeout).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A pooled originator carrier with no stream for this long is closed (GOAWAY). Checked on
+/// the keepalive tick, so it closes within one more interval.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Streams a pooled carrier takes before the pool opens another (SPEC §12).
+const MAX_STREAMS: usize = 100;
+
 /// One carrier's shared state: its TLS stream, the HTTP/2 core, the bytes the core appended
 /// and not yet written, and each live stream's receive queue.
 pub(crate) struct Mux {
     tls: TlsStream,
+    role: Role,
+    /// Both principals of the carrier, for each stream's istio_tcp_* labels.
+    security: Security,
+    /// The peer sent GOAWAY (or the carrier ended): open no new stream here.
+    going_away: Cell<bool>,
+    /// A PING is out and when it went (keepalive).
+    ping_sent: Cell<Option<Instant>>,
     h2: RefCell<Connection>,
     out: RefCell<BytesMut>,
     streams: RefCell<HashMap<u32, Pipe>>,
@@ -49,6 +72,8 @@ pub(crate) struct Mux {
 /// One stream's receive side and who waits on it.
 #[derive(Default)]
 struct Pipe {
+    /// Client: the response to our CONNECT, once it came.
+    response: Option<(u16, HeaderList)>,
     rx: VecDeque<Bytes>,
     end: bool,
     reset: bool,
@@ -85,6 +110,7 @@ impl Mux {
     /// The carrier ended: every stream is reset (never a clean end), the writer stops.
     fn close(&self) {
         self.closed.set(true);
+        self.going_away.set(true);
         let ids: Vec<u32> = self.streams.borrow().keys().copied().collect();
         for id in ids {
             self.with_pipe(id, |p| p.reset = true);
@@ -111,12 +137,19 @@ pub(crate) enum Received {
 pub(crate) struct Tunnel {
     mux: Rc<Mux>,
     id: u32,
+    /// Originator: the terminator's metadata from the `baggage` on its 200.
+    peer: Option<Box<NodeMetadata>>,
 }
 
 impl Tunnel {
     /// The carrier's TCP socket (addresses).
     pub(crate) fn tcp(&self) -> &TcpStream {
         self.mux.tls.tcp()
+    }
+
+    /// Originator: the terminator's metadata (its `baggage`), once.
+    pub(crate) fn take_peer(&mut self) -> Option<NodeMetadata> {
+        self.peer.take().map(|p| *p)
     }
 
     /// Answer the CONNECT: `200` (with `headers`, our baggage) opens the tunnel; another
@@ -243,42 +276,89 @@ pub(super) async fn serve_carrier(
         return Err(Error::Refused);
     }
     let local = tls.tcp().local_addr()?;
-    let mut out = BytesMut::new();
-    let h2 = Connection::new(Role::Server, Config::default(), &mut out);
-    let mux = Rc::new(Mux {
-        tls,
-        h2: RefCell::new(h2),
-        out: RefCell::new(out),
-        streams: RefCell::new(HashMap::new()),
-        flush: Cell::new(None),
-        closed: Cell::new(false),
-    });
+    let mux = Mux::new(tls, Role::Server, security);
     let accept = |id: u32, authority: String, headers: HeaderList| {
-        let tunnel = Tunnel { mux: Rc::clone(&mux), id };
+        let tunnel = Tunnel { mux: Rc::clone(&mux), id, peer: None };
         mux.streams.borrow_mut().insert(id, Pipe::default());
-        let req = Request { tunnel, authority, headers, local, security: security.clone() };
+        let req = Request { tunnel, authority, headers, local, security: mux.security.clone() };
         monoio::spawn(super::serve_stream(Rc::clone(&ctx), Rc::clone(&snapshot), li, acceptor, req));
     };
-    let result = {
-        let reader = pin!(read_in(&ctx, &mux, accept));
-        let writer = pin!(write_out(&mux));
-        run(reader, writer).await
-    };
-    mux.close();
-    if let Err(e) = &result {
+    if let Err(e) = drive(&ctx, &mux, accept).await {
         log::debug!("listener {}: hbone carrier: {e}", listener.name);
     }
     Ok(())
 }
 
-/// Run the reader and the writer until the reader ends (the writer then flushes what is left)
-/// or either fails.
+impl Mux {
+    /// A carrier over an established TLS stream, its first frames (preface, SETTINGS, the
+    /// connection window) waiting in `out`.
+    fn new(tls: TlsStream, role: Role, security: Security) -> Rc<Mux> {
+        let mut out = BytesMut::new();
+        let h2 = Connection::new(role, Config::default(), &mut out);
+        Rc::new(Mux {
+            tls,
+            role,
+            security,
+            going_away: Cell::new(false),
+            ping_sent: Cell::new(None),
+            h2: RefCell::new(h2),
+            out: RefCell::new(out),
+            streams: RefCell::new(HashMap::new()),
+            flush: Cell::new(None),
+            closed: Cell::new(false),
+        })
+    }
+}
+
+/// Run a carrier until the peer closes it, it fails, a keepalive PING goes unanswered, or
+/// (originator) it stayed unused for `POOL_IDLE_TIMEOUT`; then every stream left is reset.
+async fn drive(ctx: &WorkerCtx, mux: &Mux, accept: impl FnMut(u32, String, HeaderList)) -> io::Result<()> {
+    let result = {
+        let reader = pin!(read_in(ctx, mux, accept));
+        let writer = pin!(write_out(mux));
+        let keepalive = pin!(keepalive(mux));
+        run(reader, writer, keepalive).await
+    };
+    mux.close();
+    result
+}
+
+/// Keepalive (ztunnel's: a PING every 10 s, the carrier closed when one is not answered in
+/// 20 s) and, for the originator's pooled carriers, the idle close.
+async fn keepalive(mux: &Mux) -> io::Result<()> {
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        monoio::time::sleep(KEEPALIVE_INTERVAL).await;
+        let now = Instant::now();
+        if let Some(sent) = mux.ping_sent.get() {
+            if now.duration_since(sent) >= KEEPALIVE_TIMEOUT {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "hbone keepalive: no PING ack"));
+            }
+        } else {
+            mux.ping_sent.set(Some(now));
+            mux.with_h2(|h2, out| h2.ping(*b"ringside", out)).map_err(io::Error::other)?;
+        }
+        let unused = mux.h2.borrow().active_streams() == 0 && mux.streams.borrow().is_empty();
+        let client = mux.role == Role::Client;
+        idle_since = if unused { Some(idle_since.unwrap_or(now)) } else { None };
+        if client && idle_since.is_some_and(|t| now.duration_since(t) >= POOL_IDLE_TIMEOUT) {
+            // Nothing in flight: close, as ztunnel's pool drops an unused connection.
+            return Ok(());
+        }
+    }
+}
+
+/// Run the reader, the writer and the keepalive until one of them ends.
 async fn run(
     mut reader: std::pin::Pin<&mut impl Future<Output = io::Result<()>>>,
     mut writer: std::pin::Pin<&mut impl Future<Output = io::Result<()>>>,
+    mut keepalive: std::pin::Pin<&mut impl Future<Output = io::Result<()>>>,
 ) -> io::Result<()> {
     poll_fn(|cx| {
         if let Poll::Ready(r) = writer.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if let Poll::Ready(r) = keepalive.as_mut().poll(cx) {
             return Poll::Ready(r);
         }
         reader.as_mut().poll(cx)
@@ -333,7 +413,11 @@ fn dispatch(mux: &Mux, event: Event, accept: &mut impl FnMut(u32, String, Header
             mux.with_pipe(stream_id, |_| {});
         }
         Event::Refused { stream_id, why } => log::debug!("hbone: stream {stream_id} refused: {why}"),
-        Event::Response { .. } | Event::PingAck { .. } | Event::GoAway { .. } => {}
+        Event::Response { stream_id, status, headers } => {
+            mux.with_pipe(stream_id, |p| p.response = Some((status, headers)));
+        }
+        Event::PingAck { .. } => mux.ping_sent.set(None),
+        Event::GoAway { .. } => mux.going_away.set(true),
     }
 }
 
@@ -357,3 +441,184 @@ async fn write_out(mux: &Mux) -> io::Result<()> {
         spare.clear();
     }
 }
+
+thread_local! {
+    /// This worker's originator carriers, by (TLS config slot: source identity and expected
+    /// destination identities, tunnel address). Per thread: a worker's connections use only
+    /// its own carriers (thread-per-core, no lock).
+    static POOL: RefCell<HashMap<(usize, SocketAddr), Vec<Rc<Mux>>>> = RefCell::new(HashMap::new());
+    /// Keys with a carrier being dialled: connections that find no room wait for it rather
+    /// than each dialling its own (a burst of 1,000 connections makes 10 carriers, not 1,000).
+    static DIALING: RefCell<HashMap<(usize, SocketAddr), Rc<Dialing>>> = RefCell::new(HashMap::new());
+}
+
+/// A dial in progress, and who waits for it.
+#[derive(Default)]
+struct Dialing {
+    done: Cell<bool>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Dialing {
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.done.get() {
+                return Poll::Ready(());
+            }
+            self.waiters.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn finish(&self) {
+        self.done.set(true);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+}
+
+/// A carrier for `key` with room: a pooled one, else the one being dialled once it is up,
+/// else a new one (`fresh`: dialled for this call).
+async fn carrier(ctx: &Rc<WorkerCtx>, slot: &Slot, key: (usize, SocketAddr)) -> io::Result<(Rc<Mux>, bool)> {
+    loop {
+        if let Some(m) = pooled(key) {
+            return Ok((m, false));
+        }
+        let pending = DIALING.with(|d| d.borrow().get(&key).cloned());
+        match pending {
+            Some(d) => d.wait().await,
+            None => return Ok((dial_pooled(ctx, slot, key).await?, true)),
+        }
+    }
+}
+
+/// Dial a carrier for `key` and put it in the pool, others waiting meanwhile.
+async fn dial_pooled(ctx: &Rc<WorkerCtx>, slot: &Slot, key: (usize, SocketAddr)) -> io::Result<Rc<Mux>> {
+    let dialing = Rc::new(Dialing::default());
+    DIALING.with(|d| d.borrow_mut().insert(key, Rc::clone(&dialing)));
+    // Wakes the waiters however this ends (a dropped, cancelled connection too).
+    struct Finish(Rc<Dialing>, (usize, SocketAddr));
+    impl Drop for Finish {
+        fn drop(&mut self) {
+            DIALING.with(|d| d.borrow_mut().remove(&self.1));
+            self.0.finish();
+        }
+    }
+    let _finish = Finish(dialing, key);
+    let m = dial(ctx, slot, key).await?;
+    POOL.with(|p| p.borrow_mut().entry(key).or_default().push(Rc::clone(&m)));
+    Ok(m)
+}
+
+/// Originator (SPEC §12): a CONNECT stream to `target` through the HBONE terminator at `via`,
+/// over a pooled carrier for (`slot`, `via`) with room for another stream, else a new one
+/// (TLS with the source workload's certificate, the server's SPIFFE id checked, ALPN `h2`).
+/// `Ok` only once the terminator answered 200; its baggage is the tunnel's peer.
+pub(crate) async fn open(
+    ctx: &Rc<WorkerCtx>,
+    slot: &Slot,
+    via: SocketAddr,
+    target: SocketAddr,
+) -> io::Result<(Tunnel, Security)> {
+    let key = (std::ptr::from_ref(slot) as usize, via);
+    let authority = target.to_string();
+    let baggage = crate::hbone::baggage::encode(&ctx.node);
+    let headers: [(&str, &[u8]); 1] = [("baggage", baggage.as_bytes())];
+    // A carrier with room; one that turns out full as the peer counts (its SETTINGS allow
+    // fewer streams) or going away is left to its streams, and another is found, once.
+    let mut tries = 0;
+    let (mux, id) = loop {
+        tries += 1;
+        let (mux, fresh) = carrier(ctx, slot, key).await?;
+        match mux.with_h2(|h2, out| h2.open(&authority, &headers, out)) {
+            Ok(id) => break (mux, id),
+            Err(e) if fresh || tries > 2 => return Err(io::Error::other(e)),
+            Err(_) => mux.going_away.set(true),
+        }
+    };
+    mux.streams.borrow_mut().insert(id, Pipe::default());
+    let mut tunnel = Tunnel { mux: Rc::clone(&mux), id, peer: None };
+    let response = poll_fn(|cx| {
+        let mut streams = mux.streams.borrow_mut();
+        let Some(p) = streams.get_mut(&id) else { return Poll::Ready(None) };
+        if let Some(r) = p.response.take() {
+            return Poll::Ready(Some(r));
+        }
+        if p.reset {
+            return Poll::Ready(None);
+        }
+        p.reader = Some(cx.waker().clone());
+        Poll::Pending
+    })
+    .await;
+    match response {
+        Some((200, headers)) => {
+            let values = headers.iter().filter(|(n, _)| n == "baggage").map(|(_, v)| v.as_slice());
+            tunnel.peer = Some(Box::new(crate::hbone::baggage::decode(values)));
+            Ok((tunnel, mux.security.clone()))
+        }
+        Some((status, _)) => Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("hbone: CONNECT {authority} via {via}: {status}"),
+        )),
+        None => Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("hbone: CONNECT {authority} via {via}: reset"),
+        )),
+    }
+}
+
+/// A pooled carrier for `key` with room for another stream; closed ones are forgotten.
+fn pooled(key: (usize, SocketAddr)) -> Option<Rc<Mux>> {
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        let carriers = pool.get_mut(&key)?;
+        carriers.retain(|m| !m.closed.get());
+        let found = carriers
+            .iter()
+            .find(|m| !m.going_away.get() && m.h2.borrow().active_streams() < MAX_STREAMS)
+            .cloned();
+        if carriers.is_empty() {
+            pool.remove(&key);
+        }
+        found
+    })
+}
+
+/// A new originator carrier to `via`, its driver running on this worker.
+async fn dial(ctx: &Rc<WorkerCtx>, slot: &Slot, key: (usize, SocketAddr)) -> io::Result<Rc<Mux>> {
+    let via = key.1;
+    let tcp = TcpStream::connect_addr(via).await?;
+    let (tls, security) = match super::mtls::client_handshake(ctx, CONNECT_TIMEOUT, tcp, slot).await {
+        Ok(t) => t,
+        Err(Error::Connect(e)) => return Err(e),
+        Err(e) => return Err(io::Error::other(e.to_string())),
+    };
+    if !tls.alpn_is(ALPN_H2) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("hbone: {via}: ALPN is not h2")));
+    }
+    let mux = Mux::new(tls, Role::Client, security);
+    let (ctx, driven) = (Rc::clone(ctx), Rc::clone(&mux));
+    monoio::spawn(async move {
+        if let Err(e) = drive(&ctx, &driven, |_, _, _| {}).await {
+            log::debug!("hbone carrier to {via}: {e}");
+        }
+        // Out of the pool, so its socket closes once its last stream is gone.
+        POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            if let Some(carriers) = pool.get_mut(&key) {
+                carriers.retain(|m| !Rc::ptr_eq(m, &driven));
+                if carriers.is_empty() {
+                    pool.remove(&key);
+                }
+            }
+        });
+    });
+    Ok(mux)
+}
+
+/// Bound on an originator carrier's TLS handshake (the caller's connect timeout bounds the
+/// whole open as well).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -231,11 +231,24 @@ pub(super) async fn originate(
     up: TcpStream,
     slot: &Slot,
 ) -> Result<TlsStream, Error> {
+    let (tls, security) = client_handshake(ctx, listener.limits.connect_timeout.0, up, slot).await?;
+    *conn.security.borrow_mut() = security;
+    Ok(tls)
+}
+
+/// The client handshake with `slot`'s config, the server's SPIFFE id checked, within
+/// `timeout`; the principals for istio_tcp_*.
+pub(super) async fn client_handshake(
+    ctx: &WorkerCtx,
+    timeout: Duration,
+    up: TcpStream,
+    slot: &Slot,
+) -> Result<(TlsStream, Security), Error> {
     let config = slot.current();
     let ip = up.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
     let _ = up.set_nodelay(true);
     let tls = TlsStream::client(up, &config, ip).map_err(Error::Connect)?;
-    match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake(&ctx.pool)).await {
+    match monoio::time::timeout(timeout, tls.handshake(&ctx.pool)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(Error::Connect(e)),
         Err(_) => {
@@ -243,12 +256,12 @@ pub(super) async fn originate(
         }
     }
     count_handshake(ctx, &tls, false);
-    *conn.security.borrow_mut() = Security {
+    let security = Security {
         local_principal: config.local_principal.clone(),
         peer_principal: tls.peer_principal().map(Into::into),
         mutual_tls: true,
     };
-    Ok(tls)
+    Ok((tls, security))
 }
 
 /// The exchange inside TLS (mode `alpn`: only when ALPN resolved to `istio-peer-exchange`),

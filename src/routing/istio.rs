@@ -550,6 +550,7 @@ fn service_entry<'a>(
                 subsets: Vec::new(),
                 tls: None,
                 source: Some(doc.at()),
+                tunnel: None,
             });
         }
     }

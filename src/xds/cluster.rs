@@ -105,6 +105,7 @@ pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
         subsets: Vec::new(),
         tls,
         source: Some(format!("xds Cluster/{name} version {version}")),
+        tunnel: None,
     };
     Ok(XdsCluster { cluster, eds_name, exchange, reports })
 }

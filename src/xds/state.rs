@@ -603,6 +603,7 @@ impl State {
                         subsets: Vec::new(),
                         tls: None,
                         source: Some(format!("xds: named by Listener/{} but not sent (yet)", l.name)),
+                        tunnel: None,
                     });
                 }
             }
