@@ -4,8 +4,14 @@
 //! ztunnel's refusals (400 for non-CONNECT, a foreign `:authority` or one of the proxy's own
 //! ports, 503 when the upstream refuses, nothing relayed), TLS refusals (rogue CA, ALPN
 //! without `h2`), and istio_tcp_* labelled from the client's `baggage` and certificate.
+//! Then ringside as the originator (a cluster with `tunnel: hbone`) to ringside, and a real
+//! Envoy 1.40 on either end: tcp_proxy `tunneling_config` as the client into ringside's
+//! terminator, an http_connection_manager with CONNECT upgrade as the server behind ringside's
+//! originator.
 
 mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
 #[path = "common/pki.rs"]
 mod pki;
 
@@ -260,7 +266,7 @@ fn originator(ca: &Ca, terminator: SocketAddr, app: SocketAddr) -> (Ringside, So
     let certs = Certs::new("hbone-origin", ca, CLIENT);
     let listen = free_addr();
     let config = format!(
-        "workers: 1\nnode:\n  workload_name: reviews-v1\n  namespace: bookinfo\n  labels: {{app: reviews, version: v1}}\n  \
+        "node:\n  workload_name: reviews-v1\n  namespace: bookinfo\n  labels: {{app: reviews, version: v1}}\n  \
          cluster_id: Kubernetes\nlisteners:\n  - {{name: outbound, listen: \"{listen}\", direction: outbound, \
          peer_exchange: off, cluster: productpage}}\nclusters:\n  - name: productpage\n    \
          service: productpage.default.svc.cluster.local\n    endpoints: [{{address: \"{app}\"}}]\n    \
@@ -268,7 +274,8 @@ fn originator(ca: &Ca, terminator: SocketAddr, app: SocketAddr) -> (Ringside, So
         terminator.port(),
         certs.yaml()
     );
-    (Ringside::spawn_config(&config, listen, &[]), listen)
+    // One worker: one pool, so the carriers counted are all of them.
+    (Ringside::spawn_config(&config, listen, &["--workers", "1"]), listen)
 }
 
 #[test]
@@ -334,4 +341,278 @@ fn connections_to_one_destination_share_pooled_tunnels_of_at_most_100_streams() 
         server.wait_for_scrape("150 tunnelled connections", DEADLINE, |t| sum(t, OPENED, &[]) >= 150.0);
     let handshakes = sum(&text, "ringside_tls_handshakes_total", &[("direction", "inbound")]);
     assert_eq!(handshakes, 2.0, "{text}");
+}
+
+/// A real Envoy from a static bootstrap, killed on drop; its log kept for a failed test.
+struct StaticEnvoy {
+    child: std::process::Child,
+    admin: SocketAddr,
+}
+
+impl StaticEnvoy {
+    fn start(bin: &str, certs: &Certs, bootstrap: &str, admin: SocketAddr) -> StaticEnvoy {
+        let path = certs.path("envoy.yaml");
+        std::fs::write(&path, bootstrap).unwrap();
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .args(["--concurrency", "1", "--use-dynamic-base-id", "-l", "warning"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(certs.path("envoy.log")).unwrap())
+            .spawn()
+            .expect("spawn envoy");
+        wait_for("Envoy's listeners", || {
+            let (_, body) = http(admin, "GET", "/ready")?;
+            (body.trim() == "LIVE").then_some(())
+        });
+        StaticEnvoy { child, admin }
+    }
+
+    /// The sum of Envoy's stats named `name`.
+    fn stat(&self, name: &str) -> u64 {
+        let (_, body) = http(self.admin, "GET", "/stats").unwrap_or_default();
+        body.lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(n, _)| *n == name)
+            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for StaticEnvoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn socket_address(a: SocketAddr) -> String {
+    format!("{{socket_address: {{address: {}, port_value: {}}}}}", a.ip(), a.port())
+}
+
+fn endpoints(a: SocketAddr) -> String {
+    format!("endpoints: [{{lb_endpoints: [{{endpoint: {{address: {}}}}}]}}]", socket_address(a))
+}
+
+/// Envoy's TLS context: the workload certificate of `certs`, TLS 1.3, ALPN h2, the mesh root.
+fn envoy_tls(certs: &Certs, san: Option<&str>) -> String {
+    let san = san.map_or(String::new(), |s| {
+        format!(", match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: \"{s}\"}}}}]")
+    });
+    format!(
+        "{{tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}, tls_certificates: [{{certificate_chain: {{filename: {}}}, \
+         private_key: {{filename: {}}}}}], alpn_protocols: [h2], validation_context: {{trusted_ca: {{filename: {}}}{san}}}}}",
+        certs.p("cert-chain.pem"),
+        certs.p("key.pem"),
+        certs.p("root-cert.pem")
+    )
+}
+
+/// Envoy as an HBONE client: a plain listener whose tcp_proxy tunnels each connection as a
+/// CONNECT to `target` over HTTP/2 with mTLS to `terminator`, with a reviews baggage.
+fn envoy_originator(
+    bin: &str,
+    ca: &Ca,
+    terminator: SocketAddr,
+    target: SocketAddr,
+) -> (StaticEnvoy, SocketAddr) {
+    let certs = Certs::new("envoy-origin", ca, CLIENT);
+    let (admin, listen) = (free_addr(), free_addr());
+    let bootstrap = format!(
+        r#"admin: {{address: {admin}}}
+static_resources:
+  listeners:
+  - name: out
+    address: {listen}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: out
+          cluster: hbone
+          tunneling_config:
+            hostname: "{target}"
+            headers_to_add: [{{header: {{key: baggage, value: "{BAGGAGE}"}}}}]
+  clusters:
+  - name: hbone
+    type: STATIC
+    connect_timeout: 5s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment: {{cluster_name: hbone, {eps}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context: {tls}
+"#,
+        admin = socket_address(admin),
+        listen = socket_address(listen),
+        eps = endpoints(terminator),
+        tls = envoy_tls(&certs, Some(SERVER)),
+    );
+    (StaticEnvoy::start(bin, &certs, &bootstrap, admin), listen)
+}
+
+/// Envoy as an HBONE server: mTLS (client certificates of the mesh), HTTP/2, CONNECT upgraded
+/// to a TCP tunnel to `app`, answering with a details baggage.
+fn envoy_terminator(bin: &str, ca: &Ca, app: SocketAddr) -> (StaticEnvoy, SocketAddr) {
+    let certs = Certs::new("envoy-term", ca, SERVER);
+    let (admin, listen) = (free_addr(), free_addr());
+    let bootstrap = format!(
+        r#"admin: {{address: {admin}}}
+static_resources:
+  listeners:
+  - name: hbone
+    address: {listen}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context: {tls}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hbone
+          codec_type: HTTP2
+          http2_protocol_options: {{allow_connect: true}}
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          route_config:
+            response_headers_to_add:
+            - header: {{key: baggage, value: "k8s.cluster.name=Kubernetes,k8s.namespace.name=details-ns,k8s.deployment.name=details-v1,service.name=details,service.version=v1"}}
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route: {{cluster: app, upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment: {{cluster_name: app, {eps}}}
+"#,
+        admin = socket_address(admin),
+        listen = socket_address(listen),
+        eps = endpoints(app),
+        tls = envoy_tls(&certs, None),
+    );
+    (StaticEnvoy::start(bin, &certs, &bootstrap, admin), listen)
+}
+
+/// Send `sent` through `addr`, half-close, and read the echo to its end.
+fn echo_through(addr: SocketAddr, sent: &[u8]) -> Vec<u8> {
+    let mut s = common::connect(addr);
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        let sent = sent.to_vec();
+        // A write refused (the proxy reset the connection) shows as a short echo.
+        std::thread::spawn(move || {
+            let _ = w.write_all(&sent);
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        })
+    };
+    let got = read_to_end(&mut s);
+    writer.join().unwrap();
+    got
+}
+
+#[test]
+fn a_real_envoy_tunnels_into_the_terminator_byte_exact_with_half_close_over_pooled_streams() {
+    let Some(bin) = envoy::envoy_binary() else {
+        skip(
+            "a_real_envoy_tunnels_into_the_terminator_byte_exact_with_half_close_over_pooled_streams",
+            "no Envoy binary",
+        );
+        return;
+    };
+    let ca = Ca::new("mesh");
+    let (rs, terminator_addr) = terminator(&ca);
+    let echo = echo_server();
+    let (envoy, listen) = envoy_originator(&bin, &ca, terminator_addr, echo);
+    let sent = payload(3 << 20);
+    let got = echo_through(listen, &sent);
+    assert!(got == sent, "echoed {} bytes of {}", got.len(), sent.len());
+    let labels =
+        [("reporter", "destination"), ("source_workload", "reviews-v1"), ("source_principal", CLIENT)];
+    rs.wait_for_value(CLOSED, &labels, 1.0);
+    assert_eq!(sum(&rs.scrape(), RECEIVED, &labels), sent.len() as f64);
+    // 200 connections at once: streams over Envoy's pooled HTTP/2 connections.
+    let mut conns: Vec<_> = (0..200).map(|_| common::connect(listen)).collect();
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.write_all(format!("hello {i:03}").as_bytes()).unwrap();
+    }
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut got = [0u8; 9];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, format!("hello {i:03}").as_bytes());
+    }
+    rs.wait_for_scrape("201 tunnelled connections", DEADLINE, |t| sum(t, OPENED, &[]) >= 201.0);
+    let cx = envoy.stat("cluster.hbone.upstream_cx_total");
+    let rq = envoy.stat("cluster.hbone.upstream_rq_total");
+    assert_eq!(rq, 201);
+    // Envoy honours the terminator's SETTINGS_MAX_CONCURRENT_STREAMS (100): 200 at once need 2.
+    assert_eq!(cx, 2, "HTTP/2 connections for 201 streams");
+}
+
+#[test]
+fn ringside_tunnels_into_a_real_envoy_terminator_byte_exact_with_half_close_and_its_baggage() {
+    let Some(bin) = envoy::envoy_binary() else {
+        skip(
+            "ringside_tunnels_into_a_real_envoy_terminator_byte_exact_with_half_close_and_its_baggage",
+            "no Envoy binary",
+        );
+        return;
+    };
+    let ca = Ca::new("mesh");
+    let echo = echo_server();
+    let (envoy, envoy_addr) = envoy_terminator(&bin, &ca, echo);
+    let (rs, listen) = originator(&ca, envoy_addr, echo);
+    let sent = payload(3 << 20);
+    let got = echo_through(listen, &sent);
+    assert!(got == sent, "echoed {} bytes of {}", got.len(), sent.len());
+    let labels = [
+        ("reporter", "source"),
+        ("destination_workload", "details-v1"),
+        // The namespace from the certificate first (SPEC §3), then the baggage.
+        ("destination_workload_namespace", "default"),
+        ("destination_canonical_service", "details"),
+        ("destination_principal", SERVER),
+    ];
+    rs.wait_for_value(CLOSED, &labels, 1.0);
+    assert_eq!(sum(&rs.scrape(), SENT, &labels), sent.len() as f64);
+    assert_eq!(envoy.stat("http.hbone.downstream_rq_total"), 1);
+}
+
+#[test]
+fn a_real_envoy_clients_reset_reaches_the_backend_as_a_tcp_reset() {
+    let Some(bin) = envoy::envoy_binary() else {
+        skip("a_real_envoy_clients_reset_reaches_the_backend_as_a_tcp_reset", "no Envoy binary");
+        return;
+    };
+    let ca = Ca::new("mesh");
+    let (_rs, terminator_addr) = terminator(&ca);
+    let (backend, conns) = manual_server();
+    let (_envoy, listen) = envoy_originator(&bin, &ca, terminator_addr, backend);
+    let mut client = common::connect(listen);
+    client.write_all(b"ping").unwrap();
+    let mut up = next_conn(&conns);
+    let mut four = [0u8; 4];
+    up.read_exact(&mut four).unwrap();
+    assert_eq!(&four, b"ping");
+    // The client resets: Envoy resets its stream, ringside resets the backend's socket.
+    socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    drop(client);
+    let mut rest = Vec::new();
+    let err = up.read_to_end(&mut rest).expect_err("a reset, not EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
