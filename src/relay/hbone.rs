@@ -46,6 +46,10 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// the keepalive tick, so it closes within one more interval.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Bytes the core may have appended and not yet written before a stream's `send` waits: the
+/// peer's windows (Envoy's are 256 MiB) must not become our memory when its socket is slow.
+const OUT_HIGH_WATER: usize = 512 << 10;
+
 /// Streams a pooled carrier takes before the pool opens another (SPEC §12).
 const MAX_STREAMS: usize = 100;
 
@@ -65,6 +69,8 @@ pub(crate) struct Mux {
     streams: RefCell<HashMap<u32, Pipe>>,
     /// The writer, waiting for `out` to fill.
     flush: Cell<Option<Waker>>,
+    /// Streams waiting for `out` to drain below `OUT_HIGH_WATER`.
+    drained: RefCell<Vec<Waker>>,
     /// The carrier ended: streams fail, the writer stops.
     closed: Cell<bool>,
 }
@@ -111,6 +117,9 @@ impl Mux {
     fn close(&self) {
         self.closed.set(true);
         self.going_away.set(true);
+        for w in self.drained.borrow_mut().drain(..) {
+            w.wake();
+        }
         let ids: Vec<u32> = self.streams.borrow().keys().copied().collect();
         for id in ids {
             self.with_pipe(id, |p| p.reset = true);
@@ -186,6 +195,14 @@ impl Tunnel {
     /// Send all of `data`, waiting for window credit when the peer's windows are spent.
     pub(crate) async fn send(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
+            poll_fn(|cx| {
+                if self.mux.out.borrow().len() < OUT_HIGH_WATER || self.mux.closed.get() {
+                    return Poll::Ready(());
+                }
+                self.mux.drained.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
             let taken = self.mux.with_h2(|h2, out| h2.send_data(self.id, data, out));
             let taken = taken.map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e))?;
             data = data.get(taken..).unwrap_or_default();
@@ -305,6 +322,7 @@ impl Mux {
             out: RefCell::new(out),
             streams: RefCell::new(HashMap::new()),
             flush: Cell::new(None),
+            drained: RefCell::new(Vec::new()),
             closed: Cell::new(false),
         })
     }
@@ -434,6 +452,9 @@ async fn write_out(mux: &Mux) -> io::Result<()> {
         })
         .await;
         std::mem::swap(&mut *mux.out.borrow_mut(), &mut spare);
+        for w in mux.drained.borrow_mut().drain(..) {
+            w.wake();
+        }
         if spare.is_empty() {
             return Ok(()); // closed, all written
         }
@@ -442,14 +463,18 @@ async fn write_out(mux: &Mux) -> io::Result<()> {
     }
 }
 
+/// A pool key: the TLS config slot (source identity and the destination identities it
+/// expects) and the tunnel address.
+type PoolKey = (usize, SocketAddr);
+
 thread_local! {
     /// This worker's originator carriers, by (TLS config slot: source identity and expected
     /// destination identities, tunnel address). Per thread: a worker's connections use only
     /// its own carriers (thread-per-core, no lock).
-    static POOL: RefCell<HashMap<(usize, SocketAddr), Vec<Rc<Mux>>>> = RefCell::new(HashMap::new());
+    static POOL: RefCell<HashMap<PoolKey, Vec<Rc<Mux>>>> = RefCell::new(HashMap::new());
     /// Keys with a carrier being dialled: connections that find no room wait for it rather
     /// than each dialling its own (a burst of 1,000 connections makes 10 carriers, not 1,000).
-    static DIALING: RefCell<HashMap<(usize, SocketAddr), Rc<Dialing>>> = RefCell::new(HashMap::new());
+    static DIALING: RefCell<HashMap<PoolKey, Rc<Dialing>>> = RefCell::new(HashMap::new());
 }
 
 /// A dial in progress, and who waits for it.
@@ -481,7 +506,7 @@ impl Dialing {
 
 /// A carrier for `key` with room: a pooled one, else the one being dialled once it is up,
 /// else a new one (`fresh`: dialled for this call).
-async fn carrier(ctx: &Rc<WorkerCtx>, slot: &Slot, key: (usize, SocketAddr)) -> io::Result<(Rc<Mux>, bool)> {
+async fn carrier(ctx: &Rc<WorkerCtx>, slot: &Slot, key: PoolKey) -> io::Result<(Rc<Mux>, bool)> {
     loop {
         if let Some(m) = pooled(key) {
             return Ok((m, false));
@@ -495,11 +520,11 @@ async fn carrier(ctx: &Rc<WorkerCtx>, slot: &Slot, key: (usize, SocketAddr)) -> 
 }
 
 /// Dial a carrier for `key` and put it in the pool, others waiting meanwhile.
-async fn dial_pooled(ctx: &Rc<WorkerCtx>, slot: &Slot, key: (usize, SocketAddr)) -> io::Result<Rc<Mux>> {
+async fn dial_pooled(ctx: &Rc<WorkerCtx>, slot: &Slot, key: PoolKey) -> io::Result<Rc<Mux>> {
     let dialing = Rc::new(Dialing::default());
     DIALING.with(|d| d.borrow_mut().insert(key, Rc::clone(&dialing)));
     // Wakes the waiters however this ends (a dropped, cancelled connection too).
-    struct Finish(Rc<Dialing>, (usize, SocketAddr));
+    struct Finish(Rc<Dialing>, PoolKey);
     impl Drop for Finish {
         fn drop(&mut self) {
             DIALING.with(|d| d.borrow_mut().remove(&self.1));
@@ -571,7 +596,7 @@ pub(crate) async fn open(
 }
 
 /// A pooled carrier for `key` with room for another stream; closed ones are forgotten.
-fn pooled(key: (usize, SocketAddr)) -> Option<Rc<Mux>> {
+fn pooled(key: PoolKey) -> Option<Rc<Mux>> {
     POOL.with(|p| {
         let mut pool = p.borrow_mut();
         let carriers = pool.get_mut(&key)?;
@@ -588,7 +613,7 @@ fn pooled(key: (usize, SocketAddr)) -> Option<Rc<Mux>> {
 }
 
 /// A new originator carrier to `via`, its driver running on this worker.
-async fn dial(ctx: &Rc<WorkerCtx>, slot: &Slot, key: (usize, SocketAddr)) -> io::Result<Rc<Mux>> {
+async fn dial(ctx: &Rc<WorkerCtx>, slot: &Slot, key: PoolKey) -> io::Result<Rc<Mux>> {
     let via = key.1;
     let tcp = TcpStream::connect_addr(via).await?;
     let (tls, security) = match super::mtls::client_handshake(ctx, CONNECT_TIMEOUT, tcp, slot).await {
