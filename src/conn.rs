@@ -57,6 +57,8 @@ pub struct WorkerCtx {
     pub series_cache: RefCell<SeriesCache>,
     /// Bounded busy-polling after activity (off unless configured).
     pub busy: Rc<BusyPoll>,
+    /// The proxy is draining (POST /drain, SIGTERM): HBONE carriers send GOAWAY (SPEC §12).
+    pub draining: Cell<bool>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
     free: RefCell<Vec<usize>>,
     active: Cell<u64>,
@@ -157,6 +159,7 @@ impl WorkerCtx {
             now: Cell::new(Instant::now()),
             series_cache: RefCell::new(SeriesCache::default()),
             busy: Rc::new(BusyPoll::default()),
+            draining: Cell::new(false),
             conns: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             active: Cell::new(0),

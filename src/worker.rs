@@ -522,6 +522,7 @@ async fn worker_main(
         ctx.now.set(now);
         ctx.pipes.trim(now);
         let draining = shared.draining.load(Ordering::Acquire);
+        ctx.draining.set(draining);
         // A new config: one pointer load per tick when nothing changed (SPEC §9).
         if !draining {
             let published = shared.published.load();

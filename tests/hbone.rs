@@ -616,3 +616,34 @@ fn a_real_envoy_clients_reset_reaches_the_backend_as_a_tcp_reset() {
     let err = up.read_to_end(&mut rest).expect_err("a reset, not EOF");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
+
+#[test]
+fn on_drain_the_terminator_sends_goaway_and_streams_in_flight_go_on() {
+    let ca = Ca::new("mesh");
+    let (rs, listen) = terminator(&ca);
+    let echo = echo_server();
+    let certs = Certs::new("hbone-client", &ca, CLIENT);
+    runtime().block_on(async {
+        let mut client = h2_client(listen, client_tls(&certs, &["h2"])).await.unwrap();
+        let (resp, mut send) = connect_stream(&mut client, &echo.to_string()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        assert_eq!(http(rs.admin, "POST", "/drain").map(|r| r.0), Some(200));
+        // GOAWAY arrives (within a second): a new CONNECT is refused, by h2 or by the server.
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let refused = match connect_stream(&mut client.clone(), &echo.to_string()).await {
+                Err(_) => true,
+                Ok((resp, _)) => resp.status() != StatusCode::OK,
+            };
+            if refused {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no GOAWAY after POST /drain");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // The stream opened before goes on to its end.
+        send.send_data(Bytes::from_static(b"after drain"), true).unwrap();
+        assert_eq!(read_body(&mut body).await.unwrap(), b"after drain");
+    });
+}

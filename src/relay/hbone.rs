@@ -39,6 +39,9 @@ const ALPN_H2: &[u8] = b"h2";
 /// A PING this often on every carrier (ztunnel's keepalive interval).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How often a carrier looks whether the proxy drains (GOAWAY within this of POST /drain).
+const DRAIN_CHECK: Duration = Duration::from_secs(1);
+
 /// A carrier whose PING is not answered within this is closed (ztunnel's keepalive timeout).
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -334,7 +337,7 @@ async fn drive(ctx: &WorkerCtx, mux: &Mux, accept: impl FnMut(u32, String, Heade
     let result = {
         let reader = pin!(read_in(ctx, mux, accept));
         let writer = pin!(write_out(mux));
-        let keepalive = pin!(keepalive(mux));
+        let keepalive = pin!(keepalive(ctx, mux));
         run(reader, writer, keepalive).await
     };
     mux.close();
@@ -342,12 +345,21 @@ async fn drive(ctx: &WorkerCtx, mux: &Mux, accept: impl FnMut(u32, String, Heade
 }
 
 /// Keepalive (ztunnel's: a PING every 10 s, the carrier closed when one is not answered in
-/// 20 s) and, for the originator's pooled carriers, the idle close.
-async fn keepalive(mux: &Mux) -> io::Result<()> {
+/// 20 s), GOAWAY once the proxy drains (streams in flight go on), and, for the originator's
+/// pooled carriers, the idle close. One timer per carrier, not per stream: carriers are few.
+async fn keepalive(ctx: &WorkerCtx, mux: &Mux) -> io::Result<()> {
     let mut idle_since: Option<Instant> = None;
+    let mut next_ping = Instant::now() + KEEPALIVE_INTERVAL;
     loop {
-        monoio::time::sleep(KEEPALIVE_INTERVAL).await;
+        monoio::time::sleep(DRAIN_CHECK).await;
         let now = Instant::now();
+        if ctx.draining.get() && !mux.going_away.replace(true) {
+            mux.with_h2(|h2, out| h2.go_away(out)).map_err(io::Error::other)?;
+        }
+        if now < next_ping {
+            continue;
+        }
+        next_ping = now + KEEPALIVE_INTERVAL;
         if let Some(sent) = mux.ping_sent.get() {
             if now.duration_since(sent) >= KEEPALIVE_TIMEOUT {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "hbone keepalive: no PING ack"));
@@ -357,9 +369,9 @@ async fn keepalive(mux: &Mux) -> io::Result<()> {
             mux.with_h2(|h2, out| h2.ping(*b"ringside", out)).map_err(io::Error::other)?;
         }
         let unused = mux.h2.borrow().active_streams() == 0 && mux.streams.borrow().is_empty();
-        let client = mux.role == Role::Client;
         idle_since = if unused { Some(idle_since.unwrap_or(now)) } else { None };
-        if client && idle_since.is_some_and(|t| now.duration_since(t) >= POOL_IDLE_TIMEOUT) {
+        if mux.role == Role::Client && idle_since.is_some_and(|t| now.duration_since(t) >= POOL_IDLE_TIMEOUT)
+        {
             // Nothing in flight: close, as ztunnel's pool drops an unused connection.
             return Ok(());
         }
