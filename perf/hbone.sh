@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# HBONE pair (SPEC §12, issue #30): two ringsides (an originator: outbound listener, cluster
+# with `tunnel: hbone`; a terminator: listener with `tunnel: hbone`) against two Envoys
+# (tcp_proxy `tunneling_config` over HTTP/2 mTLS; http_connection_manager CONNECT upgrade),
+# on the same core split as perf/run.sh: both proxies of a pair on one core, loadgen and the
+# echo backend on the other. Per pair: 1-stream throughput (median of 3) and proxy CPU per
+# GB, connections/s at C=64 (64 B each way, then close), RSS per idle tunnelled connection.
+# Prints one JSON line per pair and a Markdown table.   perf/hbone.sh [--quick]
+source "$(dirname "$0")/harness.sh"
+
+BULK_SECONDS=3; CONN_SECONDS=3; IDLE=2000
+[[ ${1:-} == --quick ]] && { BULK_SECONDS=1; CONN_SECONDS=1; IDLE=500; }
+LOAD_CORE=0; PROXY_CORE=1
+BACKEND=18400; FRONT=18401; TUNNEL=18402; ADMIN1=18403; ADMIN2=18404
+ENVOY=$("$HERE/fetch-envoy.sh") || die "no Envoy binary"
+
+build
+spawn taskset -c "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND" --seconds 3600 >/dev/null
+for ((i = 0; i < 100; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$BACKEND") 2>/dev/null && break; sleep 0.05; done
+
+# Certificates: a mesh root, a client and a server SPIFFE identity (as perf/run.sh makes them).
+d=$WORK/certs; mkdir -p "$d"
+openssl ecparam -name prime256v1 -genkey -noout -out "$d/root-key.pem" 2>/dev/null
+openssl req -x509 -new -key "$d/root-key.pem" -subj /O=perf-mesh -days 2 -out "$d/root-cert.pem" 2>/dev/null
+for id in client server; do
+  openssl ecparam -name prime256v1 -genkey -noout -out "$d/$id-key.pem" 2>/dev/null
+  openssl req -new -key "$d/$id-key.pem" -subj /O=perf-mesh -out "$d/$id.csr" 2>/dev/null
+  printf 'subjectAltName=URI:spiffe://cluster.local/ns/default/sa/%s\n' "$id" >"$d/$id.ext"
+  openssl x509 -req -in "$d/$id.csr" -CA "$d/root-cert.pem" -CAkey "$d/root-key.pem" -CAcreateserial \
+    -days 2 -extfile "$d/$id.ext" -out "$d/$id-cert.pem" 2>/dev/null
+done
+SERVER_ID=spiffe://cluster.local/ns/default/sa/server
+
+wait_port() {
+  for ((i = 0; i < 200; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  die "nothing listens on $1"
+}
+
+ringside_pair() {
+  cat >"$WORK/term.yaml" <<EOF
+node: {workload_name: server, namespace: default, labels: {app: server, version: v1}}
+workers: 1
+driver: uring
+admin: {listen: "127.0.0.1:$ADMIN2"}
+health: {listen: "off"}
+metrics: {listen: "off"}
+listeners:
+  - {name: hbone, listen: "127.0.0.1:$TUNNEL", direction: inbound, tunnel: hbone,
+     tls: {mode: strict, cert_chain: $d/server-cert.pem, private_key: $d/server-key.pem, root_cert: $d/root-cert.pem}}
+EOF
+  cat >"$WORK/orig.yaml" <<EOF
+node: {workload_name: client, namespace: default, labels: {app: client, version: v1}}
+workers: 1
+driver: uring
+admin: {listen: "127.0.0.1:$ADMIN1"}
+health: {listen: "off"}
+metrics: {listen: "off"}
+listeners:
+  - {name: outbound, listen: "127.0.0.1:$FRONT", direction: outbound, peer_exchange: "off", cluster: app}
+clusters:
+  - {name: app, service: app.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$BACKEND"}],
+     tunnel: {protocol: hbone, port: $TUNNEL},
+     tls: {mode: istio_mutual, cert_chain: $d/client-cert.pem, private_key: $d/client-key.pem,
+           root_cert: $d/root-cert.pem, subject_alt_names: ["$SERVER_ID"]}}
+EOF
+  RUST_LOG=warn spawn taskset -c "$PROXY_CORE" "$RINGSIDE" run --config "$WORK/term.yaml" 2>>"$WORK/ringside.log"
+  P1=$LAST_PID; wait_port "$TUNNEL"
+  RUST_LOG=warn spawn taskset -c "$PROXY_CORE" "$RINGSIDE" run --config "$WORK/orig.yaml" 2>>"$WORK/ringside.log"
+  P2=$LAST_PID; wait_port "$FRONT"
+}
+
+envoy_pair() {
+  cat >"$WORK/envoy-term.yaml" <<EOF
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN2}}}
+static_resources:
+  listeners:
+  - name: hbone
+    address: {socket_address: {address: 127.0.0.1, port_value: $TUNNEL}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_params: {tls_minimum_protocol_version: TLSv1_3}
+            alpn_protocols: [h2]
+            tls_certificates: [{certificate_chain: {filename: $d/server-cert.pem}, private_key: {filename: $d/server-key.pem}}]
+            validation_context: {trusted_ca: {filename: $d/root-cert.pem}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hbone
+          codec_type: HTTP2
+          http2_protocol_options: {allow_connect: true, initial_stream_window_size: 4194304, initial_connection_window_size: 16777216}
+          upgrade_configs: [{upgrade_type: CONNECT}]
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {connect_matcher: {}}
+                route: {cluster: app, upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment: {cluster_name: app, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $BACKEND}}}}]}]}
+EOF
+  cat >"$WORK/envoy-orig.yaml" <<EOF
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN1}}}
+static_resources:
+  listeners:
+  - name: out
+    address: {socket_address: {address: 127.0.0.1, port_value: $FRONT}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: out
+          cluster: hbone
+          tunneling_config: {hostname: "127.0.0.1:$BACKEND"}
+  clusters:
+  - name: hbone
+    type: STATIC
+    connect_timeout: 5s
+    # Envoy's default breakers stop at 1,024 streams; Istio raises them to the maximum.
+    circuit_breakers: {thresholds: [{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295}]}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {initial_stream_window_size: 4194304, initial_connection_window_size: 16777216}}
+    load_assignment: {cluster_name: hbone, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $TUNNEL}}}}]}]}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_params: {tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}
+          alpn_protocols: [h2]
+          tls_certificates: [{certificate_chain: {filename: $d/client-cert.pem}, private_key: {filename: $d/client-key.pem}}]
+          validation_context:
+            trusted_ca: {filename: $d/root-cert.pem}
+            match_typed_subject_alt_names: [{san_type: URI, matcher: {exact: "$SERVER_ID"}}]
+EOF
+  spawn taskset -c "$PROXY_CORE" "$ENVOY" -c "$WORK/envoy-term.yaml" --concurrency 1 --log-level error \
+    --disable-hot-restart 2>>"$WORK/envoy.log"
+  P1=$LAST_PID; wait_port "$TUNNEL"
+  spawn taskset -c "$PROXY_CORE" "$ENVOY" -c "$WORK/envoy-orig.yaml" --concurrency 1 --log-level error \
+    --disable-hot-restart 2>>"$WORK/envoy.log"
+  P2=$LAST_PID; wait_port "$FRONT"
+}
+
+stop_pair() {
+  kill -TERM "$P1" "$P2" 2>/dev/null || true
+  wait "$P1" "$P2" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$FRONT") 2>/dev/null || break; sleep 0.05; done
+}
+
+pair_ticks() { echo $(($(cpu_ticks "$P1") + $(cpu_ticks "$P2"))); }
+pair_rss() { echo $(($(rss_kib "$P1") + $(rss_kib "$P2"))); }
+lg() { taskset -c "$LOAD_CORE" "$LOADGEN" "$@"; }
+
+measure_pair() {
+  local name=$1 runs=() t0 t1 bytes=0 out gbit conns idle_out rss0 rss1 held
+  # Warm up: the first connections open the tunnels.
+  lg connrate --target "127.0.0.1:$FRONT" --concurrency 4 --seconds 1 --size 64 >/dev/null
+  t0=$(pair_ticks)
+  for r in 1 2 3; do
+    out=$(lg bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds "$BULK_SECONDS") ||
+      { tail -n 5 "$WORK"/*.log >&2; die "$name: bulk failed: $out"; }
+    [[ -n $out ]] || { tail -n 5 "$WORK"/*.log >&2; ps -o pid,args -p "$P1,$P2" >&2; die "$name: bulk printed nothing"; }
+    runs+=("$(json_field gbit_per_s <<<"$out")")
+    bytes=$((bytes + $(json_field bytes <<<"$out")))
+  done
+  t1=$(pair_ticks)
+  gbit=$(printf '%s\n' "${runs[@]}" | sort -g | sed -n 2p)
+  local cpu_per_gb
+  cpu_per_gb=$(python3 -c "print(f'{($t1 - $t0) / 100 / max($bytes / 1e9, 1e-9):.3f}')")
+  out=$(lg connrate --target "127.0.0.1:$FRONT" --concurrency 64 --seconds "$CONN_SECONDS" --size 64)
+  conns=$(json_field conn_per_s <<<"$out")
+  local cerr
+  cerr=$(json_field errors <<<"$out")
+  rss0=$(pair_rss)
+  # taskset execs loadgen: $! is loadgen itself, so the kill below closes its connections.
+  taskset -c "$LOAD_CORE" "$LOADGEN" idle --target "127.0.0.1:$FRONT" --connections "$IDLE" \
+    --hold-seconds 30 >"$WORK/idle-$name.json" &
+  local idle_pid=$!
+  for ((i = 0; i < 600; i++)); do [[ -s $WORK/idle-$name.json ]] && break; sleep 0.1; done
+  rss1=$(pair_rss)
+  held=$(json_field connections <"$WORK/idle-$name.json")
+  kill "$idle_pid" 2>/dev/null || true; wait "$idle_pid" 2>/dev/null || true
+  local per_conn
+  per_conn=$(python3 -c "print(f'{($rss1 - $rss0) / max($held, 1):.2f}')")
+  printf '{"pair":"%s","gbit_1_stream":%s,"bulk_runs":"%s","cpu_s_per_gb":%s,"conn_per_s_c64":%s,"conn_errors":%s,"idle_held":%s,"rss_kib_per_idle_conn":%s}\n' \
+    "$name" "$gbit" "${runs[*]}" "$cpu_per_gb" "$conns" "$cerr" "$held" "$per_conn" | tee -a "$WORK/hbone.jsonl"
+}
+
+if [[ -z ${HBONE_ENVOY_ONLY:-} ]]; then
+  log "ringside pair"
+  ringside_pair
+  measure_pair ringside-hbone
+  stop_pair
+fi
+log "envoy pair ($("$ENVOY" --version | grep -o 'version: [^ ]*'))"
+envoy_pair
+measure_pair envoy-hbone
+stop_pair
+
+python3 - "$WORK/hbone.jsonl" <<'EOF'
+import json, sys
+rows = {r["pair"]: r for r in map(json.loads, open(sys.argv[1]))}
+r, e = rows["ringside-hbone"], rows["envoy-hbone"]
+print("| pair | 1-stream Gbit/s | CPU s/GB | conn/s C=64 | RSS KiB/idle conn |")
+print("|---|---:|---:|---:|---:|")
+for name, t in rows.items():
+    print(f"| {name} | {t['gbit_1_stream']:.2f} | {t['cpu_s_per_gb']:.3f} | {t['conn_per_s_c64']:.0f} | {t['rss_kib_per_idle_conn']:.2f} |")
+ratio = lambda k: r[k] / e[k] if e[k] else float("nan")
+print(f"| ringside / envoy | {ratio('gbit_1_stream'):.2f} | {ratio('cpu_s_per_gb'):.2f} | "
+      f"{ratio('conn_per_s_c64'):.2f} | {ratio('rss_kib_per_idle_conn'):.2f} |")
+EOF
