@@ -201,6 +201,17 @@ measure_pair() {
     "$name" "$gbit" "${runs[*]}" "$cpu_per_gb" "$conns" "$cerr" "$held" "$per_conn" | tee -a "$WORK/hbone.jsonl"
 }
 
+if [[ -n ${HBONE_PROFILE:-} ]]; then
+  # A look at where the ringside pair's CPU goes under one bulk stream (perf record).
+  ringside_pair
+  taskset -c "$LOAD_CORE" "$LOADGEN" bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds 6 >/dev/null &
+  bulk_pid=$!
+  perf record -F 999 -g -o "$WORK/perf.data" -p "$P1,$P2" -- sleep 4 2>/dev/null
+  wait "$bulk_pid"
+  perf report -i "$WORK/perf.data" --stdio --no-children --percent-limit 1.5 2>/dev/null | grep -v '^$' | head -120
+  stop_pair
+  exit 0
+fi
 if [[ -z ${HBONE_ENVOY_ONLY:-} ]]; then
   log "ringside pair"
   ringside_pair

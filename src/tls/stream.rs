@@ -282,6 +282,19 @@ impl TlsStream {
         n
     }
 
+    /// Calls `f` with the decrypted bytes waiting in rustls' buffer (after `fill` said
+    /// `Data`), which are then consumed: a reader that parses them (HBONE's HTTP/2 core)
+    /// takes them without a copy into a buffer of its own first.
+    pub fn with_plaintext<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        let mut c = self.conn.borrow_mut();
+        let mut r = c.reader();
+        let chunk = r.fill_buf().unwrap_or_default();
+        let n = chunk.len();
+        let out = f(chunk);
+        r.consume(n);
+        out
+    }
+
     /// Send decrypted bytes straight to `to` without blocking (`WouldBlock`: wait for
     /// `to` to be writable); returns how many left rustls' buffer.
     pub fn send_to(&self, to: &TcpStream) -> io::Result<usize> {
