@@ -1,7 +1,7 @@
 //! One connection's life as one pipeline (SPEC §1, §2, §7, §9): accept → terminate TLS? →
 //! pick a chain → authorize (its RBAC) → route and connect → originate TLS? → peer exchange →
 //! copy both halves (half-close and reset passed on) → settle and count. Each step is written
-//! once over [`side::Side`], which hides what carries a side; the TLS steps are in `mtls`,
+//! once over `side::Side`, which hides what carries a side; the TLS steps are in `mtls`,
 //! the copy loops in `side`.
 
 use std::io;
