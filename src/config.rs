@@ -493,6 +493,10 @@ pub struct FilterChain {
     /// anything is relayed; the first denial closes it (SPEC §9).
     #[serde(skip)]
     pub rbac: Vec<std::sync::Arc<crate::rbac::Filter>>,
+    /// xDS: the RouteConfiguration its HTTP connection manager names over RDS
+    /// (`route_config_name`); the merge takes its route from it (SPEC §9).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub rds: Option<String>,
 }
 
 /// A filter chain's `source_type` match (Envoy's `ConnectionSourceType`).

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
-use envoy_types::pb::envoy::config::route::v3 as rds;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 
@@ -18,6 +17,7 @@ use std::sync::Arc;
 
 use super::proto::{Error, METADATA_EXCHANGE, decode, invalid, socket_address};
 use super::rbac::{HTTP_RBAC, NETWORK_RBAC, http_filter, network_filter};
+use super::route::{TcpTarget, route_target};
 use super::tls::downstream;
 use crate::config::{Capture, Cidr, Direction, Dur, FilterChain, Listener, PeerExchange, TcpRoute};
 
@@ -221,6 +221,7 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             && c.transport_protocol.as_deref().is_none_or(|t| t == "raw_buffer")
             && c.application_protocols.is_empty()
             && c.tls.is_none()
+            && c.rds.is_none()
     };
     if unbound {
         return Ok(XdsListener {
@@ -377,9 +378,12 @@ fn http_chain(f: &lds::Filter, listen: SocketAddr, fc: &mut FilterChain) -> Resu
     }
     let target = match &m.route_specifier {
         Some(RouteSpecifier::RouteConfig(rc)) => route_target(rc, listen),
-        Some(RouteSpecifier::Rds(r)) => {
-            Err(format!("RDS route_config_name {:?}: not subscribed yet", r.route_config_name))
+        Some(RouteSpecifier::Rds(r)) if !r.route_config_name.is_empty() => {
+            // Its route comes with the RouteConfiguration of that name: the merge reads it.
+            fc.rds = Some(r.route_config_name.clone());
+            return Ok(Http::Routed);
         }
+        Some(RouteSpecifier::Rds(_)) => Err("RDS without a route_config_name".to_string()),
         _ => Err("http_connection_manager without route_config or RDS".to_string()),
     };
     match target {
@@ -424,52 +428,6 @@ enum Http {
     Closes(String),
 }
 
-/// The target of a route table for connections to `dst`: the virtual host whose `domains`
-/// hold `IP:port`, then `IP`, then `*`, and its first route that matches on nothing but the
-/// path (headers and query parameters are not seen at L4).
-fn route_target(rc: &rds::RouteConfiguration, dst: SocketAddr) -> Result<TcpTarget, String> {
-    use rds::route::Action;
-    use rds::route_action::ClusterSpecifier;
-    let (ip_port, ip) = (dst.to_string(), dst.ip().to_string());
-    let vhost = [ip_port.as_str(), ip.as_str(), "*"]
-        .iter()
-        .find_map(|d| rc.virtual_hosts.iter().find(|v| v.domains.iter().any(|x| x == d)))
-        .ok_or_else(|| format!("route_config {:?}: no virtual host for {dst}", rc.name))?;
-    let route = vhost
-        .routes
-        .iter()
-        .find(|r| {
-            r.r#match.as_ref().is_none_or(|m| {
-                m.headers.is_empty()
-                    && m.query_parameters.is_empty()
-                    && !matches!(m.path_specifier, Some(rds::route_match::PathSpecifier::ConnectMatcher(_)))
-            })
-        })
-        .ok_or_else(|| format!("virtual host {:?}: no route without header or query matches", vhost.name))?;
-    let action = match &route.action {
-        Some(Action::Route(a)) => a,
-        _ => return Err(format!("virtual host {:?}: its route does not name a cluster", vhost.name)),
-    };
-    match &action.cluster_specifier {
-        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => Ok(TcpTarget::Cluster(c.clone())),
-        Some(ClusterSpecifier::WeightedClusters(w)) if !w.clusters.is_empty() => {
-            let mut routes = Vec::new();
-            for c in &w.clusters {
-                let weight = c.weight.map_or(0, |w| w.value);
-                if c.name.is_empty() || weight == 0 {
-                    return Err(format!(
-                        "virtual host {:?}: weighted cluster {:?} weight {weight}",
-                        vhost.name, c.name
-                    ));
-                }
-                routes.push(TcpRoute { cluster: c.name.clone(), subset: None, weight: i64::from(weight) });
-            }
-            Ok(TcpTarget::Weighted(routes))
-        }
-        _ => Err(format!("virtual host {:?}: its route names no cluster", vhost.name)),
-    }
-}
-
 fn base_listener(
     name: &str,
     listen: SocketAddr,
@@ -495,11 +453,6 @@ fn base_listener(
         source: Some(format!("xds Listener/{name} version {version}")),
         filter_chains: Vec::new(),
     }
-}
-
-enum TcpTarget {
-    Cluster(String),
-    Weighted(Vec<TcpRoute>),
 }
 
 /// A tcp_proxy's settings that change how a connection is served.
@@ -565,6 +518,7 @@ mod tests {
     use crate::xds::fixtures::*;
     use crate::xds::state::{Accepted, State};
     use crate::xds::tls::DOWNSTREAM_TLS;
+    use envoy_types::pb::envoy::config::route::v3 as rds;
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
     use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 
@@ -792,13 +746,16 @@ mod tests {
         assert_eq!(cluster(vhosts(&["127.0.0.1:27017"])).as_deref(), Some("exact"));
         assert_eq!(cluster(vhosts(&["example.com"])).as_deref(), Some("ip"));
         assert_eq!(cluster(routes(vec![(&["*"], vec![(false, "star")])])).as_deref(), Some("star"));
-        // No virtual host for the address, or RDS (not subscribed yet): the chain closes (NR).
+        // No virtual host for the address: the chain closes (NR).
         let (l, reports) = plain(routes(vec![(&["example.com"], vec![(false, "x")])]));
         assert!(l.is_none() && reports[0].contains("no virtual host for 127.0.0.1:27017"), "{reports:?}");
+        // RDS: the chain names its RouteConfiguration, which the merge reads (never collapsed).
         let (l, reports) = plain(rds("27017"));
-        assert!(l.is_none() && reports[0].contains("RDS route_config_name \"27017\""), "{reports:?}");
+        let l = l.unwrap();
+        assert!(reports.is_empty() && l.cluster.is_none(), "{reports:?}");
+        assert_eq!(l.filter_chains[0].rds.as_deref(), Some("27017"));
         // In a capture listener an unrouted HTTP chain goes by original destination.
-        let mut pb = listener_with(vec![chain(vec![manager(vec![], rds("27017"))])]);
+        let mut pb = listener_with(vec![chain(vec![manager(vec![], routes(vec![]))])]);
         pb.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
         let x = listener(&pb, "1").unwrap();
         let c = &x.listener.unwrap().filter_chains[0];
@@ -830,10 +787,10 @@ mod tests {
 
     #[test]
     fn http_chains_are_reported_and_chains_keep_their_matches() {
-        let hcm = manager(vec![], rds("80"));
+        let hcm = manager(vec![], routes(vec![(&["example.com"], vec![(false, "x")])]));
         let x = listener(&listener_with(vec![chain(vec![hcm.clone()])]), "1").unwrap();
-        assert!(x.listener.is_none(), "an HTTP-only listener is not bound");
-        assert!(x.reports[0].contains("RDS"), "{:?}", x.reports);
+        assert!(x.listener.is_none(), "an HTTP-only listener that routes nothing is not bound");
+        assert!(x.reports[0].contains("no virtual host"), "{:?}", x.reports);
         let mut tls = chain(vec![to("tls")]);
         tls.filter_chain_match = Some(lds::FilterChainMatch {
             transport_protocol: "tls".into(),

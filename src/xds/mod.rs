@@ -1,8 +1,8 @@
 //! The xDS client (SPEC §9): one Aggregated Discovery Service stream to istiod or any ADS
 //! server, state of the world or delta (`xds.api`, a bootstrap's `api_type: DELTA_GRPC`), on its own thread with its own current-thread tokio runtime;
-//! never on a worker. It subscribes to Clusters and Listeners (wildcard) and to the EDS
-//! clusters' ClusterLoadAssignments, translates each response (one module per resource kind:
-//! `listener`, `cluster`, `endpoint`, their TLS contexts in `tls`, shared pieces in `proto`),
+//! never on a worker. It subscribes to Clusters and Listeners (wildcard), to the EDS
+//! clusters' ClusterLoadAssignments and to the RouteConfigurations HTTP chains name (RDS), translates each response (one module per resource kind:
+//! `listener`, `cluster`, `endpoint`, `route`, their TLS contexts in `tls`, shared pieces in `proto`),
 //! merges it beside the static config (`state`), and hands the result to `apply` (which checks
 //! and publishes it to the workers). Each resource stands alone, as in Envoy: the valid ones
 //! are applied, and a NACK names every invalid one and why while its last good version keeps
@@ -15,6 +15,7 @@ mod fixtures;
 pub mod listener;
 pub mod proto;
 pub mod rbac;
+pub mod route;
 pub mod state;
 pub mod tls;
 
@@ -34,7 +35,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, XdsAddress, XdsApi};
-use proto::{CLUSTER, ENDPOINTS, LISTENER};
+use proto::{CLUSTER, ENDPOINTS, LISTENER, ROUTES};
 use state::{State, Type};
 
 /// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
@@ -63,10 +64,11 @@ fn jittered(backoff: Duration) -> Duration {
 pub struct Status {
     /// ADS streams established.
     pub connects: AtomicU64,
-    /// Responses applied (ACKed), by type (index into Cluster, Listener, ClusterLoadAssignment).
-    pub applied: [AtomicU64; 3],
+    /// Responses applied (ACKed), by type (index into Cluster, Listener, ClusterLoadAssignment,
+    /// RouteConfiguration).
+    pub applied: [AtomicU64; 4],
     /// Responses NACKed, by type: one resource or more not applied (the valid ones are).
-    pub rejected: [AtomicU64; 3],
+    pub rejected: [AtomicU64; 4],
     /// The stream is up.
     pub connected: AtomicBool,
     /// Each type has arrived once, applied or not (Envoy's initial fetch).
@@ -321,7 +323,11 @@ impl Client {
             // The node goes on a stream's first request only (`session`), as Istio's agent
             // sends it (`set_node_on_first_message_only`).
             node: None,
-            resource_names: if type_url == ENDPOINTS { self.state.eds_names() } else { Vec::new() },
+            resource_names: match type_url {
+                ENDPOINTS => self.state.eds_names(),
+                ROUTES => self.state.rds_names(),
+                _ => Vec::new(),
+            },
             type_url: type_url.to_string(),
             response_nonce: nonce.to_string(),
             // 3: INVALID_ARGUMENT, as Envoy's NACKs.
@@ -347,6 +353,9 @@ impl Client {
         if !self.state.eds_names().is_empty() {
             let _ = tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), "", None));
         }
+        if !self.state.rds_names().is_empty() {
+            let _ = tx.send(self.request(ROUTES, self.state.version(Type::Routes), "", None));
+        }
         let mut stream = match client
             .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await
@@ -358,6 +367,7 @@ impl Client {
         self.status.connected.store(true, Ordering::Relaxed);
         log::info!("xds: connected to {:?}", self.address);
         let mut eds_nonce = String::new();
+        let mut rds_nonce = String::new();
         let mut got = false;
         loop {
             let response = match stream.message().await {
@@ -366,14 +376,25 @@ impl Client {
                 Err(e) => return (Err(format!("stream: {}", e.message())), got),
             };
             got = true;
-            // Only Clusters change which ClusterLoadAssignments are needed.
+            // Only Clusters change which ClusterLoadAssignments are needed, only Listeners
+            // which RouteConfigurations.
             let clusters = response.type_url == CLUSTER;
+            let listeners = response.type_url == LISTENER;
             let names_before = if clusters { self.state.eds_names() } else { Vec::new() };
+            let routes_before = if listeners { self.state.rds_names() } else { Vec::new() };
             let reply = self.handle(&response);
             if response.type_url == ENDPOINTS {
                 eds_nonce = response.nonce.clone();
             }
+            if response.type_url == ROUTES {
+                rds_nonce = response.nonce.clone();
+            }
             let _ = tx.send(reply);
+            // Listeners changed which RouteConfigurations we need: ask for those (as Envoy's
+            // RDS subscriptions follow the HTTP chains that name them).
+            if listeners && self.state.rds_names() != routes_before {
+                let _ = tx.send(self.request(ROUTES, self.state.version(Type::Routes), &rds_nonce, None));
+            }
             // Clusters changed which ClusterLoadAssignments we need: ask for those.
             if clusters && self.state.eds_names() != names_before {
                 let _ =
@@ -474,6 +495,14 @@ impl Client {
             eds.initial_resource_versions = self.state.resource_versions(Type::Endpoints);
             let _ = tx.send(eds);
         }
+        let mut rds_subscribed: std::collections::BTreeSet<String> =
+            self.state.rds_names().into_iter().collect();
+        if !rds_subscribed.is_empty() {
+            let mut rds = Self::delta_request(Type::Routes, "", None);
+            rds.resource_names_subscribe = rds_subscribed.iter().cloned().collect();
+            rds.initial_resource_versions = self.state.resource_versions(Type::Routes);
+            let _ = tx.send(rds);
+        }
         let mut stream = match client
             .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await
@@ -493,6 +522,18 @@ impl Client {
             };
             got = true;
             let _ = tx.send(self.handle_delta(&response));
+            if response.type_url == LISTENER {
+                // Listeners changed which RouteConfigurations we need: subscribe to the new
+                // names, unsubscribe from those gone (their routes are already forgotten).
+                let names: std::collections::BTreeSet<String> = self.state.rds_names().into_iter().collect();
+                if names != rds_subscribed {
+                    let mut change = Self::delta_request(Type::Routes, "", None);
+                    change.resource_names_subscribe = names.difference(&rds_subscribed).cloned().collect();
+                    change.resource_names_unsubscribe = rds_subscribed.difference(&names).cloned().collect();
+                    let _ = tx.send(change);
+                    rds_subscribed = names;
+                }
+            }
             if response.type_url != CLUSTER {
                 continue;
             }
