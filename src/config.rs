@@ -497,6 +497,70 @@ pub struct FilterChain {
     /// (`route_config_name`); the merge takes its route from it (SPEC §9).
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub rds: Option<String>,
+    /// xDS: the listener filters of the listener it came from that read a connection's first
+    /// bytes before its chain is chosen (SPEC §9); `None` (static config): both run.
+    #[serde(skip)]
+    pub inspectors: Option<std::sync::Arc<Inspectors>>,
+}
+
+/// A listener's inspectors (Envoy's listener filters `tls_inspector` and `http_inspector`),
+/// each with the destination ports its `filter_disabled` predicate takes out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inspectors {
+    /// `tls_inspector` runs (Envoy injects it where chains need it, so it is on unless
+    /// disabled for the port).
+    pub tls_disabled: Option<PortMatch>,
+    /// `http_inspector` is configured.
+    pub http: bool,
+    /// The ports `http_inspector` is disabled on.
+    pub http_disabled: Option<PortMatch>,
+}
+
+impl Default for Inspectors {
+    fn default() -> Self {
+        Inspectors { tls_disabled: None, http: true, http_disabled: None }
+    }
+}
+
+impl Inspectors {
+    /// Whether `tls_inspector` runs for a connection to `port`.
+    pub fn tls(&self, port: u16) -> bool {
+        !self.tls_disabled.as_ref().is_some_and(|m| m.matches(port))
+    }
+
+    /// Whether `http_inspector` runs for a connection to `port`.
+    pub fn http(&self, port: u16) -> bool {
+        self.http && !self.http_disabled.as_ref().is_some_and(|m| m.matches(port))
+    }
+}
+
+/// Envoy's `ListenerFilterChainMatchPredicate` over the destination port (the only
+/// connection property it reads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortMatch {
+    /// Every port.
+    Any,
+    /// Ports in `[start, end)`.
+    Range(u32, u32),
+    /// Any of these.
+    Or(Vec<PortMatch>),
+    /// All of these.
+    And(Vec<PortMatch>),
+    /// Not this.
+    Not(Box<PortMatch>),
+}
+
+impl PortMatch {
+    /// Whether `port` matches.
+    pub fn matches(&self, port: u16) -> bool {
+        match self {
+            PortMatch::Any => true,
+            PortMatch::Range(start, end) => (*start..*end).contains(&u32::from(port)),
+            PortMatch::Or(any) => any.iter().any(|m| m.matches(port)),
+            PortMatch::And(all) => all.iter().all(|m| m.matches(port)),
+            PortMatch::Not(m) => !m.matches(port),
+        }
+    }
 }
 
 /// A filter chain's `source_type` match (Envoy's `ConnectionSourceType`).

@@ -155,27 +155,35 @@ async fn set_up(
             _ => capture::original_dst(&down, listener.listen).or_else(|_| down.local_addr())?,
         };
         let index = conn.snapshot.router.chain_index(li);
-        // Peeked only where the chains competing for this destination differ by what a
-        // ClientHello says: a server-first protocol on a plain TCP port never waits.
-        let hello = match index.is_some_and(|x| x.inspects(dst)) {
-            false => None,
+        // Peeked only where an inspector runs for this port and the chains competing for this
+        // destination differ by what it would find: a server-first protocol on a plain TCP
+        // port never waits.
+        let what = index.map(|x| x.inspection(dst)).unwrap_or_default();
+        let inspected = match what.tls || what.http {
+            false => mtls::Inspected::default(),
             true => monoio::select! {
-                r = mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0) => r?,
+                r = mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0, what) => r?,
                 _ = conn.cancel.wait() => {
                     cut(conn, down, None);
                     return Ok(None);
                 }
             },
         };
+        let hello = inspected.hello;
         // The client's address costs a syscall: asked only when a chain matches on it.
         let source = match index.is_some_and(|x| x.uses_source()) {
             true => down.peer_addr()?,
             false => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let facts = match &hello {
-            None => {
-                ConnFacts { destination: dst, source, transport: "raw_buffer", server_name: None, alpn: &[] }
-            }
+            None => ConnFacts {
+                destination: dst,
+                source,
+                transport: "raw_buffer",
+                server_name: None,
+                // What `http_inspector` found stands for ALPN, as Envoy sets it.
+                alpn: inspected.http.map_or(&[][..], crate::routing::http_sniff::application_protocols),
+            },
             Some(h) => ConnFacts {
                 destination: dst,
                 source,

@@ -19,7 +19,9 @@ use super::proto::{Error, METADATA_EXCHANGE, decode, invalid, socket_address};
 use super::rbac::{HTTP_RBAC, NETWORK_RBAC, http_filter, network_filter};
 use super::route::{TcpTarget, route_target};
 use super::tls::downstream;
-use crate::config::{Capture, Cidr, Direction, Dur, FilterChain, Listener, PeerExchange, TcpRoute};
+use crate::config::{
+    Capture, Cidr, Direction, Dur, FilterChain, Inspectors, Listener, PeerExchange, PortMatch, TcpRoute,
+};
 
 pub(super) const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 pub(super) const TCP_PROXY_TYPE: &str =
@@ -42,6 +44,9 @@ const HTTP_AUTHORIZERS: [&str; 5] = [
 ];
 /// The listener filter that makes a capture listener, as `use_original_dst` does.
 const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
+/// The listener filters that read a connection's first bytes before its chain is chosen.
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+const HTTP_INSPECTOR: &str = "envoy.filters.listener.http_inspector";
 
 /// A translated Listener.
 #[derive(Clone, Debug)]
@@ -114,6 +119,7 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
         || pb.listener_filters.iter().any(|f| f.name == ORIGINAL_DST);
     let unbound = pb.bind_to_port.is_some_and(|b| !b.value);
     let by_original_dst = original_dst || unbound;
+    let inspectors = Arc::new(inspectors(&pb.listener_filters).map_err(bad)?);
     let all =
         pb.filter_chains.iter().map(|c| (c, false)).chain(pb.default_filter_chain.iter().map(|c| (c, true)));
     for (i, (chain, default)) in all.enumerate() {
@@ -122,7 +128,12 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             (false, true) => format!("filter chain {i}"),
             (false, false) => format!("filter chain {i} {:?}", chain.name),
         };
-        let mut fc = FilterChain { name: what.clone(), default, ..FilterChain::default() };
+        let mut fc = FilterChain {
+            name: what.clone(),
+            default,
+            inspectors: Some(Arc::clone(&inspectors)),
+            ..FilterChain::default()
+        };
         if let Some(m) = chain.filter_chain_match.as_ref().filter(|_| !default) {
             if !m.server_names.is_empty()
                 || !m.source_prefix_ranges.is_empty()
@@ -319,6 +330,44 @@ fn handoff(
         handoff.chains.push(c);
     }
     handoff
+}
+
+/// A listener's inspectors (SPEC §9): `tls_inspector` runs unless its `filter_disabled` takes
+/// the port out (Envoy injects it where chains need it), `http_inspector` only where it is
+/// configured, minus its `filter_disabled` ports.
+fn inspectors(filters: &[lds::ListenerFilter]) -> Result<Inspectors, String> {
+    let mut x = Inspectors { tls_disabled: None, http: false, http_disabled: None };
+    for f in filters {
+        let disabled = f.filter_disabled.as_ref().map(port_match).transpose();
+        let disabled = disabled.map_err(|e| format!("listener filter {}: filter_disabled: {e}", f.name))?;
+        match f.name.as_str() {
+            TLS_INSPECTOR => x.tls_disabled = disabled,
+            HTTP_INSPECTOR => (x.http, x.http_disabled) = (true, disabled),
+            _ => {}
+        }
+    }
+    Ok(x)
+}
+
+/// A `ListenerFilterChainMatchPredicate` (over the destination port).
+fn port_match(p: &lds::ListenerFilterChainMatchPredicate) -> Result<PortMatch, String> {
+    use lds::listener_filter_chain_match_predicate::Rule;
+    Ok(match &p.rule {
+        Some(Rule::AnyMatch(true)) => PortMatch::Any,
+        Some(Rule::DestinationPortRange(r)) => {
+            let start = u32::try_from(r.start).map_err(|_| format!("port range start {}", r.start))?;
+            let end = u32::try_from(r.end).map_err(|_| format!("port range end {}", r.end))?;
+            PortMatch::Range(start, end)
+        }
+        Some(Rule::OrMatch(set)) => {
+            PortMatch::Or(set.rules.iter().map(port_match).collect::<Result<_, _>>()?)
+        }
+        Some(Rule::AndMatch(set)) => {
+            PortMatch::And(set.rules.iter().map(port_match).collect::<Result<_, _>>()?)
+        }
+        Some(Rule::NotMatch(inner)) => PortMatch::Not(Box::new(port_match(inner)?)),
+        Some(Rule::AnyMatch(false)) | None => return Err("a predicate without a rule".into()),
+    })
 }
 
 static EMPTY_ANY: envoy_types::pb::google::protobuf::Any =
@@ -1105,5 +1154,38 @@ mod tests {
                 "Listener/l: filter chain 0: network filter envoy.filters.network.redis_proxy is not run; its connections close (NR)"
             ]
         );
+    }
+
+    #[test]
+    fn listener_filters_give_the_inspectors_and_their_disabled_ports_to_every_chain() {
+        use envoy_types::pb::envoy::r#type::v3::Int32Range;
+        use lds::listener_filter_chain_match_predicate::{MatchSet, Rule};
+        let range = |start, end| lds::ListenerFilterChainMatchPredicate {
+            rule: Some(Rule::DestinationPortRange(Int32Range { start, end })),
+        };
+        let f = |name: &str, disabled| lds::ListenerFilter {
+            name: name.into(),
+            filter_disabled: disabled,
+            ..Default::default()
+        };
+        let mut pb = listener_with(vec![chain(vec![to("a")]), chain(vec![to("b")])]);
+        pb.filter_chains[0].filter_chain_match =
+            Some(lds::FilterChainMatch { transport_protocol: "tls".into(), ..Default::default() });
+        let either = lds::ListenerFilterChainMatchPredicate {
+            rule: Some(Rule::OrMatch(MatchSet { rules: vec![range(15006, 15007), range(3306, 3307)] })),
+        };
+        pb.listener_filters =
+            vec![f(TLS_INSPECTOR, Some(range(15006, 15007))), f(HTTP_INSPECTOR, Some(either))];
+        let l = listener(&pb, "1").unwrap().listener.unwrap();
+        let x = l.filter_chains[1].inspectors.clone().unwrap();
+        assert!(x.tls(8080) && !x.tls(15006));
+        assert!(x.http(8080) && !x.http(15006) && !x.http(3306) && x.http(3307));
+        // No http_inspector: never sniffed; a predicate without a rule is invalid.
+        pb.listener_filters = vec![f(TLS_INSPECTOR, None)];
+        let l = listener(&pb, "1").unwrap().listener.unwrap();
+        assert!(!l.filter_chains[0].inspectors.clone().unwrap().http(8080));
+        pb.listener_filters = vec![f(HTTP_INSPECTOR, Some(Default::default()))];
+        let e = listener(&pb, "1").unwrap_err();
+        assert!(e.reason.contains("filter_disabled: a predicate without a rule"), "{e}");
     }
 }
