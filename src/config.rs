@@ -424,6 +424,40 @@ pub struct Listener {
     /// `filter_chain_match`, SPEC §9); when present they replace `cluster`/`tcp_routes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filter_chains: Vec<FilterChain>,
+    /// One access log line per connection when it ends (SPEC §9); a chain's own logs, where
+    /// it has any, take its connections instead (xDS: the listener's are for connections no
+    /// chain takes, as Envoy's listener-level `access_log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<std::sync::Arc<AccessLog>>,
+}
+
+/// An access log (SPEC §9): where lines go and in which format.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// The file lines are appended to (`/dev/stdout` in a pod).
+    pub path: String,
+    /// Envoy's text format with command operators; Istio's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// A JSON object per line instead: each key's value is a format (Envoy's `json_format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_format: Option<BTreeMap<String, String>>,
+    /// xDS `response_flag_filter`: only connections ending with one of these flags (any flag
+    /// when empty) are logged.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub only_flags: Option<Vec<String>>,
+}
+
+impl AccessLog {
+    /// Whether a connection that ended with `response_flags` is logged.
+    pub fn takes(&self, response_flags: &str) -> bool {
+        match &self.only_flags {
+            None => true,
+            Some(flags) if flags.is_empty() => response_flags != "-",
+            Some(flags) => response_flags.split(',').any(|f| flags.iter().any(|x| x == f)),
+        }
+    }
 }
 
 /// One filter chain of a listener: which connections it takes, and where they go.
@@ -501,6 +535,9 @@ pub struct FilterChain {
     /// bytes before its chain is chosen (SPEC §9); `None` (static config): both run.
     #[serde(skip)]
     pub inspectors: Option<std::sync::Arc<Inspectors>>,
+    /// xDS: its tcp_proxy's (or HTTP connection manager's) file access logs (SPEC §9).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub access_log: Vec<std::sync::Arc<AccessLog>>,
 }
 
 /// A listener's inspectors (Envoy's listener filters `tls_inspector` and `http_inspector`),
@@ -1261,6 +1298,14 @@ impl Config {
                 )));
             }
             binds.push(l.listen);
+            let logs = l.access_log.iter().chain(l.filter_chains.iter().flat_map(|c| &c.access_log));
+            for log in logs {
+                crate::access_log::LogFormat::parse(log.format.as_deref(), log.json_format.as_ref())
+                    .map_err(|e| here(e.to_string()))?;
+                if log.path.is_empty() {
+                    return Err(here("access_log: a path is needed".into()));
+                }
+            }
             let targets = [
                 l.cluster.is_some(),
                 l.tcp_routes.is_some(),

@@ -20,7 +20,8 @@ use super::rbac::{HTTP_RBAC, NETWORK_RBAC, http_filter, network_filter};
 use super::route::{TcpTarget, route_target};
 use super::tls::downstream;
 use crate::config::{
-    Capture, Cidr, Direction, Dur, FilterChain, Inspectors, Listener, PeerExchange, PortMatch, TcpRoute,
+    AccessLog, Capture, Cidr, Direction, Dur, FilterChain, Inspectors, Listener, PeerExchange, PortMatch,
+    TcpRoute,
 };
 
 pub(super) const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
@@ -178,6 +179,10 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
         if let Some(f) = chain.filters.iter().find(|f| f.name == HTTP_CONNECTION_MANAGER) {
             let network = fc.rbac.len();
             let http = http_chain(f, listen, &mut fc).map_err(|r| bad(format!("{what}: {r}")))?;
+            if let Some(any) = typed_config(f) {
+                let m: hcm::HttpConnectionManager = decode(any, HCM_TYPE).map_err(bad)?;
+                fc.access_log = access_logs(&m.access_log, &mut reports, name, &what).map_err(bad)?;
+            }
             for filter in &fc.rbac[network..] {
                 report_fail_closed(&mut reports, name, &what, filter);
             }
@@ -218,6 +223,7 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             TcpTarget::Weighted(routes) => fc.tcp_routes = Some(routes),
         }
         fc.max_connect_attempts = Some(settings.max_connect_attempts);
+        fc.access_log = access_logs(&settings.access_log, &mut reports, name, &what).map_err(bad)?;
         idle_timeouts.push(settings.idle_timeout);
         fc.istio_stats = chain.filters.iter().any(|f| f.name == ISTIO_STATS);
         exchange |= chain.filters.iter().any(|f| f.name == METADATA_EXCHANGE);
@@ -233,6 +239,7 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             && c.application_protocols.is_empty()
             && c.tls.is_none()
             && c.rds.is_none()
+            && c.access_log.is_empty()
     };
     if unbound {
         return Ok(XdsListener {
@@ -247,6 +254,10 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
         _ => Capture::None,
     };
     let mut listener = base_listener(name, listen, direction, capture, exchange, false, version);
+    // The listener's own logs are for connections no chain takes (Envoy's listener-level
+    // `access_log`: istiod's, filtered to `NR`).
+    listener.access_log =
+        access_logs(&pb.access_log, &mut reports, name, "listener").map_err(bad)?.into_iter().next();
     // The listener's idle timer serves all its chains: the longest of theirs, so that no
     // connection is closed before Envoy would close it; a difference is reported.
     idle_timeouts.sort();
@@ -330,6 +341,90 @@ fn handoff(
         handoff.chains.push(c);
     }
     handoff
+}
+
+/// The file access logs among `logs` (SPEC §9): `envoy.access_loggers.file` with its path and
+/// format (text, or JSON; Envoy's default format when none is given), and a
+/// `response_flag_filter`. Another logger or filter is reported and not written; a format
+/// with an operator ringside does not know is invalid (Envoy rejects it too).
+fn access_logs(
+    logs: &[envoy_types::pb::envoy::config::accesslog::v3::AccessLog],
+    reports: &mut Vec<String>,
+    listener: &str,
+    what: &str,
+) -> Result<Vec<Arc<AccessLog>>, String> {
+    use envoy_types::pb::envoy::config::accesslog::v3::{access_log, access_log_filter::FilterSpecifier};
+    use envoy_types::pb::envoy::config::core::v3::{
+        data_source::Specifier, substitution_format_string::Format,
+    };
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
+    const FILE_TYPE: &str = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
+    let mut out = Vec::new();
+    for log in logs {
+        let not_written = |reports: &mut Vec<String>, why: String| {
+            reports.push(format!("Listener/{listener}: {what}: access log {}: {why}: not written", log.name));
+        };
+        let Some(access_log::ConfigType::TypedConfig(any)) = &log.config_type else {
+            not_written(reports, "no typed_config".into());
+            continue;
+        };
+        if any.type_url != FILE_TYPE {
+            not_written(reports, format!("logger {} is not run (only the file logger is)", any.type_url));
+            continue;
+        }
+        let file: FileAccessLog = decode(any, FILE_TYPE)?;
+        let only_flags = match log.filter.as_ref().and_then(|f| f.filter_specifier.as_ref()) {
+            None => None,
+            Some(FilterSpecifier::ResponseFlagFilter(f)) => Some(f.flags.clone()),
+            Some(other) => {
+                let kind = format!("{other:?}");
+                let kind = kind.split('(').next().unwrap_or_default().to_string();
+                not_written(reports, format!("filter {kind} is not evaluated"));
+                continue;
+            }
+        };
+        let struct_fields = |s: &envoy_types::pb::google::protobuf::Struct| {
+            use envoy_types::pb::google::protobuf::value::Kind;
+            s.fields
+                .iter()
+                .map(|(k, v)| match &v.kind {
+                    Some(Kind::StringValue(x)) => Ok((k.clone(), x.clone())),
+                    _ => Err(format!(
+                        "access log json_format: {k:?} is not a string (nested values are not written)"
+                    )),
+                })
+                .collect::<Result<std::collections::BTreeMap<_, _>, String>>()
+        };
+        #[allow(deprecated)]
+        let (format, json_format) = match &file.access_log_format {
+            None => (Some(crate::access_log::ENVOY_DEFAULT_FORMAT.to_string()), None),
+            Some(file_access_log::AccessLogFormat::Format(t)) => (Some(t.clone()), None),
+            Some(
+                file_access_log::AccessLogFormat::JsonFormat(j)
+                | file_access_log::AccessLogFormat::TypedJsonFormat(j),
+            ) => (None, Some(struct_fields(j)?)),
+            Some(file_access_log::AccessLogFormat::LogFormat(f)) => match &f.format {
+                Some(Format::TextFormat(t)) => (Some(t.clone()), None),
+                Some(Format::JsonFormat(j)) => (None, Some(struct_fields(j)?)),
+                Some(Format::TextFormatSource(d)) => match &d.specifier {
+                    Some(Specifier::InlineString(t)) => (Some(t.clone()), None),
+                    Some(Specifier::InlineBytes(b)) => (Some(String::from_utf8_lossy(b).into_owned()), None),
+                    _ => {
+                        not_written(reports, "a format from a file or the environment is not read".into());
+                        continue;
+                    }
+                },
+                None => (Some(crate::access_log::ENVOY_DEFAULT_FORMAT.to_string()), None),
+            },
+        };
+        crate::access_log::LogFormat::parse(format.as_deref(), json_format.as_ref())
+            .map_err(|e| e.to_string())?;
+        if file.path.is_empty() {
+            return Err(format!("access log {}: a file logger needs a path", log.name));
+        }
+        out.push(Arc::new(AccessLog { path: file.path, format, json_format, only_flags }));
+    }
+    Ok(out)
 }
 
 /// A listener's inspectors (SPEC §9): `tls_inspector` runs unless its `filter_disabled` takes
@@ -501,11 +596,14 @@ fn base_listener(
         istio_stats,
         source: Some(format!("xds Listener/{name} version {version}")),
         filter_chains: Vec::new(),
+        access_log: None,
     }
 }
 
 /// A tcp_proxy's settings that change how a connection is served.
 struct TcpSettings {
+    /// Its access logs, as sent.
+    access_log: Vec<envoy_types::pb::envoy::config::accesslog::v3::AccessLog>,
     /// Endpoints tried before the connection fails (Envoy's default 1).
     max_connect_attempts: u32,
     /// No bytes either way for this long closes the connection (Envoy's default 1 h).
@@ -539,7 +637,7 @@ fn tcp_target(filter: &lds::Filter) -> Result<(TcpTarget, TcpSettings), String> 
         Some(n) if n.value == 0 => return Err("tcp_proxy max_connect_attempts 0: at least 1".into()),
         Some(n) => n.value,
     };
-    let settings = TcpSettings { max_connect_attempts, idle_timeout };
+    let settings = TcpSettings { access_log: proxy.access_log.clone(), max_connect_attempts, idle_timeout };
     let target = match proxy.cluster_specifier {
         Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => TcpTarget::Cluster(c),
         Some(ClusterSpecifier::WeightedClusters(w)) if !w.clusters.is_empty() => {
