@@ -156,7 +156,7 @@ fn run(rx: &Receiver<Line>, dropped: &AtomicU64) {
 fn logs(listener: &Listener, chain: Option<usize>) -> &[Arc<AccessLog>] {
     match chain.and_then(|c| listener.filter_chains.get(c)) {
         Some(c) if !c.access_log.is_empty() => &c.access_log,
-        _ => listener.access_log.as_ref().map_or(&[], std::slice::from_ref),
+        _ => listener.access_log.as_slice(),
     }
 }
 

@@ -1286,4 +1286,80 @@ mod tests {
         let e = listener(&pb, "1").unwrap_err();
         assert!(e.reason.contains("filter_disabled: a predicate without a rule"), "{e}");
     }
+
+    #[test]
+    fn tcp_proxy_and_listener_file_access_logs_are_read_with_their_format_and_response_flag_filter() {
+        use envoy_types::pb::envoy::config::accesslog::v3 as accesslog;
+        use envoy_types::pb::envoy::extensions::access_loggers::file::v3 as file;
+        const FILE: &str = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
+        let text = |path: &str, format: Option<&str>| file::FileAccessLog {
+            path: path.into(),
+            access_log_format: format.map(|f| {
+                file::file_access_log::AccessLogFormat::LogFormat(core::SubstitutionFormatString {
+                    format: Some(core::substitution_format_string::Format::TextFormatSource(
+                        core::DataSource {
+                            specifier: Some(core::data_source::Specifier::InlineString(f.into())),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                })
+            }),
+        };
+        let log = |name: &str, url: &str, f: &file::FileAccessLog, nr: bool| accesslog::AccessLog {
+            name: name.into(),
+            filter: nr.then(|| accesslog::AccessLogFilter {
+                filter_specifier: Some(accesslog::access_log_filter::FilterSpecifier::ResponseFlagFilter(
+                    accesslog::ResponseFlagFilter { flags: vec!["NR".into()] },
+                )),
+            }),
+            config_type: Some(accesslog::access_log::ConfigType::TypedConfig(any(url, f))),
+        };
+        let with_logs = |logs: Vec<accesslog::AccessLog>| {
+            let p = tcp_proxy::TcpProxy {
+                cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster("c".into())),
+                access_log: logs,
+                ..Default::default()
+            };
+            filter(TCP_PROXY, any(TCP_PROXY_TYPE, &p))
+        };
+        let stdout = text("/dev/stdout", Some("%RESPONSE_FLAGS% %UPSTREAM_HOST%\n"));
+        let grpc = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig";
+        let mut pb = listener_with(vec![chain(vec![with_logs(vec![
+            log("envoy.access_loggers.file", FILE, &stdout, false),
+            log("envoy.access_loggers.tcp_grpc", grpc, &stdout, false),
+        ])])]);
+        pb.access_log = vec![log("envoy.access_loggers.file", FILE, &text("/dev/stdout", None), true)];
+        let x = listener(&pb, "1").unwrap();
+        let l = x.listener.unwrap();
+        let chain_logs = &l.filter_chains[0].access_log;
+        assert_eq!(chain_logs.len(), 1, "the file logger only");
+        assert_eq!(
+            (chain_logs[0].path.as_str(), chain_logs[0].format.as_deref()),
+            ("/dev/stdout", Some("%RESPONSE_FLAGS% %UPSTREAM_HOST%\n"))
+        );
+        assert!(l.cluster.is_none(), "a chain with a log is never collapsed into the plain model");
+        let own = l.access_log.unwrap();
+        assert_eq!(
+            own.format.as_deref(),
+            Some(crate::access_log::ENVOY_DEFAULT_FORMAT),
+            "no format: Envoy's"
+        );
+        assert!(own.takes("NR") && !own.takes("-"), "istiod's listener log: NR only");
+        assert_eq!(x.reports.len(), 1, "{:?}", x.reports);
+        assert!(
+            x.reports[0].contains("access log envoy.access_loggers.tcp_grpc")
+                && x.reports[0].ends_with("not written")
+        );
+        // An operator Envoy does not have: the listener is invalid, as Envoy rejects it.
+        let bad = text("/dev/stdout", Some("%NOT_AN_OPERATOR%"));
+        let pb = listener_with(vec![chain(vec![with_logs(vec![log(
+            "envoy.access_loggers.file",
+            FILE,
+            &bad,
+            false,
+        )])])]);
+        let e = listener(&pb, "1").unwrap_err();
+        assert!(e.reason.contains("unsupported command operator %NOT_AN_OPERATOR%"), "{e}");
+    }
 }
