@@ -3,7 +3,9 @@
 //! (against the FileDescriptorSet envoy-types ships; Istio-only types carried as opaque
 //! `Any`), served over ADS to the real binary in a network namespace of its own (the dumps
 //! bind 15001 and 15006). Each test asserts exactly which resources are applied and which
-//! NACKed with which reason, that the pod becomes ready, and what virtualInbound serves.
+//! NACKed with which reason, that the pod becomes ready, and what virtualInbound serves; the
+//! DSB dump's RouteConfigurations are served over RDS, and an HTTP port it routes that way
+//! takes outbound traffic to the endpoint of the service its virtual host names.
 //! Without the dumps, or without namespaces, each test prints a SKIP line and returns.
 
 #[path = "common/ads.rs"]
@@ -463,4 +465,34 @@ fn inbound_traffic_captured_to_the_real_dsb_virtual_inbound_reaches_the_app_and_
     });
     assert_eq!(common::sum(&text, "istio_tcp_received_bytes_total", &served), 4.0, "{text}");
     assert_eq!(common::sum(&text, "istio_tcp_sent_bytes_total", &served), 4.0, "{text}");
+}
+
+#[test]
+fn outbound_http_to_a_service_address_the_real_dsb_routes_over_rds_reaches_its_endpoint() {
+    const TEST: &str = "xds_replay::dsb_rds";
+    let Some(path) = dump_file(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
+    if netns::unavailable(TEST).is_some() {
+        return;
+    }
+    let dump = load(&path);
+    let pods = netns::Pods::new();
+    capture_rules(&pods.a);
+    // kiali (istio-system, no sidecar: plaintext) is reached at ClusterIP 10.68.49.223:9090,
+    // an HTTP port istiod serves through 0.0.0.0_9090, whose chain takes its route over RDS
+    // (`9090`: one virtual host per service address). Its one endpoint lives in pod B.
+    netns::exec(&pods.b, &["ip", "addr", "add", "172.16.18.214/32", "dev", "lo"]);
+    let app = netns::echo_server_in(&pods.b, "0.0.0.0:9090");
+    let (_, _, a, _server) =
+        replay(&pods.a, snapshot(&dump), &[CLUSTER, LISTENER, ENDPOINTS, ROUTES], &CAPTURE);
+    let client = netns::connect_in(&pods.a, "10.68.49.223:9090").expect("connect to kiali's ClusterIP");
+    // HTTP/1.1: http_inspector finds it, the HTTP chain routes it by its virtual host.
+    let request = b"GET /kiali/api HTTP/1.1\r\nHost: kiali.istio-system:9090\r\n\r\n";
+    assert_eq!(common::echo_back(client, request), request);
+    assert!(app.recv_timeout(common::DEADLINE).is_ok(), "kiali's endpoint got the connection");
+    // Counted as the HTTP chain says (istio.stats among its HTTP filters), to kiali's service.
+    let to_kiali = [("reporter", "source"), ("destination_service", "kiali.istio-system.svc.cluster.local")];
+    let text = a.wait_for_scrape("the connection counted", |t| {
+        common::sum(t, "istio_tcp_connections_closed_total", &to_kiali) == 1.0
+    });
+    assert_eq!(common::sum(&text, "istio_tcp_sent_bytes_total", &to_kiali), request.len() as f64, "{text}");
 }
