@@ -1,8 +1,8 @@
 //! SPEC §9 access logs: a real connection through ringside writes exactly one line when it
 //! ends, in Istio's default format or the format given, from static config
 //! (`access_log: {path, format}`) and from xDS (tcp_proxy's file logger, as istiod sends it
-//! with `meshConfig.accessLogFile`), where a real Envoy fed the same listener writes the same
-//! line.
+//! with `meshConfig.accessLogFile`), where a real Envoy fed the same listeners writes the same
+//! lines, for a relayed connection and one its AuthorizationPolicy denies.
 
 #[path = "common/ads.rs"]
 mod ads;
@@ -173,21 +173,63 @@ fn logged_listener(listen: SocketAddr, path: &Path) -> lds::Listener {
     l
 }
 
-fn snapshot(echo: SocketAddr, listen: SocketAddr, path: &Path) -> Snapshot {
+/// `logged_listener` with Istio's AuthorizationPolicy DENY for clients on 127.0.0.1 before
+/// its tcp_proxy (`envoy.filters.network.rbac`, as istiod writes it).
+fn denying_listener(listen: SocketAddr, path: &Path) -> lds::Listener {
+    use envoy_types::pb::envoy::config::rbac::v3 as rbac;
+    let policy = rbac::Policy {
+        permissions: vec![rbac::Permission { rule: Some(rbac::permission::Rule::Any(true)) }],
+        principals: vec![rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::DirectRemoteIp(core::CidrRange {
+                address_prefix: "127.0.0.1".into(),
+                prefix_len: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 32 }),
+            })),
+        }],
+        ..Default::default()
+    };
+    let rules = rbac::Rbac {
+        action: rbac::rbac::Action::Deny as i32,
+        policies: [("ns[default]-policy[deny-local]-rule[0]".to_string(), policy)].into(),
+        ..Default::default()
+    };
+    let config = envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac {
+        rules: Some(rules),
+        stat_prefix: "tcp.".into(),
+        ..Default::default()
+    };
+    let url = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+    let mut l = logged_listener(listen, path);
+    let filter = lds::Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(lds::filter::ConfigType::TypedConfig(ads::any(url, &config))),
+    };
+    l.filter_chains[0].filters.insert(0, filter);
+    l
+}
+
+fn snapshot(echo: SocketAddr, listen: SocketAddr, denying: SocketAddr, path: &Path) -> Snapshot {
     Snapshot {
         version: "1".into(),
         clusters: vec![static_cluster("echo", echo)],
-        listeners: vec![logged_listener(listen, path)],
+        listeners: vec![logged_listener(listen, path), denying_listener(denying, path)],
         ..Default::default()
     }
+}
+
+/// A connection the listener at `addr` closes without a byte: returns the client's address.
+fn closed_once(addr: SocketAddr) -> SocketAddr {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let _ = c.read_to_end(&mut Vec::new());
+    c.local_addr().unwrap()
 }
 
 #[test]
 fn a_tcp_proxys_file_access_log_over_xds_writes_the_line_envoy_writes() {
     let echo = echo_server();
-    let (ours, theirs) = (free_addr(), free_addr());
+    let (ours, theirs, ours_denying, theirs_denying) = (free_addr(), free_addr(), free_addr(), free_addr());
     let (path_r, path_e) = (log_path("xds-ringside"), log_path("xds-envoy"));
-    let (ads_r, _requests) = AdsServer::serve(snapshot(echo, ours, &path_r));
+    let (ads_r, _requests) = AdsServer::serve(snapshot(echo, ours, ours_denying, &path_r));
     let config = format!(
         "node: {{workload_name: productpage-v1, namespace: default}}\nxds: {{address: \"{}\"}}\n",
         ads_r.addr
@@ -203,23 +245,44 @@ fn a_tcp_proxys_file_access_log_over_xds_writes_the_line_envoy_writes() {
             "[TIME] \"- - -\" 0 - - - \"-\" 5 5 DURATION - \"-\" \"-\" \"-\" \"-\" \"{echo}\" echo 127.0.0.1:PORT {ours} {client} - -"
         )
     );
-    // The reference: a real Envoy on the same listener (its own address and file).
+    // Denied by the AuthorizationPolicy: the matched policy in the termination details, no
+    // response flag, the chain's cluster.
+    let denied_client = closed_once(ours_denying);
+    let got = lines(&path_r, 2);
+    assert_eq!(got.len(), 2, "{got:?}");
+    let denied = masked(&got[1], &[denied_client, ours_denying]);
+    assert_eq!(
+        denied,
+        format!(
+            "[TIME] \"- - -\" 0 - - rbac_access_denied_matched_policy[ns[default]-policy[deny-local]-rule[0]] \"-\" 0 0 DURATION - \"-\" \"-\" \"-\" \"-\" \"-\" echo - {ours_denying} {denied_client} - -"
+        )
+    );
+    // The reference: a real Envoy on the same listeners (its own addresses and file).
     let Some(bin) = envoy_binary() else {
         common::skip("access_log::envoy_reference", "no Envoy binary (perf/fetch-envoy.sh)");
         return;
     };
     let (ads_e, _requests_e) =
-        AdsServer::serve(ads::without_istio_extensions(snapshot(echo, theirs, &path_e)));
+        AdsServer::serve(ads::without_istio_extensions(snapshot(echo, theirs, theirs_denying, &path_e)));
     let _envoy = Envoy::start(&bin, ads_e.addr);
     common::wait_for("Envoy's listener", || TcpStream::connect(theirs).ok().map(drop));
-    // That probe was a connection too: it is logged before ours.
     let envoy_client = echo_once(theirs);
-    let got = lines(&path_e, 2);
-    let theirs_line = got.iter().find(|l| l.contains(&envoy_client.to_string())).expect("Envoy's line");
-    let reference = masked(theirs_line, &[envoy_client, echo, theirs])
+    let envoy_denied_client = closed_once(theirs_denying);
+    // Envoy flushes its log file every 10 s: one wait for all three lines (its probe too).
+    let got = lines(&path_e, 3);
+    let of = |client: SocketAddr| got.iter().find(|l| l.contains(&client.to_string())).expect("Envoy's line");
+    let reference = masked(of(envoy_client), &[envoy_client, echo, theirs])
         .replace(&theirs.to_string(), &ours.to_string())
         .replace(&envoy_client.to_string(), &client.to_string());
     assert_eq!(line, reference, "ringside vs Envoy");
+    // The same denial line but for the upstream connection Envoy's tcp_proxy made before its
+    // RBAC closed the connection, which ringside never makes (SPEC §9: closed before a byte
+    // reaches the app): there, its host and local address are `-`.
+    let reference = masked(of(envoy_denied_client), &[envoy_denied_client, theirs_denying])
+        .replace(&theirs_denying.to_string(), &ours_denying.to_string())
+        .replace(&envoy_denied_client.to_string(), &denied_client.to_string())
+        .replace("\"127.0.0.1:PORT\" echo 127.0.0.1:PORT", "\"-\" echo -");
+    assert_eq!(denied, reference, "ringside vs Envoy, denied");
     let _ = std::fs::remove_file(&path_r);
     let _ = std::fs::remove_file(&path_e);
 }
