@@ -647,7 +647,10 @@ impl State {
             }
         }
         // Handed-off HTTP chains routed over RDS: each address their table names goes where
-        // its virtual host says, as a capture routes by original destination (SPEC §8).
+        // its virtual host says, as a capture routes by original destination (SPEC §8). A
+        // route table may name thousands of services: clusters are found by name, not scanned.
+        let by_name: std::collections::HashMap<String, usize> =
+            cfg.clusters.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         for c in handoffs.iter().flat_map(|h| &h.chains).filter(|c| c.not_served.is_none()) {
             let (Some(name), Some(listen)) = (&c.rds, c.handoff) else { continue };
             let Some(rc) = self.routes.get(name) else { continue };
@@ -658,7 +661,7 @@ impl State {
                 if self.original_dst(&cluster) {
                     continue;
                 }
-                if let Some(c) = cfg.clusters.iter_mut().find(|c| c.name == cluster)
+                if let Some(c) = by_name.get(&cluster).and_then(|&i| cfg.clusters.get_mut(i))
                     && !c.addresses.contains(&address)
                 {
                     c.addresses.push(address);
