@@ -395,6 +395,23 @@ fn the_real_dsb_sidecar_is_applied_whole_including_the_virtual_inbound_envoy_rej
         addresses("outbound|9080||details.default.svc.cluster.local"),
         [serde_json::json!("10.68.49.224:9080")]
     );
+    // Access logs as `meshConfig.accessLogFile` makes istiod send them (the demo profile):
+    // every tcp_proxy and HTTP chain writes /dev/stdout but the blackhole chain (15001), and
+    // virtualOutbound's own log takes the connections no chain does (`NR`).
+    let outbound =
+        config["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "virtualOutbound").unwrap();
+    let chains = outbound["filter_chains"].as_array().unwrap();
+    let silent: Vec<&serde_json::Value> =
+        chains.iter().filter(|c| c["access_log"][0]["path"] != "/dev/stdout").collect();
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!(
+        (&silent[0]["destination_port"], &silent[0]["cluster"]),
+        (&serde_json::json!(15001), &serde_json::json!("BlackHoleCluster"))
+    );
+    assert_eq!(
+        (&outbound["access_log"]["path"], &outbound["access_log"]["only_flags"]),
+        (&serde_json::json!("/dev/stdout"), &serde_json::json!(["NR"]))
+    );
     let reports = reports(&config);
     assert!(!reports.iter().any(|l| l.contains("rejected")), "{reports:?}");
 }
