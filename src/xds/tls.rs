@@ -85,6 +85,11 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
         Some(_) => return Err("validation by certificate provider: not served".into()),
         None => return Err("no validation context: the peer would not be verified".into()),
     };
+    if let Some(why) = context.and_then(unchecked) {
+        return Err(format!("default_validation_context {why}"));
+    }
+    // Names other than these are resolved by the merge: over SDS when there is an SDS
+    // server, else an error there.
     let mut files = CertificateFiles::default();
     if let Some(pair) = certificate.strip_prefix(FILE_CERT) {
         let (cert, key) = pair
@@ -92,15 +97,9 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
             .ok_or_else(|| format!("SDS secret {certificate:?}: want file-cert:CERT~KEY"))?;
         files.cert_chain = cert.to_string();
         files.private_key = key.to_string();
-    } else if certificate != SECRET_CERTIFICATE {
-        return Err(format!(
-            "SDS secret {certificate:?}: unknown (served: {SECRET_CERTIFICATE:?}, {FILE_CERT}CERT~KEY)"
-        ));
     }
     if let Some(root) = validation.strip_prefix(FILE_ROOT) {
         files.root_cert = root.to_string();
-    } else if validation != SECRET_ROOT {
-        return Err(format!("SDS secret {validation:?}: unknown (served: {SECRET_ROOT:?}, {FILE_ROOT}ROOT)"));
     }
     let (mut sans, mut san_prefixes) = (Vec::new(), Vec::new());
     if let Some(v) = context.filter(|_| client) {
@@ -197,28 +196,71 @@ pub(super) fn cluster_tls(pb: &cds::Cluster) -> Result<Option<ClusterTls>, Strin
     }))
 }
 
-/// Fill in the files that the secrets `default` and `ROOTCA` stand for.
+/// What a validation context asks for that ringside cannot check, or that would verify less
+/// than it says: serving it anyway would be weaker, so the resource is refused (SPEC §9).
+pub(super) fn unchecked(v: &tls::CertificateValidationContext) -> Option<String> {
+    let asks = [
+        (v.crl.is_some(), "crl"),
+        (!v.verify_certificate_spki.is_empty(), "verify_certificate_spki"),
+        (!v.verify_certificate_hash.is_empty(), "verify_certificate_hash"),
+        (v.custom_validator_config.is_some(), "custom_validator_config"),
+        (v.ca_certificate_provider_instance.is_some(), "ca_certificate_provider_instance"),
+        (v.system_root_certs.is_some(), "system_root_certs"),
+        (v.require_signed_certificate_timestamp.is_some_and(|b| b.value), "require_signed_certificate_timestamp"),
+        (v.allow_expired_certificate, "allow_expired_certificate"),
+        // 1: ACCEPT_UNTRUSTED.
+        (v.trust_chain_verification != 0, "trust_chain_verification"),
+    ];
+    let named: Vec<&str> = asks.iter().filter(|(on, _)| *on).map(|(_, what)| *what).collect();
+    (!named.is_empty()).then(|| format!("asks for {}: not served", named.join(", ")))
+}
+
+/// Fill in the files that a TLS context's secrets stand for: with an SDS server (started
+/// from a bootstrap) every name is a secret received over SDS, held in memory
+/// (`tls::secrets`); else `default` and `ROOTCA` are `xds.certificates`' files and
+/// `file-cert:`/`file-root:` name their files. `Ok(Some(name))`: secret `name` has not
+/// arrived yet, and what names it waits (Envoy's warming; never served without it).
 pub(super) fn resolve(
     secrets: &Secrets,
     files: &mut CertificateFiles,
     certificates: Option<&CertificateFiles>,
-) -> Result<(), String> {
+    sds: bool,
+) -> Result<Option<String>, String> {
+    use crate::tls::secrets as store;
+    if sds {
+        let (cert, root) = (&secrets.certificate, &secrets.validation);
+        let path = |p: std::path::PathBuf| p.display().to_string();
+        files.cert_chain = path(store::cert_chain(cert));
+        files.private_key = path(store::private_key(cert));
+        files.root_cert = path(store::root_cert(root));
+        let waiting = [(store::cert_chain(cert), cert), (store::root_cert(root), root)]
+            .into_iter()
+            .find(|(p, _)| store::get(p).is_none());
+        return Ok(waiting.map(|(_, name)| name.clone()));
+    }
     let need = |name: &str| {
         certificates.ok_or_else(|| {
             format!(
-                "TLS names SDS secret {name:?}, which needs xds.certificates (the workload certificate files; there is no SDS client)"
+                "TLS names SDS secret {name:?}, which needs xds.certificates (the workload certificate files) or an SDS server"
             )
         })
+    };
+    let unknown = |name: &str, served: String| {
+        format!("SDS secret {name:?}: unknown without an SDS server (served: {served})")
     };
     if secrets.certificate == SECRET_CERTIFICATE {
         let c = need(SECRET_CERTIFICATE)?;
         files.cert_chain.clone_from(&c.cert_chain);
         files.private_key.clone_from(&c.private_key);
+    } else if !secrets.certificate.starts_with(FILE_CERT) {
+        return Err(unknown(&secrets.certificate, format!("{SECRET_CERTIFICATE:?}, {FILE_CERT}CERT~KEY")));
     }
     if secrets.validation == SECRET_ROOT {
         files.root_cert.clone_from(&need(SECRET_ROOT)?.root_cert);
+    } else if !secrets.validation.starts_with(FILE_ROOT) {
+        return Err(unknown(&secrets.validation, format!("{SECRET_ROOT:?}, {FILE_ROOT}ROOT")));
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -313,10 +355,19 @@ mod tests {
             assert_eq!(e.resource, name);
             e.reason
         };
-        let r = reason(common("kubernetes://redis-cert", "ROOTCA", &[], &[]));
-        assert!(r.contains("SDS secret \"kubernetes://redis-cert\": unknown"), "{r}");
-        let r = reason(common("default", "kubernetes://redis-cacert", &[], &[]));
-        assert!(r.contains("SDS secret \"kubernetes://redis-cacert\": unknown"), "{r}");
+        // Without an SDS server, only the names that stand for files are known.
+        let merged = |c: tls::CommonTlsContext| {
+            let x = cluster(&istio_mutual(c), "1").unwrap();
+            let mut state = State::default();
+            state.clusters.insert(x.cluster.name.clone(), Accepted::new("1", x));
+            let e = state.merge(&certificates()).unwrap_err();
+            assert_eq!(e.resource, name);
+            e.reason
+        };
+        let r = merged(common("kubernetes://redis-cert", "ROOTCA", &[], &[]));
+        assert!(r.contains("SDS secret \"kubernetes://redis-cert\": unknown without an SDS server"), "{r}");
+        let r = merged(common("default", "kubernetes://redis-cacert", &[], &[]));
+        assert!(r.contains("SDS secret \"kubernetes://redis-cacert\": unknown without an SDS server"), "{r}");
         let mut inline = common("default", "ROOTCA", &[], &[]);
         inline.tls_certificates = vec![tls::TlsCertificate::default()];
         assert!(reason(inline).contains("inline tls_certificates"));
@@ -455,5 +506,101 @@ mod tests {
             m.transport_socket = None;
         }
         assert!(cluster(&plain, "1").unwrap().cluster.tls.is_none());
+    }
+
+    /// A config started from a bootstrap: secrets come from the SDS server.
+    fn with_sds() -> Config {
+        let xds = crate::config::Xds {
+            address: "unix:./etc/istio/proxy/XDS".into(),
+            sds: Some("unix:./var/run/secrets/workload-spiffe-uds/socket".into()),
+            ..crate::config::Xds::default()
+        };
+        Config { xds: Some(xds), ..Config::default() }
+    }
+
+    fn pem_pair(ca: bool) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(vec!["redis.example.com".to_string()]).unwrap();
+        if ca {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn with_an_sds_server_every_name_is_asked_for_and_what_waits_for_a_secret_is_not_served() {
+        use crate::tls::secrets as store;
+        use crate::xds::listener::listener;
+        use crate::xds::fixtures::{chain, listener_with, to};
+        // Names no other test stores (the store is the process's).
+        let (cert, root) = ("kubernetes://t-wait", "kubernetes://t-wait-cacert");
+        let x = cluster(&istio_mutual(common(cert, root, &[], &[])), "1").unwrap();
+        let cluster_name = x.cluster.name.clone();
+        let mut state = State::default();
+        state.clusters.insert(cluster_name.clone(), Accepted::new("1", x));
+        let mut mtls = chain(vec![to(&cluster_name)]);
+        let downstream = tls::DownstreamTlsContext {
+            common_tls_context: Some(common("file-cert:/a.pem~/a.key", root, &[], &[])),
+            ..Default::default()
+        };
+        mtls.transport_socket = socket("envoy.transport_sockets.tls", any(DOWNSTREAM_TLS, &downstream));
+        state.listeners.insert("l".into(), Accepted::new("1", listener(&listener_with(vec![mtls]), "1").unwrap()));
+        assert_eq!(
+            state.secret_names().into_iter().collect::<Vec<_>>(),
+            ["file-cert:/a.pem~/a.key", cert, root]
+        );
+        // Nothing arrived: the listener is not bound, the cluster serves nothing, never in
+        // plaintext.
+        let cfg = state.merge(&with_sds()).unwrap();
+        assert!(cfg.listeners.is_empty(), "{:?}", cfg.listeners);
+        let c = &cfg.clusters[0];
+        assert!(c.tls.is_none() && c.endpoints.is_empty(), "{c:?}");
+        assert_eq!(c.source.as_deref(), Some("xds: waiting for SDS secret kubernetes://t-wait"));
+        // The cluster's secrets arrive: it is served with them, read from memory.
+        let (chain_pem, key_pem) = pem_pair(false);
+        let (root_pem, _) = pem_pair(true);
+        store::put(vec![
+            (store::cert_chain(cert), chain_pem.into_bytes()),
+            (store::private_key(cert), key_pem.clone().into_bytes()),
+            (store::root_cert(root), root_pem.into_bytes()),
+        ]);
+        let cfg = state.merge(&with_sds()).unwrap();
+        let t = cfg.clusters[0].tls.as_ref().unwrap();
+        assert_eq!(
+            (t.cert_chain.as_str(), t.private_key.as_str(), t.root_cert.as_str()),
+            (
+                "sds:kubernetes://t-wait#cert_chain",
+                "sds:kubernetes://t-wait#private_key",
+                "sds:kubernetes://t-wait-cacert#root_cert"
+            )
+        );
+        assert!(cfg.listeners.is_empty(), "the listener still waits for its certificate");
+        let (other, _) = pem_pair(false);
+        let file_cert = "file-cert:/a.pem~/a.key";
+        store::put(vec![
+            (store::cert_chain(file_cert), other.into_bytes()),
+            (store::private_key(file_cert), key_pem.into_bytes()),
+        ]);
+        assert_eq!(state.merge(&with_sds()).unwrap().listeners.len(), 1);
+    }
+
+    #[test]
+    fn a_validation_context_asking_for_a_crl_or_pins_is_an_error_naming_the_resource() {
+        use tls::common_tls_context::ValidationContextType as V;
+        type Set = fn(&mut tls::CertificateValidationContext);
+        let cases: [(&str, Set); 3] = [
+            ("crl", |v| v.crl = Some(Default::default())),
+            ("verify_certificate_spki", |v| v.verify_certificate_spki = vec!["pin".into()]),
+            ("verify_certificate_hash", |v| v.verify_certificate_hash = vec!["ab:cd".into()]),
+        ];
+        for (what, set) in cases {
+            let mut c = common("default", "ROOTCA", &[], &[]);
+            if let Some(V::CombinedValidationContext(v)) = &mut c.validation_context_type {
+                set(v.default_validation_context.as_mut().unwrap());
+            }
+            let e = cluster(&istio_mutual(c), "1").unwrap_err();
+            assert_eq!(e.resource, "Cluster/outbound|6379||redis.default.svc.cluster.local");
+            assert!(e.reason.ends_with(&format!("default_validation_context asks for {what}: not served")), "{e}");
+        }
     }
 }
