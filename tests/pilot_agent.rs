@@ -3,18 +3,24 @@
 //! delta ADS (`DELTA_GRPC`, Istio's default) over the `xds-grpc` unix socket, Istio's static listeners 15090 (metrics) and 15021
 //! (`/healthz/ready`, forwarded to the agent on 15020). Each test runs in a network namespace
 //! of its own, so Istio's fixed ports are free. The conformance test starts every golden
-//! bootstrap of Istio's own (`../shared/istio-bootstrap/`).
+//! bootstrap of Istio's own (`../shared/istio-bootstrap/`). The agent's SDS server on
+//! `./var/run/secrets/workload-spiffe-uds/socket` serves certificates the test makes.
 
 #[path = "common/ads.rs"]
 mod ads;
 mod common;
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/pki.rs"]
+mod pki;
+#[path = "common/sds.rs"]
+mod sds;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 
 use common::{bin, http, serve_each, shared, wait_for};
 use envoy_types::pb::google::protobuf::value::Kind;
@@ -322,4 +328,252 @@ fn every_golden_bootstrap_of_istio_validates_and_starts() {
         drop(rs);
         let _ = std::fs::remove_dir_all(&root);
     }
+}
+
+/// The workload identity of the bootstrap's pod.
+const RATINGS: &str = "spiffe://cluster.local/ns/default/sa/ratings";
+
+/// A pod under a played pilot-agent whose xDS names the agent's secrets `default` and
+/// `ROOTCA`: an mTLS inbound listener (127.0.0.1:9443, client certificate required) to an
+/// echo server (127.0.0.1:9090), and a plaintext outbound listener (127.0.0.1:9000) to a
+/// cluster that speaks ISTIO_MUTUAL to that inbound listener (SAN: the pod's own identity).
+/// A connection through 9000 thus crosses one TLS origination and one termination, both
+/// with the secrets from SDS.
+struct SdsPod {
+    pods: Pods,
+    root: PathBuf,
+    _xds: ads::AdsServer,
+    sds: sds::SdsServer,
+    ca: pki::Ca,
+    rs: Running,
+}
+
+impl SdsPod {
+    fn start(tag: &str, first: sds::Secrets) -> SdsPod {
+        let pods = Pods::new();
+        let root = pod_root(tag);
+        std::fs::write(root.join("etc/istio/proxy/envoy-rev.json"), bootstrap().to_string()).unwrap();
+        let _ = netns::echo_server_in(&pods.a, "127.0.0.1:9090");
+        let inbound: SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        let snapshot = ads::Snapshot {
+            version: "1".into(),
+            clusters: vec![
+                ads::static_cluster("app", "127.0.0.1:9090".parse().unwrap()),
+                ads::with_upstream_tls(
+                    ads::static_cluster("mtls-self", inbound),
+                    ads::common_tls("default", "ROOTCA", &[RATINGS], &["istio"]),
+                ),
+            ],
+            listeners: vec![
+                ads::tcp_listener("outbound", "127.0.0.1:9000".parse().unwrap(), &[("mtls-self", 1)]),
+                ads::virtual_inbound(
+                    "virtualInbound",
+                    inbound,
+                    inbound.port(),
+                    "app",
+                    ads::common_tls("default", "ROOTCA", &[], &["istio-peer-exchange", "istio"]),
+                    false,
+                ),
+            ],
+            ..ads::Snapshot::default()
+        };
+        let (xds, _) = ads::AdsServer::serve_delta_unix(&root.join("etc/istio/proxy/XDS"), snapshot);
+        let sds = sds::SdsServer::serve_unix(&root.join("var/run/secrets/workload-spiffe-uds/socket"), first);
+        fake_agent(&pods.a);
+        let rs = Running(start_in(&pods.a, &root, PILOT_AGENT_ARGS, &root.join("ringside.log")));
+        SdsPod { pods, root, _xds: xds, sds, ca: pki::Ca::new("mesh"), rs }
+    }
+
+    /// The agent's two secrets: `default` with a certificate of serial `serial`, `ROOTCA`.
+    fn secrets(&self, version: &str, serial: u64) -> sds::Secrets {
+        let (chain, key) = self.ca.workload_serial(RATINGS, serial);
+        sds::Secrets {
+            version: version.into(),
+            secrets: vec![sds::certificate("default", &chain, &key), sds::root("ROOTCA", &self.ca.pem)],
+        }
+    }
+
+    fn get(&self, addr: &str, path: &str) -> Option<(u16, String)> {
+        get_in(&self.pods.a, addr, path)
+    }
+
+    /// pilot-agent's readiness query answered LIVE.
+    fn wait_ready(&self) {
+        wait_for("server.state 0 and workers started", || {
+            let q = r"/stats?usedonly&filter=^(server\.state|listener_manager\.workers_started)";
+            let (status, body) = self.get("127.0.0.1:15000", q)?;
+            (status == 200 && body == "listener_manager.workers_started: 1\nserver.state: 0\n").then_some(())
+        });
+    }
+
+    /// A connection through the outbound listener, echoing.
+    fn echo_through(&self) -> TcpStream {
+        let mut c = netns::connect_in(&self.pods.a, "127.0.0.1:9000").expect("the outbound listener");
+        c.write_all(b"ping").unwrap();
+        assert_eq!(common::read_exact(&mut c, 4), b"ping");
+        c
+    }
+
+    /// The serial number of the certificate the inbound listener presents to a new handshake
+    /// (a mesh client with a certificate of its own).
+    fn served_serial(&self) -> Option<String> {
+        let client = self.ca.workload("spiffe://cluster.local/ns/default/sa/probe", false);
+        in_ns(&self.pods.a, || handshake_serial("127.0.0.1:9443".parse().unwrap(), &client))
+    }
+}
+
+impl Drop for SdsPod {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Accepts any server certificate: the test reads it rather than trusts it.
+#[derive(Debug)]
+struct ReadAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for ReadAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A full TLS handshake with `addr` presenting `client` (PEM chain, key) and offering ALPN
+/// `istio`: the serial number of the server's certificate, in decimal.
+fn handshake_serial(addr: SocketAddr, client: &(String, String)) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let chain = CertificateDer::pem_slice_iter(client.0.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(client.1.as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ReadAny(provider)))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"istio".to_vec()];
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::IpAddress(addr.ip().into())).unwrap();
+    let mut tcp = TcpStream::connect_timeout(&addr, common::DEADLINE).ok()?;
+    tcp.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).ok()?;
+    }
+    let leaf = conn.peer_certificates()?.first()?.clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    Some(cert.serial.to_string())
+}
+
+#[test]
+fn listeners_and_clusters_wait_for_their_sds_secrets_and_readiness_waits_with_them() {
+    if netns::unavailable("pilot_agent::sds_warming").is_some() {
+        return;
+    }
+    // The agent has no certificate yet (its CSR is in flight).
+    let pod = SdsPod::start("sds-warming", sds::Secrets::default());
+    // Once xDS has arrived, the secrets its TLS contexts name are asked for, the node on
+    // the first request only.
+    let first = pod.sds.request("the secrets asked for", |r| !r.resource_names.is_empty());
+    assert_eq!(first.resource_names, ["ROOTCA", "default"]);
+    assert_eq!(first.type_url, sds::SECRET);
+    let node = first.node.expect("the node on the first SDS request");
+    assert_eq!(node.id, "sidecar~10.77.0.1~ratings-v2-7d9f.default~default.svc.cluster.local");
+    // Not ready; the TLS listener is not bound, and the TLS cluster serves nothing, never
+    // plaintext.
+    let state = pod.get("127.0.0.1:15000", r"/stats?filter=^server\.state$").unwrap().1;
+    assert_eq!(state, "server.state: 3\n");
+    assert_eq!(pod.get("127.0.0.1:15000", "/ready").map(|r| r.0), Some(503));
+    assert!(netns::connect_in(&pod.pods.a, "127.0.0.1:9443").is_err(), "a warming listener is not bound");
+    let mut c = wait_for("the plaintext outbound listener bound", || {
+        netns::connect_in(&pod.pods.a, "127.0.0.1:9000").ok()
+    });
+    c.write_all(b"ping").unwrap();
+    common::assert_closed_empty(&mut c, "a cluster waiting for its secrets");
+
+    // The certificate arrives: ACKed, ready, and mTLS flows both ways with it.
+    pod.sds.push(pod.secrets("1", 1));
+    let ack = pod.sds.reply_to("1");
+    assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
+    assert!(ack.node.is_none(), "the node goes on the first request only");
+    pod.wait_ready();
+    assert_eq!(pod.served_serial().as_deref(), Some("1"));
+    drop(pod.echo_through());
+    let scrape = pod.get("127.0.0.1:15090", "/stats/prometheus").unwrap().1;
+    // The agent's first, empty answer and version 1.
+    assert_eq!(common::sum(&scrape, "ringside_xds_updates_applied_total", &[("type", "Secret")]), 2.0);
+}
+
+#[test]
+fn a_pushed_rotation_is_used_by_new_handshakes_while_live_connections_keep_flowing_and_a_bad_secret_is_nacked()
+ {
+    if netns::unavailable("pilot_agent::sds_rotation").is_some() {
+        return;
+    }
+    let mut pod = SdsPod::start("sds-rotation", sds::Secrets::default());
+    pod.sds.push(pod.secrets("1", 1));
+    pod.wait_ready();
+    assert_eq!(pod.served_serial().as_deref(), Some("1"));
+    let mut live = pod.echo_through();
+
+    // The agent rotates the workload certificate under live traffic.
+    pod.sds.push(pod.secrets("2", 2));
+    assert!(pod.sds.reply_to("2").error_detail.is_none());
+    let rotated = std::time::Instant::now();
+    wait_for("a new handshake with the rotated certificate", || {
+        (pod.served_serial().as_deref() == Some("2")).then_some(())
+    });
+    let took = rotated.elapsed();
+    assert!(took < std::time::Duration::from_secs(2), "rotation used after {took:?}");
+    live.write_all(b"live").unwrap();
+    assert_eq!(common::read_exact(&mut live, 4), b"live", "the live connection keeps flowing");
+    drop(pod.echo_through()); // both sides with the new certificate
+
+    // A certificate that does not parse: NACKed naming it, the previous one stays.
+    let mut bad = pod.secrets("3", 3);
+    let (_, key) = pod.ca.workload_serial(RATINGS, 3);
+    bad.secrets[0] =
+        sds::certificate("default", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", &key);
+    pod.sds.push(bad);
+    let nack = pod.sds.reply_to("3");
+    let detail = nack.error_detail.expect("a NACK").message;
+    assert!(detail.starts_with("Secret/default: certificate_chain"), "{detail}");
+    assert_eq!(nack.version_info, "2", "the NACK carries the last version accepted");
+    assert_eq!(pod.served_serial().as_deref(), Some("2"));
+    drop(pod.echo_through());
+    live.write_all(b"more").unwrap();
+    assert_eq!(common::read_exact(&mut live, 4), b"more");
+    let scrape = pod.get("127.0.0.1:15090", "/stats/prometheus").unwrap().1;
+    assert_eq!(common::sum(&scrape, "ringside_xds_updates_rejected_total", &[("type", "Secret")]), 1.0);
+    assert!(pod.rs.0.try_wait().unwrap().is_none(), "still running");
 }

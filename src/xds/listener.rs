@@ -916,7 +916,9 @@ mod tests {
             "envoy.transport_sockets.tls",
             any(DOWNSTREAM_TLS, &downstream(common("spire", "ROOTCA", &[], &[]))),
         );
-        state.listeners.insert("l".into(), Accepted::new("1", listener(&listener_with(vec![unknown]), "1").unwrap()));
+        state
+            .listeners
+            .insert("l".into(), Accepted::new("1", listener(&listener_with(vec![unknown]), "1").unwrap()));
         let e = state.merge(&certificates()).unwrap_err();
         assert!(e.reason.contains("filter chain 0: SDS secret \"spire\": unknown"), "{e}");
     }

@@ -372,42 +372,45 @@ impl Client {
 
 /// A gRPC channel to an xDS or SDS server (`HOST:PORT` or a unix socket), with HTTP/2 and
 /// TCP keepalive.
-async fn channel(address: &XdsAddress, keepalive: (Duration, Duration)) -> Result<tonic::transport::Channel, StreamError> {
-        use tonic::transport::Endpoint;
-        let connect_timeout = Duration::from_secs(5);
-        // HTTP/2 PINGs even while no request is in flight: a frozen peer (a dead path, a
-        // stopped istiod) ends the stream within interval + timeout, and it is reopened.
-        let keepalive = |e: Endpoint| {
-            e.http2_keep_alive_interval(keepalive.0).keep_alive_timeout(keepalive.1).keep_alive_while_idle(true)
-        };
-        match address {
-            XdsAddress::Tcp(hostport) => keepalive(
-                Endpoint::from_shared(format!("http://{hostport}"))
-                    .map_err(|e| format!("xds address {hostport}: {e}"))?,
-            )
-            .tcp_keepalive(Some(TCP_KEEPALIVE.0))
-            .tcp_keepalive_interval(Some(TCP_KEEPALIVE.1))
-            .tcp_keepalive_retries(Some(TCP_KEEPALIVE.2))
-            .connect_timeout(connect_timeout)
-            .connect()
-            .await
-            .map_err(|e| format!("connect {hostport}: {e}")),
-            XdsAddress::Unix(path) => {
-                let path = path.clone();
-                let shown = path.clone();
-                keepalive(Endpoint::from_static("http://localhost"))
-                    .connect_timeout(connect_timeout)
-                    .connect_with_connector(tower::service_fn(move |_| {
-                        let path = path.clone();
-                        async move {
-                            let stream = tokio::net::UnixStream::connect(path).await?;
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                        }
-                    }))
-                    .await
-                    .map_err(|e| format!("connect unix:{shown}: {e}"))
-            }
+async fn channel(
+    address: &XdsAddress,
+    keepalive: (Duration, Duration),
+) -> Result<tonic::transport::Channel, StreamError> {
+    use tonic::transport::Endpoint;
+    let connect_timeout = Duration::from_secs(5);
+    // HTTP/2 PINGs even while no request is in flight: a frozen peer (a dead path, a
+    // stopped istiod) ends the stream within interval + timeout, and it is reopened.
+    let keepalive = |e: Endpoint| {
+        e.http2_keep_alive_interval(keepalive.0).keep_alive_timeout(keepalive.1).keep_alive_while_idle(true)
+    };
+    match address {
+        XdsAddress::Tcp(hostport) => keepalive(
+            Endpoint::from_shared(format!("http://{hostport}"))
+                .map_err(|e| format!("xds address {hostport}: {e}"))?,
+        )
+        .tcp_keepalive(Some(TCP_KEEPALIVE.0))
+        .tcp_keepalive_interval(Some(TCP_KEEPALIVE.1))
+        .tcp_keepalive_retries(Some(TCP_KEEPALIVE.2))
+        .connect_timeout(connect_timeout)
+        .connect()
+        .await
+        .map_err(|e| format!("connect {hostport}: {e}")),
+        XdsAddress::Unix(path) => {
+            let path = path.clone();
+            let shown = path.clone();
+            keepalive(Endpoint::from_static("http://localhost"))
+                .connect_timeout(connect_timeout)
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .map_err(|e| format!("connect unix:{shown}: {e}"))
         }
+    }
 }
 
 impl Client {
@@ -671,7 +674,12 @@ impl Sds {
         }
     }
 
-    fn request(names: &BTreeSet<String>, version: &str, nonce: &str, error: Option<String>) -> DiscoveryRequest {
+    fn request(
+        names: &BTreeSet<String>,
+        version: &str,
+        nonce: &str,
+        error: Option<String>,
+    ) -> DiscoveryRequest {
         DiscoveryRequest {
             version_info: version.to_string(),
             resource_names: names.iter().cloned().collect(),

@@ -75,7 +75,12 @@ fn parts(pb: tls::Secret) -> Result<Vec<(PathBuf, Vec<u8>)>, String> {
             if certs.is_empty() {
                 return Err("certificate_chain: no CERTIFICATE in PEM".into());
             }
-            let der = PrivateKeyDer::from_pem_slice(&key).map_err(|e| format!("private_key: bad PEM: {e:?}"))?;
+            for (i, c) in certs.iter().enumerate() {
+                x509_parser::parse_x509_certificate(c)
+                    .map_err(|e| format!("certificate_chain: certificate {i} is not X.509: {e}"))?;
+            }
+            let der =
+                PrivateKeyDer::from_pem_slice(&key).map_err(|e| format!("private_key: bad PEM: {e:?}"))?;
             // The key must be one rustls can sign with and match the leaf, as Envoy checks
             // (BoringSSL's SSL_CTX_check_private_key): else every handshake would fail later.
             rustls::sign::CertifiedKey::from_der(certs, der, &crate::tls::provider())
@@ -178,7 +183,12 @@ mod tests {
         let (chain, key) = pem_pair(false);
         let (_, other_key) = pem_pair(false);
         let reason = |a: Any| secret(&a, 3).unwrap_err().to_string();
-        assert!(reason(certificate("default", "garbage", &key)).starts_with("Secret/default: certificate_chain"));
+        assert!(
+            reason(certificate("default", "garbage", &key)).starts_with("Secret/default: certificate_chain")
+        );
+        let not_x509 = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let r = reason(certificate("default", not_x509, &key));
+        assert!(r.starts_with("Secret/default: certificate_chain: certificate 0 is not X.509"), "{r}");
         let r = reason(certificate("default", &chain, "-----BEGIN PRIVATE KEY-----\nAAAA\n"));
         assert!(r.starts_with("Secret/default: private_key"), "{r}");
         let r = reason(certificate("kubernetes://app", &chain, &other_key));
@@ -206,7 +216,9 @@ mod tests {
             secret(&validation("kubernetes://app-cacert", v), 0).unwrap_err().to_string()
         };
         assert!(with(&|v| v.crl = bytes("crl")).contains("crl"));
-        assert!(with(&|v| v.verify_certificate_spki = vec!["pin".into()]).contains("verify_certificate_spki"));
+        assert!(
+            with(&|v| v.verify_certificate_spki = vec!["pin".into()]).contains("verify_certificate_spki")
+        );
         assert!(with(&|v| v.verify_certificate_hash = vec!["ab".into()]).contains("verify_certificate_hash"));
     }
 }

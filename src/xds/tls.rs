@@ -206,7 +206,10 @@ pub(super) fn unchecked(v: &tls::CertificateValidationContext) -> Option<String>
         (v.custom_validator_config.is_some(), "custom_validator_config"),
         (v.ca_certificate_provider_instance.is_some(), "ca_certificate_provider_instance"),
         (v.system_root_certs.is_some(), "system_root_certs"),
-        (v.require_signed_certificate_timestamp.is_some_and(|b| b.value), "require_signed_certificate_timestamp"),
+        (
+            v.require_signed_certificate_timestamp.is_some_and(|b| b.value),
+            "require_signed_certificate_timestamp",
+        ),
         (v.allow_expired_certificate, "allow_expired_certificate"),
         // 1: ACCEPT_UNTRUSTED.
         (v.trust_chain_verification != 0, "trust_chain_verification"),
@@ -530,8 +533,8 @@ mod tests {
     #[test]
     fn with_an_sds_server_every_name_is_asked_for_and_what_waits_for_a_secret_is_not_served() {
         use crate::tls::secrets as store;
-        use crate::xds::listener::listener;
         use crate::xds::fixtures::{chain, listener_with, to};
+        use crate::xds::listener::listener;
         // Names no other test stores (the store is the process's).
         let (cert, root) = ("kubernetes://t-wait", "kubernetes://t-wait-cacert");
         let x = cluster(&istio_mutual(common(cert, root, &[], &[])), "1").unwrap();
@@ -544,7 +547,9 @@ mod tests {
             ..Default::default()
         };
         mtls.transport_socket = socket("envoy.transport_sockets.tls", any(DOWNSTREAM_TLS, &downstream));
-        state.listeners.insert("l".into(), Accepted::new("1", listener(&listener_with(vec![mtls]), "1").unwrap()));
+        state
+            .listeners
+            .insert("l".into(), Accepted::new("1", listener(&listener_with(vec![mtls]), "1").unwrap()));
         assert_eq!(
             state.secret_names().into_iter().collect::<Vec<_>>(),
             ["file-cert:/a.pem~/a.key", cert, root]
@@ -600,7 +605,10 @@ mod tests {
             }
             let e = cluster(&istio_mutual(c), "1").unwrap_err();
             assert_eq!(e.resource, "Cluster/outbound|6379||redis.default.svc.cluster.local");
-            assert!(e.reason.ends_with(&format!("default_validation_context asks for {what}: not served")), "{e}");
+            assert!(
+                e.reason.ends_with(&format!("default_validation_context asks for {what}: not served")),
+                "{e}"
+            );
         }
     }
 }

@@ -29,6 +29,16 @@ impl Ca {
         self.workload_with(spiffe, expired, KeyPair::generate().unwrap())
     }
 
+    /// A workload certificate with serial number `serial` (to tell rotations apart).
+    pub fn workload_serial(&self, spiffe: &str, serial: u64) -> (String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
+        p.serial_number = Some(serial.into());
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &Issuer::from_params(&self.params, &self.key)).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A workload certificate for `key` (an RSA key for the ECDHE-RSA suites).
     pub fn workload_with(&self, spiffe: &str, expired: bool, key: KeyPair) -> (String, String) {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
