@@ -528,6 +528,13 @@ pub struct ChainTls {
     pub alpn: Vec<String>,
     /// A client certificate signed by the mesh root is required (Istio's mTLS).
     pub require_client_certificate: bool,
+    /// `match_subject_alt_names`: a client certificate's URI SANs must match one of these
+    /// exactly...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// ...or start with one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_name_prefixes: Vec<String>,
 }
 
 /// An address range, `ADDR/LEN`.
@@ -693,6 +700,12 @@ pub enum ListenerTlsMode {
 pub enum ClusterTlsMode {
     /// Istio's mesh mTLS with the workload certificate.
     IstioMutual,
+    /// xDS: a DestinationRule's `SIMPLE` origination: the server verified against the given
+    /// CA, no client certificate.
+    Simple,
+    /// xDS: a DestinationRule's `MUTUAL` origination: as `Simple`, presenting the given
+    /// client certificate.
+    Mutual,
 }
 
 /// An upstream cluster.

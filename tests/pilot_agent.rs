@@ -20,7 +20,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 
 use common::{bin, http, serve_each, shared, wait_for};
 use envoy_types::pb::google::protobuf::value::Kind;
@@ -415,10 +414,10 @@ impl SdsPod {
     }
 
     /// The serial number of the certificate the inbound listener presents to a new handshake
-    /// (a mesh client with a certificate of its own).
+    /// (a mesh client with a certificate of its own) whose connection reaches the app.
     fn served_serial(&self) -> Option<String> {
         let client = self.ca.workload("spiffe://cluster.local/ns/default/sa/probe", false);
-        in_ns(&self.pods.a, || handshake_serial("127.0.0.1:9443".parse().unwrap(), &client))
+        in_ns(&self.pods.a, || pki::tls_echo("127.0.0.1:9443".parse().unwrap(), Some(&client), "istio").ok())
     }
 }
 
@@ -426,73 +425,6 @@ impl Drop for SdsPod {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
     }
-}
-
-/// Accepts any server certificate: the test reads it rather than trusts it.
-#[derive(Debug)]
-struct ReadAny(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for ReadAny {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A full TLS handshake with `addr` presenting `client` (PEM chain, key) and offering ALPN
-/// `istio`: the serial number of the server's certificate, in decimal.
-fn handshake_serial(addr: SocketAddr, client: &(String, String)) -> Option<String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let chain = CertificateDer::pem_slice_iter(client.0.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-    let key = PrivateKeyDer::from_pem_slice(client.1.as_bytes()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ReadAny(provider)))
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"istio".to_vec()];
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::IpAddress(addr.ip().into())).unwrap();
-    let mut tcp = TcpStream::connect_timeout(&addr, common::DEADLINE).ok()?;
-    tcp.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    while conn.is_handshaking() {
-        conn.complete_io(&mut tcp).ok()?;
-    }
-    let leaf = conn.peer_certificates()?.first()?.clone();
-    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
-    Some(cert.serial.to_string())
 }
 
 #[test]

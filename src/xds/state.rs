@@ -217,8 +217,8 @@ impl State {
         let clusters = self.clusters.values().filter_map(|x| x.value.cluster.tls.as_ref()?.secrets.as_ref());
         let mut names = BTreeSet::new();
         for s in listeners.map(|t| &t.secrets).chain(clusters) {
-            names.insert(s.certificate.clone());
-            names.insert(s.validation.clone());
+            // An empty name is no secret (none, or files inline in the context).
+            names.extend([&s.certificate, &s.validation].into_iter().filter(|n| !n.is_empty()).cloned());
         }
         names
     }

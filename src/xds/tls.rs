@@ -53,22 +53,33 @@ struct Common {
     san_prefixes: Vec<String>,
 }
 
-/// Read the parts of a CommonTlsContext istiod writes for ISTIO_MUTUAL (SPEC §7, §9): the
-/// workload certificate and the root as SDS secrets, the SAN matchers (exact, and prefix for
-/// trust domain aliases), ALPN. What cannot be served as written is an error: certificates
-/// inline or from another SDS secret (there is no SDS client), other SAN matchers, or no
-/// validation at all. `client`: SAN matchers are checked (an upstream's); a server's are
-/// not read (istiod writes none for mesh mTLS).
+/// Read the parts of a CommonTlsContext istiod writes (SPEC §7, §9): for ISTIO_MUTUAL the
+/// workload certificate and the root as the agent's SDS secrets; for a DestinationRule's
+/// SIMPLE/MUTUAL the CA and client certificate as `file-cert:`/`file-root:` or
+/// `kubernetes://` secrets, or as files inline (`tls_certificates`, `validation_context`
+/// with `filename`s); the SAN matchers (exact and prefix URI SANs); ALPN. What cannot be
+/// served as written is an error: another kind of SAN matcher, a validation context asking
+/// for what ringside cannot check (CRL, pins), no validation at all. `client`: a context
+/// without a certificate is a client that presents none (SIMPLE); a server needs one.
 fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<Common, String> {
     use tls::common_tls_context::ValidationContextType as V;
     let common = common.ok_or("TLS without common_tls_context")?;
-    if !common.tls_certificates.is_empty() {
-        return Err("inline tls_certificates: not served (SDS secrets default and ROOTCA only)".into());
-    }
-    let certificate = match &common.tls_certificate_sds_secret_configs[..] {
-        [one] => one.name.clone(),
-        [] => return Err("no tls_certificate_sds_secret_configs: no certificate to present".into()),
-        _ => return Err("more than one tls_certificate_sds_secret_configs: not served".into()),
+    let mut files = CertificateFiles::default();
+    let certificate = match (&common.tls_certificate_sds_secret_configs[..], &common.tls_certificates[..]) {
+        ([one], []) => one.name.clone(),
+        ([], [inline]) => {
+            if inline.private_key_provider.is_some() || inline.password.is_some() {
+                return Err("tls_certificates with a private key provider or password: not served".into());
+            }
+            files.cert_chain =
+                filename(inline.certificate_chain.as_ref(), "tls_certificates certificate_chain")?;
+            files.private_key = filename(inline.private_key.as_ref(), "tls_certificates private_key")?;
+            String::new()
+        }
+        ([], []) if client => String::new(),
+        ([], []) => return Err("no tls_certificate_sds_secret_configs: no certificate to present".into()),
+        ([_, _, ..], _) => return Err("more than one tls_certificate_sds_secret_configs: not served".into()),
+        _ => return Err("more than one certificate (tls_certificates and SDS): not served".into()),
     };
     let (validation, context) = match &common.validation_context_type {
         Some(V::CombinedValidationContext(c)) => {
@@ -79,18 +90,22 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
             )
         }
         Some(V::ValidationContextSdsSecretConfig(s)) => (s.name.clone(), None),
-        Some(V::ValidationContext(_)) => {
-            return Err("inline validation_context: not served (SDS secret ROOTCA only)".into());
+        Some(V::ValidationContext(v)) => {
+            // A DestinationRule's caCertificates as a file (Envoy reads it, ringside too).
+            if v.trusted_ca.is_none() {
+                return Err("validation_context without trusted_ca: the peer would not be verified".into());
+            }
+            files.root_cert = filename(v.trusted_ca.as_ref(), "validation_context trusted_ca")?;
+            (String::new(), Some(v))
         }
         Some(_) => return Err("validation by certificate provider: not served".into()),
         None => return Err("no validation context: the peer would not be verified".into()),
     };
     if let Some(why) = context.and_then(unchecked) {
-        return Err(format!("default_validation_context {why}"));
+        return Err(format!("validation context {why}"));
     }
     // Names other than these are resolved by the merge: over SDS when there is an SDS
     // server, else an error there.
-    let mut files = CertificateFiles::default();
     if let Some(pair) = certificate.strip_prefix(FILE_CERT) {
         let (cert, key) = pair
             .split_once('~')
@@ -102,7 +117,7 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
         files.root_cert = root.to_string();
     }
     let (mut sans, mut san_prefixes) = (Vec::new(), Vec::new());
-    if let Some(v) = context.filter(|_| client) {
+    if let Some(v) = context {
         use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern as P;
         let uri = tls::subject_alt_name_matcher::SanType::Uri as i32;
         // istiod still writes the deprecated untyped matchers (URI SANs by meaning).
@@ -126,6 +141,16 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
     })
 }
 
+/// The file a data source names (DestinationRule files inline in a TLS context); inline PEM
+/// in a resource is not what istiod writes, and is refused.
+fn filename(d: Option<&core::DataSource>, what: &str) -> Result<String, String> {
+    match d.and_then(|d| d.specifier.as_ref()) {
+        Some(core::data_source::Specifier::Filename(f)) => Ok(f.clone()),
+        Some(_) => Err(format!("{what}: only a filename is served")),
+        None => Err(format!("{what}: missing")),
+    }
+}
+
 /// A filter chain's transport socket: its DownstreamTlsContext (terminated with its ALPN,
 /// requiring client certificates if it says so), `None` for raw_buffer.
 pub(super) fn downstream(ts: &core::TransportSocket) -> Result<Option<ChainTls>, String> {
@@ -137,6 +162,8 @@ pub(super) fn downstream(ts: &core::TransportSocket) -> Result<Option<ChainTls>,
         files: common.files,
         alpn: common.alpn,
         require_client_certificate: ctx.require_client_certificate.is_some_and(|b| b.value),
+        subject_alt_names: common.sans,
+        subject_alt_name_prefixes: common.san_prefixes,
     }))
 }
 
@@ -181,14 +208,23 @@ pub(super) fn cluster_tls(pb: &cds::Cluster) -> Result<Option<ClusterTls>, Strin
     let Some((any, what)) = context else { return Ok(None) };
     let ctx: tls::UpstreamTlsContext = decode(&any, UPSTREAM_TLS).map_err(|r| format!("{what}: {r}"))?;
     let common = tls_context(ctx.common_tls_context.as_ref(), true).map_err(|r| format!("{what}: {r}"))?;
+    let s = &common.secrets;
+    // Envoy makes no difference; ringside verifies the agent's workload identity the mesh's
+    // way (SPIFFE, any mesh identity), anything else as a DestinationRule's origination.
+    let mode = match (s.certificate.as_str(), s.validation.as_str()) {
+        (SECRET_CERTIFICATE, SECRET_ROOT) => ClusterTlsMode::IstioMutual,
+        ("", _) if common.files.cert_chain.is_empty() => ClusterTlsMode::Simple,
+        _ => ClusterTlsMode::Mutual,
+    };
+    let named = !s.certificate.is_empty() || !s.validation.is_empty();
     Ok(Some(ClusterTls {
-        mode: ClusterTlsMode::IstioMutual,
+        mode,
         cert_chain: common.files.cert_chain,
         private_key: common.files.private_key,
         root_cert: common.files.root_cert,
         subject_alt_names: common.sans,
         subject_alt_name_prefixes: common.san_prefixes,
-        secrets: Some(common.secrets),
+        secrets: named.then_some(common.secrets),
         alpn: common.alpn,
         sni: (!ctx.sni.is_empty()).then_some(ctx.sni),
         endpoint_matches: matches,
@@ -230,15 +266,21 @@ pub(super) fn resolve(
     sds: bool,
 ) -> Result<Option<String>, String> {
     use crate::tls::secrets as store;
+    // An empty name: that part is not a secret (none, or files inline in the context).
+    let (cert, root) = (&secrets.certificate, &secrets.validation);
     if sds {
-        let (cert, root) = (&secrets.certificate, &secrets.validation);
         let path = |p: std::path::PathBuf| p.display().to_string();
-        files.cert_chain = path(store::cert_chain(cert));
-        files.private_key = path(store::private_key(cert));
-        files.root_cert = path(store::root_cert(root));
-        let waiting = [(store::cert_chain(cert), cert), (store::root_cert(root), root)]
-            .into_iter()
-            .find(|(p, _)| store::get(p).is_none());
+        let mut waiting = Vec::new();
+        if !cert.is_empty() {
+            files.cert_chain = path(store::cert_chain(cert));
+            files.private_key = path(store::private_key(cert));
+            waiting.push((store::cert_chain(cert), cert));
+        }
+        if !root.is_empty() {
+            files.root_cert = path(store::root_cert(root));
+            waiting.push((store::root_cert(root), root));
+        }
+        let waiting = waiting.into_iter().find(|(p, _)| store::get(p).is_none());
         return Ok(waiting.map(|(_, name)| name.clone()));
     }
     let need = |name: &str| {
@@ -251,17 +293,17 @@ pub(super) fn resolve(
     let unknown = |name: &str, served: String| {
         format!("SDS secret {name:?}: unknown without an SDS server (served: {served})")
     };
-    if secrets.certificate == SECRET_CERTIFICATE {
+    if cert == SECRET_CERTIFICATE {
         let c = need(SECRET_CERTIFICATE)?;
         files.cert_chain.clone_from(&c.cert_chain);
         files.private_key.clone_from(&c.private_key);
-    } else if !secrets.certificate.starts_with(FILE_CERT) {
-        return Err(unknown(&secrets.certificate, format!("{SECRET_CERTIFICATE:?}, {FILE_CERT}CERT~KEY")));
+    } else if !cert.is_empty() && !cert.starts_with(FILE_CERT) {
+        return Err(unknown(cert, format!("{SECRET_CERTIFICATE:?}, {FILE_CERT}CERT~KEY")));
     }
-    if secrets.validation == SECRET_ROOT {
+    if root == SECRET_ROOT {
         files.root_cert.clone_from(&need(SECRET_ROOT)?.root_cert);
-    } else if !secrets.validation.starts_with(FILE_ROOT) {
-        return Err(unknown(&secrets.validation, format!("{SECRET_ROOT:?}, {FILE_ROOT}ROOT")));
+    } else if !root.is_empty() && !root.starts_with(FILE_ROOT) {
+        return Err(unknown(root, format!("{SECRET_ROOT:?}, {FILE_ROOT}ROOT")));
     }
     Ok(None)
 }
@@ -373,7 +415,7 @@ mod tests {
         assert!(r.contains("SDS secret \"kubernetes://redis-cacert\": unknown without an SDS server"), "{r}");
         let mut inline = common("default", "ROOTCA", &[], &[]);
         inline.tls_certificates = vec![tls::TlsCertificate::default()];
-        assert!(reason(inline).contains("inline tls_certificates"));
+        assert!(reason(inline).contains("more than one certificate (tls_certificates and SDS)"));
         let mut none = common("default", "ROOTCA", &[], &[]);
         none.validation_context_type = None;
         assert!(reason(none).contains("no validation context"));
@@ -420,10 +462,6 @@ mod tests {
             c
         };
         let cases: Vec<(tls::CommonTlsContext, &str)> = vec![
-            (
-                with(&|c| c.tls_certificate_sds_secret_configs.clear()),
-                "no tls_certificate_sds_secret_configs",
-            ),
             (with(&|c| c.tls_certificate_sds_secret_configs.push(sds("default"))), "more than one"),
             (
                 with(&|c| {
@@ -434,7 +472,7 @@ mod tests {
             ),
             (
                 with(&|c| c.validation_context_type = Some(V::ValidationContext(Default::default()))),
-                "inline validation_context",
+                "validation_context without trusted_ca",
             ),
             (
                 // Deprecated in Envoy's API, still what an old control plane may send.
@@ -605,10 +643,7 @@ mod tests {
             }
             let e = cluster(&istio_mutual(c), "1").unwrap_err();
             assert_eq!(e.resource, "Cluster/outbound|6379||redis.default.svc.cluster.local");
-            assert!(
-                e.reason.ends_with(&format!("default_validation_context asks for {what}: not served")),
-                "{e}"
-            );
+            assert!(e.reason.ends_with(&format!(" validation context asks for {what}: not served")), "{e}");
         }
     }
 }
