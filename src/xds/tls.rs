@@ -646,4 +646,72 @@ mod tests {
             assert!(e.reason.ends_with(&format!(" validation context asks for {what}: not served")), "{e}");
         }
     }
+
+    #[test]
+    fn destination_rule_contexts_give_simple_or_mutual_with_their_files_or_sds_secrets() {
+        use tls::common_tls_context::ValidationContextType as V;
+        let file = |p: &str| {
+            Some(core::DataSource {
+                specifier: Some(core::data_source::Specifier::Filename(p.into())),
+                ..Default::default()
+            })
+        };
+        let tls_of = |c: tls::CommonTlsContext| {
+            let mut pb = istio_mutual(c);
+            pb.transport_socket = pb.transport_socket_matches[0].transport_socket.clone();
+            pb.transport_socket_matches.clear();
+            let x = cluster(&pb, "1").unwrap();
+            let mut state = State::default();
+            state.clusters.insert(x.cluster.name.clone(), Accepted::new("1", x));
+            (state.clone(), state.merge(&Config::default()).map(|cfg| cfg.clusters[0].tls.clone().unwrap()))
+        };
+        // SIMPLE: the CA as the agent's file-root: secret, no certificate.
+        let mut simple = common("default", "file-root:/etc/certs/ca.pem", &["httpbin.org"], &[]);
+        simple.tls_certificate_sds_secret_configs.clear();
+        let t = tls_of(simple).1.unwrap();
+        assert_eq!(t.mode, ClusterTlsMode::Simple);
+        assert_eq!((t.cert_chain.as_str(), t.root_cert.as_str()), ("", "/etc/certs/ca.pem"));
+        assert_eq!(t.subject_alt_names, ["httpbin.org"]);
+        // MUTUAL: the client certificate as file-cert:.
+        let t = tls_of(common("file-cert:/c.pem~/c.key", "file-root:/ca.pem", &[], &[])).1.unwrap();
+        assert_eq!(t.mode, ClusterTlsMode::Mutual);
+        assert_eq!((t.cert_chain.as_str(), t.private_key.as_str()), ("/c.pem", "/c.key"));
+        // MUTUAL with the files inline in the context, as Envoy reads them.
+        let mut inline = common("default", "ROOTCA", &[], &[]);
+        inline.tls_certificate_sds_secret_configs.clear();
+        inline.tls_certificates = vec![tls::TlsCertificate {
+            certificate_chain: file("/c.pem"),
+            private_key: file("/c.key"),
+            ..Default::default()
+        }];
+        inline.validation_context_type = Some(V::ValidationContext(tls::CertificateValidationContext {
+            trusted_ca: file("/ca.pem"),
+            ..Default::default()
+        }));
+        let t = tls_of(inline).1.unwrap();
+        assert_eq!(
+            (t.mode, t.secrets.is_none(), t.cert_chain.as_str(), t.root_cert.as_str()),
+            (ClusterTlsMode::Mutual, true, "/c.pem", "/ca.pem")
+        );
+        // credentialName: kubernetes:// secrets, which only an SDS server gives.
+        let (state, merged) = tls_of(common("kubernetes://t-cred", "kubernetes://t-cred-cacert", &[], &[]));
+        assert!(merged.unwrap_err().reason.contains("unknown without an SDS server"));
+        assert_eq!(
+            state.secret_names().into_iter().collect::<Vec<_>>(),
+            ["kubernetes://t-cred", "kubernetes://t-cred-cacert"]
+        );
+        let c = &state.merge(&with_sds()).unwrap().clusters[0];
+        assert_eq!(c.source.as_deref(), Some("xds: waiting for SDS secret kubernetes://t-cred"));
+        // A server needs a certificate.
+        let mut none = common("default", "ROOTCA", &[], &[]);
+        none.tls_certificate_sds_secret_configs.clear();
+        let ts = socket(
+            "envoy.transport_sockets.tls",
+            any(
+                DOWNSTREAM_TLS,
+                &tls::DownstreamTlsContext { common_tls_context: Some(none), ..Default::default() },
+            ),
+        );
+        assert!(downstream(ts.as_ref().unwrap()).unwrap_err().contains("no certificate to present"));
+    }
 }
