@@ -172,6 +172,11 @@ pub struct Secrets {
     pub certificate: String,
     /// `validation_context_sds_secret_config.name` (Istio: `ROOTCA`).
     pub validation: String,
+    /// Those of the two whose `sds_config` is `ads`: fetched over the ADS stream from the
+    /// control plane (istiod serves a DestinationRule's `credentialName` so), not from the
+    /// agent's SDS server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub over_ads: Vec<String>,
 }
 
 impl Default for Config {

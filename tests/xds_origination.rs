@@ -472,3 +472,117 @@ fn connection_security_policy_is_mutual_tls_only_when_the_client_presented_a_cer
         sum(s, common::CLOSED, &[("connection_security_policy", "mutual_tls")]) >= 1.0
     });
 }
+
+/// ringside configured by xDS only, not waited for (it is not ready while it waits for
+/// secrets); killed on drop.
+struct Unready(Child, PathBuf);
+
+impl Unready {
+    fn start(server: SocketAddr) -> Unready {
+        let path =
+            std::env::temp_dir().join(format!("ringside-unready-{}-{}.yaml", std::process::id(), rand_tag()));
+        std::fs::write(
+            &path,
+            format!("node: {{workload_name: sleep, namespace: default}}\nxds: {{address: {server}}}\n"),
+        )
+        .unwrap();
+        let child = Command::new(common::bin())
+            .args(["run", "--config", &path.display().to_string(), "--admin", &free_addr().to_string()])
+            .args(["--metrics", "off", "--health", "off", "--workers", "1"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Unready(child, path)
+    }
+}
+
+impl Drop for Unready {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// A secret as istiod sends a `credentialName`'s over ADS: PEM inline.
+fn inline_secret(name: &str, kind: tls::secret::Type) -> tls::Secret {
+    tls::Secret { name: name.into(), r#type: Some(kind) }
+}
+
+fn inline(pem: &str) -> Option<envoy_types::pb::envoy::config::core::v3::DataSource> {
+    Some(envoy_types::pb::envoy::config::core::v3::DataSource {
+        specifier: Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(
+            pem.as_bytes().to_vec(),
+        )),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn credential_name_secrets_come_over_ads_and_the_cluster_waits_for_them_never_plaintext() {
+    let dir = Dir::new("credential");
+    let (server_ca, client_ca) = (Ca::new("egress"), Ca::new("clients"));
+    let (cert, key) = server_ca.leaf(&[&format!("dns:{HOST}")], HOST);
+    let client_ca_file = dir.write("client-ca.pem", &client_ca.pem);
+    let upstream = Upstream::start(
+        &dir,
+        &dir.write("server.pem", &cert),
+        &dir.write("server.key", &key),
+        Some(&client_ca_file),
+    );
+    // istiod's shape for a DestinationRule MUTUAL with credentialName: egress (and a
+    // workloadSelector): kubernetes://egress and kubernetes://egress-cacert, `sds_config: ads`.
+    let common =
+        ads::secrets_over_ads(ads::common_tls("kubernetes://egress", "kubernetes://egress-cacert", &[], &[]));
+    let mut cluster = ads::with_upstream_tls(ads::static_cluster("egress", upstream.addr), common);
+    if let Some(ts) = &mut cluster.transport_socket
+        && let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(any)) =
+            &mut ts.config_type
+    {
+        use prost::Message;
+        let mut ctx = tls::UpstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        ctx.sni = HOST.into();
+        any.value = ctx.encode_to_vec();
+    }
+    let listen = free_addr();
+    let (server, requests) = AdsServer::serve(snapshot("1", listen, cluster.clone()));
+    // Not ready until the secrets arrive: started without waiting for /ready.
+    let _rs = Unready::start(server.addr);
+    // Both names asked for over ADS; nothing held yet: the cluster serves nothing.
+    let asked = wait_for("the Secret subscription", || {
+        let r = requests.recv_timeout(DEADLINE).ok()?;
+        (r.type_url == ads::SECRET).then_some(r)
+    });
+    assert_eq!(asked.resource_names, ["kubernetes://egress", "kubernetes://egress-cacert"]);
+    let mut c = wait_for("the listener bound", || TcpStream::connect(listen).ok());
+    c.write_all(b"ping").unwrap();
+    common::assert_closed_empty(&mut c, "a cluster waiting for its secrets");
+
+    // istiod sends the Kubernetes secret: served with it, the client certificate presented.
+    let (client_cert, client_key) = client_ca.leaf(&["dns:sleep.default"], "sleep-client");
+    let mut with_secrets = snapshot("2", listen, cluster);
+    with_secrets.secrets = vec![
+        inline_secret(
+            "kubernetes://egress",
+            tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+                certificate_chain: inline(&client_cert),
+                private_key: inline(&client_key),
+                ..Default::default()
+            }),
+        ),
+        inline_secret(
+            "kubernetes://egress-cacert",
+            tls::secret::Type::ValidationContext(tls::CertificateValidationContext {
+                trusted_ca: inline(&server_ca.pem),
+                ..Default::default()
+            }),
+        ),
+    ];
+    server.push(with_secrets);
+    let ack = reply_to(&requests, ads::SECRET, "2");
+    assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
+    assert_eq!(
+        wait_for("MUTUAL TLS with the credentialName secrets", || through(listen)),
+        format!("sni={HOST} client=sleep-client")
+    );
+}

@@ -171,6 +171,8 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
             wanted,
             secret_arrived,
             _arrived: arrived_tx,
+            ads_secrets: BTreeSet::new(),
+            secret_version: String::new(),
         };
         rt.block_on(client.run());
     })?;
@@ -280,6 +282,10 @@ struct Client {
     secret_arrived: mpsc::UnboundedReceiver<()>,
     /// Keeps `secret_arrived` open without an SDS stream (it then never fires).
     _arrived: mpsc::UnboundedSender<()>,
+    /// The secrets to ask the ADS stream for (`sds_config: {ads: {}}`).
+    ads_secrets: BTreeSet<String>,
+    /// The version of the last Secret response on the ADS stream accepted whole.
+    secret_version: String,
 }
 
 /// Why a stream ended.
@@ -344,14 +350,47 @@ impl Client {
         self.check_synced();
     }
 
-    /// Ask the SDS stream for the secrets the accepted resources name now.
-    fn want_secrets(&self) {
-        let names = self.state.secret_names();
+    /// Ask the SDS stream for the secrets the accepted resources name now, and note those
+    /// to ask the ADS stream for.
+    fn want_secrets(&mut self) {
+        let names = self.state.secret_names(false);
         self.wanted.send_if_modified(|w| {
             let changed = *w != names;
             *w = names;
             changed
         });
+        self.ads_secrets = self.state.secret_names(true);
+    }
+
+    /// Store the secrets of a response on the ADS stream; what waited for one that arrived
+    /// is served at once. The NACK's error_detail, if any.
+    fn handle_ads_secrets<'a>(
+        &mut self,
+        resources: impl Iterator<Item = &'a envoy_types::pb::google::protobuf::Any>,
+        version: &str,
+    ) -> Option<String> {
+        let (error, first_arrival) = store_secrets(resources, version, &self.status);
+        if first_arrival {
+            self.republish();
+        }
+        error
+    }
+
+    /// A state-of-the-world Secret request on the ADS stream.
+    fn secret_request(
+        names: &BTreeSet<String>,
+        version: &str,
+        nonce: &str,
+        error: Option<String>,
+    ) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.to_string(),
+            resource_names: names.iter().cloned().collect(),
+            type_url: sds::SECRET.to_string(),
+            response_nonce: nonce.to_string(),
+            error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+            ..DiscoveryRequest::default()
+        }
     }
 
     /// Ready once each type has arrived and every secret the accepted resources name has
@@ -363,6 +402,9 @@ impl Client {
         if self.wanted.borrow().iter().any(|name| !sds::arrived(name))
             && self.base.xds.as_ref().is_some_and(|x| x.sds.is_some())
         {
+            return;
+        }
+        if self.ads_secrets.iter().any(|name| !sds::arrived(name)) {
             return;
         }
         self.status.ready_generation.store(self.generation, Ordering::Release);
@@ -446,6 +488,11 @@ impl Client {
         if !self.state.eds_names().is_empty() {
             let _ = tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), "", None));
         }
+        let mut secret_names = self.ads_secrets.clone();
+        if !secret_names.is_empty() {
+            let _ = tx.send(Self::secret_request(&secret_names, &self.secret_version, "", None));
+        }
+        let mut secret_nonce = String::new();
         let mut stream = match client
             .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await
@@ -465,6 +512,16 @@ impl Client {
                 Err(e) => return (Err(format!("stream: {}", e.message())), got),
             };
             got = true;
+            if response.type_url == sds::SECRET {
+                let error = self.handle_ads_secrets(response.resources.iter(), &response.version_info);
+                if error.is_none() {
+                    self.secret_version.clone_from(&response.version_info);
+                }
+                secret_nonce.clone_from(&response.nonce);
+                let _ =
+                    tx.send(Self::secret_request(&secret_names, &self.secret_version, &secret_nonce, error));
+                continue;
+            }
             // Only Clusters change which ClusterLoadAssignments are needed.
             let clusters = response.type_url == CLUSTER;
             let names_before = if clusters { self.state.eds_names() } else { Vec::new() };
@@ -477,6 +534,12 @@ impl Client {
             if clusters && self.state.eds_names() != names_before {
                 let _ =
                     tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), &eds_nonce, None));
+            }
+            // Clusters or Listeners changed which secrets come over ADS: ask for those.
+            if self.ads_secrets != secret_names {
+                secret_names = self.ads_secrets.clone();
+                let _ =
+                    tx.send(Self::secret_request(&secret_names, &self.secret_version, &secret_nonce, None));
             }
         }
     }
@@ -573,6 +636,20 @@ impl Client {
             eds.initial_resource_versions = self.state.resource_versions(Type::Endpoints);
             let _ = tx.send(eds);
         }
+        let mut secrets_subscribed: BTreeSet<String> = BTreeSet::new();
+        let subscribe_secrets = |subscribed: &mut BTreeSet<String>, wanted: &BTreeSet<String>| {
+            let change = DeltaDiscoveryRequest {
+                type_url: sds::SECRET.to_string(),
+                resource_names_subscribe: wanted.difference(subscribed).cloned().collect(),
+                resource_names_unsubscribe: subscribed.difference(wanted).cloned().collect(),
+                ..DeltaDiscoveryRequest::default()
+            };
+            *subscribed = wanted.clone();
+            change
+        };
+        if !self.ads_secrets.is_empty() {
+            let _ = tx.send(subscribe_secrets(&mut secrets_subscribed, &self.ads_secrets));
+        }
         let mut stream = match client
             .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
             .await
@@ -591,7 +668,23 @@ impl Client {
                 Err(e) => return (Err(format!("delta stream: {}", e.message())), got),
             };
             got = true;
+            if response.type_url == sds::SECRET {
+                let bodies = response.resources.iter().filter_map(|r| r.resource.as_ref());
+                let error = self.handle_ads_secrets(bodies, &response.system_version_info);
+                let reply = DeltaDiscoveryRequest {
+                    type_url: sds::SECRET.to_string(),
+                    response_nonce: response.nonce.clone(),
+                    error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+                    ..DeltaDiscoveryRequest::default()
+                };
+                let _ = tx.send(reply);
+                continue;
+            }
             let _ = tx.send(self.handle_delta(&response));
+            // Clusters or Listeners changed which secrets come over ADS: (un)subscribe.
+            if self.ads_secrets != secrets_subscribed {
+                let _ = tx.send(subscribe_secrets(&mut secrets_subscribed, &self.ads_secrets));
+            }
             if response.type_url != CLUSTER {
                 continue;
             }
@@ -743,27 +836,40 @@ impl Sds {
         if r.type_url != sds::SECRET {
             return Some(format!("type {:?} is not subscribed on the SDS stream", r.type_url));
         }
-        let mut rejected = Vec::new();
-        let mut first_arrival = false;
-        for (i, any) in r.resources.iter().enumerate() {
-            match sds::secret(any, i) {
-                Ok(d) => {
-                    first_arrival |= !sds::arrived(&d.name);
-                    log::info!("sds: secret {} version {}", d.name, r.version_info);
-                    sds::store(d);
-                }
-                Err(e) => rejected.push(e.to_string()),
-            }
-        }
+        let (error, first_arrival) = store_secrets(r.resources.iter(), &r.version_info, &self.status);
         if first_arrival {
             let _ = self.arrived.send(());
         }
-        let i = usize::from(!rejected.is_empty());
-        self.status.secrets[i].fetch_add(1, Ordering::Relaxed);
-        (!rejected.is_empty()).then(|| {
-            let why = rejected.join("; ");
-            log::warn!("sds: version {}: not applied: {why}", r.version_info);
-            why
-        })
+        error
     }
+}
+
+/// Store each valid secret of a response (SDS's, or ADS's for istiod's `credentialName`),
+/// counted as type `Secret`. Returns the NACK's error_detail naming each invalid one, and
+/// whether a secret arrived that had not before (what waited for it can be served).
+fn store_secrets<'a>(
+    resources: impl Iterator<Item = &'a envoy_types::pb::google::protobuf::Any>,
+    version: &str,
+    status: &Status,
+) -> (Option<String>, bool) {
+    let mut rejected = Vec::new();
+    let mut first_arrival = false;
+    for (i, any) in resources.enumerate() {
+        match sds::secret(any, i) {
+            Ok(d) => {
+                first_arrival |= !sds::arrived(&d.name);
+                log::info!("sds: secret {} version {version}", d.name);
+                sds::store(d);
+            }
+            Err(e) => rejected.push(e.to_string()),
+        }
+    }
+    let i = usize::from(!rejected.is_empty());
+    status.secrets[i].fetch_add(1, Ordering::Relaxed);
+    let error = (!rejected.is_empty()).then(|| {
+        let why = rejected.join("; ");
+        log::warn!("sds: version {version}: not applied: {why}");
+        why
+    });
+    (error, first_arrival)
 }

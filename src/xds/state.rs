@@ -207,9 +207,9 @@ impl State {
         served.chain(rejected).filter(|l| seen.insert(l.clone())).collect()
     }
 
-    /// The SDS secrets the accepted resources' TLS contexts name (what to ask the SDS server
-    /// for).
-    pub fn secret_names(&self) -> BTreeSet<String> {
+    /// The secrets the accepted resources' TLS contexts name: from the SDS server
+    /// (`over_ads` false) or over the ADS stream (true, istiod's `credentialName`).
+    pub fn secret_names(&self, over_ads: bool) -> BTreeSet<String> {
         let listeners = self.listeners.values().flat_map(|x| {
             let own = x.value.listener.iter().flat_map(|l| &l.filter_chains);
             own.chain(x.value.handoff.iter().flat_map(|h| &h.chains)).filter_map(|c| c.tls.as_ref())
@@ -218,7 +218,8 @@ impl State {
         let mut names = BTreeSet::new();
         for s in listeners.map(|t| &t.secrets).chain(clusters) {
             // An empty name is no secret (none, or files inline in the context).
-            names.extend([&s.certificate, &s.validation].into_iter().filter(|n| !n.is_empty()).cloned());
+            let named = [&s.certificate, &s.validation].into_iter().filter(|n| !n.is_empty());
+            names.extend(named.filter(|n| s.over_ads.contains(n) == over_ads).cloned());
         }
         names
     }

@@ -65,8 +65,15 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
     use tls::common_tls_context::ValidationContextType as V;
     let common = common.ok_or("TLS without common_tls_context")?;
     let mut files = CertificateFiles::default();
+    let mut over_ads = Vec::new();
+    let mut note = |s: &tls::SdsSecretConfig| {
+        if over_ads_config(s) {
+            over_ads.push(s.name.clone());
+        }
+        s.name.clone()
+    };
     let certificate = match (&common.tls_certificate_sds_secret_configs[..], &common.tls_certificates[..]) {
-        ([one], []) => one.name.clone(),
+        ([one], []) => note(one),
         ([], [inline]) => {
             if inline.private_key_provider.is_some() || inline.password.is_some() {
                 return Err("tls_certificates with a private key provider or password: not served".into());
@@ -83,13 +90,13 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
     };
     let (validation, context) = match &common.validation_context_type {
         Some(V::CombinedValidationContext(c)) => {
-            let name = c.validation_context_sds_secret_config.as_ref().map(|s| s.name.clone());
+            let name = c.validation_context_sds_secret_config.as_ref().map(&mut note);
             (
                 name.ok_or("combined_validation_context without validation_context_sds_secret_config")?,
                 c.default_validation_context.as_ref(),
             )
         }
-        Some(V::ValidationContextSdsSecretConfig(s)) => (s.name.clone(), None),
+        Some(V::ValidationContextSdsSecretConfig(s)) => (note(s), None),
         Some(V::ValidationContext(v)) => {
             // A DestinationRule's caCertificates as a file (Envoy reads it, ringside too).
             if v.trusted_ca.is_none() {
@@ -133,12 +140,22 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
         }
     }
     Ok(Common {
-        secrets: Secrets { certificate, validation },
+        secrets: Secrets { certificate, validation, over_ads },
         files,
         alpn: common.alpn_protocols.clone(),
         sans,
         san_prefixes,
     })
+}
+
+/// Whether a secret is fetched over the ADS stream (`sds_config: {ads: {}}`, istiod's shape
+/// for `credentialName`), rather than from the SDS server (the agent's `sds-grpc`).
+fn over_ads_config(s: &tls::SdsSecretConfig) -> bool {
+    use core::config_source::ConfigSourceSpecifier;
+    matches!(
+        s.sds_config.as_ref().and_then(|c| c.config_source_specifier.as_ref()),
+        Some(ConfigSourceSpecifier::Ads(_))
+    )
 }
 
 /// The file a data source names (DestinationRule files inline in a TLS context); inline PEM
@@ -266,23 +283,16 @@ pub(super) fn resolve(
     sds: bool,
 ) -> Result<Option<String>, String> {
     use crate::tls::secrets as store;
-    // An empty name: that part is not a secret (none, or files inline in the context).
-    let (cert, root) = (&secrets.certificate, &secrets.validation);
-    if sds {
-        let path = |p: std::path::PathBuf| p.display().to_string();
-        let mut waiting = Vec::new();
-        if !cert.is_empty() {
-            files.cert_chain = path(store::cert_chain(cert));
-            files.private_key = path(store::private_key(cert));
-            waiting.push((store::cert_chain(cert), cert));
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    // A secret from the SDS server, or over ADS from the control plane (with or without an
+    // SDS server), is read from memory; `Some(name)` until it has arrived.
+    let held = |name: &String| sds || secrets.over_ads.contains(name);
+    let mut waiting = None;
+    let mut wait_for = |part: std::path::PathBuf, name: &String| {
+        if waiting.is_none() && store::get(&part).is_none() {
+            waiting = Some(name.clone());
         }
-        if !root.is_empty() {
-            files.root_cert = path(store::root_cert(root));
-            waiting.push((store::root_cert(root), root));
-        }
-        let waiting = waiting.into_iter().find(|(p, _)| store::get(p).is_none());
-        return Ok(waiting.map(|(_, name)| name.clone()));
-    }
+    };
     let need = |name: &str| {
         certificates.ok_or_else(|| {
             format!(
@@ -293,19 +303,30 @@ pub(super) fn resolve(
     let unknown = |name: &str, served: String| {
         format!("SDS secret {name:?}: unknown without an SDS server (served: {served})")
     };
-    if cert == SECRET_CERTIFICATE {
+    // An empty name: that part is not a secret (none, or files inline in the context).
+    let (cert, root) = (&secrets.certificate, &secrets.validation);
+    if cert.is_empty() {
+    } else if held(cert) {
+        files.cert_chain = path(store::cert_chain(cert));
+        files.private_key = path(store::private_key(cert));
+        wait_for(store::cert_chain(cert), cert);
+    } else if cert == SECRET_CERTIFICATE {
         let c = need(SECRET_CERTIFICATE)?;
         files.cert_chain.clone_from(&c.cert_chain);
         files.private_key.clone_from(&c.private_key);
-    } else if !cert.is_empty() && !cert.starts_with(FILE_CERT) {
+    } else if !cert.starts_with(FILE_CERT) {
         return Err(unknown(cert, format!("{SECRET_CERTIFICATE:?}, {FILE_CERT}CERT~KEY")));
     }
-    if root == SECRET_ROOT {
+    if root.is_empty() {
+    } else if held(root) {
+        files.root_cert = path(store::root_cert(root));
+        wait_for(store::root_cert(root), root);
+    } else if root == SECRET_ROOT {
         files.root_cert.clone_from(&need(SECRET_ROOT)?.root_cert);
-    } else if !root.is_empty() && !root.starts_with(FILE_ROOT) {
+    } else if !root.starts_with(FILE_ROOT) {
         return Err(unknown(root, format!("{SECRET_ROOT:?}, {FILE_ROOT}ROOT")));
     }
-    Ok(None)
+    Ok(waiting)
 }
 
 #[cfg(test)]
@@ -324,7 +345,10 @@ mod tests {
         let alpn = ["istio-peer-exchange", "istio"];
         let x = cluster(&istio_mutual(common("default", "ROOTCA", &[REDIS], &alpn)), "1").unwrap();
         let t = x.cluster.tls.clone().unwrap();
-        assert_eq!(t.secrets, Some(Secrets { certificate: "default".into(), validation: "ROOTCA".into() }));
+        assert_eq!(
+            t.secrets,
+            Some(Secrets { certificate: "default".into(), validation: "ROOTCA".into(), over_ads: vec![] })
+        );
         assert_eq!(t.subject_alt_names, [REDIS]);
         assert_eq!(t.alpn, alpn);
         assert_eq!(t.sni.as_deref(), Some("outbound_.6379_._.redis.default.svc.cluster.local"));
@@ -589,7 +613,7 @@ mod tests {
             .listeners
             .insert("l".into(), Accepted::new("1", listener(&listener_with(vec![mtls]), "1").unwrap()));
         assert_eq!(
-            state.secret_names().into_iter().collect::<Vec<_>>(),
+            state.secret_names(false).into_iter().collect::<Vec<_>>(),
             ["file-cert:/a.pem~/a.key", cert, root]
         );
         // Nothing arrived: the listener is not bound, the cluster serves nothing, never in
@@ -697,7 +721,7 @@ mod tests {
         let (state, merged) = tls_of(common("kubernetes://t-cred", "kubernetes://t-cred-cacert", &[], &[]));
         assert!(merged.unwrap_err().reason.contains("unknown without an SDS server"));
         assert_eq!(
-            state.secret_names().into_iter().collect::<Vec<_>>(),
+            state.secret_names(false).into_iter().collect::<Vec<_>>(),
             ["kubernetes://t-cred", "kubernetes://t-cred-cacert"]
         );
         let c = &state.merge(&with_sds()).unwrap().clusters[0];
