@@ -6,7 +6,9 @@
 //! merges it beside the static config (`state`), and hands the result to `apply` (which checks
 //! and publishes it to the workers). Each resource stands alone, as in Envoy: the valid ones
 //! are applied, and a NACK names every invalid one and why while its last good version keeps
-//! serving, also while the server is away.
+//! serving, also while the server is away. Secrets (SPEC §10) come from the bootstrap's SDS
+//! server on a stream of their own (`Sds` below, decoding in `sds`), or over the ADS stream
+//! when a context says `sds_config: ads`; what waits for one is served when it arrives.
 
 pub mod cluster;
 pub mod endpoint;
