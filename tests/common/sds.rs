@@ -1,7 +1,8 @@
 //! A Secret Discovery Service as Istio's agent serves it on its unix socket
 //! (`./var/run/secrets/workload-spiffe-uds/socket`): state of the world
 //! (`StreamSecrets`), the names a request asks for answered with the secrets held under
-//! them (PEM inline, as the agent sends), every push sent to every stream. Every request
+//! them (PEM inline, as the agent sends; nothing until it holds one), every push sent to
+//! every stream. One stream for all names (ringside) or one per name (Envoy) both work. Every request
 //! (the node, ACKs, NACKs) is recorded for the tests to read.
 #![allow(dead_code)]
 
@@ -141,20 +142,26 @@ struct Sds {
     requests: mpsc::Sender<DiscoveryRequest>,
 }
 
-/// The secrets of `s` that `names` asks for.
-fn response(s: &Secrets, names: &[String], nonce: u64) -> DiscoveryResponse {
-    DiscoveryResponse {
+/// The secrets of `s` that `names` asks for; none held: no response (the agent answers once
+/// it has the certificate).
+fn response(s: &Secrets, names: &[String], nonce: &mut u64) -> Option<DiscoveryResponse> {
+    let resources: Vec<Any> = s
+        .secrets
+        .iter()
+        .filter(|x| names.contains(&x.name))
+        .map(|x| Any { type_url: SECRET.into(), value: x.encode_to_vec() })
+        .collect();
+    if resources.is_empty() {
+        return None;
+    }
+    *nonce += 1;
+    Some(DiscoveryResponse {
         version_info: s.version.clone(),
-        resources: s
-            .secrets
-            .iter()
-            .filter(|x| names.contains(&x.name))
-            .map(|x| Any { type_url: SECRET.into(), value: x.encode_to_vec() })
-            .collect(),
+        resources,
         type_url: SECRET.into(),
         nonce: nonce.to_string(),
         ..Default::default()
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -183,9 +190,10 @@ impl SecretDiscoveryService for Sds {
                         // New names (a first request, or more asked for): answer them.
                         if r.resource_names != names {
                             names = r.resource_names.clone();
-                            nonce += 1;
                             let s = secrets.borrow().clone();
-                            if tx.send(Ok(response(&s, &names, nonce))).await.is_err() {
+                            if let Some(out) = response(&s, &names, &mut nonce)
+                                && tx.send(Ok(out)).await.is_err()
+                            {
                                 break;
                             }
                         }
@@ -195,9 +203,8 @@ impl SecretDiscoveryService for Sds {
                             break;
                         }
                         let s = secrets.borrow_and_update().clone();
-                        if !names.is_empty() {
-                            nonce += 1;
-                            let _ = tx.send(Ok(response(&s, &names, nonce))).await;
+                        if let Some(out) = response(&s, &names, &mut nonce) {
+                            let _ = tx.send(Ok(out)).await;
                         }
                     }
                 }
