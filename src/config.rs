@@ -172,6 +172,11 @@ pub struct Secrets {
     pub certificate: String,
     /// `validation_context_sds_secret_config.name` (Istio: `ROOTCA`).
     pub validation: String,
+    /// Those of the two whose `sds_config` is `ads`: fetched over the ADS stream from the
+    /// control plane (istiod serves a DestinationRule's `credentialName` so), not from the
+    /// agent's SDS server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub over_ads: Vec<String>,
 }
 
 impl Default for Config {
@@ -633,6 +638,13 @@ pub struct ChainTls {
     pub alpn: Vec<String>,
     /// A client certificate signed by the mesh root is required (Istio's mTLS).
     pub require_client_certificate: bool,
+    /// `match_subject_alt_names`: a client certificate's URI SANs must match one of these
+    /// exactly...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// ...or start with one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_name_prefixes: Vec<String>,
 }
 
 /// An address range, `ADDR/LEN`.
@@ -798,6 +810,12 @@ pub enum ListenerTlsMode {
 pub enum ClusterTlsMode {
     /// Istio's mesh mTLS with the workload certificate.
     IstioMutual,
+    /// xDS: a DestinationRule's `SIMPLE` origination: the server verified against the given
+    /// CA, no client certificate.
+    Simple,
+    /// xDS: a DestinationRule's `MUTUAL` origination: as `Simple`, presenting the given
+    /// client certificate.
+    Mutual,
 }
 
 /// An upstream cluster.

@@ -86,7 +86,9 @@ async fn accept(
     *conn.security.borrow_mut() = Security {
         local_principal: config.local_principal.clone(),
         peer_principal: tls.peer_principal().map(Into::into),
-        mutual_tls: true,
+        // A chain that does not require a client certificate terminates plain TLS for a
+        // client without one: `mutual_tls` only when it presented one (SPEC §9).
+        mutual_tls: tls.peer_presented_certificate(),
     };
     Ok(Accepted::Tls(tls))
 }

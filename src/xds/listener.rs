@@ -1014,13 +1014,16 @@ mod tests {
         let e = state.merge(&Config::default()).unwrap_err();
         assert_eq!(e.resource, "Listener/l");
         assert!(e.reason.contains("filter chain 0") && e.reason.contains("xds.certificates"), "{e}");
-        // An unknown secret in a chain: the listener is invalid.
+        // An unknown secret in a chain without an SDS server: the listener is invalid.
         let mut unknown = mtls;
         unknown.transport_socket = socket(
             "envoy.transport_sockets.tls",
             any(DOWNSTREAM_TLS, &downstream(common("spire", "ROOTCA", &[], &[]))),
         );
-        let e = listener(&listener_with(vec![unknown]), "1").unwrap_err();
+        state
+            .listeners
+            .insert("l".into(), Accepted::new("1", listener(&listener_with(vec![unknown]), "1").unwrap()));
+        let e = state.merge(&certificates()).unwrap_err();
         assert!(e.reason.contains("filter chain 0: SDS secret \"spire\": unknown"), "{e}");
     }
 

@@ -235,6 +235,23 @@ impl State {
         served.chain(rejected).filter(|l| seen.insert(l.clone())).collect()
     }
 
+    /// The secrets the accepted resources' TLS contexts name: from the SDS server
+    /// (`over_ads` false) or over the ADS stream (true, istiod's `credentialName`).
+    pub fn secret_names(&self, over_ads: bool) -> BTreeSet<String> {
+        let listeners = self.listeners.values().flat_map(|x| {
+            let own = x.value.listener.iter().flat_map(|l| &l.filter_chains);
+            own.chain(x.value.handoff.iter().flat_map(|h| &h.chains)).filter_map(|c| c.tls.as_ref())
+        });
+        let clusters = self.clusters.values().filter_map(|x| x.value.cluster.tls.as_ref()?.secrets.as_ref());
+        let mut names = BTreeSet::new();
+        for s in listeners.map(|t| &t.secrets).chain(clusters) {
+            // An empty name is no secret (none, or files inline in the context).
+            let named = [&s.certificate, &s.validation].into_iter().filter(|n| !n.is_empty());
+            names.extend(named.filter(|n| s.over_ads.contains(n) == over_ads).cloned());
+        }
+        names
+    }
+
     /// Apply state-of-the-world response `r`: its resources are the whole set of their type
     /// (Clusters and Listeners it no longer carries go; ClusterLoadAssignments it carries
     /// replace those names only). See [`State::change`].
@@ -616,17 +633,29 @@ impl State {
     /// without those, the resource is an error (never plaintext instead).
     pub fn merge(&self, base: &Config) -> Result<Config, Error> {
         let certificates = base.xds.as_ref().and_then(|x| x.certificates.as_ref());
+        let sds = base.xds.as_ref().is_some_and(|x| x.sds.is_some());
         let mut cfg = base.clone();
         for x in self.clusters.values() {
             let x = &x.value;
             let mut c = x.cluster.clone();
+            let mut waiting = None;
             if let Some(t) = &mut c.tls
                 && let Some(secrets) = &t.secrets
             {
                 let mut files = t.files();
-                resolve(secrets, &mut files, certificates).map_err(|r| invalid("Cluster", &c.name, r))?;
+                waiting = resolve(secrets, &mut files, certificates, sds)
+                    .map_err(|r| invalid("Cluster", &c.name, r))?;
                 (t.cert_chain, t.private_key, t.root_cert) =
                     (files.cert_chain, files.private_key, files.root_cert);
+            }
+            if let Some(secret) = waiting {
+                // Envoy's warming: a cluster whose secrets have not arrived serves no
+                // connection (no endpoints: `UH`), and never one in plaintext.
+                c.tls = None;
+                c.endpoints = Vec::new();
+                c.source = Some(format!("xds: waiting for SDS secret {secret}"));
+                cfg.clusters.push(c);
+                continue;
             }
             if let Some(eds) = &x.eds_name {
                 let assignment = self.endpoints.get(eds);
@@ -690,12 +719,26 @@ impl State {
                 chains.append(&mut l.filter_chains);
                 l.filter_chains = chains;
             }
-            for chain in &mut l.filter_chains {
-                self.take_route(chain, l.listen, l.capture);
-                if let Some(t) = &mut chain.tls {
-                    resolve(&t.secrets, &mut t.files, certificates)
-                        .map_err(|r| invalid("Listener", &l.name, format!("{}: {r}", chain.name)))?;
+            let mut waiting = None;
+            let mut chains = Vec::with_capacity(l.filter_chains.len());
+            for mut chain in std::mem::take(&mut l.filter_chains) {
+                self.take_route(&mut chain, l.listen, l.capture);
+                if let Some(t) = &mut chain.tls
+                    && let Some(secret) = resolve(&t.secrets, &mut t.files, certificates, sds)
+                        .map_err(|r| invalid("Listener", &l.name, format!("{}: {r}", chain.name)))?
+                {
+                    // Envoy's warming: a listener not bound to its port waits alone (its
+                    // chains stay out); any other is not bound until its secrets arrive.
+                    if chain.handoff.is_some() {
+                        continue;
+                    }
+                    waiting = Some(secret);
                 }
+                chains.push(chain);
+            }
+            l.filter_chains = chains;
+            if waiting.is_some() {
+                continue;
             }
             let mut targets: Vec<String> = Vec::new();
             let routes = std::iter::once((&l.cluster, &l.tcp_routes))
