@@ -407,6 +407,7 @@ impl RunArgs {
                 istio_stats: true,
                 source: None,
                 filter_chains: Vec::new(),
+                access_log: None,
             });
             cfg.clusters.push(Cluster {
                 name: "upstream".into(),

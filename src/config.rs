@@ -429,6 +429,40 @@ pub struct Listener {
     /// `filter_chain_match`, SPEC §9); when present they replace `cluster`/`tcp_routes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filter_chains: Vec<FilterChain>,
+    /// One access log line per connection when it ends (SPEC §9); a chain's own logs, where
+    /// it has any, take its connections instead (xDS: the listener's are for connections no
+    /// chain takes, as Envoy's listener-level `access_log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<std::sync::Arc<AccessLog>>,
+}
+
+/// An access log (SPEC §9): where lines go and in which format.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// The file lines are appended to (`/dev/stdout` in a pod).
+    pub path: String,
+    /// Envoy's text format with command operators; Istio's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// A JSON object per line instead: each key's value is a format (Envoy's `json_format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_format: Option<BTreeMap<String, String>>,
+    /// xDS `response_flag_filter`: only connections ending with one of these flags (any flag
+    /// when empty) are logged.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub only_flags: Option<Vec<String>>,
+}
+
+impl AccessLog {
+    /// Whether a connection that ended with `response_flags` is logged.
+    pub fn takes(&self, response_flags: &str) -> bool {
+        match &self.only_flags {
+            None => true,
+            Some(flags) if flags.is_empty() => response_flags != "-",
+            Some(flags) => response_flags.split(',').any(|f| flags.iter().any(|x| x == f)),
+        }
+    }
 }
 
 /// One filter chain of a listener: which connections it takes, and where they go.
@@ -498,6 +532,77 @@ pub struct FilterChain {
     /// anything is relayed; the first denial closes it (SPEC §9).
     #[serde(skip)]
     pub rbac: Vec<std::sync::Arc<crate::rbac::Filter>>,
+    /// xDS: the RouteConfiguration its HTTP connection manager names over RDS
+    /// (`route_config_name`); the merge takes its route from it (SPEC §9).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub rds: Option<String>,
+    /// xDS: the listener filters of the listener it came from that read a connection's first
+    /// bytes before its chain is chosen (SPEC §9); `None` (static config): both run.
+    #[serde(skip)]
+    pub inspectors: Option<std::sync::Arc<Inspectors>>,
+    /// xDS: its tcp_proxy's (or HTTP connection manager's) file access logs (SPEC §9).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub access_log: Vec<std::sync::Arc<AccessLog>>,
+}
+
+/// A listener's inspectors (Envoy's listener filters `tls_inspector` and `http_inspector`),
+/// each with the destination ports its `filter_disabled` predicate takes out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inspectors {
+    /// `tls_inspector` runs (Envoy injects it where chains need it, so it is on unless
+    /// disabled for the port).
+    pub tls_disabled: Option<PortMatch>,
+    /// `http_inspector` is configured.
+    pub http: bool,
+    /// The ports `http_inspector` is disabled on.
+    pub http_disabled: Option<PortMatch>,
+}
+
+impl Default for Inspectors {
+    fn default() -> Self {
+        Inspectors { tls_disabled: None, http: true, http_disabled: None }
+    }
+}
+
+impl Inspectors {
+    /// Whether `tls_inspector` runs for a connection to `port`.
+    pub fn tls(&self, port: u16) -> bool {
+        !self.tls_disabled.as_ref().is_some_and(|m| m.matches(port))
+    }
+
+    /// Whether `http_inspector` runs for a connection to `port`.
+    pub fn http(&self, port: u16) -> bool {
+        self.http && !self.http_disabled.as_ref().is_some_and(|m| m.matches(port))
+    }
+}
+
+/// Envoy's `ListenerFilterChainMatchPredicate` over the destination port (the only
+/// connection property it reads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortMatch {
+    /// Every port.
+    Any,
+    /// Ports in `[start, end)`.
+    Range(u32, u32),
+    /// Any of these.
+    Or(Vec<PortMatch>),
+    /// All of these.
+    And(Vec<PortMatch>),
+    /// Not this.
+    Not(Box<PortMatch>),
+}
+
+impl PortMatch {
+    /// Whether `port` matches.
+    pub fn matches(&self, port: u16) -> bool {
+        match self {
+            PortMatch::Any => true,
+            PortMatch::Range(start, end) => (*start..*end).contains(&u32::from(port)),
+            PortMatch::Or(any) => any.iter().any(|m| m.matches(port)),
+            PortMatch::And(all) => all.iter().all(|m| m.matches(port)),
+            PortMatch::Not(m) => !m.matches(port),
+        }
+    }
 }
 
 /// A filter chain's `source_type` match (Envoy's `ConnectionSourceType`).
@@ -1211,6 +1316,14 @@ impl Config {
                 )));
             }
             binds.push(l.listen);
+            let logs = l.access_log.iter().chain(l.filter_chains.iter().flat_map(|c| &c.access_log));
+            for log in logs {
+                crate::access_log::LogFormat::parse(log.format.as_deref(), log.json_format.as_ref())
+                    .map_err(|e| here(e.to_string()))?;
+                if log.path.is_empty() {
+                    return Err(here("access_log: a path is needed".into()));
+                }
+            }
             let targets = [
                 l.cluster.is_some(),
                 l.tcp_routes.is_some(),

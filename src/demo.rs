@@ -90,6 +90,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             istio_stats: true,
             source: None,
             filter_chains: Vec::new(),
+            access_log: None,
         }],
         clusters: vec![Cluster {
             name: "mongodb".into(),

@@ -21,6 +21,7 @@ use monoio::io::{
 };
 use monoio::net::TcpStream;
 
+use crate::access_log::writer as access_log;
 use crate::backoff;
 use crate::capture::{self, Decision};
 use crate::config::{Capture, Direction, Listener, PeerExchange};
@@ -109,6 +110,8 @@ pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, accept
         }
         Ok(()) => settle(&ctx, &conn, None, "-"),
     }
+    let flags = result.as_ref().err().map_or("-", Error::response_flags);
+    crate::access_log::writer::connection_ended(&conn, flags);
     if let Some((c, Some(e))) = conn.upstream.get() {
         conn.snapshot.router.disconnected(c, e);
     }
@@ -155,27 +158,35 @@ async fn set_up(
             _ => capture::original_dst(&down, listener.listen).or_else(|_| down.local_addr())?,
         };
         let index = conn.snapshot.router.chain_index(li);
-        // Peeked only where the chains competing for this destination differ by what a
-        // ClientHello says: a server-first protocol on a plain TCP port never waits.
-        let hello = match index.is_some_and(|x| x.inspects(dst)) {
-            false => None,
+        // Peeked only where an inspector runs for this port and the chains competing for this
+        // destination differ by what it would find: a server-first protocol on a plain TCP
+        // port never waits.
+        let what = index.map(|x| x.inspection(dst)).unwrap_or_default();
+        let inspected = match what.tls || what.http {
+            false => mtls::Inspected::default(),
             true => monoio::select! {
-                r = mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0) => r?,
+                r = mtls::inspect(ctx, &down, listener.limits.sniff_timeout.0, what) => r?,
                 _ = conn.cancel.wait() => {
                     cut(conn, down, None);
                     return Ok(None);
                 }
             },
         };
+        let hello = inspected.hello;
         // The client's address costs a syscall: asked only when a chain matches on it.
         let source = match index.is_some_and(|x| x.uses_source()) {
             true => down.peer_addr()?,
             false => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let facts = match &hello {
-            None => {
-                ConnFacts { destination: dst, source, transport: "raw_buffer", server_name: None, alpn: &[] }
-            }
+            None => ConnFacts {
+                destination: dst,
+                source,
+                transport: "raw_buffer",
+                server_name: None,
+                // What `http_inspector` found stands for ALPN, as Envoy sets it.
+                alpn: inspected.http.map_or(&[][..], crate::routing::http_sniff::application_protocols),
+            },
             Some(h) => ConnFacts {
                 destination: dst,
                 source,
@@ -186,6 +197,13 @@ async fn set_up(
         };
         let chain = conn.snapshot.router.select_chain(li, &listener.filter_chains, &facts);
         conn.chain.set(chain);
+        if access_log::logged(conn) {
+            let remote = match facts.source.port() {
+                0 => down.peer_addr().ok(),
+                _ => Some(facts.source),
+            };
+            access_log::note_downstream(conn, remote, dst, facts.server_name);
+        }
         // A capture listener routes by original destination, but only what a chain takes and
         // serves (an HTTP chain's connections too: relayed as TCP); a chain that is not served
         // closes its connections (`NR`), in every listener.
@@ -209,6 +227,13 @@ async fn set_up(
             authorize(ctx, li, conn, c, &down, dst, source, None)?;
         }
     }
+    if listener.filter_chains.is_empty() && access_log::logged(conn) {
+        let local = match listener.capture {
+            Capture::None => down.local_addr()?,
+            _ => capture::original_dst(&down, listener.listen).or_else(|_| down.local_addr())?,
+        };
+        access_log::note_downstream(conn, down.peer_addr().ok(), local, None);
+    }
     // Connecting and the exchange borrow the sockets rather than own them, so a cancel (idle
     // timeout, drain deadline) leaves them here to be closed the way the cancel asks.
     let connected = monoio::select! {
@@ -219,6 +244,9 @@ async fn set_up(
         cut(conn, down, None);
         return Ok(None);
     };
+    if access_log::logged(conn) {
+        access_log::note_upstream(conn, up.local_addr().ok());
+    }
     // An mTLS cluster (SPEC §7): the TLS client, the exchange inside it and the copy.
     if let Some(slot) = upstream_tls(conn) {
         return mtls::serve_outbound(ctx, listener, conn, down, up, slot).await.map(|()| None);
@@ -277,6 +305,14 @@ fn authorize(
     for f in filters {
         if let crate::rbac::Decision::Deny(why) = f.evaluate(&rc) {
             log::debug!("listener {}: {source} -> {destination}: {why}", listener.name);
+            if access_log::logged(conn) {
+                // Envoy's network RBAC: the DENY policy that matched, else `none`.
+                let policy = match why {
+                    crate::rbac::Denial::Policy(name) => name,
+                    _ => "none",
+                };
+                access_log::note_termination(conn, format!("rbac_access_denied_matched_policy[{policy}]"));
+            }
             ctx.metrics.borrow().count_rbac_denied();
             if let Some(t) = conn.snapshot.router.route_chain(li, chain) {
                 conn.upstream.set(Some((t.cluster, None)));
@@ -443,6 +479,9 @@ async fn connect(
             break;
         }
         let addr = cluster.endpoints[e].address;
+        if access_log::logged(conn) {
+            access_log::note_upstream_host(conn, addr);
+        }
         let err = match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
             Ok(Ok(s)) => {
                 conn.upstream.set(Some((target.cluster, Some(e))));

@@ -75,6 +75,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             istio_stats: true,
             source: None,
             filter_chains: Vec::new(),
+            access_log: None,
         }],
         clusters: vec![Cluster {
             name: "backend".into(),

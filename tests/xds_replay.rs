@@ -3,7 +3,9 @@
 //! (against the FileDescriptorSet envoy-types ships; Istio-only types carried as opaque
 //! `Any`), served over ADS to the real binary in a network namespace of its own (the dumps
 //! bind 15001 and 15006). Each test asserts exactly which resources are applied and which
-//! NACKed with which reason, that the pod becomes ready, and what virtualInbound serves.
+//! NACKed with which reason, that the pod becomes ready, and what virtualInbound serves; the
+//! DSB dump's RouteConfigurations are served over RDS, and an HTTP port it routes that way
+//! takes outbound traffic to the endpoint of the service its virtual host names.
 //! Without the dumps, or without namespaces, each test prints a SKIP line and returns.
 
 #[path = "common/ads.rs"]
@@ -19,7 +21,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc;
 
-use ads::{AdsServer, CLUSTER, ENDPOINTS, LISTENER, Snapshot, cds, eds, lds};
+use ads::{AdsServer, CLUSTER, ENDPOINTS, LISTENER, ROUTES, Snapshot, cds, eds, lds, rds};
 use envoy_types::pb::envoy::admin::v3 as admin;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use netns::{Sidecar, in_ns};
@@ -78,6 +80,8 @@ struct Dump {
     listeners: Vec<lds::Listener>,
     clusters: Vec<cds::Cluster>,
     endpoints: Vec<eds::ClusterLoadAssignment>,
+    /// RouteConfigurations (RDS).
+    routes: Vec<rds::RouteConfiguration>,
     /// Istio-only types carried as opaque `Any` (an empty message of that name).
     opaque: BTreeSet<String>,
 }
@@ -139,6 +143,13 @@ fn load(path: &std::path::Path) -> Dump {
                     dump.clusters.push(cds::Cluster::decode(c.cluster.unwrap().value.as_slice()).unwrap());
                 }
             }
+            "envoy.admin.v3.RoutesConfigDump" => {
+                let d = admin::RoutesConfigDump::decode(any.value.as_slice()).unwrap();
+                for r in d.dynamic_route_configs {
+                    let rc = r.route_config.unwrap().value;
+                    dump.routes.push(rds::RouteConfiguration::decode(rc.as_slice()).unwrap());
+                }
+            }
             "envoy.admin.v3.EndpointsConfigDump" => {
                 let d = admin::EndpointsConfigDump::decode(any.value.as_slice()).unwrap();
                 for e in d.dynamic_endpoint_configs {
@@ -170,18 +181,20 @@ fn replies(requests: &mpsc::Receiver<DiscoveryRequest>, types: &[&str]) -> Repli
     Replies { detail }
 }
 
-/// Serve `dump` to a ringside in a namespace of its own; the replies to the first
-/// response of each type, its `/config_dump`, and the sidecar (ready: `bound` accept at once).
+/// Serve `dump` (and its `routes` over RDS) to a ringside in a namespace of its own; the
+/// replies to the first response of each type, its `/config_dump`, and the sidecar (ready:
+/// `bound` accept at once).
 fn replay(
     ns: &str,
-    dump: Snapshot,
+    (dump, routes): (Snapshot, Vec<rds::RouteConfiguration>),
     types: &[&str],
     bound: &[&str],
 ) -> (Replies, serde_json::Value, Sidecar, AdsServer) {
     let ca = Ca::new("mesh");
     let certs = Certs::new(ns, &ca, "spiffe://cluster.local/ns/default/sa/replay");
     let (tx, requests) = mpsc::channel();
-    let server = AdsServer::start_for_sidecar(ns, dump, tx);
+    let server = AdsServer::start_for_sidecar(ns, dump.clone(), tx);
+    server.push_routes(dump, routes);
     let yaml = format!(
         "node:\n  workload_name: replay-v1\n  namespace: default\nworkers: 1\n\
          metrics: {{listen: 127.0.0.1:15090}}\nadmin: {{listen: 127.0.0.1:15000}}\nhealth: {{listen: 'off'}}\n\
@@ -238,14 +251,15 @@ fn served_listeners(config: &serde_json::Value) -> BTreeMap<String, (String, Str
         .collect()
 }
 
-fn snapshot(dump: &Dump) -> Snapshot {
-    Snapshot {
+fn snapshot(dump: &Dump) -> (Snapshot, Vec<rds::RouteConfiguration>) {
+    let s = Snapshot {
         version: "1".into(),
         clusters: dump.clusters.clone(),
         endpoints: dump.endpoints.clone(),
         listeners: dump.listeners.clone(),
         secrets: vec![],
-    }
+    };
+    (s, dump.routes.clone())
 }
 
 /// The lines of `/config_dump`'s `xds_status.not_served`.
@@ -324,14 +338,15 @@ fn the_real_bookinfo_endpoints_are_all_applied_with_their_workloads() {
     assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (0, 0, 32));
     // The dump holds endpoints only: an EDS cluster per assignment (built here, as istiod's
     // outbound clusters are) makes ringside ask for each of them.
-    let mut s = snapshot(&dump);
+    let (mut s, routes) = snapshot(&dump);
     s.clusters = dump
         .endpoints
         .iter()
         .map(|e| ads::eds_cluster(&e.cluster_name, "bookinfo.default.svc.cluster.local", "default"))
         .collect();
     let ns = Ns::new("bookinfo");
-    let (replies, config, _sidecar, _server) = replay(&ns.0, s, &[CLUSTER, LISTENER, ENDPOINTS], &[]);
+    let (replies, config, _sidecar, _server) =
+        replay(&ns.0, (s, routes), &[CLUSTER, LISTENER, ENDPOINTS], &[]);
     assert_eq!(replies.detail[ENDPOINTS], None, "every assignment applied");
     let clusters = config["clusters"].as_array().unwrap();
     let endpoints = |name: &str| {
@@ -358,16 +373,45 @@ fn the_real_dsb_sidecar_is_applied_whole_including_the_virtual_inbound_envoy_rej
     // 142 dynamic listeners, virtualInbound dumped twice (Envoy rejected it).
     assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (141, 138, 138));
     let ns = Ns::new("dsb");
+    assert_eq!(dump.routes.len(), 90);
     let (replies, config, _sidecar, _server) =
-        replay(&ns.0, snapshot(&dump), &[CLUSTER, LISTENER, ENDPOINTS], &CAPTURE);
+        replay(&ns.0, snapshot(&dump), &[CLUSTER, LISTENER, ENDPOINTS, ROUTES], &CAPTURE);
     // Envoy NACKed virtualInbound for a Lua filter's source; ringside runs no HTTP filter and
     // does not validate them (SPEC §9): applied.
     assert_eq!(replies.detail[LISTENER], None);
     assert_eq!(replies.detail[CLUSTER], None);
     assert_eq!(replies.detail[ENDPOINTS], None);
+    assert_eq!(replies.detail[ROUTES], None, "every RouteConfiguration its HTTP chains name, applied");
     assert_capture_listeners_only(&config);
     let clusters = config["clusters"].as_array().unwrap();
     assert_eq!(clusters.len(), 138, "every dynamic cluster, no stub");
+    // The HTTP port 9080 (0.0.0.0_9080, its chain routed over RDS by route `9080`): each
+    // service's ClusterIP there goes to the cluster its virtual host names (SPEC §9).
+    let addresses = |name: &str| {
+        let c = clusters.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("{name}"));
+        c["addresses"].as_array().cloned().unwrap_or_default()
+    };
+    assert_eq!(
+        addresses("outbound|9080||details.default.svc.cluster.local"),
+        [serde_json::json!("10.68.49.224:9080")]
+    );
+    // Access logs as `meshConfig.accessLogFile` makes istiod send them (the demo profile):
+    // every tcp_proxy and HTTP chain writes /dev/stdout but the blackhole chain (15001), and
+    // virtualOutbound's own log takes the connections no chain does (`NR`).
+    let outbound =
+        config["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "virtualOutbound").unwrap();
+    let chains = outbound["filter_chains"].as_array().unwrap();
+    let silent: Vec<&serde_json::Value> =
+        chains.iter().filter(|c| c["access_log"][0]["path"] != "/dev/stdout").collect();
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!(
+        (&silent[0]["destination_port"], &silent[0]["cluster"]),
+        (&serde_json::json!(15001), &serde_json::json!("BlackHoleCluster"))
+    );
+    assert_eq!(
+        (&outbound["access_log"]["path"], &outbound["access_log"]["only_flags"]),
+        (&serde_json::json!("/dev/stdout"), &serde_json::json!(["NR"]))
+    );
     let reports = reports(&config);
     assert!(!reports.iter().any(|l| l.contains("rejected")), "{reports:?}");
 }
@@ -438,4 +482,34 @@ fn inbound_traffic_captured_to_the_real_dsb_virtual_inbound_reaches_the_app_and_
     });
     assert_eq!(common::sum(&text, "istio_tcp_received_bytes_total", &served), 4.0, "{text}");
     assert_eq!(common::sum(&text, "istio_tcp_sent_bytes_total", &served), 4.0, "{text}");
+}
+
+#[test]
+fn outbound_http_to_a_service_address_the_real_dsb_routes_over_rds_reaches_its_endpoint() {
+    const TEST: &str = "xds_replay::dsb_rds";
+    let Some(path) = dump_file(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
+    if netns::unavailable(TEST).is_some() {
+        return;
+    }
+    let dump = load(&path);
+    let pods = netns::Pods::new();
+    capture_rules(&pods.a);
+    // kiali (istio-system, no sidecar: plaintext) is reached at ClusterIP 10.68.49.223:9090,
+    // an HTTP port istiod serves through 0.0.0.0_9090, whose chain takes its route over RDS
+    // (`9090`: one virtual host per service address). Its one endpoint lives in pod B.
+    netns::exec(&pods.b, &["ip", "addr", "add", "172.16.18.214/32", "dev", "lo"]);
+    let app = netns::echo_server_in(&pods.b, "0.0.0.0:9090");
+    let (_, _, a, _server) =
+        replay(&pods.a, snapshot(&dump), &[CLUSTER, LISTENER, ENDPOINTS, ROUTES], &CAPTURE);
+    let client = netns::connect_in(&pods.a, "10.68.49.223:9090").expect("connect to kiali's ClusterIP");
+    // HTTP/1.1: http_inspector finds it, the HTTP chain routes it by its virtual host.
+    let request = b"GET /kiali/api HTTP/1.1\r\nHost: kiali.istio-system:9090\r\n\r\n";
+    assert_eq!(common::echo_back(client, request), request);
+    assert!(app.recv_timeout(common::DEADLINE).is_ok(), "kiali's endpoint got the connection");
+    // Counted as the HTTP chain says (istio.stats among its HTTP filters), to kiali's service.
+    let to_kiali = [("reporter", "source"), ("destination_service", "kiali.istio-system.svc.cluster.local")];
+    let text = a.wait_for_scrape("the connection counted", |t| {
+        common::sum(t, "istio_tcp_connections_closed_total", &to_kiali) == 1.0
+    });
+    assert_eq!(common::sum(&text, "istio_tcp_sent_bytes_total", &to_kiali), request.len() as f64, "{text}");
 }

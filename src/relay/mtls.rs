@@ -132,30 +132,56 @@ async fn sniff_client_hello(
     Ok(tls? == Some(true))
 }
 
-/// A listener's `tls_inspector` (SPEC §9): what the client's ClientHello offers (server name,
-/// ALPN), or `None` for a plaintext client, peeked without consuming a byte. A client that sends
-/// nothing within `sniff_timeout` (at least 1 s, as `permissive`), or whose ClientHello does
-/// not complete within it, is plaintext, as Envoy's inspector gives up at its timeout
-/// (istiod sets `continue_on_listener_filters_timeout`). A ClientHello too large for a pool
-/// buffer is TLS with no ALPN seen.
+/// What a listener's inspectors found in a connection's first bytes (SPEC §9).
+#[derive(Debug, Default)]
+pub(super) struct Inspected {
+    /// `tls_inspector`: the ClientHello's offers; `None`: plaintext.
+    pub hello: Option<ClientHello>,
+    /// `http_inspector`: the HTTP protocol of a plaintext client (`http/1.1`, `h2c`, ...).
+    pub http: Option<&'static str>,
+}
+
+/// A listener's `tls_inspector` and `http_inspector` (SPEC §9), as `what` asks for them: what
+/// the client's ClientHello offers (server name, ALPN), or `None` for a plaintext client, and
+/// then for a plaintext one its HTTP protocol, peeked without consuming a byte. A client that
+/// sends nothing within `sniff_timeout` (at least 1 s, as `permissive`), or whose first bytes
+/// decide nothing within it, is plaintext without a protocol, as Envoy's inspectors give up
+/// at its timeout (istiod sets `continue_on_listener_filters_timeout`). A ClientHello too
+/// large for a pool buffer is TLS with no ALPN seen; a request line too, not HTTP.
 pub(super) async fn inspect(
     ctx: &WorkerCtx,
     down: &TcpStream,
     sniff_timeout: Duration,
-) -> Result<Option<ClientHello>, Error> {
+    what: crate::routing::chains::Inspection,
+) -> Result<Inspected, Error> {
+    use crate::routing::http_sniff::{Sniff, sniff};
     use crate::tls::hello::{Hello, parse};
     let deadline = Instant::now() + sniff_timeout.max(PERMISSIVE_SNIFF_MIN);
     let mut buf = ctx.pool.take();
     let limit = buf.capacity();
-    let hello = peek_until(down, &mut buf, limit, deadline, |bytes, full| match parse(bytes) {
-        Hello::NotTls => Some(None),
-        Hello::Tls(offers) => Some(Some(offers)),
-        Hello::NeedMore if full => Some(Some(ClientHello::default())),
-        Hello::NeedMore => None,
+    let found = peek_until(down, &mut buf, limit, deadline, |bytes, full| {
+        if what.tls {
+            match parse(bytes) {
+                Hello::NotTls => {}
+                Hello::Tls(offers) => return Some(Inspected { hello: Some(offers), http: None }),
+                Hello::NeedMore if full => {
+                    return Some(Inspected { hello: Some(ClientHello::default()), http: None });
+                }
+                Hello::NeedMore => return None,
+            }
+        }
+        if !what.http {
+            return Some(Inspected::default());
+        }
+        match sniff(bytes) {
+            Sniff::Http(p) => Some(Inspected { hello: None, http: Some(p) }),
+            Sniff::NeedMore if !full => None,
+            Sniff::NeedMore | Sniff::NotHttp => Some(Inspected::default()),
+        }
     })
     .await;
     ctx.pool.put(buf);
-    Ok(hello?.flatten())
+    Ok(found?.unwrap_or_default())
 }
 
 /// Peek at a client's first bytes (at most `limit`, within `buf`'s capacity) until `decide`

@@ -1,8 +1,8 @@
 //! The xDS client (SPEC §9): one Aggregated Discovery Service stream to istiod or any ADS
 //! server, state of the world or delta (`xds.api`, a bootstrap's `api_type: DELTA_GRPC`), on its own thread with its own current-thread tokio runtime;
-//! never on a worker. It subscribes to Clusters and Listeners (wildcard) and to the EDS
-//! clusters' ClusterLoadAssignments, translates each response (one module per resource kind:
-//! `listener`, `cluster`, `endpoint`, their TLS contexts in `tls`, shared pieces in `proto`),
+//! never on a worker. It subscribes to Clusters and Listeners (wildcard), to the EDS
+//! clusters' ClusterLoadAssignments and to the RouteConfigurations HTTP chains name (RDS), translates each response (one module per resource kind:
+//! `listener`, `cluster`, `endpoint`, `route`, their TLS contexts in `tls`, shared pieces in `proto`),
 //! merges it beside the static config (`state`), and hands the result to `apply` (which checks
 //! and publishes it to the workers). Each resource stands alone, as in Envoy: the valid ones
 //! are applied, and a NACK names every invalid one and why while its last good version keeps
@@ -17,6 +17,7 @@ mod fixtures;
 pub mod listener;
 pub mod proto;
 pub mod rbac;
+pub mod route;
 pub mod sds;
 pub mod state;
 pub mod tls;
@@ -38,7 +39,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, XdsAddress, XdsApi};
-use proto::{CLUSTER, ENDPOINTS, LISTENER};
+use proto::{CLUSTER, ENDPOINTS, LISTENER, ROUTES};
 use state::{State, Type};
 
 /// First wait before reconnecting; doubles per failed attempt up to [`BACKOFF_MAX`].
@@ -67,10 +68,11 @@ fn jittered(backoff: Duration) -> Duration {
 pub struct Status {
     /// ADS streams established.
     pub connects: AtomicU64,
-    /// Responses applied (ACKed), by type (index into Cluster, Listener, ClusterLoadAssignment).
-    pub applied: [AtomicU64; 3],
+    /// Responses applied (ACKed), by type (index into Cluster, Listener, ClusterLoadAssignment,
+    /// RouteConfiguration).
+    pub applied: [AtomicU64; 4],
     /// Responses NACKed, by type: one resource or more not applied (the valid ones are).
-    pub rejected: [AtomicU64; 3],
+    pub rejected: [AtomicU64; 4],
     /// SDS responses applied and NACKed (SPEC §10), counted as type `Secret`.
     pub secrets: [AtomicU64; 2],
     /// The stream is up.
@@ -464,7 +466,11 @@ impl Client {
             // The node goes on a stream's first request only (`session`), as Istio's agent
             // sends it (`set_node_on_first_message_only`).
             node: None,
-            resource_names: if type_url == ENDPOINTS { self.state.eds_names() } else { Vec::new() },
+            resource_names: match type_url {
+                ENDPOINTS => self.state.eds_names(),
+                ROUTES => self.state.rds_names(),
+                _ => Vec::new(),
+            },
             type_url: type_url.to_string(),
             response_nonce: nonce.to_string(),
             // 3: INVALID_ARGUMENT, as Envoy's NACKs.
@@ -490,6 +496,9 @@ impl Client {
         if !self.state.eds_names().is_empty() {
             let _ = tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), "", None));
         }
+        if !self.state.rds_names().is_empty() {
+            let _ = tx.send(self.request(ROUTES, self.state.version(Type::Routes), "", None));
+        }
         let mut secret_names = self.ads_secrets.clone();
         if !secret_names.is_empty() {
             let _ = tx.send(Self::secret_request(&secret_names, &self.secret_version, "", None));
@@ -506,6 +515,7 @@ impl Client {
         self.status.connected.store(true, Ordering::Relaxed);
         log::info!("xds: connected to {:?}", self.address);
         let mut eds_nonce = String::new();
+        let mut rds_nonce = String::new();
         let mut got = false;
         loop {
             let response = match self.next(&mut stream).await {
@@ -524,14 +534,25 @@ impl Client {
                     tx.send(Self::secret_request(&secret_names, &self.secret_version, &secret_nonce, error));
                 continue;
             }
-            // Only Clusters change which ClusterLoadAssignments are needed.
+            // Only Clusters change which ClusterLoadAssignments are needed, only Listeners
+            // which RouteConfigurations.
             let clusters = response.type_url == CLUSTER;
+            let listeners = response.type_url == LISTENER;
             let names_before = if clusters { self.state.eds_names() } else { Vec::new() };
+            let routes_before = if listeners { self.state.rds_names() } else { Vec::new() };
             let reply = self.handle(&response);
             if response.type_url == ENDPOINTS {
                 eds_nonce = response.nonce.clone();
             }
+            if response.type_url == ROUTES {
+                rds_nonce = response.nonce.clone();
+            }
             let _ = tx.send(reply);
+            // Listeners changed which RouteConfigurations we need: ask for those (as Envoy's
+            // RDS subscriptions follow the HTTP chains that name them).
+            if listeners && self.state.rds_names() != routes_before {
+                let _ = tx.send(self.request(ROUTES, self.state.version(Type::Routes), &rds_nonce, None));
+            }
             // Clusters changed which ClusterLoadAssignments we need: ask for those.
             if clusters && self.state.eds_names() != names_before {
                 let _ =
@@ -638,6 +659,14 @@ impl Client {
             eds.initial_resource_versions = self.state.resource_versions(Type::Endpoints);
             let _ = tx.send(eds);
         }
+        let mut rds_subscribed: std::collections::BTreeSet<String> =
+            self.state.rds_names().into_iter().collect();
+        if !rds_subscribed.is_empty() {
+            let mut rds = Self::delta_request(Type::Routes, "", None);
+            rds.resource_names_subscribe = rds_subscribed.iter().cloned().collect();
+            rds.initial_resource_versions = self.state.resource_versions(Type::Routes);
+            let _ = tx.send(rds);
+        }
         let mut secrets_subscribed: BTreeSet<String> = BTreeSet::new();
         let subscribe_secrets = |subscribed: &mut BTreeSet<String>, wanted: &BTreeSet<String>| {
             let change = DeltaDiscoveryRequest {
@@ -683,6 +712,18 @@ impl Client {
                 continue;
             }
             let _ = tx.send(self.handle_delta(&response));
+            if response.type_url == LISTENER {
+                // Listeners changed which RouteConfigurations we need: subscribe to the new
+                // names, unsubscribe from those gone (their routes are already forgotten).
+                let names: std::collections::BTreeSet<String> = self.state.rds_names().into_iter().collect();
+                if names != rds_subscribed {
+                    let mut change = Self::delta_request(Type::Routes, "", None);
+                    change.resource_names_subscribe = names.difference(&rds_subscribed).cloned().collect();
+                    change.resource_names_unsubscribe = rds_subscribed.difference(&names).cloned().collect();
+                    let _ = tx.send(change);
+                    rds_subscribed = names;
+                }
+            }
             // Clusters or Listeners changed which secrets come over ADS: (un)subscribe.
             if self.ads_secrets != secrets_subscribed {
                 let _ = tx.send(subscribe_secrets(&mut secrets_subscribed, &self.ads_secrets));
