@@ -9,6 +9,7 @@
 //! serving, also while the server is away.
 
 pub mod cluster;
+pub mod dns;
 pub mod endpoint;
 #[cfg(test)]
 mod fixtures;
@@ -134,6 +135,7 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
                 return;
             }
         };
+        let (dns_tx, dns_rx) = mpsc::unbounded_channel();
         let mut client = Client {
             address,
             node,
@@ -144,6 +146,10 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
             status,
             state: State::default(),
             generation: 0,
+            dns: None,
+            dns_tx,
+            dns_rx,
+            dns_watched: BTreeMap::new(),
         };
         rt.block_on(client.run());
     })?;
@@ -247,6 +253,13 @@ struct Client {
     state: State,
     /// The generation the last `apply` published.
     generation: u64,
+    /// The DNS clusters' resolver thread, started with the first DNS cluster.
+    dns: Option<dns::Resolver>,
+    /// Where the resolver sends its answers.
+    dns_tx: mpsc::UnboundedSender<dns::Resolved>,
+    dns_rx: mpsc::UnboundedReceiver<dns::Resolved>,
+    /// What the resolver was last told to watch.
+    dns_watched: BTreeMap<String, Arc<dns::Dns>>,
 }
 
 /// Why a stream ended.
@@ -270,7 +283,15 @@ impl Client {
                 Ok(()) => log::warn!("xds: stream to {:?} closed by the server; reconnecting", self.address),
                 Err(e) => log::warn!("xds: {e}; retrying in {} ms", wait.as_millis()),
             }
-            tokio::time::sleep(wait).await;
+            // DNS answers keep being published while the server is away.
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    Some(r) = self.dns_rx.recv() => self.resolved(r),
+                }
+            }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -360,7 +381,7 @@ impl Client {
         let mut eds_nonce = String::new();
         let mut got = false;
         loop {
-            let response = match stream.message().await {
+            let response = match self.message(&mut stream).await {
                 Ok(Some(r)) => r,
                 Ok(None) => return (Ok(()), got),
                 Err(e) => return (Err(format!("stream: {}", e.message())), got),
@@ -370,6 +391,9 @@ impl Client {
             let clusters = response.type_url == CLUSTER;
             let names_before = if clusters { self.state.eds_names() } else { Vec::new() };
             let reply = self.handle(&response);
+            if clusters {
+                self.watch_dns();
+            }
             if response.type_url == ENDPOINTS {
                 eds_nonce = response.nonce.clone();
             }
@@ -379,6 +403,58 @@ impl Client {
                 let _ =
                     tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), &eds_nonce, None));
             }
+        }
+    }
+
+    /// The stream's next message; DNS answers that arrive meanwhile are published.
+    async fn message<T>(&mut self, stream: &mut tonic::Streaming<T>) -> Result<Option<T>, tonic::Status> {
+        loop {
+            tokio::select! {
+                m = stream.message() => return m,
+                Some(r) = self.dns_rx.recv() => self.resolved(r),
+            }
+        }
+    }
+
+    /// Tell the resolver which DNS clusters there are now (started with the first one).
+    fn watch_dns(&mut self) {
+        let clusters = self.state.dns_clusters();
+        let same = clusters.len() == self.dns_watched.len()
+            && clusters.iter().zip(&self.dns_watched).all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
+        if same {
+            return;
+        }
+        self.state.resolved.retain(|name, _| clusters.contains_key(name));
+        if self.dns.is_none() {
+            match dns::Resolver::spawn(self.dns_tx.clone()) {
+                Ok(r) => self.dns = Some(r),
+                Err(e) => {
+                    log::error!(
+                        "xds: cannot start the DNS resolver thread: {e}; DNS clusters stay without endpoints"
+                    );
+                    return;
+                }
+            }
+        }
+        if let Some(r) = &self.dns {
+            r.watch(clusters.clone());
+        }
+        self.dns_watched = clusters;
+    }
+
+    /// A DNS cluster's new endpoints, published as an EDS update is.
+    fn resolved(&mut self, r: dns::Resolved) {
+        if !self.dns_watched.contains_key(&r.cluster) {
+            return; // gone meanwhile
+        }
+        self.state.resolved.insert(r.cluster.clone(), Arc::new(r.endpoints));
+        let published = self.state.merge(&self.base).map_err(|e| e.to_string()).and_then(|mut cfg| {
+            cfg.validate("xds", "").map_err(|e| e.message)?;
+            (self.apply)(cfg)
+        });
+        match published {
+            Ok(g) => self.generation = g,
+            Err(why) => log::warn!("xds: Cluster/{}: resolved addresses not applied: {why}", r.cluster),
         }
     }
 
@@ -486,7 +562,7 @@ impl Client {
         log::info!("xds: connected to {:?} (delta)", self.address);
         let mut got = false;
         loop {
-            let response = match stream.message().await {
+            let response = match self.message(&mut stream).await {
                 Ok(Some(r)) => r,
                 Ok(None) => return (Ok(()), got),
                 Err(e) => return (Err(format!("delta stream: {}", e.message())), got),
@@ -496,6 +572,7 @@ impl Client {
             if response.type_url != CLUSTER {
                 continue;
             }
+            self.watch_dns();
             // Clusters changed which ClusterLoadAssignments we need: subscribe to the new
             // names, unsubscribe from those gone (their endpoints are already forgotten).
             let names: std::collections::BTreeSet<String> = self.state.eds_names().into_iter().collect();
