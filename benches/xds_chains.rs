@@ -126,6 +126,16 @@ fn main() {
     };
     let whole_chains = chains(&served);
 
+    // The sidecar's CPU time (utime + stime, clock ticks): `ip netns exec` and `setpriv` exec
+    // it, so the child's pid is ringside's.
+    let pid = sidecar.id();
+    let cpu_ticks = move || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<u64> = after.split(' ').skip(11).take(2).map(|f| f.parse().unwrap()).collect();
+        fields[0] + fields[1]
+    };
+    let ticks_per_second = 100.0; // Linux USER_HZ
     let rate = |seconds: u64| {
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
@@ -147,11 +157,13 @@ fn main() {
                 })
             })
             .collect();
-        let t0 = Instant::now();
+        let (t0, cpu0) = (Instant::now(), cpu_ticks());
         thread::sleep(Duration::from_secs(seconds));
         stop.store(true, Ordering::Relaxed);
         clients.into_iter().for_each(|c| c.join().unwrap());
-        count.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64()
+        let n = count.load(Ordering::Relaxed) as f64;
+        let cpu_us = (cpu_ticks() - cpu0) as f64 / ticks_per_second * 1e6;
+        (n / t0.elapsed().as_secs_f64(), cpu_us / n.max(1.0))
     };
     let mut version = 0;
     let mut apply = |snapshot: &dyn Fn(String) -> Snapshot, name: &str| {
@@ -167,18 +179,25 @@ fn main() {
     let one_json = netns::in_ns(&pods.b, move || common::http(admin, "GET", "/config_dump")).unwrap().1;
     let one_chains = chains(&serde_json::from_str(&one_json).unwrap());
     // Alternating rounds, so a change in the machine's load falls on both sides.
-    let (mut through_whole, mut through_one) = (0.0, 0.0);
+    let (mut through_whole, mut through_one) = ((0.0, 0.0), (0.0, 0.0));
     for _ in 0..rounds {
         apply(&whole, "whole");
-        through_whole += rate(seconds) / rounds as f64;
+        let (r, c) = rate(seconds);
+        through_whole = (through_whole.0 + r / rounds as f64, through_whole.1 + c / rounds as f64);
         apply(&one_service, "one");
-        through_one += rate(seconds) / rounds as f64;
+        let (r, c) = rate(seconds);
+        through_one = (through_one.0 + r / rounds as f64, through_one.1 + c / rounds as f64);
     }
     println!(
         "connections/s to {VIP} through the DSB virtualOutbound, {rounds} alternating round(s) of {seconds}s, \
-         2 clients, 1 worker: {whole_chains} chains {through_whole:.0}, {one_chains} chains {through_one:.0}, \
-         ratio {:.3}",
-        through_whole / through_one
+         2 clients, 1 worker: {whole_chains} chains {:.0} ({:.1} us sidecar CPU/connection), {one_chains} chains \
+         {:.0} ({:.1} us), ratio {:.3} (CPU per connection {:.3})",
+        through_whole.0,
+        through_whole.1,
+        through_one.0,
+        through_one.1,
+        through_whole.0 / through_one.0,
+        through_whole.1 / through_one.1
     );
     let _ = sidecar.kill();
     let _ = sidecar.wait();
