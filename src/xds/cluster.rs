@@ -82,7 +82,18 @@ pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
             Vec::new()
         }
         // Each connection's upstream is its original destination (relay.rs).
-        DiscoveryType::OriginalDst => Vec::new(),
+        DiscoveryType::OriginalDst => {
+            use cds::cluster::LbConfig;
+            if let Some(LbConfig::OriginalDstLbConfig(o)) = &pb.lb_config
+                && (o.use_http_header || o.upstream_port_override.is_some() || o.metadata_key.is_some())
+            {
+                reports.push(format!(
+                    "Cluster/{name}: original_dst_lb_config (HTTP header, metadata key, port override) \
+                     not served: connections go to the original destination as it is"
+                ));
+            }
+            Vec::new()
+        }
         DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
             use cds::cluster::DnsLookupFamily as F;
             let logical = kind == DiscoveryType::LogicalDns;
@@ -226,6 +237,14 @@ mod tests {
         assert!(x.cluster.original_dst);
         assert_eq!(x.cluster.bind_source, Some("127.0.0.6".parse().unwrap()));
         assert!(x.reports.is_empty(), "served, not reported: {:?}", x.reports);
+        let port_override = cds::Cluster {
+            lb_config: Some(cds::cluster::LbConfig::OriginalDstLbConfig(cds::cluster::OriginalDstLbConfig {
+                upstream_port_override: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 8080 }),
+                ..Default::default()
+            })),
+            ..pb.clone()
+        };
+        assert!(cluster(&port_override, "1").unwrap().reports[0].contains("original_dst_lb_config"));
         let mut fixed_port = pb.clone();
         if let Some(sa) = fixed_port.upstream_bind_config.as_mut().and_then(|b| b.source_address.as_mut()) {
             sa.port_specifier = Some(core::socket_address::PortSpecifier::PortValue(4000));
