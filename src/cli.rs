@@ -419,6 +419,8 @@ impl RunArgs {
                 subsets: vec![],
                 tls: None,
                 service_port: None,
+                original_dst: false,
+                bind_source: None,
                 source: None,
             });
         }

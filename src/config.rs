@@ -850,6 +850,14 @@ pub struct Cluster {
     /// Client-side TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClusterTls>,
+    /// xDS `ORIGINAL_DST` (`lb_policy: CLUSTER_PROVIDED`, istiod's passthrough and inbound
+    /// clusters): each connection's upstream is its own original destination, not an endpoint.
+    #[serde(default, skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    pub original_dst: bool,
+    /// xDS `upstream_bind_config.source_address`: upstream sockets bind this address before
+    /// connecting (istiod's 127.0.0.6 for inbound clusters).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub bind_source: Option<std::net::IpAddr>,
     /// Where it came from (`FILE: document N (ServiceEntry/NAME)`), for `--istio` clusters.
     /// Such a cluster may have no endpoints (a selector matching no WorkloadEntry): its
     /// connections then fail with `UH`, as in Istio.

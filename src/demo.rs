@@ -102,6 +102,8 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             subsets: vec![],
             tls: None,
             service_port: None,
+            original_dst: false,
+            bind_source: None,
             source: None,
         }],
         ..Config::default()

@@ -397,9 +397,9 @@ async fn connect_any(
             // The chain `relay` chose (SPEC §9).
             let chain = conn.chain.get();
             let target = chain.and_then(|c| conn.snapshot.router.route_chain(li, c)).ok_or(Error::NoRoute)?;
-            connect(li, conn, listener, Some(target)).await
+            connect(li, conn, listener, down, Some(target)).await
         }
-        Capture::None => connect(li, conn, listener, None).await,
+        Capture::None => connect(li, conn, listener, down, None).await,
         _ => connect_captured(ctx, li, conn, listener, down).await,
     }
 }
@@ -420,7 +420,7 @@ async fn connect_captured(
             ctx.metrics.borrow().count_capture_loop();
             Err(Error::Loop)
         }
-        Decision::Cluster(target) => connect(li, conn, listener, Some(target)).await,
+        Decision::Cluster(target) => connect(li, conn, listener, down, Some(target)).await,
         Decision::Passthrough(dst) => {
             conn.captured.set(Some(Captured::Passthrough(dst)));
             match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
@@ -448,11 +448,14 @@ async fn connect_captured(
 /// times out, at most `max_connect_attempts` of them (the chain's tcp_proxy, else the
 /// listener's limit) and all within one `connect_timeout`: a black-holed cluster costs a
 /// client one timeout, not one per endpoint. A failed endpoint is ejected for a while
-/// (SPEC §6), so the next connections do not wait on it.
+/// (SPEC §6), so the next connections do not wait on it. An ORIGINAL_DST cluster's one
+/// upstream is the connection's original destination; a cluster with
+/// `upstream_bind_config` connects from its source address (SPEC §9).
 async fn connect(
     li: usize,
     conn: &Conn,
     listener: &Listener,
+    down: &TcpStream,
     target: Option<Target>,
 ) -> Result<TcpStream, Error> {
     let target = match target {
@@ -462,6 +465,20 @@ async fn connect(
     conn.upstream.set(Some((target.cluster, None)));
     let router = &conn.snapshot.router;
     let cluster = &router.clusters[target.cluster];
+    // The router's clusters are the config's, in the same order.
+    let bind_source = conn.snapshot.config.clusters.get(target.cluster).and_then(|c| c.bind_source);
+    if conn.snapshot.config.clusters.get(target.cluster).is_some_and(|c| c.original_dst) {
+        let dst = match listener.capture {
+            Capture::None => down.local_addr()?,
+            _ => capture::original_dst(down, listener.listen).or_else(|_| down.local_addr())?,
+        };
+        // A connection that reached a listener directly has itself as its destination:
+        // connecting there would loop through this proxy.
+        if capture::is_own_listener(dst, &conn.snapshot.config.listeners) {
+            return Err(Error::Loop);
+        }
+        return connect_to(bind_source, dst, listener.limits.connect_timeout.0).await.map_err(Error::Connect);
+    }
     let now = Instant::now();
     let healthy = router.healthy(target, now);
     let attempts = conn
@@ -482,7 +499,7 @@ async fn connect(
         if access_log::logged(conn) {
             access_log::note_upstream_host(conn, addr);
         }
-        let err = match monoio::time::timeout(left, TcpStream::connect_addr(addr)).await {
+        let err = match monoio::time::timeout(left, connect_to(bind_source, addr, left)).await {
             Ok(Ok(s)) => {
                 conn.upstream.set(Some((target.cluster, Some(e))));
                 router.connected(target.cluster, e);
@@ -513,6 +530,21 @@ async fn connect(
         Some(err) if healthy => Err(Error::Connect(err)),
         None if healthy => Err(Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "timed out"))),
         _ => Err(Error::NoHealthyUpstream),
+    }
+}
+
+/// Connect to `dst`, from `source` when a cluster binds one (`connect_from`), within `timeout`.
+async fn connect_to(
+    source: Option<std::net::IpAddr>,
+    dst: std::net::SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    match source {
+        Some(src) => capture::connect_from(src, dst, timeout).await,
+        None => match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect {dst}: timed out"))),
+        },
     }
 }
 

@@ -573,6 +573,43 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     })
 }
 
+/// The names an RBAC `authenticated.principal_name` is matched against, in Envoy's order
+/// (`AuthenticatedMatcher`): every URI SAN, then every DNS SAN, then the subject as Envoy
+/// prints it (RFC 2253: the last RDN first, `CN=a,O=b`; no escaping of special characters).
+/// An unparsable certificate has none.
+pub fn peer_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
+    let sans = parsed.subject_alternative_name().ok().flatten();
+    let general = sans.iter().flat_map(|s| s.value.general_names.iter());
+    let mut names: Vec<String> = general
+        .clone()
+        .filter_map(|n| if let GeneralName::URI(u) = n { Some((*u).to_owned()) } else { None })
+        .collect();
+    names.extend(
+        general.filter_map(|n| if let GeneralName::DNSName(d) = n { Some((*d).to_owned()) } else { None }),
+    );
+    let registry = x509_parser::objects::oid_registry();
+    let mut rdns: Vec<String> = parsed
+        .subject()
+        .iter_rdn()
+        .map(|rdn| {
+            let attrs: Vec<String> = rdn
+                .iter()
+                .map(|a| {
+                    let key = x509_parser::objects::oid2abbrev(a.attr_type(), registry)
+                        .map_or_else(|_| a.attr_type().to_id_string(), str::to_string);
+                    format!("{key}={}", a.as_str().unwrap_or(""))
+                })
+                .collect();
+            attrs.join("+")
+        })
+        .collect();
+    rdns.reverse();
+    names.push(rdns.join(","));
+    names
+}
+
 /// Every URI SAN of a certificate, and its DNS SANs (empty when it does not parse).
 fn subject_alt_names(cert: &CertificateDer<'_>) -> (Vec<String>, Vec<String>) {
     use x509_parser::extensions::GeneralName;
@@ -842,6 +879,30 @@ mod tests {
         let issuer = rcgen::Issuer::from_params(&ca.params, &ca.key);
         let cert = p.signed_by(&key, &issuer).unwrap();
         (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn rbac_principal_names_are_every_uri_san_then_dns_sans_then_the_rfc2253_subject() {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![
+            SanType::DnsName("reviews.default.svc".try_into().unwrap()),
+            SanType::URI("spiffe://cluster.local/ns/default/sa/first".try_into().unwrap()),
+            SanType::URI("spiffe://cluster.local/ns/default/sa/second".try_into().unwrap()),
+        ];
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::OrganizationName, "mesh");
+        p.distinguished_name.push(rcgen::DnType::CommonName, "reviews");
+        let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        assert_eq!(
+            peer_names(cert.der()),
+            [
+                "spiffe://cluster.local/ns/default/sa/first",
+                "spiffe://cluster.local/ns/default/sa/second",
+                "reviews.default.svc",
+                "CN=reviews,O=mesh",
+            ]
+        );
+        assert!(peer_names(&CertificateDer::from(vec![0x30, 0x03])).is_empty(), "not a certificate");
     }
 
     fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {

@@ -87,6 +87,8 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             subsets: vec![],
             tls: None,
             service_port: None,
+            original_dst: false,
+            bind_source: None,
             source: None,
         }],
         ..Config::default()

@@ -260,8 +260,9 @@ pub(super) async fn serve_inbound(
     Ok(None)
 }
 
-/// A TLS chain's RBAC (SPEC §9), once the handshake is done: the peer's SPIFFE id as its
-/// principal and the SNI it asked for. Only chains with RBAC filters ask the socket for the
+/// A TLS chain's RBAC (SPEC §9), once the handshake is done: the peer certificate's names as
+/// Envoy matches principals (every URI SAN, then DNS SANs, then the subject) and the SNI it
+/// asked for. Only chains with RBAC filters read the certificate and ask the socket for the
 /// connection's addresses.
 fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Result<(), Error> {
     let listener = &conn.snapshot.config.listeners[li];
@@ -275,14 +276,10 @@ fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Resul
         Capture::None => tcp.local_addr()?,
         _ => capture::original_dst(tcp, listener.listen).or_else(|_| tcp.local_addr())?,
     };
-    let security = conn.security.borrow();
-    let principal = security.peer_principal.as_deref();
-    let names: &[&str] = match &principal {
-        Some(p) => std::slice::from_ref(p),
-        None => &[],
-    };
+    let owned = tls.peer_names();
+    let names: Vec<&str> = owned.iter().map(String::as_str).collect();
     tls.with_server_name(|sni| {
-        let t = crate::rbac::Tls { sni, peer_names: names };
+        let t = crate::rbac::Tls { sni, peer_names: &names };
         authorize(ctx, li, conn, c, tcp, dst, None, Some(t))
     })
 }

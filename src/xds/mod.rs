@@ -11,6 +11,7 @@
 //! when a context says `sds_config: ads`; what waits for one is served when it arrives.
 
 pub mod cluster;
+pub mod dns;
 pub mod endpoint;
 #[cfg(test)]
 mod fixtures;
@@ -162,6 +163,7 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
             };
             rt.spawn(stream.run());
         }
+        let (dns_tx, dns_rx) = mpsc::unbounded_channel();
         let mut client = Client {
             address,
             node,
@@ -177,6 +179,10 @@ pub fn spawn(base: Config, apply: Apply, status: Arc<Status>) -> std::io::Result
             _arrived: arrived_tx,
             ads_secrets: BTreeSet::new(),
             secret_version: String::new(),
+            dns: None,
+            dns_tx,
+            dns_rx,
+            dns_watched: BTreeMap::new(),
         };
         rt.block_on(client.run());
     })?;
@@ -290,6 +296,13 @@ struct Client {
     ads_secrets: BTreeSet<String>,
     /// The version of the last Secret response on the ADS stream accepted whole.
     secret_version: String,
+    /// The DNS clusters' resolver thread, started with the first DNS cluster.
+    dns: Option<dns::Resolver>,
+    /// Where the resolver sends its answers.
+    dns_tx: mpsc::UnboundedSender<dns::Resolved>,
+    dns_rx: mpsc::UnboundedReceiver<dns::Resolved>,
+    /// What the resolver was last told to watch.
+    dns_watched: BTreeMap<String, Arc<dns::Dns>>,
 }
 
 /// Why a stream ended.
@@ -313,13 +326,14 @@ impl Client {
                 Ok(()) => log::warn!("xds: stream to {:?} closed by the server; reconnecting", self.address),
                 Err(e) => log::warn!("xds: {e}; retrying in {} ms", wait.as_millis()),
             }
-            // Secrets that arrive while the server is away are served at once.
+            // Secrets that arrive and DNS answers are served while the server is away.
             let sleep = tokio::time::sleep(wait);
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
-                    _ = &mut sleep => break,
+                    () = &mut sleep => break,
                     _ = self.secret_arrived.recv() => self.republish(),
+                    Some(r) = self.dns_rx.recv() => self.resolved(r),
                 }
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -331,12 +345,14 @@ impl Client {
     }
 
     /// The next message of `stream`, serving what waited for a secret that arrives
-    /// meanwhile (Envoy's warming ends when its secrets arrive, not at the next push).
+    /// meanwhile (Envoy's warming ends when its secrets arrive, not at the next push) and
+    /// publishing DNS answers as they come.
     async fn next<T>(&mut self, stream: &mut tonic::Streaming<T>) -> Result<Option<T>, tonic::Status> {
         loop {
             tokio::select! {
                 m = stream.message() => return m,
                 _ = self.secret_arrived.recv() => self.republish(),
+                Some(r) = self.dns_rx.recv() => self.resolved(r),
             }
         }
     }
@@ -541,6 +557,9 @@ impl Client {
             let names_before = if clusters { self.state.eds_names() } else { Vec::new() };
             let routes_before = if listeners { self.state.rds_names() } else { Vec::new() };
             let reply = self.handle(&response);
+            if clusters {
+                self.watch_dns();
+            }
             if response.type_url == ENDPOINTS {
                 eds_nonce = response.nonce.clone();
             }
@@ -564,6 +583,48 @@ impl Client {
                 let _ =
                     tx.send(Self::secret_request(&secret_names, &self.secret_version, &secret_nonce, None));
             }
+        }
+    }
+
+    /// Tell the resolver which DNS clusters there are now (started with the first one).
+    fn watch_dns(&mut self) {
+        let clusters = self.state.dns_clusters();
+        let same = clusters.len() == self.dns_watched.len()
+            && clusters.iter().zip(&self.dns_watched).all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
+        if same {
+            return;
+        }
+        self.state.resolved.retain(|name, _| clusters.contains_key(name));
+        if self.dns.is_none() {
+            match dns::Resolver::spawn(self.dns_tx.clone()) {
+                Ok(r) => self.dns = Some(r),
+                Err(e) => {
+                    log::error!(
+                        "xds: cannot start the DNS resolver thread: {e}; DNS clusters stay without endpoints"
+                    );
+                    return;
+                }
+            }
+        }
+        if let Some(r) = &self.dns {
+            r.watch(clusters.clone());
+        }
+        self.dns_watched = clusters;
+    }
+
+    /// A DNS cluster's new endpoints, published as an EDS update is.
+    fn resolved(&mut self, r: dns::Resolved) {
+        if !self.dns_watched.contains_key(&r.cluster) {
+            return; // gone meanwhile
+        }
+        self.state.resolved.insert(r.cluster.clone(), Arc::new(r.endpoints));
+        let published = self.state.merge(&self.base).map_err(|e| e.to_string()).and_then(|mut cfg| {
+            cfg.validate("xds", "").map_err(|e| e.message)?;
+            (self.apply)(cfg)
+        });
+        match published {
+            Ok(g) => self.generation = g,
+            Err(why) => log::warn!("xds: Cluster/{}: resolved addresses not applied: {why}", r.cluster),
         }
     }
 
@@ -731,6 +792,7 @@ impl Client {
             if response.type_url != CLUSTER {
                 continue;
             }
+            self.watch_dns();
             // Clusters changed which ClusterLoadAssignments we need: subscribe to the new
             // names, unsubscribe from those gone (their endpoints are already forgotten).
             let names: std::collections::BTreeSet<String> = self.state.eds_names().into_iter().collect();

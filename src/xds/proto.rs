@@ -63,6 +63,18 @@ pub(super) fn socket_address(addr: &Option<core::Address>) -> Result<SocketAddr,
     }
 }
 
+/// The IP address of a bind `source_address` (its port must be 0: the kernel picks one per
+/// connection, as istiod writes it).
+pub(super) fn source_ip(sa: &core::SocketAddress) -> Result<IpAddr, String> {
+    use core::socket_address::PortSpecifier;
+    let ip: IpAddr =
+        sa.address.parse().map_err(|_| format!("address {:?} is not an IP address", sa.address))?;
+    match &sa.port_specifier {
+        None | Some(PortSpecifier::PortValue(0)) => Ok(ip),
+        Some(other) => Err(format!("source port {other:?}: only 0 (any) is served")),
+    }
+}
+
 pub(super) fn field<'a>(s: &'a Struct, key: &str) -> Option<&'a Kind> {
     s.fields.get(key).and_then(|v| v.kind.as_ref())
 }

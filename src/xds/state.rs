@@ -105,6 +105,8 @@ pub struct State {
     pub arrived: [bool; 4],
     /// Per type, the resources the last response of that type could not apply, and why.
     pub rejected: [Vec<Error>; 4],
+    /// DNS clusters' endpoints as last resolved (`dns`), by cluster name.
+    pub resolved: BTreeMap<String, Arc<Vec<Endpoint>>>,
 }
 
 /// What one response did to the state.
@@ -203,6 +205,14 @@ impl State {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// The DNS clusters held, by name: what the resolver watches.
+    pub fn dns_clusters(&self) -> BTreeMap<String, Arc<super::dns::Dns>> {
+        self.clusters
+            .iter()
+            .filter_map(|(n, c)| Some((n.clone(), Arc::clone(c.value.dns.as_ref()?))))
+            .collect()
     }
 
     /// The version of `t` an ACK or NACK carries.
@@ -665,6 +675,9 @@ impl State {
                     c.source.unwrap_or_default(),
                     assignment.map_or("(none yet)", |e| e.version.as_str())
                 ));
+            } else if x.dns.is_some() {
+                // Until the first answer, none (`UH`).
+                c.endpoints = self.resolved.get(&c.name).map(|e| e.to_vec()).unwrap_or_default();
             }
             cfg.clusters.push(c);
         }
@@ -763,6 +776,8 @@ impl State {
                         endpoints: Vec::new(),
                         subsets: Vec::new(),
                         tls: None,
+                        original_dst: false,
+                        bind_source: None,
                         source: Some(format!("xds: named by Listener/{} but not sent (yet)", l.name)),
                     });
                 }

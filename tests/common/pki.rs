@@ -58,8 +58,13 @@ impl Ca {
 
     /// A workload certificate for `key` (an RSA key for the ECDHE-RSA suites).
     pub fn workload_with(&self, spiffe: &str, expired: bool, key: KeyPair) -> (String, String) {
+        self.workload_uris(&[spiffe], expired, key)
+    }
+
+    /// A workload certificate whose URI SANs are `uris`, in that order.
+    pub fn workload_uris(&self, uris: &[&str], expired: bool, key: KeyPair) -> (String, String) {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
+        p.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
         if expired {
             p.not_before = rcgen::date_time_ymd(2020, 1, 1);
             p.not_after = rcgen::date_time_ymd(2021, 1, 1);
@@ -93,6 +98,11 @@ impl Certs {
     /// Write a new certificate set by atomic renames, as the Istio agent does.
     pub fn install(&self, ca: &Ca, spiffe: &str, root: &str, expired: bool) {
         self.install_pem(ca.workload(spiffe, expired), root);
+    }
+
+    /// Replace the workload certificate with one whose URI SANs are `uris`, in order.
+    pub fn install_uris(&self, ca: &Ca, uris: &[&str]) {
+        self.install_pem(ca.workload_uris(uris, false, KeyPair::generate().unwrap()), &ca.pem);
     }
 
     /// Replace the workload certificate with one for an RSA key (same root).
