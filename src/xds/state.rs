@@ -594,7 +594,7 @@ impl State {
     /// Whether cluster `name` is an ORIGINAL_DST cluster (istiod's passthrough): its host is
     /// the connection's original destination, so no address is routed to it by name.
     fn original_dst(&self, name: &str) -> bool {
-        self.clusters.get(name).is_some_and(|c| c.value.reports.iter().any(|r| r.contains(": ORIGINAL_DST")))
+        self.clusters.get(name).is_some_and(|c| c.value.cluster.original_dst)
     }
 }
 
