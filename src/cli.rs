@@ -408,6 +408,7 @@ impl RunArgs {
                 source: None,
                 filter_chains: Vec::new(),
                 tunnel: None,
+                access_log: None,
             });
             cfg.clusters.push(Cluster {
                 name: "upstream".into(),
@@ -419,6 +420,8 @@ impl RunArgs {
                 subsets: vec![],
                 tls: None,
                 service_port: None,
+                original_dst: false,
+                bind_source: None,
                 source: None,
                 tunnel: None,
             });

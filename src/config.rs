@@ -172,6 +172,11 @@ pub struct Secrets {
     pub certificate: String,
     /// `validation_context_sds_secret_config.name` (Istio: `ROOTCA`).
     pub validation: String,
+    /// Those of the two whose `sds_config` is `ads`: fetched over the ADS stream from the
+    /// control plane (istiod serves a DestinationRule's `credentialName` so), not from the
+    /// agent's SDS server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub over_ads: Vec<String>,
 }
 
 impl Default for Config {
@@ -424,6 +429,11 @@ pub struct Listener {
     /// `filter_chain_match`, SPEC §9); when present they replace `cluster`/`tcp_routes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filter_chains: Vec<FilterChain>,
+    /// One access log line per connection when it ends (SPEC §9); a chain's own logs, where
+    /// it has any, take its connections instead (xDS: the listener's are for connections no
+    /// chain takes, as Envoy's listener-level `access_log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<std::sync::Arc<AccessLog>>,
     /// `hbone`: an HBONE terminator (SPEC §12): each HTTP/2 CONNECT stream inside its mTLS is
     /// relayed to the stream's `:authority`, with no cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -436,6 +446,35 @@ pub struct Listener {
 pub enum ListenerTunnel {
     /// Istio ambient's HBONE: HTTP/2 CONNECT inside mutual TLS 1.3 (SPEC §12).
     Hbone,
+}
+
+/// An access log (SPEC §9): where lines go and in which format.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// The file lines are appended to (`/dev/stdout` in a pod).
+    pub path: String,
+    /// Envoy's text format with command operators; Istio's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// A JSON object per line instead: each key's value is a format (Envoy's `json_format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_format: Option<BTreeMap<String, String>>,
+    /// xDS `response_flag_filter`: only connections ending with one of these flags (any flag
+    /// when empty) are logged.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub only_flags: Option<Vec<String>>,
+}
+
+impl AccessLog {
+    /// Whether a connection that ended with `response_flags` is logged.
+    pub fn takes(&self, response_flags: &str) -> bool {
+        match &self.only_flags {
+            None => true,
+            Some(flags) if flags.is_empty() => response_flags != "-",
+            Some(flags) => response_flags.split(',').any(|f| flags.iter().any(|x| x == f)),
+        }
+    }
 }
 
 /// One filter chain of a listener: which connections it takes, and where they go.
@@ -505,6 +544,77 @@ pub struct FilterChain {
     /// anything is relayed; the first denial closes it (SPEC §9).
     #[serde(skip)]
     pub rbac: Vec<std::sync::Arc<crate::rbac::Filter>>,
+    /// xDS: the RouteConfiguration its HTTP connection manager names over RDS
+    /// (`route_config_name`); the merge takes its route from it (SPEC §9).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub rds: Option<String>,
+    /// xDS: the listener filters of the listener it came from that read a connection's first
+    /// bytes before its chain is chosen (SPEC §9); `None` (static config): both run.
+    #[serde(skip)]
+    pub inspectors: Option<std::sync::Arc<Inspectors>>,
+    /// xDS: its tcp_proxy's (or HTTP connection manager's) file access logs (SPEC §9).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub access_log: Vec<std::sync::Arc<AccessLog>>,
+}
+
+/// A listener's inspectors (Envoy's listener filters `tls_inspector` and `http_inspector`),
+/// each with the destination ports its `filter_disabled` predicate takes out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inspectors {
+    /// `tls_inspector` runs (Envoy injects it where chains need it, so it is on unless
+    /// disabled for the port).
+    pub tls_disabled: Option<PortMatch>,
+    /// `http_inspector` is configured.
+    pub http: bool,
+    /// The ports `http_inspector` is disabled on.
+    pub http_disabled: Option<PortMatch>,
+}
+
+impl Default for Inspectors {
+    fn default() -> Self {
+        Inspectors { tls_disabled: None, http: true, http_disabled: None }
+    }
+}
+
+impl Inspectors {
+    /// Whether `tls_inspector` runs for a connection to `port`.
+    pub fn tls(&self, port: u16) -> bool {
+        !self.tls_disabled.as_ref().is_some_and(|m| m.matches(port))
+    }
+
+    /// Whether `http_inspector` runs for a connection to `port`.
+    pub fn http(&self, port: u16) -> bool {
+        self.http && !self.http_disabled.as_ref().is_some_and(|m| m.matches(port))
+    }
+}
+
+/// Envoy's `ListenerFilterChainMatchPredicate` over the destination port (the only
+/// connection property it reads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortMatch {
+    /// Every port.
+    Any,
+    /// Ports in `[start, end)`.
+    Range(u32, u32),
+    /// Any of these.
+    Or(Vec<PortMatch>),
+    /// All of these.
+    And(Vec<PortMatch>),
+    /// Not this.
+    Not(Box<PortMatch>),
+}
+
+impl PortMatch {
+    /// Whether `port` matches.
+    pub fn matches(&self, port: u16) -> bool {
+        match self {
+            PortMatch::Any => true,
+            PortMatch::Range(start, end) => (*start..*end).contains(&u32::from(port)),
+            PortMatch::Or(any) => any.iter().any(|m| m.matches(port)),
+            PortMatch::And(all) => all.iter().all(|m| m.matches(port)),
+            PortMatch::Not(m) => !m.matches(port),
+        }
+    }
 }
 
 /// A filter chain's `source_type` match (Envoy's `ConnectionSourceType`).
@@ -540,6 +650,13 @@ pub struct ChainTls {
     pub alpn: Vec<String>,
     /// A client certificate signed by the mesh root is required (Istio's mTLS).
     pub require_client_certificate: bool,
+    /// `match_subject_alt_names`: a client certificate's URI SANs must match one of these
+    /// exactly...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// ...or start with one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_name_prefixes: Vec<String>,
 }
 
 /// An address range, `ADDR/LEN`.
@@ -705,6 +822,12 @@ pub enum ListenerTlsMode {
 pub enum ClusterTlsMode {
     /// Istio's mesh mTLS with the workload certificate.
     IstioMutual,
+    /// xDS: a DestinationRule's `SIMPLE` origination: the server verified against the given
+    /// CA, no client certificate.
+    Simple,
+    /// xDS: a DestinationRule's `MUTUAL` origination: as `Simple`, presenting the given
+    /// client certificate.
+    Mutual,
 }
 
 /// An upstream cluster.
@@ -739,6 +862,14 @@ pub struct Cluster {
     /// Client-side TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClusterTls>,
+    /// xDS `ORIGINAL_DST` (`lb_policy: CLUSTER_PROVIDED`, istiod's passthrough and inbound
+    /// clusters): each connection's upstream is its own original destination, not an endpoint.
+    #[serde(default, skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    pub original_dst: bool,
+    /// xDS `upstream_bind_config.source_address`: upstream sockets bind this address before
+    /// connecting (istiod's 127.0.0.6 for inbound clusters).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub bind_source: Option<std::net::IpAddr>,
     /// Where it came from (`FILE: document N (ServiceEntry/NAME)`), for `--istio` clusters.
     /// Such a cluster may have no endpoints (a selector matching no WorkloadEntry): its
     /// connections then fail with `UH`, as in Istio.
@@ -1238,6 +1369,14 @@ impl Config {
                 )));
             }
             binds.push(l.listen);
+            let logs = l.access_log.iter().chain(l.filter_chains.iter().flat_map(|c| &c.access_log));
+            for log in logs {
+                crate::access_log::LogFormat::parse(log.format.as_deref(), log.json_format.as_ref())
+                    .map_err(|e| here(e.to_string()))?;
+                if log.path.is_empty() {
+                    return Err(here("access_log: a path is needed".into()));
+                }
+            }
             let targets = [
                 l.cluster.is_some(),
                 l.tcp_routes.is_some(),

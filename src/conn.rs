@@ -93,6 +93,12 @@ pub struct Conn {
     pub security: RefCell<Security>,
     /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
     pub captured: Cell<Option<Captured>>,
+    /// When it was accepted: wall clock (an access log's START_TIME) and monotonic (its
+    /// DURATION), SPEC §9.
+    pub started: (std::time::SystemTime, Instant),
+    /// What its access log line needs beyond the counters, recorded only where a log is
+    /// configured (`access_log::writer`).
+    pub access: RefCell<Option<Box<crate::access_log::Entry>>>,
     slot: Cell<usize>,
 }
 
@@ -201,6 +207,8 @@ impl WorkerCtx {
             upstream: Cell::new(None),
             security: RefCell::new(Security::default()),
             captured: Cell::new(None),
+            started: (std::time::SystemTime::now(), Instant::now()),
+            access: RefCell::new(None),
             slot: Cell::new(0),
         });
         let mut conns = self.conns.borrow_mut();

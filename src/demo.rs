@@ -91,6 +91,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             source: None,
             filter_chains: Vec::new(),
             tunnel: None,
+            access_log: None,
         }],
         clusters: vec![Cluster {
             name: "mongodb".into(),
@@ -102,6 +103,8 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             subsets: vec![],
             tls: None,
             service_port: None,
+            original_dst: false,
+            bind_source: None,
             source: None,
             tunnel: None,
         }],

@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access_log; // access log lines: Envoy's command operators at L4, Istio's format; a writer thread
 pub mod admin; // /ready, /stats/prometheus, /config_dump, /drain, /healthz/ready
 pub mod backoff; // accept back-off on EMFILE and friends: pause length, log pacing. No I/O.
 pub mod bootstrap; // Envoy's bootstrap (JSON/YAML) as pilot-agent renders it -> config. No I/O.

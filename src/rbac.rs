@@ -685,6 +685,23 @@ mod tests {
     }
 
     #[test]
+    fn a_principal_name_matches_any_uri_san_then_dns_sans_then_the_subject_as_envoy_does() {
+        // Names as `tls::peer_names` gives them: URI SANs, DNS SANs, the subject last.
+        let names = [OTHER, SLEEP, "sleep.default.svc", "CN=sleep,O=mesh"];
+        let conn = mtls(&names, "10.0.0.9:8080");
+        assert_eq!(principal_exact(SLEEP).eval(&conn), Truth::True, "the second URI SAN");
+        assert_eq!(principal_exact("CN=sleep,O=mesh").eval(&conn), Truth::True, "the subject");
+        let prefix = Principal::Authenticated(Some(
+            StringMatch::prefix("spiffe://cluster.local/ns/default/").unwrap(),
+        ));
+        assert_eq!(prefix.eval(&conn), Truth::True);
+        assert_eq!(principal_exact("spiffe://cluster.local/ns/default/sa/nobody").eval(&conn), Truth::False);
+        // io.istio.peer_principal stays the first spiffe URI SAN (istio_authn's filter state).
+        assert_eq!(Principal::PeerPrincipal(StringMatch::exact(SLEEP)).eval(&conn), Truth::False);
+        assert_eq!(Principal::PeerPrincipal(StringMatch::exact(OTHER)).eval(&conn), Truth::True);
+    }
+
+    #[test]
     fn and_or_not_follow_kleene_logic_with_l7_leaves_unknown() {
         use Permission::{And, Any, Not, Or, Unseen};
         let conn = plain("10.0.0.7:40000", "10.0.0.9:8080");

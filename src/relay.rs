@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use crate::access_log::writer as access_log;
 use crate::backoff;
 use crate::capture::{self, Decision};
 use crate::config::{Capture, Direction, Listener, PeerExchange};
@@ -210,6 +211,8 @@ fn end(ctx: &WorkerCtx, li: usize, conn: &Conn, result: Result<(), Error>) {
         }
         Ok(()) => settle(ctx, conn, None, "-"),
     }
+    let flags = result.as_ref().err().map_or("-", Error::response_flags);
+    access_log::connection_ended(conn, flags);
     if let Some((c, Some(e))) = conn.upstream.get() {
         conn.snapshot.router.disconnected(c, e);
     }
@@ -258,27 +261,35 @@ async fn set_up(
             _ => capture::original_dst(tcp, listener.listen).or_else(|_| tcp.local_addr())?,
         };
         let index = conn.snapshot.router.chain_index(li);
-        // Peeked only where the chains competing for this destination differ by what a
-        // ClientHello says: a server-first protocol on a plain TCP port never waits.
-        let hello = match index.is_some_and(|x| x.inspects(dst)) {
-            false => None,
+        // Peeked only where an inspector runs for this port and the chains competing for this
+        // destination differ by what it would find: a server-first protocol on a plain TCP
+        // port never waits.
+        let what = index.map(|x| x.inspection(dst)).unwrap_or_default();
+        let inspected = match what.tls || what.http {
+            false => mtls::Inspected::default(),
             true => monoio::select! {
-                r = mtls::inspect(ctx, tcp, listener.limits.sniff_timeout.0) => r?,
+                r = mtls::inspect(ctx, tcp, listener.limits.sniff_timeout.0, what) => r?,
                 _ = conn.cancel.wait() => {
                     cut(conn, down, None);
                     return Ok(None);
                 }
             },
         };
+        let hello = inspected.hello;
         // The client's address costs a syscall: asked only when a chain matches on it.
         let source = match index.is_some_and(|x| x.uses_source()) {
             true => tcp.peer_addr()?,
             false => std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let facts = match &hello {
-            None => {
-                ConnFacts { destination: dst, source, transport: "raw_buffer", server_name: None, alpn: &[] }
-            }
+            None => ConnFacts {
+                destination: dst,
+                source,
+                transport: "raw_buffer",
+                server_name: None,
+                // What `http_inspector` found stands for ALPN, as Envoy sets it.
+                alpn: inspected.http.map_or(&[][..], crate::routing::http_sniff::application_protocols),
+            },
             Some(h) => ConnFacts {
                 destination: dst,
                 source,
@@ -289,6 +300,13 @@ async fn set_up(
         };
         let chain = conn.snapshot.router.select_chain(li, &listener.filter_chains, &facts);
         conn.chain.set(chain);
+        if access_log::logged(conn) {
+            let remote = match facts.source.port() {
+                0 => tcp.peer_addr().ok(),
+                _ => Some(facts.source),
+            };
+            access_log::note_downstream(conn, remote, dst, facts.server_name);
+        }
         // A capture listener routes by original destination, but only what a chain takes and
         // serves (an HTTP chain's connections too: relayed as TCP); a chain that is not served
         // closes its connections (`NR`), in every listener.
@@ -318,6 +336,14 @@ async fn set_up(
     if let Side::Tls(tls) = &down {
         mtls::check_rbac(ctx, li, conn, tls)?;
     }
+    if listener.filter_chains.is_empty() && access_log::logged(conn) {
+        let tcp = down.tcp();
+        let local = match listener.capture {
+            Capture::None => tcp.local_addr()?,
+            _ => capture::original_dst(tcp, listener.listen).or_else(|_| tcp.local_addr())?,
+        };
+        access_log::note_downstream(conn, tcp.peer_addr().ok(), local, None);
+    }
     // Connecting and the exchange borrow the sides rather than own them, so a cancel (idle
     // timeout, drain deadline) leaves them here to be closed the way the cancel asks.
     let connected = monoio::select! {
@@ -328,6 +354,9 @@ async fn set_up(
         cut(conn, down, None);
         return Ok(None);
     };
+    if access_log::logged(conn) {
+        access_log::note_upstream(conn, up.tcp().local_addr().ok());
+    }
     // The downstream inherits TCP_NODELAY from its listener socket.
     if let Side::Plain(up) = &up {
         let _ = up.set_nodelay(true);
@@ -418,6 +447,14 @@ fn authorize(
     for f in filters {
         if let crate::rbac::Decision::Deny(why) = f.evaluate(&rc) {
             log::debug!("listener {}: {source} -> {destination}: {why}", listener.name);
+            if access_log::logged(conn) {
+                // Envoy's network RBAC: the DENY policy that matched, else `none`.
+                let policy = match why {
+                    crate::rbac::Denial::Policy(name) => name,
+                    _ => "none",
+                };
+                access_log::note_termination(conn, format!("rbac_access_denied_matched_policy[{policy}]"));
+            }
             ctx.metrics.borrow().count_rbac_denied();
             if let Some(t) = conn.snapshot.router.route_chain(li, chain) {
                 conn.upstream.set(Some((t.cluster, None)));
@@ -522,9 +559,9 @@ async fn connect_any(
             // The chain `relay` chose (SPEC §9).
             let chain = conn.chain.get();
             let target = chain.and_then(|c| conn.snapshot.router.route_chain(li, c)).ok_or(Error::NoRoute)?;
-            connect(ctx, li, conn, listener, Some(target)).await
+            connect(ctx, li, conn, listener, down, Some(target)).await
         }
-        Capture::None => connect(ctx, li, conn, listener, None).await,
+        Capture::None => connect(ctx, li, conn, listener, down, None).await,
         _ => connect_captured(ctx, li, conn, listener, down).await,
     }
 }
@@ -545,7 +582,7 @@ async fn connect_captured(
             ctx.metrics.borrow().count_capture_loop();
             Err(Error::Loop)
         }
-        Decision::Cluster(target) => connect(ctx, li, conn, listener, Some(target)).await,
+        Decision::Cluster(target) => connect(ctx, li, conn, listener, down, Some(target)).await,
         Decision::Passthrough(dst) => {
             conn.captured.set(Some(Captured::Passthrough(dst)));
             match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
@@ -574,12 +611,15 @@ async fn connect_captured(
 /// times out, at most `max_connect_attempts` of them (the chain's tcp_proxy, else the
 /// listener's limit) and all within one `connect_timeout`: a black-holed cluster costs a
 /// client one timeout, not one per endpoint. A failed endpoint is ejected for a while
-/// (SPEC §6), so the next connections do not wait on it.
+/// (SPEC §6), so the next connections do not wait on it. An ORIGINAL_DST cluster's one
+/// upstream is the connection's original destination; a cluster with
+/// `upstream_bind_config` connects from its source address (SPEC §9).
 async fn connect(
     ctx: &Rc<WorkerCtx>,
     li: usize,
     conn: &Conn,
     listener: &Listener,
+    down: &TcpStream,
     target: Option<Target>,
 ) -> Result<Side, Error> {
     let target = match target {
@@ -589,6 +629,21 @@ async fn connect(
     conn.upstream.set(Some((target.cluster, None)));
     let router = &conn.snapshot.router;
     let cluster = &router.clusters[target.cluster];
+    // The router's clusters are the config's, in the same order.
+    let bind_source = conn.snapshot.config.clusters.get(target.cluster).and_then(|c| c.bind_source);
+    if conn.snapshot.config.clusters.get(target.cluster).is_some_and(|c| c.original_dst) {
+        let dst = match listener.capture {
+            Capture::None => down.local_addr()?,
+            _ => capture::original_dst(down, listener.listen).or_else(|_| down.local_addr())?,
+        };
+        // A connection that reached a listener directly has itself as its destination:
+        // connecting there would loop through this proxy.
+        if capture::is_own_listener(dst, &conn.snapshot.config.listeners) {
+            return Err(Error::Loop);
+        }
+        let up = connect_to(bind_source, dst, listener.limits.connect_timeout.0).await;
+        return up.map(Side::Plain).map_err(Error::Connect);
+    }
     let now = Instant::now();
     let healthy = router.healthy(target, now);
     let attempts = conn
@@ -606,7 +661,12 @@ async fn connect(
             break;
         }
         let addr = cluster.endpoints[e].address;
-        let err = match monoio::time::timeout(left, dial(ctx, conn, target.cluster, addr)).await {
+        if access_log::logged(conn) {
+            access_log::note_upstream_host(conn, addr);
+        }
+        let err = match monoio::time::timeout(left, dial(ctx, conn, target.cluster, bind_source, addr, left))
+            .await
+        {
             Ok(Ok(s)) => {
                 conn.upstream.set(Some((target.cluster, Some(e))));
                 router.connected(target.cluster, e);
@@ -646,7 +706,9 @@ async fn dial(
     ctx: &Rc<WorkerCtx>,
     conn: &Conn,
     cluster: usize,
+    bind_source: Option<std::net::IpAddr>,
     addr: std::net::SocketAddr,
+    timeout: Duration,
 ) -> io::Result<Side> {
     let tunnel = conn.snapshot.config.clusters.get(cluster).and_then(|c| c.tunnel.as_ref());
     let slot = conn.snapshot.tls.clusters.get(cluster).and_then(Option::as_ref);
@@ -657,7 +719,22 @@ async fn dial(
             *conn.security.borrow_mut() = security;
             Ok(Side::Tunnel(tunnel))
         }
-        _ => TcpStream::connect_addr(addr).await.map(Side::Plain),
+        _ => connect_to(bind_source, addr, timeout).await.map(Side::Plain),
+    }
+}
+
+/// Connect to `dst`, from `source` when a cluster binds one (`connect_from`), within `timeout`.
+async fn connect_to(
+    source: Option<std::net::IpAddr>,
+    dst: std::net::SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    match source {
+        Some(src) => capture::connect_from(src, dst, timeout).await,
+        None => match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect {dst}: timed out"))),
+        },
     }
 }
 

@@ -204,12 +204,14 @@ impl Shared {
         generation
     }
 
-    /// Prometheus text of every shard (and the `ringside_xds_*` families with xDS).
+    /// Prometheus text of every shard (and the `ringside_xds_*` families with xDS, and the
+    /// access log's drops).
     pub fn render(&self) -> String {
         let mut text = metrics::render(&self.shards, self.driver.name());
         if let Some(x) = &self.xds {
             text.push_str(&x.render());
         }
+        text.push_str(&crate::access_log::writer::render());
         text
     }
 }

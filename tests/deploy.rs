@@ -57,6 +57,22 @@ fn the_dockerfile_passes_hadolint() {
 }
 
 #[test]
+fn the_istio_proxy_image_puts_ringside_where_binary_path_names_it_beside_istios_agent() {
+    let path = docker("Dockerfile.istio-proxy");
+    let (ok, text) = tool("hadolint", &[path.to_str().unwrap()]);
+    assert!(ok, "hadolint:\n{text}");
+    let text = read(&path);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    let froms: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
+    assert!(froms.last().is_some_and(|f| f.starts_with("FROM docker.io/istio/proxyv2:")), "{froms:?}");
+    assert!(
+        lines.contains(&"COPY --from=ringside /usr/local/bin/ringside /usr/local/bin/ringside"),
+        "{lines:?}"
+    );
+    assert!(text.contains("binaryPath\": \"/usr/local/bin/ringside"), "the annotation it is for");
+}
+
+#[test]
 fn the_image_is_multi_stage_from_scratch_runs_as_1337_and_exposes_istios_ports() {
     let text = read(&docker("Dockerfile"));
     let lines: Vec<&str> =

@@ -33,6 +33,11 @@ command -v runc >/dev/null || need_apt+=(runc)
 command -v catatonit >/dev/null || need_apt+=(catatonit)
 # tests/limits.rs lowers a running ringside's descriptor limit with util-linux's prlimit.
 command -v prlimit >/dev/null || need_apt+=(util-linux)
+# tests/xds_clusters.rs gives a sidecar its own /etc/hosts in a mount namespace (unshare,
+# mount); benches/xds_chains.rs sets tcp_tw_reuse inside its pods (sysctl).
+command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v mount >/dev/null || need_apt+=(mount)
+command -v sysctl >/dev/null || need_apt+=(procps)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi

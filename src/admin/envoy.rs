@@ -52,7 +52,7 @@ pub fn stats(shared: &Shared) -> Vec<(String, u64)> {
     let state = server_state(shared);
     let published = shared.published.load();
     // Index 0 is Cluster, 1 Listener (`xds::Status`).
-    let xds = |counts: Option<&[AtomicU64; 3]>, i: usize| counts.map_or(0, |c| c[i].load(Ordering::Relaxed));
+    let xds = |counts: Option<&[AtomicU64; 4]>, i: usize| counts.map_or(0, |c| c[i].load(Ordering::Relaxed));
     let applied = shared.xds.as_ref().map(|x| &x.applied);
     let rejected = shared.xds.as_ref().map(|x| &x.rejected);
     let started = shared.workers_started.load(Ordering::Acquire) == shared.workers;

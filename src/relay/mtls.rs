@@ -81,7 +81,9 @@ pub(super) async fn handshake(
     let security = Security {
         local_principal: config.local_principal.clone(),
         peer_principal: tls.peer_principal().map(Into::into),
-        mutual_tls: true,
+        // A chain that does not require a client certificate terminates plain TLS for a
+        // client without one: `mutual_tls` only when it presented one (SPEC §9).
+        mutual_tls: tls.peer_presented_certificate(),
     };
     Ok((tls, security))
 }
@@ -125,30 +127,56 @@ async fn sniff_client_hello(
     Ok(tls? == Some(true))
 }
 
-/// A listener's `tls_inspector` (SPEC §9): what the client's ClientHello offers (server name,
-/// ALPN), or `None` for a plaintext client, peeked without consuming a byte. A client that sends
-/// nothing within `sniff_timeout` (at least 1 s, as `permissive`), or whose ClientHello does
-/// not complete within it, is plaintext, as Envoy's inspector gives up at its timeout
-/// (istiod sets `continue_on_listener_filters_timeout`). A ClientHello too large for a pool
-/// buffer is TLS with no ALPN seen.
+/// What a listener's inspectors found in a connection's first bytes (SPEC §9).
+#[derive(Debug, Default)]
+pub(super) struct Inspected {
+    /// `tls_inspector`: the ClientHello's offers; `None`: plaintext.
+    pub hello: Option<ClientHello>,
+    /// `http_inspector`: the HTTP protocol of a plaintext client (`http/1.1`, `h2c`, ...).
+    pub http: Option<&'static str>,
+}
+
+/// A listener's `tls_inspector` and `http_inspector` (SPEC §9), as `what` asks for them: what
+/// the client's ClientHello offers (server name, ALPN), or `None` for a plaintext client, and
+/// then for a plaintext one its HTTP protocol, peeked without consuming a byte. A client that
+/// sends nothing within `sniff_timeout` (at least 1 s, as `permissive`), or whose first bytes
+/// decide nothing within it, is plaintext without a protocol, as Envoy's inspectors give up
+/// at its timeout (istiod sets `continue_on_listener_filters_timeout`). A ClientHello too
+/// large for a pool buffer is TLS with no ALPN seen; a request line too, not HTTP.
 pub(super) async fn inspect(
     ctx: &WorkerCtx,
     down: &TcpStream,
     sniff_timeout: Duration,
-) -> Result<Option<ClientHello>, Error> {
+    what: crate::routing::chains::Inspection,
+) -> Result<Inspected, Error> {
+    use crate::routing::http_sniff::{Sniff, sniff};
     use crate::tls::hello::{Hello, parse};
     let deadline = Instant::now() + sniff_timeout.max(PERMISSIVE_SNIFF_MIN);
     let mut buf = ctx.pool.take();
     let limit = buf.capacity();
-    let hello = peek_until(down, &mut buf, limit, deadline, |bytes, full| match parse(bytes) {
-        Hello::NotTls => Some(None),
-        Hello::Tls(offers) => Some(Some(offers)),
-        Hello::NeedMore if full => Some(Some(ClientHello::default())),
-        Hello::NeedMore => None,
+    let found = peek_until(down, &mut buf, limit, deadline, |bytes, full| {
+        if what.tls {
+            match parse(bytes) {
+                Hello::NotTls => {}
+                Hello::Tls(offers) => return Some(Inspected { hello: Some(offers), http: None }),
+                Hello::NeedMore if full => {
+                    return Some(Inspected { hello: Some(ClientHello::default()), http: None });
+                }
+                Hello::NeedMore => return None,
+            }
+        }
+        if !what.http {
+            return Some(Inspected::default());
+        }
+        match sniff(bytes) {
+            Sniff::Http(p) => Some(Inspected { hello: None, http: Some(p) }),
+            Sniff::NeedMore if !full => None,
+            Sniff::NeedMore | Sniff::NotHttp => Some(Inspected::default()),
+        }
     })
     .await;
     ctx.pool.put(buf);
-    Ok(hello?.flatten())
+    Ok(found?.unwrap_or_default())
 }
 
 /// Peek at a client's first bytes (at most `limit`, within `buf`'s capacity) until `decide`
@@ -195,8 +223,9 @@ async fn peek_until<T>(
     answer
 }
 
-/// A TLS chain's RBAC (SPEC §9), once the handshake is done: the peer's SPIFFE id as its
-/// principal and the SNI it asked for. Only chains with RBAC filters ask the socket for the
+/// A TLS chain's RBAC (SPEC §9), once the handshake is done: the peer certificate's names as
+/// Envoy matches principals (every URI SAN, then DNS SANs, then the subject) and the SNI it
+/// asked for. Only chains with RBAC filters read the certificate and ask the socket for the
 /// connection's addresses.
 pub(super) fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Result<(), Error> {
     let listener = &conn.snapshot.config.listeners[li];
@@ -210,14 +239,10 @@ pub(super) fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStrea
         Capture::None => tcp.local_addr()?,
         _ => capture::original_dst(tcp, listener.listen).or_else(|_| tcp.local_addr())?,
     };
-    let security = conn.security.borrow();
-    let principal = security.peer_principal.as_deref();
-    let names: &[&str] = match &principal {
-        Some(p) => std::slice::from_ref(p),
-        None => &[],
-    };
+    let owned = tls.peer_names();
+    let names: Vec<&str> = owned.iter().map(String::as_str).collect();
     tls.with_server_name(|sni| {
-        let t = crate::rbac::Tls { sni, peer_names: names };
+        let t = crate::rbac::Tls { sni, peer_names: &names };
         authorize(ctx, li, conn, c, tcp, dst, None, Some(t))
     })
 }

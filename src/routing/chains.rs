@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::config::{Cidr, FilterChain, SourceType};
+use crate::config::{Cidr, FilterChain, Inspectors, SourceType};
 
 /// What a connection shows the match.
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +25,15 @@ pub struct ConnFacts<'a> {
     pub server_name: Option<&'a str>,
     /// The ClientHello's ALPN protocols, in the client's order.
     pub alpn: &'a [String],
+}
+
+/// What a connection is peeked for before its chain is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inspection {
+    /// A ClientHello (`tls_inspector`).
+    pub tls: bool,
+    /// An HTTP/1.x request line or the HTTP/2 preface (`http_inspector`).
+    pub http: bool,
 }
 
 /// Candidates kept on the stack; a port with more chains than this (after its handoff group)
@@ -48,6 +57,8 @@ struct Group {
     any_port: Bucket,
     /// The group's default chain.
     default: Option<usize>,
+    /// The inspectors of the listener its chains came from (SPEC §9).
+    inspectors: Inspectors,
 }
 
 /// The chains that compete for one destination port.
@@ -62,6 +73,9 @@ struct Bucket {
     /// then is a connection's first flight peeked (Envoy's `tls_inspector`), so a
     /// server-first protocol on a port whose chains do not care never waits.
     inspects: bool,
+    /// Some plaintext chain names application protocols (istiod's `http/1.1`, `h2c`): only
+    /// then does `http_inspector`'s verdict change the chain.
+    sniffs: bool,
 }
 
 impl Bucket {
@@ -90,6 +104,7 @@ impl Bucket {
         self.inspects |= c.transport_protocol.is_some()
             || !c.application_protocols.is_empty()
             || !c.server_names.is_empty();
+        self.sniffs |= !c.application_protocols.is_empty() && c.transport_protocol.as_deref() != Some("tls");
     }
 }
 
@@ -99,6 +114,14 @@ impl ChainIndex {
         let mut groups: HashMap<Option<SocketAddr>, Group> = HashMap::new();
         for (i, c) in chains.iter().enumerate() {
             let g = groups.entry(c.handoff).or_default();
+            // Every chain of a group came from one listener: the first that says gives them.
+            if let Some(x) = &c.inspectors
+                && g.default.is_none()
+                && g.by_port.is_empty()
+                && g.any_port.is_empty()
+            {
+                g.inspectors = Inspectors::clone(x);
+            }
             if c.default {
                 g.default.get_or_insert(i);
             } else if let Some(port) = c.destination_port {
@@ -119,7 +142,20 @@ impl ChainIndex {
     /// Whether a connection to `destination` must show its ClientHello (if any) before its
     /// chain is known: the chains competing for it differ by transport, server name or ALPN.
     pub fn inspects(&self, destination: SocketAddr) -> bool {
-        self.bucket(destination).is_some_and(|b| b.inspects)
+        self.inspection(destination).tls
+    }
+
+    /// What a connection to `destination` is peeked for before its chain is known (SPEC §9):
+    /// each inspector only where it runs for the destination port (its `filter_disabled`) and
+    /// the chains competing for the connection differ by what it would find.
+    pub fn inspection(&self, destination: SocketAddr) -> Inspection {
+        match self.group_and_bucket(destination) {
+            None => Inspection::default(),
+            Some((g, b)) => Inspection {
+                tls: b.inspects && g.inspectors.tls(destination.port()),
+                http: b.sniffs && g.inspectors.http(destination.port()),
+            },
+        }
     }
 
     /// Whether the match reads the client's address (else any address will do).
@@ -136,10 +172,6 @@ impl ChainIndex {
         let group = [Some(dst), Some(wildcard), None].iter().find_map(|k| self.groups.get(k))?;
         let bucket = group.by_port.get(&dst.port()).filter(|b| !b.is_empty()).unwrap_or(&group.any_port);
         Some((group, bucket))
-    }
-
-    fn bucket(&self, dst: SocketAddr) -> Option<&Bucket> {
-        self.group_and_bucket(dst).map(|(_, b)| b)
     }
 
     /// The chain `facts` takes among `chains` (those this index was built from), if any.
@@ -495,5 +527,50 @@ mod tests {
         assert_eq!(at("10.97.0.42:27017"), Some(42));
         assert_eq!(at("10.97.3.3:27017"), Some(100), "the /16");
         assert_eq!(at("10.98.0.1:27017"), Some(101), "no range holds it: the chain without ranges");
+    }
+
+    #[test]
+    fn http_is_sniffed_only_where_http_inspector_runs_for_the_port_and_plaintext_chains_name_protocols() {
+        use crate::config::PortMatch;
+        use std::sync::Arc;
+        // istiod's virtualInbound: inspectors off on [15006, 15007), an HTTP and a TCP chain
+        // on 8083, a TCP-only chain on 3306.
+        let x = Arc::new(Inspectors {
+            tls_disabled: Some(PortMatch::Range(15006, 15007)),
+            http: true,
+            http_disabled: Some(PortMatch::Range(15006, 15007)),
+        });
+        let on = |port: Option<u16>, transport: &str, alpn: &[&str]| {
+            chain(|c| {
+                c.destination_port = port;
+                c.transport_protocol = Some(transport.into());
+                c.application_protocols = alpn.iter().map(|s| s.to_string()).collect();
+                c.inspectors = Some(Arc::clone(&x));
+            })
+        };
+        let chains = vec![
+            on(Some(8083), "raw_buffer", &["http/1.1", "h2c"]),
+            on(Some(8083), "raw_buffer", &[]),
+            on(Some(3306), "raw_buffer", &[]),
+            on(Some(15006), "raw_buffer", &["http/1.1"]),
+            on(None, "tls", &["istio-peer-exchange"]),
+        ];
+        let index = ChainIndex::new(&chains);
+        let at = |dst: &str| index.inspection(dst.parse().unwrap());
+        assert_eq!(at("10.0.0.1:8083"), Inspection { tls: true, http: true });
+        assert_eq!(at("10.0.0.1:3306"), Inspection { tls: true, http: false }, "no chain names a protocol");
+        assert_eq!(at("10.0.0.1:15006"), Inspection::default(), "both disabled for the port");
+        assert_eq!(at("10.0.0.1:9999"), Inspection { tls: true, http: false }, "only a TLS chain names ALPN");
+        // What the sniff found picks the chain; nothing found, the one naming none.
+        let http: Vec<String> = vec!["http/1.1".into()];
+        let f = facts("10.0.0.1:8083", "10.0.0.9:5000", "raw_buffer", None, &http);
+        assert_eq!(index.select(&chains, &f), Some(0));
+        let f = facts("10.0.0.1:8083", "10.0.0.9:5000", "raw_buffer", None, &[]);
+        assert_eq!(index.select(&chains, &f), Some(1));
+        // Without http_inspector on the listener, its chains are never sniffed.
+        let mut without = chains.clone();
+        let no_http = Arc::new(Inspectors { http: false, ..Inspectors::clone(&x) });
+        without.iter_mut().for_each(|c| c.inspectors = Some(Arc::clone(&no_http)));
+        assert!(!ChainIndex::new(&without).inspection("10.0.0.1:8083".parse().unwrap()).http);
     }
 }

@@ -549,6 +549,8 @@ fn service_entry<'a>(
                 endpoints,
                 subsets: Vec::new(),
                 tls: None,
+                original_dst: false,
+                bind_source: None,
                 source: Some(doc.at()),
                 tunnel: None,
             });

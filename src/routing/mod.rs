@@ -3,6 +3,7 @@
 //! `istio` turns Istio's own YAML into the same config.
 
 pub mod chains;
+pub mod http_sniff;
 pub mod istio;
 
 use std::cell::Cell;

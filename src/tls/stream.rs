@@ -124,6 +124,22 @@ impl TlsStream {
         self.conn.borrow().peer_certificates().and_then(|c| c.first()).and_then(super::spiffe_id)
     }
 
+    /// Whether the peer presented a certificate (a server's client with one: mutual TLS).
+    pub fn peer_presented_certificate(&self) -> bool {
+        self.conn.borrow().peer_certificates().is_some_and(|c| !c.is_empty())
+    }
+
+    /// The peer certificate's names for RBAC principals, in Envoy's order (`tls::peer_names`);
+    /// empty without a certificate.
+    pub fn peer_names(&self) -> Vec<String> {
+        self.conn
+            .borrow()
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(super::peer_names)
+            .unwrap_or_default()
+    }
+
     /// Calls `f` with the server name (SNI) the client asked for, on a server connection.
     pub fn with_server_name<R>(&self, f: impl FnOnce(Option<&str>) -> R) -> R {
         match &**self.conn.borrow() {

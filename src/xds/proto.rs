@@ -13,6 +13,8 @@ pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listene
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Type URL of a ClusterLoadAssignment resource.
 pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// Type URL of a RouteConfiguration resource (RDS).
+pub const ROUTES: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 /// Istio's metadata exchange, as a listener, network or cluster filter.
 pub(super) const METADATA_EXCHANGE: &str = "istio.metadata_exchange";
 
@@ -20,7 +22,8 @@ pub(super) const METADATA_EXCHANGE: &str = "istio.metadata_exchange";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{resource}: {reason}")]
 pub struct Error {
-    /// `Listener/NAME`, `Cluster/NAME` or `ClusterLoadAssignment/NAME`.
+    /// `Listener/NAME`, `Cluster/NAME`, `ClusterLoadAssignment/NAME` or
+    /// `RouteConfiguration/NAME`.
     pub resource: String,
     /// What is wrong, a lowercase fragment.
     pub reason: String,
@@ -57,6 +60,18 @@ pub(super) fn socket_address(addr: &Option<core::Address>) -> Result<SocketAddr,
         Some(A::Pipe(p)) => Err(format!("unsupported address family: pipe {:?}", p.path)),
         Some(A::EnvoyInternalAddress(_)) => Err("unsupported address family: envoy internal address".into()),
         None => Err("no address".into()),
+    }
+}
+
+/// The IP address of a bind `source_address` (its port must be 0: the kernel picks one per
+/// connection, as istiod writes it).
+pub(super) fn source_ip(sa: &core::SocketAddress) -> Result<IpAddr, String> {
+    use core::socket_address::PortSpecifier;
+    let ip: IpAddr =
+        sa.address.parse().map_err(|_| format!("address {:?} is not an IP address", sa.address))?;
+    match &sa.port_specifier {
+        None | Some(PortSpecifier::PortValue(0)) => Ok(ip),
+        Some(other) => Err(format!("source port {other:?}: only 0 (any) is served")),
     }
 }
 

@@ -12,13 +12,15 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::cluster::v3 as cds;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use envoy_types::pb::envoy::config::listener::v3 as lds;
+use envoy_types::pb::envoy::config::route::v3 as rds;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::Any;
 
 use super::cluster::{XdsCluster, cluster};
 use super::endpoint::load_assignment;
 use super::listener::{Handoff, XdsListener, listener};
-use super::proto::{CLUSTER, ENDPOINTS, Error, LISTENER, decode, invalid};
+use super::proto::{CLUSTER, ENDPOINTS, Error, LISTENER, ROUTES, decode, invalid};
+use super::route::{TcpTarget, XdsRoute, by_original_destination, route_configuration, route_target};
 use super::tls::resolve;
 use crate::config::{Capture, Cluster, Config, Endpoint, FilterChain, LoadBalancer, PeerExchange};
 
@@ -31,11 +33,13 @@ pub enum Type {
     Listener = 1,
     /// `envoy.config.endpoint.v3.ClusterLoadAssignment` (only the names asked for).
     Endpoints = 2,
+    /// `envoy.config.route.v3.RouteConfiguration` (the names HTTP chains ask for over RDS).
+    Routes = 3,
 }
 
 impl Type {
     /// Every type, in index order.
-    pub const ALL: [Type; 3] = [Type::Cluster, Type::Listener, Type::Endpoints];
+    pub const ALL: [Type; 4] = [Type::Cluster, Type::Listener, Type::Endpoints, Type::Routes];
 
     /// The type of a type URL, if subscribed.
     pub fn of(type_url: &str) -> Option<Type> {
@@ -43,18 +47,19 @@ impl Type {
             CLUSTER => Some(Type::Cluster),
             LISTENER => Some(Type::Listener),
             ENDPOINTS => Some(Type::Endpoints),
+            ROUTES => Some(Type::Routes),
             _ => None,
         }
     }
 
     /// Its type URL.
     pub fn url(self) -> &'static str {
-        [CLUSTER, LISTENER, ENDPOINTS][self as usize]
+        [CLUSTER, LISTENER, ENDPOINTS, ROUTES][self as usize]
     }
 
     /// Its name in resource names (`Cluster/NAME`) and metrics.
     pub fn name(self) -> &'static str {
-        ["Cluster", "Listener", "ClusterLoadAssignment"][self as usize]
+        ["Cluster", "Listener", "ClusterLoadAssignment", "RouteConfiguration"][self as usize]
     }
 }
 
@@ -90,14 +95,18 @@ pub struct State {
     pub clusters: BTreeMap<String, Accepted<XdsCluster>>,
     /// Endpoints by ClusterLoadAssignment name.
     pub endpoints: BTreeMap<String, Accepted<Vec<Endpoint>>>,
+    /// RouteConfigurations by name.
+    pub routes: BTreeMap<String, Accepted<XdsRoute>>,
     /// Per type, the version of the last response accepted whole: what an ACK or NACK
     /// carries (as Envoy), and what a new stream tells the server it has.
-    pub versions: [String; 3],
+    pub versions: [String; 4],
     /// Per type, whether a response has arrived (applied or not): Envoy's initial fetch is
     /// done when each has, and a NACK never blocks readiness.
-    pub arrived: [bool; 3],
+    pub arrived: [bool; 4],
     /// Per type, the resources the last response of that type could not apply, and why.
-    pub rejected: [Vec<Error>; 3],
+    pub rejected: [Vec<Error>; 4],
+    /// DNS clusters' endpoints as last resolved (`dns`), by cluster name.
+    pub resolved: BTreeMap<String, Arc<Vec<Endpoint>>>,
 }
 
 /// What one response did to the state.
@@ -166,6 +175,7 @@ impl Undo {
             Type::Listener => keep(&mut self.prev.listeners, &state.listeners, name),
             Type::Cluster => keep(&mut self.prev.clusters, &state.clusters, name),
             Type::Endpoints => keep(&mut self.prev.endpoints, &state.endpoints, name),
+            Type::Routes => keep(&mut self.prev.routes, &state.routes, name),
         }
     }
 }
@@ -180,17 +190,45 @@ impl State {
         names
     }
 
+    /// The RouteConfiguration names to subscribe to: those the HTTP chains of the listeners
+    /// held name over RDS (bound or handed off).
+    pub fn rds_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .listeners
+            .values()
+            .flat_map(|x| {
+                let own = x.value.listener.iter().flat_map(|l| &l.filter_chains);
+                own.chain(x.value.handoff.iter().flat_map(|h| &h.chains))
+            })
+            .filter_map(|c| c.rds.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The DNS clusters held, by name: what the resolver watches.
+    pub fn dns_clusters(&self) -> BTreeMap<String, Arc<super::dns::Dns>> {
+        self.clusters
+            .iter()
+            .filter_map(|(n, c)| Some((n.clone(), Arc::clone(c.value.dns.as_ref()?))))
+            .collect()
+    }
+
     /// The version of `t` an ACK or NACK carries.
     pub fn version(&self, t: Type) -> &str {
         &self.versions[t as usize]
     }
 
-    /// Clusters and Listeners have each arrived once, and the endpoints of EDS clusters if
-    /// there are any (Envoy's initial fetch), applied or not.
+    /// Clusters and Listeners have each arrived once, and the endpoints of EDS clusters and
+    /// the routes of RDS chains if there are any (Envoy's initial fetch: a listener warms
+    /// until its RouteConfiguration arrives, and istiod's `initial_fetch_timeout: 0s` sets no
+    /// bound on that wait), applied or not.
     pub fn synced(&self) -> bool {
         self.arrived[Type::Cluster as usize]
             && self.arrived[Type::Listener as usize]
             && (self.arrived[Type::Endpoints as usize] || self.eds_names().is_empty())
+            && (self.arrived[Type::Routes as usize] || self.rds_names().is_empty())
     }
 
     /// Valid config that is not served, and the resources rejected, one line each.
@@ -205,6 +243,23 @@ impl State {
         // One line for what reads the same (a chain is named by its index too).
         let mut seen = BTreeSet::new();
         served.chain(rejected).filter(|l| seen.insert(l.clone())).collect()
+    }
+
+    /// The secrets the accepted resources' TLS contexts name: from the SDS server
+    /// (`over_ads` false) or over the ADS stream (true, istiod's `credentialName`).
+    pub fn secret_names(&self, over_ads: bool) -> BTreeSet<String> {
+        let listeners = self.listeners.values().flat_map(|x| {
+            let own = x.value.listener.iter().flat_map(|l| &l.filter_chains);
+            own.chain(x.value.handoff.iter().flat_map(|h| &h.chains)).filter_map(|c| c.tls.as_ref())
+        });
+        let clusters = self.clusters.values().filter_map(|x| x.value.cluster.tls.as_ref()?.secrets.as_ref());
+        let mut names = BTreeSet::new();
+        for s in listeners.map(|t| &t.secrets).chain(clusters) {
+            // An empty name is no secret (none, or files inline in the context).
+            let named = [&s.certificate, &s.validation].into_iter().filter(|n| !n.is_empty());
+            names.extend(named.filter(|n| s.over_ads.contains(n) == over_ads).cloned());
+        }
+        names
     }
 
     /// Apply state-of-the-world response `r`: its resources are the whole set of their type
@@ -296,6 +351,9 @@ impl State {
         if t == Type::Cluster {
             self.forget_orphaned_endpoints(&undo.prev);
         }
+        if t == Type::Listener {
+            self.forget_orphaned_routes(&undo.prev);
+        }
         self.arrived[t as usize] = true;
         if rejected.is_empty() {
             self.versions[t as usize] = version.to_string();
@@ -347,6 +405,14 @@ impl State {
                             Ok((pb.cluster_name, alone))
                         })
                     }
+                    Type::Routes => {
+                        decode::<rds::RouteConfiguration>(any, ROUTES).map_err(unnamed).and_then(|pb| {
+                            let x = route_configuration(&pb)?;
+                            let mut alone = State::default();
+                            alone.routes.insert(pb.name.clone(), Accepted::new(version, x));
+                            Ok((pb.name, alone))
+                        })
+                    }
                 },
             };
             let translated = translated.and_then(|(name, alone)| match item.name {
@@ -387,8 +453,8 @@ impl State {
             self.take(t, &name, alone);
         }
         let gone: Vec<String> = match (how, t) {
-            // EDS responses carry only the assignments asked for, or only those that changed.
-            (Change::Replace, Type::Endpoints) => Vec::new(),
+            // EDS and RDS responses carry only the names asked for, or only those that changed.
+            (Change::Replace, Type::Endpoints | Type::Routes) => Vec::new(),
             (Change::Replace, Type::Listener) => {
                 self.listeners.keys().filter(|n| !carried.contains(*n)).cloned().collect()
             }
@@ -412,6 +478,26 @@ impl State {
             Type::Listener => self.listeners.contains_key(name),
             Type::Cluster => self.clusters.contains_key(name),
             Type::Endpoints => self.endpoints.contains_key(name),
+            Type::Routes => self.routes.contains_key(name),
+        }
+    }
+
+    /// Forget the routes no listener names any more (`prev` holds the listeners a response
+    /// changed, as they were): only the names those named are looked at.
+    fn forget_orphaned_routes(&mut self, prev: &State) {
+        let candidates: Vec<String> = State { listeners: prev.listeners.clone(), ..State::default() }
+            .rds_names()
+            .into_iter()
+            .filter(|n| self.routes.contains_key(n))
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let used: BTreeSet<String> = self.rds_names().into_iter().collect();
+        for name in candidates {
+            if !used.contains(&name) {
+                self.routes.remove(&name);
+            }
         }
     }
 
@@ -445,6 +531,7 @@ impl State {
             Type::Listener => of(&self.listeners),
             Type::Cluster => of(&self.clusters),
             Type::Endpoints => of(&self.endpoints),
+            Type::Routes => of(&self.routes),
         }
     }
 
@@ -458,6 +545,9 @@ impl State {
         }
         if let Some(x) = from.endpoints.remove(name).filter(|_| t == Type::Endpoints) {
             self.endpoints.insert(name.into(), x);
+        }
+        if let Some(x) = from.routes.remove(name).filter(|_| t == Type::Routes) {
+            self.routes.insert(name.into(), x);
         }
     }
 
@@ -473,7 +563,38 @@ impl State {
             Type::Listener => back(&mut self.listeners, &prev.listeners, name),
             Type::Cluster => back(&mut self.clusters, &prev.clusters, name),
             Type::Endpoints => back(&mut self.endpoints, &prev.endpoints, name),
+            Type::Routes => back(&mut self.routes, &prev.routes, name),
         }
+    }
+}
+
+impl State {
+    /// An HTTP chain's route from the RouteConfiguration it names over RDS (SPEC §9): the
+    /// virtual host holding the listener's address. Until that arrives, or when it routes
+    /// nothing there, a chain of a bound listener closes its connections (`NR`: Envoy serves
+    /// no listener still warming), and a capture listener's goes by original destination.
+    /// Handed-off chains are routed by the addresses their table names (`merge`).
+    fn take_route(&self, chain: &mut FilterChain, listen: std::net::SocketAddr, capture: Capture) {
+        let Some(name) = &chain.rds else { return };
+        if chain.handoff.is_some() || chain.not_served.is_some() {
+            return;
+        }
+        let target = match self.routes.get(name) {
+            None => Err(format!("RDS route_config_name {name:?}: not arrived yet")),
+            Some(rc) => route_target(&rc.value.config, listen),
+        };
+        match target {
+            Ok(TcpTarget::Cluster(c)) => chain.cluster = Some(c),
+            Ok(TcpTarget::Weighted(routes)) => chain.tcp_routes = Some(routes),
+            Err(_) if capture != Capture::None => {}
+            Err(why) => chain.not_served = Some(why),
+        }
+    }
+
+    /// Whether cluster `name` is an ORIGINAL_DST cluster (istiod's passthrough): its host is
+    /// the connection's original destination, so no address is routed to it by name.
+    fn original_dst(&self, name: &str) -> bool {
+        self.clusters.get(name).is_some_and(|c| c.value.cluster.original_dst)
     }
 }
 
@@ -483,6 +604,7 @@ fn mentions(t: Type, name: &str) -> Vec<String> {
     let kinds: &[&str] = match t {
         Type::Listener => &["listener"],
         Type::Cluster | Type::Endpoints => &["cluster"],
+        Type::Routes => &["route_config"],
     };
     let mut ways = vec![format!("{}/{name}", t.name()), format!("{name:?}")];
     ways.extend(kinds.iter().map(|k| format!("{k} {name}")));
@@ -521,17 +643,29 @@ impl State {
     /// without those, the resource is an error (never plaintext instead).
     pub fn merge(&self, base: &Config) -> Result<Config, Error> {
         let certificates = base.xds.as_ref().and_then(|x| x.certificates.as_ref());
+        let sds = base.xds.as_ref().is_some_and(|x| x.sds.is_some());
         let mut cfg = base.clone();
         for x in self.clusters.values() {
             let x = &x.value;
             let mut c = x.cluster.clone();
+            let mut waiting = None;
             if let Some(t) = &mut c.tls
                 && let Some(secrets) = &t.secrets
             {
                 let mut files = t.files();
-                resolve(secrets, &mut files, certificates).map_err(|r| invalid("Cluster", &c.name, r))?;
+                waiting = resolve(secrets, &mut files, certificates, sds)
+                    .map_err(|r| invalid("Cluster", &c.name, r))?;
                 (t.cert_chain, t.private_key, t.root_cert) =
                     (files.cert_chain, files.private_key, files.root_cert);
+            }
+            if let Some(secret) = waiting {
+                // Envoy's warming: a cluster whose secrets have not arrived serves no
+                // connection (no endpoints: `UH`), and never one in plaintext.
+                c.tls = None;
+                c.endpoints = Vec::new();
+                c.source = Some(format!("xds: waiting for SDS secret {secret}"));
+                cfg.clusters.push(c);
+                continue;
             }
             if let Some(eds) = &x.eds_name {
                 let assignment = self.endpoints.get(eds);
@@ -541,6 +675,9 @@ impl State {
                     c.source.unwrap_or_default(),
                     assignment.map_or("(none yet)", |e| e.version.as_str())
                 ));
+            } else if x.dns.is_some() {
+                // Until the first answer, none (`UH`).
+                c.endpoints = self.resolved.get(&c.name).map(|e| e.to_vec()).unwrap_or_default();
             }
             cfg.clusters.push(c);
         }
@@ -549,6 +686,28 @@ impl State {
         for (address, cluster) in handoffs.iter().flat_map(|h| &h.addresses) {
             if let Some(c) = cfg.clusters.iter_mut().find(|c| &c.name == cluster) {
                 c.addresses.push(*address);
+            }
+        }
+        // Handed-off HTTP chains routed over RDS: each address their table names goes where
+        // its virtual host says, as a capture routes by original destination (SPEC §8). A
+        // route table may name thousands of services: clusters are found by name, not scanned.
+        let by_name: std::collections::HashMap<String, usize> =
+            cfg.clusters.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
+        for c in handoffs.iter().flat_map(|h| &h.chains).filter(|c| c.not_served.is_none()) {
+            let (Some(name), Some(listen)) = (&c.rds, c.handoff) else { continue };
+            let Some(rc) = self.routes.get(name) else { continue };
+            for (address, target) in by_original_destination(&rc.value.config, listen) {
+                // Weighted clusters and istiod's passthrough (`allow_any`) are left to the
+                // original destination itself.
+                let Ok(TcpTarget::Cluster(cluster)) = target else { continue };
+                if self.original_dst(&cluster) {
+                    continue;
+                }
+                if let Some(c) = by_name.get(&cluster).and_then(|&i| cfg.clusters.get_mut(i))
+                    && !c.addresses.contains(&address)
+                {
+                    c.addresses.push(address);
+                }
             }
         }
         for x in self.listeners.values() {
@@ -573,11 +732,26 @@ impl State {
                 chains.append(&mut l.filter_chains);
                 l.filter_chains = chains;
             }
-            for chain in &mut l.filter_chains {
-                if let Some(t) = &mut chain.tls {
-                    resolve(&t.secrets, &mut t.files, certificates)
-                        .map_err(|r| invalid("Listener", &l.name, format!("{}: {r}", chain.name)))?;
+            let mut waiting = None;
+            let mut chains = Vec::with_capacity(l.filter_chains.len());
+            for mut chain in std::mem::take(&mut l.filter_chains) {
+                self.take_route(&mut chain, l.listen, l.capture);
+                if let Some(t) = &mut chain.tls
+                    && let Some(secret) = resolve(&t.secrets, &mut t.files, certificates, sds)
+                        .map_err(|r| invalid("Listener", &l.name, format!("{}: {r}", chain.name)))?
+                {
+                    // Envoy's warming: a listener not bound to its port waits alone (its
+                    // chains stay out); any other is not bound until its secrets arrive.
+                    if chain.handoff.is_some() {
+                        continue;
+                    }
+                    waiting = Some(secret);
                 }
+                chains.push(chain);
+            }
+            l.filter_chains = chains;
+            if waiting.is_some() {
+                continue;
             }
             let mut targets: Vec<String> = Vec::new();
             let routes = std::iter::once((&l.cluster, &l.tcp_routes))
@@ -602,6 +776,8 @@ impl State {
                         endpoints: Vec::new(),
                         subsets: Vec::new(),
                         tls: None,
+                        original_dst: false,
+                        bind_source: None,
                         source: Some(format!("xds: named by Listener/{} but not sent (yet)", l.name)),
                         tunnel: None,
                     });
@@ -926,5 +1102,108 @@ mod tests {
             state.resource_versions(Type::Listener),
             [("x".to_string(), "x2".to_string())].into_iter().collect()
         );
+    }
+
+    /// An HTTP connection manager naming route `name` over RDS.
+    fn http_rds(name: &str) -> lds::Filter {
+        use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+        let m = hcm::HttpConnectionManager {
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+                route_config_name: name.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let url = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+        filter("envoy.filters.network.http_connection_manager", any(url, &m))
+    }
+
+    fn route_tables(version: &str, tables: Vec<rds::RouteConfiguration>) -> DiscoveryResponse {
+        response(Type::Routes, version, tables.iter().map(|t| any(ROUTES, t)).collect())
+    }
+
+    #[test]
+    fn an_http_chain_takes_its_route_from_the_route_configuration_it_names_and_follows_its_updates() {
+        use crate::xds::route::tests::{table, vhost};
+        let (mut state, base) = (State::default(), certificates());
+        state.update(&response(Type::Cluster, "1", vec![]), &base, &mut ok);
+        let http = outbound("http", "127.0.0.1:9080", vec![chain(vec![http_rds("9080")])]);
+        let o = state.update(&listeners("1", &[http]), &base, &mut ok);
+        assert!(o.rejected.is_empty(), "{:?}", o.rejected);
+        assert_eq!(state.rds_names(), ["9080"]);
+        assert!(!state.synced(), "a listener warms until its RouteConfiguration arrives");
+        let served = |s: &State| {
+            let cfg = s.merge(&base).unwrap();
+            let c = &cfg.listeners.iter().find(|l| l.name == "http").unwrap().filter_chains[0];
+            (c.cluster.clone(), c.not_served.clone())
+        };
+        assert_eq!(served(&state), (None, Some("RDS route_config_name \"9080\": not arrived yet".into())));
+        // IP:port before `*`.
+        let first = table("9080", vec![vhost("svc", &["127.0.0.1:9080"], "a"), vhost("any", &["*"], "b")]);
+        let o = state.update(&route_tables("1", vec![first]), &base, &mut ok);
+        assert!(o.rejected.is_empty() && state.synced(), "{:?}", o.rejected);
+        assert_eq!(served(&state), (Some("a".into()), None));
+        // An update moves the chain; an invalid one is NACKed by name and the last good kept.
+        state.update(
+            &route_tables("2", vec![table("9080", vec![vhost("any", &["*"], "b")])]),
+            &base,
+            &mut ok,
+        );
+        assert_eq!(served(&state), (Some("b".into()), None));
+        let twice = table("9080", vec![vhost("x", &["*"], "c"), vhost("y", &["*"], "d")]);
+        let o = state.update(&route_tables("3", vec![twice]), &base, &mut ok);
+        assert_eq!(rejected(&o), ["RouteConfiguration/9080"]);
+        assert_eq!(served(&state), (Some("b".into()), None));
+        assert_eq!(state.version(Type::Routes), "2");
+        // No listener names it any more: forgotten, and no longer asked for.
+        state.update(&listeners("2", &[]), &base, &mut ok);
+        assert!(state.rds_names().is_empty() && state.routes.is_empty());
+    }
+
+    #[test]
+    fn a_handed_off_http_chain_routes_each_address_its_route_configuration_names() {
+        use crate::xds::route::tests::{table, vhost};
+        // istiod's 0.0.0.0_9080 (not bound) under virtualOutbound, its routes over RDS.
+        let mut port = outbound("0.0.0.0_9080", "0.0.0.0:9080", vec![chain(vec![http_rds("9080")])]);
+        port.bind_to_port = Some(envoy_types::pb::google::protobuf::BoolValue { value: false });
+        let mut capture =
+            outbound("virtualOutbound", "0.0.0.0:15001", vec![chain(vec![to("PassthroughCluster")])]);
+        capture.use_original_dst = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        let mut state = xds_state(vec![port, capture], &["details", "reviews", "reviews-v2"]);
+        let passthrough = cds::Cluster {
+            name: "PassthroughCluster".into(),
+            cluster_discovery_type: Some(cds::cluster::ClusterDiscoveryType::Type(
+                cds::cluster::DiscoveryType::OriginalDst as i32,
+            )),
+            ..Default::default()
+        };
+        state.clusters.insert(
+            "PassthroughCluster".into(),
+            Accepted::new("1", crate::xds::cluster::cluster(&passthrough, "1").unwrap()),
+        );
+        assert_eq!(state.rds_names(), ["9080"]);
+        let table = |reviews: &str| {
+            table(
+                "9080",
+                vec![
+                    vhost("details", &["details.default.svc.cluster.local", "10.96.0.1"], "details"),
+                    vhost("reviews", &["reviews", "10.96.0.2:9080"], reviews),
+                    vhost("allow_any", &["*"], "PassthroughCluster"),
+                ],
+            )
+        };
+        let to = |s: &State, dst: &str| {
+            let cfg = s.merge(&certificates()).unwrap();
+            let router = crate::routing::Router::new(&cfg, 1);
+            router.route_original_dst(dst.parse().unwrap()).map(|t| cfg.clusters[t.cluster].name.clone())
+        };
+        assert_eq!(to(&state, "10.96.0.1:9080"), None, "before its routes: by original destination");
+        let o = state.update(&route_tables("1", vec![table("reviews")]), &certificates(), &mut ok);
+        assert!(o.rejected.is_empty(), "{:?}", o.rejected);
+        assert_eq!(to(&state, "10.96.0.1:9080").as_deref(), Some("details"));
+        assert_eq!(to(&state, "10.96.0.2:9080").as_deref(), Some("reviews"));
+        assert_eq!(to(&state, "10.96.0.9:9080"), None, "allow_any: the original destination itself");
+        state.update(&route_tables("2", vec![table("reviews-v2")]), &certificates(), &mut ok);
+        assert_eq!(to(&state, "10.96.0.2:9080").as_deref(), Some("reviews-v2"), "an update moves it");
     }
 }

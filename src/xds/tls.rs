@@ -53,57 +53,78 @@ struct Common {
     san_prefixes: Vec<String>,
 }
 
-/// Read the parts of a CommonTlsContext istiod writes for ISTIO_MUTUAL (SPEC §7, §9): the
-/// workload certificate and the root as SDS secrets, the SAN matchers (exact, and prefix for
-/// trust domain aliases), ALPN. What cannot be served as written is an error: certificates
-/// inline or from another SDS secret (there is no SDS client), other SAN matchers, or no
-/// validation at all. `client`: SAN matchers are checked (an upstream's); a server's are
-/// not read (istiod writes none for mesh mTLS).
+/// Read the parts of a CommonTlsContext istiod writes (SPEC §7, §9): for ISTIO_MUTUAL the
+/// workload certificate and the root as the agent's SDS secrets; for a DestinationRule's
+/// SIMPLE/MUTUAL the CA and client certificate as `file-cert:`/`file-root:` or
+/// `kubernetes://` secrets, or as files inline (`tls_certificates`, `validation_context`
+/// with `filename`s); the SAN matchers (exact and prefix URI SANs); ALPN. What cannot be
+/// served as written is an error: another kind of SAN matcher, a validation context asking
+/// for what ringside cannot check (CRL, pins), no validation at all. `client`: a context
+/// without a certificate is a client that presents none (SIMPLE); a server needs one.
 fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<Common, String> {
     use tls::common_tls_context::ValidationContextType as V;
     let common = common.ok_or("TLS without common_tls_context")?;
-    if !common.tls_certificates.is_empty() {
-        return Err("inline tls_certificates: not served (SDS secrets default and ROOTCA only)".into());
-    }
-    let certificate = match &common.tls_certificate_sds_secret_configs[..] {
-        [one] => one.name.clone(),
-        [] => return Err("no tls_certificate_sds_secret_configs: no certificate to present".into()),
-        _ => return Err("more than one tls_certificate_sds_secret_configs: not served".into()),
+    let mut files = CertificateFiles::default();
+    let mut over_ads = Vec::new();
+    let mut note = |s: &tls::SdsSecretConfig| {
+        if over_ads_config(s) {
+            over_ads.push(s.name.clone());
+        }
+        s.name.clone()
+    };
+    let certificate = match (&common.tls_certificate_sds_secret_configs[..], &common.tls_certificates[..]) {
+        ([one], []) => note(one),
+        ([], [inline]) => {
+            if inline.private_key_provider.is_some() || inline.password.is_some() {
+                return Err("tls_certificates with a private key provider or password: not served".into());
+            }
+            files.cert_chain =
+                filename(inline.certificate_chain.as_ref(), "tls_certificates certificate_chain")?;
+            files.private_key = filename(inline.private_key.as_ref(), "tls_certificates private_key")?;
+            String::new()
+        }
+        ([], []) if client => String::new(),
+        ([], []) => return Err("no tls_certificate_sds_secret_configs: no certificate to present".into()),
+        ([_, _, ..], _) => return Err("more than one tls_certificate_sds_secret_configs: not served".into()),
+        _ => return Err("more than one certificate (tls_certificates and SDS): not served".into()),
     };
     let (validation, context) = match &common.validation_context_type {
         Some(V::CombinedValidationContext(c)) => {
-            let name = c.validation_context_sds_secret_config.as_ref().map(|s| s.name.clone());
+            let name = c.validation_context_sds_secret_config.as_ref().map(&mut note);
             (
                 name.ok_or("combined_validation_context without validation_context_sds_secret_config")?,
                 c.default_validation_context.as_ref(),
             )
         }
-        Some(V::ValidationContextSdsSecretConfig(s)) => (s.name.clone(), None),
-        Some(V::ValidationContext(_)) => {
-            return Err("inline validation_context: not served (SDS secret ROOTCA only)".into());
+        Some(V::ValidationContextSdsSecretConfig(s)) => (note(s), None),
+        Some(V::ValidationContext(v)) => {
+            // A DestinationRule's caCertificates as a file (Envoy reads it, ringside too).
+            if v.trusted_ca.is_none() {
+                return Err("validation_context without trusted_ca: the peer would not be verified".into());
+            }
+            files.root_cert = filename(v.trusted_ca.as_ref(), "validation_context trusted_ca")?;
+            (String::new(), Some(v))
         }
         Some(_) => return Err("validation by certificate provider: not served".into()),
         None => return Err("no validation context: the peer would not be verified".into()),
     };
-    let mut files = CertificateFiles::default();
+    if let Some(why) = context.and_then(unchecked) {
+        return Err(format!("validation context {why}"));
+    }
+    // Names other than these are resolved by the merge: over SDS when there is an SDS
+    // server, else an error there.
     if let Some(pair) = certificate.strip_prefix(FILE_CERT) {
         let (cert, key) = pair
             .split_once('~')
             .ok_or_else(|| format!("SDS secret {certificate:?}: want file-cert:CERT~KEY"))?;
         files.cert_chain = cert.to_string();
         files.private_key = key.to_string();
-    } else if certificate != SECRET_CERTIFICATE {
-        return Err(format!(
-            "SDS secret {certificate:?}: unknown (served: {SECRET_CERTIFICATE:?}, {FILE_CERT}CERT~KEY)"
-        ));
     }
     if let Some(root) = validation.strip_prefix(FILE_ROOT) {
         files.root_cert = root.to_string();
-    } else if validation != SECRET_ROOT {
-        return Err(format!("SDS secret {validation:?}: unknown (served: {SECRET_ROOT:?}, {FILE_ROOT}ROOT)"));
     }
     let (mut sans, mut san_prefixes) = (Vec::new(), Vec::new());
-    if let Some(v) = context.filter(|_| client) {
+    if let Some(v) = context {
         use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern as P;
         let uri = tls::subject_alt_name_matcher::SanType::Uri as i32;
         // istiod still writes the deprecated untyped matchers (URI SANs by meaning).
@@ -119,12 +140,32 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
         }
     }
     Ok(Common {
-        secrets: Secrets { certificate, validation },
+        secrets: Secrets { certificate, validation, over_ads },
         files,
         alpn: common.alpn_protocols.clone(),
         sans,
         san_prefixes,
     })
+}
+
+/// Whether a secret is fetched over the ADS stream (`sds_config: {ads: {}}`, istiod's shape
+/// for `credentialName`), rather than from the SDS server (the agent's `sds-grpc`).
+fn over_ads_config(s: &tls::SdsSecretConfig) -> bool {
+    use core::config_source::ConfigSourceSpecifier;
+    matches!(
+        s.sds_config.as_ref().and_then(|c| c.config_source_specifier.as_ref()),
+        Some(ConfigSourceSpecifier::Ads(_))
+    )
+}
+
+/// The file a data source names (DestinationRule files inline in a TLS context); inline PEM
+/// in a resource is not what istiod writes, and is refused.
+fn filename(d: Option<&core::DataSource>, what: &str) -> Result<String, String> {
+    match d.and_then(|d| d.specifier.as_ref()) {
+        Some(core::data_source::Specifier::Filename(f)) => Ok(f.clone()),
+        Some(_) => Err(format!("{what}: only a filename is served")),
+        None => Err(format!("{what}: missing")),
+    }
 }
 
 /// A filter chain's transport socket: its DownstreamTlsContext (terminated with its ALPN,
@@ -138,6 +179,8 @@ pub(super) fn downstream(ts: &core::TransportSocket) -> Result<Option<ChainTls>,
         files: common.files,
         alpn: common.alpn,
         require_client_certificate: ctx.require_client_certificate.is_some_and(|b| b.value),
+        subject_alt_names: common.sans,
+        subject_alt_name_prefixes: common.san_prefixes,
     }))
 }
 
@@ -182,14 +225,23 @@ pub(super) fn cluster_tls(pb: &cds::Cluster) -> Result<Option<ClusterTls>, Strin
     let Some((any, what)) = context else { return Ok(None) };
     let ctx: tls::UpstreamTlsContext = decode(&any, UPSTREAM_TLS).map_err(|r| format!("{what}: {r}"))?;
     let common = tls_context(ctx.common_tls_context.as_ref(), true).map_err(|r| format!("{what}: {r}"))?;
+    let s = &common.secrets;
+    // Envoy makes no difference; ringside verifies the agent's workload identity the mesh's
+    // way (SPIFFE, any mesh identity), anything else as a DestinationRule's origination.
+    let mode = match (s.certificate.as_str(), s.validation.as_str()) {
+        (SECRET_CERTIFICATE, SECRET_ROOT) => ClusterTlsMode::IstioMutual,
+        ("", _) if common.files.cert_chain.is_empty() => ClusterTlsMode::Simple,
+        _ => ClusterTlsMode::Mutual,
+    };
+    let named = !s.certificate.is_empty() || !s.validation.is_empty();
     Ok(Some(ClusterTls {
-        mode: ClusterTlsMode::IstioMutual,
+        mode,
         cert_chain: common.files.cert_chain,
         private_key: common.files.private_key,
         root_cert: common.files.root_cert,
         subject_alt_names: common.sans,
         subject_alt_name_prefixes: common.san_prefixes,
-        secrets: Some(common.secrets),
+        secrets: named.then_some(common.secrets),
         alpn: common.alpn,
         sni: (!ctx.sni.is_empty()).then_some(ctx.sni),
         endpoint_matches: matches,
@@ -197,28 +249,84 @@ pub(super) fn cluster_tls(pb: &cds::Cluster) -> Result<Option<ClusterTls>, Strin
     }))
 }
 
-/// Fill in the files that the secrets `default` and `ROOTCA` stand for.
+/// What a validation context asks for that ringside cannot check, or that would verify less
+/// than it says: serving it anyway would be weaker, so the resource is refused (SPEC §9).
+pub(super) fn unchecked(v: &tls::CertificateValidationContext) -> Option<String> {
+    let asks = [
+        (v.crl.is_some(), "crl"),
+        (!v.verify_certificate_spki.is_empty(), "verify_certificate_spki"),
+        (!v.verify_certificate_hash.is_empty(), "verify_certificate_hash"),
+        (v.custom_validator_config.is_some(), "custom_validator_config"),
+        (v.ca_certificate_provider_instance.is_some(), "ca_certificate_provider_instance"),
+        (v.system_root_certs.is_some(), "system_root_certs"),
+        (
+            v.require_signed_certificate_timestamp.is_some_and(|b| b.value),
+            "require_signed_certificate_timestamp",
+        ),
+        (v.allow_expired_certificate, "allow_expired_certificate"),
+        // 1: ACCEPT_UNTRUSTED.
+        (v.trust_chain_verification != 0, "trust_chain_verification"),
+    ];
+    let named: Vec<&str> = asks.iter().filter(|(on, _)| *on).map(|(_, what)| *what).collect();
+    (!named.is_empty()).then(|| format!("asks for {}: not served", named.join(", ")))
+}
+
+/// Fill in the files that a TLS context's secrets stand for: with an SDS server (started
+/// from a bootstrap) every name is a secret received over SDS, held in memory
+/// (`tls::secrets`); else `default` and `ROOTCA` are `xds.certificates`' files and
+/// `file-cert:`/`file-root:` name their files. `Ok(Some(name))`: secret `name` has not
+/// arrived yet, and what names it waits (Envoy's warming; never served without it).
 pub(super) fn resolve(
     secrets: &Secrets,
     files: &mut CertificateFiles,
     certificates: Option<&CertificateFiles>,
-) -> Result<(), String> {
+    sds: bool,
+) -> Result<Option<String>, String> {
+    use crate::tls::secrets as store;
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    // A secret from the SDS server, or over ADS from the control plane (with or without an
+    // SDS server), is read from memory; `Some(name)` until it has arrived.
+    let held = |name: &String| sds || secrets.over_ads.contains(name);
+    let mut waiting = None;
+    let mut wait_for = |part: std::path::PathBuf, name: &String| {
+        if waiting.is_none() && store::get(&part).is_none() {
+            waiting = Some(name.clone());
+        }
+    };
     let need = |name: &str| {
         certificates.ok_or_else(|| {
             format!(
-                "TLS names SDS secret {name:?}, which needs xds.certificates (the workload certificate files; there is no SDS client)"
+                "TLS names SDS secret {name:?}, which needs xds.certificates (the workload certificate files) or an SDS server"
             )
         })
     };
-    if secrets.certificate == SECRET_CERTIFICATE {
+    let unknown = |name: &str, served: String| {
+        format!("SDS secret {name:?}: unknown without an SDS server (served: {served})")
+    };
+    // An empty name: that part is not a secret (none, or files inline in the context).
+    let (cert, root) = (&secrets.certificate, &secrets.validation);
+    if cert.is_empty() {
+    } else if held(cert) {
+        files.cert_chain = path(store::cert_chain(cert));
+        files.private_key = path(store::private_key(cert));
+        wait_for(store::cert_chain(cert), cert);
+    } else if cert == SECRET_CERTIFICATE {
         let c = need(SECRET_CERTIFICATE)?;
         files.cert_chain.clone_from(&c.cert_chain);
         files.private_key.clone_from(&c.private_key);
+    } else if !cert.starts_with(FILE_CERT) {
+        return Err(unknown(cert, format!("{SECRET_CERTIFICATE:?}, {FILE_CERT}CERT~KEY")));
     }
-    if secrets.validation == SECRET_ROOT {
+    if root.is_empty() {
+    } else if held(root) {
+        files.root_cert = path(store::root_cert(root));
+        wait_for(store::root_cert(root), root);
+    } else if root == SECRET_ROOT {
         files.root_cert.clone_from(&need(SECRET_ROOT)?.root_cert);
+    } else if !root.starts_with(FILE_ROOT) {
+        return Err(unknown(root, format!("{SECRET_ROOT:?}, {FILE_ROOT}ROOT")));
     }
-    Ok(())
+    Ok(waiting)
 }
 
 #[cfg(test)]
@@ -237,7 +345,10 @@ mod tests {
         let alpn = ["istio-peer-exchange", "istio"];
         let x = cluster(&istio_mutual(common("default", "ROOTCA", &[REDIS], &alpn)), "1").unwrap();
         let t = x.cluster.tls.clone().unwrap();
-        assert_eq!(t.secrets, Some(Secrets { certificate: "default".into(), validation: "ROOTCA".into() }));
+        assert_eq!(
+            t.secrets,
+            Some(Secrets { certificate: "default".into(), validation: "ROOTCA".into(), over_ads: vec![] })
+        );
         assert_eq!(t.subject_alt_names, [REDIS]);
         assert_eq!(t.alpn, alpn);
         assert_eq!(t.sni.as_deref(), Some("outbound_.6379_._.redis.default.svc.cluster.local"));
@@ -313,13 +424,22 @@ mod tests {
             assert_eq!(e.resource, name);
             e.reason
         };
-        let r = reason(common("kubernetes://redis-cert", "ROOTCA", &[], &[]));
-        assert!(r.contains("SDS secret \"kubernetes://redis-cert\": unknown"), "{r}");
-        let r = reason(common("default", "kubernetes://redis-cacert", &[], &[]));
-        assert!(r.contains("SDS secret \"kubernetes://redis-cacert\": unknown"), "{r}");
+        // Without an SDS server, only the names that stand for files are known.
+        let merged = |c: tls::CommonTlsContext| {
+            let x = cluster(&istio_mutual(c), "1").unwrap();
+            let mut state = State::default();
+            state.clusters.insert(x.cluster.name.clone(), Accepted::new("1", x));
+            let e = state.merge(&certificates()).unwrap_err();
+            assert_eq!(e.resource, name);
+            e.reason
+        };
+        let r = merged(common("kubernetes://redis-cert", "ROOTCA", &[], &[]));
+        assert!(r.contains("SDS secret \"kubernetes://redis-cert\": unknown without an SDS server"), "{r}");
+        let r = merged(common("default", "kubernetes://redis-cacert", &[], &[]));
+        assert!(r.contains("SDS secret \"kubernetes://redis-cacert\": unknown without an SDS server"), "{r}");
         let mut inline = common("default", "ROOTCA", &[], &[]);
         inline.tls_certificates = vec![tls::TlsCertificate::default()];
-        assert!(reason(inline).contains("inline tls_certificates"));
+        assert!(reason(inline).contains("more than one certificate (tls_certificates and SDS)"));
         let mut none = common("default", "ROOTCA", &[], &[]);
         none.validation_context_type = None;
         assert!(reason(none).contains("no validation context"));
@@ -366,10 +486,6 @@ mod tests {
             c
         };
         let cases: Vec<(tls::CommonTlsContext, &str)> = vec![
-            (
-                with(&|c| c.tls_certificate_sds_secret_configs.clear()),
-                "no tls_certificate_sds_secret_configs",
-            ),
             (with(&|c| c.tls_certificate_sds_secret_configs.push(sds("default"))), "more than one"),
             (
                 with(&|c| {
@@ -380,7 +496,7 @@ mod tests {
             ),
             (
                 with(&|c| c.validation_context_type = Some(V::ValidationContext(Default::default()))),
-                "inline validation_context",
+                "validation_context without trusted_ca",
             ),
             (
                 // Deprecated in Envoy's API, still what an old control plane may send.
@@ -455,5 +571,171 @@ mod tests {
             m.transport_socket = None;
         }
         assert!(cluster(&plain, "1").unwrap().cluster.tls.is_none());
+    }
+
+    /// A config started from a bootstrap: secrets come from the SDS server.
+    fn with_sds() -> Config {
+        let xds = crate::config::Xds {
+            address: "unix:./etc/istio/proxy/XDS".into(),
+            sds: Some("unix:./var/run/secrets/workload-spiffe-uds/socket".into()),
+            ..crate::config::Xds::default()
+        };
+        Config { xds: Some(xds), ..Config::default() }
+    }
+
+    fn pem_pair(ca: bool) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(vec!["redis.example.com".to_string()]).unwrap();
+        if ca {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn with_an_sds_server_every_name_is_asked_for_and_what_waits_for_a_secret_is_not_served() {
+        use crate::tls::secrets as store;
+        use crate::xds::fixtures::{chain, listener_with, to};
+        use crate::xds::listener::listener;
+        // Names no other test stores (the store is the process's).
+        let (cert, root) = ("kubernetes://t-wait", "kubernetes://t-wait-cacert");
+        let x = cluster(&istio_mutual(common(cert, root, &[], &[])), "1").unwrap();
+        let cluster_name = x.cluster.name.clone();
+        let mut state = State::default();
+        state.clusters.insert(cluster_name.clone(), Accepted::new("1", x));
+        let mut mtls = chain(vec![to(&cluster_name)]);
+        let downstream = tls::DownstreamTlsContext {
+            common_tls_context: Some(common("file-cert:/a.pem~/a.key", root, &[], &[])),
+            ..Default::default()
+        };
+        mtls.transport_socket = socket("envoy.transport_sockets.tls", any(DOWNSTREAM_TLS, &downstream));
+        state
+            .listeners
+            .insert("l".into(), Accepted::new("1", listener(&listener_with(vec![mtls]), "1").unwrap()));
+        assert_eq!(
+            state.secret_names(false).into_iter().collect::<Vec<_>>(),
+            ["file-cert:/a.pem~/a.key", cert, root]
+        );
+        // Nothing arrived: the listener is not bound, the cluster serves nothing, never in
+        // plaintext.
+        let cfg = state.merge(&with_sds()).unwrap();
+        assert!(cfg.listeners.is_empty(), "{:?}", cfg.listeners);
+        let c = &cfg.clusters[0];
+        assert!(c.tls.is_none() && c.endpoints.is_empty(), "{c:?}");
+        assert_eq!(c.source.as_deref(), Some("xds: waiting for SDS secret kubernetes://t-wait"));
+        // The cluster's secrets arrive: it is served with them, read from memory.
+        let (chain_pem, key_pem) = pem_pair(false);
+        let (root_pem, _) = pem_pair(true);
+        store::put(vec![
+            (store::cert_chain(cert), chain_pem.into_bytes()),
+            (store::private_key(cert), key_pem.clone().into_bytes()),
+            (store::root_cert(root), root_pem.into_bytes()),
+        ]);
+        let cfg = state.merge(&with_sds()).unwrap();
+        let t = cfg.clusters[0].tls.as_ref().unwrap();
+        assert_eq!(
+            (t.cert_chain.as_str(), t.private_key.as_str(), t.root_cert.as_str()),
+            (
+                "sds:kubernetes://t-wait#cert_chain",
+                "sds:kubernetes://t-wait#private_key",
+                "sds:kubernetes://t-wait-cacert#root_cert"
+            )
+        );
+        assert!(cfg.listeners.is_empty(), "the listener still waits for its certificate");
+        let (other, _) = pem_pair(false);
+        let file_cert = "file-cert:/a.pem~/a.key";
+        store::put(vec![
+            (store::cert_chain(file_cert), other.into_bytes()),
+            (store::private_key(file_cert), key_pem.into_bytes()),
+        ]);
+        assert_eq!(state.merge(&with_sds()).unwrap().listeners.len(), 1);
+    }
+
+    #[test]
+    fn a_validation_context_asking_for_a_crl_or_pins_is_an_error_naming_the_resource() {
+        use tls::common_tls_context::ValidationContextType as V;
+        type Set = fn(&mut tls::CertificateValidationContext);
+        let cases: [(&str, Set); 3] = [
+            ("crl", |v| v.crl = Some(Default::default())),
+            ("verify_certificate_spki", |v| v.verify_certificate_spki = vec!["pin".into()]),
+            ("verify_certificate_hash", |v| v.verify_certificate_hash = vec!["ab:cd".into()]),
+        ];
+        for (what, set) in cases {
+            let mut c = common("default", "ROOTCA", &[], &[]);
+            if let Some(V::CombinedValidationContext(v)) = &mut c.validation_context_type {
+                set(v.default_validation_context.as_mut().unwrap());
+            }
+            let e = cluster(&istio_mutual(c), "1").unwrap_err();
+            assert_eq!(e.resource, "Cluster/outbound|6379||redis.default.svc.cluster.local");
+            assert!(e.reason.ends_with(&format!(" validation context asks for {what}: not served")), "{e}");
+        }
+    }
+
+    #[test]
+    fn destination_rule_contexts_give_simple_or_mutual_with_their_files_or_sds_secrets() {
+        use tls::common_tls_context::ValidationContextType as V;
+        let file = |p: &str| {
+            Some(core::DataSource {
+                specifier: Some(core::data_source::Specifier::Filename(p.into())),
+                ..Default::default()
+            })
+        };
+        let tls_of = |c: tls::CommonTlsContext| {
+            let mut pb = istio_mutual(c);
+            pb.transport_socket = pb.transport_socket_matches[0].transport_socket.clone();
+            pb.transport_socket_matches.clear();
+            let x = cluster(&pb, "1").unwrap();
+            let mut state = State::default();
+            state.clusters.insert(x.cluster.name.clone(), Accepted::new("1", x));
+            (state.clone(), state.merge(&Config::default()).map(|cfg| cfg.clusters[0].tls.clone().unwrap()))
+        };
+        // SIMPLE: the CA as the agent's file-root: secret, no certificate.
+        let mut simple = common("default", "file-root:/etc/certs/ca.pem", &["httpbin.org"], &[]);
+        simple.tls_certificate_sds_secret_configs.clear();
+        let t = tls_of(simple).1.unwrap();
+        assert_eq!(t.mode, ClusterTlsMode::Simple);
+        assert_eq!((t.cert_chain.as_str(), t.root_cert.as_str()), ("", "/etc/certs/ca.pem"));
+        assert_eq!(t.subject_alt_names, ["httpbin.org"]);
+        // MUTUAL: the client certificate as file-cert:.
+        let t = tls_of(common("file-cert:/c.pem~/c.key", "file-root:/ca.pem", &[], &[])).1.unwrap();
+        assert_eq!(t.mode, ClusterTlsMode::Mutual);
+        assert_eq!((t.cert_chain.as_str(), t.private_key.as_str()), ("/c.pem", "/c.key"));
+        // MUTUAL with the files inline in the context, as Envoy reads them.
+        let mut inline = common("default", "ROOTCA", &[], &[]);
+        inline.tls_certificate_sds_secret_configs.clear();
+        inline.tls_certificates = vec![tls::TlsCertificate {
+            certificate_chain: file("/c.pem"),
+            private_key: file("/c.key"),
+            ..Default::default()
+        }];
+        inline.validation_context_type = Some(V::ValidationContext(tls::CertificateValidationContext {
+            trusted_ca: file("/ca.pem"),
+            ..Default::default()
+        }));
+        let t = tls_of(inline).1.unwrap();
+        assert_eq!(
+            (t.mode, t.secrets.is_none(), t.cert_chain.as_str(), t.root_cert.as_str()),
+            (ClusterTlsMode::Mutual, true, "/c.pem", "/ca.pem")
+        );
+        // credentialName: kubernetes:// secrets, which only an SDS server gives.
+        let (state, merged) = tls_of(common("kubernetes://t-cred", "kubernetes://t-cred-cacert", &[], &[]));
+        assert!(merged.unwrap_err().reason.contains("unknown without an SDS server"));
+        assert_eq!(
+            state.secret_names(false).into_iter().collect::<Vec<_>>(),
+            ["kubernetes://t-cred", "kubernetes://t-cred-cacert"]
+        );
+        let c = &state.merge(&with_sds()).unwrap().clusters[0];
+        assert_eq!(c.source.as_deref(), Some("xds: waiting for SDS secret kubernetes://t-cred"));
+        // A server needs a certificate.
+        let mut none = common("default", "ROOTCA", &[], &[]);
+        none.tls_certificate_sds_secret_configs.clear();
+        let ts = socket(
+            "envoy.transport_sockets.tls",
+            any(
+                DOWNSTREAM_TLS,
+                &tls::DownstreamTlsContext { common_tls_context: Some(none), ..Default::default() },
+            ),
+        );
+        assert!(downstream(ts.as_ref().unwrap()).unwrap_err().contains("no certificate to present"));
     }
 }

@@ -17,6 +17,7 @@ pub use envoy_types::pb::envoy::config::cluster::v3 as cds;
 use envoy_types::pb::envoy::config::core::v3 as core;
 pub use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 pub use envoy_types::pb::envoy::config::listener::v3 as lds;
+pub use envoy_types::pb::envoy::config::route::v3 as rds;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -35,6 +36,7 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+pub const ROUTES: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
 /// What the server serves: one version of every resource.
 #[derive(Clone, Debug, Default)]
@@ -135,7 +137,7 @@ impl AdsServer {
         requests: mpsc::Sender<DiscoveryRequest>,
         delta: Option<DeltaRecorder>,
     ) -> AdsServer {
-        let (snapshot, rx) = watch::channel(Arc::new(Served::next(None, first)));
+        let (snapshot, rx) = watch::channel(Arc::new(Served::next(None, first, Vec::new())));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -172,10 +174,18 @@ impl AdsServer {
         AdsServer { addr, snapshot, stop: Some(stop), thread: Some(thread), sock: None }
     }
 
-    /// Push a new snapshot to every stream.
+    /// Push a new snapshot to every stream (the RouteConfigurations served stay).
     pub fn push(&self, s: Snapshot) {
         let prev = self.snapshot.borrow().clone();
-        self.snapshot.send_replace(Arc::new(Served::next(Some(&prev), s)));
+        let routes = prev.routes.clone();
+        self.snapshot.send_replace(Arc::new(Served::next(Some(&prev), s, routes)));
+    }
+
+    /// Push a new snapshot and the RouteConfigurations served over RDS (by the names asked
+    /// for, as istiod serves them).
+    pub fn push_routes(&self, s: Snapshot, routes: Vec<rds::RouteConfiguration>) {
+        let prev = self.snapshot.borrow().clone();
+        self.snapshot.send_replace(Arc::new(Served::next(Some(&prev), s, routes)));
     }
 
     /// Stop serving and close every stream.
@@ -273,13 +283,15 @@ impl DeltaLog {
 pub struct Served {
     /// What is served.
     pub snapshot: Snapshot,
+    /// RouteConfigurations served (RDS).
+    pub routes: Vec<rds::RouteConfiguration>,
     /// (type URL, name) -> version.
     versions: HashMap<(&'static str, String), String>,
 }
 
 impl Served {
     /// `s` after `prev`: a resource equal to its previous one keeps its version.
-    fn next(prev: Option<&Served>, s: Snapshot) -> Served {
+    fn next(prev: Option<&Served>, s: Snapshot, routes: Vec<rds::RouteConfiguration>) -> Served {
         fn keep<M: PartialEq>(
             versions: &mut HashMap<(&'static str, String), String>,
             prev: Option<&Served>,
@@ -303,7 +315,13 @@ impl Served {
         keep(&mut versions, prev, LISTENER, &s.listeners, |s| &s.listeners, |l| &l.name, v);
         keep(&mut versions, prev, ENDPOINTS, &s.endpoints, |s| &s.endpoints, |e| &e.cluster_name, v);
         keep(&mut versions, prev, SECRET, &s.secrets, |s| &s.secrets, |x| &x.name, v);
-        Served { snapshot: s, versions }
+        for r in &routes {
+            let same = prev.and_then(|p| {
+                p.routes.iter().find(|x| *x == r).and(p.versions.get(&(ROUTES, r.name.clone())))
+            });
+            versions.insert((ROUTES, r.name.clone()), same.cloned().unwrap_or_else(|| v.to_string()));
+        }
+        Served { snapshot: s, routes, versions }
     }
 
     /// The version of resource `name` of `type_url`.
@@ -317,8 +335,10 @@ impl Served {
 }
 
 /// Every resource of `type_url` in `s`, by name.
-fn resources_of(s: &Snapshot, type_url: &str) -> BTreeMap<String, Any> {
+fn resources_of(served: &Served, type_url: &str) -> BTreeMap<String, Any> {
+    let s = &served.snapshot;
     match type_url {
+        ROUTES => served.routes.iter().map(|r| (r.name.clone(), any(ROUTES, r))).collect(),
         CLUSTER => s.clusters.iter().map(|c| (c.name.clone(), any(CLUSTER, c))).collect(),
         LISTENER => s.listeners.iter().map(|l| (l.name.clone(), any(LISTENER, l))).collect(),
         ENDPOINTS => s.endpoints.iter().map(|c| (c.cluster_name.clone(), any(ENDPOINTS, c))).collect(),
@@ -341,7 +361,7 @@ impl Subscription {
     /// The resources that changed since what the client holds, and the names gone; `held`
     /// becomes the snapshot's.
     fn diff(&mut self, served: &Served, type_url: &str) -> (Vec<Resource>, Vec<String>) {
-        let now: BTreeMap<String, Any> = resources_of(&served.snapshot, type_url)
+        let now: BTreeMap<String, Any> = resources_of(served, type_url)
             .into_iter()
             .filter(|(n, _)| self.wildcard || self.names.contains(n))
             .collect();
@@ -367,8 +387,10 @@ impl Subscription {
     }
 }
 
-fn response(s: &Snapshot, type_url: &str, names: &[String], nonce: u64) -> DiscoveryResponse {
+fn response(served: &Served, type_url: &str, names: &[String], nonce: u64) -> DiscoveryResponse {
+    let s = &served.snapshot;
     let resources: Vec<Any> = match type_url {
+        ROUTES => served.routes.iter().filter(|r| names.contains(&r.name)).map(|r| any(ROUTES, r)).collect(),
         CLUSTER => s.clusters.iter().map(|c| any(CLUSTER, c)).collect(),
         LISTENER => s.listeners.iter().map(|l| any(LISTENER, l)).collect(),
         SECRET => s.secrets.iter().filter(|c| names.contains(&c.name)).map(|c| any(SECRET, c)).collect(),
@@ -417,7 +439,7 @@ impl AggregatedDiscoveryService for Ads {
                         if fresh {
                             nonce += 1;
                             let s = snapshot.borrow().clone();
-                            if tx.send(Ok(response(&s.snapshot, &r.type_url, &r.resource_names, nonce))).await.is_err() {
+                            if tx.send(Ok(response(&s, &r.type_url, &r.resource_names, nonce))).await.is_err() {
                                 break;
                             }
                         }
@@ -427,11 +449,11 @@ impl AggregatedDiscoveryService for Ads {
                             break;
                         }
                         let s = snapshot.borrow_and_update().clone();
-                        // istiod's order: clusters, endpoints, listeners.
-                        for t in [CLUSTER, ENDPOINTS, LISTENER, SECRET] {
+                        // istiod's order: clusters, endpoints, listeners, routes.
+                        for t in [CLUSTER, ENDPOINTS, LISTENER, ROUTES, SECRET] {
                             if let Some(names) = subscribed.get(t) {
                                 nonce += 1;
-                                let _ = tx.send(Ok(response(&s.snapshot, t, names, nonce))).await;
+                                let _ = tx.send(Ok(response(&s, t, names, nonce))).await;
                             }
                         }
                     }
@@ -505,8 +527,8 @@ impl AggregatedDiscoveryService for Ads {
                             break;
                         }
                         let s = snapshot.borrow_and_update().clone();
-                        // istiod's order: clusters, endpoints, listeners.
-                        [CLUSTER, ENDPOINTS, LISTENER, SECRET]
+                        // istiod's order: clusters, endpoints, listeners, routes.
+                        [CLUSTER, ENDPOINTS, LISTENER, ROUTES, SECRET]
                             .iter()
                             .filter_map(|t| send(&mut subscribed, &s, t, false))
                             .collect()

@@ -114,6 +114,16 @@ impl Ringside {
 
     /// Run with a config file (written by the test) plus extra flags; `listen` is its first listener.
     pub fn spawn_config(config: &str, listen: SocketAddr, extra: &[&str]) -> Ringside {
+        Self::spawn_config_wrapped(&[], config, listen, extra)
+    }
+
+    /// As `spawn_config`, with the binary run through `wrapper` (empty: none).
+    pub fn spawn_config_wrapped(
+        wrapper: &[&str],
+        config: &str,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> Ringside {
         // Unique per spawn: two sidecars of one test may share a (port 0) listen address.
         static SPAWNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SPAWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -125,7 +135,14 @@ impl Ringside {
         std::fs::write(&path, config).unwrap();
         let mut args = vec!["run".to_string(), "--config".into(), path.display().to_string()];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn_args(listen, args)
+        match wrapper {
+            [] => Self::spawn_args(listen, args),
+            [first, rest @ ..] => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(bin());
+                Self::spawn_in(cmd, listen, args)
+            }
+        }
     }
 
     /// As `spawn`, with the binary run through `wrapper` (e.g. `setpriv --reuid 1337 --`).

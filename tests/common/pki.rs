@@ -29,10 +29,42 @@ impl Ca {
         self.workload_with(spiffe, expired, KeyPair::generate().unwrap())
     }
 
-    /// A workload certificate for `key` (an RSA key for the ECDHE-RSA suites).
-    pub fn workload_with(&self, spiffe: &str, expired: bool, key: KeyPair) -> (String, String) {
+    /// A workload certificate with serial number `serial` (to tell rotations apart).
+    pub fn workload_serial(&self, spiffe: &str, serial: u64) -> (String, String) {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
+        p.serial_number = Some(serial.into());
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &Issuer::from_params(&self.params, &self.key)).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A leaf certificate with these SANs (`dns:NAME` or `uri:URI`) and common name.
+    pub fn leaf(&self, sans: &[&str], cn: &str) -> (String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = sans
+            .iter()
+            .map(|s| match s.split_once(':') {
+                Some(("dns", n)) => SanType::DnsName(n.try_into().unwrap()),
+                Some(("uri", u)) => SanType::URI(u.try_into().unwrap()),
+                _ => panic!("SAN {s}: want dns:NAME or uri:URI"),
+            })
+            .collect();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &Issuer::from_params(&self.params, &self.key)).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A workload certificate for `key` (an RSA key for the ECDHE-RSA suites).
+    pub fn workload_with(&self, spiffe: &str, expired: bool, key: KeyPair) -> (String, String) {
+        self.workload_uris(&[spiffe], expired, key)
+    }
+
+    /// A workload certificate whose URI SANs are `uris`, in that order.
+    pub fn workload_uris(&self, uris: &[&str], expired: bool, key: KeyPair) -> (String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
         if expired {
             p.not_before = rcgen::date_time_ymd(2020, 1, 1);
             p.not_after = rcgen::date_time_ymd(2021, 1, 1);
@@ -68,6 +100,11 @@ impl Certs {
         self.install_pem(ca.workload(spiffe, expired), root);
     }
 
+    /// Replace the workload certificate with one whose URI SANs are `uris`, in order.
+    pub fn install_uris(&self, ca: &Ca, uris: &[&str]) {
+        self.install_pem(ca.workload_uris(uris, false, KeyPair::generate().unwrap()), &ca.pem);
+    }
+
     /// Replace the workload certificate with one for an RSA key (same root).
     pub fn install_rsa(&self, ca: &Ca, spiffe: &str) {
         let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
@@ -99,5 +136,94 @@ impl Certs {
             self.p("key.pem"),
             self.p("root-cert.pem")
         )
+    }
+}
+
+/// Accepts any server certificate: a test reads it rather than trusts it.
+#[derive(Debug)]
+struct ReadAny(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for ReadAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS client session to `addr` presenting `client` (PEM chain, key; none: no
+/// certificate), offering ALPN `alpn`, reading whatever certificate the server presents.
+/// The handshake completes (or its error is returned), then `ping` goes through and 4 bytes
+/// come back (the proxied echo). Returns the server certificate's serial number, decimal.
+pub fn tls_echo(
+    addr: std::net::SocketAddr,
+    client: Option<&(String, String)>,
+    alpn: &str,
+) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ReadAny(provider)));
+    let mut config = match client {
+        Some((chain, key)) => {
+            let chain =
+                CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+            builder
+                .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap())
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
+    let name = ServerName::IpAddress(addr.ip().into());
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let timeout = std::time::Duration::from_secs(20);
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(timeout)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    let leaf = conn.peer_certificates().and_then(|c| c.first()).ok_or("no server certificate")?.clone();
+    let serial = x509_parser::parse_x509_certificate(&leaf).map_err(|e| e.to_string())?.1.serial.to_string();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    tls.write_all(b"ping").map_err(|e| e.to_string())?;
+    let mut echo = [0u8; 4];
+    tls.read_exact(&mut echo).map_err(|e| e.to_string())?;
+    match &echo {
+        b"ping" => Ok(serial),
+        other => Err(format!("echo {other:?}")),
     }
 }
