@@ -10,14 +10,16 @@
 //! - connection rate through the capture listener to service 0 (CONCURRENCY clients, one
 //!   byte echoed per connection, SECONDS);
 //! - one cluster's endpoints change (service 1's five move), as istiod pushes it over state
-//!   of the world (one EDS response with that assignment alone): time to its ACK, and the
-//!   process's CPU from the push until a second after the ACK;
+//!   of the world (one EDS response with that assignment alone): time from handing it to
+//!   the server's stream to its ACK, and the process's CPU from then until 200 ms after the
+//!   ACK;
 //! - during one EDS push a second for PUSH_SECONDS with HELD long-lived connections open:
 //!   the connection rate and the RSS growth.
 //!
 //! Needs a network namespace whose OUTPUT chain redirects 10.96.0.0/12 to port 15001 (the
 //! capture): run it through `perf/xds-scale.sh`, which makes one and pins the processes.
 //! Env: SERVICES (comma list, default 100,1000,10000), PROXIES (default ringside,envoy),
+//! RINGSIDE_BIN (default the release binary cargo built beside the bench),
 //! ENVOY_MAX_SERVICES (Envoy is skipped above it; default 10000), CORE (default 1),
 //! SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20).
 
@@ -217,7 +219,9 @@ fn ringside(core: u64, ads: SocketAddr, pki: &Pki) -> Proxy {
         ),
     )
     .unwrap();
-    let child = pinned(core, env!("CARGO_BIN_EXE_ringside"))
+    // RINGSIDE_BIN: another build of the binary (a release one under a debug driver).
+    let bin = std::env::var("RINGSIDE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringside").into());
+    let child = pinned(core, &bin)
         .args([
             "run",
             "--config",
@@ -342,14 +346,17 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     eprintln!("xds_scale: {proxy} {services}: {rate:.0} connections/s");
 
     // One cluster's endpoints change, pushed as istiod does over state of the world.
-    let cpu0 = cpu_ms(pid);
-    let t0 = Instant::now();
     let moved = istio_mesh::cluster_name(1);
-    server.push_endpoints(shape(mesh.with_moved("2", 1, 1)), &[&moved]);
+    // Built before the clock starts: the snapshot and the server's bookkeeping are this
+    // process's cost, not the proxy's.
+    let next = shape(mesh.with_moved("2", 1, 1));
+    let cpu0 = cpu_ms(pid);
+    let t0 = server.push_endpoints(next, &[&moved]);
     acks(&requests, "2", &[ENDPOINTS], &mut None);
     let eds_ack_ms = t0.elapsed().as_secs_f64() * 1000.0;
     eprintln!("xds_scale: {proxy} {services}: endpoint change ACKed");
-    thread::sleep(Duration::from_secs(1));
+    // Two ticks: ringside's workers take the publication on their next one.
+    thread::sleep(Duration::from_millis(200));
     let eds_cpu_ms = cpu_ms(pid) - cpu0;
 
     // Pushes every second while long-lived connections are held and new ones are made.

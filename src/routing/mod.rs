@@ -994,6 +994,32 @@ clusters:",
     }
 
     #[test]
+    fn a_publication_shares_the_clusters_that_did_not_change_and_a_workers_turns_in_them() {
+        let two = format!(
+            "{BASE}  - {{name: other, endpoints: [{{address: 127.0.0.1:20}}, {{address: 127.0.0.1:21}}]}}\n"
+        );
+        let first = Arc::new(Routes::new(&cfg(&two), None));
+        // An endpoint change of `db` alone (SPEC §11: it touches only its cluster).
+        let second = Arc::new(Routes::new(&cfg(&two.replace("127.0.0.1:12", "127.0.0.1:13")), Some(&first)));
+        assert!(!Arc::ptr_eq(&first.clusters[0], &second.clusters[0]), "db changed");
+        assert!(Arc::ptr_eq(&first.clusters[1], &second.clusters[1]), "other is shared");
+        let balance = Rc::new(Balance::seeded(7));
+        let before = Router::with(first, Rc::clone(&balance));
+        let other = Target { cluster: 1, subset: None };
+        assert_eq!(before.candidates(other, now()).next(), Some(0));
+        before.connected(1, 0);
+        before.failed(1, 1, now());
+        let after = Router::with(second, balance);
+        // The worker's turn, live count and ejection in `other` carry over: :21 is ejected,
+        // so :20 first although its turn has passed.
+        assert_eq!(after.candidates(other, now()).collect::<Vec<_>>(), [0, 1]);
+        after.connected(1, 1);
+        // The turns went on: :20 again (turns started over at this publication would give :21).
+        assert_eq!(after.candidates(other, now()).next(), Some(0));
+        after.disconnected(1, 0);
+    }
+
+    #[test]
     fn weights_near_the_integer_limit_do_not_overflow() {
         let max = i64::MAX;
         let yaml = BASE

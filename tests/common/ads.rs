@@ -181,12 +181,15 @@ impl AdsServer {
     /// Push `s`, of which only the ClusterLoadAssignments named `changed` differ from what
     /// is served: a state-of-the-world stream gets one EDS response with those alone, as
     /// istiod pushes an endpoint change (Envoy keeps the assignments a response leaves out);
-    /// a delta stream gets what changed, as always.
-    pub fn push_endpoints(&self, s: Snapshot, changed: &[&str]) {
+    /// a delta stream gets what changed, as always. Returns when the streams were handed
+    /// it (after this server's own bookkeeping, which a benchmark does not count).
+    pub fn push_endpoints(&self, s: Snapshot, changed: &[&str]) -> std::time::Instant {
         let prev = self.snapshot.borrow().clone();
         let mut next = Served::next(Some(&prev), s);
         next.endpoints_only = Some(changed.iter().map(|n| n.to_string()).collect());
+        let sent = std::time::Instant::now();
         self.snapshot.send_replace(Arc::new(next));
+        sent
     }
 
     /// Stop serving and close every stream.
