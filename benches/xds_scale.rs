@@ -8,7 +8,7 @@
 //!   capture listener to service 0 is echoed (`serving`);
 //! - RSS after the full push (`/proc/PID/status` VmRSS, once serving, after a second);
 //! - connection rate through the capture listener to service 0 (CONCURRENCY clients, one
-//!   byte echoed per connection, SECONDS);
+//!   byte echoed per connection, CONN_SECONDS);
 //! - one cluster's endpoints change (service 1's five move), as istiod pushes it over state
 //!   of the world (one EDS response with that assignment alone): time from handing it to
 //!   the server's stream to its ACK, and the process's CPU from then until 200 ms after the
@@ -21,7 +21,7 @@
 //! Env: SERVICES (comma list, default 100,1000,10000), PROXIES (default ringside,envoy),
 //! RINGSIDE_BIN (default the release binary cargo built beside the bench),
 //! ENVOY_MAX_SERVICES (Envoy is skipped above it; default 10000), CORE (default 1),
-//! SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20).
+//! CONN_SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20).
 
 #[path = "../tests/common/ads.rs"]
 mod ads;
@@ -302,7 +302,7 @@ struct Row {
 
 fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> Row {
     let core = env("CORE", 1);
-    let seconds = env("SECONDS", 3);
+    let seconds = env("CONN_SECONDS", 3);
     let concurrency = env("CONCURRENCY", 16);
     let mesh = Mesh {
         services,

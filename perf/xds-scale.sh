@@ -5,13 +5,13 @@
 # (one worker each, one after the other) are pinned to core CORE (default 1); the bench
 # process (ADS server, clients, backends) to the other core. Needs root; removes its
 # namespace on exit. Usage: perf/xds-scale.sh [--quick]  (SERVICES, PROXIES,
-# ENVOY_MAX_SERVICES, SECONDS, CONCURRENCY, PUSH_SECONDS, HELD: see the bench's header)
+# ENVOY_MAX_SERVICES, CONN_SECONDS, CONCURRENCY, PUSH_SECONDS, HELD, RINGSIDE_BIN: the bench's header)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 for arg in "$@"; do
   case "$arg" in
-    --quick) export SERVICES=${SERVICES:-100,1000} SECONDS=${SECONDS:-1} PUSH_SECONDS=${PUSH_SECONDS:-3} ;;
+    --quick) export SERVICES=${SERVICES:-100,1000} CONN_SECONDS=${CONN_SECONDS:-1} PUSH_SECONDS=${PUSH_SECONDS:-3} ;;
     *) echo "usage: $0 [--quick]" >&2; exit 64 ;;
   esac
 done
@@ -33,18 +33,20 @@ BENCH=$(cd "$ROOT" && cargo bench --bench xds_scale --no-run --message-format=js
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "xds_scale" and m.get("executable"):
-        print(m["executable"])')
+        print(m["executable"])' | tail -1)
 [[ -x $BENCH ]] || { echo "perf/xds-scale.sh: the bench did not build" >&2; exit 1; }
-# The bench finds ringside through CARGO_BIN_EXE_ringside, compiled in: the release binary.
-(cd "$ROOT" && cargo build --release --quiet)
+# The bench runs target/release/ringside (CARGO_BIN_EXE_ringside), which `cargo bench` built
+# beside it; RINGSIDE_BIN names another build.
 
 ip netns add "$NS"
 ip -n "$NS" link set lo up
-# A pod's interface: the ClusterIPs need a route before the OUTPUT chain redirects them.
-ip -n "$NS" link add eth0 type dummy
-ip -n "$NS" addr add 10.244.0.9/32 dev eth0
-ip -n "$NS" link set eth0 up
-ip -n "$NS" route add 10.96.0.0/12 dev eth0
+# A pod's interface (a veth pair inside the namespace; no dummy module needed): the
+# ClusterIPs need a route before the OUTPUT chain redirects them.
+ip link add "xsa$$" netns "$NS" type veth peer name "xsb$$" netns "$NS"
+ip -n "$NS" addr add 10.244.0.9/32 dev "xsa$$"
+ip -n "$NS" link set "xsa$$" up
+ip -n "$NS" link set "xsb$$" up
+ip -n "$NS" route add 10.96.0.0/12 dev "xsa$$"
 ip netns exec "$NS" iptables -t nat -A OUTPUT -p tcp -d 10.96.0.0/12 -j REDIRECT --to-ports 15001
 ulimit -n 20000
 echo "perf/xds-scale: $(date -u +%FT%TZ) $(git -C "$ROOT" rev-parse --short HEAD), proxies on core $CORE, load on core $LOAD_CORE; machine shared" >&2
