@@ -38,6 +38,9 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// A `cipher_suites` list names a suite that does not exist or leaves none usable.
+    #[error("cipher_suites: {0}")]
+    CipherSuites(String),
     /// rustls refused the certificate, key or roots (e.g. a key that does not match).
     #[error("{}: {source}", path.display())]
     Rustls {
@@ -70,6 +73,8 @@ pub enum Role {
         alpn: Vec<String>,
         /// Refuse a client without a certificate (Istio's mTLS always does).
         require_client_certificate: bool,
+        /// Cipher suites by Envoy's names (empty: Envoy's default order), [`cipher_suites`].
+        cipher_suites: Vec<String>,
     },
     /// Outbound cluster: verify the server against the root and these SPIFFE ids (any
     /// mesh identity when both lists are empty); `server_name` is sent as SNI.
@@ -82,13 +87,15 @@ pub enum Role {
         server_name: Option<String>,
         /// ALPN offered (empty: Istio's).
         alpn: Vec<String>,
+        /// Cipher suites by Envoy's names (empty: Envoy's default order), [`cipher_suites`].
+        cipher_suites: Vec<String>,
     },
 }
 
 impl Role {
     /// An Istio mTLS server: Istio's ALPN, client certificate required.
     pub fn mesh_server() -> Role {
-        Role::Server { alpn: Vec::new(), require_client_certificate: true }
+        Role::Server { alpn: Vec::new(), require_client_certificate: true, cipher_suites: Vec::new() }
     }
 
     /// An Istio mTLS client expecting one of `subject_alt_names` (any when empty).
@@ -98,6 +105,21 @@ impl Role {
             subject_alt_name_prefixes: Vec::new(),
             server_name,
             alpn: Vec::new(),
+            cipher_suites: Vec::new(),
+        }
+    }
+
+    /// The same role with `cipher_suites` (Envoy's names) instead of the default order.
+    pub fn with_cipher_suites(mut self, names: Vec<String>) -> Role {
+        match &mut self {
+            Role::Server { cipher_suites, .. } | Role::Client { cipher_suites, .. } => *cipher_suites = names,
+        }
+        self
+    }
+
+    fn cipher_suites(&self) -> &[String] {
+        match self {
+            Role::Server { cipher_suites, .. } | Role::Client { cipher_suites, .. } => cipher_suites,
         }
     }
 }
@@ -238,7 +260,10 @@ impl Certs {
         for l in &config.listeners {
             let what = || format!("Listener/{}", l.name);
             certs.listeners.push(match &l.tls {
-                Some(t) => Some(slot(&what, files(&t.files()), Role::mesh_server())?),
+                Some(t) => {
+                    let role = Role::mesh_server().with_cipher_suites(t.cipher_suites.clone());
+                    Some(slot(&what, files(&t.files()), role)?)
+                }
                 None => None,
             });
             let mut chains = Vec::new();
@@ -249,6 +274,7 @@ impl Certs {
                         let role = Role::Server {
                             alpn: t.alpn.clone(),
                             require_client_certificate: t.require_client_certificate,
+                            cipher_suites: t.cipher_suites.clone(),
                         };
                         Some(slot(&what, files(&t.files), role)?)
                     }
@@ -266,6 +292,7 @@ impl Certs {
                         subject_alt_name_prefixes: t.subject_alt_name_prefixes.clone(),
                         server_name: t.sni.clone().or_else(|| c.service.clone()),
                         alpn: t.alpn.clone(),
+                        cipher_suites: t.cipher_suites.clone(),
                     };
                     Some(slot(&what, files(&t.files()), role)?)
                 }
@@ -341,6 +368,78 @@ pub fn envoy_suite_order(aes: bool) -> Vec<rustls::SupportedCipherSuite> {
     tls13.into_iter().chain(tls12).collect()
 }
 
+/// rustls' suites by the names Envoy's `cipher_suites` takes (BoringSSL's, as OpenSSL's), and
+/// by the IANA names of the TLS 1.3 suites, which Envoy does not let one configure.
+const SUITE_NAMES: [(&str, rustls::CipherSuite); 9] = {
+    use rustls::CipherSuite as C;
+    [
+        ("ECDHE-ECDSA-AES128-GCM-SHA256", C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+        ("ECDHE-ECDSA-AES256-GCM-SHA384", C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+        ("ECDHE-ECDSA-CHACHA20-POLY1305", C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+        ("ECDHE-RSA-AES128-GCM-SHA256", C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256),
+        ("ECDHE-RSA-AES256-GCM-SHA384", C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384),
+        ("ECDHE-RSA-CHACHA20-POLY1305", C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256),
+        ("TLS_AES_128_GCM_SHA256", C::TLS13_AES_128_GCM_SHA256),
+        ("TLS_AES_256_GCM_SHA384", C::TLS13_AES_256_GCM_SHA384),
+        ("TLS_CHACHA20_POLY1305_SHA256", C::TLS13_CHACHA20_POLY1305_SHA256),
+    ]
+};
+
+/// Suites BoringSSL knows (Envoy's default server list has them) that rustls does not
+/// implement (CBC, SHA-1 MACs, RSA key exchange): skipped, as if the build lacked them.
+const SUITES_NOT_IMPLEMENTED: [&str; 10] = [
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-AES256-SHA",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-SHA",
+    "AES256-SHA",
+    "ECDHE-PSK-AES128-CBC-SHA",
+    "ECDHE-PSK-CHACHA20-POLY1305",
+];
+
+/// The suites `names` ask for, in their order, taken from `available` (the provider's): a
+/// name of a TLS 1.2 suite (`ECDHE-ECDSA-AES128-GCM-SHA256`) replaces the TLS 1.2 list, a TLS
+/// 1.3 one (`TLS_AES_128_GCM_SHA256`) the TLS 1.3 list; a version none of the names is for
+/// keeps its default order, as Envoy's `cipher_suites` leaves TLS 1.3 alone. BoringSSL's
+/// equal-preference groups (`[A|B]`) count in their written order. An unknown name is an
+/// error naming it; known suites rustls lacks (CBC, SHA-1) are skipped, and a list left with
+/// nothing usable is an error.
+pub fn cipher_suites(
+    names: &[String],
+    available: &[rustls::SupportedCipherSuite],
+) -> Result<Vec<rustls::SupportedCipherSuite>, String> {
+    let mut wanted: Vec<rustls::SupportedCipherSuite> = Vec::new();
+    for name in names.iter().flat_map(|n| n.trim_matches(|c| c == '[' || c == ']').split('|')) {
+        let name = name.trim();
+        if SUITES_NOT_IMPLEMENTED.contains(&name) {
+            continue;
+        }
+        let Some((_, id)) = SUITE_NAMES.iter().find(|(n, _)| *n == name) else {
+            let known: Vec<&str> = SUITE_NAMES.iter().map(|(n, _)| *n).collect();
+            return Err(format!("unknown suite {name:?} (known: {})", known.join(", ")));
+        };
+        match available.iter().find(|s| s.suite() == *id) {
+            Some(s) if !wanted.contains(s) => wanted.push(*s),
+            _ => {}
+        }
+    }
+    if wanted.is_empty() {
+        return Err(format!("none of {names:?} is implemented (rustls has no CBC or SHA-1 suites)"));
+    }
+    let tls13 = |s: &rustls::SupportedCipherSuite| s.version() == &rustls::version::TLS13;
+    let pick = |of_13: bool| -> Vec<rustls::SupportedCipherSuite> {
+        let named: Vec<_> = wanted.iter().filter(|s| tls13(s) == of_13).copied().collect();
+        match named.is_empty() {
+            true => available.iter().filter(|s| tls13(s) == of_13).copied().collect(),
+            false => named,
+        }
+    };
+    Ok(pick(true).into_iter().chain(pick(false)).collect())
+}
+
 /// The index of a negotiated suite in `ringside_tls_handshakes_total`'s table (the last,
 /// `other`, for a suite it does not name).
 pub fn suite_index(suite: rustls::CipherSuite) -> usize {
@@ -394,8 +493,15 @@ fn build_from(
     let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
     let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
     let versions = rustls::ALL_VERSIONS;
+    let provider = match role.cipher_suites() {
+        [] => provider,
+        names => {
+            let suites = cipher_suites(names, &provider.cipher_suites).map_err(Error::CipherSuites)?;
+            Arc::new(CryptoProvider { cipher_suites: suites, ..(*provider).clone() })
+        }
+    };
     match role {
-        Role::Server { alpn, require_client_certificate } => {
+        Role::Server { alpn, require_client_certificate, .. } => {
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
             let verifier = match require_client_certificate {
                 true => verifier,
@@ -421,7 +527,7 @@ fn build_from(
             c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
             Ok(Configured { server: Some(Arc::new(c)), client: None, local_principal, server_name: None })
         }
-        Role::Client { subject_alt_names, subject_alt_name_prefixes, server_name, alpn } => {
+        Role::Client { subject_alt_names, subject_alt_name_prefixes, server_name, alpn, .. } => {
             let verifier = Arc::new(SpiffeVerifier {
                 roots,
                 subject_alt_names: subject_alt_names.clone(),
@@ -901,6 +1007,101 @@ mod tests {
             assert_ne!(suite_index(s.suite()), crate::metrics::TLS_SUITES.len() - 1, "{:?}", s.suite());
         }
         assert_eq!(ours.len(), rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES.len());
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn cipher_suites_take_envoys_names_in_their_order_and_a_version_not_named_keeps_its_default() {
+        use rustls::CipherSuite as C;
+        let all = envoy_suite_order(true);
+        let ids = |v: Vec<rustls::SupportedCipherSuite>| v.iter().map(|s| s.suite()).collect::<Vec<_>>();
+        // TLS 1.2 names (a BoringSSL equal-preference group counts in its written order, a CBC
+        // suite rustls lacks is skipped): TLS 1.3 keeps its order, as Envoy's does.
+        let tls12 = names(&[
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            "[ECDHE-ECDSA-CHACHA20-POLY1305|ECDHE-ECDSA-AES128-GCM-SHA256]",
+            "ECDHE-ECDSA-AES128-SHA",
+        ]);
+        assert_eq!(
+            ids(cipher_suites(&tls12, &all).unwrap()),
+            [
+                C::TLS13_AES_128_GCM_SHA256,
+                C::TLS13_AES_256_GCM_SHA384,
+                C::TLS13_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ]
+        );
+        // TLS 1.3 names restrict TLS 1.3 only; TLS 1.2 keeps Envoy's default list.
+        let tls13 = ids(cipher_suites(&names(&["TLS_CHACHA20_POLY1305_SHA256"]), &all).unwrap());
+        assert_eq!(tls13[0], C::TLS13_CHACHA20_POLY1305_SHA256);
+        assert_eq!(&tls13[1..], &ids(all.clone())[3..]);
+    }
+
+    #[test]
+    fn an_unknown_cipher_suite_is_an_error_naming_it_and_the_resource() {
+        let e = cipher_suites(&names(&["ECDHE-ECDSA-AES128-GCM-SHA256", "AES-128-GCM"]), &envoy_suite_order(true));
+        assert!(e.unwrap_err().starts_with("unknown suite \"AES-128-GCM\" (known: ECDHE-ECDSA-AES128-GCM-SHA256,"));
+        let e = cipher_suites(&names(&["AES128-SHA"]), &envoy_suite_order(true)).unwrap_err();
+        assert!(e.contains("none of [\"AES128-SHA\"] is implemented"), "{e}");
+        let dir = tmpdir("suites-config");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let yaml = format!(
+            "listeners:\n  - {{name: inbound, listen: 127.0.0.1:0, direction: inbound, cluster: app, tls: \
+             {{mode: strict, cert_chain: {}, private_key: {}, root_cert: {}, cipher_suites: [TLS_AES_129_GCM]}}}}\n\
+             clusters:\n  - {{name: app, endpoints: [{{address: 127.0.0.1:1}}]}}\n",
+            f.cert_chain.display(),
+            f.private_key.display(),
+            f.root_cert.display()
+        );
+        let config = crate::config::Config::parse(&yaml, "t.yaml").unwrap();
+        let e = Certs::load(&config).err().unwrap().to_string();
+        assert!(e.starts_with("Listener/inbound: cipher_suites: unknown suite \"TLS_AES_129_GCM\""), "{e}");
+    }
+
+    /// The suite a handshake between `client` and `server` negotiates.
+    fn negotiated(client: &Role, server: &Role) -> rustls::CipherSuite {
+        let dir = tmpdir("negotiate");
+        let mesh = ca("mesh");
+        let s = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), server).unwrap();
+        let c = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), client).unwrap();
+        let (client, server) = (c.client.unwrap(), s.server.unwrap());
+        let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut &wire[..]).unwrap();
+            s.process_new_packets().unwrap();
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut &wire[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert_eq!(c.negotiated_cipher_suite().map(|s| s.suite()), s.negotiated_cipher_suite().map(|s| s.suite()));
+        s.negotiated_cipher_suite().unwrap().suite()
+    }
+
+    #[test]
+    fn configured_cipher_suites_decide_the_negotiated_suite_on_either_side() {
+        use rustls::CipherSuite as C;
+        let client = || Role::mesh_client(vec![], None);
+        let server = Role::mesh_server().with_cipher_suites(names(&["TLS_AES_256_GCM_SHA384"]));
+        assert_eq!(negotiated(&client(), &server), C::TLS13_AES_256_GCM_SHA384);
+        let chacha = client().with_cipher_suites(names(&["TLS_CHACHA20_POLY1305_SHA256"]));
+        assert_eq!(negotiated(&chacha, &Role::mesh_server()), C::TLS13_CHACHA20_POLY1305_SHA256);
+        // Naming TLS 1.2 suites leaves TLS 1.3 and its order alone, as in Envoy.
+        let tls12 = client().with_cipher_suites(names(&["ECDHE-ECDSA-AES256-GCM-SHA384"]));
+        assert_eq!(negotiated(&tls12, &Role::mesh_server()), C::TLS13_AES_128_GCM_SHA256);
     }
 
     #[test]
