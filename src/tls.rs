@@ -5,6 +5,7 @@
 //! Workers never touch files: they load the current config of a listener or cluster (one
 //! atomic load per new connection) and a side thread replaces it when the files change.
 
+pub mod chains;
 pub mod hello;
 pub mod stream;
 
@@ -134,6 +135,8 @@ pub struct Configured {
     pub local_principal: Option<Arc<str>>,
     /// SNI for the client side.
     pub server_name: Option<ServerName<'static>>,
+    /// The peer chains this config has verified (`None`: `RINGSIDE_TLS_CHAIN_CACHE=0`).
+    pub chains: Option<Arc<chains::Chains>>,
 }
 
 /// One listener's or cluster's TLS: where its files are and the config in use now.
@@ -493,6 +496,7 @@ fn build_from(
     let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
     let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
     let versions = rustls::ALL_VERSIONS;
+    let chains = chains::enabled().then(|| Arc::new(chains::Chains::default()));
     let provider = match role.cipher_suites() {
         [] => provider,
         names => {
@@ -510,6 +514,10 @@ fn build_from(
             let verifier = verifier
                 .build()
                 .map_err(|e| Error::File { path: files.root_cert.clone(), why: e.to_string() })?;
+            let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match &chains {
+                Some(c) => Arc::new(chains::CachedClientVerifier::new(verifier, Arc::clone(c))),
+                None => verifier,
+            };
             let mut c = ServerConfig::builder_with_provider(provider)
                 .with_protocol_versions(versions)
                 .map_err(key_err)?
@@ -525,7 +533,7 @@ fn build_from(
             // rotated certificate or root) has a new ticketer: earlier tickets no longer
             // resume, so the next handshake is a full one against the new files.
             c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
-            Ok(Configured { server: Some(Arc::new(c)), client: None, local_principal, server_name: None })
+            Ok(Configured { server: Some(Arc::new(c)), client: None, local_principal, server_name: None, chains })
         }
         Role::Client { subject_alt_names, subject_alt_name_prefixes, server_name, alpn, .. } => {
             let verifier = Arc::new(SpiffeVerifier {
@@ -533,6 +541,7 @@ fn build_from(
                 subject_alt_names: subject_alt_names.clone(),
                 subject_alt_name_prefixes: subject_alt_name_prefixes.clone(),
                 algs: provider.signature_verification_algorithms,
+                chains: chains.clone(),
             });
             let mut c = ClientConfig::builder_with_provider(provider)
                 .with_protocol_versions(versions)
@@ -551,7 +560,7 @@ fn build_from(
                 false => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
             };
             let server_name = server_name.as_deref().and_then(|n| ServerName::try_from(n.to_owned()).ok());
-            Ok(Configured { server: None, client: Some(Arc::new(c)), local_principal, server_name })
+            Ok(Configured { server: None, client: Some(Arc::new(c)), local_principal, server_name, chains })
         }
     }
 }
@@ -634,6 +643,8 @@ struct SpiffeVerifier {
     subject_alt_names: Vec<String>,
     subject_alt_name_prefixes: Vec<String>,
     algs: WebPkiSupportedAlgorithms,
+    /// Server chains already verified against `roots` (the SANs are checked every time).
+    chains: Option<Arc<chains::Chains>>,
 }
 
 impl ServerCertVerifier for SpiffeVerifier {
@@ -645,14 +656,20 @@ impl ServerCertVerifier for SpiffeVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        let cached = self.chains.as_ref().is_some_and(|c| c.holds(end_entity, intermediates, now));
+        if !cached {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                &self.roots,
+                intermediates,
+                now,
+                self.algs.all,
+            )?;
+            if let Some(c) = &self.chains {
+                c.insert(end_entity, intermediates);
+            }
+        }
         if !self.subject_alt_names.is_empty() || !self.subject_alt_name_prefixes.is_empty() {
             let id = spiffe_id(end_entity);
             let ok = |id: &String| {
@@ -1102,6 +1119,84 @@ mod tests {
         // Naming TLS 1.2 suites leaves TLS 1.3 and its order alone, as in Envoy.
         let tls12 = client().with_cipher_suites(names(&["ECDHE-ECDSA-AES256-GCM-SHA384"]));
         assert_eq!(negotiated(&tls12, &Role::mesh_server()), C::TLS13_AES_128_GCM_SHA256);
+    }
+
+    /// A full handshake (no session offered) between a fresh client of `client` and `server`.
+    fn full_handshake(client: &Role, cf: &Files, server: &Arc<ServerConfig>) -> Result<(), rustls::Error> {
+        let c = build(cf, client).unwrap().client.unwrap();
+        let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+        let mut c = rustls::ClientConnection::new(c, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut &wire[..]).unwrap();
+            let server_result = s.process_new_packets().map(|_| ());
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut &wire[..]).unwrap();
+            server_result?;
+            c.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_verified_client_chain_is_cached_per_config_and_a_rotated_root_verifies_it_again() {
+        let mesh = ca("mesh");
+        let dir = tmpdir("chains");
+        let slot = Slot::new(files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), Role::mesh_server()).unwrap();
+        let cdir = tmpdir("chains-client");
+        let client = files(&cdir, &mesh, "spiffe://cluster.local/ns/default/sa/productpage", KeyPair::generate().unwrap());
+        let role = Role::mesh_client(vec![RATINGS.into()], None);
+        let before = slot.current();
+        for _ in 0..3 {
+            full_handshake(&role, &client, before.server.as_ref().unwrap()).unwrap();
+        }
+        assert_eq!(before.chains.as_ref().unwrap().len(), 1, "one client chain, verified once and kept");
+        // The mesh root rotates to another CA: the new config starts with no verified chain,
+        // and the client whose chain the old config had cached is refused.
+        let other = ca("other-mesh");
+        std::fs::write(&slot.files.root_cert, other.cert.pem()).unwrap();
+        slot.reload().unwrap();
+        let after = slot.current();
+        assert!(after.chains.as_ref().unwrap().is_empty());
+        let e = full_handshake(&role, &client, after.server.as_ref().unwrap()).unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+        assert!(after.chains.as_ref().unwrap().is_empty(), "a refused chain is never cached");
+    }
+
+    #[test]
+    fn a_cached_server_chain_still_has_its_identity_checked_on_every_connection() {
+        let mesh = ca("mesh");
+        let dir = tmpdir("chains-san");
+        let f = files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap());
+        let chains = Arc::new(chains::Chains::default());
+        let expecting = |id: &str| SpiffeVerifier {
+            roots: Arc::new(load_roots(&f.root_cert).unwrap()),
+            subject_alt_names: vec![id.into()],
+            subject_alt_name_prefixes: Vec::new(),
+            algs: provider().signature_verification_algorithms,
+            chains: Some(Arc::clone(&chains)),
+        };
+        let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+        let leaf = load_certs(&f.cert_chain).unwrap();
+        let now = UnixTime::now();
+        expecting(RATINGS).verify_server_cert(&leaf[0], &[], &name, &[], now).unwrap();
+        assert_eq!(chains.len(), 1);
+        assert!(chains.holds(&leaf[0], &[], now));
+        // The same chain, now cached, against a verifier expecting another identity: refused.
+        let e = expecting("spiffe://cluster.local/ns/prod/sa/reviews").verify_server_cert(&leaf[0], &[], &name, &[], now);
+        assert_eq!(e.unwrap_err(), rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+        // Past the certificate's notAfter the cached entry does not hold (and a full
+        // verification refuses the expired certificate).
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(100_000_000_000)); // rcgen: 4096-01-01
+        assert!(!chains.holds(&leaf[0], &[], later));
+        assert!(expecting(RATINGS).verify_server_cert(&leaf[0], &[], &name, &[], later).is_err());
     }
 
     #[test]
