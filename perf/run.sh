@@ -413,7 +413,8 @@ EOF
   local f port
   for f in inner:$INNER_PORT outer:$FRONT_PORT; do
     port=${f#*:}
-    spawn_on "$PROXY_CORE" "$RINGSIDE" run --config "$WORK/${f%%:*}.yaml" 2>>"$WORK/ringside.log"
+    spawn_on "$PROXY_CORE" env RINGSIDE_TLS_CHAIN_CACHE="${RINGSIDE_TLS_CHAIN_CACHE:-1}" "$RINGSIDE" run \
+      --config "$WORK/${f%%:*}.yaml" 2>>"$WORK/ringside.log"
     wait_port "$port" "$LAST_PID" || return 1
     PROXY_PIDS+=("$LAST_PID")
   done
@@ -473,7 +474,7 @@ envoy_mtls_start() {
   [[ -n ${ENVOY:-} ]] || return 1
   local d=$WORK/certs
   local breakers="circuit_breakers: {thresholds: [{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}]}"
-  local tls13="tls_params: {tls_minimum_protocol_version: TLSv1_3}"
+  local tls13="tls_params: {tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}"
   local certs="tls_certificates: [{certificate_chain: {filename: $d/ID-cert.pem}, private_key: {filename: $d/ID-key.pem}}]"
   cat >"$WORK/envoy-inner.yaml" <<EOF
 static_resources:
@@ -588,6 +589,8 @@ start_target() {
     ringside-2-mtls-aes128) ringside_mtls_start TLS_AES_128_GCM_SHA256 ;;
     ringside-2-mtls-aes256) ringside_mtls_start TLS_AES_256_GCM_SHA384 ;;
     ringside-2-mtls-chacha) ringside_mtls_start TLS_CHACHA20_POLY1305_SHA256 ;;
+    # Without the cache of verified peer chains (README, Decisions).
+    ringside-2-mtls-nocache) RINGSIDE_TLS_CHAIN_CACHE=0 ringside_mtls_start ;;
     haproxy-2-tls) haproxy_tls_start ;;
     haproxy) haproxy_start ;;
     haproxy-busy) haproxy_start busy-polling ;;
