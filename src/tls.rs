@@ -483,6 +483,17 @@ pub fn build_with(provider: Arc<CryptoProvider>, files: &Files, role: &Role) -> 
     build_from(provider, files, &load(files)?, role)
 }
 
+/// As [`build_with`], with the cache of verified peer chains on or off whatever
+/// `RINGSIDE_TLS_CHAIN_CACHE` says (benchmarks compare both in one process).
+pub fn build_with_chain_cache(
+    provider: Arc<CryptoProvider>,
+    files: &Files,
+    role: &Role,
+    chain_cache: bool,
+) -> Result<Configured, Error> {
+    build_configured(provider, files, &load(files)?, role, chain_cache)
+}
+
 /// Build the config of `role` from `identity`, read from `files` (named in errors).
 fn build_from(
     provider: Arc<CryptoProvider>,
@@ -490,13 +501,23 @@ fn build_from(
     identity: &Identity,
     role: &Role,
 ) -> Result<Configured, Error> {
+    build_configured(provider, files, identity, role, chains::enabled())
+}
+
+fn build_configured(
+    provider: Arc<CryptoProvider>,
+    files: &Files,
+    identity: &Identity,
+    role: &Role,
+    chain_cache: bool,
+) -> Result<Configured, Error> {
     let certs = identity.certs.clone();
     let key = identity.key.clone_key();
     let roots = Arc::clone(&identity.roots);
     let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
     let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
     let versions = rustls::ALL_VERSIONS;
-    let chains = chains::enabled().then(|| Arc::new(chains::Chains::default()));
+    let chains = chain_cache.then(|| Arc::new(chains::Chains::default()));
     let provider = match role.cipher_suites() {
         [] => provider,
         names => {
