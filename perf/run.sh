@@ -763,7 +763,7 @@ fi
   echo "pipe_user_pages_soft=$(cat /proc/sys/fs/pipe-user-pages-soft 2>/dev/null || echo n/a)"
 } >"$WORK/meta.txt"
 
-spawn_on "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND_PORT" --seconds 900 >/dev/null
+spawn_on "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND_PORT" --seconds $((1800 * ROUNDS)) >/dev/null
 BACKEND_PID=$LAST_PID
 wait_port "$BACKEND_PORT" "$BACKEND_PID" || die "backend did not start"
 echo "split_backend=pid $BACKEND_PID (loadgen echo-server): cores $(affinity "$BACKEND_PID")" >>"$WORK/meta.txt"
