@@ -339,7 +339,8 @@ fn interleaved() {
         no_resume.resumption = rustls::client::Resumption::disabled();
         Pair {
             client: Configured { client: Some(Arc::new(no_resume)), ..client },
-            server: ringside::tls::build_with_chain_cache(provider, &server, &Role::mesh_server(), cache).unwrap(),
+            server: ringside::tls::build_with_chain_cache(provider, &server, &Role::mesh_server(), cache)
+                .unwrap(),
         }
     };
     let (uncached, cached) = (full_pair(false), full_pair(true));

@@ -554,7 +554,13 @@ fn build_configured(
             // rotated certificate or root) has a new ticketer: earlier tickets no longer
             // resume, so the next handshake is a full one against the new files.
             c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
-            Ok(Configured { server: Some(Arc::new(c)), client: None, local_principal, server_name: None, chains })
+            Ok(Configured {
+                server: Some(Arc::new(c)),
+                client: None,
+                local_principal,
+                server_name: None,
+                chains,
+            })
         }
         Role::Client { subject_alt_names, subject_alt_name_prefixes, server_name, alpn, .. } => {
             let verifier = Arc::new(SpiffeVerifier {
@@ -1082,8 +1088,14 @@ mod tests {
 
     #[test]
     fn an_unknown_cipher_suite_is_an_error_naming_it_and_the_resource() {
-        let e = cipher_suites(&names(&["ECDHE-ECDSA-AES128-GCM-SHA256", "AES-128-GCM"]), &envoy_suite_order(true));
-        assert!(e.unwrap_err().starts_with("unknown suite \"AES-128-GCM\" (known: ECDHE-ECDSA-AES128-GCM-SHA256,"));
+        let e = cipher_suites(
+            &names(&["ECDHE-ECDSA-AES128-GCM-SHA256", "AES-128-GCM"]),
+            &envoy_suite_order(true),
+        );
+        assert!(
+            e.unwrap_err()
+                .starts_with("unknown suite \"AES-128-GCM\" (known: ECDHE-ECDSA-AES128-GCM-SHA256,")
+        );
         let e = cipher_suites(&names(&["AES128-SHA"]), &envoy_suite_order(true)).unwrap_err();
         assert!(e.contains("none of [\"AES128-SHA\"] is implemented"), "{e}");
         let dir = tmpdir("suites-config");
@@ -1125,7 +1137,10 @@ mod tests {
             c.read_tls(&mut &wire[..]).unwrap();
             c.process_new_packets().unwrap();
         }
-        assert_eq!(c.negotiated_cipher_suite().map(|s| s.suite()), s.negotiated_cipher_suite().map(|s| s.suite()));
+        assert_eq!(
+            c.negotiated_cipher_suite().map(|s| s.suite()),
+            s.negotiated_cipher_suite().map(|s| s.suite())
+        );
         s.negotiated_cipher_suite().unwrap().suite()
     }
 
@@ -1170,9 +1185,15 @@ mod tests {
     fn a_verified_client_chain_is_cached_per_config_and_a_rotated_root_verifies_it_again() {
         let mesh = ca("mesh");
         let dir = tmpdir("chains");
-        let slot = Slot::new(files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), Role::mesh_server()).unwrap();
+        let slot = Slot::new(files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), Role::mesh_server())
+            .unwrap();
         let cdir = tmpdir("chains-client");
-        let client = files(&cdir, &mesh, "spiffe://cluster.local/ns/default/sa/productpage", KeyPair::generate().unwrap());
+        let client = files(
+            &cdir,
+            &mesh,
+            "spiffe://cluster.local/ns/default/sa/productpage",
+            KeyPair::generate().unwrap(),
+        );
         let role = Role::mesh_client(vec![RATINGS.into()], None);
         let before = slot.current();
         for _ in 0..3 {
@@ -1211,8 +1232,17 @@ mod tests {
         assert_eq!(chains.len(), 1);
         assert!(chains.holds(&leaf[0], &[], now));
         // The same chain, now cached, against a verifier expecting another identity: refused.
-        let e = expecting("spiffe://cluster.local/ns/prod/sa/reviews").verify_server_cert(&leaf[0], &[], &name, &[], now);
-        assert_eq!(e.unwrap_err(), rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+        let e = expecting("spiffe://cluster.local/ns/prod/sa/reviews").verify_server_cert(
+            &leaf[0],
+            &[],
+            &name,
+            &[],
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err(),
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        );
         // Past the certificate's notAfter the cached entry does not hold (and a full
         // verification refuses the expired certificate).
         let later = UnixTime::since_unix_epoch(Duration::from_secs(100_000_000_000)); // rcgen: 4096-01-01

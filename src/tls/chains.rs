@@ -41,7 +41,8 @@ struct Validity {
 /// The cache key: the chain's certificates exactly as presented, each after its length, so
 /// that a hit means the same bytes (no hash that another chain could collide with).
 fn key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Box<[u8]> {
-    let mut k = Vec::with_capacity(end_entity.len() + intermediates.iter().map(|c| c.len() + 8).sum::<usize>() + 8);
+    let mut k =
+        Vec::with_capacity(end_entity.len() + intermediates.iter().map(|c| c.len() + 8).sum::<usize>() + 8);
     for c in std::iter::once(end_entity).chain(intermediates) {
         k.extend_from_slice(&(c.len() as u64).to_le_bytes());
         k.extend_from_slice(c);
@@ -64,7 +65,12 @@ fn validity(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>
 
 impl Chains {
     /// Whether this exact chain verified before and every certificate in it is valid `now`.
-    pub fn holds(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> bool {
+    pub fn holds(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> bool {
         let verified = self.verified.load();
         if verified.is_empty() {
             return false;
