@@ -106,9 +106,19 @@ impl Chains {
     }
 }
 
-/// Off when `RINGSIDE_TLS_CHAIN_CACHE=0` (for A/B measurements, as `RINGSIDE_SPLICE=0`).
+/// Off when `RINGSIDE_TLS_CHAIN_CACHE=0`, a benchmarking switch like `RINGSIDE_SPLICE=0`:
+/// read once, and a warning logged once when used.
 pub fn enabled() -> bool {
-    std::env::var_os("RINGSIDE_TLS_CHAIN_CACHE").is_none_or(|v| v != "0")
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let on = std::env::var_os("RINGSIDE_TLS_CHAIN_CACHE").is_none_or(|v| v != "0");
+        if !on {
+            log::warn!(
+                "RINGSIDE_TLS_CHAIN_CACHE=0 (benchmarking): peer chains verified on every full handshake"
+            );
+        }
+        on
+    })
 }
 
 /// A server's client-certificate verifier (rustls' WebPKI one) with a cache of the client
