@@ -550,7 +550,13 @@ fn build_configured(
         }
     };
     match role {
-        Role::Server { alpn, require_client_certificate, subject_alt_names, subject_alt_name_prefixes, .. } => {
+        Role::Server {
+            alpn,
+            require_client_certificate,
+            subject_alt_names,
+            subject_alt_name_prefixes,
+            ..
+        } => {
             let key =
                 key.ok_or_else(|| file_err(&files.private_key, "a server needs a certificate and key"))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
