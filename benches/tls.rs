@@ -328,6 +328,34 @@ fn interleaved() {
     }
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     report("tls_handshake_interleaved", &["full".into(), "resumed".into()], &mut times, &us);
+
+    // Full handshakes (no resumption) with the cache of verified peer chains (README
+    // Decisions), warm, against none: both sides' chain verification is what it saves.
+    let full_pair = |cache: bool| {
+        let provider = ringside::tls::provider();
+        let role = Role::mesh_client(vec![SERVER_ID.into()], None);
+        let client = ringside::tls::build_with_chain_cache(provider.clone(), &client, &role, cache).unwrap();
+        let mut no_resume = (*client.client.clone().unwrap()).clone();
+        no_resume.resumption = rustls::client::Resumption::disabled();
+        Pair {
+            client: Configured { client: Some(Arc::new(no_resume)), ..client },
+            server: ringside::tls::build_with_chain_cache(provider, &server, &Role::mesh_server(), cache)
+                .unwrap(),
+        }
+    };
+    let (uncached, cached) = (full_pair(false), full_pair(true));
+    connect(&cached);
+    let mut times = vec![Vec::new(), Vec::new()];
+    for _ in 0..ROUNDS {
+        for (p, t) in [&uncached, &cached].into_iter().zip(&mut times) {
+            let start = Instant::now();
+            for _ in 0..EACH {
+                connect(p);
+            }
+            t.push(start.elapsed() / EACH);
+        }
+    }
+    report("tls_full_handshake_chain_cache", &["uncached".into(), "cached".into()], &mut times, &us);
 }
 
 /// Counts live heap bytes, to see what an idle connection holds (README Decisions: idle

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Profiles one proxy under one load: CPU per connection (or per GB), where the proxy's time
 # goes (perf record -g: kernel entry points), and TCP segments per connection (nstat).
-# Usage: perf/profile.sh ringside|ringside-epoll|haproxy|envoy connrate|bulk [extra ringside flags...]
+# Usage: perf/profile.sh ringside|ringside-epoll|haproxy|envoy connrate|connrate-close|bulk [extra ringside flags...]
+# (connrate: 64 in flight, the client closes first; connrate-close: 32 in flight, the backend
+# closes first.)
 # Proxy on core 1, load generator and echo backend on core 0, as in perf/run.sh. Bounded: one
 # 3 s run. Needs perf (linux-perf), nstat (iproute2), haproxy for the haproxy target.
 set -euo pipefail
@@ -46,6 +48,7 @@ perf record -q -e cpu-clock -g -p "$PROXY" -o "$WORK/perf.data" -- sleep 3 >/dev
 rec=$!
 case $test in
   connrate) out=$(taskset -c 0 "$LOADGEN" connrate --target "$FRONT" --concurrency 64 --seconds 3 --size 64) ;;
+  connrate-close) out=$(taskset -c 0 "$LOADGEN" connrate --target "$FRONT" --concurrency 32 --seconds 3 --size 64 --closer backend) ;;
   bulk) out=$(taskset -c 0 "$LOADGEN" bulk --target "$FRONT" --streams 1 --seconds 3) ;;
   *) echo "unknown test $test" >&2; exit 64 ;;
 esac
@@ -53,7 +56,7 @@ wait "$rec" || true
 t1=$(ticks)
 echo "$out"
 hz=$(getconf CLK_TCK)
-if [[ $test == connrate ]]; then
+if [[ $test == connrate* ]]; then
   n=$(grep -o '"connections":[0-9]*' <<<"$out" | cut -d: -f2)
   echo "proxy CPU per connection: $(( (t1 - t0) * 1000000 / hz / n )) µs"
   nstat 2>/dev/null | awk -v n="$n" '/TcpOutSegs|TcpActiveOpens|TcpExtTW |TcpExtTCPPureAcks/ {printf "  %s per connection: %.2f\n", $1, $2 / n}'

@@ -25,15 +25,23 @@ else
   QUIET_WAIT=20
   MANY_SECONDS=5; WORKER_CONNS=30000; WORKER_RUNS=5
 fi
+# A subset run can lengthen its bulk runs (e.g. TLS rows with --quick): PERF_BULK_SECONDS=3.
+BULK_SECONDS=${PERF_BULK_SECONDS:-$BULK_SECONDS}
 MANY_STREAMS=200  # concurrent bulk streams through one unprivileged sidecar
 MSG_SIZE=64
 LOAD_CORE=0   # load generator and backend
 PROXY_CORE=1  # every proxy process, so all targets compete for the same single core
 BACKEND_PORT=18100; FRONT_PORT=18101; INNER_PORT=18102; METRICS_PORT=18103; METRICS_PORT2=18104
-TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-1-split ringside-2 ringside-2-off ringside-2-mtls haproxy haproxy-busy haproxy-2-tls envoy nginx"
+TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-1-split ringside-2 ringside-2-off ringside-2-mtls haproxy haproxy-busy haproxy-2-tls envoy envoy-2-mtls nginx"
 # PERF_TARGETS="ringside-1 ringside-1-split" measures only those (a quick look at one feature;
 # the rows that need the others then say "not evaluated").
 TARGETS=${PERF_TARGETS:-$TARGETS}
+# PERF_ROUNDS=3 measures every target that many times, in alternation (round 1 of each, then
+# round 2...), so a neighbour's build hits them alike; the report takes each number's median.
+ROUNDS=${PERF_ROUNDS:-1}
+# PERF_NAME=mtls writes perf/results/mtls/ and perf/results/mtls/RESULTS.md instead of the
+# full run's perf/results/ and perf/RESULTS.md (a subset run must not replace the full table).
+NAME=${PERF_NAME:-}
 BUSY_POLL=100us  # ringside-1-busy's window; HAProxy's busy-polling has none (it spins whenever it runs)
 PYTHON=/usr/bin/python3  # Debian's, where python3-matplotlib installs
 # Others compile on this machine: measured processes (every target alike) get a higher
@@ -149,8 +157,8 @@ core_ticks() {
 # how busy other processes kept the proxy core meanwhile (the noise in that measurement).
 record() {
   local target=$1 result=$2 ticks=$3 rss_before=$4 rss_after=$5 others_pct=${6:-null}
-  printf '{"target":"%s","cpu_ticks":%s,"rss_kb_before":%s,"rss_kb_after":%s,"others_pct":%s,"result":%s}\n' \
-    "$target" "$ticks" "$rss_before" "$rss_after" "$others_pct" "$result" >>"$RAW"
+  printf '{"target":"%s","round":%s,"cpu_ticks":%s,"rss_kb_before":%s,"rss_kb_after":%s,"others_pct":%s,"result":%s}\n' \
+    "$target" "${ROUND:-1}" "$ticks" "$rss_before" "$rss_after" "$others_pct" "$result" >>"$RAW"
   echo "  $result" >&2
 }
 
@@ -371,9 +379,10 @@ make_certs() {
   done
 }
 
-# Two ringside sidecars with mTLS between them (exchange in mode alpn, strict inbound).
+# Two ringside sidecars with mTLS between them (exchange in mode alpn, strict inbound); with
+# an argument, the inbound sidecar's `cipher_suites` (the server's choice decides the suite).
 ringside_mtls_start() {
-  local d=$WORK/certs
+  local d=$WORK/certs suites=${1:+, cipher_suites: [$1]}
   cat >"$WORK/inner.yaml" <<EOF
 node: {workload_name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
 workers: 1
@@ -383,7 +392,7 @@ health: {listen: "off"}
 metrics: {listen: "127.0.0.1:$METRICS_PORT2"}
 listeners:
   - {name: inbound, listen: "127.0.0.1:$INNER_PORT", direction: inbound, peer_exchange: alpn, cluster: app,
-     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem}}
+     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem$suites}}
 clusters:
   - {name: app, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$BACKEND_PORT"}]}
 EOF
@@ -404,7 +413,8 @@ EOF
   local f port
   for f in inner:$INNER_PORT outer:$FRONT_PORT; do
     port=${f#*:}
-    spawn_on "$PROXY_CORE" "$RINGSIDE" run --config "$WORK/${f%%:*}.yaml" 2>>"$WORK/ringside.log"
+    spawn_on "$PROXY_CORE" env RINGSIDE_TLS_CHAIN_CACHE="${RINGSIDE_TLS_CHAIN_CACHE:-1}" "$RINGSIDE" run \
+      --config "$WORK/${f%%:*}.yaml" 2>>"$WORK/ringside.log"
     wait_port "$port" "$LAST_PID" || return 1
     PROXY_PIDS+=("$LAST_PID")
   done
@@ -455,6 +465,91 @@ EOF
   done
 }
 
+# The same topology with two Envoy processes, configured as two Istio sidecars configure the
+# hop: the outbound one's cluster originates TLS with its client certificate (SNI, the
+# server's SPIFFE URI SAN matched), the inbound one's listener terminates it and requires a
+# client certificate from the same root; TLS 1.3, Istio's ALPN, BoringSSL's default suites and
+# Envoy's default session resumption (one cached session per cluster).
+envoy_mtls_start() {
+  [[ -n ${ENVOY:-} ]] || return 1
+  local d=$WORK/certs
+  local breakers="circuit_breakers: {thresholds: [{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295, max_retries: 4294967295}]}"
+  local tls13="tls_params: {tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}"
+  local certs="tls_certificates: [{certificate_chain: {filename: $d/ID-cert.pem}, private_key: {filename: $d/ID-key.pem}}]"
+  cat >"$WORK/envoy-inner.yaml" <<EOF
+static_resources:
+  listeners:
+  - name: inbound
+    address: {socket_address: {address: 127.0.0.1, port_value: $INNER_PORT}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            $tls13
+            alpn_protocols: [istio-peer-exchange, istio]
+            ${certs//ID/ratings}
+            validation_context: {trusted_ca: {filename: $d/root-cert.pem}}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: inbound
+          cluster: app
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 5s
+    $breakers
+    load_assignment:
+      cluster_name: app
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $BACKEND_PORT}}}}]}]
+EOF
+  cat >"$WORK/envoy-outer.yaml" <<EOF
+static_resources:
+  listeners:
+  - name: outbound
+    address: {socket_address: {address: 127.0.0.1, port_value: $FRONT_PORT}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: outbound
+          cluster: ratings
+  clusters:
+  - name: ratings
+    type: STATIC
+    connect_timeout: 5s
+    $breakers
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: ratings.default.svc.cluster.local
+        common_tls_context:
+          $tls13
+          alpn_protocols: [istio-peer-exchange, istio]
+          ${certs//ID/productpage}
+          validation_context:
+            trusted_ca: {filename: $d/root-cert.pem}
+            match_typed_subject_alt_names: [{san_type: URI, matcher: {exact: "spiffe://cluster.local/ns/default/sa/ratings"}}]
+    load_assignment:
+      cluster_name: ratings
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $INNER_PORT}}}}]}]
+EOF
+  local f port
+  for f in inner:$INNER_PORT outer:$FRONT_PORT; do
+    port=${f#*:}
+    spawn_on "$PROXY_CORE" "$ENVOY" -c "$WORK/envoy-${f%%:*}.yaml" --concurrency 1 --log-level error \
+      --disable-hot-restart 2>>"$WORK/envoy.log"
+    wait_port "$port" "$LAST_PID" || return 1
+    PROXY_PIDS+=("$LAST_PID")
+  done
+}
+
 # Scrape a metrics port once a second on the load core, bounded to 10 minutes; stopped with
 # the target (its PID is in PIDS for the final cleanup too).
 scrape_loop() {
@@ -489,10 +584,18 @@ start_target() {
       ringside_start "$INNER_PORT" "$BACKEND_PORT" inbound off uring --metrics "127.0.0.1:$METRICS_PORT2" &&
         ringside_start "$FRONT_PORT" "$INNER_PORT" outbound off uring --metrics "127.0.0.1:$METRICS_PORT" ;;
     ringside-2-mtls) ringside_mtls_start ;;
+    # Not in the default list (PERF_TARGETS): the same pair on one suite each, for the choice
+    # of the default order (README, Decisions).
+    ringside-2-mtls-aes128) ringside_mtls_start TLS_AES_128_GCM_SHA256 ;;
+    ringside-2-mtls-aes256) ringside_mtls_start TLS_AES_256_GCM_SHA384 ;;
+    ringside-2-mtls-chacha) ringside_mtls_start TLS_CHACHA20_POLY1305_SHA256 ;;
+    # Without the cache of verified peer chains (README, Decisions).
+    ringside-2-mtls-nocache) RINGSIDE_TLS_CHAIN_CACHE=0 ringside_mtls_start ;;
     haproxy-2-tls) haproxy_tls_start ;;
     haproxy) haproxy_start ;;
     haproxy-busy) haproxy_start busy-polling ;;
     envoy) envoy_start ;;
+    envoy-2-mtls) envoy_mtls_start ;;
     nginx) nginx_start ;;
   esac
 }
@@ -511,7 +614,8 @@ affinity() {
 
 run_target() {
   local target=$1 c s p
-  log "== $target"
+  log "== $target (round $ROUND of $ROUNDS, load average $(cut -d' ' -f1-3 /proc/loadavg))"
+  echo "loadavg_${target}_r$ROUND=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$WORK/meta.txt"
   if ! start_target "$target"; then
     log "$target: did not start (see below); skipped"
     tail -n 3 "$WORK"/*.log 2>/dev/null >&2 || true
@@ -519,7 +623,7 @@ run_target() {
     echo "skipped_$target=did not start or never accepted on its port" >>"$WORK/meta.txt"
     return 0
   fi
-  for p in "${PROXY_PIDS[@]}"; do
+  ((ROUND > 1)) || for p in "${PROXY_PIDS[@]}"; do
     echo "split_$target=pid $p ($(tr -d '\0' <"/proc/$p/comm")): cores $(affinity "$p")" >>"$WORK/meta.txt"
   done
   measure "$target" latency --connections 1 --requests "$LAT_REQUESTS" --size "$MSG_SIZE"
@@ -527,6 +631,9 @@ run_target() {
   for c in $CONCURRENCY; do
     measure "$target" connrate --concurrency "$c" --seconds "$CONN_SECONDS" --size "$MSG_SIZE"
   done
+  # The other common short-connection shape (an HTTP/1.0-style server): 32 in flight, the
+  # backend closes first, so the proxy's upstream socket closes passively (no TIME_WAIT there).
+  measure "$target" connrate --concurrency 32 --seconds "$CONN_SECONDS" --size "$MSG_SIZE" --closer backend
   # 1-stream is the headline ratio and swings ±10 % run to run here: three runs, the median.
   for s in $STREAMS; do
     for ((r = 0; r < (s == 1 ? 3 : 1); r++)); do
@@ -656,14 +763,17 @@ fi
   echo "pipe_user_pages_soft=$(cat /proc/sys/fs/pipe-user-pages-soft 2>/dev/null || echo n/a)"
 } >"$WORK/meta.txt"
 
-spawn_on "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND_PORT" --seconds 900 >/dev/null
+spawn_on "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND_PORT" --seconds $((1800 * ROUNDS)) >/dev/null
 BACKEND_PID=$LAST_PID
 wait_port "$BACKEND_PORT" "$BACKEND_PID" || die "backend did not start"
 echo "split_backend=pid $BACKEND_PID (loadgen echo-server): cores $(affinity "$BACKEND_PID")" >>"$WORK/meta.txt"
 echo "split_loadgen=taskset -c $LOAD_CORE" >>"$WORK/meta.txt"
 log "core split: load generator + backend on core $LOAD_CORE, proxies on core $PROXY_CORE"
 
-for target in $TARGETS; do run_target "$target"; done
+echo "rounds=$ROUNDS" >>"$WORK/meta.txt"
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+  for target in $TARGETS; do run_target "$target"; done
+done
 : >"$WORK/many.jsonl"; : >"$WORK/workers.jsonl"
 # With PERF_TARGETS (a subset), the two ringside-only phases run only when PERF_PHASES=1.
 if [[ ${PERF_PHASES:-$([[ -z ${PERF_TARGETS:-} ]] && echo 1)} == 1 && -n $RINGSIDE_VERSION ]]; then
@@ -677,11 +787,14 @@ if [[ ${PERF_PHASES:-$([[ -z ${PERF_TARGETS:-} ]] && echo 1)} == 1 && -n $RINGSI
 fi
 stop_pid "$BACKEND_PID"
 
-mkdir -p "$HERE/results"
-cp "$RAW" "$HERE/results/raw.jsonl"
-cp "$WORK/many.jsonl" "$HERE/results/many.jsonl"
-cp "$WORK/workers.jsonl" "$HERE/results/workers.jsonl"
-cp "$WORK/meta.txt" "$HERE/results/meta.txt"
-"$PYTHON" "$HERE/plot.py" "$HERE/results"
-"$PYTHON" "$HERE/report.py" "$HERE/results" >"$HERE/RESULTS.md"
-log "wrote $HERE/RESULTS.md"
+OUT=$HERE/results${NAME:+/$NAME}
+REPORT=$HERE/RESULTS.md
+[[ -n $NAME ]] && REPORT=$OUT/RESULTS.md
+mkdir -p "$OUT"
+cp "$RAW" "$OUT/raw.jsonl"
+cp "$WORK/many.jsonl" "$OUT/many.jsonl"
+cp "$WORK/workers.jsonl" "$OUT/workers.jsonl"
+cp "$WORK/meta.txt" "$OUT/meta.txt"
+"$PYTHON" "$HERE/plot.py" "$OUT"
+"$PYTHON" "$HERE/report.py" "$OUT" >"$REPORT"
+log "wrote $REPORT"

@@ -187,6 +187,10 @@ fn handle_request(role: Role, request: &Request, shared: &Arc<Shared>) -> io::Re
     let Some((method, path)) = request_line(&head) else {
         return refuse(stream, 400, "malformed request line\n");
     };
+    // A scrape keeps its render turn until its body is written (at most 5 s, the write
+    // timeout), so at most MAX_RENDERS bodies exist at once: 20 scrapers of a 6 MB body held
+    // 100 MiB more when the turn ended with the render (SPEC §11).
+    let _turn = (path.split('?').next() == Some("/stats/prometheus")).then(|| RENDERS.enter());
     let (status, kind, body, allow) = route(role, method, path, shared);
     respond(stream, status, kind, allow, &body)?;
     let _ = stream.shutdown(Shutdown::Write);
@@ -254,12 +258,9 @@ fn route(
         return (405, "text/plain", "method not allowed\n".to_string(), Some(allowed));
     }
     let (status, kind, body) = match path {
-        "/stats/prometheus" => {
-            // At most MAX_RENDERS at once (SPEC §11): scrapers beyond wait their turn, so a
-            // flood of scrapes cannot hold a render's memory per request thread.
-            let _turn = RENDERS.enter();
-            (200, CONTENT_TYPE, shared.render())
-        }
+        // At most MAX_RENDERS at once (SPEC §11): the caller holds a turn of the render gate
+        // until the body is written, so a flood of scrapes cannot hold a body per thread.
+        "/stats/prometheus" => (200, CONTENT_TYPE, shared.render()),
         // Under Istio's agent, readiness is the agent's to say (it asks our admin API itself),
         // as the bootstrap's static listener routes it (SPEC §10).
         "/healthz/ready" if let Some(agent) = shared.config.health.forward => ask_agent(agent),
@@ -410,13 +411,21 @@ fn respond(
         _ => "Internal Server Error",
     };
     let allow = allow.map(|a| format!("Allow: {a}\r\n")).unwrap_or_default();
-    // One write: the head and body leave in as few segments as the size allows.
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{body}",
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(response.as_bytes())
+    // A small answer in one write (one segment); a large one (a scrape at the label budget,
+    // megabytes) written as it is, not copied behind its head (SPEC §11).
+    if body.len() <= SMALL_BODY {
+        return stream.write_all((head + body).as_bytes());
+    }
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())
 }
+
+/// Bodies up to this size are copied behind their head and written at once.
+const SMALL_BODY: usize = 64 << 10;
 
 #[cfg(test)]
 mod tests {

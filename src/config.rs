@@ -657,6 +657,9 @@ pub struct ChainTls {
     /// ...or start with one of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_name_prefixes: Vec<String>,
+    /// `tls_params.cipher_suites` (Envoy's names; empty: Envoy's default order, SPEC §7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
 }
 
 /// An address range, `ADDR/LEN`.
@@ -804,6 +807,10 @@ pub struct ListenerTls {
     pub private_key: String,
     /// PEM mesh root.
     pub root_cert: String,
+    /// Cipher suites by Envoy's (OpenSSL) names, in preference order (empty: Envoy's
+    /// default order, SPEC §7).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
 }
 
 /// Inbound mTLS mode, as Istio's PeerAuthentication.
@@ -993,6 +1000,10 @@ pub struct ClusterTls {
     /// Expected SPIFFE ids of the upstream.
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// Cipher suites by Envoy's (OpenSSL) names, in preference order (empty: Envoy's
+    /// default order, SPEC §7); over xDS, `tls_params.cipher_suites`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
     /// xDS: SPIFFE id prefixes also accepted (Istio's trust domain aliases, `prefix` SAN
     /// matchers).
     #[serde(default, skip_deserializing, skip_serializing_if = "Vec::is_empty")]

@@ -1,15 +1,18 @@
-//! The listener, cluster and route model as immutable snapshots (SPEC §9): the control side
-//! publishes a `Published` config (`Arc`, shared by all workers); each worker builds its own
-//! `Snapshot` from it (its router, with per-worker `Cell` state) on its tick, and every new
-//! connection keeps the snapshot it was accepted under for its whole life, so an update
-//! reaches new connections without touching live ones. No I/O.
+//! The listener, cluster and route model as immutable snapshots (SPEC §9, §11): the control
+//! side publishes a `Published` config with its routing table, both built once there (`Arc`,
+//! shared by all workers; unchanged clusters shared with the previous publication); a worker
+//! takes it on its tick in O(1) (its `Snapshot`: the shared table and the worker's own
+//! balancing state, which outlives publications), and every new connection keeps the
+//! snapshot it was accepted under for its whole life, so an update reaches new connections
+//! without touching live ones. No I/O.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock, mpsc};
 
 use crate::config::Config;
-use crate::routing::Router;
+use crate::routing::{Balance, Router, Routes};
 use crate::tls::Certs;
 
 /// A configuration as published to the workers.
@@ -25,16 +28,20 @@ pub struct Published {
     /// TLS certificates per listener, filter chain and cluster (by index of `config`), kept
     /// across publications for the same files ([`Certs::next`]).
     pub tls: Arc<Certs>,
+    /// The routing table of `config`, built here once for every worker.
+    pub routes: Arc<Routes>,
 }
 
 impl Published {
     /// The first publication, with the certificates loaded for `config`.
     pub fn first(config: Config, tls: Arc<Certs>) -> Published {
         let live = config.listeners.iter().map(|_| Arc::default()).collect();
-        Published { generation: 1, config: Arc::new(config), live, tls }
+        let routes = Arc::new(Routes::new(&config, None));
+        Published { generation: 1, config: Arc::new(config), live, tls, routes }
     }
 
-    /// The publication that replaces this one with `config` and its certificates.
+    /// The publication that replaces this one with `config` and its certificates; its
+    /// routing table shares the clusters that did not change.
     pub fn next(&self, config: Config, tls: Arc<Certs>) -> Published {
         let old: HashMap<&str, &Arc<AtomicUsize>> =
             self.config.listeners.iter().map(|l| l.name.as_str()).zip(&self.live).collect();
@@ -43,7 +50,8 @@ impl Published {
             .iter()
             .map(|l| old.get(l.name.as_str()).map_or_else(Arc::default, |c| Arc::clone(c)))
             .collect();
-        Published { generation: self.generation + 1, config: Arc::new(config), live, tls }
+        let routes = Arc::new(Routes::new(&config, Some(&self.routes)));
+        Published { generation: self.generation + 1, config: Arc::new(config), live, tls, routes }
     }
 }
 
@@ -54,7 +62,7 @@ pub struct Snapshot {
     pub generation: u64,
     /// The configuration (read-only).
     pub config: Arc<Config>,
-    /// This worker's routing table for it.
+    /// The publication's routing table with this worker's balancing state.
     pub router: Router,
     /// Live connections per listener across workers (see [`Published::live`]).
     pub live: Vec<Arc<AtomicUsize>>,
@@ -63,12 +71,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Build a worker's snapshot of `published`; endpoints that were in `previous` keep
-    /// their live counts and ejection (`Router::after`).
+    /// A worker's snapshot of `published`: O(1), pointers only. The worker's balancing state
+    /// comes from `previous` (endpoints keep their live counts and ejection), else starts
+    /// fresh with `seed`.
     pub fn new(published: &Published, seed: u64, previous: Option<&Snapshot>) -> Snapshot {
+        let balance =
+            previous.map_or_else(|| Rc::new(Balance::seeded(seed)), |p| Rc::clone(p.router.balance()));
         Snapshot {
             generation: published.generation,
-            router: Router::after(&published.config, seed, previous.map(|p| &p.router)),
+            router: Router::with(Arc::clone(&published.routes), balance),
             config: published.config.clone(),
             live: published.live.clone(),
             tls: published.tls.clone(),
@@ -78,6 +89,42 @@ impl Snapshot {
     /// Index of the listener named `name`.
     pub fn listener(&self, name: &str) -> Option<usize> {
         self.config.listeners.iter().position(|l| l.name == name)
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        // Freeing a mesh's configuration (10,000 clusters, their endpoints and chains) takes
+        // longer than a worker's tick, and a worker often holds the last reference (its
+        // previous snapshot, a connection's): the references leave for the reaper thread,
+        // and the worker only sends two pointers (SPEC §11: a push never holds a worker).
+        let empty = EMPTY.get_or_init(|| Arc::new(Config::default()));
+        let config = std::mem::replace(&mut self.config, Arc::clone(empty));
+        let routes = self.router.take_routes();
+        let tls = std::mem::take(&mut self.tls);
+        reap(Box::new((config, routes, tls)));
+    }
+}
+
+/// The configuration a dropped snapshot is left holding (nothing).
+static EMPTY: OnceLock<Arc<Config>> = OnceLock::new();
+
+/// Drop `garbage` on the reaper thread (started at the first call); where no thread can be
+/// started, here.
+fn reap(garbage: Box<dyn Send>) {
+    static REAPER: OnceLock<Option<mpsc::Sender<Box<dyn Send>>>> = OnceLock::new();
+    let reaper = REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Box<dyn Send>>();
+        let started = std::thread::Builder::new().name("ringside-reaper".into()).spawn(move || {
+            for garbage in rx {
+                drop(garbage);
+            }
+        });
+        started.ok().map(|_| tx)
+    });
+    if let Some(tx) = reaper {
+        // Sent, or dropped here if the reaper is gone (the error hands it back).
+        let _ = tx.send(garbage);
     }
 }
 

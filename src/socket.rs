@@ -363,6 +363,17 @@ pub fn set_receive_low_water(s: &TcpStream, bytes: usize) -> io::Result<()> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Write the last bytes before a FIN without waiting; returns how many the socket took (the
+/// rest, if any, is written the usual way; an error is left to that write to meet again).
+/// MSG_MORE holds them back for the FIN that follows (shutdown or close), so both leave in
+/// one segment.
+pub fn send_before_fin(half: &OwnedWriteHalf<TcpStream>, data: &[u8]) -> io::Result<usize> {
+    let flags = libc::MSG_DONTWAIT | libc::MSG_MORE | libc::MSG_NOSIGNAL;
+    // SAFETY: the fd is the half's live socket; `data` is readable memory of its length.
+    let n = unsafe { libc::send(stream_of_write(half).as_raw_fd(), data.as_ptr().cast(), data.len(), flags) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Half-close: send FIN; `ENOTCONN` (the peer already closed entirely) counts as done.
 pub fn shutdown_write(s: &TcpStream) -> io::Result<()> {
     // SAFETY: shutdown on a live fd; no pointers involved.

@@ -5,6 +5,7 @@
 //! Workers never touch files: they load the current config of a listener or cluster (one
 //! atomic load per new connection) and a side thread replaces it when the files change.
 
+pub mod chains;
 pub mod hello;
 pub mod secrets;
 pub mod stream;
@@ -39,6 +40,9 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// A `cipher_suites` list names a suite that does not exist or leaves none usable.
+    #[error("cipher_suites: {0}")]
+    CipherSuites(String),
     /// rustls refused the certificate, key or roots (e.g. a key that does not match).
     #[error("{}: {source}", path.display())]
     Rustls {
@@ -76,6 +80,8 @@ pub enum Role {
         subject_alt_names: Vec<String>,
         /// URI SAN prefixes also accepted.
         subject_alt_name_prefixes: Vec<String>,
+        /// Cipher suites by Envoy's names (empty: Envoy's default order), [`cipher_suites`].
+        cipher_suites: Vec<String>,
     },
     /// Outbound cluster: verify the server against the root and these SPIFFE ids (any
     /// mesh identity when both lists are empty); `server_name` is sent as SNI.
@@ -93,6 +99,8 @@ pub enum Role {
         /// server's URI and DNS SANs, and without matchers its name checked against
         /// `server_name`, as a TLS client checks a hostname.
         mesh: bool,
+        /// Cipher suites by Envoy's names (empty: Envoy's default order), [`cipher_suites`].
+        cipher_suites: Vec<String>,
     },
 }
 
@@ -104,6 +112,7 @@ impl Role {
             require_client_certificate: true,
             subject_alt_names: Vec::new(),
             subject_alt_name_prefixes: Vec::new(),
+            cipher_suites: Vec::new(),
         }
     }
 
@@ -115,6 +124,21 @@ impl Role {
             server_name,
             alpn: Vec::new(),
             mesh: true,
+            cipher_suites: Vec::new(),
+        }
+    }
+
+    /// The same role with `cipher_suites` (Envoy's names) instead of the default order.
+    pub fn with_cipher_suites(mut self, names: Vec<String>) -> Role {
+        match &mut self {
+            Role::Server { cipher_suites, .. } | Role::Client { cipher_suites, .. } => *cipher_suites = names,
+        }
+        self
+    }
+
+    fn cipher_suites(&self) -> &[String] {
+        match self {
+            Role::Server { cipher_suites, .. } | Role::Client { cipher_suites, .. } => cipher_suites,
         }
     }
 }
@@ -129,6 +153,8 @@ pub struct Configured {
     pub local_principal: Option<Arc<str>>,
     /// SNI for the client side.
     pub server_name: Option<ServerName<'static>>,
+    /// The peer chains this config has verified (`None`: `RINGSIDE_TLS_CHAIN_CACHE=0`).
+    pub chains: Option<Arc<chains::Chains>>,
 }
 
 /// One listener's or cluster's TLS: where its files are and the config in use now.
@@ -263,10 +289,14 @@ impl Certs {
                         require_client_certificate: true,
                         subject_alt_names: Vec::new(),
                         subject_alt_name_prefixes: Vec::new(),
+                        cipher_suites: t.cipher_suites.clone(),
                     };
                     Some(slot(&what, files(&t.files()), role)?)
                 }
-                Some(t) => Some(slot(&what, files(&t.files()), Role::mesh_server())?),
+                Some(t) => {
+                    let role = Role::mesh_server().with_cipher_suites(t.cipher_suites.clone());
+                    Some(slot(&what, files(&t.files()), role)?)
+                }
                 None => None,
             });
             let mut chains = Vec::new();
@@ -279,6 +309,7 @@ impl Certs {
                             require_client_certificate: t.require_client_certificate,
                             subject_alt_names: t.subject_alt_names.clone(),
                             subject_alt_name_prefixes: t.subject_alt_name_prefixes.clone(),
+                            cipher_suites: t.cipher_suites.clone(),
                         };
                         Some(slot(&what, files(&t.files), role)?)
                     }
@@ -301,6 +332,7 @@ impl Certs {
                             None => t.alpn.clone(),
                         },
                         mesh: t.mode == crate::config::ClusterTlsMode::IstioMutual,
+                        cipher_suites: t.cipher_suites.clone(),
                     };
                     Some(slot(&what, files(&t.files()), role)?)
                 }
@@ -376,6 +408,78 @@ pub fn envoy_suite_order(aes: bool) -> Vec<rustls::SupportedCipherSuite> {
     tls13.into_iter().chain(tls12).collect()
 }
 
+/// rustls' suites by the names Envoy's `cipher_suites` takes (BoringSSL's, as OpenSSL's), and
+/// by the IANA names of the TLS 1.3 suites, which Envoy does not let one configure.
+const SUITE_NAMES: [(&str, rustls::CipherSuite); 9] = {
+    use rustls::CipherSuite as C;
+    [
+        ("ECDHE-ECDSA-AES128-GCM-SHA256", C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+        ("ECDHE-ECDSA-AES256-GCM-SHA384", C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+        ("ECDHE-ECDSA-CHACHA20-POLY1305", C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+        ("ECDHE-RSA-AES128-GCM-SHA256", C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256),
+        ("ECDHE-RSA-AES256-GCM-SHA384", C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384),
+        ("ECDHE-RSA-CHACHA20-POLY1305", C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256),
+        ("TLS_AES_128_GCM_SHA256", C::TLS13_AES_128_GCM_SHA256),
+        ("TLS_AES_256_GCM_SHA384", C::TLS13_AES_256_GCM_SHA384),
+        ("TLS_CHACHA20_POLY1305_SHA256", C::TLS13_CHACHA20_POLY1305_SHA256),
+    ]
+};
+
+/// Suites BoringSSL knows (Envoy's default server list has them) that rustls does not
+/// implement (CBC, SHA-1 MACs, RSA key exchange): skipped, as if the build lacked them.
+const SUITES_NOT_IMPLEMENTED: [&str; 10] = [
+    "ECDHE-ECDSA-AES128-SHA",
+    "ECDHE-RSA-AES128-SHA",
+    "ECDHE-ECDSA-AES256-SHA",
+    "ECDHE-RSA-AES256-SHA",
+    "AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-SHA",
+    "AES256-SHA",
+    "ECDHE-PSK-AES128-CBC-SHA",
+    "ECDHE-PSK-CHACHA20-POLY1305",
+];
+
+/// The suites `names` ask for, in their order, taken from `available` (the provider's): a
+/// name of a TLS 1.2 suite (`ECDHE-ECDSA-AES128-GCM-SHA256`) replaces the TLS 1.2 list, a TLS
+/// 1.3 one (`TLS_AES_128_GCM_SHA256`) the TLS 1.3 list; a version none of the names is for
+/// keeps its default order, as Envoy's `cipher_suites` leaves TLS 1.3 alone. BoringSSL's
+/// equal-preference groups (`[A|B]`) count in their written order. An unknown name is an
+/// error naming it; known suites rustls lacks (CBC, SHA-1) are skipped, and a list left with
+/// nothing usable is an error.
+pub fn cipher_suites(
+    names: &[String],
+    available: &[rustls::SupportedCipherSuite],
+) -> Result<Vec<rustls::SupportedCipherSuite>, String> {
+    let mut wanted: Vec<rustls::SupportedCipherSuite> = Vec::new();
+    for name in names.iter().flat_map(|n| n.trim_matches(|c| c == '[' || c == ']').split('|')) {
+        let name = name.trim();
+        if SUITES_NOT_IMPLEMENTED.contains(&name) {
+            continue;
+        }
+        let Some((_, id)) = SUITE_NAMES.iter().find(|(n, _)| *n == name) else {
+            let known: Vec<&str> = SUITE_NAMES.iter().map(|(n, _)| *n).collect();
+            return Err(format!("unknown suite {name:?} (known: {})", known.join(", ")));
+        };
+        match available.iter().find(|s| s.suite() == *id) {
+            Some(s) if !wanted.contains(s) => wanted.push(*s),
+            _ => {}
+        }
+    }
+    if wanted.is_empty() {
+        return Err(format!("none of {names:?} is implemented (rustls has no CBC or SHA-1 suites)"));
+    }
+    let tls13 = |s: &rustls::SupportedCipherSuite| s.version() == &rustls::version::TLS13;
+    let pick = |of_13: bool| -> Vec<rustls::SupportedCipherSuite> {
+        let named: Vec<_> = wanted.iter().filter(|s| tls13(s) == of_13).copied().collect();
+        match named.is_empty() {
+            true => available.iter().filter(|s| tls13(s) == of_13).copied().collect(),
+            false => named,
+        }
+    };
+    Ok(pick(true).into_iter().chain(pick(false)).collect())
+}
+
 /// The index of a negotiated suite in `ringside_tls_handshakes_total`'s table (the last,
 /// `other`, for a suite it does not name).
 pub fn suite_index(suite: rustls::CipherSuite) -> usize {
@@ -419,6 +523,17 @@ pub fn build_with(provider: Arc<CryptoProvider>, files: &Files, role: &Role) -> 
     build_from(provider, files, &load(files)?, role)
 }
 
+/// As [`build_with`], with the cache of verified peer chains on or off whatever
+/// `RINGSIDE_TLS_CHAIN_CACHE` says (benchmarks compare both in one process).
+pub fn build_with_chain_cache(
+    provider: Arc<CryptoProvider>,
+    files: &Files,
+    role: &Role,
+    chain_cache: bool,
+) -> Result<Configured, Error> {
+    build_configured(provider, files, &load(files)?, role, chain_cache)
+}
+
 /// Build the config of `role` from `identity`, read from `files` (named in errors).
 fn build_from(
     provider: Arc<CryptoProvider>,
@@ -426,14 +541,38 @@ fn build_from(
     identity: &Identity,
     role: &Role,
 ) -> Result<Configured, Error> {
+    build_configured(provider, files, identity, role, chains::enabled())
+}
+
+fn build_configured(
+    provider: Arc<CryptoProvider>,
+    files: &Files,
+    identity: &Identity,
+    role: &Role,
+    chain_cache: bool,
+) -> Result<Configured, Error> {
     let certs = identity.certs.clone();
     let key = identity.key.as_ref().map(PrivateKeyDer::clone_key);
     let roots = Arc::clone(&identity.roots);
     let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
     let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
     let versions = rustls::ALL_VERSIONS;
+    let chains = chain_cache.then(|| Arc::new(chains::Chains::default()));
+    let provider = match role.cipher_suites() {
+        [] => provider,
+        names => {
+            let suites = cipher_suites(names, &provider.cipher_suites).map_err(Error::CipherSuites)?;
+            Arc::new(CryptoProvider { cipher_suites: suites, ..(*provider).clone() })
+        }
+    };
     match role {
-        Role::Server { alpn, require_client_certificate, subject_alt_names, subject_alt_name_prefixes } => {
+        Role::Server {
+            alpn,
+            require_client_certificate,
+            subject_alt_names,
+            subject_alt_name_prefixes,
+            ..
+        } => {
             let key =
                 key.ok_or_else(|| file_err(&files.private_key, "a server needs a certificate and key"))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
@@ -444,6 +583,11 @@ fn build_from(
             let verifier = verifier
                 .build()
                 .map_err(|e| Error::File { path: files.root_cert.clone(), why: e.to_string() })?;
+            // The chain's verdict may come from the cache; the SAN matchers run every time.
+            let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match &chains {
+                Some(c) => Arc::new(chains::CachedClientVerifier::new(verifier, Arc::clone(c))),
+                None => verifier,
+            };
             let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
                 match subject_alt_names.is_empty() && subject_alt_name_prefixes.is_empty() {
                     true => verifier,
@@ -470,9 +614,15 @@ fn build_from(
             // rotated certificate or root) has a new ticketer: earlier tickets no longer
             // resume, so the next handshake is a full one against the new files.
             c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
-            Ok(Configured { server: Some(Arc::new(c)), client: None, local_principal, server_name: None })
+            Ok(Configured {
+                server: Some(Arc::new(c)),
+                client: None,
+                local_principal,
+                server_name: None,
+                chains,
+            })
         }
-        Role::Client { subject_alt_names, subject_alt_name_prefixes, server_name, alpn, mesh } => {
+        Role::Client { subject_alt_names, subject_alt_name_prefixes, server_name, alpn, mesh, .. } => {
             let verifier = Arc::new(SpiffeVerifier {
                 roots,
                 names: SanNames {
@@ -481,6 +631,7 @@ fn build_from(
                 },
                 mesh: *mesh,
                 algs: provider.signature_verification_algorithms,
+                chains: chains.clone(),
             });
             let builder = ClientConfig::builder_with_provider(provider)
                 .with_protocol_versions(versions)
@@ -501,7 +652,7 @@ fn build_from(
                 false => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
             };
             let server_name = server_name.as_deref().and_then(|n| ServerName::try_from(n.to_owned()).ok());
-            Ok(Configured { server: None, client: Some(Arc::new(c)), local_principal, server_name })
+            Ok(Configured { server: None, client: Some(Arc::new(c)), local_principal, server_name, chains })
         }
     }
 }
@@ -728,6 +879,8 @@ struct SpiffeVerifier {
     names: SanNames,
     mesh: bool,
     algs: WebPkiSupportedAlgorithms,
+    /// Server chains already verified against `roots` (the SANs are checked every time).
+    chains: Option<Arc<chains::Chains>>,
 }
 
 impl ServerCertVerifier for SpiffeVerifier {
@@ -740,13 +893,19 @@ impl ServerCertVerifier for SpiffeVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algs.all,
-        )?;
+        let cached = self.chains.as_ref().is_some_and(|c| c.holds(end_entity, intermediates, now));
+        if !cached {
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                &self.roots,
+                intermediates,
+                now,
+                self.algs.all,
+            )?;
+            if let Some(c) = &self.chains {
+                c.insert(end_entity, intermediates);
+            }
+        }
         let valid = match (self.names.is_empty(), self.mesh) {
             (true, true) => true,
             (false, true) => self.names.any_matches(subject_alt_names(end_entity).0.iter()),
@@ -1140,6 +1299,203 @@ mod tests {
             assert_ne!(suite_index(s.suite()), crate::metrics::TLS_SUITES.len() - 1, "{:?}", s.suite());
         }
         assert_eq!(ours.len(), rustls::crypto::aws_lc_rs::DEFAULT_CIPHER_SUITES.len());
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn cipher_suites_take_envoys_names_in_their_order_and_a_version_not_named_keeps_its_default() {
+        use rustls::CipherSuite as C;
+        let all = envoy_suite_order(true);
+        let ids = |v: Vec<rustls::SupportedCipherSuite>| v.iter().map(|s| s.suite()).collect::<Vec<_>>();
+        // TLS 1.2 names (a BoringSSL equal-preference group counts in its written order, a CBC
+        // suite rustls lacks is skipped): TLS 1.3 keeps its order, as Envoy's does.
+        let tls12 = names(&[
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            "[ECDHE-ECDSA-CHACHA20-POLY1305|ECDHE-ECDSA-AES128-GCM-SHA256]",
+            "ECDHE-ECDSA-AES128-SHA",
+        ]);
+        assert_eq!(
+            ids(cipher_suites(&tls12, &all).unwrap()),
+            [
+                C::TLS13_AES_128_GCM_SHA256,
+                C::TLS13_AES_256_GCM_SHA384,
+                C::TLS13_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ]
+        );
+        // TLS 1.3 names restrict TLS 1.3 only; TLS 1.2 keeps Envoy's default list.
+        let tls13 = ids(cipher_suites(&names(&["TLS_CHACHA20_POLY1305_SHA256"]), &all).unwrap());
+        assert_eq!(tls13[0], C::TLS13_CHACHA20_POLY1305_SHA256);
+        assert_eq!(&tls13[1..], &ids(all.clone())[3..]);
+    }
+
+    #[test]
+    fn an_unknown_cipher_suite_is_an_error_naming_it_and_the_resource() {
+        let e = cipher_suites(
+            &names(&["ECDHE-ECDSA-AES128-GCM-SHA256", "AES-128-GCM"]),
+            &envoy_suite_order(true),
+        );
+        assert!(
+            e.unwrap_err()
+                .starts_with("unknown suite \"AES-128-GCM\" (known: ECDHE-ECDSA-AES128-GCM-SHA256,")
+        );
+        let e = cipher_suites(&names(&["AES128-SHA"]), &envoy_suite_order(true)).unwrap_err();
+        assert!(e.contains("none of [\"AES128-SHA\"] is implemented"), "{e}");
+        let dir = tmpdir("suites-config");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let yaml = format!(
+            "listeners:\n  - {{name: inbound, listen: 127.0.0.1:0, direction: inbound, cluster: app, tls: \
+             {{mode: strict, cert_chain: {}, private_key: {}, root_cert: {}, cipher_suites: [TLS_AES_129_GCM]}}}}\n\
+             clusters:\n  - {{name: app, endpoints: [{{address: 127.0.0.1:1}}]}}\n",
+            f.cert_chain.display(),
+            f.private_key.display(),
+            f.root_cert.display()
+        );
+        let config = crate::config::Config::parse(&yaml, "t.yaml").unwrap();
+        let e = Certs::load(&config).err().unwrap().to_string();
+        assert!(e.starts_with("Listener/inbound: cipher_suites: unknown suite \"TLS_AES_129_GCM\""), "{e}");
+    }
+
+    /// The suite a handshake between `client` and `server` negotiates.
+    fn negotiated(client: &Role, server: &Role) -> rustls::CipherSuite {
+        let dir = tmpdir("negotiate");
+        let mesh = ca("mesh");
+        let s = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), server).unwrap();
+        let c = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), client).unwrap();
+        let (client, server) = (c.client.unwrap(), s.server.unwrap());
+        let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut &wire[..]).unwrap();
+            s.process_new_packets().unwrap();
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut &wire[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert_eq!(
+            c.negotiated_cipher_suite().map(|s| s.suite()),
+            s.negotiated_cipher_suite().map(|s| s.suite())
+        );
+        s.negotiated_cipher_suite().unwrap().suite()
+    }
+
+    #[test]
+    fn configured_cipher_suites_decide_the_negotiated_suite_on_either_side() {
+        use rustls::CipherSuite as C;
+        let client = || Role::mesh_client(vec![], None);
+        let server = Role::mesh_server().with_cipher_suites(names(&["TLS_AES_256_GCM_SHA384"]));
+        assert_eq!(negotiated(&client(), &server), C::TLS13_AES_256_GCM_SHA384);
+        let chacha = client().with_cipher_suites(names(&["TLS_CHACHA20_POLY1305_SHA256"]));
+        assert_eq!(negotiated(&chacha, &Role::mesh_server()), C::TLS13_CHACHA20_POLY1305_SHA256);
+        // Naming TLS 1.2 suites leaves TLS 1.3 and its order alone, as in Envoy.
+        let tls12 = client().with_cipher_suites(names(&["ECDHE-ECDSA-AES256-GCM-SHA384"]));
+        assert_eq!(negotiated(&tls12, &Role::mesh_server()), C::TLS13_AES_128_GCM_SHA256);
+    }
+
+    /// A full handshake (no session offered) between a fresh client of `client` and `server`.
+    fn full_handshake(client: &Role, cf: &Files, server: &Arc<ServerConfig>) -> Result<(), rustls::Error> {
+        let c = build(cf, client).unwrap().client.unwrap();
+        let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+        let mut c = rustls::ClientConnection::new(c, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            s.read_tls(&mut &wire[..]).unwrap();
+            let server_result = s.process_new_packets().map(|_| ());
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut &wire[..]).unwrap();
+            server_result?;
+            c.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_verified_client_chain_is_cached_per_config_and_a_rotated_root_verifies_it_again() {
+        let mesh = ca("mesh");
+        let dir = tmpdir("chains");
+        let slot = Slot::new(files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), Role::mesh_server())
+            .unwrap();
+        let cdir = tmpdir("chains-client");
+        let client = files(
+            &cdir,
+            &mesh,
+            "spiffe://cluster.local/ns/default/sa/productpage",
+            KeyPair::generate().unwrap(),
+        );
+        let role = Role::mesh_client(vec![RATINGS.into()], None);
+        let before = slot.current();
+        for _ in 0..3 {
+            full_handshake(&role, &client, before.server.as_ref().unwrap()).unwrap();
+        }
+        assert_eq!(before.chains.as_ref().unwrap().len(), 1, "one client chain, verified once and kept");
+        // The mesh root rotates to another CA: the new config starts with no verified chain,
+        // and the client whose chain the old config had cached is refused.
+        let other = ca("other-mesh");
+        std::fs::write(&slot.files.root_cert, other.cert.pem()).unwrap();
+        slot.reload().unwrap();
+        let after = slot.current();
+        assert!(after.chains.as_ref().unwrap().is_empty());
+        let e = full_handshake(&role, &client, after.server.as_ref().unwrap()).unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(_)), "{e:?}");
+        assert!(after.chains.as_ref().unwrap().is_empty(), "a refused chain is never cached");
+    }
+
+    #[test]
+    fn a_cached_server_chain_still_has_its_identity_checked_on_every_connection() {
+        let mesh = ca("mesh");
+        let dir = tmpdir("chains-san");
+        let f = files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap());
+        let chains = Arc::new(chains::Chains::default());
+        let expecting = |id: &str| SpiffeVerifier {
+            roots: Arc::new(load_roots(&f.root_cert).unwrap()),
+            names: SanNames { exact: vec![id.into()], prefixes: Vec::new() },
+            mesh: true,
+            algs: provider().signature_verification_algorithms,
+            chains: Some(Arc::clone(&chains)),
+        };
+        let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+        let leaf = load_certs(&f.cert_chain).unwrap();
+        let now = UnixTime::now();
+        expecting(RATINGS).verify_server_cert(&leaf[0], &[], &name, &[], now).unwrap();
+        assert_eq!(chains.len(), 1);
+        assert!(chains.holds(&leaf[0], &[], now));
+        // The same chain, now cached, against a verifier expecting another identity: refused.
+        let e = expecting("spiffe://cluster.local/ns/prod/sa/reviews").verify_server_cert(
+            &leaf[0],
+            &[],
+            &name,
+            &[],
+            now,
+        );
+        assert_eq!(
+            e.unwrap_err(),
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        );
+        // Past the certificate's notAfter the cached entry does not hold (and a full
+        // verification refuses the expired certificate).
+        let later = UnixTime::since_unix_epoch(Duration::from_secs(100_000_000_000)); // rcgen: 4096-01-01
+        assert!(!chains.holds(&leaf[0], &[], later));
+        assert!(expecting(RATINGS).verify_server_cert(&leaf[0], &[], &name, &[], later).is_err());
     }
 
     #[test]

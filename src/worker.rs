@@ -138,6 +138,9 @@ pub struct Shared {
     /// Per worker, the generation whose listeners it has bound (SPEC §9's `/ready`: every
     /// listener accepted over xDS is bound).
     pub bound_generations: Vec<AtomicU64>,
+    /// Per worker, the longest time between two of its ticks so far, in microseconds: how
+    /// long its event loop was ever kept from turning (SPEC §11: a push never blocks it).
+    pub tick_gaps_max_us: Vec<AtomicU64>,
     /// Worker count.
     pub workers: usize,
     /// Each worker's metrics shard, for rendering.
@@ -205,13 +208,21 @@ impl Shared {
     }
 
     /// Prometheus text of every shard (and the `ringside_xds_*` families with xDS, and the
-    /// access log's drops).
+    /// access log's drops), with each worker's longest tick gap.
     pub fn render(&self) -> String {
         let mut text = metrics::render(&self.shards, self.driver.name());
         if let Some(x) = &self.xds {
             text.push_str(&x.render());
         }
         text.push_str(&crate::access_log::writer::render());
+        text.push_str(
+            "# HELP ringside_worker_tick_gap_max_seconds The longest time between two ticks of a worker's event loop (100 ms apart when nothing holds it).\n\
+             # TYPE ringside_worker_tick_gap_max_seconds gauge\n",
+        );
+        for (w, gap) in self.tick_gaps_max_us.iter().enumerate() {
+            let seconds = gap.load(Ordering::Relaxed) as f64 / 1e6;
+            text.push_str(&format!("ringside_worker_tick_gap_max_seconds{{worker=\"{w}\"}} {seconds}\n"));
+        }
         text
     }
 }
@@ -279,6 +290,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
         started: Instant::now(),
         workers_started: AtomicUsize::new(0),
         bound_generations: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        tick_gaps_max_us: (0..workers).map(|_| AtomicU64::new(0)).collect(),
         workers,
         shards,
         driver,
@@ -518,9 +530,18 @@ async fn worker_main(
     let mut next_report = Instant::now() + reporting;
     let mut drain_deadline: Option<Instant> = None;
     let mut ticker = monoio::time::interval(TICK);
+    let mut last_tick: Option<Instant> = None;
     loop {
         ticker.tick().await;
         let now = Instant::now();
+        // A single writer (this worker), read by scrapes: a load and a store, no RMW.
+        if let (Some(last), Some(max)) = (last_tick, shared.tick_gaps_max_us.get(index)) {
+            let gap = u64::try_from(now.duration_since(last).as_micros()).unwrap_or(u64::MAX);
+            if gap > max.load(Ordering::Relaxed) {
+                max.store(gap, Ordering::Relaxed);
+            }
+        }
+        last_tick = Some(now);
         ctx.now.set(now);
         ctx.pipes.trim(now);
         let draining = shared.draining.load(Ordering::Acquire);

@@ -62,6 +62,7 @@ fn client_tls(certs: &Certs, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
         server_name: None,
         alpn: vec!["h2".into()],
         mesh: true,
+        cipher_suites: Vec::new(),
     };
     let built = ringside::tls::build_with(ringside::tls::provider(), &files, &role).unwrap();
     let mut config = (*built.client.unwrap()).clone();

@@ -848,6 +848,30 @@ fn openssl_s_client_gets_aes_128_gcm_and_resumes_its_session() {
 }
 
 #[test]
+fn a_listeners_cipher_suites_decide_what_openssl_gets_in_tls_1_3_and_tls_1_2() {
+    let ca = Ca::new("mesh");
+    let certs = Certs::new("ratings", &ca, RATINGS);
+    let listen = free_addr();
+    let config = format!(
+        "listeners:\n  - name: inbound\n    listen: {listen}\n    direction: inbound\n    peer_exchange: alpn\n    \
+         cluster: app\n    tls: {{mode: strict, {}, cipher_suites: [TLS_CHACHA20_POLY1305_SHA256, \
+         ECDHE-ECDSA-AES256-GCM-SHA384]}}\nclusters:\n  - name: app\n    endpoints: [{{address: \"{}\"}}]\n",
+        certs.yaml(),
+        echo_server()
+    );
+    let server = Ringside::spawn_config(&config, listen, &[]);
+    let client = Certs::new("productpage", &ca, PRODUCTPAGE);
+    // OpenSSL offers AES-256-GCM, ChaCha20, AES-128-GCM (TLS 1.3) and many TLS 1.2 suites:
+    // the listener's list alone decides.
+    let tls13 = s_client(server.listen, &client, &[]);
+    assert!(tls13.contains("Cipher is TLS_CHACHA20_POLY1305_SHA256"), "{tls13}");
+    let tls12 = s_client(server.listen, &client, &["-tls1_2"]);
+    assert!(tls12.contains("Cipher is ECDHE-ECDSA-AES256-GCM-SHA384"), "{tls12}");
+    let chacha = [("direction", "inbound"), ("cipher_suite", "TLS13_CHACHA20_POLY1305_SHA256")];
+    server.wait_for_value("ringside_tls_handshakes_total", &chacha, 1.0);
+}
+
+#[test]
 fn python_ssl_gets_the_servers_preferred_suite() {
     let ca = Ca::new("mesh");
     let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());

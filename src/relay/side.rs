@@ -391,6 +391,23 @@ async fn pump(
         }
         // A full read: more is probably waiting, so read again at once.
         ready = n == buf.capacity();
+        // A short read is often a message's end, and a sender that answers and closes
+        // (HTTP/1.0 style) has its FIN right behind it: look once more, so that the data and
+        // the FIN leave in one segment and no readiness wait is armed for the EOF (HAProxy
+        // learns that FIN from EPOLLRDHUP with the data; monoio's poll does not report it).
+        let mut fin = false;
+        if !ready {
+            match socket::recv(from, &mut buf) {
+                Ok(0) => fin = true,
+                Ok(_) => ready = buf.len() == buf.capacity(),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(e) => {
+                    ctx.pool.put(buf);
+                    return Err(e);
+                }
+            }
+        }
+        let n = buf.len();
         if ready && splice && !bulk {
             bulk = true;
             if let Err(e) = socket::nonblocking(from, to) {
@@ -401,9 +418,23 @@ async fn pump(
         ctx.busy.note();
         counter.set(counter.get() + n as u64);
         conn.last_active.set(ctx.now.get());
-        let (res, buf) = to.write_all(buf).await;
+        if fin {
+            let sent = socket::send_before_fin(to, &buf).unwrap_or(0);
+            buf.drain(..sent.min(n));
+        }
+        let res = match buf.is_empty() {
+            true => Ok(0),
+            false => {
+                let (res, b) = to.write_all(buf).await;
+                buf = b;
+                res
+            }
+        };
         ctx.pool.put(buf);
         res?;
+        if fin {
+            return pass_fin(to, one_ended).await;
+        }
     }
 }
 

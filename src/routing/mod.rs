@@ -1,15 +1,21 @@
-//! Clusters, subsets, load balancing and weighted TCP routes (SPEC §6), one `Router` per
-//! worker. Pure: no sockets, no clocks; per-worker state lives in `Cell`s (single thread).
-//! `istio` turns Istio's own YAML into the same config.
+//! Clusters, subsets, load balancing and weighted TCP routes (SPEC §6). A publication's
+//! routing table ([`Routes`]) is built once, on the control thread, and shared by every
+//! worker; clusters that did not change are shared with the previous table. Each worker's
+//! mutable view (live connections, ejection, round-robin turns: [`Balance`]) lives beside
+//! it, keyed by cluster name and endpoint address, so it survives every publication and an
+//! endpoint change touches only its cluster. A [`Router`] is a worker's handle on both.
+//! Pure: no sockets, no clocks. `istio` turns Istio's own YAML into the same config.
 
 pub mod chains;
 pub mod http_sniff;
 pub mod istio;
 
-use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::config::{Capture, Config, LoadBalancer, TcpRoute};
@@ -33,8 +39,8 @@ pub struct Target {
     pub subset: Option<usize>,
 }
 
-/// One endpoint and this worker's view of it: live connections, failures, ejection.
-#[derive(Debug)]
+/// One endpoint as the control plane describes it (shared by every worker).
+#[derive(Debug, PartialEq)]
 pub struct EndpointState {
     /// Address to connect to.
     pub address: SocketAddr,
@@ -46,13 +52,9 @@ pub struct EndpointState {
     pub identity: NodeMetadata,
     /// Relative weight (xDS `load_balancing_weight`, else 1).
     pub weight: u32,
-    /// Live connections and ejection, shared with the routers of earlier and later
-    /// snapshots in which this endpoint (cluster name and address) also exists, so a config
-    /// update forgets neither (a connection routed by an old snapshot still ends in it).
-    health: Rc<Health>,
 }
 
-/// This worker's view of one endpoint's load and failures.
+/// One worker's view of one endpoint's load and failures.
 #[derive(Debug, Default)]
 struct Health {
     live: Cell<u32>,
@@ -65,82 +67,101 @@ struct Health {
     ejected_at: Cell<Option<Instant>>,
 }
 
-impl EndpointState {
+impl Health {
     /// Ejected as of `now`: an ejection that began later (a failure while this connection was
     /// trying endpoints) does not count, so each endpoint is a candidate exactly once.
     fn ejected(&self, now: Instant) -> bool {
-        self.health.ejected_until.get().is_some_and(|until| now < until)
-            && self.health.ejected_at.get().is_some_and(|at| at <= now)
+        self.ejected_until.get().is_some_and(|until| now < until)
+            && self.ejected_at.get().is_some_and(|at| at <= now)
     }
 }
 
-#[derive(Debug)]
+/// The members of a cluster or subset and how one is picked (shared, immutable).
+#[derive(Debug, PartialEq)]
 struct Pool {
     members: Vec<usize>,
     load_balancer: LoadBalancer,
-    next: Cell<usize>,
-    /// With unequal endpoint weights: member positions in weighted turn (smooth weighted
-    /// round robin, as nginx's), one full cycle; empty when every weight is equal.
-    rotation: Vec<usize>,
+    /// With unequal endpoint weights: each member's EDF step and the running sums of the
+    /// weights (`None` when every weight is equal: plain turns).
+    weighted: Option<Weights>,
 }
 
 impl Pool {
     fn new(members: Vec<usize>, load_balancer: LoadBalancer, endpoints: &[EndpointState]) -> Pool {
-        let rotation = rotation(&members.iter().map(|&e| endpoints[e].weight).collect::<Vec<_>>());
-        Pool { members, load_balancer, next: Cell::new(0), rotation }
-    }
-
-    /// How many turns one cycle has.
-    fn turns(&self) -> usize {
-        if self.rotation.is_empty() { self.members.len() } else { self.rotation.len() }
-    }
-
-    /// The member position whose turn `i` is.
-    fn turn(&self, i: usize) -> usize {
-        if self.rotation.is_empty() { i } else { self.rotation[i] }
+        let weights: Vec<u32> = members.iter().map(|&e| endpoints[e].weight).collect();
+        Pool { members, load_balancer, weighted: Weights::new(&weights) }
     }
 }
 
-/// Longest weighted cycle: beyond it weights are scaled down (kept at least 1).
-const MAX_ROTATION: u64 = 4096;
+/// One time unit of the EDF schedule: a member of weight `w` is due every `STEP_UNIT / w`.
+/// 2^40 keeps the rounding of `1/w` below one part in 256 for any `u32` weight, and a `u128`
+/// clock does not wrap in any lifetime.
+const STEP_UNIT: u128 = 1 << 40;
 
-/// One cycle of smooth weighted round robin over `weights` (member positions), spreading
-/// each member's turns through the cycle; empty when all weights are equal.
-fn rotation(weights: &[u32]) -> Vec<usize> {
-    if weights.windows(2).all(|w| w[0] == w[1]) {
-        return Vec::new();
-    }
-    let gcd = weights.iter().fold(0u64, |g, &w| {
-        let (mut a, mut b) = (g, u64::from(w.max(1)));
-        while b != 0 {
-            (a, b) = (b, a % b);
+/// Weighted choice among a pool's members (SPEC §6: `load_balancing_weight`) as Envoy's
+/// `EdfScheduler` does it: each member's next turn is due one `1/weight` step after its last,
+/// and the earliest due goes first (ties: the earlier member). Built in O(n), a pick is
+/// O(log n), whatever the weights: a large cluster with unequal weights costs a push no
+/// more than one with equal ones (the smooth round robin before it built a cycle as long as
+/// the sum of the weights, at O(n) per turn, per pool, per worker, per push). Random draws
+/// use the running sums (a binary search).
+#[derive(Debug, PartialEq)]
+struct Weights {
+    /// Each member's step, `STEP_UNIT / weight`.
+    steps: Vec<u128>,
+    /// Running sums of the weights.
+    cumulative: Vec<u64>,
+}
+
+impl Weights {
+    /// `None` when every weight is equal (plain turns do).
+    fn new(weights: &[u32]) -> Option<Weights> {
+        if weights.windows(2).all(|w| w[0] == w[1]) {
+            return None;
         }
-        a
-    });
-    let sum: u64 = weights.iter().map(|&w| u64::from(w.max(1)) / gcd).sum();
-    let scaled: Vec<i64> = weights
-        .iter()
-        .map(|&w| {
-            let w = u64::from(w.max(1)) / gcd;
-            let w = if sum > MAX_ROTATION { (w * MAX_ROTATION / sum).max(1) } else { w };
-            w as i64
-        })
-        .collect();
-    let total: i64 = scaled.iter().sum();
-    let mut current = vec![0i64; scaled.len()];
-    (0..total)
-        .map(|_| {
-            for (c, w) in current.iter_mut().zip(&scaled) {
-                *c += w;
-            }
-            let pick = (0..current.len()).max_by_key(|&k| (current[k], std::cmp::Reverse(k))).unwrap_or(0);
-            current[pick] -= total;
-            pick
-        })
-        .collect()
+        let steps = weights.iter().map(|&w| STEP_UNIT / u128::from(w.max(1))).collect();
+        let mut sum = 0u64;
+        let cumulative = weights
+            .iter()
+            .map(|&w| {
+                sum += u64::from(w.max(1));
+                sum
+            })
+            .collect();
+        Some(Weights { steps, cumulative })
+    }
+
+    /// A fresh schedule: every member first due one step from 0, the heaviest first. O(n).
+    fn schedule(&self) -> Schedule {
+        Schedule(BinaryHeap::from(
+            self.steps.iter().enumerate().map(|(k, &s)| Reverse((s, k))).collect::<Vec<_>>(),
+        ))
+    }
+
+    /// The member a random `x` falls on, in proportion to the weights.
+    fn at(&self, x: u64) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(1).max(1);
+        let x = x % total;
+        self.cumulative.partition_point(|&upto| upto <= x).min(self.cumulative.len().saturating_sub(1))
+    }
 }
 
-/// A cluster as a worker sees it.
+/// A worker's EDF schedule over one weighted pool: min-heap of (due, member position).
+#[derive(Debug)]
+struct Schedule(BinaryHeap<Reverse<(u128, usize)>>);
+
+impl Schedule {
+    /// The member whose turn is due first; it is due again one step later.
+    fn next(&mut self, w: &Weights) -> usize {
+        let Some(mut top) = self.0.peek_mut() else { return 0 };
+        let Reverse((at, k)) = *top;
+        *top = Reverse((at + w.steps.get(k).copied().unwrap_or(STEP_UNIT), k));
+        k
+    }
+}
+
+/// A cluster as the control plane describes it, with its pools (shared by every worker and
+/// by consecutive publications while it does not change).
 #[derive(Debug)]
 pub struct ClusterState {
     /// Name from the config.
@@ -166,19 +187,61 @@ enum Route {
     Captured,
 }
 
-/// Per-worker routing table.
+/// One publication's routing table (SPEC §6, §8, §9): built once on the control thread,
+/// read by every worker.
 #[derive(Debug)]
-pub struct Router {
+pub struct Routes {
     routes: Vec<Route>,
     /// Routes of each listener's filter chains (SPEC §9).
     chains: Vec<Vec<Route>>,
-    /// Clusters by index.
-    pub clusters: Vec<ClusterState>,
-    rng: Cell<u64>,
+    /// Clusters by index (the config's order).
+    clusters: Arc<[Arc<ClusterState>]>,
     /// Routes by the addresses an outbound capture matches (SPEC §8).
     by_address: HashMap<SocketAddr, Route>,
     /// Each listener's filter chains indexed for the per-connection match (SPEC §9).
     chain_index: Vec<chains::ChainIndex>,
+}
+
+/// One worker's mutable routing state, kept across publications: per cluster name, the
+/// health of its endpoints by address and its pools' turns. A cluster's entry is made when
+/// the worker first routes to it and renewed only when that cluster changes, so a push costs
+/// a worker nothing until it routes to what changed.
+#[derive(Debug, Default)]
+pub struct Balance {
+    rng: Cell<u64>,
+    clusters: RefCell<HashMap<String, Rc<Live>>>,
+}
+
+/// A worker's state for one cluster (by name).
+#[derive(Debug, Default)]
+struct Live {
+    /// Every endpoint this worker has routed to or counted, by address: what a connection
+    /// routed under an older publication ends in, and what a changed cluster keeps.
+    health: RefCell<HashMap<SocketAddr, Rc<Health>>>,
+    /// The turns for the cluster's current table.
+    turns: RefCell<Turns>,
+}
+
+/// Round-robin turns and EDF schedules for one version of a cluster, and its endpoints'
+/// health in endpoint order (no lookup per connection).
+#[derive(Debug, Default)]
+struct Turns {
+    /// The version they are for (a `Weak` keeps the address from being reused).
+    table: Weak<ClusterState>,
+    health: Rc<[Rc<Health>]>,
+    /// Per pool (the whole cluster, then each subset): the next plain turn and the EDF
+    /// schedule, made at its first weighted pick.
+    next: Vec<Cell<usize>>,
+    schedules: Vec<Option<Schedule>>,
+}
+
+/// A worker's router: a publication's [`Routes`] and the worker's [`Balance`].
+#[derive(Debug)]
+pub struct Router {
+    routes: Arc<Routes>,
+    /// Clusters by index.
+    pub clusters: Arc<[Arc<ClusterState>]>,
+    balance: Rc<Balance>,
 }
 
 /// Which cluster a captured connection's original destination belongs to: a cluster's
@@ -198,46 +261,26 @@ fn address_index(cfg: &Config) -> HashMap<SocketAddr, usize> {
     index
 }
 
-impl Router {
-    /// Build from a validated config; `seed` varies the random choices per worker.
-    pub fn new(cfg: &Config, seed: u64) -> Router {
-        Router::after(cfg, seed, None)
-    }
-
-    /// The filter chain of listener `li` (whose chains are `chains`) a connection takes
-    /// (SPEC §9): an index lookup, no scan of the listener's other chains.
-    pub fn select_chain(
-        &self,
-        li: usize,
-        chains: &[crate::config::FilterChain],
-        facts: &chains::ConnFacts<'_>,
-    ) -> Option<usize> {
-        self.chain_index.get(li)?.select(chains, facts)
-    }
-
-    /// Listener `li`'s chain index (SPEC §9): whether a connection is peeked, whether its
-    /// source is read.
-    pub fn chain_index(&self, li: usize) -> Option<&chains::ChainIndex> {
-        self.chain_index.get(li)
-    }
-
-    /// Build from a validated config that replaces the one `previous` was built from:
-    /// endpoints that still exist (same cluster name and address) keep their live counts
-    /// and ejection, and the random sequence continues.
-    pub fn after(cfg: &Config, seed: u64, previous: Option<&Router>) -> Router {
-        let mut known: HashMap<(&str, SocketAddr), &Rc<Health>> = HashMap::new();
-        for c in previous.map_or(&[][..], |p| &p.clusters[..]) {
-            for e in &c.endpoints {
-                known.insert((c.name.as_str(), e.address), &e.health);
-            }
-        }
-        let clusters: Vec<ClusterState> = cfg
+impl Routes {
+    /// The routing table of a validated config, sharing with `previous` every cluster that
+    /// did not change (same name, same endpoints, subsets and policy): O(size of `cfg`) with
+    /// no allocation for what stayed, and no lookup that scans the clusters.
+    pub fn new(cfg: &Config, previous: Option<&Routes>) -> Routes {
+        let before: HashMap<&str, &Arc<ClusterState>> =
+            previous.map(|p| p.clusters.iter().map(|c| (c.name.as_str(), c)).collect()).unwrap_or_default();
+        let clusters: Arc<[Arc<ClusterState>]> = cfg
             .clusters
             .iter()
-            .map(|c| cluster_state(c, |address| known.get(&(c.name.as_str(), address)).map(|h| Rc::clone(h))))
+            .map(|c| match before.get(c.name.as_str()) {
+                Some(old) if same(old, c) => Arc::clone(old),
+                _ => Arc::new(cluster_state(c)),
+            })
             .collect();
-        let seed = previous.map_or(seed, |p| p.rng.get());
-        let index = |name: &str| clusters.iter().position(|c| c.name == name).unwrap_or(0);
+        // Name -> index once: each route's lookup is O(1), not a scan of every cluster (a
+        // mesh's 10,000 chains each naming one of 10,000 clusters).
+        let by_name: HashMap<&str, usize> =
+            clusters.iter().enumerate().rev().map(|(i, c)| (c.name.as_str(), i)).collect();
+        let index = |name: &str| by_name.get(name).copied().unwrap_or(0);
         let weighted = |routes: &[TcpRoute]| {
             let mut total = 0u64;
             let targets = routes
@@ -326,7 +369,50 @@ impl Router {
                 (addr, route)
             })
             .collect();
-        Router { routes, chains, clusters, rng: Cell::new(seed | 1), by_address, chain_index }
+        Routes { routes, chains, clusters, by_address, chain_index }
+    }
+}
+
+impl Router {
+    /// Build from a validated config; `seed` varies the random choices per worker.
+    pub fn new(cfg: &Config, seed: u64) -> Router {
+        Router::with(Arc::new(Routes::new(cfg, None)), Rc::new(Balance::seeded(seed)))
+    }
+
+    /// A worker's handle on `routes` with its `balance`: two pointer copies.
+    pub fn with(routes: Arc<Routes>, balance: Rc<Balance>) -> Router {
+        Router { clusters: Arc::clone(&routes.clusters), routes, balance }
+    }
+
+    /// This worker's state, to hand to the router of the next publication.
+    pub fn balance(&self) -> &Rc<Balance> {
+        &self.balance
+    }
+
+    /// The routing table, taken out (for the reaper: freeing a mesh's table is not a
+    /// worker's job); this router routes nothing afterwards.
+    pub fn take_routes(&mut self) -> impl Send + use<> {
+        static EMPTY: std::sync::OnceLock<Arc<Routes>> = std::sync::OnceLock::new();
+        let empty = EMPTY.get_or_init(|| Arc::new(Routes::new(&Config::default(), None)));
+        let clusters = std::mem::replace(&mut self.clusters, Arc::clone(&empty.clusters));
+        (std::mem::replace(&mut self.routes, Arc::clone(empty)), clusters)
+    }
+
+    /// The filter chain of listener `li` (whose chains are `chains`) a connection takes
+    /// (SPEC §9): an index lookup, no scan of the listener's other chains.
+    pub fn select_chain(
+        &self,
+        li: usize,
+        chains: &[crate::config::FilterChain],
+        facts: &chains::ConnFacts<'_>,
+    ) -> Option<usize> {
+        self.routes.chain_index.get(li)?.select(chains, facts)
+    }
+
+    /// Listener `li`'s chain index (SPEC §9): whether a connection is peeked, whether its
+    /// source is read.
+    pub fn chain_index(&self, li: usize) -> Option<&chains::ChainIndex> {
+        self.routes.chain_index.get(li)
     }
 
     /// The cluster (and subset) for an outbound-captured connection to `dst`: a cluster whose
@@ -337,19 +423,19 @@ impl Router {
     pub fn route_original_dst(&self, dst: SocketAddr) -> Option<Target> {
         let wildcard = || {
             let any = if dst.is_ipv4() { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
-            self.by_address.get(&SocketAddr::new(any, dst.port()))
+            self.routes.by_address.get(&SocketAddr::new(any, dst.port()))
         };
-        self.pick(self.by_address.get(&dst).or_else(wildcard)?)
+        self.pick(self.routes.by_address.get(&dst).or_else(wildcard)?)
     }
 
     /// The cluster (and subset) for a new connection on `listener`; `None`: no route (`NR`).
     pub fn route(&self, listener: usize) -> Option<Target> {
-        self.pick(self.routes.get(listener)?)
+        self.pick(self.routes.routes.get(listener)?)
     }
 
     /// The cluster for a new connection that matched filter chain `chain` of `listener`.
     pub fn route_chain(&self, listener: usize, chain: usize) -> Option<Target> {
-        self.pick(self.chains.get(listener)?.get(chain)?)
+        self.pick(self.routes.chains.get(listener)?.get(chain)?)
     }
 
     fn pick(&self, route: &Route) -> Option<Target> {
@@ -363,62 +449,132 @@ impl Router {
         }
     }
 
+    /// This worker's state for cluster `c` (made at its first use).
+    fn live(&self, c: &ClusterState) -> Rc<Live> {
+        let mut all = self.balance.clusters.borrow_mut();
+        match all.get(c.name.as_str()) {
+            Some(l) => Rc::clone(l),
+            None => Rc::clone(all.entry(c.name.clone()).or_default()),
+        }
+    }
+
+    /// The health of `cluster`'s endpoints in endpoint order, with its turns, renewed when
+    /// the cluster changed since this worker last picked in it: endpoints that stay keep
+    /// their health (by address); addresses gone and idle are forgotten. O(n) per change
+    /// of that cluster, O(1) otherwise.
+    fn turns<'a>(&self, cluster: &Arc<ClusterState>, live: &'a Live) -> std::cell::RefMut<'a, Turns> {
+        let mut turns = live.turns.borrow_mut();
+        if !std::ptr::eq(turns.table.as_ptr(), Arc::as_ptr(cluster)) {
+            let mut by_address = live.health.borrow_mut();
+            let old = std::mem::take(&mut *by_address);
+            let health: Rc<[Rc<Health>]> = cluster
+                .endpoints
+                .iter()
+                .map(|e| {
+                    Rc::clone(
+                        by_address
+                            .entry(e.address)
+                            .or_insert_with(|| old.get(&e.address).cloned().unwrap_or_default()),
+                    )
+                })
+                .collect();
+            // Endpoints gone but still carrying connections stay until those end.
+            for (a, h) in old {
+                if h.live.get() > 0 {
+                    by_address.entry(a).or_insert(h);
+                }
+            }
+            let pools = 1 + cluster.subsets.len();
+            *turns = Turns {
+                table: Arc::downgrade(cluster),
+                health,
+                next: (0..pools).map(|_| Cell::new(0)).collect(),
+                schedules: (0..pools).map(|_| None).collect(),
+            };
+        }
+        turns
+    }
+
+    /// The health of endpoint `endpoint` of cluster `cluster` (by index), found by address
+    /// when the cluster changed since (a connection routed under an older publication).
+    fn health(&self, cluster: usize, endpoint: usize) -> Option<Rc<Health>> {
+        let c = self.clusters.get(cluster)?;
+        let live = self.live(c);
+        let turns = live.turns.borrow();
+        if std::ptr::eq(turns.table.as_ptr(), Arc::as_ptr(c)) {
+            return turns.health.get(endpoint).cloned();
+        }
+        drop(turns);
+        let address = c.endpoints.get(endpoint)?.address;
+        Some(Rc::clone(live.health.borrow_mut().entry(address).or_default()))
+    }
+
     /// Endpoints of `target` in the order to try them at `now`: the load balancer's pick
     /// first, then the others in turn; ejected endpoints after all of those, as a last resort,
     /// so that no connection fails while any endpoint is up (SPEC §6). Ejection reorders, it
     /// never refuses: an endpoint that restarted is found by the first connection that needs it.
     pub fn candidates(&self, target: Target, now: Instant) -> impl Iterator<Item = usize> + '_ {
         let cluster = &self.clusters[target.cluster];
-        let pool = self.pool(target);
+        let (p, pool) = pool(cluster, target);
+        let live = self.live(cluster);
+        let mut turns = self.turns(cluster, &live);
+        let health = Rc::clone(&turns.health);
         let n = pool.members.len();
-        let up = move |k: &usize| !cluster.endpoints[pool.members[*k]].ejected(now);
+        let up = {
+            let health = Rc::clone(&health);
+            move |k: &usize| !health[pool.members[*k]].ejected(now)
+        };
         let start = if n == 0 {
             0
         } else {
-            let turns = pool.turns();
-            match pool.load_balancer {
-                LoadBalancer::RoundRobin => {
-                    let i = pool.next.get();
-                    pool.next.set((i + 1) % turns);
-                    pool.turn(i % turns)
+            match (pool.load_balancer, &pool.weighted) {
+                (LoadBalancer::RoundRobin, Some(w)) => {
+                    turns.schedules[p].get_or_insert_with(|| w.schedule()).next(w) % n
                 }
-                LoadBalancer::Random => pool.turn((self.random() % turns as u64) as usize),
-                LoadBalancer::LeastConnection => {
+                (LoadBalancer::RoundRobin, None) => {
+                    let i = turns.next[p].get() % n;
+                    turns.next[p].set((i + 1) % n);
+                    i
+                }
+                (LoadBalancer::Random, Some(w)) => w.at(self.random()) % n,
+                (LoadBalancer::Random, None) => (self.random() % n as u64) as usize,
+                (LoadBalancer::LeastConnection, _) => {
                     // Fewest live connections; ties broken in turn so equal endpoints share load.
-                    let turn = pool.next.get();
-                    pool.next.set((turn + 1) % n);
+                    let turn = turns.next[p].get() % n;
+                    turns.next[p].set((turn + 1) % n);
                     (0..n)
                         .map(|k| (turn + k) % n)
-                        .filter(up)
+                        .filter(&up)
                         .min_by_key(|&k| {
                             // Live connections per unit of weight (equal weights: live).
-                            let e = &cluster.endpoints[pool.members[k]];
-                            u64::from(e.health.live.get()) * 1_000_000 / u64::from(e.weight.max(1))
+                            let e = pool.members[k];
+                            u64::from(health[e].live.get()) * 1_000_000
+                                / u64::from(cluster.endpoints[e].weight.max(1))
                         })
-                        .unwrap_or(turn % n)
+                        .unwrap_or(turn)
                 }
             }
         };
+        drop(turns);
         let order = move || (0..n).map(move |k| (start + k) % n);
-        order().filter(up).chain(order().filter(move |k| !up(k))).map(move |k| pool.members[k])
+        let down = up.clone();
+        order().filter(up).chain(order().filter(move |k| !down(k))).map(move |k| pool.members[k])
     }
 
     /// Whether `target` has an endpoint that is not ejected at `now`; when it has none, a
     /// connection that finds them all still down fails with `UH` (no healthy upstream).
     pub fn healthy(&self, target: Target, now: Instant) -> bool {
         let cluster = &self.clusters[target.cluster];
-        self.pool(target).members.iter().any(|&e| !cluster.endpoints[e].ejected(now))
-    }
-
-    fn pool(&self, target: Target) -> &Pool {
-        let cluster = &self.clusters[target.cluster];
-        target.subset.and_then(|s| cluster.subsets.get(s)).unwrap_or(&cluster.all)
+        let (_, pool) = pool(cluster, target);
+        let live = self.live(cluster);
+        let turns = self.turns(cluster, &live);
+        pool.members.iter().any(|&e| turns.health.get(e).is_some_and(|h| !h.ejected(now)))
     }
 
     /// A connection to an endpoint was established: count it live (least_connection) and
     /// forget the endpoint's failures.
     pub fn connected(&self, cluster: usize, endpoint: usize) {
-        let e = &self.clusters[cluster].endpoints[endpoint].health;
+        let Some(e) = self.health(cluster, endpoint) else { return };
         e.live.set(e.live.get() + 1);
         e.failures.set(0);
         e.ejected_until.set(None);
@@ -426,16 +582,17 @@ impl Router {
 
     /// A connection to an endpoint ended.
     pub fn disconnected(&self, cluster: usize, endpoint: usize) {
-        let e = &self.clusters[cluster].endpoints[endpoint].health;
+        let Some(e) = self.health(cluster, endpoint) else { return };
         e.live.set(e.live.get().saturating_sub(1));
     }
 
     /// Connecting to an endpoint was refused or timed out at `now`: eject it for
     /// [`EJECTION_BASE`] doubled per earlier failure in a row, at most [`EJECTION_MAX`].
     pub fn failed(&self, cluster: usize, endpoint: usize, now: Instant) -> Ejection {
-        let state = &self.clusters[cluster].endpoints[endpoint];
-        let newly = !state.ejected(now);
-        let e = &state.health;
+        let Some(e) = self.health(cluster, endpoint) else {
+            return Ejection { duration: EJECTION_BASE, failures: 1, newly: false };
+        };
+        let newly = !e.ejected(now);
         let failures = e.failures.get().saturating_add(1);
         e.failures.set(failures);
         let duration = ejection_time(failures);
@@ -446,12 +603,27 @@ impl Router {
 
     fn random(&self) -> u64 {
         // xorshift64: per-worker, no atomics; quality is plenty for load balancing.
-        let mut x = self.rng.get();
+        let mut x = self.balance.rng.get();
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        self.rng.set(x);
+        self.balance.rng.set(x);
         x
+    }
+}
+
+impl Balance {
+    /// A worker's state before any routing; `seed` varies its random choices.
+    pub fn seeded(seed: u64) -> Balance {
+        Balance { rng: Cell::new(seed | 1), clusters: RefCell::default() }
+    }
+}
+
+/// The pool `target` picks from (its subset, else the whole cluster) and its position.
+fn pool(cluster: &ClusterState, target: Target) -> (usize, &Pool) {
+    match target.subset.and_then(|s| Some((s + 1, cluster.subsets.get(s)?))) {
+        Some(x) => x,
+        None => (0, &cluster.all),
     }
 }
 
@@ -473,38 +645,62 @@ pub fn ejection_time(failures: u32) -> Duration {
     (EJECTION_BASE * (1u32 << doublings)).min(EJECTION_MAX)
 }
 
-fn cluster_state(
-    c: &crate::config::Cluster,
-    mut known: impl FnMut(SocketAddr) -> Option<Rc<Health>>,
-) -> ClusterState {
+/// The endpoints of config cluster `c` as the router holds them.
+fn endpoint_states(c: &crate::config::Cluster) -> impl Iterator<Item = EndpointState> + '_ {
+    c.endpoints.iter().map(|e| EndpointState {
+        address: e.address,
+        labels: e.labels.clone(),
+        identity: metrics::with_canonical_labels(NodeMetadata {
+            workload_name: e.workload_name.clone(),
+            namespace: e.namespace.clone(),
+            service_account: e.service_account.clone(),
+            cluster_id: e.cluster_id.clone(),
+            labels: e.labels.clone(),
+            ..NodeMetadata::default()
+        }),
+        weight: e.weight.unwrap_or(1).max(1),
+    })
+}
+
+/// Whether `old` is what config cluster `c` builds: compared field by field, allocating
+/// nothing (a push compares every cluster it carries but rebuilds only those it changed).
+fn same(old: &ClusterState, c: &crate::config::Cluster) -> bool {
+    let endpoints_same = old.endpoints.len() == c.endpoints.len()
+        && old.endpoints.iter().zip(&c.endpoints).all(|(o, e)| {
+            o.address == e.address
+                && o.weight == e.weight.unwrap_or(1).max(1)
+                && o.labels == e.labels
+                && o.identity.workload_name == e.workload_name
+                && o.identity.namespace == e.namespace
+                && o.identity.service_account == e.service_account
+                && o.identity.cluster_id == e.cluster_id
+        });
+    endpoints_same
+        && old.service.host == c.service.as_deref().unwrap_or_default()
+        && old.service.namespace == c.service_namespace.as_deref().unwrap_or_default()
+        && old.all.load_balancer == c.load_balancer
+        && old.subsets.len() == c.subsets.len()
+        && old.subsets.iter().zip(&c.subsets).all(|(p, s)| {
+            p.load_balancer == s.load_balancer.unwrap_or(c.load_balancer)
+                && p.members.len() == old.endpoints.iter().filter(|e| selects(&s.labels, e)).count()
+                && p.members.iter().all(|&i| old.endpoints.get(i).is_some_and(|e| selects(&s.labels, e)))
+        })
+}
+
+fn selects(labels: &BTreeMap<String, String>, e: &EndpointState) -> bool {
+    labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+}
+
+fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
     let host = c.service.clone().unwrap_or_default();
     // Empty: metrics derives it from a `NAME.NS.svc.*` host, or falls back further.
     let namespace = c.service_namespace.clone().unwrap_or_default();
-    let endpoints: Vec<EndpointState> = c
-        .endpoints
-        .iter()
-        .map(|e| EndpointState {
-            address: e.address,
-            labels: e.labels.clone(),
-            identity: metrics::with_canonical_labels(NodeMetadata {
-                workload_name: e.workload_name.clone(),
-                namespace: e.namespace.clone(),
-                service_account: e.service_account.clone(),
-                cluster_id: e.cluster_id.clone(),
-                labels: e.labels.clone(),
-                ..NodeMetadata::default()
-            }),
-            health: known(e.address).unwrap_or_default(),
-            weight: e.weight.unwrap_or(1).max(1),
-        })
-        .collect();
+    let endpoints: Vec<EndpointState> = endpoint_states(c).collect();
     let subsets = c
         .subsets
         .iter()
         .map(|s| {
-            let members = (0..endpoints.len())
-                .filter(|&i| s.labels.iter().all(|(k, v)| endpoints[i].labels.get(k) == Some(v)))
-                .collect();
+            let members = (0..endpoints.len()).filter(|&i| selects(&s.labels, &endpoints[i])).collect();
             Pool::new(members, s.load_balancer.unwrap_or(c.load_balancer), &endpoints)
         })
         .collect();
@@ -763,12 +959,27 @@ clusters:",
     }
 
     #[test]
-    fn endpoint_weights_share_turns_smoothly_and_equal_weights_keep_plain_turns() {
-        assert!(rotation(&[1, 1, 1]).is_empty());
-        assert_eq!(rotation(&[5, 1, 1]), [0, 0, 1, 0, 2, 0, 0]);
-        assert_eq!(rotation(&[200, 100]), [0, 1, 0]);
-        let huge = rotation(&[u32::MAX, 1]);
-        assert!(huge.len() as u64 <= MAX_ROTATION + 1 && huge.contains(&1));
+    fn endpoint_weights_share_turns_in_proportion_and_equal_weights_keep_plain_turns() {
+        assert!(Weights::new(&[1, 1, 1]).is_none());
+        let turns = |w: &Weights, n: usize| {
+            let mut s = w.schedule();
+            (0..n).map(|_| s.next(w)).collect::<Vec<_>>()
+        };
+        let w = Weights::new(&[5, 1, 1]).unwrap();
+        assert_eq!(turns(&w, 14), [0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(turns(&Weights::new(&[200, 100]).unwrap(), 6), [0, 0, 1, 0, 0, 1]);
+        // Extreme weights: the light member still gets its turn, nothing overflows.
+        let huge = Weights::new(&[u32::MAX, 1]).unwrap();
+        assert_eq!(huge.at(u64::from(u32::MAX)), 1);
+        assert_eq!(huge.at(0), 0);
+        let light = turns(&huge, 2);
+        assert_eq!(light, [0, 0]);
+        let w = Weights::new(&[3, 1]).unwrap();
+        let mut draws = [0u32; 2];
+        for x in 0..4_000u64 {
+            draws[w.at(x)] += 1;
+        }
+        assert_eq!(draws, [3_000, 1_000]);
         let yaml = BASE.replace(
             "{address: 127.0.0.1:10, labels: {version: v1}}",
             "{address: 127.0.0.1:10, labels: {version: v1}, weight: 3}",
@@ -781,6 +992,32 @@ clusters:",
         let mut all: Vec<usize> = r.candidates(t, now()).collect();
         all.sort();
         assert_eq!(all, [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_publication_shares_the_clusters_that_did_not_change_and_a_workers_turns_in_them() {
+        let two = format!(
+            "{BASE}  - {{name: other, endpoints: [{{address: 127.0.0.1:20}}, {{address: 127.0.0.1:21}}]}}\n"
+        );
+        let first = Arc::new(Routes::new(&cfg(&two), None));
+        // An endpoint change of `db` alone (SPEC §11: it touches only its cluster).
+        let second = Arc::new(Routes::new(&cfg(&two.replace("127.0.0.1:12", "127.0.0.1:13")), Some(&first)));
+        assert!(!Arc::ptr_eq(&first.clusters[0], &second.clusters[0]), "db changed");
+        assert!(Arc::ptr_eq(&first.clusters[1], &second.clusters[1]), "other is shared");
+        let balance = Rc::new(Balance::seeded(7));
+        let before = Router::with(first, Rc::clone(&balance));
+        let other = Target { cluster: 1, subset: None };
+        assert_eq!(before.candidates(other, now()).next(), Some(0));
+        before.connected(1, 0);
+        before.failed(1, 1, now());
+        let after = Router::with(second, balance);
+        // The worker's turn, live count and ejection in `other` carry over: :21 is ejected,
+        // so :20 first although its turn has passed.
+        assert_eq!(after.candidates(other, now()).collect::<Vec<_>>(), [0, 1]);
+        after.connected(1, 1);
+        // The turns went on: :20 again (turns started over at this publication would give :21).
+        assert_eq!(after.candidates(other, now()).next(), Some(0));
+        after.disconnected(1, 0);
     }
 
     #[test]

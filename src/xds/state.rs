@@ -681,18 +681,20 @@ impl State {
             }
             cfg.clusters.push(c);
         }
+        // Clusters by name, once: a mesh's 10,000 handed-off listeners and chains each name
+        // one of its 10,000 clusters, and a scan per name would be quadratic (SPEC §11).
+        let mut by_name: std::collections::HashMap<String, usize> =
+            cfg.clusters.iter().enumerate().rev().map(|(i, c)| (c.name.clone(), i)).collect();
         let handoffs: Vec<&Handoff> =
             self.listeners.values().filter_map(|x| x.value.handoff.as_ref()).collect();
         for (address, cluster) in handoffs.iter().flat_map(|h| &h.addresses) {
-            if let Some(c) = cfg.clusters.iter_mut().find(|c| &c.name == cluster) {
+            if let Some(c) = by_name.get(cluster).and_then(|&i| cfg.clusters.get_mut(i)) {
                 c.addresses.push(*address);
             }
         }
         // Handed-off HTTP chains routed over RDS: each address their table names goes where
         // its virtual host says, as a capture routes by original destination (SPEC §8). A
         // route table may name thousands of services: clusters are found by name, not scanned.
-        let by_name: std::collections::HashMap<String, usize> =
-            cfg.clusters.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         for c in handoffs.iter().flat_map(|h| &h.chains).filter(|c| c.not_served.is_none()) {
             let (Some(name), Some(listen)) = (&c.rds, c.handoff) else { continue };
             let Some(rc) = self.routes.get(name) else { continue };
@@ -765,7 +767,8 @@ impl State {
                 l.peer_exchange = PeerExchange::Alpn;
             }
             for t in targets {
-                if !cfg.clusters.iter().any(|c| c.name == t) {
+                if !by_name.contains_key(&t) {
+                    by_name.insert(t.clone(), cfg.clusters.len());
                     cfg.clusters.push(Cluster {
                         name: t.clone(),
                         service: None,

@@ -51,6 +51,7 @@ struct Common {
     alpn: Vec<String>,
     sans: Vec<String>,
     san_prefixes: Vec<String>,
+    cipher_suites: Vec<String>,
 }
 
 /// Read the parts of a CommonTlsContext istiod writes (SPEC §7, §9): for ISTIO_MUTUAL the
@@ -145,6 +146,8 @@ fn tls_context(common: Option<&tls::CommonTlsContext>, client: bool) -> Result<C
         alpn: common.alpn_protocols.clone(),
         sans,
         san_prefixes,
+        // Checked where the config is built (tls::cipher_suites): an unknown name NACKs.
+        cipher_suites: common.tls_params.as_ref().map(|p| p.cipher_suites.clone()).unwrap_or_default(),
     })
 }
 
@@ -181,6 +184,7 @@ pub(super) fn downstream(ts: &core::TransportSocket) -> Result<Option<ChainTls>,
         require_client_certificate: ctx.require_client_certificate.is_some_and(|b| b.value),
         subject_alt_names: common.sans,
         subject_alt_name_prefixes: common.san_prefixes,
+        cipher_suites: common.cipher_suites,
     }))
 }
 
@@ -240,6 +244,7 @@ pub(super) fn cluster_tls(pb: &cds::Cluster) -> Result<Option<ClusterTls>, Strin
         private_key: common.files.private_key,
         root_cert: common.files.root_cert,
         subject_alt_names: common.sans,
+        cipher_suites: common.cipher_suites,
         subject_alt_name_prefixes: common.san_prefixes,
         secrets: named.then_some(common.secrets),
         alpn: common.alpn,
@@ -737,5 +742,17 @@ mod tests {
             ),
         );
         assert!(downstream(ts.as_ref().unwrap()).unwrap_err().contains("no certificate to present"));
+    }
+
+    #[test]
+    fn tls_params_cipher_suites_are_carried_to_the_cluster_and_the_chain() {
+        let suites = vec!["ECDHE-ECDSA-AES256-GCM-SHA384".to_string(), "TLS_AES_256_GCM_SHA384".into()];
+        let mut c = common("default", "ROOTCA", &[REDIS], &[]);
+        c.tls_params = Some(tls::TlsParameters { cipher_suites: suites.clone(), ..Default::default() });
+        let t = cluster(&istio_mutual(c.clone()), "1").unwrap().cluster.tls.unwrap();
+        assert_eq!(t.cipher_suites, suites);
+        let ctx = tls::DownstreamTlsContext { common_tls_context: Some(c), ..Default::default() };
+        let chain = downstream(&socket("tls", any(DOWNSTREAM_TLS, &ctx)).unwrap()).unwrap().unwrap();
+        assert_eq!(chain.cipher_suites, suites);
     }
 }

@@ -6,6 +6,8 @@
 //! - `s` sink: bytes are discarded until EOF, then the count is answered as 8 bytes
 //!   little-endian, so `bulk` reports bytes that crossed the proxy, not bytes that merely
 //!   left the client's socket buffer.
+//! - `c` close: a 2-byte little-endian length and that many bytes follow; they are sent back
+//!   and the backend closes first (as an HTTP/1.0 server does): `connrate --closer backend`.
 //!
 //! One mode byte instead of one port per mode keeps each proxy at a single listener, so its
 //! RSS and CPU are those of one listener whatever the test.
@@ -23,6 +25,7 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
 const MODE_ECHO: u8 = b'e';
 const MODE_SINK: u8 = b's';
+const MODE_CLOSE: u8 = b'c';
 /// Bulk write size: large enough that syscalls, not the generator, are the cost per byte.
 const BULK_CHUNK: usize = 256 * 1024;
 /// Echo read size: small, because an idle test parks one read per connection in the backend.
@@ -33,7 +36,7 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 const USAGE: &str = "usage: loadgen <command> [--flag value]...
   echo-server --listen ADDR [--seconds 600]
   bulk        --target ADDR --streams N --seconds S [--max-bytes B]
-  connrate    --target ADDR --concurrency C --seconds S --size B [--max N]
+  connrate    --target ADDR --concurrency C --seconds S --size B [--max N] [--closer client|backend]
   latency     --target ADDR --connections C --requests N --size B [--seconds 30]
   idle        --target ADDR --connections N --hold-seconds S [--open-seconds 30]";
 
@@ -153,6 +156,16 @@ async fn serve(mut s: TcpStream) -> io::Result<()> {
             let (r, _) = s.write_all(total.to_le_bytes().to_vec()).await;
             r.map(|_| ())
         }
+        MODE_CLOSE => {
+            let (r, len) = s.read_exact(Vec::with_capacity(2)).await;
+            r?;
+            let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+            let (r, body) = s.read_exact(Vec::with_capacity(len)).await;
+            r?;
+            let (r, _) = s.write_all(body).await;
+            // Dropped here: our FIN goes first; the client closes once it has read it.
+            r.map(|_| ())
+        }
         _ => Err(io::Error::new(io::ErrorKind::InvalidData, "unknown mode")),
     }
 }
@@ -217,6 +230,12 @@ async fn connrate(flags: &Flags) {
     let concurrency: usize = flags.get("concurrency", None);
     let duration = flags.seconds("seconds", None);
     let size: usize = flags.get("size", None);
+    let closer: String = flags.get("closer", Some("client".into()));
+    let backend_closes = match closer.as_str() {
+        "client" => false,
+        "backend" if size <= usize::from(u16::MAX) => true,
+        _ => fail("--closer: client or backend (backend: --size at most 65535)"),
+    };
     let budget = Rc::new(Cell::new(flags.get::<u64>("max", Some(2_000_000))));
     let (done, errors) = (Rc::new(Cell::new(0u64)), Rc::new(Cell::new(0u64)));
     let last_error = Rc::new(RefCell::new(String::new()));
@@ -229,7 +248,8 @@ async fn connrate(flags: &Flags) {
             monoio::spawn(async move {
                 while budget.get() > 0 && Instant::now() < deadline {
                     budget.set(budget.get() - 1);
-                    let exchange = monoio::time::timeout(OP_TIMEOUT, one_exchange(target, size));
+                    let exchange =
+                        monoio::time::timeout(OP_TIMEOUT, one_exchange(target, size, backend_closes));
                     match exchange.await.unwrap_or_else(|_| Err(timed_out())) {
                         Ok(()) => done.set(done.get() + 1),
                         Err(e) => {
@@ -247,7 +267,7 @@ async fn connrate(flags: &Flags) {
     let secs = start.elapsed().as_secs_f64();
     println!(
         "{{\"test\":\"connrate\",\"concurrency\":{concurrency},\"size\":{size},\
-         \"seconds\":{secs:.3},\"connections\":{},\"conn_per_s\":{:.1},\"errors\":{},\
+         \"closer\":\"{closer}\",\"seconds\":{secs:.3},\"connections\":{},\"conn_per_s\":{:.1},\"errors\":{},\
          \"last_error\":\"{}\"}}",
         done.get(),
         done.get() as f64 / secs,
@@ -256,15 +276,28 @@ async fn connrate(flags: &Flags) {
     );
 }
 
-/// One short-lived connection: `size` bytes each way, then close.
-async fn one_exchange(target: SocketAddr, size: usize) -> io::Result<()> {
+/// One short-lived connection: `size` bytes each way, then close; with `backend_closes` the
+/// backend closes after its answer and the client closes once it has seen that EOF.
+async fn one_exchange(target: SocketAddr, size: usize, backend_closes: bool) -> io::Result<()> {
     let mut s = connect(target).await?;
     let mut req = vec![b'x'; size + 1];
     req[0] = MODE_ECHO;
+    if backend_closes {
+        req = [&[MODE_CLOSE][..], &(size as u16).to_le_bytes(), &req[1..]].concat();
+    }
     let (r, _) = s.write_all(req).await;
     r?;
-    let (r, _) = s.read_exact(Vec::with_capacity(size)).await;
-    r.map(|_| ())
+    let (r, mut buf) = s.read_exact(Vec::with_capacity(size)).await;
+    r?;
+    if backend_closes {
+        buf.clear();
+        buf.reserve(1);
+        let (r, _) = s.read(buf).await;
+        if r? != 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bytes after the answer"));
+        }
+    }
+    Ok(())
 }
 
 async fn latency(flags: &Flags) {

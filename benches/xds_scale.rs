@@ -1,0 +1,449 @@
+//! A mesh of N services (SPEC §11, issue #29): ringside and a real Envoy one after the other
+//! on the same Istio-shaped snapshot (`tests/common/istio_mesh.rs`: N EDS clusters with
+//! ISTIO_MUTUAL transport socket matches, 5 endpoints each, a `bind_to_port: false` listener
+//! per service behind virtualOutbound), one worker each pinned to core `CORE`. Per proxy and
+//! N, in one run:
+//! - push: from the first request (the server answers it with all Clusters) to the last ACK
+//!   of Clusters, ClusterLoadAssignments and Listeners; then until a connection through the
+//!   capture listener to service 0 is echoed (`serving`);
+//! - RSS after the full push (`/proc/PID/status` VmRSS, once serving, after a second);
+//! - connection rate through the capture listener to service 0 (CONCURRENCY clients, one
+//!   byte echoed per connection, CONN_SECONDS);
+//! - one cluster's endpoints change (service 1's five move), as istiod pushes it over state
+//!   of the world (one EDS response with that assignment alone): time from handing it to
+//!   the server's stream to its ACK, and the process's CPU from then until 200 ms after the
+//!   ACK;
+//! - during one EDS push a second for PUSH_SECONDS with HELD long-lived connections open:
+//!   the connection rate and the RSS growth.
+//!
+//! Needs a network namespace whose OUTPUT chain redirects 10.96.0.0/12 to port 15001 (the
+//! capture): run it through `perf/xds-scale.sh`, which makes one and pins the processes.
+//! Env: SERVICES (comma list, default 100,1000,10000), PROXIES (default ringside,envoy),
+//! RINGSIDE_BIN (default the release binary cargo built beside the bench),
+//! ENVOY_MAX_SERVICES (Envoy is skipped above it; default 10000), CORE (default 1),
+//! CONN_SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20).
+
+#[path = "../tests/common/ads.rs"]
+mod ads;
+#[path = "../tests/common/istio_mesh.rs"]
+mod istio_mesh;
+#[path = "../tests/common/pki.rs"]
+mod pki;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ads::{AdsServer, CLUSTER, ENDPOINTS, LISTENER};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use istio_mesh::Mesh;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Five echo backends (service 0's endpoints), a thread per connection: held connections
+/// must not starve new ones.
+fn backends() -> Vec<SocketAddr> {
+    (0..5)
+        .map(|_| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let a = l.local_addr().unwrap();
+            thread::spawn(move || {
+                for mut s in l.incoming().flatten() {
+                    thread::spawn(move || {
+                        let mut b = [0u8; 64];
+                        while let Ok(n @ 1..) = s.read(&mut b) {
+                            if s.write_all(&b[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            a
+        })
+        .collect()
+}
+
+/// One connection through the capture to service 0: one byte echoed.
+fn one(to: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut b = [0u8; 1];
+    s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && b == *b"x"
+}
+
+/// Connections per second to `to` with `concurrency` clients for `seconds`.
+fn conn_rate(to: SocketAddr, concurrency: u64, seconds: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (done, failed) = (done.clone(), failed.clone());
+            thread::spawn(move || {
+                // Bounded by the deadline and by a count.
+                for _ in 0..2_000_000 {
+                    if Instant::now() >= end {
+                        break;
+                    }
+                    if one(to) {
+                        done.fetch_add(1, Ordering::Relaxed)
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    };
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let f = failed.load(Ordering::Relaxed);
+    if f > 0 {
+        eprintln!("xds_scale: {f} connections failed");
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of the whole process, in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let f: Vec<&str> = after.split(' ').collect();
+    let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let hz = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u64>().ok())
+        .unwrap_or(100);
+    ticks as f64 * 1000.0 / hz as f64
+}
+
+/// Waits for the ACK (or NACK: panics) of `version` for each of `types`; returns when the
+/// last arrived.
+fn acks(
+    requests: &mpsc::Receiver<DiscoveryRequest>,
+    version: &str,
+    types: &[&str],
+    first: &mut Option<Instant>,
+) {
+    let mut left: Vec<&str> = types.to_vec();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !left.is_empty() {
+        let r = requests
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no ACK of version {version} for {left:?}"));
+        first.get_or_insert_with(Instant::now);
+        if r.response_nonce.is_empty() {
+            continue;
+        }
+        if let Some(e) = &r.error_detail {
+            panic!("NACK of {}: {}", r.type_url, &e.message[..e.message.len().min(2000)]);
+        }
+        if r.version_info == version {
+            left.retain(|t| *t != r.type_url);
+        }
+    }
+}
+
+struct Proxy {
+    child: Child,
+    files: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = std::env::temp_dir().join(format!("ringside-xds-scale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = pki::Ca::new("cluster.local");
+        let (cert, key) = ca.workload("spiffe://cluster.local/ns/default/sa/bench", false);
+        std::fs::write(dir.join("cert-chain.pem"), cert).unwrap();
+        std::fs::write(dir.join("key.pem"), key).unwrap();
+        std::fs::write(dir.join("root-cert.pem"), &ca.pem).unwrap();
+        Pki { dir }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.join(f).display().to_string()
+    }
+}
+
+fn pinned(core: u64, bin: &str) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", &core.to_string(), bin]);
+    c
+}
+
+fn ringside(core: u64, ads: SocketAddr, pki: &Pki) -> Proxy {
+    let config = std::env::temp_dir().join(format!("ringside-xds-scale-{}.yaml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "node: {{workload_name: bench-v1, namespace: default}}\nworkers: 1\n\
+             xds: {{address: {ads}, certificates: {{cert_chain: {}, private_key: {}, root_cert: {}}}}}\n",
+            pki.path("cert-chain.pem"),
+            pki.path("key.pem"),
+            pki.path("root-cert.pem")
+        ),
+    )
+    .unwrap();
+    // RINGSIDE_BIN: another build of the binary (a release one under a debug driver).
+    let bin = std::env::var("RINGSIDE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringside").into());
+    let child = pinned(core, &bin)
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            "off",
+            "--metrics",
+            "off",
+            "--health",
+            "off",
+        ])
+        .env("RUST_LOG", std::env::var("PROXY_LOG").unwrap_or_else(|_| "error".into()))
+        .stderr(if std::env::var("PROXY_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() })
+        .spawn()
+        .unwrap();
+    Proxy { child, files: vec![config] }
+}
+
+fn envoy(core: u64, bin: &str, ads: SocketAddr) -> Proxy {
+    let bootstrap =
+        std::env::temp_dir().join(format!("ringside-xds-scale-envoy-{}.yaml", std::process::id()));
+    std::fs::write(
+        &bootstrap,
+        format!(
+            r#"node: {{id: "sidecar~10.244.0.9~bench-v1.default~default.svc.cluster.local", cluster: bench.default}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]
+"#,
+            ads.port()
+        ),
+    )
+    .unwrap();
+    let child = pinned(core, bin)
+        .args([
+            "-c",
+            bootstrap.to_str().unwrap(),
+            "--concurrency",
+            "1",
+            "--use-dynamic-base-id",
+            "-l",
+            "error",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proxy { child, files: vec![bootstrap] }
+}
+
+#[derive(Default)]
+struct Row {
+    push_ms: f64,
+    serving_ms: f64,
+    rss_mib: f64,
+    rate: f64,
+    eds_ack_ms: f64,
+    eds_cpu_ms: f64,
+    rate_pushing: f64,
+    rss_growth_mib: f64,
+}
+
+fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> Row {
+    let core = env("CORE", 1);
+    let seconds = env("CONN_SECONDS", 3);
+    let concurrency = env("CONCURRENCY", 16);
+    let mesh = Mesh {
+        services,
+        capture: "0.0.0.0:15001".parse().unwrap(),
+        backends: backends(),
+        tls: std::env::var("NO_TLS").is_err().then(|| {
+            ads::common_tls(
+                "default",
+                "ROOTCA",
+                &["spiffe://cluster.local/ns/ns-0/sa/svc-0"],
+                &["istio-peer-exchange", "istio"],
+            )
+        }),
+    };
+    let secrets = || {
+        ads::workload_secrets(&pki.path("cert-chain.pem"), &pki.path("key.pem"), &pki.path("root-cert.pem"))
+    };
+    let shape = |s: ads::Snapshot| if proxy == "envoy" { istio_mesh::for_envoy(s, secrets()) } else { s };
+    let (server, requests) = AdsServer::serve(shape(mesh.snapshot("1")));
+    let p = match proxy {
+        "envoy" => envoy(core, envoy_bin.expect("envoy binary"), server.addr),
+        _ => ringside(core, server.addr, pki),
+    };
+    let pid = p.child.id();
+    let mut first = None;
+    acks(&requests, "1", &[CLUSTER, ENDPOINTS, LISTENER], &mut first);
+    let first = first.unwrap();
+    eprintln!("xds_scale: {proxy} {services}: pushed");
+    let push_ms = first.elapsed().as_secs_f64() * 1000.0;
+    let target = istio_mesh::vip(0);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !one(target) {
+        assert!(Instant::now() < deadline, "{proxy}: service 0 not served through the capture");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let serving_ms = first.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("xds_scale: {proxy} {services}: serving");
+    thread::sleep(Duration::from_secs(1));
+    let rss = rss_kib(pid);
+    let rate = conn_rate(target, concurrency, seconds);
+    eprintln!("xds_scale: {proxy} {services}: {rate:.0} connections/s");
+
+    // One cluster's endpoints change, pushed as istiod does over state of the world.
+    let moved = istio_mesh::cluster_name(1);
+    // Built before the clock starts: the snapshot and the server's bookkeeping are this
+    // process's cost, not the proxy's.
+    let next = shape(mesh.with_moved("2", 1, 1));
+    let cpu0 = cpu_ms(pid);
+    let t0 = server.push_endpoints(next, &[&moved]);
+    acks(&requests, "2", &[ENDPOINTS], &mut None);
+    let eds_ack_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("xds_scale: {proxy} {services}: endpoint change ACKed");
+    // Two ticks: ringside's workers take the publication on their next one.
+    thread::sleep(Duration::from_millis(200));
+    let eds_cpu_ms = cpu_ms(pid) - cpu0;
+
+    // Pushes every second while long-lived connections are held and new ones are made.
+    let held: Vec<TcpStream> = (0..env("HELD", 20))
+        .map(|_| {
+            let mut s = TcpStream::connect(target).unwrap();
+            s.write_all(b"h").unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+            s
+        })
+        .collect();
+    let rss_before = rss_kib(pid);
+    let push_seconds = env("PUSH_SECONDS", 10);
+    let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds));
+    let mut pushes = 0u64;
+    // Bounded: the connecting thread ends after PUSH_SECONDS; at most 600 pushes.
+    while !connecting.is_finished() && pushes < 600 {
+        pushes += 1;
+        let v = (pushes + 2).to_string();
+        server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + 1)), &[&moved]);
+        acks(&requests, &v, &[ENDPOINTS], &mut None);
+        thread::sleep(Duration::from_secs(1));
+    }
+    let rate_pushing = connecting.join().unwrap();
+    let rss_growth = rss_kib(pid) as f64 - rss_before as f64;
+    for mut s in held {
+        s.write_all(b"h").unwrap();
+        let mut b = [0u8; 1];
+        assert!(s.read_exact(&mut b).is_ok(), "{proxy}: a held connection died during the pushes");
+    }
+    eprintln!("xds_scale: {proxy} {services}: {pushes} pushes while connecting");
+    drop(p);
+    Row {
+        push_ms,
+        serving_ms,
+        rss_mib: rss as f64 / 1024.0,
+        rate,
+        eds_ack_ms,
+        eds_cpu_ms,
+        rate_pushing,
+        rss_growth_mib: rss_growth / 1024.0,
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` probes with --list
+    }
+    if !std::env::args().any(|a| a == "--bench") {
+        return; // needs perf/xds-scale.sh's namespace; nothing to smoke-test without it
+    }
+    let services: Vec<usize> = std::env::var("SERVICES")
+        .unwrap_or_else(|_| "100,1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let proxies = std::env::var("PROXIES").unwrap_or_else(|_| "ringside,envoy".into());
+    let envoy_max = env("ENVOY_MAX_SERVICES", 10_000) as usize;
+    let envoy_bin = std::env::var("ENVOY").ok();
+    let pki = Pki::new();
+    println!(
+        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  eds_ack_ms  eds_cpu_ms  conn/s_pushing  rss_growth_MiB"
+    );
+    for &n in &services {
+        for proxy in proxies.split(',') {
+            if proxy == "envoy" && (n > envoy_max || envoy_bin.is_none()) {
+                println!(
+                    "{proxy:<9} {n:>8}  skipped (ENVOY_MAX_SERVICES={envoy_max}, ENVOY set: {})",
+                    envoy_bin.is_some()
+                );
+                continue;
+            }
+            let r = measure(proxy, n, &pki, envoy_bin.as_deref());
+            println!(
+                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>11.1} {:>11.0} {:>15.0} {:>15.1}",
+                r.push_ms,
+                r.serving_ms,
+                r.rss_mib,
+                r.rss_mib * 1024.0 / n as f64,
+                r.rate,
+                r.eds_ack_ms,
+                r.eds_cpu_ms,
+                r.rate_pushing,
+                r.rss_growth_mib
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&pki.dir);
+}

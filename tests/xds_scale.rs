@@ -1,0 +1,318 @@
+//! SPEC §11 at test scale: a sidecar in a network namespace (capture rules as `ringside
+//! iptables --apply` writes them, uid 1337) configured over xDS with an Istio-shaped mesh of
+//! 2,000 services (`common/istio_mesh.rs`), whose service 0 is five echo servers in a second
+//! namespace. Without root, `ip`, `iptables` or namespaces, each test prints a SKIP line and
+//! returns: skipped, never passed silently.
+
+#[path = "common/ads.rs"]
+mod ads;
+mod common;
+#[path = "common/istio_mesh.rs"]
+mod istio_mesh;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+
+use common::{Rng, bin, tag_server_on, wait_for};
+use istio_mesh::Mesh;
+use netns::{B_IP, B_IP2, Pods, Sidecar, connect_in, echo_server_in, in_ns, unavailable};
+
+/// Services in the tests' mesh: enough that anything quadratic shows, few enough for CI.
+const SERVICES: usize = 2_000;
+
+/// Capture rules in `ns`, as Istio's init container writes them.
+fn apply(ns: &str) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, bin(), "iptables", "--apply"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "iptables --apply in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Pod A with capture rules and a sidecar fed `snapshot` over xDS (returned once /ready),
+/// pod B for the backends. Fields drop in order: the sidecar stops before the namespaces go.
+struct Scale {
+    _sidecar: Sidecar,
+    server: ads::AdsServer,
+    requests: mpsc::Receiver<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
+    pods: Pods,
+}
+
+impl Scale {
+    fn start(pods: Pods, snapshot: ads::Snapshot) -> Scale {
+        apply(&pods.a);
+        let (tx, requests) = mpsc::channel();
+        let server = ads::AdsServer::start_for_sidecar(&format!("scale-{}", pods.a), snapshot, tx);
+        let sidecar = Sidecar::spawn(
+            &pods.a,
+            &format!(
+                "node:\n  workload_name: client-v1\n  namespace: default\n  labels: {{app: client, version: v1}}\n\
+                 workers: 1\nmetrics: {{listen: 127.0.0.1:15090}}\nadmin: {{listen: 127.0.0.1:15000}}\n\
+                 health: {{listen: 'off'}}\nxds: {{address: \"{}\"}}\n",
+                server.unix_address()
+            ),
+        );
+        Scale { _sidecar: sidecar, server, requests, pods }
+    }
+}
+
+/// Five echo servers in pod B (service 0's endpoints) and the channels their accepted
+/// connections' peers arrive on.
+fn backends(pods: &Pods) -> (Vec<SocketAddr>, Vec<mpsc::Receiver<SocketAddr>>) {
+    (0..5)
+        .map(|k| {
+            let at = format!("{B_IP}:{}", 9101 + k);
+            let seen = echo_server_in(&pods.b, &at);
+            (at.parse::<SocketAddr>().unwrap(), seen)
+        })
+        .unzip()
+}
+
+fn mesh(backends: Vec<SocketAddr>) -> Mesh {
+    Mesh { services: SERVICES, capture: "0.0.0.0:15001".parse().unwrap(), backends, tls: None }
+}
+
+/// One connection from pod A to `to`: `payload` written, the echo read to its end.
+fn echo(pods: &Pods, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut s = connect_in(&pods.a, &to.to_string()).expect("connect through the capture");
+    s.write_all(payload).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    back
+}
+
+#[test]
+fn after_a_full_push_of_a_mesh_connections_to_a_service_are_byte_exact_and_balanced() {
+    if unavailable("xds_scale::full_push").is_some() {
+        return;
+    }
+    let pods = Pods::new();
+    let (addrs, seen) = backends(&pods);
+    let scale = Scale::start(pods, mesh(addrs).snapshot("1"));
+    let mut rng = Rng(29);
+    let total = 250;
+    for _ in 0..total {
+        let len = rng.range(1, 3000);
+        let payload = rng.bytes(len);
+        assert_eq!(echo(&scale.pods, istio_mesh::vip(0), &payload), payload);
+    }
+    let counts: Vec<usize> = seen.iter().map(|rx| rx.try_iter().count()).collect();
+    assert_eq!(counts.iter().sum::<usize>(), total, "{counts:?}");
+    // Least request (istiod's lb_policy) over sequential connections: each endpoint in turn.
+    for c in &counts {
+        assert!((40..=60).contains(c), "unbalanced: {counts:?}");
+    }
+}
+
+#[test]
+fn an_endpoint_push_of_one_cluster_keeps_every_other_clusters_live_connections() {
+    if unavailable("xds_scale::eds_push_keeps_state").is_some() {
+        return;
+    }
+    let pods = Pods::new();
+    let (addrs, seen) = backends(&pods);
+    // Service 1 is real too: one endpoint tagged `old`, moved by the push to one tagged `new`.
+    let (old, new): (SocketAddr, SocketAddr) =
+        (format!("{B_IP2}:9201").parse().unwrap(), format!("{B_IP2}:9202").parse().unwrap());
+    for (at, tag) in [(old, "old"), (new, "new")] {
+        tag_server_on(in_ns(&pods.b, move || TcpListener::bind(at).unwrap()), tag);
+    }
+    let m = mesh(addrs);
+    let one = |at: SocketAddr| {
+        let cla = ads::assignment(&istio_mesh::cluster_name(1), &[(at, "svc-1-v1;ns-0;svc-1;v1;Kubernetes")]);
+        ads::without_sidecar(cla, at)
+    };
+    let mut first = m.snapshot("1");
+    first.endpoints[1] = one(old);
+    let scale = Scale::start(pods, first);
+    let tag = |pods: &Pods| {
+        let mut s = connect_in(&pods.a, &istio_mesh::vip(1).to_string()).ok()?;
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).ok()?;
+        Some(b)
+    };
+    assert_eq!(tag(&scale.pods), Some(*b"old"));
+
+    // Two long-lived connections to service 0: on two of its five endpoints.
+    let hold = |pods: &Pods| {
+        let mut s = connect_in(&pods.a, &istio_mesh::vip(0).to_string()).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        s
+    };
+    let held: Vec<TcpStream> = (0..2).map(|_| hold(&scale.pods)).collect();
+    let busy: Vec<usize> = (0..5).filter(|&k| seen[k].try_iter().count() > 0).collect();
+    assert_eq!(busy.len(), 2, "two endpoints hold the two connections");
+
+    // Service 1's endpoints change alone, as istiod pushes it.
+    let mut second = m.snapshot("2");
+    second.endpoints[1] = one(new);
+    scale.server.push_endpoints(second, &[&istio_mesh::cluster_name(1)]);
+    let ack = ads::reply_to(&scale.requests, ads::ENDPOINTS, "2");
+    assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
+    wait_for("service 1 at its new endpoint", || (tag(&scale.pods) == Some(*b"new")).then_some(()));
+
+    // Service 0 kept its live counts: three more connections go to the three idle endpoints.
+    let more: Vec<TcpStream> = (0..3).map(|_| hold(&scale.pods)).collect();
+    let counts: Vec<usize> = seen.iter().map(|rx| rx.try_iter().count()).collect();
+    for k in 0..5 {
+        let expected = usize::from(!busy.contains(&k));
+        assert_eq!(counts[k], expected, "endpoint {k}: {counts:?} (busy before the push: {busy:?})");
+    }
+    drop((held, more));
+}
+
+#[test]
+fn a_push_of_the_whole_mesh_never_holds_a_workers_event_loop() {
+    // No capture here: the push is what is measured, and the moved capture listener says
+    // when the workers have it.
+    let (first, second) = (common::free_addr(), common::free_addr());
+    let m = Mesh { services: SERVICES, capture: first, backends: vec![common::echo_server()], tls: None };
+    let (server, requests) = ads::AdsServer::serve(m.snapshot("1"));
+    let rs = common::Ringside::spawn_config(
+        &format!(
+            "node: {{workload_name: client-v1, namespace: default}}\nxds: {{address: {}}}\n",
+            server.addr
+        ),
+        first,
+        &[],
+    );
+    // Every service's endpoints move, and virtualOutbound moves to another port.
+    let moved = Mesh { capture: second, ..m.clone() };
+    let mut next = moved.snapshot("2");
+    for (i, cla) in next.endpoints.iter_mut().enumerate().skip(1) {
+        *cla = moved.assignment(i, 1);
+    }
+    server.push(next);
+    for t in [ads::CLUSTER, ads::ENDPOINTS, ads::LISTENER] {
+        let ack = ads::reply_to(&requests, t, "2");
+        assert!(ack.error_detail.is_none(), "{t}: {:?}", ack.error_detail);
+    }
+    wait_for("the workers serving the push", || TcpStream::connect(second).ok());
+    let text = rs.scrape();
+    let gaps: Vec<f64> = text
+        .lines()
+        .filter_map(common::parse_line)
+        .filter(|(name, _, _)| name == "ringside_worker_tick_gap_max_seconds")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(gaps.len(), 2, "one gauge per worker:\n{text}");
+    // Ticks are 100 ms apart; SPEC §11's target is 50 ms beyond that at 10,000 services in a
+    // release build. This debug build on a shared machine gets a generous bound.
+    println!("longest tick gaps during a {SERVICES}-service push: {gaps:?} s");
+    for g in gaps {
+        assert!(g < 0.35, "a worker's event loop was held {g} s: {text}");
+    }
+}
+
+/// The most resident memory process `pid` has had, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn peers_sending_64_kib_label_values_cannot_grow_memory_beyond_the_bound() {
+    use common::{OPENED, read_exact, sum};
+    let server = common::Ringside::spawn(
+        common::echo_server(),
+        "inbound",
+        &["--peer-exchange", "always", "--max-preamble", "256KiB", "--workload-name", "db-v1"],
+    );
+    let peers = 400u32;
+    let before = peak_rss_kib(server.pid());
+    for i in 0..peers {
+        // Each peer different: unbounded, every one would be a label set of 128 KiB.
+        let long = format!("{i:06}{}", "w".repeat(64 << 10));
+        let peer = ringside::exchange::NodeMetadata {
+            workload_name: long.clone(),
+            namespace: "default".into(),
+            labels: [("app".to_string(), long)].into(),
+            ..Default::default()
+        };
+        let mut c = common::connect(server.listen);
+        c.write_all(&ringside::exchange::encode(&peer)).unwrap();
+        c.write_all(b"x").unwrap();
+        // The sidecar's own preamble, then the echo.
+        let header = read_exact(&mut c, 8);
+        let len = u32::from_be_bytes(header[4..8].try_into().unwrap()) as usize;
+        read_exact(&mut c, len);
+        assert_eq!(read_exact(&mut c, 1), b"x");
+    }
+    let s = server.wait_for_value(OPENED, &[("source_workload", "unknown")], f64::from(peers));
+    assert_eq!(sum(&s, "ringside_peer_values_replaced_total", &[]), f64::from(2 * peers), "{s}");
+    let grown = peak_rss_kib(server.pid()).saturating_sub(before);
+    // 400 label sets of 128 KiB would be 50 MiB; the bound keeps them all at one.
+    println!("RSS grew {grown} KiB over {peers} peers sending 64 KiB label values");
+    assert!(grown < 16 << 10, "RSS grew {grown} KiB");
+}
+
+#[test]
+fn twenty_clients_scraping_in_a_loop_at_the_full_label_budget_leave_rss_bounded_and_probes_answering() {
+    use common::{OPENED, sum};
+    let server = common::Ringside::spawn(
+        common::echo_server(),
+        "inbound",
+        &["--peer-exchange", "always", "--workload-name", "db-v1", "--max-label-sets", "2000"],
+    );
+    // 2,000 label sets (the budget): one peer workload each.
+    for i in 0..2_000 {
+        let peer = ringside::exchange::NodeMetadata {
+            workload_name: format!("client-{i}"),
+            namespace: "default".into(),
+            ..Default::default()
+        };
+        let mut c = common::connect(server.listen);
+        c.write_all(&ringside::exchange::encode(&peer)).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        common::read_to_end(&mut c);
+    }
+    let s = server.wait_for_scrape("every label set", common::DEADLINE, |s| sum(s, OPENED, &[]) == 2_000.0);
+    let body = s.len();
+    let before = peak_rss_kib(server.pid());
+    let metrics = server.metrics.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..20)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                // Bounded: until told, at most 200 scrapes each.
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 200 {
+                    if let Some((200, text)) = common::http(metrics, "GET", "/stats/prometheus") {
+                        assert!(text.len() >= body / 2, "a whole scrape");
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    // Meanwhile the readiness probe answers, and connections are served.
+    for _ in 0..20 {
+        assert_eq!(common::http(server.admin, "GET", "/ready").map(|r| r.0), Some(200));
+        let mut c = common::connect(server.listen);
+        c.write_all(b"x").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        assert!(!common::read_to_end(&mut c).is_empty());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes: usize = scrapers.into_iter().map(|t| t.join().unwrap()).sum();
+    let peak = peak_rss_kib(server.pid());
+    // At most two renders at once, each body held until written: the peak does not grow with
+    // the scrapers. (Measured: 20 bodies' worth, 103 MiB, when a turn ended with its render;
+    // 50-56 MiB with the turn held through the write, the allocator's per-thread caches
+    // included.)
+    let grown = peak.saturating_sub(before);
+    println!("{scrapes} scrapes of {body} bytes; RSS grew {grown} KiB");
+    assert!(grown < 15 * body as u64 / 1024, "RSS grew {grown} KiB with 20 scrapers of a {body}-byte body");
+}
