@@ -133,7 +133,10 @@ fn an_upstream_that_never_answers_hits_the_connect_timeout(driver: &str) {
     // A listener whose accept queue is full drops further SYNs: the connect hangs.
     let blackhole = {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.bind(&free_addr().into()).unwrap();
+        // Port 0: a probed free port may still have TIME_WAIT connections, which a bind
+        // without SO_REUSEADDR refuses.
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        s.bind(&any.into()).unwrap();
         s.listen(0).unwrap();
         s
     };
