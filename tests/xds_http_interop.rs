@@ -364,29 +364,37 @@ fn an_envoy_sidecar_sending_http_to_a_ringside_pod_works() {
     wait_for("ringside's inbound bound", || TcpListener::bind(ringside_in).is_err().then_some(()));
 
     // Envoy: productpage's outbound HTTP port, its cluster ISTIO_MUTUAL to ringside with the
-    // ALPN `istio.alpn` sets for HTTP/1.1 and SNI as istiod writes it.
-    let envoy_out = free_addr();
-    const TO_RINGSIDE: &str = OUTBOUND;
-    let upstream = tls::UpstreamTlsContext {
-        common_tls_context: Some(ads::secrets_over_ads(common_tls(
-            "default",
-            "ROOTCA",
-            &[REVIEWS],
-            &ALPN_HTTP11,
-        ))),
-        sni: format!("outbound_.9080_._.{HOST}"),
-        ..Default::default()
+    // ALPN `istio.alpn` sets for HTTP/1.1 and SNI as istiod writes it; and a second port whose
+    // cluster offers `istio-http/1.1` alone (no protocol of the chain's own list), which Envoy
+    // as a server would take without negotiating one.
+    let (envoy_out, envoy_only) = (free_addr(), free_addr());
+    const ONLY: &str = "outbound|9080|only|reviews.default.svc.cluster.local";
+    let to_ringside = |name: &str, alpn: &[&str]| {
+        let upstream = tls::UpstreamTlsContext {
+            common_tls_context: Some(ads::secrets_over_ads(common_tls(
+                "default",
+                "ROOTCA",
+                &[REVIEWS],
+                alpn,
+            ))),
+            sni: format!("outbound_.9080_._.{HOST}"),
+            ..Default::default()
+        };
+        let mut c = static_cluster(name, ringside_in);
+        c.transport_socket = tls_socket(ads::UPSTREAM_TLS, ads::any(ads::UPSTREAM_TLS, &upstream));
+        c
     };
-    let mut to_ringside = static_cluster(TO_RINGSIDE, ringside_in);
-    to_ringside.transport_socket = tls_socket(ads::UPSTREAM_TLS, ads::any(ads::UPSTREAM_TLS, &upstream));
+    let out = |listen: SocketAddr, cluster: &str| {
+        outbound_listener(
+            listen,
+            manager(&format!("outbound_0.0.0.0_{}", listen.port()), cluster, false, false),
+        )
+    };
     let theirs = Snapshot {
         version: "1".into(),
-        clusters: vec![to_ringside],
+        clusters: vec![to_ringside(OUTBOUND, &ALPN_HTTP11), to_ringside(ONLY, &["istio-http/1.1"])],
         endpoints: vec![],
-        listeners: vec![outbound_listener(
-            envoy_out,
-            manager(&format!("outbound_0.0.0.0_{}", envoy_out.port()), TO_RINGSIDE, false, false),
-        )],
+        listeners: vec![out(envoy_out, OUTBOUND), out(envoy_only, ONLY)],
         secrets: ads::workload_secrets(&pp.p("cert-chain.pem"), &pp.p("key.pem"), &pp.p("root-cert.pem")),
     };
     let (tx_e, _req_e) = mpsc::channel();
@@ -414,6 +422,13 @@ fn an_envoy_sidecar_sending_http_to_a_ringside_pod_works() {
     assert_eq!(header(&got.head, "x-forwarded-proto"), Some("http"), "{}", got.head);
     assert!(got.body == body, "the request body arrives byte for byte");
 
+    // `istio-http/1.1` alone takes the HTTP chain too, its handshake not refused.
+    let answer = wait_for("an HTTP answer offering istio-http/1.1 alone", || {
+        post(envoy_only, &small).filter(|(status, _)| *status != 503)
+    });
+    assert_eq!((answer.0, answer.1.as_slice()), (200, &b"gnip"[..]));
+    assert_eq!(received.recv_timeout(DEADLINE).expect("the app got the request").body, small);
+
     // Envoy completed the mTLS handshakes; ringside verified Envoy's certificate and counted
     // each connection on the HTTP chain, reporter=destination, mutual_tls.
     let destination = [
@@ -424,8 +439,8 @@ fn an_envoy_sidecar_sending_http_to_a_ringside_pod_works() {
         ("destination_workload", "reviews-v1"),
         ("connection_security_policy", "mutual_tls"),
     ];
-    let scrape = rs.wait_for_scrape("both connections counted when they close", DEADLINE, |s| {
-        sum(s, "istio_tcp_connections_closed_total", &destination) >= 2.0
+    let scrape = rs.wait_for_scrape("every connection counted when it closes", DEADLINE, |s| {
+        sum(s, "istio_tcp_connections_closed_total", &destination) >= 3.0
             && sum(s, "istio_tcp_received_bytes_total", &destination) >= body.len() as f64
     });
     assert!(sum(&scrape, "istio_tcp_sent_bytes_total", &destination) >= body.len() as f64, "{scrape}");
