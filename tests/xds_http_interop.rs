@@ -169,10 +169,10 @@ fn tls_chain(
     }
 }
 
-/// An inbound listener on `listen` with a `tls_inspector` and `chains`.
-fn inbound_listener(listen: SocketAddr, chains: Vec<lds::FilterChain>) -> lds::Listener {
+/// An inbound listener `name` on `listen` with a `tls_inspector` and `chains`.
+fn inbound_listener(name: &str, listen: SocketAddr, chains: Vec<lds::FilterChain>) -> lds::Listener {
     lds::Listener {
-        name: "virtualInbound".into(),
+        name: name.into(),
         address: Some(ads::address(listen)),
         traffic_direction: core::TrafficDirection::Inbound as i32,
         listener_filters: vec![lds::ListenerFilter {
@@ -356,7 +356,7 @@ fn an_envoy_sidecar_sending_http_to_a_ringside_pod_works() {
         version: "1".into(),
         clusters: vec![inbound_cluster(app_addr), tcp_cluster],
         endpoints: vec![],
-        listeners: vec![inbound_listener(ringside_in, vec![http_chain, tcp_chain])],
+        listeners: vec![inbound_listener("virtualInbound", ringside_in, vec![http_chain, tcp_chain])],
         secrets: vec![],
     };
     let (server, _requests) = AdsServer::serve(ours);
@@ -475,11 +475,36 @@ fn a_ringside_pod_calling_an_envoy_pods_http_port_works() {
         ads::secrets_over_ads(common_tls("default", "ROOTCA", &[], &ALPN_IN_HTTP)),
         vec![manager(INBOUND, INBOUND, false, true)],
     );
+    // And a second port laid out as istiod 1.18 lays out an HTTP port (the DSB dump's
+    // `0.0.0.0_8083` chains): `istio-http/*` to the connection manager, `istio-peer-exchange`
+    // and `istio` to tcp_proxy (its Istio filters left out: upstream Envoy lacks them, so
+    // its context does not offer `istio-peer-exchange`, an exchange it could not answer).
+    let envoy_in_1_18 = free_addr();
+    let http_1_18 = tls_chain(
+        envoy_in_1_18.port(),
+        &MATCH_HTTP,
+        ads::secrets_over_ads(common_tls("default", "ROOTCA", &[], &ALPN_IN_HTTP)),
+        vec![manager(INBOUND, INBOUND, false, true)],
+    );
+    let mut tcp_1_18 = ads::virtual_inbound(
+        "tcp",
+        envoy_in_1_18,
+        envoy_in_1_18.port(),
+        INBOUND,
+        ads::secrets_over_ads(common_tls("default", "ROOTCA", &[], &ALPN_IN_HTTP)),
+        false,
+    )
+    .filter_chains
+    .remove(0);
+    tcp_1_18.filters.retain(|f| !f.name.starts_with("istio."));
     let theirs = Snapshot {
         version: "1".into(),
         clusters: vec![inbound_cluster(app_addr)],
         endpoints: vec![],
-        listeners: vec![inbound_listener(envoy_in, vec![envoy_chain])],
+        listeners: vec![
+            inbound_listener("virtualInbound", envoy_in, vec![envoy_chain]),
+            inbound_listener("inbound_1_18", envoy_in_1_18, vec![http_1_18, tcp_1_18]),
+        ],
         secrets: ads::workload_secrets(
             &reviews.p("cert-chain.pem"),
             &reviews.p("key.pem"),
@@ -492,18 +517,30 @@ fn a_ringside_pod_calling_an_envoy_pods_http_port_works() {
 
     // ringside: productpage's outbound HTTP port, an inline route to reviews' EDS cluster,
     // whose one endpoint (Envoy) is tlsMode istio: ISTIO_MUTUAL expecting reviews' identity.
-    let listen = free_addr();
+    // A second port to the subset `v118`, whose endpoint is Envoy's 1.18-style port.
+    const V118: &str = "outbound|9080|v118|reviews.default.svc.cluster.local";
+    let (listen, listen_1_18) = (free_addr(), free_addr());
+    let cluster = |name: &str| {
+        istio_mutual(
+            eds_cluster(name, HOST, "default"),
+            common_tls("default", "ROOTCA", &[REVIEWS], &["istio-peer-exchange", "istio"]),
+        )
+    };
+    let out = |listen: SocketAddr, cluster: &str| {
+        outbound_listener(
+            listen,
+            manager(&format!("outbound_0.0.0.0_{}", listen.port()), cluster, true, false),
+        )
+    };
+    let workload = "reviews-v1;default;reviews;v1;Kubernetes";
     let ours = Snapshot {
         version: "1".into(),
-        clusters: vec![istio_mutual(
-            eds_cluster(OUTBOUND, HOST, "default"),
-            common_tls("default", "ROOTCA", &[REVIEWS], &["istio-peer-exchange", "istio"]),
-        )],
-        endpoints: vec![assignment(OUTBOUND, &[(envoy_in, "reviews-v1;default;reviews;v1;Kubernetes")])],
-        listeners: vec![outbound_listener(
-            listen,
-            manager(&format!("outbound_0.0.0.0_{}", listen.port()), OUTBOUND, true, false),
-        )],
+        clusters: vec![cluster(OUTBOUND), cluster(V118)],
+        endpoints: vec![
+            assignment(OUTBOUND, &[(envoy_in, workload)]),
+            assignment(V118, &[(envoy_in_1_18, workload)]),
+        ],
+        listeners: vec![out(listen, OUTBOUND), out(listen_1_18, V118)],
         secrets: vec![],
     };
     let (server, _requests) = AdsServer::serve(ours);
@@ -532,7 +569,21 @@ fn a_ringside_pod_calling_an_envoy_pods_http_port_works() {
     assert!(envoy_ssl_stat(&envoy, "handshake") >= 2, "Envoy counts the handshakes");
     assert_eq!(envoy_ssl_stat(&envoy, "no_certificate"), 0);
 
-    // ringside counted both connections at the source, with reviews' verified identity.
+    // Envoy's 1.18-style port: ringside relays at L4 and offers its cluster's ALPN
+    // (`istio-peer-exchange` first), so Envoy's TCP chain takes it, as a real Istio proxy's
+    // would (and there runs the exchange): the HTTP exchange works all the same, without
+    // Envoy's HTTP filters (no XFCC).
+    let (status, answer) = wait_for("an HTTP answer through Envoy's 1.18-style port", || {
+        post(listen_1_18, &body).filter(|(status, _)| *status != 503)
+    });
+    assert_eq!(status, 200);
+    assert!(answer.iter().rev().eq(body.iter()), "the answer is the body reversed, byte for byte");
+    let got = received.recv_timeout(DEADLINE).expect("the app got the request");
+    assert!(got.head.starts_with("POST /reviews/0?user=jason HTTP/1.1\r\n"), "{}", got.head);
+    assert!(got.body == body, "the request body arrives byte for byte");
+    assert_eq!(header(&got.head, "x-forwarded-client-cert"), None, "Envoy's TCP chain: {}", got.head);
+
+    // ringside counted each connection at the source, with reviews' verified identity.
     let source = [
         ("reporter", "source"),
         ("source_principal", PRODUCTPAGE),
@@ -541,8 +592,8 @@ fn a_ringside_pod_calling_an_envoy_pods_http_port_works() {
         ("destination_service", HOST),
         ("connection_security_policy", "unknown"),
     ];
-    let scrape = rs.wait_for_scrape("both connections counted when they close", DEADLINE, |s| {
-        sum(s, "istio_tcp_connections_closed_total", &source) >= 2.0
+    let scrape = rs.wait_for_scrape("every connection counted when it closes", DEADLINE, |s| {
+        sum(s, "istio_tcp_connections_closed_total", &source) >= 3.0
             && sum(s, "istio_tcp_sent_bytes_total", &source) >= body.len() as f64
     });
     assert!(sum(&scrape, "istio_tcp_received_bytes_total", &source) >= body.len() as f64, "{scrape}");
