@@ -134,8 +134,8 @@ fn manager(stat_prefix: &str, cluster: &str, istio_stats: bool, xfcc: bool) -> l
     filter("envoy.filters.network.http_connection_manager", ads::any(HCM_TYPE, &m))
 }
 
-fn tls_socket(type_url: &str, ctx: Any) -> Option<core::TransportSocket> {
-    debug_assert_eq!(ctx.type_url, type_url);
+/// `envoy.transport_sockets.tls` with `ctx` (a Downstream- or UpstreamTlsContext).
+fn tls_socket(ctx: Any) -> Option<core::TransportSocket> {
     Some(core::TransportSocket {
         name: "envoy.transport_sockets.tls".into(),
         config_type: Some(core::transport_socket::ConfigType::TypedConfig(ctx)),
@@ -164,7 +164,7 @@ fn tls_chain(
             ..Default::default()
         }),
         filters,
-        transport_socket: tls_socket(ads::DOWNSTREAM_TLS, ads::any(ads::DOWNSTREAM_TLS, &downstream)),
+        transport_socket: tls_socket(ads::any(ads::DOWNSTREAM_TLS, &downstream)),
         ..Default::default()
     }
 }
@@ -381,7 +381,7 @@ fn an_envoy_sidecar_sending_http_to_a_ringside_pod_works() {
             ..Default::default()
         };
         let mut c = static_cluster(name, ringside_in);
-        c.transport_socket = tls_socket(ads::UPSTREAM_TLS, ads::any(ads::UPSTREAM_TLS, &upstream));
+        c.transport_socket = tls_socket(ads::any(ads::UPSTREAM_TLS, &upstream));
         c
     };
     let out = |listen: SocketAddr, cluster: &str| {
