@@ -645,7 +645,7 @@ pub struct ChainTls {
     /// The files they resolved to (`xds.certificates`, or a `file-cert:`/`file-root:` name).
     pub files: CertificateFiles,
     /// ALPN the server offers, in preference order (empty: Istio's `istio-peer-exchange`,
-    /// `istio`).
+    /// `istio`); from xDS, the context's list then the protocols the chain matches on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alpn: Vec<String>,
     /// A client certificate signed by the mesh root is required (Istio's mTLS).

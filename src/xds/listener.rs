@@ -165,7 +165,7 @@ pub fn listener(pb: &lds::Listener, version: &str) -> Result<XdsListener, Error>
             fc.application_protocols = m.application_protocols.clone();
         }
         fc.tls = match &chain.transport_socket {
-            Some(ts) => downstream(ts).map_err(|r| bad(format!("{what}: {r}")))?,
+            Some(ts) => downstream(ts, &fc.application_protocols).map_err(|r| bad(format!("{what}: {r}")))?,
             None => None,
         };
         // RBAC (Istio's AuthorizationPolicy for TCP), in chain order; one that holds a rule
@@ -998,7 +998,8 @@ mod tests {
         let l = x.listener.unwrap();
         assert!(l.cluster.is_none());
         let t = l.filter_chains[0].tls.clone().unwrap();
-        assert_eq!(t.alpn, alpn);
+        // Its own, then what the chain matches on that it lacks.
+        assert_eq!(t.alpn, ["istio-peer-exchange", "h2", "http/1.1", "istio"]);
         assert!(t.require_client_certificate);
         assert_eq!(t.secrets.certificate, "default");
         // Resolved on merge; NACKed without certificates, naming the listener and chain.

@@ -172,15 +172,32 @@ fn filename(d: Option<&core::DataSource>, what: &str) -> Result<String, String> 
 }
 
 /// A filter chain's transport socket: its DownstreamTlsContext (terminated with its ALPN,
-/// requiring client certificates if it says so), `None` for raw_buffer.
-pub(super) fn downstream(ts: &core::TransportSocket) -> Result<Option<ChainTls>, String> {
+/// requiring client certificates if it says so), `None` for raw_buffer. `matched`: the
+/// application protocols the chain's match names, which its ALPN takes after its own (empty:
+/// Istio's): rustls ends a handshake whose client offers none of the server's protocols
+/// (`no_application_protocol`) where Envoy goes on without one, and a chain chosen by the
+/// client's ALPN must not refuse that client (an Envoy offering only `istio-http/1.1` to
+/// istiod's HTTP chain, whose own ALPN is `h2`, `http/1.1`).
+pub(super) fn downstream(ts: &core::TransportSocket, matched: &[String]) -> Result<Option<ChainTls>, String> {
     let Some(any) = transport_socket(ts, DOWNSTREAM_TLS)? else { return Ok(None) };
     let ctx: tls::DownstreamTlsContext = decode(any, DOWNSTREAM_TLS)?;
     let common = tls_context(ctx.common_tls_context.as_ref(), false)?;
+    let mut alpn = common.alpn;
+    if alpn.is_empty() && !matched.is_empty() {
+        alpn = [crate::tls::ALPN_PEER_EXCHANGE, crate::tls::ALPN_ISTIO]
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+    }
+    for p in matched {
+        if !alpn.contains(p) {
+            alpn.push(p.clone());
+        }
+    }
     Ok(Some(ChainTls {
         secrets: common.secrets,
         files: common.files,
-        alpn: common.alpn,
+        alpn,
         require_client_certificate: ctx.require_client_certificate.is_some_and(|b| b.value),
         subject_alt_names: common.sans,
         subject_alt_name_prefixes: common.san_prefixes,
@@ -741,7 +758,31 @@ mod tests {
                 &tls::DownstreamTlsContext { common_tls_context: Some(none), ..Default::default() },
             ),
         );
-        assert!(downstream(ts.as_ref().unwrap()).unwrap_err().contains("no certificate to present"));
+        assert!(downstream(ts.as_ref().unwrap(), &[]).unwrap_err().contains("no certificate to present"));
+    }
+
+    #[test]
+    fn a_chain_chosen_by_the_clients_alpn_takes_the_protocols_it_matches_in_its_handshake() {
+        let chain = |alpn: &[&str], matched: &[&str]| {
+            let c = common("default", "ROOTCA", &[], alpn);
+            let ctx = tls::DownstreamTlsContext { common_tls_context: Some(c), ..Default::default() };
+            let matched: Vec<String> = matched.iter().map(|p| p.to_string()).collect();
+            downstream(&socket("tls", any(DOWNSTREAM_TLS, &ctx)).unwrap(), &matched).unwrap().unwrap().alpn
+        };
+        // istiod's inbound HTTP chain: its own list first, then what it matches on.
+        let http = ["istio-http/1.0", "istio-http/1.1", "istio-h2"];
+        assert_eq!(
+            chain(&["h2", "http/1.1"], &http),
+            ["h2", "http/1.1", "istio-http/1.0", "istio-http/1.1", "istio-h2"]
+        );
+        // No list of its own: Istio's, then the matched ones.
+        assert_eq!(
+            chain(&[], &http),
+            ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"]
+        );
+        // A chain matching no protocol keeps its own list (empty: Istio's, at the handshake).
+        assert_eq!(chain(&["h2"], &[]), ["h2"]);
+        assert!(chain(&[], &[]).is_empty());
     }
 
     #[test]
@@ -752,7 +793,7 @@ mod tests {
         let t = cluster(&istio_mutual(c.clone()), "1").unwrap().cluster.tls.unwrap();
         assert_eq!(t.cipher_suites, suites);
         let ctx = tls::DownstreamTlsContext { common_tls_context: Some(c), ..Default::default() };
-        let chain = downstream(&socket("tls", any(DOWNSTREAM_TLS, &ctx)).unwrap()).unwrap().unwrap();
+        let chain = downstream(&socket("tls", any(DOWNSTREAM_TLS, &ctx)).unwrap(), &[]).unwrap().unwrap();
         assert_eq!(chain.cipher_suites, suites);
     }
 }
