@@ -212,6 +212,25 @@ pub struct Balance {
     clusters: RefCell<HashMap<String, Rc<Live>>>,
 }
 
+impl Balance {
+    /// Forget the clusters no longer published that carry no connection, once the worker
+    /// holds more than twice as many as `published` (plus a margin): a mesh whose services
+    /// come and go must not grow a worker's state without bound, and pruning only after the
+    /// table has doubled keeps its cost amortised O(1) per cluster name ever routed, never a
+    /// scan of the mesh per push (SPEC §11).
+    fn forget_gone(&self, published: &[Arc<ClusterState>]) {
+        const MARGIN: usize = 64;
+        let mut all = self.clusters.borrow_mut();
+        if all.len() <= 2 * published.len() + MARGIN {
+            return;
+        }
+        let names: std::collections::HashSet<&str> = published.iter().map(|c| c.name.as_str()).collect();
+        all.retain(|name, live| {
+            names.contains(name.as_str()) || live.health.borrow().values().any(|h| h.live.get() > 0)
+        });
+    }
+}
+
 /// A worker's state for one cluster (by name).
 #[derive(Debug, Default)]
 struct Live {
@@ -379,8 +398,10 @@ impl Router {
         Router::with(Arc::new(Routes::new(cfg, None)), Rc::new(Balance::seeded(seed)))
     }
 
-    /// A worker's handle on `routes` with its `balance`: two pointer copies.
+    /// A worker's handle on `routes` with its `balance`: two pointer copies, and now and
+    /// then the balance's forgetting of clusters gone (see [`Balance::forget_gone`]).
     pub fn with(routes: Arc<Routes>, balance: Rc<Balance>) -> Router {
+        balance.forget_gone(&routes.clusters);
         Router { clusters: Arc::clone(&routes.clusters), routes, balance }
     }
 
@@ -1018,6 +1039,32 @@ clusters:",
         // The turns went on: :20 again (turns started over at this publication would give :21).
         assert_eq!(after.candidates(other, now()).next(), Some(0));
         after.disconnected(1, 0);
+    }
+
+    #[test]
+    fn a_workers_state_forgets_clusters_gone_but_keeps_those_carrying_connections() {
+        // 200 generations, each publishing one new cluster in place of the last (a mesh whose
+        // services come and go): the worker routes to each, and one connection stays open
+        // on the first.
+        let generation = |i: usize| {
+            let yaml =
+                format!("{BASE}  - {{name: svc-{i}, endpoints: [{{address: 127.0.0.1:{}}}]}}\n", 20 + i);
+            Arc::new(Routes::new(&cfg(&yaml), None))
+        };
+        let balance = Rc::new(Balance::seeded(7));
+        for i in 0..200 {
+            let r = Router::with(generation(i), Rc::clone(&balance));
+            let t = Target { cluster: r.clusters.len() - 1, subset: None };
+            assert_eq!(r.candidates(t, now()).next(), Some(0));
+            if i == 0 {
+                r.connected(t.cluster, 0);
+            }
+        }
+        let held = balance.clusters.borrow().len();
+        let published = generation(200).clusters.len();
+        assert!(held <= 2 * published + 64 + 1, "{held} cluster states for {published} published");
+        assert!(balance.clusters.borrow().contains_key("svc-0"), "svc-0 still carries a connection");
+        assert!(!balance.clusters.borrow().contains_key("svc-1"), "svc-1 is gone and idle");
     }
 
     #[test]
