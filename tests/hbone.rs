@@ -3,7 +3,7 @@
 //! over tokio-rustls): CONNECT relayed byte-exact both ways with half-close, resets both ways,
 //! ztunnel's refusals (400 for non-CONNECT, a foreign `:authority` or one of the proxy's own
 //! ports, 503 when the upstream refuses, nothing relayed), TLS refusals (rogue CA, ALPN
-//! without `h2`), and istio_tcp_* labelled from the client's `baggage` and certificate.
+//! without `h2`, TLS 1.2 from OpenSSL), and istio_tcp_* labelled from the client's `baggage` and certificate.
 //! Then ringside as the originator (a cluster with `tunnel: hbone`) to ringside, and a real
 //! Envoy 1.40 on either end: tcp_proxy `tunneling_config` as the client into ringside's
 //! terminator, an http_connection_manager with CONNECT upgrade as the server behind ringside's
@@ -237,7 +237,7 @@ fn a_tcp_reset_becomes_rst_stream_connect_error_and_an_rst_stream_becomes_a_tcp_
 }
 
 #[test]
-fn a_client_of_another_ca_or_without_alpn_h2_is_refused() {
+fn a_client_of_another_ca_without_alpn_h2_or_below_tls_1_3_is_refused() {
     let ca = Ca::new("mesh");
     let (rs, listen) = terminator(&ca);
     let echo = echo_server();
@@ -257,6 +257,22 @@ fn a_client_of_another_ca_or_without_alpn_h2_is_refused() {
             assert!(refused, "{what}: accepted");
         }
     });
+    // TLS 1.2 with ALPN h2 and a mesh certificate: ztunnel's rule is TLS 1.3 only. OpenSSL
+    // as the client (rustls' test client above is built for 1.3); its stdin ends at once.
+    let tls12 = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &listen.to_string(), "-tls1_2", "-alpn", "h2", "-cert"])
+        .arg(certs.path("cert-chain.pem"))
+        .arg("-key")
+        .arg(certs.path("key.pem"))
+        .arg("-CAfile")
+        .arg(certs.path("root-cert.pem"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = rs.wait_for_scrape("four refusals (TLS 1.2 among them)", DEADLINE, |t| {
+        sum(t, "ringside_tls_refused_total", &[]) >= 4.0
+    });
+    assert_eq!(sum(&text, OPENED, &[]), 0.0, "{text}\n{}", String::from_utf8_lossy(&tls12.stdout));
     let text =
         rs.wait_for_scrape("three refusals", DEADLINE, |t| sum(t, "ringside_tls_refused_total", &[]) >= 3.0);
     assert_eq!(sum(&text, OPENED, &[]), 0.0, "{text}");
