@@ -3,7 +3,8 @@
 //! over tokio-rustls): CONNECT relayed byte-exact both ways with half-close, resets both ways,
 //! ztunnel's refusals (400 for non-CONNECT, a foreign `:authority` or one of the proxy's own
 //! ports, 503 when the upstream refuses, nothing relayed), TLS refusals (rogue CA, ALPN
-//! without `h2`, TLS 1.2 from OpenSSL), and istio_tcp_* labelled from the client's `baggage` and certificate.
+//! without `h2`, TLS 1.2 from OpenSSL), and istio_tcp_* labelled from the client's `baggage`
+//! and certificate.
 //! Then ringside as the originator (a cluster with `tunnel: hbone`) to ringside, and a real
 //! Envoy 1.40 on either end: tcp_proxy `tunneling_config` as the client into ringside's
 //! terminator, an http_connection_manager with CONNECT upgrade as the server behind ringside's
