@@ -1,5 +1,6 @@
 //! Connection rate through a real istiod virtualOutbound (SPEC §9): the DSB hotel-reservation
-//! sidecar's resources (`../shared/istio-xds-dumps/`, Istio 1.18), served over ADS to the
+//! sidecar's resources (an Envoy `/config_dump` of Istio 1.18, its path in `XDS_DUMP`: a file
+//! from a public repository, never part of this one), served over ADS to the
 //! release binary in a network-namespace pod with Istio's capture rules, against the same pod
 //! whose virtualOutbound holds only what one service needs (its own two chains and that
 //! service's). Both connect from inside the pod to the same ClusterIP
@@ -7,8 +8,9 @@
 //! (172.16.18.221, a backend in a second pod); the two configs alternate on the same process
 //! by ADS pushes, so only the listener's chains differ. Target: ratio >= 0.95.
 //!
-//! Run: `cargo bench --bench xds_chains` (root: namespaces, iptables; SECONDS=3 ROUNDS=3
-//! override). Numbers on a shared machine are indicative; the ratio is from one run.
+//! Run: `XDS_DUMP=PATH cargo bench --bench xds_chains` (root: namespaces, iptables;
+//! SECONDS=3 ROUNDS=3 override; `tests/run.sh` sets `XDS_DUMP` when the dump lies beside the
+//! checkout). Numbers on a shared machine are indicative; the ratio is from one run.
 
 #[path = "../tests/common/ads.rs"]
 mod ads;
@@ -48,11 +50,14 @@ fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let seconds = env("SECONDS", if full { 3 } else { 1 });
     let rounds = env("ROUNDS", if full { 3 } else { 1 });
-    let Some(dir) = common::shared("istio-xds-dumps", BENCH) else { return };
+    let Some(path) = std::env::var_os("XDS_DUMP").map(std::path::PathBuf::from) else {
+        common::skip(BENCH, "XDS_DUMP (the DSB hotel-reservation sidecar's config dump) is not set");
+        return;
+    };
     if netns::unavailable(BENCH).is_some() {
         return;
     }
-    let dump = dumps::load(&dir.join("dsb-hotelres-geo-sidecar-istio-1.18.2.json"));
+    let dump = dumps::load(&path);
     let whole = |version: String| Snapshot {
         version,
         clusters: dump.clusters.clone(),

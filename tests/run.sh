@@ -11,6 +11,10 @@ bash tests/deps.sh
 skips=target/test-skips.txt
 rm -f "$skips"
 status=0
+# benches/xds_chains replays a real istiod dump; product code never reaches ../shared, so the
+# path is handed to it here.
+dump=../shared/istio-xds-dumps/dsb-hotelres-geo-sidecar-istio-1.18.2.json
+if [ -f "$dump" ]; then export XDS_DUMP="$PWD/$dump"; fi
 cargo test --all-targets || status=$?
 if [ -s "$skips" ]; then
   echo "SKIPPED ($(sort -u "$skips" | wc -l), not passed):" >&2
