@@ -343,6 +343,10 @@ async fn pump(
     // A client usually sent its first bytes while we connected upstream: try at once. The
     // upstream speaks when asked, so its side starts by waiting.
     let mut ready = request;
+    // The look for a FIN behind a short read (below) is made once per direction: an
+    // answer-and-close comes as the first message, and a chatty connection must not pay a
+    // second recv (EAGAIN) for every message it relays.
+    let mut looked_for_fin = false;
     loop {
         if !ready {
             socket::readable(from).await?;
@@ -396,7 +400,8 @@ async fn pump(
         // the FIN leave in one segment and no readiness wait is armed for the EOF (HAProxy
         // learns that FIN from EPOLLRDHUP with the data; monoio's poll does not report it).
         let mut fin = false;
-        if !ready {
+        if !ready && !looked_for_fin {
+            looked_for_fin = true;
             match socket::recv(from, &mut buf) {
                 Ok(0) => fin = true,
                 Ok(_) => ready = buf.len() == buf.capacity(),
