@@ -267,7 +267,9 @@ fn an_inbound_tls_chain_terminates_mtls_and_permissive_takes_plaintext_on_its_ra
     // STRICT: only the tls chain. Plaintext finds no chain and is closed (NR); mTLS works.
     server.push(inbound_snapshot("2", listen, tag_server("A1"), false));
     assert!(reply_to(&requests, LISTENER, "2").error_detail.is_none());
-    wait_for("plaintext refused", || {
+    // Each worker takes the update on its own tick: until eight probes in a row are refused,
+    // one may have landed on a worker still serving the PERMISSIVE config.
+    let refused = || {
         let mut s = TcpStream::connect(listen).ok()?;
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         s.write_all(b"ping").ok()?;
@@ -276,7 +278,8 @@ fn an_inbound_tls_chain_terminates_mtls_and_permissive_takes_plaintext_on_its_ra
         let mut got = Vec::new();
         let _ = s.read_to_end(&mut got);
         got.is_empty().then_some(())
-    });
+    };
+    wait_for("plaintext refused by every worker", || (0..8).try_for_each(|_| refused()));
     let mut s = TcpStream::connect(listen).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     s.write_all(b"ping").unwrap();
