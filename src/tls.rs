@@ -584,20 +584,12 @@ fn build_configured(
                 .build()
                 .map_err(|e| Error::File { path: files.root_cert.clone(), why: e.to_string() })?;
             // The chain's verdict may come from the cache; the SAN matchers run every time.
-            let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match &chains {
-                Some(c) => Arc::new(chains::CachedClientVerifier::new(verifier, Arc::clone(c))),
-                None => verifier,
-            };
+            let names =
+                SanNames { exact: subject_alt_names.clone(), prefixes: subject_alt_name_prefixes.clone() };
             let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
-                match subject_alt_names.is_empty() && subject_alt_name_prefixes.is_empty() {
+                match chains.is_none() && names.is_empty() {
                     true => verifier,
-                    false => Arc::new(SanClientVerifier {
-                        inner: verifier,
-                        names: SanNames {
-                            exact: subject_alt_names.clone(),
-                            prefixes: subject_alt_name_prefixes.clone(),
-                        },
-                    }),
+                    false => Arc::new(ClientVerifier { inner: verifier, chains: chains.clone(), names }),
                 };
             let mut c = ServerConfig::builder_with_provider(provider)
                 .with_protocol_versions(versions)
@@ -811,15 +803,18 @@ impl SanNames {
     }
 }
 
-/// A server's client-certificate check with the chain's SAN matchers (a DownstreamTlsContext's
-/// `match_subject_alt_names`): the mesh root's verdict first, then a URI SAN must match.
+/// A server's client-certificate check (rustls' WebPKI one): the chain's verdict from the
+/// config's cache of verified chains when it holds the chain, else the mesh root's (then
+/// cached); then, with the chain's SAN matchers (a DownstreamTlsContext's
+/// `match_subject_alt_names`), a URI SAN must match. Everything else is the inner verifier's.
 #[derive(Debug)]
-struct SanClientVerifier {
+struct ClientVerifier {
     inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    chains: Option<Arc<chains::Chains>>,
     names: SanNames,
 }
 
-impl rustls::server::danger::ClientCertVerifier for SanClientVerifier {
+impl rustls::server::danger::ClientCertVerifier for ClientVerifier {
     fn offer_client_auth(&self) -> bool {
         self.inner.offer_client_auth()
     }
@@ -838,8 +833,19 @@ impl rustls::server::danger::ClientCertVerifier for SanClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        match self.names.any_matches(subject_alt_names(end_entity).0.iter()) {
+        let verified = match &self.chains {
+            Some(c) if c.holds(end_entity, intermediates, now) => {
+                rustls::server::danger::ClientCertVerified::assertion()
+            }
+            _ => {
+                let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+                if let Some(c) = &self.chains {
+                    c.insert(end_entity, intermediates);
+                }
+                verified
+            }
+        };
+        match self.names.is_empty() || self.names.any_matches(subject_alt_names(end_entity).0.iter()) {
             true => Ok(verified),
             false => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)),
         }

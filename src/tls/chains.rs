@@ -9,13 +9,9 @@
 //! the old root is verified again under the new one.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 /// Chains kept per config. A sidecar talks to a bounded set of peers, each with one
 /// certificate at a time (Istio rotates them every 12 h by default); when the cache is full
@@ -119,69 +115,4 @@ pub fn enabled() -> bool {
         }
         on
     })
-}
-
-/// A server's client-certificate verifier (rustls' WebPKI one) with a cache of the client
-/// chains it has verified; everything else is the inner verifier's.
-#[derive(Debug)]
-pub struct CachedClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    chains: Arc<Chains>,
-}
-
-impl CachedClientVerifier {
-    /// Wrap `inner`, caching what it accepts in `chains`.
-    pub fn new(inner: Arc<dyn ClientCertVerifier>, chains: Arc<Chains>) -> CachedClientVerifier {
-        CachedClientVerifier { inner, chains }
-    }
-}
-
-impl ClientCertVerifier for CachedClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        if self.chains.holds(end_entity, intermediates, now) {
-            return Ok(ClientCertVerified::assertion());
-        }
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        self.chains.insert(end_entity, intermediates);
-        Ok(verified)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
