@@ -408,7 +408,7 @@ impl Client {
             resource_names: names.iter().cloned().collect(),
             type_url: sds::SECRET.to_string(),
             response_nonce: nonce.to_string(),
-            error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+            error_detail: error.map(nack_status),
             ..DiscoveryRequest::default()
         }
     }
@@ -489,8 +489,7 @@ impl Client {
             },
             type_url: type_url.to_string(),
             response_nonce: nonce.to_string(),
-            // 3: INVALID_ARGUMENT, as Envoy's NACKs.
-            error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+            error_detail: error.map(nack_status),
             ..DiscoveryRequest::default()
         }
     }
@@ -684,8 +683,7 @@ impl Client {
         DeltaDiscoveryRequest {
             type_url: t.url().to_string(),
             response_nonce: nonce.to_string(),
-            // 3: INVALID_ARGUMENT, as Envoy's NACKs.
-            error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+            error_detail: error.map(nack_status),
             ..DeltaDiscoveryRequest::default()
         }
     }
@@ -766,7 +764,7 @@ impl Client {
                 let reply = DeltaDiscoveryRequest {
                     type_url: sds::SECRET.to_string(),
                     response_nonce: response.nonce.clone(),
-                    error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+                    error_detail: error.map(nack_status),
                     ..DeltaDiscoveryRequest::default()
                 };
                 let _ = tx.send(reply);
@@ -817,11 +815,7 @@ impl Client {
             return DeltaDiscoveryRequest {
                 type_url: r.type_url.clone(),
                 response_nonce: r.nonce.clone(),
-                error_detail: outcome.error_detail().map(|message| RpcStatus {
-                    code: 3,
-                    message,
-                    details: Vec::new(),
-                }),
+                error_detail: outcome.error_detail().map(nack_status),
                 ..DeltaDiscoveryRequest::default()
             };
         };
@@ -883,8 +877,7 @@ impl Sds {
             resource_names: names.iter().cloned().collect(),
             type_url: sds::SECRET.to_string(),
             response_nonce: nonce.to_string(),
-            // 3: INVALID_ARGUMENT, as Envoy's NACKs.
-            error_detail: error.map(|message| RpcStatus { code: 3, message, details: Vec::new() }),
+            error_detail: error.map(nack_status),
             ..DiscoveryRequest::default()
         }
     }
@@ -977,4 +970,9 @@ fn store_secrets<'a>(
         why
     });
     (error, first_arrival)
+}
+
+/// The status a NACK carries: 3 (INVALID_ARGUMENT), as Envoy's NACKs, with every reason.
+fn nack_status(message: String) -> RpcStatus {
+    RpcStatus { code: 3, message, details: Vec::new() }
 }
