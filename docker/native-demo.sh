@@ -39,16 +39,19 @@ done
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/ringside-demo.XXXXXX")
 pids=()
-cleanup() {
-  local status=$?
-  trap - EXIT INT TERM
-  # Newest first: the client side goes before the server it talks to.
+# Stop what was started, newest first: the client side goes before the server it talks to.
+stop_started() {
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
+}
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  stop_started
   if ((status != 0)); then
     echo "native-demo: failed; logs:" >&2
     tail -n 5 "$tmp"/*.log >&2 2>/dev/null || true
@@ -70,6 +73,17 @@ wait_until() {
   done
 }
 
+# Wait like wait_until for a server started in the background as $pid; fails when that
+# process exits first (another program took its port between the probe and the bind).
+wait_ready() {
+  local what=$1 pid=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { echo "native-demo: $what exited before it was ready" >&2; return 1; }
+    ((SECONDS < deadline)) || die "timed out waiting for $what"
+    sleep 0.1
+  done
+}
+
 ringside=${RINGSIDE:-}
 if [[ -z $ringside ]]; then
   if [[ -x $repo/target/release/ringside ]]; then
@@ -81,8 +95,10 @@ if [[ -z $ringside ]]; then
   fi
 fi
 
-# Free loopback ports, below the ephemeral range so no client connection takes one first.
-read -r p_redis p_in p_in_admin p_in_metrics p_out p_out_admin p_out_metrics p_prom < <(python3 - <<'EOF'
+# The workload, its two sidecars and Prometheus, each on a probed free loopback port.
+start_mesh() {
+  # Free loopback ports, below the ephemeral range so no client connection takes one first.
+  read -r p_redis p_in p_in_admin p_in_metrics p_out p_out_admin p_out_metrics p_prom < <(python3 - <<'EOF'
 import random, socket
 socks = []
 while len(socks) < 8:
@@ -94,17 +110,16 @@ while len(socks) < 8:
         s.close()
 print(*(s.getsockname()[1] for s in socks))
 EOF
-)
+  )
 
-say "state in $tmp"
-say "redis-v1: redis-server on 127.0.0.1:$p_redis (the database workload)"
-redis-server --port "$p_redis" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" \
-  --daemonize no --logfile "$tmp/redis.log" &
-pids+=($!)
-wait_until "redis" redis-cli -p "$p_redis" ping
+  say "redis-v1: redis-server on 127.0.0.1:$p_redis (the database workload)"
+  redis-server --port "$p_redis" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" \
+    --daemonize no --logfile "$tmp/redis.log" &
+  pids+=($!)
+  wait_ready "redis" "$!" redis-cli -p "$p_redis" ping || return 1
 
-say "redis-v1 sidecar: inbound ringside on 127.0.0.1:$p_in -> redis (reporter=destination)"
-cat >"$tmp/redis-v1.yaml" <<EOF
+  say "redis-v1 sidecar: inbound ringside on 127.0.0.1:$p_in -> redis (reporter=destination)"
+  cat >"$tmp/redis-v1.yaml" <<EOF
 node:
   workload_name: redis-v1
   namespace: default
@@ -122,12 +137,12 @@ clusters:
     service: redis.default.svc.cluster.local
     endpoints: [{address: 127.0.0.1:$p_redis}]
 EOF
-"$ringside" run --config "$tmp/redis-v1.yaml" 2>"$tmp/redis-v1-sidecar.log" &
-pids+=($!)
-wait_until "the redis-v1 sidecar" curl -fsS "http://127.0.0.1:$p_in_admin/ready"
+  "$ringside" run --config "$tmp/redis-v1.yaml" 2>"$tmp/redis-v1-sidecar.log" &
+  pids+=($!)
+  wait_ready "the redis-v1 sidecar" "$!" curl -fsS "http://127.0.0.1:$p_in_admin/ready" || return 1
 
-say "ratings-v2 sidecar: outbound ringside on 127.0.0.1:$p_out -> redis-v1 sidecar (reporter=source)"
-cat >"$tmp/ratings-v2.yaml" <<EOF
+  say "ratings-v2 sidecar: outbound ringside on 127.0.0.1:$p_out -> redis-v1 sidecar (reporter=source)"
+  cat >"$tmp/ratings-v2.yaml" <<EOF
 node:
   workload_name: ratings-v2
   namespace: default
@@ -145,12 +160,12 @@ clusters:
     service: redis.default.svc.cluster.local
     endpoints: [{address: 127.0.0.1:$p_in, labels: {app: redis, version: v1}}]
 EOF
-"$ringside" run --config "$tmp/ratings-v2.yaml" 2>"$tmp/ratings-v2-sidecar.log" &
-pids+=($!)
-wait_until "the ratings-v2 sidecar" curl -fsS "http://127.0.0.1:$p_out_admin/ready"
+  "$ringside" run --config "$tmp/ratings-v2.yaml" 2>"$tmp/ratings-v2-sidecar.log" &
+  pids+=($!)
+  wait_ready "the ratings-v2 sidecar" "$!" curl -fsS "http://127.0.0.1:$p_out_admin/ready" || return 1
 
-say "prometheus on 127.0.0.1:$p_prom, job istio-mesh scraping both sidecars every second"
-cat >"$tmp/prometheus.yml" <<EOF
+  say "prometheus on 127.0.0.1:$p_prom, job istio-mesh scraping both sidecars every second"
+  cat >"$tmp/prometheus.yml" <<EOF
 global: {scrape_interval: 1s, evaluation_interval: 1s}
 scrape_configs:
   - job_name: istio-mesh
@@ -161,10 +176,20 @@ scrape_configs:
       - targets: ["127.0.0.1:$p_out_metrics"]
         labels: {namespace: default, pod: ratings-v2}
 EOF
-prometheus --config.file="$tmp/prometheus.yml" --storage.tsdb.path="$tmp/prometheus" \
-  --web.listen-address="127.0.0.1:$p_prom" 2>"$tmp/prometheus.log" &
-pids+=($!)
-wait_until "prometheus" curl -fsS "http://127.0.0.1:$p_prom/-/ready"
+  prometheus --config.file="$tmp/prometheus.yml" --storage.tsdb.path="$tmp/prometheus" \
+    --web.listen-address="127.0.0.1:$p_prom" 2>"$tmp/prometheus.log" &
+  pids+=($!)
+  wait_ready "prometheus" "$!" curl -fsS "http://127.0.0.1:$p_prom/-/ready" || return 1
+}
+
+say "state in $tmp"
+for attempt in 1 2 3; do
+  if start_mesh; then break; fi
+  ((attempt < 3)) || die "the mesh did not start in $attempt attempts"
+  echo "native-demo: starting again on other ports" >&2
+  stop_started
+  pids=()
+done
 
 # Redis counts every connection it accepts; each mesh connection is relayed 1:1, so the
 # client's connections are the difference, less the asking connection itself.
