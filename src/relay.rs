@@ -18,7 +18,7 @@ use crate::capture::{self, Decision};
 use crate::config::{Capture, Direction, Listener, PeerExchange};
 use crate::conn::{Captured, Conn, WorkerCtx, settle};
 use crate::exchange::{NodeMetadata, Parser, Status};
-use crate::metrics::ExchangeOutcome;
+use crate::metrics::{ExchangeOutcome, HboneRefused};
 use crate::routing::Target;
 use crate::routing::chains::ConnFacts;
 use crate::snapshot::Snapshot;
@@ -147,6 +147,7 @@ async fn set_up_stream(
         Ok(t) => t,
         Err(why) => {
             log::debug!("listener {}: hbone: CONNECT {authority}: {why}", listener.name);
+            ctx.metrics.borrow().count_hbone_refused(HboneRefused::BadRequest);
             tunnel.respond(400, &[])?;
             return Err(Error::BadRequest(why));
         }
@@ -158,10 +159,12 @@ async fn set_up_stream(
     let up = match connected {
         Some(Ok(Ok(up))) => up,
         Some(Ok(Err(e))) => {
+            ctx.metrics.borrow().count_hbone_refused(HboneRefused::UpstreamUnavailable);
             tunnel.respond(503, &[])?;
             return Err(Error::Connect(e));
         }
         Some(Err(_)) => {
+            ctx.metrics.borrow().count_hbone_refused(HboneRefused::UpstreamUnavailable);
             tunnel.respond(503, &[])?;
             return Err(Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
         }

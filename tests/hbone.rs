@@ -29,6 +29,8 @@ use rustls::pki_types::ServerName;
 
 const SERVER: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
 const CLIENT: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
+/// The terminator's refusals of CONNECT requests, by reason.
+const REFUSED: &str = "ringside_hbone_refused_total";
 /// ztunnel's keys, as a reviews workload's ztunnel sends them.
 const BAGGAGE: &str = "k8s.cluster.name=Kubernetes,k8s.namespace.name=bookinfo,k8s.deployment.name=reviews-v1,\
                        service.name=reviews,service.version=v1";
@@ -166,9 +168,9 @@ fn a_connect_stream_is_relayed_to_its_authority_byte_exact_both_ways_with_half_c
 }
 
 #[test]
-fn the_answer_is_200_only_after_the_upstream_connected_else_503_and_a_non_connect_gets_400() {
+fn the_answer_is_200_only_after_the_upstream_connected_else_503_and_a_non_connect_gets_400_each_counted() {
     let ca = Ca::new("mesh");
-    let (_rs, listen) = terminator(&ca);
+    let (rs, listen) = terminator(&ca);
     let certs = Certs::new("hbone-client", &ca, CLIENT);
     // A port with nothing listening: refused.
     let closed = {
@@ -184,12 +186,16 @@ fn the_answer_is_200_only_after_the_upstream_connected_else_503_and_a_non_connec
         let resp = tokio::time::timeout(DEADLINE, resp).await.unwrap().unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     });
+    let text = rs.wait_for_scrape("a 503 and a 400 counted", DEADLINE, |t| sum(t, REFUSED, &[]) >= 2.0);
+    assert_eq!(sum(&text, REFUSED, &[("reason", "upstream_unavailable")]), 1.0, "{text}");
+    assert_eq!(sum(&text, REFUSED, &[("reason", "bad_request")]), 1.0, "{text}");
+    assert_eq!(sum(&text, REFUSED, &[("reason", "reset")]), 0.0, "{text}");
 }
 
 #[test]
-fn a_foreign_authority_or_one_of_the_proxys_own_ports_gets_400_and_nothing_reaches_any_backend() {
+fn a_foreign_authority_or_one_of_the_proxys_own_ports_gets_400_counted_and_nothing_reaches_any_backend() {
     let ca = Ca::new("mesh");
-    let (_rs, listen) = terminator(&ca);
+    let (rs, listen) = terminator(&ca);
     let certs = Certs::new("hbone-client", &ca, CLIENT);
     // A backend on another loopback address than the one the carrier arrives on.
     let foreign = TcpListener::bind("127.0.0.2:0").unwrap();
@@ -203,6 +209,8 @@ fn a_foreign_authority_or_one_of_the_proxys_own_ports_gets_400_and_nothing_reach
         }
     });
     assert!(foreign.accept().is_err(), "a refused CONNECT reached a backend");
+    let text = rs.wait_for_scrape("three 400s counted", DEADLINE, |t| sum(t, REFUSED, &[]) >= 3.0);
+    assert_eq!(sum(&text, REFUSED, &[("reason", "bad_request")]), 3.0, "{text}");
 }
 
 #[test]

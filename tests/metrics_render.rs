@@ -158,6 +158,7 @@ fn render_writes_families_and_series_in_a_fixed_order() {
         "ringside_peer_values_replaced_total",
         "ringside_rbac_denied_total",
         "ringside_tls_refused_total",
+        "ringside_hbone_refused_total",
         "ringside_connections_active",
         "ringside_driver_info",
         "ringside_build_info",

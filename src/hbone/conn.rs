@@ -76,6 +76,8 @@ pub enum Event {
     Refused {
         /// The refused stream.
         stream_id: u32,
+        /// The status answered (400, 431), or `None` when the stream was reset unanswered.
+        status: Option<u16>,
         /// What was wrong.
         why: &'static str,
     },
@@ -822,7 +824,7 @@ impl Connection {
         self.last_peer_id = stream_id;
         let refuse = |c: &mut Connection, out: &mut BytesMut, reason: Reason, why: &'static str| {
             frame::encode_rst_stream(out, stream_id, reason);
-            c.events.push_back(Event::Refused { stream_id, why });
+            c.events.push_back(Event::Refused { stream_id, status: None, why });
             Ok(())
         };
         if self.goaway_sent {
@@ -848,7 +850,7 @@ impl Connection {
                 if !end_stream {
                     frame::encode_rst_stream(out, stream_id, Reason::NO_ERROR);
                 }
-                self.events.push_back(Event::Refused { stream_id, why });
+                self.events.push_back(Event::Refused { stream_id, status: Some(status), why });
                 return Ok(());
             }
         };

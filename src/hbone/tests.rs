@@ -144,7 +144,10 @@ fn a_get_is_answered_400_and_never_reaches_the_caller() {
     frame::encode_headers(&mut req, 1, &block, true, 16_384);
     server.recv(&req, &mut out).unwrap();
     assert_eq!(status_of(&frames_from_server(&out)), (400, true));
-    assert_eq!(server.poll_event(), Some(Event::Refused { stream_id: 1, why: "method not CONNECT" }));
+    assert_eq!(
+        server.poll_event(),
+        Some(Event::Refused { stream_id: 1, status: Some(400), why: "method not CONNECT" })
+    );
     assert_eq!(server.active_streams(), 0);
 }
 

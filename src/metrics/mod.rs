@@ -16,5 +16,6 @@ pub use labels::{
 };
 pub use render::{CONTENT_TYPE, ISTIO_COUNTERS, ISTIO_HELP, render};
 pub use shard::{
-    Delta, ExchangeOutcome, LabelBudget, SeriesId, Shard, ShardWriter, TLS_SUITES, TlsHandshake, TlsRefused,
+    Delta, ExchangeOutcome, HboneRefused, LabelBudget, SeriesId, Shard, ShardWriter, TLS_SUITES,
+    TlsHandshake, TlsRefused,
 };

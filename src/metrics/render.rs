@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::labels::{LABEL_NAMES, LabelSet};
-use super::shard::{ExchangeOutcome, Shard, TLS_SUITES, TlsHandshake, TlsRefused};
+use super::shard::{ExchangeOutcome, HboneRefused, Shard, TLS_SUITES, TlsHandshake, TlsRefused};
 
 /// `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -35,6 +35,8 @@ const OVERFLOWED_HELP: &str =
 const LISTENER_HELP: &str = "Connections closed at once because a listener was at its connection limit.";
 const TLS_REFUSED_HELP: &str =
     "Inbound mTLS handshakes refused, by reason; no byte of theirs reached the application.";
+const HBONE_REFUSED_HELP: &str =
+    "HBONE CONNECT requests refused by the terminator, by reason; nothing of theirs reached a backend.";
 const TLS_HANDSHAKES_HELP: &str =
     "mTLS handshakes completed, by direction, full or resumed session, and negotiated cipher suite.";
 const LOOPS_HELP: &str =
@@ -50,6 +52,7 @@ const BUILD_HELP: &str = "ringside build.";
 /// `ringside_label_sets_overflowed_total`, `ringside_listener_overflowed_total`,
 /// `ringside_capture_loops_refused_total`, `ringside_peer_values_replaced_total`,
 /// `ringside_rbac_denied_total`, `ringside_tls_refused_total{reason}`,
+/// `ringside_hbone_refused_total{reason}`,
 /// `ringside_tls_handshakes_total{direction,handshake,cipher_suite}` (only those seen),
 /// `ringside_driver_info{driver}` and
 /// `ringside_build_info{version}`.
@@ -98,6 +101,7 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
 
     let mut exchanges = [0u64; 7];
     let mut refused = [0u64; 5];
+    let mut hbone_refused = [0u64; 3];
     let mut handshakes = [0u64; TlsHandshake::CELLS];
     let (mut overflowed, mut listener, mut loops, mut replaced, mut rbac) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for shard in shards {
@@ -109,6 +113,9 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
         }
         for (sum, reason) in refused.iter_mut().zip(TlsRefused::ALL) {
             *sum = sum.wrapping_add(shard.tls_refused(reason));
+        }
+        for (sum, reason) in hbone_refused.iter_mut().zip(HboneRefused::ALL) {
+            *sum = sum.wrapping_add(shard.hbone_refused(reason));
         }
         overflowed = overflowed.wrapping_add(shard.label_sets_overflowed());
         listener = listener.wrapping_add(shard.listener_overflowed());
@@ -140,6 +147,11 @@ pub fn render(shards: &[Arc<Shard>], driver: &str) -> String {
     header(&mut out, "ringside_tls_refused_total", TLS_REFUSED_HELP, "counter");
     for (sum, reason) in refused.iter().zip(TlsRefused::ALL) {
         sample(&mut out, "ringside_tls_refused_total", Some(("reason", reason.as_str())), *sum);
+    }
+    out.push('\n');
+    header(&mut out, "ringside_hbone_refused_total", HBONE_REFUSED_HELP, "counter");
+    for (sum, reason) in hbone_refused.iter().zip(HboneRefused::ALL) {
+        sample(&mut out, "ringside_hbone_refused_total", Some(("reason", reason.as_str())), *sum);
     }
     out.push('\n');
     // Only the combinations seen: 40 mostly-zero series would drown the useful ones.
@@ -392,7 +404,7 @@ mod tests {
         let text = render(&[shard], "epoll");
         assert!(!text.contains("istio_"), "{text}");
         assert!(text.starts_with("# HELP ringside_exchange_total "), "{text}");
-        assert_eq!(text.matches("\n\n").count(), 10, "{text}");
+        assert_eq!(text.matches("\n\n").count(), 11, "{text}");
         assert!(text.ends_with("} 1\n\n"), "{text}");
         let two = render(&[], "epoll");
         assert!(!two.contains("ringside_connections_active"), "{two}");

@@ -59,6 +59,34 @@ impl TlsRefused {
     }
 }
 
+/// Why an HBONE terminator refused a CONNECT request (`ringside_hbone_refused_total{reason}`,
+/// SPEC §12): nothing of it reached any backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HboneRefused {
+    /// Answered 400: not a CONNECT, or an `:authority` that is not the carrier's address or
+    /// names one of the proxy's own ports (ztunnel's answers); 431 for a header list too large.
+    BadRequest,
+    /// Answered 503: the upstream refused or did not answer in connect_timeout.
+    UpstreamUnavailable,
+    /// Reset (RST_STREAM) unanswered: malformed, over the concurrent-stream limit, or draining.
+    Reset,
+}
+
+impl HboneRefused {
+    /// Every reason, in the order they are rendered.
+    pub const ALL: [HboneRefused; 3] =
+        [HboneRefused::BadRequest, HboneRefused::UpstreamUnavailable, HboneRefused::Reset];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HboneRefused::BadRequest => "bad_request",
+            HboneRefused::UpstreamUnavailable => "upstream_unavailable",
+            HboneRefused::Reset => "reset",
+        }
+    }
+}
+
 /// The cipher suites named in `ringside_tls_handshakes_total{cipher_suite}`: every suite
 /// ringside offers (rustls' names), then `other` for anything else.
 pub const TLS_SUITES: [&str; 10] = [
@@ -246,6 +274,7 @@ struct ProcessCells {
     rbac_denied: AtomicU64,
     exchange: [AtomicU64; 7],
     tls_refused: [AtomicU64; 5],
+    hbone_refused: [AtomicU64; 3],
     /// By direction × full/resumed, then suite (`TlsHandshake::index`).
     tls_handshakes: [[AtomicU64; TLS_SUITES.len()]; 4],
 }
@@ -336,6 +365,11 @@ impl Shard {
     /// Inbound TLS handshakes refused for `reason` on this worker.
     pub fn tls_refused(&self, reason: TlsRefused) -> u64 {
         self.process.tls_refused[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// HBONE CONNECT requests refused for `reason` on this worker.
+    pub fn hbone_refused(&self, reason: HboneRefused) -> u64 {
+        self.process.hbone_refused[reason as usize].load(Ordering::Relaxed)
     }
 
     /// mTLS handshakes completed on this worker, by [`TlsHandshake::index`].
@@ -490,6 +524,11 @@ impl ShardWriter {
     /// Counts one connection denied by its chain's RBAC filters (SPEC §9: closed, never relayed).
     pub fn count_rbac_denied(&self) {
         add(&self.shard.process.rbac_denied, 1);
+    }
+
+    /// Counts one HBONE CONNECT request refused (SPEC §12: nothing reached a backend).
+    pub fn count_hbone_refused(&self, reason: HboneRefused) {
+        add(&self.shard.process.hbone_refused[reason as usize], 1);
     }
 }
 

@@ -28,7 +28,7 @@ use crate::conn::{Security, WorkerCtx};
 use crate::exchange::NodeMetadata;
 use crate::hbone::conn::{Config, Connection, Event, Role};
 use crate::hbone::headers::HeaderList;
-use crate::metrics::TlsRefused;
+use crate::metrics::{HboneRefused, TlsRefused};
 use crate::snapshot::Snapshot;
 use crate::tls::Slot;
 use crate::tls::stream::{Fill, TlsStream};
@@ -411,7 +411,7 @@ async fn read_in(
         loop {
             let event = mux.h2.borrow_mut().poll_event();
             let Some(event) = event else { break };
-            dispatch(mux, event, &mut accept);
+            dispatch(ctx, mux, event, &mut accept);
         }
         fed.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if mux.h2.borrow().is_done() {
@@ -421,7 +421,7 @@ async fn read_in(
 }
 
 /// Act on one event of the core.
-fn dispatch(mux: &Mux, event: Event, accept: &mut impl FnMut(u32, String, HeaderList)) {
+fn dispatch(ctx: &WorkerCtx, mux: &Mux, event: Event, accept: &mut impl FnMut(u32, String, HeaderList)) {
     match event {
         Event::Request { stream_id, authority, headers } => accept(stream_id, authority, headers),
         Event::Data { stream_id, data } => {
@@ -440,7 +440,11 @@ fn dispatch(mux: &Mux, event: Event, accept: &mut impl FnMut(u32, String, Header
         Event::Writable { stream_id } => {
             mux.with_pipe(stream_id, |_| {});
         }
-        Event::Refused { stream_id, why } => log::debug!("hbone: stream {stream_id} refused: {why}"),
+        Event::Refused { stream_id, status, why } => {
+            log::debug!("hbone: stream {stream_id} refused: {why}");
+            let reason = if status.is_some() { HboneRefused::BadRequest } else { HboneRefused::Reset };
+            ctx.metrics.borrow().count_hbone_refused(reason);
+        }
         Event::Response { stream_id, status, headers } => {
             mux.with_pipe(stream_id, |p| p.response = Some((status, headers)));
         }
