@@ -57,13 +57,13 @@ impl Pair {
             }
             // The wire: what the client wrote is what the server reads.
             self.server.recv(&self.c_out, &mut self.s_out).unwrap();
-            self.c_out.clear();
             while let Some(e) = self.server.poll_event() {
                 if let Event::Data { stream_id, data } = e {
-                    received += black_box(&data).len();
+                    received += black_box(&self.c_out[data.clone()]).len();
                     self.server.consume(stream_id, data.len(), &mut self.s_out).unwrap();
                 }
             }
+            self.c_out.clear();
             self.client.recv(&self.s_out, &mut self.c_out).unwrap();
             self.s_out.clear();
             while self.client.poll_event().is_some() {}

@@ -348,6 +348,58 @@ fn ringside_to_ringside_over_hbone_both_reporters_name_each_other_from_baggage()
     assert_eq!(sum(&server.scrape(), RECEIVED, &destination), sent.len() as f64);
 }
 
+/// A TCP socket with a small receive buffer (so the peer's sends stall early), `bind`ed and
+/// listening, or connected to `to`.
+fn small_receive_buffer(to: Option<SocketAddr>) -> socket2::Socket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    match to {
+        Some(to) => s.connect(&to.into()).unwrap(),
+        None => {
+            s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+            s.listen(8).unwrap();
+        }
+    }
+    s
+}
+
+/// Writes `data` then half-closes, on a thread; joined, it says the bytes were all taken.
+fn write_and_close(
+    mut s: std::net::TcpStream,
+    data: Vec<u8>,
+) -> std::thread::JoinHandle<std::net::TcpStream> {
+    s.set_write_timeout(Some(DEADLINE)).unwrap();
+    std::thread::spawn(move || {
+        s.write_all(&data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s
+    })
+}
+
+#[test]
+fn a_local_socket_that_stops_reading_still_gets_every_byte_in_order_then_its_fin() {
+    // Received DATA goes straight into the local socket while it takes it, and waits in the
+    // stream's queue (in order, credited only once written) when it does not. Neither end
+    // reads until the other wrote 5 MiB: more than the socket toward it can hold (4 MiB send
+    // buffer at most, a 4 KiB receive buffer), so a part must wait in the queue.
+    let ca = Ca::new("mesh");
+    let (_server, terminator_addr) = terminator(&ca);
+    let backend: std::net::TcpListener = small_receive_buffer(None).into();
+    let (_client, listen) = originator(&ca, terminator_addr, backend.local_addr().unwrap());
+    let s: std::net::TcpStream = small_receive_buffer(Some(listen)).into();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let request = payload(5 << 20);
+    let writer = write_and_close(s.try_clone().unwrap(), request.clone());
+    let (mut up, _) = backend.accept().unwrap();
+    up.set_read_timeout(Some(DEADLINE)).unwrap();
+    writer.join().unwrap();
+    assert!(read_to_end(&mut up) == request, "the terminator's side got other bytes");
+    let response: Vec<u8> = request.into_iter().rev().collect();
+    write_and_close(up, response.clone()).join().unwrap();
+    let mut s = s;
+    assert!(read_to_end(&mut s) == response, "the originator's side got other bytes");
+}
+
 #[test]
 fn connections_to_one_destination_share_pooled_tunnels_of_at_most_100_streams() {
     let ca = Ca::new("mesh");

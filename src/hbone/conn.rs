@@ -1,7 +1,9 @@
 //! One HTTP/2 connection carrying CONNECT tunnels, as a sans-IO state machine: the caller feeds
 //! the bytes it read ([`Connection::recv`]), takes [`Event`]s ([`Connection::poll_event`]), acts
-//! (`open`, `respond`, `send_data`, `consume`, `finish`, `reset`, `ping`, `go_away`), and writes
-//! out whatever was appended to its `BytesMut`.
+//! (`open`, `respond`, `send_frame`, `consume`, `finish`, `reset`, `ping`, `go_away`), and writes
+//! out whatever was appended to its `BytesMut`. Tunnel bytes never pass through the core: received
+//! DATA is handed out as ranges of the caller's input, and sent DATA is a header the core returns
+//! for the caller to write in front of its own bytes.
 //!
 //! No sockets, no runtime, no clocks, no timers: keepalive timing and idle timeouts belong to the
 //! driver, which calls [`Connection::ping`] and watches for [`Event::PingAck`].
@@ -11,12 +13,13 @@
 //! through a WINDOW_UPDATE right after SETTINGS), frames up to 1 MiB, and window credit given
 //! back only as the caller [`Connection::consume`]s data (as ztunnel releases capacity after each
 //! read), in WINDOW_UPDATEs of at least half a window. The receive side is therefore bounded by
-//! the windows we advertise, whatever the peer does; the send side never queues: `send_data`
+//! the windows we advertise, whatever the peer does; the send side never queues: `send_frame`
 //! takes what the windows allow and the caller keeps the rest until [`Event::Writable`].
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
 use super::frame::{self, DEFAULT_WINDOW, Frame, MAX_WINDOW, Reason, Settings};
 use super::headers::{self, HeaderList};
@@ -90,12 +93,14 @@ pub enum Event {
         /// Regular headers, the terminator's `baggage` among them.
         headers: HeaderList,
     },
-    /// Tunnel bytes from the peer. Call [`Connection::consume`] once they are passed on.
+    /// Tunnel bytes from the peer: `input[data]` of the [`Connection::recv`] call that queued
+    /// the event (the caller's read buffer, not a copy: drain events before the next `recv`).
+    /// Call [`Connection::consume`] once they are passed on.
     Data {
         /// The stream.
         stream_id: u32,
-        /// The bytes (a slice of the read buffer, not a copy).
-        data: Bytes,
+        /// Where the bytes are in the `recv` input.
+        data: Range<usize>,
     },
     /// The peer half-closed the stream (END_STREAM): a FIN for the other side.
     End {
@@ -211,6 +216,8 @@ pub struct Connection {
     local_open: u32,
     peer_open: u32,
     partial: Option<Partial>,
+    /// The stream whose DATA frame is being received and was accepted at its head.
+    rx: Option<u32>,
     got_settings: bool,
     goaway_sent: bool,
     goaway_received: bool,
@@ -289,6 +296,7 @@ impl Connection {
             local_open: 0,
             peer_open: 0,
             partial: None,
+            rx: None,
             got_settings: false,
             goaway_sent: false,
             goaway_received: false,
@@ -306,9 +314,9 @@ impl Connection {
         if self.failed {
             return Err(Error::Closed);
         }
-        self.dec.feed(input);
+        let mut at = 0;
         loop {
-            let step = match self.dec.next_frame() {
+            let step = match self.dec.next_frame(input, &mut at) {
                 Ok(None) => return Ok(()),
                 Ok(Some(f)) => self.on_frame(f, out),
                 Err(e) => Err(e),
@@ -392,24 +400,46 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends as much of `data` as the stream and connection windows allow, in DATA frames no
-    /// larger than the peer's max frame size; returns how many bytes were taken. When fewer than
-    /// offered, keep the rest and wait for [`Event::Writable`].
-    pub fn send_data(&mut self, stream_id: u32, data: &[u8], out: &mut BytesMut) -> Result<usize, Error> {
+    /// Takes one DATA frame of at most `len` bytes, as much as the stream and connection
+    /// windows and the peer's max frame size allow, and returns how many bytes it carries and
+    /// its 9-byte header (0 bytes: the windows are spent, wait for [`Event::Writable`]). The
+    /// caller writes the header and then those bytes from its own buffer, after everything
+    /// appended to `out` so far and before anything appended later: the payload is never
+    /// copied into the core.
+    pub fn send_frame(
+        &mut self,
+        stream_id: u32,
+        len: usize,
+    ) -> Result<(usize, [u8; frame::HEADER_LEN]), Error> {
         self.check_alive()?;
         let conn_window = self.send_window;
         let max_frame = self.peer_max_frame_size as usize;
         let s = self.writable_stream(stream_id)?;
-        let window = s.send_window.min(conn_window).max(0);
-        let n = data.len().min(usize::try_from(window).unwrap_or(usize::MAX));
-        s.blocked = n < data.len();
+        let window = usize::try_from(s.send_window.min(conn_window).max(0)).unwrap_or(usize::MAX);
+        s.blocked = window < len;
+        let n = len.min(window).min(max_frame);
         // n <= window <= 2^31 - 1, so it fits an i64 and the windows stay >= 0.
         s.send_window -= n as i64;
         self.send_window -= n as i64;
-        for chunk in data.get(..n).unwrap_or_default().chunks(max_frame.max(1)) {
-            frame::encode_data(out, stream_id, chunk, false);
+        Ok((n, frame::data_header(stream_id, n, false)))
+    }
+
+    /// Sends as much of `data` as the windows allow, copied into `out` as DATA frames no
+    /// larger than the peer's max frame size; returns how many bytes were taken. For callers
+    /// with no room for a header in front of their bytes (tests, in-memory peers); the relay
+    /// uses [`Connection::send_frame`].
+    pub fn send_data(&mut self, stream_id: u32, data: &[u8], out: &mut BytesMut) -> Result<usize, Error> {
+        let mut sent = 0;
+        while let Some(rest) = data.get(sent..).filter(|r| !r.is_empty()) {
+            let (n, head) = self.send_frame(stream_id, rest.len())?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&head);
+            out.extend_from_slice(rest.get(..n).unwrap_or_default());
+            sent += n;
         }
-        Ok(n)
+        Ok(sent)
     }
 
     /// Bytes `send_data` would take now on this stream (0 for an unknown or closed stream).
@@ -597,8 +627,16 @@ impl Connection {
             return Err(conn_err(Reason::PROTOCOL_ERROR, "first frame not settings"));
         }
         match f {
-            Frame::Data { stream_id, data, end_stream, flow_len } => {
-                self.on_data(stream_id, data, end_stream, flow_len, out)
+            Frame::DataHead { stream_id, len, flow_len, .. } => {
+                self.on_data_head(stream_id, len, flow_len, out)
+            }
+            Frame::DataChunk { stream_id, data } => {
+                self.on_data_chunk(stream_id, data, out);
+                Ok(())
+            }
+            Frame::DataEnd { stream_id, end_stream } => {
+                self.on_data_end(stream_id, end_stream, out);
+                Ok(())
             }
             Frame::Headers { stream_id, block, end_stream, end_headers } => {
                 if block.len() > self.cfg.max_header_list_size as usize {
@@ -667,14 +705,10 @@ impl Connection {
         }
     }
 
-    fn on_data(
-        &mut self,
-        stream_id: u32,
-        data: Bytes,
-        end_stream: bool,
-        flow_len: u32,
-        out: &mut BytesMut,
-    ) -> Step {
+    /// A DATA frame starts: windows and the stream's state are checked for the whole frame
+    /// before any of it is delivered; its data is then delivered as it arrives (`rx`).
+    fn on_data_head(&mut self, stream_id: u32, len: u32, flow_len: u32, out: &mut BytesMut) -> Step {
+        self.rx = None;
         let flow = i64::from(flow_len);
         if flow > self.recv_window {
             return Err(conn_err(Reason::FLOW_CONTROL_ERROR, "data beyond connection window"));
@@ -704,25 +738,43 @@ impl Connection {
         }
         s.recv_window -= flow;
         // flow_len counts the data and its padding; the caller never sees padding, so its
-        // share is credited now.
-        let len = data.len() as u32;
+        // share is credited now (len <= flow_len, the decoder checked).
         let padding = flow_len - len;
-        s.recv_held += len;
-        if end_stream {
-            s.remote_closed = true;
-        }
         if padding > 0 {
             Self::credit_stream(&self.cfg, s, stream_id, padding, out);
             self.credit_connection(padding, out);
         }
-        if !data.is_empty() {
-            self.events.push_back(Event::Data { stream_id, data });
-        }
-        if end_stream {
-            self.events.push_back(Event::End { stream_id });
-            self.remove_if_closed(stream_id, out);
-        }
+        self.rx = Some(stream_id);
         Ok(())
+    }
+
+    /// Some of the current DATA frame's data, `input[data]`: an event for the caller, unless
+    /// the frame was refused at its head (already credited) or the stream went since.
+    fn on_data_chunk(&mut self, stream_id: u32, data: Range<usize>, out: &mut BytesMut) {
+        if self.rx != Some(stream_id) {
+            return;
+        }
+        // A DATA frame is at most 2^24 - 1 bytes, so its chunks fit a u32.
+        let len = data.len() as u32;
+        match self.streams.get_mut(&stream_id) {
+            Some(s) => {
+                s.recv_held += len;
+                self.events.push_back(Event::Data { stream_id, data });
+            }
+            // Reset by the caller mid-frame: no `consume` will come for the rest.
+            None => self.credit_connection(len, out),
+        }
+    }
+
+    /// The current DATA frame ended; END_STREAM is the peer's half-close.
+    fn on_data_end(&mut self, stream_id: u32, end_stream: bool, out: &mut BytesMut) {
+        if self.rx.take() != Some(stream_id) || !end_stream {
+            return;
+        }
+        let Some(s) = self.streams.get_mut(&stream_id) else { return };
+        s.remote_closed = true;
+        self.events.push_back(Event::End { stream_id });
+        self.remove_if_closed(stream_id, out);
     }
 
     fn on_settings(&mut self, s: Settings, out: &mut BytesMut) -> Step {

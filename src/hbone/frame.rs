@@ -151,20 +151,37 @@ pub struct Settings {
     pub max_header_list_size: Option<u32>,
 }
 
-/// One decoded frame. Payload slices share the decoder's buffer (no copy).
+/// One decoded frame, DATA in pieces. Control frames' payload slices share the decoder's buffer;
+/// DATA is ranges of the caller's input (no copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// DATA (padding removed); `flow_len` is the whole payload length, padding included,
-    /// which is what flow control counts (RFC 9113 §6.9).
-    Data {
+    /// The start of a DATA frame: its header (and pad length) arrived. The data follows as
+    /// [`Frame::DataChunk`]s, as it arrives, then [`Frame::DataEnd`]; nothing of it is copied.
+    DataHead {
         /// Stream the data belongs to.
         stream_id: u32,
-        /// The data, padding removed.
-        data: Bytes,
+        /// Data bytes that follow (padding removed).
+        len: u32,
+        /// The whole payload length, padding included: what flow control counts (RFC 9113
+        /// §6.9), known from the header so windows are checked before any data is delivered.
+        flow_len: u32,
         /// END_STREAM: the sender's last frame on this stream.
         end_stream: bool,
-        /// Bytes counted against flow-control windows.
-        flow_len: u32,
+    },
+    /// Some of the current DATA frame's data: `input[data]` of the `next_frame` call that
+    /// returned it (a slice of the caller's buffer, not a copy).
+    DataChunk {
+        /// Stream the data belongs to.
+        stream_id: u32,
+        /// Where the bytes are in the input.
+        data: std::ops::Range<usize>,
+    },
+    /// The current DATA frame's last byte (and padding) arrived.
+    DataEnd {
+        /// Stream the data belonged to.
+        stream_id: u32,
+        /// END_STREAM, as in the frame's header.
+        end_stream: bool,
     },
     /// HEADERS (padding and priority fields removed): the start of a header block.
     Headers {
@@ -237,76 +254,167 @@ pub enum Frame {
     },
 }
 
-/// Incremental frame decoder: [`Decoder::feed`] bytes as they arrive, then call
-/// [`Decoder::next_frame`] until it returns `Ok(None)`.
+/// Incremental frame decoder: call [`Decoder::next_frame`] with each slice as it arrives until
+/// it returns `Ok(None)` (the slice is used up, any partial frame kept).
 ///
-/// The buffer holds at most one partial frame plus what the caller fed since the last
-/// `next_frame`: a frame longer than `max_frame_size` is refused from its 9-byte header,
-/// before its payload is buffered.
+/// DATA payloads are never buffered: they come out as [`Frame::DataChunk`] ranges of the
+/// caller's slice, as much as each slice holds, so a tunnel's bytes go from the TLS layer's
+/// plaintext to the local socket without a copy here (and without a refcount per frame). The
+/// decoder keeps at most a frame header and one partial non-DATA frame, and a frame longer
+/// than `max_frame_size` is refused from its 9-byte header, before its payload is buffered.
 #[derive(Debug)]
 pub struct Decoder {
+    /// The current frame's header as it arrives, and DATA's pad length byte after it.
+    head: [u8; HEADER_LEN + 1],
+    head_len: usize,
+    /// The payload of a partial non-DATA frame.
     buf: BytesMut,
+    /// Inside a DATA frame: what is left of it.
+    data: Option<DataLeft>,
     /// Preface bytes still expected (server side), compared as they arrive so that a non-HTTP/2
     /// peer is refused at its first wrong byte.
     preface_left: usize,
     max_frame_size: u32,
 }
 
+/// The rest of the DATA frame being decoded.
+#[derive(Debug, Clone, Copy)]
+struct DataLeft {
+    stream_id: u32,
+    data: usize,
+    padding: usize,
+    end_stream: bool,
+}
+
 impl Decoder {
     /// A decoder for the server side: expects the client preface first.
     pub fn server(max_frame_size: u32) -> Decoder {
-        Decoder { buf: BytesMut::new(), preface_left: PREFACE.len(), max_frame_size }
+        Decoder::new(PREFACE.len(), max_frame_size)
     }
 
     /// A decoder for the client side: frames from the first byte.
     pub fn client(max_frame_size: u32) -> Decoder {
-        Decoder { buf: BytesMut::new(), preface_left: 0, max_frame_size }
+        Decoder::new(0, max_frame_size)
     }
 
-    /// Appends bytes read from the peer.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+    fn new(preface_left: usize, max_frame_size: u32) -> Decoder {
+        Decoder {
+            head: [0; HEADER_LEN + 1],
+            head_len: 0,
+            buf: BytesMut::new(),
+            data: None,
+            preface_left,
+            max_frame_size,
+        }
     }
 
-    /// Bytes held but not yet decoded (at most one partial frame after `next_frame` said `None`).
+    /// Bytes held but not yet decoded: a partial frame header and a partial non-DATA frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.head_len + self.buf.len()
     }
 
-    /// The next complete frame, `Ok(None)` when more bytes are needed, or the violation.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, Invalid> {
+    /// The next frame (or piece of DATA) from `input[*at..]`, advancing `*at` past what it
+    /// used; `Ok(None)` once `input` is used up, or the violation.
+    pub fn next_frame(&mut self, input: &[u8], at: &mut usize) -> Result<Option<Frame>, Invalid> {
+        let avail = |at: usize| input.len().saturating_sub(at);
         if self.preface_left > 0 {
             let done = PREFACE.len() - self.preface_left;
-            let n = self.buf.len().min(self.preface_left);
+            let n = avail(*at).min(self.preface_left);
             let expected = PREFACE.get(done..done + n).unwrap_or_default();
-            if self.buf.get(..n) != Some(expected) {
+            if input.get(*at..*at + n) != Some(expected) {
                 return Err(Invalid::connection(Reason::PROTOCOL_ERROR, "client preface mismatch"));
             }
-            self.buf.advance(n);
+            *at += n;
             self.preface_left -= n;
             if self.preface_left > 0 {
                 return Ok(None);
             }
         }
-        let Some(&head) = self.buf.first_chunk::<HEADER_LEN>() else {
+        if let Some(d) = &mut self.data {
+            if d.data > 0 {
+                let n = d.data.min(avail(*at));
+                if n == 0 {
+                    return Ok(None);
+                }
+                d.data -= n;
+                let data = *at..*at + n;
+                *at += n;
+                return Ok(Some(Frame::DataChunk { stream_id: d.stream_id, data }));
+            }
+            let n = d.padding.min(avail(*at));
+            d.padding -= n;
+            *at += n;
+            if d.padding > 0 {
+                return Ok(None);
+            }
+            let DataLeft { stream_id, end_stream, .. } = *d;
+            self.data = None;
+            return Ok(Some(Frame::DataEnd { stream_id, end_stream }));
+        }
+        if !self.fill_head(input, at, HEADER_LEN) {
             return Ok(None);
-        };
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
-        let (kind, flags) = (head[3], head[4]);
-        let stream_id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & MAX_WINDOW;
+        }
+        let h = self.head;
+        let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+        let (kind, flags) = (h[3], h[4]);
+        let stream_id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & MAX_WINDOW;
         if len > self.max_frame_size {
             return Err(Invalid::connection(Reason::FRAME_SIZE_ERROR, "frame longer than max frame size"));
         }
         // len <= 2^24 - 1, so this cannot overflow a usize.
-        let total = HEADER_LEN + len as usize;
-        if self.buf.len() < total {
-            // Reserve the rest of this frame once, rather than growing by each feed.
-            self.buf.reserve(total - self.buf.len());
+        let len_usize = len as usize;
+        if kind == kind::DATA {
+            need_stream(stream_id, "data on stream 0")?;
+            let (mut data, mut padding) = (len_usize, 0);
+            if flags & flag::PADDED != 0 {
+                if len == 0 {
+                    return Err(Invalid::connection(
+                        Reason::FRAME_SIZE_ERROR,
+                        "padded frame without pad length",
+                    ));
+                }
+                if !self.fill_head(input, at, HEADER_LEN + 1) {
+                    return Ok(None);
+                }
+                padding = usize::from(self.head[HEADER_LEN]);
+                data = len_usize - 1; // len >= 1
+                if padding > data {
+                    return Err(Invalid::connection(Reason::PROTOCOL_ERROR, "padding longer than payload"));
+                }
+                data -= padding;
+            }
+            self.head_len = 0;
+            let end_stream = flags & flag::END_STREAM != 0;
+            self.data = Some(DataLeft { stream_id, data, padding, end_stream });
+            // data <= len < 2^24.
+            return Ok(Some(Frame::DataHead { stream_id, len: data as u32, flow_len: len, end_stream }));
+        }
+        if self.buf.is_empty() {
+            // Reserve the whole payload once, rather than growing by each slice.
+            self.buf.reserve(len_usize);
+        }
+        let n = (len_usize - self.buf.len()).min(avail(*at));
+        self.buf.extend_from_slice(input.get(*at..*at + n).unwrap_or_default());
+        *at += n;
+        if self.buf.len() < len_usize {
             return Ok(None);
         }
-        self.buf.advance(HEADER_LEN);
-        let payload = self.buf.split_to(len as usize).freeze();
+        self.head_len = 0;
+        let payload = self.buf.split().freeze();
         parse(kind, flags, stream_id, payload).map(Some)
+    }
+
+    /// Copies header bytes from `input[*at..]` until `head` holds `want`; true once it does.
+    fn fill_head(&mut self, input: &[u8], at: &mut usize, want: usize) -> bool {
+        let n = want.saturating_sub(self.head_len).min(input.len().saturating_sub(*at));
+        if let (Some(dst), Some(src)) =
+            (self.head.get_mut(self.head_len..self.head_len + n), input.get(*at..*at + n))
+        {
+            dst.copy_from_slice(src);
+        }
+        self.head_len += n;
+        *at += n;
+        self.head_len >= want
     }
 }
 
@@ -351,17 +459,6 @@ fn be32(b: &[u8]) -> u32 {
 fn parse(kind: u8, flags: u8, stream_id: u32, mut payload: Bytes) -> Result<Frame, Invalid> {
     let len = payload.len();
     match kind {
-        kind::DATA => {
-            need_stream(stream_id, "data on stream 0")?;
-            let data = strip_padding(flags, payload)?;
-            Ok(Frame::Data {
-                stream_id,
-                data,
-                end_stream: flags & flag::END_STREAM != 0,
-                // len <= max frame size < 2^24.
-                flow_len: len as u32,
-            })
-        }
         kind::HEADERS => {
             need_stream(stream_id, "headers on stream 0")?;
             let mut block = strip_padding(flags, payload)?;
@@ -510,6 +607,16 @@ pub fn encode_header(dst: &mut BytesMut, len: usize, kind: u8, flags: u8, stream
     dst.put_u32(stream_id & MAX_WINDOW);
 }
 
+/// The header of a DATA frame of `len` bytes (no padding), for a caller that writes it in front
+/// of its own bytes; `len` must not exceed the peer's max frame size.
+pub fn data_header(stream_id: u32, len: usize, end_stream: bool) -> [u8; HEADER_LEN] {
+    debug_assert!(len <= MAX_MAX_FRAME_SIZE as usize);
+    let l = (len as u32).to_be_bytes();
+    let id = (stream_id & MAX_WINDOW).to_be_bytes();
+    let flags = if end_stream { flag::END_STREAM } else { 0 };
+    [l[1], l[2], l[3], kind::DATA, flags, id[0], id[1], id[2], id[3]]
+}
+
 /// Appends one DATA frame (no padding); `data.len()` must not exceed the peer's max frame size.
 pub fn encode_data(dst: &mut BytesMut, stream_id: u32, data: &[u8], end_stream: bool) {
     let flags = if end_stream { flag::END_STREAM } else { 0 };
@@ -607,24 +714,64 @@ pub fn encode_priority(dst: &mut BytesMut, stream_id: u32, dependency: u32, weig
 mod tests {
     use super::*;
 
-    fn decode_all(dec: &mut Decoder) -> Result<Vec<Frame>, Invalid> {
-        let mut frames = Vec::new();
-        while let Some(f) = dec.next_frame()? {
-            frames.push(f);
-        }
-        Ok(frames)
+    /// A frame as the tests compare it: DATA gathered from its pieces.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Got {
+        Frame(Frame),
+        Data { stream_id: u32, data: Vec<u8>, end_stream: bool, flow_len: u32 },
     }
 
-    fn one(bytes: &[u8]) -> Result<Frame, Invalid> {
-        let mut dec = Decoder::client(DEFAULT_MAX_FRAME_SIZE);
-        dec.feed(bytes);
-        let f = dec.next_frame()?.expect("a whole frame");
-        assert_eq!(dec.buffered(), 0);
-        Ok(f)
+    /// A decoder whose DATA pieces are gathered into whole frames, checking that each piece is a
+    /// range of the slice just fed.
+    struct Reader {
+        dec: Decoder,
+        data: Option<(u32, Vec<u8>, u32)>,
+    }
+
+    impl Reader {
+        fn server() -> Reader {
+            Reader { dec: Decoder::server(DEFAULT_MAX_FRAME_SIZE), data: None }
+        }
+
+        fn client() -> Reader {
+            Reader { dec: Decoder::client(DEFAULT_MAX_FRAME_SIZE), data: None }
+        }
+
+        fn feed(&mut self, input: &[u8]) -> Result<Vec<Got>, Invalid> {
+            let (mut at, mut got) = (0, Vec::new());
+            while let Some(f) = self.dec.next_frame(input, &mut at)? {
+                match f {
+                    Frame::DataHead { stream_id, flow_len, .. } => {
+                        self.data = Some((stream_id, Vec::new(), flow_len));
+                    }
+                    Frame::DataChunk { stream_id, data } => {
+                        let (id, bytes, _) = self.data.as_mut().expect("a chunk inside DATA");
+                        assert_eq!(*id, stream_id);
+                        bytes.extend_from_slice(&input[data]);
+                    }
+                    Frame::DataEnd { stream_id, end_stream } => {
+                        let (id, data, flow_len) = self.data.take().expect("an end inside DATA");
+                        assert_eq!(id, stream_id);
+                        got.push(Got::Data { stream_id, data, end_stream, flow_len });
+                    }
+                    f => got.push(Got::Frame(f)),
+                }
+            }
+            assert_eq!(at, input.len(), "the input is used up");
+            Ok(got)
+        }
+    }
+
+    fn one(bytes: &[u8]) -> Result<Got, Invalid> {
+        let mut r = Reader::client();
+        let mut got = r.feed(bytes)?;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(r.dec.buffered(), 0);
+        Ok(got.remove(0))
     }
 
     /// A sample of every frame type we send, after the preface, with the frames expected back.
-    fn sample() -> (Vec<u8>, Vec<Frame>) {
+    fn sample() -> (Vec<u8>, Vec<Got>) {
         let mut b = BytesMut::new();
         b.put_slice(PREFACE);
         let settings = Settings {
@@ -647,28 +794,36 @@ mod tests {
         encode_ping(&mut b, true, *b"abcdefgh");
         encode_goaway(&mut b, 7, Reason::NO_ERROR, b"drain");
         let expected = vec![
-            Frame::Settings(settings),
-            Frame::SettingsAck,
-            Frame::WindowUpdate { stream_id: 0, increment: 16 << 20 },
-            Frame::Headers {
+            Got::Frame(Frame::Settings(settings)),
+            Got::Frame(Frame::SettingsAck),
+            Got::Frame(Frame::WindowUpdate { stream_id: 0, increment: 16 << 20 }),
+            Got::Frame(Frame::Headers {
                 stream_id: 1,
                 block: Bytes::from_static(b"0123"),
                 end_stream: false,
                 end_headers: false,
-            },
-            Frame::Continuation { stream_id: 1, block: Bytes::from_static(b"4567"), end_headers: false },
-            Frame::Continuation { stream_id: 1, block: Bytes::from_static(b"89"), end_headers: true },
-            Frame::Data { stream_id: 1, data: Bytes::from_static(b"hello"), end_stream: false, flow_len: 5 },
-            Frame::Data { stream_id: 1, data: Bytes::new(), end_stream: true, flow_len: 0 },
-            Frame::Priority { stream_id: 3 },
-            Frame::RstStream { stream_id: 3, reason: Reason::CONNECT_ERROR },
-            Frame::Ping { ack: false, payload: *b"12345678" },
-            Frame::Ping { ack: true, payload: *b"abcdefgh" },
-            Frame::GoAway {
+            }),
+            Got::Frame(Frame::Continuation {
+                stream_id: 1,
+                block: Bytes::from_static(b"4567"),
+                end_headers: false,
+            }),
+            Got::Frame(Frame::Continuation {
+                stream_id: 1,
+                block: Bytes::from_static(b"89"),
+                end_headers: true,
+            }),
+            Got::Data { stream_id: 1, data: b"hello".to_vec(), end_stream: false, flow_len: 5 },
+            Got::Data { stream_id: 1, data: Vec::new(), end_stream: true, flow_len: 0 },
+            Got::Frame(Frame::Priority { stream_id: 3 }),
+            Got::Frame(Frame::RstStream { stream_id: 3, reason: Reason::CONNECT_ERROR }),
+            Got::Frame(Frame::Ping { ack: false, payload: *b"12345678" }),
+            Got::Frame(Frame::Ping { ack: true, payload: *b"abcdefgh" }),
+            Got::Frame(Frame::GoAway {
                 last_stream_id: 7,
                 reason: Reason::NO_ERROR,
                 debug: Bytes::from_static(b"drain"),
-            },
+            }),
         ];
         (b.to_vec(), expected)
     }
@@ -676,20 +831,18 @@ mod tests {
     #[test]
     fn every_frame_type_round_trips() {
         let (bytes, expected) = sample();
-        let mut dec = Decoder::server(DEFAULT_MAX_FRAME_SIZE);
-        dec.feed(&bytes);
-        assert_eq!(decode_all(&mut dec).unwrap(), expected);
-        assert_eq!(dec.buffered(), 0);
+        let mut r = Reader::server();
+        assert_eq!(r.feed(&bytes).unwrap(), expected);
+        assert_eq!(r.dec.buffered(), 0);
     }
 
     #[test]
     fn a_stream_fed_one_byte_at_a_time_decodes_the_same() {
         let (bytes, expected) = sample();
-        let mut dec = Decoder::server(DEFAULT_MAX_FRAME_SIZE);
+        let mut r = Reader::server();
         let mut got = Vec::new();
         for b in &bytes {
-            dec.feed(std::slice::from_ref(b));
-            got.extend(decode_all(&mut dec).unwrap());
+            got.extend(r.feed(std::slice::from_ref(b)).unwrap());
         }
         assert_eq!(got, expected);
     }
@@ -698,39 +851,70 @@ mod tests {
     fn a_stream_split_at_every_point_decodes_the_same() {
         let (bytes, expected) = sample();
         for split in 0..=bytes.len() {
-            let mut dec = Decoder::server(DEFAULT_MAX_FRAME_SIZE);
-            dec.feed(&bytes[..split]);
-            let mut got = decode_all(&mut dec).unwrap();
-            dec.feed(&bytes[split..]);
-            got.extend(decode_all(&mut dec).unwrap());
+            let mut r = Reader::server();
+            let mut got = r.feed(&bytes[..split]).unwrap();
+            got.extend(r.feed(&bytes[split..]).unwrap());
             assert_eq!(got, expected, "split at {split}");
         }
+    }
+
+    #[test]
+    fn a_data_frame_larger_than_one_read_arrives_intact_as_slices_of_each_read_never_buffered() {
+        let payload: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut b = BytesMut::new();
+        for chunk in payload.chunks(16_384) {
+            encode_data(&mut b, 1, chunk, false);
+        }
+        let mut dec = Decoder::client(DEFAULT_MAX_FRAME_SIZE);
+        let (mut got, mut heads) = (Vec::new(), 0);
+        // Reads of 5,000 bytes, as TLS records would cut the stream: frames straddle them.
+        for read in b.chunks(5_000) {
+            let mut at = 0;
+            while let Some(f) = dec.next_frame(read, &mut at).unwrap() {
+                match f {
+                    Frame::DataHead { stream_id: 1, len, flow_len, end_stream: false } => {
+                        assert_eq!(len, flow_len);
+                        heads += 1;
+                    }
+                    Frame::DataChunk { stream_id: 1, data } => {
+                        assert!(data.end <= read.len(), "a range of this read");
+                        got.extend_from_slice(&read[data]);
+                    }
+                    Frame::DataEnd { stream_id: 1, end_stream: false } => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+                // At most a frame header is ever held: the data is never copied in.
+                assert!(dec.buffered() < HEADER_LEN, "{} buffered", dec.buffered());
+            }
+        }
+        assert_eq!(heads, 3);
+        assert_eq!(got, payload);
     }
 
     #[test]
     fn padding_is_removed_but_counted_for_flow_control() {
         // DATA, PADDED, pad length 3, "abc", 3 bytes of padding.
         let f = one(&[0, 0, 7, 0, 0x8 | 0x1, 0, 0, 0, 1, 3, b'a', b'b', b'c', 0, 0, 0]).unwrap();
-        assert_eq!(
-            f,
-            Frame::Data { stream_id: 1, data: Bytes::from_static(b"abc"), end_stream: true, flow_len: 7 }
-        );
+        assert_eq!(f, Got::Data { stream_id: 1, data: b"abc".to_vec(), end_stream: true, flow_len: 7 });
         // HEADERS, PADDED | PRIORITY: pad 1, 5 priority bytes, block "x", 1 pad byte.
         let f = one(&[0, 0, 8, 1, 0x8 | 0x20 | 0x4, 0, 0, 0, 3, 1, 0, 0, 0, 1, 9, b'x', 0]).unwrap();
         assert_eq!(
             f,
-            Frame::Headers {
+            Got::Frame(Frame::Headers {
                 stream_id: 3,
                 block: Bytes::from_static(b"x"),
                 end_stream: false,
                 end_headers: true
-            }
+            })
         );
     }
 
     #[test]
     fn unknown_frame_types_are_ignored() {
-        assert_eq!(one(&[0, 0, 2, 0xfa, 0, 0, 0, 0, 1, 1, 2]).unwrap(), Frame::Unknown { kind: 0xfa });
+        assert_eq!(
+            one(&[0, 0, 2, 0xfa, 0, 0, 0, 0, 1, 1, 2]).unwrap(),
+            Got::Frame(Frame::Unknown { kind: 0xfa })
+        );
     }
 
     fn err(bytes: &[u8]) -> (Reason, Option<u32>) {
@@ -743,8 +927,8 @@ mod tests {
         use Reason as R;
         // Longer than max frame size: refused from the header alone.
         let mut dec = Decoder::client(DEFAULT_MAX_FRAME_SIZE);
-        dec.feed(&[0, 0x40, 1, 0, 0, 0, 0, 0, 1]);
-        assert_eq!(dec.next_frame().unwrap_err().reason, R::FRAME_SIZE_ERROR);
+        let err_at = dec.next_frame(&[0, 0x40, 1, 0, 0, 0, 0, 0, 1], &mut 0).unwrap_err();
+        assert_eq!(err_at.reason, R::FRAME_SIZE_ERROR);
         // Padding longer than the payload.
         assert_eq!(err(&[0, 0, 2, 0, 0x8, 0, 0, 0, 1, 5, 0]), (R::PROTOCOL_ERROR, None));
         // Padded with no pad length byte.
@@ -777,12 +961,9 @@ mod tests {
     #[test]
     fn a_wrong_preface_is_refused_at_its_first_wrong_byte() {
         let mut dec = Decoder::server(DEFAULT_MAX_FRAME_SIZE);
-        dec.feed(b"PRI * HTTP/2.0\r\n");
-        assert_eq!(dec.next_frame(), Ok(None));
-        dec.feed(b"\r\nGET");
-        assert_eq!(dec.next_frame().unwrap_err().what, "client preface mismatch");
+        assert_eq!(dec.next_frame(b"PRI * HTTP/2.0\r\n", &mut 0), Ok(None));
+        assert_eq!(dec.next_frame(b"\r\nGET", &mut 0).unwrap_err().what, "client preface mismatch");
         let mut dec = Decoder::server(DEFAULT_MAX_FRAME_SIZE);
-        dec.feed(b"GET / HTTP/1.1\r\n");
-        assert_eq!(dec.next_frame().unwrap_err().reason, Reason::PROTOCOL_ERROR);
+        assert_eq!(dec.next_frame(b"GET / HTTP/1.1\r\n", &mut 0).unwrap_err().reason, Reason::PROTOCOL_ERROR);
     }
 }

@@ -1,13 +1,16 @@
 //! State-machine tests: a client and a server `Connection` wired back to back in memory, and
 //! raw frames for what our own client never sends.
 
+use std::collections::HashMap;
+
 use bytes::BytesMut;
 use proptest::prelude::*;
 
 use super::conn::{Config, Connection, Error, Event, Role};
 use super::frame::{self, Frame, Reason, Settings};
 
-/// A client and a server connection joined in memory.
+/// A client and a server connection joined in memory. DATA events are gathered per stream
+/// (`c_data`, `s_data`) as they come, while their input is at hand; the rest queue in order.
 struct Pair {
     client: Connection,
     server: Connection,
@@ -15,6 +18,21 @@ struct Pair {
     s_out: BytesMut,
     c_events: Vec<Event>,
     s_events: Vec<Event>,
+    c_data: HashMap<u32, Vec<u8>>,
+    s_data: HashMap<u32, Vec<u8>>,
+}
+
+/// Drains `conn`'s events after a `recv` of `input`: DATA's bytes (ranges of `input`) appended
+/// to `data`, the others to `events`.
+fn drain(conn: &mut Connection, input: &[u8], events: &mut Vec<Event>, data: &mut HashMap<u32, Vec<u8>>) {
+    while let Some(e) = conn.poll_event() {
+        match e {
+            Event::Data { stream_id, data: range } => {
+                data.entry(stream_id).or_default().extend_from_slice(&input[range]);
+            }
+            e => events.push(e),
+        }
+    }
 }
 
 impl Pair {
@@ -23,7 +41,16 @@ impl Pair {
         let mut s_out = BytesMut::new();
         let client = Connection::new(Role::Client, client_cfg, &mut c_out);
         let server = Connection::new(Role::Server, server_cfg, &mut s_out);
-        let mut p = Pair { client, server, c_out, s_out, c_events: Vec::new(), s_events: Vec::new() };
+        let mut p = Pair {
+            client,
+            server,
+            c_out,
+            s_out,
+            c_events: Vec::new(),
+            s_events: Vec::new(),
+            c_data: HashMap::new(),
+            s_data: HashMap::new(),
+        };
         p.pump();
         p
     }
@@ -37,14 +64,10 @@ impl Pair {
         while !self.c_out.is_empty() || !self.s_out.is_empty() {
             let c = self.c_out.split();
             self.server.recv(&c, &mut self.s_out).unwrap();
-            while let Some(e) = self.server.poll_event() {
-                self.s_events.push(e);
-            }
+            drain(&mut self.server, &c, &mut self.s_events, &mut self.s_data);
             let s = self.s_out.split();
             self.client.recv(&s, &mut self.c_out).unwrap();
-            while let Some(e) = self.client.poll_event() {
-                self.c_events.push(e);
-            }
+            drain(&mut self.client, &s, &mut self.c_events, &mut self.c_data);
         }
     }
 
@@ -59,25 +82,16 @@ impl Pair {
         id
     }
 
-    fn take_data(events: &mut Vec<Event>, id: u32) -> Vec<u8> {
-        let mut got = Vec::new();
-        events.retain(|e| match e {
-            Event::Data { stream_id, data } if *stream_id == id => {
-                got.extend_from_slice(data);
-                false
-            }
-            _ => true,
-        });
-        got
+    fn take_data(data: &mut HashMap<u32, Vec<u8>>, id: u32) -> Vec<u8> {
+        data.remove(&id).unwrap_or_default()
     }
 }
 
 /// Frames a server wrote, decoded from the client's point of view.
 fn frames_from_server(bytes: &[u8]) -> Vec<Frame> {
     let mut dec = frame::Decoder::client(frame::MAX_MAX_FRAME_SIZE);
-    dec.feed(bytes);
-    let mut v = Vec::new();
-    while let Some(f) = dec.next_frame().unwrap() {
+    let (mut v, mut at) = (Vec::new(), 0);
+    while let Some(f) = dec.next_frame(bytes, &mut at).unwrap() {
         v.push(f);
     }
     v
@@ -213,6 +227,34 @@ fn windows_are_sized_for_bulk_as_ztunnel() {
 }
 
 #[test]
+fn data_larger_than_one_read_arrives_as_slices_of_each_read_and_its_credit_returns_only_once_consumed() {
+    let mut p = Pair::default();
+    let id = p.tunnel();
+    // 3 MiB in 1 MiB frames (the server's max frame size): over half the 4 MiB stream window.
+    let payload: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    assert_eq!(p.client.send_data(id, &payload, &mut p.c_out).unwrap(), payload.len());
+    let wire = p.c_out.split();
+    let (mut got, mut out) = (Vec::new(), BytesMut::new());
+    // Reads of 5,000 bytes, as TLS records cut the stream: every frame spans hundreds.
+    for read in wire.chunks(5_000) {
+        p.server.recv(read, &mut out).unwrap();
+        while let Some(e) = p.server.poll_event() {
+            let Event::Data { stream_id, data } = e else { panic!("unexpected {e:?}") };
+            assert_eq!(stream_id, id);
+            got.extend_from_slice(&read[data]);
+        }
+        // Never more than a frame header held: the data is not copied into the core.
+        assert!(p.server.buffered() < frame::HEADER_LEN, "{} buffered", p.server.buffered());
+    }
+    assert_eq!(got, payload);
+    assert!(out.is_empty(), "credit before anything was consumed: {:?}", frames_from_server(&out));
+    p.server.consume(id, 1 << 20, &mut out).unwrap();
+    assert!(out.is_empty(), "under half a window owed: no WINDOW_UPDATE yet");
+    p.server.consume(id, 2 << 20, &mut out).unwrap();
+    assert_eq!(frames_from_server(&out), vec![Frame::WindowUpdate { stream_id: id, increment: 3 << 20 }]);
+}
+
+#[test]
 fn a_sender_blocked_at_window_zero_resumes_after_window_update() {
     let mut p = Pair::default();
     let id = p.tunnel();
@@ -221,7 +263,7 @@ fn a_sender_blocked_at_window_zero_resumes_after_window_update() {
     assert_eq!(n, 4 << 20, "the stream window, 4 MiB, caps the first send");
     assert_eq!(p.client.send_capacity(id), 0);
     p.pump();
-    let got = Pair::take_data(&mut p.s_events, id);
+    let got = Pair::take_data(&mut p.s_data, id);
     assert_eq!(got.len(), 4 << 20);
     // Nothing consumed yet: no credit, the sender stays blocked.
     assert!(p.c_events.is_empty());
@@ -233,7 +275,7 @@ fn a_sender_blocked_at_window_zero_resumes_after_window_update() {
     let m = p.client.send_data(id, &data[n..], &mut p.c_out).unwrap();
     assert_eq!(m, 1 << 20);
     p.pump();
-    assert_eq!(Pair::take_data(&mut p.s_events, id).len(), 1 << 20);
+    assert_eq!(Pair::take_data(&mut p.s_data, id).len(), 1 << 20);
 }
 
 #[test]
@@ -284,13 +326,13 @@ fn half_close_is_forwarded_and_the_other_direction_keeps_flowing() {
     p.client.send_data(id, b"ping", &mut p.c_out).unwrap();
     p.client.finish(id, &mut p.c_out).unwrap();
     p.pump();
-    assert_eq!(Pair::take_data(&mut p.s_events, id), b"ping");
+    assert_eq!(Pair::take_data(&mut p.s_data, id), b"ping");
     assert_eq!(p.s_events, vec![Event::End { stream_id: id }]);
     assert!(matches!(p.client.send_data(id, b"x", &mut p.c_out), Err(Error::State(..))));
     p.server.send_data(id, b"pong", &mut p.s_out).unwrap();
     p.server.finish(id, &mut p.s_out).unwrap();
     p.pump();
-    assert_eq!(Pair::take_data(&mut p.c_events, id), b"pong");
+    assert_eq!(Pair::take_data(&mut p.c_data, id), b"pong");
     assert_eq!(p.c_events, vec![Event::End { stream_id: id }]);
     assert_eq!((p.client.active_streams(), p.server.active_streams()), (0, 0));
 }
@@ -353,7 +395,7 @@ fn goaway_on_drain_keeps_open_streams_and_refuses_new_ones() {
     // The stream below last_stream_id still carries data both ways.
     p.client.send_data(id, b"still", &mut p.c_out).unwrap();
     p.pump();
-    assert_eq!(Pair::take_data(&mut p.s_events, id), b"still");
+    assert_eq!(Pair::take_data(&mut p.s_data, id), b"still");
     assert!(!p.server.is_done());
     p.client.finish(id, &mut p.c_out).unwrap();
     p.server.finish(id, &mut p.s_out).unwrap();
@@ -551,6 +593,7 @@ proptest! {
             }
             while let Some(e) = client.poll_event() {
                 if let Event::Data { stream_id, data } = e {
+                    prop_assert!(data.end <= f.len(), "a range of the input");
                     let _ = client.consume(stream_id, data.len(), &mut out);
                 }
             }
@@ -591,7 +634,10 @@ proptest! {
                 // Act like a caller: answer and consume, to reach more states.
                 match e {
                     Event::Request { stream_id, .. } => { let _ = server.respond(stream_id, 200, &[], &mut out); }
-                    Event::Data { stream_id, data } => { let _ = server.consume(stream_id, data.len(), &mut out); }
+                    Event::Data { stream_id, data } => {
+                        prop_assert!(data.end <= f.len(), "a range of the input");
+                        let _ = server.consume(stream_id, data.len(), &mut out);
+                    }
                     _ => {}
                 }
             }

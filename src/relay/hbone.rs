@@ -5,31 +5,36 @@
 //! (authority checks, connect, answer, copy, count) is the pipeline's, in `relay`.
 //!
 //! Everything lives on one worker: the carrier and its streams share the core through an
-//! `Rc<Mux>`, borrowed only between awaits. A stream's received DATA waits in its queue as
-//! slices of the core's read buffer (no copy) until written to the local socket; window
-//! credit goes back only then (`consume`), so a slow local reader slows its own sender, not
-//! the others on the carrier.
+//! `Rc<Mux>`, borrowed only between awaits. Tunnel bytes are not copied on our side either way:
+//! received DATA goes from rustls' plaintext straight into the stream's local socket (its
+//! sink), and only what that socket does not take at once is queued, in pool buffers; window
+//! credit goes back only once written (`consume`), so a slow local reader slows its own
+//! sender, not the others on the carrier. Sent DATA is read from the local socket behind room
+//! for the frame header, which the core fills in, and handed to rustls as one slice; streams
+//! and the carrier's writer take turns at the TLS writer so frames never interleave.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use monoio::net::TcpStream;
 
 use super::Error;
-use crate::conn::{Security, WorkerCtx};
+use crate::conn::{BufferPool, Security, WorkerCtx};
 use crate::exchange::NodeMetadata;
 use crate::hbone::conn::{Config, Connection, Event, Role};
+use crate::hbone::frame::HEADER_LEN;
 use crate::hbone::headers::HeaderList;
 use crate::metrics::{HboneRefused, TlsRefused};
 use crate::snapshot::Snapshot;
+use crate::socket;
 use crate::tls::Slot;
 use crate::tls::stream::{Fill, TlsStream};
 
@@ -49,10 +54,6 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// the keepalive tick, so it closes within one more interval.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Bytes the core may have appended and not yet written before a stream's `send` waits: the
-/// peer's windows (Envoy's are 256 MiB) must not become our memory when its socket is slow.
-const OUT_HIGH_WATER: usize = 512 << 10;
-
 /// Streams a pooled carrier takes before the pool opens another (SPEC §12).
 const MAX_STREAMS: usize = 100;
 
@@ -68,12 +69,18 @@ pub(crate) struct Mux {
     /// A PING is out and when it went (keepalive).
     ping_sent: Cell<Option<Instant>>,
     h2: RefCell<Connection>,
+    /// Control frames (and HEADERS) the core appended, not yet written; DATA never waits here.
     out: RefCell<BytesMut>,
+    /// `out`'s twin: what the turn's holder is writing.
+    spare: RefCell<BytesMut>,
     streams: RefCell<HashMap<u32, Pipe>>,
     /// The writer, waiting for `out` to fill.
     flush: Cell<Option<Waker>>,
-    /// Streams waiting for `out` to drain below `OUT_HIGH_WATER`.
-    drained: RefCell<Vec<Waker>>,
+    /// Someone (a stream's DATA or the writer's `out`) is writing to the TLS stream: a frame
+    /// is handed to rustls whole, after everything the core appended before it.
+    writing: Cell<bool>,
+    /// Streams waiting for their turn at the TLS writer.
+    turn: RefCell<Vec<Waker>>,
     /// The carrier ended: streams fail, the writer stops.
     closed: Cell<bool>,
 }
@@ -83,7 +90,15 @@ pub(crate) struct Mux {
 struct Pipe {
     /// Client: the response to our CONNECT, once it came.
     response: Option<(u16, HeaderList)>,
-    rx: VecDeque<Bytes>,
+    /// The local socket received DATA goes to, while the copy toward it runs: written to
+    /// straight from the carrier's read when nothing waits before it.
+    sink: Option<Rc<TcpStream>>,
+    /// Received bytes the sink did not take at once, in pool buffers, oldest first.
+    rx: VecDeque<Vec<u8>>,
+    /// The stream's task is writing a buffer it took from `rx`: nothing may overtake it.
+    busy: bool,
+    /// Bytes the carrier wrote straight to the sink, not yet counted by the stream's task.
+    written: usize,
     end: bool,
     reset: bool,
     reader: Option<Waker>,
@@ -120,7 +135,7 @@ impl Mux {
     fn close(&self) {
         self.closed.set(true);
         self.going_away.set(true);
-        for w in self.drained.borrow_mut().drain(..) {
+        for w in self.turn.borrow_mut().drain(..) {
             w.wake();
         }
         let ids: Vec<u32> = self.streams.borrow().keys().copied().collect();
@@ -133,10 +148,56 @@ impl Mux {
     }
 }
 
+impl Mux {
+    /// Wait for the turn at the TLS writer; it passes on when the guard drops.
+    async fn take_turn(&self) -> Turn<'_> {
+        poll_fn(|cx| {
+            if !self.writing.replace(true) {
+                return Poll::Ready(());
+            }
+            self.turn.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        Turn(self)
+    }
+
+    /// Write what the core appended so far (holding the turn).
+    async fn write_queued(&self, _turn: &Turn<'_>) -> io::Result<()> {
+        if self.out.borrow().is_empty() {
+            return Ok(());
+        }
+        let mut spare = self.spare.take();
+        std::mem::swap(&mut *self.out.borrow_mut(), &mut spare);
+        let r = self.tls.write_all(&spare).await;
+        spare.clear();
+        *self.spare.borrow_mut() = spare;
+        r
+    }
+}
+
+/// The turn at a carrier's TLS writer; dropping it wakes those waiting for it.
+struct Turn<'a>(&'a Mux);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.writing.set(false);
+        // All of them: one woken and then dropped (its connection cut) must not strand the rest.
+        for w in self.0.turn.borrow_mut().drain(..) {
+            w.wake();
+        }
+        if let Some(w) = self.0.flush.take() {
+            w.wake();
+        }
+    }
+}
+
 /// What a stream's receive side has next.
 pub(crate) enum Received {
-    /// Tunnel bytes.
-    Data(Bytes),
+    /// Bytes the carrier wrote straight to the sink since the last call (for the counters).
+    Written(usize),
+    /// Tunnel bytes the sink did not take at once (a pool buffer): write them, then `consume`.
+    Data(Vec<u8>),
     /// END_STREAM: the peer half-closed.
     End,
     /// RST_STREAM, or the carrier failed: a reset, never a clean end.
@@ -170,12 +231,26 @@ impl Tunnel {
         self.mux.with_h2(|h2, out| h2.respond(self.id, status, headers, out)).map_err(io::Error::other)
     }
 
-    /// The next thing the peer sent on this stream.
+    /// Received DATA goes straight into `sink` from now until the guard drops.
+    pub(crate) fn attach(&self, sink: Rc<TcpStream>) -> Attached<'_> {
+        if let Some(p) = self.mux.streams.borrow_mut().get_mut(&self.id) {
+            p.sink = Some(sink);
+        }
+        Attached(self)
+    }
+
+    /// The next thing the peer sent on this stream. Calling it again means the buffer of the
+    /// last `Data` was written.
     pub(crate) async fn recv(&self) -> Received {
         poll_fn(|cx| {
             let mut streams = self.mux.streams.borrow_mut();
             let Some(p) = streams.get_mut(&self.id) else { return Poll::Ready(Received::Reset) };
+            p.busy = false;
+            if p.written > 0 {
+                return Poll::Ready(Received::Written(std::mem::take(&mut p.written)));
+            }
             if let Some(b) = p.rx.pop_front() {
+                p.busy = true;
                 return Poll::Ready(Received::Data(b));
             }
             if p.reset {
@@ -195,23 +270,30 @@ impl Tunnel {
         let _ = self.mux.with_h2(|h2, out| h2.consume(self.id, n, out));
     }
 
-    /// Send all of `data`, waiting for window credit when the peer's windows are spent.
-    pub(crate) async fn send(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            poll_fn(|cx| {
-                if self.mux.out.borrow().len() < OUT_HIGH_WATER || self.mux.closed.get() {
-                    return Poll::Ready(());
-                }
-                self.mux.drained.borrow_mut().push(cx.waker().clone());
-                Poll::Pending
-            })
-            .await;
-            let taken = self.mux.with_h2(|h2, out| h2.send_data(self.id, data, out));
-            let taken = taken.map_err(|e| io::Error::new(io::ErrorKind::ConnectionReset, e))?;
-            data = data.get(taken..).unwrap_or_default();
-            if data.is_empty() {
-                break;
+    /// Send `buf[HEADER_LEN..]` as DATA, waiting for window credit when the peer's windows are
+    /// spent. `buf[..HEADER_LEN]` is room for the first frame's header, written in place, so
+    /// header and bytes go to rustls as one slice; a later frame's header overwrites bytes
+    /// already handed over.
+    pub(crate) async fn send_framed(&self, buf: &mut [u8]) -> io::Result<()> {
+        let reset = |e| io::Error::new(io::ErrorKind::ConnectionReset, e);
+        let mut at = 0;
+        while let Some(len) = buf.len().checked_sub(at + HEADER_LEN).filter(|n| *n > 0) {
+            let turn = self.mux.take_turn().await;
+            if self.mux.closed.get() {
+                return Err(io::Error::from(io::ErrorKind::ConnectionReset));
             }
+            let (n, head) = self.mux.h2.borrow_mut().send_frame(self.id, len).map_err(reset)?;
+            if n > 0 {
+                if let Some(room) = buf.get_mut(at..at + HEADER_LEN) {
+                    room.copy_from_slice(&head);
+                }
+                // What the core appended before this frame goes first.
+                self.mux.write_queued(&turn).await?;
+                self.mux.tls.write_all(buf.get(at..at + HEADER_LEN + n).unwrap_or_default()).await?;
+                at += n;
+                continue;
+            }
+            drop(turn);
             poll_fn(|cx| {
                 if self.mux.h2.borrow().send_capacity(self.id) > 0 {
                     return Poll::Ready(Ok(()));
@@ -249,7 +331,7 @@ impl Drop for Tunnel {
         // DATA on this stream is consumed as it arrives (`dispatch`): a stream we stopped
         // reading must not hold the whole carrier's window.
         let held: usize = match self.mux.streams.borrow_mut().remove(&self.id) {
-            Some(p) => p.rx.iter().map(Bytes::len).sum(),
+            Some(p) => p.rx.iter().map(Vec::len).sum(),
             None => 0,
         };
         self.mux.with_h2(|h2, out| {
@@ -259,6 +341,18 @@ impl Drop for Tunnel {
             // Already closed our way, or reset: the core says so and nothing is sent.
             let _ = h2.finish(self.id, out);
         });
+    }
+}
+
+/// A stream's sink attached (`Tunnel::attach`); dropping it detaches the sink, before the
+/// socket may be reset or closed.
+pub(crate) struct Attached<'a>(&'a Tunnel);
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.mux.streams.borrow_mut().get_mut(&self.0.id) {
+            p.sink = None;
+        }
     }
 }
 
@@ -323,9 +417,11 @@ impl Mux {
             ping_sent: Cell::new(None),
             h2: RefCell::new(h2),
             out: RefCell::new(out),
+            spare: RefCell::new(BytesMut::new()),
             streams: RefCell::new(HashMap::new()),
             flush: Cell::new(None),
-            drained: RefCell::new(Vec::new()),
+            writing: Cell::new(false),
+            turn: RefCell::new(Vec::new()),
             closed: Cell::new(false),
         })
     }
@@ -406,13 +502,17 @@ async fn read_in(
         if mux.tls.fill(&ctx.pool).await? == Fill::Eof {
             return Ok(());
         }
-        // Straight from rustls' buffer into the core's frame decoder.
-        let fed = mux.tls.with_plaintext(|bytes| mux.with_h2(|h2, out| h2.recv(bytes, out)));
-        loop {
-            let event = mux.h2.borrow_mut().poll_event();
-            let Some(event) = event else { break };
-            dispatch(ctx, mux, event, &mut accept);
-        }
+        // Straight from rustls' buffer into the core's frame decoder; the events (DATA: ranges
+        // of that buffer) are acted on while it is still there.
+        let fed = mux.tls.with_plaintext(|bytes| {
+            let fed = mux.with_h2(|h2, out| h2.recv(bytes, out));
+            loop {
+                let event = mux.h2.borrow_mut().poll_event();
+                let Some(event) = event else { break };
+                dispatch(ctx, mux, event, bytes, &mut accept);
+            }
+            fed
+        });
         fed.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if mux.h2.borrow().is_done() {
             return Ok(());
@@ -420,15 +520,34 @@ async fn read_in(
     }
 }
 
-/// Act on one event of the core.
-fn dispatch(ctx: &WorkerCtx, mux: &Mux, event: Event, accept: &mut impl FnMut(u32, String, HeaderList)) {
+/// Act on one event of the core; `input` is what it was fed.
+fn dispatch(
+    ctx: &WorkerCtx,
+    mux: &Mux,
+    event: Event,
+    input: &[u8],
+    accept: &mut impl FnMut(u32, String, HeaderList),
+) {
     match event {
         Event::Request { stream_id, authority, headers } => accept(stream_id, authority, headers),
         Event::Data { stream_id, data } => {
-            let n = data.len();
-            if !mux.with_pipe(stream_id, |p| p.rx.push_back(data)) {
-                // Nobody reads this stream any more: give the window back at once.
-                let _ = mux.with_h2(|h2, out| h2.consume(stream_id, n, out));
+            let bytes = input.get(data).unwrap_or_default();
+            let mut written = 0;
+            let known = mux.with_pipe(stream_id, |p| {
+                if p.rx.is_empty()
+                    && !p.busy
+                    && let Some(sink) = &p.sink
+                {
+                    // An error is left to the stream's own write, which meets it again.
+                    written = socket::NonBlocking(sink).write(bytes).unwrap_or(0);
+                }
+                p.written += written;
+                queue(&mut p.rx, bytes.get(written..).unwrap_or_default(), &ctx.pool);
+            });
+            // Written, or nobody reads this stream any more: window credit back at once.
+            let credit = if known { written } else { bytes.len() };
+            if credit > 0 {
+                let _ = mux.with_h2(|h2, out| h2.consume(stream_id, credit, out));
             }
         }
         Event::End { stream_id } => {
@@ -453,27 +572,39 @@ fn dispatch(ctx: &WorkerCtx, mux: &Mux, event: Event, accept: &mut impl FnMut(u3
     }
 }
 
-/// Write what the core appended, as it comes; two buffers swap so none is allocated per write.
+/// Copies `bytes` to the end of a stream's queue, filling its last pool buffer first.
+fn queue(rx: &mut VecDeque<Vec<u8>>, mut bytes: &[u8], pool: &BufferPool) {
+    while !bytes.is_empty() {
+        let room = rx.back().map_or(0, |b| b.capacity() - b.len());
+        if room == 0 {
+            rx.push_back(pool.take());
+            continue;
+        }
+        let (now, later) = bytes.split_at(room.min(bytes.len()));
+        if let Some(b) = rx.back_mut() {
+            b.extend_from_slice(now);
+        }
+        bytes = later;
+    }
+}
+
+/// Write what the core appended (control frames, HEADERS) as it comes, taking turns with the
+/// streams' DATA; `out` and `spare` swap so no buffer is allocated per write.
 async fn write_out(mux: &Mux) -> io::Result<()> {
-    let mut spare = BytesMut::new();
     loop {
         poll_fn(|cx| {
-            if !mux.out.borrow().is_empty() || mux.closed.get() {
+            if (!mux.out.borrow().is_empty() && !mux.writing.get()) || mux.closed.get() {
                 return Poll::Ready(());
             }
             mux.flush.set(Some(cx.waker().clone()));
             Poll::Pending
         })
         .await;
-        std::mem::swap(&mut *mux.out.borrow_mut(), &mut spare);
-        for w in mux.drained.borrow_mut().drain(..) {
-            w.wake();
-        }
-        if spare.is_empty() {
+        if mux.closed.get() && mux.out.borrow().is_empty() {
             return Ok(()); // closed, all written
         }
-        mux.tls.write_all(&spare).await?;
-        spare.clear();
+        let turn = mux.take_turn().await;
+        mux.write_queued(&turn).await?;
     }
 }
 

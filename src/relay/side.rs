@@ -1,4 +1,4 @@
-//! A side of a connection, whatever carries it (plain TCP, TLS; an HBONE stream next), and
+//! A side of a connection, whatever carries it (plain TCP, TLS, an HBONE stream), and
 //! the copy between two sides: both directions until both ended, half-close passed on, a reset
 //! kept a reset, idle timeout and drain deadline (SPEC §1). The pipeline in `relay` sets the
 //! sides up; this file only moves bytes and says how the copy ended.
@@ -12,6 +12,7 @@ use std::cell::Cell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::pin;
+use std::rc::Rc;
 use std::task::Poll;
 
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
@@ -20,6 +21,7 @@ use monoio::net::TcpStream;
 use super::Error;
 use super::hbone::{Received, Tunnel};
 use crate::conn::{Conn, WorkerCtx};
+use crate::hbone::frame::HEADER_LEN;
 use crate::socket;
 use crate::tls::stream::{Fill, TlsStream};
 
@@ -60,8 +62,41 @@ impl Side {
 pub(super) async fn copy_both(ctx: &WorkerCtx, conn: &Conn, down: Side, up: Side) -> Result<(), Error> {
     match (down, up) {
         (Side::Plain(down), Side::Plain(up)) => copy_plain(ctx, conn, down, up).await,
+        (Side::Plain(plain), Side::Tunnel(tunnel)) => copy_tunnel(ctx, conn, plain, tunnel, true).await,
+        (Side::Tunnel(tunnel), Side::Plain(plain)) => copy_tunnel(ctx, conn, plain, tunnel, false).await,
         (down, up) => copy_sides(ctx, conn, down, up).await,
     }
+}
+
+/// Plain ↔ HBONE stream (`plain_is_down`: the plain side is the downstream). The socket is
+/// shared with the stream's carrier (`Tunnel::attach`) for the copy's length, so received DATA
+/// is written to it straight from the carrier's read. Idle: close gracefully (FIN, END_STREAM);
+/// anything else resets both.
+async fn copy_tunnel(
+    ctx: &WorkerCtx,
+    conn: &Conn,
+    plain: TcpStream,
+    tunnel: Tunnel,
+    plain_is_down: bool,
+) -> Result<(), Error> {
+    let plain = Rc::new(plain);
+    let result = {
+        let to_tunnel = pin!(plain_to_tunnel(ctx, conn, &plain, &tunnel, plain_is_down));
+        let to_plain = pin!(tunnel_to_plain(ctx, conn, &tunnel, &plain, !plain_is_down));
+        if plain_is_down {
+            both(to_tunnel, to_plain, conn).await
+        } else {
+            both(to_plain, to_tunnel, conn).await
+        }
+    };
+    if let Err(Ended::Drain | Ended::Reset(_)) = &result {
+        // The tunnel first: its pipe lets go of the socket, so the reset below is its last close.
+        tunnel.reset();
+        if let Ok(plain) = Rc::try_unwrap(plain) {
+            socket::reset(plain);
+        }
+    }
+    result.map_err(|e| Error::Io(e.into()))
 }
 
 /// Two sides of which at least one is not plain TCP: one loop per direction, chosen by the
@@ -84,10 +119,9 @@ async fn direction(ctx: &WorkerCtx, conn: &Conn, from: &Side, to: &Side, request
     match (from, to) {
         (Side::Plain(p), Side::Tls(t)) => plain_to_tls(ctx, conn, p, t, request).await,
         (Side::Tls(t), Side::Plain(p)) => tls_to_plain(ctx, conn, t, p, request).await,
-        (Side::Plain(p), Side::Tunnel(t)) => plain_to_tunnel(ctx, conn, p, t, request).await,
-        (Side::Tunnel(t), Side::Plain(p)) => tunnel_to_plain(ctx, conn, t, p, request).await,
         // The pipeline never pairs two encrypted sides (a terminated downstream's upstream is
-        // the local application, plaintext) and plain ↔ plain takes `copy_plain`.
+        // the local application, plaintext); plain ↔ plain takes `copy_plain` and plain ↔
+        // HBONE stream `copy_tunnel`.
         _ => Err(io::Error::other("no copy between these kinds of sides")),
     }
 }
@@ -144,8 +178,9 @@ async fn tls_to_plain(
     }
 }
 
-/// Plaintext → HBONE stream: a pool buffer only between readiness and the framing copy into
-/// the carrier's output (DATA frames as the peer's windows allow); EOF is END_STREAM.
+/// Plaintext → HBONE stream: read behind room for a DATA frame header (a pool buffer, only
+/// between readiness and the write), so the frame goes to rustls without a copy here; EOF is
+/// END_STREAM.
 async fn plain_to_tunnel(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -156,6 +191,7 @@ async fn plain_to_tunnel(
     loop {
         plain.readable(false).await?;
         let mut buf = ctx.pool.take();
+        buf.extend_from_slice(&[0; HEADER_LEN]);
         let n = match socket::recv_spare(plain, &mut buf) {
             Ok(n) => n,
             Err(e) => {
@@ -171,35 +207,42 @@ async fn plain_to_tunnel(
             return tunnel.finish();
         }
         count_bytes(ctx, conn, n, request);
-        let r = tunnel.send(&buf).await;
+        let r = tunnel.send_framed(&mut buf).await;
         ctx.pool.put(buf);
         r?;
     }
 }
 
-/// HBONE stream → plaintext: DATA goes from the carrier's read buffer straight into the
-/// socket; window credit goes back as it is written. END_STREAM is a FIN, RST_STREAM an error
-/// (the copy then resets the socket).
+/// HBONE stream → plaintext: the socket is the stream's sink, so DATA mostly arrives already
+/// written (straight from the carrier's read, window credit given back then); what the socket
+/// did not take at once comes queued and is written here, credited as it goes. END_STREAM is a
+/// FIN, RST_STREAM an error (the copy then resets the socket).
 async fn tunnel_to_plain(
     ctx: &WorkerCtx,
     conn: &Conn,
     tunnel: &Tunnel,
-    plain: &TcpStream,
+    plain: &Rc<TcpStream>,
     request: bool,
 ) -> io::Result<()> {
     use std::io::Write;
+    let _attached = tunnel.attach(Rc::clone(plain));
     loop {
-        let mut data = match tunnel.recv().await {
-            Received::Data(data) => data,
+        let buf = match tunnel.recv().await {
+            Received::Written(n) => {
+                count_bytes(ctx, conn, n, request);
+                continue;
+            }
+            Received::Data(buf) => buf,
             Received::End => return socket::shutdown_write(plain),
             Received::Reset => {
                 return Err(io::Error::new(io::ErrorKind::ConnectionReset, "hbone stream reset"));
             }
         };
-        while !data.is_empty() {
-            match socket::NonBlocking(plain).write(&data) {
+        let mut at = 0;
+        while let Some(rest) = buf.get(at..).filter(|r| !r.is_empty()) {
+            match socket::NonBlocking(plain).write(rest) {
                 Ok(n) => {
-                    bytes::Buf::advance(&mut data, n);
+                    at += n;
                     tunnel.consume(n);
                     count_bytes(ctx, conn, n, request);
                 }
@@ -207,6 +250,7 @@ async fn tunnel_to_plain(
                 Err(e) => return Err(e),
             }
         }
+        ctx.pool.put(buf);
     }
 }
 
