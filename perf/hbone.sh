@@ -7,6 +7,7 @@
 # GB, connections/s at C=64 (64 B each way, then close), RSS per idle tunnelled connection.
 # Prints one JSON line per pair and a Markdown table.   perf/hbone.sh [--quick]
 source "$(dirname "$0")/harness.sh"
+source "$(dirname "$0")/hbone-pair.sh"
 
 BULK_SECONDS=3; CONN_SECONDS=3; IDLE=2000
 [[ ${1:-} == --quick ]] && { BULK_SECONDS=1; CONN_SECONDS=1; IDLE=500; }
@@ -29,7 +30,6 @@ for id in client server; do
   openssl x509 -req -in "$d/$id.csr" -CA "$d/root-cert.pem" -CAkey "$d/root-key.pem" -CAcreateserial \
     -days 2 -extfile "$d/$id.ext" -out "$d/$id-cert.pem" 2>/dev/null
 done
-SERVER_ID=spiffe://cluster.local/ns/default/sa/server
 
 wait_port() {
   for ((i = 0; i < 200; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
@@ -37,32 +37,7 @@ wait_port() {
 }
 
 ringside_pair() {
-  cat >"$WORK/term.yaml" <<EOF
-node: {workload_name: server, namespace: default, labels: {app: server, version: v1}}
-workers: 1
-driver: uring
-admin: {listen: "127.0.0.1:$ADMIN2"}
-health: {listen: "off"}
-metrics: {listen: "off"}
-listeners:
-  - {name: hbone, listen: "127.0.0.1:$TUNNEL", direction: inbound, tunnel: hbone,
-     tls: {mode: strict, cert_chain: $d/server-cert.pem, private_key: $d/server-key.pem, root_cert: $d/root-cert.pem}}
-EOF
-  cat >"$WORK/orig.yaml" <<EOF
-node: {workload_name: client, namespace: default, labels: {app: client, version: v1}}
-workers: 1
-driver: uring
-admin: {listen: "127.0.0.1:$ADMIN1"}
-health: {listen: "off"}
-metrics: {listen: "off"}
-listeners:
-  - {name: outbound, listen: "127.0.0.1:$FRONT", direction: outbound, peer_exchange: "off", cluster: app}
-clusters:
-  - {name: app, service: app.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$BACKEND"}],
-     tunnel: {protocol: hbone, port: $TUNNEL},
-     tls: {mode: istio_mutual, cert_chain: $d/client-cert.pem, private_key: $d/client-key.pem,
-           root_cert: $d/root-cert.pem, subject_alt_names: ["$SERVER_ID"]}}
-EOF
+  hbone_ringside_configs "$WORK" "$d" client server "$FRONT" "$TUNNEL" "$BACKEND" "$ADMIN1" "$ADMIN2"
   RUST_LOG=warn spawn taskset -c "$PROXY_CORE" "$RINGSIDE" run --config "$WORK/term.yaml" 2>>"$WORK/ringside.log"
   P1=$LAST_PID; wait_port "$TUNNEL"
   RUST_LOG=warn spawn taskset -c "$PROXY_CORE" "$RINGSIDE" run --config "$WORK/orig.yaml" 2>>"$WORK/ringside.log"
@@ -70,84 +45,7 @@ EOF
 }
 
 envoy_pair() {
-  cat >"$WORK/envoy-term.yaml" <<EOF
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN2}}}
-static_resources:
-  listeners:
-  - name: hbone
-    address: {socket_address: {address: 127.0.0.1, port_value: $TUNNEL}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_params: {tls_minimum_protocol_version: TLSv1_3}
-            alpn_protocols: [h2]
-            tls_certificates: [{certificate_chain: {filename: $d/server-cert.pem}, private_key: {filename: $d/server-key.pem}}]
-            validation_context: {trusted_ca: {filename: $d/root-cert.pem}}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: hbone
-          codec_type: HTTP2
-          http2_protocol_options: {allow_connect: true, initial_stream_window_size: 4194304, initial_connection_window_size: 16777216}
-          upgrade_configs: [{upgrade_type: CONNECT}]
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {connect_matcher: {}}
-                route: {cluster: app, upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: app
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment: {cluster_name: app, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $BACKEND}}}}]}]}
-EOF
-  cat >"$WORK/envoy-orig.yaml" <<EOF
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN1}}}
-static_resources:
-  listeners:
-  - name: out
-    address: {socket_address: {address: 127.0.0.1, port_value: $FRONT}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: out
-          cluster: hbone
-          tunneling_config: {hostname: "127.0.0.1:$BACKEND"}
-  clusters:
-  - name: hbone
-    type: STATIC
-    connect_timeout: 5s
-    # Envoy's default breakers stop at 1,024 streams; Istio raises them to the maximum.
-    circuit_breakers: {thresholds: [{max_connections: 4294967295, max_pending_requests: 4294967295, max_requests: 4294967295}]}
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {initial_stream_window_size: 4194304, initial_connection_window_size: 16777216}}
-    load_assignment: {cluster_name: hbone, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $TUNNEL}}}}]}]}
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          tls_params: {tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}
-          alpn_protocols: [h2]
-          tls_certificates: [{certificate_chain: {filename: $d/client-cert.pem}, private_key: {filename: $d/client-key.pem}}]
-          validation_context:
-            trusted_ca: {filename: $d/root-cert.pem}
-            match_typed_subject_alt_names: [{san_type: URI, matcher: {exact: "$SERVER_ID"}}]
-EOF
+  hbone_envoy_configs "$WORK" "$d" client server "$FRONT" "$TUNNEL" "$BACKEND" "$ADMIN1" "$ADMIN2"
   spawn taskset -c "$PROXY_CORE" "$ENVOY" -c "$WORK/envoy-term.yaml" --concurrency 1 --log-level error \
     --disable-hot-restart 2>>"$WORK/envoy.log"
   P1=$LAST_PID; wait_port "$TUNNEL"
@@ -212,11 +110,16 @@ if [[ -n ${HBONE_PROFILE:-} ]]; then
   stop_pair
   exit 0
 fi
+# HBONE_RINGSIDES="before=/tmp/rs-old after=target/release/ringside" measures several builds in
+# turn, each as its own row (a change's before and after in one session).
 if [[ -z ${HBONE_ENVOY_ONLY:-} ]]; then
-  log "ringside pair"
-  ringside_pair
-  measure_pair ringside-hbone
-  stop_pair
+  for rs in ${HBONE_RINGSIDES:-hbone=$RINGSIDE}; do
+    RINGSIDE=${rs#*=}
+    log "ringside pair (${rs%%=*}: $RINGSIDE)"
+    ringside_pair
+    measure_pair "ringside-${rs%%=*}"
+    stop_pair
+  done
 fi
 log "envoy pair ($("$ENVOY" --version | grep -o 'version: [^ ]*'))"
 envoy_pair
@@ -226,12 +129,15 @@ stop_pair
 python3 - "$WORK/hbone.jsonl" <<'EOF'
 import json, sys
 rows = {r["pair"]: r for r in map(json.loads, open(sys.argv[1]))}
-r, e = rows["ringside-hbone"], rows["envoy-hbone"]
+e = rows["envoy-hbone"]
 print("| pair | 1-stream Gbit/s | CPU s/GB | conn/s C=64 | RSS KiB/idle conn |")
 print("|---|---:|---:|---:|---:|")
 for name, t in rows.items():
     print(f"| {name} | {t['gbit_1_stream']:.2f} | {t['cpu_s_per_gb']:.3f} | {t['conn_per_s_c64']:.0f} | {t['rss_kib_per_idle_conn']:.2f} |")
-ratio = lambda k: r[k] / e[k] if e[k] else float("nan")
-print(f"| ringside / envoy | {ratio('gbit_1_stream'):.2f} | {ratio('cpu_s_per_gb'):.2f} | "
-      f"{ratio('conn_per_s_c64'):.2f} | {ratio('rss_kib_per_idle_conn'):.2f} |")
+for name, r in rows.items():
+    if name == "envoy-hbone":
+        continue
+    ratio = lambda k: r[k] / e[k] if e[k] else float("nan")
+    print(f"| {name} / envoy | {ratio('gbit_1_stream'):.2f} | {ratio('cpu_s_per_gb'):.2f} | "
+          f"{ratio('conn_per_s_c64'):.2f} | {ratio('rss_kib_per_idle_conn'):.2f} |")
 EOF

@@ -256,6 +256,10 @@ def markdown(meta, s, rounds=None):
         if "ringside-2-mtls" in s and "haproxy-2-tls" in s:
             row = [fmt(ratio(get(s["ringside-2-mtls"]), get(s["haproxy-2-tls"])), 2) for _, get, _ in metrics]
             w("| ringside-2-mtls / haproxy-2-tls | " + " | ".join(row) + " |")
+        # HBONE pair against Envoy's HBONE pair (SPEC §12, issue #30).
+        if "ringside-2-hbone" in s and "envoy-2-hbone" in s:
+            row = [fmt(ratio(get(s["ringside-2-hbone"]), get(s["envoy-2-hbone"])), 2) for _, get, _ in metrics]
+            w("| ringside-2-hbone / envoy-2-hbone | " + " | ".join(row) + " |")
         w("")
 
     features = [("metrics on (scraped every 1 s) / off", "ringside-1-metrics", "ringside-1"),

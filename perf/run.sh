@@ -33,6 +33,8 @@ LOAD_CORE=0   # load generator and backend
 PROXY_CORE=1  # every proxy process, so all targets compete for the same single core
 BACKEND_PORT=18100; FRONT_PORT=18101; INNER_PORT=18102; METRICS_PORT=18103; METRICS_PORT2=18104
 TARGETS="direct ringside-1 ringside-1-epoll ringside-1-metrics ringside-1-busy ringside-1-split ringside-2 ringside-2-off ringside-2-mtls haproxy haproxy-busy haproxy-2-tls envoy envoy-2-mtls nginx"
+# The HBONE pairs (SPEC §12): two ringsides, two Envoys (perf/hbone-pair.sh).
+TARGETS+=" ringside-2-hbone envoy-2-hbone"
 # PERF_TARGETS="ringside-1 ringside-1-split" measures only those (a quick look at one feature;
 # the rows that need the others then say "not evaluated").
 TARGETS=${PERF_TARGETS:-$TARGETS}
@@ -550,6 +552,33 @@ EOF
   done
 }
 
+# HBONE pairs (SPEC §12, issue #30) in perf/hbone-pair.sh's configurations, as perf/hbone.sh
+# measures them: the originator listens on FRONT_PORT, the terminator's HBONE port is
+# INNER_PORT, the mTLS rows' certificates (productpage → ratings); admin on the metrics ports.
+source "$HERE/hbone-pair.sh"
+hbone_start() {  # ringside|envoy
+  local f port
+  if [[ $1 == envoy ]]; then
+    [[ -n ${ENVOY:-} ]] || return 1
+    hbone_envoy_configs "$WORK" "$WORK/certs" productpage ratings "$FRONT_PORT" "$INNER_PORT" "$BACKEND_PORT" \
+      "$METRICS_PORT" "$METRICS_PORT2"
+  else
+    hbone_ringside_configs "$WORK" "$WORK/certs" productpage ratings "$FRONT_PORT" "$INNER_PORT" "$BACKEND_PORT" \
+      "$METRICS_PORT" "$METRICS_PORT2"
+  fi
+  for f in term:$INNER_PORT orig:$FRONT_PORT; do
+    port=${f#*:}
+    if [[ $1 == envoy ]]; then
+      spawn_on "$PROXY_CORE" "$ENVOY" -c "$WORK/envoy-${f%%:*}.yaml" --concurrency 1 --log-level error \
+        --disable-hot-restart 2>>"$WORK/envoy.log"
+    else
+      spawn_on "$PROXY_CORE" "$RINGSIDE" run --config "$WORK/${f%%:*}.yaml" 2>>"$WORK/ringside.log"
+    fi
+    wait_port "$port" "$LAST_PID" || return 1
+    PROXY_PIDS+=("$LAST_PID")
+  done
+}
+
 # Scrape a metrics port once a second on the load core, bounded to 10 minutes; stopped with
 # the target (its PID is in PIDS for the final cleanup too).
 scrape_loop() {
@@ -596,6 +625,8 @@ start_target() {
     haproxy-busy) haproxy_start busy-polling ;;
     envoy) envoy_start ;;
     envoy-2-mtls) envoy_mtls_start ;;
+    ringside-2-hbone) hbone_start ringside ;;
+    envoy-2-hbone) hbone_start envoy ;;
     nginx) nginx_start ;;
   esac
 }
