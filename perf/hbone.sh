@@ -104,9 +104,12 @@ if [[ -n ${HBONE_PROFILE:-} ]]; then
   ringside_pair
   taskset -c "$LOAD_CORE" "$LOADGEN" bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds 6 >/dev/null &
   bulk_pid=$!
-  perf record -F 999 -g -o "$WORK/perf.data" -p "$P1,$P2" -- sleep 4 2>/dev/null
+  perf record -F 499 --call-graph dwarf,16384 -o "$WORK/perf.data" -p "$P1,$P2" -- sleep 4 2>/dev/null
   wait "$bulk_pid"
-  perf report -i "$WORK/perf.data" --stdio --no-children --percent-limit 1.5 2>/dev/null | grep -v '^$' | head -120
+  # Flat first (self time by symbol), then the callers of the biggest ones.
+  perf report -i "$WORK/perf.data" --stdio --no-children -g none --percent-limit 0.7 2>/dev/null |
+    grep -v -e '^$' -e '^#' | head -40
+  perf report -i "$WORK/perf.data" --stdio --no-children --percent-limit 4 2>/dev/null | grep -v '^$' | head -150
   stop_pair
   exit 0
 fi

@@ -255,6 +255,29 @@ fn data_larger_than_one_read_arrives_as_slices_of_each_read_and_its_credit_retur
 }
 
 #[test]
+fn a_data_frame_is_a_header_for_the_callers_own_bytes_as_the_peers_frame_size_and_windows_allow() {
+    let server_cfg = Config { max_frame_size: 16_384, stream_window: 20_000, ..Config::default() };
+    let mut p = Pair::new(Config::default(), server_cfg);
+    let id = p.tunnel();
+    // The server's max frame size bounds the first frame, its stream window the second.
+    let (n, head) = p.client.send_frame(id, 100_000).unwrap();
+    assert_eq!((n, head), (16_384, frame::data_header(id, 16_384, false)));
+    let (m, head2) = p.client.send_frame(id, 100_000 - n).unwrap();
+    assert_eq!((m, head2), (20_000 - 16_384, frame::data_header(id, 20_000 - 16_384, false)));
+    assert_eq!(p.client.send_frame(id, 1).unwrap().0, 0, "windows spent");
+    assert!(p.c_out.is_empty(), "the core appended none of the bytes");
+    // Header and bytes written by the caller are what the server delivers.
+    let bytes: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+    let mut wire = head.to_vec();
+    wire.extend_from_slice(&bytes[..n]);
+    wire.extend_from_slice(&head2);
+    wire.extend_from_slice(&bytes[n..]);
+    p.c_out.extend_from_slice(&wire);
+    p.pump();
+    assert_eq!(Pair::take_data(&mut p.s_data, id), bytes);
+}
+
+#[test]
 fn a_sender_blocked_at_window_zero_resumes_after_window_update() {
     let mut p = Pair::default();
     let id = p.tunnel();
