@@ -4,7 +4,8 @@
 # (tcp_proxy `tunneling_config` over HTTP/2 mTLS; http_connection_manager CONNECT upgrade),
 # on the same core split as perf/run.sh: both proxies of a pair on one core, loadgen and the
 # echo backend on the other. Per pair: 1-stream throughput (median of 3) and proxy CPU per
-# GB, connections/s at C=64 (64 B each way, then close), RSS per idle tunnelled connection.
+# GB, connections/s at C=64 (64 B each way, then close), request/response latency over one
+# connection (64 B), RSS per idle tunnelled connection.
 # Prints one JSON line per pair and a Markdown table.   perf/hbone.sh [--quick]
 source "$(dirname "$0")/harness.sh"
 source "$(dirname "$0")/hbone-pair.sh"
@@ -82,8 +83,11 @@ measure_pair() {
   cpu_per_gb=$(python3 -c "print(f'{($t1 - $t0) / 100 / max($bytes / 1e9, 1e-9):.3f}')")
   out=$(lg connrate --target "127.0.0.1:$FRONT" --concurrency 64 --seconds "$CONN_SECONDS" --size 64)
   conns=$(json_field conn_per_s <<<"$out")
-  local cerr
+  local cerr p50 p99
   cerr=$(json_field errors <<<"$out")
+  # Request/response latency over one tunnelled connection (64 B each way).
+  out=$(lg latency --target "127.0.0.1:$FRONT" --connections 1 --requests 20000 --size 64)
+  p50=$(json_field p50_us <<<"$out"); p99=$(json_field p99_us <<<"$out")
   rss0=$(pair_rss)
   # taskset execs loadgen: $! is loadgen itself, so the kill below closes its connections.
   taskset -c "$LOAD_CORE" "$LOADGEN" idle --target "127.0.0.1:$FRONT" --connections "$IDLE" \
@@ -95,8 +99,8 @@ measure_pair() {
   kill "$idle_pid" 2>/dev/null || true; wait "$idle_pid" 2>/dev/null || true
   local per_conn
   per_conn=$(python3 -c "print(f'{($rss1 - $rss0) / max($held, 1):.2f}')")
-  printf '{"pair":"%s","gbit_1_stream":%s,"bulk_runs":"%s","cpu_s_per_gb":%s,"conn_per_s_c64":%s,"conn_errors":%s,"idle_held":%s,"rss_kib_per_idle_conn":%s}\n' \
-    "$name" "$gbit" "${runs[*]}" "$cpu_per_gb" "$conns" "$cerr" "$held" "$per_conn" | tee -a "$WORK/hbone.jsonl"
+  printf '{"pair":"%s","gbit_1_stream":%s,"bulk_runs":"%s","cpu_s_per_gb":%s,"conn_per_s_c64":%s,"conn_errors":%s,"p50_us":%s,"p99_us":%s,"idle_held":%s,"rss_kib_per_idle_conn":%s}\n' \
+    "$name" "$gbit" "${runs[*]}" "$cpu_per_gb" "$conns" "$cerr" "$p50" "$p99" "$held" "$per_conn" | tee -a "$WORK/hbone.jsonl"
 }
 
 if [[ -n ${HBONE_PROFILE:-} ]]; then
@@ -133,14 +137,16 @@ python3 - "$WORK/hbone.jsonl" <<'EOF'
 import json, sys
 rows = {r["pair"]: r for r in map(json.loads, open(sys.argv[1]))}
 e = rows["envoy-hbone"]
-print("| pair | 1-stream Gbit/s | CPU s/GB | conn/s C=64 | RSS KiB/idle conn |")
-print("|---|---:|---:|---:|---:|")
+print("| pair | 1-stream Gbit/s | CPU s/GB | conn/s C=64 | p50 µs | p99 µs | RSS KiB/idle conn |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 for name, t in rows.items():
-    print(f"| {name} | {t['gbit_1_stream']:.2f} | {t['cpu_s_per_gb']:.3f} | {t['conn_per_s_c64']:.0f} | {t['rss_kib_per_idle_conn']:.2f} |")
+    print(f"| {name} | {t['gbit_1_stream']:.2f} | {t['cpu_s_per_gb']:.3f} | {t['conn_per_s_c64']:.0f} | "
+          f"{t['p50_us']:.1f} | {t['p99_us']:.1f} | {t['rss_kib_per_idle_conn']:.2f} |")
 for name, r in rows.items():
     if name == "envoy-hbone":
         continue
     ratio = lambda k: r[k] / e[k] if e[k] else float("nan")
     print(f"| {name} / envoy | {ratio('gbit_1_stream'):.2f} | {ratio('cpu_s_per_gb'):.2f} | "
-          f"{ratio('conn_per_s_c64'):.2f} | {ratio('rss_kib_per_idle_conn'):.2f} |")
+          f"{ratio('conn_per_s_c64'):.2f} | {ratio('p50_us'):.2f} | {ratio('p99_us'):.2f} | "
+          f"{ratio('rss_kib_per_idle_conn'):.2f} |")
 EOF

@@ -2,10 +2,11 @@
 //! `tunnel: hbone`), driven by an independent HTTP/2 client (the `h2` crate, as ztunnel uses,
 //! over tokio-rustls): CONNECT relayed byte-exact both ways with half-close, resets both ways,
 //! ztunnel's refusals (400 for non-CONNECT, a foreign `:authority` or one of the proxy's own
-//! ports, 503 when the upstream refuses, nothing relayed), TLS refusals (rogue CA, ALPN
-//! without `h2`, TLS 1.2 from OpenSSL), and istio_tcp_* labelled from the client's `baggage`
-//! and certificate.
-//! Then ringside as the originator (a cluster with `tunnel: hbone`) to ringside, and a real
+//! ports, 503 when the upstream refuses, nothing relayed; each counted in
+//! `ringside_hbone_refused_total`), TLS refusals (rogue CA, ALPN without `h2`, TLS 1.2 from
+//! OpenSSL), and istio_tcp_* labelled from the client's `baggage` and certificate.
+//! Then ringside as the originator (a cluster with `tunnel: hbone`) to ringside (local sockets
+//! that stop reading get every byte in order: the queue behind the direct write), and a real
 //! Envoy 1.40 on either end: tcp_proxy `tunneling_config` as the client into ringside's
 //! terminator, an http_connection_manager with CONNECT upgrade as the server behind ringside's
 //! originator.
