@@ -761,6 +761,9 @@ fn pooled(key: PoolKey) -> Option<Rc<Mux>> {
 async fn dial(ctx: &Rc<WorkerCtx>, slot: &Slot, key: PoolKey) -> io::Result<Rc<Mux>> {
     let via = key.1;
     let tcp = TcpStream::connect_addr(via).await?;
+    // Without it a stream's small DATA frame waits behind an unacknowledged one of another
+    // stream (or a WINDOW_UPDATE): Nagle on a carrier delays every tunnel on it.
+    let _ = tcp.set_nodelay(true);
     let (tls, security) = match super::mtls::client_handshake(ctx, CONNECT_TIMEOUT, tcp, slot).await {
         Ok(t) => t,
         Err(Error::Connect(e)) => return Err(e),
