@@ -1,5 +1,7 @@
 //! HTTP/2 frame codec (RFC 9113 §4, §6): an incremental [`Decoder`] that cuts frames out of byte
-//! slices split at any point, and `encode_*` functions that append frames to a caller's buffer.
+//! slices split at any point (DATA as ranges of those slices, never buffered), and `encode_*`
+//! functions that append frames to a caller's buffer ([`data_header`] for a caller that writes
+//! DATA's bytes from its own).
 //!
 //! No I/O and no connection state: which frame may come when (CONTINUATION sequencing, stream
 //! states, flow control) is `conn`'s business. What a single frame can get wrong on its own —

@@ -6,7 +6,9 @@
 //! Each pair of kinds has its fastest loop: plain ↔ plain reads with one non-blocking
 //! recv(2) into a pool buffer and moves bulk flows by splice(2); plain ↔ TLS goes through
 //! rustls (no kTLS here: ciphertext socket → pool buffer → rustls, plaintext from rustls'
-//! buffer straight into the socket, the other way through one pool buffer).
+//! buffer straight into the socket, the other way through one pool buffer); plain ↔ HBONE
+//! stream shares the socket with the stream's carrier, which writes received DATA into it
+//! straight from rustls' plaintext, and sends DATA read behind room for its frame header.
 
 use std::cell::Cell;
 use std::future::{Future, poll_fn};
