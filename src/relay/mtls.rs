@@ -283,6 +283,8 @@ pub(super) async fn client_handshake(
     up: TcpStream,
     slot: &Slot,
 ) -> Result<(TlsStream, Security), Error> {
+    // `originate`'s upstream has it already (the pipeline sets it on every plain upstream).
+    let _ = up.set_nodelay(true);
     let done = client_handshake_unsent(ctx, timeout, up, slot).await?;
     done.0.flush().await.map_err(Error::Connect)?;
     Ok(done)
@@ -298,7 +300,6 @@ async fn client_handshake_unsent(
 ) -> Result<(TlsStream, Security), Error> {
     let config = slot.current();
     let ip = up.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
-    let _ = up.set_nodelay(true);
     let tls = TlsStream::client(up, &config, ip).map_err(Error::Connect)?;
     match monoio::time::timeout(timeout, tls.handshake_unsent(&ctx.pool)).await {
         Ok(Ok(())) => {}

@@ -7,7 +7,7 @@
 //! Both directions of a relay share one `TlsStream` (`&self` methods): its rustls state sits
 //! in a `RefCell` borrowed only between awaits, never across one.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, BufRead, Write};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -54,6 +54,10 @@ pub struct TlsStream {
     /// Ciphertext received but not yet taken by rustls (a pool buffer and where its rest
     /// starts): only while decrypted bytes wait for the other socket.
     pending: RefCell<Option<(Vec<u8>, usize)>>,
+    /// The last recv was short: the socket held nothing more then, so the next `try_fill`
+    /// that finds no plaintext goes back to waiting for readiness without a recv that would
+    /// only say EAGAIN (2-3 per connection and side: after the handshake, after each answer).
+    drained: Cell<bool>,
 }
 
 fn tls_err(e: rustls::Error) -> io::Error {
@@ -69,13 +73,22 @@ impl TlsStream {
         };
         let name = config.server_name.clone().unwrap_or(ServerName::IpAddress(ip.into()));
         let conn = rustls::ClientConnection::new(client, name).map_err(tls_err)?;
-        Ok(TlsStream { tcp, conn: RefCell::new(Box::new(conn.into())), pending: RefCell::new(None) })
+        Ok(TlsStream::new(tcp, conn.into()))
+    }
+
+    fn new(tcp: TcpStream, conn: rustls::Connection) -> TlsStream {
+        TlsStream {
+            tcp,
+            conn: RefCell::new(Box::new(conn)),
+            pending: RefCell::new(None),
+            drained: Cell::new(false),
+        }
     }
 
     /// A server connection with `config`.
     pub fn server(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<TlsStream> {
         let conn = rustls::ServerConnection::new(config).map_err(tls_err)?;
-        Ok(TlsStream { tcp, conn: RefCell::new(Box::new(conn.into())), pending: RefCell::new(None) })
+        Ok(TlsStream::new(tcp, conn.into()))
     }
 
     /// Run the handshake to its end (the caller bounds it with a timeout).
@@ -193,9 +206,13 @@ impl TlsStream {
             Some(p) => p,
             None => {
                 let mut buf = pool.take();
-                if let Err(e) = socket::recv_spare(&self.tcp, &mut buf) {
-                    pool.put(buf);
-                    return Err(e);
+                match socket::recv_spare(&self.tcp, &mut buf) {
+                    // EOF (0) is not "drained": it must reach rustls on every call.
+                    Ok(n) => self.drained.set(n > 0 && buf.len() < buf.capacity()),
+                    Err(e) => {
+                        pool.put(buf);
+                        return Err(e);
+                    }
                 }
                 (buf, 0)
             }
@@ -267,6 +284,12 @@ impl TlsStream {
                 // A TCP FIN without close_notify: Istio's peers end a direction so too.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Fill::Eof),
                 Err(e) => return Err(e),
+            }
+            // Once only: a caller told `WouldBlock` waits for readiness (or comes back having
+            // waited for something else), and the next call reads.
+            if self.drained.replace(false) && self.pending.borrow().is_none() {
+                trim(&mut self.conn.borrow_mut());
+                return Ok(Fill::WouldBlock);
             }
             match self.read_tls(pool) {
                 Ok(_) => {
