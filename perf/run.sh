@@ -620,6 +620,10 @@ start_target() {
     ringside-2-mtls-chacha) ringside_mtls_start TLS_CHACHA20_POLY1305_SHA256 ;;
     # Without the cache of verified peer chains (README, Decisions).
     ringside-2-mtls-nocache) RINGSIDE_TLS_CHAIN_CACHE=0 ringside_mtls_start ;;
+    # The same pair on other builds (RINGSIDE_BASE, RINGSIDE_BASE2: paths to ringside
+    # binaries), for an A/B/C of changes within one run.
+    ringside-2-mtls-base) RINGSIDE=${RINGSIDE_BASE:?RINGSIDE_BASE names a binary} ringside_mtls_start ;;
+    ringside-2-mtls-base2) RINGSIDE=${RINGSIDE_BASE2:?RINGSIDE_BASE2 names a binary} ringside_mtls_start ;;
     haproxy-2-tls) haproxy_tls_start ;;
     haproxy) haproxy_start ;;
     haproxy-busy) haproxy_start busy-polling ;;

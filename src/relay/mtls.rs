@@ -43,7 +43,7 @@ pub(super) async fn terminate(
     if permissive && !sniff_client_hello(ctx, &down, window).await? {
         return Ok(Side::Plain(down));
     }
-    let (tls, security) = handshake(ctx, listener, slot, down).await?;
+    let (tls, security) = handshake_unsent(ctx, listener, slot, down).await?;
     *conn.security.borrow_mut() = security;
     Ok(Side::Tls(tls))
 }
@@ -56,11 +56,25 @@ pub(super) async fn handshake(
     slot: &Slot,
     down: TcpStream,
 ) -> Result<(TlsStream, Security), Error> {
+    let done = handshake_unsent(ctx, listener, slot, down).await?;
+    done.0.flush().await?;
+    Ok(done)
+}
+
+/// `handshake`, its last flight (the session tickets) left queued for `exchange`, which
+/// sends it with the preamble or on its own.
+async fn handshake_unsent(
+    ctx: &WorkerCtx,
+    listener: &Listener,
+    slot: &Slot,
+    down: TcpStream,
+) -> Result<(TlsStream, Security), Error> {
     let config = slot.current();
     let Some(server) = config.server.clone() else { return Err(Error::Refused) };
     let tls = TlsStream::server(down, server)?;
     let reason =
-        match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake(&ctx.pool)).await {
+        match monoio::time::timeout(listener.limits.connect_timeout.0, tls.handshake_unsent(&ctx.pool)).await
+        {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
                 log::debug!("listener {}: tls handshake refused: {e}", listener.name);
@@ -256,7 +270,7 @@ pub(super) async fn originate(
     up: TcpStream,
     slot: &Slot,
 ) -> Result<TlsStream, Error> {
-    let (tls, security) = client_handshake(ctx, listener.limits.connect_timeout.0, up, slot).await?;
+    let (tls, security) = client_handshake_unsent(ctx, listener.limits.connect_timeout.0, up, slot).await?;
     *conn.security.borrow_mut() = security;
     Ok(tls)
 }
@@ -269,11 +283,25 @@ pub(super) async fn client_handshake(
     up: TcpStream,
     slot: &Slot,
 ) -> Result<(TlsStream, Security), Error> {
+    // `originate`'s upstream has it already (the pipeline sets it on every plain upstream).
+    let _ = up.set_nodelay(true);
+    let done = client_handshake_unsent(ctx, timeout, up, slot).await?;
+    done.0.flush().await.map_err(Error::Connect)?;
+    Ok(done)
+}
+
+/// `client_handshake`, its last flight (Certificate, CertificateVerify, Finished) left
+/// queued for `exchange`, which sends it with the preamble or on its own.
+async fn client_handshake_unsent(
+    ctx: &WorkerCtx,
+    timeout: Duration,
+    up: TcpStream,
+    slot: &Slot,
+) -> Result<(TlsStream, Security), Error> {
     let config = slot.current();
     let ip = up.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
-    let _ = up.set_nodelay(true);
     let tls = TlsStream::client(up, &config, ip).map_err(Error::Connect)?;
-    match monoio::time::timeout(timeout, tls.handshake(&ctx.pool)).await {
+    match monoio::time::timeout(timeout, tls.handshake_unsent(&ctx.pool)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(Error::Connect(e)),
         Err(_) => {
@@ -291,7 +319,8 @@ pub(super) async fn client_handshake(
 
 /// The exchange inside TLS (mode `alpn`: only when ALPN resolved to `istio-peer-exchange`),
 /// or none. `tls_is_down`: the TLS side is the downstream (inbound), else the upstream. A
-/// broken exchange is an error: the caller resets both sides.
+/// broken exchange is an error: the caller resets both sides. Sends the handshake's last
+/// flight (`terminate` and `originate` leave it queued), with the preamble when there is one.
 pub(super) async fn exchange(
     ctx: &WorkerCtx,
     listener: &Listener,
@@ -301,9 +330,11 @@ pub(super) async fn exchange(
     tls_is_down: bool,
 ) -> Result<Option<NodeMetadata>, Error> {
     if listener.peer_exchange == PeerExchange::Off {
+        tls.flush().await?;
         return Ok(None);
     }
     if !tls.alpn_is_peer_exchange() {
+        tls.flush().await?;
         count(ctx, ExchangeOutcome::AlpnProtocolNotFound);
         return Ok(None);
     }

@@ -128,7 +128,13 @@ async fn direction(ctx: &WorkerCtx, conn: &Conn, from: &Side, to: &Side, request
     }
 }
 
-/// Plaintext → TLS: a pool buffer only between readiness and the encrypting write.
+/// Reads of a full pool buffer encrypted before one send (`TlsStream::queue`): 3 × 16 KiB of
+/// records stay under rustls' 64 KiB queue limit, so none is sent on its own.
+const READS_PER_TLS_SEND: usize = 3;
+
+/// Plaintext → TLS: a pool buffer only between readiness and the encrypting write. While a
+/// read fills the buffer, more is likely waiting: up to `READS_PER_TLS_SEND` reads are
+/// encrypted and then sent together in one vectored send.
 async fn plain_to_tls(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -139,24 +145,37 @@ async fn plain_to_tls(
     loop {
         plain.readable(false).await?;
         let mut buf = ctx.pool.take();
-        let n = match socket::recv_spare(plain, &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                ctx.pool.put(buf);
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    continue;
+        let mut eof = false;
+        for _ in 0..READS_PER_TLS_SEND {
+            let n = match socket::recv_spare(plain, &mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    ctx.pool.put(buf);
+                    return Err(e);
                 }
+            };
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            count_bytes(ctx, conn, n, request);
+            let full = buf.len() == buf.capacity();
+            let r = tls.queue(&buf).await;
+            buf.clear();
+            if let Err(e) = r {
+                ctx.pool.put(buf);
                 return Err(e);
             }
-        };
-        if n == 0 {
-            ctx.pool.put(buf);
+            if !full {
+                break;
+            }
+        }
+        ctx.pool.put(buf);
+        if eof {
             return tls.shutdown().await;
         }
-        count_bytes(ctx, conn, n, request);
-        let r = tls.write_all(&buf).await;
-        ctx.pool.put(buf);
-        r?;
+        tls.flush().await?;
     }
 }
 

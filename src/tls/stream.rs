@@ -7,7 +7,7 @@
 //! Both directions of a relay share one `TlsStream` (`&self` methods): its rustls state sits
 //! in a `RefCell` borrowed only between awaits, never across one.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, BufRead, Write};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -54,6 +54,10 @@ pub struct TlsStream {
     /// Ciphertext received but not yet taken by rustls (a pool buffer and where its rest
     /// starts): only while decrypted bytes wait for the other socket.
     pending: RefCell<Option<(Vec<u8>, usize)>>,
+    /// The last recv was short: the socket held nothing more then, so the next `try_fill`
+    /// that finds no plaintext goes back to waiting for readiness without a recv that would
+    /// only say EAGAIN (2-3 per connection and side: after the handshake, after each answer).
+    drained: Cell<bool>,
 }
 
 fn tls_err(e: rustls::Error) -> io::Error {
@@ -69,22 +73,40 @@ impl TlsStream {
         };
         let name = config.server_name.clone().unwrap_or(ServerName::IpAddress(ip.into()));
         let conn = rustls::ClientConnection::new(client, name).map_err(tls_err)?;
-        Ok(TlsStream { tcp, conn: RefCell::new(Box::new(conn.into())), pending: RefCell::new(None) })
+        Ok(TlsStream::new(tcp, conn.into()))
+    }
+
+    fn new(tcp: TcpStream, conn: rustls::Connection) -> TlsStream {
+        TlsStream {
+            tcp,
+            conn: RefCell::new(Box::new(conn)),
+            pending: RefCell::new(None),
+            drained: Cell::new(false),
+        }
     }
 
     /// A server connection with `config`.
     pub fn server(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<TlsStream> {
         let conn = rustls::ServerConnection::new(config).map_err(tls_err)?;
-        Ok(TlsStream { tcp, conn: RefCell::new(Box::new(conn.into())), pending: RefCell::new(None) })
+        Ok(TlsStream::new(tcp, conn.into()))
     }
 
     /// Run the handshake to its end (the caller bounds it with a timeout).
     pub async fn handshake(&self, pool: &BufferPool) -> io::Result<()> {
+        self.handshake_unsent(pool).await?;
+        self.flush().await
+    }
+
+    /// Run the handshake to its end but leave its last flight (a client's Finished, a server's
+    /// session tickets) queued for the caller's first write or `flush`: sent with the peer
+    /// exchange's preamble, it costs one send and one segment fewer per connection. The
+    /// caller must flush before it waits on the peer.
+    pub async fn handshake_unsent(&self, pool: &BufferPool) -> io::Result<()> {
         loop {
-            self.flush().await?;
             if !self.conn.borrow().is_handshaking() {
                 return Ok(());
             }
+            self.flush().await?;
             self.tcp.readable(false).await?;
             match self.read_tls(pool) {
                 Ok(0) => {
@@ -184,9 +206,13 @@ impl TlsStream {
             Some(p) => p,
             None => {
                 let mut buf = pool.take();
-                if let Err(e) = socket::recv_spare(&self.tcp, &mut buf) {
-                    pool.put(buf);
-                    return Err(e);
+                match socket::recv_spare(&self.tcp, &mut buf) {
+                    // EOF (0) is not "drained": it must reach rustls on every call.
+                    Ok(n) => self.drained.set(n > 0 && buf.len() < buf.capacity()),
+                    Err(e) => {
+                        pool.put(buf);
+                        return Err(e);
+                    }
                 }
                 (buf, 0)
             }
@@ -259,6 +285,12 @@ impl TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Fill::Eof),
                 Err(e) => return Err(e),
             }
+            // Once only: a caller told `WouldBlock` waits for readiness (or comes back having
+            // waited for something else), and the next call reads.
+            if self.drained.replace(false) && self.pending.borrow().is_none() {
+                trim(&mut self.conn.borrow_mut());
+                return Ok(Fill::WouldBlock);
+            }
             match self.read_tls(pool) {
                 Ok(_) => {
                     // Post-handshake messages (session tickets, key updates) may want an
@@ -323,13 +355,23 @@ impl TlsStream {
     }
 
     /// Encrypt and send all of `data` (records of up to 16 KiB, as rustls cuts them).
-    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
+    pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        self.queue(data).await?;
+        self.flush().await
+    }
+
+    /// Encrypt all of `data` into rustls' queue without sending it, but for what does not fit
+    /// under rustls' limit (64 KiB): the records leave with the next `flush`, several in one
+    /// vectored send.
+    pub async fn queue(&self, mut data: &[u8]) -> io::Result<()> {
+        loop {
             let n = self.conn.borrow_mut().writer().write(data)?;
             data = data.get(n..).unwrap_or_default();
+            if data.is_empty() {
+                return Ok(());
+            }
             self.flush().await?;
         }
-        Ok(())
     }
 
     /// Half-close: close_notify, then FIN; the other direction keeps flowing.
