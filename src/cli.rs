@@ -410,13 +410,13 @@ impl RunArgs {
                 tunnel: None,
                 access_log: None,
             });
-            cfg.clusters.push(Cluster {
+            cfg.clusters.push(std::sync::Arc::new(Cluster {
                 name: "upstream".into(),
                 service: None,
                 service_namespace: None,
                 load_balancer: config::LoadBalancer::RoundRobin,
                 addresses: Vec::new(),
-                endpoints: vec![],
+                endpoints: Default::default(),
                 subsets: vec![],
                 tls: None,
                 service_port: None,
@@ -424,7 +424,7 @@ impl RunArgs {
                 bind_source: None,
                 source: None,
                 tunnel: None,
-            });
+            }));
         }
         let l = &mut cfg.listeners[0];
         if let Some(a) = self.listen {
@@ -440,14 +440,15 @@ impl RunArgs {
             let name = l.cluster.clone().ok_or_else(|| {
                 config::Error::msg("--upstream/--service need the listener to route to one cluster")
             })?;
-            let Some(c) = cfg.clusters.iter_mut().find(|c| c.name == name) else {
+            let Some(c) = cfg.clusters.iter_mut().find(|c| c.name == name).map(std::sync::Arc::make_mut)
+            else {
                 return Err(config::Error::msg(format!(
                     "listener {}: cluster {name:?} is not defined",
                     l.name
                 )));
             };
             if !self.upstream.is_empty() {
-                c.endpoints = self.upstream.iter().map(|a| Endpoint::at(*a)).collect();
+                c.endpoints = std::sync::Arc::new(self.upstream.iter().map(|a| Endpoint::at(*a)).collect());
             }
             if let Some(s) = &self.service {
                 c.service = Some(s.clone());

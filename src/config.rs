@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -71,9 +72,10 @@ pub struct Config {
     /// Proxy listeners.
     #[serde(default)]
     pub listeners: Vec<Listener>,
-    /// Upstream clusters.
+    /// Upstream clusters, each behind an `Arc`: consecutive xDS generations share every
+    /// cluster that did not change, and the derived state keyed by it (SPEC §11).
     #[serde(default)]
-    pub clusters: Vec<Cluster>,
+    pub clusters: Vec<Arc<Cluster>>,
     /// Weighted routes for `service:` listeners by host and port, as VirtualService `tcp:`
     /// routes (SPEC §6); `--istio` fills it from VirtualServices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -861,8 +863,8 @@ pub struct Cluster {
     /// original destination is one of them (or one of the endpoints) here (SPEC §8).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<SocketAddr>,
-    /// Endpoints.
-    pub endpoints: Vec<Endpoint>,
+    /// Endpoints, shared with the xDS state they came from (held once, SPEC §11).
+    pub endpoints: Arc<Vec<Endpoint>>,
     /// Label-selected subsets.
     #[serde(default)]
     pub subsets: Vec<Subset>,

@@ -213,6 +213,9 @@ pub struct Certs {
     pub chains: Vec<Vec<Option<Arc<Slot>>>>,
     /// Per cluster (client side).
     pub clusters: Vec<Option<Arc<Slot>>>,
+    /// The config clusters `clusters` were made for: the next publication keeps the slot of
+    /// a cluster it shares (the same `Arc`) without building its role again (SPEC §11).
+    from: Vec<Arc<crate::config::Cluster>>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -253,13 +256,19 @@ impl Certs {
     /// others are loaded now (xDS resources that ask for TLS, SPEC §9). Items with the same
     /// files and role share a slot. A file that fails names the resource that asked.
     pub fn next(old: &Certs, config: &crate::config::Config) -> Result<Certs, LoadError> {
-        let mut known: HashMap<(Files, Role), Arc<Slot>> = HashMap::new();
-        for s in old.slots() {
-            known.insert((s.files.clone(), s.role.clone()), s);
-        }
+        // Every slot of `old` by files and role, made at the first item whose slot is not
+        // the one at its own place in `old`: a push that changes a few items keeps the rest
+        // without hashing them.
+        let mut known: Option<HashMap<(Files, Role), Arc<Slot>>> = None;
         // Files read in this round, each once, with their fingerprints from before the read.
         let mut read: HashMap<Files, (Arc<Identity>, Fingerprints)> = HashMap::new();
-        let mut slot = |what: &dyn Fn() -> String, files: Files, role: Role| {
+        let mut slot = |what: &dyn Fn() -> String, files: Files, role: Role, here: Option<&Arc<Slot>>| {
+            if let Some(s) = here.filter(|s| s.files == files && s.role == role) {
+                return Ok(Arc::clone(s));
+            }
+            let known = known.get_or_insert_with(|| {
+                old.slots().into_iter().map(|s| ((s.files.clone(), s.role.clone()), s)).collect()
+            });
             if let Some(s) = known.get(&(files.clone(), role.clone())) {
                 return Ok(Arc::clone(s));
             }
@@ -278,7 +287,8 @@ impl Certs {
             Ok(s)
         };
         let mut certs = Certs::default();
-        for l in &config.listeners {
+        for (li, l) in config.listeners.iter().enumerate() {
+            let here = old.listeners.get(li).and_then(Option::as_ref);
             let what = || format!("Listener/{}", l.name);
             certs.listeners.push(match &l.tls {
                 // An HBONE terminator speaks HTTP/2 only (SPEC §12); the handshake's version
@@ -291,17 +301,18 @@ impl Certs {
                         subject_alt_name_prefixes: Vec::new(),
                         cipher_suites: t.cipher_suites.clone(),
                     };
-                    Some(slot(&what, files(&t.files()), role)?)
+                    Some(slot(&what, files(&t.files()), role, here)?)
                 }
                 Some(t) => {
                     let role = Role::mesh_server().with_cipher_suites(t.cipher_suites.clone());
-                    Some(slot(&what, files(&t.files()), role)?)
+                    Some(slot(&what, files(&t.files()), role, here)?)
                 }
                 None => None,
             });
             let mut chains = Vec::new();
-            for c in &l.filter_chains {
+            for (ci, c) in l.filter_chains.iter().enumerate() {
                 let what = || format!("Listener/{}: {}", l.name, c.name);
+                let here = old.chains.get(li).and_then(|c| c.get(ci)?.as_ref());
                 chains.push(match &c.tls {
                     Some(t) => {
                         let role = Role::Server {
@@ -311,15 +322,21 @@ impl Certs {
                             subject_alt_name_prefixes: t.subject_alt_name_prefixes.clone(),
                             cipher_suites: t.cipher_suites.clone(),
                         };
-                        Some(slot(&what, files(&t.files), role)?)
+                        Some(slot(&what, files(&t.files), role, here)?)
                     }
                     None => None,
                 });
             }
             certs.chains.push(chains);
         }
-        for c in &config.clusters {
+        for (i, c) in config.clusters.iter().enumerate() {
             let what = || format!("Cluster/{}", c.name);
+            let here = old.clusters.get(i).and_then(Option::as_ref);
+            certs.from.push(Arc::clone(c));
+            if old.from.get(i).is_some_and(|o| Arc::ptr_eq(o, c)) {
+                certs.clusters.push(here.cloned());
+                continue;
+            }
             certs.clusters.push(match &c.tls {
                 Some(t) => {
                     let role = Role::Client {
@@ -334,7 +351,7 @@ impl Certs {
                         mesh: t.mode == crate::config::ClusterTlsMode::IstioMutual,
                         cipher_suites: t.cipher_suites.clone(),
                     };
-                    Some(slot(&what, files(&t.files()), role)?)
+                    Some(slot(&what, files(&t.files()), role, here)?)
                 }
                 None => None,
             });
@@ -493,6 +510,61 @@ pub fn suite_index(suite: rustls::CipherSuite) -> usize {
 /// mutex shared by the config's users, every worker: one lock per outbound handshake.
 const CLIENT_SESSIONS: usize = 256;
 
+/// A client config's session cache, made at its first handshake: rustls' cache reserves
+/// room for all its servers up front (~10 KiB), and a mesh's 10,000 clusters each have a
+/// config of their own though most are never dialled (SPEC §11).
+#[derive(Debug, Default)]
+struct LazySessions(std::sync::OnceLock<rustls::client::ClientSessionMemoryCache>);
+
+impl LazySessions {
+    fn made(&self) -> &rustls::client::ClientSessionMemoryCache {
+        self.0.get_or_init(|| rustls::client::ClientSessionMemoryCache::new(CLIENT_SESSIONS))
+    }
+}
+
+impl rustls::client::ClientSessionStore for LazySessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.made().set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.0.get()?.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.made().set_tls12_session(server_name, value);
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.0.get()?.tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        if let Some(c) = self.0.get() {
+            c.remove_tls12_session(server_name);
+        }
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.made().insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.0.get()?.take_tls13_ticket(server_name)
+    }
+}
+
 /// Build the config of `role` from `files` with the process's provider.
 pub fn build(files: &Files, role: &Role) -> Result<Configured, Error> {
     build_with(provider(), files, role)
@@ -638,7 +710,7 @@ fn build_configured(
             // expected identities, `Certs::next`): rustls does not verify the server again on
             // resumption, so a session can only come from a handshake whose server passed
             // this very verifier. A rebuilt config (rotation) starts with an empty cache.
-            c.resumption = rustls::client::Resumption::in_memory_sessions(CLIENT_SESSIONS);
+            c.resumption = rustls::client::Resumption::store(Arc::new(LazySessions::default()));
             c.alpn_protocols = match alpn.is_empty() && *mesh {
                 true => istio_alpn(),
                 false => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),

@@ -171,6 +171,9 @@ pub struct ClusterState {
     /// Endpoints.
     pub endpoints: Vec<EndpointState>,
     all: Pool,
+    /// The config cluster it was built from: a publication holding the same `Arc` shares
+    /// this state without comparing it (SPEC §11).
+    from: Arc<crate::config::Cluster>,
     subsets: Vec<Pool>,
 }
 
@@ -273,7 +276,7 @@ fn address_index(cfg: &Config) -> HashMap<SocketAddr, usize> {
         }
     }
     for (i, c) in cfg.clusters.iter().enumerate() {
-        for e in &c.endpoints {
+        for e in c.endpoints.iter() {
             index.entry(e.address).or_insert(i);
         }
     }
@@ -285,14 +288,27 @@ impl Routes {
     /// did not change (same name, same endpoints, subsets and policy): O(size of `cfg`) with
     /// no allocation for what stayed, and no lookup that scans the clusters.
     pub fn new(cfg: &Config, previous: Option<&Routes>) -> Routes {
-        let before: HashMap<&str, &Arc<ClusterState>> =
-            previous.map(|p| p.clusters.iter().map(|c| (c.name.as_str(), c)).collect()).unwrap_or_default();
+        // A cluster at the same place as before, or of the same name, built from the same
+        // `Arc` is shared without a look at its contents; the map by name is made only when
+        // the order changed (a push adding or removing clusters).
+        let old: &[Arc<ClusterState>] = previous.map_or(&[], |p| &p.clusters);
+        let mut before: Option<HashMap<&str, &Arc<ClusterState>>> = None;
         let clusters: Arc<[Arc<ClusterState>]> = cfg
             .clusters
             .iter()
-            .map(|c| match before.get(c.name.as_str()) {
-                Some(old) if same(old, c) => Arc::clone(old),
-                _ => Arc::new(cluster_state(c)),
+            .enumerate()
+            .map(|(i, c)| {
+                let was = match old.get(i) {
+                    Some(o) if o.name == c.name => Some(o),
+                    _ => before
+                        .get_or_insert_with(|| old.iter().map(|o| (o.name.as_str(), o)).collect())
+                        .get(c.name.as_str())
+                        .copied(),
+                };
+                match was {
+                    Some(o) if Arc::ptr_eq(&o.from, c) || same(o, c) => Arc::clone(o),
+                    _ => Arc::new(cluster_state(c)),
+                }
             })
             .collect();
         // Name -> index once: each route's lookup is O(1), not a scan of every cluster (a
@@ -333,7 +349,8 @@ impl Routes {
                     // is the listener's port, or that has none), else HOST's cluster for this
                     // port, else any of HOST's clusters, else no route (SPEC §6).
                     let port = l.listen.port();
-                    let serves = |c: &&crate::config::Cluster| c.service.as_deref() == Some(host.as_str());
+                    let serves =
+                        |c: &&Arc<crate::config::Cluster>| c.service.as_deref() == Some(host.as_str());
                     let route = cfg
                         .service_routes
                         .iter()
@@ -687,7 +704,7 @@ fn endpoint_states(c: &crate::config::Cluster) -> impl Iterator<Item = EndpointS
 /// nothing (a push compares every cluster it carries but rebuilds only those it changed).
 fn same(old: &ClusterState, c: &crate::config::Cluster) -> bool {
     let endpoints_same = old.endpoints.len() == c.endpoints.len()
-        && old.endpoints.iter().zip(&c.endpoints).all(|(o, e)| {
+        && old.endpoints.iter().zip(c.endpoints.iter()).all(|(o, e)| {
             o.address == e.address
                 && o.weight == e.weight.unwrap_or(1).max(1)
                 && o.labels == e.labels
@@ -712,7 +729,7 @@ fn selects(labels: &BTreeMap<String, String>, e: &EndpointState) -> bool {
     labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))
 }
 
-fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
+fn cluster_state(c: &Arc<crate::config::Cluster>) -> ClusterState {
     let host = c.service.clone().unwrap_or_default();
     // Empty: metrics derives it from a `NAME.NS.svc.*` host, or falls back further.
     let namespace = c.service_namespace.clone().unwrap_or_default();
@@ -731,6 +748,7 @@ fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
         all: Pool::new((0..endpoints.len()).collect(), c.load_balancer, &endpoints),
         endpoints,
         subsets,
+        from: Arc::clone(c),
     }
 }
 

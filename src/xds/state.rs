@@ -6,7 +6,9 @@
 //! beside the static config, checked as a whole: a cross-resource problem leaves out the
 //! resources it names, never the whole response. Pure but for the `apply` it is handed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3 as cds;
@@ -107,6 +109,8 @@ pub struct State {
     pub rejected: [Vec<Error>; 4],
     /// DNS clusters' endpoints as last resolved (`dns`), by cluster name.
     pub resolved: BTreeMap<String, Arc<Vec<Endpoint>>>,
+    /// The clusters the last merge built, shared by the next where unchanged.
+    merged: RefCell<Merged>,
 }
 
 /// What one response did to the state.
@@ -645,51 +649,14 @@ impl State {
         let certificates = base.xds.as_ref().and_then(|x| x.certificates.as_ref());
         let sds = base.xds.as_ref().is_some_and(|x| x.sds.is_some());
         let mut cfg = base.clone();
-        for x in self.clusters.values() {
-            let x = &x.value;
-            let mut c = x.cluster.clone();
-            let mut waiting = None;
-            if let Some(t) = &mut c.tls
-                && let Some(secrets) = &t.secrets
-            {
-                let mut files = t.files();
-                waiting = resolve(secrets, &mut files, certificates, sds)
-                    .map_err(|r| invalid("Cluster", &c.name, r))?;
-                (t.cert_chain, t.private_key, t.root_cert) =
-                    (files.cert_chain, files.private_key, files.root_cert);
-            }
-            if let Some(secret) = waiting {
-                // Envoy's warming: a cluster whose secrets have not arrived serves no
-                // connection (no endpoints: `UH`), and never one in plaintext.
-                c.tls = None;
-                c.endpoints = Vec::new();
-                c.source = Some(format!("xds: waiting for SDS secret {secret}"));
-                cfg.clusters.push(c);
-                continue;
-            }
-            if let Some(eds) = &x.eds_name {
-                let assignment = self.endpoints.get(eds);
-                c.endpoints = assignment.map(|e| e.value.to_vec()).unwrap_or_default();
-                c.source = Some(format!(
-                    "{}, ClusterLoadAssignment/{eds} version {}",
-                    c.source.unwrap_or_default(),
-                    assignment.map_or("(none yet)", |e| e.version.as_str())
-                ));
-            } else if x.dns.is_some() {
-                // Until the first answer, none (`UH`).
-                c.endpoints = self.resolved.get(&c.name).map(|e| e.to_vec()).unwrap_or_default();
-            }
-            cfg.clusters.push(c);
-        }
-        // Clusters by name, once: a mesh's 10,000 handed-off listeners and chains each name
-        // one of its 10,000 clusters, and a scan per name would be quadratic (SPEC §11).
-        let mut by_name: std::collections::HashMap<String, usize> =
-            cfg.clusters.iter().enumerate().rev().map(|(i, c)| (c.name.clone(), i)).collect();
+        // Addresses the handed-off listeners and their RDS tables route to each cluster,
+        // gathered first so that a cluster is built once, whole, and shared when unchanged.
         let handoffs: Vec<&Handoff> =
             self.listeners.values().filter_map(|x| x.value.handoff.as_ref()).collect();
+        let mut routed: HashMap<&str, Vec<SocketAddr>> = HashMap::new();
         for (address, cluster) in handoffs.iter().flat_map(|h| &h.addresses) {
-            if let Some(c) = by_name.get(cluster).and_then(|&i| cfg.clusters.get_mut(i)) {
-                c.addresses.push(*address);
+            if self.clusters.contains_key(cluster) {
+                routed.entry(cluster.as_str()).or_default().push(*address);
             }
         }
         // Handed-off HTTP chains routed over RDS: each address their table names goes where
@@ -705,13 +672,42 @@ impl State {
                 if self.original_dst(&cluster) {
                     continue;
                 }
-                if let Some(c) = by_name.get(&cluster).and_then(|&i| cfg.clusters.get_mut(i))
-                    && !c.addresses.contains(&address)
-                {
-                    c.addresses.push(address);
+                let Some((name, _)) = self.clusters.get_key_value(&cluster) else { continue };
+                let at = routed.entry(name.as_str()).or_default();
+                if !at.contains(&address) {
+                    at.push(address);
                 }
             }
         }
+        let mut merged = self.merged.borrow_mut();
+        let shared = &mut *merged;
+        if shared.base != (certificates.cloned(), sds) {
+            *shared = Merged { base: (certificates.cloned(), sds), ..Merged::default() };
+        }
+        let mut built = HashMap::with_capacity(shared.clusters.len());
+        for (name, x) in &self.clusters {
+            let endpoints = match &x.value.eds_name {
+                Some(eds) => self.endpoints.get(eds).map(|e| Arc::clone(&e.value)),
+                None => self.resolved.get(name).filter(|_| x.value.dns.is_some()).cloned(),
+            };
+            let addresses = routed.remove(name.as_str()).unwrap_or_default();
+            let inputs = Inputs { from: Arc::clone(&x.value), endpoints, addresses };
+            // A cluster none of whose inputs changed is the previous publication's, shared
+            // (SPEC §11: an endpoint change touches its cluster only). One waiting for a
+            // secret is built again: the secret may have arrived.
+            let c = match shared.clusters.remove(name.as_str()) {
+                Some((was, c)) if was.same(&inputs) && c.tls.is_some() == x.value.cluster.tls.is_some() => c,
+                _ => Arc::new(self.merge_cluster(&inputs, certificates, sds)?),
+            };
+            cfg.clusters.push(Arc::clone(&c));
+            built.insert(name.clone(), (inputs, c));
+        }
+        shared.clusters = built;
+        drop(merged);
+        // Clusters by name, once: a mesh's 10,000 handed-off listeners and chains each name
+        // one of its 10,000 clusters, and a scan per name would be quadratic (SPEC §11).
+        let mut by_name: std::collections::HashSet<String> =
+            cfg.clusters.iter().map(|c| c.name.clone()).collect();
         for x in self.listeners.values() {
             let Some(mut l) = x.value.listener.clone() else { continue };
             if l.capture != Capture::None {
@@ -767,28 +763,109 @@ impl State {
                 l.peer_exchange = PeerExchange::Alpn;
             }
             for t in targets {
-                if !by_name.contains_key(&t) {
-                    by_name.insert(t.clone(), cfg.clusters.len());
-                    cfg.clusters.push(Cluster {
+                if !by_name.contains(&t) {
+                    by_name.insert(t.clone());
+                    cfg.clusters.push(Arc::new(Cluster {
                         name: t.clone(),
                         service: None,
                         service_namespace: None,
                         service_port: None,
                         addresses: Vec::new(),
                         load_balancer: LoadBalancer::RoundRobin,
-                        endpoints: Vec::new(),
+                        endpoints: Arc::default(),
                         subsets: Vec::new(),
                         tls: None,
                         original_dst: false,
                         bind_source: None,
                         source: Some(format!("xds: named by Listener/{} but not sent (yet)", l.name)),
                         tunnel: None,
-                    });
+                    }));
                 }
             }
             cfg.listeners.push(l);
         }
         Ok(cfg)
+    }
+
+    /// One cluster as a publication holds it: its translation with its TLS files resolved,
+    /// its endpoints (shared with this state, not copied) and the addresses routed to it.
+    fn merge_cluster(
+        &self,
+        inputs: &Inputs,
+        certificates: Option<&crate::config::CertificateFiles>,
+        sds: bool,
+    ) -> Result<Cluster, Error> {
+        let x = &inputs.from;
+        let mut c = x.cluster.clone();
+        if let Some(t) = &mut c.tls
+            && let Some(secrets) = &t.secrets
+        {
+            let mut files = t.files();
+            let waiting = resolve(secrets, &mut files, certificates, sds)
+                .map_err(|r| invalid("Cluster", &c.name, r))?;
+            if let Some(secret) = waiting {
+                // Envoy's warming: a cluster whose secrets have not arrived serves no
+                // connection (no endpoints: `UH`), and never one in plaintext.
+                c.tls = None;
+                c.endpoints = Arc::default();
+                c.source = Some(format!("xds: waiting for SDS secret {secret}"));
+                return Ok(c);
+            }
+            (t.cert_chain, t.private_key, t.root_cert) =
+                (files.cert_chain, files.private_key, files.root_cert);
+        }
+        if let Some(eds) = &x.eds_name {
+            let assignment = self.endpoints.get(eds);
+            c.endpoints = inputs.endpoints.clone().unwrap_or_default();
+            c.source = Some(format!(
+                "{}, ClusterLoadAssignment/{eds} version {}",
+                c.source.unwrap_or_default(),
+                assignment.map_or("(none yet)", |e| e.version.as_str())
+            ));
+        } else if x.dns.is_some() {
+            // Until the first answer, none (`UH`).
+            c.endpoints = inputs.endpoints.clone().unwrap_or_default();
+        }
+        c.addresses.extend(&inputs.addresses);
+        Ok(c)
+    }
+}
+
+/// What the last merge built, per cluster, with what it was built from: the next merge
+/// shares every cluster whose inputs are the same `Arc`s (SPEC §11). A cache only: a clone
+/// starts empty.
+#[derive(Debug, Default)]
+pub struct Merged {
+    /// The static config's certificate files and whether an SDS server is used: the
+    /// clusters were resolved against these.
+    base: (Option<crate::config::CertificateFiles>, bool),
+    clusters: HashMap<String, (Inputs, Arc<Cluster>)>,
+}
+
+impl Clone for Merged {
+    fn clone(&self) -> Self {
+        Merged::default()
+    }
+}
+
+/// What a merged cluster is built from (its `Arc`s keep their addresses from being reused).
+#[derive(Debug)]
+struct Inputs {
+    from: Arc<XdsCluster>,
+    endpoints: Option<Arc<Vec<Endpoint>>>,
+    addresses: Vec<SocketAddr>,
+}
+
+impl Inputs {
+    /// The same translation, endpoints and routed addresses: O(1) but for the addresses.
+    fn same(&self, other: &Inputs) -> bool {
+        Arc::ptr_eq(&self.from, &other.from)
+            && match (&self.endpoints, &other.endpoints) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.addresses == other.addresses
     }
 }
 
@@ -988,6 +1065,39 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&before.listeners["l"].value, &state.listeners["l"].value));
         assert!(Arc::ptr_eq(&before.clusters["a"].value, &state.clusters["a"].value));
+    }
+
+    #[test]
+    fn an_endpoint_change_touches_only_its_cluster_and_the_endpoints_are_held_once() {
+        let (mut state, base) = (State::default(), certificates());
+        let last: std::cell::RefCell<Option<Config>> = Default::default();
+        let mut keep = |c: Config| {
+            last.replace(Some(c));
+            Ok(())
+        };
+        let clusters = response(
+            Type::Cluster,
+            "1",
+            vec![any(CLUSTER, &eds_cluster("a")), any(CLUSTER, &eds_cluster("b"))],
+        );
+        state.update(&clusters, &base, &mut keep);
+        let both = vec![assignment("a", "10.0.0.1:80", 1), assignment("b", "10.0.0.2:80", 1)];
+        state.update(&response(Type::Endpoints, "1", both), &base, &mut keep);
+        let before = last.take().unwrap();
+        state.update(
+            &response(Type::Endpoints, "2", vec![assignment("a", "10.0.0.9:80", 1)]),
+            &base,
+            &mut keep,
+        );
+        let after = last.take().unwrap();
+        let (a, b) = (&after.clusters[0], &after.clusters[1]);
+        assert_eq!((a.name.as_str(), b.name.as_str()), ("a", "b"));
+        assert!(Arc::ptr_eq(b, &before.clusters[1]), "b did not change: the same Arc");
+        assert!(!Arc::ptr_eq(a, &before.clusters[0]));
+        assert_eq!(a.endpoints[0].address.to_string(), "10.0.0.9:80");
+        // The merged cluster holds the state's endpoints, not a copy.
+        assert!(Arc::ptr_eq(&a.endpoints, &state.endpoints["a"].value));
+        assert!(Arc::ptr_eq(&b.endpoints, &state.endpoints["b"].value));
     }
 
     fn delta(t: Type, resources: Vec<(&str, &str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {
