@@ -78,13 +78,13 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             tunnel: None,
             access_log: None,
         }],
-        clusters: vec![Cluster {
+        clusters: vec![std::sync::Arc::new(Cluster {
             name: "backend".into(),
             service: Some("backend.default.svc.cluster.local".into()),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
             addresses: Vec::new(),
-            endpoints: vec![Endpoint::at(upstream)],
+            endpoints: std::sync::Arc::new(vec![Endpoint::at(upstream)]),
             subsets: vec![],
             tls: None,
             service_port: None,
@@ -92,7 +92,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             bind_source: None,
             source: None,
             tunnel: None,
-        }],
+        })],
         ..Config::default()
     };
     // Metrics are counted (an admin listener could serve them) but nothing scrapes.
