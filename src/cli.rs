@@ -345,7 +345,7 @@ impl RunArgs {
             cfg.health.listen = b;
         }
         for l in &mut cfg.listeners {
-            let lim = &mut l.limits;
+            let lim = &mut std::sync::Arc::make_mut(l).limits;
             if let Some(d) = self.connect_timeout {
                 lim.connect_timeout = d;
             }
@@ -393,7 +393,7 @@ impl RunArgs {
             let direction = self
                 .direction
                 .ok_or_else(|| config::Error::msg("--direction is required without --config"))?;
-            cfg.listeners.push(Listener {
+            cfg.listeners.push(std::sync::Arc::new(Listener {
                 name: "main".into(),
                 listen,
                 direction,
@@ -409,7 +409,7 @@ impl RunArgs {
                 filter_chains: Vec::new(),
                 tunnel: None,
                 access_log: None,
-            });
+            }));
             cfg.clusters.push(std::sync::Arc::new(Cluster {
                 name: "upstream".into(),
                 service: None,
@@ -426,7 +426,7 @@ impl RunArgs {
                 tunnel: None,
             }));
         }
-        let l = &mut cfg.listeners[0];
+        let l = std::sync::Arc::make_mut(&mut cfg.listeners[0]);
         if let Some(a) = self.listen {
             l.listen = a;
         }

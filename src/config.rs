@@ -71,7 +71,7 @@ pub struct Config {
     pub health: Health,
     /// Proxy listeners.
     #[serde(default)]
-    pub listeners: Vec<Listener>,
+    pub listeners: Vec<Arc<Listener>>,
     /// Upstream clusters, each behind an `Arc`: consecutive xDS generations share every
     /// cluster that did not change, and the derived state keyed by it (SPEC §11).
     #[serde(default)]

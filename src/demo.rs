@@ -76,7 +76,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
     let mut cfg = Config {
         node,
         workers: Some(1),
-        listeners: vec![Listener {
+        listeners: vec![std::sync::Arc::new(Listener {
             name: format!("{direction:?}").to_lowercase(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             direction,
@@ -92,7 +92,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             filter_chains: Vec::new(),
             tunnel: None,
             access_log: None,
-        }],
+        })],
         clusters: vec![std::sync::Arc::new(Cluster {
             name: "mongodb".into(),
             service: Some(service),

@@ -61,7 +61,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
     let mut cfg = Config {
         workers: Some(1),
         driver,
-        listeners: vec![Listener {
+        listeners: vec![std::sync::Arc::new(Listener {
             name: "hot".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             direction: Direction::Outbound,
@@ -77,7 +77,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             filter_chains: Vec::new(),
             tunnel: None,
             access_log: None,
-        }],
+        })],
         clusters: vec![std::sync::Arc::new(Cluster {
             name: "backend".into(),
             service: Some("backend.default.svc.cluster.local".into()),

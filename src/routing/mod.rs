@@ -171,13 +171,10 @@ pub struct ClusterState {
     /// Endpoints.
     pub endpoints: Vec<EndpointState>,
     all: Pool,
-    /// The config cluster it was built from: a publication holding the same `Arc` shares
-    /// this state without comparing it (SPEC §11).
-    from: Arc<crate::config::Cluster>,
     subsets: Vec<Pool>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Route {
     One(Target),
     Weighted {
@@ -195,14 +192,91 @@ enum Route {
 #[derive(Debug)]
 pub struct Routes {
     routes: Vec<Route>,
-    /// Routes of each listener's filter chains (SPEC §9).
-    chains: Vec<Vec<Route>>,
+    /// Per listener, its filter chains' routes and index (SPEC §9), shared with the
+    /// previous publication while the listener and the clusters' order stay.
+    listeners: Vec<Arc<ChainTable>>,
     /// Clusters by index (the config's order).
     clusters: Arc<[Arc<ClusterState>]>,
+    /// The config clusters `clusters` were built from (the same `Arc`: nothing changed).
+    from: Vec<Arc<crate::config::Cluster>>,
     /// Routes by the addresses an outbound capture matches (SPEC §8).
-    by_address: HashMap<SocketAddr, Route>,
-    /// Each listener's filter chains indexed for the per-connection match (SPEC §9).
-    chain_index: Vec<chains::ChainIndex>,
+    by_address: Addresses,
+}
+
+/// One listener's filter chains as the router holds them.
+#[derive(Debug)]
+struct ChainTable {
+    /// The listener they were built from.
+    from: Arc<crate::config::Listener>,
+    /// Each chain's route.
+    routes: Vec<Route>,
+    /// The chains indexed for the per-connection match.
+    index: chains::ChainIndex,
+}
+
+/// The routes by original destination: a map shared by consecutive publications and what
+/// changed since it was built (an endpoint change costs the addresses of its cluster, not
+/// a copy of the mesh's 60,000, SPEC §11). Built anew once the changes outgrow a quarter
+/// of it, so a lookup stays two probes at most and the changes are amortised O(1).
+#[derive(Debug, Default)]
+struct Addresses {
+    built: Arc<HashMap<SocketAddr, Route>>,
+    /// Addresses changed since `built`: their route now, or none (gone).
+    changed: HashMap<SocketAddr, Option<Route>>,
+    /// Addresses more than one cluster holds when `built` was made: a change touching one
+    /// of them builds the map anew, since the winner depends on the others.
+    contested: Arc<std::collections::HashSet<SocketAddr>>,
+}
+
+impl Addresses {
+    fn get(&self, address: &SocketAddr) -> Option<&Route> {
+        if !self.changed.is_empty()
+            && let Some(now) = self.changed.get(address)
+        {
+            return now.as_ref();
+        }
+        self.built.get(address)
+    }
+
+    /// `previous` with clusters `changed` (indices; each was `was`, is `now`) applied,
+    /// when none of their addresses is held by another cluster; `None` otherwise.
+    fn update(
+        previous: &Addresses,
+        changed: &[(usize, &crate::config::Cluster, &crate::config::Cluster)],
+    ) -> Option<Addresses> {
+        fn claims(c: &crate::config::Cluster) -> impl Iterator<Item = SocketAddr> + '_ {
+            c.addresses.iter().copied().chain(c.endpoints.iter().map(|e| e.address))
+        }
+        let mut next = Addresses {
+            built: Arc::clone(&previous.built),
+            changed: previous.changed.clone(),
+            contested: Arc::clone(&previous.contested),
+        };
+        for &(_, was, _) in changed {
+            for a in claims(was) {
+                if next.contested.contains(&a) {
+                    return None;
+                }
+                next.changed.insert(a, None);
+            }
+        }
+        for &(i, _, now) in changed {
+            for a in claims(now) {
+                match next.get(&a) {
+                    Some(Route::One(t)) if t.cluster == i => {}
+                    Some(_) => return None,
+                    None => {}
+                }
+                let one = Target { cluster: i, subset: None };
+                match next.built.get(&a) {
+                    // As when the map was built (the cluster kept this address).
+                    Some(Route::One(t)) if *t == one => next.changed.remove(&a),
+                    _ => next.changed.insert(a, Some(Route::One(one))),
+                };
+            }
+        }
+        Some(next)
+    }
 }
 
 /// One worker's mutable routing state, kept across publications: per cluster name, the
@@ -268,54 +342,90 @@ pub struct Router {
 
 /// Which cluster a captured connection's original destination belongs to: a cluster's
 /// service addresses first, then its endpoints; the first cluster in config order wins.
-fn address_index(cfg: &Config) -> HashMap<SocketAddr, usize> {
+/// Which cluster a captured connection's original destination belongs to: a cluster's
+/// service addresses first, then its endpoints; the first cluster in config order wins.
+/// With the addresses more than one cluster holds.
+fn address_index(cfg: &Config) -> (HashMap<SocketAddr, usize>, std::collections::HashSet<SocketAddr>) {
     let mut index = HashMap::new();
+    let mut contested = std::collections::HashSet::new();
+    let mut claim = |a: SocketAddr, i: usize| match index.entry(a) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(i);
+        }
+        std::collections::hash_map::Entry::Occupied(o) => {
+            if *o.get() != i {
+                contested.insert(a);
+            }
+        }
+    };
     for (i, c) in cfg.clusters.iter().enumerate() {
         for a in &c.addresses {
-            index.entry(*a).or_insert(i);
+            claim(*a, i);
         }
     }
     for (i, c) in cfg.clusters.iter().enumerate() {
         for e in c.endpoints.iter() {
-            index.entry(e.address).or_insert(i);
+            claim(e.address, i);
         }
     }
-    index
+    (index, contested)
 }
 
 impl Routes {
     /// The routing table of a validated config, sharing with `previous` every cluster that
-    /// did not change (same name, same endpoints, subsets and policy): O(size of `cfg`) with
-    /// no allocation for what stayed, and no lookup that scans the clusters.
+    /// did not change (the same `Arc`, or the same name, endpoints, subsets and policy), each
+    /// listener's chain table while the listener and the clusters' order stay, and the
+    /// address map but for the changed clusters' addresses: a push costs what it changed
+    /// plus pointer compares, and no lookup scans the clusters (SPEC §11).
     pub fn new(cfg: &Config, previous: Option<&Routes>) -> Routes {
         // A cluster at the same place as before, or of the same name, built from the same
         // `Arc` is shared without a look at its contents; the map by name is made only when
         // the order changed (a push adding or removing clusters).
         let old: &[Arc<ClusterState>] = previous.map_or(&[], |p| &p.clusters);
+        let old_from: &[Arc<crate::config::Cluster>] = previous.map_or(&[], |p| &p.from);
         let mut before: Option<HashMap<&str, &Arc<ClusterState>>> = None;
+        let mut order_kept = old.len() == cfg.clusters.len();
+        let mut changed = Vec::new();
         let clusters: Arc<[Arc<ClusterState>]> = cfg
             .clusters
             .iter()
             .enumerate()
             .map(|(i, c)| {
+                if let (Some(o), Some(f)) = (old.get(i), old_from.get(i))
+                    && Arc::ptr_eq(f, c)
+                {
+                    return Arc::clone(o);
+                }
                 let was = match old.get(i) {
-                    Some(o) if o.name == c.name => Some(o),
-                    _ => before
-                        .get_or_insert_with(|| old.iter().map(|o| (o.name.as_str(), o)).collect())
-                        .get(c.name.as_str())
-                        .copied(),
+                    Some(o) if o.name == c.name => {
+                        if let Some(f) = old_from.get(i) {
+                            changed.push((i, &**f, &**c));
+                        }
+                        Some(o)
+                    }
+                    _ => {
+                        order_kept = false;
+                        before
+                            .get_or_insert_with(|| old.iter().map(|o| (o.name.as_str(), o)).collect())
+                            .get(c.name.as_str())
+                            .copied()
+                    }
                 };
                 match was {
-                    Some(o) if Arc::ptr_eq(&o.from, c) || same(o, c) => Arc::clone(o),
+                    Some(o) if same(o, c) => Arc::clone(o),
                     _ => Arc::new(cluster_state(c)),
                 }
             })
             .collect();
-        // Name -> index once: each route's lookup is O(1), not a scan of every cluster (a
-        // mesh's 10,000 chains each naming one of 10,000 clusters).
-        let by_name: HashMap<&str, usize> =
-            clusters.iter().enumerate().rev().map(|(i, c)| (c.name.as_str(), i)).collect();
-        let index = |name: &str| by_name.get(name).copied().unwrap_or(0);
+        // Name -> index once, when a route needs it: each lookup is O(1), not a scan of every
+        // cluster (a mesh's 10,000 chains each naming one of 10,000 clusters).
+        let by_name: std::cell::OnceCell<HashMap<&str, usize>> = std::cell::OnceCell::new();
+        let index = |name: &str| {
+            let by_name = by_name.get_or_init(|| {
+                clusters.iter().enumerate().rev().map(|(i, c)| (c.name.as_str(), i)).collect()
+            });
+            by_name.get(name).copied().unwrap_or(0)
+        };
         let weighted = |routes: &[TcpRoute]| {
             let mut total = 0u64;
             let targets = routes
@@ -371,12 +481,19 @@ impl Routes {
                 }
             })
             .collect();
-        let chain_index = cfg.listeners.iter().map(|l| chains::ChainIndex::new(&l.filter_chains)).collect();
-        let chains = cfg
+        // A listener's chain table names clusters by index: it stays while the listener and
+        // the clusters' order do.
+        let old_tables: &[Arc<ChainTable>] = previous.filter(|_| order_kept).map_or(&[], |p| &p.listeners);
+        let listeners = cfg
             .listeners
             .iter()
-            .map(|l| {
-                l.filter_chains
+            .enumerate()
+            .map(|(li, l)| {
+                if let Some(t) = old_tables.get(li).filter(|t| Arc::ptr_eq(&t.from, l)) {
+                    return Arc::clone(t);
+                }
+                let routes = l
+                    .filter_chains
                     .iter()
                     .map(|c| match (&c.cluster, &c.tcp_routes) {
                         (Some(name), _) if c.not_served.is_none() => {
@@ -385,27 +502,45 @@ impl Routes {
                         (None, Some(routes)) if c.not_served.is_none() => weighted(routes),
                         _ => Route::None,
                     })
-                    .collect()
+                    .collect();
+                Arc::new(ChainTable {
+                    from: Arc::clone(l),
+                    routes,
+                    index: chains::ChainIndex::new(&l.filter_chains),
+                })
             })
             .collect();
-        // An outbound capture's address: the matched cluster's host routes as its
-        // VirtualService tcp routes say for that port, as a `service:` listener's would.
-        let by_address = address_index(cfg)
-            .into_iter()
-            .map(|(addr, c)| {
-                let host = cfg.clusters[c].service.as_deref();
-                let route = cfg
-                    .service_routes
-                    .iter()
-                    .find(|r| Some(r.host.as_str()) == host && r.match_port.is_none_or(|p| p == addr.port()));
-                let route = match route {
-                    Some(r) => weighted(&r.tcp_routes),
-                    None => Route::One(Target { cluster: c, subset: None }),
-                };
-                (addr, route)
+        // The address map: the previous one with the changed clusters' addresses, while the
+        // order stays and no VirtualService routes by host (else built anew).
+        let incremental = previous
+            .filter(|p| {
+                order_kept
+                    && cfg.service_routes.is_empty()
+                    && p.by_address.changed.len() <= p.by_address.built.len() / 4 + 1024
             })
-            .collect();
-        Routes { routes, chains, clusters, by_address, chain_index }
+            .and_then(|p| Addresses::update(&p.by_address, &changed));
+        let by_address = incremental.unwrap_or_else(|| {
+            // An outbound capture's address: the matched cluster's host routes as its
+            // VirtualService tcp routes say for that port, as a `service:` listener's would.
+            let (index, contested) = address_index(cfg);
+            let built = index
+                .into_iter()
+                .map(|(addr, c)| {
+                    let host = cfg.clusters[c].service.as_deref();
+                    let route = cfg.service_routes.iter().find(|r| {
+                        Some(r.host.as_str()) == host && r.match_port.is_none_or(|p| p == addr.port())
+                    });
+                    let route = match route {
+                        Some(r) => weighted(&r.tcp_routes),
+                        None => Route::One(Target { cluster: c, subset: None }),
+                    };
+                    (addr, route)
+                })
+                .collect();
+            Addresses { built: Arc::new(built), changed: HashMap::new(), contested: Arc::new(contested) }
+        });
+        let from = cfg.clusters.clone();
+        Routes { routes, listeners, clusters, from, by_address }
     }
 }
 
@@ -444,13 +579,13 @@ impl Router {
         chains: &[crate::config::FilterChain],
         facts: &chains::ConnFacts<'_>,
     ) -> Option<usize> {
-        self.routes.chain_index.get(li)?.select(chains, facts)
+        self.routes.listeners.get(li)?.index.select(chains, facts)
     }
 
     /// Listener `li`'s chain index (SPEC §9): whether a connection is peeked, whether its
     /// source is read.
     pub fn chain_index(&self, li: usize) -> Option<&chains::ChainIndex> {
-        self.routes.chain_index.get(li)
+        self.routes.listeners.get(li).map(|t| &t.index)
     }
 
     /// The cluster (and subset) for an outbound-captured connection to `dst`: a cluster whose
@@ -473,7 +608,7 @@ impl Router {
 
     /// The cluster for a new connection that matched filter chain `chain` of `listener`.
     pub fn route_chain(&self, listener: usize, chain: usize) -> Option<Target> {
-        self.pick(self.routes.chains.get(listener)?.get(chain)?)
+        self.pick(self.routes.listeners.get(listener)?.routes.get(chain)?)
     }
 
     fn pick(&self, route: &Route) -> Option<Target> {
@@ -729,7 +864,7 @@ fn selects(labels: &BTreeMap<String, String>, e: &EndpointState) -> bool {
     labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))
 }
 
-fn cluster_state(c: &Arc<crate::config::Cluster>) -> ClusterState {
+fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
     let host = c.service.clone().unwrap_or_default();
     // Empty: metrics derives it from a `NAME.NS.svc.*` host, or falls back further.
     let namespace = c.service_namespace.clone().unwrap_or_default();
@@ -748,7 +883,6 @@ fn cluster_state(c: &Arc<crate::config::Cluster>) -> ClusterState {
         all: Pool::new((0..endpoints.len()).collect(), c.load_balancer, &endpoints),
         endpoints,
         subsets,
-        from: Arc::clone(c),
     }
 }
 
@@ -1031,6 +1165,44 @@ clusters:",
         let mut all: Vec<usize> = r.candidates(t, now()).collect();
         all.sort();
         assert_eq!(all, [0, 1, 2]);
+    }
+
+    #[test]
+    fn an_endpoint_change_moves_only_its_clusters_addresses_and_shares_the_rest_of_the_table() {
+        let yaml = "
+listeners:
+  - {name: capture, listen: 127.0.0.1:15001, direction: outbound, capture: outbound}
+clusters:
+  - {name: a, addresses: [10.96.0.1:80], endpoints: [{address: 10.1.0.1:80}]}
+  - {name: b, addresses: [10.96.0.2:80], endpoints: [{address: 10.1.0.2:80}]}
+";
+        let first_cfg = cfg(yaml);
+        let first = Routes::new(&first_cfg, None);
+        // `a`'s endpoint moves; everything else is the same `Arc`s (as the xDS merge shares).
+        let mut second_cfg = first_cfg.clone();
+        let mut a = (*second_cfg.clusters[0]).clone();
+        a.endpoints = Arc::new(vec![crate::config::Endpoint::at("10.1.0.9:80".parse().unwrap())]);
+        second_cfg.clusters[0] = Arc::new(a);
+        let second = Routes::new(&second_cfg, Some(&first));
+        assert!(Arc::ptr_eq(&first.clusters[1], &second.clusters[1]), "b is shared");
+        assert!(Arc::ptr_eq(&first.listeners[0], &second.listeners[0]), "the chain table is shared");
+        assert!(Arc::ptr_eq(&first.by_address.built, &second.by_address.built), "the map is shared");
+        assert_eq!(second.by_address.changed.len(), 2, "only a's old and new endpoint");
+        let router = Router::with(Arc::new(second), Rc::new(Balance::seeded(1)));
+        let at = |a: &str| router.route_original_dst(a.parse().unwrap()).map(|t| t.cluster);
+        assert_eq!(
+            [at("10.96.0.1:80"), at("10.1.0.9:80"), at("10.1.0.1:80"), at("10.96.0.2:80"), at("10.1.0.2:80")],
+            [Some(0), Some(0), None, Some(1), Some(1)]
+        );
+        // `a` now claims b's endpoint too: the first cluster wins, as a full build says.
+        let mut third_cfg = second_cfg.clone();
+        let mut a = (*third_cfg.clusters[0]).clone();
+        a.endpoints = Arc::new(vec![crate::config::Endpoint::at("10.1.0.2:80".parse().unwrap())]);
+        third_cfg.clusters[0] = Arc::new(a);
+        let third = Routes::new(&third_cfg, Some(&router.routes));
+        assert!(third.by_address.changed.is_empty(), "built anew");
+        let router = Router::with(Arc::new(third), Rc::new(Balance::seeded(1)));
+        assert_eq!(router.route_original_dst("10.1.0.2:80".parse().unwrap()).map(|t| t.cluster), Some(0));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::listener::{Handoff, XdsListener, listener};
 use super::proto::{CLUSTER, ENDPOINTS, Error, LISTENER, ROUTES, decode, invalid};
 use super::route::{TcpTarget, XdsRoute, by_original_destination, route_configuration, route_target};
 use super::tls::resolve;
-use crate::config::{Capture, Cluster, Config, Endpoint, FilterChain, LoadBalancer, PeerExchange};
+use crate::config::{Capture, Cluster, Config, Endpoint, FilterChain, Listener, LoadBalancer, PeerExchange};
 
 /// The resource types ringside subscribes to, in the order of `ringside_xds_*` metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -649,65 +649,121 @@ impl State {
         let certificates = base.xds.as_ref().and_then(|x| x.certificates.as_ref());
         let sds = base.xds.as_ref().is_some_and(|x| x.sds.is_some());
         let mut cfg = base.clone();
-        // Addresses the handed-off listeners and their RDS tables route to each cluster,
-        // gathered first so that a cluster is built once, whole, and shared when unchanged.
-        let handoffs: Vec<&Handoff> =
-            self.listeners.values().filter_map(|x| x.value.handoff.as_ref()).collect();
-        let mut routed: HashMap<&str, Vec<SocketAddr>> = HashMap::new();
-        for (address, cluster) in handoffs.iter().flat_map(|h| &h.addresses) {
+        let mut merged = self.merged.borrow_mut();
+        let Merged { base: resolved_with, clusters: was_built, side } = &mut *merged;
+        let with = (certificates.cloned(), sds, base.clusters.iter().map(|c| c.name.clone()).collect());
+        if *resolved_with != with {
+            (*resolved_with, *was_built, *side) = (with, HashMap::new(), None);
+        }
+        // The listener side (the addresses routed to each cluster, the merged listeners and
+        // the clusters they name but were not sent) depends on the listeners, route tables
+        // and clusters held: unchanged (an endpoint change), it is the last merge's, shared.
+        if !side.as_ref().is_some_and(|s| s.holds(self)) {
+            *side = None;
+        }
+        let routed = match &*side {
+            Some(s) => std::borrow::Cow::Borrowed(&s.routed),
+            None => std::borrow::Cow::Owned(self.routed()),
+        };
+        let mut built = HashMap::with_capacity(was_built.len());
+        for (name, x) in &self.clusters {
+            let endpoints = match &x.value.eds_name {
+                Some(eds) => self.endpoints.get(eds).map(|e| Arc::clone(&e.value)),
+                None => self.resolved.get(name).filter(|_| x.value.dns.is_some()).cloned(),
+            };
+            let addresses = routed.get(name.as_str()).map_or(&[][..], Vec::as_slice);
+            // A cluster none of whose inputs changed is the previous publication's, shared
+            // (SPEC §11: an endpoint change touches its cluster only). One waiting for a
+            // secret is built again: the secret may have arrived.
+            let (inputs, c) = match was_built.remove(name.as_str()) {
+                Some((was, c))
+                    if was.same(&x.value, endpoints.as_ref(), addresses)
+                        && c.tls.is_some() == x.value.cluster.tls.is_some() =>
+                {
+                    (was, c)
+                }
+                _ => {
+                    let inputs =
+                        Inputs { from: Arc::clone(&x.value), endpoints, addresses: addresses.to_vec() };
+                    let c = Arc::new(self.merge_cluster(&inputs, certificates, sds)?);
+                    (inputs, c)
+                }
+            };
+            cfg.clusters.push(Arc::clone(&c));
+            built.insert(name.clone(), (inputs, c));
+        }
+        *was_built = built;
+        let routed = match routed {
+            std::borrow::Cow::Owned(r) => Some(r),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        if let Some(routed) = routed {
+            let (listeners, named, waiting) = self.merge_listeners(&cfg.clusters, certificates, sds)?;
+            let made = Side::of(self, routed, listeners, named);
+            if waiting {
+                // What waits for a secret is merged again next time: it may have arrived.
+                cfg.listeners.extend(made.listeners);
+                cfg.clusters.extend(made.named);
+                return Ok(cfg);
+            }
+            *side = Some(made);
+        }
+        if let Some(s) = side {
+            cfg.listeners.extend(s.listeners.iter().cloned());
+            cfg.clusters.extend(s.named.iter().cloned());
+        }
+        Ok(cfg)
+    }
+
+    /// The addresses the handed-off listeners and their RDS tables route to each cluster
+    /// held, gathered before the clusters are built so that each is built once, whole.
+    fn routed(&self) -> HashMap<String, Vec<SocketAddr>> {
+        let handoffs = self.listeners.values().filter_map(|x| x.value.handoff.as_ref());
+        let mut routed: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+        for (address, cluster) in handoffs.clone().flat_map(|h| &h.addresses) {
             if self.clusters.contains_key(cluster) {
-                routed.entry(cluster.as_str()).or_default().push(*address);
+                routed.entry(cluster.clone()).or_default().push(*address);
             }
         }
         // Handed-off HTTP chains routed over RDS: each address their table names goes where
         // its virtual host says, as a capture routes by original destination (SPEC §8). A
         // route table may name thousands of services: clusters are found by name, not scanned.
-        for c in handoffs.iter().flat_map(|h| &h.chains).filter(|c| c.not_served.is_none()) {
+        for c in handoffs.flat_map(|h| &h.chains).filter(|c| c.not_served.is_none()) {
             let (Some(name), Some(listen)) = (&c.rds, c.handoff) else { continue };
             let Some(rc) = self.routes.get(name) else { continue };
             for (address, target) in by_original_destination(&rc.value.config, listen) {
                 // Weighted clusters and istiod's passthrough (`allow_any`) are left to the
                 // original destination itself.
                 let Ok(TcpTarget::Cluster(cluster)) = target else { continue };
-                if self.original_dst(&cluster) {
+                if self.original_dst(&cluster) || !self.clusters.contains_key(&cluster) {
                     continue;
                 }
-                let Some((name, _)) = self.clusters.get_key_value(&cluster) else { continue };
-                let at = routed.entry(name.as_str()).or_default();
+                let at = routed.entry(cluster).or_default();
                 if !at.contains(&address) {
                     at.push(address);
                 }
             }
         }
-        let mut merged = self.merged.borrow_mut();
-        let shared = &mut *merged;
-        if shared.base != (certificates.cloned(), sds) {
-            *shared = Merged { base: (certificates.cloned(), sds), ..Merged::default() };
-        }
-        let mut built = HashMap::with_capacity(shared.clusters.len());
-        for (name, x) in &self.clusters {
-            let endpoints = match &x.value.eds_name {
-                Some(eds) => self.endpoints.get(eds).map(|e| Arc::clone(&e.value)),
-                None => self.resolved.get(name).filter(|_| x.value.dns.is_some()).cloned(),
-            };
-            let addresses = routed.remove(name.as_str()).unwrap_or_default();
-            let inputs = Inputs { from: Arc::clone(&x.value), endpoints, addresses };
-            // A cluster none of whose inputs changed is the previous publication's, shared
-            // (SPEC §11: an endpoint change touches its cluster only). One waiting for a
-            // secret is built again: the secret may have arrived.
-            let c = match shared.clusters.remove(name.as_str()) {
-                Some((was, c)) if was.same(&inputs) && c.tls.is_some() == x.value.cluster.tls.is_some() => c,
-                _ => Arc::new(self.merge_cluster(&inputs, certificates, sds)?),
-            };
-            cfg.clusters.push(Arc::clone(&c));
-            built.insert(name.clone(), (inputs, c));
-        }
-        shared.clusters = built;
-        drop(merged);
+        routed
+    }
+
+    /// The listeners beside `clusters` (the merged ones): each capture listener with the
+    /// handed-off chains, every chain's route and TLS files, and the clusters they name but
+    /// were not sent (without endpoints: `UH`). True when something waits for a secret.
+    #[allow(clippy::type_complexity)]
+    fn merge_listeners(
+        &self,
+        clusters: &[Arc<Cluster>],
+        certificates: Option<&crate::config::CertificateFiles>,
+        sds: bool,
+    ) -> Result<(Vec<Arc<Listener>>, Vec<Arc<Cluster>>, bool), Error> {
+        let handoffs: Vec<&Handoff> =
+            self.listeners.values().filter_map(|x| x.value.handoff.as_ref()).collect();
+        let (mut listeners, mut named, mut any_waiting) = (Vec::new(), Vec::new(), false);
         // Clusters by name, once: a mesh's 10,000 handed-off listeners and chains each name
         // one of its 10,000 clusters, and a scan per name would be quadratic (SPEC §11).
         let mut by_name: std::collections::HashSet<String> =
-            cfg.clusters.iter().map(|c| c.name.clone()).collect();
+            clusters.iter().map(|c| c.name.clone()).collect();
         for x in self.listeners.values() {
             let Some(mut l) = x.value.listener.clone() else { continue };
             if l.capture != Capture::None {
@@ -738,6 +794,7 @@ impl State {
                     && let Some(secret) = resolve(&t.secrets, &mut t.files, certificates, sds)
                         .map_err(|r| invalid("Listener", &l.name, format!("{}: {r}", chain.name)))?
                 {
+                    any_waiting = true;
                     // Envoy's warming: a listener not bound to its port waits alone (its
                     // chains stay out); any other is not bound until its secrets arrive.
                     if chain.handoff.is_some() {
@@ -765,7 +822,7 @@ impl State {
             for t in targets {
                 if !by_name.contains(&t) {
                     by_name.insert(t.clone());
-                    cfg.clusters.push(Arc::new(Cluster {
+                    named.push(Arc::new(Cluster {
                         name: t.clone(),
                         service: None,
                         service_namespace: None,
@@ -782,9 +839,9 @@ impl State {
                     }));
                 }
             }
-            cfg.listeners.push(l);
+            listeners.push(Arc::new(l));
         }
-        Ok(cfg)
+        Ok((listeners, named, any_waiting))
     }
 
     /// One cluster as a publication holds it: its translation with its TLS files resolved,
@@ -832,19 +889,60 @@ impl State {
 }
 
 /// What the last merge built, per cluster, with what it was built from: the next merge
-/// shares every cluster whose inputs are the same `Arc`s (SPEC §11). A cache only: a clone
-/// starts empty.
+/// shares every cluster whose inputs are the same `Arc`s, and the listener side while the
+/// listeners, route tables and clusters held are (SPEC §11). A cache only: a clone starts
+/// empty.
 #[derive(Debug, Default)]
 pub struct Merged {
-    /// The static config's certificate files and whether an SDS server is used: the
-    /// clusters were resolved against these.
-    base: (Option<crate::config::CertificateFiles>, bool),
+    /// The static config's certificate files, whether an SDS server is used, and its
+    /// clusters' names: what the last merge was made beside.
+    base: (Option<crate::config::CertificateFiles>, bool, Vec<String>),
     clusters: HashMap<String, (Inputs, Arc<Cluster>)>,
+    side: Option<Side>,
 }
 
 impl Clone for Merged {
     fn clone(&self) -> Self {
         Merged::default()
+    }
+}
+
+/// The listener side of a merge and the resources it was made from (their `Arc`s, in the
+/// state's order).
+#[derive(Debug)]
+struct Side {
+    from: (Vec<Arc<XdsListener>>, Vec<Arc<XdsRoute>>, Vec<Arc<XdsCluster>>),
+    routed: HashMap<String, Vec<SocketAddr>>,
+    listeners: Vec<Arc<Listener>>,
+    named: Vec<Arc<Cluster>>,
+}
+
+impl Side {
+    fn of(
+        state: &State,
+        routed: HashMap<String, Vec<SocketAddr>>,
+        listeners: Vec<Arc<Listener>>,
+        named: Vec<Arc<Cluster>>,
+    ) -> Side {
+        fn arcs<T>(m: &BTreeMap<String, Accepted<T>>) -> Vec<Arc<T>> {
+            m.values().map(|a| Arc::clone(&a.value)).collect()
+        }
+        Side {
+            from: (arcs(&state.listeners), arcs(&state.routes), arcs(&state.clusters)),
+            routed,
+            listeners,
+            named,
+        }
+    }
+
+    /// Whether `state` holds the very resources this was made from: pointer compares.
+    fn holds(&self, state: &State) -> bool {
+        fn same<T>(was: &[Arc<T>], now: &BTreeMap<String, Accepted<T>>) -> bool {
+            was.len() == now.len() && was.iter().zip(now.values()).all(|(a, b)| Arc::ptr_eq(a, &b.value))
+        }
+        same(&self.from.0, &state.listeners)
+            && same(&self.from.1, &state.routes)
+            && same(&self.from.2, &state.clusters)
     }
 }
 
@@ -857,15 +955,21 @@ struct Inputs {
 }
 
 impl Inputs {
-    /// The same translation, endpoints and routed addresses: O(1) but for the addresses.
-    fn same(&self, other: &Inputs) -> bool {
-        Arc::ptr_eq(&self.from, &other.from)
-            && match (&self.endpoints, &other.endpoints) {
+    /// Built from the same translation, endpoints and routed addresses: O(1) but for the
+    /// addresses.
+    fn same(
+        &self,
+        from: &Arc<XdsCluster>,
+        endpoints: Option<&Arc<Vec<Endpoint>>>,
+        addresses: &[SocketAddr],
+    ) -> bool {
+        Arc::ptr_eq(&self.from, from)
+            && match (&self.endpoints, endpoints) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 (None, None) => true,
                 _ => false,
             }
-            && self.addresses == other.addresses
+            && self.addresses == addresses
     }
 }
 
@@ -1068,7 +1172,7 @@ mod tests {
     }
 
     #[test]
-    fn an_endpoint_change_touches_only_its_cluster_and_the_endpoints_are_held_once() {
+    fn an_endpoint_change_touches_only_its_cluster_shares_the_listeners_and_holds_the_endpoints_once() {
         let (mut state, base) = (State::default(), certificates());
         let last: std::cell::RefCell<Option<Config>> = Default::default();
         let mut keep = |c: Config| {
@@ -1081,6 +1185,7 @@ mod tests {
             vec![any(CLUSTER, &eds_cluster("a")), any(CLUSTER, &eds_cluster("b"))],
         );
         state.update(&clusters, &base, &mut keep);
+        state.update(&listeners("1", &[tcp("l", "127.0.0.1:1001", Some("a"))]), &base, &mut keep);
         let both = vec![assignment("a", "10.0.0.1:80", 1), assignment("b", "10.0.0.2:80", 1)];
         state.update(&response(Type::Endpoints, "1", both), &base, &mut keep);
         let before = last.take().unwrap();
@@ -1098,6 +1203,9 @@ mod tests {
         // The merged cluster holds the state's endpoints, not a copy.
         assert!(Arc::ptr_eq(&a.endpoints, &state.endpoints["a"].value));
         assert!(Arc::ptr_eq(&b.endpoints, &state.endpoints["b"].value));
+        // The listeners did not change: the same merged listener, not a copy.
+        assert_eq!(after.listeners.len(), 1);
+        assert!(Arc::ptr_eq(&after.listeners[0], &before.listeners[0]));
     }
 
     fn delta(t: Type, resources: Vec<(&str, &str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {
