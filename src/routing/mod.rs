@@ -39,19 +39,16 @@ pub struct Target {
     pub subset: Option<usize>,
 }
 
-/// One endpoint as the control plane describes it (shared by every worker).
-#[derive(Debug, PartialEq)]
+/// One endpoint as the router picks it (shared by every worker); its labels and workload
+/// are the config endpoint's, held once ([`ClusterState::labels`], SPEC §11).
+#[derive(Debug)]
 pub struct EndpointState {
     /// Address to connect to.
     pub address: SocketAddr,
-    /// Labels (subset selection).
-    pub labels: BTreeMap<String, String>,
-    /// The endpoint's workload as Istio's control plane describes it (workload name,
-    /// namespace, labels with the canonical name and revision filled by istiod's fallbacks):
-    /// the peer side of the metrics when there was no exchange (SPEC §3).
-    pub identity: NodeMetadata,
     /// Relative weight (xDS `load_balancing_weight`, else 1).
     pub weight: u32,
+    /// Its workload as a peer's metadata, made at the first connection that reports it.
+    identity: std::sync::OnceLock<Box<NodeMetadata>>,
 }
 
 /// One worker's view of one endpoint's load and failures.
@@ -170,6 +167,8 @@ pub struct ClusterState {
     pub service: ServiceInfo,
     /// Endpoints.
     pub endpoints: Vec<EndpointState>,
+    /// The config's endpoints (the same `Arc`, in the same order): labels and workloads.
+    source: Arc<Vec<crate::config::Endpoint>>,
     all: Pool,
     subsets: Vec<Pool>,
 }
@@ -818,36 +817,55 @@ pub fn ejection_time(failures: u32) -> Duration {
     (EJECTION_BASE * (1u32 << doublings)).min(EJECTION_MAX)
 }
 
+impl ClusterState {
+    /// Endpoint `e`'s labels.
+    pub fn labels(&self, e: usize) -> Option<&BTreeMap<String, String>> {
+        Some(&self.source.get(e)?.labels)
+    }
+
+    /// Endpoint `e`'s workload as Istio's control plane describes it (workload name,
+    /// namespace, labels with the canonical name and revision filled by istiod's fallbacks):
+    /// the peer side of the metrics when there was no exchange (SPEC §3). Made at its first
+    /// use: a mesh's 50,000 endpoints are mostly never reported on.
+    pub fn identity(&self, e: usize) -> Option<&NodeMetadata> {
+        let (state, source) = (self.endpoints.get(e)?, self.source.get(e)?);
+        let made = state.identity.get_or_init(|| {
+            Box::new(metrics::with_canonical_labels(NodeMetadata {
+                workload_name: source.workload_name.clone(),
+                namespace: source.namespace.clone(),
+                service_account: source.service_account.clone(),
+                cluster_id: source.cluster_id.clone(),
+                labels: source.labels.clone(),
+                ..NodeMetadata::default()
+            }))
+        });
+        Some(made)
+    }
+}
+
 /// The endpoints of config cluster `c` as the router holds them.
 fn endpoint_states(c: &crate::config::Cluster) -> impl Iterator<Item = EndpointState> + '_ {
     c.endpoints.iter().map(|e| EndpointState {
         address: e.address,
-        labels: e.labels.clone(),
-        identity: metrics::with_canonical_labels(NodeMetadata {
-            workload_name: e.workload_name.clone(),
-            namespace: e.namespace.clone(),
-            service_account: e.service_account.clone(),
-            cluster_id: e.cluster_id.clone(),
-            labels: e.labels.clone(),
-            ..NodeMetadata::default()
-        }),
         weight: e.weight.unwrap_or(1).max(1),
+        identity: std::sync::OnceLock::new(),
     })
 }
 
 /// Whether `old` is what config cluster `c` builds: compared field by field, allocating
 /// nothing (a push compares every cluster it carries but rebuilds only those it changed).
 fn same(old: &ClusterState, c: &crate::config::Cluster) -> bool {
-    let endpoints_same = old.endpoints.len() == c.endpoints.len()
-        && old.endpoints.iter().zip(c.endpoints.iter()).all(|(o, e)| {
-            o.address == e.address
-                && o.weight == e.weight.unwrap_or(1).max(1)
-                && o.labels == e.labels
-                && o.identity.workload_name == e.workload_name
-                && o.identity.namespace == e.namespace
-                && o.identity.service_account == e.service_account
-                && o.identity.cluster_id == e.cluster_id
-        });
+    let endpoints_same = Arc::ptr_eq(&old.source, &c.endpoints)
+        || old.source.len() == c.endpoints.len()
+            && old.source.iter().zip(c.endpoints.iter()).all(|(o, e)| {
+                o.address == e.address
+                    && o.weight.unwrap_or(1).max(1) == e.weight.unwrap_or(1).max(1)
+                    && o.labels == e.labels
+                    && o.workload_name == e.workload_name
+                    && o.namespace == e.namespace
+                    && o.service_account == e.service_account
+                    && o.cluster_id == e.cluster_id
+            });
     endpoints_same
         && old.service.host == c.service.as_deref().unwrap_or_default()
         && old.service.namespace == c.service_namespace.as_deref().unwrap_or_default()
@@ -855,12 +873,12 @@ fn same(old: &ClusterState, c: &crate::config::Cluster) -> bool {
         && old.subsets.len() == c.subsets.len()
         && old.subsets.iter().zip(&c.subsets).all(|(p, s)| {
             p.load_balancer == s.load_balancer.unwrap_or(c.load_balancer)
-                && p.members.len() == old.endpoints.iter().filter(|e| selects(&s.labels, e)).count()
-                && p.members.iter().all(|&i| old.endpoints.get(i).is_some_and(|e| selects(&s.labels, e)))
+                && p.members.len() == old.source.iter().filter(|e| selects(&s.labels, e)).count()
+                && p.members.iter().all(|&i| old.source.get(i).is_some_and(|e| selects(&s.labels, e)))
         })
 }
 
-fn selects(labels: &BTreeMap<String, String>, e: &EndpointState) -> bool {
+fn selects(labels: &BTreeMap<String, String>, e: &crate::config::Endpoint) -> bool {
     labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))
 }
 
@@ -873,7 +891,7 @@ fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
         .subsets
         .iter()
         .map(|s| {
-            let members = (0..endpoints.len()).filter(|&i| selects(&s.labels, &endpoints[i])).collect();
+            let members = (0..endpoints.len()).filter(|&i| selects(&s.labels, &c.endpoints[i])).collect();
             Pool::new(members, s.load_balancer.unwrap_or(c.load_balancer), &endpoints)
         })
         .collect();
@@ -882,6 +900,7 @@ fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
         service: ServiceInfo { host, namespace },
         all: Pool::new((0..endpoints.len()).collect(), c.load_balancer, &endpoints),
         endpoints,
+        source: Arc::clone(&c.endpoints),
         subsets,
     }
 }
@@ -952,7 +971,7 @@ clusters:
         for _ in 0..10_000 {
             let t = r.route(1).unwrap();
             let e = r.candidates(t, now()).next().unwrap();
-            if r.clusters[0].endpoints[e].labels["version"] == "v1" {
+            if r.clusters[0].labels(e).unwrap()["version"] == "v1" {
                 v1 += 1;
             }
         }
