@@ -370,9 +370,13 @@ impl Certs {
 /// The crypto provider: aws-lc-rs with Envoy's (BoringSSL's) cipher suite order (README
 /// Decisions has both measurements).
 pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites = envoy_suite_order(aes_hardware());
-    Arc::new(p)
+    // One for the process: every config (a mesh's 10,000 clusters') shares it.
+    static SHARED: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    Arc::clone(SHARED.get_or_init(|| {
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.cipher_suites = envoy_suite_order(aes_hardware());
+        Arc::new(p)
+    }))
 }
 
 /// True when the CPU has AES and carry-less multiply instructions (AES-GCM in hardware).
@@ -577,6 +581,49 @@ pub struct Identity {
     /// None: no certificate to present (a DestinationRule's `SIMPLE` origination).
     key: Option<PrivateKeyDer<'static>>,
     roots: Arc<RootCertStore>,
+    /// The certificate and its key as a client presents them, made once for every client
+    /// config built from this identity: a mesh's 10,000 clusters each have a config of
+    /// their own (their SANs differ) but one workload identity (SPEC §11).
+    client: std::sync::OnceLock<Arc<rustls::sign::CertifiedKey>>,
+    /// Its certificate's `spiffe://` id, parsed once for all its configs.
+    principal: std::sync::OnceLock<Option<Arc<str>>>,
+}
+
+impl Identity {
+    /// Its certificate's `spiffe://` id, if it has one.
+    fn principal(&self) -> Option<Arc<str>> {
+        self.principal.get_or_init(|| self.certs.first().and_then(spiffe_id).map(Arc::from)).clone()
+    }
+
+    /// Its certificate and key for a client (`None`: it presents none).
+    fn client_cert(
+        &self,
+        provider: &CryptoProvider,
+    ) -> Result<Option<Arc<rustls::sign::CertifiedKey>>, rustls::Error> {
+        let Some(key) = &self.key else { return Ok(None) };
+        if let Some(made) = self.client.get() {
+            return Ok(Some(Arc::clone(made)));
+        }
+        // As rustls' `with_client_auth_cert` checks it: a key that does not match fails.
+        let made =
+            Arc::new(rustls::sign::CertifiedKey::from_der(self.certs.clone(), key.clone_key(), provider)?);
+        Ok(Some(Arc::clone(self.client.get_or_init(|| made))))
+    }
+}
+
+/// A client presenting one certificate whatever the server asks (rustls' own resolver for
+/// `with_client_auth_cert`, over a key shared by every config of the identity).
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// Read and parse `files`; an error names the file. No certificate and key paths: a client
@@ -587,7 +634,13 @@ pub fn load(files: &Files) -> Result<Identity, Error> {
             true => (Vec::new(), None),
             false => (load_certs(&files.cert_chain)?, Some(load_key(&files.private_key)?)),
         };
-    Ok(Identity { certs, key, roots: Arc::new(load_roots(&files.root_cert)?) })
+    Ok(Identity {
+        certs,
+        key,
+        roots: Arc::new(load_roots(&files.root_cert)?),
+        client: Default::default(),
+        principal: Default::default(),
+    })
 }
 
 /// Build the config of `role` from `files` with `provider` (benchmarks compare providers).
@@ -623,10 +676,8 @@ fn build_configured(
     role: &Role,
     chain_cache: bool,
 ) -> Result<Configured, Error> {
-    let certs = identity.certs.clone();
-    let key = identity.key.as_ref().map(PrivateKeyDer::clone_key);
     let roots = Arc::clone(&identity.roots);
-    let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
+    let local_principal = identity.principal();
     let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
     let versions = rustls::ALL_VERSIONS;
     let chains = chain_cache.then(|| Arc::new(chains::Chains::default()));
@@ -645,6 +696,7 @@ fn build_configured(
             subject_alt_name_prefixes,
             ..
         } => {
+            let (certs, key) = (identity.certs.clone(), identity.key.as_ref().map(PrivateKeyDer::clone_key));
             let key =
                 key.ok_or_else(|| file_err(&files.private_key, "a server needs a certificate and key"))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
@@ -697,13 +749,14 @@ fn build_configured(
                 algs: provider.signature_verification_algorithms,
                 chains: chains.clone(),
             });
+            let cert = identity.client_cert(&provider).map_err(key_err)?;
             let builder = ClientConfig::builder_with_provider(provider)
                 .with_protocol_versions(versions)
                 .map_err(key_err)?
                 .dangerous()
                 .with_custom_certificate_verifier(verifier);
-            let mut c = match key {
-                Some(key) => builder.with_client_auth_cert(certs, key).map_err(key_err)?,
+            let mut c = match cert {
+                Some(cert) => builder.with_client_cert_resolver(Arc::new(ClientCert(cert))),
                 None => builder.with_no_client_auth(),
             };
             // Sessions are cached in this config, built per cluster TLS context (files and
@@ -1215,6 +1268,38 @@ mod tests {
         assert_eq!(next.slots().len(), 1);
         let e = Certs::next(&next, &parse(&yaml(&["tls-a", "bad"]))).err().unwrap().to_string();
         assert!(e.starts_with("Listener/bad: ") && e.contains("missing.pem"), "{e}");
+    }
+
+    #[test]
+    fn clusters_of_one_identity_share_its_key_and_each_keeps_its_own_expected_sans() {
+        let dir = tmpdir("shared-key");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let cluster = |name: &str, san: &str| {
+            format!(
+                "  - {{name: {name}, endpoints: [{{address: 127.0.0.1:1}}], tls: {{mode: istio_mutual, cert_chain: {}, private_key: {}, root_cert: {}, subject_alt_names: [{san}]}}}}\n",
+                f.cert_chain.display(),
+                f.private_key.display(),
+                f.root_cert.display()
+            )
+        };
+        let yaml = format!(
+            "clusters:\n{}{}",
+            cluster("a", "spiffe://cluster.local/ns/default/sa/a"),
+            cluster("b", "spiffe://cluster.local/ns/default/sa/b")
+        );
+        let certs = Certs::load(&crate::config::Config::parse(&yaml, "t.yaml").unwrap()).unwrap();
+        let client = |i: usize| certs.clusters[i].as_ref().unwrap().current().client.clone().unwrap();
+        let (a, b) = (client(0), client(1));
+        assert!(!Arc::ptr_eq(&a, &b), "a config per cluster: each verifies its own SANs");
+        let key = |c: &ClientConfig| c.client_auth_cert_resolver.resolve(&[], &[]).unwrap();
+        assert!(Arc::ptr_eq(&key(&a), &key(&b)), "one certificate and key for the identity");
+        assert!(Arc::ptr_eq(&a.crypto_provider().clone(), &b.crypto_provider().clone()));
+        let sans = |i: usize| match &certs.clusters[i].as_ref().unwrap().role {
+            Role::Client { subject_alt_names, .. } => subject_alt_names.clone(),
+            Role::Server { .. } => unreachable!(),
+        };
+        assert_eq!(sans(0), ["spiffe://cluster.local/ns/default/sa/a"]);
+        assert_eq!(sans(1), ["spiffe://cluster.local/ns/default/sa/b"]);
     }
 
     #[test]
