@@ -18,7 +18,8 @@
 //!
 //! Needs a network namespace whose OUTPUT chain redirects 10.96.0.0/12 to port 15001 (the
 //! capture): run it through `perf/xds-scale.sh`, which makes one and pins the processes.
-//! Env: SERVICES (comma list, default 100,1000,10000), PROXIES (default ringside,envoy),
+//! Env: SERVICES (comma list, default 100,1000,10000), PROXIES (default ringside,envoy;
+//! `ringside@PATH` runs the ringside binary at PATH, to compare two builds in one run),
 //! RINGSIDE_BIN (default the release binary cargo built beside the bench),
 //! ENVOY_MAX_SERVICES (Envoy is skipped above it; default 10000), CORE (default 1),
 //! CONN_SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20).
@@ -206,7 +207,7 @@ fn pinned(core: u64, bin: &str) -> Command {
     c
 }
 
-fn ringside(core: u64, ads: SocketAddr, pki: &Pki) -> Proxy {
+fn ringside(core: u64, ads: SocketAddr, pki: &Pki, bin: Option<&str>) -> Proxy {
     let config = std::env::temp_dir().join(format!("ringside-xds-scale-{}.yaml", std::process::id()));
     std::fs::write(
         &config,
@@ -220,7 +221,9 @@ fn ringside(core: u64, ads: SocketAddr, pki: &Pki) -> Proxy {
     )
     .unwrap();
     // RINGSIDE_BIN: another build of the binary (a release one under a debug driver).
-    let bin = std::env::var("RINGSIDE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringside").into());
+    let bin = bin.map(str::to_string).unwrap_or_else(|| {
+        std::env::var("RINGSIDE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringside").into())
+    });
     let child = pinned(core, &bin)
         .args([
             "run",
@@ -324,7 +327,7 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let (server, requests) = AdsServer::serve(shape(mesh.snapshot("1")));
     let p = match proxy {
         "envoy" => envoy(core, envoy_bin.expect("envoy binary"), server.addr),
-        _ => ringside(core, server.addr, pki),
+        _ => ringside(core, server.addr, pki, proxy.strip_prefix("ringside@")),
     };
     let pid = p.child.id();
     let mut first = None;

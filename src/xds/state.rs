@@ -665,7 +665,6 @@ impl State {
             Some(s) => std::borrow::Cow::Borrowed(&s.routed),
             None => std::borrow::Cow::Owned(self.routed()),
         };
-        let mut built = HashMap::with_capacity(was_built.len());
         for (name, x) in &self.clusters {
             let endpoints = match &x.value.eds_name {
                 Some(eds) => self.endpoints.get(eds).map(|e| Arc::clone(&e.value)),
@@ -673,26 +672,29 @@ impl State {
             };
             let addresses = routed.get(name.as_str()).map_or(&[][..], Vec::as_slice);
             // A cluster none of whose inputs changed is the previous publication's, shared
-            // (SPEC §11: an endpoint change touches its cluster only). One waiting for a
-            // secret is built again: the secret may have arrived.
-            let (inputs, c) = match was_built.remove(name.as_str()) {
-                Some((was, c))
-                    if was.same(&x.value, endpoints.as_ref(), addresses)
-                        && c.tls.is_some() == x.value.cluster.tls.is_some() =>
-                {
-                    (was, c)
-                }
-                _ => {
+            // (SPEC §11: an endpoint change touches its cluster only), looked up in place
+            // (no key copied per cluster). One waiting for a secret is built again: the
+            // secret may have arrived.
+            let kept = was_built.get(name.as_str()).filter(|(was, c)| {
+                was.same(&x.value, endpoints.as_ref(), addresses)
+                    && c.tls.is_some() == x.value.cluster.tls.is_some()
+            });
+            let c = match kept {
+                Some((_, c)) => Arc::clone(c),
+                None => {
                     let inputs =
                         Inputs { from: Arc::clone(&x.value), endpoints, addresses: addresses.to_vec() };
                     let c = Arc::new(self.merge_cluster(&inputs, certificates, sds)?);
-                    (inputs, c)
+                    was_built.insert(name.clone(), (inputs, Arc::clone(&c)));
+                    c
                 }
             };
-            cfg.clusters.push(Arc::clone(&c));
-            built.insert(name.clone(), (inputs, c));
+            cfg.clusters.push(c);
         }
-        *was_built = built;
+        // Clusters gone (a cluster response) leave the cache.
+        if was_built.len() > self.clusters.len() {
+            was_built.retain(|name, _| self.clusters.contains_key(name));
+        }
         let routed = match routed {
             std::borrow::Cow::Owned(r) => Some(r),
             std::borrow::Cow::Borrowed(_) => None,
