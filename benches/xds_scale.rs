@@ -22,7 +22,8 @@
 //! `ringside@PATH` runs the ringside binary at PATH, to compare two builds in one run),
 //! RINGSIDE_BIN (default the release binary cargo built beside the bench),
 //! ENVOY_MAX_SERVICES (Envoy is skipped above it; default 10000), CORE (default 1),
-//! CONN_SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20).
+//! CONN_SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20), HOLD_PER_PUSH (0: one
+//! more connection held after each push's ACK, so that each pins its own generation).
 
 #[path = "../tests/common/ads.rs"]
 mod ads;
@@ -363,15 +364,14 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let eds_cpu_ms = cpu_ms(pid) - cpu0;
 
     // Pushes every second while long-lived connections are held and new ones are made.
-    let held: Vec<TcpStream> = (0..env("HELD", 20))
-        .map(|_| {
-            let mut s = TcpStream::connect(target).unwrap();
-            s.write_all(b"h").unwrap();
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).unwrap();
-            s
-        })
-        .collect();
+    let hold = || {
+        let mut s = TcpStream::connect(target).unwrap();
+        s.write_all(b"h").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        s
+    };
+    let mut held: Vec<TcpStream> = (0..env("HELD", 20)).map(|_| hold()).collect();
     let rss_before = rss_kib(pid);
     let push_seconds = env("PUSH_SECONDS", 10);
     let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds));
@@ -382,6 +382,11 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         let v = (pushes + 2).to_string();
         server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + 1)), &[&moved]);
         acks(&requests, &v, &[ENDPOINTS], &mut None);
+        if env("HOLD_PER_PUSH", 0) == 1 {
+            // After the worker's next tick (100 ms): accepted under this push's generation.
+            thread::sleep(Duration::from_millis(200));
+            held.push(hold());
+        }
         thread::sleep(Duration::from_secs(1));
     }
     let rate_pushing = connecting.join().unwrap();
