@@ -913,7 +913,9 @@ impl Clone for Merged {
 /// state's order).
 #[derive(Debug)]
 struct Side {
-    from: (Vec<Arc<XdsListener>>, Vec<Arc<XdsRoute>>, Vec<Arc<XdsCluster>>),
+    listeners_from: Vec<Arc<XdsListener>>,
+    routes_from: Vec<Arc<XdsRoute>>,
+    clusters_from: Vec<Arc<XdsCluster>>,
     routed: HashMap<String, Vec<SocketAddr>>,
     listeners: Vec<Arc<Listener>>,
     named: Vec<Arc<Cluster>>,
@@ -930,7 +932,9 @@ impl Side {
             m.values().map(|a| Arc::clone(&a.value)).collect()
         }
         Side {
-            from: (arcs(&state.listeners), arcs(&state.routes), arcs(&state.clusters)),
+            listeners_from: arcs(&state.listeners),
+            routes_from: arcs(&state.routes),
+            clusters_from: arcs(&state.clusters),
             routed,
             listeners,
             named,
@@ -942,9 +946,9 @@ impl Side {
         fn same<T>(was: &[Arc<T>], now: &BTreeMap<String, Accepted<T>>) -> bool {
             was.len() == now.len() && was.iter().zip(now.values()).all(|(a, b)| Arc::ptr_eq(a, &b.value))
         }
-        same(&self.from.0, &state.listeners)
-            && same(&self.from.1, &state.routes)
-            && same(&self.from.2, &state.clusters)
+        same(&self.listeners_from, &state.listeners)
+            && same(&self.routes_from, &state.routes)
+            && same(&self.clusters_from, &state.clusters)
     }
 }
 
