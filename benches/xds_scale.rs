@@ -355,9 +355,10 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     // process's cost, not the proxy's.
     let next = shape(mesh.with_moved("2", 1, 1));
     let cpu0 = cpu_ms(pid);
-    let t0 = server.push_endpoints(next, &[&moved]);
+    let (t0, retired) = server.push_endpoints(next, &[&moved]);
     acks(&requests, "2", &[ENDPOINTS], &mut None);
     let eds_ack_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    drop(retired);
     eprintln!("xds_scale: {proxy} {services}: endpoint change ACKed");
     // Two ticks: ringside's workers take the publication on their next one.
     thread::sleep(Duration::from_millis(200));
@@ -380,8 +381,9 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     while !connecting.is_finished() && pushes < 600 {
         pushes += 1;
         let v = (pushes + 2).to_string();
-        server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + 1)), &[&moved]);
+        let (_, retired) = server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + 1)), &[&moved]);
         acks(&requests, &v, &[ENDPOINTS], &mut None);
+        drop(retired);
         if env("HOLD_PER_PUSH", 0) == 1 {
             // After the worker's next tick (100 ms): accepted under this push's generation.
             thread::sleep(Duration::from_millis(200));
