@@ -653,7 +653,7 @@ impl State {
         let Merged { base: resolved_with, clusters: was_built, side } = &mut *merged;
         let with = (certificates.cloned(), sds, base.clusters.iter().map(|c| c.name.clone()).collect());
         if *resolved_with != with {
-            (*resolved_with, *was_built, *side) = (with, HashMap::new(), None);
+            (*resolved_with, *was_built, *side) = (with, Vec::new(), None);
         }
         // The listener side (the addresses routed to each cluster, the merged listeners and
         // the clusters they name but were not sent) depends on the listeners, route tables
@@ -665,36 +665,46 @@ impl State {
             Some(s) => std::borrow::Cow::Borrowed(&s.routed),
             None => std::borrow::Cow::Owned(self.routed()),
         };
+        // The cache is in the state's order: while the clusters held are the very same
+        // (`side` holds them), entry i is cluster i's and its routed addresses are current,
+        // so an endpoint change looks no name up but its assignment's. Else by name.
+        let aligned = side.is_some() && was_built.len() == self.clusters.len();
+        let mut old = std::mem::take(was_built).into_iter();
+        let mut by_name: HashMap<String, (Inputs, Arc<Cluster>)> = HashMap::new();
+        if !aligned {
+            by_name = old.by_ref().map(|(i, c)| (i.from.cluster.name.clone(), (i, c))).collect();
+        }
+        let mut built = Vec::with_capacity(self.clusters.len());
         for (name, x) in &self.clusters {
             let endpoints = match &x.value.eds_name {
                 Some(eds) => self.endpoints.get(eds).map(|e| Arc::clone(&e.value)),
                 None => self.resolved.get(name).filter(|_| x.value.dns.is_some()).cloned(),
             };
-            let addresses = routed.get(name.as_str()).map_or(&[][..], Vec::as_slice);
+            let was = if aligned { old.next() } else { by_name.remove(name.as_str()) };
+            let addresses = match (&was, aligned) {
+                (Some((w, _)), true) => w.addresses.as_slice(),
+                _ => routed.get(name.as_str()).map_or(&[][..], Vec::as_slice),
+            };
             // A cluster none of whose inputs changed is the previous publication's, shared
-            // (SPEC §11: an endpoint change touches its cluster only), looked up in place
-            // (no key copied per cluster). One waiting for a secret is built again: the
-            // secret may have arrived.
-            let kept = was_built.get(name.as_str()).filter(|(was, c)| {
-                was.same(&x.value, endpoints.as_ref(), addresses)
+            // (SPEC §11: an endpoint change touches its cluster only). One waiting for a
+            // secret is built again: the secret may have arrived.
+            let kept = was.as_ref().is_some_and(|(w, c)| {
+                w.same(&x.value, endpoints.as_ref(), addresses)
                     && c.tls.is_some() == x.value.cluster.tls.is_some()
             });
-            let c = match kept {
-                Some((_, c)) => Arc::clone(c),
-                None => {
+            let entry = match was {
+                Some(entry) if kept => entry,
+                _ => {
                     let inputs =
                         Inputs { from: Arc::clone(&x.value), endpoints, addresses: addresses.to_vec() };
                     let c = Arc::new(self.merge_cluster(&inputs, certificates, sds)?);
-                    was_built.insert(name.clone(), (inputs, Arc::clone(&c)));
-                    c
+                    (inputs, c)
                 }
             };
-            cfg.clusters.push(c);
+            cfg.clusters.push(Arc::clone(&entry.1));
+            built.push(entry);
         }
-        // Clusters gone (a cluster response) leave the cache.
-        if was_built.len() > self.clusters.len() {
-            was_built.retain(|name, _| self.clusters.contains_key(name));
-        }
+        *was_built = built;
         let routed = match routed {
             std::borrow::Cow::Owned(r) => Some(r),
             std::borrow::Cow::Borrowed(_) => None,
@@ -899,7 +909,8 @@ pub struct Merged {
     /// The static config's certificate files, whether an SDS server is used, and its
     /// clusters' names: what the last merge was made beside.
     base: (Option<crate::config::CertificateFiles>, bool, Vec<String>),
-    clusters: HashMap<String, (Inputs, Arc<Cluster>)>,
+    /// In the state's order at the last merge.
+    clusters: Vec<(Inputs, Arc<Cluster>)>,
     side: Option<Side>,
 }
 
