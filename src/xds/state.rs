@@ -650,10 +650,11 @@ impl State {
         let sds = base.xds.as_ref().is_some_and(|x| x.sds.is_some());
         let mut cfg = base.clone();
         let mut merged = self.merged.borrow_mut();
-        let Merged { base: resolved_with, clusters: was_built, side } = &mut *merged;
+        let Merged { base: resolved_with, clusters: was_built, side, endpoints: endpoints_seen } =
+            &mut *merged;
         let with = (certificates.cloned(), sds, base.clusters.iter().map(|c| c.name.clone()).collect());
         if *resolved_with != with {
-            (*resolved_with, *was_built, *side) = (with, Vec::new(), None);
+            (*resolved_with, *was_built, *side, *endpoints_seen) = (with, Vec::new(), None, Vec::new());
         }
         // The listener side (the addresses routed to each cluster, the merged listeners and
         // the clusters they name but were not sent) depends on the listeners, route tables
@@ -669,6 +670,10 @@ impl State {
         // (`side` holds them), entry i is cluster i's and its routed addresses are current,
         // so an endpoint change looks no name up but its assignment's. Else by name.
         let aligned = side.is_some() && was_built.len() == self.clusters.len();
+        // The assignments that changed since the last merge, found by one pass of pointer
+        // compares in order (a position whose assignment is another holds both names); `None`
+        // when the set of names moved or too many changed: then each cluster looks its up.
+        let changed_assignments = assignments_changed(&self.endpoints, endpoints_seen);
         let mut old = std::mem::take(was_built).into_iter();
         let mut by_name: HashMap<String, (Inputs, Arc<Cluster>)> = HashMap::new();
         if !aligned {
@@ -676,11 +681,18 @@ impl State {
         }
         let mut built = Vec::with_capacity(self.clusters.len());
         for (name, x) in &self.clusters {
-            let endpoints = match &x.value.eds_name {
-                Some(eds) => self.endpoints.get(eds).map(|e| Arc::clone(&e.value)),
-                None => self.resolved.get(name).filter(|_| x.value.dns.is_some()).cloned(),
-            };
             let was = if aligned { old.next() } else { by_name.remove(name.as_str()) };
+            // Its assignment unchanged (and not a DNS cluster): the one it was built with.
+            let unchanged = aligned
+                && x.value.dns.is_none()
+                && changed_assignments
+                    .as_ref()
+                    .is_some_and(|c| x.value.eds_name.as_ref().is_none_or(|e| !c.contains(e)));
+            let endpoints = match (&x.value.eds_name, &was) {
+                (_, Some((w, _))) if unchanged => w.endpoints.clone(),
+                (Some(eds), _) => self.endpoints.get(eds).map(|e| Arc::clone(&e.value)),
+                (None, _) => self.resolved.get(name).filter(|_| x.value.dns.is_some()).cloned(),
+            };
             let addresses = match (&was, aligned) {
                 (Some((w, _)), true) => w.addresses.as_slice(),
                 _ => routed.get(name.as_str()).map_or(&[][..], Vec::as_slice),
@@ -912,6 +924,8 @@ pub struct Merged {
     /// In the state's order at the last merge.
     clusters: Vec<(Inputs, Arc<Cluster>)>,
     side: Option<Side>,
+    /// The assignments held at the last merge, in the state's order.
+    endpoints: Vec<(String, Arc<Vec<Endpoint>>)>,
 }
 
 impl Clone for Merged {
@@ -961,6 +975,40 @@ impl Side {
             && same(&self.routes_from, &state.routes)
             && same(&self.clusters_from, &state.clusters)
     }
+}
+
+/// The names of the assignments in `now` that are not the ones `seen` (both in name order)
+/// holds at the same place, found by a pass of pointer compares; `seen` becomes `now`.
+/// `None` when the names moved (one added or removed) or more than a few changed.
+fn assignments_changed(
+    now: &BTreeMap<String, Accepted<Vec<Endpoint>>>,
+    seen: &mut Vec<(String, Arc<Vec<Endpoint>>)>,
+) -> Option<Vec<String>> {
+    const FEW: usize = 64;
+    let mut changed = Vec::new();
+    if now.len() == seen.len() {
+        for ((name, a), (was_name, was)) in now.iter().zip(seen.iter_mut()) {
+            if Arc::ptr_eq(&a.value, was) {
+                continue;
+            }
+            if changed.len() < FEW {
+                // A place whose assignment is another one names both.
+                changed.push(name.clone());
+                if was_name != name {
+                    changed.push(std::mem::replace(was_name, name.clone()));
+                }
+            } else {
+                changed.push(String::new()); // too many: counted, not named
+                was_name.clone_from(name);
+            }
+            *was = Arc::clone(&a.value);
+        }
+        if changed.len() <= FEW {
+            return Some(changed);
+        }
+    }
+    *seen = now.iter().map(|(n, a)| (n.clone(), Arc::clone(&a.value))).collect();
+    None
 }
 
 /// What a merged cluster is built from (its `Arc`s keep their addresses from being reused).
@@ -1223,6 +1271,25 @@ mod tests {
         // The listeners did not change: the same merged listener, not a copy.
         assert_eq!(after.listeners.len(), 1);
         assert!(Arc::ptr_eq(&after.listeners[0], &before.listeners[0]));
+    }
+
+    #[test]
+    fn the_assignments_changed_since_the_last_merge_are_named_with_any_they_replaced() {
+        let held = |names: &[(&str, &Arc<Vec<Endpoint>>)]| -> BTreeMap<String, Accepted<Vec<Endpoint>>> {
+            names
+                .iter()
+                .map(|(n, v)| (n.to_string(), Accepted { version: "1".into(), value: Arc::clone(v) }))
+                .collect()
+        };
+        let (a1, b1, b2, c1) = (Arc::default(), Arc::default(), Arc::default(), Arc::default());
+        let mut seen = Vec::new();
+        assert_eq!(assignments_changed(&held(&[("a", &a1), ("b", &b1)]), &mut seen), None, "first");
+        assert_eq!(assignments_changed(&held(&[("a", &a1), ("b", &b1)]), &mut seen), Some(vec![]));
+        assert_eq!(assignments_changed(&held(&[("a", &a1), ("b", &b2)]), &mut seen), Some(vec!["b".into()]));
+        // b gone and c come at its place: both named.
+        let now = held(&[("a", &a1), ("c", &c1)]);
+        assert_eq!(assignments_changed(&now, &mut seen), Some(vec!["c".into(), "b".into()]));
+        assert_eq!(assignments_changed(&held(&[("a", &a1)]), &mut seen), None, "names moved");
     }
 
     fn delta(t: Type, resources: Vec<(&str, &str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {
