@@ -4,7 +4,10 @@
 //! and checked on its own; a valid one replaces its previous entry, an invalid one keeps its
 //! previous version (or stays out), and the reply names every invalid one. Then the merge
 //! beside the static config, checked as a whole: a cross-resource problem leaves out the
-//! resources it names, never the whole response. Pure but for the `apply` it is handed.
+//! resources it names, never the whole response. Pure but for the `apply` it is handed, and
+//! for what the merge keeps of what it built (`Merged`): the next merge shares every cluster
+//! and the listener side whose inputs are the same `Arc`s (SPEC §11: an endpoint change
+//! touches its cluster only).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
