@@ -1268,6 +1268,20 @@ impl Config {
         })
     }
 
+    /// What [`Config::validate`] checks of clusters `changed` (indices) alone, for a config
+    /// that passed it but for those clusters' endpoints and TLS (an xDS endpoint change:
+    /// their names, subsets and everything naming them are as validated; SPEC §11: a push
+    /// costs what it changed).
+    pub fn validate_clusters(&mut self, changed: &[usize], file: &str, text: &str) -> Result<(), Error> {
+        self.fill_node_defaults();
+        for c in changed.iter().filter_map(|&i| self.clusters.get(i)) {
+            if let Some((needle, message)) = cluster_problem(c) {
+                return Err(Error { file: file.to_string(), line: line_of(text, &needle), message });
+            }
+        }
+        Ok(())
+    }
+
     /// Fill derived defaults (node identity) and check what serde cannot: unique names and
     /// ports, references between listeners and clusters, weights, unsupported features.
     /// `text` is the YAML source, used only to find the line of an offending value.
@@ -1336,32 +1350,8 @@ impl Config {
                     format!("clusters: duplicate cluster name {:?}", c.name),
                 ));
             }
-            if c.endpoints.is_empty() && c.source.is_none() {
-                return Err(at(
-                    &format!("name: {}", c.name),
-                    format!("cluster {}: endpoints: at least one endpoint is needed", c.name),
-                ));
-            }
-            if let Some(e) = c.endpoints.iter().find(|e| e.weight == Some(0)) {
-                return Err(at(
-                    &format!("name: {}", c.name),
-                    format!("cluster {}: endpoint {}: weight must be at least 1", c.name, e.address),
-                ));
-            }
-            if c.tunnel.is_some() && c.tls.is_none() {
-                return Err(at(
-                    &format!("name: {}", c.name),
-                    format!("cluster {}: tunnel: hbone needs tls: {{mode: istio_mutual, ...}}", c.name),
-                ));
-            }
-            let mut subsets = BTreeSet::new();
-            for s in &c.subsets {
-                if !subsets.insert(s.name.as_str()) {
-                    return Err(at(
-                        &format!("name: {}", s.name),
-                        format!("cluster {}: duplicate subset {:?}", c.name, s.name),
-                    ));
-                }
+            if let Some((needle, message)) = cluster_problem(c) {
+                return Err(at(&needle, message));
             }
         }
         let mut names = BTreeSet::new();
@@ -1623,6 +1613,30 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// What is wrong with cluster `c` alone, as the needle of its line and the message.
+fn cluster_problem(c: &Cluster) -> Option<(String, String)> {
+    let at = |m: String| Some((format!("name: {}", c.name), m));
+    if c.endpoints.is_empty() && c.source.is_none() {
+        return at(format!("cluster {}: endpoints: at least one endpoint is needed", c.name));
+    }
+    if let Some(e) = c.endpoints.iter().find(|e| e.weight == Some(0)) {
+        return at(format!("cluster {}: endpoint {}: weight must be at least 1", c.name, e.address));
+    }
+    if c.tunnel.is_some() && c.tls.is_none() {
+        return at(format!("cluster {}: tunnel: hbone needs tls: {{mode: istio_mutual, ...}}", c.name));
+    }
+    let mut subsets = BTreeSet::new();
+    for s in &c.subsets {
+        if !subsets.insert(s.name.as_str()) {
+            return Some((
+                format!("name: {}", s.name),
+                format!("cluster {}: duplicate subset {:?}", c.name, s.name),
+            ));
+        }
+    }
+    None
 }
 
 /// 1-based line of the first line containing `needle`, if any.

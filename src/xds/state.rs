@@ -330,7 +330,7 @@ impl State {
         loop {
             let why = match self.merge(base) {
                 Err(e) => Err(e.to_string()),
-                Ok(mut cfg) => match cfg.validate("xds", "") {
+                Ok(mut cfg) => match self.validate_merged(&mut cfg) {
                     Err(e) => Err(e.message),
                     Ok(()) => apply(cfg),
                 },
@@ -653,8 +653,18 @@ impl State {
         let sds = base.xds.as_ref().is_some_and(|x| x.sds.is_some());
         let mut cfg = base.clone();
         let mut merged = self.merged.borrow_mut();
-        let Merged { base: resolved_with, clusters: was_built, side, endpoints: endpoints_seen } =
-            &mut *merged;
+        let Merged {
+            base: resolved_with,
+            clusters: was_built,
+            side,
+            endpoints: endpoints_seen,
+            validated,
+            partial,
+        } = &mut *merged;
+        // Whether the last merge's config passed validation: only then may this one's be
+        // checked for what it rebuilt alone (`validate_merged`).
+        let was_validated = std::mem::take(validated);
+        *partial = None;
         let with = (certificates.cloned(), sds, base.clusters.iter().map(|c| c.name.clone()).collect());
         if *resolved_with != with {
             (*resolved_with, *was_built, *side, *endpoints_seen) = (with, Vec::new(), None, Vec::new());
@@ -683,7 +693,8 @@ impl State {
             by_name = old.by_ref().map(|(i, c)| (i.from.cluster.name.clone(), (i, c))).collect();
         }
         let mut built = Vec::with_capacity(self.clusters.len());
-        for (name, x) in &self.clusters {
+        let mut rebuilt = Vec::new();
+        for (i, (name, x)) in self.clusters.iter().enumerate() {
             let was = if aligned { old.next() } else { by_name.remove(name.as_str()) };
             // Its assignment unchanged (and not a DNS cluster): the one it was built with.
             let unchanged = aligned
@@ -713,6 +724,7 @@ impl State {
                     let inputs =
                         Inputs { from: Arc::clone(&x.value), endpoints, addresses: addresses.to_vec() };
                     let c = Arc::new(self.merge_cluster(&inputs, certificates, sds)?);
+                    rebuilt.push(base.clusters.len() + i);
                     (inputs, c)
                 }
             };
@@ -720,6 +732,11 @@ impl State {
             built.push(entry);
         }
         *was_built = built;
+        // Aligned, with the listener side the last one's: the clusters rebuilt differ from
+        // the validated config's only in their endpoints or TLS files.
+        if was_validated && aligned && matches!(routed, std::borrow::Cow::Borrowed(_)) {
+            *partial = Some(rebuilt);
+        }
         let routed = match routed {
             std::borrow::Cow::Owned(r) => Some(r),
             std::borrow::Cow::Borrowed(_) => None,
@@ -871,6 +888,19 @@ impl State {
         Ok((listeners, named, any_waiting))
     }
 
+    /// Check a config `merge` just made: in whole, or, when it differs from the last one
+    /// that passed only in the endpoints or TLS files of the clusters it rebuilt, those
+    /// clusters (an endpoint change: SPEC §11, linear in what changed).
+    fn validate_merged(&self, cfg: &mut Config) -> Result<(), crate::config::Error> {
+        let partial = self.merged.borrow_mut().partial.take();
+        let checked = match partial {
+            Some(changed) => cfg.validate_clusters(&changed, "xds", ""),
+            None => cfg.validate("xds", ""),
+        };
+        self.merged.borrow_mut().validated = checked.is_ok();
+        checked
+    }
+
     /// One cluster as a publication holds it: its translation with its TLS files resolved,
     /// its endpoints (shared with this state, not copied) and the addresses routed to it.
     fn merge_cluster(
@@ -926,6 +956,11 @@ pub struct Merged {
     base: (Option<crate::config::CertificateFiles>, bool, Vec<String>),
     /// In the state's order at the last merge.
     clusters: Vec<(Inputs, Arc<Cluster>)>,
+    /// The last merge's config passed validation.
+    validated: bool,
+    /// Set by a merge whose config differs from the last validated one only in the clusters
+    /// it names (indices): the checks of those clusters suffice.
+    partial: Option<Vec<usize>>,
     side: Option<Side>,
     /// The assignments held at the last merge, in the state's order.
     endpoints: Vec<(String, Arc<Vec<Endpoint>>)>,
