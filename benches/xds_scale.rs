@@ -18,10 +18,12 @@
 //!
 //! Needs a network namespace whose OUTPUT chain redirects 10.96.0.0/12 to port 15001 (the
 //! capture): run it through `perf/xds-scale.sh`, which makes one and pins the processes.
-//! Env: SERVICES (comma list, default 100,1000,10000), PROXIES (default ringside,envoy),
+//! Env: SERVICES (comma list, default 100,1000,10000), PROXIES (default ringside,envoy;
+//! `ringside@PATH` runs the ringside binary at PATH, to compare two builds in one run),
 //! RINGSIDE_BIN (default the release binary cargo built beside the bench),
 //! ENVOY_MAX_SERVICES (Envoy is skipped above it; default 10000), CORE (default 1),
-//! CONN_SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20).
+//! CONN_SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20), HOLD_PER_PUSH (0: one
+//! more connection held after each push's ACK, so that each pins its own generation).
 
 #[path = "../tests/common/ads.rs"]
 mod ads;
@@ -206,7 +208,7 @@ fn pinned(core: u64, bin: &str) -> Command {
     c
 }
 
-fn ringside(core: u64, ads: SocketAddr, pki: &Pki) -> Proxy {
+fn ringside(core: u64, ads: SocketAddr, pki: &Pki, bin: Option<&str>) -> Proxy {
     let config = std::env::temp_dir().join(format!("ringside-xds-scale-{}.yaml", std::process::id()));
     std::fs::write(
         &config,
@@ -220,7 +222,9 @@ fn ringside(core: u64, ads: SocketAddr, pki: &Pki) -> Proxy {
     )
     .unwrap();
     // RINGSIDE_BIN: another build of the binary (a release one under a debug driver).
-    let bin = std::env::var("RINGSIDE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringside").into());
+    let bin = bin.map(str::to_string).unwrap_or_else(|| {
+        std::env::var("RINGSIDE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringside").into())
+    });
     let child = pinned(core, &bin)
         .args([
             "run",
@@ -324,7 +328,7 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let (server, requests) = AdsServer::serve(shape(mesh.snapshot("1")));
     let p = match proxy {
         "envoy" => envoy(core, envoy_bin.expect("envoy binary"), server.addr),
-        _ => ringside(core, server.addr, pki),
+        _ => ringside(core, server.addr, pki, proxy.strip_prefix("ringside@")),
     };
     let pid = p.child.id();
     let mut first = None;
@@ -351,24 +355,24 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     // process's cost, not the proxy's.
     let next = shape(mesh.with_moved("2", 1, 1));
     let cpu0 = cpu_ms(pid);
-    let t0 = server.push_endpoints(next, &[&moved]);
+    let (t0, retired) = server.push_endpoints(next, &[&moved]);
     acks(&requests, "2", &[ENDPOINTS], &mut None);
     let eds_ack_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    drop(retired);
     eprintln!("xds_scale: {proxy} {services}: endpoint change ACKed");
     // Two ticks: ringside's workers take the publication on their next one.
     thread::sleep(Duration::from_millis(200));
     let eds_cpu_ms = cpu_ms(pid) - cpu0;
 
     // Pushes every second while long-lived connections are held and new ones are made.
-    let held: Vec<TcpStream> = (0..env("HELD", 20))
-        .map(|_| {
-            let mut s = TcpStream::connect(target).unwrap();
-            s.write_all(b"h").unwrap();
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).unwrap();
-            s
-        })
-        .collect();
+    let hold = || {
+        let mut s = TcpStream::connect(target).unwrap();
+        s.write_all(b"h").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        s
+    };
+    let mut held: Vec<TcpStream> = (0..env("HELD", 20)).map(|_| hold()).collect();
     let rss_before = rss_kib(pid);
     let push_seconds = env("PUSH_SECONDS", 10);
     let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds));
@@ -377,8 +381,14 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     while !connecting.is_finished() && pushes < 600 {
         pushes += 1;
         let v = (pushes + 2).to_string();
-        server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + 1)), &[&moved]);
+        let (_, retired) = server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + 1)), &[&moved]);
         acks(&requests, &v, &[ENDPOINTS], &mut None);
+        drop(retired);
+        if env("HOLD_PER_PUSH", 0) == 1 {
+            // After the worker's next tick (100 ms): accepted under this push's generation.
+            thread::sleep(Duration::from_millis(200));
+            held.push(hold());
+        }
         thread::sleep(Duration::from_secs(1));
     }
     let rate_pushing = connecting.join().unwrap();

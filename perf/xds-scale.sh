@@ -5,7 +5,8 @@
 # (one worker each, one after the other) are pinned to core CORE (default 1); the bench
 # process (ADS server, clients, backends) to the other core. Needs root; removes its
 # namespace on exit. Usage: perf/xds-scale.sh [--quick]  (SERVICES, PROXIES,
-# ENVOY_MAX_SERVICES, CONN_SECONDS, CONCURRENCY, PUSH_SECONDS, HELD, RINGSIDE_BIN: the bench's header)
+# ENVOY_MAX_SERVICES, CONN_SECONDS, CONCURRENCY, PUSH_SECONDS, HELD, HOLD_PER_PUSH, RINGSIDE_BIN: the
+# bench's header; BENCH: a bench executable built before)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
@@ -28,7 +29,9 @@ trap 'exit 130' INT TERM
 
 ENVOY=$(bash "$HERE/fetch-envoy.sh") || { echo "perf/xds-scale.sh: no Envoy; ringside only" >&2; ENVOY=; }
 export ENVOY
-BENCH=$(cd "$ROOT" && cargo bench --bench xds_scale --no-run --message-format=json 2>/dev/null |
+# BENCH: a bench executable built before (e.g. from an exported commit), else built here.
+BENCH=${BENCH:-}
+[[ -n $BENCH ]] || BENCH=$(cd "$ROOT" && cargo bench --bench xds_scale --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)

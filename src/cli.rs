@@ -345,7 +345,7 @@ impl RunArgs {
             cfg.health.listen = b;
         }
         for l in &mut cfg.listeners {
-            let lim = &mut l.limits;
+            let lim = &mut std::sync::Arc::make_mut(l).limits;
             if let Some(d) = self.connect_timeout {
                 lim.connect_timeout = d;
             }
@@ -393,7 +393,7 @@ impl RunArgs {
             let direction = self
                 .direction
                 .ok_or_else(|| config::Error::msg("--direction is required without --config"))?;
-            cfg.listeners.push(Listener {
+            cfg.listeners.push(std::sync::Arc::new(Listener {
                 name: "main".into(),
                 listen,
                 direction,
@@ -409,14 +409,14 @@ impl RunArgs {
                 filter_chains: Vec::new(),
                 tunnel: None,
                 access_log: None,
-            });
-            cfg.clusters.push(Cluster {
+            }));
+            cfg.clusters.push(std::sync::Arc::new(Cluster {
                 name: "upstream".into(),
                 service: None,
                 service_namespace: None,
                 load_balancer: config::LoadBalancer::RoundRobin,
                 addresses: Vec::new(),
-                endpoints: vec![],
+                endpoints: Default::default(),
                 subsets: vec![],
                 tls: None,
                 service_port: None,
@@ -424,9 +424,9 @@ impl RunArgs {
                 bind_source: None,
                 source: None,
                 tunnel: None,
-            });
+            }));
         }
-        let l = &mut cfg.listeners[0];
+        let l = std::sync::Arc::make_mut(&mut cfg.listeners[0]);
         if let Some(a) = self.listen {
             l.listen = a;
         }
@@ -440,14 +440,15 @@ impl RunArgs {
             let name = l.cluster.clone().ok_or_else(|| {
                 config::Error::msg("--upstream/--service need the listener to route to one cluster")
             })?;
-            let Some(c) = cfg.clusters.iter_mut().find(|c| c.name == name) else {
+            let Some(c) = cfg.clusters.iter_mut().find(|c| c.name == name).map(std::sync::Arc::make_mut)
+            else {
                 return Err(config::Error::msg(format!(
                     "listener {}: cluster {name:?} is not defined",
                     l.name
                 )));
             };
             if !self.upstream.is_empty() {
-                c.endpoints = self.upstream.iter().map(|a| Endpoint::at(*a)).collect();
+                c.endpoints = std::sync::Arc::new(self.upstream.iter().map(|a| Endpoint::at(*a)).collect());
             }
             if let Some(s) = &self.service {
                 c.service = Some(s.clone());

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -70,10 +71,11 @@ pub struct Config {
     pub health: Health,
     /// Proxy listeners.
     #[serde(default)]
-    pub listeners: Vec<Listener>,
-    /// Upstream clusters.
+    pub listeners: Vec<Arc<Listener>>,
+    /// Upstream clusters, each behind an `Arc`: consecutive xDS generations share every
+    /// cluster that did not change, and the derived state keyed by it (SPEC §11).
     #[serde(default)]
-    pub clusters: Vec<Cluster>,
+    pub clusters: Vec<Arc<Cluster>>,
     /// Weighted routes for `service:` listeners by host and port, as VirtualService `tcp:`
     /// routes (SPEC §6); `--istio` fills it from VirtualServices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -861,8 +863,8 @@ pub struct Cluster {
     /// original destination is one of them (or one of the endpoints) here (SPEC §8).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<SocketAddr>,
-    /// Endpoints.
-    pub endpoints: Vec<Endpoint>,
+    /// Endpoints, shared with the xDS state they came from (held once, SPEC §11).
+    pub endpoints: Arc<Vec<Endpoint>>,
     /// Label-selected subsets.
     #[serde(default)]
     pub subsets: Vec<Subset>,
@@ -1266,6 +1268,20 @@ impl Config {
         })
     }
 
+    /// What [`Config::validate`] checks of clusters `changed` (indices) alone, for a config
+    /// that passed it but for those clusters' endpoints and TLS (an xDS endpoint change:
+    /// their names, subsets and everything naming them are as validated; SPEC §11: a push
+    /// costs what it changed).
+    pub fn validate_clusters(&mut self, changed: &[usize], file: &str, text: &str) -> Result<(), Error> {
+        self.fill_node_defaults();
+        for c in changed.iter().filter_map(|&i| self.clusters.get(i)) {
+            if let Some((needle, message)) = cluster_problem(c) {
+                return Err(Error { file: file.to_string(), line: line_of(text, &needle), message });
+            }
+        }
+        Ok(())
+    }
+
     /// Fill derived defaults (node identity) and check what serde cannot: unique names and
     /// ports, references between listeners and clusters, weights, unsupported features.
     /// `text` is the YAML source, used only to find the line of an offending value.
@@ -1326,7 +1342,7 @@ impl Config {
                 }
             }
         }
-        let mut cluster_names = BTreeSet::new();
+        let mut cluster_names = std::collections::HashSet::with_capacity(self.clusters.len());
         for c in &self.clusters {
             if !cluster_names.insert(c.name.as_str()) {
                 return Err(at(
@@ -1334,32 +1350,8 @@ impl Config {
                     format!("clusters: duplicate cluster name {:?}", c.name),
                 ));
             }
-            if c.endpoints.is_empty() && c.source.is_none() {
-                return Err(at(
-                    &format!("name: {}", c.name),
-                    format!("cluster {}: endpoints: at least one endpoint is needed", c.name),
-                ));
-            }
-            if let Some(e) = c.endpoints.iter().find(|e| e.weight == Some(0)) {
-                return Err(at(
-                    &format!("name: {}", c.name),
-                    format!("cluster {}: endpoint {}: weight must be at least 1", c.name, e.address),
-                ));
-            }
-            if c.tunnel.is_some() && c.tls.is_none() {
-                return Err(at(
-                    &format!("name: {}", c.name),
-                    format!("cluster {}: tunnel: hbone needs tls: {{mode: istio_mutual, ...}}", c.name),
-                ));
-            }
-            let mut subsets = BTreeSet::new();
-            for s in &c.subsets {
-                if !subsets.insert(s.name.as_str()) {
-                    return Err(at(
-                        &format!("name: {}", s.name),
-                        format!("cluster {}: duplicate subset {:?}", c.name, s.name),
-                    ));
-                }
+            if let Some((needle, message)) = cluster_problem(c) {
+                return Err(at(&needle, message));
             }
         }
         let mut names = BTreeSet::new();
@@ -1427,14 +1419,16 @@ impl Config {
                 ));
             }
             for chain in &l.filter_chains {
-                let what = format!("listener {} {}", l.name, chain.name);
+                // Named only when needed: a mesh's capture listener has 10,000 chains, checked
+                // on every push (SPEC §11).
+                let what = || format!("listener {} {}", l.name, chain.name);
                 if let Some(c) = &chain.cluster
                     && !cluster_names.contains(c.as_str())
                 {
-                    return Err(at("", format!("{what}: cluster {c:?} is not defined")));
+                    return Err(at("", format!("{}: cluster {c:?} is not defined", what())));
                 }
                 if let Some(routes) = &chain.tcp_routes {
-                    self.check_routes(routes, &|_: &str, m| at("", m), &what)?;
+                    self.check_routes(routes, &|_: &str, m| at("", m), &what())?;
                 }
             }
             if let Some(routes) = &l.tcp_routes {
@@ -1619,6 +1613,30 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// What is wrong with cluster `c` alone, as the needle of its line and the message.
+fn cluster_problem(c: &Cluster) -> Option<(String, String)> {
+    let at = |m: String| Some((format!("name: {}", c.name), m));
+    if c.endpoints.is_empty() && c.source.is_none() {
+        return at(format!("cluster {}: endpoints: at least one endpoint is needed", c.name));
+    }
+    if let Some(e) = c.endpoints.iter().find(|e| e.weight == Some(0)) {
+        return at(format!("cluster {}: endpoint {}: weight must be at least 1", c.name, e.address));
+    }
+    if c.tunnel.is_some() && c.tls.is_none() {
+        return at(format!("cluster {}: tunnel: hbone needs tls: {{mode: istio_mutual, ...}}", c.name));
+    }
+    let mut subsets = BTreeSet::new();
+    for s in &c.subsets {
+        if !subsets.insert(s.name.as_str()) {
+            return Some((
+                format!("name: {}", s.name),
+                format!("cluster {}: duplicate subset {:?}", c.name, s.name),
+            ));
+        }
+    }
+    None
 }
 
 /// 1-based line of the first line containing `needle`, if any.

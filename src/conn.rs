@@ -287,9 +287,8 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     let cluster = conn.upstream.get().map(|(c, e)| (&conn.snapshot.router.clusters[c], e));
     // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
     // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
-    let endpoint = cluster
-        .and_then(|(c, e)| e.map(|e| &c.endpoints[e].identity))
-        .filter(|_| listener.direction == Direction::Outbound);
+    let endpoint =
+        cluster.and_then(|(c, e)| c.identity(e?)).filter(|_| listener.direction == Direction::Outbound);
     let peer = peer.or(endpoint);
     // Held for the whole settle: the principals are borrowed into the cache key.
     let security = conn.security.borrow();

@@ -76,7 +76,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
     let mut cfg = Config {
         node,
         workers: Some(1),
-        listeners: vec![Listener {
+        listeners: vec![std::sync::Arc::new(Listener {
             name: format!("{direction:?}").to_lowercase(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             direction,
@@ -92,14 +92,14 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             filter_chains: Vec::new(),
             tunnel: None,
             access_log: None,
-        }],
-        clusters: vec![Cluster {
+        })],
+        clusters: vec![std::sync::Arc::new(Cluster {
             name: "mongodb".into(),
             service: Some(service),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
             addresses: Vec::new(),
-            endpoints: vec![Endpoint::at(upstream)],
+            endpoints: std::sync::Arc::new(vec![Endpoint::at(upstream)]),
             subsets: vec![],
             tls: None,
             service_port: None,
@@ -107,7 +107,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             bind_source: None,
             source: None,
             tunnel: None,
-        }],
+        })],
         ..Config::default()
     };
     cfg.metrics.listen = Bind(None);

@@ -213,6 +213,9 @@ pub struct Certs {
     pub chains: Vec<Vec<Option<Arc<Slot>>>>,
     /// Per cluster (client side).
     pub clusters: Vec<Option<Arc<Slot>>>,
+    /// The config clusters `clusters` were made for: the next publication keeps the slot of
+    /// a cluster it shares (the same `Arc`) without building its role again (SPEC §11).
+    from: Vec<Arc<crate::config::Cluster>>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -253,13 +256,19 @@ impl Certs {
     /// others are loaded now (xDS resources that ask for TLS, SPEC §9). Items with the same
     /// files and role share a slot. A file that fails names the resource that asked.
     pub fn next(old: &Certs, config: &crate::config::Config) -> Result<Certs, LoadError> {
-        let mut known: HashMap<(Files, Role), Arc<Slot>> = HashMap::new();
-        for s in old.slots() {
-            known.insert((s.files.clone(), s.role.clone()), s);
-        }
+        // Every slot of `old` by files and role, made at the first item whose slot is not
+        // the one at its own place in `old`: a push that changes a few items keeps the rest
+        // without hashing them.
+        let mut known: Option<HashMap<(Files, Role), Arc<Slot>>> = None;
         // Files read in this round, each once, with their fingerprints from before the read.
         let mut read: HashMap<Files, (Arc<Identity>, Fingerprints)> = HashMap::new();
-        let mut slot = |what: &dyn Fn() -> String, files: Files, role: Role| {
+        let mut slot = |what: &dyn Fn() -> String, files: Files, role: Role, here: Option<&Arc<Slot>>| {
+            if let Some(s) = here.filter(|s| s.files == files && s.role == role) {
+                return Ok(Arc::clone(s));
+            }
+            let known = known.get_or_insert_with(|| {
+                old.slots().into_iter().map(|s| ((s.files.clone(), s.role.clone()), s)).collect()
+            });
             if let Some(s) = known.get(&(files.clone(), role.clone())) {
                 return Ok(Arc::clone(s));
             }
@@ -278,7 +287,8 @@ impl Certs {
             Ok(s)
         };
         let mut certs = Certs::default();
-        for l in &config.listeners {
+        for (li, l) in config.listeners.iter().enumerate() {
+            let here = old.listeners.get(li).and_then(Option::as_ref);
             let what = || format!("Listener/{}", l.name);
             certs.listeners.push(match &l.tls {
                 // An HBONE terminator speaks HTTP/2 only (SPEC §12); the handshake's version
@@ -291,17 +301,18 @@ impl Certs {
                         subject_alt_name_prefixes: Vec::new(),
                         cipher_suites: t.cipher_suites.clone(),
                     };
-                    Some(slot(&what, files(&t.files()), role)?)
+                    Some(slot(&what, files(&t.files()), role, here)?)
                 }
                 Some(t) => {
                     let role = Role::mesh_server().with_cipher_suites(t.cipher_suites.clone());
-                    Some(slot(&what, files(&t.files()), role)?)
+                    Some(slot(&what, files(&t.files()), role, here)?)
                 }
                 None => None,
             });
             let mut chains = Vec::new();
-            for c in &l.filter_chains {
+            for (ci, c) in l.filter_chains.iter().enumerate() {
                 let what = || format!("Listener/{}: {}", l.name, c.name);
+                let here = old.chains.get(li).and_then(|c| c.get(ci)?.as_ref());
                 chains.push(match &c.tls {
                     Some(t) => {
                         let role = Role::Server {
@@ -311,15 +322,21 @@ impl Certs {
                             subject_alt_name_prefixes: t.subject_alt_name_prefixes.clone(),
                             cipher_suites: t.cipher_suites.clone(),
                         };
-                        Some(slot(&what, files(&t.files), role)?)
+                        Some(slot(&what, files(&t.files), role, here)?)
                     }
                     None => None,
                 });
             }
             certs.chains.push(chains);
         }
-        for c in &config.clusters {
+        for (i, c) in config.clusters.iter().enumerate() {
             let what = || format!("Cluster/{}", c.name);
+            let here = old.clusters.get(i).and_then(Option::as_ref);
+            certs.from.push(Arc::clone(c));
+            if old.from.get(i).is_some_and(|o| Arc::ptr_eq(o, c)) {
+                certs.clusters.push(here.cloned());
+                continue;
+            }
             certs.clusters.push(match &c.tls {
                 Some(t) => {
                     let role = Role::Client {
@@ -334,7 +351,7 @@ impl Certs {
                         mesh: t.mode == crate::config::ClusterTlsMode::IstioMutual,
                         cipher_suites: t.cipher_suites.clone(),
                     };
-                    Some(slot(&what, files(&t.files()), role)?)
+                    Some(slot(&what, files(&t.files()), role, here)?)
                 }
                 None => None,
             });
@@ -353,9 +370,13 @@ impl Certs {
 /// The crypto provider: aws-lc-rs with Envoy's (BoringSSL's) cipher suite order (README
 /// Decisions has both measurements).
 pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites = envoy_suite_order(aes_hardware());
-    Arc::new(p)
+    // One for the process: every config (a mesh's 10,000 clusters') shares it.
+    static SHARED: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    Arc::clone(SHARED.get_or_init(|| {
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.cipher_suites = envoy_suite_order(aes_hardware());
+        Arc::new(p)
+    }))
 }
 
 /// True when the CPU has AES and carry-less multiply instructions (AES-GCM in hardware).
@@ -502,30 +523,29 @@ const TICKET_SHARDS: usize = 8;
 
 /// `TICKET_SHARDS` rustls client caches: tickets go into them in turn and are taken from the
 /// first one, in turn, that holds one for the name; the rest (key-exchange hints, TLS 1.2
-/// sessions) stays in the first. Each ticket is still used at most once. The extra shards
-/// are made at the first ticket, so a config that never resumes allocates one cache.
-#[derive(Debug)]
+/// sessions) stays in the first. Each ticket is still used at most once. Nothing is made
+/// before it is needed: rustls' cache reserves room for all its servers up front (~10 KiB),
+/// and a mesh's 10,000 clusters each have a config of their own though most are never
+/// dialled (SPEC §11); the first shard is made at the first handshake, the others at the
+/// first ticket that goes past it.
+#[derive(Debug, Default)]
 struct TicketShards {
-    first: rustls::client::ClientSessionMemoryCache,
+    first: std::sync::OnceLock<rustls::client::ClientSessionMemoryCache>,
     more: std::sync::OnceLock<Vec<rustls::client::ClientSessionMemoryCache>>,
     next_insert: std::sync::atomic::AtomicUsize,
     next_take: std::sync::atomic::AtomicUsize,
 }
 
 impl TicketShards {
-    fn new() -> TicketShards {
-        TicketShards {
-            first: rustls::client::ClientSessionMemoryCache::new(CLIENT_SESSIONS),
-            more: std::sync::OnceLock::new(),
-            next_insert: Default::default(),
-            next_take: Default::default(),
-        }
+    /// The first shard, made on first use.
+    fn first(&self) -> &rustls::client::ClientSessionMemoryCache {
+        self.first.get_or_init(|| rustls::client::ClientSessionMemoryCache::new(CLIENT_SESSIONS))
     }
 
-    /// Shard `i` (taken modulo `TICKET_SHARDS`); the extra ones made on first use.
+    /// Shard `i` (taken modulo `TICKET_SHARDS`), made on first use.
     fn shard(&self, i: usize) -> &rustls::client::ClientSessionMemoryCache {
         match i % TICKET_SHARDS {
-            0 => &self.first,
+            0 => self.first(),
             k => {
                 let more = self.more.get_or_init(|| {
                     (1..TICKET_SHARDS)
@@ -537,15 +557,23 @@ impl TicketShards {
             }
         }
     }
+
+    /// Shard `i` if it was made (a lookup never makes one).
+    fn made(&self, i: usize) -> Option<&rustls::client::ClientSessionMemoryCache> {
+        match i % TICKET_SHARDS {
+            0 => self.first.get(),
+            k => self.more.get().map(|more| &more[k - 1]),
+        }
+    }
 }
 
 impl rustls::client::ClientSessionStore for TicketShards {
     fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
-        self.first.set_kx_hint(server_name, group)
+        self.first().set_kx_hint(server_name, group)
     }
 
     fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
-        self.first.kx_hint(server_name)
+        self.first.get()?.kx_hint(server_name)
     }
 
     fn set_tls12_session(
@@ -553,15 +581,17 @@ impl rustls::client::ClientSessionStore for TicketShards {
         server_name: ServerName<'static>,
         value: rustls::client::Tls12ClientSessionValue,
     ) {
-        self.first.set_tls12_session(server_name, value)
+        self.first().set_tls12_session(server_name, value)
     }
 
     fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
-        self.first.tls12_session(server_name)
+        self.first.get()?.tls12_session(server_name)
     }
 
     fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
-        self.first.remove_tls12_session(server_name)
+        if let Some(c) = self.first.get() {
+            c.remove_tls12_session(server_name);
+        }
     }
 
     fn insert_tls13_ticket(
@@ -578,7 +608,7 @@ impl rustls::client::ClientSessionStore for TicketShards {
         server_name: &ServerName<'static>,
     ) -> Option<rustls::client::Tls13ClientSessionValue> {
         let start = self.next_take.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (0..TICKET_SHARDS).find_map(|k| self.shard(start.wrapping_add(k)).take_tls13_ticket(server_name))
+        (0..TICKET_SHARDS).find_map(|k| self.made(start.wrapping_add(k))?.take_tls13_ticket(server_name))
     }
 }
 
@@ -594,6 +624,49 @@ pub struct Identity {
     /// None: no certificate to present (a DestinationRule's `SIMPLE` origination).
     key: Option<PrivateKeyDer<'static>>,
     roots: Arc<RootCertStore>,
+    /// The certificate and its key as a client presents them, made once for every client
+    /// config built from this identity: a mesh's 10,000 clusters each have a config of
+    /// their own (their SANs differ) but one workload identity (SPEC §11).
+    client: std::sync::OnceLock<Arc<rustls::sign::CertifiedKey>>,
+    /// Its certificate's `spiffe://` id, parsed once for all its configs.
+    principal: std::sync::OnceLock<Option<Arc<str>>>,
+}
+
+impl Identity {
+    /// Its certificate's `spiffe://` id, if it has one.
+    fn principal(&self) -> Option<Arc<str>> {
+        self.principal.get_or_init(|| self.certs.first().and_then(spiffe_id).map(Arc::from)).clone()
+    }
+
+    /// Its certificate and key for a client (`None`: it presents none).
+    fn client_cert(
+        &self,
+        provider: &CryptoProvider,
+    ) -> Result<Option<Arc<rustls::sign::CertifiedKey>>, rustls::Error> {
+        let Some(key) = &self.key else { return Ok(None) };
+        if let Some(made) = self.client.get() {
+            return Ok(Some(Arc::clone(made)));
+        }
+        // As rustls' `with_client_auth_cert` checks it: a key that does not match fails.
+        let made =
+            Arc::new(rustls::sign::CertifiedKey::from_der(self.certs.clone(), key.clone_key(), provider)?);
+        Ok(Some(Arc::clone(self.client.get_or_init(|| made))))
+    }
+}
+
+/// A client presenting one certificate whatever the server asks (rustls' own resolver for
+/// `with_client_auth_cert`, over a key shared by every config of the identity).
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// Read and parse `files`; an error names the file. No certificate and key paths: a client
@@ -604,7 +677,13 @@ pub fn load(files: &Files) -> Result<Identity, Error> {
             true => (Vec::new(), None),
             false => (load_certs(&files.cert_chain)?, Some(load_key(&files.private_key)?)),
         };
-    Ok(Identity { certs, key, roots: Arc::new(load_roots(&files.root_cert)?) })
+    Ok(Identity {
+        certs,
+        key,
+        roots: Arc::new(load_roots(&files.root_cert)?),
+        client: Default::default(),
+        principal: Default::default(),
+    })
 }
 
 /// Build the config of `role` from `files` with `provider` (benchmarks compare providers).
@@ -640,10 +719,8 @@ fn build_configured(
     role: &Role,
     chain_cache: bool,
 ) -> Result<Configured, Error> {
-    let certs = identity.certs.clone();
-    let key = identity.key.as_ref().map(PrivateKeyDer::clone_key);
     let roots = Arc::clone(&identity.roots);
-    let local_principal = certs.first().and_then(spiffe_id).map(Arc::from);
+    let local_principal = identity.principal();
     let key_err = |source| Error::Rustls { source, path: files.private_key.clone() };
     let versions = rustls::ALL_VERSIONS;
     let chains = chain_cache.then(|| Arc::new(chains::Chains::default()));
@@ -662,6 +739,7 @@ fn build_configured(
             subject_alt_name_prefixes,
             ..
         } => {
+            let (certs, key) = (identity.certs.clone(), identity.key.as_ref().map(PrivateKeyDer::clone_key));
             let key =
                 key.ok_or_else(|| file_err(&files.private_key, "a server needs a certificate and key"))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
@@ -714,20 +792,21 @@ fn build_configured(
                 algs: provider.signature_verification_algorithms,
                 chains: chains.clone(),
             });
+            let cert = identity.client_cert(&provider).map_err(key_err)?;
             let builder = ClientConfig::builder_with_provider(provider)
                 .with_protocol_versions(versions)
                 .map_err(key_err)?
                 .dangerous()
                 .with_custom_certificate_verifier(verifier);
-            let mut c = match key {
-                Some(key) => builder.with_client_auth_cert(certs, key).map_err(key_err)?,
+            let mut c = match cert {
+                Some(cert) => builder.with_client_cert_resolver(Arc::new(ClientCert(cert))),
                 None => builder.with_no_client_auth(),
             };
             // Sessions are cached in this config, built per cluster TLS context (files and
             // expected identities, `Certs::next`): rustls does not verify the server again on
             // resumption, so a session can only come from a handshake whose server passed
             // this very verifier. A rebuilt config (rotation) starts with an empty cache.
-            c.resumption = rustls::client::Resumption::store(Arc::new(TicketShards::new()));
+            c.resumption = rustls::client::Resumption::store(Arc::new(TicketShards::default()));
             c.alpn_protocols = match alpn.is_empty() && *mesh {
                 true => istio_alpn(),
                 false => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
@@ -1232,6 +1311,38 @@ mod tests {
         assert_eq!(next.slots().len(), 1);
         let e = Certs::next(&next, &parse(&yaml(&["tls-a", "bad"]))).err().unwrap().to_string();
         assert!(e.starts_with("Listener/bad: ") && e.contains("missing.pem"), "{e}");
+    }
+
+    #[test]
+    fn clusters_of_one_identity_share_its_key_and_each_keeps_its_own_expected_sans() {
+        let dir = tmpdir("shared-key");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let cluster = |name: &str, san: &str| {
+            format!(
+                "  - {{name: {name}, endpoints: [{{address: 127.0.0.1:1}}], tls: {{mode: istio_mutual, cert_chain: {}, private_key: {}, root_cert: {}, subject_alt_names: [{san}]}}}}\n",
+                f.cert_chain.display(),
+                f.private_key.display(),
+                f.root_cert.display()
+            )
+        };
+        let yaml = format!(
+            "clusters:\n{}{}",
+            cluster("a", "spiffe://cluster.local/ns/default/sa/a"),
+            cluster("b", "spiffe://cluster.local/ns/default/sa/b")
+        );
+        let certs = Certs::load(&crate::config::Config::parse(&yaml, "t.yaml").unwrap()).unwrap();
+        let client = |i: usize| certs.clusters[i].as_ref().unwrap().current().client.clone().unwrap();
+        let (a, b) = (client(0), client(1));
+        assert!(!Arc::ptr_eq(&a, &b), "a config per cluster: each verifies its own SANs");
+        let key = |c: &ClientConfig| c.client_auth_cert_resolver.resolve(&[], &[]).unwrap();
+        assert!(Arc::ptr_eq(&key(&a), &key(&b)), "one certificate and key for the identity");
+        assert!(Arc::ptr_eq(&a.crypto_provider().clone(), &b.crypto_provider().clone()));
+        let sans = |i: usize| match &certs.clusters[i].as_ref().unwrap().role {
+            Role::Client { subject_alt_names, .. } => subject_alt_names.clone(),
+            Role::Server { .. } => unreachable!(),
+        };
+        assert_eq!(sans(0), ["spiffe://cluster.local/ns/default/sa/a"]);
+        assert_eq!(sans(1), ["spiffe://cluster.local/ns/default/sa/b"]);
     }
 
     #[test]

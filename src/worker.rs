@@ -278,7 +278,7 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
     let mut effective = config;
     effective.workers = Some(workers);
     for (l, addr) in effective.listeners.iter_mut().zip(&bound) {
-        l.listen = *addr;
+        Arc::make_mut(l).listen = *addr;
     }
     let shared = Arc::new(Shared {
         published: ArcSwap::from_pointee(Published::first(effective.clone(), tls)),

@@ -61,7 +61,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
     let mut cfg = Config {
         workers: Some(1),
         driver,
-        listeners: vec![Listener {
+        listeners: vec![std::sync::Arc::new(Listener {
             name: "hot".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             direction: Direction::Outbound,
@@ -77,14 +77,14 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             filter_chains: Vec::new(),
             tunnel: None,
             access_log: None,
-        }],
-        clusters: vec![Cluster {
+        })],
+        clusters: vec![std::sync::Arc::new(Cluster {
             name: "backend".into(),
             service: Some("backend.default.svc.cluster.local".into()),
             service_namespace: None,
             load_balancer: LoadBalancer::RoundRobin,
             addresses: Vec::new(),
-            endpoints: vec![Endpoint::at(upstream)],
+            endpoints: std::sync::Arc::new(vec![Endpoint::at(upstream)]),
             subsets: vec![],
             tls: None,
             service_port: None,
@@ -92,7 +92,7 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             bind_source: None,
             source: None,
             tunnel: None,
-        }],
+        })],
         ..Config::default()
     };
     // Metrics are counted (an admin listener could serve them) but nothing scrapes.

@@ -7,6 +7,7 @@ pub mod iptables;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::net::TcpStream;
@@ -69,7 +70,7 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 /// `virtualOutbound-blackhole` / `virtualInbound-blackhole` filter chains do the same on
 /// ports 15001 and 15006): by port, whatever the address, since a capture listener's port
 /// is reserved on every address of the pod.
-pub fn is_own_listener(dst: SocketAddr, listeners: &[Listener]) -> bool {
+pub fn is_own_listener(dst: SocketAddr, listeners: &[Arc<Listener>]) -> bool {
     listeners.iter().any(|l| {
         l.listen.port() == dst.port()
             && (l.capture != Capture::None || l.listen.ip().is_unspecified() || l.listen.ip() == dst.ip())
@@ -79,7 +80,7 @@ pub fn is_own_listener(dst: SocketAddr, listeners: &[Listener]) -> bool {
 /// A start-up line for a config with capture listeners: the rules must exclude this
 /// process's uid (or gid), or its own upstream connections would be captured again. Warns
 /// when the uid is not Istio's 1337, the `ringside iptables` default.
-pub fn startup_note(listeners: &[Listener]) -> Option<(log::Level, String)> {
+pub fn startup_note(listeners: &[Arc<Listener>]) -> Option<(log::Level, String)> {
     use std::os::unix::fs::MetadataExt;
     if listeners.iter().all(|l| l.capture == Capture::None) {
         return None;
@@ -152,7 +153,7 @@ pub enum Decision {
 /// when the kernel has no record of one (a client dialled the capture port directly, no NAT
 /// happened), its local address, which is a capture listener and so refused, as Envoy falls
 /// back to the local address and Istio black-holes it.
-pub fn decide(mode: Capture, dst: SocketAddr, listeners: &[Listener], router: &Router) -> Decision {
+pub fn decide(mode: Capture, dst: SocketAddr, listeners: &[Arc<Listener>], router: &Router) -> Decision {
     if is_own_listener(dst, listeners) {
         return Decision::Refuse;
     }

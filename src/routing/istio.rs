@@ -539,21 +539,21 @@ fn service_entry<'a>(
                     doc.at()
                 ));
             }
-            cfg.clusters.push(Cluster {
+            cfg.clusters.push(std::sync::Arc::new(Cluster {
                 name,
                 service: Some(host.clone()),
                 service_namespace: Some(doc.namespace.clone()),
                 service_port: Some(number),
                 load_balancer: LoadBalancer::default(),
                 addresses: vips.iter().map(|ip| SocketAddr::new(*ip, number)).collect(),
-                endpoints,
+                endpoints: std::sync::Arc::new(endpoints),
                 subsets: Vec::new(),
                 tls: None,
                 original_dst: false,
                 bind_source: None,
                 source: Some(doc.at()),
                 tunnel: None,
-            });
+            }));
         }
     }
     for (we, workload) in &workloads {
@@ -634,6 +634,7 @@ fn destination_rule(
     let workload_tls = cfg.clusters.iter().find_map(|c| c.tls.clone());
     let mut matched = false;
     for c in cfg.clusters.iter_mut().filter(|c| c.service.as_deref() == Some(host.as_str())) {
+        let c = std::sync::Arc::make_mut(c);
         matched = true;
         let mut taken = Vec::new();
         for s in &subsets {
@@ -876,7 +877,8 @@ fn pick_cluster<'c>(
     port: Option<u16>,
     explicit: bool,
 ) -> Result<&'c Cluster, String> {
-    let all: Vec<&Cluster> = cfg.clusters.iter().filter(|c| c.service.as_deref() == Some(host)).collect();
+    let all: Vec<&Cluster> =
+        cfg.clusters.iter().map(|c| &**c).filter(|c| c.service.as_deref() == Some(host)).collect();
     if all.is_empty() {
         return Err(format!("host {host}: no ServiceEntry or cluster serves it"));
     }

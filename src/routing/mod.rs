@@ -39,19 +39,16 @@ pub struct Target {
     pub subset: Option<usize>,
 }
 
-/// One endpoint as the control plane describes it (shared by every worker).
-#[derive(Debug, PartialEq)]
+/// One endpoint as the router picks it (shared by every worker); its labels and workload
+/// are the config endpoint's, held once ([`ClusterState::labels`], SPEC §11).
+#[derive(Debug)]
 pub struct EndpointState {
     /// Address to connect to.
     pub address: SocketAddr,
-    /// Labels (subset selection).
-    pub labels: BTreeMap<String, String>,
-    /// The endpoint's workload as Istio's control plane describes it (workload name,
-    /// namespace, labels with the canonical name and revision filled by istiod's fallbacks):
-    /// the peer side of the metrics when there was no exchange (SPEC §3).
-    pub identity: NodeMetadata,
     /// Relative weight (xDS `load_balancing_weight`, else 1).
     pub weight: u32,
+    /// Its workload as a peer's metadata, made at the first connection that reports it.
+    identity: std::sync::OnceLock<Box<NodeMetadata>>,
 }
 
 /// One worker's view of one endpoint's load and failures.
@@ -170,11 +167,13 @@ pub struct ClusterState {
     pub service: ServiceInfo,
     /// Endpoints.
     pub endpoints: Vec<EndpointState>,
+    /// The config's endpoints (the same `Arc`, in the same order): labels and workloads.
+    source: Arc<Vec<crate::config::Endpoint>>,
     all: Pool,
     subsets: Vec<Pool>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Route {
     One(Target),
     Weighted {
@@ -192,14 +191,91 @@ enum Route {
 #[derive(Debug)]
 pub struct Routes {
     routes: Vec<Route>,
-    /// Routes of each listener's filter chains (SPEC §9).
-    chains: Vec<Vec<Route>>,
+    /// Per listener, its filter chains' routes and index (SPEC §9), shared with the
+    /// previous publication while the listener and the clusters' order stay.
+    listeners: Vec<Arc<ChainTable>>,
     /// Clusters by index (the config's order).
     clusters: Arc<[Arc<ClusterState>]>,
+    /// The config clusters `clusters` were built from (the same `Arc`: nothing changed).
+    from: Vec<Arc<crate::config::Cluster>>,
     /// Routes by the addresses an outbound capture matches (SPEC §8).
-    by_address: HashMap<SocketAddr, Route>,
-    /// Each listener's filter chains indexed for the per-connection match (SPEC §9).
-    chain_index: Vec<chains::ChainIndex>,
+    by_address: Addresses,
+}
+
+/// One listener's filter chains as the router holds them.
+#[derive(Debug)]
+struct ChainTable {
+    /// The listener they were built from.
+    from: Arc<crate::config::Listener>,
+    /// Each chain's route.
+    routes: Vec<Route>,
+    /// The chains indexed for the per-connection match.
+    index: chains::ChainIndex,
+}
+
+/// The routes by original destination: a map shared by consecutive publications and what
+/// changed since it was built (an endpoint change costs the addresses of its cluster, not
+/// a copy of the mesh's 60,000, SPEC §11). Built anew once the changes outgrow a quarter
+/// of it, so a lookup stays two probes at most and the changes are amortised O(1).
+#[derive(Debug, Default)]
+struct Addresses {
+    built: Arc<HashMap<SocketAddr, Route>>,
+    /// Addresses changed since `built`: their route now, or none (gone).
+    changed: HashMap<SocketAddr, Option<Route>>,
+    /// Addresses more than one cluster holds when `built` was made: a change touching one
+    /// of them builds the map anew, since the winner depends on the others.
+    contested: Arc<std::collections::HashSet<SocketAddr>>,
+}
+
+impl Addresses {
+    fn get(&self, address: &SocketAddr) -> Option<&Route> {
+        if !self.changed.is_empty()
+            && let Some(now) = self.changed.get(address)
+        {
+            return now.as_ref();
+        }
+        self.built.get(address)
+    }
+
+    /// `previous` with clusters `changed` (indices; each was `was`, is `now`) applied,
+    /// when none of their addresses is held by another cluster; `None` otherwise.
+    fn update(
+        previous: &Addresses,
+        changed: &[(usize, &crate::config::Cluster, &crate::config::Cluster)],
+    ) -> Option<Addresses> {
+        fn claims(c: &crate::config::Cluster) -> impl Iterator<Item = SocketAddr> + '_ {
+            c.addresses.iter().copied().chain(c.endpoints.iter().map(|e| e.address))
+        }
+        let mut next = Addresses {
+            built: Arc::clone(&previous.built),
+            changed: previous.changed.clone(),
+            contested: Arc::clone(&previous.contested),
+        };
+        for &(_, was, _) in changed {
+            for a in claims(was) {
+                if next.contested.contains(&a) {
+                    return None;
+                }
+                next.changed.insert(a, None);
+            }
+        }
+        for &(i, _, now) in changed {
+            for a in claims(now) {
+                match next.get(&a) {
+                    Some(Route::One(t)) if t.cluster == i => {}
+                    Some(_) => return None,
+                    None => {}
+                }
+                let one = Target { cluster: i, subset: None };
+                match next.built.get(&a) {
+                    // As when the map was built (the cluster kept this address).
+                    Some(Route::One(t)) if *t == one => next.changed.remove(&a),
+                    _ => next.changed.insert(a, Some(Route::One(one))),
+                };
+            }
+        }
+        Some(next)
+    }
 }
 
 /// One worker's mutable routing state, kept across publications: per cluster name, the
@@ -265,41 +341,90 @@ pub struct Router {
 
 /// Which cluster a captured connection's original destination belongs to: a cluster's
 /// service addresses first, then its endpoints; the first cluster in config order wins.
-fn address_index(cfg: &Config) -> HashMap<SocketAddr, usize> {
+/// Which cluster a captured connection's original destination belongs to: a cluster's
+/// service addresses first, then its endpoints; the first cluster in config order wins.
+/// With the addresses more than one cluster holds.
+fn address_index(cfg: &Config) -> (HashMap<SocketAddr, usize>, std::collections::HashSet<SocketAddr>) {
     let mut index = HashMap::new();
+    let mut contested = std::collections::HashSet::new();
+    let mut claim = |a: SocketAddr, i: usize| match index.entry(a) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(i);
+        }
+        std::collections::hash_map::Entry::Occupied(o) => {
+            if *o.get() != i {
+                contested.insert(a);
+            }
+        }
+    };
     for (i, c) in cfg.clusters.iter().enumerate() {
         for a in &c.addresses {
-            index.entry(*a).or_insert(i);
+            claim(*a, i);
         }
     }
     for (i, c) in cfg.clusters.iter().enumerate() {
-        for e in &c.endpoints {
-            index.entry(e.address).or_insert(i);
+        for e in c.endpoints.iter() {
+            claim(e.address, i);
         }
     }
-    index
+    (index, contested)
 }
 
 impl Routes {
     /// The routing table of a validated config, sharing with `previous` every cluster that
-    /// did not change (same name, same endpoints, subsets and policy): O(size of `cfg`) with
-    /// no allocation for what stayed, and no lookup that scans the clusters.
+    /// did not change (the same `Arc`, or the same name, endpoints, subsets and policy), each
+    /// listener's chain table while the listener and the clusters' order stay, and the
+    /// address map but for the changed clusters' addresses: a push costs what it changed
+    /// plus pointer compares, and no lookup scans the clusters (SPEC §11).
     pub fn new(cfg: &Config, previous: Option<&Routes>) -> Routes {
-        let before: HashMap<&str, &Arc<ClusterState>> =
-            previous.map(|p| p.clusters.iter().map(|c| (c.name.as_str(), c)).collect()).unwrap_or_default();
+        // A cluster at the same place as before, or of the same name, built from the same
+        // `Arc` is shared without a look at its contents; the map by name is made only when
+        // the order changed (a push adding or removing clusters).
+        let old: &[Arc<ClusterState>] = previous.map_or(&[], |p| &p.clusters);
+        let old_from: &[Arc<crate::config::Cluster>] = previous.map_or(&[], |p| &p.from);
+        let mut before: Option<HashMap<&str, &Arc<ClusterState>>> = None;
+        let mut order_kept = old.len() == cfg.clusters.len();
+        let mut changed = Vec::new();
         let clusters: Arc<[Arc<ClusterState>]> = cfg
             .clusters
             .iter()
-            .map(|c| match before.get(c.name.as_str()) {
-                Some(old) if same(old, c) => Arc::clone(old),
-                _ => Arc::new(cluster_state(c)),
+            .enumerate()
+            .map(|(i, c)| {
+                if let (Some(o), Some(f)) = (old.get(i), old_from.get(i))
+                    && Arc::ptr_eq(f, c)
+                {
+                    return Arc::clone(o);
+                }
+                let was = match old.get(i) {
+                    Some(o) if o.name == c.name => {
+                        if let Some(f) = old_from.get(i) {
+                            changed.push((i, &**f, &**c));
+                        }
+                        Some(o)
+                    }
+                    _ => {
+                        order_kept = false;
+                        before
+                            .get_or_insert_with(|| old.iter().map(|o| (o.name.as_str(), o)).collect())
+                            .get(c.name.as_str())
+                            .copied()
+                    }
+                };
+                match was {
+                    Some(o) if same(o, c) => Arc::clone(o),
+                    _ => Arc::new(cluster_state(c)),
+                }
             })
             .collect();
-        // Name -> index once: each route's lookup is O(1), not a scan of every cluster (a
-        // mesh's 10,000 chains each naming one of 10,000 clusters).
-        let by_name: HashMap<&str, usize> =
-            clusters.iter().enumerate().rev().map(|(i, c)| (c.name.as_str(), i)).collect();
-        let index = |name: &str| by_name.get(name).copied().unwrap_or(0);
+        // Name -> index once, when a route needs it: each lookup is O(1), not a scan of every
+        // cluster (a mesh's 10,000 chains each naming one of 10,000 clusters).
+        let by_name: std::cell::OnceCell<HashMap<&str, usize>> = std::cell::OnceCell::new();
+        let index = |name: &str| {
+            let by_name = by_name.get_or_init(|| {
+                clusters.iter().enumerate().rev().map(|(i, c)| (c.name.as_str(), i)).collect()
+            });
+            by_name.get(name).copied().unwrap_or(0)
+        };
         let weighted = |routes: &[TcpRoute]| {
             let mut total = 0u64;
             let targets = routes
@@ -333,7 +458,8 @@ impl Routes {
                     // is the listener's port, or that has none), else HOST's cluster for this
                     // port, else any of HOST's clusters, else no route (SPEC §6).
                     let port = l.listen.port();
-                    let serves = |c: &&crate::config::Cluster| c.service.as_deref() == Some(host.as_str());
+                    let serves =
+                        |c: &&Arc<crate::config::Cluster>| c.service.as_deref() == Some(host.as_str());
                     let route = cfg
                         .service_routes
                         .iter()
@@ -354,12 +480,19 @@ impl Routes {
                 }
             })
             .collect();
-        let chain_index = cfg.listeners.iter().map(|l| chains::ChainIndex::new(&l.filter_chains)).collect();
-        let chains = cfg
+        // A listener's chain table names clusters by index: it stays while the listener and
+        // the clusters' order do.
+        let old_tables: &[Arc<ChainTable>] = previous.filter(|_| order_kept).map_or(&[], |p| &p.listeners);
+        let listeners = cfg
             .listeners
             .iter()
-            .map(|l| {
-                l.filter_chains
+            .enumerate()
+            .map(|(li, l)| {
+                if let Some(t) = old_tables.get(li).filter(|t| Arc::ptr_eq(&t.from, l)) {
+                    return Arc::clone(t);
+                }
+                let routes = l
+                    .filter_chains
                     .iter()
                     .map(|c| match (&c.cluster, &c.tcp_routes) {
                         (Some(name), _) if c.not_served.is_none() => {
@@ -368,27 +501,45 @@ impl Routes {
                         (None, Some(routes)) if c.not_served.is_none() => weighted(routes),
                         _ => Route::None,
                     })
-                    .collect()
+                    .collect();
+                Arc::new(ChainTable {
+                    from: Arc::clone(l),
+                    routes,
+                    index: chains::ChainIndex::new(&l.filter_chains),
+                })
             })
             .collect();
-        // An outbound capture's address: the matched cluster's host routes as its
-        // VirtualService tcp routes say for that port, as a `service:` listener's would.
-        let by_address = address_index(cfg)
-            .into_iter()
-            .map(|(addr, c)| {
-                let host = cfg.clusters[c].service.as_deref();
-                let route = cfg
-                    .service_routes
-                    .iter()
-                    .find(|r| Some(r.host.as_str()) == host && r.match_port.is_none_or(|p| p == addr.port()));
-                let route = match route {
-                    Some(r) => weighted(&r.tcp_routes),
-                    None => Route::One(Target { cluster: c, subset: None }),
-                };
-                (addr, route)
+        // The address map: the previous one with the changed clusters' addresses, while the
+        // order stays and no VirtualService routes by host (else built anew).
+        let incremental = previous
+            .filter(|p| {
+                order_kept
+                    && cfg.service_routes.is_empty()
+                    && p.by_address.changed.len() <= p.by_address.built.len() / 4 + 1024
             })
-            .collect();
-        Routes { routes, chains, clusters, by_address, chain_index }
+            .and_then(|p| Addresses::update(&p.by_address, &changed));
+        let by_address = incremental.unwrap_or_else(|| {
+            // An outbound capture's address: the matched cluster's host routes as its
+            // VirtualService tcp routes say for that port, as a `service:` listener's would.
+            let (index, contested) = address_index(cfg);
+            let built = index
+                .into_iter()
+                .map(|(addr, c)| {
+                    let host = cfg.clusters[c].service.as_deref();
+                    let route = cfg.service_routes.iter().find(|r| {
+                        Some(r.host.as_str()) == host && r.match_port.is_none_or(|p| p == addr.port())
+                    });
+                    let route = match route {
+                        Some(r) => weighted(&r.tcp_routes),
+                        None => Route::One(Target { cluster: c, subset: None }),
+                    };
+                    (addr, route)
+                })
+                .collect();
+            Addresses { built: Arc::new(built), changed: HashMap::new(), contested: Arc::new(contested) }
+        });
+        let from = cfg.clusters.clone();
+        Routes { routes, listeners, clusters, from, by_address }
     }
 }
 
@@ -427,13 +578,13 @@ impl Router {
         chains: &[crate::config::FilterChain],
         facts: &chains::ConnFacts<'_>,
     ) -> Option<usize> {
-        self.routes.chain_index.get(li)?.select(chains, facts)
+        self.routes.listeners.get(li)?.index.select(chains, facts)
     }
 
     /// Listener `li`'s chain index (SPEC §9): whether a connection is peeked, whether its
     /// source is read.
     pub fn chain_index(&self, li: usize) -> Option<&chains::ChainIndex> {
-        self.routes.chain_index.get(li)
+        self.routes.listeners.get(li).map(|t| &t.index)
     }
 
     /// The cluster (and subset) for an outbound-captured connection to `dst`: a cluster whose
@@ -456,7 +607,7 @@ impl Router {
 
     /// The cluster for a new connection that matched filter chain `chain` of `listener`.
     pub fn route_chain(&self, listener: usize, chain: usize) -> Option<Target> {
-        self.pick(self.routes.chains.get(listener)?.get(chain)?)
+        self.pick(self.routes.listeners.get(listener)?.routes.get(chain)?)
     }
 
     fn pick(&self, route: &Route) -> Option<Target> {
@@ -666,36 +817,55 @@ pub fn ejection_time(failures: u32) -> Duration {
     (EJECTION_BASE * (1u32 << doublings)).min(EJECTION_MAX)
 }
 
+impl ClusterState {
+    /// Endpoint `e`'s labels.
+    pub fn labels(&self, e: usize) -> Option<&BTreeMap<String, String>> {
+        Some(&self.source.get(e)?.labels)
+    }
+
+    /// Endpoint `e`'s workload as Istio's control plane describes it (workload name,
+    /// namespace, labels with the canonical name and revision filled by istiod's fallbacks):
+    /// the peer side of the metrics when there was no exchange (SPEC §3). Made at its first
+    /// use: a mesh's 50,000 endpoints are mostly never reported on.
+    pub fn identity(&self, e: usize) -> Option<&NodeMetadata> {
+        let (state, source) = (self.endpoints.get(e)?, self.source.get(e)?);
+        let made = state.identity.get_or_init(|| {
+            Box::new(metrics::with_canonical_labels(NodeMetadata {
+                workload_name: source.workload_name.clone(),
+                namespace: source.namespace.clone(),
+                service_account: source.service_account.clone(),
+                cluster_id: source.cluster_id.clone(),
+                labels: source.labels.clone(),
+                ..NodeMetadata::default()
+            }))
+        });
+        Some(made)
+    }
+}
+
 /// The endpoints of config cluster `c` as the router holds them.
 fn endpoint_states(c: &crate::config::Cluster) -> impl Iterator<Item = EndpointState> + '_ {
     c.endpoints.iter().map(|e| EndpointState {
         address: e.address,
-        labels: e.labels.clone(),
-        identity: metrics::with_canonical_labels(NodeMetadata {
-            workload_name: e.workload_name.clone(),
-            namespace: e.namespace.clone(),
-            service_account: e.service_account.clone(),
-            cluster_id: e.cluster_id.clone(),
-            labels: e.labels.clone(),
-            ..NodeMetadata::default()
-        }),
         weight: e.weight.unwrap_or(1).max(1),
+        identity: std::sync::OnceLock::new(),
     })
 }
 
 /// Whether `old` is what config cluster `c` builds: compared field by field, allocating
 /// nothing (a push compares every cluster it carries but rebuilds only those it changed).
 fn same(old: &ClusterState, c: &crate::config::Cluster) -> bool {
-    let endpoints_same = old.endpoints.len() == c.endpoints.len()
-        && old.endpoints.iter().zip(&c.endpoints).all(|(o, e)| {
-            o.address == e.address
-                && o.weight == e.weight.unwrap_or(1).max(1)
-                && o.labels == e.labels
-                && o.identity.workload_name == e.workload_name
-                && o.identity.namespace == e.namespace
-                && o.identity.service_account == e.service_account
-                && o.identity.cluster_id == e.cluster_id
-        });
+    let endpoints_same = Arc::ptr_eq(&old.source, &c.endpoints)
+        || old.source.len() == c.endpoints.len()
+            && old.source.iter().zip(c.endpoints.iter()).all(|(o, e)| {
+                o.address == e.address
+                    && o.weight.unwrap_or(1).max(1) == e.weight.unwrap_or(1).max(1)
+                    && o.labels == e.labels
+                    && o.workload_name == e.workload_name
+                    && o.namespace == e.namespace
+                    && o.service_account == e.service_account
+                    && o.cluster_id == e.cluster_id
+            });
     endpoints_same
         && old.service.host == c.service.as_deref().unwrap_or_default()
         && old.service.namespace == c.service_namespace.as_deref().unwrap_or_default()
@@ -703,12 +873,12 @@ fn same(old: &ClusterState, c: &crate::config::Cluster) -> bool {
         && old.subsets.len() == c.subsets.len()
         && old.subsets.iter().zip(&c.subsets).all(|(p, s)| {
             p.load_balancer == s.load_balancer.unwrap_or(c.load_balancer)
-                && p.members.len() == old.endpoints.iter().filter(|e| selects(&s.labels, e)).count()
-                && p.members.iter().all(|&i| old.endpoints.get(i).is_some_and(|e| selects(&s.labels, e)))
+                && p.members.len() == old.source.iter().filter(|e| selects(&s.labels, e)).count()
+                && p.members.iter().all(|&i| old.source.get(i).is_some_and(|e| selects(&s.labels, e)))
         })
 }
 
-fn selects(labels: &BTreeMap<String, String>, e: &EndpointState) -> bool {
+fn selects(labels: &BTreeMap<String, String>, e: &crate::config::Endpoint) -> bool {
     labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))
 }
 
@@ -721,7 +891,7 @@ fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
         .subsets
         .iter()
         .map(|s| {
-            let members = (0..endpoints.len()).filter(|&i| selects(&s.labels, &endpoints[i])).collect();
+            let members = (0..endpoints.len()).filter(|&i| selects(&s.labels, &c.endpoints[i])).collect();
             Pool::new(members, s.load_balancer.unwrap_or(c.load_balancer), &endpoints)
         })
         .collect();
@@ -730,6 +900,7 @@ fn cluster_state(c: &crate::config::Cluster) -> ClusterState {
         service: ServiceInfo { host, namespace },
         all: Pool::new((0..endpoints.len()).collect(), c.load_balancer, &endpoints),
         endpoints,
+        source: Arc::clone(&c.endpoints),
         subsets,
     }
 }
@@ -800,7 +971,7 @@ clusters:
         for _ in 0..10_000 {
             let t = r.route(1).unwrap();
             let e = r.candidates(t, now()).next().unwrap();
-            if r.clusters[0].endpoints[e].labels["version"] == "v1" {
+            if r.clusters[0].labels(e).unwrap()["version"] == "v1" {
                 v1 += 1;
             }
         }
@@ -1013,6 +1184,44 @@ clusters:",
         let mut all: Vec<usize> = r.candidates(t, now()).collect();
         all.sort();
         assert_eq!(all, [0, 1, 2]);
+    }
+
+    #[test]
+    fn an_endpoint_change_moves_only_its_clusters_addresses_and_shares_the_rest_of_the_table() {
+        let yaml = "
+listeners:
+  - {name: capture, listen: 127.0.0.1:15001, direction: outbound, capture: outbound}
+clusters:
+  - {name: a, addresses: [10.96.0.1:80], endpoints: [{address: 10.1.0.1:80}]}
+  - {name: b, addresses: [10.96.0.2:80], endpoints: [{address: 10.1.0.2:80}]}
+";
+        let first_cfg = cfg(yaml);
+        let first = Routes::new(&first_cfg, None);
+        // `a`'s endpoint moves; everything else is the same `Arc`s (as the xDS merge shares).
+        let mut second_cfg = first_cfg.clone();
+        let mut a = (*second_cfg.clusters[0]).clone();
+        a.endpoints = Arc::new(vec![crate::config::Endpoint::at("10.1.0.9:80".parse().unwrap())]);
+        second_cfg.clusters[0] = Arc::new(a);
+        let second = Routes::new(&second_cfg, Some(&first));
+        assert!(Arc::ptr_eq(&first.clusters[1], &second.clusters[1]), "b is shared");
+        assert!(Arc::ptr_eq(&first.listeners[0], &second.listeners[0]), "the chain table is shared");
+        assert!(Arc::ptr_eq(&first.by_address.built, &second.by_address.built), "the map is shared");
+        assert_eq!(second.by_address.changed.len(), 2, "only a's old and new endpoint");
+        let router = Router::with(Arc::new(second), Rc::new(Balance::seeded(1)));
+        let at = |a: &str| router.route_original_dst(a.parse().unwrap()).map(|t| t.cluster);
+        assert_eq!(
+            [at("10.96.0.1:80"), at("10.1.0.9:80"), at("10.1.0.1:80"), at("10.96.0.2:80"), at("10.1.0.2:80")],
+            [Some(0), Some(0), None, Some(1), Some(1)]
+        );
+        // `a` now claims b's endpoint too: the first cluster wins, as a full build says.
+        let mut third_cfg = second_cfg.clone();
+        let mut a = (*third_cfg.clusters[0]).clone();
+        a.endpoints = Arc::new(vec![crate::config::Endpoint::at("10.1.0.2:80".parse().unwrap())]);
+        third_cfg.clusters[0] = Arc::new(a);
+        let third = Routes::new(&third_cfg, Some(&router.routes));
+        assert!(third.by_address.changed.is_empty(), "built anew");
+        let router = Router::with(Arc::new(third), Rc::new(Balance::seeded(1)));
+        assert_eq!(router.route_original_dst("10.1.0.2:80".parse().unwrap()).map(|t| t.cluster), Some(0));
     }
 
     #[test]

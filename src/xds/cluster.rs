@@ -155,7 +155,7 @@ pub fn cluster(pb: &cds::Cluster, version: &str) -> Result<XdsCluster, Error> {
         service_port: None,
         addresses: Vec::new(),
         load_balancer,
-        endpoints,
+        endpoints: Arc::new(endpoints),
         subsets: Vec::new(),
         tls,
         original_dst: kind == DiscoveryType::OriginalDst,

