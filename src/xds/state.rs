@@ -119,8 +119,11 @@ pub struct State {
     /// sorting) them per ACK was most of an endpoint change's cost. `Weak`, so that a
     /// cluster replaced since cannot be freed and its address reused (pointer equality
     /// then means the same cluster), without keeping its contents alive.
-    eds_names: RefCell<(Vec<std::sync::Weak<XdsCluster>>, Arc<Vec<String>>)>,
+    eds_names: RefCell<EdsNames>,
 }
+
+/// The clusters [`State::eds_names`] last read, and the names it found.
+type EdsNames = (Vec<std::sync::Weak<XdsCluster>>, Arc<Vec<String>>);
 
 /// What one response did to the state.
 #[derive(Debug)]
