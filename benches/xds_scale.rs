@@ -12,7 +12,8 @@
 //! - one cluster's endpoints change (service 1's five move), as istiod pushes it over state
 //!   of the world (one EDS response with that assignment alone): time from handing it to
 //!   the server's stream to its ACK, and the process's CPU (its threads' schedstat ns) from
-//!   then until 200 ms after the ACK, averaged over EDS_PUSHES (5) changes;
+//!   then until 200 ms after the ACK, averaged over EDS_PUSHES (5) changes, and beside it
+//!   the CPU of as long a window with nothing pushed (`idle_cpu_ms`);
 //! - during one EDS push a second for PUSH_SECONDS with HELD long-lived connections open:
 //!   the connection rate and the RSS growth.
 //!
@@ -300,6 +301,7 @@ struct Row {
     rate: f64,
     eds_ack_ms: f64,
     eds_cpu_ms: f64,
+    idle_cpu_ms: f64,
     rate_pushing: f64,
     rss_growth_mib: f64,
 }
@@ -370,6 +372,11 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         eds_cpu_ms += cpu_ms(pid) - cpu0;
     }
     let (eds_ack_ms, eds_cpu_ms) = (eds_ack_ms / changes as f64, eds_cpu_ms / changes as f64);
+    // What the process spends over the same window with nothing pushed (ticks, timers): the
+    // part of eds_cpu_ms that is not the push's.
+    let idle0 = cpu_ms(pid);
+    thread::sleep(Duration::from_millis(200) + Duration::from_secs_f64(eds_ack_ms / 1000.0));
+    let idle_cpu_ms = cpu_ms(pid) - idle0;
     eprintln!("xds_scale: {proxy} {services}: {changes} endpoint changes ACKed");
 
     // Pushes every second while long-lived connections are held and new ones are made.
@@ -415,6 +422,7 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         rate,
         eds_ack_ms,
         eds_cpu_ms,
+        idle_cpu_ms,
         rate_pushing,
         rss_growth_mib: rss_growth / 1024.0,
     }
@@ -437,7 +445,7 @@ fn main() {
     let envoy_bin = std::env::var("ENVOY").ok();
     let pki = Pki::new();
     println!(
-        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  eds_ack_ms  eds_cpu_ms  conn/s_pushing  rss_growth_MiB"
+        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  eds_ack_ms  eds_cpu_ms  idle_cpu_ms  conn/s_pushing  rss_growth_MiB"
     );
     for &n in &services {
         for proxy in proxies.split(',') {
@@ -450,7 +458,7 @@ fn main() {
             }
             let r = measure(proxy, n, &pki, envoy_bin.as_deref());
             println!(
-                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>11.1} {:>11.0} {:>15.0} {:>15.1}",
+                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>11.1} {:>11.2} {:>12.2} {:>15.0} {:>15.1}",
                 r.push_ms,
                 r.serving_ms,
                 r.rss_mib,
@@ -458,6 +466,7 @@ fn main() {
                 r.rate,
                 r.eds_ack_ms,
                 r.eds_cpu_ms,
+                r.idle_cpu_ms,
                 r.rate_pushing,
                 r.rss_growth_mib
             );
