@@ -140,6 +140,20 @@ fn cpu_ms(pid: u32) -> f64 {
     ns as f64 / 1e6
 }
 
+/// Each thread's time on a CPU, in ms, summed by thread name (`comm`).
+fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut by = std::collections::BTreeMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+        let ns = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        *by.entry(name).or_insert(0.0) += ns as f64 / 1e6;
+    }
+    by
+}
+
 /// Waits for the ACK (or NACK: panics) of `version` for each of `types`; returns when the
 /// last arrived.
 fn acks(
@@ -359,6 +373,7 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     // noise on a shared machine.
     let changes = env("EDS_PUSHES", 5).max(1);
     let (mut eds_ack_ms, mut eds_cpu_ms) = (0.0, 0.0);
+    let threads0 = cpu_by_thread(pid);
     for i in 0..changes {
         let v = (2 + i).to_string();
         let next = shape(mesh.with_moved(&v, 1, 1 + i));
@@ -372,6 +387,13 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         eds_cpu_ms += cpu_ms(pid) - cpu0;
     }
     let (eds_ack_ms, eds_cpu_ms) = (eds_ack_ms / changes as f64, eds_cpu_ms / changes as f64);
+    // Where it went, per thread name and change (stderr: for the profile notes).
+    for (name, ms) in cpu_by_thread(pid) {
+        let per = (ms - threads0.get(&name).copied().unwrap_or(0.0)) / changes as f64;
+        if per >= 0.01 {
+            eprintln!("xds_scale: {proxy} {services}: endpoint change CPU on {name}: {per:.2} ms");
+        }
+    }
     // What the process spends over the same window with nothing pushed (ticks, timers): the
     // part of eds_cpu_ms that is not the push's.
     let idle0 = cpu_ms(pid);
