@@ -11,8 +11,9 @@
 //!   byte echoed per connection, CONN_SECONDS);
 //! - one cluster's endpoints change (service 1's five move), as istiod pushes it over state
 //!   of the world (one EDS response with that assignment alone): time from handing it to
-//!   the server's stream to its ACK, and the process's CPU from then until 200 ms after the
-//!   ACK;
+//!   the server's stream to its ACK, and the process's CPU (its threads' schedstat ns) from
+//!   then until 200 ms after the ACK, averaged over EDS_PUSHES (5) changes, and beside it
+//!   the CPU of as long a window with nothing pushed (`idle_cpu_ms`);
 //! - during one EDS push a second for PUSH_SECONDS with HELD long-lived connections open:
 //!   the connection rate and the RSS growth.
 //!
@@ -22,7 +23,7 @@
 //! `ringside@PATH` runs the ringside binary at PATH, to compare two builds in one run),
 //! RINGSIDE_BIN (default the release binary cargo built beside the bench),
 //! ENVOY_MAX_SERVICES (Envoy is skipped above it; default 10000), CORE (default 1),
-//! CONN_SECONDS (3), CONCURRENCY (16), PUSH_SECONDS (10), HELD (20), HOLD_PER_PUSH (0: one
+//! CONN_SECONDS (3), CONCURRENCY (16), EDS_PUSHES (5), PUSH_SECONDS (10), HELD (20), HOLD_PER_PUSH (0: one
 //! more connection held after each push's ACK, so that each pins its own generation).
 
 #[path = "../tests/common/ads.rs"]
@@ -123,20 +124,34 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system) of the whole process, in ms.
+/// CPU time of the whole process, in ms: the sum of its threads' time on a CPU
+/// (`/proc/PID/task/*/schedstat`, nanoseconds), not `stat`'s 10 ms ticks, so that a push
+/// costing a few ms is measured rather than rounded.
 fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
-    let f: Vec<&str> = after.split(' ').collect();
-    let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    let hz = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u64>().ok())
-        .unwrap_or(100);
-    ticks as f64 * 1000.0 / hz as f64
+    let ns: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split(' ').next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    ns as f64 / 1e6
+}
+
+/// Each thread's time on a CPU, in ms, summed by thread name (`comm`).
+fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut by = std::collections::BTreeMap::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+        let ns = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        *by.entry(name).or_insert(0.0) += ns as f64 / 1e6;
+    }
+    by
 }
 
 /// Waits for the ACK (or NACK: panics) of `version` for each of `types`; returns when the
@@ -300,6 +315,7 @@ struct Row {
     rate: f64,
     eds_ack_ms: f64,
     eds_cpu_ms: f64,
+    idle_cpu_ms: f64,
     rate_pushing: f64,
     rss_growth_mib: f64,
 }
@@ -353,16 +369,37 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let moved = istio_mesh::cluster_name(1);
     // Built before the clock starts: the snapshot and the server's bookkeeping are this
     // process's cost, not the proxy's.
-    let next = shape(mesh.with_moved("2", 1, 1));
-    let cpu0 = cpu_ms(pid);
-    let (t0, retired) = server.push_endpoints(next, &[&moved]);
-    acks(&requests, "2", &[ENDPOINTS], &mut None);
-    let eds_ack_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    drop(retired);
-    eprintln!("xds_scale: {proxy} {services}: endpoint change ACKed");
-    // Two ticks: ringside's workers take the publication on their next one.
-    thread::sleep(Duration::from_millis(200));
-    let eds_cpu_ms = cpu_ms(pid) - cpu0;
+    // EDS_PUSHES changes, each measured alone and averaged: a few ms each, so one alone is
+    // noise on a shared machine.
+    let changes = env("EDS_PUSHES", 5).max(1);
+    let (mut eds_ack_ms, mut eds_cpu_ms) = (0.0, 0.0);
+    let threads0 = cpu_by_thread(pid);
+    for i in 0..changes {
+        let v = (2 + i).to_string();
+        let next = shape(mesh.with_moved(&v, 1, 1 + i));
+        let cpu0 = cpu_ms(pid);
+        let (t0, retired) = server.push_endpoints(next, &[&moved]);
+        acks(&requests, &v, &[ENDPOINTS], &mut None);
+        eds_ack_ms += t0.elapsed().as_secs_f64() * 1000.0;
+        drop(retired);
+        // Two ticks: ringside's workers take the publication on their next one.
+        thread::sleep(Duration::from_millis(200));
+        eds_cpu_ms += cpu_ms(pid) - cpu0;
+    }
+    let (eds_ack_ms, eds_cpu_ms) = (eds_ack_ms / changes as f64, eds_cpu_ms / changes as f64);
+    // Where it went, per thread name and change (stderr: for the profile notes).
+    for (name, ms) in cpu_by_thread(pid) {
+        let per = (ms - threads0.get(&name).copied().unwrap_or(0.0)) / changes as f64;
+        if per >= 0.01 {
+            eprintln!("xds_scale: {proxy} {services}: endpoint change CPU on {name}: {per:.2} ms");
+        }
+    }
+    // What the process spends over the same window with nothing pushed (ticks, timers): the
+    // part of eds_cpu_ms that is not the push's.
+    let idle0 = cpu_ms(pid);
+    thread::sleep(Duration::from_millis(200) + Duration::from_secs_f64(eds_ack_ms / 1000.0));
+    let idle_cpu_ms = cpu_ms(pid) - idle0;
+    eprintln!("xds_scale: {proxy} {services}: {changes} endpoint changes ACKed");
 
     // Pushes every second while long-lived connections are held and new ones are made.
     let hold = || {
@@ -380,8 +417,8 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     // Bounded: the connecting thread ends after PUSH_SECONDS; at most 600 pushes.
     while !connecting.is_finished() && pushes < 600 {
         pushes += 1;
-        let v = (pushes + 2).to_string();
-        let (_, retired) = server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + 1)), &[&moved]);
+        let v = (pushes + 1 + changes).to_string();
+        let (_, retired) = server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + changes)), &[&moved]);
         acks(&requests, &v, &[ENDPOINTS], &mut None);
         drop(retired);
         if env("HOLD_PER_PUSH", 0) == 1 {
@@ -407,6 +444,7 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         rate,
         eds_ack_ms,
         eds_cpu_ms,
+        idle_cpu_ms,
         rate_pushing,
         rss_growth_mib: rss_growth / 1024.0,
     }
@@ -429,7 +467,7 @@ fn main() {
     let envoy_bin = std::env::var("ENVOY").ok();
     let pki = Pki::new();
     println!(
-        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  eds_ack_ms  eds_cpu_ms  conn/s_pushing  rss_growth_MiB"
+        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  eds_ack_ms  eds_cpu_ms  idle_cpu_ms  conn/s_pushing  rss_growth_MiB"
     );
     for &n in &services {
         for proxy in proxies.split(',') {
@@ -442,7 +480,7 @@ fn main() {
             }
             let r = measure(proxy, n, &pki, envoy_bin.as_deref());
             println!(
-                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>11.1} {:>11.0} {:>15.0} {:>15.1}",
+                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>11.1} {:>11.2} {:>12.2} {:>15.0} {:>15.1}",
                 r.push_ms,
                 r.serving_ms,
                 r.rss_mib,
@@ -450,6 +488,7 @@ fn main() {
                 r.rate,
                 r.eds_ack_ms,
                 r.eds_cpu_ms,
+                r.idle_cpu_ms,
                 r.rate_pushing,
                 r.rss_growth_mib
             );

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, mpsc};
 
 use crate::config::Config;
@@ -30,6 +30,38 @@ pub struct Published {
     pub tls: Arc<Certs>,
     /// The routing table of `config`, built here once for every worker.
     pub routes: Arc<Routes>,
+    /// This generation's mark, held by every worker snapshot (so every connection) made
+    /// from it: what `ringside_config_generations` counts.
+    pub held: Arc<Generation>,
+}
+
+/// One publication, counted while anything holds it (the published pointer, a worker's
+/// snapshot, a live connection's, the reaper's queue): the count of generations alive
+/// shows what live connections pin (SPEC §11).
+#[derive(Debug)]
+pub struct Generation {
+    /// Generations alive, shared by every generation of one proxy.
+    alive: Arc<AtomicUsize>,
+}
+
+impl Generation {
+    /// A new generation counted in `alive`.
+    fn new(alive: &Arc<AtomicUsize>) -> Arc<Generation> {
+        // Once per publication, never per connection.
+        alive.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Generation { alive: Arc::clone(alive) })
+    }
+
+    /// How many generations of this proxy are alive (this one included).
+    pub fn alive(&self) -> usize {
+        self.alive.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.alive.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Published {
@@ -37,7 +69,8 @@ impl Published {
     pub fn first(config: Config, tls: Arc<Certs>) -> Published {
         let live = config.listeners.iter().map(|_| Arc::default()).collect();
         let routes = Arc::new(Routes::new(&config, None));
-        Published { generation: 1, config: Arc::new(config), live, tls, routes }
+        let held = Generation::new(&Arc::default());
+        Published { generation: 1, config: Arc::new(config), live, tls, routes, held }
     }
 
     /// The publication that replaces this one with `config` and its certificates; its
@@ -51,7 +84,8 @@ impl Published {
             .map(|l| old.get(l.name.as_str()).map_or_else(Arc::default, |c| Arc::clone(c)))
             .collect();
         let routes = Arc::new(Routes::new(&config, Some(&self.routes)));
-        Published { generation: self.generation + 1, config: Arc::new(config), live, tls, routes }
+        let held = Generation::new(&self.held.alive);
+        Published { generation: self.generation + 1, config: Arc::new(config), live, tls, routes, held }
     }
 }
 
@@ -68,6 +102,8 @@ pub struct Snapshot {
     pub live: Vec<Arc<AtomicUsize>>,
     /// TLS certificates per listener and cluster of `config` (see [`Published::tls`]).
     pub tls: Arc<Certs>,
+    /// The publication's mark (see [`Published::held`]).
+    held: Arc<Generation>,
 }
 
 impl Snapshot {
@@ -83,6 +119,7 @@ impl Snapshot {
             config: published.config.clone(),
             live: published.live.clone(),
             tls: published.tls.clone(),
+            held: Arc::clone(&published.held),
         }
     }
 
@@ -102,7 +139,8 @@ impl Drop for Snapshot {
         let config = std::mem::replace(&mut self.config, Arc::clone(empty));
         let routes = self.router.take_routes();
         let tls = std::mem::take(&mut self.tls);
-        reap(Box::new((config, routes, tls)));
+        // Counted until the reaper has freed the rest (a tuple drops its fields in order).
+        reap(Box::new((config, routes, tls, Arc::clone(&self.held))));
     }
 }
 

@@ -223,6 +223,11 @@ impl Shared {
             let seconds = gap.load(Ordering::Relaxed) as f64 / 1e6;
             text.push_str(&format!("ringside_worker_tick_gap_max_seconds{{worker=\"{w}\"}} {seconds}\n"));
         }
+        text.push_str(&format!(
+            "# HELP ringside_config_generations Configuration generations alive: the one published and each older one a worker or a live connection still holds.\n\
+             # TYPE ringside_config_generations gauge\nringside_config_generations {}\n",
+            self.published.load().held.alive()
+        ));
         text
     }
 }
@@ -524,6 +529,9 @@ async fn worker_main(
     let first = ctx.snapshot();
     acceptors.reconcile(&ctx, &first.config, Instant::now() + shared.config.drain_timeout.0);
     mark_bound(&shared, index, first.generation);
+    // Not kept for the loop's life: it would pin this generation after the next (found by
+    // `ringside_config_generations`).
+    drop(first);
     shared.workers_started.fetch_add(1, Ordering::AcqRel);
 
     let reporting = shared.config.metrics.tcp_reporting_duration.0;

@@ -483,7 +483,7 @@ impl Client {
             // sends it (`set_node_on_first_message_only`).
             node: None,
             resource_names: match type_url {
-                ENDPOINTS => self.state.eds_names(),
+                ENDPOINTS => self.state.eds_names().to_vec(),
                 ROUTES => self.state.rds_names(),
                 _ => Vec::new(),
             },
@@ -553,7 +553,7 @@ impl Client {
             // which RouteConfigurations.
             let clusters = response.type_url == CLUSTER;
             let listeners = response.type_url == LISTENER;
-            let names_before = if clusters { self.state.eds_names() } else { Vec::new() };
+            let names_before = clusters.then(|| self.state.eds_names());
             let routes_before = if listeners { self.state.rds_names() } else { Vec::new() };
             let reply = self.handle(&response);
             if clusters {
@@ -572,7 +572,7 @@ impl Client {
                 let _ = tx.send(self.request(ROUTES, self.state.version(Type::Routes), &rds_nonce, None));
             }
             // Clusters changed which ClusterLoadAssignments we need: ask for those.
-            if clusters && self.state.eds_names() != names_before {
+            if names_before.is_some_and(|before| self.state.eds_names() != before) {
                 let _ =
                     tx.send(self.request(ENDPOINTS, self.state.version(Type::Endpoints), &eds_nonce, None));
             }
@@ -711,7 +711,7 @@ impl Client {
         listeners.initial_resource_versions = self.state.resource_versions(Type::Listener);
         let _ = tx.send(listeners);
         let mut eds_subscribed: std::collections::BTreeSet<String> =
-            self.state.eds_names().into_iter().collect();
+            self.state.eds_names().iter().cloned().collect();
         if !eds_subscribed.is_empty() {
             let mut eds = Self::delta_request(Type::Endpoints, "", None);
             eds.resource_names_subscribe = eds_subscribed.iter().cloned().collect();
@@ -793,7 +793,7 @@ impl Client {
             self.watch_dns();
             // Clusters changed which ClusterLoadAssignments we need: subscribe to the new
             // names, unsubscribe from those gone (their endpoints are already forgotten).
-            let names: std::collections::BTreeSet<String> = self.state.eds_names().into_iter().collect();
+            let names: std::collections::BTreeSet<String> = self.state.eds_names().iter().cloned().collect();
             if names != eds_subscribed {
                 let mut change = Self::delta_request(Type::Endpoints, "", None);
                 change.resource_names_subscribe = names.difference(&eds_subscribed).cloned().collect();

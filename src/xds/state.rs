@@ -114,7 +114,16 @@ pub struct State {
     pub resolved: BTreeMap<String, Arc<Vec<Endpoint>>>,
     /// The clusters the last merge built, shared by the next where unchanged.
     merged: RefCell<Merged>,
+    /// The last [`State::eds_names`] and the clusters it was read from: every SotW ACK of
+    /// an EDS response names all 10,000 assignments of a large mesh, and rebuilding (and
+    /// sorting) them per ACK was most of an endpoint change's cost. `Weak`, so that a
+    /// cluster replaced since cannot be freed and its address reused (pointer equality
+    /// then means the same cluster), without keeping its contents alive.
+    eds_names: RefCell<EdsNames>,
 }
+
+/// The clusters [`State::eds_names`] last read, and the names it found.
+type EdsNames = (Vec<std::sync::Weak<XdsCluster>>, Arc<Vec<String>>);
 
 /// What one response did to the state.
 #[derive(Debug)]
@@ -188,13 +197,24 @@ impl Undo {
 }
 
 impl State {
-    /// The ClusterLoadAssignment names to subscribe to.
-    pub fn eds_names(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            self.clusters.values().filter_map(|c| c.value.eds_name.clone()).collect();
-        names.sort();
-        names.dedup();
-        names
+    /// The ClusterLoadAssignment names to subscribe to, sorted; shared with the last call
+    /// while the clusters held are the same (one pointer comparison per cluster).
+    pub fn eds_names(&self) -> Arc<Vec<String>> {
+        let mut cache = self.eds_names.borrow_mut();
+        let same = cache.0.len() == self.clusters.len()
+            && cache
+                .0
+                .iter()
+                .zip(self.clusters.values())
+                .all(|(w, c)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&c.value)));
+        if !same {
+            let mut names: Vec<String> =
+                self.clusters.values().filter_map(|c| c.value.eds_name.clone()).collect();
+            names.sort();
+            names.dedup();
+            *cache = (self.clusters.values().map(|c| Arc::downgrade(&c.value)).collect(), Arc::new(names));
+        }
+        Arc::clone(&cache.1)
     }
 
     /// The RouteConfiguration names to subscribe to: those the HTTP chains of the listeners
@@ -520,9 +540,9 @@ impl State {
         if candidates.is_empty() {
             return;
         }
-        let used: BTreeSet<String> = self.eds_names().into_iter().collect();
+        let used = self.eds_names();
         for name in candidates {
-            if !used.contains(name) {
+            if used.binary_search(name).is_err() {
                 self.endpoints.remove(name);
             }
         }
@@ -1218,6 +1238,31 @@ mod tests {
     }
 
     #[test]
+    fn per_push_cost_is_linear_in_what_changed_the_eds_names_an_ack_carries_are_kept_while_the_clusters_are()
+    {
+        let (mut state, base) = (State::default(), certificates());
+        let two = |v| {
+            response(Type::Cluster, v, vec![any(CLUSTER, &eds_cluster("a")), any(CLUSTER, &eds_cluster("b"))])
+        };
+        state.update(&two("1"), &base, &mut ok);
+        let first = state.eds_names();
+        assert_eq!(*first, ["a", "b"]);
+        // An EDS response leaves the clusters as they were: the same names, not rebuilt.
+        state.update(
+            &response(Type::Endpoints, "1", vec![assignment("a", "10.0.0.1:80", 1)]),
+            &base,
+            &mut ok,
+        );
+        assert!(Arc::ptr_eq(&first, &state.eds_names()), "rebuilt with no cluster changed");
+        // A cluster dropped: the names follow.
+        state.update(&response(Type::Cluster, "2", vec![any(CLUSTER, &eds_cluster("a"))]), &base, &mut ok);
+        assert_eq!(*state.eds_names(), ["a"]);
+        // Both again: a new list with both.
+        state.update(&two("3"), &base, &mut ok);
+        assert_eq!(*state.eds_names(), ["a", "b"]);
+    }
+
+    #[test]
     fn eds_responses_touch_only_the_assignments_they_carry_and_a_nack_never_blocks_readiness() {
         let (mut state, base) = (State::default(), certificates());
         let clusters = response(
@@ -1409,7 +1454,7 @@ mod tests {
         // A cluster removed takes its endpoints with it; the other cluster's stay.
         state.update_delta(&delta(Type::Cluster, vec![], &["b"]), &base, &mut ok);
         assert_eq!(state.endpoints.keys().collect::<Vec<_>>(), ["a"]);
-        assert_eq!(state.eds_names(), ["a"]);
+        assert_eq!(*state.eds_names(), ["a"]);
         // A resource whose outer name disagrees with its own is refused under the outer name.
         let o = state.update_delta(
             &delta(Type::Cluster, vec![("c", "c1", any(CLUSTER, &eds_cluster("d")))], &[]),

@@ -230,6 +230,11 @@ impl Sidecar {
         sc
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// GET /stats/prometheus (from inside its namespace).
     pub fn scrape(&self) -> String {
         let admin = self.admin;
