@@ -216,6 +216,17 @@ pub struct Certs {
     /// The config clusters `clusters` were made for: the next publication keeps the slot of
     /// a cluster it shares (the same `Arc`) without building its role again (SPEC §11).
     from: Vec<Arc<crate::config::Cluster>>,
+    /// The distinct slots by their files, made once (`Certs::groups`).
+    groups: std::sync::OnceLock<Arc<[Group]>>,
+}
+
+/// The slots that share one set of files: the reload thread looks at the files once per
+/// group and round, and at the slots only when the files changed.
+pub struct Group {
+    /// The PEM files every slot of the group loads.
+    pub files: Files,
+    /// The slots, each once.
+    pub slots: Vec<Arc<Slot>>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -364,6 +375,28 @@ impl Certs {
         let mut seen = std::collections::HashSet::new();
         let every = self.listeners.iter().chain(self.chains.iter().flatten()).chain(&self.clusters);
         every.flatten().filter(|s| seen.insert(Arc::as_ptr(s))).cloned().collect()
+    }
+
+    /// The distinct slots grouped by their files, made once per `Certs` (on the reload
+    /// thread's first ask, off the publish path): a reload round then costs the number of
+    /// file sets, not of clusters (a mesh's 10,000 clusters share the workload's files).
+    pub fn groups(&self) -> Arc<[Group]> {
+        Arc::clone(self.groups.get_or_init(|| {
+            let mut groups: Vec<Group> = Vec::new();
+            let mut at: HashMap<Files, usize> = HashMap::new();
+            for s in self.slots() {
+                // Nearly every slot has the last one's files: compared before hashed.
+                let i = match groups.last() {
+                    Some(g) if g.files == s.files => groups.len() - 1,
+                    _ => *at.entry(s.files.clone()).or_insert_with(|| {
+                        groups.push(Group { files: s.files.clone(), slots: Vec::new() });
+                        groups.len() - 1
+                    }),
+                };
+                groups[i].slots.push(s);
+            }
+            groups.into()
+        }))
     }
 }
 
@@ -1155,35 +1188,62 @@ fn fingerprints(f: &Files) -> Fingerprints {
     [fingerprint(&f.cert_chain), fingerprint(&f.private_key), fingerprint(&f.root_cert)]
 }
 
-/// Poll the files of every slot `slots` returns each `period` on a side thread (never a
-/// worker) and reload those that changed since they were last loaded. A failed load logs
-/// one line naming the file and keeps the previous config; it is retried when the files
-/// change again. `slots` is asked each time, so slots built later (xDS resources) are
-/// watched too; `None` ends the thread.
+/// Poll the files of every group `groups` returns each `period` on a side thread (never a
+/// worker) and reload the slots whose files changed since they were last loaded. A failed
+/// load logs one line naming the file and keeps the previous config; it is retried when
+/// the files change again. `groups` is asked each time, so slots built later (xDS
+/// resources) are watched too; `None` ends the thread.
 pub fn watch(
-    slots: impl Fn() -> Option<Vec<Arc<Slot>>> + Send + 'static,
+    groups: impl Fn() -> Option<Arc<[Group]>> + Send + 'static,
     period: Duration,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("tls-reload".into()).spawn(move || {
         // A secret pushed over SDS wakes this thread: a rotation is used at once, not at
         // the next period.
         secrets::watch_from_here();
+        let mut round = Round::default();
         loop {
             std::thread::park_timeout(period);
-            let Some(slots) = slots() else { return };
-            // Many slots share one set of files (every xDS cluster's and chain's are the
-            // workload's): each set is looked at, read and logged once per round.
-            let mut round: HashMap<Files, (Fingerprints, Option<Option<Identity>>)> = HashMap::new();
-            for slot in &slots {
-                let (now, read) =
-                    round.entry(slot.files.clone()).or_insert_with(|| (fingerprints(&slot.files), None));
-                if *now == **slot.seen.load() {
+            let Some(groups) = groups() else { return };
+            round.run(groups);
+        }
+    })?;
+    Ok(())
+}
+
+/// What the reload thread saw last round: the groups and their files' fingerprints then.
+/// Every slot of a group matched those fingerprints when the round ended, so a round with
+/// the same groups and unchanged files looks at no slot.
+#[derive(Default)]
+struct Round {
+    groups: Option<Arc<[Group]>>,
+    seen: Vec<Fingerprints>,
+}
+
+impl Round {
+    /// Look at each group's files once; in a group whose files changed (or that is new),
+    /// reload each slot that last loaded other files, reading them once. Returns the number
+    /// of slots looked at.
+    fn run(&mut self, groups: Arc<[Group]>) -> usize {
+        let same = self.groups.as_ref().is_some_and(|g| Arc::ptr_eq(g, &groups));
+        let mut seen = Vec::with_capacity(groups.len());
+        let mut looked = 0;
+        for (i, group) in groups.iter().enumerate() {
+            let now = fingerprints(&group.files);
+            seen.push(now);
+            if same && self.seen.get(i) == Some(&now) {
+                continue;
+            }
+            let mut read: Option<Option<Identity>> = None;
+            for slot in &group.slots {
+                looked += 1;
+                if now == **slot.seen.load() {
                     continue;
                 }
-                slot.seen.store(Arc::new(*now));
-                let identity = read.get_or_insert_with(|| match load(&slot.files) {
+                slot.seen.store(Arc::new(now));
+                let identity = read.get_or_insert_with(|| match load(&group.files) {
                     Ok(identity) => {
-                        log::info!("tls: reloaded {}", slot.files.cert_chain.display());
+                        log::info!("tls: reloaded {}", group.files.cert_chain.display());
                         Some(identity)
                     }
                     Err(e) => {
@@ -1198,8 +1258,9 @@ pub fn watch(
                 }
             }
         }
-    })?;
-    Ok(())
+        (self.groups, self.seen) = (Some(groups), seen);
+        looked
+    }
 }
 
 #[cfg(test)]
@@ -1343,6 +1404,43 @@ mod tests {
         };
         assert_eq!(sans(0), ["spiffe://cluster.local/ns/default/sa/a"]);
         assert_eq!(sans(1), ["spiffe://cluster.local/ns/default/sa/b"]);
+    }
+
+    #[test]
+    fn a_reload_round_looks_at_each_set_of_files_once_and_at_the_slots_only_when_they_changed() {
+        let dir = tmpdir("round");
+        let mesh = ca("mesh");
+        let f = files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap());
+        // 1,000 clusters of one identity, each with its own SAN: 1,000 slots, one file set.
+        let mut yaml = String::from("clusters:\n");
+        for i in 0..1000 {
+            yaml += &format!(
+                "  - {{name: c{i}, endpoints: [{{address: 127.0.0.1:1}}], tls: {{mode: istio_mutual, cert_chain: {}, private_key: {}, root_cert: {}, subject_alt_names: [spiffe://cluster.local/ns/default/sa/s{i}]}}}}\n",
+                f.cert_chain.display(),
+                f.private_key.display(),
+                f.root_cert.display()
+            );
+        }
+        let certs = Certs::load(&crate::config::Config::parse(&yaml, "t.yaml").unwrap()).unwrap();
+        let groups = certs.groups();
+        assert_eq!(groups.len(), 1, "one file set");
+        assert_eq!(groups[0].slots.len(), 1000);
+        assert!(Arc::ptr_eq(&groups, &certs.groups()), "grouped once per Certs");
+        let mut round = Round::default();
+        assert_eq!(round.run(certs.groups()), 1000, "new groups: each slot is looked at");
+        assert_eq!(round.run(certs.groups()), 0, "unchanged files: no slot is looked at");
+        // A rotation (a new key and certificate) reaches every slot in the next round.
+        let before = certs.clusters[999].as_ref().unwrap().current();
+        let other = "spiffe://cluster.local/ns/prod/sa/reviews";
+        let (cert, key) = leaf(&mesh, other, KeyPair::generate().unwrap());
+        std::fs::write(&f.cert_chain, cert).unwrap();
+        std::fs::write(&f.private_key, key).unwrap();
+        assert_eq!(round.run(certs.groups()), 1000);
+        for slot in certs.clusters.iter().flatten() {
+            assert_eq!(slot.current().local_principal.as_deref(), Some(other));
+        }
+        assert!(!Arc::ptr_eq(&before, &certs.clusters[999].as_ref().unwrap().current()));
+        assert_eq!(round.run(certs.groups()), 0);
     }
 
     #[test]

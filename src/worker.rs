@@ -307,8 +307,8 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
     if watch_tls {
         // Asks for the current publication's slots each time: xDS resources bring new ones.
         let weak = Arc::downgrade(&shared);
-        let slots = move || weak.upgrade().map(|s| s.published.load().tls.slots());
-        crate::tls::watch(slots, TLS_RELOAD_PERIOD).map_err(Error::Reload)?;
+        let groups = move || weak.upgrade().map(|s| s.published.load().tls.groups());
+        crate::tls::watch(groups, TLS_RELOAD_PERIOD).map_err(Error::Reload)?;
     }
     let detail = match driver {
         DriverKind::Uring { coop: true } => " (COOP_TASKRUN)",
