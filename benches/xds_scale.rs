@@ -13,7 +13,8 @@
 //!   of the world (one EDS response with that assignment alone): time from handing it to
 //!   the server's stream to its ACK, and the process's CPU (its threads' schedstat ns) from
 //!   then until 200 ms after the ACK, averaged over EDS_PUSHES (5) changes, and beside it
-//!   the CPU of as long a window with nothing pushed (`idle_cpu_ms`);
+//!   the CPU of as long a window with nothing pushed (`idle_cpu_ms`), then IDLE_SECONDS (3)
+//!   more with nothing pushed, their CPU per second by thread name on stderr;
 //! - during one EDS push a second for PUSH_SECONDS with HELD long-lived connections open:
 //!   the connection rate and the RSS growth.
 //!
@@ -399,6 +400,19 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let idle0 = cpu_ms(pid);
     thread::sleep(Duration::from_millis(200) + Duration::from_secs_f64(eds_ack_ms / 1000.0));
     let idle_cpu_ms = cpu_ms(pid) - idle0;
+    // A longer window with nothing pushed, per thread name (stderr: what the process spends
+    // each second at this mesh size, such as a reload round over every TLS slot's files).
+    let idle_seconds = env("IDLE_SECONDS", 3);
+    if idle_seconds > 0 {
+        let threads0 = cpu_by_thread(pid);
+        thread::sleep(Duration::from_secs(idle_seconds));
+        for (name, ms) in cpu_by_thread(pid) {
+            let per = (ms - threads0.get(&name).copied().unwrap_or(0.0)) / idle_seconds as f64;
+            if per >= 0.01 {
+                eprintln!("xds_scale: {proxy} {services}: idle CPU per second on {name}: {per:.2} ms");
+            }
+        }
+    }
     eprintln!("xds_scale: {proxy} {services}: {changes} endpoint changes ACKed");
 
     // Pushes every second while long-lived connections are held and new ones are made.
