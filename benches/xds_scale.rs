@@ -8,7 +8,8 @@
 //!   capture listener to service 0 is echoed (`serving`);
 //! - RSS after the full push (`/proc/PID/status` VmRSS, once serving, after a second);
 //! - connection rate through the capture listener to service 0 (CONCURRENCY clients, one
-//!   byte echoed per connection, CONN_SECONDS);
+//!   byte echoed per connection, CONN_SECONDS) and the proxy's CPU (schedstat ns) per
+//!   connection made in that window (`conn_cpu_us`);
 //! - one cluster's endpoints change (service 1's five move), as istiod pushes it over state
 //!   of the world (one EDS response with that assignment alone): time from handing it to
 //!   the server's stream to its ACK, and the process's CPU (its threads' schedstat ns) from
@@ -83,8 +84,9 @@ fn one(to: SocketAddr) -> bool {
     s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && b == *b"x"
 }
 
-/// Connections per second to `to` with `concurrency` clients for `seconds`.
-fn conn_rate(to: SocketAddr, concurrency: u64, seconds: u64) -> f64 {
+/// Connections per second to `to` with `concurrency` clients for `seconds`, and how many
+/// were made.
+fn conn_rate(to: SocketAddr, concurrency: u64, seconds: u64) -> (f64, u64) {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -114,7 +116,8 @@ fn conn_rate(to: SocketAddr, concurrency: u64, seconds: u64) -> f64 {
     if f > 0 {
         eprintln!("xds_scale: {f} connections failed");
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let done = done.load(Ordering::Relaxed);
+    (done as f64 / start.elapsed().as_secs_f64(), done)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -314,6 +317,7 @@ struct Row {
     serving_ms: f64,
     rss_mib: f64,
     rate: f64,
+    conn_cpu_us: f64,
     eds_ack_ms: f64,
     eds_cpu_ms: f64,
     idle_cpu_ms: f64,
@@ -363,8 +367,12 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     eprintln!("xds_scale: {proxy} {services}: serving");
     thread::sleep(Duration::from_secs(1));
     let rss = rss_kib(pid);
-    let rate = conn_rate(target, concurrency, seconds);
-    eprintln!("xds_scale: {proxy} {services}: {rate:.0} connections/s");
+    // The proxy's CPU per connection made: unlike the rate, barely moved by what else runs
+    // on the machine, so it shows per-connection work that grows with the mesh.
+    let cpu0 = cpu_ms(pid);
+    let (rate, made) = conn_rate(target, concurrency, seconds);
+    let conn_cpu_us = (cpu_ms(pid) - cpu0) * 1000.0 / made.max(1) as f64;
+    eprintln!("xds_scale: {proxy} {services}: {rate:.0} connections/s, {conn_cpu_us:.1} µs CPU each");
 
     // One cluster's endpoints change, pushed as istiod does over state of the world.
     let moved = istio_mesh::cluster_name(1);
@@ -426,7 +434,7 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let mut held: Vec<TcpStream> = (0..env("HELD", 20)).map(|_| hold()).collect();
     let rss_before = rss_kib(pid);
     let push_seconds = env("PUSH_SECONDS", 10);
-    let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds));
+    let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds).0);
     let mut pushes = 0u64;
     // Bounded: the connecting thread ends after PUSH_SECONDS; at most 600 pushes.
     while !connecting.is_finished() && pushes < 600 {
@@ -456,6 +464,7 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         serving_ms,
         rss_mib: rss as f64 / 1024.0,
         rate,
+        conn_cpu_us,
         eds_ack_ms,
         eds_cpu_ms,
         idle_cpu_ms,
@@ -481,7 +490,7 @@ fn main() {
     let envoy_bin = std::env::var("ENVOY").ok();
     let pki = Pki::new();
     println!(
-        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  eds_ack_ms  eds_cpu_ms  idle_cpu_ms  conn/s_pushing  rss_growth_MiB"
+        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  conn_cpu_us  eds_ack_ms  eds_cpu_ms  idle_cpu_ms  conn/s_pushing  rss_growth_MiB"
     );
     for &n in &services {
         for proxy in proxies.split(',') {
@@ -494,12 +503,13 @@ fn main() {
             }
             let r = measure(proxy, n, &pki, envoy_bin.as_deref());
             println!(
-                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>11.1} {:>11.2} {:>12.2} {:>15.0} {:>15.1}",
+                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>12.1} {:>11.1} {:>11.2} {:>12.2} {:>15.0} {:>15.1}",
                 r.push_ms,
                 r.serving_ms,
                 r.rss_mib,
                 r.rss_mib * 1024.0 / n as f64,
                 r.rate,
+                r.conn_cpu_us,
                 r.eds_ack_ms,
                 r.eds_cpu_ms,
                 r.idle_cpu_ms,

@@ -51,6 +51,10 @@ ip -n "$NS" link set "xsa$$" up
 ip -n "$NS" link set "xsb$$" up
 ip -n "$NS" route add 10.96.0.0/12 dev "xsa$$"
 ip netns exec "$NS" iptables -t nat -A OUTPUT -p tcp -d 10.96.0.0/12 -j REDIRECT --to-ports 15001
+# Each proxy's connection window leaves ~15,000 ports in TIME_WAIT, on both the client and
+# the proxy's upstream side: without reuse the next proxy in the run finds the ephemeral
+# range nearly used up and its connect()s (its CPU) slow to a crawl (~350/s).
+ip netns exec "$NS" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
 ulimit -n 20000
 echo "perf/xds-scale: $(date -u +%FT%TZ) $(git -C "$ROOT" rev-parse --short HEAD), proxies on core $CORE, load on core $LOAD_CORE; machine shared" >&2
 ip netns exec "$NS" taskset -c "$LOAD_CORE" "$BENCH" --bench
