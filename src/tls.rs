@@ -1326,6 +1326,18 @@ mod tests {
         d
     }
 
+    /// A mesh server config for ratings, its files in `dir`.
+    fn ratings_server(dir: &Path, mesh: &Ca) -> Arc<ServerConfig> {
+        let built = build(&files(dir, mesh, RATINGS, KeyPair::generate().unwrap()), &Role::mesh_server());
+        built.unwrap().server.unwrap()
+    }
+
+    /// productpage's client files, in a temporary directory named `name`.
+    fn productpage_files(name: &str, mesh: &Ca) -> Files {
+        let id = "spiffe://cluster.local/ns/default/sa/productpage";
+        files(&tmpdir(name), mesh, id, KeyPair::generate().unwrap())
+    }
+
     fn files(dir: &Path, ca: &Ca, id: &str, key: KeyPair) -> Files {
         let (cert, key) = leaf(ca, id, key);
         Files {
@@ -1564,15 +1576,8 @@ mod tests {
         // tickets the server keeps nothing, so the first of 300 clients still resumes.
         let dir = tmpdir("tickets");
         let mesh = ca("mesh");
-        let server = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), &Role::mesh_server());
-        let server = server.unwrap().server.unwrap();
-        let cdir = tmpdir("tickets-client");
-        let cf = files(
-            &cdir,
-            &mesh,
-            "spiffe://cluster.local/ns/default/sa/productpage",
-            KeyPair::generate().unwrap(),
-        );
+        let server = ratings_server(&dir, &mesh);
+        let cf = productpage_files("tickets-client", &mesh);
         let role = Role::mesh_client(vec![RATINGS.into()], None);
         let clients: Vec<_> = (0..300).map(|_| build(&cf, &role).unwrap().client.unwrap()).collect();
         for c in &clients {
@@ -1586,14 +1591,8 @@ mod tests {
         // rustls' own cache keeps 8 tickets per server name: 4 of these 12 were full handshakes.
         let dir = tmpdir("ticket-shards");
         let mesh = ca("mesh");
-        let server = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), &Role::mesh_server());
-        let server = server.unwrap().server.unwrap();
-        let cf = files(
-            &tmpdir("ticket-shards-client"),
-            &mesh,
-            "spiffe://cluster.local/ns/default/sa/productpage",
-            KeyPair::generate().unwrap(),
-        );
+        let server = ratings_server(&dir, &mesh);
+        let cf = productpage_files("ticket-shards-client", &mesh);
         let client = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap().client.unwrap();
         // A full handshake brings 2 tickets, each resumed one takes 1 and brings 2: 12 after 11.
         assert!(!handshake_in_memory(&client, &server));
@@ -1611,14 +1610,8 @@ mod tests {
         use stream::{Fill, TlsStream};
         let dir = tmpdir("drained");
         let mesh = ca("mesh");
-        let server = build(&files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap()), &Role::mesh_server());
-        let server = server.unwrap().server.unwrap();
-        let cf = files(
-            &tmpdir("drained-client"),
-            &mesh,
-            "spiffe://cluster.local/ns/default/sa/productpage",
-            KeyPair::generate().unwrap(),
-        );
+        let server = ratings_server(&dir, &mesh);
+        let cf = productpage_files("drained-client", &mesh);
         let client = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap().client.unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
