@@ -396,7 +396,7 @@ impl Client {
         error
     }
 
-    /// A state-of-the-world Secret request on the ADS stream.
+    /// A state-of-the-world Secret request (on the ADS stream, and on the SDS stream).
     fn secret_request(
         names: &BTreeSet<String>,
         version: &str,
@@ -866,22 +866,6 @@ impl Sds {
         }
     }
 
-    fn request(
-        names: &BTreeSet<String>,
-        version: &str,
-        nonce: &str,
-        error: Option<String>,
-    ) -> DiscoveryRequest {
-        DiscoveryRequest {
-            version_info: version.to_string(),
-            resource_names: names.iter().cloned().collect(),
-            type_url: sds::SECRET.to_string(),
-            response_nonce: nonce.to_string(),
-            error_detail: error.map(nack_status),
-            ..DiscoveryRequest::default()
-        }
-    }
-
     /// One stream; returns whether a response arrived.
     async fn session(&mut self, version: &mut String) -> (Result<(), StreamError>, bool) {
         let channel = match channel(&self.address, self.keepalive).await {
@@ -892,7 +876,7 @@ impl Sds {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut names = self.wanted.borrow_and_update().clone();
         // The node on the first request only, as the agent's SDS server expects.
-        let mut first = Self::request(&names, version, "", None);
+        let mut first = Client::secret_request(&names, version, "", None);
         first.node = Some(self.node.clone());
         let _ = tx.send(first);
         let mut stream =
@@ -915,7 +899,7 @@ impl Sds {
                         return (Ok(()), got);
                     }
                     names = self.wanted.borrow_and_update().clone();
-                    let _ = tx.send(Self::request(&names, version, &nonce, None));
+                    let _ = tx.send(Client::secret_request(&names, version, &nonce, None));
                     continue;
                 }
             };
@@ -925,7 +909,7 @@ impl Sds {
             if error.is_none() {
                 version.clone_from(&response.version_info);
             }
-            let _ = tx.send(Self::request(&names, version, &nonce, error));
+            let _ = tx.send(Client::secret_request(&names, version, &nonce, error));
         }
     }
 
