@@ -137,8 +137,9 @@ fn pod(generation: &str, pod: usize) -> NodeMetadata {
 
 /// One connection: open, routed, settled with `peer`, closed.
 fn connection(ctx: &WorkerCtx, peer: &NodeMetadata) {
-    let conn = ctx.open(ctx.snapshot(), 0, 0);
-    conn.upstream.set(Some((0, Some(0))));
+    let snapshot = ctx.snapshot();
+    let conn = ctx.open(std::sync::Arc::clone(&snapshot.config.listeners[0]), snapshot.generation, 0);
+    conn.routed(&snapshot.router, 0, Some(0));
     settle(ctx, &conn, Some(black_box(peer)), "-");
     ctx.close(&conn);
 }

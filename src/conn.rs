@@ -1,7 +1,8 @@
 //! A connection's context on its worker: the worker's shared per-thread state (`WorkerCtx`:
 //! current snapshot, buffer pool, metrics shard writer, series cache), one connection's
-//! counters and control (`Conn`, which keeps the snapshot it was accepted under), and how a
-//! connection settles into its label set (SPEC §3).
+//! counters and control (`Conn`, which keeps only its listener and the cluster it was routed
+//! to, not the snapshot it was set up under: SPEC §11), and how a connection settles into
+//! its label set (SPEC §3).
 //!
 //! Below both `worker` (threads, accepting, the tick) and `relay` (one connection's I/O): it
 //! imports neither. Single-threaded: `Cell`/`RefCell`, no locks, no atomics per byte.
@@ -18,9 +19,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use crate::busy_poll::BusyPoll;
-use crate::config::Direction;
+use crate::config::{Direction, Listener};
 use crate::exchange::NodeMetadata;
 use crate::metrics::{self, ConnLabels, Delta, PeerLabels, Reporter, SeriesId, ServiceInfo, ShardWriter};
+use crate::routing::{ClusterState, Router};
 use crate::snapshot::{Published, Snapshot};
 
 /// Size of one relay buffer. Small messages fit in one; a read that fills it marks a bulk
@@ -64,12 +66,16 @@ pub struct WorkerCtx {
     active: Cell<u64>,
 }
 
-/// One connection's counters and control, shared by its task and the worker tick.
+/// One connection's counters and control, shared by its task and the worker tick. Its setup
+/// reads the snapshot it was accepted under (SPEC §9); the connection itself keeps only what
+/// it uses after: its listener and the cluster it was routed to, each shared with every
+/// generation that did not change it, so a live connection pins no generation (SPEC §11).
 pub struct Conn {
-    /// The config and routes it was accepted under, kept for its whole life (SPEC §9).
-    pub snapshot: Rc<Snapshot>,
-    /// Listener index in `snapshot`.
-    pub listener: usize,
+    /// Its listener: idle timeout, chains, direction and access logs.
+    pub listener: Arc<Listener>,
+    /// The generation it was accepted under: `upstream`'s cluster index is into its clusters
+    /// (the series cache's key).
+    pub generation: u64,
     /// The accept loop it came from (a removed listener drains its own connections).
     pub acceptor: u64,
     /// The filter chain of its listener it matched, for listeners with chains (SPEC §9).
@@ -87,8 +93,11 @@ pub struct Conn {
     pub cancel: Signal,
     /// Why `cancel` fired: the idle timeout (close gracefully) rather than the drain deadline.
     pub idle_expired: Cell<bool>,
-    /// Cluster and endpoint it was routed to (for labels), once known.
+    /// Cluster (by index in its generation) and endpoint it was routed to, once known; set
+    /// with `cluster` by [`Conn::routed`].
     pub upstream: Cell<Option<(usize, Option<usize>)>>,
+    /// The cluster of `upstream` (labels, access log, `disconnected`).
+    pub cluster: RefCell<Option<Arc<ClusterState>>>,
     /// mTLS identities, once the handshake is done (principals and security policy labels).
     pub security: RefCell<Security>,
     /// An outbound-captured connection no cluster matched (for labels, SPEC §8).
@@ -135,6 +144,17 @@ impl Conn {
             writer.fold(id, d);
         }
         self.reported.set((self.received_bytes.get(), self.sent_bytes.get()));
+    }
+
+    /// Routed to cluster `cluster` of `router` (and endpoint `endpoint`, once connected): the
+    /// cluster is kept for the connection's life, not the router.
+    pub fn routed(&self, router: &Router, cluster: usize, endpoint: Option<usize>) {
+        self.upstream.set(Some((cluster, endpoint)));
+        let Some(c) = router.clusters.get(cluster) else { return };
+        let mut kept = self.cluster.borrow_mut();
+        if !kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, c)) {
+            *kept = Some(Arc::clone(c));
+        }
     }
 }
 
@@ -190,11 +210,11 @@ impl WorkerCtx {
         self.active.get()
     }
 
-    /// Register a new connection on listener `listener` of `snapshot`.
-    pub fn open(&self, snapshot: Rc<Snapshot>, listener: usize, acceptor: u64) -> Rc<Conn> {
+    /// Register a new connection on `listener`, accepted under `generation`.
+    pub fn open(&self, listener: Arc<Listener>, generation: u64, acceptor: u64) -> Rc<Conn> {
         let conn = Rc::new(Conn {
-            snapshot,
             listener,
+            generation,
             acceptor,
             chain: Cell::new(None),
             received_bytes: Cell::new(0),
@@ -205,6 +225,7 @@ impl WorkerCtx {
             cancel: Signal::default(),
             idle_expired: Cell::new(false),
             upstream: Cell::new(None),
+            cluster: RefCell::new(None),
             security: RefCell::new(Security::default()),
             captured: Cell::new(None),
             started: (std::time::SystemTime::now(), Instant::now()),
@@ -247,6 +268,14 @@ impl WorkerCtx {
         self.metrics.borrow().set_active_connections(self.active.get());
     }
 
+    /// The connection's endpoint no longer carries it: counted in this worker's balancing
+    /// state (shared by its snapshots) through the cluster the connection kept.
+    pub fn disconnected(&self, conn: &Conn) {
+        if let (Some((_, Some(e))), Some(cluster)) = (conn.upstream.get(), conn.cluster.borrow().as_ref()) {
+            self.snapshot.borrow().router.balance().disconnected(cluster, e);
+        }
+    }
+
     /// Intern a label set in this worker's shard.
     pub fn intern(&self, labels: metrics::LabelSet) -> SeriesId {
         self.metrics.borrow_mut().intern(labels)
@@ -275,7 +304,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     if let Some(overlong) = peer.map(|p| p.overlong_values).filter(|&n| n > 0) {
         ctx.metrics.borrow().count_peer_values_replaced(overlong);
     }
-    let listener = &conn.snapshot.config.listeners[conn.listener];
+    let listener = &conn.listener;
     // An xDS listener or chain without `istio.stats` is not counted (SPEC §9).
     let stats = match conn.chain.get().and_then(|c| listener.filter_chains.get(c)) {
         Some(chain) => chain.istio_stats,
@@ -284,7 +313,8 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     if !stats {
         return;
     }
-    let cluster = conn.upstream.get().map(|(c, e)| (&conn.snapshot.router.clusters[c], e));
+    let kept = conn.cluster.borrow();
+    let cluster = conn.upstream.get().and_then(|(_, e)| Some((kept.as_deref()?, e)));
     // Outbound without an exchange, the peer is the chosen endpoint's workload, as Istio's
     // control plane describes it (SPEC §3 "Peer from the chosen endpoint").
     let endpoint =
@@ -293,7 +323,7 @@ pub fn settle(ctx: &WorkerCtx, conn: &Conn, peer: Option<&NodeMetadata>, respons
     // Held for the whole settle: the principals are borrowed into the cache key.
     let security = conn.security.borrow();
     let inputs = LabelInputs {
-        generation: conn.snapshot.generation,
+        generation: conn.generation,
         reporter: listener.direction.into(),
         cluster: conn.upstream.get().map(|(c, _)| c),
         captured: conn.captured.get(),

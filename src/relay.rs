@@ -6,6 +6,7 @@
 
 use std::io;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -82,12 +83,12 @@ impl Error {
 }
 
 /// Over the listener's connection limit: accept and close at once, counted with `UO`.
-pub fn over_limit(ctx: &WorkerCtx, snapshot: Rc<Snapshot>, li: usize, acceptor: u64, down: TcpStream) {
-    let conn = ctx.open(snapshot, li, acceptor);
+pub fn over_limit(ctx: &WorkerCtx, snapshot: &Snapshot, li: usize, acceptor: u64, down: TcpStream) {
+    let conn = ctx.open(Arc::clone(&snapshot.config.listeners[li]), snapshot.generation, acceptor);
     // Label it with the cluster it would have gone to (no endpoint), so destination_service is
     // the listener's service, as for UF.
-    if let Some(target) = conn.snapshot.router.route(li) {
-        conn.upstream.set(Some((target.cluster, None)));
+    if let Some(target) = snapshot.router.route(li) {
+        conn.routed(&snapshot.router, target.cluster, None);
     }
     ctx.metrics.borrow().count_listener_overflow();
     settle(ctx, &conn, None, "UO");
@@ -95,55 +96,58 @@ pub fn over_limit(ctx: &WorkerCtx, snapshot: Rc<Snapshot>, li: usize, acceptor: 
     drop(down);
 }
 
-/// Serve one accepted connection to its end.
-/// Under `snapshot` (listener `li` of it), which the connection keeps for its life.
+/// Serve one accepted connection to its end, set up under `snapshot` (listener `li` of it),
+/// which it drops once connected: a live connection keeps its listener, its cluster and the
+/// listener's live counter, not its generation (SPEC §11).
 pub async fn serve(ctx: Rc<WorkerCtx>, snapshot: Rc<Snapshot>, li: usize, acceptor: u64, down: TcpStream) {
-    // An HBONE terminator's connection carries many: each CONNECT stream is served by
-    // `serve_stream` (SPEC §12).
-    if snapshot.config.listeners[li].tunnel.is_some() {
-        let live = Rc::clone(&snapshot);
-        let _ = hbone::serve_carrier(ctx, snapshot, li, acceptor, down).await;
-        live.live[li].fetch_sub(1, Ordering::AcqRel);
-        return;
+    let live = Arc::clone(&snapshot.live[li]);
+    let listener = Arc::clone(&snapshot.config.listeners[li]);
+    if listener.tunnel.is_some() {
+        // An HBONE terminator's connection carries many: it keeps its listener's TLS slot,
+        // and each CONNECT stream is set up by `serve_stream` under the snapshot current
+        // when it opens (SPEC §12).
+        let slot = snapshot.tls.listeners[li].clone();
+        drop(snapshot);
+        let _ = hbone::serve_carrier(ctx, listener, slot, acceptor, down).await;
+    } else {
+        let conn = ctx.open(listener, snapshot.generation, acceptor);
+        let result = relay(&ctx, snapshot, li, &conn, down).await;
+        end(&ctx, &conn, result);
     }
-    let conn = ctx.open(snapshot, li, acceptor);
-    let result = relay(&ctx, li, &conn, down).await;
-    end(&ctx, li, &conn, result);
-    conn.snapshot.live[li].fetch_sub(1, Ordering::AcqRel);
+    live.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// One CONNECT stream of an HBONE terminator (SPEC §12), counted as one connection: check
 /// its `:authority`, connect to it, answer (200 only once connected), copy, count.
 pub(crate) async fn serve_stream(
     ctx: Rc<WorkerCtx>,
-    snapshot: Rc<Snapshot>,
-    li: usize,
+    listener: Arc<Listener>,
     acceptor: u64,
     req: hbone::Request,
 ) {
-    let conn = ctx.open(snapshot, li, acceptor);
+    let conn = ctx.open(listener, ctx.snapshot().generation, acceptor);
     *conn.security.borrow_mut() = req.security.clone();
-    let result = match Box::pin(set_up_stream(&ctx, li, &conn, req)).await {
+    let result = match Box::pin(set_up_stream(&ctx, &conn, req)).await {
         Ok(Some((down, up))) => side::copy_both(&ctx, &conn, down, up).await,
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
-    end(&ctx, li, &conn, result);
+    end(&ctx, &conn, result);
 }
 
 /// A terminator's stream up to the copy (ztunnel's rules, SPEC §12): the `:authority` must be
 /// `IP:port` with the IP the carrier arrived on and a port that is not one of the proxy's
-/// own (else 400); connect to it, then `200` with our baggage (503 when refused). The peer's
-/// labels come from its baggage.
+/// own (else 400; the ports of the configuration current when the stream opens); connect to
+/// it, then `200` with our baggage (503 when refused). The peer's labels come from its
+/// baggage.
 async fn set_up_stream(
     ctx: &WorkerCtx,
-    li: usize,
     conn: &Conn,
     req: hbone::Request,
 ) -> Result<Option<(Side, Side)>, Error> {
-    let listener = &conn.snapshot.config.listeners[li];
+    let listener = &conn.listener;
     let hbone::Request { tunnel, authority, headers, local, .. } = req;
-    let target = match check_authority(&authority, local, &conn.snapshot.config) {
+    let target = match check_authority(&authority, local, &ctx.snapshot().config) {
         Ok(t) => t,
         Err(why) => {
             log::debug!("listener {}: hbone: CONNECT {authority}: {why}", listener.name);
@@ -205,29 +209,34 @@ fn check_authority(
 }
 
 /// Settle and close a served connection: count it as the result says, free its endpoint.
-fn end(ctx: &WorkerCtx, li: usize, conn: &Conn, result: Result<(), Error>) {
+fn end(ctx: &WorkerCtx, conn: &Conn, result: Result<(), Error>) {
     match &result {
         Err(Error::Refused | Error::BadRequest(_)) => {}
         Err(e) => {
-            log::debug!("listener {}: {e}", conn.snapshot.config.listeners[li].name);
+            log::debug!("listener {}: {e}", conn.listener.name);
             settle(ctx, conn, None, e.response_flags());
         }
         Ok(()) => settle(ctx, conn, None, "-"),
     }
     let flags = result.as_ref().err().map_or("-", Error::response_flags);
     access_log::connection_ended(conn, flags);
-    if let Some((c, Some(e))) = conn.upstream.get() {
-        conn.snapshot.router.disconnected(c, e);
-    }
+    ctx.disconnected(conn);
     ctx.close(conn);
 }
 
-async fn relay(ctx: &Rc<WorkerCtx>, li: usize, conn: &Conn, down: TcpStream) -> Result<(), Error> {
+async fn relay(
+    ctx: &Rc<WorkerCtx>,
+    snapshot: Rc<Snapshot>,
+    li: usize,
+    conn: &Conn,
+    down: TcpStream,
+) -> Result<(), Error> {
     // Boxed: what comes before the copy (TLS, the chain, connecting, the exchange) holds
-    // timers (monoio's are 640 bytes, cache-aligned) and handshake state that an idle,
-    // established connection should not carry for the rest of its life. Freed once the
-    // connection relays, it leaves the task only the copy's state.
-    match Box::pin(set_up(ctx, li, conn, down)).await? {
+    // timers (monoio's are 640 bytes, cache-aligned), handshake state and the snapshot that
+    // an idle, established connection should not carry for the rest of its life. Freed once
+    // the connection relays, it leaves the task only the copy's state.
+    let sides = Box::pin(set_up(ctx, snapshot, li, conn, down)).await?;
+    match sides {
         Some((down, up)) => side::copy_both(ctx, conn, down, up).await,
         None => Ok(()),
     }
@@ -236,17 +245,19 @@ async fn relay(ctx: &Rc<WorkerCtx>, li: usize, conn: &Conn, down: TcpStream) -> 
 /// The pipeline up to the copy: terminate TLS? → pick a chain (peeking a ClientHello where
 /// chains differ by it; a chain may terminate TLS) → authorize → connect → originate TLS? →
 /// exchange. The two sides to copy between once the peer is settled (and the connection
-/// counted), or `None` when it was closed here (cancelled).
+/// counted), or `None` when it was closed here (cancelled). `snapshot` is read up to the
+/// connect and dropped before the exchange, which may wait on the peer.
 async fn set_up(
     ctx: &Rc<WorkerCtx>,
+    snapshot: Rc<Snapshot>,
     li: usize,
     conn: &Conn,
     down: TcpStream,
 ) -> Result<Option<(Side, Side)>, Error> {
-    let listener = &conn.snapshot.config.listeners[li];
+    let listener = &conn.listener;
     // An mTLS listener (SPEC §7) terminates TLS first, unless `permissive` found a plaintext
     // client. The certificates are the snapshot's, by the same index as its config.
-    let mut down = match &conn.snapshot.tls.listeners[li] {
+    let mut down = match &snapshot.tls.listeners[li] {
         Some(slot) => match terminate(ctx, conn, listener, slot, down).await? {
             Some(side) => side,
             None => return Ok(None),
@@ -263,7 +274,7 @@ async fn set_up(
             Capture::None => tcp.local_addr()?,
             _ => capture::original_dst(tcp, listener.listen).or_else(|_| tcp.local_addr())?,
         };
-        let index = conn.snapshot.router.chain_index(li);
+        let index = snapshot.router.chain_index(li);
         // Peeked only where an inspector runs for this port and the chains competing for this
         // destination differ by what it would find: a server-first protocol on a plain TCP
         // port never waits.
@@ -301,7 +312,7 @@ async fn set_up(
                 alpn: &h.alpn,
             },
         };
-        let chain = conn.snapshot.router.select_chain(li, &listener.filter_chains, &facts);
+        let chain = snapshot.router.select_chain(li, &listener.filter_chains, &facts);
         conn.chain.set(chain);
         if access_log::logged(conn) {
             let remote = match facts.source.port() {
@@ -319,7 +330,7 @@ async fn set_up(
             drop(down);
             return Err(Error::NoRoute);
         }
-        let slots = conn.snapshot.tls.chains.get(li);
+        let slots = snapshot.tls.chains.get(li);
         if let Some(slot) = chain.and_then(|c| slots?.get(c)?.as_ref()) {
             let Side::Plain(tcp) = down else { unreachable!("matched as plain above") };
             down = match terminate(ctx, conn, listener, slot, tcp).await? {
@@ -333,11 +344,11 @@ async fn set_up(
                 0 => None,
                 _ => Some(facts.source),
             };
-            authorize(ctx, li, conn, c, tcp, dst, source, None)?;
+            authorize(ctx, &snapshot, li, conn, c, tcp, dst, source, None)?;
         }
     }
     if let Side::Tls(tls) = &down {
-        mtls::check_rbac(ctx, li, conn, tls)?;
+        mtls::check_rbac(ctx, &snapshot, li, conn, tls)?;
     }
     if listener.filter_chains.is_empty() && access_log::logged(conn) {
         let tcp = down.tcp();
@@ -350,7 +361,7 @@ async fn set_up(
     // Connecting and the exchange borrow the sides rather than own them, so a cancel (idle
     // timeout, drain deadline) leaves them here to be closed the way the cancel asks.
     let connected = monoio::select! {
-        r = connect_any(ctx, li, conn, listener, down.tcp()) => Some(r?),
+        r = connect_any(ctx, &snapshot, li, conn, listener, down.tcp()) => Some(r?),
         _ = conn.cancel.wait() => None,
     };
     let Some(up) = connected else {
@@ -367,7 +378,7 @@ async fn set_up(
     // An mTLS cluster (SPEC §7) when the client is plain: originate TLS. (An mTLS
     // downstream's upstream is the local application: plaintext; a tunnel's TLS is its
     // carrier's.)
-    let mut up = match (up, &down, upstream_tls(conn)) {
+    let mut up = match (up, &down, upstream_tls(&snapshot, conn)) {
         (Side::Plain(up), Side::Plain(_), Some(slot)) => {
             let originated = monoio::select! {
                 r = Box::pin(mtls::originate(ctx, listener, conn, up, slot)) => Some(r?),
@@ -383,6 +394,9 @@ async fn set_up(
         }
         (up, _, _) => up,
     };
+    // Connected: from here on the connection reads what it kept (SPEC §11), and the exchange
+    // may wait on its peer as long as the peer likes.
+    drop(snapshot);
     let exchanged = monoio::select! {
         r = exchange(ctx, listener, conn, &mut down, &mut up) => Some(r),
         _ = conn.cancel.wait() => None,
@@ -430,6 +444,7 @@ async fn terminate(
 #[allow(clippy::too_many_arguments)]
 fn authorize(
     ctx: &WorkerCtx,
+    snapshot: &Snapshot,
     li: usize,
     conn: &Conn,
     chain: usize,
@@ -438,7 +453,7 @@ fn authorize(
     source: Option<std::net::SocketAddr>,
     tls: Option<crate::rbac::Tls<'_>>,
 ) -> Result<(), Error> {
-    let listener = &conn.snapshot.config.listeners[li];
+    let listener = &conn.listener;
     let Some(filters) = listener.filter_chains.get(chain).map(|c| &c.rbac).filter(|f| !f.is_empty()) else {
         return Ok(());
     };
@@ -459,8 +474,8 @@ fn authorize(
                 access_log::note_termination(conn, format!("rbac_access_denied_matched_policy[{policy}]"));
             }
             ctx.metrics.borrow().count_rbac_denied();
-            if let Some(t) = conn.snapshot.router.route_chain(li, chain) {
-                conn.upstream.set(Some((t.cluster, None)));
+            if let Some(t) = snapshot.router.route_chain(li, chain) {
+                conn.routed(&snapshot.router, t.cluster, None);
             }
             return Err(Error::Denied);
         }
@@ -470,10 +485,10 @@ fn authorize(
 
 /// The TLS client config of the cluster the connection was routed to, when it speaks TLS to
 /// the chosen endpoint (an xDS cluster picks it per endpoint: Istio's `tlsMode-istio`).
-fn upstream_tls(conn: &Conn) -> Option<&crate::tls::Slot> {
+fn upstream_tls<'a>(snapshot: &'a Snapshot, conn: &Conn) -> Option<&'a crate::tls::Slot> {
     let (c, e) = conn.upstream.get()?;
-    let slot = conn.snapshot.tls.clusters.get(c)?.as_ref()?;
-    let cluster = conn.snapshot.config.clusters.get(c)?;
+    let slot = snapshot.tls.clusters.get(c)?.as_ref()?;
+    let cluster = snapshot.config.clusters.get(c)?;
     let tls = cluster.tls.as_ref()?;
     match e.and_then(|e| cluster.endpoints.get(e)) {
         Some(endpoint) => tls.applies_to(endpoint).then_some(slot),
@@ -552,6 +567,7 @@ async fn exchange_plain(
 /// connection.
 async fn connect_any(
     ctx: &Rc<WorkerCtx>,
+    snapshot: &Snapshot,
     li: usize,
     conn: &Conn,
     listener: &Listener,
@@ -561,17 +577,18 @@ async fn connect_any(
         Capture::None if !listener.filter_chains.is_empty() => {
             // The chain `relay` chose (SPEC §9).
             let chain = conn.chain.get();
-            let target = chain.and_then(|c| conn.snapshot.router.route_chain(li, c)).ok_or(Error::NoRoute)?;
-            connect(ctx, li, conn, listener, down, Some(target)).await
+            let target = chain.and_then(|c| snapshot.router.route_chain(li, c)).ok_or(Error::NoRoute)?;
+            connect(ctx, snapshot, li, conn, listener, down, Some(target)).await
         }
-        Capture::None => connect(ctx, li, conn, listener, down, None).await,
-        _ => connect_captured(ctx, li, conn, listener, down).await,
+        Capture::None => connect(ctx, snapshot, li, conn, listener, down, None).await,
+        _ => connect_captured(ctx, snapshot, li, conn, listener, down).await,
     }
 }
 
 /// A captured connection: where its original destination says (SPEC §8), read once here.
 async fn connect_captured(
     ctx: &Rc<WorkerCtx>,
+    snapshot: &Snapshot,
     li: usize,
     conn: &Conn,
     listener: &Listener,
@@ -579,13 +596,13 @@ async fn connect_captured(
 ) -> Result<Side, Error> {
     let dst = capture::original_dst(down, listener.listen).or_else(|_| down.local_addr())?;
     let timeout = listener.limits.connect_timeout.0;
-    match capture::decide(listener.capture, dst, &conn.snapshot.config.listeners, &conn.snapshot.router) {
+    match capture::decide(listener.capture, dst, &snapshot.config.listeners, &snapshot.router) {
         Decision::Refuse => {
             conn.captured.set(Some(Captured::BlackHole));
             ctx.metrics.borrow().count_capture_loop();
             Err(Error::Loop)
         }
-        Decision::Cluster(target) => connect(ctx, li, conn, listener, down, Some(target)).await,
+        Decision::Cluster(target) => connect(ctx, snapshot, li, conn, listener, down, Some(target)).await,
         Decision::Passthrough(dst) => {
             conn.captured.set(Some(Captured::Passthrough(dst)));
             match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
@@ -599,10 +616,10 @@ async fn connect_captured(
         Decision::Local(dst) => {
             // The chain's (else the listener's) cluster, if any, only names
             // destination_service: istiod's inbound clusters carry the service.
-            let router = &conn.snapshot.router;
+            let router = &snapshot.router;
             let named = conn.chain.get().and_then(|c| router.route_chain(li, c)).or_else(|| router.route(li));
             if let Some(t) = named {
-                conn.upstream.set(Some((t.cluster, None)));
+                conn.routed(router, t.cluster, None);
             }
             let up = capture::connect_from(capture::inbound_source(dst), dst, timeout).await;
             up.map(Side::Plain).map_err(Error::Connect)
@@ -619,6 +636,7 @@ async fn connect_captured(
 /// `upstream_bind_config` connects from its source address (SPEC §9).
 async fn connect(
     ctx: &Rc<WorkerCtx>,
+    snapshot: &Snapshot,
     li: usize,
     conn: &Conn,
     listener: &Listener,
@@ -627,21 +645,21 @@ async fn connect(
 ) -> Result<Side, Error> {
     let target = match target {
         Some(t) => t,
-        None => conn.snapshot.router.route(li).ok_or(Error::NoRoute)?,
+        None => snapshot.router.route(li).ok_or(Error::NoRoute)?,
     };
-    conn.upstream.set(Some((target.cluster, None)));
-    let router = &conn.snapshot.router;
+    let router = &snapshot.router;
+    conn.routed(router, target.cluster, None);
     let cluster = &router.clusters[target.cluster];
     // The router's clusters are the config's, in the same order.
-    let bind_source = conn.snapshot.config.clusters.get(target.cluster).and_then(|c| c.bind_source);
-    if conn.snapshot.config.clusters.get(target.cluster).is_some_and(|c| c.original_dst) {
+    let bind_source = snapshot.config.clusters.get(target.cluster).and_then(|c| c.bind_source);
+    if snapshot.config.clusters.get(target.cluster).is_some_and(|c| c.original_dst) {
         let dst = match listener.capture {
             Capture::None => down.local_addr()?,
             _ => capture::original_dst(down, listener.listen).or_else(|_| down.local_addr())?,
         };
         // A connection that reached a listener directly has itself as its destination:
         // connecting there would loop through this proxy.
-        if capture::is_own_listener(dst, &conn.snapshot.config.listeners) {
+        if capture::is_own_listener(dst, &snapshot.config.listeners) {
             return Err(Error::Loop);
         }
         let up = connect_to(bind_source, dst, listener.limits.connect_timeout.0).await;
@@ -667,11 +685,10 @@ async fn connect(
         if access_log::logged(conn) {
             access_log::note_upstream_host(conn, addr);
         }
-        let err = match monoio::time::timeout(left, dial(ctx, conn, target.cluster, bind_source, addr, left))
-            .await
-        {
+        let dialed = dial(ctx, snapshot, conn, target.cluster, bind_source, addr, left);
+        let err = match monoio::time::timeout(left, dialed).await {
             Ok(Ok(s)) => {
-                conn.upstream.set(Some((target.cluster, Some(e))));
+                conn.routed(router, target.cluster, Some(e));
                 router.connected(target.cluster, e);
                 return Ok(s);
             }
@@ -707,14 +724,15 @@ async fn connect(
 /// an HBONE stream to it over a pooled mTLS connection to the endpoint's tunnel port.
 async fn dial(
     ctx: &Rc<WorkerCtx>,
+    snapshot: &Snapshot,
     conn: &Conn,
     cluster: usize,
     bind_source: Option<std::net::IpAddr>,
     addr: std::net::SocketAddr,
     timeout: Duration,
 ) -> io::Result<Side> {
-    let tunnel = conn.snapshot.config.clusters.get(cluster).and_then(|c| c.tunnel.as_ref());
-    let slot = conn.snapshot.tls.clusters.get(cluster).and_then(Option::as_ref);
+    let tunnel = snapshot.config.clusters.get(cluster).and_then(|c| c.tunnel.as_ref());
+    let slot = snapshot.tls.clusters.get(cluster).and_then(Option::as_ref);
     match (tunnel, slot) {
         (Some(t), Some(slot)) => {
             let via = std::net::SocketAddr::new(addr.ip(), t.port);

@@ -2,9 +2,10 @@
 //! side publishes a `Published` config with its routing table, both built once there (`Arc`,
 //! shared by all workers; unchanged clusters shared with the previous publication); a worker
 //! takes it on its tick in O(1) (its `Snapshot`: the shared table and the worker's own
-//! balancing state, which outlives publications), and every new connection keeps the
-//! snapshot it was accepted under for its whole life, so an update reaches new connections
-//! without touching live ones. No I/O.
+//! balancing state, which outlives publications). A new connection is set up under the
+//! snapshot it was accepted under and, once connected, keeps only its listener and cluster
+//! (`conn::Conn`), so an update reaches new connections without touching live ones and a
+//! live connection pins no generation. No I/O.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -30,14 +31,14 @@ pub struct Published {
     pub tls: Arc<Certs>,
     /// The routing table of `config`, built here once for every worker.
     pub routes: Arc<Routes>,
-    /// This generation's mark, held by every worker snapshot (so every connection) made
-    /// from it: what `ringside_config_generations` counts.
+    /// This generation's mark, held by every worker snapshot made from it (so by every
+    /// connection being set up under it): what `ringside_config_generations` counts.
     pub held: Arc<Generation>,
 }
 
 /// One publication, counted while anything holds it (the published pointer, a worker's
-/// snapshot, a live connection's, the reaper's queue): the count of generations alive
-/// shows what live connections pin (SPEC §11).
+/// snapshot, a connection's while it is set up, the reaper's queue): the count of
+/// generations alive shows that live connections pin none (SPEC §11).
 #[derive(Debug)]
 pub struct Generation {
     /// Generations alive, shared by every generation of one proxy.
@@ -133,7 +134,7 @@ impl Drop for Snapshot {
     fn drop(&mut self) {
         // Freeing a mesh's configuration (10,000 clusters, their endpoints and chains) takes
         // longer than a worker's tick, and a worker often holds the last reference (its
-        // previous snapshot, a connection's): the references leave for the reaper thread,
+        // previous snapshot, a connection's setup): the references leave for the reaper thread,
         // and the worker only sends two pointers (SPEC §11: a push never holds a worker).
         let empty = EMPTY.get_or_init(|| Arc::new(Config::default()));
         let config = std::mem::replace(&mut self.config, Arc::clone(empty));

@@ -571,12 +571,7 @@ async fn worker_main(
         let cut =
             |c: &crate::conn::Conn| acceptors.draining.iter().any(|&(id, at)| c.acceptor == id && now >= at);
         ctx.for_each_conn(|c| {
-            let idle = c
-                .snapshot
-                .config
-                .listeners
-                .get(c.listener)
-                .map_or(Duration::MAX, |l| l.limits.idle_timeout.0);
+            let idle = c.listener.limits.idle_timeout.0;
             if now.duration_since(c.last_active.get()) >= idle && !c.cancel.fired() {
                 c.idle_expired.set(true);
                 c.cancel.fire();
@@ -653,7 +648,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, id: u64, listener: TcpLis
         let live = &snapshot.live[li];
         if live.fetch_add(1, Ordering::AcqRel) >= limit {
             live.fetch_sub(1, Ordering::AcqRel);
-            relay::over_limit(&ctx, snapshot, li, id, down);
+            relay::over_limit(&ctx, &snapshot, li, id, down);
             continue;
         }
         ctx.busy.note();

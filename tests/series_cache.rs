@@ -48,6 +48,12 @@ fn allocations() -> u64 {
 }
 
 /// One worker of an outbound sidecar routing to one cluster, with a label budget of `budget`.
+/// A connection on the worker's listener 0, under its current snapshot.
+fn open(ctx: &WorkerCtx) -> std::rc::Rc<ringside::conn::Conn> {
+    let snapshot = ctx.snapshot();
+    ctx.open(Arc::clone(&snapshot.config.listeners[0]), snapshot.generation, 0)
+}
+
 fn worker(budget: usize) -> (WorkerCtx, Arc<Shard>) {
     let yaml = "
 node: {workload_name: productpage-v1, namespace: default, labels: {app: productpage, version: v1}}
@@ -92,8 +98,8 @@ fn pod(workload: &str, pod: usize) -> NodeMetadata {
 
 /// Opens a connection, settles it with `peer` and closes it; returns what settling allocated.
 fn connection(ctx: &WorkerCtx, peer: &NodeMetadata) -> u64 {
-    let conn = ctx.open(ctx.snapshot(), 0, 0);
-    conn.upstream.set(Some((0, Some(0))));
+    let conn = open(ctx);
+    conn.routed(&ctx.snapshot().router, 0, Some(0));
     let before = allocations();
     settle(ctx, &conn, Some(peer), "-");
     let allocated = allocations() - before;
@@ -132,8 +138,8 @@ fn what_the_labels_read_still_tells_series_apart() {
         connection(&ctx, p);
     }
     // A flag is part of the key too.
-    let conn = ctx.open(ctx.snapshot(), 0, 0);
-    conn.upstream.set(Some((0, Some(0))));
+    let conn = open(&ctx);
+    conn.routed(&ctx.snapshot().router, 0, Some(0));
     settle(&ctx, &conn, Some(&v1), "UF");
     ctx.close(&conn);
     let series: Vec<_> = shard.series().map(|(l, v)| (l.clone(), v[0])).collect();
@@ -178,7 +184,7 @@ fn captured_connections_key_on_their_original_destination() {
     let (ctx, shard) = worker(1000);
     let peer = pod("ratings-v1", 1);
     for dst in ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.1:80"] {
-        let conn = ctx.open(ctx.snapshot(), 0, 0);
+        let conn = open(&ctx);
         conn.captured.set(Some(Captured::Passthrough(dst.parse().unwrap())));
         settle(&ctx, &conn, Some(&peer), "-");
         ctx.close(&conn);

@@ -162,8 +162,7 @@ fn logs(listener: &Listener, chain: Option<usize>) -> &[Arc<AccessLog>] {
 
 /// Whether `conn` (with the chain it took, if any) writes an access log line.
 pub fn logged(conn: &Conn) -> bool {
-    let listener = &conn.snapshot.config.listeners[conn.listener];
-    !logs(listener, conn.chain.get()).is_empty()
+    !logs(&conn.listener, conn.chain.get()).is_empty()
 }
 
 /// Record the downstream side for the line: the client's address (`remote`, asked of the
@@ -199,7 +198,7 @@ pub fn note_termination(conn: &Conn, details: String) {
 
 /// The connection ended with `response_flags`: its line, to each log that takes it.
 pub fn connection_ended(conn: &Conn, response_flags: &'static str) {
-    let listener = &conn.snapshot.config.listeners[conn.listener];
+    let listener = &conn.listener;
     let logs = logs(listener, conn.chain.get());
     if !logs.iter().any(|l| l.takes(response_flags)) {
         return;
@@ -211,15 +210,15 @@ pub fn connection_ended(conn: &Conn, response_flags: &'static str) {
     e.bytes_received = conn.received_bytes.get();
     e.bytes_sent = conn.sent_bytes.get();
     e.response_flags = response_flags;
-    let router = &conn.snapshot.router;
     match (conn.captured.get(), conn.upstream.get()) {
         (Some(Captured::Passthrough(dst)), _) => {
             e.upstream_host = Some(dst);
             e.upstream_cluster = Some("PassthroughCluster".into());
         }
         (Some(Captured::BlackHole), _) => e.upstream_cluster = Some("BlackHoleCluster".into()),
-        (None, Some((c, endpoint))) => {
-            let cluster = router.clusters.get(c);
+        (None, Some((_, endpoint))) => {
+            let kept = conn.cluster.borrow();
+            let cluster = kept.as_ref();
             e.upstream_cluster = cluster.map(|c| c.name.clone());
             // The endpoint connected to, else the last one tried (noted).
             if let Some(host) = endpoint.and_then(|i| cluster?.endpoints.get(i)) {

@@ -20,6 +20,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -27,13 +28,13 @@ use bytes::BytesMut;
 use monoio::net::TcpStream;
 
 use super::Error;
+use crate::config::Listener;
 use crate::conn::{BufferPool, Security, WorkerCtx};
 use crate::exchange::NodeMetadata;
 use crate::hbone::conn::{Config, Connection, Event, Role};
 use crate::hbone::frame::HEADER_LEN;
 use crate::hbone::headers::HeaderList;
 use crate::metrics::{HboneRefused, TlsRefused};
-use crate::snapshot::Snapshot;
 use crate::socket;
 use crate::tls::Slot;
 use crate::tls::stream::{Fill, TlsStream};
@@ -372,17 +373,17 @@ pub(crate) struct Request {
 
 /// A terminator's connection (SPEC §12): TLS 1.3 with ALPN `h2` and a client certificate of
 /// the mesh, then an HTTP/2 server; each CONNECT is served by `relay::serve_stream` as its own
-/// task. Ends when the client closes, the HTTP/2 connection fails or finishes.
+/// task. Ends when the client closes, the HTTP/2 connection fails or finishes. A carrier
+/// lives long: it keeps its listener and TLS slot, no snapshot (SPEC §11).
 pub(super) async fn serve_carrier(
     ctx: Rc<WorkerCtx>,
-    snapshot: Rc<Snapshot>,
-    li: usize,
+    listener: Arc<Listener>,
+    slot: Option<Arc<Slot>>,
     acceptor: u64,
     down: TcpStream,
 ) -> Result<(), Error> {
-    let listener = &snapshot.config.listeners[li];
-    let Some(slot) = &snapshot.tls.listeners[li] else { return Err(Error::Refused) };
-    let (tls, security) = super::mtls::handshake(&ctx, listener, slot, down).await?;
+    let Some(slot) = slot else { return Err(Error::Refused) };
+    let (tls, security) = super::mtls::handshake(&ctx, &listener, &slot, down).await?;
     // ztunnel's rules: TLS 1.3 and HTTP/2 only (a client without ALPN is refused too).
     if !tls.is_tls13() || !tls.alpn_is(ALPN_H2) {
         log::debug!("listener {}: hbone: refused: not TLS 1.3 with ALPN h2", listener.name);
@@ -395,7 +396,7 @@ pub(super) async fn serve_carrier(
         let tunnel = Tunnel { mux: Rc::clone(&mux), id, peer: None };
         mux.streams.borrow_mut().insert(id, Pipe::default());
         let req = Request { tunnel, authority, headers, local, security: mux.security.clone() };
-        monoio::spawn(super::serve_stream(Rc::clone(&ctx), Rc::clone(&snapshot), li, acceptor, req));
+        monoio::spawn(super::serve_stream(Rc::clone(&ctx), Arc::clone(&listener), acceptor, req));
     };
     if let Err(e) = drive(&ctx, &mux, accept).await {
         log::debug!("listener {}: hbone carrier: {e}", listener.name);

@@ -16,6 +16,7 @@ use crate::config::{Capture, Listener, ListenerTlsMode, PeerExchange};
 use crate::conn::{Conn, Security, WorkerCtx};
 use crate::exchange::{NodeMetadata, Parser};
 use crate::metrics::{ExchangeOutcome, TlsHandshake, TlsRefused};
+use crate::snapshot::Snapshot;
 use crate::socket;
 use crate::tls::Slot;
 use crate::tls::hello::ClientHello;
@@ -241,8 +242,14 @@ async fn peek_until<T>(
 /// Envoy matches principals (every URI SAN, then DNS SANs, then the subject) and the SNI it
 /// asked for. Only chains with RBAC filters read the certificate and ask the socket for the
 /// connection's addresses.
-pub(super) fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStream) -> Result<(), Error> {
-    let listener = &conn.snapshot.config.listeners[li];
+pub(super) fn check_rbac(
+    ctx: &WorkerCtx,
+    snapshot: &Snapshot,
+    li: usize,
+    conn: &Conn,
+    tls: &TlsStream,
+) -> Result<(), Error> {
+    let listener = &conn.listener;
     let Some(c) =
         conn.chain.get().filter(|&c| listener.filter_chains.get(c).is_some_and(|f| !f.rbac.is_empty()))
     else {
@@ -257,7 +264,7 @@ pub(super) fn check_rbac(ctx: &WorkerCtx, li: usize, conn: &Conn, tls: &TlsStrea
     let names: Vec<&str> = owned.iter().map(String::as_str).collect();
     tls.with_server_name(|sni| {
         let t = crate::rbac::Tls { sni, peer_names: &names };
-        authorize(ctx, li, conn, c, tcp, dst, None, Some(t))
+        authorize(ctx, snapshot, li, conn, c, tcp, dst, None, Some(t))
     })
 }
 

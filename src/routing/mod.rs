@@ -623,11 +623,7 @@ impl Router {
 
     /// This worker's state for cluster `c` (made at its first use).
     fn live(&self, c: &ClusterState) -> Rc<Live> {
-        let mut all = self.balance.clusters.borrow_mut();
-        match all.get(c.name.as_str()) {
-            Some(l) => Rc::clone(l),
-            None => Rc::clone(all.entry(c.name.clone()).or_default()),
-        }
+        self.balance.live(c)
     }
 
     /// The health of `cluster`'s endpoints in endpoint order, with its turns, renewed when
@@ -667,18 +663,9 @@ impl Router {
         turns
     }
 
-    /// The health of endpoint `endpoint` of cluster `cluster` (by index), found by address
-    /// when the cluster changed since (a connection routed under an older publication).
+    /// The health of endpoint `endpoint` of cluster `cluster` (by index).
     fn health(&self, cluster: usize, endpoint: usize) -> Option<Rc<Health>> {
-        let c = self.clusters.get(cluster)?;
-        let live = self.live(c);
-        let turns = live.turns.borrow();
-        if std::ptr::eq(turns.table.as_ptr(), Arc::as_ptr(c)) {
-            return turns.health.get(endpoint).cloned();
-        }
-        drop(turns);
-        let address = c.endpoints.get(endpoint)?.address;
-        Some(Rc::clone(live.health.borrow_mut().entry(address).or_default()))
+        self.balance.health(self.clusters.get(cluster)?, endpoint)
     }
 
     /// Endpoints of `target` in the order to try them at `now`: the load balancer's pick
@@ -754,8 +741,9 @@ impl Router {
 
     /// A connection to an endpoint ended.
     pub fn disconnected(&self, cluster: usize, endpoint: usize) {
-        let Some(e) = self.health(cluster, endpoint) else { return };
-        e.live.set(e.live.get().saturating_sub(1));
+        if let Some(c) = self.clusters.get(cluster) {
+            self.balance.disconnected(c, endpoint);
+        }
     }
 
     /// Connecting to an endpoint was refused or timed out at `now`: eject it for
@@ -788,6 +776,36 @@ impl Balance {
     /// A worker's state before any routing; `seed` varies its random choices.
     pub fn seeded(seed: u64) -> Balance {
         Balance { rng: Cell::new(seed | 1), clusters: RefCell::default() }
+    }
+
+    /// A connection to endpoint `endpoint` of `cluster` (the version it was routed in)
+    /// ended: what a connected connection calls with what it kept, without the routing
+    /// table of its publication (SPEC §11).
+    pub fn disconnected(&self, cluster: &Arc<ClusterState>, endpoint: usize) {
+        let Some(e) = self.health(cluster, endpoint) else { return };
+        e.live.set(e.live.get().saturating_sub(1));
+    }
+
+    /// This worker's state for cluster `c` (made at its first use).
+    fn live(&self, c: &ClusterState) -> Rc<Live> {
+        let mut all = self.clusters.borrow_mut();
+        match all.get(c.name.as_str()) {
+            Some(l) => Rc::clone(l),
+            None => Rc::clone(all.entry(c.name.clone()).or_default()),
+        }
+    }
+
+    /// The health of endpoint `endpoint` of `c`, found by address when the cluster changed
+    /// since (a connection routed under an older publication).
+    fn health(&self, c: &Arc<ClusterState>, endpoint: usize) -> Option<Rc<Health>> {
+        let live = self.live(c);
+        let turns = live.turns.borrow();
+        if std::ptr::eq(turns.table.as_ptr(), Arc::as_ptr(c)) {
+            return turns.health.get(endpoint).cloned();
+        }
+        drop(turns);
+        let address = c.endpoints.get(endpoint)?.address;
+        Some(Rc::clone(live.health.borrow_mut().entry(address).or_default()))
     }
 }
 
