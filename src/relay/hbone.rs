@@ -11,7 +11,9 @@
 //! credit goes back only once written (`consume`), so a slow local reader slows its own
 //! sender, not the others on the carrier. Sent DATA is read from the local socket behind room
 //! for the frame header, which the core fills in, and handed to rustls as one slice; streams
-//! and the carrier's writer take turns at the TLS writer so frames never interleave.
+//! and the carrier's writer take turns at the TLS writer so frames never interleave. A stream
+//! hands over several frames before one flush (one send for all their records), and a turn
+//! passes to the next waiter alone, not to every stream of the carrier.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -32,6 +34,7 @@ use crate::exchange::NodeMetadata;
 use crate::hbone::conn::{Config, Connection, Event, Role};
 use crate::hbone::frame::HEADER_LEN;
 use crate::hbone::headers::HeaderList;
+use crate::hbone::turn::{self, Line};
 use crate::metrics::{HboneRefused, TlsRefused};
 use crate::snapshot::Snapshot;
 use crate::socket;
@@ -57,6 +60,18 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Streams a pooled carrier takes before the pool opens another (SPEC §12).
 const MAX_STREAMS: usize = 100;
 
+/// Room a send buffer keeps before a DATA frame's header: a TLS record's header (5 bytes), so
+/// the record can be sealed around the frame in place.
+pub(crate) const RECORD_HEAD_ROOM: usize = 5;
+
+/// Room a send buffer keeps after a DATA frame's bytes: TLS 1.3's inner content type (1 byte)
+/// and AEAD tag (16 bytes), for the same in-place seal.
+pub(crate) const RECORD_TAIL_ROOM: usize = 17;
+
+/// Where a send buffer's payload starts (`Tunnel::send_framed`): the record header's room,
+/// then the frame header's.
+pub(crate) const DATA_AT: usize = RECORD_HEAD_ROOM + HEADER_LEN;
+
 /// One carrier's shared state: its TLS stream, the HTTP/2 core, the bytes the core appended
 /// and not yet written, and each live stream's receive queue.
 pub(crate) struct Mux {
@@ -76,11 +91,9 @@ pub(crate) struct Mux {
     streams: RefCell<HashMap<u32, Pipe>>,
     /// The writer, waiting for `out` to fill.
     flush: Cell<Option<Waker>>,
-    /// Someone (a stream's DATA or the writer's `out`) is writing to the TLS stream: a frame
-    /// is handed to rustls whole, after everything the core appended before it.
-    writing: Cell<bool>,
-    /// Streams waiting for their turn at the TLS writer.
-    turn: RefCell<Vec<Waker>>,
+    /// The turn at the TLS stream's write side (a stream's DATA or the writer's `out`): a
+    /// frame is handed to rustls whole, after everything the core appended before it.
+    turn: Line,
     /// The carrier ended: streams fail, the writer stops.
     closed: Cell<bool>,
 }
@@ -135,9 +148,8 @@ impl Mux {
     fn close(&self) {
         self.closed.set(true);
         self.going_away.set(true);
-        for w in self.turn.borrow_mut().drain(..) {
-            w.wake();
-        }
+        // All of them: each finds the carrier closed once it has the turn.
+        self.turn.wake_all();
         let ids: Vec<u32> = self.streams.borrow().keys().copied().collect();
         for id in ids {
             self.with_pipe(id, |p| p.reset = true);
@@ -151,42 +163,51 @@ impl Mux {
 impl Mux {
     /// Wait for the turn at the TLS writer; it passes on when the guard drops.
     async fn take_turn(&self) -> Turn<'_> {
-        poll_fn(|cx| {
-            if !self.writing.replace(true) {
-                return Poll::Ready(());
-            }
-            self.turn.borrow_mut().push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
-        Turn(self)
+        Turn { mux: self, _turn: self.turn.take().await }
     }
 
-    /// Write what the core appended so far (holding the turn).
-    async fn write_queued(&self, _turn: &Turn<'_>) -> io::Result<()> {
+    /// Hand `frames` (whole HTTP/2 frames) to the TLS stream, to leave with the next `flush`;
+    /// holding the turn, so they follow what was handed over before them. The one place the
+    /// carrier's frames enter the TLS stream: a DATA frame comes from `Tunnel::send_framed`
+    /// with `RECORD_HEAD_ROOM` bytes free before it and `RECORD_TAIL_ROOM` after it in its
+    /// buffer, so a record layer that seals in place can take it there.
+    async fn seal(&self, _turn: &Turn<'_>, frames: &[u8]) -> io::Result<()> {
+        self.tls.queue(frames).await
+    }
+
+    /// Hand over what the core appended so far (holding the turn), without sending it.
+    async fn seal_queued(&self, turn: &Turn<'_>) -> io::Result<()> {
         if self.out.borrow().is_empty() {
             return Ok(());
         }
         let mut spare = self.spare.take();
         std::mem::swap(&mut *self.out.borrow_mut(), &mut spare);
-        let r = self.tls.write_all(&spare).await;
+        let r = self.seal(turn, &spare).await;
         spare.clear();
         *self.spare.borrow_mut() = spare;
         r
     }
+
+    /// Send everything handed over, with what the core appended last (holding the turn).
+    async fn write_queued(&self, turn: &Turn<'_>) -> io::Result<()> {
+        self.seal_queued(turn).await?;
+        self.tls.flush().await
+    }
 }
 
-/// The turn at a carrier's TLS writer; dropping it wakes those waiting for it.
-struct Turn<'a>(&'a Mux);
+/// The turn at a carrier's TLS writer; dropping it wakes the next in line, and the carrier's
+/// writer if the core appended frames meanwhile.
+struct Turn<'a> {
+    mux: &'a Mux,
+    _turn: turn::Turn<'a>,
+}
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.0.writing.set(false);
-        // All of them: one woken and then dropped (its connection cut) must not strand the rest.
-        for w in self.0.turn.borrow_mut().drain(..) {
-            w.wake();
-        }
-        if let Some(w) = self.0.flush.take() {
+        // Not per frame: a stream's frames went with what the core had appended.
+        if !self.mux.out.borrow().is_empty()
+            && let Some(w) = self.mux.flush.take()
+        {
             w.wake();
         }
     }
@@ -270,13 +291,16 @@ impl Tunnel {
         let _ = self.mux.with_h2(|h2, out| h2.consume(self.id, n, out));
     }
 
-    /// Send `buf[HEADER_LEN..]` as DATA, waiting for window credit when the peer's windows are
-    /// spent. `buf[..HEADER_LEN]` is room for the first frame's header, written in place, so
-    /// header and bytes go to rustls as one slice; a later frame's header overwrites bytes
-    /// already handed over.
-    pub(crate) async fn send_framed(&self, buf: &mut [u8]) -> io::Result<()> {
+    /// Hand `buf[DATA_AT..]` to the carrier as DATA, to leave with the next `flush` (several
+    /// buffers then go in one send), waiting for window credit when the peer's windows are
+    /// spent (what was handed over is sent first). The buffer is shaped for a TLS record
+    /// around each frame: `RECORD_HEAD_ROOM` free bytes, the frame header's room (written in
+    /// place, so header and bytes go to the TLS stream as one slice), the payload, and
+    /// `RECORD_TAIL_ROOM` of spare capacity after it. A second frame (the windows allowed
+    /// less than the whole) has its header written over bytes already handed over.
+    pub(crate) async fn send_framed(&self, buf: &mut Vec<u8>) -> io::Result<()> {
         let reset = |e| io::Error::new(io::ErrorKind::ConnectionReset, e);
-        let mut at = 0;
+        let mut at = RECORD_HEAD_ROOM;
         while let Some(len) = buf.len().checked_sub(at + HEADER_LEN).filter(|n| *n > 0) {
             let turn = self.mux.take_turn().await;
             if self.mux.closed.get() {
@@ -288,11 +312,13 @@ impl Tunnel {
                     room.copy_from_slice(&head);
                 }
                 // What the core appended before this frame goes first.
-                self.mux.write_queued(&turn).await?;
-                self.mux.tls.write_all(buf.get(at..at + HEADER_LEN + n).unwrap_or_default()).await?;
+                self.mux.seal_queued(&turn).await?;
+                self.mux.seal(&turn, buf.get(at..at + HEADER_LEN + n).unwrap_or_default()).await?;
                 at += n;
                 continue;
             }
+            // The peer gives credit back only for what it received.
+            self.mux.write_queued(&turn).await?;
             drop(turn);
             poll_fn(|cx| {
                 if self.mux.h2.borrow().send_capacity(self.id) > 0 {
@@ -312,7 +338,15 @@ impl Tunnel {
         Ok(())
     }
 
-    /// Half-close our direction (END_STREAM).
+    /// Send what `send_framed` handed over (and any frame the core appended), in one send
+    /// where the socket takes it.
+    pub(crate) async fn flush(&self) -> io::Result<()> {
+        let turn = self.mux.take_turn().await;
+        self.mux.write_queued(&turn).await
+    }
+
+    /// Half-close our direction (END_STREAM; the carrier's writer sends it after any DATA
+    /// handed over before).
     pub(crate) fn finish(&self) -> io::Result<()> {
         self.mux
             .with_h2(|h2, out| h2.finish(self.id, out))
@@ -420,8 +454,7 @@ impl Mux {
             spare: RefCell::new(BytesMut::new()),
             streams: RefCell::new(HashMap::new()),
             flush: Cell::new(None),
-            writing: Cell::new(false),
-            turn: RefCell::new(Vec::new()),
+            turn: Line::default(),
             closed: Cell::new(false),
         })
     }
@@ -593,7 +626,7 @@ fn queue(rx: &mut VecDeque<Vec<u8>>, mut bytes: &[u8], pool: &BufferPool) {
 async fn write_out(mux: &Mux) -> io::Result<()> {
     loop {
         poll_fn(|cx| {
-            if (!mux.out.borrow().is_empty() && !mux.writing.get()) || mux.closed.get() {
+            if (!mux.out.borrow().is_empty() && !mux.turn.is_held()) || mux.closed.get() {
                 return Poll::Ready(());
             }
             mux.flush.set(Some(cx.waker().clone()));

@@ -8,7 +8,8 @@
 //! rustls (no kTLS here: ciphertext socket → pool buffer → rustls, plaintext from rustls'
 //! buffer straight into the socket, the other way through one pool buffer); plain ↔ HBONE
 //! stream shares the socket with the stream's carrier, which writes received DATA into it
-//! straight from rustls' plaintext, and sends DATA read behind room for its frame header.
+//! straight from rustls' plaintext, and sends DATA read behind room for its frame header,
+//! several reads in one send.
 
 use std::cell::Cell;
 use std::future::{Future, poll_fn};
@@ -21,9 +22,8 @@ use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHal
 use monoio::net::TcpStream;
 
 use super::Error;
-use super::hbone::{Received, Tunnel};
+use super::hbone::{DATA_AT, RECORD_TAIL_ROOM, Received, Tunnel};
 use crate::conn::{Conn, WorkerCtx};
-use crate::hbone::frame::HEADER_LEN;
 use crate::socket;
 use crate::tls::stream::{Fill, TlsStream};
 
@@ -199,9 +199,11 @@ async fn tls_to_plain(
     }
 }
 
-/// Plaintext → HBONE stream: read behind room for a DATA frame header (a pool buffer, only
-/// between readiness and the write), so the frame goes to rustls without a copy here; EOF is
-/// END_STREAM.
+/// Plaintext → HBONE stream: read behind room for a TLS record's and a DATA frame's headers
+/// (a pool buffer, only between readiness and the hand-over), so the frame goes to the TLS
+/// stream without a copy here; EOF is END_STREAM. A full read means more is waiting: up to
+/// `READS_PER_TLS_SEND` reads are handed over and then sent in one flush, and the next read is
+/// tried before any readiness wait (a wait is one ring operation and a wake-up per read).
 async fn plain_to_tunnel(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -209,28 +211,46 @@ async fn plain_to_tunnel(
     tunnel: &Tunnel,
     request: bool,
 ) -> io::Result<()> {
+    let mut ready = false;
     loop {
-        plain.readable(false).await?;
-        let mut buf = ctx.pool.take();
-        buf.extend_from_slice(&[0; HEADER_LEN]);
-        let n = match socket::recv_spare(plain, &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                ctx.pool.put(buf);
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    continue;
-                }
-                return Err(e);
-            }
-        };
-        if n == 0 {
-            ctx.pool.put(buf);
-            return tunnel.finish();
+        if !ready {
+            plain.readable(false).await?;
         }
-        count_bytes(ctx, conn, n, request);
-        let r = tunnel.send_framed(&mut buf).await;
-        ctx.pool.put(buf);
-        r?;
+        ready = false;
+        let mut handed = false;
+        for _ in 0..READS_PER_TLS_SEND {
+            let mut buf = ctx.pool.take();
+            buf.resize(DATA_AT, 0);
+            let n = match socket::recv_spare_upto(plain, &mut buf, RECORD_TAIL_ROOM) {
+                Ok(n) => n,
+                Err(e) => {
+                    ctx.pool.put(buf);
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        ready = false;
+                        break;
+                    }
+                    return Err(e);
+                }
+            };
+            if n == 0 {
+                ctx.pool.put(buf);
+                // END_STREAM goes out with whatever was handed over before it (the carrier's
+                // writer flushes both in order).
+                return tunnel.finish();
+            }
+            count_bytes(ctx, conn, n, request);
+            ready = buf.len() + RECORD_TAIL_ROOM == buf.capacity();
+            let r = tunnel.send_framed(&mut buf).await;
+            ctx.pool.put(buf);
+            r?;
+            handed = true;
+            if !ready {
+                break;
+            }
+        }
+        if handed {
+            tunnel.flush().await?;
+        }
     }
 }
 
