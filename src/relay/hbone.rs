@@ -5,15 +5,17 @@
 //! (authority checks, connect, answer, copy, count) is the pipeline's, in `relay`.
 //!
 //! Everything lives on one worker: the carrier and its streams share the core through an
-//! `Rc<Mux>`, borrowed only between awaits. Tunnel bytes are not copied on our side either way:
-//! received DATA goes from rustls' plaintext straight into the stream's local socket (its
-//! sink), and only what that socket does not take at once is queued, in pool buffers; window
-//! credit goes back only once written (`consume`), so a slow local reader slows its own
-//! sender, not the others on the carrier. Sent DATA is read from the local socket behind room
-//! for the frame header, which the core fills in, and handed to rustls as one slice; streams
-//! and the carrier's writer take turns at the TLS writer so frames never interleave. A stream
-//! hands over several frames before one flush (one send for all their records), and a turn
-//! passes to the next waiter alone, not to every stream of the carrier.
+//! `Rc<Mux>`, borrowed only between awaits. Received DATA is copied once from rustls'
+//! plaintext into the stream's queue (pool buffers) and written to its local socket (its
+//! sink) by the carrier in one vectored send per stream when its burst of reads ends (or
+//! every 64 KiB): a send per 16 KiB record would wake the local reader per record. What the
+//! socket does not take is written by the stream's task; window credit goes back only once
+//! written (`consume`), so a slow local reader slows its own sender, not the others on the
+//! carrier. Sent DATA is read from the local socket behind room for the frame header, which
+//! the core fills in, and handed to rustls as one slice; streams and the carrier's writer take
+//! turns at the TLS writer so frames never interleave. A stream hands over several frames
+//! before one flush (one send for all their records), and a turn passes to the next waiter
+//! alone, not to every stream of the carrier.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -89,6 +91,8 @@ pub(crate) struct Mux {
     /// `out`'s twin: what the turn's holder is writing.
     spare: RefCell<BytesMut>,
     streams: RefCell<HashMap<u32, Pipe>>,
+    /// Streams whose queue took received DATA in this burst of reads (`write_held`).
+    held: RefCell<Vec<u32>>,
     /// The writer, waiting for `out` to fill.
     flush: Cell<Option<Waker>>,
     /// The turn at the TLS stream's write side (a stream's DATA or the writer's `out`): a
@@ -103,8 +107,8 @@ pub(crate) struct Mux {
 struct Pipe {
     /// Client: the response to our CONNECT, once it came.
     response: Option<(u16, HeaderList)>,
-    /// The local socket received DATA goes to, while the copy toward it runs: written to
-    /// straight from the carrier's read when nothing waits before it.
+    /// The local socket received DATA goes to, while the copy toward it runs: written to by
+    /// the carrier at the end of its burst of reads when nothing waits before it.
     sink: Option<Rc<TcpStream>>,
     /// Received bytes the sink did not take at once, in pool buffers, oldest first.
     rx: VecDeque<Vec<u8>>,
@@ -112,6 +116,8 @@ struct Pipe {
     busy: bool,
     /// Bytes the carrier wrote straight to the sink, not yet counted by the stream's task.
     written: usize,
+    /// Listed in the carrier's `held`: written at the end of its burst of reads.
+    held: bool,
     end: bool,
     reset: bool,
     reader: Option<Waker>,
@@ -453,6 +459,7 @@ impl Mux {
             out: RefCell::new(out),
             spare: RefCell::new(BytesMut::new()),
             streams: RefCell::new(HashMap::new()),
+            held: RefCell::new(Vec::new()),
             flush: Cell::new(None),
             turn: Line::default(),
             closed: Cell::new(false),
@@ -532,8 +539,18 @@ async fn read_in(
     mut accept: impl FnMut(u32, String, HeaderList),
 ) -> io::Result<()> {
     loop {
-        if mux.tls.fill(&ctx.pool).await? == Fill::Eof {
-            return Ok(());
+        match mux.tls.try_fill(&ctx.pool)? {
+            Fill::Data => {}
+            Fill::WouldBlock => {
+                // The burst read so far is written before waiting: one send per stream.
+                write_held(ctx, mux);
+                mux.tls.readable().await?;
+                continue;
+            }
+            Fill::Eof => {
+                write_held(ctx, mux);
+                return Ok(());
+            }
         }
         // Straight from rustls' buffer into the core's frame decoder; the events (DATA: ranges
         // of that buffer) are acted on while it is still there.
@@ -566,17 +583,17 @@ fn dispatch(
         Event::Data { stream_id, data } => {
             let bytes = input.get(data).unwrap_or_default();
             let mut written = 0;
+            let mut first = false;
             let known = mux.with_pipe(stream_id, |p| {
-                if p.rx.is_empty()
-                    && !p.busy
-                    && let Some(sink) = &p.sink
-                {
-                    // An error is left to the stream's own write, which meets it again.
-                    written = socket::NonBlocking(sink).write(bytes).unwrap_or(0);
+                queue(&mut p.rx, bytes, &ctx.pool);
+                first = !std::mem::replace(&mut p.held, true);
+                if p.rx.len() >= HELD_BUFFERS {
+                    written = write_pipe(p, &ctx.pool);
                 }
-                p.written += written;
-                queue(&mut p.rx, bytes.get(written..).unwrap_or_default(), &ctx.pool);
             });
+            if first {
+                mux.held.borrow_mut().push(stream_id);
+            }
             // Written, or nobody reads this stream any more: window credit back at once.
             let credit = if known { written } else { bytes.len() };
             if credit > 0 {
@@ -603,6 +620,62 @@ fn dispatch(
         Event::PingAck { .. } => mux.ping_sent.set(None),
         Event::GoAway { .. } => mux.going_away.set(true),
     }
+}
+
+/// Pool buffers of received DATA a stream holds before the carrier writes them to its socket
+/// in the middle of a burst (64 KiB in one send).
+const HELD_BUFFERS: usize = 4;
+
+/// Write what the streams received in this burst of the carrier's reads to their sockets, one
+/// vectored send each (Envoy's terminator writes a read burst of records so too, where one
+/// send per 16 KiB record wakes the local reader per record), and give the credit back. What
+/// a socket does not take stays for the stream's task, already woken.
+fn write_held(ctx: &WorkerCtx, mux: &Mux) {
+    let mut held = mux.held.take();
+    for id in held.drain(..) {
+        let written = match mux.streams.borrow_mut().get_mut(&id) {
+            Some(p) => {
+                p.held = false;
+                write_pipe(p, &ctx.pool)
+            }
+            None => continue,
+        };
+        if written > 0 {
+            let _ = mux.with_h2(|h2, out| h2.consume(id, written, out));
+        }
+    }
+    // Back, so its capacity is reused (no allocation per burst).
+    *mux.held.borrow_mut() = held;
+}
+
+/// Write the front of a stream's queue to its socket in one vectored send (unless its task is
+/// writing a buffer it took, or no socket is attached), as far as the socket takes it now;
+/// returns how many bytes went (counted in `written` for the stream's task).
+fn write_pipe(p: &mut Pipe, pool: &BufferPool) -> usize {
+    let Some(sink) = p.sink.as_ref().filter(|_| !p.busy && !p.rx.is_empty()) else { return 0 };
+    let mut slices = [io::IoSlice::new(&[]); HELD_BUFFERS];
+    let mut count = 0;
+    for (slice, b) in slices.iter_mut().zip(&p.rx) {
+        *slice = io::IoSlice::new(b);
+        count += 1;
+    }
+    // An error is left to the stream's own write, which meets it again.
+    let n = socket::NonBlocking(sink).write_vectored(slices.get(..count).unwrap_or_default()).unwrap_or(0);
+    let mut left = n;
+    while let Some(front) = p.rx.front_mut() {
+        if left < front.len() {
+            // The socket is full: rare, and the stream's task takes over from here.
+            front.drain(..left);
+            break;
+        }
+        left -= front.len();
+        if let Some(mut b) = p.rx.pop_front() {
+            b.clear();
+            pool.put(b);
+        }
+    }
+    p.written += n;
+    n
 }
 
 /// Copies `bytes` to the end of a stream's queue, filling its last pool buffer first.

@@ -8,7 +8,7 @@
 //! rustls (no kTLS here: ciphertext socket → pool buffer → rustls, plaintext from rustls'
 //! buffer straight into the socket, the other way through one pool buffer); plain ↔ HBONE
 //! stream shares the socket with the stream's carrier, which writes received DATA into it
-//! straight from rustls' plaintext, and sends DATA read behind room for its frame header,
+//! once per burst of its reads, and sends DATA read behind room for its frame header,
 //! several reads in one send.
 
 use std::cell::Cell;
@@ -255,9 +255,9 @@ async fn plain_to_tunnel(
 }
 
 /// HBONE stream → plaintext: the socket is the stream's sink, so DATA mostly arrives already
-/// written (straight from the carrier's read, window credit given back then); what the socket
-/// did not take at once comes queued and is written here, credited as it goes. END_STREAM is a
-/// FIN, RST_STREAM an error (the copy then resets the socket).
+/// written (by the carrier at the end of its burst of reads, window credit given back then);
+/// what the socket did not take comes queued and is written here, credited as it goes.
+/// END_STREAM is a FIN, RST_STREAM an error (the copy then resets the socket).
 async fn tunnel_to_plain(
     ctx: &WorkerCtx,
     conn: &Conn,
