@@ -351,6 +351,40 @@ pub fn recv_spare_upto(s: &TcpStream, buf: &mut Vec<u8>, tail: usize) -> io::Res
     Ok(n)
 }
 
+/// As `recv_spare_upto`, into several buffers with one recvmsg(2): the first's spare capacity
+/// (but its last `tail` bytes) is filled first, then the next's; returns the total received.
+/// At most 8 buffers are read into.
+pub fn recv_spare_vectored(s: &TcpStream, bufs: &mut [Vec<u8>], tail: usize) -> io::Result<usize> {
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 8];
+    let mut count = 0;
+    for (v, buf) in iov.iter_mut().zip(bufs.iter_mut()) {
+        let spare = buf.spare_capacity_mut();
+        let len = spare.len().saturating_sub(tail.min(spare.len()));
+        *v = libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: len };
+        count += 1;
+    }
+    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = count as _;
+    // SAFETY: each iovec points at writable spare capacity of its buffer, `iov_len` bytes long,
+    // borrowed for the call; the fd is live.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let total = n as usize;
+    let mut left = total;
+    for (v, buf) in iov.iter().zip(bufs.iter_mut()).take(count) {
+        let k = left.min(v.iov_len);
+        // SAFETY: the kernel filled the iovecs in order, so this buffer's first `k` spare
+        // bytes are initialised (k <= iov_len <= its spare capacity).
+        unsafe { buf.set_len(buf.len() + k) };
+        left -= k;
+    }
+    Ok(total)
+}
+
 /// Look at the first bytes waiting (at most `limit`, and `buf`'s capacity) without consuming
 /// them, into `buf`, replacing what it held: the listener inspectors' and permissive sniff's
 /// peek. The buffer is never zeroed first (a pool buffer is 16 KiB).

@@ -200,10 +200,11 @@ async fn tls_to_plain(
 }
 
 /// Plaintext → HBONE stream: read behind room for a TLS record's and a DATA frame's headers
-/// (a pool buffer, only between readiness and the hand-over), so the frame goes to the TLS
-/// stream without a copy here; EOF is END_STREAM. A full read means more is waiting: up to
-/// `READS_PER_TLS_SEND` reads are handed over and then sent in one flush, and the next read is
-/// tried before any readiness wait (a wait is one ring operation and a wake-up per read).
+/// (pool buffers, only between readiness and the hand-over), so each frame goes to the TLS
+/// stream without a copy here; EOF is END_STREAM. One recvmsg(2) reads into
+/// `READS_PER_TLS_SEND` buffers (a frame each), all handed over and then sent in one flush; a
+/// full read means more is waiting, so the next is tried before any readiness wait (a wait is
+/// one ring operation and a wake-up).
 async fn plain_to_tunnel(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -216,41 +217,38 @@ async fn plain_to_tunnel(
         if !ready {
             plain.readable(false).await?;
         }
-        ready = false;
-        let mut handed = false;
-        for _ in 0..READS_PER_TLS_SEND {
-            let mut buf = ctx.pool.take();
-            buf.resize(DATA_AT, 0);
-            let n = match socket::recv_spare_upto(plain, &mut buf, RECORD_TAIL_ROOM) {
-                Ok(n) => n,
-                Err(e) => {
-                    ctx.pool.put(buf);
-                    if e.kind() == io::ErrorKind::WouldBlock {
-                        ready = false;
-                        break;
-                    }
-                    return Err(e);
+        let mut bufs: [Vec<u8>; READS_PER_TLS_SEND] = std::array::from_fn(|_| {
+            let mut b = ctx.pool.take();
+            b.resize(DATA_AT, 0);
+            b
+        });
+        let n = match socket::recv_spare_vectored(plain, &mut bufs, RECORD_TAIL_ROOM) {
+            Ok(n) => n,
+            Err(e) => {
+                bufs.into_iter().for_each(|b| ctx.pool.put(b));
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    ready = false;
+                    continue;
                 }
-            };
-            if n == 0 {
-                ctx.pool.put(buf);
-                // END_STREAM goes out with whatever was handed over before it (the carrier's
-                // writer flushes both in order).
-                return tunnel.finish();
+                return Err(e);
             }
-            count_bytes(ctx, conn, n, request);
-            ready = buf.len() + RECORD_TAIL_ROOM == buf.capacity();
-            let r = tunnel.send_framed(&mut buf).await;
-            ctx.pool.put(buf);
-            r?;
-            handed = true;
-            if !ready {
+        };
+        if n == 0 {
+            bufs.into_iter().for_each(|b| ctx.pool.put(b));
+            return tunnel.finish();
+        }
+        count_bytes(ctx, conn, n, request);
+        ready = bufs.last().is_some_and(|b| b.len() + RECORD_TAIL_ROOM == b.capacity());
+        let mut r = Ok(());
+        for b in bufs.iter_mut().filter(|b| b.len() > DATA_AT) {
+            r = tunnel.send_framed(b).await;
+            if r.is_err() {
                 break;
             }
         }
-        if handed {
-            tunnel.flush().await?;
-        }
+        bufs.into_iter().for_each(|b| ctx.pool.put(b));
+        r?;
+        tunnel.flush().await?;
     }
 }
 
