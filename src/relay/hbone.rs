@@ -297,17 +297,18 @@ impl Tunnel {
         let _ = self.mux.with_h2(|h2, out| h2.consume(self.id, n, out));
     }
 
-    /// Hand `buf[DATA_AT..]` to the carrier as DATA, to leave with the next `flush` (several
-    /// buffers then go in one send), waiting for window credit when the peer's windows are
-    /// spent (what was handed over is sent first). The buffer is shaped for a TLS record
-    /// around each frame: `RECORD_HEAD_ROOM` free bytes, the frame header's room (written in
-    /// place, so header and bytes go to the TLS stream as one slice), the payload, and
-    /// `RECORD_TAIL_ROOM` of spare capacity after it. A second frame (the windows allowed
-    /// less than the whole) has its header written over bytes already handed over.
-    pub(crate) async fn send_framed(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+    /// Hand `buf[DATA_AT..buf.len() - RECORD_TAIL_ROOM]` to the carrier as DATA, to leave with
+    /// the next `flush` (several buffers then go in one send), waiting for window credit when
+    /// the peer's windows are spent (what was handed over is sent first). The buffer is shaped
+    /// for a TLS record around each frame: `RECORD_HEAD_ROOM` free bytes, the frame header's
+    /// room (written in place, so header and bytes go to the TLS stream as one slice), the
+    /// payload, and `RECORD_TAIL_ROOM` free bytes. A second frame (the windows allowed less
+    /// than the whole) has its header written over bytes already handed over.
+    pub(crate) async fn send_framed(&self, buf: &mut [u8]) -> io::Result<()> {
         let reset = |e| io::Error::new(io::ErrorKind::ConnectionReset, e);
         let mut at = RECORD_HEAD_ROOM;
-        while let Some(len) = buf.len().checked_sub(at + HEADER_LEN).filter(|n| *n > 0) {
+        let end = buf.len().saturating_sub(RECORD_TAIL_ROOM);
+        while let Some(len) = end.checked_sub(at + HEADER_LEN).filter(|n| *n > 0) {
             let turn = self.mux.take_turn().await;
             if self.mux.closed.get() {
                 return Err(io::Error::from(io::ErrorKind::ConnectionReset));

@@ -241,6 +241,8 @@ async fn plain_to_tunnel(
         ready = bufs.last().is_some_and(|b| b.len() + RECORD_TAIL_ROOM == b.capacity());
         let mut r = Ok(());
         for b in bufs.iter_mut().filter(|b| b.len() > DATA_AT) {
+            // The record's tag room (capacity kept free by the read).
+            b.resize(b.len() + RECORD_TAIL_ROOM, 0);
             r = tunnel.send_framed(b).await;
             if r.is_err() {
                 break;
