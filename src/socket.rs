@@ -492,6 +492,36 @@ mod tests {
     }
 
     #[test]
+    fn a_vectored_receive_fills_each_buffer_but_its_tail_room_in_order() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+        rt.block_on(async move {
+            let s = monoio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut peer, _) = listener.accept().unwrap();
+            let sent: Vec<u8> = (0..40u32).map(|i| i as u8).collect();
+            peer.write_all(&sent).unwrap();
+            // Each buffer: 2 bytes already there, capacity 16, 4 kept free at the end.
+            let mut bufs: [Vec<u8>; 3] = std::array::from_fn(|_| {
+                let mut b = Vec::with_capacity(16);
+                b.extend_from_slice(b"hh");
+                b
+            });
+            let mut n = 0;
+            while n < 30 {
+                s.readable(false).await.unwrap();
+                n += super::recv_spare_vectored(&s, &mut bufs, 4).unwrap();
+            }
+            assert_eq!(n, 30, "3 buffers of 10 free bytes each");
+            for (i, b) in bufs.iter().enumerate() {
+                assert_eq!(&b[..2], b"hh");
+                assert_eq!(&b[2..], &sent[i * 10..i * 10 + 10], "buffer {i}");
+                assert_eq!(b.capacity() - b.len(), 4, "the tail room left unwritten");
+            }
+        });
+    }
+
+    #[test]
     fn the_monoio_in_cargo_lock_is_the_version_the_unsafe_borrows_were_checked_against() {
         let lock = include_str!("../Cargo.lock");
         let version = lock
