@@ -539,12 +539,21 @@ async fn read_in(
     mux: &Mux,
     mut accept: impl FnMut(u32, String, HeaderList),
 ) -> io::Result<()> {
+    // Records read since the streams' held DATA was last written: a burst that goes on (the
+    // peer sends as fast as we read) is cut every `HELD_BUFFERS` records, so a stream's few
+    // bytes never wait behind a neighbour's bulk for longer than that.
+    let mut records = 0;
     loop {
         match mux.tls.try_fill(&ctx.pool)? {
-            Fill::Data => {}
+            Fill::Data if records < HELD_BUFFERS => records += 1,
+            Fill::Data => {
+                write_held(ctx, mux);
+                records = 1;
+            }
             Fill::WouldBlock => {
                 // The burst read so far is written before waiting: one send per stream.
                 write_held(ctx, mux);
+                records = 0;
                 mux.tls.readable().await?;
                 continue;
             }
