@@ -330,15 +330,7 @@ impl io::Write for NonBlocking<'_> {
 
 /// Receive into the spare capacity of `buf` without blocking; `Ok(0)` is EOF.
 pub fn recv_spare(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    recv_spare_upto(s, buf, 0)
-}
-
-/// As `recv_spare`, but leaving the last `tail` bytes of the capacity unwritten (room a
-/// caller keeps behind the bytes, such as a TLS record's tag).
-pub fn recv_spare_upto(s: &TcpStream, buf: &mut Vec<u8>, tail: usize) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
-    let len = spare.len().saturating_sub(tail.min(spare.len()));
-    let spare = &mut spare[..len]; // len <= spare.len(): cannot panic
     // SAFETY: the spare capacity is valid for writes of its length; the kernel writes at most
     // that many bytes and we extend the length by exactly the count it reports.
     let n = unsafe { libc::recv(s.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
@@ -351,9 +343,10 @@ pub fn recv_spare_upto(s: &TcpStream, buf: &mut Vec<u8>, tail: usize) -> io::Res
     Ok(n)
 }
 
-/// As `recv_spare_upto`, into several buffers with one recvmsg(2): the first's spare capacity
-/// (but its last `tail` bytes) is filled first, then the next's; returns the total received.
-/// At most 8 buffers are read into.
+/// As `recv_spare`, into several buffers with one recvmsg(2): the first's spare capacity (but
+/// its last `tail` bytes, room the caller keeps behind the bytes, such as a TLS record's tag)
+/// is filled first, then the next's; returns the total received. At most 8 buffers are read
+/// into.
 pub fn recv_spare_vectored(s: &TcpStream, bufs: &mut [Vec<u8>], tail: usize) -> io::Result<usize> {
     let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 8];
     let mut count = 0;
