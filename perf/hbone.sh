@@ -117,6 +117,51 @@ if [[ -n ${HBONE_PROFILE:-} ]]; then
   stop_pair
   exit 0
 fi
+# HBONE_SYSCALLS=1: syscalls and context switches per MiB of one bulk stream, each proxy of each
+# pair on its own (originator: the plaintext → tunnel side; terminator: tunnel → backend), by
+# perf's syscall tracepoints over a BULK_SECONDS transfer. Prints one JSON line per proxy.
+SYSCALLS="recvfrom sendto sendmsg recvmsg writev readv write read io_uring_enter epoll_wait"
+count_syscalls() {
+  local name=$1 role pid out bytes ev
+  local events=raw_syscalls:sys_enter,context-switches
+  for ev in $SYSCALLS; do events+=",syscalls:sys_enter_$ev"; done
+  lg connrate --target "127.0.0.1:$FRONT" --concurrency 4 --seconds 1 --size 64 >/dev/null
+  perf stat -x, -e "$events" -p "$P2" -o "$WORK/stat-orig" &
+  local s1=$!
+  perf stat -x, -e "$events" -p "$P1" -o "$WORK/stat-term" &
+  local s2=$!
+  sleep 0.5 # perf attached (it prints nothing to wait on)
+  out=$(lg bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds "$BULK_SECONDS")
+  kill -INT "$s1" "$s2"; wait "$s1" "$s2" 2>/dev/null || true
+  bytes=$(json_field bytes <<<"$out")
+  for role in orig term; do
+    python3 - "$WORK/stat-$role" "$bytes" "$name" "$role" <<'EOF' | tee -a "$WORK/syscalls.jsonl"
+import json, sys
+path, nbytes, name, role = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+mib = nbytes / (1 << 20)
+row = {"pair": name, "proxy": role, "mib": round(mib)}
+for line in open(path):
+    f = line.strip().split(",")
+    if len(f) < 3 or not f[0].replace(".", "").isdigit():
+        continue
+    ev = f[2].replace("syscalls:sys_enter_", "").replace("raw_syscalls:sys_enter", "all_syscalls")
+    row[ev] = round(float(f[0]) / mib, 2)
+print(json.dumps(row))
+EOF
+  done
+}
+if [[ -n ${HBONE_SYSCALLS:-} ]]; then
+  for rs in ${HBONE_RINGSIDES:-hbone=$RINGSIDE}; do
+    RINGSIDE=${rs#*=}
+    ringside_pair
+    count_syscalls "ringside-${rs%%=*}"
+    stop_pair
+  done
+  envoy_pair
+  count_syscalls envoy-hbone
+  stop_pair
+  exit 0
+fi
 # HBONE_RINGSIDES="before=/tmp/rs-old after=target/release/ringside" measures several builds in
 # turn, each as its own row (a change's before and after in one session).
 if [[ -z ${HBONE_ENVOY_ONLY:-} ]]; then

@@ -343,6 +343,41 @@ pub fn recv_spare(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     Ok(n)
 }
 
+/// As `recv_spare`, into several buffers with one recvmsg(2): the first's spare capacity (but
+/// its last `tail` bytes, room the caller keeps behind the bytes, such as a TLS record's tag)
+/// is filled first, then the next's; returns the total received. At most 8 buffers are read
+/// into.
+pub fn recv_spare_vectored(s: &TcpStream, bufs: &mut [Vec<u8>], tail: usize) -> io::Result<usize> {
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 8];
+    let mut count = 0;
+    for (v, buf) in iov.iter_mut().zip(bufs.iter_mut()) {
+        let spare = buf.spare_capacity_mut();
+        let len = spare.len().saturating_sub(tail.min(spare.len()));
+        *v = libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: len };
+        count += 1;
+    }
+    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = count as _;
+    // SAFETY: each iovec points at writable spare capacity of its buffer, `iov_len` bytes long,
+    // borrowed for the call; the fd is live.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let total = n as usize;
+    let mut left = total;
+    for (v, buf) in iov.iter().zip(bufs.iter_mut()).take(count) {
+        let k = left.min(v.iov_len);
+        // SAFETY: the kernel filled the iovecs in order, so this buffer's first `k` spare
+        // bytes are initialised (k <= iov_len <= its spare capacity).
+        unsafe { buf.set_len(buf.len() + k) };
+        left -= k;
+    }
+    Ok(total)
+}
+
 /// Look at the first bytes waiting (at most `limit`, and `buf`'s capacity) without consuming
 /// them, into `buf`, replacing what it held: the listener inspectors' and permissive sniff's
 /// peek. The buffer is never zeroed first (a pool buffer is 16 KiB).
@@ -446,6 +481,36 @@ mod tests {
             let mut got = [0u8; 13];
             peer.read_exact(&mut got).unwrap();
             assert_eq!(&got, b"one two three");
+        });
+    }
+
+    #[test]
+    fn a_vectored_receive_fills_each_buffer_but_its_tail_room_in_order() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+        rt.block_on(async move {
+            let s = monoio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut peer, _) = listener.accept().unwrap();
+            let sent: Vec<u8> = (0..40u32).map(|i| i as u8).collect();
+            peer.write_all(&sent).unwrap();
+            // Each buffer: 2 bytes already there, capacity 16, 4 kept free at the end.
+            let mut bufs: [Vec<u8>; 3] = std::array::from_fn(|_| {
+                let mut b = Vec::with_capacity(16);
+                b.extend_from_slice(b"hh");
+                b
+            });
+            let mut n = 0;
+            while n < 30 {
+                s.readable(false).await.unwrap();
+                n += super::recv_spare_vectored(&s, &mut bufs, 4).unwrap();
+            }
+            assert_eq!(n, 30, "3 buffers of 10 free bytes each");
+            for (i, b) in bufs.iter().enumerate() {
+                assert_eq!(&b[..2], b"hh");
+                assert_eq!(&b[2..], &sent[i * 10..i * 10 + 10], "buffer {i}");
+                assert_eq!(b.capacity() - b.len(), 4, "the tail room left unwritten");
+            }
         });
     }
 

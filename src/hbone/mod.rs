@@ -12,6 +12,7 @@
 //!   RST_STREAM(CONNECT_ERROR) for a reset, PING, GOAWAY on drain, at most 100 concurrent
 //!   streams each way.
 //! - [`baggage`]: peer metadata in the `baggage` header with ztunnel's keys.
+//! - [`turn`]: turns at a carrier's shared writer, a turn given back waking one waiter.
 //!
 //! Checked against the `h2` crate (`tests/hbone_interop.rs`) in both roles.
 //!
@@ -22,6 +23,7 @@ pub mod baggage;
 pub mod conn;
 pub mod frame;
 pub mod headers;
+pub mod turn;
 
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 
 use super::conn::{Config, Connection, Error, Event, Role};
 use super::frame::{self, Frame, Reason, Settings};
+use super::turn::Line;
 
 /// A client and a server connection joined in memory. DATA events are gathered per stream
 /// (`c_data`, `s_data`) as they come, while their input is at hand; the rest queue in order.
@@ -567,6 +568,85 @@ fn a_stream_split_at_every_point_gives_the_same_events() {
         let got: Vec<Event> = std::iter::from_fn(|| server.poll_event()).collect();
         assert_eq!(got, reference, "split at {split}");
     }
+}
+
+/// A waker that counts its wakes.
+struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `n` counting wakers and their tasks' contexts' wakers.
+fn counting_wakers(n: usize) -> Vec<(std::sync::Arc<CountingWaker>, std::task::Waker)> {
+    (0..n)
+        .map(|_| {
+            let c = std::sync::Arc::new(CountingWaker(0.into()));
+            (c.clone(), std::task::Waker::from(c))
+        })
+        .collect()
+}
+
+fn wakes(c: &CountingWaker) -> usize {
+    c.0.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn a_turn_given_back_wakes_the_first_in_line_alone_not_every_stream_of_the_carrier() {
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    let line = Line::default();
+    let held = std::pin::pin!(line.take());
+    let Poll::Ready(turn) = held.poll(&mut Context::from_waker(std::task::Waker::noop())) else {
+        panic!("a free turn is taken at once")
+    };
+    // 100 streams wait for the turn, in order.
+    let wakers = counting_wakers(100);
+    let mut waiting: Vec<_> = (0..100).map(|_| Box::pin(line.take())).collect();
+    for (w, (_, waker)) in waiting.iter_mut().zip(&wakers) {
+        assert!(w.as_mut().poll(&mut Context::from_waker(waker)).is_pending());
+    }
+    assert_eq!(line.waiting(), 100);
+    drop(turn);
+    let woken: Vec<usize> = wakers.iter().map(|(c, _)| wakes(c)).collect();
+    assert_eq!(woken.iter().sum::<usize>(), 1, "one wake for one turn: {woken:?}");
+    assert_eq!(woken[0], 1, "the oldest waiter is the one woken");
+    // The woken one takes the turn; giving it back wakes the next.
+    let Poll::Ready(turn) = waiting[0].as_mut().poll(&mut Context::from_waker(&wakers[0].1)) else {
+        panic!("the woken waiter takes the free turn")
+    };
+    assert_eq!(line.waiting(), 99);
+    drop(turn);
+    assert_eq!(wakes(&wakers[1].0), 1);
+    assert_eq!(wakers.iter().map(|(c, _)| wakes(c)).sum::<usize>(), 2);
+}
+
+#[test]
+fn a_waiter_dropped_after_being_woken_passes_the_turn_to_the_next() {
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    let line = Line::default();
+    let held = std::pin::pin!(line.take());
+    let Poll::Ready(turn) = held.poll(&mut Context::from_waker(std::task::Waker::noop())) else {
+        panic!("a free turn is taken at once")
+    };
+    let wakers = counting_wakers(2);
+    let mut first = Box::pin(line.take());
+    let mut second = Box::pin(line.take());
+    assert!(first.as_mut().poll(&mut Context::from_waker(&wakers[0].1)).is_pending());
+    assert!(second.as_mut().poll(&mut Context::from_waker(&wakers[1].1)).is_pending());
+    drop(turn);
+    assert_eq!((wakes(&wakers[0].0), wakes(&wakers[1].0)), (1, 0));
+    // Its connection was cut before it ran: the turn must not be stranded.
+    drop(first);
+    assert_eq!(wakes(&wakers[1].0), 1);
+    assert!(second.as_mut().poll(&mut Context::from_waker(&wakers[1].1)).is_ready());
+    assert_eq!(line.waiting(), 0);
 }
 
 /// A frame with a random type, flags, small stream id and short payload.

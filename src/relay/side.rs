@@ -8,7 +8,8 @@
 //! rustls (no kTLS here: ciphertext socket → pool buffer → rustls, plaintext from rustls'
 //! buffer straight into the socket, the other way through one pool buffer); plain ↔ HBONE
 //! stream shares the socket with the stream's carrier, which writes received DATA into it
-//! straight from rustls' plaintext, and sends DATA read behind room for its frame header.
+//! once per burst of its reads, and sends DATA read behind room for its frame header,
+//! several reads in one send.
 
 use std::cell::Cell;
 use std::future::{Future, poll_fn};
@@ -21,9 +22,8 @@ use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHal
 use monoio::net::TcpStream;
 
 use super::Error;
-use super::hbone::{Received, Tunnel};
+use super::hbone::{DATA_AT, RECORD_TAIL_ROOM, Received, Tunnel};
 use crate::conn::{Conn, WorkerCtx};
-use crate::hbone::frame::HEADER_LEN;
 use crate::socket;
 use crate::tls::stream::{Fill, TlsStream};
 
@@ -199,9 +199,12 @@ async fn tls_to_plain(
     }
 }
 
-/// Plaintext → HBONE stream: read behind room for a DATA frame header (a pool buffer, only
-/// between readiness and the write), so the frame goes to rustls without a copy here; EOF is
-/// END_STREAM.
+/// Plaintext → HBONE stream: read behind room for a TLS record's and a DATA frame's headers
+/// (pool buffers, only between readiness and the hand-over), so each frame goes to the TLS
+/// stream without a copy here; EOF is END_STREAM. One recvmsg(2) reads into
+/// `READS_PER_TLS_SEND` buffers (a frame each), all handed over and then sent in one flush; a
+/// full read means more is waiting, so the next is tried before any readiness wait (a wait is
+/// one ring operation and a wake-up).
 async fn plain_to_tunnel(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -209,35 +212,52 @@ async fn plain_to_tunnel(
     tunnel: &Tunnel,
     request: bool,
 ) -> io::Result<()> {
+    let mut ready = false;
     loop {
-        plain.readable(false).await?;
-        let mut buf = ctx.pool.take();
-        buf.extend_from_slice(&[0; HEADER_LEN]);
-        let n = match socket::recv_spare(plain, &mut buf) {
+        if !ready {
+            plain.readable(false).await?;
+        }
+        let mut bufs: [Vec<u8>; READS_PER_TLS_SEND] = std::array::from_fn(|_| {
+            let mut b = ctx.pool.take();
+            b.resize(DATA_AT, 0);
+            b
+        });
+        let n = match socket::recv_spare_vectored(plain, &mut bufs, RECORD_TAIL_ROOM) {
             Ok(n) => n,
             Err(e) => {
-                ctx.pool.put(buf);
+                bufs.into_iter().for_each(|b| ctx.pool.put(b));
                 if e.kind() == io::ErrorKind::WouldBlock {
+                    ready = false;
                     continue;
                 }
                 return Err(e);
             }
         };
         if n == 0 {
-            ctx.pool.put(buf);
+            bufs.into_iter().for_each(|b| ctx.pool.put(b));
             return tunnel.finish();
         }
         count_bytes(ctx, conn, n, request);
-        let r = tunnel.send_framed(&mut buf).await;
-        ctx.pool.put(buf);
+        ready = bufs.last().is_some_and(|b| b.len() + RECORD_TAIL_ROOM == b.capacity());
+        let mut r = Ok(());
+        for b in bufs.iter_mut().filter(|b| b.len() > DATA_AT) {
+            // The record's tag room (capacity kept free by the read).
+            b.resize(b.len() + RECORD_TAIL_ROOM, 0);
+            r = tunnel.send_framed(b).await;
+            if r.is_err() {
+                break;
+            }
+        }
+        bufs.into_iter().for_each(|b| ctx.pool.put(b));
         r?;
+        tunnel.flush().await?;
     }
 }
 
 /// HBONE stream → plaintext: the socket is the stream's sink, so DATA mostly arrives already
-/// written (straight from the carrier's read, window credit given back then); what the socket
-/// did not take at once comes queued and is written here, credited as it goes. END_STREAM is a
-/// FIN, RST_STREAM an error (the copy then resets the socket).
+/// written (by the carrier at the end of its burst of reads, window credit given back then);
+/// what the socket did not take comes queued and is written here, credited as it goes.
+/// END_STREAM is a FIN, RST_STREAM an error (the copy then resets the socket).
 async fn tunnel_to_plain(
     ctx: &WorkerCtx,
     conn: &Conn,
