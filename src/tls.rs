@@ -7,6 +7,7 @@
 
 pub mod chains;
 pub mod hello;
+pub mod record;
 pub mod secrets;
 pub mod stream;
 
