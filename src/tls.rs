@@ -807,6 +807,8 @@ fn build_configured(
             // rotated certificate or root) has a new ticketer: earlier tickets no longer
             // resume, so the next handshake is a full one against the new files.
             c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
+            // After the handshake ringside protects the records itself (`tls::record`).
+            c.enable_secret_extraction = true;
             Ok(Configured {
                 server: Some(Arc::new(c)),
                 client: None,
@@ -845,6 +847,8 @@ fn build_configured(
                 true => istio_alpn(),
                 false => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
             };
+            // After the handshake ringside protects the records itself (`tls::record`).
+            c.enable_secret_extraction = true;
             let server_name = server_name.as_deref().and_then(|n| ServerName::try_from(n.to_owned()).ok());
             Ok(Configured { server: None, client: Some(Arc::new(c)), local_principal, server_name, chains })
         }
@@ -1649,6 +1653,80 @@ mod tests {
             go.send(()).unwrap();
         });
         peer.join().unwrap();
+    }
+
+    /// Two `TlsStream`s over loopback, each on its own thread and runtime: `client` and
+    /// `server` run against each other.
+    fn stream_pair(
+        name: &str,
+        client: impl FnOnce(stream::TlsStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+        + Send
+        + 'static,
+        server: impl FnOnce(stream::TlsStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+        + Send
+        + 'static,
+    ) {
+        let dir = tmpdir(name);
+        let mesh = ca("mesh");
+        let server_config = ratings_server(&dir, &mesh);
+        let cf = productpage_files(&format!("{name}-client"), &mesh);
+        let client_config = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = std::thread::spawn(move || {
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_nonblocking(true).unwrap();
+            let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+            rt.block_on(async move {
+                let tcp = monoio::net::TcpStream::from_std(tcp).unwrap();
+                let ip = addr.ip();
+                client(stream::TlsStream::client(tcp, &client_config, ip).unwrap()).await
+            });
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+        rt.block_on(async move {
+            let tcp = monoio::net::TcpStream::from_std(tcp).unwrap();
+            server(stream::TlsStream::server(tcp, server_config).unwrap()).await
+        });
+        c.join().unwrap();
+    }
+
+    /// Everything `tls` delivers until EOF.
+    async fn read_all(tls: &stream::TlsStream, pool: &crate::conn::BufferPool) -> Vec<u8> {
+        let mut got = Vec::new();
+        while tls.fill(pool).await.unwrap() == stream::Fill::Data {
+            tls.with_plaintext(|b| got.extend_from_slice(b));
+        }
+        got
+    }
+
+    #[test]
+    fn data_and_close_notify_right_behind_the_clients_finished_arrive_and_the_other_way_flows() {
+        stream_pair(
+            "half-close",
+            |tls| {
+                Box::pin(async move {
+                    let pool = crate::conn::BufferPool::default();
+                    tls.handshake_unsent(&pool).await.unwrap();
+                    // Finished, data and close_notify in one send.
+                    tls.queue(b"ping").await.unwrap();
+                    tls.shutdown().await.unwrap();
+                    assert_eq!(read_all(&tls, &pool).await, b"pong");
+                })
+            },
+            |tls| {
+                Box::pin(async move {
+                    let pool = crate::conn::BufferPool::default();
+                    tls.handshake_unsent(&pool).await.unwrap();
+                    tls.flush().await.unwrap();
+                    assert_eq!(read_all(&tls, &pool).await, b"ping");
+                    tls.write_all(b"pong").await.unwrap();
+                    tls.shutdown().await.unwrap();
+                })
+            },
+        );
     }
 
     #[test]
