@@ -1730,6 +1730,54 @@ mod tests {
     }
 
     #[test]
+    fn a_key_update_from_the_peer_mid_stream_is_followed_and_answered_with_bytes_intact() {
+        use std::io::{Read, Write};
+        use stream::TlsStream;
+        let dir = tmpdir("key-update");
+        let mesh = ca("mesh");
+        let server = ratings_server(&dir, &mesh);
+        let cf = productpage_files("key-update-client", &mesh);
+        let client = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap().client.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let before: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let after: Vec<u8> = (0..70_000u32).map(|i| (i % 241) as u8).collect();
+        let (b, a) = (before.clone(), after.clone());
+        let peer = std::thread::spawn(move || {
+            let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+            let conn = rustls::ClientConnection::new(client, name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+            tls.write_all(&b).unwrap();
+            // rustls sends KeyUpdate(update_requested) and seals what follows with its new key.
+            tls.conn.refresh_traffic_keys().unwrap();
+            tls.write_all(&a).unwrap();
+            tls.flush().unwrap();
+            // Our answer (its KeyUpdate, then the echo under its new key) must open here.
+            let mut echo = vec![0u8; b.len() + a.len()];
+            tls.read_exact(&mut echo).unwrap();
+            echo
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+        let want = [before.as_slice(), after.as_slice()].concat();
+        let expect = want.clone();
+        rt.block_on(async move {
+            let pool = crate::conn::BufferPool::default();
+            let tls = TlsStream::server(monoio::net::TcpStream::from_std(tcp).unwrap(), server).unwrap();
+            tls.handshake(&pool).await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < expect.len() {
+                assert_eq!(tls.fill(&pool).await.unwrap(), stream::Fill::Data);
+                tls.with_plaintext(|b| got.extend_from_slice(b));
+            }
+            assert!(got == expect, "bytes across the key update differ");
+            tls.write_all(&got).await.unwrap();
+        });
+        assert!(peer.join().unwrap() == want, "the echo after our key update differs");
+    }
+
+    #[test]
     fn both_sides_prefer_aes_128_gcm_with_aes_instructions() {
         let dir = tmpdir("suites");
         let mesh = ca("mesh");

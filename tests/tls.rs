@@ -105,6 +105,48 @@ fn two_sidecars_speak_mtls_with_the_exchange_in_alpn_mode_and_label_both_reporte
     assert_eq!(sum(&scrape, "ringside_exchange_total", &[("outcome", "metadata_added")]), 1.0);
 }
 
+/// The byte at `i` of a long stream, so a gibibyte is checked without holding it.
+fn stream_byte(i: usize) -> u8 {
+    ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8
+}
+
+#[test]
+fn a_gibibyte_crosses_two_sidecars_both_ways_byte_exact() {
+    const TOTAL: usize = 1 << 30;
+    let ca = Ca::new("mesh");
+    let (client, _server) = mesh(&ca, "strict", echo_server());
+    let mut s = connect(client.listen);
+    let mut w = s.try_clone().unwrap();
+    // Writes of varied sizes, so records and reads fall anywhere in the stream.
+    let writer = std::thread::spawn(move || {
+        let mut sizes = Rng(5);
+        let mut sent = 0;
+        let mut chunk = Vec::new();
+        while sent < TOTAL {
+            let n = sizes.range(1, 200 << 10).min(TOTAL - sent);
+            chunk.clear();
+            chunk.extend((sent..sent + n).map(stream_byte));
+            w.write_all(&chunk).unwrap();
+            sent += n;
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut got = 0;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        for (k, &b) in buf[..n].iter().enumerate() {
+            assert_eq!(b, stream_byte(got + k), "byte {} differs", got + k);
+        }
+        got += n;
+    }
+    writer.join().unwrap();
+    assert_eq!(got, TOTAL, "bytes back");
+}
+
 #[test]
 fn half_close_across_tls_keeps_the_other_direction_flowing() {
     let ca = Ca::new("mesh");
