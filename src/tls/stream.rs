@@ -260,14 +260,47 @@ enum State {
     Gone,
 }
 
-/// Ciphertext received and plaintext opened in place: `buf[plain]` waits for the reader,
-/// `buf[at..]` is ciphertext not opened yet. `buf` is a record buffer only while either
-/// waits, else empty (no allocation).
+/// Records opened ahead of the reader, so one vectored send delivers a recv's worth.
+const OPENED_AHEAD: usize = 4;
+
+/// Ciphertext received and plaintext opened in place: `buf[plain[i]]` for `i < opened` wait
+/// for the reader in order, `buf[at..]` is ciphertext not opened yet. `buf` is a record
+/// buffer only while either waits, else empty (no allocation).
 #[derive(Default)]
 struct Rx {
     buf: Vec<u8>,
-    plain: Range<usize>,
+    plain: [Range<usize>; OPENED_AHEAD],
+    opened: usize,
     at: usize,
+}
+
+impl Rx {
+    /// The first waiting plaintext (empty when none).
+    fn first(&self) -> &[u8] {
+        match self.opened {
+            0 => &[],
+            _ => self.buf.get(self.plain[0].clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Nothing waits: neither plaintext nor ciphertext.
+    fn is_empty(&self) -> bool {
+        self.opened == 0 && self.at >= self.buf.len()
+    }
+
+    /// Mark `n` bytes of the waiting plaintext taken, in order.
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 && self.opened > 0 {
+            let r = &mut self.plain[0];
+            let k = n.min(r.len());
+            r.start += k;
+            n -= k;
+            if r.start >= r.end {
+                self.plain.rotate_left(1);
+                self.opened -= 1;
+            }
+        }
+    }
 }
 
 /// Sealed records not yet sent: `buf[sent..]` (a record buffer while any wait).
@@ -388,7 +421,12 @@ impl TlsStream {
             let mut buf = take_record_buffer();
             buf.extend_from_slice(&early);
             buf.extend_from_slice(&incoming);
-            *self.rx.borrow_mut() = Rx { buf, plain: 0..early.len(), at: early.len() };
+            let mut rx = Rx { buf, at: early.len(), ..Rx::default() };
+            if !early.is_empty() {
+                rx.plain[0] = 0..early.len();
+                rx.opened = 1;
+            }
+            *self.rx.borrow_mut() = rx;
         }
         pool.put(incoming);
         Ok(())
@@ -494,7 +532,10 @@ impl TlsStream {
     /// Open the next whole record waiting in the receive buffer; false when none is whole.
     fn open_next(&self) -> Result<bool, record::Error> {
         let mut rx = self.rx.borrow_mut();
-        let Rx { buf, plain, at } = &mut *rx;
+        let Rx { buf, plain, opened, at } = &mut *rx;
+        if *opened == OPENED_AHEAD {
+            return Ok(false);
+        }
         let Some(len) = record::record_len(buf.get(*at..).unwrap_or_default())? else {
             return Ok(false);
         };
@@ -503,7 +544,11 @@ impl TlsStream {
         let start = *at;
         let Some(rec) = buf.get_mut(start..start + len) else { return Ok(false) };
         match session.open(rec)? {
-            Opened::Data(r) => *plain = start + r.start..start + r.end,
+            Opened::Data(r) if r.start < r.end => {
+                plain[*opened] = start + r.start..start + r.end;
+                *opened += 1;
+            }
+            Opened::Data(_) => {}
             Opened::Eof => self.eof.set(true),
             Opened::Session => {}
         }
@@ -516,7 +561,7 @@ impl TlsStream {
     /// Give the receive buffer back when nothing waits in it.
     fn release_rx(&self) {
         let mut rx = self.rx.borrow_mut();
-        if rx.plain.is_empty() && rx.at >= rx.buf.len() && rx.buf.capacity() > 0 {
+        if rx.is_empty() && rx.buf.capacity() > 0 {
             put_record_buffer(std::mem::take(&mut rx.buf));
             *rx = Rx::default();
         }
@@ -536,7 +581,6 @@ impl TlsStream {
             let keep = rx.buf.len() - rx.at;
             rx.buf.truncate(keep);
             rx.at = 0;
-            rx.plain = 0..0;
         }
         let n = socket::recv_spare(&self.tcp, &mut rx.buf)?;
         // EOF (0) is not "drained".
@@ -558,21 +602,22 @@ impl TlsStream {
     /// Make decrypted bytes available without blocking.
     pub fn try_fill(&self, _pool: &BufferPool) -> io::Result<Fill> {
         loop {
-            if !self.rx.borrow().plain.is_empty() {
+            // Open what is whole (up to `OPENED_AHEAD` records), then deliver.
+            loop {
+                match self.open_next() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => return Err(self.fail(e)),
+                }
+            }
+            // A key update may want an answer; the write side flushes whatever the socket
+            // does not take now.
+            let _ = self.flush_now();
+            if self.rx.borrow().opened > 0 {
                 return Ok(Fill::Data);
             }
             if self.eof.get() {
                 return Ok(Fill::Eof);
-            }
-            match self.open_next() {
-                Ok(true) => {
-                    // A key update may want an answer; the write side flushes whatever the
-                    // socket does not take now.
-                    let _ = self.flush_now();
-                    continue;
-                }
-                Ok(false) => {}
-                Err(e) => return Err(self.fail(e)),
             }
             // Once only: a caller told `WouldBlock` waits for readiness (or comes back having
             // waited for something else), and the next call reads.
@@ -607,8 +652,8 @@ impl TlsStream {
     fn consume(&self, n: usize) {
         let done = {
             let mut rx = self.rx.borrow_mut();
-            rx.plain.start = (rx.plain.start + n).min(rx.plain.end);
-            rx.plain.is_empty() && rx.at >= rx.buf.len()
+            rx.consume(n);
+            rx.is_empty()
         };
         if done {
             self.release_rx();
@@ -619,7 +664,7 @@ impl TlsStream {
     pub fn take_into(&self, out: &mut Vec<u8>) -> usize {
         let n = {
             let rx = self.rx.borrow();
-            let chunk = rx.buf.get(rx.plain.clone()).unwrap_or_default();
+            let chunk = rx.first();
             let n = chunk.len().min(out.capacity() - out.len());
             out.extend_from_slice(&chunk[..n]);
             n
@@ -634,7 +679,7 @@ impl TlsStream {
     pub fn with_plaintext<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         let (out, n) = {
             let rx = self.rx.borrow();
-            let chunk = rx.buf.get(rx.plain.clone()).unwrap_or_default();
+            let chunk = rx.first();
             (f(chunk), chunk.len())
         };
         self.consume(n);
@@ -642,11 +687,16 @@ impl TlsStream {
     }
 
     /// Send decrypted bytes straight to `to` without blocking (`WouldBlock`: wait for
-    /// `to` to be writable); returns how many left the buffer.
+    /// `to` to be writable), the records opened ahead in one vectored send; returns how
+    /// many left the buffer.
     pub fn send_to(&self, to: &TcpStream) -> io::Result<usize> {
         let n = {
             let rx = self.rx.borrow();
-            NonBlocking(to).write(rx.buf.get(rx.plain.clone()).unwrap_or_default())?
+            let mut slices = [io::IoSlice::new(&[]); OPENED_AHEAD];
+            for (s, r) in slices.iter_mut().zip(&rx.plain[..rx.opened]) {
+                *s = io::IoSlice::new(rx.buf.get(r.clone()).unwrap_or_default());
+            }
+            NonBlocking(to).write_vectored(&slices[..rx.opened])?
         };
         self.consume(n);
         Ok(n)
