@@ -499,6 +499,13 @@ impl TlsStream {
         self.info.borrow().leaf.as_ref().map(super::peer_names).unwrap_or_default()
     }
 
+    /// Drop the peer's certificate once its principal and names were read: an idle
+    /// connection then holds only what its records need (`peer_principal` and `peer_names`
+    /// answer as without a certificate afterwards, `peer_presented_certificate` too).
+    pub fn forget_peer_certificate(&self) {
+        self.info.borrow_mut().leaf = None;
+    }
+
     /// Calls `f` with the server name (SNI) the client asked for, on a server connection.
     pub fn with_server_name<R>(&self, f: impl FnOnce(Option<&str>) -> R) -> R {
         f(self.info.borrow().sni.as_deref())
