@@ -809,9 +809,18 @@ impl TlsStream {
                 at = end;
             }
         }
+        // Cleared on drop too: a cancelled send (idle timeout, drain) must not leave `tx`
+        // blocked behind it.
+        struct Batch<'a>(&'a Cell<bool>);
+        impl Drop for Batch<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
         self.batch.set(true);
+        let guard = Batch(&self.batch);
         let r = send_all(&self.tcp, buf).await;
-        self.batch.set(false);
+        drop(guard);
         r?;
         // A KeyUpdate queued meanwhile by the read side.
         self.flush().await
