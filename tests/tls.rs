@@ -552,6 +552,49 @@ fn openssl_s_client_with_a_mesh_certificate_reaches_the_application_through_stri
 }
 
 #[test]
+fn an_openssl_client_key_update_mid_stream_is_followed_and_answered() {
+    // ringside seals and opens records itself after the handshake: OpenSSL's `K` command
+    // sends KeyUpdate(update_requested); the records after it are under its new key, and our
+    // answer (our own KeyUpdate, then the echo under our new key) must open in OpenSSL.
+    let ca = Ca::new("mesh");
+    let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
+    let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-no_ign_eof", "-tls1_3", "-connect", &server.listen.to_string()])
+        .arg("-cert")
+        .arg(certs.path("cert-chain.pem"))
+        .arg("-key")
+        .arg(certs.path("key.pem"))
+        .arg("-CAfile")
+        .arg(certs.path("root-cert.pem"))
+        .args(["-alpn", "istio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    stdin.write_all(b"before the update\n").unwrap();
+    let mut got = vec![0u8; 18];
+    out.read_exact(&mut got).unwrap();
+    assert_eq!(got, b"before the update\n");
+    stdin.write_all(b"K\n").unwrap();
+    // s_client drops the rest of a stdin read that starts with `K`: the next line must come
+    // in a read of its own, and nothing tells when OpenSSL has read this one.
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..3 {
+        let line = format!("after the update {round}\n");
+        stdin.write_all(line.as_bytes()).unwrap();
+        let mut got = vec![0u8; line.len()];
+        out.read_exact(&mut got).unwrap();
+        assert_eq!(got, line.as_bytes());
+    }
+    drop(stdin);
+    let _ = child.wait();
+}
+
+#[test]
 fn a_bulk_upload_through_mtls_arrives_whole_whatever_the_record_boundaries() {
     // The outbound sidecar makes one record per read, so paced writes make records of mixed
     // sizes: a large record's tail followed by small records in one 16 KiB read decrypts to
