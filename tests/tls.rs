@@ -1283,7 +1283,7 @@ fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
     for (side, bytes) in ["outbound", "inbound"].iter().zip(&per_conn) {
         // ~11.4 KB measured; ~16 KB with rustls' Connection, ~32 KB when its record buffer
         // stayed grown.
-        assert!(*bytes < 14.0 * 1024.0, "{side} sidecar: {bytes:.0} B per idle connection");
+        assert!(*bytes < 15.0 * 1024.0, "{side} sidecar: {bytes:.0} B per idle connection");
     }
     drop(held);
 }
