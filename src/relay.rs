@@ -349,6 +349,8 @@ async fn set_up(
     }
     if let Side::Tls(tls) = &down {
         mtls::check_rbac(ctx, &snapshot, li, conn, tls)?;
+        // Read for the principal and RBAC, both done (idle memory).
+        tls.forget_peer_certificate();
     }
     if listener.filter_chains.is_empty() && access_log::logged(conn) {
         let tcp = down.tcp();

@@ -330,15 +330,22 @@ impl io::Write for NonBlocking<'_> {
 
 /// Receive into the spare capacity of `buf` without blocking; `Ok(0)` is EOF.
 pub fn recv_spare(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    recv_spare_max(s, buf, usize::MAX)
+}
+
+/// As `recv_spare`, at most `max` bytes: a TLS record's plaintext, read behind room for its
+/// header in a buffer that holds several records (`tls::stream::TlsStream::seal_and_send`).
+pub fn recv_spare_max(s: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
-    // SAFETY: the spare capacity is valid for writes of its length; the kernel writes at most
-    // that many bytes and we extend the length by exactly the count it reports.
-    let n = unsafe { libc::recv(s.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    let len = spare.len().min(max);
+    // SAFETY: the spare capacity is valid for writes of its length (>= `len`); the kernel
+    // writes at most `len` bytes and we extend the length by exactly the count it reports.
+    let n = unsafe { libc::recv(s.as_raw_fd(), spare.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     let n = n as usize;
-    // SAFETY: recv initialised the first `n` bytes of the spare capacity (n <= spare.len()).
+    // SAFETY: recv initialised the first `n` bytes of the spare capacity (n <= len).
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
 }

@@ -7,6 +7,7 @@
 
 pub mod chains;
 pub mod hello;
+pub mod record;
 pub mod secrets;
 pub mod stream;
 
@@ -806,6 +807,8 @@ fn build_configured(
             // rotated certificate or root) has a new ticketer: earlier tickets no longer
             // resume, so the next handshake is a full one against the new files.
             c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
+            // After the handshake ringside protects the records itself (`tls::record`).
+            c.enable_secret_extraction = true;
             Ok(Configured {
                 server: Some(Arc::new(c)),
                 client: None,
@@ -844,6 +847,8 @@ fn build_configured(
                 true => istio_alpn(),
                 false => alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
             };
+            // After the handshake ringside protects the records itself (`tls::record`).
+            c.enable_secret_extraction = true;
             let server_name = server_name.as_deref().and_then(|n| ServerName::try_from(n.to_owned()).ok());
             Ok(Configured { server: None, client: Some(Arc::new(c)), local_principal, server_name, chains })
         }
@@ -1648,6 +1653,128 @@ mod tests {
             go.send(()).unwrap();
         });
         peer.join().unwrap();
+    }
+
+    /// Two `TlsStream`s over loopback, each on its own thread and runtime: `client` and
+    /// `server` run against each other.
+    fn stream_pair(
+        name: &str,
+        client: impl FnOnce(stream::TlsStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+        + Send
+        + 'static,
+        server: impl FnOnce(stream::TlsStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+        + Send
+        + 'static,
+    ) {
+        let dir = tmpdir(name);
+        let mesh = ca("mesh");
+        let server_config = ratings_server(&dir, &mesh);
+        let cf = productpage_files(&format!("{name}-client"), &mesh);
+        let client_config = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = std::thread::spawn(move || {
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_nonblocking(true).unwrap();
+            let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+            rt.block_on(async move {
+                let tcp = monoio::net::TcpStream::from_std(tcp).unwrap();
+                let ip = addr.ip();
+                client(stream::TlsStream::client(tcp, &client_config, ip).unwrap()).await
+            });
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+        rt.block_on(async move {
+            let tcp = monoio::net::TcpStream::from_std(tcp).unwrap();
+            server(stream::TlsStream::server(tcp, server_config).unwrap()).await
+        });
+        c.join().unwrap();
+    }
+
+    /// Everything `tls` delivers until EOF.
+    async fn read_all(tls: &stream::TlsStream, pool: &crate::conn::BufferPool) -> Vec<u8> {
+        let mut got = Vec::new();
+        while tls.fill(pool).await.unwrap() == stream::Fill::Data {
+            tls.with_plaintext(|b| got.extend_from_slice(b));
+        }
+        got
+    }
+
+    #[test]
+    fn data_and_close_notify_right_behind_the_clients_finished_arrive_and_the_other_way_flows() {
+        stream_pair(
+            "half-close",
+            |tls| {
+                Box::pin(async move {
+                    let pool = crate::conn::BufferPool::default();
+                    tls.handshake_unsent(&pool).await.unwrap();
+                    // Finished, data and close_notify in one send.
+                    tls.queue(b"ping").await.unwrap();
+                    tls.shutdown().await.unwrap();
+                    assert_eq!(read_all(&tls, &pool).await, b"pong");
+                })
+            },
+            |tls| {
+                Box::pin(async move {
+                    let pool = crate::conn::BufferPool::default();
+                    tls.handshake_unsent(&pool).await.unwrap();
+                    tls.flush().await.unwrap();
+                    assert_eq!(read_all(&tls, &pool).await, b"ping");
+                    tls.write_all(b"pong").await.unwrap();
+                    tls.shutdown().await.unwrap();
+                })
+            },
+        );
+    }
+
+    #[test]
+    fn a_key_update_from_the_peer_mid_stream_is_followed_and_answered_with_bytes_intact() {
+        use std::io::{Read, Write};
+        use stream::TlsStream;
+        let dir = tmpdir("key-update");
+        let mesh = ca("mesh");
+        let server = ratings_server(&dir, &mesh);
+        let cf = productpage_files("key-update-client", &mesh);
+        let client = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap().client.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let before: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let after: Vec<u8> = (0..70_000u32).map(|i| (i % 241) as u8).collect();
+        let (b, a) = (before.clone(), after.clone());
+        let peer = std::thread::spawn(move || {
+            let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+            let conn = rustls::ClientConnection::new(client, name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+            tls.write_all(&b).unwrap();
+            // rustls sends KeyUpdate(update_requested) and seals what follows with its new key.
+            tls.conn.refresh_traffic_keys().unwrap();
+            tls.write_all(&a).unwrap();
+            tls.flush().unwrap();
+            // Our answer (its KeyUpdate, then the echo under its new key) must open here.
+            let mut echo = vec![0u8; b.len() + a.len()];
+            tls.read_exact(&mut echo).unwrap();
+            echo
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+        let want = [before.as_slice(), after.as_slice()].concat();
+        let expect = want.clone();
+        rt.block_on(async move {
+            let pool = crate::conn::BufferPool::default();
+            let tls = TlsStream::server(monoio::net::TcpStream::from_std(tcp).unwrap(), server).unwrap();
+            tls.handshake(&pool).await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < expect.len() {
+                assert_eq!(tls.fill(&pool).await.unwrap(), stream::Fill::Data);
+                tls.with_plaintext(|b| got.extend_from_slice(b));
+            }
+            assert!(got == expect, "bytes across the key update differ");
+            tls.write_all(&got).await.unwrap();
+        });
+        assert!(peer.join().unwrap() == want, "the echo after our key update differs");
     }
 
     #[test]

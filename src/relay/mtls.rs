@@ -321,6 +321,8 @@ async fn client_handshake_unsent(
         peer_principal: tls.peer_principal().map(Into::into),
         mutual_tls: true,
     };
+    // An upstream's certificate is read only for its principal (idle memory).
+    tls.forget_peer_certificate();
     Ok((tls, security))
 }
 

@@ -25,7 +25,8 @@ use super::Error;
 use super::hbone::{DATA_AT, RECORD_TAIL_ROOM, Received, Tunnel};
 use crate::conn::{Conn, WorkerCtx};
 use crate::socket;
-use crate::tls::stream::{Fill, TlsStream};
+use crate::tls::record;
+use crate::tls::stream::{self, Fill, TlsStream};
 
 /// One side of a connection: the downstream client or the upstream, as the pipeline set it
 /// up. The copy and the exchange ask what they need of it; only this file matches on kinds.
@@ -128,13 +129,14 @@ async fn direction(ctx: &WorkerCtx, conn: &Conn, from: &Side, to: &Side, request
     }
 }
 
-/// Reads of a full pool buffer encrypted before one send (`TlsStream::queue`): 3 × 16 KiB of
-/// records stay under rustls' 64 KiB queue limit, so none is sent on its own.
-const READS_PER_TLS_SEND: usize = 3;
+/// Records sealed and sent together by `plain_to_tls`: as many as a record buffer holds.
+const RECORDS_PER_SEND: usize = 4;
 
-/// Plaintext → TLS: a pool buffer only between readiness and the encrypting write. While a
-/// read fills the buffer, more is likely waiting: up to `READS_PER_TLS_SEND` reads are
-/// encrypted and then sent together in one vectored send.
+/// Plaintext → TLS: a record buffer only between readiness and the send. Each read goes
+/// behind room for a record header, at most a record's plaintext, and leaves room for the
+/// tag; while reads fill their record, more is likely waiting, so up to a buffer's worth of
+/// records (4) is sealed in place and sent together in one send: no copy besides the AEAD's
+/// pass (issue 31).
 async fn plain_to_tls(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -142,40 +144,47 @@ async fn plain_to_tls(
     tls: &TlsStream,
     request: bool,
 ) -> io::Result<()> {
+    let mut lens = [0usize; RECORDS_PER_SEND];
     loop {
         plain.readable(false).await?;
-        let mut buf = ctx.pool.take();
+        let (head, tail) = tls.record_rooms();
+        let mut buf = stream::take_record_buffer();
+        let mut records = 0;
         let mut eof = false;
-        for _ in 0..READS_PER_TLS_SEND {
-            let n = match socket::recv_spare(plain, &mut buf) {
+        while records < RECORDS_PER_SEND && buf.capacity() - buf.len() > head + tail {
+            let start = buf.len();
+            buf.resize(start + head, 0);
+            let room = buf.capacity() - buf.len() - tail;
+            let n = match socket::recv_spare_max(plain, &mut buf, room.min(record::MAX_PLAINTEXT)) {
+                Ok(0) => {
+                    eof = true;
+                    0
+                }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => {
-                    ctx.pool.put(buf);
+                    stream::put_record_buffer(buf);
                     return Err(e);
                 }
             };
             if n == 0 {
-                eof = true;
+                buf.truncate(start);
                 break;
             }
             count_bytes(ctx, conn, n, request);
-            let full = buf.len() == buf.capacity();
-            let r = tls.queue(&buf).await;
-            buf.clear();
-            if let Err(e) = r {
-                ctx.pool.put(buf);
-                return Err(e);
-            }
-            if !full {
+            buf.resize(buf.len() + tail, 0);
+            lens[records] = n;
+            records += 1;
+            if n < record::MAX_PLAINTEXT {
                 break;
             }
         }
-        ctx.pool.put(buf);
+        let r = tls.seal_and_send(&mut buf, &lens[..records]).await;
+        stream::put_record_buffer(buf);
+        r?;
         if eof {
             return tls.shutdown().await;
         }
-        tls.flush().await?;
     }
 }
 
@@ -198,6 +207,10 @@ async fn tls_to_plain(
         }
     }
 }
+
+/// DATA frames of a full pool buffer each handed to the TLS stream before one flush: three
+/// 16 KiB records fit its 64 KiB record buffer, so none is sent on its own.
+const READS_PER_TLS_SEND: usize = 3;
 
 /// Plaintext → HBONE stream: read behind room for a TLS record's and a DATA frame's headers
 /// (pool buffers, only between readiness and the hand-over), so each frame goes to the TLS
