@@ -443,8 +443,19 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         (server, Feed::Sotw(requests))
     };
     let p = match proxy {
-        "envoy" => envoy(core, envoy_bin.expect("envoy binary"), server.addr, if delta { "DELTA_GRPC" } else { "GRPC" }),
-        _ => ringside(core, server.addr, pki, proxy.strip_prefix("ringside@"), if delta { "delta" } else { "state_of_the_world" }),
+        "envoy" => envoy(
+            core,
+            envoy_bin.expect("envoy binary"),
+            server.addr,
+            if delta { "DELTA_GRPC" } else { "GRPC" },
+        ),
+        _ => ringside(
+            core,
+            server.addr,
+            pki,
+            proxy.strip_prefix("ringside@"),
+            if delta { "delta" } else { "state_of_the_world" },
+        ),
     };
     let pid = p.child.id();
     let mut first = None;
