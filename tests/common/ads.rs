@@ -562,11 +562,16 @@ impl AggregatedDiscoveryService for Ads {
                             break;
                         }
                         let s = snapshot.borrow_and_update().clone();
-                        // istiod's order: clusters, endpoints, listeners, routes.
-                        [CLUSTER, ENDPOINTS, LISTENER, ROUTES, SECRET]
-                            .iter()
-                            .filter_map(|t| send(&mut subscribed, &s, t, false))
-                            .collect()
+                        // istiod's order: clusters, endpoints, listeners, routes. Each is sent
+                        // once made, before the next type's diff (a mesh's takes a while).
+                        for t in [CLUSTER, ENDPOINTS, LISTENER, ROUTES, SECRET] {
+                            if let Some(r) = send(&mut subscribed, &s, t, false)
+                                && tx.send(Ok(r)).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Vec::new()
                     }
                 };
                 for r in out {
