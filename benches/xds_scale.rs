@@ -251,11 +251,9 @@ impl Feed {
     }
 
     /// Waits for the ACK of the endpoint push of `version` (delta: of the next EDS response).
-    /// Delta: returns when the server sent the response. Its delta server diffs every type
-    /// of the whole mesh on each push (~0.1 s at 10,000 services, this process's cost, not
-    /// the proxy's), so the clock starts once the EDS response is made, as it does for state
-    /// of the world where `push_endpoints` returns after the server's bookkeeping (the
-    /// server sends it before it diffs the Listeners).
+    /// Delta: returns when the server made the response (after its diff of the mesh's
+    /// assignments, this process's cost, not the proxy's), as the state-of-the-world clock
+    /// starts when `push_endpoints` returns after the server's bookkeeping.
     fn endpoints_acked(&self, version: &str) -> Option<Instant> {
         match self {
             Feed::Sotw(requests) => {
