@@ -13,7 +13,9 @@
 //! - one cluster's endpoints change (service 1's five move), as istiod pushes it over state
 //!   of the world (one EDS response with that assignment alone): time from handing it to
 //!   the server's stream to its ACK, and the process's CPU (its threads' schedstat ns) from
-//!   then until 200 ms after the ACK, averaged over EDS_PUSHES (5) changes, and beside it
+//!   then until 200 ms after the ACK, the median (and the ACK's p90) of EDS_PUSHES (20)
+//!   changes, on stderr how much of the time to the ACK the proxy was on a CPU and how much
+//!   runnable but waiting for one (schedstat), and beside it
 //!   the CPU of as long a window with nothing pushed (`idle_cpu_ms`), then IDLE_SECONDS (3)
 //!   more with nothing pushed, their CPU per second by thread name on stderr;
 //! - during one EDS push a second for PUSH_SECONDS with HELD long-lived connections open:
@@ -25,8 +27,10 @@
 //! `ringside@PATH` runs the ringside binary at PATH, to compare two builds in one run),
 //! RINGSIDE_BIN (default the release binary cargo built beside the bench),
 //! ENVOY_MAX_SERVICES (Envoy is skipped above it; default 10000), CORE (default 1),
-//! CONN_SECONDS (3), CONCURRENCY (16), EDS_PUSHES (5), PUSH_SECONDS (10), HELD (20), HOLD_PER_PUSH (0: one
-//! more connection held after each push's ACK, so that each pins its own generation).
+//! CONN_SECONDS (3), CONCURRENCY (16), EDS_PUSHES (20), PUSH_SECONDS (10), HELD (20), HOLD_PER_PUSH (0: one
+//! more connection held after each push's ACK, so that each pins its own generation), API
+//! (`sotw`, default, or `delta`: the server and both proxies speak delta xDS, Envoy with
+//! `api_type: DELTA_GRPC`; an endpoint change is then the one assignment upserted).
 
 #[path = "../tests/common/ads.rs"]
 mod ads;
@@ -144,6 +148,26 @@ fn cpu_ms(pid: u32) -> f64 {
     ns as f64 / 1e6
 }
 
+/// The whole process's time on a CPU and time waiting for one while runnable (the run
+/// queue: `schedstat`'s second field), in ms, summed over its threads.
+fn sched_ms(pid: u32) -> (f64, f64) {
+    let (mut run, mut wait) = (0u64, 0u64);
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else { continue };
+        let mut f = s.split(' ').filter_map(|v| v.trim().parse::<u64>().ok());
+        run += f.next().unwrap_or(0);
+        wait += f.next().unwrap_or(0);
+    }
+    (run as f64 / 1e6, wait as f64 / 1e6)
+}
+
+/// The `q` quantile (nearest rank) of `v`.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(((s.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0)
+}
+
 /// Each thread's time on a CPU, in ms, summed by thread name (`comm`).
 fn cpu_by_thread(pid: u32) -> std::collections::BTreeMap<String, f64> {
     let mut by = std::collections::BTreeMap::new();
@@ -181,6 +205,68 @@ fn acks(
         }
         if r.version_info == version {
             left.retain(|t| *t != r.type_url);
+        }
+    }
+}
+
+/// What the server receives, by the variant it speaks (API: `sotw` or `delta`).
+enum Feed {
+    Sotw(mpsc::Receiver<DiscoveryRequest>),
+    Delta(ads::DeltaLog),
+}
+
+impl Feed {
+    /// Waits for the ACK (or NACK: panics) of `version` of each of `types` (delta: the
+    /// first ACK of each type, whose versions are per resource); `first` is set when the
+    /// first request arrives.
+    fn acked(&self, version: &str, types: &[&str], first: &mut Option<Instant>) {
+        let log = match self {
+            Feed::Sotw(requests) => return acks(requests, version, types, first),
+            Feed::Delta(log) => log,
+        };
+        let mut left: Vec<&str> = types.to_vec();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !left.is_empty() {
+            let r = log
+                .requests
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no delta ACK for {left:?}"));
+            first.get_or_insert_with(Instant::now);
+            if r.response_nonce.is_empty() {
+                continue;
+            }
+            if let Some(e) = &r.error_detail {
+                panic!("NACK of {}: {}", r.type_url, &e.message[..e.message.len().min(2000)]);
+            }
+            left.retain(|t| *t != r.type_url);
+        }
+    }
+
+    /// Forgets what arrived so far: the next reply waited for is the next push's.
+    fn drain(&self) {
+        if let Feed::Delta(log) = self {
+            while log.responses.try_recv().is_ok() {}
+            while log.requests.try_recv().is_ok() {}
+        }
+    }
+
+    /// Waits for the ACK of the endpoint push of `version` (delta: of the next EDS response).
+    /// Delta: returns when the server made the response (after its diff of the mesh's
+    /// assignments, this process's cost, not the proxy's), as the state-of-the-world clock
+    /// starts when `push_endpoints` returns after the server's bookkeeping.
+    fn endpoints_acked(&self, version: &str) -> Option<Instant> {
+        match self {
+            Feed::Sotw(requests) => {
+                acks(requests, version, &[ENDPOINTS], &mut None);
+                None
+            }
+            Feed::Delta(log) => {
+                let response = log.response(ENDPOINTS);
+                let sent = Instant::now();
+                let reply = log.request("the endpoint push's ACK", |r| r.response_nonce == response.nonce);
+                assert!(reply.error_detail.is_none(), "NACK of the endpoint push {version}: {reply:?}");
+                Some(sent)
+            }
         }
     }
 }
@@ -227,13 +313,13 @@ fn pinned(core: u64, bin: &str) -> Command {
     c
 }
 
-fn ringside(core: u64, ads: SocketAddr, pki: &Pki, bin: Option<&str>) -> Proxy {
+fn ringside(core: u64, ads: SocketAddr, pki: &Pki, bin: Option<&str>, api: &str) -> Proxy {
     let config = std::env::temp_dir().join(format!("ringside-xds-scale-{}.yaml", std::process::id()));
     std::fs::write(
         &config,
         format!(
             "node: {{workload_name: bench-v1, namespace: default}}\nworkers: 1\n\
-             xds: {{address: {ads}, certificates: {{cert_chain: {}, private_key: {}, root_cert: {}}}}}\n",
+             xds: {{address: {ads}, api: {api}, certificates: {{cert_chain: {}, private_key: {}, root_cert: {}}}}}\n",
             pki.path("cert-chain.pem"),
             pki.path("key.pem"),
             pki.path("root-cert.pem")
@@ -263,7 +349,7 @@ fn ringside(core: u64, ads: SocketAddr, pki: &Pki, bin: Option<&str>) -> Proxy {
     Proxy { child, files: vec![config] }
 }
 
-fn envoy(core: u64, bin: &str, ads: SocketAddr) -> Proxy {
+fn envoy(core: u64, bin: &str, ads: SocketAddr, api_type: &str) -> Proxy {
     let bootstrap =
         std::env::temp_dir().join(format!("ringside-xds-scale-envoy-{}.yaml", std::process::id()));
     std::fs::write(
@@ -272,7 +358,7 @@ fn envoy(core: u64, bin: &str, ads: SocketAddr) -> Proxy {
             r#"node: {{id: "sidecar~10.244.0.9~bench-v1.default~default.svc.cluster.local", cluster: bench.default}}
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    api_type: {api_type}
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
   cds_config: {{ads: {{}}, resource_api_version: V3}}
@@ -319,6 +405,7 @@ struct Row {
     rate: f64,
     conn_cpu_us: f64,
     eds_ack_ms: f64,
+    eds_ack_p90_ms: f64,
     eds_cpu_ms: f64,
     idle_cpu_ms: f64,
     rate_pushing: f64,
@@ -346,14 +433,32 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         ads::workload_secrets(&pki.path("cert-chain.pem"), &pki.path("key.pem"), &pki.path("root-cert.pem"))
     };
     let shape = |s: ads::Snapshot| if proxy == "envoy" { istio_mesh::for_envoy(s, secrets()) } else { s };
-    let (server, requests) = AdsServer::serve(shape(mesh.snapshot("1")));
+    let delta = std::env::var("API").is_ok_and(|a| a == "delta");
+    let (server, feed) = if delta {
+        let (server, log) = AdsServer::serve_delta(shape(mesh.snapshot("1")));
+        (server, Feed::Delta(log))
+    } else {
+        let (server, requests) = AdsServer::serve(shape(mesh.snapshot("1")));
+        (server, Feed::Sotw(requests))
+    };
     let p = match proxy {
-        "envoy" => envoy(core, envoy_bin.expect("envoy binary"), server.addr),
-        _ => ringside(core, server.addr, pki, proxy.strip_prefix("ringside@")),
+        "envoy" => envoy(
+            core,
+            envoy_bin.expect("envoy binary"),
+            server.addr,
+            if delta { "DELTA_GRPC" } else { "GRPC" },
+        ),
+        _ => ringside(
+            core,
+            server.addr,
+            pki,
+            proxy.strip_prefix("ringside@"),
+            if delta { "delta" } else { "state_of_the_world" },
+        ),
     };
     let pid = p.child.id();
     let mut first = None;
-    acks(&requests, "1", &[CLUSTER, ENDPOINTS, LISTENER], &mut first);
+    feed.acked("1", &[CLUSTER, ENDPOINTS, LISTENER], &mut first);
     let first = first.unwrap();
     eprintln!("xds_scale: {proxy} {services}: pushed");
     let push_ms = first.elapsed().as_secs_f64() * 1000.0;
@@ -378,24 +483,41 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let moved = istio_mesh::cluster_name(1);
     // Built before the clock starts: the snapshot and the server's bookkeeping are this
     // process's cost, not the proxy's.
-    // EDS_PUSHES changes, each measured alone and averaged: a few ms each, so one alone is
-    // noise on a shared machine.
-    let changes = env("EDS_PUSHES", 5).max(1);
-    let (mut eds_ack_ms, mut eds_cpu_ms) = (0.0, 0.0);
+    // EDS_PUSHES changes, each measured alone: a few ms each, so one alone is noise on a
+    // shared machine; the median and p90 are reported.
+    let changes = env("EDS_PUSHES", 20).max(1);
+    let (mut acks_ms, mut cpus_ms, mut to_ack_cpu, mut to_ack_wait) = (vec![], vec![], vec![], vec![]);
     let threads0 = cpu_by_thread(pid);
     for i in 0..changes {
         let v = (2 + i).to_string();
         let next = shape(mesh.with_moved(&v, 1, 1 + i));
-        let cpu0 = cpu_ms(pid);
-        let (t0, retired) = server.push_endpoints(next, &[&moved]);
-        acks(&requests, &v, &[ENDPOINTS], &mut None);
-        eds_ack_ms += t0.elapsed().as_secs_f64() * 1000.0;
+        feed.drain();
+        let (cpu0, wait0) = sched_ms(pid);
+        let (pushed, retired) = server.push_endpoints(next, &[&moved]);
+        let t0 = feed.endpoints_acked(&v).unwrap_or(pushed);
+        acks_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        // Where the time to the ACK went: the proxy on a CPU, or runnable and waiting for one.
+        let (cpu1, wait1) = sched_ms(pid);
+        to_ack_cpu.push(cpu1 - cpu0);
+        to_ack_wait.push(wait1 - wait0);
         drop(retired);
         // Two ticks: ringside's workers take the publication on their next one.
         thread::sleep(Duration::from_millis(200));
-        eds_cpu_ms += cpu_ms(pid) - cpu0;
+        cpus_ms.push(cpu_ms(pid) - cpu0);
     }
-    let (eds_ack_ms, eds_cpu_ms) = (eds_ack_ms / changes as f64, eds_cpu_ms / changes as f64);
+    let (eds_ack_ms, eds_ack_p90_ms, eds_cpu_ms) =
+        (quantile(&acks_ms, 0.5), quantile(&acks_ms, 0.9), quantile(&cpus_ms, 0.5));
+    eprintln!(
+        "xds_scale: {proxy} {services}: endpoint change to ACK (ms, median / p90 / max): {eds_ack_ms:.2} / \
+         {eds_ack_p90_ms:.2} / {:.2}; the proxy's CPU before the ACK {:.2} / {:.2}, runnable but waiting \
+         for a CPU {:.2} / {:.2}; CPU to 200 ms after {eds_cpu_ms:.2} / {:.2}",
+        quantile(&acks_ms, 1.0),
+        quantile(&to_ack_cpu, 0.5),
+        quantile(&to_ack_cpu, 0.9),
+        quantile(&to_ack_wait, 0.5),
+        quantile(&to_ack_wait, 0.9),
+        quantile(&cpus_ms, 0.9),
+    );
     // Where it went, per thread name and change (stderr: for the profile notes).
     for (name, ms) in cpu_by_thread(pid) {
         let per = (ms - threads0.get(&name).copied().unwrap_or(0.0)) / changes as f64;
@@ -440,8 +562,10 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     while !connecting.is_finished() && pushes < 600 {
         pushes += 1;
         let v = (pushes + 1 + changes).to_string();
-        let (_, retired) = server.push_endpoints(shape(mesh.with_moved(&v, 1, pushes + changes)), &[&moved]);
-        acks(&requests, &v, &[ENDPOINTS], &mut None);
+        let next = shape(mesh.with_moved(&v, 1, pushes + changes));
+        feed.drain();
+        let (_, retired) = server.push_endpoints(next, &[&moved]);
+        feed.endpoints_acked(&v);
         drop(retired);
         if env("HOLD_PER_PUSH", 0) == 1 {
             // After the worker's next tick (100 ms): accepted under this push's generation.
@@ -466,6 +590,7 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         rate,
         conn_cpu_us,
         eds_ack_ms,
+        eds_ack_p90_ms,
         eds_cpu_ms,
         idle_cpu_ms,
         rate_pushing,
@@ -490,7 +615,7 @@ fn main() {
     let envoy_bin = std::env::var("ENVOY").ok();
     let pki = Pki::new();
     println!(
-        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  conn_cpu_us  eds_ack_ms  eds_cpu_ms  idle_cpu_ms  conn/s_pushing  rss_growth_MiB"
+        "proxy     services  push_ms  serving_ms  rss_MiB  KiB/service  conn/s  conn_cpu_us  eds_ack_ms  eds_ack_p90  eds_cpu_ms  idle_cpu_ms  conn/s_pushing  rss_growth_MiB"
     );
     for &n in &services {
         for proxy in proxies.split(',') {
@@ -503,7 +628,7 @@ fn main() {
             }
             let r = measure(proxy, n, &pki, envoy_bin.as_deref());
             println!(
-                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>12.1} {:>11.1} {:>11.2} {:>12.2} {:>15.0} {:>15.1}",
+                "{proxy:<9} {n:>8} {:>8.0} {:>11.0} {:>8.1} {:>12.1} {:>7.0} {:>12.1} {:>11.1} {:>12.1} {:>11.2} {:>12.2} {:>15.0} {:>15.1}",
                 r.push_ms,
                 r.serving_ms,
                 r.rss_mib,
@@ -511,6 +636,7 @@ fn main() {
                 r.rate,
                 r.conn_cpu_us,
                 r.eds_ack_ms,
+                r.eds_ack_p90_ms,
                 r.eds_cpu_ms,
                 r.idle_cpu_ms,
                 r.rate_pushing,

@@ -5,7 +5,8 @@
 # (one worker each, one after the other) are pinned to core CORE (default 1); the bench
 # process (ADS server, clients, backends) to the other core. Needs root; removes its
 # namespace on exit. Usage: perf/xds-scale.sh [--quick]  (SERVICES, PROXIES,
-# ENVOY_MAX_SERVICES, CONN_SECONDS, CONCURRENCY, PUSH_SECONDS, HELD, HOLD_PER_PUSH, RINGSIDE_BIN: the
+# ENVOY_MAX_SERVICES, CONN_SECONDS, CONCURRENCY, EDS_PUSHES, PUSH_SECONDS, HELD, HOLD_PER_PUSH, API
+# (sotw or delta), RINGSIDE_BIN: the
 # bench's header; BENCH: a bench executable built before)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)

@@ -368,7 +368,29 @@ impl Certs {
                 None => None,
             });
         }
+        // Every slot where it was (an endpoint change): the groups are the old ones, so the
+        // reload thread neither groups a mesh's 10,000 slots again nor looks at them.
+        if let Some(groups) = old.groups.get()
+            && certs.same_slots(old)
+        {
+            let _ = certs.groups.set(Arc::clone(groups));
+        }
         Ok(certs)
+    }
+
+    /// Whether each place holds the very slot it holds in `other`.
+    fn same_slots(&self, other: &Certs) -> bool {
+        fn same(a: &[Option<Arc<Slot>>], b: &[Option<Arc<Slot>>]) -> bool {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(a, b)| match (a, b) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (a, b) => a.is_none() && b.is_none(),
+                })
+        }
+        same(&self.listeners, &other.listeners)
+            && self.chains.len() == other.chains.len()
+            && self.chains.iter().zip(&other.chains).all(|(a, b)| same(a, b))
+            && same(&self.clusters, &other.clusters)
     }
 
     /// All distinct slots, for the reload thread.
@@ -1458,6 +1480,38 @@ mod tests {
         }
         assert!(!Arc::ptr_eq(&before, &certs.clusters[999].as_ref().unwrap().current()));
         assert_eq!(round.run(certs.groups()), 0);
+    }
+
+    #[test]
+    fn an_endpoint_change_keeps_the_reload_groups_so_a_round_looks_at_no_slot() {
+        let dir = tmpdir("groups-kept");
+        let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
+        let config = |port: u16| {
+            let mut yaml = String::from("clusters:\n");
+            for i in 0..100 {
+                yaml += &format!(
+                    "  - {{name: c{i}, endpoints: [{{address: 127.0.0.1:{port}}}], tls: {{mode: istio_mutual, cert_chain: {}, private_key: {}, root_cert: {}, subject_alt_names: [spiffe://cluster.local/ns/default/sa/s{i}]}}}}\n",
+                    f.cert_chain.display(),
+                    f.private_key.display(),
+                    f.root_cert.display()
+                );
+            }
+            crate::config::Config::parse(&yaml, "t.yaml").unwrap()
+        };
+        let certs = Certs::load(&config(1)).unwrap();
+        let mut round = Round::default();
+        assert_eq!(round.run(certs.groups()), 100, "new groups: each slot is looked at");
+        // Other endpoints, the same TLS: the same slots, so the same groups.
+        let next = Certs::next(&certs, &config(2)).unwrap();
+        assert!(Arc::ptr_eq(&certs.groups(), &next.groups()), "the groups are kept");
+        assert_eq!(round.run(next.groups()), 0, "no slot is looked at");
+        // A cluster's TLS changed: grouped again.
+        let mut changed = config(2);
+        let mut c = (*changed.clusters[7]).clone();
+        c.tls.as_mut().unwrap().subject_alt_names = vec!["spiffe://cluster.local/ns/x/sa/y".into()];
+        changed.clusters[7] = Arc::new(c);
+        let after = Certs::next(&next, &changed).unwrap();
+        assert!(!Arc::ptr_eq(&next.groups(), &after.groups()), "a new slot: new groups");
     }
 
     #[test]
