@@ -63,8 +63,17 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Streams a pooled carrier takes before the pool opens another (SPEC §12).
 const MAX_STREAMS: usize = 100;
 
-/// DATA frames `Tunnel::send_framed` seals in one send (a record buffer's four).
-const MAX_FRAMES: usize = 4;
+/// Room a send buffer keeps before a DATA frame's header: a TLS record's header (5 bytes), so
+/// the record can be sealed around the frame in place.
+pub(crate) const RECORD_HEAD_ROOM: usize = 5;
+
+/// Room a send buffer keeps after a DATA frame's bytes: TLS 1.3's inner content type (1 byte)
+/// and AEAD tag (16 bytes), for the same in-place seal.
+pub(crate) const RECORD_TAIL_ROOM: usize = 17;
+
+/// Where a send buffer's payload starts (`Tunnel::send_framed`): the record header's room,
+/// then the frame header's.
+pub(crate) const DATA_AT: usize = RECORD_HEAD_ROOM + HEADER_LEN;
 
 /// One carrier's shared state: its TLS stream, the HTTP/2 core, the bytes the core appended
 /// and not yet written, and each live stream's receive queue.
@@ -164,10 +173,11 @@ impl Mux {
         Turn { mux: self, _turn: self.turn.take().await }
     }
 
-    /// Hand `frames` (whole HTTP/2 frames) to the TLS stream, copied into its queue to leave
-    /// with the next `flush`; holding the turn, so they follow what was handed over before
-    /// them. The copy path: the core's frames (control frames, HEADERS) and a DATA frame the
-    /// windows cut short; whole DATA frames are sealed in place (`Tunnel::send_framed`).
+    /// Hand `frames` (whole HTTP/2 frames) to the TLS stream, to leave with the next `flush`;
+    /// holding the turn, so they follow what was handed over before them. The one place the
+    /// carrier's frames enter the TLS stream: a DATA frame comes from `Tunnel::send_framed`
+    /// with `RECORD_HEAD_ROOM` bytes free before it and `RECORD_TAIL_ROOM` after it in its
+    /// buffer, so a record layer that seals in place can take it there.
     async fn seal(&self, _turn: &Turn<'_>, frames: &[u8]) -> io::Result<()> {
         self.tls.queue(frames).await
     }
@@ -288,86 +298,31 @@ impl Tunnel {
         let _ = self.mux.with_h2(|h2, out| h2.consume(self.id, n, out));
     }
 
-    /// Room a send buffer keeps before and after each DATA frame for its TLS record
-    /// (`send_framed`): the record's header, then its content type and tag.
-    pub(crate) fn record_rooms(&self) -> (usize, usize) {
-        self.mux.tls.record_rooms()
-    }
-
-    /// Send `lens.len()` DATA frames from `buf`, where they lie back to back, each as
-    /// `record_rooms().0` free bytes, `HEADER_LEN` free bytes for the frame header, `len`
-    /// bytes of payload and `record_rooms().1` free bytes. The frames the peer's windows take
-    /// whole get their headers written in place and are sealed there as one TLS record each,
-    /// all sent in one send after what the carrier queued before them (no copy but the AEAD's
-    /// pass). A frame the windows cut short takes the copy path (`Mux::seal`): what the
-    /// windows allow is queued, its next frame's header written over bytes already queued,
-    /// and what was queued is sent before waiting for credit.
-    pub(crate) async fn send_framed(&self, buf: &mut [u8], lens: &[usize]) -> io::Result<()> {
+    /// Hand `buf[DATA_AT..buf.len() - RECORD_TAIL_ROOM]` to the carrier as DATA, to leave with
+    /// the next `flush` (several buffers then go in one send), waiting for window credit when
+    /// the peer's windows are spent (what was handed over is sent first). The buffer is shaped
+    /// for a TLS record around each frame: `RECORD_HEAD_ROOM` free bytes, the frame header's
+    /// room (written in place, so header and bytes go to the TLS stream as one slice), the
+    /// payload, and `RECORD_TAIL_ROOM` free bytes. A second frame (the windows allowed less
+    /// than the whole) has its header written over bytes already handed over.
+    pub(crate) async fn send_framed(&self, buf: &mut [u8]) -> io::Result<()> {
         let reset = |e| io::Error::new(io::ErrorKind::ConnectionReset, e);
-        let (head, tail) = self.mux.tls.record_rooms();
-        let mut plain = [0usize; MAX_FRAMES];
-        // Frame `i` starts at `at`; `done` of its payload bytes went by the copy path.
-        let (mut i, mut at, mut done) = (0, 0, 0);
-        while let Some(&len) = lens.get(i) {
+        let mut at = RECORD_HEAD_ROOM;
+        let end = buf.len().saturating_sub(RECORD_TAIL_ROOM);
+        while let Some(len) = end.checked_sub(at + HEADER_LEN).filter(|n| *n > 0) {
             let turn = self.mux.take_turn().await;
             if self.mux.closed.get() {
                 return Err(io::Error::from(io::ErrorKind::ConnectionReset));
             }
-            // Whole frames, while the windows take them.
-            let (mut whole, mut end, mut cut) = (0, at, 0);
-            if done == 0 {
-                let mut h2 = self.mux.h2.borrow_mut();
-                while let Some(&len) = lens.get(i + whole).filter(|_| whole < MAX_FRAMES) {
-                    if h2.send_capacity(self.id) < len {
-                        break;
-                    }
-                    let (n, frame) = h2.send_frame(self.id, len).map_err(reset)?;
-                    if let Some(room) = buf.get_mut(end + head..end + head + HEADER_LEN) {
-                        room.copy_from_slice(&frame);
-                    }
-                    if n < len {
-                        // The peer's max frame size is below a record's plaintext (never, at
-                        // its least 16 KiB): this frame's `n` bytes go by the copy path.
-                        cut = n;
-                        break;
-                    }
-                    plain[whole] = HEADER_LEN + len;
-                    whole += 1;
-                    end += head + HEADER_LEN + len + tail;
-                }
-            }
-            if whole > 0 || cut > 0 {
-                // What the core appended before these frames goes first.
-                self.mux.seal_queued(&turn).await?;
-            }
-            if whole > 0 {
-                let records = buf.get_mut(at..end).unwrap_or_default();
-                self.mux.tls.seal_and_send(records, &plain[..whole]).await?;
-                (i, at) = (i + whole, end);
-            }
-            if cut > 0 {
-                let frame = at + head;
-                self.mux.seal(&turn, buf.get(frame..frame + HEADER_LEN + cut).unwrap_or_default()).await?;
-                done = cut;
-            }
-            if whole > 0 || cut > 0 {
-                continue;
-            }
-            let (n, frame) = self.mux.h2.borrow_mut().send_frame(self.id, len - done).map_err(reset)?;
+            let (n, head) = self.mux.h2.borrow_mut().send_frame(self.id, len).map_err(reset)?;
             if n > 0 {
-                // Over the frame header's room, or over payload bytes already queued.
-                let at_frame = at + head + done;
-                if let Some(room) = buf.get_mut(at_frame..at_frame + HEADER_LEN) {
-                    room.copy_from_slice(&frame);
+                if let Some(room) = buf.get_mut(at..at + HEADER_LEN) {
+                    room.copy_from_slice(&head);
                 }
+                // What the core appended before this frame goes first.
                 self.mux.seal_queued(&turn).await?;
-                self.mux
-                    .seal(&turn, buf.get(at_frame..at_frame + HEADER_LEN + n).unwrap_or_default())
-                    .await?;
-                done += n;
-                if done == len {
-                    (i, at, done) = (i + 1, at + head + HEADER_LEN + len + tail, 0);
-                }
+                self.mux.seal(&turn, buf.get(at..at + HEADER_LEN + n).unwrap_or_default()).await?;
+                at += n;
                 continue;
             }
             // The peer gives credit back only for what it received.

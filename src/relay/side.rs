@@ -22,9 +22,8 @@ use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHal
 use monoio::net::TcpStream;
 
 use super::Error;
-use super::hbone::{Received, Tunnel};
+use super::hbone::{DATA_AT, RECORD_TAIL_ROOM, Received, Tunnel};
 use crate::conn::{Conn, WorkerCtx};
-use crate::hbone::frame::HEADER_LEN;
 use crate::socket;
 use crate::tls::record;
 use crate::tls::stream::{self, Fill, TlsStream};
@@ -209,15 +208,16 @@ async fn tls_to_plain(
     }
 }
 
-/// DATA frames read with one recvmsg(2): four 16 KiB records fill a record buffer.
-const FRAMES_PER_READ: usize = 4;
+/// DATA frames of a full pool buffer each handed to the TLS stream before one flush: three
+/// 16 KiB records fit its 64 KiB record buffer, so none is sent on its own.
+const READS_PER_TLS_SEND: usize = 3;
 
-/// Plaintext → HBONE stream: one recvmsg(2) reads up to `FRAMES_PER_READ` DATA frames' bytes
-/// into a record buffer (taken only between readiness and the send), each behind room for a
-/// TLS record's and the frame's headers and before room for the record's tag, so the tunnel
-/// seals the frames in place and sends them in one send: no copy besides the AEAD's pass. EOF
-/// is END_STREAM. A full read means more is waiting, so the next is tried before any
-/// readiness wait (a wait is one ring operation and a wake-up).
+/// Plaintext → HBONE stream: read behind room for a TLS record's and a DATA frame's headers
+/// (pool buffers, only between readiness and the hand-over), so each frame goes to the TLS
+/// stream without a copy here; EOF is END_STREAM. One recvmsg(2) reads into
+/// `READS_PER_TLS_SEND` buffers (a frame each), all handed over and then sent in one flush; a
+/// full read means more is waiting, so the next is tried before any readiness wait (a wait is
+/// one ring operation and a wake-up).
 async fn plain_to_tunnel(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -225,36 +225,43 @@ async fn plain_to_tunnel(
     tunnel: &Tunnel,
     request: bool,
 ) -> io::Result<()> {
-    let (head, tail) = tunnel.record_rooms();
-    // A frame's header and bytes are one record's plaintext.
-    let max = record::MAX_PLAINTEXT - HEADER_LEN;
-    let mut lens = [0usize; FRAMES_PER_READ];
     let mut ready = false;
     loop {
         if !ready {
             plain.readable(false).await?;
         }
-        let mut buf = stream::take_record_buffer();
-        let frames =
-            match socket::recv_spare_spaced(plain, &mut buf, (head + HEADER_LEN, max, tail), &mut lens) {
-                Ok(n) => n,
-                Err(e) => {
-                    stream::put_record_buffer(buf);
-                    if e.kind() == io::ErrorKind::WouldBlock {
-                        ready = false;
-                        continue;
-                    }
-                    return Err(e);
+        let mut bufs: [Vec<u8>; READS_PER_TLS_SEND] = std::array::from_fn(|_| {
+            let mut b = ctx.pool.take();
+            b.resize(DATA_AT, 0);
+            b
+        });
+        let n = match socket::recv_spare_vectored(plain, &mut bufs, RECORD_TAIL_ROOM) {
+            Ok(n) => n,
+            Err(e) => {
+                bufs.into_iter().for_each(|b| ctx.pool.put(b));
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    ready = false;
+                    continue;
                 }
-            };
-        if frames == 0 {
-            stream::put_record_buffer(buf);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            bufs.into_iter().for_each(|b| ctx.pool.put(b));
             return tunnel.finish();
         }
-        count_bytes(ctx, conn, lens[..frames].iter().sum(), request);
-        ready = frames == FRAMES_PER_READ && lens[frames - 1] == max;
-        let r = tunnel.send_framed(&mut buf, &lens[..frames]).await;
-        stream::put_record_buffer(buf);
+        count_bytes(ctx, conn, n, request);
+        ready = bufs.last().is_some_and(|b| b.len() + RECORD_TAIL_ROOM == b.capacity());
+        let mut r = Ok(());
+        for b in bufs.iter_mut().filter(|b| b.len() > DATA_AT) {
+            // The record's tag room (capacity kept free by the read).
+            b.resize(b.len() + RECORD_TAIL_ROOM, 0);
+            r = tunnel.send_framed(b).await;
+            if r.is_err() {
+                break;
+            }
+        }
+        bufs.into_iter().for_each(|b| ctx.pool.put(b));
         r?;
         tunnel.flush().await?;
     }
