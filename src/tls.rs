@@ -565,8 +565,11 @@ pub fn suite_index(suite: rustls::CipherSuite) -> usize {
     names.iter().position(|n| *n == name).unwrap_or(names.len() - 1)
 }
 
+/// TLS 1.3 tickets ringside's server sends after each handshake, full or resumed.
+const SERVER_TICKETS: usize = 1;
+
 /// Server names a client config keeps sessions for (each resumption uses a TLS 1.3 ticket
-/// up and the server sends two more). Each cache shard is a mutex shared by the config's
+/// up and the server sends another). Each cache shard is a mutex shared by the config's
 /// users, every worker: one or a few uncontended locks per outbound handshake.
 const CLIENT_SESSIONS: usize = 256;
 
@@ -829,6 +832,12 @@ fn build_configured(
             // rotated certificate or root) has a new ticketer: earlier tickets no longer
             // resume, so the next handshake is a full one against the new files.
             c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
+            // One ticket per handshake, not rustls' (and BoringSSL's) two: each resumed
+            // handshake uses one up and brings one back, so a client's pool stays as large
+            // as the most handshakes it ever had in flight (a miss is a full handshake that
+            // adds one). The second ticket cost every handshake a ticket sealed, a record
+            // each way and a ~1 KiB session stored, and Envoy's client keeps only the last.
+            c.send_tls13_tickets = SERVER_TICKETS;
             // After the handshake ringside protects the records itself (`tls::record`).
             c.enable_secret_extraction = true;
             Ok(Configured {
@@ -1645,6 +1654,73 @@ mod tests {
         assert!(handshake_in_memory(&clients[0], &server), "the first client's ticket resumes");
     }
 
+    /// A client session store that counts the TLS 1.3 tickets it is given.
+    #[derive(Debug)]
+    struct CountTickets {
+        inner: rustls::client::ClientSessionMemoryCache,
+        given: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CountTickets {
+        fn new() -> Self {
+            CountTickets {
+                inner: rustls::client::ClientSessionMemoryCache::new(4),
+                given: Default::default(),
+            }
+        }
+
+        fn take_count(&self) -> usize {
+            self.given.swap(0, std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    impl rustls::client::ClientSessionStore for CountTickets {
+        fn set_kx_hint(&self, n: ServerName<'static>, g: rustls::NamedGroup) {
+            self.inner.set_kx_hint(n, g)
+        }
+        fn kx_hint(&self, n: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.inner.kx_hint(n)
+        }
+        fn set_tls12_session(&self, n: ServerName<'static>, v: rustls::client::Tls12ClientSessionValue) {
+            self.inner.set_tls12_session(n, v)
+        }
+        fn tls12_session(&self, n: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.inner.tls12_session(n)
+        }
+        fn remove_tls12_session(&self, n: &ServerName<'static>) {
+            self.inner.remove_tls12_session(n)
+        }
+        fn insert_tls13_ticket(&self, n: ServerName<'static>, v: rustls::client::Tls13ClientSessionValue) {
+            self.given.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.insert_tls13_ticket(n, v)
+        }
+        fn take_tls13_ticket(
+            &self,
+            n: &ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(n)
+        }
+    }
+
+    #[test]
+    fn the_server_sends_one_ticket_per_handshake_full_or_resumed() {
+        let dir = tmpdir("one-ticket");
+        let mesh = ca("mesh");
+        let server = ratings_server(&dir, &mesh);
+        let cf = productpage_files("one-ticket-client", &mesh);
+        let built = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap().client.unwrap();
+        let store = Arc::new(CountTickets::new());
+        let mut config = (*built).clone();
+        config.resumption = rustls::client::Resumption::store(store.clone());
+        let client = Arc::new(config);
+        assert!(!handshake_in_memory(&client, &server), "the first handshake is a full one");
+        assert_eq!(store.take_count(), 1, "tickets after a full handshake");
+        for _ in 0..3 {
+            assert!(handshake_in_memory(&client, &server), "each handshake resumes with the last ticket");
+            assert_eq!(store.take_count(), 1, "tickets after a resumed handshake");
+        }
+    }
+
     #[test]
     fn twelve_connections_started_together_all_resume_once_twelve_tickets_came_back() {
         // rustls' own cache keeps 8 tickets per server name: 4 of these 12 were full handshakes.
@@ -1653,11 +1729,9 @@ mod tests {
         let server = ratings_server(&dir, &mesh);
         let cf = productpage_files("ticket-shards-client", &mesh);
         let client = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap().client.unwrap();
-        // A full handshake brings 2 tickets, each resumed one takes 1 and brings 2: 12 after 11.
-        assert!(!handshake_in_memory(&client, &server));
-        for _ in 1..11 {
-            assert!(handshake_in_memory(&client, &server));
-        }
+        // Twelve started together with no ticket are full handshakes and bring one ticket each.
+        let first: Vec<_> = (0..12).map(|_| client_in_memory(&client)).collect();
+        assert!(first.into_iter().all(|c| !complete_in_memory(c, &server)));
         let together: Vec<_> = (0..12).map(|_| client_in_memory(&client)).collect();
         let resumed = together.into_iter().map(|c| complete_in_memory(c, &server));
         assert_eq!(resumed.filter(|&r| r).count(), 12);
