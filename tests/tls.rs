@@ -520,19 +520,7 @@ fn openssl_s_client_with_a_mesh_certificate_reaches_the_application_through_stri
     let ca = Ca::new("mesh");
     let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
     let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-quiet", "-connect", &server.listen.to_string(), "-cert"])
-        .arg(certs.path("cert-chain.pem"))
-        .arg("-key")
-        .arg(certs.path("key.pem"))
-        .arg("-CAfile")
-        .arg(certs.path("root-cert.pem"))
-        .args(["-alpn", "istio"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl");
+    let mut child = spawn_s_client(server.listen, &certs, &["-quiet"]);
     child.stdin.as_mut().unwrap().write_all(b"hello from openssl\n").unwrap();
     let mut out = child.stdout.take().unwrap();
     let mut got = vec![0u8; 19];
@@ -559,20 +547,7 @@ fn an_openssl_client_key_update_mid_stream_is_followed_and_answered() {
     let ca = Ca::new("mesh");
     let server = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
     let certs = Certs::new("productpage", &ca, PRODUCTPAGE);
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-quiet", "-no_ign_eof", "-tls1_3", "-connect", &server.listen.to_string()])
-        .arg("-cert")
-        .arg(certs.path("cert-chain.pem"))
-        .arg("-key")
-        .arg(certs.path("key.pem"))
-        .arg("-CAfile")
-        .arg(certs.path("root-cert.pem"))
-        .args(["-alpn", "istio"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl");
+    let mut child = spawn_s_client(server.listen, &certs, &["-quiet", "-no_ign_eof", "-tls1_3"]);
     let mut stdin = child.stdin.take().unwrap();
     let mut out = child.stdout.take().unwrap();
     stdin.write_all(b"before the update\n").unwrap();
@@ -861,10 +836,10 @@ fn a_session_cached_for_one_expected_identity_never_satisfies_another() {
     assert_eq!(handshakes(&client, &[("handshake", "resumed")]), 1.0);
 }
 
-/// `openssl s_client` with a mesh certificate against `addr`: sends a line, waits for its
-/// echo, then closes stdin (s_client then exits). Returns its stdout (session details).
-fn s_client(addr: SocketAddr, certs: &Certs, args: &[&str]) -> String {
-    let mut child = Command::new("openssl")
+/// `openssl s_client` with a mesh certificate and Istio's ALPN against `addr`, plus `args`;
+/// stdin and stdout piped.
+fn spawn_s_client(addr: SocketAddr, certs: &Certs, args: &[&str]) -> std::process::Child {
+    Command::new("openssl")
         .args(["s_client", "-connect", &addr.to_string(), "-cert"])
         .arg(certs.path("cert-chain.pem"))
         .arg("-key")
@@ -877,7 +852,13 @@ fn s_client(addr: SocketAddr, certs: &Certs, args: &[&str]) -> String {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("openssl (tests/deps.sh installs it)");
+        .expect("openssl (tests/deps.sh installs it)")
+}
+
+/// `openssl s_client` with a mesh certificate against `addr`: sends a line, waits for its
+/// echo, then closes stdin (s_client then exits). Returns its stdout (session details).
+fn s_client(addr: SocketAddr, certs: &Certs, args: &[&str]) -> String {
+    let mut child = spawn_s_client(addr, certs, args);
     let line = b"echo through ringside\n";
     child.stdin.as_mut().unwrap().write_all(line).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
