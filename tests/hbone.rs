@@ -25,7 +25,6 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode};
 use pki::{Ca, Certs};
-use ringside::tls::{Files, Role};
 use rustls::pki_types::ServerName;
 
 const SERVER: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage";
@@ -55,23 +54,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// A client TLS config with `certs`, checking the server's SPIFFE id, offering `alpn`.
 fn client_tls(certs: &Certs, alpn: &[&str]) -> Arc<rustls::ClientConfig> {
-    let files = Files {
-        cert_chain: certs.path("cert-chain.pem"),
-        private_key: certs.path("key.pem"),
-        root_cert: certs.path("root-cert.pem"),
-    };
-    let role = Role::Client {
-        subject_alt_names: vec![SERVER.into()],
-        subject_alt_name_prefixes: Vec::new(),
-        server_name: None,
-        alpn: vec!["h2".into()],
-        mesh: true,
-        cipher_suites: Vec::new(),
-    };
-    let built = ringside::tls::build_with(ringside::tls::provider(), &files, &role).unwrap();
-    let mut config = (*built.client.unwrap()).clone();
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Arc::new(config)
+    pki::client_config(certs, SERVER, alpn)
 }
 
 /// An HTTP/2 client over mTLS to the terminator; `Err` when TLS or HTTP/2 setup failed.

@@ -281,24 +281,7 @@ const HBONE_CLIENT: &str = "spiffe://cluster.local/ns/default/sa/details";
 
 /// A client TLS config with `certs`, checking the server's SPIFFE id, offering `alpn`.
 fn client_tls(certs: &pki::Certs, alpn: &[&str]) -> std::sync::Arc<rustls::ClientConfig> {
-    use ringside::tls::{Files, Role};
-    let files = Files {
-        cert_chain: certs.path("cert-chain.pem"),
-        private_key: certs.path("key.pem"),
-        root_cert: certs.path("root-cert.pem"),
-    };
-    let role = Role::Client {
-        subject_alt_names: vec![SERVER.into()],
-        subject_alt_name_prefixes: Vec::new(),
-        server_name: None,
-        alpn: Vec::new(),
-        mesh: true,
-        cipher_suites: Vec::new(),
-    };
-    let built = ringside::tls::build_with(ringside::tls::provider(), &files, &role).unwrap();
-    let mut config = (*built.client.unwrap()).clone();
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    std::sync::Arc::new(config)
+    pki::client_config(certs, SERVER, alpn)
 }
 
 /// One HBONE stream held open: what is sent on it, what comes back.

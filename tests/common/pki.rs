@@ -227,3 +227,26 @@ pub fn tls_echo(
         other => Err(format!("echo {other:?}")),
     }
 }
+
+/// A client config as ringside builds it with `certs`, checking the server's SPIFFE id
+/// `server`, offering `alpn`.
+pub fn client_config(certs: &Certs, server: &str, alpn: &[&str]) -> std::sync::Arc<rustls::ClientConfig> {
+    use ringside::tls::{Files, Role};
+    let files = Files {
+        cert_chain: certs.path("cert-chain.pem"),
+        private_key: certs.path("key.pem"),
+        root_cert: certs.path("root-cert.pem"),
+    };
+    let role = Role::Client {
+        subject_alt_names: vec![server.into()],
+        subject_alt_name_prefixes: Vec::new(),
+        server_name: None,
+        alpn: Vec::new(),
+        mesh: true,
+        cipher_suites: Vec::new(),
+    };
+    let built = ringside::tls::build_with(ringside::tls::provider(), &files, &role).unwrap();
+    let mut config = (*built.client.unwrap()).clone();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    std::sync::Arc::new(config)
+}
