@@ -111,14 +111,6 @@ impl<T: Clone> Chunks<T> {
         let chunk = Arc::make_mut(&mut self.chunks).get_mut(i / CHUNK)?;
         Arc::make_mut(chunk).get_mut(i % CHUNK)
     }
-
-    /// Each element changed in place by `f` (every chunk copied that another version
-    /// shares: for building a config, not for a push).
-    pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut T)) {
-        for chunk in Arc::make_mut(&mut self.chunks) {
-            Arc::make_mut(chunk).iter_mut().for_each(&mut f);
-        }
-    }
 }
 
 impl<T> Index<usize> for Chunks<T> {

@@ -6,8 +6,9 @@
 //! beside the static config, checked as a whole: a cross-resource problem leaves out the
 //! resources it names, never the whole response. Pure but for the `apply` it is handed, and
 //! for what the merge keeps of what it built (`Merged`): the next merge shares every cluster
-//! and the listener side whose inputs are the same `Arc`s (SPEC §11: an endpoint change
-//! touches its cluster only).
+//! and the listener side whose inputs are the same `Arc`s, and an endpoint change patches
+//! the clusters it feeds into the last merge's config without a look at the others (SPEC
+//! §11: an endpoint change touches its cluster only).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
