@@ -440,8 +440,8 @@ impl RunArgs {
             let name = l.cluster.clone().ok_or_else(|| {
                 config::Error::msg("--upstream/--service need the listener to route to one cluster")
             })?;
-            let Some(c) = cfg.clusters.iter_mut().find(|c| c.name == name).map(std::sync::Arc::make_mut)
-            else {
+            let at = cfg.clusters.iter().position(|c| c.name == name);
+            let Some(c) = at.and_then(|i| cfg.clusters.get_mut(i)).map(std::sync::Arc::make_mut) else {
                 return Err(config::Error::msg(format!(
                     "listener {}: cluster {name:?} is not defined",
                     l.name

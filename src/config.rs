@@ -72,10 +72,11 @@ pub struct Config {
     /// Proxy listeners.
     #[serde(default)]
     pub listeners: Vec<Arc<Listener>>,
-    /// Upstream clusters, each behind an `Arc`: consecutive xDS generations share every
-    /// cluster that did not change, and the derived state keyed by it (SPEC §11).
+    /// Upstream clusters, each behind an `Arc`, in shared chunks: consecutive xDS
+    /// generations share every cluster that did not change, and the derived state keyed by
+    /// it, and an endpoint change copies one chunk of pointers, not all (SPEC §11).
     #[serde(default)]
-    pub clusters: Vec<Arc<Cluster>>,
+    pub clusters: crate::chunks::Chunks<Arc<Cluster>>,
     /// Weighted routes for `service:` listeners by host and port, as VirtualService `tcp:`
     /// routes (SPEC §6); `--istio` fills it from VirtualServices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -194,7 +195,7 @@ impl Default for Config {
             admin: Admin::default(),
             health: Health::default(),
             listeners: Vec::new(),
-            clusters: Vec::new(),
+            clusters: Default::default(),
             service_routes: Vec::new(),
             xds: None,
             command_line: Vec::new(),

@@ -93,7 +93,7 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             tunnel: None,
             access_log: None,
         })],
-        clusters: vec![std::sync::Arc::new(Cluster {
+        clusters: [std::sync::Arc::new(Cluster {
             name: "mongodb".into(),
             service: Some(service),
             service_namespace: None,
@@ -107,7 +107,9 @@ fn sidecar(node: Node, direction: Direction, upstream: SocketAddr) -> Config {
             bind_source: None,
             source: None,
             tunnel: None,
-        })],
+        })]
+        .into_iter()
+        .collect(),
         ..Config::default()
     };
     cfg.metrics.listen = Bind(None);

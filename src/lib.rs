@@ -12,6 +12,7 @@ pub mod backoff; // accept back-off on EMFILE and friends: pause length, log pac
 pub mod bootstrap; // Envoy's bootstrap (JSON/YAML) as pilot-agent renders it -> config. No I/O.
 pub mod busy_poll; // opt-in: poll instead of sleeping for a window after activity
 pub mod capture; // original destination, inbound bind to 127.0.0.6, iptables rules (§8)
+pub mod chunks; // a vector generations share in chunks: O(1) clone, one chunk copied per change. No I/O.
 pub mod cli; // flags -> config overrides
 pub mod config; // YAML model, defaults, validate(); durations; file:line errors
 pub mod conn; // a connection's context: worker state, counters, settling into labels

@@ -189,6 +189,36 @@ clusters:
 ";
 
     #[test]
+    fn an_endpoint_change_publishes_a_generation_sharing_every_other_chunk_of_clusters_routes_and_tls() {
+        let mut yaml = String::from(
+            "listeners:\n  - {name: l, listen: 127.0.0.1:1, direction: outbound, cluster: c0}\nclusters:\n",
+        );
+        for i in 0..1000 {
+            yaml.push_str(&format!(
+                "  - {{name: c{i}, endpoints: [{{address: 10.1.{}.{}:80}}]}}\n",
+                i / 250,
+                i % 250
+            ));
+        }
+        let first_cfg = cfg(&yaml);
+        let first_tls = Arc::new(Certs::load(&first_cfg).unwrap());
+        let first = Published::first(first_cfg.clone(), first_tls);
+        let mut second_cfg = first_cfg;
+        let mut c = (*second_cfg.clusters[700]).clone();
+        c.endpoints = Arc::new(vec![crate::config::Endpoint::at("10.2.0.9:80".parse().unwrap())]);
+        second_cfg.clusters[700] = Arc::new(c);
+        let second_tls = Arc::new(Certs::next(&first.tls, &second_cfg).unwrap());
+        let second = first.next(second_cfg, second_tls);
+        let all_but_one = first.config.clusters.chunk_count() - 1;
+        assert_eq!(second.config.clusters.shared_chunks(&first.config.clusters), all_but_one);
+        let (s1, s2) = (Snapshot::new(&first, 1, None), Snapshot::new(&second, 1, None));
+        assert_eq!(s2.router.clusters.shared_chunks(&s1.router.clusters), all_but_one);
+        assert_eq!(second.tls.clusters.shared_chunks(&first.tls.clusters), all_but_one);
+        assert!(!Arc::ptr_eq(&s2.router.clusters[700], &s1.router.clusters[700]));
+        assert!(Arc::ptr_eq(&s2.router.clusters[699], &s1.router.clusters[699]));
+    }
+
+    #[test]
     fn a_listener_that_stays_keeps_its_live_counter_and_an_endpoint_that_stays_its_load() {
         let first = Published::first(cfg(A), Default::default());
         first.live[1].fetch_add(3, Ordering::Relaxed);

@@ -211,12 +211,17 @@ pub struct Certs {
     /// Per listener (server side, a static listener's `tls:`).
     pub listeners: Vec<Option<Arc<Slot>>>,
     /// Per listener, per filter chain (server side, an xDS chain's DownstreamTlsContext).
-    pub chains: Vec<Vec<Option<Arc<Slot>>>>,
-    /// Per cluster (client side).
-    pub clusters: Vec<Option<Arc<Slot>>>,
+    pub chains: Vec<Arc<[Option<Arc<Slot>>]>>,
+    /// The config listeners `listeners` and `chains` were made for: a listener the next
+    /// publication shares (the same `Arc`) keeps its slots without a look at its chains (a
+    /// capture listener holds a mesh's 10,000).
+    listeners_from: Vec<Arc<crate::config::Listener>>,
+    /// Per cluster (client side), in chunks shared with the previous publication's.
+    pub clusters: crate::chunks::Chunks<Option<Arc<Slot>>>,
     /// The config clusters `clusters` were made for: the next publication keeps the slot of
-    /// a cluster it shares (the same `Arc`) without building its role again (SPEC §11).
-    from: Vec<Arc<crate::config::Cluster>>,
+    /// a cluster it shares (the same `Arc`) without building its role again, and looks
+    /// only at the chunks of clusters it does not share (SPEC §11).
+    from: crate::chunks::Chunks<Arc<crate::config::Cluster>>,
     /// The distinct slots by their files, made once (`Certs::groups`).
     groups: std::sync::OnceLock<Arc<[Group]>>,
 }
@@ -234,7 +239,7 @@ impl std::fmt::Debug for Certs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let count = |v: &[Option<Arc<Slot>>]| v.iter().flatten().count();
         let chains: usize = self.chains.iter().map(|c| count(c)).sum();
-        let (l, c) = (count(&self.listeners), count(&self.clusters));
+        let (l, c) = (count(&self.listeners), self.clusters.iter().flatten().count());
         write!(f, "Certs {{ listeners: {l}, chains: {chains}, clusters: {c} }}")
     }
 }
@@ -300,6 +305,14 @@ impl Certs {
         };
         let mut certs = Certs::default();
         for (li, l) in config.listeners.iter().enumerate() {
+            certs.listeners_from.push(Arc::clone(l));
+            if old.listeners_from.get(li).is_some_and(|o| Arc::ptr_eq(o, l))
+                && let (Some(here), Some(chains)) = (old.listeners.get(li), old.chains.get(li))
+            {
+                certs.listeners.push(here.clone());
+                certs.chains.push(Arc::clone(chains));
+                continue;
+            }
             let here = old.listeners.get(li).and_then(Option::as_ref);
             let what = || format!("Listener/{}", l.name);
             certs.listeners.push(match &l.tls {
@@ -339,17 +352,11 @@ impl Certs {
                     None => None,
                 });
             }
-            certs.chains.push(chains);
+            certs.chains.push(chains.into());
         }
-        for (i, c) in config.clusters.iter().enumerate() {
+        let mut cluster_slot = |c: &crate::config::Cluster, here: Option<&Arc<Slot>>| {
             let what = || format!("Cluster/{}", c.name);
-            let here = old.clusters.get(i).and_then(Option::as_ref);
-            certs.from.push(Arc::clone(c));
-            if old.from.get(i).is_some_and(|o| Arc::ptr_eq(o, c)) {
-                certs.clusters.push(here.cloned());
-                continue;
-            }
-            certs.clusters.push(match &c.tls {
+            Ok(match &c.tls {
                 Some(t) => {
                     let role = Role::Client {
                         subject_alt_names: t.subject_alt_names.clone(),
@@ -366,7 +373,39 @@ impl Certs {
                     Some(slot(&what, files(&t.files()), role, here)?)
                 }
                 None => None,
-            });
+            })
+        };
+        certs.from = config.clusters.clone();
+        match config.clusters.differing(&old.from) {
+            // As many clusters as before: the old slots, but at the clusters not shared with
+            // the old config (only the chunks not shared are looked at: an endpoint change
+            // costs its chunk, not the mesh's 10,000 clusters).
+            Some(ranges) => {
+                certs.clusters = old.clusters.clone();
+                for i in ranges.into_iter().flatten() {
+                    let c = &config.clusters[i];
+                    if old.from.get(i).is_some_and(|o| Arc::ptr_eq(o, c)) {
+                        continue;
+                    }
+                    let here = old.clusters.get(i).and_then(Option::as_ref);
+                    let s = cluster_slot(c, here)?;
+                    if let Some(at) = certs.clusters.get_mut(i) {
+                        *at = s;
+                    }
+                }
+            }
+            None => {
+                let mut clusters = Vec::with_capacity(config.clusters.len());
+                for (i, c) in config.clusters.iter().enumerate() {
+                    let here = old.clusters.get(i).and_then(Option::as_ref);
+                    if old.from.get(i).is_some_and(|o| Arc::ptr_eq(o, c)) {
+                        clusters.push(here.cloned());
+                        continue;
+                    }
+                    clusters.push(cluster_slot(c, here)?);
+                }
+                certs.clusters = clusters.into();
+            }
         }
         // Every slot where it was (an endpoint change): the groups are the old ones, so the
         // reload thread neither groups a mesh's 10,000 slots again nor looks at them.
@@ -378,25 +417,35 @@ impl Certs {
         Ok(certs)
     }
 
-    /// Whether each place holds the very slot it holds in `other`.
+    /// Whether each place holds the very slot it holds in `other` (the clusters compared
+    /// in the chunks the two do not share only).
     fn same_slots(&self, other: &Certs) -> bool {
-        fn same(a: &[Option<Arc<Slot>>], b: &[Option<Arc<Slot>>]) -> bool {
-            a.len() == b.len()
-                && a.iter().zip(b).all(|(a, b)| match (a, b) {
-                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                    (a, b) => a.is_none() && b.is_none(),
-                })
+        fn one(a: &Option<Arc<Slot>>, b: &Option<Arc<Slot>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            }
         }
+        fn same(a: &[Option<Arc<Slot>>], b: &[Option<Arc<Slot>>]) -> bool {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| one(a, b))
+        }
+        let clusters = self.clusters.differing(&other.clusters).is_some_and(|ranges| {
+            ranges.into_iter().flatten().all(|i| one(&self.clusters[i], &other.clusters[i]))
+        });
         same(&self.listeners, &other.listeners)
             && self.chains.len() == other.chains.len()
-            && self.chains.iter().zip(&other.chains).all(|(a, b)| same(a, b))
-            && same(&self.clusters, &other.clusters)
+            && self.chains.iter().zip(&other.chains).all(|(a, b)| Arc::ptr_eq(a, b) || same(a, b))
+            && clusters
     }
 
     /// All distinct slots, for the reload thread.
     pub fn slots(&self) -> Vec<Arc<Slot>> {
         let mut seen = std::collections::HashSet::new();
-        let every = self.listeners.iter().chain(self.chains.iter().flatten()).chain(&self.clusters);
+        let every = self
+            .listeners
+            .iter()
+            .chain(self.chains.iter().flat_map(|c| c.iter()))
+            .chain(self.clusters.iter());
         every.flatten().filter(|s| seen.insert(Arc::as_ptr(s))).cloned().collect()
     }
 

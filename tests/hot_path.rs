@@ -92,7 +92,8 @@ fn proxy(upstream: SocketAddr, driver: ringside::config::Driver) -> ringside::wo
             bind_source: None,
             source: None,
             tunnel: None,
-        })],
+        })]
+        .into(),
         ..Config::default()
     };
     // Metrics are counted (an admin listener could serve them) but nothing scrapes.

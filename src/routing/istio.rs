@@ -633,8 +633,11 @@ fn destination_rule(
     }
     let workload_tls = cfg.clusters.iter().find_map(|c| c.tls.clone());
     let mut matched = false;
-    for c in cfg.clusters.iter_mut().filter(|c| c.service.as_deref() == Some(host.as_str())) {
-        let c = std::sync::Arc::make_mut(c);
+    let serving: Vec<usize> = (0..cfg.clusters.len())
+        .filter(|&i| cfg.clusters[i].service.as_deref() == Some(host.as_str()))
+        .collect();
+    for i in serving {
+        let c = std::sync::Arc::make_mut(&mut cfg.clusters[i]);
         matched = true;
         let mut taken = Vec::new();
         for s in &subsets {
@@ -956,7 +959,8 @@ spec:
     fn a_service_entry_with_workload_entries_becomes_a_cluster_per_port() {
         let (cfg, reports) = load(&[("mongo.yaml", MONGO)]).unwrap();
         assert!(reports.is_empty(), "{reports:?}");
-        let [c] = cfg.clusters.as_slice() else { panic!("{:?}", cfg.clusters) };
+        let all: Vec<_> = cfg.clusters.iter().collect();
+        let [c] = all.as_slice() else { panic!("{:?}", cfg.clusters) };
         assert_eq!(c.name, "outbound|27017||mongodb.default.svc.cluster.local");
         assert_eq!(c.service.as_deref(), Some("mongodb.default.svc.cluster.local"));
         assert_eq!(c.service_port, Some(27017));

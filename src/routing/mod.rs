@@ -18,6 +18,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use crate::chunks::Chunks;
 use crate::config::{Capture, Config, LoadBalancer, TcpRoute};
 use crate::exchange::NodeMetadata;
 use crate::metrics::{self, ServiceInfo};
@@ -194,10 +195,11 @@ pub struct Routes {
     /// Per listener, its filter chains' routes and index (SPEC §9), shared with the
     /// previous publication while the listener and the clusters' order stay.
     listeners: Vec<Arc<ChainTable>>,
-    /// Clusters by index (the config's order).
-    clusters: Arc<[Arc<ClusterState>]>,
+    /// Clusters by index (the config's order), in chunks shared with the previous
+    /// publication's where no cluster of the chunk changed.
+    clusters: Chunks<Arc<ClusterState>>,
     /// The config clusters `clusters` were built from (the same `Arc`: nothing changed).
-    from: Vec<Arc<crate::config::Cluster>>,
+    from: Chunks<Arc<crate::config::Cluster>>,
     /// Routes by the addresses an outbound capture matches (SPEC §8).
     by_address: Addresses,
 }
@@ -294,7 +296,7 @@ impl Balance {
     /// come and go must not grow a worker's state without bound, and pruning only after the
     /// table has doubled keeps its cost amortised O(1) per cluster name ever routed, never a
     /// scan of the mesh per push (SPEC §11).
-    fn forget_gone(&self, published: &[Arc<ClusterState>]) {
+    fn forget_gone(&self, published: &Chunks<Arc<ClusterState>>) {
         const MARGIN: usize = 64;
         let mut all = self.clusters.borrow_mut();
         if all.len() <= 2 * published.len() + MARGIN {
@@ -335,7 +337,7 @@ struct Turns {
 pub struct Router {
     routes: Arc<Routes>,
     /// Clusters by index.
-    pub clusters: Arc<[Arc<ClusterState>]>,
+    pub clusters: Chunks<Arc<ClusterState>>,
     balance: Rc<Balance>,
 }
 
@@ -377,45 +379,12 @@ impl Routes {
     /// address map but for the changed clusters' addresses: a push costs what it changed
     /// plus pointer compares, and no lookup scans the clusters (SPEC §11).
     pub fn new(cfg: &Config, previous: Option<&Routes>) -> Routes {
-        // A cluster at the same place as before, or of the same name, built from the same
-        // `Arc` is shared without a look at its contents; the map by name is made only when
-        // the order changed (a push adding or removing clusters).
-        let old: &[Arc<ClusterState>] = previous.map_or(&[], |p| &p.clusters);
-        let old_from: &[Arc<crate::config::Cluster>] = previous.map_or(&[], |p| &p.from);
-        let mut before: Option<HashMap<&str, &Arc<ClusterState>>> = None;
-        let mut order_kept = old.len() == cfg.clusters.len();
-        let mut changed = Vec::new();
-        let clusters: Arc<[Arc<ClusterState>]> = cfg
-            .clusters
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if let (Some(o), Some(f)) = (old.get(i), old_from.get(i))
-                    && Arc::ptr_eq(f, c)
-                {
-                    return Arc::clone(o);
-                }
-                let was = match old.get(i) {
-                    Some(o) if o.name == c.name => {
-                        if let Some(f) = old_from.get(i) {
-                            changed.push((i, &**f, &**c));
-                        }
-                        Some(o)
-                    }
-                    _ => {
-                        order_kept = false;
-                        before
-                            .get_or_insert_with(|| old.iter().map(|o| (o.name.as_str(), o)).collect())
-                            .get(c.name.as_str())
-                            .copied()
-                    }
-                };
-                match was {
-                    Some(o) if same(o, c) => Arc::clone(o),
-                    _ => Arc::new(cluster_state(c)),
-                }
-            })
-            .collect();
+        // Same length: only the chunks that are not the previous config's are looked at (an
+        // endpoint change: one chunk of 64, not the mesh's 10,000 clusters).
+        let (clusters, changed, order_kept) = match previous.and_then(|p| Routes::patched(cfg, p)) {
+            Some(patched) => patched,
+            None => Routes::rebuilt(cfg, previous),
+        };
         // Name -> index once, when a route needs it: each lookup is O(1), not a scan of every
         // cluster (a mesh's 10,000 chains each naming one of 10,000 clusters).
         let by_name: std::cell::OnceCell<HashMap<&str, usize>> = std::cell::OnceCell::new();
@@ -541,6 +510,91 @@ impl Routes {
         let from = cfg.clusters.clone();
         Routes { routes, listeners, clusters, from, by_address }
     }
+
+    /// The clusters of `cfg` as `previous`'s with the changed ones replaced, when `cfg` holds
+    /// as many clusters as `previous` was built from and each changed one has the name it
+    /// had (an endpoint change); with the clusters whose contents changed (place, previous,
+    /// now). Looks only at the chunks `cfg` does not share with `previous`: O(what changed).
+    #[allow(clippy::type_complexity)]
+    fn patched<'a>(
+        cfg: &'a Config,
+        previous: &'a Routes,
+    ) -> Option<(
+        Chunks<Arc<ClusterState>>,
+        Vec<(usize, &'a crate::config::Cluster, &'a crate::config::Cluster)>,
+        bool,
+    )> {
+        let ranges = cfg.clusters.differing(&previous.from)?;
+        let mut clusters = previous.clusters.clone();
+        let mut changed = Vec::new();
+        for i in ranges.into_iter().flatten() {
+            let (c, f, o) = (&cfg.clusters[i], &previous.from[i], &previous.clusters[i]);
+            if Arc::ptr_eq(f, c) {
+                continue;
+            }
+            if o.name != c.name {
+                return None;
+            }
+            changed.push((i, &**f, &**c));
+            if !same(o, c) {
+                clusters[i] = Arc::new(cluster_state(c));
+            }
+        }
+        Some((clusters, changed, true))
+    }
+
+    /// The clusters of `cfg`, each shared with `previous` where built from the same `Arc`
+    /// (or of the same name and contents); with the clusters whose contents changed at the
+    /// same place and name, and whether every place kept its name.
+    #[allow(clippy::type_complexity)]
+    fn rebuilt<'a>(
+        cfg: &'a Config,
+        previous: Option<&'a Routes>,
+    ) -> (Chunks<Arc<ClusterState>>, Vec<(usize, &'a crate::config::Cluster, &'a crate::config::Cluster)>, bool)
+    {
+        // A cluster at the same place as before, or of the same name, built from the same
+        // `Arc` is shared without a look at its contents; the map by name is made only when
+        // the order changed (a push adding or removing clusters).
+        let Some(previous) = previous else {
+            return (cfg.clusters.iter().map(|c| Arc::new(cluster_state(c))).collect(), Vec::new(), false);
+        };
+        let (old, old_from) = (&previous.clusters, &previous.from);
+        let mut before: Option<HashMap<&str, &Arc<ClusterState>>> = None;
+        let mut order_kept = old.len() == cfg.clusters.len();
+        let mut changed = Vec::new();
+        let clusters = cfg
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if let (Some(o), Some(f)) = (old.get(i), old_from.get(i))
+                    && Arc::ptr_eq(f, c)
+                {
+                    return Arc::clone(o);
+                }
+                let was = match old.get(i) {
+                    Some(o) if o.name == c.name => {
+                        if let Some(f) = old_from.get(i) {
+                            changed.push((i, &**f, &**c));
+                        }
+                        Some(o)
+                    }
+                    _ => {
+                        order_kept = false;
+                        before
+                            .get_or_insert_with(|| old.iter().map(|o| (o.name.as_str(), o)).collect())
+                            .get(c.name.as_str())
+                            .copied()
+                    }
+                };
+                match was {
+                    Some(o) if same(o, c) => Arc::clone(o),
+                    _ => Arc::new(cluster_state(c)),
+                }
+            })
+            .collect();
+        (clusters, changed, order_kept)
+    }
 }
 
 impl Router {
@@ -553,7 +607,7 @@ impl Router {
     /// then the balance's forgetting of clusters gone (see [`Balance::forget_gone`]).
     pub fn with(routes: Arc<Routes>, balance: Rc<Balance>) -> Router {
         balance.forget_gone(&routes.clusters);
-        Router { clusters: Arc::clone(&routes.clusters), routes, balance }
+        Router { clusters: routes.clusters.clone(), routes, balance }
     }
 
     /// This worker's state, to hand to the router of the next publication.
@@ -566,7 +620,7 @@ impl Router {
     pub fn take_routes(&mut self) -> impl Send + use<> {
         static EMPTY: std::sync::OnceLock<Arc<Routes>> = std::sync::OnceLock::new();
         let empty = EMPTY.get_or_init(|| Arc::new(Routes::new(&Config::default(), None)));
-        let clusters = std::mem::replace(&mut self.clusters, Arc::clone(&empty.clusters));
+        let clusters = std::mem::replace(&mut self.clusters, empty.clusters.clone());
         (std::mem::replace(&mut self.routes, Arc::clone(empty)), clusters)
     }
 
@@ -1240,6 +1294,34 @@ clusters:
         assert!(third.by_address.changed.is_empty(), "built anew");
         let router = Router::with(Arc::new(third), Rc::new(Balance::seeded(1)));
         assert_eq!(router.route_original_dst("10.1.0.2:80".parse().unwrap()).map(|t| t.cluster), Some(0));
+    }
+
+    #[test]
+    fn an_endpoint_change_builds_the_table_of_its_cluster_only_sharing_every_other_chunk() {
+        let mut yaml = String::from(
+            "listeners:\n  - {name: l, listen: 127.0.0.1:1, direction: outbound, cluster: c0}\nclusters:\n",
+        );
+        for i in 0..1000 {
+            yaml.push_str(&format!(
+                "  - {{name: c{i}, endpoints: [{{address: 10.1.{}.{}:80}}]}}\n",
+                i / 250,
+                i % 250
+            ));
+        }
+        let first_cfg = cfg(&yaml);
+        let first = Routes::new(&first_cfg, None);
+        let mut second_cfg = first_cfg.clone();
+        let mut c = (*second_cfg.clusters[700]).clone();
+        c.endpoints = Arc::new(vec![crate::config::Endpoint::at("10.2.0.9:80".parse().unwrap())]);
+        second_cfg.clusters[700] = Arc::new(c);
+        let second = Routes::new(&second_cfg, Some(&first));
+        assert_eq!(second.clusters.shared_chunks(&first.clusters), first.clusters.chunk_count() - 1);
+        assert!(!Arc::ptr_eq(&second.clusters[700], &first.clusters[700]));
+        assert!(Arc::ptr_eq(&second.clusters[701], &first.clusters[701]));
+        assert_eq!(second.clusters[700].source[0].address.to_string(), "10.2.0.9:80");
+        // The clusters of shared chunks were not even cloned: held by the two tables only
+        // through their shared chunk.
+        assert_eq!(Arc::strong_count(&first.clusters[0]), 1);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! beside the static config, checked as a whole: a cross-resource problem leaves out the
 //! resources it names, never the whole response. Pure but for the `apply` it is handed, and
 //! for what the merge keeps of what it built (`Merged`): the next merge shares every cluster
-//! and the listener side whose inputs are the same `Arc`s (SPEC §11: an endpoint change
-//! touches its cluster only).
+//! and the listener side whose inputs are the same `Arc`s, and an endpoint change patches
+//! the clusters it feeds into the last merge's config without a look at the others (SPEC
+//! §11: an endpoint change touches its cluster only).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,6 +28,7 @@ use super::listener::{Handoff, XdsListener, listener};
 use super::proto::{CLUSTER, ENDPOINTS, Error, LISTENER, ROUTES, decode, invalid};
 use super::route::{TcpTarget, XdsRoute, by_original_destination, route_configuration, route_target};
 use super::tls::resolve;
+use crate::chunks::Chunks;
 use crate::config::{Capture, Cluster, Config, Endpoint, FilterChain, Listener, LoadBalancer, PeerExchange};
 
 /// The resource types ringside subscribes to, in the order of `ringside_xds_*` metrics.
@@ -114,16 +116,15 @@ pub struct State {
     pub resolved: BTreeMap<String, Arc<Vec<Endpoint>>>,
     /// The clusters the last merge built, shared by the next where unchanged.
     merged: RefCell<Merged>,
-    /// The last [`State::eds_names`] and the clusters it was read from: every SotW ACK of
-    /// an EDS response names all 10,000 assignments of a large mesh, and rebuilding (and
-    /// sorting) them per ACK was most of an endpoint change's cost. `Weak`, so that a
-    /// cluster replaced since cannot be freed and its address reused (pointer equality
-    /// then means the same cluster), without keeping its contents alive.
-    eds_names: RefCell<EdsNames>,
+    /// Counts the changes a response made to `clusters` (`take`, `revert`): what the
+    /// [`State::eds_names`] cache is checked against, in O(1).
+    clusters_changed: u64,
+    /// The last [`State::eds_names`], with `clusters_changed` and the number of clusters
+    /// when it was made: every SotW ACK of an EDS response names all 10,000 assignments of
+    /// a large mesh, and rebuilding (and sorting) them per ACK was most of an endpoint
+    /// change's cost; comparing the clusters one by one was a pass over the mesh per ACK.
+    eds_names: RefCell<(u64, usize, Arc<Vec<String>>)>,
 }
-
-/// The clusters [`State::eds_names`] last read, and the names it found.
-type EdsNames = (Vec<std::sync::Weak<XdsCluster>>, Arc<Vec<String>>);
 
 /// What one response did to the state.
 #[derive(Debug)]
@@ -198,23 +199,18 @@ impl Undo {
 
 impl State {
     /// The ClusterLoadAssignment names to subscribe to, sorted; shared with the last call
-    /// while the clusters held are the same (one pointer comparison per cluster).
+    /// while no response changed the clusters since (changes to `clusters` go through
+    /// responses; one made to the field directly is seen only if it changes their number).
     pub fn eds_names(&self) -> Arc<Vec<String>> {
         let mut cache = self.eds_names.borrow_mut();
-        let same = cache.0.len() == self.clusters.len()
-            && cache
-                .0
-                .iter()
-                .zip(self.clusters.values())
-                .all(|(w, c)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&c.value)));
-        if !same {
+        if (cache.0, cache.1) != (self.clusters_changed, self.clusters.len()) {
             let mut names: Vec<String> =
                 self.clusters.values().filter_map(|c| c.value.eds_name.clone()).collect();
             names.sort();
             names.dedup();
-            *cache = (self.clusters.values().map(|c| Arc::downgrade(&c.value)).collect(), Arc::new(names));
+            *cache = (self.clusters_changed, self.clusters.len(), Arc::new(names));
         }
-        Arc::clone(&cache.1)
+        Arc::clone(&cache.2)
     }
 
     /// The RouteConfiguration names to subscribe to: those the HTTP chains of the listeners
@@ -348,7 +344,13 @@ impl State {
         // The merged whole, checked and applied; what it blames is left out, one at a time.
         // Each round reverts one changed resource, so this ends.
         loop {
-            let why = match self.merge(base) {
+            // An endpoint change patches the last merge's config (SPEC §11: O(what changed));
+            // anything else, or nothing to patch, merges the whole.
+            let fast = match t {
+                Type::Endpoints => self.merge_endpoints(base, &undo.touched),
+                _ => None,
+            };
+            let why = match fast.unwrap_or_else(|| self.merge(base)) {
                 Err(e) => Err(e.to_string()),
                 Ok(mut cfg) => match self.validate_merged(&mut cfg) {
                     Err(e) => Err(e.message),
@@ -363,10 +365,12 @@ impl State {
                     rejected.push(invalid(t.name(), &name, strip_name(&why, t, &name)));
                 }
                 None => {
-                    // Nothing this response changed is named: refuse what it changed.
+                    // Nothing this response changed is named: refuse what it changed. The
+                    // last merge saw it: the next one starts from the whole state.
                     for name in &undo.touched {
                         self.revert(&undo.prev, t, name);
                     }
+                    self.merged.borrow_mut().config = None;
                     rejected = undo.upserted.iter().map(|n| invalid(t.name(), n, why.clone())).collect();
                     if rejected.is_empty() {
                         rejected.push(Error { resource: t.name().to_string(), reason: why });
@@ -564,6 +568,7 @@ impl State {
 
     /// Take resource `name` of type `t` from `from`.
     fn take(&mut self, t: Type, name: &str, mut from: State) {
+        self.clusters_changed += u64::from(t == Type::Cluster);
         if let Some(x) = from.listeners.remove(name).filter(|_| t == Type::Listener) {
             self.listeners.insert(name.into(), x);
         }
@@ -580,6 +585,7 @@ impl State {
 
     /// Resource `name` of type `t` back as it is in `prev` (or gone if it is not there).
     fn revert(&mut self, prev: &State, t: Type, name: &str) {
+        self.clusters_changed += u64::from(t == Type::Cluster);
         fn back<T>(now: &mut BTreeMap<String, Accepted<T>>, was: &BTreeMap<String, Accepted<T>>, name: &str) {
             match was.get(name) {
                 Some(x) => now.insert(name.to_string(), x.clone()),
@@ -680,7 +686,13 @@ impl State {
             endpoints: endpoints_seen,
             validated,
             partial,
+            config: patchable,
+            by_eds,
+            looked_at,
         } = &mut *merged;
+        // Made again below if this merge succeeds whole.
+        (*patchable, *by_eds, *looked_at) = (None, None, self.clusters.len());
+        let mut any_waiting = false;
         // Whether the last merge's config passed validation: only then may this one's be
         // checked for what it rebuilt alone (`validate_merged`).
         let was_validated = std::mem::take(validated);
@@ -748,6 +760,7 @@ impl State {
                     (inputs, c)
                 }
             };
+            any_waiting |= entry.1.tls.is_none() && x.value.cluster.tls.is_some();
             cfg.clusters.push(Arc::clone(&entry.1));
             built.push(entry);
         }
@@ -776,7 +789,81 @@ impl State {
             cfg.listeners.extend(s.listeners.iter().cloned());
             cfg.clusters.extend(s.named.iter().cloned());
         }
+        // Nothing waits for a secret (its arrival merges the whole again): the next endpoint
+        // change may patch this config.
+        if !any_waiting {
+            *patchable = Some(cfg.clone());
+        }
         Ok(cfg)
+    }
+
+    /// The last merge's config with the clusters built from the assignments `touched` built
+    /// again, and nothing else looked at (SPEC §11: an endpoint change costs its clusters,
+    /// not a pass over the mesh's). `None` when there is no such config to patch (the
+    /// first merge, or the last one was not whole, or the base changed): merge the whole.
+    /// Only for a state whose clusters, listeners, routes and DNS answers are those of the
+    /// last merge (an endpoint change: `change` of ClusterLoadAssignments).
+    fn merge_endpoints(&self, base: &Config, touched: &BTreeSet<String>) -> Option<Result<Config, Error>> {
+        let certificates = base.xds.as_ref().and_then(|x| x.certificates.as_ref());
+        let sds = base.xds.as_ref().is_some_and(|x| x.sds.is_some());
+        let mut merged = self.merged.borrow_mut();
+        let merged = &mut *merged;
+        let same_base = merged.base.0.as_ref() == certificates
+            && merged.base.1 == sds
+            && merged.base.2.len() == base.clusters.len()
+            && merged.base.2.iter().zip(base.clusters.iter()).all(|(a, b)| *a == b.name);
+        if !same_base || merged.clusters.len() != self.clusters.len() {
+            return None;
+        }
+        let mut cfg = merged.config.clone()?;
+        // Which clusters each assignment feeds, made once per set of clusters (the first
+        // endpoint change after a cluster change pays it).
+        let built = &merged.clusters;
+        let by_eds = merged.by_eds.get_or_insert_with(|| {
+            let mut by_eds: HashMap<String, Vec<usize>> = HashMap::new();
+            for (i, (inputs, _)) in built.iter().enumerate() {
+                if let (Some(eds), None) = (&inputs.from.eds_name, &inputs.from.dns) {
+                    by_eds.entry(eds.clone()).or_default().push(i);
+                }
+            }
+            by_eds
+        });
+        let mut patches = Vec::new();
+        for name in touched {
+            for &i in by_eds.get(name).map_or(&[][..], Vec::as_slice) {
+                let (was, _) = &merged.clusters[i];
+                let endpoints = self.endpoints.get(name).map(|e| Arc::clone(&e.value));
+                if was.same(&was.from, endpoints.as_ref(), &was.addresses) {
+                    continue;
+                }
+                let inputs =
+                    Inputs { from: Arc::clone(&was.from), endpoints, addresses: was.addresses.clone() };
+                match self.merge_cluster(&inputs, certificates, sds) {
+                    Ok(c) => patches.push((i, (inputs, Arc::new(c)))),
+                    Err(e) => {
+                        merged.config = None;
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+        let was_validated = std::mem::take(&mut merged.validated);
+        // The whole merge's record of the assignments it saw no longer holds for the
+        // clusters patched here: the next whole merge looks each up.
+        merged.endpoints = Vec::new();
+        merged.looked_at = patches.len();
+        let mut rebuilt = Vec::with_capacity(patches.len());
+        let mut any_waiting = false;
+        for (i, entry) in patches {
+            let at = base.clusters.len() + i;
+            any_waiting |= entry.1.tls.is_none() && entry.0.from.cluster.tls.is_some();
+            cfg.clusters[at] = Arc::clone(&entry.1);
+            merged.clusters[i] = entry;
+            rebuilt.push(at);
+        }
+        merged.partial = was_validated.then_some(rebuilt);
+        merged.config = (!any_waiting).then(|| cfg.clone());
+        Some(Ok(cfg))
     }
 
     /// The addresses the handed-off listeners and their RDS tables route to each cluster
@@ -817,7 +904,7 @@ impl State {
     #[allow(clippy::type_complexity)]
     fn merge_listeners(
         &self,
-        clusters: &[Arc<Cluster>],
+        clusters: &Chunks<Arc<Cluster>>,
         certificates: Option<&crate::config::CertificateFiles>,
         sds: bool,
     ) -> Result<(Vec<Arc<Listener>>, Vec<Arc<Cluster>>, bool), Error> {
@@ -984,6 +1071,16 @@ pub struct Merged {
     side: Option<Side>,
     /// The assignments held at the last merge, in the state's order.
     endpoints: Vec<(String, Arc<Vec<Endpoint>>)>,
+    /// The config the last merge made (before validation), as `clusters` and `side` hold
+    /// it: an endpoint change patches its clusters into it (`State::merge_endpoints`).
+    /// `None` when the next merge must be whole (the first; after a merge that failed, or
+    /// with a cluster waiting for a secret; after a change undone without a merge).
+    config: Option<Config>,
+    /// Per ClusterLoadAssignment name, the places (state order) of the clusters built
+    /// from it: made at the first endpoint change after the clusters changed.
+    by_eds: Option<HashMap<String, Vec<usize>>>,
+    /// How many clusters the last merge built or compared (what a test bounds).
+    looked_at: usize,
 }
 
 impl Clone for Merged {
@@ -1354,6 +1451,96 @@ mod tests {
         // The listeners did not change: the same merged listener, not a copy.
         assert_eq!(after.listeners.len(), 1);
         assert!(Arc::ptr_eq(&after.listeners[0], &before.listeners[0]));
+    }
+
+    /// A state holding `n` EDS clusters `c0..`, each with one endpoint, and a listener to
+    /// `c0`; with the configs `apply` was handed.
+    fn mesh(n: usize) -> (State, Config, std::rc::Rc<std::cell::RefCell<Vec<Config>>>) {
+        let (mut state, base) = (State::default(), certificates());
+        let applied: std::rc::Rc<std::cell::RefCell<Vec<Config>>> = Default::default();
+        let log = std::rc::Rc::clone(&applied);
+        let mut keep = move |c: Config| {
+            log.borrow_mut().push(c);
+            Ok(())
+        };
+        let clusters = (0..n).map(|i| any(CLUSTER, &eds_cluster(&format!("c{i}")))).collect();
+        state.update(&response(Type::Cluster, "1", clusters), &base, &mut keep);
+        state.update(&listeners("1", &[tcp("l", "127.0.0.1:1001", Some("c0"))]), &base, &mut keep);
+        let all =
+            (0..n).map(|i| assignment(&format!("c{i}"), &format!("10.0.{}.{}:80", i / 250, i % 250), 1));
+        state.update(&response(Type::Endpoints, "1", all.collect()), &base, &mut keep);
+        (state, base, applied)
+    }
+
+    #[test]
+    fn an_endpoint_change_builds_its_cluster_only_and_the_new_config_shares_every_other_chunk() {
+        let (mut state, base, applied) = mesh(1000);
+        let before = applied.borrow().last().unwrap().clone();
+        let mut keep = |c: Config| {
+            applied.borrow_mut().push(c);
+            Ok(())
+        };
+        // Delta: one assignment.
+        let change = delta(Type::Endpoints, vec![("c700", "2", assignment("c700", "10.9.9.9:80", 1))], &[]);
+        let o = state.update_delta(&change, &base, &mut keep);
+        assert!(o.rejected.is_empty(), "{:?}", o.rejected);
+        let after = applied.borrow().last().unwrap().clone();
+        assert_eq!(state.merged.borrow().looked_at, 1, "one cluster looked at, not the 1,000");
+        let at = after.clusters.iter().position(|c| c.name == "c700").unwrap();
+        assert_eq!(after.clusters[at].endpoints[0].address.to_string(), "10.9.9.9:80");
+        assert_eq!(
+            after.clusters.shared_chunks(&before.clusters),
+            before.clusters.chunk_count() - 1,
+            "every chunk but c700's is the previous config's"
+        );
+        assert_eq!(after.clusters.differing(&before.clusters).unwrap().len(), 1);
+        for (i, (a, b)) in after.clusters.iter().zip(before.clusters.iter()).enumerate() {
+            assert_eq!(Arc::ptr_eq(a, b), i != at, "{}", a.name);
+        }
+        assert!(Arc::ptr_eq(&after.listeners[0], &before.listeners[0]));
+        // The same over state of the world; what it carries again unchanged is not rebuilt.
+        let same = assignment("c700", "10.9.9.9:80", 1);
+        state.update(&response(Type::Endpoints, "3", vec![same]), &base, &mut keep);
+        assert_eq!(state.merged.borrow().looked_at, 1);
+        assert_eq!(
+            applied.borrow().last().unwrap().clusters[at].endpoints[0].address.to_string(),
+            "10.9.9.9:80"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_change_undone_whole_leaves_its_cluster_as_applied_before_for_the_next_change() {
+        let (mut state, base, applied) = mesh(200);
+        // `apply` refuses, naming nothing of the response: it is undone whole.
+        let mut refuse = |_: Config| Err("no worker took it".to_string());
+        let change = vec![assignment("c5", "10.9.9.5:80", 1)];
+        let o = state.update(&response(Type::Endpoints, "2", change), &base, &mut refuse);
+        assert_eq!(rejected(&o), ["ClusterLoadAssignment/c5"]);
+        let mut keep = |c: Config| {
+            applied.borrow_mut().push(c);
+            Ok(())
+        };
+        state.update(
+            &response(Type::Endpoints, "3", vec![assignment("c6", "10.9.9.6:80", 1)]),
+            &base,
+            &mut keep,
+        );
+        let cfg = applied.borrow().last().unwrap().clone();
+        let address = |name: &str| {
+            let c = cfg.clusters.iter().find(|c| c.name == name).unwrap();
+            c.endpoints[0].address.to_string()
+        };
+        assert_eq!((address("c5"), address("c6")), ("10.0.0.5:80".to_string(), "10.9.9.6:80".to_string()));
+        // And the next patch starts from that whole merge again.
+        state.update(
+            &response(Type::Endpoints, "4", vec![assignment("c7", "10.9.9.7:80", 1)]),
+            &base,
+            &mut keep,
+        );
+        assert_eq!(state.merged.borrow().looked_at, 1);
+        let cfg = applied.borrow().last().unwrap().clone();
+        let c5 = cfg.clusters.iter().find(|c| c.name == "c5").unwrap();
+        assert_eq!(c5.endpoints[0].address.to_string(), "10.0.0.5:80");
     }
 
     #[test]
