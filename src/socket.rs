@@ -352,9 +352,8 @@ pub fn recv_spare_max(s: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Resul
 
 /// As `recv_spare`, with one recvmsg(2) into up to `lens.len()` (at most 8) pieces laid out
 /// back to back in `buf`'s spare capacity, each `head` free bytes, at most `max` received
-/// bytes and `tail` free bytes: TLS records' plaintexts (HBONE DATA frames) read where they
-/// are sealed, with room for the record's and frame's headers and the tag
-/// (`tls::stream::TlsStream::seal_and_send`). The rooms are zeroed; `buf` then ends after the
+/// bytes and `tail` free bytes: TLS records' plaintexts read where they are sealed, with room
+/// for the record's header and tag (`tls::stream::TlsStream::seal_and_send`). The rooms are zeroed; `buf` then ends after the
 /// last piece that received bytes (with its tail room), `lens` holds each piece's count, and
 /// the return is how many pieces got bytes (`Ok(0)` is EOF). A piece is filled before the
 /// next gets any.

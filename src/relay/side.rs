@@ -130,14 +130,14 @@ async fn direction(ctx: &WorkerCtx, conn: &Conn, from: &Side, to: &Side, request
 }
 
 /// Records sealed and sent together by `plain_to_tls`: as many as a record buffer holds.
-const RECORDS_PER_SEND: usize = 4;
+const RECORDS_PER_SEND: usize = stream::RECORDS_PER_BUFFER;
 
 /// Plaintext → TLS: a record buffer only between readiness and the send. One recvmsg(2)
-/// reads up to a buffer's worth of records (4) at once, each record's plaintext behind room
+/// reads up to a buffer's worth of records (8, 128 KiB) at once, each record's plaintext behind room
 /// for its header and before room for its tag, so they are sealed in place and sent together
 /// in one send: no copy besides the AEAD's pass (issue 31). A read that filled every record
 /// means more is waiting: the next read is tried before any readiness wait (a wait is one
-/// ring operation and a wake-up per 64 KiB of a bulk stream).
+/// ring operation and a wake-up per 128 KiB of a bulk stream).
 async fn plain_to_tls(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -197,9 +197,10 @@ async fn tls_to_plain(
     }
 }
 
-/// DATA frames of a full pool buffer each handed to the TLS stream before one flush: three
-/// 16 KiB records fit its 64 KiB record buffer, so none is sent on its own.
-const READS_PER_TLS_SEND: usize = 3;
+/// DATA frames of a full pool buffer each handed to the TLS stream before one flush: their
+/// records fill its record buffer but one record's room, kept for the frames the HTTP/2 core
+/// queues meanwhile (WINDOW_UPDATE, PING), so none is sent on its own.
+const READS_PER_TLS_SEND: usize = stream::RECORDS_PER_BUFFER - 1;
 
 /// Plaintext → HBONE stream: read behind room for a TLS record's and a DATA frame's headers
 /// (pool buffers, only between readiness and the hand-over), so each frame goes to the TLS

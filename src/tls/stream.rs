@@ -41,12 +41,15 @@ pub enum Fill {
 /// The largest record on the wire (header and ciphertext).
 const MAX_RECORD: usize = record::HEADER_LEN + MAX_CIPHERTEXT;
 
-/// Capacity of the buffers records are read into, sealed in and queued in: four whole
-/// records, so one recv or one send moves up to 64 KiB of a bulk stream.
-pub const RECORD_BUFFER: usize = 4 * (MAX_PLAINTEXT + 13 + 17);
+/// Whole records a record buffer holds: one recv or one send moves up to this many 16 KiB
+/// records of a bulk stream (README Decisions, *Bulk reads and sends*).
+pub const RECORDS_PER_BUFFER: usize = 8;
 
-/// Record buffers a worker thread keeps for reuse (workers are threads: no lock).
-const RECORDS_KEEP: usize = 64;
+/// Capacity of the buffers records are read into, sealed in and queued in.
+pub const RECORD_BUFFER: usize = RECORDS_PER_BUFFER * (MAX_PLAINTEXT + 13 + 17);
+
+/// Record buffers a worker thread keeps for reuse (workers are threads: no lock): 4 MiB.
+const RECORDS_KEEP: usize = 32;
 
 thread_local! {
     static RECORDS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
@@ -261,7 +264,7 @@ enum State {
 }
 
 /// Records opened ahead of the reader, so one vectored send delivers a recv's worth.
-const OPENED_AHEAD: usize = 4;
+const OPENED_AHEAD: usize = RECORDS_PER_BUFFER;
 
 /// Ciphertext received and plaintext opened in place: `buf[plain[i]]` for `i < opened` wait
 /// for the reader in order, `buf[at..]` is ciphertext not opened yet. `buf` is a record
