@@ -153,7 +153,12 @@ async fn plain_to_tls(
         }
         let (head, tail) = tls.record_rooms();
         let mut buf = stream::take_record_buffer();
-        let records = match socket::recv_spare_spaced(plain, &mut buf, (head, record::MAX_PLAINTEXT, tail), &mut lens) {
+        let records = match socket::recv_spare_spaced(
+            plain,
+            &mut buf,
+            (head, record::MAX_PLAINTEXT, tail),
+            &mut lens,
+        ) {
             Ok(0) => {
                 stream::put_record_buffer(buf);
                 return tls.shutdown().await;
