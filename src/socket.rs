@@ -350,6 +350,67 @@ pub fn recv_spare_max(s: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Resul
     Ok(n)
 }
 
+/// As `recv_spare`, with one recvmsg(2) into up to `lens.len()` (at most 8) pieces laid out
+/// back to back in `buf`'s spare capacity, each `head` free bytes, at most `max` received
+/// bytes and `tail` free bytes: TLS records' plaintexts read where they are sealed, with room
+/// for the record's header and tag (`tls::stream::TlsStream::seal_and_send`). The rooms are zeroed; `buf` then ends after the
+/// last piece that received bytes (with its tail room), `lens` holds each piece's count, and
+/// the return is how many pieces got bytes (`Ok(0)` is EOF). A piece is filled before the
+/// next gets any.
+pub fn recv_spare_spaced(
+    s: &TcpStream,
+    buf: &mut Vec<u8>,
+    (head, max, tail): (usize, usize, usize),
+    lens: &mut [usize],
+) -> io::Result<usize> {
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 8];
+    let spare = buf.spare_capacity_mut();
+    let mut count = 0;
+    let mut at = 0;
+    for v in iov.iter_mut().take(lens.len()) {
+        let Some(room) = spare.len().checked_sub(at + head + tail).filter(|r| *r > 0) else { break };
+        let Some(piece) = spare.get_mut(at + head..) else { break };
+        *v = libc::iovec { iov_base: piece.as_mut_ptr().cast(), iov_len: room.min(max) };
+        at += head + room.min(max) + tail;
+        count += 1;
+    }
+    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = count as _;
+    // SAFETY: each iovec points at `iov_len` bytes of `buf`'s spare capacity (checked against
+    // its length above), disjoint from the others, borrowed for the call; the fd is live.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut left = n as usize;
+    let mut filled = 0;
+    let mut at = 0;
+    for (v, len) in iov.iter().take(count).zip(lens.iter_mut()) {
+        if left == 0 {
+            break;
+        }
+        let k = left.min(v.iov_len);
+        left -= k;
+        *len = k;
+        // The rooms around what the kernel wrote: in range, as the iovecs were.
+        for b in spare.iter_mut().skip(at).take(head) {
+            b.write(0);
+        }
+        for b in spare.iter_mut().skip(at + head + k).take(tail) {
+            b.write(0);
+        }
+        at += head + k + tail;
+        filled += 1;
+    }
+    // SAFETY: `buf`'s first `at` spare bytes are initialised: each filled piece's rooms were
+    // written above and its `k` bytes by the kernel (pieces before the last were filled whole,
+    // so they are contiguous); `at` is within the spare capacity as the iovecs were.
+    unsafe { buf.set_len(buf.len() + at) };
+    Ok(filled)
+}
+
 /// As `recv_spare`, into several buffers with one recvmsg(2): the first's spare capacity (but
 /// its last `tail` bytes, room the caller keeps behind the bytes, such as a TLS record's tag)
 /// is filled first, then the next's; returns the total received. At most 8 buffers are read
@@ -518,6 +579,35 @@ mod tests {
                 assert_eq!(&b[2..], &sent[i * 10..i * 10 + 10], "buffer {i}");
                 assert_eq!(b.capacity() - b.len(), 4, "the tail room left unwritten");
             }
+        });
+    }
+
+    #[test]
+    fn a_spaced_receive_fills_each_piece_between_its_zeroed_rooms_in_order() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+        rt.block_on(async move {
+            let s = monoio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut peer, _) = listener.accept().unwrap();
+            let sent: Vec<u8> = (1..=25u32).map(|i| i as u8).collect();
+            peer.write_all(&sent).unwrap();
+            // Pieces of 2 free bytes, at most 10 received, 3 free bytes; the third gets 5.
+            let mut buf = Vec::with_capacity(64);
+            buf.push(0xee);
+            let mut lens = [0usize; 4];
+            s.readable(false).await.unwrap();
+            // 25 bytes written at once are one loopback segment: one read takes them.
+            let pieces = super::recv_spare_spaced(&s, &mut buf, (2, 10, 3), &mut lens).unwrap();
+            assert_eq!(pieces, 3);
+            assert_eq!(&lens[..3], &[10, 10, 5]);
+            let mut want = vec![0xee];
+            for chunk in sent.chunks(10) {
+                want.extend_from_slice(&[0, 0]);
+                want.extend_from_slice(chunk);
+                want.extend_from_slice(&[0, 0, 0]);
+            }
+            assert_eq!(buf, want, "header rooms, bytes, tail rooms, back to back");
         });
     }
 

@@ -1832,6 +1832,77 @@ mod tests {
         peer.join().unwrap();
     }
 
+    #[test]
+    fn one_receive_opens_eight_records_and_one_send_delivers_them() {
+        use std::io::Write;
+        use stream::{Fill, TlsStream};
+        let dir = tmpdir("bulk-records");
+        let mesh = ca("mesh");
+        let server = ratings_server(&dir, &mesh);
+        let cf = productpage_files("bulk-records-client", &mesh);
+        let client = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap().client.unwrap();
+        // Socket buffers large enough that every record waits in the server's socket and the
+        // plaintext fits the sink's at once, so the counts below are the stream's, not TCP's.
+        let big = |s: &socket2::Socket| {
+            s.set_recv_buffer_size(4 << 20).unwrap();
+            s.set_send_buffer_size(4 << 20).unwrap();
+        };
+        let listen = |addr: std::net::SocketAddr| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            big(&s);
+            s.bind(&addr.into()).unwrap();
+            s.listen(8).unwrap();
+            std::net::TcpListener::from(s)
+        };
+        let listener = listen("127.0.0.1:0".parse().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let sink_listener = listen("127.0.0.1:0".parse().unwrap());
+        let sink_addr = sink_listener.local_addr().unwrap();
+        // Eight full records: 128 KiB per receive and per send (four before, issue 31).
+        let bulk: Vec<u8> = (0..8 * record::MAX_PLAINTEXT).map(|i| (i % 251) as u8).collect();
+        let sent = bulk.clone();
+        let (ready, wait_ready) = std::sync::mpsc::channel::<()>();
+        let (done, wait_done) = std::sync::mpsc::channel::<()>();
+        let (handshake, wait_handshake) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+            let conn = rustls::ClientConnection::new(client, name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock).unwrap();
+            }
+            // The server's handshake read ends before the records come, so they all wait.
+            wait_handshake.recv().unwrap();
+            tls.write_all(&sent).unwrap(); // full 16 KiB records
+            tls.flush().unwrap();
+            ready.send(()).unwrap();
+            wait_done.recv().unwrap(); // open until the server is done
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let sink = std::net::TcpStream::connect(sink_addr).unwrap();
+        let (mut sink_peer, _) = sink_listener.accept().unwrap();
+        sink.set_nonblocking(true).unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+        let delivered = rt.block_on(async move {
+            let pool = crate::conn::BufferPool::default();
+            let tls = TlsStream::server(monoio::net::TcpStream::from_std(tcp).unwrap(), server).unwrap();
+            tls.handshake(&pool).await.unwrap();
+            handshake.send(()).unwrap();
+            wait_ready.recv().unwrap(); // every record is in the socket
+            let sink = monoio::net::TcpStream::from_std(sink).unwrap();
+            assert_eq!(tls.fill(&pool).await.unwrap(), Fill::Data);
+            let n = tls.send_to(&sink).unwrap();
+            done.send(()).unwrap();
+            n
+        });
+        assert_eq!(delivered, bulk.len(), "eight records opened by one receive, sent by one send");
+        let mut got = vec![0; bulk.len()];
+        std::io::Read::read_exact(&mut sink_peer, &mut got).unwrap();
+        assert!(got == bulk, "bytes intact and in order");
+        peer.join().unwrap();
+    }
+
     /// Two `TlsStream`s over loopback, each on its own thread and runtime: `client` and
     /// `server` run against each other.
     fn stream_pair(

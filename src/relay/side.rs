@@ -130,13 +130,14 @@ async fn direction(ctx: &WorkerCtx, conn: &Conn, from: &Side, to: &Side, request
 }
 
 /// Records sealed and sent together by `plain_to_tls`: as many as a record buffer holds.
-const RECORDS_PER_SEND: usize = 4;
+const RECORDS_PER_SEND: usize = stream::RECORDS_PER_BUFFER;
 
-/// Plaintext → TLS: a record buffer only between readiness and the send. Each read goes
-/// behind room for a record header, at most a record's plaintext, and leaves room for the
-/// tag; while reads fill their record, more is likely waiting, so up to a buffer's worth of
-/// records (4) is sealed in place and sent together in one send: no copy besides the AEAD's
-/// pass (issue 31).
+/// Plaintext → TLS: a record buffer only between readiness and the send. One recvmsg(2)
+/// reads up to a buffer's worth of records (8, 128 KiB) at once, each record's plaintext behind room
+/// for its header and before room for its tag, so they are sealed in place and sent together
+/// in one send: no copy besides the AEAD's pass (issue 31). A read that filled every record
+/// means more is waiting: the next read is tried before any readiness wait (a wait is one
+/// ring operation and a wake-up per 128 KiB of a bulk stream).
 async fn plain_to_tls(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -145,46 +146,39 @@ async fn plain_to_tls(
     request: bool,
 ) -> io::Result<()> {
     let mut lens = [0usize; RECORDS_PER_SEND];
+    let mut ready = false;
     loop {
-        plain.readable(false).await?;
+        if !ready {
+            plain.readable(false).await?;
+        }
         let (head, tail) = tls.record_rooms();
         let mut buf = stream::take_record_buffer();
-        let mut records = 0;
-        let mut eof = false;
-        while records < RECORDS_PER_SEND && buf.capacity() - buf.len() > head + tail {
-            let start = buf.len();
-            buf.resize(start + head, 0);
-            let room = buf.capacity() - buf.len() - tail;
-            let n = match socket::recv_spare_max(plain, &mut buf, room.min(record::MAX_PLAINTEXT)) {
-                Ok(0) => {
-                    eof = true;
-                    0
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => {
-                    stream::put_record_buffer(buf);
-                    return Err(e);
-                }
-            };
-            if n == 0 {
-                buf.truncate(start);
-                break;
+        let records = match socket::recv_spare_spaced(
+            plain,
+            &mut buf,
+            (head, record::MAX_PLAINTEXT, tail),
+            &mut lens,
+        ) {
+            Ok(0) => {
+                stream::put_record_buffer(buf);
+                return tls.shutdown().await;
             }
-            count_bytes(ctx, conn, n, request);
-            buf.resize(buf.len() + tail, 0);
-            lens[records] = n;
-            records += 1;
-            if n < record::MAX_PLAINTEXT {
-                break;
+            Ok(records) => records,
+            Err(e) => {
+                stream::put_record_buffer(buf);
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    ready = false;
+                    continue;
+                }
+                return Err(e);
             }
-        }
-        let r = tls.seal_and_send(&mut buf, &lens[..records]).await;
+        };
+        let lens = &lens[..records];
+        count_bytes(ctx, conn, lens.iter().sum(), request);
+        ready = records == RECORDS_PER_SEND && lens.iter().all(|&n| n == record::MAX_PLAINTEXT);
+        let r = tls.seal_and_send(&mut buf, lens).await;
         stream::put_record_buffer(buf);
         r?;
-        if eof {
-            return tls.shutdown().await;
-        }
     }
 }
 
@@ -208,9 +202,10 @@ async fn tls_to_plain(
     }
 }
 
-/// DATA frames of a full pool buffer each handed to the TLS stream before one flush: three
-/// 16 KiB records fit its 64 KiB record buffer, so none is sent on its own.
-const READS_PER_TLS_SEND: usize = 3;
+/// DATA frames of a full pool buffer each handed to the TLS stream before one flush: their
+/// records fill its record buffer but one record's room, kept for the frames the HTTP/2 core
+/// queues meanwhile (WINDOW_UPDATE, PING), so none is sent on its own.
+const READS_PER_TLS_SEND: usize = stream::RECORDS_PER_BUFFER - 1;
 
 /// Plaintext → HBONE stream: read behind room for a TLS record's and a DATA frame's headers
 /// (pool buffers, only between readiness and the hand-over), so each frame goes to the TLS

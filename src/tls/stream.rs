@@ -41,12 +41,15 @@ pub enum Fill {
 /// The largest record on the wire (header and ciphertext).
 const MAX_RECORD: usize = record::HEADER_LEN + MAX_CIPHERTEXT;
 
-/// Capacity of the buffers records are read into, sealed in and queued in: four whole
-/// records, so one recv or one send moves up to 64 KiB of a bulk stream.
-pub const RECORD_BUFFER: usize = 4 * (MAX_PLAINTEXT + 13 + 17);
+/// Whole records a record buffer holds: one recv or one send moves up to this many 16 KiB
+/// records of a bulk stream (README Decisions, *Bulk reads and sends*).
+pub const RECORDS_PER_BUFFER: usize = 8;
 
-/// Record buffers a worker thread keeps for reuse (workers are threads: no lock).
-const RECORDS_KEEP: usize = 64;
+/// Capacity of the buffers records are read into, sealed in and queued in.
+pub const RECORD_BUFFER: usize = RECORDS_PER_BUFFER * (MAX_PLAINTEXT + 13 + 17);
+
+/// Record buffers a worker thread keeps for reuse (workers are threads: no lock): 4 MiB.
+const RECORDS_KEEP: usize = 32;
 
 thread_local! {
     static RECORDS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
@@ -261,7 +264,7 @@ enum State {
 }
 
 /// Records opened ahead of the reader, so one vectored send delivers a recv's worth.
-const OPENED_AHEAD: usize = 4;
+const OPENED_AHEAD: usize = RECORDS_PER_BUFFER;
 
 /// Ciphertext received and plaintext opened in place: `buf[plain[i]]` for `i < opened` wait
 /// for the reader in order, `buf[at..]` is ciphertext not opened yet. `buf` is a record
@@ -269,7 +272,9 @@ const OPENED_AHEAD: usize = 4;
 #[derive(Default)]
 struct Rx {
     buf: Vec<u8>,
-    plain: [Range<usize>; OPENED_AHEAD],
+    // u32 offsets: eight ranges in the room four `Range<usize>` took, so an idle `TlsStream`
+    // is no larger for opening eight records ahead.
+    plain: [Range<u32>; OPENED_AHEAD],
     opened: usize,
     at: usize,
 }
@@ -279,7 +284,7 @@ impl Rx {
     fn first(&self) -> &[u8] {
         match self.opened {
             0 => &[],
-            _ => self.buf.get(self.plain[0].clone()).unwrap_or_default(),
+            _ => self.buf.get(span(&self.plain[0])).unwrap_or_default(),
         }
     }
 
@@ -292,8 +297,8 @@ impl Rx {
     fn consume(&mut self, mut n: usize) {
         while n > 0 && self.opened > 0 {
             let r = &mut self.plain[0];
-            let k = n.min(r.len());
-            r.start += k;
+            let k = n.min(span(r).len());
+            r.start += offset(k);
             n -= k;
             if r.start >= r.end {
                 self.plain.rotate_left(1);
@@ -301,6 +306,17 @@ impl Rx {
             }
         }
     }
+}
+
+/// An offset in a receive buffer as stored in `Rx::plain`: receive buffers are record
+/// buffers (`RECORD_BUFFER`) or the handshake's leftovers (a few records), far below 4 GiB.
+fn offset(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// A stored range as indices into the receive buffer.
+fn span(r: &Range<u32>) -> Range<usize> {
+    r.start as usize..r.end as usize
 }
 
 /// Sealed records not yet sent: `buf[sent..]` (a record buffer while any wait).
@@ -423,7 +439,7 @@ impl TlsStream {
             buf.extend_from_slice(&incoming);
             let mut rx = Rx { buf, at: early.len(), ..Rx::default() };
             if !early.is_empty() {
-                rx.plain[0] = 0..early.len();
+                rx.plain[0] = 0..offset(early.len());
                 rx.opened = 1;
             }
             *self.rx.borrow_mut() = rx;
@@ -552,7 +568,7 @@ impl TlsStream {
         let Some(rec) = buf.get_mut(start..start + len) else { return Ok(false) };
         match session.open(rec)? {
             Opened::Data(r) if r.start < r.end => {
-                plain[*opened] = start + r.start..start + r.end;
+                plain[*opened] = offset(start + r.start)..offset(start + r.end);
                 *opened += 1;
             }
             Opened::Data(_) => {}
@@ -701,7 +717,7 @@ impl TlsStream {
             let rx = self.rx.borrow();
             let mut slices = [io::IoSlice::new(&[]); OPENED_AHEAD];
             for (s, r) in slices.iter_mut().zip(&rx.plain[..rx.opened]) {
-                *s = io::IoSlice::new(rx.buf.get(r.clone()).unwrap_or_default());
+                *s = io::IoSlice::new(rx.buf.get(span(r)).unwrap_or_default());
             }
             NonBlocking(to).write_vectored(&slices[..rx.opened])?
         };

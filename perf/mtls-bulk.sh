@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Two ringside sidecars with mutual TLS between them (perf/run.sh's ringside-2-mtls pair:
+# outbound sidecar → TLS 1.3 with client certificates → inbound sidecar → sink), one bulk
+# stream at a time, several builds alternated in one session (issue #31's bulk path):
+# CPU per GB of both proxies over 3 runs, 1-stream throughput (median), and with
+# MTLS_SYSCALLS=1 the syscalls, ring enters and context switches per MiB of each proxy.
+#   MTLS_RINGSIDES="base=/work/base/ringside-429b381 new=target/release/ringside" \
+#     flock /tmp/perf.lock perf/mtls-bulk.sh [ROUNDS]
+# Both proxies on core 1, loadgen and its sink on core 0, as perf/run.sh; ports 18500-18503.
+source "$(dirname "$0")/harness.sh"
+
+ROUNDS=${1:-2}; BULK_SECONDS=${MTLS_BULK_SECONDS:-3}
+LOAD_CORE=0; PROXY_CORE=1
+BACKEND=18500; FRONT=18501; INNER=18502
+
+build
+spawn taskset -c "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND" --seconds 3600 >/dev/null
+
+# Certificates: a mesh root and two SPIFFE identities (as perf/run.sh makes them).
+d=$WORK/certs; mkdir -p "$d"
+openssl ecparam -name prime256v1 -genkey -noout -out "$d/root-key.pem" 2>/dev/null
+openssl req -x509 -new -key "$d/root-key.pem" -subj /O=perf-mesh -days 2 -out "$d/root-cert.pem" 2>/dev/null
+for id in productpage ratings; do
+  openssl ecparam -name prime256v1 -genkey -noout -out "$d/$id-key.pem" 2>/dev/null
+  openssl req -new -key "$d/$id-key.pem" -subj /O=perf-mesh -out "$d/$id.csr" 2>/dev/null
+  printf 'subjectAltName=URI:spiffe://cluster.local/ns/default/sa/%s\n' "$id" >"$d/$id.ext"
+  openssl x509 -req -in "$d/$id.csr" -CA "$d/root-cert.pem" -CAkey "$d/root-key.pem" -CAcreateserial \
+    -days 2 -extfile "$d/$id.ext" -out "$d/$id-cert.pem" 2>/dev/null
+done
+cat >"$WORK/inner.yaml" <<EOF
+node: {workload_name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
+workers: 1
+driver: uring
+admin: {listen: "off"}
+health: {listen: "off"}
+metrics: {listen: "off"}
+listeners:
+  - {name: inbound, listen: "127.0.0.1:$INNER", direction: inbound, peer_exchange: alpn, cluster: app,
+     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem}}
+clusters:
+  - {name: app, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$BACKEND"}]}
+EOF
+cat >"$WORK/outer.yaml" <<EOF
+node: {workload_name: productpage-v1, namespace: default, labels: {app: productpage, version: v1}}
+workers: 1
+driver: uring
+admin: {listen: "off"}
+health: {listen: "off"}
+metrics: {listen: "off"}
+listeners:
+  - {name: outbound, listen: "127.0.0.1:$FRONT", direction: outbound, peer_exchange: alpn, cluster: ratings}
+clusters:
+  - {name: ratings, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$INNER"}],
+     tls: {mode: istio_mutual, cert_chain: $d/productpage-cert.pem, private_key: $d/productpage-key.pem,
+           root_cert: $d/root-cert.pem, subject_alt_names: ["spiffe://cluster.local/ns/default/sa/ratings"]}}
+EOF
+
+wait_port() {
+  for ((i = 0; i < 200; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  die "nothing listens on $1"
+}
+start_pair() {
+  RUST_LOG=warn spawn taskset -c "$PROXY_CORE" "$1" run --config "$WORK/inner.yaml" 2>>"$WORK/ringside.log"
+  P1=$LAST_PID; wait_port "$INNER"
+  RUST_LOG=warn spawn taskset -c "$PROXY_CORE" "$1" run --config "$WORK/outer.yaml" 2>>"$WORK/ringside.log"
+  P2=$LAST_PID; wait_port "$FRONT"
+}
+stop_pair() {
+  kill -TERM "$P1" "$P2" 2>/dev/null || true
+  wait "$P1" "$P2" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$FRONT") 2>/dev/null || break; sleep 0.05; done
+}
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+pair_ticks() { echo $(($(ticks "$P1") + $(ticks "$P2"))); }
+lg() { taskset -c "$LOAD_CORE" "$LOADGEN" "$@"; }
+field() { grep -o "\"$1\":[0-9.]*" | head -1 | cut -d: -f2; }
+
+measure() {
+  local name=$1 runs=() bytes=0 t0 t1 out
+  lg connrate --target "127.0.0.1:$FRONT" --concurrency 4 --seconds 1 --size 64 >/dev/null
+  t0=$(pair_ticks)
+  for _ in 1 2 3; do
+    out=$(lg bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds "$BULK_SECONDS") || die "$name: bulk failed"
+    runs+=("$(field gbit_per_s <<<"$out")")
+    bytes=$((bytes + $(field bytes <<<"$out")))
+  done
+  t1=$(pair_ticks)
+  printf '{"build":"%s","gbit_1_stream":%s,"runs":"%s","cpu_s_per_gb":%s}\n' "$name" \
+    "$(printf '%s\n' "${runs[@]}" | sort -g | sed -n 2p)" "${runs[*]}" \
+    "$(python3 -c "print(f'{($t1 - $t0) / $(getconf CLK_TCK) / ($bytes / 1e9):.3f}')")" | tee -a "$WORK/mtls.jsonl"
+}
+
+SYSCALLS="recvfrom sendto sendmsg recvmsg writev io_uring_enter"
+count_syscalls() {
+  local name=$1 events=raw_syscalls:sys_enter,context-switches ev out bytes role
+  for ev in $SYSCALLS; do events+=",syscalls:sys_enter_$ev"; done
+  lg connrate --target "127.0.0.1:$FRONT" --concurrency 4 --seconds 1 --size 64 >/dev/null
+  perf stat -x, -e "$events" -p "$P2" -o "$WORK/stat-outer" & local s1=$!
+  perf stat -x, -e "$events" -p "$P1" -o "$WORK/stat-inner" & local s2=$!
+  sleep 0.5 # perf attached (it prints nothing to wait on)
+  out=$(lg bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds "$BULK_SECONDS")
+  kill -INT "$s1" "$s2"; wait "$s1" "$s2" 2>/dev/null || true
+  bytes=$(field bytes <<<"$out")
+  for role in outer inner; do
+    python3 - "$WORK/stat-$role" "$bytes" "$name" "$role" <<'EOF'
+import json, sys
+path, nbytes, name, role = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+mib = nbytes / (1 << 20)
+row = {"build": name, "proxy": role, "mib": round(mib)}
+for line in open(path):
+    f = line.strip().split(",")
+    if len(f) < 3 or not f[0].replace(".", "").isdigit():
+        continue
+    ev = f[2].replace("syscalls:sys_enter_", "").replace("raw_syscalls:sys_enter", "all_syscalls")
+    row[ev] = round(float(f[0]) / mib, 2)
+print(json.dumps(row))
+EOF
+  done
+}
+
+# MTLS_PROFILE=1: where both proxies' CPU goes under one bulk stream (perf record, self time).
+profile() {
+  lg connrate --target "127.0.0.1:$FRONT" --concurrency 4 --seconds 1 --size 64 >/dev/null
+  lg bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds 6 >/dev/null & local bulk=$!
+  sleep 1
+  perf record -q -e cpu-clock -g -o "$WORK/perf-$1.data" -p "$P1,$P2" -- sleep 4 >/dev/null 2>&1
+  wait "$bulk"
+  log "$1: self time, both proxies"
+  perf report -i "$WORK/perf-$1.data" --stdio --no-children -g none --sort dso,sym --percent-limit 0.5 2>/dev/null |
+    grep -v -e '^$' -e '^#' | head -40
+  # Who wakes whom: the callers of the wake-up's unlock.
+  perf report -i "$WORK/perf-$1.data" --stdio --no-children -G --symbol-filter=_raw_spin_unlock_irqrestore \
+    --percent-limit 0.3 2>/dev/null | grep -v -e '^$' -e '^#' | head -${MTLS_PROFILE_LINES:-0}
+}
+
+for ((round = 1; round <= ROUNDS; round++)); do
+  for rs in ${MTLS_RINGSIDES:-new=$RINGSIDE}; do
+    start_pair "${rs#*=}"
+    if [[ -n ${MTLS_SYSCALLS:-} ]]; then count_syscalls "${rs%%=*}"
+    elif [[ -n ${MTLS_PROFILE:-} ]]; then profile "${rs%%=*}"
+    else measure "${rs%%=*}"; fi
+    stop_pair
+  done
+done
