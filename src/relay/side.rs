@@ -132,12 +132,18 @@ async fn direction(ctx: &WorkerCtx, conn: &Conn, from: &Side, to: &Side, request
 /// Records sealed and sent together by `plain_to_tls`: as many as a record buffer holds.
 const RECORDS_PER_SEND: usize = stream::RECORDS_PER_BUFFER;
 
+/// Full reads `plain_to_tls` makes without a readiness wait between them (1 MiB): the wait
+/// goes through the ring, so the worker's other connections get their turn at least this
+/// often while one stream's reads and sends never block.
+const READS_WITHOUT_WAIT: u32 = 8;
+
 /// Plaintext → TLS: a record buffer only between readiness and the send. One recvmsg(2)
 /// reads up to a buffer's worth of records (8, 128 KiB) at once, each record's plaintext behind room
 /// for its header and before room for its tag, so they are sealed in place and sent together
 /// in one send: no copy besides the AEAD's pass (issue 31). A read that filled every record
 /// means more is waiting: the next read is tried before any readiness wait (a wait is one
-/// ring operation and a wake-up per 128 KiB of a bulk stream).
+/// ring operation and a wake-up per 128 KiB of a bulk stream), up to [`READS_WITHOUT_WAIT`]
+/// in a row: a send that never blocks would otherwise never yield the worker.
 async fn plain_to_tls(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -147,10 +153,13 @@ async fn plain_to_tls(
 ) -> io::Result<()> {
     let mut lens = [0usize; RECORDS_PER_SEND];
     let mut ready = false;
+    let mut streak = 0;
     loop {
-        if !ready {
+        if !ready || streak == READS_WITHOUT_WAIT {
             plain.readable(false).await?;
+            streak = 0;
         }
+        streak += 1;
         let (head, tail) = tls.record_rooms();
         let mut buf = stream::take_record_buffer();
         let records = match socket::recv_spare_spaced(
@@ -221,10 +230,13 @@ async fn plain_to_tunnel(
     request: bool,
 ) -> io::Result<()> {
     let mut ready = false;
+    let mut streak = 0;
     loop {
-        if !ready {
+        if !ready || streak == READS_WITHOUT_WAIT {
             plain.readable(false).await?;
+            streak = 0;
         }
+        streak += 1;
         let mut bufs: [Vec<u8>; READS_PER_TLS_SEND] = std::array::from_fn(|_| {
             let mut b = ctx.pool.take();
             b.resize(DATA_AT, 0);
