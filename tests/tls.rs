@@ -1271,3 +1271,66 @@ fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
     }
     drop(held);
 }
+
+/// Segments with data a socket has received (TCP_INFO `tcpi_data_segs_in`).
+fn data_segments_in(tcp: &std::net::TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a plain C struct the kernel fills up to `len` bytes; the fd is live.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_data_segs_in
+    }
+}
+
+#[test]
+fn the_clients_first_bytes_leave_with_the_handshakes_last_flight_and_the_preamble_in_one_segment() {
+    // Arrange: productpage's outbound sidecar towards a rustls mesh server of the test's own,
+    // whose socket counts the segments it is sent.
+    let ca = Ca::new("mesh");
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sidecar =
+        outbound(&Certs::new("productpage", &ca, PRODUCTPAGE), &[RATINGS], upstream.local_addr().unwrap());
+    let ratings = Certs::new("ratings", &ca, RATINGS);
+    let files = ringside::tls::Files {
+        cert_chain: ratings.path("cert-chain.pem"),
+        private_key: ratings.path("key.pem"),
+        root_cert: ratings.path("root-cert.pem"),
+    };
+    let server =
+        ringside::tls::build_with(ringside::tls::provider(), &files, &ringside::tls::Role::mesh_server())
+            .unwrap()
+            .server
+            .unwrap();
+    // Act: a client-first application writes before the sidecar has even connected.
+    let request = b"GET /ratings HTTP/1.1\r\n\r\n";
+    let mut app = connect(sidecar.listen);
+    app.write_all(request).unwrap();
+    let (mut tcp, _) = upstream.accept().unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut conn = rustls::ServerConnection::new(server).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    assert_eq!(conn.alpn_protocol(), Some(&b"istio-peer-exchange"[..]));
+    let mut got = Vec::new();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    while !got.ends_with(request) {
+        let mut buf = [0u8; 4096];
+        let n = tls.read(&mut buf).unwrap();
+        assert!(n > 0, "EOF before the request: {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    // Assert: the ClientHello, then the client's last flight (Certificate, CertificateVerify,
+    // Finished), the preamble and the request together: two segments, not three.
+    assert_eq!(data_segments_in(&tcp), 2, "segments before the request was whole");
+    assert!(got.starts_with(&ringside::exchange::MAGIC.to_be_bytes()), "the preamble comes first");
+}
