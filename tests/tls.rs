@@ -1272,8 +1272,8 @@ fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
     drop(held);
 }
 
-/// Segments with data a socket has received (TCP_INFO `tcpi_data_segs_in`).
-fn data_segments_in(tcp: &std::net::TcpStream) -> u32 {
+/// TCP_INFO of a socket: (segments received, of them with data).
+fn segments_in(tcp: &std::net::TcpStream) -> (u32, u32) {
     use std::os::fd::AsRawFd;
     // SAFETY: `info` is a plain C struct the kernel fills up to `len` bytes; the fd is live.
     unsafe {
@@ -1287,14 +1287,17 @@ fn data_segments_in(tcp: &std::net::TcpStream) -> u32 {
             &mut len,
         );
         assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-        info.tcpi_data_segs_in
+        (info.tcpi_segs_in, info.tcpi_data_segs_in)
     }
 }
 
-#[test]
-fn the_clients_first_bytes_leave_with_the_handshakes_last_flight_and_the_preamble_in_one_segment() {
-    // Arrange: productpage's outbound sidecar towards a rustls mesh server of the test's own,
-    // whose socket counts the segments it is sent.
+/// A client-first application's connection through productpage's outbound sidecar to a
+/// rustls mesh server of the test's own (no session tickets: after its handshake flight the
+/// server sends nothing), read until `request` arrived whole after the peer's preamble.
+/// Returns the application's socket, the server's socket and TLS state, and the sidecar.
+fn request_to_a_test_mesh_server(
+    request: &[u8],
+) -> (std::net::TcpStream, std::net::TcpStream, rustls::ServerConnection, Ringside) {
     let ca = Ca::new("mesh");
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let sidecar =
@@ -1310,13 +1313,14 @@ fn the_clients_first_bytes_leave_with_the_handshakes_last_flight_and_the_preambl
             .unwrap()
             .server
             .unwrap();
-    // Act: a client-first application writes before the sidecar has even connected.
-    let request = b"GET /ratings HTTP/1.1\r\n\r\n";
+    let mut server = (*server).clone();
+    server.send_tls13_tickets = 0;
+    // The application writes before the sidecar has even connected.
     let mut app = connect(sidecar.listen);
     app.write_all(request).unwrap();
     let (mut tcp, _) = upstream.accept().unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut conn = rustls::ServerConnection::new(server).unwrap();
+    let mut conn = rustls::ServerConnection::new(std::sync::Arc::new(server)).unwrap();
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).unwrap();
     }
@@ -1329,8 +1333,59 @@ fn the_clients_first_bytes_leave_with_the_handshakes_last_flight_and_the_preambl
         assert!(n > 0, "EOF before the request: {} bytes", got.len());
         got.extend_from_slice(&buf[..n]);
     }
-    // Assert: the ClientHello, then the client's last flight (Certificate, CertificateVerify,
-    // Finished), the preamble and the request together: two segments, not three.
-    assert_eq!(data_segments_in(&tcp), 2, "segments before the request was whole");
     assert!(got.starts_with(&ringside::exchange::MAGIC.to_be_bytes()), "the preamble comes first");
+    (app, tcp, conn, sidecar)
+}
+
+#[test]
+fn the_clients_first_bytes_leave_with_the_handshakes_last_flight_and_the_preamble_in_one_segment() {
+    let (_app, tcp, _conn, _sidecar) = request_to_a_test_mesh_server(b"GET /ratings HTTP/1.1\r\n\r\n");
+    // The ClientHello, then the client's last flight (Certificate, CertificateVerify,
+    // Finished), the preamble and the request together: two segments, not three.
+    assert_eq!(segments_in(&tcp).1, 2, "segments with data before the request was whole");
+}
+
+#[test]
+fn a_half_close_sends_close_notify_and_the_fin_in_one_segment() {
+    let (app, mut tcp, mut conn, _sidecar) = request_to_a_test_mesh_server(b"GET /ratings HTTP/1.1\r\n\r\n");
+    // The server has sent nothing since its handshake flight, which the request's segment
+    // acknowledged: every segment from here on is the sidecar's half-close.
+    let before = segments_in(&tcp).0;
+    app.shutdown(Shutdown::Write).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(rustls::Stream::new(&mut conn, &mut tcp).read(&mut buf).unwrap(), 0, "close_notify");
+    assert_eq!(tcp.read(&mut buf).unwrap(), 0, "FIN");
+    assert_eq!(segments_in(&tcp).0 - before, 1, "segments for close_notify and the FIN");
+}
+
+#[test]
+fn an_inbound_sidecar_sends_its_ticket_and_preamble_with_the_applications_first_answer() {
+    // Arrange: ratings' inbound sidecar in front of an echo application; the test is a mesh
+    // client offering istio-peer-exchange.
+    let ca = Ca::new("mesh");
+    let sidecar = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
+    let config =
+        pki::client_config(&Certs::new("productpage", &ca, PRODUCTPAGE), RATINGS, &["istio-peer-exchange"]);
+    let name = rustls::pki_types::ServerName::IpAddress(sidecar.listen.ip().into());
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tcp = connect(sidecar.listen);
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    // Act: a request; the sidecar's answer is its preamble, then the application's echo.
+    let request = b"GET /ratings/0 HTTP/1.1\r\n\r\n";
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    tls.write_all(request).unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(request) {
+        let mut buf = [0u8; 4096];
+        let n = tls.read(&mut buf).unwrap();
+        assert!(n > 0, "EOF before the echo: {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    // Assert: the server's handshake flight, then its session ticket, the preamble and the
+    // echo together: two segments, not three.
+    assert!(got.starts_with(&ringside::exchange::MAGIC.to_be_bytes()), "the preamble comes first");
+    assert_eq!(segments_in(&tcp).1, 2, "segments with data until the echo was whole");
 }

@@ -381,8 +381,14 @@ async fn exchange_alpn(
         // and the preamble, one send and one segment (one wake-up of the peer) for all
         // three. A server-first client costs one recv that finds nothing.
         plain_open = relay_plain_to_tls(ctx, conn, plain, tls).await?;
+        tls.flush().await?;
+    } else {
+        // Inbound: the ticket and the preamble wait in the socket for the application's
+        // first answer and leave in its segment (a request-response exchange: one segment and
+        // one wake-up of the peer fewer). An application that stays silent lets the kernel
+        // send them after 200 ms, well within the peer's exchange timeout.
+        tls.flush_more().await?;
     }
-    tls.flush().await?;
     let limits = &listener.limits;
     let start = Instant::now();
     let mut begun_at: Option<Instant> = None;
