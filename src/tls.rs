@@ -482,7 +482,119 @@ pub fn envoy_suite_order(aes: bool) -> Vec<rustls::SupportedCipherSuite> {
             ],
         ),
     };
-    tls13.into_iter().chain(tls12).collect()
+    tls13.into_iter().map(with_hmac_hkdf).chain(tls12).collect()
+}
+
+/// A TLS 1.3 suite over SHA-256 with `HmacHkdf` for its key schedule (others unchanged). Made
+/// once per suite for the process: rustls keeps suites as `&'static`.
+fn with_hmac_hkdf(suite: rustls::SupportedCipherSuite) -> rustls::SupportedCipherSuite {
+    use rustls::SupportedCipherSuite as S;
+    static MADE: std::sync::OnceLock<[S; 2]> = std::sync::OnceLock::new();
+    let made = MADE.get_or_init(|| {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        [cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_CHACHA20_POLY1305_SHA256].map(|s| match s {
+            S::Tls13(t) => S::Tls13(Box::leak(Box::new(rustls::Tls13CipherSuite {
+                common: rustls::CipherSuiteCommon {
+                    suite: t.common.suite,
+                    hash_provider: t.common.hash_provider,
+                    confidentiality_limit: t.common.confidentiality_limit,
+                },
+                hkdf_provider: &HMAC_HKDF,
+                aead_alg: t.aead_alg,
+                quic: t.quic,
+            }))),
+            other => other,
+        })
+    });
+    made.iter().find(|m| m.suite() == suite.suite()).copied().unwrap_or(suite)
+}
+
+/// HKDF-SHA256 (RFC 5869) over aws-lc's HMAC with the pseudorandom key's inner and outer
+/// pads hashed once, when the key is made: each expansion of a TLS 1.3 key schedule (about
+/// 20 per handshake and side, most of a secret's 1-3) then costs two SHA-256 blocks instead
+/// of four, and no allocation (aws-lc-rs' HKDF sets up the HMAC key again for every
+/// expansion and joins the label into a new buffer). The same outputs: every handshake, and
+/// the interop tests against OpenSSL, Python's ssl and Envoy, check them.
+struct HmacHkdf;
+
+/// The one `HmacHkdf` the suites point at.
+static HMAC_HKDF: HmacHkdf = HmacHkdf;
+
+/// A pseudorandom key ready to expand (`HmacHkdf`).
+struct HmacExpander(aws_lc_rs::hmac::Key);
+
+const SHA256_LEN: usize = 32;
+
+fn hmac_key(key: &[u8]) -> aws_lc_rs::hmac::Key {
+    aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key)
+}
+
+impl rustls::crypto::tls13::HkdfExpander for HmacExpander {
+    fn expand_slice(
+        &self,
+        info: &[&[u8]],
+        output: &mut [u8],
+    ) -> Result<(), rustls::crypto::tls13::OutputLengthError> {
+        if output.len() > 255 * SHA256_LEN {
+            return Err(rustls::crypto::tls13::OutputLengthError);
+        }
+        // T(i) = HMAC(PRK, T(i-1) | info | i), T(0) empty.
+        let mut previous: Option<aws_lc_rs::hmac::Tag> = None;
+        for (i, chunk) in output.chunks_mut(SHA256_LEN).enumerate() {
+            let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.0);
+            if let Some(t) = &previous {
+                ctx.update(t.as_ref());
+            }
+            for part in info {
+                ctx.update(part);
+            }
+            // At most 255 chunks (checked above): the counter fits a byte.
+            ctx.update(&[(i + 1) as u8]);
+            let t = ctx.sign();
+            chunk.copy_from_slice(&t.as_ref()[..chunk.len()]);
+            previous = Some(t);
+        }
+        Ok(())
+    }
+
+    fn expand_block(&self, info: &[&[u8]]) -> rustls::crypto::tls13::OkmBlock {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.0);
+        for part in info {
+            ctx.update(part);
+        }
+        ctx.update(&[1]);
+        rustls::crypto::tls13::OkmBlock::new(ctx.sign().as_ref())
+    }
+
+    fn hash_len(&self) -> usize {
+        SHA256_LEN
+    }
+}
+
+impl rustls::crypto::tls13::Hkdf for HmacHkdf {
+    fn extract_from_zero_ikm(&self, salt: Option<&[u8]>) -> Box<dyn rustls::crypto::tls13::HkdfExpander> {
+        self.extract_from_secret(salt, &[0; SHA256_LEN])
+    }
+
+    fn extract_from_secret(
+        &self,
+        salt: Option<&[u8]>,
+        secret: &[u8],
+    ) -> Box<dyn rustls::crypto::tls13::HkdfExpander> {
+        let prk = aws_lc_rs::hmac::sign(&hmac_key(salt.unwrap_or(&[0; SHA256_LEN])), secret);
+        Box::new(HmacExpander(hmac_key(prk.as_ref())))
+    }
+
+    fn expander_for_okm(
+        &self,
+        okm: &rustls::crypto::tls13::OkmBlock,
+    ) -> Box<dyn rustls::crypto::tls13::HkdfExpander> {
+        Box::new(HmacExpander(hmac_key(okm.as_ref())))
+    }
+
+    fn hmac_sign(&self, key: &rustls::crypto::tls13::OkmBlock, message: &[u8]) -> rustls::crypto::hmac::Tag {
+        rustls::crypto::hmac::Tag::new(aws_lc_rs::hmac::sign(&hmac_key(key.as_ref()), message).as_ref())
+    }
 }
 
 /// rustls' suites by the names Envoy's `cipher_suites` takes (BoringSSL's, as OpenSSL's), and
@@ -2144,5 +2256,54 @@ mod tests {
         std::fs::copy(&f.cert_chain, &tmp).unwrap(); // same bytes, same length
         std::fs::rename(&tmp, &f.cert_chain).unwrap();
         assert_ne!(before, fingerprints(&f));
+    }
+
+    #[test]
+    fn the_key_schedules_hkdf_gives_rfc_5869s_outputs_and_aws_lcs() {
+        use rustls::crypto::tls13::{Hkdf, OkmBlock};
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        };
+        // RFC 5869, A.1 (SHA-256).
+        let (ikm, salt, info) = ([0x0b; 22], hex("000102030405060708090a0b0c"), hex("f0f1f2f3f4f5f6f7f8f9"));
+        let mut okm = [0u8; 42];
+        super::HmacHkdf.extract_from_secret(Some(&salt), &ikm).expand_slice(&[&info], &mut okm).unwrap();
+        assert_eq!(
+            okm.to_vec(),
+            hex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
+        );
+        // The same as rustls' aws-lc-rs HKDF for every call the key schedule makes.
+        let rustls::SupportedCipherSuite::Tls13(theirs) =
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
+        else {
+            unreachable!("a TLS 1.3 suite")
+        };
+        let theirs = theirs.hkdf_provider;
+        let parts: [&[u8]; 3] = [b"\x00\x20", b"\x0dtls13 c hs traffic", &[0x55; 32]];
+        let block = |e: &dyn rustls::crypto::tls13::HkdfExpander| e.expand_block(&parts).as_ref().to_vec();
+        let ours = &super::HmacHkdf;
+        assert_eq!(block(&*ours.extract_from_zero_ikm(None)), block(&*theirs.extract_from_zero_ikm(None)));
+        assert_eq!(
+            block(&*ours.extract_from_secret(Some(&salt), &[7; 32])),
+            block(&*theirs.extract_from_secret(Some(&salt), &[7; 32]))
+        );
+        let okm = OkmBlock::new(&[9; 32]);
+        assert_eq!(block(&*ours.expander_for_okm(&okm)), block(&*theirs.expander_for_okm(&okm)));
+        assert_eq!(
+            ours.hmac_sign(&okm, b"transcript").as_ref(),
+            theirs.hmac_sign(&okm, b"transcript").as_ref()
+        );
+    }
+
+    #[test]
+    fn envoys_order_keeps_its_suites_with_the_hmac_hkdf_on_sha_256() {
+        for aes in [true, false] {
+            let ours = super::envoy_suite_order(aes);
+            for s in ours.iter().filter_map(|s| s.tls13()) {
+                let sha256 = s.common.suite != rustls::CipherSuite::TLS13_AES_256_GCM_SHA384;
+                let hkdf: *const dyn rustls::crypto::tls13::Hkdf = s.hkdf_provider;
+                assert_eq!(std::ptr::addr_eq(hkdf, &super::HMAC_HKDF as *const super::HmacHkdf), sha256);
+            }
+        }
     }
 }
