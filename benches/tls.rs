@@ -415,33 +415,6 @@ fn interleaved() {
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     report("tls_handshake_interleaved", &["full".into(), "resumed".into()], &mut times, &us);
 
-    // Resumed handshakes (both sides) with rustls' aws-lc-rs HKDF in the key schedule against
-    // ringside's `HmacHkdf` (README Decisions), the same suites in the same order otherwise.
-    let rustls_hkdf = {
-        let mut p = (*ringside::tls::provider()).clone();
-        let theirs = rustls::crypto::aws_lc_rs::default_provider().cipher_suites;
-        for s in p.cipher_suites.iter_mut() {
-            *s = theirs.iter().find(|t| t.suite() == s.suite()).copied().unwrap_or(*s);
-        }
-        configs(p, &server, &client)
-    };
-    let hmac_hkdf = configs((*ringside::tls::provider()).clone(), &server, &client);
-    for p in [&rustls_hkdf, &hmac_hkdf] {
-        connect(p); // a full handshake leaves tickets
-        assert!(resumed_kind(&connect(p).0));
-    }
-    let mut times = vec![Vec::new(), Vec::new()];
-    for _ in 0..ROUNDS {
-        for (p, t) in [&rustls_hkdf, &hmac_hkdf].into_iter().zip(&mut times) {
-            let start = Instant::now();
-            for _ in 0..EACH {
-                connect(p);
-            }
-            t.push(start.elapsed() / EACH);
-        }
-    }
-    report("tls_resumed_handshake_hkdf", &["aws-lc-rs hkdf".into(), "hmac hkdf".into()], &mut times, &us);
-
     // Full handshakes (no resumption) with the cache of verified peer chains (README
     // Decisions), warm, against none: both sides' chain verification is what it saves.
     let full_pair = |cache: bool| {
