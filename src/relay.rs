@@ -235,11 +235,13 @@ async fn relay(
     // timers (monoio's are 640 bytes, cache-aligned), handshake state and the snapshot that
     // an idle, established connection should not carry for the rest of its life. Freed once
     // the connection relays, it leaves the task only the copy's state.
-    let sides = Box::pin(set_up(ctx, snapshot, li, conn, down)).await?;
-    match sides {
-        Some((down, up)) => side::copy_both(ctx, conn, down, up).await,
-        None => Ok(()),
-    }
+    // The copy is made before it is awaited, so the sides live in its state only, not in this
+    // function's too (an idle connection's task is this future: 576 B less per connection).
+    let copy = match Box::pin(set_up(ctx, snapshot, li, conn, down)).await? {
+        Some((down, up)) => side::copy_both(ctx, conn, down, up),
+        None => return Ok(()),
+    };
+    copy.await
 }
 
 /// The pipeline up to the copy: terminate TLS? → pick a chain (peeking a ClientHello where
@@ -983,4 +985,27 @@ async fn forward_held(
     let mut buf = ctx.pool.take();
     buf.extend_from_slice(held);
     forward(ctx, conn, to, buf, request).await
+}
+
+#[cfg(test)]
+mod task_size {
+    /// The size of the future an async fn of five arguments returns.
+    fn future_size<A, B, C, D, E, F: std::future::Future, G: Fn(A, B, C, D, E) -> F>(_: G) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The same for four arguments.
+    fn copy_size<A, B, C, D, F: std::future::Future, G: Fn(A, B, C, D) -> F>(_: G) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn an_established_connections_task_holds_its_two_sides_once() {
+        // An idle connection's memory is mostly its task's future: the copy's state plus what
+        // `relay` keeps around it. Moved into the copy, the sides must not also keep their
+        // place in `relay`'s state (576 B more in a debug build when they did).
+        let (relay, copy) = (future_size(super::relay), copy_size(super::side::copy_both));
+        let sides = 2 * std::mem::size_of::<super::side::Side>();
+        assert!(relay < copy + sides, "relay's future {relay} B around the copy's {copy} B");
+    }
 }

@@ -493,6 +493,17 @@ pub fn send_before_fin(half: &OwnedWriteHalf<TcpStream>, data: &[u8]) -> io::Res
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// Non-blocking `send` with MSG_MORE on a whole stream: the bytes wait in the socket for the
+/// next send or the FIN, to leave with it in one segment (the kernel sends them on their own
+/// after its cork ceiling, 200 ms). A TLS side's close_notify, an inbound handshake's ticket
+/// and preamble.
+pub fn send_more(s: &TcpStream, data: &[u8]) -> io::Result<usize> {
+    let flags = libc::MSG_DONTWAIT | libc::MSG_MORE | libc::MSG_NOSIGNAL;
+    // SAFETY: the fd is the stream's live socket; `data` is readable memory of its length.
+    let n = unsafe { libc::send(s.as_raw_fd(), data.as_ptr().cast(), data.len(), flags) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Half-close: send FIN; `ENOTCONN` (the peer already closed entirely) counts as done.
 pub fn shutdown_write(s: &TcpStream) -> io::Result<()> {
     // SAFETY: shutdown on a live fd; no pointers involved.

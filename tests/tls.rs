@@ -1271,3 +1271,121 @@ fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
     }
     drop(held);
 }
+
+/// TCP_INFO of a socket: (segments received, of them with data).
+fn segments_in(tcp: &std::net::TcpStream) -> (u32, u32) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a plain C struct the kernel fills up to `len` bytes; the fd is live.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        (info.tcpi_segs_in, info.tcpi_data_segs_in)
+    }
+}
+
+/// A client-first application's connection through productpage's outbound sidecar to a
+/// rustls mesh server of the test's own (no session tickets: after its handshake flight the
+/// server sends nothing), read until `request` arrived whole after the peer's preamble.
+/// Returns the application's socket, the server's socket and TLS state, and the sidecar.
+fn request_to_a_test_mesh_server(
+    request: &[u8],
+) -> (std::net::TcpStream, std::net::TcpStream, rustls::ServerConnection, Ringside) {
+    let ca = Ca::new("mesh");
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sidecar =
+        outbound(&Certs::new("productpage", &ca, PRODUCTPAGE), &[RATINGS], upstream.local_addr().unwrap());
+    let ratings = Certs::new("ratings", &ca, RATINGS);
+    let files = ringside::tls::Files {
+        cert_chain: ratings.path("cert-chain.pem"),
+        private_key: ratings.path("key.pem"),
+        root_cert: ratings.path("root-cert.pem"),
+    };
+    let server =
+        ringside::tls::build_with(ringside::tls::provider(), &files, &ringside::tls::Role::mesh_server())
+            .unwrap()
+            .server
+            .unwrap();
+    let mut server = (*server).clone();
+    server.send_tls13_tickets = 0;
+    // The application writes before the sidecar has even connected.
+    let mut app = connect(sidecar.listen);
+    app.write_all(request).unwrap();
+    let (mut tcp, _) = upstream.accept().unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut conn = rustls::ServerConnection::new(std::sync::Arc::new(server)).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    assert_eq!(conn.alpn_protocol(), Some(&b"istio-peer-exchange"[..]));
+    let mut got = Vec::new();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    while !got.ends_with(request) {
+        let mut buf = [0u8; 4096];
+        let n = tls.read(&mut buf).unwrap();
+        assert!(n > 0, "EOF before the request: {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(&ringside::exchange::MAGIC.to_be_bytes()), "the preamble comes first");
+    (app, tcp, conn, sidecar)
+}
+
+#[test]
+fn the_clients_first_bytes_leave_with_the_handshakes_last_flight_and_the_preamble_in_one_segment() {
+    let (_app, tcp, _conn, _sidecar) = request_to_a_test_mesh_server(b"GET /ratings HTTP/1.1\r\n\r\n");
+    // The ClientHello, then the client's last flight (Certificate, CertificateVerify,
+    // Finished), the preamble and the request together: two segments, not three.
+    assert_eq!(segments_in(&tcp).1, 2, "segments with data before the request was whole");
+}
+
+#[test]
+fn a_half_close_sends_close_notify_and_the_fin_in_one_segment() {
+    let (app, mut tcp, mut conn, _sidecar) = request_to_a_test_mesh_server(b"GET /ratings HTTP/1.1\r\n\r\n");
+    // The server has sent nothing since its handshake flight, which the request's segment
+    // acknowledged: every segment from here on is the sidecar's half-close.
+    let before = segments_in(&tcp).0;
+    app.shutdown(Shutdown::Write).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(rustls::Stream::new(&mut conn, &mut tcp).read(&mut buf).unwrap(), 0, "close_notify");
+    assert_eq!(tcp.read(&mut buf).unwrap(), 0, "FIN");
+    assert_eq!(segments_in(&tcp).0 - before, 1, "segments for close_notify and the FIN");
+}
+
+#[test]
+fn an_inbound_sidecar_sends_its_ticket_and_preamble_with_the_applications_first_answer() {
+    // Arrange: ratings' inbound sidecar in front of an echo application; the test is a mesh
+    // client offering istio-peer-exchange.
+    let ca = Ca::new("mesh");
+    let sidecar = inbound(&Certs::new("ratings", &ca, RATINGS), "strict", "alpn", echo_server());
+    let config =
+        pki::client_config(&Certs::new("productpage", &ca, PRODUCTPAGE), RATINGS, &["istio-peer-exchange"]);
+    let name = rustls::pki_types::ServerName::IpAddress(sidecar.listen.ip().into());
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tcp = connect(sidecar.listen);
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    // Act: a request; the sidecar's answer is its preamble, then the application's echo.
+    let request = b"GET /ratings/0 HTTP/1.1\r\n\r\n";
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    tls.write_all(request).unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(request) {
+        let mut buf = [0u8; 4096];
+        let n = tls.read(&mut buf).unwrap();
+        assert!(n > 0, "EOF before the echo: {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    // Assert: the server's handshake flight, then its session ticket, the preamble and the
+    // echo together: two segments, not three.
+    assert!(got.starts_with(&ringside::exchange::MAGIC.to_be_bytes()), "the preamble comes first");
+    assert_eq!(segments_in(&tcp).1, 2, "segments with data until the echo was whole");
+}

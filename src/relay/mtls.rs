@@ -306,7 +306,12 @@ async fn client_handshake_unsent(
     slot: &Slot,
 ) -> Result<(TlsStream, Security), Error> {
     let config = slot.current();
-    let ip = up.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    // The endpoint's IP names the server only without a service host: a getpeername fewer
+    // per connection for every mesh cluster.
+    let ip = match config.server_name {
+        Some(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        None => up.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+    };
     let tls = TlsStream::client(up, &config, ip).map_err(Error::Connect)?;
     match monoio::time::timeout(timeout, tls.handshake_unsent(&ctx.pool)).await {
         Ok(Ok(())) => {}
@@ -368,12 +373,26 @@ async fn exchange_alpn(
     tls_is_down: bool,
 ) -> Result<Option<NodeMetadata>, Error> {
     let request = tls_is_down; // bytes from the TLS side go downstream→upstream
-    tls.write_all(&ctx.preamble).await?;
+    tls.queue(&ctx.preamble).await?;
+    let mut plain_open = true;
+    if !request {
+        // Outbound: a client-first protocol's first bytes followed its connect and have
+        // waited a TLS round trip in the socket: they leave with the handshake's last flight
+        // and the preamble, one send and one segment (one wake-up of the peer) for all
+        // three. A server-first client costs one recv that finds nothing.
+        plain_open = relay_plain_to_tls(ctx, conn, plain, tls).await?;
+        tls.flush().await?;
+    } else {
+        // Inbound: the ticket and the preamble wait in the socket for the application's
+        // first answer and leave in its segment (a request-response exchange: one segment and
+        // one wake-up of the peer fewer). An application that stays silent lets the kernel
+        // send them after 200 ms, well within the peer's exchange timeout.
+        tls.flush_more().await?;
+    }
     let limits = &listener.limits;
     let start = Instant::now();
     let mut begun_at: Option<Instant> = None;
     let mut plain_spoke_at: Option<Instant> = None;
-    let mut plain_open = true;
     loop {
         let deadline = match (begun_at, plain_spoke_at) {
             (Some(t), _) => t + limits.exchange_timeout.0,
@@ -405,6 +424,7 @@ async fn exchange_alpn(
                 } else {
                     // Outbound: the client's bytes go up at once.
                     plain_open = relay_plain_to_tls(ctx, conn, plain, tls).await?;
+                    tls.flush().await?;
                 }
             }
             _ = monoio::time::sleep(wait) => {
@@ -419,8 +439,8 @@ async fn exchange_alpn(
     }
 }
 
-/// Move what the plaintext side has now into TLS; false once it reached EOF (then TLS
-/// is half-closed).
+/// Seal what the plaintext side has now into TLS's send queue (the caller flushes); false
+/// once it reached EOF (then TLS is half-closed, the queue sent).
 async fn relay_plain_to_tls(
     ctx: &WorkerCtx,
     conn: &Conn,
@@ -436,7 +456,7 @@ async fn relay_plain_to_tls(
         }
         Ok(n) => {
             super::side::count_bytes(ctx, conn, n, true);
-            let r = tls.write_all(&buf).await;
+            let r = tls.queue(&buf).await;
             ctx.pool.put(buf);
             r?;
             return Ok(true);

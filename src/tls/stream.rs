@@ -727,12 +727,23 @@ impl TlsStream {
 
     /// Write what is queued as far as the socket takes it now; true when all went.
     fn flush_now(&self) -> io::Result<bool> {
+        self.send_queued(false)
+    }
+
+    /// `flush_now`; `more`: the bytes wait in the socket (MSG_MORE) for the next send or the
+    /// FIN, and leave with it in one segment.
+    fn send_queued(&self, more: bool) -> io::Result<bool> {
         if self.batch.get() {
             return Ok(false);
         }
         let mut tx = self.tx.borrow_mut();
         while tx.sent < tx.buf.len() {
-            match NonBlocking(&self.tcp).write(&tx.buf[tx.sent..]) {
+            let rest = &tx.buf[tx.sent..];
+            let sent = match more {
+                true => socket::send_more(&self.tcp, rest),
+                false => NonBlocking(&self.tcp).write(rest),
+            };
+            match sent {
                 Ok(n) => tx.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
@@ -748,6 +759,16 @@ impl TlsStream {
     /// Write everything queued.
     pub async fn flush(&self) -> io::Result<()> {
         while !self.flush_now()? {
+            self.tcp.writable(false).await?;
+        }
+        Ok(())
+    }
+
+    /// Write everything queued, but held in the socket (MSG_MORE) until the next send or the
+    /// FIN, to leave in its segment: one segment and one wake-up of the peer fewer. The
+    /// kernel sends held bytes on its own after its cork ceiling (200 ms).
+    pub async fn flush_more(&self) -> io::Result<()> {
+        while !self.send_queued(true)? {
             self.tcp.writable(false).await?;
         }
         Ok(())
@@ -853,7 +874,8 @@ impl TlsStream {
             }
             session.seal_close_notify(&mut tx.buf).map_err(record_err)?;
         }
-        self.flush().await?;
+        // close_notify and the FIN in one segment, not two (one per closing direction).
+        self.flush_more().await?;
         socket::shutdown_write(&self.tcp)
     }
 }
