@@ -580,13 +580,18 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let mut held: Vec<TcpStream> = (0..env("HELD", 20)).map(|_| hold()).collect();
     let rss_before = rss_kib(pid);
     let push_seconds = env("PUSH_SECONDS", 10);
-    let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds).0);
+    let cpu0 = cpu_ms(pid);
+    let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds));
     let mut pushes = 0u64;
+    // The snapshots are built on the load core, beside the connecting clients: how long.
+    let mut building = Duration::ZERO;
     // Bounded: the connecting thread ends after PUSH_SECONDS; at most 600 pushes.
     while !connecting.is_finished() && pushes < 600 {
         pushes += 1;
         let v = (pushes + 1 + changes).to_string();
+        let built = Instant::now();
         let next = shape(mesh.with_moved(&v, 1, pushes + changes));
+        building += built.elapsed();
         feed.drain();
         let (_, retired) = server.push_endpoints(next, &[&moved]);
         feed.endpoints_acked(&v);
@@ -598,14 +603,19 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         }
         thread::sleep(Duration::from_secs(1));
     }
-    let rate_pushing = connecting.join().unwrap();
+    let (rate_pushing, made) = connecting.join().unwrap();
+    let pushing_cpu_us = (cpu_ms(pid) - cpu0) * 1000.0 / made.max(1) as f64;
     let rss_growth = rss_kib(pid) as f64 - rss_before as f64;
     for mut s in held {
         s.write_all(b"h").unwrap();
         let mut b = [0u8; 1];
         assert!(s.read_exact(&mut b).is_ok(), "{proxy}: a held connection died during the pushes");
     }
-    eprintln!("xds_scale: {proxy} {services}: {pushes} pushes while connecting");
+    eprintln!(
+        "xds_scale: {proxy} {services}: {pushes} pushes while connecting, {pushing_cpu_us:.1} µs CPU per connection; \
+         {:.1} s of the load core's time building their snapshots",
+        building.as_secs_f64()
+    );
     drop(p);
     Row {
         push_ms,
