@@ -30,7 +30,9 @@
 //! CONN_SECONDS (3), CONCURRENCY (16), EDS_PUSHES (20), PUSH_SECONDS (10), HELD (20), HOLD_PER_PUSH (0: one
 //! more connection held after each push's ACK, so that each pins its own generation), API
 //! (`sotw`, default, or `delta`: the server and both proxies speak delta xDS, Envoy with
-//! `api_type: DELTA_GRPC`; an endpoint change is then the one assignment upserted).
+//! `api_type: DELTA_GRPC`; an endpoint change is then the one assignment upserted),
+//! METRICS_PORT (ringside's metrics listener on 127.0.0.1 there, off by default: its
+//! workers' longest tick gap over the full push is printed on stderr).
 
 #[path = "../tests/common/ads.rs"]
 mod ads;
@@ -159,6 +161,22 @@ fn sched_ms(pid: u32) -> (f64, f64) {
         wait += f.next().unwrap_or(0);
     }
     (run as f64 / 1e6, wait as f64 / 1e6)
+}
+
+/// The `ringside_worker_tick_gap_max_seconds` lines of the metrics listener at
+/// 127.0.0.1:`port` (the longest gap since the process started, so over the full push).
+fn tick_gaps(port: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(format!("127.0.0.1:{port}")) else {
+        return "no metrics listener".into();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET /stats/prometheus HTTP/1.0\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with("ringside_worker_tick_gap_max_seconds"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The `q` quantile (nearest rank) of `v`.
@@ -330,6 +348,9 @@ fn ringside(core: u64, ads: SocketAddr, pki: &Pki, bin: Option<&str>, api: &str)
     let bin = bin.map(str::to_string).unwrap_or_else(|| {
         std::env::var("RINGSIDE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringside").into())
     });
+    // METRICS_PORT: the metrics listener on 127.0.0.1 there, to read the workers' longest
+    // tick gap after the full push (off otherwise, as Envoy runs without Istio's stats).
+    let metrics = std::env::var("METRICS_PORT").map_or_else(|_| "off".into(), |p| format!("127.0.0.1:{p}"));
     let child = pinned(core, &bin)
         .args([
             "run",
@@ -338,7 +359,7 @@ fn ringside(core: u64, ads: SocketAddr, pki: &Pki, bin: Option<&str>, api: &str)
             "--admin",
             "off",
             "--metrics",
-            "off",
+            &metrics,
             "--health",
             "off",
         ])
@@ -470,6 +491,9 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     }
     let serving_ms = first.elapsed().as_secs_f64() * 1000.0;
     eprintln!("xds_scale: {proxy} {services}: serving");
+    if let (false, Ok(port)) = (proxy == "envoy", std::env::var("METRICS_PORT")) {
+        eprintln!("xds_scale: {proxy} {services}: after the full push: {}", tick_gaps(&port));
+    }
     thread::sleep(Duration::from_secs(1));
     let rss = rss_kib(pid);
     // The proxy's CPU per connection made: unlike the rate, barely moved by what else runs
@@ -556,13 +580,18 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let mut held: Vec<TcpStream> = (0..env("HELD", 20)).map(|_| hold()).collect();
     let rss_before = rss_kib(pid);
     let push_seconds = env("PUSH_SECONDS", 10);
-    let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds).0);
+    let cpu0 = cpu_ms(pid);
+    let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds));
     let mut pushes = 0u64;
+    // The snapshots are built on the load core, beside the connecting clients: how long.
+    let mut building = Duration::ZERO;
     // Bounded: the connecting thread ends after PUSH_SECONDS; at most 600 pushes.
     while !connecting.is_finished() && pushes < 600 {
         pushes += 1;
         let v = (pushes + 1 + changes).to_string();
+        let built = Instant::now();
         let next = shape(mesh.with_moved(&v, 1, pushes + changes));
+        building += built.elapsed();
         feed.drain();
         let (_, retired) = server.push_endpoints(next, &[&moved]);
         feed.endpoints_acked(&v);
@@ -574,14 +603,19 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
         }
         thread::sleep(Duration::from_secs(1));
     }
-    let rate_pushing = connecting.join().unwrap();
+    let (rate_pushing, made) = connecting.join().unwrap();
+    let pushing_cpu_us = (cpu_ms(pid) - cpu0) * 1000.0 / made.max(1) as f64;
     let rss_growth = rss_kib(pid) as f64 - rss_before as f64;
     for mut s in held {
         s.write_all(b"h").unwrap();
         let mut b = [0u8; 1];
         assert!(s.read_exact(&mut b).is_ok(), "{proxy}: a held connection died during the pushes");
     }
-    eprintln!("xds_scale: {proxy} {services}: {pushes} pushes while connecting");
+    eprintln!(
+        "xds_scale: {proxy} {services}: {pushes} pushes while connecting, {pushing_cpu_us:.1} µs CPU per connection; \
+         {:.1} s of the load core's time building their snapshots",
+        building.as_secs_f64()
+    );
     drop(p);
     Row {
         push_ms,

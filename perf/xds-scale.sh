@@ -6,7 +6,7 @@
 # process (ADS server, clients, backends) to the other core. Needs root; removes its
 # namespace on exit. Usage: perf/xds-scale.sh [--quick]  (SERVICES, PROXIES,
 # ENVOY_MAX_SERVICES, CONN_SECONDS, CONCURRENCY, EDS_PUSHES, PUSH_SECONDS, HELD, HOLD_PER_PUSH, API
-# (sotw or delta), RINGSIDE_BIN: the
+# (sotw or delta), METRICS_PORT, RINGSIDE_BIN: the
 # bench's header; BENCH: a bench executable built before)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
