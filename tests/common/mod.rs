@@ -287,6 +287,18 @@ impl Drop for Ringside {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A failing test shows what each ringside it started logged (the last lines).
+        if thread::panicking() {
+            let lines: Vec<String> = self.stderr.iter().collect();
+            let from = lines.len().saturating_sub(40);
+            eprintln!(
+                "--- ringside on {} logged ({} lines, the last {}):",
+                self.listen,
+                lines.len(),
+                lines.len() - from
+            );
+            lines[from..].iter().for_each(|l| eprintln!("{l}"));
+        }
     }
 }
 
