@@ -19,7 +19,10 @@
 //!   the CPU of as long a window with nothing pushed (`idle_cpu_ms`), then IDLE_SECONDS (3)
 //!   more with nothing pushed, their CPU per second by thread name on stderr;
 //! - during one EDS push a second for PUSH_SECONDS with HELD long-lived connections open:
-//!   the connection rate and the RSS growth.
+//!   the connection rate and the RSS growth. Each push patches the moved assignment into
+//!   the served snapshot ([`ads::AdsServer::push_assignment`]: nothing rebuilt or compared),
+//!   so that the clients on the load core lose no CPU to the bench; its time per push is on
+//!   stderr.
 //!
 //! Needs a network namespace whose OUTPUT chain redirects 10.96.0.0/12 to port 15001 (the
 //! capture): run it through `perf/xds-scale.sh`, which makes one and pins the processes.
@@ -503,10 +506,9 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let conn_cpu_us = (cpu_ms(pid) - cpu0) * 1000.0 / made.max(1) as f64;
     eprintln!("xds_scale: {proxy} {services}: {rate:.0} connections/s, {conn_cpu_us:.1} µs CPU each");
 
-    // One cluster's endpoints change, pushed as istiod does over state of the world.
-    let moved = istio_mesh::cluster_name(1);
-    // Built before the clock starts: the snapshot and the server's bookkeeping are this
-    // process's cost, not the proxy's.
+    // One cluster's endpoints change, pushed as istiod does over state of the world (that
+    // assignment alone). Built before the clock starts: the assignment and the server's
+    // bookkeeping are this process's cost, not the proxy's.
     // EDS_PUSHES changes, each measured alone: a few ms each, so one alone is noise on a
     // shared machine; the median and p90 are reported.
     let changes = env("EDS_PUSHES", 20).max(1);
@@ -514,10 +516,10 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let threads0 = cpu_by_thread(pid);
     for i in 0..changes {
         let v = (2 + i).to_string();
-        let next = shape(mesh.with_moved(&v, 1, 1 + i));
+        let next = mesh.assignment(1, 1 + i);
         feed.drain();
         let (cpu0, wait0) = sched_ms(pid);
-        let (pushed, retired) = server.push_endpoints(next, &[&moved]);
+        let (pushed, retired) = server.push_assignment(&v, next);
         let t0 = feed.endpoints_acked(&v).unwrap_or(pushed);
         acks_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
         // Where the time to the ACK went: the proxy on a CPU, or runnable and waiting for one.
@@ -583,19 +585,22 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     let cpu0 = cpu_ms(pid);
     let connecting = thread::spawn(move || conn_rate(target, concurrency, push_seconds));
     let mut pushes = 0u64;
-    // The snapshots are built on the load core, beside the connecting clients: how long.
+    // Each push is made on the load core, beside the connecting clients: the moved
+    // assignment alone, patched into the served snapshot (everything else shared), so that
+    // the clients lose no CPU to a rebuild of the mesh. How long it takes, summed.
     let mut building = Duration::ZERO;
     // Bounded: the connecting thread ends after PUSH_SECONDS; at most 600 pushes.
     while !connecting.is_finished() && pushes < 600 {
         pushes += 1;
         let v = (pushes + 1 + changes).to_string();
-        let built = Instant::now();
-        let next = shape(mesh.with_moved(&v, 1, pushes + changes));
-        building += built.elapsed();
         feed.drain();
-        let (_, retired) = server.push_endpoints(next, &[&moved]);
+        let built = Instant::now();
+        let (_, retired) = server.push_assignment(&v, mesh.assignment(1, pushes + changes));
+        building += built.elapsed();
         feed.endpoints_acked(&v);
+        let freed = Instant::now();
         drop(retired);
+        building += freed.elapsed();
         if env("HOLD_PER_PUSH", 0) == 1 {
             // After the worker's next tick (100 ms): accepted under this push's generation.
             thread::sleep(Duration::from_millis(200));
@@ -613,8 +618,8 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     }
     eprintln!(
         "xds_scale: {proxy} {services}: {pushes} pushes while connecting, {pushing_cpu_us:.1} µs CPU per connection; \
-         {:.1} s of the load core's time building their snapshots",
-        building.as_secs_f64()
+         {:.3} ms of the load core's time per push building, handing over and freeing it",
+        building.as_secs_f64() * 1000.0 / pushes.max(1) as f64
     );
     drop(p);
     Row {

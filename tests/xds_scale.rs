@@ -169,6 +169,75 @@ fn an_endpoint_push_of_one_cluster_keeps_every_other_clusters_live_connections()
     drop((held, more));
 }
 
+#[test]
+fn a_push_of_one_endpoint_change_costs_the_control_plane_only_what_changed_and_is_served() {
+    if unavailable("xds_scale::push_assignment").is_some() {
+        return;
+    }
+    let pods = Pods::new();
+    let (addrs, _seen) = backends(&pods);
+    // Service 1 moves between two real endpoints, tagged: a connection to it says which
+    // push the worker serves.
+    let (old, new): (SocketAddr, SocketAddr) =
+        (format!("{B_IP2}:9201").parse().unwrap(), format!("{B_IP2}:9202").parse().unwrap());
+    for (at, tag) in [(old, "old"), (new, "new")] {
+        tag_server_on(in_ns(&pods.b, move || TcpListener::bind(at).unwrap()), tag);
+    }
+    let m = mesh(addrs);
+    let at = |v: usize| if v % 2 == 1 { (old, *b"old") } else { (new, *b"new") };
+    let one = |v: usize| {
+        let cla =
+            ads::assignment(&istio_mesh::cluster_name(1), &[(at(v).0, "svc-1-v1;ns-0;svc-1;v1;Kubernetes")]);
+        ads::without_sidecar(cla, at(v).0)
+    };
+    let snapshot = |v: usize| {
+        let mut s = m.snapshot(&v.to_string());
+        s.endpoints[1] = one(v);
+        s
+    };
+    let scale = Scale::start(pods, snapshot(1));
+    let tag = |pods: &Pods| {
+        let mut s = connect_in(&pods.a, &istio_mesh::vip(1).to_string()).ok()?;
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).ok()?;
+        Some(b)
+    };
+    wait_for("service 1 served", || (tag(&scale.pods) == Some(*b"old")).then_some(()));
+    // Pushes alternate: a whole snapshot whose one assignment differs (the server compares
+    // every resource), then the one assignment patched in (`push_assignment`: nothing else
+    // looked at). Only the server's own call is timed, not the building of its input.
+    let (mut whole, mut patched) = (vec![], vec![]);
+    for v in 2..=9 {
+        let (_, retired) = if v % 2 == 0 {
+            let next = snapshot(v);
+            let t = std::time::Instant::now();
+            let pushed = scale.server.push_endpoints(next, &[&istio_mesh::cluster_name(1)]);
+            whole.push(t.elapsed());
+            pushed
+        } else {
+            let next = one(v);
+            let t = std::time::Instant::now();
+            let pushed = scale.server.push_assignment(&v.to_string(), next);
+            patched.push(t.elapsed());
+            pushed
+        };
+        let ack = ads::reply_to(&scale.requests, ads::ENDPOINTS, &v.to_string());
+        assert!(ack.error_detail.is_none(), "push {v}: {:?}", ack.error_detail);
+        wait_for("the worker serving the push", || (tag(&scale.pods) == Some(at(v).1)).then_some(()));
+        drop(retired);
+    }
+    // Service 0 is still served after the patched pushes: its assignment was shared, not lost.
+    assert_eq!(echo(&scale.pods, istio_mesh::vip(0), b"kept"), b"kept");
+    whole.sort();
+    patched.sort();
+    let (whole, patched) = (whole[whole.len() / 2], patched[patched.len() / 2]);
+    println!("server's call per push, medians: whole snapshot {whole:?}, one assignment patched {patched:?}");
+    assert!(
+        patched * 10 < whole,
+        "a patched push costs the server {patched:?}, a whole snapshot's {whole:?}: not only what changed"
+    );
+}
+
 /// Resident memory of process `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

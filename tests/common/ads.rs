@@ -177,7 +177,7 @@ impl AdsServer {
     /// Push a new snapshot to every stream (the RouteConfigurations served stay).
     pub fn push(&self, s: Snapshot) {
         let prev = self.snapshot.borrow().clone();
-        let routes = prev.routes.clone();
+        let routes = prev.routes.to_vec();
         self.snapshot.send_replace(Arc::new(Served::next(Some(&prev), s, routes)));
     }
 
@@ -197,12 +197,27 @@ impl AdsServer {
     /// proxy takes to ACK, so a benchmark drops it after the ACK it times.
     pub fn push_endpoints(&self, s: Snapshot, changed: &[&str]) -> (std::time::Instant, Retired) {
         let prev = self.snapshot.borrow().clone();
-        let mut next = Served::next(Some(&prev), s, prev.routes.clone());
+        let mut next = Served::next(Some(&prev), s, prev.routes.to_vec());
         next.endpoints_only = Some(changed.iter().map(|n| n.to_string()).collect());
         let sent = std::time::Instant::now();
         let replaced = self.snapshot.send_replace(Arc::new(next));
         drop(prev);
         (sent, Retired(replaced))
+    }
+
+    /// Push `assignment` at snapshot `version` in place of the served assignment of its
+    /// cluster, everything else unchanged, streams served as by [`AdsServer::push_endpoints`]
+    /// with that one name. It costs this process what changed — no snapshot built, nothing
+    /// compared — so a benchmark pushing beside its load measures the proxy, not itself.
+    /// Panics when the assignment's cluster is not served.
+    pub fn push_assignment(
+        &self,
+        version: &str,
+        assignment: eds::ClusterLoadAssignment,
+    ) -> (std::time::Instant, Retired) {
+        let next = self.snapshot.borrow().patched(version, assignment);
+        let sent = std::time::Instant::now();
+        (sent, Retired(self.snapshot.send_replace(Arc::new(next))))
     }
 
     /// Stop serving and close every stream.
@@ -299,60 +314,148 @@ impl DeltaLog {
 }
 
 /// A snapshot as served, with each resource's version: the snapshot version that last
-/// changed it (istiod's push versions), so that a push sends only what changed.
+/// changed it (istiod's push versions), so that a push sends only what changed. Its lists
+/// sit behind `Arc`s and each assignment behind its own, so that a push of one assignment
+/// ([`AdsServer::push_assignment`]) shares everything else with the snapshot before it.
 pub struct Served {
-    /// What is served.
-    pub snapshot: Snapshot,
+    /// The snapshot's version: every state-of-the-world response's `version_info`.
+    version: String,
+    clusters: Arc<Vec<cds::Cluster>>,
+    listeners: Arc<Vec<lds::Listener>>,
+    secrets: Arc<Vec<tls::Secret>>,
     /// RouteConfigurations served (RDS).
-    pub routes: Vec<rds::RouteConfiguration>,
-    /// (type URL, name) -> version.
-    versions: HashMap<(&'static str, String), String>,
+    routes: Arc<Vec<rds::RouteConfiguration>>,
+    /// Each ClusterLoadAssignment with its version, in the snapshot's order.
+    endpoints: Vec<Arc<Assignment>>,
+    /// Cluster name -> position in `endpoints`; names and positions never change on a
+    /// [`Served::patched`], so it is shared.
+    endpoint_index: Arc<HashMap<String, usize>>,
+    /// (type URL, name) -> version, of every type but ClusterLoadAssignments (which carry
+    /// theirs).
+    versions: Arc<Versions>,
     /// Set by [`AdsServer::push_endpoints`]: a state-of-the-world push sends only these
     /// ClusterLoadAssignments (istiod's incremental EDS push), no other type.
     endpoints_only: Option<Vec<String>>,
 }
 
+/// (type URL, name) -> the snapshot version that last changed that resource.
+type Versions = HashMap<(&'static str, String), String>;
+
+/// One ClusterLoadAssignment as served and the snapshot version that last changed it.
+struct Assignment {
+    version: String,
+    cla: eds::ClusterLoadAssignment,
+}
+
 impl Served {
-    /// `s` after `prev`: a resource equal to its previous one keeps its version. Linear in
-    /// the snapshot (a mesh of 50,000 services is served too).
+    /// `s` after `prev`: a resource equal to its previous one keeps its version (and an
+    /// assignment its shared copy). Linear in the snapshot (a mesh of 50,000 services is
+    /// served too).
     fn next(prev: Option<&Served>, s: Snapshot, routes: Vec<rds::RouteConfiguration>) -> Served {
         fn keep<M: PartialEq>(
-            versions: &mut HashMap<(&'static str, String), String>,
-            prev: Option<&Served>,
+            versions: &mut Versions,
+            prev: Option<(&[M], &Versions)>,
             t: &'static str,
             now: &[M],
-            was: fn(&Snapshot) -> &[M],
             name: fn(&M) -> &str,
             version: &str,
         ) {
             let before: HashMap<&str, &M> =
-                prev.map(|p| was(&p.snapshot).iter().map(|x| (name(x), x)).collect()).unwrap_or_default();
+                prev.map(|(was, _)| was.iter().map(|x| (name(x), x)).collect()).unwrap_or_default();
             for m in now {
                 let key = (t, name(m).to_string());
                 let same =
-                    prev.and_then(|p| before.get(name(m)).filter(|x| **x == m).and(p.versions.get(&key)));
+                    prev.and_then(|(_, vs)| before.get(name(m)).filter(|x| **x == m).and(vs.get(&key)));
                 versions.insert(key, same.cloned().unwrap_or_else(|| version.to_string()));
             }
         }
+        let Snapshot { version, clusters, endpoints, listeners, secrets } = s;
+        let v = version.as_str();
         let mut versions = HashMap::new();
-        let v = s.version.as_str();
-        keep(&mut versions, prev, CLUSTER, &s.clusters, |s| &s.clusters, |c| &c.name, v);
-        keep(&mut versions, prev, LISTENER, &s.listeners, |s| &s.listeners, |l| &l.name, v);
-        keep(&mut versions, prev, ENDPOINTS, &s.endpoints, |s| &s.endpoints, |e| &e.cluster_name, v);
-        keep(&mut versions, prev, SECRET, &s.secrets, |s| &s.secrets, |x| &x.name, v);
+        keep(
+            &mut versions,
+            prev.map(|p| (&p.clusters[..], &*p.versions)),
+            CLUSTER,
+            &clusters,
+            |c| &c.name,
+            v,
+        );
+        keep(
+            &mut versions,
+            prev.map(|p| (&p.listeners[..], &*p.versions)),
+            LISTENER,
+            &listeners,
+            |l| &l.name,
+            v,
+        );
+        keep(&mut versions, prev.map(|p| (&p.secrets[..], &*p.versions)), SECRET, &secrets, |x| &x.name, v);
         for r in &routes {
             let same = prev.and_then(|p| {
                 p.routes.iter().find(|x| *x == r).and(p.versions.get(&(ROUTES, r.name.clone())))
             });
             versions.insert((ROUTES, r.name.clone()), same.cloned().unwrap_or_else(|| v.to_string()));
         }
-        Served { snapshot: s, routes, versions, endpoints_only: None }
+        let before: HashMap<&str, &Arc<Assignment>> = prev
+            .map(|p| p.endpoints.iter().map(|a| (a.cla.cluster_name.as_str(), a)).collect())
+            .unwrap_or_default();
+        let endpoints: Vec<Arc<Assignment>> = endpoints
+            .into_iter()
+            .map(|cla| match before.get(cla.cluster_name.as_str()) {
+                Some(a) if a.cla == cla => Arc::clone(a),
+                _ => Arc::new(Assignment { version: v.to_string(), cla }),
+            })
+            .collect();
+        let endpoint_index =
+            endpoints.iter().enumerate().map(|(i, a)| (a.cla.cluster_name.clone(), i)).collect();
+        Served {
+            clusters: Arc::new(clusters),
+            listeners: Arc::new(listeners),
+            secrets: Arc::new(secrets),
+            routes: Arc::new(routes),
+            endpoints,
+            endpoint_index: Arc::new(endpoint_index),
+            versions: Arc::new(versions),
+            endpoints_only: None,
+            version,
+        }
+    }
+
+    /// `self` at `version` with `cla` replacing the assignment of its cluster, everything
+    /// else shared: a copy of one pointer per assignment, no resource compared or copied.
+    /// Panics when `cla`'s cluster is not served (a bench's mistake, not a peer's).
+    fn patched(&self, version: &str, cla: eds::ClusterLoadAssignment) -> Served {
+        let at = *self
+            .endpoint_index
+            .get(&cla.cluster_name)
+            .unwrap_or_else(|| panic!("push_assignment: {} is not served", cla.cluster_name));
+        let name = cla.cluster_name.clone();
+        let mut endpoints = self.endpoints.clone();
+        endpoints[at] = Arc::new(Assignment { version: version.to_string(), cla });
+        Served {
+            version: version.to_string(),
+            clusters: Arc::clone(&self.clusters),
+            listeners: Arc::clone(&self.listeners),
+            secrets: Arc::clone(&self.secrets),
+            routes: Arc::clone(&self.routes),
+            endpoints,
+            endpoint_index: Arc::clone(&self.endpoint_index),
+            versions: Arc::clone(&self.versions),
+            endpoints_only: Some(vec![name]),
+        }
+    }
+
+    /// The served assignment of cluster `name`.
+    fn assignment(&self, name: &str) -> Option<&Assignment> {
+        self.endpoint_index.get(name).and_then(|&i| self.endpoints.get(i)).map(|a| &**a)
     }
 
     /// The version of resource `name` of `type_url`.
     fn version(&self, type_url: &str, name: &str) -> String {
-        // The key's type URL is one of the four constants: find which, then one lookup.
-        [CLUSTER, LISTENER, ENDPOINTS, ROUTES, SECRET]
+        if type_url == ENDPOINTS {
+            return self.assignment(name).map(|a| a.version.clone()).unwrap_or_default();
+        }
+        // The key's type URL is one of the constants: find which, then one lookup.
+        [CLUSTER, LISTENER, ROUTES, SECRET]
             .into_iter()
             .find(|t| *t == type_url)
             .and_then(|t| self.versions.get(&(t, name.to_string())))
@@ -363,13 +466,14 @@ impl Served {
 
 /// Every resource of `type_url` in `s`, by name.
 fn resources_of(served: &Served, type_url: &str) -> BTreeMap<String, Any> {
-    let s = &served.snapshot;
     match type_url {
         ROUTES => served.routes.iter().map(|r| (r.name.clone(), any(ROUTES, r))).collect(),
-        CLUSTER => s.clusters.iter().map(|c| (c.name.clone(), any(CLUSTER, c))).collect(),
-        LISTENER => s.listeners.iter().map(|l| (l.name.clone(), any(LISTENER, l))).collect(),
-        ENDPOINTS => s.endpoints.iter().map(|c| (c.cluster_name.clone(), any(ENDPOINTS, c))).collect(),
-        SECRET => s.secrets.iter().map(|c| (c.name.clone(), any(SECRET, c))).collect(),
+        CLUSTER => served.clusters.iter().map(|c| (c.name.clone(), any(CLUSTER, c))).collect(),
+        LISTENER => served.listeners.iter().map(|l| (l.name.clone(), any(LISTENER, l))).collect(),
+        ENDPOINTS => {
+            served.endpoints.iter().map(|a| (a.cla.cluster_name.clone(), any(ENDPOINTS, &a.cla))).collect()
+        }
+        SECRET => served.secrets.iter().map(|c| (c.name.clone(), any(SECRET, c))).collect(),
         _ => BTreeMap::new(),
     }
 }
@@ -386,12 +490,20 @@ struct Subscription {
 
 impl Subscription {
     /// The resources that changed since what the client holds, and the names gone; `held`
-    /// becomes the snapshot's.
+    /// becomes the snapshot's. After [`AdsServer::push_endpoints`] only the assignments it
+    /// names are looked at (nothing else changed, nothing was removed).
     fn diff(&mut self, served: &Served, type_url: &str) -> (Vec<Resource>, Vec<String>) {
-        let now: BTreeMap<String, Any> = resources_of(served, type_url)
-            .into_iter()
-            .filter(|(n, _)| self.wildcard || self.names.contains(n))
-            .collect();
+        let now: BTreeMap<String, Any> = match (&served.endpoints_only, type_url) {
+            (Some(only), ENDPOINTS) => only
+                .iter()
+                .filter(|n| self.wildcard || self.names.contains(*n))
+                .filter_map(|n| served.assignment(n).map(|a| (n.clone(), any(ENDPOINTS, &a.cla))))
+                .collect(),
+            _ => resources_of(served, type_url)
+                .into_iter()
+                .filter(|(n, _)| self.wildcard || self.names.contains(n))
+                .collect(),
+        };
         let mut changed = Vec::new();
         for (name, any) in &now {
             let version = served.version(type_url, name);
@@ -405,6 +517,9 @@ impl Subscription {
                 });
             }
         }
+        if served.endpoints_only.is_some() && type_url == ENDPOINTS {
+            return (changed, Vec::new());
+        }
         let mut removed: Vec<String> = self.held.keys().filter(|n| !now.contains_key(*n)).cloned().collect();
         removed.sort();
         for n in &removed {
@@ -415,23 +530,23 @@ impl Subscription {
 }
 
 fn response(served: &Served, type_url: &str, names: &[String], nonce: u64) -> DiscoveryResponse {
-    let s = &served.snapshot;
     let resources: Vec<Any> = match type_url {
         ROUTES => served.routes.iter().filter(|r| names.contains(&r.name)).map(|r| any(ROUTES, r)).collect(),
-        CLUSTER => s.clusters.iter().map(|c| any(CLUSTER, c)).collect(),
-        LISTENER => s.listeners.iter().map(|l| any(LISTENER, l)).collect(),
-        SECRET => s.secrets.iter().filter(|c| names.contains(&c.name)).map(|c| any(SECRET, c)).collect(),
+        CLUSTER => served.clusters.iter().map(|c| any(CLUSTER, c)).collect(),
+        LISTENER => served.listeners.iter().map(|l| any(LISTENER, l)).collect(),
+        SECRET => served.secrets.iter().filter(|c| names.contains(&c.name)).map(|c| any(SECRET, c)).collect(),
         _ => {
             let names: std::collections::HashSet<&String> = names.iter().collect();
-            s.endpoints
+            served
+                .endpoints
                 .iter()
-                .filter(|c| names.contains(&c.cluster_name))
-                .map(|c| any(ENDPOINTS, c))
+                .filter(|a| names.contains(&a.cla.cluster_name))
+                .map(|a| any(ENDPOINTS, &a.cla))
                 .collect()
         }
     };
     DiscoveryResponse {
-        version_info: s.version.clone(),
+        version_info: served.version.clone(),
         resources,
         type_url: type_url.to_string(),
         nonce: nonce.to_string(),
@@ -439,6 +554,21 @@ fn response(served: &Served, type_url: &str, names: &[String], nonce: u64) -> Di
     }
 }
 
+/// The assignments named `names` alone (an incremental EDS push, as istiod sends one over
+/// state of the world): looked up by name, not by a scan of every assignment served.
+fn endpoints_response(served: &Served, names: &[String], nonce: u64) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version_info: served.version.clone(),
+        resources: names
+            .iter()
+            .filter_map(|n| served.assignment(n))
+            .map(|a| any(ENDPOINTS, &a.cla))
+            .collect(),
+        type_url: ENDPOINTS.to_string(),
+        nonce: nonce.to_string(),
+        ..Default::default()
+    }
+}
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Ads {
     type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, tonic::Status>>;
@@ -481,7 +611,7 @@ impl AggregatedDiscoveryService for Ads {
                         if let (Some(only), Some(names)) = (&s.endpoints_only, subscribed.get(ENDPOINTS)) {
                             let only: Vec<String> = only.iter().filter(|n| names.contains(n)).cloned().collect();
                             nonce += 1;
-                            let _ = tx.send(Ok(response(&s, ENDPOINTS, &only, nonce))).await;
+                            let _ = tx.send(Ok(endpoints_response(&s, &only, nonce))).await;
                             continue;
                         }
                         // istiod's order: clusters, endpoints, listeners, routes.
@@ -522,7 +652,7 @@ impl AggregatedDiscoveryService for Ads {
                     }
                     nonce += 1;
                     let r = DeltaDiscoveryResponse {
-                        system_version_info: s.snapshot.version.clone(),
+                        system_version_info: s.version.clone(),
                         resources,
                         type_url: type_url.to_string(),
                         removed_resources,

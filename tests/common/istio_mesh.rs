@@ -142,13 +142,6 @@ impl Mesh {
         ads::assignment(&name, &refs)
     }
 
-    /// The snapshot at `version` with service `i`'s endpoints moved (`moved` > 0).
-    pub fn with_moved(&self, version: &str, i: usize, moved: u64) -> ads::Snapshot {
-        let mut s = self.snapshot(version);
-        s.endpoints[i] = self.assignment(i, moved);
-        s
-    }
-
     /// istiod's virtualOutbound: `use_original_dst` on the capture port, one chain
     /// (`istio.stats`, tcp_proxy to PassthroughCluster).
     fn virtual_outbound(&self) -> ads::lds::Listener {
