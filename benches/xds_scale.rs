@@ -61,28 +61,43 @@ fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Five echo backends (service 0's endpoints), a thread per connection: held connections
-/// must not starve new ones.
+/// Five echo backends (service 0's endpoints). Each keeps a pool of threads that accept
+/// and echo one connection at a time, and starts another thread when its last idle one
+/// takes a connection: held connections never starve new ones, and the load core does not
+/// spawn a thread per connection (at ~7,000 connections/s that was a large part of its
+/// work, and so of what set the rate, whichever proxy was measured).
 fn backends() -> Vec<SocketAddr> {
     (0..5)
         .map(|_| {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let l = Arc::new(TcpListener::bind("127.0.0.1:0").unwrap());
             let a = l.local_addr().unwrap();
-            thread::spawn(move || {
-                for mut s in l.incoming().flatten() {
-                    thread::spawn(move || {
-                        let mut b = [0u8; 64];
-                        while let Ok(n @ 1..) = s.read(&mut b) {
-                            if s.write_all(&b[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-            });
+            let idle = Arc::new(AtomicU64::new(0));
+            for _ in 0..8 {
+                echo_worker(l.clone(), idle.clone());
+            }
             a
         })
         .collect()
+}
+
+/// One thread of a backend's pool (see [`backends`]).
+fn echo_worker(l: Arc<TcpListener>, idle: Arc<AtomicU64>) {
+    idle.fetch_add(1, Ordering::SeqCst);
+    thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            if idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+                echo_worker(l.clone(), idle.clone());
+            }
+            let mut b = [0u8; 64];
+            while let Ok(n @ 1..) = s.read(&mut b) {
+                if s.write_all(&b[..n]).is_err() {
+                    break;
+                }
+            }
+            drop(s);
+            idle.fetch_add(1, Ordering::SeqCst);
+        }
+    });
 }
 
 /// One connection through the capture to service 0: one byte echoed.
@@ -180,6 +195,30 @@ fn tick_gaps(port: &str) -> String {
         .filter(|l| l.starts_with("ringside_worker_tick_gap_max_seconds"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// TCP segments sent in this network namespace (`/proc/net/snmp`'s `Tcp: OutSegs`): every
+/// segment of the clients, the proxy and the backends, all in the bench's namespace.
+fn tcp_out_segments() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find_map(|(n, v)| (n == "OutSegs").then(|| v.parse().ok()).flatten())
+        .unwrap_or(0)
+}
+
+/// Busy time of CPU `core` in ms (`/proc/stat`, everything but idle and iowait; 10 ms
+/// ticks, fine over a window of seconds): what the load core spends, in the clients,
+/// the backends and the kernel's softirqs, whatever process they run in.
+fn core_busy_ms(core: u64) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with(&format!("cpu{core} "))) else { return 0.0 };
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let busy: u64 = ticks.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    busy as f64 * 1000.0 / 100.0
 }
 
 /// The `q` quantile (nearest rank) of `v`.
@@ -502,9 +541,20 @@ fn measure(proxy: &str, services: usize, pki: &Pki, envoy_bin: Option<&str>) -> 
     // The proxy's CPU per connection made: unlike the rate, barely moved by what else runs
     // on the machine, so it shows per-connection work that grows with the mesh.
     let cpu0 = cpu_ms(pid);
+    let load_core = if core == 0 { 1 } else { 0 };
+    let (segments0, load0) = (tcp_out_segments(), core_busy_ms(load_core));
     let (rate, made) = conn_rate(target, concurrency, seconds);
     let conn_cpu_us = (cpu_ms(pid) - cpu0) * 1000.0 / made.max(1) as f64;
-    eprintln!("xds_scale: {proxy} {services}: {rate:.0} connections/s, {conn_cpu_us:.1} µs CPU each");
+    // What each connection costs the other side of the bench: the rate is the clients'
+    // (16 on the load core), so a proxy that makes them or the backends work more per
+    // connection (more segments, a later close) is slower however little CPU it uses.
+    let per = |v: f64| v / made.max(1) as f64;
+    eprintln!(
+        "xds_scale: {proxy} {services}: {rate:.0} connections/s, {conn_cpu_us:.1} µs CPU each; \
+         {:.1} TCP segments each (all legs), load core busy {:.1} µs each",
+        per((tcp_out_segments() - segments0) as f64),
+        per(core_busy_ms(load_core) - load0) * 1000.0,
+    );
 
     // One cluster's endpoints change, pushed as istiod does over state of the world (that
     // assignment alone). Built before the clock starts: the assignment and the server's
