@@ -87,6 +87,55 @@ fn echo(pods: &Pods, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
     back
 }
 
+/// Service 1 moving between two real endpoints in pod B, each answering with its tag
+/// (`old`, `new`): a connection to service 1 says which push the worker serves. Odd
+/// versions put it at `old`, even ones at `new`.
+struct MovingService {
+    mesh: Mesh,
+    old: SocketAddr,
+    new: SocketAddr,
+}
+
+impl MovingService {
+    fn start(pods: &Pods, backends: Vec<SocketAddr>) -> MovingService {
+        let (old, new): (SocketAddr, SocketAddr) =
+            (format!("{B_IP2}:9201").parse().unwrap(), format!("{B_IP2}:9202").parse().unwrap());
+        for (at, tag) in [(old, "old"), (new, "new")] {
+            tag_server_on(in_ns(&pods.b, move || TcpListener::bind(at).unwrap()), tag);
+        }
+        MovingService { mesh: mesh(backends), old, new }
+    }
+
+    /// Where version `v` puts service 1, and the tag a connection there reads.
+    fn at(&self, v: usize) -> (SocketAddr, [u8; 3]) {
+        if v % 2 == 1 { (self.old, *b"old") } else { (self.new, *b"new") }
+    }
+
+    /// Service 1's assignment at version `v`.
+    fn assignment(&self, v: usize) -> ads::eds::ClusterLoadAssignment {
+        let to = self.at(v).0;
+        ads::without_sidecar(
+            ads::assignment(&istio_mesh::cluster_name(1), &[(to, "svc-1-v1;ns-0;svc-1;v1;Kubernetes")]),
+            to,
+        )
+    }
+
+    /// The whole mesh at version `v`.
+    fn snapshot(&self, v: usize) -> ads::Snapshot {
+        let mut s = self.mesh.snapshot(&v.to_string());
+        s.endpoints[1] = self.assignment(v);
+        s
+    }
+
+    /// The tag service 1 answers with from pod A, if it answers.
+    fn tag(pods: &Pods) -> Option<[u8; 3]> {
+        let mut s = connect_in(&pods.a, &istio_mesh::vip(1).to_string()).ok()?;
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).ok()?;
+        Some(b)
+    }
+}
+
 #[test]
 fn after_a_full_push_of_a_mesh_connections_to_a_service_are_byte_exact_and_balanced() {
     if unavailable("xds_scale::full_push").is_some() {
@@ -176,45 +225,22 @@ fn an_endpoint_change_pushed_alone_or_in_a_whole_snapshot_is_acked_and_served_an
     }
     let pods = Pods::new();
     let (addrs, _seen) = backends(&pods);
-    // Service 1 moves between two real endpoints, tagged: a connection to it says which
-    // push the worker serves.
-    let (old, new): (SocketAddr, SocketAddr) =
-        (format!("{B_IP2}:9201").parse().unwrap(), format!("{B_IP2}:9202").parse().unwrap());
-    for (at, tag) in [(old, "old"), (new, "new")] {
-        tag_server_on(in_ns(&pods.b, move || TcpListener::bind(at).unwrap()), tag);
-    }
-    let m = mesh(addrs);
-    let at = |v: usize| if v % 2 == 1 { (old, *b"old") } else { (new, *b"new") };
-    let one = |v: usize| {
-        let cla =
-            ads::assignment(&istio_mesh::cluster_name(1), &[(at(v).0, "svc-1-v1;ns-0;svc-1;v1;Kubernetes")]);
-        ads::without_sidecar(cla, at(v).0)
-    };
-    let snapshot = |v: usize| {
-        let mut s = m.snapshot(&v.to_string());
-        s.endpoints[1] = one(v);
-        s
-    };
-    let scale = Scale::start(pods, snapshot(1));
-    let tag = |pods: &Pods| {
-        let mut s = connect_in(&pods.a, &istio_mesh::vip(1).to_string()).ok()?;
-        let mut b = [0u8; 3];
-        s.read_exact(&mut b).ok()?;
-        Some(b)
-    };
+    let service = MovingService::start(&pods, addrs);
+    let scale = Scale::start(pods, service.snapshot(1));
+    let tag = MovingService::tag;
     wait_for("service 1 served", || (tag(&scale.pods) == Some(*b"old")).then_some(()));
     // Pushes alternate: a whole snapshot whose one assignment differs, then the one
     // assignment patched into the served snapshot (`push_assignment`, what the bench's push
     // window uses so that its own cost does not crowd the clients).
     for v in 2..=9 {
         let (_, retired) = if v % 2 == 0 {
-            scale.server.push_endpoints(snapshot(v), &[&istio_mesh::cluster_name(1)])
+            scale.server.push_endpoints(service.snapshot(v), &[&istio_mesh::cluster_name(1)])
         } else {
-            scale.server.push_assignment(&v.to_string(), one(v))
+            scale.server.push_assignment(&v.to_string(), service.assignment(v))
         };
         let ack = ads::reply_to(&scale.requests, ads::ENDPOINTS, &v.to_string());
         assert!(ack.error_detail.is_none(), "push {v}: {:?}", ack.error_detail);
-        wait_for("the worker serving the push", || (tag(&scale.pods) == Some(at(v).1)).then_some(()));
+        wait_for("the worker serving the push", || (tag(&scale.pods) == Some(service.at(v).1)).then_some(()));
         drop(retired);
     }
     // Service 0 is still served after the patched pushes: its assignment was shared, not lost.
@@ -238,29 +264,9 @@ fn unchanged_parts_are_shared_between_generations_and_a_live_connection_pins_onl
     }
     let pods = Pods::new();
     let (addrs, _seen) = backends(&pods);
-    // Service 1 moves between two real endpoints, tagged: a connection to it says which
-    // generation the worker serves.
-    let (old, new): (SocketAddr, SocketAddr) =
-        (format!("{B_IP2}:9201").parse().unwrap(), format!("{B_IP2}:9202").parse().unwrap());
-    for (at, tag) in [(old, "old"), (new, "new")] {
-        tag_server_on(in_ns(&pods.b, move || TcpListener::bind(at).unwrap()), tag);
-    }
-    let m = mesh(addrs);
-    let at = |v: usize| if v % 2 == 1 { (old, *b"old") } else { (new, *b"new") };
-    let snapshot = |v: usize| {
-        let mut s = m.snapshot(&v.to_string());
-        let cla =
-            ads::assignment(&istio_mesh::cluster_name(1), &[(at(v).0, "svc-1-v1;ns-0;svc-1;v1;Kubernetes")]);
-        s.endpoints[1] = ads::without_sidecar(cla, at(v).0);
-        s
-    };
-    let scale = Scale::start(pods, snapshot(1));
-    let tag = |pods: &Pods| {
-        let mut s = connect_in(&pods.a, &istio_mesh::vip(1).to_string()).ok()?;
-        let mut b = [0u8; 3];
-        s.read_exact(&mut b).ok()?;
-        Some(b)
-    };
+    let service = MovingService::start(&pods, addrs);
+    let scale = Scale::start(pods, service.snapshot(1));
+    let tag = MovingService::tag;
     let generations = |text: &str| {
         text.lines()
             .filter_map(common::parse_line)
@@ -282,10 +288,10 @@ fn unchanged_parts_are_shared_between_generations_and_a_live_connection_pins_onl
     let pushes = 8;
     let mut held = vec![hold(&scale.pods)];
     for v in 2..=pushes + 1 {
-        scale.server.push_endpoints(snapshot(v), &[&istio_mesh::cluster_name(1)]);
+        scale.server.push_endpoints(service.snapshot(v), &[&istio_mesh::cluster_name(1)]);
         let ack = ads::reply_to(&scale.requests, ads::ENDPOINTS, &v.to_string());
         assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
-        wait_for("the worker serving the push", || (tag(&scale.pods) == Some(at(v).1)).then_some(()));
+        wait_for("the worker serving the push", || (tag(&scale.pods) == Some(service.at(v).1)).then_some(()));
         held.push(hold(&scale.pods));
     }
     // None of them pins its generation: the old ones are freed while they live (before
