@@ -39,10 +39,12 @@ use prost::Message;
 /// istiod's capture listeners, virtualOutbound and virtualInbound, reached from inside the pod.
 const CAPTURE: [&str; 2] = ["127.0.0.1:15001", "127.0.0.1:15006"];
 
-/// The dump `file` in `../shared/istio-xds-dumps`, or None (after one SKIP line naming the
-/// folder) when it is absent.
-fn dump_file(test: &str, file: &str) -> Option<PathBuf> {
-    Some(common::shared("istio-xds-dumps", test)?.join(file))
+/// The dump `file` in `../shared/istio-xds-dumps`, or None (after one SKIP line naming what
+/// is missing) when it is absent or network namespaces are unavailable (every replay runs
+/// in its own).
+fn dump_in_netns(test: &str, file: &str) -> Option<PathBuf> {
+    let path = common::shared("istio-xds-dumps", test)?.join(file);
+    netns::unavailable(test).is_none().then_some(path)
 }
 
 /// What the sidecar replied to each type of the first push.
@@ -169,10 +171,7 @@ fn assert_capture_listeners_only(config: &serde_json::Value) -> BTreeMap<String,
 #[test]
 fn the_real_httpbin_sidecar_listeners_are_all_applied_internal_ones_unbound_and_the_pod_ready() {
     const TEST: &str = "xds_replay::httpbin";
-    let Some(path) = dump_file(TEST, "istio-authz-httpbin-sidecar-listeners.json") else { return };
-    if netns::unavailable(TEST).is_some() {
-        return;
-    }
+    let Some(path) = dump_in_netns(TEST, "istio-authz-httpbin-sidecar-listeners.json") else { return };
     let dump = load(&path);
     assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (27, 0, 0));
     let ns = Ns::new("httpbin");
@@ -212,10 +211,7 @@ fn the_real_httpbin_sidecar_listeners_are_all_applied_internal_ones_unbound_and_
 #[test]
 fn the_real_bookinfo_endpoints_are_all_applied_with_their_workloads() {
     const TEST: &str = "xds_replay::bookinfo";
-    let Some(path) = dump_file(TEST, "istio-istioctl-bookinfo-sidecar-endpoints.json") else { return };
-    if netns::unavailable(TEST).is_some() {
-        return;
-    }
+    let Some(path) = dump_in_netns(TEST, "istio-istioctl-bookinfo-sidecar-endpoints.json") else { return };
     let dump = load(&path);
     assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (0, 0, 32));
     // The dump holds endpoints only: an EDS cluster per assignment (built here, as istiod's
@@ -247,10 +243,7 @@ fn the_real_bookinfo_endpoints_are_all_applied_with_their_workloads() {
 #[test]
 fn the_real_dsb_sidecar_is_applied_whole_including_the_virtual_inbound_envoy_rejected_for_lua() {
     const TEST: &str = "xds_replay::dsb";
-    let Some(path) = dump_file(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
-    if netns::unavailable(TEST).is_some() {
-        return;
-    }
+    let Some(path) = dump_in_netns(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
     let dump = load(&path);
     // 142 dynamic listeners, virtualInbound dumped twice (Envoy rejected it).
     assert_eq!((dump.listeners.len(), dump.clusters.len(), dump.endpoints.len()), (141, 138, 138));
@@ -301,10 +294,7 @@ fn the_real_dsb_sidecar_is_applied_whole_including_the_virtual_inbound_envoy_rej
 #[test]
 fn the_real_httpbin_authorization_policy_denies_captured_connections_before_the_app_sees_them() {
     const TEST: &str = "xds_replay::httpbin_rbac";
-    let Some(path) = dump_file(TEST, "istio-authz-httpbin-sidecar-listeners.json") else { return };
-    if netns::unavailable(TEST).is_some() {
-        return;
-    }
+    let Some(path) = dump_in_netns(TEST, "istio-authz-httpbin-sidecar-listeners.json") else { return };
     let dump = load(&path);
     let pods = netns::Pods::new();
     capture_rules(&pods.b);
@@ -341,10 +331,7 @@ fn capture_rules(ns: &str) {
 #[test]
 fn inbound_traffic_captured_to_the_real_dsb_virtual_inbound_reaches_the_app_and_is_counted() {
     const TEST: &str = "xds_replay::dsb_inbound";
-    let Some(path) = dump_file(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
-    if netns::unavailable(TEST).is_some() {
-        return;
-    }
+    let Some(path) = dump_in_netns(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
     let dump = load(&path);
     let pods = netns::Pods::new();
     capture_rules(&pods.b);
@@ -671,10 +658,7 @@ impl Flows {
 #[test]
 fn a_real_envoy_on_the_dsb_dump_reaches_the_same_backends_and_refuses_the_same_connections() {
     const TEST: &str = "xds_replay::dsb_envoy_reference";
-    let Some(path) = dump_file(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
-    if netns::unavailable(TEST).is_some() {
-        return;
-    }
+    let Some(path) = dump_in_netns(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
     let Some(bin) = envoy::envoy_binary() else {
         common::skip(TEST, "no Envoy binary (perf/fetch-envoy.sh failed)");
         return;
@@ -735,10 +719,7 @@ fn a_real_envoy_on_the_dsb_dump_reaches_the_same_backends_and_refuses_the_same_c
 #[test]
 fn a_real_envoy_takes_every_httpbin_listener_but_the_one_whose_inline_route_names_a_cluster_the_dump_lacks() {
     const TEST: &str = "xds_replay::httpbin_envoy_reference";
-    let Some(path) = dump_file(TEST, "istio-authz-httpbin-sidecar-listeners.json") else { return };
-    if netns::unavailable(TEST).is_some() {
-        return;
-    }
+    let Some(path) = dump_in_netns(TEST, "istio-authz-httpbin-sidecar-listeners.json") else { return };
     let Some(bin) = envoy::envoy_binary() else {
         common::skip(TEST, "no Envoy binary (perf/fetch-envoy.sh failed)");
         return;
@@ -768,10 +749,7 @@ fn a_real_envoy_takes_every_httpbin_listener_but_the_one_whose_inline_route_name
 #[test]
 fn outbound_http_to_a_service_address_the_real_dsb_routes_over_rds_reaches_its_endpoint() {
     const TEST: &str = "xds_replay::dsb_rds";
-    let Some(path) = dump_file(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
-    if netns::unavailable(TEST).is_some() {
-        return;
-    }
+    let Some(path) = dump_in_netns(TEST, "dsb-hotelres-geo-sidecar-istio-1.18.2.json") else { return };
     let dump = load(&path);
     let pods = netns::Pods::new();
     capture_rules(&pods.a);
