@@ -56,6 +56,12 @@ ip netns exec "$NS" iptables -t nat -A OUTPUT -p tcp -d 10.96.0.0/12 -j REDIRECT
 # the proxy's upstream side: without reuse the next proxy in the run finds the ephemeral
 # range nearly used up and its connect()s (its CPU) slow to a crawl (~350/s).
 ip netns exec "$NS" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
+# The REDIRECT makes conntrack track every connection of the namespace (both legs), and a
+# closed one stays in its table for 120 s: at ~10,000 connections/s the table (262,144
+# entries) fills within a few proxies' windows, then SYNs are dropped and retried after a
+# second, so whichever proxy ran later in the run looked slower (and a held connection could
+# be reset). Closed connections leave the table after a second instead.
+ip netns exec "$NS" sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_time_wait=1
 ulimit -n 20000
 echo "perf/xds-scale: $(date -u +%FT%TZ) $(git -C "$ROOT" rev-parse --short HEAD), proxies on core $CORE, load on core $LOAD_CORE; machine shared" >&2
 ip netns exec "$NS" taskset -c "$LOAD_CORE" "$BENCH" --bench
