@@ -141,7 +141,7 @@ const READS_WITHOUT_WAIT: u32 = 8;
 /// (TCP_NOTSENT_LOWAT): a send beyond them waits for the peer to take some. Without a bound
 /// the kernel queues up to its send buffer (autotuned to 4 MiB), so a sidecar whose peer shares
 /// its core writes MiBs before the peer reads any, and the peer then copies them out of L3
-/// instead of L2: CPU per GB of the mTLS pair 0.88× with 128 KiB (perf/RESULTS.md, issue
+/// instead of L2: CPU per GB of the mTLS pair 0.92× with 128 KiB (perf/RESULTS.md, issue
 /// 31). Bytes in flight are not bounded (the peer's window and the congestion window still
 /// decide them), so a long path keeps its throughput.
 const UNSENT_LIMIT: usize = 128 * 1024;
