@@ -3,7 +3,8 @@
 # outbound sidecar → TLS 1.3 with client certificates → inbound sidecar → sink), one bulk
 # stream at a time, several builds alternated in one session (issue #31's bulk path):
 # CPU per GB of both proxies over 3 runs, 1-stream throughput (median), and with
-# MTLS_SYSCALLS=1 the syscalls, ring enters and context switches per MiB of each proxy.
+# MTLS_SYSCALLS=1 the syscalls, ring enters and context switches per MiB of each proxy;
+# MTLS_STREAMS=N: N streams at once instead of one (CPU per GB only).
 #   MTLS_RINGSIDES="base=/work/base/ringside-429b381 new=target/release/ringside" \
 #     flock /tmp/perf.lock perf/mtls-bulk.sh [ROUNDS]
 # Both proxies on core 1, loadgen and its sink on core 0, as perf/run.sh; ports 18500-18503.
@@ -80,7 +81,7 @@ measure() {
   lg connrate --target "127.0.0.1:$FRONT" --concurrency 4 --seconds 1 --size 64 >/dev/null
   t0=$(pair_ticks)
   for _ in 1 2 3; do
-    out=$(lg bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds "$BULK_SECONDS") || die "$name: bulk failed"
+    out=$(lg bulk --target "127.0.0.1:$FRONT" --streams "${MTLS_STREAMS:-1}" --seconds "$BULK_SECONDS") || die "$name: bulk failed"
     runs+=("$(field gbit_per_s <<<"$out")")
     bytes=$((bytes + $(field bytes <<<"$out")))
   done
@@ -128,9 +129,12 @@ profile() {
   log "$1: self time, both proxies"
   perf report -i "$WORK/perf-$1.data" --stdio --no-children -g none --sort dso,sym --percent-limit 0.5 2>/dev/null |
     grep -v -e '^$' -e '^#' | head -40
-  # Who wakes whom: the callers of the wake-up's unlock.
-  perf report -i "$WORK/perf-$1.data" --stdio --no-children -G --symbol-filter=_raw_spin_unlock_irqrestore \
-    --percent-limit 0.3 2>/dev/null | grep -v -e '^$' -e '^#' | head -${MTLS_PROFILE_LINES:-0}
+  # Who wakes whom: the callers of the wake-up's unlock (MTLS_PROFILE_LINES of them; with
+  # none asked, not run: a `head -0` would end the pipe and, under pipefail, the script).
+  if ((${MTLS_PROFILE_LINES:-0} > 0)); then
+    perf report -i "$WORK/perf-$1.data" --stdio --no-children -G --symbol-filter=_raw_spin_unlock_irqrestore \
+      --percent-limit 0.3 2>/dev/null | grep -v -e '^$' -e '^#' | head -"$MTLS_PROFILE_LINES"
+  fi
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do

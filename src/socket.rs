@@ -482,6 +482,24 @@ pub fn set_receive_low_water(s: &TcpStream, bytes: usize) -> io::Result<()> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// Unsent bytes the kernel queues for `s` before a send says EAGAIN (TCP_NOTSENT_LOWAT): bytes
+/// in flight still go as far as the peer's window and the congestion window allow (so a long
+/// path keeps its throughput), but what waits behind them is bounded.
+pub fn set_notsent_low_water(s: &TcpStream, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a live fd with a pointer to a c_int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// Write the last bytes before a FIN without waiting; returns how many the socket took (the
 /// rest, if any, is written the usual way; an error is left to that write to meet again).
 /// MSG_MORE holds them back for the FIN that follows (shutdown or close), so both leave in

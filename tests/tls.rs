@@ -1389,3 +1389,83 @@ fn an_inbound_sidecar_sends_its_ticket_and_preamble_with_the_applications_first_
     assert!(got.starts_with(&ringside::exchange::MAGIC.to_be_bytes()), "the preamble comes first");
     assert_eq!(segments_in(&tcp).1, 2, "segments with data until the echo was whole");
 }
+
+/// TCP_NOTSENT_LOWAT of every TCP socket of `pid` whose (local, peer) addresses `pick`
+/// accepts, read on a duplicate of the sidecar's descriptor (pidfd_getfd(2)); 0 means unset.
+fn unsent_limits(pid: u32, pick: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec<i32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags; a negative result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0 as libc::c_long) };
+    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor this test owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let mut limits = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let is_socket =
+            std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(target) = entry.file_name().to_str().and_then(|n| n.parse::<libc::c_long>().ok()) else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: pidfd_getfd duplicates the target's descriptor into this process; checked.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd() as libc::c_long, target, 0 as libc::c_long)
+        };
+        if fd < 0 {
+            continue; // closed meanwhile
+        }
+        // SAFETY: the duplicate is ours; dropping it closes only the duplicate.
+        let tcp = unsafe { std::net::TcpStream::from_raw_fd(fd as i32) };
+        let (Ok(local), Ok(peer)) = (tcp.local_addr(), tcp.peer_addr()) else { continue };
+        if !pick(local, peer) {
+            continue;
+        }
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a c_int of the size given, on a live fd.
+        let rc = unsafe {
+            libc::getsockopt(
+                tcp.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                std::ptr::from_mut(&mut value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_NOTSENT_LOWAT: {}", std::io::Error::last_os_error());
+        limits.push(value);
+    }
+    limits.sort_unstable();
+    limits
+}
+
+#[test]
+fn a_bulk_stream_bounds_what_waits_unsent_in_each_sidecars_tls_socket_and_a_short_connection_sets_nothing() {
+    // Arrange: two sidecars in front of an echo application; one short connection kept open.
+    let ca = Ca::new("mesh");
+    let (client, server) = mesh(&ca, "strict", echo_server());
+    let mut short = connect(client.listen);
+    short.write_all(b"ping").unwrap();
+    assert_eq!(read_exact(&mut short, 4), b"ping");
+    // Act: a bulk stream (1 MiB each way, byte-exact) on a second connection, kept open too,
+    // once its exchange settled (the bytes before that are relayed by the exchange's loop).
+    let payload = Rng(31).bytes(1 << 20);
+    let mut bulk = connect(client.listen);
+    bulk.write_all(b"ping").unwrap();
+    assert_eq!(read_exact(&mut bulk, 4), b"ping");
+    let mut w = bulk.try_clone().unwrap();
+    let sent = payload.clone();
+    let writer = std::thread::spawn(move || w.write_all(&sent).unwrap());
+    assert!(read_exact(&mut bulk, payload.len()) == payload, "echo differs");
+    writer.join().unwrap();
+    // Assert: each sidecar's TLS socket of the bulk connection holds at most 128 KiB unsent
+    // (the outbound's toward the inbound, the inbound's toward the outbound, as the echo
+    // answered in bulk); the short connection's sockets keep the kernel's default.
+    let to_inbound = unsent_limits(client.pid(), |_, peer| peer == server.listen);
+    assert_eq!(to_inbound, [0, 128 * 1024], "outbound sidecar's TLS sockets: short, bulk");
+    let from_outbound = unsent_limits(server.pid(), |local, _| local == server.listen);
+    assert_eq!(from_outbound, [0, 128 * 1024], "inbound sidecar's TLS sockets: short, bulk");
+    drop((short, bulk));
+}

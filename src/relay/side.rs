@@ -213,6 +213,15 @@ const RECORDS_PER_SEND: usize = stream::RECORDS_PER_BUFFER;
 /// often while one stream's reads and sends never block.
 const READS_WITHOUT_WAIT: u32 = 8;
 
+/// Unsent bytes a TLS socket queues once its connection has moved as many this way
+/// (TCP_NOTSENT_LOWAT): a send beyond them waits for the peer to take some. Without a bound
+/// the kernel queues up to its send buffer (autotuned to 4 MiB), so a sidecar whose peer shares
+/// its core writes MiBs before the peer reads any, and the peer then copies them out of L3
+/// instead of L2: CPU per GB of the mTLS pair 0.92× with 128 KiB (perf/RESULTS.md, issue
+/// 31). Bytes in flight are not bounded (the peer's window and the congestion window still
+/// decide them), so a long path keeps its throughput.
+const UNSENT_LIMIT: usize = 128 * 1024;
+
 /// Plaintext → TLS: a record buffer only between readiness and the send. One recvmsg(2)
 /// reads up to a buffer's worth of records (8, 128 KiB) at once, each record's plaintext behind room
 /// for its header and before room for its tag, so they are sealed in place and sent together
@@ -230,6 +239,9 @@ async fn plain_to_tls(
     let mut lens = [0usize; RECORDS_PER_SEND];
     let mut ready = false;
     let mut streak = 0;
+    // Bytes moved until the bound is set: before a connection has moved as many as the bound,
+    // its socket cannot hold more unsent, so a short connection never pays the setsockopt.
+    let mut until_bound = UNSENT_LIMIT;
     loop {
         if !ready || streak == READS_WITHOUT_WAIT {
             plain.readable(false).await?;
@@ -259,8 +271,17 @@ async fn plain_to_tls(
             }
         };
         let lens = &lens[..records];
-        count_bytes(ctx, conn, lens.iter().sum(), request);
+        let n = lens.iter().sum();
+        count_bytes(ctx, conn, n, request);
         ready = records == RECORDS_PER_SEND && lens.iter().all(|&n| n == record::MAX_PLAINTEXT);
+        if until_bound > 0 {
+            until_bound = until_bound.saturating_sub(n);
+            if until_bound == 0
+                && let Err(e) = socket::set_notsent_low_water(tls.tcp(), UNSENT_LIMIT)
+            {
+                log::debug!("TCP_NOTSENT_LOWAT: {e}");
+            }
+        }
         let r = tls.seal_and_send(&mut buf, lens).await;
         stream::put_record_buffer(buf);
         r?;
