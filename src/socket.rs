@@ -374,17 +374,9 @@ pub fn recv_spare_spaced(
         at += head + room.min(max) + tail;
         count += 1;
     }
-    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = count as _;
     // SAFETY: each iovec points at `iov_len` bytes of `buf`'s spare capacity (checked against
-    // its length above), disjoint from the others, borrowed for the call; the fd is live.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut left = n as usize;
+    // its length above), disjoint from the others, borrowed for the call.
+    let mut left = unsafe { recvmsg_into(s, &mut iov[..count]) }?;
     let mut filled = 0;
     let mut at = 0;
     for (v, len) in iov.iter().take(count).zip(lens.iter_mut()) {
@@ -411,6 +403,23 @@ pub fn recv_spare_spaced(
     Ok(filled)
 }
 
+/// One non-blocking recvmsg(2) on `s` into `iov`; returns the bytes received (filled in
+/// order).
+///
+/// # Safety
+/// Each iovec must point at `iov_len` writable bytes, disjoint from the others, that outlive
+/// the call.
+unsafe fn recvmsg_into(s: &TcpStream, iov: &mut [libc::iovec]) -> io::Result<usize> {
+    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: the caller's iovecs point at writable memory of their lengths, borrowed for the
+    // call; the fd is live.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
 /// As `recv_spare`, into several buffers with one recvmsg(2): the first's spare capacity (but
 /// its last `tail` bytes, room the caller keeps behind the bytes, such as a TLS record's tag)
 /// is filled first, then the next's; returns the total received. At most 8 buffers are read
@@ -424,17 +433,9 @@ pub fn recv_spare_vectored(s: &TcpStream, bufs: &mut [Vec<u8>], tail: usize) -> 
         *v = libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: len };
         count += 1;
     }
-    // SAFETY: a zeroed msghdr is a valid empty one; only the iovec fields are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = count as _;
-    // SAFETY: each iovec points at writable spare capacity of its buffer, `iov_len` bytes long,
-    // borrowed for the call; the fd is live.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let total = n as usize;
+    // SAFETY: each iovec points at writable spare capacity of its own buffer, `iov_len` bytes
+    // long, borrowed for the call.
+    let total = unsafe { recvmsg_into(s, &mut iov[..count]) }?;
     let mut left = total;
     for (v, buf) in iov.iter().zip(bufs.iter_mut()).take(count) {
         let k = left.min(v.iov_len);
@@ -468,31 +469,25 @@ pub fn peek(s: &TcpStream, buf: &mut Vec<u8>, limit: usize) -> io::Result<usize>
 /// an inspector that has seen part of a ClientHello sleeps until more arrives instead of
 /// polling. Both drivers wait through the socket's poll, which honours it.
 pub fn set_receive_low_water(s: &TcpStream, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt on a live fd with a pointer to a c_int of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    set_int_option(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
 /// Unsent bytes the kernel queues for `s` before a send says EAGAIN (TCP_NOTSENT_LOWAT): bytes
 /// in flight still go as far as the peer's window and the congestion window allow (so a long
 /// path keeps its throughput), but what waits behind them is bounded.
 pub fn set_notsent_low_water(s: &TcpStream, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    set_int_option(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, bytes)
+}
+
+/// setsockopt(2) of an int option (`value`, capped at `c_int::MAX`) on the live socket `fd`.
+fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
     // SAFETY: setsockopt on a live fd with a pointer to a c_int of the size given.
     let rc = unsafe {
         libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
+            fd,
+            level,
+            name,
             std::ptr::from_ref(&value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -545,18 +540,7 @@ pub fn borrow_fd(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
 /// IP_BIND_ADDRESS_NO_PORT: a socket bound to an address with port 0 gets its port at
 /// connect(), per destination, instead of holding one of the address's ports for itself.
 pub fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `s` is a live socket for the call, and `on` is a correctly sized int option.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    set_int_option(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
 }
 
 #[cfg(test)]
