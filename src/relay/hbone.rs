@@ -646,6 +646,7 @@ struct Direct {
 }
 
 impl Direct {
+    /// The payload in the batch's records (empty if the range is not there).
     fn bytes<'a>(&self, records: &[&'a [u8]]) -> &'a [u8] {
         let range = self.start as usize..self.end as usize;
         records.get(self.record).and_then(|r| r.get(range)).unwrap_or_default()
