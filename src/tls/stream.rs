@@ -709,6 +709,24 @@ impl TlsStream {
         out
     }
 
+    /// Calls `f` with the plaintexts of up to `max` records opened ahead (after `fill` said
+    /// `Data`), in order, which are then consumed: a reader that parses several records and
+    /// writes their payloads on from here (HBONE's terminator) needs no copy of them first.
+    pub fn with_opened<R>(&self, max: usize, f: impl FnOnce(&[&[u8]]) -> R) -> R {
+        let (out, n) = {
+            let rx = self.rx.borrow();
+            let mut records: [&[u8]; OPENED_AHEAD] = [&[]; OPENED_AHEAD];
+            let count = rx.opened.min(max);
+            for (s, r) in records.iter_mut().zip(&rx.plain[..count]) {
+                *s = rx.buf.get(span(r)).unwrap_or_default();
+            }
+            let n = records.iter().map(|r| r.len()).sum();
+            (f(&records[..count]), n)
+        };
+        self.consume(n);
+        out
+    }
+
     /// Send decrypted bytes straight to `to` without blocking (`WouldBlock`: wait for
     /// `to` to be writable), the records opened ahead in one vectored send; returns how
     /// many left the buffer.
