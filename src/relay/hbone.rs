@@ -1020,19 +1020,36 @@ mod tests {
         (p, bytes)
     }
 
-    #[test]
-    fn a_burst_of_received_data_goes_to_the_local_socket_in_one_send_in_order() {
+    /// Runs `test` with a pool, a monoio socket connected over loopback (a stream's local
+    /// socket) and its peer; `small` gives both ends 4 KiB buffers, so a 64 KiB send goes only
+    /// in part.
+    fn with_local_socket(
+        small: bool,
+        test: impl FnOnce(&BufferPool, monoio::net::TcpStream, std::net::TcpStream),
+    ) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        if small {
+            socket2::SockRef::from(&listener).set_recv_buffer_size(4096).unwrap();
+        }
         let addr = listener.local_addr().unwrap();
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
         rt.block_on(async move {
-            let pool = BufferPool::default();
             let sink = monoio::net::TcpStream::connect(addr).await.unwrap();
-            let (mut peer, _) = listener.accept().unwrap();
-            let (mut p, bytes) = held_pipe(&pool, sink);
+            if small {
+                socket2::SockRef::from(&crate::socket::borrow_fd(&sink)).set_send_buffer_size(4096).unwrap();
+            }
+            let (peer, _) = listener.accept().unwrap();
+            test(&BufferPool::default(), sink, peer);
+        });
+    }
+
+    #[test]
+    fn a_burst_of_received_data_goes_to_the_local_socket_in_one_send_in_order() {
+        with_local_socket(false, |pool, sink, mut peer| {
+            let (mut p, bytes) = held_pipe(pool, sink);
             assert_eq!(p.rx.len(), HELD_BUFFERS);
             // One call: every held buffer in one vectored send (64 KiB fits a loopback socket).
-            assert_eq!(write_pipe(&mut p, &pool), bytes.len());
+            assert_eq!(write_pipe(&mut p, pool), bytes.len());
             assert!(p.rx.is_empty());
             assert_eq!(p.written, bytes.len(), "counted for the stream's task");
             let mut got = vec![0; bytes.len()];
@@ -1059,19 +1076,13 @@ mod tests {
 
     #[test]
     fn received_data_goes_from_the_opened_records_to_the_local_socket_in_one_send_without_a_copy() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
-        rt.block_on(async move {
-            let pool = BufferPool::default();
-            let sink = monoio::net::TcpStream::connect(addr).await.unwrap();
-            let (mut peer, _) = listener.accept().unwrap();
+        with_local_socket(false, |pool, sink, mut peer| {
             let mut p = Pipe { sink: Some(Rc::new(sink)), ..Pipe::default() };
             let (records, payloads) = records();
             let data = records.iter().map(|r| &r[9..]);
             // One call, one vectored send of every record's payload (64 KiB fits a loopback
             // socket), and nothing copied into the stream's queue on the way.
-            assert_eq!(write_slices(&mut p, data, &pool), payloads.len());
+            assert_eq!(write_slices(&mut p, data, pool), payloads.len());
             assert!(p.rx.is_empty(), "no pool buffer took a copy");
             assert_eq!(p.written, payloads.len(), "counted for the stream's task");
             let mut got = vec![0; payloads.len()];
@@ -1082,17 +1093,11 @@ mod tests {
 
     #[test]
     fn received_data_follows_what_the_streams_queue_holds_in_the_same_send() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
-        rt.block_on(async move {
-            let pool = BufferPool::default();
-            let sink = monoio::net::TcpStream::connect(addr).await.unwrap();
-            let (mut peer, _) = listener.accept().unwrap();
+        with_local_socket(false, |pool, sink, mut peer| {
             let mut p = Pipe { sink: Some(Rc::new(sink)), ..Pipe::default() };
-            super::queue(&mut p.rx, b"queued first", &pool);
+            super::queue(&mut p.rx, b"queued first", pool);
             let (records, payloads) = records();
-            let n = write_slices(&mut p, records.iter().map(|r| &r[9..]), &pool);
+            let n = write_slices(&mut p, records.iter().map(|r| &r[9..]), pool);
             assert_eq!(n, 12 + payloads.len());
             assert!(p.rx.is_empty());
             let mut got = vec![0; n];
@@ -1105,18 +1110,10 @@ mod tests {
     #[test]
     fn received_data_the_socket_does_not_take_at_once_is_queued_in_order_after_what_it_took() {
         // Small buffers on both ends, so the 64 KiB burst goes only in part.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        socket2::SockRef::from(&listener).set_recv_buffer_size(4096).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
-        rt.block_on(async move {
-            let pool = BufferPool::default();
-            let sink = monoio::net::TcpStream::connect(addr).await.unwrap();
-            socket2::SockRef::from(&crate::socket::borrow_fd(&sink)).set_send_buffer_size(4096).unwrap();
-            let (mut peer, _) = listener.accept().unwrap();
+        with_local_socket(true, |pool, sink, mut peer| {
             let mut p = Pipe { sink: Some(Rc::new(sink)), ..Pipe::default() };
             let (records, payloads) = records();
-            let n = write_slices(&mut p, records.iter().map(|r| &r[9..]), &pool);
+            let n = write_slices(&mut p, records.iter().map(|r| &r[9..]), pool);
             assert!(n > 0 && n < payloads.len(), "{n} of {} bytes taken", payloads.len());
             assert_eq!(p.written, n);
             // What did not go waits in the stream's queue, whole and in order, for its task.
@@ -1130,16 +1127,10 @@ mod tests {
 
     #[test]
     fn received_data_is_queued_in_order_while_the_streams_task_writes_a_buffer_it_took() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
-        rt.block_on(async move {
-            let pool = BufferPool::default();
-            let sink = monoio::net::TcpStream::connect(addr).await.unwrap();
-            let _peer = listener.accept().unwrap();
+        with_local_socket(false, |pool, sink, _peer| {
             let mut p = Pipe { sink: Some(Rc::new(sink)), busy: true, ..Pipe::default() };
             let (records, payloads) = records();
-            assert_eq!(write_slices(&mut p, records.iter().map(|r| &r[9..]), &pool), 0);
+            assert_eq!(write_slices(&mut p, records.iter().map(|r| &r[9..]), pool), 0);
             let queued: Vec<u8> = p.rx.iter().flatten().copied().collect();
             assert!(queued == payloads, "copied for the stream's task, in order");
             assert_eq!(p.written, 0);
@@ -1148,17 +1139,11 @@ mod tests {
 
     #[test]
     fn held_data_waits_while_the_streams_task_writes_a_buffer_it_took() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
-        rt.block_on(async move {
-            let pool = BufferPool::default();
-            let sink = monoio::net::TcpStream::connect(addr).await.unwrap();
-            let _peer = listener.accept().unwrap();
-            let (mut p, _) = held_pipe(&pool, sink);
+        with_local_socket(false, |pool, sink, _peer| {
+            let (mut p, _) = held_pipe(pool, sink);
             p.busy = true;
             // Nothing may overtake the buffer the task is writing.
-            assert_eq!(write_pipe(&mut p, &pool), 0);
+            assert_eq!(write_pipe(&mut p, pool), 0);
             assert_eq!(p.rx.len(), HELD_BUFFERS);
         });
     }
