@@ -13,11 +13,13 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
 
 /// envoy-types' FileDescriptorSet of every Envoy proto (`src/generated/types.bin` in its
-/// crate directory, found through `cargo metadata`).
+/// crate directory, found through `cargo metadata`). The metadata is filtered to the host:
+/// offline, cargo has only the packages a build here downloaded, and unfiltered it resolves
+/// every platform's (a fresh machine lacks the Windows-only ones and the command fails).
 pub fn envoy_pool() -> DescriptorPool {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", &host_triple()])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata");
@@ -32,6 +34,15 @@ pub fn envoy_pool() -> DescriptorPool {
         .expect("envoy-types in cargo metadata");
     let bin = PathBuf::from(manifest).parent().unwrap().join("src/generated/types.bin");
     DescriptorPool::decode(std::fs::read(&bin).unwrap().as_slice()).unwrap()
+}
+
+/// The platform rustc builds for by default here (`host:` of `rustc -vV`).
+fn host_triple() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = std::process::Command::new(rustc).arg("-vV").output().expect("rustc -vV");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let host = text.lines().find_map(|l| l.strip_prefix("host: "));
+    host.expect("rustc -vV names the host").trim().to_string()
 }
 
 /// Every `@type` in `json`.
