@@ -6,7 +6,12 @@
 # echo backend on the other. Per pair: 1-stream throughput (median of 3) and proxy CPU per
 # GB, connections/s at C=64 (64 B each way, then close), request/response latency over one
 # connection (64 B), RSS per idle tunnelled connection.
-# Prints one JSON line per pair and a Markdown table.   perf/hbone.sh [--quick]
+# Prints one JSON line per pair and round and a Markdown table of medians.
+#   HBONE_ROUNDS=N perf/hbone.sh [--quick]
+# Every pair is measured in each of N rounds (default 2), the order reversed in every other
+# round, after a warm-up of the load core and backend: the first pair measured after the
+# backend starts ran 8-12 % slower (CPU per GB) than the same build measured next, and the
+# Envoy pair, always last, never paid that.
 source "$(dirname "$0")/harness.sh"
 source "$(dirname "$0")/hbone-pair.sh"
 
@@ -91,16 +96,16 @@ measure_pair() {
   rss0=$(pair_rss)
   # taskset execs loadgen: $! is loadgen itself, so the kill below closes its connections.
   taskset -c "$LOAD_CORE" "$LOADGEN" idle --target "127.0.0.1:$FRONT" --connections "$IDLE" \
-    --hold-seconds 30 >"$WORK/idle-$name.json" &
+    --hold-seconds 30 >"$WORK/idle-$name-${ROUND:-1}.json" &
   local idle_pid=$!
-  for ((i = 0; i < 600; i++)); do [[ -s $WORK/idle-$name.json ]] && break; sleep 0.1; done
+  for ((i = 0; i < 600; i++)); do [[ -s $WORK/idle-$name-${ROUND:-1}.json ]] && break; sleep 0.1; done
   rss1=$(pair_rss)
-  held=$(json_field connections <"$WORK/idle-$name.json")
+  held=$(json_field connections <"$WORK/idle-$name-${ROUND:-1}.json")
   kill "$idle_pid" 2>/dev/null || true; wait "$idle_pid" 2>/dev/null || true
   local per_conn
   per_conn=$(python3 -c "print(f'{($rss1 - $rss0) / max($held, 1):.2f}')")
-  printf '{"pair":"%s","gbit_1_stream":%s,"bulk_runs":"%s","cpu_s_per_gb":%s,"conn_per_s_c64":%s,"conn_errors":%s,"p50_us":%s,"p99_us":%s,"idle_held":%s,"rss_kib_per_idle_conn":%s}\n' \
-    "$name" "$gbit" "${runs[*]}" "$cpu_per_gb" "$conns" "$cerr" "$p50" "$p99" "$held" "$per_conn" | tee -a "$WORK/hbone.jsonl"
+  printf '{"pair":"%s","round":%s,"gbit_1_stream":%s,"bulk_runs":"%s","cpu_s_per_gb":%s,"conn_per_s_c64":%s,"conn_errors":%s,"p50_us":%s,"p99_us":%s,"idle_held":%s,"rss_kib_per_idle_conn":%s}\n' \
+    "$name" "${ROUND:-1}" "$gbit" "${runs[*]}" "$cpu_per_gb" "$conns" "$cerr" "$p50" "$p99" "$held" "$per_conn" | tee -a "$WORK/hbone.jsonl"
 }
 
 if [[ -n ${HBONE_PROFILE:-} ]]; then
@@ -164,34 +169,55 @@ if [[ -n ${HBONE_SYSCALLS:-} ]]; then
 fi
 # HBONE_RINGSIDES="before=/tmp/rs-old after=target/release/ringside" measures several builds in
 # turn, each as its own row (a change's before and after in one session).
-if [[ -z ${HBONE_ENVOY_ONLY:-} ]]; then
-  for rs in ${HBONE_RINGSIDES:-hbone=$RINGSIDE}; do
-    RINGSIDE=${rs#*=}
-    log "ringside pair (${rs%%=*}: $RINGSIDE)"
+PAIRS=()
+if [[ -z ${HBONE_ENVOY_ONLY:-} ]]; then PAIRS=(${HBONE_RINGSIDES:-hbone=$RINGSIDE}); fi
+PAIRS+=(envoy)
+measure_named() {
+  if [[ $1 == envoy ]]; then
+    log "envoy pair ($("$ENVOY" --version | grep -o 'version: [^ ]*'), round $2)"
+    envoy_pair
+    ROUND=$2 measure_pair envoy-hbone
+  else
+    RINGSIDE=${1#*=}
+    log "ringside pair (${1%%=*}: $RINGSIDE, round $2)"
     ringside_pair
-    measure_pair "ringside-${rs%%=*}"
-    stop_pair
-  done
-fi
-log "envoy pair ($("$ENVOY" --version | grep -o 'version: [^ ]*'))"
-envoy_pair
-measure_pair envoy-hbone
-stop_pair
+    ROUND=$2 measure_pair "ringside-${1%%=*}"
+  fi
+  stop_pair
+}
+# Warm-up, not reported: the load core and the backend move bulk and connections directly.
+lg bulk --target "127.0.0.1:$BACKEND" --streams 1 --seconds "$BULK_SECONDS" >/dev/null
+lg connrate --target "127.0.0.1:$BACKEND" --concurrency 64 --seconds 1 --size 64 >/dev/null
+for ((round = 1; round <= ${HBONE_ROUNDS:-2}; round++)); do
+  order=("${PAIRS[@]}")
+  if ((round % 2 == 0)); then
+    order=(); for ((i = ${#PAIRS[@]} - 1; i >= 0; i--)); do order+=("${PAIRS[i]}"); done
+  fi
+  for pair in "${order[@]}"; do measure_named "$pair" "$round"; done
+done
 
 python3 - "$WORK/hbone.jsonl" <<'EOF'
-import json, sys
-rows = {r["pair"]: r for r in map(json.loads, open(sys.argv[1]))}
-e = rows["envoy-hbone"]
-print("| pair | 1-stream Gbit/s | CPU s/GB | conn/s C=64 | p50 µs | p99 µs | RSS KiB/idle conn |")
-print("|---|---:|---:|---:|---:|---:|---:|")
-for name, t in rows.items():
+import json, statistics, sys
+runs = {}
+for r in map(json.loads, open(sys.argv[1])):
+    runs.setdefault(r["pair"], []).append(r)
+keys = ["gbit_1_stream", "cpu_s_per_gb", "conn_per_s_c64", "p50_us", "p99_us", "rss_kib_per_idle_conn"]
+med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+e = med["envoy-hbone"]
+print(f"Medians of {len(runs['envoy-hbone'])} round(s); CPU per GB / Envoy's round by round in the last column.")
+print()
+print("| pair | 1-stream Gbit/s | CPU s/GB | conn/s C=64 | p50 µs | p99 µs | RSS KiB/idle conn | CPU per GB / Envoy's, rounds |")
+print("|---|---:|---:|---:|---:|---:|---:|---|")
+for name, t in med.items():
+    by_round = ", ".join(f"{r['cpu_s_per_gb'] / envoy['cpu_s_per_gb']:.2f}"
+                         for r, envoy in zip(runs[name], runs["envoy-hbone"]))
     print(f"| {name} | {t['gbit_1_stream']:.2f} | {t['cpu_s_per_gb']:.3f} | {t['conn_per_s_c64']:.0f} | "
-          f"{t['p50_us']:.1f} | {t['p99_us']:.1f} | {t['rss_kib_per_idle_conn']:.2f} |")
-for name, r in rows.items():
+          f"{t['p50_us']:.1f} | {t['p99_us']:.1f} | {t['rss_kib_per_idle_conn']:.2f} | {by_round} |")
+for name, r in med.items():
     if name == "envoy-hbone":
         continue
     ratio = lambda k: r[k] / e[k] if e[k] else float("nan")
     print(f"| {name} / envoy | {ratio('gbit_1_stream'):.2f} | {ratio('cpu_s_per_gb'):.2f} | "
           f"{ratio('conn_per_s_c64'):.2f} | {ratio('p50_us'):.2f} | {ratio('p99_us'):.2f} | "
-          f"{ratio('rss_kib_per_idle_conn'):.2f} |")
+          f"{ratio('rss_kib_per_idle_conn'):.2f} | |")
 EOF

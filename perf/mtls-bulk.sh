@@ -119,13 +119,20 @@ EOF
   done
 }
 
-# MTLS_PROFILE=1: where both proxies' CPU goes under one bulk stream (perf record, self time).
+# MTLS_PROFILE=1: where both proxies' CPU goes under one bulk stream (perf record, self time);
+# MTLS_PROFILE=connrate: under new connections instead, 64 in flight (handshakes, resumed).
 profile() {
   lg connrate --target "127.0.0.1:$FRONT" --concurrency 4 --seconds 1 --size 64 >/dev/null
-  lg bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds 6 >/dev/null & local bulk=$!
+  if [[ $MTLS_PROFILE == connrate ]]; then
+    lg connrate --target "127.0.0.1:$FRONT" --concurrency 64 --seconds 6 --size 64 >/dev/null & local load=$!
+  else
+    lg bulk --target "127.0.0.1:$FRONT" --streams 1 --seconds 6 >/dev/null & local load=$!
+  fi
   sleep 1
   perf record -q -e cpu-clock -g -o "$WORK/perf-$1.data" -p "$P1,$P2" -- sleep 4 >/dev/null 2>&1
-  wait "$bulk"
+  wait "$load"
+  # MTLS_PROFILE_DATA=DIR keeps the recording (perf-BUILD.data) for other reports.
+  if [[ -n ${MTLS_PROFILE_DATA:-} ]]; then cp "$WORK/perf-$1.data" "$MTLS_PROFILE_DATA/"; fi
   log "$1: self time, both proxies"
   perf report -i "$WORK/perf-$1.data" --stdio --no-children -g none --sort dso,sym --percent-limit 0.5 2>/dev/null |
     grep -v -e '^$' -e '^#' | head -40
