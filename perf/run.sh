@@ -39,8 +39,8 @@ TARGETS+=" ringside-2-hbone envoy-2-hbone"
 # the rows that need the others then say "not evaluated").
 TARGETS=${PERF_TARGETS:-$TARGETS}
 # PERF_ROUNDS=3 measures every target that many times, in alternation (round 1 of each, then
-# round 2... in reverse order...), so a neighbour's build hits them alike; the report takes each
-# number's median.
+# round 2 of each in reverse order, ...), so a neighbour's build hits them alike; the report
+# takes each number's median.
 ROUNDS=${PERF_ROUNDS:-1}
 # PERF_NAME=mtls writes perf/results/mtls/ and perf/results/mtls/RESULTS.md instead of the
 # full run's perf/results/ and perf/RESULTS.md (a subset run must not replace the full table).
