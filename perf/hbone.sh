@@ -14,6 +14,7 @@
 # Envoy pair, always last, never paid that.
 source "$(dirname "$0")/harness.sh"
 source "$(dirname "$0")/hbone-pair.sh"
+source "$(dirname "$0")/certs.sh"
 
 BULK_SECONDS=3; CONN_SECONDS=3; IDLE=2000
 [[ ${1:-} == --quick ]] && { BULK_SECONDS=1; CONN_SECONDS=1; IDLE=500; }
@@ -25,17 +26,9 @@ build
 spawn taskset -c "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND" --seconds 3600 >/dev/null
 for ((i = 0; i < 100; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$BACKEND") 2>/dev/null && break; sleep 0.05; done
 
-# Certificates: a mesh root, a client and a server SPIFFE identity (as perf/run.sh makes them).
-d=$WORK/certs; mkdir -p "$d"
-openssl ecparam -name prime256v1 -genkey -noout -out "$d/root-key.pem" 2>/dev/null
-openssl req -x509 -new -key "$d/root-key.pem" -subj /O=perf-mesh -days 2 -out "$d/root-cert.pem" 2>/dev/null
-for id in client server; do
-  openssl ecparam -name prime256v1 -genkey -noout -out "$d/$id-key.pem" 2>/dev/null
-  openssl req -new -key "$d/$id-key.pem" -subj /O=perf-mesh -out "$d/$id.csr" 2>/dev/null
-  printf 'subjectAltName=URI:spiffe://cluster.local/ns/default/sa/%s\n' "$id" >"$d/$id.ext"
-  openssl x509 -req -in "$d/$id.csr" -CA "$d/root-cert.pem" -CAkey "$d/root-key.pem" -CAcreateserial \
-    -days 2 -extfile "$d/$id.ext" -out "$d/$id-cert.pem" 2>/dev/null
-done
+# Certificates: a mesh root, a client and a server SPIFFE identity.
+d=$WORK/certs
+mesh_certs "$d" client server
 
 wait_port() {
   for ((i = 0; i < 200; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done

@@ -9,6 +9,7 @@
 #     flock /tmp/perf.lock perf/mtls-bulk.sh [ROUNDS]
 # Both proxies on core 1, loadgen and its sink on core 0, as perf/run.sh; ports 18500-18503.
 source "$(dirname "$0")/harness.sh"
+source "$(dirname "$0")/certs.sh"
 
 ROUNDS=${1:-2}; BULK_SECONDS=${MTLS_BULK_SECONDS:-3}
 LOAD_CORE=0; PROXY_CORE=1
@@ -18,16 +19,8 @@ build
 spawn taskset -c "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEND" --seconds 3600 >/dev/null
 
 # Certificates: a mesh root and two SPIFFE identities (as perf/run.sh makes them).
-d=$WORK/certs; mkdir -p "$d"
-openssl ecparam -name prime256v1 -genkey -noout -out "$d/root-key.pem" 2>/dev/null
-openssl req -x509 -new -key "$d/root-key.pem" -subj /O=perf-mesh -days 2 -out "$d/root-cert.pem" 2>/dev/null
-for id in productpage ratings; do
-  openssl ecparam -name prime256v1 -genkey -noout -out "$d/$id-key.pem" 2>/dev/null
-  openssl req -new -key "$d/$id-key.pem" -subj /O=perf-mesh -out "$d/$id.csr" 2>/dev/null
-  printf 'subjectAltName=URI:spiffe://cluster.local/ns/default/sa/%s\n' "$id" >"$d/$id.ext"
-  openssl x509 -req -in "$d/$id.csr" -CA "$d/root-cert.pem" -CAkey "$d/root-key.pem" -CAcreateserial \
-    -days 2 -extfile "$d/$id.ext" -out "$d/$id-cert.pem" 2>/dev/null
-done
+d=$WORK/certs
+mesh_certs "$d" productpage ratings
 cat >"$WORK/inner.yaml" <<EOF
 node: {workload_name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
 workers: 1

@@ -365,21 +365,12 @@ EOF
   PROXY_PIDS+=("$LAST_PID" $workers)
 }
 
-# Istio-style workload identities for the mTLS rows, made with openssl: an EC P-256 mesh root
-# and two workload certificates with SPIFFE URI SANs; HAProxy gets the same certificates.
+# Istio-style workload identities for the mTLS rows (perf/certs.sh); HAProxy gets the same
+# certificates.
 make_certs() {
   local d=$WORK/certs id
-  mkdir -p "$d"
-  openssl ecparam -name prime256v1 -genkey -noout -out "$d/root-key.pem" 2>/dev/null
-  openssl req -x509 -new -key "$d/root-key.pem" -subj /O=perf-mesh -days 2 -out "$d/root-cert.pem" 2>/dev/null
-  for id in productpage ratings; do
-    openssl ecparam -name prime256v1 -genkey -noout -out "$d/$id-key.pem" 2>/dev/null
-    openssl req -new -key "$d/$id-key.pem" -subj "/O=perf-mesh" -out "$d/$id.csr" 2>/dev/null
-    printf 'subjectAltName=URI:spiffe://cluster.local/ns/default/sa/%s\n' "$id" >"$d/$id.ext"
-    openssl x509 -req -in "$d/$id.csr" -CA "$d/root-cert.pem" -CAkey "$d/root-key.pem" -CAcreateserial \
-      -days 2 -extfile "$d/$id.ext" -out "$d/$id-cert.pem" 2>/dev/null
-    cat "$d/$id-cert.pem" "$d/$id-key.pem" >"$d/$id-haproxy.pem"
-  done
+  mesh_certs "$d" productpage ratings
+  for id in productpage ratings; do cat "$d/$id-cert.pem" "$d/$id-key.pem" >"$d/$id-haproxy.pem"; done
 }
 
 # Two ringside sidecars with mTLS between them (exchange in mode alpn, strict inbound); with
@@ -557,6 +548,7 @@ EOF
 # measures them: the originator listens on FRONT_PORT, the terminator's HBONE port is
 # INNER_PORT, the mTLS rows' certificates (productpage → ratings); admin on the metrics ports.
 source "$HERE/hbone-pair.sh"
+source "$HERE/certs.sh"
 hbone_start() {  # ringside|envoy
   local f port
   if [[ $1 == envoy ]]; then
