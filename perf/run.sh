@@ -833,5 +833,15 @@ cp "$WORK/many.jsonl" "$OUT/many.jsonl"
 cp "$WORK/workers.jsonl" "$OUT/workers.jsonl"
 cp "$WORK/meta.txt" "$OUT/meta.txt"
 "$PYTHON" "$HERE/plot.py" "$OUT"
-"$PYTHON" "$HERE/report.py" "$OUT" >"$REPORT"
+# perf/RESULTS.md: the report replaces what is above the marker line; the measurements written
+# by hand below it (issue by issue) are kept. A named run writes a report of its own.
+MARKER='<!-- perf/run.sh regenerates what is above this line and keeps what is below it: measurements written by hand, issue by issue. -->'
+kept=$WORK/results-kept.md
+: >"$kept"
+if [[ -z $NAME && -f $REPORT ]]; then
+  at=$(grep -n -x -F -- "$MARKER" "$REPORT" | head -1 | cut -d: -f1)
+  if [[ -n $at ]]; then { echo; tail -n +"$at" "$REPORT"; } >"$kept"; fi
+fi
+"$PYTHON" "$HERE/report.py" "$OUT" >"$WORK/report.md"
+cat "$WORK/report.md" "$kept" >"$REPORT"
 log "wrote $REPORT"
