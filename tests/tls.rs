@@ -1274,21 +1274,27 @@ fn an_idle_connection_after_bulk_holds_no_record_sized_buffer() {
 
 /// TCP_INFO of a socket: (segments received, of them with data).
 fn segments_in(tcp: &std::net::TcpStream) -> (u32, u32) {
+    // SAFETY: tcp_info is a plain C struct; all zeroes is a valid value of it.
+    let info: libc::tcp_info = tcp_option(tcp, libc::TCP_INFO, unsafe { std::mem::zeroed() });
+    (info.tcpi_segs_in, info.tcpi_data_segs_in)
+}
+
+/// An IPPROTO_TCP option of a socket, read into `value` (a plain C value of the option's type).
+fn tcp_option<T: Copy>(tcp: &std::net::TcpStream, name: libc::c_int, mut value: T) -> T {
     use std::os::fd::AsRawFd;
-    // SAFETY: `info` is a plain C struct the kernel fills up to `len` bytes; the fd is live.
-    unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = libc::getsockopt(
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, a plain C value; the fd is live.
+    let rc = unsafe {
+        libc::getsockopt(
             tcp.as_raw_fd(),
             libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            std::ptr::from_mut(&mut info).cast(),
+            name,
+            std::ptr::from_mut(&mut value).cast(),
             &mut len,
-        );
-        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-        (info.tcpi_segs_in, info.tcpi_data_segs_in)
-    }
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt({name}): {}", std::io::Error::last_os_error());
+    value
 }
 
 /// A client-first application's connection through productpage's outbound sidecar to a
@@ -1422,20 +1428,7 @@ fn unsent_limits(pid: u32, pick: impl Fn(SocketAddr, SocketAddr) -> bool) -> Vec
         if !pick(local, peer) {
             continue;
         }
-        let mut value: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt into a c_int of the size given, on a live fd.
-        let rc = unsafe {
-            libc::getsockopt(
-                tcp.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
-                std::ptr::from_mut(&mut value).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "TCP_NOTSENT_LOWAT: {}", std::io::Error::last_os_error());
-        limits.push(value);
+        limits.push(tcp_option(&tcp, libc::TCP_NOTSENT_LOWAT, -1 as libc::c_int));
     }
     limits.sort_unstable();
     limits
