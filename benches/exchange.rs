@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ringside::exchange::{Parser, Status, encode};
+use ringside::exchange::{Parser, Peers, Status, encode};
 
 const MAX_PREAMBLE: usize = 64 * 1024;
 
@@ -13,8 +13,11 @@ fn golden_preamble() -> Vec<u8> {
         .expect("tests/data/preamble_golden_client.bin")
 }
 
-fn parse(chunks: &[&[u8]], buffer: Vec<u8>) -> Vec<u8> {
-    let mut parser = Parser::with_buffer(MAX_PREAMBLE, buffer);
+fn parse(chunks: &[&[u8]], buffer: Vec<u8>, peers: Option<&Peers>) -> Vec<u8> {
+    let mut parser = match peers {
+        Some(peers) => Parser::with_peers(MAX_PREAMBLE, buffer, peers),
+        None => Parser::with_buffer(MAX_PREAMBLE, buffer),
+    };
     for chunk in chunks {
         match parser.feed(black_box(chunk)) {
             Status::NeedMore => {}
@@ -42,10 +45,15 @@ fn exchange(c: &mut Criterion) {
     let mut group = c.benchmark_group("exchange");
     let mut buffer = Vec::with_capacity(MAX_PREAMBLE);
     group.bench_function("parse_whole", |b| {
-        b.iter(|| buffer = parse(&[&preamble], std::mem::take(&mut buffer)))
+        b.iter(|| buffer = parse(&[&preamble], std::mem::take(&mut buffer), None))
+    });
+    // A worker's exchanges with a peer it heard from before: its metadata is not decoded again.
+    let peers = Peers::default();
+    group.bench_function("parse_whole_known_peer", |b| {
+        b.iter(|| buffer = parse(&[&preamble], std::mem::take(&mut buffer), Some(&peers)))
     });
     group.bench_function("parse_3_reads", |b| {
-        b.iter(|| buffer = parse(&[first, second, last], std::mem::take(&mut buffer)))
+        b.iter(|| buffer = parse(&[first, second, last], std::mem::take(&mut buffer), None))
     });
     group.bench_function("encode", |b| b.iter(|| encode(black_box(&node))));
     group.finish();

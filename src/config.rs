@@ -443,6 +443,17 @@ pub struct Listener {
     pub tunnel: Option<ListenerTunnel>,
 }
 
+impl Listener {
+    /// Every connection it serves starts with a TLS ClientHello: `tls` strict, or xDS filter
+    /// chains that all terminate TLS (a plaintext client matches none).
+    pub fn tls_only(&self) -> bool {
+        match &self.tls {
+            Some(tls) => tls.mode == ListenerTlsMode::Strict,
+            None => !self.filter_chains.is_empty() && self.filter_chains.iter().all(|c| c.tls.is_some()),
+        }
+    }
+}
+
 /// What tunnel a listener terminates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -1664,6 +1675,27 @@ mod tests {
         for text in ["50us", "1500us", "250ms", "5s", "2m", "1h", "0s"] {
             assert_eq!(text.parse::<Dur>().unwrap().to_string(), text);
         }
+    }
+
+    #[test]
+    fn a_listener_is_tls_only_when_strict_or_when_every_xds_chain_terminates_tls() {
+        let listener = |l: &str| {
+            let text = format!(
+                "listeners:\n  - {{name: l, listen: 127.0.0.1:1, direction: inbound, cluster: c{l}}}\n"
+            );
+            std::sync::Arc::unwrap_or_clone(Config::parse(&text, "t.yaml").unwrap().listeners.remove(0))
+        };
+        let tls =
+            |mode: &str| format!(", tls: {{mode: {mode}, cert_chain: c, private_key: k, root_cert: r}}");
+        assert!(listener(&tls("strict")).tls_only());
+        assert!(!listener(&tls("permissive")).tls_only());
+        let mut chains = listener("");
+        assert!(!chains.tls_only(), "no tls and no chains");
+        let chain = |tls: bool| FilterChain { tls: tls.then(ChainTls::default), ..FilterChain::default() };
+        chains.filter_chains = vec![chain(true), chain(true)];
+        assert!(chains.tls_only());
+        chains.filter_chains.push(chain(false));
+        assert!(!chains.tls_only(), "a plaintext chain (permissive)");
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct WorkerCtx {
     snapshot: RefCell<Rc<Snapshot>>,
     /// Buffer pool.
     pub pool: BufferPool,
+    /// The peers this worker's exchanges heard from last, decoded once.
+    pub peers: crate::exchange::Peers,
+    /// The principals of the peer certificates this worker's handshakes saw last.
+    pub principals: crate::tls::Principals,
     /// Splice pipes, borrowed by a bulk flow for one burst.
     pub pipes: crate::socket::PipePool,
     /// This worker's metrics shard writer.
@@ -117,7 +121,7 @@ pub struct Security {
     /// `spiffe://...` of our own certificate.
     pub local_principal: Option<Arc<str>>,
     /// `spiffe://...` of the peer's certificate.
-    pub peer_principal: Option<Box<str>>,
+    pub peer_principal: Option<Arc<str>>,
     /// The connection is mutual TLS (connection_security_policy, reporter=destination).
     pub mutual_tls: bool,
 }
@@ -176,6 +180,8 @@ impl WorkerCtx {
             index,
             snapshot: RefCell::new(Rc::new(Snapshot::new(published, seed(index), None))),
             pool: BufferPool::default(),
+            peers: crate::exchange::Peers::default(),
+            principals: crate::tls::Principals::default(),
             pipes: Default::default(),
             metrics: RefCell::new(writer),
             preamble: crate::exchange::encode(&node),

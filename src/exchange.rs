@@ -16,6 +16,7 @@
 //! deterministic serialization (checked in `tests/exchange_interop.rs`).
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use prost::Message;
 use prost_types::{Any, Struct, Value, value::Kind};
@@ -98,17 +99,13 @@ pub enum Invalid {
 
 /// What one [`Parser::feed`] found.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "Done is returned once per connection; boxing the peer would add an allocation"
-)]
 pub enum Status {
     /// Every byte of the input was absorbed; feed more.
     NeedMore,
     /// `input[..consumed]` was preamble; `input[consumed..]` is application data.
     Done {
-        /// The peer's node metadata.
-        peer: NodeMetadata,
+        /// The peer's node metadata (shared with [`Peers`] when the parser has one).
+        peer: Rc<NodeMetadata>,
         /// Bytes of this input that belonged to the preamble.
         consumed: usize,
     },
@@ -253,16 +250,21 @@ enum State {
     Finished,
 }
 
+/// The peers a worker's exchanges heard from last, decoded once (`crate::recent`): at most
+/// 16 payloads of at most 8 KiB (a sidecar's is a few hundred bytes to a few KiB).
+pub type Peers = crate::recent::Recent<Rc<NodeMetadata>, 16, { 8 * 1024 }>;
+
 /// Incremental reader of a peer's preamble, fed the bytes of one direction as they arrive.
 #[derive(Debug)]
-pub struct Parser {
+pub struct Parser<'p> {
     state: State,
     max_preamble: usize,
     buffer: Vec<u8>,
     begun: bool,
+    peers: Option<&'p Peers>,
 }
 
-impl Parser {
+impl Parser<'static> {
     /// Create a parser that rejects payloads larger than `max_preamble` bytes.
     pub fn new(max_preamble: usize) -> Self {
         Self::with_buffer(max_preamble, Vec::new())
@@ -271,7 +273,21 @@ impl Parser {
     /// Reuse a payload buffer from the worker's pool (cleared, capacity kept).
     pub fn with_buffer(max_preamble: usize, mut buffer: Vec<u8>) -> Self {
         buffer.clear();
-        Self { state: State::Magic { matched: 0 }, max_preamble, buffer, begun: false }
+        Parser { state: State::Magic { matched: 0 }, max_preamble, buffer, begun: false, peers: None }
+    }
+}
+
+impl<'p> Parser<'p> {
+    /// `with_buffer`, the peer's metadata taken from (and kept in) the worker's `peers`.
+    pub fn with_peers(max_preamble: usize, buffer: Vec<u8>, peers: &'p Peers) -> Self {
+        Parser { peers: Some(peers), ..Parser::with_buffer(max_preamble, buffer) }
+    }
+
+    fn decode(&self, payload: &[u8]) -> Result<Rc<NodeMetadata>, Invalid> {
+        match self.peers {
+            Some(peers) => peers.get_or_make(payload, || decode_payload(payload).map(Rc::new)),
+            None => decode_payload(payload).map(Rc::new),
+        }
     }
 
     /// Feed bytes never fed before, any size (including 1 byte at a time).
@@ -323,7 +339,7 @@ impl Parser {
                     self.state = State::Payload { length: length_usize };
                     if let Some(payload) = rest.get(..length_usize) {
                         // Whole payload in this input: decode in place, no copy.
-                        return self.finish(decode_payload(payload), input, rest, length_usize);
+                        return self.finish(self.decode(payload), input, rest, length_usize);
                     }
                     // The buffer is empty here (cleared on construction and after each decode),
                     // so this reserves exactly the payload and each byte is copied once.
@@ -337,7 +353,7 @@ impl Parser {
                     if take < missing {
                         return Status::NeedMore;
                     }
-                    let result = decode_payload(&self.buffer);
+                    let result = self.decode(&self.buffer);
                     self.buffer.clear();
                     return self.finish(result, input, rest, take);
                 }
@@ -378,7 +394,7 @@ impl Parser {
     /// `input`.
     fn finish(
         &mut self,
-        result: Result<NodeMetadata, Invalid>,
+        result: Result<Rc<NodeMetadata>, Invalid>,
         input: &[u8],
         rest: &[u8],
         taken: usize,
@@ -467,7 +483,7 @@ mod tests {
         match Parser::new(64 * 1024).feed(preamble) {
             Status::Done { peer, consumed } => {
                 assert_eq!(consumed, preamble.len());
-                peer
+                Rc::unwrap_or_clone(peer)
             }
             other => panic!("expected Done, got {other:?}"),
         }
@@ -492,7 +508,7 @@ mod tests {
         }
         match parser.feed(&[*last, b'x']) {
             Status::Done { peer, consumed } => {
-                assert_eq!(peer, node);
+                assert_eq!(*peer, node);
                 assert_eq!(consumed, 1);
             }
             other => panic!("expected Done, got {other:?}"),
@@ -603,5 +619,47 @@ mod tests {
         assert!(matches!(parser.feed(&preamble[HEADER_LEN + 1..]), Status::Done { .. }));
         let buffer = parser.into_buffer();
         assert!(buffer.is_empty() && buffer.capacity() >= length);
+    }
+
+    /// Parse a whole preamble with `peers`.
+    fn parse_known(peers: &Peers, preamble: &[u8]) -> Result<Rc<NodeMetadata>, Invalid> {
+        match Parser::with_peers(64 * 1024, Vec::new(), peers).feed(preamble) {
+            Status::Done { peer, .. } => Ok(peer),
+            Status::Invalid(invalid) => Err(invalid),
+            other => panic!("expected Done or Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_peers_same_bytes_are_decoded_once_and_other_bytes_are_another_peer() {
+        let peers = Peers::default();
+        let (client, server) = (encode(&client_node()), encode(&server_node()));
+        let first = parse_known(&peers, &client).unwrap();
+        let again = parse_known(&peers, &client).unwrap();
+        assert!(Rc::ptr_eq(&first, &again), "the second exchange decoded again");
+        assert_eq!(*first, client_node());
+        let other = parse_known(&peers, &server).unwrap();
+        assert_eq!(*other, server_node());
+        // A split preamble (gathered in the parser's buffer) finds the same entry.
+        let mut parser = Parser::with_peers(64 * 1024, Vec::new(), &peers);
+        assert!(matches!(parser.feed(&client[..HEADER_LEN + 3]), Status::NeedMore));
+        let Status::Done { peer, .. } = parser.feed(&client[HEADER_LEN + 3..]) else { panic!("not done") };
+        assert!(Rc::ptr_eq(&first, &peer));
+    }
+
+    #[test]
+    fn peers_never_keeps_a_broken_or_oversized_payload() {
+        let peers = Peers::default();
+        let mut big = client_node();
+        for i in 0..(8 * 1024 / MAX_PEER_VALUE + 1) {
+            big.labels.insert(format!("note{i}"), "x".repeat(MAX_PEER_VALUE));
+        }
+        let preamble = encode(&big);
+        assert!(preamble.len() > HEADER_LEN + 8 * 1024);
+        assert_eq!(*parse_known(&peers, &preamble).unwrap(), big);
+        let mut broken = encode(&client_node());
+        broken[HEADER_LEN..].iter_mut().take(2).for_each(|b| *b = 0xFF);
+        assert_eq!(parse_known(&peers, &broken), Err(Invalid::Undecodable));
+        assert!(peers.is_empty(), "an oversized or broken payload was kept");
     }
 }

@@ -23,6 +23,7 @@ pub mod exchange; // istio-peer-exchange codec: encode + incremental parser. No 
 pub mod hbone; // HBONE's HTTP/2 CONNECT core: frames, HPACK, connection state. No I/O.
 pub mod metrics; // label sets, canonical fallbacks, per-worker shards, render. No I/O.
 pub mod rbac; // AuthorizationPolicy as Envoy RBAC filters, evaluated per connection at L4. No I/O.
+pub mod recent; // the last few values made from peer bytes, by those bytes: decode once per peer. No I/O.
 pub mod relay; // one connection: connect, exchange, copy both halves, close, count
 pub mod routing; // clusters, subsets, load balancing, weighted routes; routing::istio reads Istio YAML
 pub mod snapshot; // the listener/cluster/route model as per-worker snapshots swapped between connections

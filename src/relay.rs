@@ -415,7 +415,7 @@ async fn set_up(
     };
     match exchanged {
         Some(Ok(peer)) => {
-            settle(ctx, conn, peer.as_ref(), "-");
+            settle(ctx, conn, peer.as_deref(), "-");
             Ok(Some((down, up)))
         }
         Some(Err(e)) => {
@@ -530,13 +530,13 @@ async fn exchange(
     conn: &Conn,
     down: &mut Side,
     up: &mut Side,
-) -> Result<Option<NodeMetadata>, Error> {
+) -> Result<Option<Rc<NodeMetadata>>, Error> {
     match (down, up) {
         (Side::Plain(down), Side::Plain(up)) => exchange_plain(ctx, listener, conn, down, up).await,
         (Side::Tls(tls), Side::Plain(plain)) => mtls::exchange(ctx, listener, conn, plain, tls, true).await,
         (Side::Plain(plain), Side::Tls(tls)) => mtls::exchange(ctx, listener, conn, plain, tls, false).await,
         // HBONE's peer metadata rides in `baggage`: the terminator's, on its 200 (SPEC §12).
-        (Side::Plain(_), Side::Tunnel(tunnel)) => Ok(tunnel.take_peer()),
+        (Side::Plain(_), Side::Tunnel(tunnel)) => Ok(tunnel.take_peer().map(Rc::new)),
         _ => Ok(None),
     }
 }
@@ -548,7 +548,7 @@ async fn exchange_plain(
     conn: &Conn,
     down: &mut TcpStream,
     up: &mut TcpStream,
-) -> Result<Option<NodeMetadata>, Error> {
+) -> Result<Option<Rc<NodeMetadata>>, Error> {
     // A passthrough destination is not known to be a mesh peer: writing a preamble to it
     // would put bytes in front of its protocol (Istio's PassthroughCluster has no exchange).
     let mode = match conn.captured.get() {
@@ -558,7 +558,7 @@ async fn exchange_plain(
     match (mode, listener.direction) {
         (PeerExchange::Always, direction) => {
             // A preamble split across reads is gathered in a pool buffer (copied once).
-            let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
+            let mut parser = Parser::with_peers(listener.limits.max_preamble.0, ctx.pool.take(), &ctx.peers);
             let peer = match direction {
                 Direction::Outbound => exchange_outbound(ctx, listener, conn, &mut parser, down, up).await,
                 Direction::Inbound => exchange_inbound(ctx, listener, conn, &mut parser, down, up).await,
@@ -777,10 +777,10 @@ async fn exchange_outbound(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
-    parser: &mut Parser,
+    parser: &mut Parser<'_>,
     down: &mut TcpStream,
     up: &mut TcpStream,
-) -> Result<Option<NodeMetadata>, Error> {
+) -> Result<Option<Rc<NodeMetadata>>, Error> {
     write_preamble(ctx, up).await?;
     let limits = &listener.limits;
     let start = Instant::now();
@@ -831,10 +831,10 @@ async fn exchange_inbound(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
-    parser: &mut Parser,
+    parser: &mut Parser<'_>,
     down: &mut TcpStream,
     up: &mut TcpStream,
-) -> Result<Option<NodeMetadata>, Error> {
+) -> Result<Option<Rc<NodeMetadata>>, Error> {
     let limits = &listener.limits;
     let mut begun_at: Option<Instant> = None;
     let mut upstream_spoke_at: Option<Instant> = None;
@@ -881,7 +881,7 @@ enum Verdict {
     /// A preamble has begun (or nothing decisive yet): read more.
     Pending,
     /// The exchange is over: the peer, or `None` for a non-mesh peer.
-    Settled(Option<NodeMetadata>),
+    Settled(Option<Rc<NodeMetadata>>),
 }
 
 /// Feed one read (empty: EOF) from the side that carries the peer's preamble. On a verdict, forward the
@@ -890,7 +890,7 @@ enum Verdict {
 async fn feed(
     ctx: &WorkerCtx,
     conn: &Conn,
-    parser: &mut Parser,
+    parser: &mut Parser<'_>,
     mut buf: Vec<u8>,
     to: &mut TcpStream,
     request: bool,

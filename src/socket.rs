@@ -479,6 +479,17 @@ pub fn set_notsent_low_water(s: &TcpStream, bytes: usize) -> io::Result<()> {
     set_int_option(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, bytes)
 }
 
+/// TCP_QUICKACK off: the socket's ACKs wait (up to the kernel's delayed-ACK timeout) to ride
+/// on the next segment it sends, instead of leaving on their own. Linux turns this on by
+/// itself once a socket answers within that timeout, so it only changes a connection's
+/// first exchanges: where ringside answers at once (a ClientHello with the server's flight,
+/// the server's flight with our Finished), the answer carries the ACK, one segment fewer.
+/// A listening socket passes it on to the sockets it accepts; `false` gives back the
+/// kernel's default (quick ACKs at a connection's start).
+pub fn delay_acks(s: &impl AsRawFd, delay: bool) -> io::Result<()> {
+    set_int_option(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_QUICKACK, usize::from(!delay))
+}
+
 /// setsockopt(2) of an int option (`value`, capped at `c_int::MAX`) on the live socket `fd`.
 fn set_int_option(fd: RawFd, level: libc::c_int, name: libc::c_int, value: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);

@@ -1007,6 +1007,11 @@ fn pem_why(e: rustls::pki_types::pem::Error) -> String {
     }
 }
 
+/// The principals (`spiffe_id`) of the peer certificates a worker's handshakes saw last, by
+/// the certificate's bytes (`crate::recent`): a peer presents the same certificate on every
+/// connection until it rotates. At most 16 certificates of at most 16 KiB.
+pub type Principals = crate::recent::Recent<Option<Arc<str>>, 16, { 16 * 1024 }>;
+
 /// The `spiffe://` URI SAN of a certificate (Istio's workload identity), if it has one.
 pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

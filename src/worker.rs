@@ -599,10 +599,25 @@ async fn worker_main(
     }
 }
 
+/// A listener whose every client starts with a TLS ClientHello (`Listener::tls_only`)
+/// delays its ACKs from a connection's first segment, which its accepted sockets inherit:
+/// the ClientHello's ACK then rides on the server's flight (README, Decisions). Followed
+/// when a new config changes the listener; a failure leaves the kernel's default.
+fn sync_ack_mode(listener: &TcpListener, config: &crate::config::Listener, delayed: &mut bool) {
+    let want = config.tls_only();
+    if want != *delayed && crate::socket::delay_acks(listener, want).is_ok() {
+        *delayed = want;
+    }
+}
+
 async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, id: u64, listener: TcpListener, stop: Rc<Signal>) {
     // The listener's index in the current snapshot, looked up again only when it changes.
     let mut index: Option<(u64, usize)> = None;
     let mut backoff = Backoff::default();
+    let mut acks_delayed = false;
+    if let Some(li) = ctx.snapshot().listener(&name) {
+        sync_ack_mode(&listener, &ctx.snapshot().config.listeners[li], &mut acks_delayed);
+    }
     loop {
         let accepted = monoio::select! {
             a = listener.accept() => a,
@@ -638,6 +653,7 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, name: String, id: u64, listener: TcpLis
             _ => match snapshot.listener(&name) {
                 Some(li) => {
                     index = Some((snapshot.generation, li));
+                    sync_ack_mode(&listener, &snapshot.config.listeners[li], &mut acks_delayed);
                     li
                 }
                 // Removed in the snapshot just swapped in; this loop stops on this tick.

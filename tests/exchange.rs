@@ -37,7 +37,7 @@ fn run(chunks: &[&[u8]]) -> Outcome {
                 assert!(consumed <= chunk.len());
                 outcome.consumed += consumed;
                 outcome.application.extend_from_slice(&chunk[consumed..]);
-                outcome.peer = Some(peer);
+                outcome.peer = Some(std::rc::Rc::unwrap_or_clone(peer));
                 settled = true;
             }
             Status::NotPresent => {

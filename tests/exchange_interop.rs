@@ -104,7 +104,7 @@ fn ringside_decode(preamble: &[u8]) -> NodeMetadata {
     match Parser::new(64 * 1024).feed(preamble) {
         Status::Done { peer, consumed } => {
             assert_eq!(consumed, preamble.len());
-            peer
+            std::rc::Rc::unwrap_or_clone(peer)
         }
         other => panic!("expected Done, got {other:?}"),
     }

@@ -210,7 +210,7 @@ mod conformance {
             let preamble = encode(&node);
             match Parser::new(64 * 1024).feed(&preamble) {
                 Status::Done { peer, consumed } => {
-                    assert_eq!((peer, consumed), (node, preamble.len()), "{rel}");
+                    assert_eq!((&*peer, consumed), (&node, preamble.len()), "{rel}");
                 }
                 other => panic!("{rel}: expected Done, got {other:?}"),
             }

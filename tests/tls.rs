@@ -1279,6 +1279,60 @@ fn segments_in(tcp: &std::net::TcpStream) -> (u32, u32) {
     (info.tcpi_segs_in, info.tcpi_data_segs_in)
 }
 
+/// The kernel's delayed-ACK ("pingpong") mode of the TCP socket from `local` to `remote`, as
+/// /proc/net/tcp shows it (its 15th field: quick-ACK count << 1 | pingpong); `None` while no
+/// such socket exists.
+fn acks_delayed(local: SocketAddr, remote: SocketAddr) -> Option<bool> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!("{:08X}:{:04X}", u32::from_ne_bytes(v4.ip().octets()), v4.port()),
+        SocketAddr::V6(_) => unreachable!("the tests use 127.0.0.1"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&local.as_str()) && f.get(2) == Some(&remote.as_str()))
+            .then(|| f[14].parse::<u32>().unwrap() & 1 == 1)
+    })
+}
+
+#[test]
+fn a_strict_listeners_sockets_delay_the_clienthellos_ack_and_a_tls_upstreams_its_server_flights() {
+    let ca = Ca::new("mesh");
+    let certs = Certs::new("ratings", &ca, RATINGS);
+    // Accepted by a strict listener: delayed ACKs from the first segment (inherited from the
+    // listening socket), before ringside has read or sent anything. The accept loop sets the
+    // listening socket when it starts: a connection made before may still have quick ACKs.
+    let strict = inbound(&certs, "strict", "alpn", echo_server());
+    let _client = wait_for("a strict listener's connection with delayed ACKs", || {
+        let c = connect(strict.listen);
+        acks_delayed(strict.listen, c.local_addr().unwrap()).filter(|&d| d).map(|_| c)
+    });
+    // Permissive may carry plaintext clients (write, write, read without TCP_NODELAY would
+    // wait for a delayed ACK): the kernel's default.
+    let permissive = inbound(&certs, "permissive", "alpn", echo_server());
+    let c = connect(permissive.listen);
+    let quick = wait_for("the permissive connection in /proc/net/tcp", || {
+        acks_delayed(permissive.listen, c.local_addr().unwrap())
+    });
+    assert!(!quick, "a permissive listener's connection delays its ACKs");
+
+    // Outbound to a TLS upstream: delayed from the ClientHello on, so the ACK of the
+    // server's flight rides on our Finished. (The kernel's default would still be quick
+    // ACKs here: nothing was received yet.)
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    let client = outbound(&Certs::new("productpage", &ca, PRODUCTPAGE), &[RATINGS], up_addr);
+    let mut app = connect(client.listen);
+    app.write_all(b"hello").unwrap();
+    let (mut server_side, sidecar) = upstream.accept().unwrap();
+    let mut hello = [0u8; 5];
+    server_side.read_exact(&mut hello).unwrap();
+    assert_eq!(hello[0], 0x16, "a TLS handshake record");
+    let delayed = wait_for("the sidecar's upstream socket", || acks_delayed(sidecar, up_addr));
+    assert!(delayed, "the sidecar's TLS upstream socket acknowledges at once");
+}
+
 /// An IPPROTO_TCP option of a socket, read into `value` (a plain C value of the option's type).
 fn tcp_option<T: Copy>(tcp: &std::net::TcpStream, name: libc::c_int, mut value: T) -> T {
     use std::os::fd::AsRawFd;

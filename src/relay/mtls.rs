@@ -5,6 +5,7 @@
 //! `crate::tls`.
 
 use std::io;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
@@ -95,7 +96,7 @@ async fn handshake_unsent(
     // restores the chain a resumed session was established with).
     let security = Security {
         local_principal: config.local_principal.clone(),
-        peer_principal: tls.peer_principal().map(Into::into),
+        peer_principal: tls.peer_principal(&ctx.principals),
         // A chain that does not require a client certificate terminates plain TLS for a
         // client without one: `mutual_tls` only when it presented one (SPEC §9).
         mutual_tls: tls.peer_presented_certificate(),
@@ -277,6 +278,8 @@ pub(super) async fn originate(
     up: TcpStream,
     slot: &Slot,
 ) -> Result<TlsStream, Error> {
+    // The server's flight is answered at once by ours: its ACK rides on our Finished.
+    let _ = socket::delay_acks(&up, true);
     let (tls, security) = client_handshake_unsent(ctx, listener.limits.connect_timeout.0, up, slot).await?;
     *conn.security.borrow_mut() = security;
     Ok(tls)
@@ -323,7 +326,7 @@ async fn client_handshake_unsent(
     count_handshake(ctx, &tls, false);
     let security = Security {
         local_principal: config.local_principal.clone(),
-        peer_principal: tls.peer_principal().map(Into::into),
+        peer_principal: tls.peer_principal(&ctx.principals),
         mutual_tls: true,
     };
     // An upstream's certificate is read only for its principal (idle memory).
@@ -342,7 +345,7 @@ pub(super) async fn exchange(
     plain: &mut TcpStream,
     tls: &TlsStream,
     tls_is_down: bool,
-) -> Result<Option<NodeMetadata>, Error> {
+) -> Result<Option<Rc<NodeMetadata>>, Error> {
     if listener.peer_exchange == PeerExchange::Off {
         tls.flush().await?;
         return Ok(None);
@@ -353,7 +356,7 @@ pub(super) async fn exchange(
         return Ok(None);
     }
     count(ctx, ExchangeOutcome::AlpnProtocolFound);
-    let mut parser = Parser::with_buffer(listener.limits.max_preamble.0, ctx.pool.take());
+    let mut parser = Parser::with_peers(listener.limits.max_preamble.0, ctx.pool.take(), &ctx.peers);
     let peer = exchange_alpn(ctx, listener, conn, &mut parser, plain, tls, tls_is_down).await;
     ctx.pool.put(parser.into_buffer());
     peer
@@ -367,11 +370,11 @@ async fn exchange_alpn(
     ctx: &WorkerCtx,
     listener: &Listener,
     conn: &Conn,
-    parser: &mut Parser,
+    parser: &mut Parser<'_>,
     plain: &mut TcpStream,
     tls: &TlsStream,
     tls_is_down: bool,
-) -> Result<Option<NodeMetadata>, Error> {
+) -> Result<Option<Rc<NodeMetadata>>, Error> {
     let request = tls_is_down; // bytes from the TLS side go downstream→upstream
     tls.queue(&ctx.preamble).await?;
     let mut plain_open = true;

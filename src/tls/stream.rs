@@ -499,9 +499,14 @@ impl TlsStream {
         self.info.borrow().tls13
     }
 
-    /// The peer certificate's SPIFFE id (its principal), if it has one.
-    pub fn peer_principal(&self) -> Option<String> {
-        self.info.borrow().leaf.as_ref().and_then(super::spiffe_id)
+    /// The peer certificate's SPIFFE id (its principal), if it has one: from `principals`
+    /// when this worker saw the same certificate lately, else read from it (and kept there).
+    pub fn peer_principal(&self, principals: &super::Principals) -> Option<Arc<str>> {
+        let info = self.info.borrow();
+        let leaf = info.leaf.as_ref()?;
+        let Ok(principal) = principals
+            .get_or_make(leaf, || Ok::<_, std::convert::Infallible>(super::spiffe_id(leaf).map(Arc::from)));
+        principal
     }
 
     /// Whether the peer presented a certificate (a server's client with one: mutual TLS).

@@ -477,6 +477,42 @@ fn after_a_short_read_the_next_fill_waits_for_readiness_instead_of_reading_again
 }
 
 #[test]
+fn a_workers_handshakes_with_the_same_peer_certificate_read_its_principal_once() {
+    use stream::TlsStream;
+    let (server, client) = ratings_server_and_client("principals");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let name = ServerName::try_from("ratings.default.svc.cluster.local").unwrap();
+            let conn = rustls::ClientConnection::new(client.clone(), name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap());
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock).unwrap();
+            }
+        }
+    });
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
+    let principals = Principals::default();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let server = server.clone();
+        seen.push(rt.block_on(async {
+            let pool = crate::conn::BufferPool::default();
+            let tls = TlsStream::server(monoio::net::TcpStream::from_std(tcp).unwrap(), server).unwrap();
+            tls.handshake(&pool).await.unwrap();
+            tls.peer_principal(&principals).unwrap()
+        }));
+    }
+    peer.join().unwrap();
+    assert_eq!(&*seen[0], "spiffe://cluster.local/ns/default/sa/productpage");
+    assert!(Arc::ptr_eq(&seen[0], &seen[1]), "the second handshake read the certificate again");
+    assert_eq!(principals.len(), 1);
+}
+
+#[test]
 fn one_receive_opens_eight_records_and_one_send_delivers_them() {
     use std::io::Write;
     use stream::{Fill, TlsStream};
