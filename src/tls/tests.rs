@@ -170,21 +170,28 @@ fn clusters_of_one_identity_share_its_key_and_each_keeps_its_own_expected_sans()
     assert_eq!(sans(1), ["spiffe://cluster.local/ns/default/sa/b"]);
 }
 
+/// A config of `n` ISTIO_MUTUAL clusters on one set of files, each expecting its own SAN
+/// (`.../sa/s<i>`), their endpoint at 127.0.0.1:`port`.
+fn mtls_clusters(f: &Files, n: usize, port: u16) -> String {
+    let mut yaml = String::from("clusters:\n");
+    for i in 0..n {
+        yaml += &format!(
+            "  - {{name: c{i}, endpoints: [{{address: 127.0.0.1:{port}}}], tls: {{mode: istio_mutual, cert_chain: {}, private_key: {}, root_cert: {}, subject_alt_names: [spiffe://cluster.local/ns/default/sa/s{i}]}}}}\n",
+            f.cert_chain.display(),
+            f.private_key.display(),
+            f.root_cert.display()
+        );
+    }
+    yaml
+}
+
 #[test]
 fn a_reload_round_looks_at_each_set_of_files_once_and_at_the_slots_only_when_they_changed() {
     let dir = tmpdir("round");
     let mesh = ca("mesh");
     let f = files(&dir, &mesh, RATINGS, KeyPair::generate().unwrap());
     // 1,000 clusters of one identity, each with its own SAN: 1,000 slots, one file set.
-    let mut yaml = String::from("clusters:\n");
-    for i in 0..1000 {
-        yaml += &format!(
-            "  - {{name: c{i}, endpoints: [{{address: 127.0.0.1:1}}], tls: {{mode: istio_mutual, cert_chain: {}, private_key: {}, root_cert: {}, subject_alt_names: [spiffe://cluster.local/ns/default/sa/s{i}]}}}}\n",
-            f.cert_chain.display(),
-            f.private_key.display(),
-            f.root_cert.display()
-        );
-    }
+    let yaml = mtls_clusters(&f, 1000, 1);
     let certs = Certs::load(&crate::config::Config::parse(&yaml, "t.yaml").unwrap()).unwrap();
     let groups = certs.groups();
     assert_eq!(groups.len(), 1, "one file set");
@@ -211,18 +218,7 @@ fn a_reload_round_looks_at_each_set_of_files_once_and_at_the_slots_only_when_the
 fn an_endpoint_change_keeps_the_reload_groups_so_a_round_looks_at_no_slot() {
     let dir = tmpdir("groups-kept");
     let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
-    let config = |port: u16| {
-        let mut yaml = String::from("clusters:\n");
-        for i in 0..100 {
-            yaml += &format!(
-                "  - {{name: c{i}, endpoints: [{{address: 127.0.0.1:{port}}}], tls: {{mode: istio_mutual, cert_chain: {}, private_key: {}, root_cert: {}, subject_alt_names: [spiffe://cluster.local/ns/default/sa/s{i}]}}}}\n",
-                f.cert_chain.display(),
-                f.private_key.display(),
-                f.root_cert.display()
-            );
-        }
-        crate::config::Config::parse(&yaml, "t.yaml").unwrap()
-    };
+    let config = |port: u16| crate::config::Config::parse(&mtls_clusters(&f, 100, port), "t.yaml").unwrap();
     let certs = Certs::load(&config(1)).unwrap();
     let mut round = Round::default();
     assert_eq!(round.run(certs.groups()), 100, "new groups: each slot is looked at");
@@ -262,27 +258,26 @@ fn openssl_convert(kind: &str, path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn rsa_keys_load_in_pkcs1_and_pkcs8() {
-    let dir = tmpdir("rsa");
-    let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
-    let f = files(&dir, &ca("mesh"), RATINGS, key);
+/// A `key` builds a server config as rcgen writes it (PKCS#8), and again once `openssl
+/// <command>` rewrote it in its traditional form (a PEM section named `section`).
+fn key_loads_in_pkcs8_and_its_traditional_form(name: &str, key: KeyPair, command: &str, section: &str) {
+    let f = files(&tmpdir(name), &ca("mesh"), RATINGS, key);
     build(&f, &Role::mesh_server()).unwrap(); // PKCS#8, as rcgen writes it
-    let pkcs1 = openssl_convert("rsa", &f.private_key);
-    assert!(pkcs1.contains("BEGIN RSA PRIVATE KEY"), "{pkcs1}");
-    std::fs::write(&f.private_key, pkcs1).unwrap();
+    let traditional = openssl_convert(command, &f.private_key);
+    assert!(traditional.contains(&format!("BEGIN {section}")), "{traditional}");
+    std::fs::write(&f.private_key, traditional).unwrap();
     build(&f, &Role::mesh_server()).unwrap();
 }
 
 #[test]
+fn rsa_keys_load_in_pkcs1_and_pkcs8() {
+    let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    key_loads_in_pkcs8_and_its_traditional_form("rsa", key, "rsa", "RSA PRIVATE KEY");
+}
+
+#[test]
 fn ec_keys_load_in_sec1_and_pkcs8() {
-    let dir = tmpdir("ec");
-    let f = files(&dir, &ca("mesh"), RATINGS, KeyPair::generate().unwrap());
-    build(&f, &Role::mesh_server()).unwrap();
-    let sec1 = openssl_convert("ec", &f.private_key);
-    assert!(sec1.contains("BEGIN EC PRIVATE KEY"), "{sec1}");
-    std::fs::write(&f.private_key, sec1).unwrap();
-    build(&f, &Role::mesh_server()).unwrap();
+    key_loads_in_pkcs8_and_its_traditional_form("ec", KeyPair::generate().unwrap(), "ec", "EC PRIVATE KEY");
 }
 
 #[test]
