@@ -415,6 +415,34 @@ fn interleaved() {
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     report("tls_handshake_interleaved", &["full".into(), "resumed".into()], &mut times, &us);
 
+    // Resumed handshakes, AES-128-GCM (issue 31): rustls' aws-lc-rs HKDF and RFC 5077
+    // tickets against ringside's HKDF (`tls::hkdf`) and AES-256-GCM tickets (`tls::tickets`).
+    let mut rustls_parts = configs(
+        with(rustls::crypto::aws_lc_rs::default_provider(), cs::TLS13_AES_128_GCM_SHA256),
+        &server,
+        &client,
+    );
+    let mut s = (*rustls_parts.server.server.clone().unwrap()).clone();
+    s.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().unwrap();
+    rustls_parts.server.server = Some(Arc::new(s));
+    let pairs = [rustls_parts, configs((*ringside::tls::provider()).clone(), &server, &client)];
+    for p in &pairs {
+        connect(p);
+        assert!(resumed_kind(&connect(p).0));
+    }
+    let mut times = vec![Vec::new(), Vec::new()];
+    for _ in 0..ROUNDS {
+        for (p, t) in pairs.iter().zip(&mut times) {
+            let start = Instant::now();
+            for _ in 0..EACH {
+                connect(p);
+            }
+            t.push(start.elapsed() / EACH);
+        }
+    }
+    let names = ["rustls_hkdf_and_tickets".into(), "ringside_hkdf_and_tickets".into()];
+    report("tls_resumed_interleaved", &names, &mut times, &us);
+
     // Full handshakes (no resumption) with the cache of verified peer chains (README
     // Decisions), warm, against none: both sides' chain verification is what it saves.
     let full_pair = |cache: bool| {

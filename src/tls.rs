@@ -7,14 +7,16 @@
 
 pub mod chains;
 pub mod hello;
+pub mod hkdf;
 pub mod record;
 pub mod secrets;
 pub mod stream;
+pub mod tickets;
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -507,9 +509,11 @@ pub fn aes_hardware() -> bool {
 /// first, as in BoringSSL. rustls' own order puts AES-256-GCM first.
 pub fn envoy_suite_order(aes: bool) -> Vec<rustls::SupportedCipherSuite> {
     use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let aes_128 = own_hkdf(cs::TLS13_AES_128_GCM_SHA256, &AES_128_GCM);
+    let chacha = own_hkdf(cs::TLS13_CHACHA20_POLY1305_SHA256, &CHACHA20_POLY1305);
     let (tls13, tls12) = match aes {
         true => (
-            [cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_CHACHA20_POLY1305_SHA256],
+            [aes_128, cs::TLS13_AES_256_GCM_SHA384, chacha],
             [
                 cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
                 cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
@@ -520,7 +524,7 @@ pub fn envoy_suite_order(aes: bool) -> Vec<rustls::SupportedCipherSuite> {
             ],
         ),
         false => (
-            [cs::TLS13_CHACHA20_POLY1305_SHA256, cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384],
+            [chacha, aes_128, cs::TLS13_AES_256_GCM_SHA384],
             [
                 cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
                 cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
@@ -532,6 +536,30 @@ pub fn envoy_suite_order(aes: bool) -> Vec<rustls::SupportedCipherSuite> {
         ),
     };
     tls13.into_iter().chain(tls12).collect()
+}
+
+/// The TLS 1.3 suites on SHA-256, each with ringside's HKDF (`tls::hkdf`) instead of
+/// aws-lc-rs': the same suite on the wire, fewer SHA-256 blocks and no allocation per step.
+static AES_128_GCM: LazyLock<Option<rustls::Tls13CipherSuite>> =
+    LazyLock::new(|| with_own_hkdf(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256));
+static CHACHA20_POLY1305: LazyLock<Option<rustls::Tls13CipherSuite>> =
+    LazyLock::new(|| with_own_hkdf(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256));
+
+fn with_own_hkdf(suite: rustls::SupportedCipherSuite) -> Option<rustls::Tls13CipherSuite> {
+    let s = suite.tls13()?;
+    Some(rustls::Tls13CipherSuite {
+        common: rustls::CipherSuiteCommon { ..s.common },
+        hkdf_provider: &hkdf::HkdfSha256,
+        aead_alg: s.aead_alg,
+        quic: s.quic,
+    })
+}
+
+fn own_hkdf(
+    suite: rustls::SupportedCipherSuite,
+    own: &'static LazyLock<Option<rustls::Tls13CipherSuite>>,
+) -> rustls::SupportedCipherSuite {
+    own.as_ref().map_or(suite, rustls::SupportedCipherSuite::Tls13)
 }
 
 /// rustls' suites by the names Envoy's `cipher_suites` takes (BoringSSL's, as OpenSSL's), and
@@ -876,11 +904,12 @@ fn build_configured(
             // Our suite order, not the client's: OpenSSL and Python clients put AES-256-GCM
             // first; BoringSSL's server picks AES-128-GCM.
             c.ignore_client_order = true;
-            // Stateless tickets (keys rotated every 6 h by rustls' rotator) rather than the
-            // default stateful cache, a mutex shared by every worker. A rebuilt config (a
-            // rotated certificate or root) has a new ticketer: earlier tickets no longer
-            // resume, so the next handshake is a full one against the new files.
-            c.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(key_err)?;
+            // Stateless tickets (sealed with AES-256-GCM, `tls::tickets`; keys rotated every
+            // 6 h by rustls' rotator) rather than the default stateful cache, a mutex shared
+            // by every worker. A rebuilt config (a rotated certificate or root) has a new
+            // ticketer: earlier tickets no longer resume, so the next handshake is a full one
+            // against the new files.
+            c.ticketer = tickets::ticketer().map_err(key_err)?;
             // One ticket per handshake, not rustls' (and BoringSSL's) two: each resumed
             // handshake uses one up and brings one back, so a client's pool stays as large
             // as the most handshakes it ever had in flight (a miss is a full handshake that

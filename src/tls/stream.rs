@@ -456,6 +456,11 @@ impl TlsStream {
         early: &mut Vec<u8>,
         closed: &mut bool,
     ) -> io::Result<()> {
+        // A server reads at once what its client sent right after connecting (the ClientHello
+        // is usually there by the time the accept completes): one recv(2), no readiness wait
+        // on the ring; when it is not, the wait follows. Every later read follows a flight of
+        // ours, whose answer cannot be there yet: wait first.
+        let mut read_first = matches!(hs, Handshake::Server(..));
         loop {
             match hs.run(incoming, out, early, closed).map_err(tls_err)? {
                 Step::Done => return Ok(()),
@@ -464,7 +469,9 @@ impl TlsStream {
                     out.clear();
                 }
                 Step::Receive => {
-                    self.tcp.readable(false).await?;
+                    if !std::mem::take(&mut read_first) {
+                        self.tcp.readable(false).await?;
+                    }
                     if incoming.len() == incoming.capacity() {
                         incoming.reserve(4096);
                     }
