@@ -44,30 +44,7 @@ k=0
 for build in $MTLS_AB; do
   name=${build%%=*}; bin=${build#*=}; names+=("$name")
   front=$((18601 + 10 * k)); inner=$((18602 + 10 * k)); k=$((k + 1))
-  common="workers: 1
-driver: uring
-admin: {listen: \"off\"}
-health: {listen: \"off\"}
-metrics: {listen: \"off\"}"
-  cat >"$WORK/inner-$name.yaml" <<EOF
-node: {workload_name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
-$common
-listeners:
-  - {name: inbound, listen: "127.0.0.1:$inner", direction: inbound, peer_exchange: alpn, cluster: app,
-     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem}}
-clusters:
-  - {name: app, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$BACKEND"}]}
-EOF
-  cat >"$WORK/outer-$name.yaml" <<EOF
-node: {workload_name: productpage-v1, namespace: default, labels: {app: productpage, version: v1}}
-$common
-listeners:
-  - {name: outbound, listen: "127.0.0.1:$front", direction: outbound, peer_exchange: alpn, cluster: ratings}
-clusters:
-  - {name: ratings, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$inner"}],
-     tls: {mode: istio_mutual, cert_chain: $d/productpage-cert.pem, private_key: $d/productpage-key.pem,
-           root_cert: $d/root-cert.pem, subject_alt_names: ["spiffe://cluster.local/ns/default/sa/ratings"]}}
-EOF
+  mtls_pair_configs "$d" "$BACKEND" "$inner" "$front" "$WORK/inner-$name.yaml" "$WORK/outer-$name.yaml"
   RUST_LOG=warn spawn taskset -c "$PROXY_CORE" "$bin" run --config "$WORK/inner-$name.yaml" 2>>"$WORK/ringside.log"
   p1=$LAST_PID; wait_port "$inner"
   RUST_LOG=warn spawn taskset -c "$PROXY_CORE" "$bin" run --config "$WORK/outer-$name.yaml" 2>>"$WORK/ringside.log"

@@ -21,33 +21,7 @@ spawn taskset -c "$LOAD_CORE" "$LOADGEN" echo-server --listen "127.0.0.1:$BACKEN
 # Certificates: a mesh root and two SPIFFE identities (as perf/run.sh makes them).
 d=$WORK/certs
 mesh_certs "$d" productpage ratings
-cat >"$WORK/inner.yaml" <<EOF
-node: {workload_name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
-workers: 1
-driver: uring
-admin: {listen: "off"}
-health: {listen: "off"}
-metrics: {listen: "off"}
-listeners:
-  - {name: inbound, listen: "127.0.0.1:$INNER", direction: inbound, peer_exchange: alpn, cluster: app,
-     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem}}
-clusters:
-  - {name: app, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$BACKEND"}]}
-EOF
-cat >"$WORK/outer.yaml" <<EOF
-node: {workload_name: productpage-v1, namespace: default, labels: {app: productpage, version: v1}}
-workers: 1
-driver: uring
-admin: {listen: "off"}
-health: {listen: "off"}
-metrics: {listen: "off"}
-listeners:
-  - {name: outbound, listen: "127.0.0.1:$FRONT", direction: outbound, peer_exchange: alpn, cluster: ratings}
-clusters:
-  - {name: ratings, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$INNER"}],
-     tls: {mode: istio_mutual, cert_chain: $d/productpage-cert.pem, private_key: $d/productpage-key.pem,
-           root_cert: $d/root-cert.pem, subject_alt_names: ["spiffe://cluster.local/ns/default/sa/ratings"]}}
-EOF
+mtls_pair_configs "$d" "$BACKEND" "$INNER" "$FRONT" "$WORK/inner.yaml" "$WORK/outer.yaml"
 
 wait_port() {
   for ((i = 0; i < 200; i++)); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done

@@ -359,6 +359,27 @@ fn the_server_resumes_with_stateless_tickets_whatever_the_number_of_clients() {
     assert!(handshake_in_memory(&clients[0], &server), "the first client's ticket resumes");
 }
 
+#[test]
+fn the_sha256_suites_run_ringsides_hkdf_and_the_server_seals_tickets_with_aes_gcm() {
+    // The provider's TLS 1.3 SHA-256 suites carry `tls::hkdf`, AES-256-GCM-SHA384 aws-lc-rs'.
+    let own: &dyn rustls::crypto::tls13::Hkdf = &super::hkdf::HkdfSha256;
+    for suite in &provider().cipher_suites {
+        let Some(s) = suite.tls13() else { continue };
+        let sha256 = s.common.suite != rustls::CipherSuite::TLS13_AES_256_GCM_SHA384;
+        assert_eq!(std::ptr::addr_eq(s.hkdf_provider, own), sha256, "{:?}", s.common.suite);
+    }
+    // A mesh server's tickets: a 12-byte nonce and a 16-byte tag around the session (RFC 5077's
+    // construction adds a 16-byte key name, a 16-byte IV, CBC padding and a 32-byte MAC).
+    let (server, cf) = ratings_server_and_files("gcm-tickets");
+    let ticket = server.ticketer.encrypt(&[7; 100]).unwrap();
+    assert_eq!(ticket.len(), 12 + 100 + 16);
+    assert_eq!(server.ticketer.decrypt(&ticket).as_deref(), Some(&[7u8; 100][..]));
+    // And a client of the same provider handshakes and resumes with them.
+    let client = build(&cf, &Role::mesh_client(vec![RATINGS.into()], None)).unwrap().client.unwrap();
+    assert!(!handshake_in_memory(&client, &server), "the first handshake is a full one");
+    assert!(handshake_in_memory(&client, &server), "the second resumes");
+}
+
 /// A client session store that counts the TLS 1.3 tickets it is given.
 #[derive(Debug)]
 struct CountTickets {
