@@ -17,30 +17,32 @@ mesh_certs() {
   done
 }
 
-# The ringside-2-mtls pair's two configs (as perf/run.sh's): ratings' inbound sidecar on
-# INNER (strict mTLS, to the sink on BACKEND) and productpage's outbound sidecar on FRONT
-# (ISTIO_MUTUAL to INNER), one io_uring worker each, no admin, health or metrics listener.
-#   mtls_pair_configs CERTDIR BACKEND INNER FRONT INNER_YAML OUTER_YAML  (certs from mesh_certs
-#   CERTDIR productpage ratings)
+# The ringside-2-mtls pair's two configs: ratings' inbound sidecar on INNER (strict mTLS, to
+# the sink on BACKEND) and productpage's outbound sidecar on FRONT (ISTIO_MUTUAL to INNER), one
+# io_uring worker each, no admin or health listener; metrics on INNER_METRICS / OUTER_METRICS
+# (host:port, default off) and, with SUITES, the inbound side's `cipher_suites` list.
+#   mtls_pair_configs CERTDIR BACKEND INNER FRONT INNER_YAML OUTER_YAML [INNER_METRICS
+#   OUTER_METRICS [SUITES]]   (certificates from `mesh_certs CERTDIR productpage ratings`)
 mtls_pair_configs() {
-  local d=$1 backend=$2 inner=$3 front=$4
+  local d=$1 backend=$2 inner=$3 front=$4 suites=${9:+, cipher_suites: [$9]}
   local common='workers: 1
 driver: uring
 admin: {listen: "off"}
-health: {listen: "off"}
-metrics: {listen: "off"}'
+health: {listen: "off"}'
   cat >"$5" <<YAML
 node: {workload_name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
 $common
+metrics: {listen: "${7:-off}"}
 listeners:
   - {name: inbound, listen: "127.0.0.1:$inner", direction: inbound, peer_exchange: alpn, cluster: app,
-     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem}}
+     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem$suites}}
 clusters:
   - {name: app, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$backend"}]}
 YAML
   cat >"$6" <<YAML
 node: {workload_name: productpage-v1, namespace: default, labels: {app: productpage, version: v1}}
 $common
+metrics: {listen: "${8:-off}"}
 listeners:
   - {name: outbound, listen: "127.0.0.1:$front", direction: outbound, peer_exchange: alpn, cluster: ratings}
 clusters:

@@ -376,34 +376,8 @@ make_certs() {
 # Two ringside sidecars with mTLS between them (exchange in mode alpn, strict inbound); with
 # an argument, the inbound sidecar's `cipher_suites` (the server's choice decides the suite).
 ringside_mtls_start() {
-  local d=$WORK/certs suites=${1:+, cipher_suites: [$1]}
-  cat >"$WORK/inner.yaml" <<EOF
-node: {workload_name: ratings-v1, namespace: default, labels: {app: ratings, version: v1}}
-workers: 1
-driver: uring
-admin: {listen: "off"}
-health: {listen: "off"}
-metrics: {listen: "127.0.0.1:$METRICS_PORT2"}
-listeners:
-  - {name: inbound, listen: "127.0.0.1:$INNER_PORT", direction: inbound, peer_exchange: alpn, cluster: app,
-     tls: {mode: strict, cert_chain: $d/ratings-cert.pem, private_key: $d/ratings-key.pem, root_cert: $d/root-cert.pem$suites}}
-clusters:
-  - {name: app, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$BACKEND_PORT"}]}
-EOF
-  cat >"$WORK/outer.yaml" <<EOF
-node: {workload_name: productpage-v1, namespace: default, labels: {app: productpage, version: v1}}
-workers: 1
-driver: uring
-admin: {listen: "off"}
-health: {listen: "off"}
-metrics: {listen: "127.0.0.1:$METRICS_PORT"}
-listeners:
-  - {name: outbound, listen: "127.0.0.1:$FRONT_PORT", direction: outbound, peer_exchange: alpn, cluster: ratings}
-clusters:
-  - {name: ratings, service: ratings.default.svc.cluster.local, endpoints: [{address: "127.0.0.1:$INNER_PORT"}],
-     tls: {mode: istio_mutual, cert_chain: $d/productpage-cert.pem, private_key: $d/productpage-key.pem,
-           root_cert: $d/root-cert.pem, subject_alt_names: ["spiffe://cluster.local/ns/default/sa/ratings"]}}
-EOF
+  mtls_pair_configs "$WORK/certs" "$BACKEND_PORT" "$INNER_PORT" "$FRONT_PORT" "$WORK/inner.yaml" \
+    "$WORK/outer.yaml" "127.0.0.1:$METRICS_PORT2" "127.0.0.1:$METRICS_PORT" "${1:-}"
   local f port
   for f in inner:$INNER_PORT outer:$FRONT_PORT; do
     port=${f#*:}
