@@ -10,24 +10,31 @@ use std::time::{Duration, Instant};
 use crate::config::{Bind, Cluster, Config, Direction, Endpoint, Listener, LoadBalancer, Node, PeerExchange};
 use crate::worker::{self, Proxy};
 
+/// `println!` that stops quietly when stdout's reader has gone (`ringside demo | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 /// Run the demo with `connections` request/response connections.
 pub fn run(connections: usize) -> Result<(), Box<dyn Error>> {
     let service = spawn_hello_service()?;
-    println!("tcp service (answers each line L with \"hello L\") on {service}");
+    say!("tcp service (answers each line L with \"hello L\") on {service}");
     let inbound = worker::start(sidecar(
         node("mongodb-v1", &[("app", "mongodb"), ("version", "v1")]),
         Direction::Inbound,
         service,
     ))?;
     let inbound_addr = inbound.shared.config.listeners[0].listen;
-    println!("sidecar mongodb-v1 (inbound, reporter=destination) on {inbound_addr}");
+    say!("sidecar mongodb-v1 (inbound, reporter=destination) on {inbound_addr}");
     let outbound = worker::start(sidecar(
         node("ratings-v2", &[("app", "ratings"), ("version", "v2")]),
         Direction::Outbound,
         inbound_addr,
     ))?;
     let outbound_addr = outbound.shared.config.listeners[0].listen;
-    println!("sidecar ratings-v2 (outbound, reporter=source) on {outbound_addr}");
+    say!("sidecar ratings-v2 (outbound, reporter=source) on {outbound_addr}");
 
     for i in 0..connections {
         let mut s = TcpStream::connect(outbound_addr)?;
@@ -39,7 +46,7 @@ pub fn run(connections: usize) -> Result<(), Box<dyn Error>> {
             return Err(format!("connection {i}: got {line:?}, want \"hello world\\n\"").into());
         }
     }
-    println!(
+    say!(
         "{connections} connections: each sent \"world\\n\" (6 bytes) and got \"hello world\\n\" (12 bytes)\n"
     );
 
@@ -198,6 +205,6 @@ fn print_table(text: &str) {
         (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     for r in &rows {
         let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", cells.join("  ").trim_end());
+        say!("{}", cells.join("  ").trim_end());
     }
 }

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
+                out(format_args!("{e}"));
                 return ExitCode::SUCCESS;
             }
             let text = e.to_string();
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             // The certificate files are part of the config: load them as `run` would.
             Ok(cfg) => match ringside::tls::Certs::load(&cfg) {
                 Ok(_) => {
-                    println!("ringside: config ok");
+                    out(format_args!("ringside: config ok\n"));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -95,7 +95,7 @@ fn envoy(args: &[String]) -> ExitCode {
     match options.mode {
         envoy_cli::Mode::Serve => run(cfg),
         envoy_cli::Mode::Validate | envoy_cli::Mode::InitOnly => {
-            println!("ringside: bootstrap ok");
+            out(format_args!("ringside: bootstrap ok\n"));
             ExitCode::SUCCESS
         }
     }
@@ -106,7 +106,7 @@ fn envoy(args: &[String]) -> ExitCode {
 fn iptables(args: &IptablesArgs) -> ExitCode {
     let options = args.options();
     let result = if args.print {
-        capture::iptables::rules(&options).iter().for_each(|r| println!("{r}"));
+        capture::iptables::rules(&options).iter().for_each(|r| out(format_args!("{r}\n")));
         Ok(())
     } else if args.apply {
         capture::iptables::apply(&options).map(|n| log::info!("iptables: {n} rules added"))
@@ -120,6 +120,13 @@ fn iptables(args: &IptablesArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Print to stdout. A reader that stopped reading (`ringside --help | head -1`) is not an
+/// error of ours: `print!` would panic on the broken pipe (Rust ignores SIGPIPE).
+fn out(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_fmt(text);
 }
 
 fn usage(e: ringside::config::Error) -> ExitCode {

@@ -295,3 +295,19 @@ fn version_prints_the_crate_version() {
         format!("ringside {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// `ringside --help | head -1`: stdout's reader is gone before the binary writes. Rust
+/// ignores SIGPIPE, so a `print!` there panics (and aborts: panic = "abort"); the output is
+/// the reader's to cut short, so each printing command still exits 0 with nothing on stderr.
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    let (_, _, path) = validate("closed-stdout", GOOD);
+    for args in [vec!["--help"], vec!["validate", "--config", &path], vec!["iptables", "--print"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(common::bin()).args(&args).stdout(writer).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {:?}, stderr: {err}", out.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
