@@ -5,6 +5,7 @@
 //! Workers never touch files: they load the current config of a listener or cluster (one
 //! atomic load per new connection) and a side thread replaces it when the files change.
 
+pub mod aead;
 pub mod chains;
 pub mod hello;
 pub mod hkdf;

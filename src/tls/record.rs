@@ -1,7 +1,8 @@
 //! TLS record protection after the handshake, done by ringside in the caller's buffers as
 //! kTLS does it in the kernel (issue 31): rustls runs the handshake and keeps what only it
 //! can do (new traffic secrets on a key update, a client's session tickets) in a
-//! `KernelConnection`; records are sealed and opened here, in place, with aws-lc-rs. No I/O.
+//! `KernelConnection`; records are sealed and opened here, in place, with the AEAD
+//! `tls::aead` picks for this CPU (aws-lc-rs or ring). No I/O.
 //!
 //! rustls' buffered `Connection` copies each record's plaintext into a fresh `Vec` before
 //! sealing it and allocates one per record each way (perf/RESULTS.md, issue 31: 15.7% of
@@ -15,7 +16,7 @@
 
 use std::ops::Range;
 
-use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use super::aead::{Cipher, RecordKey, TAG_LEN};
 use rustls::client::ClientConnectionData;
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
@@ -28,8 +29,8 @@ pub const MAX_PLAINTEXT: usize = 1 << 14;
 /// The largest ciphertext a peer may send (RFC 8446 §5.2: 2^14 + 256; RFC 5246 allows
 /// 2^14 + 2048 for 1.2, but no AEAD suite expands a record by more than 256).
 pub const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
-/// The AEAD tag of every suite here.
-const TAG_LEN: usize = 16;
+/// The per-record nonce (RFC 8446 §5.3).
+const NONCE_LEN: usize = 12;
 /// TLS 1.2 AES-GCM's explicit nonce (RFC 5288 §3).
 const EXPLICIT_NONCE_LEN: usize = 8;
 
@@ -140,26 +141,26 @@ pub fn record_len(buf: &[u8]) -> Result<Option<usize>, Error> {
 /// The protected record layer of one direction: its key, the fixed IV and the sequence
 /// number (RFC 8446 §5.3).
 struct Keys {
-    key: LessSafeKey,
-    iv: [u8; aead::NONCE_LEN],
+    key: RecordKey,
+    iv: [u8; NONCE_LEN],
     seq: u64,
 }
 
 impl Keys {
     fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> Result<Keys, Error> {
-        let (alg, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, key, iv),
+        let (cipher, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Cipher::Chacha20Poly1305, key, iv),
             _ => return Err(Error::UnsupportedSuite),
         };
-        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| Error::UnsupportedSuite)?;
+        let key = RecordKey::new(cipher, key.as_ref()).ok_or(Error::UnsupportedSuite)?;
         let iv = iv.as_ref().try_into().map_err(|_| Error::UnsupportedSuite)?;
-        Ok(Keys { key: LessSafeKey::new(key), iv, seq })
+        Ok(Keys { key, iv, seq })
     }
 
     /// The per-record nonce: the IV with the sequence number XORed into its last 8 bytes.
-    fn nonce(&self) -> [u8; aead::NONCE_LEN] {
+    fn nonce(&self) -> [u8; NONCE_LEN] {
         let mut n = self.iv;
         for (b, s) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
             *b ^= s;
@@ -174,7 +175,7 @@ impl Keys {
     }
 
     fn is_gcm(&self) -> bool {
-        self.key.algorithm() != &aead::CHACHA20_POLY1305
+        self.key.is_gcm()
     }
 }
 
@@ -369,22 +370,18 @@ impl Session {
             record[head + plain_len] = typ;
             let hdr = header(APPLICATION_DATA, body_len);
             record[..HEADER_LEN].copy_from_slice(&hdr);
-            let nonce = Nonce::assume_unique_for_key(nonce);
-            let inner = &mut record[head..sealed_end];
-            self.tx.key.seal_in_place_separate_tag(nonce, Aad::from(hdr), inner)
+            self.tx.key.seal(nonce, &hdr, &mut record[head..sealed_end])
         } else {
             record[..HEADER_LEN].copy_from_slice(&header(typ, body_len));
             if head > HEADER_LEN {
                 // RFC 5288: the explicit nonce; rustls sends the low 8 bytes of iv ^ seq.
                 record[HEADER_LEN..head].copy_from_slice(&nonce[4..]);
             }
-            let aad = Aad::from(tls12_aad(self.tx.seq, typ, plain_len));
-            let nonce = Nonce::assume_unique_for_key(nonce);
-            self.tx.key.seal_in_place_separate_tag(nonce, aad, &mut record[head..sealed_end])
+            let aad = tls12_aad(self.tx.seq, typ, plain_len);
+            self.tx.key.seal(nonce, &aad, &mut record[head..sealed_end])
         }
         .map_err(|_| Error::Seal)?;
-        let tag_out = &mut record[sealed_end..];
-        tag_out.copy_from_slice(tag.as_ref());
+        record[sealed_end..].copy_from_slice(&tag);
         self.tx.advance()
     }
 
@@ -408,12 +405,7 @@ impl Session {
             if outer != APPLICATION_DATA {
                 return Err(Error::UnexpectedMessage);
             }
-            let inner_len = self
-                .rx
-                .key
-                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(hdr), body)
-                .map_err(|_| Error::BadRecordMac)?
-                .len();
+            let inner_len = self.rx.key.open(nonce, &hdr, body).map_err(|()| Error::BadRecordMac)?;
             // The content type is the last non-zero byte; zeros after it are padding.
             let Some(at) = body[..inner_len].iter().rposition(|&b| b != 0) else {
                 return Err(Error::UnexpectedMessage);
@@ -430,12 +422,8 @@ impl Session {
                 nonce[4..].copy_from_slice(&body[..EXPLICIT_NONCE_LEN]);
             }
             let aad = tls12_aad(self.rx.seq, outer, plain_len);
-            let plain_len = self
-                .rx
-                .key
-                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut body[explicit..])
-                .map_err(|_| Error::BadRecordMac)?
-                .len();
+            let plain_len =
+                self.rx.key.open(nonce, &aad, &mut body[explicit..]).map_err(|()| Error::BadRecordMac)?;
             if plain_len > MAX_PLAINTEXT {
                 return Err(Error::RecordOverflow);
             }
