@@ -546,7 +546,27 @@ fn idle_heap() {
     }
 }
 
-criterion_group!(benches, handshake, resumed, bulk, bulk_suites);
+/// `tls::aead` alone: seal and open a full 16 KiB record with each library's AES-128-GCM
+/// (the machine's CPU decides which `tls::record` uses; README "AES-GCM records by CPU").
+fn record_aead(c: &mut Criterion) {
+    use ringside::tls::aead::{Cipher, GcmBackend, RecordKey};
+    let mut g = c.benchmark_group("record_aead_seal_open_aes_128_gcm");
+    g.throughput(Throughput::Bytes(2 * 16384));
+    for (name, backend) in [("aws-lc-rs", GcmBackend::AwsLc), ("ring", GcmBackend::Ring)] {
+        let key = RecordKey::with_backend(Cipher::Aes128Gcm, &[7; 16], backend).unwrap();
+        let mut record = vec![0x5a; 16384 + 16];
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                let (body, tag) = record.split_at_mut(16384);
+                tag.copy_from_slice(&key.seal([1; 12], b"hdr", body).unwrap());
+                key.open([1; 12], b"hdr", &mut record).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, handshake, resumed, bulk, bulk_suites, record_aead);
 
 fn main() {
     benches();

@@ -135,7 +135,8 @@ def mtls(w, meta, s, rounds, top_c):
         return
     w("## mTLS between two sidecars\n")
     w("Two sidecars on the proxy core with mutual TLS 1.3 between them (client certificates, "
-      "SPIFFE identities from one EC P-256 root): `ringside-2-mtls` (rustls, aws-lc-rs), "
+      "SPIFFE identities from one EC P-256 root): `ringside-2-mtls` (rustls and aws-lc-rs; "
+      "records by ring's AES-GCM on CPUs with VAES and no AVX-512), "
       "`envoy-2-mtls` (BoringSSL, Istio's UpstreamTlsContext/DownstreamTlsContext shape) and "
       "`haproxy-2-tls` (OpenSSL). Repeat connections resume TLS sessions in all three. "
       f"{len(rounds)} round(s), the targets in alternation; each number is the median over rounds.\n")

@@ -33,6 +33,11 @@ pub enum Cipher {
     Chacha20Poly1305,
 }
 
+/// The AEAD refused: a tag that does not match (an altered or foreign record), or an input
+/// longer than the AEAD allows.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused;
+
 /// Whose AES-GCM seals and opens records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GcmBackend {
@@ -120,18 +125,18 @@ impl RecordKey {
     }
 
     /// Seal `in_out` in place; the tag is returned, not appended.
-    pub fn seal(&self, nonce: [u8; 12], aad: &[u8], in_out: &mut [u8]) -> Result<[u8; TAG_LEN], ()> {
+    pub fn seal(&self, nonce: [u8; 12], aad: &[u8], in_out: &mut [u8]) -> Result<[u8; TAG_LEN], Refused> {
         let mut tag = [0; TAG_LEN];
         match self {
             RecordKey::AwsLc(k) => {
                 let nonce = aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce);
                 let t = k.seal_in_place_separate_tag(nonce, aws_lc_rs::aead::Aad::from(aad), in_out);
-                tag.copy_from_slice(t.map_err(drop)?.as_ref());
+                tag.copy_from_slice(t.map_err(|_| Refused)?.as_ref());
             }
             RecordKey::Ring(k) => {
                 let nonce = ring::aead::Nonce::assume_unique_for_key(nonce);
                 let t = k.seal_in_place_separate_tag(nonce, ring::aead::Aad::from(aad), in_out);
-                tag.copy_from_slice(t.map_err(drop)?.as_ref());
+                tag.copy_from_slice(t.map_err(|_| Refused)?.as_ref());
             }
         }
         Ok(tag)
@@ -139,15 +144,19 @@ impl RecordKey {
 
     /// Open `in_out` (ciphertext then tag) in place: the plaintext's length, or an error when
     /// the tag does not match.
-    pub fn open(&self, nonce: [u8; 12], aad: &[u8], in_out: &mut [u8]) -> Result<usize, ()> {
+    pub fn open(&self, nonce: [u8; 12], aad: &[u8], in_out: &mut [u8]) -> Result<usize, Refused> {
         match self {
             RecordKey::AwsLc(k) => {
                 let nonce = aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce);
-                k.open_in_place(nonce, aws_lc_rs::aead::Aad::from(aad), in_out).map(|p| p.len()).map_err(drop)
+                k.open_in_place(nonce, aws_lc_rs::aead::Aad::from(aad), in_out)
+                    .map(|p| p.len())
+                    .map_err(|_| Refused)
             }
             RecordKey::Ring(k) => {
                 let nonce = ring::aead::Nonce::assume_unique_for_key(nonce);
-                k.open_in_place(nonce, ring::aead::Aad::from(aad), in_out).map(|p| p.len()).map_err(drop)
+                k.open_in_place(nonce, ring::aead::Aad::from(aad), in_out)
+                    .map(|p| p.len())
+                    .map_err(|_| Refused)
             }
         }
     }
@@ -217,17 +226,21 @@ mod tests {
                 for at in [0, 23, 24, 39] {
                     let mut bad = sealed.clone();
                     bad[at] ^= 1;
-                    assert_eq!(k.open(nonce, &aad, &mut bad), Err(()), "{cipher:?} {backend:?}: byte {at}");
+                    assert_eq!(
+                        k.open(nonce, &aad, &mut bad),
+                        Err(Refused),
+                        "{cipher:?} {backend:?}: byte {at}"
+                    );
                 }
                 let mut other = [1; 12];
                 other[11] = 2;
                 assert_eq!(
                     k.open(other, &aad, &mut sealed.clone()),
-                    Err(()),
+                    Err(Refused),
                     "{cipher:?} {backend:?}: nonce"
                 );
-                assert_eq!(k.open(nonce, &[0x17, 3, 3, 0, 41], &mut sealed.clone()), Err(()));
-                assert_eq!(k.open(nonce, &aad, &mut sealed[..TAG_LEN - 1].to_vec()), Err(()), "short");
+                assert_eq!(k.open(nonce, &[0x17, 3, 3, 0, 41], &mut sealed.clone()), Err(Refused));
+                assert_eq!(k.open(nonce, &aad, &mut sealed[..TAG_LEN - 1].to_vec()), Err(Refused), "short");
                 assert_eq!(k.open(nonce, &aad, &mut sealed), Ok(24));
             }
         }

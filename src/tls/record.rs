@@ -405,7 +405,7 @@ impl Session {
             if outer != APPLICATION_DATA {
                 return Err(Error::UnexpectedMessage);
             }
-            let inner_len = self.rx.key.open(nonce, &hdr, body).map_err(|()| Error::BadRecordMac)?;
+            let inner_len = self.rx.key.open(nonce, &hdr, body).map_err(|_| Error::BadRecordMac)?;
             // The content type is the last non-zero byte; zeros after it are padding.
             let Some(at) = body[..inner_len].iter().rposition(|&b| b != 0) else {
                 return Err(Error::UnexpectedMessage);
@@ -423,7 +423,7 @@ impl Session {
             }
             let aad = tls12_aad(self.rx.seq, outer, plain_len);
             let plain_len =
-                self.rx.key.open(nonce, &aad, &mut body[explicit..]).map_err(|()| Error::BadRecordMac)?;
+                self.rx.key.open(nonce, &aad, &mut body[explicit..]).map_err(|_| Error::BadRecordMac)?;
             if plain_len > MAX_PLAINTEXT {
                 return Err(Error::RecordOverflow);
             }
