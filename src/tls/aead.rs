@@ -18,8 +18,9 @@ pub const TAG_LEN: usize = 16;
 pub enum RecordKey {
     /// aws-lc-rs' (every cipher).
     AwsLc(aws_lc_rs::aead::LessSafeKey),
-    /// ring's (AES-GCM only).
-    Ring(ring::aead::LessSafeKey),
+    /// ring's (AES-GCM only). Boxed: 544 bytes of key schedule and GHASH powers inline, where
+    /// aws-lc-rs keeps its context on the heap.
+    Ring(Box<ring::aead::LessSafeKey>),
 }
 
 /// The AEADs TLS 1.2 and 1.3 records use here.
@@ -169,7 +170,7 @@ fn aws_lc_key(alg: &'static aws_lc_rs::aead::Algorithm, key: &[u8]) -> Option<Re
 
 fn ring_key(alg: &'static ring::aead::Algorithm, key: &[u8]) -> Option<RecordKey> {
     let key = ring::aead::UnboundKey::new(alg, key).ok()?;
-    Some(RecordKey::Ring(ring::aead::LessSafeKey::new(key)))
+    Some(RecordKey::Ring(Box::new(ring::aead::LessSafeKey::new(key))))
 }
 
 #[cfg(test)]
