@@ -784,6 +784,24 @@ mod tests {
         }
     }
 
+    /// Records use the AEAD `tls::aead` chose for this CPU: ring's for AES-GCM where it
+    /// chose ring, aws-lc-rs' otherwise and always for ChaCha20-Poly1305.
+    #[test]
+    fn every_suites_keys_come_from_the_aead_chosen_for_this_cpu() {
+        use crate::tls::aead::{GcmBackend, RecordKey, gcm_backend};
+        for suite in all_suites() {
+            let c = configs(suite);
+            let gcm = !format!("{:?}", suite.suite()).contains("CHACHA20");
+            let want_ring = gcm && gcm_backend() == GcmBackend::Ring;
+            for (ours, _) in [client_session(&c), server_session(&c)] {
+                for key in [&ours.tx.key, &ours.rx.key] {
+                    assert_eq!(matches!(key, RecordKey::Ring(_)), want_ring, "{suite:?}");
+                    assert_eq!(key.is_gcm(), gcm, "{suite:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn close_notify_is_eof_both_ways() {
         for suite in all_suites() {
