@@ -22,6 +22,10 @@ use crate::conn::{Captured, Conn};
 /// worker's time).
 pub const CAPACITY: usize = 8192;
 
+/// Lines the writer thread takes off the channel before it writes them out, at most (so a
+/// steady stream still gets written).
+const BATCH: usize = 1024;
+
 /// One line to write: its log and what its connection recorded.
 #[derive(Debug)]
 pub struct Line {
@@ -41,11 +45,16 @@ pub struct Writer {
 impl Writer {
     /// Start a writer thread whose channel holds `capacity` lines.
     pub fn start(capacity: usize) -> io::Result<Writer> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let counted = Arc::clone(&dropped);
+        let (writer, rx) = Writer::unread(capacity);
+        let counted = Arc::clone(&writer.dropped);
         std::thread::Builder::new().name("ringside-access-log".into()).spawn(move || run(&rx, &counted))?;
-        Ok(Writer { tx, dropped })
+        Ok(writer)
+    }
+
+    /// The sending half and the channel's receiving end, which nothing reads yet.
+    fn unread(capacity: usize) -> (Writer, Receiver<Line>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+        (Writer { tx, dropped: Arc::new(AtomicU64::new(0)) }, rx)
     }
 
     /// Hand `line` to the writer without waiting; `false`: the channel was full (or the
@@ -122,7 +131,7 @@ fn run(rx: &Receiver<Line>, dropped: &AtomicU64) {
             });
             format.render(&line.entry, pending.entry(line.log.path.clone()).or_default());
             batch += 1;
-            if batch < 1024 {
+            if batch < BATCH {
                 next = rx.try_recv().ok();
             }
         }
@@ -286,23 +295,42 @@ mod tests {
 
     #[test]
     fn a_full_channel_drops_and_counts_rather_than_blocks() {
-        // A FIFO nobody reads: the writer thread blocks opening it, the channel fills.
+        // Nothing reads the channel: exactly its capacity is taken, every later line dropped
+        // and counted, and a line taken off makes room for one more.
+        let (w, rx) = Writer::unread(4);
+        let sent: Vec<bool> = (0..100).map(|_| w.send(line("unused", "-"))).collect();
+        assert_eq!(sent.iter().position(|s| !s), Some(4), "{sent:?}");
+        assert!(sent[4..].iter().all(|s| !s), "{sent:?}");
+        assert_eq!(w.dropped(), 96);
+        assert!(rx.try_recv().is_ok());
+        assert!(w.send(line("unused", "-")), "a taken line makes room");
+        assert!(!w.send(line("unused", "-")));
+        assert_eq!(w.dropped(), 97);
+    }
+
+    #[test]
+    fn a_stalled_file_costs_lines_never_a_senders_time() {
+        // A FIFO nobody reads: the writer thread takes one batch, then blocks opening the
+        // FIFO for good. However the two threads interleave, at most that batch and the
+        // channel's 4 lines are taken; the rest are dropped and counted, and no send waits
+        // (one that did would never return: the bound below is for liveness, not speed).
         let dir = std::env::temp_dir().join(format!("ringside-access-fifo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let fifo = dir.join("stalled");
         let _ = std::fs::remove_file(&fifo);
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-        let w = Writer::start(4).unwrap();
-        let began = Instant::now();
-        let sent: Vec<bool> = (0..100).map(|_| w.send(line(fifo.to_str().unwrap(), "-"))).collect();
-        assert!(began.elapsed() < std::time::Duration::from_secs(1), "a send waited: {:?}", began.elapsed());
-        // The thread takes what it finds queued as one batch before it stalls opening the
-        // FIFO (how many depends on how the two threads interleave), then 4 wait in the
-        // channel and the rest are dropped: a channel that did not bound would take all 100.
-        let accepted = sent.iter().filter(|s| **s).count();
-        assert!((4..100).contains(&accepted), "{accepted} accepted");
-        assert!(!sent[99], "the last send, long after the channel filled, is dropped");
-        assert_eq!(w.dropped(), (100 - accepted) as u64);
+        let w = Arc::new(Writer::start(4).unwrap());
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let (w, fifo) = (Arc::clone(&w), fifo.to_str().unwrap().to_owned());
+            move || {
+                let accepted = (0..3 * BATCH).filter(|_| w.send(line(&fifo, "-"))).count();
+                let _ = done_tx.send(accepted);
+            }
+        });
+        let accepted = done_rx.recv_timeout(std::time::Duration::from_secs(60)).expect("a send blocked");
+        assert!((4..=BATCH + 4).contains(&accepted), "{accepted} of {} accepted", 3 * BATCH);
+        assert_eq!(w.dropped(), (3 * BATCH - accepted) as u64);
         // Unblock the writer (a reader opens the FIFO) so its thread ends with the test.
         let reader = std::thread::spawn({
             let fifo = fifo.clone();
