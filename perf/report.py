@@ -182,6 +182,7 @@ def markdown(meta, s, rounds=None):
       f"at commit `{meta['commit']}`. Regenerated on every run; raw data in `results/raw.jsonl`.\n")
     w("## Machine and versions\n")
     for key, label in [("nproc", "nproc"), ("kernel", "kernel"), ("cpu", "CPU"),
+                       ("cpu_features", "CPU features for AES-GCM and X25519"),
                        ("ringside", "ringside"), ("haproxy", "HAProxy"),
                        ("envoy", "Envoy"), ("nginx", "nginx"),
                        ("loadgen", "load generator")]:

@@ -743,6 +743,9 @@ fi
   echo "clk_tck=$(getconf CLK_TCK)"
   echo "kernel=$(uname -r)"
   echo "cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+  # The instructions AES-GCM and X25519 code picks its path by (tls::aead, the bulk ratios).
+  echo "cpu_features=$(awk '/^flags/ {print; exit}' /proc/cpuinfo | tr ' ' '\n' |
+    grep -xE 'aes|pclmulqdq|avx2|vaes|vpclmulqdq|avx512f|avx512dq|avx512bw|avx512vl|sha_ni|adx|bmi2' | paste -sd' ')"
   echo "haproxy=$(haproxy -v | head -n1)"
   echo "nginx=$(nginx -v 2>&1)"
   echo "envoy=$([[ -n $ENVOY ]] && "$ENVOY" --version | grep -o 'version: [^ ]*' || echo 'not fetched')"

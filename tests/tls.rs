@@ -1516,3 +1516,27 @@ fn a_bulk_stream_bounds_what_waits_unsent_in_each_sidecars_tls_socket_and_a_shor
     assert_eq!(from_outbound, [0, 128 * 1024], "inbound sidecar's TLS sockets: short, bulk");
     drop((short, bulk));
 }
+
+#[test]
+fn the_startup_log_names_the_record_aead_and_an_override_naming_neither_is_ignored_with_a_warning() {
+    let cases = [
+        (None, "(chosen for this CPU)"),
+        (Some("ring"), "TLS records: AES-GCM by ring (set by RINGSIDE_AES_GCM)"),
+        (Some("aws-lc"), "TLS records: AES-GCM by aws-lc-rs (set by RINGSIDE_AES_GCM)"),
+        (Some("rign"), "RINGSIDE_AES_GCM=rign is neither ring nor aws-lc: ignored"),
+    ];
+    for (value, expected) in cases {
+        let mut cmd = Command::new(bin());
+        cmd.env_remove("RINGSIDE_AES_GCM");
+        if let Some(v) = value {
+            cmd.env("RINGSIDE_AES_GCM", v);
+        }
+        let mut rs = Ringside::spawn_command(cmd, echo_server(), "outbound", &["--peer-exchange", "off"]);
+        rs.signal("TERM");
+        assert!(rs.wait_exit().success());
+        let lines = rs.stderr_lines();
+        assert!(lines.iter().any(|l| l.contains(expected)), "{value:?}: {lines:?}");
+        let chosen = lines.iter().filter(|l| l.contains("TLS records: AES-GCM by")).count();
+        assert_eq!(chosen, 1, "{value:?}: {lines:?}");
+    }
+}

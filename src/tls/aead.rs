@@ -71,15 +71,35 @@ pub fn choose(cpu: CpuFeatures) -> GcmBackend {
 }
 
 /// This process's choice, made once. `RINGSIDE_AES_GCM=ring` or `aws-lc` overrides it (to
-/// compare the two on one machine).
+/// compare the two on one machine); another value is ignored (the startup log says so).
 pub fn gcm_backend() -> GcmBackend {
-    static CHOSEN: LazyLock<GcmBackend> =
-        LazyLock::new(|| match std::env::var("RINGSIDE_AES_GCM").as_deref() {
-            Ok("ring") => GcmBackend::Ring,
-            Ok("aws-lc") => GcmBackend::AwsLc,
-            _ => choose(cpu_features()),
-        });
+    static CHOSEN: LazyLock<GcmBackend> = LazyLock::new(|| {
+        let forced = std::env::var(OVERRIDE).ok().and_then(|v| GcmBackend::named(&v));
+        forced.unwrap_or_else(|| choose(cpu_features()))
+    });
     *CHOSEN
+}
+
+/// The environment variable that overrides the CPU's choice.
+pub const OVERRIDE: &str = "RINGSIDE_AES_GCM";
+
+impl GcmBackend {
+    /// The backend `RINGSIDE_AES_GCM` names, if it names one.
+    pub fn named(value: &str) -> Option<GcmBackend> {
+        match value {
+            "ring" => Some(GcmBackend::Ring),
+            "aws-lc" => Some(GcmBackend::AwsLc),
+            _ => None,
+        }
+    }
+
+    /// Its library, for the startup log.
+    pub fn library(self) -> &'static str {
+        match self {
+            GcmBackend::AwsLc => "aws-lc-rs",
+            GcmBackend::Ring => "ring",
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -182,6 +202,15 @@ mod tests {
 
     fn key_bytes(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    #[test]
+    fn the_override_names_a_backend_exactly_or_none() {
+        assert_eq!(GcmBackend::named("ring"), Some(GcmBackend::Ring));
+        assert_eq!(GcmBackend::named("aws-lc"), Some(GcmBackend::AwsLc));
+        for other in ["", "Ring", "aws-lc-rs", "rign", "boringssl"] {
+            assert_eq!(GcmBackend::named(other), None, "{other}");
+        }
     }
 
     #[test]
