@@ -322,15 +322,15 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
     };
     log::info!("driver {}{detail} with {workers} workers{busy}", driver.name());
     log::info!("workers {workers}: {}", shared.cpus.workers_reason);
-    let (forced, aead) = (std::env::var(aead::OVERRIDE).ok(), aead::gcm_backend().library());
+    let (forced, library) = (std::env::var(aead::OVERRIDE).ok(), aead::gcm_backend().library());
     match forced.as_deref().map(aead::GcmBackend::named) {
-        Some(Some(_)) => log::info!("TLS records: AES-GCM by {aead} (set by {})", aead::OVERRIDE),
+        Some(Some(_)) => log::info!("TLS records: AES-GCM by {library} (set by {})", aead::OVERRIDE),
         Some(None) => {
             let v = forced.as_deref().unwrap_or_default();
             log::warn!("{}={v} is neither ring nor aws-lc: ignored", aead::OVERRIDE);
-            log::info!("TLS records: AES-GCM by {aead} (chosen for this CPU)");
+            log::info!("TLS records: AES-GCM by {library} (chosen for this CPU)");
         }
-        None => log::info!("TLS records: AES-GCM by {aead} (chosen for this CPU)"),
+        None => log::info!("TLS records: AES-GCM by {library} (chosen for this CPU)"),
     }
     match shared.cpus.pinned.is_empty() {
         true => log::info!("workers not pinned: {}", shared.cpus.pin_reason),
