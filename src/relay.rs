@@ -23,6 +23,7 @@ use crate::metrics::{ExchangeOutcome, HboneRefused};
 use crate::routing::Target;
 use crate::routing::chains::ConnFacts;
 use crate::snapshot::Snapshot;
+use crate::socket;
 
 mod hbone;
 mod mtls;
@@ -160,20 +161,15 @@ async fn set_up_stream(
         }
     };
     let connected = monoio::select! {
-        r = monoio::time::timeout(listener.limits.connect_timeout.0, TcpStream::connect_addr(target)) => Some(r),
+        r = socket::connect(target, None, listener.limits.connect_timeout.0) => Some(r),
         _ = conn.cancel.wait() => None,
     };
     let up = match connected {
-        Some(Ok(Ok(up))) => up,
-        Some(Ok(Err(e))) => {
+        Some(Ok(up)) => up,
+        Some(Err(e)) => {
             ctx.metrics.borrow().count_hbone_refused(HboneRefused::UpstreamUnavailable);
             tunnel.respond(503, &[])?;
             return Err(Error::Connect(e));
-        }
-        Some(Err(_)) => {
-            ctx.metrics.borrow().count_hbone_refused(HboneRefused::UpstreamUnavailable);
-            tunnel.respond(503, &[])?;
-            return Err(Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
         }
         None => {
             cut(conn, Side::Tunnel(tunnel), None);
@@ -617,13 +613,7 @@ async fn connect_captured(
         Decision::Cluster(target) => connect(ctx, snapshot, li, conn, listener, down, Some(target)).await,
         Decision::Passthrough(dst) => {
             conn.captured.set(Some(Captured::Passthrough(dst)));
-            match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
-                Ok(r) => r.map(Side::Plain).map_err(Error::Connect),
-                Err(_) => Err(Error::Connect(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect {dst}: timed out"),
-                ))),
-            }
+            socket::connect(dst, None, timeout).await.map(Side::Plain).map_err(Error::Connect)
         }
         Decision::Local(dst) => {
             // The chain's (else the listener's) cluster, if any, only names
@@ -633,7 +623,7 @@ async fn connect_captured(
             if let Some(t) = named {
                 conn.routed(router, t.cluster, None);
             }
-            let up = capture::connect_from(capture::inbound_source(dst), dst, timeout).await;
+            let up = socket::connect(dst, Some(capture::inbound_source(dst)), timeout).await;
             up.map(Side::Plain).map_err(Error::Connect)
         }
     }
@@ -674,7 +664,7 @@ async fn connect(
         if capture::is_own_listener(dst, &snapshot.config.listeners) {
             return Err(Error::Loop);
         }
-        let up = connect_to(bind_source, dst, listener.limits.connect_timeout.0).await;
+        let up = socket::connect(dst, bind_source, listener.limits.connect_timeout.0).await;
         return up.map(Side::Plain).map_err(Error::Connect);
     }
     let now = Instant::now();
@@ -752,22 +742,7 @@ async fn dial(
             *conn.security.borrow_mut() = security;
             Ok(Side::Tunnel(tunnel))
         }
-        _ => connect_to(bind_source, addr, timeout).await.map(Side::Plain),
-    }
-}
-
-/// Connect to `dst`, from `source` when a cluster binds one (`connect_from`), within `timeout`.
-async fn connect_to(
-    source: Option<std::net::IpAddr>,
-    dst: std::net::SocketAddr,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
-    match source {
-        Some(src) => capture::connect_from(src, dst, timeout).await,
-        None => match monoio::time::timeout(timeout, TcpStream::connect_addr(dst)).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect {dst}: timed out"))),
-        },
+        _ => socket::connect(addr, bind_source, timeout).await.map(Side::Plain),
     }
 }
 

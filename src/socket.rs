@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -548,9 +549,69 @@ pub fn borrow_fd(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
     unsafe { std::os::fd::BorrowedFd::borrow_raw(s.as_raw_fd()) }
 }
 
+/// Connect to `dst`, from `source` if given (its port chosen at connect time), waiting at
+/// most `timeout`: every upstream connection of the proxy is made here. monoio's connect
+/// makes its own socket and sets no option on it, so the socket is made here and handed to
+/// the runtime; it stays O_NONBLOCK for the epoll driver, which needs it, and is made
+/// blocking again for io_uring, as monoio makes its own sockets.
+pub async fn connect(dst: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
+    use socket2::{Domain, SockRef, Socket, Type};
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM.cloexec().nonblocking(), None)?;
+    scan_every_local_port(&s);
+    if let Some(src) = source {
+        // The port is picked at connect(), per destination: binding first must not spend
+        // one of the source address's ports per connection (as Envoy's upstream bind does).
+        bind_address_no_port(&s)?;
+        s.bind(&SocketAddr::new(src, 0).into())?;
+    }
+    let connected = match s.connect(&dst.into()) {
+        Ok(()) => true,
+        // Over loopback (a sidecar's inbound connections, a gateway's local backends) the
+        // handshake has usually finished by now: then skip a turn of the event loop.
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => s.peer_addr().is_ok(),
+        Err(e) => return Err(e),
+    };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(s))?;
+    let fd = borrow_fd(&stream);
+    let sock = SockRef::from(&fd);
+    if !connected {
+        match monoio::time::timeout(timeout, stream.writable(false)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect {dst}: timed out")));
+            }
+        }
+        if let Some(e) = sock.take_error()? {
+            return Err(e);
+        }
+    }
+    if !monoio::utils::is_legacy() {
+        sock.set_nonblocking(false)?;
+    }
+    Ok(stream)
+}
+
+/// IP_LOCAL_PORT_RANGE with no bound narrowed (the namespace's range stays in force): since
+/// Linux 6.8 connect() then looks for a free local port through the whole range in order,
+/// instead of through its even half first. A proxy connecting to one backend at a high rate
+/// leaves a TIME_WAIT on each port it closed first; over loopback the kernel reuses one only
+/// after `tcp_tw_reuse_delay` (1 s), and at ~14,000 connections/s the even half's ports all
+/// come round within that second, so connect() walked past dozens of them: 12 % of the
+/// proxy's CPU per connection (`__inet_hash_connect`, README "Decisions"). Best effort: an
+/// older kernel refuses the option (before 6.3) or accepts it and scans as before.
+fn scan_every_local_port(s: &socket2::Socket) {
+    /// Low bound 1 and high bound 0 (none): a bound outside the namespace's range is
+    /// ignored, so the range stays the namespace's, and the option counts as set.
+    const NAMESPACE_RANGE: usize = 1;
+    let _ = set_int_option(s.as_raw_fd(), libc::IPPROTO_IP, IP_LOCAL_PORT_RANGE, NAMESPACE_RANGE);
+}
+
+/// linux/in.h (not in every libc crate release).
+const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
+
 /// IP_BIND_ADDRESS_NO_PORT: a socket bound to an address with port 0 gets its port at
 /// connect(), per destination, instead of holding one of the address's ports for itself.
-pub fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
+fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
     set_int_option(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
 }
 

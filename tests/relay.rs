@@ -129,6 +129,32 @@ fn an_upstream_that_refuses_closes_the_client_and_counts_uf(driver: &str) {
 }
 with_both_drivers!(an_upstream_that_refuses_closes_the_client_and_counts_uf);
 
+/// Upstream sockets carry IP_LOCAL_PORT_RANGE (the namespace's own range), with which Linux
+/// 6.8+ looks for a local port through the whole range, not its even half first: without it
+/// every upstream connection of a quiet machine gets an even port.
+fn upstream_connections_take_local_ports_of_either_parity(driver: &str) {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut version = kernel.split(['.', '-']).map(|n| n.parse::<u32>().unwrap_or(0));
+    if (version.next().unwrap_or(0), version.next().unwrap_or(0)) < (6, 8) {
+        skip("upstream_connections_take_local_ports_of_either_parity", &format!("kernel {}", kernel.trim()));
+        return;
+    }
+    let (upstream, conns) = manual_server();
+    let rs = plain_relay(upstream, driver, &[]);
+    let ports: Vec<u16> = (0..16)
+        .map(|_| {
+            let mut client = connect(rs.listen);
+            client.write_all(b"x").unwrap();
+            let up = next_conn(&conns);
+            up.peer_addr().unwrap().port()
+        })
+        .collect();
+    // The kernel's scan starts at a random offset and moves on by a random step: sixteen
+    // even ports in a row come once in 65,536 runs.
+    assert!(ports.iter().any(|p| p % 2 == 1), "only even local ports upstream: {ports:?}");
+}
+with_both_drivers!(upstream_connections_take_local_ports_of_either_parity);
+
 fn an_upstream_that_never_answers_hits_the_connect_timeout(driver: &str) {
     // A listener whose accept queue is full drops further SYNs: the connect hangs.
     let blackhole = {

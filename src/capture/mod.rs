@@ -8,7 +8,6 @@ pub mod iptables;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use monoio::net::TcpStream;
 
@@ -95,45 +94,6 @@ pub fn startup_note(listeners: &[Arc<Listener>]) -> Option<(log::Level, String)>
              (`ringside iptables --apply --proxy-uid {uid}`), or upstream connections loop"
         ),
     ))
-}
-
-/// Connect to `dst` from `src` (port chosen by the kernel at connect time), waiting at most
-/// `timeout`. monoio's connect cannot bind first, so the socket is made here and handed to
-/// the runtime; it stays O_NONBLOCK for the epoll driver, which needs it, and is made
-/// blocking again for io_uring, as monoio makes its own sockets.
-pub async fn connect_from(src: IpAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    // Non-blocking from the start, so connect() returns at once (EINPROGRESS).
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM.cloexec().nonblocking(), None)?;
-    // The port is picked at connect(), per destination: binding first must not spend one of
-    // the source address's ports per connection (as Envoy's upstream bind does).
-    socket::bind_address_no_port(&s)?;
-    s.bind(&SocketAddr::new(src, 0).into())?;
-    let connected = match s.connect(&dst.into()) {
-        Ok(()) => true,
-        // Over loopback (the only place an inbound capture connects) the handshake has
-        // usually finished by now: then skip a turn of the event loop waiting for it.
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => s.peer_addr().is_ok(),
-        Err(e) => return Err(e),
-    };
-    let stream = TcpStream::from_std(std::net::TcpStream::from(s))?;
-    if !connected {
-        match monoio::time::timeout(timeout, stream.writable(false)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect {dst}: timed out")));
-            }
-        }
-    }
-    let fd = socket::borrow_fd(&stream);
-    let sock = socket2::SockRef::from(&fd);
-    if let Some(e) = sock.take_error()? {
-        return Err(e);
-    }
-    if !monoio::utils::is_legacy() {
-        sock.set_nonblocking(false)?;
-    }
-    Ok(stream)
 }
 
 /// What a capture listener does with a connection, by its original destination.

@@ -968,7 +968,7 @@ fn pooled(key: PoolKey) -> Option<Rc<Mux>> {
 /// A new originator carrier to `via`, its driver running on this worker.
 async fn dial(ctx: &Rc<WorkerCtx>, slot: &Slot, key: PoolKey) -> io::Result<Rc<Mux>> {
     let via = key.1;
-    let tcp = TcpStream::connect_addr(via).await?;
+    let tcp = crate::socket::connect(via, None, CONNECT_TIMEOUT).await?;
     // Without it a stream's small DATA frame waits behind an unacknowledged one of another
     // stream (or a WINDOW_UPDATE): Nagle on a carrier delays every tunnel on it.
     let _ = tcp.set_nodelay(true);
