@@ -1,5 +1,6 @@
-//! Socket operations monoio does not offer: readiness waits on split halves, reset on close
-//! (SO_LINGER 0), and a zero-copy splice(2) pump through a pipe. All of the crate's `unsafe`
+//! Socket operations monoio does not offer: upstream connects with options set first,
+//! readiness waits on split halves, reset on close (SO_LINGER 0), and a zero-copy splice(2)
+//! pump through a pipe. All of the crate's `unsafe`
 //! lives here, each block with the reason it holds.
 #![allow(unsafe_code)]
 
@@ -596,7 +597,7 @@ pub async fn connect(dst: SocketAddr, source: Option<IpAddr>, timeout: Duration)
 /// instead of through its even half first. A proxy connecting to one backend at a high rate
 /// leaves a TIME_WAIT on each port it closed first; over loopback the kernel reuses one only
 /// after `tcp_tw_reuse_delay` (1 s), and at ~14,000 connections/s the even half's ports all
-/// come round within that second, so connect() walked past dozens of them: 12 % of the
+/// come round within that second, so connect() walked past many of them: 11 % of the
 /// proxy's CPU per connection (`__inet_hash_connect`, README "Decisions"). Best effort: an
 /// older kernel refuses the option (before 6.3) or accepts it and scans as before.
 fn scan_every_local_port(s: &socket2::Socket) {
