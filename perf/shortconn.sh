@@ -4,6 +4,7 @@
 # (64 in flight, the client closes first: perf/run.sh's connection rate) and `backend` (32 in
 # flight, the backend answers and closes first: an HTTP/1.0-style server).
 # Usage: perf/shortconn.sh [ROUNDS] [ringside binary...]   (default: 5 rounds, target/release)
+# Prints a row per round and proxy, then each one's median and ratio to HAProxy's (target ≤ 0.95×).
 # Proxy on core 1, load generator and echo backend on core 0, as in perf/run.sh; 3 s per row.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -57,7 +58,25 @@ for ((r = 1; r <= ROUNDS; r++)); do
       rate=$(grep -o '"conn_per_s":[0-9.]*' <<<"$out" | cut -d: -f2)
       name=$proxy; [[ $proxy == haproxy ]] || name=$(basename "$proxy")
       awk -v r="$r" -v s="$shape" -v p="$name" -v rate="$rate" -v ns=$((c1 - c0)) -v n="$n" \
-        'BEGIN {printf "%d %s %s %s %.1f\n", r, s, p, rate, ns / 1000 / n}'
+        'BEGIN {printf "%d %s %s %s %.1f\n", r, s, p, rate, ns / 1000 / n}' | tee -a "$WORK/rows"
     done
   done
 done
+
+# Medians per shape and proxy, and each ringside's ratio to HAProxy's median (the target is
+# ≤ 0.95×), with the per-round ratios.
+python3 - "$WORK/rows" <<'PY'
+import collections, statistics, sys
+cpu = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    r, shape, proxy, _, us = line.split()
+    cpu[shape, proxy].append(float(us))
+print("shape proxy median_us ratio_to_haproxy per_round")
+for shape in ("client", "backend"):
+    ha = cpu[shape, "haproxy"]
+    for (s, proxy), v in cpu.items():
+        if s != shape:
+            continue
+        rounds = " ".join(f"{a / b:.2f}" for a, b in zip(v, ha))
+        print(f"{shape} {proxy} {statistics.median(v):.1f} {statistics.median(v) / statistics.median(ha):.3f} {rounds}")
+PY
