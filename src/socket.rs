@@ -249,15 +249,16 @@ impl Drop for Lease<'_> {
 /// O_NONBLOCK on the shared file description does not change how io_uring completes the other
 /// direction's operations).
 pub fn nonblocking(from: &OwnedReadHalf<TcpStream>, to: &OwnedWriteHalf<TcpStream>) -> io::Result<()> {
-    set_nonblocking(stream_of_read(from).as_raw_fd())?;
-    set_nonblocking(stream_of_write(to).as_raw_fd())
+    set_nonblocking(stream_of_read(from).as_raw_fd(), true)?;
+    set_nonblocking(stream_of_write(to).as_raw_fd(), true)
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a live fd owned by the caller; no pointers involved.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+/// O_NONBLOCK on or off with one ioctl(FIONBIO), where fcntl takes two (F_GETFL, F_SETFL).
+fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    let value = libc::c_int::from(on);
+    // SAFETY: ioctl on a live fd owned by the caller, with a pointer to a c_int that
+    // outlives the call, as FIONBIO takes.
+    if unsafe { libc::ioctl(fd, libc::FIONBIO, &value) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -573,8 +574,6 @@ pub async fn connect(dst: SocketAddr, source: Option<IpAddr>, timeout: Duration)
         Err(e) => return Err(e),
     };
     let stream = TcpStream::from_std(std::net::TcpStream::from(s))?;
-    let fd = borrow_fd(&stream);
-    let sock = SockRef::from(&fd);
     if !connected {
         match monoio::time::timeout(timeout, stream.writable(false)).await {
             Ok(r) => r?,
@@ -582,12 +581,12 @@ pub async fn connect(dst: SocketAddr, source: Option<IpAddr>, timeout: Duration)
                 return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect {dst}: timed out")));
             }
         }
-        if let Some(e) = sock.take_error()? {
+        if let Some(e) = SockRef::from(&borrow_fd(&stream)).take_error()? {
             return Err(e);
         }
     }
     if !monoio::utils::is_legacy() {
-        sock.set_nonblocking(false)?;
+        set_nonblocking(stream.as_raw_fd(), false)?;
     }
     Ok(stream)
 }
@@ -620,6 +619,20 @@ fn bind_address_no_port(s: &socket2::Socket) -> io::Result<()> {
 mod tests {
     use super::{MONOIO_CHECKED, NonBlocking};
     use std::io::{IoSlice, Read, Write};
+
+    #[test]
+    fn set_nonblocking_turns_o_nonblock_on_and_off() {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = listener.as_raw_fd();
+        // SAFETY: F_GETFL on a live fd (the listener outlives every call).
+        let flags = || unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK;
+        assert_eq!(flags(), 0);
+        super::set_nonblocking(fd, true).unwrap();
+        assert_eq!(flags(), libc::O_NONBLOCK);
+        super::set_nonblocking(fd, false).unwrap();
+        assert_eq!(flags(), 0);
+    }
 
     #[test]
     fn a_vectored_write_sends_every_slice_in_one_call() {

@@ -322,15 +322,17 @@ pub fn start(config: Config) -> Result<Proxy, Error> {
     };
     log::info!("driver {}{detail} with {workers} workers{busy}", driver.name());
     log::info!("workers {workers}: {}", shared.cpus.workers_reason);
-    let (forced, library) = (std::env::var(aead::OVERRIDE).ok(), aead::gcm_backend().library());
-    match forced.as_deref().map(aead::GcmBackend::named) {
-        Some(Some(_)) => log::info!("TLS records: AES-GCM by {library} (set by {})", aead::OVERRIDE),
-        Some(None) => {
-            let v = forced.as_deref().unwrap_or_default();
-            log::warn!("{}={v} is neither ring nor aws-lc: ignored", aead::OVERRIDE);
+    let library = aead::gcm_backend().library();
+    match std::env::var(aead::OVERRIDE).ok() {
+        Some(v) if aead::GcmBackend::named(&v).is_some() => {
+            log::info!("TLS records: AES-GCM by {library} (set by {})", aead::OVERRIDE);
+        }
+        forced => {
+            if let Some(v) = forced {
+                log::warn!("{}={v} is neither ring nor aws-lc: ignored", aead::OVERRIDE);
+            }
             log::info!("TLS records: AES-GCM by {library} (chosen for this CPU)");
         }
-        None => log::info!("TLS records: AES-GCM by {library} (chosen for this CPU)"),
     }
     match shared.cpus.pinned.is_empty() {
         true => log::info!("workers not pinned: {}", shared.cpus.pin_reason),

@@ -1000,8 +1000,8 @@ async fn dial(ctx: &Rc<WorkerCtx>, slot: &Slot, key: PoolKey) -> io::Result<Rc<M
     Ok(mux)
 }
 
-/// Bound on an originator carrier's TLS handshake (the caller's connect timeout bounds the
-/// whole open as well).
+/// Bound on an originator carrier's TCP connect and on its TLS handshake (the caller's
+/// connect timeout bounds the whole open as well).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
