@@ -555,7 +555,9 @@ pub fn borrow_fd(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
 /// most `timeout`: every upstream connection of the proxy is made here. monoio's connect
 /// makes its own socket and sets no option on it, so the socket is made here and handed to
 /// the runtime; it stays O_NONBLOCK for the epoll driver, which needs it, and is made
-/// blocking again for io_uring, as monoio makes its own sockets.
+/// blocking again for io_uring, as monoio makes its own sockets. An upstream that accepts
+/// and resets before the connect is seen complete gives ECONNRESET here: a connect failure
+/// (UF), as Envoy counts one whose socket error it reads on the connect event.
 pub async fn connect(dst: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
     use socket2::{Domain, SockRef, Socket, Type};
     let s = Socket::new(Domain::for_address(dst), Type::STREAM.cloexec().nonblocking(), None)?;

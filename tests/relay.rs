@@ -95,7 +95,9 @@ fn a_reset_from_the_upstream_resets_the_client(driver: &str) {
     let rs = plain_relay(upstream, driver, &[]);
     let mut client = connect(rs.listen);
     client.write_all(b"x").unwrap();
-    let server = next_conn(&conns);
+    let mut server = next_conn(&conns);
+    // Connected and copying (a reset before the connect completes is a connect failure, UF).
+    assert_eq!(read_exact(&mut server, 1), b"x");
     socket2::SockRef::from(&server).set_linger(Some(std::time::Duration::ZERO)).unwrap();
     drop(server); // RST
     let mut buf = [0u8; 16];

@@ -181,7 +181,10 @@ fn a_reset_stays_a_reset_across_tls() {
     let (client, _server) = mesh(&ca, "strict", app);
     let mut c = connect(client.listen);
     c.write_all(b"x").unwrap();
-    let s = next_conn(&conns);
+    let mut s = next_conn(&conns);
+    // The byte arrived: the inbound sidecar's connect is complete and the copy running. (A
+    // reset that beats the connect's completion is a connect failure, UF, as in Envoy.)
+    assert_eq!(read_exact(&mut s, 1), b"x");
     socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
     drop(s); // RST from the application
     let mut buf = [0u8; 1];
